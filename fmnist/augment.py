@@ -1,0 +1,50 @@
+"""Augmentations applied to a whole batch at once, on whatever device the batch is on."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def hflip(x: torch.Tensor) -> torch.Tensor:
+    """Flip a random half of the images left-right (Fashion-MNIST labels survive this)."""
+    flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
+    return torch.where(flip, x.flip(-1), x)
+
+
+def shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Translate each image by its own random offset of up to `max_shift` pixels, zero-filled."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4)
+    dy = torch.randint(0, 2 * max_shift + 1, (b, 1, 1), device=x.device)
+    dx = torch.randint(0, 2 * max_shift + 1, (b, 1, 1), device=x.device)
+    rows = dy + torch.arange(h, device=x.device).view(1, h, 1)
+    cols = dx + torch.arange(w, device=x.device).view(1, 1, w)
+    batch = torch.arange(b, device=x.device).view(b, 1, 1)
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+
+
+def erase(x: torch.Tensor, p: float, min_side: int = 4, max_side: int = 14) -> torch.Tensor:
+    """Zero a random rectangle in each image with probability `p` (random erasing)."""
+    b, _, h, w = x.shape
+    device = x.device
+    rect_h = torch.randint(min_side, max_side + 1, (b, 1, 1), device=device)
+    rect_w = torch.randint(min_side, max_side + 1, (b, 1, 1), device=device)
+    top = (torch.rand(b, 1, 1, device=device) * (h - rect_h + 1)).long()
+    left = (torch.rand(b, 1, 1, device=device) * (w - rect_w + 1)).long()
+    ys = torch.arange(h, device=device).view(1, h, 1)
+    xs = torch.arange(w, device=device).view(1, 1, w)
+    inside = (ys >= top) & (ys < top + rect_h) & (xs >= left) & (xs < left + rect_w)
+    apply = (torch.rand(b, 1, 1, device=device) < p)
+    return x.masked_fill((inside & apply).unsqueeze(1), 0.0)
+
+
+def augment(x: torch.Tensor, flip: bool = False, max_shift: int = 0, erase_p: float = 0.0) -> torch.Tensor:
+    """Apply the configured augmentations to a float batch [B, C, H, W]."""
+    if flip:
+        x = hflip(x)
+    if max_shift > 0:
+        x = shift(x, max_shift)
+    if erase_p > 0:
+        x = erase(x, erase_p)
+    return x

@@ -1,0 +1,59 @@
+"""Batches cut by index from tensors held in memory: no per-sample Dataset, no collate, no workers.
+
+The whole split lives as one uint8 tensor (on the GPU when training there), so a batch costs one
+indexing operation. Shuffling is a permutation seeded by (seed, epoch): reproducible, and the same
+after resuming from a checkpoint. Under DDP each rank takes an equal, disjoint share.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class InMemoryBatches:
+    """An iterable of (images uint8 [B, 1, 28, 28], labels int64 [B]) batches; Lightning accepts it as a dataloader."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
+                 seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        # Lightning calls `loader.sampler.set_epoch(epoch)` before every epoch; being our own sampler
+        # lets each epoch get its own permutation. (`batch_sampler` is looked up next to it.)
+        self.sampler, self.batch_sampler = self, None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self) -> torch.Tensor:
+        """This rank's sample indices for the current epoch, in order."""
+        n = len(self.labels)
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(n, generator=generator)
+        else:
+            order = torch.arange(n)
+        if self.world_size > 1:
+            # Training ranks must take equal steps (gradients are all-reduced each step), so the
+            # shuffled remainder is dropped; evaluation keeps every sample, unevenly split.
+            usable = (n // self.world_size) * self.world_size if self.shuffle else n
+            order = order[self.rank:usable:self.world_size]
+        return order.to(self.labels.device)
+
+    def __iter__(self):
+        order = self.indices()
+        contiguous = not self.shuffle and self.world_size == 1
+        for start in range(0, len(order), self.batch_size):
+            if contiguous:  # slicing is a view: evaluation copies nothing
+                yield self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
+            else:
+                batch = order[start:start + self.batch_size]
+                yield self.images[batch], self.labels[batch]
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        per_rank = (n // self.world_size if self.shuffle else math.ceil((n - self.rank) / self.world_size))
+        return math.ceil(per_rank / self.batch_size)

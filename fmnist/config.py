@@ -1,0 +1,149 @@
+"""Typed schema of the Hydra config, and the range checks that types cannot express.
+
+The dataclasses are registered in Hydra's ConfigStore and extended by the YAML files in `conf/`,
+so a typo'd key or a wrong-typed value (`optim.lr=abc`) fails while Hydra composes the config,
+with the key's full name. `check_values` then rejects values that are well-typed but meaningless.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from fmnist.errors import ConfigError
+
+
+@dataclass
+class AugmentConfig:
+    hflip: bool = False  # random horizontal flip (labels survive it; vertical flips would not)
+    shift: int = 0  # random translation by up to this many pixels, zero-padded
+    erase: float = 0.0  # probability of erasing a random rectangle of each image
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data"
+    val_size: int = 5000
+    batch_size: int = 256
+    eval_batch_size: int = 1000
+    normalize: bool = False  # standardise with the training mean/std instead of plain [0, 1]
+    train_subset: Optional[int] = None  # a stratified subset of the training split, for CPU-sized runs
+    on_device: bool = True  # keep the whole dataset on the training device (no copy per step)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    dropout: float = 0.0
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass
+class SimpleCNNConfig(ModelConfig):
+    channels: list[int] = field(default_factory=lambda: [32, 64])
+    hidden: int = 128
+
+
+@dataclass
+class OptimizedCNNConfig(ModelConfig):
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
+    kernel_sizes: list[int] = field(default_factory=lambda: [5, 5, 3, 3])
+    hidden: int = 256
+
+
+@dataclass
+class ResNetConfig(ModelConfig):
+    widths: list[int] = field(default_factory=lambda: [32, 64, 128])
+    blocks: list[int] = field(default_factory=lambda: [1, 1, 1])
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    scheduler: str = "none"  # none | cosine | linear (both per step, after `warmup_epochs`)
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    """The subset of `lightning.Trainer` keyword arguments this project passes through."""
+
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: Any = "32-true"
+    max_epochs: int = 20
+    max_time: Optional[str] = None
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    fast_dev_run: Any = False
+    deterministic: Any = None
+    benchmark: Optional[bool] = None
+    gradient_clip_val: Optional[float] = None
+    accumulate_grad_batches: int = 1
+    check_val_every_n_epoch: int = 1
+    num_sanity_val_steps: int = 2
+    log_every_n_steps: int = 50
+    enable_progress_bar: bool = True
+    enable_model_summary: bool = True
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Any = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+    name: str = "train"  # stored sweeps write to outputs/<name>/
+    ckpt_path: Optional[str] = None  # `last` resumes the run directory's last checkpoint
+    test: bool = True  # evaluate the best checkpoint on the test set after fitting
+
+
+def register() -> None:
+    """Put the schemas where `conf/*.yaml` find them (called before Hydra composes)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="model", name="simple_schema", node=SimpleCNNConfig)
+    cs.store(group="model", name="optimized_schema", node=OptimizedCNNConfig)
+    cs.store(group="model", name="resnet_schema", node=ResNetConfig)
+
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("none", "cosine", "linear")
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the key for values that are well-typed but make no sense."""
+    checks = [
+        ("data.batch_size", cfg.data.batch_size >= 1, "at least 1"),
+        ("data.eval_batch_size", cfg.data.eval_batch_size >= 1, "at least 1"),
+        ("data.val_size", cfg.data.val_size >= 1, "at least 1 (model selection needs a validation split)"),
+        ("data.train_subset", cfg.data.train_subset is None or cfg.data.train_subset >= 1, "null or at least 1"),
+        ("data.augment.shift", 0 <= cfg.data.augment.shift <= 8, "between 0 and 8 pixels"),
+        ("data.augment.erase", 0.0 <= cfg.data.augment.erase <= 1.0, "a probability in [0, 1]"),
+        ("model.dropout", 0.0 <= cfg.model.dropout < 1.0, "in [0, 1)"),
+        ("optim.name", cfg.optim.name in OPTIMIZERS, f"one of {OPTIMIZERS}"),
+        ("optim.lr", cfg.optim.lr > 0, "positive"),
+        ("optim.weight_decay", cfg.optim.weight_decay >= 0, "non-negative"),
+        ("optim.scheduler", cfg.optim.scheduler in SCHEDULERS, f"one of {SCHEDULERS}"),
+        ("optim.warmup_epochs", cfg.optim.warmup_epochs >= 0, "non-negative"),
+        ("optim.label_smoothing", 0.0 <= cfg.optim.label_smoothing < 1.0, "in [0, 1)"),
+        ("trainer.max_epochs", cfg.trainer.max_epochs >= 1 or cfg.trainer.max_epochs == -1, "at least 1"),
+        ("ckpt_path", cfg.ckpt_path in (None, "last"), "null or `last`"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"config key {key} must be {expected}; got {OmegaConf.select(cfg, key)!r}.")

@@ -1,0 +1,212 @@
+"""Kaggle-format Fashion-MNIST CSVs: strict vectorised parsing, writing, and a cache of parsed arrays.
+
+A CSV has a header naming `label` and `pixel1`..`pixel784` (in any order) and one image per row,
+every cell an integer (labels 0-9, pixels 0-255). Parsing works on the raw bytes with numpy, so the
+60k-row training file parses in about a second, and every malformed cell is reported with its
+1-based line and column instead of being coerced.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from fmnist.errors import DataError
+
+log = logging.getLogger(__name__)
+
+N_PIXELS = 784
+HEADER = ["label"] + [f"pixel{i}" for i in range(1, N_PIXELS + 1)]
+CACHE_VERSION = 1
+_NL, _CR, _COMMA, _ZERO = 10, 13, 44, 48
+
+
+def require_file(path: Path) -> None:
+    """Raise DataError if `path` is not an existing file."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found. Expected a Kaggle-format Fashion-MNIST CSV; "
+                        "`make data` (or `python scripts/get_data.py`) creates one.")
+
+
+def read_raw(path: Path) -> bytes:
+    """Return the bytes of a `.csv` or `.csv.gz` file, or raise DataError if it cannot be read."""
+    require_file(path)
+    try:
+        raw = path.read_bytes()
+        return gzip.decompress(raw) if path.name.endswith(".gz") else raw
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: could not be read ({e}).") from e
+
+
+def parse_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Parse a Kaggle-format CSV into (images uint8 [N, 28, 28], labels int64 [N]).
+
+    Raises DataError naming the file, line, column and what was expected for any malformed input.
+    """
+    path = Path(path)
+    raw = read_raw(path)
+    if raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark, as Excel writes it
+        raw = raw[3:]
+    if not raw.strip():
+        raise DataError(f"{path}: the file is empty. Expected a header line and one row per image.")
+    header_end = raw.find(b"\n")
+    header_end = len(raw) if header_end < 0 else header_end
+    header = raw[:header_end].decode("utf-8", errors="replace").rstrip("\r").split(",")
+    order = _column_order(path, header)
+
+    body = np.frombuffer(raw, np.uint8)[header_end + 1:]
+    end = len(body)
+    while end and body[end - 1] in (_NL, _CR):  # trailing newlines are fine
+        end -= 1
+    if end == 0:
+        raise DataError(f"{path}: has a header but no data rows. Expected one row per image.")
+    body = body[:end]
+    cr = body == _CR
+    if cr.any():  # CRLF line endings: drop each CR that precedes a LF; any other CR is an error
+        at = np.flatnonzero(cr)
+        if (body[at + 1] != _NL).any():
+            raise _cell_error(path, header, body, int(at[body[at + 1] != _NL][0]), "a stray carriage return")
+        body = body[~cr]
+    body = np.append(body, np.uint8(_NL))
+
+    digit = body - np.uint8(_ZERO)  # wraps around for non-digits, so `< 10` means a digit
+    is_digit = digit < 10
+    bad = ~is_digit & (body != _COMMA) & (body != _NL)
+    if bad.any():
+        raise _cell_error(path, header, body, int(np.argmax(bad)), "an integer")
+
+    seps = np.flatnonzero(~is_digit)  # every cell ends at a comma or a newline
+    starts = np.concatenate(([0], seps[:-1] + 1))
+    lengths = seps - starts
+    row_last_cell = np.flatnonzero(body[seps] == _NL)
+    counts = np.diff(np.concatenate(([-1], row_last_cell)))
+    n_cols = len(HEADER)
+    if (counts != n_cols).any():
+        row = int(np.argmax(counts != n_cols))
+        line = row + 2
+        if counts[row] == 1 and lengths[row_last_cell[row]] == 0:
+            raise DataError(f"{path}, line {line}: empty line. Expected {n_cols} comma-separated integers.")
+        hint = " (the file may be truncated)" if row == len(counts) - 1 and counts[row] < n_cols else ""
+        raise DataError(f"{path}, line {line}: expected {n_cols} values (label and {N_PIXELS} pixels), "
+                        f"found {counts[row]}{hint}.")
+    if (lengths == 0).any():
+        raise _cell_error(path, header, body, int(seps[np.argmax(lengths == 0)]), "an integer")
+
+    d = digit.astype(np.int32)
+    values = d[seps - 1]
+    values += np.where(lengths >= 2, d[seps - 2] * 10, 0)
+    values += np.where(lengths >= 3, d[seps - 3] * 100, 0)
+    values[lengths > 3] = 1000  # more than three digits is out of range whatever they are
+    table = values.reshape(-1, n_cols)[:, order]
+    labels, pixels = table[:, 0], table[:, 1:]
+    if (labels > 9).any():
+        _raise_range(path, header, body, seps, order, table, 0, "label", "0-9")
+    if (pixels > 255).any():
+        _raise_range(path, header, body, seps, order, table, None, "pixel", "0-255")
+    return pixels.astype(np.uint8).reshape(-1, 28, 28), labels.astype(np.int64)
+
+
+def _column_order(path: Path, header: list[str]) -> np.ndarray:
+    """Indices that put the file's columns into HEADER order; the header may list them in any order."""
+    found = [name.strip().strip('"') for name in header]
+    if len(found) != len(HEADER) or set(found) != set(HEADER):
+        missing = [n for n in HEADER if n not in found][:3]
+        extra = [n for n in found if n not in HEADER][:3]
+        raise DataError(
+            f"{path}, line 1: expected a header with {len(HEADER)} columns named label, pixel1, ..., "
+            f"pixel{N_PIXELS} (any order); found {len(found)} columns"
+            + (f", missing {missing}" if missing else "") + (f", unexpected {extra}" if extra else "") + ".")
+    if len(set(found)) != len(found):
+        raise DataError(f"{path}, line 1: the header names a column twice.")
+    return np.array([found.index(name) for name in HEADER])
+
+
+def _locate(body: np.ndarray, pos: int) -> tuple[int, int, str]:
+    """(1-based file line, 1-based column, cell text) of the byte at `pos` of the data body."""
+    line_start = int(np.flatnonzero(body[:pos] == _NL)[-1]) + 1 if (body[:pos] == _NL).any() else 0
+    line = int(np.count_nonzero(body[:pos] == _NL)) + 2
+    column = int(np.count_nonzero(body[line_start:pos] == _COMMA)) + 1
+    cell_start = pos
+    while cell_start > line_start and body[cell_start - 1] != _COMMA:
+        cell_start -= 1
+    cell_end = pos
+    while cell_end < len(body) and body[cell_end] not in (_COMMA, _NL):
+        cell_end += 1
+    text = bytes(body[cell_start:cell_end]).decode("utf-8", errors="replace")
+    return line, column, text
+
+
+def _cell_error(path: Path, header: list[str], body: np.ndarray, pos: int, expected: str) -> DataError:
+    line, column, text = _locate(body, pos)
+    name = header[column - 1] if column <= len(header) else "?"
+    found = f"'{text}'" if text else "an empty cell"
+    if expected == "an integer":
+        expected = "an integer 0-9" if name.strip() == "label" else "an integer 0-255"
+    return DataError(f"{path}, line {line}, column {column} ({name}): expected {expected}, found {found}.")
+
+
+def _raise_range(path, header, body, seps, order, table, col, kind, allowed):
+    cols = table[:, 1:] if col is None else table[:, :1]
+    limit = 9 if kind == "label" else 255
+    row, c = np.argwhere(cols > limit)[0]
+    file_col = int(order[(c + 1) if col is None else 0])
+    cell = row * len(HEADER) + file_col
+    raise _cell_error(path, header, body, int(seps[cell]) - 1, f"a {kind} in {allowed}")
+
+
+def write_csv(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """Write images [N, 28, 28] and labels [N] as a Kaggle-format CSV (atomically)."""
+    table = np.concatenate([np.asarray(labels).reshape(-1, 1), np.asarray(images).reshape(len(labels), -1)], axis=1)
+    # Build the text from a lookup of the 256 possible cells: ~10x faster than np.savetxt.
+    cells = np.array([str(i).encode() for i in range(256)], dtype=object)
+    lines = [b",".join(row) for row in cells[table.astype(np.int64)]]
+    tmp = path.with_name(path.name + ".tmp")
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(tmp, "wb") as f:
+        f.write((",".join(HEADER) + "\n").encode())
+        f.write(b"\n".join(lines) + b"\n")
+    os.replace(tmp, path)
+
+
+def file_digest(path: Path) -> str:
+    """Content hash of a file, used to tell whether a cache is still valid."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.cache.npz")
+
+
+def load_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Parse `path`, or return the arrays cached beside it if the cache was built from identical bytes."""
+    path = Path(path)
+    require_file(path)
+    digest = file_digest(path)
+    cache = cache_path(path)
+    try:
+        with np.load(cache, allow_pickle=False) as z:
+            if int(z["version"]) == CACHE_VERSION and str(z["digest"]) == digest:
+                return z["images"], z["labels"]
+            log.info("%s changed since it was cached: parsing it again", path)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        log.warning("ignoring unreadable cache %s (%s)", cache, e)
+    images, labels = parse_csv(path)
+    tmp = cache.with_name(cache.name + ".tmp.npz")
+    try:
+        np.savez(tmp, images=images, labels=labels, digest=np.array(digest), version=np.array(CACHE_VERSION))
+        os.replace(tmp, cache)
+    except OSError as e:  # a read-only data directory still trains, only slower to start
+        log.warning("could not write the parse cache %s (%s)", cache, e)
+    return images, labels

@@ -1,0 +1,112 @@
+"""`FashionMNISTDataModule`: Kaggle CSVs -> uint8 tensors in memory -> batches cut by index.
+
+Pixels are scaled to [0, 1] per batch after the batch reaches its device (optionally standardised
+with the training split's mean and std), and training batches are augmented there as a whole.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from fmnist.augment import augment
+from fmnist.batches import InMemoryBatches
+from fmnist.csv_io import load_csv
+from fmnist.errors import ConfigError
+from fmnist.sources import CSV_NAMES
+
+
+def stratified_split(labels: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into (rest, chosen) where `chosen` has `size` samples in the classes' proportions."""
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = size * counts / counts.sum()
+    quota = np.floor(exact).astype(int)
+    # Largest remainders get the leftover samples, so the total is exactly `size`.
+    quota[np.argsort(quota - exact)[: size - quota.sum()]] += 1
+    chosen = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)])
+    chosen = np.sort(chosen)
+    rest = np.setdiff1d(np.arange(len(labels)), chosen, assume_unique=True)
+    return rest, chosen
+
+
+def find_csv(data_dir: Path, split: str) -> Path:
+    """The split's CSV in `data_dir`: `.csv`, else `.csv.gz` (the plain name, for the error, if neither)."""
+    plain = Path(data_dir) / CSV_NAMES[split]
+    gz = plain.with_name(plain.name + ".gz")
+    return gz if not plain.exists() and gz.exists() else plain
+
+
+class FashionMNISTDataModule(L.LightningDataModule):
+    """Fashion-MNIST from Kaggle-format CSVs, with a seeded stratified validation split."""
+
+    def __init__(self, dir: str = "data", val_size: int = 5000, batch_size: int = 256, eval_batch_size: int = 1000,
+                 normalize: bool = False, train_subset: int | None = None, on_device: bool = True,
+                 augment: dict | None = None, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.augment = {"hflip": False, "shift": 0, "erase": 0.0, **(augment or {})}
+        self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.mean, self.std = 0.0, 1.0
+
+    def prepare_data(self) -> None:
+        # Runs once per node before `setup`: parses the CSVs so that DDP ranks find the cache.
+        for split in ("train", "test"):
+            load_csv(find_csv(Path(self.hparams.dir), split))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        hp = self.hparams
+        images, labels = load_csv(find_csv(Path(hp.dir), "train"))
+        if not 1 <= hp.val_size < len(labels):
+            raise ConfigError(f"config key data.val_size must be between 1 and {len(labels) - 1} "
+                              f"(the training CSV has {len(labels)} rows); got {hp.val_size}.")
+        train_idx, val_idx = stratified_split(labels, hp.val_size, hp.seed)
+        if hp.train_subset is not None:
+            if hp.train_subset > len(train_idx):
+                raise ConfigError(f"config key data.train_subset must be at most {len(train_idx)} (training rows "
+                                  f"left after the validation split); got {hp.train_subset}.")
+            _, keep = stratified_split(labels[train_idx], hp.train_subset, hp.seed)
+            train_idx = train_idx[keep]
+        test_images, test_labels = load_csv(find_csv(Path(hp.dir), "test"))
+        device = self.trainer.strategy.root_device if (self.trainer is not None and hp.on_device) else "cpu"
+
+        def to_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.from_numpy(x).unsqueeze(1).to(device), torch.from_numpy(y).to(device)
+
+        self.splits = {"train": to_tensors(images[train_idx], labels[train_idx]),
+                       "val": to_tensors(images[val_idx], labels[val_idx]),
+                       "test": to_tensors(test_images, test_labels)}
+        if hp.normalize:
+            train = images[train_idx].astype(np.float64) / 255
+            self.mean, self.std = float(train.mean()), float(train.std())
+
+    def _loader(self, split: str, shuffle: bool) -> InMemoryBatches:
+        images, labels = self.splits[split]
+        trainer = self.trainer
+        return InMemoryBatches(images, labels, self.hparams.batch_size if shuffle else self.hparams.eval_batch_size,
+                               shuffle=shuffle, seed=self.hparams.seed,
+                               rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1)
+
+    def train_dataloader(self) -> InMemoryBatches:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> InMemoryBatches:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> InMemoryBatches:
+        return self._loader("test", shuffle=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels = batch
+        x = images.float().div_(255)
+        if self.trainer is not None and self.trainer.training:
+            a = self.augment
+            x = augment(x, flip=a["hflip"], max_shift=a["shift"], erase_p=a["erase"])
+        if self.hparams.normalize:
+            x = (x - self.mean) / self.std
+        return x, labels

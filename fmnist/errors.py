@@ -1,0 +1,25 @@
+"""Errors a user can fix. Entry points print them as one paragraph and exit non-zero."""
+
+
+class FmnistError(Exception):
+    """Base class: the message alone says what went wrong and what was expected."""
+
+    exit_code = 2
+
+
+class DataError(FmnistError):
+    """A data file is missing or malformed."""
+
+
+class ConfigError(FmnistError):
+    """A config value is out of range or inconsistent."""
+
+
+class CheckpointError(FmnistError):
+    """A checkpoint is missing, corrupt or unsafe to load."""
+
+
+class DivergedError(FmnistError):
+    """Training produced a non-finite loss."""
+
+    exit_code = 3

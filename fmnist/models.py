@@ -1,0 +1,106 @@
+"""CNN architectures for 1x28x28 inputs and 10 classes, each a plain `nn.Module` built from config values."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def conv_bn_relu(c_in: int, c_out: int, kernel_size: int = 3) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class SimpleCNN(nn.Module):
+    """The report's baseline (Figure 4.7): two conv layers, no batch norm, a small FC head."""
+
+    def __init__(self, channels: list[int] = (32, 64), hidden: int = 128, dropout: float = 0.0, num_classes: int = 10):
+        super().__init__()
+        c1, c2 = channels
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(c2 * 7 * 7, hidden), nn.ReLU(inplace=True),
+            nn.Dropout(dropout), nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class OptimizedCNN(nn.Module):
+    """The report's optimized CNN: four conv blocks of varying kernel size with batch norm, dropout, FC head.
+
+    Blocks 1-2 run at 28x28 and blocks 3-4 at 14x14, each pair followed by 2x2 max pooling and
+    (spatial) dropout; `dropout=0` gives the report's no-dropout ablation.
+    """
+
+    def __init__(self, channels: list[int] = (32, 64, 128, 128), kernel_sizes: list[int] = (5, 5, 3, 3),
+                 hidden: int = 256, dropout: float = 0.3, num_classes: int = 10):
+        super().__init__()
+        if len(channels) != 4 or len(kernel_sizes) != 4:
+            raise ValueError("OptimizedCNN has exactly four conv blocks: give four channels and four kernel_sizes")
+        c, k = channels, kernel_sizes
+        self.features = nn.Sequential(
+            conv_bn_relu(1, c[0], k[0]), conv_bn_relu(c[0], c[1], k[1]), nn.MaxPool2d(2), nn.Dropout2d(dropout / 2),
+            conv_bn_relu(c[1], c[2], k[2]), conv_bn_relu(c[2], c[3], k[3]), nn.MaxPool2d(2), nn.Dropout2d(dropout / 2),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(c[3] * 7 * 7, hidden), nn.ReLU(inplace=True),
+            nn.Dropout(dropout), nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            conv_bn_relu(width, width),
+            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+        )
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(x + self.body(x))
+
+
+class ResNet(nn.Module):
+    """A small residual CNN: a stem, then per stage a (pooled) width change and `blocks[i]` residual blocks.
+
+    Global average pooling keeps the head tiny; stages after the first halve the resolution.
+    """
+
+    def __init__(self, widths: list[int] = (32, 64, 128), blocks: list[int] = (1, 1, 1), dropout: float = 0.0,
+                 num_classes: int = 10):
+        super().__init__()
+        if len(widths) != len(blocks):
+            raise ValueError("ResNet needs one `blocks` entry per entry of `widths`")
+        layers: list[nn.Module] = [conv_bn_relu(1, widths[0])]
+        for i, (width, n) in enumerate(zip(widths, blocks)):
+            if i > 0:
+                layers += [nn.MaxPool2d(2), conv_bn_relu(widths[i - 1], width)]
+            layers += [ResidualBlock(width) for _ in range(n)]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                                  nn.Linear(widths[-1], num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+MODELS = {"simple": SimpleCNN, "optimized": OptimizedCNN, "resnet": ResNet}
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """Build the architecture `name` from its config values (`model.*` without the training options)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return MODELS[name](**kwargs)

@@ -1,0 +1,112 @@
+"""`LitClassifier`: any `fmnist.models` architecture trained with cross-entropy, with torchmetrics metrics."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MaxMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from fmnist.models import build_model
+
+NUM_CLASSES = 10
+
+
+def lr_factor(step: int, total: int, warmup: int, shape: str) -> float:
+    """Multiplier of the base learning rate at `step`: linear warm-up, then flat, cosine or linear decay."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if shape == "none":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1 + math.cos(math.pi * progress)) if shape == "cosine" else 1.0 - progress
+
+
+class LitClassifier(L.LightningModule):
+    """Hyperparameters are plain dicts and numbers, so checkpoints reload with `weights_only=True`.
+
+    model: `name` plus the architecture's arguments and the options `channels_last` and `compile`;
+    optim: `name` (adam|adamw|sgd), `lr`, `weight_decay`, `momentum`, `nesterov`, `scheduler`,
+    `warmup_epochs`, `label_smoothing`.
+    """
+
+    def __init__(self, model: dict, optim: dict):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        arch = {k: v for k, v in model.items() if k not in ("channels_last", "compile")}
+        self.net = build_model(**arch)
+        self.channels_last = bool(model.get("channels_last", False))
+        if self.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        # The compiled callable is kept off the module tree so state_dict keys stay those of `net`.
+        self._forward = torch.compile(self.net) if model.get("compile", False) else self.net
+        self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
+        self.val_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
+        self.test_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
+        self.val_acc_best = MaxMetric()
+        self.test_confusion = MulticlassConfusionMatrix(NUM_CLASSES)
+        self.misclassified: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self._forward(x)
+
+    def _loss(self, batch):
+        x, y = batch
+        logits = self(x)
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.hparams.optim.get("label_smoothing", 0.0)), logits, y
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss, logits, y = self._loss(batch)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def on_train_start(self) -> None:
+        self.val_acc_best.reset()  # forget what the sanity-check batches saw
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        loss, logits, y = self._loss(batch)
+        self.val_acc(logits, y)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
+        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=len(y))
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_acc_best(self.val_acc.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
+
+    def on_test_epoch_start(self) -> None:
+        self.misclassified = []
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        loss, logits, y = self._loss(batch)
+        preds = logits.argmax(dim=1)
+        self.test_acc(preds, y)
+        self.test_confusion.update(preds, y)
+        self.log("test/loss", loss, on_epoch=True, batch_size=len(y), sync_dist=True)
+        self.log("test/acc", self.test_acc, on_epoch=True, batch_size=len(y))
+        wrong = preds != y
+        if wrong.any() and sum(len(m[0]) for m in self.misclassified) < 64:
+            self.misclassified.append((batch[0][wrong][:64].cpu(), y[wrong][:64].cpu(), preds[wrong][:64].cpu()))
+
+    def configure_optimizers(self):
+        o = self.hparams.optim
+        params = self.net.parameters()
+        if o["name"] == "sgd":
+            optimizer = torch.optim.SGD(params, lr=o["lr"], momentum=o.get("momentum", 0.9),
+                                        nesterov=o.get("nesterov", False), weight_decay=o.get("weight_decay", 0.0))
+        else:
+            cls = torch.optim.AdamW if o["name"] == "adamw" else torch.optim.Adam
+            optimizer = cls(params, lr=o["lr"], weight_decay=o.get("weight_decay", 0.0))
+        shape, warmup_epochs = o.get("scheduler", "none"), o.get("warmup_epochs", 0.0)
+        if shape == "none" and warmup_epochs == 0:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = int(warmup_epochs * total / max(1, self.trainer.max_epochs))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, shape))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

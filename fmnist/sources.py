@@ -1,0 +1,140 @@
+"""Obtain the two Kaggle-format CSVs from the first source that works.
+
+Order: CSVs already in the data directory (never overwritten); Zalando's IDX files in a directory
+the user names; Debian's `dataset-fashion-mnist` package (installed with apt-get when missing and
+we are root); the official download, verified against its published MD5 checksums.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from fmnist.csv_io import write_csv
+from fmnist.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SPLITS = {"train": ("train", 60_000), "test": ("t10k", 10_000)}
+CSV_NAMES = {"train": "fashion-mnist_train.csv", "test": "fashion-mnist_test.csv"}
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+DEBIAN_PACKAGE = "dataset-fashion-mnist"
+DOWNLOAD_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+OFFICIAL_MD5 = {  # the published checksums of Zalando's gzipped IDX files
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (gzipped or not) of unsigned bytes: labels [N] or images [N, 28, 28]."""
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+        raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic number {raw[:4].hex()}).")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"{path}: header says {dims} ({int(np.prod(dims))} bytes), file holds {data.size}.")
+    return data.reshape(dims)
+
+
+def find_idx(directory: Path, split: str) -> tuple[Path, Path] | None:
+    """(images, labels) IDX paths for a split in `directory`, gzipped or not, or None."""
+    prefix = SPLITS[split][0]
+    for suffix in (".gz", ""):
+        images = directory / f"{prefix}-images-idx3-ubyte{suffix}"
+        labels = directory / f"{prefix}-labels-idx1-ubyte{suffix}"
+        if images.is_file() and labels.is_file():
+            return images, labels
+    return None
+
+
+def idx_to_csv(idx_dir: Path, data_dir: Path) -> None:
+    """Convert both splits' IDX files in `idx_dir` to Kaggle-format CSVs in `data_dir`."""
+    for split, (_, expected_rows) in SPLITS.items():
+        found = find_idx(idx_dir, split)
+        if found is None:
+            raise DataError(f"{idx_dir}: no {SPLITS[split][0]}-images-idx3-ubyte[.gz] / -labels-idx1-ubyte[.gz] pair.")
+        images, labels = (read_idx(p) for p in found)
+        if images.shape[1:] != (28, 28) or len(images) != len(labels):
+            raise DataError(f"{idx_dir}: {split} images {images.shape} do not match labels {labels.shape}.")
+        if len(labels) != expected_rows:
+            log.warning("%s: %s split has %d images, Fashion-MNIST has %d", idx_dir, split, len(labels), expected_rows)
+        write_csv(data_dir / CSV_NAMES[split], images, labels)
+        log.info("wrote %s (%d rows) from %s", data_dir / CSV_NAMES[split], len(labels), found[0])
+
+
+def _install_debian_package() -> bool:
+    """Try `apt-get install dataset-fashion-mnist`; True if the IDX files are there afterwards."""
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return False
+    log.info("installing Debian package %s", DEBIAN_PACKAGE)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+
+    def apt(*args: str) -> bool:
+        return subprocess.run(["apt-get", *args], capture_output=True, env=env).returncode == 0
+
+    # A fresh machine's package lists may be empty or stale: update only when the first try fails.
+    installed = apt("install", "-y", "-q", DEBIAN_PACKAGE) or (
+        apt("update", "-q") and apt("install", "-y", "-q", DEBIAN_PACKAGE))
+    return installed and find_idx(DEBIAN_DIR, "train") is not None
+
+
+def _download(dest: Path, base_url: str = DOWNLOAD_URL) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, md5 in OFFICIAL_MD5.items():
+        target = dest / name
+        if not (target.is_file() and hashlib.md5(target.read_bytes()).hexdigest() == md5):
+            log.info("downloading %s", base_url + name)
+            with urllib.request.urlopen(base_url + name, timeout=60) as response:
+                payload = response.read()
+            if hashlib.md5(payload).hexdigest() != md5:
+                raise DataError(f"{base_url + name}: MD5 mismatch, expected {md5}; the download is corrupt.")
+            target.write_bytes(payload)
+
+
+def obtain(data_dir: Path, idx_dir: Path | None = None, allow_install: bool = True,
+           allow_download: bool = True) -> str:
+    """Make sure `data_dir` holds both CSVs; return a line saying where they came from."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    csvs = [data_dir / name for name in CSV_NAMES.values()]
+    if all(p.is_file() or Path(f"{p}.gz").is_file() for p in csvs):
+        return f"CSVs already in {data_dir}: left untouched"
+    if any(p.exists() for p in csvs):
+        present = [str(p) for p in csvs if p.exists()]
+        raise DataError(f"{data_dir} holds only {present}; refusing to overwrite it. Put both CSVs there, "
+                        "or move it away and run `make data` again.")
+    tried = []
+    for directory in ([idx_dir] if idx_dir else []) + [DEBIAN_DIR]:
+        if find_idx(directory, "train") and find_idx(directory, "test"):
+            idx_to_csv(directory, data_dir)
+            return f"converted IDX files from {directory}"
+        tried.append(f"no IDX files in {directory}")
+    if allow_install and _install_debian_package():
+        idx_to_csv(DEBIAN_DIR, data_dir)
+        return f"installed {DEBIAN_PACKAGE} and converted {DEBIAN_DIR}"
+    tried.append(f"could not install Debian's {DEBIAN_PACKAGE} (needs root and apt-get)")
+    if allow_download:
+        raw = data_dir / "raw"
+        try:
+            _download(raw)
+            idx_to_csv(raw, data_dir)
+            return f"downloaded and verified {DOWNLOAD_URL}"
+        except (OSError, DataError) as e:
+            tried.append(f"download from {DOWNLOAD_URL} failed ({e})")
+    raise DataError(
+        "Could not obtain Fashion-MNIST: " + "; ".join(tried) + ". Do one of: (1) put Kaggle's "
+        f"fashion-mnist_train.csv and fashion-mnist_test.csv into {data_dir}; (2) put Zalando's four "
+        "*-idx?-ubyte.gz files into a directory and run `python scripts/get_data.py --idx-dir DIR`; "
+        f"(3) as root on Debian/Ubuntu: `apt-get install {DEBIAN_PACKAGE}`, then `make data`.")

@@ -1,0 +1,29 @@
+"""Put fashion-mnist_train.csv and fashion-mnist_test.csv into a data directory (`make data`)."""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from fmnist.errors import FmnistError
+from fmnist.sources import obtain
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="where the CSVs go (default: data)")
+    parser.add_argument("--idx-dir", type=Path, help="a directory holding Zalando's IDX files to convert")
+    parser.add_argument("--no-install", action="store_true", help="never run apt-get")
+    parser.add_argument("--no-download", action="store_true", help="never download")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        print(obtain(args.data_dir, args.idx_dir, not args.no_install, not args.no_download))
+    except FmnistError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

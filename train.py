@@ -1,0 +1,34 @@
+"""Hydra entry point: `python train.py [overrides]`, `python train.py -m experiment=ablation_lr`."""
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from fmnist.config import register
+from fmnist.errors import FmnistError
+
+register()
+log = logging.getLogger("fmnist")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    from fmnist.train import run_job  # after Hydra parsed the command line: `--help` stays fast
+
+    hydra_cfg = HydraConfig.get()
+    try:
+        return run_job(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN,
+                       overrides=list(hydra_cfg.overrides.task))
+    except FmnistError as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()
