@@ -27,7 +27,7 @@ class EpochCSV(L.Callback):
         self.train_seconds = 0.0
         self._epoch_start = 0.0
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:  # after a resume has restored current_epoch
         if trainer.is_global_zero and self.path.exists():
             # A resumed run redoes the epochs after its checkpoint: drop their old rows.
             with open(self.path, newline="") as f:

@@ -1,0 +1,49 @@
+# Two commands set up a fresh machine: `make train` and `make test` (each creates .venv first).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DATA ?= data
+ARGS ?=
+
+.PHONY: install data train test test-fast tensorboard bench speedrun ablations report clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: an unpinned resolve can pull a multi-GB CUDA build onto CPU machines.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+data: $(STAMP)
+	$(BIN)/python scripts/get_data.py --data-dir $(DATA)
+
+train: data
+	$(BIN)/python train.py data.dir=$(DATA) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+tensorboard: $(STAMP)
+	$(BIN)/tensorboard --logdir outputs $(ARGS)
+
+bench: data
+	$(BIN)/python scripts/benchmark.py --data-dir $(DATA) $(ARGS)
+
+speedrun: data
+	$(BIN)/python train.py -m experiment=speedrun_cpu data.dir=$(DATA) $(ARGS)
+
+ablations: data
+	$(BIN)/python train.py -m experiment=study preset=cpu data.dir=$(DATA) $(ARGS)
+
+report: $(STAMP)
+	$(BIN)/python scripts/report.py $(or $(SWEEP),outputs/study-cpu)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

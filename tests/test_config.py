@@ -1,0 +1,44 @@
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from fmnist.config import check_values
+from fmnist.errors import ConfigError
+from tests.conftest import compose_cfg
+
+
+def test_default_is_the_reports_best_setting():
+    cfg = compose_cfg()
+    assert cfg.model.name == "optimized" and cfg.model.dropout > 0
+    assert cfg.optim.lr <= 1e-3 and cfg.data.batch_size >= 256 and cfg.trainer.accelerator == "auto"
+    check_values(cfg)
+
+
+@pytest.mark.parametrize("override,key", [("optim.lr=abc", "optim.lr"), ("data.batch_size=big", "data.batch_size"),
+                                          ("model.dropout=[1]", "model.dropout"), ("trainer.max_epochs=1.5", "trainer.max_epochs")])
+def test_wrong_types_fail_at_composition_naming_the_key(override, key):
+    with pytest.raises((ConfigCompositionException, ValidationError)) as info:
+        compose_cfg(override)
+    assert key in str(info.value) + str(info.value.__cause__)
+
+
+@pytest.mark.parametrize("override", ["optim.lrr=1", "data.bach_size=2", "trainer.max_epoch=3"])
+def test_typo_keys_fail(override):
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)) as info:
+        compose_cfg(override)
+    assert override.split("=")[0].split(".")[-1] in str(info.value) + str(info.value.__cause__)
+
+
+def test_unknown_model_name_fails():
+    with pytest.raises(ConfigCompositionException, match="model"):
+        compose_cfg("model=vgg")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("data.batch_size=0", "data.batch_size"), ("model.dropout=1.5", "model.dropout"), ("optim.lr=-1", "optim.lr"),
+    ("data.val_size=0", "data.val_size"), ("optim.name=rmsprop", "optim.name"), ("optim.scheduler=step", "optim.scheduler"),
+    ("data.augment.erase=2", "data.augment.erase"), ("ckpt_path=best", "ckpt_path"),
+])
+def test_nonsense_values_are_rejected_with_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"config key {key} must be"):
+        check_values(compose_cfg(override))

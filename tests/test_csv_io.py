@@ -1,0 +1,121 @@
+import gzip
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fmnist.csv_io import HEADER, cache_path, load_csv, parse_csv, write_csv
+from fmnist.errors import DataError
+from tests.conftest import make_images
+
+
+@pytest.fixture
+def valid(tmp_path) -> tuple[Path, np.ndarray, np.ndarray]:
+    images, labels = make_images(20, 3)
+    path = tmp_path / "train.csv"
+    write_csv(path, images, labels)
+    return path, images, labels
+
+
+def test_roundtrip(valid):
+    path, images, labels = valid
+    got_images, got_labels = parse_csv(path)
+    assert got_images.dtype == np.uint8 and got_images.shape == (20, 28, 28)
+    np.testing.assert_array_equal(got_images, images)
+    np.testing.assert_array_equal(got_labels, labels)
+
+
+@pytest.mark.parametrize("variant", ["crlf", "bom", "no_trailing_newline", "extra_trailing_newlines", "gz",
+                                     "reordered_columns"])
+def test_valid_variants(valid, tmp_path, variant):
+    path, images, labels = valid
+    text = path.read_bytes()
+    out = tmp_path / "variant.csv"
+    if variant == "crlf":
+        text = text.replace(b"\n", b"\r\n")
+    elif variant == "bom":
+        text = b"\xef\xbb\xbf" + text
+    elif variant == "no_trailing_newline":
+        text = text.rstrip(b"\n")
+    elif variant == "extra_trailing_newlines":
+        text = text + b"\n\n"
+    elif variant == "gz":
+        out = tmp_path / "variant.csv.gz"
+        text = gzip.compress(text)
+    elif variant == "reordered_columns":  # label last, pixels reversed
+        rows = [line.split(b",") for line in text.strip().split(b"\n")]
+        text = b"\n".join(b",".join(r[1:][::-1] + r[:1]) for r in rows) + b"\n"
+    out.write_bytes(text)
+    got_images, got_labels = parse_csv(out)
+    np.testing.assert_array_equal(got_images, images)
+    np.testing.assert_array_equal(got_labels, labels)
+
+
+def _corrupt(path: Path, line: int, column: int, value: str) -> None:
+    lines = path.read_text().split("\n")
+    cells = lines[line - 1].split(",")
+    cells[column - 1] = value
+    lines[line - 1] = ",".join(cells)
+    path.write_text("\n".join(lines))
+
+
+@pytest.mark.parametrize("line,column,value,expected", [
+    (3, 5, "1.5", r"line 3, column 5 \(pixel4\): expected an integer 0-255, found '1.5'"),
+    (4, 2, "abc", r"line 4, column 2 \(pixel1\): expected an integer 0-255, found 'abc'"),
+    (5, 7, "", r"line 5, column 7 \(pixel6\): expected an integer 0-255, found an empty cell"),
+    (2, 1, "10", r"line 2, column 1 \(label\): expected a label in 0-9, found '10'"),
+    (6, 1, "-1", r"line 6, column 1 \(label\): expected an integer 0-9, found '-1'"),
+    (7, 785, "256", r"line 7, column 785 \(pixel784\): expected a pixel in 0-255, found '256'"),
+    (8, 300, "1000", r"line 8, column 300 \(pixel299\): expected a pixel in 0-255, found '1000'"),
+])
+def test_bad_cells_are_located(valid, line, column, value, expected):
+    path = valid[0]
+    _corrupt(path, line, column, value)
+    with pytest.raises(DataError, match=re.escape(str(path)) + ", " + expected):
+        parse_csv(path)
+
+
+@pytest.mark.parametrize("mutate,expected", [
+    (lambda t: "", "the file is empty"),
+    (lambda t: t.split("\n")[0] + "\n", "has a header but no data rows"),
+    (lambda t: t.replace("pixel5,", "pixelX,", 1), r"line 1: expected a header with 785 columns.*missing \['pixel5'\].*unexpected \['pixelX'\]"),
+    (lambda t: t.replace(",pixel784", "", 1), "line 1: expected a header with 785 columns.*found 784 columns"),
+    (lambda t: t.replace("\n", ",7\n", 3).replace(",7\n", "\n", 2), r"line 3: expected 785 values \(label and 784 pixels\), found 786"),
+    (lambda t: t[: len(t) // 2], r"expected 785 values .*found \d+ \(the file may be truncated\)"),
+    (lambda t: t.replace("\n", "\n\n", 2).replace("\n\n", "\n", 1), "line 3: empty line"),
+])
+def test_bad_structure(valid, mutate, expected):
+    path = valid[0]
+    path.write_text(mutate(path.read_text()))
+    with pytest.raises(DataError, match=re.escape(str(path)) + ".*" + expected):
+        parse_csv(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="missing.csv: file not found.*make data"):
+        parse_csv(tmp_path / "missing.csv")
+
+
+def test_cache_is_used_and_invalidated(valid):
+    path, images, labels = valid
+    load_csv(path)
+    assert cache_path(path).exists()
+    np.testing.assert_array_equal(load_csv(path)[1], labels)
+    # Same size, new content: a stale cache must not be served.
+    text = path.read_text().split("\n")
+    first = text[1].split(",")
+    first[0] = str((int(first[0]) + 1) % 10)
+    text[1] = ",".join(first)
+    path.write_text("\n".join(text))
+    assert load_csv(path)[1][0] == (labels[0] + 1) % 10
+
+
+def test_corrupt_cache_is_rebuilt(valid):
+    path, _, labels = valid
+    cache_path(path).write_bytes(b"not a zip")
+    np.testing.assert_array_equal(load_csv(path)[1], labels)
+
+
+def test_header_constant():
+    assert HEADER[0] == "label" and HEADER[-1] == "pixel784" and len(HEADER) == 785

@@ -1,0 +1,104 @@
+import numpy as np
+import pytest
+import torch
+
+from fmnist.augment import augment, erase, hflip, shift
+from fmnist.batches import InMemoryBatches
+from fmnist.datamodule import FashionMNISTDataModule, stratified_split
+from fmnist.errors import ConfigError, DataError
+
+
+def test_datamodule_shapes_scaling_and_split(data_dir):
+    dm = FashionMNISTDataModule(dir=str(data_dir), val_size=100, batch_size=32, eval_batch_size=50)
+    dm.setup("fit")
+    assert len(dm.splits["train"][1]) == 500 and len(dm.splits["val"][1]) == 100 and len(dm.splits["test"][1]) == 200
+    x, y = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert x.shape == (32, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert 0.0 <= x.min() and x.max() <= 1.0 and x.max() > 0.5
+    # stratified: 600 balanced rows -> 10 validation images per class
+    assert torch.bincount(dm.splits["val"][1]).tolist() == [10] * 10
+
+
+def test_split_is_seeded_disjoint_and_exact():
+    labels = np.random.default_rng(0).integers(0, 10, 1234)
+    rest, chosen = stratified_split(labels, 137, seed=5)
+    assert len(chosen) == 137 and len(rest) == 1234 - 137 and not set(rest) & set(chosen)
+    np.testing.assert_array_equal(chosen, stratified_split(labels, 137, seed=5)[1])
+    assert not np.array_equal(chosen, stratified_split(labels, 137, seed=6)[1])
+    expected = 137 * np.bincount(labels) / len(labels)
+    assert np.all(np.abs(np.bincount(labels[chosen], minlength=10) - expected) < 1)
+
+
+def test_train_subset_and_normalize(data_dir):
+    dm = FashionMNISTDataModule(dir=str(data_dir), val_size=100, train_subset=50, normalize=True)
+    dm.setup("fit")
+    assert len(dm.splits["train"][1]) == 50 and torch.bincount(dm.splits["train"][1]).tolist() == [5] * 10
+    x, _ = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
+    assert abs(float(x.mean())) < 0.5 and dm.std > 0
+
+
+@pytest.mark.parametrize("kwargs,key", [({"val_size": 600}, "data.val_size"), ({"train_subset": 501}, "data.train_subset")])
+def test_impossible_sizes(data_dir, kwargs, key):
+    dm = FashionMNISTDataModule(dir=str(data_dir), **{"val_size": 100, **kwargs})
+    with pytest.raises(ConfigError, match=key):
+        dm.setup("fit")
+
+
+def test_missing_data_dir(tmp_path):
+    with pytest.raises(DataError, match="fashion-mnist_train.csv: file not found"):
+        FashionMNISTDataModule(dir=str(tmp_path)).setup("fit")
+
+
+def _epoch(loader, epoch):
+    loader.set_epoch(epoch)
+    return torch.cat([y for _, y in loader])
+
+
+def test_shuffle_covers_every_index_once_and_is_seeded():
+    labels = torch.arange(103)
+    images = torch.zeros(103, 1, 28, 28, dtype=torch.uint8)
+    loader = InMemoryBatches(images, labels, batch_size=10, shuffle=True, seed=1)
+    assert len(loader) == 11
+    first = _epoch(loader, 0)
+    assert sorted(first.tolist()) == list(range(103))
+    assert torch.equal(first, _epoch(InMemoryBatches(images, labels, 10, shuffle=True, seed=1), 0))
+    assert not torch.equal(first, _epoch(loader, 1))
+    assert not torch.equal(first, _epoch(InMemoryBatches(images, labels, 10, shuffle=True, seed=2), 0))
+    assert Lightning_calls_set_epoch_via_sampler(loader)
+
+
+def Lightning_calls_set_epoch_via_sampler(loader) -> bool:
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+
+    _set_sampler_epoch(loader, 7)
+    return loader.epoch == 7
+
+
+def test_eval_order_and_ranks_are_disjoint():
+    labels = torch.arange(103)
+    images = torch.zeros(103, 1, 28, 28, dtype=torch.uint8)
+    assert _epoch(InMemoryBatches(images, labels, 10, shuffle=False), 0).tolist() == list(range(103))
+    train = [_epoch(InMemoryBatches(images, labels, 8, True, seed=0, rank=r, world_size=2), 3) for r in range(2)]
+    assert len(train[0]) == len(train[1]) == 51 and not set(train[0].tolist()) & set(train[1].tolist())
+    evals = [InMemoryBatches(images, labels, 8, False, rank=r, world_size=2) for r in range(2)]
+    seen = torch.cat([_epoch(e, 0) for e in evals])
+    assert sorted(seen.tolist()) == list(range(103)) and [len(e) for e in evals] == [7, 7]
+
+
+def test_augmentations_keep_shape_and_change_pixels():
+    torch.manual_seed(0)
+    x = torch.rand(64, 1, 28, 28)
+    for out in (hflip(x), shift(x, 2), erase(x, 1.0), augment(x, flip=True, max_shift=2, erase_p=0.5)):
+        assert out.shape == x.shape and out.dtype == x.dtype
+    flipped = hflip(x)
+    same = (flipped == x).flatten(1).all(1)
+    assert torch.all(same | (flipped == x.flip(-1)).flatten(1).all(1)) and 10 < int(same.sum()) < 54
+    shifted = shift(x, 3)
+    assert not torch.equal(shifted, x) and float(shifted.max()) <= 1.0
+    # a shifted image is a translated copy: its nonzero pixels all come from the original
+    assert (shifted.flatten(1).sum(1) <= x.flatten(1).sum(1) + 1e-4).all()
+    assert torch.equal(shift(x, 0), x)
+    erased = erase(x, 1.0)
+    zeros = (erased == 0).flatten(1).sum(1)
+    assert torch.all(zeros >= 16) and torch.all(zeros <= 14 * 14)
+    assert torch.equal(erase(x, 0.0), x)

@@ -1,0 +1,87 @@
+import json
+import math
+
+import pytest
+import torch
+
+from fmnist.checkpoint import load_checkpoint
+from fmnist.errors import CheckpointError, ConfigError
+from fmnist.module import LitClassifier
+from fmnist.runs import read_record
+from fmnist.train import run_job, train
+
+
+@pytest.mark.parametrize("model", ["simple", "optimized", "resnet"])
+def test_one_batch_training_writes_everything(make_cfg, tmp_path, model):
+    metrics = train(make_cfg(f"model={model}"), tmp_path)
+    assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["test/loss"] > 0 and metrics["epochs"] == 1
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["status"] == "completed" and record["metrics"]["val/acc_best"] == metrics["val/acc_best"]
+    assert record["versions"]["torch"].startswith("2.") and record["seed"] == 0
+    assert list(tmp_path.glob("events.out.tfevents.*")), "TensorBoard events"
+    assert (tmp_path / "config.yaml").exists() and (tmp_path / "confusion_matrix.csv").exists()
+    assert (tmp_path / "epochs.csv").read_text().splitlines()[0].startswith("epoch,step,train/loss")
+    # Checkpoints hold plain values only: they reload under weights_only loading.
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["model"]["name"] == model
+    restored = LitClassifier.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert restored(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_existing_run_directory_is_never_overwritten(make_cfg, tmp_path):
+    train(make_cfg("model=simple"), tmp_path)
+    before = (tmp_path / "metrics.json").read_text()
+    with pytest.raises(ConfigError, match="already holds a run.*ckpt_path=last"):
+        run_job(make_cfg("model=simple"), tmp_path)
+    assert (tmp_path / "metrics.json").read_text() == before
+
+
+def test_resume_extends_a_finished_run(make_cfg, tmp_path):
+    train(make_cfg("model=simple"), tmp_path)
+    metrics = train(make_cfg("model=simple", "trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
+    assert metrics["epochs"] == 2
+    assert [line.split(",")[0] for line in (tmp_path / "epochs.csv").read_text().splitlines()[1:]] == ["1", "2"]
+
+
+def test_resume_refuses_a_different_config(make_cfg, tmp_path):
+    train(make_cfg("model=simple"), tmp_path)
+    with pytest.raises(ConfigError, match=r"config differs in \['optim.lr'\]"):
+        train(make_cfg("model=simple", "optim.lr=0.5", "ckpt_path=last"), tmp_path)
+
+
+def test_divergence_stops_the_run_and_is_recorded(make_cfg, tmp_path):
+    cfg = make_cfg("model=simple", "optim=sgd", "optim.lr=1e8", "optim.scheduler=none", "optim.warmup_epochs=0",
+                   "trainer.limit_train_batches=5", "trainer.precision=32-true")
+    assert math.isnan(run_job(cfg, tmp_path, in_sweep=True))  # returns instead of raising inside a sweep
+    record = read_record(tmp_path)
+    assert record["status"] == "diverged" and "loss is" in record["error"] and "optim.lr" in record["error"]
+
+
+def test_failure_outside_a_sweep_raises_and_is_recorded(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="data.val_size"):
+        run_job(make_cfg("data.val_size=100000"), tmp_path)
+    assert read_record(tmp_path)["status"] == "failed"
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this would have run code",))
+
+
+def test_pickled_payload_is_refused(tmp_path, make_cfg):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": Evil()}, path)
+    with pytest.raises(CheckpointError, match="refused to load: it holds pickled Python objects"):
+        load_checkpoint(path)
+    train(make_cfg("model=simple"), tmp_path / "run")
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(path.read_bytes())
+    with pytest.raises(CheckpointError, match="refused"):
+        train(make_cfg("model=simple", "trainer.max_epochs=2", "ckpt_path=last"), tmp_path / "run")
+
+
+def test_truncated_checkpoint_is_reported(tmp_path):
+    path = tmp_path / "cut.ckpt"
+    torch.save({"x": torch.zeros(1000)}, path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(path)
