@@ -75,7 +75,7 @@ def _markdown(table: pd.DataFrame, stats: pd.DataFrame, title: str) -> str:
     unfinished = table[table.status != "completed"]
     if len(unfinished):
         lines += ["", "| job | status | error |", "|---|---|---|"]
-        lines += [f"| `{r.job}` | {r.status} | {(r.error or '').splitlines()[0] if r.error else ''} |"
+        lines += [f"| `{r.job}` | {r.status} | {r.error.splitlines()[0] if isinstance(r.error, str) else ''} |"
                   for r in unfinished.itertuples()]
     return "\n".join(lines) + "\n"
 
@@ -101,4 +101,4 @@ class SummarizeSweep(Callback):
         print((sweep_dir / "summary.md").read_text())
         failed = table[~table.status.isin(["completed"])]
         for row in failed.itertuples():
-            log.warning("job %s: %s %s", row.job, row.status, row.error or "")
+            log.warning("job %s: %s %s", row.job, row.status, row.error if isinstance(row.error, str) else "")

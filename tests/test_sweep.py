@@ -1,0 +1,105 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+
+from fmnist.report import ablation_pairs, write_report
+from fmnist.sweep import setting_of, summarize
+from tests.conftest import CONF, FAST
+from tests.test_cli import run_cli
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def test_the_studys_experiments_exist():
+    assert {"ablation_dropout", "ablation_batch_size", "ablation_lr", "simple_vs_optimized", "study"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("preset", [None, "cpu"])
+def test_every_experiment_composes_with_seeds_and_a_stable_directory(experiment, preset):
+    overrides = [f"experiment={experiment}"] + ([f"preset={preset}"] if preset else [])
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    if experiment.startswith("speedrun"):
+        return
+    assert len(str(params.seed).split(",")) >= 3
+    assert cfg.name == experiment
+    assert cfg.hydra.sweep.dir == f"outputs/{experiment}" + ("-cpu" if preset else "")
+
+
+def _fake_job(sweep: Path, name: str, status: str, seed: int, acc: float | None, overrides: list[str]) -> None:
+    job = sweep / name
+    job.mkdir(parents=True)
+    record = {"status": status, "seed": seed, "overrides": overrides, "git_commit": "abc"}
+    if acc is not None:
+        record["metrics"] = {"val/acc_best": acc, "test/acc": acc - 0.01, "test/loss": 0.3, "epochs": 2,
+                             "best_epoch": 2, "wall_seconds": 10.0}
+    else:
+        record["error"] = "DivergedError: loss is nan at epoch 1"
+    (job / "metrics.json").write_text(json.dumps(record))
+    (job / "epochs.csv").write_text("epoch,step,train/loss,train/acc,val/loss,val/acc,val/acc_best,lr,epoch_seconds,train_seconds\n"
+                                    f"1,10,1.0,0.6,0.9,0.7,0.7,0.001,1,1\n2,20,0.5,0.8,0.6,{acc or 0.1},{acc or 0.1},0.001,1,2\n")
+    (job / "confusion_matrix.csv").write_text("\n".join(",".join("5" if i == j else "0" for j in range(10)) for i in range(10)))
+
+
+def test_aggregation_lists_a_failed_job_and_groups_over_seeds(tmp_path):
+    sweep = tmp_path / "sweep"
+    for seed, acc in enumerate([0.90, 0.92]):
+        _fake_job(sweep, f"optim.lr=0.001,seed={seed}", "completed", seed, acc, ["experiment=x", "optim.lr=0.001", f"seed={seed}"])
+    _fake_job(sweep, "optim.lr=10,seed=0", "diverged", 0, None, ["optim.lr=10", "seed=0"])
+    (sweep / "optim.lr=0.1,seed=0" / ".hydra").mkdir(parents=True)  # started, nothing recorded yet
+    table = summarize(sweep)
+    assert len(table) == 4 and sorted(table.status) == ["completed", "completed", "diverged", "started"]
+    csv = pd.read_csv(sweep / "summary.csv")
+    assert list(csv.columns[:4]) == ["job", "setting", "seed", "status"] and "git_commit" in csv.columns
+    md = (sweep / "summary.md").read_text()
+    assert "| `optim.lr=0.001` | 2 | 91.00 ± 1.41 |" in md
+    assert "optim.lr=10,seed=0` | diverged | DivergedError: loss is nan" in md and "1 started" in md
+
+
+def test_report_draws_curves_ablations_and_confusion(tmp_path):
+    sweep = tmp_path / "sweep"
+    for lr, acc in (("0.001", 0.9), ("0.01", 0.85)):
+        for seed in (0, 1):
+            _fake_job(sweep, f"optim.lr={lr},seed={seed}", "completed", seed, acc + seed / 100, [f"optim.lr={lr}", f"seed={seed}"])
+    names = {p.name for p in write_report(sweep)}
+    assert names == {"curves_optim.lr-0.001.png", "curves_optim.lr-0.01.png", "ablation_optim.lr.png", "confusion_matrix.png"}
+    assert all((sweep / "figures" / n).stat().st_size > 10_000 for n in names)
+
+
+def test_ablation_pairs_vary_one_key_from_the_reference():
+    settings = ["a=1,b=1", "a=2,b=1", "a=1,b=2", "a=2,b=2"]
+    assert ablation_pairs(settings, "a=1,b=1") == {"a": ["a=1,b=1", "a=2,b=1"], "b": ["a=1,b=1", "a=1,b=2"]}
+
+
+def test_setting_drops_seed_and_placement():
+    assert setting_of(["experiment=x", "seed=3", "trainer.accelerator=gpu", "optim.lr=0.1", "model=simple"]) == "model=simple,optim.lr=0.1"
+
+
+def test_sweep_survives_a_diverging_job_skips_finished_jobs_and_reports(tmp_path, data_dir):
+    args = ["-m", *FAST, f"data.dir={data_dir}", "model=simple", "optim=sgd", "optim.scheduler=none",
+            "optim.warmup_epochs=0", "trainer.precision=32-true", "trainer.limit_train_batches=5", "optim.lr=1e8,0.01", f"hydra.sweep.dir={tmp_path}/s"]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "s" / "summary.csv").set_index("setting")
+    assert table.status.to_dict() == {"data.batch_size=32,data.val_size=100,model=simple,optim.lr=100000000.0,"
+                                      "optim.scheduler=none,optim.warmup_epochs=0,optim=sgd,trainer.limit_train_batches=5,"
+                                      "trainer.precision=32-true": "diverged",
+                                      "data.batch_size=32,data.val_size=100,model=simple,optim.lr=0.01,"
+                                      "optim.scheduler=none,optim.warmup_epochs=0,optim=sgd,trainer.limit_train_batches=5,"
+                                      "trainer.precision=32-true": "completed"}
+    records = {p.parent.name: p.read_text() for p in (tmp_path / "s").glob("*/metrics.json")}
+    second = run_cli(*args)
+    assert second.returncode == 0 and second.stderr.count("skipped") + second.stdout.count("skipped") >= 2
+    assert {p.parent.name: p.read_text() for p in (tmp_path / "s").glob("*/metrics.json")} == records
+    result = subprocess.run([sys.executable, "scripts/report.py", str(tmp_path / "s")], capture_output=True,
+                            text=True, cwd=CONF.parent, env={**os.environ, "PYTHONPATH": str(CONF.parent)})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "s" / "figures" / "confusion_matrix.png").exists()
