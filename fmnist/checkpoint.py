@@ -4,14 +4,40 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
+import threading
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from fmnist.errors import CheckpointError
+
+
+@contextmanager
+def signals_deferred():
+    """Hold Ctrl-C and SIGTERM until the block ends: a checkpoint write is never cut in half.
+
+    A signal caught meanwhile is raised again right after, so the run still stops, at a point
+    where it can record that it was interrupted.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for sig in caught:
+            signal.raise_signal(sig)
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
@@ -40,11 +66,31 @@ class SafeCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with signals_deferred():
+            try:
+                with open(tmp, "wb") as f:
+                    torch.save(checkpoint, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         return load_checkpoint(path, map_location=map_location or "cpu")
+
+
+class SafeModelCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` whose end-of-epoch saves (best, then last) complete as one step.
+
+    A Ctrl-C or SIGTERM arriving between the two writes would otherwise leave a new best file but
+    a stale `last.ckpt`; here it waits until both are written, and the run then stops cleanly.
+    """
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        with signals_deferred():
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        with signals_deferred():
+            super().on_validation_end(trainer, pl_module)

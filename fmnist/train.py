@@ -7,6 +7,7 @@ failure (with its error) instead of raising, so the other jobs of a sweep go on.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 import traceback
 from datetime import datetime, timezone
@@ -15,12 +16,13 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist.callbacks import EpochCSV, RNGState, StopOnDivergence
-from fmnist.checkpoint import SafeCheckpointIO
+from fmnist.checkpoint import SafeCheckpointIO, SafeModelCheckpoint
 from fmnist.config import check_values
 from fmnist.datamodule import FashionMNISTDataModule
 from fmnist.errors import ConfigError, DivergedError, FmnistError
@@ -102,8 +104,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     model = LitClassifier(model=OmegaConf.to_container(cfg.model, resolve=True),
                           optim=OmegaConf.to_container(cfg.optim, resolve=True))
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}",
-                                 monitor="val/acc", mode="max", save_last=True, auto_insert_metric_name=False)
+    checkpoint = SafeModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}",
+                                     monitor="val/acc", mode="max", save_last=True, auto_insert_metric_name=False)
     trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), default_root_dir=str(run_dir),
                         logger=logger, plugins=[SafeCheckpointIO()],
                         callbacks=[checkpoint, EpochCSV(run_dir / "epochs.csv"), StopOnDivergence(), RNGState(),
@@ -158,7 +160,14 @@ def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: l
     except RunDirInUse:
         raise
     except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or SIGTERM (Lightning's SIGTERMException)
-        _record_failure(run_dir, "interrupted", "stopped by a signal; resume with ckpt_path=last", e)
+        again = " ".join([*(o for o in overrides or [] if not o.startswith("ckpt_path=")),
+                          f"hydra.run.dir={run_dir}", "ckpt_path=last"])
+        how = "run the same sweep command again" if in_sweep else f"python train.py {again}"
+        message = f"stopped by a signal; resume from the last finished epoch with: {how}"
+        _record_failure(run_dir, "interrupted", message, e)
+        log.warning("%s", message)
+        if isinstance(e, SIGTERMException):  # a bare SystemExit would exit 0: say "terminated" instead
+            raise SystemExit(128 + signal.SIGTERM) from e
         raise
     except Exception as e:
         status = "diverged" if isinstance(e, DivergedError) else "failed"

@@ -1,0 +1,173 @@
+"""Training throughput of this project's Lightning loop against a minimal raw PyTorch loop, side by side.
+
+Both loops train the same model on the same in-memory data with the same optimizer and precision;
+the raw loop is what a hand-written script would do (index a batch, scale it, forward, backward,
+step). Also times the data path alone and the CSV parse / cached load. Prints a table and appends
+it to a CSV so runs can be compared over time. Run it on a quiet machine: `make bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from fmnist.csv_io import cache_path, load_csv, parse_csv
+from fmnist.datamodule import FashionMNISTDataModule, find_csv
+from fmnist.module import LitClassifier
+
+
+class StepTimer(L.Callback):
+    """Wall time from the start of batch `warmup` to the end of the last batch."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.end, self.steps = warmup, 0.0, 0.0, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.end, self.steps = time.perf_counter(), batch_idx + 1 - self.warmup
+
+
+def model_cfg(name: str) -> dict:
+    return {"name": name, "channels_last": True}
+
+
+def make_datamodule(data_dir: Path, batch_size: int) -> FashionMNISTDataModule:
+    dm = FashionMNISTDataModule(dir=str(data_dir), batch_size=batch_size)
+    dm.setup("fit")
+    return dm
+
+
+def lightning_throughput(data_dir: Path, model: str, batch_size: int, precision: str, steps: int, warmup: int) -> float:
+    """Images/s of `Trainer.fit` with this project's module, datamodule and per-step callbacks."""
+    from fmnist.callbacks import RNGState, StopOnDivergence
+
+    timer = StepTimer(warmup)
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_epochs=1,
+                        limit_train_batches=steps + warmup, limit_val_batches=0, num_sanity_val_steps=0,
+                        logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        enable_progress_bar=True, callbacks=[timer, StopOnDivergence(), RNGState()])
+    lit = LitClassifier(model=model_cfg(model), optim={"name": "adam", "lr": 1e-3})
+    trainer.fit(lit, datamodule=make_datamodule(data_dir, batch_size))
+    return timer.steps * batch_size / (timer.end - timer.start)
+
+
+def raw_throughput(dm: FashionMNISTDataModule, model: str, batch_size: int, precision: str, steps: int,
+                   warmup: int) -> float:
+    """Images/s of a hand-written loop over the same tensors, model and optimizer."""
+    lit = LitClassifier(model=model_cfg(model), optim={"name": "adam", "lr": 1e-3})
+    net = lit.net.train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    images, labels = dm.splits["train"]
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(labels), generator=generator)
+    bf16 = precision.startswith("bf16")
+    start = 0.0
+    for step in range(steps + warmup):
+        if step == warmup:
+            start = time.perf_counter()
+        idx = order[step * batch_size:(step + 1) * batch_size]
+        x = (images[idx].float() / 255).contiguous(memory_format=torch.channels_last)
+        y = labels[idx]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(net(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def data_path_throughput(dm: FashionMNISTDataModule, batches: int) -> float:
+    """Images/s of cutting, converting and scaling batches (the datamodule's whole per-step work)."""
+    loader = dm.train_dataloader()
+    count, start = 0, time.perf_counter()
+    for i, batch in enumerate(loader):
+        x, _ = dm.on_after_batch_transfer(batch, 0)
+        count += len(x)
+        if i + 1 == batches:
+            break
+    return count / (time.perf_counter() - start)
+
+
+def csv_timings(data_dir: Path) -> tuple[float, float]:
+    """(seconds to parse the training CSV from scratch, seconds to load it from the cache)."""
+    path = find_csv(data_dir, "train")
+    start = time.perf_counter()
+    parse_csv(path)
+    parse = time.perf_counter() - start
+    if not cache_path(path).exists():
+        load_csv(path)
+    start = time.perf_counter()
+    load_csv(path)
+    return parse, time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=Path("data"))
+    parser.add_argument("--models", nargs="+", default=["optimized"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 256])
+    parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])
+    parser.add_argument("--images", type=int, default=12800, help="images timed per loop and repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating raw/Lightning repeats (median)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks.csv"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    parse_s, cached_s = csv_timings(args.data_dir)
+    rows = []
+    for model in args.models:
+        for batch_size in args.batch_sizes:
+            dm = make_datamodule(args.data_dir, batch_size)
+            data_ips = data_path_throughput(dm, max(1, args.images // batch_size))
+            for precision in args.precisions:
+                steps, warmup = max(4, args.images // batch_size), 3
+                raw, lit = [], []
+                for _ in range(args.repeats):  # alternate, so drifting machine load hits both alike
+                    raw.append(raw_throughput(dm, model, batch_size, precision, steps, warmup))
+                    lit.append(lightning_throughput(args.data_dir, model, batch_size, precision, steps, warmup))
+                raw_ips, lit_ips = statistics.median(raw), statistics.median(lit)
+                rows.append({
+                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+                    "torch": torch.__version__, "model": model, "batch_size": batch_size, "precision": precision,
+                    "raw_img_s": round(raw_ips), "lightning_img_s": round(lit_ips), "ratio": round(lit_ips / raw_ips, 3),
+                    "data_img_s": round(data_ips), "data_share_pct": round(100 * lit_ips / data_ips, 2),
+                    "csv_parse_s": round(parse_s, 2), "cached_load_s": round(cached_s, 3),
+                })
+    print_table(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    new = not args.out.exists()
+    with open(args.out, "a", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    print(f"\nappended {len(rows)} rows to {args.out}")
+    return 0
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = ["model", "batch_size", "precision", "raw_img_s", "lightning_img_s", "ratio", "data_img_s",
+               "data_share_pct", "csv_parse_s", "cached_load_s"]
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
+    print(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("-|-".join("-" * w for w in widths))
+    for r in rows:
+        print(" | ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Interrupted runs: SIGKILL mid-epoch, SIGINT and SIGTERM, then resume (real subprocess trainings)."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+# Long enough epochs (125 steps) to be killed inside one; deterministic so reruns match exactly.
+SETTINGS = ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true", "trainer.deterministic=true",
+            "trainer.max_epochs=3", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+            "trainer.num_sanity_val_steps=0", "model=optimized", "data.val_size=100", "data.batch_size=4"]
+
+
+def start(run_dir: Path, data_dir: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *SETTINGS, f"data.dir={data_dir}",
+                             f"hydra.run.dir={run_dir}", *extra], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_epochs(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    path = run_dir / "epochs.csv"
+    while time.time() < deadline:
+        if path.exists() and len(path.read_text().strip().splitlines()) > n:
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    raise TimeoutError(f"{run_dir} did not finish {n} epoch(s)")
+
+
+def finish(proc: subprocess.Popen) -> None:
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def record(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def curve(run_dir: Path) -> list[dict]:
+    """The per-epoch metrics without the wall-time columns."""
+    with open(run_dir / "epochs.csv") as f:
+        return [{k: v for k, v in row.items() if "seconds" not in k} for row in csv.DictReader(f)]
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir):
+    reference = tmp_path / "reference"
+    finish(start(reference, data_dir))
+
+    killed = tmp_path / "killed"
+    proc = start(killed, data_dir)
+    wait_for_epochs(killed, 1, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert record(killed)["status"] == "running"  # killed before it could finish
+    assert len(curve(killed)) < 3
+    finish(start(killed, data_dir, "ckpt_path=last"))
+
+    assert record(killed)["status"] == "completed"
+    assert curve(killed) == curve(reference)
+    for key in ("val/acc_best", "test/acc", "test/loss", "epochs"):
+        assert record(killed)["metrics"][key] == record(reference)["metrics"][key], key
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_cleanly_records_how_to_resume_and_resume_finishes(tmp_path, data_dir, sig):
+    run = tmp_path / "run"
+    proc = start(run, data_dir)
+    wait_for_epochs(run, 1, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    rec = record(run)
+    assert rec["status"] == "interrupted", rec
+    assert "ckpt_path=last" in rec["error"] and f"hydra.run.dir={run}" in rec["error"]
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    assert not list((run / "checkpoints").glob(".*.tmp"))
+    finish(start(run, data_dir, "ckpt_path=last"))
+    assert record(run)["status"] == "completed" and record(run)["metrics"]["epochs"] == 3
