@@ -47,6 +47,7 @@ class LitClassifier(L.LightningModule):
         self.val_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
         self.test_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # saved in checkpoints: a resumed run keeps its best so far
         self.test_confusion = MulticlassConfusionMatrix(NUM_CLASSES)
         self.misclassified: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
@@ -67,9 +68,6 @@ class LitClassifier(L.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
-    def on_train_start(self) -> None:
-        self.val_acc_best.reset()  # forget what the sanity-check batches saw
-
     def validation_step(self, batch, batch_idx: int) -> None:
         loss, logits, y = self._loss(batch)
         self.val_acc(logits, y)
@@ -77,6 +75,8 @@ class LitClassifier(L.LightningModule):
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=len(y))
 
     def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:  # a couple of batches before training say nothing about the best
+            return
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pandas as pd
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -77,11 +78,8 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
 
 def _best_epoch(run_dir: Path) -> int | None:
     path = run_dir / "epochs.csv"
-    if not path.exists():
-        return None
-    rows = np.genfromtxt(path, delimiter=",", names=True, dtype=None, encoding=None)
-    rows = np.atleast_1d(rows)
-    return int(rows["epoch"][np.argmax(rows["valacc"])]) if len(rows) and "valacc" in rows.dtype.names else None
+    epochs = pd.read_csv(path) if path.exists() else None
+    return None if epochs is None or epochs.empty else int(epochs.loc[epochs["val/acc"].idxmax(), "epoch"])
 
 
 def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:

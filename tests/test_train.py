@@ -85,3 +85,13 @@ def test_truncated_checkpoint_is_reported(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_checkpoint(path)
+
+
+def test_resumed_run_keeps_its_best_validation_accuracy(make_cfg, tmp_path):
+    train(make_cfg("model=simple"), tmp_path)
+    resumed = train(make_cfg("model=simple", "trainer.max_epochs=3", "ckpt_path=last"), tmp_path)
+    # The best is over all three epochs, including the one trained before the resume.
+    val_acc = [float(line.split(",")[5]) for line in (tmp_path / "epochs.csv").read_text().splitlines()[1:]]
+    assert len(val_acc) == 3 and resumed["val/acc_best"] == pytest.approx(max(val_acc), abs=1e-6)
+    module = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert "val_acc_best.max_value" in module

@@ -1,0 +1,68 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+
+from fmnist.csv_io import parse_csv
+from fmnist.errors import DataError
+from fmnist.sources import CSV_NAMES, obtain, read_idx
+from tests.conftest import make_images
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    header = b"\x00\x00\x08" + bytes([array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+    d = tmp_path / "idx"
+    d.mkdir()
+    for prefix, n, seed in (("train", 30, 0), ("t10k", 10, 1)):
+        images, labels = make_images(n, seed)
+        write_idx(d / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(d / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return d
+
+
+def test_idx_files_become_kaggle_csvs(tmp_path, idx_dir):
+    data = tmp_path / "data"
+    message = obtain(data, idx_dir=idx_dir, allow_install=False, allow_download=False)
+    assert "converted IDX files" in message
+    images, labels = parse_csv(data / CSV_NAMES["train"])
+    expected_images, expected_labels = make_images(30, 0)
+    np.testing.assert_array_equal(images, expected_images)
+    np.testing.assert_array_equal(labels, expected_labels)
+    assert len(parse_csv(data / CSV_NAMES["test"])[1]) == 10
+
+
+def test_existing_csvs_are_never_touched(tmp_path, idx_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in CSV_NAMES.values():
+        (data / name).write_text("mine")
+    assert "left untouched" in obtain(data, idx_dir=idx_dir, allow_install=False, allow_download=False)
+    assert all((data / name).read_text() == "mine" for name in CSV_NAMES.values())
+
+
+def test_a_lone_csv_is_not_overwritten(tmp_path, idx_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / CSV_NAMES["train"]).write_text("mine")
+    with pytest.raises(DataError, match="refusing to overwrite"):
+        obtain(data, idx_dir=idx_dir, allow_install=False, allow_download=False)
+    assert (data / CSV_NAMES["train"]).read_text() == "mine"
+
+
+def test_nothing_available_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setattr("fmnist.sources.DEBIAN_DIR", tmp_path / "nowhere")
+    with pytest.raises(DataError, match="Could not obtain Fashion-MNIST.*Do one of: \\(1\\) put Kaggle's"):
+        obtain(tmp_path / "data", idx_dir=tmp_path / "empty", allow_install=False, allow_download=False)
+
+
+def test_bad_idx_magic(tmp_path):
+    path = tmp_path / "x-idx1-ubyte"
+    path.write_bytes(b"\x00\x00\x09\x01" + b"\x00" * 8)
+    with pytest.raises(DataError, match="not an IDX file"):
+        read_idx(path)
