@@ -40,8 +40,11 @@ class StepTimer(L.Callback):
         self.end, self.steps = time.perf_counter(), batch_idx + 1 - self.warmup
 
 
+COMPILE = False  # set by --compile: both loops then run torch.compile'd models
+
+
 def model_cfg(name: str) -> dict:
-    return {"name": name, "channels_last": True}
+    return {"name": name, "channels_last": True, "compile": COMPILE}
 
 
 def make_datamodule(data_dir: Path, batch_size: int) -> FashionMNISTDataModule:
@@ -70,6 +73,7 @@ def raw_throughput(dm: FashionMNISTDataModule, model: str, batch_size: int, prec
     lit = LitClassifier(model=model_cfg(model), optim={"name": "adam", "lr": 1e-3})
     net = lit.net.train()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    forward = lit._forward  # the compiled callable when --compile
     images, labels = dm.splits["train"]
     generator = torch.Generator().manual_seed(0)
     order = torch.randperm(len(labels), generator=generator)
@@ -82,7 +86,7 @@ def raw_throughput(dm: FashionMNISTDataModule, model: str, batch_size: int, prec
         x = (images[idx].float() / 255).contiguous(memory_format=torch.channels_last)
         y = labels[idx]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(net(x).float(), y)
+            loss = F.cross_entropy(forward(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -122,8 +126,11 @@ def main() -> int:
     parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])
     parser.add_argument("--images", type=int, default=12800, help="images timed per loop and repeat")
     parser.add_argument("--repeats", type=int, default=3, help="alternating raw/Lightning repeats (median)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model in both loops")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks.csv"))
     args = parser.parse_args()
+    global COMPILE
+    COMPILE = args.compile
     torch.manual_seed(0)
 
     parse_s, cached_s = csv_timings(args.data_dir)
@@ -142,7 +149,8 @@ def main() -> int:
                 rows.append({
                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
-                    "torch": torch.__version__, "model": model, "batch_size": batch_size, "precision": precision,
+                    "torch": torch.__version__, "model": model + ("+compile" if COMPILE else ""),
+                    "batch_size": batch_size, "precision": precision,
                     "raw_img_s": round(raw_ips), "lightning_img_s": round(lit_ips), "ratio": round(lit_ips / raw_ips, 3),
                     "data_img_s": round(data_ips), "data_share_pct": round(100 * lit_ips / data_ips, 2),
                     "csv_parse_s": round(parse_s, 2), "cached_load_s": round(cached_s, 3),
