@@ -90,7 +90,9 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     check_values(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    resume = _check_run_dir(cfg, run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    # DDP ranks > 0 start after rank 0 has claimed the directory: only rank 0 checks and writes.
+    resume = _check_run_dir(cfg, run_dir) if rank_zero_only.rank == 0 else cfg.ckpt_path == "last" and last.exists()
     started = time.perf_counter()
     if rank_zero_only.rank == 0:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -108,7 +110,6 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
                         logger=logger, plugins=[SafeCheckpointIO()],
                         callbacks=[checkpoint, EpochCSV(run_dir / "epochs.csv"), StopOnDivergence(), RNGState(),
                                    LearningRateMonitor(logging_interval="epoch")])
-    last = run_dir / "checkpoints" / "last.ckpt"
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
     fit_seconds = time.perf_counter() - started
 

@@ -47,8 +47,11 @@ def model_cfg(name: str) -> dict:
     return {"name": name, "channels_last": True, "compile": COMPILE}
 
 
+VAL_SIZE = 5000  # --val-size: the benchmark trains on what the validation split leaves, as training does
+
+
 def make_datamodule(data_dir: Path, batch_size: int) -> FashionMNISTDataModule:
-    dm = FashionMNISTDataModule(dir=str(data_dir), batch_size=batch_size)
+    dm = FashionMNISTDataModule(dir=str(data_dir), batch_size=batch_size, val_size=VAL_SIZE)
     dm.setup("fit")
     return dm
 
@@ -126,11 +129,12 @@ def main() -> int:
     parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])
     parser.add_argument("--images", type=int, default=12800, help="images timed per loop and repeat")
     parser.add_argument("--repeats", type=int, default=3, help="alternating raw/Lightning repeats (median)")
+    parser.add_argument("--val-size", type=int, default=5000)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model in both loops")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks.csv"))
     args = parser.parse_args()
-    global COMPILE
-    COMPILE = args.compile
+    global COMPILE, VAL_SIZE
+    COMPILE, VAL_SIZE = args.compile, args.val_size
     torch.manual_seed(0)
 
     parse_s, cached_s = csv_timings(args.data_dir)
