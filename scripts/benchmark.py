@@ -76,7 +76,6 @@ def raw_throughput(dm: FashionMNISTDataModule, model: str, batch_size: int, prec
     lit = LitClassifier(model=model_cfg(model), optim={"name": "adam", "lr": 1e-3})
     net = lit.net.train()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-    forward = lit._forward  # the compiled callable when --compile
     images, labels = dm.splits["train"]
     generator = torch.Generator().manual_seed(0)
     order = torch.randperm(len(labels), generator=generator)
@@ -89,7 +88,7 @@ def raw_throughput(dm: FashionMNISTDataModule, model: str, batch_size: int, prec
         x = (images[idx].float() / 255).contiguous(memory_format=torch.channels_last)
         y = labels[idx]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(forward(x).float(), y)
+            loss = F.cross_entropy(net(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -24,6 +24,7 @@ def test_one_batch_training_writes_everything(make_cfg, tmp_path, model):
     # Checkpoints hold plain values only: they reload under weights_only loading.
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["hyper_parameters"]["model"]["name"] == model
+    assert {k.split(".")[0] for k in ckpt["state_dict"]} <= {"net", "val_acc_best"}  # no duplicate copies
     restored = LitClassifier.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert restored(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
