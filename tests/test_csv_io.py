@@ -119,3 +119,20 @@ def test_corrupt_cache_is_rebuilt(valid):
 
 def test_header_constant():
     assert HEADER[0] == "label" and HEADER[-1] == "pixel784" and len(HEADER) == 785
+
+
+def test_small_blocks_parse_the_same_and_locate_errors(valid, monkeypatch):
+    path, images, labels = valid
+    original = path.read_text()
+    monkeypatch.setattr("fmnist.csv_io.BLOCK_BYTES", 3000)  # about two lines per block
+    got_images, got_labels = parse_csv(path)
+    np.testing.assert_array_equal(got_images, images)
+    np.testing.assert_array_equal(got_labels, labels)
+    _corrupt(path, 15, 100, "x")
+    with pytest.raises(DataError, match=r"line 15, column 100 \(pixel99\): expected an integer 0-255, found 'x'"):
+        parse_csv(path)
+    path.write_text(original)
+    _corrupt(path, 17, 3, "300")
+    path.write_text(path.read_text().replace("\n", "\r\n"))
+    with pytest.raises(DataError, match=r"line 17, column 3 \(pixel2\): expected a pixel in 0-255, found '300'"):
+        parse_csv(path)
