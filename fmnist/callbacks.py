@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from fmnist.errors import DivergedError
 
@@ -90,3 +91,15 @@ class RNGState(L.Callback):
         torch.set_rng_state(state_dict["cpu"])
         if "cuda" in state_dict and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+def step_callbacks(progress_refresh_steps: int | None) -> list[L.Callback]:
+    """The callbacks that act on every training step, shared by `train` and the benchmark.
+
+    The progress bar redraws every `progress_refresh_steps` steps (None: no bar): a redraw per
+    step cost ~1 ms, 3-5% of a batch-32 step on a 2-core CPU.
+    """
+    callbacks: list[L.Callback] = [StopOnDivergence(), RNGState()]
+    if progress_refresh_steps:
+        callbacks.append(TQDMProgressBar(refresh_rate=progress_refresh_steps))
+    return callbacks

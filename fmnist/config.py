@@ -110,6 +110,7 @@ class TrainConfig:
     name: str = "train"  # stored sweeps write to outputs/<name>/
     ckpt_path: Optional[str] = None  # `last` resumes the run directory's last checkpoint
     test: bool = True  # evaluate the best checkpoint on the test set after fitting
+    progress_bar_refresh: int = 10  # training steps between progress-bar redraws
 
 
 def register() -> None:
@@ -143,6 +144,7 @@ def check_values(cfg: DictConfig) -> None:
         ("optim.label_smoothing", 0.0 <= cfg.optim.label_smoothing < 1.0, "in [0, 1)"),
         ("trainer.max_epochs", cfg.trainer.max_epochs >= 1 or cfg.trainer.max_epochs == -1, "at least 1"),
         ("ckpt_path", cfg.ckpt_path in (None, "last"), "null or `last`"),
+        ("progress_bar_refresh", cfg.progress_bar_refresh >= 1, "at least 1"),
     ]
     for key, ok, expected in checks:
         if not ok:

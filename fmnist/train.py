@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from fmnist.callbacks import EpochCSV, RNGState, StopOnDivergence
+from fmnist.callbacks import EpochCSV, step_callbacks
 from fmnist.checkpoint import SafeCheckpointIO, SafeModelCheckpoint
 from fmnist.config import check_values
 from fmnist.datamodule import FashionMNISTDataModule
@@ -108,8 +108,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
                                      monitor="val/acc", mode="max", save_last=True, auto_insert_metric_name=False)
     trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), default_root_dir=str(run_dir),
                         logger=logger, plugins=[SafeCheckpointIO()],
-                        callbacks=[checkpoint, EpochCSV(run_dir / "epochs.csv"), StopOnDivergence(), RNGState(),
-                                   LearningRateMonitor(logging_interval="epoch")])
+                        callbacks=[checkpoint, EpochCSV(run_dir / "epochs.csv"), LearningRateMonitor(logging_interval="epoch"),
+                                   *step_callbacks(cfg.progress_bar_refresh if cfg.trainer.enable_progress_bar else None)])
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
     fit_seconds = time.perf_counter() - started
 

@@ -21,6 +21,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from fmnist.callbacks import step_callbacks
 from fmnist.csv_io import cache_path, load_csv, parse_csv
 from fmnist.datamodule import FashionMNISTDataModule, find_csv
 from fmnist.module import LitClassifier
@@ -40,6 +41,7 @@ class StepTimer(L.Callback):
         self.end, self.steps = time.perf_counter(), batch_idx + 1 - self.warmup
 
 
+PROGRESS_REFRESH = 10  # as conf/train.yaml's progress_bar_refresh
 COMPILE = False  # set by --compile: both loops then run torch.compile'd models
 
 
@@ -58,13 +60,11 @@ def make_datamodule(data_dir: Path, batch_size: int) -> FashionMNISTDataModule:
 
 def lightning_throughput(data_dir: Path, model: str, batch_size: int, precision: str, steps: int, warmup: int) -> float:
     """Images/s of `Trainer.fit` with this project's module, datamodule and per-step callbacks."""
-    from fmnist.callbacks import RNGState, StopOnDivergence
-
     timer = StepTimer(warmup)
     trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_epochs=1,
                         limit_train_batches=steps + warmup, limit_val_batches=0, num_sanity_val_steps=0,
                         logger=False, enable_checkpointing=False, enable_model_summary=False,
-                        enable_progress_bar=True, callbacks=[timer, StopOnDivergence(), RNGState()])
+                        enable_progress_bar=True, callbacks=[timer, *step_callbacks(PROGRESS_REFRESH)])
     lit = LitClassifier(model=model_cfg(model), optim={"name": "adam", "lr": 1e-3})
     trainer.fit(lit, datamodule=make_datamodule(data_dir, batch_size))
     return timer.steps * batch_size / (timer.end - timer.start)
