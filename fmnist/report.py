@@ -45,7 +45,8 @@ def draw_curves(ax_loss: plt.Axes, ax_acc: plt.Axes, runs: list[pd.DataFrame], t
         if stacked.shape[1] > 1:
             ax.fill_between(mean.index, stacked.min(axis=1), stacked.max(axis=1), alpha=0.2, color=line.get_color())
     ax_loss.set_title(f"{title}\n(n={len(runs)} seeds; band: min-max)", fontsize=9)
-    ax_loss.set_ylabel("cross-entropy loss")
+    ax_loss.set_ylabel("cross-entropy loss (log scale)")
+    ax_loss.set_yscale("log")
     ax_acc.set_ylabel("validation accuracy")
     ax_acc.set_xlabel("epoch")
     ax_loss.legend(fontsize=8)
