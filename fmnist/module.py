@@ -51,6 +51,7 @@ class LitClassifier(L.LightningModule):
         self.val_acc_best.persistent(True)  # saved in checkpoints: a resumed run keeps its best so far
         self.test_confusion = MulticlassConfusionMatrix(NUM_CLASSES, validate_args=False)
         self.misclassified: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.confusion: torch.Tensor | None = None  # test-set confusion matrix, set by `test`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -65,7 +66,7 @@ class LitClassifier(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, logits, y = self._loss(batch)
         self.train_acc.update(logits, y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
@@ -83,6 +84,11 @@ class LitClassifier(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.misclassified = []
+
+    def on_test_epoch_end(self) -> None:
+        # On every rank: under DDP, compute() gathers the counts from all of them.
+        self.confusion = self.test_confusion.compute().cpu()
+        self.test_confusion.reset()
 
     def test_step(self, batch, batch_idx: int) -> None:
         loss, logits, y = self._loss(batch)

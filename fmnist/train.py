@@ -132,7 +132,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
 
 def _log_test_artifacts(model: LitClassifier, logger: TensorBoardLogger, run_dir: Path, step: int) -> None:
     """Confusion matrix (CSV and TensorBoard image) and a grid of misclassified test images."""
-    cm = model.test_confusion.compute().cpu().numpy()
+    cm = model.confusion.numpy()
     np.savetxt(run_dir / "confusion_matrix.csv", cm, fmt="%d", delimiter=",")
     logger.experiment.add_figure("test/confusion_matrix", confusion_matrix_figure(cm), step)
     if model.misclassified:
