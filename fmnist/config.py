@@ -117,9 +117,10 @@ def register() -> None:
     """Put the schemas where `conf/*.yaml` find them (called before Hydra composes)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    cs.store(group="model", name="simple_schema", node=SimpleCNNConfig)
-    cs.store(group="model", name="optimized_schema", node=OptimizedCNNConfig)
-    cs.store(group="model", name="resnet_schema", node=ResNetConfig)
+    # Outside the `model` group, so that `--help` lists only real choices; conf/model/*.yaml pull them in.
+    cs.store(group="schema/model", name="simple", node=SimpleCNNConfig)
+    cs.store(group="schema/model", name="optimized", node=OptimizedCNNConfig)
+    cs.store(group="schema/model", name="resnet", node=ResNetConfig)
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")

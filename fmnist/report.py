@@ -6,6 +6,7 @@ works on a finished, running or interrupted sweep, with no TensorBoard parsing.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -102,10 +103,10 @@ def write_report(sweep_dir: Path) -> list[Path]:
         means = done.groupby("setting").val_acc_best.mean()
         reference = str(means.idxmax())
         for key, members in ablation_pairs(sorted(curves), reference).items():
-            panels = [(s, curves[s]) for s in members if s in curves]
-            panels.sort(key=lambda p: parse_setting(p[0]).get(key, ""))
-            save(curves_figure(panels, f"Ablation of {key} (other settings as in the best: {reference})"),
-                 f"ablation_{_slug(key)}.png")
+            panels = sorted((f"{key}={parse_setting(s).get(key, '(default)')}", curves[s]) for s in members if s in curves)
+            others = ", ".join(f"{k}={v}" for k, v in parse_setting(reference).items() if k != key) or "defaults"
+            title = "\n".join(textwrap.wrap(f"Ablation of {key}; other settings as in the best run: {others}", 110))
+            save(curves_figure(panels, title), f"ablation_{_slug(key)}.png")
         best = done.loc[done.val_acc_best.idxmax()]
         cm_path = sweep_dir / best.job / "confusion_matrix.csv"
         if cm_path.exists():

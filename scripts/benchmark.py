@@ -9,7 +9,6 @@ it to a CSV so runs can be compared over time. Run it on a quiet machine: `make 
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import statistics
 import sys
@@ -18,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import lightning as L
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -127,7 +127,7 @@ def main() -> int:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 256])
     parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])
     parser.add_argument("--images", type=int, default=12800, help="images timed per loop and repeat")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating raw/Lightning repeats (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating raw/Lightning repeats (median)")
     parser.add_argument("--val-size", type=int, default=5000)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model in both loops")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks.csv"))
@@ -149,29 +149,29 @@ def main() -> int:
                     raw.append(raw_throughput(dm, model, batch_size, precision, steps, warmup))
                     lit.append(lightning_throughput(args.data_dir, model, batch_size, precision, steps, warmup))
                 raw_ips, lit_ips = statistics.median(raw), statistics.median(lit)
+                # Each repeat's two loops ran back to back: their ratio cancels slow drifts in machine speed.
+                ratios = sorted(l_ / r_ for l_, r_ in zip(lit, raw))
                 rows.append({
                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
                     "torch": torch.__version__, "model": model + ("+compile" if COMPILE else ""),
                     "batch_size": batch_size, "precision": precision,
-                    "raw_img_s": round(raw_ips), "lightning_img_s": round(lit_ips), "ratio": round(lit_ips / raw_ips, 3),
+                    "raw_img_s": round(raw_ips), "lightning_img_s": round(lit_ips),
+                    "ratio": round(statistics.median(ratios), 3), "ratio_range": f"{ratios[0]:.3f}-{ratios[-1]:.3f}",
                     "data_img_s": round(data_ips), "data_share_pct": round(100 * lit_ips / data_ips, 2),
                     "csv_parse_s": round(parse_s, 2), "cached_load_s": round(cached_s, 3),
                 })
     print_table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    new = not args.out.exists()
-    with open(args.out, "a", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    # Rewritten whole rather than appended, so rows from older versions with other columns stay aligned.
+    history = pd.read_csv(args.out) if args.out.exists() else pd.DataFrame()
+    pd.concat([history, pd.DataFrame(rows)], ignore_index=True).to_csv(args.out, index=False)
     print(f"\nappended {len(rows)} rows to {args.out}")
     return 0
 
 
 def print_table(rows: list[dict]) -> None:
-    columns = ["model", "batch_size", "precision", "raw_img_s", "lightning_img_s", "ratio", "data_img_s",
+    columns = ["model", "batch_size", "precision", "raw_img_s", "lightning_img_s", "ratio", "ratio_range", "data_img_s",
                "data_share_pct", "csv_parse_s", "cached_load_s"]
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
     print(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))
