@@ -38,15 +38,26 @@ def test_nonsense_values_exit_2_with_one_paragraph(tmp_path, data_dir, override,
     assert "Traceback" not in result.stderr
 
 
-def test_bad_csv_exits_2_naming_file_line_and_column(tmp_path):
+HEADER = "label," + ",".join(f"pixel{i}" for i in range(1, 785))
+ROW = "3," + ",".join(["0"] * 784)
+
+
+@pytest.mark.parametrize("train_text,message", [
+    (HEADER + "\n" + ROW[:-1] + "x\n", "fashion-mnist_train.csv, line 2, column 785 (pixel784): expected an integer 0-255, found 'x'"),
+    ("", "fashion-mnist_train.csv: the file is empty"),
+    (HEADER + "\n", "fashion-mnist_train.csv: has a header but no data rows"),
+    (HEADER.replace("pixel9,", "pixel9x,") + "\n" + ROW + "\n", "fashion-mnist_train.csv, line 1: expected a header with 785 columns"),
+    (HEADER + "\n" + ROW + "\n" + "12" + ROW[1:] + "\n", "line 3, column 1 (label): expected a label in 0-9, found '12'"),
+    (HEADER + "\n" + ROW + "\n" + ROW[:500] + "\n", "line 3: expected 785 values (label and 784 pixels), found 251 (the file may be truncated)"),
+])
+def test_bad_csv_exits_2_naming_the_problem(tmp_path, train_text, message):
     data = tmp_path / "data"
     data.mkdir()
-    header = "label," + ",".join(f"pixel{i}" for i in range(1, 785))
-    (data / "fashion-mnist_train.csv").write_text(header + "\n" + "3," + ",".join(["0"] * 783) + ",x\n")
-    (data / "fashion-mnist_test.csv").write_text(header + "\n")
+    (data / "fashion-mnist_train.csv").write_text(train_text)
+    (data / "fashion-mnist_test.csv").write_text(HEADER + "\n" + ROW + "\n")
     result = run_cli(*FAST, f"data.dir={data}", f"hydra.run.dir={tmp_path}/run")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "fashion-mnist_train.csv, line 2, column 785 (pixel784): expected an integer 0-255, found 'x'" in result.stderr
+    assert message in result.stderr
 
 
 def test_multirun_writes_one_directory_per_job_and_a_summary(tmp_path, data_dir):
