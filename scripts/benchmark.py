@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from fmnist.callbacks import step_callbacks
+from fmnist.config import TrainConfig
 from fmnist.csv_io import cache_path, load_csv, parse_csv
 from fmnist.datamodule import FashionMNISTDataModule, find_csv
 from fmnist.module import LitClassifier
@@ -41,39 +42,34 @@ class StepTimer(L.Callback):
         self.end, self.steps = time.perf_counter(), batch_idx + 1 - self.warmup
 
 
-PROGRESS_REFRESH = 10  # as conf/train.yaml's progress_bar_refresh
-COMPILE = False  # set by --compile: both loops then run torch.compile'd models
+def model_cfg(name: str, compile: bool) -> dict:
+    return {"name": name, "channels_last": True, "compile": compile}
 
 
-def model_cfg(name: str) -> dict:
-    return {"name": name, "channels_last": True, "compile": COMPILE}
-
-
-VAL_SIZE = 5000  # --val-size: the benchmark trains on what the validation split leaves, as training does
-
-
-def make_datamodule(data_dir: Path, batch_size: int) -> FashionMNISTDataModule:
-    dm = FashionMNISTDataModule(dir=str(data_dir), batch_size=batch_size, val_size=VAL_SIZE)
+def make_datamodule(data_dir: Path, batch_size: int, val_size: int) -> FashionMNISTDataModule:
+    """The training split as training sees it (what the validation split leaves), loaded once."""
+    dm = FashionMNISTDataModule(dir=str(data_dir), batch_size=batch_size, val_size=val_size)
     dm.setup("fit")
     return dm
 
 
-def lightning_throughput(data_dir: Path, model: str, batch_size: int, precision: str, steps: int, warmup: int) -> float:
+def lightning_throughput(dm: FashionMNISTDataModule, model: dict, batch_size: int, precision: str, steps: int,
+                         warmup: int) -> float:
     """Images/s of `Trainer.fit` with this project's module, datamodule and per-step callbacks."""
     timer = StepTimer(warmup)
     trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_epochs=1,
                         limit_train_batches=steps + warmup, limit_val_batches=0, num_sanity_val_steps=0,
                         logger=False, enable_checkpointing=False, enable_model_summary=False,
-                        enable_progress_bar=True, callbacks=[timer, *step_callbacks(PROGRESS_REFRESH)])
-    lit = LitClassifier(model=model_cfg(model), optim={"name": "adam", "lr": 1e-3})
-    trainer.fit(lit, datamodule=make_datamodule(data_dir, batch_size))
+                        enable_progress_bar=True,
+                        callbacks=[timer, *step_callbacks(TrainConfig.progress_bar_refresh)])
+    trainer.fit(LitClassifier(model=model, optim={"name": "adam", "lr": 1e-3}), datamodule=dm)
     return timer.steps * batch_size / (timer.end - timer.start)
 
 
-def raw_throughput(dm: FashionMNISTDataModule, model: str, batch_size: int, precision: str, steps: int,
+def raw_throughput(dm: FashionMNISTDataModule, model: dict, batch_size: int, precision: str, steps: int,
                    warmup: int) -> float:
     """Images/s of a hand-written loop over the same tensors, model and optimizer."""
-    lit = LitClassifier(model=model_cfg(model), optim={"name": "adam", "lr": 1e-3})
+    lit = LitClassifier(model=model, optim={"name": "adam", "lr": 1e-3})
     net = lit.net.train()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     images, labels = dm.splits["train"]
@@ -132,29 +128,28 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model in both loops")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks.csv"))
     args = parser.parse_args()
-    global COMPILE, VAL_SIZE
-    COMPILE, VAL_SIZE = args.compile, args.val_size
     torch.manual_seed(0)
 
     parse_s, cached_s = csv_timings(args.data_dir)
     rows = []
     for model in args.models:
         for batch_size in args.batch_sizes:
-            dm = make_datamodule(args.data_dir, batch_size)
+            dm = make_datamodule(args.data_dir, batch_size, args.val_size)
             data_ips = data_path_throughput(dm, max(1, args.images // batch_size))
             for precision in args.precisions:
                 steps, warmup = max(4, args.images // batch_size), 3
                 raw, lit = [], []
+                config = model_cfg(model, args.compile)
                 for _ in range(args.repeats):  # alternate, so drifting machine load hits both alike
-                    raw.append(raw_throughput(dm, model, batch_size, precision, steps, warmup))
-                    lit.append(lightning_throughput(args.data_dir, model, batch_size, precision, steps, warmup))
+                    raw.append(raw_throughput(dm, config, batch_size, precision, steps, warmup))
+                    lit.append(lightning_throughput(dm, config, batch_size, precision, steps, warmup))
                 raw_ips, lit_ips = statistics.median(raw), statistics.median(lit)
                 # Each repeat's two loops ran back to back: their ratio cancels slow drifts in machine speed.
                 ratios = sorted(l_ / r_ for l_, r_ in zip(lit, raw))
                 rows.append({
                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
-                    "torch": torch.__version__, "model": model + ("+compile" if COMPILE else ""),
+                    "torch": torch.__version__, "model": model + ("+compile" if args.compile else ""),
                     "batch_size": batch_size, "precision": precision,
                     "raw_img_s": round(raw_ips), "lightning_img_s": round(lit_ips),
                     "ratio": round(statistics.median(ratios), 3), "ratio_range": f"{ratios[0]:.3f}-{ratios[-1]:.3f}",
