@@ -82,7 +82,7 @@ class TrainerConfig:
     devices: Any = "auto"
     strategy: str = "auto"
     num_nodes: int = 1
-    precision: Any = "32-true"
+    precision: Any = "auto"  # auto: chosen by the hardware (fmnist/hardware.py); or any Lightning precision
     max_epochs: int = 20
     max_time: Optional[str] = None
     limit_train_batches: Any = None
@@ -125,6 +125,7 @@ def register() -> None:
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "linear")
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 
 def check_values(cfg: DictConfig) -> None:
@@ -143,6 +144,7 @@ def check_values(cfg: DictConfig) -> None:
         ("optim.scheduler", cfg.optim.scheduler in SCHEDULERS, f"one of {SCHEDULERS}"),
         ("optim.warmup_epochs", cfg.optim.warmup_epochs >= 0, "non-negative"),
         ("optim.label_smoothing", 0.0 <= cfg.optim.label_smoothing < 1.0, "in [0, 1)"),
+        ("trainer.precision", str(cfg.trainer.precision) in PRECISIONS, f"one of {PRECISIONS}"),
         ("trainer.max_epochs", cfg.trainer.max_epochs >= 1 or cfg.trainer.max_epochs == -1, "at least 1"),
         ("ckpt_path", cfg.ckpt_path in (None, "last"), "null or `last`"),
         ("progress_bar_refresh", cfg.progress_bar_refresh >= 1, "at least 1"),

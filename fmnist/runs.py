@@ -13,6 +13,8 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from fmnist.hardware import describe
+
 METRICS_FILE = "metrics.json"
 FINISHED = ("completed", "failed", "diverged")
 PACKAGES = ("torch", "lightning", "torchmetrics", "hydra-core", "omegaconf", "numpy")
@@ -62,4 +64,4 @@ def provenance() -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return {"git_commit": git_commit(), "versions": versions, "python": platform.python_version(),
-            "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.processor() or platform.system()}"}
+            "hardware": describe()}

@@ -27,6 +27,7 @@ from fmnist.checkpoint import SafeCheckpointIO, SafeModelCheckpoint
 from fmnist.config import check_values
 from fmnist.datamodule import FashionMNISTDataModule
 from fmnist.errors import ConfigError, DivergedError, FmnistError
+from fmnist.hardware import resolve_precision
 from fmnist.module import LitClassifier
 from fmnist.plots import confusion_matrix_figure, misclassified_figure
 from fmnist.runs import FINISHED, provenance, read_record, update_record
@@ -94,19 +95,21 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     # DDP ranks > 0 start after rank 0 has claimed the directory: only rank 0 checks and writes.
     resume = _check_run_dir(cfg, run_dir) if rank_zero_only.rank == 0 else cfg.ckpt_path == "last" and last.exists()
     started = time.perf_counter()
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    trainer_kwargs["precision"], precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator, model_kwargs)
     if rank_zero_only.rank == 0:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         update_record(run_dir, status="running", seed=cfg.seed, started_at=_now(), overrides=list(overrides or []),
-                      **provenance())
+                      precision=precision, **provenance())
 
     L.seed_everything(cfg.seed, workers=False, verbose=False)
     datamodule = FashionMNISTDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
-    model = LitClassifier(model=OmegaConf.to_container(cfg.model, resolve=True),
-                          optim=OmegaConf.to_container(cfg.optim, resolve=True))
+    model = LitClassifier(model=model_kwargs, optim=OmegaConf.to_container(cfg.optim, resolve=True))
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
     checkpoint = SafeModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}",
                                      monitor="val/acc", mode="max", save_last=True, auto_insert_metric_name=False)
-    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), default_root_dir=str(run_dir),
+    trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(run_dir),
                         logger=logger, plugins=[SafeCheckpointIO()],
                         callbacks=[checkpoint, EpochCSV(run_dir / "epochs.csv"), LearningRateMonitor(logging_interval="epoch"),
                                    *step_callbacks(cfg.progress_bar_refresh if cfg.trainer.enable_progress_bar else None)])
