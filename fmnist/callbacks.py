@@ -11,22 +11,29 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from fmnist.errors import DivergedError
+from fmnist.models import training_flops_per_image
 
 EPOCH_COLUMNS = ["epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "lr",
-                 "epoch_seconds", "train_seconds"]
+                 "epoch_seconds", "train_seconds", "train_images", "train_flops"]
 
 
 class EpochCSV(L.Callback):
     """Append one row per finished epoch to `epochs.csv`, so figures and tables need no TensorBoard parsing.
 
     `train_seconds` is cumulative training wall time (including validation), kept across resumes:
-    the time-to-accuracy curve of a run.
+    the time-to-accuracy curve of a run on its hardware. `train_images` (images trained on, all
+    ranks) and `train_flops` (their forward + backward FLOPs) are the same curve's machine-free axes.
     """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.train_seconds = 0.0
+        self.train_images = 0
+        self.flops_per_image = 0
         self._epoch_start = 0.0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.flops_per_image = training_flops_per_image(pl_module.net)
 
     def on_train_start(self, trainer, pl_module) -> None:  # after a resume has restored current_epoch
         if trainer.is_global_zero and self.path.exists():
@@ -38,6 +45,9 @@ class EpochCSV(L.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch_start = time.perf_counter()
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.train_images += len(batch[1]) * trainer.world_size
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
@@ -46,7 +56,8 @@ class EpochCSV(L.Callback):
         m = trainer.callback_metrics
         row = {"epoch": trainer.current_epoch + 1, "step": trainer.global_step,
                "lr": trainer.optimizers[0].param_groups[0]["lr"],
-               "epoch_seconds": round(seconds, 3), "train_seconds": round(self.train_seconds, 3)}
+               "epoch_seconds": round(seconds, 3), "train_seconds": round(self.train_seconds, 3),
+               "train_images": self.train_images, "train_flops": self.train_images * self.flops_per_image}
         row.update({k: round(float(m[k]), 6) for k in EPOCH_COLUMNS if k in m})
         self._write([row], mode="a")
 
@@ -59,16 +70,26 @@ class EpochCSV(L.Callback):
             writer.writerows(rows)
 
     def state_dict(self) -> dict:
-        return {"train_seconds": self.train_seconds}
+        return {"train_seconds": self.train_seconds, "train_images": self.train_images}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.train_seconds = state_dict["train_seconds"]
+        self.train_images = state_dict.get("train_images", 0)
 
 
 class StopOnDivergence(L.Callback):
-    """Stop with DivergedError as soon as the training loss is NaN or infinite."""
+    """Stop with DivergedError when the training loss is NaN or infinite.
+
+    Checked every `every` steps and at each epoch's last step, not every step: reading the loss
+    waits for the GPU, and once the weights are NaN every later loss is too.
+    """
+
+    def __init__(self, every: int = 10):
+        self.every = every
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx % self.every and batch_idx + 1 != trainer.num_training_batches:
+            return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None and not torch.isfinite(loss).item():
             raise DivergedError(f"training diverged: loss is {loss.item()} at epoch {trainer.current_epoch + 1}, "

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def conv_bn_relu(c_in: int, c_out: int, kernel_size: int = 3) -> nn.Sequential:
@@ -104,3 +107,18 @@ def build_model(name: str, **kwargs) -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     return MODELS[name](**kwargs)
+
+
+def training_flops_per_image(net: nn.Module) -> int:
+    """Floating-point operations of one training step (forward + backward) per 1x28x28 image.
+
+    Counted by torch's FLOP counter (convolutions and matrix products, which dominate) on a copy
+    of `net`, so the model's batch-norm statistics are not touched: a machine-independent measure
+    of training compute, unlike seconds.
+    """
+    probe = copy.deepcopy(net).train()
+    x = torch.rand(2, 1, 28, 28, device=next(probe.parameters()).device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        probe(x).float().sum().backward()
+    return counter.get_total_flops() // 2

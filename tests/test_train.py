@@ -1,11 +1,13 @@
 import json
 import math
 
+import pandas as pd
 import pytest
 import torch
 
 from fmnist.checkpoint import load_checkpoint
 from fmnist.errors import CheckpointError, ConfigError
+from fmnist.models import training_flops_per_image
 from fmnist.module import LitClassifier
 from fmnist.runs import read_record
 from fmnist.train import run_job, train
@@ -20,13 +22,17 @@ def test_one_batch_training_writes_everything(make_cfg, tmp_path, model):
     assert record["versions"]["torch"].startswith("2.") and record["seed"] == 0
     assert list(tmp_path.glob("events.out.tfevents.*")), "TensorBoard events"
     assert (tmp_path / "config.yaml").exists() and (tmp_path / "confusion_matrix.csv").exists()
-    assert (tmp_path / "epochs.csv").read_text().splitlines()[0].startswith("epoch,step,train/loss")
+    epochs = pd.read_csv(tmp_path / "epochs.csv")
+    assert list(epochs.columns[:3]) == ["epoch", "step", "train/loss"]
     # Checkpoints hold plain values only: they reload under weights_only loading.
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["hyper_parameters"]["model"]["name"] == model
     assert {k.split(".")[0] for k in ckpt["state_dict"]} <= {"net", "val_acc_best"}  # no duplicate copies
     restored = LitClassifier.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert restored(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    # Time-to-accuracy axes that do not depend on the machine: images (2 batches of 32) and their FLOPs.
+    flops = training_flops_per_image(restored.net)
+    assert epochs["train_images"].tolist() == [64] and epochs["train_flops"].tolist() == [64 * flops]
 
 
 def test_existing_run_directory_is_never_overwritten(make_cfg, tmp_path):
