@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 DATA ?= data
 ARGS ?=
 
-.PHONY: install data train test test-fast tensorboard bench speedrun ablations report clean
+.PHONY: install data train test test-fast tensorboard bench gpu-check speedrun ablations report clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ tensorboard: $(STAMP)
 
 bench: data
 	$(BIN)/python scripts/benchmark.py --data-dir $(DATA) $(ARGS)
+
+# On a GPU machine, from a fresh clone: uses the machine's CUDA torch (see scripts/gpu_check.sh).
+gpu-check:
+	bash scripts/gpu_check.sh $(ARGS)
 
 speedrun: data
 	$(BIN)/python train.py -m experiment=speedrun_cpu data.dir=$(DATA) $(ARGS)

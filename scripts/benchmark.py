@@ -2,14 +2,19 @@
 
 Both loops train the same model on the same in-memory data with the same optimizer and precision;
 the raw loop is what a hand-written script would do (index a batch, scale it, forward, backward,
-step). Also times the data path alone and the CSV parse / cached load. Prints a table and appends
-it to a CSV so runs can be compared over time. Run it on a quiet machine: `make bench`.
+step). Also times the data path alone and the CSV parse / cached load. Prints the hardware and a
+table, and appends both to a CSV so runs can be compared over time. Run it on a quiet machine:
+`make bench`.
+
+Each loop runs for about `--seconds` after a warm-up (the step count is calibrated once per row),
+so every row finishes in bounded time on any machine. The default precisions are those this
+hardware runs natively (fp32, plus bf16 where the CPU or GPU has it): bf16 emulated on an
+AVX2-only CPU is an order of magnitude slower and would only measure that.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -25,20 +30,31 @@ from fmnist.callbacks import step_callbacks
 from fmnist.config import TrainConfig
 from fmnist.csv_io import cache_path, load_csv, parse_csv
 from fmnist.datamodule import FashionMNISTDataModule, find_csv
+from fmnist.hardware import describe, describe_line, device_kind, native_cpu_bf16, resolve_precision
+from fmnist.models import training_flops_per_image
 from fmnist.module import LitClassifier
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a host clock reading covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class StepTimer(L.Callback):
     """Wall time from the start of batch `warmup` to the end of the last batch."""
 
-    def __init__(self, warmup: int):
-        self.warmup, self.start, self.end, self.steps = warmup, 0.0, 0.0, 0
+    def __init__(self, warmup: int, total: int):
+        self.warmup, self.total, self.start, self.end, self.steps = warmup, total, 0.0, 0.0, 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == self.warmup:
+            synchronize(pl_module.device)
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx + 1 == self.total:  # only the last step waits for the GPU, as the raw loop does
+            synchronize(pl_module.device)
         self.end, self.steps = time.perf_counter(), batch_idx + 1 - self.warmup
 
 
@@ -46,18 +62,19 @@ def model_cfg(name: str, compile: bool) -> dict:
     return {"name": name, "channels_last": True, "compile": compile}
 
 
-def make_datamodule(data_dir: Path, batch_size: int, val_size: int) -> FashionMNISTDataModule:
-    """The training split as training sees it (what the validation split leaves), loaded once."""
+def make_datamodule(data_dir: Path, batch_size: int, val_size: int, device: torch.device) -> FashionMNISTDataModule:
+    """The training split as training sees it (what the validation split leaves), loaded once, on `device`."""
     dm = FashionMNISTDataModule(dir=str(data_dir), batch_size=batch_size, val_size=val_size)
     dm.setup("fit")
+    dm.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in dm.splits.items()}
     return dm
 
 
 def lightning_throughput(dm: FashionMNISTDataModule, model: dict, batch_size: int, precision: str, steps: int,
-                         warmup: int) -> float:
+                         warmup: int, device: torch.device) -> float:
     """Images/s of `Trainer.fit` with this project's module, datamodule and per-step callbacks."""
-    timer = StepTimer(warmup)
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_epochs=1,
+    timer = StepTimer(warmup, steps + warmup)
+    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision, max_epochs=1,
                         limit_train_batches=steps + warmup, limit_val_batches=0, num_sanity_val_steps=0,
                         logger=False, enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=True,
@@ -67,31 +84,42 @@ def lightning_throughput(dm: FashionMNISTDataModule, model: dict, batch_size: in
 
 
 def raw_throughput(dm: FashionMNISTDataModule, model: dict, batch_size: int, precision: str, steps: int,
-                   warmup: int) -> float:
+                   warmup: int, device: torch.device) -> float:
     """Images/s of a hand-written loop over the same tensors, model and optimizer."""
     lit = LitClassifier(model=model, optim={"name": "adam", "lr": 1e-3})
-    net = lit.net.train()
+    net = lit.net.to(device).train()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     images, labels = dm.splits["train"]
     generator = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(labels), generator=generator)
-    bf16 = precision.startswith("bf16")
+    order = torch.randperm(len(labels), generator=generator).to(device)
+    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     start = 0.0
     for step in range(steps + warmup):
         if step == warmup:
+            synchronize(device)
             start = time.perf_counter()
-        idx = order[step * batch_size:(step + 1) * batch_size]
+        idx = order[(step * batch_size) % len(order):][:batch_size]
         x = (images[idx].float() / 255).contiguous(memory_format=torch.channels_last)
         y = labels[idx]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = F.cross_entropy(net(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    synchronize(device)
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def data_path_throughput(dm: FashionMNISTDataModule, batches: int) -> float:
+def calibrate_steps(dm: FashionMNISTDataModule, model: dict, batch_size: int, precision: str, seconds: float,
+                    device: torch.device) -> int:
+    """How many steps fill about `seconds` (at least 5), from a short raw-loop timing."""
+    step_s = batch_size / raw_throughput(dm, model, batch_size, precision, 3, 2, device)
+    return max(5, round(seconds / step_s))
+
+
+def data_path_throughput(dm: FashionMNISTDataModule, batches: int, device: torch.device) -> float:
     """Images/s of cutting, converting and scaling batches (the datamodule's whole per-step work)."""
     loader = dm.train_dataloader()
     count, start = 0, time.perf_counter()
@@ -100,7 +128,15 @@ def data_path_throughput(dm: FashionMNISTDataModule, batches: int) -> float:
         count += len(x)
         if i + 1 == batches:
             break
+    synchronize(device)
     return count / (time.perf_counter() - start)
+
+
+def native_precisions(kind: str) -> list[str]:
+    """fp32 plus the mixed precision this hardware runs natively (none on a CPU without bf16)."""
+    if kind == "cuda":
+        return ["32-true", "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"]
+    return ["32-true", "bf16-mixed"] if kind == "cpu" and native_cpu_bf16() else ["32-true"]
 
 
 def csv_timings(data_dir: Path) -> tuple[float, float]:
@@ -121,37 +157,50 @@ def main() -> int:
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("--models", nargs="+", default=["optimized"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 256])
-    parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])
-    parser.add_argument("--images", type=int, default=12800, help="images timed per loop and repeat")
+    parser.add_argument("--accelerator", default="auto", help="auto | cpu | gpu")
+    parser.add_argument("--precisions", nargs="+", default=None,
+                        help="default: those this hardware runs natively (32-true, plus bf16-mixed where native)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per loop and repeat (calibrated)")
+    parser.add_argument("--images", type=int, default=None, help="images per loop and repeat instead of --seconds")
     parser.add_argument("--repeats", type=int, default=5, help="alternating raw/Lightning repeats (median)")
     parser.add_argument("--val-size", type=int, default=5000)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model in both loops")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks.csv"))
     args = parser.parse_args()
     torch.manual_seed(0)
+    kind = device_kind(args.accelerator)
+    device = torch.device("cuda" if kind == "cuda" else "cpu")
+    hardware = describe()
+    print(f"hardware: {describe_line(hardware)}")
+    precisions = args.precisions or native_precisions(kind)
 
     parse_s, cached_s = csv_timings(args.data_dir)
     rows = []
     for model in args.models:
+        config = model_cfg(model, args.compile)
+        auto, _ = resolve_precision("auto", kind, config)
+        flops = training_flops_per_image(LitClassifier(model=config, optim={"name": "adam", "lr": 1e-3}).net)
         for batch_size in args.batch_sizes:
-            dm = make_datamodule(args.data_dir, batch_size, args.val_size)
-            data_ips = data_path_throughput(dm, max(1, args.images // batch_size))
-            for precision in args.precisions:
-                steps, warmup = max(4, args.images // batch_size), 3
+            dm = make_datamodule(args.data_dir, batch_size, args.val_size, device)
+            data_ips = data_path_throughput(dm, 50, device)
+            for precision in precisions:
+                warmup = 3
+                steps = (max(4, args.images // batch_size) if args.images else
+                         calibrate_steps(dm, config, batch_size, precision, args.seconds, device))
+                steps = min(steps, len(dm.train_dataloader()) - warmup)  # one epoch at most
                 raw, lit = [], []
-                config = model_cfg(model, args.compile)
                 for _ in range(args.repeats):  # alternate, so drifting machine load hits both alike
-                    raw.append(raw_throughput(dm, config, batch_size, precision, steps, warmup))
-                    lit.append(lightning_throughput(dm, config, batch_size, precision, steps, warmup))
+                    raw.append(raw_throughput(dm, config, batch_size, precision, steps, warmup, device))
+                    lit.append(lightning_throughput(dm, config, batch_size, precision, steps, warmup, device))
                 raw_ips, lit_ips = statistics.median(raw), statistics.median(lit)
                 # Each repeat's two loops ran back to back: their ratio cancels slow drifts in machine speed.
                 ratios = sorted(l_ / r_ for l_, r_ in zip(lit, raw))
                 rows.append({
-                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
-                    "torch": torch.__version__, "model": model + ("+compile" if args.compile else ""),
-                    "batch_size": batch_size, "precision": precision,
-                    "raw_img_s": round(raw_ips), "lightning_img_s": round(lit_ips),
+                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **hardware,
+                    "model": model + ("+compile" if args.compile else ""),
+                    "batch_size": batch_size, "precision": precision + (" (auto)" if precision == auto else ""),
+                    "steps": steps, "raw_img_s": round(raw_ips), "lightning_img_s": round(lit_ips),
+                    "lightning_tflop_s": round(lit_ips * flops / 1e12, 3), "gflop_per_img": round(flops / 1e9, 3),
                     "ratio": round(statistics.median(ratios), 3), "ratio_range": f"{ratios[0]:.3f}-{ratios[-1]:.3f}",
                     "data_img_s": round(data_ips), "data_share_pct": round(100 * lit_ips / data_ips, 2),
                     "csv_parse_s": round(parse_s, 2), "cached_load_s": round(cached_s, 3),
@@ -166,8 +215,8 @@ def main() -> int:
 
 
 def print_table(rows: list[dict]) -> None:
-    columns = ["model", "batch_size", "precision", "raw_img_s", "lightning_img_s", "ratio", "ratio_range", "data_img_s",
-               "data_share_pct", "csv_parse_s", "cached_load_s"]
+    columns = ["model", "batch_size", "precision", "steps", "raw_img_s", "lightning_img_s", "ratio", "ratio_range",
+               "lightning_tflop_s", "data_img_s", "data_share_pct", "csv_parse_s", "cached_load_s"]
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
     print(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))
     print("-|-".join("-" * w for w in widths))

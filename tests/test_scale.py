@@ -34,6 +34,18 @@ def test_benchmark_prints_and_appends_a_row(tmp_path, data_dir):
          "--batch-sizes", "32", "--precisions", "32-true", "--models", "simple", "--out", str(out)],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "lightning_img_s" in result.stdout
+    assert "lightning_img_s" in result.stdout and result.stdout.startswith("hardware: ")
     row = pd.read_csv(out).iloc[0]
-    assert row.raw_img_s > 0 and row.lightning_img_s > 0 and row.ratio > 0 and row.csv_parse_s >= 0
+    assert row.raw_img_s > 0 and row.lightning_img_s > 0 and row.ratio > 0 and row.csv_parse_s > 0
+    assert row.cores >= 1 and row.torch_threads >= 1 and isinstance(row.isa, str) and row.gflop_per_img > 0
+
+
+def test_gpu_check_dry_run_composes_every_command():
+    result = subprocess.run([sys.executable, "scripts/gpu_check.py", "--dry-run"], capture_output=True, text=True,
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    for step in ("smoke", "bench", "speedrun_gpu", "report", "report_figures", "ddp"):
+        assert any(line.startswith(f"[{step},") for line in lines), step
+    assert "experiment=report" in result.stdout and "seed=2" in result.stdout and "trainer.accelerator=gpu" in result.stdout
+    assert lines[-1].startswith("dry run: 11 commands composed")

@@ -1,0 +1,241 @@
+"""`make gpu-check`: what this project claims for GPUs, measured in one command (about 8 minutes on one H100).
+
+Steps, each bounded in time, each writing under one results folder (printed at the end):
+  env.json            GPU, driver, CUDA, cuDNN, torch, and the hardware line
+  smoke/              one full epoch with trainer.accelerator=gpu (the dataset held on the GPU)
+  bench.csv           scripts/benchmark.py on the GPU: raw PyTorch vs Lightning, fp32 vs bf16, batch 32 and 256
+  speedrun_gpu/       experiment=speedrun_gpu, 3 seeds, one after another: test accuracy, time to 94% / 95%
+  report/             experiment=report at full size (20 epochs), seeds as parallel processes, + figures/
+  ddp/                2-process DDP on 2 GPUs (skipped with a message on a 1-GPU machine)
+  summary.md          what ran, how long, and the tables
+
+`--dry-run` composes the config of every training command (so a typo fails here, on any machine)
+and prints the commands without running them. `--smoke` runs every step on a few batches: a check
+of this script itself, on any machine. The report's runs share the GPU, so their seconds are not
+timings; the speedrun and the benchmark run alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+THRESHOLDS = (0.94, 0.95)  # validation accuracy marks for time-to-accuracy
+
+
+@dataclass
+class Step:
+    name: str
+    commands: list[list[str]]  # run in parallel; the step ends when all have
+    timeout_s: float
+    train: bool = True  # the commands are train.py runs (their configs are composed by --dry-run)
+    notes: list[str] = field(default_factory=list)
+
+
+def train_cmd(*overrides: str) -> list[str]:
+    return [PY, "train.py", *overrides]
+
+
+def plan(results: Path, data_dir: Path, smoke: bool, gpus: int) -> list[Step]:
+    """The steps, in order of importance: a budget cut hits the last ones. `smoke`: a few batches, any device."""
+    accelerator = "auto" if smoke else "gpu"
+    common = [f"data.dir={data_dir}", f"trainer.accelerator={accelerator}", "trainer.devices=1"]
+    tiny = ["trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
+            "trainer.max_epochs=2"] if smoke else []
+    report = [*common, *tiny, "experiment=report", f"hydra.sweep.dir={results / 'report'}",
+              "trainer.enable_progress_bar=false"]
+    seeds = ["0"] if smoke else ["0", "1", "2"]
+    steps = [
+        Step("smoke", [train_cmd(*common, *tiny, "trainer.max_epochs=1", f"hydra.run.dir={results / 'smoke'}",
+                                 "trainer.enable_progress_bar=false")], 120),
+        Step("bench", [[PY, "scripts/benchmark.py", "--data-dir", str(data_dir), "--accelerator", accelerator,
+                        "--batch-sizes", "32", "256",
+                        "--seconds", "0.2" if smoke else "1", "--repeats", "1" if smoke else "3",
+                        "--out", str(results / "bench.csv")]], 150, train=False),
+        Step("speedrun_gpu", [train_cmd("-m", *common, *tiny, "experiment=speedrun_gpu", f"seed={','.join(seeds)}",
+                                        f"hydra.sweep.dir={results / 'speedrun_gpu'}",
+                                        "trainer.enable_progress_bar=false")], 240),
+        # One process per seed for the cheap settings, one per seed for batch 32 (8x the steps):
+        # the GPU is far from full with one small CNN, so parallel processes cut the wall time.
+        Step("report", [train_cmd("-m", *report, f"seed={seed}", f"variant={variants}")
+                        for seed in seeds for variants in ("best,no_dropout,lr_high,simple", "batch_32")], 330),
+        Step("report_figures", [[PY, "scripts/report.py", str(results / "report")]], 60, train=False),
+    ]
+    if gpus >= 2:
+        steps.append(Step("ddp", [train_cmd(f"data.dir={data_dir}", *tiny, "trainer=ddp", "trainer.devices=2",
+                                            "trainer.max_epochs=2", f"hydra.run.dir={results / 'ddp'}",
+                                            "trainer.enable_progress_bar=false")], 120))
+    else:
+        steps.append(Step("ddp", [], 0, notes=[f"skipped: DDP needs 2 GPUs, this machine has {gpus}"]))
+    return steps
+
+
+def compose_all(steps: list[Step]) -> None:
+    """Compose every train.py command's config as train.py would: raises on any bad key or value."""
+    from hydra import compose, initialize_config_dir
+
+    from fmnist.config import check_values, register
+
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for step in steps:
+            for command in step.commands if step.train else []:
+                overrides = [o for o in command[2:] if o != "-m" and not o.startswith("hydra.")]
+                # A sweep's comma lists: compose each value's first item (every item goes through train.py alike).
+                first = [o.split("=", 1)[0] + "=" + o.split("=", 1)[1].split(",")[0] if "," in o else o for o in overrides]
+                check_values(compose("train", overrides=first))
+
+
+def environment(results: Path) -> dict:
+    import torch
+
+    from fmnist.hardware import describe, describe_line
+
+    env = {"hardware": describe(), "hardware_line": describe_line(), "cuda": torch.version.cuda,
+           "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+           "gpus": torch.cuda.device_count(), "date": datetime.now().isoformat(timespec="seconds")}
+    try:
+        env["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                            "--format=csv,noheader"], capture_output=True, text=True,
+                                           timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        env["nvidia_smi"] = f"unavailable: {e}"
+    (results / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+    return env
+
+
+def run_step(step: Step, results: Path, deadline: float) -> dict:
+    """Run a step's commands in parallel with its timeout (cut to the overall deadline); log to <name>.log."""
+    timeout = min(step.timeout_s, deadline - time.time())
+    if not step.commands or timeout < 10:
+        return {"step": step.name, "status": "skipped", "seconds": 0,
+                "note": "; ".join(step.notes) or "skipped: the time budget is spent"}
+    log = open(results / f"{step.name}.log", "w")
+    start = time.time()
+    procs = [subprocess.Popen(c, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT) for c in step.commands]
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=max(1.0, start + timeout - time.time())))
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # SIGTERM: runs record `interrupted` and keep their checkpoints
+            try:
+                codes.append(proc.wait(timeout=30))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes.append(proc.wait())
+            codes[-1] = f"timeout ({codes[-1]})"
+    log.close()
+    ok = all(c == 0 for c in codes)
+    return {"step": step.name, "status": "ok" if ok else "failed", "seconds": round(time.time() - start, 1),
+            "note": "" if ok else f"exit codes {codes}; see {step.name}.log"}
+
+
+def time_to_accuracy(sweep: Path) -> list[dict]:
+    """Per job: test accuracy, and the first epoch reaching each validation threshold (seconds, images, FLOPs)."""
+    import pandas as pd
+
+    rows = []
+    for job in sorted(p for p in sweep.iterdir() if (p / "epochs.csv").exists()) if sweep.is_dir() else []:
+        epochs = pd.read_csv(job / "epochs.csv")
+        record = json.loads((job / "metrics.json").read_text()) if (job / "metrics.json").exists() else {}
+        test_acc = record.get("metrics", {}).get("test/acc")
+        row = {"job": job.name, "status": record.get("status"), "test_acc": test_acc and round(test_acc, 4),
+               "val_acc_best": epochs["val/acc"].max(), "epochs": len(epochs),
+               "train_seconds": epochs["train_seconds"].iloc[-1]}
+        for t in THRESHOLDS:
+            hit = epochs[epochs["val/acc"] >= t]
+            first = hit.iloc[0] if len(hit) else None
+            row[f"s_to_{t:.0%}"] = None if first is None else round(float(first["train_seconds"]), 1)
+            row[f"images_to_{t:.0%}"] = None if first is None else int(first["train_images"])
+            row[f"tflop_to_{t:.0%}"] = None if first is None else round(float(first["train_flops"]) / 1e12, 1)
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no rows)\n"
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(results: Path, env: dict, outcomes: list[dict]) -> str:
+    import pandas as pd
+
+    parts = [f"# GPU check, {env['date']}", "", f"Hardware: {env['hardware_line']}; CUDA {env['cuda']}, "
+             f"cuDNN {env['cudnn']}; nvidia-smi: {env['nvidia_smi']}", "", "## Steps", "", markdown_table(outcomes)]
+    if (results / "bench.csv").exists():
+        bench = pd.read_csv(results / "bench.csv")
+        keep = ["model", "batch_size", "precision", "steps", "raw_img_s", "lightning_img_s", "ratio", "ratio_range",
+                "lightning_tflop_s", "data_share_pct"]
+        parts += ["## Benchmark (raw PyTorch vs Lightning, alone on the GPU)", "",
+                  markdown_table(bench[[c for c in keep if c in bench]].to_dict("records"))]
+    parts += ["## experiment=speedrun_gpu (alone on the GPU)", "",
+              markdown_table(time_to_accuracy(results / "speedrun_gpu"))]
+    parts += ["## experiment=report (seeds in parallel processes: seconds are not timings)", "",
+              markdown_table(time_to_accuracy(results / "report"))]
+    if (results / "report" / "summary.md").exists():
+        parts += [(results / "report" / "summary.md").read_text()]
+    text = "\n".join(parts)
+    (results / "summary.md").write_text(text)
+    return text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=None, help="default: outputs/gpu-check/<time>")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"))
+    parser.add_argument("--idx-dir", type=Path, default=None, help="make the CSVs from Zalando's IDX files here")
+    parser.add_argument("--budget-s", type=float, default=480, help="wall-time budget for all steps")
+    parser.add_argument("--dry-run", action="store_true", help="compose every command's config and print the commands")
+    parser.add_argument("--smoke", action="store_true", help="every step on a few batches (checks this script)")
+    args = parser.parse_args()
+    results = (args.results or Path("outputs/gpu-check") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")).resolve()
+    data_dir = args.data_dir.resolve()
+
+    if args.dry_run:
+        steps = plan(results, data_dir, args.smoke, gpus=2)
+        compose_all(steps)
+        for step in steps:
+            for command in step.commands:
+                print(f"[{step.name}, <= {step.timeout_s:.0f} s] {shlex.join(command)}")
+        print(f"dry run: {sum(len(s.commands) for s in steps)} commands composed; nothing was run")
+        return 0
+
+    import torch
+
+    if not torch.cuda.is_available() and not args.smoke:
+        print("gpu-check: torch sees no CUDA GPU here (use --smoke to check the script on a CPU)", file=sys.stderr)
+        return 2
+    deadline = time.time() + args.budget_s
+    results.mkdir(parents=True, exist_ok=True)
+    get_data = [PY, "scripts/get_data.py", "--data-dir", str(data_dir)]
+    subprocess.run(get_data + (["--idx-dir", str(args.idx_dir)] if args.idx_dir else []), cwd=ROOT, check=True)
+    env = environment(results)
+    print(f"gpu-check: {env['hardware_line']}\n  results: {results}", flush=True)
+    steps = plan(results, data_dir, args.smoke, gpus=env["gpus"])
+    outcomes = []
+    for step in steps:
+        outcome = run_step(step, results, deadline)
+        outcomes.append(outcome)
+        print(f"  {step.name}: {outcome['status']} in {outcome['seconds']} s {outcome['note']}", flush=True)
+        write_summary(results, env, outcomes)
+    print(write_summary(results, env, outcomes))
+    print(f"gpu-check results: {results}")
+    return 0 if all(o["status"] in ("ok", "skipped") for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

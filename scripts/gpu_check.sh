@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# `make gpu-check`: install what is missing, then run scripts/gpu_check.py (arguments pass through).
+#
+# A GPU machine usually has a CUDA build of torch already: it is kept, and only the project's other
+# dependencies are installed. WHEELS=DIR installs the wheels in DIR instead, offline (for a machine
+# without a package index); without a CUDA torch, `pip install -e .` brings torch too (PyPI's Linux
+# wheels of torch are CUDA builds).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "gpu-check: no CUDA build of torch with a visible GPU in $PYTHON; installing the project (pip install -e .)"
+    "$PYTHON" -m pip install -q -e .
+elif ! "$PYTHON" -c "import hydra, omegaconf, lightning, torchmetrics, pandas, matplotlib, tensorboard" 2>/dev/null; then
+    if [ -n "${WHEELS:-}" ]; then
+        "$PYTHON" -m pip install -q --no-index --find-links "$WHEELS" "$WHEELS"/*.whl
+    else  # the project's dependencies except torch, read from pyproject.toml (one list, kept there)
+        mapfile -t deps < <("$PYTHON" -c "
+import tomllib
+deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']
+print('\n'.join(d for d in deps if not d.startswith('torch=')))")
+        "$PYTHON" -m pip install -q "${deps[@]}"
+    fi
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+exec "$PYTHON" scripts/gpu_check.py "$@"
