@@ -12,9 +12,32 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import FormatStrFormatter, FuncFormatter, MaxNLocator
 
 from fmnist.plots import confusion_matrix_figure
 from fmnist.sweep import collect
+
+# The seed report's Figures 4.1-4.8: (number, its title, the `experiment=report` variant behind it).
+REPORT_FIGURES = [
+    ("4.1", "Loss & Accuracy vs Epochs w/Dropout", "best"),
+    ("4.2", "Loss & Accuracy vs Epochs without/Dropout", "no_dropout"),
+    ("4.3", "Loss & Accuracy vs Epochs high batch size", "best"),
+    ("4.4", "Loss & Accuracy vs Epochs low batch size", "batch_32"),
+    ("4.5", "Loss & Accuracy vs Epochs high learning rate", "lr_high"),
+    ("4.6", "Loss & Accuracy vs Epochs low learning rate", "best"),
+    ("4.7", "Loss & Accuracy vs Epochs (Simple CNN)", "simple"),
+    ("4.8", "Loss & Accuracy vs Epochs (Optimized CNN)", "best"),
+]
+# The report's claims, each a comparison of its best setting with one one-factor change.
+# (factor, figures, the changed variant, the claim, whether smoother curves are part of it)
+REPORT_CLAIMS = [
+    ("dropout", "4.1 vs 4.2", "no_dropout",
+     "without dropout the validation loss turns up early (about epoch 5): overfitting; with it, 92-93%", False),
+    ("batch size", "4.3 vs 4.4", "batch_32", "the high batch size is smoother and ends more accurate", True),
+    ("learning rate", "4.6 vs 4.5", "lr_high", "the high learning rate spikes up and down; the low one is smooth and better",
+     True),
+    ("architecture", "4.8 vs 4.7", "simple", "the optimized CNN is clearly more accurate than the simple CNN", False),
+]
 
 
 def parse_setting(setting: str) -> dict[str, str]:
@@ -37,19 +60,25 @@ def load_curves(sweep_dir: Path, table: pd.DataFrame) -> dict[str, list[pd.DataF
 
 
 def draw_curves(ax_loss: plt.Axes, ax_acc: plt.Axes, runs: list[pd.DataFrame], title: str) -> None:
-    """Train/val loss and val accuracy per epoch: mean over seeds, with a min-max band."""
-    for ax, column, label in ((ax_loss, "train/loss", "train loss"), (ax_loss, "val/loss", "validation loss"),
-                              (ax_acc, "val/acc", "validation accuracy")):
-        stacked = pd.concat([r.set_index("epoch")[column] for r in runs], axis=1)
+    """Train/val loss and val accuracy (%) per epoch: mean over seeds, with a min-max band."""
+    for ax, column, label, scale in ((ax_loss, "train/loss", "train loss", 1), (ax_loss, "val/loss", "validation loss", 1),
+                                     (ax_acc, "val/acc", "validation accuracy", 100)):
+        stacked = pd.concat([r.set_index("epoch")[column] * scale for r in runs], axis=1)
         mean = stacked.mean(axis=1)
         line, = ax.plot(mean.index, mean.values, label=label, marker="o", markersize=3)
         if stacked.shape[1] > 1:
             ax.fill_between(mean.index, stacked.min(axis=1), stacked.max(axis=1), alpha=0.2, color=line.get_color())
-    ax_loss.set_title(f"{title}\n(n={len(runs)} seeds; band: min-max)", fontsize=9)
+    seeds = f"n={len(runs)} seeds; band: min-max" if len(runs) > 1 else "1 seed"
+    ax_loss.set_title("\n".join(textwrap.wrap(title, 48)) + f"\n({seeds})", fontsize=9)
     ax_loss.set_ylabel("cross-entropy loss (log scale)")
     ax_loss.set_yscale("log")
-    ax_acc.set_ylabel("validation accuracy")
+    # A log axis spanning a decade or two gets one or two labels by default: label the 2s, 3s and 5s too.
+    ax_loss.yaxis.set_major_formatter(FormatStrFormatter("%.2g"))
+    ax_loss.yaxis.set_minor_formatter(FuncFormatter(
+        lambda v, _: f"{v:.2g}" if v > 0 and f"{v:.0e}"[0] in "235" else ""))
+    ax_acc.set_ylabel("validation accuracy (%)")
     ax_acc.set_xlabel("epoch")
+    ax_acc.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_loss.legend(fontsize=8)
     ax_acc.legend(fontsize=8)
     for ax in (ax_loss, ax_acc):
@@ -82,8 +111,68 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._=-" else "_" for c in text).replace("=", "-")[:150]
 
 
+def curve_stats(runs: list[pd.DataFrame]) -> dict:
+    """Per-run shape of the validation curves, averaged over seeds.
+
+    `rise_epoch`: the epoch of the lowest validation loss, after which it rises (None if it is the
+    last epoch); `jaggedness`: the std of the epoch-to-epoch changes of validation accuracy, in points.
+    """
+    rises = [int(r.loc[r["val/loss"].idxmin(), "epoch"]) for r in runs]
+    last = [int(r["epoch"].max()) for r in runs]
+    jagged = [float(r["val/acc"].mul(100).diff().std()) for r in runs if len(r) > 2]
+    return {"rise_epoch": [None if e == n else e for e, n in zip(rises, last)],
+            "min_val_loss": float(np.mean([r["val/loss"].min() for r in runs])),
+            "jaggedness": float(np.mean(jagged)) if jagged else float("nan")}
+
+
+def variant_of(setting: str) -> str | None:
+    """The `experiment=report` variant a setting belongs to (`variant=best,...` -> `best`), else None."""
+    return parse_setting(setting).get("variant")
+
+
+def claims_table(table: pd.DataFrame, curves: dict[str, list[pd.DataFrame]]) -> str:
+    """Markdown: the report's claim per factor next to what was measured, and whether it holds.
+
+    `curves` maps each variant (`best`, `no_dropout`, ...) to its runs' epochs.csv frames.
+    """
+    done = table[table.status == "completed"].assign(variant=lambda t: t.setting.map(variant_of))
+    acc = done.groupby("variant").test_acc.agg(["mean", "std", "count"])
+
+    def accuracy(variant: str) -> str:
+        if variant not in acc.index:
+            return "not run"
+        a = acc.loc[variant]
+        return f"{100 * a['mean']:.2f}" + (f" ± {100 * a['std']:.2f}" if a["count"] > 1 else "") + f"% (n={int(a['count'])})"
+
+    lines = ["| factor | figures | report's claim | test accuracy: best setting vs changed | val loss lowest at epoch "
+             "(then rises), per seed | jaggedness of val accuracy (pp) | holds? |", "|---|---|---|---|---|---|---|"]
+    best = curve_stats(curves["best"]) if "best" in curves and "best" in acc.index else None
+    for factor, figures, variant, claim, smoother in REPORT_CLAIMS:
+        if best is None or variant not in curves or variant not in acc.index:
+            lines.append(f"| {factor} | {figures} | {claim} | {accuracy('best')} vs {accuracy(variant)} | | | not measured |")
+            continue
+        other = curve_stats(curves[variant])
+        verdicts = ["more accurate: " + ("yes" if acc.loc["best", "mean"] > acc.loc[variant, "mean"] else "no")]
+        if smoother:
+            verdicts.append("smoother: " + ("yes" if best["jaggedness"] < other["jaggedness"] else "no"))
+        if factor == "dropout":
+            early = [e for e in other["rise_epoch"] if e is not None]
+            verdicts.append("no-dropout val loss rises by epoch 8: " + ("yes" if early and max(early) <= 8 else "no"))
+        lines.append(f"| {factor} | {figures} | {claim} | {accuracy('best')} vs {accuracy(variant)} "
+                     f"| {best['rise_epoch']} vs {other['rise_epoch']} "
+                     f"| {best['jaggedness']:.2f} vs {other['jaggedness']:.2f} | {'; '.join(verdicts)} |")
+    in_range = "best" in acc.index and acc.loc["best", "mean"] >= 0.92
+    lines.append(f"| best setting | 4.1/4.3/4.6/4.8 | dropout + low learning rate + high batch size: 92-93% "
+                 f"| {accuracy('best')} | | | {'at least 92%: yes' if in_range else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(sweep_dir: Path) -> list[Path]:
-    """Write the figures into `sweep_dir/figures/`; return their paths."""
+    """Write the figures into `sweep_dir/figures/`; return their paths.
+
+    A sweep of `experiment=report` also gets the report's Figures 4.1-4.8 under its own titles and
+    `report.md`, the claim-vs-measured table.
+    """
     sweep_dir = Path(sweep_dir)
     out = sweep_dir / "figures"
     out.mkdir(exist_ok=True)
@@ -96,8 +185,19 @@ def write_report(sweep_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(out / name)
 
-    for setting, runs in sorted(curves.items()):
-        save(curves_figure([(setting, runs)], "Loss & Accuracy vs Epochs"), f"curves_{_slug(setting)}.png")
+    by_variant: dict[str, list[pd.DataFrame]] = {}
+    for setting, runs in curves.items():
+        if variant_of(setting):
+            by_variant.setdefault(variant_of(setting), []).extend(runs)
+    if by_variant:  # a sweep of experiment=report: the report's own figures
+        for number, title, variant in REPORT_FIGURES:
+            if variant in by_variant:
+                save(curves_figure([(f"variant={variant}", by_variant[variant])], f"Figure {number}: {title}"),
+                     f"figure_{number}.png")
+        (sweep_dir / "report.md").write_text(claims_table(table, by_variant))
+    else:
+        for setting, runs in sorted(curves.items()):
+            save(curves_figure([(setting, runs)], "Loss & Accuracy vs Epochs"), f"curves_{_slug(setting)}.png")
     done = table[table.status == "completed"]
     if len(done):
         means = done.groupby("setting").val_acc_best.mean()
