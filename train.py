@@ -18,7 +18,7 @@ log = logging.getLogger("fmnist")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    from fmnist.train import run_job  # after Hydra parsed the command line: `--help` stays fast
+    from fmnist.training.train import run_job  # after Hydra parsed the command line: `--help` stays fast
 
     hydra_cfg = HydraConfig.get()
     try:

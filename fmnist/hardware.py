@@ -127,9 +127,12 @@ def _cache_file() -> Path:
 
 
 def _cached_probe(model: dict, probe: Callable[[dict], dict]) -> dict:
-    """The probe's result for this (CPU model, torch version, architecture), measured once per machine."""
+    """The probe's result for this (CPU model and ISA, torch version, architecture), measured once per machine.
+
+    The ISA is part of the key because VMs of different CPU generations can report the same model name.
+    """
     arch = {k: v for k, v in sorted(model.items()) if k not in ("dropout", "compile")}
-    key = f"{cpu_model()} | torch {torch.__version__} | {json.dumps(arch, sort_keys=True)}"
+    key = f"{cpu_model()} ({' '.join(cpu_isa())}) | torch {torch.__version__} | {json.dumps(arch, sort_keys=True)}"
     path = _cache_file()
     try:
         cache = json.loads(path.read_text())

@@ -4,7 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fmnist.sweep import summarize
+from fmnist.results.sweep import summarize
 
 
 def main() -> int:

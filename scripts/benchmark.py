@@ -26,13 +26,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from fmnist.callbacks import step_callbacks
+from fmnist.training.callbacks import step_callbacks
 from fmnist.config import TrainConfig
-from fmnist.csv_io import cache_path, load_csv, parse_csv
-from fmnist.datamodule import FashionMNISTDataModule, find_csv
+from fmnist.data.csv_io import cache_path, load_csv, parse_csv
+from fmnist.data.datamodule import FashionMNISTDataModule, find_csv
 from fmnist.hardware import describe, describe_line, device_kind, native_cpu_bf16, resolve_precision
 from fmnist.models import training_flops_per_image
-from fmnist.module import LitClassifier
+from fmnist.training.module import LitClassifier
 
 
 def synchronize(device: torch.device) -> None:

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from fmnist.errors import FmnistError
-from fmnist.sources import obtain
+from fmnist.data.sources import obtain
 
 
 def main() -> int:

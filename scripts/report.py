@@ -4,8 +4,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from fmnist.report import write_report
-from fmnist.sweep import summarize
+from fmnist.results.report import write_report
+from fmnist.results.sweep import summarize
 
 
 def main() -> int:

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from fmnist.config import register
-from fmnist.csv_io import write_csv
+from fmnist.data.csv_io import write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmnist.csv_io import HEADER, cache_path, load_csv, parse_csv, write_csv
+from fmnist.data.csv_io import HEADER, cache_path, load_csv, parse_csv, write_csv
 from fmnist.errors import DataError
 from tests.conftest import make_images
 
@@ -124,7 +124,7 @@ def test_header_constant():
 def test_small_blocks_parse_the_same_and_locate_errors(valid, monkeypatch):
     path, images, labels = valid
     original = path.read_text()
-    monkeypatch.setattr("fmnist.csv_io.BLOCK_BYTES", 3000)  # about two lines per block
+    monkeypatch.setattr("fmnist.data.csv_io.BLOCK_BYTES", 3000)  # about two lines per block
     got_images, got_labels = parse_csv(path)
     np.testing.assert_array_equal(got_images, images)
     np.testing.assert_array_equal(got_labels, labels)

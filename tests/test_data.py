@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from fmnist.augment import augment, erase, hflip, shift
-from fmnist.batches import InMemoryBatches
-from fmnist.datamodule import FashionMNISTDataModule, stratified_split
+from fmnist.data.augment import augment, erase, hflip, shift
+from fmnist.data.batches import InMemoryBatches
+from fmnist.data.datamodule import FashionMNISTDataModule, stratified_split
 from fmnist.errors import ConfigError, DataError
 
 

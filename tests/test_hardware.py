@@ -7,7 +7,7 @@ import torch
 
 from fmnist import hardware
 from fmnist.models import build_model, training_flops_per_image
-from fmnist.train import train
+from fmnist.training.train import train
 
 MODEL = {"name": "simple", "channels_last": True}
 

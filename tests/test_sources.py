@@ -4,9 +4,9 @@ import struct
 import numpy as np
 import pytest
 
-from fmnist.csv_io import parse_csv
+from fmnist.data.csv_io import parse_csv
 from fmnist.errors import DataError
-from fmnist.sources import CSV_NAMES, obtain, read_idx
+from fmnist.data.sources import CSV_NAMES, obtain, read_idx
 from tests.conftest import make_images
 
 
@@ -56,7 +56,7 @@ def test_a_lone_csv_is_not_overwritten(tmp_path, idx_dir):
 
 
 def test_nothing_available_says_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.setattr("fmnist.sources.DEBIAN_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr("fmnist.data.sources.DEBIAN_DIR", tmp_path / "nowhere")
     with pytest.raises(DataError, match="Could not obtain Fashion-MNIST.*Do one of: \\(1\\) put Kaggle's"):
         obtain(tmp_path / "data", idx_dir=tmp_path / "empty", allow_install=False, allow_download=False)
 

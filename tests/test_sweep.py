@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from fmnist.report import ablation_pairs, write_report
-from fmnist.sweep import setting_of, summarize
+from fmnist.results.report import ablation_pairs, write_report
+from fmnist.results.sweep import setting_of, summarize
 from tests.conftest import CONF, FAST
 from tests.test_cli import run_cli
 

@@ -5,12 +5,12 @@ import pandas as pd
 import pytest
 import torch
 
-from fmnist.checkpoint import load_checkpoint
+from fmnist.training.checkpoint import load_checkpoint
 from fmnist.errors import CheckpointError, ConfigError
 from fmnist.models import training_flops_per_image
-from fmnist.module import LitClassifier
-from fmnist.runs import read_record
-from fmnist.train import run_job, train
+from fmnist.training.module import LitClassifier
+from fmnist.results.runs import read_record
+from fmnist.training.train import run_job, train
 
 
 @pytest.mark.parametrize("model", ["simple", "optimized", "resnet"])

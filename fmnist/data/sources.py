@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist.csv_io import write_csv
+from fmnist.data.csv_io import write_csv
 from fmnist.errors import DataError
 
 log = logging.getLogger(__name__)

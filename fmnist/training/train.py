@@ -22,15 +22,15 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from fmnist.callbacks import EpochCSV, step_callbacks
-from fmnist.checkpoint import SafeCheckpointIO, SafeModelCheckpoint
+from fmnist.training.callbacks import EpochCSV, step_callbacks
+from fmnist.training.checkpoint import SafeCheckpointIO, SafeModelCheckpoint
 from fmnist.config import check_values
-from fmnist.datamodule import FashionMNISTDataModule
+from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.errors import ConfigError, DivergedError, FmnistError
 from fmnist.hardware import resolve_precision
-from fmnist.module import LitClassifier
-from fmnist.plots import confusion_matrix_figure, misclassified_figure
-from fmnist.runs import FINISHED, provenance, read_record, update_record
+from fmnist.training.module import LitClassifier
+from fmnist.results.plots import confusion_matrix_figure, misclassified_figure
+from fmnist.results.runs import FINISHED, provenance, read_record, update_record
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ import lightning as L
 import numpy as np
 import torch
 
-from fmnist.augment import augment
-from fmnist.batches import InMemoryBatches
-from fmnist.csv_io import load_csv
+from fmnist.data.augment import augment
+from fmnist.data.batches import InMemoryBatches
+from fmnist.data.csv_io import load_csv
 from fmnist.errors import ConfigError
-from fmnist.sources import CSV_NAMES
+from fmnist.data.sources import CSV_NAMES
 
 
 def stratified_split(labels: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

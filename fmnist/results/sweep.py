@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 from hydra.experimental.callback import Callback
 
-from fmnist.runs import read_record
+from fmnist.results.runs import read_record
 
 log = logging.getLogger(__name__)
 

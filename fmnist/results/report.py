@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import FormatStrFormatter, FuncFormatter, MaxNLocator
 
-from fmnist.plots import confusion_matrix_figure
-from fmnist.sweep import collect
+from fmnist.results.plots import confusion_matrix_figure
+from fmnist.results.sweep import collect
 
 # The seed report's Figures 4.1-4.8: (number, its title, the `experiment=report` variant behind it).
 REPORT_FIGURES = [

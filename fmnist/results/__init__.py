@@ -1,0 +1,1 @@
+"""Results: run records (metrics.json), sweep summaries, the report's figures."""
