@@ -94,10 +94,9 @@ def probe_cpu_bf16(model: dict, batch_size: int = 16, steps: int = 3, budget_s: 
     """
     from fmnist.models import build_model  # here, not at import: keeps `import fmnist.hardware` light
 
-    arch = {k: v for k, v in model.items() if k not in ("channels_last", "compile")}
-    net = build_model(**arch).train()
+    net = build_model(**model).train()
     x = torch.rand(batch_size, 1, 28, 28)
-    if model.get("channels_last", False):
+    if model.get("channels_last"):
         net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,))
 

@@ -1,12 +1,20 @@
-"""CNN architectures for 1x28x28 inputs and 10 classes, each a plain `nn.Module` built from config values."""
+"""CNN architectures for 1x28x28 inputs and 10 classes, each a plain `nn.Module` built from config values.
+
+The constructors take what they are given: every default lives in the model's schema in
+`fmnist/config.py`, which `build_model` fills in.
+"""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from fmnist.config import MODEL_OPTIONS, MODEL_SCHEMAS
+from fmnist.errors import ConfigError
 
 
 def conv_bn_relu(c_in: int, c_out: int, kernel_size: int = 3) -> nn.Sequential:
@@ -20,7 +28,7 @@ def conv_bn_relu(c_in: int, c_out: int, kernel_size: int = 3) -> nn.Sequential:
 class SimpleCNN(nn.Module):
     """The report's baseline (Figure 4.7): two conv layers, no batch norm, a small FC head."""
 
-    def __init__(self, channels: list[int] = (32, 64), hidden: int = 128, dropout: float = 0.0, num_classes: int = 10):
+    def __init__(self, channels: list[int], hidden: int, dropout: float, num_classes: int = 10):
         super().__init__()
         c1, c2 = channels
         self.features = nn.Sequential(
@@ -43,11 +51,12 @@ class OptimizedCNN(nn.Module):
     (spatial) dropout; `dropout=0` gives the report's no-dropout ablation.
     """
 
-    def __init__(self, channels: list[int] = (32, 64, 128, 128), kernel_sizes: list[int] = (5, 5, 3, 3),
-                 hidden: int = 256, dropout: float = 0.3, num_classes: int = 10):
+    def __init__(self, channels: list[int], kernel_sizes: list[int], hidden: int, dropout: float,
+                 num_classes: int = 10):
         super().__init__()
         if len(channels) != 4 or len(kernel_sizes) != 4:
-            raise ValueError("OptimizedCNN has exactly four conv blocks: give four channels and four kernel_sizes")
+            raise ConfigError("config keys model.channels and model.kernel_sizes must each have 4 entries (the "
+                              f"optimized CNN has four conv blocks); got {list(channels)} and {list(kernel_sizes)}.")
         c, k = channels, kernel_sizes
         self.features = nn.Sequential(
             conv_bn_relu(1, c[0], k[0]), conv_bn_relu(c[0], c[1], k[1]), nn.MaxPool2d(2), nn.Dropout2d(dropout / 2),
@@ -81,11 +90,11 @@ class ResNet(nn.Module):
     Global average pooling keeps the head tiny; stages after the first halve the resolution.
     """
 
-    def __init__(self, widths: list[int] = (32, 64, 128), blocks: list[int] = (1, 1, 1), dropout: float = 0.0,
-                 num_classes: int = 10):
+    def __init__(self, widths: list[int], blocks: list[int], dropout: float, num_classes: int = 10):
         super().__init__()
-        if len(widths) != len(blocks):
-            raise ValueError("ResNet needs one `blocks` entry per entry of `widths`")
+        if not widths or len(widths) != len(blocks):
+            raise ConfigError(f"config keys model.widths and model.blocks must be non-empty and of equal length "
+                              f"(one residual stage each); got {list(widths)} and {list(blocks)}.")
         layers: list[nn.Module] = [conv_bn_relu(1, widths[0])]
         for i, (width, n) in enumerate(zip(widths, blocks)):
             if i > 0:
@@ -99,14 +108,17 @@ class ResNet(nn.Module):
         return self.head(self.features(x))
 
 
+# The model registry's architecture half: the same names as fmnist.config.MODEL_SCHEMAS.
 MODELS = {"simple": SimpleCNN, "optimized": OptimizedCNN, "resnet": ResNet}
 
 
 def build_model(name: str, **kwargs) -> nn.Module:
-    """Build the architecture `name` from its config values (`model.*` without the training options)."""
+    """Build the architecture `name`: its schema's defaults, overridden by `kwargs` (training options ignored)."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    return MODELS[name](**kwargs)
+        raise ConfigError(f"config key model.name must be one of {sorted(MODELS)}; got {name!r}.")
+    defaults = {k: v for k, v in asdict(MODEL_SCHEMAS[name]()).items() if k != "name" and k not in MODEL_OPTIONS}
+    given = {k: v for k, v in kwargs.items() if k not in MODEL_OPTIONS}
+    return MODELS[name](**{**defaults, **given})
 
 
 def training_flops_per_image(net: nn.Module) -> int:

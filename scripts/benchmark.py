@@ -18,6 +18,7 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fmnist.training.callbacks import step_callbacks
-from fmnist.config import TrainConfig
+from fmnist.config import MODEL_SCHEMAS, OptimConfig, TrainConfig
 from fmnist.data.csv_io import cache_path, load_csv, parse_csv
 from fmnist.data.datamodule import FashionMNISTDataModule, find_csv
 from fmnist.hardware import describe, describe_line, device_kind, native_cpu_bf16, resolve_precision
@@ -59,7 +60,12 @@ class StepTimer(L.Callback):
 
 
 def model_cfg(name: str, compile: bool) -> dict:
-    return {"name": name, "channels_last": True, "compile": compile}
+    """The model's config as training would get it (its schema's defaults), compiled or not."""
+    return {**asdict(MODEL_SCHEMAS[name]()), "compile": compile}
+
+
+# Both loops use plain Adam at lr 1e-3 (the default optim config).
+OPTIM = asdict(OptimConfig())
 
 
 def make_datamodule(data_dir: Path, batch_size: int, val_size: int, device: torch.device) -> FashionMNISTDataModule:
@@ -79,14 +85,14 @@ def lightning_throughput(dm: FashionMNISTDataModule, model: dict, batch_size: in
                         logger=False, enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=True,
                         callbacks=[timer, *step_callbacks(TrainConfig.progress_bar_refresh)])
-    trainer.fit(LitClassifier(model=model, optim={"name": "adam", "lr": 1e-3}), datamodule=dm)
+    trainer.fit(LitClassifier(model=model, optim=OPTIM), datamodule=dm)
     return timer.steps * batch_size / (timer.end - timer.start)
 
 
 def raw_throughput(dm: FashionMNISTDataModule, model: dict, batch_size: int, precision: str, steps: int,
                    warmup: int, device: torch.device) -> float:
     """Images/s of a hand-written loop over the same tensors, model and optimizer."""
-    lit = LitClassifier(model=model, optim={"name": "adam", "lr": 1e-3})
+    lit = LitClassifier(model=model, optim=OPTIM)
     net = lit.net.to(device).train()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     images, labels = dm.splits["train"]
@@ -179,7 +185,7 @@ def main() -> int:
     for model in args.models:
         config = model_cfg(model, args.compile)
         auto, _ = resolve_precision("auto", kind, config)
-        flops = training_flops_per_image(LitClassifier(model=config, optim={"name": "adam", "lr": 1e-3}).net)
+        flops = training_flops_per_image(LitClassifier(model=config, optim=OPTIM).net)
         for batch_size in args.batch_sizes:
             dm = make_datamodule(args.data_dir, batch_size, args.val_size, device)
             data_ips = data_path_throughput(dm, 50, device)

@@ -64,14 +64,29 @@ def test_shuffle_covers_every_index_once_and_is_seeded():
     assert torch.equal(first, _epoch(InMemoryBatches(images, labels, 10, shuffle=True, seed=1), 0))
     assert not torch.equal(first, _epoch(loader, 1))
     assert not torch.equal(first, _epoch(InMemoryBatches(images, labels, 10, shuffle=True, seed=2), 0))
-    assert Lightning_calls_set_epoch_via_sampler(loader)
 
 
-def Lightning_calls_set_epoch_via_sampler(loader) -> bool:
-    from lightning.fabric.utilities.data import _set_sampler_epoch
+def test_a_trainer_gives_each_epoch_its_own_order(data_dir):
+    """Through Lightning's public loop: the first batch differs between epochs (the loader learns the epoch)."""
+    import lightning as L
 
-    _set_sampler_epoch(loader, 7)
-    return loader.epoch == 7
+    from fmnist.training.module import LitClassifier
+    from tests.conftest import compose_cfg
+
+    first_batches = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                first_batches.append(batch[1].clone())
+
+    cfg = compose_cfg("model=simple")
+    dm = FashionMNISTDataModule(dir=str(data_dir), val_size=100, batch_size=32)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=1, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[Record()])
+    trainer.fit(LitClassifier(model=dict(cfg.model), optim=dict(cfg.optim)), datamodule=dm)
+    assert len(first_batches) == 2 and not torch.equal(*first_batches)
 
 
 def test_eval_order_and_ranks_are_disjoint():

@@ -1,7 +1,10 @@
 import pytest
 import torch
 
+from fmnist.config import MODEL_SCHEMAS, OPTIMIZERS
+from fmnist.errors import ConfigError
 from fmnist.models import MODELS, build_model
+from fmnist.training.module import OPTIMIZERS as OPTIMIZER_CLASSES
 from tests.conftest import compose_cfg
 
 
@@ -21,15 +24,27 @@ def test_optimized_has_batchnorm_and_dropout_simple_has_neither():
     assert sum(isinstance(x, torch.nn.Conv2d) for x in optimized.modules()) == 4
 
 
-@pytest.mark.parametrize("model", ["simple", "optimized", "resnet"])
-@pytest.mark.parametrize("optim", ["adam", "adamw", "sgd"])
+def test_the_registries_name_the_same_choices():
+    assert set(MODELS) == set(MODEL_SCHEMAS) and set(OPTIMIZER_CLASSES) == set(OPTIMIZERS)
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("optim", sorted(OPTIMIZERS))
 def test_every_choice_composes_and_builds(model, optim):
     cfg = compose_cfg(f"model={model}", f"optim={optim}")
     assert cfg.model.name == model and cfg.optim.name == optim
-    arch = {k: v for k, v in cfg.model.items() if k not in ("channels_last", "compile")}
-    assert build_model(**arch)(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    assert build_model(**cfg.model)(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
 
-def test_unknown_model():
-    with pytest.raises(ValueError, match="unknown model 'vgg'"):
-        build_model("vgg")
+def test_model_defaults_come_from_the_schema():
+    # One place for each default: the composed config and a bare build_model agree.
+    assert compose_cfg("model=optimized").model.dropout == MODEL_SCHEMAS["optimized"]().dropout == 0.3
+    dropouts = [m.p for m in build_model("optimized").modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts == [0.3]
+
+
+@pytest.mark.parametrize("name, kwargs, key", [("vgg", {}, "model.name"), ("optimized", {"channels": [8]}, "model.channels"),
+                                               ("resnet", {"widths": [8, 16], "blocks": [1]}, "model.widths")])
+def test_bad_architectures_are_config_errors_naming_the_key(name, kwargs, key):
+    with pytest.raises(ConfigError, match=f"config key.* {key}"):
+        build_model(name, **kwargs)

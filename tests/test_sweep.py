@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
+from fmnist.config import PLACEMENT_KEYS
 from fmnist.results.report import ablation_pairs, write_report
 from fmnist.results.sweep import setting_of, summarize
 from tests.conftest import CONF, FAST
@@ -27,8 +28,6 @@ def test_every_experiment_composes_with_seeds_and_a_stable_directory(experiment,
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     params = cfg.hydra.sweeper.params
-    if experiment.startswith("speedrun"):
-        return
     assert len(str(params.seed).split(",")) >= 3
     assert cfg.name == experiment
     assert cfg.hydra.sweep.dir == f"outputs/{experiment}" + ("-cpu" if preset else "")
@@ -77,6 +76,24 @@ def test_report_draws_curves_ablations_and_confusion(tmp_path):
 def test_ablation_pairs_vary_one_key_from_the_reference():
     settings = ["a=1,b=1", "a=2,b=1", "a=1,b=2", "a=2,b=2"]
     assert ablation_pairs(settings, "a=1,b=1") == {"a": ["a=1,b=1", "a=2,b=1"], "b": ["a=1,b=1", "a=1,b=2"]}
+
+
+def test_job_names_leave_out_exactly_the_placement_keys():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True)
+    assert list(cfg.hydra.job.config.override_dirname.exclude_keys) == list(PLACEMENT_KEYS)
+
+
+def test_summary_ranks_settings_by_validation_not_test(tmp_path):
+    sweep = tmp_path / "sweep"
+    _fake_job(sweep, "optim.lr=0.1,seed=0", "completed", 0, 0.95, ["optim.lr=0.1", "seed=0"])
+    _fake_job(sweep, "optim.lr=0.2,seed=0", "completed", 0, 0.90, ["optim.lr=0.2", "seed=0"])
+    record = json.loads((sweep / "optim.lr=0.2,seed=0" / "metrics.json").read_text())
+    record["metrics"]["test/acc"] = 0.99  # best on test, worse on validation
+    (sweep / "optim.lr=0.2,seed=0" / "metrics.json").write_text(json.dumps(record))
+    summarize(sweep)
+    rows = [line for line in (sweep / "summary.md").read_text().splitlines() if line.startswith("| `")]
+    assert rows[0].startswith("| `optim.lr=0.1`")
 
 
 def test_setting_drops_seed_and_placement():

@@ -12,20 +12,18 @@ from pathlib import Path
 import pandas as pd
 from hydra.experimental.callback import Callback
 
+from fmnist.config import PLACEMENT_KEYS
 from fmnist.results.runs import read_record
 
 log = logging.getLogger(__name__)
 
-# Overrides that say where or how a job ran, not what it computed: never part of a group's name.
-NOT_SETTINGS = ("experiment", "preset", "name", "ckpt_path", "seed", "trainer.accelerator", "trainer.devices",
-                "trainer.enable_progress_bar", "data.dir")
 COLUMNS = ["job", "setting", "seed", "status", "val_acc_best", "best_epoch", "test_acc", "test_loss", "epochs",
            "wall_seconds", "git_commit", "error"]
 
 
 def setting_of(overrides: list[str]) -> str:
     """The overrides that define a job's setting (seed and placement removed), e.g. `optim.lr=0.01`."""
-    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in NOT_SETTINGS
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in (*PLACEMENT_KEYS, "seed")
             and not o.startswith("hydra.")]
     return ",".join(sorted(kept)) or "(defaults)"
 
@@ -56,7 +54,7 @@ def group(table: pd.DataFrame) -> pd.DataFrame:
     metrics = ["val_acc_best", "test_acc", "test_loss", "wall_seconds"]
     stats = done.groupby("setting")[metrics].agg(["mean", "std"])
     stats["n"] = done.groupby("setting").size()
-    return stats.sort_values(("test_acc", "mean"), ascending=False)
+    return stats.sort_values(("val_acc_best", "mean"), ascending=False)  # selection is on validation, never test
 
 
 def _markdown(table: pd.DataFrame, stats: pd.DataFrame, title: str) -> str:

@@ -13,6 +13,9 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from fmnist.models import build_model
 
 NUM_CLASSES = 10
+# The optimizer registry (names as fmnist.config.OPTIMIZERS): the torch class and the `optim.*` keys it takes.
+OPTIMIZERS = {"adam": (torch.optim.Adam, ("weight_decay",)), "adamw": (torch.optim.AdamW, ("weight_decay",)),
+              "sgd": (torch.optim.SGD, ("weight_decay", "momentum", "nesterov"))}
 
 
 def lr_factor(step: int, total: int, warmup: int, shape: str) -> float:
@@ -28,20 +31,18 @@ def lr_factor(step: int, total: int, warmup: int, shape: str) -> float:
 class LitClassifier(L.LightningModule):
     """Hyperparameters are plain dicts and numbers, so checkpoints reload with `weights_only=True`.
 
-    model: `name` plus the architecture's arguments and the options `channels_last` and `compile`;
-    optim: `name` (adam|adamw|sgd), `lr`, `weight_decay`, `momentum`, `nesterov`, `scheduler`,
-    `warmup_epochs`, `label_smoothing`.
+    model: the `model` config (`name`, the architecture's arguments, `channels_last`, `compile`);
+    optim: the `optim` config (fmnist.config.OptimConfig), every key present.
     """
 
     def __init__(self, model: dict, optim: dict):
         super().__init__()
         self.save_hyperparameters(logger=False)
-        arch = {k: v for k, v in model.items() if k not in ("channels_last", "compile")}
-        self.net = build_model(**arch)
-        self.channels_last = bool(model.get("channels_last", False))
+        self.net = build_model(**model)
+        self.channels_last = model["channels_last"]
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        if model.get("compile", False):
+        if model["compile"]:
             self.net.compile()  # in place: state_dict keys stay those of `net`
         # validate_args=False: the per-step input checks cost more than the update itself (and sync a GPU).
         self.train_loss = MeanMetric(nan_strategy="disable")  # "disable": its NaN check would sync a GPU per step
@@ -62,7 +63,7 @@ class LitClassifier(L.LightningModule):
     def _loss(self, batch):
         x, y = batch
         logits = self(x)
-        return F.cross_entropy(logits.float(), y, label_smoothing=self.hparams.optim.get("label_smoothing", 0.0)), logits, y
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.hparams.optim["label_smoothing"]), logits, y
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, logits, y = self._loss(batch)
@@ -109,14 +110,9 @@ class LitClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.hparams.optim
-        params = self.net.parameters()
-        if o["name"] == "sgd":
-            optimizer = torch.optim.SGD(params, lr=o["lr"], momentum=o.get("momentum", 0.9),
-                                        nesterov=o.get("nesterov", False), weight_decay=o.get("weight_decay", 0.0))
-        else:
-            cls = torch.optim.AdamW if o["name"] == "adamw" else torch.optim.Adam
-            optimizer = cls(params, lr=o["lr"], weight_decay=o.get("weight_decay", 0.0))
-        shape, warmup_epochs = o.get("scheduler", "none"), o.get("warmup_epochs", 0.0)
+        cls, keys = OPTIMIZERS[o["name"]]
+        optimizer = cls(self.net.parameters(), lr=o["lr"], **{k: o[k] for k in keys if k in o})
+        shape, warmup_epochs = o["scheduler"], o["warmup_epochs"]
         if shape == "none" and warmup_epochs == 0:
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fmnist.training.callbacks import EpochCSV, step_callbacks
 from fmnist.training.checkpoint import SafeCheckpointIO, SafeModelCheckpoint
-from fmnist.config import check_values
+from fmnist.config import RESUMABLE_KEYS, check_values
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.errors import ConfigError, DivergedError, FmnistError
 from fmnist.hardware import resolve_precision
@@ -33,11 +33,6 @@ from fmnist.results.plots import confusion_matrix_figure, misclassified_figure
 from fmnist.results.runs import FINISHED, provenance, read_record, update_record
 
 log = logging.getLogger(__name__)
-
-# Keys that may differ when a run is resumed (e.g. to extend it) without making it another run.
-RESUMABLE_CHANGES = {"ckpt_path", "trainer.max_epochs", "trainer.max_time", "trainer.accelerator",
-                     "trainer.devices", "trainer.enable_progress_bar"}
-
 
 class RunDirInUse(ConfigError):
     """The run directory belongs to another run: nothing may be written there."""
@@ -68,7 +63,7 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
     if saved.exists():
         old = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
         new = _flatten(OmegaConf.to_container(cfg, resolve=True))
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS)
         if changed:
             raise ConfigError(f"cannot resume {run_dir}: its config differs in {changed} "
                               f"(was {[old.get(k) for k in changed]}, now {[new.get(k) for k in changed]}).")
