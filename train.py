@@ -9,6 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from fmnist import console
 from fmnist.config import register
 from fmnist.errors import FmnistError
 
@@ -20,6 +21,7 @@ log = logging.getLogger("fmnist")
 def main(cfg: DictConfig) -> float:
     from fmnist.training.train import run_job  # after Hydra parsed the command line: `--help` stays fast
 
+    console.setup()
     hydra_cfg = HydraConfig.get()
     try:
         return run_job(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN,

@@ -107,8 +107,16 @@ def ablation_pairs(settings: list[str], reference: str) -> dict[str, list[str]]:
     return pairs
 
 
+def short_names(settings: list[str]) -> dict[str, str]:
+    """Each setting named by the keys that differ between the settings, i.e. what the sweep varied."""
+    parsed = {s: parse_setting(s) for s in settings}
+    keys = sorted({k for p in parsed.values() for k in p})
+    varying = [k for k in keys if len({p.get(k) for p in parsed.values()}) > 1]
+    return {s: ",".join(f"{k}={p[k]}" for k in varying if k in p) or s for s, p in parsed.items()}
+
+
 def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "._=-" else "_" for c in text).replace("=", "-")[:150]
+    return "".join(c if c.isalnum() or c in "._=-" else "_" for c in text).replace("=", "-")[:80]
 
 
 def curve_stats(runs: list[pd.DataFrame]) -> dict:
@@ -196,8 +204,9 @@ def write_report(sweep_dir: Path) -> list[Path]:
                      f"figure_{number}.png")
         (sweep_dir / "report.md").write_text(claims_table(table, by_variant))
     else:
+        names = short_names(sorted(curves))
         for setting, runs in sorted(curves.items()):
-            save(curves_figure([(setting, runs)], "Loss & Accuracy vs Epochs"), f"curves_{_slug(setting)}.png")
+            save(curves_figure([(names[setting], runs)], "Loss & Accuracy vs Epochs"), f"curves_{_slug(names[setting])}.png")
     done = table[table.status == "completed"]
     if len(done):
         means = done.groupby("setting").val_acc_best.mean()

@@ -59,7 +59,8 @@ def group(table: pd.DataFrame) -> pd.DataFrame:
 
 def _markdown(table: pd.DataFrame, stats: pd.DataFrame, title: str) -> str:
     def pm(mean: float, std: float, scale: float = 100, digits: int = 2) -> str:
-        return f"{mean * scale:.{digits}f} ± {0 if pd.isna(std) else std * scale:.{digits}f}"
+        # One seed has no spread: show none rather than a made-up "± 0.00".
+        return f"{mean * scale:.{digits}f}" + ("" if pd.isna(std) else f" ± {std * scale:.{digits}f}")
 
     lines = [f"# {title}", "", "| setting | n | val acc best (%) | test acc (%) | test loss | wall time (s) |",
              "|---|---|---|---|---|---|"]

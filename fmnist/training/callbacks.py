@@ -1,17 +1,24 @@
-"""Lightning callbacks: a per-epoch CSV, a divergence stop, exact-resume RNG state, test-set artifacts."""
+"""Lightning callbacks: a per-epoch CSV (and line), a divergence stop, exact-resume RNG state, test-set artifacts,
+and a progress bar that counts epochs from 1 like everything else here."""
 
 from __future__ import annotations
 
 import csv
+import logging
 import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from fmnist.errors import DivergedError
 from fmnist.models import training_flops_per_image
+from fmnist.results.plots import confusion_matrix_figure, misclassified_figure
+
+log = logging.getLogger(__name__)
 
 EPOCH_COLUMNS = ["epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "lr",
                  "epoch_seconds", "train_seconds", "train_images", "train_flops"]
@@ -25,8 +32,9 @@ class EpochCSV(L.Callback):
     ranks) and `train_flops` (their forward + backward FLOPs) are the same curve's machine-free axes.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, echo: bool = False):
         self.path = Path(path)
+        self.echo = echo  # also log each row as one line (when there is no progress bar to watch)
         self.train_seconds = 0.0
         self.train_images = 0
         self.flops_per_image = 0
@@ -36,7 +44,7 @@ class EpochCSV(L.Callback):
         self.flops_per_image = training_flops_per_image(pl_module.net)
 
     def on_train_start(self, trainer, pl_module) -> None:  # after a resume has restored current_epoch
-        if trainer.is_global_zero and self.path.exists():
+        if rank_zero_only.rank == 0 and self.path.exists():
             # A resumed run redoes the epochs after its checkpoint: drop their old rows.
             with open(self.path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= trainer.current_epoch]
@@ -49,7 +57,7 @@ class EpochCSV(L.Callback):
         self.train_images += len(batch[1]) * trainer.world_size
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking or rank_zero_only.rank != 0:
             return
         seconds = time.perf_counter() - self._epoch_start
         self.train_seconds += seconds
@@ -60,6 +68,15 @@ class EpochCSV(L.Callback):
                "train_images": self.train_images, "train_flops": self.train_images * self.flops_per_image}
         row.update({k: round(float(m[k]), 6) for k in EPOCH_COLUMNS if k in m})
         self._write([row], mode="a")
+        if trainer.logger is not None:  # the same curves against epochs (Lightning's own are against steps)
+            for key in ("train/loss", "train/acc", "val/loss", "val/acc"):
+                if key in row:
+                    trainer.logger.experiment.add_scalar(f"by_epoch/{key}", row[key], row["epoch"])
+        if self.echo:
+            log.info("epoch %d/%d: train loss %.4f acc %.2f%% | val loss %.4f acc %.2f%% (best %.2f%%) | %.0f s",
+                     row["epoch"], trainer.max_epochs, row.get("train/loss", float("nan")),
+                     100 * row.get("train/acc", float("nan")), row.get("val/loss", float("nan")),
+                     100 * row.get("val/acc", float("nan")), 100 * row.get("val/acc_best", float("nan")), seconds)
 
     def _write(self, rows: list[dict], mode: str) -> None:
         new = mode == "w" or not self.path.exists()
@@ -114,6 +131,46 @@ class RNGState(L.Callback):
             torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
+class ProgressBar(TQDMProgressBar):
+    """tqdm's bar, with epochs counted from 1 (as in epochs.csv, checkpoints and metrics.json) and the total."""
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
+
+class TestArtifacts(L.Callback):
+    """The test set's confusion matrix (CSV in the run directory and a TensorBoard image) and a grid of
+    misclassified test images, from the predictions `test_step` returns."""
+
+    def __init__(self, run_dir: Path, images: int = 32):
+        self.run_dir, self.images = Path(run_dir), images
+        self.wrong: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self.wrong = []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        have = sum(len(w[0]) for w in self.wrong)
+        if have < self.images:
+            x, y = batch
+            wrong = outputs["preds"] != y
+            self.wrong.append(tuple(t[wrong][: self.images - have].cpu() for t in (x, y, outputs["preds"])))
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        cm = pl_module.test_confusion.compute().cpu().numpy()  # on every rank: under DDP this gathers
+        pl_module.test_confusion.reset()
+        if rank_zero_only.rank != 0:
+            return
+        np.savetxt(self.run_dir / "confusion_matrix.csv", cm, fmt="%d", delimiter=",")
+        experiment = trainer.logger.experiment if trainer.logger else None
+        if experiment is not None:
+            experiment.add_figure("test/confusion_matrix", confusion_matrix_figure(cm), trainer.global_step)
+            if any(len(w[0]) for w in self.wrong):
+                images, true, pred = (torch.cat([w[i] for w in self.wrong]).numpy() for i in range(3))
+                experiment.add_figure("test/misclassified", misclassified_figure(images, true, pred), trainer.global_step)
+
+
 def step_callbacks(progress_refresh_steps: int | None) -> list[L.Callback]:
     """The callbacks that act on every training step, shared by `train` and the benchmark.
 
@@ -122,5 +179,5 @@ def step_callbacks(progress_refresh_steps: int | None) -> list[L.Callback]:
     """
     callbacks: list[L.Callback] = [StopOnDivergence(), RNGState()]
     if progress_refresh_steps:
-        callbacks.append(TQDMProgressBar(refresh_rate=progress_refresh_steps))
+        callbacks.append(ProgressBar(refresh_rate=progress_refresh_steps))
     return callbacks

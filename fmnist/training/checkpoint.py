@@ -87,6 +87,12 @@ class SafeModelCheckpoint(ModelCheckpoint):
     a stale `last.ckpt`; here it waits until both are written, and the run then stops cleanly.
     """
 
+    def format_checkpoint_name(self, metrics, *args, **kwargs) -> str:
+        # Lightning counts epochs from 0; file names count them as epochs.csv and people do, from 1.
+        if "epoch" in metrics:
+            metrics = {**metrics, "epoch": metrics["epoch"] + 1}
+        return super().format_checkpoint_name(metrics, *args, **kwargs)
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         with signals_deferred():
             super().on_train_epoch_end(trainer, pl_module)

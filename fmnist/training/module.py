@@ -51,9 +51,7 @@ class LitClassifier(L.LightningModule):
         self.test_acc = MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False)
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # saved in checkpoints: a resumed run keeps its best so far
-        self.test_confusion = MulticlassConfusionMatrix(NUM_CLASSES, validate_args=False)
-        self.misclassified: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self.confusion: torch.Tensor | None = None  # test-set confusion matrix, set by `test`
+        self.test_confusion = MulticlassConfusionMatrix(NUM_CLASSES, validate_args=False)  # read by TestArtifacts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -89,24 +87,14 @@ class LitClassifier(L.LightningModule):
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
 
-    def on_test_epoch_start(self) -> None:
-        self.misclassified = []
-
-    def on_test_epoch_end(self) -> None:
-        # On every rank: under DDP, compute() gathers the counts from all of them.
-        self.confusion = self.test_confusion.compute().cpu()
-        self.test_confusion.reset()
-
-    def test_step(self, batch, batch_idx: int) -> None:
+    def test_step(self, batch, batch_idx: int) -> dict:
         loss, logits, y = self._loss(batch)
         preds = logits.argmax(dim=1)
         self.test_acc.update(preds, y)
         self.test_confusion.update(preds, y)
         self.log("test/loss", loss, on_epoch=True, batch_size=len(y), sync_dist=True)
         self.log("test/acc", self.test_acc, on_epoch=True, batch_size=len(y))
-        wrong = preds != y
-        if wrong.any() and sum(len(m[0]) for m in self.misclassified) < 64:
-            self.misclassified.append((batch[0][wrong][:64].cpu(), y[wrong][:64].cpu(), preds[wrong][:64].cpu()))
+        return {"preds": preds}
 
     def configure_optimizers(self):
         o = self.hparams.optim

@@ -14,7 +14,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pandas as pd
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -22,15 +21,15 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from fmnist.training.callbacks import EpochCSV, step_callbacks
-from fmnist.training.checkpoint import SafeCheckpointIO, SafeModelCheckpoint
-from fmnist.config import RESUMABLE_KEYS, check_values
+from fmnist import console
+from fmnist.config import PLACEMENT_KEYS, RESUMABLE_KEYS, check_values
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.errors import ConfigError, DivergedError, FmnistError
 from fmnist.hardware import resolve_precision
-from fmnist.training.module import LitClassifier
-from fmnist.results.plots import confusion_matrix_figure, misclassified_figure
 from fmnist.results.runs import FINISHED, provenance, read_record, update_record
+from fmnist.training.callbacks import EpochCSV, TestArtifacts, step_callbacks
+from fmnist.training.checkpoint import SafeCheckpointIO, SafeModelCheckpoint
+from fmnist.training.module import LitClassifier
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +103,14 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
     checkpoint = SafeModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}",
                                      monitor="val/acc", mode="max", save_last=True, auto_insert_metric_name=False)
+    # A bar that cannot redraw in place (output to a file or pipe) would fill the log with `\r` lines:
+    # there, and when the bar is off, each epoch is one log line instead.
+    trainer_kwargs["enable_progress_bar"] = bar = cfg.trainer.enable_progress_bar and console.is_terminal()
     trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(run_dir),
                         logger=logger, plugins=[SafeCheckpointIO()],
-                        callbacks=[checkpoint, EpochCSV(run_dir / "epochs.csv"), LearningRateMonitor(logging_interval="epoch"),
-                                   *step_callbacks(cfg.progress_bar_refresh if cfg.trainer.enable_progress_bar else None)])
+                        callbacks=[checkpoint, EpochCSV(run_dir / "epochs.csv", echo=not bar),
+                                   LearningRateMonitor(logging_interval="epoch"), TestArtifacts(run_dir),
+                                   *step_callbacks(cfg.progress_bar_refresh if bar else None)])
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
     fit_seconds = time.perf_counter() - started
 
@@ -117,10 +120,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
         best = "best" if checkpoint.best_model_path else None  # fast_dev_run keeps no checkpoints
         result = trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)[0]
         metrics.update({k: float(v) for k, v in result.items()})
-        if trainer.is_global_zero:
-            _log_test_artifacts(model, logger, run_dir, trainer.global_step)
-    if trainer.is_global_zero:
-        logger.log_hyperparams(_flatten(OmegaConf.to_container(cfg, resolve=True)),
+    if rank_zero_only.rank == 0:
+        logger.log_hyperparams(hparams_for_tensorboard(cfg, overrides, trainer_kwargs["precision"]),
                                {"hp/val_acc_best": metrics["val/acc_best"], "hp/test_acc": metrics.get("test/acc", -1.0)})
         logger.finalize("success")
         metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -128,14 +129,18 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     return metrics
 
 
-def _log_test_artifacts(model: LitClassifier, logger: TensorBoardLogger, run_dir: Path, step: int) -> None:
-    """Confusion matrix (CSV and TensorBoard image) and a grid of misclassified test images."""
-    cm = model.confusion.numpy()
-    np.savetxt(run_dir / "confusion_matrix.csv", cm, fmt="%d", delimiter=",")
-    logger.experiment.add_figure("test/confusion_matrix", confusion_matrix_figure(cm), step)
-    if model.misclassified:
-        images, true, pred = (np.concatenate([np.asarray(m[i]) for m in model.misclassified])[:32] for i in range(3))
-        logger.experiment.add_figure("test/misclassified", misclassified_figure(images, true, pred), step)
+# Always shown in TensorBoard's hparams table, next to whatever the command line or sweep changed.
+HPARAMS = ("model.name", "model.dropout", "data.batch_size", "optim.name", "optim.lr", "optim.weight_decay", "seed")
+
+
+def hparams_for_tensorboard(cfg: DictConfig, overrides: list[str] | None, precision: str) -> dict:
+    """A short hparams row: the swept/overridden keys first, then a fixed list, with their real types."""
+    changed = [o.split("=", 1)[0].lstrip("+~") for o in overrides or []]
+    keys = [k for k in changed if k not in PLACEMENT_KEYS and not k.startswith("hydra.") and
+            OmegaConf.select(cfg, k) is not None and not isinstance(OmegaConf.select(cfg, k), DictConfig)]
+    row = {k: OmegaConf.select(cfg, k) for k in dict.fromkeys([*keys, *HPARAMS])}
+    row = {k: str(list(v)) if not isinstance(v, (int, float, str, bool)) else v for k, v in row.items()}
+    return {**row, "precision": precision}
 
 
 def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: list[str] | None = None) -> float:
@@ -153,7 +158,10 @@ def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: l
         cfg = cfg.copy()
         cfg.ckpt_path = "last"
     try:
-        return train(cfg, run_dir, overrides)["val/acc_best"]
+        metrics = train(cfg, run_dir, overrides)
+        if rank_zero_only.rank == 0:
+            console.print_result(run_dir, read_record(run_dir) or {})
+        return metrics["val/acc_best"]
     except RunDirInUse:
         raise
     except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or SIGTERM (Lightning's SIGTERMException)

@@ -1,0 +1,68 @@
+"""What a run prints: one line per message, no third-party noise a user cannot act on, a closing summary."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+log = logging.getLogger("fmnist")
+
+# Third-party warnings that say nothing a user of this project can act on, each with the reason.
+HARMLESS_WARNINGS = [
+    # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecated; fixed upstream, nothing to do here.
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated",
+    # Short runs (presets smoke/cpu) have fewer steps than the logging interval; epochs.csv has every epoch anyway.
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
+    # The model summary cannot count FLOPs under mixed precision; training is unaffected.
+    r"Precision .* is not supported by the model summary",
+    # On resume the checkpoint directory holds the run's own checkpoints: that is the point of resuming.
+    r"Checkpoint directory .* exists and is not empty",
+    # On resume the best-so-far metric is restored, not updated, before its first compute: expected.
+    r"The ``compute`` method of metric MaxMetric was called before the ``update`` method",
+]
+# Lightning's notices that never apply here: an advertisement, and TPUs (this project runs on CPUs and GPUs).
+NOTICES = ("litlogger", "TPU available")
+
+
+class _DropNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(word in record.getMessage() for word in NOTICES)
+
+
+def setup() -> None:
+    """Route Lightning's log lines through the project's handlers once, and hide the harmless warnings.
+
+    Lightning adds its own console handler when it is imported before logging is configured (as it
+    is here, before Hydra configures it), so every line came out twice: plain and in Hydra's format.
+    """
+    for pattern in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    for handler in logging.getLogger().handlers:  # filters on handlers also see the records of child loggers
+        if not any(isinstance(f, _DropNotices) for f in handler.filters):
+            handler.addFilter(_DropNotices())
+
+
+def is_terminal() -> bool:
+    """Whether a progress bar can redraw in place (otherwise its `\\r` lines clutter logs)."""
+    return sys.stderr.isatty()
+
+
+def print_result(run_dir: Path, record: dict) -> None:
+    """The closing block: status, best validation accuracy (epoch), test accuracy, where it all is."""
+    metrics = record.get("metrics", {})
+    lines = [f"run {record.get('status', '?')}: {run_dir}"]
+    if "val/acc_best" in metrics:
+        lines.append(f"  best val acc  {metrics['val/acc_best']:.2%} (epoch {metrics.get('best_epoch')} "
+                     f"of {metrics.get('epochs')})")
+    if "test/acc" in metrics:
+        lines.append(f"  test acc      {metrics['test/acc']:.2%} (loss {metrics['test/loss']:.4f}), best checkpoint")
+    if "fit_seconds" in metrics:
+        lines.append(f"  training      {metrics['fit_seconds']:.0f} s, precision {record.get('precision', {}).get('resolved')}")
+    lines.append(f"  TensorBoard   tensorboard --logdir {run_dir}")
+    log.info("\n".join(lines))
