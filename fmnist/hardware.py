@@ -168,7 +168,7 @@ def resolve_precision(requested, accelerator: str, model: dict,
     elif kind == "mps":
         precision, reason = "32-true", "Apple GPU: fp32 (mixed precision there is unmeasured)"
     elif not native_cpu_bf16():
-        precision, reason = "32-true", "no native bf16 on this CPU (bf16 would be ~10x slower)"
+        precision, reason = "32-true", "no native bf16 on this CPU (emulated bf16 is an order of magnitude slower)"
     else:
         timings = _cached_probe(model, probe or probe_cpu_bf16)
         evidence["probe"] = timings

@@ -175,7 +175,7 @@ def step_callbacks(progress_refresh_steps: int | None) -> list[L.Callback]:
     """The callbacks that act on every training step, shared by `train` and the benchmark.
 
     The progress bar redraws every `progress_refresh_steps` steps (None: no bar): a redraw per
-    step cost ~1 ms, 3-5% of a batch-32 step on a 2-core CPU.
+    step is a measurable share of a small step (README, Performance).
     """
     callbacks: list[L.Callback] = [StopOnDivergence(), RNGState()]
     if progress_refresh_steps:
