@@ -136,6 +136,12 @@ class TrainConfig:
     progress_bar_refresh: int = 10  # training steps between progress-bar redraws
 
 
+def sweep_name(name: str, stamp: str) -> str:
+    """`outputs/<this>`: a named sweep keeps one directory (so it resumes); an ad-hoc one (`name` left at
+    `train`) gets its own, stamped, so that unrelated sweeps never share a summary."""
+    return f"{name}/{stamp}" if name == TrainConfig.name else name
+
+
 def register() -> None:
     """Put the schemas where Hydra finds them (called before Hydra composes).
 
@@ -143,6 +149,7 @@ def register() -> None:
     """
     if not OmegaConf.has_resolver("placement_keys"):
         OmegaConf.register_new_resolver("placement_keys", lambda: list(PLACEMENT_KEYS))
+        OmegaConf.register_new_resolver("sweep_name", sweep_name)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     for name, schema in MODEL_SCHEMAS.items():

@@ -120,3 +120,37 @@ def test_sweep_survives_a_diverging_job_skips_finished_jobs_and_reports(tmp_path
                             text=True, cwd=CONF.parent, env={**os.environ, "PYTHONPATH": str(CONF.parent)})
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "s" / "figures" / "confusion_matrix.png").exists()
+
+
+def test_a_finished_job_is_reused_only_for_the_same_experiment(tmp_path, data_dir):
+    import shutil
+
+    from fmnist.data.csv_io import write_csv
+    from tests.conftest import make_images
+
+    args = ["-m", *FAST, "model=simple", "trainer.precision=32-true", "optim.lr=0.01", f"hydra.sweep.dir={tmp_path}/s"]
+    first = run_cli(*args, f"data.dir={data_dir}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    record = next((tmp_path / "s").glob("*/metrics.json")).read_text()
+
+    moved = tmp_path / "moved"  # the same files elsewhere: the same experiment, skipped
+    shutil.copytree(data_dir, moved, ignore=shutil.ignore_patterns(".*"))
+    again = run_cli(*args, f"data.dir={moved}")
+    assert again.returncode == 0 and "skipped" in again.stdout + again.stderr
+
+    other = tmp_path / "other"  # other data under the same job name: refused before training, nothing changed
+    other.mkdir()
+    write_csv(other / "fashion-mnist_train.csv", *make_images(600, 5))
+    write_csv(other / "fashion-mnist_test.csv", *make_images(200, 6))
+    refused = run_cli(*args, f"data.dir={other}")
+    assert refused.returncode == 2 and "the data's content" in refused.stderr and "name=" in refused.stderr
+    assert next((tmp_path / "s").glob("*/metrics.json")).read_text() == record
+
+
+def test_ad_hoc_sweeps_get_their_own_directories(tmp_path, data_dir):
+    for _ in range(2):
+        result = run_cli("-m", *FAST, f"data.dir={data_dir}", "model=simple", "trainer.limit_train_batches=1",
+                         "optim.lr=0.01", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    sweeps = sorted((tmp_path / "outputs" / "train").iterdir())
+    assert len(sweeps) == 2 and all(len(pd.read_csv(s / "summary.csv")) == 1 for s in sweeps)

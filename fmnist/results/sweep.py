@@ -71,6 +71,9 @@ def _markdown(table: pd.DataFrame, stats: pd.DataFrame, title: str) -> str:
                      f"| {s[('wall_seconds', 'mean')]:.0f} |")
     counts = table.status.value_counts().to_dict()
     lines += ["", "Jobs: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + "."]
+    commits = sorted(table.git_commit.dropna().unique())
+    if len(commits) > 1:  # not a refusal: code changes that do not change results are common
+        lines += ["", f"Warning: the jobs ran on different code (git commits {', '.join(commits)})."]
     unfinished = table[table.status != "completed"]
     if len(unfinished):
         lines += ["", "| job | status | error |", "|---|---|---|"]

@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from fmnist import console
 from fmnist.config import PLACEMENT_KEYS, RESUMABLE_KEYS, check_values
-from fmnist.data.datamodule import FashionMNISTDataModule
+from fmnist.data.csv_io import file_digest
+from fmnist.data.datamodule import FashionMNISTDataModule, find_csv
 from fmnist.errors import ConfigError, DivergedError, FmnistError
 from fmnist.hardware import resolve_precision
 from fmnist.results.runs import FINISHED, provenance, read_record, update_record
@@ -71,6 +72,23 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
     return last.exists()
 
 
+def data_digests(cfg: DictConfig) -> dict:
+    """The SHA-1 of each CSV the run reads: what identifies its data, wherever the files live."""
+    return {split: file_digest(find_csv(Path(cfg.data.dir), split)) for split in ("train", "test")}
+
+
+def differences_from_finished(cfg: DictConfig, run_dir: Path, record: dict) -> list[str]:
+    """What makes `cfg` another experiment than the finished one in `run_dir`: config keys that change the
+    result (placement keys aside) and the data's content. Empty when it is the same experiment."""
+    saved = run_dir / "config.yaml"
+    old = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=True)) if saved.exists() else {}
+    new = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS)
+    if record.get("data_digest") and record["data_digest"] != data_digests(cfg):
+        keys.append(f"the data's content (CSVs in {cfg.data.dir})")
+    return keys
+
+
 def _best_epoch(run_dir: Path) -> int | None:
     path = run_dir / "epochs.csv"
     epochs = pd.read_csv(path) if path.exists() else None
@@ -95,7 +113,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     if rank_zero_only.rank == 0:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         update_record(run_dir, status="running", seed=cfg.seed, started_at=_now(), overrides=list(overrides or []),
-                      precision=precision, **provenance())
+                      precision=precision, data_digest=data_digests(cfg), **provenance())
 
     L.seed_everything(cfg.seed, workers=False, verbose=False)
     datamodule = FashionMNISTDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
@@ -153,6 +171,11 @@ def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: l
     record = read_record(run_dir)
     if in_sweep and record:
         if record.get("status") in FINISHED:
+            changed = differences_from_finished(cfg, run_dir, record)
+            if changed:
+                raise ConfigError(f"{run_dir} holds a finished job of another experiment: it differs in {changed}. "
+                                  "Its result is not reused. Give this sweep another directory (name=... or "
+                                  "hydra.sweep.dir=...), or remove the old job directory to run it again.")
             log.info("%s already %s: skipped", run_dir.name, record["status"])
             return float(record.get("metrics", {}).get("val/acc_best", float("nan")))
         cfg = cfg.copy()
