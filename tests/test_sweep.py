@@ -154,3 +154,19 @@ def test_ad_hoc_sweeps_get_their_own_directories(tmp_path, data_dir):
         assert result.returncode == 0, result.stderr[-3000:]
     sweeps = sorted((tmp_path / "outputs" / "train").iterdir())
     assert len(sweeps) == 2 and all(len(pd.read_csv(s / "summary.csv")) == 1 for s in sweeps)
+
+
+def test_leaderboard_rows_come_from_the_sweeps_records(tmp_path):
+    from fmnist.results.leaderboard import REFERENCES, markdown
+
+    sweep = tmp_path / "myrecipe"
+    for seed, acc in enumerate([0.94, 0.96]):
+        job = sweep / f"seed={seed}"
+        _fake_job(sweep, job.name, "completed", seed, acc, [f"seed={seed}"])
+        record = json.loads((job / "metrics.json").read_text())
+        record["hardware"] = {"gpu": "Test GPU"}
+        (job / "metrics.json").write_text(json.dumps(record))
+        (job / "epochs.csv").write_text("epoch,val/acc,train_seconds,train_images,train_flops\n1,0.9,10,55000,5.5e15\n")
+    table = markdown([sweep])
+    assert len(table.splitlines()) == 2 + len(REFERENCES) + 1
+    assert "| **myrecipe** | 94.00 ± 1.41 | 2 | 55,000 | 5.5 | 10 | Test GPU |" in table
