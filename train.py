@@ -1,7 +1,5 @@
 """Hydra entry point: `python train.py [overrides]`, `python train.py -m experiment=ablation_lr`."""
 
-import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -9,11 +7,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from fmnist.cli import refuse_unknown_keys, register_resolvers, run_cli
 from fmnist.config import register
-from fmnist.errors import FmnistError
 
 register()
-log = logging.getLogger("fmnist")
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -21,14 +19,13 @@ def main(cfg: DictConfig) -> float:
     from fmnist.training.train import run_job  # after Hydra parsed the command line: `--help` stays fast
 
     hydra_cfg = HydraConfig.get()
-    try:
-        return run_job(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN,
-                       overrides=list(hydra_cfg.overrides.task))
-    except FmnistError as e:
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    overrides = list(hydra_cfg.overrides.task)
+    refuse_unknown_keys(cfg, overrides)
+    # Hydra's own copy of the config (`hydra.output_subdir` is null) is written only once the run's checks pass.
+    hydra_files = {"config.yaml": cfg, "hydra.yaml": {"hydra": hydra_cfg}, "overrides.yaml": overrides}
+    return run_job(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN,
+                   overrides=overrides, hydra_files=hydra_files)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
