@@ -28,6 +28,9 @@ def atomic_write(path: Path, data: bytes | str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        e.filename = e.filename or str(path)  # a failed write() names no file: say which one
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

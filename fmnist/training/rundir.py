@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fmnist.errors import ConfigError
+from fmnist.fsio import storage_errors
 
 
 class RunDirInUse(ConfigError):
@@ -38,7 +39,8 @@ def holder_pid(path: Path) -> int | None:
 def own_run_dir(run_dir: Path):
     """Create `run_dir` if needed and hold its lock for the block; RunDirInUse if another process holds it."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with storage_errors():
+        run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
