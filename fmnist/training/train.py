@@ -34,7 +34,7 @@ from fmnist.config import check_values
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.errors import CheckpointError, ConfigError, DivergedError, FmnistError
 from fmnist.fsio import atomic_write, check_writable, storage_errors
-from fmnist.hardware import resolve_precision
+from fmnist.hardware import check_accelerator, resolve_precision
 from fmnist.training.module import LitClassifier
 from fmnist.results.plots import confusion_matrix_figure, misclassified_figure
 from fmnist.results.runs import FINISHED, provenance, read_record, update_record
@@ -75,8 +75,6 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
         if changed:
             raise ConfigError(f"cannot resume {run_dir}: its config differs in {changed} "
                               f"(was {[old.get(k) for k in changed]}, now {[new.get(k) for k in changed]}).")
-    if not last.exists():
-        log.warning("%s has no checkpoints/last.ckpt: starting the run from its first epoch", run_dir)
     return last.exists()
 
 
@@ -95,6 +93,7 @@ def _claimed(cfg: DictConfig, run_dir: Path):
     rank 0 has claimed the directory: only rank 0 checks, locks and writes.
     """
     check_values(cfg)
+    check_accelerator(cfg.trainer.accelerator)
     last = run_dir / "checkpoints" / "last.ckpt"
     if rank_zero_only.rank != 0:
         yield cfg.ckpt_path == "last" and last.exists()
@@ -105,6 +104,8 @@ def _claimed(cfg: DictConfig, run_dir: Path):
         FashionMNISTDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed).check()
         if resume:
             _check_checkpoint(cfg, last)
+        elif cfg.ckpt_path == "last":  # logged only now: a refusal must not add to the run's train.log
+            log.warning("%s has no checkpoints/last.ckpt: starting the run from its first epoch", run_dir)
         with _sigterm_raises():
             yield resume
 
