@@ -7,8 +7,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from fmnist.cli import refuse_unknown_keys, register_resolvers, run_cli
+from fmnist.cli import exit_with, refuse_unknown_keys, register_resolvers, run_cli
 from fmnist.config import register
+from fmnist.errors import FmnistError
 
 register()
 register_resolvers()
@@ -20,11 +21,14 @@ def main(cfg: DictConfig) -> float:
 
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
-    refuse_unknown_keys(cfg, overrides)
     # Hydra's own copy of the config (`hydra.output_subdir` is null) is written only once the run's checks pass.
     hydra_files = {"config.yaml": cfg, "hydra.yaml": {"hydra": hydra_cfg}, "overrides.yaml": overrides}
-    return run_job(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN,
-                   overrides=overrides, hydra_files=hydra_files)
+    try:
+        refuse_unknown_keys(cfg, overrides)
+        return run_job(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN,
+                       overrides=overrides, hydra_files=hydra_files)
+    except FmnistError as e:
+        exit_with(e)
 
 
 if __name__ == "__main__":

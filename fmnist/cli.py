@@ -32,8 +32,10 @@ def register_resolvers() -> None:
 
 def composition_message(error: BaseException) -> str:
     """Hydra's (and OmegaConf's) account of a bad command line as one paragraph."""
-    lines = [str(error)] + ([str(error.__cause__)] if error.__cause__ else [])
-    kept = [part.strip(" \t.:") for text in lines for part in text.splitlines()
+    texts = [str(error)] + ([str(error.__cause__)] if error.__cause__ else [])
+    # Hydra lists choices one per tab-indented line: "Available options in 'model': optimized, resnet, simple".
+    texts = [text.replace(":\n\t", ": ").replace("\n\t", ", ") for text in texts]
+    kept = [part.strip(" \t.:") for text in texts for part in text.splitlines()
             if part.strip() and not part.strip().startswith(_DROPPED)]
     return ". ".join(dict.fromkeys(kept)) + ". `python train.py --help` lists the config groups and keys."
 
@@ -61,14 +63,14 @@ def refuse_unknown_keys(cfg: DictConfig, overrides: list[str]) -> None:
 def run_cli(hydra_main: Callable[[], object]) -> None:
     """Run a `@hydra.main` function; a bad command line or an unwritable output directory exits 2.
 
-    A FmnistError raised inside the task is printed (once) by the task itself; anything else is a
-    bug and ends with its traceback and exit code 1.
+    A FmnistError raised inside the task is printed by the task itself (`exit_with`); anything else
+    is a bug and ends with its traceback and exit code 1.
     """
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing them and exiting 1
     try:
         hydra_main()
-    except FmnistError as e:
-        _exit(str(e), e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before a run started (a started one exits 130 by itself): nothing to resume
+        _exit("stopped by Ctrl-C before the run started; nothing was written.", 130)
     except (HydraException, OmegaConfBaseException) as e:
         _exit(composition_message(e), 2)
     except OSError as e:  # e.g. Hydra creating the run directory or its log file on a read-only disk
@@ -76,6 +78,14 @@ def run_cli(hydra_main: Callable[[], object]) -> None:
         if mapped is None:
             raise
         _exit(str(mapped), 2)
+
+
+def exit_with(error: FmnistError) -> None:
+    """Print a user error once, as one paragraph, and exit with its code (2, or 3 for a divergence).
+
+    Called inside the task: a SystemExit passes through Hydra, which would otherwise add its own
+    "Error executing job" line."""
+    _exit(str(error), error.exit_code)
 
 
 def _exit(message: str, code: int) -> None:
