@@ -5,7 +5,6 @@ Each test reproduces one reported failure; the subprocess ones run `train.py` as
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
