@@ -1,7 +1,5 @@
 """Hydra entry point: `python train.py [overrides]`, `python train.py -m experiment=ablation_lr`."""
 
-import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -10,11 +8,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from fmnist import console
+from fmnist.cli import exit_with, refuse_unknown_keys, run_cli
 from fmnist.config import register
 from fmnist.errors import FmnistError
 
 register()
-log = logging.getLogger("fmnist")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -23,14 +21,16 @@ def main(cfg: DictConfig) -> float:
 
     console.setup()
     hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)
+    # Hydra's own copy of the config (`hydra.output_subdir` is null) is written only once the run's checks pass.
+    hydra_files = {"config.yaml": cfg, "hydra.yaml": {"hydra": hydra_cfg}, "overrides.yaml": overrides}
     try:
+        refuse_unknown_keys(cfg, overrides)
         return run_job(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN,
-                       overrides=list(hydra_cfg.overrides.task))
+                       overrides=overrides, hydra_files=hydra_files)
     except FmnistError as e:
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        exit_with(e)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -9,6 +9,7 @@ meaningless.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -150,6 +151,9 @@ def register() -> None:
     if not OmegaConf.has_resolver("placement_keys"):
         OmegaConf.register_new_resolver("placement_keys", lambda: list(PLACEMENT_KEYS))
         OmegaConf.register_new_resolver("sweep_name", sweep_name)
+        # This process's id, so two runs started in the same second get distinct default directories
+        # (cached: every read of `hydra.run.dir` gives the same path).
+        OmegaConf.register_new_resolver("run_suffix", lambda: str(os.getpid()), use_cache=True)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     for name, schema in MODEL_SCHEMAS.items():
@@ -170,9 +174,37 @@ PLACEMENT_KEYS = ("experiment", "preset", "name", "ckpt_path", "trainer", "train
 RESUMABLE_KEYS = PLACEMENT_KEYS + ("trainer.max_epochs", "trainer.max_time")
 
 
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+# Lengths the architectures need (fmnist/models.py); resnet needs one `blocks` entry per width.
+MODEL_LISTS = {"simple": {"channels": 2}, "optimized": {"channels": 4, "kernel_sizes": 4}, "resnet": {}}
+
+
+def _positive_list(cfg: DictConfig, key: str, length: int | None) -> bool:
+    values = OmegaConf.select(cfg, key)
+    return values is None or (len(values) >= 1 and (length is None or len(values) == length)
+                              and all(isinstance(v, int) and v >= 1 for v in values))
+
+
 def check_values(cfg: DictConfig) -> None:
-    """Raise ConfigError naming the key for values that are well-typed but make no sense."""
+    """Raise ConfigError naming the key for values that are well-typed but make no sense.
+
+    Also what Lightning or torch would reject later with a traceback (seed range, momentum, list
+    lengths of an architecture). Whether this machine has the accelerator is `hardware.check_accelerator`.
+    """
+    lengths = MODEL_LISTS.get(cfg.model.name, {})
+    widths = OmegaConf.select(cfg, "model.widths")
     checks = [
+        ("seed", 0 <= cfg.seed <= 2**32 - 1, "in [0, 4294967295]"),
+        ("model.name", cfg.model.name in MODEL_LISTS, f"one of {tuple(MODEL_LISTS)}"),
+        *((f"model.{k}", _positive_list(cfg, f"model.{k}", lengths.get(k)),
+           f"a list of {lengths.get(k) or 'one or more'} positive integers")
+          for k in ("channels", "kernel_sizes", "widths", "blocks")),
+        ("model.blocks", widths is None or len(cfg.model.blocks) == len(widths), "as long as model.widths"),
+        ("optim.momentum", cfg.optim.momentum >= 0, "non-negative"),
+        ("optim.nesterov", not (cfg.optim.nesterov and cfg.optim.momentum == 0), "false when optim.momentum is 0"),
+        ("trainer.accelerator", cfg.trainer.accelerator in ACCELERATORS, f"one of {ACCELERATORS}"),
+        ("trainer.max_epochs", cfg.trainer.max_epochs != -1 or (cfg.optim.scheduler == "none" and cfg.optim.warmup_epochs == 0),
+         "at least 1 when optim.scheduler or optim.warmup_epochs is set (a schedule needs the run's length)"),
         ("data.batch_size", cfg.data.batch_size >= 1, "at least 1"),
         ("data.eval_batch_size", cfg.data.eval_batch_size >= 1, "at least 1"),
         ("data.val_size", cfg.data.val_size >= 1, "at least 1 (model selection needs a validation split)"),

@@ -19,6 +19,10 @@ class CheckpointError(FmnistError):
     """A checkpoint is missing, corrupt or unsafe to load."""
 
 
+class StorageError(FmnistError):
+    """A file could not be written: disk full, read-only file system, no permission."""
+
+
 class DivergedError(FmnistError):
     """Training produced a non-finite loss."""
 

@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 
+from fmnist.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 # CPU flags that decide speed here: vector width and native bf16 (x86); `bf16` is Arm's.
@@ -73,6 +75,14 @@ def describe_line(hw: dict | None = None) -> str:
     hw = hw or describe()
     line = f"{hw['cpu']} ({hw['isa']}), {hw['cores']} cores, {hw['torch_threads']} torch threads"
     return line + (f", GPU {hw['gpu']}" if hw["gpu"] else ", no GPU") + f", torch {hw['torch']}"
+
+
+def check_accelerator(accelerator: str) -> None:
+    """ConfigError if this machine lacks `accelerator` (Lightning would fail later with a traceback)."""
+    has = {"gpu": torch.cuda.is_available, "cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if not has.get(accelerator, lambda: True)():
+        raise ConfigError(f"config key trainer.accelerator must be one this machine has; got {accelerator!r}, but "
+                          "torch finds no such device here. Use trainer.accelerator=auto (or cpu).")
 
 
 def device_kind(accelerator: str) -> str:

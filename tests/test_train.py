@@ -64,10 +64,22 @@ def test_divergence_stops_the_run_and_is_recorded(make_cfg, tmp_path):
     assert record["status"] == "diverged" and "loss is" in record["error"] and "optim.lr" in record["error"]
 
 
-def test_failure_outside_a_sweep_raises_and_is_recorded(make_cfg, tmp_path):
+def test_refused_run_raises_and_writes_nothing(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="data.val_size"):
         run_job(make_cfg("data.val_size=100000"), tmp_path)
-    assert read_record(tmp_path)["status"] == "failed"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_outside_a_sweep_raises_and_is_recorded(make_cfg, tmp_path, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(LitClassifier, "training_step", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_job(make_cfg("model=simple"), tmp_path)
+    record = read_record(tmp_path)
+    assert record["status"] == "failed" and record["error"] == "RuntimeError: a bug"
+    assert "a bug" in (tmp_path / "error.txt").read_text()
 
 
 class Evil:

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import logging
 import os
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from fmnist.errors import DataError
+from fmnist.fsio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +44,9 @@ def read_raw(path: Path) -> bytes:
     try:
         raw = path.read_bytes()
         return gzip.decompress(raw) if path.name.endswith(".gz") else raw
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"{path}: could not be read ({e}).") from e
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:  # zlib.error: a corrupt deflate stream
+        raise DataError(f"{path}: could not be read ({e}). Expected a readable .csv, or a .csv.gz "
+                        "that `gunzip -t` accepts.") from e
 
 
 def parse_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -101,7 +105,8 @@ def _parse_block(path: Path, header: list[str], block: np.ndarray, first_line: i
         at = np.flatnonzero(cr)
         follows = np.append(block, np.uint8(_NL))[at + 1]
         if (follows != _NL).any():
-            raise _cell_error(path, header, block, int(at[follows != _NL][0]), "a stray carriage return", first_line)
+            raise _cell_error(path, header, block, int(at[follows != _NL][0]), "an integer", first_line,
+                              found="a carriage return inside the cell")
         block = block[~cr]
     if block[-1] != _NL:
         block = np.append(block, np.uint8(_NL))
@@ -175,10 +180,10 @@ def _locate(block: np.ndarray, pos: int, first_line: int) -> tuple[int, int, str
 
 
 def _cell_error(path: Path, header: list[str], block: np.ndarray, pos: int, expected: str,
-                first_line: int) -> DataError:
+                first_line: int, found: str | None = None) -> DataError:
     line, column, text = _locate(block, pos, first_line)
     name = header[column - 1] if column <= len(header) else "?"
-    found = f"'{text}'" if text else "an empty cell"
+    found = found or (f"'{text}'" if text else "an empty cell")
     if expected == "an integer":
         expected = "an integer 0-9" if name.strip() == "label" else "an integer 0-255"
     return DataError(f"{path}, line {line}, column {column} ({name}): expected {expected}, found {found}.")
@@ -211,6 +216,17 @@ def cache_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.cache.npz")
 
 
+def _cache_problem(images: np.ndarray, labels: np.ndarray) -> str | None:
+    """What is wrong with cached arrays (a digest only says which file they came from), or None."""
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+        return f"images are {images.dtype} {images.shape}, expected uint8 [N, 28, 28]"
+    if labels.dtype != np.int64 or labels.shape != (len(images),):
+        return f"labels are {labels.dtype} {labels.shape}, expected int64 [{len(images)}]"
+    if len(labels) == 0 or labels.min() < 0 or labels.max() > 9:
+        return "labels outside 0-9" if len(labels) else "no rows"
+    return None
+
+
 def load_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Parse `path`, or return the arrays cached beside it if the cache was built from identical bytes."""
     path = Path(path)
@@ -220,17 +236,22 @@ def load_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(cache, allow_pickle=False) as z:
             if int(z["version"]) == CACHE_VERSION and str(z["digest"]) == digest:
-                return z["images"], z["labels"]
-            log.info("%s changed since it was cached: parsing it again", path)
+                images, labels = z["images"], z["labels"]
+                problem = _cache_problem(images, labels)
+                if problem is None:
+                    return images, labels
+                log.warning("ignoring cache %s: %s; parsing %s again", cache, problem, path.name)
+            else:
+                log.info("%s changed since it was cached: parsing it again", path)
     except FileNotFoundError:
         pass
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         log.warning("ignoring unreadable cache %s (%s)", cache, e)
     images, labels = parse_csv(path)
-    tmp = cache.with_name(cache.name + ".tmp.npz")
+    buffer = io.BytesIO()
+    np.savez(buffer, images=images, labels=labels, digest=np.array(digest), version=np.array(CACHE_VERSION))
     try:
-        np.savez(tmp, images=images, labels=labels, digest=np.array(digest), version=np.array(CACHE_VERSION))
-        os.replace(tmp, cache)
+        atomic_write(cache, buffer.getbuffer())
     except OSError as e:  # a read-only data directory still trains, only slower to start
         log.warning("could not write the parse cache %s (%s)", cache, e)
     return images, labels

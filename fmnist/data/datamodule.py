@@ -6,6 +6,7 @@ with the training split's mean and std), and training batches are augmented ther
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +18,9 @@ from fmnist.data.batches import InMemoryBatches
 from fmnist.data.csv_io import load_csv
 from fmnist.errors import ConfigError
 from fmnist.data.sources import CSV_NAMES
+
+log = logging.getLogger(__name__)
+NUM_CLASSES = 10
 
 
 def stratified_split(labels: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -57,11 +61,18 @@ class FashionMNISTDataModule(L.LightningDataModule):
         for split in ("train", "test"):
             load_csv(find_csv(Path(self.hparams.dir), split))
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
+    def check(self) -> None:
+        """Read both CSVs and check the split sizes against them: what `setup` would refuse, refused early."""
+        labels = load_csv(find_csv(Path(self.hparams.dir), "train"))[1]
+        classes = np.unique(labels[self._split(labels)[0]])
+        if len(classes) < NUM_CLASSES:  # it trains, but cannot learn the missing classes
+            log.warning("the training split holds only class(es) %s of 0-%d: the model cannot learn the others",
+                        classes.tolist(), NUM_CLASSES - 1)
+        load_csv(find_csv(Path(self.hparams.dir), "test"))
+
+    def _split(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(train, val) indices of the training CSV's rows; ConfigError if the sizes do not fit it."""
         hp = self.hparams
-        images, labels = load_csv(find_csv(Path(hp.dir), "train"))
         if not 1 <= hp.val_size < len(labels):
             raise ConfigError(f"config key data.val_size must be between 1 and {len(labels) - 1} "
                               f"(the training CSV has {len(labels)} rows); got {hp.val_size}.")
@@ -72,6 +83,14 @@ class FashionMNISTDataModule(L.LightningDataModule):
                                   f"left after the validation split); got {hp.train_subset}.")
             _, keep = stratified_split(labels[train_idx], hp.train_subset, hp.seed)
             train_idx = train_idx[keep]
+        return train_idx, val_idx
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        hp = self.hparams
+        images, labels = load_csv(find_csv(Path(hp.dir), "train"))
+        train_idx, val_idx = self._split(labels)
         test_images, test_labels = load_csv(find_csv(Path(hp.dir), "test"))
         device = self.trainer.strategy.root_device if (self.trainer is not None and hp.on_device) else "cpu"
 

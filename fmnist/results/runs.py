@@ -7,12 +7,12 @@ Statuses: `running`, `completed`, `failed`, `diverged`, `interrupted`. Sweeps sk
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from fmnist.fsio import atomic_write
 from fmnist.hardware import describe
 
 METRICS_FILE = "metrics.json"
@@ -30,14 +30,13 @@ def read_record(run_dir: Path) -> dict | None:
 
 def write_record(run_dir: Path, record: dict) -> None:
     """Write metrics.json atomically: a reader never sees half a file."""
-    path = Path(run_dir) / METRICS_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write(Path(run_dir) / METRICS_FILE, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def update_record(run_dir: Path, **fields) -> dict:
-    record = {**(read_record(run_dir) or {}), **fields}
+def update_record(run_dir: Path, drop: tuple[str, ...] = (), **fields) -> dict:
+    """Merge `fields` into metrics.json, removing the keys in `drop` (e.g. a resumed run's old `error`)."""
+    record = {k: v for k, v in (read_record(run_dir) or {}).items() if k not in drop}
+    record.update(fields)
     write_record(run_dir, record)
     return record
 

@@ -20,6 +20,7 @@ from fmnist.results.plots import confusion_matrix_figure, misclassified_figure
 
 log = logging.getLogger(__name__)
 
+DIVERGED_ADVICE = "Lower optim.lr or set trainer.gradient_clip_val."
 EPOCH_COLUMNS = ["epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "lr",
                  "epoch_seconds", "train_seconds", "train_images", "train_flops"]
 
@@ -95,7 +96,7 @@ class EpochCSV(L.Callback):
 
 
 class StopOnDivergence(L.Callback):
-    """Stop with DivergedError when the training loss is NaN or infinite.
+    """Stop with DivergedError when the training or validation loss is NaN or infinite.
 
     Checked every `every` steps and at each epoch's last step, not every step: reading the loss
     waits for the GPU, and once the weights are NaN every later loss is too.
@@ -110,7 +111,14 @@ class StopOnDivergence(L.Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None and not torch.isfinite(loss).item():
             raise DivergedError(f"training diverged: loss is {loss.item()} at epoch {trainer.current_epoch + 1}, "
-                                f"step {trainer.global_step}. Lower optim.lr or set trainer.gradient_clip_val.")
+                                f"step {trainer.global_step}. {DIVERGED_ADVICE}")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # A training loss can stay finite while the weights already give NaN on other data.
+        loss = trainer.callback_metrics.get("val/loss")
+        if not trainer.sanity_checking and loss is not None and not torch.isfinite(loss).item():
+            raise DivergedError(f"training diverged: validation loss is {loss.item()} at epoch "
+                                f"{trainer.current_epoch + 1}. {DIVERGED_ADVICE}")
 
 
 class RNGState(L.Callback):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
+import io
 import pickle
+import re
 import signal
 import threading
 import zipfile
@@ -16,6 +17,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from fmnist.errors import CheckpointError
+from fmnist.fsio import atomic_write
 
 
 @contextmanager
@@ -48,9 +50,11 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else "disallowed pickled object"
+        # torch's message advises retrying with weights_only=False, exactly what must not be done: name the class.
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"an object of class {found.group(1)}" if found else "a pickled object that is not a tensor"
         raise CheckpointError(f"{path}: refused to load: it holds pickled Python objects, not only tensors and "
-                              f"plain values ({reason}). Loading it could run code; fmnist never does.") from e
+                              f"plain values ({what}). Loading it could run code; fmnist never does.") from e
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {e}") from e
 
@@ -65,16 +69,12 @@ class SafeCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
+        # Serialised in memory first: torch.save reports a full disk as an opaque RuntimeError
+        # ("unexpected pos"), a plain write as OSError(ENOSPC), which names the cause.
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
         with signals_deferred():
-            try:
-                with open(tmp, "wb") as f:
-                    torch.save(checkpoint, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            atomic_write(path, buffer.getbuffer())
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         return load_checkpoint(path, map_location=map_location or "cpu")

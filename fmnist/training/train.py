@@ -7,9 +7,14 @@ failure (with its error) instead of raising, so the other jobs of a sweep go on.
 from __future__ import annotations
 
 import logging
+import math
+import re
+import shlex
 import signal
+import threading
 import time
 import traceback
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,17 +30,16 @@ from fmnist import console
 from fmnist.config import PLACEMENT_KEYS, RESUMABLE_KEYS, check_values
 from fmnist.data.csv_io import file_digest
 from fmnist.data.datamodule import FashionMNISTDataModule, find_csv
-from fmnist.errors import ConfigError, DivergedError, FmnistError
-from fmnist.hardware import resolve_precision
+from fmnist.errors import CheckpointError, ConfigError, DivergedError, FmnistError
+from fmnist.fsio import atomic_write, check_writable, storage_errors
+from fmnist.hardware import check_accelerator, resolve_precision
 from fmnist.results.runs import FINISHED, provenance, read_record, update_record
-from fmnist.training.callbacks import EpochCSV, TestArtifacts, step_callbacks
-from fmnist.training.checkpoint import SafeCheckpointIO, SafeModelCheckpoint
+from fmnist.training.callbacks import DIVERGED_ADVICE, EpochCSV, TestArtifacts, step_callbacks
+from fmnist.training.checkpoint import SafeCheckpointIO, SafeModelCheckpoint, load_checkpoint
 from fmnist.training.module import LitClassifier
+from fmnist.training.rundir import RunDirInUse, own_run_dir
 
 log = logging.getLogger(__name__)
-
-class RunDirInUse(ConfigError):
-    """The run directory belongs to another run: nothing may be written there."""
 
 
 def _now() -> str:
@@ -67,8 +71,6 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
         if changed:
             raise ConfigError(f"cannot resume {run_dir}: its config differs in {changed} "
                               f"(was {[old.get(k) for k in changed]}, now {[new.get(k) for k in changed]}).")
-    if not last.exists():
-        log.warning("%s has no checkpoints/last.ckpt: starting the run from its first epoch", run_dir)
     return last.exists()
 
 
@@ -95,25 +97,95 @@ def _best_epoch(run_dir: Path) -> int | None:
     return None if epochs is None or epochs.empty else int(epochs.loc[epochs["val/acc"].idxmax(), "epoch"])
 
 
-def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
-    """Train per `cfg` in `run_dir`; return (and record in metrics.json) the final metrics.
+@contextmanager
+def _claimed(cfg: DictConfig, run_dir: Path):
+    """Own `run_dir` and pass every check before anything is written there; yield whether to resume.
 
-    `overrides` (the command-line overrides that made `cfg`) are recorded for the sweep summary.
+    A refusal (bad value, another run's directory, another process in it, unreadable data or
+    checkpoint) raises here and leaves the directory byte-identical. DDP ranks > 0 start after
+    rank 0 has claimed the directory: only rank 0 checks, locks and writes.
     """
     check_values(cfg)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_accelerator(cfg.trainer.accelerator)
     last = run_dir / "checkpoints" / "last.ckpt"
-    # DDP ranks > 0 start after rank 0 has claimed the directory: only rank 0 checks and writes.
-    resume = _check_run_dir(cfg, run_dir) if rank_zero_only.rank == 0 else cfg.ckpt_path == "last" and last.exists()
+    if rank_zero_only.rank != 0:
+        yield cfg.ckpt_path == "last" and last.exists()
+        return
+    with own_run_dir(run_dir):
+        resume = _check_run_dir(cfg, run_dir)
+        check_writable(run_dir)
+        FashionMNISTDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed).check()
+        if resume:
+            _check_checkpoint(cfg, last)
+        elif cfg.ckpt_path == "last":  # logged only now: a refusal must not add to the run's train.log
+            log.warning("%s has no checkpoints/last.ckpt: starting the run from its first epoch", run_dir)
+        with _sigterm_raises():
+            yield resume
+
+
+@contextmanager
+def _sigterm_raises():
+    """SIGTERM raises SIGTERMException from the first write on, instead of killing the process outright:
+    a run stopped while it starts is still recorded `interrupted`, with its resume command.
+
+    Inside fit and test Lightning's handler runs first and calls this one; there the run stops at the
+    next step boundary (Lightning's way) rather than in the middle of a write.
+    """
+    def handler(signum, frame):
+        if signal.getsignal(signal.SIGTERM) is handler:
+            raise SIGTERMException()
+
+    previous = signal.signal(signal.SIGTERM, handler) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _check_checkpoint(cfg: DictConfig, path: Path) -> None:
+    """Refuse a last.ckpt that cannot be loaded safely or holds another architecture's weights."""
+    state = load_checkpoint(path).get("state_dict", {})
+    model = LitClassifier(model=OmegaConf.to_container(cfg.model, resolve=True),
+                          optim=OmegaConf.to_container(cfg.optim, resolve=True))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("net.")}
+    found = {k: tuple(getattr(v, "shape", ())) for k, v in state.items() if k.startswith("net.")}
+    differ = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
+    if differ:
+        raise CheckpointError(f"{path}: cannot resume from it: its weights are not those of the configured model "
+                              f"(model.name={cfg.model.name}); e.g. {differ[0]} has shape {found.get(differ[0])} "
+                              f"there and {expected.get(differ[0])} here (None: absent). Resume with the config "
+                              "the checkpoint was trained with, or start a new run directory.")
+
+
+def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None,
+          hydra_files: dict | None = None) -> dict:
+    """Train per `cfg` in `run_dir`; return (and record in metrics.json) the final metrics.
+
+    `overrides` (the command-line overrides that made `cfg`) are recorded for the sweep summary;
+    `hydra_files` (name: config) are saved in `.hydra/` once every check has passed.
+    """
+    run_dir = Path(run_dir)
+    with _claimed(cfg, run_dir) as resume, storage_errors():
+        return _fit(cfg, run_dir, resume, overrides, hydra_files)
+
+
+def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | None, hydra_files: dict | None) -> dict:
+    last = run_dir / "checkpoints" / "last.ckpt"
     started = time.perf_counter()
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
     trainer_kwargs["precision"], precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator, model_kwargs)
     if rank_zero_only.rank == 0:
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        update_record(run_dir, status="running", seed=cfg.seed, started_at=_now(), overrides=list(overrides or []),
-                      precision=precision, data_digest=data_digests(cfg), **provenance())
+        for name, conf in (hydra_files or {}).items():
+            (run_dir / ".hydra").mkdir(exist_ok=True)
+            atomic_write(run_dir / ".hydra" / name, OmegaConf.to_yaml(conf))
+        atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        # A resumed run starts afresh: the error that stopped it last time is no longer its state.
+        update_record(run_dir, drop=("error", "finished_at"), status="running", seed=cfg.seed, started_at=_now(),
+                      overrides=list(overrides or []), precision=precision, data_digest=data_digests(cfg),
+                      **provenance())
+        (run_dir / "error.txt").unlink(missing_ok=True)
 
     L.seed_everything(cfg.seed, workers=False, verbose=False)
     datamodule = FashionMNISTDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
@@ -134,10 +206,17 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
 
     metrics = {"val/acc_best": float(model.val_acc_best.compute()), "best_epoch": _best_epoch(run_dir),
                "epochs": trainer.current_epoch, "fit_seconds": round(fit_seconds, 1)}
+    if "val/loss" in trainer.callback_metrics:
+        metrics["val/loss"] = float(trainer.callback_metrics["val/loss"])
     if cfg.test:
         best = "best" if checkpoint.best_model_path else None  # fast_dev_run keeps no checkpoints
         result = trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)[0]
         metrics.update({k: float(v) for k, v in result.items()})
+    # `completed` promises usable numbers: a NaN validation or test loss is a divergence too.
+    bad = {k: v for k, v in metrics.items() if k in ("val/loss", "test/loss") and not math.isfinite(v)}
+    if bad:
+        raise DivergedError(f"training diverged: {', '.join(f'{k} is {v}' for k, v in bad.items())} at the end of "
+                            f"the run (epoch {trainer.current_epoch}). {DIVERGED_ADVICE}")
     if rank_zero_only.rank == 0:
         logger.log_hyperparams(hparams_for_tensorboard(cfg, overrides, trainer_kwargs["precision"]),
                                {"hp/val_acc_best": metrics["val/acc_best"], "hp/test_acc": metrics.get("test/acc", -1.0)})
@@ -161,11 +240,13 @@ def hparams_for_tensorboard(cfg: DictConfig, overrides: list[str] | None, precis
     return {**row, "precision": precision}
 
 
-def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: list[str] | None = None) -> float:
+def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: list[str] | None = None,
+            hydra_files: dict | None = None) -> float:
     """Run one job and return its `val/acc_best` (NaN when it failed inside a sweep).
 
-    In a sweep a finished job is skipped and an unfinished one resumed; a failing job is recorded
-    in its metrics.json (and error.txt) and, in a sweep, does not raise.
+    In a sweep a finished job is skipped and an unfinished one resumed; a job that fails after its
+    checks passed is recorded in its metrics.json (and error.txt) and, in a sweep, does not raise.
+    A refused job (see `_claimed`) raises and writes nothing. Ctrl-C exits 130 and SIGTERM 143.
     """
     run_dir = Path(run_dir)
     record = read_record(run_dir)
@@ -180,35 +261,46 @@ def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: l
             return float(record.get("metrics", {}).get("val/acc_best", float("nan")))
         cfg = cfg.copy()
         cfg.ckpt_path = "last"
-    try:
-        metrics = train(cfg, run_dir, overrides)
-        if rank_zero_only.rank == 0:
-            console.print_result(run_dir, read_record(run_dir) or {})
-        return metrics["val/acc_best"]
-    except RunDirInUse:
-        raise
-    except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or SIGTERM (Lightning's SIGTERMException)
-        again = " ".join([*(o for o in overrides or [] if not o.startswith("ckpt_path=")),
-                          f"hydra.run.dir={run_dir}", "ckpt_path=last"])
-        how = "run the same sweep command again" if in_sweep else f"python train.py {again}"
-        message = f"stopped by a signal; resume from the last finished epoch with: {how}"
-        _record_failure(run_dir, "interrupted", message, e)
-        log.warning("%s", message)
-        if isinstance(e, SIGTERMException):  # a bare SystemExit would exit 0: say "terminated" instead
-            raise SystemExit(128 + signal.SIGTERM) from e
-        raise
-    except Exception as e:
-        status = "diverged" if isinstance(e, DivergedError) else "failed"
-        _record_failure(run_dir, status, str(e) if isinstance(e, FmnistError) else f"{type(e).__name__}: {e}", e)
-        if not in_sweep:
-            raise
-        log.error("job %s %s: %s", run_dir.name, status, e)
-        return float("nan")
+    with _claimed(cfg, run_dir) as resume:
+        try:
+            with storage_errors():
+                metrics = _fit(cfg, run_dir, resume, overrides, hydra_files)
+            if rank_zero_only.rank == 0:
+                console.print_result(run_dir, read_record(run_dir) or {})
+            return metrics["val/acc_best"]
+        except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or SIGTERM (Lightning's SIGTERMException)
+            # Lightning turns Ctrl-C inside fit into sys.exit(1), raised while handling the KeyboardInterrupt.
+            ctrl_c = isinstance(e, KeyboardInterrupt) or isinstance(e.__context__, KeyboardInterrupt)
+            if not (ctrl_c or isinstance(e, SIGTERMException)):
+                raise
+            again = " ".join([*(shlex.quote(o) for o in overrides or [] if not o.startswith("ckpt_path=")),
+                              shlex.quote(f"hydra.run.dir={hydra_quote(str(run_dir))}"), "ckpt_path=last"])
+            how = "run the same sweep command again" if in_sweep else f"python train.py {again}"
+            message = f"stopped by a signal; resume from the last finished epoch with: {how}"
+            _record_failure(run_dir, "interrupted", message, e)
+            log.warning("%s", message)
+            raise SystemExit(128 + (signal.SIGINT if ctrl_c else signal.SIGTERM)) from e
+        except Exception as e:
+            status = "diverged" if isinstance(e, DivergedError) else "failed"
+            _record_failure(run_dir, status, str(e) if isinstance(e, FmnistError) else f"{type(e).__name__}: {e}", e)
+            if not in_sweep:
+                raise
+            log.error("job %s %s: %s", run_dir.name, status, e)
+            return float("nan")
+
+
+def hydra_quote(value: str) -> str:
+    """`value` as a Hydra override value: as is when plain, else quoted (spaces, non-ASCII, `,` or `=`)."""
+    if re.fullmatch(r"[\w/.:@+-]+", value, re.ASCII):
+        return value
+    return "'" + value.replace("'", "\\'") + "'"
 
 
 def _record_failure(run_dir: Path, status: str, message: str, error: BaseException) -> None:
     if rank_zero_only.rank != 0 or not run_dir.exists():
         return
-    update_record(run_dir, status=status, error=message, finished_at=_now())
-    (run_dir / "error.txt").write_text("".join(traceback.format_exception(error)))
-
+    try:
+        update_record(run_dir, status=status, error=message, finished_at=_now())
+        atomic_write(run_dir / "error.txt", "".join(traceback.format_exception(error)))
+    except OSError as e:  # e.g. the full disk that stopped the run: the error itself is still reported
+        log.warning("could not record the failure in %s (%s)", run_dir, e)

@@ -1,0 +1,86 @@
+"""What `train.py` adds around Hydra: user errors in the command line exit 2 with one paragraph.
+
+Hydra reports a bad override (`optim.lrr=0.1`, `optim.lr=abc`, `model=nosuch`) by printing it and
+exiting 1, the code of a crash; and it accepts `+optim.lrr=0.1` (its own hint), which nothing reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Callable
+
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fmnist.errors import ConfigError, FmnistError
+from fmnist.fsio import storage_error
+
+# Noise in Hydra's messages: its hint to add the key with `+` (which `refuse_unknown_keys` refuses),
+# and where it searched for configs.
+_DROPPED = ("To append to your config", "Config search path", "provider=", "full_key", "reference_type", "object_type")
+
+
+def composition_message(error: BaseException) -> str:
+    """Hydra's (and OmegaConf's) account of a bad command line as one paragraph."""
+    texts = [str(error)] + ([str(error.__cause__)] if error.__cause__ else [])
+    # Hydra lists choices one per tab-indented line: "Available options in 'model': optimized, resnet, simple".
+    texts = [text.replace(":\n\t", ": ").replace("\n\t", ", ") for text in texts]
+    kept = [part.strip(" \t.:") for text in texts for part in text.splitlines()
+            if part.strip() and not part.strip().startswith(_DROPPED)]
+    return ". ".join(dict.fromkeys(kept)) + ". `python train.py --help` lists the config groups and keys."
+
+
+def refuse_unknown_keys(cfg: DictConfig, overrides: list[str]) -> None:
+    """ConfigError for a `+key=value` / `++key=value` override that adds a key the schema does not declare.
+
+    Group overrides (`+experiment=...`) add no key and pass.
+    """
+    for override in overrides:
+        if not override.startswith("+") or "=" not in override:
+            continue
+        key = override.lstrip("+").split("=", 1)[0].split("@", 1)[0]
+        parent_key, _, name = key.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        if key.startswith("hydra.") or not isinstance(parent, DictConfig) or name not in parent:
+            continue
+        schema = OmegaConf.get_type(parent)
+        if dataclasses.is_dataclass(schema) and name not in {f.name for f in dataclasses.fields(schema)}:
+            known = ", ".join(f.name for f in dataclasses.fields(schema))
+            raise ConfigError(f"config key {key} does not exist, so nothing would read it (`+` adds a key, it does "
+                              f"not make one meaningful). Keys of {parent_key or 'the config'}: {known}.")
+
+
+def run_cli(hydra_main: Callable[[], object]) -> None:
+    """Run a `@hydra.main` function; a bad command line or an unwritable output directory exits 2.
+
+    A FmnistError raised inside the task is printed by the task itself (`exit_with`); anything else
+    is a bug and ends with its traceback and exit code 1.
+    """
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing them and exiting 1
+    try:
+        hydra_main()
+    except KeyboardInterrupt:  # Ctrl-C before a run started (a started one exits 130 by itself): nothing to resume
+        _exit("stopped by Ctrl-C before the run started; nothing was written.", 130)
+    except (HydraException, OmegaConfBaseException) as e:
+        _exit(composition_message(e), 2)
+    except OSError as e:  # e.g. Hydra creating the run directory or its log file on a read-only disk
+        mapped = storage_error(e)
+        if mapped is None:
+            raise
+        _exit(str(mapped), 2)
+
+
+def exit_with(error: FmnistError) -> None:
+    """Print a user error once, as one paragraph, and exit with its code (2, or 3 for a divergence).
+
+    Called inside the task: a SystemExit passes through Hydra, which would otherwise add its own
+    "Error executing job" line."""
+    _exit(str(error), error.exit_code)
+
+
+def _exit(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)

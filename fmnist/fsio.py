@@ -1,0 +1,68 @@
+"""Writing files so that a reader never sees half of one, and OS errors a user can fix as one paragraph."""
+
+from __future__ import annotations
+
+import errno
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from fmnist.errors import StorageError
+
+# Causes a user can act on (free space, a writable directory), with the words that say so.
+_CAUSES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+           errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+           errno.EPERM: "permission denied"}
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write `data` to a temporary file beside `path`, flush it to disk, then rename it into place.
+
+    A crash, a kill or a full disk leaves the previous file (or none), never a truncated one.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        e.filename = e.filename or str(path)  # a failed write() names no file: say which one
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def storage_error(error: OSError, path: Path | str | None = None) -> StorageError | None:
+    """The user-fixable form of an OSError (disk full, read-only, no permission), else None."""
+    cause = _CAUSES.get(error.errno)
+    if cause is None:
+        return None
+    where = error.filename or path or "a file"
+    return StorageError(f"cannot write {where}: {cause} ({error.strerror}). Free some space or choose a writable "
+                        "directory (hydra.run.dir=...); files already written, checkpoints included, are intact.")
+
+
+def check_writable(directory: Path) -> None:
+    """Raise StorageError if files cannot be created in `directory` (read-only file system, no permission)."""
+    if os.statvfs(directory).f_flag & os.ST_RDONLY:
+        code = errno.EROFS
+    elif not os.access(directory, os.W_OK):
+        code = errno.EACCES
+    else:
+        return
+    raise storage_error(OSError(code, os.strerror(code), str(directory)))
+
+
+@contextmanager
+def storage_errors():
+    """Turn an OSError a user can fix (disk full, read-only, no permission) into a StorageError."""
+    try:
+        yield
+    except OSError as e:
+        mapped = storage_error(e)
+        if mapped is None:
+            raise
+        raise mapped from e

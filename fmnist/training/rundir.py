@@ -1,0 +1,56 @@
+"""One owner per run directory: an exclusive lock held for as long as a run may write there.
+
+The lock is `flock` on the directory itself: no lock file is written (a refused command leaves the
+directory byte-identical), and the OS releases it when the owner exits, even by SIGKILL, so a
+killed run never leaves its directory locked.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from fmnist.errors import ConfigError
+from fmnist.fsio import storage_errors
+
+
+class RunDirInUse(ConfigError):
+    """The run directory belongs to another run: nothing may be written there."""
+
+
+def holder_pid(path: Path) -> int | None:
+    """The process holding a flock on `path`, from /proc/locks (Linux); None where unknown."""
+    st = os.stat(path)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if "FLOCK" in fields and "->" not in fields and len(fields) >= 6 and fields[5] == inode:
+            return int(fields[4])
+    return None
+
+
+@contextmanager
+def own_run_dir(run_dir: Path):
+    """Create `run_dir` if needed and hold its lock for the block; RunDirInUse if another process holds it."""
+    run_dir = Path(run_dir)
+    with storage_errors():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = holder_pid(run_dir)
+            holder = f"process {pid}" if pid else "another process"
+            raise RunDirInUse(f"{run_dir} is in use by {holder}, which is running in it now; nothing was written. "
+                              "Wait for that run to end (or stop it), or choose another directory "
+                              "(hydra.run.dir=...).") from None
+        yield run_dir
+    finally:
+        os.close(fd)

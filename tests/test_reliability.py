@@ -1,0 +1,313 @@
+"""Issue 10: concurrent runs, refused commands that still wrote, errors that escaped as tracebacks.
+
+Each test reproduces one reported failure; the subprocess ones run `train.py` as a user does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fmnist.data.csv_io import cache_path, load_csv, parse_csv, write_csv
+from fmnist.data.datamodule import FashionMNISTDataModule
+from fmnist.errors import CheckpointError, ConfigError, DataError, DivergedError, StorageError
+from fmnist.results.runs import read_record
+from fmnist.results.sweep import collect
+from fmnist.training.checkpoint import load_checkpoint
+from fmnist.training.module import LitClassifier
+from fmnist.training.train import run_job, train
+from tests.conftest import FAST, ROOT, make_images
+from tests.test_cli import run_cli
+
+SIMPLE = ["model=simple", "trainer.precision=32-true"]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` by relative path, with its bytes."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def ctrl_c(*args):
+    raise KeyboardInterrupt
+
+
+# 1. Two runs in one directory at once.
+@pytest.mark.slow
+def test_second_process_in_a_busy_run_directory_is_refused_naming_the_holder(tmp_path, data_dir):
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    slow = ["trainer.limit_train_batches=null", "trainer.max_epochs=3", "data.batch_size=4"]
+    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *FAST, *SIMPLE, *slow, f"data.dir={data_dir}",
+                              f"hydra.run.dir={run}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (run / "metrics.json").exists():  # the first run has passed its checks and owns the directory
+        assert first.poll() is None and time.time() < deadline, first.communicate()[1][-3000:]
+        time.sleep(0.05)
+    second = run_cli(*FAST, *SIMPLE, *slow, f"data.dir={data_dir}", "optim.lr=0.002", f"hydra.run.dir={run}")
+    assert first.poll() is None, "the first run must still be running for this test to mean anything"
+    assert second.returncode == 2 and f"in use by process {first.pid}" in second.stderr, second.stderr[-3000:]
+    assert "Traceback" not in second.stderr
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    record = json.loads((run / "metrics.json").read_text())
+    assert record["status"] == "completed" and "error" not in record
+    assert "optim.lr=0.002" not in record["overrides"] and "lr: 0.002" not in (run / "config.yaml").read_text()
+    assert {line.split(",")[0] for line in (run / "epochs.csv").read_text().splitlines()[1:]} == {"1", "2", "3"}
+
+
+def test_default_run_directories_of_two_processes_differ(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--cfg", "hydra", "-p", "hydra.run.dir", "--resolve"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    run_dir = out.strip()
+    assert run_dir.endswith(f"-{proc.pid}")  # two runs started in the same second have different PIDs
+
+
+# 2. A refused command still changed the run it refused.
+@pytest.mark.parametrize("extra", [["ckpt_path=last", "model.dropout=0.5"], ["data.batch_size=0"], ["optim.lr=0.5"],
+                                   ["ckpt_path=last", "data.val_size=100000"]])
+def test_refused_command_leaves_the_run_directory_byte_identical(tmp_path, data_dir, extra):
+    run = tmp_path / "good"
+    good = run_cli(*FAST, *SIMPLE, f"data.dir={data_dir}", f"hydra.run.dir={run}")
+    assert good.returncode == 0, good.stderr[-3000:]
+    before = snapshot(run)
+    assert ".hydra/overrides.yaml" in before and "metrics.json" in before
+    refused = run_cli(*FAST, *SIMPLE, f"data.dir={data_dir}", f"hydra.run.dir={run}", *extra)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert snapshot(run) == before
+
+
+# 3 and 13 (Ctrl-C exits 130). A stale error survived a successful resume.
+def test_resume_clears_the_error_of_the_interruption(make_cfg, tmp_path, monkeypatch):
+    cfg = make_cfg(*SIMPLE)
+    train(cfg, tmp_path)
+    monkeypatch.setattr(LitClassifier, "training_step", ctrl_c)
+    with pytest.raises(SystemExit) as stopped:
+        run_job(make_cfg(*SIMPLE, "trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
+    assert stopped.value.code == 130
+    assert read_record(tmp_path)["status"] == "interrupted" and (tmp_path / "error.txt").exists()
+    monkeypatch.undo()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores further Ctrl-C after one
+    run_job(make_cfg(*SIMPLE, "trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
+    record = read_record(tmp_path)
+    assert record["status"] == "completed" and "error" not in record and not (tmp_path / "error.txt").exists()
+    assert collect(tmp_path.parent).set_index("job").loc[tmp_path.name, "error"] is None
+
+
+# 4. The printed resume command was not shell-quoted.
+@pytest.mark.slow
+def test_printed_resume_command_works_when_pasted_with_spaces_and_non_ascii(tmp_path, data_dir, monkeypatch):
+    data = tmp_path / "my data é"
+    shutil.copytree(data_dir, data)
+    run = tmp_path / "run dir ü"
+    overrides = [*FAST, *SIMPLE, f"data.dir='{data}'"]
+    from tests.conftest import compose_cfg
+    cfg = compose_cfg(*overrides)
+    monkeypatch.setattr(LitClassifier, "training_step", ctrl_c)
+    with pytest.raises(SystemExit):
+        run_job(cfg, run, overrides=overrides)
+    monkeypatch.undo()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    command = read_record(run)["error"].split("resume from the last finished epoch with: ", 1)[1]
+    args = shlex.split(command)
+    assert args[:2] == ["python", "train.py"]
+    resumed = run_cli(*args[2:])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert read_record(run)["status"] == "completed"
+
+
+# 5. A .csv.gz with a corrupt deflate stream.
+def test_corrupt_gzip_is_a_data_error_naming_the_file(tmp_path):
+    path = tmp_path / "fashion-mnist_train.csv.gz"
+    write_csv(path, *make_images(50, 0))
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 20] = b"\xff" * 20
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="fashion-mnist_train.csv.gz: could not be read"):
+        load_csv(path)
+
+
+# 6. Resuming from a checkpoint of another architecture.
+def test_resume_from_another_architectures_checkpoint_is_refused(make_cfg, tmp_path):
+    train(make_cfg(*SIMPLE), tmp_path / "simple")
+    train(make_cfg("model=optimized", "trainer.precision=32-true"), tmp_path / "optimized")
+    shutil.copy(tmp_path / "optimized" / "checkpoints" / "last.ckpt", tmp_path / "simple" / "checkpoints" / "last.ckpt")
+    before = snapshot(tmp_path / "simple")
+    with pytest.raises(CheckpointError, match="last.ckpt: cannot resume from it: its weights are not those of the "
+                                              r"configured model \(model.name=simple\)"):
+        run_job(make_cfg(*SIMPLE, "trainer.max_epochs=2", "ckpt_path=last"), tmp_path / "simple")
+    assert snapshot(tmp_path / "simple") == before
+
+
+# 7. Bad values that reached Lightning or torch.
+@pytest.mark.parametrize("override,key", [
+    (["seed=-1"], "seed"),
+    (["trainer.precision=16x"], "trainer.precision"),
+    (["optim=sgd", "optim.momentum=-1"], "optim.momentum"),
+    (["model=simple", "model.channels=[8]"], "model.channels"),
+    (["model=optimized", "model.kernel_sizes=[3,3]"], "model.kernel_sizes"),
+    (["trainer.max_epochs=-1", "optim.scheduler=cosine"], "trainer.max_epochs"),
+    pytest.param(["trainer.accelerator=gpu"], "trainer.accelerator",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+])
+def test_values_lightning_or_torch_would_reject_are_refused_first(make_cfg, tmp_path, override, key):
+    with pytest.raises(ConfigError, match=f"config key {key} must be"):
+        run_job(make_cfg(*override), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_value_exits_2_without_traceback(tmp_path, data_dir):
+    result = run_cli(*FAST, f"data.dir={data_dir}", "trainer.precision=16x", f"hydra.run.dir={tmp_path}/run")
+    assert result.returncode == 2 and "config key trainer.precision must be" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# 8. Config errors found by Hydra exited 1; `+unknown.key` was accepted.
+@pytest.mark.parametrize("override,message", [
+    ("optim.lrr=0.1", "optim.lrr"),
+    ("optim.lr=abc", "optim.lr"),
+    ("model=nosuch", "model/nosuch"),
+    ("+optim.lrr=0.1", "config key optim.lrr does not exist"),
+    ("++model.foo=1", "config key model.foo does not exist"),
+])
+def test_config_errors_found_by_hydra_exit_2(tmp_path, override, message):
+    result = run_cli(override, f"hydra.run.dir={tmp_path}/run")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert "To append to your config use +" not in result.stderr
+    run = tmp_path / "run"
+    assert not run.exists() or [p.name for p in run.iterdir()] == ["train.log"]  # Hydra's log, nothing of a run
+
+
+# 9. A read-only output directory and a full disk ended in tracebacks.
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a tmpfs (as root); yield a function that mounts one with the given options."""
+    mounted = []
+
+    def mount(options: str) -> Path:
+        point = tmp_path / f"mnt{len(mounted)}"
+        point.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True).returncode:
+            pytest.skip("needs root to mount a tmpfs")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=False)
+
+
+def test_read_only_output_directory_is_one_paragraph(make_cfg, tmpfs):
+    read_only = tmpfs("ro,size=1m")
+    for run in (read_only, read_only / "run"):
+        with pytest.raises(StorageError, match=f"cannot write {run}: the file system is read-only"):
+            run_job(make_cfg(*SIMPLE), run)
+
+
+def test_full_disk_is_one_paragraph_and_keeps_the_checkpoints(make_cfg, tmpfs):
+    run = tmpfs("size=16m") / "run"
+    train(make_cfg(*SIMPLE), run)
+    last = (run / "checkpoints" / "last.ckpt").read_bytes()
+    free = os.statvfs(run).f_bavail * os.statvfs(run).f_frsize
+    (run.parent / "filler").write_bytes(b"\0" * (free - 300_000))  # room for the small files, not a checkpoint
+    with pytest.raises(StorageError, match="cannot write .*last.ckpt.*: the disk is full"):
+        run_job(make_cfg(*SIMPLE, "trainer.max_epochs=2", "ckpt_path=last"), run)
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == last
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == 0
+
+
+# 10. NaN recorded as completed.
+def test_nan_validation_loss_is_diverged_not_completed(make_cfg, tmp_path):
+    cfg = make_cfg(*SIMPLE, "optim=sgd", "optim.lr=1e8")
+    with pytest.raises(DivergedError, match="optim.lr"):
+        run_job(cfg, tmp_path)
+    record = read_record(tmp_path)
+    assert record["status"] == "diverged" and "nan" in record["error"].lower()
+
+
+# 11. SIGTERM before fit starts.
+@pytest.mark.slow
+def test_sigterm_before_fit_is_recorded_with_its_resume_command(tmp_path, data_dir):
+    run = tmp_path / "run"
+    args = [*FAST, *SIMPLE, f"data.dir={data_dir}", f"hydra.run.dir={run}"]
+    # SIGTERM arrives right after the run's record is written, while the model is being built.
+    code = ("import os, signal, runpy, sys, lightning\n"
+            "lightning.seed_everything = lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM)\n"
+            f"sys.argv = ['train.py', *{args!r}]\n"
+            f"runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')\n")
+    stopped = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    record = read_record(run)
+    assert record["status"] == "interrupted" and "ckpt_path=last" in record["error"]
+    resumed = run_cli(*args, "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert read_record(run)["status"] == "completed"
+
+
+# 12. A cache whose digest matches but whose contents are wrong.
+@pytest.mark.parametrize("corrupt", ["labels", "images"])
+def test_cache_with_wrong_contents_is_parsed_again(tmp_path, corrupt):
+    path = tmp_path / "fashion-mnist_train.csv"
+    write_csv(path, *make_images(50, 0))
+    images, labels = load_csv(path)
+    with np.load(cache_path(path)) as z:
+        saved = dict(z)
+    saved["labels" if corrupt == "labels" else "images"] = (np.full_like(labels, 42) if corrupt == "labels"
+                                                            else images[:10])
+    np.savez(cache_path(path), **saved)
+    again_images, again_labels = load_csv(path)
+    assert np.array_equal(again_images, images) and np.array_equal(again_labels, labels)
+
+
+# 13. Smaller ones.
+def test_carriage_return_inside_a_cell_is_reported_as_found(tmp_path):
+    path = tmp_path / "fashion-mnist_train.csv"
+    path.write_bytes(("label," + ",".join(f"pixel{i}" for i in range(1, 785)) + "\n1\r2," + ",".join(["0"] * 784)
+                      + "\n").encode())
+    with pytest.raises(DataError, match="line 2, column 1 \\(label\\): expected an integer 0-9, found a carriage "
+                                        "return inside the cell"):
+        parse_csv(path)
+
+
+class Payload:
+    pass
+
+
+def test_pickle_refusal_names_the_class_and_does_not_advise_unsafe_loading(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": Payload()}, path)
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(path)
+    assert f"class {__name__}.Payload" in str(refused.value) and "weights_only" not in str(refused.value)
+
+
+def test_error_paragraph_is_printed_once(tmp_path, data_dir):
+    result = run_cli(*FAST, f"data.dir={data_dir}", "data.batch_size=0", f"hydra.run.dir={tmp_path}/run")
+    console = result.stdout + result.stderr  # Hydra's log handler writes to stdout: it counts too
+    assert result.returncode == 2 and console.count("config key data.batch_size must be at least 1") == 1
+
+
+def test_single_class_training_set_warns(tmp_path, caplog):
+    images, labels = make_images(200, 0)
+    write_csv(tmp_path / "fashion-mnist_train.csv", images, np.full_like(labels, 3))
+    write_csv(tmp_path / "fashion-mnist_test.csv", images, labels)
+    with caplog.at_level(logging.WARNING):
+        FashionMNISTDataModule(dir=str(tmp_path), val_size=20).check()
+    assert "only class(es) [3]" in caplog.text
