@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -300,3 +301,16 @@ def test_the_cli_refuses_it_with_exit_2_and_one_paragraph(evil_ckpt, tmp_path):
 def test_a_missing_checkpoint_is_one_paragraph(tmp_path):
     with pytest.raises(CheckpointError, match="no such file or directory; expected a .ckpt file, a run directory"):
         resolve(tmp_path / "nope")
+
+
+def test_benchmark_infer_times_both_runtimes_side_by_side(run_dir, tmp_path):
+    out = tmp_path / "bench.csv"
+    result = subprocess.run([sys.executable, "scripts/benchmark.py", "--infer", "--ckpt", str(run_dir), "--seconds", "0.1",
+                             "--repeats", "1", "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("hardware: ") and "onnxruntime" in result.stdout.splitlines()[0]
+    table = pd.read_csv(out)
+    assert sorted(zip(table.batch_size, table.runtime)) == [(1, "onnxruntime"), (1, "pytorch eager"),
+                                                           (256, "onnxruntime"), (256, "pytorch eager")]
+    assert (table.img_s > 0).all() and np.allclose(table.ms_per_image * table.batch_size, table.ms_per_batch, atol=0.02)
