@@ -1,6 +1,5 @@
 """Hydra entry point: `python evaluate.py ckpt=PATH [data.dir=DIR] [tta=true]` (see fmnist/inference/evaluate.py)."""
 
-import logging
 import sys
 from pathlib import Path
 
@@ -12,18 +11,19 @@ from fmnist.errors import FmnistError
 from fmnist.inference.config import register
 
 register()
-log = logging.getLogger("fmnist")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     from fmnist.inference.evaluate import evaluate  # after Hydra parsed the command line: `--help` stays fast
 
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        evaluate(cfg, Path(HydraConfig.get().runtime.output_dir))
+        evaluate(cfg, out_dir)
     except FmnistError as e:
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)  # (logging goes to stderr too: printed once)
+        if out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # Hydra made it for this evaluation: leave nothing behind
         sys.exit(e.exit_code)
 
 

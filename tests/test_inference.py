@@ -95,7 +95,7 @@ def test_evaluate_reproduces_the_runs_test_accuracy(run_dir, tmp_path):
     assert cm.sum() == 200 and np.trace(cm) / 200 == pytest.approx(m["accuracy"])
     assert (tmp_path / "eval" / "confusion_matrix.png").stat().st_size > 0
     assert snapshot(run_dir) == before, "the run's own files are never written"
-    with pytest.raises(ConfigError, match="already holds results"):  # nor is an earlier evaluation's
+    with pytest.raises(ConfigError, match="is not empty; an evaluation writes into a new directory"):
         evaluate(compose_named("evaluate", f"ckpt={run_dir}"), tmp_path / "eval")
 
 

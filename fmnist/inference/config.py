@@ -57,13 +57,24 @@ def _fail(key: str, expected: str, cfg: DictConfig) -> None:
     raise ConfigError(f"config key {key} must be {expected}; got {OmegaConf.select(cfg, key)!r}.")
 
 
+def require(cfg: DictConfig, *keys: str) -> None:
+    """ConfigError for a mandatory key left unset (`???`), with what it takes."""
+    what = {"ckpt": "a .ckpt file, a run directory or a sweep directory (ckpt=PATH)",
+            "inputs": "image files, directories of them or CSVs (inputs=[a.png,photos/])"}
+    for key in keys:
+        if OmegaConf.is_missing(cfg, key):
+            raise ConfigError(f"config key {key} is required: {what.get(key, 'a value')}.")
+
+
 def check_data(cfg: DictConfig) -> None:
+    require(cfg, "ckpt")
     if cfg.data.batch_size is not None and cfg.data.batch_size < 1:
         _fail("data.batch_size", "null or at least 1", cfg)
 
 
 def check_predict(cfg: DictConfig) -> list[str]:
     """Validate a predict config; return its inputs as a list of paths."""
+    require(cfg, "ckpt", "inputs")
     inputs = OmegaConf.to_container(cfg, resolve=True)["inputs"]
     inputs = [inputs] if isinstance(inputs, (str, int, float)) else inputs
     if not isinstance(inputs, list) or not inputs or any(isinstance(i, (dict, list)) or i is None for i in inputs):

@@ -25,7 +25,7 @@ from fmnist.data.csv_io import load_csv
 from fmnist.errors import ConfigError
 from fmnist.inference.config import check_data
 from fmnist.inference.loading import LoadedModel, load_model, run_test_acc
-from fmnist.results.runs import METRICS_FILE, provenance, write_record
+from fmnist.results.runs import provenance, write_record
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,9 @@ def classification_metrics(logits: torch.Tensor, labels: np.ndarray) -> tuple[di
 
 
 def _check_output_dir(out_dir: Path) -> None:
-    if (out_dir / METRICS_FILE).exists() or (out_dir / "checkpoints").exists():
-        raise ConfigError(f"{out_dir} already holds results (metrics.json or checkpoints/); an evaluation writes "
-                          "into a new directory: leave hydra.run.dir at its default or name a new one.")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise ConfigError(f"{out_dir} is not empty; an evaluation writes into a new directory (never into a run's "
+                          "or another evaluation's files): leave hydra.run.dir at its default or name a new one.")
 
 
 def _atomic(path: Path, write) -> None:
