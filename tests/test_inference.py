@@ -198,11 +198,12 @@ def test_predict_cli_reports_a_corrupt_png_and_goes_on(run_dir, tmp_path):
     no_label = tmp_path / "rows.csv"  # a Kaggle-format CSV without its label column
     no_label.write_text(",".join(HEADER[1:]) + "\n" + ",".join(map(str, images[0].ravel())) + "\n")
     out = tmp_path / "p.json"
-    result = run_entry("predict.py", f"ckpt={run_dir}", f"inputs=[{tmp_path}]", f"out={out}")
+    (tmp_path / "notes.txt").write_text("skipped: a directory contributes its images only")
+    result = run_entry("predict.py", f"ckpt={run_dir}", f"inputs=[{tmp_path},{no_label}]", f"out={out}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "1 of 5 inputs could not be used" in result.stderr and "broken.png" in result.stderr
     rows = {Path(r["input"]).name: r for r in json.loads(out.read_text())}
-    assert rows["broken.png"]["error"] and not rows["broken.png"]["top_k"]
+    assert len(rows) == 5 and rows["broken.png"]["error"] and not rows["broken.png"]["top_k"]
     assert all(len(rows[f"ok{i}.png"]["top_k"]) == 3 for i in range(3))
     assert rows["rows.csv:1"]["top_k"][0] == rows["ok0.png"]["top_k"][0] and rows["rows.csv:1"]["label"] is None
 

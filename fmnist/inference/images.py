@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 SIZE = 28
-FORMATS = ("PNG", "JPEG", "BMP")
+FORMATS = ("PNG", "JPEG", "BMP")  # phone cameras' multi-picture JPEGs open as JPEG too
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 MAX_FILE_BYTES = 50 * 2 ** 20
 MAX_PIXELS = 50_000_000
@@ -72,7 +72,7 @@ def read_image(path: Path) -> np.ndarray:
     except ImageRejected:
         raise
     except UnidentifiedImageError as e:
-        raise ImageRejected(f"not a readable {'/'.join(FORMATS)} image (corrupt, or another format)") from e
+        raise ImageRejected("not a readable PNG, JPEG or BMP image (corrupt, or another format)") from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageRejected(f"refused as a decompression bomb ({e})") from e
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data

@@ -1,8 +1,8 @@
 """`python predict.py ckpt=PATH inputs=[...] [top_k=3] [out=FILE.csv|FILE.json]`: classify image files and CSVs.
 
 Inputs are image files (PNG/JPEG/BMP, any size, colour or grey: converted by the rule in
-`fmnist/inference/images.py`), directories of them (searched recursively, sorted; other files are
-skipped), and Kaggle-format CSVs (`label` column optional). The output has one row per image:
+`fmnist/inference/images.py`), directories of them (searched recursively, sorted; other files,
+CSVs included, are skipped: name a CSV itself), and Kaggle-format CSVs (`label` column optional). The output has one row per image:
 `input` (the file, or `file.csv:N` for the CSV's N-th data row), the top-k class names and
 probabilities, the true label where a CSV gives it, and `error` for an input that could not be
 used. An unusable input does not stop the others; the run then ends with exit code 2.
@@ -56,9 +56,8 @@ def _expand(inputs: list[str]) -> list[tuple[str, Path | None, str | None]]:
         path = Path(raw).expanduser()
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                           and (p.suffix.lower() in EXTENSIONS or _is_csv(p)))
-            found += [(str(p), p, None) for p in files] or [
-                (raw, None, f"directory without {'/'.join(EXTENSIONS)} or .csv files")]
+                           and p.suffix.lower() in EXTENSIONS)
+            found += [(str(p), p, None) for p in files] or [(raw, None, f"directory without {'/'.join(EXTENSIONS)} files")]
         elif path.is_file():
             ok = path.suffix.lower() in EXTENSIONS or _is_csv(path)
             found.append((raw, path, None if ok else f"not an image ({', '.join(EXTENSIONS)}) or a .csv file"))
