@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: an unpinned resolve can pull a multi-GB CUDA build onto CPU machines.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	# `export`: onnx, onnxscript and onnxruntime, which export.py and its tests need.
+	$(BIN)/pip install -q -e ".[dev,export]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -6,6 +6,11 @@ step). Also times the data path alone and the CSV parse / cached load. Prints th
 table, and appends both to a CSV so runs can be compared over time. Run it on a quiet machine:
 `make bench`.
 
+`--infer` measures inference instead: images/s and per-image latency at batch 1 and 256 of the
+PyTorch model in eager mode against onnxruntime on the exported ONNX file, alternated in one run on
+the same uint8 inputs (both include the scaling from raw pixels). `--ckpt` takes a checkpoint, run
+or sweep directory; without it an untrained model of `--models` is timed (weights do not change speed).
+
 Each loop runs for about `--seconds` after a warm-up (the step count is calibrated once per row),
 so every row finishes in bounded time on any machine. The default precisions are those this
 hardware runs natively (fp32, plus bf16 where the CPU or GPU has it): bf16 emulated on an
@@ -171,9 +176,18 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5, help="alternating raw/Lightning repeats (median)")
     parser.add_argument("--val-size", type=int, default=5000)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model in both loops")
-    parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks.csv"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="CSV to append to (default outputs/benchmarks.csv, with --infer outputs/benchmarks_infer.csv)")
+    parser.add_argument("--infer", action="store_true", help="inference: PyTorch eager vs onnxruntime (see above)")
+    parser.add_argument("--ckpt", default=None, help="with --infer: a checkpoint, run or sweep directory to time")
+    parser.add_argument("--infer-batch-sizes", nargs="+", type=int, default=[1, 256])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="with --infer: intra-op threads of both PyTorch and onnxruntime (default: torch's)")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.infer:
+        return infer_benchmark(args)
+    args.out = args.out or Path("outputs/benchmarks.csv")
     kind = device_kind(args.accelerator)
     device = torch.device("cuda" if kind == "cuda" else "cpu")
     hardware = describe()
@@ -220,9 +234,76 @@ def main() -> int:
     return 0
 
 
-def print_table(rows: list[dict]) -> None:
-    columns = ["model", "batch_size", "precision", "steps", "raw_img_s", "lightning_img_s", "ratio", "ratio_range",
-               "lightning_tflop_s", "data_img_s", "data_share_pct", "csv_parse_s", "cached_load_s"]
+def seconds_per_call(fn, seconds: float) -> float:
+    """Median wall time of one call of `fn`, over calls filling about `seconds` (after 3 warm-up calls)."""
+    for _ in range(3):
+        fn()
+    times, deadline = [], time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 5:
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def infer_benchmark(args) -> int:
+    """PyTorch eager vs onnxruntime, batch 1 and 256, alternated; prints the hardware and a table."""
+    import tempfile
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from fmnist.inference.export import INPUT_NAME, require_packages, to_onnx
+    from fmnist.inference.loading import LoadedModel, load_model
+
+    require_packages()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hardware = describe()
+    print(f"hardware: {describe_line(hardware)}, onnxruntime {ort.__version__}")
+    targets = [load_model(args.ckpt)] if args.ckpt else [
+        LoadedModel(LitClassifier(model=model_cfg(name, False), optim={"name": "adam"}).eval(), Path("untrained"), "",
+                    model_cfg(name, False), {}) for name in args.models]
+    rows = []
+    for loaded in targets:
+        name = loaded.model["name"] + ("" if args.ckpt else " (untrained)")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            to_onnx(loaded, path)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()  # the same threads as PyTorch
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for batch_size in args.infer_batch_sizes:
+            images = torch.randint(0, 256, (batch_size, 1, 28, 28), dtype=torch.uint8)
+            feed = {INPUT_NAME: np.ascontiguousarray(images.numpy())}
+            runs = {"pytorch eager": lambda: loaded.logits(images), "onnxruntime": lambda: session.run(None, feed)}
+            per_call = {k: [] for k in runs}
+            for _ in range(args.repeats):  # alternate, so drifting machine load hits both alike
+                for runtime, fn in runs.items():
+                    per_call[runtime].append(seconds_per_call(fn, args.seconds / 2))
+            eager = statistics.median(per_call["pytorch eager"])
+            for runtime, times in per_call.items():
+                t = statistics.median(times)
+                rows.append({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **hardware,
+                             "model": name, "batch_size": batch_size, "runtime": runtime,
+                             "ms_per_batch": round(t * 1e3, 3), "ms_per_image": round(t * 1e3 / batch_size, 4),
+                             "img_s": round(batch_size / t), "speedup_vs_eager": round(eager / t, 2),
+                             "ms_range": f"{min(times) * 1e3:.3f}-{max(times) * 1e3:.3f}"})
+    print_table(rows, ["model", "batch_size", "runtime", "ms_per_batch", "ms_per_image", "img_s", "speedup_vs_eager",
+                       "ms_range"])
+    out = args.out or Path("outputs/benchmarks_infer.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    history = pd.read_csv(out) if out.exists() else pd.DataFrame()
+    pd.concat([history, pd.DataFrame(rows)], ignore_index=True).to_csv(out, index=False)
+    print(f"\nappended {len(rows)} rows to {out}")
+    return 0
+
+
+TRAIN_COLUMNS = ["model", "batch_size", "precision", "steps", "raw_img_s", "lightning_img_s", "ratio", "ratio_range",
+                 "lightning_tflop_s", "data_img_s", "data_share_pct", "csv_parse_s", "cached_load_s"]
+
+
+def print_table(rows: list[dict], columns: list[str] = TRAIN_COLUMNS) -> None:
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
     print(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))
     print("-|-".join("-" * w for w in widths))

@@ -1,7 +1,8 @@
 """Kaggle-format Fashion-MNIST CSVs: strict vectorised parsing, writing, and a cache of parsed arrays.
 
 A CSV has a header naming `label` and `pixel1`..`pixel784` (in any order) and one image per row,
-every cell an integer (labels 0-9, pixels 0-255). Parsing works on the raw bytes with numpy, so the
+every cell an integer (labels 0-9, pixels 0-255). Where labels are optional (`predict.py`), a file
+may have the 784 pixel columns alone. Parsing works on the raw bytes with numpy, so the
 60k-row training file parses in about a second, and every malformed cell is reported with its
 1-based line and column instead of being coerced.
 """
@@ -49,9 +50,10 @@ def read_raw(path: Path) -> bytes:
                         "that `gunzip -t` accepts.") from e
 
 
-def parse_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def parse_csv(path: Path, require_label: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Parse a Kaggle-format CSV into (images uint8 [N, 28, 28], labels int64 [N]).
 
+    With `require_label=False` a file without a `label` column is accepted too; its labels are None.
     Raises DataError naming the file, line, column and what was expected for any malformed input.
     """
     path = Path(path)
@@ -63,7 +65,8 @@ def parse_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     header_end = raw.find(b"\n")
     header_end = len(raw) if header_end < 0 else header_end
     header = raw[:header_end].decode("utf-8", errors="replace").rstrip("\r").split(",")
-    order = _column_order(path, header)
+    order = _column_order(path, header, require_label)
+    has_label = len(order) == len(HEADER)
 
     body = np.frombuffer(raw, np.uint8)[header_end + 1:]
     end = len(body)
@@ -80,23 +83,25 @@ def parse_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
         target = min(start + BLOCK_BYTES, len(body))
         newline = raw.find(b"\n", offset + target - 1)  # the first line end at or after the target
         stop = len(body) if newline < 0 else min(len(body), newline - offset + 1)
-        blocks.append(_parse_block(path, header, body[start:stop], line))
+        blocks.append(_parse_block(path, header, body[start:stop], line, len(order)))
         line += len(blocks[-1])
         start = stop
     table = np.concatenate(blocks)[:, order]
-    labels, pixels = table[:, 0], table[:, 1:]
-    for values, kind, allowed, limit in ((table[:, :1], "label", "0-9", 9), (pixels, "pixel", "0-255", 255)):
+    labels, pixels = (table[:, 0], table[:, 1:]) if has_label else (None, table)
+    checks = ([(table[:, :1], "label", "0-9", 9)] if has_label else []) + [(pixels, "pixel", "0-255", 255)]
+    for values, kind, allowed, limit in checks:
         if (values > limit).any():
             row, col = np.argwhere(values > limit)[0]
-            file_col = int(order[col + (kind == "pixel")])
+            file_col = int(order[col + (kind == "pixel" and has_label)])
             text = _line_text(body, int(row)).split(",")[file_col]
             raise DataError(f"{path}, line {row + 2}, column {file_col + 1} ({header[file_col]}): "
                             f"expected a {kind} in {allowed}, found '{text}'.")
-    return pixels.astype(np.uint8).reshape(-1, 28, 28), labels.astype(np.int64)
+    return pixels.astype(np.uint8).reshape(-1, 28, 28), None if labels is None else labels.astype(np.int64)
 
 
-def _parse_block(path: Path, header: list[str], block: np.ndarray, first_line: int) -> np.ndarray:
-    """Cells of whole CSV lines as an int16 table [rows, 785] in the file's column order.
+def _parse_block(path: Path, header: list[str], block: np.ndarray, first_line: int,
+                 n_cols: int = len(HEADER)) -> np.ndarray:
+    """Cells of whole CSV lines as an int16 table [rows, n_cols] in the file's column order.
 
     Values with more than three digits become 1000 (out of range, reported by the caller).
     """
@@ -121,14 +126,14 @@ def _parse_block(path: Path, header: list[str], block: np.ndarray, first_line: i
     lengths = np.diff(seps, prepend=-1) - 1
     row_last_cell = np.flatnonzero(block[seps] == _NL)
     counts = np.diff(row_last_cell, prepend=-1)
-    n_cols = len(HEADER)
     if (counts != n_cols).any():
         row = int(np.argmax(counts != n_cols))
         line = first_line + row
         if counts[row] == 1 and lengths[row_last_cell[row]] == 0:
             raise DataError(f"{path}, line {line}: empty line. Expected {n_cols} comma-separated integers.")
         hint = " (the file may be truncated)" if counts[row] < n_cols else ""
-        raise DataError(f"{path}, line {line}: expected {n_cols} values (label and {N_PIXELS} pixels), "
+        what = f"label and {N_PIXELS} pixels" if n_cols == len(HEADER) else f"{N_PIXELS} pixels"
+        raise DataError(f"{path}, line {line}: expected {n_cols} values ({what}), "
                         f"found {counts[row]}{hint}.")
     if (lengths == 0).any():
         raise _cell_error(path, header, block, int(seps[np.argmax(lengths == 0)]), "an integer", first_line)
@@ -148,15 +153,21 @@ def _line_text(body: np.ndarray, row: int) -> str:
     return bytes(body[start:stop]).decode("utf-8", errors="replace").rstrip("\r")
 
 
-def _column_order(path: Path, header: list[str]) -> np.ndarray:
-    """Indices that put the file's columns into HEADER order; the header may list them in any order."""
+def _column_order(path: Path, header: list[str], require_label: bool = True) -> np.ndarray:
+    """Indices that put the file's columns into HEADER order; the header may list them in any order.
+
+    Without `require_label`, a header of the pixel columns alone gives the pixels' order only.
+    """
     found = [name.strip().strip('"') for name in header]
+    if not require_label and len(found) == N_PIXELS and set(found) == set(HEADER[1:]):
+        return np.array([found.index(name) for name in HEADER[1:]])
     if len(found) != len(HEADER) or set(found) != set(HEADER):
         missing = [n for n in HEADER if n not in found][:3]
         extra = [n for n in found if n not in HEADER][:3]
         raise DataError(
             f"{path}, line 1: expected a header with {len(HEADER)} columns named label, pixel1, ..., "
-            f"pixel{N_PIXELS} (any order); found {len(found)} columns"
+            f"pixel{N_PIXELS} (any order{'' if require_label else '; the label column may be left out'}); "
+            f"found {len(found)} columns"
             + (f", missing {missing}" if missing else "") + (f", unexpected {extra}" if extra else "") + ".")
     if len(set(found)) != len(found):
         raise DataError(f"{path}, line 1: the header names a column twice.")

@@ -104,6 +104,11 @@ class FashionMNISTDataModule(L.LightningDataModule):
             train = images[train_idx].astype(np.float64) / 255
             self.mean, self.std = float(train.mean()), float(train.std())
 
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: the standardisation a model was trained with, so that evaluation,
+        prediction and export apply it without the training CSV (`setup` recomputes it on resume)."""
+        return {"mean": self.mean, "std": self.std} if self.hparams.normalize else {}
+
     def _loader(self, split: str, shuffle: bool) -> InMemoryBatches:
         images, labels = self.splits[split]
         trainer = self.trainer

@@ -1,0 +1,94 @@
+"""Typed schemas of `conf/evaluate.yaml`, `conf/predict.yaml` and `conf/export.yaml`.
+
+Registered in Hydra's ConfigStore like the training schema (`fmnist/config.py`): a typo'd key or a
+wrong-typed value fails while Hydra composes the config; `check_*` reject well-typed nonsense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from fmnist.errors import ConfigError
+
+NUM_CLASSES = 10
+
+
+@dataclass
+class InferenceDataConfig:
+    dir: Optional[str] = None  # directory of the test CSV; null: the one the checkpoint was trained on
+    batch_size: Optional[int] = None  # null: the checkpoint's data.eval_batch_size
+
+
+@dataclass
+class EvaluateConfig:
+    ckpt: str = MISSING  # a .ckpt file, a run directory (its best checkpoint) or a sweep directory (its best job)
+    data: InferenceDataConfig = field(default_factory=InferenceDataConfig)
+    tta: bool = False  # average the logits of each image and its horizontal flip
+
+
+@dataclass
+class PredictConfig:
+    ckpt: str = MISSING
+    inputs: Any = MISSING  # a path or a list of paths: images, directories of them, Kaggle-format CSVs
+    top_k: int = 3
+    out: Optional[str] = None  # FILE.csv or FILE.json; null: print the table only
+    batch_size: int = 256
+
+
+@dataclass
+class ExportConfig:
+    ckpt: str = MISSING
+    out: str = "model.onnx"
+    data: InferenceDataConfig = field(default_factory=InferenceDataConfig)  # the test set of the self-check
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="predict_schema", node=PredictConfig)
+    cs.store(name="export_schema", node=ExportConfig)
+
+
+def _fail(key: str, expected: str, cfg: DictConfig) -> None:
+    raise ConfigError(f"config key {key} must be {expected}; got {OmegaConf.select(cfg, key)!r}.")
+
+
+def require(cfg: DictConfig, *keys: str) -> None:
+    """ConfigError for a mandatory key left unset (`???`), with what it takes."""
+    what = {"ckpt": "a .ckpt file, a run directory or a sweep directory (ckpt=PATH)",
+            "inputs": "image files, directories of them or CSVs (inputs=[a.png,photos/])"}
+    for key in keys:
+        if OmegaConf.is_missing(cfg, key):
+            raise ConfigError(f"config key {key} is required: {what.get(key, 'a value')}.")
+
+
+def check_data(cfg: DictConfig) -> None:
+    require(cfg, "ckpt")
+    if cfg.data.batch_size is not None and cfg.data.batch_size < 1:
+        _fail("data.batch_size", "null or at least 1", cfg)
+
+
+def check_predict(cfg: DictConfig) -> list[str]:
+    """Validate a predict config; return its inputs as a list of paths."""
+    require(cfg, "ckpt", "inputs")
+    inputs = OmegaConf.to_container(cfg, resolve=True)["inputs"]
+    inputs = [inputs] if isinstance(inputs, (str, int, float)) else inputs
+    if not isinstance(inputs, list) or not inputs or any(isinstance(i, (dict, list)) or i is None for i in inputs):
+        _fail("inputs", "a path or a non-empty list of paths (inputs=[a.png,photos/,more.csv])", cfg)
+    if not 1 <= cfg.top_k <= NUM_CLASSES:
+        _fail("top_k", f"between 1 and {NUM_CLASSES}", cfg)
+    if cfg.batch_size < 1:
+        _fail("batch_size", "at least 1", cfg)
+    if cfg.out is not None and not str(cfg.out).lower().endswith((".csv", ".json")):
+        _fail("out", "null or a file name ending in .csv or .json", cfg)
+    return [str(i) for i in inputs]
+
+
+def check_export(cfg: DictConfig) -> None:
+    check_data(cfg)
+    if not str(cfg.out).lower().endswith(".onnx"):
+        _fail("out", "a file name ending in .onnx", cfg)

@@ -1,0 +1,139 @@
+"""`python evaluate.py ckpt=PATH [data.dir=DIR] [tta=true]`: test any checkpoint on any Kaggle-format test CSV.
+
+Writes into a new evaluation directory (never into the run's own files), all at the end, each file
+atomically, `metrics.json` last: `confusion_matrix.csv`, `confusion_matrix.png` and `metrics.json`
+with accuracy, cross-entropy loss, macro-F1, per-class precision/recall/F1, expected calibration
+error, the number of images and the checkpoint's path and SHA-256. Runs in fp32 on the CPU, with
+the run's own evaluation batch size, so that a run directory's `test/acc` (from an fp32 run over
+its whole test set) is reproduced exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from fmnist import CLASS_NAMES
+from fmnist.data.csv_io import load_csv
+from fmnist.errors import ConfigError
+from fmnist.inference.config import check_data
+from fmnist.inference.loading import LoadedModel, load_model, run_test_acc
+from fmnist.results.runs import provenance, write_record
+
+log = logging.getLogger(__name__)
+
+ECE_BINS = 15
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Sum over equal-width confidence bins of |accuracy - mean confidence|, weighted by the bin's share."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    return float(ece)
+
+
+def classification_metrics(logits: torch.Tensor, labels: np.ndarray) -> tuple[dict, np.ndarray]:
+    """(metrics, confusion matrix [true, predicted]) of logits [N, 10] against labels [N]."""
+    n_classes = len(CLASS_NAMES)
+    preds = logits.argmax(dim=1).numpy()
+    cm = np.bincount(labels * n_classes + preds, minlength=n_classes ** 2).reshape(n_classes, n_classes)
+    tp = np.diag(cm).astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.nan_to_num(tp / cm.sum(axis=0))
+        recall = np.nan_to_num(tp / cm.sum(axis=1))
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+    probs = logits.softmax(dim=1).numpy()
+    metrics = {
+        "accuracy": float((preds == labels).mean()),
+        "loss": float(F.cross_entropy(logits, torch.as_tensor(labels))),  # plain cross-entropy, no label smoothing
+        "macro_f1": float(f1.mean()),
+        "ece": expected_calibration_error(probs, labels),
+        "n_images": int(len(labels)),
+        "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                      for name, p, r, f, s in zip(CLASS_NAMES, precision, recall, f1, cm.sum(axis=1))},
+    }
+    return metrics, cm
+
+
+def _check_output_dir(out_dir: Path) -> None:
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise ConfigError(f"{out_dir} is not empty; an evaluation writes into a new directory (never into a run's "
+                          "or another evaluation's files): leave hydra.run.dir at its default or name a new one.")
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
+    """Evaluate `cfg.ckpt` on the test CSV and write the evaluation into `out_dir`; return the metrics."""
+    check_data(cfg)
+    out_dir = Path(out_dir)
+    _check_output_dir(out_dir)
+    model = load_model(cfg.ckpt)
+    csv = model.test_csv(cfg.data.dir)
+    images, labels = load_csv(csv)
+    batch_size = cfg.data.batch_size or int(model.data.get("eval_batch_size", 1000))
+    logits = model.logits_batched(images, batch_size, tta=cfg.tta)
+    metrics, cm = classification_metrics(logits, labels)
+    record = {
+        "status": "completed", "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "checkpoint": {"path": str(model.path.resolve()), "sha256": model.sha256, "run_dir": _str(model.run_dir),
+                       "chosen": model.note or None, "model": model.model},
+        "data": {"test_csv": str(csv.resolve()), "normalize": model.normalize, "mean": model.mean, "std": model.std,
+                 "batch_size": batch_size},
+        "tta": bool(cfg.tta), "precision": "32-true", "metrics": metrics,
+        "run_test_acc": run_test_acc(model.run_dir), "config": OmegaConf.to_container(cfg, resolve=True),
+        **provenance(),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic(out_dir / "confusion_matrix.csv", lambda p: np.savetxt(p, cm, fmt="%d", delimiter=","))
+    _write_figure(out_dir / "confusion_matrix.png", cm, csv, cfg.tta)
+    write_record(out_dir, record)
+    print(summary_table(record, out_dir))
+    return record
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path.resolve())
+
+
+def _write_figure(path: Path, cm: np.ndarray, csv: Path, tta: bool) -> None:
+    import matplotlib.pyplot as plt
+
+    from fmnist.results.plots import confusion_matrix_figure
+
+    fig = confusion_matrix_figure(cm, title=f"{csv.name}{' (TTA)' if tta else ''}")
+    _atomic(path, lambda p: fig.savefig(p, dpi=100, format="png"))
+    plt.close(fig)
+
+
+def summary_table(record: dict, out_dir: Path) -> str:
+    m = record["metrics"]
+    lines = [f"checkpoint {record['checkpoint']['path']} (sha256 {record['checkpoint']['sha256'][:12]})"]
+    if record["checkpoint"]["chosen"]:
+        lines.append(record["checkpoint"]["chosen"])
+    lines += [f"test CSV   {record['data']['test_csv']} ({m['n_images']} images{', TTA' if record['tta'] else ''})",
+              f"accuracy {m['accuracy']:.4%}   loss {m['loss']:.4f}   macro-F1 {m['macro_f1']:.4f}   "
+              f"ECE {m['ece']:.4f}" + (f"   (run's own test/acc {record['run_test_acc']:.4%})"
+                                         if record["run_test_acc"] is not None else ""),
+              "", f"{'class':<12} {'precision':>9} {'recall':>7} {'F1':>7} {'n':>6}"]
+    for name, c in m["per_class"].items():
+        lines.append(f"{name:<12} {c['precision']:>9.4f} {c['recall']:>7.4f} {c['f1']:>7.4f} {c['support']:>6}")
+    lines.append(f"\nwritten to {out_dir}/ (metrics.json, confusion_matrix.csv, confusion_matrix.png)")
+    return "\n".join(lines)

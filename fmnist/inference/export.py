@@ -1,0 +1,164 @@
+"""`python export.py ckpt=PATH [out=model.onnx]`: one self-contained ONNX file, checked with onnxruntime.
+
+The graph takes `images`, uint8 [N, 1, 28, 28] raw pixels (0-255, light garment on black, as in the
+CSVs), with a dynamic batch dimension N, and returns `logits`, float32 [N, 10]. The preprocessing
+(scaling to [0, 1], and the training mean/std where the model was trained with `data.normalize`)
+is part of the graph. The model's metadata holds the class names (JSON), the checkpoint's path and
+SHA-256, and the input's description.
+
+The file is written beside `out` under a temporary name, checked, and only then renamed into
+place: onnxruntime must give the same top-1 class as the PyTorch model on >= 99.9% of the test
+images and logits within 1e-3 of it, or the export fails and nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from fmnist import CLASS_NAMES
+from fmnist.data.csv_io import load_csv
+from fmnist.errors import ConfigError, FmnistError
+from fmnist.inference.config import check_export
+from fmnist.inference.loading import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+MIN_TOP1_AGREEMENT = 0.999
+MAX_LOGIT_DIFF = 1e-3
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+INPUT_DOC = ("uint8 [N, 1, 28, 28]: raw pixels 0-255, a light garment on a black background as in the "
+             "Fashion-MNIST CSVs; scaling (and standardisation) happen inside the graph")
+
+
+class ExportFailed(FmnistError):
+    """The exported model does not agree with the PyTorch model, or could not be written."""
+
+
+class RawPixelsModel(nn.Module):
+    """uint8 images in, logits out: the training preprocessing followed by the network."""
+
+    def __init__(self, loaded: LoadedModel):
+        super().__init__()
+        # ONNX has no memory formats: export the NCHW (contiguous) layout of a copy of the weights.
+        self.net = _contiguous_copy(loaded.module.net).eval()
+        self.normalize, self.mean, self.std = loaded.normalize, loaded.mean, loaded.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255
+        if self.normalize:
+            x = (x - self.mean) / self.std
+        return self.net(x)
+
+
+def _contiguous_copy(net: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(net).to(memory_format=torch.contiguous_format)
+
+
+@contextmanager
+def _quiet():
+    """Hide the exporter's progress chatter (its optimizer passes log at INFO, torchvision ops are absent)."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def require_packages() -> None:
+    missing = []
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ConfigError(f"export needs the optional packages {', '.join(missing)}: install them with "
+                          "pip install -e \".[export]\" (make install does).")
+
+
+def to_onnx(loaded: LoadedModel, path: Path) -> None:
+    """Export the model (eval mode, dynamic batch, no external data) to `path`, with metadata."""
+    wrapper = RawPixelsModel(loaded).eval()
+    example = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)
+    with _quiet():
+        program = torch.onnx.export(wrapper, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False,
+                                    dynamo=True, verbose=False)
+    program.model.doc_string = f"Fashion-MNIST classifier ({loaded.model['name']}), exported by fmnist"
+    metadata = {"class_names": json.dumps(list(CLASS_NAMES)), "checkpoint_sha256": loaded.sha256,
+                "checkpoint_path": str(loaded.path), "input": INPUT_DOC, "model": json.dumps(loaded.model),
+                "normalize": json.dumps({"enabled": loaded.normalize, "mean": loaded.mean, "std": loaded.std})}
+    program.model.metadata_props.update(metadata)
+    program.save(path, external_data=False)
+
+
+@dataclass
+class Agreement:
+    n_images: int
+    top1: float  # share of images with the same top-1 class
+    max_abs_diff: float  # over all logits
+
+    @property
+    def ok(self) -> bool:
+        return self.top1 >= MIN_TOP1_AGREEMENT and self.max_abs_diff <= MAX_LOGIT_DIFF
+
+    def line(self) -> str:
+        return (f"onnxruntime vs PyTorch on {self.n_images} test images: same top-1 on {self.top1:.4%} "
+                f"(need >= {MIN_TOP1_AGREEMENT:.1%}), max |logit difference| {self.max_abs_diff:.2e} "
+                f"(need <= {MAX_LOGIT_DIFF:g})")
+
+
+def compare(loaded: LoadedModel, onnx_path: Path, images: np.ndarray, batch_size: int = 1000) -> Agreement:
+    """onnxruntime on the file against the PyTorch model (as evaluate runs it) on uint8 images [N, 28, 28]."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    x = np.ascontiguousarray(images.reshape(-1, 1, 28, 28), dtype=np.uint8)
+    ours = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: x[i:i + batch_size]})[0]
+                           for i in range(0, len(x), batch_size)])
+    theirs = loaded.logits_batched(x, batch_size).numpy()
+    return Agreement(len(x), float((ours.argmax(1) == theirs.argmax(1)).mean()), float(np.abs(ours - theirs).max()))
+
+
+def export(cfg: DictConfig) -> Agreement:
+    """Export `cfg.ckpt` to `cfg.out` and check it on the test CSV; return the agreement."""
+    check_export(cfg)
+    require_packages()
+    loaded = load_model(cfg.ckpt)
+    csv = loaded.test_csv(cfg.data.dir)
+    images, _ = load_csv(csv)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.onnx")
+    try:
+        to_onnx(loaded, tmp)
+        agreement = compare(loaded, tmp, images, cfg.data.batch_size or 1000)
+        print(agreement.line())
+        if not agreement.ok:
+            raise ExportFailed(f"{out}: not written: the exported model disagrees with the PyTorch model. "
+                               + agreement.line() + ".")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): input `{INPUT_NAME}` {INPUT_DOC}; output "
+          f"`{OUTPUT_NAME}` float32 [N, 10]; checkpoint {loaded.path} (sha256 {loaded.sha256[:12]})")
+    return agreement

@@ -1,0 +1,185 @@
+"""Find a checkpoint (a file, a run directory or a sweep directory) and rebuild its model from it alone.
+
+The architecture and the preprocessing come from the checkpoint's own hyperparameters (`model.*`
+and the datamodule's `normalize`, with the training mean/std it stored), so no `model=...` needs
+repeating. Every load goes through `load_checkpoint`, i.e. `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fmnist.data.datamodule import FashionMNISTDataModule, find_csv
+from fmnist.errors import CheckpointError, DataError
+from fmnist.models import MODELS
+from fmnist.results.runs import read_record
+from fmnist.results.sweep import collect
+from fmnist.training.checkpoint import load_checkpoint
+from fmnist.training.module import LitClassifier
+
+log = logging.getLogger(__name__)
+
+WHAT_CKPT_IS = ("expected a .ckpt file, a run directory (holding checkpoints/best-*.ckpt) or a sweep "
+                "directory (holding job directories with metrics.json)")
+
+
+@dataclass
+class Resolved:
+    """Which checkpoint a `ckpt=` value names, and the run (and sweep job) it belongs to."""
+
+    path: Path
+    run_dir: Path | None = None
+    how: str = "file"  # file | run | sweep
+    note: str = ""
+
+
+def best_in_run(run_dir: Path) -> Path:
+    """The run's best-on-validation checkpoint (`checkpoints/best-epochNNN.ckpt`)."""
+    best = sorted((run_dir / "checkpoints").glob("best-*.ckpt"))
+    if not best:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        hint = f"; pass ckpt={last} to use its last checkpoint" if last.exists() else ""
+        raise CheckpointError(f"{run_dir}: run directory without a best checkpoint (checkpoints/best-*.ckpt){hint}.")
+    if len(best) > 1:  # only one is kept; a later file beat the earlier ones on validation accuracy
+        log.warning("%s holds %d best checkpoints: using the latest, %s", run_dir, len(best), best[-1].name)
+    return best[-1]
+
+
+def resolve(ckpt: str | Path) -> Resolved:
+    """Turn `ckpt=` into a checkpoint file: itself, a run's best one, or a sweep's best job's best one."""
+    path = Path(ckpt).expanduser()
+    if path.is_file():
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+        return Resolved(path, run_dir if run_dir and (run_dir / "config.yaml").exists() else None)
+    if not path.is_dir():
+        raise CheckpointError(f"ckpt={ckpt}: no such file or directory; {WHAT_CKPT_IS}.")
+    if (path / "checkpoints").is_dir():
+        return Resolved(best_in_run(path), path, "run")
+    jobs = collect(path)
+    done = jobs[(jobs.status == "completed") & jobs.val_acc_best.notna()] if len(jobs) else jobs
+    if done.empty:
+        found = f"{len(jobs)} job directories, none completed with a validation accuracy" if len(jobs) else "nothing"
+        raise CheckpointError(f"ckpt={ckpt}: a directory holding {found}; {WHAT_CKPT_IS}.")
+    best = done.loc[pd.to_numeric(done.val_acc_best).idxmax()]  # first of equals, in job-name order
+    run_dir = path / best.job
+    note = f"best of {len(done)} completed jobs by validation accuracy: {best.job} (val/acc_best {best.val_acc_best:.4f})"
+    log.info("%s: %s", path, note)
+    return Resolved(best_in_run(run_dir), run_dir, "sweep", note)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    """A trained classifier in eval mode with the preprocessing it was trained with."""
+
+    module: LitClassifier
+    path: Path
+    sha256: str
+    model: dict  # the checkpoint's `model` hyperparameters
+    data: dict  # the checkpoint's datamodule hyperparameters (dir, normalize, eval_batch_size, ...)
+    mean: float = 0.0
+    std: float = 1.0
+    run_dir: Path | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def normalize(self) -> bool:
+        return bool(self.data.get("normalize", False))
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels [N, 1, 28, 28] -> the model's input, exactly as the datamodule computes it."""
+        x = images.float().div_(255)
+        return (x - self.mean) / self.std if self.normalize else x
+
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+        """Logits [N, 10] of uint8 images [N, 1, 28, 28]; `tta`: averaged with those of the flipped images."""
+        x = self.preprocess(images)
+        out = self.module(x).float()
+        return (out + self.module(x.flip(-1)).float()) / 2 if tta else out
+
+    def logits_batched(self, images: np.ndarray | torch.Tensor, batch_size: int, tta: bool = False) -> torch.Tensor:
+        images = torch.as_tensor(images)
+        images = images.unsqueeze(1) if images.dim() == 3 else images
+        return torch.cat([self.logits(images[i:i + batch_size], tta) for i in range(0, len(images), batch_size)]) \
+            if len(images) else torch.empty(0, 10)
+
+    def test_csv(self, data_dir: str | None) -> Path:
+        """The test CSV of `data_dir`, or of the directory the model was trained on."""
+        directory = data_dir if data_dir is not None else self.data.get("dir")
+        if directory is None:
+            raise DataError(f"{self.path}: the checkpoint does not say which data it was trained on; pass data.dir=DIR.")
+        path = find_csv(Path(directory), "test")
+        if not path.exists():
+            how = "the directory given by data.dir" if data_dir is not None else \
+                "the checkpoint's training data directory"
+            raise DataError(f"{path}: test CSV not found in {how}. Pass data.dir=DIR naming a directory that holds "
+                            "fashion-mnist_test.csv (Kaggle format).")
+        return path
+
+
+def _standardisation(path: Path, ckpt: dict, data: dict) -> tuple[float, float]:
+    """The training mean/std of a `data.normalize=true` model: stored in the checkpoint, else recomputed."""
+    stored = ckpt.get(FashionMNISTDataModule.__qualname__) or {}
+    if "mean" in stored and "std" in stored:
+        return float(stored["mean"]), float(stored["std"])
+    # Checkpoints written before the datamodule stored them: the same split of the same CSV gives them back.
+    train_csv = find_csv(Path(data.get("dir", "data")), "train")
+    if not train_csv.exists():
+        raise DataError(f"{path}: the model standardises its inputs with its training set's mean and std, which this "
+                        f"older checkpoint does not hold, and its training CSV {train_csv} is not there to recompute "
+                        "them. Run from the directory it was trained in.")
+    dm = FashionMNISTDataModule(**{k: v for k, v in data.items() if k in
+                                   ("dir", "val_size", "normalize", "train_subset", "seed")})
+    dm.setup("fit")
+    return dm.mean, dm.std
+
+
+def load_model(ckpt: str | Path) -> LoadedModel:
+    """Resolve `ckpt` and rebuild its model (eval mode, CPU, no torch.compile) from the checkpoint alone."""
+    resolved = resolve(ckpt)
+    path = resolved.path
+    payload = load_checkpoint(path)
+    hp = payload.get("hyper_parameters") if isinstance(payload, dict) else None
+    model = (hp or {}).get("model")
+    if not isinstance(model, dict) or model.get("name") not in MODELS or not isinstance(payload.get("state_dict"), dict):
+        raise CheckpointError(f"{path}: not an fmnist checkpoint: expected `hyper_parameters.model.name` (one of "
+                              f"{sorted(MODELS)}) and a `state_dict`, as train.py writes them.")
+    data = dict(payload.get("datamodule_hyper_parameters") or {})
+    try:
+        module = LitClassifier(model={**model, "compile": False}, optim=dict(hp.get("optim") or {"name": "adam"}))
+        module.load_state_dict(payload["state_dict"])
+    except (RuntimeError, TypeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: its weights do not fit the architecture its hyperparameters describe "
+                              f"({model}): {first}") from e
+    module.eval()
+    loaded = LoadedModel(module, path, sha256(path), dict(model), data, run_dir=resolved.run_dir, note=resolved.note)
+    if loaded.normalize:
+        loaded.mean, loaded.std = _standardisation(path, payload, data)
+    loaded.extra["how"] = resolved.how
+    return loaded
+
+
+def run_test_acc(run_dir: Path | None) -> float | None:
+    """The run's own recorded test accuracy, if any."""
+    record = read_record(run_dir) if run_dir else None
+    value = (record or {}).get("metrics", {}).get("test/acc")
+    return float(value) if value is not None else None
+
+

@@ -1,0 +1,153 @@
+"""`python predict.py ckpt=PATH inputs=[...] [top_k=3] [out=FILE.csv|FILE.json]`: classify image files and CSVs.
+
+Inputs are image files (PNG/JPEG/BMP, any size, colour or grey: converted by the rule in
+`fmnist/inference/images.py`), directories of them (searched recursively, sorted; other files,
+CSVs included, are skipped: name a CSV itself), and Kaggle-format CSVs (`label` column optional). The output has one row per image:
+`input` (the file, or `file.csv:N` for the CSV's N-th data row), the top-k class names and
+probabilities, the true label where a CSV gives it, and `error` for an input that could not be
+used. An unusable input does not stop the others; the run then ends with exit code 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from fmnist import CLASS_NAMES
+from fmnist.data.csv_io import parse_csv
+from fmnist.errors import DataError
+from fmnist.inference.config import check_predict
+from fmnist.inference.images import EXTENSIONS, ImageRejected, load_image
+from fmnist.inference.loading import load_model
+
+log = logging.getLogger(__name__)
+
+CSV_SUFFIXES = (".csv", ".csv.gz")
+SHOWN_ROWS = 20
+
+
+class InputsFailed(DataError):
+    """Some inputs could not be used; the others were predicted (and written)."""
+
+
+@dataclass
+class Item:
+    name: str
+    image: np.ndarray | None = None  # uint8 [28, 28]
+    label: int | None = None
+    error: str | None = None
+
+
+def _is_csv(path: Path) -> bool:
+    return path.name.lower().endswith(CSV_SUFFIXES)
+
+
+def _expand(inputs: list[str]) -> list[tuple[str, Path | None, str | None]]:
+    """(name, file, error) for every file the inputs name, directories expanded."""
+    found = []
+    for raw in inputs:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                           and p.suffix.lower() in EXTENSIONS)
+            found += [(str(p), p, None) for p in files] or [(raw, None, f"directory without {'/'.join(EXTENSIONS)} files")]
+        elif path.is_file():
+            ok = path.suffix.lower() in EXTENSIONS or _is_csv(path)
+            found.append((raw, path, None if ok else f"not an image ({', '.join(EXTENSIONS)}) or a .csv file"))
+        else:
+            found.append((raw, None, "no such file or directory"))
+    return found
+
+
+def read_inputs(inputs: list[str]) -> list[Item]:
+    """One Item per image (a CSV gives one per row), or per input that failed, in input order."""
+    items = []
+    for name, path, error in _expand(inputs):
+        if error:
+            items.append(Item(name, error=error))
+        elif _is_csv(path):
+            try:
+                images, labels = parse_csv(path, require_label=False)
+            except DataError as e:
+                items.append(Item(name, error=str(e).removeprefix(f"{path}").lstrip(", :") or str(e)))
+                continue
+            items += [Item(f"{name}:{i + 1}", images[i], None if labels is None else int(labels[i]))
+                      for i in range(len(images))]
+        else:
+            try:
+                items.append(Item(name, load_image(path)))
+            except ImageRejected as e:
+                items.append(Item(name, error=str(e)))
+    return items
+
+
+def predict(cfg: DictConfig) -> list[dict]:
+    """Predict every input; write `cfg.out`; raise InputsFailed (after writing) if any input failed."""
+    inputs = check_predict(cfg)
+    model = load_model(cfg.ckpt)
+    items = read_inputs(inputs)
+    good = [it for it in items if it.error is None]
+    images = np.stack([it.image for it in good]) if good else np.zeros((0, 28, 28), np.uint8)
+    probs = model.logits_batched(images, cfg.batch_size).softmax(dim=1).numpy()
+    rows, k = [], cfg.top_k
+    by_item = dict(zip(map(id, good), probs))
+    for it in items:
+        row = {"input": it.name}
+        p = by_item.get(id(it))
+        order = np.argsort(-p, kind="stable")[:k] if p is not None else []
+        for rank in range(k):
+            row[f"class_{rank + 1}"] = CLASS_NAMES[order[rank]] if p is not None else None
+            row[f"prob_{rank + 1}"] = round(float(p[order[rank]]), 6) if p is not None else None
+        row["label"] = CLASS_NAMES[it.label] if it.label is not None else None
+        row["error"] = it.error
+        rows.append(row)
+    if cfg.out:
+        write_rows(Path(cfg.out), rows, k)
+    print(table(rows, model.path, cfg.out))
+    failed = [r for r in rows if r["error"]]
+    if failed:
+        raise InputsFailed(f"{len(failed)} of {len(items)} inputs could not be used ("
+                           + "; ".join(f"{r['input']}: {r['error']}" for r in failed[:3])
+                           + ("; ..." if len(failed) > 3 else "") + f"). The other {len(items) - len(failed)} were "
+                           f"predicted{' and written to ' + str(cfg.out) if cfg.out else ''}.")
+    return rows
+
+
+def write_rows(path: Path, rows: list[dict], k: int) -> None:
+    """Write the rows as CSV or JSON (by the suffix), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if path.suffix.lower() == ".json":
+        records = [{"input": r["input"], "label": r["label"], "error": r["error"],
+                    "top_k": [] if r["error"] else [{"class": r[f"class_{i}"], "prob": r[f"prob_{i}"]}
+                                                    for i in range(1, k + 1)]} for r in rows]
+        tmp.write_text(json.dumps(records, indent=1) + "\n")
+    else:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def table(rows: list[dict], ckpt: Path, out: str | None) -> str:
+    """A short text table: the first rows, and the accuracy where labels are known."""
+    lines = [f"checkpoint {ckpt}", f"{'input':<40} {'top-1':<12} {'prob':>6}  {'label':<12} error"]
+    for r in rows[:SHOWN_ROWS]:
+        name = r["input"] if len(r["input"]) <= 40 else "..." + r["input"][-37:]
+        prob = f"{r['prob_1']:.3f}" if r["prob_1"] is not None else ""
+        lines.append(f"{name:<40} {r['class_1'] or '':<12} {prob:>6}  {r['label'] or '':<12} {r['error'] or ''}")
+    if len(rows) > SHOWN_ROWS:
+        lines.append(f"... {len(rows) - SHOWN_ROWS} more rows" + (f" in {out}" if out else " (out=FILE.csv writes all)"))
+    labelled = [r for r in rows if r["label"] is not None and not r["error"]]
+    if labelled:
+        correct = sum(r["class_1"] == r["label"] for r in labelled)
+        lines.append(f"top-1 accuracy on the {len(labelled)} labelled rows: {correct / len(labelled):.4%}")
+    return "\n".join(lines)

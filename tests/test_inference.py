@@ -1,0 +1,317 @@
+"""evaluate.py, predict.py and export.py on a tiny model trained once (per module) on garment-like images."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from fmnist import CLASS_NAMES
+from fmnist.data.csv_io import HEADER, load_csv, parse_csv, write_csv
+from fmnist.errors import CheckpointError, ConfigError
+from fmnist.inference import export as export_module
+from fmnist.inference.config import register
+from fmnist.inference.evaluate import evaluate
+from fmnist.inference.export import ExportFailed, export
+from fmnist.inference.images import ImageRejected, load_image, to_dataset_format
+from fmnist.inference.loading import load_model, resolve
+from fmnist.inference.predict import InputsFailed, predict
+from fmnist.training.train import train
+from tests.conftest import CONF, FAST, ROOT, compose_cfg
+
+register()
+
+
+def garment_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dataset-like images: a light 'garment' on black, full height and centred, its width and
+    brightness set by the class (something to learn, and a background like Fashion-MNIST's)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    images = np.zeros((n, 28, 28), np.uint8)
+    for i, c in enumerate(labels):
+        width = 8 + 2 * c
+        left = (28 - width) // 2
+        images[i, :, left:left + width] = rng.integers(60, 100, (28, width)) + 15 * c
+    return images, labels
+
+
+def compose_named(name: str, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+def run_entry(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def garments(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("garments")
+    write_csv(d / "fashion-mnist_train.csv", *garment_images(600, 0))
+    write_csv(d / "fashion-mnist_test.csv", *garment_images(200, 1))
+    return d
+
+
+@pytest.fixture(scope="module")
+def run_dir(garments, tmp_path_factory) -> Path:
+    """A finished run: 12 steps of the simple CNN, standardised inputs, tested in 4 batches of 64."""
+    run = tmp_path_factory.mktemp("run")
+    train(compose_cfg(*FAST, f"data.dir={garments}", "model=simple", "data.normalize=true", "optim.lr=0.003",
+                      "trainer.limit_train_batches=12", "trainer.limit_test_batches=null",
+                      "data.eval_batch_size=64"), run)
+    return run
+
+
+def snapshot(directory: Path) -> dict:
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_evaluate_reproduces_the_runs_test_accuracy(run_dir, tmp_path):
+    before = snapshot(run_dir)
+    record = evaluate(compose_named("evaluate", f"ckpt={run_dir}"), tmp_path / "eval")
+    own = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+    m = record["metrics"]
+    assert m["n_images"] == 200 and abs(m["accuracy"] - own["test/acc"]) < 1e-6  # 1e-6 << one image (0.005)
+    assert m["loss"] == pytest.approx(own["test/loss"], abs=1e-5)  # no label smoothing in this run
+    ckpt = Path(record["checkpoint"]["path"])
+    assert ckpt.parent == run_dir / "checkpoints" and ckpt.name.startswith("best-")
+    assert record["checkpoint"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert set(m["per_class"]) == set(CLASS_NAMES) and 0 <= m["ece"] <= 1 and 0 <= m["macro_f1"] <= 1
+    cm = np.loadtxt(tmp_path / "eval" / "confusion_matrix.csv", delimiter=",")
+    assert cm.sum() == 200 and np.trace(cm) / 200 == pytest.approx(m["accuracy"])
+    assert (tmp_path / "eval" / "confusion_matrix.png").stat().st_size > 0
+    assert snapshot(run_dir) == before, "the run's own files are never written"
+    with pytest.raises(ConfigError, match="is not empty; an evaluation writes into a new directory"):
+        evaluate(compose_named("evaluate", f"ckpt={run_dir}"), tmp_path / "eval")
+
+
+def test_evaluate_with_tta_on_another_test_set(run_dir, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    write_csv(other / "fashion-mnist_test.csv", *garment_images(50, 7))
+    plain = evaluate(compose_named("evaluate", f"ckpt={run_dir}", f"data.dir={other}"), tmp_path / "plain")
+    tta = evaluate(compose_named("evaluate", f"ckpt={run_dir}", f"data.dir={other}", "tta=true"), tmp_path / "tta")
+    assert tta["tta"] and tta["metrics"]["n_images"] == 50 and tta["data"]["test_csv"].startswith(str(other))
+    assert tta["metrics"]["loss"] != plain["metrics"]["loss"]  # the flipped images count
+
+
+def test_a_sweep_directory_picks_the_best_job_by_validation_accuracy(run_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    # (val/acc_best, test/acc, status): the best on test and a failed job must not be chosen.
+    for job, (val, test, status) in {"lr=a": (0.5, 0.99, "completed"), "lr=b": (0.9, 0.10, "completed"),
+                                     "lr=c": (0.7, 0.50, "completed"), "lr=d": (1.0, 0.90, "failed")}.items():
+        shutil.copytree(run_dir, sweep / job)
+        record = json.loads((sweep / job / "metrics.json").read_text())
+        record["status"] = status
+        record["metrics"].update({"val/acc_best": val, "test/acc": test})
+        (sweep / job / "metrics.json").write_text(json.dumps(record))
+    resolved = resolve(sweep)
+    assert resolved.run_dir == sweep / "lr=b" and resolved.path.parent == sweep / "lr=b" / "checkpoints"
+    record = evaluate(compose_named("evaluate", f"ckpt='{sweep}'"), tmp_path / "eval")
+    assert record["checkpoint"]["run_dir"] == str((sweep / "lr=b").resolve()) and "lr=b" in record["checkpoint"]["chosen"]
+
+
+def test_predict_on_pngs_agrees_with_evaluate(run_dir, tmp_path):
+    images, labels = garment_images(40, 1)
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(pngs / f"{i:02d}.png")
+    data = tmp_path / "data"
+    data.mkdir()
+    write_csv(data / "fashion-mnist_test.csv", images, labels)
+    evaluate(compose_named("evaluate", f"ckpt={run_dir}", f"data.dir={data}"), tmp_path / "eval")
+    cm = np.loadtxt(tmp_path / "eval" / "confusion_matrix.csv", delimiter=",").astype(int)
+    rows = predict(compose_named("predict", f"ckpt={run_dir}", f"inputs=[{pngs}]", "top_k=2",
+                                 f"out={tmp_path / 'p.csv'}"))
+    assert [Path(r["input"]).name for r in rows] == [f"{i:02d}.png" for i in range(40)]
+    top1 = np.array([CLASS_NAMES.index(r["class_1"]) for r in rows])
+    assert len(set(top1)) > 2, "a model that predicts one class would agree trivially"
+    ours = np.zeros((10, 10), int)
+    np.add.at(ours, (labels, top1), 1)
+    assert (ours == cm).all(), "same top-1 per image as evaluate on the same images"
+    written = (tmp_path / "p.csv").read_text().splitlines()
+    assert written[0] == "input,class_1,prob_1,class_2,prob_2,label,error" and len(written) == 41
+    assert all(r["prob_1"] >= r["prob_2"] for r in rows)
+
+
+def test_a_white_background_photo_is_inverted_and_classified_the_same(run_dir, tmp_path):
+    images, _ = garment_images(10, 3)
+    originals, copies = [], []
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"orig{i}.png")
+        # What a product photo looks like: dark garment on white, colour, larger than 28x28.
+        big = np.kron(255 - image, np.ones((2, 2), np.uint8))
+        Image.fromarray(np.stack([big] * 3, axis=-1)).save(tmp_path / f"white{i}.png")
+        assert (load_image(tmp_path / f"white{i}.png") == image).all()
+        originals.append(str(tmp_path / f"orig{i}.png"))
+        copies.append(str(tmp_path / f"white{i}.png"))
+    rows = predict(compose_named("predict", f"ckpt={run_dir}", f"inputs=[{','.join(originals + copies)}]"))
+    assert [r["class_1"] for r in rows[:10]] == [r["class_1"] for r in rows[10:]]
+
+
+def test_image_conversion_fits_the_garment_keeping_its_aspect_ratio():
+    photo = np.full((300, 200), 240, np.uint8)  # light grey background
+    photo[50:250, 60:160] = 30  # a dark 200x100 garment
+    out = to_dataset_format(photo)
+    rows, cols = np.flatnonzero(out.any(axis=1)), np.flatnonzero(out.any(axis=0))
+    assert out.shape == (28, 28) and len(rows) == 28 and len(cols) == 14 and cols[0] == 7
+    # Inverted (background 15, garment 225), then the background mapped to 0: (225 - 15) * 255 / 240 = 223.1
+    assert out[0, 0] == 0 and out[14, 14] == 223
+    with pytest.raises(ImageRejected, match="nothing but background"):
+        to_dataset_format(np.full((50, 40), 255, np.uint8))
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40), "corrupt|not a readable"),
+    (lambda p: p.write_bytes(b""), "empty file"),
+    (lambda p: p.write_text("hello"), "not a readable"),
+    (lambda p: Image.new("1", (10_000, 6_000)).save(p), "megapixels"),
+    (lambda p: Image.new("L", (1000, 40)).save(p), "aspect ratio"),
+])
+def test_unusable_images_are_refused_with_a_reason(tmp_path, make, message):
+    path = tmp_path / "x.png"
+    make(path)
+    with pytest.raises(ImageRejected, match=message):
+        load_image(path)
+
+
+def test_predict_cli_reports_a_corrupt_png_and_goes_on(run_dir, tmp_path):
+    images, _ = garment_images(3, 5)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"ok{i}.png")
+    (tmp_path / "broken.png").write_bytes((tmp_path / "ok0.png").read_bytes()[:60])
+    no_label = tmp_path / "rows.csv"  # a Kaggle-format CSV without its label column
+    no_label.write_text(",".join(HEADER[1:]) + "\n" + ",".join(map(str, images[0].ravel())) + "\n")
+    out = tmp_path / "p.json"
+    (tmp_path / "notes.txt").write_text("skipped: a directory contributes its images only")
+    result = run_entry("predict.py", f"ckpt={run_dir}", f"inputs=[{tmp_path},{no_label}]", f"out={out}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "1 of 5 inputs could not be used" in result.stderr and "broken.png" in result.stderr
+    rows = {Path(r["input"]).name: r for r in json.loads(out.read_text())}
+    assert len(rows) == 5 and rows["broken.png"]["error"] and not rows["broken.png"]["top_k"]
+    assert all(len(rows[f"ok{i}.png"]["top_k"]) == 3 for i in range(3))
+    assert rows["rows.csv:1"]["top_k"][0] == rows["ok0.png"]["top_k"][0] and rows["rows.csv:1"]["label"] is None
+
+
+def test_csv_label_column_is_optional_only_where_asked(tmp_path):
+    images, _ = garment_images(2, 0)
+    path = tmp_path / "rows.csv"
+    path.write_text(",".join(HEADER[1:]) + "\n" + "\n".join(",".join(map(str, im.ravel())) for im in images) + "\n")
+    parsed, labels = parse_csv(path, require_label=False)
+    assert labels is None and (parsed == images).all()
+    with pytest.raises(Exception, match="expected a header with 785 columns"):
+        parse_csv(path)
+
+
+def test_predict_config_errors(run_dir):
+    with pytest.raises(ConfigError, match="config key top_k must be between 1 and 10; got 0"):
+        predict(compose_named("predict", f"ckpt={run_dir}", "inputs=x.png", "top_k=0"))
+    with pytest.raises(ConfigError, match="config key out must be null or a file name ending in .csv or .json"):
+        predict(compose_named("predict", f"ckpt={run_dir}", "inputs=x.png", "out=p.txt"))
+
+
+def test_export_writes_one_file_that_agrees_with_pytorch(run_dir, garments, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    out = tmp_path / "onnx" / "model.onnx"
+    agreement = export(compose_named("export", f"ckpt={run_dir}", f"out={out}"))
+    assert agreement.ok and agreement.n_images == 200 and agreement.max_abs_diff <= 1e-3
+    assert os.listdir(out.parent) == ["model.onnx"], "no external data file, no temporary left"
+    model = onnx.load(str(out), load_external_data=False)
+    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    meta = {p.key: p.value for p in model.metadata_props}
+    loaded = load_model(run_dir)
+    assert json.loads(meta["class_names"]) == list(CLASS_NAMES) and meta["checkpoint_sha256"] == loaded.sha256
+    (inp,), (outp,) = model.graph.input, model.graph.output
+    assert inp.name == "images" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert outp.name == "logits" and inp.type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    images, _ = load_csv(garments / "fashion-mnist_test.csv")
+    for n in (1, 7):  # any batch size, raw pixels in
+        got = session.run(None, {"images": images[:n, None]})[0]
+        want = loaded.logits(torch.from_numpy(images[:n, None])).numpy()
+        assert got.shape == (n, 10) and np.abs(got - want).max() <= 1e-3
+
+
+def test_export_that_disagrees_fails_and_writes_nothing(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_module, "MIN_TOP1_AGREEMENT", 1.01)  # unreachable: the check must fail
+    with pytest.raises(ExportFailed, match="not written: the exported model disagrees"):
+        export(compose_named("export", f"ckpt={run_dir}", f"out={tmp_path / 'm.onnx'}"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_checkpoints_without_stored_mean_std_recompute_them(run_dir, tmp_path):
+    ckpt = resolve(run_dir).path
+    payload = torch.load(ckpt, weights_only=True)
+    stored = payload.pop("FashionMNISTDataModule")
+    assert stored["std"] > 0 and stored["mean"] > 0
+    torch.save(payload, tmp_path / "old.ckpt")
+    old = load_model(tmp_path / "old.ckpt")
+    assert (old.mean, old.std) == pytest.approx((stored["mean"], stored["std"]), abs=1e-12)
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this would have run code",))
+
+
+@pytest.fixture
+def evil_ckpt(run_dir, tmp_path) -> Path:
+    payload = torch.load(resolve(run_dir).path, weights_only=True)
+    payload["extra"] = Evil()
+    torch.save(payload, tmp_path / "evil.ckpt")
+    return tmp_path / "evil.ckpt"
+
+
+def test_a_pickled_payload_is_refused_by_all_three(evil_ckpt, tmp_path, capsys):
+    runs = {"evaluate": lambda: evaluate(compose_named("evaluate", f"ckpt={evil_ckpt}"), tmp_path / "eval"),
+            "predict": lambda: predict(compose_named("predict", f"ckpt={evil_ckpt}", "inputs=x.png",
+                                                     f"out={tmp_path / 'p.csv'}")),
+            "export": lambda: export(compose_named("export", f"ckpt={evil_ckpt}", f"out={tmp_path / 'm.onnx'}"))}
+    for name, run in runs.items():
+        with pytest.raises(CheckpointError, match="refused to load: it holds pickled Python objects"):
+            run()
+    assert "this would have run code" not in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.ckpt"], "nothing written"
+
+
+def test_the_cli_refuses_it_with_exit_2_and_one_paragraph(evil_ckpt, tmp_path):
+    result = run_entry("evaluate.py", f"ckpt={evil_ckpt}", f"hydra.run.dir={tmp_path / 'out'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: {evil_ckpt}: refused to load: it holds pickled Python objects" in result.stderr
+    assert "this would have run code" not in result.stdout + result.stderr
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_a_missing_checkpoint_is_one_paragraph(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file or directory; expected a .ckpt file, a run directory"):
+        resolve(tmp_path / "nope")
+
+
+def test_benchmark_infer_times_both_runtimes_side_by_side(run_dir, tmp_path):
+    out = tmp_path / "bench.csv"
+    result = subprocess.run([sys.executable, "scripts/benchmark.py", "--infer", "--ckpt", str(run_dir), "--seconds", "0.1",
+                             "--repeats", "1", "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("hardware: ") and "onnxruntime" in result.stdout.splitlines()[0]
+    table = pd.read_csv(out)
+    assert sorted(zip(table.batch_size, table.runtime)) == [(1, "onnxruntime"), (1, "pytorch eager"),
+                                                           (256, "onnxruntime"), (256, "pytorch eager")]
+    assert (table.img_s > 0).all() and np.allclose(table.ms_per_image * table.batch_size, table.ms_per_batch, atol=0.02)
