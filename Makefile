@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: an unpinned resolve can pull a multi-GB CUDA build onto CPU machines.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	# The slurm extra too, so that `make test` covers the submitit launcher.
+	$(BIN)/pip install -q -e ".[dev,slurm]"
 	touch $(STAMP)
 
 install: $(STAMP)
