@@ -21,8 +21,13 @@ def main(cfg: DictConfig) -> float:
     from fmnist.training.train import run_job  # after Hydra parsed the command line: `--help` stays fast
 
     hydra_cfg = HydraConfig.get()
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    if in_sweep:  # parallel launchers: this job's share of the cores, and its GPU
+        from fmnist.sweeps.placement import place_job
+
+        cfg = place_job(cfg, hydra_cfg)
     try:
-        return run_job(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN,
+        return run_job(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=in_sweep,
                        overrides=list(hydra_cfg.overrides.task))
     except FmnistError as e:
         log.error("%s", e)
