@@ -83,10 +83,12 @@ def _best_epoch(run_dir: Path) -> int | None:
     return None if epochs is None or epochs.empty else int(epochs.loc[epochs["val/acc"].idxmax(), "epoch"])
 
 
-def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
+def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None,
+          callbacks: list[L.Callback] | None = None) -> dict:
     """Train per `cfg` in `run_dir`; return (and record in metrics.json) the final metrics.
 
-    `overrides` (the command-line overrides that made `cfg`) are recorded for the sweep summary.
+    `overrides` (the command-line overrides that made `cfg`) are recorded for the sweep summary;
+    `callbacks` join the trainer's own (e.g. a search's per-epoch report to its trial).
     """
     check_values(cfg)
     run_dir = Path(run_dir)
@@ -112,7 +114,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(run_dir),
                         logger=logger, plugins=[SafeCheckpointIO()],
                         callbacks=[checkpoint, EpochCSV(run_dir / "epochs.csv"), LearningRateMonitor(logging_interval="epoch"),
-                                   *step_callbacks(cfg.progress_bar_refresh if cfg.trainer.enable_progress_bar else None)])
+                                   *step_callbacks(cfg.progress_bar_refresh if cfg.trainer.enable_progress_bar else None),
+                                   *(callbacks or [])])
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
     fit_seconds = time.perf_counter() - started
 
