@@ -15,6 +15,7 @@ status in its run directory) and the study goes on; a user error (bad key, missi
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,6 +24,7 @@ from typing import Any, Dict, List, Optional
 
 import lightning as L
 import optuna
+import sqlalchemy
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
@@ -238,14 +240,20 @@ def _storage(cfg: DictConfig, study_dir: Path) -> optuna.storages.RDBStorage:
     url = cfg.storage or f"sqlite:///{study_dir.resolve() / 'study.db'}"
     # SQLite serialises writers with a lock; several processes wait for it instead of failing.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    try:
-        # The heartbeat marks a trial whose process died (killed, node lost) as failed, so that
-        # its slot is not held as "running" forever.
-        with warnings.catch_warnings():  # "experimental" since optuna 2.9, and what distributed studies need
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=60, grace_period=180)
-    except Exception as e:  # a malformed URL, a missing driver, a database that cannot be reached
-        raise ConfigError(f"cannot open the study storage {url!r}: {type(e).__name__}: {e}") from e
+    for attempt in range(5):
+        try:
+            # The heartbeat marks a trial whose process died (killed, node lost) as failed, so that
+            # its slot is not held as "running" forever.
+            with warnings.catch_warnings():  # "experimental" since optuna 2.9, and what distributed studies need
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=60, grace_period=180)
+        except sqlalchemy.exc.IntegrityError:
+            # Processes started together race to create the new database's tables (seen with two
+            # tune.py on one SQLite file): the loser finds them made on a second try.
+            time.sleep(1 + attempt)
+        except Exception as e:  # a malformed URL, a missing driver, a database that cannot be reached
+            raise ConfigError(f"cannot open the study storage {url!r}: {type(e).__name__}: {e}") from e
+    raise ConfigError(f"cannot open the study storage {url!r}: its tables could not be created (5 tries).")
 
 
 def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
