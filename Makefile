@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: an unpinned resolve can pull a multi-GB CUDA build onto CPU machines.
 	$(BIN)/pip install -q torch==2.13.0
-	# `export`: onnx, onnxscript and onnxruntime, which export.py and its tests need.
-	$(BIN)/pip install -q -e ".[dev,export]"
+	# Extras `export` (onnx, onnxscript, onnxruntime: export.py) and `slurm` (the submitit launcher),
+	# so that `make test` covers both.
+	$(BIN)/pip install -q -e ".[dev,export,slurm]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -24,10 +24,15 @@ def main(cfg: DictConfig) -> float:
     overrides = list(hydra_cfg.overrides.task)
     # Hydra's own copy of the config (`hydra.output_subdir` is null) is written only once the run's checks pass.
     hydra_files = {"config.yaml": cfg, "hydra.yaml": {"hydra": hydra_cfg}, "overrides.yaml": overrides}
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    if in_sweep:  # parallel launchers: this job's share of the cores, and its GPU
+        from fmnist.sweeps.placement import place_job
+
+        cfg = place_job(cfg, hydra_cfg)
     try:
         refuse_unknown_keys(cfg, overrides)
-        return run_job(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN,
-                       overrides=overrides, hydra_files=hydra_files)
+        return run_job(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=in_sweep, overrides=overrides,
+                       hydra_files=hydra_files)
     except FmnistError as e:
         exit_with(e)
 

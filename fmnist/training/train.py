@@ -159,18 +159,20 @@ def _check_checkpoint(cfg: DictConfig, path: Path) -> None:
 
 
 def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None,
-          hydra_files: dict | None = None) -> dict:
+          hydra_files: dict | None = None, callbacks: list[L.Callback] | None = None) -> dict:
     """Train per `cfg` in `run_dir`; return (and record in metrics.json) the final metrics.
 
     `overrides` (the command-line overrides that made `cfg`) are recorded for the sweep summary;
-    `hydra_files` (name: config) are saved in `.hydra/` once every check has passed.
+    `hydra_files` (name: config) are saved in `.hydra/` once every check has passed; `callbacks`
+    join the trainer's own (e.g. a search's per-epoch report to its trial).
     """
     run_dir = Path(run_dir)
     with _claimed(cfg, run_dir) as resume, storage_errors():
-        return _fit(cfg, run_dir, resume, overrides, hydra_files)
+        return _fit(cfg, run_dir, resume, overrides, hydra_files, callbacks)
 
 
-def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | None, hydra_files: dict | None) -> dict:
+def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | None, hydra_files: dict | None,
+         callbacks: list[L.Callback] | None = None) -> dict:
     last = run_dir / "checkpoints" / "last.ckpt"
     started = time.perf_counter()
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -200,7 +202,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
                         logger=logger, plugins=[SafeCheckpointIO()],
                         callbacks=[checkpoint, EpochCSV(run_dir / "epochs.csv", echo=not bar),
                                    LearningRateMonitor(logging_interval="epoch"), TestArtifacts(run_dir),
-                                   *step_callbacks(cfg.progress_bar_refresh if bar else None)])
+                                   *step_callbacks(cfg.progress_bar_refresh if bar else None), *(callbacks or [])])
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
     fit_seconds = time.perf_counter() - started
 
@@ -277,12 +279,12 @@ def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: l
                               shlex.quote(f"hydra.run.dir={hydra_quote(str(run_dir))}"), "ckpt_path=last"])
             how = "run the same sweep command again" if in_sweep else f"python train.py {again}"
             message = f"stopped by a signal; resume from the last finished epoch with: {how}"
-            _record_failure(run_dir, "interrupted", message, e)
+            record_failure(run_dir, "interrupted", message, e)
             log.warning("%s", message)
             raise SystemExit(128 + (signal.SIGINT if ctrl_c else signal.SIGTERM)) from e
         except Exception as e:
             status = "diverged" if isinstance(e, DivergedError) else "failed"
-            _record_failure(run_dir, status, str(e) if isinstance(e, FmnistError) else f"{type(e).__name__}: {e}", e)
+            record_failure(run_dir, status, str(e) if isinstance(e, FmnistError) else f"{type(e).__name__}: {e}", e)
             if not in_sweep:
                 raise
             log.error("job %s %s: %s", run_dir.name, status, e)
@@ -296,7 +298,7 @@ def hydra_quote(value: str) -> str:
     return "'" + value.replace("'", "\\'") + "'"
 
 
-def _record_failure(run_dir: Path, status: str, message: str, error: BaseException) -> None:
+def record_failure(run_dir: Path, status: str, message: str, error: BaseException) -> None:
     if rank_zero_only.rank != 0 or not run_dir.exists():
         return
     try:

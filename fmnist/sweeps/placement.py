@@ -1,0 +1,78 @@
+"""Where a job of a parallel local sweep runs: its share of the CPU cores, and its GPU.
+
+Hydra's joblib launcher runs `n_jobs` jobs at once in worker processes, each of which would
+otherwise start one torch thread per core: N jobs x all cores thrash. Each job therefore gets
+`cores // n_jobs` threads, and on a machine with G GPUs job i trains on GPU i mod G (instead of
+every job taking all GPUs with DDP). Other launchers are left alone: the basic launcher runs one
+job at a time, and submitit's jobs get their CPUs and GPUs from the scheduler (SLURM sets
+CUDA_VISIBLE_DEVICES and the CPU affinity per job; `cpus_per_task` sets the thread count here).
+
+This runs in the job's own process, before training, from the entry point: it must change the
+job's config (`trainer.devices`), which a Hydra callback cannot (it sees a copy).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from omegaconf import DictConfig, open_dict
+
+log = logging.getLogger(__name__)
+
+GPU_ACCELERATORS = ("auto", "gpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Placement:
+    threads: Optional[int]  # torch intra-op threads; None: torch's default (all cores)
+    device: Optional[int]  # the one GPU index this job uses; None: the config's trainer.devices
+    reason: str
+
+
+def concurrent_jobs(launcher: DictConfig | dict, cores: int) -> int:
+    """How many jobs the launcher runs at once on this machine (1 for sequential launchers)."""
+    target = str(launcher.get("_target_", ""))
+    if target.endswith("JoblibLauncher"):
+        n = int(launcher.get("n_jobs") or 1)
+        # joblib's convention: -1 is all cores, -2 all but one, ...
+        return max(1, cores + 1 + n if n < 0 else n)
+    return 1
+
+
+def plan(launcher: DictConfig | dict, job_num: int, cores: int, gpus: int, accelerator: str,
+         devices: Any) -> Placement:
+    """The placement of job `job_num` of a sweep run by `launcher`, on `cores` CPU cores and `gpus` GPUs."""
+    target = str(launcher.get("_target_", ""))
+    if "submitit" in target:
+        cpus = launcher.get("cpus_per_task")
+        return Placement(int(cpus) if cpus else None, None, f"submitit: {cpus or 'default'} cpus per task")
+    n = concurrent_jobs(launcher, cores)
+    if n == 1:
+        return Placement(None, None, "one job at a time")
+    threads = max(1, cores // n)
+    # Only an unpinned job moves: `trainer.devices=[2]` or `trainer=ddp` stay what the user asked for.
+    device = job_num % gpus if gpus and str(accelerator) in GPU_ACCELERATORS and devices == "auto" else None
+    where = f", GPU {device} of {gpus}" if device is not None else ""
+    return Placement(threads, device, f"{n} jobs at once on {cores} cores: {threads} torch thread{'s' if threads > 1 else ''} each{where}")
+
+
+def place_job(cfg: DictConfig, hydra_cfg: DictConfig) -> DictConfig:
+    """Apply this job's placement: set torch's thread count, and pin the job to its GPU in `cfg`."""
+    import joblib
+    import torch
+
+    cores = joblib.cpu_count()  # the cores this process may use (affinity and cgroup quota)
+    gpus = torch.cuda.device_count()  # counts without initialising CUDA
+    placement = plan(hydra_cfg.launcher, int(hydra_cfg.job.get("num") or 0), cores, gpus,
+                     cfg.trainer.accelerator, cfg.trainer.devices)
+    if placement.threads is not None:
+        torch.set_num_threads(placement.threads)
+    if placement.device is not None:
+        cfg = copy.deepcopy(cfg)
+        with open_dict(cfg):
+            cfg.trainer.devices = [placement.device]
+    log.info("placement: %s (torch threads: %d)", placement.reason, torch.get_num_threads())
+    return cfg

@@ -1,0 +1,343 @@
+"""Hyperparameter search with Optuna: `python tune.py study=NAME n_trials=N [train overrides...]`.
+
+The study lives in a database (SQLite at `outputs/tune/<study>/study.db` unless `storage=` names
+another SQLAlchemy URL), so a rerun with a larger `n_trials` continues it, several processes on
+the same storage share it (Optuna's own mechanism: each asks the database for its next trial),
+and `optuna-dashboard` can browse it. Each trial is an ordinary run directory
+(`outputs/tune/<study>/trial-NNNN/`: metrics.json, epochs.csv, TensorBoard, checkpoints), so
+`scripts/aggregate.py` and `scripts/report.py` work on a study directory as on a sweep.
+
+Trials are sampled by a seeded TPE sampler and stopped early by a median pruner that sees each
+epoch's validation accuracy. A diverged or crashed trial is recorded (FAIL in the study, its
+status in its run directory) and the study goes on; a user error (bad key, missing data) stops it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import lightning as L
+import optuna
+import sqlalchemy
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fmnist.config import check_values, register
+from fmnist.data.datamodule import find_csv
+from fmnist.errors import ConfigError, DataError, DivergedError, FmnistError
+from fmnist.results.runs import update_record
+from fmnist.results.sweep import summarize
+from fmnist.training.train import record_failure, train
+
+log = logging.getLogger(__name__)
+
+METRIC = "val/acc_best"  # what the study maximises: model selection is on validation, never on test
+
+
+@dataclass
+class ParamSpec:
+    """One searched value: `key` (a train override: `optim.lr`, or a group such as `model`) and its range."""
+
+    key: str = MISSING
+    low: Optional[float] = None
+    high: Optional[float] = None
+    log: bool = False  # sample log-uniformly (learning rates, weight decay)
+    integer: bool = False  # sample integers in [low, high]
+    choices: Optional[List[Any]] = None  # a categorical instead of a range
+
+
+@dataclass
+class SamplerConfig:
+    seed: int = 0
+    n_startup_trials: int = 5  # random trials before TPE models the results
+
+
+@dataclass
+class PrunerConfig:
+    n_startup_trials: int = 4  # trials that must finish before any is pruned (the median needs a few)
+    prune_from_epoch: int = 2  # a trial is never pruned before this epoch's validation
+
+
+@dataclass
+class TuneConfig:
+    study: str = MISSING
+    n_trials: int = 20  # trials in the study in total, counting earlier runs and other processes
+    storage: Optional[str] = None  # SQLAlchemy URL; null: sqlite:///<out_dir>/<study>/study.db
+    out_dir: str = "outputs/tune"  # trial run directories go to <out_dir>/<study>/
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    space: Dict[str, ParamSpec] = field(default_factory=dict)  # Optuna parameter name -> spec
+
+
+# Before the user's overrides (which may pick another single device): `devices=auto` on a
+# multi-GPU machine would start DDP over all GPUs inside the trial.
+ONE_DEVICE = ["trainer.devices=1"]
+
+# Command-line keys that configure the search; every other override is a train override.
+TUNE_KEYS = {"study", "n_trials", "storage", "out_dir", "sampler", "pruner", "space", "tune"}
+
+
+def register_tune() -> None:
+    register()
+    ConfigStore.instance().store(name="tune_schema", node=TuneConfig)
+
+
+def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
+    """(tune overrides, train overrides) of a `tune.py` command line."""
+    def root(arg: str) -> str:
+        return arg.split("=", 1)[0].lstrip("+~").split("@", 1)[0].split(".", 1)[0]
+
+    return [a for a in args if root(a) in TUNE_KEYS], [a for a in args if root(a) not in TUNE_KEYS]
+
+
+def _compose(name: str, overrides: list[str]) -> DictConfig:
+    try:
+        return compose(name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(f"{'tune.py' if name == 'tune' else 'train'} config: {e} (overrides: {' '.join(overrides)})") from e
+
+
+def _check_tune_config(cfg: DictConfig) -> None:
+    if OmegaConf.is_missing(cfg, "study") or not str(cfg.study).strip() or "/" in str(cfg.study):
+        raise ConfigError("tune.py needs a study name without `/`: python tune.py study=NAME n_trials=N [train overrides]")
+    if cfg.n_trials < 1:
+        raise ConfigError(f"config key n_trials must be at least 1; got {cfg.n_trials}.")
+    if not cfg.space:
+        raise ConfigError("the search space is empty: choose one with tune=NAME (conf/tune/*.yaml).")
+    for name, spec in cfg.space.items():
+        if OmegaConf.is_missing(spec, "key"):
+            raise ConfigError(f"search space entry space.{name} needs a key: the train override it sets (e.g. optim.lr).")
+        ranged = spec.low is not None and spec.high is not None
+        if bool(spec.choices) == ranged:
+            raise ConfigError(f"search space entry space.{name} needs either choices or low and high; got {OmegaConf.to_container(spec)}.")
+        if ranged and (spec.low > spec.high or (spec.log and spec.low <= 0)):
+            raise ConfigError(f"search space entry space.{name} needs low <= high (and low > 0 with log: true); "
+                              f"got low={spec.low}, high={spec.high}.")
+
+
+def _format(value: Any) -> str:
+    # 4 significant digits: readable directory summaries and commands; far below any effect on training.
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _suggest(trial: optuna.Trial, name: str, spec: DictConfig) -> Any:
+    if spec.choices:
+        return trial.suggest_categorical(name, list(spec.choices))
+    if spec.integer:
+        return trial.suggest_int(name, int(spec.low), int(spec.high), log=spec.log)
+    return trial.suggest_float(name, spec.low, spec.high, log=spec.log)
+
+
+class ReportToTrial(L.Callback):
+    """Give the trial each epoch's validation accuracy; stop the run when the pruner says so.
+
+    Reported at the training epoch's end, after validation and after EpochCSV (an earlier callback)
+    has written the epoch's row, so a pruned run's epochs.csv ends with the epoch that pruned it.
+    """
+
+    def __init__(self, trial: optuna.Trial, monitor: str = "val/acc"):
+        self.trial = trial
+        self.monitor = monitor
+        self._value: float | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and self.monitor in trainer.callback_metrics:
+            self._value = float(trainer.callback_metrics[self.monitor])
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._value is None:  # no validation this epoch (check_val_every_n_epoch > 1)
+            return
+        epoch, value, self._value = trainer.current_epoch + 1, self._value, None  # epochs.csv's numbering
+        self.trial.report(value, step=epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned by the median pruner after epoch {epoch}: {self.monitor} {value:.4f} "
+                                     "is below the median of earlier trials at that epoch")
+
+
+class TrialFailed(Exception):
+    """A trial diverged or crashed: recorded, and the study goes on."""
+
+
+@dataclass
+class Search:
+    cfg: DictConfig  # the tune config
+    train_overrides: list[str]
+    study_dir: Path
+
+    def check_space(self) -> None:
+        """Compose the train config at each end of each range (and each choice), so that a typo'd key
+        or an impossible value stops the study before its first trial, not in the middle."""
+        base = _compose("train", [*ONE_DEVICE, *self.train_overrides])
+        check_values(base)
+        self._check_placement(base)
+        for split in ("train", "test"):
+            if not find_csv(Path(base.data.dir), split).exists():
+                raise DataError(f"{find_csv(Path(base.data.dir), split)}: file not found. Expected a Kaggle-format "
+                                "Fashion-MNIST CSV; `make data` creates one, or pass data.dir=DIR.")
+        for name, spec in self.cfg.space.items():
+            for value in spec.choices or [spec.low, spec.high]:
+                value = int(value) if spec.integer else value
+                check_values(_compose("train", [*ONE_DEVICE, *self.train_overrides, f"{spec.key}={_format(value)}"]))
+
+    @staticmethod
+    def _check_placement(cfg: DictConfig) -> None:
+        devices = cfg.trainer.devices
+        one = devices in (1, "1") or (OmegaConf.is_list(devices) and len(devices) == 1)
+        if "ddp" in str(cfg.trainer.strategy) or cfg.trainer.num_nodes != 1 or not one:
+            raise ConfigError("tune.py trains each trial in its own process on one device; got "
+                              f"trainer.strategy={cfg.trainer.strategy} trainer.devices={cfg.trainer.devices} "
+                              f"trainer.num_nodes={cfg.trainer.num_nodes}. To use several GPUs, start one tune.py "
+                              "per GPU on the same study (CUDA_VISIBLE_DEVICES=i python tune.py study=NAME ...).")
+
+    def objective(self, trial: optuna.Trial) -> float:
+        params = {name: _suggest(trial, name, spec) for name, spec in self.cfg.space.items()}
+        overrides = [*self.train_overrides, *(f"{spec.key}={_format(params[name])}" for name, spec in self.cfg.space.items())]
+        cfg = _compose("train", [*ONE_DEVICE, *overrides])
+        run_dir = self.study_dir / f"trial-{trial.number:04d}"
+        trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr("overrides", overrides)
+        try:
+            metrics = train(cfg, run_dir, overrides, callbacks=[ReportToTrial(trial)])
+        except optuna.TrialPruned as e:
+            update_record(run_dir, status="pruned", error=str(e), finished_at=_now())
+            raise
+        except DivergedError as e:
+            self._failed(trial, run_dir, "diverged", str(e), e)
+        except FmnistError as e:  # the user's to fix (data, config): record it, and stop the study
+            record_failure(run_dir, "failed", str(e), e)
+            raise
+        except Exception as e:  # e.g. out of memory at one batch size: this trial only
+            self._failed(trial, run_dir, "failed", f"{type(e).__name__}: {e}", e)
+        finally:
+            if (run_dir / "metrics.json").exists():
+                update_record(run_dir, optuna={"study": self.cfg.study, "trial": trial.number, "params": params})
+        for key in ("test/acc", "test/loss", "best_epoch"):
+            if key in metrics:
+                trial.set_user_attr(key, metrics[key])
+        return metrics[METRIC]
+
+    @staticmethod
+    def _failed(trial: optuna.Trial, run_dir: Path, status: str, message: str, error: BaseException) -> None:
+        trial.set_user_attr("status", status)
+        record_failure(run_dir, status, message, error)
+        raise TrialFailed(message) from error
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _storage(cfg: DictConfig, study_dir: Path) -> optuna.storages.RDBStorage:
+    url = cfg.storage or f"sqlite:///{study_dir.resolve() / 'study.db'}"
+    # SQLite serialises writers with a lock; several processes wait for it instead of failing.
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    for attempt in range(5):
+        try:
+            # The heartbeat marks a trial whose process died (killed, node lost) as failed, so that
+            # its slot is not held as "running" forever.
+            with warnings.catch_warnings():  # "experimental" since optuna 2.9, and what distributed studies need
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=60, grace_period=180)
+        except sqlalchemy.exc.IntegrityError:
+            # Processes started together race to create the new database's tables (seen with two
+            # tune.py on one SQLite file): the loser finds them made on a second try.
+            time.sleep(1 + attempt)
+        except Exception as e:  # a malformed URL, a missing driver, a database that cannot be reached
+            raise ConfigError(f"cannot open the study storage {url!r}: {type(e).__name__}: {e}") from e
+    raise ConfigError(f"cannot open the study storage {url!r}: its tables could not be created (5 tries).")
+
+
+def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
+    """`tune.py`'s work: compose, validate, run the study to `n_trials`, write best.yaml and figures."""
+    register_tune()
+    tune_overrides, train_overrides = split_overrides(args)
+    with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3", job_name="tune"):
+        cfg = _compose("tune", tune_overrides)
+        _check_tune_config(cfg)
+        study_dir = Path(cfg.out_dir) / cfg.study
+        search = Search(cfg, train_overrides, study_dir)
+        search.check_space()
+        study_dir.mkdir(parents=True, exist_ok=True)
+        study = optuna.create_study(
+            study_name=cfg.study, storage=_storage(cfg, study_dir), direction="maximize", load_if_exists=True,
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner.n_startup_trials,
+                                               n_warmup_steps=cfg.pruner.prune_from_epoch))
+        done = len(study.trials)
+        # Seeded, and offset by the trials already in the study: a continued study must not replay
+        # the first run's random start. Processes starting together need distinct sampler.seed.
+        study.sampler = optuna.samplers.TPESampler(seed=cfg.sampler.seed + done,
+                                                   n_startup_trials=cfg.sampler.n_startup_trials)
+        remaining = cfg.n_trials - done
+        log.info("study %s (%s): %d trials so far, %d to run", cfg.study, study_dir, done, max(remaining, 0))
+        if remaining > 0:
+            # MaxTrialsCallback counts every process's trials: together they stop at n_trials.
+            study.optimize(search.objective, n_trials=remaining, catch=(TrialFailed,),
+                           callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials, states=None)])
+    write_results(study, study_dir)
+    return study
+
+
+def best_overrides(study: optuna.Study) -> dict | None:
+    """The best finished trial: its number, value and overrides; None when no trial has finished."""
+    try:
+        best = study.best_trial
+    except ValueError:
+        return None
+    return {"study": study.study_name, "trial": best.number, METRIC: best.value,
+            "test/acc": best.user_attrs.get("test/acc"), "run_dir": best.user_attrs.get("run_dir"),
+            "params": dict(best.params), "overrides": list(best.user_attrs.get("overrides", []))}
+
+
+def write_results(study: optuna.Study, study_dir: Path) -> None:
+    """best.yaml, summary.csv/.md over the trial directories, the two figures; print the best trial."""
+    states = {s.name.lower(): sum(t.state == s for t in study.trials) for s in optuna.trial.TrialState}
+    print(f"study {study.study_name}: {len(study.trials)} trials ("
+          + ", ".join(f"{n} {s}" for s, n in states.items() if n) + ")")
+    if any((d / "metrics.json").exists() for d in study_dir.glob("trial-*")):
+        summarize(study_dir)
+    best = best_overrides(study)
+    if best is None:
+        print("no trial has finished yet: no best.yaml")
+        return
+    command = "python train.py " + " ".join(best["overrides"])
+    text = (f"# Best trial of Optuna study {study.study_name} ({len(study.trials)} trials), by {METRIC}.\n"
+            f"# Train it again (or with other seeds) with:\n#   {command}\n")
+    (study_dir / "best.yaml").write_text(text + OmegaConf.to_yaml(OmegaConf.create(best)))
+    print(f"best trial {best['trial']}: {METRIC} {best[METRIC]:.4f}"
+          + (f", test/acc {best['test/acc']:.4f}" if best["test/acc"] is not None else "")
+          + f" ({best['run_dir']})\n  params: {best['params']}\n  {command}\n  written to {study_dir / 'best.yaml'}")
+    _figures(study, study_dir)
+
+
+def _figures(study: optuna.Study, study_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    figures = {"optimization_history.png": ovm.plot_optimization_history,
+               "param_importances.png": ovm.plot_param_importances}
+    for name, plot in figures.items():
+        try:
+            with warnings.catch_warnings():  # "experimental" since optuna 2.2: noise at every run
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                ax = plot(study)
+        except (ValueError, RuntimeError) as e:  # importances need two finished trials that differ
+            log.warning("no %s: %s", name, e)
+            continue
+        fig = ax.figure
+        fig.set_size_inches(7, 4.5)
+        fig.tight_layout()
+        fig.savefig(study_dir / name, dpi=120)
+        plt.close(fig)
+        print(f"  figure: {study_dir / name}")

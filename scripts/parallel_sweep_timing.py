@@ -1,0 +1,53 @@
+"""Time one 4-job sweep run sequentially (basic launcher) and with the joblib launcher, side by side.
+
+    python scripts/parallel_sweep_timing.py --data-dir data [--n-jobs 2] [train overrides...]
+
+Both sweeps run the same jobs (seeds 0-3 of one setting) into fresh directories under --out, one
+after the other in this one invocation, so that they see the same machine; the table gives each
+sweep's total wall time (process start to summary, as a user waits for it).
+"""
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = ["model=simple", "data.train_subset=1000", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+           "trainer.enable_model_summary=false"]
+
+
+def sweep(out: Path, data_dir: str, overrides: list[str], launcher: list[str]) -> float:
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", f"data.dir={data_dir}", *overrides, "seed=0,1,2,3",
+           f"hydra.sweep.dir={out}", *launcher]
+    started = time.perf_counter()
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    seconds = time.perf_counter() - started
+    if result.returncode != 0 or "Jobs: 4 completed." not in (out / "summary.md").read_text():
+        sys.exit(f"sweep into {out} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--n-jobs", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("outputs/parallel_timing"))
+    args, overrides = parser.parse_known_args()
+    out = args.out.resolve() / time.strftime("%Y-%m-%d_%H-%M-%S")
+    overrides = overrides or DEFAULT
+    seq = sweep(out / "sequential", args.data_dir, overrides, [])
+    par = sweep(out / f"joblib-{args.n_jobs}", args.data_dir, overrides,
+                ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.n_jobs}"])
+    print(f"4 jobs ({' '.join(overrides)}) on {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
+    print("| launcher | total wall time (s) |\n|---|---|")
+    print(f"| basic (sequential) | {seq:.1f} |\n| joblib, n_jobs={args.n_jobs} | {par:.1f} |")
+    print(f"speed-up: {seq / par:.2f}x  (run directories: {out})")
+
+
+if __name__ == "__main__":
+    main()

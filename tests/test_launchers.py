@@ -1,0 +1,106 @@
+"""Sweeps through other launchers: joblib (parallel local jobs), submitit (local processes, SLURM)."""
+
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+
+import joblib
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+
+from fmnist.sweeps.placement import plan
+from tests.conftest import CONF, FAST
+from tests.test_cli import run_cli
+
+JOBLIB = {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": 2}
+BASIC = {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}
+
+
+@pytest.mark.parametrize("launcher,job,cores,gpus,devices,threads,device", [
+    (JOBLIB, 3, 2, 0, "auto", 1, None),                    # 2 jobs on 2 cores: one thread each
+    (JOBLIB, 3, 16, 0, "auto", 8, None),
+    ({**JOBLIB, "n_jobs": -1}, 0, 8, 0, "auto", 1, None),  # joblib's -1: as many jobs as cores
+    ({**JOBLIB, "n_jobs": 4}, 5, 32, 4, "auto", 8, 1),     # job i on GPU i mod G
+    ({**JOBLIB, "n_jobs": 4}, 5, 32, 4, [2], 8, None),     # a job pinned by the user stays pinned
+    (BASIC, 5, 32, 4, "auto", None, None),                 # sequential: torch's defaults
+    ({"_target_": "x.submitit_launcher.SlurmLauncher", "cpus_per_task": 6}, 1, 64, 8, "auto", 6, None),
+])
+def test_placement_shares_cores_and_gpus(launcher, job, cores, gpus, devices, threads, device):
+    placement = plan(launcher, job, cores, gpus, "auto", devices)
+    assert (placement.threads, placement.device) == (threads, device)
+
+
+def _records(sweep: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
+
+
+def test_joblib_sweep_runs_jobs_in_parallel_each_with_its_share_of_the_cores(tmp_path, data_dir):
+    sweep = tmp_path / "s"
+    result = run_cli("-m", *FAST, f"data.dir={data_dir}", "model=simple", "seed=0,1,2,3",
+                     "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = _records(sweep)
+    assert sorted(r["seed"] for r in records.values()) == [0, 1, 2, 3]
+    assert all(r["status"] == "completed" and r["metrics"]["test/acc"] > 0 for r in records.values())
+    assert "Jobs: 4 completed." in (sweep / "summary.md").read_text()
+    threads = max(1, joblib.cpu_count() // 2)  # the count placement uses (affinity and cgroup quota)
+    for job in records:
+        assert "2 jobs at once" in (sweep / job / "train.log").read_text()
+        assert f"(torch threads: {threads})" in (sweep / job / "train.log").read_text()
+    # Two jobs ran at the same time: one started before another had finished.
+    spans = sorted((datetime.fromisoformat(r["started_at"]), datetime.fromisoformat(r["finished_at"]))
+                   for r in records.values())
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans
+
+
+def test_submitit_local_sweep_records_and_summarizes_its_jobs(tmp_path, data_dir):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra is not installed")
+    sweep = tmp_path / "s"
+    result = run_cli("-m", *FAST, f"data.dir={data_dir}", "model=simple", "optim.lr=1e-3,3e-3",
+                     "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = _records(sweep)
+    assert sorted(records) == ["data.batch_size=32,data.val_size=100,model=simple,optim.lr=0.001",
+                               "data.batch_size=32,data.val_size=100,model=simple,optim.lr=0.003"]
+    assert all(r["status"] == "completed" and r["metrics"]["val/acc_best"] > 0 for r in records.values())
+    table = pd.read_csv(sweep / "summary.csv")
+    assert sorted(table.status) == ["completed", "completed"] and table.setting.nunique() == 2
+    assert "Jobs: 2 completed." in (sweep / "summary.md").read_text()
+    assert list((sweep / ".submitit").glob("*/*_log.out")), "submitit kept no job logs"
+
+
+def test_slurm_launcher_config_composes_with_its_resources():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra is not installed")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=a100"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node, launcher.cpus_per_task) == ("a100", 1, 1, 8)
+    assert (launcher.timeout_min, launcher.array_parallelism, launcher.max_num_timeout) == (120, 16, 0)
+
+
+def test_slurm_sweep_submits_one_job_array_with_the_configured_resources(tmp_path, data_dir, monkeypatch):
+    """The real launcher and submitit write the sbatch script; a stand-in `sbatch` records it."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra is not installed")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text('#!/bin/sh\ncp "$1" "$SBATCH_RECORD"\necho "sbatch: recorded" >&2\nexit 1\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit checks that it is on a cluster
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    record = tmp_path / "submitted.sh"
+    monkeypatch.setenv("SBATCH_RECORD", str(record))
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    result = run_cli("-m", *FAST, f"data.dir={data_dir}", "seed=0,1,2", "hydra/launcher=slurm",
+                     "hydra.launcher.partition=a100", "hydra.launcher.array_parallelism=2",
+                     "hydra.launcher.timeout_min=30", f"hydra.sweep.dir={tmp_path}/s")
+    assert result.returncode != 0 and "sbatch: recorded" in result.stderr  # nothing ran: no cluster here
+    script = record.read_text()
+    for line in ["#SBATCH --partition=a100", "#SBATCH --gpus-per-node=1", "#SBATCH --ntasks-per-node=1",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32GB", "#SBATCH --time=30",
+                 "#SBATCH --array=0-2%2", "#SBATCH --job-name=train"]:
+        assert line in script.splitlines(), f"{line} not in:\n{script}"
+    assert f"-m submitit.core._submit {tmp_path}/s/.submitit/" in script

@@ -1,0 +1,120 @@
+"""tune.py: an Optuna study on a real database, continued, with failed and pruned trials recorded."""
+
+import os
+import subprocess
+import sys
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+from fmnist.results.runs import read_record
+from fmnist.errors import FmnistError
+from fmnist.sweeps.tune import Search, register_tune, run_search
+from tests.conftest import CONF, FAST, ROOT
+
+# Small trials: the simple CNN, two epochs (two reports to the pruner), 2 batches each.
+SMALL = [*FAST, "model=simple", "~space.model", "space.batch_size.choices=[16,32]", "trainer.max_epochs=2"]
+
+
+def run_tune(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tune.py"), *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+
+
+def load(out, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{out / name / 'study.db'}")
+
+
+def test_a_study_runs_to_n_trials_records_each_trial_and_continues(tmp_path, data_dir):
+    args = ["study=s", f"out_dir={tmp_path}", f"data.dir={data_dir}", *SMALL]
+    first = run_tune(*args, "n_trials=4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    study = load(tmp_path, "s")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    for trial in study.trials:  # an ordinary run directory per trial, its epochs reported to the pruner
+        run_dir = tmp_path / "s" / f"trial-{trial.number:04d}"
+        record = read_record(run_dir)
+        assert record["status"] == "completed" and record["metrics"]["val/acc_best"] == pytest.approx(trial.value)
+        assert record["optuna"]["trial"] == trial.number
+        epochs = pd.read_csv(run_dir / "epochs.csv")
+        assert trial.intermediate_values == pytest.approx(dict(zip(epochs.epoch, epochs["val/acc"])), abs=1e-6)
+    best = yaml.safe_load((tmp_path / "s" / "best.yaml").read_text())
+    assert best["trial"] == study.best_trial.number and best["val/acc_best"] == pytest.approx(study.best_value)
+    assert f"optim.lr={study.best_params['lr']:.4g}" in best["overrides"] and f"data.dir={data_dir}" in best["overrides"]
+    assert f"best trial {best['trial']}: val/acc_best {study.best_value:.4f}" in first.stdout
+    assert "Jobs: 4 completed." in (tmp_path / "s" / "summary.md").read_text()
+    for figure in ("optimization_history.png", "param_importances.png"):
+        assert (tmp_path / "s" / figure).stat().st_size > 10_000
+
+    first_params = [t.params for t in study.trials]
+    again = run_tune(*args, "n_trials=6")  # the same study, continued: 2 more trials
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials = load(tmp_path, "s").trials
+    # The median pruner may now stop a trial (4 have finished): finished either way, and recorded so.
+    statuses = {optuna.trial.TrialState.COMPLETE: "completed", optuna.trial.TrialState.PRUNED: "pruned"}
+    assert len(trials) == 6 and all(t.state in statuses for t in trials)
+    assert [read_record(tmp_path / "s" / f"trial-{t.number:04d}")["status"] for t in trials] == [statuses[t.state] for t in trials]
+    assert [t.params for t in trials[:4]] == first_params
+    assert all(t.params["lr"] not in {p["lr"] for p in first_params} for t in trials[4:])  # no replayed start
+    assert sorted(p.name for p in (tmp_path / "s").glob("trial-*")) == [f"trial-{i:04d}" for i in range(6)]
+
+
+def test_a_diverging_trial_is_recorded_and_the_study_goes_on(tmp_path, data_dir):
+    # SGD with learning rates up to 1e8: the seeded sampler draws both trainable and exploding ones.
+    result = run_tune("study=d", "n_trials=4", f"out_dir={tmp_path}", f"data.dir={data_dir}", *SMALL, "optim=sgd",
+                      "space.lr.low=1e-3", "space.lr.high=1e8", "optim.scheduler=none", "trainer.precision=32-true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = load(tmp_path, "d").trials
+    assert len(trials) == 4
+    states = {t.number: t.state for t in trials}
+    failed = [n for n, s in states.items() if s == optuna.trial.TrialState.FAIL]
+    assert failed and len(failed) < 4, states
+    for n in failed:
+        assert read_record(tmp_path / "d" / f"trial-{n:04d}")["status"] == "diverged"
+        assert trials[n].user_attrs["status"] == "diverged"
+    assert "diverged" in (tmp_path / "d" / "summary.md").read_text()
+
+
+class AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial) -> bool:
+        return True
+
+
+def test_a_pruned_trial_stops_after_its_first_report_and_is_recorded(tmp_path, data_dir):
+    register_tune()
+    study = optuna.create_study(direction="maximize", pruner=AlwaysPrune())
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        search = Search(compose("tune", ["study=p"]), [*FAST, f"data.dir={data_dir}", "model=simple",
+                                                       "trainer.max_epochs=3"], tmp_path)
+        study.optimize(search.objective, n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.PRUNED and list(trial.intermediate_values) == [1]
+    record = read_record(tmp_path / "trial-0000")
+    assert record["status"] == "pruned" and "after epoch 1" in record["error"]
+    assert len(pd.read_csv(tmp_path / "trial-0000" / "epochs.csv")) == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["n_trials=3"], "tune.py needs a study name"),
+    (["study=x", "n_trials=0"], "config key n_trials must be at least 1; got 0"),
+    (["study=x", "space.lr.low=-1"], "search space entry space.lr needs low <= high (and low > 0 with log: true)"),
+    (["study=x", "space.dropout.high=1.5"], "config key model.dropout must be in [0, 1); got 1.5"),
+    (["study=x", "optim.lrr=1"], "Could not override 'optim.lrr'"),
+    (["study=x", "trainer=ddp"], "tune.py trains each trial in its own process on one device"),
+    (["study=x", "data.dir=/nonexistent"], "fashion-mnist_train.csv: file not found"),
+])
+def test_bad_input_stops_before_the_study_is_created(tmp_path, data_dir, args, message):
+    with pytest.raises(FmnistError) as error:
+        run_search(CONF, [f"out_dir={tmp_path}", f"data.dir={data_dir}", *args])
+    assert message in str(error.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_bad_input_exits_2_with_one_paragraph(tmp_path):
+    result = run_tune("study=x", "space.lr.low=-1", f"out_dir={tmp_path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["error: search space entry space.lr needs low <= high (and low > 0 "
+                                                  "with log: true); got low=-1.0, high=0.01."]

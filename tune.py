@@ -1,0 +1,35 @@
+"""Hyperparameter search with Optuna: `python tune.py study=NAME n_trials=N [train overrides...]`.
+
+  python tune.py study=lr_dropout n_trials=30 preset=cpu        # search space: conf/tune/default.yaml
+  python tune.py study=lr_dropout n_trials=50                   # continue the same study to 50 trials
+  python tune.py study=s storage=postgresql://host/db ...       # several processes or machines share it
+
+Tune keys (conf/tune.yaml): study, n_trials, storage, out_dir, sampler.*, pruner.*, space.*, tune=NAME.
+Every other argument is a train override (conf/train.yaml) applied to every trial. Results:
+outputs/tune/<study>/ (study.db, trial-NNNN/ run directories, best.yaml, summary.md, figures).
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+from fmnist.errors import FmnistError
+
+
+def main(args: list[str]) -> int:
+    if {"-h", "--help"} & set(args):
+        print(__doc__)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    from fmnist.sweeps.tune import run_search  # after `--help`: importing torch takes seconds
+
+    try:
+        run_search(Path(__file__).resolve().parent / "conf", args)
+    except FmnistError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
