@@ -1,12 +1,12 @@
 """Hydra entry point: `python evaluate.py ckpt=PATH [data.dir=DIR] [tta=true]` (see fmnist/inference/evaluate.py)."""
 
-import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from fmnist.cli import exit_with, run_cli
 from fmnist.errors import FmnistError
 from fmnist.inference.config import register
 
@@ -21,11 +21,10 @@ def main(cfg: DictConfig) -> None:
     try:
         evaluate(cfg, out_dir)
     except FmnistError as e:
-        print(f"error: {e}", file=sys.stderr)  # (logging goes to stderr too: printed once)
         if out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()  # Hydra made it for this evaluation: leave nothing behind
-        sys.exit(e.exit_code)
+        exit_with(e)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a bad command line exits 2 with one paragraph, as train.py's does

@@ -1,10 +1,10 @@
 """Hydra entry point: `python predict.py ckpt=PATH inputs=[...] [top_k=3] [out=FILE]` (see fmnist/inference/predict.py)."""
 
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
+from fmnist.cli import exit_with, run_cli
 from fmnist.errors import FmnistError
 from fmnist.inference.config import register
 
@@ -18,9 +18,8 @@ def main(cfg: DictConfig) -> None:
     try:
         predict(cfg)
     except FmnistError as e:
-        print(f"error: {e}", file=sys.stderr)  # (logging goes to stderr too: printed once)
-        sys.exit(e.exit_code)
+        exit_with(e)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a bad command line exits 2 with one paragraph, as train.py's does

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from hydra.errors import HydraException
@@ -30,7 +31,8 @@ def composition_message(error: BaseException) -> str:
     texts = [text.replace(":\n\t", ": ").replace("\n\t", ", ") for text in texts]
     kept = [part.strip(" \t.:") for text in texts for part in text.splitlines()
             if part.strip() and not part.strip().startswith(_DROPPED)]
-    return ". ".join(dict.fromkeys(kept)) + ". `python train.py --help` lists the config groups and keys."
+    entry = Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else "train.py"
+    return ". ".join(dict.fromkeys(kept)) + f". `python {entry} --help` lists the config groups and keys."
 
 
 def refuse_unknown_keys(cfg: DictConfig, overrides: list[str]) -> None:
