@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,3 +67,12 @@ def storage_errors():
         if mapped is None:
             raise
         raise mapped from e
+
+
+def file_digest(path: Path, algorithm: str = "sha1") -> str:
+    """Hex digest of a file's bytes, read in 4 MiB chunks (a cache key, a data identity, a checkpoint's hash)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()

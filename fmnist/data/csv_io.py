@@ -10,7 +10,6 @@ may have the 784 pixel columns alone. Parsing works on the raw bytes with numpy,
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import logging
 import os
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fmnist.errors import DataError
-from fmnist.fsio import atomic_write
+from fmnist.fsio import atomic_write, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -212,15 +211,6 @@ def write_csv(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
         f.write((",".join(HEADER) + "\n").encode())
         f.write(b"\n".join(lines) + b"\n")
     os.replace(tmp, path)
-
-
-def file_digest(path: Path) -> str:
-    """Content hash of a file, used to tell whether a cache is still valid."""
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cache_path(path: Path) -> Path:

@@ -7,7 +7,6 @@ repeating. Every load goes through `load_checkpoint`, i.e. `torch.load(weights_o
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from fmnist.data.datamodule import FashionMNISTDataModule, find_csv
 from fmnist.errors import CheckpointError, DataError
+from fmnist.fsio import file_digest
 from fmnist.models import MODELS
 from fmnist.results.runs import read_record
 from fmnist.results.sweep import collect
@@ -72,14 +72,6 @@ def resolve(ckpt: str | Path) -> Resolved:
     note = f"best of {len(done)} completed jobs by validation accuracy: {best.job} (val/acc_best {best.val_acc_best:.4f})"
     log.info("%s: %s", path, note)
     return Resolved(best_in_run(run_dir), run_dir, "sweep", note)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -169,7 +161,7 @@ def load_model(ckpt: str | Path) -> LoadedModel:
         raise CheckpointError(f"{path}: its weights do not fit the architecture its hyperparameters describe "
                               f"({model}): {first}") from e
     module.eval()
-    loaded = LoadedModel(module, path, sha256(path), dict(model), data, run_dir=resolved.run_dir, note=resolved.note)
+    loaded = LoadedModel(module, path, file_digest(path, "sha256"), dict(model), data, run_dir=resolved.run_dir, note=resolved.note)
     if loaded.normalize:
         loaded.mean, loaded.std = _standardisation(path, payload, data)
     loaded.extra["how"] = resolved.how

@@ -28,10 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from fmnist import console
 from fmnist.config import PLACEMENT_KEYS, RESUMABLE_KEYS, check_values
-from fmnist.data.csv_io import file_digest
 from fmnist.data.datamodule import FashionMNISTDataModule, find_csv
 from fmnist.errors import CheckpointError, ConfigError, DivergedError, FmnistError
-from fmnist.fsio import atomic_write, check_writable, storage_errors
+from fmnist.fsio import atomic_write, check_writable, file_digest, storage_errors
 from fmnist.hardware import check_accelerator, resolve_precision
 from fmnist.results.runs import FINISHED, provenance, read_record, update_record
 from fmnist.training.callbacks import DIVERGED_ADVICE, EpochCSV, TestArtifacts, step_callbacks
