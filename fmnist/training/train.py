@@ -53,6 +53,14 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _changed_keys(saved: Path, cfg: DictConfig) -> tuple[list[str], dict, dict]:
+    """Keys whose values differ between the run's saved config (if any) and `cfg`, resumable ones aside;
+    with both flattened configs, for messages."""
+    old = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=True)) if saved.exists() else {}
+    new = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS), old, new
+
+
 def _check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
     """Refuse to write into another run's directory; return True when resuming from last.ckpt."""
     record = read_record(run_dir)
@@ -64,9 +72,7 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
                               "pass ckpt_path=last to resume it, or choose another directory.")
         return False
     if saved.exists():
-        old = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
-        new = _flatten(OmegaConf.to_container(cfg, resolve=True))
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS)
+        changed, old, new = _changed_keys(saved, cfg)
         if changed:
             raise ConfigError(f"cannot resume {run_dir}: its config differs in {changed} "
                               f"(was {[old.get(k) for k in changed]}, now {[new.get(k) for k in changed]}).")
@@ -81,10 +87,7 @@ def data_digests(cfg: DictConfig) -> dict:
 def differences_from_finished(cfg: DictConfig, run_dir: Path, record: dict) -> list[str]:
     """What makes `cfg` another experiment than the finished one in `run_dir`: config keys that change the
     result (placement keys aside) and the data's content. Empty when it is the same experiment."""
-    saved = run_dir / "config.yaml"
-    old = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=True)) if saved.exists() else {}
-    new = _flatten(OmegaConf.to_container(cfg, resolve=True))
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS)
+    keys = _changed_keys(run_dir / "config.yaml", cfg)[0]
     if record.get("data_digest") and record["data_digest"] != data_digests(cfg):
         keys.append(f"the data's content (CSVs in {cfg.data.dir})")
     return keys
