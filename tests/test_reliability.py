@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -94,19 +95,21 @@ def test_refused_command_leaves_the_run_directory_byte_identical(tmp_path, data_
 
 # 3 and 13 (Ctrl-C exits 130). A stale error survived a successful resume.
 def test_resume_clears_the_error_of_the_interruption(make_cfg, tmp_path, monkeypatch):
+    run = tmp_path / "job"  # alone in its parent, so the summary below sees only this run
     cfg = make_cfg(*SIMPLE)
-    train(cfg, tmp_path)
+    train(cfg, run)
     monkeypatch.setattr(LitClassifier, "training_step", ctrl_c)
     with pytest.raises(SystemExit) as stopped:
-        run_job(make_cfg(*SIMPLE, "trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
+        run_job(make_cfg(*SIMPLE, "trainer.max_epochs=2", "ckpt_path=last"), run)
     assert stopped.value.code == 130
-    assert read_record(tmp_path)["status"] == "interrupted" and (tmp_path / "error.txt").exists()
+    assert read_record(run)["status"] == "interrupted" and (run / "error.txt").exists()
     monkeypatch.undo()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores further Ctrl-C after one
-    run_job(make_cfg(*SIMPLE, "trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
-    record = read_record(tmp_path)
-    assert record["status"] == "completed" and "error" not in record and not (tmp_path / "error.txt").exists()
-    assert collect(tmp_path.parent).set_index("job").loc[tmp_path.name, "error"] is None
+    run_job(make_cfg(*SIMPLE, "trainer.max_epochs=2", "ckpt_path=last"), run)
+    record = read_record(run)
+    assert record["status"] == "completed" and "error" not in record and not (run / "error.txt").exists()
+    error = collect(tmp_path).set_index("job").loc[run.name, "error"]
+    assert error is None or pd.isna(error)  # no stale error in the summary (pandas may hold "none" as NaN)
 
 
 # 4. The printed resume command was not shell-quoted.
