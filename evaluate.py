@@ -1,4 +1,4 @@
-"""Hydra entry point: `python evaluate.py ckpt=PATH [data.dir=DIR] [tta=true]` (see fmnist/inference/evaluate.py)."""
+"""Hydra entry point: `python evaluate.py ckpt=PATH [data.dir=DIR] [tta=flip]` (see fmnist/inference/evaluate.py)."""
 
 from pathlib import Path
 

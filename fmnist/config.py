@@ -44,10 +44,11 @@ class ModelConfig:
     dropout: float = 0.0
     channels_last: bool = True  # NHWC: faster convolutions on every CPU and GPU measured (README), same results
     compile: bool = False  # torch.compile: slower on the CPUs measured, after a long warm-up
+    tta: str = "none"  # test-time augmentation in validation and test: none | flip | flip_shift (fmnist.models.tta_logits)
 
 
 # Keys of `model` that are training options, not arguments of the architecture.
-MODEL_OPTIONS = ("channels_last", "compile")
+MODEL_OPTIONS = ("channels_last", "compile", "tta")
 
 
 @dataclass
@@ -96,6 +97,9 @@ class OptimConfig:
     scheduler: str = "none"  # none | cosine | linear (both per step, after `warmup_epochs`)
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
+    # Exponential moving average of the weights (and batch-norm statistics), updated every step with
+    # this decay; validation, checkpoints and the test use the averaged weights. 0: off.
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -162,6 +166,7 @@ def register() -> None:
 
 OPTIMIZERS = ("adam", "adamw", "sgd")  # fmnist/training/module.py maps each to its torch class
 SCHEDULERS = ("none", "cosine", "linear")  # shapes of fmnist.training.module.lr_factor
+TTA_MODES = ("none", "flip", "flip_shift")  # views of fmnist.models.tta_logits
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 # Keys that say where or how a job runs, not what it computes: left out of job directory names
@@ -218,6 +223,8 @@ def check_values(cfg: DictConfig) -> None:
         ("optim.scheduler", cfg.optim.scheduler in SCHEDULERS, f"one of {SCHEDULERS}"),
         ("optim.warmup_epochs", cfg.optim.warmup_epochs >= 0, "non-negative"),
         ("optim.label_smoothing", 0.0 <= cfg.optim.label_smoothing < 1.0, "in [0, 1)"),
+        ("optim.ema_decay", 0.0 <= cfg.optim.ema_decay < 1.0, "in [0, 1) (0: no weight averaging)"),
+        ("model.tta", cfg.model.tta in TTA_MODES, f"one of {TTA_MODES}"),
         ("trainer.precision", str(cfg.trainer.precision) in PRECISIONS, f"one of {PRECISIONS}"),
         ("trainer.max_epochs", cfg.trainer.max_epochs >= 1 or cfg.trainer.max_epochs == -1, "at least 1"),
         ("ckpt_path", cfg.ckpt_path in (None, "last"), "null or `last`"),

@@ -9,7 +9,10 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict
 
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -119,6 +122,28 @@ def build_model(name: str, **kwargs) -> nn.Module:
     defaults = {k: v for k, v in asdict(MODEL_SCHEMAS[name]()).items() if k != "name" and k not in MODEL_OPTIONS}
     given = {k: v for k, v in kwargs.items() if k not in MODEL_OPTIONS}
     return MODELS[name](**{**defaults, **given})
+
+
+def tta_logits(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mode: str) -> torch.Tensor:
+    """Logits of `x` [B, 1, 28, 28] under test-time augmentation `mode` (fmnist.config.TTA_MODES), in fp32.
+
+    none: one view. flip: the mean of the image and its mirror image (a flip never changes a
+    Fashion-MNIST label). flip_shift: half that, half the same for the image shifted one pixel
+    up-left and one down-right (airbench's scheme; edges replicated, i.e. background).
+    """
+    if mode == "none":
+        return net(x).float()
+
+    def mirrored(v: torch.Tensor) -> torch.Tensor:
+        return (net(v).float() + net(v.flip(-1)).float()) / 2
+
+    logits = mirrored(x)
+    if mode == "flip":
+        return logits
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    shifted = (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:, 2:])) / 2
+    return (logits + shifted) / 2
 
 
 def training_flops_per_image(net: nn.Module) -> int:

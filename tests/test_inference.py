@@ -104,8 +104,9 @@ def test_evaluate_with_tta_on_another_test_set(run_dir, tmp_path):
     other.mkdir()
     write_csv(other / "fashion-mnist_test.csv", *garment_images(50, 7))
     plain = evaluate(compose_named("evaluate", f"ckpt={run_dir}", f"data.dir={other}"), tmp_path / "plain")
-    tta = evaluate(compose_named("evaluate", f"ckpt={run_dir}", f"data.dir={other}", "tta=true"), tmp_path / "tta")
-    assert tta["tta"] and tta["metrics"]["n_images"] == 50 and tta["data"]["test_csv"].startswith(str(other))
+    tta = evaluate(compose_named("evaluate", f"ckpt={run_dir}", f"data.dir={other}", "tta=flip"), tmp_path / "tta")
+    assert (plain["tta"], tta["tta"]) == ("none", "flip") and tta["metrics"]["n_images"] == 50
+    assert tta["data"]["test_csv"].startswith(str(other))
     assert tta["metrics"]["loss"] != plain["metrics"]["loss"]  # the flipped images count
 
 

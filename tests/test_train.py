@@ -114,3 +114,11 @@ def test_resumed_run_keeps_its_best_validation_accuracy(make_cfg, tmp_path):
     assert len(val_acc) == 3 and resumed["val/acc_best"] == pytest.approx(max(val_acc), abs=1e-6)
     module = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert "val_acc_best.max_value" in module
+
+
+def test_last_checkpoint_is_the_latest_epoch_even_when_not_the_best(make_cfg, tmp_path):
+    # A learning rate too small to change the validation accuracy: epoch 2 is no better than epoch 1.
+    train(make_cfg("model=simple", "optim.lr=1e-12", "trainer.max_epochs=2"), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best-epoch001.ckpt", "last.ckpt"]
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (1, 4)  # Lightning counts epochs from 0: the second one

@@ -12,6 +12,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from fmnist.config import TTA_MODES
 from fmnist.errors import ConfigError
 
 NUM_CLASSES = 10
@@ -27,7 +28,7 @@ class InferenceDataConfig:
 class EvaluateConfig:
     ckpt: str = MISSING  # a .ckpt file, a run directory (its best checkpoint) or a sweep directory (its best job)
     data: InferenceDataConfig = field(default_factory=InferenceDataConfig)
-    tta: bool = False  # average the logits of each image and its horizontal flip
+    tta: Optional[str] = None  # none | flip | flip_shift (fmnist.models.tta_logits); null: the run's own model.tta
 
 
 @dataclass
@@ -68,6 +69,8 @@ def require(cfg: DictConfig, *keys: str) -> None:
 
 def check_data(cfg: DictConfig) -> None:
     require(cfg, "ckpt")
+    if cfg.get("tta") is not None and cfg.tta not in TTA_MODES:
+        _fail("tta", f"null (the run's own) or one of {TTA_MODES}", cfg)
     if cfg.data.batch_size is not None and cfg.data.batch_size < 1:
         _fail("data.batch_size", "null or at least 1", cfg)
 

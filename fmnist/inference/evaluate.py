@@ -1,4 +1,4 @@
-"""`python evaluate.py ckpt=PATH [data.dir=DIR] [tta=true]`: test any checkpoint on any Kaggle-format test CSV.
+"""`python evaluate.py ckpt=PATH [data.dir=DIR] [tta=flip]`: test any checkpoint on any Kaggle-format test CSV.
 
 Writes into a new evaluation directory (never into the run's own files), all at the end, each file
 atomically, `metrics.json` last: `confusion_matrix.csv`, `confusion_matrix.png` and `metrics.json`
@@ -89,7 +89,8 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     csv = model.test_csv(cfg.data.dir)
     images, labels = load_csv(csv)
     batch_size = cfg.data.batch_size or int(model.data.get("eval_batch_size", 1000))
-    logits = model.logits_batched(images, batch_size, tta=cfg.tta)
+    tta = cfg.tta if cfg.tta is not None else model.module.tta  # by default, as the run validated and tested
+    logits = model.logits_batched(images, batch_size, tta=tta)
     metrics, cm = classification_metrics(logits, labels)
     record = {
         "status": "completed", "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -97,13 +98,13 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
                        "chosen": model.note or None, "model": model.model},
         "data": {"test_csv": str(csv.resolve()), "normalize": model.normalize, "mean": model.mean, "std": model.std,
                  "batch_size": batch_size},
-        "tta": bool(cfg.tta), "precision": "32-true", "metrics": metrics,
+        "tta": tta, "precision": "32-true", "metrics": metrics,
         "run_test_acc": run_test_acc(model.run_dir), "config": OmegaConf.to_container(cfg, resolve=True),
         **provenance(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     _atomic(out_dir / "confusion_matrix.csv", lambda p: np.savetxt(p, cm, fmt="%d", delimiter=","))
-    _write_figure(out_dir / "confusion_matrix.png", cm, csv, cfg.tta)
+    _write_figure(out_dir / "confusion_matrix.png", cm, csv, tta)
     write_record(out_dir, record)
     print(summary_table(record, out_dir))
     return record
@@ -113,12 +114,12 @@ def _str(path: Path | None) -> str | None:
     return None if path is None else str(path.resolve())
 
 
-def _write_figure(path: Path, cm: np.ndarray, csv: Path, tta: bool) -> None:
+def _write_figure(path: Path, cm: np.ndarray, csv: Path, tta: str) -> None:
     import matplotlib.pyplot as plt
 
     from fmnist.results.plots import confusion_matrix_figure
 
-    fig = confusion_matrix_figure(cm, title=f"{csv.name}{' (TTA)' if tta else ''}")
+    fig = confusion_matrix_figure(cm, title=f"{csv.name}{'' if tta == 'none' else f' (TTA: {tta})'}")
     _atomic(path, lambda p: fig.savefig(p, dpi=100, format="png"))
     plt.close(fig)
 
@@ -128,7 +129,8 @@ def summary_table(record: dict, out_dir: Path) -> str:
     lines = [f"checkpoint {record['checkpoint']['path']} (sha256 {record['checkpoint']['sha256'][:12]})"]
     if record["checkpoint"]["chosen"]:
         lines.append(record["checkpoint"]["chosen"])
-    lines += [f"test CSV   {record['data']['test_csv']} ({m['n_images']} images{', TTA' if record['tta'] else ''})",
+    tta = "" if record["tta"] == "none" else f", TTA {record['tta']}"
+    lines += [f"test CSV   {record['data']['test_csv']} ({m['n_images']} images{tta})",
               f"accuracy {m['accuracy']:.4%}   loss {m['loss']:.4f}   macro-F1 {m['macro_f1']:.4f}   "
               f"ECE {m['ece']:.4f}" + (f"   (run's own test/acc {record['run_test_acc']:.4%})"
                                          if record["run_test_acc"] is not None else ""),

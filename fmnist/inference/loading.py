@@ -18,7 +18,7 @@ import torch
 from fmnist.data.datamodule import FashionMNISTDataModule, find_csv
 from fmnist.errors import CheckpointError, DataError
 from fmnist.fsio import file_digest
-from fmnist.models import MODELS
+from fmnist.models import MODELS, tta_logits
 from fmnist.results.runs import read_record
 from fmnist.results.sweep import collect
 from fmnist.training.checkpoint import load_checkpoint
@@ -99,13 +99,11 @@ class LoadedModel:
         return (x - self.mean) / self.std if self.normalize else x
 
     @torch.inference_mode()
-    def logits(self, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
-        """Logits [N, 10] of uint8 images [N, 1, 28, 28]; `tta`: averaged with those of the flipped images."""
-        x = self.preprocess(images)
-        out = self.module(x).float()
-        return (out + self.module(x.flip(-1)).float()) / 2 if tta else out
+    def logits(self, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
+        """Logits [N, 10] of uint8 images [N, 1, 28, 28] under test-time augmentation `tta` (fmnist.models.tta_logits)."""
+        return tta_logits(self.module, self.preprocess(images), tta)
 
-    def logits_batched(self, images: np.ndarray | torch.Tensor, batch_size: int, tta: bool = False) -> torch.Tensor:
+    def logits_batched(self, images: np.ndarray | torch.Tensor, batch_size: int, tta: str = "none") -> torch.Tensor:
         images = torch.as_tensor(images)
         images = images.unsqueeze(1) if images.dim() == 3 else images
         return torch.cat([self.logits(images[i:i + batch_size], tta) for i in range(0, len(images), batch_size)]) \

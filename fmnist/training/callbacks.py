@@ -1,5 +1,5 @@
 """Lightning callbacks: a per-epoch CSV (and line), a divergence stop, exact-resume RNG state, test-set artifacts,
-and a progress bar that counts epochs from 1 like everything else here."""
+an exponential moving average of the weights, and a progress bar that counts epochs from 1 like everything else here."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import EMAWeightAveraging, TQDMProgressBar
+from lightning.pytorch.trainer.states import TrainerFn
 
 from fmnist.errors import DivergedError
 from fmnist.models import training_flops_per_image
@@ -177,6 +178,25 @@ class TestArtifacts(L.Callback):
             if any(len(w[0]) for w in self.wrong):
                 images, true, pred = (torch.cat([w[i] for w in self.wrong]).numpy() for i in range(3))
                 experiment.add_figure("test/misclassified", misclassified_figure(images, true, pred), trainer.global_step)
+
+
+class WeightEMA(EMAWeightAveraging):
+    """Lightning's EMA of the weights and buffers (`optim.ema_decay`), evaluated wherever the model is.
+
+    Lightning swaps the averaged weights in for validation, saves them as each checkpoint's
+    `state_dict` (the raw ones under `current_model_state`, so a resume restores both), and copies
+    them into the model when training ends. So `best-*.ckpt`, and everything that loads it
+    (the test, evaluate, predict, export), holds the averaged weights.
+    """
+
+    def __init__(self, decay: float):
+        super().__init__(decay=decay)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        # Lightning's callback would also load the raw weights when `trainer.test(ckpt_path=...)` restores
+        # a checkpoint after fitting, so the test would score them instead of the averaged weights.
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
 
 def step_callbacks(progress_refresh_steps: int | None) -> list[L.Callback]:

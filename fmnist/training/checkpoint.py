@@ -81,7 +81,8 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
 
 class SafeModelCheckpoint(ModelCheckpoint):
-    """`ModelCheckpoint` whose end-of-epoch saves (best, then last) complete as one step.
+    """`ModelCheckpoint` whose end-of-epoch saves (best, then last) complete as one step, and whose
+    last.ckpt is always the latest epoch.
 
     A Ctrl-C or SIGTERM arriving between the two writes would otherwise leave a new best file but
     a stale `last.ckpt`; here it waits until both are written, and the run then stops cleanly.
@@ -96,7 +97,17 @@ class SafeModelCheckpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         with signals_deferred():
             super().on_train_epoch_end(trainer, pl_module)
+            if self._should_save_on_train_epoch_end(trainer):
+                self._save_latest(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         with signals_deferred():
             super().on_validation_end(trainer, pl_module)
+            if not self._should_save_on_train_epoch_end(trainer):
+                self._save_latest(trainer)
+
+    def _save_latest(self, trainer) -> None:
+        # Lightning 2.6 writes last.ckpt only at a step that also wrote a best checkpoint, so after an
+        # epoch that did not improve, a resume would repeat it (and lose what followed): write it anyway.
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

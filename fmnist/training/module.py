@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from fmnist.models import build_model
+from fmnist.models import build_model, tta_logits
 
 NUM_CLASSES = 10
 # The optimizer registry (names as fmnist.config.OPTIMIZERS): the torch class and the `optim.*` keys it takes.
@@ -31,7 +31,7 @@ def lr_factor(step: int, total: int, warmup: int, shape: str) -> float:
 class LitClassifier(L.LightningModule):
     """Hyperparameters are plain dicts and numbers, so checkpoints reload with `weights_only=True`.
 
-    model: the `model` config (`name`, the architecture's arguments, `channels_last`, `compile`);
+    model: the `model` config (`name`, the architecture's arguments, `channels_last`, `compile`, `tta`);
     optim: the `optim` config (fmnist.config.OptimConfig), every key present.
     """
 
@@ -40,6 +40,7 @@ class LitClassifier(L.LightningModule):
         self.save_hyperparameters(logger=False)
         self.net = build_model(**model)
         self.channels_last = model["channels_last"]
+        self.tta = model.get("tta", "none")  # validation and test only; checkpoints older than the option have none
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if model["compile"]:
@@ -58,9 +59,9 @@ class LitClassifier(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
-    def _loss(self, batch):
+    def _loss(self, batch, tta: str = "none"):
         x, y = batch
-        logits = self(x)
+        logits = tta_logits(self, x, tta)
         return F.cross_entropy(logits.float(), y, label_smoothing=self.hparams.optim["label_smoothing"]), logits, y
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -76,7 +77,7 @@ class LitClassifier(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        loss, logits, y = self._loss(batch)
+        loss, logits, y = self._loss(batch, self.tta)
         self.val_acc.update(logits, y)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=len(y))
@@ -88,7 +89,7 @@ class LitClassifier(L.LightningModule):
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
 
     def test_step(self, batch, batch_idx: int) -> dict:
-        loss, logits, y = self._loss(batch)
+        loss, logits, y = self._loss(batch, self.tta)
         preds = logits.argmax(dim=1)
         self.test_acc.update(preds, y)
         self.test_confusion.update(preds, y)

@@ -33,7 +33,7 @@ from fmnist.errors import CheckpointError, ConfigError, DivergedError, FmnistErr
 from fmnist.fsio import atomic_write, check_writable, file_digest, storage_errors
 from fmnist.hardware import check_accelerator, resolve_precision
 from fmnist.results.runs import FINISHED, provenance, read_record, update_record
-from fmnist.training.callbacks import DIVERGED_ADVICE, EpochCSV, TestArtifacts, step_callbacks
+from fmnist.training.callbacks import DIVERGED_ADVICE, EpochCSV, TestArtifacts, WeightEMA, step_callbacks
 from fmnist.training.checkpoint import SafeCheckpointIO, SafeModelCheckpoint, load_checkpoint
 from fmnist.training.module import LitClassifier
 from fmnist.training.rundir import RunDirInUse, own_run_dir
@@ -204,7 +204,8 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
                         logger=logger, plugins=[SafeCheckpointIO()],
                         callbacks=[checkpoint, EpochCSV(run_dir / "epochs.csv", echo=not bar),
                                    LearningRateMonitor(logging_interval="epoch"), TestArtifacts(run_dir),
-                                   *step_callbacks(cfg.progress_bar_refresh if bar else None), *(callbacks or [])])
+                                   *step_callbacks(cfg.progress_bar_refresh if bar else None),
+                                   *([WeightEMA(cfg.optim.ema_decay)] if cfg.optim.ema_decay else []), *(callbacks or [])])
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
     fit_seconds = time.perf_counter() - started
 

@@ -1,0 +1,110 @@
+"""Accuracy tools: weight EMA, test-time augmentation, batched augmentations (issue 13)."""
+
+import lightning as L
+import pytest
+import torch
+
+from fmnist.data.augment import augment
+from fmnist.data.datamodule import FashionMNISTDataModule
+from fmnist.errors import ConfigError
+from fmnist.inference.evaluate import evaluate
+from fmnist.models import build_model, tta_logits
+from fmnist.training.train import train
+from tests.test_inference import compose_named
+
+EMA = ["model=simple", "optim.ema_decay=0.5", "trainer.deterministic=true", "trainer.precision=32-true"]
+
+
+def _net():
+    torch.manual_seed(0)
+    return build_model("resnet", widths=[8, 16], blocks=[1, 1]).eval()
+
+
+@torch.no_grad()
+def test_tta_of_a_flip_and_shift_invariant_image_equals_the_plain_logits():
+    net = _net()
+    symmetric = torch.rand(4, 1, 28, 14)
+    symmetric = torch.cat([symmetric, symmetric.flip(-1)], dim=-1)
+    assert torch.equal(tta_logits(net, symmetric, "flip"), tta_logits(net, symmetric, "none"))
+    constant = torch.full((4, 1, 28, 28), 0.3)  # unchanged by a flip and by a one-pixel shift with edges replicated
+    assert torch.allclose(tta_logits(net, constant, "flip_shift"), net(constant), atol=1e-6)
+    # ...while an ordinary image's views disagree, so the comparisons above could fail
+    x = torch.rand(4, 1, 28, 28)
+    plain, flip, flip_shift = (tta_logits(net, x, m) for m in ("none", "flip", "flip_shift"))
+    assert not torch.allclose(plain, flip) and not torch.allclose(flip, flip_shift)
+    assert torch.allclose(flip, (net(x) + net(x.flip(-1))) / 2)
+
+
+@pytest.mark.parametrize("tta", ["none", "flip_shift"])
+def test_training_runs_with_tta_on_and_off_and_evaluate_reproduces_its_test(make_cfg, tmp_path, tta):
+    metrics = train(make_cfg("model=resnet", "model.widths=[8,16]", "model.blocks=[1,1]", f"model.tta={tta}"), tmp_path)
+    assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["val/acc_best"] > 0
+    again = evaluate(compose_named("evaluate", f"ckpt={tmp_path}", "data.batch_size=1000"), tmp_path / "evaluation")
+    assert again["tta"] == tta  # by default an evaluation uses the run's own TTA...
+    # ...and scores the 200 test images as the run's own test did (the smoke test is 1 batch of 1000)
+    assert again["metrics"]["accuracy"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+
+
+def test_bad_tta_and_ema_values_are_refused(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="model.tta must be one of"):
+        train(make_cfg("model=simple", "model.tta=mirror"), tmp_path / "a")
+    with pytest.raises(ConfigError, match="optim.ema_decay must be in"):
+        train(make_cfg("model=simple", "optim.ema_decay=1.0"), tmp_path / "b")
+
+
+class WeightsSeenByTest(L.Callback):
+    def on_test_start(self, trainer, pl_module):
+        self.weights = {k: v.clone() for k, v in pl_module.state_dict().items() if k.startswith("net.")}
+
+
+def test_ema_weights_are_the_ones_checkpointed_and_tested(make_cfg, tmp_path):
+    probe = WeightsSeenByTest()
+    train(make_cfg(*EMA), tmp_path, callbacks=[probe])
+    ckpt = torch.load(next((tmp_path / "checkpoints").glob("best-*.ckpt")), weights_only=True)
+    averaged, raw = ckpt["state_dict"], ckpt["current_model_state"]
+    assert any(not torch.equal(averaged[k], raw[k]) for k in probe.weights)  # two different sets of weights...
+    for k, tested in probe.weights.items():  # ...and the test scored the averaged one
+        assert torch.equal(tested, averaged[k]), k
+
+
+def test_ema_survives_a_resume(make_cfg, tmp_path):
+    """1 epoch, then resumed for a 2nd, ends with the averaged weights of 2 uninterrupted epochs.
+
+    Were the average restarted from the raw weights on resume, the two would differ.
+    """
+    train(make_cfg(*EMA, "trainer.max_epochs=2"), tmp_path / "whole")
+    train(make_cfg(*EMA), tmp_path / "resumed")
+    train(make_cfg(*EMA, "trainer.max_epochs=2", "ckpt_path=last"), tmp_path / "resumed")
+    whole, resumed = (torch.load(tmp_path / d / "checkpoints" / "last.ckpt", weights_only=True)
+                      for d in ("whole", "resumed"))
+    for key in ("state_dict", "current_model_state"):
+        for name, value in whole[key].items():
+            if name.startswith("net."):
+                assert torch.equal(value, resumed[key][name]), (key, name)
+
+
+@pytest.mark.parametrize("options", [dict(flip=True), dict(max_shift=2), dict(erase_p=0.5),
+                                     dict(flip=True, max_shift=2, erase_p=0.5)])
+def test_each_augmentation_keeps_shape_range_and_is_seeded(options):
+    x = torch.rand(64, 1, 28, 28)
+    torch.manual_seed(1)
+    out = augment(x, **options)
+    torch.manual_seed(1)
+    again = augment(x, **options)
+    torch.manual_seed(2)
+    other = augment(x, **options)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert torch.equal(out, again) and not torch.equal(out, other) and not torch.equal(out, x)
+
+
+def test_augmentation_changes_images_never_labels(data_dir):
+    dm = FashionMNISTDataModule(dir=str(data_dir), val_size=100, batch_size=64, seed=0,
+                                augment={"hflip": True, "shift": 2, "erase": 0.5})
+    dm.setup("fit")
+    images, labels = next(iter(dm.train_dataloader()))
+    dm.trainer = type("T", (), {"training": True})()
+    x, y = dm.on_after_batch_transfer((images, labels.clone()), 0)
+    assert torch.equal(y, labels) and x.shape == images.shape and x.dtype == torch.float32
+    plain = images.float() / 255
+    assert not torch.equal(x, plain)
