@@ -175,6 +175,37 @@ def claims_table(table: pd.DataFrame, curves: dict[str, list[pd.DataFrame]]) -> 
     return "\n".join(lines) + "\n"
 
 
+def time_to_accuracy_figure(curves: dict[str, list[pd.DataFrame]], title: str) -> plt.Figure | None:
+    """Validation accuracy against training seconds and against training FLOPs, a line per run.
+
+    Seconds depend on the machine (each run records its hardware); FLOPs do not. None when no run
+    recorded FLOPs (runs older than the column).
+    """
+    runs = [(setting, frame) for setting, frames in sorted(curves.items()) for frame in frames
+            if "train_flops" in frame and frame.train_flops.notna().any()]
+    if not runs:
+        return None
+    fig, (ax_s, ax_f) = plt.subplots(1, 2, figsize=(11, 4))
+    names = short_names(sorted({s for s, _ in runs}))
+    colours = {s: f"C{i}" for i, s in enumerate(names)}
+    labelled = set()
+    for setting, frame in runs:
+        label = None if setting in labelled else names[setting]
+        labelled.add(setting)
+        ax_s.plot(frame.train_seconds, 100 * frame["val/acc"], marker=".", color=colours[setting], label=label)
+        ax_f.plot(frame.train_flops / 1e12, 100 * frame["val/acc"], marker=".", color=colours[setting])
+    low = max(80.0, min(100 * f["val/acc"].min() for _, f in runs) - 0.5)
+    for ax, xlabel in ((ax_s, "training seconds (this run's hardware)"), (ax_f, "training TFLOP (forward + backward)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation accuracy (%)")
+        ax.set_ylim(bottom=low)
+        ax.grid(alpha=0.3)
+    ax_s.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def write_report(sweep_dir: Path) -> list[Path]:
     """Write the figures into `sweep_dir/figures/`; return their paths.
 
@@ -207,6 +238,9 @@ def write_report(sweep_dir: Path) -> list[Path]:
         names = short_names(sorted(curves))
         for setting, runs in sorted(curves.items()):
             save(curves_figure([(names[setting], runs)], "Loss & Accuracy vs Epochs"), f"curves_{_slug(names[setting])}.png")
+    speed = time_to_accuracy_figure(curves, f"Time to accuracy: {sweep_dir.name}")
+    if speed is not None:
+        save(speed, "time_to_accuracy.png")
     done = table[table.status == "completed"]
     if len(done):
         means = done.groupby("setting").val_acc_best.mean()

@@ -12,7 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import EMAWeightAveraging, TQDMProgressBar
+from lightning.pytorch.callbacks import TQDMProgressBar, WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 
 from fmnist.errors import DivergedError
@@ -180,17 +180,35 @@ class TestArtifacts(L.Callback):
                 experiment.add_figure("test/misclassified", misclassified_figure(images, true, pred), trainer.global_step)
 
 
-class WeightEMA(EMAWeightAveraging):
-    """Lightning's EMA of the weights and buffers (`optim.ema_decay`), evaluated wherever the model is.
+def ema_with_warmup(decay: float):
+    """An `AveragedModel` multi-tensor averaging function: EMA whose decay ramps up as min(decay, (1 + n) / (10 + n)).
 
-    Lightning swaps the averaged weights in for validation, saves them as each checkpoint's
-    `state_dict` (the raw ones under `current_model_state`, so a resume restores both), and copies
-    them into the model when training ends. So `best-*.ckpt`, and everything that loads it
-    (the test, evaluate, predict, export), holds the averaged weights.
+    A plain EMA starts from the initial weights and forgets them at `decay` per step, so for the
+    first few hundred steps it mixes weights far apart in training (and batch-norm statistics that
+    match none of them) and scores near chance; the ramp makes the early average follow recent steps.
+    Integer buffers (batch-norm's step counters) are copied.
+    """
+    @torch.no_grad()
+    def average(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        if averaged[0].is_floating_point():
+            n = float(num_averaged)
+            torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+        else:
+            torch._foreach_copy_(averaged, current)
+    return average
+
+
+class WeightEMA(WeightAveraging):
+    """An EMA of the weights and buffers (`optim.ema_decay`), evaluated wherever the model is.
+
+    Lightning's callback swaps the averaged weights in for validation, saves them as each
+    checkpoint's `state_dict` (the raw ones under `current_model_state`, so a resume restores
+    both), and copies them into the model when training ends. So `best-*.ckpt`, and everything
+    that loads it (the test, evaluate, predict, export), holds the averaged weights.
     """
 
     def __init__(self, decay: float):
-        super().__init__(decay=decay)
+        super().__init__(multi_avg_fn=ema_with_warmup(decay))
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         # Lightning's callback would also load the raw weights when `trainer.test(ckpt_path=...)` restores

@@ -1,0 +1,81 @@
+"""Evaluation-side tricks measured on finished runs: raw vs EMA weights, under each TTA mode, on validation.
+
+A run trained with `optim.ema_decay > 0` keeps both sets of weights in its checkpoints (`state_dict`:
+the average, `current_model_state`: the raw weights), and test-time augmentation needs no training,
+so each comparison is paired: the same training trajectory, scored six ways on the run's own
+validation split. The test set is not touched (it ranks nothing).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from fmnist.config import TTA_MODES
+from fmnist.data.datamodule import FashionMNISTDataModule
+from fmnist.errors import CheckpointError
+from fmnist.inference.loading import best_in_run, load_model
+from fmnist.results.sweep import collect
+from fmnist.training.checkpoint import load_checkpoint
+
+SPLIT_KEYS = ("dir", "val_size", "train_subset", "seed")  # what decides a run's validation split
+
+
+def validation_accuracies(run_dir: Path, data_dir: str | None = None) -> dict[tuple[str, str], float]:
+    """{(weights, tta): validation accuracy} of the run's best checkpoint; weights: `raw`, and `ema` when averaged."""
+    path = best_in_run(run_dir)
+    loaded = load_model(path)
+    split = {k: v for k, v in loaded.data.items() if k in SPLIT_KEYS}
+    if data_dir is not None:
+        split["dir"] = data_dir
+    dm = FashionMNISTDataModule(**split)
+    dm.setup("fit")
+    images, labels = dm.splits["val"]
+    batch = int(loaded.data.get("eval_batch_size", 1000))
+    raw = load_checkpoint(path).get("current_model_state")
+    # load_model gave the checkpoint's `state_dict`: the average when the run had EMA, else the raw weights.
+    weight_sets = [("ema", None), ("raw", raw)] if raw is not None else [("raw", None)]
+    results = {}
+    for name, state in weight_sets:
+        if state is not None:
+            try:
+                loaded.module.load_state_dict(state)
+            except RuntimeError as e:
+                raise CheckpointError(f"{path}: its raw weights do not fit its model: {e}") from e
+        for tta in TTA_MODES:
+            logits = loaded.logits_batched(images, batch, tta=tta)
+            results[(name, tta)] = float((logits.argmax(1) == labels).float().mean())
+    return results
+
+
+def compare(sweep_dirs: list[Path], data_dir: str | None = None) -> pd.DataFrame:
+    """One row per (weights, tta): validation accuracy mean, std and n over the completed runs, and the paired
+    change against raw weights without TTA (mean and std of the per-run differences)."""
+    rows = []
+    for sweep in sweep_dirs:
+        jobs = collect(sweep)
+        for job in jobs[jobs.status == "completed"].job if len(jobs) else []:
+            for (weights, tta), acc in validation_accuracies(Path(sweep) / job, data_dir).items():
+                rows.append({"run": f"{Path(sweep).name}/{job}", "weights": weights, "tta": tta, "val_acc": acc})
+    if not rows:
+        return pd.DataFrame(columns=["weights", "tta", "val_acc_mean", "val_acc_std", "n", "change_mean", "change_std"])
+    runs = pd.DataFrame(rows)
+    base = runs[(runs.weights == "raw") & (runs.tta == "none")].set_index("run").val_acc
+    runs["change"] = runs.val_acc - runs.run.map(base)
+    order = {w: i for i, w in enumerate(("raw", "ema"))} | {t: i for i, t in enumerate(TTA_MODES)}
+    table = (runs.groupby(["weights", "tta"], sort=False)
+             .agg(val_acc_mean=("val_acc", "mean"), val_acc_std=("val_acc", "std"), n=("val_acc", "size"),
+                  change_mean=("change", "mean"), change_std=("change", "std"))
+             .reset_index())
+    table = table.sort_values(["weights", "tta"], key=lambda c: c.map(order)).reset_index(drop=True)
+    return table
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """The comparison as a markdown table, in percentage points."""
+    lines = ["| weights | TTA | val acc % (mean ± std) | n | change vs raw, no TTA (pts) |", "|---|---|---|---|---|"]
+    for r in table.itertuples():
+        spread = f" ± {100 * r.val_acc_std:.2f}" if r.n > 1 else ""
+        change = f"{100 * r.change_mean:+.2f}" + (f" ± {100 * r.change_std:.2f}" if r.n > 1 else "")
+        lines.append(f"| {r.weights} | {r.tta} | {100 * r.val_acc_mean:.2f}{spread} | {r.n} | {change} |")
+    return "\n".join(lines) + "\n"
