@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict
-
 from typing import Callable
 
 import torch

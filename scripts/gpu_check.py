@@ -5,6 +5,8 @@ Steps, each bounded in time, each writing under one results folder (printed at t
   smoke/              one full epoch with trainer.accelerator=gpu (the dataset held on the GPU)
   bench.csv           scripts/benchmark.py on the GPU: raw PyTorch vs Lightning, fp32 vs bf16, batch 32 and 256
   speedrun_gpu/       experiment=speedrun_gpu, 3 seeds, one after another: test accuracy, time to 94% / 95%
+  best_probe/         the first 2 minutes of experiment=best (seed 0): seconds per epoch, so the full
+                      run's time (100 epochs) can be projected; its accuracy is not the recipe's
   report/             experiment=report at full size (20 epochs), seeds as parallel processes, + figures/
   ddp/                2-process DDP on 2 GPUs (skipped with a message on a 1-GPU machine)
   summary.md          what ran, how long, and the tables
@@ -64,6 +66,11 @@ def plan(results: Path, data_dir: Path, smoke: bool, gpus: int) -> list[Step]:
         Step("speedrun_gpu", [train_cmd("-m", *common, *tiny, "experiment=speedrun_gpu", f"seed={','.join(seeds)}",
                                         f"hydra.sweep.dir={results / 'speedrun_gpu'}",
                                         "trainer.enable_progress_bar=false")], 240),
+        Step("best_probe", [train_cmd("-m", *common, *tiny, *(["data.batch_size=32", "data.eval_batch_size=100"] if smoke
+                                                             else []), "experiment=best", "seed=0",
+                                      f"trainer.max_time=00:00:0{0 if smoke else 2}:{30 if smoke else '00'}",
+                                      f"hydra.sweep.dir={results / 'best_probe'}", "trainer.enable_progress_bar=false")],
+             210),
         # One process per seed for the cheap settings, one per seed for batch 32 (8x the steps):
         # the GPU is far from full with one small CNN, so parallel processes cut the wall time.
         Step("report", [train_cmd("-m", *report, f"seed={seed}", f"variant={variants}")
@@ -184,6 +191,8 @@ def write_summary(results: Path, env: dict, outcomes: list[dict]) -> str:
                   markdown_table(bench[[c for c in keep if c in bench]].to_dict("records"))]
     parts += ["## experiment=speedrun_gpu (alone on the GPU)", "",
               markdown_table(time_to_accuracy(results / "speedrun_gpu"))]
+    parts += ["## experiment=best, its first 2 minutes (alone on the GPU; not the recipe's accuracy)", "",
+              markdown_table(time_to_accuracy(results / "best_probe"))]
     parts += ["## experiment=report (seeds in parallel processes: seconds are not timings)", "",
               markdown_table(time_to_accuracy(results / "report"))]
     if (results / "report" / "summary.md").exists():

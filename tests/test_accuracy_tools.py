@@ -108,3 +108,27 @@ def test_augmentation_changes_images_never_labels(data_dir):
     assert torch.equal(y, labels) and x.shape == images.shape and x.dtype == torch.float32
     plain = images.float() / 255
     assert not torch.equal(x, plain)
+
+
+def test_eval_tricks_scores_raw_and_averaged_weights_on_validation(make_cfg, tmp_path):
+    from fmnist.results.tricks import compare, markdown
+
+    metrics = train(make_cfg(*EMA), tmp_path / "ema" / "seed=0")
+    train(make_cfg("model=simple"), tmp_path / "plain" / "seed=0")
+    table = compare([tmp_path / "ema"]).set_index(["weights", "tta"])
+    assert list(table.index) == [(w, t) for w in ("raw", "ema") for t in ("none", "flip", "flip_shift")]
+    # the averaged weights without TTA are what the run itself validated (and selected on)
+    assert table.loc[("ema", "none"), "val_acc_mean"] == pytest.approx(metrics["val/acc_best"], abs=1e-6)
+    assert table.loc[("raw", "none"), "change_mean"] == 0.0 and (table.n == 1).all()
+    plain = compare([tmp_path / "plain"])
+    assert set(plain.weights) == {"raw"} and len(plain) == 3  # no EMA: one set of weights
+    assert "| ema | flip |" in markdown(table.reset_index())
+
+
+@pytest.mark.parametrize("experiment", ["best", "cpu_best", "speedrun_gpu"])
+def test_accuracy_recipes_train_on_a_cpu_for_a_few_batches(make_cfg, tmp_path, experiment):
+    # The GPU recipes on a CPU: the same model, augmentations, EMA and TTA, on 2 batches of 16.
+    metrics = train(make_cfg(f"experiment={experiment}", "trainer.accelerator=cpu", "trainer.precision=32-true",
+                             "data.batch_size=16", "data.eval_batch_size=16"), tmp_path)
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    assert "current_model_state" in torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)

@@ -45,7 +45,7 @@ def test_gpu_check_dry_run_composes_every_command():
                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    for step in ("smoke", "bench", "speedrun_gpu", "report", "report_figures", "ddp"):
+    for step in ("smoke", "bench", "speedrun_gpu", "best_probe", "report", "report_figures", "ddp"):
         assert any(line.startswith(f"[{step},") for line in lines), step
     assert "experiment=report" in result.stdout and "seed=2" in result.stdout and "trainer.accelerator=gpu" in result.stdout
-    assert lines[-1].startswith("dry run: 11 commands composed")
+    assert lines[-1].startswith("dry run: 12 commands composed")

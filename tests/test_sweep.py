@@ -170,3 +170,14 @@ def test_leaderboard_rows_come_from_the_sweeps_records(tmp_path):
     table = markdown([sweep])
     assert len(table.splitlines()) == 2 + len(REFERENCES) + 1
     assert "| **myrecipe** | 94.00 ± 1.41 | 2 | 55,000 | 5.5 | 10 | Test GPU |" in table
+
+
+def test_report_draws_time_to_accuracy_when_runs_recorded_flops(tmp_path):
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1):
+        _fake_job(sweep, f"seed={seed}", "completed", seed, 0.9, [f"seed={seed}"])
+        path = sweep / f"seed={seed}" / "epochs.csv"
+        frame = pd.read_csv(path).assign(train_images=[100, 200], train_flops=[1e12, 2e12])
+        frame.to_csv(path, index=False)
+    assert "time_to_accuracy.png" in {p.name for p in write_report(sweep)}
+    assert (sweep / "figures" / "time_to_accuracy.png").stat().st_size > 10_000

@@ -7,12 +7,14 @@ with the training split's mean and std), and training batches are augmented ther
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 
+from fmnist.config import AugmentConfig
 from fmnist.data.augment import augment
 from fmnist.data.batches import InMemoryBatches
 from fmnist.data.csv_io import load_csv
@@ -52,7 +54,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
                  augment: dict | None = None, seed: int = 0):
         super().__init__()
         self.save_hyperparameters(logger=False)
-        self.augment = {"hflip": False, "shift": 0, "erase": 0.0, **(augment or {})}
+        self.augment = {**asdict(AugmentConfig()), **(augment or {})}
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.mean, self.std = 0.0, 1.0
 
