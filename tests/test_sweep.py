@@ -165,11 +165,12 @@ def test_leaderboard_rows_come_from_the_sweeps_records(tmp_path):
         _fake_job(sweep, job.name, "completed", seed, acc, [f"seed={seed}"])
         record = json.loads((job / "metrics.json").read_text())
         record["hardware"] = {"gpu": "Test GPU"}
+        record["precision"] = {"requested": "auto", "resolved": "bf16-mixed"}
         (job / "metrics.json").write_text(json.dumps(record))
         (job / "epochs.csv").write_text("epoch,val/acc,train_seconds,train_images,train_flops\n1,0.9,10,55000,5.5e15\n")
     table = markdown([sweep])
     assert len(table.splitlines()) == 2 + len(REFERENCES) + 1
-    assert "| **myrecipe** | 94.00 ± 1.41 | 2 | 55,000 | 5.5 | 10 | Test GPU |" in table
+    assert "| **myrecipe** | 94.00 ± 1.41 | 2 | 55,000 | 5.5 | 10 | Test GPU, bf16-mixed |" in table
 
 
 def test_report_draws_time_to_accuracy_when_runs_recorded_flops(tmp_path):

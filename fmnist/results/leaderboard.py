@@ -29,10 +29,14 @@ REFERENCES = [
 
 
 def hardware_of(record: dict) -> str:
+    """The machine a run trained on, and in which precision (e.g. `NVIDIA H100 80GB HBM3, bf16-mixed`)."""
     hw = record.get("hardware") or {}
+    precision = (record.get("precision") or {}).get("resolved")
     if hw.get("gpu"):
-        return hw["gpu"]
-    return f"{hw.get('cpu', '?')} ({hw.get('isa', '?')}), {hw.get('cores', '?')} cores" if hw else "unknown"
+        machine = hw["gpu"]
+    else:
+        machine = f"{hw.get('cpu', '?')} ({hw.get('isa', '?')}), {hw.get('cores', '?')} cores" if hw else "unknown"
+    return f"{machine}, {precision}" if precision else machine
 
 
 def project_rows(sweep_dir: Path) -> list[dict]:
