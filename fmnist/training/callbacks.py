@@ -191,8 +191,11 @@ def ema_with_warmup(decay: float):
     @torch.no_grad()
     def average(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
         if averaged[0].is_floating_point():
-            n = float(num_averaged)
-            torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+            # The weight stays a tensor on the model's device: reading the step count would sync a GPU each step.
+            n = num_averaged.float()
+            weight = 1.0 - torch.clamp((1.0 + n) / (10.0 + n), max=decay)
+            torch._foreach_mul_(averaged, 1.0 - weight)
+            torch._foreach_add_(averaged, torch._foreach_mul(current, weight))
         else:
             torch._foreach_copy_(averaged, current)
     return average
