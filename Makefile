@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 DATA ?= data
 ARGS ?=
 
-.PHONY: install data train test test-fast tensorboard bench gpu-check speedrun ablations report clean
+.PHONY: install data train test test-fast tensorboard bench gpu-check speedrun cpu-best ablations report leaderboard clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,11 +45,19 @@ gpu-check:
 speedrun: data
 	$(BIN)/python train.py -m experiment=speedrun_cpu data.dir=$(DATA) $(ARGS)
 
+cpu-best: data
+	$(BIN)/python train.py -m experiment=cpu_best data.dir=$(DATA) $(ARGS)
+
 ablations: data
 	$(BIN)/python train.py -m experiment=study preset=cpu data.dir=$(DATA) $(ARGS)
 
 report: $(STAMP)
 	$(BIN)/python scripts/report.py $(or $(SWEEP),outputs/study-cpu)
+
+# The README's leaderboard, from the committed sweeps (add yours: make leaderboard ARGS=outputs/NAME).
+LEADERBOARD_SWEEPS := docs/results/speedrun_cpu docs/results/gpu/speedrun_gpu docs/results/report
+leaderboard: $(STAMP)
+	$(BIN)/python scripts/leaderboard.py $(LEADERBOARD_SWEEPS) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
