@@ -56,6 +56,9 @@ def plan(results: Path, data_dir: Path, smoke: bool, gpus: int) -> list[Step]:
     report = [*common, *tiny, "experiment=report", f"hydra.sweep.dir={results / 'report'}",
               "trainer.enable_progress_bar=false"]
     seeds = ["0"] if smoke else ["0", "1", "2"]
+    # experiment=best for a fixed time (DD:HH:MM:SS), on small batches when smoke-testing on any machine
+    probe = (["data.batch_size=32", "data.eval_batch_size=100", "trainer.max_time=00:00:00:30"] if smoke
+             else ["trainer.max_time=00:00:02:00"])
     steps = [
         Step("smoke", [train_cmd(*common, *tiny, "trainer.max_epochs=1", f"hydra.run.dir={results / 'smoke'}",
                                  "trainer.enable_progress_bar=false")], 120),
@@ -66,9 +69,7 @@ def plan(results: Path, data_dir: Path, smoke: bool, gpus: int) -> list[Step]:
         Step("speedrun_gpu", [train_cmd("-m", *common, *tiny, "experiment=speedrun_gpu", f"seed={','.join(seeds)}",
                                         f"hydra.sweep.dir={results / 'speedrun_gpu'}",
                                         "trainer.enable_progress_bar=false")], 240),
-        Step("best_probe", [train_cmd("-m", *common, *tiny, *(["data.batch_size=32", "data.eval_batch_size=100"] if smoke
-                                                             else []), "experiment=best", "seed=0",
-                                      f"trainer.max_time=00:00:0{0 if smoke else 2}:{30 if smoke else '00'}",
+        Step("best_probe", [train_cmd("-m", *common, *tiny, *probe, "experiment=best", "seed=0",
                                       f"hydra.sweep.dir={results / 'best_probe'}", "trainer.enable_progress_bar=false")],
              210),
         # One process per seed for the cheap settings, one per seed for batch 32 (8x the steps):

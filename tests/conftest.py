@@ -9,11 +9,13 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from fmnist.config import register
+from fmnist.inference.config import register as register_inference
 from fmnist.data.csv_io import write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 register()
+register_inference()  # evaluate, predict and export schemas, for compose_named
 
 # Small enough for a 1-batch CPU training in seconds.
 FAST = ["preset=smoke", "data.val_size=100", "data.batch_size=32"]
@@ -37,9 +39,14 @@ def data_dir(tmp_path_factory) -> Path:
     return d
 
 
-def compose_cfg(*overrides: str):
+def compose_named(name: str, *overrides: str):
+    """Compose `conf/<name>.yaml` (train, evaluate, predict, export, tune) with overrides, as its entry point does."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+        return compose(name, overrides=list(overrides))
+
+
+def compose_cfg(*overrides: str):
+    return compose_named("train", *overrides)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from fmnist.errors import ConfigError
 from fmnist.inference.evaluate import evaluate
 from fmnist.models import build_model, tta_logits
 from fmnist.training.train import train
-from tests.test_inference import compose_named
+from tests.conftest import compose_named
 
 EMA = ["model=simple", "optim.ema_decay=0.5", "trainer.deterministic=true", "trainer.precision=32-true"]
 

@@ -14,23 +14,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from fmnist import CLASS_NAMES
 from fmnist.data.csv_io import HEADER, load_csv, parse_csv, write_csv
 from fmnist.errors import CheckpointError, ConfigError
 from fmnist.inference import export as export_module
-from fmnist.inference.config import register
 from fmnist.inference.evaluate import evaluate
 from fmnist.inference.export import ExportFailed, export
 from fmnist.inference.images import ImageRejected, load_image, to_dataset_format
 from fmnist.inference.loading import load_model, resolve
 from fmnist.inference.predict import InputsFailed, predict
 from fmnist.training.train import train
-from tests.conftest import CONF, FAST, ROOT, compose_cfg
-
-register()
+from tests.conftest import FAST, ROOT, compose_cfg, compose_named
 
 
 def garment_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -45,11 +41,6 @@ def garment_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         left = (28 - width) // 2
         images[i, :, left:left + width] = rng.integers(60, 100, (28, width)) + 15 * c
     return images, labels
-
-
-def compose_named(name: str, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(name, overrides=list(overrides))
 
 
 def run_entry(script: str, *args: str) -> subprocess.CompletedProcess:

@@ -134,10 +134,23 @@ def _standardisation(path: Path, ckpt: dict, data: dict) -> tuple[float, float]:
         raise DataError(f"{path}: the model standardises its inputs with its training set's mean and std, which this "
                         f"older checkpoint does not hold, and its training CSV {train_csv} is not there to recompute "
                         "them. Run from the directory it was trained in.")
-    dm = FashionMNISTDataModule(**{k: v for k, v in data.items() if k in
-                                   ("dir", "val_size", "normalize", "train_subset", "seed")})
-    dm.setup("fit")
+    dm = training_datamodule(data)
     return dm.mean, dm.std
+
+
+# The datamodule hyperparameters that decide a run's train/validation split and its standardisation.
+SPLIT_KEYS = ("dir", "val_size", "normalize", "train_subset", "seed")
+
+
+def training_datamodule(data: dict, data_dir: str | None = None) -> FashionMNISTDataModule:
+    """The datamodule a checkpoint was trained with (`data`: its stored hyperparameters), set up on the CPU:
+    the same split of the same CSV, read from `data_dir` if given."""
+    kwargs = {k: v for k, v in data.items() if k in SPLIT_KEYS}
+    if data_dir is not None:
+        kwargs["dir"] = data_dir
+    dm = FashionMNISTDataModule(**kwargs)
+    dm.setup("fit")
+    return dm
 
 
 def load_model(ckpt: str | Path) -> LoadedModel:

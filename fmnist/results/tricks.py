@@ -11,26 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+
 from fmnist.config import TTA_MODES
-from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.errors import CheckpointError
-from fmnist.inference.loading import best_in_run, load_model
+from fmnist.inference.loading import best_in_run, load_model, training_datamodule
 from fmnist.results.sweep import collect
 from fmnist.training.checkpoint import load_checkpoint
-
-SPLIT_KEYS = ("dir", "val_size", "train_subset", "seed")  # what decides a run's validation split
 
 
 def validation_accuracies(run_dir: Path, data_dir: str | None = None) -> dict[tuple[str, str], float]:
     """{(weights, tta): validation accuracy} of the run's best checkpoint; weights: `raw`, and `ema` when averaged."""
     path = best_in_run(run_dir)
     loaded = load_model(path)
-    split = {k: v for k, v in loaded.data.items() if k in SPLIT_KEYS}
-    if data_dir is not None:
-        split["dir"] = data_dir
-    dm = FashionMNISTDataModule(**split)
-    dm.setup("fit")
-    images, labels = dm.splits["val"]
+    images, labels = training_datamodule(loaded.data, data_dir).splits["val"]
     batch = int(loaded.data.get("eval_batch_size", 1000))
     raw = load_checkpoint(path).get("current_model_state")
     # load_model gave the checkpoint's `state_dict`: the average when the run had EMA, else the raw weights.
