@@ -62,7 +62,7 @@ def print_result(run_dir: Path, record: dict) -> None:
                      f"of {metrics.get('epochs')})")
     if "test/acc" in metrics:
         lines.append(f"  test acc      {metrics['test/acc']:.2%} (loss {metrics['test/loss']:.4f}), best checkpoint")
-    if "fit_seconds" in metrics:
-        lines.append(f"  training      {metrics['fit_seconds']:.0f} s, precision {record.get('precision', {}).get('resolved')}")
+    if "train_seconds" in metrics:  # summed over every process that trained the run, so a resume counts it all
+        lines.append(f"  training      {metrics['train_seconds']:.0f} s, precision {record.get('precision', {}).get('resolved')}")
     lines.append(f"  TensorBoard   tensorboard --logdir {run_dir}")
     log.info("\n".join(lines))

@@ -39,7 +39,7 @@ def _fake_job(sweep: Path, name: str, status: str, seed: int, acc: float | None,
     record = {"status": status, "seed": seed, "overrides": overrides, "git_commit": "abc"}
     if acc is not None:
         record["metrics"] = {"val/acc_best": acc, "test/acc": acc - 0.01, "test/loss": 0.3, "epochs": 2,
-                             "best_epoch": 2, "wall_seconds": 10.0}
+                             "best_epoch": 2, "fit_seconds": 1.0}
     else:
         record["error"] = "DivergedError: loss is nan at epoch 1"
     (job / "metrics.json").write_text(json.dumps(record))
@@ -59,7 +59,8 @@ def test_aggregation_lists_a_failed_job_and_groups_over_seeds(tmp_path):
     csv = pd.read_csv(sweep / "summary.csv")
     assert list(csv.columns[:4]) == ["job", "setting", "seed", "status"] and "git_commit" in csv.columns
     md = (sweep / "summary.md").read_text()
-    assert "| `optim.lr=0.001` | 2 | 91.00 ± 1.41 |" in md
+    # training time: the last row of each job's epochs.csv (cumulative over resumes), not metrics.json
+    assert "| `optim.lr=0.001` | 2 | 91.00 ± 1.41 | 90.00 ± 1.41 | 0.3000 ± 0.0000 | 2 |" in md
     assert "optim.lr=10,seed=0` | diverged | DivergedError: loss is nan" in md and "1 started" in md
 
 

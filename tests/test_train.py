@@ -44,10 +44,14 @@ def test_existing_run_directory_is_never_overwritten(make_cfg, tmp_path):
 
 
 def test_resume_extends_a_finished_run(make_cfg, tmp_path):
-    train(make_cfg("model=simple"), tmp_path)
+    first = train(make_cfg("model=simple"), tmp_path)
     metrics = train(make_cfg("model=simple", "trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
     assert metrics["epochs"] == 2
-    assert [line.split(",")[0] for line in (tmp_path / "epochs.csv").read_text().splitlines()[1:]] == ["1", "2"]
+    epochs = pd.read_csv(tmp_path / "epochs.csv")
+    assert list(epochs.epoch) == [1, 2]
+    # The run's training time counts both processes' epochs, not just the one that finished it.
+    assert metrics["train_seconds"] == pytest.approx(epochs.train_seconds.iloc[-1], abs=0.1)
+    assert metrics["train_seconds"] > epochs.epoch_seconds.iloc[-1] and first["train_seconds"] > 0
 
 
 def test_resume_refuses_a_different_config(make_cfg, tmp_path):

@@ -46,17 +46,17 @@ def project_rows(sweep_dir: Path) -> list[dict]:
     done = table[table.status == "completed"]
     rows = []
     for setting, jobs in done.groupby("setting"):
-        last = [pd.read_csv(sweep_dir / job / "epochs.csv").iloc[-1] for job in jobs.job]
-        records = [json.loads((sweep_dir / job / "metrics.json").read_text()) for job in jobs.job]
+        record = json.loads((sweep_dir / jobs.job.iloc[0] / "metrics.json").read_text())
         acc = jobs.test_acc * 100
+        first = jobs.iloc[0]  # the seeds of a setting train on the same number of images
         rows.append({
             "recipe": sweep_dir.name if setting == "(defaults)" else f"{sweep_dir.name}: {setting}",
             "test acc (%)": f"{acc.mean():.2f}" + (f" ± {acc.std():.2f}" if len(acc) > 1 else ""),
             "n": len(acc), "mean": acc.mean(),
-            "training images": f"{int(last[0].get('train_images', 0)):,}" if "train_images" in last[0] else "?",
-            "training PFLOP": f"{last[0]['train_flops'] / 1e15:.2g}" if "train_flops" in last[0] else "?",
-            "wall time (s)": f"{sum(r['train_seconds'] for r in last) / len(last):.0f}",
-            "hardware": hardware_of(records[0]),
+            "training images": "?" if pd.isna(first.train_images) else f"{int(first.train_images):,}",
+            "training PFLOP": "?" if pd.isna(first.train_flops) else f"{first.train_flops / 1e15:.2g}",
+            "wall time (s)": f"{jobs.train_seconds.mean():.0f}",
+            "hardware": hardware_of(record),
         })
     return rows
 

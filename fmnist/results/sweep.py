@@ -18,7 +18,10 @@ from fmnist.results.runs import read_record
 log = logging.getLogger(__name__)
 
 COLUMNS = ["job", "setting", "seed", "status", "val_acc_best", "best_epoch", "test_acc", "test_loss", "epochs",
-           "wall_seconds", "git_commit", "error"]
+           "train_seconds", "train_images", "train_flops", "git_commit", "error"]
+# The compute behind a job, from the last row of its epochs.csv: cumulative over every process that
+# trained it, where metrics.json's fit/wall seconds cover only the process that finished it.
+COMPUTE = ("train_seconds", "train_images", "train_flops")
 
 
 def setting_of(overrides: list[str]) -> str:
@@ -42,16 +45,24 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
             "status": record.get("status"), "val_acc_best": metrics.get("val/acc_best"),
             "best_epoch": metrics.get("best_epoch"), "test_acc": metrics.get("test/acc"),
             "test_loss": metrics.get("test/loss"), "epochs": metrics.get("epochs"),
-            "wall_seconds": metrics.get("wall_seconds"), "git_commit": record.get("git_commit"),
-            "error": record.get("error"),
+            **_compute(job), "git_commit": record.get("git_commit"), "error": record.get("error"),
         })
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _compute(job: Path) -> dict:
+    """The job's cumulative training seconds, images and FLOPs (None where epochs.csv lacks them)."""
+    try:
+        last = pd.read_csv(job / "epochs.csv").iloc[-1]
+    except (OSError, ValueError, IndexError):  # no epoch finished yet
+        return dict.fromkeys(COMPUTE)
+    return {key: last.get(key) for key in COMPUTE}
 
 
 def group(table: pd.DataFrame) -> pd.DataFrame:
     """Completed jobs grouped by setting: mean and std of each metric over seeds, and n."""
     done = table[table.status == "completed"]
-    metrics = ["val_acc_best", "test_acc", "test_loss", "wall_seconds"]
+    metrics = ["val_acc_best", "test_acc", "test_loss", "train_seconds"]
     stats = done.groupby("setting")[metrics].agg(["mean", "std"])
     stats["n"] = done.groupby("setting").size()
     return stats.sort_values(("val_acc_best", "mean"), ascending=False)  # selection is on validation, never test
@@ -62,13 +73,13 @@ def _markdown(table: pd.DataFrame, stats: pd.DataFrame, title: str) -> str:
         # One seed has no spread: show none rather than a made-up "± 0.00".
         return f"{mean * scale:.{digits}f}" + ("" if pd.isna(std) else f" ± {std * scale:.{digits}f}")
 
-    lines = [f"# {title}", "", "| setting | n | val acc best (%) | test acc (%) | test loss | wall time (s) |",
+    lines = [f"# {title}", "", "| setting | n | val acc best (%) | test acc (%) | test loss | training time (s) |",
              "|---|---|---|---|---|---|"]
     for setting, s in stats.iterrows():
         lines.append(f"| `{setting}` | {int(s['n'].iloc[0])} | {pm(s[('val_acc_best', 'mean')], s[('val_acc_best', 'std')])} "
                      f"| {pm(s[('test_acc', 'mean')], s[('test_acc', 'std')])} "
                      f"| {pm(s[('test_loss', 'mean')], s[('test_loss', 'std')], 1, 4)} "
-                     f"| {s[('wall_seconds', 'mean')]:.0f} |")
+                     f"| {s[('train_seconds', 'mean')]:.0f} |")
     counts = table.status.value_counts().to_dict()
     lines += ["", "Jobs: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + "."]
     commits = sorted(table.git_commit.dropna().unique())

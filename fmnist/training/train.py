@@ -200,9 +200,10 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     # A bar that cannot redraw in place (output to a file or pipe) would fill the log with `\r` lines:
     # there, and when the bar is off, each epoch is one log line instead.
     trainer_kwargs["enable_progress_bar"] = bar = cfg.trainer.enable_progress_bar and console.is_terminal()
+    epoch_csv = EpochCSV(run_dir / "epochs.csv", echo=not bar)
     trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(run_dir),
                         logger=logger, plugins=[SafeCheckpointIO()],
-                        callbacks=[checkpoint, EpochCSV(run_dir / "epochs.csv", echo=not bar),
+                        callbacks=[checkpoint, epoch_csv,
                                    LearningRateMonitor(logging_interval="epoch"), TestArtifacts(run_dir),
                                    *step_callbacks(cfg.progress_bar_refresh if bar else None),
                                    *([WeightEMA(cfg.optim.ema_decay)] if cfg.optim.ema_decay else []), *(callbacks or [])])
@@ -210,7 +211,9 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     fit_seconds = time.perf_counter() - started
 
     metrics = {"val/acc_best": float(model.val_acc_best.compute()), "best_epoch": _best_epoch(run_dir),
-               "epochs": trainer.current_epoch, "fit_seconds": round(fit_seconds, 1)}
+               "epochs": trainer.current_epoch, "fit_seconds": round(fit_seconds, 1),
+               # the epochs' seconds summed over every process that trained this run (fit_seconds: this one)
+               "train_seconds": round(epoch_csv.train_seconds, 1)}
     if "val/loss" in trainer.callback_metrics:
         metrics["val/loss"] = float(trainer.callback_metrics["val/loss"])
     if cfg.test:
