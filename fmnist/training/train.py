@@ -213,7 +213,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     metrics = {"val/acc_best": float(model.val_acc_best.compute()), "best_epoch": _best_epoch(run_dir),
                "epochs": trainer.current_epoch, "fit_seconds": round(fit_seconds, 1),
                # the epochs' seconds summed over every process that trained this run (fit_seconds: this one)
-               "train_seconds": round(epoch_csv.train_seconds, 1)}
+               "train_seconds": round(epoch_csv.train_seconds, 3)}
     if "val/loss" in trainer.callback_metrics:
         metrics["val/loss"] = float(trainer.callback_metrics["val/loss"])
     if cfg.test:
