@@ -7,11 +7,11 @@ the jobs' `metrics.json` and `epochs.csv`, so the table is regenerated rather th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
+from fmnist.results.runs import read_record
 from fmnist.results.sweep import collect
 
 # Published results on the standard 60k/10k split without extra data, as collected in the project's
@@ -46,7 +46,7 @@ def project_rows(sweep_dir: Path) -> list[dict]:
     done = table[table.status == "completed"]
     rows = []
     for setting, jobs in done.groupby("setting"):
-        record = json.loads((sweep_dir / jobs.job.iloc[0] / "metrics.json").read_text())
+        record = read_record(sweep_dir / jobs.job.iloc[0])
         acc = jobs.test_acc * 100
         first = jobs.iloc[0]  # the seeds of a setting train on the same number of images
         rows.append({
