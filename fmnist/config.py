@@ -81,6 +81,7 @@ class ResNetConfig(ModelConfig):
     name: str = "resnet"
     widths: list[int] = field(default_factory=lambda: [32, 64, 128])
     blocks: list[int] = field(default_factory=lambda: [1, 1, 1])
+    zero_init_residual: bool = False  # each residual block starts as the identity (its last batch-norm scale at 0)
 
 
 # The model registry's config half (fmnist/models.py holds the architectures under the same names).

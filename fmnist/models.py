@@ -92,7 +92,8 @@ class ResNet(nn.Module):
     Global average pooling keeps the head tiny; stages after the first halve the resolution.
     """
 
-    def __init__(self, widths: list[int], blocks: list[int], dropout: float, num_classes: int = 10):
+    def __init__(self, widths: list[int], blocks: list[int], dropout: float, zero_init_residual: bool,
+                 num_classes: int = 10):
         super().__init__()
         if not widths or len(widths) != len(blocks):
             raise ConfigError(f"config keys model.widths and model.blocks must be non-empty and of equal length "
@@ -105,6 +106,12 @@ class ResNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
                                   nn.Linear(widths[-1], num_classes))
+        if zero_init_residual:
+            # The last batch norm's scale at 0 makes each block start as the identity: the early updates
+            # train a shallow net and the residual branches grow in from there (Goyal et al., 2017).
+            for block in self.modules():
+                if isinstance(block, ResidualBlock):
+                    nn.init.zeros_(block.body[-1].weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

@@ -48,3 +48,17 @@ def test_model_defaults_come_from_the_schema():
 def test_bad_architectures_are_config_errors_naming_the_key(name, kwargs, key):
     with pytest.raises(ConfigError, match=f"config key.* {key}"):
         build_model(name, **kwargs)
+
+
+def test_zero_init_residual_starts_every_block_as_the_identity():
+    from fmnist.models import ResidualBlock
+
+    x = torch.rand(2, 8, 6, 6)  # non-negative, as after a ReLU; 8 channels, the first stage's width
+    for zero_init in [True, False]:
+        net = build_model("resnet", widths=[8, 16], blocks=[2, 1], zero_init_residual=zero_init)
+        first_stage = [m for m in net.modules() if isinstance(m, ResidualBlock)][:2]
+        assert [torch.equal(block(x), x) for block in first_stage] == [zero_init] * 2
+    # The scales still train: the first backward pass gives them a gradient.
+    net = build_model("resnet", widths=[8, 16], blocks=[1, 1], zero_init_residual=True)
+    net(torch.rand(4, 1, 28, 28)).sum().backward()
+    assert all(b.body[-1].weight.grad.abs().sum() > 0 for b in net.modules() if isinstance(b, ResidualBlock))
