@@ -101,6 +101,9 @@ class OptimConfig:
     # Exponential moving average of the weights (and batch-norm statistics), updated every step with
     # this decay; validation, checkpoints and the test use the averaged weights. 0: off.
     ema_decay: float = 0.0
+    # Biases (batch-norm shifts and the classifier's) train at this multiple of `lr`, with `weight_decay`
+    # divided by it so that their decoupled decay per step is unchanged: airbench's BatchNorm-bias rate.
+    bias_lr_scale: float = 1.0
 
 
 @dataclass
@@ -225,6 +228,7 @@ def check_values(cfg: DictConfig) -> None:
         ("optim.warmup_epochs", cfg.optim.warmup_epochs >= 0, "non-negative"),
         ("optim.label_smoothing", 0.0 <= cfg.optim.label_smoothing < 1.0, "in [0, 1)"),
         ("optim.ema_decay", 0.0 <= cfg.optim.ema_decay < 1.0, "in [0, 1) (0: no weight averaging)"),
+        ("optim.bias_lr_scale", cfg.optim.bias_lr_scale > 0, "positive (1: biases train like the other weights)"),
         ("model.tta", cfg.model.tta in TTA_MODES, f"one of {TTA_MODES}"),
         ("trainer.precision", str(cfg.trainer.precision) in PRECISIONS, f"one of {PRECISIONS}"),
         ("trainer.max_epochs", cfg.trainer.max_epochs >= 1 or cfg.trainer.max_epochs == -1, "at least 1"),

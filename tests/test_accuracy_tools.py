@@ -45,11 +45,13 @@ def test_training_runs_with_tta_on_and_off_and_evaluate_reproduces_its_test(make
     assert again["metrics"]["accuracy"] == pytest.approx(metrics["test/acc"], abs=1e-6)
 
 
-def test_bad_tta_and_ema_values_are_refused(make_cfg, tmp_path):
+def test_bad_tta_ema_and_bias_lr_values_are_refused(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="model.tta must be one of"):
         train(make_cfg("model=simple", "model.tta=mirror"), tmp_path / "a")
     with pytest.raises(ConfigError, match="optim.ema_decay must be in"):
         train(make_cfg("model=simple", "optim.ema_decay=1.0"), tmp_path / "b")
+    with pytest.raises(ConfigError, match="optim.bias_lr_scale must be positive"):
+        train(make_cfg("model=simple", "optim.bias_lr_scale=0"), tmp_path / "c")
 
 
 class WeightsSeenByTest(L.Callback):

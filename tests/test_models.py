@@ -62,3 +62,20 @@ def test_zero_init_residual_starts_every_block_as_the_identity():
     net = build_model("resnet", widths=[8, 16], blocks=[1, 1], zero_init_residual=True)
     net(torch.rand(4, 1, 28, 28)).sum().backward()
     assert all(b.body[-1].weight.grad.abs().sum() > 0 for b in net.modules() if isinstance(b, ResidualBlock))
+
+
+def test_bias_lr_scale_trains_the_biases_apart_with_the_same_decay_per_step():
+    from fmnist.training.module import LitClassifier
+
+    cfg = compose_cfg("model=resnet", "model.widths=[8,16]", "model.blocks=[1,1]", "optim=adamw",
+                      "optim.scheduler=none", "optim.warmup_epochs=0", "optim.lr=1e-3", "optim.weight_decay=0.05")
+    lit = LitClassifier(model=dict(cfg.model), optim={**cfg.optim, "bias_lr_scale": 8.0})
+    others, biases = lit.configure_optimizers().param_groups
+    names = {id(p): name for name, p in lit.net.named_parameters()}
+    assert {names[id(p)].rsplit(".", 1)[-1] for p in biases["params"]} == {"bias"}
+    assert not any(names[id(p)].endswith("bias") for p in others["params"])
+    assert len(others["params"]) + len(biases["params"]) == len(names)
+    assert (others["lr"], biases["lr"]) == (1e-3, 8e-3)
+    assert biases["lr"] * biases["weight_decay"] == pytest.approx(others["lr"] * others["weight_decay"])
+    # The default keeps one group, as before the option existed.
+    assert len(LitClassifier(model=dict(cfg.model), optim=dict(cfg.optim)).configure_optimizers().param_groups) == 1

@@ -28,6 +28,16 @@ def lr_factor(step: int, total: int, warmup: int, shape: str) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress)) if shape == "cosine" else 1.0 - progress
 
 
+def parameter_groups(net: torch.nn.Module, lr: float, weight_decay: float, bias_lr_scale: float) -> list[dict]:
+    """The optimizer's parameter groups: one, or the biases apart at `bias_lr_scale` x `lr` (weight decay / it)."""
+    if bias_lr_scale == 1.0:
+        return [{"params": list(net.parameters())}]
+    biases = [p for name, p in net.named_parameters() if name.endswith("bias")]
+    others = [p for name, p in net.named_parameters() if not name.endswith("bias")]
+    return [{"params": others},
+            {"params": biases, "lr": lr * bias_lr_scale, "weight_decay": weight_decay / bias_lr_scale}]
+
+
 class LitClassifier(L.LightningModule):
     """Hyperparameters are plain dicts and numbers, so checkpoints reload with `weights_only=True`.
 
@@ -100,7 +110,8 @@ class LitClassifier(L.LightningModule):
     def configure_optimizers(self):
         o = self.hparams.optim
         cls, keys = OPTIMIZERS[o["name"]]
-        optimizer = cls(self.net.parameters(), lr=o["lr"], **{k: o[k] for k in keys if k in o})
+        optimizer = cls(parameter_groups(self.net, o["lr"], o["weight_decay"], o["bias_lr_scale"]),
+                        lr=o["lr"], **{k: o[k] for k in keys if k in o})
         shape, warmup_epochs = o["scheduler"], o["warmup_epochs"]
         if shape == "none" and warmup_epochs == 0:
             return optimizer
