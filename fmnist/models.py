@@ -74,13 +74,17 @@ class OptimizedCNN(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    def __init__(self, width: int):
+    def __init__(self, width: int, zero_init: bool):
         super().__init__()
         self.body = nn.Sequential(
             conv_bn_relu(width, width),
             nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
         )
         self.relu = nn.ReLU(inplace=True)
+        if zero_init:
+            # The last batch norm's scale at 0 makes the block start as the identity: the early updates
+            # train a shallow net and the residual branches grow in from there (Goyal et al., 2017).
+            nn.init.zeros_(self.body[-1].weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(x + self.body(x))
@@ -102,16 +106,10 @@ class ResNet(nn.Module):
         for i, (width, n) in enumerate(zip(widths, blocks)):
             if i > 0:
                 layers += [nn.MaxPool2d(2), conv_bn_relu(widths[i - 1], width)]
-            layers += [ResidualBlock(width) for _ in range(n)]
+            layers += [ResidualBlock(width, zero_init_residual) for _ in range(n)]
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
                                   nn.Linear(widths[-1], num_classes))
-        if zero_init_residual:
-            # The last batch norm's scale at 0 makes each block start as the identity: the early updates
-            # train a shallow net and the residual branches grow in from there (Goyal et al., 2017).
-            for block in self.modules():
-                if isinstance(block, ResidualBlock):
-                    nn.init.zeros_(block.body[-1].weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

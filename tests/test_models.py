@@ -3,8 +3,9 @@ import torch
 
 from fmnist.config import MODEL_SCHEMAS, OPTIMIZERS
 from fmnist.errors import ConfigError
-from fmnist.models import MODELS, build_model
+from fmnist.models import MODELS, ResidualBlock, build_model
 from fmnist.training.module import OPTIMIZERS as OPTIMIZER_CLASSES
+from fmnist.training.module import LitClassifier
 from tests.conftest import compose_cfg
 
 
@@ -51,8 +52,6 @@ def test_bad_architectures_are_config_errors_naming_the_key(name, kwargs, key):
 
 
 def test_zero_init_residual_starts_every_block_as_the_identity():
-    from fmnist.models import ResidualBlock
-
     x = torch.rand(2, 8, 6, 6)  # non-negative, as after a ReLU; 8 channels, the first stage's width
     for zero_init in [True, False]:
         net = build_model("resnet", widths=[8, 16], blocks=[2, 1], zero_init_residual=zero_init)
@@ -65,8 +64,6 @@ def test_zero_init_residual_starts_every_block_as_the_identity():
 
 
 def test_bias_lr_scale_trains_the_biases_apart_with_the_same_decay_per_step():
-    from fmnist.training.module import LitClassifier
-
     cfg = compose_cfg("model=resnet", "model.widths=[8,16]", "model.blocks=[1,1]", "optim=adamw",
                       "optim.scheduler=none", "optim.warmup_epochs=0", "optim.lr=1e-3", "optim.weight_decay=0.05")
     lit = LitClassifier(model=dict(cfg.model), optim={**cfg.optim, "bias_lr_scale": 8.0})
