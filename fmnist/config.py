@@ -22,6 +22,10 @@ from fmnist.errors import ConfigError
 @dataclass
 class AugmentConfig:
     hflip: bool = False  # random horizontal flip (labels survive it; vertical flips would not)
+    # With hflip: each image mirrored in every other epoch (a seeded half of them in even epochs, the
+    # other half in odd ones) instead of by a coin per epoch: airbench's alternating flip, which
+    # shows every image both ways within any two epochs.
+    flip_alternate: bool = False
     shift: int = 0  # random translation by up to this many pixels, zero-padded
     erase: float = 0.0  # probability of erasing a random rectangle of each image
 
@@ -220,6 +224,8 @@ def check_values(cfg: DictConfig) -> None:
         ("data.train_subset", cfg.data.train_subset is None or cfg.data.train_subset >= 1, "null or at least 1"),
         ("data.augment.shift", 0 <= cfg.data.augment.shift <= 8, "between 0 and 8 pixels"),
         ("data.augment.erase", 0.0 <= cfg.data.augment.erase <= 1.0, "a probability in [0, 1]"),
+        ("data.augment.flip_alternate", cfg.data.augment.hflip or not cfg.data.augment.flip_alternate,
+         "false unless data.augment.hflip is true (it decides how the flips are drawn)"),
         ("model.dropout", 0.0 <= cfg.model.dropout < 1.0, "in [0, 1)"),
         ("optim.name", cfg.optim.name in OPTIMIZERS, f"one of {OPTIMIZERS}"),
         ("optim.lr", cfg.optim.lr > 0, "positive"),

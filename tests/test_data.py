@@ -66,6 +66,49 @@ def test_shuffle_covers_every_index_once_and_is_seeded():
     assert not torch.equal(first, _epoch(InMemoryBatches(images, labels, 10, shuffle=True, seed=2), 0))
 
 
+def _mirrored(loader, epoch, images, labels):
+    """Which images (by index) the loader mirrored in `epoch`; checks rows are whole images, labels unchanged."""
+    loader.set_epoch(epoch)
+    order = loader.indices()
+    batches = list(loader)
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    assert torch.equal(y, labels[order])
+    flipped = (x == images[order].flip(-1)).flatten(1).all(1)
+    assert torch.all(flipped | (x == images[order]).flatten(1).all(1))
+    return torch.zeros(len(labels), dtype=torch.bool).index_put((order,), flipped)
+
+
+def test_alternating_flips_show_each_image_both_ways_within_two_epochs():
+    images = torch.randint(0, 256, (103, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(103) % 10
+
+    def loader(seed, **kw):
+        return InMemoryBatches(images, labels, 8, shuffle=True, seed=seed, **kw)
+
+    alternating = loader(3, alternate_flips=True)
+    even, odd = _mirrored(alternating, 0, images, labels), _mirrored(alternating, 1, images, labels)
+    assert torch.all(even ^ odd) and 30 < int(even.sum()) < 73  # each image once each way; about half first
+    assert torch.equal(_mirrored(alternating, 2, images, labels), even)  # and again (a resume lands here too)
+    assert torch.equal(_mirrored(loader(3, alternate_flips=True), 0, images, labels), even)  # seeded
+    assert not torch.equal(_mirrored(loader(4, alternate_flips=True), 0, images, labels), even)
+    assert not _mirrored(loader(3), 0, images, labels).any()  # off by default: the datamodule's hflip flips
+
+
+def test_alternating_flips_replace_the_random_ones_in_the_datamodule(data_dir):
+    """With flip_alternate the batcher mirrors and the datamodule's augmentation does not mirror again."""
+    dm = FashionMNISTDataModule(dir=str(data_dir), val_size=100, batch_size=64, seed=0,
+                                augment={"hflip": True, "flip_alternate": True})
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    images, labels = dm.splits["train"]
+    mirrored = _mirrored(loader, 0, images, labels)
+    assert 0 < int(mirrored.sum()) < len(labels)
+    batch = next(iter(loader))
+    dm.trainer = type("T", (), {"training": True})()
+    x, _ = dm.on_after_batch_transfer((batch[0], batch[1]), 0)
+    assert torch.equal(x, batch[0].float() / 255)
+
+
 def test_a_trainer_gives_each_epoch_its_own_order(data_dir):
     """Through Lightning's public loop: the first batch differs between epochs (the loader learns the epoch)."""
     import lightning as L

@@ -3,6 +3,8 @@
 The whole split lives as one uint8 tensor (on the GPU when training there), so a batch costs one
 indexing operation. Shuffling is a permutation seeded by (seed, epoch): reproducible, and the same
 after resuming from a checkpoint. Under DDP each rank takes an equal, disjoint share.
+Alternating flips are applied here because they depend on which image a batch row is and on the
+epoch, both of which only the batcher knows.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ class InMemoryBatches:
     """An iterable of (images uint8 [B, 1, 28, 28], labels int64 [B]) batches; Lightning accepts it as a dataloader."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, alternate_flips: bool = False):
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size = rank, world_size
@@ -24,6 +26,12 @@ class InMemoryBatches:
         # Lightning calls `loader.sampler.set_epoch(epoch)` before every epoch; being our own sampler
         # lets each epoch get its own permutation. (`batch_sampler` is looked up next to it.)
         self.sampler, self.batch_sampler = self, None
+        # Image i is mirrored in even epochs if flip_first[i], in odd epochs if not (None: no flips here).
+        self.flip_first = None
+        if alternate_flips:
+            # A stream apart from the shuffles' (seed * 100_003 + epoch ones, epoch < 100_002).
+            generator = torch.Generator().manual_seed(seed * 100_003 + 100_002)
+            self.flip_first = (torch.rand(len(labels), generator=generator) < 0.5).to(labels.device)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -51,7 +59,13 @@ class InMemoryBatches:
                 yield self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
             else:
                 batch = order[start:start + self.batch_size]
-                yield self.images[batch], self.labels[batch]
+                yield self._flipped(self.images[batch], batch), self.labels[batch]
+
+    def _flipped(self, images: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        if self.flip_first is None:
+            return images
+        mirror = self.flip_first[batch] ^ bool(self.epoch % 2)
+        return torch.where(mirror.view(-1, 1, 1, 1), images.flip(-1), images)
 
     def __len__(self) -> int:
         n = len(self.labels)

@@ -116,7 +116,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
         trainer = self.trainer
         return InMemoryBatches(images, labels, self.hparams.batch_size if shuffle else self.hparams.eval_batch_size,
                                shuffle=shuffle, seed=self.hparams.seed,
-                               rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1)
+                               rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
+                               alternate_flips=shuffle and self.augment["hflip"] and self.augment["flip_alternate"])
 
     def train_dataloader(self) -> InMemoryBatches:
         return self._loader("train", shuffle=True)
@@ -132,7 +133,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
         x = images.float().div_(255)
         if self.trainer is not None and self.trainer.training:
             a = self.augment
-            x = augment(x, flip=a["hflip"], max_shift=a["shift"], erase_p=a["erase"])
+            # Alternating flips were applied by the batcher (fmnist/data/batches.py).
+            x = augment(x, flip=a["hflip"] and not a["flip_alternate"], max_shift=a["shift"], erase_p=a["erase"])
         if self.hparams.normalize:
             x = (x - self.mean) / self.std
         return x, labels

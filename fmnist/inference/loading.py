@@ -87,6 +87,7 @@ class LoadedModel:
     std: float = 1.0
     run_dir: Path | None = None
     note: str = ""
+    raw_weights: dict | None = None  # `current_model_state`: the unaveraged weights of a run trained with EMA
     extra: dict = field(default_factory=dict)
 
     @property
@@ -172,7 +173,8 @@ def load_model(ckpt: str | Path) -> LoadedModel:
         raise CheckpointError(f"{path}: its weights do not fit the architecture its hyperparameters describe "
                               f"({model}): {first}") from e
     module.eval()
-    loaded = LoadedModel(module, path, file_digest(path, "sha256"), dict(model), data, run_dir=resolved.run_dir, note=resolved.note)
+    loaded = LoadedModel(module, path, file_digest(path, "sha256"), dict(model), data, run_dir=resolved.run_dir,
+                         note=resolved.note, raw_weights=payload.get("current_model_state"))
     if loaded.normalize:
         loaded.mean, loaded.std = _standardisation(path, payload, data)
     loaded.extra["how"] = resolved.how

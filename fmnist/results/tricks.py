@@ -16,7 +16,6 @@ from fmnist.config import TTA_MODES
 from fmnist.errors import CheckpointError
 from fmnist.inference.loading import best_in_run, load_model, training_datamodule
 from fmnist.results.sweep import collect
-from fmnist.training.checkpoint import load_checkpoint
 
 
 def validation_accuracies(run_dir: Path, data_dir: str | None = None) -> dict[tuple[str, str], float]:
@@ -25,7 +24,7 @@ def validation_accuracies(run_dir: Path, data_dir: str | None = None) -> dict[tu
     loaded = load_model(path)
     images, labels = training_datamodule(loaded.data, data_dir).splits["val"]
     batch = int(loaded.data.get("eval_batch_size", 1000))
-    raw = load_checkpoint(path).get("current_model_state")
+    raw = loaded.raw_weights
     # load_model gave the checkpoint's `state_dict`: the average when the run had EMA, else the raw weights.
     weight_sets = [("ema", None), ("raw", raw)] if raw is not None else [("raw", None)]
     results = {}
