@@ -13,6 +13,9 @@ import math
 
 import torch
 
+# The alternating flips' random stream: beyond any run's epoch count, so no shuffle shares its numbers.
+FLIP_STREAM = 100_002
+
 
 class InMemoryBatches:
     """An iterable of (images uint8 [B, 1, 28, 28], labels int64 [B]) batches; Lightning accepts it as a dataloader."""
@@ -29,9 +32,12 @@ class InMemoryBatches:
         # Image i is mirrored in even epochs if flip_first[i], in odd epochs if not (None: no flips here).
         self.flip_first = None
         if alternate_flips:
-            # A stream apart from the shuffles' (seed * 100_003 + epoch ones, epoch < 100_002).
-            generator = torch.Generator().manual_seed(seed * 100_003 + 100_002)
+            generator = self._generator(FLIP_STREAM)
             self.flip_first = (torch.rand(len(labels), generator=generator) < 0.5).to(labels.device)
+
+    def _generator(self, stream: int) -> torch.Generator:
+        """The random stream `stream` of this seed: the epoch's number for its shuffle, FLIP_STREAM for the flips."""
+        return torch.Generator().manual_seed(self.seed * 100_003 + stream)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -40,8 +46,7 @@ class InMemoryBatches:
         """This rank's sample indices for the current epoch, in order."""
         n = len(self.labels)
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(n, generator=generator)
+            order = torch.randperm(n, generator=self._generator(self.epoch))
         else:
             order = torch.arange(n)
         if self.world_size > 1:
