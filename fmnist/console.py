@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 log = logging.getLogger("fmnist")
 
@@ -51,6 +54,16 @@ def setup() -> None:
 def is_terminal() -> bool:
     """Whether a progress bar can redraw in place (otherwise its `\\r` lines clutter logs)."""
     return sys.stderr.isatty()
+
+
+@contextmanager
+def beside_the_bar(bar: bool):
+    """While a progress bar is drawn, console log lines are written above it (tqdm.write) instead of over it."""
+    if not bar:
+        yield
+        return
+    with logging_redirect_tqdm():
+        yield
 
 
 def print_result(run_dir: Path, record: dict) -> None:

@@ -57,8 +57,13 @@ def test_second_process_in_a_busy_run_directory_is_refused_naming_the_holder(tmp
     while not (run / "metrics.json").exists():  # the first run has passed its checks and owns the directory
         assert first.poll() is None and time.time() < deadline, first.communicate()[1][-3000:]
         time.sleep(0.05)
-    second = run_cli(*FAST, *SIMPLE, *slow, f"data.dir={data_dir}", "optim.lr=0.002", f"hydra.run.dir={run}")
-    assert first.poll() is None, "the first run must still be running for this test to mean anything"
+    # Paused while the second one tries, so that it still holds the directory however slow the machine is.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        assert first.poll() is None, "the first run must still be running for this test to mean anything"
+        second = run_cli(*FAST, *SIMPLE, *slow, f"data.dir={data_dir}", "optim.lr=0.002", f"hydra.run.dir={run}")
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == 2 and f"in use by process {first.pid}" in second.stderr, second.stderr[-3000:]
     assert "Traceback" not in second.stderr
     _, err = first.communicate(timeout=300)

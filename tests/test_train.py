@@ -126,3 +126,48 @@ def test_last_checkpoint_is_the_latest_epoch_even_when_not_the_best(make_cfg, tm
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best-epoch001.ckpt", "last.ckpt"]
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert (last["epoch"], last["global_step"]) == (1, 4)  # Lightning counts epochs from 0: the second one
+
+
+def _fake_trainer(steps: int, batch: int, val_images: int, epochs: int):
+    from types import SimpleNamespace
+    return SimpleNamespace(current_epoch=0, max_epochs=epochs, num_training_batches=steps, num_val_batches=[1],
+                           train_dataloader=SimpleNamespace(batch_size=batch),
+                           val_dataloaders=SimpleNamespace(batch_size=val_images),
+                           strategy=SimpleNamespace(root_device=torch.device("cpu")))
+
+
+def test_forecast_extrapolates_the_timed_steps_to_all_epochs_with_validation(monkeypatch, caplog):
+    """0.1 s per step of 10 images, 100 steps and 300 validation images (a third of the cost each):
+    10 s + 1 s per epoch; the first step's one-off cost (5 s here) stays out of the rate."""
+    from fmnist.training import callbacks
+    clock = iter([0.0, 0.0, 5.0, *(5.0 + 0.1 * i for i in range(1, 100))])
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    trainer = _fake_trainer(steps=100, batch=10, val_images=300, epochs=3)
+    forecast = callbacks.Forecast(heartbeat_s=None, min_steps=5, min_seconds=2.0)
+    forecast.on_train_start(trainer, None)
+    forecast.on_train_epoch_start(trainer, None)
+    batch = (torch.zeros(10, 1, 28, 28), torch.zeros(10))
+    with caplog.at_level("INFO", logger="fmnist.training.callbacks"):
+        for i in range(99):
+            forecast.on_train_batch_end(trainer, None, None, batch, i)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["3 epochs x ~11 s = ~33 s on this CPU (from the first steps' speed)"], lines
+
+
+@pytest.mark.parametrize("seconds,text", [(42, "42 s"), (95 * 20, "32 min"), (3 * 3600 + 600, "3.2 h")])
+def test_durations_read_as_a_person_says_them(seconds, text):
+    from fmnist.training.callbacks import duration
+    assert duration(seconds) == text
+
+
+def test_a_run_without_a_bar_forecasts_once_and_shows_life_inside_epochs_and_the_test(make_cfg, tmp_path, caplog):
+    from fmnist.training.callbacks import Forecast
+    with caplog.at_level("INFO"):
+        train(make_cfg("model=simple", "trainer.max_epochs=2", "trainer.enable_model_summary=true"), tmp_path,
+              callbacks=[Forecast(heartbeat_s=0)])
+    lines = [r.getMessage() for r in caplog.records]
+    forecasts = [line for line in lines if " epochs x ~" in line]
+    assert len(forecasts) == 2 and all(line.startswith("2 epochs x ~") for line in forecasts), forecasts  # ours and the run's
+    assert any(line.startswith("epoch 2/2: step 2/2, ") and "img/s, loss " in line for line in lines), lines
+    assert any(line.startswith("test: batch 1/1, done in ~") for line in lines), lines
+    assert any(line.startswith("model simple: ") and "MFLOP per training image" in line for line in lines), lines

@@ -75,10 +75,12 @@ class EpochCSV(L.Callback):
                 if key in row:
                     trainer.logger.experiment.add_scalar(f"by_epoch/{key}", row[key], row["epoch"])
         if self.echo:
-            log.info("epoch %d/%d: train loss %.4f acc %.2f%% | val loss %.4f acc %.2f%% (best %.2f%%) | %.0f s",
+            left = trainer.max_epochs - row["epoch"]
+            log.info("epoch %d/%d: train loss %.4f acc %.2f%% | val loss %.4f acc %.2f%% (best %.2f%%) | %.0f s%s",
                      row["epoch"], trainer.max_epochs, row.get("train/loss", float("nan")),
                      100 * row.get("train/acc", float("nan")), row.get("val/loss", float("nan")),
-                     100 * row.get("val/acc", float("nan")), 100 * row.get("val/acc_best", float("nan")), seconds)
+                     100 * row.get("val/acc", float("nan")), 100 * row.get("val/acc_best", float("nan")), seconds,
+                     f", ~{duration(left * seconds)} left" if left > 0 else "")
 
     def _write(self, rows: list[dict], mode: str) -> None:
         new = mode == "w" or not self.path.exists()
@@ -94,6 +96,100 @@ class EpochCSV(L.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.train_seconds = state_dict["train_seconds"]
         self.train_images = state_dict.get("train_images", 0)
+
+
+def duration(seconds: float) -> str:
+    """A human duration: `45 s`, `12 min`, `3.2 h`."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def forecast_line(epochs: int, epoch_seconds: float, device: str) -> str:
+    """The line a run prints before its long part: `20 epochs x ~95 s = ~32 min on this CPU`."""
+    return f"{epochs} epoch{'s' * (epochs != 1)} x ~{duration(epoch_seconds)} = ~{duration(epochs * epoch_seconds)} on this {device}"
+
+
+# How often a run without a progress bar shows a line inside an epoch or the test.
+HEARTBEAT_S = 30.0
+# A forward pass costs about a third of a forward + backward pass: what a validation image costs
+# next to a training image, for the forecast before the first validation has run.
+EVAL_COST = 1 / 3
+
+
+class Forecast(L.Callback):
+    """Say how long the fit will take once the first steps have been timed, and show life while it runs.
+
+    The forecast comes after `min_steps` timed steps and `min_seconds` (or the epoch's end, when an
+    epoch is shorter), counting from the end of the first step, which carries one-off costs
+    (allocation, kernel selection). An epoch's estimate is its training images at the measured rate
+    plus its validation images at EVAL_COST of it. With `heartbeat_s`, a line at most that often inside
+    an epoch and during the test (for output that no progress bar can redraw: a pipe, a log file).
+    """
+
+    def __init__(self, heartbeat_s: float | None = HEARTBEAT_S, min_steps: int = 5, min_seconds: float = 2.0):
+        self.heartbeat_s, self.min_steps, self.min_seconds = heartbeat_s, min_steps, min_seconds
+        self._told = False
+        self._timed_from = self._last_beat = 0.0
+        self._steps = self._images = 0
+
+    @staticmethod
+    def _device(trainer) -> str:
+        root = trainer.strategy.root_device
+        return "GPU" if root.type == "cuda" else root.type.upper()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._told = trainer.current_epoch >= trainer.max_epochs
+        self._steps = self._images = 0
+        self._last_beat = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_start = self._last_beat = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if not self._told:
+            if self._steps == 0:
+                self._timed_from = now  # the first step's one-off costs stay out of the rate
+            else:
+                self._images += len(batch[1])
+            self._steps += 1
+            timed = now - self._timed_from
+            last = batch_idx + 1 == trainer.num_training_batches
+            if (self._steps > self.min_steps and timed >= self.min_seconds) or last:
+                self._tell(trainer, timed / self._images if self._images else (now - self._epoch_start) / len(batch[1]))
+        if self.heartbeat_s is not None and now - self._last_beat >= self.heartbeat_s and rank_zero_only.rank == 0:
+            self._last_beat = now
+            done, total = batch_idx + 1, trainer.num_training_batches
+            elapsed = now - self._epoch_start
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            log.info("epoch %d/%d: step %d/%d, %.0f img/s, loss %.4f, epoch done in ~%s", trainer.current_epoch + 1,
+                     trainer.max_epochs, done, total, done * len(batch[1]) / elapsed, float(loss),
+                     duration(elapsed / done * (total - done)))
+
+    def _tell(self, trainer, seconds_per_image: float) -> None:
+        self._told = True
+        if rank_zero_only.rank != 0:
+            return
+        train_images = trainer.num_training_batches * getattr(trainer.train_dataloader, "batch_size", 1)
+        val_batches = sum(trainer.num_val_batches) if trainer.num_val_batches else 0
+        val_images = val_batches * getattr(trainer.val_dataloaders, "batch_size", 1)
+        epoch_seconds = seconds_per_image * (train_images + EVAL_COST * val_images)
+        log.info("%s (from the first steps' speed)",
+                 forecast_line(trainer.max_epochs - trainer.current_epoch, epoch_seconds, self._device(trainer)))
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._test_start = self._last_beat = time.perf_counter()
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        now = time.perf_counter()
+        if self.heartbeat_s is not None and now - self._last_beat >= self.heartbeat_s and rank_zero_only.rank == 0:
+            self._last_beat = now
+            done, total = batch_idx + 1, sum(trainer.num_test_batches)
+            log.info("test: batch %d/%d, done in ~%s", done, total,
+                     duration((now - self._test_start) / done * (total - done)))
 
 
 class StopOnDivergence(L.Callback):
@@ -141,7 +237,13 @@ class RNGState(L.Callback):
 
 
 class ProgressBar(TQDMProgressBar):
-    """tqdm's bar, with epochs counted from 1 (as in epochs.csv, checkpoints and metrics.json) and the total."""
+    """tqdm's bar, with epochs counted from 1 (as in epochs.csv, checkpoints and metrics.json) and the total,
+    and accuracies in percent, as in every line and block a run prints."""
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        return {k: f"{100 * v:.2f}%" if isinstance(v, float) and k.rsplit("/", 1)[-1].startswith("acc") else v
+                for k, v in metrics.items()}
 
     def on_train_epoch_start(self, trainer, *args) -> None:
         super().on_train_epoch_start(trainer, *args)

@@ -32,8 +32,10 @@ from fmnist.data.datamodule import FashionMNISTDataModule, find_csv
 from fmnist.errors import CheckpointError, ConfigError, DivergedError, FmnistError
 from fmnist.fsio import atomic_write, check_writable, file_digest, storage_errors
 from fmnist.hardware import check_accelerator, resolve_precision
+from fmnist.models import training_flops_per_image
 from fmnist.results.runs import FINISHED, provenance, read_record, update_record
-from fmnist.training.callbacks import DIVERGED_ADVICE, EpochCSV, TestArtifacts, WeightEMA, step_callbacks
+from fmnist.training.callbacks import (DIVERGED_ADVICE, HEARTBEAT_S, EpochCSV, Forecast, TestArtifacts, WeightEMA,
+                                      step_callbacks)
 from fmnist.training.checkpoint import SafeCheckpointIO, SafeModelCheckpoint, load_checkpoint
 from fmnist.training.module import LitClassifier
 from fmnist.training.rundir import RunDirInUse, own_run_dir
@@ -194,6 +196,10 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     L.seed_everything(cfg.seed, workers=False, verbose=False)
     datamodule = FashionMNISTDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
     model = LitClassifier(model=model_kwargs, optim=OmegaConf.to_container(cfg.optim, resolve=True))
+    # Lightning's summary table cannot count FLOPs here (its column reads 0): one line with the real ones instead.
+    if trainer_kwargs.pop("enable_model_summary") and rank_zero_only.rank == 0:
+        log.info("model %s: %.2f M parameters, %.1f MFLOP per training image (forward + backward)", cfg.model.name,
+                 sum(p.numel() for p in model.parameters()) / 1e6, training_flops_per_image(model.net) / 1e6)
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
     checkpoint = SafeModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}",
                                      monitor="val/acc", mode="max", save_last=True, auto_insert_metric_name=False)
@@ -201,13 +207,15 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     # there, and when the bar is off, each epoch is one log line instead.
     trainer_kwargs["enable_progress_bar"] = bar = cfg.trainer.enable_progress_bar and console.is_terminal()
     epoch_csv = EpochCSV(run_dir / "epochs.csv", echo=not bar)
-    trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(run_dir),
+    forecast = Forecast(heartbeat_s=None if bar else HEARTBEAT_S)
+    trainer = L.Trainer(**trainer_kwargs, enable_model_summary=False, default_root_dir=str(run_dir),
                         logger=logger, plugins=[SafeCheckpointIO()],
-                        callbacks=[checkpoint, epoch_csv,
+                        callbacks=[checkpoint, epoch_csv, forecast,
                                    LearningRateMonitor(logging_interval="epoch"), TestArtifacts(run_dir),
                                    *step_callbacks(cfg.progress_bar_refresh if bar else None),
                                    *([WeightEMA(cfg.optim.ema_decay)] if cfg.optim.ema_decay else []), *(callbacks or [])])
-    trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
+    with console.beside_the_bar(bar):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
     fit_seconds = time.perf_counter() - started
 
     metrics = {"val/acc_best": float(model.val_acc_best.compute()), "best_epoch": _best_epoch(run_dir),
@@ -218,7 +226,8 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
         metrics["val/loss"] = float(trainer.callback_metrics["val/loss"])
     if cfg.test:
         best = "best" if checkpoint.best_model_path else None  # fast_dev_run keeps no checkpoints
-        result = trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)[0]
+        with console.beside_the_bar(bar):
+            result = trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)[0]
         metrics.update({k: float(v) for k, v in result.items()})
     # `completed` promises usable numbers: a NaN validation or test loss is a divergence too.
     bad = {k: v for k, v in metrics.items() if k in ("val/loss", "test/loss") and not math.isfinite(v)}
