@@ -18,6 +18,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from fmnist.errors import ConfigError
 
+# Images per forward pass when validating, testing, evaluating or exporting (no gradients: larger than training).
+EVAL_BATCH_SIZE = 1000
+
 
 @dataclass
 class AugmentConfig:
@@ -35,7 +38,7 @@ class DataConfig:
     dir: str = "data"
     val_size: int = 5000
     batch_size: int = 256
-    eval_batch_size: int = 1000
+    eval_batch_size: int = EVAL_BATCH_SIZE
     normalize: bool = False  # standardise with the training mean/std instead of plain [0, 1]
     train_subset: Optional[int] = None  # a stratified subset of the training split, for CPU-sized runs
     on_device: bool = True  # keep the whole dataset on the training device (no copy per step)

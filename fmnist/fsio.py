@@ -5,8 +5,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from fmnist.errors import StorageError
 
@@ -16,17 +18,20 @@ _CAUSES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is ex
            errno.EPERM: "permission denied"}
 
 
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write `data` to a temporary file beside `path`, flush it to disk, then rename it into place.
+@contextmanager
+def atomic_output(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write to; once the block succeeds, flush it to disk and
+    rename it into place, in one step. On any error the temporary file is removed and `path` is untouched.
 
-    A crash, a kill or a full disk leaves the previous file (or none), never a truncated one.
+    A crash, a kill or a full disk leaves the previous file (or none), never a truncated one. The
+    temporary name is unique to the process and the call, so two writers of one path never share it
+    (the last rename wins, whole). `suffix` keeps an extension that a writer needs (e.g. `.onnx`).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
@@ -34,6 +39,12 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write `data` to `path` atomically (see `atomic_output`)."""
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 def storage_error(error: OSError, path: Path | str | None = None) -> StorageError | None:

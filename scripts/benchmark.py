@@ -36,9 +36,10 @@ from fmnist.training.callbacks import step_callbacks
 from fmnist.config import MODEL_SCHEMAS, OptimConfig, TrainConfig
 from fmnist.data.csv_io import cache_path, load_csv, parse_csv
 from fmnist.data.datamodule import FashionMNISTDataModule, find_csv
-from fmnist.hardware import describe, describe_line, device_kind, native_cpu_bf16, resolve_precision
+from fmnist.hardware import describe, describe_line, device_kind, native_cpu_bf16
 from fmnist.models import training_flops_per_image
 from fmnist.training.module import LitClassifier
+from fmnist.training.precision import resolve_precision
 
 
 def synchronize(device: torch.device) -> None:

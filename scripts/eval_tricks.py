@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fmnist.results.tricks import compare, markdown
+from fmnist.inference.tricks import compare, markdown
 
 
 def main() -> int:

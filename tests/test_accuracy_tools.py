@@ -113,7 +113,7 @@ def test_augmentation_changes_images_never_labels(data_dir):
 
 
 def test_eval_tricks_scores_raw_and_averaged_weights_on_validation(make_cfg, tmp_path):
-    from fmnist.results.tricks import compare, markdown
+    from fmnist.inference.tricks import compare, markdown
 
     metrics = train(make_cfg(*EMA), tmp_path / "ema" / "seed=0")
     train(make_cfg("model=simple"), tmp_path / "plain" / "seed=0")

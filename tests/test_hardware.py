@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fmnist import hardware
+from fmnist.training import precision as auto
 from fmnist.models import build_model, training_flops_per_image
 from fmnist.training.train import train
 
@@ -33,15 +34,15 @@ def cpu_with_bf16(monkeypatch, native: bool):
 
 def test_explicit_precision_always_wins(monkeypatch):
     probe, calls = fake_probe(10, 1)
-    assert hardware.resolve_precision("32-true", "cpu", MODEL, probe)[0] == "32-true"
-    assert hardware.resolve_precision("bf16-mixed", "cpu", MODEL, probe)[0] == "bf16-mixed"
+    assert auto.resolve_precision("32-true", "cpu", MODEL, probe)[0] == "32-true"
+    assert auto.resolve_precision("bf16-mixed", "cpu", MODEL, probe)[0] == "bf16-mixed"
     assert calls == []
 
 
 def test_cpu_without_native_bf16_takes_fp32_without_probing(monkeypatch):
     cpu_with_bf16(monkeypatch, native=False)
     probe, calls = fake_probe(10, 1)
-    precision, evidence = hardware.resolve_precision("auto", "cpu", MODEL, probe)
+    precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, probe)
     assert precision == "32-true" and calls == [] and "no native bf16" in evidence["reason"]
 
 
@@ -50,7 +51,7 @@ def test_cpu_without_native_bf16_takes_fp32_without_probing(monkeypatch):
 def test_cpu_with_native_bf16_follows_the_probe(monkeypatch, fp32_ms, bf16_ms, expected):
     cpu_with_bf16(monkeypatch, native=True)
     probe, calls = fake_probe(fp32_ms, bf16_ms)
-    precision, evidence = hardware.resolve_precision("auto", "cpu", MODEL, probe)
+    precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, probe)
     assert precision == expected and len(calls) == 1
     assert evidence["probe"]["fp32_ms"] == fp32_ms and evidence["resolved"] == expected
 
@@ -58,10 +59,10 @@ def test_cpu_with_native_bf16_follows_the_probe(monkeypatch, fp32_ms, bf16_ms, e
 def test_the_probe_verdict_is_cached_per_architecture(monkeypatch):
     cpu_with_bf16(monkeypatch, native=True)
     probe, calls = fake_probe(10, 5)
-    hardware.resolve_precision("auto", "cpu", MODEL, probe)
-    precision, evidence = hardware.resolve_precision("auto", "cpu", {**MODEL, "dropout": 0.3}, probe)
+    auto.resolve_precision("auto", "cpu", MODEL, probe)
+    precision, evidence = auto.resolve_precision("auto", "cpu", {**MODEL, "dropout": 0.3}, probe)
     assert precision == "bf16-mixed" and len(calls) == 1 and evidence["probe"]["cached"]
-    hardware.resolve_precision("auto", "cpu", {**MODEL, "hidden": 64}, probe)  # another architecture: probed
+    auto.resolve_precision("auto", "cpu", {**MODEL, "hidden": 64}, probe)  # another architecture: probed
     assert len(calls) == 2
 
 
@@ -70,18 +71,18 @@ def test_cuda_takes_bf16_where_supported(monkeypatch, bf16, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
-    assert hardware.resolve_precision("auto", "gpu", MODEL)[0] == expected
+    assert auto.resolve_precision("auto", "gpu", MODEL)[0] == expected
 
 
 def test_the_real_probe_times_both_precisions_quickly():
-    result = hardware.probe_cpu_bf16(MODEL, batch_size=4, steps=1)
+    result = auto.probe_cpu_bf16(MODEL, batch_size=4, steps=1)
     assert result["fp32_ms"] > 0 and result["bf16_ms"] > 0
 
 
 def test_a_run_records_the_resolved_precision_and_hardware(make_cfg, tmp_path, monkeypatch):
     cpu_with_bf16(monkeypatch, native=True)
     probe, calls = fake_probe(10, 30)  # bf16 3x slower: auto must pick fp32
-    monkeypatch.setattr(hardware, "probe_cpu_bf16", probe)
+    monkeypatch.setattr(auto, "probe_cpu_bf16", probe)
     train(make_cfg("model=simple"), tmp_path)
     record = json.loads((tmp_path / "metrics.json").read_text())
     assert record["precision"]["requested"] == "auto" and record["precision"]["resolved"] == "32-true"

@@ -24,7 +24,7 @@ from fmnist.inference.evaluate import evaluate
 from fmnist.inference.export import ExportFailed, export
 from fmnist.inference.images import ImageRejected, load_image, to_dataset_format
 from fmnist.inference.loading import load_model, resolve
-from fmnist.inference.predict import InputsFailed, predict
+from fmnist.inference.predict import predict
 from fmnist.training.train import train
 from tests.conftest import FAST, ROOT, compose_cfg, compose_named
 

@@ -24,8 +24,7 @@ import torch
 from fmnist.data.csv_io import cache_path, load_csv, parse_csv, write_csv
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.errors import CheckpointError, ConfigError, DataError, DivergedError, StorageError
-from fmnist.results.runs import read_record
-from fmnist.results.sweep import collect
+from fmnist.runs import collect, read_record
 from fmnist.training.checkpoint import load_checkpoint
 from fmnist.training.module import LitClassifier
 from fmnist.training.train import run_job, train

@@ -10,7 +10,8 @@ from hydra import compose, initialize_config_dir
 
 from fmnist.config import PLACEMENT_KEYS
 from fmnist.results.report import ablation_pairs, write_report
-from fmnist.results.sweep import setting_of, summarize
+from fmnist.results.sweep import summarize
+from fmnist.runs import setting_of
 from tests.conftest import CONF, FAST
 from tests.test_cli import run_cli
 

@@ -9,7 +9,7 @@ from fmnist.training.checkpoint import load_checkpoint
 from fmnist.errors import CheckpointError, ConfigError
 from fmnist.models import training_flops_per_image
 from fmnist.training.module import LitClassifier
-from fmnist.results.runs import read_record
+from fmnist.runs import read_record
 from fmnist.training.train import run_job, train
 
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from fmnist.results.runs import read_record
+from fmnist.runs import read_record
 from fmnist.errors import FmnistError
 from fmnist.sweeps.tune import Search, register_tune, run_search
 from tests.conftest import CONF, FAST, ROOT

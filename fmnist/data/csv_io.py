@@ -12,7 +12,6 @@ from __future__ import annotations
 import gzip
 import io
 import logging
-import os
 import zipfile
 import zlib
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fmnist.errors import DataError
-from fmnist.fsio import atomic_write, file_digest
+from fmnist.fsio import atomic_output, atomic_write, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -205,12 +204,10 @@ def write_csv(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
     # Build the text from a lookup of the 256 possible cells: much faster than np.savetxt.
     cells = np.array([str(i).encode() for i in range(256)], dtype=object)
     lines = [b",".join(row) for row in cells[table.astype(np.int64)]]
-    tmp = path.with_name(path.name + ".tmp")
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(tmp, "wb") as f:
+    with atomic_output(path) as tmp, opener(tmp, "wb") as f:
         f.write((",".join(HEADER) + "\n").encode())
         f.write(b"\n".join(lines) + b"\n")
-    os.replace(tmp, path)
 
 
 def cache_path(path: Path) -> Path:

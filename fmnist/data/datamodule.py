@@ -14,7 +14,8 @@ import lightning as L
 import numpy as np
 import torch
 
-from fmnist.config import AugmentConfig
+from fmnist import NUM_CLASSES
+from fmnist.config import AugmentConfig, DataConfig
 from fmnist.data.augment import augment
 from fmnist.data.batches import InMemoryBatches
 from fmnist.data.csv_io import load_csv
@@ -22,7 +23,6 @@ from fmnist.errors import ConfigError
 from fmnist.data.sources import CSV_NAMES
 
 log = logging.getLogger(__name__)
-NUM_CLASSES = 10
 
 
 def stratified_split(labels: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -49,9 +49,11 @@ def find_csv(data_dir: Path, split: str) -> Path:
 class FashionMNISTDataModule(L.LightningDataModule):
     """Fashion-MNIST from Kaggle-format CSVs, with a seeded stratified validation split."""
 
-    def __init__(self, dir: str = "data", val_size: int = 5000, batch_size: int = 256, eval_batch_size: int = 1000,
-                 normalize: bool = False, train_subset: int | None = None, on_device: bool = True,
-                 augment: dict | None = None, seed: int = 0):
+    # Defaults are DataConfig's (fmnist/config.py), the one place they are set.
+    def __init__(self, dir: str = DataConfig.dir, val_size: int = DataConfig.val_size,
+                 batch_size: int = DataConfig.batch_size, eval_batch_size: int = DataConfig.eval_batch_size,
+                 normalize: bool = DataConfig.normalize, train_subset: int | None = DataConfig.train_subset,
+                 on_device: bool = DataConfig.on_device, augment: dict | None = None, seed: int = 0):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.augment = {**asdict(AugmentConfig()), **(augment or {})}

@@ -12,10 +12,10 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from fmnist import NUM_CLASSES
 from fmnist.config import TTA_MODES
 from fmnist.errors import ConfigError
 
-NUM_CLASSES = 10
 
 
 @dataclass

@@ -11,8 +11,6 @@ its whole test set) is reproduced exactly.
 from __future__ import annotations
 
 import logging
-import os
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +19,13 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist import CLASS_NAMES
+from fmnist.config import EVAL_BATCH_SIZE
 from fmnist.data.csv_io import load_csv
 from fmnist.errors import ConfigError
+from fmnist.fsio import atomic_output
 from fmnist.inference.config import check_data
-from fmnist.inference.loading import LoadedModel, load_model, run_test_acc
-from fmnist.results.runs import provenance, write_record
+from fmnist.inference.loading import load_model, run_test_acc
+from fmnist.runs import COMPLETED, now, provenance, write_record
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +74,6 @@ def _check_output_dir(out_dir: Path) -> None:
                           "or another evaluation's files): leave hydra.run.dir at its default or name a new one.")
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     """Evaluate `cfg.ckpt` on the test CSV and write the evaluation into `out_dir`; return the metrics."""
     check_data(cfg)
@@ -88,12 +82,12 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     model = load_model(cfg.ckpt)
     csv = model.test_csv(cfg.data.dir)
     images, labels = load_csv(csv)
-    batch_size = cfg.data.batch_size or int(model.data.get("eval_batch_size", 1000))
+    batch_size = cfg.data.batch_size or int(model.data.get("eval_batch_size", EVAL_BATCH_SIZE))
     tta = cfg.tta if cfg.tta is not None else model.module.tta  # by default, as the run validated and tested
     logits = model.logits_batched(images, batch_size, tta=tta)
     metrics, cm = classification_metrics(logits, labels)
     record = {
-        "status": "completed", "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "status": COMPLETED, "finished_at": now(),
         "checkpoint": {"path": str(model.path.resolve()), "sha256": model.sha256, "run_dir": _str(model.run_dir),
                        "chosen": model.note or None, "model": model.model},
         "data": {"test_csv": str(csv.resolve()), "normalize": model.normalize, "mean": model.mean, "std": model.std,
@@ -103,7 +97,8 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         **provenance(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic(out_dir / "confusion_matrix.csv", lambda p: np.savetxt(p, cm, fmt="%d", delimiter=","))
+    with atomic_output(out_dir / "confusion_matrix.csv") as tmp:
+        np.savetxt(tmp, cm, fmt="%d", delimiter=",")
     _write_figure(out_dir / "confusion_matrix.png", cm, csv, tta)
     write_record(out_dir, record)
     print(summary_table(record, out_dir))
@@ -117,10 +112,11 @@ def _str(path: Path | None) -> str | None:
 def _write_figure(path: Path, cm: np.ndarray, csv: Path, tta: str) -> None:
     import matplotlib.pyplot as plt
 
-    from fmnist.results.plots import confusion_matrix_figure
+    from fmnist.training.figures import confusion_matrix_figure
 
     fig = confusion_matrix_figure(cm, title=f"{csv.name}{'' if tta == 'none' else f' (TTA: {tta})'}")
-    _atomic(path, lambda p: fig.savefig(p, dpi=100, format="png"))
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 

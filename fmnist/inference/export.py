@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,8 +26,10 @@ from omegaconf import DictConfig
 from torch import nn
 
 from fmnist import CLASS_NAMES
+from fmnist.config import EVAL_BATCH_SIZE
 from fmnist.data.csv_io import load_csv
 from fmnist.errors import ConfigError, FmnistError
+from fmnist.fsio import atomic_output
 from fmnist.inference.config import check_export
 from fmnist.inference.loading import LoadedModel, load_model
 
@@ -127,7 +128,7 @@ class Agreement:
                 f"(need <= {MAX_LOGIT_DIFF:g})")
 
 
-def compare(loaded: LoadedModel, onnx_path: Path, images: np.ndarray, batch_size: int = 1000) -> Agreement:
+def compare(loaded: LoadedModel, onnx_path: Path, images: np.ndarray, batch_size: int = EVAL_BATCH_SIZE) -> Agreement:
     """onnxruntime on the file against the PyTorch model (as evaluate runs it) on uint8 images [N, 28, 28]."""
     import onnxruntime as ort
 
@@ -148,17 +149,13 @@ def export(cfg: DictConfig) -> Agreement:
     images, _ = load_csv(csv)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.onnx")
-    try:
+    with atomic_output(out, suffix=".onnx") as tmp:
         to_onnx(loaded, tmp)
-        agreement = compare(loaded, tmp, images, cfg.data.batch_size or 1000)
+        agreement = compare(loaded, tmp, images, cfg.data.batch_size or EVAL_BATCH_SIZE)
         print(agreement.line())
         if not agreement.ok:
             raise ExportFailed(f"{out}: not written: the exported model disagrees with the PyTorch model. "
                                + agreement.line() + ".")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): input `{INPUT_NAME}` {INPUT_DOC}; output "
           f"`{OUTPUT_NAME}` float32 [N, 10]; checkpoint {loaded.path} (sha256 {loaded.sha256[:12]})")
     return agreement

@@ -19,8 +19,7 @@ from fmnist.data.datamodule import FashionMNISTDataModule, find_csv
 from fmnist.errors import CheckpointError, DataError
 from fmnist.fsio import file_digest
 from fmnist.models import MODELS, tta_logits
-from fmnist.results.runs import read_record
-from fmnist.results.sweep import collect
+from fmnist.runs import COMPLETED, collect, read_record
 from fmnist.training.checkpoint import load_checkpoint
 from fmnist.training.module import LitClassifier
 
@@ -63,7 +62,7 @@ def resolve(ckpt: str | Path) -> Resolved:
     if (path / "checkpoints").is_dir():
         return Resolved(best_in_run(path), path, "run")
     jobs = collect(path)
-    done = jobs[(jobs.status == "completed") & jobs.val_acc_best.notna()] if len(jobs) else jobs
+    done = jobs[(jobs.status == COMPLETED) & jobs.val_acc_best.notna()] if len(jobs) else jobs
     if done.empty:
         found = f"{len(jobs)} job directories, none completed with a validation accuracy" if len(jobs) else "nothing"
         raise CheckpointError(f"ckpt={ckpt}: a directory holding {found}; {WHAT_CKPT_IS}.")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from omegaconf import DictConfig
 from fmnist import CLASS_NAMES
 from fmnist.data.csv_io import parse_csv
 from fmnist.errors import DataError
+from fmnist.fsio import atomic_output
 from fmnist.inference.config import check_predict
 from fmnist.inference.images import EXTENSIONS, ImageRejected, load_image
 from fmnist.inference.loading import load_model
@@ -123,18 +123,17 @@ def predict(cfg: DictConfig) -> list[dict]:
 def write_rows(path: Path, rows: list[dict], k: int) -> None:
     """Write the rows as CSV or JSON (by the suffix), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if path.suffix.lower() == ".json":
-        records = [{"input": r["input"], "label": r["label"], "error": r["error"],
-                    "top_k": [] if r["error"] else [{"class": r[f"class_{i}"], "prob": r[f"prob_{i}"]}
-                                                    for i in range(1, k + 1)]} for r in rows]
-        tmp.write_text(json.dumps(records, indent=1) + "\n")
-    else:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        if path.suffix.lower() == ".json":
+            records = [{"input": r["input"], "label": r["label"], "error": r["error"],
+                        "top_k": [] if r["error"] else [{"class": r[f"class_{i}"], "prob": r[f"prob_{i}"]}
+                                                        for i in range(1, k + 1)]} for r in rows]
+            tmp.write_text(json.dumps(records, indent=1) + "\n")
+        else:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
 
 
 def table(rows: list[dict], ckpt: Path, out: str | None) -> str:

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fmnist.results.runs import read_record
-from fmnist.results.sweep import collect
+from fmnist.runs import COMPLETED, collect, read_record
 
 # Published results on the standard 60k/10k split without extra data, as collected in the project's
 # notes and issue 13 (result, test accuracy %, budget, where it is published).
@@ -43,7 +42,7 @@ def project_rows(sweep_dir: Path) -> list[dict]:
     """One row per completed setting of a sweep directory."""
     sweep_dir = Path(sweep_dir)
     table = collect(sweep_dir)
-    done = table[table.status == "completed"]
+    done = table[table.status == COMPLETED]
     rows = []
     for setting, jobs in done.groupby("setting"):
         record = read_record(sweep_dir / jobs.job.iloc[0])

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import FormatStrFormatter, FuncFormatter, MaxNLocator
 
-from fmnist.results.plots import confusion_matrix_figure
-from fmnist.results.sweep import collect
+from fmnist.training.figures import confusion_matrix_figure
+from fmnist.runs import COMPLETED, collect
 
 # The seed report's Figures 4.1-4.8: (number, its title, the `experiment=report` variant behind it).
 REPORT_FIGURES = [
@@ -143,7 +143,7 @@ def claims_table(table: pd.DataFrame, curves: dict[str, list[pd.DataFrame]]) -> 
 
     `curves` maps each variant (`best`, `no_dropout`, ...) to its runs' epochs.csv frames.
     """
-    done = table[table.status == "completed"].assign(variant=lambda t: t.setting.map(variant_of))
+    done = table[table.status == COMPLETED].assign(variant=lambda t: t.setting.map(variant_of))
     acc = done.groupby("variant").test_acc.agg(["mean", "std", "count"])
 
     def accuracy(variant: str) -> str:
@@ -241,7 +241,7 @@ def write_report(sweep_dir: Path) -> list[Path]:
     speed = time_to_accuracy_figure(curves, f"Time to accuracy: {sweep_dir.name}")
     if speed is not None:
         save(speed, "time_to_accuracy.png")
-    done = table[table.status == "completed"]
+    done = table[table.status == COMPLETED]
     if len(done):
         means = done.groupby("setting").val_acc_best.mean()
         reference = str(means.idxmax())

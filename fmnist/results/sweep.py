@@ -12,56 +12,14 @@ from pathlib import Path
 import pandas as pd
 from hydra.experimental.callback import Callback
 
-from fmnist.config import PLACEMENT_KEYS
-from fmnist.results.runs import read_record
+from fmnist.runs import COMPLETED, collect
 
 log = logging.getLogger(__name__)
-
-COLUMNS = ["job", "setting", "seed", "status", "val_acc_best", "best_epoch", "test_acc", "test_loss", "epochs",
-           "train_seconds", "train_images", "train_flops", "git_commit", "error"]
-# The compute behind a job, from the last row of its epochs.csv: cumulative over every process that
-# trained it, where metrics.json's fit/wall seconds cover only the process that finished it.
-COMPUTE = ("train_seconds", "train_images", "train_flops")
-
-
-def setting_of(overrides: list[str]) -> str:
-    """The overrides that define a job's setting (seed and placement removed), e.g. `optim.lr=0.01`."""
-    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in (*PLACEMENT_KEYS, "seed")
-            and not o.startswith("hydra.")]
-    return ",".join(sorted(kept)) or "(defaults)"
-
-
-def collect(sweep_dir: Path) -> pd.DataFrame:
-    """One row per job directory under `sweep_dir` (a directory holding `.hydra/` or `metrics.json`)."""
-    rows = []
-    for job in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir()):
-        record = read_record(job)
-        if record is None and not (job / ".hydra").is_dir():
-            continue
-        record = record or {"status": "started"}
-        metrics = record.get("metrics", {})
-        rows.append({
-            "job": job.name, "setting": setting_of(record.get("overrides", [])), "seed": record.get("seed"),
-            "status": record.get("status"), "val_acc_best": metrics.get("val/acc_best"),
-            "best_epoch": metrics.get("best_epoch"), "test_acc": metrics.get("test/acc"),
-            "test_loss": metrics.get("test/loss"), "epochs": metrics.get("epochs"),
-            **_compute(job), "git_commit": record.get("git_commit"), "error": record.get("error"),
-        })
-    return pd.DataFrame(rows, columns=COLUMNS)
-
-
-def _compute(job: Path) -> dict:
-    """The job's cumulative training seconds, images and FLOPs (None where epochs.csv lacks them)."""
-    try:
-        last = pd.read_csv(job / "epochs.csv").iloc[-1]
-    except (OSError, ValueError, IndexError):  # no epoch finished yet
-        return dict.fromkeys(COMPUTE)
-    return {key: last.get(key) for key in COMPUTE}
 
 
 def group(table: pd.DataFrame) -> pd.DataFrame:
     """Completed jobs grouped by setting: mean and std of each metric over seeds, and n."""
-    done = table[table.status == "completed"]
+    done = table[table.status == COMPLETED]
     metrics = ["val_acc_best", "test_acc", "test_loss", "train_seconds"]
     stats = done.groupby("setting")[metrics].agg(["mean", "std"])
     stats["n"] = done.groupby("setting").size()
@@ -85,7 +43,7 @@ def _markdown(table: pd.DataFrame, stats: pd.DataFrame, title: str) -> str:
     commits = sorted(table.git_commit.dropna().unique())
     if len(commits) > 1:  # not a refusal: code changes that do not change results are common
         lines += ["", f"Warning: the jobs ran on different code (git commits {', '.join(commits)})."]
-    unfinished = table[table.status != "completed"]
+    unfinished = table[table.status != COMPLETED]
     if len(unfinished):
         lines += ["", "| job | status | error |", "|---|---|---|"]
         lines += [f"| `{r.job}` | {r.status} | {r.error.splitlines()[0] if isinstance(r.error, str) else ''} |"
@@ -112,6 +70,6 @@ class SummarizeSweep(Callback):
         table = summarize(sweep_dir)
         log.info("sweep summary: %s", sweep_dir / "summary.md")
         print((sweep_dir / "summary.md").read_text())
-        failed = table[~table.status.isin(["completed"])]
+        failed = table[table.status != COMPLETED]
         for row in failed.itertuples():
             log.warning("job %s: %s %s", row.job, row.status, row.error if isinstance(row.error, str) else "")

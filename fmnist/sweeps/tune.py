@@ -18,7 +18,6 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -34,8 +33,8 @@ from omegaconf.errors import OmegaConfBaseException
 from fmnist.config import check_values, register
 from fmnist.data.datamodule import find_csv
 from fmnist.errors import ConfigError, DataError, DivergedError, FmnistError
-from fmnist.results.runs import update_record
 from fmnist.results.sweep import summarize
+from fmnist.runs import DIVERGED, FAILED, PRUNED, now, update_record
 from fmnist.training.train import record_failure, train
 
 log = logging.getLogger(__name__)
@@ -208,15 +207,15 @@ class Search:
         try:
             metrics = train(cfg, run_dir, overrides, callbacks=[ReportToTrial(trial)])
         except optuna.TrialPruned as e:
-            update_record(run_dir, status="pruned", error=str(e), finished_at=_now())
+            update_record(run_dir, status=PRUNED, error=str(e), finished_at=now())
             raise
         except DivergedError as e:
-            self._failed(trial, run_dir, "diverged", str(e), e)
+            self._failed(trial, run_dir, DIVERGED, str(e), e)
         except FmnistError as e:  # the user's to fix (data, config): record it, and stop the study
-            record_failure(run_dir, "failed", str(e), e)
+            record_failure(run_dir, FAILED, str(e), e)
             raise
         except Exception as e:  # e.g. out of memory at one batch size: this trial only
-            self._failed(trial, run_dir, "failed", f"{type(e).__name__}: {e}", e)
+            self._failed(trial, run_dir, FAILED, f"{type(e).__name__}: {e}", e)
         finally:
             if (run_dir / "metrics.json").exists():
                 update_record(run_dir, optuna={"study": self.cfg.study, "trial": trial.number, "params": params})
@@ -230,10 +229,6 @@ class Search:
         trial.set_user_attr("status", status)
         record_failure(run_dir, status, message, error)
         raise TrialFailed(message) from error
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _storage(cfg: DictConfig, study_dir: Path) -> optuna.storages.RDBStorage:

@@ -17,7 +17,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from fmnist.errors import DivergedError
 from fmnist.models import training_flops_per_image
-from fmnist.results.plots import confusion_matrix_figure, misclassified_figure
+from fmnist.training.figures import confusion_matrix_figure, misclassified_figure
 
 log = logging.getLogger(__name__)
 

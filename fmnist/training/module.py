@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from fmnist import NUM_CLASSES
 from fmnist.models import build_model, tta_logits
 
-NUM_CLASSES = 10
 # The optimizer registry (names as fmnist.config.OPTIMIZERS): the torch class and the `optim.*` keys it takes.
 OPTIMIZERS = {"adam": (torch.optim.Adam, ("weight_decay",)), "adamw": (torch.optim.AdamW, ("weight_decay",)),
               "sgd": (torch.optim.SGD, ("weight_decay", "momentum", "nesterov"))}

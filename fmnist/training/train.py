@@ -15,7 +15,6 @@ import threading
 import time
 import traceback
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 
 import lightning as L
@@ -31,9 +30,11 @@ from fmnist.config import PLACEMENT_KEYS, RESUMABLE_KEYS, check_values
 from fmnist.data.datamodule import FashionMNISTDataModule, find_csv
 from fmnist.errors import CheckpointError, ConfigError, DivergedError, FmnistError
 from fmnist.fsio import atomic_write, check_writable, file_digest, storage_errors
-from fmnist.hardware import check_accelerator, resolve_precision
+from fmnist.hardware import check_accelerator
 from fmnist.models import training_flops_per_image
-from fmnist.results.runs import FINISHED, provenance, read_record, update_record
+from fmnist.training.precision import resolve_precision
+from fmnist.runs import (COMPLETED, DIVERGED, FAILED, FINISHED, INTERRUPTED, RUNNING, now, provenance, read_record,
+                         update_record)
 from fmnist.training.callbacks import (DIVERGED_ADVICE, HEARTBEAT_S, EpochCSV, Forecast, TestArtifacts, WeightEMA,
                                       step_callbacks)
 from fmnist.training.checkpoint import SafeCheckpointIO, SafeModelCheckpoint, load_checkpoint
@@ -41,10 +42,6 @@ from fmnist.training.module import LitClassifier
 from fmnist.training.rundir import RunDirInUse, own_run_dir
 
 log = logging.getLogger(__name__)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -188,7 +185,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
             atomic_write(run_dir / ".hydra" / name, OmegaConf.to_yaml(conf))
         atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         # A resumed run starts afresh: the error that stopped it last time is no longer its state.
-        update_record(run_dir, drop=("error", "finished_at"), status="running", seed=cfg.seed, started_at=_now(),
+        update_record(run_dir, drop=("error", "finished_at"), status=RUNNING, seed=cfg.seed, started_at=now(),
                       overrides=list(overrides or []), precision=precision, data_digest=data_digests(cfg),
                       **provenance())
         (run_dir / "error.txt").unlink(missing_ok=True)
@@ -239,7 +236,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
                                {"hp/val_acc_best": metrics["val/acc_best"], "hp/test_acc": metrics.get("test/acc", -1.0)})
         logger.finalize("success")
         metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
-        update_record(run_dir, status="completed", finished_at=_now(), metrics=metrics)
+        update_record(run_dir, status=COMPLETED, finished_at=now(), metrics=metrics)
     return metrics
 
 
@@ -294,11 +291,11 @@ def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: l
                               shlex.quote(f"hydra.run.dir={hydra_quote(str(run_dir))}"), "ckpt_path=last"])
             how = "run the same sweep command again" if in_sweep else f"python train.py {again}"
             message = f"stopped by a signal; resume from the last finished epoch with: {how}"
-            record_failure(run_dir, "interrupted", message, e)
+            record_failure(run_dir, INTERRUPTED, message, e)
             log.warning("%s", message)
             raise SystemExit(128 + (signal.SIGINT if ctrl_c else signal.SIGTERM)) from e
         except Exception as e:
-            status = "diverged" if isinstance(e, DivergedError) else "failed"
+            status = DIVERGED if isinstance(e, DivergedError) else FAILED
             record_failure(run_dir, status, str(e) if isinstance(e, FmnistError) else f"{type(e).__name__}: {e}", e)
             if not in_sweep:
                 raise
@@ -317,7 +314,7 @@ def record_failure(run_dir: Path, status: str, message: str, error: BaseExceptio
     if rank_zero_only.rank != 0 or not run_dir.exists():
         return
     try:
-        update_record(run_dir, status=status, error=message, finished_at=_now())
+        update_record(run_dir, status=status, error=message, finished_at=now())
         atomic_write(run_dir / "error.txt", "".join(traceback.format_exception(error)))
     except OSError as e:  # e.g. the full disk that stopped the run: the error itself is still reported
         log.warning("could not record the failure in %s (%s)", run_dir, e)

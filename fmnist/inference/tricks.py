@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from fmnist.config import TTA_MODES
+from fmnist.config import EVAL_BATCH_SIZE, TTA_MODES
 from fmnist.errors import CheckpointError
 from fmnist.inference.loading import best_in_run, load_model, training_datamodule
-from fmnist.results.sweep import collect
+from fmnist.runs import COMPLETED, collect
 
 
 def validation_accuracies(run_dir: Path, data_dir: str | None = None) -> dict[tuple[str, str], float]:
@@ -23,7 +23,7 @@ def validation_accuracies(run_dir: Path, data_dir: str | None = None) -> dict[tu
     path = best_in_run(run_dir)
     loaded = load_model(path)
     images, labels = training_datamodule(loaded.data, data_dir).splits["val"]
-    batch = int(loaded.data.get("eval_batch_size", 1000))
+    batch = int(loaded.data.get("eval_batch_size", EVAL_BATCH_SIZE))
     raw = loaded.raw_weights
     # load_model gave the checkpoint's `state_dict`: the average when the run had EMA, else the raw weights.
     weight_sets = [("ema", None), ("raw", raw)] if raw is not None else [("raw", None)]
@@ -46,7 +46,7 @@ def compare(sweep_dirs: list[Path], data_dir: str | None = None) -> pd.DataFrame
     rows = []
     for sweep in sweep_dirs:
         jobs = collect(sweep)
-        for job in jobs[jobs.status == "completed"].job if len(jobs) else []:
+        for job in jobs[jobs.status == COMPLETED].job if len(jobs) else []:
             for (weights, tta), acc in validation_accuracies(Path(sweep) / job, data_dir).items():
                 rows.append({"run": f"{Path(sweep).name}/{job}", "weights": weights, "tta": tta, "val_acc": acc})
     if not rows:

@@ -1,0 +1,121 @@
+"""The record of a run: its directory's `metrics.json` (status, final metrics, provenance), and the
+records of a sweep's jobs read into one table.
+
+Sweeps skip FINISHED jobs when started again, and resume the others from `checkpoints/last.ckpt`.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+
+from fmnist.config import PLACEMENT_KEYS
+from fmnist.fsio import atomic_write
+from fmnist.hardware import describe
+
+METRICS_FILE = "metrics.json"
+# A run's status, as metrics.json and every summary spell it.
+RUNNING, COMPLETED, FAILED, DIVERGED, INTERRUPTED = "running", "completed", "failed", "diverged", "interrupted"
+PRUNED = "pruned"  # a search's trial stopped early by its pruner
+STARTED = "started"  # a job directory with no record yet (in a sweep's table only)
+FINISHED = (COMPLETED, FAILED, DIVERGED)
+PACKAGES = ("torch", "lightning", "torchmetrics", "hydra-core", "omegaconf", "numpy")
+
+
+def read_record(run_dir: Path) -> dict | None:
+    """The run's metrics.json, or None if it has none (or it is unreadable)."""
+    try:
+        return json.loads((Path(run_dir) / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_record(run_dir: Path, record: dict) -> None:
+    """Write metrics.json atomically: a reader never sees half a file."""
+    atomic_write(Path(run_dir) / METRICS_FILE, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def update_record(run_dir: Path, drop: tuple[str, ...] = (), **fields) -> dict:
+    """Merge `fields` into metrics.json, removing the keys in `drop` (e.g. a resumed run's old `error`)."""
+    record = {k: v for k, v in (read_record(run_dir) or {}).items() if k not in drop}
+    record.update(fields)
+    write_record(run_dir, record)
+    return record
+
+
+def git_commit() -> str | None:
+    """The checkout's commit, with `-dirty` when it has uncommitted changes; None outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance() -> dict:
+    """What produced a run: commit, package versions, machine."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"git_commit": git_commit(), "versions": versions, "python": platform.python_version(),
+            "hardware": describe()}
+
+
+def now() -> str:
+    """The time a record states: UTC, ISO 8601, to the second."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+COLUMNS = ["job", "setting", "seed", "status", "val_acc_best", "best_epoch", "test_acc", "test_loss", "epochs",
+           "train_seconds", "train_images", "train_flops", "git_commit", "error"]
+# The compute behind a job, from the last row of its epochs.csv: cumulative over every process that
+# trained it, where metrics.json's fit/wall seconds cover only the process that finished it.
+COMPUTE = ("train_seconds", "train_images", "train_flops")
+
+
+def setting_of(overrides: list[str]) -> str:
+    """The overrides that define a job's setting (seed and placement removed), e.g. `optim.lr=0.01`."""
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in (*PLACEMENT_KEYS, "seed")
+            and not o.startswith("hydra.")]
+    return ",".join(sorted(kept)) or "(defaults)"
+
+
+def collect(sweep_dir: Path) -> pd.DataFrame:
+    """One row per job directory under `sweep_dir` (a directory holding `.hydra/` or `metrics.json`)."""
+    rows = []
+    for job in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir()):
+        record = read_record(job)
+        if record is None and not (job / ".hydra").is_dir():
+            continue
+        record = record or {"status": STARTED}
+        metrics = record.get("metrics", {})
+        rows.append({
+            "job": job.name, "setting": setting_of(record.get("overrides", [])), "seed": record.get("seed"),
+            "status": record.get("status"), "val_acc_best": metrics.get("val/acc_best"),
+            "best_epoch": metrics.get("best_epoch"), "test_acc": metrics.get("test/acc"),
+            "test_loss": metrics.get("test/loss"), "epochs": metrics.get("epochs"),
+            **_compute(job), "git_commit": record.get("git_commit"), "error": record.get("error"),
+        })
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _compute(job: Path) -> dict:
+    """The job's cumulative training seconds, images and FLOPs (None where epochs.csv lacks them)."""
+    try:
+        last = pd.read_csv(job / "epochs.csv").iloc[-1]
+    except (OSError, ValueError, IndexError):  # no epoch finished yet
+        return dict.fromkeys(COMPUTE)
+    return {key: last.get(key) for key in COMPUTE}

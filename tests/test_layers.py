@@ -1,0 +1,70 @@
+"""The package's layers only point down: a module imports from its own layer or those below it.
+
+Every import statement counts, those inside functions too (a lazy import is still a dependency).
+"""
+
+import ast
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+PACKAGE = ROOT / "fmnist"
+# From the bottom up. A module's layer is the first entry whose path prefix it has.
+LAYERS = [
+    ("core", ["__init__.py", "errors.py", "config.py", "fsio.py", "console.py", "hardware.py", "runs.py", "cli.py"]),
+    ("data and models", ["data/", "models.py"]),
+    ("training", ["training/"]),
+    ("inference", ["inference/"]),
+    ("results", ["results/"]),
+    ("sweeps", ["sweeps/"]),
+]
+
+
+def layer_of(path: Path) -> int:
+    relative = path.relative_to(PACKAGE).as_posix()
+    for rank, (_, prefixes) in enumerate(LAYERS):
+        if any(relative == p or (p.endswith("/") and relative.startswith(p)) for p in prefixes):
+            return rank
+    raise AssertionError(f"fmnist/{relative} is in no layer: add it to LAYERS (and docs/architecture.md)")
+
+
+def module_path(dotted: str) -> Path:
+    """The file of `fmnist.a.b` (a module, or a package's __init__); a name inside one resolves to that one."""
+    parts = dotted.split(".")[1:]
+    while parts:
+        base = PACKAGE.joinpath(*parts)
+        if base.with_suffix(".py").is_file():
+            return base.with_suffix(".py")
+        if (base / "__init__.py").is_file():
+            return base / "__init__.py"
+        parts.pop()
+    return PACKAGE / "__init__.py"
+
+
+def imports_of(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0] == "fmnist"]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "fmnist":
+            found += [f"{node.module}.{a.name}" for a in node.names]  # `from fmnist import hardware` is a module
+    return found
+
+
+def test_no_module_imports_from_a_layer_above_its_own():
+    upward = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for name in imports_of(path):
+            target = module_path(name)
+            if layer_of(target) > layer_of(path):
+                upward.append(f"fmnist/{path.relative_to(PACKAGE)} ({LAYERS[layer_of(path)][0]}) imports {name} "
+                              f"({LAYERS[layer_of(target)][0]})")
+    assert not upward, "\n".join(upward)
+
+
+def test_the_check_sees_imports_inside_functions(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("def f():\n    from fmnist.sweeps.tune import main\n")
+    assert imports_of(source) == ["fmnist.sweeps.tune.main"]
+    assert layer_of(module_path("fmnist.sweeps.tune.main")) == len(LAYERS) - 1
+    assert module_path("fmnist.CLASS_NAMES") == PACKAGE / "__init__.py"
