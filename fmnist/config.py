@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -47,6 +47,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    # The lengths an architecture needs of its list keys, e.g. {"channels": 4} (checked by check_values);
+    # a ClassVar, so not a config key.
+    list_lengths: ClassVar[dict] = {}
     name: str = MISSING
     dropout: float = 0.0
     channels_last: bool = True  # NHWC: faster convolutions on every CPU and GPU measured (README), same results
@@ -63,6 +66,7 @@ class SimpleCNNConfig(ModelConfig):
     """The report's baseline (its Figure 4.7): 2 conv layers, no batch norm, a small FC head."""
 
     name: str = "simple"
+    list_lengths: ClassVar[dict] = {"channels": 2}  # what the architecture needs (not a config key)
     channels: list[int] = field(default_factory=lambda: [32, 64])
     hidden: int = 128
 
@@ -75,6 +79,7 @@ class OptimizedCNNConfig(ModelConfig):
     """
 
     name: str = "optimized"
+    list_lengths: ClassVar[dict] = {"channels": 4, "kernel_sizes": 4}
     dropout: float = 0.3
     channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
     kernel_sizes: list[int] = field(default_factory=lambda: [5, 5, 3, 3])
@@ -92,7 +97,7 @@ class ResNetConfig(ModelConfig):
 
 
 # The model registry's config half (fmnist/models.py holds the architectures under the same names).
-MODEL_SCHEMAS = {"simple": SimpleCNNConfig, "optimized": OptimizedCNNConfig, "resnet": ResNetConfig}
+MODEL_SCHEMAS = {schema.name: schema for schema in (SimpleCNNConfig, OptimizedCNNConfig, ResNetConfig)}
 
 
 @dataclass
@@ -191,8 +196,6 @@ RESUMABLE_KEYS = PLACEMENT_KEYS + ("trainer.max_epochs", "trainer.max_time")
 
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
-# Lengths the architectures need (fmnist/models.py); resnet needs one `blocks` entry per width.
-MODEL_LISTS = {"simple": {"channels": 2}, "optimized": {"channels": 4, "kernel_sizes": 4}, "resnet": {}}
 
 
 def _positive_list(cfg: DictConfig, key: str, length: int | None) -> bool:
@@ -207,11 +210,12 @@ def check_values(cfg: DictConfig) -> None:
     Also what Lightning or torch would reject later with a traceback (seed range, momentum, list
     lengths of an architecture). Whether this machine has the accelerator is `hardware.check_accelerator`.
     """
-    lengths = MODEL_LISTS.get(cfg.model.name, {})
+    schema = MODEL_SCHEMAS.get(cfg.model.name)
+    lengths = schema.list_lengths if schema else {}
     widths = OmegaConf.select(cfg, "model.widths")
     checks = [
         ("seed", 0 <= cfg.seed <= 2**32 - 1, "in [0, 4294967295]"),
-        ("model.name", cfg.model.name in MODEL_LISTS, f"one of {tuple(MODEL_LISTS)}"),
+        ("model.name", schema is not None, f"one of {tuple(MODEL_SCHEMAS)}"),
         *((f"model.{k}", _positive_list(cfg, f"model.{k}", lengths.get(k)),
            f"a list of {lengths.get(k) or 'one or more'} positive integers")
           for k in ("channels", "kernel_sizes", "widths", "blocks")),

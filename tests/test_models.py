@@ -4,8 +4,7 @@ import torch
 from fmnist.config import MODEL_SCHEMAS, OPTIMIZERS
 from fmnist.errors import ConfigError
 from fmnist.models import MODELS, ResidualBlock, build_model
-from fmnist.training.module import OPTIMIZERS as OPTIMIZER_CLASSES
-from fmnist.training.module import LitClassifier
+from fmnist.training.module import OPTIMIZER_CLASSES, LitClassifier
 from tests.conftest import compose_cfg
 
 

@@ -14,7 +14,7 @@ from fmnist import NUM_CLASSES
 from fmnist.models import build_model, tta_logits
 
 # The optimizer registry (names as fmnist.config.OPTIMIZERS): the torch class and the `optim.*` keys it takes.
-OPTIMIZERS = {"adam": (torch.optim.Adam, ("weight_decay",)), "adamw": (torch.optim.AdamW, ("weight_decay",)),
+OPTIMIZER_CLASSES = {"adam": (torch.optim.Adam, ("weight_decay",)), "adamw": (torch.optim.AdamW, ("weight_decay",)),
               "sgd": (torch.optim.SGD, ("weight_decay", "momentum", "nesterov"))}
 
 
@@ -109,7 +109,7 @@ class LitClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.hparams.optim
-        cls, keys = OPTIMIZERS[o["name"]]
+        cls, keys = OPTIMIZER_CLASSES[o["name"]]
         optimizer = cls(parameter_groups(self.net, o["lr"], o["weight_decay"], o["bias_lr_scale"]),
                         lr=o["lr"], **{k: o[k] for k in keys if k in o})
         shape, warmup_epochs = o["scheduler"], o["warmup_epochs"]
