@@ -52,12 +52,12 @@ ablations: data
 	$(BIN)/python train.py -m experiment=study preset=cpu data.dir=$(DATA) $(ARGS)
 
 report: $(STAMP)
-	$(BIN)/python scripts/report.py $(or $(SWEEP),outputs/study-cpu)
+	$(BIN)/python -m fmnist.results report $(or $(SWEEP),outputs/study-cpu)
 
 # The README's leaderboard, from the committed sweeps (add yours: make leaderboard ARGS=outputs/NAME).
 LEADERBOARD_SWEEPS := docs/results/cpu_best docs/results/speedrun_cpu docs/results/gpu/speedrun_gpu docs/results/report
 leaderboard: $(STAMP)
-	$(BIN)/python scripts/leaderboard.py $(LEADERBOARD_SWEEPS) $(ARGS)
+	$(BIN)/python -m fmnist.results leaderboard $(LEADERBOARD_SWEEPS) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

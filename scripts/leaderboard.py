@@ -1,23 +1,9 @@
-"""Print the leaderboard (markdown): published results, then each completed setting of the given sweep directories."""
+"""Print the leaderboard (markdown): the older name of `python -m fmnist.results leaderboard`, kept working."""
 
-import argparse
 import sys
-from pathlib import Path
 
-from fmnist.results.leaderboard import markdown
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("sweep_dirs", type=Path, nargs="+", help="e.g. outputs/speedrun_cpu docs/results/report")
-    args = parser.parse_args()
-    missing = [d for d in args.sweep_dirs if not d.is_dir()]
-    if missing:
-        print(f"error: not a directory: {', '.join(map(str, missing))}", file=sys.stderr)
-        return 2
-    print(markdown(args.sweep_dirs), end="")
-    return 0
-
+from fmnist.results.__main__ import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    print("note: scripts/leaderboard.py is now `python -m fmnist.results leaderboard`", file=sys.stderr)
+    sys.exit(main(["leaderboard", *sys.argv[1:]]))

@@ -1,4 +1,4 @@
-"""Accuracy tools: weight EMA, test-time augmentation, batched augmentations (issue 13)."""
+"""Accuracy tools: weight EMA, test-time augmentation, batched augmentations."""
 
 import lightning as L
 import pytest

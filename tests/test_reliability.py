@@ -1,6 +1,6 @@
-"""Issue 10: concurrent runs, refused commands that still wrote, errors that escaped as tracebacks.
+"""Reliability of `train.py`: concurrent runs, refused commands that write nothing, errors as one paragraph.
 
-Each test reproduces one reported failure; the subprocess ones run `train.py` as a user does.
+Each test reproduces one failure a user could meet; the subprocess ones run `train.py` as a user does.
 """
 
 from __future__ import annotations

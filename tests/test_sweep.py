@@ -118,7 +118,7 @@ def test_sweep_survives_a_diverging_job_skips_finished_jobs_and_reports(tmp_path
     second = run_cli(*args)
     assert second.returncode == 0 and second.stderr.count("skipped") + second.stdout.count("skipped") >= 2
     assert {p.parent.name: p.read_text() for p in (tmp_path / "s").glob("*/metrics.json")} == records
-    result = subprocess.run([sys.executable, "scripts/report.py", str(tmp_path / "s")], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "fmnist.results", "report", str(tmp_path / "s")], capture_output=True,
                             text=True, cwd=CONF.parent, env={**os.environ, "PYTHONPATH": str(CONF.parent)})
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "s" / "figures" / "confusion_matrix.png").exists()
@@ -184,3 +184,26 @@ def test_report_draws_time_to_accuracy_when_runs_recorded_flops(tmp_path):
         frame.to_csv(path, index=False)
     assert "time_to_accuracy.png" in {p.name for p in write_report(sweep)}
     assert (sweep / "figures" / "time_to_accuracy.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("verb", ["summary", "report", "leaderboard", "tricks"])
+def test_results_command_refuses_what_is_not_a_sweep_and_writes_nothing(tmp_path, verb, capsys):
+    from fmnist.results.__main__ import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text('{"status": "completed"}')
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for directory, words in ((run, "a run directory, not a sweep"), (empty, "no job directories"),
+                             (tmp_path / "missing", "no such directory")):
+        before = sorted(p.name for p in tmp_path.rglob("*"))
+        assert main([verb, str(directory)]) == 2
+        assert words in capsys.readouterr().err
+        assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_the_old_script_names_still_work_and_say_the_new_command(tmp_path):
+    result = subprocess.run([sys.executable, "scripts/aggregate.py", str(tmp_path)], capture_output=True, text=True,
+                            cwd=CONF.parent, env={**os.environ, "PYTHONPATH": str(CONF.parent)})
+    assert result.returncode == 2 and "python -m fmnist.results summary" in result.stderr

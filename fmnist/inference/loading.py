@@ -8,7 +8,7 @@ repeating. Every load goes through `load_checkpoint`, i.e. `torch.load(weights_o
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +35,7 @@ class Resolved:
 
     path: Path
     run_dir: Path | None = None
-    how: str = "file"  # file | run | sweep
-    note: str = ""
+    note: str = ""  # how a sweep's job was chosen, for the user
 
 
 def best_in_run(run_dir: Path) -> Path:
@@ -60,7 +59,7 @@ def resolve(ckpt: str | Path) -> Resolved:
     if not path.is_dir():
         raise CheckpointError(f"ckpt={ckpt}: no such file or directory; {WHAT_CKPT_IS}.")
     if (path / "checkpoints").is_dir():
-        return Resolved(best_in_run(path), path, "run")
+        return Resolved(best_in_run(path), path)
     jobs = collect(path)
     done = jobs[(jobs.status == COMPLETED) & jobs.val_acc_best.notna()] if len(jobs) else jobs
     if done.empty:
@@ -70,7 +69,7 @@ def resolve(ckpt: str | Path) -> Resolved:
     run_dir = path / best.job
     note = f"best of {len(done)} completed jobs by validation accuracy: {best.job} (val/acc_best {best.val_acc_best:.4f})"
     log.info("%s: %s", path, note)
-    return Resolved(best_in_run(run_dir), run_dir, "sweep", note)
+    return Resolved(best_in_run(run_dir), run_dir, note)
 
 
 @dataclass
@@ -87,7 +86,6 @@ class LoadedModel:
     run_dir: Path | None = None
     note: str = ""
     raw_weights: dict | None = None  # `current_model_state`: the unaveraged weights of a run trained with EMA
-    extra: dict = field(default_factory=dict)
 
     @property
     def normalize(self) -> bool:
@@ -176,7 +174,6 @@ def load_model(ckpt: str | Path) -> LoadedModel:
                          note=resolved.note, raw_weights=payload.get("current_model_state"))
     if loaded.normalize:
         loaded.mean, loaded.std = _standardisation(path, payload, data)
-    loaded.extra["how"] = resolved.how
     return loaded
 
 

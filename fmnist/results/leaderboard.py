@@ -13,8 +13,8 @@ import pandas as pd
 
 from fmnist.runs import COMPLETED, collect, read_record
 
-# Published results on the standard 60k/10k split without extra data, as collected in the project's
-# notes and issue 13 (result, test accuracy %, budget, where it is published).
+# Published results on the standard 60k/10k split without extra data (result, test accuracy %, budget,
+# where it is published).
 REFERENCES = [
     ("2-conv CNN with flips", "93.9", "", "Zalando benchmark table"),
     ("small ResNet, 20 epochs + flip TTA", "94.3-94.5", "~1 GPU-minute", "fast.ai course"),

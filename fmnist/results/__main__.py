@@ -1,0 +1,102 @@
+"""`python -m fmnist.results VERB DIR...`: the tables and figures made from finished (or running) sweeps.
+
+  summary DIR...       rewrite each sweep's summary.csv and summary.md from its jobs' metrics.json
+  report DIR           the report's figures into DIR/figures/ (and its summary)
+  leaderboard DIR...   published results, then each completed setting of the sweeps (markdown)
+  tricks DIR...        raw vs EMA weights under each TTA mode, on each run's validation split
+
+A DIR is a sweep directory: one holding job directories (each with metrics.json or .hydra/). A
+run directory, or a directory without jobs, is refused (exit 2) and nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fmnist.errors import ConfigError, FmnistError
+from fmnist.runs import METRICS_FILE, collect
+
+
+def sweep_dir(text: str) -> Path:
+    """`text` as a sweep directory, or ConfigError saying what it is instead."""
+    path = Path(text)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such directory; expected a sweep directory (job directories with metrics.json), "
+                          "as `python train.py -m ...` writes under outputs/ (`make ablations` writes outputs/study-cpu).")
+    if (path / METRICS_FILE).is_file():
+        raise ConfigError(f"{path}: a run directory, not a sweep; pass the directory that holds the sweep's jobs "
+                          f"(e.g. {path.parent}).")
+    if collect(path).empty:
+        raise ConfigError(f"{path}: no job directories (none holds metrics.json or .hydra/); expected a sweep "
+                          "directory such as outputs/<name>.")
+    return path
+
+
+def summary(args) -> None:
+    from fmnist.results.sweep import summarize
+
+    for directory in args.dirs:
+        table = summarize(directory)
+        print((directory / "summary.md").read_text())
+        print(f"wrote {directory / 'summary.csv'} ({len(table)} jobs) and {directory / 'summary.md'}")
+
+
+def report(args) -> None:
+    from fmnist.results.report import write_report
+    from fmnist.results.sweep import summarize
+
+    for directory in args.dirs:
+        summarize(directory)
+        for path in write_report(directory):
+            print(path)
+
+
+def leaderboard(args) -> None:
+    from fmnist.results.leaderboard import markdown
+
+    print(markdown(args.dirs), end="")
+
+
+def tricks(args) -> None:
+    from fmnist.inference.tricks import compare, markdown
+
+    table = compare(args.dirs, args.data_dir)
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+    print(markdown(table), end="")
+
+
+VERBS = {"summary": (summary, "rewrite each sweep's summary.csv and summary.md"),
+         "report": (report, "the report's figures into DIR/figures/"),
+         "leaderboard": (leaderboard, "published results, then each completed setting (markdown)"),
+         "tricks": (tricks, "raw vs EMA weights under each TTA mode, on validation")}
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(prog="python -m fmnist.results", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = main.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name, (_, help) in VERBS.items():
+        sub = verbs.add_parser(name, help=help)
+        sub.add_argument("dirs", nargs="+", metavar="DIR", help="sweep directories, e.g. outputs/study-cpu")
+        if name == "tricks":
+            sub.add_argument("--data-dir", help="where the training CSV is, if not where the runs were trained")
+            sub.add_argument("--csv", type=Path, help="also write the table here")
+    return main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.dirs = [sweep_dir(d) for d in args.dirs]  # every directory checked before anything is written
+        VERBS[args.verb][0](args)
+    except FmnistError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
