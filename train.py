@@ -25,6 +25,11 @@ def main(cfg: DictConfig) -> float:
     # Hydra's own copy of the config (`hydra.output_subdir` is null) is written only once the run's checks pass.
     hydra_files = {"config.yaml": cfg, "hydra.yaml": {"hydra": hydra_cfg}, "overrides.yaml": overrides}
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    swept = hydra_cfg.sweeper.get("params") or {}
+    if swept and not in_sweep:  # an experiment's sweep (its seeds) runs only with -m: say so, do not drop it silently
+        console.log.warning("this config defines a sweep (%s) that runs only with -m; without it, one job runs with "
+                            "the values shown by --cfg job (seed=%s). Add -m to run them all.",
+                            ", ".join(f"{k}: {v}" for k, v in swept.items()), cfg.seed)
     if in_sweep:  # parallel launchers: this job's share of the cores, and its GPU
         from fmnist.sweeps.placement import place_job
 

@@ -95,3 +95,10 @@ def test_help_explains_the_groups_without_schema_entries():
     result = run_cli("--help")
     assert result.returncode == 0 and "python train.py -m key=a,b" in result.stdout
     assert "model: optimized, resnet, simple" in result.stdout and "schema" not in result.stdout
+
+
+def test_an_experiments_seeds_without_dash_m_are_not_dropped_silently(tmp_path, data_dir):
+    # A refused value keeps the test short; the warning comes before any check.
+    result = run_cli("experiment=speedrun_cpu", f"data.dir={data_dir}", "data.batch_size=0", f"hydra.run.dir={tmp_path}/run")
+    assert result.returncode == 2
+    assert "this config defines a sweep (seed: 0,1,2) that runs only with -m" in result.stdout + result.stderr
