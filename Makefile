@@ -54,7 +54,7 @@ ablations: data
 report: $(STAMP)
 	$(BIN)/python -m fmnist.results report $(or $(SWEEP),outputs/study-cpu)
 
-# The README's leaderboard, from the committed sweeps (add yours: make leaderboard ARGS=outputs/NAME).
+# The leaderboard in docs/performance.md, from the committed sweeps (add yours: make leaderboard ARGS=outputs/NAME).
 LEADERBOARD_SWEEPS := docs/results/cpu_best docs/results/speedrun_cpu docs/results/gpu/speedrun_gpu docs/results/report
 leaderboard: $(STAMP)
 	$(BIN)/python -m fmnist.results leaderboard $(LEADERBOARD_SWEEPS) $(ARGS)

@@ -52,7 +52,7 @@ class ModelConfig:
     list_lengths: ClassVar[dict] = {}
     name: str = MISSING
     dropout: float = 0.0
-    channels_last: bool = True  # NHWC: faster convolutions on every CPU and GPU measured (README), same results
+    channels_last: bool = True  # NHWC: faster convolutions on every CPU and GPU measured (docs/performance.md), same results
     compile: bool = False  # torch.compile: slower on the CPUs measured, after a long warm-up
     tta: str = "none"  # test-time augmentation in validation and test: none | flip | flip_shift (fmnist.models.tta_logits)
 

@@ -35,6 +35,7 @@ def test_tta_of_a_flip_and_shift_invariant_image_equals_the_plain_logits():
     assert torch.allclose(flip, (net(x) + net(x.flip(-1))) / 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tta", ["none", "flip_shift"])
 def test_training_runs_with_tta_on_and_off_and_evaluate_reproduces_its_test(make_cfg, tmp_path, tta):
     metrics = train(make_cfg("model=resnet", "model.widths=[8,16]", "model.blocks=[1,1]", f"model.tta={tta}"), tmp_path)
@@ -45,6 +46,7 @@ def test_training_runs_with_tta_on_and_off_and_evaluate_reproduces_its_test(make
     assert again["metrics"]["accuracy"] == pytest.approx(metrics["test/acc"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_bad_tta_ema_and_bias_lr_values_are_refused(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="model.tta must be one of"):
         train(make_cfg("model=simple", "model.tta=mirror"), tmp_path / "a")
@@ -59,6 +61,7 @@ class WeightsSeenByTest(L.Callback):
         self.weights = {k: v.clone() for k, v in pl_module.state_dict().items() if k.startswith("net.")}
 
 
+@pytest.mark.slow
 def test_ema_weights_are_the_ones_checkpointed_and_tested(make_cfg, tmp_path):
     probe = WeightsSeenByTest()
     train(make_cfg(*EMA), tmp_path, callbacks=[probe])
@@ -69,6 +72,7 @@ def test_ema_weights_are_the_ones_checkpointed_and_tested(make_cfg, tmp_path):
         assert torch.equal(tested, averaged[k]), k
 
 
+@pytest.mark.slow
 def test_ema_survives_a_resume(make_cfg, tmp_path):
     """1 epoch, then resumed for a 2nd, ends with the averaged weights of 2 uninterrupted epochs.
 
@@ -112,6 +116,7 @@ def test_augmentation_changes_images_never_labels(data_dir):
     assert not torch.equal(x, plain)
 
 
+@pytest.mark.slow
 def test_eval_tricks_scores_raw_and_averaged_weights_on_validation(make_cfg, tmp_path):
     from fmnist.inference.tricks import compare, markdown
 
@@ -127,6 +132,7 @@ def test_eval_tricks_scores_raw_and_averaged_weights_on_validation(make_cfg, tmp
     assert "| ema | flip |" in markdown(table.reset_index())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", ["best", "cpu_best", "speedrun_gpu"])
 def test_accuracy_recipes_train_on_a_cpu_for_a_few_batches(make_cfg, tmp_path, experiment):
     # The GPU recipes on a CPU: the same model, augmentations, EMA and TTA, on 2 batches of 16.

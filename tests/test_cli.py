@@ -16,6 +16,7 @@ def run_cli(*args: str, cwd=None, timeout: int = 300) -> subprocess.CompletedPro
                           cwd=cwd or ROOT, env=env, timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,message", [
     ("optim.lr=abc", "optim.lr"),
     ("model=vgg", "model"),
@@ -27,6 +28,7 @@ def test_bad_config_fails_before_training(tmp_path, override, message):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,message", [
     ("data.batch_size=0", "config key data.batch_size must be at least 1; got 0"),
     ("model.dropout=1.5", "config key model.dropout must be in [0, 1); got 1.5"),
@@ -42,6 +44,7 @@ HEADER = "label," + ",".join(f"pixel{i}" for i in range(1, 785))
 ROW = "3," + ",".join(["0"] * 784)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train_text,message", [
     (HEADER + "\n" + ROW[:-1] + "x\n", "fashion-mnist_train.csv, line 2, column 785 (pixel784): expected an integer 0-255, found 'x'"),
     ("", "fashion-mnist_train.csv: the file is empty"),
@@ -60,6 +63,7 @@ def test_bad_csv_exits_2_naming_the_problem(tmp_path, train_text, message):
     assert message in result.stderr
 
 
+@pytest.mark.slow
 def test_multirun_writes_one_directory_per_job_and_a_summary(tmp_path, data_dir):
     result = run_cli("-m", *FAST, f"data.dir={data_dir}", "model=simple", "optim.lr=1e-2,1e-4",
                      f"hydra.sweep.dir={tmp_path}/sweep")
@@ -73,6 +77,7 @@ def test_multirun_writes_one_directory_per_job_and_a_summary(tmp_path, data_dir)
     assert "optim.lr=0.01" in (sweep / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_smoke_run_prints_each_line_once_and_ends_with_its_result(tmp_path, data_dir):
     run = tmp_path / "run"
     result = run_cli(*FAST, f"data.dir={data_dir}", "model=simple", f"hydra.run.dir={run}")
@@ -91,12 +96,14 @@ def test_a_smoke_run_prints_each_line_once_and_ends_with_its_result(tmp_path, da
     assert pd.read_csv(run / "confusion_matrix.csv", header=None).to_numpy().sum() == 200
 
 
+@pytest.mark.slow
 def test_help_explains_the_groups_without_schema_entries():
     result = run_cli("--help")
     assert result.returncode == 0 and "python train.py -m key=a,b" in result.stdout
     assert "model: optimized, resnet, simple" in result.stdout and "schema" not in result.stdout
 
 
+@pytest.mark.slow
 def test_an_experiments_seeds_without_dash_m_are_not_dropped_silently(tmp_path, data_dir):
     # A refused value keeps the test short; the warning comes before any check.
     result = run_cli("experiment=speedrun_cpu", f"data.dir={data_dir}", "data.batch_size=0", f"hydra.run.dir={tmp_path}/run")

@@ -109,6 +109,7 @@ def test_alternating_flips_replace_the_random_ones_in_the_datamodule(data_dir):
     assert torch.equal(x, batch[0].float() / 255)
 
 
+@pytest.mark.slow
 def test_a_trainer_gives_each_epoch_its_own_order(data_dir):
     """Through Lightning's public loop: the first batch differs between epochs (the loader learns the epoch)."""
     import lightning as L

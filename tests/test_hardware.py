@@ -79,6 +79,7 @@ def test_the_real_probe_times_both_precisions_quickly():
     assert result["fp32_ms"] > 0 and result["bf16_ms"] > 0
 
 
+@pytest.mark.slow
 def test_a_run_records_the_resolved_precision_and_hardware(make_cfg, tmp_path, monkeypatch):
     cpu_with_bf16(monkeypatch, native=True)
     probe, calls = fake_probe(10, 30)  # bf16 3x slower: auto must pick fp32

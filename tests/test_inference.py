@@ -71,6 +71,7 @@ def snapshot(directory: Path) -> dict:
     return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_the_runs_test_accuracy(run_dir, tmp_path):
     before = snapshot(run_dir)
     record = evaluate(compose_named("evaluate", f"ckpt={run_dir}"), tmp_path / "eval")
@@ -90,6 +91,7 @@ def test_evaluate_reproduces_the_runs_test_accuracy(run_dir, tmp_path):
         evaluate(compose_named("evaluate", f"ckpt={run_dir}"), tmp_path / "eval")
 
 
+@pytest.mark.slow
 def test_evaluate_with_tta_on_another_test_set(run_dir, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
@@ -101,6 +103,7 @@ def test_evaluate_with_tta_on_another_test_set(run_dir, tmp_path):
     assert tta["metrics"]["loss"] != plain["metrics"]["loss"]  # the flipped images count
 
 
+@pytest.mark.slow
 def test_a_sweep_directory_picks_the_best_job_by_validation_accuracy(run_dir, tmp_path):
     sweep = tmp_path / "sweep"
     # (val/acc_best, test/acc, status): the best on test and a failed job must not be chosen.
@@ -117,6 +120,7 @@ def test_a_sweep_directory_picks_the_best_job_by_validation_accuracy(run_dir, tm
     assert record["checkpoint"]["run_dir"] == str((sweep / "lr=b").resolve()) and "lr=b" in record["checkpoint"]["chosen"]
 
 
+@pytest.mark.slow
 def test_predict_on_pngs_agrees_with_evaluate(run_dir, tmp_path):
     images, labels = garment_images(40, 1)
     pngs = tmp_path / "pngs"
@@ -141,6 +145,7 @@ def test_predict_on_pngs_agrees_with_evaluate(run_dir, tmp_path):
     assert all(r["prob_1"] >= r["prob_2"] for r in rows)
 
 
+@pytest.mark.slow
 def test_a_white_background_photo_is_inverted_and_classified_the_same(run_dir, tmp_path):
     images, _ = garment_images(10, 3)
     originals, copies = [], []
@@ -182,6 +187,7 @@ def test_unusable_images_are_refused_with_a_reason(tmp_path, make, message):
         load_image(path)
 
 
+@pytest.mark.slow
 def test_predict_cli_reports_a_corrupt_png_and_goes_on(run_dir, tmp_path):
     images, _ = garment_images(3, 5)
     for i, image in enumerate(images):
@@ -210,6 +216,7 @@ def test_csv_label_column_is_optional_only_where_asked(tmp_path):
         parse_csv(path)
 
 
+@pytest.mark.slow
 def test_predict_config_errors(run_dir):
     with pytest.raises(ConfigError, match="config key top_k must be between 1 and 10; got 0"):
         predict(compose_named("predict", f"ckpt={run_dir}", "inputs=x.png", "top_k=0"))
@@ -217,6 +224,7 @@ def test_predict_config_errors(run_dir):
         predict(compose_named("predict", f"ckpt={run_dir}", "inputs=x.png", "out=p.txt"))
 
 
+@pytest.mark.slow
 def test_export_writes_one_file_that_agrees_with_pytorch(run_dir, garments, tmp_path):
     import onnx
     import onnxruntime as ort
@@ -241,6 +249,7 @@ def test_export_writes_one_file_that_agrees_with_pytorch(run_dir, garments, tmp_
         assert got.shape == (n, 10) and np.abs(got - want).max() <= 1e-3
 
 
+@pytest.mark.slow
 def test_export_that_disagrees_fails_and_writes_nothing(run_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(export_module, "MIN_TOP1_AGREEMENT", 1.01)  # unreachable: the check must fail
     with pytest.raises(ExportFailed, match="not written: the exported model disagrees"):
@@ -248,6 +257,7 @@ def test_export_that_disagrees_fails_and_writes_nothing(run_dir, tmp_path, monke
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_checkpoints_without_stored_mean_std_recompute_them(run_dir, tmp_path):
     ckpt = resolve(run_dir).path
     payload = torch.load(ckpt, weights_only=True)
@@ -271,6 +281,7 @@ def evil_ckpt(run_dir, tmp_path) -> Path:
     return tmp_path / "evil.ckpt"
 
 
+@pytest.mark.slow
 def test_a_pickled_payload_is_refused_by_all_three(evil_ckpt, tmp_path, capsys):
     runs = {"evaluate": lambda: evaluate(compose_named("evaluate", f"ckpt={evil_ckpt}"), tmp_path / "eval"),
             "predict": lambda: predict(compose_named("predict", f"ckpt={evil_ckpt}", "inputs=x.png",
@@ -296,6 +307,7 @@ def test_a_missing_checkpoint_is_one_paragraph(tmp_path):
         resolve(tmp_path / "nope")
 
 
+@pytest.mark.slow
 def test_benchmark_infer_times_both_runtimes_side_by_side(run_dir, tmp_path):
     out = tmp_path / "bench.csv"
     result = subprocess.run([sys.executable, "scripts/benchmark.py", "--infer", "--ckpt", str(run_dir), "--seconds", "0.1",

@@ -35,6 +35,7 @@ def _records(sweep: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
 
 
+@pytest.mark.slow
 def test_joblib_sweep_runs_jobs_in_parallel_each_with_its_share_of_the_cores(tmp_path, data_dir):
     sweep, meeting = tmp_path / "s", tmp_path / "meeting"
     result = run_cli("-m", *FAST, f"data.dir={data_dir}", "model=simple", "seed=0,1,2,3",
@@ -55,6 +56,7 @@ def test_joblib_sweep_runs_jobs_in_parallel_each_with_its_share_of_the_cores(tmp
     assert len(outcomes) == 4 and set(outcomes.values()) == {"met"}, outcomes
 
 
+@pytest.mark.slow
 def test_submitit_local_sweep_records_and_summarizes_its_jobs(tmp_path, data_dir):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra is not installed")
     sweep = tmp_path / "s"
@@ -82,6 +84,7 @@ def test_slurm_launcher_config_composes_with_its_resources():
     assert (launcher.timeout_min, launcher.array_parallelism, launcher.max_num_timeout) == (120, 16, 0)
 
 
+@pytest.mark.slow
 def test_slurm_sweep_submits_one_job_array_with_the_configured_resources(tmp_path, data_dir, monkeypatch):
     """The real launcher and submitit write the sbatch script; a stand-in `sbatch` records it."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra is not installed")

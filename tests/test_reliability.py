@@ -73,6 +73,7 @@ def test_second_process_in_a_busy_run_directory_is_refused_naming_the_holder(tmp
     assert {line.split(",")[0] for line in (run / "epochs.csv").read_text().splitlines()[1:]} == {"1", "2", "3"}
 
 
+@pytest.mark.slow
 def test_default_run_directories_of_two_processes_differ(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--cfg", "hydra", "-p", "hydra.run.dir", "--resolve"],
@@ -84,6 +85,7 @@ def test_default_run_directories_of_two_processes_differ(tmp_path):
 
 
 # 2. A refused command still changed the run it refused.
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [["ckpt_path=last", "model.dropout=0.5"], ["data.batch_size=0"], ["optim.lr=0.5"],
                                    ["ckpt_path=last", "data.val_size=100000"]])
 def test_refused_command_leaves_the_run_directory_byte_identical(tmp_path, data_dir, extra):
@@ -98,6 +100,7 @@ def test_refused_command_leaves_the_run_directory_byte_identical(tmp_path, data_
 
 
 # 3 and 13 (Ctrl-C exits 130). A stale error survived a successful resume.
+@pytest.mark.slow
 def test_resume_clears_the_error_of_the_interruption(make_cfg, tmp_path, monkeypatch):
     run = tmp_path / "job"  # alone in its parent, so the summary below sees only this run
     cfg = make_cfg(*SIMPLE)
@@ -150,6 +153,7 @@ def test_corrupt_gzip_is_a_data_error_naming_the_file(tmp_path):
 
 
 # 6. Resuming from a checkpoint of another architecture.
+@pytest.mark.slow
 def test_resume_from_another_architectures_checkpoint_is_refused(make_cfg, tmp_path):
     train(make_cfg(*SIMPLE), tmp_path / "simple")
     train(make_cfg("model=optimized", "trainer.precision=32-true"), tmp_path / "optimized")
@@ -162,6 +166,7 @@ def test_resume_from_another_architectures_checkpoint_is_refused(make_cfg, tmp_p
 
 
 # 7. Bad values that reached Lightning or torch.
+@pytest.mark.slow
 @pytest.mark.parametrize("override,key", [
     (["seed=-1"], "seed"),
     (["trainer.precision=16x"], "trainer.precision"),
@@ -178,6 +183,7 @@ def test_values_lightning_or_torch_would_reject_are_refused_first(make_cfg, tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_bad_value_exits_2_without_traceback(tmp_path, data_dir):
     result = run_cli(*FAST, f"data.dir={data_dir}", "trainer.precision=16x", f"hydra.run.dir={tmp_path}/run")
     assert result.returncode == 2 and "config key trainer.precision must be" in result.stderr
@@ -185,6 +191,7 @@ def test_bad_value_exits_2_without_traceback(tmp_path, data_dir):
 
 
 # 8. Config errors found by Hydra exited 1; `+unknown.key` was accepted.
+@pytest.mark.slow
 @pytest.mark.parametrize("override,message", [
     ("optim.lrr=0.1", "optim.lrr"),
     ("optim.lr=abc", "optim.lr"),
@@ -220,6 +227,7 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", str(point)], check=False)
 
 
+@pytest.mark.slow
 def test_read_only_output_directory_is_one_paragraph(make_cfg, tmpfs):
     read_only = tmpfs("ro,size=1m")
     for run in (read_only, read_only / "run"):
@@ -227,6 +235,7 @@ def test_read_only_output_directory_is_one_paragraph(make_cfg, tmpfs):
             run_job(make_cfg(*SIMPLE), run)
 
 
+@pytest.mark.slow
 def test_full_disk_is_one_paragraph_and_keeps_the_checkpoints(make_cfg, tmpfs):
     run = tmpfs("size=16m") / "run"
     train(make_cfg(*SIMPLE), run)
@@ -240,6 +249,7 @@ def test_full_disk_is_one_paragraph_and_keeps_the_checkpoints(make_cfg, tmpfs):
 
 
 # 10. NaN recorded as completed.
+@pytest.mark.slow
 def test_nan_validation_loss_is_diverged_not_completed(make_cfg, tmp_path):
     cfg = make_cfg(*SIMPLE, "optim=sgd", "optim.lr=1e8")
     with pytest.raises(DivergedError, match="optim.lr"):
@@ -305,6 +315,7 @@ def test_pickle_refusal_names_the_class_and_does_not_advise_unsafe_loading(tmp_p
     assert f"class {__name__}.Payload" in str(refused.value) and "weights_only" not in str(refused.value)
 
 
+@pytest.mark.slow
 def test_error_paragraph_is_printed_once(tmp_path, data_dir):
     result = run_cli(*FAST, f"data.dir={data_dir}", "data.batch_size=0", f"hydra.run.dir={tmp_path}/run")
     console = result.stdout + result.stderr  # Hydra's log handler writes to stdout: it counts too

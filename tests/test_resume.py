@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 # Long enough epochs (125 steps) to be killed inside one; deterministic so reruns match exactly.
 SETTINGS = ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true", "trainer.deterministic=true",
             "trainer.max_epochs=3", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-            "trainer.num_sanity_val_steps=0", "model=optimized", "data.val_size=100", "data.batch_size=4"]
+            "trainer.num_sanity_val_steps=0", "model=simple", "model.dropout=0.3", "data.val_size=100",
+            "data.batch_size=4"]
 
 
 def start(run_dir: Path, data_dir: Path, *extra: str) -> subprocess.Popen:

@@ -102,6 +102,7 @@ def test_setting_drops_seed_and_placement():
     assert setting_of(["experiment=x", "seed=3", "trainer.accelerator=gpu", "optim.lr=0.1", "model=simple"]) == "model=simple,optim.lr=0.1"
 
 
+@pytest.mark.slow
 def test_sweep_survives_a_diverging_job_skips_finished_jobs_and_reports(tmp_path, data_dir):
     args = ["-m", *FAST, f"data.dir={data_dir}", "model=simple", "optim=sgd", "optim.scheduler=none",
             "optim.warmup_epochs=0", "trainer.precision=32-true", "trainer.limit_train_batches=5", "optim.lr=1e8,0.01", f"hydra.sweep.dir={tmp_path}/s"]
@@ -124,6 +125,7 @@ def test_sweep_survives_a_diverging_job_skips_finished_jobs_and_reports(tmp_path
     assert (tmp_path / "s" / "figures" / "confusion_matrix.png").exists()
 
 
+@pytest.mark.slow
 def test_a_finished_job_is_reused_only_for_the_same_experiment(tmp_path, data_dir):
     import shutil
 
@@ -149,6 +151,7 @@ def test_a_finished_job_is_reused_only_for_the_same_experiment(tmp_path, data_di
     assert next((tmp_path / "s").glob("*/metrics.json")).read_text() == record
 
 
+@pytest.mark.slow
 def test_ad_hoc_sweeps_get_their_own_directories(tmp_path, data_dir):
     for _ in range(2):
         result = run_cli("-m", *FAST, f"data.dir={data_dir}", "model=simple", "trainer.limit_train_batches=1",
@@ -203,6 +206,7 @@ def test_results_command_refuses_what_is_not_a_sweep_and_writes_nothing(tmp_path
         assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
+@pytest.mark.slow
 def test_the_old_script_names_still_work_and_say_the_new_command(tmp_path):
     result = subprocess.run([sys.executable, "scripts/aggregate.py", str(tmp_path)], capture_output=True, text=True,
                             cwd=CONF.parent, env={**os.environ, "PYTHONPATH": str(CONF.parent)})

@@ -13,6 +13,7 @@ from fmnist.runs import read_record
 from fmnist.training.train import run_job, train
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["simple", "optimized", "resnet"])
 def test_one_batch_training_writes_everything(make_cfg, tmp_path, model):
     metrics = train(make_cfg(f"model={model}"), tmp_path)
@@ -35,6 +36,7 @@ def test_one_batch_training_writes_everything(make_cfg, tmp_path, model):
     assert epochs["train_images"].tolist() == [64] and epochs["train_flops"].tolist() == [64 * flops]
 
 
+@pytest.mark.slow
 def test_existing_run_directory_is_never_overwritten(make_cfg, tmp_path):
     train(make_cfg("model=simple"), tmp_path)
     before = (tmp_path / "metrics.json").read_text()
@@ -43,6 +45,7 @@ def test_existing_run_directory_is_never_overwritten(make_cfg, tmp_path):
     assert (tmp_path / "metrics.json").read_text() == before
 
 
+@pytest.mark.slow
 def test_resume_extends_a_finished_run(make_cfg, tmp_path):
     first = train(make_cfg("model=simple"), tmp_path)
     metrics = train(make_cfg("model=simple", "trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
@@ -54,12 +57,14 @@ def test_resume_extends_a_finished_run(make_cfg, tmp_path):
     assert 0 < first["train_seconds"] < metrics["train_seconds"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_config(make_cfg, tmp_path):
     train(make_cfg("model=simple"), tmp_path)
     with pytest.raises(ConfigError, match=r"config differs in \['optim.lr'\]"):
         train(make_cfg("model=simple", "optim.lr=0.5", "ckpt_path=last"), tmp_path)
 
 
+@pytest.mark.slow
 def test_divergence_stops_the_run_and_is_recorded(make_cfg, tmp_path):
     cfg = make_cfg("model=simple", "optim=sgd", "optim.lr=1e8", "optim.scheduler=none", "optim.warmup_epochs=0",
                    "trainer.limit_train_batches=5", "trainer.precision=32-true")
@@ -68,12 +73,14 @@ def test_divergence_stops_the_run_and_is_recorded(make_cfg, tmp_path):
     assert record["status"] == "diverged" and "loss is" in record["error"] and "optim.lr" in record["error"]
 
 
+@pytest.mark.slow
 def test_refused_run_raises_and_writes_nothing(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="data.val_size"):
         run_job(make_cfg("data.val_size=100000"), tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_failure_outside_a_sweep_raises_and_is_recorded(make_cfg, tmp_path, monkeypatch):
     def broken(*args):
         raise RuntimeError("a bug")
@@ -91,6 +98,7 @@ class Evil:
         return (print, ("this would have run code",))
 
 
+@pytest.mark.slow
 def test_pickled_payload_is_refused(tmp_path, make_cfg):
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "payload": Evil()}, path)
@@ -110,6 +118,7 @@ def test_truncated_checkpoint_is_reported(tmp_path):
         load_checkpoint(path)
 
 
+@pytest.mark.slow
 def test_resumed_run_keeps_its_best_validation_accuracy(make_cfg, tmp_path):
     train(make_cfg("model=simple"), tmp_path)
     resumed = train(make_cfg("model=simple", "trainer.max_epochs=3", "ckpt_path=last"), tmp_path)
@@ -120,6 +129,7 @@ def test_resumed_run_keeps_its_best_validation_accuracy(make_cfg, tmp_path):
     assert "val_acc_best.max_value" in module
 
 
+@pytest.mark.slow
 def test_last_checkpoint_is_the_latest_epoch_even_when_not_the_best(make_cfg, tmp_path):
     # A learning rate too small to change the validation accuracy: epoch 2 is no better than epoch 1.
     train(make_cfg("model=simple", "optim.lr=1e-12", "trainer.max_epochs=2"), tmp_path)
@@ -160,6 +170,7 @@ def test_durations_read_as_a_person_says_them(seconds, text):
     assert duration(seconds) == text
 
 
+@pytest.mark.slow
 def test_a_run_without_a_bar_forecasts_once_and_shows_life_inside_epochs_and_the_test(make_cfg, tmp_path, caplog):
     from fmnist.training.callbacks import Forecast
     with caplog.at_level("INFO"):

@@ -28,6 +28,7 @@ def load(out, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{out / name / 'study.db'}")
 
 
+@pytest.mark.slow
 def test_a_study_runs_to_n_trials_records_each_trial_and_continues(tmp_path, data_dir):
     args = ["study=s", f"out_dir={tmp_path}", f"data.dir={data_dir}", *SMALL]
     first = run_tune(*args, "n_trials=4")
@@ -62,6 +63,7 @@ def test_a_study_runs_to_n_trials_records_each_trial_and_continues(tmp_path, dat
     assert sorted(p.name for p in (tmp_path / "s").glob("trial-*")) == [f"trial-{i:04d}" for i in range(6)]
 
 
+@pytest.mark.slow
 def test_a_diverging_trial_is_recorded_and_the_study_goes_on(tmp_path, data_dir):
     # SGD with learning rates up to 1e8: the seeded sampler draws both trainable and exploding ones.
     result = run_tune("study=d", "n_trials=4", f"out_dir={tmp_path}", f"data.dir={data_dir}", *SMALL, "optim=sgd",
@@ -113,6 +115,7 @@ def test_bad_input_stops_before_the_study_is_created(tmp_path, data_dir, args, m
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2_with_one_paragraph(tmp_path):
     result = run_tune("study=x", "space.lr.low=-1", f"out_dir={tmp_path}")
     assert result.returncode == 2 and "Traceback" not in result.stderr

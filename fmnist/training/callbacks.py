@@ -326,7 +326,7 @@ def step_callbacks(progress_refresh_steps: int | None) -> list[L.Callback]:
     """The callbacks that act on every training step, shared by `train` and the benchmark.
 
     The progress bar redraws every `progress_refresh_steps` steps (None: no bar): a redraw per
-    step is a measurable share of a small step (README, Performance).
+    step is a measurable share of a small step (docs/performance.md).
     """
     callbacks: list[L.Callback] = [StopOnDivergence(), RNGState()]
     if progress_refresh_steps:

@@ -1,0 +1,88 @@
+"""The README's commands, run as written, in a shell where the README's own set-up has been done.
+
+Every line of every ```bash block in README.md is either run here (commands that train get
+smoke-sized overrides appended) or listed in EXEMPT with the reason; a line that is neither fails,
+and so does an exemption the README no longer has. So a README that drifts from the code fails CI.
+Commands run in order, in a scratch copy of the entry points with tiny CSVs in `data/`, so that
+what one writes (a run in outputs/runs) is what the next one reads (`ckpt=outputs/runs`).
+"""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fmnist.data.csv_io import write_csv
+from tests.conftest import ROOT, make_images
+
+pytestmark = pytest.mark.slow
+
+EXEMPT = {
+    "python train.py model=optimized trainer.accelerator=gpu": "needs a GPU (make gpu-check runs the GPU commands)",
+    "make tensorboard": "a server that runs until Ctrl-C",
+    "make test": "the suite this test belongs to",
+    "pip install torch==2.13.0": "installs into the reader's own environment, which make install replaces here",
+    'pip install -e ".[export]"': "the same: an editable install from a scratch copy would repoint .venv at it",
+}
+# Appended to a command that trains, so that it runs in seconds on the tiny data (values it sets win).
+SMOKE = "preset=smoke data.val_size=100"
+# What a command needs from the checkout: entry points, configs, scripts, the Makefile and .venv.
+NEEDED = ["train.py", "tune.py", "evaluate.py", "predict.py", "export.py", "conf", "scripts", "Makefile",
+          "pyproject.toml"]
+
+
+def readme_commands() -> list[str]:
+    """Each command line of the README's ```bash blocks, in order, without its trailing comment."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    lines = [re.sub(r"\s+#\s.*$", "", line).strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def as_run(command: str) -> str:
+    """The command as this test runs it: smoke-sized where it trains."""
+    if command.startswith("python train.py") and "--help" not in command:
+        return f"{command} {SMOKE}"
+    if command == "make train":
+        return f'make train ARGS="{SMOKE}"'
+    return command
+
+
+@pytest.fixture
+def scratch(tmp_path) -> Path:
+    if not (ROOT / ".venv" / ".installed-stamp").exists():
+        pytest.skip("the README's set-up is `make install`: run this test through `make test`, which builds .venv")
+    for name in NEEDED:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, tmp_path / name, copy_function=shutil.copy2)
+        else:
+            shutil.copy2(source, tmp_path / name)  # mtimes kept: make sees .venv as up to date
+    (tmp_path / ".venv").symlink_to(ROOT / ".venv")
+    (tmp_path / "data").mkdir()
+    # Enough rows for every subset the README asks for (data.train_subset=2000 after 100 for validation).
+    write_csv(tmp_path / "data" / "fashion-mnist_train.csv", *make_images(2200, 0))
+    write_csv(tmp_path / "data" / "fashion-mnist_test.csv", *make_images(200, 1))
+    return tmp_path
+
+
+def test_every_readme_command_is_run_or_exempt_with_a_reason():
+    commands = readme_commands()
+    assert "make train" in commands and "make test" in commands
+    stale = [c for c in EXEMPT if c not in commands]
+    assert not stale, f"exempt commands the README no longer has: {stale}"
+
+
+def test_the_readme_commands_run_as_written(scratch):
+    ran = []
+    for command in readme_commands():
+        if command in EXEMPT:
+            continue
+        line = as_run(command)
+        result = subprocess.run(["bash", "-c", f"source .venv/bin/activate && {line}"], cwd=scratch,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"README command failed: {line}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+        ran.append(command)
+    assert any(c.startswith("python train.py") for c in ran) and any(c.startswith("python predict.py") for c in ran)
+    assert list((scratch / "outputs" / "runs").glob("*/metrics.json")), "no run written under outputs/runs"
