@@ -8,9 +8,9 @@ import os
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-from fmnist.errors import StorageError
+from fmnist.errors import ConfigError, StorageError
 
 # Causes a user can act on (free space, a writable directory), with the words that say so.
 _CAUSES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
@@ -45,6 +45,34 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     """Write `data` to `path` atomically (see `atomic_output`)."""
     with atomic_output(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+HEAD_BYTES = 4096  # how much of an existing output file is read to recognise who wrote it
+
+
+def check_output_file(path: Path, key: str, overwrite: bool, is_ours: Callable[[bytes], bool], writer: str) -> None:
+    """Refuse an output path that would replace what the user has: a directory, a special file, or an
+    existing file, unless `overwrite` is set and `is_ours` recognises the file's first bytes as `writer`'s output.
+
+    Called before any work, so that a refusal writes nothing. ConfigError names the key and the path.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir():
+        raise ConfigError(f"config key {key} names a directory ({path}); give a file name inside it.")
+    if not path.is_file():
+        raise ConfigError(f"config key {key} names {path}, which exists and is not a regular file (a pipe, a "
+                          "device or a broken link); give the name of a new file.")
+    if not overwrite:
+        raise ConfigError(f"config key {key} names {path}, which already exists; nothing was written. Choose a "
+                          f"new file name, or add overwrite=true to replace a file that {writer} wrote earlier.")
+    with open(path, "rb") as f:
+        ours = is_ours(f.read(HEAD_BYTES))
+    if not ours:
+        raise ConfigError(f"config key {key} names {path}, which {writer} did not write (it does not begin as "
+                          f"{writer}'s output does), so overwrite=true does not replace it; nothing was written. "
+                          "Choose a new file name.")
 
 
 def storage_error(error: OSError, path: Path | str | None = None) -> StorageError | None:

@@ -247,6 +247,39 @@ def test_export_writes_one_file_that_agrees_with_pytorch(run_dir, garments, tmp_
         got = session.run(None, {"images": images[:n, None]})[0]
         want = loaded.logits(torch.from_numpy(images[:n, None])).numpy()
         assert got.shape == (n, 10) and np.abs(got - want).max() <= 1e-3
+    assert "tta" not in json.loads(meta["model"]) and meta["tta"].startswith("none in this graph")
+
+    # An existing output is refused before any work, replaced only when asked and only if export.py wrote it.
+    before = out.read_bytes()
+    with pytest.raises(ConfigError, match="already exists; nothing was written"):
+        export(compose_named("export", f"ckpt={run_dir}", f"out={out}"))
+    foreign = tmp_path / "onnx" / "notes.onnx"
+    foreign.write_text("my own notes")
+    with pytest.raises(ConfigError, match="export.py did not write"):
+        export(compose_named("export", f"ckpt={run_dir}", f"out={foreign}", "overwrite=true"))
+    assert out.read_bytes() == before and foreign.read_text() == "my own notes"
+    assert export(compose_named("export", f"ckpt={run_dir}", f"out={out}", "overwrite=true")).ok
+    assert sorted(os.listdir(out.parent)) == ["model.onnx", "notes.onnx"]
+
+
+@pytest.mark.slow
+def test_predict_never_replaces_a_file_it_did_not_write(run_dir, garments, tmp_path):
+    record = run_dir / "metrics.json"
+    before = record.read_bytes()
+    test_csv = garments / "fashion-mnist_test.csv"
+    (tmp_path / "folder.csv").mkdir()
+    for out, overwrite, words in ((record, "true", "predict.py did not write"), (test_csv, "false", "already exists"),
+                                  (tmp_path / "folder.csv", "false", "names a directory")):
+        with pytest.raises(ConfigError, match=words):
+            predict(compose_named("predict", f"ckpt={run_dir}", f"inputs=[{test_csv}]", f"out={out}",
+                                  f"overwrite={overwrite}"))
+    assert record.read_bytes() == before and os.listdir(tmp_path) == ["folder.csv"]
+    for name in ("p.csv", "p.json"):  # its own output: refused without overwrite, replaced with it
+        out = tmp_path / name
+        predict(compose_named("predict", f"ckpt={run_dir}", f"inputs=[{test_csv}]", f"out={out}"))
+        with pytest.raises(ConfigError, match="already exists"):
+            predict(compose_named("predict", f"ckpt={run_dir}", f"inputs=[{test_csv}]", f"out={out}"))
+        predict(compose_named("predict", f"ckpt={run_dir}", f"inputs=[{test_csv}]", f"out={out}", "overwrite=true"))
 
 
 @pytest.mark.slow

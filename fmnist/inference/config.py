@@ -17,7 +17,6 @@ from fmnist.config import TTA_MODES
 from fmnist.errors import ConfigError
 
 
-
 @dataclass
 class InferenceDataConfig:
     dir: Optional[str] = None  # directory of the test CSV; null: the one the checkpoint was trained on
@@ -37,13 +36,15 @@ class PredictConfig:
     inputs: Any = MISSING  # a path or a list of paths: images, directories of them, Kaggle-format CSVs
     top_k: int = 3
     out: Optional[str] = None  # FILE.csv or FILE.json; null: print the table only
+    overwrite: bool = False  # replace `out` if it exists (only a file predict.py wrote)
     batch_size: int = 256
 
 
 @dataclass
 class ExportConfig:
     ckpt: str = MISSING
-    out: str = "model.onnx"
+    out: str = "outputs/model.onnx"
+    overwrite: bool = False  # replace `out` if it exists (only a file export.py wrote)
     data: InferenceDataConfig = field(default_factory=InferenceDataConfig)  # the test set of the self-check
 
 

@@ -29,7 +29,7 @@ from fmnist import CLASS_NAMES
 from fmnist.config import EVAL_BATCH_SIZE
 from fmnist.data.csv_io import load_csv
 from fmnist.errors import ConfigError, FmnistError
-from fmnist.fsio import atomic_output
+from fmnist.fsio import HEAD_BYTES, atomic_output, check_output_file
 from fmnist.inference.config import check_export
 from fmnist.inference.loading import LoadedModel, load_model
 
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 MIN_TOP1_AGREEMENT = 0.999
 MAX_LOGIT_DIFF = 1e-3
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
+SIGNATURE = "exported by fmnist"  # in the model's doc string: how export.py recognises a file it wrote
 INPUT_DOC = ("uint8 [N, 1, 28, 28]: raw pixels 0-255, a light garment on a black background as in the "
              "Fashion-MNIST CSVs; scaling (and standardisation) happen inside the graph")
 
@@ -104,12 +105,20 @@ def to_onnx(loaded: LoadedModel, path: Path) -> None:
         program = torch.onnx.export(wrapper, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                     dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False,
                                     dynamo=True, verbose=False)
-    program.model.doc_string = f"Fashion-MNIST classifier ({loaded.model['name']}), exported by fmnist"
+    program.model.doc_string = f"Fashion-MNIST classifier ({loaded.model['name']}), {SIGNATURE}"
+    # The graph is one view per image: the run's test-time augmentation (model.tta) is not in it.
+    architecture = {k: v for k, v in loaded.model.items() if k != "tta"}
     metadata = {"class_names": json.dumps(list(CLASS_NAMES)), "checkpoint_sha256": loaded.sha256,
-                "checkpoint_path": str(loaded.path), "input": INPUT_DOC, "model": json.dumps(loaded.model),
+                "checkpoint_path": str(loaded.path), "input": INPUT_DOC, "model": json.dumps(architecture),
+                "tta": f"none in this graph (the run was validated and tested with {loaded.model.get('tta', 'none')})",
                 "normalize": json.dumps({"enabled": loaded.normalize, "mean": loaded.mean, "std": loaded.std})}
     program.model.metadata_props.update(metadata)
     program.save(path, external_data=False)
+
+
+def written_by_export(head: bytes) -> bool:
+    """Whether an ONNX file's first bytes hold the doc string `to_onnx` writes (ModelProto field 6, before the graph)."""
+    return SIGNATURE.encode() in head[:HEAD_BYTES]
 
 
 @dataclass
@@ -143,6 +152,7 @@ def compare(loaded: LoadedModel, onnx_path: Path, images: np.ndarray, batch_size
 def export(cfg: DictConfig) -> Agreement:
     """Export `cfg.ckpt` to `cfg.out` and check it on the test CSV; return the agreement."""
     check_export(cfg)
+    check_output_file(Path(cfg.out), "out", cfg.overwrite, written_by_export, "export.py")
     require_packages()
     loaded = load_model(cfg.ckpt)
     csv = loaded.test_csv(cfg.data.dir)

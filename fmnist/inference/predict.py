@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from fmnist import CLASS_NAMES
 from fmnist.data.csv_io import parse_csv
 from fmnist.errors import DataError
-from fmnist.fsio import atomic_output
+from fmnist.fsio import atomic_output, check_output_file
 from fmnist.inference.config import check_predict
 from fmnist.inference.images import EXTENSIONS, ImageRejected, load_image
 from fmnist.inference.loading import load_model
@@ -91,6 +91,8 @@ def read_inputs(inputs: list[str]) -> list[Item]:
 def predict(cfg: DictConfig) -> list[dict]:
     """Predict every input; write `cfg.out`; raise InputsFailed (after writing) if any input failed."""
     inputs = check_predict(cfg)
+    if cfg.out:
+        check_output_file(Path(cfg.out), "out", cfg.overwrite, written_by_predict, "predict.py")
     model = load_model(cfg.ckpt)
     items = read_inputs(inputs)
     good = [it for it in items if it.error is None]
@@ -118,6 +120,11 @@ def predict(cfg: DictConfig) -> list[dict]:
                            + ("; ..." if len(failed) > 3 else "") + f"). The other {len(items) - len(failed)} were "
                            f"predicted{' and written to ' + str(cfg.out) if cfg.out else ''}.")
     return rows
+
+
+def written_by_predict(head: bytes) -> bool:
+    """Whether a file begins as `write_rows` begins its CSV or JSON."""
+    return head.startswith((b"input,class_1,prob_1,", b'[\n {\n  "input": '))
 
 
 def write_rows(path: Path, rows: list[dict], k: int) -> None:
