@@ -67,12 +67,19 @@ def run_cli(hydra_main: Callable[[], object]) -> None:
     except KeyboardInterrupt:  # Ctrl-C before a run started (a started one exits 130 by itself): nothing to resume
         _exit("stopped by Ctrl-C before the run started; nothing was written.", 130)
     except (HydraException, OmegaConfBaseException) as e:
-        _exit(composition_message(e), 2)
+        ours = _chained_fmnist_error(e)  # e.g. a resolver's check of a value (fmnist.config.check_name)
+        _exit(str(ours) if ours else composition_message(e), ours.exit_code if ours else 2)
     except OSError as e:  # e.g. Hydra creating the run directory or its log file on a read-only disk
         mapped = storage_error(e)
         if mapped is None:
             raise
         _exit(str(mapped), 2)
+
+
+def _chained_fmnist_error(error: BaseException) -> FmnistError | None:
+    while error is not None and not isinstance(error, FmnistError):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def exit_with(error: FmnistError) -> None:

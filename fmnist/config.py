@@ -10,6 +10,7 @@ meaningless.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
@@ -157,10 +158,30 @@ class TrainConfig:
     progress_bar_refresh: int = 10  # training steps between progress-bar redraws
 
 
+def check_name(key: str, value) -> str:
+    """`value` if it is a name (one directory level: letters, digits and `. _ + = , -`, not `.` or `..`),
+    else ConfigError: a name becomes a directory under its root and must not lead outside it."""
+    text = str(value)
+    if not re.fullmatch(r"[\w.+=,-]+", text) or text in (".", ".."):
+        raise ConfigError(f"config key {key} must be a name, not a path (letters, digits and . _ + = , - ; not "
+                          f"'.' or '..'), since it names a directory under outputs/; got {text!r}.")
+    return text
+
+
 def sweep_name(name: str, stamp: str) -> str:
     """`outputs/<this>`: a named sweep keeps one directory (so it resumes); an ad-hoc one (`name` left at
     `train`) gets its own, stamped, so that unrelated sweeps never share a summary."""
-    return f"{name}/{stamp}" if name == TrainConfig.name else name
+    return f"{name}/{stamp}" if check_name("name", name) == TrainConfig.name else name
+
+
+def register_resolvers() -> None:
+    """The `${...:}` functions the YAML files use for output paths (every entry point's config)."""
+    if not OmegaConf.has_resolver("placement_keys"):
+        OmegaConf.register_new_resolver("placement_keys", lambda: list(PLACEMENT_KEYS))
+        OmegaConf.register_new_resolver("sweep_name", sweep_name)
+        # This process's id, so two runs started in the same second get distinct default directories
+        # (cached: every read of `hydra.run.dir` gives the same path).
+        OmegaConf.register_new_resolver("run_suffix", lambda: str(os.getpid()), use_cache=True)
 
 
 def register() -> None:
@@ -168,12 +189,7 @@ def register() -> None:
 
     Each model schema is itself a choice of the `model` group: `model=simple` needs no YAML file.
     """
-    if not OmegaConf.has_resolver("placement_keys"):
-        OmegaConf.register_new_resolver("placement_keys", lambda: list(PLACEMENT_KEYS))
-        OmegaConf.register_new_resolver("sweep_name", sweep_name)
-        # This process's id, so two runs started in the same second get distinct default directories
-        # (cached: every read of `hydra.run.dir` gives the same path).
-        OmegaConf.register_new_resolver("run_suffix", lambda: str(os.getpid()), use_cache=True)
+    register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     for name, schema in MODEL_SCHEMAS.items():

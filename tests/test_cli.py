@@ -109,3 +109,13 @@ def test_an_experiments_seeds_without_dash_m_are_not_dropped_silently(tmp_path, 
     result = run_cli("experiment=speedrun_cpu", f"data.dir={data_dir}", "data.batch_size=0", f"hydra.run.dir={tmp_path}/run")
     assert result.returncode == 2
     assert "this config defines a sweep (seed: 0,1,2) that runs only with -m" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_a_sweep_name_that_is_a_path_exits_2_and_writes_nothing(tmp_path):
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    result = run_cli("-m", "name=../../escaped", "seed=0,1", cwd=work)
+    assert result.returncode == 2 and "config key name must be a name, not a path" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["a", "a/b"]

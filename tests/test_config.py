@@ -43,3 +43,21 @@ def test_unknown_model_name_fails():
 def test_nonsense_values_are_rejected_with_the_key(override, key):
     with pytest.raises(ConfigError, match=f"config key {key} must be"):
         check_values(compose_cfg(override))
+
+
+@pytest.mark.parametrize("value", ["../../x", "..", ".", "a/b", "/abs", "", "x y"])
+def test_a_name_that_is_a_path_is_refused(value):
+    from fmnist.config import check_name, sweep_name
+    from fmnist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="config key name must be a name, not a path"):
+        check_name("name", value)
+    with pytest.raises(ConfigError):
+        sweep_name(value, "2026-01-01_00-00-00")
+
+
+def test_names_that_are_names_pass():
+    from fmnist.config import check_name, sweep_name
+
+    assert check_name("study", "lr_dropout-v2.1") == "lr_dropout-v2.1"
+    assert sweep_name("train", "T") == "train/T" and sweep_name("ablation_lr-cpu", "T") == "ablation_lr-cpu"

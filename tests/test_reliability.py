@@ -74,9 +74,11 @@ def test_second_process_in_a_busy_run_directory_is_refused_naming_the_holder(tmp
 
 
 @pytest.mark.slow
-def test_default_run_directories_of_two_processes_differ(tmp_path):
+@pytest.mark.parametrize("entry", ["train.py", "evaluate.py ckpt=x"])
+def test_default_run_directories_of_two_processes_differ(tmp_path, entry):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--cfg", "hydra", "-p", "hydra.run.dir", "--resolve"],
+    proc = subprocess.Popen([sys.executable, *(str(ROOT / w) if w.endswith(".py") else w for w in entry.split()),
+                             "--cfg", "hydra", "-p", "hydra.run.dir", "--resolve"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err

@@ -13,7 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from fmnist import NUM_CLASSES
-from fmnist.config import TTA_MODES
+from fmnist.config import TTA_MODES, register_resolvers
 from fmnist.errors import ConfigError
 
 
@@ -49,6 +49,7 @@ class ExportConfig:
 
 
 def register() -> None:
+    register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="predict_schema", node=PredictConfig)

@@ -30,7 +30,7 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fmnist.config import check_values, register
+from fmnist.config import check_name, check_values, register
 from fmnist.data.datamodule import find_csv
 from fmnist.errors import ConfigError, DataError, DivergedError, FmnistError
 from fmnist.results.sweep import summarize
@@ -106,8 +106,9 @@ def _compose(name: str, overrides: list[str]) -> DictConfig:
 
 
 def _check_tune_config(cfg: DictConfig) -> None:
-    if OmegaConf.is_missing(cfg, "study") or not str(cfg.study).strip() or "/" in str(cfg.study):
-        raise ConfigError("tune.py needs a study name without `/`: python tune.py study=NAME n_trials=N [train overrides]")
+    if OmegaConf.is_missing(cfg, "study"):
+        raise ConfigError("tune.py needs a study name: python tune.py study=NAME n_trials=N [train overrides]")
+    check_name("study", cfg.study)
     if cfg.n_trials < 1:
         raise ConfigError(f"config key n_trials must be at least 1; got {cfg.n_trials}.")
     if not cfg.space:
