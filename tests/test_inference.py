@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from fmnist import CLASS_NAMES
 from fmnist.data.csv_io import HEADER, load_csv, parse_csv, write_csv
@@ -352,3 +352,26 @@ def test_benchmark_infer_times_both_runtimes_side_by_side(run_dir, tmp_path):
     assert sorted(zip(table.batch_size, table.runtime)) == [(1, "onnxruntime"), (1, "pytorch eager"),
                                                            (256, "onnxruntime"), (256, "pytorch eager")]
     assert (table.img_s > 0).all() and np.allclose(table.ms_per_image * table.batch_size, table.ms_per_batch, atol=0.02)
+
+
+@pytest.mark.parametrize("mode,fmt", [("L", "PNG"), ("I;16", "PNG"), ("LA", "PNG"), ("RGB", "PNG"),
+                                      ("RGBA", "PNG"), ("P", "PNG"), ("L", "BMP"), ("RGB", "BMP"), ("P", "BMP"),
+                                      ("L", "JPEG"), ("RGB", "JPEG"), ("CMYK", "JPEG")])
+def test_every_image_mode_reads_as_its_8_bit_grey_copy(tmp_path, mode, fmt):
+    from fmnist.inference.images import read_image
+
+    grey = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (40, 1))  # every level a column, 64 x 40
+    image = Image.fromarray(grey)
+    if mode == "I;16":  # a 16-bit greyscale PNG: each level v as v * 257 (0 -> 0, 255 -> 65535)
+        image = Image.fromarray(grey.astype(np.uint16) * 257)
+        assert image.mode == "I;16"
+    elif mode == "CMYK":
+        image = ImageOps.invert(image).convert("L")
+        image = Image.merge("CMYK", [Image.new("L", image.size, 0)] * 3 + [image])  # black ink only
+    elif mode != "L":
+        image = image.convert(mode)
+    path = tmp_path / f"x.{fmt.lower()}"
+    image.save(path, format=fmt)
+    got = read_image(path).astype(int)
+    tolerance = 3 if fmt == "JPEG" else 1  # JPEG is lossy; a palette rounds by at most one level
+    assert got.shape == grey.shape and np.abs(got - grey).max() <= tolerance, (mode, fmt)

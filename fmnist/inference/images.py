@@ -68,7 +68,7 @@ def read_image(path: Path) -> np.ndarray:
                     rgba = im.convert("RGBA")
                     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                     im = Image.alpha_composite(white, rgba)
-                return np.asarray(im.convert("L"), dtype=np.uint8).copy()
+                return to_grey8(im)
     except ImageRejected:
         raise
     except UnidentifiedImageError as e:
@@ -77,6 +77,21 @@ def read_image(path: Path) -> np.ndarray:
         raise ImageRejected(f"refused as a decompression bomb ({e})") from e
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
         raise ImageRejected(f"corrupt or truncated image ({e})") from e
+
+
+# Integer modes deeper than 8 bits (a 16-bit greyscale PNG opens as one of these) and their full scale.
+# Pillow's own convert("L") clips them at 255 instead of scaling, which turns a 16-bit picture into black and white.
+DEEP_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
+def to_grey8(im: Image.Image) -> np.ndarray:
+    """Any Pillow image as greyscale uint8 [H, W], scaled by its mode's value range (ITU-R 601 luma for colour)."""
+    if im.mode in DEEP_MODES:
+        values = np.asarray(im, dtype=np.float64)
+        return np.rint(np.clip(values, 0, DEEP_MODES[im.mode]) * (255 / DEEP_MODES[im.mode])).astype(np.uint8)
+    if im.mode == "F":  # floating point: taken as 0-1
+        return np.rint(np.clip(np.asarray(im, dtype=np.float64), 0, 1) * 255).astype(np.uint8)
+    return np.asarray(im.convert("L"), dtype=np.uint8).copy()
 
 
 def to_dataset_format(grey: np.ndarray) -> np.ndarray:
