@@ -375,3 +375,37 @@ def test_every_image_mode_reads_as_its_8_bit_grey_copy(tmp_path, mode, fmt):
     got = read_image(path).astype(int)
     tolerance = 3 if fmt == "JPEG" else 1  # JPEG is lossy; a palette rounds by at most one level
     assert got.shape == grey.shape and np.abs(got - grey).max() <= tolerance, (mode, fmt)
+
+
+def test_evaluation_metrics_match_their_definitions():
+    from fmnist.inference.evaluate import classification_metrics
+
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    preds = np.array([0, 0, 1, 1, 2, 2])  # class 0: P 1, R 2/3; class 1: P 1/2, R 1/2; class 2: P 1/2, R 1
+    logits = torch.full((6, 10), -10.0)
+    logits[torch.arange(6), torch.as_tensor(preds)] = 10.0  # confident: confidence ~1 in every image
+    metrics, cm = classification_metrics(logits, labels)
+    assert cm[:3, :3].tolist() == [[2, 1, 0], [0, 1, 1], [0, 0, 1]] and cm.sum() == 6
+    f1 = [2 * 1 * (2 / 3) / (1 + 2 / 3), 0.5, 2 * 0.5 / 1.5]
+    for name, p, r, f, n in zip(CLASS_NAMES[:3], [1, 0.5, 0.5], [2 / 3, 0.5, 1], f1, [3, 2, 1]):
+        got = metrics["per_class"][name]
+        assert (got["precision"], got["recall"], got["f1"]) == pytest.approx((p, r, f)) and got["support"] == n
+    assert metrics["per_class"][CLASS_NAMES[5]] == {"precision": 0, "recall": 0, "f1": 0, "support": 0}
+    assert metrics["accuracy"] == pytest.approx(4 / 6) and metrics["macro_f1"] == pytest.approx(sum(f1) / 10)
+    assert metrics["ece"] == pytest.approx(1 - 4 / 6, abs=1e-4)  # all in the top bin: |accuracy - confidence|
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage,words", [
+    (lambda p: p["hyper_parameters"]["model"].update(tta="garbage"), "model.tta is 'garbage'"),
+    (lambda p: p["state_dict"].update({k: v * float("nan") for k, v in p["state_dict"].items()
+                                      if k.endswith("weight")}), "NaN or infinite values"),
+    (lambda p: (p["datamodule_hyper_parameters"].update(normalize=True),
+                p.update(FashionMNISTDataModule={"mean": 0.3, "std": 0.0})), "a positive std"),
+])
+def test_values_read_from_a_checkpoint_are_checked_like_config_values(run_dir, tmp_path, damage, words):
+    payload = torch.load(resolve(run_dir).path, weights_only=True)
+    damage(payload)
+    torch.save(payload, tmp_path / "damaged.ckpt")
+    with pytest.raises(CheckpointError, match=words):
+        load_model(tmp_path / "damaged.ckpt")

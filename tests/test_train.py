@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fmnist.training.checkpoint import load_checkpoint
-from fmnist.errors import CheckpointError, ConfigError
+from fmnist.errors import CheckpointError, ConfigError, DivergedError
 from fmnist.models import training_flops_per_image
 from fmnist.training.module import LitClassifier
 from fmnist.runs import read_record
@@ -182,3 +182,17 @@ def test_a_run_without_a_bar_forecasts_once_and_shows_life_inside_epochs_and_the
     assert any(line.startswith("epoch 2/2: step 2/2, ") and "img/s, loss " in line for line in lines), lines
     assert any(line.startswith("test: batch 1/1, done in ~") for line in lines), lines
     assert any(line.startswith("model simple: ") and "MFLOP per training image" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("loss,diverged", [(2.3, False), (99.0, False), (1.8e16, True), (float("nan"), True),
+                                           (float("inf"), True)])
+def test_an_absurd_loss_counts_as_a_divergence(loss, diverged):
+    from fmnist.training.callbacks import loss_diverged
+    assert loss_diverged(loss) is diverged
+
+
+@pytest.mark.slow
+def test_adam_at_an_absurd_learning_rate_is_recorded_diverged_not_completed(make_cfg, tmp_path):
+    with pytest.raises(DivergedError):
+        run_job(make_cfg("model=simple", "optim.lr=1000", "trainer.precision=32-true"), tmp_path)
+    assert read_record(tmp_path)["status"] == "diverged"

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchmetrics.functional.classification as tm
 from omegaconf import DictConfig, OmegaConf
 
-from fmnist import CLASS_NAMES
+from fmnist import CLASS_NAMES, NUM_CLASSES
 from fmnist.config import EVAL_BATCH_SIZE
 from fmnist.data.csv_io import load_csv
 from fmnist.errors import ConfigError
@@ -29,41 +30,26 @@ from fmnist.runs import COMPLETED, now, provenance, write_record
 
 log = logging.getLogger(__name__)
 
-ECE_BINS = 15
-
-
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Sum over equal-width confidence bins of |accuracy - mean confidence|, weighted by the bin's share."""
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == labels
-    which = np.minimum((confidence * bins).astype(int), bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        inside = which == b
-        if inside.any():
-            ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
-    return float(ece)
+ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
 
 
 def classification_metrics(logits: torch.Tensor, labels: np.ndarray) -> tuple[dict, np.ndarray]:
-    """(metrics, confusion matrix [true, predicted]) of logits [N, 10] against labels [N]."""
-    n_classes = len(CLASS_NAMES)
-    preds = logits.argmax(dim=1).numpy()
-    cm = np.bincount(labels * n_classes + preds, minlength=n_classes ** 2).reshape(n_classes, n_classes)
-    tp = np.diag(cm).astype(float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.nan_to_num(tp / cm.sum(axis=0))
-        recall = np.nan_to_num(tp / cm.sum(axis=1))
-        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
-    probs = logits.softmax(dim=1).numpy()
+    """(metrics, confusion matrix [true, predicted]) of logits [N, 10] against labels [N], by torchmetrics.
+
+    Precision, recall and F1 of a class with no prediction or no image are 0 (torchmetrics' zero_division).
+    """
+    y = torch.as_tensor(labels)
+    per_class = {"precision": tm.multiclass_precision, "recall": tm.multiclass_recall, "f1": tm.multiclass_f1_score}
+    scores = {name: f(logits, y, NUM_CLASSES, average=None).tolist() for name, f in per_class.items()}
+    cm = tm.multiclass_confusion_matrix(logits, y, NUM_CLASSES).numpy()
     metrics = {
-        "accuracy": float((preds == labels).mean()),
-        "loss": float(F.cross_entropy(logits, torch.as_tensor(labels))),  # plain cross-entropy, no label smoothing
-        "macro_f1": float(f1.mean()),
-        "ece": expected_calibration_error(probs, labels),
+        "accuracy": float(tm.multiclass_accuracy(logits, y, NUM_CLASSES, average="micro")),
+        "loss": float(F.cross_entropy(logits, y)),  # plain cross-entropy, no label smoothing
+        "macro_f1": float(np.mean(scores["f1"])),
+        "ece": float(tm.multiclass_calibration_error(logits.softmax(dim=1), y, NUM_CLASSES, n_bins=ECE_BINS, norm="l1")),
         "n_images": int(len(labels)),
-        "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                      for name, p, r, f, s in zip(CLASS_NAMES, precision, recall, f1, cm.sum(axis=1))},
+        "per_class": {name: {**{k: scores[k][i] for k in per_class}, "support": int(cm[i].sum())}
+                      for i, name in enumerate(CLASS_NAMES)},
     }
     return metrics, cm
 

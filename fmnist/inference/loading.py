@@ -8,6 +8,7 @@ repeating. Every load goes through `load_checkpoint`, i.e. `torch.load(weights_o
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fmnist.config import TTA_MODES
 from fmnist.data.datamodule import FashionMNISTDataModule, find_csv
 from fmnist.errors import CheckpointError, DataError
 from fmnist.fsio import file_digest
@@ -161,6 +163,9 @@ def load_model(ckpt: str | Path) -> LoadedModel:
     if not isinstance(model, dict) or model.get("name") not in MODELS or not isinstance(payload.get("state_dict"), dict):
         raise CheckpointError(f"{path}: not an fmnist checkpoint: expected `hyper_parameters.model.name` (one of "
                               f"{sorted(MODELS)}) and a `state_dict`, as train.py writes them.")
+    if model.get("tta", "none") not in TTA_MODES:
+        raise CheckpointError(f"{path}: its hyperparameter model.tta is {model.get('tta')!r}, not one of {TTA_MODES}: "
+                              "not a checkpoint train.py wrote.")
     data = dict(payload.get("datamodule_hyper_parameters") or {})
     try:
         module = LitClassifier(model={**model, "compile": False}, optim=dict(hp.get("optim") or {"name": "adam"}))
@@ -170,10 +175,17 @@ def load_model(ckpt: str | Path) -> LoadedModel:
         raise CheckpointError(f"{path}: its weights do not fit the architecture its hyperparameters describe "
                               f"({model}): {first}") from e
     module.eval()
+    broken = [k for k, v in module.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise CheckpointError(f"{path}: its weights hold NaN or infinite values ({len(broken)} tensors, e.g. "
+                              f"{broken[0]}): the run diverged before this checkpoint; nothing can be computed with it.")
     loaded = LoadedModel(module, path, file_digest(path, "sha256"), dict(model), data, run_dir=resolved.run_dir,
                          note=resolved.note, raw_weights=payload.get("current_model_state"))
     if loaded.normalize:
         loaded.mean, loaded.std = _standardisation(path, payload, data)
+        if not (math.isfinite(loaded.mean) and math.isfinite(loaded.std) and loaded.std > 0):
+            raise CheckpointError(f"{path}: its input standardisation (mean {loaded.mean}, std {loaded.std}) needs a "
+                                  "finite mean and a positive std.")
     return loaded
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -22,6 +23,15 @@ from fmnist.training.figures import confusion_matrix_figure, misclassified_figur
 log = logging.getLogger(__name__)
 
 DIVERGED_ADVICE = "Lower optim.lr or set trainer.gradient_clip_val."
+# A mean cross-entropy above this many nats is a divergence even when finite: it puts e^-100 of the
+# probability on the true class on average, which only logits blown up to hundreds do (chance is
+# ln 10 = 2.3 nats; a trained model's worst images reach 10-20).
+ABSURD_LOSS = 100.0
+
+
+def loss_diverged(value: float) -> bool:
+    """Whether a mean cross-entropy says the model diverged: NaN, infinite, or above ABSURD_LOSS."""
+    return not math.isfinite(value) or value > ABSURD_LOSS
 EPOCH_COLUMNS = ["epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "lr",
                  "epoch_seconds", "train_seconds", "train_images", "train_flops"]
 

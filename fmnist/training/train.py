@@ -7,7 +7,6 @@ failure (with its error) instead of raising, so the other jobs of a sweep go on.
 from __future__ import annotations
 
 import logging
-import math
 import re
 import shlex
 import signal
@@ -36,7 +35,7 @@ from fmnist.training.precision import resolve_precision
 from fmnist.runs import (COMPLETED, DIVERGED, FAILED, FINISHED, INTERRUPTED, RUNNING, now, provenance, read_record,
                          update_record)
 from fmnist.training.callbacks import (DIVERGED_ADVICE, HEARTBEAT_S, EpochCSV, Forecast, TestArtifacts, WeightEMA,
-                                      step_callbacks)
+                                      loss_diverged, step_callbacks)
 from fmnist.training.checkpoint import SafeCheckpointIO, SafeModelCheckpoint, load_checkpoint
 from fmnist.training.module import LitClassifier
 from fmnist.training.rundir import RunDirInUse, own_run_dir
@@ -226,8 +225,8 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
         with console.beside_the_bar(bar):
             result = trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)[0]
         metrics.update({k: float(v) for k, v in result.items()})
-    # `completed` promises usable numbers: a NaN validation or test loss is a divergence too.
-    bad = {k: v for k, v in metrics.items() if k in ("val/loss", "test/loss") and not math.isfinite(v)}
+    # `completed` promises usable numbers: a NaN or absurd validation or test loss is a divergence too.
+    bad = {k: v for k, v in metrics.items() if k in ("val/loss", "test/loss") and loss_diverged(v)}
     if bad:
         raise DivergedError(f"training diverged: {', '.join(f'{k} is {v}' for k, v in bad.items())} at the end of "
                             f"the run (epoch {trainer.current_epoch}). {DIVERGED_ADVICE}")
