@@ -23,7 +23,7 @@ def test_the_studys_experiments_exist():
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-@pytest.mark.parametrize("preset", [None, "cpu"])
+@pytest.mark.parametrize("preset", [None, "cpu", "smoke"])
 def test_every_experiment_composes_with_seeds_and_a_stable_directory(experiment, preset):
     overrides = [f"experiment={experiment}"] + ([f"preset={preset}"] if preset else [])
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -31,7 +31,8 @@ def test_every_experiment_composes_with_seeds_and_a_stable_directory(experiment,
     params = cfg.hydra.sweeper.params
     assert len(str(params.seed).split(",")) >= 3
     assert cfg.name == experiment
-    assert cfg.hydra.sweep.dir == f"outputs/{experiment}" + ("-cpu" if preset else "")
+    # A preset's sweep lives beside the full-size one: a smoke test never blocks (or joins) the real sweep.
+    assert cfg.hydra.sweep.dir == f"outputs/{experiment}" + (f"-{preset}" if preset else "")
 
 
 def _fake_job(sweep: Path, name: str, status: str, seed: int, acc: float | None, overrides: list[str]) -> None:

@@ -23,6 +23,7 @@ def test_one_batch_training_writes_everything(make_cfg, tmp_path, model):
     assert record["versions"]["torch"].startswith("2.") and record["seed"] == 0
     assert list(tmp_path.glob("events.out.tfevents.*")), "TensorBoard events"
     assert (tmp_path / "config.yaml").exists() and (tmp_path / "confusion_matrix.csv").exists()
+    assert not (tmp_path / "hparams.yaml").exists()  # Lightning's would be empty: config.yaml holds the config
     epochs = pd.read_csv(tmp_path / "epochs.csv")
     assert list(epochs.columns[:3]) == ["epoch", "step", "train/loss"]
     # Checkpoints hold plain values only: they reload under weights_only loading.
@@ -196,3 +197,14 @@ def test_adam_at_an_absurd_learning_rate_is_recorded_diverged_not_completed(make
     with pytest.raises(DivergedError):
         run_job(make_cfg("model=simple", "optim.lr=1000", "trainer.precision=32-true"), tmp_path)
     assert read_record(tmp_path)["status"] == "diverged"
+
+
+def test_the_hparams_row_holds_the_keys_that_differ_between_runs_of_one_log_directory(make_cfg):
+    from fmnist.training.train import hparams_for_tensorboard
+
+    row = hparams_for_tensorboard(make_cfg("optim.lr=0.01", "data.augment.hflip=true"), ["optim.lr=0.01",
+                                  "data.augment.hflip=true", "trainer.accelerator=cpu"], "32-true")
+    assert list(row)[:2] == ["optim.lr", "data.augment.hflip"] and "trainer.accelerator" not in row
+    for key in ("data.train_subset", "trainer.max_epochs", "model.tta", "optim.ema_decay", "seed", "precision"):
+        assert key in row and isinstance(row[key], (int, float, str, bool)), key
+    assert row["data.train_subset"] == "null"

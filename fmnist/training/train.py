@@ -196,7 +196,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     if trainer_kwargs.pop("enable_model_summary") and rank_zero_only.rank == 0:
         log.info("model %s: %.2f M parameters, %.1f MFLOP per training image (forward + backward)", cfg.model.name,
                  sum(p.numel() for p in model.parameters()) / 1e6, training_flops_per_image(model.net) / 1e6)
-    logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
+    logger = RunLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
     checkpoint = SafeModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}",
                                      monitor="val/acc", mode="max", save_last=True, auto_insert_metric_name=False)
     # A bar that cannot redraw in place (output to a file or pipe) would fill the log with `\r` lines:
@@ -239,8 +239,18 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     return metrics
 
 
+class RunLogger(TensorBoardLogger):
+    """TensorBoard in the run directory, without Lightning's `hparams.yaml` (empty here: the module saves its
+    hyperparameters in checkpoints, not the logger); `config.yaml` holds the run's whole config."""
+
+    @rank_zero_only
+    def save(self) -> None:
+        self.experiment.flush()
+
+
 # Always shown in TensorBoard's hparams table, next to whatever the command line or sweep changed.
-HPARAMS = ("model.name", "model.dropout", "data.batch_size", "optim.name", "optim.lr", "optim.weight_decay", "seed")
+HPARAMS = ("model.name", "model.dropout", "model.tta", "data.batch_size", "data.train_subset", "optim.name", "optim.lr",
+           "optim.weight_decay", "optim.ema_decay", "trainer.max_epochs", "seed")
 
 
 def hparams_for_tensorboard(cfg: DictConfig, overrides: list[str] | None, precision: str) -> dict:
@@ -249,7 +259,9 @@ def hparams_for_tensorboard(cfg: DictConfig, overrides: list[str] | None, precis
     keys = [k for k in changed if k not in PLACEMENT_KEYS and not k.startswith("hydra.") and
             OmegaConf.select(cfg, k) is not None and not isinstance(OmegaConf.select(cfg, k), DictConfig)]
     row = {k: OmegaConf.select(cfg, k) for k in dict.fromkeys([*keys, *HPARAMS])}
-    row = {k: str(list(v)) if not isinstance(v, (int, float, str, bool)) else v for k, v in row.items()}
+    # TensorBoard takes numbers, strings and booleans: a list as its text, null as "null".
+    row = {k: v if isinstance(v, (int, float, str, bool)) else "null" if v is None else str(list(v))
+           for k, v in row.items()}
     return {**row, "precision": precision}
 
 
