@@ -32,7 +32,28 @@ def composition_message(error: BaseException) -> str:
     kept = [part.strip(" \t.:") for text in texts for part in text.splitlines()
             if part.strip() and not part.strip().startswith(_DROPPED)]
     entry = Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else "train.py"
-    return ". ".join(dict.fromkeys(kept)) + f". `python {entry} --help` lists the config groups and keys."
+    unreadable = _unreadable_override(sys.argv[1:])
+    if unreadable:
+        key, _, value = unreadable.partition("=")
+        kept = [f"cannot read the override `{unreadable}`: a value holding `=`, spaces, commas or brackets must be "
+                f"quoted, e.g. {key}=\"'{value}'\"", *(f"Hydra's parser: {k}" for k in kept[:1]), *kept[1:]]
+    return ". ".join(dict.fromkeys(kept)) + (f". `python {entry} --help` lists the config groups; `python {entry} "
+                                            "--cfg job` prints every key with its value.")
+
+
+def _unreadable_override(args: list[str]) -> str | None:
+    """The first command-line override that Hydra's grammar cannot parse, if any."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            parser.parse_override(arg)
+        except HydraException:
+            return arg
+    return None
 
 
 def refuse_unknown_keys(cfg: DictConfig, overrides: list[str]) -> None:

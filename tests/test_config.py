@@ -61,3 +61,17 @@ def test_names_that_are_names_pass():
 
     assert check_name("study", "lr_dropout-v2.1") == "lr_dropout-v2.1"
     assert sweep_name("train", "T") == "train/T" and sweep_name("ablation_lr-cpu", "T") == "ablation_lr-cpu"
+
+
+def test_an_unquoted_value_holding_equals_is_named_with_how_to_quote_it(monkeypatch):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from fmnist.cli import composition_message
+
+    monkeypatch.setattr("sys.argv", ["train.py", "model=simple", "data.dir=/tmp/a=b"])
+    with pytest.raises(HydraException) as error:
+        OverridesParser.create().parse_overrides(["model=simple", "data.dir=/tmp/a=b"])
+    message = composition_message(error.value)
+    assert message.startswith("cannot read the override `data.dir=/tmp/a=b`") and "data.dir=\"'/tmp/a=b'\"" in message
+    assert "`python train.py --cfg job` prints every key" in message
