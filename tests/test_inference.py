@@ -26,6 +26,7 @@ from fmnist.inference.images import ImageRejected, load_image, to_dataset_format
 from fmnist.inference.loading import load_model, resolve
 from fmnist.inference.predict import predict
 from fmnist.training.train import train
+from fmnist.fsio import file_digest
 from tests.conftest import FAST, ROOT, compose_cfg, compose_named
 
 
@@ -409,3 +410,27 @@ def test_values_read_from_a_checkpoint_are_checked_like_config_values(run_dir, t
     torch.save(payload, tmp_path / "damaged.ckpt")
     with pytest.raises(CheckpointError, match=words):
         load_model(tmp_path / "damaged.ckpt")
+
+
+@pytest.mark.slow
+def test_a_shipped_model_loads_as_ckpt_pretrained_and_reproduces_its_run(run_dir, tmp_path, monkeypatch):
+    import importlib.util
+
+    from fmnist.inference import loading
+
+    spec = importlib.util.spec_from_file_location("ship_model", ROOT / "scripts" / "ship_model.py")
+    ship_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship_model)
+    card = ship_model.ship(run_dir, "tiny", out_dir=tmp_path).read_text()
+    ckpt, onnx_file = tmp_path / "tiny.ckpt", tmp_path / "tiny.onnx"
+    assert f"`{file_digest(ckpt, 'sha256')}`" in card and f"`{file_digest(onnx_file, 'sha256')}`" in card
+    payload = torch.load(ckpt, weights_only=True)
+    assert "optimizer_states" not in payload and ckpt.stat().st_size < resolve(run_dir).path.stat().st_size
+    recorded = json.loads((run_dir / "metrics.json").read_text())["metrics"]["test/acc"]
+    assert f"**{recorded:.2%}** (the run recorded {recorded:.2%})" in card
+
+    monkeypatch.setattr(loading, "PRETRAINED", tmp_path / "missing.ckpt")
+    with pytest.raises(CheckpointError, match="ckpt=pretrained: .*missing.ckpt is missing"):
+        load_model("pretrained")
+    monkeypatch.setattr(loading, "PRETRAINED", ckpt)
+    assert load_model("pretrained").sha256 == file_digest(ckpt, "sha256")

@@ -27,8 +27,11 @@ from fmnist.training.module import LitClassifier
 
 log = logging.getLogger(__name__)
 
-WHAT_CKPT_IS = ("expected a .ckpt file, a run directory (holding checkpoints/best-*.ckpt) or a sweep "
-                "directory (holding job directories with metrics.json)")
+WHAT_CKPT_IS = ("expected a .ckpt file, a run directory (holding checkpoints/best-*.ckpt), a sweep "
+                "directory (holding job directories with metrics.json) or `pretrained`")
+# The model shipped with the repository (`ckpt=pretrained`): scripts/ship_model.py writes it, with its card.
+PRETRAINED_DIR = Path(__file__).resolve().parents[2] / "pretrained"
+PRETRAINED = PRETRAINED_DIR / "speedrun_cpu.ckpt"
 
 
 @dataclass
@@ -53,7 +56,12 @@ def best_in_run(run_dir: Path) -> Path:
 
 
 def resolve(ckpt: str | Path) -> Resolved:
-    """Turn `ckpt=` into a checkpoint file: itself, a run's best one, or a sweep's best job's best one."""
+    """Turn `ckpt=` into a checkpoint file: itself, a run's best one, a sweep's best job's best one, or the shipped one."""
+    if str(ckpt) == "pretrained":
+        if not PRETRAINED.is_file():
+            raise CheckpointError(f"ckpt=pretrained: {PRETRAINED} is missing; it ships with the repository (a git "
+                                  "checkout has it), or make one with scripts/ship_model.py RUN_DIR.")
+        return Resolved(PRETRAINED, note=f"the shipped model ({PRETRAINED.with_suffix('.md')})")
     path = Path(ckpt).expanduser()
     if path.is_file():
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
@@ -175,10 +183,10 @@ def load_model(ckpt: str | Path) -> LoadedModel:
         raise CheckpointError(f"{path}: its weights do not fit the architecture its hyperparameters describe "
                               f"({model}): {first}") from e
     module.eval()
-    broken = [k for k, v in module.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    broken = [k for k, v in module.net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
         raise CheckpointError(f"{path}: its weights hold NaN or infinite values ({len(broken)} tensors, e.g. "
-                              f"{broken[0]}): the run diverged before this checkpoint; nothing can be computed with it.")
+                              f"net.{broken[0]}): the run diverged before this checkpoint; nothing can be computed with it.")
     loaded = LoadedModel(module, path, file_digest(path, "sha256"), dict(model), data, run_dir=resolved.run_dir,
                          note=resolved.note, raw_weights=payload.get("current_model_state"))
     if loaded.normalize:
