@@ -6,16 +6,21 @@ STAMP := $(VENV)/.installed-stamp
 DATA ?= data
 ARGS ?=
 
-.PHONY: install data train test test-fast tensorboard bench gpu-check speedrun cpu-best ablations report leaderboard clean
+.PHONY: install lock data train test test-fast tensorboard bench gpu-check speedrun cpu-best ablations report leaderboard clean
 
-$(STAMP): pyproject.toml
+# The tested versions of every package, for this Python if there is a lock for it (constraints/py3.X.txt).
+PY_VERSION := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")' 2>/dev/null)
+LOCK := constraints/py$(PY_VERSION).txt
+CONSTRAINTS := $(if $(wildcard $(LOCK)),-c $(LOCK))
+
+$(STAMP): pyproject.toml $(wildcard $(LOCK))
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: an unpinned resolve can pull a multi-GB CUDA build onto CPU machines.
 	$(BIN)/pip install -q torch==2.13.0
 	# Extras `export` (onnx, onnxscript, onnxruntime: export.py) and `slurm` (the submitit launcher),
 	# so that `make test` covers both.
-	$(BIN)/pip install -q -e ".[dev,export,slurm]"
+	$(BIN)/pip install -q -e ".[dev,export,slurm]" $(CONSTRAINTS)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -58,6 +63,13 @@ report: $(STAMP)
 LEADERBOARD_SWEEPS := docs/results/cpu_best docs/results/speedrun_cpu docs/results/gpu/speedrun_gpu docs/results/report
 leaderboard: $(STAMP)
 	$(BIN)/python -m fmnist.results leaderboard $(LEADERBOARD_SWEEPS) $(ARGS)
+
+# Rewrite the lock for this Python from a fresh environment (pip freeze, local labels such as +cpu removed).
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install -q torch==2.13.0 && \
+	.lock-venv/bin/pip install -q ".[dev,export,slurm]" && \
+	{ sed -n '1,3p' $(LOCK) 2>/dev/null; .lock-venv/bin/pip freeze | grep -v '^fmnist' | sed 's/+[A-Za-z0-9.]*$$//'; } > $(LOCK).new && \
+	mv $(LOCK).new $(LOCK) && rm -rf .lock-venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache
