@@ -31,8 +31,9 @@ data: $(STAMP)
 train: data
 	$(BIN)/python train.py data.dir=$(DATA) $(ARGS)
 
+# Two workers: most tests spend their time starting Python processes, one core each.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n 2 $(ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)

@@ -15,11 +15,16 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
-# Long enough epochs (125 steps) to be killed inside one; deterministic so reruns match exactly.
+# Epochs of 125 steps, so a signal lands inside one; deterministic, so reruns match exactly.
 SETTINGS = ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true", "trainer.deterministic=true",
             "trainer.max_epochs=3", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
             "trainer.num_sanity_val_steps=0", "model=simple", "model.dropout=0.3", "data.val_size=100",
             "data.batch_size=4"]
+
+
+# A run stopped by the test is started with more epochs than it can finish before the signal, however busy
+# the machine; it is then resumed (max_epochs may change on resume) to one epoch past where it stopped.
+UNFINISHABLE = "trainer.max_epochs=200"
 
 
 def start(run_dir: Path, data_dir: Path, *extra: str) -> subprocess.Popen:
@@ -56,17 +61,16 @@ def curve(run_dir: Path) -> list[dict]:
 
 
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir):
-    reference = tmp_path / "reference"
-    finish(start(reference, data_dir))
-
     killed = tmp_path / "killed"
-    proc = start(killed, data_dir)
+    proc = start(killed, data_dir, UNFINISHABLE)
     wait_for_epochs(killed, 1, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert record(killed)["status"] == "running"  # killed before it could finish
-    assert len(curve(killed)) < 3
-    finish(start(killed, data_dir, "ckpt_path=last"))
+    epochs = len(curve(killed)) + 1  # one more than it finished, however late the kill came
+    finish(start(killed, data_dir, "ckpt_path=last", f"trainer.max_epochs={epochs}"))
+    reference = tmp_path / "reference"
+    finish(start(reference, data_dir, f"trainer.max_epochs={epochs}"))
 
     assert record(killed)["status"] == "completed"
     assert curve(killed) == curve(reference)
@@ -77,7 +81,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, da
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_stops_cleanly_records_how_to_resume_and_resume_finishes(tmp_path, data_dir, sig):
     run = tmp_path / "run"
-    proc = start(run, data_dir)
+    proc = start(run, data_dir, UNFINISHABLE)
     wait_for_epochs(run, 1, proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
@@ -87,5 +91,6 @@ def test_signal_stops_cleanly_records_how_to_resume_and_resume_finishes(tmp_path
     assert "ckpt_path=last" in rec["error"] and f"hydra.run.dir={run}" in rec["error"]
     assert (run / "checkpoints" / "last.ckpt").exists()
     assert not list((run / "checkpoints").glob(".*.tmp"))
-    finish(start(run, data_dir, "ckpt_path=last"))
-    assert record(run)["status"] == "completed" and record(run)["metrics"]["epochs"] == 3
+    epochs = len(curve(run)) + 1
+    finish(start(run, data_dir, "ckpt_path=last", f"trainer.max_epochs={epochs}"))
+    assert record(run)["status"] == "completed" and record(run)["metrics"]["epochs"] == epochs
