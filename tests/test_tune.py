@@ -108,6 +108,7 @@ def test_a_pruned_trial_stops_after_its_first_report_and_is_recorded(tmp_path, d
     (["study=x", "optim.lrr=1"], "Could not override 'optim.lrr'"),
     (["study=x", "trainer=ddp"], "tune.py trains each trial in its own process on one device"),
     (["study=x", "data.dir=/nonexistent"], "fashion-mnist_train.csv: file not found"),
+    (["study=x", "storage=garbage://x"], "cannot open the study storage 'garbage://x'"),
 ])
 def test_bad_input_stops_before_the_study_is_created(tmp_path, data_dir, args, message):
     with pytest.raises(FmnistError) as error:

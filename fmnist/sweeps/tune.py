@@ -15,6 +15,7 @@ status in its run directory) and the study goes on; a user error (bad key, missi
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -262,9 +263,16 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
         study_dir = Path(cfg.out_dir) / cfg.study
         search = Search(cfg, train_overrides, study_dir)
         search.check_space()
+        created = not study_dir.exists()
         study_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            storage = _storage(cfg, study_dir)
+        except ConfigError:  # a refusal leaves nothing behind: not even the study's directory
+            if created:
+                shutil.rmtree(study_dir, ignore_errors=True)
+            raise
         study = optuna.create_study(
-            study_name=cfg.study, storage=_storage(cfg, study_dir), direction="maximize", load_if_exists=True,
+            study_name=cfg.study, storage=storage, direction="maximize", load_if_exists=True,
             pruner=optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner.n_startup_trials,
                                                n_warmup_steps=cfg.pruner.prune_from_epoch))
         done = len(study.trials)
