@@ -31,9 +31,8 @@ data: $(STAMP)
 train: data
 	$(BIN)/python train.py data.dir=$(DATA) $(ARGS)
 
-# Two workers: most tests spend their time starting Python processes, one core each.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 $(ARGS)
+	$(BIN)/python -m pytest -q $(ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
@@ -69,7 +68,7 @@ leaderboard: $(STAMP)
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install -q torch==2.13.0 && \
 	.lock-venv/bin/pip install -q ".[dev,export,slurm]" && \
-	{ sed -n '1,3p' $(LOCK) 2>/dev/null; .lock-venv/bin/pip freeze | grep -v '^fmnist' | sed 's/+[A-Za-z0-9.]*$$//'; } > $(LOCK).new && \
+	{ grep '^#' $(LOCK) 2>/dev/null; .lock-venv/bin/pip freeze | grep -v '^fmnist' | sed 's/+[A-Za-z0-9.]*$$//'; } > $(LOCK).new && \
 	mv $(LOCK).new $(LOCK) && rm -rf .lock-venv
 
 clean:

@@ -1,5 +1,6 @@
 """Hydra entry point: `python train.py [overrides]`, `python train.py -m experiment=ablation_lr`."""
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -27,9 +28,10 @@ def main(cfg: DictConfig) -> float:
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     swept = hydra_cfg.sweeper.get("params") or {}
     if swept and not in_sweep:  # an experiment's sweep (its seeds) runs only with -m: say so, do not drop it silently
-        console.log.warning("this config defines a sweep (%s) that runs only with -m; without it, one job runs with "
-                            "the values shown by --cfg job (seed=%s). Add -m to run them all.",
-                            ", ".join(f"{k}: {v}" for k, v in swept.items()), cfg.seed)
+        # On stderr, not through the run's log: the run directory is not this command's until its checks pass.
+        print(f"warning: this config defines a sweep ({', '.join(f'{k}: {v}' for k, v in swept.items())}) that runs "
+              f"only with -m; without it, one job runs with the values shown by --cfg job (seed={cfg.seed}). "
+              "Add -m to run them all.", file=sys.stderr)
     if in_sweep:  # parallel launchers: this job's share of the cores, and its GPU
         from fmnist.sweeps.placement import place_job
 

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
-from fmnist.config import EVAL_BATCH_SIZE
-from fmnist.errors import FmnistError
-from fmnist.fsio import atomic_output, atomic_write, file_digest
+from fmnist.config import EVAL_BATCH_SIZE, check_name
+from fmnist.errors import ConfigError, FmnistError
+from fmnist.fsio import file_digest
 from fmnist.inference.loading import PRETRAINED_DIR, best_in_run, load_model
-from fmnist.runs import read_record
+from fmnist.runs import COMPLETED, read_record
 from fmnist.training.checkpoint import load_checkpoint
 
 # What evaluate, predict and export read from a checkpoint; the rest (optimizer state, loops, callbacks) stays behind.
@@ -29,30 +32,45 @@ KEPT = ("state_dict", "hyper_parameters", "datamodule_hyper_parameters", "Fashio
 
 
 def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR) -> Path:
-    """Write out_dir/NAME.ckpt, NAME.onnx and NAME.md from the run's best checkpoint; return the card's path."""
+    """Write out_dir/NAME.ckpt, NAME.onnx and NAME.md from the run's best checkpoint; return the card's path.
+
+    Refused (ConfigError, nothing written) unless the run completed and the stripped checkpoint gives
+    the run's recorded test accuracy back; the three files are made in a staging directory and moved
+    into place only when all of them are ready.
+    """
     from omegaconf import OmegaConf
 
     from fmnist.inference.evaluate import classification_metrics
     from fmnist.inference.export import export
 
+    check_name("--name", name)
     record = read_record(run_dir) or {}
+    if record.get("status") != COMPLETED:
+        raise ConfigError(f"{run_dir}: a run ships only once it has completed; its status is {record.get('status')!r}.")
     source = best_in_run(run_dir)
     payload = load_checkpoint(source)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = out_dir / f"{name}.ckpt"
-    with atomic_output(ckpt) as tmp:
-        torch.save({k: payload[k] for k in KEPT if k in payload}, tmp)
-    loaded = load_model(ckpt)
-    images, labels = loaded_test_set(loaded)
-    logits = loaded.logits_batched(images, EVAL_BATCH_SIZE, tta=loaded.module.tta)
-    accuracy = classification_metrics(logits, labels)[0]["accuracy"]
-    recorded = record.get("metrics", {}).get("test/acc")
-    onnx = out_dir / f"{name}.onnx"
-    export(OmegaConf.create({"ckpt": str(ckpt), "out": str(onnx), "overwrite": True,
-                             "data": {"dir": None, "batch_size": None}}))
-    card = out_dir / f"{name}.md"
-    atomic_write(card, card_text(name, record, loaded.model, accuracy, recorded, ckpt, onnx, run_dir))
-    return card
+    staging = Path(tempfile.mkdtemp(prefix=".ship-", dir=out_dir))
+    try:
+        ckpt, onnx, card = (staging / f"{name}{suffix}" for suffix in (".ckpt", ".onnx", ".md"))
+        torch.save({k: payload[k] for k in KEPT if k in payload}, ckpt)
+        loaded = load_model(ckpt)
+        images, labels = loaded_test_set(loaded)
+        logits = loaded.logits_batched(images, EVAL_BATCH_SIZE, tta=loaded.module.tta)
+        accuracy = classification_metrics(logits, labels)[0]["accuracy"]
+        recorded = record.get("metrics", {}).get("test/acc")
+        if recorded is None or abs(accuracy - recorded) > 1 / len(labels):  # one image: rounding, not a change
+            raise ConfigError(f"{source}: stripped of its training state it scores {accuracy:.4%} on the test set, "
+                              f"not the {recorded} the run recorded; not shipped.")
+        export(OmegaConf.create({"ckpt": str(ckpt), "out": str(onnx), "overwrite": False,
+                                 "data": {"dir": None, "batch_size": None}}))
+        final = {p: out_dir / p.name for p in (ckpt, onnx, card)}
+        card.write_text(card_text(name, record, loaded.model, accuracy, recorded, ckpt, onnx, run_dir))
+        for staged, target in final.items():
+            os.replace(staged, target)
+        return final[card]
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def loaded_test_set(loaded):

@@ -46,6 +46,8 @@ def imports_of(path: Path) -> list[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found += [a.name for a in node.names if a.name.split(".")[0] == "fmnist"]
+        elif isinstance(node, ast.ImportFrom) and node.level:  # `from . import x` would hide from this check
+            raise AssertionError(f"{path}: relative import (line {node.lineno}); the package imports by full name")
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "fmnist":
             found += [f"{node.module}.{a.name}" for a in node.names]  # `from fmnist import hardware` is a module
     return found

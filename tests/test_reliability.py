@@ -87,13 +87,22 @@ def test_default_run_directories_of_two_processes_differ(tmp_path, entry):
 
 
 # 2. A refused command still changed the run it refused.
-@pytest.mark.slow
-@pytest.mark.parametrize("extra", [["ckpt_path=last", "model.dropout=0.5"], ["data.batch_size=0"], ["optim.lr=0.5"],
-                                   ["ckpt_path=last", "data.val_size=100000"]])
-def test_refused_command_leaves_the_run_directory_byte_identical(tmp_path, data_dir, extra):
-    run = tmp_path / "good"
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_dir) -> Path:
+    """One finished run, trained once; each test refuses a command in its own copy of it."""
+    run = tmp_path_factory.mktemp("finished") / "good"
     good = run_cli(*FAST, *SIMPLE, f"data.dir={data_dir}", f"hydra.run.dir={run}")
     assert good.returncode == 0, good.stderr[-3000:]
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [["ckpt_path=last", "model.dropout=0.5"], ["data.batch_size=0"], ["optim.lr=0.5"],
+                                   ["ckpt_path=last", "data.val_size=100000"],
+                                   ["experiment=speedrun_cpu", "ckpt_path=last"]])
+def test_refused_command_leaves_the_run_directory_byte_identical(tmp_path, data_dir, finished_run, extra):
+    run = tmp_path / "good"
+    shutil.copytree(finished_run, run)  # nothing in a run directory names its own path
     before = snapshot(run)
     assert ".hydra/overrides.yaml" in before and "metrics.json" in before
     refused = run_cli(*FAST, *SIMPLE, f"data.dir={data_dir}", f"hydra.run.dir={run}", *extra)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from fmnist.errors import ConfigError, FmnistError
+from fmnist.fsio import atomic_output, check_output_file
 from fmnist.runs import METRICS_FILE, collect
 
 
@@ -62,9 +63,12 @@ def leaderboard(args) -> None:
 def tricks(args) -> None:
     from fmnist.inference.tricks import compare, markdown
 
+    if args.csv:  # refused before the work, as predict.py and export.py refuse an existing out=
+        check_output_file(args.csv, "--csv", False, lambda head: False, "tricks")
     table = compare(args.dirs, args.data_dir)
     if args.csv:
-        table.to_csv(args.csv, index=False)
+        with atomic_output(args.csv) as tmp:
+            table.to_csv(tmp, index=False)
     print(markdown(table), end="")
 
 

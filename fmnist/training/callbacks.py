@@ -223,7 +223,7 @@ class StopOnDivergence(L.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         # A training loss can stay finite while the weights already give NaN on other data.
         loss = trainer.callback_metrics.get("val/loss")
-        if not trainer.sanity_checking and loss is not None and not torch.isfinite(loss).item():
+        if not trainer.sanity_checking and loss is not None and loss_diverged(float(loss)):
             raise DivergedError(f"training diverged: validation loss is {loss.item()} at epoch "
                                 f"{trainer.current_epoch + 1}. {DIVERGED_ADVICE}")
 
