@@ -103,6 +103,16 @@ def _chained_fmnist_error(error: BaseException) -> FmnistError | None:
     return error
 
 
+def run_plain(work: Callable[[], object]) -> int:
+    """Run a plain (argparse) command's work: a user error prints one paragraph and gives its exit code."""
+    try:
+        work()
+    except FmnistError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
 def exit_with(error: FmnistError) -> None:
     """Print a user error once, as one paragraph, and exit with its code (2, or 3 for a divergence).
 

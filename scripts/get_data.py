@@ -5,7 +5,7 @@ import logging
 import sys
 from pathlib import Path
 
-from fmnist.errors import FmnistError
+from fmnist.cli import run_plain
 from fmnist.data.sources import obtain
 
 
@@ -17,12 +17,7 @@ def main() -> int:
     parser.add_argument("--no-download", action="store_true", help="never download")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        print(obtain(args.data_dir, args.idx_dir, not args.no_install, not args.no_download))
-    except FmnistError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
+    return run_plain(lambda: print(obtain(args.data_dir, args.idx_dir, not args.no_install, not args.no_download)))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from fmnist.config import EVAL_BATCH_SIZE, check_name
-from fmnist.errors import ConfigError, FmnistError
+from fmnist.cli import run_plain
+from fmnist.errors import ConfigError
 from fmnist.fsio import file_digest
 from fmnist.inference.loading import PRETRAINED_DIR, best_in_run, load_model
 from fmnist.runs import COMPLETED, read_record
@@ -109,12 +110,7 @@ def main() -> int:
     parser.add_argument("run_dir", type=Path, help="a finished run directory")
     parser.add_argument("--name", default="speedrun_cpu", help="the shipped files' name (default: speedrun_cpu)")
     args = parser.parse_args()
-    try:
-        print(ship(args.run_dir, args.name).read_text())
-    except FmnistError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
+    return run_plain(lambda: print(ship(args.run_dir, args.name).read_text()))
 
 
 if __name__ == "__main__":

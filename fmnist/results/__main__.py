@@ -15,7 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from fmnist.errors import ConfigError, FmnistError
+from fmnist.cli import run_plain
+from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_output, check_output_file
 from fmnist.runs import METRICS_FILE, collect
 
@@ -93,13 +94,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
+
+    def work() -> None:
         args.dirs = [sweep_dir(d) for d in args.dirs]  # every directory checked before anything is written
         VERBS[args.verb][0](args)
-    except FmnistError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
+    return run_plain(work)
 
 
 if __name__ == "__main__":
