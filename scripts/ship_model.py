@@ -100,7 +100,7 @@ def card_text(name, record, model, accuracy, recorded, ckpt, onnx, run_dir) -> s
         f"{record.get('metrics', {}).get('val/acc_best', float('nan')):.2%} at epoch "
         f"{record.get('metrics', {}).get('best_epoch')} (the epoch kept).",
         "", f"Model: `{json.dumps(model)}`", "",
-        f"Made by `python scripts/ship_model.py {run_dir} --name {name}`.", "",
+        f"Made by `python scripts/ship_model.py RUN_DIR --name {name}`, RUN_DIR being that run's directory.", "",
     ]
     return "\n".join(lines)
 

@@ -434,3 +434,13 @@ def test_a_shipped_model_loads_as_ckpt_pretrained_and_reproduces_its_run(run_dir
         load_model("pretrained")
     monkeypatch.setattr(loading, "PRETRAINED", ckpt)
     assert load_model("pretrained").sha256 == file_digest(ckpt, "sha256")
+
+
+def test_the_shipped_model_is_the_one_its_card_describes():
+    from fmnist.inference.loading import PRETRAINED, PRETRAINED_DIR
+
+    card = (PRETRAINED_DIR / "speedrun_cpu.md").read_text()
+    for name in ("speedrun_cpu.ckpt", "speedrun_cpu.onnx"):
+        assert f"| `{name}` | {(PRETRAINED_DIR / name).stat().st_size:,} | `{file_digest(PRETRAINED_DIR / name, 'sha256')}` |" in card
+    loaded = load_model("pretrained")
+    assert loaded.path == PRETRAINED and loaded.model["name"] == "resnet" and loaded.module.tta == "flip"
