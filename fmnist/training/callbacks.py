@@ -32,6 +32,8 @@ ABSURD_LOSS = 100.0
 def loss_diverged(value: float) -> bool:
     """Whether a mean cross-entropy says the model diverged: NaN, infinite, or above ABSURD_LOSS."""
     return not math.isfinite(value) or value > ABSURD_LOSS
+
+
 EPOCH_COLUMNS = ["epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "lr",
                  "epoch_seconds", "train_seconds", "train_images", "train_flops"]
 
@@ -150,6 +152,13 @@ class Forecast(L.Callback):
         root = trainer.strategy.root_device
         return "GPU" if root.type == "cuda" else root.type.upper()
 
+    def _beat_due(self, now: float) -> bool:
+        """Whether a heartbeat line is due now (rank 0 only); if so, the next one is counted from now."""
+        if self.heartbeat_s is None or now - self._last_beat < self.heartbeat_s or rank_zero_only.rank != 0:
+            return False
+        self._last_beat = now
+        return True
+
     def on_train_start(self, trainer, pl_module) -> None:
         self._told = trainer.current_epoch >= trainer.max_epochs
         self._steps = self._images = 0
@@ -170,8 +179,7 @@ class Forecast(L.Callback):
             last = batch_idx + 1 == trainer.num_training_batches
             if (self._steps > self.min_steps and timed >= self.min_seconds) or last:
                 self._tell(trainer, timed / self._images if self._images else (now - self._epoch_start) / len(batch[1]))
-        if self.heartbeat_s is not None and now - self._last_beat >= self.heartbeat_s and rank_zero_only.rank == 0:
-            self._last_beat = now
+        if self._beat_due(now):
             done, total = batch_idx + 1, trainer.num_training_batches
             elapsed = now - self._epoch_start
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -195,15 +203,15 @@ class Forecast(L.Callback):
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         now = time.perf_counter()
-        if self.heartbeat_s is not None and now - self._last_beat >= self.heartbeat_s and rank_zero_only.rank == 0:
-            self._last_beat = now
+        if self._beat_due(now):
             done, total = batch_idx + 1, sum(trainer.num_test_batches)
             log.info("test: batch %d/%d, done in ~%s", done, total,
                      duration((now - self._test_start) / done * (total - done)))
 
 
 class StopOnDivergence(L.Callback):
-    """Stop with DivergedError when the training or validation loss is NaN or infinite.
+    """Stop with DivergedError when the training loss is NaN or infinite, or the validation loss is that or
+    above ABSURD_LOSS (a single training step's loss may spike; a whole validation pass's may not).
 
     Checked every `every` steps and at each epoch's last step, not every step: reading the loss
     waits for the GPU, and once the weights are NaN every later loss is too.
