@@ -18,6 +18,7 @@ from pathlib import Path
 
 import lightning as L
 import pandas as pd
+import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -171,6 +172,22 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None,
         return _fit(cfg, run_dir, resume, overrides, hydra_files, callbacks)
 
 
+@contextmanager
+def _process_group_released():
+    """Destroy the DDP process group when the run ends, however it ends.
+
+    Lightning does this at exit for NCCL but not for gloo (DDP on CPUs), whose worker threads can then
+    abort the interpreter's shutdown ("terminate called without an active exception"), and its launcher
+    kills every rank when one dies that way. Releasing it here also lets a sweep's next job start a new one.
+    """
+    try:
+        yield
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+@_process_group_released()
 def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | None, hydra_files: dict | None,
          callbacks: list[L.Callback] | None = None) -> dict:
     last = run_dir / "checkpoints" / "last.ckpt"
