@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import runpy
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 
 from fmnist.config import register
 from fmnist.inference.config import register as register_inference
@@ -53,3 +61,48 @@ def compose_cfg(*overrides: str):
 def make_cfg(data_dir):
     """Compose the training config with FAST settings, the tiny data, and extra overrides."""
     return lambda *overrides: compose_cfg(*FAST, f"data.dir={data_dir}", *overrides)
+
+
+def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python <script> args` in a new process, as a user runs it (this checkout first on the path).
+
+    For what only a real process shows: signals, locks held by another process, exit on a crash, the
+    startup itself. Each start imports torch and Lightning again (seconds): other tests use `run_in_process`.
+    """
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=env, timeout=timeout)
+
+
+@pytest.fixture
+def run_in_process(capfd, monkeypatch):
+    """`run(script, *args, cwd=None)`: the entry point run as `python script args` would run it (as `__main__`,
+    with that argv), but in this process; returns a CompletedProcess with its exit code, stdout and stderr.
+
+    What the run changes in the process (logging handlers, warning filters, Hydra's global state, torch's
+    thread count, the environment, the working directory) is put back afterwards.
+    """
+    def run(script: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        monkeypatch.setattr(sys, "argv", [str(ROOT / script), *args])
+        monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # entry points set it to 1
+        monkeypatch.chdir(cwd or ROOT)
+        root = logging.getLogger()
+        handlers, level, threads = list(root.handlers), root.level, torch.get_num_threads()
+        capfd.readouterr()
+        code = 0
+        try:
+            with warnings.catch_warnings():
+                runpy.run_path(str(ROOT / script), run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            GlobalHydra.instance().clear()
+            for handler in set(root.handlers) - set(handlers):
+                handler.close()
+            root.handlers[:], root.level = handlers, level
+            torch.set_num_threads(threads)
+            monkeypatch.undo()
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess([script, *args], code, out, err)
+
+    return run

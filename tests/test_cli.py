@@ -1,41 +1,29 @@
-"""`python train.py ...` as a user runs it, in a subprocess."""
-
-import os
-import subprocess
-import sys
+"""`python train.py ...` as a user runs it: in this process where that shows the same, else in a new one."""
 
 import pandas as pd
 import pytest
 
-from tests.conftest import FAST, ROOT
+from tests.conftest import FAST, run_script
 
 
-def run_cli(*args: str, cwd=None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
-                          cwd=cwd or ROOT, env=env, timeout=timeout)
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("override,message", [
     ("optim.lr=abc", "optim.lr"),
     ("model=vgg", "model"),
     ("optim.lrr=0.1", "lrr"),
 ])
-def test_bad_config_fails_before_training(tmp_path, override, message):
-    result = run_cli(override, f"hydra.run.dir={tmp_path}/run")
+def test_bad_config_fails_before_training(tmp_path, run_in_process, override, message):
+    result = run_in_process("train.py", override, f"hydra.run.dir={tmp_path}/run")
     assert result.returncode != 0 and message in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("override,message", [
     ("data.batch_size=0", "config key data.batch_size must be at least 1; got 0"),
     ("model.dropout=1.5", "config key model.dropout must be in [0, 1); got 1.5"),
     ("data.val_size=100000", "config key data.val_size must be between 1 and 599"),
 ])
-def test_nonsense_values_exit_2_with_one_paragraph(tmp_path, data_dir, override, message):
-    result = run_cli(*FAST, f"data.dir={data_dir}", override, f"hydra.run.dir={tmp_path}/run")
+def test_nonsense_values_exit_2_with_one_paragraph(tmp_path, data_dir, run_in_process, override, message):
+    result = run_in_process("train.py", *FAST, f"data.dir={data_dir}", override, f"hydra.run.dir={tmp_path}/run")
     assert result.returncode == 2 and message in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -44,7 +32,6 @@ HEADER = "label," + ",".join(f"pixel{i}" for i in range(1, 785))
 ROW = "3," + ",".join(["0"] * 784)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("train_text,message", [
     (HEADER + "\n" + ROW[:-1] + "x\n", "fashion-mnist_train.csv, line 2, column 785 (pixel784): expected an integer 0-255, found 'x'"),
     ("", "fashion-mnist_train.csv: the file is empty"),
@@ -53,19 +40,19 @@ ROW = "3," + ",".join(["0"] * 784)
     (HEADER + "\n" + ROW + "\n" + "12" + ROW[1:] + "\n", "line 3, column 1 (label): expected a label in 0-9, found '12'"),
     (HEADER + "\n" + ROW + "\n" + ROW[:500] + "\n", "line 3: expected 785 values (label and 784 pixels), found 251 (the file may be truncated)"),
 ])
-def test_bad_csv_exits_2_naming_the_problem(tmp_path, train_text, message):
+def test_bad_csv_exits_2_naming_the_problem(tmp_path, run_in_process, train_text, message):
     data = tmp_path / "data"
     data.mkdir()
     (data / "fashion-mnist_train.csv").write_text(train_text)
     (data / "fashion-mnist_test.csv").write_text(HEADER + "\n" + ROW + "\n")
-    result = run_cli(*FAST, f"data.dir={data}", f"hydra.run.dir={tmp_path}/run")
+    result = run_in_process("train.py", *FAST, f"data.dir={data}", f"hydra.run.dir={tmp_path}/run")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert message in result.stderr
 
 
 @pytest.mark.slow
 def test_multirun_writes_one_directory_per_job_and_a_summary(tmp_path, data_dir):
-    result = run_cli("-m", *FAST, f"data.dir={data_dir}", "model=simple", "optim.lr=1e-2,1e-4",
+    result = run_script("train.py", "-m", *FAST, f"data.dir={data_dir}", "model=simple", "optim.lr=1e-2,1e-4",
                      f"hydra.sweep.dir={tmp_path}/sweep")
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = tmp_path / "sweep"
@@ -80,7 +67,7 @@ def test_multirun_writes_one_directory_per_job_and_a_summary(tmp_path, data_dir)
 @pytest.mark.slow
 def test_a_smoke_run_prints_each_line_once_and_ends_with_its_result(tmp_path, data_dir):
     run = tmp_path / "run"
-    result = run_cli(*FAST, f"data.dir={data_dir}", "model=simple", f"hydra.run.dir={run}")
+    result = run_script("train.py", *FAST, f"data.dir={data_dir}", "model=simple", f"hydra.run.dir={run}")
     assert result.returncode == 0, result.stderr[-3000:]
     output = (result.stdout + result.stderr).splitlines()
     messages = [line.split("] ", 1)[-1] for line in output if line.strip()]
@@ -98,24 +85,22 @@ def test_a_smoke_run_prints_each_line_once_and_ends_with_its_result(tmp_path, da
 
 @pytest.mark.slow
 def test_help_explains_the_groups_without_schema_entries():
-    result = run_cli("--help")
+    result = run_script("train.py", "--help")
     assert result.returncode == 0 and "python train.py -m key=a,b" in result.stdout
     assert "model: optimized, resnet, simple" in result.stdout and "schema" not in result.stdout
 
 
-@pytest.mark.slow
-def test_an_experiments_seeds_without_dash_m_are_not_dropped_silently(tmp_path, data_dir):
+def test_an_experiments_seeds_without_dash_m_are_not_dropped_silently(tmp_path, data_dir, run_in_process):
     # A refused value keeps the test short; the warning comes before any check.
-    result = run_cli("experiment=speedrun_cpu", f"data.dir={data_dir}", "data.batch_size=0", f"hydra.run.dir={tmp_path}/run")
+    result = run_in_process("train.py", "experiment=speedrun_cpu", f"data.dir={data_dir}", "data.batch_size=0", f"hydra.run.dir={tmp_path}/run")
     assert result.returncode == 2
     assert "this config defines a sweep (seed: 0,1,2) that runs only with -m" in result.stdout + result.stderr
 
 
-@pytest.mark.slow
-def test_a_sweep_name_that_is_a_path_exits_2_and_writes_nothing(tmp_path):
+def test_a_sweep_name_that_is_a_path_exits_2_and_writes_nothing(tmp_path, run_in_process):
     work = tmp_path / "a" / "b"
     work.mkdir(parents=True)
-    result = run_cli("-m", "name=../../escaped", "seed=0,1", cwd=work)
+    result = run_in_process("train.py", "-m", "name=../../escaped", "seed=0,1", cwd=work)
     assert result.returncode == 2 and "config key name must be a name, not a path" in result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["a", "a/b"]

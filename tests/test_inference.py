@@ -6,8 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +40,6 @@ def garment_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         left = (28 - width) // 2
         images[i, :, left:left + width] = rng.integers(60, 100, (28, width)) + 15 * c
     return images, labels
-
-
-def run_entry(script: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +181,7 @@ def test_unusable_images_are_refused_with_a_reason(tmp_path, make, message):
 
 
 @pytest.mark.slow
-def test_predict_cli_reports_a_corrupt_png_and_goes_on(run_dir, tmp_path):
+def test_predict_cli_reports_a_corrupt_png_and_goes_on(run_dir, tmp_path, run_in_process):
     images, _ = garment_images(3, 5)
     for i, image in enumerate(images):
         Image.fromarray(image).save(tmp_path / f"ok{i}.png")
@@ -198,7 +190,7 @@ def test_predict_cli_reports_a_corrupt_png_and_goes_on(run_dir, tmp_path):
     no_label.write_text(",".join(HEADER[1:]) + "\n" + ",".join(map(str, images[0].ravel())) + "\n")
     out = tmp_path / "p.json"
     (tmp_path / "notes.txt").write_text("skipped: a directory contributes its images only")
-    result = run_entry("predict.py", f"ckpt={run_dir}", f"inputs=[{tmp_path},{no_label}]", f"out={out}")
+    result = run_in_process("predict.py", f"ckpt={run_dir}", f"inputs=[{tmp_path},{no_label}]", f"out={out}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "1 of 5 inputs could not be used" in result.stderr and "broken.png" in result.stderr
     rows = {Path(r["input"]).name: r for r in json.loads(out.read_text())}
@@ -328,8 +320,8 @@ def test_a_pickled_payload_is_refused_by_all_three(evil_ckpt, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.ckpt"], "nothing written"
 
 
-def test_the_cli_refuses_it_with_exit_2_and_one_paragraph(evil_ckpt, tmp_path):
-    result = run_entry("evaluate.py", f"ckpt={evil_ckpt}", f"hydra.run.dir={tmp_path / 'out'}")
+def test_the_cli_refuses_it_with_exit_2_and_one_paragraph(evil_ckpt, tmp_path, run_in_process):
+    result = run_in_process("evaluate.py", f"ckpt={evil_ckpt}", f"hydra.run.dir={tmp_path / 'out'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"error: {evil_ckpt}: refused to load: it holds pickled Python objects" in result.stderr
     assert "this would have run code" not in result.stdout + result.stderr
@@ -342,11 +334,10 @@ def test_a_missing_checkpoint_is_one_paragraph(tmp_path):
 
 
 @pytest.mark.slow
-def test_benchmark_infer_times_both_runtimes_side_by_side(run_dir, tmp_path):
+def test_benchmark_infer_times_both_runtimes_side_by_side(run_dir, tmp_path, run_in_process):
     out = tmp_path / "bench.csv"
-    result = subprocess.run([sys.executable, "scripts/benchmark.py", "--infer", "--ckpt", str(run_dir), "--seconds", "0.1",
-                             "--repeats", "1", "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    result = run_in_process("scripts/benchmark.py", "--infer", "--ckpt", str(run_dir), "--seconds", "0.1",
+                            "--repeats", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("hardware: ") and "onnxruntime" in result.stdout.splitlines()[0]
     table = pd.read_csv(out)

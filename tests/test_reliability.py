@@ -28,8 +28,7 @@ from fmnist.runs import collect, read_record
 from fmnist.training.checkpoint import load_checkpoint
 from fmnist.training.module import LitClassifier
 from fmnist.training.train import run_job, train
-from tests.conftest import FAST, ROOT, make_images
-from tests.test_cli import run_cli
+from tests.conftest import FAST, ROOT, make_images, run_script
 
 SIMPLE = ["model=simple", "trainer.precision=32-true"]
 
@@ -45,7 +44,7 @@ def ctrl_c(*args):
 
 # 1. Two runs in one directory at once.
 @pytest.mark.slow
-def test_second_process_in_a_busy_run_directory_is_refused_naming_the_holder(tmp_path, data_dir):
+def test_second_process_in_a_busy_run_directory_is_refused_naming_the_holder(tmp_path, data_dir, run_in_process):
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     slow = ["trainer.limit_train_batches=null", "trainer.max_epochs=3", "data.batch_size=4"]
@@ -60,7 +59,7 @@ def test_second_process_in_a_busy_run_directory_is_refused_naming_the_holder(tmp
     first.send_signal(signal.SIGSTOP)
     try:
         assert first.poll() is None, "the first run must still be running for this test to mean anything"
-        second = run_cli(*FAST, *SIMPLE, *slow, f"data.dir={data_dir}", "optim.lr=0.002", f"hydra.run.dir={run}")
+        second = run_in_process("train.py", *FAST, *SIMPLE, *slow, f"data.dir={data_dir}", "optim.lr=0.002", f"hydra.run.dir={run}")
     finally:
         first.send_signal(signal.SIGCONT)
     assert second.returncode == 2 and f"in use by process {first.pid}" in second.stderr, second.stderr[-3000:]
@@ -91,7 +90,7 @@ def test_default_run_directories_of_two_processes_differ(tmp_path, entry):
 def finished_run(tmp_path_factory, data_dir) -> Path:
     """One finished run, trained once; each test refuses a command in its own copy of it."""
     run = tmp_path_factory.mktemp("finished") / "good"
-    good = run_cli(*FAST, *SIMPLE, f"data.dir={data_dir}", f"hydra.run.dir={run}")
+    good = run_script("train.py", *FAST, *SIMPLE, f"data.dir={data_dir}", f"hydra.run.dir={run}")
     assert good.returncode == 0, good.stderr[-3000:]
     return run
 
@@ -100,12 +99,12 @@ def finished_run(tmp_path_factory, data_dir) -> Path:
 @pytest.mark.parametrize("extra", [["ckpt_path=last", "model.dropout=0.5"], ["data.batch_size=0"], ["optim.lr=0.5"],
                                    ["ckpt_path=last", "data.val_size=100000"],
                                    ["experiment=speedrun_cpu", "ckpt_path=last"]])
-def test_refused_command_leaves_the_run_directory_byte_identical(tmp_path, data_dir, finished_run, extra):
+def test_refused_command_leaves_the_run_directory_byte_identical(tmp_path, data_dir, finished_run, run_in_process, extra):
     run = tmp_path / "good"
     shutil.copytree(finished_run, run)  # nothing in a run directory names its own path
     before = snapshot(run)
     assert ".hydra/overrides.yaml" in before and "metrics.json" in before
-    refused = run_cli(*FAST, *SIMPLE, f"data.dir={data_dir}", f"hydra.run.dir={run}", *extra)
+    refused = run_in_process("train.py", *FAST, *SIMPLE, f"data.dir={data_dir}", f"hydra.run.dir={run}", *extra)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
     assert snapshot(run) == before
 
@@ -132,7 +131,7 @@ def test_resume_clears_the_error_of_the_interruption(make_cfg, tmp_path, monkeyp
 
 # 4. The printed resume command was not shell-quoted.
 @pytest.mark.slow
-def test_printed_resume_command_works_when_pasted_with_spaces_and_non_ascii(tmp_path, data_dir, monkeypatch):
+def test_printed_resume_command_works_when_pasted_with_spaces_and_non_ascii(tmp_path, data_dir, monkeypatch, run_in_process):
     data = tmp_path / "my data é"
     shutil.copytree(data_dir, data)
     run = tmp_path / "run dir ü"
@@ -147,7 +146,7 @@ def test_printed_resume_command_works_when_pasted_with_spaces_and_non_ascii(tmp_
     command = read_record(run)["error"].split("resume from the last finished epoch with: ", 1)[1]
     args = shlex.split(command)
     assert args[:2] == ["python", "train.py"]
-    resumed = run_cli(*args[2:])
+    resumed = run_in_process("train.py", *args[2:])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert read_record(run)["status"] == "completed"
 
@@ -194,15 +193,13 @@ def test_values_lightning_or_torch_would_reject_are_refused_first(make_cfg, tmp_
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow
-def test_bad_value_exits_2_without_traceback(tmp_path, data_dir):
-    result = run_cli(*FAST, f"data.dir={data_dir}", "trainer.precision=16x", f"hydra.run.dir={tmp_path}/run")
+def test_bad_value_exits_2_without_traceback(tmp_path, data_dir, run_in_process):
+    result = run_in_process("train.py", *FAST, f"data.dir={data_dir}", "trainer.precision=16x", f"hydra.run.dir={tmp_path}/run")
     assert result.returncode == 2 and "config key trainer.precision must be" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 # 8. Config errors found by Hydra exited 1; `+unknown.key` was accepted.
-@pytest.mark.slow
 @pytest.mark.parametrize("override,message", [
     ("optim.lrr=0.1", "optim.lrr"),
     ("optim.lr=abc", "optim.lr"),
@@ -210,8 +207,8 @@ def test_bad_value_exits_2_without_traceback(tmp_path, data_dir):
     ("+optim.lrr=0.1", "config key optim.lrr does not exist"),
     ("++model.foo=1", "config key model.foo does not exist"),
 ])
-def test_config_errors_found_by_hydra_exit_2(tmp_path, override, message):
-    result = run_cli(override, f"hydra.run.dir={tmp_path}/run")
+def test_config_errors_found_by_hydra_exit_2(tmp_path, run_in_process, override, message):
+    result = run_in_process("train.py", override, f"hydra.run.dir={tmp_path}/run")
     assert result.returncode == 2, result.stderr[-3000:]
     assert message in result.stderr and "Traceback" not in result.stderr
     assert "To append to your config use +" not in result.stderr
@@ -271,7 +268,7 @@ def test_nan_validation_loss_is_diverged_not_completed(make_cfg, tmp_path):
 
 # 11. SIGTERM before fit starts.
 @pytest.mark.slow
-def test_sigterm_before_fit_is_recorded_with_its_resume_command(tmp_path, data_dir):
+def test_sigterm_before_fit_is_recorded_with_its_resume_command(tmp_path, data_dir, run_in_process):
     run = tmp_path / "run"
     args = [*FAST, *SIMPLE, f"data.dir={data_dir}", f"hydra.run.dir={run}"]
     # SIGTERM arrives right after the run's record is written, while the model is being built.
@@ -284,7 +281,7 @@ def test_sigterm_before_fit_is_recorded_with_its_resume_command(tmp_path, data_d
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     record = read_record(run)
     assert record["status"] == "interrupted" and "ckpt_path=last" in record["error"]
-    resumed = run_cli(*args, "ckpt_path=last")
+    resumed = run_in_process("train.py", *args, "ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert read_record(run)["status"] == "completed"
 
@@ -326,9 +323,8 @@ def test_pickle_refusal_names_the_class_and_does_not_advise_unsafe_loading(tmp_p
     assert f"class {__name__}.Payload" in str(refused.value) and "weights_only" not in str(refused.value)
 
 
-@pytest.mark.slow
-def test_error_paragraph_is_printed_once(tmp_path, data_dir):
-    result = run_cli(*FAST, f"data.dir={data_dir}", "data.batch_size=0", f"hydra.run.dir={tmp_path}/run")
+def test_error_paragraph_is_printed_once(tmp_path, data_dir, run_in_process):
+    result = run_in_process("train.py", *FAST, f"data.dir={data_dir}", "data.batch_size=0", f"hydra.run.dir={tmp_path}/run")
     console = result.stdout + result.stderr  # Hydra's log handler writes to stdout: it counts too
     assert result.returncode == 2 and console.count("config key data.batch_size must be at least 1") == 1
 

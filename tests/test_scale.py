@@ -27,12 +27,11 @@ def test_ddp_with_two_processes_trains_and_records_once(tmp_path, data_dir):
     assert len((run / "epochs.csv").read_text().splitlines()) == 2  # header + one epoch, written by rank 0 only
 
 
-def test_benchmark_prints_and_appends_a_row(tmp_path, data_dir):
+def test_benchmark_prints_and_appends_a_row(tmp_path, data_dir, run_in_process):
     out = tmp_path / "bench.csv"
-    result = subprocess.run(
-        [sys.executable, "scripts/benchmark.py", "--data-dir", str(data_dir), "--images", "64", "--repeats", "1", "--val-size", "100",
-         "--batch-sizes", "32", "--precisions", "32-true", "--models", "simple", "--out", str(out)],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    result = run_in_process("scripts/benchmark.py", "--data-dir", str(data_dir), "--images", "64", "--repeats", "1",
+                            "--val-size", "100", "--batch-sizes", "32", "--precisions", "32-true", "--models", "simple",
+                            "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "lightning_img_s" in result.stdout and result.stdout.startswith("hardware: ")
     row = pd.read_csv(out).iloc[0]
@@ -40,9 +39,8 @@ def test_benchmark_prints_and_appends_a_row(tmp_path, data_dir):
     assert row.cores >= 1 and row.torch_threads >= 1 and isinstance(row.isa, str) and row.gflop_per_img > 0
 
 
-def test_gpu_check_dry_run_composes_every_command():
-    result = subprocess.run([sys.executable, "scripts/gpu_check.py", "--dry-run"], capture_output=True, text=True,
-                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+def test_gpu_check_dry_run_composes_every_command(run_in_process):
+    result = run_in_process("scripts/gpu_check.py", "--dry-run")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     for step in ("smoke", "bench", "speedrun_gpu", "best_probe", "report", "report_figures", "ddp"):

@@ -1,7 +1,4 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -9,11 +6,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from fmnist.config import PLACEMENT_KEYS
+from fmnist.results.__main__ import main as results_main
 from fmnist.results.report import ablation_pairs, write_report
 from fmnist.results.sweep import summarize
 from fmnist.runs import setting_of
-from tests.conftest import CONF, FAST
-from tests.test_cli import run_cli
+from tests.conftest import CONF, FAST, run_script
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
@@ -104,10 +101,10 @@ def test_setting_drops_seed_and_placement():
 
 
 @pytest.mark.slow
-def test_sweep_survives_a_diverging_job_skips_finished_jobs_and_reports(tmp_path, data_dir):
+def test_sweep_survives_a_diverging_job_skips_finished_jobs_and_reports(tmp_path, data_dir, run_in_process):
     args = ["-m", *FAST, f"data.dir={data_dir}", "model=simple", "optim=sgd", "optim.scheduler=none",
             "optim.warmup_epochs=0", "trainer.precision=32-true", "trainer.limit_train_batches=5", "optim.lr=1e8,0.01", f"hydra.sweep.dir={tmp_path}/s"]
-    first = run_cli(*args)
+    first = run_in_process("train.py", *args)
     assert first.returncode == 0, first.stderr[-3000:]
     table = pd.read_csv(tmp_path / "s" / "summary.csv").set_index("setting")
     assert table.status.to_dict() == {"data.batch_size=32,data.val_size=100,model=simple,optim.lr=100000000.0,"
@@ -117,37 +114,35 @@ def test_sweep_survives_a_diverging_job_skips_finished_jobs_and_reports(tmp_path
                                       "optim.scheduler=none,optim.warmup_epochs=0,optim=sgd,trainer.limit_train_batches=5,"
                                       "trainer.precision=32-true": "completed"}
     records = {p.parent.name: p.read_text() for p in (tmp_path / "s").glob("*/metrics.json")}
-    second = run_cli(*args)
+    second = run_in_process("train.py", *args)
     assert second.returncode == 0 and second.stderr.count("skipped") + second.stdout.count("skipped") >= 2
     assert {p.parent.name: p.read_text() for p in (tmp_path / "s").glob("*/metrics.json")} == records
-    result = subprocess.run([sys.executable, "-m", "fmnist.results", "report", str(tmp_path / "s")], capture_output=True,
-                            text=True, cwd=CONF.parent, env={**os.environ, "PYTHONPATH": str(CONF.parent)})
-    assert result.returncode == 0, result.stderr
+    assert results_main(["report", str(tmp_path / "s")]) == 0
     assert (tmp_path / "s" / "figures" / "confusion_matrix.png").exists()
 
 
 @pytest.mark.slow
-def test_a_finished_job_is_reused_only_for_the_same_experiment(tmp_path, data_dir):
+def test_a_finished_job_is_reused_only_for_the_same_experiment(tmp_path, data_dir, run_in_process):
     import shutil
 
     from fmnist.data.csv_io import write_csv
     from tests.conftest import make_images
 
     args = ["-m", *FAST, "model=simple", "trainer.precision=32-true", "optim.lr=0.01", f"hydra.sweep.dir={tmp_path}/s"]
-    first = run_cli(*args, f"data.dir={data_dir}")
+    first = run_in_process("train.py", *args, f"data.dir={data_dir}")
     assert first.returncode == 0, first.stderr[-3000:]
     record = next((tmp_path / "s").glob("*/metrics.json")).read_text()
 
     moved = tmp_path / "moved"  # the same files elsewhere: the same experiment, skipped
     shutil.copytree(data_dir, moved, ignore=shutil.ignore_patterns(".*"))
-    again = run_cli(*args, f"data.dir={moved}")
+    again = run_in_process("train.py", *args, f"data.dir={moved}")
     assert again.returncode == 0 and "skipped" in again.stdout + again.stderr
 
     other = tmp_path / "other"  # other data under the same job name: refused before training, nothing changed
     other.mkdir()
     write_csv(other / "fashion-mnist_train.csv", *make_images(600, 5))
     write_csv(other / "fashion-mnist_test.csv", *make_images(200, 6))
-    refused = run_cli(*args, f"data.dir={other}")
+    refused = run_in_process("train.py", *args, f"data.dir={other}")
     assert refused.returncode == 2 and "the data's content" in refused.stderr and "name=" in refused.stderr
     assert next((tmp_path / "s").glob("*/metrics.json")).read_text() == record
 
@@ -155,7 +150,8 @@ def test_a_finished_job_is_reused_only_for_the_same_experiment(tmp_path, data_di
 @pytest.mark.slow
 def test_ad_hoc_sweeps_get_their_own_directories(tmp_path, data_dir):
     for _ in range(2):
-        result = run_cli("-m", *FAST, f"data.dir={data_dir}", "model=simple", "trainer.limit_train_batches=1",
+        # Separate processes: an ad hoc sweep's directory is named by its start time and process.
+        result = run_script("train.py", "-m", *FAST, f"data.dir={data_dir}", "model=simple", "trainer.limit_train_batches=1",
                          "optim.lr=0.01", cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
     sweeps = sorted((tmp_path / "outputs" / "train").iterdir())
@@ -192,8 +188,6 @@ def test_report_draws_time_to_accuracy_when_runs_recorded_flops(tmp_path):
 
 @pytest.mark.parametrize("verb", ["summary", "report", "leaderboard", "tricks"])
 def test_results_command_refuses_what_is_not_a_sweep_and_writes_nothing(tmp_path, verb, capsys):
-    from fmnist.results.__main__ import main
-
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.json").write_text('{"status": "completed"}')
@@ -202,13 +196,11 @@ def test_results_command_refuses_what_is_not_a_sweep_and_writes_nothing(tmp_path
     for directory, words in ((run, "a run directory, not a sweep"), (empty, "no job directories"),
                              (tmp_path / "missing", "no such directory")):
         before = sorted(p.name for p in tmp_path.rglob("*"))
-        assert main([verb, str(directory)]) == 2
+        assert results_main([verb, str(directory)]) == 2
         assert words in capsys.readouterr().err
         assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
-@pytest.mark.slow
-def test_the_old_script_names_still_work_and_say_the_new_command(tmp_path):
-    result = subprocess.run([sys.executable, "scripts/aggregate.py", str(tmp_path)], capture_output=True, text=True,
-                            cwd=CONF.parent, env={**os.environ, "PYTHONPATH": str(CONF.parent)})
+def test_the_old_script_names_still_work_and_say_the_new_command(tmp_path, run_in_process):
+    result = run_in_process("scripts/aggregate.py", str(tmp_path))
     assert result.returncode == 2 and "python -m fmnist.results summary" in result.stderr

@@ -1,9 +1,5 @@
 """tune.py: an Optuna study on a real database, continued, with failed and pruned trials recorded."""
 
-import os
-import subprocess
-import sys
-
 import optuna
 import pandas as pd
 import pytest
@@ -13,15 +9,10 @@ from hydra import compose, initialize_config_dir
 from fmnist.runs import read_record
 from fmnist.errors import FmnistError
 from fmnist.sweeps.tune import Search, register_tune, run_search
-from tests.conftest import CONF, FAST, ROOT
+from tests.conftest import CONF, FAST, run_script
 
 # Small trials: the simple CNN, two epochs (two reports to the pruner), 2 batches each.
 SMALL = [*FAST, "model=simple", "~space.model", "space.batch_size.choices=[16,32]", "trainer.max_epochs=2"]
-
-
-def run_tune(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tune.py"), *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
 
 
 def load(out, name: str) -> optuna.Study:
@@ -29,9 +20,9 @@ def load(out, name: str) -> optuna.Study:
 
 
 @pytest.mark.slow
-def test_a_study_runs_to_n_trials_records_each_trial_and_continues(tmp_path, data_dir):
+def test_a_study_runs_to_n_trials_records_each_trial_and_continues(tmp_path, data_dir, run_in_process):
     args = ["study=s", f"out_dir={tmp_path}", f"data.dir={data_dir}", *SMALL]
-    first = run_tune(*args, "n_trials=4")
+    first = run_script("tune.py", *args, "n_trials=4")
     assert first.returncode == 0, first.stderr[-3000:]
     study = load(tmp_path, "s")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
@@ -51,7 +42,7 @@ def test_a_study_runs_to_n_trials_records_each_trial_and_continues(tmp_path, dat
         assert (tmp_path / "s" / figure).stat().st_size > 10_000
 
     first_params = [t.params for t in study.trials]
-    again = run_tune(*args, "n_trials=6")  # the same study, continued: 2 more trials
+    again = run_in_process("tune.py", *args, "n_trials=6")  # the same study, continued: 2 more trials
     assert again.returncode == 0, again.stderr[-3000:]
     trials = load(tmp_path, "s").trials
     # The median pruner may now stop a trial (4 have finished): finished either way, and recorded so.
@@ -64,9 +55,9 @@ def test_a_study_runs_to_n_trials_records_each_trial_and_continues(tmp_path, dat
 
 
 @pytest.mark.slow
-def test_a_diverging_trial_is_recorded_and_the_study_goes_on(tmp_path, data_dir):
+def test_a_diverging_trial_is_recorded_and_the_study_goes_on(tmp_path, data_dir, run_in_process):
     # SGD with learning rates up to 1e8: the seeded sampler draws both trainable and exploding ones.
-    result = run_tune("study=d", "n_trials=4", f"out_dir={tmp_path}", f"data.dir={data_dir}", *SMALL, "optim=sgd",
+    result = run_in_process("tune.py", "study=d", "n_trials=4", f"out_dir={tmp_path}", f"data.dir={data_dir}", *SMALL, "optim=sgd",
                       "space.lr.low=1e-3", "space.lr.high=1e8", "optim.scheduler=none", "trainer.precision=32-true")
     assert result.returncode == 0, result.stderr[-3000:]
     trials = load(tmp_path, "d").trials
@@ -117,9 +108,8 @@ def test_bad_input_stops_before_the_study_is_created(tmp_path, data_dir, args, m
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.slow
-def test_bad_input_exits_2_with_one_paragraph(tmp_path):
-    result = run_tune("study=x", "space.lr.low=-1", f"out_dir={tmp_path}")
+def test_bad_input_exits_2_with_one_paragraph(tmp_path, run_in_process):
+    result = run_in_process("tune.py", "study=x", "space.lr.low=-1", f"out_dir={tmp_path}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == ["error: search space entry space.lr needs low <= high (and low > 0 "
                                                   "with log: true); got low=-1.0, high=0.01."]

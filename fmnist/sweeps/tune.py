@@ -33,14 +33,16 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fmnist.config import check_name, check_values, register
 from fmnist.data.datamodule import find_csv
-from fmnist.errors import ConfigError, DataError, DivergedError, FmnistError
+from fmnist.errors import ConfigError, DataError, FmnistError
 from fmnist.results.sweep import summarize
-from fmnist.runs import DIVERGED, FAILED, PRUNED, now, update_record
-from fmnist.training.train import record_failure, train
+from fmnist.runs import FAILED
+from fmnist.training.train import RunPruned, failure_of, train
 
 log = logging.getLogger(__name__)
 
 METRIC = "val/acc_best"  # what the study maximises: model selection is on validation, never on test
+# An interrupted trial is not resumed: the study goes on with new trials (Optuna marks it failed).
+RESUME_HINT = "the same tune.py command (the study continues with new trials)"
 
 
 @dataclass
@@ -160,7 +162,7 @@ class ReportToTrial(L.Callback):
         epoch, value, self._value = trainer.current_epoch + 1, self._value, None  # epochs.csv's numbering
         self.trial.report(value, step=epoch)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned by the median pruner after epoch {epoch}: {self.monitor} {value:.4f} "
+            raise RunPruned(f"pruned by the median pruner after epoch {epoch}: {self.monitor} {value:.4f} "
                                      "is below the median of earlier trials at that epoch")
 
 
@@ -207,30 +209,20 @@ class Search:
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("overrides", overrides)
         try:
-            metrics = train(cfg, run_dir, overrides, callbacks=[ReportToTrial(trial)])
-        except optuna.TrialPruned as e:
-            update_record(run_dir, status=PRUNED, error=str(e), finished_at=now())
-            raise
-        except DivergedError as e:
-            self._failed(trial, run_dir, DIVERGED, str(e), e)
-        except FmnistError as e:  # the user's to fix (data, config): record it, and stop the study
-            record_failure(run_dir, FAILED, str(e), e)
-            raise
-        except Exception as e:  # e.g. out of memory at one batch size: this trial only
-            self._failed(trial, run_dir, FAILED, f"{type(e).__name__}: {e}", e)
-        finally:
-            if (run_dir / "metrics.json").exists():
-                update_record(run_dir, optuna={"study": self.cfg.study, "trial": trial.number, "params": params})
+            metrics = train(cfg, run_dir, overrides, callbacks=[ReportToTrial(trial)], resume_hint=RESUME_HINT,
+                            record={"optuna": {"study": self.cfg.study, "trial": trial.number, "params": params}})
+        except RunPruned as e:
+            raise optuna.TrialPruned(str(e)) from e
+        except Exception as e:
+            status = failure_of(e)[0]
+            if isinstance(e, FmnistError) and status == FAILED:  # the user's to fix (data, config): stop the study
+                raise
+            trial.set_user_attr("status", status)  # diverged, or e.g. out of memory at one batch size: this trial only
+            raise TrialFailed(str(e)) from e
         for key in ("test/acc", "test/loss", "best_epoch"):
             if key in metrics:
                 trial.set_user_attr(key, metrics[key])
         return metrics[METRIC]
-
-    @staticmethod
-    def _failed(trial: optuna.Trial, run_dir: Path, status: str, message: str, error: BaseException) -> None:
-        trial.set_user_attr("status", status)
-        record_failure(run_dir, status, message, error)
-        raise TrialFailed(message) from error
 
 
 def _storage(cfg: DictConfig, study_dir: Path) -> optuna.storages.RDBStorage:

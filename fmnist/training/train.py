@@ -1,7 +1,8 @@
-"""`train(cfg, run_dir)`: fit, select on validation, test the best checkpoint once, write the run's record.
+"""`train(cfg, run_dir)`: claim the run directory, fit, select on validation, test the best checkpoint once,
+and write the run's record, failures included (`_run`: one policy for every entry point).
 
-`run_job` wraps it with what sweeps need: skip finished jobs, resume unfinished ones, and record a
-failure (with its error) instead of raising, so the other jobs of a sweep go on.
+`run_job` (train.py) adds what sweeps need: skip finished jobs, resume unfinished ones, and go on to the
+next job after a failure; `fmnist.sweeps.tune` calls `train` for each trial.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from fmnist.fsio import atomic_write, check_writable, file_digest, storage_error
 from fmnist.hardware import check_accelerator
 from fmnist.models import training_flops_per_image
 from fmnist.training.precision import resolve_precision
-from fmnist.runs import (COMPLETED, DIVERGED, FAILED, FINISHED, INTERRUPTED, RUNNING, now, provenance, read_record,
+from fmnist.runs import (COMPLETED, DIVERGED, FAILED, FINISHED, INTERRUPTED, PRUNED, RUNNING, now, provenance, read_record,
                          update_record)
 from fmnist.training.callbacks import (DIVERGED_ADVICE, HEARTBEAT_S, EpochCSV, Forecast, TestArtifacts, WeightEMA,
                                       loss_diverged, step_callbacks)
@@ -159,17 +160,60 @@ def _check_checkpoint(cfg: DictConfig, path: Path) -> None:
                               "the checkpoint was trained with, or start a new run directory.")
 
 
-def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None,
-          hydra_files: dict | None = None, callbacks: list[L.Callback] | None = None) -> dict:
+class RunPruned(Exception):
+    """Raised by a callback to stop a run early on purpose (a search's pruner): recorded `pruned`, not `failed`."""
+
+
+def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, hydra_files: dict | None = None,
+          callbacks: list[L.Callback] | None = None, resume_hint: str | None = None, record: dict | None = None) -> dict:
     """Train per `cfg` in `run_dir`; return (and record in metrics.json) the final metrics.
 
-    `overrides` (the command-line overrides that made `cfg`) are recorded for the sweep summary;
-    `hydra_files` (name: config) are saved in `.hydra/` once every check has passed; `callbacks`
-    join the trainer's own (e.g. a search's per-epoch report to its trial).
+    First the claim (`_claimed`): a refusal raises and writes nothing. Then `_run`: fit, test, record,
+    and a failure recorded with its status before it is raised. `overrides` (the command-line
+    overrides that made `cfg`) are recorded for the sweep summary; `hydra_files` (name: config) are
+    saved in `.hydra/` once every check has passed; `callbacks` join the trainer's own (e.g. a
+    search's per-epoch report to its trial); `resume_hint` says how to resume an interrupted run;
+    `record` adds fields to metrics.json (e.g. a search's trial and parameters).
     """
     run_dir = Path(run_dir)
-    with _claimed(cfg, run_dir) as resume, storage_errors():
-        return _fit(cfg, run_dir, resume, overrides, hydra_files, callbacks)
+    with _claimed(cfg, run_dir) as resume:
+        return _run(cfg, run_dir, resume, overrides, hydra_files, callbacks, resume_hint, record)
+
+
+def stopping_signal(error: BaseException) -> int | None:
+    """SIGINT or SIGTERM when `error` is how that signal stopped a run, else None."""
+    # Lightning turns Ctrl-C inside fit into sys.exit(1), raised while handling the KeyboardInterrupt.
+    if isinstance(error, KeyboardInterrupt) or (isinstance(error, SystemExit) and isinstance(error.__context__, KeyboardInterrupt)):
+        return signal.SIGINT
+    return signal.SIGTERM if isinstance(error, SIGTERMException) else None  # Lightning's, or `_sigterm_raises`'
+
+
+def failure_of(error: BaseException, resume_hint: str | None = None) -> tuple[str, str] | None:
+    """(status, message) that a run ended by `error` records; None for an exit that is not a failure."""
+    if stopping_signal(error):
+        return INTERRUPTED, f"stopped by a signal; resume from the last finished epoch with: {resume_hint or 'ckpt_path=last'}"
+    if isinstance(error, RunPruned):
+        return PRUNED, str(error)
+    if isinstance(error, DivergedError):
+        return DIVERGED, str(error)
+    if isinstance(error, FmnistError):
+        return FAILED, str(error)
+    return (FAILED, f"{type(error).__name__}: {error}") if isinstance(error, Exception) else None
+
+
+def _run(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | None, hydra_files: dict | None,
+         callbacks: list[L.Callback] | None, resume_hint: str | None, record: dict | None) -> dict:
+    """A claimed run: fit, test, record; however it ends before that, its record says how (then it raises)."""
+    try:
+        with storage_errors():
+            return _fit(cfg, run_dir, resume, overrides, hydra_files, callbacks, record)
+    except BaseException as e:
+        failure = failure_of(e, resume_hint)
+        if failure is not None:
+            record_failure(run_dir, *failure, e)
+            if failure[0] == INTERRUPTED:
+                log.warning("%s", failure[1])
+        raise
 
 
 @contextmanager
@@ -189,7 +233,7 @@ def _process_group_released():
 
 @_process_group_released()
 def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | None, hydra_files: dict | None,
-         callbacks: list[L.Callback] | None = None) -> dict:
+         callbacks: list[L.Callback] | None, record: dict | None) -> dict:
     last = run_dir / "checkpoints" / "last.ckpt"
     started = time.perf_counter()
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -203,7 +247,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
         # A resumed run starts afresh: the error that stopped it last time is no longer its state.
         update_record(run_dir, drop=("error", "finished_at"), status=RUNNING, seed=cfg.seed, started_at=now(),
                       overrides=list(overrides or []), precision=precision, data_digest=data_digests(cfg),
-                      **provenance())
+                      **provenance(), **(record or {}))
         (run_dir / "error.txt").unlink(missing_ok=True)
 
     L.seed_everything(cfg.seed, workers=False, verbose=False)
@@ -284,11 +328,11 @@ def hparams_for_tensorboard(cfg: DictConfig, overrides: list[str] | None, precis
 
 def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: list[str] | None = None,
             hydra_files: dict | None = None) -> float:
-    """Run one job and return its `val/acc_best` (NaN when it failed inside a sweep).
+    """`train.py`'s job: `train` with a sweep's rules; return `val/acc_best` (NaN when it failed inside a sweep).
 
-    In a sweep a finished job is skipped and an unfinished one resumed; a job that fails after its
-    checks passed is recorded in its metrics.json (and error.txt) and, in a sweep, does not raise.
-    A refused job (see `_claimed`) raises and writes nothing. Ctrl-C exits 130 and SIGTERM 143.
+    In a sweep a finished job is skipped and an unfinished one resumed, and a job that fails after its
+    checks passed (recorded by `_run`) does not raise, so the other jobs go on. A refused job raises
+    and writes nothing. Ctrl-C exits 130 and SIGTERM 143, after the run is recorded `interrupted`.
     """
     run_dir = Path(run_dir)
     record = read_record(run_dir)
@@ -303,32 +347,22 @@ def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: l
             return float(record.get("metrics", {}).get("val/acc_best", float("nan")))
         cfg = cfg.copy()
         cfg.ckpt_path = "last"
+    again = " ".join([*(shlex.quote(o) for o in overrides or [] if not o.startswith("ckpt_path=")),
+                      shlex.quote(f"hydra.run.dir={hydra_quote(str(run_dir))}"), "ckpt_path=last"])
+    resume_hint = "run the same sweep command again" if in_sweep else f"python train.py {again}"
     with _claimed(cfg, run_dir) as resume:
         try:
-            with storage_errors():
-                metrics = _fit(cfg, run_dir, resume, overrides, hydra_files)
-            if rank_zero_only.rank == 0:
-                console.print_result(run_dir, read_record(run_dir) or {})
-            return metrics["val/acc_best"]
-        except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or SIGTERM (Lightning's SIGTERMException)
-            # Lightning turns Ctrl-C inside fit into sys.exit(1), raised while handling the KeyboardInterrupt.
-            ctrl_c = isinstance(e, KeyboardInterrupt) or isinstance(e.__context__, KeyboardInterrupt)
-            if not (ctrl_c or isinstance(e, SIGTERMException)):
+            metrics = _run(cfg, run_dir, resume, overrides, hydra_files, None, resume_hint, None)
+        except BaseException as e:
+            if stopping_signal(e):
+                raise SystemExit(128 + stopping_signal(e)) from e
+            if not (in_sweep and isinstance(e, Exception)):
                 raise
-            again = " ".join([*(shlex.quote(o) for o in overrides or [] if not o.startswith("ckpt_path=")),
-                              shlex.quote(f"hydra.run.dir={hydra_quote(str(run_dir))}"), "ckpt_path=last"])
-            how = "run the same sweep command again" if in_sweep else f"python train.py {again}"
-            message = f"stopped by a signal; resume from the last finished epoch with: {how}"
-            record_failure(run_dir, INTERRUPTED, message, e)
-            log.warning("%s", message)
-            raise SystemExit(128 + (signal.SIGINT if ctrl_c else signal.SIGTERM)) from e
-        except Exception as e:
-            status = DIVERGED if isinstance(e, DivergedError) else FAILED
-            record_failure(run_dir, status, str(e) if isinstance(e, FmnistError) else f"{type(e).__name__}: {e}", e)
-            if not in_sweep:
-                raise
-            log.error("job %s %s: %s", run_dir.name, status, e)
+            log.error("job %s %s: %s", run_dir.name, failure_of(e)[0], e)
             return float("nan")
+    if rank_zero_only.rank == 0:
+        console.print_result(run_dir, read_record(run_dir) or {})
+    return metrics["val/acc_best"]
 
 
 def hydra_quote(value: str) -> str:
@@ -339,10 +373,12 @@ def hydra_quote(value: str) -> str:
 
 
 def record_failure(run_dir: Path, status: str, message: str, error: BaseException) -> None:
+    """metrics.json says how the run ended (`status`, `message`); error.txt has the traceback. Rank 0 only."""
     if rank_zero_only.rank != 0 or not run_dir.exists():
         return
     try:
         update_record(run_dir, status=status, error=message, finished_at=now())
-        atomic_write(run_dir / "error.txt", "".join(traceback.format_exception(error)))
+        if status != PRUNED:  # a pruned run was stopped on purpose: its message says why, no traceback
+            atomic_write(run_dir / "error.txt", "".join(traceback.format_exception(error)))
     except OSError as e:  # e.g. the full disk that stopped the run: the error itself is still reported
         log.warning("could not record the failure in %s (%s)", run_dir, e)
