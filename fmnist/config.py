@@ -168,10 +168,12 @@ def check_name(key: str, value) -> str:
     return text
 
 
-def sweep_name(name: str, stamp: str) -> str:
+def sweep_name(name: str, stamp: str, preset: str | None = None) -> str:
     """`outputs/<this>`: a named sweep keeps one directory (so it resumes); an ad-hoc one (`name` left at
-    `train`) gets its own, stamped, so that unrelated sweeps never share a summary."""
-    return f"{name}/{stamp}" if check_name("name", name) == TrainConfig.name else name
+    `train`) gets its own, stamped, so that unrelated sweeps never share a summary. A preset's sweep goes
+    beside the full-size one (`-cpu`, `-smoke`), never into it."""
+    base = f"{name}/{stamp}" if check_name("name", name) == TrainConfig.name else name
+    return f"{base}-{preset}" if preset else base
 
 
 def register_resolvers() -> None:
