@@ -16,6 +16,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fmnist.config import renamed_overrides
 from fmnist.errors import ConfigError, FmnistError
 from fmnist.fsio import storage_error
 
@@ -83,6 +84,7 @@ def run_cli(hydra_main: Callable[[], object]) -> None:
     is a bug and ends with its traceback and exit code 1.
     """
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing them and exiting 1
+    sys.argv[1:] = renamed_overrides(sys.argv[1:])  # old key names keep working
     try:
         hydra_main()
     except KeyboardInterrupt:  # Ctrl-C before a run started (a started one exits 130 by itself): nothing to resume

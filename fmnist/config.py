@@ -1,8 +1,8 @@
 """Typed schema of the Hydra config, and the range checks that types cannot express.
 
-The dataclasses hold every default, once: they are registered in Hydra's ConfigStore (the model
-choices directly as the `model` group), and the YAML files in `conf/` carry only what differs
-from them. A typo'd key or a wrong-typed value (`optim.lr=abc`) fails while Hydra composes the
+The dataclasses hold every default, once, except the architectures' (conf/model/<name>.yaml: what
+a Hydra user opens to see a model); they are registered in Hydra's ConfigStore, and the other YAML
+files in `conf/` carry only what differs from them. A typo'd key or a wrong-typed value (`optim.lr=abc`) fails while Hydra composes the
 config, with the key's full name; `check_values` then rejects values that are well-typed but
 meaningless.
 """
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -48,18 +50,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """The keys and types of every architecture; the values are in conf/model/<name>.yaml."""
+
     # The lengths an architecture needs of its list keys, e.g. {"channels": 4} (checked by check_values);
     # a ClassVar, so not a config key.
     list_lengths: ClassVar[dict] = {}
     name: str = MISSING
-    dropout: float = 0.0
-    channels_last: bool = True  # NHWC: faster convolutions on every CPU and GPU measured (docs/performance.md), same results
-    compile: bool = False  # torch.compile: slower on the CPUs measured, after a long warm-up
-    tta: str = "none"  # test-time augmentation in validation and test: none | flip | flip_shift (fmnist.models.tta_logits)
-
-
-# Keys of `model` that are training options, not arguments of the architecture.
-MODEL_OPTIONS = ("channels_last", "compile", "tta")
+    dropout: float = MISSING
 
 
 @dataclass
@@ -68,23 +65,19 @@ class SimpleCNNConfig(ModelConfig):
 
     name: str = "simple"
     list_lengths: ClassVar[dict] = {"channels": 2}  # what the architecture needs (not a config key)
-    channels: list[int] = field(default_factory=lambda: [32, 64])
-    hidden: int = 128
+    channels: list[int] = MISSING
+    hidden: int = MISSING
 
 
 @dataclass
 class OptimizedCNNConfig(ModelConfig):
-    """The report's optimized CNN: 4 conv blocks (kernels 5,5,3,3), batch norm, dropout, FC head.
-
-    `model.dropout=0` is the report's no-dropout ablation.
-    """
+    """The report's optimized CNN: 4 conv blocks, batch norm, dropout, FC head (`model.dropout=0`: its ablation)."""
 
     name: str = "optimized"
     list_lengths: ClassVar[dict] = {"channels": 4, "kernel_sizes": 4}
-    dropout: float = 0.3
-    channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
-    kernel_sizes: list[int] = field(default_factory=lambda: [5, 5, 3, 3])
-    hidden: int = 256
+    channels: list[int] = MISSING
+    kernel_sizes: list[int] = MISSING
+    hidden: int = MISSING
 
 
 @dataclass
@@ -92,9 +85,9 @@ class ResNetConfig(ModelConfig):
     """A small residual CNN with global average pooling: cheaper per image than `optimized`."""
 
     name: str = "resnet"
-    widths: list[int] = field(default_factory=lambda: [32, 64, 128])
-    blocks: list[int] = field(default_factory=lambda: [1, 1, 1])
-    zero_init_residual: bool = False  # each residual block starts as the identity (its last batch-norm scale at 0)
+    widths: list[int] = MISSING
+    blocks: list[int] = MISSING
+    zero_init_residual: bool = MISSING  # each residual block starts as the identity (its last batch-norm scale at 0)
 
 
 # The model registry's config half (fmnist/models.py holds the architectures under the same names).
@@ -156,6 +149,43 @@ class TrainConfig:
     ckpt_path: Optional[str] = None  # `last` resumes the run directory's last checkpoint
     test: bool = True  # evaluate the best checkpoint on the test set after fitting
     progress_bar_refresh: int = 10  # training steps between progress-bar redraws
+    # How the model runs, whatever the architecture (RUN_OPTIONS):
+    tta: str = "none"  # test-time augmentation in validation and test: none | flip | flip_shift (fmnist.models.tta_logits)
+    compile: bool = False  # torch.compile: slower on the CPUs measured, after a long warm-up
+    channels_last: bool = True  # NHWC: faster convolutions on every CPU and GPU measured (docs/performance.md), same results
+
+
+# Options of how a model runs, not of what it is; they were `model.tta`, `model.compile` and
+# `model.channels_last`, names that still work (`renamed_overrides`) and that old run records hold.
+RUN_OPTIONS = ("tta", "compile", "channels_last")
+RENAMED_KEYS = {f"model.{key}": key for key in RUN_OPTIONS}
+
+
+def renamed_overrides(overrides: list[str]) -> list[str]:
+    """`overrides` with each old key name (RENAMED_KEYS) replaced by the new one, saying so once on stderr."""
+    renamed = []
+    for override in overrides:
+        prefix = override[:len(override) - len(override.lstrip("+~"))]
+        key, equals, value = override[len(prefix):].partition("=")
+        if key in RENAMED_KEYS:
+            print(f"note: {key} is now {RENAMED_KEYS[key]}; `{override}` runs as `{prefix}{RENAMED_KEYS[key]}{equals}{value}`.",
+                  file=sys.stderr)
+            key = RENAMED_KEYS[key]
+        renamed.append(f"{prefix}{key}{equals}{value}")
+    return renamed
+
+
+# The repository's configs: the package runs from its checkout (`pip install -e .`).
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_train(*overrides: str) -> DictConfig:
+    """The training config as `python train.py OVERRIDES` composes it, for scripts that build models or data."""
+    from hydra import compose, initialize_config_dir
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
 
 
 def check_name(key: str, value) -> str:
@@ -189,13 +219,14 @@ def register_resolvers() -> None:
 def register() -> None:
     """Put the schemas where Hydra finds them (called before Hydra composes).
 
-    Each model schema is itself a choice of the `model` group: `model=simple` needs no YAML file.
+    `conf/model/<name>.yaml` starts from `schema_model_<name>` (a root config, so that `--help` lists
+    only the real choices), which types its keys.
     """
     register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     for name, schema in MODEL_SCHEMAS.items():
-        cs.store(group="model", name=name, node=schema)
+        cs.store(name=f"schema_model_{name}", node=schema)
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")  # fmnist/training/module.py maps each to its torch class
@@ -260,7 +291,7 @@ def check_values(cfg: DictConfig) -> None:
         ("optim.label_smoothing", 0.0 <= cfg.optim.label_smoothing < 1.0, "in [0, 1)"),
         ("optim.ema_decay", 0.0 <= cfg.optim.ema_decay < 1.0, "in [0, 1) (0: no weight averaging)"),
         ("optim.bias_lr_scale", cfg.optim.bias_lr_scale > 0, "positive (1: biases train like the other weights)"),
-        ("model.tta", cfg.model.tta in TTA_MODES, f"one of {TTA_MODES}"),
+        ("tta", cfg.tta in TTA_MODES, f"one of {TTA_MODES}"),
         ("trainer.precision", str(cfg.trainer.precision) in PRECISIONS, f"one of {PRECISIONS}"),
         ("trainer.max_epochs", cfg.trainer.max_epochs >= 1 or cfg.trainer.max_epochs == -1, "at least 1"),
         ("ckpt_path", cfg.ckpt_path in (None, "last"), "null or `last`"),

@@ -1,13 +1,12 @@
 """CNN architectures for 1x28x28 inputs and 10 classes, each a plain `nn.Module` built from config values.
 
-The constructors take what they are given: every default lives in the model's schema in
-`fmnist/config.py`, which `build_model` fills in.
+The constructors take what they are given: every value lives in `conf/model/<name>.yaml` (typed by the
+model's schema in `fmnist/config.py`), and a checkpoint carries the values it was trained with.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict
 from typing import Callable
 
 import torch
@@ -15,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fmnist.config import MODEL_OPTIONS, MODEL_SCHEMAS
 from fmnist.errors import ConfigError
 
 
@@ -115,17 +113,15 @@ class ResNet(nn.Module):
         return self.head(self.features(x))
 
 
-# The model registry's architecture half: the same names as fmnist.config.MODEL_SCHEMAS.
+# The model registry's architecture half: the same names as fmnist.config.MODEL_SCHEMAS and conf/model/*.yaml.
 MODELS = {"simple": SimpleCNN, "optimized": OptimizedCNN, "resnet": ResNet}
 
 
 def build_model(name: str, **kwargs) -> nn.Module:
-    """Build the architecture `name`: its schema's defaults, overridden by `kwargs` (training options ignored)."""
+    """Build the architecture `name` from a `model` config's keys."""
     if name not in MODELS:
         raise ConfigError(f"config key model.name must be one of {sorted(MODELS)}; got {name!r}.")
-    defaults = {k: v for k, v in asdict(MODEL_SCHEMAS[name]()).items() if k != "name" and k not in MODEL_OPTIONS}
-    given = {k: v for k, v in kwargs.items() if k not in MODEL_OPTIONS}
-    return MODELS[name](**{**defaults, **given})
+    return MODELS[name](**kwargs)
 
 
 def tta_logits(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mode: str) -> torch.Tensor:

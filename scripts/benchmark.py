@@ -31,9 +31,10 @@ import lightning as L
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from fmnist.training.callbacks import step_callbacks
-from fmnist.config import MODEL_SCHEMAS, OptimConfig, TrainConfig
+from fmnist.config import OptimConfig, TrainConfig, compose_train
 from fmnist.data.csv_io import cache_path, load_csv, parse_csv
 from fmnist.data.datamodule import FashionMNISTDataModule, find_csv
 from fmnist.hardware import describe, describe_line, device_kind, native_cpu_bf16
@@ -66,8 +67,13 @@ class StepTimer(L.Callback):
 
 
 def model_cfg(name: str, compile: bool) -> dict:
-    """The model's config as training would get it (its schema's defaults), compiled or not."""
-    return {**asdict(MODEL_SCHEMAS[name]()), "compile": compile}
+    """The model's config as training gets it (conf/model/<name>.yaml), and whether to compile it."""
+    return {"model": OmegaConf.to_container(compose_train(f"model={name}").model), "compile": compile}
+
+
+def classifier(config: dict) -> LitClassifier:
+    """The LightningModule both loops train: `config` from `model_cfg`, channels_last (the default)."""
+    return LitClassifier(model=config["model"], optim=OPTIM, compile=config["compile"])
 
 
 # Both loops use plain Adam at lr 1e-3 (the default optim config).
@@ -91,14 +97,14 @@ def lightning_throughput(dm: FashionMNISTDataModule, model: dict, batch_size: in
                         logger=False, enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=True,
                         callbacks=[timer, *step_callbacks(TrainConfig.progress_bar_refresh)])
-    trainer.fit(LitClassifier(model=model, optim=OPTIM), datamodule=dm)
+    trainer.fit(classifier(model), datamodule=dm)
     return timer.steps * batch_size / (timer.end - timer.start)
 
 
 def raw_throughput(dm: FashionMNISTDataModule, model: dict, batch_size: int, precision: str, steps: int,
                    warmup: int, device: torch.device) -> float:
     """Images/s of a hand-written loop over the same tensors, model and optimizer."""
-    lit = LitClassifier(model=model, optim=OPTIM)
+    lit = classifier(model)
     net = lit.net.to(device).train()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     images, labels = dm.splits["train"]
@@ -199,8 +205,8 @@ def main() -> int:
     rows = []
     for model in args.models:
         config = model_cfg(model, args.compile)
-        auto, _ = resolve_precision("auto", kind, config)
-        flops = training_flops_per_image(LitClassifier(model=config, optim=OPTIM).net)
+        auto, _ = resolve_precision("auto", kind, {**config["model"], "channels_last": True})
+        flops = training_flops_per_image(classifier(config).net)
         for batch_size in args.batch_sizes:
             dm = make_datamodule(args.data_dir, batch_size, args.val_size, device)
             data_ips = data_path_throughput(dm, 50, device)
@@ -263,8 +269,8 @@ def infer_benchmark(args) -> int:
     hardware = describe()
     print(f"hardware: {describe_line(hardware)}, onnxruntime {ort.__version__}")
     targets = [load_model(args.ckpt)] if args.ckpt else [
-        LoadedModel(LitClassifier(model=model_cfg(name, False), optim={"name": "adam"}).eval(), Path("untrained"), "",
-                    model_cfg(name, False), {}) for name in args.models]
+        LoadedModel(classifier(model_cfg(name, False)).eval(), Path("untrained"), "",
+                    model_cfg(name, False)["model"], {}) for name in args.models]
     rows = []
     for loaded in targets:
         name = loaded.model["name"] + ("" if args.ckpt else " (untrained)")

@@ -66,7 +66,7 @@ def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR) -> Path:
         export(OmegaConf.create({"ckpt": str(ckpt), "out": str(onnx), "overwrite": False,
                                  "data": {"dir": None, "batch_size": None}}))
         final = {p: out_dir / p.name for p in (ckpt, onnx, card)}
-        card.write_text(card_text(name, record, loaded.model, accuracy, recorded, ckpt, onnx, run_dir))
+        card.write_text(card_text(name, record, loaded.model, loaded.module.tta, accuracy, recorded, ckpt, onnx, run_dir))
         for staged, target in final.items():
             os.replace(staged, target)
         return final[card]
@@ -80,7 +80,7 @@ def loaded_test_set(loaded):
     return load_csv(loaded.test_csv(None))
 
 
-def card_text(name, record, model, accuracy, recorded, ckpt, onnx, run_dir) -> str:
+def card_text(name, record, model, tta, accuracy, recorded, ckpt, onnx, run_dir) -> str:
     hw = record.get("hardware") or {}
     lines = [
         f"# Shipped model: `{name}`", "",
@@ -90,7 +90,7 @@ def card_text(name, record, model, accuracy, recorded, ckpt, onnx, run_dir) -> s
         "| file | bytes | SHA-256 |", "|---|---|---|",
         *(f"| `{p.name}` | {p.stat().st_size:,} | `{file_digest(p, 'sha256')}` |" for p in (ckpt, onnx)), "",
         f"Test accuracy of the shipped checkpoint on the 10,000 Fashion-MNIST test images, with the run's own "
-        f"test-time augmentation (`model.tta={model.get('tta', 'none')}`): **{accuracy:.2%}**"
+        f"test-time augmentation (`tta={tta}`): **{accuracy:.2%}**"
         + (f" (the run recorded {recorded:.2%})." if recorded is not None else "."),
         "The ONNX file holds the plain network (one view per image, no TTA).", "",
         f"How it was made: `python train.py {' '.join(record.get('overrides', []))}` "

@@ -57,6 +57,13 @@ def compose_cfg(*overrides: str):
     return compose_named("train", *overrides)
 
 
+def build(name: str, **changes):
+    """The architecture `name` as conf/model/<name>.yaml configures it, with `changes`."""
+    from fmnist.models import build_model
+
+    return build_model(**{**compose_cfg(f"model={name}").model, **changes})
+
+
 @pytest.fixture
 def make_cfg(data_dir):
     """Compose the training config with FAST settings, the tiny data, and extra overrides."""

@@ -8,16 +8,16 @@ from fmnist.data.augment import augment
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.errors import ConfigError
 from fmnist.inference.evaluate import evaluate
-from fmnist.models import build_model, tta_logits
+from fmnist.models import tta_logits
 from fmnist.training.train import train
-from tests.conftest import compose_named
+from tests.conftest import build, compose_named
 
 EMA = ["model=simple", "optim.ema_decay=0.5", "trainer.deterministic=true", "trainer.precision=32-true"]
 
 
 def _net():
     torch.manual_seed(0)
-    return build_model("resnet", widths=[8, 16], blocks=[1, 1]).eval()
+    return build("resnet", widths=[8, 16], blocks=[1, 1]).eval()
 
 
 @torch.no_grad()
@@ -38,7 +38,7 @@ def test_tta_of_a_flip_and_shift_invariant_image_equals_the_plain_logits():
 @pytest.mark.slow
 @pytest.mark.parametrize("tta", ["none", "flip_shift"])
 def test_training_runs_with_tta_on_and_off_and_evaluate_reproduces_its_test(make_cfg, tmp_path, tta):
-    metrics = train(make_cfg("model=resnet", "model.widths=[8,16]", "model.blocks=[1,1]", f"model.tta={tta}"), tmp_path)
+    metrics = train(make_cfg("model=resnet", "model.widths=[8,16]", "model.blocks=[1,1]", f"tta={tta}"), tmp_path)
     assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["val/acc_best"] > 0
     again = evaluate(compose_named("evaluate", f"ckpt={tmp_path}", "data.batch_size=1000"), tmp_path / "evaluation")
     assert again["tta"] == tta  # by default an evaluation uses the run's own TTA...
@@ -48,8 +48,8 @@ def test_training_runs_with_tta_on_and_off_and_evaluate_reproduces_its_test(make
 
 @pytest.mark.slow
 def test_bad_tta_ema_and_bias_lr_values_are_refused(make_cfg, tmp_path):
-    with pytest.raises(ConfigError, match="model.tta must be one of"):
-        train(make_cfg("model=simple", "model.tta=mirror"), tmp_path / "a")
+    with pytest.raises(ConfigError, match="config key tta must be one of"):
+        train(make_cfg("model=simple", "tta=mirror"), tmp_path / "a")
     with pytest.raises(ConfigError, match="optim.ema_decay must be in"):
         train(make_cfg("model=simple", "optim.ema_decay=1.0"), tmp_path / "b")
     with pytest.raises(ConfigError, match="optim.bias_lr_scale must be positive"):

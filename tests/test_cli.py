@@ -104,3 +104,10 @@ def test_a_sweep_name_that_is_a_path_exits_2_and_writes_nothing(tmp_path, run_in
     assert result.returncode == 2 and "config key name must be a name, not a path" in result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["a", "a/b"]
+
+
+def test_old_key_names_still_work_with_a_note(run_in_process):
+    result = run_in_process("train.py", "model.tta=flip", "model.compile=true", "--cfg", "job")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "note: model.tta is now tta; `model.tta=flip` runs as `tta=flip`." in result.stderr
+    assert "\ntta: flip\n" in result.stdout and "\ncompile: true\n" in result.stdout and "  tta:" not in result.stdout

@@ -4,13 +4,15 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from fmnist import hardware
 from fmnist.training import precision as auto
-from fmnist.models import build_model, training_flops_per_image
+from fmnist.models import training_flops_per_image
 from fmnist.training.train import train
+from tests.conftest import build, compose_cfg
 
-MODEL = {"name": "simple", "channels_last": True}
+MODEL = OmegaConf.to_container(compose_cfg("model=simple").model)
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +94,7 @@ def test_a_run_records_the_resolved_precision_and_hardware(make_cfg, tmp_path, m
 
 
 def test_flop_count_matches_the_simple_cnns_arithmetic():
-    net = build_model("simple")
+    net = build("simple")
     before = {k: v.clone() for k, v in net.state_dict().items()}
     conv1, conv2 = 28 * 28 * 32 * 9 * 2, 14 * 14 * 64 * 32 * 9 * 2
     fc = 64 * 7 * 7 * 128 * 2 + 128 * 10 * 2

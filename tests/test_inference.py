@@ -389,7 +389,7 @@ def test_evaluation_metrics_match_their_definitions():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("damage,words", [
-    (lambda p: p["hyper_parameters"]["model"].update(tta="garbage"), "model.tta is 'garbage'"),
+    (lambda p: p["hyper_parameters"].update(tta="garbage"), "hyperparameter tta is 'garbage'"),
     (lambda p: p["state_dict"].update({k: v * float("nan") for k, v in p["state_dict"].items()
                                       if k.endswith("weight")}), "NaN or infinite values"),
     (lambda p: (p["datamodule_hyper_parameters"].update(normalize=True),

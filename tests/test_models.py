@@ -5,18 +5,18 @@ from fmnist.config import MODEL_SCHEMAS, OPTIMIZERS
 from fmnist.errors import ConfigError
 from fmnist.models import MODELS, ResidualBlock, build_model
 from fmnist.training.module import OPTIMIZER_CLASSES, LitClassifier
-from tests.conftest import compose_cfg
+from tests.conftest import CONF, build, compose_cfg
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_forward_shape(name):
-    model = build_model(name)
+    model = build(name)
     out = model(torch.rand(4, 1, 28, 28))
     assert out.shape == (4, 10) and torch.isfinite(out).all()
 
 
 def test_optimized_has_batchnorm_and_dropout_simple_has_neither():
-    optimized, simple = build_model("optimized", dropout=0.4), build_model("simple")
+    optimized, simple = build("optimized", dropout=0.4), build("simple")
     kinds = lambda m: {type(x).__name__ for x in m.modules()}  # noqa: E731
     assert {"BatchNorm2d", "Dropout", "Dropout2d"} <= kinds(optimized)
     assert "BatchNorm2d" not in kinds(simple)
@@ -25,7 +25,8 @@ def test_optimized_has_batchnorm_and_dropout_simple_has_neither():
 
 
 def test_the_registries_name_the_same_choices():
-    assert set(MODELS) == set(MODEL_SCHEMAS) and set(OPTIMIZER_CLASSES) == set(OPTIMIZERS)
+    assert set(MODELS) == set(MODEL_SCHEMAS) == {p.stem for p in (CONF / "model").glob("*.yaml")}
+    assert set(OPTIMIZER_CLASSES) == set(OPTIMIZERS)
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
@@ -36,28 +37,30 @@ def test_every_choice_composes_and_builds(model, optim):
     assert build_model(**cfg.model)(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
 
-def test_model_defaults_come_from_the_schema():
-    # One place for each default: the composed config and a bare build_model agree.
-    assert compose_cfg("model=optimized").model.dropout == MODEL_SCHEMAS["optimized"]().dropout == 0.3
-    dropouts = [m.p for m in build_model("optimized").modules() if isinstance(m, torch.nn.Dropout)]
-    assert dropouts == [0.3]
+def test_a_models_values_come_from_its_yaml_and_a_missing_one_is_named():
+    dropouts = [m.p for m in build("optimized").modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts == [compose_cfg("model=optimized").model.dropout] == [0.3]  # conf/model/optimized.yaml
+    with pytest.raises(Exception, match="hidden"):  # the schema has no value of its own to fall back on
+        compose_cfg("model=optimized", "~model.hidden").model.hidden
 
 
-@pytest.mark.parametrize("name, kwargs, key", [("vgg", {}, "model.name"), ("optimized", {"channels": [8]}, "model.channels"),
+@pytest.mark.parametrize("name, kwargs, key", [("optimized", {"channels": [8]}, "model.channels"),
                                                ("resnet", {"widths": [8, 16], "blocks": [1]}, "model.widths")])
 def test_bad_architectures_are_config_errors_naming_the_key(name, kwargs, key):
     with pytest.raises(ConfigError, match=f"config key.* {key}"):
-        build_model(name, **kwargs)
+        build(name, **kwargs)
+    with pytest.raises(ConfigError, match="config key model.name"):
+        build_model("vgg")
 
 
 def test_zero_init_residual_starts_every_block_as_the_identity():
     x = torch.rand(2, 8, 6, 6)  # non-negative, as after a ReLU; 8 channels, the first stage's width
     for zero_init in [True, False]:
-        net = build_model("resnet", widths=[8, 16], blocks=[2, 1], zero_init_residual=zero_init)
+        net = build("resnet", widths=[8, 16], blocks=[2, 1], zero_init_residual=zero_init)
         first_stage = [m for m in net.modules() if isinstance(m, ResidualBlock)][:2]
         assert [torch.equal(block(x), x) for block in first_stage] == [zero_init] * 2
     # The scales still train: the first backward pass gives them a gradient.
-    net = build_model("resnet", widths=[8, 16], blocks=[1, 1], zero_init_residual=True)
+    net = build("resnet", widths=[8, 16], blocks=[1, 1], zero_init_residual=True)
     net(torch.rand(4, 1, 28, 28)).sum().backward()
     assert all(b.body[-1].weight.grad.abs().sum() > 0 for b in net.modules() if isinstance(b, ResidualBlock))
 

@@ -205,6 +205,6 @@ def test_the_hparams_row_holds_the_keys_that_differ_between_runs_of_one_log_dire
     row = hparams_for_tensorboard(make_cfg("optim.lr=0.01", "data.augment.hflip=true"), ["optim.lr=0.01",
                                   "data.augment.hflip=true", "trainer.accelerator=cpu"], "32-true")
     assert list(row)[:2] == ["optim.lr", "data.augment.hflip"] and "trainer.accelerator" not in row
-    for key in ("data.train_subset", "trainer.max_epochs", "model.tta", "optim.ema_decay", "seed", "precision"):
+    for key in ("data.train_subset", "trainer.max_epochs", "tta", "optim.ema_decay", "seed", "precision"):
         assert key in row and isinstance(row[key], (int, float, str, bool)), key
     assert row["data.train_subset"] == "null"

@@ -27,7 +27,7 @@ class InferenceDataConfig:
 class EvaluateConfig:
     ckpt: str = MISSING  # a .ckpt file, a run directory (its best checkpoint) or a sweep directory (its best job)
     data: InferenceDataConfig = field(default_factory=InferenceDataConfig)
-    tta: Optional[str] = None  # none | flip | flip_shift (fmnist.models.tta_logits); null: the run's own model.tta
+    tta: Optional[str] = None  # none | flip | flip_shift (fmnist.models.tta_logits); null: the run's own tta
 
 
 @dataclass

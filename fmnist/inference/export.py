@@ -106,11 +106,10 @@ def to_onnx(loaded: LoadedModel, path: Path) -> None:
                                     dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False,
                                     dynamo=True, verbose=False)
     program.model.doc_string = f"Fashion-MNIST classifier ({loaded.model['name']}), {SIGNATURE}"
-    # The graph is one view per image: the run's test-time augmentation (model.tta) is not in it.
-    architecture = {k: v for k, v in loaded.model.items() if k != "tta"}
+    # The graph is one view per image: the run's test-time augmentation (`tta`) is not in it.
     metadata = {"class_names": json.dumps(list(CLASS_NAMES)), "checkpoint_sha256": loaded.sha256,
-                "checkpoint_path": str(loaded.path), "input": INPUT_DOC, "model": json.dumps(architecture),
-                "tta": f"none in this graph (the run was validated and tested with {loaded.model.get('tta', 'none')})",
+                "checkpoint_path": str(loaded.path), "input": INPUT_DOC, "model": json.dumps(loaded.model),
+                "tta": f"none in this graph (the run was validated and tested with {loaded.module.tta})",
                 "normalize": json.dumps({"enabled": loaded.normalize, "mean": loaded.mean, "std": loaded.std})}
     program.model.metadata_props.update(metadata)
     program.save(path, external_data=False)

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fmnist.config import TTA_MODES
+from fmnist.config import RUN_OPTIONS, TTA_MODES
 from fmnist.data.datamodule import FashionMNISTDataModule, find_csv
 from fmnist.errors import CheckpointError, DataError
 from fmnist.fsio import file_digest
@@ -171,12 +171,15 @@ def load_model(ckpt: str | Path) -> LoadedModel:
     if not isinstance(model, dict) or model.get("name") not in MODELS or not isinstance(payload.get("state_dict"), dict):
         raise CheckpointError(f"{path}: not an fmnist checkpoint: expected `hyper_parameters.model.name` (one of "
                               f"{sorted(MODELS)}) and a `state_dict`, as train.py writes them.")
-    if model.get("tta", "none") not in TTA_MODES:
-        raise CheckpointError(f"{path}: its hyperparameter model.tta is {model.get('tta')!r}, not one of {TTA_MODES}: "
+    # Checkpoints written before the run options left `model` hold them there.
+    model = {k: v for k, v in model.items() if k not in RUN_OPTIONS}
+    options = {k: hp[k] if k in hp else hp["model"][k] for k in RUN_OPTIONS if k in hp or k in hp["model"]}
+    if options.get("tta", "none") not in TTA_MODES:
+        raise CheckpointError(f"{path}: its hyperparameter tta is {options.get('tta')!r}, not one of {TTA_MODES}: "
                               "not a checkpoint train.py wrote.")
     data = dict(payload.get("datamodule_hyper_parameters") or {})
     try:
-        module = LitClassifier(model={**model, "compile": False}, optim=dict(hp.get("optim") or {"name": "adam"}))
+        module = LitClassifier(model=model, optim=dict(hp.get("optim") or {"name": "adam"}), **{**options, "compile": False})
         module.load_state_dict(payload["state_dict"])
     except (RuntimeError, TypeError, ValueError) as e:
         first = str(e).strip().splitlines()[0]

@@ -31,7 +31,7 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fmnist.config import check_name, check_values, register
+from fmnist.config import RENAMED_KEYS, check_name, check_values, register, renamed_overrides
 from fmnist.data.datamodule import find_csv
 from fmnist.errors import ConfigError, DataError, FmnistError
 from fmnist.results.sweep import summarize
@@ -249,10 +249,13 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
     """`tune.py`'s work: compose, validate, run the study to `n_trials`, write best.yaml and figures."""
     register_tune()
     tune_overrides, train_overrides = split_overrides(args)
+    train_overrides = renamed_overrides(train_overrides)
     with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3", job_name="tune"):
         cfg = _compose("tune", tune_overrides)
         _check_tune_config(cfg)
         study_dir = Path(cfg.out_dir) / cfg.study
+        for spec in cfg.space.values():  # a search space may still name a key by its old name
+            spec.key = RENAMED_KEYS.get(spec.key, spec.key)
         search = Search(cfg, train_overrides, study_dir)
         search.check_space()
         created = not study_dir.exists()

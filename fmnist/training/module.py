@@ -11,6 +11,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from fmnist import NUM_CLASSES
+from fmnist.config import TrainConfig
 from fmnist.models import build_model, tta_logits
 
 # The optimizer registry (names as fmnist.config.OPTIMIZERS): the torch class and the `optim.*` keys it takes.
@@ -41,19 +42,21 @@ def parameter_groups(net: torch.nn.Module, lr: float, weight_decay: float, bias_
 class LitClassifier(L.LightningModule):
     """Hyperparameters are plain dicts and numbers, so checkpoints reload with `weights_only=True`.
 
-    model: the `model` config (`name`, the architecture's arguments, `channels_last`, `compile`, `tta`);
-    optim: the `optim` config (fmnist.config.OptimConfig), every key present.
+    model: the `model` config (`name` and the architecture's arguments);
+    optim: the `optim` config (fmnist.config.OptimConfig), every key present;
+    tta, compile, channels_last: how the model runs (fmnist.config.RUN_OPTIONS; defaults those of TrainConfig).
     """
 
-    def __init__(self, model: dict, optim: dict):
+    def __init__(self, model: dict, optim: dict, tta: str = TrainConfig.tta, compile: bool = TrainConfig.compile,
+                 channels_last: bool = TrainConfig.channels_last):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.net = build_model(**model)
-        self.channels_last = model["channels_last"]
-        self.tta = model.get("tta", "none")  # validation and test only; checkpoints older than the option have none
+        self.channels_last = channels_last
+        self.tta = tta  # validation and test only
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        if model["compile"]:
+        if compile:
             self.net.compile()  # in place: state_dict keys stay those of `net`
         # validate_args=False: the per-step input checks cost more than the update itself (and sync a GPU).
         self.train_loss = MeanMetric(nan_strategy="disable")  # "disable": its NaN check would sync a GPU per step

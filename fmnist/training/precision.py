@@ -33,10 +33,12 @@ BF16_MIN_SPEEDUP = 1.1
 def probe_cpu_bf16(model: dict, batch_size: int = 16, steps: int = 3, budget_s: float = 2.0) -> dict:
     """Milliseconds per training step (forward + backward) of `model` in fp32 and in bf16 autocast.
 
+    `model`: the `model` config, plus `channels_last` (how the run lays out its tensors).
+
     One warm-up step each, then up to `steps` alternating timed steps; stops early when the
     budget is spent, so a slow machine still answers in about `budget_s` seconds.
     """
-    net = build_model(**model).train()
+    net = build_model(**{k: v for k, v in model.items() if k != "channels_last"}).train()
     x = torch.rand(batch_size, 1, 28, 28)
     if model.get("channels_last"):
         net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)

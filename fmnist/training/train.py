@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist import console
-from fmnist.config import PLACEMENT_KEYS, RESUMABLE_KEYS, check_values
+from fmnist.config import PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, RUN_OPTIONS, check_values
 from fmnist.data.datamodule import FashionMNISTDataModule, find_csv
 from fmnist.errors import CheckpointError, ConfigError, DivergedError, FmnistError
 from fmnist.fsio import atomic_write, check_writable, file_digest, storage_errors
@@ -57,6 +57,7 @@ def _changed_keys(saved: Path, cfg: DictConfig) -> tuple[list[str], dict, dict]:
     """Keys whose values differ between the run's saved config (if any) and `cfg`, resumable ones aside;
     with both flattened configs, for messages."""
     old = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=True)) if saved.exists() else {}
+    old = {RENAMED_KEYS.get(k, k): v for k, v in old.items()}  # a run saved before keys were renamed
     new = _flatten(OmegaConf.to_container(cfg, resolve=True))
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS), old, new
 
@@ -238,7 +239,9 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     started = time.perf_counter()
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
-    trainer_kwargs["precision"], precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator, model_kwargs)
+    run_options = {key: cfg[key] for key in RUN_OPTIONS}
+    trainer_kwargs["precision"], precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator,
+                                                               {**model_kwargs, "channels_last": cfg.channels_last})
     if rank_zero_only.rank == 0:
         for name, conf in (hydra_files or {}).items():
             (run_dir / ".hydra").mkdir(exist_ok=True)
@@ -252,7 +255,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
 
     L.seed_everything(cfg.seed, workers=False, verbose=False)
     datamodule = FashionMNISTDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
-    model = LitClassifier(model=model_kwargs, optim=OmegaConf.to_container(cfg.optim, resolve=True))
+    model = LitClassifier(model=model_kwargs, optim=OmegaConf.to_container(cfg.optim, resolve=True), **run_options)
     # Lightning's summary table cannot count FLOPs here (its column reads 0): one line with the real ones instead.
     if trainer_kwargs.pop("enable_model_summary") and rank_zero_only.rank == 0:
         log.info("model %s: %.2f M parameters, %.1f MFLOP per training image (forward + backward)", cfg.model.name,
@@ -310,7 +313,7 @@ class RunLogger(TensorBoardLogger):
 
 
 # Always shown in TensorBoard's hparams table, next to whatever the command line or sweep changed.
-HPARAMS = ("model.name", "model.dropout", "model.tta", "data.batch_size", "data.train_subset", "optim.name", "optim.lr",
+HPARAMS = ("model.name", "model.dropout", "tta", "data.batch_size", "data.train_subset", "optim.name", "optim.lr",
            "optim.weight_decay", "optim.ema_decay", "trainer.max_epochs", "seed")
 
 
