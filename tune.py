@@ -21,13 +21,17 @@ def main(args: list[str]) -> int:
         print(__doc__)
         return 0
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    from fmnist.sweeps.tune import run_search  # after `--help`: importing torch takes seconds
+    from fmnist.sweeps.tune import TrialInterrupted, run_search  # after `--help`: importing torch takes seconds
 
     try:
         run_search(Path(__file__).resolve().parent / "conf", args)
     except FmnistError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except TrialInterrupted as e:
+        print("stopped by a signal: the running trial is recorded `interrupted` and does not count towards "
+              "n_trials; the same command continues the study and replaces it.", file=sys.stderr)
+        return 128 + e.signal_number
     return 0
 
 

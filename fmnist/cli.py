@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fmnist.config import renamed_overrides
 from fmnist.errors import ConfigError, FmnistError
-from fmnist.fsio import storage_error
+from fmnist.fsio import early_writes_undone_if_refused, storage_error
 
 # Noise in Hydra's messages: its hint to add the key with `+` (which `refuse_unknown_keys` refuses),
 # and where it searched for configs.
@@ -86,7 +86,8 @@ def run_cli(hydra_main: Callable[[], object]) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing them and exiting 1
     sys.argv[1:] = renamed_overrides(sys.argv[1:])  # old key names keep working
     try:
-        hydra_main()
+        with early_writes_undone_if_refused():  # refused (`exit_with`): what Hydra wrote before the checks is put back
+            hydra_main()
     except KeyboardInterrupt:  # Ctrl-C before a run started (a started one exits 130 by itself): nothing to resume
         _exit("stopped by Ctrl-C before the run started; nothing was written.", 130)
     except (HydraException, OmegaConfBaseException) as e:

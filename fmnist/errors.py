@@ -27,3 +27,8 @@ class DivergedError(FmnistError):
     """Training produced a non-finite loss."""
 
     exit_code = 3
+
+
+# A sweep in which some job did not complete (failed or diverged; its summary lists them): what a
+# script running sweeps needs to know, with the same code as one diverged run.
+INCOMPLETE_SWEEP_EXIT_CODE = 3

@@ -47,6 +47,38 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
+# Files that something outside this code (Hydra) writes before a command's checks can run, with what
+# they held before (None: they did not exist), so that a refused command puts them back.
+_EARLY_WRITES: dict[Path, bytes | None] = {}
+
+
+def note_early_write(path: Path) -> None:
+    """Remember what `path` holds now, before it is rewritten ahead of the command's checks."""
+    path = Path(path)
+    _EARLY_WRITES.setdefault(path, path.read_bytes() if path.is_file() else None)
+
+
+@contextmanager
+def early_writes_undone_if_refused():
+    """Run a command; if it exits with code 2 (refused), put each file noted by `note_early_write` back as it
+    was, removing the ones that did not exist (and their directory, when that is left empty)."""
+    _EARLY_WRITES.clear()
+    try:
+        yield
+    except SystemExit as e:
+        if e.code == 2:
+            for path, before in _EARLY_WRITES.items():
+                if before is not None:
+                    atomic_write(path, before)
+                elif path.is_file():
+                    path.unlink()
+                    if path.parent.is_dir() and not any(path.parent.iterdir()):
+                        path.parent.rmdir()
+        raise
+    finally:
+        _EARLY_WRITES.clear()
+
+
 HEAD_BYTES = 4096  # how much of an existing output file is read to recognise who wrote it
 
 

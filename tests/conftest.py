@@ -57,6 +57,11 @@ def compose_cfg(*overrides: str):
     return compose_named("train", *overrides)
 
 
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` by relative path, with its bytes: what "nothing changed" compares."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
 def build(name: str, **changes):
     """The architecture `name` as conf/model/<name>.yaml configures it, with `changes`."""
     from fmnist.models import build_model

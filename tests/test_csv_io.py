@@ -136,3 +136,26 @@ def test_small_blocks_parse_the_same_and_locate_errors(valid, monkeypatch):
     path.write_text(path.read_text().replace("\n", "\r\n"))
     with pytest.raises(DataError, match=r"line 17, column 3 \(pixel2\): expected a pixel in 0-255, found '300'"):
         parse_csv(path)
+
+
+@pytest.mark.parametrize("cell", ["x" * 1_000_000, "7" * 1_000_000])  # not a number; a number far out of range
+def test_a_huge_bad_cell_is_quoted_by_a_short_prefix_with_its_length(valid, cell):
+    path, _, _ = valid
+    lines = path.read_text().splitlines()
+    lines[2] = cell + lines[2][lines[2].index(","):]  # line 3, column 1
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as error:
+        parse_csv(path)
+    message = str(error.value)
+    assert "line 3, column 1 (label)" in message and f"'{cell[:40]}...' (1,000,000 characters)" in message
+    assert len(message) < 400
+
+
+def test_a_size_limit_counts_decompressed_bytes(valid, tmp_path):
+    path, images, _ = valid
+    packed = tmp_path / "train.csv.gz"
+    packed.write_bytes(gzip.compress(path.read_bytes()))
+    size = len(path.read_bytes())
+    assert len(parse_csv(packed, max_bytes=size)[0]) == len(images)
+    with pytest.raises(DataError, match=r"train.csv.gz: more than the 0 MB accepted here once decompressed"):
+        parse_csv(packed, max_bytes=size - 1)

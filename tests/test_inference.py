@@ -25,7 +25,7 @@ from fmnist.inference.loading import load_model, resolve
 from fmnist.inference.predict import predict
 from fmnist.training.train import train
 from fmnist.fsio import file_digest
-from tests.conftest import FAST, ROOT, compose_cfg, compose_named
+from tests.conftest import FAST, ROOT, compose_cfg, compose_named, snapshot
 
 
 def garment_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -58,10 +58,6 @@ def run_dir(garments, tmp_path_factory) -> Path:
                       "trainer.limit_train_batches=12", "trainer.limit_test_batches=null",
                       "data.eval_batch_size=64"), run)
     return run
-
-
-def snapshot(directory: Path) -> dict:
-    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.slow

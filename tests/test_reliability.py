@@ -28,14 +28,9 @@ from fmnist.runs import collect, read_record
 from fmnist.training.checkpoint import load_checkpoint
 from fmnist.training.module import LitClassifier
 from fmnist.training.train import run_job, train
-from tests.conftest import FAST, ROOT, make_images, run_script
+from tests.conftest import FAST, ROOT, make_images, run_script, snapshot
 
 SIMPLE = ["model=simple", "trainer.precision=32-true"]
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    """Every file under `directory` by relative path, with its bytes."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def ctrl_c(*args):

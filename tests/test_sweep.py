@@ -6,11 +6,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from fmnist.config import PLACEMENT_KEYS
+from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE
 from fmnist.results.__main__ import main as results_main
 from fmnist.results.report import ablation_pairs, write_report
 from fmnist.results.sweep import summarize
 from fmnist.runs import setting_of
-from tests.conftest import CONF, FAST, run_script
+from tests.conftest import CONF, FAST, run_script, snapshot
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
@@ -105,7 +106,7 @@ def test_sweep_survives_a_diverging_job_skips_finished_jobs_and_reports(tmp_path
     args = ["-m", *FAST, f"data.dir={data_dir}", "model=simple", "optim=sgd", "optim.scheduler=none",
             "optim.warmup_epochs=0", "trainer.precision=32-true", "trainer.limit_train_batches=5", "optim.lr=1e8,0.01", f"hydra.sweep.dir={tmp_path}/s"]
     first = run_in_process("train.py", *args)
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == INCOMPLETE_SWEEP_EXIT_CODE, first.stderr[-3000:]  # the other job still ran
     table = pd.read_csv(tmp_path / "s" / "summary.csv").set_index("setting")
     assert table.status.to_dict() == {"data.batch_size=32,data.val_size=100,model=simple,optim.lr=100000000.0,"
                                       "optim.scheduler=none,optim.warmup_epochs=0,optim=sgd,trainer.limit_train_batches=5,"
@@ -115,7 +116,7 @@ def test_sweep_survives_a_diverging_job_skips_finished_jobs_and_reports(tmp_path
                                       "trainer.precision=32-true": "completed"}
     records = {p.parent.name: p.read_text() for p in (tmp_path / "s").glob("*/metrics.json")}
     second = run_in_process("train.py", *args)
-    assert second.returncode == 0 and second.stderr.count("skipped") + second.stdout.count("skipped") >= 2
+    assert second.returncode == INCOMPLETE_SWEEP_EXIT_CODE and second.stderr.count("skipped") + second.stdout.count("skipped") >= 2
     assert {p.parent.name: p.read_text() for p in (tmp_path / "s").glob("*/metrics.json")} == records
     assert results_main(["report", str(tmp_path / "s")]) == 0
     assert (tmp_path / "s" / "figures" / "confusion_matrix.png").exists()
@@ -142,9 +143,11 @@ def test_a_finished_job_is_reused_only_for_the_same_experiment(tmp_path, data_di
     other.mkdir()
     write_csv(other / "fashion-mnist_train.csv", *make_images(600, 5))
     write_csv(other / "fashion-mnist_test.csv", *make_images(200, 6))
+    before = snapshot(tmp_path / "s")
     refused = run_in_process("train.py", *args, f"data.dir={other}")
     assert refused.returncode == 2 and "the data's content" in refused.stderr and "name=" in refused.stderr
     assert next((tmp_path / "s").glob("*/metrics.json")).read_text() == record
+    assert snapshot(tmp_path / "s") == before  # multirun.yaml and the job's train.log included
 
 
 @pytest.mark.slow

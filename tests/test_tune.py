@@ -1,5 +1,11 @@
 """tune.py: an Optuna study on a real database, continued, with failed and pruned trials recorded."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import optuna
 import pandas as pd
 import pytest
@@ -9,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from fmnist.runs import read_record
 from fmnist.errors import FmnistError
 from fmnist.sweeps.tune import Search, register_tune, run_search
-from tests.conftest import CONF, FAST, run_script
+from tests.conftest import CONF, FAST, ROOT, run_script, snapshot
 
 # Small trials: the simple CNN, two epochs (two reports to the pruner), 2 batches each.
 SMALL = [*FAST, "model=simple", "~space.model", "space.batch_size.choices=[16,32]", "trainer.max_epochs=2"]
@@ -113,3 +119,44 @@ def test_bad_input_exits_2_with_one_paragraph(tmp_path, run_in_process):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == ["error: search space entry space.lr needs low <= high (and low > 0 "
                                                   "with log: true); got low=-1.0, high=0.01."]
+
+
+@pytest.mark.slow
+def test_a_refused_rerun_leaves_the_finished_trials_as_they_were(tmp_path, data_dir, run_in_process):
+    args = ["study=r", "n_trials=1", f"out_dir={tmp_path}", f"data.dir={data_dir}", *SMALL, "trainer.max_epochs=1"]
+    run_search(CONF, args)
+    study_dir = tmp_path / "r"
+    (study_dir / "study.db").unlink()  # lost, or the study continued with another storage=
+    before = snapshot(study_dir)
+    for extra in ([], [f"storage=sqlite:///{tmp_path / 'other.db'}"]):
+        refused = run_in_process("tune.py", *args, *extra)
+        assert refused.returncode == 2 and "holds trials of a study (trial-0000)" in refused.stderr, refused.stderr[-2000:]
+        assert snapshot(study_dir) == before  # the finished trial's record untouched, no error.txt, no new study.db
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_stopped_trial_is_recorded_and_replaced_so_the_study_still_reaches_n_trials(tmp_path, data_dir, sig,
+                                                                                     run_in_process):
+    args = ["study=k", "n_trials=1", f"out_dir={tmp_path}", f"data.dir={data_dir}", *SMALL]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # More epochs than it can finish before the signal, however busy the machine.
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tune.py"), *args, "trainer.max_epochs=200"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    epochs = tmp_path / "k" / "trial-0000" / "epochs.csv"
+    deadline = time.time() + 240
+    while not (epochs.exists() and len(epochs.read_text().splitlines()) > 1):  # inside the trial's fit
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143 and "recorded `interrupted`" in err, err[-3000:]
+        assert read_record(tmp_path / "k" / "trial-0000")["status"] == "interrupted"
+    again = run_in_process("tune.py", *args)  # the same command: the stopped trial does not count
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials = load(tmp_path, "k").trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+    assert trials[0].user_attrs["status"] == "interrupted"
+    assert read_record(tmp_path / "k" / "trial-0000")["status"] == "interrupted"
+    assert read_record(tmp_path / "k" / "trial-0001")["status"] == "completed"

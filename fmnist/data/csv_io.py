@@ -37,25 +37,35 @@ def require_file(path: Path) -> None:
                         "`make data` (or `python scripts/get_data.py`) creates one.")
 
 
-def read_raw(path: Path) -> bytes:
-    """Return the bytes of a `.csv` or `.csv.gz` file, or raise DataError if it cannot be read."""
+def read_raw(path: Path, max_bytes: int | None = None) -> bytes:
+    """Return the bytes of a `.csv` or `.csv.gz` file, or raise DataError if it cannot be read or holds
+    more than `max_bytes` (decompressed: a small .gz can expand to gigabytes)."""
     require_file(path)
+    gz = path.name.endswith(".gz")
     try:
-        raw = path.read_bytes()
-        return gzip.decompress(raw) if path.name.endswith(".gz") else raw
+        if max_bytes is None:
+            raw = path.read_bytes()
+            return gzip.decompress(raw) if gz else raw
+        with (gzip.open if gz else open)(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+        if len(raw) > max_bytes:
+            raise DataError(f"{path}: more than the {max_bytes // 2 ** 20} MB accepted here"
+                            f"{' once decompressed' if gz else ''}; split it into smaller CSVs.")
+        return raw
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:  # zlib.error: a corrupt deflate stream
         raise DataError(f"{path}: could not be read ({e}). Expected a readable .csv, or a .csv.gz "
                         "that `gunzip -t` accepts.") from e
 
 
-def parse_csv(path: Path, require_label: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+def parse_csv(path: Path, require_label: bool = True, max_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Parse a Kaggle-format CSV into (images uint8 [N, 28, 28], labels int64 [N]).
 
     With `require_label=False` a file without a `label` column is accepted too; its labels are None.
+    `max_bytes` refuses a larger file (its decompressed size), for inputs that are not the training data.
     Raises DataError naming the file, line, column and what was expected for any malformed input.
     """
     path = Path(path)
-    raw = read_raw(path)
+    raw = read_raw(path, max_bytes)
     if raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark, as Excel writes it
         raw = raw[3:]
     if not raw.strip():
@@ -92,8 +102,8 @@ def parse_csv(path: Path, require_label: bool = True) -> tuple[np.ndarray, np.nd
             row, col = np.argwhere(values > limit)[0]
             file_col = int(order[col + (kind == "pixel" and has_label)])
             text = _line_text(body, int(row)).split(",")[file_col]
-            raise DataError(f"{path}, line {row + 2}, column {file_col + 1} ({header[file_col]}): "
-                            f"expected a {kind} in {allowed}, found '{text}'.")
+            raise DataError(f"{path}, line {row + 2}, column {file_col + 1} ({column_name(header[file_col])}): "
+                            f"expected a {kind} in {allowed}, found {quote(text)}.")
     return pixels.astype(np.uint8).reshape(-1, 28, 28), None if labels is None else labels.astype(np.int64)
 
 
@@ -143,6 +153,23 @@ def _parse_block(path: Path, header: list[str], block: np.ndarray, first_line: i
     return values.reshape(-1, n_cols)
 
 
+QUOTE_CHARS = 40  # the most of a bad cell or name a message repeats: a bad "line" may be a gigabyte long
+
+
+def quote(text: str | bytes | np.ndarray) -> str:
+    """`text` in quotes for a message; cut to QUOTE_CHARS, with its full length, when longer."""
+    size = len(text)
+    head = text[:QUOTE_CHARS]
+    if not isinstance(head, str):
+        head = bytes(head).decode("utf-8", errors="replace")
+    return f"'{head}'" if size <= QUOTE_CHARS else f"'{head}...' ({size:,} characters)"
+
+
+def column_name(name: str) -> str:
+    """A header name for a message: as it is, or quoted and cut when it is too long to repeat."""
+    return name if len(name) <= QUOTE_CHARS else quote(name)
+
+
 def _line_text(body: np.ndarray, row: int) -> str:
     """The text of data row `row` (0-based), for error messages."""
     ends = np.flatnonzero(body == _NL)
@@ -161,7 +188,7 @@ def _column_order(path: Path, header: list[str], require_label: bool = True) -> 
         return np.array([found.index(name) for name in HEADER[1:]])
     if len(found) != len(HEADER) or set(found) != set(HEADER):
         missing = [n for n in HEADER if n not in found][:3]
-        extra = [n for n in found if n not in HEADER][:3]
+        extra = [n if len(n) <= QUOTE_CHARS else n[:QUOTE_CHARS] + "..." for n in found if n not in HEADER][:3]
         raise DataError(
             f"{path}, line 1: expected a header with {len(HEADER)} columns named label, pixel1, ..., "
             f"pixel{N_PIXELS} (any order{'' if require_label else '; the label column may be left out'}); "
@@ -173,26 +200,23 @@ def _column_order(path: Path, header: list[str], require_label: bool = True) -> 
 
 
 def _locate(block: np.ndarray, pos: int, first_line: int) -> tuple[int, int, str]:
-    """(1-based file line, 1-based column, cell text) of the byte at `pos` of a block of lines."""
+    """(1-based file line, 1-based column, the cell quoted by `quote`) of the byte at `pos` of a block of lines."""
     newlines = np.flatnonzero(block[:pos] == _NL)
     line_start = int(newlines[-1]) + 1 if len(newlines) else 0
     line = first_line + len(newlines)
-    column = int(np.count_nonzero(block[line_start:pos] == _COMMA)) + 1
-    cell_start = pos
-    while cell_start > line_start and block[cell_start - 1] != _COMMA:
-        cell_start -= 1
-    cell_end = pos
-    while cell_end < len(block) and block[cell_end] not in (_COMMA, _NL):
-        cell_end += 1
-    text = bytes(block[cell_start:cell_end]).decode("utf-8", errors="replace")
-    return line, column, text
+    commas = np.flatnonzero(block[line_start:pos] == _COMMA)
+    column = len(commas) + 1
+    cell_start = line_start + int(commas[-1]) + 1 if len(commas) else line_start
+    ends = np.flatnonzero((block[pos:] == _COMMA) | (block[pos:] == _NL))
+    cell_end = pos + int(ends[0]) if len(ends) else len(block)
+    return line, column, quote(block[cell_start:cell_end])
 
 
 def _cell_error(path: Path, header: list[str], block: np.ndarray, pos: int, expected: str,
                 first_line: int, found: str | None = None) -> DataError:
-    line, column, text = _locate(block, pos, first_line)
-    name = header[column - 1] if column <= len(header) else "?"
-    found = found or (f"'{text}'" if text else "an empty cell")
+    line, column, quoted = _locate(block, pos, first_line)
+    name = column_name(header[column - 1]) if column <= len(header) else "?"
+    found = found or (quoted if quoted != "''" else "an empty cell")
     if expected == "an integer":
         expected = "an integer 0-9" if name.strip() == "label" else "an integer 0-255"
     return DataError(f"{path}, line {line}, column {column} ({name}): expected {expected}, found {found}.")

@@ -30,6 +30,8 @@ from fmnist.inference.loading import load_model
 log = logging.getLogger(__name__)
 
 CSV_SUFFIXES = (".csv", ".csv.gz")
+# A CSV input's most bytes, decompressed: the 60,000-image training CSV (133 MB) fits; parsing takes a few times this in memory.
+MAX_CSV_BYTES = 256 * 2 ** 20
 SHOWN_ROWS = 20
 
 
@@ -74,7 +76,7 @@ def read_inputs(inputs: list[str]) -> list[Item]:
             items.append(Item(name, error=error))
         elif _is_csv(path):
             try:
-                images, labels = parse_csv(path, require_label=False)
+                images, labels = parse_csv(path, require_label=False, max_bytes=MAX_CSV_BYTES)
             except DataError as e:
                 items.append(Item(name, error=str(e).removeprefix(f"{path}").lstrip(", :") or str(e)))
                 continue

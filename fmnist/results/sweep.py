@@ -12,6 +12,8 @@ from pathlib import Path
 import pandas as pd
 from hydra.experimental.callback import Callback
 
+from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE
+from fmnist.fsio import note_early_write
 from fmnist.runs import COMPLETED, collect
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,14 @@ def summarize(sweep_dir: Path) -> pd.DataFrame:
 
 
 class SummarizeSweep(Callback):
-    """Hydra callback: summarize the sweep directory when a multirun ends, and list failed jobs."""
+    """Hydra callback: summarize the sweep directory when a multirun ends, and list failed jobs.
+
+    A sweep with a job that did not complete then exits with INCOMPLETE_SWEEP_EXIT_CODE, not 0.
+    """
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        # Hydra rewrites multirun.yaml before the first job's checks; a refused sweep puts it back (fmnist.cli).
+        note_early_write(Path(config.hydra.sweep.dir) / "multirun.yaml")
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -73,3 +82,5 @@ class SummarizeSweep(Callback):
         failed = table[table.status != COMPLETED]
         for row in failed.itertuples():
             log.warning("job %s: %s %s", row.job, row.status, row.error if isinstance(row.error, str) else "")
+        if len(failed):
+            raise SystemExit(INCOMPLETE_SWEEP_EXIT_CODE)

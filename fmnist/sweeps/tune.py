@@ -15,7 +15,9 @@ status in its run directory) and the study goes on; a user error (bad key, missi
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import socket
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -35,8 +37,8 @@ from fmnist.config import RENAMED_KEYS, check_name, check_values, register, rena
 from fmnist.data.datamodule import find_csv
 from fmnist.errors import ConfigError, DataError, FmnistError
 from fmnist.results.sweep import summarize
-from fmnist.runs import FAILED
-from fmnist.training.train import RunPruned, failure_of, train
+from fmnist.runs import DIVERGED, FAILED, INTERRUPTED, now, update_record
+from fmnist.training.train import RunPruned, failure_of, stopping_signal, train
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +172,38 @@ class TrialFailed(Exception):
     """A trial diverged or crashed: recorded, and the study goes on."""
 
 
+class TrialInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped a trial: recorded `interrupted` (an Optuna FAIL that `n_trials` does not
+    count, so the next run of the command replaces it), and the study stops; tune.py exits 130 or 143."""
+
+    def __init__(self, signal_number: int):
+        super().__init__(f"stopped by signal {signal_number}")
+        self.signal_number = signal_number
+
+
+# How each trial ended, in its `status` user attribute (the run record's words): the ones `n_trials` counts.
+COUNTED = (FAILED, DIVERGED)
+
+
+def counted(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial used up one of `n_trials`: it finished on its own (completed, pruned, failed or diverged),
+    not stopped by a signal or a killed process."""
+    state = optuna.trial.TrialState
+    return trial.state in (state.COMPLETE, state.PRUNED) or (
+        trial.state == state.FAIL and trial.user_attrs.get("status") in COUNTED)
+
+
+class StopAtNTrials:
+    """Optuna callback: stop this process once the study (every process's trials) has `n` counted trials."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if sum(counted(t) for t in study.get_trials(deepcopy=False)) >= self.n:
+            study.stop()
+
+
 @dataclass
 class Search:
     cfg: DictConfig  # the tune config
@@ -208,6 +242,7 @@ class Search:
         run_dir = self.study_dir / f"trial-{trial.number:04d}"
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("overrides", overrides)
+        trial.set_user_attr("process", {"host": socket.gethostname(), "pid": os.getpid()})  # see `fail_dead_trials`
         try:
             metrics = train(cfg, run_dir, overrides, callbacks=[ReportToTrial(trial)], resume_hint=RESUME_HINT,
                             record={"optuna": {"study": self.cfg.study, "trial": trial.number, "params": params}})
@@ -219,6 +254,11 @@ class Search:
                 raise
             trial.set_user_attr("status", status)  # diverged, or e.g. out of memory at one batch size: this trial only
             raise TrialFailed(str(e)) from e
+        except BaseException as e:
+            if stopping_signal(e) is None:
+                raise
+            trial.set_user_attr("status", INTERRUPTED)
+            raise TrialInterrupted(stopping_signal(e)) from e  # an Exception: Optuna marks the trial FAIL
         for key in ("test/acc", "test/loss", "best_epoch"):
             if key in metrics:
                 trial.set_user_attr(key, metrics[key])
@@ -245,6 +285,13 @@ def _storage(cfg: DictConfig, study_dir: Path) -> optuna.storages.RDBStorage:
     raise ConfigError(f"cannot open the study storage {url!r}: its tables could not be created (5 tries).")
 
 
+def _orphan_trials(study_dir: Path, trials: list[str], why: str) -> ConfigError:
+    return ConfigError(f"{study_dir} holds trials of a study ({', '.join(trials[:3])}{', ...' if len(trials) > 3 else ''}) "
+                       f"but {why}, so they cannot be continued and would be mixed with new ones; nothing was "
+                       "written. Continue with the storage they were run with (storage=...), or start the study "
+                       "under another name (study=...) or out_dir.")
+
+
 def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
     """`tune.py`'s work: compose, validate, run the study to `n_trials`, write best.yaml and figures."""
     register_tune()
@@ -259,9 +306,14 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
         search = Search(cfg, train_overrides, study_dir)
         search.check_space()
         created = not study_dir.exists()
+        trials_here = sorted(p.name for p in study_dir.glob("trial-*"))
+        if trials_here and cfg.storage is None and not (study_dir / "study.db").exists():
+            raise _orphan_trials(study_dir, trials_here, "its database study.db is gone")
         study_dir.mkdir(parents=True, exist_ok=True)
         try:
             storage = _storage(cfg, study_dir)
+            if trials_here and cfg.study not in optuna.study.get_all_study_names(storage):
+                raise _orphan_trials(study_dir, trials_here, f"the storage {cfg.storage} holds no study {cfg.study}")
         except ConfigError:  # a refusal leaves nothing behind: not even the study's directory
             if created:
                 shutil.rmtree(study_dir, ignore_errors=True)
@@ -270,19 +322,51 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
             study_name=cfg.study, storage=storage, direction="maximize", load_if_exists=True,
             pruner=optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner.n_startup_trials,
                                                n_warmup_steps=cfg.pruner.prune_from_epoch))
-        done = len(study.trials)
+        fail_dead_trials(study, storage)
         # Seeded, and offset by the trials already in the study: a continued study must not replay
         # the first run's random start. Processes starting together need distinct sampler.seed.
-        study.sampler = optuna.samplers.TPESampler(seed=cfg.sampler.seed + done,
+        study.sampler = optuna.samplers.TPESampler(seed=cfg.sampler.seed + len(study.trials),
                                                    n_startup_trials=cfg.sampler.n_startup_trials)
+        done = sum(counted(t) for t in study.trials)
         remaining = cfg.n_trials - done
         log.info("study %s (%s): %d trials so far, %d to run", cfg.study, study_dir, done, max(remaining, 0))
         if remaining > 0:
-            # MaxTrialsCallback counts every process's trials: together they stop at n_trials.
-            study.optimize(search.objective, n_trials=remaining, catch=(TrialFailed,),
-                           callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials, states=None)])
+            # StopAtNTrials counts every process's trials: together they stop at n_trials.
+            study.optimize(search.objective, catch=(TrialFailed,), callbacks=[StopAtNTrials(cfg.n_trials)])
     write_results(study, study_dir)
     return study
+
+
+def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
+    """Mark `interrupted` (an Optuna FAIL, not counted) each RUNNING trial whose process on this machine is gone:
+    killed with SIGKILL, or its machine restarted. Trials of other machines are left to the storage's
+    heartbeat (a FAIL without a status after `grace_period`, not counted either)."""
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        process = trial.user_attrs.get("process") or {}
+        if process.get("host") != host or _alive(process.get("pid")):
+            continue
+        # As Optuna's own fail_stale_trials does it: a FrozenTrial's id is `_trial_id`.
+        storage.set_trial_user_attr(trial._trial_id, "status", INTERRUPTED)
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        run_dir = Path(trial.user_attrs.get("run_dir", ""))
+        if (run_dir / "metrics.json").exists():
+            update_record(run_dir, status=INTERRUPTED, finished_at=now(),
+                          error=f"its process ({process.get('pid')}) was killed; the study replaces the trial")
+        log.warning("trial %d: its process %s is gone; recorded interrupted, to be replaced", trial.number,
+                    process.get("pid"))
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def best_overrides(study: optuna.Study) -> dict | None:
