@@ -1,4 +1,4 @@
-"""Hydra entry point: `python train.py [overrides]`, `python train.py -m experiment=ablation_lr`."""
+"""Hydra entry point: `python train.py [overrides]`, `python train.py -m experiment=report`."""
 
 import sys
 from pathlib import Path
@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from fmnist import console
 from fmnist.cli import exit_with, refuse_unknown_keys, run_cli
-from fmnist.config import register
+from fmnist.config import SUPERSEDED_EXPERIMENTS, register
 from fmnist.errors import FmnistError
 from fmnist.fsio import note_early_write
 
@@ -29,6 +29,10 @@ def main(cfg: DictConfig) -> float:
     # Hydra's own copy of the config (`hydra.output_subdir` is null) is written only once the run's checks pass.
     hydra_files = {"config.yaml": cfg, "hydra.yaml": {"hydra": hydra_cfg}, "overrides.yaml": overrides}
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    experiment = hydra_cfg.runtime.choices.get("experiment")
+    if experiment in SUPERSEDED_EXPERIMENTS:
+        print(f"note: experiment={experiment} still runs, but the report's ablations are one sweep now: "
+              f"{SUPERSEDED_EXPERIMENTS[experiment]}, or experiment=study for every factor at once.", file=sys.stderr)
     swept = hydra_cfg.sweeper.get("params") or {}
     if swept and not in_sweep:  # an experiment's sweep (its seeds) runs only with -m: say so, do not drop it silently
         # On stderr, not through the run's log: the run directory is not this command's until its checks pass.

@@ -161,6 +161,16 @@ RUN_OPTIONS = ("tta", "compile", "channels_last")
 RENAMED_KEYS = {f"model.{key}": key for key in RUN_OPTIONS}
 
 
+# The report's ablations run one way, `experiment=report` (or all factors at once: `experiment=study`);
+# these earlier one-factor sweeps still run, with a note naming the way that replaces them.
+SUPERSEDED_EXPERIMENTS = {
+    "ablation_dropout": "experiment=report (its variants best and no_dropout)",
+    "ablation_batch_size": "experiment=report (its variants best and batch_32)",
+    "ablation_lr": "experiment=report (its variants best and lr_high)",
+    "simple_vs_optimized": "experiment=report (its variants best and simple)",
+}
+
+
 def renamed_overrides(overrides: list[str]) -> list[str]:
     """`overrides` with each old key name (RENAMED_KEYS) replaced by the new one, saying so once on stderr."""
     renamed = []

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmnist.data.csv_io import HEADER, cache_path, load_csv, parse_csv, write_csv
+from fmnist.data.csv_io import cache_path, load_csv, parse_csv, write_csv
 from fmnist.errors import DataError
 from tests.conftest import make_images
 
@@ -115,10 +115,6 @@ def test_corrupt_cache_is_rebuilt(valid):
     path, _, labels = valid
     cache_path(path).write_bytes(b"not a zip")
     np.testing.assert_array_equal(load_csv(path)[1], labels)
-
-
-def test_header_constant():
-    assert HEADER[0] == "label" and HEADER[-1] == "pixel784" and len(HEADER) == 785
 
 
 def test_small_blocks_parse_the_same_and_locate_errors(valid, monkeypatch):
