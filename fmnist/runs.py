@@ -24,16 +24,18 @@ METRICS_FILE = "metrics.json"
 RUNNING, COMPLETED, FAILED, DIVERGED, INTERRUPTED = "running", "completed", "failed", "diverged", "interrupted"
 PRUNED = "pruned"  # a search's trial stopped early by its pruner
 STARTED = "started"  # a job directory with no record yet (in a sweep's table only)
+UNREADABLE = "unreadable"  # a job whose metrics.json is not a record this code wrote (in a sweep's table only)
 FINISHED = (COMPLETED, FAILED, DIVERGED)
 PACKAGES = ("torch", "lightning", "torchmetrics", "hydra-core", "omegaconf", "numpy")
 
 
 def read_record(run_dir: Path) -> dict | None:
-    """The run's metrics.json, or None if it has none (or it is unreadable)."""
+    """The run's metrics.json, or None if it has none (or it is unreadable, or not a record: not a JSON object)."""
     try:
-        return json.loads((Path(run_dir) / METRICS_FILE).read_text())
+        record = json.loads((Path(run_dir) / METRICS_FILE).read_text())
     except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) else None
 
 
 def write_record(run_dir: Path, record: dict) -> None:
@@ -98,8 +100,12 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
     rows = []
     for job in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir()):
         record = read_record(job)
-        if record is None and not (job / ".hydra").is_dir():
+        if record is None and not (job / ".hydra").is_dir() and not (job / METRICS_FILE).exists():
             continue
+        problem = _unreadable(job, record)
+        if problem:  # listed, never dropped without a word, and never averaged
+            overrides = (record or {}).get("overrides")
+            record = {"status": UNREADABLE, "error": problem, "overrides": overrides if isinstance(overrides, list) else []}
         record = record or {"status": STARTED}
         metrics = record.get("metrics", {})
         rows.append({
@@ -110,6 +116,19 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
             **_compute(job), "git_commit": record.get("git_commit"), "error": record.get("error"),
         })
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _unreadable(job: Path, record) -> str | None:
+    """What is wrong with a job's metrics.json (not JSON, not a record, a metric that is not a number), or None."""
+    if record is None:
+        return f"{job / METRICS_FILE} is not a run record (unreadable, or not a JSON object)" \
+            if (job / METRICS_FILE).exists() else None
+    if not isinstance(record.get("metrics", {}), dict) or not isinstance(record.get("overrides", []), list):
+        return f"{job / METRICS_FILE} is not a run record"
+    for key, value in record.get("metrics", {}).items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"{job / METRICS_FILE}: metrics.{key} is {value!r}, not a number"
+    return None
 
 
 def _compute(job: Path) -> dict:

@@ -130,8 +130,8 @@ def test_predict_on_pngs_agrees_with_evaluate(run_dir, tmp_path):
     np.add.at(ours, (labels, top1), 1)
     assert (ours == cm).all(), "same top-1 per image as evaluate on the same images"
     written = (tmp_path / "p.csv").read_text().splitlines()
-    assert written[0] == "input,class_1,prob_1,class_2,prob_2,label,error" and len(written) == 41
-    assert all(r["prob_1"] >= r["prob_2"] for r in rows)
+    assert written[0] == "input,class_1,prob_1,class_2,prob_2,class_id,label,error" and len(written) == 41
+    assert all(r["prob_1"] >= r["prob_2"] for r in rows) and [r["class_id"] for r in rows] == top1.tolist()
 
 
 @pytest.mark.slow
@@ -185,14 +185,15 @@ def test_predict_cli_reports_a_corrupt_png_and_goes_on(run_dir, tmp_path, run_in
     no_label = tmp_path / "rows.csv"  # a Kaggle-format CSV without its label column
     no_label.write_text(",".join(HEADER[1:]) + "\n" + ",".join(map(str, images[0].ravel())) + "\n")
     out = tmp_path / "p.json"
-    (tmp_path / "notes.txt").write_text("skipped: a directory contributes its images only")
+    (tmp_path / "notes.txt").write_text("skipped: a directory contributes its images and CSVs only")
+    # rows.csv is in the directory and named too: read once.
     result = run_in_process("predict.py", f"ckpt={run_dir}", f"inputs=[{tmp_path},{no_label}]", f"out={out}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "1 of 5 inputs could not be used" in result.stderr and "broken.png" in result.stderr
     rows = {Path(r["input"]).name: r for r in json.loads(out.read_text())}
     assert len(rows) == 5 and rows["broken.png"]["error"] and not rows["broken.png"]["top_k"]
     assert all(len(rows[f"ok{i}.png"]["top_k"]) == 3 for i in range(3))
-    assert rows["rows.csv:1"]["top_k"][0] == rows["ok0.png"]["top_k"][0] and rows["rows.csv:1"]["label"] is None
+    assert rows["rows.csv:2"]["top_k"][0] == rows["ok0.png"]["top_k"][0] and rows["rows.csv:2"]["label"] is None
 
 
 def test_csv_label_column_is_optional_only_where_asked(tmp_path):

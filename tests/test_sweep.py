@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
@@ -54,8 +55,13 @@ def test_aggregation_lists_a_failed_job_and_groups_over_seeds(tmp_path):
         _fake_job(sweep, f"optim.lr=0.001,seed={seed}", "completed", seed, acc, ["experiment=x", "optim.lr=0.001", f"seed={seed}"])
     _fake_job(sweep, "optim.lr=10,seed=0", "diverged", 0, None, ["optim.lr=10", "seed=0"])
     (sweep / "optim.lr=0.1,seed=0" / ".hydra").mkdir(parents=True)  # started, nothing recorded yet
+    _fake_job(sweep, "optim.lr=0.001,seed=2", "completed", 2, 0.5, ["optim.lr=0.001", "seed=2"])
+    record = json.loads((sweep / "optim.lr=0.001,seed=2" / "metrics.json").read_text())
+    record["metrics"]["val/acc_best"] = "0.95"  # a hand-edited record: listed, never averaged nor a crash
+    (sweep / "optim.lr=0.001,seed=2" / "metrics.json").write_text(json.dumps(record))
     table = summarize(sweep)
-    assert len(table) == 4 and sorted(table.status) == ["completed", "completed", "diverged", "started"]
+    assert len(table) == 5 and sorted(table.status) == ["completed", "completed", "diverged", "started", "unreadable"]
+    assert "metrics.val/acc_best is '0.95', not a number" in table.set_index("job").error["optim.lr=0.001,seed=2"]
     csv = pd.read_csv(sweep / "summary.csv")
     assert list(csv.columns[:4]) == ["job", "setting", "seed", "status"] and "git_commit" in csv.columns
     md = (sweep / "summary.md").read_text()
@@ -173,9 +179,19 @@ def test_leaderboard_rows_come_from_the_sweeps_records(tmp_path):
         record["precision"] = {"requested": "auto", "resolved": "bf16-mixed"}
         (job / "metrics.json").write_text(json.dumps(record))
         (job / "epochs.csv").write_text("epoch,val/acc,train_seconds,train_images,train_flops\n1,0.9,10,55000,5.5e15\n")
-    table = markdown([sweep])
-    assert len(table.splitlines()) == 2 + len(REFERENCES) + 1
-    assert "| **myrecipe** | 94.00 ± 1.41 | 2 | 55,000 | 5.5 | 10 | Test GPU, bf16-mixed |" in table
+        np.savetxt(job / "confusion_matrix.csv", np.eye(10, dtype=int) * 1000, fmt="%d", delimiter=",")  # 10,000 tested
+    (sweep / "seed=2").mkdir()
+    (sweep / "seed=2" / "metrics.json").write_text("{")  # a corrupt record: listed as left out, never dropped silently
+    small = tmp_path / "small"  # a subset and a 200-image test set: not comparable with published results
+    _fake_job(small, "seed=0", "completed", 0, 0.99, ["seed=0"])
+    (small / "seed=0" / "config.yaml").write_text("data:\n  train_subset: 1000\ntrainer:\n  limit_train_batches: null\n")
+    np.savetxt(small / "seed=0" / "confusion_matrix.csv", np.eye(10, dtype=int) * 20, fmt="%d", delimiter=",")
+    table = markdown([sweep, small])
+    main_table = table.split("\n\n")[0].splitlines()
+    assert len(main_table) == 2 + len(REFERENCES) + 1
+    assert "| **myrecipe** | 94.00 ± 1.41 | 2 | 55,000 | 5.5 | 10 | Test GPU, bf16-mixed |" in main_table
+    assert "Not on the standard 60k/10k split" in table and "| small | 98.00 | 1 | 1,000-image training subset, 200 test images |" in table
+    assert "myrecipe: 1 job(s) left out, not completed: `seed=2` (unreadable)." in table
 
 
 def test_report_draws_time_to_accuracy_when_runs_recorded_flops(tmp_path):

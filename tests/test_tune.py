@@ -37,12 +37,14 @@ def test_a_study_runs_to_n_trials_records_each_trial_and_continues(tmp_path, dat
         record = read_record(run_dir)
         assert record["status"] == "completed" and record["metrics"]["val/acc_best"] == pytest.approx(trial.value)
         assert record["optuna"]["trial"] == trial.number
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == trial.params["lr"]  # as trained
         epochs = pd.read_csv(run_dir / "epochs.csv")
         assert trial.intermediate_values == pytest.approx(dict(zip(epochs.epoch, epochs["val/acc"])), abs=1e-6)
     best = yaml.safe_load((tmp_path / "s" / "best.yaml").read_text())
     assert best["trial"] == study.best_trial.number and best["val/acc_best"] == pytest.approx(study.best_value)
-    assert f"optim.lr={study.best_params['lr']:.4g}" in best["overrides"] and f"data.dir={data_dir}" in best["overrides"]
-    assert f"best trial {best['trial']}: val/acc_best {study.best_value:.4f}" in first.stdout
+    # The trained value, every digit: the one Optuna recorded.
+    assert f"optim.lr={study.best_params['lr']!r}" in best["overrides"] and f"data.dir={data_dir}" in best["overrides"]
+    assert f"best trial {best['trial']}: val/acc_best {study.best_value:.2%}" in first.stdout
     assert "Jobs: 4 completed." in (tmp_path / "s" / "summary.md").read_text()
     for figure in ("optimization_history.png", "param_importances.png"):
         assert (tmp_path / "s" / figure).stat().st_size > 10_000

@@ -1,9 +1,10 @@
 """`python predict.py ckpt=PATH inputs=[...] [top_k=3] [out=FILE.csv|FILE.json]`: classify image files and CSVs.
 
 Inputs are image files (PNG/JPEG/BMP, any size, colour or grey: converted by the rule in
-`fmnist/inference/images.py`), directories of them (searched recursively, sorted; other files,
-CSVs included, are skipped: name a CSV itself), and Kaggle-format CSVs (`label` column optional). The output has one row per image:
-`input` (the file, or `file.csv:N` for the CSV's N-th data row), the top-k class names and
+`fmnist/inference/images.py`), Kaggle-format CSVs (`label` column optional), and directories of both
+(searched recursively, sorted; other files are skipped; a file named twice is read once). The output has
+one row per image:
+`input` (the file, or `file.csv:N` for the CSV's row on line N, the header being line 1), the top-k class names and
 probabilities, the true label where a CSV gives it, and `error` for an input that could not be
 used. An unusable input does not stop the others; the run then ends with exit code 2.
 """
@@ -52,15 +53,21 @@ def _is_csv(path: Path) -> bool:
 
 
 def _expand(inputs: list[str]) -> list[tuple[str, Path | None, str | None]]:
-    """(name, file, error) for every file the inputs name, directories expanded."""
-    found = []
+    """(name, file, error) for every file the inputs name, directories expanded, each file once."""
+    found, seen = [], set()
     for raw in inputs:
         path = Path(raw).expanduser()
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                           and p.suffix.lower() in EXTENSIONS)
-            found += [(str(p), p, None) for p in files] or [(raw, None, f"directory without {'/'.join(EXTENSIONS)} files")]
+                           and (p.suffix.lower() in EXTENSIONS or _is_csv(p)))
+            if not files:
+                found.append((raw, None, f"directory without {'/'.join(EXTENSIONS)} or .csv files"))
+            found += [(str(p), p, None) for p in files if p.resolve() not in seen]
+            seen.update(p.resolve() for p in files)
+        elif path.is_file() and path.resolve() in seen:
+            continue
         elif path.is_file():
+            seen.add(path.resolve())
             ok = path.suffix.lower() in EXTENSIONS or _is_csv(path)
             found.append((raw, path, None if ok else f"not an image ({', '.join(EXTENSIONS)}) or a .csv file"))
         else:
@@ -80,7 +87,8 @@ def read_inputs(inputs: list[str]) -> list[Item]:
             except DataError as e:
                 items.append(Item(name, error=str(e).removeprefix(f"{path}").lstrip(", :") or str(e)))
                 continue
-            items += [Item(f"{name}:{i + 1}", images[i], None if labels is None else int(labels[i]))
+            # Named by file line (the header is line 1), as the CSV's error messages count them.
+            items += [Item(f"{name}:{i + 2}", images[i], None if labels is None else int(labels[i]))
                       for i in range(len(images))]
         else:
             try:
@@ -109,6 +117,7 @@ def predict(cfg: DictConfig) -> list[dict]:
         for rank in range(k):
             row[f"class_{rank + 1}"] = CLASS_NAMES[order[rank]] if p is not None else None
             row[f"prob_{rank + 1}"] = round(float(p[order[rank]]), 6) if p is not None else None
+        row["class_id"] = int(order[0]) if p is not None else None  # top-1 as a number, as a submission gives it
         row["label"] = CLASS_NAMES[it.label] if it.label is not None else None
         row["error"] = it.error
         rows.append(row)
@@ -134,7 +143,7 @@ def write_rows(path: Path, rows: list[dict], k: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as tmp:
         if path.suffix.lower() == ".json":
-            records = [{"input": r["input"], "label": r["label"], "error": r["error"],
+            records = [{"input": r["input"], "class_id": r["class_id"], "label": r["label"], "error": r["error"],
                         "top_k": [] if r["error"] else [{"class": r[f"class_{i}"], "prob": r[f"prob_{i}"]}
                                                         for i in range(1, k + 1)]} for r in rows]
             tmp.write_text(json.dumps(records, indent=1) + "\n")
@@ -146,16 +155,20 @@ def write_rows(path: Path, rows: list[dict], k: int) -> None:
 
 
 def table(rows: list[dict], ckpt: Path, out: str | None) -> str:
-    """A short text table: the first rows, and the accuracy where labels are known."""
-    lines = [f"checkpoint {ckpt}", f"{'input':<40} {'top-1':<12} {'prob':>6}  {'label':<12} error"]
+    """A short text table: the first rows with their top-k classes in percent, and the accuracy where labels are known.
+
+    Percent is for people; the files (`out`) hold probabilities as fractions, as metrics.json holds accuracies.
+    """
+    k = sum(key.startswith("class_") and key[6:].isdigit() for key in rows[0]) if rows else 1
+    lines = [f"checkpoint {ckpt}", f"{'input':<40} {f'top-{k} (probability)':<44} {'label':<12} error"]
     for r in rows[:SHOWN_ROWS]:
         name = r["input"] if len(r["input"]) <= 40 else "..." + r["input"][-37:]
-        prob = f"{r['prob_1']:.3f}" if r["prob_1"] is not None else ""
-        lines.append(f"{name:<40} {r['class_1'] or '':<12} {prob:>6}  {r['label'] or '':<12} {r['error'] or ''}")
+        top = ", ".join(f"{r[f'class_{i}']} {r[f'prob_{i}']:.1%}" for i in range(1, k + 1) if r[f"class_{i}"])
+        lines.append(f"{name:<40} {top:<44} {r['label'] or '':<12} {r['error'] or ''}")
     if len(rows) > SHOWN_ROWS:
         lines.append(f"... {len(rows) - SHOWN_ROWS} more rows" + (f" in {out}" if out else " (out=FILE.csv writes all)"))
     labelled = [r for r in rows if r["label"] is not None and not r["error"]]
     if labelled:
         correct = sum(r["class_1"] == r["label"] for r in labelled)
-        lines.append(f"top-1 accuracy on the {len(labelled)} labelled rows: {correct / len(labelled):.4%}")
+        lines.append(f"top-1 accuracy on the {len(labelled)} labelled rows: {correct / len(labelled):.2%}")
     return "\n".join(lines)

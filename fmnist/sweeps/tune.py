@@ -130,8 +130,9 @@ def _check_tune_config(cfg: DictConfig) -> None:
 
 
 def _format(value: Any) -> str:
-    # 4 significant digits: readable directory summaries and commands; far below any effect on training.
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    # Every digit (the shortest text that reads back as the same float): the trial trains exactly the value
+    # Optuna records, and the command in best.yaml reproduces it.
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def _suggest(trial: optuna.Trial, name: str, spec: DictConfig) -> Any:
@@ -395,8 +396,8 @@ def write_results(study: optuna.Study, study_dir: Path) -> None:
     text = (f"# Best trial of Optuna study {study.study_name} ({len(study.trials)} trials), by {METRIC}.\n"
             f"# Train it again (or with other seeds) with:\n#   {command}\n")
     (study_dir / "best.yaml").write_text(text + OmegaConf.to_yaml(OmegaConf.create(best)))
-    print(f"best trial {best['trial']}: {METRIC} {best[METRIC]:.4f}"
-          + (f", test/acc {best['test/acc']:.4f}" if best["test/acc"] is not None else "")
+    print(f"best trial {best['trial']}: {METRIC} {best[METRIC]:.2%}"
+          + (f", test/acc {best['test/acc']:.2%}" if best["test/acc"] is not None else "")
           + f" ({best['run_dir']})\n  params: {best['params']}\n  {command}\n  written to {study_dir / 'best.yaml'}")
     _figures(study, study_dir)
 

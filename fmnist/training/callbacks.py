@@ -27,11 +27,16 @@ DIVERGED_ADVICE = "Lower optim.lr or set trainer.gradient_clip_val."
 # probability on the true class on average, which only logits blown up to hundreds do (chance is
 # ln 10 = 2.3 nats; a trained model's worst images reach 10-20).
 ABSURD_LOSS = 100.0
+# Training steps before an absurd (finite) validation loss counts: until then batch-norm's running statistics
+# (momentum 0.1) still hold much of their initial values, and a few large first steps give eval-mode logits in
+# the hundreds without anything diverging (seen on a 2-step smoke run at lr 1e-2).
+JUDGE_AFTER_STEPS = 50
 
 
-def loss_diverged(value: float) -> bool:
-    """Whether a mean cross-entropy says the model diverged: NaN, infinite, or above ABSURD_LOSS."""
-    return not math.isfinite(value) or value > ABSURD_LOSS
+def loss_diverged(value: float, steps: int) -> bool:
+    """Whether a mean cross-entropy, measured after `steps` training steps, says the model diverged: NaN or
+    infinite, or above ABSURD_LOSS once JUDGE_AFTER_STEPS steps have run."""
+    return not math.isfinite(value) or (value > ABSURD_LOSS and steps >= JUDGE_AFTER_STEPS)
 
 
 EPOCH_COLUMNS = ["epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "lr",
@@ -211,7 +216,8 @@ class Forecast(L.Callback):
 
 class StopOnDivergence(L.Callback):
     """Stop with DivergedError when the training loss is NaN or infinite, or the validation loss is that or
-    above ABSURD_LOSS (a single training step's loss may spike; a whole validation pass's may not).
+    above ABSURD_LOSS after JUDGE_AFTER_STEPS steps (a single training step's loss may spike; a whole
+    validation pass's may not).
 
     Checked every `every` steps and at each epoch's last step, not every step: reading the loss
     waits for the GPU, and once the weights are NaN every later loss is too.
@@ -231,7 +237,7 @@ class StopOnDivergence(L.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         # A training loss can stay finite while the weights already give NaN on other data.
         loss = trainer.callback_metrics.get("val/loss")
-        if not trainer.sanity_checking and loss is not None and loss_diverged(float(loss)):
+        if not trainer.sanity_checking and loss is not None and loss_diverged(float(loss), trainer.global_step):
             raise DivergedError(f"training diverged: validation loss is {loss.item()} at epoch "
                                 f"{trainer.current_epoch + 1}. {DIVERGED_ADVICE}")
 

@@ -34,8 +34,8 @@ from fmnist.fsio import atomic_write, check_writable, file_digest, storage_error
 from fmnist.hardware import check_accelerator
 from fmnist.models import training_flops_per_image
 from fmnist.training.precision import resolve_precision
-from fmnist.runs import (COMPLETED, DIVERGED, FAILED, FINISHED, INTERRUPTED, PRUNED, RUNNING, now, provenance, read_record,
-                         update_record)
+from fmnist.runs import (COMPLETED, DIVERGED, FAILED, FINISHED, INTERRUPTED, METRICS_FILE, PRUNED, RUNNING, now,
+                         provenance, read_record, update_record)
 from fmnist.training.callbacks import (DIVERGED_ADVICE, HEARTBEAT_S, EpochCSV, Forecast, TestArtifacts, WeightEMA,
                                       loss_diverged, step_callbacks)
 from fmnist.training.checkpoint import SafeCheckpointIO, SafeModelCheckpoint, load_checkpoint
@@ -68,7 +68,7 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
     last = run_dir / "checkpoints" / "last.ckpt"
     saved = run_dir / "config.yaml"
     if cfg.ckpt_path != "last":
-        if record is not None or last.exists():
+        if record is not None or last.exists() or (run_dir / METRICS_FILE).exists():  # even an unreadable record
             raise RunDirInUse(f"{run_dir} already holds a run (status {(record or {}).get('status')!r}); "
                               "pass ckpt_path=last to resume it, or choose another directory.")
         return False
@@ -290,7 +290,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
             result = trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)[0]
         metrics.update({k: float(v) for k, v in result.items()})
     # `completed` promises usable numbers: a NaN or absurd validation or test loss is a divergence too.
-    bad = {k: v for k, v in metrics.items() if k in ("val/loss", "test/loss") and loss_diverged(v)}
+    bad = {k: v for k, v in metrics.items() if k in ("val/loss", "test/loss") and loss_diverged(v, trainer.global_step)}
     if bad:
         raise DivergedError(f"training diverged: {', '.join(f'{k} is {v}' for k, v in bad.items())} at the end of "
                             f"the run (epoch {trainer.current_epoch}). {DIVERGED_ADVICE}")
