@@ -21,10 +21,12 @@ def main(args: list[str]) -> int:
         print(__doc__)
         return 0
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    from fmnist.fsio import storage_errors
     from fmnist.sweeps.tune import TrialInterrupted, run_search  # after `--help`: importing torch takes seconds
 
     try:
-        run_search(Path(__file__).resolve().parent / "conf", args)
+        with storage_errors(key="out_dir"):  # a read-only or full disk: one paragraph, exit 2
+            run_search(Path(__file__).resolve().parent / "conf", args)
     except FmnistError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

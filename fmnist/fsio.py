@@ -35,7 +35,8 @@ def atomic_output(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        e.filename = e.filename or str(path)  # a failed write() names no file: say which one
+        if not e.filename or e.filename == str(tmp):  # name the file the user asked for, not our temporary
+            e.filename = str(path)
         raise
     finally:
         tmp.unlink(missing_ok=True)
@@ -107,14 +108,15 @@ def check_output_file(path: Path, key: str, overwrite: bool, is_ours: Callable[[
                           "Choose a new file name.")
 
 
-def storage_error(error: OSError, path: Path | str | None = None) -> StorageError | None:
-    """The user-fixable form of an OSError (disk full, read-only, no permission), else None."""
+def storage_error(error: OSError, path: Path | str | None = None, key: str = "hydra.run.dir") -> StorageError | None:
+    """The user-fixable form of an OSError (disk full, read-only, no permission), else None; `key` is the
+    config key that chooses where the command writes."""
     cause = _CAUSES.get(error.errno)
     if cause is None:
         return None
     where = error.filename or path or "a file"
     return StorageError(f"cannot write {where}: {cause} ({error.strerror}). Free some space or choose a writable "
-                        "directory (hydra.run.dir=...); files already written, checkpoints included, are intact.")
+                        f"place ({key}=...); files already written, checkpoints included, are intact.")
 
 
 def check_writable(directory: Path) -> None:
@@ -129,12 +131,12 @@ def check_writable(directory: Path) -> None:
 
 
 @contextmanager
-def storage_errors():
-    """Turn an OSError a user can fix (disk full, read-only, no permission) into a StorageError."""
+def storage_errors(key: str = "hydra.run.dir"):
+    """Turn an OSError a user can fix (disk full, read-only, no permission) into a StorageError naming `key`."""
     try:
         yield
     except OSError as e:
-        mapped = storage_error(e)
+        mapped = storage_error(e, key=key)
         if mapped is None:
             raise
         raise mapped from e

@@ -25,6 +25,7 @@ import torch
 from fmnist.data.csv_io import cache_path, load_csv, parse_csv, write_csv
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.errors import CheckpointError, ConfigError, DataError, DivergedError, StorageError
+from fmnist.fsio import atomic_write, storage_errors
 from fmnist.runs import collect, read_record
 from fmnist.training.checkpoint import load_checkpoint
 from fmnist.training.module import LitClassifier
@@ -225,6 +226,14 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", str(point)], check=False)
 
 
+def test_a_file_written_to_a_full_disk_is_named_with_the_key_that_chose_it(tmpfs):
+    full = tmpfs("size=8k")
+    with pytest.raises(StorageError) as error, storage_errors(key="out"):
+        atomic_write(full / "predictions.csv", b"x" * 100_000)
+    assert f"cannot write {full / 'predictions.csv'}: the disk is full" in str(error.value)
+    assert "(out=...)" in str(error.value) and list(full.iterdir()) == []  # no temporary left behind
+
+
 @pytest.mark.slow
 def test_read_only_output_directory_is_one_paragraph(make_cfg, tmpfs):
     read_only = tmpfs("ro,size=1m")
@@ -320,3 +329,12 @@ def test_single_class_training_set_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         FashionMNISTDataModule(dir=str(tmp_path), val_size=20).check()
     assert "only class(es) [3]" in caplog.text
+
+
+@pytest.mark.parametrize("content", [b"hello\n", bytes(range(256)) * 4, b"PK\x03\x04" + b"\x00" * 100])
+def test_a_file_that_is_not_a_checkpoint_is_one_paragraph_not_a_pickle_warning(tmp_path, content):
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(path)
+    assert "not a" in str(refused.value) and "pickled Python objects" not in str(refused.value)

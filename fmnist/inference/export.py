@@ -29,7 +29,7 @@ from fmnist import CLASS_NAMES
 from fmnist.config import EVAL_BATCH_SIZE
 from fmnist.data.csv_io import load_csv
 from fmnist.errors import ConfigError, FmnistError
-from fmnist.fsio import HEAD_BYTES, atomic_output, check_output_file
+from fmnist.fsio import HEAD_BYTES, atomic_output, check_output_file, storage_errors
 from fmnist.inference.config import check_export
 from fmnist.inference.loading import LoadedModel, load_model
 
@@ -157,8 +157,9 @@ def export(cfg: DictConfig) -> Agreement:
     csv = loaded.test_csv(cfg.data.dir)
     images, _ = load_csv(csv)
     out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(out, suffix=".onnx") as tmp:
+    with storage_errors(key="out"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    with storage_errors(key="out"), atomic_output(out, suffix=".onnx") as tmp:
         to_onnx(loaded, tmp)
         agreement = compare(loaded, tmp, images, cfg.data.batch_size or EVAL_BATCH_SIZE)
         print(agreement.line())

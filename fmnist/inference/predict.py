@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from fmnist import CLASS_NAMES
 from fmnist.data.csv_io import parse_csv
 from fmnist.errors import DataError
-from fmnist.fsio import atomic_output, check_output_file
+from fmnist.fsio import atomic_output, check_output_file, storage_errors
 from fmnist.inference.config import check_predict
 from fmnist.inference.images import EXTENSIONS, ImageRejected, load_image
 from fmnist.inference.loading import load_model
@@ -122,7 +122,8 @@ def predict(cfg: DictConfig) -> list[dict]:
         row["error"] = it.error
         rows.append(row)
     if cfg.out:
-        write_rows(Path(cfg.out), rows, k)
+        with storage_errors(key="out"):
+            write_rows(Path(cfg.out), rows, k)
     print(table(rows, model.path, cfg.out))
     failed = [r for r in rows if r["error"]]
     if failed:

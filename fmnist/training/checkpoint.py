@@ -7,7 +7,6 @@ import pickle
 import re
 import signal
 import threading
-import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -48,15 +47,25 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found.")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message advises retrying with weights_only=False, exactly what must not be done: name the class.
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"an object of class {found.group(1)}" if found else "a pickled object that is not a tensor"
+        if not found:  # not a class it refused but bytes it could not read: random data, another format
+            raise CheckpointError(f"{path}: not a checkpoint torch.save wrote (unreadable as one; truncated, or "
+                                  "another kind of file?).") from e
         raise CheckpointError(f"{path}: refused to load: it holds pickled Python objects, not only tensors and "
-                              f"plain values ({what}). Loading it could run code; fmnist never does.") from e
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {e}") from e
+                              f"plain values (an object of class {found.group(1)}). Loading it could run code; "
+                              "fmnist never does.") from e
+    except Exception as e:  # a text file, random bytes, a truncated zip: torch raises many kinds
+        # Only an OS or torch message says something to a user (a KeyError of a byte value does not).
+        detail = str(e).strip().splitlines()[0] if isinstance(e, (OSError, RuntimeError)) and str(e).strip() else ""
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated, or another kind of file?)"
+                              + (f": {detail}" if detail else ".")) from e
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint (a dict of weights "
+                              "and hyperparameters, as train.py writes it).")
+    return checkpoint
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
