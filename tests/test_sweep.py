@@ -223,3 +223,21 @@ def test_results_command_refuses_what_is_not_a_sweep_and_writes_nothing(tmp_path
 def test_the_old_script_names_still_work_and_say_the_new_command(tmp_path, run_in_process):
     result = run_in_process("scripts/aggregate.py", str(tmp_path))
     assert result.returncode == 2 and "python -m fmnist.results summary" in result.stderr
+
+
+def test_figures_stay_readable_and_their_names_keep_whole_values():
+    from fmnist.results.report import PANELS_PER_ROW, _slug, curves_figure, time_to_accuracy_figure
+
+    long = ",".join(f"optim.key{i}=0.000123456" for i in range(12))
+    names = [_slug(long), _slug(long.replace("key11", "key12"))]
+    assert all(len(n) <= 80 for n in names) and names[0] != names[1]  # cut, and still told apart
+    full, kept = _slug(long, limit=10_000), names[0].rsplit("-", 1)[0]
+    assert full.startswith(kept) and full[len(kept)] == "_"  # cut between two values, not inside one
+    frame = pd.DataFrame({"epoch": [1, 2], "train/loss": [2.0, 1.5], "val/loss": [2.1, 1.6], "val/acc": [0.3, 0.4],
+                          "train_seconds": [1.0, 2.0], "train_flops": [1e12, 2e12]})
+    fig = curves_figure([(f"s{i}", [frame]) for i in range(5)], "five settings")
+    assert fig.get_size_inches()[0] <= 5 * PANELS_PER_ROW  # a second row, not a 25-inch-wide strip
+    fig = time_to_accuracy_figure({"(defaults)": [frame.copy(), frame.copy()]}, "below 80%")
+    low, high = fig.axes[0].get_ylim()
+    assert low < 30 < 40 < high  # every point shown, the axis the right way up
+    assert {t.get_text() for t in fig.axes[0].get_legend().get_texts()} == {"seed 0", "seed 1"}

@@ -6,6 +6,7 @@ works on a finished, running or interrupted sweep, with no TensorBoard parsing.
 
 from __future__ import annotations
 
+import hashlib
 import textwrap
 from pathlib import Path
 
@@ -55,6 +56,7 @@ def load_curves(sweep_dir: Path, table: pd.DataFrame) -> dict[str, list[pd.DataF
         if path.exists() and path.stat().st_size > 0:
             frame = pd.read_csv(path)
             if len(frame):
+                frame.attrs["seed"] = row.seed  # for labels: the seeds of one setting are its lines
                 curves.setdefault(row.setting, []).append(frame)
     return curves
 
@@ -85,11 +87,25 @@ def draw_curves(ax_loss: plt.Axes, ax_acc: plt.Axes, runs: list[pd.DataFrame], t
         ax.grid(alpha=0.3)
 
 
+PANELS_PER_ROW = 3  # wider figures shrink to unreadable fonts on a page or a screen
+
+
 def curves_figure(panels: list[tuple[str, list[pd.DataFrame]]], suptitle: str) -> plt.Figure:
-    """One column per setting, loss on top and accuracy below, shared axes for comparison."""
-    fig, axes = plt.subplots(2, len(panels), figsize=(5 * len(panels), 7), sharex=True, sharey="row", squeeze=False)
-    for col, (title, runs) in enumerate(panels):
-        draw_curves(axes[0, col], axes[1, col], runs, title)
+    """One column per setting (at most PANELS_PER_ROW, then a new row), loss on top and accuracy below,
+    shared axes for comparison."""
+    cols = min(len(panels), PANELS_PER_ROW)
+    blocks = -(-len(panels) // cols)
+    fig, axes = plt.subplots(2 * blocks, cols, figsize=(5 * cols, 7 * blocks), sharex=True, squeeze=False)
+    for row in (0, 1):  # every loss panel on one scale, every accuracy panel on another, across rows too
+        for ax in axes[row::2].flat[1:]:
+            ax.sharey(axes[row, 0])
+    for i, (title, runs) in enumerate(panels):
+        block, col = divmod(i, cols)
+        draw_curves(axes[2 * block, col], axes[2 * block + 1, col], runs, title)
+    for i in range(len(panels), blocks * cols):  # the last row's empty places
+        block, col = divmod(i, cols)
+        axes[2 * block, col].set_visible(False)
+        axes[2 * block + 1, col].set_visible(False)
     fig.suptitle(suptitle)
     fig.tight_layout()
     return fig
@@ -115,8 +131,15 @@ def short_names(settings: list[str]) -> dict[str, str]:
     return {s: ",".join(f"{k}={p[k]}" for k in varying if k in p) or s for s, p in parsed.items()}
 
 
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "._=-" else "_" for c in text).replace("=", "-")[:80]
+def _slug(text: str, limit: int = 80) -> str:
+    """`text` as a file name: other characters as `_`, `=` as `-`; a long one cut at a separator (never inside
+    a value) and told apart from others by a short hash of the whole text."""
+    slug = "".join(c if c.isalnum() or c in "._=-" else "_" for c in text).replace("=", "-")
+    if len(slug) <= limit:
+        return slug
+    cut = slug[:limit - 9]
+    cut = cut[:cut.rfind("_")] if "_" in cut else cut
+    return f"{cut}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
 def curve_stats(runs: list[pd.DataFrame]) -> dict:
@@ -187,14 +210,21 @@ def time_to_accuracy_figure(curves: dict[str, list[pd.DataFrame]], title: str) -
         return None
     fig, (ax_s, ax_f) = plt.subplots(1, 2, figsize=(11, 4))
     names = short_names(sorted({s for s, _ in runs}))
+    one_setting = len(names) == 1  # then a colour per seed, not one colour for all
     colours = {s: f"C{i}" for i, s in enumerate(names)}
     labelled = set()
-    for setting, frame in runs:
-        label = None if setting in labelled else names[setting]
+    for i, (setting, frame) in enumerate(runs):
+        if one_setting:
+            colour, label = f"C{i}", f"seed {frame.attrs.get('seed', i)}"
+        else:
+            colour, label = colours[setting], None if setting in labelled else names[setting]
         labelled.add(setting)
-        ax_s.plot(frame.train_seconds, 100 * frame["val/acc"], marker=".", color=colours[setting], label=label)
-        ax_f.plot(frame.train_flops / 1e12, 100 * frame["val/acc"], marker=".", color=colours[setting])
-    low = max(80.0, min(100 * f["val/acc"].min() for _, f in runs) - 0.5)
+        ax_s.plot(frame.train_seconds, 100 * frame["val/acc"], marker=".", color=colour, label=label)
+        ax_f.plot(frame.train_flops / 1e12, 100 * frame["val/acc"], marker=".", color=colour)
+    lowest = min(100 * f["val/acc"].min() for _, f in runs)
+    highest = max(100 * f["val/acc"].max() for _, f in runs)
+    # Zoomed on the last points from 80% up when the runs get there; else the whole range, never an empty plot.
+    low = max(80.0, lowest - 0.5) if highest > 81.0 else lowest - 0.5
     for ax, xlabel in ((ax_s, "training seconds (this run's hardware)"), (ax_f, "training TFLOP (forward + backward)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation accuracy (%)")
