@@ -6,6 +6,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from fmnist import console
 from fmnist.cli import exit_with, run_cli
 from fmnist.errors import FmnistError
 from fmnist.inference.config import register
@@ -16,6 +17,8 @@ register()
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     from fmnist.inference.evaluate import evaluate  # after Hydra parsed the command line: `--help` stays fast
+
+    console.setup()  # one line per message, no third-party notices, as train.py prints
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:

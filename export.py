@@ -4,6 +4,7 @@
 import hydra
 from omegaconf import DictConfig
 
+from fmnist import console
 from fmnist.cli import exit_with, run_cli
 from fmnist.errors import FmnistError
 from fmnist.inference.config import register
@@ -14,6 +15,8 @@ register()
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     from fmnist.inference.export import export  # after Hydra parsed the command line: `--help` stays fast
+
+    console.setup()  # one line per message, no third-party notices, as train.py prints
 
     try:
         export(cfg)

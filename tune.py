@@ -20,7 +20,10 @@ def main(args: list[str]) -> int:
     if {"-h", "--help"} & set(args):
         print(__doc__)
         return 0
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    from fmnist import console
+
+    logging.basicConfig(level=logging.INFO, format=console.CONSOLE_FORMAT, datefmt=console.CONSOLE_DATEFMT)
+    console.setup()  # one line per message, no third-party notices, as train.py prints
     from fmnist.fsio import storage_errors
     from fmnist.sweeps.tune import TrialInterrupted, run_search  # after `--help`: importing torch takes seconds
 

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from fmnist import console
 from fmnist.errors import ConfigError
 
 # Images per forward pass when validating, testing, evaluating or exporting (no gradients: larger than training).
@@ -221,6 +222,10 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("placement_keys"):
         OmegaConf.register_new_resolver("placement_keys", lambda: list(PLACEMENT_KEYS))
         OmegaConf.register_new_resolver("sweep_name", sweep_name)
+        # The console's line format, for the YAML logging configs (fmnist/console.py holds it).
+        OmegaConf.register_new_resolver("console_format", lambda: console.CONSOLE_FORMAT)
+        OmegaConf.register_new_resolver("console_datefmt", lambda: console.CONSOLE_DATEFMT)
+        OmegaConf.register_new_resolver("file_log_format", lambda: console.FILE_FORMAT)
         # This process's id, so two runs started in the same second get distinct default directories
         # (cached: every read of `hydra.run.dir` gives the same path).
         OmegaConf.register_new_resolver("run_suffix", lambda: str(os.getpid()), use_cache=True)

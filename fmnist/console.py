@@ -12,6 +12,27 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 log = logging.getLogger("fmnist")
 
+# How a console line looks in every command: the time and the message (log files add the logger and level).
+CONSOLE_FORMAT = "[%(asctime)s] %(message)s"
+CONSOLE_DATEFMT = "%H:%M:%S"
+FILE_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # a run's train.log
+
+
+@contextmanager
+def logged_to(path: Path):
+    """Within the block, every log line also goes to `path` (as train.py's runs write train.log). The file is
+    created at the first line only, so a block refused before it logs anything leaves no file behind."""
+    handler = logging.FileHandler(path, delay=True)
+    handler.setFormatter(logging.Formatter(FILE_FORMAT))
+    handler.addFilter(_DropNotices())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
 # Third-party warnings that say nothing a user of this project can act on, each with the reason.
 HARMLESS_WARNINGS = [
     # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecated; fixed upstream, nothing to do here.

@@ -38,6 +38,7 @@ def test_a_study_runs_to_n_trials_records_each_trial_and_continues(tmp_path, dat
         assert record["status"] == "completed" and record["metrics"]["val/acc_best"] == pytest.approx(trial.value)
         assert record["optuna"]["trial"] == trial.number
         assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == trial.params["lr"]  # as trained
+        assert "epoch 2/2: train loss" in (run_dir / "train.log").read_text()  # a run directory's log, as train.py's
         epochs = pd.read_csv(run_dir / "epochs.csv")
         assert trial.intermediate_values == pytest.approx(dict(zip(epochs.epoch, epochs["val/acc"])), abs=1e-6)
     best = yaml.safe_load((tmp_path / "s" / "best.yaml").read_text())

@@ -33,6 +33,7 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fmnist import console
 from fmnist.config import RENAMED_KEYS, check_name, check_values, register, renamed_overrides
 from fmnist.data.datamodule import find_csv
 from fmnist.errors import ConfigError, DataError, FmnistError
@@ -245,8 +246,10 @@ class Search:
         trial.set_user_attr("overrides", overrides)
         trial.set_user_attr("process", {"host": socket.gethostname(), "pid": os.getpid()})  # see `fail_dead_trials`
         try:
-            metrics = train(cfg, run_dir, overrides, callbacks=[ReportToTrial(trial)], resume_hint=RESUME_HINT,
-                            record={"optuna": {"study": self.cfg.study, "trial": trial.number, "params": params}})
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with console.logged_to(run_dir / "train.log"):  # a trial directory is a run directory: it has one too
+                metrics = train(cfg, run_dir, overrides, callbacks=[ReportToTrial(trial)], resume_hint=RESUME_HINT,
+                                record={"optuna": {"study": self.cfg.study, "trial": trial.number, "params": params}})
         except RunPruned as e:
             raise optuna.TrialPruned(str(e)) from e
         except Exception as e:
