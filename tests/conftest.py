@@ -100,6 +100,7 @@ def run_in_process(capfd, monkeypatch):
         monkeypatch.chdir(cwd or ROOT)
         root = logging.getLogger()
         handlers, level, threads = list(root.handlers), root.level, torch.get_num_threads()
+        deterministic = torch.are_deterministic_algorithms_enabled()  # trainer.deterministic=true sets it
         capfd.readouterr()
         code = 0
         try:
@@ -113,6 +114,7 @@ def run_in_process(capfd, monkeypatch):
                 handler.close()
             root.handlers[:], root.level = handlers, level
             torch.set_num_threads(threads)
+            torch.use_deterministic_algorithms(deterministic)
             monkeypatch.undo()
         out, err = capfd.readouterr()
         return subprocess.CompletedProcess([script, *args], code, out, err)

@@ -45,9 +45,10 @@ def wait_for_epochs(run_dir: Path, n: int, proc: subprocess.Popen, timeout: floa
     raise TimeoutError(f"{run_dir} did not finish {n} epoch(s)")
 
 
-def finish(proc: subprocess.Popen) -> None:
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+def finish_here(run_in_process, run_dir: Path, data_dir: Path, *extra: str) -> None:
+    """Run train.py with the same settings to the end, in this process (what needs no signal needs no new one)."""
+    result = run_in_process("train.py", *SETTINGS, f"data.dir={data_dir}", f"hydra.run.dir={run_dir}", *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def record(run_dir: Path) -> dict:
@@ -60,7 +61,7 @@ def curve(run_dir: Path) -> list[dict]:
         return [{k: v for k, v in row.items() if "seconds" not in k} for row in csv.DictReader(f)]
 
 
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir):
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir, run_in_process):
     killed = tmp_path / "killed"
     proc = start(killed, data_dir, UNFINISHABLE)
     wait_for_epochs(killed, 1, proc)
@@ -68,9 +69,9 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, da
     proc.wait()
     assert record(killed)["status"] == "running"  # killed before it could finish
     epochs = len(curve(killed)) + 1  # one more than it finished, however late the kill came
-    finish(start(killed, data_dir, "ckpt_path=last", f"trainer.max_epochs={epochs}"))
+    finish_here(run_in_process, killed, data_dir, "ckpt_path=last", f"trainer.max_epochs={epochs}")
     reference = tmp_path / "reference"
-    finish(start(reference, data_dir, f"trainer.max_epochs={epochs}"))
+    finish_here(run_in_process, reference, data_dir, f"trainer.max_epochs={epochs}")
 
     assert record(killed)["status"] == "completed"
     assert curve(killed) == curve(reference)
@@ -79,7 +80,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, da
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_stops_cleanly_records_how_to_resume_and_resume_finishes(tmp_path, data_dir, sig):
+def test_signal_stops_cleanly_records_how_to_resume_and_resume_finishes(tmp_path, data_dir, sig, run_in_process):
     run = tmp_path / "run"
     proc = start(run, data_dir, UNFINISHABLE)
     wait_for_epochs(run, 1, proc)
@@ -92,5 +93,5 @@ def test_signal_stops_cleanly_records_how_to_resume_and_resume_finishes(tmp_path
     assert (run / "checkpoints" / "last.ckpt").exists()
     assert not list((run / "checkpoints").glob(".*.tmp"))
     epochs = len(curve(run)) + 1
-    finish(start(run, data_dir, "ckpt_path=last", f"trainer.max_epochs={epochs}"))
+    finish_here(run_in_process, run, data_dir, "ckpt_path=last", f"trainer.max_epochs={epochs}")
     assert record(run)["status"] == "completed" and record(run)["metrics"]["epochs"] == epochs

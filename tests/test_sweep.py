@@ -1,4 +1,5 @@
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from fmnist.results.__main__ import main as results_main
 from fmnist.results.report import ablation_pairs, write_report
 from fmnist.results.sweep import summarize
 from fmnist.runs import setting_of
-from tests.conftest import CONF, FAST, run_script, snapshot
+from tests.conftest import CONF, FAST, snapshot
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
@@ -157,11 +158,14 @@ def test_a_finished_job_is_reused_only_for_the_same_experiment(tmp_path, data_di
 
 
 @pytest.mark.slow
-def test_ad_hoc_sweeps_get_their_own_directories(tmp_path, data_dir):
+def test_ad_hoc_sweeps_get_their_own_directories(tmp_path, data_dir, run_in_process):
+    started = 0
     for _ in range(2):
-        # Separate processes: an ad hoc sweep's directory is named by its start time and process.
-        result = run_script("train.py", "-m", *FAST, f"data.dir={data_dir}", "model=simple", "trainer.limit_train_batches=1",
-                         "optim.lr=0.01", cwd=tmp_path)
+        while int(time.time()) == started:  # an ad hoc sweep's directory is named by its start, to the second
+            time.sleep(0.05)
+        started = int(time.time())
+        result = run_in_process("train.py", "-m", *FAST, f"data.dir={data_dir}", "model=simple",
+                                "trainer.limit_train_batches=1", "optim.lr=0.01", cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
     sweeps = sorted((tmp_path / "outputs" / "train").iterdir())
     assert len(sweeps) == 2 and all(len(pd.read_csv(s / "summary.csv")) == 1 for s in sweeps)

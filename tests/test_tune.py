@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -138,8 +139,7 @@ def test_a_refused_rerun_leaves_the_finished_trials_as_they_were(tmp_path, data_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_a_stopped_trial_is_recorded_and_replaced_so_the_study_still_reaches_n_trials(tmp_path, data_dir, sig,
+def test_a_stopped_trial_is_recorded_and_replaced_so_the_study_still_reaches_n_trials(tmp_path, data_dir,
                                                                                      run_in_process):
     args = ["study=k", "n_trials=1", f"out_dir={tmp_path}", f"data.dir={data_dir}", *SMALL]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -151,15 +151,32 @@ def test_a_stopped_trial_is_recorded_and_replaced_so_the_study_still_reaches_n_t
     while not (epochs.exists() and len(epochs.read_text().splitlines()) > 1):  # inside the trial's fit
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.02)
-    proc.send_signal(sig)
+    proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
-    if sig == signal.SIGTERM:
-        assert proc.returncode == 143 and "recorded `interrupted`" in err, err[-3000:]
-        assert read_record(tmp_path / "k" / "trial-0000")["status"] == "interrupted"
+    assert proc.returncode == 143 and "recorded `interrupted`" in err, err[-3000:]
+    assert read_record(tmp_path / "k" / "trial-0000")["status"] == "interrupted"
     again = run_in_process("tune.py", *args)  # the same command: the stopped trial does not count
     assert again.returncode == 0, again.stderr[-3000:]
     trials = load(tmp_path, "k").trials
     assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
     assert trials[0].user_attrs["status"] == "interrupted"
-    assert read_record(tmp_path / "k" / "trial-0000")["status"] == "interrupted"
     assert read_record(tmp_path / "k" / "trial-0001")["status"] == "completed"
+
+
+def test_a_trial_whose_process_was_killed_is_marked_and_replaced(tmp_path, data_dir, run_in_process):
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process id that no longer runs: what SIGKILL leaves behind
+    (tmp_path / "z").mkdir()
+    study = optuna.create_study(study_name="z", storage=f"sqlite:///{tmp_path / 'z' / 'study.db'}", direction="maximize")
+    zombie = study.ask()  # RUNNING in the database, as the killed trial left it
+    zombie.set_user_attr("process", {"host": socket.gethostname(), "pid": gone.pid})
+    zombie.set_user_attr("run_dir", str(tmp_path / "z" / "trial-0000"))
+    (tmp_path / "z" / "trial-0000").mkdir()
+    (tmp_path / "z" / "trial-0000" / "metrics.json").write_text('{"status": "running"}')
+    again = run_in_process("tune.py", "study=z", "n_trials=1", f"out_dir={tmp_path}", f"data.dir={data_dir}", *SMALL)
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials = load(tmp_path, "z").trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+    assert trials[0].user_attrs["status"] == "interrupted"
+    assert read_record(tmp_path / "z" / "trial-0000")["status"] == "interrupted"
+    assert read_record(tmp_path / "z" / "trial-0001")["status"] == "completed"
