@@ -22,7 +22,7 @@ def main(args: list[str]) -> int:
         return 0
     from fmnist import console
 
-    logging.basicConfig(level=logging.INFO, format=console.CONSOLE_FORMAT, datefmt=console.CONSOLE_DATEFMT)
+    logging.basicConfig(level=logging.INFO, format=console.CONSOLE_FORMAT, datefmt=console.CONSOLE_DATEFMT, force=True)
     console.setup()  # one line per message, no third-party notices, as train.py prints
     from fmnist.fsio import storage_errors
     from fmnist.sweeps.tune import TrialInterrupted, run_search  # after `--help`: importing torch takes seconds

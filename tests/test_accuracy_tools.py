@@ -135,8 +135,8 @@ def test_eval_tricks_scores_raw_and_averaged_weights_on_validation(make_cfg, tmp
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", ["best", "cpu_best", "speedrun_gpu"])
 def test_accuracy_recipes_train_on_a_cpu_for_a_few_batches(make_cfg, tmp_path, experiment):
-    # The GPU recipes on a CPU: the same model, augmentations, EMA and TTA, on 2 batches of 16.
+    # The GPU recipes on a CPU: the same model, augmentations, EMA and TTA, on 2 batches of 8.
     metrics = train(make_cfg(f"experiment={experiment}", "trainer.accelerator=cpu", "trainer.precision=32-true",
-                             "data.batch_size=16", "data.eval_batch_size=16"), tmp_path)
+                             "data.batch_size=8", "data.eval_batch_size=8"), tmp_path)
     assert 0.0 <= metrics["test/acc"] <= 1.0
     assert "current_model_state" in torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)

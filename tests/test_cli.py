@@ -42,8 +42,9 @@ def test_bad_csv_exits_2_naming_the_problem(tmp_path, run_in_process, train_text
 
 
 @pytest.mark.slow
-def test_multirun_writes_one_directory_per_job_and_a_summary(tmp_path, data_dir):
-    result = run_script("train.py", "-m", *FAST, f"data.dir={data_dir}", "model=simple", "optim.lr=1e-2,1e-4",
+def test_multirun_writes_one_directory_per_job_and_a_summary(tmp_path, data_dir, run_in_process):
+    # In this process: the README test runs the same kind of sweep as a user does, in a new one.
+    result = run_in_process("train.py", "-m", *FAST, f"data.dir={data_dir}", "model=simple", "optim.lr=1e-2,1e-4",
                      f"hydra.sweep.dir={tmp_path}/sweep")
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = tmp_path / "sweep"

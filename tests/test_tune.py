@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from fmnist.runs import read_record
 from fmnist.errors import FmnistError
 from fmnist.sweeps.tune import Search, register_tune, run_search
-from tests.conftest import CONF, FAST, ROOT, run_script, snapshot
+from tests.conftest import CONF, FAST, ROOT, snapshot
 
 # Small trials: the simple CNN, two epochs (two reports to the pruner), 2 batches each.
 SMALL = [*FAST, "model=simple", "~space.model", "space.batch_size.choices=[16,32]", "trainer.max_epochs=2"]
@@ -29,7 +29,7 @@ def load(out, name: str) -> optuna.Study:
 @pytest.mark.slow
 def test_a_study_runs_to_n_trials_records_each_trial_and_continues(tmp_path, data_dir, run_in_process):
     args = ["study=s", f"out_dir={tmp_path}", f"data.dir={data_dir}", *SMALL]
-    first = run_script("tune.py", *args, "n_trials=4")
+    first = run_in_process("tune.py", *args, "n_trials=4")  # tune.py in a new process: the SIGTERM test below
     assert first.returncode == 0, first.stderr[-3000:]
     study = load(tmp_path, "s")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
