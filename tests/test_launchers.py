@@ -2,6 +2,9 @@
 
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import joblib
@@ -106,3 +109,27 @@ def test_slurm_sweep_submits_one_job_array_with_the_configured_resources(tmp_pat
                  "#SBATCH --array=0-2%2", "#SBATCH --job-name=train"]:
         assert line in script.splitlines(), f"{line} not in:\n{script}"
     assert f"-m submitit.core._submit {tmp_path}/s/.submitit/" in script
+
+
+@pytest.mark.slow
+def test_joblib_workers_stop_when_the_sweep_process_is_killed(tmp_path, data_dir):
+    sweep = tmp_path / "s"
+    env = {**os.environ, "PYTHONPATH": str(CONF.parent)}
+    # More epochs than they can finish before the kill, however busy the machine.
+    proc = subprocess.Popen([sys.executable, str(CONF.parent / "train.py"), "-m", *FAST, f"data.dir={data_dir}",
+                             "model=simple", "seed=0,1", "trainer.max_epochs=200", "hydra/launcher=joblib",
+                             "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"],
+                            cwd=CONF.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while len([p for p in sweep.glob("*/epochs.csv") if len(p.read_text().splitlines()) > 1]) < 2:
+        assert proc.poll() is None and time.time() < deadline, "both jobs should be training"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 120
+    while [p for p in sweep.glob("*/metrics.json") if json.loads(p.read_text())["status"] == "running"]:
+        assert time.time() < deadline, "the orphaned workers kept training"
+        time.sleep(0.2)
+    # Each job stopped as SIGTERM stops a run: recorded, resumable by the same sweep command.
+    records = [json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")]
+    assert len(records) == 2 and all(r["status"] == "interrupted" and "sweep command" in r["error"] for r in records)

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import signal
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -75,4 +79,24 @@ def place_job(cfg: DictConfig, hydra_cfg: DictConfig) -> DictConfig:
         with open_dict(cfg):
             cfg.trainer.devices = [placement.device]
     log.info("placement: %s (torch threads: %d)", placement.reason, torch.get_num_threads())
+    if "joblib" in str(hydra_cfg.launcher.get("_target_", "")):
+        stop_when_orphaned()
     return cfg
+
+
+ORPHAN_CHECK_S = 1.0  # how often a joblib worker checks that the sweep process that started it still runs
+
+
+def stop_when_orphaned() -> None:
+    """In a joblib worker: if the sweep's process dies (SIGKILL, a lost terminal), stop this job as SIGTERM does
+    (recorded `interrupted`, resumable by the same sweep command) instead of training on as an orphan."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(ORPHAN_CHECK_S)
+        log.warning("the sweep process %d is gone: stopping this job as SIGTERM would", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if not any(t.name == "fmnist-orphan-watch" for t in threading.enumerate()):  # one per worker process
+        threading.Thread(target=watch, name="fmnist-orphan-watch", daemon=True).start()
