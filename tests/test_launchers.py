@@ -115,9 +115,10 @@ def test_slurm_sweep_submits_one_job_array_with_the_configured_resources(tmp_pat
 def test_joblib_workers_stop_when_the_sweep_process_is_killed(tmp_path, data_dir):
     sweep = tmp_path / "s"
     env = {**os.environ, "PYTHONPATH": str(CONF.parent)}
-    # More epochs than they can finish before the kill, however busy the machine.
+    # Far more epochs than they can finish before the kill and the test's deadline, however fast the machine:
+    # orphans that trained on would end `completed` (or still `running`), never `interrupted`.
     proc = subprocess.Popen([sys.executable, str(CONF.parent / "train.py"), "-m", *FAST, f"data.dir={data_dir}",
-                             "model=simple", "seed=0,1", "trainer.max_epochs=200", "hydra/launcher=joblib",
+                             "model=simple", "seed=0,1", "trainer.max_epochs=5000", "hydra/launcher=joblib",
                              "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"],
                             cwd=CONF.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
