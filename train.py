@@ -23,8 +23,8 @@ def main(cfg: DictConfig) -> float:
 
     console.setup()
     hydra_cfg = HydraConfig.get()
-    # Hydra appends this job's log lines to its train.log from the start: a refused job puts it back as it was.
-    note_early_write(Path(hydra_cfg.runtime.output_dir) / f"{hydra_cfg.job.name}.log")
+    # Hydra appends this job's log lines to its log file from the start: a refused job puts it back as it was.
+    note_early_write(hydra_cfg.job_logging.handlers.file.filename)
     overrides = list(hydra_cfg.overrides.task)
     # Hydra's own copy of the config (`hydra.output_subdir` is null) is written only once the run's checks pass.
     hydra_files = {"config.yaml": cfg, "hydra.yaml": {"hydra": hydra_cfg}, "overrides.yaml": overrides}

@@ -124,7 +124,7 @@ def predict(cfg: DictConfig) -> list[dict]:
     if cfg.out:
         with storage_errors(key="out"):
             write_rows(Path(cfg.out), rows, k)
-    print(table(rows, model.path, cfg.out))
+    print(table(rows, k, model.path, cfg.out))
     failed = [r for r in rows if r["error"]]
     if failed:
         raise InputsFailed(f"{len(failed)} of {len(items)} inputs could not be used ("
@@ -155,12 +155,11 @@ def write_rows(path: Path, rows: list[dict], k: int) -> None:
                 writer.writerows(rows)
 
 
-def table(rows: list[dict], ckpt: Path, out: str | None) -> str:
+def table(rows: list[dict], k: int, ckpt: Path, out: str | None) -> str:
     """A short text table: the first rows with their top-k classes in percent, and the accuracy where labels are known.
 
     Percent is for people; the files (`out`) hold probabilities as fractions, as metrics.json holds accuracies.
     """
-    k = sum(key.startswith("class_") and key[6:].isdigit() for key in rows[0]) if rows else 1
     lines = [f"checkpoint {ckpt}", f"{'input':<40} {f'top-{k} (probability)':<44} {'label':<12} error"]
     for r in rows[:SHOWN_ROWS]:
         name = r["input"] if len(r["input"]) <= 40 else "..." + r["input"][-37:]

@@ -59,10 +59,10 @@ def split_of(job: Path) -> str | None:
     return ", ".join(differences) or None
 
 
-def project_rows(sweep_dir: Path) -> list[dict]:
-    """One row per completed setting of a sweep directory; `split` says how its data differs from the standard."""
+def project_rows(sweep_dir: Path, table: pd.DataFrame) -> list[dict]:
+    """One row per completed setting of a sweep directory (`table`: its jobs, `collect`); `split` says how
+    its data differs from the standard."""
     sweep_dir = Path(sweep_dir)
-    table = collect(sweep_dir)
     done = table[table.status == COMPLETED]
     rows = []
     for setting, jobs in done.groupby("setting"):
@@ -82,9 +82,9 @@ def project_rows(sweep_dir: Path) -> list[dict]:
     return rows
 
 
-def left_out(sweep_dir: Path) -> str | None:
-    """A line naming the jobs of a sweep that are not in the table (not completed, or unreadable), if any."""
-    table = collect(sweep_dir)
+def left_out(sweep_dir: Path, table: pd.DataFrame) -> str | None:
+    """A line naming the jobs of a sweep (`table`: its jobs) left out of the leaderboard (not completed, or
+    unreadable), if any."""
     missing = table[table.status != COMPLETED]
     if missing.empty:
         return None
@@ -98,7 +98,8 @@ def markdown(sweep_dirs: list[Path]) -> str:
              "|---|---|---|---|---|---|---|"]
     for name, acc, budget, source in REFERENCES:
         lines.append(f"| {name} [{source}] | {acc} | | | | | {budget} |")
-    rows = sorted((r for d in sweep_dirs for r in project_rows(d)), key=lambda r: -r["mean"])
+    tables = {Path(d): collect(d) for d in sweep_dirs}  # every job's record and epochs.csv, read once
+    rows = sorted((r for d, t in tables.items() for r in project_rows(d, t)), key=lambda r: -r["mean"])
     row = ("| **{recipe}** | {test acc (%)} | {n} | {training images} | {training PFLOP} | {wall time (s)} "
            "| {hardware} |")
     lines += [row.format(**r) for r in rows if r["split"] is None]
@@ -109,5 +110,5 @@ def markdown(sweep_dirs: list[Path]) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['recipe']} | {r['test acc (%)']} | {r['n']} | {r['split']} | {r['training images']} "
                   f"| {r['training PFLOP']} | {r['wall time (s)']} | {r['hardware']} |" for r in other]
-    notes = [note for d in sweep_dirs if (note := left_out(d))]
+    notes = [note for d, t in tables.items() if (note := left_out(d, t))]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
