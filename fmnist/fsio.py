@@ -68,12 +68,12 @@ def early_writes_undone_if_refused():
         yield
     except SystemExit as e:
         if e.code == 2:
-            for path, before in _EARLY_WRITES.items():
+            for path, before in reversed(_EARLY_WRITES.items()):  # the last written first: a job's log, then its sweep's
                 if before is not None:
                     atomic_write(path, before)
-                elif path.is_file():
-                    path.unlink()
-                    if path.parent.is_dir() and not any(path.parent.iterdir()):
+                else:
+                    path.unlink(missing_ok=True)
+                    if path.parent.is_dir() and not any(path.parent.iterdir()):  # the directory Hydra made for it
                         path.parent.rmdir()
         raise
     finally:

@@ -129,6 +129,19 @@ def test_sweep_survives_a_diverging_job_skips_finished_jobs_and_reports(tmp_path
     assert (tmp_path / "s" / "figures" / "confusion_matrix.png").exists()
 
 
+def test_a_refused_sweep_leaves_no_directory_and_a_refused_job_no_job_directory(tmp_path, data_dir, run_in_process):
+    args = ["-m", *FAST, f"data.dir={data_dir}", f"hydra.sweep.dir={tmp_path}/s"]
+    refused = run_in_process("train.py", *args, "optim.lr=-1")
+    assert refused.returncode == 2 and "optim.lr must be positive" in refused.stderr
+    assert not (tmp_path / "s").exists()  # no multirun.yaml, no job directory, no empty train.log
+
+    (tmp_path / "s" / "earlier").mkdir(parents=True)  # a sweep directory the user already has stays as it was
+    (tmp_path / "s" / "multirun.yaml").write_text("earlier sweep\n")
+    before = snapshot(tmp_path / "s"), sorted((tmp_path / "s").rglob("*"))
+    assert run_in_process("train.py", *args, "optim.lr=-1").returncode == 2
+    assert (snapshot(tmp_path / "s"), sorted((tmp_path / "s").rglob("*"))) == before
+
+
 @pytest.mark.slow
 def test_a_finished_job_is_reused_only_for_the_same_experiment(tmp_path, data_dir, run_in_process):
     import shutil
