@@ -217,11 +217,25 @@ def sweep_name(name: str, stamp: str, preset: str | None = None) -> str:
     return f"{base}-{preset}" if preset else base
 
 
+OTHER_COMMANDS_GROUPS = ("hydra", "tune")  # config groups in conf/ that train.py does not take (tune.py's search spaces)
+
+
+def train_groups_help() -> str:
+    """`train.py --help`'s list of config groups and their options, as Hydra lists them, without the groups
+    of other commands (Hydra would list every group under conf/)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    groups = (g for g in sorted(loader.list_groups("")) if g not in OTHER_COMMANDS_GROUPS)
+    return "\n".join(f"{g}: {', '.join(loader.get_group_options(g))}" for g in groups)
+
+
 def register_resolvers() -> None:
     """The `${...:}` functions the YAML files use for output paths (every entry point's config)."""
     if not OmegaConf.has_resolver("placement_keys"):
         OmegaConf.register_new_resolver("placement_keys", lambda: list(PLACEMENT_KEYS))
         OmegaConf.register_new_resolver("sweep_name", sweep_name)
+        OmegaConf.register_new_resolver("train_groups_help", train_groups_help)
         # The console's line format, for the YAML logging configs (fmnist/console.py holds it).
         OmegaConf.register_new_resolver("console_format", lambda: console.CONSOLE_FORMAT)
         OmegaConf.register_new_resolver("console_datefmt", lambda: console.CONSOLE_DATEFMT)

@@ -1,5 +1,7 @@
 """`python train.py ...` as a user runs it: in this process where that shows the same, else in a new one."""
 
+import re
+
 import pandas as pd
 import pytest
 
@@ -75,11 +77,12 @@ def test_a_smoke_run_prints_each_line_once_and_ends_with_its_result(tmp_path, da
     assert pd.read_csv(run / "confusion_matrix.csv", header=None).to_numpy().sum() == 200
 
 
-@pytest.mark.slow
-def test_help_explains_the_groups_without_schema_entries():
-    result = run_script("train.py", "--help")
+def test_help_lists_the_groups_train_takes_and_only_those(run_in_process):
+    result = run_in_process("train.py", "--help")
     assert result.returncode == 0 and "python train.py -m key=a,b" in result.stdout
     assert "model: optimized, resnet, simple" in result.stdout and "schema" not in result.stdout
+    groups = [line.split(":")[0] for line in result.stdout.splitlines() if re.match(r"\w+: \w", line)]
+    assert "experiment" in groups and "preset" in groups and "tune" not in groups  # tune=: tune.py's search spaces
 
 
 def test_an_experiments_seeds_without_dash_m_are_not_dropped_silently(tmp_path, data_dir, run_in_process):
