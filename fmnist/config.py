@@ -9,6 +9,7 @@ meaningless.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sys
@@ -230,12 +231,28 @@ def train_groups_help() -> str:
     return "\n".join(f"{g}: {', '.join(loader.get_group_options(g))}" for g in groups)
 
 
+RUN_LABEL_CHARS = 100  # a directory name stays well under the file system's 255 bytes
+
+
+def run_label(override_dirname: str) -> str:
+    """What a single run's directory adds after its time, so that TensorBoard names it by what it is
+    (`_model=simple,optim.lr=0.01`, the keys a sweep job's directory would give); a long one is cut and
+    ends in a hash of the whole, so two different runs never share a label."""
+    if not override_dirname:
+        return ""
+    if len(override_dirname) > RUN_LABEL_CHARS:
+        digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
+        override_dirname = f"{override_dirname[:RUN_LABEL_CHARS - 9]}~{digest}"
+    return f"_{override_dirname}"
+
+
 def register_resolvers() -> None:
     """The `${...:}` functions the YAML files use for output paths (every entry point's config)."""
     if not OmegaConf.has_resolver("placement_keys"):
         OmegaConf.register_new_resolver("placement_keys", lambda: list(PLACEMENT_KEYS))
         OmegaConf.register_new_resolver("sweep_name", sweep_name)
         OmegaConf.register_new_resolver("train_groups_help", train_groups_help)
+        OmegaConf.register_new_resolver("run_label", run_label)
         # The console's line format, for the YAML logging configs (fmnist/console.py holds it).
         OmegaConf.register_new_resolver("console_format", lambda: console.CONSOLE_FORMAT)
         OmegaConf.register_new_resolver("console_datefmt", lambda: console.CONSOLE_DATEFMT)

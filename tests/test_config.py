@@ -75,3 +75,19 @@ def test_an_unquoted_value_holding_equals_is_named_with_how_to_quote_it(monkeypa
     message = composition_message(error.value)
     assert message.startswith("cannot read the override `data.dir=/tmp/a=b`") and "data.dir=\"'/tmp/a=b'\"" in message
     assert "`python train.py --cfg job` prints every key" in message
+
+
+def test_a_single_runs_directory_names_the_keys_set_and_stays_short():
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["model=simple", "optim.lr=0.01", "data.dir=elsewhere"], return_hydra_config=True)
+    assert cfg.hydra.run.dir.endswith("_model=simple,optim.lr=0.01")  # data.dir only places the run: left out
+
+    from fmnist.config import RUN_LABEL_CHARS, run_label
+
+    assert run_label("") == ""
+    long_a, long_b = "optim.lr=0.01," * 20 + "seed=1", "optim.lr=0.01," * 20 + "seed=2"
+    assert len(run_label(long_a)) <= RUN_LABEL_CHARS + 1 and run_label(long_a) != run_label(long_b)
