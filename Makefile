@@ -31,11 +31,16 @@ data: $(STAMP)
 train: data
 	$(BIN)/python train.py data.dir=$(DATA) $(ARGS)
 
+# The suite runs on one worker per core, at most 4 (pytest-xdist: most tests wait on a process they
+# started, so two workers keep two cores busy); `make test TEST_WORKERS=0` runs it in this one process.
+TEST_WORKERS ?= logical
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist worksteal
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(PYTEST) $(ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+	$(PYTEST) -m "not slow" $(ARGS)
 
 tensorboard: $(STAMP)
 	$(BIN)/tensorboard --logdir outputs $(ARGS)
