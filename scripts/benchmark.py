@@ -205,9 +205,9 @@ def main() -> int:
     rows = []
     for model in args.models:
         config = model_cfg(model, args.compile)
-        auto, _ = resolve_precision("auto", kind, {**config["model"], "channels_last": True})
         flops = training_flops_per_image(classifier(config).net)
         for batch_size in args.batch_sizes:
+            auto, _ = resolve_precision("auto", kind, {**config["model"], "channels_last": True}, batch_size)
             dm = make_datamodule(args.data_dir, batch_size, args.val_size, device)
             data_ips = data_path_throughput(dm, 50, device)
             for precision in precisions:

@@ -1,6 +1,11 @@
-"""`trainer.precision=auto`: the hardware decides, the probe's verdict is honoured and cached, an explicit value wins."""
+"""`trainer.precision=auto`: the hardware decides; a clear probe on a quiet machine is cached, anything else decides
+one run only; an explicit value wins."""
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -20,13 +25,28 @@ def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("FMNIST_CACHE_DIR", str(tmp_path / "cache"))
 
 
-def fake_probe(fp32_ms: float, bf16_ms: float):
+def fake_probe(fp32_ms: float | list, bf16_ms: float | list, others_cpu_share: float = 0.0):
+    """A `probe` that returns the given per-round timings (one number: the same in every round)."""
     calls = []
 
-    def probe(model: dict) -> dict:
-        calls.append(model)
-        return {"fp32_ms": fp32_ms, "bf16_ms": bf16_ms, "batch_size": 16}
-    return probe, calls
+    def measure(model: dict, batch_size: int, device: str) -> dict:
+        calls.append((model, batch_size, device))
+        fp32 = fp32_ms if isinstance(fp32_ms, list) else [fp32_ms] * auto.PROBE_ROUNDS
+        bf16 = bf16_ms if isinstance(bf16_ms, list) else [bf16_ms] * auto.PROBE_ROUNDS
+        return {"fp32_ms": fp32, "bf16_ms": bf16, "batch_size": batch_size, "device": device,
+                "others_cpu_share": others_cpu_share}
+    return measure, calls
+
+
+def steps_taking(fp32_s: float, bf16_s: float, spikes: dict[int, float] | None = None):
+    """A step timer for `probe`: each call takes the given seconds, the n-th call (counting from 0, warm-ups
+    included) multiplied by `spikes[n]`, as a burst of other work would."""
+    calls = []
+
+    def step(bf16: bool) -> float:
+        calls.append(bf16)
+        return (bf16_s if bf16 else fp32_s) * (spikes or {}).get(len(calls) - 1, 1.0)
+    return step, calls
 
 
 def cpu_with_bf16(monkeypatch, native: bool):
@@ -35,62 +55,142 @@ def cpu_with_bf16(monkeypatch, native: bool):
 
 
 def test_explicit_precision_always_wins(monkeypatch):
-    probe, calls = fake_probe(10, 1)
-    assert auto.resolve_precision("32-true", "cpu", MODEL, probe)[0] == "32-true"
-    assert auto.resolve_precision("bf16-mixed", "cpu", MODEL, probe)[0] == "bf16-mixed"
+    measure, calls = fake_probe(10, 1)
+    assert auto.resolve_precision("32-true", "cpu", MODEL, 64, measure)[0] == "32-true"
+    assert auto.resolve_precision("bf16-mixed", "cpu", MODEL, 64, measure)[0] == "bf16-mixed"
     assert calls == []
 
 
 def test_cpu_without_native_bf16_takes_fp32_without_probing(monkeypatch):
     cpu_with_bf16(monkeypatch, native=False)
-    probe, calls = fake_probe(10, 1)
-    precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, probe)
+    measure, calls = fake_probe(10, 1)
+    precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, 64, measure)
     assert precision == "32-true" and calls == [] and "no native bf16" in evidence["reason"]
 
 
-@pytest.mark.parametrize("fp32_ms, bf16_ms, expected", [(10.0, 5.0, "bf16-mixed"), (10.0, 9.5, "32-true"),
-                                                         (10.0, 20.0, "32-true")])
-def test_cpu_with_native_bf16_follows_the_probe(monkeypatch, fp32_ms, bf16_ms, expected):
+@pytest.mark.parametrize("fp32_s, bf16_s, expected", [(0.010, 0.005, "bf16-mixed"), (0.010, 0.020, "32-true"),
+                                                     (0.010, 0.0095, "32-true")])
+def test_the_faster_precision_wins_when_the_difference_is_clear(monkeypatch, fp32_s, bf16_s, expected):
     cpu_with_bf16(monkeypatch, native=True)
-    probe, calls = fake_probe(fp32_ms, bf16_ms)
-    precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, probe)
-    assert precision == expected and len(calls) == 1
-    assert evidence["probe"]["fp32_ms"] == fp32_ms and evidence["resolved"] == expected
+    step, steps = steps_taking(fp32_s, bf16_s)
+    measure = lambda model, batch_size, device: auto.probe(model, batch_size, device, step=step)  # noqa: E731
+    precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, 64, measure)
+    assert precision == expected and evidence["verdict"]["clear"]
+    # Both precisions timed alike: interleaved, the same number of times, each round starting with the other.
+    assert steps.count(True) == steps.count(False) and steps[2:4] != steps[6:8]
+    assert "cached" in evidence["reason"] and json.loads(auto.cache_file().read_text())  # kept: clear and quiet
 
 
-def test_the_probe_verdict_is_cached_per_architecture(monkeypatch):
+def test_a_burst_of_other_work_in_one_round_does_not_change_the_verdict(monkeypatch):
     cpu_with_bf16(monkeypatch, native=True)
-    probe, calls = fake_probe(10, 5)
-    auto.resolve_precision("auto", "cpu", MODEL, probe)
-    precision, evidence = auto.resolve_precision("auto", "cpu", {**MODEL, "dropout": 0.3}, probe)
-    assert precision == "bf16-mixed" and len(calls) == 1 and evidence["probe"]["cached"]
-    auto.resolve_precision("auto", "cpu", {**MODEL, "hidden": 64}, probe)  # another architecture: probed
-    assert len(calls) == 2
+    # bf16 1.5x faster; during the first round (calls 2-5 after the warm-ups, fp32 first) every fp32 step
+    # is 3x slower and every bf16 step 5x slower, so that round alone says fp32.
+    per_round = 2 * auto.STEPS_PER_ROUND
+    spikes = {n: (5.0 if n % 2 else 3.0) for n in range(2, 2 + per_round)}
+    step, _ = steps_taking(0.015, 0.010, spikes)
+    measure = lambda model, batch_size, device: auto.probe(model, batch_size, device, step=step)  # noqa: E731
+    precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, 64, measure)
+    assert precision == "bf16-mixed" and evidence["verdict"]["rounds_bf16_faster"] == auto.PROBE_ROUNDS - 1
 
 
-@pytest.mark.parametrize("bf16, expected", [(True, "bf16-mixed"), (False, "16-mixed")])
-def test_cuda_takes_bf16_where_supported(monkeypatch, bf16, expected):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
-    assert auto.resolve_precision("auto", "gpu", MODEL)[0] == expected
+def test_an_unclear_verdict_decides_one_run_as_fp32_and_is_measured_again(monkeypatch):
+    cpu_with_bf16(monkeypatch, native=True)
+    measure, calls = fake_probe(10, [10, 8, 10, 8, 9.5])  # bf16 1.25x faster in 2 rounds of 5: noise
+    precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, 64, measure)
+    assert precision == "32-true" and not evidence["verdict"]["clear"] and "unclear" in evidence["reason"]
+    auto.resolve_precision("auto", "cpu", MODEL, 64, measure)
+    assert len(calls) == 2 and not auto.cache_file().exists()
 
 
-def test_the_real_probe_times_both_precisions():
-    result = auto.probe_cpu_bf16(MODEL, batch_size=4, steps=1)
-    assert result["fp32_ms"] > 0 and result["bf16_ms"] > 0
+def test_a_verdict_measured_on_a_busy_machine_is_used_once_not_kept(monkeypatch):
+    cpu_with_bf16(monkeypatch, native=True)
+    measure, calls = fake_probe(10, 5, others_cpu_share=0.6)
+    precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, 64, measure)
+    assert precision == "bf16-mixed" and "busy" in evidence["reason"]
+    auto.resolve_precision("auto", "cpu", MODEL, 64, measure)
+    assert len(calls) == 2 and not auto.cache_file().exists()
+
+
+def test_the_verdict_is_cached_per_architecture_and_batch_size_not_evaluation_keys(monkeypatch):
+    cpu_with_bf16(monkeypatch, native=True)
+    measure, calls = fake_probe(10, 5)
+    auto.resolve_precision("auto", "cpu", MODEL, 64, measure)
+    precision, evidence = auto.resolve_precision("auto", "cpu", {**MODEL, "dropout": 0.3, "compile": True}, 64, measure)
+    assert precision == "bf16-mixed" and len(calls) == 1 and "cached verdict" in evidence["reason"]
+    auto.resolve_precision("auto", "cpu", {**MODEL, "hidden": 64}, 64, measure)  # another architecture
+    auto.resolve_precision("auto", "cpu", MODEL, 256, measure)  # another batch size
+    assert len(calls) == 3
+
+
+def test_tta_and_ema_do_not_reach_the_verdicts_key(make_cfg, tmp_path, monkeypatch):
+    from fmnist.training import train as training
+
+    class Resolved(Exception):
+        pass
+
+    keys = []
+
+    def spy(requested, accelerator, model, batch_size, measure=None):
+        keys.append(auto.cache_key(model, batch_size, "cpu"))
+        raise Resolved  # what the run would be resolved from is all this test needs
+    monkeypatch.setattr(training, "resolve_precision", spy)
+    for i, overrides in enumerate(([], ["tta=flip", "optim.ema_decay=0.99"])):
+        with pytest.raises(Resolved):
+            train(make_cfg("model=simple", *overrides), tmp_path / str(i))
+    assert len(keys) == 2 and keys[0] == keys[1]
+
+
+def test_cuda_measures_fp32_with_tf32_against_bf16(monkeypatch):
+    monkeypatch.setattr(hardware, "device_kind", lambda accelerator: "cuda")
+    monkeypatch.setattr(hardware, "gpu_name", lambda: "Test GPU")
+    measure, calls = fake_probe(10, 12)  # launch-bound: bf16 slower
+    precision, evidence = auto.resolve_precision("auto", "gpu", MODEL, 512, measure)
+    assert precision == "32-true" and calls[0][1:] == (512, "cuda") and evidence["fp32_matmul"] == "tf32"
+    assert torch.get_float32_matmul_precision() == "high"
+    torch.set_float32_matmul_precision("highest")
+
+
+def test_the_real_probe_times_both_precisions_in_rounds():
+    result = auto.probe(MODEL, batch_size=4, rounds=3)
+    assert len(result["fp32_ms"]) == len(result["bf16_ms"]) == 3 and min(result["fp32_ms"] + result["bf16_ms"]) > 0
+    assert 0.0 <= result["others_cpu_share"] <= 1.0
 
 
 @pytest.mark.slow
-def test_a_run_records_the_resolved_precision_and_hardware(make_cfg, tmp_path, monkeypatch):
+def test_a_probe_beside_cpu_bound_processes_sees_the_machine_busy_and_keeps_nothing():
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        time.sleep(0.5)
+        found = auto.decide(MODEL, 16, "cpu")
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    assert found["busy"] and found["probe"]["others_cpu_share"] > auto.BUSY_SHARE
+    assert not auto.cache_file().exists()
+
+
+@pytest.mark.slow
+def test_a_run_records_the_resolved_precision_and_how_it_was_decided(make_cfg, tmp_path, monkeypatch):
     cpu_with_bf16(monkeypatch, native=True)
-    probe, calls = fake_probe(10, 30)  # bf16 3x slower: auto must pick fp32
-    monkeypatch.setattr(auto, "probe_cpu_bf16", probe)
+    measure, calls = fake_probe(10, 30)  # bf16 3x slower: auto must pick fp32
+    monkeypatch.setattr(auto, "probe", measure)
     train(make_cfg("model=simple"), tmp_path)
     record = json.loads((tmp_path / "metrics.json").read_text())
     assert record["precision"]["requested"] == "auto" and record["precision"]["resolved"] == "32-true"
-    assert record["precision"]["probe"]["bf16_ms"] == 30 and len(calls) == 1
-    assert record["hardware"]["cores"] >= 1 and record["hardware"]["torch"] == torch.__version__
+    verdict = record["precision"]["verdict"]
+    assert verdict["probe"]["bf16_ms"] == [30] * auto.PROBE_ROUNDS and verdict["clear"] and "rounds" in verdict["how"]
+    assert len(calls) == 1 and record["hardware"]["cores"] >= 1 and record["hardware"]["torch"] == torch.__version__
+
+
+def test_the_command_shows_measures_and_clears_the_cached_verdicts(monkeypatch, capsys):
+    measure, _ = fake_probe(10, 5)
+    monkeypatch.setattr(auto, "probe", measure)
+    assert auto.main(["measure", "model=simple", "data.batch_size=32", "--device", "cpu"]) == 0
+    assert auto.main(["show"]) == 0
+    shown = capsys.readouterr().out
+    assert "1 verdict(s)" in shown and "batch 32" in shown and "-> bf16-mixed" in shown
+    assert auto.main(["clear"]) == 0 and not auto.cache_file().exists()
 
 
 def test_flop_count_matches_the_simple_cnns_arithmetic():

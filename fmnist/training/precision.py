@@ -1,24 +1,38 @@
-"""`trainer.precision=auto`: the precision this machine runs the run's model fastest in, with the evidence.
+"""`trainer.precision=auto`: the precision this machine trains the run's model fastest in, with the evidence.
 
-bf16 autocast is only fast where the hardware has native bf16 arithmetic: on a CPU without it
-(AVX2-only x86, most laptops) a bf16 step is an order of magnitude slower than fp32. So `auto`
-resolves, before the Trainer is built, to:
-- CUDA: `bf16-mixed` where the GPU supports bf16, else `16-mixed`;
+bf16 is only fast where the hardware has native bf16 arithmetic: on a CPU without it (AVX2-only x86,
+most laptops) a bf16 step is an order of magnitude slower than fp32, and on a GPU a model this small
+can be launch-bound, so that bf16-mixed's casts cost more than they save. So `auto` resolves, before
+the Trainer is built, to:
+- CPU without native bf16: `32-true`, with no measurement;
 - MPS: `32-true` (not measured here; Lightning's mixed precision on MPS is not a known win);
-- CPU: `32-true` without native bf16 (no probe at all); with it, a short probe of the run's own
-  model in both precisions decides, and the verdict is cached per (CPU model, torch, model).
+- CPU with native bf16, and CUDA: a probe of the run's own model at its batch size decides between
+  fp32 (TF32 matmuls on CUDA) and bf16-mixed.
+
+The probe times both precisions in interleaved rounds, so that a burst of other work slows both
+alike, and keeps the per-round speedups. Its verdict is *clear* when at least all but one round
+fall on the same side of `BF16_MIN_SPEEDUP`; only a clear verdict measured on a quiet machine (other
+processes took at most `BUSY_SHARE` of the CPU time while it ran) is cached, per (device,
+torch, architecture, batch size). Anything else decides this run only, conservatively (fp32 unless
+bf16 is clearly faster), and the next run measures again. `python -m fmnist.training.precision
+show|measure|clear` shows, re-measures or clears the cached verdicts.
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
 import logging
 import os
+import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+from omegaconf import OmegaConf
 
 from fmnist import hardware
 from fmnist.fsio import atomic_write
@@ -26,102 +40,215 @@ from fmnist.models import build_model
 
 log = logging.getLogger(__name__)
 
-# bf16 must beat fp32 by this factor in the probe to be chosen: a tie is not worth bf16's rounding.
+BF16 = "bf16-mixed"
+FP32 = "32-true"
+# bf16 must beat fp32 by this factor to be chosen: a tie is not worth bf16's rounding.
 BF16_MIN_SPEEDUP = 1.1
+PROBE_ROUNDS = 5  # interleaved rounds; a verdict is clear when all of them but at most one agree
+STEPS_PER_ROUND = 2  # timed steps of each precision per round (their median is the round's time)
+PROBE_BUDGET_S = 4.0  # a slow machine stops after this many seconds with the rounds it has (at least 3)
+# The share of the machine's CPU time that other processes took during the probe above which the
+# machine counts as busy, and a verdict measured there is not cached: contention can reverse a small speedup.
+BUSY_SHARE = 0.25
+CACHE_VERSION = 2  # entries of another version (single timings that could be noise) are measured again
 
 
-def probe_cpu_bf16(model: dict, batch_size: int = 16, steps: int = 3, budget_s: float = 2.0) -> dict:
-    """Milliseconds per training step (forward + backward) of `model` in fp32 and in bf16 autocast.
-
-    `model`: the `model` config, plus `channels_last` (how the run lays out its tensors).
-
-    One warm-up step each, then up to `steps` alternating timed steps; stops early when the
-    budget is spent, so a slow machine still answers in about `budget_s` seconds.
-    """
-    net = build_model(**{k: v for k, v in model.items() if k != "channels_last"}).train()
-    x = torch.rand(batch_size, 1, 28, 28)
+def _step_timer(model: dict, batch_size: int, device: str) -> Callable[[bool], float]:
+    """A function that times one training step (forward, backward) of `model` in bf16 autocast or fp32."""
+    net = build_model(**{k: v for k, v in model.items() if k != "channels_last"}).train().to(device)
+    x = torch.rand(batch_size, 1, 28, 28, device=device)
     if model.get("channels_last"):
         net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch_size,))
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step(bf16: bool) -> float:
+        sync()
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             loss = torch.nn.functional.cross_entropy(net(x).float(), y)
         loss.backward()
         net.zero_grad(set_to_none=True)
+        sync()
         return time.perf_counter() - start
+    return step
 
-    deadline = time.perf_counter() + budget_s
+
+def probe(model: dict, batch_size: int, device: str = "cpu", step: Callable[[bool], float] | None = None,
+          rounds: int = PROBE_ROUNDS, budget_s: float = PROBE_BUDGET_S) -> dict:
+    """Milliseconds per training step of `model` in fp32 and in bf16 autocast, per interleaved round.
+
+    `model`: the `model` config plus `channels_last` (how the run lays out its tensors). `step` times
+    one step (default: the real model on `device`); tests pass timings. One warm-up step of each first.
+    """
+    step = step or _step_timer(model, batch_size, device)
+    load_before = _cpu_counters()
     step(False), step(True)  # warm-ups: the first calls allocate and choose kernels
-    times: dict[bool, list[float]] = {False: [], True: []}
-    for _ in range(steps):
-        for bf16 in (False, True):
-            times[bf16].append(step(bf16))
-        if time.perf_counter() > deadline:
+    deadline = time.perf_counter() + budget_s
+    fp32_ms, bf16_ms = [], []
+    for r in range(rounds):
+        # Alternate which precision goes first, so that neither always meets the machine warmer.
+        order = (False, True) if r % 2 == 0 else (True, False)
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(STEPS_PER_ROUND):
+            for bf16 in order:
+                times[bf16].append(step(bf16))
+        fp32_ms.append(round(1000 * statistics.median(times[False]), 3))
+        bf16_ms.append(round(1000 * statistics.median(times[True]), 3))
+        if r >= 2 and time.perf_counter() > deadline:
             break
-    return {"fp32_ms": round(1000 * min(times[False]), 2), "bf16_ms": round(1000 * min(times[True]), 2),
-            "batch_size": batch_size}
+    return {"fp32_ms": fp32_ms, "bf16_ms": bf16_ms, "batch_size": batch_size, "device": device,
+            "others_cpu_share": _others_share(load_before, _cpu_counters())}
 
 
-def _cache_file() -> Path:
+def _cpu_counters() -> tuple[float, float, float] | None:
+    """(all CPUs' busy seconds, all CPUs' total seconds, this process's CPU seconds) now, from /proc/stat;
+    None where there is no /proc/stat (then the 1-minute load average stands in)."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    per_s = os.sysconf("SC_CLK_TCK")
+    idle = ticks[3] + ticks[4]  # idle and iowait
+    own = os.times()
+    return (sum(ticks) - idle) / per_s, sum(ticks) / per_s, own.user + own.system
+
+
+def _others_share(before, after) -> float:
+    """The share of all CPU time that processes other than this one used between two `_cpu_counters`."""
+    if before is None or after is None or after[1] <= before[1]:
+        try:
+            return round(min(1.0, max(0.0, os.getloadavg()[0] - 1) / (os.cpu_count() or 1)), 3)
+        except (OSError, AttributeError):
+            return 0.0
+    others = (after[0] - before[0]) - (after[2] - before[2])
+    return round(min(1.0, max(0.0, others / (after[1] - before[1]))), 3)
+
+
+def verdict(timings: dict) -> dict:
+    """The precision `timings` (from `probe`) favour, how clearly, and whether it may be cached."""
+    speedups = [f / max(b, 1e-9) for f, b in zip(timings["fp32_ms"], timings["bf16_ms"])]
+    faster = sum(s >= BF16_MIN_SPEEDUP for s in speedups)
+    clear_bf16, clear_fp32 = faster >= len(speedups) - 1, faster <= 1
+    busy = timings.get("others_cpu_share", 0.0) > BUSY_SHARE
+    median = statistics.median(speedups)
+    if clear_bf16 or clear_fp32:
+        how = f"{faster} of {len(speedups)} rounds"
+    else:
+        how = f"unclear: {faster} of {len(speedups)} rounds, so fp32 for this run only"
+    return {"precision": BF16 if clear_bf16 else FP32, "clear": clear_bf16 or clear_fp32, "busy": busy,
+            "bf16_speedup": round(median, 3), "speedup_range": [round(min(speedups), 3), round(max(speedups), 3)],
+            "rounds_bf16_faster": faster, "how": how}
+
+
+def cache_file() -> Path:
+    """Where the cached verdicts live: $FMNIST_CACHE_DIR, or the user's cache directory."""
     root = os.environ.get("FMNIST_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fmnist"
     return Path(root) / "precision.json"
 
 
-def _cached_probe(model: dict, probe: Callable[[dict], dict]) -> dict:
-    """The probe's result for this (CPU model and ISA, torch version, architecture), measured once per machine.
-
-    The ISA is part of the key because VMs of different CPU generations can report the same model name.
-    """
-    arch = {k: v for k, v in sorted(model.items()) if k not in ("dropout", "compile")}
-    machine = f"{hardware.cpu_model()} ({' '.join(hardware.cpu_isa())})"
-    key = f"{machine} | torch {torch.__version__} | {json.dumps(arch, sort_keys=True)}"
-    path = _cache_file()
+def _read_cache() -> dict:
     try:
-        cache = json.loads(path.read_text())
+        cache = json.loads(cache_file().read_text())
     except (OSError, ValueError):
-        cache = {}
-    if key in cache:
-        return {**cache[key], "cached": True}
-    result = probe(model)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, json.dumps({**cache, key: result}, indent=1))
-    except OSError as e:  # a read-only home only costs a probe per run
-        log.debug("precision cache not written: %s", e)
-    return {**result, "cached": False}
+        return {}
+    return cache if isinstance(cache, dict) else {}
 
 
-def resolve_precision(requested, accelerator: str, model: dict,
-                      probe: Callable[[dict], dict] | None = None) -> tuple[str, dict]:
+def cache_key(model: dict, batch_size: int, device: str) -> str:
+    """What a verdict depends on: the device (CPU model and ISA, or GPU), torch, the architecture and its
+    memory layout, the batch size. Keys that change only evaluation (TTA, EMA) or nothing a step times
+    (dropout's rate, compile) are not in `model` or are left out here."""
+    arch = {k: v for k, v in sorted(model.items()) if k not in ("dropout", "compile")}
+    machine = hardware.gpu_name() if device == "cuda" else f"{hardware.cpu_model()} ({' '.join(hardware.cpu_isa())})"
+    return (f"v{CACHE_VERSION} | {device}: {machine} | torch {torch.__version__} | batch {batch_size} | "
+            f"{json.dumps(arch, sort_keys=True)}")
+
+
+def decide(model: dict, batch_size: int, device: str, measure: Callable[..., dict] | None = None,
+           remeasure: bool = False) -> dict:
+    """The verdict for this (device, model, batch size): the cached one, or a new probe's (cached when it
+    is clear and the machine was quiet). `measure` stands in for `probe` in tests."""
+    key = cache_key(model, batch_size, device)
+    cache = _read_cache()
+    if key in cache and not remeasure:
+        return {**cache[key], "source": f"cached verdict of {cache[key].get('measured', 'an earlier probe')}"}
+    timings = (measure or probe)(model, batch_size, device)
+    result = {**verdict(timings), "probe": timings,
+              "measured": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    keep = result["clear"] and not result["busy"]
+    if keep:
+        try:
+            cache_file().parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(cache_file(), json.dumps({**_read_cache(), key: result}, indent=1))
+        except OSError as e:  # a read-only home only costs a probe per run
+            log.debug("precision cache not written: %s", e)
+    why = "cached" if keep else ("not cached: the machine was busy" if result["busy"] else "not cached: unclear")
+    return {**result, "source": f"probe ({why})"}
+
+
+def resolve_precision(requested, accelerator: str, model: dict, batch_size: int,
+                      measure: Callable[..., dict] | None = None) -> tuple[str, dict]:
     """The Lightning precision to use, and the evidence for it (recorded in metrics.json).
 
-    An explicit `requested` value always wins; `auto` is decided by the hardware as the module
-    docstring says. `probe` times the model in both precisions (default: `probe_cpu_bf16`).
+    An explicit `requested` value always wins; `auto` is decided as the module docstring says.
     """
     if str(requested) != "auto":
         return str(requested), {"requested": str(requested), "resolved": str(requested), "reason": "set explicitly"}
     kind = hardware.device_kind(accelerator)
     evidence: dict = {"requested": "auto", "device": kind}
-    if kind == "cuda":
-        bf16 = torch.cuda.is_bf16_supported()
-        precision = "bf16-mixed" if bf16 else "16-mixed"
-        reason = f"{hardware.gpu_name()} {'supports' if bf16 else 'lacks'} bf16"
-    elif kind == "mps":
-        precision, reason = "32-true", "Apple GPU: fp32 (mixed precision there is unmeasured)"
-    elif not hardware.native_cpu_bf16():
-        precision, reason = "32-true", "no native bf16 on this CPU (emulated bf16 is an order of magnitude slower)"
+    if kind == "mps":
+        precision, reason = FP32, "Apple GPU: fp32 (mixed precision there is unmeasured)"
+    elif kind == "cpu" and not hardware.native_cpu_bf16():
+        precision, reason = FP32, "no native bf16 on this CPU (emulated bf16 is an order of magnitude slower)"
     else:
-        timings = _cached_probe(model, probe or probe_cpu_bf16)
-        evidence["probe"] = timings
-        speedup = timings["fp32_ms"] / max(timings["bf16_ms"], 1e-9)
-        precision = "bf16-mixed" if speedup >= BF16_MIN_SPEEDUP else "32-true"
-        reason = (f"bf16 {speedup:.2f}x faster" if speedup >= 1 else f"bf16 {1 / speedup:.1f}x slower") + \
-            f" than fp32 on this CPU ({'cached probe' if timings['cached'] else 'probe'}: " \
-            f"{timings['bf16_ms']} vs {timings['fp32_ms']} ms per step)"
+        if kind == "cuda":  # fp32 as the GPU runs it fastest: TF32 matmuls (convolutions use TF32 by default)
+            torch.set_float32_matmul_precision("high")
+            evidence["fp32_matmul"] = "tf32"
+        found = decide(model, batch_size, kind, measure)
+        evidence["verdict"] = found
+        precision = found["precision"]
+        speedup = found["bf16_speedup"]
+        low, high = found["speedup_range"]
+        reason = (f"bf16 {speedup:.2f}x as fast as fp32{' (TF32)' if kind == 'cuda' else ''} "
+                  f"(rounds {low:.2f}-{high:.2f}x; {found['how']}; {found['source']})")
     evidence.update(resolved=precision, reason=reason)
     where = hardware.gpu_name() if kind == "cuda" else \
         f"{hardware.cpu_model()}, {' '.join(hardware.cpu_isa()) or 'unknown ISA'}"
     log.info("precision auto -> %s: %s (%s)", precision, reason, where)
     return precision, evidence
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fmnist.training.precision show|measure|clear`: the cached verdicts of `precision=auto`."""
+    from fmnist.cli import run_plain
+    from fmnist.config import compose_train
+
+    parser = argparse.ArgumentParser(prog="python -m fmnist.training.precision", description=main.__doc__)
+    parser.add_argument("verb", choices=["show", "measure", "clear"],
+                        help="show the cached verdicts; measure one model again (and cache it if clear); clear them all")
+    parser.add_argument("overrides", nargs="*", help="train overrides for `measure`, e.g. model=resnet data.batch_size=512")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    def work() -> None:
+        if args.verb == "show":
+            cache = _read_cache()
+            print(f"{cache_file()}: {len(cache)} verdict(s)")
+            for key, found in cache.items():
+                print(f"  {key}\n    -> {found.get('precision')}: bf16 {found.get('bf16_speedup')}x "
+                      f"(rounds {found.get('speedup_range')}), measured {found.get('measured')}")
+        elif args.verb == "clear":
+            cache_file().unlink(missing_ok=True)
+            print(f"removed {cache_file()}")
+        else:
+            cfg = compose_train(*args.overrides)
+            model = {**OmegaConf.to_container(cfg.model, resolve=True), "channels_last": cfg.channels_last}
+            if args.device == "cuda":
+                torch.set_float32_matmul_precision("high")
+            print(json.dumps(decide(model, cfg.data.batch_size, args.device, remeasure=True), indent=1))
+    return run_plain(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -241,7 +241,8 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
     run_options = {key: cfg[key] for key in RUN_OPTIONS}
     trainer_kwargs["precision"], precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator,
-                                                               {**model_kwargs, "channels_last": cfg.channels_last})
+                                                               {**model_kwargs, "channels_last": cfg.channels_last},
+                                                               cfg.data.batch_size)
     if rank_zero_only.rank == 0:
         for name, conf in (hydra_files or {}).items():
             (run_dir / ".hydra").mkdir(exist_ok=True)
