@@ -56,15 +56,15 @@ def cpu_with_bf16(monkeypatch, native: bool):
 
 def test_explicit_precision_always_wins(monkeypatch):
     measure, calls = fake_probe(10, 1)
-    assert auto.resolve_precision("32-true", "cpu", MODEL, 64, measure)[0] == "32-true"
-    assert auto.resolve_precision("bf16-mixed", "cpu", MODEL, 64, measure)[0] == "bf16-mixed"
+    assert auto.resolve_precision("32-true", "cpu", MODEL, 64, measure=measure)[0] == "32-true"
+    assert auto.resolve_precision("bf16-mixed", "cpu", MODEL, 64, measure=measure)[0] == "bf16-mixed"
     assert calls == []
 
 
 def test_cpu_without_native_bf16_takes_fp32_without_probing(monkeypatch):
     cpu_with_bf16(monkeypatch, native=False)
     measure, calls = fake_probe(10, 1)
-    precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, 64, measure)
+    precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, 64, measure=measure)
     assert precision == "32-true" and calls == [] and "no native bf16" in evidence["reason"]
 
 
@@ -72,13 +72,14 @@ def test_cpu_without_native_bf16_takes_fp32_without_probing(monkeypatch):
                                                      (0.010, 0.0095, "32-true")])
 def test_the_faster_precision_wins_when_the_difference_is_clear(monkeypatch, fp32_s, bf16_s, expected):
     cpu_with_bf16(monkeypatch, native=True)
+    monkeypatch.setattr(auto, "_others_share", lambda before, after: 0.0)  # a quiet machine, whatever runs beside
     step, steps = steps_taking(fp32_s, bf16_s)
     measure = lambda model, batch_size, device: auto.probe(model, batch_size, device, step=step)  # noqa: E731
-    precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, 64, measure)
+    precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, 64, measure=measure)
     assert precision == expected and evidence["verdict"]["clear"]
     # Both precisions timed alike: interleaved, the same number of times, each round starting with the other.
     assert steps.count(True) == steps.count(False) and steps[2:4] != steps[6:8]
-    assert "cached" in evidence["reason"] and json.loads(auto.cache_file().read_text())  # kept: clear and quiet
+    assert "probe (cached)" in evidence["reason"] and json.loads(auto.cache_file().read_text())  # kept: clear, quiet
 
 
 def test_a_burst_of_other_work_in_one_round_does_not_change_the_verdict(monkeypatch):
@@ -89,36 +90,36 @@ def test_a_burst_of_other_work_in_one_round_does_not_change_the_verdict(monkeypa
     spikes = {n: (5.0 if n % 2 else 3.0) for n in range(2, 2 + per_round)}
     step, _ = steps_taking(0.015, 0.010, spikes)
     measure = lambda model, batch_size, device: auto.probe(model, batch_size, device, step=step)  # noqa: E731
-    precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, 64, measure)
+    precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, 64, measure=measure)
     assert precision == "bf16-mixed" and evidence["verdict"]["rounds_bf16_faster"] == auto.PROBE_ROUNDS - 1
 
 
 def test_an_unclear_verdict_decides_one_run_as_fp32_and_is_measured_again(monkeypatch):
     cpu_with_bf16(monkeypatch, native=True)
     measure, calls = fake_probe(10, [10, 8, 10, 8, 9.5])  # bf16 1.25x faster in 2 rounds of 5: noise
-    precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, 64, measure)
+    precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, 64, measure=measure)
     assert precision == "32-true" and not evidence["verdict"]["clear"] and "unclear" in evidence["reason"]
-    auto.resolve_precision("auto", "cpu", MODEL, 64, measure)
+    auto.resolve_precision("auto", "cpu", MODEL, 64, measure=measure)
     assert len(calls) == 2 and not auto.cache_file().exists()
 
 
 def test_a_verdict_measured_on_a_busy_machine_is_used_once_not_kept(monkeypatch):
     cpu_with_bf16(monkeypatch, native=True)
     measure, calls = fake_probe(10, 5, others_cpu_share=0.6)
-    precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, 64, measure)
+    precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, 64, measure=measure)
     assert precision == "bf16-mixed" and "busy" in evidence["reason"]
-    auto.resolve_precision("auto", "cpu", MODEL, 64, measure)
+    auto.resolve_precision("auto", "cpu", MODEL, 64, measure=measure)
     assert len(calls) == 2 and not auto.cache_file().exists()
 
 
 def test_the_verdict_is_cached_per_architecture_and_batch_size_not_evaluation_keys(monkeypatch):
     cpu_with_bf16(monkeypatch, native=True)
     measure, calls = fake_probe(10, 5)
-    auto.resolve_precision("auto", "cpu", MODEL, 64, measure)
-    precision, evidence = auto.resolve_precision("auto", "cpu", {**MODEL, "dropout": 0.3, "compile": True}, 64, measure)
+    auto.resolve_precision("auto", "cpu", MODEL, 64, measure=measure)
+    precision, evidence = auto.resolve_precision("auto", "cpu", {**MODEL, "dropout": 0.3, "compile": True}, 64, measure=measure)
     assert precision == "bf16-mixed" and len(calls) == 1 and "cached verdict" in evidence["reason"]
-    auto.resolve_precision("auto", "cpu", {**MODEL, "hidden": 64}, 64, measure)  # another architecture
-    auto.resolve_precision("auto", "cpu", MODEL, 256, measure)  # another batch size
+    auto.resolve_precision("auto", "cpu", {**MODEL, "hidden": 64}, 64, measure=measure)  # another architecture
+    auto.resolve_precision("auto", "cpu", MODEL, 256, measure=measure)  # another batch size
     assert len(calls) == 3
 
 
@@ -130,7 +131,7 @@ def test_tta_and_ema_do_not_reach_the_verdicts_key(make_cfg, tmp_path, monkeypat
 
     keys = []
 
-    def spy(requested, accelerator, model, batch_size, measure=None):
+    def spy(requested, accelerator, model, batch_size, planned_steps=None, measure=None):
         keys.append(auto.cache_key(model, batch_size, "cpu"))
         raise Resolved  # what the run would be resolved from is all this test needs
     monkeypatch.setattr(training, "resolve_precision", spy)
@@ -144,7 +145,7 @@ def test_cuda_measures_fp32_with_tf32_against_bf16(monkeypatch):
     monkeypatch.setattr(hardware, "device_kind", lambda accelerator: "cuda")
     monkeypatch.setattr(hardware, "gpu_name", lambda: "Test GPU")
     measure, calls = fake_probe(10, 12)  # launch-bound: bf16 slower
-    precision, evidence = auto.resolve_precision("auto", "gpu", MODEL, 512, measure)
+    precision, evidence = auto.resolve_precision("auto", "gpu", MODEL, 512, measure=measure)
     assert precision == "32-true" and calls[0][1:] == (512, "cuda") and evidence["fp32_matmul"] == "tf32"
     assert torch.get_float32_matmul_precision() == "high"
     torch.set_float32_matmul_precision("highest")
@@ -175,12 +176,27 @@ def test_a_run_records_the_resolved_precision_and_how_it_was_decided(make_cfg, t
     cpu_with_bf16(monkeypatch, native=True)
     measure, calls = fake_probe(10, 30)  # bf16 3x slower: auto must pick fp32
     monkeypatch.setattr(auto, "probe", measure)
-    train(make_cfg("model=simple"), tmp_path)
+    # Not bounded by the config (a fraction of the batches), so worth a probe; the tiny data keeps it short.
+    train(make_cfg("model=simple", "trainer.limit_train_batches=1.0"), tmp_path)
     record = json.loads((tmp_path / "metrics.json").read_text())
     assert record["precision"]["requested"] == "auto" and record["precision"]["resolved"] == "32-true"
     verdict = record["precision"]["verdict"]
     assert verdict["probe"]["bf16_ms"] == [30] * auto.PROBE_ROUNDS and verdict["clear"] and "rounds" in verdict["how"]
     assert len(calls) == 1 and record["hardware"]["cores"] >= 1 and record["hardware"]["torch"] == torch.__version__
+
+
+def test_a_short_run_takes_a_cached_verdict_or_fp32_without_a_probe(make_cfg, monkeypatch):
+    from fmnist.training.train import planned_steps
+
+    cpu_with_bf16(monkeypatch, native=True)
+    measure, calls = fake_probe(10, 5)
+    assert planned_steps(make_cfg()) == 2 and planned_steps(make_cfg("trainer.limit_train_batches=1.0")) is None
+    assert planned_steps(make_cfg("trainer.limit_train_batches=1.0", "data.train_subset=640", "trainer.max_epochs=3")) == 60
+    precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, 64, 2, measure=measure)
+    assert precision == "32-true" and calls == [] and "too short" in evidence["reason"]
+    auto.resolve_precision("auto", "cpu", MODEL, 64, 10_000, measure=measure)  # a long run measures, and keeps it
+    precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, 64, 2, measure=measure)
+    assert precision == "bf16-mixed" and len(calls) == 1 and "cached verdict" in evidence["reason"]
 
 
 def test_the_command_shows_measures_and_clears_the_cached_verdicts(monkeypatch, capsys):

@@ -14,7 +14,8 @@ alike, and keeps the per-round speedups. Its verdict is *clear* when at least al
 fall on the same side of `BF16_MIN_SPEEDUP`; only a clear verdict measured on a quiet machine (other
 processes took at most `BUSY_SHARE` of the CPU time while it ran) is cached, per (device,
 torch, architecture, batch size). Anything else decides this run only, conservatively (fp32 unless
-bf16 is clearly faster), and the next run measures again. `python -m fmnist.training.precision
+bf16 is clearly faster), and the next run measures again. A run too short to repay a probe (fewer
+than `PROBE_MIN_STEPS` training steps) takes a cached verdict, or fp32. `python -m fmnist.training.precision
 show|measure|clear` shows, re-measures or clears the cached verdicts.
 """
 
@@ -50,6 +51,9 @@ PROBE_BUDGET_S = 4.0  # a slow machine stops after this many seconds with the ro
 # The share of the machine's CPU time that other processes took during the probe above which the
 # machine counts as busy, and a verdict measured there is not cached: contention can reverse a small speedup.
 BUSY_SHARE = 0.25
+# A run of fewer training steps than this is not worth a probe's seconds (a smoke run, a test): it takes a
+# cached verdict where there is one, else fp32.
+PROBE_MIN_STEPS = 200
 CACHE_VERSION = 2  # entries of another version (single timings that could be noise) are measured again
 
 
@@ -166,13 +170,16 @@ def cache_key(model: dict, batch_size: int, device: str) -> str:
 
 
 def decide(model: dict, batch_size: int, device: str, measure: Callable[..., dict] | None = None,
-           remeasure: bool = False) -> dict:
+           remeasure: bool = False, short_run: bool = False) -> dict | None:
     """The verdict for this (device, model, batch size): the cached one, or a new probe's (cached when it
-    is clear and the machine was quiet). `measure` stands in for `probe` in tests."""
+    is clear and the machine was quiet); None for a `short_run` with nothing cached. `measure` stands in
+    for `probe` in tests."""
     key = cache_key(model, batch_size, device)
     cache = _read_cache()
     if key in cache and not remeasure:
         return {**cache[key], "source": f"cached verdict of {cache[key].get('measured', 'an earlier probe')}"}
+    if short_run:
+        return None
     timings = (measure or probe)(model, batch_size, device)
     result = {**verdict(timings), "probe": timings,
               "measured": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
@@ -187,11 +194,12 @@ def decide(model: dict, batch_size: int, device: str, measure: Callable[..., dic
     return {**result, "source": f"probe ({why})"}
 
 
-def resolve_precision(requested, accelerator: str, model: dict, batch_size: int,
+def resolve_precision(requested, accelerator: str, model: dict, batch_size: int, planned_steps: int | None = None,
                       measure: Callable[..., dict] | None = None) -> tuple[str, dict]:
     """The Lightning precision to use, and the evidence for it (recorded in metrics.json).
 
     An explicit `requested` value always wins; `auto` is decided as the module docstring says.
+    `planned_steps`: the run's training steps where its config bounds them (None: a full run).
     """
     if str(requested) != "auto":
         return str(requested), {"requested": str(requested), "resolved": str(requested), "reason": "set explicitly"}
@@ -205,13 +213,17 @@ def resolve_precision(requested, accelerator: str, model: dict, batch_size: int,
         if kind == "cuda":  # fp32 as the GPU runs it fastest: TF32 matmuls (convolutions use TF32 by default)
             torch.set_float32_matmul_precision("high")
             evidence["fp32_matmul"] = "tf32"
-        found = decide(model, batch_size, kind, measure)
-        evidence["verdict"] = found
-        precision = found["precision"]
-        speedup = found["bf16_speedup"]
-        low, high = found["speedup_range"]
-        reason = (f"bf16 {speedup:.2f}x as fast as fp32{' (TF32)' if kind == 'cuda' else ''} "
-                  f"(rounds {low:.2f}-{high:.2f}x; {found['how']}; {found['source']})")
+        short = planned_steps is not None and planned_steps < PROBE_MIN_STEPS
+        found = decide(model, batch_size, kind, measure, short_run=short)
+        if found is None:
+            precision, reason = FP32, f"{planned_steps} training steps: too short to be worth a probe, and none cached"
+        else:
+            evidence["verdict"] = found
+            precision = found["precision"]
+            speedup = found["bf16_speedup"]
+            low, high = found["speedup_range"]
+            reason = (f"bf16 {speedup:.2f}x as fast as fp32{' (TF32)' if kind == 'cuda' else ''} "
+                      f"(rounds {low:.2f}-{high:.2f}x; {found['how']}; {found['source']})")
     evidence.update(resolved=precision, reason=reason)
     where = hardware.gpu_name() if kind == "cuda" else \
         f"{hardware.cpu_model()}, {' '.join(hardware.cpu_isa()) or 'unknown ISA'}"

@@ -8,6 +8,7 @@ next job after a failure; `fmnist.sweeps.tune` calls `train` for each trial.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shlex
 import signal
@@ -233,6 +234,19 @@ def _process_group_released():
 
 
 @_process_group_released()
+def planned_steps(cfg: DictConfig) -> int | None:
+    """The training steps the config bounds the run to (a count in `trainer.limit_train_batches`, or
+    `data.train_subset`, times the epochs); None when only the data's size would tell."""
+    per_epoch = []
+    limit = cfg.trainer.get("limit_train_batches")
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        per_epoch.append(limit)
+    if cfg.data.get("train_subset"):
+        per_epoch.append(math.ceil(cfg.data.train_subset / cfg.data.batch_size))
+    epochs = cfg.trainer.get("max_epochs")
+    return min(per_epoch) * epochs if per_epoch and epochs is not None and epochs >= 0 else None
+
+
 def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | None, hydra_files: dict | None,
          callbacks: list[L.Callback] | None, record: dict | None) -> dict:
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -242,7 +256,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     run_options = {key: cfg[key] for key in RUN_OPTIONS}
     trainer_kwargs["precision"], precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator,
                                                                {**model_kwargs, "channels_last": cfg.channels_last},
-                                                               cfg.data.batch_size)
+                                                               cfg.data.batch_size, planned_steps(cfg))
     if rank_zero_only.rank == 0:
         for name, conf in (hydra_files or {}).items():
             (run_dir / ".hydra").mkdir(exist_ok=True)
