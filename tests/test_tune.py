@@ -110,6 +110,7 @@ def test_a_pruned_trial_stops_after_its_first_report_and_is_recorded(tmp_path, d
     (["study=x", "trainer=ddp"], "tune.py trains each trial in its own process on one device"),
     (["study=x", "data.dir=/nonexistent"], "fashion-mnist_train.csv: file not found"),
     (["study=x", "storage=garbage://x"], "cannot open the study storage 'garbage://x'"),
+    (["study=x", "heartbeat.grace_s=30", "heartbeat.interval_s=60"], "need 1 <= interval_s < grace_s"),
 ])
 def test_bad_input_stops_before_the_study_is_created(tmp_path, data_dir, args, message):
     with pytest.raises(FmnistError) as error:
@@ -180,3 +181,19 @@ def test_a_trial_whose_process_was_killed_is_marked_and_replaced(tmp_path, data_
     assert trials[0].user_attrs["status"] == "interrupted"
     assert read_record(tmp_path / "z" / "trial-0000")["status"] == "interrupted"
     assert read_record(tmp_path / "z" / "trial-0001")["status"] == "completed"
+
+
+def test_a_trial_asked_for_after_others_filled_n_trials_stops_without_training(tmp_path):
+    from omegaconf import OmegaConf
+
+    from fmnist.sweeps.tune import Search, TrialSurplus
+
+    study = optuna.create_study(direction="maximize")
+    first, second = study.ask(), study.ask()  # two trials of other processes, still running
+    study.tell(first, 0.5)
+    third = study.ask()
+    search = Search(OmegaConf.create({"n_trials": 2, "space": {}}), [], tmp_path)
+    with pytest.raises(TrialSurplus, match="not needed"):
+        search.objective(third)
+    assert third.user_attrs["status"] == "surplus" and not list(tmp_path.iterdir())
+    assert second.number < third.number

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import lightning as L
+import numpy as np
 import optuna
 import sqlalchemy
 from hydra import compose, initialize_config_dir
@@ -73,6 +74,12 @@ class PrunerConfig:
 
 
 @dataclass
+class HeartbeatConfig:  # values: conf/tune.yaml
+    interval_s: int = MISSING  # each running trial writes a heartbeat this often (database storages)
+    grace_s: int = MISSING  # a running trial without one for this long died with its process: marked failed
+
+
+@dataclass
 class TuneConfig:
     study: str = MISSING
     n_trials: int = 20  # trials in the study in total, counting earlier runs and other processes
@@ -80,6 +87,7 @@ class TuneConfig:
     out_dir: str = "outputs/tune"  # trial run directories go to <out_dir>/<study>/
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     space: Dict[str, ParamSpec] = field(default_factory=dict)  # Optuna parameter name -> spec
 
 
@@ -88,7 +96,7 @@ class TuneConfig:
 ONE_DEVICE = ["trainer.devices=1"]
 
 # Command-line keys that configure the search; every other override is a train override.
-TUNE_KEYS = {"study", "n_trials", "storage", "out_dir", "sampler", "pruner", "space", "tune"}
+TUNE_KEYS = {"study", "n_trials", "storage", "out_dir", "sampler", "pruner", "heartbeat", "space", "tune"}
 
 
 def register_tune() -> None:
@@ -117,6 +125,10 @@ def _check_tune_config(cfg: DictConfig) -> None:
     check_name("study", cfg.study)
     if cfg.n_trials < 1:
         raise ConfigError(f"config key n_trials must be at least 1; got {cfg.n_trials}.")
+    if not 1 <= cfg.heartbeat.interval_s < cfg.heartbeat.grace_s:
+        raise ConfigError(f"config keys heartbeat.interval_s and heartbeat.grace_s need 1 <= interval_s < grace_s "
+                          f"(a living trial must beat before it counts as dead); got {cfg.heartbeat.interval_s} and "
+                          f"{cfg.heartbeat.grace_s}.")
     if not cfg.space:
         raise ConfigError("the search space is empty: choose one with tune=NAME (conf/tune/*.yaml).")
     for name, spec in cfg.space.items():
@@ -174,6 +186,12 @@ class TrialFailed(Exception):
     """A trial diverged or crashed: recorded, and the study goes on."""
 
 
+class TrialSurplus(TrialFailed):
+    """A trial started after the trials before it (finished or still running) had filled `n_trials`, as
+    happens when several processes ask for a trial at once: it never trains, is not counted, and its
+    process stops."""
+
+
 class TrialInterrupted(Exception):
     """Ctrl-C or SIGTERM stopped a trial: recorded `interrupted` (an Optuna FAIL that `n_trials` does not
     count, so the next run of the command replaces it), and the study stops; tune.py exits 130 or 143."""
@@ -185,6 +203,8 @@ class TrialInterrupted(Exception):
 
 # How each trial ended, in its `status` user attribute (the run record's words): the ones `n_trials` counts.
 COUNTED = (FAILED, DIVERGED)
+SURPLUS = "surplus"  # the status of a `TrialSurplus`
+SURPLUS_POLL_S = 1.0  # how often a trial that may not be needed looks again at the ones before it
 
 
 def counted(trial: optuna.trial.FrozenTrial) -> bool:
@@ -196,13 +216,14 @@ def counted(trial: optuna.trial.FrozenTrial) -> bool:
 
 
 class StopAtNTrials:
-    """Optuna callback: stop this process once the study (every process's trials) has `n` counted trials."""
+    """Optuna callback: stop this process once the study (every process's trials) has `n` counted trials,
+    or once it was handed a trial that others had made surplus (the rest are theirs to finish)."""
 
     def __init__(self, n: int):
         self.n = n
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if sum(counted(t) for t in study.get_trials(deepcopy=False)) >= self.n:
+        if trial.user_attrs.get("status") == SURPLUS or sum(counted(t) for t in study.get_trials(deepcopy=False)) >= self.n:
             study.stop()
 
 
@@ -211,6 +232,7 @@ class Search:
     cfg: DictConfig  # the tune config
     train_overrides: list[str]
     study_dir: Path
+    heartbeat: bool = False  # whether the storage marks the trials of dead processes failed (database storages)
 
     def check_space(self) -> None:
         """Compose the train config at each end of each range (and each choice), so that a typo'd key
@@ -238,6 +260,26 @@ class Search:
                               "per GPU on the same study (CUDA_VISIBLE_DEVICES=i python tune.py study=NAME ...).")
 
     def objective(self, trial: optuna.Trial) -> float:
+        # Trial numbers are handed out by the storage one at a time: the trials numbered before this one
+        # that finished (counted) or are still running decide, in the same way in every process, whether
+        # this one is still needed.
+        # While the finished ones fall short of n_trials but the running ones would fill it, wait: if one of
+        # them dies (its process killed: the heartbeat marks it failed), this trial takes its place. Without
+        # a heartbeat (a journal file) a dead process's trial would run forever: this one is not needed.
+        while True:
+            before = [t for t in trial.study.get_trials(deepcopy=False) if t.number < trial.number]
+            done = sum(counted(t) for t in before)
+            running = sum(t.state == optuna.trial.TrialState.RUNNING for t in before)
+            if done >= self.cfg.n_trials or (done + running >= self.cfg.n_trials and not self.heartbeat):
+                trial.set_user_attr("status", SURPLUS)  # and StopAtNTrials stops this process
+                raise TrialSurplus(f"trial {trial.number} is not needed: the {done} trials before it fill "
+                                   f"n_trials={self.cfg.n_trials}")
+            if done + running < self.cfg.n_trials:
+                break
+            time.sleep(SURPLUS_POLL_S)
+            with warnings.catch_warnings():  # "experimental" since optuna 2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(trial.study)
         params = {name: _suggest(trial, name, spec) for name, spec in self.cfg.space.items()}
         overrides = [*self.train_overrides, *(f"{spec.key}={_format(params[name])}" for name, spec in self.cfg.space.items())]
         cfg = _compose("train", [*ONE_DEVICE, *overrides])
@@ -279,7 +321,10 @@ def _storage(cfg: DictConfig, study_dir: Path) -> optuna.storages.RDBStorage:
             # its slot is not held as "running" forever.
             with warnings.catch_warnings():  # "experimental" since optuna 2.9, and what distributed studies need
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=60, grace_period=180)
+                if url.startswith("journal:"):  # a file on a shared file system: no database server
+                    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url[len("journal:"):]))
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=cfg.heartbeat.interval_s,
+                                                  grace_period=cfg.heartbeat.grace_s)
         except sqlalchemy.exc.IntegrityError:
             # Processes started together race to create the new database's tables (seen with two
             # tune.py on one SQLite file): the loser finds them made on a second try.
@@ -327,10 +372,12 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
             pruner=optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner.n_startup_trials,
                                                n_warmup_steps=cfg.pruner.prune_from_epoch))
         fail_dead_trials(study, storage)
-        # Seeded, and offset by the trials already in the study: a continued study must not replay
-        # the first run's random start. Processes starting together need distinct sampler.seed.
-        study.sampler = optuna.samplers.TPESampler(seed=cfg.sampler.seed + len(study.trials),
-                                                   n_startup_trials=cfg.sampler.n_startup_trials)
+        search.heartbeat = isinstance(storage, optuna.storages.RDBStorage)
+        # Seeded by (sampler.seed, the trials already in the study): a continued study must not replay the
+        # first run's random start, and processes starting together with distinct sampler.seed must not meet
+        # on one seed (a sum would: 0 + 1 trial = 1 + 0 trials).
+        seed = int(np.random.SeedSequence([cfg.sampler.seed, len(study.trials)]).generate_state(1)[0])
+        study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.sampler.n_startup_trials)
         done = sum(counted(t) for t in study.trials)
         remaining = cfg.n_trials - done
         log.info("study %s (%s): %d trials so far, %d to run", cfg.study, study_dir, done, max(remaining, 0))
