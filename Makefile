@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 DATA ?= data
 ARGS ?=
 
-.PHONY: install lock data train test test-fast tensorboard bench gpu-check speedrun cpu-best ablations report leaderboard clean
+.PHONY: install lock data train test test-fast test-cluster tensorboard bench gpu-check speedrun cpu-best ablations report leaderboard clean
 
 # The tested versions of every package, for this Python if there is a lock for it (constraints/py3.X.txt).
 PY_VERSION := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")' 2>/dev/null)
@@ -18,9 +18,9 @@ $(STAMP): pyproject.toml $(wildcard $(LOCK))
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: an unpinned resolve can pull a multi-GB CUDA build onto CPU machines.
 	$(BIN)/pip install -q torch==2.13.0
-	# Extras `export` (onnx, onnxscript, onnxruntime: export.py) and `slurm` (the submitit launcher),
-	# so that `make test` covers both.
-	$(BIN)/pip install -q -e ".[dev,export,slurm]" $(CONSTRAINTS)
+	# Extras `export` (onnx, onnxscript, onnxruntime: export.py), `slurm` (the submitit launcher) and
+	# `postgres` (a study database's driver), so that the tests cover all three.
+	$(BIN)/pip install -q -e ".[dev,export,slurm,postgres]" $(CONSTRAINTS)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -37,10 +37,15 @@ TEST_WORKERS ?= logical
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist worksteal
 
 test: $(STAMP)
-	$(PYTEST) $(ARGS)
+	$(PYTEST) -m "not cluster" $(ARGS)
 
 test-fast: $(STAMP)
-	$(PYTEST) -m "not slow" $(ARGS)
+	$(PYTEST) -m "not slow and not cluster" $(ARGS)
+
+# Tests on a real one-node SLURM cluster and a PostgreSQL server that they start on this machine
+# (scripts/cluster/; root, Debian packages). One process: the tests share the cluster's cores.
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -q -m cluster $(ARGS)
 
 tensorboard: $(STAMP)
 	$(BIN)/tensorboard --logdir outputs $(ARGS)
@@ -72,7 +77,7 @@ leaderboard: $(STAMP)
 # Rewrite the lock for this Python from a fresh environment (pip freeze, local labels such as +cpu removed).
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install -q torch==2.13.0 && \
-	.lock-venv/bin/pip install -q ".[dev,export,slurm]" && \
+	.lock-venv/bin/pip install -q ".[dev,export,slurm,postgres]" && \
 	{ grep '^#' $(LOCK) 2>/dev/null; .lock-venv/bin/pip freeze | grep -v '^fmnist' | sed 's/+[A-Za-z0-9.]*$$//'; } > $(LOCK).new && \
 	mv $(LOCK).new $(LOCK) && rm -rf .lock-venv
 

@@ -39,16 +39,23 @@ def main(cfg: DictConfig) -> float:
         print(f"warning: this config defines a sweep ({', '.join(f'{k}: {v}' for k, v in swept.items())}) that runs "
               f"only with -m; without it, one job runs with the values shown by --cfg job (seed={cfg.seed}). "
               "Add -m to run them all.", file=sys.stderr)
+    apart = False
     if in_sweep:  # parallel launchers: this job's share of the cores, and its GPU
-        from fmnist.sweeps.placement import place_job
+        from fmnist.sweeps.placement import place_job, runs_apart
 
         cfg = place_job(cfg, hydra_cfg)
+        apart = runs_apart(hydra_cfg.launcher)
     try:
         refuse_unknown_keys(cfg, overrides)
         return run_job(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=in_sweep, overrides=overrides,
-                       hydra_files=hydra_files)
+                       hydra_files=hydra_files, apart=apart)
     except FmnistError as e:
         exit_with(e)
+    finally:
+        if in_sweep:  # a joblib worker whose sweep process died ends with the job it stopped
+            from fmnist.sweeps.placement import exit_if_orphaned
+
+            exit_if_orphaned()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Sweeps skip FINISHED jobs when started again, and resume the others from `checkp
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 from datetime import datetime, timezone
@@ -73,7 +74,19 @@ def provenance() -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return {"git_commit": git_commit(), "versions": versions, "python": platform.python_version(),
-            "hardware": describe()}
+            "hardware": describe(), "host": platform.node(), "pid": os.getpid(), "scheduler": scheduler_job()}
+
+
+# The environment variables a batch scheduler sets for a job, by the name the record gives them.
+SCHEDULER_VARIABLES = {"slurm_job_id": "SLURM_JOB_ID", "slurm_array_job_id": "SLURM_ARRAY_JOB_ID",
+                       "slurm_array_task_id": "SLURM_ARRAY_TASK_ID", "slurm_partition": "SLURM_JOB_PARTITION",
+                       "slurm_restart_count": "SLURM_RESTART_COUNT"}
+
+
+def scheduler_job() -> dict | None:
+    """The batch scheduler's job this process runs in (SLURM's ids, partition, requeues); None outside one."""
+    job = {name: os.environ[var] for name, var in SCHEDULER_VARIABLES.items() if var in os.environ}
+    return job or None
 
 
 def now() -> str:

@@ -134,3 +134,8 @@ def test_joblib_workers_stop_when_the_sweep_process_is_killed(tmp_path, data_dir
     # Each job stopped as SIGTERM stops a run: recorded, resumable by the same sweep command.
     records = [json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")]
     assert len(records) == 2 and all(r["status"] == "interrupted" and "sweep command" in r["error"] for r in records)
+    # ... and each worker process ends with its job, instead of idling on as an orphan.
+    deadline = time.time() + 60
+    while alive := [r["pid"] for r in records if Path(f"/proc/{r['pid']}").exists()]:
+        assert time.time() < deadline, f"worker processes {alive} outlived their stopped jobs"
+        time.sleep(0.2)

@@ -46,6 +46,14 @@ def concurrent_jobs(launcher: DictConfig | dict, cores: int) -> int:
     return 1
 
 
+def runs_apart(launcher: DictConfig | dict) -> bool:
+    """Whether the launcher runs each job as a job of its own (submitit: a SLURM job, or a local process
+    it watches), whose result the sweep's process collects: then a signal that stops a job (`scancel`, its
+    time limit) is that job's outcome alone. A joblib worker is not: a signal to it stops the sweep, or
+    finds it gone (`stop_when_orphaned`), and the worker must end with its job."""
+    return "submitit" in str(launcher.get("_target_", ""))
+
+
 def plan(launcher: DictConfig | dict, job_num: int, cores: int, gpus: int, accelerator: str,
          devices: Any) -> Placement:
     """The placement of job `job_num` of a sweep run by `launcher`, on `cores` CPU cores and `gpus` GPUs."""
@@ -87,6 +95,17 @@ def place_job(cfg: DictConfig, hydra_cfg: DictConfig) -> DictConfig:
 ORPHAN_CHECK_S = 1.0  # how often a joblib worker checks that the sweep process that started it still runs
 
 
+_orphaned = threading.Event()
+
+
+def exit_if_orphaned() -> None:
+    """End this worker process once its job has stopped because the sweep's process is gone: an idle
+    orphan would otherwise stay, holding its memory, with no sweep to give it work."""
+    if _orphaned.is_set():
+        logging.shutdown()
+        os._exit(128 + signal.SIGTERM)
+
+
 def stop_when_orphaned() -> None:
     """In a joblib worker: if the sweep's process dies (SIGKILL, a lost terminal), stop this job as SIGTERM does
     (recorded `interrupted`, resumable by the same sweep command) instead of training on as an orphan."""
@@ -96,6 +115,7 @@ def stop_when_orphaned() -> None:
         while os.getppid() == parent:
             time.sleep(ORPHAN_CHECK_S)
         log.warning("the sweep process %d is gone: stopping this job as SIGTERM would", parent)
+        _orphaned.set()
         os.kill(os.getpid(), signal.SIGTERM)
 
     if not any(t.name == "fmnist-orphan-watch" for t in threading.enumerate()):  # one per worker process

@@ -345,12 +345,14 @@ def hparams_for_tensorboard(cfg: DictConfig, overrides: list[str] | None, precis
 
 
 def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: list[str] | None = None,
-            hydra_files: dict | None = None) -> float:
+            hydra_files: dict | None = None, apart: bool = False) -> float:
     """`train.py`'s job: `train` with a sweep's rules; return `val/acc_best` (NaN when it failed inside a sweep).
 
     In a sweep a finished job is skipped and an unfinished one resumed, and a job that fails after its
     checks passed (recorded by `_run`) does not raise, so the other jobs go on. A refused job raises
-    and writes nothing. Ctrl-C exits 130 and SIGTERM 143, after the run is recorded `interrupted`.
+    and writes nothing. Ctrl-C exits 130 and SIGTERM 143, after the run is recorded `interrupted`,
+    except in a job that runs `apart` from the sweep's process (a SLURM job cancelled or out of time):
+    its stop is its own result, NaN, so that the sweep collects every job's outcome.
     """
     run_dir = Path(run_dir)
     record = read_record(run_dir)
@@ -372,9 +374,10 @@ def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: l
         try:
             metrics = _run(cfg, run_dir, resume, overrides, hydra_files, None, resume_hint, None)
         except BaseException as e:
-            if stopping_signal(e):
-                raise SystemExit(128 + stopping_signal(e)) from e
-            if not (in_sweep and isinstance(e, Exception)):
+            stopped = stopping_signal(e)
+            if stopped and not apart:
+                raise SystemExit(128 + stopped) from e
+            if not stopped and not (in_sweep and isinstance(e, Exception)):
                 raise
             log.error("job %s %s: %s", run_dir.name, failure_of(e)[0], e)
             return float("nan")

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# A PostgreSQL server on this machine with a database for Optuna studies, for the cluster tests and for
+# trying `tune.py storage=...` with several processes: installs Debian's postgresql if missing, starts
+# its cluster, creates the role and database `fmnist` (password `fmnist`) if missing, and prints the URL
+# to pass as `storage=`. Idempotent; needs root. scripts/cluster/postgres-down.sh stops it.
+set -euo pipefail
+
+if [ "$(id -u)" != 0 ]; then
+    echo "postgres-up: needs root (it installs packages and starts the server); run it with sudo" >&2
+    exit 2
+fi
+if ! command -v pg_ctlcluster >/dev/null; then
+    echo "postgres-up: installing postgresql" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null \
+        || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
+fi
+version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -1)
+if [ -z "$version" ]; then
+    version=$(ls /usr/lib/postgresql | sort -V | tail -1)
+    pg_createcluster "$version" main >/dev/null
+fi
+if ! pg_ctlcluster "$version" main status >/dev/null 2>&1; then
+    pg_ctlcluster "$version" main start
+fi
+port=$(pg_lsclusters -h | awk -v v="$version" '$1 == v && $2 == "main" {print $3}')
+as_postgres() { su postgres -c "psql -p $port -qtAc \"$1\""; }
+for _ in $(seq 1 30); do as_postgres "SELECT 1" >/dev/null 2>&1 && break; sleep 1; done
+if [ "$(as_postgres "SELECT 1 FROM pg_roles WHERE rolname='fmnist'")" != 1 ]; then
+    as_postgres "CREATE ROLE fmnist LOGIN PASSWORD 'fmnist'"
+fi
+if [ "$(as_postgres "SELECT 1 FROM pg_database WHERE datname='fmnist'")" != 1 ]; then
+    as_postgres "CREATE DATABASE fmnist OWNER fmnist"
+fi
+echo "postgresql+psycopg2://fmnist:fmnist@localhost:${port}/fmnist"

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# A real one-node SLURM cluster on this machine (controller and compute node on localhost), for the
+# cluster tests and for trying the SLURM launcher: installs munge and slurm-wlm (Debian packages) if
+# missing, writes a minimal /etc/slurm/slurm.conf for this machine's cores and memory (no GPUs), starts
+# munged, slurmctld and slurmd, and waits until the node accepts jobs. Idempotent: a running cluster is
+# left as it is. Needs root. scripts/cluster/slurm-down.sh stops it.
+set -euo pipefail
+
+if [ "$(id -u)" != 0 ]; then
+    echo "slurm-up: needs root (it installs packages and starts daemons); run it with sudo" >&2
+    exit 2
+fi
+exec 9>/run/fmnist-slurm-up.lock  # two callers at once (parallel test workers) take turns
+flock 9
+if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null || ! command -v pgrep >/dev/null; then
+    echo "slurm-up: installing munge and slurm-wlm"
+    packages="slurm-wlm munge procps"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $packages >/dev/null \
+        || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $packages >/dev/null; }
+fi
+
+node=$(hostname -s)
+cpus=$(nproc)
+memory_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))  # leave a tenth to the system
+conf=/etc/slurm/slurm.conf
+wanted=$(cat <<CONF
+# Written by scripts/cluster/slurm-up.sh: one node, this machine.
+ClusterName=fmnist
+SlurmctldHost=${node}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+StateSaveLocation=/var/spool/slurmctld
+SlurmdSpoolDir=/var/spool/slurmd
+SlurmctldPidFile=/run/slurmctld.pid
+SlurmdPidFile=/run/slurmd.pid
+SlurmctldLogFile=/var/log/slurm/slurmctld.log
+SlurmdLogFile=/var/log/slurm/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+MpiDefault=none
+ReturnToService=2
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+# Short waits, so that a cancelled or timed-out job's signals and the scheduler's passes come quickly.
+KillWait=10
+SchedulerParameters=sched_interval=2,bf_interval=2
+MinJobAge=600
+OverTimeLimit=0
+NodeName=${node} CPUs=${cpus} RealMemory=${memory_mb} State=UNKNOWN
+PartitionName=debug Nodes=${node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+CONF
+)
+mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
+if [ ! -f "$conf" ] || [ "$(cat "$conf")" != "$wanted" ]; then
+    echo "$wanted" > "$conf"
+    restart=1
+fi
+
+if [ ! -s /etc/munge/munge.key ]; then
+    /usr/sbin/mungekey --create --force >/dev/null 2>&1 || dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=128 2>/dev/null
+fi
+chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge 2>/dev/null || true
+chmod 0400 /etc/munge/munge.key
+if ! pgrep -x munged >/dev/null; then
+    su -s /bin/sh munge -c /usr/sbin/munged 2>/dev/null || /usr/sbin/munged --force
+fi
+
+if [ "${restart:-0}" = 1 ]; then
+    pkill -x slurmctld 2>/dev/null || true
+    pkill -x slurmd 2>/dev/null || true
+    sleep 1
+fi
+pgrep -x slurmctld >/dev/null || /usr/sbin/slurmctld
+pgrep -x slurmd >/dev/null || /usr/sbin/slurmd
+
+for _ in $(seq 1 60); do
+    state=$(sinfo -h -N -o '%T' 2>/dev/null | head -1 || true)
+    case "$state" in
+        idle*|mixed*|allocated*) echo "slurm-up: node ${node} ${state}, ${cpus} CPUs, ${memory_mb} MB (SLURM $(sinfo -V | cut -d' ' -f2))"; exit 0 ;;
+        down*|drain*) scontrol update nodename="${node}" state=resume 2>/dev/null || true ;;
+    esac
+    sleep 1
+done
+echo "slurm-up: the node did not become ready in 60 s (state: ${state:-none}); see /var/log/slurm/slurmctld.log and slurmd.log" >&2
+tail -5 /var/log/slurm/slurmctld.log /var/log/slurm/slurmd.log >&2 || true
+exit 1
