@@ -67,7 +67,7 @@ def test_aggregation_lists_a_failed_job_and_groups_over_seeds(tmp_path):
     assert list(csv.columns[:4]) == ["job", "setting", "seed", "status"] and "git_commit" in csv.columns
     md = (sweep / "summary.md").read_text()
     # training time: the last row of each job's epochs.csv (cumulative over resumes), not metrics.json
-    assert "| `optim.lr=0.001` | 2 | 91.00 ± 1.41 | 90.00 ± 1.41 | 0.3000 ± 0.0000 | 2 |" in md
+    assert "| `optim.lr=0.001` | 2 | 91.00 ± 12.71 | 90.00 ± 12.71 | 0.3000 ± 0.0000 | 2 |" in md
     assert "optim.lr=10,seed=0` | diverged | DivergedError: loss is nan" in md and "1 started" in md
 
 
@@ -206,7 +206,7 @@ def test_leaderboard_rows_come_from_the_sweeps_records(tmp_path):
     table = markdown([sweep, small])
     main_table = table.split("\n\n")[0].splitlines()
     assert len(main_table) == 2 + len(REFERENCES) + 1
-    assert "| **myrecipe** | 94.00 ± 1.41 | 2 | 55,000 | 5.5 | 10 | Test GPU, bf16-mixed |" in main_table
+    assert "| **myrecipe** | 94.00 ± 12.71 | 2 | 55,000 | 5.5 | 10 | Test GPU, bf16-mixed |" in main_table
     assert "Not on the standard 60k/10k split" in table and "| small | 98.00 | 1 | 1,000-image training subset, 200 test images |" in table
     assert "myrecipe: 1 job(s) left out, not completed: `seed=2` (unreadable)." in table
 

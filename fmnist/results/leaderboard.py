@@ -1,6 +1,7 @@
 """The leaderboard: published Fashion-MNIST results next to this project's recipes, from their sweep directories.
 
-Each project row is one setting of a sweep: test accuracy mean ± std over its seeds, and the compute
+Each project row is one setting of a sweep: test accuracy, the mean over its seeds with its 95% confidence
+interval, and the compute
 behind it (training images, training FLOPs, wall time) with the hardware it ran on, all read from
 the jobs' `metrics.json` and `epochs.csv`, so the table is regenerated rather than typed.
 """
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from fmnist.results.stats import INTERVAL_NOTE, mean_interval
 from fmnist.runs import COMPLETED, collect, read_record
 
 STANDARD_TEST_IMAGES = 10_000  # the standard split's test set; its training set is all of the other 60,000
@@ -71,7 +73,7 @@ def project_rows(sweep_dir: Path, table: pd.DataFrame) -> list[dict]:
         first = jobs.iloc[0]  # the seeds of a setting train on the same number of images
         rows.append({
             "recipe": sweep_dir.name if setting == "(defaults)" else f"{sweep_dir.name}: {setting}",
-            "test acc (%)": f"{acc.mean():.2f}" + (f" ± {acc.std():.2f}" if len(acc) > 1 else ""),
+            "test acc (%)": mean_interval(acc / 100).text(),
             "n": len(acc), "mean": acc.mean(),
             "training images": "?" if pd.isna(first.train_images) else f"{int(first.train_images):,}",
             "training PFLOP": "?" if pd.isna(first.train_flops) else f"{first.train_flops / 1e15:.2g}",
@@ -111,4 +113,6 @@ def markdown(sweep_dirs: list[Path]) -> str:
         lines += [f"| {r['recipe']} | {r['test acc (%)']} | {r['n']} | {r['split']} | {r['training images']} "
                   f"| {r['training PFLOP']} | {r['wall time (s)']} | {r['hardware']} |" for r in other]
     notes = [note for d, t in tables.items() if (note := left_out(d, t))]
-    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+    notes.append(INTERVAL_NOTE + " Two rows whose intervals overlap are not shown to differ. The published "
+                 "results give one number each, without an interval.")
+    return "\n".join(lines + [""] + notes) + "\n"

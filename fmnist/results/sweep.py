@@ -1,4 +1,5 @@
-"""Results of a sweep directory: `summary.csv` (one row per job) and `summary.md` (mean ± std over seeds).
+"""Results of a sweep directory: `summary.csv` (one row per job) and `summary.md` (the mean over seeds with its
+95% confidence interval).
 
 Works on any sweep directory at any time, finished, running or interrupted, from the jobs'
 `metrics.json` files; `SummarizeSweep` runs it when a Hydra multirun ends.
@@ -14,32 +15,38 @@ from hydra.experimental.callback import Callback
 
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE
 from fmnist.fsio import note_early_write
+from fmnist.results.stats import INTERVAL_NOTE, mean_interval
 from fmnist.runs import COMPLETED, collect
 
 log = logging.getLogger(__name__)
 
 
+def _ci(values: pd.Series) -> float:
+    return mean_interval(values).half_width
+
+
 def group(table: pd.DataFrame) -> pd.DataFrame:
-    """Completed jobs grouped by setting: mean and std of each metric over seeds, and n."""
+    """Completed jobs grouped by setting: each metric's mean over seeds, std, and the half-width of the mean's
+    95% confidence interval (`ci`); and n."""
     done = table[table.status == COMPLETED]
     metrics = ["val_acc_best", "test_acc", "test_loss", "train_seconds"]
-    stats = done.groupby("setting")[metrics].agg(["mean", "std"])
+    stats = done.groupby("setting")[metrics].agg(["mean", "std", ("ci", _ci)])
     stats["n"] = done.groupby("setting").size()
     return stats.sort_values(("val_acc_best", "mean"), ascending=False)  # selection is on validation, never test
 
 
 def _markdown(table: pd.DataFrame, stats: pd.DataFrame, title: str) -> str:
-    def pm(mean: float, std: float, scale: float = 100, digits: int = 2) -> str:
-        # One seed has no spread: show none rather than a made-up "± 0.00".
-        return f"{mean * scale:.{digits}f}" + ("" if pd.isna(std) else f" ± {std * scale:.{digits}f}")
+    def pm(metric: str, scale: float = 100, digits: int = 2) -> str:
+        # One seed has no interval: show none rather than a made-up "± 0.00".
+        mean, ci = s[(metric, "mean")], s[(metric, "ci")]
+        return f"{mean * scale:.{digits}f}" + ("" if pd.isna(ci) else f" ± {ci * scale:.{digits}f}")
 
     lines = [f"# {title}", "", "| setting | n | val acc best (%) | test acc (%) | test loss | training time (s) |",
              "|---|---|---|---|---|---|"]
     for setting, s in stats.iterrows():
-        lines.append(f"| `{setting}` | {int(s['n'].iloc[0])} | {pm(s[('val_acc_best', 'mean')], s[('val_acc_best', 'std')])} "
-                     f"| {pm(s[('test_acc', 'mean')], s[('test_acc', 'std')])} "
-                     f"| {pm(s[('test_loss', 'mean')], s[('test_loss', 'std')], 1, 4)} "
-                     f"| {s[('train_seconds', 'mean')]:.0f} |")
+        lines.append(f"| `{setting}` | {int(s['n'].iloc[0])} | {pm('val_acc_best')} | {pm('test_acc')} "
+                     f"| {pm('test_loss', 1, 4)} | {s[('train_seconds', 'mean')]:.0f} |")
+    lines += ["", INTERVAL_NOTE + " Settings are ordered by validation accuracy; the test set never ranks."]
     counts = table.status.value_counts().to_dict()
     lines += ["", "Jobs: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + "."]
     commits = sorted(table.git_commit.dropna().unique())

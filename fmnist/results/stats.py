@@ -1,0 +1,126 @@
+"""How sure a result is: intervals for means over seeds, paired comparisons, and verdicts on claims.
+
+Seeds are few (3 to 5), so every mean gets a Student-t interval rather than a standard deviation, and
+two settings run with the same seeds are compared pairwise (the difference per seed), which removes
+what a seed does to both. A claim "A beats B" holds only when the interval of the paired difference
+excludes zero in the claimed direction, after Holm's correction when one report makes several claims.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+LEVEL = 0.95  # every interval here is a 95% interval
+ALPHA = 1 - LEVEL
+POWER = 0.8  # "seeds needed": for an 80% chance of detecting the observed difference
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean with its `LEVEL` confidence interval (Student t over `n` values; no interval for n < 2)."""
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+    def text(self, scale: float = 100, digits: int = 2) -> str:
+        """`93.10 ± 0.45` (the interval's half-width), or the mean alone for one value."""
+        if self.n < 2 or math.isnan(self.half_width):
+            return f"{self.mean * scale:.{digits}f}"
+        return f"{self.mean * scale:.{digits}f} ± {self.half_width * scale:.{digits}f}"
+
+
+def mean_interval(values) -> Interval:
+    """The mean of `values` with its Student-t confidence interval."""
+    x = np.asarray(pd.Series(values).dropna(), dtype=float)
+    n = len(x)
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    mean = float(x.mean())
+    if n < 2:
+        return Interval(mean, math.nan, math.nan, n)
+    half = float(stats.t.ppf(1 - ALPHA / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
+    return Interval(mean, mean - half, mean + half, n)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A paired comparison of `a` - `b` over the seeds both ran."""
+    difference: Interval  # the mean paired difference, with its interval
+    p_value: float  # paired t-test, two-sided
+    effect_size: float  # Cohen's d_z: mean difference / standard deviation of the differences
+    seeds_needed: int | None  # seeds for an 80% chance to detect a difference this large (None: no spread)
+
+    def verdict(self, direction: int = 1, p_adjusted: float | None = None) -> str:
+        """`holds` when the difference is significant in the claimed `direction` (+1: a > b), `contradicted`
+        when it is significant the other way, else `no detectable difference`."""
+        p = self.p_value if p_adjusted is None else p_adjusted
+        if self.difference.n < 2 or math.isnan(p) or p >= ALPHA:
+            return "no detectable difference"
+        return "holds" if np.sign(self.difference.mean) == direction else "contradicted"
+
+
+def paired(a: pd.Series, b: pd.Series) -> Comparison:
+    """Compare two settings' metric, each a Series indexed by seed; only seeds both ran are used."""
+    both = pd.concat({"a": a, "b": b}, axis=1).dropna()
+    diff = both["a"] - both["b"]
+    interval = mean_interval(diff)
+    n = len(diff)
+    sd = float(diff.std(ddof=1)) if n > 1 else math.nan
+    if n < 2:
+        return Comparison(interval, math.nan, math.nan, None)
+    if sd == 0:  # the same difference on every seed: nothing random is left to test
+        return Comparison(interval, 0.0 if interval.mean != 0 else 1.0, math.inf if interval.mean else 0.0, None)
+    p = float(stats.ttest_rel(both["a"], both["b"]).pvalue)
+    d = float(interval.mean / sd)
+    return Comparison(interval, p, d, seeds_for_power(d))
+
+
+def seeds_for_power(effect_size: float, most: int = 1000) -> int | None:
+    """The fewest seeds with which a paired t-test at `ALPHA` detects `effect_size` (d_z) with `POWER`."""
+    d = abs(effect_size)
+    if d == 0 or math.isnan(d):
+        return None
+    for n in range(2, most + 1):
+        df, shift = n - 1, d * math.sqrt(n)
+        critical = stats.t.ppf(1 - ALPHA / 2, df)
+        power = stats.nct.sf(critical, df, shift) + stats.nct.cdf(-critical, df, shift)
+        if power >= POWER:
+            return n
+    return None
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of `p_values` (several claims tested in one report)."""
+    order = sorted(range(len(p_values)), key=lambda i: (math.isnan(p_values[i]), p_values[i]))
+    valid = [i for i in order if not math.isnan(p_values[i])]
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(valid):
+        running = max(running, min(1.0, (len(valid) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def accuracy_interval(correct: int, total: int) -> Interval:
+    """An accuracy measured on `total` images with its Wilson interval: the test set's own sampling error."""
+    if total == 0:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    z = stats.norm.ppf(1 - ALPHA / 2)
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return Interval(p, centre - half, centre + half, total)
+
+
+INTERVAL_NOTE = ("`±`: the half-width of the 95% confidence interval of the mean over seeds (Student t); "
+                 "one seed shows no interval.")

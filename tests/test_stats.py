@@ -1,0 +1,85 @@
+"""Intervals, paired comparisons and verdicts, on synthetic results whose answers are known."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from fmnist.results.report import claims_table
+from fmnist.results.stats import accuracy_interval, holm, mean_interval, paired, seeds_for_power
+
+SEEDS = range(5)
+
+
+def test_the_mean_interval_is_student_t_and_one_value_has_none():
+    interval = mean_interval([0.90, 0.91, 0.92])
+    half = stats.t.ppf(0.975, 2) * 0.01 / math.sqrt(3)  # 4.303 x s / sqrt(n)
+    assert interval.mean == pytest.approx(0.91) and interval.half_width == pytest.approx(half)
+    assert interval.text() == f"91.00 ± {100 * half:.2f}"
+    assert mean_interval([0.9]).text() == "90.00" and mean_interval([0.9]).n == 1
+
+
+def test_a_real_difference_is_found_and_no_difference_is_not_claimed():
+    rng = np.random.default_rng(0)
+    a = pd.Series(0.93 + rng.normal(0, 0.002, 5), index=SEEDS)
+    better = paired(a + 0.01, a + rng.normal(0, 0.002, 5))
+    assert better.verdict(+1) == "holds" and better.difference.low > 0
+    assert better.verdict(-1) == "contradicted"
+    same = paired(a + rng.normal(0, 0.002, 5), a + rng.normal(0, 0.002, 5))
+    assert same.verdict(+1) == "no detectable difference" and same.difference.low < 0 < same.difference.high
+
+
+def test_pairing_by_seed_removes_what_a_seed_does_to_both():
+    # Seeds move both settings by up to 2 points; the setting itself adds a steady 0.3 points.
+    seed_effect = pd.Series([0.0, 0.02, -0.015, 0.01, -0.02], index=SEEDS)
+    noise = pd.Series([0.0005, -0.0005, 0.0003, -0.0002, 0.0001], index=SEEDS)
+    a, b = 0.930 + seed_effect + 0.003 + noise, 0.930 + seed_effect
+    assert paired(a, b).verdict(+1) == "holds"
+    # Unpaired, the seeds' spread hides it: Welch's test finds nothing.
+    assert stats.ttest_ind(a, b, equal_var=False).pvalue > 0.05
+    # Seeds one setting lacks are left out of the pairing.
+    assert paired(a, b.drop(4)).difference.n == 4
+
+
+def test_seeds_needed_grow_as_the_effect_shrinks():
+    assert seeds_for_power(3.0) < seeds_for_power(1.0) < seeds_for_power(0.5)
+    assert seeds_for_power(1.0) == 10  # a paired t-test at 5% needs 10 pairs for 80% power at d = 1
+    assert seeds_for_power(0.0) is None
+
+
+def test_holm_adjusts_step_down_and_keeps_order():
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, math.nan]) [0] == 0.5 and math.isnan(holm([0.5, math.nan])[1])
+
+
+def test_the_test_sets_own_sampling_error():
+    interval = accuracy_interval(9400, 10_000)
+    assert 0.0045 < interval.half_width < 0.0050  # about +-0.5 points near 94% on 10,000 images
+    assert 0.0060 < accuracy_interval(4700, 5000).half_width < 0.0070  # about +-0.7 on 5,000
+
+
+def _curves(loss_rises_at: int | None, jagged: float) -> pd.DataFrame:
+    epochs = np.arange(1, 11)
+    loss = (epochs - (loss_rises_at or 10)) ** 2 / 100 + 0.3
+    acc = 0.9 + 0.001 * epochs + jagged * (-1) ** epochs
+    return pd.DataFrame({"epoch": epochs, "val/loss": loss, "val/acc": acc})
+
+
+def test_the_reports_verdicts_come_from_paired_tests_with_their_numbers():
+    rng = np.random.default_rng(1)
+    seed_effect = rng.normal(0, 0.005, 5)
+    accuracy = {"best": 0.930 + seed_effect, "no_dropout": 0.920 + seed_effect + rng.normal(0, 0.0005, 5),
+                "batch_32": 0.930 + seed_effect + rng.normal(0, 0.002, 5), "simple": 0.940 + seed_effect}
+    rows = [{"setting": f"variant={v}", "seed": s, "status": "completed", "test_acc": acc[s]}
+            for v, acc in accuracy.items() for s in SEEDS]
+    curves = {"best": [_curves(None, 0.001)] * 5, "no_dropout": [_curves(5, 0.001)] * 5,
+              "batch_32": [_curves(None, 0.01)] * 5, "simple": [_curves(None, 0.001)] * 5}
+    text = claims_table(pd.DataFrame(rows), curves)
+    line = {row.split("|")[1].strip(): row for row in text.splitlines() if row.startswith("| ")}
+    assert "more accurate: holds" in line["dropout"] and "p=" in line["dropout"] and "n=5" in line["dropout"]
+    assert "more accurate: no detectable difference (about" in line["batch size"]
+    assert "more accurate: contradicted" in line["architecture"]  # the simple CNN made better here
+    assert "not measured" in line["learning rate"]
+    assert "Holm" in text and "95% confidence interval" in text
