@@ -46,4 +46,4 @@ def test_gpu_check_dry_run_composes_every_command(run_in_process):
     for step in ("smoke", "bench", "speedrun_gpu", "best_probe", "report", "report_figures", "ddp"):
         assert any(line.startswith(f"[{step},") for line in lines), step
     assert "experiment=report" in result.stdout and "seed=2" in result.stdout and "trainer.accelerator=gpu" in result.stdout
-    assert lines[-1].startswith("dry run: 12 commands composed")
+    assert lines[-1].startswith("dry run: 16 commands composed")
