@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from fmnist.results.report import claims_table
-from fmnist.results.stats import accuracy_interval, holm, mean_interval, paired, seeds_for_power
+from fmnist.results.stats import accuracy_interval, holm, mcnemar, mean_interval, paired, seeds_for_power
 
 SEEDS = range(5)
 
@@ -83,3 +83,14 @@ def test_the_reports_verdicts_come_from_paired_tests_with_their_numbers():
     assert "more accurate: contradicted" in line["architecture"]  # the simple CNN made better here
     assert "not measured" in line["learning rate"]
     assert "Holm" in text and "95% confidence interval" in text
+
+
+def test_mcnemar_counts_only_the_images_one_model_gets_right():
+    labels = np.zeros(1000, dtype=np.uint8)
+    a, b = labels.copy(), labels.copy()
+    a[:40] = 1  # a errs on 40 images
+    b[20:100] = 1  # b errs on 80, sharing 20 of a's errors
+    result = mcnemar(a, b, labels)
+    assert (result["a_only"], result["b_only"]) == (60, 20) and result["difference"] == pytest.approx(0.04)
+    assert result["p_value"] == pytest.approx(stats.binomtest(60, 80, 0.5).pvalue) and result["p_value"] < 0.001
+    assert mcnemar(a, a, labels)["p_value"] == 1.0

@@ -1,6 +1,7 @@
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -35,6 +36,11 @@ def test_one_batch_training_writes_everything(make_cfg, tmp_path, model):
     # Time-to-accuracy axes that do not depend on the machine: images (2 batches of 32) and their FLOPs.
     flops = training_flops_per_image(restored.net)
     assert epochs["train_images"].tolist() == [64] and epochs["train_flops"].tolist() == [64 * flops]
+    # Every image's prediction, for comparisons image by image: they give the run's own accuracies.
+    with np.load(tmp_path / "predictions.npz") as saved:
+        assert len(saved["test_pred"]) == len(saved["test_label"]) == 200 and int(saved["val_epoch"]) == 1  # the fixture's test set
+        assert (saved["test_pred"] == saved["test_label"]).mean() == pytest.approx(metrics["test/acc"])
+        assert (saved["val_pred"] == saved["val_label"]).mean() == pytest.approx(metrics["val/acc_best"])
 
 
 @pytest.mark.slow

@@ -122,5 +122,16 @@ def accuracy_interval(correct: int, total: int) -> Interval:
     return Interval(p, centre - half, centre + half, total)
 
 
+def mcnemar(pred_a: np.ndarray, pred_b: np.ndarray, labels: np.ndarray) -> dict:
+    """McNemar's exact test of two models on the same images: do they err on different numbers of them?
+
+    Only the images exactly one model gets right count (`a_only`, `b_only`); p is two-sided.
+    """
+    a, b = np.asarray(pred_a) == np.asarray(labels), np.asarray(pred_b) == np.asarray(labels)
+    a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
+    p = float(stats.binomtest(a_only, a_only + b_only, 0.5).pvalue) if a_only + b_only else 1.0
+    return {"a_only": a_only, "b_only": b_only, "difference": (a_only - b_only) / len(a), "p_value": p}
+
+
 INTERVAL_NOTE = ("`±`: the half-width of the 95% confidence interval of the mean over seeds (Student t); "
                  "one seed shows no interval.")

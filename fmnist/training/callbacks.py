@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar, WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 
 from fmnist.errors import DivergedError
+from fmnist.fsio import atomic_output
 from fmnist.models import training_flops_per_image
 from fmnist.training.figures import confusion_matrix_figure, misclassified_figure
 
@@ -272,6 +273,80 @@ class ProgressBar(TQDMProgressBar):
     def on_train_epoch_start(self, trainer, *args) -> None:
         super().on_train_epoch_start(trainer, *args)
         self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
+
+PREDICTIONS_FILE = "predictions.npz"
+
+
+class PerImagePredictions(L.Callback):
+    """Every image's predicted class, so that two runs can be compared image by image (McNemar's test,
+    a paired bootstrap): `predictions.npz` in the run directory holds `val_pred`, `val_label` and
+    `val_epoch` (the epoch of the best validation accuracy so far, the checkpoint that is tested) and
+    `test_pred`, `test_label`, in the order of the split's images. Under DDP each rank sees a share of
+    the images, and nothing is saved."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / PREDICTIONS_FILE
+        self.preds: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+
+    def _start(self, trainer) -> None:
+        self.preds, self.labels = [], []
+
+    def _collect(self, trainer, outputs, batch) -> None:
+        if trainer.world_size == 1 and not trainer.sanity_checking:
+            self.preds.append(outputs["preds"].to("cpu", torch.uint8))
+            self.labels.append(batch[1].to("cpu", torch.uint8))
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return torch.cat(self.preds).numpy(), torch.cat(self.labels).numpy()
+
+    def _save(self, **arrays) -> None:
+        try:
+            with np.load(self.path) as before:
+                kept = {k: before[k] for k in before.files if k not in arrays}
+        except (OSError, ValueError):
+            kept = {}
+        with atomic_output(self.path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, **kept, **arrays)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._start(trainer)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(trainer, outputs, batch)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # A resumed run goes on from the best epoch it saved before it stopped.
+        self.best_so_far = -1.0
+        try:
+            with np.load(self.path) as saved:
+                self.best_so_far = float((saved["val_pred"] == saved["val_label"]).mean())
+        except (OSError, ValueError, KeyError):
+            pass
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        # Only a strictly better epoch replaces the saved one, as the checkpoint callback keeps the first
+        # epoch of the best validation accuracy.
+        if not self.preds or rank_zero_only.rank != 0 or trainer.state.fn != TrainerFn.FITTING:
+            return
+        pred, label = self._arrays()
+        accuracy = float((pred == label).mean())
+        if accuracy > getattr(self, "best_so_far", -1.0):
+            self.best_so_far = accuracy
+            self._save(val_pred=pred, val_label=label, val_epoch=np.array(trainer.current_epoch + 1))
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._start(trainer)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(trainer, outputs, batch)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        if self.preds and rank_zero_only.rank == 0:
+            pred, label = self._arrays()
+            self._save(test_pred=pred, test_label=label)
 
 
 class TestArtifacts(L.Callback):

@@ -89,11 +89,13 @@ class LitClassifier(L.LightningModule):
             self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
-    def validation_step(self, batch, batch_idx: int) -> None:
+    def validation_step(self, batch, batch_idx: int) -> dict:
         loss, logits, y = self._loss(batch, self.tta)
-        self.val_acc.update(logits, y)
+        preds = logits.argmax(dim=1)
+        self.val_acc.update(preds, y)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=len(y))
+        return {"preds": preds}
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:  # a couple of batches before training say nothing about the best

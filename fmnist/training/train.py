@@ -37,8 +37,8 @@ from fmnist.models import training_flops_per_image
 from fmnist.training.precision import resolve_precision
 from fmnist.runs import (COMPLETED, DIVERGED, FAILED, FINISHED, INTERRUPTED, METRICS_FILE, PRUNED, RUNNING, now,
                          provenance, read_record, update_record)
-from fmnist.training.callbacks import (DIVERGED_ADVICE, HEARTBEAT_S, EpochCSV, Forecast, TestArtifacts, WeightEMA,
-                                      loss_diverged, step_callbacks)
+from fmnist.training.callbacks import (DIVERGED_ADVICE, HEARTBEAT_S, EpochCSV, Forecast, PerImagePredictions,
+                                       TestArtifacts, WeightEMA, loss_diverged, step_callbacks)
 from fmnist.training.checkpoint import SafeCheckpointIO, SafeModelCheckpoint, load_checkpoint
 from fmnist.training.module import LitClassifier
 from fmnist.training.rundir import RunDirInUse, own_run_dir
@@ -287,6 +287,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
                         logger=logger, plugins=[SafeCheckpointIO()],
                         callbacks=[checkpoint, epoch_csv, forecast,
                                    LearningRateMonitor(logging_interval="epoch"), TestArtifacts(run_dir),
+                                   PerImagePredictions(run_dir),
                                    *step_callbacks(cfg.progress_bar_refresh if bar else None),
                                    *([WeightEMA(cfg.optim.ema_decay)] if cfg.optim.ema_decay else []), *(callbacks or [])])
     with console.beside_the_bar(bar):
