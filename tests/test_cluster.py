@@ -46,11 +46,40 @@ def postgres() -> str:
     return up.stdout.strip().splitlines()[-1]
 
 
-def _sweep(*args: str) -> subprocess.Popen:
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test():
+    yield
+    for proc in _STARTED:  # a test that failed while waiting leaves its workers running
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    _STARTED.clear()
+
+
+def _background(command: list[str], log_dir: Path) -> subprocess.Popen:
+    """`command` in the background, its output in a file under `log_dir` (`.log`): a pipe that nobody reads
+    while the test waits would fill, and stop the process."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / f"process-{uuid.uuid4().hex[:8]}.log", "w") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log,
+                                stderr=subprocess.STDOUT, text=True)
+    proc.log = Path(log.name)
+    _STARTED.append(proc)
+    return proc
+
+
+def _ended(proc: subprocess.Popen) -> tuple[int, str]:
+    """Wait for `proc`; its exit code and output."""
+    proc.wait(timeout=DEADLINE_S)
+    return proc.returncode, proc.log.read_text()
+
+
+def _sweep(log_dir: Path, *args: str) -> subprocess.Popen:
     """`python train.py -m ARGS` through the SLURM launcher, in the background."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", *args, *SLURM], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return _background([sys.executable, str(ROOT / "train.py"), "-m", *args, *SLURM], log_dir)
 
 
 def _record(job: Path) -> dict:
@@ -62,9 +91,9 @@ def _record(job: Path) -> dict:
 
 def _wait_for(condition, what: str, proc: subprocess.Popen | None = None):
     deadline = time.time() + DEADLINE_S
-    while not (value := condition()):
+    while (value := condition()) is None or value is False:  # a trial number may be 0
         if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the sweep ended (exit {proc.returncode}) before {what}:\n{proc.stdout.read()[-3000:]}")
+            pytest.fail(f"the process ended (exit {proc.returncode}) before {what}:\n{proc.log.read_text()[-3000:]}")
         assert time.time() < deadline, f"waited {DEADLINE_S} s for {what}"
         time.sleep(0.5)
     return value
@@ -80,9 +109,9 @@ def _epochs(job: Path) -> list[int]:
 
 def test_a_sweep_runs_as_one_job_array_and_each_record_names_its_job(slurm, tmp_path, data_dir):
     sweep = tmp_path / "s"
-    proc = _sweep(*FAST, f"data.dir={data_dir}", "model=simple", "seed=0,1", f"hydra.sweep.dir={sweep}")
-    output, _ = proc.communicate(timeout=DEADLINE_S)
-    assert proc.returncode == 0, output[-3000:]
+    code, output = _ended(_sweep(tmp_path, *FAST, f"data.dir={data_dir}", "model=simple", "seed=0,1",
+                                 f"hydra.sweep.dir={sweep}"))
+    assert code == 0, output[-3000:]
     records = {job.name: _record(job) for job in sweep.iterdir() if (job / "metrics.json").exists()}
     assert len(records) == 2 and all(r["status"] == "completed" for r in records.values())
     jobs = [r["scheduler"] for r in records.values()]
@@ -102,18 +131,18 @@ def test_a_cancelled_job_is_interrupted_and_the_same_command_resumes_it_skipping
                   f"{after} epochs of the long job", proc)
         job_id = _record(long)["scheduler"]["slurm_job_id"]
         subprocess.run(["scancel", job_id], check=True)
-        output, _ = proc.communicate(timeout=DEADLINE_S)
+        code, output = _ended(proc)
         # The sweep collects every job's outcome and exits 3: not every job completed.
-        assert proc.returncode == 3, output[-3000:]
+        assert code == 3, output[-3000:]
 
-    first = _sweep(*args)
+    first = _sweep(tmp_path, *args)
     cancel_after_epochs(first, 2)
     assert _record(short)["status"] == "completed"
     stopped = _record(long)
     assert stopped["status"] == "interrupted" and "run the same sweep command again" in stopped["error"]
     finished, done = (short / "metrics.json").read_bytes(), _epochs(long)
 
-    again = _sweep(*args)
+    again = _sweep(tmp_path, *args)
     cancel_after_epochs(again, len(done) + 2)
     assert (short / "metrics.json").read_bytes() == finished  # skipped, not run again
     epochs = _epochs(long)
@@ -148,15 +177,15 @@ TRIAL = [*FAST, "model=simple", "~space.model", "~space.batch_size", "~space.wei
 
 
 def _tune(data_dir: Path, out: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, str(ROOT / "tune.py"), f"out_dir={out}", f"data.dir={data_dir}", *TRIAL, *args],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """A `tune.py` worker in the background."""
+    return _background([sys.executable, str(ROOT / "tune.py"), f"out_dir={out}", f"data.dir={data_dir}", *TRIAL, *args],
+                       out.parent / "logs")
 
 
 def _finish(*workers: subprocess.Popen) -> None:
     for worker in workers:
-        output, _ = worker.communicate(timeout=DEADLINE_S)
-        assert worker.returncode == 0, output[-3000:]
+        code, output = _ended(worker)
+        assert code == 0, output[-3000:]
 
 
 def _trials(study: str, storage) -> tuple[list, list]:
@@ -193,24 +222,25 @@ def test_two_workers_on_one_study_end_with_exactly_n_trials_and_a_continuation_a
 def test_a_worker_killed_mid_trial_is_replaced_through_the_heartbeat(postgres, tmp_path, data_dir):
     study = f"kill_{uuid.uuid4().hex[:8]}"
     out = tmp_path / "tune"
-    # Trials long enough to be killed in the middle (40 epochs of 2 batches), heartbeats every second.
-    args = [f"study={study}", "n_trials=3", f"storage={postgres}", "trainer.max_epochs=40",
-            "heartbeat.interval_s=1", "heartbeat.grace_s=3"]
-    victim = _tune(data_dir, out, *args, "sampler.seed=0")
+    args = [f"study={study}", "n_trials=3", f"storage={postgres}", "heartbeat.interval_s=1", "heartbeat.grace_s=3"]
+    # The victim's trial would never end by itself (its process's own train override); the survivor's
+    # trials are 2 epochs. Whatever the machine's speed, the survivor fills the places the victim's
+    # running trial leaves, then waits for it: only the heartbeat lets the study finish.
+    victim = _tune(data_dir, out, *args, "sampler.seed=0", "trainer.max_epochs=100000")
 
-    def training(worker: subprocess.Popen):
-        def trial_number():
+    def trial_of(worker: subprocess.Popen, training: bool):
+        def number():
             for t in optuna.load_study(study_name=study, storage=postgres).trials if _has_study(study, postgres) else []:
-                if t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get("process", {}).get("pid") == worker.pid:
-                    if len(_epochs(Path(t.user_attrs["run_dir"]))) >= 1:
+                if t.user_attrs.get("process", {}).get("pid") == worker.pid:
+                    if not training or len(_epochs(Path(t.user_attrs["run_dir"]))) >= 1:
                         return t.number
             return None
-        return trial_number
-    killed = _wait_for(training(victim), "a trial of the first worker to train", victim)
-    survivor = _tune(data_dir, out, *args, "sampler.seed=1")
-    # Killed once the survivor trains too: its start-up check (a dead process's trials on this host) saw
-    # the victim alive, so only the heartbeat can find its trial.
-    _wait_for(training(survivor), "a trial of the second worker to train", survivor)
+        return number
+    killed = _wait_for(trial_of(victim, training=True), "the first worker's trial to train", victim)
+    survivor = _tune(data_dir, out, *args, "sampler.seed=1", "trainer.max_epochs=2")
+    # Killed once the survivor has a trial: its start-up check (a dead process's trials on this host) saw
+    # the victim alive, so only the heartbeat can find the victim's trial.
+    _wait_for(trial_of(survivor, training=False), "the second worker's first trial", survivor)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     _finish(survivor)
