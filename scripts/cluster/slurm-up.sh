@@ -24,9 +24,10 @@ cpus=$(nproc)
 memory_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))  # leave a tenth to the system
 conf=/etc/slurm/slurm.conf
 wanted=$(cat <<CONF
-# Written by scripts/cluster/slurm-up.sh: one node, this machine.
+# Written by scripts/cluster/slurm-up.sh: one node, this machine, on the loopback address (the host
+# name need not resolve, as in many containers).
 ClusterName=fmnist
-SlurmctldHost=${node}
+SlurmctldHost=${node}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -50,7 +51,7 @@ KillWait=10
 SchedulerParameters=sched_interval=2,bf_interval=2
 MinJobAge=600
 OverTimeLimit=0
-NodeName=${node} CPUs=${cpus} RealMemory=${memory_mb} State=UNKNOWN
+NodeName=${node} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${memory_mb} State=UNKNOWN
 PartitionName=debug Nodes=${node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
 )
@@ -69,10 +70,10 @@ if ! pgrep -x munged >/dev/null; then
     su -s /bin/sh munge -c /usr/sbin/munged 2>/dev/null || /usr/sbin/munged --force
 fi
 
-if [ "${restart:-0}" = 1 ]; then
+if [ "${restart:-0}" = 1 ]; then  # the old daemons save their state and free their ports first
     pkill -x slurmctld 2>/dev/null || true
     pkill -x slurmd 2>/dev/null || true
-    sleep 1
+    for _ in $(seq 1 30); do { pgrep -x slurmctld || pgrep -x slurmd; } >/dev/null || break; sleep 0.5; done
 fi
 pgrep -x slurmctld >/dev/null || /usr/sbin/slurmctld
 pgrep -x slurmd >/dev/null || /usr/sbin/slurmd
