@@ -129,8 +129,9 @@ def test_a_cancelled_job_is_interrupted_and_the_same_command_resumes_it_skipping
     def cancel_after_epochs(proc: subprocess.Popen, after: int) -> None:
         _wait_for(lambda: len(_epochs(long)) >= after and (long / "checkpoints" / "last.ckpt").exists(),
                   f"{after} epochs of the long job", proc)
-        job_id = _record(long)["scheduler"]["slurm_job_id"]
-        subprocess.run(["scancel", job_id], check=True)
+        _wait_for(lambda: _record(short).get("status") == "completed", "the short job to complete", proc)
+        job = _record(long)["scheduler"]  # its array task alone: the array's own id would cancel every task
+        subprocess.run(["scancel", f"{job['slurm_array_job_id']}_{job['slurm_array_task_id']}"], check=True)
         code, output = _ended(proc)
         # The sweep collects every job's outcome and exits 3: not every job completed.
         assert code == 3, output[-3000:]
