@@ -73,7 +73,7 @@ def project_rows(sweep_dir: Path, table: pd.DataFrame) -> list[dict]:
         first = jobs.iloc[0]  # the seeds of a setting train on the same number of images
         rows.append({
             "recipe": sweep_dir.name if setting == "(defaults)" else f"{sweep_dir.name}: {setting}",
-            "test acc (%)": mean_interval(acc / 100).text(),
+            "test acc (%)": mean_interval(jobs.test_acc).text(),
             "n": len(acc), "mean": acc.mean(),
             "training images": "?" if pd.isna(first.train_images) else f"{int(first.train_images):,}",
             "training PFLOP": "?" if pd.isna(first.train_flops) else f"{first.train_flops / 1e15:.2g}",

@@ -36,10 +36,15 @@ class Placement:
     reason: str
 
 
+def launcher_kind(launcher: DictConfig | dict) -> str:
+    """`joblib`, `submitit` or `basic`: which of Hydra's launchers `launcher` (hydra.launcher) configures."""
+    target = str(launcher.get("_target_", ""))
+    return "joblib" if target.endswith("JoblibLauncher") else "submitit" if "submitit" in target else "basic"
+
+
 def concurrent_jobs(launcher: DictConfig | dict, cores: int) -> int:
     """How many jobs the launcher runs at once on this machine (1 for sequential launchers)."""
-    target = str(launcher.get("_target_", ""))
-    if target.endswith("JoblibLauncher"):
+    if launcher_kind(launcher) == "joblib":
         n = int(launcher.get("n_jobs") or 1)
         # joblib's convention: -1 is all cores, -2 all but one, ...
         return max(1, cores + 1 + n if n < 0 else n)
@@ -51,14 +56,13 @@ def runs_apart(launcher: DictConfig | dict) -> bool:
     it watches), whose result the sweep's process collects: then a signal that stops a job (`scancel`, its
     time limit) is that job's outcome alone. A joblib worker is not: a signal to it stops the sweep, or
     finds it gone (`stop_when_orphaned`), and the worker must end with its job."""
-    return "submitit" in str(launcher.get("_target_", ""))
+    return launcher_kind(launcher) == "submitit"
 
 
 def plan(launcher: DictConfig | dict, job_num: int, cores: int, gpus: int, accelerator: str,
          devices: Any) -> Placement:
     """The placement of job `job_num` of a sweep run by `launcher`, on `cores` CPU cores and `gpus` GPUs."""
-    target = str(launcher.get("_target_", ""))
-    if "submitit" in target:
+    if launcher_kind(launcher) == "submitit":
         cpus = launcher.get("cpus_per_task")
         return Placement(int(cpus) if cpus else None, None, f"submitit: {cpus or 'default'} cpus per task")
     n = concurrent_jobs(launcher, cores)
@@ -87,7 +91,7 @@ def place_job(cfg: DictConfig, hydra_cfg: DictConfig) -> DictConfig:
         with open_dict(cfg):
             cfg.trainer.devices = [placement.device]
     log.info("placement: %s (torch threads: %d)", placement.reason, torch.get_num_threads())
-    if "joblib" in str(hydra_cfg.launcher.get("_target_", "")):
+    if launcher_kind(hydra_cfg.launcher) == "joblib":
         stop_when_orphaned()
     return cfg
 
