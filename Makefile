@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 DATA ?= data
 ARGS ?=
 
-.PHONY: install lock data train test test-fast test-cluster tensorboard bench gpu-check speedrun cpu-best ablations report leaderboard clean
+.PHONY: install lock data train test test-fast test-cluster tensorboard bench gpu-check speedrun cpu-best ablations report leaderboard docs clean
 
 # The tested versions of every package, for this Python if there is a lock for it (constraints/py3.X.txt).
 PY_VERSION := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")' 2>/dev/null)
@@ -73,6 +73,10 @@ report: $(STAMP)
 LEADERBOARD_SWEEPS := docs/results/cpu_best docs/results/speedrun_cpu docs/results/gpu/speedrun_gpu docs/results/report
 leaderboard: $(STAMP)
 	$(BIN)/python -m fmnist.results leaderboard $(LEADERBOARD_SWEEPS) $(ARGS)
+
+# The docs' generated tables, from the committed results (each between `<!-- generated: ... -->` markers).
+docs: $(STAMP)
+	$(BIN)/python scripts/render_docs.py $(ARGS)
 
 # Rewrite the lock for this Python from a fresh environment (pip freeze, local labels such as +cpu removed).
 lock:

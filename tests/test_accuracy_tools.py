@@ -118,7 +118,8 @@ def test_augmentation_changes_images_never_labels(data_dir):
 
 @pytest.mark.slow
 def test_eval_tricks_scores_raw_and_averaged_weights_on_validation(make_cfg, tmp_path):
-    from fmnist.inference.tricks import compare, markdown
+    from fmnist.inference.tricks import compare
+    from fmnist.results.compare import tricks_markdown
 
     metrics = train(make_cfg(*EMA), tmp_path / "ema" / "seed=0")
     train(make_cfg("model=simple"), tmp_path / "plain" / "seed=0")
@@ -129,7 +130,7 @@ def test_eval_tricks_scores_raw_and_averaged_weights_on_validation(make_cfg, tmp
     assert table.loc[("raw", "none"), "change_mean"] == 0.0 and (table.n == 1).all()
     plain = compare([tmp_path / "plain"])
     assert set(plain.weights) == {"raw"} and len(plain) == 3  # no EMA: one set of weights
-    assert "| ema | flip |" in markdown(table.reset_index())
+    assert "| ema | flip |" in tricks_markdown(table.reset_index())
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Intervals, paired comparisons and verdicts, on synthetic results whose answers are known."""
 
+import json
 import math
 
 import numpy as np
@@ -7,6 +8,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from fmnist.errors import ConfigError
+from fmnist.results.compare import WITHIN_NOISE, changes, changes_markdown, tricks_markdown
 from fmnist.results.report import claims_table
 from fmnist.results.stats import accuracy_interval, holm, mcnemar, mean_interval, paired, seeds_for_power
 
@@ -94,3 +97,57 @@ def test_mcnemar_counts_only_the_images_one_model_gets_right():
     assert (result["a_only"], result["b_only"]) == (60, 20) and result["difference"] == pytest.approx(0.04)
     assert result["p_value"] == pytest.approx(stats.binomtest(60, 80, 0.5).pvalue) and result["p_value"] < 0.001
     assert mcnemar(a, a, labels)["p_value"] == 1.0
+
+
+def _sweep(root, name: str, settings: dict[str, list[float]]):
+    """A finished sweep on disk: each setting's best validation accuracy per seed (test = validation - 0.005)."""
+    for setting, accuracies in settings.items():
+        for seed, acc in enumerate(accuracies):
+            job = root / name / ",".join([*([setting] if setting else []), f"seed={seed}"])
+            job.mkdir(parents=True)
+            overrides = [*([setting] if setting else []), f"seed={seed}"]
+            (job / "metrics.json").write_text(json.dumps({
+                "status": "completed", "seed": seed, "overrides": overrides,
+                "metrics": {"val/acc_best": acc, "test/acc": acc - 0.005}}))
+            (job / "epochs.csv").write_text("epoch,train_seconds\n0,10\n")
+    return root / name
+
+
+def test_changes_pair_by_seed_and_keep_only_what_validation_shows(tmp_path):
+    base = 0.94 + np.array([0.0, 0.006, 0.004, -0.003, 0.002])  # what each seed does to every setting
+    baseline = _sweep(tmp_path, "base", {"": list(base)})
+    tried = _sweep(tmp_path, "tried", {
+        "optim.lr=0.01": list(base + 0.002 + np.array([0.0003, -0.0002, 0.0001, 0.0, -0.0002])),  # small, steady
+        "optim.lr=0.1": list(base - 0.010 + np.array([0.002, -0.002, 0.001, -0.001, 0.0])),
+        "model.dropout=0.2": list(base + np.array([0.004, -0.004, 0.003, -0.002, -0.001]))})  # noise only
+    table = changes(baseline, [tried]).set_index("setting")
+    # Unpaired, +0.2 points is a fraction of the seed-to-seed spread; paired by seed, it is clear.
+    assert mean_interval(table.loc["optim.lr=0.01", "val"]).low < mean_interval(base).high
+    assert table.loc["optim.lr=0.01", "verdict"] == "better"
+    assert table.loc["optim.lr=0.01", "val_change"].mean == pytest.approx(0.002)
+    assert table.loc["optim.lr=0.1", "verdict"] == "worse"
+    assert table.loc["model.dropout=0.2", "verdict"] == WITHIN_NOISE
+    assert table.loc["optim.lr=0.01", "p_holm"] >= table.loc["optim.lr=0.01", "p"]
+    text = changes_markdown(table.reset_index())
+    assert "| `optim.lr=0.01` | " in text and "[+0." in text and "never used to choose" in text
+
+
+def test_changes_refuse_a_baseline_with_several_settings(tmp_path):
+    baseline = _sweep(tmp_path, "base", {"optim.lr=0.1": [0.9, 0.91], "optim.lr=0.2": [0.9, 0.91]})
+    with pytest.raises(ConfigError, match="base: a baseline is one setting"):
+        changes(baseline, [baseline])
+
+
+def test_the_tricks_table_turns_std_and_n_into_intervals():
+    table = pd.DataFrame([
+        {"weights": "raw", "tta": "none", "val_acc_mean": 0.94, "val_acc_std": 0.004, "n": 3, "change_mean": 0.0,
+         "change_std": 0.0},
+        {"weights": "raw", "tta": "flip", "val_acc_mean": 0.946, "val_acc_std": 0.004, "n": 3, "change_mean": 0.006,
+         "change_std": 0.001},
+        {"weights": "ema", "tta": "none", "val_acc_mean": 0.941, "val_acc_std": 0.004, "n": 3, "change_mean": 0.001,
+         "change_std": 0.003}])
+    lines = tricks_markdown(table).splitlines()
+    half = stats.t.ppf(0.975, 2) * 0.4 / math.sqrt(3)  # points
+    assert f"| raw | none | 94.00 ± {half:.2f} | 3 | +0.00 | (the reference) |" in lines
+    assert any(line.startswith("| raw | flip |") and line.endswith("| better |") for line in lines)
+    assert any(line.startswith("| ema | none |") and line.endswith(f"| {WITHIN_NOISE} |") for line in lines)

@@ -18,6 +18,10 @@ from fmnist.inference.loading import best_in_run, load_model, training_datamodul
 from fmnist.runs import COMPLETED, collect
 
 
+# The comparison's columns (what `python -m fmnist.results tricks --csv` writes and `--from-csv` reads).
+COLUMNS = ["weights", "tta", "val_acc_mean", "val_acc_std", "n", "change_mean", "change_std"]
+
+
 def validation_accuracies(run_dir: Path, data_dir: str | None = None) -> dict[tuple[str, str], float]:
     """{(weights, tta): validation accuracy} of the run's best checkpoint; weights: `raw`, and `ema` when averaged."""
     path = best_in_run(run_dir)
@@ -50,7 +54,7 @@ def compare(sweep_dirs: list[Path], data_dir: str | None = None) -> pd.DataFrame
             for (weights, tta), acc in validation_accuracies(Path(sweep) / job, data_dir).items():
                 rows.append({"run": f"{Path(sweep).name}/{job}", "weights": weights, "tta": tta, "val_acc": acc})
     if not rows:
-        return pd.DataFrame(columns=["weights", "tta", "val_acc_mean", "val_acc_std", "n", "change_mean", "change_std"])
+        return pd.DataFrame(columns=COLUMNS)
     runs = pd.DataFrame(rows)
     base = runs[(runs.weights == "raw") & (runs.tta == "none")].set_index("run").val_acc
     runs["change"] = runs.val_acc - runs.run.map(base)
@@ -61,13 +65,3 @@ def compare(sweep_dirs: list[Path], data_dir: str | None = None) -> pd.DataFrame
              .reset_index())
     table = table.sort_values(["weights", "tta"], key=lambda c: c.map(order)).reset_index(drop=True)
     return table
-
-
-def markdown(table: pd.DataFrame) -> str:
-    """The comparison as a markdown table, in percentage points."""
-    lines = ["| weights | TTA | val acc % (mean ± std) | n | change vs raw, no TTA (pts) |", "|---|---|---|---|---|"]
-    for r in table.itertuples():
-        spread = f" ± {100 * r.val_acc_std:.2f}" if r.n > 1 else ""
-        change = f"{100 * r.change_mean:+.2f}" + (f" ± {100 * r.change_std:.2f}" if r.n > 1 else "")
-        lines.append(f"| {r.weights} | {r.tta} | {100 * r.val_acc_mean:.2f}{spread} | {r.n} | {change} |")
-    return "\n".join(lines) + "\n"

@@ -4,6 +4,8 @@
   report DIR           the report's figures into DIR/figures/ (and its summary)
   leaderboard DIR...   published results, then each completed setting of the sweeps (markdown)
   tricks DIR...        raw vs EMA weights under each TTA mode, on each run's validation split
+                       (--from-csv FILE: the table a former `tricks --csv FILE` wrote, without evaluating)
+  changes BASE DIR...  each setting of the DIRs against the baseline sweep BASE, paired by seed on validation
 
 A DIR is a sweep directory: one holding job directories (each with metrics.json or .hydra/). A
 run directory, or a directory without jobs, is refused (exit 2) and nothing is written.
@@ -62,7 +64,12 @@ def leaderboard(args) -> None:
 
 
 def tricks(args) -> None:
-    from fmnist.inference.tricks import compare, markdown
+    from fmnist.results.compare import tricks_markdown
+
+    if args.from_csv:
+        print(tricks_markdown(read_tricks_table(args.from_csv)), end="")
+        return
+    from fmnist.inference.tricks import compare
 
     if args.csv:  # refused before the work, as predict.py and export.py refuse an existing out=
         check_output_file(args.csv, "--csv", False, lambda head: False, "tricks")
@@ -70,13 +77,36 @@ def tricks(args) -> None:
     if args.csv:
         with atomic_output(args.csv) as tmp:
             table.to_csv(tmp, index=False)
-    print(markdown(table), end="")
+    print(tricks_markdown(table), end="")
+
+
+def read_tricks_table(path: Path):
+    """A table `tricks --csv` wrote, or ConfigError naming the file and the columns it lacks."""
+    import pandas as pd
+
+    from fmnist.inference.tricks import COLUMNS
+
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot read it as a CSV table ({e}); expected a file `tricks --csv` wrote.") from e
+    missing = [c for c in COLUMNS if c not in table.columns]
+    if missing:
+        raise ConfigError(f"{path}: not a table `tricks --csv` wrote: it lacks the columns {', '.join(missing)}.")
+    return table
+
+
+def changes(args) -> None:
+    from fmnist.results.compare import changes, changes_markdown
+
+    print(changes_markdown(changes(args.dirs[0], args.dirs[1:])), end="")
 
 
 VERBS = {"summary": (summary, "rewrite each sweep's summary.csv and summary.md"),
          "report": (report, "the report's figures into DIR/figures/"),
          "leaderboard": (leaderboard, "published results, then each completed setting (markdown)"),
-         "tricks": (tricks, "raw vs EMA weights under each TTA mode, on validation")}
+         "tricks": (tricks, "raw vs EMA weights under each TTA mode, on validation"),
+         "changes": (changes, "each setting against a baseline sweep, paired by seed on validation")}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -85,15 +115,27 @@ def parser() -> argparse.ArgumentParser:
     verbs = main.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name, (_, help) in VERBS.items():
         sub = verbs.add_parser(name, help=help)
-        sub.add_argument("dirs", nargs="+", metavar="DIR", help="sweep directories, e.g. outputs/study-cpu")
+        if name == "changes":
+            sub.add_argument("dirs", nargs="+", metavar="DIR",
+                             help="the baseline sweep (one setting, several seeds), then the sweeps to compare with it")
+        else:
+            sub.add_argument("dirs", nargs="*" if name == "tricks" else "+", metavar="DIR",
+                             help="sweep directories, e.g. outputs/study-cpu")
         if name == "tricks":
+            sub.add_argument("--from-csv", type=Path, metavar="FILE",
+                             help="render a table that `tricks --csv FILE` wrote, instead of evaluating DIRs")
             sub.add_argument("--data-dir", help="where the training CSV is, if not where the runs were trained")
             sub.add_argument("--csv", type=Path, help="also write the table here")
     return main
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    main_parser = parser()
+    args = main_parser.parse_args(argv)
+    if args.verb == "changes" and len(args.dirs) < 2:
+        main_parser.error("changes needs a baseline sweep and at least one sweep to compare with it")
+    if args.verb == "tricks" and bool(args.dirs) == bool(args.from_csv):
+        main_parser.error("tricks takes sweep directories, or --from-csv FILE, not both")
 
     def work() -> None:
         args.dirs = [sweep_dir(d) for d in args.dirs]  # every directory checked before anything is written

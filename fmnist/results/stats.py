@@ -42,14 +42,18 @@ class Interval:
 def mean_interval(values) -> Interval:
     """The mean of `values` with its Student-t confidence interval."""
     x = np.asarray(pd.Series(values).dropna(), dtype=float)
-    n = len(x)
-    if n == 0:
+    if len(x) == 0:
         return Interval(math.nan, math.nan, math.nan, 0)
-    mean = float(x.mean())
-    if n < 2:
-        return Interval(mean, math.nan, math.nan, n)
-    half = float(stats.t.ppf(1 - ALPHA / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
-    return Interval(mean, mean - half, mean + half, n)
+    return summary_interval(x.mean(), x.std(ddof=1) if len(x) > 1 else math.nan, len(x))
+
+
+def summary_interval(mean: float, std: float, n: int) -> Interval:
+    """The Student-t interval of a mean known only by its summary: `n` values with this mean and std."""
+    n = int(n)
+    if n < 2 or math.isnan(std):
+        return Interval(float(mean), math.nan, math.nan, n)
+    half = float(stats.t.ppf(1 - ALPHA / 2, n - 1) * std / math.sqrt(n))
+    return Interval(float(mean), mean - half, mean + half, n)
 
 
 @dataclass(frozen=True)
@@ -74,10 +78,9 @@ def paired(a: pd.Series, b: pd.Series) -> Comparison:
     both = pd.concat({"a": a, "b": b}, axis=1).dropna()
     diff = both["a"] - both["b"]
     interval = mean_interval(diff)
-    n = len(diff)
-    sd = float(diff.std(ddof=1)) if n > 1 else math.nan
-    if n < 2:
+    if len(diff) < 2:
         return Comparison(interval, math.nan, math.nan, None)
+    sd = float(diff.std(ddof=1))
     if sd == 0:  # the same difference on every seed: nothing random is left to test
         return Comparison(interval, 0.0 if interval.mean != 0 else 1.0, math.inf if interval.mean else 0.0, None)
     p = float(stats.ttest_rel(both["a"], both["b"]).pvalue)

@@ -1,0 +1,112 @@
+"""Is a change worth keeping? Paired comparisons on validation, with their intervals, as markdown tables.
+
+`changes`: each setting of some sweeps against a baseline sweep run with the same seeds (a training-side
+change: a switch, a batch size), paired by seed on the best validation accuracy. `tricks_markdown`:
+raw vs averaged weights under each TTA mode (an evaluation-side change), from the table that
+`fmnist.inference.tricks.compare` makes. Validation decides; the test accuracy is shown, never used.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from fmnist.errors import ConfigError
+from fmnist.results.stats import INTERVAL_NOTE, Interval, holm, mean_interval, paired, summary_interval
+from fmnist.runs import COMPLETED, collect
+
+WITHIN_NOISE = "within noise"
+ONE_SEED = "not judged (one seed)"
+
+
+def change_verdict(change: Interval) -> str:
+    """`better` or `worse` when the paired change's interval excludes zero, else `within noise`."""
+    if change.n < 2:
+        return ONE_SEED
+    if math.isnan(change.half_width) or change.low <= 0 <= change.high:
+        return WITHIN_NOISE
+    return "better" if change.mean > 0 else "worse"
+
+
+def _by_seed(table: pd.DataFrame, metric: str) -> pd.Series:
+    return table.set_index("seed")[metric].astype(float)
+
+
+def changes(baseline_dir: Path, sweep_dirs: list[Path]) -> pd.DataFrame:
+    """One row per setting of `sweep_dirs` (completed jobs), paired by seed with `baseline_dir`'s one setting.
+
+    Columns: setting, seeds, val (per-seed best validation accuracy), val_change (Interval of the paired
+    difference), p and p_holm (paired t-test; Holm over the rows), seeds_needed (for an 80% chance to detect a
+    change this large), verdict, test (Interval of the setting's
+    test accuracy, shown only), train_seconds (mean).
+    """
+    base = collect(baseline_dir)
+    base = base[base.status == COMPLETED]
+    if base.setting.nunique() != 1:
+        raise ConfigError(f"{baseline_dir}: a baseline is one setting run with several seeds; this sweep has "
+                          f"{base.setting.nunique()} completed settings ({', '.join(sorted(base.setting.unique()))}).")
+    base_val = _by_seed(base, "val_acc_best")
+    rows = [{"setting": f"baseline ({Path(baseline_dir).name})", "seeds": sorted(base_val.index),
+             "val": base_val, "val_change": None, "p": math.nan, "seeds_needed": None, "verdict": "",
+             "test": mean_interval(base.test_acc), "train_seconds": base.train_seconds.mean()}]
+    for sweep in sweep_dirs:
+        table = collect(sweep)
+        table = table[table.status == COMPLETED]
+        for setting, runs in table.groupby("setting"):
+            val = _by_seed(runs, "val_acc_best")
+            comparison = paired(val, base_val)
+            rows.append({"setting": setting, "seeds": sorted(val.index), "val": val,
+                         "val_change": comparison.difference, "p": comparison.p_value,
+                         "seeds_needed": comparison.seeds_needed,
+                         "verdict": change_verdict(comparison.difference), "test": mean_interval(runs.test_acc),
+                         "train_seconds": runs.train_seconds.mean()})
+    result = pd.DataFrame(rows)
+    result["p_holm"] = [math.nan] + holm(list(result.p[1:]))
+    return result
+
+
+def changes_markdown(table: pd.DataFrame) -> str:
+    """The `changes` table in percentage points."""
+    lines = ["| setting | val acc best, per seed (%) | val change (points, paired, 95% CI) | p (Holm) | verdict "
+             "| seeds to detect | test acc (%) | training time (s) |", "|---|---|---|---|---|---|---|---|"]
+    for r in table.itertuples():
+        per_seed = " / ".join(f"{100 * v:.2f}" for v in r.val.sort_index())
+        seeds = ",".join(str(s) for s in r.seeds)
+        if r.val_change is None:
+            change, p = "", ""
+        else:
+            change = _signed(r.val_change) + ("" if r.val_change.n >= 2 else f" ({r.val_change.n} seed)")
+            p = "" if math.isnan(r.p) else f"{r.p:.3f} ({r.p_holm:.3f})"
+        needed = "" if r.seeds_needed is None or pd.isna(r.seeds_needed) else str(int(r.seeds_needed))
+        lines.append(f"| `{r.setting}` | {per_seed} (seeds {seeds}) | {change} | {p} | {r.verdict} | {needed} "
+                     f"| {r.test.text()} | {r.train_seconds:.0f} |")
+    lines += ["", f"{INTERVAL_NOTE} A change is `better` or `worse` only when the interval of its paired "
+              "validation change (same seeds) excludes zero; p: paired t-test, Holm-adjusted over the rows in "
+              "brackets; seeds to detect: the seeds a paired t-test would need for an 80% chance of detecting a change "
+              "this large. The test accuracy is shown, never used to choose."]
+    return "\n".join(lines) + "\n"
+
+
+def _signed(interval: Interval) -> str:
+    if interval.n < 2 or math.isnan(interval.half_width):
+        return f"{100 * interval.mean:+.2f}"
+    return f"{100 * interval.mean:+.2f} [{100 * interval.low:+.2f}, {100 * interval.high:+.2f}]"
+
+
+def tricks_markdown(table: pd.DataFrame) -> str:
+    """`fmnist.inference.tricks.compare`'s table in percentage points, each mean and paired change with its
+    95% interval (from the per-run mean, std and n it holds)."""
+    lines = ["| weights | TTA | val acc % (mean ± 95% CI) | n | change vs raw, no TTA (points, paired, 95% CI) "
+             "| verdict |", "|---|---|---|---|---|---|"]
+    for r in table.itertuples():
+        val = summary_interval(r.val_acc_mean, r.val_acc_std, r.n)
+        if r.weights == "raw" and r.tta == "none":
+            change, verdict = "+0.00", "(the reference)"
+        else:
+            interval = summary_interval(r.change_mean, r.change_std, r.n)
+            change, verdict = _signed(interval), change_verdict(interval)
+        lines.append(f"| {r.weights} | {r.tta} | {val.text()} | {r.n} | {change} | {verdict} |")
+    lines += ["", f"{INTERVAL_NOTE} A change is `better` or `worse` only when its paired interval excludes zero."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,43 @@
+"""The docs' tables of results are generated from the committed results and kept up to date."""
+
+import runpy
+
+import pytest
+
+from fmnist.errors import ConfigError
+from fmnist.results.generated import render
+from tests.conftest import ROOT
+
+
+def test_every_generated_table_in_the_docs_matches_the_committed_results(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the blocks name results by paths from the repository root
+    script = runpy.run_path(str(ROOT / "scripts" / "render_docs.py"))
+    stale = script["update"](script["DOCS"], check=True)
+    assert not stale, f"out of date (run `make docs`): {[str(p.relative_to(ROOT)) for p in stale]}"
+    assert sum((ROOT / "docs" / "performance.md").read_text().count(marker)
+               for marker in ("<!-- generated: ", "<!-- end generated -->")) >= 10
+
+
+def test_a_generated_block_is_rewritten_from_its_command_and_a_bad_one_is_refused(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    text = ("before\n<!-- generated: python -m fmnist.results tricks --from-csv docs/results/cpu_best/tricks.csv -->\n"
+            "| stale |\n<!-- end generated -->\nafter\n")
+    new = render(text, "page.md")
+    assert new.startswith("before\n<!-- generated: ") and new.endswith("<!-- end generated -->\nafter\n")
+    assert "| stale |" not in new and "| ema | flip |" in new
+    with pytest.raises(ConfigError, match="page.md: .*failed \\(exit 2\\).*nosuch"):
+        render(text.replace("docs/results/cpu_best/tricks.csv", "nosuch.csv"), "page.md")
+    with pytest.raises(ConfigError, match="must start with `python -m fmnist.results`"):
+        render(text.replace("python -m fmnist.results", "rm -rf"), "page.md")
+
+
+def test_results_verbs_refuse_a_foreign_table_and_a_missing_baseline(tmp_path, capsys):
+    from fmnist.results.__main__ import main
+
+    foreign = tmp_path / "other.csv"
+    foreign.write_text("weights,tta\nraw,none\n")
+    assert main(["tricks", "--from-csv", str(foreign)]) == 2
+    assert "other.csv: not a table `tricks --csv` wrote: it lacks the columns val_acc_mean" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["changes", str(ROOT / "docs" / "results" / "speedrun_cpu")])
+    assert exit_info.value.code == 2 and "changes needs a baseline sweep" in capsys.readouterr().err
