@@ -9,9 +9,12 @@ import pytest
 from scipy import stats
 
 from fmnist.errors import ConfigError
-from fmnist.results.compare import WITHIN_NOISE, changes, changes_markdown, tricks_markdown
+from fmnist.results.__main__ import main as results_main
+from fmnist.results.compare import (WITHIN_NOISE, changes, changes_markdown, image_comparison,
+                                    image_comparison_markdown, tricks_markdown)
 from fmnist.results.report import claims_table
-from fmnist.results.stats import accuracy_interval, holm, mcnemar, mean_interval, paired, seeds_for_power
+from fmnist.results.stats import (accuracy_interval, holm, mcnemar, mean_interval, paired, paired_bootstrap,
+                                  seeds_for_power)
 
 SEEDS = range(5)
 
@@ -151,3 +154,50 @@ def test_the_tricks_table_turns_std_and_n_into_intervals():
     assert f"| raw | none | 94.00 ± {half:.2f} | 3 | +0.00 | (the reference) |" in lines
     assert any(line.startswith("| raw | flip |") and line.endswith("| better |") for line in lines)
     assert any(line.startswith("| ema | none |") and line.endswith(f"| {WITHIN_NOISE} |") for line in lines)
+
+
+def _runs_with_predictions(root, name: str, correct_per_seed: list[np.ndarray], labels: np.ndarray):
+    for seed, correct in enumerate(correct_per_seed):
+        job = root / name / f"seed={seed}"
+        job.mkdir(parents=True)
+        (job / "metrics.json").write_text(json.dumps({"status": "completed", "seed": seed,
+                                                      "overrides": [f"seed={seed}"], "metrics": {}}))
+        pred = np.where(correct, labels, (labels + 1) % 10)
+        np.savez(job / "predictions.npz", val_pred=pred, val_label=labels, val_epoch=3, test_pred=pred,
+                 test_label=labels)
+    return root / name
+
+
+def test_two_models_compared_image_by_image_pair_by_seed_and_image(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 5000)
+    b = [rng.random(5000) < 0.92 for _ in SEEDS]
+    a = []
+    for wrong in b:  # A fixes 100 of B's errors and makes 20 of its own
+        fixed = wrong.copy()
+        fixed[np.flatnonzero(~wrong)[:100]] = True
+        fixed[np.flatnonzero(wrong)[:20]] = False
+        a.append(fixed)
+    rows, difference = image_comparison(_runs_with_predictions(tmp_path, "a", a, labels),
+                                        _runs_with_predictions(tmp_path, "b", b, labels))
+    assert list(rows.a_only) == [100] * 5 and list(rows.b_only) == [20] * 5 and (rows.p < 1e-10).all()
+    assert difference.mean == pytest.approx(80 / 5000) and 0 < difference.low < difference.mean < difference.high
+    assert "better" in image_comparison_markdown(rows, difference, ("a", "b"), "val")
+    assert results_main(["images", str(tmp_path / "a"), str(tmp_path / "b"), "--split", "test"]) == 0
+    assert "| 0 | " in capsys.readouterr().out
+    same, none = image_comparison(tmp_path / "b", tmp_path / "b")
+    assert none.mean == 0 and (same.p == 1.0).all()
+    # One seed: the interval is the images' sampling error alone, wider than with five seeds.
+    one = paired_bootstrap(a[:1], b[:1])
+    assert one.n == 1 and one.high - one.low > difference.high - difference.low > 0
+
+
+def test_an_image_comparison_refuses_other_images_and_runs_without_predictions(tmp_path):
+    labels = np.arange(100) % 10
+    _runs_with_predictions(tmp_path, "a", [np.ones(100, bool)], labels)
+    _runs_with_predictions(tmp_path, "other", [np.ones(100, bool)], (labels + 3) % 10)
+    with pytest.raises(ConfigError, match="seed 0: the two runs' val images differ"):
+        image_comparison(tmp_path / "a", tmp_path / "other")
+    (tmp_path / "other" / "seed=0" / "predictions.npz").unlink()
+    with pytest.raises(ConfigError, match="predictions.npz: no such file"):
+        image_comparison(tmp_path / "a", tmp_path / "other")

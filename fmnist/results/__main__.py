@@ -6,6 +6,8 @@
   tricks DIR...        raw vs EMA weights under each TTA mode, on each run's validation split
                        (--from-csv FILE: the table a former `tricks --csv FILE` wrote, without evaluating)
   changes BASE DIR...  each setting of the DIRs against the baseline sweep BASE, paired by seed on validation
+  images A B           two runs (or one-setting sweeps) paired by seed and by image: McNemar's test per
+                       seed, a bootstrap interval over seeds and images (--split val|test; default val)
 
 A DIR is a sweep directory: one holding job directories (each with metrics.json or .hydra/). A
 run directory, or a directory without jobs, is refused (exit 2) and nothing is written.
@@ -102,11 +104,19 @@ def changes(args) -> None:
     print(changes_markdown(changes(args.dirs[0], args.dirs[1:])), end="")
 
 
+def images(args) -> None:
+    from fmnist.results.compare import image_comparison, image_comparison_markdown
+
+    rows, difference = image_comparison(args.dirs[0], args.dirs[1], args.split)
+    print(image_comparison_markdown(rows, difference, (str(args.dirs[0]), str(args.dirs[1])), args.split), end="")
+
+
 VERBS = {"summary": (summary, "rewrite each sweep's summary.csv and summary.md"),
          "report": (report, "the report's figures into DIR/figures/"),
          "leaderboard": (leaderboard, "published results, then each completed setting (markdown)"),
          "tricks": (tricks, "raw vs EMA weights under each TTA mode, on validation"),
-         "changes": (changes, "each setting against a baseline sweep, paired by seed on validation")}
+         "changes": (changes, "each setting against a baseline sweep, paired by seed on validation"),
+         "images": (images, "two runs or sweeps paired by seed and by image (McNemar, bootstrap)")}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -115,7 +125,12 @@ def parser() -> argparse.ArgumentParser:
     verbs = main.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name, (_, help) in VERBS.items():
         sub = verbs.add_parser(name, help=help)
-        if name == "changes":
+        if name == "images":
+            sub.add_argument("dirs", nargs=2, metavar="DIR", type=Path,
+                             help="two run directories, or two sweep directories of one setting each")
+            sub.add_argument("--split", choices=("val", "test"), default="val",
+                             help="which images (validation chooses; test only reports)")
+        elif name == "changes":
             sub.add_argument("dirs", nargs="+", metavar="DIR",
                              help="the baseline sweep (one setting, several seeds), then the sweeps to compare with it")
         else:
@@ -138,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         main_parser.error("tricks takes sweep directories, or --from-csv FILE, not both")
 
     def work() -> None:
-        args.dirs = [sweep_dir(d) for d in args.dirs]  # every directory checked before anything is written
+        if args.verb != "images":  # a run directory is an answer there
+            args.dirs = [sweep_dir(d) for d in args.dirs]  # every directory checked before anything is written
         VERBS[args.verb][0](args)
     return run_plain(work)
 

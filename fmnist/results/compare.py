@@ -1,7 +1,8 @@
 """Is a change worth keeping? Paired comparisons on validation, with their intervals, as markdown tables.
 
 `changes`: each setting of some sweeps against a baseline sweep run with the same seeds (a training-side
-change: a switch, a batch size), paired by seed on the best validation accuracy. `tricks_markdown`:
+change: a switch, a batch size), paired by seed on the best validation accuracy. `image_comparison`: two
+runs (or sweeps) paired by seed and by image, from their `predictions.npz`. `tricks_markdown`:
 raw vs averaged weights under each TTA mode (an evaluation-side change), from the table that
 `fmnist.inference.tricks.compare` makes. Validation decides; the test accuracy is shown, never used.
 """
@@ -11,21 +12,24 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from fmnist.errors import ConfigError
-from fmnist.results.stats import INTERVAL_NOTE, Interval, holm, mean_interval, paired, summary_interval
-from fmnist.runs import COMPLETED, collect
+from fmnist.results.stats import (INTERVAL_NOTE, Interval, holm, mcnemar, mean_interval, paired, paired_bootstrap,
+                                  summary_interval)
+from fmnist.runs import COMPLETED, METRICS_FILE, collect, read_record
+from fmnist.training.callbacks import PREDICTIONS_FILE
 
 WITHIN_NOISE = "within noise"
 ONE_SEED = "not judged (one seed)"
 
 
 def change_verdict(change: Interval) -> str:
-    """`better` or `worse` when the paired change's interval excludes zero, else `within noise`."""
-    if change.n < 2:
+    """`better` or `worse` when the change's interval excludes zero, else `within noise` (no interval: one seed)."""
+    if math.isnan(change.half_width):
         return ONE_SEED
-    if math.isnan(change.half_width) or change.low <= 0 <= change.high:
+    if change.low <= 0 <= change.high:
         return WITHIN_NOISE
     return "better" if change.mean > 0 else "worse"
 
@@ -90,7 +94,7 @@ def changes_markdown(table: pd.DataFrame) -> str:
 
 
 def _signed(interval: Interval) -> str:
-    if interval.n < 2 or math.isnan(interval.half_width):
+    if math.isnan(interval.half_width):
         return f"{100 * interval.mean:+.2f}"
     return f"{100 * interval.mean:+.2f} [{100 * interval.low:+.2f}, {100 * interval.high:+.2f}]"
 
@@ -110,3 +114,63 @@ def tricks_markdown(table: pd.DataFrame) -> str:
         lines.append(f"| {r.weights} | {r.tta} | {val.text()} | {r.n} | {change} | {verdict} |")
     lines += ["", f"{INTERVAL_NOTE} A change is `better` or `worse` only when its paired interval excludes zero."]
     return "\n".join(lines) + "\n"
+
+
+def _predictions_by_seed(path: Path, split: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """{seed: (predictions, labels)} of a run directory, or of each completed job of a sweep directory."""
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such directory; expected a run directory or a sweep directory of one setting.")
+    runs = [path] if (path / METRICS_FILE).is_file() else \
+        [path / job for job in (lambda t: t[t.status == COMPLETED].job)(collect(path))]
+    found = {}
+    for run in runs:
+        record = read_record(run) or {}
+        file = run / PREDICTIONS_FILE
+        if not file.is_file():
+            raise ConfigError(f"{file}: no such file; per-image predictions are written by runs of this version "
+                              "(a run that finished before it, or under DDP, has none).")
+        with np.load(file) as saved:
+            if f"{split}_pred" not in saved:
+                raise ConfigError(f"{file}: holds no `{split}_pred` (the run was not tested, or saved no {split} split).")
+            pred, labels = saved[f"{split}_pred"], saved[f"{split}_label"]
+        seed = record.get("seed")
+        if seed in found:
+            raise ConfigError(f"{path}: two runs with seed {seed}; pass a run directory or a sweep of one setting.")
+        found[seed] = (pred, labels)
+    if not found:
+        raise ConfigError(f"{path}: no completed run; expected a run directory or a sweep directory of one setting.")
+    return found
+
+
+def image_comparison(dir_a: Path, dir_b: Path, split: str = "val") -> tuple[pd.DataFrame, Interval]:
+    """A against B on the same images: per shared seed, each accuracy and McNemar's test; over all of them,
+    the accuracy difference with a bootstrap interval over seeds and images (`stats.paired_bootstrap`)."""
+    a, b = _predictions_by_seed(Path(dir_a), split), _predictions_by_seed(Path(dir_b), split)
+    seeds = sorted(set(a) & set(b), key=str)
+    if not seeds:
+        raise ConfigError(f"{dir_a} and {dir_b} share no seed (seeds {sorted(a, key=str)} and {sorted(b, key=str)}); "
+                          "a comparison by image pairs runs of the same seed.")
+    rows, correct_a, correct_b = [], [], []
+    for seed in seeds:
+        (pred_a, labels), (pred_b, labels_b) = a[seed], b[seed]
+        if not np.array_equal(labels, labels_b):
+            raise ConfigError(f"seed {seed}: the two runs' {split} images differ (another split or data); "
+                              "a comparison by image needs the same images in the same order.")
+        test = mcnemar(pred_a, pred_b, labels)
+        correct_a.append(pred_a == labels)
+        correct_b.append(pred_b == labels)
+        rows.append({"seed": seed, "acc_a": correct_a[-1].mean(), "acc_b": correct_b[-1].mean(),
+                     "a_only": test["a_only"], "b_only": test["b_only"], "p": test["p_value"]})
+    return pd.DataFrame(rows), paired_bootstrap(correct_a, correct_b)
+
+
+def image_comparison_markdown(rows: pd.DataFrame, difference: Interval, names: tuple[str, str], split: str) -> str:
+    """The image-paired comparison as markdown, in percentage points."""
+    a, b = names
+    lines = ["| seed | A acc (%) | B acc (%) | only A right | only B right | McNemar p |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r.seed} | {100 * r.acc_a:.2f} | {100 * r.acc_b:.2f} | {r.a_only} | {r.b_only} | {r.p:.3g} |"
+              for r in rows.itertuples()]
+    lines += ["", f"A = `{a}`, B = `{b}`, on the {split} split. A - B: {_signed(difference)} points (95% paired "
+              f"bootstrap over {difference.n} seed(s) and the images; {change_verdict(difference)})."]
+    return "\n".join(lines) + "\n"
+

@@ -136,5 +136,31 @@ def mcnemar(pred_a: np.ndarray, pred_b: np.ndarray, labels: np.ndarray) -> dict:
     return {"a_only": a_only, "b_only": b_only, "difference": (a_only - b_only) / len(a), "p_value": p}
 
 
+def paired_bootstrap(correct_a: list[np.ndarray], correct_b: list[np.ndarray], reps: int = 10_000,
+                     seed: int = 0) -> Interval:
+    """The difference in accuracy of A over B, paired by seed and by image, with a bootstrap interval over both.
+
+    `correct_a[i]` and `correct_b[i]` say which images (the same ones, in the same order) each model got right
+    in seed i. Each replicate resamples the seeds, then the images within each; the interval is the
+    replicates' central `LEVEL`. With one seed it is the test set's own sampling error of the difference.
+    """
+    if not correct_a or len(correct_a) != len(correct_b):
+        raise ValueError("paired_bootstrap needs the same number (at least one) of runs of A and B")
+    rng = np.random.default_rng(seed)
+    k = len(correct_a)
+    per_seed = []  # per seed: a (reps, k) array of image-resampled mean differences
+    for a, b in zip(correct_a, correct_b):
+        d = np.asarray(a, dtype=np.int8) - np.asarray(b, dtype=np.int8)
+        n = len(d)
+        # The mean of n draws from values in {-1, 0, +1} only depends on how many of each are drawn.
+        counts = rng.multinomial(n, [(d == 1).mean(), (d == 0).mean(), (d == -1).mean()], size=(reps, k))
+        per_seed.append((counts[..., 0] - counts[..., 2]) / n)
+    chosen = rng.integers(k, size=(reps, k))
+    replicates = np.take_along_axis(np.stack(per_seed, axis=-1), chosen[..., None], axis=-1)[..., 0].mean(axis=1)
+    observed = float(np.mean([np.mean(np.asarray(a, float) - np.asarray(b, float)) for a, b in zip(correct_a, correct_b)]))
+    low, high = np.quantile(replicates, [ALPHA / 2, 1 - ALPHA / 2])
+    return Interval(observed, float(low), float(high), k)
+
+
 INTERVAL_NOTE = ("`±`: the half-width of the 95% confidence interval of the mean over seeds (Student t); "
                  "one seed shows no interval.")
