@@ -1,8 +1,8 @@
 """Typed schema of the Hydra config, and the range checks that types cannot express.
 
 The dataclasses hold every default, once, except the architectures' (conf/model/<name>.yaml: what
-a Hydra user opens to see a model); they are registered in Hydra's ConfigStore, and the other YAML
-files in `conf/` carry only what differs from them. A typo'd key or a wrong-typed value (`optim.lr=abc`) fails while Hydra composes the
+a Hydra user opens to see a model, typed by its constructor: `fmnist.models.check_model`); they are
+registered in Hydra's ConfigStore, and the other YAML files in `conf/` carry only what differs from them. A typo'd key or a wrong-typed value (`optim.lr=abc`) fails while Hydra composes the
 config, with the key's full name; `check_values` then rejects values that are well-typed but
 meaningless.
 """
@@ -15,7 +15,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -48,52 +48,6 @@ class DataConfig:
     train_subset: Optional[int] = None  # a stratified subset of the training split, for CPU-sized runs
     on_device: bool = True  # keep the whole dataset on the training device (no copy per step)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-
-@dataclass
-class ModelConfig:
-    """The keys and types of every architecture; the values are in conf/model/<name>.yaml."""
-
-    # The lengths an architecture needs of its list keys, e.g. {"channels": 4} (checked by check_values);
-    # a ClassVar, so not a config key.
-    list_lengths: ClassVar[dict] = {}
-    name: str = MISSING
-    dropout: float = MISSING
-
-
-@dataclass
-class SimpleCNNConfig(ModelConfig):
-    """The report's baseline (its Figure 4.7): 2 conv layers, no batch norm, a small FC head."""
-
-    name: str = "simple"
-    list_lengths: ClassVar[dict] = {"channels": 2}  # what the architecture needs (not a config key)
-    channels: list[int] = MISSING
-    hidden: int = MISSING
-
-
-@dataclass
-class OptimizedCNNConfig(ModelConfig):
-    """The report's optimized CNN: 4 conv blocks, batch norm, dropout, FC head (`model.dropout=0`: its ablation)."""
-
-    name: str = "optimized"
-    list_lengths: ClassVar[dict] = {"channels": 4, "kernel_sizes": 4}
-    channels: list[int] = MISSING
-    kernel_sizes: list[int] = MISSING
-    hidden: int = MISSING
-
-
-@dataclass
-class ResNetConfig(ModelConfig):
-    """A small residual CNN with global average pooling: cheaper per image than `optimized`."""
-
-    name: str = "resnet"
-    widths: list[int] = MISSING
-    blocks: list[int] = MISSING
-    zero_init_residual: bool = MISSING  # each residual block starts as the identity (its last batch-norm scale at 0)
-
-
-# The model registry's config half (fmnist/models.py holds the architectures under the same names).
-MODEL_SCHEMAS = {schema.name: schema for schema in (SimpleCNNConfig, OptimizedCNNConfig, ResNetConfig)}
 
 
 @dataclass
@@ -143,7 +97,7 @@ class TrainerConfig:
 @dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    model: Any = MISSING
+    model: Any = MISSING  # conf/model/<name>.yaml; its keys are its constructor's (fmnist.models.check_model)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
@@ -263,16 +217,9 @@ def register_resolvers() -> None:
 
 
 def register() -> None:
-    """Put the schemas where Hydra finds them (called before Hydra composes).
-
-    `conf/model/<name>.yaml` starts from `schema_model_<name>` (a root config, so that `--help` lists
-    only the real choices), which types its keys.
-    """
+    """Put the schema and the resolvers where Hydra finds them (called before Hydra composes)."""
     register_resolvers()
-    cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    for name, schema in MODEL_SCHEMAS.items():
-        cs.store(name=f"schema_model_{name}", node=schema)
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")  # fmnist/training/module.py maps each to its torch class
@@ -293,28 +240,15 @@ RESUMABLE_KEYS = PLACEMENT_KEYS + ("trainer.max_epochs", "trainer.max_time")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 
-def _positive_list(cfg: DictConfig, key: str, length: int | None) -> bool:
-    values = OmegaConf.select(cfg, key)
-    return values is None or (len(values) >= 1 and (length is None or len(values) == length)
-                              and all(isinstance(v, int) and v >= 1 for v in values))
-
-
 def check_values(cfg: DictConfig) -> None:
     """Raise ConfigError naming the key for values that are well-typed but make no sense.
 
-    Also what Lightning or torch would reject later with a traceback (seed range, momentum, list
-    lengths of an architecture). Whether this machine has the accelerator is `hardware.check_accelerator`.
+    Also what Lightning or torch would reject later with a traceback (seed range, momentum). The `model`
+    keys are checked against their architecture by `fmnist.models.check_model`; whether this machine
+    has the accelerator, by `hardware.check_accelerator`.
     """
-    schema = MODEL_SCHEMAS.get(cfg.model.name)
-    lengths = schema.list_lengths if schema else {}
-    widths = OmegaConf.select(cfg, "model.widths")
     checks = [
         ("seed", 0 <= cfg.seed <= 2**32 - 1, "in [0, 4294967295]"),
-        ("model.name", schema is not None, f"one of {tuple(MODEL_SCHEMAS)}"),
-        *((f"model.{k}", _positive_list(cfg, f"model.{k}", lengths.get(k)),
-           f"a list of {lengths.get(k) or 'one or more'} positive integers")
-          for k in ("channels", "kernel_sizes", "widths", "blocks")),
-        ("model.blocks", widths is None or len(cfg.model.blocks) == len(widths), "as long as model.widths"),
         ("optim.momentum", cfg.optim.momentum >= 0, "non-negative"),
         ("optim.nesterov", not (cfg.optim.nesterov and cfg.optim.momentum == 0), "false when optim.momentum is 0"),
         ("trainer.accelerator", cfg.trainer.accelerator in ACCELERATORS, f"one of {ACCELERATORS}"),
@@ -328,7 +262,6 @@ def check_values(cfg: DictConfig) -> None:
         ("data.augment.erase", 0.0 <= cfg.data.augment.erase <= 1.0, "a probability in [0, 1]"),
         ("data.augment.flip_alternate", cfg.data.augment.hflip or not cfg.data.augment.flip_alternate,
          "false unless data.augment.hflip is true (it decides how the flips are drawn)"),
-        ("model.dropout", 0.0 <= cfg.model.dropout < 1.0, "in [0, 1)"),
         ("optim.name", cfg.optim.name in OPTIMIZERS, f"one of {OPTIMIZERS}"),
         ("optim.lr", cfg.optim.lr > 0, "positive"),
         ("optim.weight_decay", cfg.optim.weight_decay >= 0, "non-negative"),

@@ -1,16 +1,21 @@
 """CNN architectures for 1x28x28 inputs and 10 classes, each a plain `nn.Module` built from config values.
 
-The constructors take what they are given: every value lives in `conf/model/<name>.yaml` (typed by the
-model's schema in `fmnist/config.py`), and a checkpoint carries the values it was trained with.
+`MODELS` is the one registry: `model=NAME` builds `MODELS[NAME]` from the keys of `conf/model/NAME.yaml`.
+A constructor's typed parameters are the model's config keys (`check_model` checks a config against
+them before a run starts); the values live in the YAML file, and a checkpoint carries the values it
+was trained with.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Callable
+import inspect
+import typing
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -30,6 +35,9 @@ class SimpleCNN(nn.Module):
 
     def __init__(self, channels: list[int], hidden: int, dropout: float, num_classes: int = 10):
         super().__init__()
+        if len(channels) != 2:
+            raise ConfigError("config key model.channels must have 2 entries (the simple CNN has two conv layers); "
+                              f"got {list(channels)}.")
         c1, c2 = channels
         self.features = nn.Sequential(
             nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
@@ -113,8 +121,68 @@ class ResNet(nn.Module):
         return self.head(self.features(x))
 
 
-# The model registry's architecture half: the same names as fmnist.config.MODEL_SCHEMAS and conf/model/*.yaml.
-MODELS = {"simple": SimpleCNN, "optimized": OptimizedCNN, "resnet": ResNet}
+# model=NAME -> its architecture. Adding a model: its class above, an entry here, conf/model/NAME.yaml
+# with `name: NAME` and a value for each constructor parameter (docs/architecture.md).
+MODELS: dict[str, type[nn.Module]] = {"simple": SimpleCNN, "optimized": OptimizedCNN, "resnet": ResNet}
+FIXED_PARAMETERS = ("num_classes",)  # constructor parameters that the task fixes, not the config
+
+
+def model_keys(name: str) -> dict[str, Any]:
+    """The config keys of model `name` (besides `name`) with their types: its constructor's typed parameters."""
+    cls = MODELS[name]
+    hints = typing.get_type_hints(cls.__init__)
+    return {p: hints[p] for p in list(inspect.signature(cls.__init__).parameters)[1:] if p not in FIXED_PARAMETERS}
+
+
+def _has_type(value: Any, kind: Any) -> bool:
+    if typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        return isinstance(value, (list, tuple)) and all(_has_type(v, item) for v in value)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is list:
+        item = typing.get_args(kind)[0]
+        return "a list of " + {int: "integers", float: "numbers", bool: "bools", str: "strings"}.get(item, str(item))
+    return {int: "an int", float: "a float", bool: "a bool (true or false)", str: "a string"}.get(kind, str(kind))
+
+
+def check_model(model: typing.Mapping) -> None:
+    """ConfigError naming the key when a `model` config does not fit its architecture: an unknown name,
+    an unknown or missing key, a value of the wrong type, a size that is not positive, a dropout that
+    is not a probability, or values the constructor itself refuses (it is built on the meta device,
+    which allocates nothing)."""
+    model = OmegaConf.to_container(model if isinstance(model, DictConfig) else OmegaConf.create(dict(model)), resolve=True)
+    name = model.get("name")
+    if name not in MODELS:
+        raise ConfigError(f"config key model.name must be one of {sorted(MODELS)}; got {name!r}.")
+    keys = model_keys(name)
+    values = {k: v for k, v in model.items() if k != "name"}
+    for key in values.keys() - keys.keys():
+        raise ConfigError(f"config key model.{key} is not a key of model {name} (conf/model/{name}.yaml); its keys: "
+                          f"{', '.join(keys)}.")
+    for key, kind in keys.items():
+        if key not in values or values[key] is None:
+            raise ConfigError(f"config key model.{key} has no value; model {name} needs it (conf/model/{name}.yaml).")
+        value = values[key]
+        if not _has_type(value, kind):
+            raise ConfigError(f"config key model.{key} must be {_type_name(kind)}; got {value!r}.")
+        if kind == list[int] and not (len(value) >= 1 and all(v >= 1 for v in value)):
+            raise ConfigError(f"config key model.{key} must be a list of one or more positive integers; got {value!r}.")
+        if key == "dropout" and not 0.0 <= value < 1.0:
+            raise ConfigError(f"config key model.dropout must be in [0, 1); got {value!r}.")
+    try:
+        with torch.device("meta"):
+            MODELS[name](**values)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise ConfigError(f"model {name} cannot be built from {values}: {e}") from e
 
 
 def build_model(name: str, **kwargs) -> nn.Module:

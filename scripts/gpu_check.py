@@ -92,7 +92,8 @@ def compose_all(steps: list[Step]) -> None:
     """Compose every train.py command's config as train.py would: raises on any bad key or value."""
     from hydra import compose, initialize_config_dir
 
-    from fmnist.config import check_values, register
+    from fmnist.config import register
+    from fmnist.training.train import check_config
 
     register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -101,7 +102,7 @@ def compose_all(steps: list[Step]) -> None:
                 overrides = [o for o in command[2:] if o != "-m" and not o.startswith("hydra.")]
                 # A sweep's comma lists: compose each value's first item (every item goes through train.py alike).
                 first = [o.split("=", 1)[0] + "=" + o.split("=", 1)[1].split(",")[0] if "," in o else o for o in overrides]
-                check_values(compose("train", overrides=first))
+                check_config(compose("train", overrides=first))
 
 
 def environment(results: Path) -> dict:

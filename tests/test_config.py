@@ -4,6 +4,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from fmnist.config import check_values
 from fmnist.errors import ConfigError
+from fmnist.training.train import check_config
 from tests.conftest import compose_cfg
 
 
@@ -11,11 +12,11 @@ def test_default_is_the_reports_best_setting():
     cfg = compose_cfg()
     assert cfg.model.name == "optimized" and cfg.model.dropout > 0
     assert cfg.optim.lr <= 1e-3 and cfg.data.batch_size >= 256 and cfg.trainer.accelerator == "auto"
-    check_values(cfg)
+    check_config(cfg)
 
 
 @pytest.mark.parametrize("override,key", [("optim.lr=abc", "optim.lr"), ("data.batch_size=big", "data.batch_size"),
-                                          ("model.dropout=[1]", "model.dropout"), ("trainer.max_epochs=1.5", "trainer.max_epochs")])
+                                          ("trainer.max_epochs=1.5", "trainer.max_epochs")])
 def test_wrong_types_fail_at_composition_naming_the_key(override, key):
     with pytest.raises((ConfigCompositionException, ValidationError)) as info:
         compose_cfg(override)
@@ -36,13 +37,14 @@ def test_unknown_model_name_fails():
 
 @pytest.mark.parametrize("override,key", [
     ("data.batch_size=0", "data.batch_size"), ("model.dropout=1.5", "model.dropout"), ("optim.lr=-1", "optim.lr"),
+    ("model.dropout=[1]", "model.dropout"), ("model.hidden=abc", "model.hidden"), ("model.channels=[8,0,8,8]", "model.channels"),
     ("data.val_size=0", "data.val_size"), ("optim.name=rmsprop", "optim.name"), ("optim.scheduler=step", "optim.scheduler"),
     ("data.augment.erase=2", "data.augment.erase"), ("ckpt_path=best", "ckpt_path"),
     ("data.augment.flip_alternate=true", "data.augment.flip_alternate"),
 ])
 def test_nonsense_values_are_rejected_with_the_key(override, key):
     with pytest.raises(ConfigError, match=f"config key {key} must be"):
-        check_values(compose_cfg(override))
+        check_config(compose_cfg(override))
 
 
 @pytest.mark.parametrize("value", ["../../x", "..", ".", "a/b", "/abs", "", "x y"])

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from fmnist.config import MODEL_SCHEMAS, OPTIMIZERS
+from fmnist.config import OPTIMIZERS
 from fmnist.errors import ConfigError
-from fmnist.models import MODELS, ResidualBlock, build_model
+from fmnist.models import MODELS, ResidualBlock, build_model, check_model, model_keys
 from fmnist.training.module import OPTIMIZER_CLASSES, LitClassifier
 from tests.conftest import CONF, build, compose_cfg
 
@@ -25,8 +25,29 @@ def test_optimized_has_batchnorm_and_dropout_simple_has_neither():
 
 
 def test_the_registries_name_the_same_choices():
-    assert set(MODELS) == set(MODEL_SCHEMAS) == {p.stem for p in (CONF / "model").glob("*.yaml")}
+    assert set(MODELS) == {p.stem for p in (CONF / "model").glob("*.yaml")}
     assert set(OPTIMIZER_CLASSES) == set(OPTIMIZERS)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_models_yaml_gives_exactly_its_constructors_keys(name):
+    cfg = compose_cfg(f"model={name}").model
+    assert set(cfg) - {"name"} == set(model_keys(name)) and cfg.name == name
+    check_model(cfg)
+
+
+def test_a_model_config_that_does_not_fit_its_constructor_is_refused_naming_the_key():
+    good = dict(compose_cfg("model=simple").model)
+    for change, message in [({"hidden": "abc"}, "model.hidden must be an int"),
+                            ({"hidden": True}, "model.hidden must be an int"),
+                            ({"channels": [8, 0]}, "model.channels must be a list of one or more positive"),
+                            ({"channels": [8, 8, 8]}, "model.channels must have 2 entries"),
+                            ({"extra": 1}, "model.extra is not a key of model simple"),
+                            ({"hidden": None}, "model.hidden has no value"),
+                            ({"name": "vgg"}, "model.name must be one of")]:
+        with pytest.raises(ConfigError, match=message):
+            check_model({**good, **change})
+    check_model({**good, "dropout": 0})  # an int is a float
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
@@ -40,8 +61,8 @@ def test_every_choice_composes_and_builds(model, optim):
 def test_a_models_values_come_from_its_yaml_and_a_missing_one_is_named():
     dropouts = [m.p for m in build("optimized").modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts == [compose_cfg("model=optimized").model.dropout] == [0.3]  # conf/model/optimized.yaml
-    with pytest.raises(Exception, match="hidden"):  # the schema has no value of its own to fall back on
-        compose_cfg("model=optimized", "~model.hidden").model.hidden
+    with pytest.raises(ConfigError, match="model.hidden has no value"):  # nothing else to fall back on
+        check_model(compose_cfg("model=optimized", "~model.hidden").model)
 
 
 @pytest.mark.parametrize("name, kwargs, key", [("optimized", {"channels": [8]}, "model.channels"),
@@ -78,3 +99,32 @@ def test_bias_lr_scale_trains_the_biases_apart_with_the_same_decay_per_step():
     assert biases["lr"] * biases["weight_decay"] == pytest.approx(others["lr"] * others["weight_decay"])
     # The default keeps one group, as before the option existed.
     assert len(LitClassifier(model=dict(cfg.model), optim=dict(cfg.optim)).configure_optimizers().param_groups) == 1
+
+
+class TinyMLP(torch.nn.Module):
+    """A model a researcher adds: typed constructor parameters are its config keys."""
+
+    def __init__(self, hidden: int, dropout: float, num_classes: int = 10):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, hidden), torch.nn.ReLU(),
+                                       torch.nn.Dropout(dropout), torch.nn.Linear(hidden, num_classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.slow
+def test_adding_a_model_is_a_class_a_registry_entry_and_its_yaml(monkeypatch, make_cfg, tmp_path):
+    from fmnist.training.train import train
+
+    monkeypatch.setitem(MODELS, "tiny_mlp", TinyMLP)
+    conf = tmp_path / "conf"
+    (conf / "model").mkdir(parents=True)
+    (conf / "model" / "tiny_mlp.yaml").write_text("name: tiny_mlp\nhidden: 16\ndropout: 0.1\n")
+    cfg = make_cfg("model=tiny_mlp", f"hydra.searchpath=[file://{conf}]")
+    assert dict(cfg.model) == {"name": "tiny_mlp", "hidden": 16, "dropout": 0.1}
+    metrics = train(cfg, tmp_path / "run")
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    with pytest.raises(ConfigError, match="model.hidden must be an int"):
+        train(make_cfg("model=tiny_mlp", "model.hidden=wide", f"hydra.searchpath=[file://{conf}]"), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

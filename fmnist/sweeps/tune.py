@@ -35,12 +35,12 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fmnist import console
-from fmnist.config import RENAMED_KEYS, check_name, check_values, register, renamed_overrides
+from fmnist.config import RENAMED_KEYS, check_name, register, renamed_overrides
 from fmnist.data.datamodule import find_csv
 from fmnist.errors import ConfigError, DataError, FmnistError
 from fmnist.results.sweep import summarize
 from fmnist.runs import DIVERGED, FAILED, INTERRUPTED, now, update_record
-from fmnist.training.train import RunPruned, failure_of, stopping_signal, train
+from fmnist.training.train import RunPruned, check_config, failure_of, stopping_signal, train
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ class Search:
         """Compose the train config at each end of each range (and each choice), so that a typo'd key
         or an impossible value stops the study before its first trial, not in the middle."""
         base = _compose("train", [*ONE_DEVICE, *self.train_overrides])
-        check_values(base)
+        check_config(base)
         self._check_placement(base)
         for split in ("train", "test"):
             if not find_csv(Path(base.data.dir), split).exists():
@@ -247,7 +247,7 @@ class Search:
         for name, spec in self.cfg.space.items():
             for value in spec.choices or [spec.low, spec.high]:
                 value = int(value) if spec.integer else value
-                check_values(_compose("train", [*ONE_DEVICE, *self.train_overrides, f"{spec.key}={_format(value)}"]))
+                check_config(_compose("train", [*ONE_DEVICE, *self.train_overrides, f"{spec.key}={_format(value)}"]))
 
     @staticmethod
     def _check_placement(cfg: DictConfig) -> None:

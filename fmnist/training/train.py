@@ -33,7 +33,7 @@ from fmnist.data.datamodule import FashionMNISTDataModule, find_csv
 from fmnist.errors import CheckpointError, ConfigError, DivergedError, FmnistError
 from fmnist.fsio import atomic_write, check_writable, file_digest, storage_errors
 from fmnist.hardware import check_accelerator
-from fmnist.models import training_flops_per_image
+from fmnist.models import check_model, training_flops_per_image
 from fmnist.training.precision import resolve_precision
 from fmnist.runs import (COMPLETED, DIVERGED, FAILED, FINISHED, INTERRUPTED, METRICS_FILE, PRUNED, RUNNING, now,
                          provenance, read_record, update_record)
@@ -101,6 +101,13 @@ def _best_epoch(run_dir: Path) -> int | None:
     return None if epochs is None or epochs.empty else int(epochs.loc[epochs["val/acc"].idxmax(), "epoch"])
 
 
+def check_config(cfg: DictConfig) -> None:
+    """ConfigError naming the key for a composed training config whose values make no sense: the model's keys
+    against its architecture, then every other key's range."""
+    check_model(cfg.model)
+    check_values(cfg)
+
+
 @contextmanager
 def _claimed(cfg: DictConfig, run_dir: Path):
     """Own `run_dir` and pass every check before anything is written there; yield whether to resume.
@@ -109,7 +116,7 @@ def _claimed(cfg: DictConfig, run_dir: Path):
     checkpoint) raises here and leaves the directory byte-identical. DDP ranks > 0 start after
     rank 0 has claimed the directory: only rank 0 checks, locks and writes.
     """
-    check_values(cfg)
+    check_config(cfg)
     check_accelerator(cfg.trainer.accelerator)
     last = run_dir / "checkpoints" / "last.ckpt"
     if rank_zero_only.rank != 0:
