@@ -35,10 +35,12 @@ def start(run_dir: Path, data_dir: Path, *extra: str) -> subprocess.Popen:
 
 
 def wait_for_epochs(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Until `n` epochs are in epochs.csv and the last checkpoint is written (it follows the epoch's row: a
+    signal between the two stops a run that has no checkpoint to resume yet)."""
     deadline = time.time() + timeout
-    path = run_dir / "epochs.csv"
+    path, last = run_dir / "epochs.csv", run_dir / "checkpoints" / "last.ckpt"
     while time.time() < deadline:
-        if path.exists() and len(path.read_text().strip().splitlines()) > n:
+        if path.exists() and len(path.read_text().strip().splitlines()) > n and last.exists():
             return
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.02)

@@ -247,7 +247,12 @@ class RNGState(L.Callback):
     """Save and restore torch's random state in checkpoints, so a resumed run continues bit-for-bit.
 
     Dropout and augmentation draw from the global generators; the data order has its own per-epoch seed.
+    The state is saved at the end of an epoch and put back at the start of the first resumed epoch:
+    Lightning loads callback states before it sets the run up, and setting up draws from the generator.
     """
+
+    def __init__(self):
+        self._restore: dict | None = None
 
     def state_dict(self) -> dict:
         state = {"cpu": torch.get_rng_state()}
@@ -256,9 +261,15 @@ class RNGState(L.Callback):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        torch.set_rng_state(state_dict["cpu"])
-        if "cuda" in state_dict and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state_dict["cuda"])
+        self._restore = state_dict
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self._restore is None:
+            return
+        torch.set_rng_state(self._restore["cpu"])
+        if "cuda" in self._restore and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(self._restore["cuda"])
+        self._restore = None
 
 
 class ProgressBar(TQDMProgressBar):
