@@ -2,7 +2,6 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from fmnist.config import check_values
 from fmnist.errors import ConfigError
 from fmnist.training.train import check_config
 from tests.conftest import compose_cfg

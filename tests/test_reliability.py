@@ -185,7 +185,7 @@ def test_resume_from_another_architectures_checkpoint_is_refused(make_cfg, tmp_p
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
 ])
 def test_values_lightning_or_torch_would_reject_are_refused_first(make_cfg, tmp_path, override, key):
-    with pytest.raises(ConfigError, match=f"config key {key} must be"):
+    with pytest.raises(ConfigError, match=rf"config keys? (\S+ and )?{key} must"):
         run_job(make_cfg(*override), tmp_path)
     assert list(tmp_path.iterdir()) == []
 
@@ -196,7 +196,7 @@ def test_values_lightning_or_torch_would_reject_are_refused_first(make_cfg, tmp_
     ("optim.lr=abc", "optim.lr"),
     ("model=nosuch", "model/nosuch"),
     ("+optim.lrr=0.1", "config key optim.lrr does not exist"),
-    ("++model.foo=1", "config key model.foo does not exist"),
+    ("++model.foo=1", "config key model.foo is not a key of model optimized"),
 ])
 def test_config_errors_found_by_hydra_exit_2(tmp_path, run_in_process, override, message):
     result = run_in_process("train.py", override, f"hydra.run.dir={tmp_path}/run")
