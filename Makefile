@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DATA ?= data
 ARGS ?=
+EXTRAS := dev,export,slurm,postgres,mlflow,wandb
 
 .PHONY: install lock data train test test-fast test-cluster tensorboard bench gpu-check speedrun cpu-best ablations report leaderboard docs clean
 
@@ -18,9 +19,9 @@ $(STAMP): pyproject.toml $(wildcard $(LOCK))
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: an unpinned resolve can pull a multi-GB CUDA build onto CPU machines.
 	$(BIN)/pip install -q torch==2.13.0
-	# Extras `export` (onnx, onnxscript, onnxruntime: export.py), `slurm` (the submitit launcher) and
-	# `postgres` (a study database's driver), so that the tests cover all three.
-	$(BIN)/pip install -q -e ".[dev,export,slurm,postgres]" $(CONSTRAINTS)
+	# Extras `export` (onnx, onnxscript, onnxruntime: export.py), `slurm` (the submitit launcher),
+	# `postgres` (a study database's driver), `mlflow` and `wandb` (trackers), so that the tests cover them all.
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]" $(CONSTRAINTS)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -42,8 +43,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PYTEST) -m "not slow and not cluster" $(ARGS)
 
-# Tests on a real one-node SLURM cluster and a PostgreSQL server that they start on this machine
-# (scripts/cluster/; root, Debian packages). One process: the tests share the cluster's cores.
+# Tests against real servers they start on this machine: a one-node SLURM cluster and PostgreSQL
+# (scripts/cluster/; root, Debian packages), an MLflow tracking server. One process: they share the cores.
 test-cluster: $(STAMP)
 	$(BIN)/python -m pytest -q -m cluster $(ARGS)
 
@@ -81,7 +82,7 @@ docs: $(STAMP)
 # Rewrite the lock for this Python from a fresh environment (pip freeze, local labels such as +cpu removed).
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install -q torch==2.13.0 && \
-	.lock-venv/bin/pip install -q ".[dev,export,slurm,postgres]" && \
+	.lock-venv/bin/pip install -q ".[$(EXTRAS)]" && \
 	{ grep '^#' $(LOCK) 2>/dev/null; .lock-venv/bin/pip freeze | grep -v '^fmnist' | sed 's/+[A-Za-z0-9.]*$$//'; } > $(LOCK).new && \
 	mv $(LOCK).new $(LOCK) && rm -rf .lock-venv
 

@@ -13,7 +13,7 @@ import hashlib
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -94,12 +94,28 @@ class TrainerConfig:
     enable_model_summary: bool = True
 
 
+TRACKERS = ("tensorboard", "csv", "mlflow", "wandb")  # fmnist/training/trackers.py: what each receives
+
+
+@dataclass
+class LoggerConfig:
+    """Where the run's metrics go besides its run directory (conf/logger/*.yaml: tensorboard, csv, mlflow, wandb, many)."""
+
+    backends: list[str] = field(default_factory=lambda: ["tensorboard"])  # any of TRACKERS, several at once
+    # An MLflow tracking server (`http://host:5000`) or store (`sqlite:///path.db`); null: a local store,
+    # outputs/mlflow.db with the artifacts in outputs/mlruns/. The experiment is named after the sweep.
+    mlflow_tracking_uri: Optional[str] = None
+    wandb_project: str = "fmnist"
+    wandb_mode: str = "offline"  # offline: the run is written under its run directory's wandb/ (`wandb sync` uploads it)
+
+
 @dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: Any = MISSING  # conf/model/<name>.yaml; its keys are its constructor's (fmnist.models.check_model)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     name: str = "train"  # stored sweeps write to outputs/<name>/
     ckpt_path: Optional[str] = None  # `last` resumes the run directory's last checkpoint
@@ -232,7 +248,8 @@ PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true
 # `override_dirname.exclude_keys` reads this tuple through the `placement_keys` resolver.)
 PLACEMENT_KEYS = ("experiment", "preset", "name", "ckpt_path", "trainer", "trainer.accelerator", "trainer.devices",
                   "trainer.strategy", "trainer.num_nodes", "trainer.enable_progress_bar",
-                  "trainer.enable_model_summary", "progress_bar_refresh", "data.dir")
+                  "trainer.enable_model_summary", "progress_bar_refresh", "data.dir",
+                  "logger", *(f"logger.{f.name}" for f in fields(LoggerConfig)))
 # A run may also be extended when resumed.
 RESUMABLE_KEYS = PLACEMENT_KEYS + ("trainer.max_epochs", "trainer.max_time")
 

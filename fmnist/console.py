@@ -87,6 +87,9 @@ def beside_the_bar(bar: bool):
         yield
 
 
+TRACKER_NAMES = {"tensorboard": "TensorBoard", "csv": "CSV", "mlflow": "MLflow", "wandb": "W&B"}
+
+
 def print_result(run_dir: Path, record: dict) -> None:
     """The closing block: status, best validation accuracy (epoch), test accuracy, where it all is."""
     metrics = record.get("metrics", {})
@@ -98,5 +101,6 @@ def print_result(run_dir: Path, record: dict) -> None:
         lines.append(f"  test acc      {metrics['test/acc']:.2%} (loss {metrics['test/loss']:.4f}), best checkpoint")
     if "train_seconds" in metrics:  # summed over every process that trained the run, so a resume counts it all
         lines.append(f"  training      {metrics['train_seconds']:.0f} s, precision {record.get('precision', {}).get('resolved')}")
-    lines.append(f"  TensorBoard   tensorboard --logdir {run_dir}")
+    views = record.get("trackers", {}).get("views", {"tensorboard": f"tensorboard --logdir {run_dir}"})
+    lines += [f"  {TRACKER_NAMES.get(name, name):<13} {view}" for name, view in views.items()]
     log.info("\n".join(lines))

@@ -64,6 +64,16 @@ def test_resume_extends_a_finished_run(make_cfg, tmp_path):
     assert 0 < first["train_seconds"] < metrics["train_seconds"]
 
 
+def test_a_resumed_run_continues_bit_for_bit_dropout_included(make_cfg, tmp_path):
+    # Dropout draws from torch's generator: a resume must continue its stream, not the seed's start.
+    settings = ["model=simple", "model.dropout=0.5", "trainer.deterministic=true", "trainer.precision=32-true"]
+    train(make_cfg(*settings, "trainer.max_epochs=2"), tmp_path / "straight")
+    train(make_cfg(*settings, "trainer.max_epochs=1"), tmp_path / "resumed")
+    train(make_cfg(*settings, "trainer.max_epochs=2", "ckpt_path=last"), tmp_path / "resumed")
+    curves = [pd.read_csv(tmp_path / d / "epochs.csv").filter(regex="loss|acc") for d in ("straight", "resumed")]
+    pd.testing.assert_frame_equal(*curves)
+
+
 @pytest.mark.slow
 def test_resume_refuses_a_different_config(make_cfg, tmp_path):
     train(make_cfg("model=simple"), tmp_path)
@@ -209,10 +219,10 @@ def test_adam_at_an_absurd_learning_rate_is_recorded_diverged_not_completed(make
 
 
 def test_the_hparams_row_holds_the_keys_that_differ_between_runs_of_one_log_directory(make_cfg):
-    from fmnist.training.train import hparams_for_tensorboard
+    from fmnist.training.trackers import hparams_row
 
-    row = hparams_for_tensorboard(make_cfg("optim.lr=0.01", "data.augment.hflip=true"), ["optim.lr=0.01",
-                                  "data.augment.hflip=true", "trainer.accelerator=cpu"], "32-true")
+    row = hparams_row(make_cfg("optim.lr=0.01", "data.augment.hflip=true"), ["optim.lr=0.01",
+                      "data.augment.hflip=true", "trainer.accelerator=cpu"], "32-true")
     assert list(row)[:2] == ["optim.lr", "data.augment.hflip"] and "trainer.accelerator" not in row
     for key in ("data.train_subset", "trainer.max_epochs", "tta", "optim.ema_decay", "seed", "precision"):
         assert key in row and isinstance(row[key], (int, float, str, bool)), key

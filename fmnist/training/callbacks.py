@@ -20,6 +20,7 @@ from fmnist.errors import DivergedError
 from fmnist.fsio import atomic_output
 from fmnist.models import training_flops_per_image
 from fmnist.training.figures import confusion_matrix_figure, misclassified_figure
+from fmnist.training.trackers import for_each
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,9 @@ class EpochCSV(L.Callback):
     ranks) and `train_flops` (their forward + backward FLOPs) are the same curve's machine-free axes.
     """
 
-    def __init__(self, path: Path, echo: bool = False):
+    def __init__(self, path: Path, echo: bool = False, trackers: list | None = None):
         self.path = Path(path)
+        self.trackers = trackers if trackers is not None else []  # each gets the row too (fmnist.training.trackers)
         self.echo = echo  # also log each row as one line (when there is no progress bar to watch)
         self.train_seconds = 0.0
         self.train_images = 0
@@ -88,10 +90,7 @@ class EpochCSV(L.Callback):
                "train_images": self.train_images, "train_flops": self.train_images * self.flops_per_image}
         row.update({k: round(float(m[k]), 6) for k in EPOCH_COLUMNS if k in m})
         self._write([row], mode="a")
-        if trainer.logger is not None:  # the same curves against epochs (Lightning's own are against steps)
-            for key in ("train/loss", "train/acc", "val/loss", "val/acc"):
-                if key in row:
-                    trainer.logger.experiment.add_scalar(f"by_epoch/{key}", row[key], row["epoch"])
+        for_each(self.trackers, "epoch", row)
         if self.echo:
             left = trainer.max_epochs - row["epoch"]
             log.info("epoch %d/%d: train loss %.4f acc %.2f%% | val loss %.4f acc %.2f%% (best %.2f%%) | %.0f s%s",
@@ -364,8 +363,9 @@ class TestArtifacts(L.Callback):
     """The test set's confusion matrix (CSV in the run directory and a TensorBoard image) and a grid of
     misclassified test images, from the predictions `test_step` returns."""
 
-    def __init__(self, run_dir: Path, images: int = 32):
+    def __init__(self, run_dir: Path, trackers: list | None = None, images: int = 32):
         self.run_dir, self.images = Path(run_dir), images
+        self.trackers = trackers if trackers is not None else []
         self.wrong: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
@@ -384,12 +384,12 @@ class TestArtifacts(L.Callback):
         if rank_zero_only.rank != 0:
             return
         np.savetxt(self.run_dir / "confusion_matrix.csv", cm, fmt="%d", delimiter=",")
-        experiment = trainer.logger.experiment if trainer.logger else None
-        if experiment is not None:
-            experiment.add_figure("test/confusion_matrix", confusion_matrix_figure(cm), trainer.global_step)
+        if self.trackers:
+            for_each(self.trackers, "figure", "test/confusion_matrix", confusion_matrix_figure(cm), trainer.global_step)
             if any(len(w[0]) for w in self.wrong):
                 images, true, pred = (torch.cat([w[i] for w in self.wrong]).numpy() for i in range(3))
-                experiment.add_figure("test/misclassified", misclassified_figure(images, true, pred), trainer.global_step)
+                for_each(self.trackers, "figure", "test/misclassified", misclassified_figure(images, true, pred),
+                         trainer.global_step)
 
 
 def ema_with_warmup(decay: float):

@@ -23,12 +23,11 @@ import pandas as pd
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist import console
-from fmnist.config import PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, RUN_OPTIONS, check_values
+from fmnist.config import RENAMED_KEYS, RESUMABLE_KEYS, RUN_OPTIONS, check_values
 from fmnist.data.datamodule import FashionMNISTDataModule, find_csv
 from fmnist.errors import CheckpointError, ConfigError, DivergedError, FmnistError
 from fmnist.fsio import atomic_write, check_writable, file_digest, storage_errors
@@ -42,6 +41,7 @@ from fmnist.training.callbacks import (DIVERGED_ADVICE, HEARTBEAT_S, EpochCSV, F
 from fmnist.training.checkpoint import SafeCheckpointIO, SafeModelCheckpoint, load_checkpoint
 from fmnist.training.module import LitClassifier
 from fmnist.training.rundir import RunDirInUse, own_run_dir
+from fmnist.training.trackers import check_trackers, for_each, hparams_row, open_trackers, tracker_ids
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ def check_config(cfg: DictConfig) -> None:
     against its architecture, then every other key's range."""
     check_model(cfg.model)
     check_values(cfg)
+    check_trackers(cfg)
 
 
 @contextmanager
@@ -269,10 +270,14 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
             (run_dir / ".hydra").mkdir(exist_ok=True)
             atomic_write(run_dir / ".hydra" / name, OmegaConf.to_yaml(conf))
         atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    trackers = open_trackers(cfg, run_dir, overrides)
+    hparams = hparams_row(cfg, overrides, trainer_kwargs["precision"])
+    if rank_zero_only.rank == 0:
         # A resumed run starts afresh: the error that stopped it last time is no longer its state.
         update_record(run_dir, drop=("error", "finished_at"), status=RUNNING, seed=cfg.seed, started_at=now(),
                       overrides=list(overrides or []), precision=precision, data_digest=data_digests(cfg),
-                      **provenance(), **(record or {}))
+                      trackers=tracker_ids(trackers, run_dir), **provenance(), **(record or {}))
+        for_each(trackers, "start", hparams, OmegaConf.to_container(cfg, resolve=True))
         (run_dir / "error.txt").unlink(missing_ok=True)
 
     L.seed_everything(cfg.seed, workers=False, verbose=False)
@@ -282,18 +287,18 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     if trainer_kwargs.pop("enable_model_summary") and rank_zero_only.rank == 0:
         log.info("model %s: %.2f M parameters, %.1f MFLOP per training image (forward + backward)", cfg.model.name,
                  sum(p.numel() for p in model.parameters()) / 1e6, training_flops_per_image(model.net) / 1e6)
-    logger = RunLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
     checkpoint = SafeModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}",
                                      monitor="val/acc", mode="max", save_last=True, auto_insert_metric_name=False)
     # A bar that cannot redraw in place (output to a file or pipe) would fill the log with `\r` lines:
     # there, and when the bar is off, each epoch is one log line instead.
     trainer_kwargs["enable_progress_bar"] = bar = cfg.trainer.enable_progress_bar and console.is_terminal()
-    epoch_csv = EpochCSV(run_dir / "epochs.csv", echo=not bar)
+    epoch_csv = EpochCSV(run_dir / "epochs.csv", echo=not bar, trackers=trackers)
     forecast = Forecast(heartbeat_s=None if bar else HEARTBEAT_S)
     trainer = L.Trainer(**trainer_kwargs, enable_model_summary=False, default_root_dir=str(run_dir),
-                        logger=logger, plugins=[SafeCheckpointIO()],
+                        logger=[t.logger for t in trackers] or False, plugins=[SafeCheckpointIO()],
                         callbacks=[checkpoint, epoch_csv, forecast,
-                                   LearningRateMonitor(logging_interval="epoch"), TestArtifacts(run_dir),
+                                   *([LearningRateMonitor(logging_interval="epoch")] if trackers else []),
+                                   TestArtifacts(run_dir, trackers),
                                    PerImagePredictions(run_dir),
                                    *step_callbacks(cfg.progress_bar_refresh if bar else None),
                                    *([WeightEMA(cfg.optim.ema_decay)] if cfg.optim.ema_decay else []), *(callbacks or [])])
@@ -318,38 +323,10 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
         raise DivergedError(f"training diverged: {', '.join(f'{k} is {v}' for k, v in bad.items())} at the end of "
                             f"the run (epoch {trainer.current_epoch}). {DIVERGED_ADVICE}")
     if rank_zero_only.rank == 0:
-        logger.log_hyperparams(hparams_for_tensorboard(cfg, overrides, trainer_kwargs["precision"]),
-                               {"hp/val_acc_best": metrics["val/acc_best"], "hp/test_acc": metrics.get("test/acc", -1.0)})
-        logger.finalize("success")
         metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
         update_record(run_dir, status=COMPLETED, finished_at=now(), metrics=metrics)
+        for_each(trackers, "finish", hparams, metrics, run_dir)
     return metrics
-
-
-class RunLogger(TensorBoardLogger):
-    """TensorBoard in the run directory, without Lightning's `hparams.yaml` (empty here: the module saves its
-    hyperparameters in checkpoints, not the logger); `config.yaml` holds the run's whole config."""
-
-    @rank_zero_only
-    def save(self) -> None:
-        self.experiment.flush()
-
-
-# Always shown in TensorBoard's hparams table, next to whatever the command line or sweep changed.
-HPARAMS = ("model.name", "model.dropout", "tta", "data.batch_size", "data.train_subset", "optim.name", "optim.lr",
-           "optim.weight_decay", "optim.ema_decay", "trainer.max_epochs", "seed")
-
-
-def hparams_for_tensorboard(cfg: DictConfig, overrides: list[str] | None, precision: str) -> dict:
-    """A short hparams row: the swept/overridden keys first, then a fixed list, with their real types."""
-    changed = [o.split("=", 1)[0].lstrip("+~") for o in overrides or []]
-    keys = [k for k in changed if k not in PLACEMENT_KEYS and not k.startswith("hydra.") and
-            OmegaConf.select(cfg, k) is not None and not isinstance(OmegaConf.select(cfg, k), DictConfig)]
-    row = {k: OmegaConf.select(cfg, k) for k in dict.fromkeys([*keys, *HPARAMS])}
-    # TensorBoard takes numbers, strings and booleans: a list as its text, null as "null".
-    row = {k: v if isinstance(v, (int, float, str, bool)) else "null" if v is None else str(list(v))
-           for k, v in row.items()}
-    return {**row, "precision": precision}
 
 
 def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: list[str] | None = None,

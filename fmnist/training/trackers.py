@@ -1,0 +1,310 @@
+"""Where a run's numbers go besides its run directory: the config group `logger` picks the trackers.
+
+`logger=tensorboard` (the default), `csv`, `mlflow`, `wandb`, `many` (all four), or any list
+(`logger.backends=[tensorboard,mlflow]`). Each tracker gets the same: the hparams row (the keys the
+command line or sweep changed, then `HPARAMS`), the per-step metrics `LitClassifier` logs, one
+point per epoch (`by_epoch/...`), the final validation and test metrics, the confusion matrix and the
+misclassified test images as figures, and the run's resolved `config.yaml`; the run is named as its
+directory is (a sweep job with the keys its sweep varies first). Per-step metrics go through Lightning's own loggers; the rest through `Tracker`.
+
+A tracker that cannot be reached (an MLflow server that is down) costs one warning: the run goes on
+with its other trackers and its run directory, which always holds everything. A resumed run
+continues its tracker runs: their ids are kept in the run record (`metrics.json`, `trackers`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import uuid
+from pathlib import Path
+
+from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from fmnist.config import PLACEMENT_KEYS, TRACKERS
+from fmnist.errors import ConfigError
+from fmnist.runs import read_record
+
+log = logging.getLogger(__name__)
+
+# The package each tracker needs, and the extra that installs it.
+PACKAGES = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
+# Always in the hparams row, next to whatever the command line or sweep changed.
+HPARAMS = ("model.name", "model.dropout", "tta", "data.batch_size", "data.train_subset", "optim.name", "optim.lr",
+           "optim.weight_decay", "optim.ema_decay", "trainer.max_epochs", "seed")
+# A local MLflow store when no tracking server is given: the runs in a SQLite file, the artifacts beside it.
+MLFLOW_LOCAL_DB = Path("outputs") / "mlflow.db"
+# An unreachable server should cost seconds, not MLflow's default minutes of retries (a user's setting wins).
+MLFLOW_PATIENCE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def check_trackers(cfg: DictConfig) -> None:
+    """ConfigError for a tracker this project does not know, or whose package is not installed."""
+    for name in cfg.logger.backends:
+        if name not in TRACKERS:
+            raise ConfigError(f"config key logger.backends must list trackers among {TRACKERS}; got {name!r}.")
+        module, extra = PACKAGES.get(name, (None, None))
+        if module and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"logger.backends includes {name}, whose package `{module}` is not installed here: "
+                              f"`pip install -e '.[{extra}]'` (make install installs it), or leave {name} out.")
+    if cfg.logger.wandb_mode not in ("offline", "online"):
+        raise ConfigError(f"config key logger.wandb_mode must be offline or online; got {cfg.logger.wandb_mode!r}.")
+
+
+def hparams_row(cfg: DictConfig, overrides: list[str] | None, precision: str) -> dict:
+    """A short hparams row: the swept/overridden keys first, then `HPARAMS`, with their real types."""
+    changed = [o.split("=", 1)[0].lstrip("+~") for o in overrides or []]
+    keys = [k for k in changed if k not in PLACEMENT_KEYS and not k.startswith(("hydra.", "logger")) and
+            OmegaConf.select(cfg, k) is not None and not isinstance(OmegaConf.select(cfg, k), DictConfig)]
+    row = {k: OmegaConf.select(cfg, k) for k in dict.fromkeys([*keys, *HPARAMS])}
+    # Trackers take numbers, strings and booleans: a list as its text, null as "null".
+    row = {k: v if isinstance(v, (int, float, str, bool)) else "null" if v is None else str(list(v))
+           for k, v in row.items()}
+    return {**row, "precision": precision}
+
+
+def swept_keys(sweep_dir: Path) -> set[str]:
+    """The keys a sweep varies, from the `multirun.yaml` Hydra writes into its directory: the command line's
+    sweep overrides (`optim.lr=1e-2,1e-3`, `range(...)`) and the experiment's `hydra.sweeper.params`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        saved = OmegaConf.load(sweep_dir / "multirun.yaml")
+        task = list(OmegaConf.select(saved, "hydra.overrides.task") or [])
+        params = OmegaConf.select(saved, "hydra.sweeper.params") or {}
+        parsed = OverridesParser.create().parse_overrides(task)
+    except Exception:  # no sweep file, or one this version cannot read: no key is known to be swept
+        return set()
+    return {o.key_or_group for o in parsed if o.is_sweep_override()} | set(params)
+
+
+def run_name(run_dir: Path, overrides: list[str] | None) -> str:
+    """A run's name in MLflow and W&B: its directory's, except that a sweep job names the keys its sweep varies
+    first (its directory sorts them, so in a long name the one key that differs would be cut off)."""
+    swept = swept_keys(run_dir.parent)
+    if not swept or not overrides:
+        return run_dir.name
+    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in PLACEMENT_KEYS and not o.startswith("hydra.")]
+    return ",".join(sorted(keep, key=lambda o: (o.split("=", 1)[0].lstrip("+~") not in swept, o)))
+
+
+class Tracker:
+    """One tracker: its Lightning logger (per-step metrics), and what Lightning does not log for us."""
+
+    name = ""
+
+    def __init__(self, logger: Logger):
+        self.logger = logger
+
+    def ids(self) -> dict:
+        """What a resumed run needs to continue this tracker's run (kept in the run record)."""
+        return {}
+
+    def view(self, run_dir: Path) -> str:
+        """How a person looks at this run in the tracker (the closing block prints it)."""
+        return ""
+
+    def start(self, hparams: dict, config: dict) -> None:
+        """At the start of fit: the hparams row and the resolved config, where the tracker shows them early."""
+
+    def epoch(self, row: dict) -> None:
+        """One point per finished epoch (`epochs.csv`'s row), against the epoch."""
+
+    def figure(self, tag: str, figure, step: int) -> None:
+        """A matplotlib figure (the confusion matrix, the misclassified images)."""
+
+    def finish(self, hparams: dict, metrics: dict, run_dir: Path) -> None:
+        """At the end of a completed run: the final metrics, the run directory's files, and close."""
+        self.logger.finalize("success")
+
+
+class TensorBoard(Tracker):
+    name = "tensorboard"
+
+    def view(self, run_dir: Path) -> str:
+        return f"tensorboard --logdir {run_dir}"
+
+    def epoch(self, row: dict) -> None:  # the curves against epochs (Lightning's own are against steps)
+        for key in ("train/loss", "train/acc", "val/loss", "val/acc"):
+            if key in row:
+                self.logger.experiment.add_scalar(f"by_epoch/{key}", row[key], row["epoch"])
+
+    def figure(self, tag: str, figure, step: int) -> None:
+        self.logger.experiment.add_figure(tag, figure, step)
+
+    def finish(self, hparams: dict, metrics: dict, run_dir: Path) -> None:
+        # TensorBoard's hparams table: the row with the run's results beside it.
+        self.logger.log_hyperparams(hparams, {"hp/val_acc_best": metrics["val/acc_best"],
+                                              "hp/test_acc": metrics.get("test/acc", -1.0)})
+        super().finish(hparams, metrics, run_dir)
+
+
+class RunTensorBoardLogger(TensorBoardLogger):
+    """TensorBoard in the run directory, without Lightning's `hparams.yaml` (empty here: the module saves its
+    hyperparameters in checkpoints, not the logger); `config.yaml` holds the run's whole config."""
+
+    @rank_zero_only
+    def save(self) -> None:
+        self.experiment.flush()
+
+
+class CSV(Tracker):
+    name = "csv"
+
+    def view(self, run_dir: Path) -> str:
+        return str(run_dir / "csv" / "metrics.csv")
+
+    def finish(self, hparams: dict, metrics: dict, run_dir: Path) -> None:
+        self.logger.log_hyperparams(hparams)
+        self.logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        super().finish(hparams, metrics, run_dir)
+
+
+# The run directory's files each tracker keeps a copy of when the run completes.
+ARTIFACTS = ("config.yaml", "metrics.json", "epochs.csv", "confusion_matrix.csv")
+
+
+class MLflow(Tracker):
+    name = "mlflow"
+
+    def ids(self) -> dict:
+        return {"mlflow_run_id": self.logger.run_id}  # the run knows its experiment
+
+    def view(self, run_dir: Path) -> str:
+        uri = self.logger.experiment.tracking_uri
+        where = uri if uri.startswith("http") else f"`mlflow ui --backend-store-uri {uri}`"
+        return f"{where}, experiment {run_dir.parent.name}, run {self.logger.run_id}"
+
+    def start(self, hparams: dict, config: dict) -> None:
+        logged = self.logger.experiment.get_run(self.logger.run_id).data.params
+        # MLflow refuses to change a parameter: a resumed (extended) run keeps the values it started with.
+        self.logger.log_hyperparams({k: v for k, v in hparams.items() if k not in logged})
+
+    def epoch(self, row: dict) -> None:
+        self.logger.log_metrics({f"by_epoch/{k}": row[k] for k in ("train/loss", "train/acc", "val/loss", "val/acc")
+                                 if k in row}, step=row["epoch"])
+
+    def figure(self, tag: str, figure, step: int) -> None:
+        self.logger.experiment.log_figure(self.logger.run_id, figure, f"figures/{tag.replace('/', '_')}.png")
+
+    def finish(self, hparams: dict, metrics: dict, run_dir: Path) -> None:
+        self.logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        for name in ARTIFACTS:
+            if (run_dir / name).is_file():
+                self.logger.experiment.log_artifact(self.logger.run_id, str(run_dir / name), "run")
+        super().finish(hparams, metrics, run_dir)
+
+
+class WandB(Tracker):
+    name = "wandb"
+
+    def ids(self) -> dict:
+        return {"wandb_run_id": self.logger.experiment.id}
+
+    def view(self, run_dir: Path) -> str:
+        run = self.logger.experiment
+        if run.settings.mode in ("offline", "dryrun"):
+            return f"written offline: `wandb sync {Path(run.dir).parent}` uploads it"
+        return str(run.url)
+
+    def start(self, hparams: dict, config: dict) -> None:
+        self.logger.experiment.config.update({**config, "hparams": hparams}, allow_val_change=True)
+
+    def figure(self, tag: str, figure, step: int) -> None:
+        import wandb
+
+        self.logger.experiment.log({tag: wandb.Image(figure)})
+
+    def finish(self, hparams: dict, metrics: dict, run_dir: Path) -> None:
+        import wandb
+
+        run = self.logger.experiment
+        run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        files = wandb.Artifact(f"run-{run.id}", type="run-files")  # an artifact: W&B's own files/ keeps its names
+        for name in ARTIFACTS:
+            if (run_dir / name).is_file():
+                files.add_file(str(run_dir / name), name=name)
+        run.log_artifact(files)
+        super().finish(hparams, metrics, run_dir)
+        run.finish()
+
+
+def _mlflow(cfg: DictConfig, run_dir: Path, ids: dict, name: str) -> Logger:
+    for key, value in MLFLOW_PATIENCE.items():
+        os.environ.setdefault(key, value)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # its retry lines would repeat ours
+    uri = cfg.logger.mlflow_tracking_uri
+    if uri is None:
+        MLFLOW_LOCAL_DB.parent.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{MLFLOW_LOCAL_DB.resolve()}"
+    # A store without a server keeps a new experiment's artifacts beside its database (MLflow's default would be
+    # ./mlruns, wherever the command runs); a server decides for itself.
+    artifacts = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri() \
+        if uri.startswith("sqlite:///") else None
+    return MLFlowLogger(experiment_name=run_dir.parent.name, run_name=name, tracking_uri=uri,
+                        run_id=ids.get("mlflow_run_id"), artifact_location=artifacts, tags={"run_dir": str(run_dir)})
+
+
+def _wandb(cfg: DictConfig, run_dir: Path, ids: dict, name: str) -> Logger:
+    import wandb
+
+    # W&B prints a banner and a summary of its own, and captures the console: the run's console is ours.
+    return WandbLogger(project=cfg.logger.wandb_project, name=name, group=run_dir.parent.name,
+                       save_dir=str(run_dir), offline=cfg.logger.wandb_mode == "offline",
+                       id=ids.get("wandb_run_id") or uuid.uuid4().hex[:12], resume="allow",
+                       settings=wandb.Settings(silent=True, console="off"))
+
+
+TRACKER_CLASSES = {
+    # TensorBoard names a run by its directory (the path under the --logdir it is given).
+    "tensorboard": (TensorBoard, lambda cfg, run_dir, ids, name: RunTensorBoardLogger(
+        save_dir=str(run_dir), name="", version="", default_hp_metric=False)),
+    "csv": (CSV, lambda cfg, run_dir, ids, name: CSVLogger(save_dir=str(run_dir), name="csv", version="")),
+    "mlflow": (MLflow, _mlflow),
+    "wandb": (WandB, _wandb),
+}
+
+
+def open_trackers(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> list[Tracker]:
+    """The run's trackers, each connected; one that cannot be is left out with one warning."""
+    ids = (read_record(run_dir) or {}).get("trackers", {})
+    title = run_name(run_dir, overrides)
+    trackers = []
+    for name in cfg.logger.backends:
+        cls, make = TRACKER_CLASSES[name]
+        try:
+            tracker = cls(make(cfg, run_dir, ids, title))
+            tracker.logger.experiment  # connects (MLflow: creates or finds the experiment and the run)
+            tracker.ids(), tracker.view(run_dir)
+        except Exception as e:  # any failure of a tracker's client: the run must not depend on it
+            others = [t for t in cfg.logger.backends if t != name]
+            log.warning("logger %s cannot be reached (%s: %s); this run logs to %s and its run directory.", name,
+                        type(e).__name__, _first_line(e),
+                        ", ".join(others) if others else "only")
+            continue
+        trackers.append(tracker)
+    return trackers
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+def tracker_ids(trackers: list[Tracker], run_dir: Path) -> dict:
+    """For the run record: the ids a resumed run needs, and how to look at the run in each tracker (`views`)."""
+    return {**{k: v for t in trackers for k, v in t.ids().items()}, "views": {t.name: t.view(run_dir) for t in trackers}}
+
+
+def for_each(trackers: list[Tracker], method: str, *args) -> None:
+    """Call `method` on every tracker; one that fails mid-run is warned about once and dropped, the run goes on."""
+    for tracker in list(trackers):
+        try:
+            getattr(tracker, method)(*args)
+        except Exception as e:  # see open_trackers
+            log.warning("logger %s failed (%s: %s); the run goes on without it (its run directory holds everything).",
+                        tracker.name, type(e).__name__, _first_line(e))
+            trackers.remove(tracker)

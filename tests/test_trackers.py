@@ -1,0 +1,208 @@
+"""Trackers beside TensorBoard: CSV, MLflow (a local store, and a real tracking server) and W&B offline."""
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from fmnist.errors import ConfigError
+from fmnist.runs import read_record
+from fmnist.training.train import check_config, train
+from tests.conftest import ROOT, compose_cfg
+
+LEVELDB_BLOCK, LEVELDB_HEADER = 32768, 7
+
+
+def wandb_records(path: Path):
+    """The protobuf records of a W&B run's transaction log (`run-ID.wandb`, what `wandb sync` uploads).
+
+    W&B's offline mode keeps config and summary only there (no wandb-summary.json or config.yaml): a
+    LevelDB-style log of 32 KiB blocks whose chunks are (crc32, length, type) then bytes.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    ident, magic, _ = struct.unpack("<4sHB", data[:7])
+    assert (ident, magic) == (b":W&B", 0xBEE1)
+    pos, pending = 7, b""
+    while pos + LEVELDB_HEADER <= len(data):
+        if LEVELDB_BLOCK - pos % LEVELDB_BLOCK < LEVELDB_HEADER:  # a block's tail too short for a header: padding
+            pos += LEVELDB_BLOCK - pos % LEVELDB_BLOCK
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + LEVELDB_HEADER])
+        chunk, pos = data[pos + LEVELDB_HEADER:pos + LEVELDB_HEADER + length], pos + LEVELDB_HEADER + length
+        if kind == 0:
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk  # full / first, or middle / last
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+def wandb_run(run_dir: Path, run_id: str) -> dict:
+    """What W&B recorded for `run_id` under `run_dir`, over every process that logged it (a resume adds one)."""
+    logs = sorted(run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
+    config, summary, names = {}, {}, []
+    for log in logs:
+        for record in wandb_records(log):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                names.append(record.run.display_name)
+            items = record.config.update if kind == "config" else record.summary.update if kind == "summary" else []
+            target = config if kind == "config" else summary
+            for item in items:
+                target[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return {"logs": logs, "config": config, "summary": summary, "names": names}
+
+
+def test_a_sweep_jobs_tracker_run_name_leads_with_the_keys_its_sweep_varies(tmp_path):
+    from fmnist.training.trackers import run_name
+
+    sweep = tmp_path / "study"
+    (sweep / "job").mkdir(parents=True)
+    overrides = ["model=simple", "data.train_subset=5000", "optim.lr=0.01", "seed=1", "data.dir=/data"]
+    assert run_name(sweep / "job", overrides) == "job"  # no multirun.yaml: not known to be a sweep
+    OmegaConf.save({"hydra": {"overrides": {"task": ["model=simple", "data.train_subset=5000", "optim.lr=1e-2,1e-3",
+                                                     "data.dir=/data"]},
+                              "sweeper": {"params": {"seed": "0,1,2"}}}}, sweep / "multirun.yaml")
+    assert run_name(sweep / "job", overrides) == "optim.lr=0.01,seed=1,data.train_subset=5000,model=simple"
+
+
+def test_trackers_are_checked_before_a_run_starts():
+    with pytest.raises(ConfigError, match="logger.backends must list trackers among"):
+        check_config(compose_cfg("logger.backends=[tensorboard,neptune]"))
+    with pytest.raises(ConfigError, match="logger.wandb_mode must be offline or online"):
+        check_config(compose_cfg("logger=wandb", "logger.wandb_mode=cloud"))
+    assert list(compose_cfg("logger=many").logger.backends) == ["tensorboard", "csv", "mlflow", "wandb"]
+
+
+@pytest.mark.slow
+def test_wandb_offline_and_csv_get_what_the_run_directory_has_and_a_resume_continues_the_same_run(make_cfg, tmp_path):
+    run_dir = tmp_path / "sweep" / "optim.lr=0.01"
+    train(make_cfg("logger.backends=[csv,wandb]", "optim.lr=0.01"), run_dir)
+    record = read_record(run_dir)
+    run_id = record["trackers"]["wandb_run_id"]
+    wandb = wandb_run(run_dir, run_id)
+    config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    assert {k: wandb["config"][k] for k in config} == config  # the resolved config, every key
+    assert wandb["config"]["hparams"]["optim.lr"] == 0.01
+    for key in ("val/acc_best", "test/acc", "test/loss", "epochs"):
+        assert wandb["summary"][key] == pytest.approx(record["metrics"][key]), key
+    assert wandb["summary"]["test/confusion_matrix/_type"] == "image-file"  # nested keys joined by /
+    assert wandb["names"] == ["optim.lr=0.01"]
+    assert "wandb sync" in record["trackers"]["views"]["wandb"]
+    csv_rows = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
+    assert "final/test/acc" in csv_rows[0] and "train/loss" in csv_rows[0]
+
+    train(make_cfg("logger.backends=[csv,wandb]", "optim.lr=0.01", "ckpt_path=last", "trainer.max_epochs=2"), run_dir)
+    assert read_record(run_dir)["trackers"]["wandb_run_id"] == run_id  # the same W&B run, continued
+    resumed = wandb_run(run_dir, run_id)
+    assert len(resumed["logs"]) == 2 and resumed["summary"]["epochs"] == 2
+
+
+@pytest.mark.slow
+def test_mlflow_without_a_server_keeps_a_local_store_and_a_resume_continues_its_run(make_cfg, tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "study" / "seed=0"
+    overrides = ["logger=mlflow", f"logger.mlflow_tracking_uri={uri}", "optim.lr=0.002"]
+    train(make_cfg(*overrides), run_dir)
+    run_id = read_record(run_dir)["trackers"]["mlflow_run_id"]
+    train(make_cfg(*overrides, "ckpt_path=last", "trainer.max_epochs=2"), run_dir)
+    assert read_record(run_dir)["trackers"]["mlflow_run_id"] == run_id
+    client = mlflow.MlflowClient(uri)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "study"]
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.run_name == "seed=0"
+    assert runs[0].data.params["optim.lr"] == "0.002"
+    assert runs[0].data.metrics["final/epochs"] == 2
+    artifacts = {a.path for a in client.list_artifacts(run_id, "run")} | {a.path for a in client.list_artifacts(run_id, "figures")}
+    assert {"run/config.yaml", "run/metrics.json", "figures/test_confusion_matrix.png"} <= artifacts
+    assert (tmp_path / "mlruns").is_dir()  # the artifacts beside the database, not in the working directory
+
+
+@pytest.mark.slow
+def test_a_tracker_that_cannot_be_reached_is_one_warning_and_the_run_goes_on(make_cfg, tmp_path, caplog):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    metrics = train(make_cfg("logger.backends=[tensorboard,mlflow]",
+                             f"logger.mlflow_tracking_uri=http://127.0.0.1:{port}"), tmp_path / "run")
+    assert 0 <= metrics["test/acc"] <= 1
+    record = read_record(tmp_path / "run")
+    assert record["status"] == "completed" and list(record["trackers"]["views"]) == ["tensorboard"]
+    warnings = [r.getMessage() for r in caplog.records if "logger mlflow" in r.getMessage()]
+    assert len(warnings) == 1 and "cannot be reached" in warnings[0] and "logs to tensorboard" in warnings[0]
+    assert list((tmp_path / "run").glob("events.out.tfevents.*"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (SQLite backend store, local artifact root) on a free port."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                               "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        assert server.poll() is None, (root / "server.log").read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        raise TimeoutError(f"the MLflow server did not start: {(root / 'server.log').read_text()[-3000:]}")
+    yield url
+    os.killpg(server.pid, 15)
+    server.wait(timeout=60)
+    log.close()
+
+
+@pytest.mark.cluster
+def test_a_sweep_logs_one_run_per_job_under_an_experiment_named_after_the_sweep(mlflow_server, data_dir, tmp_path):
+    import mlflow
+
+    from tests.conftest import FAST
+
+    sweep = tmp_path / "lr_study"
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *FAST, f"data.dir={data_dir}",
+                             "logger=mlflow", f"logger.mlflow_tracking_uri={mlflow_server}", "optim.lr=0.01,0.001",
+                             "seed=0,1", f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    mlflow.set_tracking_uri(mlflow_server)
+    runs = mlflow.search_runs(experiment_names=["lr_study"])
+    assert len(runs) == 4 and set(runs["status"]) == {"FINISHED"}
+    # Named by the keys the sweep varies first (the job directories sort them: `data.dir=...,optim.lr=...`).
+    fixed = ",".join(sorted(o for o in FAST if not o.startswith("preset=")))  # placement keys are left out
+    assert sorted(runs["tags.mlflow.runName"]) == [f"optim.lr={lr},seed={s},{fixed}"
+                                                   for lr in ("0.001", "0.01") for s in (0, 1)]
+    assert sorted(runs["params.optim.lr"]) == ["0.001", "0.001", "0.01", "0.01"]  # the swept column
+    for _, run in runs.iterrows():
+        record = read_record(Path(run["tags.run_dir"]))
+        assert record["trackers"]["mlflow_run_id"] == run["run_id"]
+        assert run["metrics.final/test/acc"] == pytest.approx(record["metrics"]["test/acc"])
+        artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run["run_id"], "run")}
+        assert {"run/config.yaml", "run/metrics.json", "run/epochs.csv"} <= artifacts
