@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
@@ -144,6 +145,29 @@ def test_a_tracker_that_cannot_be_reached_is_one_warning_and_the_run_goes_on(mak
     warnings = [r.getMessage() for r in caplog.records if "logger mlflow" in r.getMessage()]
     assert len(warnings) == 1 and "cannot be reached" in warnings[0] and "logs to tensorboard" in warnings[0]
     assert list((tmp_path / "run").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_a_tracker_that_fails_during_the_run_is_one_warning_and_the_run_completes(make_cfg, tmp_path, caplog,
+                                                                                  monkeypatch):
+    import mlflow
+
+    calls = []
+
+    def log_batch_then_fail(self, *args, **kwargs):  # the server goes away after the run's first writes
+        calls.append(1)
+        if len(calls) > 2:
+            raise ConnectionError("the tracking server went away")
+        return original(self, *args, **kwargs)
+
+    original = mlflow.MlflowClient.log_batch
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", log_batch_then_fail)
+    metrics = train(make_cfg("logger.backends=[tensorboard,mlflow]", f"logger.mlflow_tracking_uri=sqlite:///"
+                             f"{tmp_path / 'mlflow.db'}", "trainer.max_epochs=2"), tmp_path / "run")
+    assert read_record(tmp_path / "run")["status"] == "completed" and metrics["epochs"] == 2
+    warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("logger mlflow failed")]
+    assert len(warnings) == 1 and "went away" in warnings[0] and len(calls) == 3  # later calls skipped, not retried
+    assert len(pd.read_csv(tmp_path / "run" / "epochs.csv")) == 2
 
 
 def free_port() -> int:

@@ -91,6 +91,10 @@ def run_name(run_dir: Path, overrides: list[str] | None) -> str:
     return ",".join(sorted(keep, key=lambda o: (o.split("=", 1)[0].lstrip("+~") not in swept, o)))
 
 
+# Logger methods Lightning calls during a run (per-step metrics, checkpoints, the end).
+LIGHTNING_CALLS = ("log_metrics", "log_hyperparams", "save", "finalize", "after_save_checkpoint")
+
+
 class Tracker:
     """One tracker: its Lightning logger (per-step metrics), and what Lightning does not log for us."""
 
@@ -98,6 +102,27 @@ class Tracker:
 
     def __init__(self, logger: Logger):
         self.logger = logger
+        self.failed = False  # once a call fails, the tracker is skipped for the rest of the run
+        for method in LIGHTNING_CALLS:  # the calls Lightning makes itself, guarded like ours (`for_each`)
+            setattr(logger, method, self._guarded(getattr(logger, method)))
+
+    def _guarded(self, method):
+        def call(*args, **kwargs):
+            if self.failed:
+                return None
+            try:
+                return method(*args, **kwargs)
+            except Exception as e:  # a tracker's client can fail in any way; the run must not depend on it
+                self.fail(e)
+
+        return call
+
+    def fail(self, error: Exception) -> None:
+        """Warn once and skip this tracker from now on: the run goes on, its run directory holds everything."""
+        if not self.failed:
+            self.failed = True
+            log.warning("logger %s failed (%s: %s); the run goes on without it (its run directory holds everything).",
+                        self.name, type(error).__name__, _first_line(error))
 
     def ids(self) -> dict:
         """What a resumed run needs to continue this tracker's run (kept in the run record)."""
@@ -300,11 +325,11 @@ def tracker_ids(trackers: list[Tracker], run_dir: Path) -> dict:
 
 
 def for_each(trackers: list[Tracker], method: str, *args) -> None:
-    """Call `method` on every tracker; one that fails mid-run is warned about once and dropped, the run goes on."""
-    for tracker in list(trackers):
+    """Call `method` on every tracker that has not failed; one that fails now is warned about once and skipped."""
+    for tracker in trackers:
+        if tracker.failed:
+            continue
         try:
             getattr(tracker, method)(*args)
-        except Exception as e:  # see open_trackers
-            log.warning("logger %s failed (%s: %s); the run goes on without it (its run directory holds everything).",
-                        tracker.name, type(e).__name__, _first_line(e))
-            trackers.remove(tracker)
+        except Exception as e:  # see Tracker._guarded
+            tracker.fail(e)
