@@ -64,6 +64,7 @@ def test_resume_extends_a_finished_run(make_cfg, tmp_path):
     assert 0 < first["train_seconds"] < metrics["train_seconds"]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_bit_for_bit_dropout_included(make_cfg, tmp_path):
     # Dropout draws from torch's generator: a resume must continue its stream, not the seed's start.
     settings = ["model=simple", "model.dropout=0.5", "trainer.deterministic=true", "trainer.precision=32-true"]
