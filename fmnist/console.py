@@ -45,6 +45,9 @@ HARMLESS_WARNINGS = [
     r"Checkpoint directory .* exists and is not empty",
     # On resume the best-so-far metric is restored, not updated, before its first compute: expected.
     r"The ``compute`` method of metric MaxMetric was called before the ``update`` method",
+    # On a machine with SLURM installed: jobs go to SLURM through `hydra/launcher=slurm` (submitit starts them
+    # with srun itself), so a command run directly is meant to run here.
+    r"The `srun` command is available on your system but is not used",
 ]
 # Lightning's notices that never apply here: an advertisement, and TPUs (this project runs on CPUs and GPUs).
 NOTICES = ("litlogger", "TPU available")

@@ -20,6 +20,7 @@ AVX2-only CPU is an order of magnitude slower and would only measure that.
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import sys
 import time
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from fmnist import console
 from fmnist.training.callbacks import step_callbacks
 from fmnist.config import OptimConfig, TrainConfig, compose_train
 from fmnist.data.csv_io import cache_path, load_csv, parse_csv
@@ -95,8 +97,10 @@ def lightning_throughput(dm: FashionMNISTDataModule, model: dict, batch_size: in
     trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision, max_epochs=1,
                         limit_train_batches=steps + warmup, limit_val_batches=0, num_sanity_val_steps=0,
                         logger=False, enable_checkpointing=False, enable_model_summary=False,
-                        enable_progress_bar=True,
-                        callbacks=[timer, *step_callbacks(TrainConfig.progress_bar_refresh)])
+                        enable_progress_bar=console.is_terminal(),
+                        # timed with the bar train.py would draw here: one in a terminal, none into a pipe or file
+                        callbacks=[timer, *step_callbacks(TrainConfig.progress_bar_refresh if console.is_terminal()
+                                                          else None)])
     trainer.fit(classifier(model), datamodule=dm)
     return timer.steps * batch_size / (timer.end - timer.start)
 
@@ -191,6 +195,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="with --infer: intra-op threads of both PyTorch and onnxruntime (default: torch's)")
     args = parser.parse_args()
+    # The console of every command: one line per message, Lightning's notices and harmless warnings out.
+    logging.basicConfig(level=logging.INFO, format=console.CONSOLE_FORMAT, datefmt=console.CONSOLE_DATEFMT)
+    console.setup()
     torch.manual_seed(0)
     if args.infer:
         return infer_benchmark(args)

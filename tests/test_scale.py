@@ -34,6 +34,9 @@ def test_benchmark_prints_and_appends_a_row(tmp_path, data_dir, run_in_process):
                             "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "lightning_img_s" in result.stdout and result.stdout.startswith("hardware: ")
+    # The console train.py has: no Lightning notices or warnings a user cannot act on, no bar into a pipe.
+    for noise in ("litlogger", "TPU available", "LeafSpec", "it/s]", "srun"):
+        assert noise not in result.stdout + result.stderr, noise
     row = pd.read_csv(out).iloc[0]
     assert row.raw_img_s > 0 and row.lightning_img_s > 0 and row.ratio > 0 and row.csv_parse_s > 0
     assert row.cores >= 1 and row.torch_threads >= 1 and isinstance(row.isa, str) and row.gflop_per_img > 0
