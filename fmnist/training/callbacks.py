@@ -299,8 +299,9 @@ class PerImagePredictions(L.Callback):
         self.path = Path(run_dir) / PREDICTIONS_FILE
         self.preds: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
+        self.best_so_far = -1.0  # validation accuracy of the epoch whose predictions are saved
 
-    def _start(self, trainer) -> None:
+    def _start(self) -> None:
         self.preds, self.labels = [], []
 
     def _collect(self, trainer, outputs, batch) -> None:
@@ -322,7 +323,7 @@ class PerImagePredictions(L.Callback):
                 np.savez_compressed(f, **kept, **arrays)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self._start(trainer)
+        self._start()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._collect(trainer, outputs, batch)
@@ -343,12 +344,12 @@ class PerImagePredictions(L.Callback):
             return
         pred, label = self._arrays()
         accuracy = float((pred == label).mean())
-        if accuracy > getattr(self, "best_so_far", -1.0):
+        if accuracy > self.best_so_far:
             self.best_so_far = accuracy
             self._save(val_pred=pred, val_label=label, val_epoch=np.array(trainer.current_epoch + 1))
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
-        self._start(trainer)
+        self._start()
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._collect(trainer, outputs, batch)
