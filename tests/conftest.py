@@ -4,13 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-
-# With several test workers (pytest-xdist), each test's torch and the trainings it starts use one thread:
-# two workers each running 2-thread trainings on 2 cores spend far more time fighting over the cores
-# than training (a signal-and-resume test pair: 112 s against 28 s). Results do not depend on it.
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-
 import runpy
 import subprocess
 import sys
@@ -26,9 +19,6 @@ from hydra.core.global_hydra import GlobalHydra
 from fmnist.config import register
 from fmnist.inference.config import register as register_inference
 from fmnist.data.csv_io import write_csv
-
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
