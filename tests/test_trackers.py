@@ -49,12 +49,23 @@ def wandb_records(path: Path):
             yield record
 
 
+def finished_records(log: Path, timeout: float = 120) -> list:
+    """A W&B log's records once it holds the run's exit record: W&B's service writes the log in the
+    background, and may still be writing the end of a run that `finish()` has returned from."""
+    deadline = time.time() + timeout
+    while True:
+        records = list(wandb_records(log))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.time() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def wandb_run(run_dir: Path, run_id: str) -> dict:
     """What W&B recorded for `run_id` under `run_dir`, over every process that logged it (a resume adds one)."""
     logs = sorted(run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
     config, summary, names = {}, {}, []
     for log in logs:
-        for record in wandb_records(log):
+        for record in finished_records(log):
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 names.append(record.run.display_name)
