@@ -36,6 +36,13 @@ def slurm():
     return up.stdout
 
 
+def test_slurm_up_on_a_running_cluster_returns_at_once(slurm):
+    # The daemons it started must not hold its lock: a second call (another test run, a user) would wait forever.
+    again = subprocess.run([str(ROOT / "scripts" / "cluster" / "slurm-up.sh")], capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0 and "idle" in again.stdout + again.stderr, again.stdout + again.stderr
+
+
 @pytest.fixture(scope="session")
 def postgres() -> str:
     """The URL of a study database on a PostgreSQL server on this machine (scripts/cluster/postgres-up.sh)."""

@@ -12,6 +12,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 exec 9>/run/fmnist-slurm-up.lock  # two callers at once (parallel test workers) take turns
 flock 9
+# The daemons started below must not inherit the lock's descriptor (`9>&-`): one that kept it would hold
+# the lock for as long as it runs, and every later call would wait on it forever.
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null || ! command -v pgrep >/dev/null; then
     echo "slurm-up: installing munge and slurm-wlm"
     packages="slurm-wlm munge procps"
@@ -67,7 +69,7 @@ fi
 chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge 2>/dev/null || true
 chmod 0400 /etc/munge/munge.key
 if ! pgrep -x munged >/dev/null; then
-    su -s /bin/sh munge -c /usr/sbin/munged 2>/dev/null || /usr/sbin/munged --force
+    su -s /bin/sh munge -c /usr/sbin/munged 2>/dev/null 9>&- || /usr/sbin/munged --force 9>&-
 fi
 
 if [ "${restart:-0}" = 1 ]; then  # the old daemons save their state and free their ports first
@@ -75,8 +77,8 @@ if [ "${restart:-0}" = 1 ]; then  # the old daemons save their state and free th
     pkill -x slurmd 2>/dev/null || true
     for _ in $(seq 1 30); do { pgrep -x slurmctld || pgrep -x slurmd; } >/dev/null || break; sleep 0.5; done
 fi
-pgrep -x slurmctld >/dev/null || /usr/sbin/slurmctld
-pgrep -x slurmd >/dev/null || /usr/sbin/slurmd
+pgrep -x slurmctld >/dev/null || /usr/sbin/slurmctld 9>&-
+pgrep -x slurmd >/dev/null || /usr/sbin/slurmd 9>&-
 
 for _ in $(seq 1 60); do
     state=$(sinfo -h -N -o '%T' 2>/dev/null | head -1 || true)
