@@ -127,9 +127,16 @@ MODELS: dict[str, type[nn.Module]] = {"simple": SimpleCNN, "optimized": Optimize
 FIXED_PARAMETERS = ("num_classes",)  # constructor parameters that the task fixes, not the config
 
 
+def architecture(name: str) -> type[nn.Module]:
+    """`MODELS[name]`, or ConfigError naming the choices."""
+    if name not in MODELS:
+        raise ConfigError(f"config key model.name must be one of {sorted(MODELS)}; got {name!r}.")
+    return MODELS[name]
+
+
 def model_keys(name: str) -> dict[str, Any]:
     """The config keys of model `name` (besides `name`) with their types: its constructor's typed parameters."""
-    cls = MODELS[name]
+    cls = architecture(name)
     hints = typing.get_type_hints(cls.__init__)
     return {p: hints[p] for p in list(inspect.signature(cls.__init__).parameters)[1:] if p not in FIXED_PARAMETERS}
 
@@ -159,8 +166,6 @@ def check_model(model: typing.Mapping) -> None:
     which allocates nothing)."""
     model = OmegaConf.to_container(model if isinstance(model, DictConfig) else OmegaConf.create(dict(model)), resolve=True)
     name = model.get("name")
-    if name not in MODELS:
-        raise ConfigError(f"config key model.name must be one of {sorted(MODELS)}; got {name!r}.")
     keys = model_keys(name)
     values = {k: v for k, v in model.items() if k != "name"}
     for key in values.keys() - keys.keys():
@@ -178,7 +183,7 @@ def check_model(model: typing.Mapping) -> None:
             raise ConfigError(f"config key model.dropout must be in [0, 1); got {value!r}.")
     try:
         with torch.device("meta"):
-            MODELS[name](**values)
+            architecture(name)(**values)
     except ConfigError:
         raise
     except (ValueError, TypeError, RuntimeError) as e:
@@ -187,9 +192,7 @@ def check_model(model: typing.Mapping) -> None:
 
 def build_model(name: str, **kwargs) -> nn.Module:
     """Build the architecture `name` from a `model` config's keys."""
-    if name not in MODELS:
-        raise ConfigError(f"config key model.name must be one of {sorted(MODELS)}; got {name!r}.")
-    return MODELS[name](**kwargs)
+    return architecture(name)(**kwargs)
 
 
 def tta_logits(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mode: str) -> torch.Tensor:

@@ -101,11 +101,19 @@ COLUMNS = ["job", "setting", "seed", "status", "val_acc_best", "best_epoch", "te
 COMPUTE = ("train_seconds", "train_images", "train_flops")
 
 
+def override_key(override: str) -> str:
+    """The key a command-line override sets: `optim.lr` of `optim.lr=0.01` or `+optim.lr=0.01`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def computing_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that change what a job computes: placement keys and Hydra's own left out."""
+    return [o for o in overrides if override_key(o) not in PLACEMENT_KEYS and not override_key(o).startswith("hydra.")]
+
+
 def setting_of(overrides: list[str]) -> str:
     """The overrides that define a job's setting (seed and placement removed), e.g. `optim.lr=0.01`."""
-    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in (*PLACEMENT_KEYS, "seed")
-            and not o.startswith("hydra.")]
-    return ",".join(sorted(kept)) or "(defaults)"
+    return ",".join(sorted(o for o in computing_overrides(overrides) if override_key(o) != "seed")) or "(defaults)"
 
 
 def collect(sweep_dir: Path) -> pd.DataFrame:

@@ -120,8 +120,11 @@ def _predictions_by_seed(path: Path, split: str) -> dict[int, tuple[np.ndarray, 
     """{seed: (predictions, labels)} of a run directory, or of each completed job of a sweep directory."""
     if not path.is_dir():
         raise ConfigError(f"{path}: no such directory; expected a run directory or a sweep directory of one setting.")
-    runs = [path] if (path / METRICS_FILE).is_file() else \
-        [path / job for job in (lambda t: t[t.status == COMPLETED].job)(collect(path))]
+    if (path / METRICS_FILE).is_file():
+        runs = [path]
+    else:
+        jobs = collect(path)
+        runs = [path / job for job in jobs[jobs.status == COMPLETED].job]
     found = {}
     for run in runs:
         record = read_record(run) or {}

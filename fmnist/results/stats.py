@@ -148,18 +148,18 @@ def paired_bootstrap(correct_a: list[np.ndarray], correct_b: list[np.ndarray], r
         raise ValueError("paired_bootstrap needs the same number (at least one) of runs of A and B")
     rng = np.random.default_rng(seed)
     k = len(correct_a)
-    per_seed = []  # per seed: a (reps, k) array of image-resampled mean differences
+    per_seed, observed = [], []  # per seed: a (reps, k) array of image-resampled mean differences; the mean one
     for a, b in zip(correct_a, correct_b):
         d = np.asarray(a, dtype=np.int8) - np.asarray(b, dtype=np.int8)
         n = len(d)
+        observed.append(d.mean())
         # The mean of n draws from values in {-1, 0, +1} only depends on how many of each are drawn.
         counts = rng.multinomial(n, [(d == 1).mean(), (d == 0).mean(), (d == -1).mean()], size=(reps, k))
         per_seed.append((counts[..., 0] - counts[..., 2]) / n)
     chosen = rng.integers(k, size=(reps, k))
     replicates = np.take_along_axis(np.stack(per_seed, axis=-1), chosen[..., None], axis=-1)[..., 0].mean(axis=1)
-    observed = float(np.mean([np.mean(np.asarray(a, float) - np.asarray(b, float)) for a, b in zip(correct_a, correct_b)]))
     low, high = np.quantile(replicates, [ALPHA / 2, 1 - ALPHA / 2])
-    return Interval(observed, float(low), float(high), k)
+    return Interval(float(np.mean(observed)), float(low), float(high), k)
 
 
 INTERVAL_NOTE = ("`±`: the half-width of the 95% confidence interval of the mean over seeds (Student t); "

@@ -24,9 +24,9 @@ from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoa
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from fmnist.config import PLACEMENT_KEYS, TRACKERS
+from fmnist.config import TRACKERS
 from fmnist.errors import ConfigError
-from fmnist.runs import read_record
+from fmnist.runs import computing_overrides, override_key, read_record
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,9 @@ def check_trackers(cfg: DictConfig) -> None:
 
 def hparams_row(cfg: DictConfig, overrides: list[str] | None, precision: str) -> dict:
     """A short hparams row: the swept/overridden keys first, then `HPARAMS`, with their real types."""
-    changed = [o.split("=", 1)[0].lstrip("+~") for o in overrides or []]
-    keys = [k for k in changed if k not in PLACEMENT_KEYS and not k.startswith(("hydra.", "logger")) and
-            OmegaConf.select(cfg, k) is not None and not isinstance(OmegaConf.select(cfg, k), DictConfig)]
+    changed = [override_key(o) for o in computing_overrides(overrides or [])]
+    keys = [k for k in changed
+            if OmegaConf.select(cfg, k) is not None and not isinstance(OmegaConf.select(cfg, k), DictConfig)]
     row = {k: OmegaConf.select(cfg, k) for k in dict.fromkeys([*keys, *HPARAMS])}
     # Trackers take numbers, strings and booleans: a list as its text, null as "null".
     row = {k: v if isinstance(v, (int, float, str, bool)) else "null" if v is None else str(list(v))
@@ -87,8 +87,7 @@ def run_name(run_dir: Path, overrides: list[str] | None) -> str:
     swept = swept_keys(run_dir.parent)
     if not swept or not overrides:
         return run_dir.name
-    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in PLACEMENT_KEYS and not o.startswith("hydra.")]
-    return ",".join(sorted(keep, key=lambda o: (o.split("=", 1)[0].lstrip("+~") not in swept, o)))
+    return ",".join(sorted(computing_overrides(overrides), key=lambda o: (override_key(o) not in swept, o)))
 
 
 # Logger methods Lightning calls during a run (per-step metrics, checkpoints, the end).
