@@ -361,7 +361,7 @@ class PerImagePredictions(L.Callback):
 
 
 class TestArtifacts(L.Callback):
-    """The test set's confusion matrix (CSV in the run directory and a TensorBoard image) and a grid of
+    """The test set's confusion matrix (CSV in the run directory and a figure for each tracker) and a grid of
     misclassified test images, from the predictions `test_step` returns."""
 
     def __init__(self, run_dir: Path, trackers: list | None = None, images: int = 32):

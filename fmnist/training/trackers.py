@@ -90,6 +90,11 @@ def run_name(run_dir: Path, overrides: list[str] | None) -> str:
     return ",".join(sorted(computing_overrides(overrides), key=lambda o: (override_key(o) not in swept, o)))
 
 
+def by_epoch(row: dict) -> dict:
+    """An epochs.csv row's curves as `by_epoch/...` points (Lightning's own are against steps)."""
+    return {f"by_epoch/{k}": row[k] for k in ("train/loss", "train/acc", "val/loss", "val/acc") if k in row}
+
+
 # Logger methods Lightning calls during a run (per-step metrics, checkpoints, the end).
 LIGHTNING_CALLS = ("log_metrics", "log_hyperparams", "save", "finalize", "after_save_checkpoint")
 
@@ -151,10 +156,9 @@ class TensorBoard(Tracker):
     def view(self, run_dir: Path) -> str:
         return f"tensorboard --logdir {run_dir}"
 
-    def epoch(self, row: dict) -> None:  # the curves against epochs (Lightning's own are against steps)
-        for key in ("train/loss", "train/acc", "val/loss", "val/acc"):
-            if key in row:
-                self.logger.experiment.add_scalar(f"by_epoch/{key}", row[key], row["epoch"])
+    def epoch(self, row: dict) -> None:
+        for key, value in by_epoch(row).items():
+            self.logger.experiment.add_scalar(key, value, row["epoch"])
 
     def figure(self, tag: str, figure, step: int) -> None:
         self.logger.experiment.add_figure(tag, figure, step)
@@ -208,8 +212,7 @@ class MLflow(Tracker):
         self.logger.log_hyperparams({k: v for k, v in hparams.items() if k not in logged})
 
     def epoch(self, row: dict) -> None:
-        self.logger.log_metrics({f"by_epoch/{k}": row[k] for k in ("train/loss", "train/acc", "val/loss", "val/acc")
-                                 if k in row}, step=row["epoch"])
+        self.logger.log_metrics(by_epoch(row), step=row["epoch"])
 
     def figure(self, tag: str, figure, step: int) -> None:
         self.logger.experiment.log_figure(self.logger.run_id, figure, f"figures/{tag.replace('/', '_')}.png")
