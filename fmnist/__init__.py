@@ -5,3 +5,4 @@ CLASS_NAMES = (
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 NUM_CLASSES = len(CLASS_NAMES)
+IMAGE_SIDE = 28  # pixels: a Fashion-MNIST image is IMAGE_SIDE x IMAGE_SIDE greyscale

@@ -216,6 +216,12 @@ def run_label(override_dirname: str) -> str:
     return f"_{override_dirname}"
 
 
+def _sweep_job_dirname(sweep_dir: str, overrides) -> str:
+    from fmnist.runs import sweep_job_dirname  # the run record's module imports this one
+
+    return sweep_job_dirname(sweep_dir, list(overrides))
+
+
 def register_resolvers() -> None:
     """The `${...:}` functions the YAML files use for output paths (every entry point's config)."""
     if not OmegaConf.has_resolver("placement_keys"):
@@ -223,6 +229,7 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("sweep_name", sweep_name)
         OmegaConf.register_new_resolver("train_groups_help", train_groups_help)
         OmegaConf.register_new_resolver("run_label", run_label)
+        OmegaConf.register_new_resolver("sweep_job_dirname", _sweep_job_dirname)
         # The console's line format, for the YAML logging configs (fmnist/console.py holds it).
         OmegaConf.register_new_resolver("console_format", lambda: console.CONSOLE_FORMAT)
         OmegaConf.register_new_resolver("console_datefmt", lambda: console.CONSOLE_DATEFMT)

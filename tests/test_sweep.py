@@ -92,6 +92,25 @@ def test_job_names_leave_out_exactly_the_placement_keys():
     assert list(cfg.hydra.job.config.override_dirname.exclude_keys) == list(PLACEMENT_KEYS)
 
 
+def test_a_sweep_job_is_named_by_its_swept_keys_first_and_keeps_an_earlier_sweeps_directory(tmp_path):
+    from omegaconf import OmegaConf
+
+    from fmnist.runs import sweep_job_dirname
+
+    job = ["model=simple", "data.train_subset=5000", "optim.lr=0.01", "seed=1", "data.dir=/data", "model.widths=[8,16]"]
+    assert sweep_job_dirname(str(tmp_path), job) == (  # no multirun.yaml: nothing known to be swept, Hydra's sorted order
+        "data.train_subset=5000,model.widths=[8,16],model=simple,optim.lr=0.01,seed=1")
+    OmegaConf.save({"hydra": {"overrides": {"task": ["model=simple", "data.train_subset=5000", "optim.lr=1e-2,1e-3"]},
+                              "sweeper": {"params": {"seed": "0,1,2"}}}}, tmp_path / "multirun.yaml")
+    assert sweep_job_dirname(str(tmp_path), job) == "optim.lr=0.01,seed=1,data.train_subset=5000,model.widths=[8,16],model=simple"
+    # The same job under another order (an earlier sweep that varied other keys, or one named before the swept
+    # keys led): its directory is kept, so the sweep skips or resumes it instead of training it again.
+    (tmp_path / "seed=1,data.train_subset=5000,model.widths=[8,16],model=simple,optim.lr=0.01").mkdir()
+    (tmp_path / "seed=1,data.train_subset=500,model.widths=[8,16],model=simple,optim.lr=0.01x").mkdir()  # another job
+    assert sweep_job_dirname(str(tmp_path), job) == "seed=1,data.train_subset=5000,model.widths=[8,16],model=simple,optim.lr=0.01"
+    assert sweep_job_dirname(str(tmp_path), ["data.dir=/data"]) == ""  # only placement keys: the sweep directory itself
+
+
 def test_summary_ranks_settings_by_validation_not_test(tmp_path):
     sweep = tmp_path / "sweep"
     _fake_job(sweep, "optim.lr=0.1,seed=0", "completed", 0, 0.95, ["optim.lr=0.1", "seed=0"])

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fmnist.config import TRACKERS
 from fmnist.errors import ConfigError
-from fmnist.runs import computing_overrides, override_key, read_record
+from fmnist.runs import computing_overrides, job_name, override_key, read_record, swept_keys
 
 log = logging.getLogger(__name__)
 
@@ -66,28 +66,13 @@ def hparams_row(cfg: DictConfig, overrides: list[str] | None, precision: str) ->
     return {**row, "precision": precision}
 
 
-def swept_keys(sweep_dir: Path) -> set[str]:
-    """The keys a sweep varies, from the `multirun.yaml` Hydra writes into its directory: the command line's
-    sweep overrides (`optim.lr=1e-2,1e-3`, `range(...)`) and the experiment's `hydra.sweeper.params`."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        saved = OmegaConf.load(sweep_dir / "multirun.yaml")
-        task = list(OmegaConf.select(saved, "hydra.overrides.task") or [])
-        params = OmegaConf.select(saved, "hydra.sweeper.params") or {}
-        parsed = OverridesParser.create().parse_overrides(task)
-    except Exception:  # no sweep file, or one this version cannot read: no key is known to be swept
-        return set()
-    return {o.key_or_group for o in parsed if o.is_sweep_override()} | set(params)
-
-
 def run_name(run_dir: Path, overrides: list[str] | None) -> str:
-    """A run's name in MLflow and W&B: its directory's, except that a sweep job names the keys its sweep varies
-    first (its directory sorts them, so in a long name the one key that differs would be cut off)."""
+    """A run's name in MLflow and W&B: its directory's, except that a sweep job whose directory has another
+    order of its keys (one named before names led with the swept keys) still leads with them."""
     swept = swept_keys(run_dir.parent)
     if not swept or not overrides:
         return run_dir.name
-    return ",".join(sorted(computing_overrides(overrides), key=lambda o: (override_key(o) not in swept, o)))
+    return job_name(overrides, swept)
 
 
 def by_epoch(row: dict) -> dict:
