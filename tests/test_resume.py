@@ -15,11 +15,12 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
-# Epochs of 125 steps, so a signal lands inside one; deterministic, so reruns match exactly.
+# Epochs of 63 steps (500 training images in batches of 8), so a signal lands inside one; deterministic, so reruns
+# match exactly.
 SETTINGS = ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true", "trainer.deterministic=true",
             "trainer.max_epochs=3", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
             "trainer.num_sanity_val_steps=0", "model=simple", "model.dropout=0.3", "data.val_size=100",
-            "data.batch_size=4"]
+            "data.batch_size=8"]
 
 
 # A run stopped by the test is started with more epochs than it can finish before the signal, however busy
