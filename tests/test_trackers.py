@@ -39,6 +39,8 @@ def wandb_records(path: Path):
             pos += LEVELDB_BLOCK - pos % LEVELDB_BLOCK
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + LEVELDB_HEADER])
+        if pos + LEVELDB_HEADER + length > len(data):  # a chunk W&B is still writing: the records so far
+            return
         chunk, pos = data[pos + LEVELDB_HEADER:pos + LEVELDB_HEADER + length], pos + LEVELDB_HEADER + length
         if kind == 0:
             continue
@@ -52,9 +54,16 @@ def wandb_records(path: Path):
 def finished_records(log: Path, timeout: float = 120) -> list:
     """A W&B log's records once it holds the run's exit record: W&B's service writes the log in the
     background, and may still be writing the end of a run that `finish()` has returned from."""
+    from google.protobuf.message import DecodeError
+
     deadline = time.time() + timeout
     while True:
-        records = list(wandb_records(log))
+        try:
+            records = list(wandb_records(log))
+        except DecodeError:  # read in the middle of a write: read again, until the deadline
+            if time.time() > deadline:
+                raise
+            records = []
         if any(r.WhichOneof("record_type") == "exit" for r in records) or time.time() > deadline:
             return records
         time.sleep(0.2)
