@@ -120,3 +120,10 @@ def run_in_process(capfd, monkeypatch):
         return subprocess.CompletedProcess([script, *args], code, out, err)
 
     return run
+
+
+def pytest_collection_modifyitems(items):
+    """The README test, then the other slow tests, first: under `make test`'s workers (pytest-xdist, work
+    stealing) the longest tests start early and the short ones fill in at the end, instead of a
+    two-minute test starting last while the other worker has nothing left to do."""
+    items.sort(key=lambda item: (item.path.name != "test_readme.py", item.get_closest_marker("slow") is None))
