@@ -219,7 +219,7 @@ def run_label(override_dirname: str) -> str:
 def _sweep_job_dirname(sweep_dir: str, overrides) -> str:
     from fmnist.runs import sweep_job_dirname  # the run record's module imports this one
 
-    return sweep_job_dirname(sweep_dir, list(overrides))
+    return sweep_job_dirname(sweep_dir, overrides)
 
 
 def register_resolvers() -> None:
