@@ -1,16 +1,21 @@
-"""Writing files so that a reader never sees half of one, and OS errors a user can fix as one paragraph."""
+"""Writing files so that a reader never sees half of one, OS errors a user can fix as one paragraph, and
+reading a checkpoint only with `weights_only=True` (no code from a file ever runs)."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
 import os
+import pickle
+import re
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
-from fmnist.errors import ConfigError, StorageError
+import torch
+
+from fmnist.errors import CheckpointError, ConfigError, StorageError
 
 # Causes a user can act on (free space, a writable directory), with the words that say so.
 _CAUSES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
@@ -149,3 +154,30 @@ def file_digest(path: Path, algorithm: str = "sha1") -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint dict of tensors and plain values; refuse anything that would unpickle objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found.")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message advises retrying with weights_only=False, exactly what must not be done: name the class.
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if not found:  # not a class it refused but bytes it could not read: random data, another format
+            raise CheckpointError(f"{path}: not a checkpoint torch.save wrote (unreadable as one; truncated, or "
+                                  "another kind of file?).") from e
+        raise CheckpointError(f"{path}: refused to load: it holds pickled Python objects, not only tensors and "
+                              f"plain values (an object of class {found.group(1)}). Loading it could run code; "
+                              "fmnist never does.") from e
+    except Exception as e:  # a text file, random bytes, a truncated zip: torch raises many kinds
+        # Only an OS or torch message says something to a user (a KeyError of a byte value does not).
+        detail = str(e).strip().splitlines()[0] if isinstance(e, (OSError, RuntimeError)) and str(e).strip() else ""
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated, or another kind of file?)"
+                              + (f": {detail}" if detail else ".")) from e
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint (a dict of weights "
+                              "and hyperparameters, as train.py writes it).")
+    return checkpoint

@@ -38,7 +38,8 @@ from fmnist import console
 from fmnist.training.callbacks import step_callbacks
 from fmnist.config import OptimConfig, TrainConfig, compose_train
 from fmnist.data.csv_io import cache_path, load_csv, parse_csv
-from fmnist.data.datamodule import FashionMNISTDataModule, find_csv
+from fmnist.data.datamodule import FashionMNISTDataModule
+from fmnist.data.sources import find_csv
 from fmnist.hardware import describe, describe_line, device_kind, native_cpu_bf16
 from fmnist.models import training_flops_per_image
 from fmnist.training.module import LitClassifier

@@ -22,13 +22,12 @@ import torch
 from fmnist.config import EVAL_BATCH_SIZE, check_name
 from fmnist.cli import run_plain
 from fmnist.errors import ConfigError
-from fmnist.fsio import file_digest
-from fmnist.inference.loading import PRETRAINED_DIR, best_in_run, load_model
+from fmnist.fsio import file_digest, load_checkpoint
+from fmnist.inference.loading import DATAMODULE_STATE_KEY, PRETRAINED_DIR, best_in_run, load_model
 from fmnist.runs import COMPLETED, read_record
-from fmnist.training.checkpoint import load_checkpoint
 
 # What evaluate, predict and export read from a checkpoint; the rest (optimizer state, loops, callbacks) stays behind.
-KEPT = ("state_dict", "hyper_parameters", "datamodule_hyper_parameters", "FashionMNISTDataModule", "epoch",
+KEPT = ("state_dict", "hyper_parameters", "datamodule_hyper_parameters", DATAMODULE_STATE_KEY, "epoch",
         "global_step", "pytorch-lightning_version")
 
 
@@ -57,7 +56,7 @@ def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR) -> Path:
         torch.save({k: payload[k] for k in KEPT if k in payload}, ckpt)
         loaded = load_model(ckpt)
         images, labels = loaded_test_set(loaded)
-        logits = loaded.logits_batched(images, EVAL_BATCH_SIZE, tta=loaded.module.tta)
+        logits = loaded.logits_batched(images, EVAL_BATCH_SIZE, tta=loaded.tta)
         accuracy = classification_metrics(logits, labels)[0]["accuracy"]
         recorded = record.get("metrics", {}).get("test/acc")
         if recorded is None or abs(accuracy - recorded) > 1 / len(labels):  # one image: rounding, not a change
@@ -66,7 +65,7 @@ def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR) -> Path:
         export(OmegaConf.create({"ckpt": str(ckpt), "out": str(onnx), "overwrite": False,
                                  "data": {"dir": None, "batch_size": None}}))
         final = {p: out_dir / p.name for p in (ckpt, onnx, card)}
-        card.write_text(card_text(name, record, loaded.model, loaded.module.tta, accuracy, recorded, ckpt, onnx, run_dir))
+        card.write_text(card_text(name, record, loaded.model, loaded.tta, accuracy, recorded, ckpt, onnx, run_dir))
         for staged, target in final.items():
             os.replace(staged, target)
         return final[card]

@@ -21,7 +21,7 @@ from fmnist.inference import export as export_module
 from fmnist.inference.evaluate import evaluate
 from fmnist.inference.export import ExportFailed, export
 from fmnist.inference.images import ImageRejected, load_image, to_dataset_format
-from fmnist.inference.loading import load_model, resolve
+from fmnist.inference.loading import DATAMODULE_STATE_KEY, load_model, resolve
 from fmnist.inference.predict import predict
 from fmnist.training.train import train
 from fmnist.fsio import file_digest
@@ -284,7 +284,7 @@ def test_export_that_disagrees_fails_and_writes_nothing(run_dir, tmp_path, monke
 def test_checkpoints_without_stored_mean_std_recompute_them(run_dir, tmp_path):
     ckpt = resolve(run_dir).path
     payload = torch.load(ckpt, weights_only=True)
-    stored = payload.pop("FashionMNISTDataModule")
+    stored = payload.pop(DATAMODULE_STATE_KEY)
     assert stored["std"] > 0 and stored["mean"] > 0
     torch.save(payload, tmp_path / "old.ckpt")
     old = load_model(tmp_path / "old.ckpt")
@@ -390,7 +390,7 @@ def test_evaluation_metrics_match_their_definitions():
     (lambda p: p["state_dict"].update({k: v * float("nan") for k, v in p["state_dict"].items()
                                       if k.endswith("weight")}), "NaN or infinite values"),
     (lambda p: (p["datamodule_hyper_parameters"].update(normalize=True),
-                p.update(FashionMNISTDataModule={"mean": 0.3, "std": 0.0})), "a positive std"),
+                p.update({DATAMODULE_STATE_KEY: {"mean": 0.3, "std": 0.0}})), "a positive std"),
 ])
 def test_values_read_from_a_checkpoint_are_checked_like_config_values(run_dir, tmp_path, damage, words):
     payload = torch.load(resolve(run_dir).path, weights_only=True)
@@ -431,4 +431,4 @@ def test_the_shipped_model_is_the_one_its_card_describes():
     for name in ("speedrun_cpu.ckpt", "speedrun_cpu.onnx"):
         assert f"| `{name}` | {(PRETRAINED_DIR / name).stat().st_size:,} | `{file_digest(PRETRAINED_DIR / name, 'sha256')}` |" in card
     loaded = load_model("pretrained")
-    assert loaded.path == PRETRAINED and loaded.model["name"] == "resnet" and loaded.module.tta == "flip"
+    assert loaded.path == PRETRAINED and loaded.model["name"] == "resnet" and loaded.tta == "flip"

@@ -70,3 +70,38 @@ def test_the_check_sees_imports_inside_functions(tmp_path):
     assert imports_of(source) == ["fmnist.sweeps.tune.main"]
     assert layer_of(module_path("fmnist.sweeps.tune.main")) == len(LAYERS) - 1
     assert module_path("fmnist.CLASS_NAMES") == PACKAGE / "__init__.py"
+
+
+def imported_when_loaded(path: Path) -> set[str]:
+    """The modules `path` imports as it is loaded: its statements outside function bodies."""
+    found, stack = set(), list(ast.parse(path.read_text()).body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue  # runs when called, not when loaded
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module} | ({f"{node.module}.{a.name}" for a in node.names} if node.module.startswith("fmnist") else set())
+        stack += [child for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt)]
+    return found
+
+
+def test_evaluate_predict_and_export_start_without_lightning():
+    # Lightning (and the torch compiler it imports) doubles a command's start-up; using a model needs neither.
+    chains = {}
+    todo = [(ROOT / f"{name}.py", (f"{name}.py",)) for name in ("evaluate", "predict", "export")]
+    todo += [(PACKAGE / "inference" / f"{name}.py", (f"fmnist.inference.{name}",)) for name in ("evaluate", "predict", "export")]
+    seen = set()
+    while todo:
+        path, chain = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for name in imported_when_loaded(path):
+            if name.split(".")[0] == "fmnist":
+                todo.append((module_path(name), chain + (name,)))
+            elif name.split(".")[0] in ("lightning", "pytorch_lightning"):
+                chains[name] = " -> ".join(chain + (name,))
+    assert not chains, "imported at start-up: " + "; ".join(chains.values())
+    assert (PACKAGE / "training" / "module.py") not in seen  # the check follows the package: it would see Lightning there

@@ -25,9 +25,8 @@ import torch
 from fmnist.data.csv_io import cache_path, load_csv, parse_csv, write_csv
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.errors import CheckpointError, ConfigError, DataError, DivergedError, StorageError
-from fmnist.fsio import atomic_write, storage_errors
+from fmnist.fsio import atomic_write, load_checkpoint, storage_errors
 from fmnist.runs import collect, read_record
-from fmnist.training.checkpoint import load_checkpoint
 from fmnist.training.module import LitClassifier
 from fmnist.training.train import run_job, train
 from tests.conftest import FAST, ROOT, make_images, run_script, snapshot

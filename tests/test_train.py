@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fmnist.training.checkpoint import load_checkpoint
+from fmnist.fsio import load_checkpoint
 from fmnist.errors import CheckpointError, ConfigError, DivergedError
 from fmnist.models import training_flops_per_image
 from fmnist.training.module import LitClassifier

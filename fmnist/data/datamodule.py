@@ -19,8 +19,8 @@ from fmnist.config import AugmentConfig, DataConfig
 from fmnist.data.augment import augment
 from fmnist.data.batches import InMemoryBatches
 from fmnist.data.csv_io import load_csv
+from fmnist.data.sources import find_csv
 from fmnist.errors import ConfigError
-from fmnist.data.sources import CSV_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,6 @@ def stratified_split(labels: np.ndarray, size: int, seed: int) -> tuple[np.ndarr
     chosen = np.sort(chosen)
     rest = np.setdiff1d(np.arange(len(labels)), chosen, assume_unique=True)
     return rest, chosen
-
-
-def find_csv(data_dir: Path, split: str) -> Path:
-    """The split's CSV in `data_dir`: `.csv`, else `.csv.gz` (the plain name, for the error, if neither)."""
-    plain = Path(data_dir) / CSV_NAMES[split]
-    gz = plain.with_name(plain.name + ".gz")
-    return gz if not plain.exists() and gz.exists() else plain
 
 
 class FashionMNISTDataModule(L.LightningDataModule):

@@ -36,6 +36,13 @@ OFFICIAL_MD5 = {  # the published checksums of Zalando's gzipped IDX files
 }
 
 
+def find_csv(data_dir: Path, split: str) -> Path:
+    """The split's CSV in `data_dir`: `.csv`, else `.csv.gz` (the plain name, for the error, if neither)."""
+    plain = Path(data_dir) / CSV_NAMES[split]
+    gz = plain.with_name(plain.name + ".gz")
+    return gz if not plain.exists() and gz.exists() else plain
+
+
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (gzipped or not) of unsigned bytes: labels [N] or images [N, 28, 28]."""
     raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()

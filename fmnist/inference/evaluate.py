@@ -69,7 +69,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     csv = model.test_csv(cfg.data.dir)
     images, labels = load_csv(csv)
     batch_size = cfg.data.batch_size or int(model.data.get("eval_batch_size", EVAL_BATCH_SIZE))
-    tta = cfg.tta if cfg.tta is not None else model.module.tta  # by default, as the run validated and tested
+    tta = cfg.tta if cfg.tta is not None else model.tta  # by default, as the run validated and tested
     logits = model.logits_batched(images, batch_size, tta=tta)
     metrics, cm = classification_metrics(logits, labels)
     record = {

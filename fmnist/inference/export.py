@@ -53,7 +53,7 @@ class RawPixelsModel(nn.Module):
     def __init__(self, loaded: LoadedModel):
         super().__init__()
         # ONNX has no memory formats: export the NCHW (contiguous) layout of a copy of the weights.
-        self.net = _contiguous_copy(loaded.module.net).eval()
+        self.net = _contiguous_copy(loaded.net).eval()
         self.normalize, self.mean, self.std = loaded.normalize, loaded.mean, loaded.std
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -109,7 +109,7 @@ def to_onnx(loaded: LoadedModel, path: Path) -> None:
     # The graph is one view per image: the run's test-time augmentation (`tta`) is not in it.
     metadata = {"class_names": json.dumps(list(CLASS_NAMES)), "checkpoint_sha256": loaded.sha256,
                 "checkpoint_path": str(loaded.path), "input": INPUT_DOC, "model": json.dumps(loaded.model),
-                "tta": f"none in this graph (the run was validated and tested with {loaded.module.tta})",
+                "tta": f"none in this graph (the run was validated and tested with {loaded.tta})",
                 "normalize": json.dumps({"enabled": loaded.normalize, "mean": loaded.mean, "std": loaded.std})}
     program.model.metadata_props.update(metadata)
     program.save(path, external_data=False)

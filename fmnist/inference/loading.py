@@ -3,6 +3,9 @@
 The architecture and the preprocessing come from the checkpoint's own hyperparameters (`model.*`
 and the datamodule's `normalize`, with the training mean/std it stored), so no `model=...` needs
 repeating. Every load goes through `load_checkpoint`, i.e. `torch.load(weights_only=True)`.
+
+The model is rebuilt as the bare network (fmnist.models), not as the Lightning module that trained
+it: evaluate, predict and export never import Lightning, which would double their start-up time.
 """
 
 from __future__ import annotations
@@ -16,14 +19,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fmnist.config import RUN_OPTIONS, TTA_MODES
-from fmnist.data.datamodule import FashionMNISTDataModule, find_csv
+from fmnist.config import RUN_OPTIONS, TTA_MODES, TrainConfig
+from fmnist.data.sources import find_csv
 from fmnist.errors import CheckpointError, DataError
-from fmnist.fsio import file_digest
-from fmnist.models import MODELS, tta_logits
+from fmnist.fsio import file_digest, load_checkpoint
+from fmnist.models import MODELS, build_model, tta_logits
 from fmnist.runs import COMPLETED, collect, read_record
-from fmnist.training.checkpoint import load_checkpoint
-from fmnist.training.module import LitClassifier
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,11 @@ WHAT_CKPT_IS = ("expected a .ckpt file, a run directory (holding checkpoints/bes
 # The model shipped with the repository (`ckpt=pretrained`): scripts/ship_model.py writes it, with its card.
 PRETRAINED_DIR = Path(__file__).resolve().parents[2] / "pretrained"
 PRETRAINED = PRETRAINED_DIR / "speedrun_cpu.ckpt"
+# Where a checkpoint holds the datamodule's state (the training mean/std): Lightning files it under the
+# class name, fmnist.data.datamodule.FashionMNISTDataModule.__qualname__.
+DATAMODULE_STATE_KEY = "FashionMNISTDataModule"
+# The prefix of the network's weights in a checkpoint's `state_dict` (the LightningModule's `net`).
+NET_PREFIX = "net."
 
 
 @dataclass
@@ -82,11 +88,16 @@ def resolve(ckpt: str | Path) -> Resolved:
     return Resolved(best_in_run(run_dir), run_dir, note)
 
 
+def net_state(state_dict: dict) -> dict:
+    """The network's weights in a checkpoint's `state_dict` (the LightningModule's: `net.*` and its metrics' state)."""
+    return {k[len(NET_PREFIX):]: v for k, v in state_dict.items() if k.startswith(NET_PREFIX)}
+
+
 @dataclass
 class LoadedModel:
     """A trained classifier in eval mode with the preprocessing it was trained with."""
 
-    module: LitClassifier
+    net: torch.nn.Module
     path: Path
     sha256: str
     model: dict  # the checkpoint's `model` hyperparameters
@@ -96,6 +107,12 @@ class LoadedModel:
     run_dir: Path | None = None
     note: str = ""
     raw_weights: dict | None = None  # `current_model_state`: the unaveraged weights of a run trained with EMA
+    tta: str = TrainConfig.tta  # the test-time augmentation the run validated and tested with
+    channels_last: bool = TrainConfig.channels_last  # inputs in the memory order the run computed in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The network on a preprocessed batch, as the run computed it (fmnist.training.module.LitClassifier.forward)."""
+        return self.net(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
 
     @property
     def normalize(self) -> bool:
@@ -109,7 +126,7 @@ class LoadedModel:
     @torch.inference_mode()
     def logits(self, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
         """Logits [N, 10] of uint8 images [N, 1, 28, 28] under test-time augmentation `tta` (fmnist.models.tta_logits)."""
-        return tta_logits(self.module, self.preprocess(images), tta)
+        return tta_logits(self.forward, self.preprocess(images), tta)
 
     def logits_batched(self, images: np.ndarray | torch.Tensor, batch_size: int, tta: str = "none") -> torch.Tensor:
         images = torch.as_tensor(images)
@@ -133,7 +150,7 @@ class LoadedModel:
 
 def _standardisation(path: Path, ckpt: dict, data: dict) -> tuple[float, float]:
     """The training mean/std of a `data.normalize=true` model: stored in the checkpoint, else recomputed."""
-    stored = ckpt.get(FashionMNISTDataModule.__qualname__) or {}
+    stored = ckpt.get(DATAMODULE_STATE_KEY) or {}
     if "mean" in stored and "std" in stored:
         return float(stored["mean"]), float(stored["std"])
     # Checkpoints written before the datamodule stored them: the same split of the same CSV gives them back.
@@ -150,9 +167,12 @@ def _standardisation(path: Path, ckpt: dict, data: dict) -> tuple[float, float]:
 SPLIT_KEYS = ("dir", "val_size", "normalize", "train_subset", "seed")
 
 
-def training_datamodule(data: dict, data_dir: str | None = None) -> FashionMNISTDataModule:
+def training_datamodule(data: dict, data_dir: str | None = None):
     """The datamodule a checkpoint was trained with (`data`: its stored hyperparameters), set up on the CPU:
     the same split of the same CSV, read from `data_dir` if given."""
+    # Imported here: only the validation split and old checkpoints need it, and it imports Lightning.
+    from fmnist.data.datamodule import FashionMNISTDataModule
+
     kwargs = {k: v for k, v in data.items() if k in SPLIT_KEYS}
     if data_dir is not None:
         kwargs["dir"] = data_dir
@@ -178,20 +198,23 @@ def load_model(ckpt: str | Path) -> LoadedModel:
         raise CheckpointError(f"{path}: its hyperparameter tta is {options.get('tta')!r}, not one of {TTA_MODES}: "
                               "not a checkpoint train.py wrote.")
     data = dict(payload.get("datamodule_hyper_parameters") or {})
+    channels_last = bool(options.get("channels_last", TrainConfig.channels_last))
     try:
-        module = LitClassifier(model=model, optim=dict(hp.get("optim") or {"name": "adam"}), **{**options, "compile": False})
-        module.load_state_dict(payload["state_dict"])
+        net = build_model(**model)
+        net = net.to(memory_format=torch.channels_last) if channels_last else net
+        net.load_state_dict(net_state(payload["state_dict"]))
     except (RuntimeError, TypeError, ValueError) as e:
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{path}: its weights do not fit the architecture its hyperparameters describe "
                               f"({model}): {first}") from e
-    module.eval()
-    broken = [k for k, v in module.net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    net.eval()
+    broken = [k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
         raise CheckpointError(f"{path}: its weights hold NaN or infinite values ({len(broken)} tensors, e.g. "
                               f"net.{broken[0]}): the run diverged before this checkpoint; nothing can be computed with it.")
-    loaded = LoadedModel(module, path, file_digest(path, "sha256"), dict(model), data, run_dir=resolved.run_dir,
-                         note=resolved.note, raw_weights=payload.get("current_model_state"))
+    loaded = LoadedModel(net, path, file_digest(path, "sha256"), dict(model), data, run_dir=resolved.run_dir,
+                         note=resolved.note, raw_weights=payload.get("current_model_state"),
+                         tta=options.get("tta", TrainConfig.tta), channels_last=channels_last)
     if loaded.normalize:
         loaded.mean, loaded.std = _standardisation(path, payload, data)
         if not (math.isfinite(loaded.mean) and math.isfinite(loaded.std) and loaded.std > 0):

@@ -107,7 +107,7 @@ def predict(cfg: DictConfig) -> list[dict]:
     items = read_inputs(inputs)
     good = [it for it in items if it.error is None]
     images = np.stack([it.image for it in good]) if good else np.zeros((0, 28, 28), np.uint8)
-    probs = model.logits_batched(images, cfg.batch_size, tta=model.module.tta).softmax(dim=1).numpy()  # as it was tested
+    probs = model.logits_batched(images, cfg.batch_size, tta=model.tta).softmax(dim=1).numpy()  # as it was tested
     rows, k = [], cfg.top_k
     by_item = dict(zip(map(id, good), probs))
     for it in items:

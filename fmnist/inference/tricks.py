@@ -14,7 +14,7 @@ import pandas as pd
 
 from fmnist.config import EVAL_BATCH_SIZE, TTA_MODES
 from fmnist.errors import CheckpointError
-from fmnist.inference.loading import best_in_run, load_model, training_datamodule
+from fmnist.inference.loading import best_in_run, load_model, net_state, training_datamodule
 from fmnist.runs import COMPLETED, collect
 
 
@@ -35,7 +35,7 @@ def validation_accuracies(run_dir: Path, data_dir: str | None = None) -> dict[tu
     for name, state in weight_sets:
         if state is not None:
             try:
-                loaded.module.load_state_dict(state)
+                loaded.net.load_state_dict(net_state(state))
             except RuntimeError as e:
                 raise CheckpointError(f"{path}: its raw weights do not fit its model: {e}") from e
         for tta in TTA_MODES:

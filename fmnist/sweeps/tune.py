@@ -36,7 +36,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fmnist import console
 from fmnist.config import RENAMED_KEYS, check_name, register, renamed_overrides
-from fmnist.data.datamodule import find_csv
+from fmnist.data.sources import find_csv
 from fmnist.errors import ConfigError, DataError, FmnistError
 from fmnist.results.sweep import summarize
 from fmnist.runs import DIVERGED, FAILED, INTERRUPTED, now, update_record

@@ -1,22 +1,18 @@
-"""Checkpoint files: written atomically, read only with `weights_only=True` (no code from a file ever runs)."""
+"""Checkpoint files: written atomically, read only through fmnist.fsio.load_checkpoint (`weights_only=True`)."""
 
 from __future__ import annotations
 
 import io
-import pickle
-import re
 import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from fmnist.errors import CheckpointError
-from fmnist.fsio import atomic_write
+from fmnist.fsio import atomic_write, load_checkpoint
 
 
 @contextmanager
@@ -39,33 +35,6 @@ def signals_deferred():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         for sig in caught:
             signal.raise_signal(sig)
-
-
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint dict of tensors and plain values; refuse anything that would unpickle objects."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found.")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's message advises retrying with weights_only=False, exactly what must not be done: name the class.
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if not found:  # not a class it refused but bytes it could not read: random data, another format
-            raise CheckpointError(f"{path}: not a checkpoint torch.save wrote (unreadable as one; truncated, or "
-                                  "another kind of file?).") from e
-        raise CheckpointError(f"{path}: refused to load: it holds pickled Python objects, not only tensors and "
-                              f"plain values (an object of class {found.group(1)}). Loading it could run code; "
-                              "fmnist never does.") from e
-    except Exception as e:  # a text file, random bytes, a truncated zip: torch raises many kinds
-        # Only an OS or torch message says something to a user (a KeyError of a byte value does not).
-        detail = str(e).strip().splitlines()[0] if isinstance(e, (OSError, RuntimeError)) and str(e).strip() else ""
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated, or another kind of file?)"
-                              + (f": {detail}" if detail else ".")) from e
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint (a dict of weights "
-                              "and hyperparameters, as train.py writes it).")
-    return checkpoint
 
 
 class SafeCheckpointIO(TorchCheckpointIO):

@@ -28,9 +28,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from fmnist import console
 from fmnist.config import RENAMED_KEYS, RESUMABLE_KEYS, RUN_OPTIONS, check_values
-from fmnist.data.datamodule import FashionMNISTDataModule, find_csv
+from fmnist.data.datamodule import FashionMNISTDataModule
+from fmnist.data.sources import find_csv
 from fmnist.errors import CheckpointError, ConfigError, DivergedError, FmnistError
-from fmnist.fsio import atomic_write, check_writable, file_digest, storage_errors
+from fmnist.fsio import atomic_write, check_writable, file_digest, load_checkpoint, storage_errors
 from fmnist.hardware import check_accelerator
 from fmnist.models import check_model, training_flops_per_image
 from fmnist.training.precision import resolve_precision
@@ -38,7 +39,7 @@ from fmnist.runs import (COMPLETED, DIVERGED, FAILED, FINISHED, INTERRUPTED, MET
                          provenance, read_record, update_record)
 from fmnist.training.callbacks import (DIVERGED_ADVICE, HEARTBEAT_S, EpochCSV, Forecast, PerImagePredictions,
                                        TestArtifacts, WeightEMA, loss_diverged, step_callbacks)
-from fmnist.training.checkpoint import SafeCheckpointIO, SafeModelCheckpoint, load_checkpoint
+from fmnist.training.checkpoint import SafeCheckpointIO, SafeModelCheckpoint
 from fmnist.training.module import LitClassifier
 from fmnist.training.rundir import RunDirInUse, own_run_dir
 from fmnist.training.trackers import check_trackers, for_each, hparams_row, open_trackers, tracker_ids
