@@ -92,7 +92,8 @@ def test_signal_stops_cleanly_records_how_to_resume_and_resume_finishes(tmp_path
         _, err = proc.communicate(timeout=300)  # seconds of work, minutes on an overloaded machine
     except subprocess.TimeoutExpired:
         proc.kill()
-        pytest.fail(f"no exit within 300 s of the signal; its output:\n{proc.communicate()[1][-3000:]}")
+        out, err = proc.communicate()  # the run's log lines are on stdout, tracebacks on stderr
+        pytest.fail(f"no exit within 300 s of the signal; its stdout:\n{out[-3000:]}\nits stderr:\n{err[-3000:]}")
     assert proc.returncode == 128 + sig, err[-3000:]  # 130 for Ctrl-C, 143 for SIGTERM: not 1, a crash
     rec = record(run)
     assert rec["status"] == "interrupted", rec
