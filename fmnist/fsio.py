@@ -13,8 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import torch
-
 from fmnist.errors import CheckpointError, ConfigError, StorageError
 
 # Causes a user can act on (free space, a writable directory), with the words that say so.
@@ -158,6 +156,9 @@ def file_digest(path: Path, algorithm: str = "sha1") -> str:
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     """Load a checkpoint dict of tensors and plain values; refuse anything that would unpickle objects."""
+    # Imported here: every command imports this module (`make data` too), and only this function needs torch.
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found.")
