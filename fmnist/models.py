@@ -195,6 +195,11 @@ def build_model(name: str, **kwargs) -> nn.Module:
     return architecture(name)(**kwargs)
 
 
+def memory_format_input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A batch in the memory order the network computes in: channels-last (NHWC) for a run with `channels_last`."""
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 def tta_logits(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mode: str) -> torch.Tensor:
     """Logits of `x` [B, 1, 28, 28] under test-time augmentation `mode` (fmnist.config.TTA_MODES), in fp32.
 

@@ -23,7 +23,7 @@ from fmnist.config import RUN_OPTIONS, TTA_MODES, TrainConfig
 from fmnist.data.sources import find_csv
 from fmnist.errors import CheckpointError, DataError
 from fmnist.fsio import file_digest, load_checkpoint
-from fmnist.models import MODELS, build_model, tta_logits
+from fmnist.models import MODELS, build_model, memory_format_input, tta_logits
 from fmnist.runs import COMPLETED, collect, read_record
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class LoadedModel:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The network on a preprocessed batch, as the run computed it (fmnist.training.module.LitClassifier.forward)."""
-        return self.net(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
+        return self.net(memory_format_input(x, self.channels_last))
 
     @property
     def normalize(self) -> bool:

@@ -12,7 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from fmnist import NUM_CLASSES
 from fmnist.config import TrainConfig
-from fmnist.models import build_model, tta_logits
+from fmnist.models import build_model, memory_format_input, tta_logits
 
 # The optimizer registry (names as fmnist.config.OPTIMIZERS): the torch class and the `optim.*` keys it takes.
 OPTIMIZER_CLASSES = {"adam": (torch.optim.Adam, ("weight_decay",)), "adamw": (torch.optim.AdamW, ("weight_decay",)),
@@ -68,9 +68,7 @@ class LitClassifier(L.LightningModule):
         self.test_confusion = MulticlassConfusionMatrix(NUM_CLASSES, validate_args=False)  # read by TestArtifacts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)
+        return self.net(memory_format_input(x, self.channels_last))
 
     def _loss(self, batch, tta: str = "none"):
         x, y = batch
