@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import warnings
@@ -67,6 +68,17 @@ def build(name: str, **changes):
     from fmnist.models import build_model
 
     return build_model(**{**compose_cfg(f"model={name}").model, **changes})
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_kept():
+    """Ctrl-C and SIGTERM are handled after each test as before it. A run stopped by Ctrl-C in this process
+    leaves them as Lightning's shutdown set them, and every process started afterwards would inherit that."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        if handler is not None and signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)
 
 
 @pytest.fixture

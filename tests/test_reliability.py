@@ -117,7 +117,6 @@ def test_resume_clears_the_error_of_the_interruption(make_cfg, tmp_path, monkeyp
     assert stopped.value.code == 130
     assert read_record(run)["status"] == "interrupted" and (run / "error.txt").exists()
     monkeypatch.undo()
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores further Ctrl-C after one
     run_job(make_cfg(*SIMPLE, "trainer.max_epochs=2", "ckpt_path=last"), run)
     record = read_record(run)
     assert record["status"] == "completed" and "error" not in record and not (run / "error.txt").exists()
@@ -138,7 +137,6 @@ def test_printed_resume_command_works_when_pasted_with_spaces_and_non_ascii(tmp_
     with pytest.raises(SystemExit):
         run_job(cfg, run, overrides=overrides)
     monkeypatch.undo()
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     command = read_record(run)["error"].split("resume from the last finished epoch with: ", 1)[1]
     args = shlex.split(command)
     assert args[:2] == ["python", "train.py"]

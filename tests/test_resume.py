@@ -29,10 +29,29 @@ UNFINISHABLE = "trainer.max_epochs=200"
 
 
 def start(run_dir: Path, data_dir: Path, *extra: str) -> subprocess.Popen:
+    """train.py as a terminal starts it, Ctrl-C included.
+
+    A process inherits an ignored SIGINT, and Python keeps ignoring it; a test suite started in the
+    background of a script (`make test &`, `nohup make test &`) has it ignored, so the run would
+    rightly ignore the test's Ctrl-C too. The run is therefore started with SIGINT handled here, which
+    exec resets to the default in the child.
+    """
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *SETTINGS, f"data.dir={data_dir}",
-                             f"hydra.run.dir={run_dir}", *extra], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *SETTINGS, f"data.dir={data_dir}",
+                                 f"hydra.run.dir={run_dir}", *extra], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def ignores(pid: int, sig: int) -> bool:
+    """Whether process `pid` ignores `sig` (its SigIgn mask in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
 
 
 def wait_for_epochs(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -87,6 +106,7 @@ def test_signal_stops_cleanly_records_how_to_resume_and_resume_finishes(tmp_path
     run = tmp_path / "run"
     proc = start(run, data_dir, UNFINISHABLE)
     wait_for_epochs(run, 1, proc)
+    assert not ignores(proc.pid, sig), f"the run was started with signal {sig} ignored: it cannot be stopped by it"
     proc.send_signal(sig)
     try:
         _, err = proc.communicate(timeout=300)  # seconds of work, minutes on an overloaded machine
