@@ -14,14 +14,21 @@ PY_VERSION := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}.{s
 LOCK := constraints/py$(PY_VERSION).txt
 CONSTRAINTS := $(if $(wildcard $(LOCK)),-c $(LOCK))
 
+# uv installs what pip would, from the same lock, in half the time (parallel downloads, bytecode compiled on
+# every core). It reads no pip configuration: pip's find-links (e.g. a directory holding a CPU torch wheel) is
+# passed on.
+UV_VERSION := 0.13.9
+UV_INSTALL := $(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode \
+	$(foreach links,$(PIP_FIND_LINKS),--find-links $(links))
+
 $(STAMP): pyproject.toml $(wildcard $(LOCK))
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q uv==$(UV_VERSION)
 	# torch first, pinned: an unpinned resolve can pull a multi-GB CUDA build onto CPU machines.
-	$(BIN)/pip install -q torch==2.13.0
+	$(UV_INSTALL) torch==2.13.0
 	# Extras `export` (onnx, onnxscript, onnxruntime: export.py), `slurm` (the submitit launcher),
 	# `postgres` (a study database's driver), `mlflow` and `wandb` (trackers), so that the tests cover them all.
-	$(BIN)/pip install -q -e ".[$(EXTRAS)]" $(CONSTRAINTS)
+	$(UV_INSTALL) -e ".[$(EXTRAS)]" $(CONSTRAINTS)
 	touch $(STAMP)
 
 install: $(STAMP)
