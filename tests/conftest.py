@@ -11,6 +11,12 @@ import sys
 import warnings
 from pathlib import Path
 
+# One OpenMP thread per process unless the caller sets another count, before torch is imported (here and
+# in every process a test starts): the tests train tiny models, which a second thread does not speed up,
+# while two workers whose processes each keep two threads spinning on two cores lose a fifth of the
+# suite's time on a busy machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 import torch
