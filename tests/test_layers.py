@@ -41,22 +41,30 @@ def module_path(dotted: str) -> Path:
     return PACKAGE / "__init__.py"
 
 
-def imports_of(path: Path) -> list[str]:
-    found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+def imports_of(path: Path, in_functions: bool = True) -> set[str]:
+    """The modules `path` imports, function bodies included or (`in_functions=False`) only those imported
+    as the file is loaded. For `from fmnist.m import n`, also `fmnist.m.n`: `n` may be a module."""
+    found, stack = set(), list(ast.parse(path.read_text()).body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not in_functions:
+            continue  # runs when called, not when loaded
         if isinstance(node, ast.Import):
-            found += [a.name for a in node.names if a.name.split(".")[0] == "fmnist"]
-        elif isinstance(node, ast.ImportFrom) and node.level:  # `from . import x` would hide from this check
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level:  # `from . import x` would hide from these checks
             raise AssertionError(f"{path}: relative import (line {node.lineno}); the package imports by full name")
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "fmnist":
-            found += [f"{node.module}.{a.name}" for a in node.names]  # `from fmnist import hardware` is a module
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            if node.module.split(".")[0] == "fmnist":
+                found |= {f"{node.module}.{a.name}" for a in node.names}
+        stack += [child for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt)]
     return found
 
 
 def test_no_module_imports_from_a_layer_above_its_own():
     upward = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        for name in imports_of(path):
+        for name in sorted(n for n in imports_of(path) if n.split(".")[0] == "fmnist"):
             target = module_path(name)
             if layer_of(target) > layer_of(path):
                 upward.append(f"fmnist/{path.relative_to(PACKAGE)} ({LAYERS[layer_of(path)][0]}) imports {name} "
@@ -67,24 +75,10 @@ def test_no_module_imports_from_a_layer_above_its_own():
 def test_the_check_sees_imports_inside_functions(tmp_path):
     source = tmp_path / "m.py"
     source.write_text("def f():\n    from fmnist.sweeps.tune import main\n")
-    assert imports_of(source) == ["fmnist.sweeps.tune.main"]
+    assert imports_of(source) == {"fmnist.sweeps.tune", "fmnist.sweeps.tune.main"}
+    assert imports_of(source, in_functions=False) == set()
     assert layer_of(module_path("fmnist.sweeps.tune.main")) == len(LAYERS) - 1
     assert module_path("fmnist.CLASS_NAMES") == PACKAGE / "__init__.py"
-
-
-def imported_when_loaded(path: Path) -> set[str]:
-    """The modules `path` imports as it is loaded: its statements outside function bodies."""
-    found, stack = set(), list(ast.parse(path.read_text()).body)
-    while stack:
-        node = stack.pop()
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            continue  # runs when called, not when loaded
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            found |= {node.module} | ({f"{node.module}.{a.name}" for a in node.names} if node.module.startswith("fmnist") else set())
-        stack += [child for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt)]
-    return found
 
 
 def test_evaluate_predict_and_export_start_without_lightning():
@@ -98,7 +92,7 @@ def test_evaluate_predict_and_export_start_without_lightning():
         if path in seen:
             continue
         seen.add(path)
-        for name in imported_when_loaded(path):
+        for name in imports_of(path, in_functions=False):
             if name.split(".")[0] == "fmnist":
                 todo.append((module_path(name), chain + (name,)))
             elif name.split(".")[0] in ("lightning", "pytorch_lightning"):
