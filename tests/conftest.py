@@ -78,8 +78,9 @@ def build(name: str, **changes):
 
 @pytest.fixture(autouse=True)
 def signal_handlers_kept():
-    """Ctrl-C and SIGTERM are handled after each test as before it. A run stopped by Ctrl-C in this process
-    leaves them as Lightning's shutdown set them, and every process started afterwards would inherit that."""
+    """Ctrl-C and SIGTERM are handled after each test as before it: a handler that one test changes (Lightning
+    ignores Ctrl-C while it shuts a stopped run down) must not outlive it, since the processes that later
+    tests start inherit an ignored signal."""
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     yield
     for sig, handler in saved.items():
