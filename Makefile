@@ -7,7 +7,7 @@ DATA ?= data
 ARGS ?=
 EXTRAS := dev,export,slurm,postgres,mlflow,wandb
 
-.PHONY: install lock data train test test-fast test-cluster tensorboard bench gpu-check speedrun cpu-best ablations report leaderboard docs clean
+.PHONY: install lock data train test test-fast test-cluster tensorboard bench gpu-check gpu-records speedrun cpu-best ablations report leaderboard docs clean
 
 # The tested versions of every package, for this Python if there is a lock for it (constraints/py3.X.txt).
 PY_VERSION := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")' 2>/dev/null)
@@ -65,6 +65,10 @@ bench: data
 gpu-check:
 	bash scripts/gpu_check.sh $(ARGS)
 
+# The record recipes (speedrun_gpu, speedrun_gpu_95, best) into docs/results/gpu/records/<date>/; run again, it continues.
+gpu-records:
+	bash scripts/gpu_check.sh --records $(ARGS)
+
 speedrun: data
 	$(BIN)/python train.py -m experiment=speedrun_cpu data.dir=$(DATA) $(ARGS)
 
@@ -78,7 +82,7 @@ report: $(STAMP)
 	$(BIN)/python -m fmnist.results report $(or $(SWEEP),outputs/study-cpu)
 
 # The leaderboard in docs/performance.md, from the committed sweeps (add yours: make leaderboard ARGS=outputs/NAME).
-LEADERBOARD_SWEEPS := docs/results/cpu_best docs/results/speedrun_cpu docs/results/gpu/speedrun_gpu docs/results/report
+LEADERBOARD_SWEEPS := docs/results/cpu_best docs/results/speedrun_cpu docs/results/gpu/speedrun_gpu_95_before_ema docs/results/report
 leaderboard: $(STAMP)
 	$(BIN)/python -m fmnist.results leaderboard $(LEADERBOARD_SWEEPS) $(ARGS)
 

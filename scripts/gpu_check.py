@@ -1,6 +1,7 @@
-"""`make gpu-check`: what this project claims for GPUs, measured in one command (about 8 minutes on one H100).
+"""`make gpu-check` and `make gpu-records`: what this project claims for GPUs, measured in one command each
+(about 8 minutes on one H100-class GPU, installation included).
 
-Steps, each bounded in time, each writing under one results folder (printed at the end):
+`make gpu-check` (the default) steps, each bounded in time, each writing under one results folder (printed at the end):
   env.json            GPU, driver, CUDA, cuDNN, torch, and the hardware line
   smoke/              one full epoch with trainer.accelerator=gpu (the dataset held on the GPU)
   bench.csv           scripts/benchmark.py on the GPU: raw PyTorch vs Lightning, fp32 vs bf16, batch 32 and 256
@@ -10,6 +11,16 @@ Steps, each bounded in time, each writing under one results folder (printed at t
   report/             experiment=report at full size (20 epochs), seeds as parallel processes, + figures/
   ddp/                2-process DDP on 2 GPUs (skipped with a message on a 1-GPU machine)
   summary.md          what ran, how long, and the tables
+
+`make gpu-records` (`--records`): the record recipes, in docs/results/gpu/records/<date>/ by default:
+  speedrun_gpu/       experiment=speedrun_gpu, 5 seeds (aim: >= 94.0% mean test accuracy in <= 3.0 s of training)
+  speedrun_gpu_95/    experiment=speedrun_gpu_95, 3 seeds (aim: >= 95.0% in <= 10 s)
+  best/               experiment=best, 3 seeds, as many as the budget leaves time for (aim: >= 96.4%)
+  leaderboard.md      those sweeps next to the published results (images, FLOPs, seconds, GPU)
+  summary.md          what ran, how long, time to accuracy per job
+Run again with the same --results folder (or on the same day), it continues where the last run stopped:
+sweeps skip their finished jobs and resume the others (from their last checkpoint where the machine
+still has it); a step whose jobs have all finished is not started.
 
 `--dry-run` composes the config of every training command (so a typo fails here, on any machine)
 and prints the commands without running them. `--smoke` runs every step on a few batches: a check
@@ -41,6 +52,8 @@ class Step:
     timeout_s: float
     train: bool = True  # the commands are train.py runs (their configs are composed by --dry-run)
     notes: list[str] = field(default_factory=list)
+    sweep: Path | None = None  # where its jobs write; with `jobs`, the step is not started once all have finished
+    jobs: int = 0
 
 
 def train_cmd(*overrides: str) -> list[str]:
@@ -88,6 +101,35 @@ def plan(results: Path, data_dir: Path, smoke: bool, gpus: int) -> list[Step]:
     return steps
 
 
+RECORD_RECIPES = (("speedrun_gpu", 5), ("speedrun_gpu_95", 3), ("best", 3))  # priority order; seeds: their configs'
+
+
+def plan_records(results: Path, data_dir: Path, smoke: bool, budget_s: float) -> list[Step]:
+    """The record recipes, most important first; the last one gets what the budget leaves. `smoke`: a few batches."""
+    accelerator = "auto" if smoke else "gpu"
+    # A check of this script, not of the recipes (their own test trains each for a few batches): small and fast.
+    tiny = ["trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
+            "trainer.max_epochs=2", "data.batch_size=32", "data.eval_batch_size=100", "model.widths=[8,16,32]",
+            "trainer.precision=32-true"] if smoke else []
+    timeouts = {"speedrun_gpu": 150, "speedrun_gpu_95": 120, "best": budget_s}  # best: all the budget leaves
+    steps = []
+    for recipe, seeds in RECORD_RECIPES:
+        seed_list = ",".join(str(s) for s in range(1 if smoke else seeds))
+        steps.append(Step(recipe, [train_cmd("-m", f"experiment={recipe}", f"seed={seed_list}", f"data.dir={data_dir}",
+                                             f"trainer.accelerator={accelerator}", "trainer.devices=1", *tiny,
+                                             f"hydra.sweep.dir={results / recipe}", "trainer.enable_progress_bar=false")],
+                          timeouts[recipe], sweep=results / recipe, jobs=1 if smoke else seeds))
+    return steps
+
+
+def finished_jobs(sweep: Path) -> int:
+    """Jobs of `sweep` whose metrics.json says they finished (a sweep started again skips them)."""
+    from fmnist.runs import FINISHED, read_record
+
+    jobs = [p for p in sweep.iterdir() if p.is_dir()] if sweep.is_dir() else []
+    return sum((read_record(job) or {}).get("status") in FINISHED for job in jobs)
+
+
 def compose_all(steps: list[Step]) -> None:
     """Compose every train.py command's config as train.py would: raises on any bad key or value."""
     from hydra import compose, initialize_config_dir
@@ -126,6 +168,9 @@ def environment(results: Path) -> dict:
 def run_step(step: Step, results: Path, deadline: float) -> dict:
     """Run a step's commands in parallel with its timeout (cut to the overall deadline); log to <name>.log."""
     timeout = min(step.timeout_s, deadline - time.time())
+    if step.sweep is not None and step.jobs and finished_jobs(step.sweep) >= step.jobs:
+        return {"step": step.name, "status": "skipped", "seconds": 0,
+                "note": f"all {step.jobs} jobs finished in an earlier run ({step.sweep})"}
     if not step.commands or timeout < 10:
         return {"step": step.name, "status": "skipped", "seconds": 0,
                 "note": "; ".join(step.notes) or "skipped: the time budget is spent"}
@@ -205,20 +250,54 @@ def write_summary(results: Path, env: dict, outcomes: list[dict]) -> str:
     return text
 
 
+def write_records_summary(results: Path, env: dict, outcomes: list[dict]) -> str:
+    """summary.md and leaderboard.md of a records run, from what its sweeps hold so far."""
+    from fmnist.results.leaderboard import markdown as leaderboard
+
+    parts = [f"# GPU records, {env['date']}", "", f"Hardware: {env['hardware_line']}; CUDA {env['cuda']}, "
+             f"cuDNN {env['cudnn']}; nvidia-smi: {env['nvidia_smi']}", "", "## Steps", "", markdown_table(outcomes)]
+    for recipe, _ in RECORD_RECIPES:
+        parts += [f"## experiment={recipe} (alone on the GPU)", "", markdown_table(time_to_accuracy(results / recipe))]
+    sweeps = [results / recipe for recipe, _ in RECORD_RECIPES if (results / recipe).is_dir()]
+    if sweeps:
+        (results / "leaderboard.md").write_text(leaderboard(sweeps))
+        parts += ["## Leaderboard", "", (results / "leaderboard.md").read_text()]
+    text = "\n".join(parts)
+    (results / "summary.md").write_text(text)
+    return text
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", type=Path, default=None, help="default: outputs/gpu-check/<time>")
+    parser.add_argument("--records", action="store_true", help="run the record recipes (make gpu-records)")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="default: outputs/gpu-check/<time>; with --records, docs/results/gpu/records/<date>")
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("--idx-dir", type=Path, default=None, help="make the CSVs from Zalando's IDX files here")
-    parser.add_argument("--budget-s", type=float, default=480, help="wall-time budget for all steps")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="wall-time budget for all steps (default 480 s; 420 s with --records, whose 8 minutes "
+                             "include installing)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="added to every train.py command (repeatable), e.g. trainer.precision=32-true")
     parser.add_argument("--dry-run", action="store_true", help="compose every command's config and print the commands")
     parser.add_argument("--smoke", action="store_true", help="every step on a few batches (checks this script)")
     args = parser.parse_args()
-    results = (args.results or Path("outputs/gpu-check") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")).resolve()
+    budget_s = args.budget_s or (420 if args.records else 480)
+    default_results = (ROOT / "docs/results/gpu/records" / datetime.now().strftime("%Y-%m-%d") if args.records
+                       else Path("outputs/gpu-check") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+    results = (args.results or default_results).resolve()
     data_dir = args.data_dir.resolve()
 
+    def steps_for(gpus: int) -> list[Step]:
+        steps = (plan_records(results, data_dir, args.smoke, budget_s) if args.records
+                 else plan(results, data_dir, args.smoke, gpus))
+        for step in steps:
+            for command in step.commands if step.train else []:
+                command.extend(args.override)
+        return steps
+
     if args.dry_run:
-        steps = plan(results, data_dir, args.smoke, gpus=2)
+        steps = steps_for(gpus=2)
         compose_all(steps)
         for step in steps:
             for command in step.commands:
@@ -231,21 +310,22 @@ def main() -> int:
     if not torch.cuda.is_available() and not args.smoke:
         print("gpu-check: torch sees no CUDA GPU here (use --smoke to check the script on a CPU)", file=sys.stderr)
         return 2
-    deadline = time.time() + args.budget_s
+    deadline = time.time() + budget_s
     results.mkdir(parents=True, exist_ok=True)
     get_data = [PY, "scripts/get_data.py", "--data-dir", str(data_dir)]
     subprocess.run(get_data + (["--idx-dir", str(args.idx_dir)] if args.idx_dir else []), cwd=ROOT, check=True)
     env = environment(results)
-    print(f"gpu-check: {env['hardware_line']}\n  results: {results}", flush=True)
-    steps = plan(results, data_dir, args.smoke, gpus=env["gpus"])
+    command = "gpu-records" if args.records else "gpu-check"
+    summarize = write_records_summary if args.records else write_summary
+    print(f"{command}: {env['hardware_line']}\n  results: {results}", flush=True)
     outcomes = []
-    for step in steps:
+    for step in steps_for(env["gpus"]):
         outcome = run_step(step, results, deadline)
         outcomes.append(outcome)
         print(f"  {step.name}: {outcome['status']} in {outcome['seconds']} s {outcome['note']}", flush=True)
-        write_summary(results, env, outcomes)
-    print(write_summary(results, env, outcomes))
-    print(f"gpu-check results: {results}")
+        summarize(results, env, outcomes)  # after every step: a window cut short still leaves its summary
+    print(summarize(results, env, outcomes))
+    print(f"{command} results: {results}")
     return 0 if all(o["status"] in ("ok", "skipped") for o in outcomes) else 1
 
 

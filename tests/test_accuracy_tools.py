@@ -134,7 +134,7 @@ def test_eval_tricks_scores_raw_and_averaged_weights_on_validation(make_cfg, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment", ["best", "cpu_best", "speedrun_gpu"])
+@pytest.mark.parametrize("experiment", ["best", "cpu_best", "speedrun_gpu", "speedrun_gpu_95"])
 def test_accuracy_recipes_train_on_a_cpu_for_a_few_batches(make_cfg, tmp_path, experiment):
     # The GPU recipes on a CPU: the same model, augmentations, EMA and TTA, on 2 batches of 8.
     metrics = train(make_cfg(f"experiment={experiment}", "trainer.accelerator=cpu", "trainer.precision=32-true",

@@ -50,3 +50,31 @@ def test_gpu_check_dry_run_composes_every_command(run_in_process):
         assert any(line.startswith(f"[{step},") for line in lines), step
     assert "experiment=report" in result.stdout and "seed=2" in result.stdout and "trainer.accelerator=gpu" in result.stdout
     assert lines[-1].startswith("dry run: 16 commands composed")
+
+
+def test_gpu_records_dry_run_composes_the_record_recipes(run_in_process):
+    result = run_in_process("scripts/gpu_check.py", "--records", "--dry-run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert [line.split(",")[0] for line in lines[:-1]] == ["[speedrun_gpu", "[speedrun_gpu_95", "[best"]
+    assert "seed=0,1,2,3,4" in lines[0] and "trainer.accelerator=gpu" in lines[0]
+    assert lines[-1].startswith("dry run: 3 commands composed")
+
+
+def test_gpu_records_smoke_writes_its_results_and_a_second_run_continues(tmp_path, data_dir, run_in_process):
+    results = tmp_path / "records"
+    first = run_in_process("scripts/gpu_check.py", "--records", "--smoke", "--results", str(results),
+                           "--data-dir", str(data_dir), "--override", "data.val_size=100")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for recipe in ("speedrun_gpu", "speedrun_gpu_95", "best"):
+        job = next(path.parent for path in (results / recipe).glob("*/metrics.json"))
+        assert json.loads((job / "metrics.json").read_text())["status"] == "completed"
+        assert f"name: {recipe}\n" in (job / "config.yaml").read_text()
+    board = (results / "leaderboard.md").read_text()
+    assert all(f"| {recipe}: " in board for recipe in ("speedrun_gpu", "speedrun_gpu_95", "best"))
+    assert "## experiment=best" in (results / "summary.md").read_text()
+    # Started again on the same folder, it trains nothing: every recipe's jobs have finished.
+    second = run_in_process("scripts/gpu_check.py", "--records", "--smoke", "--results", str(results),
+                            "--data-dir", str(data_dir), "--override", "data.val_size=100")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("skipped in 0 s all 1 jobs finished in an earlier run") == 3, second.stdout[-3000:]
