@@ -66,6 +66,10 @@ class OptimConfig:
     # Biases (batch-norm shifts and the classifier's) train at this multiple of `lr`, with `weight_decay`
     # divided by it so that their decoupled decay per step is unchanged: airbench's BatchNorm-bias rate.
     bias_lr_scale: float = 1.0
+    # Lookahead (Zhang et al., 2019; airbench): every `lookahead_steps` optimizer steps, slow weights move
+    # `lookahead_alpha` of the way to the trained ones and training restarts from them. 0: off.
+    lookahead_steps: int = 0
+    lookahead_alpha: float = 0.5
 
 
 @dataclass
@@ -294,6 +298,8 @@ def check_values(cfg: DictConfig) -> None:
         ("optim.label_smoothing", 0.0 <= cfg.optim.label_smoothing < 1.0, "in [0, 1)"),
         ("optim.ema_decay", 0.0 <= cfg.optim.ema_decay < 1.0, "in [0, 1) (0: no weight averaging)"),
         ("optim.bias_lr_scale", cfg.optim.bias_lr_scale > 0, "positive (1: biases train like the other weights)"),
+        ("optim.lookahead_steps", cfg.optim.lookahead_steps >= 0, "a non-negative number of optimizer steps (0: no lookahead)"),
+        ("optim.lookahead_alpha", 0.0 < cfg.optim.lookahead_alpha <= 1.0, "in (0, 1] (1: no slow weights)"),
         ("tta", cfg.tta in TTA_MODES, f"one of {TTA_MODES}"),
         ("trainer.precision", str(cfg.trainer.precision) in PRECISIONS, f"one of {PRECISIONS}"),
         ("trainer.max_epochs", cfg.trainer.max_epochs >= 1 or cfg.trainer.max_epochs == -1, "at least 1"),

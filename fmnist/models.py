@@ -100,14 +100,19 @@ class ResNet(nn.Module):
     """A small residual CNN: a stem, then per stage a (pooled) width change and `blocks[i]` residual blocks.
 
     Global average pooling keeps the head tiny; stages after the first halve the resolution.
+    dirac_init: every 3x3 convolution starts as the identity on its first input-many output channels
+    (airbench's identity init). whiten_stem: the stem's first filters are set from the training images
+    by `whiten_stem_` before training (airbench's patch-whitening first layer). Both default to off so
+    that checkpoints from before they existed still load.
     """
 
     def __init__(self, widths: list[int], blocks: list[int], dropout: float, zero_init_residual: bool,
-                 num_classes: int = 10):
+                 dirac_init: bool = False, whiten_stem: bool = False, num_classes: int = 10):
         super().__init__()
         if not widths or len(widths) != len(blocks):
             raise ConfigError(f"config keys model.widths and model.blocks must be non-empty and of equal length "
                               f"(one residual stage each); got {list(widths)} and {list(blocks)}.")
+        self.whiten_stem = whiten_stem
         layers: list[nn.Module] = [conv_bn_relu(1, widths[0])]
         for i, (width, n) in enumerate(zip(widths, blocks)):
             if i > 0:
@@ -116,9 +121,45 @@ class ResNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
                                   nn.Linear(widths[-1], num_classes))
+        if dirac_init:
+            for conv in self.features.modules():
+                if isinstance(conv, nn.Conv2d) and conv.out_channels >= conv.in_channels:
+                    with torch.no_grad():
+                        nn.init.dirac_(conv.weight[:conv.in_channels])
+
+    @property
+    def stem(self) -> nn.Conv2d:
+        return self.features[0][0]
+
+    @torch.no_grad()
+    def whiten_stem_(self, images: torch.Tensor) -> int:
+        """Set the stem's first filters to whiten the 3x3 patches of `images` (float inputs as the network
+        sees them, [N, 1, 28, 28]), each filter with its negative (`patch_whitening_filters`); the others
+        keep their random init. Returns how many filters were set."""
+        filters = patch_whitening_filters(images, self.stem.kernel_size[0])
+        n = min(len(filters), self.stem.out_channels)
+        self.stem.weight[:n] = filters[:n].to(self.stem.weight)
+        return n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+def patch_whitening_filters(images: torch.Tensor, kernel_size: int, eps: float = 5e-4) -> torch.Tensor:
+    """Convolution filters [2 * C * k * k, C, k, k] that whiten the k x k patches of `images` [N, C, H, W].
+
+    The eigenvectors of the patches' covariance, each divided by the square root of its eigenvalue
+    (plus `eps`, so that near-constant directions are not blown up), so that their responses over
+    these patches are uncorrelated with unit variance; then the same filters negated, so that the
+    ReLU after them keeps both signs (airbench). Largest eigenvalues first.
+    """
+    c = images.shape[1]
+    patches = F.unfold(images.float(), kernel_size).transpose(1, 2).reshape(-1, c * kernel_size ** 2).double()
+    covariance = torch.cov(patches.T)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)
+    filters = (eigenvectors.T / torch.sqrt(eigenvalues.clamp(min=0) + eps)[:, None]).reshape(-1, c, kernel_size, kernel_size)
+    return torch.cat([filters, -filters]).float()
 
 
 # model=NAME -> its architecture. Adding a model: its class above, an entry here, conf/model/NAME.yaml

@@ -130,6 +130,11 @@ class FashionMNISTDataModule(L.LightningDataModule):
             a = self.augment
             # Alternating flips were applied by the batcher (fmnist/data/batches.py).
             x = augment(x, flip=a["hflip"] and not a["flip_alternate"], max_shift=a["shift"], erase_p=a["erase"])
-        if self.hparams.normalize:
-            x = (x - self.mean) / self.std
-        return x, labels
+        return self._standardised(x), labels
+
+    def _standardised(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std if self.hparams.normalize else x
+
+    def model_inputs(self, split: str, n: int) -> torch.Tensor:
+        """The first `n` images of `split` (after `setup`) as the network sees them, without augmentation."""
+        return self._standardised(self.splits[split][0][:n].float().div_(255))

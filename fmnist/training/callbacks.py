@@ -433,6 +433,44 @@ class WeightEMA(WeightAveraging):
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
 
+class Lookahead(L.Callback):
+    """Lookahead (`optim.lookahead_steps`, `optim.lookahead_alpha`): every `steps` optimizer steps the slow
+    weights move `alpha` of the way to the trained (fast) ones, and the fast ones restart from them.
+
+    The slow weights are part of every checkpoint, so a resumed run continues exactly. Batch-norm
+    statistics are not averaged: they follow the fast weights, as in Zhang et al. (2019).
+    """
+
+    def __init__(self, steps: int, alpha: float):
+        self.steps, self.alpha = steps, alpha
+        self.slow: list[torch.Tensor] | None = None  # set at the start of training, or by a checkpoint
+        self.synced_at = 0  # the optimizer step of the last sync (accumulated batches share a step)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        params = list(pl_module.parameters())
+        if self.slow is None:
+            self.slow = [p.detach().clone() for p in params]
+        else:  # from a checkpoint, on the CPU
+            self.slow = [s.to(p.device, p.dtype) for s, p in zip(self.slow, params)]
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self.synced_at or step % self.steps:
+            return
+        fast = list(pl_module.parameters())
+        torch._foreach_lerp_(self.slow, fast, self.alpha)
+        torch._foreach_copy_(fast, self.slow)
+        self.synced_at = step
+
+    def state_dict(self) -> dict:
+        return {"slow": [s.cpu() for s in self.slow or []], "synced_at": self.synced_at}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.slow = list(state_dict["slow"]) or None
+        self.synced_at = state_dict["synced_at"]
+
+
 def step_callbacks(progress_refresh_steps: int | None) -> list[L.Callback]:
     """The callbacks that act on every training step, shared by `train` and the benchmark.
 

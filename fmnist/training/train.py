@@ -37,7 +37,8 @@ from fmnist.models import check_model, training_flops_per_image
 from fmnist.training.precision import resolve_precision
 from fmnist.runs import (COMPLETED, DIVERGED, FAILED, FINISHED, INTERRUPTED, METRICS_FILE, PRUNED, RUNNING, now,
                          provenance, read_record, update_record)
-from fmnist.training.callbacks import (DIVERGED_ADVICE, HEARTBEAT_S, EpochCSV, Forecast, PerImagePredictions,
+from fmnist.training.callbacks import (DIVERGED_ADVICE, HEARTBEAT_S, EpochCSV, Forecast, Lookahead,
+                                       PerImagePredictions,
                                        TestArtifacts, WeightEMA, loss_diverged, step_callbacks)
 from fmnist.training.checkpoint import SafeCheckpointIO, SafeModelCheckpoint
 from fmnist.training.module import LitClassifier
@@ -302,6 +303,8 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
                                    TestArtifacts(run_dir, trackers),
                                    PerImagePredictions(run_dir),
                                    *step_callbacks(cfg.progress_bar_refresh if bar else None),
+                                   *([Lookahead(cfg.optim.lookahead_steps, cfg.optim.lookahead_alpha)]
+                                     if cfg.optim.lookahead_steps else []),
                                    *([WeightEMA(cfg.optim.ema_decay)] if cfg.optim.ema_decay else []), *(callbacks or [])])
     with console.beside_the_bar(bar):
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
