@@ -129,12 +129,16 @@ class TrainConfig:
     tta: str = "none"  # test-time augmentation in validation and test: none | flip | flip_shift (fmnist.models.tta_logits)
     compile: bool = False  # torch.compile: slower on the CPUs measured, after a long warm-up
     channels_last: bool = True  # NHWC: faster convolutions on every CPU and GPU measured (docs/performance.md), same results
+    # On CUDA: the network compiled with CUDA graphs (torch.compile, mode reduce-overhead): one launch per
+    # step instead of one per kernel. A CPU run ignores it, saying so in one log line. Off until measured
+    # on a GPU (`make gpu-check` times it on and off).
+    fast_path: bool = False
 
 
-# Options of how a model runs, not of what it is; they were `model.tta`, `model.compile` and
+# Options of how a model runs, not of what it is. The first three were `model.tta`, `model.compile` and
 # `model.channels_last`, names that still work (`renamed_overrides`) and that old run records hold.
-RUN_OPTIONS = ("tta", "compile", "channels_last")
-RENAMED_KEYS = {f"model.{key}": key for key in RUN_OPTIONS}
+RUN_OPTIONS = ("tta", "compile", "channels_last", "fast_path")
+RENAMED_KEYS = {f"model.{key}": key for key in RUN_OPTIONS[:3]}
 
 
 # The report's ablations run one way, `experiment=report` (or all factors at once: `experiment=study`);

@@ -42,7 +42,7 @@ from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.data.sources import find_csv
 from fmnist.hardware import describe, describe_line, device_kind, native_cpu_bf16
 from fmnist.models import training_flops_per_image
-from fmnist.training.module import LitClassifier
+from fmnist.training.module import FAST_PATH_COMPILE, LitClassifier
 from fmnist.training.precision import resolve_precision
 
 
@@ -69,14 +69,16 @@ class StepTimer(L.Callback):
         self.end, self.steps = time.perf_counter(), batch_idx + 1 - self.warmup
 
 
-def model_cfg(name: str, compile: bool) -> dict:
-    """The model's config as training gets it (conf/model/<name>.yaml), and whether to compile it."""
-    return {"model": OmegaConf.to_container(compose_train(f"model={name}").model), "compile": compile}
+def model_cfg(name: str, compile: bool, fast_path: bool = False) -> dict:
+    """The model's config as training gets it (conf/model/<name>.yaml), whether to compile it, and whether
+    to take the fast path (on CUDA: CUDA graphs, `fast_path=true` in training)."""
+    return {"model": OmegaConf.to_container(compose_train(f"model={name}").model), "compile": compile,
+            "fast_path": fast_path}
 
 
 def classifier(config: dict) -> LitClassifier:
     """The LightningModule both loops train: `config` from `model_cfg`, channels_last (the default)."""
-    return LitClassifier(model=config["model"], optim=OPTIM, compile=config["compile"])
+    return LitClassifier(model=config["model"], optim=OPTIM, compile=config["compile"], fast_path=config["fast_path"])
 
 
 # Both loops use plain Adam at lr 1e-3 (the default optim config).
@@ -111,6 +113,8 @@ def raw_throughput(dm: FashionMNISTDataModule, model: dict, batch_size: int, pre
     """Images/s of a hand-written loop over the same tensors, model and optimizer."""
     lit = classifier(model)
     net = lit.net.to(device).train()
+    if model["fast_path"] and device.type == "cuda":  # the treatment Lightning's module gives it in `setup`
+        net.compile(**FAST_PATH_COMPILE)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     images, labels = dm.splits["train"]
     generator = torch.Generator().manual_seed(0)
@@ -188,6 +192,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5, help="alternating raw/Lightning repeats (median)")
     parser.add_argument("--val-size", type=int, default=5000)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model in both loops")
+    parser.add_argument("--fast-path", action="store_true",
+                        help="CUDA graphs in both loops (fast_path=true in training); a CPU ignores it")
     parser.add_argument("--out", type=Path, default=None,
                         help="CSV to append to (default outputs/benchmarks.csv, with --infer outputs/benchmarks_infer.csv)")
     parser.add_argument("--infer", action="store_true", help="inference: PyTorch eager vs onnxruntime (see above)")
@@ -212,14 +218,14 @@ def main() -> int:
     parse_s, cached_s = csv_timings(args.data_dir)
     rows = []
     for model in args.models:
-        config = model_cfg(model, args.compile)
+        config = model_cfg(model, args.compile, args.fast_path)
         flops = training_flops_per_image(classifier(config).net)
         for batch_size in args.batch_sizes:
             auto, _ = resolve_precision("auto", kind, {**config["model"], "channels_last": True}, batch_size)
             dm = make_datamodule(args.data_dir, batch_size, args.val_size, device)
             data_ips = data_path_throughput(dm, 50, device)
             for precision in precisions:
-                warmup = 3
+                warmup = 12 if args.fast_path else 3  # CUDA graphs: compiled, warmed up, then recorded
                 steps = (max(4, args.images // batch_size) if args.images else
                          calibrate_steps(dm, config, batch_size, precision, args.seconds, device))
                 steps = min(steps, len(dm.train_dataloader()) - warmup)  # one epoch at most
@@ -232,7 +238,8 @@ def main() -> int:
                 ratios = sorted(l_ / r_ for l_, r_ in zip(lit, raw))
                 rows.append({
                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **hardware,
-                    "model": model + ("+compile" if args.compile else ""),
+                    "model": model + ("+compile" if args.compile else "")
+                    + ("+fast_path" if args.fast_path and device.type == "cuda" else ""),
                     "batch_size": batch_size, "precision": precision + (" (auto)" if precision == auto else ""),
                     "steps": steps, "raw_img_s": round(raw_ips), "lightning_img_s": round(lit_ips),
                     "lightning_tflop_s": round(lit_ips * flops / 1e12, 3), "gflop_per_img": round(flops / 1e9, 3),

@@ -4,7 +4,8 @@
 `make gpu-check` (the default) steps, each bounded in time, each writing under one results folder (printed at the end):
   env.json            GPU, driver, CUDA, cuDNN, torch, and the hardware line
   smoke/              one full epoch with trainer.accelerator=gpu (the dataset held on the GPU)
-  bench.csv           scripts/benchmark.py on the GPU: raw PyTorch vs Lightning, fp32 vs bf16, batch 32 and 256
+  bench.csv           scripts/benchmark.py on the GPU: raw PyTorch vs Lightning, fp32 vs bf16, batch 32 and 256,
+                      then the same with CUDA graphs in both loops (--fast-path: fast_path=true in training)
   speedrun_gpu/       experiment=speedrun_gpu, 3 seeds, one after another: test accuracy, time to 94% / 95%
   best_probe/         the first 2 minutes of experiment=best (seed 0): seconds per epoch, so the full
                       run's time (100 epochs) can be projected; its accuracy is not the recipe's
@@ -80,6 +81,11 @@ def plan(results: Path, data_dir: Path, smoke: bool, gpus: int) -> list[Step]:
                         "--batch-sizes", "32", "256",
                         "--seconds", "0.2" if smoke else "1", "--repeats", "1" if smoke else "3",
                         "--out", str(results / "bench.csv")]], 150, train=False),
+        # The same with CUDA graphs in both loops (fast_path=true): compiles once per shape and precision.
+        Step("bench_fast_path", [[PY, "scripts/benchmark.py", "--data-dir", str(data_dir), "--accelerator", accelerator,
+                                  "--batch-sizes", "32", "256", "--fast-path",
+                                  "--seconds", "0.2" if smoke else "1", "--repeats", "1",
+                                  "--out", str(results / "bench.csv")]], 150, train=False),
         Step("speedrun_gpu", [train_cmd("-m", *common, *tiny, "experiment=speedrun_gpu", f"seed={','.join(seeds)}",
                                         f"hydra.sweep.dir={results / 'speedrun_gpu'}",
                                         "trainer.enable_progress_bar=false")], 240),

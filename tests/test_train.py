@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 
 import numpy as np
@@ -228,3 +229,17 @@ def test_the_hparams_row_holds_the_keys_that_differ_between_runs_of_one_log_dire
     for key in ("data.train_subset", "trainer.max_epochs", "tta", "optim.ema_decay", "seed", "precision"):
         assert key in row and isinstance(row[key], (int, float, str, bool)), key
     assert row["data.train_subset"] == "null"
+
+
+def test_fast_path_is_ignored_on_a_cpu_with_one_log_line(make_cfg, tmp_path, caplog):
+    """fast_path captures CUDA graphs; on a CPU the run says so once and trains exactly as without it."""
+    deterministic = ["model=simple", "trainer.deterministic=true", "trainer.precision=32-true"]
+    with caplog.at_level(logging.INFO, logger="fmnist"):
+        fast = train(make_cfg(*deterministic, "fast_path=true"), tmp_path / "fast")
+    lines = [r.getMessage() for r in caplog.records if "fast_path=" in r.getMessage()]
+    assert len(lines) == 1 and "ignored on cpu" in lines[0]
+    plain = train(make_cfg(*deterministic), tmp_path / "plain")
+    assert fast["val/acc_best"] == plain["val/acc_best"] and fast["test/acc"] == plain["test/acc"]
+    weights = [torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+               for run in ("fast", "plain")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[1])

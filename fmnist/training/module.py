@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import lightning as L
@@ -14,9 +15,15 @@ from fmnist import NUM_CLASSES
 from fmnist.config import TrainConfig
 from fmnist.models import build_model, memory_format_input, tta_logits
 
+log = logging.getLogger(__name__)
+
 # Training images whose 3x3 patches set a whitening stem (`model.whiten_stem`): ~1.4 M patches, plenty
 # for a 9 x 9 covariance, in well under a second.
 WHITENING_IMAGES = 2000
+
+# `fast_path=true` on CUDA (and the benchmark's raw loop with --fast-path): CUDA graphs of the forward and
+# backward passes, replayed each step, so a small model is not bound by launching its kernels.
+FAST_PATH_COMPILE = {"mode": "reduce-overhead"}
 
 # The optimizer registry (names as fmnist.config.OPTIMIZERS): the torch class and the `optim.*` keys it takes.
 OPTIMIZER_CLASSES = {"adam": (torch.optim.Adam, ("weight_decay",)), "adamw": (torch.optim.AdamW, ("weight_decay",)),
@@ -48,11 +55,12 @@ class LitClassifier(L.LightningModule):
 
     model: the `model` config (`name` and the architecture's arguments);
     optim: the `optim` config (fmnist.config.OptimConfig), every key present;
-    tta, compile, channels_last: how the model runs (fmnist.config.RUN_OPTIONS; defaults those of TrainConfig).
+    tta, compile, channels_last, fast_path: how the model runs (fmnist.config.RUN_OPTIONS; defaults those of
+    TrainConfig).
     """
 
     def __init__(self, model: dict, optim: dict, tta: str = TrainConfig.tta, compile: bool = TrainConfig.compile,
-                 channels_last: bool = TrainConfig.channels_last):
+                 channels_last: bool = TrainConfig.channels_last, fast_path: bool = TrainConfig.fast_path):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.net = build_model(**model)
@@ -75,6 +83,13 @@ class LitClassifier(L.LightningModule):
         # Lightning restores a resumed run's weights after `setup`, so a resume keeps its trained stem.
         if stage == "fit" and getattr(self.net, "whiten_stem", False):
             self.net.whiten_stem_(self.trainer.datamodule.model_inputs("train", WHITENING_IMAGES))
+        if stage == "fit" and self.hparams.get("fast_path"):
+            device = self.trainer.strategy.root_device
+            if device.type == "cuda":
+                self.net.compile(**FAST_PATH_COMPILE)
+            else:
+                log.info("fast_path=true: ignored on %s (it captures CUDA graphs); this run trains as without it",
+                         device.type)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(memory_format_input(x, self.channels_last))
