@@ -6,12 +6,13 @@
   smoke/              one full epoch with trainer.accelerator=gpu (the dataset held on the GPU)
   bench.csv           scripts/benchmark.py on the GPU: raw PyTorch vs Lightning, fp32 vs bf16, batch 32 and 256,
                       then the same with CUDA graphs in both loops (--fast-path: fast_path=true in training)
+  report/             experiment=report at full size (20 epochs), seeds as parallel processes, + figures/
+  study/              experiment=study (48 runs), 8 jobs at once on one GPU (the joblib launcher)
   speedrun_gpu/       experiment=speedrun_gpu, 3 seeds, one after another: test accuracy, time to 94% / 95%
   best_probe/         the first 2 minutes of experiment=best (seed 0): seconds per epoch, so the full
                       run's time (100 epochs) can be projected; its accuracy is not the recipe's
-  report/             experiment=report at full size (20 epochs), seeds as parallel processes, + figures/
   ddp/                2-process DDP on 2 GPUs (skipped with a message on a 1-GPU machine)
-  summary.md          what ran, how long, and the tables
+  summary.md          what ran, how long (runs per hour, GPU utilisation and memory from nvidia-smi), and the tables
 
 `make gpu-records` (`--records`): the record recipes, in docs/results/gpu/records/<date>/ by default:
   speedrun_gpu/       experiment=speedrun_gpu, 5 seeds (aim: >= 94.0% mean test accuracy in <= 3.0 s of training)
@@ -44,6 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 THRESHOLDS = (0.94, 0.95)  # validation accuracy marks for time-to-accuracy
+STUDY_JOBS_PER_GPU = 8  # experiment=study's jobs at once on one GPU: each small CNN leaves most of it idle
 
 
 @dataclass
@@ -53,7 +55,7 @@ class Step:
     timeout_s: float
     train: bool = True  # the commands are train.py runs (their configs are composed by --dry-run)
     notes: list[str] = field(default_factory=list)
-    sweep: Path | None = None  # where its jobs write; with `jobs`, the step is not started once all have finished
+    sweep: Path | None = None  # where its jobs write (runs per hour); with `jobs`, not started once all have finished
     jobs: int = 0
 
 
@@ -70,6 +72,7 @@ def plan(results: Path, data_dir: Path, smoke: bool, gpus: int) -> list[Step]:
     report = [*common, *tiny, "experiment=report", f"hydra.sweep.dir={results / 'report'}",
               "trainer.enable_progress_bar=false"]
     seeds = ["0"] if smoke else ["0", "1", "2"]
+    study_smoke = ["model=simple", "data.batch_size=256", "seed=0"] if smoke else []  # 4 of the 48 runs
     report_seeds = ["0"] if smoke else [str(seed) for seed in range(5)]  # conf/experiment/report.yaml's 5 seeds
     # experiment=best for a fixed time (DD:HH:MM:SS), on small batches when smoke-testing on any machine
     probe = (["data.batch_size=32", "data.eval_batch_size=100", "trainer.max_time=00:00:00:30"] if smoke
@@ -85,18 +88,25 @@ def plan(results: Path, data_dir: Path, smoke: bool, gpus: int) -> list[Step]:
         Step("bench_fast_path", [[PY, "scripts/benchmark.py", "--data-dir", str(data_dir), "--accelerator", accelerator,
                                   "--batch-sizes", "32", "256", "--fast-path",
                                   "--seconds", "0.2" if smoke else "1", "--repeats", "1",
-                                  "--out", str(results / "bench.csv")]], 150, train=False),
+                                  "--out", str(results / "bench.csv")]], 120, train=False),
+        # One process per seed for the cheap settings, one per seed for batch 32 (8x the steps):
+        # the GPU is far from full with one small CNN, so parallel processes cut the wall time.
+        Step("report", [train_cmd("-m", *report, f"seed={seed}", f"variant={variants}")
+                        for seed in report_seeds for variants in ("best,no_dropout,lr_high,simple", "batch_32")], 330,
+             sweep=results / "report"),
+        Step("report_figures", [[PY, "scripts/report.py", str(results / "report")]], 60, train=False),
+        # The 48-run study packed onto the GPU by the joblib launcher (fmnist/sweeps/placement.py: every job
+        # on GPU 0 with its share of the CPU threads); a timed part of it when the budget ends first.
+        Step("study", [train_cmd("-m", *common, *tiny, "experiment=study", *study_smoke, "hydra/launcher=joblib",
+                                 f"hydra.launcher.n_jobs={2 if smoke else STUDY_JOBS_PER_GPU}",
+                                 f"hydra.sweep.dir={results / 'study'}", "trainer.enable_progress_bar=false")], 180,
+             sweep=results / "study"),
         Step("speedrun_gpu", [train_cmd("-m", *common, *tiny, "experiment=speedrun_gpu", f"seed={','.join(seeds)}",
                                         f"hydra.sweep.dir={results / 'speedrun_gpu'}",
                                         "trainer.enable_progress_bar=false")], 240),
         Step("best_probe", [train_cmd("-m", *common, *tiny, *probe, "experiment=best", "seed=0",
                                       f"hydra.sweep.dir={results / 'best_probe'}", "trainer.enable_progress_bar=false")],
              210),
-        # One process per seed for the cheap settings, one per seed for batch 32 (8x the steps):
-        # the GPU is far from full with one small CNN, so parallel processes cut the wall time.
-        Step("report", [train_cmd("-m", *report, f"seed={seed}", f"variant={variants}")
-                        for seed in report_seeds for variants in ("best,no_dropout,lr_high,simple", "batch_32")], 330),
-        Step("report_figures", [[PY, "scripts/report.py", str(results / "report")]], 60, train=False),
     ]
     if gpus >= 2:
         steps.append(Step("ddp", [train_cmd(f"data.dir={data_dir}", *tiny, "trainer=ddp", "trainer.devices=2",
@@ -147,7 +157,7 @@ def compose_all(steps: list[Step]) -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         for step in steps:
             for command in step.commands if step.train else []:
-                overrides = [o for o in command[2:] if o != "-m" and not o.startswith("hydra.")]
+                overrides = [o for o in command[2:] if o != "-m" and not o.startswith(("hydra.", "hydra/"))]
                 # A sweep's comma lists: compose each value's first item (every item goes through train.py alike).
                 first = [o.split("=", 1)[0] + "=" + o.split("=", 1)[1].split(",")[0] if "," in o else o for o in overrides]
                 check_config(compose("train", overrides=first))
@@ -182,6 +192,8 @@ def run_step(step: Step, results: Path, deadline: float) -> dict:
                 "note": "; ".join(step.notes) or "skipped: the time budget is spent"}
     log = open(results / f"{step.name}.log", "w")
     start = time.time()
+    finished_before = finished_jobs(step.sweep) if step.sweep is not None else 0
+    sampler = gpu_sampler(results / f"{step.name}.gpu.csv")
     procs = [subprocess.Popen(c, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT) for c in step.commands]
     codes = []
     for proc in procs:
@@ -196,9 +208,38 @@ def run_step(step: Step, results: Path, deadline: float) -> dict:
                 codes.append(proc.wait())
             codes[-1] = f"timeout ({codes[-1]})"
     log.close()
+    seconds = time.time() - start
     ok = all(c == 0 for c in codes)
-    return {"step": step.name, "status": "ok" if ok else "failed", "seconds": round(time.time() - start, 1),
+    runs = finished_jobs(step.sweep) - finished_before if step.sweep is not None else None
+    return {"step": step.name, "status": "ok" if ok else "failed", "seconds": round(seconds, 1),
+            "runs_finished": runs, "runs_per_hour": None if runs is None else round(runs * 3600 / seconds),
+            **gpu_utilisation(sampler, results / f"{step.name}.gpu.csv"),
             "note": "" if ok else f"exit codes {codes}; see {step.name}.log"}
+
+
+def gpu_sampler(path: Path) -> subprocess.Popen | None:
+    """`nvidia-smi` sampling GPU utilisation and memory every 500 ms into `path`, or None without one."""
+    try:
+        return subprocess.Popen(["nvidia-smi", "--query-gpu=index,utilization.gpu,memory.used",
+                                 "--format=csv,noheader,nounits", "-lms", "500"],
+                                stdout=open(path, "w"), stderr=subprocess.DEVNULL)
+    except OSError:
+        return None
+
+
+def gpu_utilisation(sampler: subprocess.Popen | None, path: Path) -> dict:
+    """Mean and peak GPU utilisation (%) and peak memory (MiB) over a step's samples; empty without nvidia-smi."""
+    if sampler is None:
+        return {"gpu_util_mean_pct": None, "gpu_util_max_pct": None, "gpu_mem_max_mib": None}
+    sampler.terminate()
+    sampler.wait()
+    samples = [[float(v) for v in line.split(",")[1:]] for line in path.read_text().splitlines()
+               if line.count(",") == 2 and "N/A" not in line]
+    if not samples:
+        return {"gpu_util_mean_pct": None, "gpu_util_max_pct": None, "gpu_mem_max_mib": None}
+    util = [u for u, _ in samples]
+    return {"gpu_util_mean_pct": round(sum(util) / len(util)), "gpu_util_max_pct": round(max(util)),
+            "gpu_mem_max_mib": round(max(m for _, m in samples))}
 
 
 def time_to_accuracy(sweep: Path) -> list[dict]:
@@ -243,14 +284,16 @@ def write_summary(results: Path, env: dict, outcomes: list[dict]) -> str:
                 "lightning_tflop_s", "data_share_pct"]
         parts += ["## Benchmark (raw PyTorch vs Lightning, alone on the GPU)", "",
                   markdown_table(bench[[c for c in keep if c in bench]].to_dict("records"))]
-    parts += ["## experiment=speedrun_gpu (alone on the GPU)", "",
-              markdown_table(time_to_accuracy(results / "speedrun_gpu"))]
-    parts += ["## experiment=best, its first 2 minutes (alone on the GPU; not the recipe's accuracy)", "",
-              markdown_table(time_to_accuracy(results / "best_probe"))]
     parts += ["## experiment=report (seeds in parallel processes: seconds are not timings)", "",
               markdown_table(time_to_accuracy(results / "report"))]
     if (results / "report" / "summary.md").exists():
         parts += [(results / "report" / "summary.md").read_text()]
+    parts += [f"## experiment=study ({STUDY_JOBS_PER_GPU} jobs at once on one GPU: seconds are not timings)", "",
+              markdown_table(time_to_accuracy(results / "study"))]
+    parts += ["## experiment=speedrun_gpu (alone on the GPU)", "",
+              markdown_table(time_to_accuracy(results / "speedrun_gpu"))]
+    parts += ["## experiment=best, its first 2 minutes (alone on the GPU; not the recipe's accuracy)", "",
+              markdown_table(time_to_accuracy(results / "best_probe"))]
     text = "\n".join(parts)
     (results / "summary.md").write_text(text)
     return text

@@ -46,10 +46,11 @@ def test_gpu_check_dry_run_composes_every_command(run_in_process):
     result = run_in_process("scripts/gpu_check.py", "--dry-run")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    for step in ("smoke", "bench", "bench_fast_path", "speedrun_gpu", "best_probe", "report", "report_figures", "ddp"):
+    for step in ("smoke", "bench", "bench_fast_path", "report", "report_figures", "study", "speedrun_gpu", "best_probe",
+                 "ddp"):
         assert any(line.startswith(f"[{step},") for line in lines), step
     assert "experiment=report" in result.stdout and "seed=2" in result.stdout and "trainer.accelerator=gpu" in result.stdout
-    assert lines[-1].startswith("dry run: 17 commands composed")
+    assert lines[-1].startswith("dry run: 18 commands composed")
 
 
 def test_gpu_records_dry_run_composes_the_record_recipes(run_in_process):

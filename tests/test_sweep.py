@@ -277,3 +277,21 @@ def test_figures_stay_readable_and_their_names_keep_whole_values():
     low, high = fig.axes[0].get_ylim()
     assert low < 30 < 40 < high  # every point shown, the axis the right way up
     assert {t.get_text() for t in fig.axes[0].get_legend().get_texts()} == {"seed 0", "seed 1"}
+
+
+def test_a_sweep_ends_incomplete_for_its_failures_not_for_a_job_another_process_is_running(tmp_path):
+    """Parallel commands into one sweep directory (make gpu-check's report): the first to end sees a sibling's
+    job `running`; that is not its failure. A failed job is."""
+    from omegaconf import OmegaConf
+
+    from fmnist.results.sweep import SummarizeSweep
+
+    sweep = tmp_path / "sweep"
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+    _fake_job(sweep, "seed=0", "completed", 0, 0.9, ["seed=0"])
+    _fake_job(sweep, "seed=1", "running", 1, None, ["seed=1"])
+    SummarizeSweep().on_multirun_end(config)  # no SystemExit
+    _fake_job(sweep, "seed=2", "failed", 2, None, ["seed=2"])
+    with pytest.raises(SystemExit) as stop:
+        SummarizeSweep().on_multirun_end(config)
+    assert stop.value.code == INCOMPLETE_SWEEP_EXIT_CODE

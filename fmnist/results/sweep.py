@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE
 from fmnist.fsio import note_early_write
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
-from fmnist.runs import COMPLETED, collect
+from fmnist.runs import COMPLETED, RUNNING, collect
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,9 @@ class SummarizeSweep(Callback):
         table = summarize(sweep_dir)
         log.info("sweep summary: %s", sweep_dir / "summary.md")
         print((sweep_dir / "summary.md").read_text())
-        failed = table[table.status != COMPLETED]
+        # Every job this process ran has ended by now: one still `running` belongs to another process that
+        # shares the sweep directory (parallel commands into one sweep), and is its concern, not this one's.
+        failed = table[~table.status.isin((COMPLETED, RUNNING))]
         for row in failed.itertuples():
             log.warning("job %s: %s %s", row.job, row.status, row.error if isinstance(row.error, str) else "")
         if len(failed):
