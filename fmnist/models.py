@@ -166,6 +166,8 @@ def patch_whitening_filters(images: torch.Tensor, kernel_size: int, eps: float =
 # with `name: NAME` and a value for each constructor parameter (docs/architecture.md).
 MODELS: dict[str, type[nn.Module]] = {"simple": SimpleCNN, "optimized": OptimizedCNN, "resnet": ResNet}
 FIXED_PARAMETERS = ("num_classes",)  # constructor parameters that the task fixes, not the config
+# Model keys that say how the weights start, not what a training step computes (nor how fast).
+INIT_ONLY_KEYS = ("zero_init_residual", "dirac_init", "whiten_stem")
 
 
 def architecture(name: str) -> type[nn.Module]:

@@ -217,3 +217,12 @@ def test_flop_count_matches_the_simple_cnns_arithmetic():
     # backward = twice forward (input and weight gradients), except the input gradient of the first conv
     assert training_flops_per_image(net) == 3 * (conv1 + conv2 + fc) - conv1
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the model is untouched
+
+
+def test_how_the_weights_start_does_not_reach_the_verdicts_key():
+    """Initialisation keys change no step's work, so they share one precision verdict; the widths do not."""
+    base = {"name": "resnet", "widths": [32, 64], "blocks": [1, 1], "dropout": 0.0, "zero_init_residual": False,
+            "dirac_init": False, "whiten_stem": False, "channels_last": True}
+    started_otherwise = {**base, "zero_init_residual": True, "dirac_init": True, "whiten_stem": True}
+    assert auto.cache_key(started_otherwise, 256, "cpu") == auto.cache_key(base, 256, "cpu")
+    assert auto.cache_key({**base, "widths": [16, 32]}, 256, "cpu") != auto.cache_key(base, 256, "cpu")

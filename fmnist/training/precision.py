@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 
 from fmnist import hardware
 from fmnist.fsio import atomic_write
-from fmnist.models import build_model
+from fmnist.models import INIT_ONLY_KEYS, build_model
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +162,8 @@ def _read_cache() -> dict:
 def cache_key(model: dict, batch_size: int, device: str) -> str:
     """What a verdict depends on: the device (CPU model and ISA, or GPU), torch, the architecture and its
     memory layout, the batch size. Keys that change only evaluation (TTA, EMA) or nothing a step times
-    (dropout's rate, compile) are not in `model` or are left out here."""
-    arch = {k: v for k, v in sorted(model.items()) if k not in ("dropout", "compile")}
+    (dropout's rate, compile, how the weights start) are not in `model` or are left out here."""
+    arch = {k: v for k, v in sorted(model.items()) if k not in ("dropout", "compile", *INIT_ONLY_KEYS)}
     machine = hardware.gpu_name() if device == "cuda" else f"{hardware.cpu_model()} ({' '.join(hardware.cpu_isa())})"
     return (f"v{CACHE_VERSION} | {device}: {machine} | torch {torch.__version__} | batch {batch_size} | "
             f"{json.dumps(arch, sort_keys=True)}")
