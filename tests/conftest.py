@@ -8,6 +8,7 @@ import runpy
 import signal
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from pathlib import Path
 # while two workers whose processes each keep two threads spinning on two cores lose a fifth of the
 # suite's time on a busy machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Precision verdicts in a cache of this test process's own (inherited by the processes it starts): the
+# machine's cached verdicts must not decide a test's precision, nor the tests' probes the user's runs.
+os.environ["FMNIST_CACHE_DIR"] = tempfile.mkdtemp(prefix="fmnist-test-cache-")
 
 import numpy as np
 import pytest
