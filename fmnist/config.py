@@ -135,10 +135,12 @@ class TrainConfig:
     fast_path: bool = False
 
 
-# Options of how a model runs, not of what it is. The first three were `model.tta`, `model.compile` and
-# `model.channels_last`, names that still work (`renamed_overrides`) and that old run records hold.
-RUN_OPTIONS = ("tta", "compile", "channels_last", "fast_path")
-RENAMED_KEYS = {f"model.{key}": key for key in RUN_OPTIONS[:3]}
+# Options of how a model runs, not of what it is. Those that were once model keys (`model.tta`,
+# `model.compile`, `model.channels_last`) still work under those names (`renamed_overrides`), which old
+# run records hold.
+FORMER_MODEL_KEYS = ("tta", "compile", "channels_last")
+RUN_OPTIONS = (*FORMER_MODEL_KEYS, "fast_path")
+RENAMED_KEYS = {f"model.{key}": key for key in FORMER_MODEL_KEYS}
 
 
 # The report's ablations run one way, `experiment=report` (or all factors at once: `experiment=study`);

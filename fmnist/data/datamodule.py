@@ -125,16 +125,17 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
+        return self._network_inputs(images, augmented=self.trainer is not None and self.trainer.training), labels
+
+    def _network_inputs(self, images: torch.Tensor, augmented: bool) -> torch.Tensor:
+        """uint8 images as the network takes them: scaled to [0, 1], augmented if asked, then standardised."""
         x = images.float().div_(255)
-        if self.trainer is not None and self.trainer.training:
+        if augmented:
             a = self.augment
             # Alternating flips were applied by the batcher (fmnist/data/batches.py).
             x = augment(x, flip=a["hflip"] and not a["flip_alternate"], max_shift=a["shift"], erase_p=a["erase"])
-        return self._standardised(x), labels
-
-    def _standardised(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std if self.hparams.normalize else x
 
     def model_inputs(self, split: str, n: int) -> torch.Tensor:
         """The first `n` images of `split` (after `setup`) as the network sees them, without augmentation."""
-        return self._standardised(self.splits[split][0][:n].float().div_(255))
+        return self._network_inputs(self.splits[split][0][:n], augmented=False)
