@@ -42,7 +42,7 @@ from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.data.sources import find_csv
 from fmnist.hardware import describe, describe_line, device_kind, native_cpu_bf16
 from fmnist.models import training_flops_per_image
-from fmnist.training.module import FAST_PATH_COMPILE, LitClassifier
+from fmnist.training.module import LitClassifier, fast_path_applies, take_fast_path
 from fmnist.training.precision import resolve_precision
 
 
@@ -113,8 +113,8 @@ def raw_throughput(dm: FashionMNISTDataModule, model: dict, batch_size: int, pre
     """Images/s of a hand-written loop over the same tensors, model and optimizer."""
     lit = classifier(model)
     net = lit.net.to(device).train()
-    if model["fast_path"] and device.type == "cuda":  # the treatment Lightning's module gives it in `setup`
-        net.compile(**FAST_PATH_COMPILE)
+    if model["fast_path"]:  # the treatment Lightning's module gives it in `setup`
+        take_fast_path(net, device)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     images, labels = dm.splits["train"]
     generator = torch.Generator().manual_seed(0)
@@ -239,7 +239,7 @@ def main() -> int:
                 rows.append({
                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **hardware,
                     "model": model + ("+compile" if args.compile else "")
-                    + ("+fast_path" if args.fast_path and device.type == "cuda" else ""),
+                    + ("+fast_path" if args.fast_path and fast_path_applies(device) else ""),
                     "batch_size": batch_size, "precision": precision + (" (auto)" if precision == auto else ""),
                     "steps": steps, "raw_img_s": round(raw_ips), "lightning_img_s": round(lit_ips),
                     "lightning_tflop_s": round(lit_ips * flops / 1e12, 3), "gflop_per_img": round(flops / 1e9, 3),

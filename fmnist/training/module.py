@@ -21,9 +21,21 @@ log = logging.getLogger(__name__)
 # for a 9 x 9 covariance, in well under a second.
 WHITENING_IMAGES = 2000
 
-# `fast_path=true` on CUDA (and the benchmark's raw loop with --fast-path): CUDA graphs of the forward and
-# backward passes, replayed each step, so a small model is not bound by launching its kernels.
-FAST_PATH_COMPILE = {"mode": "reduce-overhead"}
+
+def fast_path_applies(device: torch.device) -> bool:
+    """Whether `fast_path=true` changes anything on `device`: CUDA graphs exist on CUDA only."""
+    return device.type == "cuda"
+
+
+def take_fast_path(net: torch.nn.Module, device: torch.device) -> bool:
+    """`fast_path=true` (and the benchmark's raw loop with --fast-path): on CUDA, compile `net` in place with
+    CUDA graphs of the forward and backward passes, replayed each step, so that a small model is not bound by
+    launching its kernels. Returns whether it did (False, `net` untouched, elsewhere)."""
+    if not fast_path_applies(device):
+        return False
+    net.compile(mode="reduce-overhead")
+    return True
+
 
 # The optimizer registry (names as fmnist.config.OPTIMIZERS): the torch class and the `optim.*` keys it takes.
 OPTIMIZER_CLASSES = {"adam": (torch.optim.Adam, ("weight_decay",)), "adamw": (torch.optim.AdamW, ("weight_decay",)),
@@ -85,9 +97,7 @@ class LitClassifier(L.LightningModule):
             self.net.whiten_stem_(self.trainer.datamodule.model_inputs("train", WHITENING_IMAGES))
         if stage == "fit" and self.hparams.get("fast_path"):
             device = self.trainer.strategy.root_device
-            if device.type == "cuda":
-                self.net.compile(**FAST_PATH_COMPILE)
-            else:
+            if not take_fast_path(self.net, device):
                 log.info("fast_path=true: ignored on %s (it captures CUDA graphs); this run trains as without it",
                          device.type)
 
