@@ -184,7 +184,8 @@ def environment(results: Path) -> dict:
 def run_step(step: Step, results: Path, deadline: float) -> dict:
     """Run a step's commands in parallel with its timeout (cut to the overall deadline); log to <name>.log."""
     timeout = min(step.timeout_s, deadline - time.time())
-    if step.sweep is not None and step.jobs and finished_jobs(step.sweep) >= step.jobs:
+    finished_before = finished_jobs(step.sweep) if step.sweep is not None else 0
+    if step.jobs and finished_before >= step.jobs:
         return {"step": step.name, "status": "skipped", "seconds": 0,
                 "note": f"all {step.jobs} jobs finished in an earlier run ({step.sweep})"}
     if not step.commands or timeout < 10:
@@ -192,7 +193,6 @@ def run_step(step: Step, results: Path, deadline: float) -> dict:
                 "note": "; ".join(step.notes) or "skipped: the time budget is spent"}
     log = open(results / f"{step.name}.log", "w")
     start = time.time()
-    finished_before = finished_jobs(step.sweep) if step.sweep is not None else 0
     sampler = gpu_sampler(results / f"{step.name}.gpu.csv")
     procs = [subprocess.Popen(c, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT) for c in step.commands]
     codes = []
@@ -219,24 +219,28 @@ def run_step(step: Step, results: Path, deadline: float) -> dict:
 
 def gpu_sampler(path: Path) -> subprocess.Popen | None:
     """`nvidia-smi` sampling GPU utilisation and memory every 500 ms into `path`, or None without one."""
-    try:
-        return subprocess.Popen(["nvidia-smi", "--query-gpu=index,utilization.gpu,memory.used",
-                                 "--format=csv,noheader,nounits", "-lms", "500"],
-                                stdout=open(path, "w"), stderr=subprocess.DEVNULL)
-    except OSError:
-        return None
+    with open(path, "w") as out:  # the child writes through its own copy of the descriptor
+        try:
+            return subprocess.Popen(["nvidia-smi", "--query-gpu=index,utilization.gpu,memory.used",
+                                     "--format=csv,noheader,nounits", "-lms", "500"],
+                                    stdout=out, stderr=subprocess.DEVNULL)
+        except OSError:
+            return None
+
+
+NO_GPU_SAMPLES = dict.fromkeys(("gpu_util_mean_pct", "gpu_util_max_pct", "gpu_mem_max_mib"))
 
 
 def gpu_utilisation(sampler: subprocess.Popen | None, path: Path) -> dict:
     """Mean and peak GPU utilisation (%) and peak memory (MiB) over a step's samples; empty without nvidia-smi."""
     if sampler is None:
-        return {"gpu_util_mean_pct": None, "gpu_util_max_pct": None, "gpu_mem_max_mib": None}
+        return NO_GPU_SAMPLES
     sampler.terminate()
     sampler.wait()
     samples = [[float(v) for v in line.split(",")[1:]] for line in path.read_text().splitlines()
                if line.count(",") == 2 and "N/A" not in line]
     if not samples:
-        return {"gpu_util_mean_pct": None, "gpu_util_max_pct": None, "gpu_mem_max_mib": None}
+        return NO_GPU_SAMPLES
     util = [u for u, _ in samples]
     return {"gpu_util_mean_pct": round(sum(util) / len(util)), "gpu_util_max_pct": round(max(util)),
             "gpu_mem_max_mib": round(max(m for _, m in samples))}
