@@ -52,11 +52,11 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adam"  # adam | adamw | sgd
+    name: str = "adam"  # adam | adamw | sgd | muon (fmnist/training/muon.py)
     lr: float = 1e-3
     weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd only
-    nesterov: bool = False  # sgd only
+    momentum: float = 0.9  # sgd and muon (its filters' momentum)
+    nesterov: bool = False  # sgd and muon
     scheduler: str = "none"  # none | cosine | linear (both per step, after `warmup_epochs`)
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
@@ -255,7 +255,7 @@ def register() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
-OPTIMIZERS = ("adam", "adamw", "sgd")  # fmnist/training/module.py maps each to its torch class
+OPTIMIZERS = ("adam", "adamw", "sgd", "muon")  # fmnist/training/module.py maps each to its optimizer class
 SCHEDULERS = ("none", "cosine", "linear")  # shapes of fmnist.training.module.lr_factor
 TTA_MODES = ("none", "flip", "flip_shift")  # views of fmnist.models.tta_logits
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")

@@ -1,5 +1,6 @@
-"""The record recipes' ingredients, each a switch: identity (dirac) init, a patch-whitening stem, lookahead."""
+"""The record recipes' ingredients, each a switch: identity (dirac) init, a patch-whitening stem, lookahead, Muon."""
 
+import copy
 from types import SimpleNamespace
 
 import lightning as L
@@ -10,7 +11,8 @@ import torch.nn.functional as F
 from fmnist.errors import ConfigError
 from fmnist.models import patch_whitening_filters
 from fmnist.training.callbacks import Lookahead
-from fmnist.training.module import WHITENING_IMAGES
+from fmnist.training.module import WHITENING_IMAGES, parameter_groups
+from fmnist.training.muon import Muon, orthogonalize
 from fmnist.training.train import train
 from tests.conftest import build
 
@@ -110,3 +112,81 @@ def test_lookahead_survives_a_resume(make_cfg, tmp_path):
 def test_bad_lookahead_values_are_refused(make_cfg, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         train(make_cfg("model=simple", override), tmp_path)
+
+
+def test_orthogonalize_brings_every_singular_value_near_one_and_keeps_the_singular_vectors():
+    torch.manual_seed(0)
+    for shape in [(16, 72), (72, 16), (32, 32)]:
+        k = min(shape)
+        u, _ = torch.linalg.qr(torch.randn(shape[0], k))
+        v, _ = torch.linalg.qr(torch.randn(shape[1], k))
+        matrix = u @ torch.diag(torch.logspace(1, -0.5, k)) @ v.T  # singular values from 10 down to 0.3
+        out = orthogonalize(matrix)
+        assert out.shape == matrix.shape
+        in_axes = u.T @ out @ v  # `out` in the singular axes of `matrix`: diagonal if it kept them
+        assert torch.allclose(in_axes, torch.diag(torch.diag(in_axes)), atol=1e-4)
+        singular = torch.diag(in_axes)
+        assert singular.min() > 0.5 and singular.max() < 1.3, singular
+
+def _net():
+    # No bias before the batch norm: its gradient would be rounding noise, which Adam scales up to full steps.
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, bias=False), torch.nn.BatchNorm2d(8), torch.nn.Flatten(),
+                               torch.nn.Linear(8 * 26 * 26, 10))
+
+
+def _steps(net, optimizer, n, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x = torch.randn(4, 1, 28, 28, generator=generator)
+        y = torch.randint(0, 10, (4,), generator=generator)
+        optimizer.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+
+
+def test_muon_moves_filters_by_an_orthogonalised_step_and_the_rest_exactly_as_adamw():
+    torch.manual_seed(0)
+    net = _net()
+    before = net[0].weight.detach().clone()
+    _steps(net, Muon(parameter_groups(net, 1e-2, 0.1, 1.0), lr=1e-2, weight_decay=0.1), 1)
+    # A fresh Muon's first step: decoupled decay, then lr x 0.2 x sqrt(9) x the orthogonalised gradient of the
+    # filters seen as an [8 filters, 1 x 3 x 3 inputs] matrix (9: its larger side).
+    moved = (before * (1 - 1e-2 * 0.1) - net[0].weight.detach()).reshape(8, -1) / (1e-2 * 0.2 * 9 ** 0.5)
+    singular = torch.linalg.svdvals(moved)
+    assert singular.min() > 0.5 and singular.max() < 1.3, singular
+
+    # Everything but the filters follows AdamW exactly, with the bias rate's groups: same data, same start,
+    # the filters held still in both so that both see the same gradients.
+    a = _net()
+    b = copy.deepcopy(a)
+    for m in (a, b):
+        m[0].weight.requires_grad_(False)
+    _steps(a, Muon(parameter_groups(a, 1e-2, 0.1, 4.0), lr=1e-2, weight_decay=0.1), 3)
+    _steps(b, torch.optim.AdamW(parameter_groups(b, 1e-2, 0.1, 4.0), lr=1e-2, weight_decay=0.1), 3)
+    start = _net()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6), name
+    assert not torch.allclose(a[3].weight, start[3].weight)
+
+def test_muon_resumes_exactly_from_its_state_dict():
+    torch.manual_seed(0)
+    net = _net()
+    optimizer = Muon(parameter_groups(net, 1e-2, 0.1, 4.0), lr=1e-2, weight_decay=0.1)
+    _steps(net, optimizer, 2)
+    saved_net, saved_optimizer = copy.deepcopy(net.state_dict()), copy.deepcopy(optimizer.state_dict())
+    _steps(net, optimizer, 2, seed=1)
+    resumed = _net()
+    resumed.load_state_dict(saved_net)
+    resumed_optimizer = Muon(parameter_groups(resumed, 1e-2, 0.1, 4.0), lr=1e-2, weight_decay=0.1)
+    resumed_optimizer.load_state_dict(saved_optimizer)
+    _steps(resumed, resumed_optimizer, 2, seed=1)
+    for (name, p), q in zip(net.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_optim_muon_trains_the_filters_by_muon_and_the_rest_by_adamw(make_cfg, tmp_path):
+    train(make_cfg(*RESNET, "optim=muon"), tmp_path)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    (state,) = checkpoint["optimizer_states"]
+    kinds = {frozenset(s) for s in state["state"].values()}
+    assert kinds == {frozenset({"momentum_buffer"}), frozenset({"step", "exp_avg", "exp_avg_sq"})}

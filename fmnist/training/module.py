@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from fmnist import NUM_CLASSES
 from fmnist.config import TrainConfig
 from fmnist.models import build_model, memory_format_input, tta_logits
+from fmnist.training.muon import Muon
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,10 @@ def take_fast_path(net: torch.nn.Module, device: torch.device) -> bool:
     return True
 
 
-# The optimizer registry (names as fmnist.config.OPTIMIZERS): the torch class and the `optim.*` keys it takes.
+# The optimizer registry (names as fmnist.config.OPTIMIZERS): the class and the `optim.*` keys it takes.
 OPTIMIZER_CLASSES = {"adam": (torch.optim.Adam, ("weight_decay",)), "adamw": (torch.optim.AdamW, ("weight_decay",)),
-              "sgd": (torch.optim.SGD, ("weight_decay", "momentum", "nesterov"))}
+                     "sgd": (torch.optim.SGD, ("weight_decay", "momentum", "nesterov")),
+                     "muon": (Muon, ("weight_decay", "momentum", "nesterov"))}
 
 
 def lr_factor(step: int, total: int, warmup: int, shape: str) -> float:

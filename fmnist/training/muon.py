@@ -1,0 +1,96 @@
+"""`Muon`: orthogonalised momentum for the convolution filters, AdamW for every other parameter.
+
+Muon (Jordan et al., 2024; used by airbench's fastest CIFAR-10 runs) replaces each filter bank's
+update by the nearest semi-orthogonal matrix to its Nesterov momentum, computed by a few
+Newton-Schulz iterations on the bank seen as a matrix [out channels, in channels x kh x kw]. Its
+update is scaled to the RMS of an AdamW update (Liu et al., 2025, "Muon is scalable"), so one
+`optim.lr` and `optim.weight_decay` serve both halves and a recipe tuned for AdamW can switch with
+`optim.name=muon` alone. torch.optim.Muon takes only 2-D parameters, hence this small optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Coefficients of the quintic Newton-Schulz iteration (Jordan et al.): they push every singular value
+# into roughly [0.7, 1.2] in 5 steps rather than to exactly 1, which is what the update needs.
+NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NEWTON_SCHULZ_STEPS = 5
+# An AdamW update has an RMS of about 0.2 per entry; an orthogonal [a, b] matrix has 1 / sqrt(max(a, b)).
+ADAMW_UPDATE_RMS = 0.2
+
+
+def orthogonalize(matrix: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS) -> torch.Tensor:
+    """A matrix with `matrix`'s singular vectors and singular values near 1 (Newton-Schulz, in fp32)."""
+    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
+    x = matrix.float()
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    x = x / (x.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+def uses_muon(parameter: torch.Tensor) -> bool:
+    """Whether `Muon` updates `parameter` by orthogonalised momentum: convolution filters (4-D) only."""
+    return parameter.ndim == 4
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon on the convolution filters, AdamW on the rest (biases, batch-norm scales, the classifier).
+
+    lr, weight_decay: for both (decoupled decay, as AdamW); momentum, nesterov: Muon's momentum;
+    betas, eps: AdamW's. Parameter groups may set their own lr and weight_decay (the bias rate).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.0, momentum: float = 0.95,
+                 nesterov: bool = True, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                      betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, decay = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                p.mul_(1 - lr * decay)
+                if uses_muon(p):
+                    self._muon_update(p, group)
+                else:
+                    self._adamw_update(p, group)
+        return loss
+
+    def _muon_update(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buffer = state["momentum_buffer"].mul_(group["momentum"]).add_(p.grad)
+        direction = p.grad.add(buffer, alpha=group["momentum"]) if group["nesterov"] else buffer
+        matrix = direction.reshape(p.shape[0], -1)
+        scale = ADAMW_UPDATE_RMS * math.sqrt(max(matrix.shape))
+        p.add_(orthogonalize(matrix).view_as(p).to(p.dtype), alpha=-group["lr"] * scale)
+
+    def _adamw_update(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        step = state["step"].item()
+        state["exp_avg"].lerp_(p.grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        denominator = (state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
+        p.addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / (1 - beta1 ** step))
