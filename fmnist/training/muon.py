@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.optim.adamw import adamw
 
 # Coefficients of the quintic Newton-Schulz iteration (Jordan et al.): they push every singular value
 # into roughly [0.7, 1.2] in 5 steps rather than to exactly 1, which is what the update needs.
@@ -60,15 +61,10 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, decay = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                p.mul_(1 - lr * decay)
-                if uses_muon(p):
-                    self._muon_update(p, group)
-                else:
-                    self._adamw_update(p, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in filter(uses_muon, params):
+                self._muon_update(p, group)
+            self._adamw_update([p for p in params if not uses_muon(p)], group)
         return loss
 
     def _muon_update(self, p: torch.Tensor, group: dict) -> None:
@@ -79,18 +75,16 @@ class Muon(torch.optim.Optimizer):
         direction = p.grad.add(buffer, alpha=group["momentum"]) if group["nesterov"] else buffer
         matrix = direction.reshape(p.shape[0], -1)
         scale = ADAMW_UPDATE_RMS * math.sqrt(max(matrix.shape))
+        p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled decay, as AdamW's
         p.add_(orthogonalize(matrix).view_as(p).to(p.dtype), alpha=-group["lr"] * scale)
 
-    def _adamw_update(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
+    def _adamw_update(self, params: list[torch.Tensor], group: dict) -> None:
+        """torch's own AdamW step (its functional form) on `params`, with state kept under AdamW's names."""
+        for p in params:
+            if "step" not in self.state[p]:
+                self.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
-        state["step"] += 1
-        step = state["step"].item()
-        state["exp_avg"].lerp_(p.grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-        denominator = (state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / (1 - beta1 ** step))
+        adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+              [s["step"] for s in states], amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+              weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
