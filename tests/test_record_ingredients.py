@@ -12,7 +12,7 @@ from fmnist.errors import ConfigError
 from fmnist.models import patch_whitening_filters
 from fmnist.training.callbacks import Lookahead
 from fmnist.training.module import WHITENING_IMAGES, parameter_groups
-from fmnist.training.muon import Muon, orthogonalize
+from fmnist.training.muon import Muon, orthogonalize, orthogonalize_together
 from fmnist.training.train import train
 from tests.conftest import build
 
@@ -127,6 +127,17 @@ def test_orthogonalize_brings_every_singular_value_near_one_and_keeps_the_singul
         assert torch.allclose(in_axes, torch.diag(torch.diag(in_axes)), atol=1e-4)
         singular = torch.diag(in_axes)
         assert singular.min() > 0.5 and singular.max() < 1.3, singular
+
+def test_orthogonalize_together_gives_each_matrix_its_own_orthogonalization():
+    # Filter banks of a ResNet's shapes, tall ones included, padded into one batch: the padding must not leak.
+    torch.manual_seed(0)
+    matrices = [torch.randn(shape) * scale for shape, scale in
+                [((32, 9), 1.0), ((32, 288), 0.01), ((64, 576), 3.0), ((64, 32), 1.0), ((128, 1152), 0.1)]]
+    together = orthogonalize_together(matrices)
+    for matrix, out in zip(matrices, together):
+        assert out.shape == matrix.shape
+        assert torch.allclose(out, orthogonalize(matrix), atol=1e-4), matrix.shape
+
 
 def _net():
     # No bias before the batch norm: its gradient would be rounding noise, which Adam scales up to full steps.
