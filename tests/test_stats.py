@@ -10,7 +10,7 @@ from scipy import stats
 
 from fmnist.errors import ConfigError
 from fmnist.results.__main__ import main as results_main
-from fmnist.results.compare import (WITHIN_NOISE, changes, changes_markdown, image_comparison,
+from fmnist.results.compare import (WITHIN_NOISE, change_verdict, changes, changes_markdown, image_comparison,
                                     image_comparison_markdown, tricks_markdown)
 from fmnist.results.report import claims_table
 from fmnist.results.stats import (accuracy_interval, holm, mcnemar, mean_interval, paired, paired_bootstrap,
@@ -35,6 +35,19 @@ def test_a_real_difference_is_found_and_no_difference_is_not_claimed():
     assert better.verdict(-1) == "contradicted"
     same = paired(a + rng.normal(0, 0.002, 5), a + rng.normal(0, 0.002, 5))
     assert same.verdict(+1) == "no detectable difference" and same.difference.low < 0 < same.difference.high
+
+
+def test_the_same_difference_on_every_seed_is_judged_by_a_sign_test_not_called_certain():
+    # Accuracies count whole images (1/5000 of validation), so two seeds can move by exactly the same amount.
+    base = pd.Series([0.9500, 0.9512, 0.9488, 0.9520, 0.9496, 0.9504], index=range(6))
+    two = paired(base[:2] + 0.0004, base[:2])
+    assert two.difference.half_width < 1e-9 and two.p_value == 0.5  # zero but for float rounding
+    assert two.verdict(+1) == "no detectable difference" and change_verdict(two.difference) == WITHIN_NOISE
+    six = paired(base + 0.0004, base)
+    assert six.p_value == 2 * 0.5 ** 6 < 0.05
+    assert six.verdict(+1) == "holds" and change_verdict(six.difference) == "better"
+    assert change_verdict(paired(base[:3] - 0.0004, base[:3]).difference) == WITHIN_NOISE
+    assert change_verdict(paired(base - 0.0004, base).difference) == "worse"
 
 
 def test_pairing_by_seed_removes_what_a_seed_does_to_both():
@@ -77,7 +90,8 @@ def test_the_reports_verdicts_come_from_paired_tests_with_their_numbers():
     rng = np.random.default_rng(1)
     seed_effect = rng.normal(0, 0.005, 5)
     accuracy = {"best": 0.930 + seed_effect, "no_dropout": 0.920 + seed_effect + rng.normal(0, 0.0005, 5),
-                "batch_32": 0.930 + seed_effect + rng.normal(0, 0.002, 5), "simple": 0.940 + seed_effect}
+                "batch_32": 0.930 + seed_effect + rng.normal(0, 0.002, 5),
+                "simple": 0.940 + seed_effect + rng.normal(0, 0.0005, 5)}
     rows = [{"setting": f"variant={v}", "seed": s, "status": "completed", "test_acc": acc[s]}
             for v, acc in accuracy.items() for s in SEEDS]
     curves = {"best": [_curves(None, 0.001)] * 5, "no_dropout": [_curves(5, 0.001)] * 5,

@@ -16,20 +16,22 @@ import numpy as np
 import pandas as pd
 
 from fmnist.errors import ConfigError
-from fmnist.results.stats import (INTERVAL_NOTE, Interval, holm, mcnemar, mean_interval, paired, paired_bootstrap,
-                                  summary_interval)
+from fmnist.results.stats import (ALPHA, INTERVAL_NOTE, NO_SPREAD, Interval, holm, mcnemar, mean_interval, paired,
+                                  paired_bootstrap, same_difference_p, summary_interval)
 from fmnist.runs import COMPLETED, METRICS_FILE, collect, read_record
 from fmnist.training.callbacks import PREDICTIONS_FILE
 
 WITHIN_NOISE = "within noise"
 ONE_SEED = "not judged (one seed)"
+SAME_CHANGE_NOTE = "(the same change on every seed: by a sign test, which takes 6 seeds)"
 
 
 def change_verdict(change: Interval) -> str:
-    """`better` or `worse` when the change's interval excludes zero, else `within noise` (no interval: one seed)."""
+    """`better` or `worse` when the change's interval excludes zero, else `within noise` (no interval: one seed).
+    The same change on every seed has an interval of zero width; it is judged by a sign test over the seeds."""
     if math.isnan(change.half_width):
         return ONE_SEED
-    if change.low <= 0 <= change.high:
+    if change.low <= 0 <= change.high or (change.half_width < NO_SPREAD and same_difference_p(change) >= ALPHA):
         return WITHIN_NOISE
     return "better" if change.mean > 0 else "worse"
 
@@ -87,7 +89,7 @@ def changes_markdown(table: pd.DataFrame) -> str:
         lines.append(f"| `{r.setting}` | {per_seed} (seeds {seeds}) | {change} | {p} | {r.verdict} | {needed} "
                      f"| {r.test.text()} | {r.train_seconds:.0f} |")
     lines += ["", f"{INTERVAL_NOTE} A change is `better` or `worse` only when the interval of its paired "
-              "validation change (same seeds) excludes zero; p: paired t-test, Holm-adjusted over the rows in "
+              f"validation change (same seeds) excludes zero {SAME_CHANGE_NOTE}; p: paired t-test, Holm-adjusted over the rows in "
               "brackets; seeds to detect: the seeds a paired t-test would need for an 80% chance of detecting a change "
               "this large. The test accuracy is shown, never used to choose."]
     return "\n".join(lines) + "\n"
@@ -112,7 +114,8 @@ def tricks_markdown(table: pd.DataFrame) -> str:
             interval = summary_interval(r.change_mean, r.change_std, r.n)
             change, verdict = _signed(interval), change_verdict(interval)
         lines.append(f"| {r.weights} | {r.tta} | {val.text()} | {r.n} | {change} | {verdict} |")
-    lines += ["", f"{INTERVAL_NOTE} A change is `better` or `worse` only when its paired interval excludes zero."]
+    lines += ["", f"{INTERVAL_NOTE} A change is `better` or `worse` only when its paired interval excludes zero "
+              f"{SAME_CHANGE_NOTE}."]
     return "\n".join(lines) + "\n"
 
 

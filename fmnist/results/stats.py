@@ -18,6 +18,9 @@ from scipy import stats
 LEVEL = 0.95  # every interval here is a 95% interval
 ALPHA = 1 - LEVEL
 POWER = 0.8  # "seeds needed": for an 80% chance of detecting the observed difference
+# A spread of paired accuracy differences (or its interval's half-width) below this is float rounding, not
+# seeds: one image of 5,000 is 2e-4.
+NO_SPREAD = 1e-5
 
 
 @dataclass(frozen=True)
@@ -81,11 +84,18 @@ def paired(a: pd.Series, b: pd.Series) -> Comparison:
     if len(diff) < 2:
         return Comparison(interval, math.nan, math.nan, None)
     sd = float(diff.std(ddof=1))
-    if sd == 0:  # the same difference on every seed: nothing random is left to test
-        return Comparison(interval, 0.0 if interval.mean != 0 else 1.0, math.inf if interval.mean else 0.0, None)
+    if sd < NO_SPREAD:  # the same difference on every seed: a t-test would call it certain; a sign test does not
+        return Comparison(interval, same_difference_p(interval), math.inf if interval.mean else 0.0, None)
     p = float(stats.ttest_rel(both["a"], both["b"]).pvalue)
     d = float(interval.mean / sd)
     return Comparison(interval, p, d, seeds_for_power(d))
+
+
+def same_difference_p(difference: Interval) -> float:
+    """Two-sided p of a paired difference that is the same on every seed (no spread): a sign test, the
+    chance that `n` differences all fall on one side when neither setting is better. Accuracies count
+    whole images, so two seeds can give the same difference by chance; it takes 6 seeds to reach 5%."""
+    return 1.0 if difference.mean == 0 else min(1.0, 2 * 0.5 ** difference.n)
 
 
 def seeds_for_power(effect_size: float, most: int = 1000) -> int | None:
