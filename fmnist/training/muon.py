@@ -40,8 +40,8 @@ def orthogonalize(matrix: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS) -> tor
 def orthogonalize_together(matrices: list[torch.Tensor], steps: int = NEWTON_SCHULZ_STEPS) -> list[torch.Tensor]:
     """`orthogonalize` of each matrix, computed in one batch: each is turned wide and zero-padded to the
     largest rows and columns. Zero rows and columns stay zero under the iteration and leave the rest
-    unchanged, so each result is its own `orthogonalize` up to rounding, from ~8 batched kernels per step
-    instead of ~8 per matrix: worth it where a kernel launch costs more than its arithmetic (a GPU)."""
+    unchanged, so each result is its own `orthogonalize` up to rounding, from a few batched kernels per iteration
+    instead of a few per matrix: worth it where a kernel launch costs more than its arithmetic (a GPU)."""
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
     tall = [m.shape[0] > m.shape[1] for m in matrices]
     wide = [m.float().T if t else m.float() for m, t in zip(matrices, tall)]
