@@ -48,6 +48,9 @@ def test_the_same_difference_on_every_seed_is_judged_by_a_sign_test_not_called_c
     assert six.verdict(+1) == "holds" and change_verdict(six.difference) == "better"
     assert change_verdict(paired(base[:3] - 0.0004, base[:3]).difference) == WITHIN_NOISE
     assert change_verdict(paired(base - 0.0004, base).difference) == "worse"
+    # One image of spread (1/5000) is a spread: the t-test judges it, the same way in both places.
+    spread = paired(base + 0.0004 + np.array([0.0002, 0, 0, 0, 0, 0]), base)
+    assert 0 < spread.p_value < 0.05 and spread.verdict(+1) == "holds" and change_verdict(spread.difference) == "better"
 
 
 def test_pairing_by_seed_removes_what_a_seed_does_to_both():

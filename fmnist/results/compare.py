@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from fmnist.errors import ConfigError
-from fmnist.results.stats import (ALPHA, INTERVAL_NOTE, NO_SPREAD, Interval, holm, mcnemar, mean_interval, paired,
+from fmnist.results.stats import (ALPHA, INTERVAL_NOTE, Interval, holm, mcnemar, mean_interval, no_spread, paired,
                                   paired_bootstrap, same_difference_p, summary_interval)
 from fmnist.runs import COMPLETED, METRICS_FILE, collect, read_record
 from fmnist.training.callbacks import PREDICTIONS_FILE
@@ -31,7 +31,7 @@ def change_verdict(change: Interval) -> str:
     The same change on every seed has an interval of zero width; it is judged by a sign test over the seeds."""
     if math.isnan(change.half_width):
         return ONE_SEED
-    if change.low <= 0 <= change.high or (change.half_width < NO_SPREAD and same_difference_p(change) >= ALPHA):
+    if change.low <= 0 <= change.high or (no_spread(change) and same_difference_p(change) >= ALPHA):
         return WITHIN_NOISE
     return "better" if change.mean > 0 else "worse"
 
@@ -89,7 +89,8 @@ def changes_markdown(table: pd.DataFrame) -> str:
         lines.append(f"| `{r.setting}` | {per_seed} (seeds {seeds}) | {change} | {p} | {r.verdict} | {needed} "
                      f"| {r.test.text()} | {r.train_seconds:.0f} |")
     lines += ["", f"{INTERVAL_NOTE} A change is `better` or `worse` only when the interval of its paired "
-              f"validation change (same seeds) excludes zero {SAME_CHANGE_NOTE}; p: paired t-test, Holm-adjusted over the rows in "
+              f"validation change (same seeds) excludes zero {SAME_CHANGE_NOTE}; p: paired t-test (or that sign test), "
+              "Holm-adjusted over the rows in "
               "brackets; seeds to detect: the seeds a paired t-test would need for an 80% chance of detecting a change "
               "this large. The test accuracy is shown, never used to choose."]
     return "\n".join(lines) + "\n"

@@ -212,7 +212,8 @@ def claims_table(table: pd.DataFrame, curves: dict[str, list[pd.DataFrame]]) -> 
     lines.append(f"| best setting | 4.1/4.3/4.6/4.8 | dropout + low learning rate + high batch size: 92-93% "
                  f"| {accuracy('best')} | | | | {'at least 92% (the whole interval): yes' if in_range else 'at least 92%: not shown'} |")
     lines += ["", f"{INTERVAL_NOTE} The paired difference is best minus changed, per seed both ran; p is a paired "
-              "t-test's, Holm-adjusted over the accuracy claims above; d is the effect size (mean difference / its "
+              "t-test's (a sign test's when every seed gives the same difference), Holm-adjusted over the accuracy "
+              "claims above; d is the effect size (mean difference / its "
               "standard deviation). Smoothness and the epoch of the loss's rise are read from the curves, without a test."]
     return "\n".join(lines) + "\n"
 

@@ -63,7 +63,7 @@ def summary_interval(mean: float, std: float, n: int) -> Interval:
 class Comparison:
     """A paired comparison of `a` - `b` over the seeds both ran."""
     difference: Interval  # the mean paired difference, with its interval
-    p_value: float  # paired t-test, two-sided
+    p_value: float  # paired t-test, two-sided (a sign test when the difference has no spread: `no_spread`)
     effect_size: float  # Cohen's d_z: mean difference / standard deviation of the differences
     seeds_needed: int | None  # seeds for an 80% chance to detect a difference this large (None: no spread)
 
@@ -84,18 +84,27 @@ def paired(a: pd.Series, b: pd.Series) -> Comparison:
     if len(diff) < 2:
         return Comparison(interval, math.nan, math.nan, None)
     sd = float(diff.std(ddof=1))
-    if sd < NO_SPREAD:  # the same difference on every seed: a t-test would call it certain; a sign test does not
+    if no_spread(interval):  # the same difference on every seed: a t-test would call it certain; a sign test does not
         return Comparison(interval, same_difference_p(interval), math.inf if interval.mean else 0.0, None)
     p = float(stats.ttest_rel(both["a"], both["b"]).pvalue)
     d = float(interval.mean / sd)
     return Comparison(interval, p, d, seeds_for_power(d))
 
 
+def no_spread(difference: Interval) -> bool:
+    """Whether a paired difference is the same on every seed, but for float rounding: its standard deviation,
+    recovered from the interval's half-width, below `NO_SPREAD`."""
+    if difference.n < 2 or math.isnan(difference.half_width):
+        return False
+    sd = difference.half_width * math.sqrt(difference.n) / stats.t.ppf(1 - ALPHA / 2, difference.n - 1)
+    return sd < NO_SPREAD
+
+
 def same_difference_p(difference: Interval) -> float:
     """Two-sided p of a paired difference that is the same on every seed (no spread): a sign test, the
     chance that `n` differences all fall on one side when neither setting is better. Accuracies count
     whole images, so two seeds can give the same difference by chance; it takes 6 seeds to reach 5%."""
-    return 1.0 if difference.mean == 0 else min(1.0, 2 * 0.5 ** difference.n)
+    return 1.0 if abs(difference.mean) < NO_SPREAD else min(1.0, 2 * 0.5 ** difference.n)
 
 
 def seeds_for_power(effect_size: float, most: int = 1000) -> int | None:
