@@ -23,17 +23,20 @@ NEWTON_SCHULZ_STEPS = 5
 ADAMW_UPDATE_RMS = 0.2
 
 
+def _newton_schulz(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """The iteration itself, on a wide fp32 matrix or a batch of them (each normalised on its own)."""
+    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1: inside the basin
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x
+
+
 def orthogonalize(matrix: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS) -> torch.Tensor:
     """A matrix with `matrix`'s singular vectors and singular values near 1 (Newton-Schulz, in fp32)."""
-    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
-    x = matrix.float()
-    tall = x.shape[0] > x.shape[1]
-    if tall:
-        x = x.T
-    x = x / (x.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
-    for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
+    tall = matrix.shape[0] > matrix.shape[1]
+    x = _newton_schulz(matrix.float().T if tall else matrix.float(), steps)
     return x.T if tall else x
 
 
@@ -42,15 +45,11 @@ def orthogonalize_together(matrices: list[torch.Tensor], steps: int = NEWTON_SCH
     largest rows and columns. Zero rows and columns stay zero under the iteration and leave the rest
     unchanged, so each result is its own `orthogonalize` up to rounding, from a few batched kernels per iteration
     instead of a few per matrix: worth it where a kernel launch costs more than its arithmetic (a GPU)."""
-    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
     tall = [m.shape[0] > m.shape[1] for m in matrices]
     wide = [m.float().T if t else m.float() for m, t in zip(matrices, tall)]
     rows, cols = max(m.shape[0] for m in wide), max(m.shape[1] for m in wide)
-    x = torch.stack([torch.nn.functional.pad(m, (0, cols - m.shape[1], 0, rows - m.shape[0])) for m in wide])
-    x = x / (x.norm(dim=(1, 2), keepdim=True) + 1e-7)
-    for _ in range(steps):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+    x = _newton_schulz(torch.stack([torch.nn.functional.pad(m, (0, cols - m.shape[1], 0, rows - m.shape[0]))
+                                    for m in wide]), steps)
     out = [x[i, :m.shape[0], :m.shape[1]] for i, m in enumerate(wide)]
     return [o.T if t else o for o, t in zip(out, tall)]
 
