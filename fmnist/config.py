@@ -4,7 +4,8 @@ The dataclasses hold every default, once, except the architectures' (conf/model/
 a Hydra user opens to see a model, typed by its constructor: `fmnist.models.check_model`); they are
 registered in Hydra's ConfigStore, and the other YAML files in `conf/` carry only what differs from them. A typo'd key or a wrong-typed value (`optim.lr=abc`) fails while Hydra composes the
 config, with the key's full name; `check_values` then rejects values that are well-typed but
-meaningless.
+meaningless. A run's name comes from its overrides here too (`sweep_job_dirname`, `setting_of`):
+the keys that change what it computes, without the placement keys.
 """
 
 from __future__ import annotations
@@ -226,10 +227,60 @@ def run_label(override_dirname: str) -> str:
     return f"_{override_dirname}"
 
 
-def _sweep_job_dirname(sweep_dir: str, overrides) -> str:
-    from fmnist.runs import sweep_job_dirname  # the run record's module imports this one
+def override_key(override: str) -> str:
+    """The key a command-line override sets: `optim.lr` of `optim.lr=0.01` or `+optim.lr=0.01`."""
+    return override.split("=", 1)[0].lstrip("+~")
 
-    return sweep_job_dirname(sweep_dir, overrides)
+
+def computing_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that change what a job computes: placement keys and Hydra's own left out."""
+    return [o for o in overrides if override_key(o) not in PLACEMENT_KEYS and not override_key(o).startswith("hydra.")]
+
+
+def swept_keys(sweep_dir: Path) -> set[str]:
+    """The keys a sweep varies, from the `multirun.yaml` Hydra writes into its directory: the command line's
+    sweep overrides (`optim.lr=1e-2,1e-3`, `range(...)`) and the experiment's `hydra.sweeper.params`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        saved = OmegaConf.load(Path(sweep_dir) / "multirun.yaml")
+        task = list(OmegaConf.select(saved, "hydra.overrides.task") or [])
+        params = OmegaConf.select(saved, "hydra.sweeper.params") or {}
+        parsed = OverridesParser.create().parse_overrides(task)
+    except Exception:  # no sweep file, or one this version cannot read: no key is known to be swept
+        return set()
+    return {o.key_or_group for o in parsed if o.is_sweep_override()} | set(params)
+
+
+def job_name(overrides: list[str], swept: set[str]) -> str:
+    """A sweep job's name: its computing overrides, the keys its sweep varies first, each group sorted
+    (`optim.lr=0.01,seed=1,data.train_subset=5000`), so that where a long name is cut (TensorBoard's run
+    list, MLflow, W&B) the keys that differ between the jobs are still seen."""
+    return ",".join(sorted(computing_overrides(overrides), key=lambda o: (override_key(o) not in swept, o)))
+
+
+# Where one override ends in a job name: a comma followed by the next `key=` (values may hold commas: `[32,64]`).
+_NAME_ITEM_START = re.compile(r",(?=[+~]*[\w.\-/@]+=)")
+
+
+def sweep_job_dirname(sweep_dir: str, overrides: list[str]) -> str:
+    """A sweep job's directory under `sweep_dir` (`hydra.sweep.subdir`): `job_name`, unless the sweep
+    directory already has this job under the same overrides in another order (a job of an earlier sweep
+    that varied other keys, or one named before names led with the swept keys), so that running a sweep
+    again still skips its finished jobs and resumes the others in place."""
+    items = sorted(computing_overrides(list(overrides)))
+    name = job_name(items, swept_keys(Path(sweep_dir)))
+    if not name or (Path(sweep_dir) / name).is_dir():
+        return name
+    for existing in Path(sweep_dir).glob("*/"):
+        if len(existing.name) == len(name) and sorted(_NAME_ITEM_START.split(existing.name)) == items:
+            return existing.name
+    return name
+
+
+def setting_of(overrides: list[str]) -> str:
+    """The overrides that define a job's setting (seed and placement removed), e.g. `optim.lr=0.01`."""
+    return ",".join(sorted(o for o in computing_overrides(overrides) if override_key(o) != "seed")) or "(defaults)"
 
 
 def register_resolvers() -> None:
@@ -239,7 +290,7 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("sweep_name", sweep_name)
         OmegaConf.register_new_resolver("train_groups_help", train_groups_help)
         OmegaConf.register_new_resolver("run_label", run_label)
-        OmegaConf.register_new_resolver("sweep_job_dirname", _sweep_job_dirname)
+        OmegaConf.register_new_resolver("sweep_job_dirname", sweep_job_dirname)
         # The console's line format, for the YAML logging configs (fmnist/console.py holds it).
         OmegaConf.register_new_resolver("console_format", lambda: console.CONSOLE_FORMAT)
         OmegaConf.register_new_resolver("console_datefmt", lambda: console.CONSOLE_DATEFMT)

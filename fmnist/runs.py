@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import subprocess
 from datetime import datetime, timezone
 from importlib import metadata
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fmnist.config import PLACEMENT_KEYS
+from fmnist.config import setting_of
 from fmnist.fsio import atomic_write
 from fmnist.hardware import describe
 
@@ -100,63 +99,6 @@ COLUMNS = ["job", "setting", "seed", "status", "val_acc_best", "best_epoch", "te
 # The compute behind a job, from the last row of its epochs.csv: cumulative over every process that
 # trained it, where metrics.json's fit/wall seconds cover only the process that finished it.
 COMPUTE = ("train_seconds", "train_images", "train_flops")
-
-
-def override_key(override: str) -> str:
-    """The key a command-line override sets: `optim.lr` of `optim.lr=0.01` or `+optim.lr=0.01`."""
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def computing_overrides(overrides: list[str]) -> list[str]:
-    """The overrides that change what a job computes: placement keys and Hydra's own left out."""
-    return [o for o in overrides if override_key(o) not in PLACEMENT_KEYS and not override_key(o).startswith("hydra.")]
-
-
-def swept_keys(sweep_dir: Path) -> set[str]:
-    """The keys a sweep varies, from the `multirun.yaml` Hydra writes into its directory: the command line's
-    sweep overrides (`optim.lr=1e-2,1e-3`, `range(...)`) and the experiment's `hydra.sweeper.params`."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf
-
-    try:
-        saved = OmegaConf.load(Path(sweep_dir) / "multirun.yaml")
-        task = list(OmegaConf.select(saved, "hydra.overrides.task") or [])
-        params = OmegaConf.select(saved, "hydra.sweeper.params") or {}
-        parsed = OverridesParser.create().parse_overrides(task)
-    except Exception:  # no sweep file, or one this version cannot read: no key is known to be swept
-        return set()
-    return {o.key_or_group for o in parsed if o.is_sweep_override()} | set(params)
-
-
-def job_name(overrides: list[str], swept: set[str]) -> str:
-    """A sweep job's name: its computing overrides, the keys its sweep varies first, each group sorted
-    (`optim.lr=0.01,seed=1,data.train_subset=5000`), so that where a long name is cut (TensorBoard's run
-    list, MLflow, W&B) the keys that differ between the jobs are still seen."""
-    return ",".join(sorted(computing_overrides(overrides), key=lambda o: (override_key(o) not in swept, o)))
-
-
-# Where one override ends in a job name: a comma followed by the next `key=` (values may hold commas: `[32,64]`).
-_NAME_ITEM_START = re.compile(r",(?=[+~]*[\w.\-/@]+=)")
-
-
-def sweep_job_dirname(sweep_dir: str, overrides: list[str]) -> str:
-    """A sweep job's directory under `sweep_dir` (`hydra.sweep.subdir`): `job_name`, unless the sweep
-    directory already has this job under the same overrides in another order (a job of an earlier sweep
-    that varied other keys, or one named before names led with the swept keys), so that running a sweep
-    again still skips its finished jobs and resumes the others in place."""
-    items = sorted(computing_overrides(list(overrides)))
-    name = job_name(items, swept_keys(Path(sweep_dir)))
-    if not name or (Path(sweep_dir) / name).is_dir():
-        return name
-    for existing in Path(sweep_dir).glob("*/"):
-        if len(existing.name) == len(name) and sorted(_NAME_ITEM_START.split(existing.name)) == items:
-            return existing.name
-    return name
-
-
-def setting_of(overrides: list[str]) -> str:
-    """The overrides that define a job's setting (seed and placement removed), e.g. `optim.lr=0.01`."""
-    return ",".join(sorted(o for o in computing_overrides(overrides) if override_key(o) != "seed")) or "(defaults)"
 
 
 def collect(sweep_dir: Path) -> pd.DataFrame:

@@ -7,12 +7,11 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from fmnist.config import PLACEMENT_KEYS
+from fmnist.config import PLACEMENT_KEYS, setting_of
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE
 from fmnist.results.__main__ import main as results_main
 from fmnist.results.report import ablation_pairs, write_report
 from fmnist.results.sweep import summarize
-from fmnist.runs import setting_of
 from tests.conftest import CONF, FAST, snapshot
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -95,7 +94,7 @@ def test_job_names_leave_out_exactly_the_placement_keys():
 def test_a_sweep_job_is_named_by_its_swept_keys_first_and_keeps_an_earlier_sweeps_directory(tmp_path):
     from omegaconf import OmegaConf
 
-    from fmnist.runs import sweep_job_dirname
+    from fmnist.config import sweep_job_dirname
 
     job = ["model=simple", "data.train_subset=5000", "optim.lr=0.01", "seed=1", "data.dir=/data", "model.widths=[8,16]"]
     assert sweep_job_dirname(str(tmp_path), job) == (  # no multirun.yaml: nothing known to be swept, Hydra's sorted order

@@ -24,9 +24,9 @@ from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoa
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from fmnist.config import TRACKERS
+from fmnist.config import TRACKERS, computing_overrides, job_name, override_key, swept_keys
 from fmnist.errors import ConfigError
-from fmnist.runs import computing_overrides, job_name, override_key, read_record, swept_keys
+from fmnist.runs import read_record
 
 log = logging.getLogger(__name__)
 
