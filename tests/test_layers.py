@@ -1,4 +1,5 @@
-"""The package's layers only point down: a module imports from its own layer or those below it.
+"""The package's layers only point down: a module imports from its own layer or those below it, and no
+modules import each other in a circle.
 
 Every import statement counts, those inside functions too (a lazy import is still a dependency).
 """
@@ -99,3 +100,39 @@ def test_evaluate_predict_and_export_start_without_lightning():
                 chains[name] = " -> ".join(chain + (name,))
     assert not chains, "imported at start-up: " + "; ".join(chains.values())
     assert (PACKAGE / "training" / "module.py") not in seen  # the check follows the package: it would see Lightning there
+
+
+def import_circle(edges: dict[Path, set[Path]]) -> list[Path]:
+    """One circle of imports in `edges` (a module -> the modules it imports), as a path that ends where it
+    starts; [] when there is none."""
+    state: dict[Path, str] = {}  # "open" while on the current trail, then "done"
+
+    def visit(node: Path, trail: list[Path]) -> list[Path]:  # trail: from the start to `node`, both included
+        state[node] = "open"
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == "open":
+                return trail[trail.index(nxt):] + [nxt]
+            if nxt not in state and (circle := visit(nxt, trail + [nxt])):
+                return circle
+        state[node] = "done"
+        return []
+
+    for start in sorted(edges):
+        if start not in state and (circle := visit(start, [start])):
+            return circle
+    return []
+
+
+def test_no_modules_import_each_other_in_a_circle():
+    # Within a layer too: a circle makes the import order matter and hides which module is the lower one.
+    edges = {path: {module_path(n) for n in imports_of(path) if n.split(".")[0] == "fmnist"} - {path}
+             for path in PACKAGE.rglob("*.py")}
+    circle = import_circle(edges)
+    assert not circle, "import circle: " + " -> ".join(f"fmnist/{p.relative_to(PACKAGE)}" for p in circle)
+
+
+def test_the_circle_check_finds_a_circle():
+    a, b, c = Path("a"), Path("b"), Path("c")
+    assert import_circle({a: {b}, b: {c}, c: set()}) == []
+    assert import_circle({a: {b}, b: {c}, c: {a}}) == [a, b, c, a]
+    assert import_circle({a: {b}, b: {c}, c: {b}}) == [b, c, b]
