@@ -37,6 +37,9 @@ class AugmentConfig:
     flip_alternate: bool = False
     shift: int = 0  # random translation by up to this many pixels, zero-padded
     erase: float = 0.0  # probability of erasing a random rectangle of each image
+    # Probability of pasting a random rectangle of another training image into each one (CutMix); the
+    # target then mixes the two labels by area (fmnist/data/augment.py:cutmix).
+    cutmix: float = 0.0
 
 
 @dataclass
@@ -345,6 +348,7 @@ def check_values(cfg: DictConfig) -> None:
         ("data.train_subset", cfg.data.train_subset is None or cfg.data.train_subset >= 1, "null or at least 1"),
         ("data.augment.shift", 0 <= cfg.data.augment.shift <= 8, "between 0 and 8 pixels"),
         ("data.augment.erase", 0.0 <= cfg.data.augment.erase <= 1.0, "a probability in [0, 1]"),
+        ("data.augment.cutmix", 0.0 <= cfg.data.augment.cutmix <= 1.0, "a probability in [0, 1]"),
         ("data.augment.flip_alternate", cfg.data.augment.hflip or not cfg.data.augment.flip_alternate,
          "false unless data.augment.hflip is true (it decides how the flips are drawn)"),
         ("optim.name", cfg.optim.name in OPTIMIZERS, f"one of {OPTIMIZERS}"),

@@ -1,10 +1,11 @@
 """Accuracy tools: weight EMA, test-time augmentation, batched augmentations."""
 
 import lightning as L
+import pandas as pd
 import pytest
 import torch
 
-from fmnist.data.augment import augment
+from fmnist.data.augment import augment, cutmix
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.errors import ConfigError
 from fmnist.inference.evaluate import evaluate
@@ -114,6 +115,32 @@ def test_augmentation_changes_images_never_labels(data_dir):
     assert torch.equal(y, labels) and x.shape == images.shape and x.dtype == torch.float32
     plain = images.float() / 255
     assert not torch.equal(x, plain)
+
+
+def test_cutmix_targets_give_each_label_the_share_of_pixels_it_shows():
+    labels = torch.arange(10)
+    x = (labels + 1).float().view(10, 1, 1, 1).expand(10, 1, 28, 28).contiguous()  # image i is all i + 1
+    torch.manual_seed(0)
+    mixed, target = cutmix(x, labels, p=1.0)
+    assert mixed.shape == x.shape and target.shape == (10, 10)
+    assert torch.allclose(target.sum(1), torch.ones(10))
+    for i in range(10):
+        share = torch.bincount(mixed[i].flatten().long() - 1, minlength=10).float() / (28 * 28)
+        assert torch.allclose(target[i], share), i  # every pixel's source image is its label
+    assert (target.max(1).values < 1).sum() >= 5  # most images got a piece of another
+    torch.manual_seed(0)
+    again, _ = cutmix(x, labels, p=1.0)
+    same, one_hot = cutmix(x, labels, p=0.0)
+    assert torch.equal(again, mixed) and torch.equal(same, x) and torch.equal(one_hot, torch.eye(10))
+
+
+@pytest.mark.slow
+def test_a_run_with_cutmix_trains_validates_and_tests(make_cfg, tmp_path):
+    # Mixed (B, classes) targets reach the loss and the training accuracy only: validation and test
+    # would fail on them.
+    metrics = train(make_cfg("model=simple", "data.augment.cutmix=0.5"), tmp_path)
+    assert 0.0 <= metrics["val/acc_best"] <= 1.0 and 0.0 <= metrics["test/acc"] <= 1.0
+    assert 0.0 <= pd.read_csv(tmp_path / "epochs.csv")["train/acc"].iloc[-1] <= 1.0
 
 
 @pytest.mark.slow

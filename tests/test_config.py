@@ -38,7 +38,8 @@ def test_unknown_model_name_fails():
     ("data.batch_size=0", "data.batch_size"), ("model.dropout=1.5", "model.dropout"), ("optim.lr=-1", "optim.lr"),
     ("model.dropout=[1]", "model.dropout"), ("model.hidden=abc", "model.hidden"), ("model.channels=[8,0,8,8]", "model.channels"),
     ("data.val_size=0", "data.val_size"), ("optim.name=rmsprop", "optim.name"), ("optim.scheduler=step", "optim.scheduler"),
-    ("data.augment.erase=2", "data.augment.erase"), ("ckpt_path=best", "ckpt_path"),
+    ("data.augment.erase=2", "data.augment.erase"), ("data.augment.cutmix=-0.1", "data.augment.cutmix"),
+    ("ckpt_path=best", "ckpt_path"),
     ("data.augment.flip_alternate=true", "data.augment.flip_alternate"),
 ])
 def test_nonsense_values_are_rejected_with_the_key(override, key):

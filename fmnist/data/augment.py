@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fmnist import NUM_CLASSES
+
 
 def hflip(x: torch.Tensor) -> torch.Tensor:
     """Flip a random half of the images left-right (Fashion-MNIST labels survive this)."""
@@ -48,3 +50,25 @@ def augment(x: torch.Tensor, flip: bool = False, max_shift: int = 0, erase_p: fl
     if erase_p > 0:
         x = erase(x, erase_p)
     return x
+
+
+def cutmix(x: torch.Tensor, labels: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """CutMix (Yun et al., 2019), per image: with probability `p`, paste a rectangle of another image of the
+    batch into it. The rectangle covers a fraction 1 - lam of the image, lam ~ Uniform(0, 1), centred
+    anywhere and clipped at the border; the target gives each of the two labels the share of pixels it
+    shows. Returns the images and (B, NUM_CLASSES) target probabilities (one-hot where nothing was pasted)."""
+    b, _, h, w = x.shape
+    device = x.device
+    partner = torch.randperm(b, device=device)
+    side = (1 - torch.rand(b, 1, 1, device=device)).sqrt()  # of the unclipped rectangle, as a fraction
+    half_h, half_w = (side * h / 2).round().long(), (side * w / 2).round().long()
+    cy = torch.randint(0, h, (b, 1, 1), device=device)
+    cx = torch.randint(0, w, (b, 1, 1), device=device)
+    ys = torch.arange(h, device=device).view(1, h, 1)
+    xs = torch.arange(w, device=device).view(1, 1, w)
+    inside = (ys >= cy - half_h) & (ys < cy + half_h) & (xs >= cx - half_w) & (xs < cx + half_w)
+    inside &= torch.rand(b, 1, 1, device=device) < p
+    pasted = inside.flatten(1).float().mean(1, keepdim=True)  # the partner's share, after clipping
+    mixed = torch.where(inside.unsqueeze(1), x[partner], x)
+    target = (1 - pasted) * F.one_hot(labels, NUM_CLASSES) + pasted * F.one_hot(labels[partner], NUM_CLASSES)
+    return mixed, target

@@ -16,7 +16,7 @@ import torch
 
 from fmnist import NUM_CLASSES
 from fmnist.config import AugmentConfig, DataConfig
-from fmnist.data.augment import augment
+from fmnist.data.augment import augment, cutmix
 from fmnist.data.batches import InMemoryBatches
 from fmnist.data.csv_io import load_csv
 from fmnist.data.sources import find_csv
@@ -125,7 +125,11 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
-        return self._network_inputs(images, augmented=self.trainer is not None and self.trainer.training), labels
+        training = self.trainer is not None and self.trainer.training
+        x = self._network_inputs(images, augmented=training)
+        if training and self.augment["cutmix"] > 0:
+            return cutmix(x, labels, self.augment["cutmix"])  # labels become (B, classes) probabilities
+        return x, labels
 
     def _network_inputs(self, images: torch.Tensor, augmented: bool) -> torch.Tensor:
         """uint8 images as the network takes them: scaled to [0, 1], augmented if asked, then standardised."""
