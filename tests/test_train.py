@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from fmnist.fsio import load_checkpoint
 from fmnist.errors import CheckpointError, ConfigError, DivergedError
@@ -81,6 +82,17 @@ def test_resume_refuses_a_different_config(make_cfg, tmp_path):
     train(make_cfg("model=simple"), tmp_path)
     with pytest.raises(ConfigError, match=r"config differs in \['optim.lr'\]"):
         train(make_cfg("model=simple", "optim.lr=0.5", "ckpt_path=last"), tmp_path)
+
+
+@pytest.mark.slow
+def test_a_run_saved_before_a_key_existed_resumes_with_that_key_at_its_default(make_cfg, tmp_path):
+    train(make_cfg("model=simple"), tmp_path)
+    saved = OmegaConf.load(tmp_path / "config.yaml")
+    del saved.data.augment["cutmix"]  # as a config written before the key was added
+    OmegaConf.save(saved, tmp_path / "config.yaml")
+    with pytest.raises(ConfigError, match=r"config differs in \['data.augment.cutmix'\]"):
+        train(make_cfg("model=simple", "data.augment.cutmix=0.5", "ckpt_path=last"), tmp_path)
+    assert train(make_cfg("model=simple", "trainer.max_epochs=2", "ckpt_path=last"), tmp_path)["epochs"] == 2
 
 
 @pytest.mark.slow
