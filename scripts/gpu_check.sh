@@ -2,9 +2,9 @@
 # `make gpu-check`: install what is missing, then run scripts/gpu_check.py (arguments pass through).
 #
 # A GPU machine usually has a CUDA build of torch already: it is kept, and only the project's other
-# dependencies are installed. WHEELS=DIR installs the wheels in DIR instead, offline (for a machine
-# without a package index); without a CUDA torch, `pip install -e .` brings torch too (PyPI's Linux
-# wheels of torch are CUDA builds).
+# dependencies are installed. WHEELS=DIR installs the wheels in DIR instead, offline, for a machine
+# without a package index (scripts/gpu_wheels.sh makes them elsewhere); without a CUDA torch,
+# `pip install -e .` brings torch too (PyPI's Linux wheels of torch are CUDA builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -12,7 +12,8 @@ PYTHON=${PYTHON:-python3}
 if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     echo "gpu-check: no CUDA build of torch with a visible GPU in $PYTHON; installing the project (pip install -e .)"
     "$PYTHON" -m pip install -q -e .
-elif ! "$PYTHON" -c "import hydra, omegaconf, lightning, torchmetrics, pandas, matplotlib, tensorboard" 2>/dev/null; then
+elif ! "$PYTHON" -c "import hydra, omegaconf, lightning, torchmetrics, pandas, matplotlib, tensorboard, scipy
+import hydra_plugins.hydra_joblib_launcher" 2>/dev/null; then
     if [ -n "${WHEELS:-}" ]; then
         "$PYTHON" -m pip install -q --no-index --find-links "$WHEELS" "$WHEELS"/*.whl
     else  # the project's dependencies except torch, read from pyproject.toml (one list, kept there)

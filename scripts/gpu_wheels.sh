@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Wheels for a GPU machine that cannot reach a package index, made on a machine that can.
+#
+#   bash scripts/gpu_wheels.sh [DIR]      # DIR defaults to .whl/ (git-ignored)
+#   # then, on the GPU machine, with DIR beside the checkout:
+#   WHEELS=.whl make gpu-check            # or make gpu-records
+#
+# A CUDA image with PyTorch usually has Lightning, torchmetrics, pandas, matplotlib, tensorboard and
+# scipy, and lacks Hydra: this fetches the pure-Python packages that `make gpu-check` needs beyond those
+# (Hydra, OmegaConf, ANTLR's runtime, the joblib launcher), at the versions of this Python's lock
+# (constraints/), so they suit any Python 3. ANTLR's runtime 4.9.3 (OmegaConf 2.3 pins it) is published
+# as source only: its wheel is built here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+DIR=${1:-.whl}
+PACKAGES=(hydra-core omegaconf antlr4-python3-runtime hydra-joblib-launcher)
+
+LOCK=$("$PYTHON" -c 'import sys; print(f"constraints/py{sys.version_info[0]}.{sys.version_info[1]}.txt")')
+[ -f "$LOCK" ] || { echo "gpu_wheels: no lock $LOCK for this Python; run it with a Python that has one" >&2; exit 2; }
+pins=()
+for package in "${PACKAGES[@]}"; do
+    pin=$(grep -i "^${package}==" "$LOCK") || { echo "gpu_wheels: $package is not in $LOCK" >&2; exit 2; }
+    pins+=("$pin")
+done
+
+mkdir -p "$DIR"
+# --no-deps: everything else they need (PyYAML, packaging, joblib) is already on such an image.
+"$PYTHON" -m pip wheel -q --no-deps --wheel-dir "$DIR" "${pins[@]}"
+ls -1 "$DIR"/*.whl
