@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Wheels for a GPU machine that cannot reach a package index, made on a machine that can.
 #
-#   bash scripts/gpu_wheels.sh [DIR]      # DIR defaults to .whl/ (git-ignored)
-#   # then, on the GPU machine, with DIR beside the checkout:
+#   bash scripts/gpu_wheels.sh [DIR]      # DIR (its wheels replaced) defaults to .whl/ in the checkout (git-ignored)
+#   # then, on the GPU machine, with the wheels in .whl/ of its checkout:
 #   WHEELS=.whl make gpu-check            # or make gpu-records
 #
 # A CUDA image with PyTorch usually has Lightning, torchmetrics, pandas, matplotlib, tensorboard and
@@ -11,13 +11,14 @@
 # (constraints/), so they suit any Python 3. ANTLR's runtime 4.9.3 (OmegaConf 2.3 pins it) is published
 # as source only: its wheel is built here.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-DIR=${1:-.whl}
+DIR=$(realpath -m "${1:-$(dirname "$0")/../.whl}")  # a relative DIR is where the command was run from
+cd "$(dirname "$0")/.."
 PACKAGES=(hydra-core omegaconf antlr4-python3-runtime hydra-joblib-launcher)
 
+# This Python's lock, else any: the packages are pure Python, so any lock's versions suit the GPU machine.
 LOCK=$("$PYTHON" -c 'import sys; print(f"constraints/py{sys.version_info[0]}.{sys.version_info[1]}.txt")')
-[ -f "$LOCK" ] || { echo "gpu_wheels: no lock $LOCK for this Python; run it with a Python that has one" >&2; exit 2; }
+[ -f "$LOCK" ] || LOCK=$(ls constraints/py3.*.txt | head -n 1)
 pins=()
 for package in "${PACKAGES[@]}"; do
     pin=$(grep -i "^${package}==" "$LOCK") || { echo "gpu_wheels: $package is not in $LOCK" >&2; exit 2; }
@@ -25,6 +26,7 @@ for package in "${PACKAGES[@]}"; do
 done
 
 mkdir -p "$DIR"
+rm -f "$DIR"/*.whl  # gpu_check.sh installs every wheel in DIR: one version of each
 # --no-deps: everything else they need (PyYAML, packaging, joblib) is already on such an image.
 "$PYTHON" -m pip wheel -q --no-deps --wheel-dir "$DIR" "${pins[@]}"
 ls -1 "$DIR"/*.whl
