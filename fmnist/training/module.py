@@ -114,7 +114,7 @@ class LitClassifier(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, logits, y = self._loss(batch)
         self.train_loss.update(loss.detach(), len(y))
-        # With CutMix the targets are label probabilities: training accuracy counts the larger share.
+        # With CutMix the targets are label probabilities: training accuracy counts the largest share.
         self.train_acc.update(logits, y if y.ndim == 1 else y.argmax(1))
         if batch_idx == 0:
             # Registering the metric objects once per epoch is enough: Lightning computes (across

@@ -24,10 +24,10 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from fmnist import console
-from fmnist.config import RENAMED_KEYS, RESUMABLE_KEYS, RUN_OPTIONS, TrainConfig, check_values
+from fmnist.config import ADDED_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, RUN_OPTIONS, check_values
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.data.sources import find_csv
 from fmnist.errors import CheckpointError, ConfigError, DivergedError, FmnistError
@@ -56,19 +56,14 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-# Every key of the training schema that has a default, flattened (`data.augment.cutmix`: 0.0).
-SCHEMA_DEFAULTS = {key: value for key, value in _flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig))).items()
-                   if value != MISSING}
-
-
 def _changed_keys(saved: Path, cfg: DictConfig) -> tuple[list[str], dict, dict]:
     """Keys whose values differ between the run's saved config (if any) and `cfg`, resumable ones aside;
     with both flattened configs, for messages."""
     old = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=True)) if saved.exists() else {}
     old = {RENAMED_KEYS.get(k, k): v for k, v in old.items()}  # a run saved before keys were renamed
-    if old:  # a run saved before a key existed ran as the key's default does (new keys keep old behaviour)
-        old = {**SCHEMA_DEFAULTS, **old}
     new = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    if old:  # a run saved before a key existed behaved as that key's ADDED_KEYS value does
+        old = {**{k: v for k, v in ADDED_KEYS.items() if k in new}, **old}
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS), old, new
 
 
