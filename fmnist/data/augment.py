@@ -26,6 +26,14 @@ def shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
     return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
 
 
+def rectangles(top: torch.Tensor, left: torch.Tensor, height: torch.Tensor, width: torch.Tensor,
+               h: int, w: int) -> torch.Tensor:
+    """[B, h, w] mask of one rectangle per image (each argument [B, 1, 1]); the parts outside the image drop out."""
+    ys = torch.arange(h, device=top.device).view(1, h, 1)
+    xs = torch.arange(w, device=top.device).view(1, 1, w)
+    return (ys >= top) & (ys < top + height) & (xs >= left) & (xs < left + width)
+
+
 def erase(x: torch.Tensor, p: float, min_side: int = 4, max_side: int = 14) -> torch.Tensor:
     """Zero a random rectangle in each image with probability `p` (random erasing)."""
     b, _, h, w = x.shape
@@ -34,9 +42,7 @@ def erase(x: torch.Tensor, p: float, min_side: int = 4, max_side: int = 14) -> t
     rect_w = torch.randint(min_side, max_side + 1, (b, 1, 1), device=device)
     top = (torch.rand(b, 1, 1, device=device) * (h - rect_h + 1)).long()
     left = (torch.rand(b, 1, 1, device=device) * (w - rect_w + 1)).long()
-    ys = torch.arange(h, device=device).view(1, h, 1)
-    xs = torch.arange(w, device=device).view(1, 1, w)
-    inside = (ys >= top) & (ys < top + rect_h) & (xs >= left) & (xs < left + rect_w)
+    inside = rectangles(top, left, rect_h, rect_w, h, w)
     apply = (torch.rand(b, 1, 1, device=device) < p)
     return x.masked_fill((inside & apply).unsqueeze(1), 0.0)
 
@@ -64,9 +70,7 @@ def cutmix(x: torch.Tensor, labels: torch.Tensor, p: float) -> tuple[torch.Tenso
     half_h, half_w = (side * h / 2).round().long(), (side * w / 2).round().long()
     cy = torch.randint(0, h, (b, 1, 1), device=device)
     cx = torch.randint(0, w, (b, 1, 1), device=device)
-    ys = torch.arange(h, device=device).view(1, h, 1)
-    xs = torch.arange(w, device=device).view(1, 1, w)
-    inside = (ys >= cy - half_h) & (ys < cy + half_h) & (xs >= cx - half_w) & (xs < cx + half_w)
+    inside = rectangles(cy - half_h, cx - half_w, 2 * half_h, 2 * half_w, h, w)
     inside &= torch.rand(b, 1, 1, device=device) < p
     pasted = inside.flatten(1).float().mean(1, keepdim=True)  # the partner's share, after clipping
     mixed = torch.where(inside.unsqueeze(1), x[partner], x)

@@ -56,11 +56,16 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def saved_config(saved: Path) -> dict:
+    """A run's saved config.yaml, flattened (`data.augment.hflip`), keys renamed since under their new names."""
+    old = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
+    return {RENAMED_KEYS.get(k, k): v for k, v in old.items()}
+
+
 def _changed_keys(saved: Path, cfg: DictConfig) -> tuple[list[str], dict, dict]:
     """Keys whose values differ between the run's saved config (if any) and `cfg`, resumable ones aside;
     with both flattened configs, for messages."""
-    old = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=True)) if saved.exists() else {}
-    old = {RENAMED_KEYS.get(k, k): v for k, v in old.items()}  # a run saved before keys were renamed
+    old = saved_config(saved) if saved.exists() else {}
     new = _flatten(OmegaConf.to_container(cfg, resolve=True))
     if old:  # a run saved before a key existed behaved as that key's ADDED_KEYS value does
         old = {**{k: v for k, v in ADDED_KEYS.items() if k in new}, **old}
