@@ -273,7 +273,7 @@ def load_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     buffer = io.BytesIO()
     np.savez(buffer, images=images, labels=labels, digest=np.array(digest), version=np.array(CACHE_VERSION))
     try:
-        atomic_write(cache, buffer.getbuffer())
+        atomic_write(cache, buffer.getvalue())
     except OSError as e:  # a read-only data directory still trains, only slower to start
         log.warning("could not write the parse cache %s (%s)", cache, e)
     return images, labels

@@ -48,11 +48,13 @@ class SafeCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         # Serialised in memory first: torch.save reports a full disk as an opaque RuntimeError
-        # ("unexpected pos"), a plain write as OSError(ENOSPC), which names the cause.
+        # ("unexpected pos"), a plain write as OSError(ENOSPC), which names the cause. Written as a copy
+        # (getvalue), not a view (getbuffer): a view kept alive by a failed write's traceback crashed the
+        # interpreter when the garbage collector freed it (Python 3.12 with torch 2.11).
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         with signals_deferred():
-            atomic_write(path, buffer.getbuffer())
+            atomic_write(path, buffer.getvalue())
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         return load_checkpoint(path, map_location=map_location or "cpu")
