@@ -3,26 +3,34 @@
 #
 # A GPU machine usually has a CUDA build of torch already: it is kept, and only the project's other
 # dependencies are installed. WHEELS=DIR installs the wheels in DIR instead, offline, for a machine
-# without a package index (scripts/gpu_wheels.sh makes them elsewhere); without a CUDA torch,
-# `pip install -e .` brings torch too (PyPI's Linux wheels of torch are CUDA builds).
+# without a package index (scripts/gpu_wheels.sh makes them elsewhere), and nothing else; without a
+# CUDA torch, `pip install -e .` brings torch too (PyPI's Linux wheels of torch are CUDA builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+NEEDED="import hydra, omegaconf, lightning, torchmetrics, pandas, matplotlib, tensorboard, scipy
+import hydra_plugins.hydra_joblib_launcher"
 
-if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+if [ -n "${WHEELS:-}" ]; then
+    # Offline: the wheels go into a folder of their own, first on the path, without their dependencies;
+    # the image's own packages (its CUDA torch among them) stay as they are, whoever owns its environment.
+    site="${TMPDIR:-/tmp}/fmnist-wheels"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$WHEELS"/*.whl
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    if ! "$PYTHON" -c "$NEEDED"; then
+        echo "gpu-check: after installing $WHEELS, a package gpu-check needs is still missing (above): add its wheel" >&2
+        exit 2
+    fi
+elif ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     echo "gpu-check: no CUDA build of torch with a visible GPU in $PYTHON; installing the project (pip install -e .)"
     "$PYTHON" -m pip install -q -e .
-elif ! "$PYTHON" -c "import hydra, omegaconf, lightning, torchmetrics, pandas, matplotlib, tensorboard, scipy
-import hydra_plugins.hydra_joblib_launcher" 2>/dev/null; then
-    if [ -n "${WHEELS:-}" ]; then
-        "$PYTHON" -m pip install -q --no-index --find-links "$WHEELS" "$WHEELS"/*.whl
-    else  # the project's dependencies except torch, read from pyproject.toml (one list, kept there)
-        mapfile -t deps < <("$PYTHON" -c "
+elif ! "$PYTHON" -c "$NEEDED" 2>/dev/null; then
+    # The project's dependencies except torch, read from pyproject.toml (one list, kept there).
+    mapfile -t deps < <("$PYTHON" -c "
 import tomllib
 deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']
 print('\n'.join(d for d in deps if not d.startswith('torch=')))")
-        "$PYTHON" -m pip install -q "${deps[@]}"
-    fi
+    "$PYTHON" -m pip install -q "${deps[@]}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 exec "$PYTHON" scripts/gpu_check.py "$@"
