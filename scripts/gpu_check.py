@@ -328,14 +328,14 @@ def main() -> int:
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("--idx-dir", type=Path, default=None, help="make the CSVs from Zalando's IDX files here")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="wall-time budget for all steps (default 480 s; 420 s with --records, whose 8 minutes "
-                             "include installing)")
+                        help="wall-time budget for all steps (default 450 s; 420 s with --records): "
+                             "8 minutes with installing")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="added to every train.py command (repeatable), e.g. trainer.precision=32-true")
     parser.add_argument("--dry-run", action="store_true", help="compose every command's config and print the commands")
     parser.add_argument("--smoke", action="store_true", help="every step on a few batches (checks this script)")
     args = parser.parse_args()
-    budget_s = args.budget_s or (420 if args.records else 480)
+    budget_s = args.budget_s or (420 if args.records else 450)
     default_results = (ROOT / "docs/results/gpu/records" / datetime.now().strftime("%Y-%m-%d") if args.records
                        else Path("outputs/gpu-check") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
     results = (args.results or default_results).resolve()
