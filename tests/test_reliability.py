@@ -262,6 +262,30 @@ def test_nan_validation_loss_is_diverged_not_completed(make_cfg, tmp_path):
     assert record["status"] == "diverged" and "nan" in record["error"].lower()
 
 
+# Ctrl-C during fit: the step it lands in finishes, then the run stops (never inside a library's code).
+def test_ctrl_c_during_fit_stops_after_the_step_it_lands_in(make_cfg, tmp_path):
+    import lightning as L
+
+    class CtrlC(L.Callback):
+        ended: list[int] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.ended.append(batch_idx)
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (the fixture puts it back)
+    ctrl_c = CtrlC()
+    with pytest.raises(KeyboardInterrupt):
+        train(make_cfg(*SIMPLE, "trainer.limit_train_batches=6"), tmp_path / "run", callbacks=[ctrl_c])
+    assert ctrl_c.ended == [0, 1, 2]
+    record = read_record(tmp_path / "run")
+    assert record["status"] == "interrupted" and "ckpt_path=last" in record["error"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 # SIGTERM before fit starts: recorded `interrupted`, with its resume command.
 @pytest.mark.slow
 def test_sigterm_before_fit_is_recorded_with_its_resume_command(tmp_path, data_dir, run_in_process):

@@ -164,6 +164,40 @@ def _sigterm_raises():
             signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def _ctrl_c_stops_at_a_step(trainer: L.Trainer):
+    """Within the block (fit, test), Ctrl-C stops the run at the next step, as Lightning stops it for SIGTERM,
+    and is then raised as KeyboardInterrupt; a second Ctrl-C raises at once.
+
+    Raised wherever the main thread happens to be, a KeyboardInterrupt can land inside TensorBoard's
+    writer, between its queue's put and the notice to the writer's thread, which then sleeps on: the
+    run hung while closing its logger. A SIGINT that is ignored (a background job) stays ignored.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    caught = []
+
+    def handler(signum, frame):  # no I/O here: it runs between any two bytecodes of the main thread
+        if caught:
+            raise KeyboardInterrupt
+        caught.append(signum)
+        trainer._signal_connector.received_sigterm = True  # Lightning's flag, checked after each step
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    except SIGTERMException as e:
+        if caught:
+            raise KeyboardInterrupt from e
+        raise
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:  # after the last step: the run still stops here, before anything else starts
+        raise KeyboardInterrupt
+
+
 def _check_checkpoint(cfg: DictConfig, path: Path) -> None:
     """Refuse a last.ckpt that cannot be loaded safely or holds another architecture's weights."""
     state = load_checkpoint(path).get("state_dict", {})
@@ -313,7 +347,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
                                    *([Lookahead(cfg.optim.lookahead_steps, cfg.optim.lookahead_alpha)]
                                      if cfg.optim.lookahead_steps else []),
                                    *([WeightEMA(cfg.optim.ema_decay)] if cfg.optim.ema_decay else []), *(callbacks or [])])
-    with console.beside_the_bar(bar):
+    with console.beside_the_bar(bar), _ctrl_c_stops_at_a_step(trainer):
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
     fit_seconds = time.perf_counter() - started
 
@@ -325,7 +359,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
         metrics["val/loss"] = float(trainer.callback_metrics["val/loss"])
     if cfg.test:
         best = "best" if checkpoint.best_model_path else None  # fast_dev_run keeps no checkpoints
-        with console.beside_the_bar(bar):
+        with console.beside_the_bar(bar), _ctrl_c_stops_at_a_step(trainer):
             result = trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)[0]
         metrics.update({k: float(v) for k, v in result.items()})
     # `completed` promises usable numbers: a NaN or absurd validation or test loss is a divergence too.
