@@ -49,8 +49,8 @@ class SafeCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         # Serialised in memory first: torch.save reports a full disk as an opaque RuntimeError
         # ("unexpected pos"), a plain write as OSError(ENOSPC), which names the cause. Written as a copy
-        # (getvalue), not a view (getbuffer): a view kept alive by a failed write's traceback crashed the
-        # interpreter when the garbage collector freed it (Python 3.12 with torch 2.11).
+        # (getvalue), not a view (getbuffer): with a view, a write that failed on a full disk was followed
+        # by a crash in the garbage collector (Python 3.12 with torch 2.11); with a copy it was not.
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         with signals_deferred():

@@ -169,9 +169,10 @@ def _ctrl_c_stops_at_a_step(trainer: L.Trainer):
     """Within the block (fit, test), Ctrl-C stops the run at the next step, as Lightning stops it for SIGTERM,
     and is then raised as KeyboardInterrupt; a second Ctrl-C raises at once.
 
-    Raised wherever the main thread happens to be, a KeyboardInterrupt can land inside TensorBoard's
-    writer, between its queue's put and the notice to the writer's thread, which then sleeps on: the
-    run hung while closing its logger. A SIGINT that is ignored (a background job) stays ignored.
+    Raised wherever the main thread happens to be, a KeyboardInterrupt can land inside a library's code:
+    once in about 40 stops, the run then hung while closing TensorBoard's writer, whose thread had not
+    been woken (presumably interrupted inside its queue). A SIGINT that is ignored (a background job)
+    stays ignored.
     """
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
