@@ -1,7 +1,7 @@
 """Hyperparameter search with Optuna: `python tune.py study=NAME n_trials=N [train overrides...]`.
 
   python tune.py study=lr_dropout n_trials=30 preset=cpu        # search space: conf/tune/default.yaml
-  python tune.py study=lr_dropout n_trials=50                   # continue the same study to 50 trials
+  python tune.py study=lr_dropout n_trials=50 preset=cpu        # continue it to 50 trials (same train overrides)
   python tune.py study=s storage=postgresql://host/db ...       # several processes or machines share it
 
 Tune keys (conf/tune.yaml): study, n_trials, storage, out_dir, sampler.*, pruner.*, space.*, tune=NAME.

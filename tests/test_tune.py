@@ -18,8 +18,10 @@ from fmnist.errors import FmnistError
 from fmnist.sweeps.tune import Search, register_tune, run_search
 from tests.conftest import CONF, FAST, ROOT, snapshot
 
-# Small trials: the simple CNN, two epochs (two reports to the pruner), 2 batches each.
-SMALL = [*FAST, "model=simple", "~space.model", "space.batch_size.choices=[16,32]", "trainer.max_epochs=2"]
+# Small trials: the simple CNN, two epochs (two reports to the pruner), 2 batches each; FAST without its
+# batch size, which the search space samples.
+SMALL = [*(o for o in FAST if not o.startswith("data.batch_size=")), "model=simple", "~space.model",
+         "space.batch_size.choices=[16,32]", "trainer.max_epochs=2"]
 
 
 def load(out, name: str) -> optuna.Study:
@@ -108,6 +110,8 @@ def test_a_pruned_trial_stops_after_its_first_report_and_is_recorded(tmp_path, d
     (["study=x", "space.dropout.high=1.5"], "config key model.dropout must be in [0, 1); got 1.5"),
     (["study=x", "optim.lrr=1"], "Could not override 'optim.lrr'"),
     (["study=x", "trainer=ddp"], "tune.py trains each trial in its own process on one device"),
+    (["study=x", "optim.lr=0.5"], "the train override optim.lr=0.5 sets optim.lr, which the search space samples "
+                                  "(space.lr): every trial would replace it"),
     (["study=x", "data.dir=/nonexistent"], "fashion-mnist_train.csv: file not found"),
     (["study=x", "storage=garbage://x"], "cannot open the study storage 'garbage://x'"),
     (["study=x", "heartbeat.grace_s=30", "heartbeat.interval_s=60"], "need 1 <= interval_s < grace_s"),
@@ -137,6 +141,38 @@ def test_a_refused_rerun_leaves_the_finished_trials_as_they_were(tmp_path, data_
         refused = run_in_process("tune.py", *args, *extra)
         assert refused.returncode == 2 and "holds trials of a study (trial-0000)" in refused.stderr, refused.stderr[-2000:]
         assert snapshot(study_dir) == before  # the finished trial's record untouched, no error.txt, no new study.db
+
+
+def test_a_continuation_that_trains_another_setting_is_refused_and_writes_nothing(tmp_path, data_dir, run_in_process):
+    import shutil
+    import sqlite3
+
+    args = ["study=c", f"out_dir={tmp_path}", *SMALL, "trainer.max_epochs=1"]
+    first = run_in_process("tune.py", *args, "n_trials=1", f"data.dir={data_dir}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    study_dir = tmp_path / "c"
+    with sqlite3.connect(study_dir / "study.db") as db:  # as a study from before settings were recorded
+        db.execute("DELETE FROM study_user_attributes")
+    before = snapshot(study_dir)
+    # The continuation command without the first one's model: the trials would train another network.
+    other = [o for o in args if o != "model=simple"]
+    refused = run_in_process("tune.py", *other, "n_trials=2", f"data.dir={data_dir}")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "study c has trials of another setting: this command differs in ['model." in refused.stderr
+    assert "'model.name'" in refused.stderr and "'simple'" in refused.stderr and "nothing was written" in refused.stderr
+    assert snapshot(study_dir) == before
+    moved = tmp_path / "moved"  # placement keys may differ (the same data elsewhere), and so may the budget
+    shutil.copytree(data_dir, moved, ignore=shutil.ignore_patterns(".*"))
+    again = run_in_process("tune.py", *args, "n_trials=2", f"data.dir={moved}", "trainer.max_epochs=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "study c: new trials train with trainer.max_epochs=2, its first ones with 1" in again.stdout + again.stderr
+    study = load(tmp_path, "c")
+    # The setting recorded is the first trial's (data.dir and the epochs as it trained them).
+    assert len(study.trials) == 2 and study.user_attrs["train_overrides"][-2:] == ["trainer.max_epochs=1",
+                                                                                   f"data.dir={data_dir}"]
+    refused = run_in_process("tune.py", *args, "n_trials=3", f"data.dir={data_dir}", "data.train_subset=300")
+    assert refused.returncode == 2 and "(train overrides: preset=smoke" in refused.stderr, refused.stderr[-3000:]
+    assert "differs in ['data.train_subset'] (was [None], now [300])" in refused.stderr
 
 
 @pytest.mark.slow

@@ -35,12 +35,12 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fmnist import console
-from fmnist.config import RENAMED_KEYS, check_name, register, renamed_overrides
+from fmnist.config import PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_name, override_key, register, renamed_overrides
 from fmnist.data.sources import find_csv
 from fmnist.errors import ConfigError, DataError, FmnistError
 from fmnist.results.sweep import summarize
 from fmnist.runs import DIVERGED, FAILED, INTERRUPTED, now, update_record
-from fmnist.training.train import RunPruned, check_config, failure_of, stopping_signal, train
+from fmnist.training.train import RunPruned, check_config, failure_of, flat_config, stopping_signal, train
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,11 @@ class TuneConfig:
 # Before the user's overrides (which may pick another single device): `devices=auto` on a
 # multi-GPU machine would start DDP over all GPUs inside the trial.
 ONE_DEVICE = ["trainer.devices=1"]
+
+# A study's user attributes: what every trial computes with before its sampled values (flattened train
+# config), and the train overrides that gave it (for messages). A continuation must compute the same, its
+# budget (trainer.max_epochs, max_time) aside: as a resumed run, a study may go on with longer trials.
+SETTING_ATTR, OVERRIDES_ATTR = "train_setting", "train_overrides"
 
 # Command-line keys that configure the search; every other override is a train override.
 TUNE_KEYS = {"study", "n_trials", "storage", "out_dir", "sampler", "pruner", "heartbeat", "space", "tune"}
@@ -237,6 +242,12 @@ class Search:
     def check_space(self) -> None:
         """Compose the train config at each end of each range (and each choice), so that a typo'd key
         or an impossible value stops the study before its first trial, not in the middle."""
+        for name, spec in self.cfg.space.items():
+            fixed = [o for o in self.train_overrides if override_key(o) == spec.key]
+            if fixed:
+                raise ConfigError(f"the train override {fixed[0]} sets {spec.key}, which the search space samples "
+                                  f"(space.{name}): every trial would replace it with its sampled value. Drop the "
+                                  f"override to search {spec.key}, or drop the search (~space.{name}) to fix it.")
         base = _compose("train", [*ONE_DEVICE, *self.train_overrides])
         check_config(base)
         self._check_placement(base)
@@ -248,6 +259,47 @@ class Search:
             for value in spec.choices or [spec.low, spec.high]:
                 value = int(value) if spec.integer else value
                 check_config(_compose("train", [*ONE_DEVICE, *self.train_overrides, f"{spec.key}={_format(value)}"]))
+
+    def setting(self, train_overrides: list[str] | None = None) -> dict:
+        """What every trial computes with before its sampled values: the train config composed with the train
+        overrides, flattened, without placement keys (data.dir, devices, trackers) and the searched keys."""
+        cfg = _compose("train", [*ONE_DEVICE, *(self.train_overrides if train_overrides is None else train_overrides)])
+        searched = [spec.key for spec in self.cfg.space.values()]
+        return {key: value for key, value in flat_config(cfg).items()
+                if key not in PLACEMENT_KEYS and not any(key == s or key.startswith(f"{s}.") for s in searched)}
+
+    def check_continuation(self, study: optuna.Study) -> None:
+        """Refuse to add trials of another setting to `study` (its earlier trials' train overrides computed
+        something else: a dropped `preset=cpu`, another model width); a new study records its setting."""
+        setting, saved = self.setting(), study.user_attrs.get(SETTING_ATTR)
+        first = list(self.train_overrides)  # the train overrides of the study's first trials
+        earlier = next((t.user_attrs["overrides"] for t in study.trials if "overrides" in t.user_attrs), None)
+        if saved is None and earlier is not None:  # a study from before settings were recorded: its first trial's
+            searched = {spec.key for spec in self.cfg.space.values()}
+            try:
+                legacy = renamed_overrides([o for o in earlier if override_key(o) not in searched])
+                saved, first = self.setting(legacy), legacy
+            except ConfigError as e:  # keys since removed: nothing to compare with
+                log.warning("study %s: its first trial's train overrides no longer compose (%s); continuing "
+                            "without checking that this command trains the same setting", study.study_name, e)
+        differ = [] if saved is None else sorted(k for k in set(saved) | set(setting) if saved.get(k) != setting.get(k))
+        changed = [key for key in differ if key not in RESUMABLE_KEYS]
+        if changed:
+            before = study.user_attrs.get(OVERRIDES_ATTR)
+            raise ConfigError(
+                f"study {study.study_name} has trials of another setting"
+                + (f" (train overrides: {' '.join(before) or 'none'})" if before is not None else "")
+                + f": this command differs in {changed} (was {[saved.get(k) for k in changed]}, now "
+                f"{[setting.get(k) for k in changed]}), so its trials could not be compared with the earlier ones; "
+                "nothing was written. Continue the study with the same train overrides (placement keys such as "
+                "data.dir, and the trials' trainer.max_epochs or max_time, may differ), or start another one "
+                "(study=NAME).")
+        for key in differ:  # a longer (or shorter) budget: allowed, and said
+            log.info("study %s: new trials train with %s=%s, its first ones with %s", study.study_name, key,
+                     setting.get(key), saved.get(key))
+        if SETTING_ATTR not in study.user_attrs:
+            study.set_user_attr(SETTING_ATTR, setting if saved is None else saved)
+            study.set_user_attr(OVERRIDES_ATTR, first)
 
     @staticmethod
     def _check_placement(cfg: DictConfig) -> None:
@@ -363,14 +415,15 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
             storage = _storage(cfg, study_dir)
             if trials_here and cfg.study not in optuna.study.get_all_study_names(storage):
                 raise _orphan_trials(study_dir, trials_here, f"the storage {cfg.storage} holds no study {cfg.study}")
+            study = optuna.create_study(
+                study_name=cfg.study, storage=storage, direction="maximize", load_if_exists=True,
+                pruner=optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner.n_startup_trials,
+                                                   n_warmup_steps=cfg.pruner.prune_from_epoch))
+            search.check_continuation(study)
         except ConfigError:  # a refusal leaves nothing behind: not even the study's directory
             if created:
                 shutil.rmtree(study_dir, ignore_errors=True)
             raise
-        study = optuna.create_study(
-            study_name=cfg.study, storage=storage, direction="maximize", load_if_exists=True,
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner.n_startup_trials,
-                                               n_warmup_steps=cfg.pruner.prune_from_epoch))
         fail_dead_trials(study, storage)
         search.heartbeat = isinstance(storage, optuna.storages.RDBStorage)
         # Seeded by (sampler.seed, the trials already in the study): a continued study must not replay the

@@ -56,6 +56,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def flat_config(cfg: DictConfig) -> dict:
+    """`cfg` resolved and flattened: `{"data.augment.hflip": True, ...}`."""
+    return _flatten(OmegaConf.to_container(cfg, resolve=True))
+
+
 def saved_config(saved: Path) -> dict:
     """A run's saved config.yaml, flattened (`data.augment.hflip`), keys renamed since under their new names."""
     old = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
@@ -66,7 +71,7 @@ def _changed_keys(saved: Path, cfg: DictConfig) -> tuple[list[str], dict, dict]:
     """Keys whose values differ between the run's saved config (if any) and `cfg`, resumable ones aside;
     with both flattened configs, for messages."""
     old = saved_config(saved) if saved.exists() else {}
-    new = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    new = flat_config(cfg)
     if old:  # a run saved before a key existed behaved as that key's ADDED_KEYS value does
         old = {**{k: v for k, v in ADDED_KEYS.items() if k in new}, **old}
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS), old, new
