@@ -21,11 +21,17 @@ UV_VERSION := 0.13.9
 UV_INSTALL := $(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode \
 	$(foreach links,$(PIP_FIND_LINKS),--find-links $(links))
 
+# torch's CPU build comes from PyTorch's own index: PyPI's Linux torch is the CUDA build, with several GB of
+# nvidia-* packages. Where pip's find-links (PIP_FIND_LINKS) already holds a torch 2.13.0 wheel (a machine
+# without that index keeps one there), it is installed from there. `make install TORCH_INDEX=` installs PyPI's
+# (the CUDA build, for a GPU machine); `TORCH_INDEX=URL` another index.
+TORCH_INDEX ?= $(if $(wildcard $(addsuffix /torch-2.13.0*.whl,$(PIP_FIND_LINKS))),,https://download.pytorch.org/whl/cpu)
+
 $(STAMP): pyproject.toml $(wildcard $(LOCK))
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q uv==$(UV_VERSION)
-	# torch first, pinned: an unpinned resolve can pull a multi-GB CUDA build onto CPU machines.
-	$(UV_INSTALL) torch==2.13.0
+	# torch first, pinned, from TORCH_INDEX (above).
+	$(UV_INSTALL) torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	# Extras `export` (onnx, onnxscript, onnxruntime: export.py), `slurm` (the submitit launcher),
 	# `postgres` (a study database's driver), `mlflow` and `wandb` (trackers), so that the tests cover them all.
 	$(UV_INSTALL) -e ".[$(EXTRAS)]" $(CONSTRAINTS)
@@ -92,7 +98,8 @@ docs: $(STAMP)
 
 # Rewrite the lock for this Python from a fresh environment (pip freeze, local labels such as +cpu removed).
 lock:
-	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install -q torch==2.13.0 && \
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv && \
+	.lock-venv/bin/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) && \
 	.lock-venv/bin/pip install -q ".[$(EXTRAS)]" && \
 	{ grep '^#' $(LOCK) 2>/dev/null; .lock-venv/bin/pip freeze | grep -v '^fmnist' | sed 's/+[A-Za-z0-9.]*$$//'; } > $(LOCK).new && \
 	mv $(LOCK).new $(LOCK) && rm -rf .lock-venv

@@ -23,7 +23,7 @@ EXEMPT = {
     "python train.py model=optimized trainer.accelerator=gpu": "needs a GPU (make gpu-check runs the GPU commands)",
     "make tensorboard": "a server that runs until Ctrl-C",
     "make test": "the suite this test belongs to",
-    "pip install torch==2.13.0": "installs into the reader's own environment, which make install replaces here",
+    "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu": "installs into the reader's own environment, which make install replaces here",
     'pip install -e ".[export]"': "the same: an editable install from a scratch copy would repoint .venv at it",
 }
 # Appended to a command that trains, so that it runs in seconds on the tiny data (values it sets win).
