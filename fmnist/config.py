@@ -11,6 +11,7 @@ the keys that change what it computes, without the placement keys.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import sys
@@ -335,6 +336,34 @@ RESUMABLE_KEYS = PLACEMENT_KEYS + ("trainer.max_epochs", "trainer.max_time")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 
+def _devices_ok(devices: Any) -> bool:
+    """Lightning's `devices`: `auto`, a count (-1: all), a list of indices, or indices as a string ("0,1")."""
+    if isinstance(devices, bool):
+        return False
+    if isinstance(devices, int):
+        return devices >= 1 or devices == -1
+    if isinstance(devices, str):
+        return devices == "auto" or bool(re.fullmatch(r"-1|\d+(,\d+)*,?", devices.replace(" ", "")))
+    if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
+        return len(devices) > 0 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices)
+    return False
+
+
+def _fraction_or_count_ok(limit: Any) -> bool:
+    """A `limit_*_batches`: null (all), a fraction of the batches in (0, 1], or a count of at least 1."""
+    if limit is None:
+        return True
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)):
+        return False
+    return limit >= 1 if isinstance(limit, int) else 0 < limit <= 1
+
+
+def _strategies() -> tuple[str, ...]:
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    return ("auto", *StrategyRegistry.available_strategies())
+
+
 def check_values(cfg: DictConfig) -> None:
     """Raise ConfigError naming the key for values that are well-typed but make no sense.
 
@@ -359,7 +388,7 @@ def check_values(cfg: DictConfig) -> None:
         ("data.augment.flip_alternate", cfg.data.augment.hflip or not cfg.data.augment.flip_alternate,
          "false unless data.augment.hflip is true (it decides how the flips are drawn)"),
         ("optim.name", cfg.optim.name in OPTIMIZERS, f"one of {OPTIMIZERS}"),
-        ("optim.lr", cfg.optim.lr > 0, "positive"),
+        ("optim.lr", 0 < cfg.optim.lr < math.inf, "positive and finite"),
         ("optim.weight_decay", cfg.optim.weight_decay >= 0, "non-negative"),
         ("optim.scheduler", cfg.optim.scheduler in SCHEDULERS, f"one of {SCHEDULERS}"),
         ("optim.warmup_epochs", cfg.optim.warmup_epochs >= 0, "non-negative"),
@@ -373,6 +402,25 @@ def check_values(cfg: DictConfig) -> None:
         ("trainer.max_epochs", cfg.trainer.max_epochs >= 1 or cfg.trainer.max_epochs == -1, "at least 1"),
         ("ckpt_path", cfg.ckpt_path in (None, "last"), "null or `last`"),
         ("progress_bar_refresh", cfg.progress_bar_refresh >= 1, "at least 1"),
+        # What Lightning would reject (or divide by) only once the run directory is written.
+        ("trainer.devices", _devices_ok(cfg.trainer.devices),
+         "`auto`, a number of devices (at least 1, or -1 for all), or device indices (`[0, 1]`, `\"0,1\"`)"),
+        ("trainer.num_nodes", cfg.trainer.num_nodes >= 1, "at least 1"),
+        ("trainer.strategy", cfg.trainer.strategy in _strategies(), "`auto` or a strategy Lightning has (e.g. `ddp`)"),
+        ("trainer.max_time", cfg.trainer.max_time is None or re.fullmatch(r"\d+:\d\d:\d\d:\d\d", str(cfg.trainer.max_time)),
+         "null or DD:HH:MM:SS (e.g. 00:00:30:00 for 30 minutes)"),
+        ("trainer.limit_train_batches", _fraction_or_count_ok(cfg.trainer.limit_train_batches),
+         "null, a fraction in (0, 1] or a number of batches (at least 1)"),
+        ("trainer.limit_val_batches", _fraction_or_count_ok(cfg.trainer.limit_val_batches),
+         "null, a fraction in (0, 1] or a number of batches (at least 1: model selection needs validation)"),
+        ("trainer.limit_test_batches", _fraction_or_count_ok(cfg.trainer.limit_test_batches),
+         "null, a fraction in (0, 1] or a number of batches (at least 1)"),
+        ("trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches >= 1, "at least 1"),
+        ("trainer.check_val_every_n_epoch", cfg.trainer.check_val_every_n_epoch >= 1, "at least 1"),
+        ("trainer.gradient_clip_val", cfg.trainer.gradient_clip_val is None or cfg.trainer.gradient_clip_val >= 0,
+         "null or non-negative (0 or null: no clipping)"),
+        ("trainer.num_sanity_val_steps", cfg.trainer.num_sanity_val_steps >= -1, "at least 0 (or -1: the whole split)"),
+        ("trainer.log_every_n_steps", cfg.trainer.log_every_n_steps >= 1, "at least 1"),
     ]
     for key, ok, expected in checks:
         if not ok:

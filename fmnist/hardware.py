@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -64,12 +65,16 @@ def describe_line(hw: dict | None = None) -> str:
     return line + (f", GPU {hw['gpu']}" if hw["gpu"] else ", no GPU") + f", torch {hw['torch']}"
 
 
-def check_accelerator(accelerator: str) -> None:
-    """ConfigError if this machine lacks `accelerator` (Lightning would fail later with a traceback)."""
+def check_accelerator(accelerator: str, devices: Any = "auto") -> None:
+    """ConfigError if this machine lacks `accelerator`, or `devices` of it (Lightning would fail later with a
+    traceback). `devices` is already well-formed (`fmnist.config.check_values`)."""
     has = {"gpu": torch.cuda.is_available, "cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
     if not has.get(accelerator, lambda: True)():
         raise ConfigError(f"config key trainer.accelerator must be one this machine has; got {accelerator!r}, but "
                           "torch finds no such device here. Use trainer.accelerator=auto (or cpu).")
+    if device_kind(accelerator) == "cpu" and devices != "auto" and not (isinstance(devices, int) and devices >= 1):
+        raise ConfigError(f"config key trainer.devices must be `auto` or a number of processes (at least 1) on a CPU; "
+                          f"got {devices!r}, device indices or -1, which only GPUs take.")
 
 
 def device_kind(accelerator: str) -> str:

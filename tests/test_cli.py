@@ -13,6 +13,7 @@ from tests.conftest import FAST, run_script
     ("model.dropout=1.5", "config key model.dropout must be in [0, 1); got 1.5"),
     ("data.val_size=100000", "config key data.val_size must be between 1 and 599"),
     ("trainer.precision=16x", "config key trainer.precision must be one of"),
+    ("trainer.accumulate_grad_batches=0", "config key trainer.accumulate_grad_batches must be at least 1; got 0"),
 ])
 def test_nonsense_values_exit_2_with_one_paragraph_printed_once(tmp_path, data_dir, run_in_process, override, message):
     result = run_in_process("train.py", *FAST, f"data.dir={data_dir}", override, f"hydra.run.dir={tmp_path}/run")

@@ -41,10 +41,42 @@ def test_unknown_model_name_fails():
     ("data.augment.erase=2", "data.augment.erase"), ("data.augment.cutmix=-0.1", "data.augment.cutmix"),
     ("ckpt_path=best", "ckpt_path"),
     ("data.augment.flip_alternate=true", "data.augment.flip_alternate"),
+    ("optim.lr=inf", "optim.lr"),
+    # Keys Lightning takes: refused here, not by a traceback from inside the Trainer once the run directory is written.
+    ("trainer.devices=0", "trainer.devices"), ("trainer.devices=-5", "trainer.devices"), ("trainer.devices=abc", "trainer.devices"),
+    ("trainer.devices=[]", "trainer.devices"), ("trainer.num_nodes=0", "trainer.num_nodes"),
+    ("trainer.strategy=foo", "trainer.strategy"), ("trainer.max_time=abc", "trainer.max_time"),
+    ("trainer.limit_train_batches=-1", "trainer.limit_train_batches"),
+    ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches"),
+    ("trainer.limit_train_batches=abc", "trainer.limit_train_batches"),
+    ("trainer.limit_val_batches=0", "trainer.limit_val_batches"), ("trainer.limit_test_batches=0", "trainer.limit_test_batches"),
+    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
+    ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch"),
+    ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val"),
+    ("trainer.num_sanity_val_steps=-2", "trainer.num_sanity_val_steps"),
+    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps"),
 ])
 def test_nonsense_values_are_rejected_with_the_key(override, key):
     with pytest.raises(ConfigError, match=f"config key {key} must be"):
         check_config(compose_cfg(override))
+
+
+@pytest.mark.parametrize("override", [
+    "trainer.devices=auto", "trainer.devices=2", "trainer.devices=-1", "trainer.devices=[0,1]", 'trainer.devices="0,1"',
+    "trainer.strategy=ddp", "trainer.max_time=00:00:30:00", "trainer.limit_train_batches=0.25",
+    "trainer.limit_val_batches=3", "trainer.gradient_clip_val=0",
+])
+def test_what_lightning_accepts_passes_the_checks(override):
+    check_config(compose_cfg(override))
+
+
+def test_device_indices_are_refused_on_a_cpu_naming_the_key():
+    from fmnist.hardware import check_accelerator
+
+    for devices in ([0, 1], "0,1", -1):
+        with pytest.raises(ConfigError, match="config key trainer.devices must be `auto` or a number of processes"):
+            check_accelerator("cpu", devices)
+    check_accelerator("cpu", 2)
 
 
 @pytest.mark.parametrize("value", ["../../x", "..", ".", "a/b", "/abs", "", "x y"])

@@ -132,7 +132,7 @@ def _claimed(cfg: DictConfig, run_dir: Path):
     rank 0 has claimed the directory: only rank 0 checks, locks and writes.
     """
     check_config(cfg)
-    check_accelerator(cfg.trainer.accelerator)
+    check_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)
     last = run_dir / "checkpoints" / "last.ckpt"
     if rank_zero_only.rank != 0:
         yield cfg.ckpt_path == "last" and last.exists()
