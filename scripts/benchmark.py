@@ -32,9 +32,13 @@ import lightning as L
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from fmnist import console
+from fmnist.cli import run_plain
+from fmnist.errors import ConfigError
+from fmnist.fsio import atomic_write
 from fmnist.training.callbacks import step_callbacks
 from fmnist.config import OptimConfig, TrainConfig, compose_train
 from fmnist.data.csv_io import cache_path, load_csv, parse_csv
@@ -80,6 +84,9 @@ def classifier(config: dict) -> LitClassifier:
     """The LightningModule both loops train: `config` from `model_cfg`, channels_last (the default)."""
     return LitClassifier(model=config["model"], optim=OPTIM, compile=config["compile"], fast_path=config["fast_path"])
 
+
+# How every CSV benchmark.py appends to begins: the run's date, then the hardware (`fmnist.hardware.describe`).
+BENCHMARK_HEADER = b"date,cpu,"
 
 # Both loops use plain Adam at lr 1e-3 (the default optim config).
 OPTIM = asdict(OptimConfig())
@@ -206,9 +213,44 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format=console.CONSOLE_FORMAT, datefmt=console.CONSOLE_DATEFMT)
     console.setup()
     torch.manual_seed(0)
-    if args.infer:
-        return infer_benchmark(args)
-    args.out = args.out or Path("outputs/benchmarks.csv")
+    args.out = args.out or Path("outputs/benchmarks_infer.csv" if args.infer else "outputs/benchmarks.csv")
+
+    def work() -> None:
+        check_inputs(args)
+        (infer_benchmark if args.infer else train_benchmark)(args)
+
+    return run_plain(work)
+
+
+def check_inputs(args) -> None:
+    """Before any timing: the CSV to append to is new or one this script wrote, and every model exists."""
+    if args.out.is_dir() or (args.out.exists() and not args.out.is_file()):
+        raise ConfigError(f"--out names {args.out}, which is not a regular file; give a CSV file name.")
+    if args.out.exists():
+        with open(args.out, "rb") as f:
+            header = f.readline()
+        if not header.startswith(BENCHMARK_HEADER):
+            raise ConfigError(f"--out names {args.out}, which benchmark.py did not write (its first line does not begin "
+                              f"{BENCHMARK_HEADER.decode()!r}, as the rows benchmark.py appends do); nothing was "
+                              "written. Choose a new file name.")
+    for name in args.models:
+        try:
+            model_cfg(name, False)
+        except HydraException as e:
+            raise ConfigError(f"--models: no model {name!r} (conf/model/*.yaml names them): {e}") from e
+
+
+def append_rows(out: Path, rows: list[dict]) -> None:
+    """Add `rows` to the CSV `out`, atomically. Rewritten whole, so rows of older versions with other columns
+    stay aligned."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    history = pd.read_csv(out) if out.exists() else pd.DataFrame()
+    atomic_write(out, pd.concat([history, pd.DataFrame(rows)], ignore_index=True).to_csv(index=False))
+    print(f"\nappended {len(rows)} rows to {out}")
+
+
+def train_benchmark(args) -> None:
+    """Raw PyTorch vs Lightning training throughput; prints the hardware and a table, appends to --out."""
     kind = device_kind(args.accelerator)
     device = torch.device("cuda" if kind == "cuda" else "cpu")
     hardware = describe()
@@ -248,12 +290,7 @@ def main() -> int:
                     "csv_parse_s": round(parse_s, 2), "cached_load_s": round(cached_s, 3),
                 })
     print_table(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    # Rewritten whole rather than appended, so rows from older versions with other columns stay aligned.
-    history = pd.read_csv(args.out) if args.out.exists() else pd.DataFrame()
-    pd.concat([history, pd.DataFrame(rows)], ignore_index=True).to_csv(args.out, index=False)
-    print(f"\nappended {len(rows)} rows to {args.out}")
-    return 0
+    append_rows(args.out, rows)
 
 
 def seconds_per_call(fn, seconds: float) -> float:
@@ -268,7 +305,7 @@ def seconds_per_call(fn, seconds: float) -> float:
     return statistics.median(times)
 
 
-def infer_benchmark(args) -> int:
+def infer_benchmark(args) -> None:
     """PyTorch eager vs onnxruntime, batch 1 and 256, alternated; prints the hardware and a table."""
     import tempfile
 
@@ -313,12 +350,7 @@ def infer_benchmark(args) -> int:
                              "ms_range": f"{min(times) * 1e3:.3f}-{max(times) * 1e3:.3f}"})
     print_table(rows, ["model", "batch_size", "runtime", "ms_per_batch", "ms_per_image", "img_s", "speedup_vs_eager",
                        "ms_range"])
-    out = args.out or Path("outputs/benchmarks_infer.csv")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    history = pd.read_csv(out) if out.exists() else pd.DataFrame()
-    pd.concat([history, pd.DataFrame(rows)], ignore_index=True).to_csv(out, index=False)
-    print(f"\nappended {len(rows)} rows to {out}")
-    return 0
+    append_rows(args.out, rows)
 
 
 TRAIN_COLUMNS = ["model", "batch_size", "precision", "steps", "raw_img_s", "lightning_img_s", "ratio", "ratio_range",

@@ -42,6 +42,23 @@ def test_benchmark_prints_and_appends_a_row(tmp_path, data_dir, run_in_process):
     assert row.cores >= 1 and row.torch_threads >= 1 and isinstance(row.isa, str) and row.gflop_per_img > 0
 
 
+def test_benchmark_refuses_an_out_it_did_not_write_and_a_bad_model_before_timing(tmp_path, data_dir, run_in_process):
+    victim = tmp_path / "fashion-mnist_test.csv"  # a data CSV given as --out by mistake: appending would rewrite it
+    victim.write_bytes((data_dir / "fashion-mnist_test.csv").read_bytes())
+    before = victim.read_bytes()
+    common = ["--data-dir", str(data_dir), "--images", "64", "--repeats", "1", "--val-size", "100",
+              "--batch-sizes", "32", "--precisions", "32-true"]
+    for args, message in [
+        (["--models", "simple", "--out", str(victim)], f"--out names {victim}, which benchmark.py did not write"),
+        (["--models", "simple", "--out", str(tmp_path)], f"--out names {tmp_path}, which is not a regular file"),
+        (["--models", "nosuch", "--out", str(tmp_path / "b.csv")], "--models: no model 'nosuch'"),
+    ]:
+        result = run_in_process("scripts/benchmark.py", *common, *args)
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]
+        assert "Traceback" not in result.stderr and "hardware:" not in result.stdout  # refused before any timing
+    assert victim.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [victim.name]
+
+
 def test_gpu_check_dry_run_composes_every_command(run_in_process):
     result = run_in_process("scripts/gpu_check.py", "--dry-run")
     assert result.returncode == 0, result.stderr[-3000:]
