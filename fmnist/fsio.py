@@ -18,7 +18,11 @@ from fmnist.errors import CheckpointError, ConfigError, StorageError
 # Causes a user can act on (free space, a writable directory), with the words that say so.
 _CAUSES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
            errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-           errno.EPERM: "permission denied"}
+           errno.EPERM: "permission denied",
+           # Output paths that cannot be made: a file where a directory is needed, or a name too long.
+           errno.EEXIST: "a file is in the way of a directory to create", errno.ENOTDIR: "a part of the path is a file",
+           errno.EISDIR: "it is a directory", errno.ENAMETOOLONG: "the name is too long for the file system"}
+_SPACE = {errno.ENOSPC, errno.EDQUOT}
 
 
 @contextmanager
@@ -112,14 +116,15 @@ def check_output_file(path: Path, key: str, overwrite: bool, is_ours: Callable[[
 
 
 def storage_error(error: OSError, path: Path | str | None = None, key: str = "hydra.run.dir") -> StorageError | None:
-    """The user-fixable form of an OSError (disk full, read-only, no permission), else None; `key` is the
-    config key that chooses where the command writes."""
+    """The user-fixable form of an OSError (disk full, read-only, no permission, a path that cannot be made),
+    else None; `key` is the config key that chooses where the command writes."""
     cause = _CAUSES.get(error.errno)
     if cause is None:
         return None
     where = error.filename or path or "a file"
-    return StorageError(f"cannot write {where}: {cause} ({error.strerror}). Free some space or choose a writable "
-                        f"place ({key}=...); files already written, checkpoints included, are intact.")
+    fix = "Free some space or choose another place" if error.errno in _SPACE else "Choose a place that can be written"
+    return StorageError(f"cannot write {where}: {cause} ({error.strerror}). {fix} ({key}=...); files already "
+                        "written, checkpoints included, are intact.")
 
 
 def check_writable(directory: Path) -> None:

@@ -231,6 +231,22 @@ def test_a_file_written_to_a_full_disk_is_named_with_the_key_that_chose_it(tmpfs
     assert "(out=...)" in str(error.value) and list(full.iterdir()) == []  # no temporary left behind
 
 
+@pytest.mark.parametrize("script,key,target", [
+    ("train.py", "hydra.run.dir", "{file}"), ("train.py", "hydra.run.dir", "{file}/run"),
+    ("train.py", "hydra.run.dir", "{dir}/" + "x" * 300), ("predict.py", "out", "{file}/predictions.csv"),
+])
+def test_an_output_path_that_cannot_be_made_is_one_paragraph_naming_the_key(tmp_path, data_dir, run_in_process,
+                                                                             script, key, target):
+    (tmp_path / "a-file").write_text("mine")
+    target = target.format(file=tmp_path / "a-file", dir=tmp_path)
+    args = ([*FAST, f"data.dir={data_dir}"] if script == "train.py" else
+            ["ckpt=pretrained", f"inputs=[{data_dir / 'fashion-mnist_test.csv'}]"])
+    result = run_in_process(script, *args, f"{key}={target}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.startswith("error: cannot write ") and f"({key}=...)" in result.stderr, result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"] and (tmp_path / "a-file").read_text() == "mine"
+
+
 @pytest.mark.slow
 def test_read_only_output_directory_is_one_paragraph(make_cfg, tmpfs):
     read_only = tmpfs("ro,size=1m")
