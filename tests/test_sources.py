@@ -66,3 +66,28 @@ def test_bad_idx_magic(tmp_path):
     path.write_bytes(b"\x00\x00\x09\x01" + b"\x00" * 8)
     with pytest.raises(DataError, match="not an IDX file"):
         read_idx(path)
+
+
+def test_a_bad_test_split_writes_neither_csv_so_a_second_try_can_succeed(tmp_path, idx_dir):
+    good = (idx_dir / "t10k-images-idx3-ubyte.gz").read_bytes()
+    (idx_dir / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"garbage"))
+    data = tmp_path / "data"
+    with pytest.raises(DataError):
+        obtain(data, idx_dir=idx_dir, allow_install=False, allow_download=False)
+    assert not data.exists()  # not even the directory it made
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(DataError):
+        obtain(existing, idx_dir=idx_dir, allow_install=False, allow_download=False)
+    assert existing.is_dir() and list(existing.iterdir()) == []  # the user's directory stays, empty as it was
+    (idx_dir / "t10k-images-idx3-ubyte.gz").write_bytes(good)
+    assert "converted IDX files" in obtain(data, idx_dir=idx_dir, allow_install=False, allow_download=False)
+
+
+def test_a_data_dir_that_is_a_file_is_one_paragraph(tmp_path, idx_dir):
+    from fmnist.errors import StorageError
+
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(StorageError, match=r"a file is in the way of a directory to create.*\(--data-dir=\.\.\.\)"):
+        obtain(tmp_path / "a-file", idx_dir=idx_dir, allow_install=False, allow_download=False)
+    assert (tmp_path / "a-file").read_text() == "mine"

@@ -20,6 +20,7 @@ import numpy as np
 
 from fmnist.data.csv_io import write_csv
 from fmnist.errors import DataError
+from fmnist.fsio import storage_errors
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,9 @@ def find_idx(directory: Path, split: str) -> tuple[Path, Path] | None:
 
 
 def idx_to_csv(idx_dir: Path, data_dir: Path) -> None:
-    """Convert both splits' IDX files in `idx_dir` to Kaggle-format CSVs in `data_dir`."""
+    """Convert both splits' IDX files in `idx_dir` to Kaggle-format CSVs in `data_dir`: both read and checked
+    before either is written, and a failed write leaves neither (a lone CSV would block the next try)."""
+    splits = {}
     for split, (_, expected_rows) in SPLITS.items():
         found = find_idx(idx_dir, split)
         if found is None:
@@ -78,8 +81,17 @@ def idx_to_csv(idx_dir: Path, data_dir: Path) -> None:
             raise DataError(f"{idx_dir}: {split} images {images.shape} do not match labels {labels.shape}.")
         if len(labels) != expected_rows:
             log.warning("%s: %s split has %d images, Fashion-MNIST has %d", idx_dir, split, len(labels), expected_rows)
-        write_csv(data_dir / CSV_NAMES[split], images, labels)
-        log.info("wrote %s (%d rows) from %s", data_dir / CSV_NAMES[split], len(labels), found[0])
+        splits[split] = images, labels, found[0]
+    written = []
+    try:
+        for split, (images, labels, source) in splits.items():
+            write_csv(data_dir / CSV_NAMES[split], images, labels)
+            written.append(data_dir / CSV_NAMES[split])
+            log.info("wrote %s (%d rows) from %s", data_dir / CSV_NAMES[split], len(labels), source)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def _install_debian_package() -> bool:
@@ -113,8 +125,20 @@ def _download(dest: Path, base_url: str = DOWNLOAD_URL) -> None:
 
 def obtain(data_dir: Path, idx_dir: Path | None = None, allow_install: bool = True,
            allow_download: bool = True) -> str:
-    """Make sure `data_dir` holds both CSVs; return a line saying where they came from."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    """Make sure `data_dir` holds both CSVs; return a line saying where they came from. A failure leaves
+    `data_dir` as it was (not even created)."""
+    created = not data_dir.exists()
+    with storage_errors(key="--data-dir"):
+        data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _obtain(data_dir, idx_dir, allow_install, allow_download)
+    except BaseException:
+        if created:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        raise
+
+
+def _obtain(data_dir: Path, idx_dir: Path | None, allow_install: bool, allow_download: bool) -> str:
     csvs = [data_dir / name for name in CSV_NAMES.values()]
     if all(p.is_file() or Path(f"{p}.gz").is_file() for p in csvs):
         return f"CSVs already in {data_dir}: left untouched"
