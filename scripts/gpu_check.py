@@ -159,8 +159,18 @@ def compose_all(steps: list[Step]) -> None:
             for command in step.commands if step.train else []:
                 overrides = [o for o in command[2:] if o != "-m" and not o.startswith(("hydra.", "hydra/"))]
                 # A sweep's comma lists: compose each value's first item (every item goes through train.py alike).
-                first = [o.split("=", 1)[0] + "=" + o.split("=", 1)[1].split(",")[0] if "," in o else o for o in overrides]
-                check_config(compose("train", overrides=first))
+                check_config(compose("train", overrides=[first_of_sweep(o) for o in overrides]))
+
+
+def first_of_sweep(override: str) -> str:
+    """`key=a` of a sweep override `key=a,b,c`; an override whose commas are inside brackets (`[8,16]`) as it is."""
+    key, _, value = override.partition("=")
+    depth = 0
+    for i, char in enumerate(value):
+        depth += (char in "[{(") - (char in "]})")
+        if char == "," and depth == 0:
+            return f"{key}={value[:i]}"
+    return override
 
 
 def environment(results: Path) -> dict:
@@ -349,9 +359,20 @@ def main() -> int:
                 command.extend(args.override)
         return steps
 
+    if args.dry_run or args.override:  # a typo in --override must not cost a GPU window step by step
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        from fmnist.errors import FmnistError
+
+        try:
+            compose_all(steps_for(gpus=2))
+        except (HydraException, OmegaConfBaseException, FmnistError) as e:
+            print(f"gpu-check: a train.py command does not compose with --override {' '.join(args.override)}: "
+                  f"{' '.join(str(e).splitlines()[:2])}", file=sys.stderr)
+            return 2
     if args.dry_run:
         steps = steps_for(gpus=2)
-        compose_all(steps)
         for step in steps:
             for command in step.commands:
                 print(f"[{step.name}, <= {step.timeout_s:.0f} s] {shlex.join(command)}")

@@ -79,6 +79,15 @@ def test_gpu_records_dry_run_composes_the_record_recipes(run_in_process):
     assert lines[-1].startswith("dry run: 3 commands composed")
 
 
+def test_a_typo_in_override_stops_gpu_check_before_any_step(tmp_path, run_in_process):
+    # The smoke plan's own list values (model.widths=[8,16,32]) compose; the misspelt key does not.
+    result = run_in_process("scripts/gpu_check.py", "--records", "--smoke", "--results", str(tmp_path / "r"),
+                            "--override", "optim.lrr=1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "does not compose with --override optim.lrr=1: Could not override 'optim.lrr'." in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
 def test_gpu_records_smoke_writes_its_results_and_a_second_run_continues(tmp_path, data_dir, run_in_process):
     results = tmp_path / "records"
     first = run_in_process("scripts/gpu_check.py", "--records", "--smoke", "--results", str(results),
