@@ -72,7 +72,8 @@ def check_accelerator(accelerator: str, devices: Any = "auto") -> None:
     if not has.get(accelerator, lambda: True)():
         raise ConfigError(f"config key trainer.accelerator must be one this machine has; got {accelerator!r}, but "
                           "torch finds no such device here. Use trainer.accelerator=auto (or cpu).")
-    if device_kind(accelerator) == "cpu" and devices != "auto" and not (isinstance(devices, int) and devices >= 1):
+    count = int(devices) if isinstance(devices, str) and devices.strip().isdigit() else devices  # "2", as Lightning reads it
+    if device_kind(accelerator) == "cpu" and devices != "auto" and not (isinstance(count, int) and count >= 1):
         raise ConfigError(f"config key trainer.devices must be `auto` or a number of processes (at least 1) on a CPU; "
                           f"got {devices!r}, device indices or -1, which only GPUs take.")
 

@@ -77,6 +77,7 @@ def test_device_indices_are_refused_on_a_cpu_naming_the_key():
         with pytest.raises(ConfigError, match="config key trainer.devices must be `auto` or a number of processes"):
             check_accelerator("cpu", devices)
     check_accelerator("cpu", 2)
+    check_accelerator("cpu", "2")  # Lightning reads a count given as a string
 
 
 @pytest.mark.parametrize("value", ["../../x", "..", ".", "a/b", "/abs", "", "x y"])
