@@ -220,6 +220,8 @@ def check_model(model: typing.Mapping) -> None:
         value = values[key]
         if not _has_type(value, kind):
             raise ConfigError(f"config key model.{key} must be {_type_name(kind)}; got {value!r}.")
+        if kind is int and value < 1:
+            raise ConfigError(f"config key model.{key} must be a positive integer; got {value!r}.")
         if kind == list[int] and not (len(value) >= 1 and all(v >= 1 for v in value)):
             raise ConfigError(f"config key model.{key} must be a list of one or more positive integers; got {value!r}.")
         if key == "dropout" and not 0.0 <= value < 1.0:

@@ -41,7 +41,7 @@ def test_unknown_model_name_fails():
     ("data.augment.erase=2", "data.augment.erase"), ("data.augment.cutmix=-0.1", "data.augment.cutmix"),
     ("ckpt_path=best", "ckpt_path"),
     ("data.augment.flip_alternate=true", "data.augment.flip_alternate"),
-    ("optim.lr=inf", "optim.lr"),
+    ("optim.lr=inf", "optim.lr"), ("model.hidden=0", "model.hidden"),
     # Keys Lightning takes: refused here, not by a traceback from inside the Trainer once the run directory is written.
     ("trainer.devices=0", "trainer.devices"), ("trainer.devices=-5", "trainer.devices"), ("trainer.devices=abc", "trainer.devices"),
     ("trainer.devices=[]", "trainer.devices"), ("trainer.num_nodes=0", "trainer.num_nodes"),
