@@ -149,6 +149,7 @@ def finished_jobs(sweep: Path) -> int:
 def compose_all(steps: list[Step]) -> None:
     """Compose every train.py command's config as train.py would: raises on any bad key or value."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from fmnist.config import register
     from fmnist.training.train import check_config
@@ -158,19 +159,12 @@ def compose_all(steps: list[Step]) -> None:
         for step in steps:
             for command in step.commands if step.train else []:
                 overrides = [o for o in command[2:] if o != "-m" and not o.startswith(("hydra.", "hydra/"))]
-                # A sweep's comma lists: compose each value's first item (every item goes through train.py alike).
-                check_config(compose("train", overrides=[first_of_sweep(o) for o in overrides]))
-
-
-def first_of_sweep(override: str) -> str:
-    """`key=a` of a sweep override `key=a,b,c`; an override whose commas are inside brackets (`[8,16]`) as it is."""
-    key, _, value = override.partition("=")
-    depth = 0
-    for i, char in enumerate(value):
-        depth += (char in "[{(") - (char in "]})")
-        if char == "," and depth == 0:
-            return f"{key}={value[:i]}"
-    return override
+                # A sweep (`seed=0,1,2`, `range(...)`): compose its first value, as Hydra parses it (every value
+                # goes through train.py alike); a list value (`model.widths=[8,16,32]`) is not a sweep.
+                parsed = OverridesParser.create().parse_overrides(overrides)
+                check_config(compose("train", overrides=[
+                    f"{o.get_key_element()}={next(o.sweep_string_iterator())}" if o.is_sweep_override() else o.input_line
+                    for o in parsed]))
 
 
 def environment(results: Path) -> dict:
@@ -365,14 +359,15 @@ def main() -> int:
 
         from fmnist.errors import FmnistError
 
+        steps = steps_for(gpus=2)
         try:
-            compose_all(steps_for(gpus=2))
+            compose_all(steps)
         except (HydraException, OmegaConfBaseException, FmnistError) as e:
-            print(f"gpu-check: a train.py command does not compose with --override {' '.join(args.override)}: "
+            with_override = f" with --override {' '.join(args.override)}" if args.override else ""
+            print(f"gpu-check: a train.py command does not compose{with_override}: "
                   f"{' '.join(str(e).splitlines()[:2])}", file=sys.stderr)
             return 2
     if args.dry_run:
-        steps = steps_for(gpus=2)
         for step in steps:
             for command in step.commands:
                 print(f"[{step.name}, <= {step.timeout_s:.0f} s] {shlex.join(command)}")
