@@ -264,9 +264,13 @@ class Search:
         """What every trial computes with before its sampled values: the train config composed with the train
         overrides, flattened, without placement keys (data.dir, devices, trackers) and the searched keys."""
         cfg = _compose("train", [*ONE_DEVICE, *(self.train_overrides if train_overrides is None else train_overrides)])
-        searched = [spec.key for spec in self.cfg.space.values()]
+        searched = self.searched_keys()
         return {key: value for key, value in flat_config(cfg).items()
                 if key not in PLACEMENT_KEYS and not any(key == s or key.startswith(f"{s}.") for s in searched)}
+
+    def searched_keys(self) -> set[str]:
+        """The train keys the search space samples (`optim.lr`, or a group such as `model`)."""
+        return {spec.key for spec in self.cfg.space.values()}
 
     def check_continuation(self, study: optuna.Study) -> None:
         """Refuse to add trials of another setting to `study` (its earlier trials' train overrides computed
@@ -275,9 +279,8 @@ class Search:
         first = list(self.train_overrides)  # the train overrides of the study's first trials
         earlier = next((t.user_attrs["overrides"] for t in study.trials if "overrides" in t.user_attrs), None)
         if saved is None and earlier is not None:  # a study from before settings were recorded: its first trial's
-            searched = {spec.key for spec in self.cfg.space.values()}
             try:
-                legacy = renamed_overrides([o for o in earlier if override_key(o) not in searched])
+                legacy = renamed_overrides([o for o in earlier if override_key(o) not in self.searched_keys()])
                 saved, first = self.setting(legacy), legacy
             except ConfigError as e:  # keys since removed: nothing to compare with
                 log.warning("study %s: its first trial's train overrides no longer compose (%s); continuing "
