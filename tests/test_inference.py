@@ -392,6 +392,14 @@ def test_evaluation_metrics_match_their_definitions():
                                       if k.endswith("weight")}), "NaN or infinite values"),
     (lambda p: (p["datamodule_hyper_parameters"].update(normalize=True),
                 p.update({DATAMODULE_STATE_KEY: {"mean": 0.3, "std": 0.0}})), "a positive std"),
+    # Fields of the wrong type: one paragraph naming the field, not a TypeError from deep inside a command.
+    (lambda p: p.update(hyper_parameters=[1, 2]), "not an fmnist checkpoint"),
+    (lambda p: p.update(datamodule_hyper_parameters=[1, 2]), "`datamodule_hyper_parameters` as a mapping"),
+    (lambda p: p["datamodule_hyper_parameters"].update(eval_batch_size=0), r"eval_batch_size` as a positive integer \(got 0\)"),
+    (lambda p: p["datamodule_hyper_parameters"].update(eval_batch_size="64"), "eval_batch_size` as a positive integer"),
+    (lambda p: p["state_dict"].update({1: torch.zeros(1)}), "`state_dict` with text keys"),
+    (lambda p: p.update(current_model_state=[1]), "`current_model_state`"),
+    (lambda p: p.update({DATAMODULE_STATE_KEY: {"mean": "abc", "std": 1.0}}), "`mean` and `std` are numbers"),
 ])
 def test_values_read_from_a_checkpoint_are_checked_like_config_values(run_dir, tmp_path, damage, words):
     payload = torch.load(resolve(run_dir).path, weights_only=True)

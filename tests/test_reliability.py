@@ -167,6 +167,14 @@ def test_resume_from_another_architectures_checkpoint_is_refused(make_cfg, tmp_p
                                               r"configured model \(model.name=simple\)"):
         run_job(make_cfg(*SIMPLE, "trainer.max_epochs=2", "ckpt_path=last"), tmp_path / "simple")
     assert snapshot(tmp_path / "simple") == before
+    # A last.ckpt whose weights are not keyed by name (damaged, or not train.py's) is refused as well.
+    payload = load_checkpoint(tmp_path / "simple" / "checkpoints" / "last.ckpt")
+    payload["state_dict"][1] = torch.zeros(1)
+    torch.save(payload, tmp_path / "simple" / "checkpoints" / "last.ckpt")
+    before = snapshot(tmp_path / "simple")
+    with pytest.raises(CheckpointError, match="last.ckpt: cannot resume from it: its `state_dict` is not a mapping"):
+        run_job(make_cfg(*SIMPLE, "trainer.max_epochs=2", "ckpt_path=last"), tmp_path / "simple")
+    assert snapshot(tmp_path / "simple") == before
 
 
 # Values Lightning or torch would reject later are refused first, naming the key.

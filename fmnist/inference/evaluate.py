@@ -20,7 +20,6 @@ import torchmetrics.functional.classification as tm
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist import CLASS_NAMES, NUM_CLASSES
-from fmnist.config import EVAL_BATCH_SIZE
 from fmnist.data.csv_io import load_csv
 from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_output
@@ -68,7 +67,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     model = load_model(cfg.ckpt)
     csv = model.test_csv(cfg.data.dir)
     images, labels = load_csv(csv)
-    batch_size = cfg.data.batch_size or int(model.data.get("eval_batch_size", EVAL_BATCH_SIZE))
+    batch_size = cfg.data.batch_size or model.eval_batch_size
     tta = cfg.tta if cfg.tta is not None else model.tta  # by default, as the run validated and tested
     logits = model.logits_batched(images, batch_size, tta=tta)
     metrics, cm = classification_metrics(logits, labels)

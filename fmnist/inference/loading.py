@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fmnist.config import RUN_OPTIONS, TTA_MODES, TrainConfig
+from fmnist.config import EVAL_BATCH_SIZE, RUN_OPTIONS, TTA_MODES, TrainConfig
 from fmnist.data.sources import find_csv
 from fmnist.errors import CheckpointError, DataError
 from fmnist.fsio import file_digest, load_checkpoint
@@ -115,6 +115,11 @@ class LoadedModel:
         return self.net(memory_format_input(x, self.channels_last))
 
     @property
+    def eval_batch_size(self) -> int:
+        """The batch size the run evaluated with (checked by `load_model`): the same batches give the same numbers."""
+        return self.data.get("eval_batch_size", EVAL_BATCH_SIZE)
+
+    @property
     def normalize(self) -> bool:
         return bool(self.data.get("normalize", False))
 
@@ -181,23 +186,51 @@ def training_datamodule(data: dict, data_dir: str | None = None):
     return dm
 
 
+def _checked_fields(path: Path, payload: dict) -> tuple[dict, dict]:
+    """(hyperparameters, datamodule hyperparameters) of a checkpoint train.py wrote, with every field that
+    loading reads checked for its type, so that a damaged or foreign file is one CheckpointError, not a crash."""
+    hp = payload.get("hyper_parameters")
+    model = hp.get("model") if isinstance(hp, dict) else None
+    state = payload.get("state_dict")
+    if not isinstance(model, dict) or model.get("name") not in MODELS or not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not an fmnist checkpoint: expected `hyper_parameters.model.name` (one of "
+                              f"{sorted(MODELS)}) and a `state_dict`, as train.py writes them.")
+    data = payload.get("datamodule_hyper_parameters", {})
+    stored = payload.get(DATAMODULE_STATE_KEY, {})
+    raw = payload.get("current_model_state", {})
+    eval_batch_size = data.get("eval_batch_size", EVAL_BATCH_SIZE) if isinstance(data, dict) else None
+    problems = [
+        (not all(isinstance(k, str) for k in state), "`state_dict` with text keys (parameter names)"),
+        (not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw),
+         "`current_model_state` (the weights before averaging) with text keys"),
+        (not isinstance(data, dict), "`datamodule_hyper_parameters` as a mapping"),
+        (isinstance(data, dict) and (isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int)
+                                     or eval_batch_size < 1), "`datamodule_hyper_parameters.eval_batch_size` "
+                                                              f"as a positive integer (got {eval_batch_size!r})"),
+        (not isinstance(stored, dict) or any(isinstance(stored.get(k, 0.0), bool)
+                                             or not isinstance(stored.get(k, 0.0), (int, float)) for k in ("mean", "std")),
+         f"`{DATAMODULE_STATE_KEY}` as a mapping whose `mean` and `std` are numbers"),
+    ]
+    wrong = [what for bad, what in problems if bad]
+    if wrong:
+        raise CheckpointError(f"{path}: a damaged or foreign checkpoint: expected {'; '.join(wrong)}, as train.py "
+                              "writes them.")
+    return hp, dict(data)
+
+
 def load_model(ckpt: str | Path) -> LoadedModel:
     """Resolve `ckpt` and rebuild its model (eval mode, CPU, no torch.compile) from the checkpoint alone."""
     resolved = resolve(ckpt)
     path = resolved.path
     payload = load_checkpoint(path)
-    hp = payload.get("hyper_parameters") if isinstance(payload, dict) else None
-    model = (hp or {}).get("model")
-    if not isinstance(model, dict) or model.get("name") not in MODELS or not isinstance(payload.get("state_dict"), dict):
-        raise CheckpointError(f"{path}: not an fmnist checkpoint: expected `hyper_parameters.model.name` (one of "
-                              f"{sorted(MODELS)}) and a `state_dict`, as train.py writes them.")
+    hp, data = _checked_fields(path, payload)
+    model = hp["model"]
     # Checkpoints written before the run options left `model` hold them there.
     model = {k: v for k, v in model.items() if k not in RUN_OPTIONS}
     options = {k: hp[k] if k in hp else hp["model"][k] for k in RUN_OPTIONS if k in hp or k in hp["model"]}
     if options.get("tta", "none") not in TTA_MODES:
         raise CheckpointError(f"{path}: its hyperparameter tta is {options.get('tta')!r}, not one of {TTA_MODES}: "
                               "not a checkpoint train.py wrote.")
-    data = dict(payload.get("datamodule_hyper_parameters") or {})
     channels_last = bool(options.get("channels_last", TrainConfig.channels_last))
     try:
         net = build_model(**model)

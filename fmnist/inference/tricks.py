@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fmnist.config import EVAL_BATCH_SIZE, TTA_MODES
+from fmnist.config import TTA_MODES
 from fmnist.errors import CheckpointError
 from fmnist.inference.loading import best_in_run, load_model, net_state, training_datamodule
 from fmnist.runs import COMPLETED, collect
@@ -27,7 +27,7 @@ def validation_accuracies(run_dir: Path, data_dir: str | None = None) -> dict[tu
     path = best_in_run(run_dir)
     loaded = load_model(path)
     images, labels = training_datamodule(loaded.data, data_dir).splits["val"]
-    batch = int(loaded.data.get("eval_batch_size", EVAL_BATCH_SIZE))
+    batch = loaded.eval_batch_size
     raw = loaded.raw_weights
     # load_model gave the checkpoint's `state_dict`: the average when the run had EMA, else the raw weights.
     weight_sets = [("ema", None), ("raw", raw)] if raw is not None else [("raw", None)]

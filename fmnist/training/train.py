@@ -207,6 +207,10 @@ def _ctrl_c_stops_at_a_step(trainer: L.Trainer):
 def _check_checkpoint(cfg: DictConfig, path: Path) -> None:
     """Refuse a last.ckpt that cannot be loaded safely or holds another architecture's weights."""
     state = load_checkpoint(path).get("state_dict", {})
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise CheckpointError(f"{path}: cannot resume from it: its `state_dict` is not a mapping of parameter names "
+                              "to weights, as train.py writes it (a damaged or foreign file); start a new run "
+                              "directory.")
     model = LitClassifier(model=OmegaConf.to_container(cfg.model, resolve=True),
                           optim=OmegaConf.to_container(cfg.optim, resolve=True))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("net.")}
