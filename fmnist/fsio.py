@@ -115,15 +115,21 @@ def check_output_file(path: Path, key: str, overwrite: bool, is_ours: Callable[[
                           "Choose a new file name.")
 
 
-def storage_error(error: OSError, path: Path | str | None = None, key: str = "hydra.run.dir") -> StorageError | None:
+def storage_error(error: OSError, path: Path | str | None = None,
+                  key: str | None = "hydra.run.dir") -> StorageError | None:
     """The user-fixable form of an OSError (disk full, read-only, no permission, a path that cannot be made),
-    else None; `key` is the config key that chooses where the command writes."""
+    else None; `key` is the config key that chooses where the command writes (None: the place is fixed,
+    e.g. a sweep's own directory)."""
     cause = _CAUSES.get(error.errno)
     if cause is None:
         return None
     where = error.filename or path or "a file"
-    fix = "Free some space or choose another place" if error.errno in _SPACE else "Choose a place that can be written"
-    return StorageError(f"cannot write {where}: {cause} ({error.strerror}). {fix} ({key}=...); files already "
+    if key is None:
+        fix = "Free some space" if error.errno in _SPACE else "Make that path writable, or move what is in the way"
+    else:
+        fix = ("Free some space or choose another place" if error.errno in _SPACE
+               else "Choose a place that can be written") + f" ({key}=...)"
+    return StorageError(f"cannot write {where}: {cause} ({error.strerror}). {fix}; files already "
                         "written, checkpoints included, are intact.")
 
 
@@ -139,7 +145,7 @@ def check_writable(directory: Path) -> None:
 
 
 @contextmanager
-def storage_errors(key: str = "hydra.run.dir"):
+def storage_errors(key: str | None = "hydra.run.dir"):
     """Turn an OSError a user can fix (disk full, read-only, no permission) into a StorageError naming `key`."""
     try:
         yield

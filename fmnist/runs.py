@@ -14,19 +14,24 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from fmnist import NUM_CLASSES
 from fmnist.config import setting_of
+from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_write
 from fmnist.hardware import describe
 
 METRICS_FILE = "metrics.json"
+CONFUSION_FILE = "confusion_matrix.csv"  # the test set's confusion matrix, [true, predicted] counts
 # A run's status, as metrics.json and every summary spell it.
 RUNNING, COMPLETED, FAILED, DIVERGED, INTERRUPTED = "running", "completed", "failed", "diverged", "interrupted"
 PRUNED = "pruned"  # a search's trial stopped early by its pruner
 STARTED = "started"  # a job directory with no record yet (in a sweep's table only)
 UNREADABLE = "unreadable"  # a job whose metrics.json is not a record this code wrote (in a sweep's table only)
 FINISHED = (COMPLETED, FAILED, DIVERGED)
+RECORDED = (RUNNING, *FINISHED, INTERRUPTED, PRUNED)  # every status a run's metrics.json can hold
 PACKAGES = ("torch", "lightning", "torchmetrics", "hydra-core", "omegaconf", "numpy")
 
 
@@ -111,7 +116,9 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
         problem = _unreadable(job, record)
         if problem:  # listed, never dropped without a word, and never averaged
             overrides = (record or {}).get("overrides")
-            record = {"status": UNREADABLE, "error": problem, "overrides": overrides if isinstance(overrides, list) else []}
+            record = {"status": UNREADABLE, "error": problem,
+                      "overrides": overrides if isinstance(overrides, list) and all(isinstance(o, str) for o in overrides)
+                      else []}
         record = record or {"status": STARTED}
         metrics = record.get("metrics", {})
         rows.append({
@@ -129,12 +136,41 @@ def _unreadable(job: Path, record) -> str | None:
     if record is None:
         return f"{job / METRICS_FILE} is not a run record (unreadable, or not a JSON object)" \
             if (job / METRICS_FILE).exists() else None
-    if not isinstance(record.get("metrics", {}), dict) or not isinstance(record.get("overrides", []), list):
-        return f"{job / METRICS_FILE} is not a run record"
+    if record.get("status") not in RECORDED:
+        return f"{job / METRICS_FILE}: status is {record.get('status')!r}, not one of {', '.join(RECORDED)}: not a run record"
+    wrong = [key for key, ok in (
+        ("metrics", isinstance(record.get("metrics", {}), dict)),
+        ("overrides", isinstance(record.get("overrides", []), list)
+         and all(isinstance(o, str) for o in record.get("overrides", []))),
+        ("seed", record.get("seed") is None or (isinstance(record["seed"], int) and not isinstance(record["seed"], bool))),
+        *((key, record.get(key) is None or isinstance(record[key], str)) for key in ("error", "git_commit")),
+    ) if not ok]
+    if wrong:
+        return f"{job / METRICS_FILE} is not a run record: {', '.join(wrong)} of the wrong type"
     for key, value in record.get("metrics", {}).items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             return f"{job / METRICS_FILE}: metrics.{key} is {value!r}, not a number"
     return None
+
+
+def read_confusion_matrix(job: Path) -> np.ndarray | None:
+    """The job's test-set confusion matrix (confusion_matrix.csv, [true, predicted] counts), None if it has
+    none, or ConfigError naming the file when it is not the 10 x 10 table of counts a run writes."""
+    path = Path(job) / CONFUSION_FILE
+    if not path.exists():
+        return None
+    try:
+        cm = np.loadtxt(path, delimiter=",", ndmin=2)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot read it as a table of numbers ({str(e).rstrip('.')}); expected the confusion matrix a "
+                          "run writes.") from e
+    if cm.shape != (NUM_CLASSES, NUM_CLASSES):
+        raise ConfigError(f"{path}: expected the {NUM_CLASSES} x {NUM_CLASSES} confusion matrix a run writes; it "
+                          f"holds a {cm.shape[0]} x {cm.shape[1]} table.")
+    if (cm < 0).any() or (cm != np.round(cm)).any():
+        raise ConfigError(f"{path}: expected counts (whole numbers, not negative) in the confusion matrix a run "
+                          "writes; it holds other values.")
+    return cm.astype(np.int64)
 
 
 def _compute(job: Path) -> dict:

@@ -218,3 +218,22 @@ def test_an_image_comparison_refuses_other_images_and_runs_without_predictions(t
     (tmp_path / "other" / "seed=0" / "predictions.npz").unlink()
     with pytest.raises(ConfigError, match="predictions.npz: no such file"):
         image_comparison(tmp_path / "a", tmp_path / "other")
+    # A damaged file, a pickle, and arrays of another shape: one paragraph each, never numpy's advice to unpickle.
+    damaged = tmp_path / "other" / "seed=0" / "predictions.npz"
+    for write in (lambda f: f.write(b"x"), lambda f: np.save(f, np.array([{}]), allow_pickle=True),
+                  lambda f: np.savez(f, val_pred=np.zeros((2, 2), int), val_label=np.zeros(2, int))):
+        with open(damaged, "wb") as f:
+            write(f)
+        with pytest.raises(ConfigError, match="predictions.npz: (cannot read it|`val_pred` and `val_label` should)") as e:
+            image_comparison(tmp_path / "a", tmp_path / "other")
+        assert "allow_pickle" not in str(e.value)
+    assert results_main(["images", str(tmp_path / "a"), str(tmp_path / "other")]) == 2
+
+
+def test_results_verbs_name_a_file_in_the_way_instead_of_crashing(tmp_path, capsys):
+    labels = np.arange(100) % 10
+    sweep = _runs_with_predictions(tmp_path, "a", [np.ones(100, bool)], labels)
+    (sweep / "figures").write_text("my notes")
+    assert results_main(["report", str(sweep)]) == 2
+    assert "figures: a file is in the way" in capsys.readouterr().err
+    assert (sweep / "figures").read_text() == "my notes"

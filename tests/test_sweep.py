@@ -49,6 +49,43 @@ def _fake_job(sweep: Path, name: str, status: str, seed: int, acc: float | None,
     (job / "confusion_matrix.csv").write_text("\n".join(",".join("5" if i == j else "0" for j in range(10)) for i in range(10)))
 
 
+@pytest.mark.parametrize("edit,words", [
+    ({"status": [1]}, "status is [1], not one of running, completed"),
+    ({"status": None}, "status is None"),  # a foreign JSON object: no status at all
+    ({"seed": "0"}, "seed of the wrong type"),
+    ({"overrides": [1, 2]}, "overrides of the wrong type"),
+    ({"error": {"a": 1}}, "error of the wrong type"),
+])
+def test_a_hand_edited_record_is_listed_as_unreadable_not_a_crash(tmp_path, edit, words):
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1):
+        _fake_job(sweep, f"seed={seed}", "completed", seed, 0.9, [f"seed={seed}"])
+    path = sweep / "seed=0" / "metrics.json"
+    path.write_text(json.dumps({k: v for k, v in {**json.loads(path.read_text()), **edit}.items() if v is not None}))
+    table = summarize(sweep).set_index("job")
+    assert table.status.to_dict() == {"seed=0": "unreadable", "seed=1": "completed"}
+    assert words in table.error["seed=0"]
+    assert "seed=0" in (sweep / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("name,content,words", [
+    ("confusion_matrix.csv", "a,b,c\n", "cannot read it as a table of numbers"),
+    ("confusion_matrix.csv", "1,2\n", "expected the 10 x 10 confusion matrix a run writes; it holds a 1 x 2 table"),
+    ("confusion_matrix.csv", "\n".join([",".join(["-1"] * 10)] * 10), "expected counts"),
+    ("config.yaml", "- a list\n", "expected a mapping with a `data` section"),
+    ("config.yaml", ": [\n", "cannot read it as YAML"),
+])
+def test_a_damaged_run_file_is_named_by_the_results_verbs_that_read_it(tmp_path, capsys, name, content, words):
+    sweep = tmp_path / "sweep"
+    _fake_job(sweep, "seed=0", "completed", 0, 0.9, ["seed=0"])
+    (sweep / "seed=0" / name).write_text(content)
+    verbs = ["leaderboard"] + (["report"] if name == "confusion_matrix.csv" else [])
+    for verb in verbs:
+        assert results_main([verb, str(sweep)]) == 2
+        err = capsys.readouterr().err
+        assert f"seed=0/{name}: {words}" in err and "Traceback" not in err
+
+
 def test_aggregation_lists_a_failed_job_and_groups_over_seeds(tmp_path):
     sweep = tmp_path / "sweep"
     for seed, acc in enumerate([0.90, 0.92]):

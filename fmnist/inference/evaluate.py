@@ -25,7 +25,7 @@ from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_output
 from fmnist.inference.config import check_data
 from fmnist.inference.loading import load_model, run_test_acc
-from fmnist.runs import COMPLETED, now, provenance, write_record
+from fmnist.runs import COMPLETED, CONFUSION_FILE, now, provenance, write_record
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         **provenance(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_output(out_dir / "confusion_matrix.csv") as tmp:
+    with atomic_output(out_dir / CONFUSION_FILE) as tmp:
         np.savetxt(tmp, cm, fmt="%d", delimiter=",")
     _write_figure(out_dir / "confusion_matrix.png", cm, csv, tta)
     write_record(out_dir, record)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fmnist.cli import run_plain
 from fmnist.errors import ConfigError
-from fmnist.fsio import atomic_output, check_output_file
+from fmnist.fsio import atomic_output, check_output_file, storage_errors
 from fmnist.runs import METRICS_FILE, collect
 
 
@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> None:
         if args.verb != "images":  # a run directory is an answer there
             args.dirs = [sweep_dir(d) for d in args.dirs]  # every directory checked before anything is written
-        VERBS[args.verb][0](args)
+        with storage_errors(key=None):  # e.g. a file named `figures` where the report makes its directory
+            VERBS[args.verb][0](args)
     return run_plain(work)
 
 

@@ -10,6 +10,7 @@ raw vs averaged weights under each TTA mode (an evaluation-side change), from th
 from __future__ import annotations
 
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,23 @@ def tricks_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _read_predictions(file: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted classes, labels) of one split from a run's predictions.npz, or ConfigError saying what is wrong."""
+    try:
+        with np.load(file, allow_pickle=False) as saved:
+            if f"{split}_pred" not in saved.files:
+                raise ConfigError(f"{file}: holds no `{split}_pred` (the run was not tested, or saved no {split} split).")
+            pred, labels = saved[f"{split}_pred"], saved.get(f"{split}_label")
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ConfigError(f"{file}: cannot read it as the per-image predictions a run writes (a damaged file, or "
+                          "another kind of file).") from e
+    if (labels is None or pred.ndim != 1 or pred.shape != labels.shape
+            or not (np.issubdtype(pred.dtype, np.integer) and np.issubdtype(labels.dtype, np.integer))):
+        raise ConfigError(f"{file}: `{split}_pred` and `{split}_label` should be integer class arrays of one length, "
+                          "as a run writes them; this file holds something else.")
+    return pred, labels
+
+
 def _predictions_by_seed(path: Path, split: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """{seed: (predictions, labels)} of a run directory, or of each completed job of a sweep directory."""
     if not path.is_dir():
@@ -136,10 +154,7 @@ def _predictions_by_seed(path: Path, split: str) -> dict[int, tuple[np.ndarray, 
         if not file.is_file():
             raise ConfigError(f"{file}: no such file; per-image predictions are written by runs of this version "
                               "(a run that finished before it, or under DDP, has none).")
-        with np.load(file) as saved:
-            if f"{split}_pred" not in saved:
-                raise ConfigError(f"{file}: holds no `{split}_pred` (the run was not tested, or saved no {split} split).")
-            pred, labels = saved[f"{split}_pred"], saved[f"{split}_label"]
+        pred, labels = _read_predictions(file, split)
         seed = record.get("seed")
         if seed in found:
             raise ConfigError(f"{path}: two runs with seed {seed}; pass a run directory or a sweep of one setting.")

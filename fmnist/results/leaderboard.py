@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import yaml
 
+from fmnist.errors import ConfigError
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
-from fmnist.runs import COMPLETED, collect, read_record
+from fmnist.runs import COMPLETED, collect, read_confusion_matrix, read_record
 
 STANDARD_TEST_IMAGES = 10_000  # the standard split's test set; its training set is all of the other 60,000
 
@@ -44,18 +44,31 @@ def hardware_of(record: dict) -> str:
     return f"{machine}, {precision}" if precision else machine
 
 
+def _config_section(job: Path, name: str) -> dict:
+    """One section of a job's resolved config.yaml ({} if it has none), or ConfigError naming a damaged file."""
+    path = job / "config.yaml"
+    try:
+        config = yaml.safe_load(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read it as YAML ({str(e).splitlines()[0]}); expected the resolved config "
+                          "a run writes.") from e
+    config = {} if config is None else config
+    if not isinstance(config, dict) or not isinstance(config.get(name) or {}, dict):
+        raise ConfigError(f"{path}: expected a mapping with a `{name}` section, as a run writes it.")
+    return config.get(name) or {}
+
+
 def split_of(job: Path) -> str | None:
     """How a job's data differs from the standard 60k/10k split (a training subset, limited batches, another
     test set), or None when it trained and tested on the standard split."""
-    config = yaml.safe_load((job / "config.yaml").read_text()) if (job / "config.yaml").exists() else {}
-    data, trainer = config.get("data") or {}, config.get("trainer") or {}
+    data, trainer = (_config_section(job, name) for name in ("data", "trainer"))
     differences = []
     if data.get("train_subset"):
         differences.append(f"{data['train_subset']:,}-image training subset")
     limited = [k for k in ("limit_train_batches", "limit_test_batches") if trainer.get(k) not in (None, 1, 1.0)]
     differences += [f"trainer.{k}={trainer[k]}" for k in limited]
-    confusion = job / "confusion_matrix.csv"
-    tested = int(np.loadtxt(confusion, delimiter=",").sum()) if confusion.exists() else None
+    confusion = read_confusion_matrix(job)
+    tested = int(confusion.sum()) if confusion is not None else None
     if tested is not None and tested != STANDARD_TEST_IMAGES:
         differences.append(f"{tested:,} test images")
     return ", ".join(differences) or None

@@ -17,7 +17,7 @@ from matplotlib.ticker import FormatStrFormatter, FuncFormatter, MaxNLocator
 
 from fmnist.training.figures import confusion_matrix_figure
 from fmnist.results.stats import INTERVAL_NOTE, holm, mean_interval, paired
-from fmnist.runs import COMPLETED, collect
+from fmnist.runs import COMPLETED, collect, read_confusion_matrix
 
 # The seed report's Figures 4.1-4.8: (number, its title, the `experiment=report` variant behind it).
 REPORT_FIGURES = [
@@ -309,8 +309,7 @@ def write_report(sweep_dir: Path) -> list[Path]:
             title = "\n".join(textwrap.wrap(f"Ablation of {key}; other settings as in the best run: {others}", 110))
             save(curves_figure(panels, title), f"ablation_{_slug(key)}.png")
         best = done.loc[done.val_acc_best.idxmax()]
-        cm_path = sweep_dir / best.job / "confusion_matrix.csv"
-        if cm_path.exists():
-            cm = np.loadtxt(cm_path, delimiter=",", dtype=np.int64)
+        cm = read_confusion_matrix(sweep_dir / best.job)
+        if cm is not None:
             save(confusion_matrix_figure(cm, f"Best run {best.job}\ntest-set confusion matrix"), "confusion_matrix.png")
     return written

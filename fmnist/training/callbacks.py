@@ -19,6 +19,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from fmnist.errors import DivergedError
 from fmnist.fsio import atomic_output
 from fmnist.models import training_flops_per_image
+from fmnist.runs import CONFUSION_FILE
 from fmnist.training.figures import confusion_matrix_figure, misclassified_figure
 from fmnist.training.trackers import for_each
 
@@ -384,7 +385,7 @@ class TestArtifacts(L.Callback):
         pl_module.test_confusion.reset()
         if rank_zero_only.rank != 0:
             return
-        np.savetxt(self.run_dir / "confusion_matrix.csv", cm, fmt="%d", delimiter=",")
+        np.savetxt(self.run_dir / CONFUSION_FILE, cm, fmt="%d", delimiter=",")
         if self.trackers:
             for_each(self.trackers, "figure", "test/confusion_matrix", confusion_matrix_figure(cm), trainer.global_step)
             if any(len(w[0]) for w in self.wrong):
