@@ -263,6 +263,23 @@ def swept_keys(sweep_dir: Path) -> set[str]:
     return {o.key_or_group for o in parsed if o.is_sweep_override()} | set(params)
 
 
+def empty_sweeps(overrides: list[str]) -> list[str]:
+    """The sweep overrides among `overrides` that give no value at all (`seed=range(0,0)`, `x=range(5,0)`):
+    a sweep holding one runs no job."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser, empty = OverridesParser.create(), []
+    for text in overrides:
+        try:
+            override = parser.parse_override(text)
+            if override.is_sweep_override() and next(iter(override.sweep_iterator()), None) is None:
+                empty.append(text)
+        except HydraException:  # not readable here (Hydra reports it), or a glob that needs the config to expand
+            continue
+    return empty
+
+
 def job_name(overrides: list[str], swept: set[str]) -> str:
     """A sweep job's name: its computing overrides, the keys its sweep varies first, each group sorted
     (`optim.lr=0.01,seed=1,data.train_subset=5000`), so that where a long name is cut (TensorBoard's run

@@ -122,6 +122,14 @@ def test_ablation_pairs_vary_one_key_from_the_reference():
     assert ablation_pairs(settings, "a=1,b=1") == {"a": ["a=1,b=1", "a=2,b=1"], "b": ["a=1,b=1", "a=1,b=2"]}
 
 
+def test_empty_sweeps_are_exactly_the_sweep_overrides_with_no_value():
+    from fmnist.config import empty_sweeps
+
+    given = ["seed=range(0,0)", "x=range(5,0)", "seed=range(0,3)", "optim.lr=1e-2,1e-3", "seed=1", "y=glob(*)",
+             "model.widths=[8,16]"]
+    assert empty_sweeps(given) == ["seed=range(0,0)", "x=range(5,0)"]
+
+
 def test_job_names_leave_out_exactly_the_placement_keys():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", return_hydra_config=True)
@@ -194,6 +202,10 @@ def test_a_refused_sweep_leaves_no_directory_and_a_refused_job_no_job_directory(
     (tmp_path / "s" / "multirun.yaml").write_text("earlier sweep\n")
     before = snapshot(tmp_path / "s"), sorted((tmp_path / "s").rglob("*"))
     assert run_in_process("train.py", *args, "optim.lr=-1").returncode == 2
+    assert (snapshot(tmp_path / "s"), sorted((tmp_path / "s").rglob("*"))) == before
+    # A sweep of no job (an empty range) is refused before anything is written, not a silent exit 0.
+    empty = run_in_process("train.py", *args, "seed=range(3,3)")
+    assert empty.returncode == 2 and "the sweep override seed=range(3,3) gives no value" in empty.stderr
     assert (snapshot(tmp_path / "s"), sorted((tmp_path / "s").rglob("*"))) == before
 
 

@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
-from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE
+from fmnist.cli import exit_with
+from fmnist.config import empty_sweeps
+from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError
 from fmnist.fsio import note_early_write
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
 from fmnist.runs import COMPLETED, RUNNING, collect
@@ -76,6 +79,12 @@ class SummarizeSweep(Callback):
     """
 
     def on_multirun_start(self, config, **kwargs) -> None:
+        params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+        empty = empty_sweeps([*config.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())])
+        if empty:  # before Hydra makes the sweep directory: a refusal writes nothing
+            exit_with(ConfigError(f"the sweep override {empty[0]} gives no value, so the sweep would run no job and "
+                                  "write an empty summary; nothing was written. A range's end is exclusive: "
+                                  "seed=range(0,3) runs seeds 0, 1 and 2."))
         # Hydra rewrites multirun.yaml before the first job's checks; a refused sweep puts it back (fmnist.cli).
         note_early_write(Path(config.hydra.sweep.dir) / "multirun.yaml")
 
