@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -77,17 +80,48 @@ def refuse_unknown_keys(cfg: DictConfig, overrides: list[str]) -> None:
                               f"not make one meaningful). Keys of {parent_key or 'the config'}: {known}.")
 
 
-def run_cli(hydra_main: Callable[[], object]) -> None:
+class Terminated(BaseException):
+    """SIGTERM (a time limit, `kill`, `scancel`) raised as an exception, so that the `finally` blocks on the
+    way out remove a command's temporary files (fmnist.fsio.atomic_output) instead of leaving them."""
+
+
+@contextmanager
+def sigterm_unwinds(enabled: bool = True):
+    """Within the block, SIGTERM raises Terminated in the main thread. Not for a command that trains: Lightning
+    has its own SIGTERM handling there (it stops after the step and saves), which this would cut short."""
+    if not enabled or threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+TERMINATED = ("stopped by SIGTERM; its temporary files are removed, and any output file is as it was before "
+              "(complete, or absent).", 128 + signal.SIGTERM)
+
+
+def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -> None:
     """Run a `@hydra.main` function; a bad command line or an unwritable output directory exits 2.
 
     A FmnistError raised inside the task is printed by the task itself (`exit_with`); anything else
-    is a bug and ends with its traceback and exit code 1.
+    is a bug and ends with its traceback and exit code 1. `unwind_on_sigterm`: see `sigterm_unwinds`.
     """
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing them and exiting 1
     sys.argv[1:] = renamed_overrides(sys.argv[1:])  # old key names keep working
     try:
-        with early_writes_undone_if_refused():  # refused (`exit_with`): what Hydra wrote before the checks is put back
+        # refused (`exit_with`): what Hydra wrote before the checks is put back
+        with sigterm_unwinds(unwind_on_sigterm), early_writes_undone_if_refused():
             hydra_main()
+    except Terminated:
+        _exit(*TERMINATED)
     except KeyboardInterrupt:  # Ctrl-C before a run started (a started one exits 130 by itself): nothing to resume
         _exit("stopped by Ctrl-C before the run started; nothing was written.", 130)
     except (HydraException, OmegaConfBaseException) as e:
@@ -106,13 +140,18 @@ def _chained_fmnist_error(error: BaseException) -> FmnistError | None:
     return error
 
 
-def run_plain(work: Callable[[], object]) -> int:
-    """Run a plain (argparse) command's work: a user error prints one paragraph and gives its exit code."""
+def run_plain(work: Callable[[], object], unwind_on_sigterm: bool = False) -> int:
+    """Run a plain (argparse) command's work: a user error prints one paragraph and gives its exit code.
+    `unwind_on_sigterm`: see `sigterm_unwinds`."""
     try:
-        work()
+        with sigterm_unwinds(unwind_on_sigterm):
+            work()
     except FmnistError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except Terminated:
+        print(f"error: {TERMINATED[0]}", file=sys.stderr)
+        return TERMINATED[1]
     return 0
 
 

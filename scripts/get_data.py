@@ -17,7 +17,8 @@ def main() -> int:
     parser.add_argument("--no-download", action="store_true", help="never download")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return run_plain(lambda: print(obtain(args.data_dir, args.idx_dir, not args.no_install, not args.no_download)))
+    return run_plain(lambda: print(obtain(args.data_dir, args.idx_dir, not args.no_install, not args.no_download)),
+                      unwind_on_sigterm=True)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def main() -> int:
     parser.add_argument("run_dir", type=Path, help="a finished run directory")
     parser.add_argument("--name", default="speedrun_cpu", help="the shipped files' name (default: speedrun_cpu)")
     args = parser.parse_args()
-    return run_plain(lambda: print(ship(args.run_dir, args.name).read_text()))
+    return run_plain(lambda: print(ship(args.run_dir, args.name).read_text()), unwind_on_sigterm=True)
 
 
 if __name__ == "__main__":

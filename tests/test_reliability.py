@@ -377,6 +377,38 @@ def test_single_class_training_set_warns(tmp_path, caplog):
     assert "only class(es) [3]" in caplog.text
 
 
+# SIGTERM (a time limit, scancel) during a command that writes a file: its temporary file is removed.
+SIGTERM_WHILE_WRITING = """
+import os, signal, sys, time
+from pathlib import Path
+from fmnist.cli import run_plain
+from fmnist.fsio import atomic_output
+
+out = Path(sys.argv[1])
+
+def work():
+    with atomic_output(out, suffix=".onnx") as tmp:
+        tmp.write_bytes(b"half of a model")
+        os.kill(os.getpid(), signal.SIGTERM)  # as a time limit would, in the middle of the write
+        time.sleep(60)
+
+sys.exit(run_plain(work, unwind_on_sigterm={unwind}))
+"""
+
+
+@pytest.mark.parametrize("unwind", [True, False])
+def test_sigterm_while_a_command_writes_leaves_no_temporary_file(tmp_path, unwind):
+    out = tmp_path / "out" / "model.onnx"
+    out.parent.mkdir()
+    done = subprocess.run([sys.executable, "-c", SIGTERM_WHILE_WRITING.format(unwind=unwind), str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    left = sorted(p.name for p in out.parent.iterdir())
+    if unwind:  # what evaluate, predict, export, get_data and the results verbs do
+        assert done.returncode == 143 and "stopped by SIGTERM" in done.stderr and left == []
+    else:  # the default action (a training command, where Lightning handles SIGTERM): the file stays behind
+        assert done.returncode == -signal.SIGTERM and len(left) == 1 and left[0].startswith(".model.onnx.")
+
+
 @pytest.mark.parametrize("content", [b"hello\n", bytes(range(256)) * 4, b"PK\x03\x04" + b"\x00" * 100])
 def test_a_file_that_is_not_a_checkpoint_is_one_paragraph_not_a_pickle_warning(tmp_path, content):
     path = tmp_path / "model.ckpt"

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             args.dirs = [sweep_dir(d) for d in args.dirs]  # every directory checked before anything is written
         with storage_errors(key=None):  # e.g. a file named `figures` where the report makes its directory
             VERBS[args.verb][0](args)
-    return run_plain(work)
+    return run_plain(work, unwind_on_sigterm=True)
 
 
 if __name__ == "__main__":
