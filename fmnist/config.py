@@ -409,8 +409,6 @@ def check_values(cfg: DictConfig) -> None:
         ("optim.weight_decay", cfg.optim.weight_decay >= 0, "non-negative"),
         ("optim.scheduler", cfg.optim.scheduler in SCHEDULERS, f"one of {SCHEDULERS}"),
         ("optim.warmup_epochs", cfg.optim.warmup_epochs >= 0, "non-negative"),
-        ("optim.warmup_epochs", cfg.trainer.max_epochs == -1 or cfg.optim.warmup_epochs <= cfg.trainer.max_epochs,
-         f"at most trainer.max_epochs ({cfg.trainer.max_epochs}): a longer warm-up never reaches optim.lr"),
         ("optim.label_smoothing", 0.0 <= cfg.optim.label_smoothing < 1.0, "in [0, 1)"),
         ("optim.ema_decay", 0.0 <= cfg.optim.ema_decay < 1.0, "in [0, 1) (0: no weight averaging)"),
         ("optim.bias_lr_scale", cfg.optim.bias_lr_scale > 0, "positive (1: biases train like the other weights)"),

@@ -1,5 +1,7 @@
 """Accuracy tools: weight EMA, test-time augmentation, batched augmentations."""
 
+import logging
+
 import lightning as L
 import pandas as pd
 import pytest
@@ -162,9 +164,15 @@ def test_eval_tricks_scores_raw_and_averaged_weights_on_validation(make_cfg, tmp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", ["best", "cpu_best", "speedrun_gpu", "speedrun_gpu_95"])
-def test_accuracy_recipes_train_on_a_cpu_for_a_few_batches(make_cfg, tmp_path, experiment):
+def test_accuracy_recipes_train_on_a_cpu_for_a_few_batches(make_cfg, tmp_path, experiment, caplog):
     # The GPU recipes on a CPU: the same model, augmentations, EMA and TTA, on 2 batches of 8.
-    metrics = train(make_cfg(f"experiment={experiment}", "trainer.accelerator=cpu", "trainer.precision=32-true",
-                             "data.batch_size=8", "data.eval_batch_size=8"), tmp_path)
+    cfg = make_cfg(f"experiment={experiment}", "trainer.accelerator=cpu", "trainer.precision=32-true",
+                   "data.batch_size=8", "data.eval_batch_size=8")
+    with caplog.at_level(logging.WARNING, logger="fmnist.training.module"):
+        metrics = train(cfg, tmp_path)
+    # One epoch of a recipe whose warm-up is longer (best: 2 epochs) says that it never reaches its learning rate.
+    said = [r.getMessage() for r in caplog.records if "is longer than trainer.max_epochs" in r.getMessage()]
+    assert len(said) == (cfg.optim.warmup_epochs > cfg.trainer.max_epochs)
+    assert not said or "reaches at most 50% of optim.lr" in said[0]
     assert 0.0 <= metrics["test/acc"] <= 1.0
     assert "current_model_state" in torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)

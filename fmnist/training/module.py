@@ -157,5 +157,9 @@ class LitClassifier(L.LightningModule):
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)
         warmup = int(warmup_epochs * total / max(1, self.trainer.max_epochs))
+        if warmup_epochs > self.trainer.max_epochs:  # allowed (a short try of a recipe), but said
+            log.warning("optim.warmup_epochs=%s is longer than trainer.max_epochs=%s: the learning rate stays in its "
+                        "warm-up and reaches at most %.0f%% of optim.lr=%s", warmup_epochs, self.trainer.max_epochs,
+                        100 * lr_factor(total - 1, total, warmup, shape), o["lr"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, shape))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
