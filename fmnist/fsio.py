@@ -66,6 +66,11 @@ def note_early_write(path: Path) -> None:
     _EARLY_WRITES.setdefault(path, path.read_bytes() if path.is_file() else None)
 
 
+def early_writes() -> set[Path]:
+    """The files noted by `note_early_write` in this command so far."""
+    return set(_EARLY_WRITES)
+
+
 @contextmanager
 def early_writes_undone_if_refused():
     """Run a command; if it exits with code 2 (refused), put each file noted by `note_early_write` back as it
@@ -90,29 +95,32 @@ def early_writes_undone_if_refused():
 HEAD_BYTES = 4096  # how much of an existing output file is read to recognise who wrote it
 
 
-def check_output_file(path: Path, key: str, overwrite: bool, is_ours: Callable[[bytes], bool], writer: str) -> None:
+def check_output_file(path: Path, key: str, overwrite: bool | None, is_ours: Callable[[bytes], bool],
+                      writer: str) -> None:
     """Refuse an output path that would replace what the user has: a directory, a special file, or an
     existing file, unless `overwrite` is set and `is_ours` recognises the file's first bytes as `writer`'s output.
+    `overwrite` None: the command has no such option (`key` may then be a command-line option, `--csv`).
 
     Called before any work, so that a refusal writes nothing. ConfigError names the key and the path.
     """
     path = Path(path)
+    named = f"{key} names" if key.startswith("-") else f"config key {key} names"
     if not path.exists() and not path.is_symlink():
         return
     if path.is_dir():
-        raise ConfigError(f"config key {key} names a directory ({path}); give a file name inside it.")
+        raise ConfigError(f"{named} a directory ({path}); give a file name inside it.")
     if not path.is_file():
-        raise ConfigError(f"config key {key} names {path}, which exists and is not a regular file (a pipe, a "
-                          "device or a broken link); give the name of a new file.")
+        raise ConfigError(f"{named} {path}, which exists and is not a regular file (a pipe, a device or a broken "
+                          "link); give the name of a new file.")
     if not overwrite:
-        raise ConfigError(f"config key {key} names {path}, which already exists; nothing was written. Choose a "
-                          f"new file name, or add overwrite=true to replace a file that {writer} wrote earlier.")
+        replace = "" if overwrite is None else f", or add overwrite=true to replace a file that {writer} wrote earlier"
+        raise ConfigError(f"{named} {path}, which already exists; nothing was written. Choose a new file "
+                          f"name{replace}.")
     with open(path, "rb") as f:
         ours = is_ours(f.read(HEAD_BYTES))
     if not ours:
-        raise ConfigError(f"config key {key} names {path}, which {writer} did not write (it does not begin as "
-                          f"{writer}'s output does), so overwrite=true does not replace it; nothing was written. "
-                          "Choose a new file name.")
+        raise ConfigError(f"{named} {path}, which {writer} did not write (it does not begin as {writer}'s output "
+                          "does), so overwrite=true does not replace it; nothing was written. Choose a new file name.")
 
 
 def storage_error(error: OSError, path: Path | str | None = None,

@@ -38,6 +38,11 @@ def test_results_verbs_refuse_a_foreign_table_and_a_missing_baseline(tmp_path, c
     foreign.write_text("weights,tta\nraw,none\n")
     assert main(["tricks", "--from-csv", str(foreign)]) == 2
     assert "other.csv: not a table `tricks --csv` wrote: it lacks the columns val_acc_mean" in capsys.readouterr().err
+    # An existing --csv is refused before any evaluation, without advice to use an option tricks does not have.
+    assert main(["tricks", str(ROOT / "docs" / "results" / "speedrun_cpu"), "--csv", str(foreign)]) == 2
+    err = capsys.readouterr().err
+    assert "--csv names" in err and "already exists; nothing was written" in err and "overwrite" not in err
+    assert foreign.read_text() == "weights,tta\nraw,none\n"
     with pytest.raises(SystemExit) as exit_info:
         main(["changes", str(ROOT / "docs" / "results" / "speedrun_cpu")])
     assert exit_info.value.code == 2 and "changes needs a baseline sweep" in capsys.readouterr().err

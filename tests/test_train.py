@@ -1,6 +1,7 @@
 import json
 import logging
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,7 @@ from fmnist.models import training_flops_per_image
 from fmnist.training.module import LitClassifier
 from fmnist.runs import read_record
 from fmnist.training.train import _flatten, run_job, saved_config, train
-from tests.conftest import ROOT, compose_cfg
+from tests.conftest import ROOT, compose_cfg, snapshot
 
 
 @pytest.mark.slow
@@ -54,6 +55,29 @@ def test_existing_run_directory_is_never_overwritten(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="already holds a run.*ckpt_path=last"):
         run_job(make_cfg("model=simple"), tmp_path)
     assert (tmp_path / "metrics.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_a_directory_of_ones_own_files_is_refused_and_a_run_stopped_before_its_record_starts_afresh(make_cfg, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    (mine / "config.yaml").write_text("my config")  # a run's file name, not a run's content
+    before = snapshot(mine)
+    for ckpt_path in ("null", "last"):
+        with pytest.raises(ConfigError, match=r"mine holds files that no run wrote \(config.yaml, notes.txt\)"):
+            run_job(make_cfg("model=simple", f"ckpt_path={ckpt_path}"), mine)
+        assert snapshot(mine) == before
+    (mine / "notes.txt").unlink()
+    (mine / "metrics.json").write_text('{"accuracy": 0.9}')  # another tool's metrics file
+    with pytest.raises(ConfigError, match="mine holds a metrics.json that is not a run's record"):
+        run_job(make_cfg("model=simple"), mine)
+    # A run stopped after writing its config and before its record: the same command starts it again.
+    train(make_cfg("model=simple"), tmp_path / "stopped")
+    shutil.rmtree(tmp_path / "stopped" / "checkpoints")
+    for name in ("metrics.json", "epochs.csv"):
+        (tmp_path / "stopped" / name).unlink()
+    assert run_job(make_cfg("model=simple"), tmp_path / "stopped") > 0
 
 
 @pytest.mark.slow

@@ -74,7 +74,7 @@ def tricks(args) -> None:
     from fmnist.inference.tricks import compare
 
     if args.csv:  # refused before the work, as predict.py and export.py refuse an existing out=
-        check_output_file(args.csv, "--csv", False, lambda head: False, "tricks")
+        check_output_file(args.csv, "--csv", None, lambda head: False, "tricks")
     table = compare(args.dirs, args.data_dir)
     if args.csv:
         with atomic_output(args.csv) as tmp:

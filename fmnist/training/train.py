@@ -31,12 +31,12 @@ from fmnist.config import ADDED_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, RUN_OPTIONS,
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.data.sources import find_csv
 from fmnist.errors import CheckpointError, ConfigError, DivergedError, FmnistError
-from fmnist.fsio import atomic_write, check_writable, file_digest, load_checkpoint, storage_errors
+from fmnist.fsio import atomic_write, check_writable, early_writes, file_digest, load_checkpoint, storage_errors
 from fmnist.hardware import check_accelerator
 from fmnist.models import check_model, training_flops_per_image
 from fmnist.training.precision import resolve_precision
-from fmnist.runs import (COMPLETED, DIVERGED, FAILED, FINISHED, INTERRUPTED, METRICS_FILE, PRUNED, RUNNING, now,
-                         provenance, read_record, update_record)
+from fmnist.runs import (COMPLETED, DIVERGED, FAILED, FINISHED, INTERRUPTED, METRICS_FILE, PRUNED, RECORDED, RUNNING,
+                         now, provenance, read_record, update_record)
 from fmnist.training.callbacks import (DIVERGED_ADVICE, HEARTBEAT_S, EpochCSV, Forecast, Lookahead,
                                        PerImagePredictions,
                                        TestArtifacts, WeightEMA, loss_diverged, step_callbacks)
@@ -77,14 +77,41 @@ def _changed_keys(saved: Path, cfg: DictConfig) -> tuple[list[str], dict, dict]:
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS), old, new
 
 
+def _not_a_runs(run_dir: Path) -> list[str]:
+    """The names of what `run_dir` holds that no run wrote; empty for a new or empty directory and for one a run
+    was stopped in before its first record (its config.yaml is a run's config: it is started afresh)."""
+    entries = sorted(p.name for p in run_dir.iterdir() if p.resolve() not in {e.resolve() for e in early_writes()})
+    if not entries:
+        return []
+    try:
+        saved = OmegaConf.load(run_dir / "config.yaml")
+        if isinstance(saved, DictConfig) and {"model", "optim", "trainer", "data"} <= set(saved):
+            return []
+    except Exception:  # absent, unreadable or not YAML: not a run's config
+        pass
+    return entries
+
+
 def _check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
-    """Refuse to write into another run's directory; return True when resuming from last.ckpt."""
+    """Refuse to write into another run's directory, or into one holding files no run wrote; return True
+    when resuming from last.ckpt."""
     record = read_record(run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
     saved = run_dir / "config.yaml"
+    holds_a_run = record is not None or last.exists() or (run_dir / METRICS_FILE).exists()  # even an unreadable record
+    foreign = [] if holds_a_run else _not_a_runs(run_dir)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise RunDirInUse(f"{run_dir} holds files that no run wrote ({shown}); a run is written into a new or "
+                          "empty directory, so that nothing of yours is replaced; nothing was written. Choose "
+                          "another directory (hydra.run.dir=...).")
     if cfg.ckpt_path != "last":
-        if record is not None or last.exists() or (run_dir / METRICS_FILE).exists():  # even an unreadable record
-            raise RunDirInUse(f"{run_dir} already holds a run (status {(record or {}).get('status')!r}); "
+        status = (record or {}).get("status")
+        if (run_dir / METRICS_FILE).exists() and status not in RECORDED:
+            raise RunDirInUse(f"{run_dir} holds a {METRICS_FILE} that is not a run's record (no run status in it); "
+                              "a run never writes over it. Choose another directory (hydra.run.dir=...).")
+        if holds_a_run:
+            raise RunDirInUse(f"{run_dir} already holds a run (status {status!r}); "
                               "pass ckpt_path=last to resume it, or choose another directory.")
         return False
     if saved.exists():
