@@ -76,6 +76,16 @@ def test_bad_cells_are_located(valid, line, column, value, expected):
         parse_csv(path)
 
 
+def test_a_quoted_csv_is_located_with_its_label_named_and_the_quotes_named_as_the_cause(valid):
+    path = valid[0]
+    lines = path.read_text().split("\n")
+    quoted = [",".join(f'"{cell}"' for cell in line.split(",")) if line else line for line in lines]
+    path.write_text("\n".join(quoted))  # as some spreadsheets save it: every cell in quotes, the header too
+    with pytest.raises(DataError, match=re.escape(f"{path}, line 2, column 1 (\"label\"): expected an integer 0-9, "
+                                                  f"found '{quoted[1].split(',')[0]}' (cells in quotes are not read")):
+        parse_csv(path)
+
+
 @pytest.mark.parametrize("mutate,expected", [
     (lambda t: "", "the file is empty"),
     (lambda t: t.split("\n")[0] + "\n", "has a header but no data rows"),

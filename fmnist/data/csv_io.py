@@ -218,8 +218,9 @@ def _cell_error(path: Path, header: list[str], block: np.ndarray, pos: int, expe
     name = column_name(header[column - 1]) if column <= len(header) else "?"
     found = found or (quoted if quoted != "''" else "an empty cell")
     if expected == "an integer":
-        expected = "an integer 0-9" if name.strip() == "label" else "an integer 0-255"
-    return DataError(f"{path}, line {line}, column {column} ({name}): expected {expected}, found {found}.")
+        expected = "an integer 0-9" if name.strip().strip("\"'") == "label" else "an integer 0-255"
+    hint = " (cells in quotes are not read: save the CSV without quoting)" if '"' in found else ""
+    return DataError(f"{path}, line {line}, column {column} ({name}): expected {expected}, found {found}{hint}.")
 
 
 def write_csv(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
