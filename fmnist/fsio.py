@@ -26,13 +26,15 @@ _SPACE = {errno.ENOSPC, errno.EDQUOT}
 
 
 @contextmanager
-def atomic_output(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
+def atomic_output(path: Path, suffix: str = ".tmp", replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path` to write to; once the block succeeds, flush it to disk and
     rename it into place, in one step. On any error the temporary file is removed and `path` is untouched.
 
     A crash, a kill or a full disk leaves the previous file (or none), never a truncated one. The
     temporary name is unique to the process and the call, so two writers of one path never share it
     (the last rename wins, whole). `suffix` keeps an extension that a writer needs (e.g. `.onnx`).
+    `replace=False`: a file that appeared at `path` meanwhile (another command writing the same output)
+    is kept, and ConfigError says so; the file goes into place by a hard link, which fails if one exists.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
@@ -40,13 +42,32 @@ def atomic_output(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
     except OSError as e:
         if not e.filename or e.filename == str(tmp):  # name the file the user asked for, not our temporary
             e.filename = str(path)
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _link_new(tmp: Path, path: Path) -> None:
+    """Put `tmp` in place as `path` only if no file is there (the test and the write are one step)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise ConfigError(f"{path} was created by another process while this command ran; it is kept as that "
+                          "process wrote it, and this command's output was not written.") from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        if path.exists():  # a file system without hard links: tested, then renamed
+            raise ConfigError(f"{path} was created by another process while this command ran; it is kept as "
+                              "that process wrote it, and this command's output was not written.") from None
+        os.replace(tmp, path)
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:

@@ -82,6 +82,23 @@ def test_evaluate_reproduces_the_runs_test_accuracy(run_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_evaluations_into_one_directory_keep_the_first_ones_results(run_dir, tmp_path, monkeypatch):
+    from fmnist.inference import evaluate as module
+
+    computed = module.classification_metrics
+
+    def another_evaluation_finishes_meanwhile(logits, labels):
+        (tmp_path / "eval" / "metrics.json").write_text('{"status": "completed"}')
+        return computed(logits, labels)
+
+    monkeypatch.setattr(module, "classification_metrics", another_evaluation_finishes_meanwhile)
+    (tmp_path / "eval").mkdir()
+    with pytest.raises(ConfigError, match="another evaluation wrote its results there while this one ran"):
+        evaluate(compose_named("evaluate", f"ckpt={run_dir}"), tmp_path / "eval")
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["metrics.json"]
+
+
+@pytest.mark.slow
 def test_evaluate_with_tta_on_another_test_set(run_dir, tmp_path):
     other = tmp_path / "other"
     other.mkdir()

@@ -376,6 +376,23 @@ def test_single_class_training_set_warns(tmp_path, caplog):
     assert "only class(es) [3]" in caplog.text
 
 
+def test_an_output_that_appears_while_a_command_runs_is_kept_unless_replacing_is_asked(tmp_path):
+    from fmnist.fsio import atomic_output
+
+    out = tmp_path / "model.onnx"
+    with pytest.raises(ConfigError, match="model.onnx was created by another process while this command ran"):
+        with atomic_output(out, replace=False) as tmp:
+            tmp.write_bytes(b"ours")
+            out.write_bytes(b"theirs")  # another export to the same out=, finished first
+    assert out.read_bytes() == b"theirs" and sorted(tmp_path.iterdir()) == [out]
+    with atomic_output(out, replace=True) as tmp:  # overwrite=true: the command's own output replaces it
+        tmp.write_bytes(b"ours")
+    assert out.read_bytes() == b"ours" and sorted(tmp_path.iterdir()) == [out]
+    with atomic_output(tmp_path / "new.csv", replace=False) as tmp:  # nothing there: written as usual
+        tmp.write_bytes(b"rows")
+    assert (tmp_path / "new.csv").read_bytes() == b"rows"
+
+
 # SIGTERM (a time limit, scancel) during a command that writes a file: its temporary file is removed.
 SIGTERM_WHILE_WRITING = """
 import os, signal, sys, time

@@ -25,7 +25,8 @@ from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_output
 from fmnist.inference.config import check_data
 from fmnist.inference.loading import load_model, run_test_acc
-from fmnist.runs import COMPLETED, CONFUSION_FILE, now, provenance, write_record
+from fmnist.runs import COMPLETED, CONFUSION_FILE, METRICS_FILE, now, provenance, write_record
+from fmnist.training.rundir import own_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +82,14 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "run_test_acc": run_test_acc(model.run_dir), "config": OmegaConf.to_container(cfg, resolve=True),
         **provenance(),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_output(out_dir / CONFUSION_FILE) as tmp:
-        np.savetxt(tmp, cm, fmt="%d", delimiter=",")
-    _write_figure(out_dir / "confusion_matrix.png", cm, csv, tta)
-    write_record(out_dir, record)
+    with own_run_dir(out_dir):  # another evaluation into the same directory waits its turn, then is refused
+        if (out_dir / METRICS_FILE).exists():
+            raise ConfigError(f"{out_dir}: another evaluation wrote its results there while this one ran; they are "
+                              "kept, and this evaluation wrote nothing. Name a new directory (hydra.run.dir=...).")
+        with atomic_output(out_dir / CONFUSION_FILE) as tmp:
+            np.savetxt(tmp, cm, fmt="%d", delimiter=",")
+        _write_figure(out_dir / "confusion_matrix.png", cm, csv, tta)
+        write_record(out_dir, record)
     print(summary_table(record, out_dir))
     return record
 

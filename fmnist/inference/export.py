@@ -159,7 +159,7 @@ def export(cfg: DictConfig) -> Agreement:
     out = Path(cfg.out)
     with storage_errors(key="out"):
         out.parent.mkdir(parents=True, exist_ok=True)
-    with storage_errors(key="out"), atomic_output(out, suffix=".onnx") as tmp:
+    with storage_errors(key="out"), atomic_output(out, suffix=".onnx", replace=cfg.overwrite) as tmp:
         to_onnx(loaded, tmp)
         agreement = compare(loaded, tmp, images, cfg.data.batch_size or EVAL_BATCH_SIZE)
         print(agreement.line())

@@ -123,7 +123,7 @@ def predict(cfg: DictConfig) -> list[dict]:
         rows.append(row)
     if cfg.out:
         with storage_errors(key="out"):
-            write_rows(Path(cfg.out), rows, k)
+            write_rows(Path(cfg.out), rows, k, replace=cfg.overwrite)
     print(table(rows, k, model.path, cfg.out))
     failed = [r for r in rows if r["error"]]
     if failed:
@@ -139,10 +139,11 @@ def written_by_predict(head: bytes) -> bool:
     return head.startswith((b"input,class_1,prob_1,", b'[\n {\n  "input": '))
 
 
-def write_rows(path: Path, rows: list[dict], k: int) -> None:
-    """Write the rows as CSV or JSON (by the suffix), atomically."""
+def write_rows(path: Path, rows: list[dict], k: int, replace: bool = True) -> None:
+    """Write the rows as CSV or JSON (by the suffix), atomically; `replace=False` keeps a file that appeared
+    at `path` meanwhile (fmnist.fsio.atomic_output)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as tmp:
+    with atomic_output(path, replace=replace) as tmp:
         if path.suffix.lower() == ".json":
             records = [{"input": r["input"], "class_id": r["class_id"], "label": r["label"], "error": r["error"],
                         "top_k": [] if r["error"] else [{"class": r[f"class_{i}"], "prob": r[f"prob_{i}"]}

@@ -77,7 +77,7 @@ def tricks(args) -> None:
         check_output_file(args.csv, "--csv", None, lambda head: False, "tricks")
     table = compare(args.dirs, args.data_dir)
     if args.csv:
-        with atomic_output(args.csv) as tmp:
+        with atomic_output(args.csv, replace=False) as tmp:
             table.to_csv(tmp, index=False)
     print(tricks_markdown(table), end="")
 
