@@ -63,7 +63,7 @@ def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR) -> Path:
             raise ConfigError(f"{source}: stripped of its training state it scores {accuracy:.4%} on the test set, "
                               f"not the {recorded} the run recorded; not shipped.")
         export(OmegaConf.create({"ckpt": str(ckpt), "out": str(onnx), "overwrite": False,
-                                 "data": {"dir": None, "batch_size": None}}))
+                                 "data": {"dir": None, "batch_size": None}}), shipped_name(out_dir / ckpt.name))
         final = {p: out_dir / p.name for p in (ckpt, onnx, card)}
         card.write_text(card_text(name, record, loaded.model, loaded.tta, accuracy, recorded, ckpt, onnx, run_dir))
         for staged, target in final.items():
@@ -71,6 +71,14 @@ def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR) -> Path:
         return final[card]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def shipped_name(path: Path) -> str:
+    """How a shipped file is named in its ONNX metadata: relative to the repository when inside it
+    (`pretrained/speedrun_cpu.ckpt`), else its full path."""
+    root = PRETRAINED_DIR.parent
+    path = path.resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
 def loaded_test_set(loaded):

@@ -442,6 +442,10 @@ def test_a_shipped_model_loads_as_ckpt_pretrained_and_reproduces_its_run(run_dir
     assert "optimizer_states" not in payload and ckpt.stat().st_size < resolve(run_dir).path.stat().st_size
     recorded = json.loads((run_dir / "metrics.json").read_text())["metrics"]["test/acc"]
     assert f"**{recorded:.2%}** (the run recorded {recorded:.2%})" in card
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(onnx_file).metadata_props}  # where it is shipped, not where it was staged
+    assert meta["checkpoint_path"] == str(ckpt.resolve()) and meta["checkpoint_sha256"] == file_digest(ckpt, "sha256")
 
     monkeypatch.setattr(loading, "PRETRAINED", tmp_path / "missing.ckpt")
     with pytest.raises(CheckpointError, match="ckpt=pretrained: .*missing.ckpt is missing"):
@@ -458,3 +462,7 @@ def test_the_shipped_model_is_the_one_its_card_describes():
         assert f"| `{name}` | {(PRETRAINED_DIR / name).stat().st_size:,} | `{file_digest(PRETRAINED_DIR / name, 'sha256')}` |" in card
     loaded = load_model("pretrained")
     assert loaded.path == PRETRAINED and loaded.model["name"] == "resnet" and loaded.tta == "flip"
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(PRETRAINED_DIR / "speedrun_cpu.onnx").metadata_props}
+    assert meta["checkpoint_path"] == "pretrained/speedrun_cpu.ckpt" and meta["checkpoint_sha256"] == loaded.sha256

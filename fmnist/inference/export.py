@@ -97,8 +97,9 @@ def require_packages() -> None:
                           "pip install -e \".[export]\" (make install does).")
 
 
-def to_onnx(loaded: LoadedModel, path: Path) -> None:
-    """Export the model (eval mode, dynamic batch, no external data) to `path`, with metadata."""
+def to_onnx(loaded: LoadedModel, path: Path, checkpoint_name: str | None = None) -> None:
+    """Export the model (eval mode, dynamic batch, no external data) to `path`, with metadata; `checkpoint_name`:
+    how the metadata names the checkpoint (default: the path it was loaded from)."""
     wrapper = RawPixelsModel(loaded).eval()
     example = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)
     with _quiet():
@@ -108,7 +109,7 @@ def to_onnx(loaded: LoadedModel, path: Path) -> None:
     program.model.doc_string = f"Fashion-MNIST classifier ({loaded.model['name']}), {SIGNATURE}"
     # The graph is one view per image: the run's test-time augmentation (`tta`) is not in it.
     metadata = {"class_names": json.dumps(list(CLASS_NAMES)), "checkpoint_sha256": loaded.sha256,
-                "checkpoint_path": str(loaded.path), "input": INPUT_DOC, "model": json.dumps(loaded.model),
+                "checkpoint_path": checkpoint_name or str(loaded.path), "input": INPUT_DOC, "model": json.dumps(loaded.model),
                 "tta": f"none in this graph (the run was validated and tested with {loaded.tta})",
                 "normalize": json.dumps({"enabled": loaded.normalize, "mean": loaded.mean, "std": loaded.std})}
     program.model.metadata_props.update(metadata)
@@ -148,8 +149,9 @@ def compare(loaded: LoadedModel, onnx_path: Path, images: np.ndarray, batch_size
     return Agreement(len(x), float((ours.argmax(1) == theirs.argmax(1)).mean()), float(np.abs(ours - theirs).max()))
 
 
-def export(cfg: DictConfig) -> Agreement:
-    """Export `cfg.ckpt` to `cfg.out` and check it on the test CSV; return the agreement."""
+def export(cfg: DictConfig, checkpoint_name: str | None = None) -> Agreement:
+    """Export `cfg.ckpt` to `cfg.out` and check it on the test CSV; return the agreement. `checkpoint_name`:
+    see `to_onnx` (a shipped model names where its checkpoint is shipped, not where it was staged)."""
     check_export(cfg)
     check_output_file(Path(cfg.out), "out", cfg.overwrite, written_by_export, "export.py")
     require_packages()
@@ -160,7 +162,7 @@ def export(cfg: DictConfig) -> Agreement:
     with storage_errors(key="out"):
         out.parent.mkdir(parents=True, exist_ok=True)
     with storage_errors(key="out"), atomic_output(out, suffix=".onnx", replace=cfg.overwrite) as tmp:
-        to_onnx(loaded, tmp)
+        to_onnx(loaded, tmp, checkpoint_name)
         agreement = compare(loaded, tmp, images, cfg.data.batch_size or EVAL_BATCH_SIZE)
         print(agreement.line())
         if not agreement.ok:
