@@ -56,17 +56,17 @@ def atomic_output(path: Path, suffix: str = ".tmp", replace: bool = True) -> Ite
 
 def _link_new(tmp: Path, path: Path) -> None:
     """Put `tmp` in place as `path` only if no file is there (the test and the write are one step)."""
+    taken = ConfigError(f"{path} was created by another process while this command ran; it is kept as that "
+                        "process wrote it, and this command's output was not written.")
     try:
         os.link(tmp, path)
     except FileExistsError:
-        raise ConfigError(f"{path} was created by another process while this command ran; it is kept as that "
-                          "process wrote it, and this command's output was not written.") from None
+        raise taken from None
     except OSError as e:
         if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
             raise
         if path.exists():  # a file system without hard links: tested, then renamed
-            raise ConfigError(f"{path} was created by another process while this command ran; it is kept as "
-                              "that process wrote it, and this command's output was not written.") from None
+            raise taken from None
         os.replace(tmp, path)
 
 

@@ -77,7 +77,7 @@ def _changed_keys(saved: Path, cfg: DictConfig) -> tuple[list[str], dict, dict]:
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS), old, new
 
 
-def _not_a_runs(run_dir: Path) -> list[str]:
+def _files_no_run_wrote(run_dir: Path) -> list[str]:
     """The names of what `run_dir` holds that no run wrote; empty for a new or empty directory and for one a run
     was stopped in before its first record (its config.yaml is a run's config: it is started afresh)."""
     entries = sorted(p.name for p in run_dir.iterdir() if p.resolve() not in {e.resolve() for e in early_writes()})
@@ -99,7 +99,7 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
     last = run_dir / "checkpoints" / "last.ckpt"
     saved = run_dir / "config.yaml"
     holds_a_run = record is not None or last.exists() or (run_dir / METRICS_FILE).exists()  # even an unreadable record
-    foreign = [] if holds_a_run else _not_a_runs(run_dir)
+    foreign = [] if holds_a_run else _files_no_run_wrote(run_dir)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise RunDirInUse(f"{run_dir} holds files that no run wrote ({shown}); a run is written into a new or "
