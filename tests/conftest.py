@@ -36,8 +36,10 @@ CONF = ROOT / "conf"
 register()
 register_inference()  # evaluate, predict and export schemas, for compose_named
 
-# Small enough for a 1-batch CPU training in seconds.
-FAST = ["preset=smoke", "data.val_size=100", "data.batch_size=32"]
+# Small enough for a 1-batch CPU training in seconds. The CSV logger, not TensorBoard: drawing and encoding
+# TensorBoard's figures (confusion matrix, misclassified images) is most of such a run's time. The tests of
+# the trackers, and the README's commands, run the default TensorBoard logger.
+FAST = ["preset=smoke", "data.val_size=100", "data.batch_size=32", "logger=csv"]
 
 
 def make_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

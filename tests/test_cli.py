@@ -62,7 +62,8 @@ def test_multirun_writes_one_directory_per_job_and_a_summary(tmp_path, data_dir,
 @pytest.mark.slow
 def test_a_smoke_run_prints_each_line_once_and_ends_with_its_result(tmp_path, data_dir):
     run = tmp_path / "run"
-    result = run_script("train.py", *FAST, f"data.dir={data_dir}", "model=simple", f"hydra.run.dir={run}")
+    result = run_script("train.py", *FAST, f"data.dir={data_dir}", "model=simple", f"hydra.run.dir={run}",
+                        "logger=tensorboard")  # the default logger, whose command the result block ends with
     assert result.returncode == 0, result.stderr[-3000:]
     output = (result.stdout + result.stderr).splitlines()
     messages = [line.split("] ", 1)[-1] for line in output if line.strip()]

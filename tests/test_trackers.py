@@ -250,3 +250,27 @@ def test_a_sweep_logs_one_run_per_job_under_an_experiment_named_after_the_sweep(
         assert run["metrics.final/test/acc"] == pytest.approx(record["metrics"]["test/acc"])
         artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run["run_id"], "run")}
         assert {"run/config.yaml", "run/metrics.json", "run/epochs.csv"} <= artifacts
+
+
+def test_a_figure_is_drawn_only_for_a_tracker_that_shows_it_and_closed_after_it_is_logged(tmp_path):
+    import matplotlib.pyplot as plt
+    from lightning.pytorch.loggers import CSVLogger
+
+    from fmnist.training.trackers import CSV, MLflow, log_figure
+
+    class Shows(MLflow):  # a tracker that takes figures, without a server
+        def figure(self, tag, figure, step):
+            shown.append((tag, plt.fignum_exists(figure.number), step))
+
+    drawn, shown = [], []
+
+    def draw():
+        drawn.append(plt.figure())
+        return drawn[-1]
+
+    csv_only = [CSV(CSVLogger(tmp_path))]
+    log_figure(csv_only, "test/confusion_matrix", draw, 3)
+    assert drawn == []  # the CSV tracker shows no figures: none is drawn
+    log_figure([*csv_only, Shows(CSVLogger(tmp_path))], "test/confusion_matrix", draw, 3)
+    assert len(drawn) == 1 and shown == [("test/confusion_matrix", True, 3)]
+    assert not plt.fignum_exists(drawn[0].number)  # closed once logged: a process of many runs holds none

@@ -22,7 +22,7 @@ from tests.conftest import ROOT, compose_cfg, snapshot
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["simple", "optimized", "resnet"])
 def test_one_batch_training_writes_everything(make_cfg, tmp_path, model):
-    metrics = train(make_cfg(f"model={model}"), tmp_path)
+    metrics = train(make_cfg(f"model={model}", "logger=tensorboard"), tmp_path)  # the default logger
     assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["test/loss"] > 0 and metrics["epochs"] == 1
     record = json.loads((tmp_path / "metrics.json").read_text())
     assert record["status"] == "completed" and record["metrics"]["val/acc_best"] == metrics["val/acc_best"]

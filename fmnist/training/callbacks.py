@@ -21,7 +21,7 @@ from fmnist.fsio import atomic_output
 from fmnist.models import training_flops_per_image
 from fmnist.runs import CONFUSION_FILE
 from fmnist.training.figures import confusion_matrix_figure, misclassified_figure
-from fmnist.training.trackers import for_each
+from fmnist.training.trackers import for_each, log_figure
 
 log = logging.getLogger(__name__)
 
@@ -386,12 +386,11 @@ class TestArtifacts(L.Callback):
         if rank_zero_only.rank != 0:
             return
         np.savetxt(self.run_dir / CONFUSION_FILE, cm, fmt="%d", delimiter=",")
-        if self.trackers:
-            for_each(self.trackers, "figure", "test/confusion_matrix", confusion_matrix_figure(cm), trainer.global_step)
-            if any(len(w[0]) for w in self.wrong):
-                images, true, pred = (torch.cat([w[i] for w in self.wrong]).numpy() for i in range(3))
-                for_each(self.trackers, "figure", "test/misclassified", misclassified_figure(images, true, pred),
-                         trainer.global_step)
+        log_figure(self.trackers, "test/confusion_matrix", lambda: confusion_matrix_figure(cm), trainer.global_step)
+        if any(len(w[0]) for w in self.wrong):
+            images, true, pred = (torch.cat([w[i] for w in self.wrong]).numpy() for i in range(3))
+            log_figure(self.trackers, "test/misclassified", lambda: misclassified_figure(images, true, pred),
+                       trainer.global_step)
 
 
 def ema_with_warmup(decay: float):

@@ -19,6 +19,7 @@ import logging
 import os
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -309,6 +310,22 @@ def _first_line(error: Exception) -> str:
 def tracker_ids(trackers: list[Tracker], run_dir: Path) -> dict:
     """For the run record: the ids a resumed run needs, and how to look at the run in each tracker (`views`)."""
     return {**{k: v for t in trackers for k, v in t.ids().items()}, "views": {t.name: t.view(run_dir) for t in trackers}}
+
+
+def log_figure(trackers: list[Tracker], tag: str, draw: Callable[[], object], step: int) -> None:
+    """Draw a figure with `draw()` only if a tracker shows figures (the CSV tracker does not), give it to each,
+    then close it: pyplot keeps every figure it made until it is closed, and a process that trains many
+    runs (tune.py's trials) would hold them all."""
+    shown = [t for t in trackers if type(t).figure is not Tracker.figure and not t.failed]
+    if not shown:
+        return
+    import matplotlib.pyplot as plt
+
+    figure = draw()
+    try:
+        for_each(shown, "figure", tag, figure, step)
+    finally:
+        plt.close(figure)
 
 
 def for_each(trackers: list[Tracker], method: str, *args) -> None:
