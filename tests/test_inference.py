@@ -416,7 +416,11 @@ def test_evaluation_metrics_match_their_definitions():
     (lambda p: p["datamodule_hyper_parameters"].update(eval_batch_size="64"), "eval_batch_size` as a positive integer"),
     (lambda p: p["state_dict"].update({1: torch.zeros(1)}), "`state_dict` with text keys"),
     (lambda p: p.update(current_model_state=[1]), "`current_model_state`"),
-    (lambda p: p.update({DATAMODULE_STATE_KEY: {"mean": "abc", "std": 1.0}}), "`mean` and `std` are numbers"),
+    (lambda p: p.update({DATAMODULE_STATE_KEY: {"mean": "abc", "std": 1.0}}), "`mean` and `std` are finite numbers"),
+    (lambda p: p.update({DATAMODULE_STATE_KEY: {"mean": 10**400, "std": 1.0}}), "`mean` and `std` are finite numbers"),
+    (lambda p: p["hyper_parameters"]["model"].update(name=["simple"]), "not an fmnist checkpoint"),
+    (lambda p: p["datamodule_hyper_parameters"].update(dir=123), r"`datamodule_hyper_parameters.dir` as a path"),
+    (lambda p: p["datamodule_hyper_parameters"].update(val_size="abc"), "`datamodule_hyper_parameters.val_size`"),
 ])
 def test_values_read_from_a_checkpoint_are_checked_like_config_values(run_dir, tmp_path, damage, words):
     payload = torch.load(resolve(run_dir).path, weights_only=True)

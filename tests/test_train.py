@@ -68,14 +68,22 @@ def test_a_directory_of_ones_own_files_is_refused_and_a_run_stopped_before_its_r
         with pytest.raises(ConfigError, match=r"mine holds files that no run wrote \(config.yaml, notes.txt\)"):
             run_job(make_cfg("model=simple", f"ckpt_path={ckpt_path}"), mine)
         assert snapshot(mine) == before
+    # A run's config.yaml, copied into a folder of one's own beside other files: still refused.
+    train(make_cfg("model=simple"), tmp_path / "finished")
+    shutil.copy(tmp_path / "finished" / "config.yaml", mine / "config.yaml")
+    before = snapshot(mine)
+    with pytest.raises(ConfigError, match=r"mine holds files that no run wrote \(notes.txt\)"):
+        run_job(make_cfg("model=simple"), mine)
+    assert snapshot(mine) == before
     (mine / "notes.txt").unlink()
+    (mine / "config.yaml").unlink()
     (mine / "metrics.json").write_text('{"accuracy": 0.9}')  # another tool's metrics file
     with pytest.raises(ConfigError, match="mine holds a metrics.json that is not a run's record"):
         run_job(make_cfg("model=simple"), mine)
     # A run stopped after writing its config and before its record: the same command starts it again.
-    train(make_cfg("model=simple"), tmp_path / "stopped")
+    shutil.copytree(tmp_path / "finished", tmp_path / "stopped")
     shutil.rmtree(tmp_path / "stopped" / "checkpoints")
-    for name in ("metrics.json", "epochs.csv"):
+    for name in ("metrics.json", "epochs.csv", "confusion_matrix.csv", "predictions.npz"):
         (tmp_path / "stopped" / name).unlink()
     assert run_job(make_cfg("model=simple"), tmp_path / "stopped") > 0
 

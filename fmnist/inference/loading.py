@@ -159,7 +159,7 @@ def _standardisation(path: Path, ckpt: dict, data: dict) -> tuple[float, float]:
     if "mean" in stored and "std" in stored:
         return float(stored["mean"]), float(stored["std"])
     # Checkpoints written before the datamodule stored them: the same split of the same CSV gives them back.
-    train_csv = find_csv(Path(data.get("dir", "data")), "train")
+    train_csv = find_csv(Path(data.get("dir") or "data"), "train")
     if not train_csv.exists():
         raise DataError(f"{path}: the model standardises its inputs with its training set's mean and std, which this "
                         f"older checkpoint does not hold, and its training CSV {train_csv} is not there to recompute "
@@ -186,30 +186,51 @@ def training_datamodule(data: dict, data_dir: str | None = None):
     return dm
 
 
+def _is_number(value) -> bool:
+    """A finite int or float (not a bool, not an int too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _is_count(value, at_least: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= at_least
+
+
 def _checked_fields(path: Path, payload: dict) -> tuple[dict, dict]:
     """(hyperparameters, datamodule hyperparameters) of a checkpoint train.py wrote, with every field that
     loading reads checked for its type, so that a damaged or foreign file is one CheckpointError, not a crash."""
     hp = payload.get("hyper_parameters")
     model = hp.get("model") if isinstance(hp, dict) else None
     state = payload.get("state_dict")
-    if not isinstance(model, dict) or model.get("name") not in MODELS or not isinstance(state, dict):
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str) or model["name"] not in MODELS \
+            or not isinstance(state, dict):
         raise CheckpointError(f"{path}: not an fmnist checkpoint: expected `hyper_parameters.model.name` (one of "
                               f"{sorted(MODELS)}) and a `state_dict`, as train.py writes them.")
     data = payload.get("datamodule_hyper_parameters", {})
     stored = payload.get(DATAMODULE_STATE_KEY, {})
     raw = payload.get("current_model_state", {})
-    eval_batch_size = data.get("eval_batch_size", EVAL_BATCH_SIZE) if isinstance(data, dict) else None
+    fields = data if isinstance(data, dict) else {}
+    dm = "datamodule_hyper_parameters"
     problems = [
         (not all(isinstance(k, str) for k in state), "`state_dict` with text keys (parameter names)"),
         (not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw),
          "`current_model_state` (the weights before averaging) with text keys"),
-        (not isinstance(data, dict), "`datamodule_hyper_parameters` as a mapping"),
-        (isinstance(data, dict) and (isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int)
-                                     or eval_batch_size < 1), "`datamodule_hyper_parameters.eval_batch_size` "
-                                                              f"as a positive integer (got {eval_batch_size!r})"),
-        (not isinstance(stored, dict) or any(isinstance(stored.get(k, 0.0), bool)
-                                             or not isinstance(stored.get(k, 0.0), (int, float)) for k in ("mean", "std")),
-         f"`{DATAMODULE_STATE_KEY}` as a mapping whose `mean` and `std` are numbers"),
+        (not isinstance(data, dict), f"`{dm}` as a mapping"),
+        (not _is_count(fields.get("eval_batch_size", EVAL_BATCH_SIZE)),
+         f"`{dm}.eval_batch_size` as a positive integer (got {fields.get('eval_batch_size')!r})"),
+        # What rebuilds the run's split and standardisation (`training_datamodule`, SPLIT_KEYS).
+        (fields.get("dir") is not None and not isinstance(fields["dir"], str), f"`{dm}.dir` as a path"),
+        (not isinstance(fields.get("normalize", False), bool), f"`{dm}.normalize` as true or false"),
+        (not _is_count(fields.get("val_size", 1)), f"`{dm}.val_size` as a positive integer"),
+        (fields.get("train_subset") is not None and not _is_count(fields["train_subset"]),
+         f"`{dm}.train_subset` as null or a positive integer"),
+        (not _is_count(fields.get("seed", 0), at_least=0), f"`{dm}.seed` as a non-negative integer"),
+        (not isinstance(stored, dict) or not all(_is_number(stored.get(k, 0.0)) for k in ("mean", "std")),
+         f"`{DATAMODULE_STATE_KEY}` as a mapping whose `mean` and `std` are finite numbers"),
     ]
     wrong = [what for bad, what in problems if bad]
     if wrong:

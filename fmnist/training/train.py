@@ -7,6 +7,7 @@ next job after a failure; `fmnist.sweeps.tune` calls `train` for each trial.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 import re
@@ -77,19 +78,24 @@ def _changed_keys(saved: Path, cfg: DictConfig) -> tuple[list[str], dict, dict]:
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS), old, new
 
 
+# What a run writes before its first record (metrics.json): its config, Hydra's copies of it, its log, and the
+# trackers' files (TensorBoard's events, csv/, wandb/). A run stopped as it started leaves only these.
+WRITTEN_BEFORE_RECORD = (".hydra", "config.yaml", "*.log", "events.out.tfevents.*", "csv", "wandb")
+
+
 def _files_no_run_wrote(run_dir: Path) -> list[str]:
     """The names of what `run_dir` holds that no run wrote; empty for a new or empty directory and for one a run
-    was stopped in before its first record (its config.yaml is a run's config: it is started afresh)."""
+    was stopped in before its first record (its config.yaml is a run's config, beside only what a run writes
+    before its record: it is started afresh)."""
     entries = sorted(p.name for p in run_dir.iterdir() if p.resolve() not in {e.resolve() for e in early_writes()})
-    if not entries:
-        return []
     try:
-        saved = OmegaConf.load(run_dir / "config.yaml")
-        if isinstance(saved, DictConfig) and {"model", "optim", "trainer", "data"} <= set(saved):
-            return []
+        saved = OmegaConf.load(run_dir / "config.yaml") if entries else None
+        runs_config = isinstance(saved, DictConfig) and {"model", "optim", "trainer", "data"} <= set(saved)
     except Exception:  # absent, unreadable or not YAML: not a run's config
-        pass
-    return entries
+        runs_config = False
+    if not runs_config:
+        return entries
+    return [name for name in entries if not any(fnmatch.fnmatch(name, p) for p in WRITTEN_BEFORE_RECORD)]
 
 
 def _check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
