@@ -117,21 +117,22 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing them and exiting 1
     sys.argv[1:] = renamed_overrides(sys.argv[1:])  # old key names keep working
     try:
-        # refused (`exit_with`): what Hydra wrote before the checks is put back
+        # refused (exit 2): what Hydra wrote before the checks is put back, whoever refused it
         with sigterm_unwinds(unwind_on_sigterm), early_writes_undone_if_refused():
-            hydra_main()
+            try:
+                hydra_main()
+            except (HydraException, OmegaConfBaseException) as e:  # e.g. a swept value composed into a job
+                ours = _chained_fmnist_error(e)  # e.g. a resolver's check of a value (fmnist.config.check_name)
+                _exit(str(ours) if ours else composition_message(e), ours.exit_code if ours else 2)
+            except OSError as e:  # e.g. Hydra creating the run directory or its log file on a read-only disk
+                mapped = storage_error(e)
+                if mapped is None:
+                    raise
+                _exit(str(mapped), 2)
     except Terminated:
         _exit(*TERMINATED)
     except KeyboardInterrupt:  # Ctrl-C before a run started (a started one exits 130 by itself): nothing to resume
         _exit("stopped by Ctrl-C before the run started; nothing was written.", 130)
-    except (HydraException, OmegaConfBaseException) as e:
-        ours = _chained_fmnist_error(e)  # e.g. a resolver's check of a value (fmnist.config.check_name)
-        _exit(str(ours) if ours else composition_message(e), ours.exit_code if ours else 2)
-    except OSError as e:  # e.g. Hydra creating the run directory or its log file on a read-only disk
-        mapped = storage_error(e)
-        if mapped is None:
-            raise
-        _exit(str(mapped), 2)
 
 
 def _chained_fmnist_error(error: BaseException) -> FmnistError | None:

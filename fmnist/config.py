@@ -263,21 +263,28 @@ def swept_keys(sweep_dir: Path) -> set[str]:
     return {o.key_or_group for o in parsed if o.is_sweep_override()} | set(params)
 
 
-def empty_sweeps(overrides: list[str]) -> list[str]:
-    """The sweep overrides among `overrides` that give no value at all (`seed=range(0,0)`, `x=range(5,0)`):
-    a sweep holding one runs no job."""
+def check_sweep_values(overrides: list[str], config_loader=None) -> None:
+    """ConfigError for a sweep override that cannot be expanded (`seed=range(0,1,0)`) or gives no value at all
+    (`seed=range(0,0)`, `model=glob(zzz*)`): a sweep holding one would crash, or run no job and exit 0.
+    Globs are expanded only with Hydra's `config_loader` (they match a group's options)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    parser, empty = OverridesParser.create(), []
+    parser = OverridesParser.create(config_loader=config_loader)
     for text in overrides:
         try:
-            override = parser.parse_override(text)
-            if override.is_sweep_override() and next(iter(override.sweep_iterator()), None) is None:
-                empty.append(text)
-        except HydraException:  # not readable here (Hydra reports it), or a glob that needs the config to expand
+            override = parser.parse_overrides([text])[0]
+            if not override.is_discrete_sweep():
+                continue
+            values = list(override.sweep_string_iterator())
+        except HydraException:  # not readable here (Hydra reports it), or a glob without the config to expand it
             continue
-    return empty
+        except ValueError as e:
+            raise ConfigError(f"the sweep override {text} cannot be expanded ({e}); nothing was written.") from None
+        if not values:
+            raise ConfigError(f"the sweep override {text} gives no value, so the sweep would run no job and write "
+                              "an empty summary; nothing was written. A range's end is exclusive: seed=range(0,3) "
+                              "runs seeds 0, 1 and 2.")
 
 
 def job_name(overrides: list[str], swept: set[str]) -> str:

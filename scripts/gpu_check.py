@@ -151,7 +151,9 @@ def compose_all(steps: list[Step]) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from fmnist.config import register
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fmnist.config import check_sweep_values, register
     from fmnist.training.train import check_config
 
     register()
@@ -159,6 +161,7 @@ def compose_all(steps: list[Step]) -> None:
         for step in steps:
             for command in step.commands if step.train else []:
                 overrides = [o for o in command[2:] if o != "-m" and not o.startswith(("hydra.", "hydra/"))]
+                check_sweep_values(overrides, GlobalHydra.instance().config_loader())  # an empty one has no first value
                 # A sweep (`seed=0,1,2`, `range(...)`): compose its first value, as Hydra parses it (every value
                 # goes through train.py alike); a list value (`model.widths=[8,16,32]`) is not a sweep.
                 parsed = OverridesParser.create().parse_overrides(overrides)
@@ -339,6 +342,8 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="compose every command's config and print the commands")
     parser.add_argument("--smoke", action="store_true", help="every step on a few batches (checks this script)")
     args = parser.parse_args()
+    if args.budget_s is not None and args.budget_s <= 0:
+        parser.error(f"--budget-s must be a positive number of seconds; got {args.budget_s:g}")
     budget_s = args.budget_s or (420 if args.records else 450)
     default_results = (ROOT / "docs/results/gpu/records" / datetime.now().strftime("%Y-%m-%d") if args.records
                        else Path("outputs/gpu-check") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))

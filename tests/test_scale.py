@@ -86,6 +86,10 @@ def test_a_typo_in_override_stops_gpu_check_before_any_step(tmp_path, run_in_pro
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "does not compose with --override optim.lrr=1: Could not override 'optim.lrr'." in result.stderr
     assert not (tmp_path / "r").exists()
+    empty = run_in_process("scripts/gpu_check.py", "--records", "--smoke", "--results", str(tmp_path / "r"),
+                           "--override", "seed=range(0,0)")  # a sweep of no value: no first value to compose
+    assert empty.returncode == 2 and "the sweep override seed=range(0,0) gives no value" in empty.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_gpu_records_smoke_writes_its_results_and_a_second_run_continues(tmp_path, data_dir, run_in_process):

@@ -1,4 +1,5 @@
 import json
+import re
 import time
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from fmnist.config import PLACEMENT_KEYS, setting_of
-from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE
+from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError
 from fmnist.results.__main__ import main as results_main
 from fmnist.results.report import ablation_pairs, write_report
 from fmnist.results.sweep import summarize
@@ -122,12 +123,17 @@ def test_ablation_pairs_vary_one_key_from_the_reference():
     assert ablation_pairs(settings, "a=1,b=1") == {"a": ["a=1,b=1", "a=2,b=1"], "b": ["a=1,b=1", "a=1,b=2"]}
 
 
-def test_empty_sweeps_are_exactly_the_sweep_overrides_with_no_value():
-    from fmnist.config import empty_sweeps
+@pytest.mark.parametrize("override,words", [
+    ("seed=range(0,0)", "gives no value"), ("x=range(5,0)", "gives no value"),
+    ("seed=range(0,1,0)", r"cannot be expanded \(range\(\) arg 3 must not be zero\)"),
+])
+def test_a_sweep_override_with_no_value_or_none_that_can_be_computed_is_refused(override, words):
+    from fmnist.config import check_sweep_values
 
-    given = ["seed=range(0,0)", "x=range(5,0)", "seed=range(0,3)", "optim.lr=1e-2,1e-3", "seed=1", "y=glob(*)",
-             "model.widths=[8,16]"]
-    assert empty_sweeps(given) == ["seed=range(0,0)", "x=range(5,0)"]
+    fine = ["seed=range(0,3)", "optim.lr=1e-2,1e-3", "seed=1", "y=glob(*)", "model.widths=[8,16]", "x=interval(0,1)"]
+    check_sweep_values(fine)
+    with pytest.raises(ConfigError, match=f"the sweep override {re.escape(override)} {words}"):
+        check_sweep_values([*fine, override])
 
 
 def test_job_names_leave_out_exactly_the_placement_keys():
@@ -206,6 +212,12 @@ def test_a_refused_sweep_leaves_no_directory_and_a_refused_job_no_job_directory(
     # A sweep of no job (an empty range) is refused before anything is written, not a silent exit 0.
     empty = run_in_process("train.py", *args, "seed=range(3,3)")
     assert empty.returncode == 2 and "the sweep override seed=range(3,3) gives no value" in empty.stderr
+    assert (snapshot(tmp_path / "s"), sorted((tmp_path / "s").rglob("*"))) == before
+    nothing = run_in_process("train.py", *args, "model=glob(zzz*)")  # a glob that matches no model
+    assert nothing.returncode == 2 and "the sweep override model=glob(zzz*) gives no value" in nothing.stderr
+    # A value Hydra refuses while composing a job: the sweep's multirun.yaml is put back too.
+    wrong = run_in_process("train.py", *args, "seed=abc,def")
+    assert wrong.returncode == 2 and "seed" in wrong.stderr
     assert (snapshot(tmp_path / "s"), sorted((tmp_path / "s").rglob("*"))) == before
 
 

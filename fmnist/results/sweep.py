@@ -11,11 +11,12 @@ import logging
 from pathlib import Path
 
 import pandas as pd
+from hydra.core.global_hydra import GlobalHydra
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from fmnist.cli import exit_with
-from fmnist.config import empty_sweeps
+from fmnist.config import check_sweep_values
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError
 from fmnist.fsio import note_early_write
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
@@ -80,11 +81,11 @@ class SummarizeSweep(Callback):
 
     def on_multirun_start(self, config, **kwargs) -> None:
         params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-        empty = empty_sweeps([*config.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())])
-        if empty:  # before Hydra makes the sweep directory: a refusal writes nothing
-            exit_with(ConfigError(f"the sweep override {empty[0]} gives no value, so the sweep would run no job and "
-                                  "write an empty summary; nothing was written. A range's end is exclusive: "
-                                  "seed=range(0,3) runs seeds 0, 1 and 2."))
+        try:  # before Hydra makes the sweep directory: a refusal writes nothing
+            check_sweep_values([*config.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())],
+                               GlobalHydra.instance().config_loader())
+        except ConfigError as e:
+            exit_with(e)
         # Hydra rewrites multirun.yaml before the first job's checks; a refused sweep puts it back (fmnist.cli).
         note_early_write(Path(config.hydra.sweep.dir) / "multirun.yaml")
 
