@@ -168,13 +168,25 @@ def test_resume_from_another_architectures_checkpoint_is_refused(make_cfg, tmp_p
         run_job(make_cfg(*SIMPLE, "trainer.max_epochs=2", "ckpt_path=last"), tmp_path / "simple")
     assert snapshot(tmp_path / "simple") == before
     # A last.ckpt whose weights are not keyed by name (damaged, or not train.py's) is refused as well.
-    payload = load_checkpoint(tmp_path / "simple" / "checkpoints" / "last.ckpt")
-    payload["state_dict"][1] = torch.zeros(1)
-    torch.save(payload, tmp_path / "simple" / "checkpoints" / "last.ckpt")
-    before = snapshot(tmp_path / "simple")
-    with pytest.raises(CheckpointError, match="last.ckpt: cannot resume from it: its `state_dict` is not a mapping"):
-        run_job(make_cfg(*SIMPLE, "trainer.max_epochs=2", "ckpt_path=last"), tmp_path / "simple")
-    assert snapshot(tmp_path / "simple") == before
+    # So is one whose other fields Lightning restores have the wrong type: refused before the record changes.
+    last = tmp_path / "simple" / "checkpoints" / "last.ckpt"
+    good = load_checkpoint(last)
+    for damage, words in [(lambda p: p["state_dict"].update({1: torch.zeros(1)}), "its `state_dict` is not a mapping"),
+                          (lambda p: p.update(optimizer_states="x"), "`optimizer_states` should be a list of mappings"),
+                          (lambda p: p.update(loops=[1]), "`loops` should be a mapping")]:
+        payload = {**good, "state_dict": dict(good["state_dict"])}
+        damage(payload)
+        torch.save(payload, last)
+        before = snapshot(tmp_path / "simple")
+        with pytest.raises(CheckpointError, match=f"last.ckpt: cannot resume from it: {words}"):
+            run_job(make_cfg(*SIMPLE, "trainer.max_epochs=2", "ckpt_path=last"), tmp_path / "simple")
+        assert snapshot(tmp_path / "simple") == before
+    # A config.yaml that is not a run's config (damaged, or edited into a list) is named, not a YAML traceback.
+    torch.save(good, last)
+    for text, words in [("model: [", "cannot read it as the config a run writes"), ("- a\n- b\n", "holds a list")]:
+        (tmp_path / "simple" / "config.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=f"config.yaml: {words}"):
+            run_job(make_cfg(*SIMPLE, "trainer.max_epochs=2", "ckpt_path=last"), tmp_path / "simple")
 
 
 # Values Lightning or torch would reject later are refused first, naming the key.

@@ -63,8 +63,17 @@ def flat_config(cfg: DictConfig) -> dict:
 
 
 def saved_config(saved: Path) -> dict:
-    """A run's saved config.yaml, flattened (`data.augment.hflip`), keys renamed since under their new names."""
-    old = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
+    """A run's saved config.yaml, flattened (`data.augment.hflip`), keys renamed since under their new names;
+    ConfigError naming the file if it is not a run's config (damaged, or edited into something else)."""
+    try:
+        loaded = OmegaConf.load(saved)
+        old = _flatten(OmegaConf.to_container(loaded, resolve=True)) if isinstance(loaded, DictConfig) else None
+    except Exception as e:  # YAML's and OmegaConf's errors have no common base; any means the same here
+        raise ConfigError(f"{saved}: cannot read it as the config a run writes ({str(e).splitlines()[0]}); the run "
+                          "it belongs to cannot be compared with this command. Start a new run directory.") from e
+    if old is None:
+        raise ConfigError(f"{saved}: holds a list, not the mapping of config keys a run writes; "
+                          "the run it belongs to cannot be compared with this command. Start a new run directory.")
     return {RENAMED_KEYS.get(k, k): v for k, v in old.items()}
 
 
@@ -237,13 +246,35 @@ def _ctrl_c_stops_at_a_step(trainer: L.Trainer):
         raise KeyboardInterrupt
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_list_of_mappings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, dict) for v in value)
+
+
+# The fields of a checkpoint Lightning restores a run from, besides the weights: (check, what it should be).
+RESUMED_FIELDS = {"epoch": (_is_count, "a count"), "global_step": (_is_count, "a count"),
+                  "optimizer_states": (_is_list_of_mappings, "a list of mappings"),
+                  "lr_schedulers": (_is_list_of_mappings, "a list of mappings"),
+                  "loops": (lambda v: isinstance(v, dict), "a mapping"),
+                  "callbacks": (lambda v: isinstance(v, dict), "a mapping")}
+
+
 def _check_checkpoint(cfg: DictConfig, path: Path) -> None:
     """Refuse a last.ckpt that cannot be loaded safely or holds another architecture's weights."""
-    state = load_checkpoint(path).get("state_dict", {})
+    checkpoint = load_checkpoint(path)
+    state = checkpoint.get("state_dict", {})
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise CheckpointError(f"{path}: cannot resume from it: its `state_dict` is not a mapping of parameter names "
                               "to weights, as train.py writes it (a damaged or foreign file); start a new run "
                               "directory.")
+    wrong = [f"`{key}` should be {what}" for key, (ok, what) in RESUMED_FIELDS.items()
+             if key in checkpoint and not ok(checkpoint[key])]
+    if wrong:
+        raise CheckpointError(f"{path}: cannot resume from it: {'; '.join(wrong)}, as Lightning writes it (a "
+                              "damaged or foreign file). Start a new run directory.")
     model = LitClassifier(model=OmegaConf.to_container(cfg.model, resolve=True),
                           optim=OmegaConf.to_container(cfg.optim, resolve=True))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("net.")}
