@@ -249,10 +249,13 @@ def load_model(ckpt: str | Path) -> LoadedModel:
     # Checkpoints written before the run options left `model` hold them there.
     model = {k: v for k, v in model.items() if k not in RUN_OPTIONS}
     options = {k: hp[k] if k in hp else hp["model"][k] for k in RUN_OPTIONS if k in hp or k in hp["model"]}
-    if options.get("tta", "none") not in TTA_MODES:
+    if not isinstance(options.get("channels_last", False), bool):  # bool("no") would be True
+        raise CheckpointError(f"{path}: its hyperparameter channels_last is {options['channels_last']!r}, not true or "
+                              "false: not a checkpoint train.py wrote.")
+    if not isinstance(options.get("tta", "none"), str) or options.get("tta", "none") not in TTA_MODES:
         raise CheckpointError(f"{path}: its hyperparameter tta is {options.get('tta')!r}, not one of {TTA_MODES}: "
                               "not a checkpoint train.py wrote.")
-    channels_last = bool(options.get("channels_last", TrainConfig.channels_last))
+    channels_last = options.get("channels_last", TrainConfig.channels_last)
     try:
         net = build_model(**model)
         net = net.to(memory_format=torch.channels_last) if channels_last else net
