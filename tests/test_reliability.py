@@ -343,15 +343,15 @@ def test_sigterm_before_fit_is_recorded_with_its_resume_command(tmp_path, data_d
 
 
 # Data files: a cache whose digest matches but whose arrays are wrong is parsed again.
-@pytest.mark.parametrize("corrupt", ["labels", "images"])
+@pytest.mark.parametrize("corrupt", ["labels", "images", "version", "digest"])
 def test_cache_with_wrong_contents_is_parsed_again(tmp_path, corrupt):
     path = tmp_path / "fashion-mnist_train.csv"
     write_csv(path, *make_images(50, 0))
     images, labels = load_csv(path)
     with np.load(cache_path(path)) as z:
         saved = dict(z)
-    saved["labels" if corrupt == "labels" else "images"] = (np.full_like(labels, 42) if corrupt == "labels"
-                                                            else images[:10])
+    saved[corrupt] = {"labels": np.full_like(labels, 42), "images": images[:10], "version": np.array([1, 1]),
+                      "digest": np.array([1j])}[corrupt]  # values, and fields that are not what a cache holds
     np.savez(cache_path(path), **saved)
     again_images, again_labels = load_csv(path)
     assert np.array_equal(again_images, images) and np.array_equal(again_labels, labels)

@@ -268,7 +268,7 @@ def load_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 log.info("%s changed since it was cached: parsing it again", path)
     except FileNotFoundError:
         pass
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, TypeError, KeyError, EOFError, zipfile.BadZipFile) as e:  # any damage: parse again
         log.warning("ignoring unreadable cache %s (%s)", cache, e)
     images, labels = parse_csv(path)
     buffer = io.BytesIO()
