@@ -12,53 +12,15 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Callable
 
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fmnist.config import renamed_overrides
+from fmnist.config import composition_message, renamed_overrides
 from fmnist.errors import ConfigError, FmnistError
 from fmnist.fsio import early_writes_undone_if_refused, storage_error
-
-# Noise in Hydra's messages: its hint to add the key with `+` (which `refuse_unknown_keys` refuses),
-# and where it searched for configs.
-_DROPPED = ("To append to your config", "Config search path", "provider=", "full_key", "reference_type", "object_type")
-
-
-def composition_message(error: BaseException) -> str:
-    """Hydra's (and OmegaConf's) account of a bad command line as one paragraph."""
-    texts = [str(error)] + ([str(error.__cause__)] if error.__cause__ else [])
-    # Hydra lists choices one per tab-indented line: "Available options in 'model': optimized, resnet, simple".
-    texts = [text.replace(":\n\t", ": ").replace("\n\t", ", ") for text in texts]
-    kept = [part.strip(" \t.:") for text in texts for part in text.splitlines()
-            if part.strip() and not part.strip().startswith(_DROPPED)]
-    entry = Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else "train.py"
-    unreadable = _unreadable_override(sys.argv[1:])
-    if unreadable:
-        key, _, value = unreadable.partition("=")
-        kept = [f"cannot read the override `{unreadable}`: a value holding `=`, spaces, commas or brackets must be "
-                f"quoted, e.g. {key}=\"'{value}'\"", *(f"Hydra's parser: {k}" for k in kept[:1]), *kept[1:]]
-    return ". ".join(dict.fromkeys(kept)) + (f". `python {entry} --help` lists the config groups; `python {entry} "
-                                            "--cfg job` prints every key with its value.")
-
-
-def _unreadable_override(args: list[str]) -> str | None:
-    """The first command-line override that Hydra's grammar cannot parse, if any."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parser = OverridesParser.create()
-    for arg in args:
-        if arg.startswith("-") or "=" not in arg:
-            continue
-        try:
-            parser.parse_override(arg)
-        except HydraException:
-            return arg
-    return None
-
 
 def refuse_unknown_keys(cfg: DictConfig, overrides: list[str]) -> None:
     """ConfigError for a `+key=value` / `++key=value` override that adds a key the schema does not declare.

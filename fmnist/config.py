@@ -183,13 +183,58 @@ def renamed_overrides(overrides: list[str]) -> list[str]:
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
+# Noise in Hydra's messages: its hint to add the key with `+` (which `refuse_unknown_keys` refuses),
+# and where it searched for configs.
+_DROPPED = ("To append to your config", "Config search path", "provider=", "full_key", "reference_type", "object_type")
+
+
+def composition_message(error: BaseException, args: list[str] | None = None, entry: str | None = None) -> str:
+    """Hydra's (and OmegaConf's) account of a bad command line (`args`: the overrides, by default this
+    process's; `entry`: the command whose help to suggest, by default this one) as one paragraph."""
+    texts = [str(error)] + ([str(error.__cause__)] if error.__cause__ else [])
+    # Hydra lists choices one per tab-indented line: "Available options in 'model': optimized, resnet, simple".
+    texts = [text.replace(":\n\t", ": ").replace("\n\t", ", ") for text in texts]
+    kept = [part.strip(" \t.:") for text in texts for part in text.splitlines()
+            if part.strip() and not part.strip().startswith(_DROPPED)]
+    entry = entry or (Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else "train.py")
+    unreadable = _unreadable_override(sys.argv[1:] if args is None else args)
+    if unreadable:
+        key, _, value = unreadable.partition("=")
+        kept = [f"cannot read the override `{unreadable}`: a value holding `=`, spaces, commas or brackets must be "
+                f"quoted, e.g. {key}=\"'{value}'\"", *(f"Hydra's parser: {k}" for k in kept[:1]), *kept[1:]]
+    return ". ".join(dict.fromkeys(kept)) + (f". `python {entry} --help` lists the config groups; `python {entry} "
+                                            "--cfg job` prints every key with its value.")
+
+
+def _unreadable_override(args: list[str]) -> str | None:
+    """The first command-line override that Hydra's grammar cannot parse, if any."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            parser.parse_override(arg)
+        except HydraException:
+            return arg
+    return None
+
+
 def compose_train(*overrides: str) -> DictConfig:
     """The training config as `python train.py OVERRIDES` composes it, for scripts that build models or data."""
     from hydra import compose, initialize_config_dir
 
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+        try:
+            return compose("train", overrides=list(overrides))
+        except (HydraException, OmegaConfBaseException) as e:  # a bad override: one paragraph, not Hydra's pages
+            raise ConfigError(composition_message(e, list(overrides), entry="train.py")) from e
 
 
 def check_name(key: str, value) -> str:

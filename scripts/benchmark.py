@@ -32,7 +32,6 @@ import lightning as L
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from fmnist import console
@@ -223,7 +222,12 @@ def main() -> int:
 
 
 def check_inputs(args) -> None:
-    """Before any timing: the CSV to append to is new or one this script wrote, and every model exists."""
+    """Before any timing: the CSV to append to is new or one this script wrote, every model exists, and every
+    batch size is at least 1."""
+    for option in ("batch_sizes", "infer_batch_sizes"):
+        bad = [b for b in getattr(args, option) if b < 1]
+        if bad:
+            raise ConfigError(f"--{option.replace('_', '-')}: batch sizes must be at least 1; got {bad[0]}.")
     if args.out.is_dir() or (args.out.exists() and not args.out.is_file()):
         raise ConfigError(f"--out names {args.out}, which is not a regular file; give a CSV file name.")
     if args.out.exists():
@@ -236,7 +240,7 @@ def check_inputs(args) -> None:
     for name in args.models:
         try:
             model_cfg(name, False)
-        except HydraException as e:
+        except ConfigError as e:
             raise ConfigError(f"--models: no model {name!r} (conf/model/*.yaml names them): {e}") from e
 
 

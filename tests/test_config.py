@@ -102,7 +102,7 @@ def test_an_unquoted_value_holding_equals_is_named_with_how_to_quote_it(monkeypa
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    from fmnist.cli import composition_message
+    from fmnist.config import composition_message
 
     monkeypatch.setattr("sys.argv", ["train.py", "model=simple", "data.dir=/tmp/a=b"])
     with pytest.raises(HydraException) as error:

@@ -207,6 +207,22 @@ def test_the_command_shows_measures_and_clears_the_cached_verdicts(monkeypatch, 
     shown = capsys.readouterr().out
     assert "1 verdict(s)" in shown and "batch 32" in shown and "-> bf16-mixed" in shown
     assert auto.main(["clear"]) == 0 and not auto.cache_file().exists()
+    # Bad overrides are one paragraph with exit 2, before anything is measured or cached.
+    for overrides, words in [(["model=nosuch"], "Could not find 'model/nosuch'"),
+                             (["data.batch_size=0"], "config key data.batch_size must be at least 1")]:
+        assert auto.main(["measure", *overrides, "--device", "cpu"]) == 2
+        assert words in capsys.readouterr().err and not auto.cache_file().exists()
+
+
+def test_a_damaged_cached_verdict_is_measured_again_not_a_crash(monkeypatch, capsys):
+    cpu_with_bf16(monkeypatch, True)
+    measure, calls = fake_probe(10, 5)
+    key = auto.cache_key(MODEL, 64, "cpu")
+    auto.cache_file().parent.mkdir(parents=True, exist_ok=True)
+    auto.cache_file().write_text(json.dumps({"other": 5, key: {"precision": "bf16-mixed"}}))  # hand-edited
+    assert auto.main(["show"]) == 0 and "0 verdict(s)" in capsys.readouterr().out
+    precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, 64, 10_000, measure=measure)
+    assert precision == "bf16-mixed" and len(calls) == 1 and "probe" in evidence["verdict"]["source"]
 
 
 def test_flop_count_matches_the_simple_cnns_arithmetic():

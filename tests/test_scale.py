@@ -52,6 +52,8 @@ def test_benchmark_refuses_an_out_it_did_not_write_and_a_bad_model_before_timing
         (["--models", "simple", "--out", str(victim)], f"--out names {victim}, which benchmark.py did not write"),
         (["--models", "simple", "--out", str(tmp_path)], f"--out names {tmp_path}, which is not a regular file"),
         (["--models", "nosuch", "--out", str(tmp_path / "b.csv")], "--models: no model 'nosuch'"),
+        (["--models", "simple", "--batch-sizes", "0", "--out", str(tmp_path / "b.csv")],
+         "--batch-sizes: batch sizes must be at least 1; got 0"),
     ]:
         result = run_in_process("scripts/benchmark.py", *common, *args)
         assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]

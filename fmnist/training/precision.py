@@ -152,11 +152,21 @@ def cache_file() -> Path:
 
 
 def _read_cache() -> dict:
+    """The cached verdicts, leaving out any entry that is not a verdict `decide` wrote (a damaged or hand-edited
+    file): such a key is probed again."""
     try:
         cache = json.loads(cache_file().read_text())
     except (OSError, ValueError):
         return {}
-    return cache if isinstance(cache, dict) else {}
+    return {key: found for key, found in cache.items() if _is_verdict(found)} if isinstance(cache, dict) else {}
+
+
+def _is_verdict(found) -> bool:
+    number = (int, float)
+    return (isinstance(found, dict) and found.get("precision") in (BF16, FP32)
+            and isinstance(found.get("bf16_speedup"), number) and isinstance(found.get("how"), str)
+            and isinstance(found.get("speedup_range"), list) and len(found["speedup_range"]) == 2
+            and all(isinstance(v, number) for v in found["speedup_range"]))
 
 
 def cache_key(model: dict, batch_size: int, device: str) -> str:
@@ -234,7 +244,8 @@ def resolve_precision(requested, accelerator: str, model: dict, batch_size: int,
 def main(argv: list[str] | None = None) -> int:
     """`python -m fmnist.training.precision show|measure|clear`: the cached verdicts of `precision=auto`."""
     from fmnist.cli import run_plain
-    from fmnist.config import compose_train
+    from fmnist.config import check_values, compose_train
+    from fmnist.models import check_model
 
     parser = argparse.ArgumentParser(prog="python -m fmnist.training.precision", description=main.__doc__)
     parser.add_argument("verb", choices=["show", "measure", "clear"],
@@ -255,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"removed {cache_file()}")
         else:
             cfg = compose_train(*args.overrides)
+            check_model(cfg.model)
+            check_values(cfg)  # e.g. data.batch_size=0 would be measured, and cached
             model = {**OmegaConf.to_container(cfg.model, resolve=True), "channels_last": cfg.channels_last}
             if args.device == "cuda":
                 torch.set_float32_matmul_precision("high")
