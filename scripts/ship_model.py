@@ -31,7 +31,7 @@ KEPT = ("state_dict", "hyper_parameters", "datamodule_hyper_parameters", DATAMOD
         "global_step", "pytorch-lightning_version")
 
 
-def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR) -> Path:
+def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR, replace: bool = False) -> Path:
     """Write out_dir/NAME.ckpt, NAME.onnx and NAME.md from the run's best checkpoint; return the card's path.
 
     Refused (ConfigError, nothing written) unless the run completed and the stripped checkpoint gives
@@ -44,9 +44,29 @@ def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR) -> Path:
     from fmnist.inference.export import export
 
     check_name("--name", name)
+    shipped = [out_dir / f"{name}{suffix}" for suffix in (".ckpt", ".onnx", ".md") if (out_dir / f"{name}{suffix}").exists()]
+    if shipped and not replace:
+        raise ConfigError(f"--name {name}: {shipped[0]} is already shipped; nothing was written. Give another --name, "
+                          "or --replace to ship this run in its place.")
     record = read_record(run_dir) or {}
     if record.get("status") != COMPLETED:
         raise ConfigError(f"{run_dir}: a run ships only once it has completed; its status is {record.get('status')!r}.")
+    metrics = record.get("metrics") if isinstance(record.get("metrics"), dict) else {}
+    recorded = metrics.get("test/acc")
+    if isinstance(recorded, bool) or not isinstance(recorded, (int, float)):
+        raise ConfigError(f"{run_dir}: its metrics.json holds no test accuracy as a number (metrics.test/acc is "
+                          f"{recorded!r}), which the shipped model must reproduce; not shipped.")
+    # What the card states about the run: each field as a run records it, or the card is not written.
+    wrong = [key for key, ok in (
+        ("overrides", isinstance(record.get("overrides", []), list)
+         and all(isinstance(o, str) for o in record.get("overrides", []))),
+        ("hardware", isinstance(record.get("hardware") or {}, dict)),
+        ("precision", isinstance(record.get("precision") or {}, dict)),
+        ("metrics.val/acc_best", isinstance(metrics.get("val/acc_best", 0.0), (int, float))),
+    ) if not ok]
+    if wrong:
+        raise ConfigError(f"{run_dir}: its metrics.json is not a run's record ({', '.join(wrong)} of the wrong "
+                          "type); not shipped.")
     source = best_in_run(run_dir)
     payload = load_checkpoint(source)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -58,8 +78,7 @@ def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR) -> Path:
         images, labels = loaded_test_set(loaded)
         logits = loaded.logits_batched(images, EVAL_BATCH_SIZE, tta=loaded.tta)
         accuracy = classification_metrics(logits, labels)[0]["accuracy"]
-        recorded = record.get("metrics", {}).get("test/acc")
-        if recorded is None or abs(accuracy - recorded) > 1 / len(labels):  # one image: rounding, not a change
+        if abs(accuracy - recorded) > 1 / len(labels):  # one image: rounding, not a change
             raise ConfigError(f"{source}: stripped of its training state it scores {accuracy:.4%} on the test set, "
                               f"not the {recorded} the run recorded; not shipped.")
         export(OmegaConf.create({"ckpt": str(ckpt), "out": str(onnx), "overwrite": False,
@@ -116,8 +135,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a finished run directory")
     parser.add_argument("--name", default="speedrun_cpu", help="the shipped files' name (default: speedrun_cpu)")
+    parser.add_argument("--replace", action="store_true", help="replace a model already shipped under --name")
     args = parser.parse_args()
-    return run_plain(lambda: print(ship(args.run_dir, args.name).read_text()), unwind_on_sigterm=True)
+    return run_plain(lambda: print(ship(args.run_dir, args.name, replace=args.replace).read_text()),
+                     unwind_on_sigterm=True)
 
 
 if __name__ == "__main__":

@@ -443,6 +443,17 @@ def test_a_shipped_model_loads_as_ckpt_pretrained_and_reproduces_its_run(run_dir
     spec.loader.exec_module(ship_model)
     card = ship_model.ship(run_dir, "tiny", out_dir=tmp_path).read_text()
     ckpt, onnx_file = tmp_path / "tiny.ckpt", tmp_path / "tiny.onnx"
+    shipped = snapshot(tmp_path)
+    with pytest.raises(ConfigError, match="tiny.ckpt is already shipped; nothing was written"):
+        ship_model.ship(run_dir, "tiny", out_dir=tmp_path)  # another run under the same name: only with replace
+    damaged = tmp_path / "damaged_run"
+    shutil.copytree(run_dir, damaged)
+    record = json.loads((damaged / "metrics.json").read_text())
+    (damaged / "metrics.json").write_text(json.dumps({**record, "metrics": {**record["metrics"], "test/acc": "0.9"}}))
+    with pytest.raises(ConfigError, match="holds no test accuracy as a number"):
+        ship_model.ship(damaged, "other", out_dir=tmp_path)
+    shutil.rmtree(damaged)
+    assert snapshot(tmp_path) == shipped
     assert f"`{file_digest(ckpt, 'sha256')}`" in card and f"`{file_digest(onnx_file, 'sha256')}`" in card
     payload = torch.load(ckpt, weights_only=True)
     assert "optimizer_states" not in payload and ckpt.stat().st_size < resolve(run_dir).path.stat().st_size

@@ -282,8 +282,8 @@ def load_model(ckpt: str | Path) -> LoadedModel:
 
 def run_test_acc(run_dir: Path | None) -> float | None:
     """The run's own recorded test accuracy, if any."""
-    record = read_record(run_dir) if run_dir else None
-    value = (record or {}).get("metrics", {}).get("test/acc")
-    return float(value) if value is not None else None
+    metrics = ((read_record(run_dir) if run_dir else None) or {}).get("metrics")
+    value = metrics.get("test/acc") if isinstance(metrics, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None  # else unknown
 
 
