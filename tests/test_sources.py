@@ -57,8 +57,13 @@ def test_a_lone_csv_is_not_overwritten(tmp_path, idx_dir):
 
 def test_nothing_available_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr("fmnist.data.sources.DEBIAN_DIR", tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="Could not obtain Fashion-MNIST.*Do one of: \\(1\\) put Kaggle's"):
         obtain(tmp_path / "data", idx_dir=tmp_path / "empty", allow_install=False, allow_download=False)
+    # An --idx-dir that is not there is named, not passed over for another source.
+    with pytest.raises(DataError, match="--idx-dir .*missing: no such directory"):
+        obtain(tmp_path / "data", idx_dir=tmp_path / "missing", allow_install=False, allow_download=False)
+    assert not (tmp_path / "data").exists()
 
 
 def test_bad_idx_magic(tmp_path):
@@ -66,6 +71,10 @@ def test_bad_idx_magic(tmp_path):
     path.write_bytes(b"\x00\x00\x09\x01" + b"\x00" * 8)
     with pytest.raises(DataError, match="not an IDX file"):
         read_idx(path)
+    for damaged in (b"not gzip at all", gzip.compress(b"\x00\x00\x08\x01" + b"\x00" * 100)[:20]):  # foreign, cut
+        (tmp_path / "x-idx1-ubyte.gz").write_bytes(damaged)
+        with pytest.raises(DataError, match="x-idx1-ubyte.gz: cannot read it as a gzipped IDX file"):
+            read_idx(tmp_path / "x-idx1-ubyte.gz")
 
 
 def test_a_bad_test_split_writes_neither_csv_so_a_second_try_can_succeed(tmp_path, idx_dir):

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,11 @@ def find_csv(data_dir: Path, split: str) -> Path:
 
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (gzipped or not) of unsigned bytes: labels [N] or images [N, 28, 28]."""
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a cut file is an EOFError
+        raise DataError(f"{path}: cannot read it as a gzipped IDX file ({e}); expected one of Zalando's "
+                        "*-idx?-ubyte.gz files (a damaged or cut download?).") from e
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
         raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic number {raw[:4].hex()}).")
     ndim = raw[3]
@@ -146,6 +151,9 @@ def _obtain(data_dir: Path, idx_dir: Path | None, allow_install: bool, allow_dow
         present = [str(p) for p in csvs if p.exists()]
         raise DataError(f"{data_dir} holds only {present}; refusing to overwrite it. Put both CSVs there, "
                         "or move it away and run `make data` again.")
+    if idx_dir is not None and not idx_dir.is_dir():  # named on purpose: not silently replaced by another source
+        raise DataError(f"--idx-dir {idx_dir}: no such directory; expected the directory holding Zalando's four "
+                        "*-idx?-ubyte.gz files.")
     tried = []
     for directory in ([idx_dir] if idx_dir else []) + [DEBIAN_DIR]:
         if find_idx(directory, "train") and find_idx(directory, "test"):
