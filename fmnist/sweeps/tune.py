@@ -14,6 +14,7 @@ status in its run directory) and the study goes on; a user error (bad key, missi
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -366,6 +367,28 @@ class Search:
         return metrics[METRIC]
 
 
+def _check_storage_file(url: str) -> None:
+    """ConfigError for a journal or SQLite storage naming an existing file of another kind (Optuna would append
+    to a user's file, or fail on it with pages of SQL)."""
+    kind, path = ("journal", Path(url[len("journal:"):])) if url.startswith("journal:") else \
+        ("sqlite", Path(url[len("sqlite:///"):])) if url.startswith("sqlite:///") else (None, None)
+    if kind is None or not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if kind == "sqlite":
+        ours = head.startswith(b"SQLite format 3\x00")
+    else:  # a journal is one JSON object per line, each with the operation it records
+        try:
+            ours = b"op_code" in head and isinstance(json.loads(head.split(b"\n", 1)[0]), dict)
+        except ValueError:
+            ours = False
+    if not ours:
+        what = "journal" if kind == "journal" else "SQLite database"
+        raise ConfigError(f"storage={url} names {path}, which is not an Optuna {what}; nothing was written. Name a "
+                          "new file, or the study's own storage.")
+
+
 def _storage(cfg: DictConfig, study_dir: Path) -> optuna.storages.RDBStorage:
     url = cfg.storage or f"sqlite:///{study_dir.resolve() / 'study.db'}"
     # SQLite serialises writers with a lock; several processes wait for it instead of failing.
@@ -409,6 +432,8 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
             spec.key = RENAMED_KEYS.get(spec.key, spec.key)
         search = Search(cfg, train_overrides, study_dir)
         search.check_space()
+        if cfg.storage:
+            _check_storage_file(cfg.storage)
         created = not study_dir.exists()
         trials_here = sorted(p.name for p in study_dir.glob("trial-*"))
         if trials_here and cfg.storage is None and not (study_dir / "study.db").exists():
