@@ -99,6 +99,19 @@ def test_two_evaluations_into_one_directory_keep_the_first_ones_results(run_dir,
 
 
 @pytest.mark.slow
+def test_an_evaluation_stopped_before_its_record_leaves_no_half_of_its_files(run_dir, tmp_path, monkeypatch):
+    from fmnist.inference import evaluate as module
+
+    def stopped(out_dir, record):
+        raise KeyboardInterrupt  # as Ctrl-C or SIGTERM would, between the confusion matrix and the record
+
+    monkeypatch.setattr(module, "write_record", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(compose_named("evaluate", f"ckpt={run_dir}"), tmp_path / "eval")
+    assert list((tmp_path / "eval").iterdir()) == []  # so the same command can run there again
+
+
+@pytest.mark.slow
 def test_evaluate_with_tta_on_another_test_set(run_dir, tmp_path):
     other = tmp_path / "other"
     other.mkdir()

@@ -86,10 +86,16 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         if (out_dir / METRICS_FILE).exists():
             raise ConfigError(f"{out_dir}: another evaluation wrote its results there while this one ran; they are "
                               "kept, and this evaluation wrote nothing. Name a new directory (hydra.run.dir=...).")
-        with atomic_output(out_dir / CONFUSION_FILE) as tmp:
-            np.savetxt(tmp, cm, fmt="%d", delimiter=",")
-        _write_figure(out_dir / "confusion_matrix.png", cm, csv, tta)
-        write_record(out_dir, record)
+        written = [out_dir / CONFUSION_FILE, out_dir / "confusion_matrix.png"]
+        try:
+            with atomic_output(written[0]) as tmp:
+                np.savetxt(tmp, cm, fmt="%d", delimiter=",")
+            _write_figure(written[1], cm, csv, tta)
+            write_record(out_dir, record)
+        except BaseException:  # stopped or failed before its record: no half an evaluation is left to refuse the next
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
     print(summary_table(record, out_dir))
     return record
 
