@@ -47,7 +47,9 @@ def atomic_output(path: Path, suffix: str = ".tmp", replace: bool = True) -> Ite
         else:
             _link_new(tmp, path)
     except OSError as e:
-        if not e.filename or e.filename == str(tmp):  # name the file the user asked for, not our temporary
+        # Name the file the user asked for, not our temporary; an OSError without an errno (raised by a library
+        # with its own message) keeps that message, which a filename would replace with "[Errno None] None".
+        if e.errno is not None and (not e.filename or e.filename == str(tmp)):
             e.filename = str(path)
         raise
     finally:

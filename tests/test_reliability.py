@@ -388,6 +388,18 @@ def test_single_class_training_set_warns(tmp_path, caplog):
     assert "only class(es) [3]" in caplog.text
 
 
+def test_a_library_error_while_writing_keeps_its_own_message(tmp_path):
+    from fmnist.fsio import atomic_output
+
+    with pytest.raises(OSError, match="^Cannot save file into a non-existent directory$"):
+        with atomic_output(tmp_path / "out.csv"):
+            raise OSError("Cannot save file into a non-existent directory")  # as pandas raises it: no errno
+    with pytest.raises(OSError, match=r"No such file or directory: '.*missing/out.csv'"):  # ours: the user's name
+        with atomic_output(tmp_path / "missing" / "out.csv") as tmp:
+            open(tmp, "w")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_output_that_appears_while_a_command_runs_is_kept_unless_replacing_is_asked(tmp_path):
     from fmnist.fsio import atomic_output
 
