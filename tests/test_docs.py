@@ -46,3 +46,19 @@ def test_results_verbs_refuse_a_foreign_table_and_a_missing_baseline(tmp_path, c
     with pytest.raises(SystemExit) as exit_info:
         main(["changes", str(ROOT / "docs" / "results" / "speedrun_cpu")])
     assert exit_info.value.code == 2 and "changes needs a baseline sweep" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("row,words", [
+    ("ema,flip,abc,0.1,3,0.1,0.1", "column val_acc_mean: expected a number, found 'abc'"),
+    ("ema,flip,0.9,0.1,,0.1,0.1", "column n: expected a whole number of 0 or more, found an empty cell"),
+    ("ema,flip,0.9,0.1,2.5,0.1,0.1", "column n: expected a whole number of 0 or more, found 2.5"),
+])
+def test_a_tricks_table_with_a_damaged_cell_is_named_by_file_line_and_column(tmp_path, capsys, row, words):
+    from fmnist.results.__main__ import main
+
+    table = tmp_path / "tricks.csv"
+    table.write_text("weights,tta,val_acc_mean,val_acc_std,n,change_mean,change_std\nraw,none,0.9,0.1,3,0,0\n" + row + "\n")
+    assert main(["tricks", "--from-csv", str(table)]) == 2
+    err = capsys.readouterr().err
+    assert f"tricks.csv, line 3, {words}." in err and "Traceback" not in err
+

@@ -83,19 +83,12 @@ def tricks(args) -> None:
 
 
 def read_tricks_table(path: Path):
-    """A table `tricks --csv` wrote, or ConfigError naming the file and the columns it lacks."""
-    import pandas as pd
-
+    """A table `tricks --csv` wrote, or ConfigError naming the file, and the line and column of a damaged cell."""
     from fmnist.inference.tricks import COLUMNS
+    from fmnist.results.tables import read_table
 
-    try:
-        table = pd.read_csv(path)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: cannot read it as a CSV table ({e}); expected a file `tricks --csv` wrote.") from e
-    missing = [c for c in COLUMNS if c not in table.columns]
-    if missing:
-        raise ConfigError(f"{path}: not a table `tricks --csv` wrote: it lacks the columns {', '.join(missing)}.")
-    return table
+    return read_table(path, "a table `tricks --csv` wrote", tuple(COLUMNS),
+                      numbers=("val_acc_mean", "val_acc_std", "change_mean", "change_std"), counts=("n",))
 
 
 def changes(args) -> None:
