@@ -25,6 +25,7 @@ from fmnist.hardware import describe
 
 METRICS_FILE = "metrics.json"
 CONFUSION_FILE = "confusion_matrix.csv"  # the test set's confusion matrix, [true, predicted] counts
+EPOCHS_FILE = "epochs.csv"  # one row per epoch: the curves, and the compute so far
 # A run's status, as metrics.json and every summary spell it.
 RUNNING, COMPLETED, FAILED, DIVERGED, INTERRUPTED = "running", "completed", "failed", "diverged", "interrupted"
 PRUNED = "pruned"  # a search's trial stopped early by its pruner
@@ -174,9 +175,13 @@ def read_confusion_matrix(job: Path) -> np.ndarray | None:
 
 
 def _compute(job: Path) -> dict:
-    """The job's cumulative training seconds, images and FLOPs (None where epochs.csv lacks them)."""
+    """The job's cumulative training seconds, images and FLOPs (None where epochs.csv lacks them, or holds
+    something other than a number there)."""
     try:
-        last = pd.read_csv(job / "epochs.csv").iloc[-1]
-    except (OSError, ValueError, IndexError):  # no epoch finished yet
+        last = pd.read_csv(job / EPOCHS_FILE).iloc[-1]
+    except (OSError, ValueError, IndexError):  # no epoch finished yet, or a damaged file
         return dict.fromkeys(COMPUTE)
-    return {key: last.get(key) for key in COMPUTE}
+    # Compute is shown beside the results, never judged: a damaged cell is missing, as in a run older than
+    # the column, rather than a reason to refuse the sweep's whole table.
+    numbers = {key: pd.to_numeric(last.get(key), errors="coerce") for key in COMPUTE}
+    return {key: value if np.isfinite(value) else None for key, value in numbers.items()}

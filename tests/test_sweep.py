@@ -87,6 +87,32 @@ def test_a_damaged_run_file_is_named_by_the_results_verbs_that_read_it(tmp_path,
         assert f"seed=0/{name}: {words}" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("damage,words,compute_read", [
+    (lambda text: bytes(range(128, 256)), ": cannot read it as a CSV table", False),
+    (lambda text: b"epoch,foo\n1,2\n", ": not an epochs.csv as a run writes it: it lacks the columns train/loss, "
+     "val/loss, val/acc", False),
+    (lambda text: text.replace(",0.001,1,2\n", ",0.001,1,abc\n").encode(),
+     ", line 3, column train_seconds: expected a number, found 'abc'", False),
+    (lambda text: text.replace("\n2,20,", "\n1,20,").encode(), ", line 3: epoch 1 again", True),
+])
+def test_a_damaged_epochs_csv_refuses_the_report_and_leaves_the_summarys_compute_unrecorded(
+        tmp_path, capsys, damage, words, compute_read):
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1):
+        _fake_job(sweep, f"seed={seed}", "completed", seed, 0.9, [f"seed={seed}"])
+    path = sweep / "seed=0" / "epochs.csv"
+    path.write_bytes(damage(path.read_text()))
+    assert results_main(["report", str(sweep)]) == 2  # the report draws the curves: it needs them whole
+    err = capsys.readouterr().err
+    assert f"seed=0/epochs.csv{words}" in err and "Traceback" not in err
+    assert sorted(p.name for p in sweep.iterdir()) == ["seed=0", "seed=1"]  # no figures/, no summary rewritten
+    # Elsewhere only the last row's compute is read: shown as not recorded, as for a run older than the columns.
+    assert results_main(["leaderboard", str(sweep)]) == 0
+    assert results_main(["summary", str(sweep)]) == 0
+    seconds = pd.read_csv(sweep / "summary.csv").set_index("job").train_seconds
+    assert seconds["seed=1"] == 2 and pd.isna(seconds["seed=0"]) != compute_read
+
+
 def test_aggregation_lists_a_failed_job_and_groups_over_seeds(tmp_path):
     sweep = tmp_path / "sweep"
     for seed, acc in enumerate([0.90, 0.92]):

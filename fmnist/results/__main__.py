@@ -54,8 +54,9 @@ def report(args) -> None:
     from fmnist.results.sweep import summarize
 
     for directory in args.dirs:
+        figures = write_report(directory)  # first: a refused report leaves the summary as it was
         summarize(directory)
-        for path in write_report(directory):
+        for path in figures:
             print(path)
 
 

@@ -15,9 +15,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import FormatStrFormatter, FuncFormatter, MaxNLocator
 
+from fmnist.errors import ConfigError
 from fmnist.training.figures import confusion_matrix_figure
 from fmnist.results.stats import INTERVAL_NOTE, holm, mean_interval, paired
-from fmnist.runs import COMPLETED, collect, read_confusion_matrix
+from fmnist.results.tables import read_table
+from fmnist.runs import COMPLETED, COMPUTE, EPOCHS_FILE, collect, read_confusion_matrix
 
 # The seed report's Figures 4.1-4.8: (number, its title, the `experiment=report` variant behind it).
 REPORT_FIGURES = [
@@ -49,13 +51,22 @@ def parse_setting(setting: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in setting.split(","))
 
 
+CURVES = ("train/loss", "val/loss", "val/acc")  # the columns of epochs.csv the figures draw, against its epoch
+
+
 def load_curves(sweep_dir: Path, table: pd.DataFrame) -> dict[str, list[pd.DataFrame]]:
-    """Per setting, the `epochs.csv` of each of its jobs (any status: a diverged run's curve matters too)."""
+    """Per setting, the `epochs.csv` of each of its jobs (any status: a diverged run's curve matters too), or
+    ConfigError naming a damaged one: the report draws every column it reads."""
     curves: dict[str, list[pd.DataFrame]] = {}
     for row in table.itertuples():
-        path = Path(sweep_dir) / row.job / "epochs.csv"
+        path = Path(sweep_dir) / row.job / EPOCHS_FILE
         if path.exists() and path.stat().st_size > 0:
-            frame = pd.read_csv(path)
+            frame = read_table(path, "an epochs.csv as a run writes it", ("epoch", *CURVES),
+                               numbers=(*CURVES, *COMPUTE), counts=("epoch",))
+            repeated = frame.epoch.duplicated()
+            if repeated.any():  # one line per epoch, or the seeds' curves cannot be lined up
+                raise ConfigError(f"{path}, line {int(np.argmax(repeated.to_numpy())) + 2}: epoch "
+                                  f"{frame.epoch[repeated].iloc[0]} again; expected one row per epoch, as a run writes.")
             if len(frame):
                 frame.attrs["seed"] = row.seed  # for labels: the seeds of one setting are its lines
                 curves.setdefault(row.setting, []).append(frame)
@@ -272,9 +283,14 @@ def write_report(sweep_dir: Path) -> list[Path]:
     """
     sweep_dir = Path(sweep_dir)
     out = sweep_dir / "figures"
-    out.mkdir(exist_ok=True)
+    # Every file read before the first figure is drawn: a damaged one is named, and nothing is written.
     table = collect(sweep_dir)
     curves = load_curves(sweep_dir, table)
+    done = table[table.status == COMPLETED]
+    ranked = done[done.val_acc_best.notna()]  # a record without validation accuracy has nothing to rank it by
+    best = ranked.loc[ranked.val_acc_best.idxmax()] if len(ranked) else None
+    cm = read_confusion_matrix(sweep_dir / best.job) if best is not None else None
+    out.mkdir(exist_ok=True)
     written = []
 
     def save(fig: plt.Figure, name: str) -> None:
@@ -299,17 +315,14 @@ def write_report(sweep_dir: Path) -> list[Path]:
     speed = time_to_accuracy_figure(curves, f"Time to accuracy: {sweep_dir.name}")
     if speed is not None:
         save(speed, "time_to_accuracy.png")
-    done = table[table.status == COMPLETED]
-    if len(done):
-        means = done.groupby("setting").val_acc_best.mean()
+    if len(ranked):
+        means = ranked.groupby("setting").val_acc_best.mean()
         reference = str(means.idxmax())
         for key, members in ablation_pairs(sorted(curves), reference).items():
             panels = sorted((f"{key}={parse_setting(s).get(key, '(default)')}", curves[s]) for s in members if s in curves)
             others = ", ".join(f"{k}={v}" for k, v in parse_setting(reference).items() if k != key) or "defaults"
             title = "\n".join(textwrap.wrap(f"Ablation of {key}; other settings as in the best run: {others}", 110))
             save(curves_figure(panels, title), f"ablation_{_slug(key)}.png")
-        best = done.loc[done.val_acc_best.idxmax()]
-        cm = read_confusion_matrix(sweep_dir / best.job)
         if cm is not None:
             save(confusion_matrix_figure(cm, f"Best run {best.job}\ntest-set confusion matrix"), "confusion_matrix.png")
     return written
