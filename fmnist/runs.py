@@ -114,7 +114,7 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
         record = read_record(job)
         if record is None and not (job / ".hydra").is_dir() and not (job / METRICS_FILE).exists():
             continue
-        problem = _unreadable(job, record)
+        problem = record_problem(job, record)
         if problem:  # listed, never dropped without a word, and never averaged
             overrides = (record or {}).get("overrides")
             record = {"status": UNREADABLE, "error": problem,
@@ -132,8 +132,9 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def _unreadable(job: Path, record) -> str | None:
-    """What is wrong with a job's metrics.json (not JSON, not a record, a metric that is not a number), or None."""
+def record_problem(job: Path, record) -> str | None:
+    """What is wrong with a job's metrics.json (not JSON, not a record, a field of the wrong type, a metric that is
+    not a number), or None. `record`: its `read_record`."""
     if record is None:
         return f"{job / METRICS_FILE} is not a run record (unreadable, or not a JSON object)" \
             if (job / METRICS_FILE).exists() else None

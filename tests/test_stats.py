@@ -230,6 +230,15 @@ def test_an_image_comparison_refuses_other_images_and_runs_without_predictions(t
     assert results_main(["images", str(tmp_path / "a"), str(tmp_path / "other")]) == 2
 
 
+def test_an_image_comparison_checks_a_run_directorys_record_as_a_sweeps_jobs_are(tmp_path, capsys):
+    run = _runs_with_predictions(tmp_path, "a", [np.ones(100, bool)], np.arange(100) % 10) / "seed=0"
+    record = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**record, "seed": [0]}))
+    assert results_main(["images", str(run), str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "seed=0/metrics.json is not a run record: seed of the wrong type" in err and "Traceback" not in err
+
+
 def test_results_verbs_name_a_file_in_the_way_instead_of_crashing(tmp_path, capsys):
     labels = np.arange(100) % 10
     sweep = _runs_with_predictions(tmp_path, "a", [np.ones(100, bool)], labels)

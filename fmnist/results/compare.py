@@ -19,7 +19,7 @@ import pandas as pd
 from fmnist.errors import ConfigError
 from fmnist.results.stats import (ALPHA, INTERVAL_NOTE, Interval, holm, mcnemar, mean_interval, no_spread, paired,
                                   paired_bootstrap, same_difference_p, summary_interval)
-from fmnist.runs import COMPLETED, METRICS_FILE, collect, read_record
+from fmnist.runs import COMPLETED, METRICS_FILE, collect, read_record, record_problem
 from fmnist.training.callbacks import PREDICTIONS_FILE
 
 WITHIN_NOISE = "within noise"
@@ -143,6 +143,9 @@ def _predictions_by_seed(path: Path, split: str) -> dict[int, tuple[np.ndarray, 
     if not path.is_dir():
         raise ConfigError(f"{path}: no such directory; expected a run directory or a sweep directory of one setting.")
     if (path / METRICS_FILE).is_file():
+        problem = record_problem(path, read_record(path))  # a sweep's jobs are checked by `collect`
+        if problem:
+            raise ConfigError(f"{problem}; expected the record a run writes.")
         runs = [path]
     else:
         jobs = collect(path)
