@@ -146,6 +146,7 @@ def record_problem(job: Path, record) -> str | None:
          and all(isinstance(o, str) for o in record.get("overrides", []))),
         ("seed", record.get("seed") is None or (isinstance(record["seed"], int) and not isinstance(record["seed"], bool))),
         *((key, record.get(key) is None or isinstance(record[key], str)) for key in ("error", "git_commit")),
+        *((key, record.get(key) is None or isinstance(record[key], dict)) for key in ("hardware", "precision")),
     ) if not ok]
     if wrong:
         return f"{job / METRICS_FILE} is not a run record: {', '.join(wrong)} of the wrong type"

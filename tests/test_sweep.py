@@ -56,8 +56,10 @@ def _fake_job(sweep: Path, name: str, status: str, seed: int, acc: float | None,
     ({"seed": "0"}, "seed of the wrong type"),
     ({"overrides": [1, 2]}, "overrides of the wrong type"),
     ({"error": {"a": 1}}, "error of the wrong type"),
+    ({"precision": [1]}, "precision of the wrong type"),  # read by the leaderboard only
+    ({"hardware": "x"}, "hardware of the wrong type"),
 ])
-def test_a_hand_edited_record_is_listed_as_unreadable_not_a_crash(tmp_path, edit, words):
+def test_a_hand_edited_record_is_listed_as_unreadable_not_a_crash(tmp_path, capsys, edit, words):
     sweep = tmp_path / "sweep"
     for seed in (0, 1):
         _fake_job(sweep, f"seed={seed}", "completed", seed, 0.9, [f"seed={seed}"])
@@ -67,6 +69,8 @@ def test_a_hand_edited_record_is_listed_as_unreadable_not_a_crash(tmp_path, edit
     assert table.status.to_dict() == {"seed=0": "unreadable", "seed=1": "completed"}
     assert words in table.error["seed=0"]
     assert "seed=0" in (sweep / "summary.md").read_text()
+    assert results_main(["leaderboard", str(sweep)]) == 0
+    assert "1 job(s) left out, not completed: `seed=0` (unreadable)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name,content,words", [
@@ -75,6 +79,7 @@ def test_a_hand_edited_record_is_listed_as_unreadable_not_a_crash(tmp_path, edit
     ("confusion_matrix.csv", "\n".join([",".join(["-1"] * 10)] * 10), "expected counts"),
     ("config.yaml", "- a list\n", "expected a mapping with a `data` section"),
     ("config.yaml", ": [\n", "cannot read it as YAML"),
+    ("config.yaml", "data:\n  train_subset: abc\n", "data.train_subset is 'abc'; expected null or a whole number"),
 ])
 def test_a_damaged_run_file_is_named_by_the_results_verbs_that_read_it(tmp_path, capsys, name, content, words):
     sweep = tmp_path / "sweep"

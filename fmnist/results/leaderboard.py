@@ -17,6 +17,7 @@ from fmnist.errors import ConfigError
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
 from fmnist.runs import COMPLETED, collect, read_confusion_matrix, read_record
 
+CONFIG_FILE = "config.yaml"  # a job's resolved config, as the run wrote it
 STANDARD_TEST_IMAGES = 10_000  # the standard split's test set; its training set is all of the other 60,000
 
 # Published results on the standard 60k/10k split without extra data (result, test accuracy %, budget,
@@ -34,7 +35,8 @@ REFERENCES = [
 
 
 def hardware_of(record: dict) -> str:
-    """The machine a run trained on, and in which precision (e.g. `NVIDIA H100 80GB HBM3, bf16-mixed`)."""
+    """The machine a run trained on, and in which precision (e.g. `NVIDIA H100 80GB HBM3, bf16-mixed`).
+    `record`: a completed job's, whose fields `collect` checked."""
     hw = record.get("hardware") or {}
     precision = (record.get("precision") or {}).get("resolved")
     if hw.get("gpu"):
@@ -46,7 +48,7 @@ def hardware_of(record: dict) -> str:
 
 def _config_section(job: Path, name: str) -> dict:
     """One section of a job's resolved config.yaml ({} if it has none), or ConfigError naming a damaged file."""
-    path = job / "config.yaml"
+    path = job / CONFIG_FILE
     try:
         config = yaml.safe_load(path.read_text()) if path.exists() else {}
     except (OSError, ValueError, yaml.YAMLError) as e:
@@ -63,8 +65,12 @@ def split_of(job: Path) -> str | None:
     test set), or None when it trained and tested on the standard split."""
     data, trainer = (_config_section(job, name) for name in ("data", "trainer"))
     differences = []
-    if data.get("train_subset"):
-        differences.append(f"{data['train_subset']:,}-image training subset")
+    subset = data.get("train_subset")
+    if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1):
+        raise ConfigError(f"{job / CONFIG_FILE}: data.train_subset is {subset!r}; expected null or a whole number of "
+                          "at least 1, as a run writes it.")
+    if subset:
+        differences.append(f"{subset:,}-image training subset")
     limited = [k for k in ("limit_train_batches", "limit_test_batches") if trainer.get(k) not in (None, 1, 1.0)]
     differences += [f"trainer.{k}={trainer[k]}" for k in limited]
     confusion = read_confusion_matrix(job)
