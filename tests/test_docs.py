@@ -62,3 +62,14 @@ def test_a_tricks_table_with_a_damaged_cell_is_named_by_file_line_and_column(tmp
     err = capsys.readouterr().err
     assert f"tricks.csv, line 3, {words}." in err and "Traceback" not in err
 
+
+def test_tricks_refuses_a_csv_in_a_missing_directory_before_evaluating(tmp_path, capsys, monkeypatch):
+    import fmnist.inference.tricks
+    from fmnist.results.__main__ import main
+
+    monkeypatch.setattr(fmnist.inference.tricks, "compare", lambda *args: pytest.fail("evaluated, then refused"))
+    out = tmp_path / "missing" / "tricks.csv"
+    assert main(["tricks", str(ROOT / "docs" / "results" / "speedrun_cpu"), "--csv", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--csv names {out}, in {out.parent}, which is not an existing directory" in err
+    assert not out.parent.exists()

@@ -72,10 +72,13 @@ def tricks(args) -> None:
     if args.from_csv:
         print(tricks_markdown(read_tricks_table(args.from_csv)), end="")
         return
-    from fmnist.inference.tricks import compare
-
     if args.csv:  # refused before the work, as predict.py and export.py refuse an existing out=
         check_output_file(args.csv, "--csv", None, lambda head: False, "tricks")
+        if not args.csv.parent.is_dir():  # else the table is lost after the whole evaluation
+            raise ConfigError(f"--csv names {args.csv}, in {args.csv.parent}, which is not an existing directory; "
+                              "nothing was evaluated. Create the directory, or choose a file in one that exists.")
+    from fmnist.inference.tricks import compare
+
     table = compare(args.dirs, args.data_dir)
     if args.csv:
         with atomic_output(args.csv, replace=False) as tmp:
