@@ -463,7 +463,7 @@ def test_a_shipped_model_loads_as_ckpt_pretrained_and_reproduces_its_run(run_dir
     shutil.copytree(run_dir, damaged)
     record = json.loads((damaged / "metrics.json").read_text())
     (damaged / "metrics.json").write_text(json.dumps({**record, "metrics": {**record["metrics"], "test/acc": "0.9"}}))
-    with pytest.raises(ConfigError, match="holds no test accuracy as a number"):
+    with pytest.raises(ConfigError, match="metrics.test/acc is '0.9', not a number; not shipped"):
         ship_model.ship(damaged, "other", out_dir=tmp_path)
     shutil.rmtree(damaged)
     assert snapshot(tmp_path) == shipped
