@@ -303,3 +303,14 @@ def test_fast_path_is_ignored_on_a_cpu_with_one_log_line(make_cfg, tmp_path, cap
     weights = [torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
                for run in ("fast", "plain")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[1])
+
+
+@pytest.mark.parametrize("path", ["outputs/runs/a", "outputs/a b", "it's", "ü dir", "a\\b", "ends in \\", "a\\'b",
+                                  "outputs/seed=0,lr=1"])
+def test_a_run_directory_quoted_for_the_resume_command_reads_back_as_itself(path):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from fmnist.training.train import hydra_quote
+
+    parsed = OverridesParser.create().parse_override(f"hydra.run.dir={hydra_quote(path)}")
+    assert parsed.value() == path

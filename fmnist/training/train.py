@@ -494,7 +494,10 @@ def hydra_quote(value: str) -> str:
     """`value` as a Hydra override value: as is when plain, else quoted (spaces, non-ASCII, `,` or `=`)."""
     if re.fullmatch(r"[\w/.:@+-]+", value, re.ASCII):
         return value
-    return "'" + value.replace("'", "\\'") + "'"
+    # In Hydra's quoted strings a backslash escapes a quote, so a run of backslashes before a quote or at
+    # the end is doubled first (`x\` would otherwise escape the closing quote).
+    escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
+    return "'" + escaped.replace("'", "\\'") + "'"
 
 
 def record_failure(run_dir: Path, status: str, message: str, error: BaseException) -> None:
