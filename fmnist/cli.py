@@ -66,8 +66,8 @@ def sigterm_unwinds(enabled: bool = True):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-TERMINATED = ("stopped by SIGTERM; its temporary files are removed, and any output file is as it was before "
-              "(complete, or absent).", 128 + signal.SIGTERM)
+TERMINATED = ("stopped by SIGTERM; its temporary files are removed, and each file it writes is either whole or as "
+              "it was before (a command that writes several may have written some of them).", 128 + signal.SIGTERM)
 
 
 def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -> None:

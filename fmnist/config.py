@@ -234,6 +234,7 @@ def compose_train(*overrides: str) -> DictConfig:
         try:
             return compose("train", overrides=list(overrides))
         except (HydraException, OmegaConfBaseException) as e:  # a bad override: one paragraph, not Hydra's pages
+            # They are train.py's overrides, whatever command passed them: its help lists their groups.
             raise ConfigError(composition_message(e, list(overrides), entry="train.py")) from e
 
 

@@ -241,7 +241,7 @@ def check_inputs(args) -> None:
         try:
             model_cfg(name, False)
         except ConfigError as e:
-            raise ConfigError(f"--models: no model {name!r} (conf/model/*.yaml names them): {e}") from e
+            raise ConfigError(f"--models {name}: {e}") from e
 
 
 def append_rows(out: Path, rows: list[dict]) -> None:

@@ -82,7 +82,7 @@ def test_evaluate_reproduces_the_runs_test_accuracy(run_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_evaluations_into_one_directory_keep_the_first_ones_results(run_dir, tmp_path, monkeypatch):
+def test_an_evaluation_that_finds_anothers_results_written_meanwhile_keeps_them(run_dir, tmp_path, monkeypatch):
     from fmnist.inference import evaluate as module
 
     computed = module.classification_metrics

@@ -221,6 +221,7 @@ def test_an_image_comparison_refuses_other_images_and_runs_without_predictions(t
     # A damaged file, a pickle, and arrays of another shape: one paragraph each, never numpy's advice to unpickle.
     damaged = tmp_path / "other" / "seed=0" / "predictions.npz"
     for write in (lambda f: f.write(b"x"), lambda f: np.save(f, np.array([{}]), allow_pickle=True),
+                  lambda f: np.save(f, np.zeros(3, int)),  # one bare array, not an archive
                   lambda f: np.savez(f, val_pred=np.zeros((2, 2), int), val_label=np.zeros(2, int))):
         with open(damaged, "wb") as f:
             write(f)

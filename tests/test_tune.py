@@ -123,14 +123,25 @@ def test_bad_input_stops_before_the_study_is_created(tmp_path, data_dir, args, m
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("scheme,kind", [("journal:", "journal"), ("sqlite:///", "SQLite database")])
-def test_a_storage_naming_a_file_of_ones_own_is_refused_and_the_file_kept(tmp_path, data_dir, scheme, kind):
+@pytest.mark.parametrize("scheme,kind,database", [("journal:", "journal", False),
+                                                  ("sqlite:///", "SQLite database", False),
+                                                  ("sqlite:///", "SQLite database", True)])
+def test_a_storage_naming_a_file_of_ones_own_is_refused_and_the_file_kept(tmp_path, data_dir, scheme, kind, database):
+    import contextlib
+    import sqlite3
+
     notes = tmp_path / "notes.txt"
-    notes.write_text("my notes\n")
+    if database:  # another tool's database (an MLflow store): Optuna would add its tables beside its own
+        with contextlib.closing(sqlite3.connect(notes)) as db:
+            db.execute("CREATE TABLE experiments (id INTEGER)")
+            db.commit()
+    else:
+        notes.write_text("my notes\n")
+    before = notes.read_bytes()
     with pytest.raises(FmnistError, match=f"names {notes}, which is not an Optuna {kind}; nothing was written"):
         run_search(CONF, [f"out_dir={tmp_path / 'studies'}", f"data.dir={data_dir}", "study=x",
                           f"storage={scheme}{notes}"])
-    assert notes.read_text() == "my notes\n" and sorted(tmp_path.iterdir()) == [notes]
+    assert notes.read_bytes() == before and sorted(tmp_path.iterdir()) == [notes]
 
 
 def test_bad_input_exits_2_with_one_paragraph(tmp_path, run_in_process):

@@ -48,10 +48,15 @@ def find_csv(data_dir: Path, split: str) -> Path:
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (gzipped or not) of unsigned bytes: labels [N] or images [N, 28, 28]."""
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a cut file is an EOFError
-        raise DataError(f"{path}: cannot read it as a gzipped IDX file ({e}); expected one of Zalando's "
-                        "*-idx?-ubyte.gz files (a damaged or cut download?).") from e
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror}).") from e
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a cut file an EOFError
+            raise DataError(f"{path}: cannot read it as a gzipped IDX file ({e}); expected one of Zalando's "
+                            "*-idx?-ubyte.gz files (a damaged or cut download?).") from e
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
         raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic number {raw[:4].hex()}).")
     ndim = raw[3]

@@ -82,7 +82,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "run_test_acc": run_test_acc(model.run_dir), "config": OmegaConf.to_container(cfg, resolve=True),
         **provenance(),
     }
-    with own_run_dir(out_dir):  # another evaluation into the same directory waits its turn, then is refused
+    with own_run_dir(out_dir):  # another evaluation writing there now is refused (RunDirInUse), as is one after it
         if (out_dir / METRICS_FILE).exists():
             raise ConfigError(f"{out_dir}: another evaluation wrote its results there while this one ran; they are "
                               "kept, and this evaluation wrote nothing. Name a new directory (hydra.run.dir=...).")

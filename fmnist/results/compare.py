@@ -124,7 +124,10 @@ def tricks_markdown(table: pd.DataFrame) -> str:
 def _read_predictions(file: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(predicted classes, labels) of one split from a run's predictions.npz, or ConfigError saying what is wrong."""
     try:
-        with np.load(file, allow_pickle=False) as saved:
+        saved = np.load(file, allow_pickle=False)
+        if not isinstance(saved, np.lib.npyio.NpzFile):  # a bare .npy array, not the archive a run writes
+            raise ValueError("one array, not an archive of named arrays")
+        with saved:
             if f"{split}_pred" not in saved.files:
                 raise ConfigError(f"{file}: holds no `{split}_pred` (the run was not tested, or saved no {split} split).")
             pred, labels = saved[f"{split}_pred"], saved.get(f"{split}_label")

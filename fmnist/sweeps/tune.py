@@ -14,6 +14,7 @@ status in its run directory) and the study goes on; a user error (bad key, missi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -367,6 +368,19 @@ class Search:
         return metrics[METRIC]
 
 
+def _optuna_tables_or_none(path: Path) -> bool:
+    """Whether a SQLite file holds Optuna's tables, or no table yet (read only; another tool's database, such as
+    an MLflow store, holds its own and must not get Optuna's beside them)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error:
+        return False
+    return not tables or {"studies", "version_info"} <= tables
+
+
 def _check_storage_file(url: str) -> None:
     """ConfigError for a journal or SQLite storage naming an existing file of another kind (Optuna would append
     to a user's file, or fail on it with pages of SQL)."""
@@ -377,13 +391,13 @@ def _check_storage_file(url: str) -> None:
     with open(path, "rb") as f:
         head = f.read(4096)
     if kind == "sqlite":
-        ours = head.startswith(b"SQLite format 3\x00")
+        optunas = head.startswith(b"SQLite format 3\x00") and _optuna_tables_or_none(path)
     else:  # a journal is one JSON object per line, each with the operation it records
         try:
-            ours = b"op_code" in head and isinstance(json.loads(head.split(b"\n", 1)[0]), dict)
+            optunas = b"op_code" in head and isinstance(json.loads(head.split(b"\n", 1)[0]), dict)
         except ValueError:
-            ours = False
-    if not ours:
+            optunas = False
+    if not optunas:
         what = "journal" if kind == "journal" else "SQLite database"
         raise ConfigError(f"storage={url} names {path}, which is not an Optuna {what}; nothing was written. Name a "
                           "new file, or the study's own storage.")

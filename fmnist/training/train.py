@@ -111,9 +111,13 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
     """Refuse to write into another run's directory, or into one holding files no run wrote; return True
     when resuming from last.ckpt."""
     record = read_record(run_dir)
+    status = (record or {}).get("status")
     last = run_dir / "checkpoints" / "last.ckpt"
     saved = run_dir / "config.yaml"
-    holds_a_run = record is not None or last.exists() or (run_dir / METRICS_FILE).exists()  # even an unreadable record
+    if (run_dir / METRICS_FILE).exists() and status not in RECORDED:  # resuming or not: it is not ours to update
+        raise RunDirInUse(f"{run_dir} holds a {METRICS_FILE} that is not a run's record (no run status in it); "
+                          "a run never writes over it. Choose another directory (hydra.run.dir=...).")
+    holds_a_run = record is not None or last.exists()
     foreign = [] if holds_a_run else _files_no_run_wrote(run_dir)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
@@ -121,10 +125,6 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
                           "empty directory, so that nothing of yours is replaced; nothing was written. Choose "
                           "another directory (hydra.run.dir=...).")
     if cfg.ckpt_path != "last":
-        status = (record or {}).get("status")
-        if (run_dir / METRICS_FILE).exists() and status not in RECORDED:
-            raise RunDirInUse(f"{run_dir} holds a {METRICS_FILE} that is not a run's record (no run status in it); "
-                              "a run never writes over it. Choose another directory (hydra.run.dir=...).")
         if holds_a_run:
             raise RunDirInUse(f"{run_dir} already holds a run (status {status!r}); "
                               "pass ckpt_path=last to resume it, or choose another directory.")
@@ -383,10 +383,11 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
                                                                {**model_kwargs, "channels_last": cfg.channels_last},
                                                                cfg.data.batch_size, planned_steps(cfg))
     if rank_zero_only.rank == 0:
+        # config.yaml first: it is what marks a directory as a run's that stopped before its first record.
+        atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         for name, conf in (hydra_files or {}).items():
             (run_dir / ".hydra").mkdir(exist_ok=True)
             atomic_write(run_dir / ".hydra" / name, OmegaConf.to_yaml(conf))
-        atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     trackers = open_trackers(cfg, run_dir, overrides)
     hparams = hparams_row(cfg, overrides, trainer_kwargs["precision"])
     if rank_zero_only.rank == 0:
