@@ -222,6 +222,21 @@ def _unreadable_override(args: list[str]) -> str | None:
     return None
 
 
+def is_count(value, at_least: int = 0) -> bool:
+    """A whole number (an int, not a bool) of at least `at_least`: what a count read from a file must be."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= at_least
+
+
+def is_finite_number(value) -> bool:
+    """A finite int or float (not a bool, not an int too large for a float): what a measure read from a file must be."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def compose_train(*overrides: str) -> DictConfig:
     """The training config as `python train.py OVERRIDES` composes it, for scripts that build models or data."""
     from hydra import compose, initialize_config_dir

@@ -24,6 +24,7 @@ from fmnist.fsio import atomic_write
 from fmnist.hardware import describe
 
 METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.yaml"  # the run's resolved config
 CONFUSION_FILE = "confusion_matrix.csv"  # the test set's confusion matrix, [true, predicted] counts
 EPOCHS_FILE = "epochs.csv"  # one row per epoch: the curves, and the compute so far
 # A run's status, as metrics.json and every summary spell it.

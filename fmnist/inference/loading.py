@@ -19,12 +19,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fmnist.config import EVAL_BATCH_SIZE, RUN_OPTIONS, TTA_MODES, TrainConfig
+from fmnist.config import EVAL_BATCH_SIZE, RUN_OPTIONS, TTA_MODES, TrainConfig, is_count, is_finite_number
 from fmnist.data.sources import find_csv
 from fmnist.errors import CheckpointError, DataError
 from fmnist.fsio import file_digest, load_checkpoint
 from fmnist.models import MODELS, build_model, memory_format_input, tta_logits
-from fmnist.runs import COMPLETED, collect, read_record
+from fmnist.runs import COMPLETED, CONFIG_FILE, collect, read_record
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def resolve(ckpt: str | Path) -> Resolved:
     path = Path(ckpt).expanduser()
     if path.is_file():
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-        return Resolved(path, run_dir if run_dir and (run_dir / "config.yaml").exists() else None)
+        return Resolved(path, run_dir if run_dir and (run_dir / CONFIG_FILE).exists() else None)
     if not path.is_dir():
         raise CheckpointError(f"ckpt={ckpt}: no such file or directory; {WHAT_CKPT_IS}.")
     if (path / "checkpoints").is_dir():
@@ -186,20 +186,6 @@ def training_datamodule(data: dict, data_dir: str | None = None):
     return dm
 
 
-def _is_number(value) -> bool:
-    """A finite int or float (not a bool, not an int too large for a float)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
-
-
-def _is_count(value, at_least: int = 1) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= at_least
-
-
 def _checked_fields(path: Path, payload: dict) -> tuple[dict, dict]:
     """(hyperparameters, datamodule hyperparameters) of a checkpoint train.py wrote, with every field that
     loading reads checked for its type, so that a damaged or foreign file is one CheckpointError, not a crash."""
@@ -220,16 +206,16 @@ def _checked_fields(path: Path, payload: dict) -> tuple[dict, dict]:
         (not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw),
          "`current_model_state` (the weights before averaging) with text keys"),
         (not isinstance(data, dict), f"`{dm}` as a mapping"),
-        (not _is_count(fields.get("eval_batch_size", EVAL_BATCH_SIZE)),
+        (not is_count(fields.get("eval_batch_size", EVAL_BATCH_SIZE), at_least=1),
          f"`{dm}.eval_batch_size` as a positive integer (got {fields.get('eval_batch_size')!r})"),
         # What rebuilds the run's split and standardisation (`training_datamodule`, SPLIT_KEYS).
         (fields.get("dir") is not None and not isinstance(fields["dir"], str), f"`{dm}.dir` as a path"),
         (not isinstance(fields.get("normalize", False), bool), f"`{dm}.normalize` as true or false"),
-        (not _is_count(fields.get("val_size", 1)), f"`{dm}.val_size` as a positive integer"),
-        (fields.get("train_subset") is not None and not _is_count(fields["train_subset"]),
+        (not is_count(fields.get("val_size", 1), at_least=1), f"`{dm}.val_size` as a positive integer"),
+        (fields.get("train_subset") is not None and not is_count(fields["train_subset"], at_least=1),
          f"`{dm}.train_subset` as null or a positive integer"),
-        (not _is_count(fields.get("seed", 0), at_least=0), f"`{dm}.seed` as a non-negative integer"),
-        (not isinstance(stored, dict) or not all(_is_number(stored.get(k, 0.0)) for k in ("mean", "std")),
+        (not is_count(fields.get("seed", 0)), f"`{dm}.seed` as a non-negative integer"),
+        (not isinstance(stored, dict) or not all(is_finite_number(stored.get(k, 0.0)) for k in ("mean", "std")),
          f"`{DATAMODULE_STATE_KEY}` as a mapping whose `mean` and `std` are finite numbers"),
     ]
     wrong = [what for bad, what in problems if bad]

@@ -15,9 +15,8 @@ import yaml
 
 from fmnist.errors import ConfigError
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
-from fmnist.runs import COMPLETED, collect, read_confusion_matrix, read_record
+from fmnist.runs import COMPLETED, CONFIG_FILE, collect, read_confusion_matrix, read_record
 
-CONFIG_FILE = "config.yaml"  # a job's resolved config, as the run wrote it
 STANDARD_TEST_IMAGES = 10_000  # the standard split's test set; its training set is all of the other 60,000
 
 # Published results on the standard 60k/10k split without extra data (result, test accuracy %, budget,

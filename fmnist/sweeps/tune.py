@@ -41,7 +41,7 @@ from fmnist.config import PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_na
 from fmnist.data.sources import find_csv
 from fmnist.errors import ConfigError, DataError, FmnistError
 from fmnist.results.sweep import summarize
-from fmnist.runs import DIVERGED, FAILED, INTERRUPTED, now, update_record
+from fmnist.runs import DIVERGED, FAILED, INTERRUPTED, METRICS_FILE, now, update_record
 from fmnist.training.train import RunPruned, check_config, failure_of, flat_config, stopping_signal, train
 
 log = logging.getLogger(__name__)
@@ -496,7 +496,7 @@ def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) 
         storage.set_trial_user_attr(trial._trial_id, "status", INTERRUPTED)
         storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
         run_dir = Path(trial.user_attrs.get("run_dir", ""))
-        if (run_dir / "metrics.json").exists():
+        if (run_dir / METRICS_FILE).exists():
             update_record(run_dir, status=INTERRUPTED, finished_at=now(),
                           error=f"its process ({process.get('pid')}) was killed; the study replaces the trial")
         log.warning("trial %d: its process %s is gone; recorded interrupted, to be replaced", trial.number,
@@ -531,7 +531,7 @@ def write_results(study: optuna.Study, study_dir: Path) -> None:
     states = {s.name.lower(): sum(t.state == s for t in study.trials) for s in optuna.trial.TrialState}
     print(f"study {study.study_name}: {len(study.trials)} trials ("
           + ", ".join(f"{n} {s}" for s, n in states.items() if n) + ")")
-    if any((d / "metrics.json").exists() for d in study_dir.glob("trial-*")):
+    if any((d / METRICS_FILE).exists() for d in study_dir.glob("trial-*")):
         summarize(study_dir)
     best = best_overrides(study)
     if best is None:

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fmnist.config import TRACKERS, computing_overrides, job_name, override_key, swept_keys
 from fmnist.errors import ConfigError
-from fmnist.runs import read_record
+from fmnist.runs import CONFIG_FILE, CONFUSION_FILE, EPOCHS_FILE, METRICS_FILE, read_record
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ class Tracker:
     """One tracker: its Lightning logger (per-step metrics), and what Lightning does not log for us."""
 
     name = ""
+    files: tuple[str, ...] = ()  # what it writes into the run directory (glob patterns); MLflow: nothing
 
     def __init__(self, logger: Logger):
         self.logger = logger
@@ -138,6 +139,7 @@ class Tracker:
 
 class TensorBoard(Tracker):
     name = "tensorboard"
+    files = ("events.out.tfevents.*",)
 
     def view(self, run_dir: Path) -> str:
         return f"tensorboard --logdir {run_dir}"
@@ -167,9 +169,10 @@ class RunTensorBoardLogger(TensorBoardLogger):
 
 class CSV(Tracker):
     name = "csv"
+    files = ("csv",)  # Lightning's CSVLogger writes csv/metrics.csv
 
     def view(self, run_dir: Path) -> str:
-        return str(run_dir / "csv" / "metrics.csv")
+        return str(run_dir / self.files[0] / "metrics.csv")
 
     def finish(self, hparams: dict, metrics: dict, run_dir: Path) -> None:
         self.logger.log_hyperparams(hparams)
@@ -178,7 +181,7 @@ class CSV(Tracker):
 
 
 # The run directory's files each tracker keeps a copy of when the run completes.
-ARTIFACTS = ("config.yaml", "metrics.json", "epochs.csv", "confusion_matrix.csv")
+ARTIFACTS = (CONFIG_FILE, METRICS_FILE, EPOCHS_FILE, CONFUSION_FILE)
 
 
 class MLflow(Tracker):
@@ -213,6 +216,7 @@ class MLflow(Tracker):
 
 class WandB(Tracker):
     name = "wandb"
+    files = ("wandb",)  # W&B's own directory under its save_dir, the run directory
 
     def ids(self) -> dict:
         return {"wandb_run_id": self.logger.experiment.id}
@@ -275,10 +279,13 @@ TRACKER_CLASSES = {
     # TensorBoard names a run by its directory (the path under the --logdir it is given).
     "tensorboard": (TensorBoard, lambda cfg, run_dir, ids, name: RunTensorBoardLogger(
         save_dir=str(run_dir), name="", version="", default_hp_metric=False)),
-    "csv": (CSV, lambda cfg, run_dir, ids, name: CSVLogger(save_dir=str(run_dir), name="csv", version="")),
+    "csv": (CSV, lambda cfg, run_dir, ids, name: CSVLogger(save_dir=str(run_dir), name=CSV.files[0], version="")),
     "mlflow": (MLflow, _mlflow),
     "wandb": (WandB, _wandb),
 }
+
+
+TRACKER_FILES = tuple(pattern for cls, _ in TRACKER_CLASSES.values() for pattern in cls.files)
 
 
 def open_trackers(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> list[Tracker]:

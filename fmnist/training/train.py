@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist import console
-from fmnist.config import ADDED_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, RUN_OPTIONS, check_values
+from fmnist.config import ADDED_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, RUN_OPTIONS, check_values, is_count
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.data.sources import find_csv
 from fmnist.errors import CheckpointError, ConfigError, DivergedError, FmnistError
@@ -36,15 +36,16 @@ from fmnist.fsio import atomic_write, check_writable, early_writes, file_digest,
 from fmnist.hardware import check_accelerator
 from fmnist.models import check_model, training_flops_per_image
 from fmnist.training.precision import resolve_precision
-from fmnist.runs import (COMPLETED, DIVERGED, FAILED, FINISHED, INTERRUPTED, METRICS_FILE, PRUNED, RECORDED, RUNNING,
-                         now, provenance, read_record, update_record)
+from fmnist.runs import (COMPLETED, CONFIG_FILE, DIVERGED, EPOCHS_FILE, FAILED, FINISHED, INTERRUPTED, METRICS_FILE,
+                         PRUNED, RECORDED, RUNNING, now, provenance, read_record, update_record)
 from fmnist.training.callbacks import (DIVERGED_ADVICE, HEARTBEAT_S, EpochCSV, Forecast, Lookahead,
                                        PerImagePredictions,
                                        TestArtifacts, WeightEMA, loss_diverged, step_callbacks)
 from fmnist.training.checkpoint import SafeCheckpointIO, SafeModelCheckpoint
 from fmnist.training.module import LitClassifier
 from fmnist.training.rundir import RunDirInUse, own_run_dir
-from fmnist.training.trackers import check_trackers, for_each, hparams_row, open_trackers, tracker_ids
+from fmnist.training.trackers import (TRACKER_FILES, check_trackers, for_each, hparams_row, open_trackers,
+                                      tracker_ids)
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,8 @@ def _changed_keys(saved: Path, cfg: DictConfig) -> tuple[list[str], dict, dict]:
 
 
 # What a run writes before its first record (metrics.json): its config, Hydra's copies of it, its log, and the
-# trackers' files (TensorBoard's events, csv/, wandb/). A run stopped as it started leaves only these.
-WRITTEN_BEFORE_RECORD = (".hydra", "config.yaml", "*.log", "events.out.tfevents.*", "csv", "wandb")
+# trackers' files in the run directory. A run stopped as it started leaves only these.
+WRITTEN_BEFORE_RECORD = (".hydra", CONFIG_FILE, "*.log", *TRACKER_FILES)
 
 
 def _files_no_run_wrote(run_dir: Path) -> list[str]:
@@ -98,7 +99,7 @@ def _files_no_run_wrote(run_dir: Path) -> list[str]:
     before its record: it is started afresh)."""
     entries = sorted(p.name for p in run_dir.iterdir() if p.resolve() not in {e.resolve() for e in early_writes()})
     try:
-        saved = OmegaConf.load(run_dir / "config.yaml") if entries else None
+        saved = OmegaConf.load(run_dir / CONFIG_FILE) if entries else None
         runs_config = isinstance(saved, DictConfig) and {"model", "optim", "trainer", "data"} <= set(saved)
     except Exception:  # absent, unreadable or not YAML: not a run's config
         runs_config = False
@@ -113,7 +114,7 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
     record = read_record(run_dir)
     status = (record or {}).get("status")
     last = run_dir / "checkpoints" / "last.ckpt"
-    saved = run_dir / "config.yaml"
+    saved = run_dir / CONFIG_FILE
     if (run_dir / METRICS_FILE).exists() and status not in RECORDED:  # resuming or not: it is not ours to update
         raise RunDirInUse(f"{run_dir} holds a {METRICS_FILE} that is not a run's record (no run status in it); "
                           "a run never writes over it. Choose another directory (hydra.run.dir=...).")
@@ -145,14 +146,14 @@ def data_digests(cfg: DictConfig) -> dict:
 def differences_from_finished(cfg: DictConfig, run_dir: Path, record: dict) -> list[str]:
     """What makes `cfg` another experiment than the finished one in `run_dir`: config keys that change the
     result (placement keys aside) and the data's content. Empty when it is the same experiment."""
-    keys = _changed_keys(run_dir / "config.yaml", cfg)[0]
+    keys = _changed_keys(run_dir / CONFIG_FILE, cfg)[0]
     if record.get("data_digest") and record["data_digest"] != data_digests(cfg):
         keys.append(f"the data's content (CSVs in {cfg.data.dir})")
     return keys
 
 
 def _best_epoch(run_dir: Path) -> int | None:
-    path = run_dir / "epochs.csv"
+    path = run_dir / EPOCHS_FILE
     epochs = pd.read_csv(path) if path.exists() else None
     return None if epochs is None or epochs.empty else int(epochs.loc[epochs["val/acc"].idxmax(), "epoch"])
 
@@ -246,16 +247,12 @@ def _ctrl_c_stops_at_a_step(trainer: L.Trainer):
         raise KeyboardInterrupt
 
 
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _is_list_of_mappings(value) -> bool:
     return isinstance(value, list) and all(isinstance(v, dict) for v in value)
 
 
 # The fields of a checkpoint Lightning restores a run from, besides the weights: (check, what it should be).
-RESUMED_FIELDS = {"epoch": (_is_count, "a count"), "global_step": (_is_count, "a count"),
+RESUMED_FIELDS = {"epoch": (is_count, "a count"), "global_step": (is_count, "a count"),
                   "optimizer_states": (_is_list_of_mappings, "a list of mappings"),
                   "lr_schedulers": (_is_list_of_mappings, "a list of mappings"),
                   "loops": (lambda v: isinstance(v, dict), "a mapping"),
@@ -384,7 +381,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
                                                                cfg.data.batch_size, planned_steps(cfg))
     if rank_zero_only.rank == 0:
         # config.yaml first: it is what marks a directory as a run's that stopped before its first record.
-        atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
         for name, conf in (hydra_files or {}).items():
             (run_dir / ".hydra").mkdir(exist_ok=True)
             atomic_write(run_dir / ".hydra" / name, OmegaConf.to_yaml(conf))
@@ -410,7 +407,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     # A bar that cannot redraw in place (output to a file or pipe) would fill the log with `\r` lines:
     # there, and when the bar is off, each epoch is one log line instead.
     trainer_kwargs["enable_progress_bar"] = bar = cfg.trainer.enable_progress_bar and console.is_terminal()
-    epoch_csv = EpochCSV(run_dir / "epochs.csv", echo=not bar, trackers=trackers)
+    epoch_csv = EpochCSV(run_dir / EPOCHS_FILE, echo=not bar, trackers=trackers)
     forecast = Forecast(heartbeat_s=None if bar else HEARTBEAT_S)
     trainer = L.Trainer(**trainer_kwargs, enable_model_summary=False, default_root_dir=str(run_dir),
                         logger=[t.logger for t in trackers] or False, plugins=[SafeCheckpointIO()],
