@@ -96,6 +96,13 @@ def test_an_evaluation_that_finds_anothers_results_written_meanwhile_keeps_them(
     with pytest.raises(ConfigError, match="another evaluation wrote its results there while this one ran"):
         evaluate(compose_named("evaluate", f"ckpt={run_dir}"), tmp_path / "eval")
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["metrics.json"]
+    # One writing there at this moment holds the directory's lock: this one is refused and writes nothing.
+    from fmnist.training.rundir import RunDirInUse, own_run_dir
+
+    monkeypatch.setattr(module, "classification_metrics", computed)
+    with own_run_dir(tmp_path / "busy"), pytest.raises(RunDirInUse, match="busy is in use by"):
+        evaluate(compose_named("evaluate", f"ckpt={run_dir}"), tmp_path / "busy")
+    assert list((tmp_path / "busy").iterdir()) == []
 
 
 @pytest.mark.slow
