@@ -227,6 +227,16 @@ def is_count(value, at_least: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= at_least
 
 
+def is_text_keyed(value) -> bool:
+    """A mapping whose keys are all text: what a checkpoint's weights (parameter name -> tensor) must be."""
+    return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+
+
+def is_text_list(value) -> bool:
+    """A list of texts: what a run record's command-line overrides must be."""
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
 def is_finite_number(value) -> bool:
     """A finite int or float (not a bool, not an int too large for a float): what a measure read from a file must be."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from fmnist import NUM_CLASSES
-from fmnist.config import setting_of
+from fmnist.config import is_text_list, setting_of
 from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_write
 from fmnist.hardware import describe
@@ -119,8 +119,7 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
         if problem:  # listed, never dropped without a word, and never averaged
             overrides = (record or {}).get("overrides")
             record = {"status": UNREADABLE, "error": problem,
-                      "overrides": overrides if isinstance(overrides, list) and all(isinstance(o, str) for o in overrides)
-                      else []}
+                      "overrides": overrides if is_text_list(overrides) else []}
         record = record or {"status": STARTED}
         metrics = record.get("metrics", {})
         rows.append({
@@ -143,8 +142,7 @@ def record_problem(job: Path, record) -> str | None:
         return f"{job / METRICS_FILE}: status is {record.get('status')!r}, not one of {', '.join(RECORDED)}: not a run record"
     wrong = [key for key, ok in (
         ("metrics", isinstance(record.get("metrics", {}), dict)),
-        ("overrides", isinstance(record.get("overrides", []), list)
-         and all(isinstance(o, str) for o in record.get("overrides", []))),
+        ("overrides", is_text_list(record.get("overrides", []))),
         ("seed", record.get("seed") is None or (isinstance(record["seed"], int) and not isinstance(record["seed"], bool))),
         *((key, record.get(key) is None or isinstance(record[key], str)) for key in ("error", "git_commit")),
         *((key, record.get(key) is None or isinstance(record[key], dict)) for key in ("hardware", "precision")),

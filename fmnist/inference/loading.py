@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fmnist.config import EVAL_BATCH_SIZE, RUN_OPTIONS, TTA_MODES, TrainConfig, is_count, is_finite_number
+from fmnist.config import (EVAL_BATCH_SIZE, RUN_OPTIONS, TTA_MODES, TrainConfig, is_count, is_finite_number,
+                           is_text_keyed)
 from fmnist.data.sources import find_csv
 from fmnist.errors import CheckpointError, DataError
 from fmnist.fsio import file_digest, load_checkpoint
@@ -202,9 +203,8 @@ def _checked_fields(path: Path, payload: dict) -> tuple[dict, dict]:
     fields = data if isinstance(data, dict) else {}
     dm = "datamodule_hyper_parameters"
     problems = [
-        (not all(isinstance(k, str) for k in state), "`state_dict` with text keys (parameter names)"),
-        (not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw),
-         "`current_model_state` (the weights before averaging) with text keys"),
+        (not is_text_keyed(state), "`state_dict` with text keys (parameter names)"),
+        (not is_text_keyed(raw), "`current_model_state` (the weights before averaging) with text keys"),
         (not isinstance(data, dict), f"`{dm}` as a mapping"),
         (not is_count(fields.get("eval_batch_size", EVAL_BATCH_SIZE), at_least=1),
          f"`{dm}.eval_batch_size` as a positive integer (got {fields.get('eval_batch_size')!r})"),

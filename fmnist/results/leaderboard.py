@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from fmnist.config import is_count
 from fmnist.errors import ConfigError
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
 from fmnist.runs import COMPLETED, CONFIG_FILE, collect, read_confusion_matrix, read_record
@@ -65,7 +66,7 @@ def split_of(job: Path) -> str | None:
     data, trainer = (_config_section(job, name) for name in ("data", "trainer"))
     differences = []
     subset = data.get("train_subset")
-    if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1):
+    if subset is not None and not is_count(subset, at_least=1):
         raise ConfigError(f"{job / CONFIG_FILE}: data.train_subset is {subset!r}; expected null or a whole number of "
                           "at least 1, as a run writes it.")
     if subset:

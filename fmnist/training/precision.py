@@ -266,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"removed {cache_file()}")
         else:
             cfg = compose_train(*args.overrides)
+            # train.check_config's model and value checks (not its trackers', which a probe has none of);
+            # train imports this module, so it is not imported back.
             check_model(cfg.model)
             check_values(cfg)  # e.g. data.batch_size=0 would be measured, and cached
             model = {**OmegaConf.to_container(cfg.model, resolve=True), "channels_last": cfg.channels_last}

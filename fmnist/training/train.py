@@ -28,7 +28,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist import console
-from fmnist.config import ADDED_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, RUN_OPTIONS, check_values, is_count
+from fmnist.config import (ADDED_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, RUN_OPTIONS, check_values, is_count,
+                           is_text_keyed)
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.data.sources import find_csv
 from fmnist.errors import CheckpointError, ConfigError, DivergedError, FmnistError
@@ -97,7 +98,8 @@ def _files_no_run_wrote(run_dir: Path) -> list[str]:
     """The names of what `run_dir` holds that no run wrote; empty for a new or empty directory and for one a run
     was stopped in before its first record (its config.yaml is a run's config, beside only what a run writes
     before its record: it is started afresh)."""
-    entries = sorted(p.name for p in run_dir.iterdir() if p.resolve() not in {e.resolve() for e in early_writes()})
+    ours = {path.resolve() for path in early_writes()}  # this command's own log
+    entries = sorted(p.name for p in run_dir.iterdir() if p.resolve() not in ours)
     try:
         saved = OmegaConf.load(run_dir / CONFIG_FILE) if entries else None
         runs_config = isinstance(saved, DictConfig) and {"model", "optim", "trainer", "data"} <= set(saved)
@@ -263,7 +265,7 @@ def _check_checkpoint(cfg: DictConfig, path: Path) -> None:
     """Refuse a last.ckpt that cannot be loaded safely or holds another architecture's weights."""
     checkpoint = load_checkpoint(path)
     state = checkpoint.get("state_dict", {})
-    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+    if not is_text_keyed(state):
         raise CheckpointError(f"{path}: cannot resume from it: its `state_dict` is not a mapping of parameter names "
                               "to weights, as train.py writes it (a damaged or foreign file); start a new run "
                               "directory.")
