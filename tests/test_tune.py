@@ -108,6 +108,10 @@ def test_a_pruned_trial_stops_after_its_first_report_and_is_recorded(tmp_path, d
     (["study=x", "n_trials=0"], "config key n_trials must be at least 1; got 0"),
     (["study=x", "space.lr.low=-1"], "search space entry space.lr needs low <= high (and low > 0 with log: true)"),
     (["study=x", "space.dropout.high=1.5"], "config key model.dropout must be in [0, 1); got 1.5"),
+    (["study=x", "space.dropout.low=-0.5"], "config key model.dropout must be in [0, 1); got -0.5"),
+    # Each value of a list longer than the others is checked: the middle one, and the last one.
+    (["study=x", "space.model.choices=[simple,nosuch,optimized]"], "Could not find 'model/nosuch'"),
+    (["study=x", "space.batch_size.choices=[32,64,128,0]"], "config key data.batch_size must be at least 1; got 0"),
     (["study=x", "optim.lrr=1"], "Could not override 'optim.lrr'"),
     (["study=x", "trainer=ddp"], "tune.py trains each trial in its own process on one device"),
     (["study=x", "optim.lr=0.5"], "the train override optim.lr=0.5 sets optim.lr, which the search space samples "

@@ -240,32 +240,46 @@ class Search:
     train_overrides: list[str]
     study_dir: Path
     heartbeat: bool = False  # whether the storage marks the trials of dead processes failed (database storages)
+    _base: DictConfig | None = field(default=None, init=False, repr=False)
 
     def check_space(self) -> None:
-        """Compose the train config at each end of each range (and each choice), so that a typo'd key
-        or an impossible value stops the study before its first trial, not in the middle."""
+        """Compose the train config at each end of each range (and with each choice), so that a typo'd key
+        or an impossible value stops the study before its first trial, not in the middle.
+
+        The searched keys are checked together, as a trial sets them: the k-th composition takes the k-th
+        value of every key (low/high, or its choices, the last repeated), so every value is checked in as
+        many compositions as the longest list has values (a composition takes a fraction of a second).
+        """
         for name, spec in self.cfg.space.items():
             fixed = [o for o in self.train_overrides if override_key(o) == spec.key]
             if fixed:
                 raise ConfigError(f"the train override {fixed[0]} sets {spec.key}, which the search space samples "
                                   f"(space.{name}): every trial would replace it with its sampled value. Drop the "
                                   f"override to search {spec.key}, or drop the search (~space.{name}) to fix it.")
-        base = _compose("train", [*ONE_DEVICE, *self.train_overrides])
+        base = self._base_config()
         check_config(base)
         self._check_placement(base)
         for split in ("train", "test"):
             if not find_csv(Path(base.data.dir), split).exists():
                 raise DataError(f"{find_csv(Path(base.data.dir), split)}: file not found. Expected a Kaggle-format "
                                 "Fashion-MNIST CSV; `make data` creates one, or pass data.dir=DIR.")
-        for name, spec in self.cfg.space.items():
-            for value in spec.choices or [spec.low, spec.high]:
-                value = int(value) if spec.integer else value
-                check_config(_compose("train", [*ONE_DEVICE, *self.train_overrides, f"{spec.key}={_format(value)}"]))
+        values = {spec.key: [int(v) if spec.integer else v for v in spec.choices or [spec.low, spec.high]]
+                  for spec in self.cfg.space.values()}
+        for k in range(max((len(v) for v in values.values()), default=0)):
+            extremes = [f"{key}={_format(v[min(k, len(v) - 1)])}" for key, v in values.items()]
+            check_config(_compose("train", [*ONE_DEVICE, *self.train_overrides, *extremes]))
+
+    def _base_config(self) -> DictConfig:
+        """The train config composed with this command's train overrides (before any sampled value), once."""
+        if self._base is None:
+            self._base = _compose("train", [*ONE_DEVICE, *self.train_overrides])
+        return self._base
 
     def setting(self, train_overrides: list[str] | None = None) -> dict:
         """What every trial computes with before its sampled values: the train config composed with the train
         overrides, flattened, without placement keys (data.dir, devices, trackers) and the searched keys."""
-        cfg = _compose("train", [*ONE_DEVICE, *(self.train_overrides if train_overrides is None else train_overrides)])
+        cfg = (self._base_config() if train_overrides is None
+               else _compose("train", [*ONE_DEVICE, *train_overrides]))
         searched = self.searched_keys()
         return {key: value for key, value in flat_config(cfg).items()
                 if key not in PLACEMENT_KEYS and not any(key == s or key.startswith(f"{s}.") for s in searched)}
