@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +22,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Precision verdicts in a cache of this test process's own (inherited by the processes it starts): the
 # machine's cached verdicts must not decide a test's precision, nor the tests' probes the user's runs.
 os.environ["FMNIST_CACHE_DIR"] = tempfile.mkdtemp(prefix="fmnist-test-cache-")
+atexit.register(shutil.rmtree, os.environ["FMNIST_CACHE_DIR"], ignore_errors=True)  # each test process's own
 
 import numpy as np
 import pytest
