@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import traceback
 import warnings
 from pathlib import Path
 
@@ -114,28 +115,28 @@ def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 
                           cwd=cwd or ROOT, env=env, timeout=timeout)
 
 
-@pytest.fixture
-def run_in_process(capfd, monkeypatch):
-    """`run(script, *args, cwd=None)`: the entry point run as `python script args` would run it (as `__main__`,
-    with that argv), but in this process; returns a CompletedProcess with its exit code, stdout and stderr.
+def run_entry_point(script: str, *args: str, cwd: Path | None = None) -> int:
+    """The entry point run as `python script args` would run it (as `__main__`, with that argv), but in this
+    process; returns its exit code. Its output goes wherever this process's goes (`run_in_process` captures it).
 
     What the run changes in the process (logging handlers, warning filters, Hydra's global state, torch's
     thread count, the environment, the working directory) is put back afterwards.
     """
-    def run(script: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-        monkeypatch.setattr(sys, "argv", [str(ROOT / script), *args])
-        monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # entry points set it to 1
-        monkeypatch.chdir(cwd or ROOT)
-        root = logging.getLogger()
-        handlers, level, threads = list(root.handlers), root.level, torch.get_num_threads()
-        deterministic = torch.are_deterministic_algorithms_enabled()  # trainer.deterministic=true sets it
-        capfd.readouterr()
-        code = 0
+    root = logging.getLogger()
+    handlers, level, threads = list(root.handlers), root.level, torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()  # trainer.deterministic=true sets it
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", [str(ROOT / script), *args])
+        patch.setenv("HYDRA_FULL_ERROR", "0")  # entry points set it to 1
+        patch.chdir(cwd or ROOT)
         try:
             with warnings.catch_warnings():
                 runpy.run_path(str(ROOT / script), run_name="__main__")
         except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except Exception:  # as Python ends a script that raises: the traceback on stderr, exit code 1
+            traceback.print_exc()
+            return 1
         finally:
             GlobalHydra.instance().clear()
             for handler in set(root.handlers) - set(handlers):
@@ -143,7 +144,16 @@ def run_in_process(capfd, monkeypatch):
             root.handlers[:], root.level = handlers, level
             torch.set_num_threads(threads)
             torch.use_deterministic_algorithms(deterministic)
-            monkeypatch.undo()
+    return 0
+
+
+@pytest.fixture
+def run_in_process(capfd):
+    """`run(script, *args, cwd=None)`: `run_entry_point`, returning a CompletedProcess with its exit code and
+    what it wrote to stdout and stderr."""
+    def run(script: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        capfd.readouterr()
+        code = run_entry_point(script, *args, cwd=cwd)
         out, err = capfd.readouterr()
         return subprocess.CompletedProcess([script, *args], code, out, err)
 

@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from fmnist.sweeps.placement import plan
-from tests.conftest import CONF, FAST, run_script
+from tests.conftest import CONF, FAST
 
 JOBLIB = {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": 2}
 BASIC = {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}
@@ -38,9 +38,9 @@ def _records(sweep: Path) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_joblib_sweep_runs_jobs_in_parallel_each_with_its_share_of_the_cores(tmp_path, data_dir):
+def test_joblib_sweep_runs_jobs_in_parallel_each_with_its_share_of_the_cores(tmp_path, data_dir, run_in_process):
     sweep, meeting = tmp_path / "s", tmp_path / "meeting"
-    result = run_script("train.py", "-m", *FAST, f"data.dir={data_dir}", "model=simple", "seed=0,1,2,3",
+    result = run_in_process("train.py", "-m", *FAST, f"data.dir={data_dir}", "model=simple", "seed=0,1,2,3",
                      "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}",
                      "+hydra.callbacks.meet._target_=tests.rendezvous.Rendezvous",
                      f"+hydra.callbacks.meet.directory={meeting}")
@@ -59,10 +59,10 @@ def test_joblib_sweep_runs_jobs_in_parallel_each_with_its_share_of_the_cores(tmp
 
 
 @pytest.mark.slow
-def test_submitit_local_sweep_records_and_summarizes_its_jobs(tmp_path, data_dir):
+def test_submitit_local_sweep_records_and_summarizes_its_jobs(tmp_path, data_dir, run_in_process):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra is not installed")
     sweep = tmp_path / "s"
-    result = run_script("train.py", "-m", *FAST, f"data.dir={data_dir}", "model=simple", "optim.lr=1e-3,3e-3",
+    result = run_in_process("train.py", "-m", *FAST, f"data.dir={data_dir}", "model=simple", "optim.lr=1e-3,3e-3",
                      "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", f"hydra.sweep.dir={sweep}")
     assert result.returncode == 0, result.stderr[-3000:]
     records = _records(sweep)
@@ -87,7 +87,8 @@ def test_slurm_launcher_config_composes_with_its_resources():
 
 
 @pytest.mark.slow
-def test_slurm_sweep_submits_one_job_array_with_the_configured_resources(tmp_path, data_dir, monkeypatch):
+def test_slurm_sweep_submits_one_job_array_with_the_configured_resources(tmp_path, data_dir, monkeypatch,
+                                                                         run_in_process):
     """The real launcher and submitit write the sbatch script; a stand-in `sbatch` records it."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra is not installed")
     bin_dir = tmp_path / "bin"
@@ -99,7 +100,7 @@ def test_slurm_sweep_submits_one_job_array_with_the_configured_resources(tmp_pat
     record = tmp_path / "submitted.sh"
     monkeypatch.setenv("SBATCH_RECORD", str(record))
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    result = run_script("train.py", "-m", *FAST, f"data.dir={data_dir}", "seed=0,1,2", "hydra/launcher=slurm",
+    result = run_in_process("train.py", "-m", *FAST, f"data.dir={data_dir}", "seed=0,1,2", "hydra/launcher=slurm",
                      "hydra.launcher.partition=a100", "hydra.launcher.array_parallelism=2",
                      "hydra.launcher.timeout_min=30", f"hydra.sweep.dir={tmp_path}/s")
     assert result.returncode != 0 and "sbatch: recorded" in result.stderr  # nothing ran: no cluster here

@@ -1,7 +1,7 @@
 """Reliability of `train.py`: concurrent runs, refused commands that write nothing, errors as one paragraph.
 
-Each test reproduces one failure a user could meet; `run_script` runs `train.py` in a new process where a
-process is the point (a second process, signals), `run_in_process` elsewhere.
+Each test reproduces one failure a user could meet; `train.py` runs in a new process where a process is the
+point (a second process, signals), in this one (`run_in_process`) elsewhere.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from fmnist.fsio import atomic_write, load_checkpoint, storage_errors
 from fmnist.runs import collect, read_record
 from fmnist.training.module import LitClassifier
 from fmnist.training.train import run_job, train
-from tests.conftest import FAST, ROOT, make_images, run_script, snapshot
+from tests.conftest import FAST, ROOT, make_images, run_entry_point, snapshot
 
 SIMPLE = ["model=simple", "trainer.precision=32-true"]
 
@@ -86,8 +86,7 @@ def test_default_run_directories_of_two_processes_differ(tmp_path, entry):
 def finished_run(tmp_path_factory, data_dir) -> Path:
     """One finished run, trained once; each test refuses a command in its own copy of it."""
     run = tmp_path_factory.mktemp("finished") / "good"
-    good = run_script("train.py", *FAST, *SIMPLE, f"data.dir={data_dir}", f"hydra.run.dir={run}")
-    assert good.returncode == 0, good.stderr[-3000:]
+    assert run_entry_point("train.py", *FAST, *SIMPLE, f"data.dir={data_dir}", f"hydra.run.dir={run}") == 0
     return run
 
 
