@@ -41,9 +41,9 @@ def _records(sweep: Path) -> dict[str, dict]:
 def test_joblib_sweep_runs_jobs_in_parallel_each_with_its_share_of_the_cores(tmp_path, data_dir, run_in_process):
     sweep, meeting = tmp_path / "s", tmp_path / "meeting"
     result = run_in_process("train.py", "-m", *FAST, f"data.dir={data_dir}", "model=simple", "seed=0,1,2,3",
-                     "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}",
-                     "+hydra.callbacks.meet._target_=tests.rendezvous.Rendezvous",
-                     f"+hydra.callbacks.meet.directory={meeting}")
+                         "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}",
+                         "+hydra.callbacks.meet._target_=tests.rendezvous.Rendezvous",
+                         f"+hydra.callbacks.meet.directory={meeting}")
     assert result.returncode == 0, result.stderr[-3000:]
     records = _records(sweep)
     assert sorted(r["seed"] for r in records.values()) == [0, 1, 2, 3]
@@ -63,7 +63,7 @@ def test_submitit_local_sweep_records_and_summarizes_its_jobs(tmp_path, data_dir
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra is not installed")
     sweep = tmp_path / "s"
     result = run_in_process("train.py", "-m", *FAST, f"data.dir={data_dir}", "model=simple", "optim.lr=1e-3,3e-3",
-                     "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", f"hydra.sweep.dir={sweep}")
+                         "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", f"hydra.sweep.dir={sweep}")
     assert result.returncode == 0, result.stderr[-3000:]
     records = _records(sweep)
     assert sorted(records) == ["optim.lr=0.001,data.batch_size=32,data.val_size=100,model=simple",
@@ -101,8 +101,8 @@ def test_slurm_sweep_submits_one_job_array_with_the_configured_resources(tmp_pat
     monkeypatch.setenv("SBATCH_RECORD", str(record))
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     result = run_in_process("train.py", "-m", *FAST, f"data.dir={data_dir}", "seed=0,1,2", "hydra/launcher=slurm",
-                     "hydra.launcher.partition=a100", "hydra.launcher.array_parallelism=2",
-                     "hydra.launcher.timeout_min=30", f"hydra.sweep.dir={tmp_path}/s")
+                         "hydra.launcher.partition=a100", "hydra.launcher.array_parallelism=2",
+                         "hydra.launcher.timeout_min=30", f"hydra.sweep.dir={tmp_path}/s")
     assert result.returncode != 0 and "sbatch: recorded" in result.stderr  # nothing ran: no cluster here
     script = record.read_text()
     for line in ["#SBATCH --partition=a100", "#SBATCH --gpus-per-node=1", "#SBATCH --ntasks-per-node=1",
