@@ -1,11 +1,11 @@
-"""`python train.py ...` as a user runs it: in this process where that shows the same, else in a new one."""
+"""`python train.py ...` as a user runs it, in this process (tests/test_readme.py starts the README's runs)."""
 
 import re
 
 import pandas as pd
 import pytest
 
-from tests.conftest import FAST, run_script
+from tests.conftest import FAST
 
 
 @pytest.mark.parametrize("override,message", [
@@ -57,26 +57,6 @@ def test_multirun_writes_one_directory_per_job_and_a_summary(tmp_path, data_dir,
     table = pd.read_csv(sweep / "summary.csv")
     assert len(table) == 2 and set(table.status) == {"completed"} and table.test_acc.between(0, 1).all()
     assert "optim.lr=0.01" in (sweep / "summary.md").read_text()
-
-
-@pytest.mark.slow
-def test_a_smoke_run_prints_each_line_once_and_ends_with_its_result(tmp_path, data_dir):
-    run = tmp_path / "run"
-    result = run_script("train.py", *FAST, f"data.dir={data_dir}", "model=simple", f"hydra.run.dir={run}",
-                        "logger=tensorboard")  # the default logger, whose command the result block ends with
-    assert result.returncode == 0, result.stderr[-3000:]
-    output = (result.stdout + result.stderr).splitlines()
-    messages = [line.split("] ", 1)[-1] for line in output if line.strip()]
-    assert len(messages) == len(set(messages)), "a line printed twice"
-    assert not any("litlogger" in m or "LeafSpec" in m or "logging interval" in m for m in messages)
-    assert any(m.startswith("epoch 1/1: train loss") for m in messages)  # no bar in a pipe: one line per epoch
-    block = result.stdout.rstrip().splitlines()[-5:]
-    assert block[0].endswith(f"run completed: {run}") and "best val acc" in block[1] and "test acc" in block[2]
-    assert block[-1].strip() == f"TensorBoard   tensorboard --logdir {run}"
-    # Epochs count from 1 everywhere: the checkpoint of the first epoch is epoch 1.
-    assert (run / "checkpoints" / "best-epoch001.ckpt").exists()
-    # The test set's confusion matrix counts every test image once (the fixture has 200).
-    assert pd.read_csv(run / "confusion_matrix.csv", header=None).to_numpy().sum() == 200
 
 
 def test_help_lists_the_groups_train_takes_and_only_those(run_in_process):

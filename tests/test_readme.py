@@ -69,6 +69,19 @@ def scratch(tmp_path) -> Path:
     return tmp_path
 
 
+def check_run_output(result: subprocess.CompletedProcess) -> None:
+    """A training run's console output, as the README describes it: each line printed once, no notices a
+    user cannot act on, a line per epoch (no progress bar in a pipe), and a result block at the end."""
+    messages = [line.split("] ", 1)[-1] for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert len(messages) == len(set(messages)), "a line printed twice"
+    assert not any("litlogger" in m or "LeafSpec" in m or "logging interval" in m for m in messages)
+    assert any(m.startswith("epoch 1/1: train loss") for m in messages)
+    block = result.stdout.rstrip().splitlines()[-5:]
+    run = block[0].split("run completed: ", 1)[-1]
+    assert "run completed: " in block[0] and "best val acc" in block[1] and "test acc" in block[2], block
+    assert block[-1].strip() == f"TensorBoard   tensorboard --logdir {run}"
+
+
 def test_every_readme_command_is_run_or_exempt_with_a_reason():
     commands = readme_commands()
     assert "make train" in commands and "make test" in commands
@@ -85,6 +98,8 @@ def test_the_readme_commands_run_as_written(scratch):
         result = subprocess.run(["bash", "-c", f"source .venv/bin/activate && {line}"], cwd=scratch,
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"README command failed: {line}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+        if command.startswith("python train.py") and not any(c.startswith("python train.py") for c in ran):
+            check_run_output(result)  # the first run a newcomer starts
         ran.append(command)
     assert any(c.startswith("python train.py") for c in ran) and any(c.startswith("python predict.py") for c in ran)
     assert list((scratch / "outputs" / "runs").glob("*/metrics.json")), "no run written under outputs/runs"

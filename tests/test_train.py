@@ -29,6 +29,8 @@ def test_one_batch_training_writes_everything(make_cfg, tmp_path, model):
     assert record["versions"]["torch"].startswith("2.") and record["seed"] == 0
     assert list(tmp_path.glob("events.out.tfevents.*")), "TensorBoard events"
     assert (tmp_path / "config.yaml").exists() and (tmp_path / "confusion_matrix.csv").exists()
+    # The test set's confusion matrix counts every test image once (the fixture has 200).
+    assert pd.read_csv(tmp_path / "confusion_matrix.csv", header=None).to_numpy().sum() == 200
     assert not (tmp_path / "hparams.yaml").exists()  # Lightning's would be empty: config.yaml holds the config
     epochs = pd.read_csv(tmp_path / "epochs.csv")
     assert list(epochs.columns[:3]) == ["epoch", "step", "train/loss"]
