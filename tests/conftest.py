@@ -104,17 +104,6 @@ def make_cfg(data_dir):
     return lambda *overrides: compose_cfg(*FAST, f"data.dir={data_dir}", *overrides)
 
 
-def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python <script> args` in a new process, as a user runs it (this checkout first on the path).
-
-    For what only a real process shows: signals, locks held by another process, exit on a crash, the
-    startup itself. Each start imports torch and Lightning again (seconds): other tests use `run_in_process`.
-    """
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
-                          cwd=cwd or ROOT, env=env, timeout=timeout)
-
-
 def run_entry_point(script: str, *args: str, cwd: Path | None = None) -> int:
     """The entry point run as `python script args` would run it (as `__main__`, with that argv), but in this
     process; returns its exit code. Its output goes wherever this process's goes (`run_in_process` captures it).
