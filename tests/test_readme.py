@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fmnist.data.csv_io import write_csv
+from fmnist.runs import read_record
 from tests.conftest import ROOT, make_images
 
 pytestmark = pytest.mark.slow
@@ -69,9 +70,10 @@ def scratch(tmp_path) -> Path:
     return tmp_path
 
 
-def check_run_output(result: subprocess.CompletedProcess) -> None:
+def check_run_output(result: subprocess.CompletedProcess, cwd: Path) -> None:
     """A training run's console output, as the README describes it: each line printed once, no notices a
-    user cannot act on, a line per epoch (no progress bar in a pipe), and a result block at the end."""
+    user cannot act on, a line per epoch (no progress bar in a pipe), and a result block at the end that
+    names the run's directory (`cwd`: where the command ran)."""
     messages = [line.split("] ", 1)[-1] for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     assert len(messages) == len(set(messages)), "a line printed twice"
     assert not any("litlogger" in m or "LeafSpec" in m or "logging interval" in m for m in messages)
@@ -80,6 +82,9 @@ def check_run_output(result: subprocess.CompletedProcess) -> None:
     run = block[0].split("run completed: ", 1)[-1]
     assert "run completed: " in block[0] and "best val acc" in block[1] and "test acc" in block[2], block
     assert block[-1].strip() == f"TensorBoard   tensorboard --logdir {run}"
+    assert (read_record(cwd / run) or {}).get("status") == "completed", run  # the directory it names is the run's
+    # Epochs count from 1 everywhere: the checkpoint of the first epoch is epoch 1.
+    assert (cwd / run / "checkpoints" / "best-epoch001.ckpt").exists()
 
 
 def test_every_readme_command_is_run_or_exempt_with_a_reason():
@@ -99,7 +104,7 @@ def test_the_readme_commands_run_as_written(scratch):
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"README command failed: {line}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
         if command.startswith("python train.py") and not any(c.startswith("python train.py") for c in ran):
-            check_run_output(result)  # the first run a newcomer starts
+            check_run_output(result, scratch)  # the first run a newcomer starts
         ran.append(command)
     assert any(c.startswith("python train.py") for c in ran) and any(c.startswith("python predict.py") for c in ran)
     assert list((scratch / "outputs" / "runs").glob("*/metrics.json")), "no run written under outputs/runs"
