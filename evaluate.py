@@ -23,10 +23,12 @@ def main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         evaluate(cfg, out_dir)
-    except FmnistError as e:
+    except BaseException as e:  # refused, SIGTERM or Ctrl-C: the evaluation writes its files only at the end
         if out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()  # Hydra made it for this evaluation: leave nothing behind
-        exit_with(e)
+        if isinstance(e, FmnistError):
+            exit_with(e)
+        raise
 
 
 if __name__ == "__main__":

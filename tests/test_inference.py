@@ -17,6 +17,8 @@ from PIL import Image, ImageOps
 from fmnist import CLASS_NAMES
 from fmnist.data.csv_io import HEADER, load_csv, parse_csv, write_csv
 from fmnist.errors import CheckpointError, ConfigError
+from fmnist.cli import Terminated
+from fmnist.inference import evaluate as evaluate_module
 from fmnist.inference import export as export_module
 from fmnist.inference.evaluate import evaluate
 from fmnist.inference.export import ExportFailed, export
@@ -360,7 +362,17 @@ def test_the_cli_refuses_it_with_exit_2_and_one_paragraph(evil_ckpt, tmp_path, r
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"error: {evil_ckpt}: refused to load: it holds pickled Python objects" in result.stderr
     assert "this would have run code" not in result.stdout + result.stderr
-    assert not (tmp_path / "out" / "metrics.json").exists()
+    assert not (tmp_path / "out").exists(), "the evaluation directory Hydra made is removed"
+
+
+def test_an_evaluation_stopped_by_sigterm_leaves_no_directory(run_dir, tmp_path, run_in_process, monkeypatch):
+    def stopped(cfg, out_dir):
+        raise Terminated  # what SIGTERM raises in evaluate.py (fmnist.cli.sigterm_unwinds), mid-evaluation
+
+    monkeypatch.setattr(evaluate_module, "evaluate", stopped)
+    result = run_in_process("evaluate.py", f"ckpt={run_dir}", f"hydra.run.dir={tmp_path / 'out'}")
+    assert result.returncode == 143 and "error: stopped by SIGTERM" in result.stderr
+    assert sorted(tmp_path.iterdir()) == []
 
 
 def test_a_missing_checkpoint_is_one_paragraph(tmp_path):
