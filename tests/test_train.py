@@ -93,12 +93,17 @@ def test_a_directory_of_ones_own_files_is_refused_and_a_run_stopped_before_its_r
 
 
 @pytest.mark.slow
-def test_resume_extends_a_finished_run(make_cfg, tmp_path):
-    first = train(make_cfg("model=simple"), tmp_path)
-    metrics = train(make_cfg("model=simple", "trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
+def test_resume_extends_a_finished_run_also_after_its_directory_moved(make_cfg, tmp_path):
+    first = train(make_cfg("model=simple"), tmp_path / "run")
+    (tmp_path / "run").rename(tmp_path / "moved")  # or the same directory reached by another path
+    metrics = train(make_cfg("model=simple", "trainer.max_epochs=2", "ckpt_path=last"), tmp_path / "moved")
     assert metrics["epochs"] == 2
-    epochs = pd.read_csv(tmp_path / "epochs.csv")
+    epochs = pd.read_csv(tmp_path / "moved" / "epochs.csv")
     assert list(epochs.epoch) == [1, 2]
+    # The next resume reads last.ckpt: it is the latest epoch, with no `last-v1.ckpt` beside it, and one best file.
+    checkpoints = sorted(p.name for p in (tmp_path / "moved" / "checkpoints").iterdir())
+    assert checkpoints[-1] == "last.ckpt" and len(checkpoints) == 2 and checkpoints[0].startswith("best-epoch")
+    assert load_checkpoint(tmp_path / "moved" / "checkpoints" / "last.ckpt")["epoch"] == 1  # Lightning counts from 0
     # The run's training time counts both processes' epochs, not just the one that finished it.
     assert metrics["train_seconds"] == pytest.approx(epochs.epoch_seconds.sum(), abs=0.002)
     assert 0 < first["train_seconds"] < metrics["train_seconds"]

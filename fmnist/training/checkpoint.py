@@ -74,6 +74,22 @@ class SafeModelCheckpoint(ModelCheckpoint):
             metrics = {**metrics, "epoch": metrics["epoch"] + 1}
         return super().format_checkpoint_name(metrics, *args, **kwargs)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        # A run directory moved, or reached by another path (another node's mount point), holds the same files
+        # under a new name. Lightning then drops its record of them (best score, best files, last.ckpt), and the
+        # resumed run writes `last-v1.ckpt` beside the `last.ckpt` that the resume command names, and keeps a
+        # second best file. The record is kept instead, its paths moved to where the files now are.
+        old = state_dict.get("dirpath")
+        if old and self.dirpath and old != self.dirpath:
+            def moved(path):
+                return str(Path(self.dirpath) / Path(path).name) if path and str(Path(path).parent) == old else path
+
+            state_dict = {**state_dict, "dirpath": self.dirpath,
+                          **{key: moved(state_dict.get(key)) for key in ("best_model_path", "kth_best_model_path",
+                                                                         "last_model_path") if key in state_dict},
+                          "best_k_models": {moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()}}
+        super().load_state_dict(state_dict)
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         with signals_deferred():
             super().on_train_epoch_end(trainer, pl_module)
