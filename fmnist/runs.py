@@ -27,6 +27,10 @@ METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"  # the run's resolved config
 CONFUSION_FILE = "confusion_matrix.csv"  # the test set's confusion matrix, [true, predicted] counts
 EPOCHS_FILE = "epochs.csv"  # one row per epoch: the curves, and the compute so far
+# epochs.csv's columns, in order (fmnist.training.callbacks.EpochCSV writes them; older runs lack the last ones)
+EPOCH_COLUMNS = ["epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "lr",
+                 "epoch_seconds", "train_seconds", "train_images", "train_flops"]
+CURVES = ("train/loss", "val/loss", "val/acc")  # the columns every reader of epochs.csv needs, against its epoch
 # A run's status, as metrics.json and every summary spell it.
 RUNNING, COMPLETED, FAILED, DIVERGED, INTERRUPTED = "running", "completed", "failed", "diverged", "interrupted"
 PRUNED = "pruned"  # a search's trial stopped early by its pruner
@@ -153,6 +157,54 @@ def record_problem(job: Path, record) -> str | None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             return f"{job / METRICS_FILE}: metrics.{key} is {value!r}, not a number"
     return None
+
+
+def read_table(path: Path, what: str, columns: tuple[str, ...], numbers: tuple[str, ...] = (),
+               counts: tuple[str, ...] = ()) -> pd.DataFrame:
+    """The CSV table at `path`, or ConfigError naming the file when it is not `what` (as a message says it: `a table
+    tricks --csv wrote`): it lacks one of `columns`, a cell of `numbers` is not a number (an empty cell is a missing
+    value, as a diverged run's loss), or a cell of `counts` is not a whole number of 0 or more. Columns of either
+    kind that the file lacks are not checked (older runs lack some)."""
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError) as e:  # a binary file, unbalanced quotes, a ragged row
+        reason = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path}: cannot read it as a CSV table ({reason}); expected {what}.") from e
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ConfigError(f"{path}: not {what}: it lacks the columns {', '.join(missing)}.")
+    for column in (c for c in (*numbers, *counts) if c in table.columns):
+        values = pd.to_numeric(table[column], errors="coerce")
+        bad = table[column].notna() & values.isna()  # text where a number belongs
+        if column in counts:
+            bad |= ~np.isfinite(values) | (values < 0) | (values != values.round())
+        if bad.any():
+            row = int(np.argmax(bad.to_numpy()))
+            found = table[column].iloc[row]
+            expected = "a whole number of 0 or more" if column in counts else "a number"
+            # Line 1 is the header, so the first row of values is line 2.
+            raise ConfigError(f"{path}, line {row + 2}, column {column}: expected {expected}, found {_cell(found)}.")
+        table[column] = values
+    return table
+
+
+def _cell(value) -> str:
+    """A cell as a message quotes it: text in quotes, a number as written."""
+    if isinstance(value, str):
+        return repr(value)
+    return "an empty cell" if pd.isna(value) else str(value)
+
+
+def read_epochs(path: Path) -> pd.DataFrame:
+    """A run's epochs.csv, or ConfigError naming its first damaged line and column: one row per epoch, the
+    curves and the compute so far numbers (an empty cell is a missing value, as a diverged run's loss)."""
+    frame = read_table(path, "an epochs.csv as a run writes it", ("epoch", *CURVES),
+                       numbers=(*CURVES, *COMPUTE), counts=("epoch",))
+    repeated = frame.epoch.duplicated()
+    if repeated.any():  # one line per epoch, or the seeds' curves cannot be lined up
+        raise ConfigError(f"{path}, line {int(np.argmax(repeated.to_numpy())) + 2}: epoch "
+                          f"{frame.epoch[repeated].iloc[0]} again; expected one row per epoch, as a run writes.")
+    return frame
 
 
 def read_confusion_matrix(job: Path) -> np.ndarray | None:

@@ -160,6 +160,7 @@ def test_corrupt_gzip_is_a_data_error_naming_the_file(tmp_path):
 def test_resume_from_another_architectures_checkpoint_is_refused(make_cfg, tmp_path):
     train(make_cfg(*SIMPLE), tmp_path / "simple")
     train(make_cfg("model=optimized", "trainer.precision=32-true"), tmp_path / "optimized")
+    own = (tmp_path / "simple" / "checkpoints" / "last.ckpt").read_bytes()
     shutil.copy(tmp_path / "optimized" / "checkpoints" / "last.ckpt", tmp_path / "simple" / "checkpoints" / "last.ckpt")
     before = snapshot(tmp_path / "simple")
     with pytest.raises(CheckpointError, match="last.ckpt: cannot resume from it: its weights are not those of the "
@@ -182,10 +183,24 @@ def test_resume_from_another_architectures_checkpoint_is_refused(make_cfg, tmp_p
         assert snapshot(tmp_path / "simple") == before
     # A config.yaml that is not a run's config (damaged, or edited into a list) is named, not a YAML traceback.
     torch.save(good, last)
+    config = (tmp_path / "simple" / "config.yaml").read_text()
     for text, words in [("model: [", "cannot read it as the config a run writes"), ("- a\n- b\n", "holds a list")]:
         (tmp_path / "simple" / "config.yaml").write_text(text)
         with pytest.raises(ConfigError, match=f"config.yaml: {words}"):
             run_job(make_cfg(*SIMPLE, "trainer.max_epochs=2", "ckpt_path=last"), tmp_path / "simple")
+    # So is a damaged epochs.csv, which the resumed run would keep and add to: named, the directory unchanged.
+    (tmp_path / "simple" / "config.yaml").write_text(config)
+    last.write_bytes(own)
+    rows = (tmp_path / "simple" / "epochs.csv").read_text()
+    for damaged, words in [(rows.replace("\n1,", "\nx,", 1), r"epochs.csv, line 2, column epoch: expected a whole "
+                            r"number of 0 or more, found 'x'\. Resuming keeps"),
+                           (rows.replace("\n", ",0\n").replace(",0\n", ",note\n", 1),
+                            r"epochs.csv: holds columns a run does not write \(note\)")]:
+        (tmp_path / "simple" / "epochs.csv").write_text(damaged)
+        before = snapshot(tmp_path / "simple")
+        with pytest.raises(ConfigError, match=words):
+            run_job(make_cfg(*SIMPLE, "trainer.max_epochs=2", "ckpt_path=last"), tmp_path / "simple")
+        assert snapshot(tmp_path / "simple") == before
 
 
 # Values Lightning or torch would reject later are refused first, naming the key.

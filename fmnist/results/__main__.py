@@ -89,7 +89,7 @@ def tricks(args) -> None:
 def read_tricks_table(path: Path):
     """A table `tricks --csv` wrote, or ConfigError naming the file, and the line and column of a damaged cell."""
     from fmnist.inference.tricks import COLUMNS
-    from fmnist.results.tables import read_table
+    from fmnist.runs import read_table
 
     return read_table(path, "a table `tricks --csv` wrote", tuple(COLUMNS),
                       numbers=("val_acc_mean", "val_acc_std", "change_mean", "change_std"), counts=("n",))

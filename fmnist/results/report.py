@@ -15,11 +15,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import FormatStrFormatter, FuncFormatter, MaxNLocator
 
-from fmnist.errors import ConfigError
 from fmnist.training.figures import confusion_matrix_figure
 from fmnist.results.stats import INTERVAL_NOTE, holm, mean_interval, paired
-from fmnist.results.tables import read_table
-from fmnist.runs import COMPLETED, COMPUTE, EPOCHS_FILE, collect, read_confusion_matrix
+from fmnist.runs import COMPLETED, EPOCHS_FILE, collect, read_confusion_matrix, read_epochs
 
 # The seed report's Figures 4.1-4.8: (number, its title, the `experiment=report` variant behind it).
 REPORT_FIGURES = [
@@ -51,9 +49,6 @@ def parse_setting(setting: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in setting.split(","))
 
 
-CURVES = ("train/loss", "val/loss", "val/acc")  # the columns of epochs.csv the figures draw, against its epoch
-
-
 def load_curves(sweep_dir: Path, table: pd.DataFrame) -> dict[str, list[pd.DataFrame]]:
     """Per setting, the `epochs.csv` of each of its jobs (any status: a diverged run's curve matters too), or
     ConfigError naming a damaged one: the report draws every column it reads."""
@@ -61,12 +56,7 @@ def load_curves(sweep_dir: Path, table: pd.DataFrame) -> dict[str, list[pd.DataF
     for row in table.itertuples():
         path = Path(sweep_dir) / row.job / EPOCHS_FILE
         if path.exists() and path.stat().st_size > 0:
-            frame = read_table(path, "an epochs.csv as a run writes it", ("epoch", *CURVES),
-                               numbers=(*CURVES, *COMPUTE), counts=("epoch",))
-            repeated = frame.epoch.duplicated()
-            if repeated.any():  # one line per epoch, or the seeds' curves cannot be lined up
-                raise ConfigError(f"{path}, line {int(np.argmax(repeated.to_numpy())) + 2}: epoch "
-                                  f"{frame.epoch[repeated].iloc[0]} again; expected one row per epoch, as a run writes.")
+            frame = read_epochs(path)
             if len(frame):
                 frame.attrs["seed"] = row.seed  # for labels: the seeds of one setting are its lines
                 curves.setdefault(row.setting, []).append(frame)

@@ -19,7 +19,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from fmnist.errors import DivergedError
 from fmnist.fsio import atomic_output
 from fmnist.models import training_flops_per_image
-from fmnist.runs import CONFUSION_FILE
+from fmnist.runs import CONFUSION_FILE, EPOCH_COLUMNS
 from fmnist.training.figures import confusion_matrix_figure, misclassified_figure
 from fmnist.training.trackers import for_each, log_figure
 
@@ -40,10 +40,6 @@ def loss_diverged(value: float, steps: int) -> bool:
     """Whether a mean cross-entropy, measured after `steps` training steps, says the model diverged: NaN or
     infinite, or above ABSURD_LOSS once JUDGE_AFTER_STEPS steps have run."""
     return not math.isfinite(value) or (value > ABSURD_LOSS and steps >= JUDGE_AFTER_STEPS)
-
-
-EPOCH_COLUMNS = ["epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "lr",
-                 "epoch_seconds", "train_seconds", "train_images", "train_flops"]
 
 
 class EpochCSV(L.Callback):
@@ -70,7 +66,7 @@ class EpochCSV(L.Callback):
         if rank_zero_only.rank == 0 and self.path.exists():
             # A resumed run redoes the epochs after its checkpoint: drop their old rows.
             with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= trainer.current_epoch]
+                rows = [r for r in csv.DictReader(f) if float(r["epoch"]) <= trainer.current_epoch]  # checked: whole numbers
             self._write(rows, mode="w")
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:

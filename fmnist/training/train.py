@@ -37,8 +37,9 @@ from fmnist.fsio import atomic_write, check_writable, early_writes, file_digest,
 from fmnist.hardware import check_accelerator
 from fmnist.models import check_model, training_flops_per_image
 from fmnist.training.precision import resolve_precision
-from fmnist.runs import (COMPLETED, CONFIG_FILE, DIVERGED, EPOCHS_FILE, FAILED, FINISHED, INTERRUPTED, METRICS_FILE,
-                         PRUNED, RECORDED, RUNNING, now, provenance, read_record, update_record)
+from fmnist.runs import (COMPLETED, CONFIG_FILE, DIVERGED, EPOCH_COLUMNS, EPOCHS_FILE, FAILED, FINISHED, INTERRUPTED,
+                         METRICS_FILE, PRUNED, RECORDED, RUNNING, now, provenance, read_epochs, read_record,
+                         update_record)
 from fmnist.training.callbacks import (DIVERGED_ADVICE, HEARTBEAT_S, EpochCSV, Forecast, Lookahead,
                                        PerImagePredictions,
                                        TestArtifacts, WeightEMA, loss_diverged, step_callbacks)
@@ -188,6 +189,7 @@ def _claimed(cfg: DictConfig, run_dir: Path):
         FashionMNISTDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed).check()
         if resume:
             _check_checkpoint(cfg, last)
+            _check_epochs(run_dir / EPOCHS_FILE)
         elif cfg.ckpt_path == "last":  # logged only now: a refusal must not add to the run's train.log
             log.warning("%s has no checkpoints/last.ckpt: starting the run from its first epoch", run_dir)
         with _sigterm_raises():
@@ -284,6 +286,21 @@ def _check_checkpoint(cfg: DictConfig, path: Path) -> None:
                               f"(model.name={cfg.model.name}); e.g. {differ[0]} has shape {found.get(differ[0])} "
                               f"there and {expected.get(differ[0])} here (None: absent). Resume with the config "
                               "the checkpoint was trained with, or start a new run directory.")
+
+
+def _check_epochs(path: Path) -> None:
+    """Refuse to resume a run whose epochs.csv is damaged: the resumed run keeps its rows and adds to them."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    try:
+        frame = read_epochs(path)
+    except ConfigError as e:
+        raise ConfigError(f"{e} Resuming keeps the run's earlier rows: mend the file, or start a new run "
+                          "directory.") from None
+    foreign = [c for c in frame.columns if c not in EPOCH_COLUMNS]
+    if foreign:
+        raise ConfigError(f"{path}: holds columns a run does not write ({', '.join(foreign)}); resuming keeps "
+                          "the run's earlier rows: mend the file, or start a new run directory.")
 
 
 class RunPruned(Exception):
