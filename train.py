@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from fmnist import console
 from fmnist.cli import exit_with, refuse_unknown_keys, run_cli
-from fmnist.config import SUPERSEDED_EXPERIMENTS, register
+from fmnist.config import register, superseded_note
 from fmnist.errors import FmnistError
 from fmnist.fsio import note_early_write
 
@@ -29,10 +29,9 @@ def main(cfg: DictConfig) -> float:
     # Hydra's own copy of the config (`hydra.output_subdir` is null) is written only once the run's checks pass.
     hydra_files = {"config.yaml": cfg, "hydra.yaml": {"hydra": hydra_cfg}, "overrides.yaml": overrides}
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
-    experiment = hydra_cfg.runtime.choices.get("experiment")
-    if experiment in SUPERSEDED_EXPERIMENTS:
-        print(f"note: experiment={experiment} still runs, but the report's ablations are one sweep now: "
-              f"{SUPERSEDED_EXPERIMENTS[experiment]}, or experiment=study for every factor at once.", file=sys.stderr)
+    note = superseded_note(hydra_cfg.runtime.choices.get("experiment"))
+    if note and not in_sweep:  # a sweep prints it once, before its first job (fmnist.results.sweep)
+        print(note, file=sys.stderr)
     swept = hydra_cfg.sweeper.get("params") or {}
     if swept and not in_sweep:  # an experiment's sweep (its seeds) runs only with -m: say so, do not drop it silently
         # On stderr, not through the run's log: the run directory is not this command's until its checks pass.

@@ -165,6 +165,14 @@ SUPERSEDED_EXPERIMENTS = {
 }
 
 
+def superseded_note(experiment: str | None) -> str | None:
+    """The note a command using a superseded experiment prints (it still runs), or None."""
+    if experiment not in SUPERSEDED_EXPERIMENTS:
+        return None
+    return (f"note: experiment={experiment} still runs, but the report's ablations are one sweep now: "
+            f"{SUPERSEDED_EXPERIMENTS[experiment]}, or experiment=study for every factor at once.")
+
+
 def renamed_overrides(overrides: list[str]) -> list[str]:
     """`overrides` with each old key name (RENAMED_KEYS) replaced by the new one, saying so once on stderr."""
     renamed = []

@@ -94,6 +94,12 @@ def early_writes() -> set[Path]:
     return set(_EARLY_WRITES)
 
 
+def keep_early_writes() -> None:
+    """The command's checks passed: what it noted so far stays as it is written, even if a later part of the
+    command (a sweep's next job) is refused."""
+    _EARLY_WRITES.clear()
+
+
 @contextmanager
 def early_writes_undone_if_refused():
     """Run a command; if it exits with code 2 (refused), put each file noted by `note_early_write` back as it

@@ -5,6 +5,7 @@ import re
 import pandas as pd
 import pytest
 
+from fmnist.runs import read_record
 from tests.conftest import FAST
 
 
@@ -42,6 +43,28 @@ def test_bad_csv_exits_2_naming_the_problem(tmp_path, run_in_process, train_text
     result = run_in_process("train.py", *FAST, f"data.dir={data}", f"hydra.run.dir={tmp_path}/run")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert message in result.stderr
+
+
+def test_a_sweep_with_a_bad_value_in_a_later_job_is_refused_before_any_job(tmp_path, data_dir, run_in_process):
+    result = run_in_process("train.py", "-m", *FAST, f"data.dir={data_dir}", "model=simple", "seed=0,1,-1",
+                            "model.dropout=0.1,0.5", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: the sweep's job seed=-1 model.dropout=0.5: config key seed must be in [0, 4294967295]; got -1. " \
+           "No job of the sweep was started." in result.stderr
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.slow
+def test_a_later_jobs_refusal_keeps_the_sweep_file_of_the_jobs_that_ran(tmp_path, data_dir, run_in_process):
+    # The second job's directory holds a file no run wrote: refused when that job starts, after the first one trained.
+    second = tmp_path / "sweep" / "seed=1,data.batch_size=32,data.val_size=100,model=simple"
+    second.mkdir(parents=True)
+    (second / "notes.txt").write_text("mine")
+    result = run_in_process("train.py", "-m", *FAST, f"data.dir={data_dir}", "model=simple", "seed=0,1",
+                            f"hydra.sweep.dir={tmp_path}/sweep")
+    assert result.returncode == 2 and f"{second} holds files that no run wrote (notes.txt)" in result.stderr
+    assert (tmp_path / "sweep" / "multirun.yaml").is_file()
+    assert [read_record(p)["status"] for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p != second] == ["completed"]
 
 
 @pytest.mark.slow

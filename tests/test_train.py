@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from fmnist.config import ADDED_KEYS, RESUMABLE_KEYS
 from fmnist.fsio import load_checkpoint
-from fmnist.errors import CheckpointError, ConfigError, DivergedError
+from fmnist.errors import CheckpointError, ConfigError, DataError, DivergedError
 from fmnist.models import training_flops_per_image
 from fmnist.training.module import LitClassifier
 from fmnist.runs import read_record
@@ -107,6 +107,10 @@ def test_resume_extends_a_finished_run_also_after_its_directory_moved(make_cfg, 
     # The run's training time counts both processes' epochs, not just the one that finished it.
     assert metrics["train_seconds"] == pytest.approx(epochs.epoch_seconds.sum(), abs=0.002)
     assert 0 < first["train_seconds"] < metrics["train_seconds"]
+    # Run again as a sweep's finished job, with data that is not there: the data cannot be compared, and is named.
+    with pytest.raises(DataError, match=r"gone/fashion-mnist_train.csv: file not found"):
+        run_job(make_cfg("model=simple", "trainer.max_epochs=2", f"data.dir={tmp_path / 'gone'}"), tmp_path / "moved",
+                in_sweep=True)
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ def require_file(path: Path) -> None:
     """Raise DataError if `path` is not an existing file."""
     if not path.is_file():
         raise DataError(f"{path}: file not found. Expected a Kaggle-format Fashion-MNIST CSV; "
-                        "`make data` (or `python scripts/get_data.py`) creates one.")
+                        "`make data` (or `python scripts/get_data.py`) creates one, or pass data.dir=DIR.")
 
 
 def read_raw(path: Path, max_bytes: int | None = None) -> bytes:

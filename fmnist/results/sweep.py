@@ -8,6 +8,7 @@ Works on any sweep directory at any time, finished, running or interrupted, from
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +17,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from fmnist.cli import exit_with
-from fmnist.config import check_sweep_values
+from fmnist.config import check_sweep_values, superseded_note
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError
 from fmnist.fsio import note_early_write
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
@@ -80,10 +81,16 @@ class SummarizeSweep(Callback):
     """
 
     def on_multirun_start(self, config, **kwargs) -> None:
+        from fmnist.training.train import check_sweep_jobs  # here: `python -m fmnist.results` needs no Lightning
+
+        note = superseded_note(OmegaConf.select(config, "hydra.runtime.choices.experiment"))
+        if note:
+            print(note, file=sys.stderr)
         params = OmegaConf.select(config, "hydra.sweeper.params") or {}
         try:  # before Hydra makes the sweep directory: a refusal writes nothing
-            check_sweep_values([*config.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())],
-                               GlobalHydra.instance().config_loader())
+            loader = GlobalHydra.instance().config_loader()
+            check_sweep_values([*config.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())], loader)
+            check_sweep_jobs(config, loader)  # every swept value, before the first job trains
         except ConfigError as e:
             exit_with(e)
         # Hydra rewrites multirun.yaml before the first job's checks; a refused sweep puts it back (fmnist.cli).

@@ -38,8 +38,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fmnist import console
 from fmnist.config import PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_name, override_key, register, renamed_overrides
+from fmnist.data.csv_io import require_file
 from fmnist.data.sources import find_csv
-from fmnist.errors import ConfigError, DataError, FmnistError
+from fmnist.errors import ConfigError, FmnistError
 from fmnist.results.sweep import summarize
 from fmnist.runs import DIVERGED, FAILED, INTERRUPTED, METRICS_FILE, now, update_record
 from fmnist.training.train import RunPruned, check_config, failure_of, flat_config, stopping_signal, train
@@ -260,9 +261,7 @@ class Search:
         check_config(base)
         self._check_placement(base)
         for split in ("train", "test"):
-            if not find_csv(Path(base.data.dir), split).exists():
-                raise DataError(f"{find_csv(Path(base.data.dir), split)}: file not found. Expected a Kaggle-format "
-                                "Fashion-MNIST CSV; `make data` creates one, or pass data.dir=DIR.")
+            require_file(find_csv(Path(base.data.dir), split))
         values = {spec.key: [int(v) if spec.integer else v for v in spec.choices or [spec.low, spec.high]]
                   for spec in self.cfg.space.values()}
         for k in range(max((len(v) for v in values.values()), default=0)):

@@ -25,15 +25,17 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fmnist import console
 from fmnist.config import (ADDED_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, RUN_OPTIONS, check_values, is_count,
                            is_text_keyed)
+from fmnist.data.csv_io import require_file
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.data.sources import find_csv
 from fmnist.errors import CheckpointError, ConfigError, DivergedError, FmnistError
-from fmnist.fsio import atomic_write, check_writable, early_writes, file_digest, load_checkpoint, storage_errors
+from fmnist.fsio import (atomic_write, check_writable, early_writes, file_digest, keep_early_writes, load_checkpoint,
+                         storage_errors)
 from fmnist.hardware import check_accelerator
 from fmnist.models import check_model, training_flops_per_image
 from fmnist.training.precision import resolve_precision
@@ -143,7 +145,10 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
 
 def data_digests(cfg: DictConfig) -> dict:
     """The SHA-1 of each CSV the run reads: what identifies its data, wherever the files live."""
-    return {split: file_digest(find_csv(Path(cfg.data.dir), split)) for split in ("train", "test")}
+    paths = {split: find_csv(Path(cfg.data.dir), split) for split in ("train", "test")}
+    for path in paths.values():
+        require_file(path)
+    return {split: file_digest(path) for split, path in paths.items()}
 
 
 def differences_from_finished(cfg: DictConfig, run_dir: Path, record: dict) -> list[str]:
@@ -169,6 +174,41 @@ def check_config(cfg: DictConfig) -> None:
     check_trackers(cfg)
 
 
+def check_sweep_jobs(config: DictConfig, config_loader) -> None:
+    """ConfigError for a sweep that holds a job `check_config` refuses, before its first job starts: found by
+    that job, it would stop the sweep after the jobs before it had trained.
+
+    `config`: the sweep's config as Hydra gives it to a callback. As many jobs are composed as the longest list
+    of swept values has values: the k-th takes the k-th value of every swept key (the last repeated), so every
+    value is checked, in a job as the sweep composes it (a composition takes a fraction of a second).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from fmnist.cli import refuse_unknown_keys
+
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    parsed = OverridesParser.create(config_loader=config_loader).parse_overrides(
+        [*(f"{key}={value}" for key, value in params.items()), *config.hydra.overrides.task])
+    values: dict[str, list[str]] = {}  # as Hydra's basic sweeper reads them: a later override of a key wins
+    for override in parsed:
+        key = override.get_key_element()
+        if override.is_discrete_sweep():
+            values[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        elif not override.is_sweep_override():
+            values[key] = [f"{key}={override.get_value_element_as_str()}"]
+    for k in range(max((len(v) for v in values.values()), default=0)):
+        job = [v[min(k, len(v) - 1)] for v in values.values()]
+        cfg = config_loader.load_sweep_config(config, job)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        try:
+            refuse_unknown_keys(cfg, job)
+            check_config(cfg)
+        except ConfigError as e:
+            swept = " ".join(o for o, v in zip(job, values.values()) if len(v) > 1)
+            raise ConfigError(f"the sweep's job {swept}: {e} No job of the sweep was started.") from None
+
+
 @contextmanager
 def _claimed(cfg: DictConfig, run_dir: Path):
     """Own `run_dir` and pass every check before anything is written there; yield whether to resume.
@@ -192,6 +232,7 @@ def _claimed(cfg: DictConfig, run_dir: Path):
             _check_epochs(run_dir / EPOCHS_FILE)
         elif cfg.ckpt_path == "last":  # logged only now: a refusal must not add to the run's train.log
             log.warning("%s has no checkpoints/last.ckpt: starting the run from its first epoch", run_dir)
+        keep_early_writes()  # the checks passed: a later job's refusal leaves this one's sweep file as it is
         with _sigterm_raises():
             yield resume
 
