@@ -54,6 +54,16 @@ def test_a_sweep_with_a_bad_value_in_a_later_job_is_refused_before_any_job(tmp_p
     assert not (tmp_path / "sweep").exists()
 
 
+def test_a_sweep_into_a_directory_of_ones_own_files_is_refused(tmp_path, data_dir, run_in_process):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "summary.md").write_text("my notes")
+    result = run_in_process("train.py", "-m", *FAST, f"data.dir={data_dir}", "seed=0", f"hydra.sweep.dir={tmp_path}/mine")
+    assert result.returncode == 2
+    assert f"{tmp_path}/mine holds files that no sweep wrote (summary.md; no multirun.yaml)" in result.stderr
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["summary.md"]
+    assert (tmp_path / "mine" / "summary.md").read_text() == "my notes"
+
+
 @pytest.mark.slow
 def test_a_later_jobs_refusal_keeps_the_sweep_file_of_the_jobs_that_ran(tmp_path, data_dir, run_in_process):
     # The second job's directory holds a file no run wrote: refused when that job starts, after the first one trained.

@@ -127,6 +127,23 @@ def test_bad_input_stops_before_the_study_is_created(tmp_path, data_dir, args, m
     assert not list(tmp_path.iterdir())
 
 
+def test_a_refused_study_removes_the_directories_it_made_and_keeps_ones_own_files(tmp_path, data_dir):
+    with pytest.raises(FmnistError, match="cannot open the study storage 'garbage://x'"):
+        run_search(CONF, [f"out_dir={tmp_path / 'new' / 'studies'}", f"data.dir={data_dir}", "study=x", "storage=garbage://x"])
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FmnistError, match=f"names {tmp_path}/afile/x.db, whose directory {tmp_path}/afile is not an "
+                                          "existing directory"):
+        run_search(CONF, [f"out_dir={tmp_path / 'new'}", f"data.dir={data_dir}", "study=x",
+                          f"storage=sqlite:///{tmp_path}/afile/x.db"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    # A study directory holding files no study wrote: its summary.md would be replaced.
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "summary.md").write_text("mine")
+    with pytest.raises(FmnistError, match=f"{tmp_path}/x holds files that no study wrote \\(summary.md\\)"):
+        run_search(CONF, [f"out_dir={tmp_path}", f"data.dir={data_dir}", "study=x"])
+    assert [p.name for p in (tmp_path / "x").iterdir()] == ["summary.md"]
+
+
 @pytest.mark.parametrize("scheme,kind,database", [("journal:", "journal", False),
                                                   ("sqlite:///", "SQLite database", False),
                                                   ("sqlite:///", "SQLite database", True)])

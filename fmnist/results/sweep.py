@@ -74,6 +74,20 @@ def summarize(sweep_dir: Path) -> pd.DataFrame:
     return table
 
 
+def check_sweep_dir(sweep_dir: Path) -> None:
+    """ConfigError for a sweep directory that holds files but no `multirun.yaml`: not an earlier sweep's (which a
+    sweep continues), so its summary and Hydra's files would replace what is there."""
+    if not sweep_dir.is_dir() or (sweep_dir / "multirun.yaml").exists():
+        return
+    entries = sorted(p.name for p in sweep_dir.iterdir())
+    if entries:
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise ConfigError(f"{sweep_dir} holds files that no sweep wrote ({shown}; no multirun.yaml); a sweep is written "
+                          "into a new or empty directory, or into an earlier sweep's to continue it, so that nothing "
+                          "of yours is replaced; nothing was written. Choose another directory (name=... or "
+                          "hydra.sweep.dir=...).")
+
+
 class SummarizeSweep(Callback):
     """Hydra callback: summarize the sweep directory when a multirun ends, and list failed jobs.
 
@@ -91,6 +105,7 @@ class SummarizeSweep(Callback):
             loader = GlobalHydra.instance().config_loader()
             check_sweep_values([*config.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())], loader)
             check_sweep_jobs(config, loader)  # every swept value, before the first job trains
+            check_sweep_dir(Path(config.hydra.sweep.dir))
         except ConfigError as e:
             exit_with(e)
         # Hydra rewrites multirun.yaml before the first job's checks; a refused sweep puts it back (fmnist.cli).

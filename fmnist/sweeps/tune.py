@@ -399,7 +399,12 @@ def _check_storage_file(url: str) -> None:
     to a user's file, or fail on it with pages of SQL)."""
     kind, path = ("journal", Path(url[len("journal:"):])) if url.startswith("journal:") else \
         ("sqlite", Path(url[len("sqlite:///"):])) if url.startswith("sqlite:///") else (None, None)
-    if kind is None or not path.is_file() or path.stat().st_size == 0:
+    if kind is None:
+        return
+    if not path.parent.is_dir():
+        raise ConfigError(f"storage={url} names {path}, whose directory {path.parent} is not an existing directory; "
+                          "nothing was written. Name a file in an existing directory.")
+    if not path.is_file() or path.stat().st_size == 0:
         return
     with open(path, "rb") as f:
         head = f.read(4096)
@@ -435,7 +440,8 @@ def _storage(cfg: DictConfig, study_dir: Path) -> optuna.storages.RDBStorage:
             # tune.py on one SQLite file): the loser finds them made on a second try.
             time.sleep(1 + attempt)
         except Exception as e:  # a malformed URL, a missing driver, a database that cannot be reached
-            raise ConfigError(f"cannot open the study storage {url!r}: {type(e).__name__}: {e}") from e
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else ""  # not SQLAlchemy's link to its docs
+            raise ConfigError(f"cannot open the study storage {url!r}: {type(e).__name__}: {reason}") from e
     raise ConfigError(f"cannot open the study storage {url!r}: its tables could not be created (5 tries).")
 
 
@@ -461,10 +467,16 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
         search.check_space()
         if cfg.storage:
             _check_storage_file(cfg.storage)
-        created = not study_dir.exists()
+        made = next((p for p in reversed([study_dir, *study_dir.parents]) if not p.exists()), None)  # removed if refused
         trials_here = sorted(p.name for p in study_dir.glob("trial-*"))
         if trials_here and cfg.storage is None and not (study_dir / "study.db").exists():
             raise _orphan_trials(study_dir, trials_here, "its database study.db is gone")
+        theirs = [] if made or trials_here or (study_dir / "study.db").exists() else sorted(p.name for p in study_dir.iterdir())
+        if theirs:  # its summary.md and best.yaml would replace theirs
+            raise ConfigError(f"{study_dir} holds files that no study wrote ({', '.join(theirs[:3])}"
+                              f"{', ...' if len(theirs) > 3 else ''}); a study is written into a new directory, or into "
+                              "its own to continue it, so that nothing of yours is replaced; nothing was written. "
+                              "Choose another study name (study=...) or out_dir.")
         study_dir.mkdir(parents=True, exist_ok=True)
         try:
             storage = _storage(cfg, study_dir)
@@ -476,8 +488,8 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
                                                    n_warmup_steps=cfg.pruner.prune_from_epoch))
             search.check_continuation(study)
         except ConfigError:  # a refusal leaves nothing behind: not even the study's directory
-            if created:
-                shutil.rmtree(study_dir, ignore_errors=True)
+            if made:
+                shutil.rmtree(made, ignore_errors=True)
             raise
         fail_dead_trials(study, storage)
         search.heartbeat = isinstance(storage, optuna.storages.RDBStorage)
