@@ -7,6 +7,7 @@ Sweeps skip FINISHED jobs when started again, and resume the others from `checkp
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -156,6 +157,11 @@ def record_problem(job: Path, record) -> str | None:
     for key, value in record.get("metrics", {}).items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             return f"{job / METRICS_FILE}: metrics.{key} is {value!r}, not a number"
+        # `completed` promises usable numbers (a run that ends with NaN is recorded `diverged`)
+        if record["status"] == COMPLETED and value is not None and not math.isfinite(value):
+            return f"{job / METRICS_FILE}: metrics.{key} is {value!r} in a completed run, not a finite number"
+        if key.endswith(("/acc", "/acc_best")) and value is not None and not 0 <= value <= 1:
+            return f"{job / METRICS_FILE}: metrics.{key} is {value!r}, not an accuracy (a fraction from 0 to 1)"
     return None
 
 

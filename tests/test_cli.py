@@ -70,10 +70,11 @@ def test_a_later_jobs_refusal_keeps_the_sweep_file_of_the_jobs_that_ran(tmp_path
     second = tmp_path / "sweep" / "seed=1,data.batch_size=32,data.val_size=100,model=simple"
     second.mkdir(parents=True)
     (second / "notes.txt").write_text("mine")
+    (tmp_path / "sweep" / "multirun.yaml").write_text("an earlier sweep's\n")  # a sweep's directory, continued
     result = run_in_process("train.py", "-m", *FAST, f"data.dir={data_dir}", "model=simple", "seed=0,1",
                             f"hydra.sweep.dir={tmp_path}/sweep")
     assert result.returncode == 2 and f"{second} holds files that no run wrote (notes.txt)" in result.stderr
-    assert (tmp_path / "sweep" / "multirun.yaml").is_file()
+    assert "seed=0,1" in (tmp_path / "sweep" / "multirun.yaml").read_text()  # this sweep's: its first job ran
     assert [read_record(p)["status"] for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p != second] == ["completed"]
 
 

@@ -58,6 +58,9 @@ def _fake_job(sweep: Path, name: str, status: str, seed: int, acc: float | None,
     ({"error": {"a": 1}}, "error of the wrong type"),
     ({"precision": [1]}, "precision of the wrong type"),  # read by the leaderboard only
     ({"hardware": "x"}, "hardware of the wrong type"),
+    # never averaged, published or chosen as a sweep's best
+    ({"metrics": {"val/acc_best": float("inf"), "test/acc": 0.9}}, "metrics.val/acc_best is inf in a completed run"),
+    ({"metrics": {"val/acc_best": 0.9, "test/acc": 1.5}}, "metrics.test/acc is 1.5, not an accuracy"),
 ])
 def test_a_hand_edited_record_is_listed_as_unreadable_not_a_crash(tmp_path, capsys, edit, words):
     sweep = tmp_path / "sweep"

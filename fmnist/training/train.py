@@ -28,8 +28,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fmnist import console
-from fmnist.config import (ADDED_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, RUN_OPTIONS, check_values, is_count,
-                           is_text_keyed)
+from fmnist.config import (ADDED_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, RUN_OPTIONS, check_values, composition_message,
+                           is_count, is_text_keyed)
 from fmnist.data.csv_io import require_file
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.data.sources import find_csv
@@ -183,6 +183,8 @@ def check_sweep_jobs(config: DictConfig, config_loader) -> None:
     value is checked, in a job as the sweep composes it (a composition takes a fraction of a second).
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     from fmnist.cli import refuse_unknown_keys
 
@@ -198,10 +200,13 @@ def check_sweep_jobs(config: DictConfig, config_loader) -> None:
             values[key] = [f"{key}={override.get_value_element_as_str()}"]
     for k in range(max((len(v) for v in values.values()), default=0)):
         job = [v[min(k, len(v) - 1)] for v in values.values()]
-        cfg = config_loader.load_sweep_config(config, job)
-        with open_dict(cfg):
-            del cfg["hydra"]
         try:
+            try:
+                cfg = config_loader.load_sweep_config(config, job)
+            except (HydraException, OmegaConfBaseException) as e:  # e.g. seed=abc: as train.py reports it
+                raise ConfigError(composition_message(e)) from None
+            with open_dict(cfg):
+                del cfg["hydra"]
             refuse_unknown_keys(cfg, job)
             check_config(cfg)
         except ConfigError as e:
