@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -152,10 +153,16 @@ def test_changes_pair_by_seed_and_keep_only_what_validation_shows(tmp_path):
     assert "| `optim.lr=0.01` | " in text and "[+0." in text and "never used to choose" in text
 
 
-def test_changes_refuse_a_baseline_with_several_settings(tmp_path):
+def test_changes_refuse_a_baseline_with_several_settings_or_a_seed_twice(tmp_path, capsys):
     baseline = _sweep(tmp_path, "base", {"optim.lr=0.1": [0.9, 0.91], "optim.lr=0.2": [0.9, 0.91]})
     with pytest.raises(ConfigError, match="base: a baseline is one setting"):
         changes(baseline, [baseline])
+    # A job directory copied inside its sweep: two jobs of one seed, which a pairing by seed cannot tell apart.
+    single = _sweep(tmp_path, "single", {"": [0.9, 0.91]})
+    shutil.copytree(single / "seed=0", single / "seed=0.bak")
+    assert results_main(["changes", str(single), str(single)]) == 2
+    err = capsys.readouterr().err
+    assert "jobs seed=0, seed=0.bak are the same setting with seed 0" in err and "Traceback" not in err
 
 
 def test_the_tricks_table_turns_std_and_n_into_intervals():
@@ -238,6 +245,10 @@ def test_an_image_comparison_checks_a_run_directorys_record_as_a_sweeps_jobs_are
     assert results_main(["images", str(run), str(run)]) == 2
     err = capsys.readouterr().err
     assert "seed=0/metrics.json is not a run record: seed of the wrong type" in err and "Traceback" not in err
+    # A run that did not complete is not compared, as in a sweep, where only completed jobs are.
+    (run / "metrics.json").write_text(json.dumps({**record, "status": "diverged"}))
+    assert results_main(["images", str(run), str(run)]) == 2
+    assert "its status is 'diverged'; only a completed run is compared" in capsys.readouterr().err
 
 
 def test_results_verbs_name_a_file_in_the_way_instead_of_crashing(tmp_path, capsys):

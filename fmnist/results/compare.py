@@ -37,7 +37,14 @@ def change_verdict(change: Interval) -> str:
     return "better" if change.mean > 0 else "worse"
 
 
-def _by_seed(table: pd.DataFrame, metric: str) -> pd.Series:
+def _by_seed(table: pd.DataFrame, metric: str, sweep_dir: Path) -> pd.Series:
+    """A setting's `metric` per seed (`table`: its completed jobs in `sweep_dir`); ConfigError for two jobs of one
+    seed (a copied job directory), which a pairing by seed cannot tell apart."""
+    twice = table[table.seed.duplicated(keep=False)]
+    if len(twice):
+        raise ConfigError(f"{sweep_dir}: jobs {', '.join(sorted(twice.job))} are the same setting with seed "
+                          f"{twice.seed.iloc[0]}; a comparison pairs one job per seed. Move the copies out of the sweep "
+                          "directory.")
     return table.set_index("seed")[metric].astype(float)
 
 
@@ -54,7 +61,7 @@ def changes(baseline_dir: Path, sweep_dirs: list[Path]) -> pd.DataFrame:
     if base.setting.nunique() != 1:
         raise ConfigError(f"{baseline_dir}: a baseline is one setting run with several seeds; this sweep has "
                           f"{base.setting.nunique()} completed settings ({', '.join(sorted(base.setting.unique()))}).")
-    base_val = _by_seed(base, "val_acc_best")
+    base_val = _by_seed(base, "val_acc_best", baseline_dir)
     rows = [{"setting": f"baseline ({Path(baseline_dir).name})", "seeds": sorted(base_val.index),
              "val": base_val, "val_change": None, "p": math.nan, "seeds_needed": None, "verdict": "",
              "test": mean_interval(base.test_acc), "train_seconds": base.train_seconds.mean()}]
@@ -62,7 +69,7 @@ def changes(baseline_dir: Path, sweep_dirs: list[Path]) -> pd.DataFrame:
         table = collect(sweep)
         table = table[table.status == COMPLETED]
         for setting, runs in table.groupby("setting"):
-            val = _by_seed(runs, "val_acc_best")
+            val = _by_seed(runs, "val_acc_best", sweep)
             comparison = paired(val, base_val)
             rows.append({"setting": setting, "seeds": sorted(val.index), "val": val,
                          "val_change": comparison.difference, "p": comparison.p_value,
@@ -146,9 +153,12 @@ def _predictions_by_seed(path: Path, split: str) -> dict[int, tuple[np.ndarray, 
     if not path.is_dir():
         raise ConfigError(f"{path}: no such directory; expected a run directory or a sweep directory of one setting.")
     if (path / METRICS_FILE).is_file():
-        problem = record_problem(path, read_record(path))  # a sweep's jobs are checked by `collect`
+        record = read_record(path)
+        problem = record_problem(path, record)  # a sweep's jobs are checked by `collect`
         if problem:
             raise ConfigError(f"{problem}; expected the record a run writes.")
+        if record["status"] != COMPLETED:  # as in a sweep, where only completed jobs are compared
+            raise ConfigError(f"{path}: its status is {record['status']!r}; only a completed run is compared.")
         runs = [path]
     else:
         jobs = collect(path)
