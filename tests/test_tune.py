@@ -113,6 +113,9 @@ def test_a_pruned_trial_stops_after_its_first_report_and_is_recorded(tmp_path, d
     (["study=x", "space.model.choices=[simple,nosuch,optimized]"], "Could not find 'model/nosuch'"),
     (["study=x", "space.batch_size.choices=[32,64,128,0]"], "config key data.batch_size must be at least 1; got 0"),
     (["study=x", "optim.lrr=1"], "Could not override 'optim.lrr'"),
+    (["study=x", "space.model.key=model.channels", "space.model.choices=[[8,16,32,64],[16,32,64,64]]"],
+     "search space entry space.model has the choice [8, 16, 32, 64]; choices are numbers, strings"),
+    (["study=x", "+optim.lrr=1"], "config key optim.lrr does not exist, so nothing would read it"),
     (["study=x", "trainer=ddp"], "tune.py trains each trial in its own process on one device"),
     (["study=x", "optim.lr=0.5"], "the train override optim.lr=0.5 sets optim.lr, which the search space samples "
                                   "(space.lr): every trial would replace it"),

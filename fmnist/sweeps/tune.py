@@ -37,6 +37,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fmnist import console
+from fmnist.cli import refuse_unknown_keys
 from fmnist.config import PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_name, override_key, register, renamed_overrides
 from fmnist.data.csv_io import require_file
 from fmnist.data.sources import find_csv
@@ -145,6 +146,11 @@ def _check_tune_config(cfg: DictConfig) -> None:
         ranged = spec.low is not None and spec.high is not None
         if bool(spec.choices) == ranged:
             raise ConfigError(f"search space entry space.{name} needs either choices or low and high; got {OmegaConf.to_container(spec)}.")
+        odd = [c for c in spec.choices or [] if not (c is None or isinstance(c, (bool, int, float, str)))]
+        if odd:  # Optuna's categorical values; a list of widths is a key's value, not a choice it can record
+            raise ConfigError(f"search space entry space.{name} has the choice {OmegaConf.to_container(odd[0])}; "
+                              "choices are numbers, strings, booleans or null (Optuna records them). To search "
+                              "over lists, search a group whose options hold them (e.g. key=model).")
         if ranged and (spec.low > spec.high or (spec.log and spec.low <= 0)):
             raise ConfigError(f"search space entry space.{name} needs low <= high (and low > 0 with log: true); "
                               f"got low={spec.low}, high={spec.high}.")
@@ -258,6 +264,7 @@ class Search:
                                   f"(space.{name}): every trial would replace it with its sampled value. Drop the "
                                   f"override to search {spec.key}, or drop the search (~space.{name}) to fix it.")
         base = self._base_config()
+        refuse_unknown_keys(base, self.train_overrides)  # `+optim.lrr=1`: as train.py refuses it
         check_config(base)
         self._check_placement(base)
         for split in ("train", "test"):
