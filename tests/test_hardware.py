@@ -199,7 +199,7 @@ def test_a_short_run_takes_a_cached_verdict_or_fp32_without_a_probe(make_cfg, mo
     assert precision == "bf16-mixed" and len(calls) == 1 and "cached verdict" in evidence["reason"]
 
 
-def test_the_command_shows_measures_and_clears_the_cached_verdicts(monkeypatch, capsys):
+def test_the_command_shows_measures_and_clears_the_cached_verdicts(monkeypatch, capsys, tmp_path):
     measure, _ = fake_probe(10, 5)
     monkeypatch.setattr(auto, "probe", measure)
     assert auto.main(["measure", "model=simple", "data.batch_size=32", "--device", "cpu"]) == 0
@@ -212,6 +212,14 @@ def test_the_command_shows_measures_and_clears_the_cached_verdicts(monkeypatch, 
                              (["data.batch_size=0"], "config key data.batch_size must be at least 1")]:
         assert auto.main(["measure", *overrides, "--device", "cpu"]) == 2
         assert words in capsys.readouterr().err and not auto.cache_file().exists()
+    # So are a GPU this machine lacks and a cache path that is not a file's.
+    monkeypatch.setattr(auto.torch.cuda, "is_available", lambda: False)
+    assert auto.main(["measure", "model=simple", "--device", "cuda"]) == 2
+    assert "--device cuda: this machine's torch sees no CUDA GPU" in capsys.readouterr().err
+    monkeypatch.setenv("FMNIST_CACHE_DIR", str(tmp_path))  # not the suite's own cache
+    auto.cache_file().mkdir()
+    assert auto.main(["clear"]) == 2 and auto.cache_file().is_dir()
+    assert "precision.json: it is a directory; expected the verdicts file" in capsys.readouterr().err
 
 
 def test_a_damaged_cached_verdict_is_measured_again_not_a_crash(monkeypatch, capsys):

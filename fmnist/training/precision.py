@@ -36,6 +36,7 @@ import torch
 from omegaconf import OmegaConf
 
 from fmnist import hardware
+from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_write
 from fmnist.models import INIT_ONLY_KEYS, build_model
 
@@ -262,9 +263,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {key}\n    -> {found.get('precision')}: bf16 {found.get('bf16_speedup')}x "
                       f"(rounds {found.get('speedup_range')}), measured {found.get('measured')}")
         elif args.verb == "clear":
-            cache_file().unlink(missing_ok=True)
-            print(f"removed {cache_file()}")
+            path = cache_file()
+            problem = "it is a directory" if path.is_dir() else \
+                f"{path.parent} is a file" if path.parent.exists() and not path.parent.is_dir() else None
+            if problem:
+                raise ConfigError(f"{path}: {problem}; expected the verdicts file (FMNIST_CACHE_DIR names its "
+                                  "directory). Nothing was removed.")
+            path.unlink(missing_ok=True)
+            print(f"removed {path}")
         else:
+            if args.device == "cuda" and not torch.cuda.is_available():
+                raise ConfigError("--device cuda: this machine's torch sees no CUDA GPU; measure with --device cpu.")
             cfg = compose_train(*args.overrides)
             # train.check_config's model and value checks (not its trackers', which a probe has none of);
             # train imports this module, so it is not imported back.
