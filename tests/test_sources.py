@@ -93,6 +93,13 @@ def test_a_bad_test_split_writes_neither_csv_so_a_second_try_can_succeed(tmp_pat
     assert "converted IDX files" in obtain(data, idx_dir=idx_dir, allow_install=False, allow_download=False)
 
 
+def test_labels_outside_the_ten_classes_are_refused_before_any_csv_is_written(tmp_path, idx_dir):
+    write_idx(idx_dir / "t10k-labels-idx1-ubyte.gz", np.full(10, 200))
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz: holds label 200; expected Fashion-MNIST's classes 0-9"):
+        obtain(tmp_path / "data", idx_dir=idx_dir, allow_install=False, allow_download=False)
+    assert not (tmp_path / "data").exists()
+
+
 def test_a_data_dir_that_is_a_file_is_one_paragraph(tmp_path, idx_dir):
     from fmnist.errors import StorageError
 

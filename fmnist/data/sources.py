@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fmnist import NUM_CLASSES
 from fmnist.data.csv_io import write_csv
 from fmnist.errors import DataError
 from fmnist.fsio import storage_errors
@@ -89,6 +90,9 @@ def idx_to_csv(idx_dir: Path, data_dir: Path) -> None:
         images, labels = (read_idx(p) for p in found)
         if images.shape[1:] != (28, 28) or len(images) != len(labels):
             raise DataError(f"{idx_dir}: {split} images {images.shape} do not match labels {labels.shape}.")
+        if len(labels) and labels.max() >= NUM_CLASSES:  # a CSV holding them would be refused by every command
+            raise DataError(f"{found[1]}: holds label {int(labels.max())}; expected Fashion-MNIST's classes 0-"
+                            f"{NUM_CLASSES - 1}. Nothing was written.")
         if len(labels) != expected_rows:
             log.warning("%s: %s split has %d images, Fashion-MNIST has %d", idx_dir, split, len(labels), expected_rows)
         splits[split] = images, labels, found[0]
