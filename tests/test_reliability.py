@@ -172,6 +172,9 @@ def test_resume_from_another_architectures_checkpoint_is_refused(make_cfg, tmp_p
     last = tmp_path / "simple" / "checkpoints" / "last.ckpt"
     good = load_checkpoint(last)
     for damage, words in [(lambda p: p["state_dict"].update({1: torch.zeros(1)}), "its `state_dict` is not a mapping"),
+                          (lambda p: p.update(hyper_parameters={**p["hyper_parameters"],
+                                                                "optim": {**p["hyper_parameters"]["optim"], "name": "sgd"}}),
+                           "it was trained with optim.name=sgd, and this run uses adam"),
                           (lambda p: p.update(optimizer_states="x"), "`optimizer_states` should be a list of mappings"),
                           (lambda p: p.update(loops=[1]), "`loops` should be a mapping")]:
         payload = {**good, "state_dict": dict(good["state_dict"])}

@@ -322,6 +322,11 @@ def _check_checkpoint(cfg: DictConfig, path: Path) -> None:
     if wrong:
         raise CheckpointError(f"{path}: cannot resume from it: {'; '.join(wrong)}, as Lightning writes it (a "
                               "damaged or foreign file). Start a new run directory.")
+    trained = (checkpoint.get("hyper_parameters") or {}).get("optim")  # the optimizer state's kind
+    if isinstance(trained, dict) and trained.get("name") not in (None, cfg.optim.name):
+        raise CheckpointError(f"{path}: cannot resume from it: it was trained with optim.name={trained['name']}, and "
+                              f"this run uses {cfg.optim.name} (a checkpoint copied from another run?). Resume with "
+                              "the config the checkpoint was trained with, or start a new run directory.")
     model = LitClassifier(model=OmegaConf.to_container(cfg.model, resolve=True),
                           optim=OmegaConf.to_container(cfg.optim, resolve=True))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("net.")}
