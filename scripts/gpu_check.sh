@@ -21,6 +21,13 @@ if [ -n "${WHEELS:-}" ]; then
         echo "gpu-check: after installing $WHEELS, a package gpu-check needs is still missing (above): add its wheel" >&2
         exit 2
     fi
+elif "$PYTHON" -c "import torch; $NEEDED" 2>/dev/null; then
+    :  # everything is there (a dry run or smoke test in the project's own environment, or a prepared GPU image)
+elif ! command -v nvidia-smi >/dev/null; then
+    # Not a GPU machine: installing would bring PyPI's CUDA torch (gigabytes) into $PYTHON. Use the project's own.
+    echo "gpu-check: $PYTHON lacks the project's packages and this machine has no NVIDIA GPU; nothing was installed." \
+         "For a dry run or smoke test here: make install, then PYTHON=.venv/bin/python make gpu-check ARGS=--dry-run" >&2
+    exit 2
 elif ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     echo "gpu-check: no CUDA build of torch with a visible GPU in $PYTHON; installing the project (pip install -e .)"
     "$PYTHON" -m pip install -q -e .
