@@ -78,6 +78,9 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -
     """
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing them and exiting 1
     sys.argv[1:] = renamed_overrides(sys.argv[1:])  # old key names keep working
+    if {"-m", "--multirun"} & set(sys.argv[1:]) and {"-c", "--cfg"} & set(sys.argv[1:]):  # Hydra: a ValueError
+        _exit("--cfg shows one job's config and -m runs a sweep: Hydra takes one of them. Drop -m to see the first "
+              "job's config (give one value of each swept key to see another job's).", 2)
     try:
         # refused (exit 2): what Hydra wrote before the checks is put back, whoever refused it
         with sigterm_unwinds(unwind_on_sigterm), early_writes_undone_if_refused():

@@ -94,7 +94,7 @@ def plan(results: Path, data_dir: Path, smoke: bool, gpus: int) -> list[Step]:
         Step("report", [train_cmd("-m", *report, f"seed={seed}", f"variant={variants}")
                         for seed in report_seeds for variants in ("best,no_dropout,lr_high,simple", "batch_32")], 330,
              sweep=results / "report"),
-        Step("report_figures", [[PY, "scripts/report.py", str(results / "report")]], 60, train=False),
+        Step("report_figures", [[PY, "-m", "fmnist.results", "report", str(results / "report")]], 60, train=False),
         # The 48-run study packed onto the GPU by the joblib launcher (fmnist/sweeps/placement.py: every job
         # on GPU 0 with its share of the CPU threads); a timed part of it when the budget ends first.
         Step("study", [train_cmd("-m", *common, *tiny, "experiment=study", *study_smoke, "hydra/launcher=joblib",

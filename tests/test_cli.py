@@ -117,6 +117,12 @@ def test_a_sweep_name_that_is_a_path_exits_2_and_writes_nothing(tmp_path, run_in
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["a", "a/b"]
 
 
+def test_cfg_with_a_sweep_says_to_drop_dash_m(run_in_process):
+    result = run_in_process("train.py", "-m", "seed=0,1", "--cfg", "job")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: --cfg shows one job's config and -m runs a sweep" in result.stderr
+
+
 def test_old_key_names_still_work_with_a_note(run_in_process):
     result = run_in_process("train.py", "model.tta=flip", "model.compile=true", "--cfg", "job")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -5,7 +5,7 @@ another SQLAlchemy URL), so a rerun with a larger `n_trials` continues it, sever
 the same storage share it (Optuna's own mechanism: each asks the database for its next trial),
 and `optuna-dashboard` can browse it. Each trial is an ordinary run directory
 (`outputs/tune/<study>/trial-NNNN/`: metrics.json, epochs.csv, TensorBoard, checkpoints), so
-`scripts/aggregate.py` and `scripts/report.py` work on a study directory as on a sweep.
+`python -m fmnist.results summary` and `report` work on a study directory as on a sweep.
 
 Trials are sampled by a seeded TPE sampler and stopped early by a median pruner that sees each
 epoch's validation accuracy. A diverged or crashed trial is recorded (FAIL in the study, its
