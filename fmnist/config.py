@@ -196,9 +196,11 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 _DROPPED = ("To append to your config", "Config search path", "provider=", "full_key", "reference_type", "object_type")
 
 
-def composition_message(error: BaseException, args: list[str] | None = None, entry: str | None = None) -> str:
+def composition_message(error: BaseException, args: list[str] | None = None, entry: str | None = None,
+                        help_hint: bool = True) -> str:
     """Hydra's (and OmegaConf's) account of a bad command line (`args`: the overrides, by default this
-    process's; `entry`: the command whose help to suggest, by default this one) as one paragraph."""
+    process's; `entry`: the command whose help to suggest, by default this one; `help_hint`: whether to
+    suggest its --help and --cfg job) as one paragraph."""
     texts = [str(error)] + ([str(error.__cause__)] if error.__cause__ else [])
     # Hydra lists choices one per tab-indented line: "Available options in 'model': optimized, resnet, simple".
     texts = [text.replace(":\n\t", ": ").replace("\n\t", ", ") for text in texts]
@@ -210,6 +212,8 @@ def composition_message(error: BaseException, args: list[str] | None = None, ent
         key, _, value = unreadable.partition("=")
         kept = [f"cannot read the override `{unreadable}`: a value holding `=`, spaces, commas or brackets must be "
                 f"quoted, e.g. {key}=\"'{value}'\"", *(f"Hydra's parser: {k}" for k in kept[:1]), *kept[1:]]
+    if not help_hint:
+        return ". ".join(dict.fromkeys(kept)) + "."
     return ". ".join(dict.fromkeys(kept)) + (f". `python {entry} --help` lists the config groups; `python {entry} "
                                             "--cfg job` prints every key with its value.")
 

@@ -27,7 +27,11 @@ def sweep(out: Path, data_dir: str, overrides: list[str], launcher: list[str]) -
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     seconds = time.perf_counter() - started
-    if result.returncode != 0 or "Jobs: 4 completed." not in (out / "summary.md").read_text():
+    if result.returncode == 2:  # refused (a bad override, no data): train.py's own paragraph, nothing written
+        sys.stderr.write(result.stderr[-3000:])
+        raise SystemExit(2)
+    summary = out / "summary.md"
+    if result.returncode != 0 or not summary.is_file() or "Jobs: 4 completed." not in summary.read_text():
         sys.exit(f"sweep into {out} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
     return seconds
 
@@ -38,11 +42,20 @@ def main() -> None:
     parser.add_argument("--n-jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("outputs/parallel_timing"))
     args, overrides = parser.parse_known_args()
+    if args.n_jobs < 1:
+        parser.error(f"--n-jobs must be at least 1; got {args.n_jobs}")
     out = args.out.resolve() / time.strftime("%Y-%m-%d_%H-%M-%S")
+    made = [d for d in (out, *out.parents) if not d.exists()]  # removed again if a sweep is refused
     overrides = overrides or DEFAULT
-    seq = sweep(out / "sequential", args.data_dir, overrides, [])
-    par = sweep(out / f"joblib-{args.n_jobs}", args.data_dir, overrides,
-                ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.n_jobs}"])
+    try:
+        seq = sweep(out / "sequential", args.data_dir, overrides, [])
+        par = sweep(out / f"joblib-{args.n_jobs}", args.data_dir, overrides,
+                    ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.n_jobs}"])
+    except SystemExit:
+        for directory in made:  # deepest first: the directories this invocation made, if a refusal left them empty
+            if directory.is_dir() and not any(directory.iterdir()):
+                directory.rmdir()
+        raise
     print(f"4 jobs ({' '.join(overrides)}) on {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
     print("| launcher | total wall time (s) |\n|---|---|")
     print(f"| basic (sequential) | {seq:.1f} |\n| joblib, n_jobs={args.n_jobs} | {par:.1f} |")

@@ -455,6 +455,8 @@ def test_evaluation_metrics_match_their_definitions():
     (lambda p: p["datamodule_hyper_parameters"].update(val_size="abc"), "`datamodule_hyper_parameters.val_size`"),
     (lambda p: p["datamodule_hyper_parameters"].update(normalize="false"), "`datamodule_hyper_parameters.normalize`"),
     (lambda p: p["hyper_parameters"].update(channels_last="no"), "hyperparameter channels_last is 'no'"),
+    (lambda p: p["hyper_parameters"]["model"].update(channels=[8]),
+     r"damaged.ckpt: its hyperparameters \(hyper_parameters.model\) describe no model this code builds: config key"),
 ])
 def test_values_read_from_a_checkpoint_are_checked_like_config_values(run_dir, tmp_path, damage, words):
     payload = torch.load(resolve(run_dir).path, weights_only=True)

@@ -22,7 +22,7 @@ import torch
 from fmnist.config import (EVAL_BATCH_SIZE, RUN_OPTIONS, TTA_MODES, TrainConfig, is_count, is_finite_number,
                            is_text_keyed)
 from fmnist.data.sources import find_csv
-from fmnist.errors import CheckpointError, DataError
+from fmnist.errors import CheckpointError, ConfigError, DataError
 from fmnist.fsio import file_digest, load_checkpoint
 from fmnist.models import MODELS, build_model, memory_format_input, tta_logits
 from fmnist.runs import COMPLETED, CONFIG_FILE, collect, read_record
@@ -246,6 +246,9 @@ def load_model(ckpt: str | Path) -> LoadedModel:
         net = build_model(**model)
         net = net.to(memory_format=torch.channels_last) if channels_last else net
         net.load_state_dict(net_state(payload["state_dict"]))
+    except ConfigError as e:  # worded for a command line; here the values are the file's
+        raise CheckpointError(f"{path}: its hyperparameters (hyper_parameters.model) describe no model this code "
+                              f"builds: {e} Not a checkpoint train.py wrote, or one edited since.") from e
     except (RuntimeError, TypeError, ValueError) as e:
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{path}: its weights do not fit the architecture its hyperparameters describe "

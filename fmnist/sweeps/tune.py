@@ -38,7 +38,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fmnist import console
 from fmnist.cli import refuse_unknown_keys
-from fmnist.config import PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_name, override_key, register, renamed_overrides
+from fmnist.config import (PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_name, composition_message, override_key,
+                           register, renamed_overrides)
 from fmnist.data.csv_io import require_file
 from fmnist.data.sources import find_csv
 from fmnist.errors import ConfigError, FmnistError
@@ -125,7 +126,10 @@ def _compose(name: str, overrides: list[str]) -> DictConfig:
     try:
         return compose(name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(f"{'tune.py' if name == 'tune' else 'train'} config: {e} (overrides: {' '.join(overrides)})") from e
+        # Hydra's own words and the reason under them ("could not be converted to Integer"), as train.py gives them
+        reason = composition_message(e, overrides, help_hint=False)
+        raise ConfigError(f"{'tune.py' if name == 'tune' else 'train'} config: {reason} (overrides: "
+                          f"{' '.join(overrides)})") from e
 
 
 def _check_tune_config(cfg: DictConfig) -> None:
