@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fmnist.config import composition_message, renamed_overrides
 from fmnist.errors import ConfigError, FmnistError
-from fmnist.fsio import early_writes_undone_if_refused, storage_error
+from fmnist.fsio import early_writes_undone_if_refused, note_named_dirs, storage_error
 
 def refuse_unknown_keys(cfg: DictConfig, overrides: list[str]) -> None:
     """ConfigError for a `+key=value` / `++key=value` override that adds a key the schema does not declare.
@@ -78,6 +78,7 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -
     """
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing them and exiting 1
     sys.argv[1:] = renamed_overrides(sys.argv[1:])  # old key names keep working
+    note_named_dirs(sys.argv[1:])  # a refusal removes only the directories Hydra makes, never one of the user's
     if {"-m", "--multirun"} & set(sys.argv[1:]) and {"-c", "--cfg"} & set(sys.argv[1:]):  # Hydra: a ValueError
         _exit("--cfg shows one job's config and -m runs a sweep: Hydra takes one of them. Drop -m to see the first "
               "job's config (give one value of each swept key to see another job's).", 2)

@@ -83,6 +83,27 @@ def atomic_write(path: Path, data: bytes | str) -> None:
 _EARLY_WRITES: dict[Path, bytes | None] = {}
 
 
+# The output directories a command line names (hydra.run.dir=..., hydra.sweep.dir=...) that existed before the
+# command started: a refusal never removes them, even when it leaves them empty.
+_DIRS_BEFORE: set[Path] = set()
+
+
+def note_named_dirs(args: list[str]) -> None:
+    """Remember which of the output directories named in `args` exist now, before Hydra makes any."""
+    _DIRS_BEFORE.clear()
+    for arg in args:
+        key, _, value = arg.partition("=")
+        value = value.strip("'\"")
+        if key.lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value \
+                and Path(value).is_dir():
+            _DIRS_BEFORE.add(Path(value).resolve())
+
+
+def made_by_this_command(directory: Path) -> bool:
+    """Whether `directory` may be removed when a refusal leaves it empty: not one the user had before."""
+    return Path(directory).resolve() not in _DIRS_BEFORE
+
+
 def note_early_write(path: Path) -> None:
     """Remember what `path` holds now, before it is rewritten ahead of the command's checks."""
     path = Path(path)
@@ -114,8 +135,8 @@ def early_writes_undone_if_refused():
                     atomic_write(path, before)
                 else:
                     path.unlink(missing_ok=True)
-                    if path.parent.is_dir() and not any(path.parent.iterdir()):  # the directory Hydra made for it
-                        path.parent.rmdir()
+                    if path.parent.is_dir() and not any(path.parent.iterdir()) and made_by_this_command(path.parent):
+                        path.parent.rmdir()  # the directory Hydra made for it
         raise
     finally:
         _EARLY_WRITES.clear()

@@ -363,6 +363,9 @@ def test_the_cli_refuses_it_with_exit_2_and_one_paragraph(evil_ckpt, tmp_path, r
     assert f"error: {evil_ckpt}: refused to load: it holds pickled Python objects" in result.stderr
     assert "this would have run code" not in result.stdout + result.stderr
     assert not (tmp_path / "out").exists(), "the evaluation directory Hydra made is removed"
+    (tmp_path / "mine").mkdir()  # one the user made beforehand stays
+    assert run_in_process("evaluate.py", f"ckpt={evil_ckpt}", f"hydra.run.dir={tmp_path / 'mine'}").returncode == 2
+    assert (tmp_path / "mine").is_dir()
 
 
 def test_an_evaluation_stopped_by_sigterm_leaves_no_directory(run_dir, tmp_path, run_in_process, monkeypatch):
