@@ -136,7 +136,7 @@ def test_printed_resume_command_works_when_pasted_with_spaces_and_non_ascii(tmp_
     with pytest.raises(SystemExit):
         run_job(cfg, run, overrides=overrides)
     monkeypatch.undo()
-    command = read_record(run)["error"].split("resume from the last finished epoch with: ", 1)[1]
+    command = read_record(run)["error"].split("(from the first, if none finished) with: ", 1)[1]
     args = shlex.split(command)
     assert args[:2] == ["python", "train.py"]
     resumed = run_in_process("train.py", *args[2:])

@@ -385,7 +385,8 @@ def stopping_signal(error: BaseException) -> int | None:
 def failure_of(error: BaseException, resume_hint: str | None = None) -> tuple[str, str] | None:
     """(status, message) that a run ended by `error` records; None for an exit that is not a failure."""
     if stopping_signal(error):
-        return INTERRUPTED, f"stopped by a signal; resume from the last finished epoch with: {resume_hint or 'ckpt_path=last'}"
+        return INTERRUPTED, ("stopped by a signal; resume from the last finished epoch (from the first, if none "
+                             f"finished) with: {resume_hint or 'ckpt_path=last'}")
     if isinstance(error, RunPruned):
         return PRUNED, str(error)
     if isinstance(error, DivergedError):
