@@ -263,6 +263,7 @@ def train_benchmark(args) -> None:
 
     parse_s, cached_s = csv_timings(args.data_dir)
     rows = []
+    total = len(args.models) * len(args.batch_sizes) * len(precisions)
     for model in args.models:
         config = model_cfg(model, args.compile, args.fast_path)
         flops = training_flops_per_image(classifier(config).net)
@@ -275,6 +276,8 @@ def train_benchmark(args) -> None:
                 steps = (max(4, args.images // batch_size) if args.images else
                          calibrate_steps(dm, config, batch_size, precision, args.seconds, device))
                 steps = min(steps, len(dm.train_dataloader()) - warmup)  # one epoch at most
+                print(f"row {len(rows) + 1}/{total}: {model}, batch {batch_size}, {precision}: {steps} steps, "
+                      f"{args.repeats} x (raw, Lightning)", flush=True)
                 raw, lit = [], []
                 for _ in range(args.repeats):  # alternate, so drifting machine load hits both alike
                     raw.append(raw_throughput(dm, config, batch_size, precision, steps, warmup, device))
