@@ -94,9 +94,13 @@ def note_named_dirs(args: list[str]) -> None:
     for arg in args:
         key, _, value = arg.partition("=")
         value = value.strip("'\"")
-        if key.lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value \
-                and Path(value).is_dir():
-            _DIRS_BEFORE.add(Path(value).resolve())
+        if key.lstrip("+") not in ("hydra.run.dir", "hydra.sweep.dir") or not value or "${" in value:
+            continue
+        try:
+            if Path(value).is_dir():
+                _DIRS_BEFORE.add(Path(value).resolve())
+        except OSError:  # a name too long, a loop of links: Hydra meets it and says so
+            pass
 
 
 def made_by_this_command(directory: Path) -> bool:
