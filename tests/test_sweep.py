@@ -12,7 +12,7 @@ from fmnist.config import PLACEMENT_KEYS, setting_of
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError
 from fmnist.results.__main__ import main as results_main
 from fmnist.results.report import ablation_pairs, write_report
-from fmnist.results.sweep import summarize
+from fmnist.results.sweep import check_sweep_dir, summarize
 from tests.conftest import CONF, FAST, snapshot
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -48,6 +48,20 @@ def _fake_job(sweep: Path, name: str, status: str, seed: int, acc: float | None,
     (job / "epochs.csv").write_text("epoch,step,train/loss,train/acc,val/loss,val/acc,val/acc_best,lr,epoch_seconds,train_seconds\n"
                                     f"1,10,1.0,0.6,0.9,0.7,0.7,0.001,1,1\n2,20,0.5,0.8,0.6,{acc or 0.1},{acc or 0.1},0.001,1,2\n")
     (job / "confusion_matrix.csv").write_text("\n".join(",".join("5" if i == j else "0" for j in range(10)) for i in range(10)))
+
+
+def test_a_sweep_continues_in_an_earlier_sweeps_directory_but_not_in_a_folder_of_ones_own(tmp_path):
+    check_sweep_dir(tmp_path / "new")  # not there yet, or empty: a sweep's to make
+    (tmp_path / "copied" / "seed=0").mkdir(parents=True)  # results copied without Hydra's multirun.yaml
+    (tmp_path / "copied" / "seed=0" / "metrics.json").write_text("{}")
+    (tmp_path / "copied" / "summary.md").write_text("# Sweep copied")
+    check_sweep_dir(tmp_path / "copied")
+    (tmp_path / "mine" / "notes").mkdir(parents=True)
+    (tmp_path / "mine" / "summary.md").write_text("my notes")
+    with pytest.raises(ConfigError, match=r"mine holds files that no sweep wrote \(notes, summary.md; no multirun.yaml\)"):
+        check_sweep_dir(tmp_path / "mine")
+    (tmp_path / "mine" / "multirun.yaml").write_text("hydra: {}\n")  # an earlier sweep's
+    check_sweep_dir(tmp_path / "mine")
 
 
 @pytest.mark.parametrize("edit,words", [
