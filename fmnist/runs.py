@@ -160,7 +160,7 @@ def record_problem(job: Path, record) -> str | None:
         # `completed` promises usable numbers (a run that ends with NaN is recorded `diverged`)
         if record["status"] == COMPLETED and value is not None and not math.isfinite(value):
             return f"{job / METRICS_FILE}: metrics.{key} is {value!r} in a completed run, not a finite number"
-        if key.endswith(("/acc", "/acc_best")) and value is not None and not 0 <= value <= 1:
+        if key.endswith(("/acc", "/acc_best")) and value is not None and math.isfinite(value) and not 0 <= value <= 1:
             return f"{job / METRICS_FILE}: metrics.{key} is {value!r}, not an accuracy (a fraction from 0 to 1)"
     return None
 

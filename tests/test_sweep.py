@@ -13,6 +13,7 @@ from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError
 from fmnist.results.__main__ import main as results_main
 from fmnist.results.report import ablation_pairs, write_report
 from fmnist.results.sweep import check_sweep_dir, summarize
+from fmnist.runs import record_problem
 from tests.conftest import CONF, FAST, snapshot
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -62,6 +63,15 @@ def test_a_sweep_continues_in_an_earlier_sweeps_directory_but_not_in_a_folder_of
         check_sweep_dir(tmp_path / "mine")
     (tmp_path / "mine" / "multirun.yaml").write_text("hydra: {}\n")  # an earlier sweep's
     check_sweep_dir(tmp_path / "mine")
+    (tmp_path / "refused" / "seed=1").mkdir(parents=True)  # a job refused in a joblib worker: its log alone
+    (tmp_path / "refused" / "seed=1" / "train.log").write_text("")
+    check_sweep_dir(tmp_path / "refused")
+
+
+def test_a_diverged_record_may_hold_nan_where_a_completed_one_may_not(tmp_path):
+    nan = {"val/acc_best": float("nan"), "val/loss": float("inf")}
+    assert record_problem(tmp_path, {"status": "diverged", "metrics": nan}) is None
+    assert "in a completed run" in record_problem(tmp_path, {"status": "completed", "metrics": nan})
 
 
 @pytest.mark.parametrize("edit,words", [

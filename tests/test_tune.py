@@ -146,6 +146,13 @@ def test_a_refused_study_removes_the_directories_it_made_and_keeps_ones_own_file
     with pytest.raises(FmnistError, match=f"{tmp_path}/x holds files that no study wrote \\(summary.md\\)"):
         run_search(CONF, [f"out_dir={tmp_path}", f"data.dir={data_dir}", "study=x"])
     assert [p.name for p in (tmp_path / "x").iterdir()] == ["summary.md"]
+    # A study directory holding the storage file the command names is the study's own (a second worker's start).
+    (tmp_path / "x" / "summary.md").unlink()
+    journal = tmp_path / "x" / "journal.log"
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    optuna.create_study(study_name="x", storage=storage, direction="maximize").add_trial(
+        optuna.trial.create_trial(params={}, distributions={}, value=0.5))
+    run_search(CONF, [f"out_dir={tmp_path}", f"data.dir={data_dir}", "study=x", "n_trials=1", f"storage=journal:{journal}"])
 
 
 @pytest.mark.parametrize("scheme,kind,database", [("journal:", "journal", False),

@@ -74,12 +74,16 @@ def summarize(sweep_dir: Path) -> pd.DataFrame:
     return table
 
 
+JOB_LOG = "train.log"  # Hydra's log of a train.py job (hydra.job.name is the script's name)
+
+
 def check_sweep_dir(sweep_dir: Path) -> None:
     """ConfigError for a sweep directory that holds files but is no earlier sweep's (which a sweep continues): no
     `multirun.yaml` and no job directory (as `collect` finds them). Its summary and Hydra's files would replace
     what is there."""
     if not sweep_dir.is_dir() or (sweep_dir / "multirun.yaml").exists() or any(
-            p.is_dir() and ((p / ".hydra").is_dir() or (p / METRICS_FILE).exists()) for p in sweep_dir.iterdir()):
+            p.is_dir() and ((p / ".hydra").is_dir() or (p / METRICS_FILE).exists() or (p / JOB_LOG).exists())
+            for p in sweep_dir.iterdir()):  # a job refused in a joblib worker leaves its log alone
         return
     entries = sorted(p.name for p in sweep_dir.iterdir())
     if entries:

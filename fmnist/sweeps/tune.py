@@ -405,13 +405,20 @@ def _optuna_tables_or_none(path: Path) -> bool:
     return not tables or {"studies", "version_info"} <= tables
 
 
+def _storage_file(url: str) -> Path | None:
+    """The file a journal or SQLite storage URL names, or None (a database server)."""
+    if url.startswith("journal:"):
+        return Path(url[len("journal:"):])
+    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
+
+
 def _check_storage_file(url: str) -> None:
     """ConfigError for a journal or SQLite storage naming an existing file of another kind (Optuna would append
     to a user's file, or fail on it with pages of SQL)."""
-    kind, path = ("journal", Path(url[len("journal:"):])) if url.startswith("journal:") else \
-        ("sqlite", Path(url[len("sqlite:///"):])) if url.startswith("sqlite:///") else (None, None)
-    if kind is None:
+    path = _storage_file(url)
+    if path is None:
         return
+    kind = "journal" if url.startswith("journal:") else "sqlite"
     if not path.parent.is_dir():
         raise ConfigError(f"storage={url} names {path}, whose directory {path.parent} is not an existing directory; "
                           "nothing was written. Name a file in an existing directory.")
@@ -482,7 +489,9 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
         trials_here = sorted(p.name for p in study_dir.glob("trial-*"))
         if trials_here and cfg.storage is None and not (study_dir / "study.db").exists():
             raise _orphan_trials(study_dir, trials_here, "its database study.db is gone")
-        theirs = [] if made or trials_here or (study_dir / "study.db").exists() else sorted(p.name for p in study_dir.iterdir())
+        own = _storage_file(cfg.storage) if cfg.storage else study_dir / "study.db"  # a study's own database
+        theirs = [] if made or trials_here or (own is not None and own.parent.resolve() == study_dir.resolve()
+                                               and own.exists()) else sorted(p.name for p in study_dir.iterdir())
         if theirs:  # its summary.md and best.yaml would replace theirs
             raise ConfigError(f"{study_dir} holds files that no study wrote ({', '.join(theirs[:3])}"
                               f"{', ...' if len(theirs) > 3 else ''}); a study is written into a new directory, or into "
@@ -500,7 +509,11 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
             search.check_continuation(study)
         except ConfigError:  # a refusal leaves nothing behind: not even the study's directory
             if made:
-                shutil.rmtree(made, ignore_errors=True)
+                shutil.rmtree(study_dir, ignore_errors=True)
+                for parent in study_dir.parents:  # out_dir, as far as this command made it and it is still empty
+                    if made not in (parent, *parent.parents) or not parent.is_dir() or any(parent.iterdir()):
+                        break
+                    parent.rmdir()
             raise
         fail_dead_trials(study, storage)
         search.heartbeat = isinstance(storage, optuna.storages.RDBStorage)

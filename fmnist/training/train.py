@@ -211,7 +211,8 @@ def check_sweep_jobs(config: DictConfig, config_loader) -> None:
             check_config(cfg)
         except ConfigError as e:
             swept = " ".join(o for o, v in zip(job, values.values()) if len(v) > 1)
-            raise ConfigError(f"the sweep's job {swept}: {e} No job of the sweep was started.") from None
+            where = f"the sweep's job {swept}" if swept else "the sweep"
+            raise ConfigError(f"{where}: {e} No job of the sweep was started.") from None
 
 
 @contextmanager
