@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from fmnist import console
 from fmnist.cli import exit_with, run_cli
 from fmnist.errors import FmnistError
-from fmnist.fsio import made_by_this_command
+from fmnist.fsio import remove_if_empty
 from fmnist.inference.config import register
 
 register()
@@ -25,8 +25,7 @@ def main(cfg: DictConfig) -> None:
     try:
         evaluate(cfg, out_dir)
     except BaseException as e:  # refused, SIGTERM or Ctrl-C: the evaluation writes its files only at the end
-        if out_dir.is_dir() and not any(out_dir.iterdir()) and made_by_this_command(out_dir):
-            out_dir.rmdir()  # Hydra made it for this evaluation: leave nothing behind
+        remove_if_empty(out_dir)  # Hydra made it for this evaluation: leave nothing behind
         if isinstance(e, FmnistError):
             exit_with(e)
         raise

@@ -103,9 +103,17 @@ def note_named_dirs(args: list[str]) -> None:
             pass
 
 
-def made_by_this_command(directory: Path) -> bool:
-    """Whether `directory` may be removed when a refusal leaves it empty: not one the user had before."""
-    return Path(directory).resolve() not in _DIRS_BEFORE
+def missing_dirs(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first: what making `path` would create."""
+    return [d for d in (Path(path), *Path(path).parents) if not d.exists()]
+
+
+def remove_if_empty(directory: Path) -> None:
+    """Remove `directory` if it is an empty directory and not one the user had before the command
+    (`note_named_dirs`): what a refused or stopped command made and left empty."""
+    directory = Path(directory)
+    if directory.is_dir() and not any(directory.iterdir()) and directory.resolve() not in _DIRS_BEFORE:
+        directory.rmdir()
 
 
 def note_early_write(path: Path) -> None:
@@ -139,8 +147,7 @@ def early_writes_undone_if_refused():
                     atomic_write(path, before)
                 else:
                     path.unlink(missing_ok=True)
-                    if path.parent.is_dir() and not any(path.parent.iterdir()) and made_by_this_command(path.parent):
-                        path.parent.rmdir()  # the directory Hydra made for it
+                    remove_if_empty(path.parent)  # the directory Hydra made for it
         raise
     finally:
         _EARLY_WRITES.clear()

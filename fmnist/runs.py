@@ -113,13 +113,18 @@ COLUMNS = ["job", "setting", "seed", "status", "val_acc_best", "best_epoch", "te
 COMPUTE = ("train_seconds", "train_images", "train_flops")
 
 
+def is_job_dir(path: Path) -> bool:
+    """Whether `path` is a sweep's job directory: one holding `.hydra/` or `metrics.json`."""
+    return (path / ".hydra").is_dir() or (path / METRICS_FILE).exists()
+
+
 def collect(sweep_dir: Path) -> pd.DataFrame:
-    """One row per job directory under `sweep_dir` (a directory holding `.hydra/` or `metrics.json`)."""
+    """One row per job directory under `sweep_dir` (`is_job_dir`)."""
     rows = []
     for job in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir()):
-        record = read_record(job)
-        if record is None and not (job / ".hydra").is_dir() and not (job / METRICS_FILE).exists():
+        if not is_job_dir(job):
             continue
+        record = read_record(job)
         problem = record_problem(job, record)
         if problem:  # listed, never dropped without a word, and never averaged
             overrides = (record or {}).get("overrides")

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from fmnist.fsio import missing_dirs, remove_if_empty
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ["model=simple", "data.train_subset=1000", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
            "trainer.enable_model_summary=false"]
@@ -45,7 +47,7 @@ def main() -> None:
     if args.n_jobs < 1:
         parser.error(f"--n-jobs must be at least 1; got {args.n_jobs}")
     out = args.out.resolve() / time.strftime("%Y-%m-%d_%H-%M-%S")
-    made = [d for d in (out, *out.parents) if not d.exists()]  # removed again if a sweep is refused
+    made = missing_dirs(out)  # removed again if a sweep is refused
     overrides = overrides or DEFAULT
     try:
         seq = sweep(out / "sequential", args.data_dir, overrides, [])
@@ -53,8 +55,7 @@ def main() -> None:
                     ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.n_jobs}"])
     except SystemExit:
         for directory in made:  # deepest first: the directories this invocation made, if a refusal left them empty
-            if directory.is_dir() and not any(directory.iterdir()):
-                directory.rmdir()
+            remove_if_empty(directory)
         raise
     print(f"4 jobs ({' '.join(overrides)}) on {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
     print("| launcher | total wall time (s) |\n|---|---|")

@@ -21,7 +21,7 @@ from fmnist.config import check_sweep_values, superseded_note
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError
 from fmnist.fsio import note_early_write
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
-from fmnist.runs import COMPLETED, METRICS_FILE, RUNNING, collect
+from fmnist.runs import COMPLETED, RUNNING, collect, is_job_dir
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +79,11 @@ JOB_LOG = "train.log"  # Hydra's log of a train.py job (hydra.job.name is the sc
 
 def check_sweep_dir(sweep_dir: Path) -> None:
     """ConfigError for a sweep directory that holds files but is no earlier sweep's (which a sweep continues): no
-    `multirun.yaml` and no job directory (as `collect` finds them). Its summary and Hydra's files would replace
+    `multirun.yaml` and no job directory (`is_job_dir`). Its summary and Hydra's files would replace
     what is there."""
     if not sweep_dir.is_dir() or (sweep_dir / "multirun.yaml").exists() or any(
-            p.is_dir() and ((p / ".hydra").is_dir() or (p / METRICS_FILE).exists() or (p / JOB_LOG).exists())
-            for p in sweep_dir.iterdir()):  # a job refused in a joblib worker leaves its log alone
+            p.is_dir() and (is_job_dir(p) or (p / JOB_LOG).exists())  # a job refused in a joblib worker: its log alone
+            for p in sweep_dir.iterdir()):
         return
     entries = sorted(p.name for p in sweep_dir.iterdir())
     if entries:

@@ -43,6 +43,7 @@ from fmnist.config import (PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_n
 from fmnist.data.csv_io import require_file
 from fmnist.data.sources import find_csv
 from fmnist.errors import ConfigError, FmnistError
+from fmnist.fsio import missing_dirs, remove_if_empty
 from fmnist.results.sweep import summarize
 from fmnist.runs import DIVERGED, FAILED, INTERRUPTED, METRICS_FILE, now, update_record
 from fmnist.training.train import RunPruned, check_config, failure_of, flat_config, stopping_signal, train
@@ -485,7 +486,7 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
         search.check_space()
         if cfg.storage:
             _check_storage_file(cfg.storage)
-        made = next((p for p in reversed([study_dir, *study_dir.parents]) if not p.exists()), None)  # removed if refused
+        made = missing_dirs(study_dir)  # removed again if the study is refused
         trials_here = sorted(p.name for p in study_dir.glob("trial-*"))
         if trials_here and cfg.storage is None and not (study_dir / "study.db").exists():
             raise _orphan_trials(study_dir, trials_here, "its database study.db is gone")
@@ -510,10 +511,8 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
         except ConfigError:  # a refusal leaves nothing behind: not even the study's directory
             if made:
                 shutil.rmtree(study_dir, ignore_errors=True)
-                for parent in study_dir.parents:  # out_dir, as far as this command made it and it is still empty
-                    if made not in (parent, *parent.parents) or not parent.is_dir() or any(parent.iterdir()):
-                        break
-                    parent.rmdir()
+                for parent in made[1:]:  # out_dir's, while still empty (another worker may have started there)
+                    remove_if_empty(parent)
             raise
         fail_dead_trials(study, storage)
         search.heartbeat = isinstance(storage, optuna.storages.RDBStorage)
