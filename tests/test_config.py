@@ -52,6 +52,7 @@ def test_unknown_model_name_fails():
     ("trainer.limit_val_batches=0", "trainer.limit_val_batches"), ("trainer.limit_test_batches=0", "trainer.limit_test_batches"),
     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
     ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch"),
+    ("trainer.check_val_every_n_epoch=21", "trainer.check_val_every_n_epoch"),  # above max_epochs (20)
     ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val"),
     ("trainer.num_sanity_val_steps=-2", "trainer.num_sanity_val_steps"),
     ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps"),

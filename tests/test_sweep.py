@@ -176,6 +176,16 @@ def test_report_draws_curves_ablations_and_confusion(tmp_path):
     assert all((sweep / "figures" / n).stat().st_size > 10_000 for n in names)
 
 
+def test_curve_statistics_skip_the_epochs_that_did_not_validate():
+    from fmnist.results.report import curve_stats
+    nan = float("nan")  # validation every second epoch: trainer.check_val_every_n_epoch=2
+    run = pd.DataFrame({"epoch": [1, 2, 3, 4, 5, 6], "train/loss": [1.0, 0.8, 0.6, 0.5, 0.4, 0.3],
+                        "val/loss": [nan, 0.7, nan, 0.5, nan, 0.6], "val/acc": [nan, 0.80, nan, 0.85, nan, 0.83]})
+    stats = curve_stats([run])
+    assert stats["rise_epoch"] == [4] and stats["min_val_loss"] == pytest.approx(0.5)
+    assert stats["jaggedness"] == pytest.approx(np.std([5.0, -2.0], ddof=1))  # the changes between validations
+
+
 def test_ablation_pairs_vary_one_key_from_the_reference():
     settings = ["a=1,b=1", "a=2,b=1", "a=1,b=2", "a=2,b=2"]
     assert ablation_pairs(settings, "a=1,b=1") == {"a": ["a=1,b=1", "a=2,b=1"], "b": ["a=1,b=1", "a=1,b=2"]}

@@ -230,6 +230,19 @@ def test_last_checkpoint_is_the_latest_epoch_even_when_not_the_best(make_cfg, tm
     assert (last["epoch"], last["global_step"]) == (1, 4)  # Lightning counts epochs from 0: the second one
 
 
+@pytest.mark.slow
+def test_an_epoch_without_validation_records_none_rather_than_the_last_validations(make_cfg, tmp_path, caplog):
+    with caplog.at_level("INFO"):
+        metrics = train(make_cfg("model=simple", "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=2"), tmp_path)
+    epochs = pd.read_csv(tmp_path / "epochs.csv")
+    assert epochs["val/acc"].notna().tolist() == [False, True, False]  # Lightning's metrics still hold epoch 2's at 3
+    assert epochs["val/loss"].notna().tolist() == [False, True, False] and epochs["train/loss"].notna().all()
+    assert metrics["best_epoch"] == 2 and metrics["val/acc_best"] == pytest.approx(epochs["val/acc"][1], abs=1e-6)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("epoch 1/3: train loss ") and "| no validation this epoch |" in line for line in lines), lines
+    assert not any("nan" in line for line in lines if line.startswith("epoch ")), lines
+
+
 def _fake_trainer(steps: int, batch: int, val_images: int, epochs: int):
     from types import SimpleNamespace
     return SimpleNamespace(current_epoch=0, max_epochs=epochs, num_training_batches=steps, num_val_batches=[1],

@@ -67,7 +67,8 @@ def draw_curves(ax_loss: plt.Axes, ax_acc: plt.Axes, runs: list[pd.DataFrame], t
     """Train/val loss and val accuracy (%) per epoch: mean over seeds, with a min-max band."""
     for ax, column, label, scale in ((ax_loss, "train/loss", "train loss", 1), (ax_loss, "val/loss", "validation loss", 1),
                                      (ax_acc, "val/acc", "validation accuracy", 100)):
-        stacked = pd.concat([r.set_index("epoch")[column] * scale for r in runs], axis=1)
+        # dropped: epochs without validation (trainer.check_val_every_n_epoch), so the line joins the others
+        stacked = pd.concat([r.set_index("epoch")[column] * scale for r in runs], axis=1).dropna(how="all")
         mean = stacked.mean(axis=1)
         line, = ax.plot(mean.index, mean.values, label=label, marker="o", markersize=3)
         if stacked.shape[1] > 1:
@@ -150,8 +151,9 @@ def curve_stats(runs: list[pd.DataFrame]) -> dict:
     `rise_epoch`: the epoch of the lowest validation loss, after which it rises (None if it is the
     last epoch); `jaggedness`: the std of the epoch-to-epoch changes of validation accuracy, in points.
     """
-    rises = [int(r.loc[r["val/loss"].idxmin(), "epoch"]) for r in runs]
-    last = [int(r["epoch"].max()) for r in runs]
+    runs = [r.dropna(subset=["val/loss", "val/acc"]) for r in runs]  # the epochs that validated
+    rises = [int(r.loc[r["val/loss"].idxmin(), "epoch"]) if len(r) else None for r in runs]
+    last = [int(r["epoch"].max()) if len(r) else None for r in runs]
     jagged = [float(r["val/acc"].mul(100).diff().std()) for r in runs if len(r) > 2]
     return {"rise_epoch": [None if e == n else e for e, n in zip(rises, last)],
             "min_val_loss": float(np.mean([r["val/loss"].min() for r in runs])),
@@ -233,8 +235,8 @@ def time_to_accuracy_figure(curves: dict[str, list[pd.DataFrame]], title: str) -
     Seconds depend on the machine (each run records its hardware); FLOPs do not. None when no run
     recorded FLOPs (runs older than the column).
     """
-    runs = [(setting, frame) for setting, frames in sorted(curves.items()) for frame in frames
-            if "train_flops" in frame and frame.train_flops.notna().any()]
+    runs = [(setting, frame.dropna(subset=["val/acc"])) for setting, frames in sorted(curves.items())
+            for frame in frames if "train_flops" in frame and frame.train_flops.notna().any()]
     if not runs:
         return None
     fig, (ax_s, ax_f) = plt.subplots(1, 2, figsize=(11, 4))

@@ -48,6 +48,8 @@ class EpochCSV(L.Callback):
     `train_seconds` is cumulative training wall time (including validation), kept across resumes:
     the time-to-accuracy curve of a run on its hardware. `train_images` (images trained on, all
     ranks) and `train_flops` (their forward + backward FLOPs) are the same curve's machine-free axes.
+    An epoch without validation (`trainer.check_val_every_n_epoch` above 1) leaves the `val/` cells
+    empty: Lightning's metrics still hold the last validation's values then.
     """
 
     def __init__(self, path: Path, echo: bool = False, trackers: list | None = None):
@@ -58,6 +60,7 @@ class EpochCSV(L.Callback):
         self.train_images = 0
         self.flops_per_image = 0
         self._epoch_start = 0.0
+        self._validated = False  # whether validation ran in the current epoch
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.flops_per_image = training_flops_per_image(pl_module.net)
@@ -71,6 +74,10 @@ class EpochCSV(L.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch_start = time.perf_counter()
+        self._validated = False
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._validated = self._validated or not trainer.sanity_checking
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.train_images += len(batch[1]) * trainer.world_size
@@ -85,16 +92,12 @@ class EpochCSV(L.Callback):
                "lr": trainer.optimizers[0].param_groups[0]["lr"],
                "epoch_seconds": round(seconds, 3), "train_seconds": round(self.train_seconds, 3),
                "train_images": self.train_images, "train_flops": self.train_images * self.flops_per_image}
-        row.update({k: round(float(m[k]), 6) for k in EPOCH_COLUMNS if k in m})
+        row.update({k: round(float(m[k]), 6) for k in EPOCH_COLUMNS
+                    if k in m and (self._validated or not k.startswith("val/"))})
         self._write([row], mode="a")
         for_each(self.trackers, "epoch", row)
         if self.echo:
-            left = trainer.max_epochs - row["epoch"]
-            log.info("epoch %d/%d: train loss %.4f acc %.2f%% | val loss %.4f acc %.2f%% (best %.2f%%) | %.0f s%s",
-                     row["epoch"], trainer.max_epochs, row.get("train/loss", float("nan")),
-                     100 * row.get("train/acc", float("nan")), row.get("val/loss", float("nan")),
-                     100 * row.get("val/acc", float("nan")), 100 * row.get("val/acc_best", float("nan")), seconds,
-                     f", ~{duration(left * seconds)} left" if left > 0 else "")
+            log.info("%s", epoch_line(row, trainer.max_epochs, seconds))
 
     def _write(self, rows: list[dict], mode: str) -> None:
         new = mode == "w" or not self.path.exists()
@@ -110,6 +113,19 @@ class EpochCSV(L.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.train_seconds = state_dict["train_seconds"]
         self.train_images = state_dict.get("train_images", 0)
+
+
+def epoch_line(row: dict, max_epochs: int, seconds: float) -> str:
+    """An epochs.csv row as the line a run without a progress bar prints:
+    `epoch 3/20: train loss 0.3112 acc 88.70% | val loss 0.2950 acc 89.32% (best 89.32%) | 95 s, ~27 min left`."""
+    def percent(key: str) -> str:
+        return f"{100 * row[key]:.2f}%" if key in row else "-"
+    train = f"train loss {row.get('train/loss', float('nan')):.4f} acc {percent('train/acc')}"
+    val = (f"val loss {row['val/loss']:.4f} acc {percent('val/acc')} (best {percent('val/acc_best')})"
+           if "val/loss" in row else "no validation this epoch")
+    left = max_epochs - row["epoch"]
+    return (f"epoch {row['epoch']}/{max_epochs}: {train} | {val} | {duration(seconds)}"
+            + (f", ~{duration(left * seconds)} left" if left > 0 else ""))
 
 
 def duration(seconds: float) -> str:

@@ -161,9 +161,10 @@ def differences_from_finished(cfg: DictConfig, run_dir: Path, record: dict) -> l
 
 
 def _best_epoch(run_dir: Path) -> int | None:
+    """The epoch of the best validation accuracy in the run's epochs.csv; None before any validation."""
     path = run_dir / EPOCHS_FILE
-    epochs = pd.read_csv(path) if path.exists() else None
-    return None if epochs is None or epochs.empty else int(epochs.loc[epochs["val/acc"].idxmax(), "epoch"])
+    validated = pd.read_csv(path).dropna(subset=["val/acc"]) if path.exists() else None
+    return None if validated is None or validated.empty else int(validated.loc[validated["val/acc"].idxmax(), "epoch"])
 
 
 def check_config(cfg: DictConfig) -> None:
