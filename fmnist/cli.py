@@ -70,6 +70,16 @@ TERMINATED = ("stopped by SIGTERM; its temporary files are removed, and each fil
               "it was before (a command that writes several may have written some of them).", 128 + signal.SIGTERM)
 
 
+# Hydra's mode flags, by each spelling: a command line with two modes is a ValueError with a traceback there.
+HYDRA_MODES = {"-r": "--run", "-m": "--multirun", "-c": "--cfg", "-i": "--info", "-sc": "--shell-completion"}
+HYDRA_MODES.update({mode: mode for mode in list(HYDRA_MODES.values())})
+
+
+def hydra_modes(args: list[str]) -> list[str]:
+    """The Hydra modes a command line asks for, by their long names, sorted (`--cfg=job` counts as `--cfg`)."""
+    return sorted({HYDRA_MODES[arg.split("=")[0]] for arg in args if arg.split("=")[0] in HYDRA_MODES})
+
+
 def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -> None:
     """Run a `@hydra.main` function; a bad command line or an unwritable output directory exits 2.
 
@@ -79,9 +89,13 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing them and exiting 1
     sys.argv[1:] = renamed_overrides(sys.argv[1:])  # old key names keep working
     note_named_dirs(sys.argv[1:])  # a refusal removes only the directories Hydra makes, never one of the user's
-    if {"-m", "--multirun"} & set(sys.argv[1:]) and {"-c", "--cfg"} & set(sys.argv[1:]):  # Hydra: a ValueError
+    modes = hydra_modes(sys.argv[1:])
+    if modes == ["--cfg", "--multirun"]:
         _exit("--cfg shows one job's config and -m runs a sweep: Hydra takes one of them. Drop -m to see the first "
               "job's config (give one value of each swept key to see another job's).", 2)
+    if len(modes) > 1:
+        _exit(f"{' and '.join(modes)} each tell Hydra what to do, and it takes one of them: keep the one you mean "
+              f"({', '.join(sorted(set(HYDRA_MODES.values())))}).", 2)
     try:
         # refused (exit 2): what Hydra wrote before the checks is put back, whoever refused it
         with sigterm_unwinds(unwind_on_sigterm), early_writes_undone_if_refused():

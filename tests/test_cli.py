@@ -123,6 +123,12 @@ def test_cfg_with_a_sweep_says_to_drop_dash_m(run_in_process):
     assert "error: --cfg shows one job's config and -m runs a sweep" in result.stderr
 
 
+def test_two_hydra_modes_on_one_command_line_are_one_paragraph(run_in_process):
+    result = run_in_process("train.py", "-m", "seed=0,1", "--info")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "error: --info and --multirun each tell Hydra what to do" in result.stderr
+
+
 def test_old_key_names_still_work_with_a_note(run_in_process):
     result = run_in_process("train.py", "model.tta=flip", "model.compile=true", "--cfg", "job")
     assert result.returncode == 0, result.stderr[-3000:]
