@@ -54,6 +54,18 @@ def test_a_sweep_with_a_bad_value_in_a_later_job_is_refused_before_any_job(tmp_p
     assert not (tmp_path / "sweep").exists()
 
 
+def test_a_sweep_whose_values_break_a_rule_only_in_combination_is_refused_before_any_job(tmp_path, data_dir,
+                                                                                           run_in_process):
+    # Each value is fine alone; alternating flips without flips is not, in the job that has both.
+    result = run_in_process("train.py", "-m", *FAST, f"data.dir={data_dir}", "model=simple,optimized",
+                            "data.augment.hflip=true,false", "data.augment.flip_alternate=true,false",
+                            f"hydra.sweep.dir={tmp_path}/sweep")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "error: the sweep's job model=simple data.augment.hflip=false data.augment.flip_alternate=true: config key " \
+           "data.augment.flip_alternate must be false unless data.augment.hflip is true" in result.stderr
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_a_sweep_into_a_directory_of_ones_own_files_is_refused(tmp_path, data_dir, run_in_process):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "summary.md").write_text("my notes")

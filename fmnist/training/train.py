@@ -8,6 +8,7 @@ next job after a failure; `fmnist.sweeps.tune` calls `train` for each trial.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import logging
 import math
 import re
@@ -181,9 +182,13 @@ def check_sweep_jobs(config: DictConfig, config_loader) -> None:
 
     `config`: the sweep's config as Hydra gives it to a callback. As many jobs are composed as the longest list
     of swept values has values: the k-th takes the k-th value of every swept key (the last repeated), so every
-    value is checked, in a job as the sweep composes it (a composition takes a fraction of a second).
+    value is checked, in a job as the sweep composes it (a composition takes a fraction of a second). Rules
+    between keys (`data.augment.flip_alternate` needs `hflip`, `optim.nesterov` a momentum) hold or fail per
+    combination: in each composed job, every combination of the swept values of keys that are not config
+    groups is then set and checked too (milliseconds each, without composing).
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import QuotedString
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -193,14 +198,28 @@ def check_sweep_jobs(config: DictConfig, config_loader) -> None:
     parsed = OverridesParser.create(config_loader=config_loader).parse_overrides(
         [*(f"{key}={value}" for key, value in params.items()), *config.hydra.overrides.task])
     values: dict[str, list[str]] = {}  # as Hydra's basic sweeper reads them: a later override of a key wins
+    plain: dict[str, list] = {}  # the swept values of keys that are not config groups: (Python value, as written)
     for override in parsed:
         key = override.get_key_element()
+        plain.pop(override.key_or_group, None)
         if override.is_discrete_sweep():
             values[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+            if not (key.startswith("hydra.") or config_loader.repository.group_exists(override.key_or_group)):
+                plain[override.key_or_group] = [
+                    (v.text if isinstance(v, QuotedString) else v,
+                     "null" if v is None else str(v).lower() if isinstance(v, bool) else text)
+                    for v, text in zip(override.sweep_iterator(), override.sweep_string_iterator())]
         elif not override.is_sweep_override():
             values[key] = [f"{key}={override.get_value_element_as_str()}"]
+
+    def refused(job: list[str], error: ConfigError) -> ConfigError:
+        where = f"the sweep's job {' '.join(job)}" if job else "the sweep"
+        return ConfigError(f"{where}: {error} No job of the sweep was started.")
+
+    composed: dict[tuple[str, ...], DictConfig] = {}  # a composed job per choice of the swept config groups
     for k in range(max((len(v) for v in values.values()), default=0)):
         job = [v[min(k, len(v) - 1)] for v in values.values()]
+        swept = [o for o, v in zip(job, values.values()) if len(v) > 1]
         try:
             try:
                 cfg = config_loader.load_sweep_config(config, job)
@@ -211,9 +230,19 @@ def check_sweep_jobs(config: DictConfig, config_loader) -> None:
             refuse_unknown_keys(cfg, job)
             check_config(cfg)
         except ConfigError as e:
-            swept = " ".join(o for o, v in zip(job, values.values()) if len(v) > 1)
-            where = f"the sweep's job {swept}" if swept else "the sweep"
-            raise ConfigError(f"{where}: {e} No job of the sweep was started.") from None
+            raise refused(swept, e) from None
+        composed.setdefault(tuple(o for o in swept if o.split("=")[0].lstrip("+") not in plain), cfg)
+    if len(plain) < 2 and len(composed) < 2:  # no combination that the jobs above left out
+        return
+    for groups, cfg in composed.items():
+        for combination in itertools.product(*plain.values()):
+            for key, (value, _) in zip(plain, combination):
+                OmegaConf.update(cfg, key, value, merge=True)  # each value composed above: its type fits
+            try:
+                check_config(cfg)
+            except ConfigError as e:
+                raise refused([*groups, *(f"{key}={text}" for key, (_, text) in zip(plain, combination)
+                                            if len(plain[key]) > 1)], e) from None
 
 
 @contextmanager
