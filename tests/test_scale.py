@@ -111,3 +111,25 @@ def test_gpu_records_smoke_writes_its_results_and_a_second_run_continues(tmp_pat
                             "--data-dir", str(data_dir), "--override", "data.val_size=100")
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("skipped in 0 s all 1 jobs finished in an earlier run") == 3, second.stdout[-3000:]
+
+
+def test_a_runs_process_group_lives_through_the_fit_and_is_released_at_its_end(make_cfg, tmp_path):
+    # Lightning releases an NCCL group at exit but not a gloo one (DDP on CPUs): the run does, once it ends.
+    import lightning as L
+    import torch.distributed as dist
+
+    from fmnist.training.train import train
+
+    class SeesTheGroup(L.Callback):
+        during: list[bool] = []
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.during.append(dist.is_initialized())
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # as DDP's launcher leaves it
+    try:
+        train(make_cfg("model=simple"), tmp_path, callbacks=[SeesTheGroup()])
+        assert SeesTheGroup.during == [True] and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -457,7 +457,6 @@ def _process_group_released():
             torch.distributed.destroy_process_group()
 
 
-@_process_group_released()
 def planned_steps(cfg: DictConfig) -> int | None:
     """The training steps the config bounds the run to (a count in `trainer.limit_train_batches`, or
     `data.train_subset`, times the epochs); None when only the data's size would tell."""
@@ -471,6 +470,7 @@ def planned_steps(cfg: DictConfig) -> int | None:
     return min(per_epoch) * epochs if per_epoch and epochs is not None and epochs >= 0 else None
 
 
+@_process_group_released()
 def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | None, hydra_files: dict | None,
          callbacks: list[L.Callback] | None, record: dict | None) -> dict:
     last = run_dir / "checkpoints" / "last.ckpt"
