@@ -117,6 +117,12 @@ def test_a_pruned_trial_stops_after_its_first_report_and_is_recorded(tmp_path, d
     (["study=x", "space.model.key=model.channels", "space.model.choices=[[8,16,32,64],[16,32,64,64]]"],
      "search space entry space.model has the choice [8, 16, 32, 64]; choices are numbers, strings"),
     (["study=x", "+optim.lrr=1"], "config key optim.lrr does not exist, so nothing would read it"),
+    # Each value is fine alone; a trial that samples alternating flips without flips is not.
+    (["study=x", "space.batch_size.key=data.augment.hflip", "space.batch_size.choices=[true,false]",
+      "space.weight_decay.key=data.augment.flip_alternate", "space.weight_decay.low=null", "space.weight_decay.high=null",
+      "space.weight_decay.choices=[true,false]"],
+     "data.augment.hflip=false data.augment.flip_alternate=true, which a trial "
+     "may sample: config key data.augment.flip_alternate must be false unless data.augment.hflip is true"),
     (["study=x", "trainer=ddp"], "tune.py trains each trial in its own process on one device"),
     (["study=x", "optim.lr=0.5"], "the train override optim.lr=0.5 sets optim.lr, which the search space samples "
                                   "(space.lr): every trial would replace it"),

@@ -46,7 +46,8 @@ from fmnist.errors import ConfigError, FmnistError
 from fmnist.fsio import missing_dirs, remove_if_empty
 from fmnist.results.sweep import summarize
 from fmnist.runs import DIVERGED, FAILED, INTERRUPTED, METRICS_FILE, now, update_record
-from fmnist.training.train import RunPruned, check_config, failure_of, flat_config, stopping_signal, train
+from fmnist.training.train import (RunPruned, check_config, every_combination, failure_of, flat_config,
+                                   stopping_signal, train)
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,10 @@ def _check_tune_config(cfg: DictConfig) -> None:
 
 def _format(value: Any) -> str:
     # Every digit (the shortest text that reads back as the same float): the trial trains exactly the value
-    # Optuna records, and the command in best.yaml reproduces it.
+    # Optuna records, and the command in best.yaml reproduces it. None and booleans as YAML writes them: Hydra
+    # reads `None` as a string.
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
     return repr(value) if isinstance(value, float) else str(value)
 
 
@@ -260,7 +264,9 @@ class Search:
 
         The searched keys are checked together, as a trial sets them: the k-th composition takes the k-th
         value of every key (low/high, or its choices, the last repeated), so every value is checked in as
-        many compositions as the longest list has values (a composition takes a fraction of a second).
+        many compositions as the longest list has values (a composition takes a fraction of a second). Then
+        every combination of those values of the keys that are not config groups is set and checked in each
+        choice of config groups, for the rules between keys (`data.augment.flip_alternate` needs `hflip`).
         """
         for name, spec in self.cfg.space.items():
             fixed = [o for o in self.train_overrides if override_key(o) == spec.key]
@@ -276,9 +282,20 @@ class Search:
             require_file(find_csv(Path(base.data.dir), split))
         values = {spec.key: [int(v) if spec.integer else v for v in spec.choices or [spec.low, spec.high]]
                   for spec in self.cfg.space.values()}
+        groups = {key for key in values if isinstance(OmegaConf.select(base, key), DictConfig)}  # e.g. `model`
+        composed = {}  # a composition per choice of the searched config groups
         for k in range(max((len(v) for v in values.values()), default=0)):
             extremes = [f"{key}={_format(v[min(k, len(v) - 1)])}" for key, v in values.items()]
-            check_config(_compose("train", [*ONE_DEVICE, *self.train_overrides, *extremes]))
+            cfg = _compose("train", [*ONE_DEVICE, *self.train_overrides, *extremes])
+            check_config(cfg)
+            composed.setdefault(tuple(o for o in extremes if override_key(o) in groups), cfg)
+        plain = {key: [(v, _format(v)) for v in vs] for key, vs in values.items() if key not in groups}
+        for sampled, cfg in every_combination(composed, plain):
+            try:
+                check_config(cfg)
+            except ConfigError as e:
+                raise ConfigError(f"the search space holds {' '.join(sampled)}, which a trial may sample: {e} "
+                                  "No trial was started.") from None
 
     def _base_config(self) -> DictConfig:
         """The train config composed with this command's train overrides (before any sampled value), once."""

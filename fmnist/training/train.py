@@ -234,15 +234,24 @@ def check_sweep_jobs(config: DictConfig, config_loader) -> None:
         composed.setdefault(tuple(o for o in swept if o.split("=")[0].lstrip("+") not in plain), cfg)
     if len(plain) < 2 and len(composed) < 2:  # no combination that the jobs above left out
         return
+    for job, cfg in every_combination(composed, plain):
+        try:
+            check_config(cfg)
+        except ConfigError as e:
+            raise refused(job, e) from None
+
+
+def every_combination(composed: dict[tuple[str, ...], DictConfig], plain: dict[str, list[tuple[object, str]]]):
+    """Each config of `composed` (keyed by the overrides that chose its config groups) with every combination of
+    the values of `plain` (keys that are not config groups: each value as Python and as written) set on it: yield
+    the overrides that name the combination and the config, which the next combination changes. Setting values
+    takes milliseconds where composing takes a fraction of a second, so a sweep's or a search's start can check
+    every combination for the rules between keys, having composed once per value."""
     for groups, cfg in composed.items():
         for combination in itertools.product(*plain.values()):
             for key, (value, _) in zip(plain, combination):
-                OmegaConf.update(cfg, key, value, merge=True)  # each value composed above: its type fits
-            try:
-                check_config(cfg)
-            except ConfigError as e:
-                raise refused([*groups, *(f"{key}={text}" for key, (_, text) in zip(plain, combination)
-                                            if len(plain[key]) > 1)], e) from None
+                OmegaConf.update(cfg, key, value, merge=True)  # each value composed before: its type fits
+            yield [*groups, *(f"{key}={text}" for key, (_, text) in zip(plain, combination) if len(plain[key]) > 1)], cfg
 
 
 @contextmanager
