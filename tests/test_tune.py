@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from fmnist.runs import read_record
 from fmnist.errors import FmnistError
@@ -292,3 +293,12 @@ def test_a_trial_asked_for_after_others_filled_n_trials_stops_without_training(t
         search.objective(third)
     assert third.user_attrs["status"] == "surplus" and not list(tmp_path.iterdir())
     assert second.number < third.number
+
+
+@pytest.mark.parametrize("key,value", [("data.train_subset", None), ("data.augment.hflip", True),
+                                       ("data.augment.hflip", False), ("data.train_subset", 2000), ("optim.lr", 0.1 + 0.2)])
+def test_a_sampled_value_reaches_the_train_config_as_itself(key, value):
+    from fmnist.sweeps.tune import _format
+    with initialize_config_dir(str(CONF), version_base=None):
+        cfg = compose("train", overrides=[f"{key}={_format(value)}"])
+    assert OmegaConf.select(cfg, key) == value and type(OmegaConf.select(cfg, key)) is type(value)
