@@ -316,6 +316,13 @@ def test_a_finished_job_is_reused_only_for_the_same_experiment(tmp_path, data_di
     assert next((tmp_path / "s").glob("*/metrics.json")).read_text() == record
     assert snapshot(tmp_path / "s") == before  # multirun.yaml and the job's train.log included
 
+    # The experiment's length changed since (an edited experiment file): a finished shorter job is not its result.
+    saved = next((tmp_path / "s").glob("*/config.yaml"))
+    saved.write_text(saved.read_text().replace("max_epochs: 1\n", "max_epochs: 2\n"))
+    longer = run_in_process("train.py", *args, f"data.dir={data_dir}")
+    assert longer.returncode == 2 and "holds a finished job of another experiment: it differs in ['trainer.max_epochs']" \
+        in longer.stderr, longer.stderr[-2000:]
+
 
 @pytest.mark.slow
 def test_ad_hoc_sweeps_get_their_own_directories(tmp_path, data_dir, run_in_process):

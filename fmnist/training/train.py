@@ -29,8 +29,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fmnist import console
-from fmnist.config import (ADDED_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, RUN_OPTIONS, check_values, composition_message,
-                           is_count, is_text_keyed)
+from fmnist.config import (ADDED_KEYS, PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, RUN_OPTIONS, check_values,
+                           composition_message, is_count, is_text_keyed)
 from fmnist.data.csv_io import require_file
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.data.sources import find_csv
@@ -83,14 +83,14 @@ def saved_config(saved: Path) -> dict:
     return {RENAMED_KEYS.get(k, k): v for k, v in old.items()}
 
 
-def _changed_keys(saved: Path, cfg: DictConfig) -> tuple[list[str], dict, dict]:
-    """Keys whose values differ between the run's saved config (if any) and `cfg`, resumable ones aside;
-    with both flattened configs, for messages."""
+def _changed_keys(saved: Path, cfg: DictConfig, aside: tuple[str, ...] = RESUMABLE_KEYS) -> tuple[list[str], dict, dict]:
+    """Keys whose values differ between the run's saved config (if any) and `cfg`, those in `aside` (by default
+    the keys a resumed run may change) left out; with both flattened configs, for messages."""
     old = saved_config(saved) if saved.exists() else {}
     new = flat_config(cfg)
     if old:  # a run saved before a key existed behaved as that key's ADDED_KEYS value does
         old = {**{k: v for k, v in ADDED_KEYS.items() if k in new}, **old}
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS), old, new
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in aside), old, new
 
 
 # What a run writes before its first record (metrics.json): its config, Hydra's copies of it, its log, and the
@@ -154,8 +154,9 @@ def data_digests(cfg: DictConfig) -> dict:
 
 def differences_from_finished(cfg: DictConfig, run_dir: Path, record: dict) -> list[str]:
     """What makes `cfg` another experiment than the finished one in `run_dir`: config keys that change the
-    result (placement keys aside) and the data's content. Empty when it is the same experiment."""
-    keys = _changed_keys(run_dir / CONFIG_FILE, cfg)[0]
+    result (placement keys aside; a run's length counts: a finished 20-epoch job is not a 30-epoch one) and the
+    data's content. Empty when it is the same experiment."""
+    keys = _changed_keys(run_dir / CONFIG_FILE, cfg, aside=PLACEMENT_KEYS)[0]
     if record.get("data_digest") and record["data_digest"] != data_digests(cfg):
         keys.append(f"the data's content (CSVs in {cfg.data.dir})")
     return keys
