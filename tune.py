@@ -4,7 +4,8 @@
   python tune.py study=lr_dropout n_trials=50 preset=cpu        # continue it to 50 trials (same train overrides)
   python tune.py study=s storage=postgresql://host/db ...       # several processes or machines share it
 
-Tune keys (conf/tune.yaml): study, n_trials, storage, out_dir, sampler.*, pruner.*, space.*, tune=NAME.
+Tune keys (fmnist/sweeps/tune.py, TuneConfig): study, n_trials, storage, out_dir, sampler.*, pruner.*,
+heartbeat.*, space.*, tune=NAME.
 Every other argument is a train override (conf/train.yaml) applied to every trial. Results:
 outputs/tune/<study>/ (study.db, trial-NNNN/ run directories, best.yaml, summary.md, figures).
 """

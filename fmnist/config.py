@@ -85,7 +85,7 @@ class TrainerConfig:
     devices: Any = "auto"
     strategy: str = "auto"
     num_nodes: int = 1
-    precision: Any = "auto"  # auto: chosen by the hardware (fmnist/hardware.py); or any Lightning precision
+    precision: Any = "auto"  # auto: measured on this machine (fmnist/training/precision.py); or any Lightning precision
     max_epochs: int = 20
     max_time: Optional[str] = None
     limit_train_batches: Any = None

@@ -28,6 +28,12 @@ METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"  # the run's resolved config
 CONFUSION_FILE = "confusion_matrix.csv"  # the test set's confusion matrix, [true, predicted] counts
 EPOCHS_FILE = "epochs.csv"  # one row per epoch: the curves, and the compute so far
+PREDICTIONS_FILE = "predictions.npz"  # every validation and test image's predicted class (results compare)
+ERROR_FILE = "error.txt"  # the traceback of the error that stopped the run, while that is its state
+CHECKPOINT_DIR = "checkpoints"  # best-epochNNN.ckpt (the best validation accuracy so far) and last.ckpt
+BEST_CHECKPOINT_PREFIX = "best-epoch"  # followed by the epoch, counted from 1, in three digits
+LAST_CHECKPOINT = "last.ckpt"  # the latest epoch's, which a resume starts from
+NET_PREFIX = "net."  # of the network's weights in a checkpoint's state_dict (LitClassifier.net)
 # epochs.csv's columns, in order (fmnist.training.callbacks.EpochCSV writes them; older runs lack the last ones)
 EPOCH_COLUMNS = ["epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "lr",
                  "epoch_seconds", "train_seconds", "train_images", "train_flops"]

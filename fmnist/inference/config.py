@@ -15,35 +15,46 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from fmnist import NUM_CLASSES
 from fmnist.config import TTA_MODES, register_resolvers
 from fmnist.errors import ConfigError
+from fmnist.runs import BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR
+
+# What `ckpt=` takes, as every message about it says it.
+CKPT_FORMS = (f"a .ckpt file, a run directory (holding {CHECKPOINT_DIR}/{BEST_CHECKPOINT_PREFIX}*.ckpt), a sweep "
+              "directory (holding job directories with metrics.json) or `pretrained`")
 
 
 @dataclass
 class InferenceDataConfig:
-    dir: Optional[str] = None  # directory of the test CSV; null: the one the checkpoint was trained on
-    batch_size: Optional[int] = None  # null: the checkpoint's data.eval_batch_size
+    dir: Optional[str] = None  # directory holding fashion-mnist_test.csv; null: the one the model was trained on
+    # null: evaluate.py uses the run's data.eval_batch_size (the batches of its own test: the same numbers), the
+    # export's self-check 1000
+    batch_size: Optional[int] = None
 
 
 @dataclass
 class EvaluateConfig:
-    ckpt: str = MISSING  # a .ckpt file, a run directory (its best checkpoint) or a sweep directory (its best job)
+    # a .ckpt file, a run directory (its best checkpoint), a sweep directory (its best job by validation accuracy)
+    # or `pretrained` (the shipped model)
+    ckpt: str = MISSING
     data: InferenceDataConfig = field(default_factory=InferenceDataConfig)
-    tta: Optional[str] = None  # none | flip | flip_shift (fmnist.models.tta_logits); null: the run's own tta
+    # none | flip | flip_shift (fmnist.models.tta_logits); null: as the run validated and tested (its tta)
+    tta: Optional[str] = None
 
 
 @dataclass
 class PredictConfig:
-    ckpt: str = MISSING
-    inputs: Any = MISSING  # a path or a list of paths: images, directories of them, Kaggle-format CSVs
-    top_k: int = 3
-    out: Optional[str] = None  # FILE.csv or FILE.json; null: print the table only
+    ckpt: str = MISSING  # as for evaluate.py
+    # image files (PNG/JPEG/BMP), directories of them, Kaggle-format CSVs (label optional): a path or a list
+    inputs: Any = MISSING
+    top_k: int = 3  # classes (with probabilities) per input
+    out: Optional[str] = None  # FILE.csv or FILE.json for every row; null: print the table only
     overwrite: bool = False  # replace `out` if it exists (only a file predict.py wrote)
-    batch_size: int = 256
+    batch_size: int = 256  # images per forward pass
 
 
 @dataclass
 class ExportConfig:
-    ckpt: str = MISSING
-    out: str = "outputs/model.onnx"
+    ckpt: str = MISSING  # as for evaluate.py
+    out: str = "outputs/model.onnx"  # one self-contained file: input `images` uint8 [N,1,28,28], output `logits` [N,10]
     overwrite: bool = False  # replace `out` if it exists (only a file export.py wrote)
     data: InferenceDataConfig = field(default_factory=InferenceDataConfig)  # the test set of the self-check
 
@@ -62,7 +73,7 @@ def _fail(key: str, expected: str, cfg: DictConfig) -> None:
 
 def require(cfg: DictConfig, *keys: str) -> None:
     """ConfigError for a mandatory key left unset (`???`), with what it takes."""
-    what = {"ckpt": "a .ckpt file, a run directory or a sweep directory (ckpt=PATH)",
+    what = {"ckpt": f"{CKPT_FORMS} (ckpt=PATH)",
             "inputs": "image files, directories of them or CSVs (inputs=[a.png,photos/])"}
     for key in keys:
         if OmegaConf.is_missing(cfg, key):

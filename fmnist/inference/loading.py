@@ -24,21 +24,20 @@ from fmnist.config import (EVAL_BATCH_SIZE, RUN_OPTIONS, TTA_MODES, TrainConfig,
 from fmnist.data.sources import find_csv
 from fmnist.errors import CheckpointError, ConfigError, DataError
 from fmnist.fsio import file_digest, load_checkpoint
+from fmnist.inference.config import CKPT_FORMS
 from fmnist.models import MODELS, build_model, memory_format_input, tta_logits
-from fmnist.runs import COMPLETED, CONFIG_FILE, collect, read_record
+from fmnist.runs import (BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, LAST_CHECKPOINT, NET_PREFIX,
+                         collect, read_record)
 
 log = logging.getLogger(__name__)
 
-WHAT_CKPT_IS = ("expected a .ckpt file, a run directory (holding checkpoints/best-*.ckpt), a sweep "
-                "directory (holding job directories with metrics.json) or `pretrained`")
+WHAT_CKPT_IS = f"expected {CKPT_FORMS}"
 # The model shipped with the repository (`ckpt=pretrained`): scripts/ship_model.py writes it, with its card.
 PRETRAINED_DIR = Path(__file__).resolve().parents[2] / "pretrained"
 PRETRAINED = PRETRAINED_DIR / "speedrun_cpu.ckpt"
 # Where a checkpoint holds the datamodule's state (the training mean/std): Lightning files it under the
 # class name, fmnist.data.datamodule.FashionMNISTDataModule.__qualname__.
 DATAMODULE_STATE_KEY = "FashionMNISTDataModule"
-# The prefix of the network's weights in a checkpoint's `state_dict` (the LightningModule's `net`).
-NET_PREFIX = "net."
 
 
 @dataclass
@@ -52,11 +51,12 @@ class Resolved:
 
 def best_in_run(run_dir: Path) -> Path:
     """The run's best-on-validation checkpoint (`checkpoints/best-epochNNN.ckpt`)."""
-    best = sorted((run_dir / "checkpoints").glob("best-*.ckpt"))
+    best = sorted((run_dir / CHECKPOINT_DIR).glob(f"{BEST_CHECKPOINT_PREFIX}*.ckpt"))
     if not best:
-        last = run_dir / "checkpoints" / "last.ckpt"
+        last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
         hint = f"; pass ckpt={last} to use its last checkpoint" if last.exists() else ""
-        raise CheckpointError(f"{run_dir}: run directory without a best checkpoint (checkpoints/best-*.ckpt){hint}.")
+        raise CheckpointError(f"{run_dir}: run directory without a best checkpoint "
+                              f"({CHECKPOINT_DIR}/{BEST_CHECKPOINT_PREFIX}*.ckpt){hint}.")
     if len(best) > 1:  # only one is kept; a later file beat the earlier ones on validation accuracy
         log.warning("%s holds %d best checkpoints: using the latest, %s", run_dir, len(best), best[-1].name)
     return best[-1]
@@ -71,11 +71,11 @@ def resolve(ckpt: str | Path) -> Resolved:
         return Resolved(PRETRAINED, note=f"the shipped model ({PRETRAINED.with_suffix('.md')})")
     path = Path(ckpt).expanduser()
     if path.is_file():
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+        run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else None
         return Resolved(path, run_dir if run_dir and (run_dir / CONFIG_FILE).exists() else None)
     if not path.is_dir():
         raise CheckpointError(f"ckpt={ckpt}: no such file or directory; {WHAT_CKPT_IS}.")
-    if (path / "checkpoints").is_dir():
+    if (path / CHECKPOINT_DIR).is_dir():
         return Resolved(best_in_run(path), path)
     jobs = collect(path)
     done = jobs[(jobs.status == COMPLETED) & jobs.val_acc_best.notna()] if len(jobs) else jobs

@@ -19,8 +19,7 @@ import pandas as pd
 from fmnist.errors import ConfigError
 from fmnist.results.stats import (ALPHA, INTERVAL_NOTE, Interval, holm, mcnemar, mean_interval, no_spread, paired,
                                   paired_bootstrap, same_difference_p, summary_interval)
-from fmnist.runs import COMPLETED, METRICS_FILE, collect, read_record, record_problem
-from fmnist.training.callbacks import PREDICTIONS_FILE
+from fmnist.runs import COMPLETED, METRICS_FILE, PREDICTIONS_FILE, collect, read_record, record_problem
 
 WITHIN_NOISE = "within noise"
 ONE_SEED = "not judged (one seed)"

@@ -2,7 +2,8 @@
 95% confidence interval).
 
 Works on any sweep directory at any time, finished, running or interrupted, from the jobs'
-`metrics.json` files; `SummarizeSweep` runs it when a Hydra multirun ends.
+`metrics.json` files; `SummarizeSweep` runs it when a Hydra multirun ends. The same Hydra callback is the
+sweep's gate at its start: every job's config and the sweep directory are checked before the first job.
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ def check_sweep_dir(sweep_dir: Path) -> None:
 
 
 class SummarizeSweep(Callback):
-    """Hydra callback: summarize the sweep directory when a multirun ends, and list failed jobs.
+    """Hydra callback (`conf/train.yaml`): at a multirun's start, refuse a sweep with a job that `check_config`
+    refuses or a directory of one's own files, before anything is written (exit 2); at its end, summarize the
+    sweep directory and list failed jobs.
 
     A sweep with a job that did not complete then exits with INCOMPLETE_SWEEP_EXIT_CODE, not 0.
     """

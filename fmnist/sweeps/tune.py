@@ -22,7 +22,7 @@ import shutil
 import socket
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -70,7 +70,7 @@ class ParamSpec:
 
 @dataclass
 class SamplerConfig:
-    seed: int = 0
+    seed: int = 0  # TPE's seed; several processes starting together need different seeds
     n_startup_trials: int = 5  # random trials before TPE models the results
 
 
@@ -81,16 +81,19 @@ class PrunerConfig:
 
 
 @dataclass
-class HeartbeatConfig:  # values: conf/tune.yaml
-    interval_s: int = MISSING  # each running trial writes a heartbeat this often (database storages)
-    grace_s: int = MISSING  # a running trial without one for this long died with its process: marked failed
+class HeartbeatConfig:  # database storages: how a trial whose process died is found and marked failed
+    interval_s: int = 60  # each running trial writes a heartbeat this often
+    grace_s: int = 180  # a running trial without one for this long died with its process: marked failed, and replaced
 
 
 @dataclass
 class TuneConfig:
-    study: str = MISSING
-    n_trials: int = 20  # trials in the study in total, counting earlier runs and other processes
-    storage: Optional[str] = None  # SQLAlchemy URL; null: sqlite:///<out_dir>/<study>/study.db
+    study: str = MISSING  # the study's name: <out_dir>/<study>/ and the name in the database
+    n_trials: int = 20  # trials in the study in total, counting earlier runs and other processes: a rerun with a
+    # larger number continues it
+    # any SQLAlchemy URL (postgresql://..., mysql://...), or journal:FILE (a file on a shared file system, no
+    # server); null: sqlite:///<out_dir>/<study>/study.db
+    storage: Optional[str] = None
     out_dir: str = "outputs/tune"  # trial run directories go to <out_dir>/<study>/
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
@@ -108,7 +111,7 @@ ONE_DEVICE = ["trainer.devices=1"]
 SETTING_ATTR, OVERRIDES_ATTR = "train_setting", "train_overrides"
 
 # Command-line keys that configure the search; every other override is a train override.
-TUNE_KEYS = {"study", "n_trials", "storage", "out_dir", "sampler", "pruner", "heartbeat", "space", "tune"}
+TUNE_KEYS = {f.name for f in fields(TuneConfig)} | {"tune"}  # `tune`: the search space's file (conf/tune/)
 
 
 def register_tune() -> None:

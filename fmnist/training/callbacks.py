@@ -1,5 +1,6 @@
-"""Lightning callbacks: a per-epoch CSV (and line), a divergence stop, exact-resume RNG state, test-set artifacts,
-an exponential moving average of the weights, and a progress bar that counts epochs from 1 like everything else here."""
+"""Lightning callbacks: a per-epoch CSV (and line), the fit's forecast and heartbeat, a divergence stop, exact-resume
+RNG state, test-set artifacts, every image's prediction, an exponential moving average of the weights, lookahead,
+and a progress bar that counts epochs from 1 like everything else here."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from fmnist.errors import DivergedError
 from fmnist.fsio import atomic_output
 from fmnist.models import training_flops_per_image
-from fmnist.runs import CONFUSION_FILE, EPOCH_COLUMNS
+from fmnist.runs import CONFUSION_FILE, EPOCH_COLUMNS, PREDICTIONS_FILE
 from fmnist.training.figures import confusion_matrix_figure, misclassified_figure
 from fmnist.training.trackers import for_each, log_figure
 
@@ -296,9 +297,6 @@ class ProgressBar(TQDMProgressBar):
     def on_train_epoch_start(self, trainer, *args) -> None:
         super().on_train_epoch_start(trainer, *args)
         self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
-
-
-PREDICTIONS_FILE = "predictions.npz"
 
 
 class PerImagePredictions(L.Callback):

@@ -40,9 +40,9 @@ from fmnist.fsio import (atomic_write, check_writable, early_writes, file_digest
 from fmnist.hardware import check_accelerator
 from fmnist.models import check_model, training_flops_per_image
 from fmnist.training.precision import resolve_precision
-from fmnist.runs import (COMPLETED, CONFIG_FILE, DIVERGED, EPOCH_COLUMNS, EPOCHS_FILE, FAILED, FINISHED, INTERRUPTED,
-                         METRICS_FILE, PRUNED, RECORDED, RUNNING, now, provenance, read_epochs, read_record,
-                         update_record)
+from fmnist.runs import (BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, DIVERGED, EPOCH_COLUMNS,
+                         EPOCHS_FILE, ERROR_FILE, FAILED, FINISHED, INTERRUPTED, LAST_CHECKPOINT, METRICS_FILE, NET_PREFIX,
+                         PRUNED, RECORDED, RUNNING, now, provenance, read_epochs, read_record, update_record)
 from fmnist.training.callbacks import (DIVERGED_ADVICE, HEARTBEAT_S, EpochCSV, Forecast, Lookahead,
                                        PerImagePredictions,
                                        TestArtifacts, WeightEMA, loss_diverged, step_callbacks)
@@ -119,7 +119,7 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
     when resuming from last.ckpt."""
     record = read_record(run_dir)
     status = (record or {}).get("status")
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     saved = run_dir / CONFIG_FILE
     if (run_dir / METRICS_FILE).exists() and status not in RECORDED:  # resuming or not: it is not ours to update
         raise RunDirInUse(f"{run_dir} holds a {METRICS_FILE} that is not a run's record (no run status in it); "
@@ -265,7 +265,7 @@ def _claimed(cfg: DictConfig, run_dir: Path):
     """
     check_config(cfg)
     check_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     if rank_zero_only.rank != 0:
         yield cfg.ckpt_path == "last" and last.exists()
         return
@@ -370,8 +370,8 @@ def _check_checkpoint(cfg: DictConfig, path: Path) -> None:
                               "the config the checkpoint was trained with, or start a new run directory.")
     model = LitClassifier(model=OmegaConf.to_container(cfg.model, resolve=True),
                           optim=OmegaConf.to_container(cfg.optim, resolve=True))
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("net.")}
-    found = {k: tuple(getattr(v, "shape", ())) for k, v in state.items() if k.startswith("net.")}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(NET_PREFIX)}
+    found = {k: tuple(getattr(v, "shape", ())) for k, v in state.items() if k.startswith(NET_PREFIX)}
     differ = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
     if differ:
         raise CheckpointError(f"{path}: cannot resume from it: its weights are not those of the configured model "
@@ -483,7 +483,7 @@ def planned_steps(cfg: DictConfig) -> int | None:
 @_process_group_released()
 def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | None, hydra_files: dict | None,
          callbacks: list[L.Callback] | None, record: dict | None) -> dict:
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     started = time.perf_counter()
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
@@ -505,7 +505,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
                       overrides=list(overrides or []), precision=precision, data_digest=data_digests(cfg),
                       trackers=tracker_ids(trackers, run_dir), **provenance(), **(record or {}))
         for_each(trackers, "start", hparams, OmegaConf.to_container(cfg, resolve=True))
-        (run_dir / "error.txt").unlink(missing_ok=True)
+        (run_dir / ERROR_FILE).unlink(missing_ok=True)
 
     L.seed_everything(cfg.seed, workers=False, verbose=False)
     datamodule = FashionMNISTDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
@@ -514,7 +514,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     if trainer_kwargs.pop("enable_model_summary") and rank_zero_only.rank == 0:
         log.info("model %s: %.2f M parameters, %.1f MFLOP per training image (forward + backward)", cfg.model.name,
                  sum(p.numel() for p in model.parameters()) / 1e6, training_flops_per_image(model.net) / 1e6)
-    checkpoint = SafeModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}",
+    checkpoint = SafeModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename=BEST_CHECKPOINT_PREFIX + "{epoch:03d}",
                                      monitor="val/acc", mode="max", save_last=True, auto_insert_metric_name=False)
     # A bar that cannot redraw in place (output to a file or pipe) would fill the log with `\r` lines:
     # there, and when the bar is off, each epoch is one log line instead.
@@ -617,6 +617,6 @@ def record_failure(run_dir: Path, status: str, message: str, error: BaseExceptio
     try:
         update_record(run_dir, status=status, error=message, finished_at=now())
         if status != PRUNED:  # a pruned run was stopped on purpose: its message says why, no traceback
-            atomic_write(run_dir / "error.txt", "".join(traceback.format_exception(error)))
+            atomic_write(run_dir / ERROR_FILE, "".join(traceback.format_exception(error)))
     except OSError as e:  # e.g. the full disk that stopped the run: the error itself is still reported
         log.warning("could not record the failure in %s (%s)", run_dir, e)
