@@ -4,14 +4,26 @@ The whole split lives as one uint8 tensor (on the GPU when training there), so a
 indexing operation. Shuffling is a permutation seeded by (seed, epoch): reproducible, and the same
 after resuming from a checkpoint. Under DDP each rank takes an equal, disjoint share.
 Alternating flips are applied here because they depend on which image a batch row is and on the
-epoch, both of which only the batcher knows.
+epoch, both of which only the batcher knows. `network_input` turns a batch into what a network takes,
+for training, evaluation, inference and the exported model alike.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
+
+
+def network_input(images: torch.Tensor, normalize: bool, mean: float, std: float,
+                  augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """uint8 pixels [N, 1, 28, 28] as every network here takes them: scaled to [0, 1], then augmented by
+    `augment` (a training batch), then standardised with the training split's `mean` and `std` if `normalize`."""
+    x = images.float() / 255
+    if augment is not None:
+        x = augment(x)
+    return (x - mean) / std if normalize else x
 
 # The alternating flips' random stream: beyond any run's epoch count, so no shuffle shares its numbers.
 FLIP_STREAM = 100_002

@@ -17,7 +17,7 @@ import torch
 from fmnist import NUM_CLASSES
 from fmnist.config import AugmentConfig, DataConfig
 from fmnist.data.augment import augment, cutmix
-from fmnist.data.batches import InMemoryBatches
+from fmnist.data.batches import InMemoryBatches, network_input
 from fmnist.data.csv_io import load_csv
 from fmnist.data.sources import find_csv
 from fmnist.errors import ConfigError
@@ -133,12 +133,11 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     def _network_inputs(self, images: torch.Tensor, augmented: bool) -> torch.Tensor:
         """uint8 images as the network takes them: scaled to [0, 1], augmented if asked, then standardised."""
-        x = images.float().div_(255)
-        if augmented:
-            a = self.augment
-            # Alternating flips were applied by the batcher (fmnist/data/batches.py).
-            x = augment(x, flip=a["hflip"] and not a["flip_alternate"], max_shift=a["shift"], erase_p=a["erase"])
-        return (x - self.mean) / self.std if self.hparams.normalize else x
+        a = self.augment
+        # Alternating flips were applied by the batcher (fmnist/data/batches.py).
+        augmented_as_asked = (lambda x: augment(x, flip=a["hflip"] and not a["flip_alternate"], max_shift=a["shift"],
+                                                erase_p=a["erase"])) if augmented else None
+        return network_input(images, self.hparams.normalize, self.mean, self.std, augmented_as_asked)
 
     def model_inputs(self, split: str, n: int) -> torch.Tensor:
         """The first `n` images of `split` (after `setup`) as the network sees them, without augmentation."""

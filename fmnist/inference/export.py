@@ -27,6 +27,7 @@ from torch import nn
 
 from fmnist import CLASS_NAMES
 from fmnist.config import EVAL_BATCH_SIZE
+from fmnist.data.batches import network_input
 from fmnist.data.csv_io import load_csv
 from fmnist.errors import ConfigError, FmnistError
 from fmnist.fsio import HEAD_BYTES, atomic_output, check_output_file, storage_errors
@@ -57,10 +58,7 @@ class RawPixelsModel(nn.Module):
         self.normalize, self.mean, self.std = loaded.normalize, loaded.mean, loaded.std
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float() / 255
-        if self.normalize:
-            x = (x - self.mean) / self.std
-        return self.net(x)
+        return self.net(network_input(images, self.normalize, self.mean, self.std))
 
 
 def _contiguous_copy(net: nn.Module) -> nn.Module:

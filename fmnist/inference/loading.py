@@ -21,6 +21,7 @@ import torch
 
 from fmnist.config import (EVAL_BATCH_SIZE, RUN_OPTIONS, TTA_MODES, TrainConfig, is_count, is_finite_number,
                            is_text_keyed)
+from fmnist.data.batches import network_input
 from fmnist.data.sources import find_csv
 from fmnist.errors import CheckpointError, ConfigError, DataError
 from fmnist.fsio import file_digest, load_checkpoint
@@ -125,9 +126,8 @@ class LoadedModel:
         return bool(self.data.get("normalize", False))
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels [N, 1, 28, 28] -> the model's input, exactly as the datamodule computes it."""
-        x = images.float().div_(255)
-        return (x - self.mean) / self.std if self.normalize else x
+        """uint8 pixels [N, 1, 28, 28] -> the model's input, as the datamodule computes it (`network_input`)."""
+        return network_input(images, self.normalize, self.mean, self.std)
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
