@@ -34,6 +34,7 @@ def _cpuinfo() -> dict[str, str]:
 
 
 def cpu_model() -> str:
+    """The CPU's model name, e.g. 'Intel(R) Xeon(R) Processor'."""
     info = _cpuinfo()
     return info.get("model name") or info.get("Model") or platform.processor() or platform.machine()
 
@@ -46,10 +47,13 @@ def cpu_isa() -> list[str]:
 
 
 def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX-512 BF16, AMX or Arm's BF16): without
+    it bf16 is emulated, and slow."""
     return any(f in cpu_isa() for f in NATIVE_BF16_FLAGS)
 
 
 def gpu_name() -> str | None:
+    """The first CUDA GPU's name; None without one."""
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
@@ -60,6 +64,7 @@ def describe() -> dict:
 
 
 def describe_line(hw: dict | None = None) -> str:
+    """`describe()` (or `hw`) as one line, as every measured number is labelled with it."""
     hw = hw or describe()
     line = f"{hw['cpu']} ({hw['isa']}), {hw['cores']} cores, {hw['torch_threads']} torch threads"
     return line + (f", GPU {hw['gpu']}" if hw["gpu"] else ", no GPU") + f", torch {hw['torch']}"

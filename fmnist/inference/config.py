@@ -60,6 +60,7 @@ class ExportConfig:
 
 
 def register() -> None:
+    """Put the evaluate, predict and export schemas in Hydra's ConfigStore (their YAML files pick them)."""
     register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="evaluate_schema", node=EvaluateConfig)
@@ -80,7 +81,8 @@ def require(cfg: DictConfig, *keys: str) -> None:
             raise ConfigError(f"config key {key} is required: {what.get(key, 'a value')}.")
 
 
-def check_data(cfg: DictConfig) -> None:
+def check_evaluate(cfg: DictConfig) -> None:
+    """ConfigError naming the key for an evaluate config that makes no sense (export's shares these keys)."""
     require(cfg, "ckpt")
     if cfg.get("tta") is not None and cfg.tta not in TTA_MODES:
         _fail("tta", f"null (the run's own) or one of {TTA_MODES}", cfg)
@@ -105,6 +107,7 @@ def check_predict(cfg: DictConfig) -> list[str]:
 
 
 def check_export(cfg: DictConfig) -> None:
-    check_data(cfg)
+    """ConfigError naming the key for an export config that makes no sense."""
+    check_evaluate(cfg)
     if not str(cfg.out).lower().endswith(".onnx"):
         _fail("out", "a file name ending in .onnx", cfg)

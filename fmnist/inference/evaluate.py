@@ -23,7 +23,7 @@ from fmnist import CLASS_NAMES, NUM_CLASSES
 from fmnist.data.csv_io import load_csv
 from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_output
-from fmnist.inference.config import check_data
+from fmnist.inference.config import check_evaluate
 from fmnist.inference.loading import load_model, run_test_acc
 from fmnist.runs import COMPLETED, CONFUSION_FILE, METRICS_FILE, now, provenance, write_record
 from fmnist.training.rundir import own_run_dir
@@ -62,7 +62,7 @@ def _check_output_dir(out_dir: Path) -> None:
 
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     """Evaluate `cfg.ckpt` on the test CSV and write the evaluation into `out_dir`; return the metrics."""
-    check_data(cfg)
+    check_evaluate(cfg)
     out_dir = Path(out_dir)
     _check_output_dir(out_dir)
     model = load_model(cfg.ckpt)
@@ -116,6 +116,7 @@ def _write_figure(path: Path, cm: np.ndarray, csv: Path, tta: str) -> None:
 
 
 def summary_table(record: dict, out_dir: Path) -> str:
+    """What evaluate.py prints at the end: the checkpoint, the test metrics and where the files are."""
     m = record["metrics"]
     lines = [f"checkpoint {record['checkpoint']['path']} (sha256 {record['checkpoint']['sha256'][:12]})"]
     if record["checkpoint"]["chosen"]:

@@ -135,6 +135,7 @@ class LoadedModel:
         return tta_logits(self.forward, self.preprocess(images), tta)
 
     def logits_batched(self, images: np.ndarray | torch.Tensor, batch_size: int, tta: str = "none") -> torch.Tensor:
+        """`logits` of uint8 images [N, 28, 28] or [N, 1, 28, 28], `batch_size` at a time."""
         images = torch.as_tensor(images)
         images = images.unsqueeze(1) if images.dim() == 3 else images
         return torch.cat([self.logits(images[i:i + batch_size], tta) for i in range(0, len(images), batch_size)]) \

@@ -115,6 +115,7 @@ TUNE_KEYS = {f.name for f in fields(TuneConfig)} | {"tune"}  # `tune`: the searc
 
 
 def register_tune() -> None:
+    """Put the train schemas and tune.py's (`tune_schema`, picked by conf/tune.yaml) in Hydra's ConfigStore."""
     register()
     ConfigStore.instance().store(name="tune_schema", node=TuneConfig)
 
@@ -255,6 +256,9 @@ class StopAtNTrials:
 
 @dataclass
 class Search:
+    """A study's search: the tune config, the train overrides every trial shares, and where its trials go. It
+    checks the space (and a continuation of the study) before the first trial, and its `objective` trains a trial."""
+
     cfg: DictConfig  # the tune config
     train_overrides: list[str]
     study_dir: Path
