@@ -381,6 +381,11 @@ def job_name(overrides: list[str], swept: set[str]) -> str:
 _NAME_ITEM_START = re.compile(r",(?=[+~]*[\w.\-/@]+=)")
 
 
+def name_items(name: str) -> list[str]:
+    """The overrides of a job name or a setting: `model.widths=[8,16],seed=0` -> [`model.widths=[8,16]`, `seed=0`]."""
+    return _NAME_ITEM_START.split(name)
+
+
 def sweep_job_dirname(sweep_dir: str, overrides: list[str]) -> str:
     """A sweep job's directory under `sweep_dir` (`hydra.sweep.subdir`): `job_name`, unless the sweep
     directory already has this job under the same overrides in another order (a job of an earlier sweep
@@ -391,7 +396,7 @@ def sweep_job_dirname(sweep_dir: str, overrides: list[str]) -> str:
     if not name or (Path(sweep_dir) / name).is_dir():
         return name
     for existing in Path(sweep_dir).glob("*/"):
-        if len(existing.name) == len(name) and sorted(_NAME_ITEM_START.split(existing.name)) == items:
+        if len(existing.name) == len(name) and sorted(name_items(existing.name)) == items:
             return existing.name
     return name
 

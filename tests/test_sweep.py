@@ -176,6 +176,16 @@ def test_report_draws_curves_ablations_and_confusion(tmp_path):
     assert all((sweep / "figures" / n).stat().st_size > 10_000 for n in names)
 
 
+def test_report_reads_settings_whose_values_hold_commas(tmp_path):
+    sweep = tmp_path / "sweep"
+    for widths, acc in (("[8,16]", 0.9), ("[16,32]", 0.85)):
+        for seed in (0, 1):
+            _fake_job(sweep, f"model.widths={widths},seed={seed}", "completed", seed, acc + seed / 100,
+                      [f"model.widths={widths}", f"seed={seed}"])
+    names = {p.name for p in write_report(sweep)}
+    assert "ablation_model.widths.png" in names and "curves_model.widths-_8_16_.png" in names, names
+
+
 def test_curve_statistics_skip_the_epochs_that_did_not_validate():
     from fmnist.results.report import curve_stats
     nan = float("nan")  # validation every second epoch: trainer.check_val_every_n_epoch=2

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import FormatStrFormatter, FuncFormatter, MaxNLocator
 
+from fmnist.config import name_items
 from fmnist.training.figures import confusion_matrix_figure
 from fmnist.results.stats import INTERVAL_NOTE, holm, mean_interval, paired
 from fmnist.runs import COMPLETED, EPOCHS_FILE, collect, read_confusion_matrix, read_epochs
@@ -46,7 +47,7 @@ def parse_setting(setting: str) -> dict[str, str]:
     """`a=1,b=x` -> {"a": "1", "b": "x"} (values are kept as the override text)."""
     if setting == "(defaults)":
         return {}
-    return dict(item.split("=", 1) for item in setting.split(","))
+    return dict(item.split("=", 1) for item in name_items(setting))
 
 
 def load_curves(sweep_dir: Path, table: pd.DataFrame) -> dict[str, list[pd.DataFrame]]:
