@@ -102,7 +102,7 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -
             try:
                 hydra_main()
             except (HydraException, OmegaConfBaseException) as e:  # e.g. a swept value composed into a job
-                ours = _chained_fmnist_error(e)  # e.g. a resolver's check of a value (fmnist.config.check_name)
+                ours = chained_fmnist_error(e)  # e.g. a resolver's check of a value (fmnist.config.check_name)
                 _exit(str(ours) if ours else composition_message(e), ours.exit_code if ours else 2)
             except OSError as e:  # e.g. Hydra creating the run directory or its log file on a read-only disk
                 mapped = storage_error(e)
@@ -115,7 +115,8 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -
         _exit("stopped by Ctrl-C before the run started; nothing was written.", 130)
 
 
-def _chained_fmnist_error(error: BaseException) -> FmnistError | None:
+def chained_fmnist_error(error: BaseException) -> FmnistError | None:
+    """The FmnistError that caused `error` (a Hydra or OmegaConf error around a resolver's check), if any."""
     while error is not None and not isinstance(error, FmnistError):
         error = error.__cause__ or error.__context__
     return error

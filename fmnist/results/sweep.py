@@ -16,8 +16,9 @@ import pandas as pd
 from hydra.core.global_hydra import GlobalHydra
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from fmnist.cli import exit_with
+from fmnist.cli import chained_fmnist_error, exit_with
 from fmnist.config import check_sweep_values, superseded_note
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError
 from fmnist.fsio import note_early_write
@@ -111,14 +112,18 @@ class SummarizeSweep(Callback):
             print(note, file=sys.stderr)
         params = OmegaConf.select(config, "hydra.sweeper.params") or {}
         try:  # before Hydra makes the sweep directory: a refusal writes nothing
+            try:
+                sweep_dir = Path(config.hydra.sweep.dir)  # `name=a/b`: refused by its resolver's check
+            except OmegaConfBaseException as e:  # Hydra would only warn of it, and go on
+                raise chained_fmnist_error(e) or e
             loader = GlobalHydra.instance().config_loader()
             check_sweep_values([*config.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())], loader)
             check_sweep_jobs(config, loader)  # every swept value, before the first job trains
-            check_sweep_dir(Path(config.hydra.sweep.dir))
+            check_sweep_dir(sweep_dir)
         except ConfigError as e:
             exit_with(e)
         # Hydra rewrites multirun.yaml before the first job's checks; a refused sweep puts it back (fmnist.cli).
-        note_early_write(Path(config.hydra.sweep.dir) / "multirun.yaml")
+        note_early_write(sweep_dir / "multirun.yaml")
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
