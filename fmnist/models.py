@@ -206,7 +206,8 @@ def check_model(model: typing.Mapping) -> None:
     """ConfigError naming the key when a `model` config does not fit its architecture: an unknown name,
     an unknown or missing key, a value of the wrong type, a size that is not positive, a dropout that
     is not a probability, or values the constructor itself refuses (it is built on the meta device,
-    which allocates nothing)."""
+    which allocates nothing), or a network that cannot take a 28 x 28 image (a meta-device forward pass
+    checks every layer's shape)."""
     model = OmegaConf.to_container(model if isinstance(model, DictConfig) else OmegaConf.create(dict(model)), resolve=True)
     name = model.get("name")
     keys = model_keys(name)
@@ -228,11 +229,16 @@ def check_model(model: typing.Mapping) -> None:
             raise ConfigError(f"config key model.dropout must be in [0, 1); got {value!r}.")
     try:
         with torch.device("meta"):
-            architecture(name)(**values)
+            net = architecture(name)(**values)
     except ConfigError:
         raise
     except (ValueError, TypeError, RuntimeError) as e:
         raise ConfigError(f"model {name} cannot be built from {values}: {e}") from e
+    try:
+        with torch.device("meta"):
+            net(torch.empty(2, 1, 28, 28))
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise ConfigError(f"model {name} built from {values} cannot take a 28 x 28 image: {e}") from e
 
 
 def build_model(name: str, **kwargs) -> nn.Module:

@@ -74,6 +74,14 @@ def test_bad_architectures_are_config_errors_naming_the_key(name, kwargs, key):
         build_model("vgg")
 
 
+@pytest.mark.parametrize("overrides", [("model=optimized", "model.kernel_sizes=[4,4,4,4]"),  # the head's size
+                                       ("model=resnet", "model.widths=[8,8,8,8,8,8]", "model.blocks=[1,1,1,1,1,1]")])
+def test_a_network_that_cannot_take_a_28x28_image_is_refused_before_the_run(overrides):
+    cfg = compose_cfg(*overrides)
+    with pytest.raises(ConfigError, match=f"model {cfg.model.name} built from .* cannot take a 28 x 28 image"):
+        check_model(cfg.model)
+
+
 def test_zero_init_residual_starts_every_block_as_the_identity():
     x = torch.rand(2, 8, 6, 6)  # non-negative, as after a ReLU; 8 channels, the first stage's width
     for zero_init in [True, False]:
