@@ -70,9 +70,10 @@ def describe_line(hw: dict | None = None) -> str:
     return line + (f", GPU {hw['gpu']}" if hw["gpu"] else ", no GPU") + f", torch {hw['torch']}"
 
 
-def check_accelerator(accelerator: str, devices: Any = "auto") -> None:
+def check_accelerator(accelerator: str, devices: Any = "auto", precision: Any = "auto") -> None:
     """ConfigError if this machine lacks `accelerator`, or `devices` of it (Lightning would fail later with a
-    traceback). `devices` is already well-formed (`fmnist.config.check_values`)."""
+    traceback), or if it would run another `precision` than the one asked for. `devices` is already well-formed
+    (`fmnist.config.check_values`)."""
     has = {"gpu": torch.cuda.is_available, "cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
     if not has.get(accelerator, lambda: True)():
         raise ConfigError(f"config key trainer.accelerator must be one this machine has; got {accelerator!r}, but "
@@ -81,6 +82,22 @@ def check_accelerator(accelerator: str, devices: Any = "auto") -> None:
     if device_kind(accelerator) == "cpu" and devices != "auto" and not (isinstance(count, int) and count >= 1):
         raise ConfigError(f"config key trainer.devices must be `auto` or a number of processes (at least 1) on a CPU; "
                           f"got {devices!r}, device indices or -1, which only GPUs take.")
+    if device_kind(accelerator) == "cpu" and str(precision) == "16-mixed":  # the run would record one and run the other
+        raise ConfigError("config key trainer.precision must be one a CPU runs as asked; got '16-mixed', which Lightning "
+                          "replaces with bf16-mixed on a CPU (fp16 autocast is for GPUs). Use bf16-mixed, 32-true or auto.")
+
+
+# What a multi-node launcher sets in each process (SLURM, torchrun, Lightning's own NODE_RANK, LSF, MPI).
+NODE_RANK_VARIABLES = ("SLURM_NODEID", "TORCHELASTIC_RUN_ID", "NODE_RANK", "LSB_JOBID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
+def check_nodes(num_nodes: int) -> None:
+    """ConfigError for several nodes without a multi-node launcher: the run would wait forever for the others."""
+    if num_nodes > 1 and not any(name in os.environ for name in NODE_RANK_VARIABLES):
+        raise ConfigError(f"config key trainer.num_nodes must be 1 outside a multi-node launch; got {num_nodes}, but "
+                          f"no launcher set a node rank here ({', '.join(NODE_RANK_VARIABLES)}), so the run would wait "
+                          "for nodes that never join. Launch it through SLURM (hydra/launcher=submitit_slurm, "
+                          "docs/scaling.md) or torchrun.")
 
 
 def device_kind(accelerator: str) -> str:

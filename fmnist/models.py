@@ -281,7 +281,8 @@ def training_flops_per_image(net: nn.Module) -> int:
     of training compute, unlike seconds.
     """
     probe = copy.deepcopy(net).train()
-    x = torch.rand(2, 1, 28, 28, device=next(probe.parameters()).device)
+    weight = next(probe.parameters())
+    x = torch.rand(2, 1, 28, 28, device=weight.device, dtype=weight.dtype)  # bf16 weights under bf16-true
     counter = FlopCounterMode(display=False)
     with counter:
         probe(x).float().sum().backward()

@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from fmnist import hardware
+from fmnist.errors import ConfigError
 from fmnist.training import precision as auto
 from fmnist.models import training_flops_per_image
 from fmnist.training.train import train
@@ -250,3 +251,23 @@ def test_how_the_weights_start_does_not_reach_the_verdicts_key():
     started_otherwise = {**base, "zero_init_residual": True, "dirac_init": True, "whiten_stem": True}
     assert auto.cache_key(started_otherwise, 256, "cpu") == auto.cache_key(base, 256, "cpu")
     assert auto.cache_key({**base, "widths": [16, 32]}, 256, "cpu") != auto.cache_key(base, 256, "cpu")
+
+
+def test_fp16_autocast_on_a_cpu_is_refused_rather_than_recorded_as_what_did_not_run():
+    from fmnist.hardware import check_accelerator
+
+    with pytest.raises(ConfigError, match="got '16-mixed', which Lightning replaces with bf16-mixed on a CPU"):
+        check_accelerator("cpu", "auto", "16-mixed")
+    check_accelerator("cpu", "auto", "bf16-mixed")
+
+
+def test_several_nodes_need_a_launcher_that_set_a_node_rank(monkeypatch):
+    from fmnist.hardware import NODE_RANK_VARIABLES, check_nodes
+
+    for name in NODE_RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match="trainer.num_nodes must be 1 outside a multi-node launch; got 2"):
+        check_nodes(2)
+    check_nodes(1)
+    monkeypatch.setenv("SLURM_NODEID", "0")  # a node of a SLURM job
+    check_nodes(2)

@@ -243,6 +243,14 @@ def test_an_epoch_without_validation_records_none_rather_than_the_last_validatio
     assert not any("nan" in line for line in lines if line.startswith("epoch ")), lines
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])  # 16-true too, on a GPU: fp16 crawls on a CPU
+def test_a_true_precision_casts_the_images_as_the_weights(make_cfg, tmp_path, precision):
+    metrics = train(make_cfg("model=simple", f"trainer.precision={precision}", "logger=tensorboard"), tmp_path)
+    assert read_record(tmp_path)["status"] == "completed" and math.isfinite(metrics["test/loss"])
+    assert read_record(tmp_path)["precision"]["resolved"] == precision
+
+
 def _fake_trainer(steps: int, batch: int, val_images: int, epochs: int):
     from types import SimpleNamespace
     return SimpleNamespace(current_epoch=0, max_epochs=epochs, num_training_batches=steps, num_val_batches=[1],

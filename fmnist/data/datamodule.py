@@ -128,8 +128,10 @@ class FashionMNISTDataModule(L.LightningDataModule):
         training = self.trainer is not None and self.trainer.training
         x = self._network_inputs(images, augmented=training)
         if training and self.augment["cutmix"] > 0:
-            return cutmix(x, labels, self.augment["cutmix"])  # labels become (B, classes) probabilities
-        return x, labels
+            x, labels = cutmix(x, labels, self.augment["cutmix"])  # labels become (B, classes) probabilities
+        # The images became floats only here, after Lightning cast a batch's floats for a `*-true` precision
+        # (the weights are bf16, fp16 or fp64 there): cast them as it would have.
+        return self.trainer.precision_plugin.convert_input((x, labels)) if self.trainer is not None else (x, labels)
 
     def _network_inputs(self, images: torch.Tensor, augmented: bool) -> torch.Tensor:
         """uint8 images as the network takes them: scaled to [0, 1], augmented if asked, then standardised."""

@@ -388,6 +388,7 @@ class TestArtifacts(L.Callback):
         if have < self.images:
             x, y = batch
             wrong = outputs["preds"] != y
+            x = x.float()  # numpy has no bf16 (trainer.precision=bf16-true)
             self.wrong.append(tuple(t[wrong][: self.images - have].cpu() for t in (x, y, outputs["preds"])))
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:

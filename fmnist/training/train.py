@@ -37,7 +37,7 @@ from fmnist.data.sources import find_csv
 from fmnist.errors import CheckpointError, ConfigError, DivergedError, FmnistError
 from fmnist.fsio import (atomic_write, check_writable, early_writes, file_digest, keep_early_writes, load_checkpoint,
                          storage_errors)
-from fmnist.hardware import check_accelerator
+from fmnist.hardware import check_accelerator, check_nodes
 from fmnist.models import check_model, training_flops_per_image
 from fmnist.training.precision import resolve_precision
 from fmnist.runs import (BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, DIVERGED, EPOCH_COLUMNS,
@@ -264,7 +264,8 @@ def _claimed(cfg: DictConfig, run_dir: Path):
     rank 0 has claimed the directory: only rank 0 checks, locks and writes.
     """
     check_config(cfg)
-    check_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)
+    check_accelerator(cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.precision)
+    check_nodes(cfg.trainer.num_nodes)
     last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     if rank_zero_only.rank != 0:
         yield cfg.ckpt_path == "last" and last.exists()
