@@ -50,6 +50,14 @@ def test_one_batch_training_writes_everything(make_cfg, tmp_path, model):
         assert (saved["val_pred"] == saved["val_label"]).mean() == pytest.approx(metrics["val/acc_best"])
 
 
+def test_a_batch_fraction_that_keeps_no_batch_is_refused_before_training(make_cfg, tmp_path):
+    # The fixture's test split is 200 images: one batch of data.eval_batch_size, of which half keeps none.
+    with pytest.raises(ConfigError, match=r"trainer.limit_test_batches must keep at least one of the test split's 1 "
+                                          r"batch \(200 images of 1000\); got 0.5"):
+        run_job(make_cfg("model=simple", "trainer.limit_test_batches=0.5"), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_existing_run_directory_is_never_overwritten(make_cfg, tmp_path):
     train(make_cfg("model=simple"), tmp_path)

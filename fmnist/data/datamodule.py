@@ -58,14 +58,17 @@ class FashionMNISTDataModule(L.LightningDataModule):
         for split in ("train", "test"):
             load_csv(find_csv(Path(self.hparams.dir), split))
 
-    def check(self) -> None:
-        """Read both CSVs and check the split sizes against them: what `setup` would refuse, refused early."""
+    def check(self) -> dict[str, int]:
+        """Read both CSVs and check the split sizes against them: what `setup` would refuse, refused early.
+        Return the images of each split (`train`, `val`, `test`)."""
         labels = load_csv(find_csv(Path(self.hparams.dir), "train"))[1]
-        classes = np.unique(labels[self._split(labels)[0]])
+        train_idx, val_idx = self._split(labels)
+        classes = np.unique(labels[train_idx])
         if len(classes) < NUM_CLASSES:  # it trains, but cannot learn the missing classes
             log.warning("the training split holds only class(es) %s of 0-%d: the model cannot learn the others",
                         classes.tolist(), NUM_CLASSES - 1)
-        load_csv(find_csv(Path(self.hparams.dir), "test"))
+        test_labels = load_csv(find_csv(Path(self.hparams.dir), "test"))[1]
+        return {"train": len(train_idx), "val": len(val_idx), "test": len(test_labels)}
 
     def _split(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(train, val) indices of the training CSV's rows; ConfigError if the sizes do not fit it."""

@@ -255,6 +255,21 @@ def every_combination(composed: dict[tuple[str, ...], DictConfig], plain: dict[s
             yield [*groups, *(f"{key}={text}" for key, (_, text) in zip(plain, combination) if len(plain[key]) > 1)], cfg
 
 
+def _check_batch_limits(cfg: DictConfig, images: dict[str, int]) -> None:
+    """ConfigError for a `trainer.limit_*_batches` fraction that leaves none of a split's batches (Lightning refuses
+    it only when it reaches that split: the test's, after the whole training)."""
+    for split, batch_size in (("train", cfg.data.batch_size), ("val", cfg.data.eval_batch_size),
+                              ("test", cfg.data.eval_batch_size)):
+        key = f"trainer.limit_{split}_batches"
+        limit = OmegaConf.select(cfg, key)
+        batches = math.ceil(images[split] / batch_size)
+        if isinstance(limit, float) and int(limit * batches) < 1:
+            raise ConfigError(f"config key {key} must keep at least one of the {split} split's {batches} "
+                              f"batch{'es' * (batches != 1)} "
+                              f"({images[split]} images of {batch_size}); got {limit}, which keeps none. Give a "
+                              f"larger fraction (at least {1 / batches:.3g}) or a number of batches.")
+
+
 @contextmanager
 def _claimed(cfg: DictConfig, run_dir: Path):
     """Own `run_dir` and pass every check before anything is written there; yield whether to resume.
@@ -273,7 +288,8 @@ def _claimed(cfg: DictConfig, run_dir: Path):
     with own_run_dir(run_dir):
         resume = _check_run_dir(cfg, run_dir)
         check_writable(run_dir)
-        FashionMNISTDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed).check()
+        _check_batch_limits(cfg, FashionMNISTDataModule(**OmegaConf.to_container(cfg.data, resolve=True),
+                                                        seed=cfg.seed).check())
         if resume:
             _check_checkpoint(cfg, last)
             _check_epochs(run_dir / EPOCHS_FILE)
