@@ -448,6 +448,11 @@ RESUMABLE_KEYS = PLACEMENT_KEYS + ("trainer.max_epochs", "trainer.max_time")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 
+def _duration_ok(text: str) -> bool:
+    """A Lightning `max_time` as DD:HH:MM:SS, above zero."""
+    return bool(re.fullmatch(r"\d+:\d\d:\d\d:\d\d", text)) and any(int(part) for part in text.split(":"))
+
+
 def _devices_ok(devices: Any) -> bool:
     """Lightning's `devices`: `auto`, a count (-1: all), a list of indices, or indices as a string ("0,1")."""
     if isinstance(devices, bool):
@@ -519,8 +524,8 @@ def check_values(cfg: DictConfig) -> None:
          "`auto`, a number of devices (at least 1, or -1 for all), or device indices (`[0, 1]`, `\"0,1\"`)"),
         ("trainer.num_nodes", cfg.trainer.num_nodes >= 1, "at least 1"),
         ("trainer.strategy", cfg.trainer.strategy in _strategies(), "`auto` or a strategy Lightning has (e.g. `ddp`)"),
-        ("trainer.max_time", cfg.trainer.max_time is None or re.fullmatch(r"\d+:\d\d:\d\d:\d\d", str(cfg.trainer.max_time)),
-         "null or DD:HH:MM:SS (e.g. 00:00:30:00 for 30 minutes)"),
+        ("trainer.max_time", cfg.trainer.max_time is None or _duration_ok(str(cfg.trainer.max_time)),
+         "null or a time above zero as DD:HH:MM:SS (e.g. 00:00:30:00 for 30 minutes)"),
         ("trainer.limit_train_batches", _fraction_or_count_ok(cfg.trainer.limit_train_batches),
          "null, a fraction in (0, 1] or a number of batches (at least 1)"),
         ("trainer.limit_val_batches", _fraction_or_count_ok(cfg.trainer.limit_val_batches),

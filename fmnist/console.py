@@ -102,6 +102,8 @@ def print_result(run_dir: Path, record: dict) -> None:
                      f"of {metrics.get('epochs')})")
     if "test/acc" in metrics:
         lines.append(f"  test acc      {metrics['test/acc']:.2%} (loss {metrics['test/loss']:.4f}), best checkpoint")
+    if record.get("stopped_by"):  # the last epoch may be partial
+        lines.append(f"  {record['stopped_by']}")
     if "train_seconds" in metrics:  # summed over every process that trained the run, so a resume counts it all
         lines.append(f"  training      {metrics['train_seconds']:.0f} s, precision {record.get('precision', {}).get('resolved')}")
     views = record.get("trackers", {}).get("views", {"tensorboard": f"tensorboard --logdir {run_dir}"})

@@ -259,6 +259,40 @@ def test_a_true_precision_casts_the_images_as_the_weights(make_cfg, tmp_path, pr
     assert read_record(tmp_path)["precision"]["resolved"] == precision
 
 
+def test_a_fit_cut_short_by_max_time_says_where(monkeypatch):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import Timer
+
+    from fmnist.training.train import _stopped_by_time
+
+    timer = Timer(duration="00:00:00:03")
+    trainer = SimpleNamespace(callbacks=[timer], max_epochs=2, num_training_batches=40, global_step=7)
+    cfg = compose_cfg("trainer.max_time=00:00:00:03", "trainer.max_epochs=2")
+    monkeypatch.setattr(timer, "time_remaining", lambda *args: -0.5)  # the time is up
+    assert _stopped_by_time(cfg, trainer) == "stopped by trainer.max_time (00:00:00:03) at step 7 of 80"
+    trainer.global_step = 80  # every planned step ran: the time limit stopped nothing
+    assert _stopped_by_time(cfg, trainer) is None
+    trainer.global_step = 7
+    monkeypatch.setattr(timer, "time_remaining", lambda *args: 1.0)  # stopped by something else
+    assert _stopped_by_time(cfg, trainer) is None
+
+
+@pytest.mark.slow
+def test_a_run_stopped_before_its_first_validation_fails_rather_than_testing_an_unchosen_model(make_cfg, tmp_path):
+    import lightning as L
+
+    class StopAtFirstStep(L.Callback):  # as a time limit that runs out in the first epoch
+        def on_train_batch_end(self, trainer, *args):
+            trainer.should_stop = True
+
+    with pytest.raises(ConfigError, match="before its first validation, so no model was chosen and none was tested"):
+        train(make_cfg("model=simple", "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=2"), tmp_path,
+              callbacks=[StopAtFirstStep()])
+    record = read_record(tmp_path)
+    assert record["status"] == "failed" and "metrics" not in record
+
+
 def _fake_trainer(steps: int, batch: int, val_images: int, epochs: int):
     from types import SimpleNamespace
     return SimpleNamespace(current_epoch=0, max_epochs=epochs, num_training_batches=steps, num_val_batches=[1],

@@ -24,7 +24,7 @@ import lightning as L
 import pandas as pd
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, Timer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -497,6 +497,20 @@ def planned_steps(cfg: DictConfig) -> int | None:
     return min(per_epoch) * epochs if per_epoch and epochs is not None and epochs >= 0 else None
 
 
+def _stopped_by_time(cfg: DictConfig, trainer: L.Trainer) -> str | None:
+    """How `trainer.max_time` ended a fit before its planned steps (None when it did not): a record says so, since
+    Lightning counts the epoch it cut short as finished (its epochs.csv row is partial; a resume starts the next)."""
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    if timer is None or (timer.time_remaining() or 0) > 0:
+        return None
+    planned = (trainer.max_epochs * math.ceil(trainer.num_training_batches / cfg.trainer.accumulate_grad_batches)
+               if trainer.max_epochs > 0 and math.isfinite(trainer.num_training_batches) else None)
+    if planned is not None and trainer.global_step >= planned:
+        return None
+    return (f"stopped by trainer.max_time ({cfg.trainer.max_time}) at step {trainer.global_step}"
+            + (f" of {planned}" if planned else ""))
+
+
 @_process_group_released()
 def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | None, hydra_files: dict | None,
          callbacks: list[L.Callback] | None, record: dict | None) -> dict:
@@ -518,7 +532,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     hparams = hparams_row(cfg, overrides, trainer_kwargs["precision"])
     if rank_zero_only.rank == 0:
         # A resumed run starts afresh: the error that stopped it last time is no longer its state.
-        update_record(run_dir, drop=("error", "finished_at"), status=RUNNING, seed=cfg.seed, started_at=now(),
+        update_record(run_dir, drop=("error", "finished_at", "stopped_by"), status=RUNNING, seed=cfg.seed, started_at=now(),
                       overrides=list(overrides or []), precision=precision, data_digest=data_digests(cfg),
                       trackers=tracker_ids(trackers, run_dir), **provenance(), **(record or {}))
         for_each(trackers, "start", hparams, OmegaConf.to_container(cfg, resolve=True))
@@ -551,6 +565,10 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     with console.beside_the_bar(bar), _ctrl_c_stops_at_a_step(trainer):
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
     fit_seconds = time.perf_counter() - started
+    stopped_by = _stopped_by_time(cfg, trainer)
+    if not math.isfinite(float(model.val_acc_best.compute())):  # the time ran out before the first validation
+        raise ConfigError(f"the run was {stopped_by or 'stopped'} before its first validation, so no model was chosen "
+                          "and none was tested. Give it more time (trainer.max_time), or validate sooner.")
 
     metrics = {"val/acc_best": float(model.val_acc_best.compute()), "best_epoch": _best_epoch(run_dir),
                "epochs": trainer.current_epoch, "fit_seconds": round(fit_seconds, 1),
@@ -570,7 +588,8 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
                             f"the run (epoch {trainer.current_epoch}). {DIVERGED_ADVICE}")
     if rank_zero_only.rank == 0:
         metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
-        update_record(run_dir, status=COMPLETED, finished_at=now(), metrics=metrics)
+        update_record(run_dir, status=COMPLETED, finished_at=now(), metrics=metrics,
+                      **({"stopped_by": stopped_by} if stopped_by else {}))
         for_each(trackers, "finish", hparams, metrics, run_dir)
     return metrics
 
