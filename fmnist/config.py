@@ -476,9 +476,10 @@ def _fraction_or_count_ok(limit: Any) -> bool:
 
 
 def _strategies() -> tuple[str, ...]:
+    """`auto` and Lightning's DDP strategies: the others need packages, GPUs or a device argument these CNNs do not."""
     from lightning.pytorch.strategies import StrategyRegistry
 
-    return ("auto", *StrategyRegistry.available_strategies())
+    return ("auto", *(s for s in StrategyRegistry.available_strategies() if s.startswith("ddp")))
 
 
 def check_values(cfg: DictConfig) -> None:
@@ -523,7 +524,11 @@ def check_values(cfg: DictConfig) -> None:
         ("trainer.devices", _devices_ok(cfg.trainer.devices),
          "`auto`, a number of devices (at least 1, or -1 for all), or device indices (`[0, 1]`, `\"0,1\"`)"),
         ("trainer.num_nodes", cfg.trainer.num_nodes >= 1, "at least 1"),
-        ("trainer.strategy", cfg.trainer.strategy in _strategies(), "`auto` or a strategy Lightning has (e.g. `ddp`)"),
+        ("trainer.strategy", cfg.trainer.strategy in _strategies(), "`auto` or one of Lightning's DDP strategies (e.g. "
+         "`ddp`, `ddp_spawn`)"),
+        ("trainer.fast_dev_run", isinstance(cfg.trainer.fast_dev_run, bool) or is_count(cfg.trainer.fast_dev_run),
+         "true, false or a number of batches (0 or more)"),
+        ("trainer.deterministic", cfg.trainer.deterministic in (None, True, False, "warn"), "null, true, false or `warn`"),
         ("trainer.max_time", cfg.trainer.max_time is None or _duration_ok(str(cfg.trainer.max_time)),
          "null or a time above zero as DD:HH:MM:SS (e.g. 00:00:30:00 for 30 minutes)"),
         ("trainer.limit_train_batches", _fraction_or_count_ok(cfg.trainer.limit_train_batches),

@@ -101,7 +101,8 @@ def print_result(run_dir: Path, record: dict) -> None:
         lines.append(f"  best val acc  {metrics['val/acc_best']:.2%} (epoch {metrics.get('best_epoch')} "
                      f"of {metrics.get('epochs')})")
     if "test/acc" in metrics:
-        lines.append(f"  test acc      {metrics['test/acc']:.2%} (loss {metrics['test/loss']:.4f}), best checkpoint")
+        lines.append(f"  test acc      {metrics['test/acc']:.2%} (loss {metrics['test/loss']:.4f}), "
+                     f"{record.get('tested', 'best checkpoint')}")
     if record.get("stopped_by"):  # the last epoch may be partial
         lines.append(f"  {record['stopped_by']}")
     if "train_seconds" in metrics:  # summed over every process that trained the run, so a resume counts it all

@@ -45,7 +45,9 @@ def test_unknown_model_name_fails():
     # Keys Lightning takes: refused here, not by a traceback from inside the Trainer once the run directory is written.
     ("trainer.devices=0", "trainer.devices"), ("trainer.devices=-5", "trainer.devices"), ("trainer.devices=abc", "trainer.devices"),
     ("trainer.devices=[]", "trainer.devices"), ("trainer.num_nodes=0", "trainer.num_nodes"),
-    ("trainer.strategy=foo", "trainer.strategy"), ("trainer.max_time=abc", "trainer.max_time"), ("trainer.max_time=00:00:00:00", "trainer.max_time"),
+    ("trainer.strategy=foo", "trainer.strategy"), ("trainer.strategy=fsdp", "trainer.strategy"),
+    ("trainer.fast_dev_run=-1", "trainer.fast_dev_run"), ("trainer.fast_dev_run=abc", "trainer.fast_dev_run"),
+    ("trainer.deterministic=abc", "trainer.deterministic"), ("logger.backends=[csv,csv]", "logger.backends"), ("trainer.max_time=abc", "trainer.max_time"), ("trainer.max_time=00:00:00:00", "trainer.max_time"),
     ("trainer.limit_train_batches=-1", "trainer.limit_train_batches"),
     ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches"),
     ("trainer.limit_train_batches=abc", "trainer.limit_train_batches"),

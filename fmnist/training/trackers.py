@@ -43,7 +43,10 @@ MLFLOW_PATIENCE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_
 
 
 def check_trackers(cfg: DictConfig) -> None:
-    """ConfigError for a tracker this project does not know, or whose package is not installed."""
+    """ConfigError for a tracker this project does not know, named twice, or whose package is not installed."""
+    repeated = sorted({name for name in cfg.logger.backends if list(cfg.logger.backends).count(name) > 1})
+    if repeated:  # each would log every value twice
+        raise ConfigError(f"config key logger.backends must be a list naming each tracker once; got {repeated[0]!r} more than once.")
     for name in cfg.logger.backends:
         if name not in TRACKERS:
             raise ConfigError(f"config key logger.backends must list trackers among {TRACKERS}; got {name!r}.")

@@ -532,7 +532,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     hparams = hparams_row(cfg, overrides, trainer_kwargs["precision"])
     if rank_zero_only.rank == 0:
         # A resumed run starts afresh: the error that stopped it last time is no longer its state.
-        update_record(run_dir, drop=("error", "finished_at", "stopped_by"), status=RUNNING, seed=cfg.seed, started_at=now(),
+        update_record(run_dir, drop=("error", "finished_at", "stopped_by", "tested"), status=RUNNING, seed=cfg.seed, started_at=now(),
                       overrides=list(overrides or []), precision=precision, data_digest=data_digests(cfg),
                       trackers=tracker_ids(trackers, run_dir), **provenance(), **(record or {}))
         for_each(trackers, "start", hparams, OmegaConf.to_container(cfg, resolve=True))
@@ -576,8 +576,8 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
                "train_seconds": round(epoch_csv.train_seconds, 3)}
     if "val/loss" in trainer.callback_metrics:
         metrics["val/loss"] = float(trainer.callback_metrics["val/loss"])
+    best = "best" if checkpoint.best_model_path else None  # fast_dev_run keeps no checkpoints
     if cfg.test:
-        best = "best" if checkpoint.best_model_path else None  # fast_dev_run keeps no checkpoints
         with console.beside_the_bar(bar), _ctrl_c_stops_at_a_step(trainer):
             result = trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)[0]
         metrics.update({k: float(v) for k, v in result.items()})
@@ -589,6 +589,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     if rank_zero_only.rank == 0:
         metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
         update_record(run_dir, status=COMPLETED, finished_at=now(), metrics=metrics,
+                      tested="best checkpoint" if best else "final weights (no checkpoint was kept)",
                       **({"stopped_by": stopped_by} if stopped_by else {}))
         for_each(trackers, "finish", hparams, metrics, run_dir)
     return metrics
