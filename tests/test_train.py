@@ -26,6 +26,7 @@ def test_one_batch_training_writes_everything(make_cfg, tmp_path, model):
     assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["test/loss"] > 0 and metrics["epochs"] == 1
     record = json.loads((tmp_path / "metrics.json").read_text())
     assert record["status"] == "completed" and record["metrics"]["val/acc_best"] == metrics["val/acc_best"]
+    assert record["tested"] == "best checkpoint"
     assert record["versions"]["torch"].startswith("2.") and record["seed"] == 0
     assert list(tmp_path.glob("events.out.tfevents.*")), "TensorBoard events"
     assert (tmp_path / "config.yaml").exists() and (tmp_path / "confusion_matrix.csv").exists()
