@@ -39,11 +39,11 @@ from fmnist.cli import run_plain
 from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_write
 from fmnist.training.callbacks import step_callbacks
-from fmnist.config import OptimConfig, TrainConfig, compose_train
+from fmnist.config import ACCELERATORS, OptimConfig, TrainConfig, compose_train
 from fmnist.data.csv_io import cache_path, load_csv, parse_csv
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.data.sources import find_csv
-from fmnist.hardware import describe, describe_line, device_kind, native_cpu_bf16
+from fmnist.hardware import check_accelerator, describe, describe_line, device_kind, native_cpu_bf16
 from fmnist.models import training_flops_per_image
 from fmnist.training.module import LitClassifier, fast_path_applies, take_fast_path
 from fmnist.training.precision import resolve_precision
@@ -221,13 +221,34 @@ def main() -> int:
     return run_plain(work)
 
 
+# The precisions whose raw loop is the same computation as Lightning's: autocast, or none.
+TIMED_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+
+
 def check_inputs(args) -> None:
-    """Before any timing: the CSV to append to is new or one this script wrote, every model exists, and every
-    batch size is at least 1."""
+    """Before any timing: the CSV to append to is new or one this script wrote, every model exists, every batch
+    size and count is at least 1, the accelerator is one this machine has, and each precision is one both loops
+    run alike."""
     for option in ("batch_sizes", "infer_batch_sizes"):
         bad = [b for b in getattr(args, option) if b < 1]
         if bad:
             raise ConfigError(f"--{option.replace('_', '-')}: batch sizes must be at least 1; got {bad[0]}.")
+    for option, value, ok in (("--repeats", args.repeats, args.repeats >= 1), ("--seconds", args.seconds, args.seconds > 0),
+                              ("--images", args.images, args.images is None or args.images >= 1),
+                              ("--val-size", args.val_size, args.val_size >= 1),
+                              ("--threads", args.threads, args.threads is None or args.threads >= 1)):
+        if not ok:
+            raise ConfigError(f"{option} must be above zero; got {value}.")
+    if args.accelerator not in ACCELERATORS:
+        raise ConfigError(f"--accelerator must be one of {ACCELERATORS}; got {args.accelerator!r}.")
+    try:
+        check_accelerator(args.accelerator)
+    except ConfigError:
+        raise ConfigError(f"--accelerator {args.accelerator}: torch finds no such device here; use auto or cpu.") from None
+    odd = [p for p in args.precisions or [] if p not in TIMED_PRECISIONS]
+    if odd:
+        raise ConfigError(f"--precisions must be among {TIMED_PRECISIONS} (the raw loop runs them as Lightning does); "
+                          f"got {odd[0]!r}.")
     if args.out.is_dir() or (args.out.exists() and not args.out.is_file()):
         raise ConfigError(f"--out names {args.out}, which is not a regular file; give a CSV file name.")
     if args.out.exists():

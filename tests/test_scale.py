@@ -54,6 +54,11 @@ def test_benchmark_refuses_an_out_it_did_not_write_and_a_bad_model_before_timing
         (["--models", "nosuch", "--out", str(tmp_path / "b.csv")], "--models nosuch: In 'train': Could not find 'model/nosuch'"),
         (["--models", "simple", "--batch-sizes", "0", "--out", str(tmp_path / "b.csv")],
          "--batch-sizes: batch sizes must be at least 1; got 0"),
+        (["--models", "simple", "--repeats", "0", "--out", str(tmp_path / "b.csv")], "--repeats must be above zero; got 0"),
+        (["--models", "simple", "--precisions", "bogus", "--out", str(tmp_path / "b.csv")],
+         "--precisions must be among ('32-true', 'bf16-mixed', '16-mixed')"),
+        (["--models", "simple", "--accelerator", "mps", "--out", str(tmp_path / "b.csv")],  # no Apple GPU on Linux
+         "--accelerator mps: torch finds no such device here"),
     ]:
         result = run_in_process("scripts/benchmark.py", *common, *args)
         assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]
