@@ -326,6 +326,16 @@ def test_durations_read_as_a_person_says_them(seconds, text):
     assert duration(seconds) == text
 
 
+def test_an_epoch_line_says_what_the_epoch_measured_and_how_long_is_left():
+    from fmnist.training.callbacks import epoch_line
+    row = {"epoch": 3, "train/loss": 0.3, "train/acc": 0.9, "val/loss": 0.31, "val/acc": 0.89, "val/acc_best": 0.895}
+    assert epoch_line(row, 20, 60) == ("epoch 3/20: train loss 0.3000 acc 90.00% | val loss 0.3100 acc 89.00% "
+                                       "(best 89.50%) | 60 s, ~17 min left")
+    unvalidated = {k: v for k, v in row.items() if not k.startswith("val/")}
+    assert epoch_line(unvalidated, 3, 60) == "epoch 3/3: train loss 0.3000 acc 90.00% | no validation this epoch | 60 s"
+    assert epoch_line(row, -1, 60).startswith("epoch 3: ")  # no bound on the epochs: nothing is left to count
+
+
 @pytest.mark.slow
 def test_a_run_without_a_bar_forecasts_once_and_shows_life_inside_epochs_and_the_test(make_cfg, tmp_path, caplog):
     from fmnist.training.callbacks import Forecast

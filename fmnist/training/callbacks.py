@@ -124,9 +124,9 @@ def epoch_line(row: dict, max_epochs: int, seconds: float) -> str:
     train = f"train loss {row.get('train/loss', float('nan')):.4f} acc {percent('train/acc')}"
     val = (f"val loss {row['val/loss']:.4f} acc {percent('val/acc')} (best {percent('val/acc_best')})"
            if "val/loss" in row else "no validation this epoch")
-    left = max_epochs - row["epoch"]
-    return (f"epoch {row['epoch']}/{max_epochs}: {train} | {val} | {duration(seconds)}"
-            + (f", ~{duration(left * seconds)} left" if left > 0 else ""))
+    left = max_epochs - row["epoch"]  # max_epochs -1: no bound (trainer.max_time or max_steps ends the run)
+    return (f"epoch {row['epoch']}{f'/{max_epochs}' if max_epochs > 0 else ''}: {train} | {val} | {duration(seconds)}"
+            + (f", ~{duration(left * seconds)} left" if max_epochs > 0 and left > 0 else ""))
 
 
 def duration(seconds: float) -> str:
