@@ -381,6 +381,11 @@ def test_an_evaluation_stopped_by_sigterm_leaves_no_directory(run_dir, tmp_path,
 def test_a_missing_checkpoint_is_one_paragraph(tmp_path):
     with pytest.raises(CheckpointError, match="no such file or directory; expected a .ckpt file, a run directory"):
         resolve(tmp_path / "nope")
+    failed = tmp_path / "failed"  # a run that failed before its first epoch ended: a record, no checkpoints
+    failed.mkdir()
+    (failed / "metrics.json").write_text('{"status": "failed", "error": "DataError: ..."}')
+    with pytest.raises(CheckpointError, match="a run directory without checkpoints \\(the run is 'failed'"):
+        resolve(failed)
 
 
 @pytest.mark.slow

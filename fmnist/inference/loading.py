@@ -78,6 +78,10 @@ def resolve(ckpt: str | Path) -> Resolved:
         raise CheckpointError(f"ckpt={ckpt}: no such file or directory; {WHAT_CKPT_IS}.")
     if (path / CHECKPOINT_DIR).is_dir():
         return Resolved(best_in_run(path), path)
+    record = read_record(path)
+    if record is not None and record.get("status"):  # a run that ended before its first checkpoint
+        raise CheckpointError(f"ckpt={ckpt}: a run directory without checkpoints (the run is {record.get('status')!r}: "
+                              f"it ended before saving one); {WHAT_CKPT_IS}.")
     jobs = collect(path)
     done = jobs[(jobs.status == COMPLETED) & jobs.val_acc_best.notna()] if len(jobs) else jobs
     if done.empty:
