@@ -6,6 +6,7 @@ import lightning as L
 import pandas as pd
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import Precision
 
 from fmnist.data.augment import augment, cutmix
 from fmnist.data.datamodule import FashionMNISTDataModule
@@ -112,7 +113,7 @@ def test_augmentation_changes_images_never_labels(data_dir):
                                 augment={"hflip": True, "shift": 2, "erase": 0.5})
     dm.setup("fit")
     images, labels = next(iter(dm.train_dataloader()))
-    dm.trainer = type("T", (), {"training": True})()
+    dm.trainer = type("T", (), {"training": True, "precision_plugin": Precision()})()  # a training fit's, in fp32
     x, y = dm.on_after_batch_transfer((images, labels.clone()), 0)
     assert torch.equal(y, labels) and x.shape == images.shape and x.dtype == torch.float32
     plain = images.float() / 255

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import Precision
 
 from fmnist.data.augment import augment, erase, hflip, shift
 from fmnist.data.batches import InMemoryBatches
@@ -104,7 +105,7 @@ def test_alternating_flips_replace_the_random_ones_in_the_datamodule(data_dir):
     mirrored = _mirrored(loader, 0, images, labels)
     assert 0 < int(mirrored.sum()) < len(labels)
     batch = next(iter(loader))
-    dm.trainer = type("T", (), {"training": True})()
+    dm.trainer = type("T", (), {"training": True, "precision_plugin": Precision()})()  # a training fit's, in fp32
     x, _ = dm.on_after_batch_transfer((batch[0], batch[1]), 0)
     assert torch.equal(x, batch[0].float() / 255)
 
