@@ -80,6 +80,9 @@ def test_a_network_that_cannot_take_a_28x28_image_is_refused_before_the_run(over
     cfg = compose_cfg(*overrides)
     with pytest.raises(ConfigError, match=f"model {cfg.model.name} built from .* cannot take a 28 x 28 image"):
         check_model(cfg.model)
+    state = torch.get_rng_state()
+    check_model(compose_cfg("model=optimized", "model.hidden=97").model)  # a config the check has not seen
+    assert torch.equal(torch.get_rng_state(), state)  # building it drew no random numbers of the run's
 
 
 def test_zero_init_residual_starts_every_block_as_the_identity():
