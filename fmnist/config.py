@@ -321,6 +321,15 @@ def run_label(override_dirname: str) -> str:
     return f"_{override_dirname}"
 
 
+def override_text(value: Any) -> str:
+    """A Python value as a command-line override writes it, so that Hydra reads back the same value: every digit
+    of a float (the shortest text that reads back as it), None and booleans as YAML writes them (Hydra reads
+    `None` as a string)."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return repr(value) if isinstance(value, float) else str(value)
+
+
 def override_key(override: str) -> str:
     """The key a command-line override sets: `optim.lr` of `optim.lr=0.01` or `+optim.lr=0.01`."""
     return override.split("=", 1)[0].lstrip("+~")

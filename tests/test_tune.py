@@ -301,7 +301,7 @@ def test_a_trial_asked_for_after_others_filled_n_trials_stops_without_training(t
 @pytest.mark.parametrize("key,value", [("data.train_subset", None), ("data.augment.hflip", True),
                                        ("data.augment.hflip", False), ("data.train_subset", 2000), ("optim.lr", 0.1 + 0.2)])
 def test_a_sampled_value_reaches_the_train_config_as_itself(key, value):
-    from fmnist.sweeps.tune import _format
+    from fmnist.config import override_text
     with initialize_config_dir(str(CONF), version_base=None):
-        cfg = compose("train", overrides=[f"{key}={_format(value)}"])
+        cfg = compose("train", overrides=[f"{key}={override_text(value)}"])
     assert OmegaConf.select(cfg, key) == value and type(OmegaConf.select(cfg, key)) is type(value)

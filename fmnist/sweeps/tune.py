@@ -39,7 +39,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fmnist import console
 from fmnist.cli import refuse_unknown_keys
 from fmnist.config import (PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_name, composition_message, override_key,
-                           register, renamed_overrides)
+                           override_text, register, renamed_overrides)
 from fmnist.data.csv_io import require_file
 from fmnist.data.sources import find_csv
 from fmnist.errors import ConfigError, FmnistError
@@ -171,15 +171,6 @@ def _check_tune_config(cfg: DictConfig) -> None:
                               f"got low={spec.low}, high={spec.high}.")
 
 
-def _format(value: Any) -> str:
-    # Every digit (the shortest text that reads back as the same float): the trial trains exactly the value
-    # Optuna records, and the command in best.yaml reproduces it. None and booleans as YAML writes them: Hydra
-    # reads `None` as a string.
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    return repr(value) if isinstance(value, float) else str(value)
-
-
 def _suggest(trial: optuna.Trial, name: str, spec: DictConfig) -> Any:
     if spec.choices:
         return trial.suggest_categorical(name, list(spec.choices))
@@ -297,11 +288,11 @@ class Search:
         groups = {key for key in values if isinstance(OmegaConf.select(base, key), DictConfig)}  # e.g. `model`
         composed = {}  # a composition per choice of the searched config groups
         for k in range(max((len(v) for v in values.values()), default=0)):
-            extremes = [f"{key}={_format(v[min(k, len(v) - 1)])}" for key, v in values.items()]
+            extremes = [f"{key}={override_text(v[min(k, len(v) - 1)])}" for key, v in values.items()]
             cfg = _compose("train", [*ONE_DEVICE, *self.train_overrides, *extremes])
             check_config(cfg)
             composed.setdefault(tuple(o for o in extremes if override_key(o) in groups), cfg)
-        plain = {key: [(v, _format(v)) for v in vs] for key, vs in values.items() if key not in groups}
+        plain = {key: vs for key, vs in values.items() if key not in groups}
         for sampled, cfg in every_combination(composed, plain):
             try:
                 check_config(cfg)
@@ -392,7 +383,9 @@ class Search:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(trial.study)
         params = {name: _suggest(trial, name, spec) for name, spec in self.cfg.space.items()}
-        overrides = [*self.train_overrides, *(f"{spec.key}={_format(params[name])}" for name, spec in self.cfg.space.items())]
+        # Every digit of a float: the trial trains exactly the value Optuna records, and best.yaml's command reproduces it.
+        overrides = [*self.train_overrides,
+                     *(f"{spec.key}={override_text(params[name])}" for name, spec in self.cfg.space.items())]
         cfg = _compose("train", [*ONE_DEVICE, *overrides])
         run_dir = self.study_dir / f"trial-{trial.number:04d}"
         trial.set_user_attr("run_dir", str(run_dir))

@@ -118,7 +118,7 @@ class EpochCSV(L.Callback):
 
 def epoch_line(row: dict, max_epochs: int, seconds: float) -> str:
     """An epochs.csv row as the line a run without a progress bar prints:
-    `epoch 3/20: train loss 0.3112 acc 88.70% | val loss 0.2950 acc 89.32% (best 89.32%) | 95 s, ~27 min left`."""
+    `epoch 3/20: train loss 0.3112 acc 88.70% | val loss 0.2950 acc 89.32% (best 89.32%) | 60 s, ~17 min left`."""
     def percent(key: str) -> str:
         return f"{100 * row[key]:.2f}%" if key in row else "-"
     train = f"train loss {row.get('train/loss', float('nan')):.4f} acc {percent('train/acc')}"

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fmnist import console
 from fmnist.config import (ADDED_KEYS, PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, RUN_OPTIONS, check_values,
-                           composition_message, is_count, is_text_keyed)
+                           composition_message, is_count, is_text_keyed, override_text)
 from fmnist.data.csv_io import require_file
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.data.sources import find_csv
@@ -199,17 +199,15 @@ def check_sweep_jobs(config: DictConfig, config_loader) -> None:
     parsed = OverridesParser.create(config_loader=config_loader).parse_overrides(
         [*(f"{key}={value}" for key, value in params.items()), *config.hydra.overrides.task])
     values: dict[str, list[str]] = {}  # as Hydra's basic sweeper reads them: a later override of a key wins
-    plain: dict[str, list] = {}  # the swept values of keys that are not config groups: (Python value, as written)
+    plain: dict[str, list] = {}  # the swept values of keys that are not config groups, as Python values
     for override in parsed:
         key = override.get_key_element()
         plain.pop(override.key_or_group, None)
         if override.is_discrete_sweep():
             values[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
             if not (key.startswith("hydra.") or config_loader.repository.group_exists(override.key_or_group)):
-                plain[override.key_or_group] = [
-                    (v.text if isinstance(v, QuotedString) else v,
-                     "null" if v is None else str(v).lower() if isinstance(v, bool) else text)
-                    for v, text in zip(override.sweep_iterator(), override.sweep_string_iterator())]
+                plain[override.key_or_group] = [v.text if isinstance(v, QuotedString) else v
+                                                for v in override.sweep_iterator()]
         elif not override.is_sweep_override():
             values[key] = [f"{key}={override.get_value_element_as_str()}"]
 
@@ -242,17 +240,18 @@ def check_sweep_jobs(config: DictConfig, config_loader) -> None:
             raise refused(job, e) from None
 
 
-def every_combination(composed: dict[tuple[str, ...], DictConfig], plain: dict[str, list[tuple[object, str]]]):
+def every_combination(composed: dict[tuple[str, ...], DictConfig], plain: dict[str, list]):
     """Each config of `composed` (keyed by the overrides that chose its config groups) with every combination of
-    the values of `plain` (keys that are not config groups: each value as Python and as written) set on it: yield
-    the overrides that name the combination and the config, which the next combination changes. Setting values
+    the values of `plain` (keys that are not config groups) set on it: yield the overrides that name the
+    combination (as `override_text` writes them) and the config, which the next combination changes. Setting values
     takes milliseconds where composing takes a fraction of a second, so a sweep's or a search's start can check
     every combination for the rules between keys, having composed once per value."""
     for groups, cfg in composed.items():
         for combination in itertools.product(*plain.values()):
-            for key, (value, _) in zip(plain, combination):
+            for key, value in zip(plain, combination):
                 OmegaConf.update(cfg, key, value, merge=True)  # each value composed before: its type fits
-            yield [*groups, *(f"{key}={text}" for key, (_, text) in zip(plain, combination) if len(plain[key]) > 1)], cfg
+            yield [*groups, *(f"{key}={override_text(value)}" for key, value in zip(plain, combination)
+                              if len(plain[key]) > 1)], cfg
 
 
 def _check_batch_limits(cfg: DictConfig, images: dict[str, int]) -> None:
@@ -532,8 +531,8 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     hparams = hparams_row(cfg, overrides, trainer_kwargs["precision"])
     if rank_zero_only.rank == 0:
         # A resumed run starts afresh: the error that stopped it last time is no longer its state.
-        update_record(run_dir, drop=("error", "finished_at", "stopped_by", "tested"), status=RUNNING, seed=cfg.seed, started_at=now(),
-                      overrides=list(overrides or []), precision=precision, data_digest=data_digests(cfg),
+        update_record(run_dir, drop=("error", "finished_at", "stopped_by", "tested"), status=RUNNING, seed=cfg.seed,
+                      started_at=now(), overrides=list(overrides or []), precision=precision, data_digest=data_digests(cfg),
                       trackers=tracker_ids(trackers, run_dir), **provenance(), **(record or {}))
         for_each(trackers, "start", hparams, OmegaConf.to_container(cfg, resolve=True))
         (run_dir / ERROR_FILE).unlink(missing_ok=True)
@@ -566,11 +565,12 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
     fit_seconds = time.perf_counter() - started
     stopped_by = _stopped_by_time(cfg, trainer)
-    if not math.isfinite(float(model.val_acc_best.compute())):  # the time ran out before the first validation
+    val_acc_best = float(model.val_acc_best.compute())
+    if not math.isfinite(val_acc_best):  # the time ran out before the first validation
         raise ConfigError(f"the run was {stopped_by or 'stopped'} before its first validation, so no model was chosen "
                           "and none was tested. Give it more time (trainer.max_time), or validate sooner.")
 
-    metrics = {"val/acc_best": float(model.val_acc_best.compute()), "best_epoch": _best_epoch(run_dir),
+    metrics = {"val/acc_best": val_acc_best, "best_epoch": _best_epoch(run_dir),
                "epochs": trainer.current_epoch, "fit_seconds": round(fit_seconds, 1),
                # the epochs' seconds summed over every process that trained this run (fit_seconds: this one)
                "train_seconds": round(epoch_csv.train_seconds, 3)}
