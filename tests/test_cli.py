@@ -103,6 +103,9 @@ def test_multirun_writes_one_directory_per_job_and_a_summary(tmp_path, data_dir,
     table = pd.read_csv(sweep / "summary.csv")
     assert len(table) == 2 and set(table.status) == {"completed"} and table.test_acc.between(0, 1).all()
     assert "optim.lr=0.01" in (sweep / "summary.md").read_text()
+    # The sweep's own lines are timed as a run's are ([hh:mm:ss] message), not in Hydra's longer format.
+    assert re.search(r"^\[\d\d:\d\d:\d\d\] sweep summary: ", result.stdout, re.M), result.stdout[-2000:]
+    assert "[HYDRA]" not in result.stdout + result.stderr
 
 
 def test_help_lists_the_groups_train_takes_and_only_those(run_in_process):

@@ -133,7 +133,7 @@ def test_evaluate_with_tta_on_another_test_set(run_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_sweep_directory_picks_the_best_job_by_validation_accuracy(run_dir, tmp_path):
+def test_a_sweep_directory_picks_the_best_job_by_validation_accuracy(run_dir, tmp_path, run_in_process):
     sweep = tmp_path / "sweep"
     # (val/acc_best, test/acc, status): the best on test and a failed job must not be chosen.
     for job, (val, test, status) in {"lr=a": (0.5, 0.99, "completed"), "lr=b": (0.9, 0.10, "completed"),
@@ -145,8 +145,12 @@ def test_a_sweep_directory_picks_the_best_job_by_validation_accuracy(run_dir, tm
         (sweep / job / "metrics.json").write_text(json.dumps(record))
     resolved = resolve(sweep)
     assert resolved.run_dir == sweep / "lr=b" and resolved.path.parent == sweep / "lr=b" / "checkpoints"
-    record = evaluate(compose_named("evaluate", f"ckpt='{sweep}'"), tmp_path / "eval")
+    result = run_in_process("evaluate.py", f"ckpt='{sweep}'", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert record["checkpoint"]["run_dir"] == str((sweep / "lr=b").resolve()) and "lr=b" in record["checkpoint"]["chosen"]
+    lines = [line.split("] ", 1)[-1] for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert sum(record["checkpoint"]["chosen"] in line for line in lines) == 1, lines  # the choice is said once
 
 
 @pytest.mark.slow

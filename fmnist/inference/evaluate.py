@@ -118,9 +118,8 @@ def _write_figure(path: Path, cm: np.ndarray, csv: Path, tta: str) -> None:
 def summary_table(record: dict, out_dir: Path) -> str:
     """What evaluate.py prints at the end: the checkpoint, the test metrics and where the files are."""
     m = record["metrics"]
+    # Which job a sweep directory chose (`checkpoint.chosen`) was logged when the checkpoint was found.
     lines = [f"checkpoint {record['checkpoint']['path']} (sha256 {record['checkpoint']['sha256'][:12]})"]
-    if record["checkpoint"]["chosen"]:
-        lines.append(record["checkpoint"]["chosen"])
     tta = "" if record["tta"] == "none" else f", TTA {record['tta']}"
     lines += [f"test CSV   {record['data']['test_csv']} ({m['n_images']} images{tta})",
               f"accuracy {m['accuracy']:.4%}   loss {m['loss']:.4f}   macro-F1 {m['macro_f1']:.4f}   "
