@@ -96,7 +96,7 @@ def check_nodes(num_nodes: int) -> None:
     if num_nodes > 1 and not any(name in os.environ for name in NODE_RANK_VARIABLES):
         raise ConfigError(f"config key trainer.num_nodes must be 1 outside a multi-node launch; got {num_nodes}, but "
                           f"no launcher set a node rank here ({', '.join(NODE_RANK_VARIABLES)}), so the run would wait "
-                          "for nodes that never join. Launch it through SLURM (hydra/launcher=submitit_slurm, "
+                          "for nodes that never join. Launch it through SLURM (hydra/launcher=slurm, "
                           "docs/scaling.md) or torchrun.")
 
 

@@ -1,9 +1,9 @@
 """The leaderboard: published Fashion-MNIST results next to this project's recipes, from their sweep directories.
 
 Each project row is one setting of a sweep: test accuracy, the mean over its seeds with its 95% confidence
-interval, and the compute
-behind it (training images, training FLOPs, wall time) with the hardware it ran on, all read from
-the jobs' `metrics.json` and `epochs.csv`, so the table is regenerated rather than typed.
+interval, and the compute behind it (training images, training FLOPs, training time: the epochs' wall time
+with their validation, without start-up or the test) with the hardware it ran on, all read from the jobs'
+`metrics.json` and `epochs.csv`, so the table is regenerated rather than typed.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def project_rows(sweep_dir: Path, table: pd.DataFrame) -> list[dict]:
             "n": len(acc), "mean": acc.mean(),
             "training images": "?" if pd.isna(first.train_images) else f"{int(first.train_images):,}",
             "training PFLOP": "?" if pd.isna(first.train_flops) else f"{first.train_flops / 1e15:.2g}",
-            "wall time (s)": f"{jobs.train_seconds.mean():.0f}",
+            "training time (s)": f"{jobs.train_seconds.mean():.0f}",
             "hardware": hardware_of(record),
             "split": split_of(sweep_dir / jobs.job.iloc[0]),
         })
@@ -115,22 +115,22 @@ def left_out(sweep_dir: Path, table: pd.DataFrame) -> str | None:
 
 
 def markdown(sweep_dirs: list[Path]) -> str:
-    lines = ["| result | test acc (%) | n | training images | training PFLOP | wall time (s) | hardware / budget |",
+    lines = ["| result | test acc (%) | n | training images | training PFLOP | training time (s) | hardware / budget |",
              "|---|---|---|---|---|---|---|"]
     for name, acc, budget, source in REFERENCES:
         lines.append(f"| {name} [{source}] | {acc} | | | | | {budget} |")
     tables = {Path(d): collect(d) for d in sweep_dirs}  # every job's record and epochs.csv, read once
     rows = sorted((r for d, t in tables.items() for r in project_rows(d, t)), key=lambda r: -r["mean"])
-    row = ("| **{recipe}** | {test acc (%)} | {n} | {training images} | {training PFLOP} | {wall time (s)} "
+    row = ("| **{recipe}** | {test acc (%)} | {n} | {training images} | {training PFLOP} | {training time (s)} "
            "| {hardware} |")
     lines += [row.format(**r) for r in rows if r["split"] is None]
     other = [r for r in rows if r["split"] is not None]
     if other:  # not comparable with the published results: a table of their own, saying why
         lines += ["", "Not on the standard 60k/10k split, so not comparable with the results above:", "",
-                  "| recipe | test acc (%) | n | data | training images | training PFLOP | wall time (s) | hardware |",
+                  "| recipe | test acc (%) | n | data | training images | training PFLOP | training time (s) | hardware |",
                   "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['recipe']} | {r['test acc (%)']} | {r['n']} | {r['split']} | {r['training images']} "
-                  f"| {r['training PFLOP']} | {r['wall time (s)']} | {r['hardware']} |" for r in other]
+                  f"| {r['training PFLOP']} | {r['training time (s)']} | {r['hardware']} |" for r in other]
     notes = [note for d, t in tables.items() if (note := left_out(d, t))]
     notes.append(INTERVAL_NOTE + " Two rows whose intervals overlap are not shown to differ. The published "
                  "results give one number each, without an interval.")
