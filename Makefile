@@ -85,7 +85,7 @@ ablations: data
 	$(BIN)/python train.py -m experiment=study preset=cpu data.dir=$(DATA) $(ARGS)
 
 report: $(STAMP)
-	$(BIN)/python -m fmnist.results report $(or $(SWEEP),outputs/study-cpu)
+	$(BIN)/python -m fmnist.results report "$(or $(SWEEP),outputs/study-cpu)"
 
 # The leaderboard in docs/performance.md, from the committed sweeps (add yours: make leaderboard ARGS=outputs/NAME).
 LEADERBOARD_SWEEPS := docs/results/cpu_best docs/results/cpu_best_half docs/results/speedrun_cpu docs/results/gpu/speedrun_gpu_95_before_ema docs/results/report

@@ -66,8 +66,11 @@ def sigterm_unwinds(enabled: bool = True):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-TERMINATED = ("stopped by SIGTERM; its temporary files are removed, and each file it writes is either whole or as "
-              "it was before (a command that writes several may have written some of them).", 128 + signal.SIGTERM)
+# A command stopped by a signal outside a training run (a run records its own stop and how to resume it).
+_STOPPED = ("its temporary files are removed, and each file it writes is either whole or as it was before (a "
+            "command that writes several may have written some of them).")
+TERMINATED = (f"stopped by SIGTERM; {_STOPPED}", 128 + signal.SIGTERM)
+INTERRUPTED = (f"stopped by Ctrl-C; {_STOPPED}", 128 + signal.SIGINT)
 
 
 # Hydra's mode flags, by each spelling: a command line with two modes is a ValueError with a traceback there.
@@ -111,8 +114,8 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -
                 _exit(str(mapped), 2)
     except Terminated:
         _exit(*TERMINATED)
-    except KeyboardInterrupt:  # Ctrl-C before a run started (a started one exits 130 by itself): nothing to resume
-        _exit("stopped by Ctrl-C before the run started; nothing was written.", 130)
+    except KeyboardInterrupt:  # before a training run started (a started one exits 130 by itself), or another command
+        _exit(*INTERRUPTED)
 
 
 def chained_fmnist_error(error: BaseException) -> FmnistError | None:
@@ -131,9 +134,10 @@ def run_plain(work: Callable[[], object], unwind_on_sigterm: bool = False) -> in
     except FmnistError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except Terminated:
-        print(f"error: {TERMINATED[0]}", file=sys.stderr)
-        return TERMINATED[1]
+    except (Terminated, KeyboardInterrupt) as e:
+        message, code = TERMINATED if isinstance(e, Terminated) else INTERRUPTED
+        print(f"error: {message}", file=sys.stderr)
+        return code
     return 0
 
 

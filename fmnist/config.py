@@ -210,11 +210,11 @@ def composition_message(error: BaseException, args: list[str] | None = None, ent
     unreadable = _unreadable_override(sys.argv[1:] if args is None else args)
     if unreadable:
         key, _, value = unreadable.partition("=")
-        kept = [f"cannot read the override `{unreadable}`: a value holding `=`, spaces, commas or brackets must be "
-                f"quoted, e.g. {key}=\"'{value}'\"", *(f"Hydra's parser: {k}" for k in kept[:1]), *kept[1:]]
+        kept = [f"cannot read the override `{unreadable}`: a value holding `=`, spaces, commas, brackets or letters "
+                f"outside ASCII must be quoted, e.g. {key}=\"'{value}'\"", *(f"Hydra's parser: {k}" for k in kept[:1]), *kept[1:]]
     if not help_hint:
         return ". ".join(dict.fromkeys(kept)) + "."
-    return ". ".join(dict.fromkeys(kept)) + (f". `python {entry} --help` lists the config groups; `python {entry} "
+    return ". ".join(dict.fromkeys(kept)) + (f". `python {entry} --help` lists what it takes; `python {entry} "
                                             "--cfg job` prints every key with its value.")
 
 

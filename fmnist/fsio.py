@@ -9,6 +9,7 @@ import os
 import pickle
 import re
 import secrets
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -53,7 +54,10 @@ def atomic_output(path: Path, suffix: str = ".tmp", replace: bool = True) -> Ite
             e.filename = str(path)
         raise
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only file system refuses even this: the error above is the one to report
+            pass
 
 
 def _link_new(tmp: Path, path: Path) -> None:
@@ -106,6 +110,20 @@ def note_named_dirs(args: list[str]) -> None:
 def missing_dirs(path: Path) -> list[Path]:
     """`path` and those of its parents that do not exist yet, deepest first: what making `path` would create."""
     return [d for d in (Path(path), *Path(path).parents) if not d.exists()]
+
+
+@contextmanager
+def parent_dirs_made(path: Path):
+    """Make the missing directories above `path` for the block; if the block fails (an error, a signal), remove
+    those it made that are still empty, so that a failed command leaves no empty directories behind."""
+    made = missing_dirs(Path(path).parent)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for directory in made:  # the deepest first
+            remove_if_empty(directory)
+        raise
 
 
 def remove_if_empty(directory: Path) -> None:
@@ -199,18 +217,19 @@ def storage_error(error: OSError, path: Path | str | None = None,
         fix = ("Free some space or choose another place" if error.errno in _SPACE
                else "Choose a place that can be written") + f" ({key}=...)"
     return StorageError(f"cannot write {where}: {cause} ({error.strerror}). {fix}; files already "
-                        "written, checkpoints included, are intact.")
+                        "written are intact.")
 
 
-def check_writable(directory: Path) -> None:
-    """Raise StorageError if files cannot be created in `directory` (read-only file system, no permission)."""
+def check_writable(directory: Path, key: str | None = "hydra.run.dir") -> None:
+    """Raise StorageError if files cannot be created in `directory` (read-only file system, no permission);
+    `key` as in `storage_error`."""
     if os.statvfs(directory).f_flag & os.ST_RDONLY:
         code = errno.EROFS
     elif not os.access(directory, os.W_OK):
         code = errno.EACCES
     else:
         return
-    raise storage_error(OSError(code, os.strerror(code), str(directory)))
+    raise storage_error(OSError(code, os.strerror(code), str(directory)), key=key)
 
 
 @contextmanager
@@ -243,7 +262,11 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found.")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # A file pickled outside torch.save (refused below, or read if it holds only tensors): torch's note on
+            # its pickle protocol says nothing a user can act on.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message advises retrying with weights_only=False, exactly what must not be done: name the class.
         found = re.search(r"GLOBAL ([\w.]+)", str(e))

@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 from fmnist import console
 from fmnist.cli import run_plain
 from fmnist.errors import ConfigError
-from fmnist.fsio import atomic_write
+from fmnist.fsio import atomic_write, check_writable
 from fmnist.training.callbacks import step_callbacks
 from fmnist.config import ACCELERATORS, OptimConfig, TrainConfig, compose_train
 from fmnist.data.csv_io import cache_path, load_csv, parse_csv
@@ -251,6 +251,8 @@ def check_inputs(args) -> None:
                           f"got {odd[0]!r}.")
     if args.out.is_dir() or (args.out.exists() and not args.out.is_file()):
         raise ConfigError(f"--out names {args.out}, which is not a regular file; give a CSV file name.")
+    # Where the rows will go must take them: else they are lost after the whole benchmark.
+    check_writable(next(d for d in args.out.resolve().parents if d.exists()), key="--out")
     if args.out.exists():
         with open(args.out, "rb") as f:
             header = f.readline()

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from fmnist.fsio import atomic_write  # the standard library only, like the imports above
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 THRESHOLDS = (0.94, 0.95)  # validation accuracy marks for time-to-accuracy
@@ -184,7 +186,7 @@ def environment(results: Path) -> dict:
                                            timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError) as e:
         env["nvidia_smi"] = f"unavailable: {e}"
-    (results / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+    atomic_write(results / "env.json", json.dumps(env, indent=2) + "\n")
     return env
 
 
@@ -306,7 +308,7 @@ def write_summary(results: Path, env: dict, outcomes: list[dict]) -> str:
     parts += ["## experiment=best, its first 2 minutes (alone on the GPU; not the recipe's accuracy)", "",
               markdown_table(time_to_accuracy(results / "best_probe"))]
     text = "\n".join(parts)
-    (results / "summary.md").write_text(text)
+    atomic_write(results / "summary.md", text)  # rewritten after every step: never half of one
     return text
 
 
@@ -320,10 +322,10 @@ def write_records_summary(results: Path, env: dict, outcomes: list[dict]) -> str
         parts += [f"## experiment={recipe} (alone on the GPU)", "", markdown_table(time_to_accuracy(results / recipe))]
     sweeps = [results / recipe for recipe, _ in RECORD_RECIPES if (results / recipe).is_dir()]
     if sweeps:
-        (results / "leaderboard.md").write_text(leaderboard(sweeps))
+        atomic_write(results / "leaderboard.md", leaderboard(sweeps))
         parts += ["## Leaderboard", "", (results / "leaderboard.md").read_text()]
     text = "\n".join(parts)
-    (results / "summary.md").write_text(text)
+    atomic_write(results / "summary.md", text)  # rewritten after every step: never half of one
     return text
 
 

@@ -154,3 +154,21 @@ def pytest_collection_modifyitems(items):
     stealing) the longest tests start early and the short ones fill in at the end, instead of a
     two-minute test starting last while the other worker has nothing left to do."""
     items.sort(key=lambda item: (item.path.name != "test_readme.py", item.get_closest_marker("slow") is None))
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a tmpfs (as root); yield a function that mounts one with the given options."""
+    mounted = []
+
+    def mount(options: str) -> Path:
+        point = tmp_path / f"mnt{len(mounted)}"
+        point.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True).returncode:
+            pytest.skip("needs root to mount a tmpfs")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=False)

@@ -6,15 +6,18 @@ point (a second process, signals), in this one (`run_in_process`) elsewhere.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
+import pickle
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -242,30 +245,19 @@ def test_config_errors_found_by_hydra_exit_2(tmp_path, run_in_process, override,
 
 
 # Storage: a read-only directory or a full disk is one paragraph, and the checkpoints survive.
-@pytest.fixture
-def tmpfs(tmp_path):
-    """Mount a tmpfs (as root); yield a function that mounts one with the given options."""
-    mounted = []
-
-    def mount(options: str) -> Path:
-        point = tmp_path / f"mnt{len(mounted)}"
-        point.mkdir()
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True).returncode:
-            pytest.skip("needs root to mount a tmpfs")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", str(point)], check=False)
-
-
 def test_a_file_written_to_a_full_disk_is_named_with_the_key_that_chose_it(tmpfs):
     full = tmpfs("size=8k")
     with pytest.raises(StorageError) as error, storage_errors(key="out"):
         atomic_write(full / "predictions.csv", b"x" * 100_000)
     assert f"cannot write {full / 'predictions.csv'}: the disk is full" in str(error.value)
     assert "(out=...)" in str(error.value) and list(full.iterdir()) == []  # no temporary left behind
+
+
+def test_a_file_written_to_a_read_only_file_system_is_named_not_its_temporary(tmpfs):
+    read_only = tmpfs("ro,size=8k")
+    with pytest.raises(StorageError) as error, storage_errors(key="out"):
+        atomic_write(read_only / "predictions.csv", b"x")
+    assert f"cannot write {read_only / 'predictions.csv'}: the file system is read-only" in str(error.value)
 
 
 @pytest.mark.parametrize("script,key,target", [
@@ -434,42 +426,49 @@ def test_an_output_that_appears_while_a_command_runs_is_kept_unless_replacing_is
     assert (tmp_path / "new.csv").read_bytes() == b"rows"
 
 
-# SIGTERM (a time limit, scancel) during a command that writes a file: its temporary file is removed.
-SIGTERM_WHILE_WRITING = """
+# SIGTERM (a time limit, scancel) or Ctrl-C during a command that writes a file: its temporary file is removed.
+SIGNAL_WHILE_WRITING = """
 import os, signal, sys, time
 from pathlib import Path
 from fmnist.cli import run_plain
 from fmnist.fsio import atomic_output
 
 out = Path(sys.argv[1])
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever this test's process ignores
 
 def work():
     with atomic_output(out, suffix=".onnx") as tmp:
         tmp.write_bytes(b"half of a model")
-        os.kill(os.getpid(), signal.SIGTERM)  # as a time limit would, in the middle of the write
+        os.kill(os.getpid(), signal.{signal_name})  # as a time limit or Ctrl-C would, in the middle of the write
         time.sleep(60)
 
 sys.exit(run_plain(work, unwind_on_sigterm={unwind}))
 """
 
 
-@pytest.mark.parametrize("unwind", [True, False])
-def test_sigterm_while_a_command_writes_leaves_no_temporary_file(tmp_path, unwind):
+@pytest.mark.parametrize("signal_name,unwind", [("SIGTERM", True), ("SIGTERM", False), ("SIGINT", False)])
+def test_a_signal_while_a_command_writes_leaves_no_temporary_file(tmp_path, signal_name, unwind):
     out = tmp_path / "out" / "model.onnx"
     out.parent.mkdir()
-    done = subprocess.run([sys.executable, "-c", SIGTERM_WHILE_WRITING.format(unwind=unwind), str(out)],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    script = SIGNAL_WHILE_WRITING.format(unwind=unwind, signal_name=signal_name)
+    done = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
     left = sorted(p.name for p in out.parent.iterdir())
-    if unwind:  # what evaluate, predict, export, get_data and the results verbs do
+    if signal_name == "SIGINT":  # every plain command: one line, no traceback
+        assert done.returncode == 130 and done.stderr.startswith("error: stopped by Ctrl-C;"), done.stderr
+        assert "Traceback" not in done.stderr and left == []
+    elif unwind:  # what evaluate, predict, export, get_data and the results verbs do
         assert done.returncode == 143 and "stopped by SIGTERM" in done.stderr and left == []
     else:  # the default action (a training command, where Lightning handles SIGTERM): the file stays behind
         assert done.returncode == -signal.SIGTERM and len(left) == 1 and left[0].startswith(".model.onnx.")
 
 
-@pytest.mark.parametrize("content", [b"hello\n", bytes(range(256)) * 4, b"PK\x03\x04" + b"\x00" * 100])
+@pytest.mark.parametrize("content", [b"hello\n", bytes(range(256)) * 4, b"PK\x03\x04" + b"\x00" * 100,
+                                     pickle.dumps({"args": argparse.Namespace()}, protocol=4)])  # pickled by hand
 def test_a_file_that_is_not_a_checkpoint_is_one_paragraph_not_a_pickle_warning(tmp_path, content):
     path = tmp_path / "model.ckpt"
     path.write_bytes(content)
-    with pytest.raises(CheckpointError) as refused:
+    with pytest.raises(CheckpointError) as refused, warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
         load_checkpoint(path)
     assert "not a" in str(refused.value) and "pickled Python objects" not in str(refused.value)
+    assert not warned, [str(w.message) for w in warned]

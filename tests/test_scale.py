@@ -66,6 +66,14 @@ def test_benchmark_refuses_an_out_it_did_not_write_and_a_bad_model_before_timing
     assert victim.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [victim.name]
 
 
+def test_benchmark_refuses_an_out_it_cannot_write_before_timing(data_dir, run_in_process, tmpfs):
+    read_only = tmpfs("ro,size=8k")  # the rows would be lost after the whole benchmark
+    result = run_in_process("scripts/benchmark.py", "--data-dir", str(data_dir), "--models", "simple",
+                            "--out", str(read_only / "bench.csv"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "hardware:" not in result.stdout
+    assert f"cannot write {read_only}: the file system is read-only" in result.stderr and "(--out=...)" in result.stderr
+
+
 def test_gpu_check_dry_run_composes_every_command(run_in_process):
     result = run_in_process("scripts/gpu_check.py", "--dry-run")
     assert result.returncode == 0, result.stderr[-3000:]

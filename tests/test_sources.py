@@ -57,12 +57,20 @@ def test_a_lone_csv_is_not_overwritten(tmp_path, idx_dir):
 
 def test_nothing_available_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr("fmnist.data.sources.DEBIAN_DIR", tmp_path / "nowhere")
-    (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="Could not obtain Fashion-MNIST.*Do one of: \\(1\\) put Kaggle's"):
-        obtain(tmp_path / "data", idx_dir=tmp_path / "empty", allow_install=False, allow_download=False)
-    # An --idx-dir that is not there is named, not passed over for another source.
+        obtain(tmp_path / "data", idx_dir=None, allow_install=False, allow_download=False)
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_named_idx_dir_is_converted_or_refused_never_passed_over(tmp_path, idx_dir, monkeypatch):
+    monkeypatch.setattr("fmnist.data.sources.DEBIAN_DIR", idx_dir)  # another source that would work
     with pytest.raises(DataError, match="--idx-dir .*missing: no such directory"):
         obtain(tmp_path / "data", idx_dir=tmp_path / "missing", allow_install=False, allow_download=False)
+    dotted = tmp_path / "dotted"  # another spelling of the names, and a train split alone
+    dotted.mkdir()
+    (dotted / "train-images.idx3-ubyte").write_bytes((idx_dir / "train-images-idx3-ubyte.gz").read_bytes())
+    with pytest.raises(DataError, match="dotted: no train-images-idx3-ubyte.*t10k-labels-idx1-ubyte.gz.*Nothing was"):
+        obtain(tmp_path / "data", idx_dir=dotted, allow_install=False, allow_download=False)
     assert not (tmp_path / "data").exists()
 
 

@@ -1,4 +1,6 @@
+import errno
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -9,7 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from fmnist.config import PLACEMENT_KEYS, setting_of
-from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError
+from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, StorageError
+from fmnist.fsio import storage_errors
 from fmnist.results.__main__ import main as results_main
 from fmnist.results.report import ablation_pairs, write_report
 from fmnist.results.sweep import check_sweep_dir, summarize
@@ -174,6 +177,37 @@ def test_report_draws_curves_ablations_and_confusion(tmp_path):
     names = {p.name for p in write_report(sweep)}
     assert names == {"curves_optim.lr-0.001.png", "curves_optim.lr-0.01.png", "ablation_optim.lr.png", "confusion_matrix.png"}
     assert all((sweep / "figures" / n).stat().st_size > 10_000 for n in names)
+
+
+def test_report_leaves_out_a_job_without_a_readable_record(tmp_path):
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1):
+        _fake_job(sweep, f"optim.lr=0.01,seed={seed}", "completed", seed, 0.9, ["optim.lr=0.01", f"seed={seed}"])
+    _fake_job(sweep, "optim.lr=0.1,seed=0", "completed", 0, 0.5, ["optim.lr=0.1", "seed=0"])
+    (sweep / "optim.lr=0.1,seed=0" / "metrics.json").write_text('{"status": "compl')  # cut short by a crash
+    names = {p.name for p in write_report(sweep)}
+    # Its setting is unknown: drawn, it would be a setting called "(defaults)".
+    assert "curves_optim.lr-0.01.png" in names and not any("defaults" in n for n in names), names
+
+
+def test_a_figure_that_fails_mid_write_keeps_the_one_there_before(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1):
+        _fake_job(sweep, f"seed={seed}", "completed", seed, 0.9, [f"seed={seed}"])
+    write_report(sweep)
+    before = {p.name: p.read_bytes() for p in (sweep / "figures").iterdir()}
+
+    def half_then_full_disk(self, target, **kwargs):
+        Path(target).write_bytes(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_then_full_disk)
+    with pytest.raises(StorageError, match=r"cannot write .*figures/curves__defaults_.png: the disk is full"), \
+            storage_errors(key=None):
+        write_report(sweep)
+    assert {p.name: p.read_bytes() for p in (sweep / "figures").iterdir()} == before  # no temporary, no half figure
 
 
 def test_report_reads_settings_whose_values_hold_commas(tmp_path):

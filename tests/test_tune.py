@@ -68,7 +68,7 @@ def test_a_study_runs_to_n_trials_records_each_trial_and_continues(tmp_path, dat
 
 
 @pytest.mark.slow
-def test_a_diverging_trial_is_recorded_and_the_study_goes_on(tmp_path, data_dir, run_in_process):
+def test_a_diverging_trial_is_recorded_and_the_study_goes_on(tmp_path, data_dir, run_in_process, caplog):
     # SGD with learning rates up to 1e8: the seeded sampler draws both trainable and exploding ones.
     result = run_in_process("tune.py", "study=d", "n_trials=4", f"out_dir={tmp_path}", f"data.dir={data_dir}", *SMALL, "optim=sgd",
                       "space.lr.low=1e-3", "space.lr.high=1e8", "optim.scheduler=none", "trainer.precision=32-true")
@@ -82,6 +82,9 @@ def test_a_diverging_trial_is_recorded_and_the_study_goes_on(tmp_path, data_dir,
         assert read_record(tmp_path / "d" / f"trial-{n:04d}")["status"] == "diverged"
         assert trials[n].user_attrs["status"] == "diverged"
     assert "diverged" in (tmp_path / "d" / "summary.md").read_text()
+    # Each failed trial is one line (Optuna's), without our own exception's traceback.
+    ends = [r for r in caplog.records if r.name.startswith("optuna") and "failed with" in r.getMessage()]
+    assert len(ends) == len(failed) and not any(r.exc_info for r in ends), [r.getMessage() for r in ends]
 
 
 class AlwaysPrune(optuna.pruners.BasePruner):
@@ -254,6 +257,7 @@ def test_a_stopped_trial_is_recorded_and_replaced_so_the_study_still_reaches_n_t
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143 and "recorded `interrupted`" in err, err[-3000:]
+    assert "Traceback" not in err and "TrialInterrupted" not in err, err[-3000:]  # the paragraph alone
     assert read_record(tmp_path / "k" / "trial-0000")["status"] == "interrupted"
     again = run_in_process("tune.py", *args)  # the same command: the stopped trial does not count
     assert again.returncode == 0, again.stderr[-3000:]

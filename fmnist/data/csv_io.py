@@ -33,8 +33,10 @@ _NL, _CR, _COMMA, _ZERO = 10, 13, 44, 48
 def require_file(path: Path) -> None:
     """Raise DataError if `path` is not an existing file."""
     if not path.is_file():
-        raise DataError(f"{path}: file not found. Expected a Kaggle-format Fashion-MNIST CSV; "
-                        "`make data` (or `python scripts/get_data.py`) creates one, or pass data.dir=DIR.")
+        what = "a directory, not a file" if path.is_dir() else "file not found"
+        raise DataError(f"{path}: {what}. Expected a Kaggle-format Fashion-MNIST CSV; `make data` (or "
+                        "`python scripts/get_data.py`) creates one, or name the directory holding it (data.dir=DIR; "
+                        "--data-dir DIR for the scripts).")
 
 
 def read_raw(path: Path, max_bytes: int | None = None) -> bytes:

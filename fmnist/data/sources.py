@@ -86,7 +86,11 @@ def idx_to_csv(idx_dir: Path, data_dir: Path) -> None:
     for split, (_, expected_rows) in SPLITS.items():
         found = find_idx(idx_dir, split)
         if found is None:
-            raise DataError(f"{idx_dir}: no {SPLITS[split][0]}-images-idx3-ubyte[.gz] / -labels-idx1-ubyte[.gz] pair.")
+            prefix = SPLITS[split][0]
+            raise DataError(f"{idx_dir}: no {prefix}-images-idx3-ubyte[.gz] and {prefix}-labels-idx1-ubyte[.gz]; "
+                            "expected Zalando's four files under their own names (train-images-idx3-ubyte.gz, "
+                            "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz). "
+                            "Nothing was written.")
         images, labels = (read_idx(p) for p in found)
         if images.shape[1:] != (28, 28) or len(images) != len(labels):
             raise DataError(f"{idx_dir}: {split} images {images.shape} do not match labels {labels.shape}.")
@@ -160,15 +164,17 @@ def _obtain(data_dir: Path, idx_dir: Path | None, allow_install: bool, allow_dow
         present = [str(p) for p in csvs if p.exists()]
         raise DataError(f"{data_dir} holds only {present}; refusing to overwrite it. Put both CSVs there, "
                         "or move it away and run `make data` again.")
-    if idx_dir is not None and not idx_dir.is_dir():  # named on purpose: not silently replaced by another source
-        raise DataError(f"--idx-dir {idx_dir}: no such directory; expected the directory holding Zalando's four "
-                        "*-idx?-ubyte.gz files.")
+    if idx_dir is not None:  # named on purpose: converted, or refused naming what is missing; never another source
+        if not idx_dir.is_dir():
+            raise DataError(f"--idx-dir {idx_dir}: no such directory; expected the directory holding Zalando's four "
+                            "*-idx?-ubyte.gz files.")
+        idx_to_csv(idx_dir, data_dir)
+        return f"converted IDX files from {idx_dir}"
     tried = []
-    for directory in ([idx_dir] if idx_dir else []) + [DEBIAN_DIR]:
-        if find_idx(directory, "train") and find_idx(directory, "test"):
-            idx_to_csv(directory, data_dir)
-            return f"converted IDX files from {directory}"
-        tried.append(f"no IDX files in {directory}")
+    if find_idx(DEBIAN_DIR, "train") and find_idx(DEBIAN_DIR, "test"):
+        idx_to_csv(DEBIAN_DIR, data_dir)
+        return f"converted IDX files from {DEBIAN_DIR}"
+    tried.append(f"no IDX files in {DEBIAN_DIR}")
     if allow_install and _install_debian_package():
         idx_to_csv(DEBIAN_DIR, data_dir)
         return f"installed {DEBIAN_PACKAGE} and converted {DEBIAN_DIR}"

@@ -262,7 +262,8 @@ def load_model(ckpt: str | Path) -> LoadedModel:
     broken = [k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
         raise CheckpointError(f"{path}: its weights hold NaN or infinite values ({len(broken)} tensors, e.g. "
-                              f"net.{broken[0]}): the run diverged before this checkpoint; nothing can be computed with it.")
+                              f"net.{broken[0]}): the run diverged before this checkpoint, or the file was damaged since; nothing "
+                              "can be computed with it.")
     loaded = LoadedModel(net, path, file_digest(path, "sha256"), dict(model), data, run_dir=resolved.run_dir,
                          note=resolved.note, raw_weights=payload.get("current_model_state"),
                          tta=options.get("tta", TrainConfig.tta), channels_last=channels_last)

@@ -16,9 +16,10 @@ import pandas as pd
 from matplotlib.ticker import FormatStrFormatter, FuncFormatter, MaxNLocator
 
 from fmnist.config import name_items
+from fmnist.fsio import atomic_output, atomic_write
 from fmnist.training.figures import confusion_matrix_figure
 from fmnist.results.stats import INTERVAL_NOTE, holm, mean_interval, paired
-from fmnist.runs import COMPLETED, EPOCHS_FILE, collect, read_confusion_matrix, read_epochs
+from fmnist.runs import COMPLETED, EPOCHS_FILE, RECORDED, collect, read_confusion_matrix, read_epochs
 
 # The seed report's Figures 4.1-4.8: (number, its title, the `experiment=report` variant behind it).
 REPORT_FIGURES = [
@@ -51,10 +52,11 @@ def parse_setting(setting: str) -> dict[str, str]:
 
 
 def load_curves(sweep_dir: Path, table: pd.DataFrame) -> dict[str, list[pd.DataFrame]]:
-    """Per setting, the `epochs.csv` of each of its jobs (any status: a diverged run's curve matters too), or
-    ConfigError naming a damaged one: the report draws every column it reads."""
+    """Per setting, the `epochs.csv` of each of its jobs (any recorded status: a diverged run's curve matters too),
+    or ConfigError naming a damaged one: the report draws every column it reads. A job without a readable record
+    is left out: its setting is not known, and `summary.md` lists it."""
     curves: dict[str, list[pd.DataFrame]] = {}
-    for row in table.itertuples():
+    for row in table[table.status.isin(RECORDED)].itertuples():
         path = Path(sweep_dir) / row.job / EPOCHS_FILE
         if path.exists() and path.stat().st_size > 0:
             frame = read_epochs(path)
@@ -287,8 +289,11 @@ def write_report(sweep_dir: Path) -> list[Path]:
     written = []
 
     def save(fig: plt.Figure, name: str) -> None:
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
+        try:
+            with atomic_output(out / name, suffix=".png") as tmp:
+                fig.savefig(tmp, dpi=110)
+        finally:
+            plt.close(fig)
         written.append(out / name)
 
     by_variant: dict[str, list[pd.DataFrame]] = {}
@@ -300,7 +305,7 @@ def write_report(sweep_dir: Path) -> list[Path]:
             if variant in by_variant:
                 save(curves_figure([(f"variant={variant}", by_variant[variant])], f"Figure {number}: {title}"),
                      f"figure_{number}.png")
-        (sweep_dir / "report.md").write_text(claims_table(table, by_variant))
+        atomic_write(sweep_dir / "report.md", claims_table(table, by_variant))
     else:
         names = short_names(sorted(curves))
         for setting, runs in sorted(curves.items()):

@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fmnist.cli import chained_fmnist_error, exit_with
 from fmnist.config import check_sweep_values, superseded_note
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError
-from fmnist.fsio import note_early_write
+from fmnist.fsio import atomic_write, note_early_write
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
 from fmnist.runs import COMPLETED, RUNNING, collect, is_job_dir
 
@@ -71,8 +71,8 @@ def summarize(sweep_dir: Path) -> pd.DataFrame:
     """Write `summary.csv` and `summary.md` into `sweep_dir`; return the per-job table."""
     sweep_dir = Path(sweep_dir)
     table = collect(sweep_dir)
-    table.to_csv(sweep_dir / "summary.csv", index=False)
-    (sweep_dir / "summary.md").write_text(_markdown(table, group(table), f"Sweep {sweep_dir.name}"))
+    atomic_write(sweep_dir / "summary.csv", table.to_csv(index=False))
+    atomic_write(sweep_dir / "summary.md", _markdown(table, group(table), f"Sweep {sweep_dir.name}"))
     return table
 
 

@@ -43,7 +43,7 @@ from fmnist.config import (PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_n
 from fmnist.data.csv_io import require_file
 from fmnist.data.sources import find_csv
 from fmnist.errors import ConfigError, FmnistError
-from fmnist.fsio import missing_dirs, remove_if_empty
+from fmnist.fsio import atomic_output, atomic_write, missing_dirs, remove_if_empty
 from fmnist.results.sweep import summarize
 from fmnist.runs import DIVERGED, FAILED, INTERRUPTED, METRICS_FILE, now, update_record
 from fmnist.training.train import (RunPruned, check_config, every_combination, failure_of, flat_config,
@@ -222,6 +222,20 @@ class TrialInterrupted(Exception):
     def __init__(self, signal_number: int):
         super().__init__(f"stopped by signal {signal_number}")
         self.signal_number = signal_number
+
+
+class _TrialEndsInOneLine(logging.Filter):
+    """Optuna logs the exception that ended a trial with its traceback, then a second line "failed with value
+    None". The ends this code raises on purpose are already recorded and said: a failed trial keeps Optuna's one
+    line, without the traceback of our own exception; an interrupted one is told by tune.py's closing paragraph."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, TrialInterrupted) or record.getMessage().endswith("failed with value None."):
+            return False
+        if isinstance(error, TrialFailed):
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 # How each trial ended, in its `status` user attribute (the run record's words): the ones `n_trials` counts.
@@ -547,6 +561,9 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
         remaining = cfg.n_trials - done
         log.info("study %s (%s): %d trials so far, %d to run", cfg.study, study_dir, done, max(remaining, 0))
         if remaining > 0:
+            optimize_log = logging.getLogger("optuna.study._optimize")  # where Optuna logs a trial's end
+            if not any(isinstance(f, _TrialEndsInOneLine) for f in optimize_log.filters):
+                optimize_log.addFilter(_TrialEndsInOneLine())
             # StopAtNTrials counts every process's trials: together they stop at n_trials.
             study.optimize(search.objective, catch=(TrialFailed,), callbacks=[StopAtNTrials(cfg.n_trials)])
     write_results(study, study_dir)
@@ -610,7 +627,7 @@ def write_results(study: optuna.Study, study_dir: Path) -> None:
     command = "python train.py " + " ".join(best["overrides"])
     text = (f"# Best trial of Optuna study {study.study_name} ({len(study.trials)} trials), by {METRIC}.\n"
             f"# Train it again (or with other seeds) with:\n#   {command}\n")
-    (study_dir / "best.yaml").write_text(text + OmegaConf.to_yaml(OmegaConf.create(best)))
+    atomic_write(study_dir / "best.yaml", text + OmegaConf.to_yaml(OmegaConf.create(best)))
     print(f"best trial {best['trial']}: {METRIC} {best[METRIC]:.2%}"
           + (f", test/acc {best['test/acc']:.2%}" if best["test/acc"] is not None else "")
           + f" ({best['run_dir']})\n  params: {best['params']}\n  {command}\n  written to {study_dir / 'best.yaml'}")
@@ -630,13 +647,18 @@ def _figures(study: optuna.Study, study_dir: Path) -> None:
         try:
             with warnings.catch_warnings():  # "experimental" since optuna 2.2: noise at every run
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                # Too few trials, or too alike: Optuna would draw every importance equal; no figure says more.
+                warnings.filterwarnings("error", message=".*Parameter importances will be equal")
                 ax = plot(study)
-        except (ValueError, RuntimeError) as e:  # importances need two finished trials that differ
+        except (ValueError, RuntimeError, UserWarning) as e:  # importances need two finished trials that differ
             log.warning("no %s: %s", name, e)
             continue
         fig = ax.figure
         fig.set_size_inches(7, 4.5)
         fig.tight_layout()
-        fig.savefig(study_dir / name, dpi=120)
-        plt.close(fig)
+        try:
+            with atomic_output(study_dir / name, suffix=".png") as tmp:
+                fig.savefig(tmp, dpi=120)
+        finally:
+            plt.close(fig)
         print(f"  figure: {study_dir / name}")
