@@ -125,6 +125,13 @@ def chained_fmnist_error(error: BaseException) -> FmnistError | None:
     return error
 
 
+def stopped_by_ctrl_c(error: BaseException) -> bool:
+    """Whether `error` is how Ctrl-C stopped the work: a KeyboardInterrupt, or the sys.exit(1) that Lightning
+    raises while handling one inside a fit."""
+    return isinstance(error, KeyboardInterrupt) or (isinstance(error, SystemExit)
+                                                    and isinstance(error.__context__, KeyboardInterrupt))
+
+
 def run_plain(work: Callable[[], object], unwind_on_sigterm: bool = False) -> int:
     """Run a plain (argparse) command's work: a user error prints one paragraph and gives its exit code.
     `unwind_on_sigterm`: see `sigterm_unwinds`."""
@@ -134,7 +141,9 @@ def run_plain(work: Callable[[], object], unwind_on_sigterm: bool = False) -> in
     except FmnistError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except (Terminated, KeyboardInterrupt) as e:
+    except (Terminated, KeyboardInterrupt, SystemExit) as e:
+        if isinstance(e, SystemExit) and not stopped_by_ctrl_c(e):
+            raise
         message, code = TERMINATED if isinstance(e, Terminated) else INTERRUPTED
         print(f"error: {message}", file=sys.stderr)
         return code

@@ -117,12 +117,15 @@ def parent_dirs_made(path: Path):
     """Make the missing directories above `path` for the block; if the block fails (an error, a signal), remove
     those it made that are still empty, so that a failed command leaves no empty directories behind."""
     made = missing_dirs(Path(path).parent)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)  # may fail partway (a name too long): inside the try
         yield
     except BaseException:
         for directory in made:  # the deepest first
-            remove_if_empty(directory)
+            try:
+                remove_if_empty(directory)
+            except OSError:  # one that could not be made (a name too long) cannot be looked at either
+                continue
         raise
 
 

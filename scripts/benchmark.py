@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 from fmnist import console
 from fmnist.cli import run_plain
 from fmnist.errors import ConfigError
-from fmnist.fsio import atomic_write, check_writable
+from fmnist.fsio import atomic_write, check_writable, parent_dirs_made, storage_errors
 from fmnist.training.callbacks import step_callbacks
 from fmnist.config import ACCELERATORS, OptimConfig, TrainConfig, compose_train
 from fmnist.data.csv_io import cache_path, load_csv, parse_csv
@@ -252,7 +252,11 @@ def check_inputs(args) -> None:
     if args.out.is_dir() or (args.out.exists() and not args.out.is_file()):
         raise ConfigError(f"--out names {args.out}, which is not a regular file; give a CSV file name.")
     # Where the rows will go must take them: else they are lost after the whole benchmark.
-    check_writable(next(d for d in args.out.resolve().parents if d.exists()), key="--out")
+    nearest = next(d for d in args.out.resolve().parents if d.exists())
+    if not nearest.is_dir():
+        raise ConfigError(f"--out names {args.out}, but {nearest} is a file, not a directory; give a CSV file name "
+                          "in a directory.")
+    check_writable(nearest, key="--out")
     if args.out.exists():
         with open(args.out, "rb") as f:
             header = f.readline()
@@ -270,9 +274,9 @@ def check_inputs(args) -> None:
 def append_rows(out: Path, rows: list[dict]) -> None:
     """Add `rows` to the CSV `out`, atomically. Rewritten whole, so rows of older versions with other columns
     stay aligned."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     history = pd.read_csv(out) if out.exists() else pd.DataFrame()
-    atomic_write(out, pd.concat([history, pd.DataFrame(rows)], ignore_index=True).to_csv(index=False))
+    with storage_errors(key="--out"), parent_dirs_made(out):
+        atomic_write(out, pd.concat([history, pd.DataFrame(rows)], ignore_index=True).to_csv(index=False))
     print(f"\nappended {len(rows)} rows to {out}")
 
 

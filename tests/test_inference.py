@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -479,7 +480,7 @@ def test_values_read_from_a_checkpoint_are_checked_like_config_values(run_dir, t
 
 
 @pytest.mark.slow
-def test_a_shipped_model_loads_as_ckpt_pretrained_and_reproduces_its_run(run_dir, tmp_path, monkeypatch):
+def test_a_shipped_model_loads_as_ckpt_pretrained_and_reproduces_its_run(run_dir, tmp_path, monkeypatch, caplog):
     import importlib.util
 
     from fmnist.inference import loading
@@ -514,7 +515,9 @@ def test_a_shipped_model_loads_as_ckpt_pretrained_and_reproduces_its_run(run_dir
     with pytest.raises(CheckpointError, match="ckpt=pretrained: .*missing.ckpt is missing"):
         load_model("pretrained")
     monkeypatch.setattr(loading, "PRETRAINED", ckpt)
-    assert load_model("pretrained").sha256 == file_digest(ckpt, "sha256")
+    with caplog.at_level(logging.INFO):
+        assert load_model("pretrained").sha256 == file_digest(ckpt, "sha256")
+    assert "ckpt=pretrained: the shipped model (" in caplog.text  # what was tested is said
 
 
 def test_the_shipped_model_is_the_one_its_card_describes():

@@ -272,7 +272,8 @@ def test_an_output_path_that_cannot_be_made_is_one_paragraph_naming_the_key(tmp_
             ["ckpt=pretrained", f"inputs=[{data_dir / 'fashion-mnist_test.csv'}]"])
     result = run_in_process(script, *args, f"{key}={target}")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert result.stderr.startswith("error: cannot write ") and f"({key}=...)" in result.stderr, result.stderr[-3000:]
+    error = result.stderr.splitlines()[-1]  # after what the command logged (ckpt=pretrained: which model)
+    assert error.startswith("error: cannot write ") and f"({key}=...)" in error, result.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"] and (tmp_path / "a-file").read_text() == "mine"
 
 
@@ -460,6 +461,36 @@ def test_a_signal_while_a_command_writes_leaves_no_temporary_file(tmp_path, sign
         assert done.returncode == 143 and "stopped by SIGTERM" in done.stderr and left == []
     else:  # the default action (a training command, where Lightning handles SIGTERM): the file stays behind
         assert done.returncode == -signal.SIGTERM and len(left) == 1 and left[0].startswith(".model.onnx.")
+
+
+def test_ctrl_c_inside_a_lightning_fit_is_a_stop_not_a_failure(capsys):
+    from fmnist.cli import run_plain
+
+    def fit_stopped_by_ctrl_c():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            sys.exit(1)  # what Lightning's fit does with Ctrl-C
+
+    assert run_plain(fit_stopped_by_ctrl_c) == 130 and "stopped by Ctrl-C" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # any other exit is the work's own
+        run_plain(lambda: sys.exit(1))
+
+
+def test_directories_made_for_an_output_are_removed_when_it_fails(tmp_path):
+    from fmnist.fsio import parent_dirs_made
+
+    with pytest.raises(OSError):  # mkdir fails partway: `new` was made, the long name was not
+        with parent_dirs_made(tmp_path / "new" / ("x" * 300) / "m.onnx"):
+            pass
+    with pytest.raises(RuntimeError):
+        with parent_dirs_made(tmp_path / "a" / "b" / "m.onnx"):
+            raise RuntimeError("the export failed")
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError):
+        with parent_dirs_made(tmp_path / "kept" / "c" / "m.onnx"):
+            raise RuntimeError("the export failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
 
 
 @pytest.mark.parametrize("content", [b"hello\n", bytes(range(256)) * 4, b"PK\x03\x04" + b"\x00" * 100,

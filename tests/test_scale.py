@@ -51,6 +51,7 @@ def test_benchmark_refuses_an_out_it_did_not_write_and_a_bad_model_before_timing
     for args, message in [
         (["--models", "simple", "--out", str(victim)], f"--out names {victim}, which benchmark.py did not write"),
         (["--models", "simple", "--out", str(tmp_path)], f"--out names {tmp_path}, which is not a regular file"),
+        (["--models", "simple", "--out", str(victim / "b.csv")], f"but {victim} is a file, not a directory"),
         (["--models", "nosuch", "--out", str(tmp_path / "b.csv")], "--models nosuch: In 'train': Could not find 'model/nosuch'"),
         (["--models", "simple", "--batch-sizes", "0", "--out", str(tmp_path / "b.csv")],
          "--batch-sizes: batch sizes must be at least 1; got 0"),

@@ -196,18 +196,25 @@ def test_a_figure_that_fails_mid_write_keeps_the_one_there_before(tmp_path, monk
     sweep = tmp_path / "sweep"
     for seed in (0, 1):
         _fake_job(sweep, f"seed={seed}", "completed", seed, 0.9, [f"seed={seed}"])
-    write_report(sweep)
-    before = {p.name: p.read_bytes() for p in (sweep / "figures").iterdir()}
+    savefig = matplotlib.figure.Figure.savefig
 
     def half_then_full_disk(self, target, **kwargs):
         Path(target).write_bytes(b"\x89PNG half")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_then_full_disk)
-    with pytest.raises(StorageError, match=r"cannot write .*figures/curves__defaults_.png: the disk is full"), \
-            storage_errors(key=None):
-        write_report(sweep)
-    assert {p.name: p.read_bytes() for p in (sweep / "figures").iterdir()} == before  # no temporary, no half figure
+    for first_time in (True, False):
+        if not first_time:
+            monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+            write_report(sweep)
+        before = {p.name: p.read_bytes() for p in (sweep / "figures").iterdir()} if not first_time else None
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_then_full_disk)
+        with pytest.raises(StorageError, match=r"cannot write .*figures/curves__defaults_.png: the disk is full"), \
+                storage_errors(key=None):
+            write_report(sweep)
+        if first_time:  # not even the directory it made for them
+            assert not (sweep / "figures").exists()
+        else:  # no temporary, no half figure
+            assert {p.name: p.read_bytes() for p in (sweep / "figures").iterdir()} == before
 
 
 def test_report_reads_settings_whose_values_hold_commas(tmp_path):

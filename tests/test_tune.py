@@ -87,6 +87,20 @@ def test_a_diverging_trial_is_recorded_and_the_study_goes_on(tmp_path, data_dir,
     assert len(ends) == len(failed) and not any(r.exc_info for r in ends), [r.getMessage() for r in ends]
 
 
+def test_a_trial_that_crashes_says_what_crashed_in_its_one_line(tmp_path, data_dir, run_in_process, caplog,
+                                                                 monkeypatch):
+    def crash(cfg, run_dir, *args, **kwargs):
+        (run_dir / "error.txt").write_text("Traceback ...")  # as train() records a crash
+        raise KeyError("widths")
+
+    monkeypatch.setattr("fmnist.sweeps.tune.train", crash)
+    result = run_in_process("tune.py", "study=c", "n_trials=1", f"out_dir={tmp_path}", f"data.dir={data_dir}", *SMALL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ends = [r.getMessage() for r in caplog.records if r.name.startswith("optuna") and "failed with" in r.getMessage()]
+    assert len(ends) == 1 and "KeyError: 'widths'" in ends[0], ends  # not only the key
+    assert f"(traceback: {tmp_path / 'c' / 'trial-0000' / 'error.txt'})" in ends[0], ends
+
+
 class AlwaysPrune(optuna.pruners.BasePruner):
     def prune(self, study, trial) -> bool:
         return True

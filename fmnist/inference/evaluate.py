@@ -118,7 +118,7 @@ def _write_figure(path: Path, cm: np.ndarray, csv: Path, tta: str) -> None:
 def summary_table(record: dict, out_dir: Path) -> str:
     """What evaluate.py prints at the end: the checkpoint, the test metrics and where the files are."""
     m = record["metrics"]
-    # Which job a sweep directory chose (`checkpoint.chosen`) was logged when the checkpoint was found.
+    # What ckpt= chose (a sweep's best job, the shipped model: `checkpoint.chosen`) was logged when it was found.
     lines = [f"checkpoint {record['checkpoint']['path']} (sha256 {record['checkpoint']['sha256'][:12]})"]
     tta = "" if record["tta"] == "none" else f", TTA {record['tta']}"
     lines += [f"test CSV   {record['data']['test_csv']} ({m['n_images']} images{tta})",

@@ -69,7 +69,9 @@ def resolve(ckpt: str | Path) -> Resolved:
         if not PRETRAINED.is_file():
             raise CheckpointError(f"ckpt=pretrained: {PRETRAINED} is missing; it ships with the repository (a git "
                                   "checkout has it), or make one with scripts/ship_model.py RUN_DIR.")
-        return Resolved(PRETRAINED, note=f"the shipped model ({PRETRAINED.with_suffix('.md')})")
+        note = f"the shipped model ({PRETRAINED.with_suffix('.md')})"
+        log.info("ckpt=pretrained: %s", note)
+        return Resolved(PRETRAINED, note=note)
     path = Path(ckpt).expanduser()
     if path.is_file():
         run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else None

@@ -6,7 +6,9 @@ works on a finished, running or interrupted sweep, with no TensorBoard parsing.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import textwrap
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import pandas as pd
 from matplotlib.ticker import FormatStrFormatter, FuncFormatter, MaxNLocator
 
 from fmnist.config import name_items
-from fmnist.fsio import atomic_output, atomic_write
+from fmnist.fsio import atomic_output, atomic_write, parent_dirs_made
 from fmnist.training.figures import confusion_matrix_figure
 from fmnist.results.stats import INTERVAL_NOTE, holm, mean_interval, paired
 from fmnist.runs import COMPLETED, EPOCHS_FILE, RECORDED, collect, read_confusion_matrix, read_epochs
@@ -278,6 +280,8 @@ def write_report(sweep_dir: Path) -> list[Path]:
     """
     sweep_dir = Path(sweep_dir)
     out = sweep_dir / "figures"
+    if out.exists() and not out.is_dir():  # refused before anything is read or written, with or without figures
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(out))
     # Every file read before the first figure is drawn: a damaged one is named, and nothing is written.
     table = collect(sweep_dir)
     curves = load_curves(sweep_dir, table)
@@ -285,12 +289,11 @@ def write_report(sweep_dir: Path) -> list[Path]:
     ranked = done[done.val_acc_best.notna()]  # a record without validation accuracy has nothing to rank it by
     best = ranked.loc[ranked.val_acc_best.idxmax()] if len(ranked) else None
     cm = read_confusion_matrix(sweep_dir / best.job) if best is not None else None
-    out.mkdir(exist_ok=True)
     written = []
 
     def save(fig: plt.Figure, name: str) -> None:
-        try:
-            with atomic_output(out / name, suffix=".png") as tmp:
+        try:  # `out` made with the first figure, and removed again if that one fails
+            with parent_dirs_made(out / name), atomic_output(out / name, suffix=".png") as tmp:
                 fig.savefig(tmp, dpi=110)
         finally:
             plt.close(fig)

@@ -45,7 +45,7 @@ from fmnist.data.sources import find_csv
 from fmnist.errors import ConfigError, FmnistError
 from fmnist.fsio import atomic_output, atomic_write, missing_dirs, remove_if_empty
 from fmnist.results.sweep import summarize
-from fmnist.runs import DIVERGED, FAILED, INTERRUPTED, METRICS_FILE, now, update_record
+from fmnist.runs import DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, METRICS_FILE, now, update_record
 from fmnist.training.train import (RunPruned, check_config, every_combination, failure_of, flat_config,
                                    stopping_signal, train)
 
@@ -417,7 +417,10 @@ class Search:
             if isinstance(e, FmnistError) and status == FAILED:  # the user's to fix (data, config): stop the study
                 raise
             trial.set_user_attr("status", status)  # diverged, or e.g. out of memory at one batch size: this trial only
-            raise TrialFailed(str(e)) from e
+            message = failure_of(e)[1]  # its type named where it is not ours (a KeyError's message is only its key)
+            if not isinstance(e, FmnistError) and (run_dir / ERROR_FILE).is_file():  # a crash: where to look
+                message += f" (traceback: {run_dir / ERROR_FILE})"
+            raise TrialFailed(message) from e
         except BaseException as e:
             if stopping_signal(e) is None:
                 raise

@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fmnist import console
+from fmnist.cli import stopped_by_ctrl_c
 from fmnist.config import (ADDED_KEYS, PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, RUN_OPTIONS, check_values,
                            composition_message, is_count, is_text_keyed, override_text)
 from fmnist.data.csv_io import require_file
@@ -433,8 +434,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, hy
 
 def stopping_signal(error: BaseException) -> int | None:
     """SIGINT or SIGTERM when `error` is how that signal stopped a run, else None."""
-    # Lightning turns Ctrl-C inside fit into sys.exit(1), raised while handling the KeyboardInterrupt.
-    if isinstance(error, KeyboardInterrupt) or (isinstance(error, SystemExit) and isinstance(error.__context__, KeyboardInterrupt)):
+    if stopped_by_ctrl_c(error):
         return signal.SIGINT
     return signal.SIGTERM if isinstance(error, SIGTERMException) else None  # Lightning's, or `_sigterm_raises`'
 
