@@ -556,6 +556,12 @@ def check_values(cfg: DictConfig) -> None:
         ("trainer.num_sanity_val_steps", cfg.trainer.num_sanity_val_steps >= -1, "at least 0 (or -1: the whole split)"),
         ("trainer.log_every_n_steps", cfg.trainer.log_every_n_steps >= 1, "at least 1"),
     ]
+    check_keys(cfg, checks)
+
+
+def check_keys(cfg: DictConfig, checks) -> None:
+    """ConfigError for the first `(key, ok, expected)` of `checks` whose `ok` is false: one sentence naming the key,
+    what it must be, and the value it has. Every entry point's checks of its keys say it this way."""
     for key, ok, expected in checks:
         if not ok:
             raise ConfigError(f"config key {key} must be {expected}; got {OmegaConf.select(cfg, key)!r}.")

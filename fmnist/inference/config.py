@@ -13,7 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from fmnist import NUM_CLASSES
-from fmnist.config import TTA_MODES, register_resolvers
+from fmnist.config import TTA_MODES, check_keys, register_resolvers
 from fmnist.errors import ConfigError
 from fmnist.runs import BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR
 
@@ -68,10 +68,6 @@ def register() -> None:
     cs.store(name="export_schema", node=ExportConfig)
 
 
-def _fail(key: str, expected: str, cfg: DictConfig) -> None:
-    raise ConfigError(f"config key {key} must be {expected}; got {OmegaConf.select(cfg, key)!r}.")
-
-
 def require(cfg: DictConfig, *keys: str) -> None:
     """ConfigError for a mandatory key left unset (`???`), with what it takes."""
     what = {"ckpt": f"{CKPT_FORMS} (ckpt=PATH)",
@@ -84,10 +80,8 @@ def require(cfg: DictConfig, *keys: str) -> None:
 def check_evaluate(cfg: DictConfig) -> None:
     """ConfigError naming the key for an evaluate config that makes no sense (export's shares these keys)."""
     require(cfg, "ckpt")
-    if cfg.get("tta") is not None and cfg.tta not in TTA_MODES:
-        _fail("tta", f"null (the run's own) or one of {TTA_MODES}", cfg)
-    if cfg.data.batch_size is not None and cfg.data.batch_size < 1:
-        _fail("data.batch_size", "null or at least 1", cfg)
+    check_keys(cfg, (("tta", cfg.get("tta") is None or cfg.tta in TTA_MODES, f"null (the run's own) or one of {TTA_MODES}"),
+                     ("data.batch_size", cfg.data.batch_size is None or cfg.data.batch_size >= 1, "null or at least 1")))
 
 
 def check_predict(cfg: DictConfig) -> list[str]:
@@ -95,19 +89,16 @@ def check_predict(cfg: DictConfig) -> list[str]:
     require(cfg, "ckpt", "inputs")
     inputs = OmegaConf.to_container(cfg, resolve=True)["inputs"]
     inputs = [inputs] if isinstance(inputs, (str, int, float)) else inputs
-    if not isinstance(inputs, list) or not inputs or any(isinstance(i, (dict, list)) or i is None for i in inputs):
-        _fail("inputs", "a path or a non-empty list of paths (inputs=[a.png,photos/,more.csv])", cfg)
-    if not 1 <= cfg.top_k <= NUM_CLASSES:
-        _fail("top_k", f"between 1 and {NUM_CLASSES}", cfg)
-    if cfg.batch_size < 1:
-        _fail("batch_size", "at least 1", cfg)
-    if cfg.out is not None and not str(cfg.out).lower().endswith((".csv", ".json")):
-        _fail("out", "null or a file name ending in .csv or .json", cfg)
+    paths = isinstance(inputs, list) and inputs and not any(isinstance(i, (dict, list)) or i is None for i in inputs)
+    check_keys(cfg, (("inputs", paths, "a path or a non-empty list of paths (inputs=[a.png,photos/,more.csv])"),
+                     ("top_k", 1 <= cfg.top_k <= NUM_CLASSES, f"between 1 and {NUM_CLASSES}"),
+                     ("batch_size", cfg.batch_size >= 1, "at least 1"),
+                     ("out", cfg.out is None or str(cfg.out).lower().endswith((".csv", ".json")),
+                      "null or a file name ending in .csv or .json")))
     return [str(i) for i in inputs]
 
 
 def check_export(cfg: DictConfig) -> None:
     """ConfigError naming the key for an export config that makes no sense."""
     check_evaluate(cfg)
-    if not str(cfg.out).lower().endswith(".onnx"):
-        _fail("out", "a file name ending in .onnx", cfg)
+    check_keys(cfg, (("out", str(cfg.out).lower().endswith(".onnx"), "a file name ending in .onnx"),))

@@ -38,7 +38,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fmnist import console
 from fmnist.cli import refuse_unknown_keys
-from fmnist.config import (PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_name, composition_message, override_key,
+from fmnist.config import (PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_keys, check_name, composition_message,
+                           override_key,
                            override_text, register, renamed_overrides)
 from fmnist.data.csv_io import require_file
 from fmnist.data.sources import find_csv
@@ -142,13 +143,12 @@ def _check_tune_config(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "study"):
         raise ConfigError("tune.py needs a study name: python tune.py study=NAME n_trials=N [train overrides]")
     check_name("study", cfg.study)
-    for key, ok, expected in (("n_trials", cfg.n_trials >= 1, "at least 1"),
-                              ("sampler.seed", 0 <= cfg.sampler.seed <= 2**32 - 1, "in [0, 4294967295]"),
-                              ("sampler.n_startup_trials", cfg.sampler.n_startup_trials >= 0, "0 or more"),
-                              ("pruner.n_startup_trials", cfg.pruner.n_startup_trials >= 0, "0 or more"),
-                              ("pruner.prune_from_epoch", cfg.pruner.prune_from_epoch >= 1, "at least 1")):
-        if not ok:  # Optuna would refuse it with a traceback, after the study's storage was made
-            raise ConfigError(f"config key {key} must be {expected}; got {OmegaConf.select(cfg, key)}.")
+    # Optuna would refuse the sampler's and pruner's numbers with a traceback, after the study's storage was made.
+    check_keys(cfg, (("n_trials", cfg.n_trials >= 1, "at least 1"),
+                     ("sampler.seed", 0 <= cfg.sampler.seed <= 2**32 - 1, "in [0, 4294967295]"),
+                     ("sampler.n_startup_trials", cfg.sampler.n_startup_trials >= 0, "0 or more"),
+                     ("pruner.n_startup_trials", cfg.pruner.n_startup_trials >= 0, "0 or more"),
+                     ("pruner.prune_from_epoch", cfg.pruner.prune_from_epoch >= 1, "at least 1")))
     if not 1 <= cfg.heartbeat.interval_s < cfg.heartbeat.grace_s:
         raise ConfigError(f"config keys heartbeat.interval_s and heartbeat.grace_s need 1 <= interval_s < grace_s "
                           f"(a living trial must beat before it counts as dead); got {cfg.heartbeat.interval_s} and "
