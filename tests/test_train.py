@@ -268,7 +268,7 @@ def test_a_fit_cut_short_by_max_time_says_where(monkeypatch):
     from fmnist.training.train import _stopped_by_time
 
     timer = Timer(duration="00:00:00:03")
-    trainer = SimpleNamespace(callbacks=[timer], max_epochs=2, num_training_batches=40, global_step=7)
+    trainer = SimpleNamespace(callbacks=[timer], estimated_stepping_batches=80, global_step=7)  # 2 epochs of 40
     cfg = compose_cfg("trainer.max_time=00:00:00:03", "trainer.max_epochs=2")
     monkeypatch.setattr(timer, "time_remaining", lambda *args: -0.5)  # the time is up
     assert _stopped_by_time(cfg, trainer) == "stopped by trainer.max_time (00:00:00:03) at step 7 of 80"

@@ -502,12 +502,11 @@ def _stopped_by_time(cfg: DictConfig, trainer: L.Trainer) -> str | None:
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
     if timer is None or (timer.time_remaining() or 0) > 0:
         return None
-    planned = (trainer.max_epochs * math.ceil(trainer.num_training_batches / cfg.trainer.accumulate_grad_batches)
-               if trainer.max_epochs > 0 and math.isfinite(trainer.num_training_batches) else None)
-    if planned is not None and trainer.global_step >= planned:
+    planned = trainer.estimated_stepping_batches  # Lightning's count, as the schedules use it (inf: unbounded)
+    if trainer.global_step >= planned:
         return None
     return (f"stopped by trainer.max_time ({cfg.trainer.max_time}) at step {trainer.global_step}"
-            + (f" of {planned}" if planned else ""))
+            + (f" of {int(planned)}" if math.isfinite(planned) else ""))
 
 
 @_process_group_released()
