@@ -113,12 +113,12 @@ def missing_dirs(path: Path) -> list[Path]:
 
 
 @contextmanager
-def parent_dirs_made(path: Path):
-    """Make the missing directories above `path` for the block; if the block fails (an error, a signal), remove
-    those it made that are still empty, so that a failed command leaves no empty directories behind."""
-    made = missing_dirs(Path(path).parent)
+def dirs_made(directory: Path):
+    """Make `directory` and its missing parents for the block; if the block fails (an error, a signal, a refusal),
+    remove those it made that are still empty, so that a failed command leaves no empty directories behind."""
+    made = missing_dirs(directory)
     try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)  # may fail partway (a name too long): inside the try
+        Path(directory).mkdir(parents=True, exist_ok=True)  # may fail partway (a name too long): inside the try
         yield
     except BaseException:
         for directory in made:  # the deepest first

@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 from fmnist import console
 from fmnist.cli import run_plain
 from fmnist.errors import ConfigError
-from fmnist.fsio import atomic_write, check_writable, parent_dirs_made, storage_errors
+from fmnist.fsio import atomic_write, check_writable, dirs_made, storage_errors
 from fmnist.training.callbacks import step_callbacks
 from fmnist.config import ACCELERATORS, OptimConfig, TrainConfig, compose_train
 from fmnist.data.csv_io import cache_path, load_csv, parse_csv
@@ -275,7 +275,7 @@ def append_rows(out: Path, rows: list[dict]) -> None:
     """Add `rows` to the CSV `out`, atomically. Rewritten whole, so rows of older versions with other columns
     stay aligned."""
     history = pd.read_csv(out) if out.exists() else pd.DataFrame()
-    with storage_errors(key="--out"), parent_dirs_made(out):
+    with storage_errors(key="--out"), dirs_made(out.parent):
         atomic_write(out, pd.concat([history, pd.DataFrame(rows)], ignore_index=True).to_csv(index=False))
     print(f"\nappended {len(rows)} rows to {out}")
 

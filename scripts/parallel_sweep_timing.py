@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from fmnist.fsio import missing_dirs, remove_if_empty
+from fmnist.fsio import dirs_made
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ["model=simple", "data.train_subset=1000", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
@@ -47,16 +47,11 @@ def main() -> None:
     if args.n_jobs < 1:
         parser.error(f"--n-jobs must be at least 1; got {args.n_jobs}")
     out = args.out.resolve() / time.strftime("%Y-%m-%d_%H-%M-%S")
-    made = missing_dirs(out)  # removed again if a sweep is refused
     overrides = overrides or DEFAULT
-    try:
+    with dirs_made(out):  # removed again if a sweep is refused and leaves them empty
         seq = sweep(out / "sequential", args.data_dir, overrides, [])
         par = sweep(out / f"joblib-{args.n_jobs}", args.data_dir, overrides,
                     ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.n_jobs}"])
-    except SystemExit:
-        for directory in made:  # deepest first: the directories this invocation made, if a refusal left them empty
-            remove_if_empty(directory)
-        raise
     print(f"4 jobs ({' '.join(overrides)}) on {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
     print("| launcher | total wall time (s) |\n|---|---|")
     print(f"| basic (sequential) | {seq:.1f} |\n| joblib, n_jobs={args.n_jobs} | {par:.1f} |")

@@ -478,17 +478,17 @@ def test_ctrl_c_inside_a_lightning_fit_is_a_stop_not_a_failure(capsys):
 
 
 def test_directories_made_for_an_output_are_removed_when_it_fails(tmp_path):
-    from fmnist.fsio import parent_dirs_made
+    from fmnist.fsio import dirs_made
 
     with pytest.raises(OSError):  # mkdir fails partway: `new` was made, the long name was not
-        with parent_dirs_made(tmp_path / "new" / ("x" * 300) / "m.onnx"):
+        with dirs_made(tmp_path / "new" / ("x" * 300)):
             pass
     with pytest.raises(RuntimeError):
-        with parent_dirs_made(tmp_path / "a" / "b" / "m.onnx"):
+        with dirs_made(tmp_path / "a" / "b"):
             raise RuntimeError("the export failed")
     (tmp_path / "kept").mkdir()
     with pytest.raises(RuntimeError):
-        with parent_dirs_made(tmp_path / "kept" / "c" / "m.onnx"):
+        with dirs_made(tmp_path / "kept" / "c"):
             raise RuntimeError("the export failed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
 

@@ -30,7 +30,7 @@ from fmnist.config import EVAL_BATCH_SIZE
 from fmnist.data.batches import network_input
 from fmnist.data.csv_io import load_csv
 from fmnist.errors import ConfigError, FmnistError
-from fmnist.fsio import HEAD_BYTES, atomic_output, check_output_file, parent_dirs_made, storage_errors
+from fmnist.fsio import HEAD_BYTES, atomic_output, check_output_file, dirs_made, storage_errors
 from fmnist.inference.config import check_export
 from fmnist.inference.loading import LoadedModel, load_model
 
@@ -157,7 +157,7 @@ def export(cfg: DictConfig, checkpoint_name: str | None = None) -> Agreement:
     csv = loaded.test_csv(cfg.data.dir)
     images, _ = load_csv(csv)
     out = Path(cfg.out)
-    with storage_errors(key="out"), parent_dirs_made(out), \
+    with storage_errors(key="out"), dirs_made(out.parent), \
             atomic_output(out, suffix=".onnx", replace=cfg.overwrite) as tmp:
         to_onnx(loaded, tmp, checkpoint_name)
         agreement = compare(loaded, tmp, images, cfg.data.batch_size or EVAL_BATCH_SIZE)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from fmnist import CLASS_NAMES
 from fmnist.data.csv_io import parse_csv
 from fmnist.errors import DataError
-from fmnist.fsio import atomic_output, check_output_file, parent_dirs_made, storage_errors
+from fmnist.fsio import atomic_output, check_output_file, dirs_made, storage_errors
 from fmnist.inference.config import check_predict
 from fmnist.inference.images import EXTENSIONS, ImageRejected, load_image
 from fmnist.inference.loading import load_model
@@ -142,7 +142,7 @@ def written_by_predict(head: bytes) -> bool:
 def write_rows(path: Path, rows: list[dict], k: int, replace: bool = True) -> None:
     """Write the rows as CSV or JSON (by the suffix), atomically; `replace=False` keeps a file that appeared
     at `path` meanwhile (fmnist.fsio.atomic_output)."""
-    with parent_dirs_made(path), atomic_output(path, replace=replace) as tmp:
+    with dirs_made(path.parent), atomic_output(path, replace=replace) as tmp:
         if path.suffix.lower() == ".json":
             records = [{"input": r["input"], "class_id": r["class_id"], "label": r["label"], "error": r["error"],
                         "top_k": [] if r["error"] else [{"class": r[f"class_{i}"], "prob": r[f"prob_{i}"]}

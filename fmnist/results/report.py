@@ -18,7 +18,7 @@ import pandas as pd
 from matplotlib.ticker import FormatStrFormatter, FuncFormatter, MaxNLocator
 
 from fmnist.config import name_items
-from fmnist.fsio import atomic_output, atomic_write, parent_dirs_made
+from fmnist.fsio import atomic_output, atomic_write, dirs_made
 from fmnist.training.figures import confusion_matrix_figure
 from fmnist.results.stats import INTERVAL_NOTE, holm, mean_interval, paired
 from fmnist.runs import COMPLETED, EPOCHS_FILE, RECORDED, collect, read_confusion_matrix, read_epochs
@@ -293,7 +293,7 @@ def write_report(sweep_dir: Path) -> list[Path]:
 
     def save(fig: plt.Figure, name: str) -> None:
         try:  # `out` made with the first figure, and removed again if that one fails
-            with parent_dirs_made(out / name), atomic_output(out / name, suffix=".png") as tmp:
+            with dirs_made(out), atomic_output(out / name, suffix=".png") as tmp:
                 fig.savefig(tmp, dpi=110)
         finally:
             plt.close(fig)
