@@ -105,14 +105,9 @@ def _str(path: Path | None) -> str | None:
 
 
 def _write_figure(path: Path, cm: np.ndarray, csv: Path, tta: str) -> None:
-    import matplotlib.pyplot as plt
+    from fmnist.training.figures import confusion_matrix_figure, save_png
 
-    from fmnist.training.figures import confusion_matrix_figure
-
-    fig = confusion_matrix_figure(cm, title=f"{csv.name}{'' if tta == 'none' else f' (TTA: {tta})'}")
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_png(confusion_matrix_figure(cm, title=f"{csv.name}{'' if tta == 'none' else f' (TTA: {tta})'}"), path, dpi=100)
 
 
 def summary_table(record: dict, out_dir: Path) -> str:

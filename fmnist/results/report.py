@@ -18,8 +18,8 @@ import pandas as pd
 from matplotlib.ticker import FormatStrFormatter, FuncFormatter, MaxNLocator
 
 from fmnist.config import name_items
-from fmnist.fsio import atomic_output, atomic_write, dirs_made
-from fmnist.training.figures import confusion_matrix_figure
+from fmnist.fsio import atomic_write, dirs_made
+from fmnist.training.figures import confusion_matrix_figure, save_png
 from fmnist.results.stats import INTERVAL_NOTE, holm, mean_interval, paired
 from fmnist.runs import COMPLETED, EPOCHS_FILE, RECORDED, collect, read_confusion_matrix, read_epochs
 
@@ -292,11 +292,8 @@ def write_report(sweep_dir: Path) -> list[Path]:
     written = []
 
     def save(fig: plt.Figure, name: str) -> None:
-        try:  # `out` made with the first figure, and removed again if that one fails
-            with dirs_made(out), atomic_output(out / name, suffix=".png") as tmp:
-                fig.savefig(tmp, dpi=110)
-        finally:
-            plt.close(fig)
+        with dirs_made(out):  # made with the first figure, and removed again if that one fails
+            save_png(fig, out / name, dpi=110)
         written.append(out / name)
 
     by_variant: dict[str, list[pd.DataFrame]] = {}

@@ -44,8 +44,9 @@ from fmnist.config import (PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_k
 from fmnist.data.csv_io import require_file
 from fmnist.data.sources import find_csv
 from fmnist.errors import ConfigError, FmnistError
-from fmnist.fsio import atomic_output, atomic_write, missing_dirs, remove_if_empty
+from fmnist.fsio import atomic_write, missing_dirs, remove_if_empty
 from fmnist.results.sweep import summarize
+from fmnist.training.figures import save_png  # matplotlib, headless
 from fmnist.runs import DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, METRICS_FILE, now, update_record
 from fmnist.training.train import (RunPruned, check_config, every_combination, failure_of, flat_config,
                                    stopping_signal, train)
@@ -638,10 +639,6 @@ def write_results(study: optuna.Study, study_dir: Path) -> None:
 
 
 def _figures(study: optuna.Study, study_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
     figures = {"optimization_history.png": ovm.plot_optimization_history,
@@ -659,9 +656,5 @@ def _figures(study: optuna.Study, study_dir: Path) -> None:
         fig = ax.figure
         fig.set_size_inches(7, 4.5)
         fig.tight_layout()
-        try:
-            with atomic_output(study_dir / name, suffix=".png") as tmp:
-                fig.savefig(tmp, dpi=120)
-        finally:
-            plt.close(fig)
+        save_png(fig, study_dir / name, dpi=120)
         print(f"  figure: {study_dir / name}")

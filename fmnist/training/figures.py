@@ -9,6 +9,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fmnist import CLASS_NAMES, IMAGE_SIDE  # noqa: E402
+from fmnist.fsio import atomic_output  # noqa: E402
+
+
+def save_png(fig: plt.Figure, path, dpi: int) -> None:
+    """Write `fig` to `path` as a PNG, whole or not at all (`atomic_output`), and close it either way."""
+    try:
+        with atomic_output(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
 
 
 def confusion_matrix_figure(cm: np.ndarray, title: str = "Test-set confusion matrix") -> plt.Figure:
