@@ -39,8 +39,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fmnist import console
 from fmnist.cli import refuse_unknown_keys
 from fmnist.config import (PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_keys, check_name, composition_message,
-                           override_key,
-                           override_text, register, renamed_overrides)
+                           override_key, override_text, register, renamed_overrides)
 from fmnist.data.csv_io import require_file
 from fmnist.data.sources import find_csv
 from fmnist.errors import ConfigError, FmnistError
