@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DATA ?= data
+# DATA as one shell word and one Hydra value: a path with spaces, `=` or `,` stays whole.
+DATA_ARG = "$(DATA)"
+DATA_OVERRIDE = "data.dir='$(DATA)'"
 ARGS ?=
 EXTRAS := dev,export,slurm,postgres,mlflow,wandb
 
@@ -40,10 +43,10 @@ $(STAMP): pyproject.toml $(wildcard $(LOCK))
 install: $(STAMP)
 
 data: $(STAMP)
-	$(BIN)/python scripts/get_data.py --data-dir $(DATA)
+	$(BIN)/python scripts/get_data.py --data-dir $(DATA_ARG)
 
 train: data
-	$(BIN)/python train.py data.dir=$(DATA) $(ARGS)
+	$(BIN)/python train.py $(DATA_OVERRIDE) $(ARGS)
 
 # The suite runs on one worker per core, at most 4 (pytest-xdist: most tests wait on a process they
 # started, so two workers keep two cores busy); `make test TEST_WORKERS=0` runs it in this one process.
@@ -65,7 +68,7 @@ tensorboard: $(STAMP)
 	$(BIN)/tensorboard --logdir outputs $(ARGS)
 
 bench: data
-	$(BIN)/python scripts/benchmark.py --data-dir $(DATA) $(ARGS)
+	$(BIN)/python scripts/benchmark.py --data-dir $(DATA_ARG) $(ARGS)
 
 # On a GPU machine, from a fresh clone: uses the machine's CUDA torch (see scripts/gpu_check.sh).
 gpu-check:
@@ -76,13 +79,13 @@ gpu-records:
 	bash scripts/gpu_check.sh --records $(ARGS)
 
 speedrun: data
-	$(BIN)/python train.py -m experiment=speedrun_cpu data.dir=$(DATA) $(ARGS)
+	$(BIN)/python train.py -m experiment=speedrun_cpu $(DATA_OVERRIDE) $(ARGS)
 
 cpu-best: data
-	$(BIN)/python train.py -m experiment=cpu_best data.dir=$(DATA) $(ARGS)
+	$(BIN)/python train.py -m experiment=cpu_best $(DATA_OVERRIDE) $(ARGS)
 
 ablations: data
-	$(BIN)/python train.py -m experiment=study preset=cpu data.dir=$(DATA) $(ARGS)
+	$(BIN)/python train.py -m experiment=study preset=cpu $(DATA_OVERRIDE) $(ARGS)
 
 report: $(STAMP)
 	$(BIN)/python -m fmnist.results report "$(or $(SWEEP),outputs/study-cpu)"

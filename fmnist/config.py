@@ -491,6 +491,14 @@ def _strategies() -> tuple[str, ...]:
     return ("auto", *(s for s in StrategyRegistry.available_strategies() if s.startswith("ddp")))
 
 
+SEED_MAX = 2**32 - 1  # numpy seeds are uint32: Lightning's seed_everything and Optuna's samplers both seed numpy
+
+
+def seed_check(key: str, seed: int) -> tuple[str, bool, str]:
+    """The `check_keys` entry for a random seed: one range for train's `seed` and tune's `sampler.seed`."""
+    return key, 0 <= seed <= SEED_MAX, f"in [0, {SEED_MAX}]"
+
+
 def check_values(cfg: DictConfig) -> None:
     """Raise ConfigError naming the key for values that are well-typed but make no sense.
 
@@ -499,7 +507,7 @@ def check_values(cfg: DictConfig) -> None:
     has the accelerator, by `hardware.check_accelerator`.
     """
     checks = [
-        ("seed", 0 <= cfg.seed <= 2**32 - 1, "in [0, 4294967295]"),
+        seed_check("seed", cfg.seed),
         ("optim.momentum", cfg.optim.momentum >= 0, "non-negative"),
         ("optim.nesterov", not (cfg.optim.nesterov and cfg.optim.momentum == 0), "false when optim.momentum is 0"),
         ("trainer.accelerator", cfg.trainer.accelerator in ACCELERATORS, f"one of {ACCELERATORS}"),

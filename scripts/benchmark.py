@@ -227,8 +227,8 @@ TIMED_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
 def check_inputs(args) -> None:
     """Before any timing: the CSV to append to is new or one this script wrote, every model exists, every batch
-    size and count is at least 1, the accelerator is one this machine has, and each precision is one both loops
-    run alike."""
+    size and count is at least 1, the accelerator is one this machine has, each precision is one both loops
+    run alike, and the data are readable with room for the validation split."""
     for option in ("batch_sizes", "infer_batch_sizes"):
         bad = [b for b in getattr(args, option) if b < 1]
         if bad:
@@ -269,6 +269,11 @@ def check_inputs(args) -> None:
             model_cfg(name, False)
         except ConfigError as e:
             raise ConfigError(f"--models {name}: {e}") from e
+    if not args.infer:  # the data read, and the validation split checked against them, as training does
+        try:
+            FashionMNISTDataModule(dir=str(args.data_dir), val_size=args.val_size).check()
+        except ConfigError as e:
+            raise ConfigError(f"--val-size {args.val_size}: {e}") from e
 
 
 def append_rows(out: Path, rows: list[dict]) -> None:

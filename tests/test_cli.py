@@ -1,12 +1,15 @@
 """`python train.py ...` as a user runs it, in this process (tests/test_readme.py starts the README's runs)."""
 
 import re
+import shlex
+import subprocess
 
 import pandas as pd
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from fmnist.runs import read_record
-from tests.conftest import FAST
+from tests.conftest import FAST, ROOT
 
 
 @pytest.mark.parametrize("override,message", [
@@ -158,3 +161,15 @@ def test_a_superseded_experiment_still_runs_and_names_its_replacement(tmp_path, 
     assert result.returncode == 2 and "config key data.batch_size must be at least 1" in result.stderr
     assert "note: experiment=ablation_lr still runs, but the report's ablations are one sweep now: experiment=report" \
         in result.stderr
+
+
+def test_make_passes_a_data_path_with_spaces_and_commas_whole():
+    # `make train DATA=...`: one argument for get_data.py and one value for Hydra (not split, not a sweep).
+    path = "my data,v2=new"
+    lines = subprocess.run(["make", "-n", "train", f"DATA={path}"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    get_data = shlex.split(next(line for line in lines if "get_data.py" in line))
+    assert get_data[-2:] == ["--data-dir", path]
+    train = shlex.split(next(line for line in lines if "train.py" in line))
+    (override,) = OverridesParser.create().parse_overrides([arg for arg in train if arg.startswith("data.dir=")])
+    assert override.key_or_group == "data.dir" and override.value() == path

@@ -60,6 +60,8 @@ def test_benchmark_refuses_an_out_it_did_not_write_and_a_bad_model_before_timing
          "--precisions must be among ('32-true', 'bf16-mixed', '16-mixed')"),
         (["--models", "simple", "--accelerator", "mps", "--out", str(tmp_path / "b.csv")],  # no Apple GPU on Linux
          "--accelerator mps: torch finds no such device here"),
+        (["--models", "simple", "--val-size", "100000", "--out", str(tmp_path / "b.csv")],
+         "--val-size 100000: config key data.val_size must be between 1 and"),
     ]:
         result = run_in_process("scripts/benchmark.py", *common, *args)
         assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]

@@ -39,7 +39,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fmnist import console
 from fmnist.cli import refuse_unknown_keys
 from fmnist.config import (PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_keys, check_name, composition_message,
-                           override_key, override_text, register, renamed_overrides)
+                           override_key, override_text, register, renamed_overrides, seed_check)
 from fmnist.data.csv_io import require_file
 from fmnist.data.sources import find_csv
 from fmnist.errors import ConfigError, FmnistError
@@ -145,7 +145,7 @@ def _check_tune_config(cfg: DictConfig) -> None:
     check_name("study", cfg.study)
     # Optuna would refuse the sampler's and pruner's numbers with a traceback, after the study's storage was made.
     check_keys(cfg, (("n_trials", cfg.n_trials >= 1, "at least 1"),
-                     ("sampler.seed", 0 <= cfg.sampler.seed <= 2**32 - 1, "in [0, 4294967295]"),
+                     seed_check("sampler.seed", cfg.sampler.seed),
                      ("sampler.n_startup_trials", cfg.sampler.n_startup_trials >= 0, "0 or more"),
                      ("pruner.n_startup_trials", cfg.pruner.n_startup_trials >= 0, "0 or more"),
                      ("pruner.prune_from_epoch", cfg.pruner.prune_from_epoch >= 1, "at least 1")))
