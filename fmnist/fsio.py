@@ -12,7 +12,7 @@ import secrets
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from fmnist.errors import CheckpointError, ConfigError, StorageError
 
@@ -203,6 +203,14 @@ def check_output_file(path: Path, key: str, overwrite: bool | None, is_ours: Cal
     if not ours:
         raise ConfigError(f"{named} {path}, which {writer} did not write (it does not begin as {writer}'s output "
                           "does), so overwrite=true does not replace it; nothing was written. Choose a new file name.")
+
+
+def check_not_directories(paths: Iterable[Path]) -> None:
+    """Raise IsADirectoryError for the first of `paths` that is a directory: an atomic write cannot replace
+    one. Called for all of a command's outputs before it writes any, so that a refusal leaves them as they were."""
+    for path in paths:
+        if Path(path).is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
 
 
 def storage_error(error: OSError, path: Path | str | None = None,

@@ -16,6 +16,7 @@ from fmnist.results.compare import (WITHIN_NOISE, change_verdict, changes, chang
 from fmnist.results.report import claims_table
 from fmnist.results.stats import (accuracy_interval, holm, mcnemar, mean_interval, paired, paired_bootstrap,
                                   seeds_for_power)
+from tests.conftest import snapshot
 
 SEEDS = range(5)
 
@@ -258,3 +259,17 @@ def test_results_verbs_name_a_file_in_the_way_instead_of_crashing(tmp_path, caps
     assert results_main(["report", str(sweep)]) == 2
     assert "figures: a file is in the way" in capsys.readouterr().err
     assert (sweep / "figures").read_text() == "my notes"
+
+
+@pytest.mark.parametrize("in_the_way", ["summary.md", "summary.csv", "report.md"])
+def test_a_refused_report_writes_nothing(tmp_path, capsys, in_the_way):
+    # A directory where an output goes is found before the figures or the other outputs are written.
+    labels = np.arange(100) % 10
+    sweep = _runs_with_predictions(tmp_path, "a", [np.ones(100, bool)], labels)
+    (sweep / in_the_way).mkdir()
+    before = snapshot(sweep)
+    assert results_main(["report", str(sweep)]) == 2
+    assert f"cannot write {sweep / in_the_way}: it is a directory" in capsys.readouterr().err
+    assert snapshot(sweep) == before and not (sweep / "figures").exists()
+    if in_the_way != "report.md":  # `summary` alone is refused the same way
+        assert results_main(["summary", str(sweep)]) == 2 and snapshot(sweep) == before

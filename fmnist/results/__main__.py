@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fmnist.cli import run_plain
 from fmnist.errors import ConfigError
-from fmnist.fsio import atomic_output, check_output_file, storage_errors
+from fmnist.fsio import atomic_output, check_not_directories, check_output_file, storage_errors
 from fmnist.runs import METRICS_FILE, collect
 
 
@@ -50,10 +50,12 @@ def summary(args) -> None:
 
 
 def report(args) -> None:
-    from fmnist.results.report import write_report
-    from fmnist.results.sweep import summarize
+    from fmnist.results.report import REPORT_FILE, write_report
+    from fmnist.results.sweep import SUMMARY_FILES, summarize
 
     for directory in args.dirs:
+        # A refusal writes nothing: what the summary replaces is checked before the figures are drawn.
+        check_not_directories(directory / name for name in (REPORT_FILE, *SUMMARY_FILES))
         figures = write_report(directory)  # first: a refused report leaves the summary as it was
         summarize(directory)
         for path in figures:

@@ -18,7 +18,7 @@ import pandas as pd
 from matplotlib.ticker import FormatStrFormatter, FuncFormatter, MaxNLocator
 
 from fmnist.config import name_items
-from fmnist.fsio import atomic_write, dirs_made
+from fmnist.fsio import atomic_write, check_not_directories, dirs_made
 from fmnist.training.figures import confusion_matrix_figure, save_png
 from fmnist.results.stats import INTERVAL_NOTE, holm, mean_interval, paired
 from fmnist.runs import COMPLETED, EPOCHS_FILE, RECORDED, collect, read_confusion_matrix, read_epochs
@@ -272,6 +272,9 @@ def time_to_accuracy_figure(curves: dict[str, list[pd.DataFrame]], title: str) -
     return fig
 
 
+REPORT_FILE = "report.md"  # beside the figures of a sweep of experiment=report: the claim-vs-measured table
+
+
 def write_report(sweep_dir: Path) -> list[Path]:
     """Write the figures into `sweep_dir/figures/`; return their paths.
 
@@ -282,6 +285,7 @@ def write_report(sweep_dir: Path) -> list[Path]:
     out = sweep_dir / "figures"
     if out.exists() and not out.is_dir():  # refused before anything is read or written, with or without figures
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(out))
+    check_not_directories([sweep_dir / REPORT_FILE])
     # Every file read before the first figure is drawn: a damaged one is named, and nothing is written.
     table = collect(sweep_dir)
     curves = load_curves(sweep_dir, table)
@@ -305,7 +309,7 @@ def write_report(sweep_dir: Path) -> list[Path]:
             if variant in by_variant:
                 save(curves_figure([(f"variant={variant}", by_variant[variant])], f"Figure {number}: {title}"),
                      f"figure_{number}.png")
-        atomic_write(sweep_dir / "report.md", claims_table(table, by_variant))
+        atomic_write(sweep_dir / REPORT_FILE, claims_table(table, by_variant))
     else:
         names = short_names(sorted(curves))
         for setting, runs in sorted(curves.items()):

@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fmnist.cli import chained_fmnist_error, exit_with
 from fmnist.config import check_sweep_values, superseded_note
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError
-from fmnist.fsio import atomic_write, note_early_write
+from fmnist.fsio import atomic_write, check_not_directories, note_early_write
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
 from fmnist.runs import COMPLETED, RUNNING, collect, is_job_dir
 
@@ -67,12 +67,17 @@ def _markdown(table: pd.DataFrame, stats: pd.DataFrame, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+SUMMARY_FILES = ("summary.csv", "summary.md")
+
+
 def summarize(sweep_dir: Path) -> pd.DataFrame:
     """Write `summary.csv` and `summary.md` into `sweep_dir`; return the per-job table."""
     sweep_dir = Path(sweep_dir)
+    check_not_directories(sweep_dir / name for name in SUMMARY_FILES)
     table = collect(sweep_dir)
-    atomic_write(sweep_dir / "summary.csv", table.to_csv(index=False))
-    atomic_write(sweep_dir / "summary.md", _markdown(table, group(table), f"Sweep {sweep_dir.name}"))
+    csv_name, md_name = SUMMARY_FILES
+    atomic_write(sweep_dir / csv_name, table.to_csv(index=False))
+    atomic_write(sweep_dir / md_name, _markdown(table, group(table), f"Sweep {sweep_dir.name}"))
     return table
 
 
