@@ -48,9 +48,10 @@ data: $(STAMP)
 train: data
 	$(BIN)/python train.py $(DATA_OVERRIDE) $(ARGS)
 
-# The suite runs on one worker per core, at most 4 (pytest-xdist: most tests wait on a process they
-# started, so two workers keep two cores busy); `make test TEST_WORKERS=0` runs it in this one process.
-TEST_WORKERS ?= logical
+# The suite runs on two workers per core, at most 4 (pytest-xdist). Many tests wait: on a process they
+# started, on a signal, a lock or a server; with one worker per core those waits leave a core idle
+# (measured in docs/performance.md). `make test TEST_WORKERS=0` runs the suite in this one process.
+TEST_WORKERS ?= $(shell echo $$((2 * $$(nproc))))
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist worksteal
 
 test: $(STAMP)

@@ -26,6 +26,8 @@ EXEMPT = {
     "make test": "the suite this test belongs to",
     "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu": "installs into the reader's own environment, which make install replaces here",
     'pip install -e ".[export]"': "the same: an editable install from a scratch copy would repoint .venv at it",
+    "python train.py preset=smoke": "`make train` above runs this very command (train.py preset=smoke, smoke-sized "
+                                    "as every training command here)",
 }
 # Appended to a command that trains, so that it runs in seconds on the tiny data (values it sets win).
 SMOKE = "preset=smoke data.val_size=100"
