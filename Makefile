@@ -60,8 +60,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PYTEST) -m "not slow and not cluster" $(ARGS)
 
-# Tests against real servers they start on this machine: a one-node SLURM cluster and PostgreSQL
-# (scripts/cluster/; root, Debian packages), an MLflow tracking server. One process: they share the cores.
+# The engines past one process: real servers the tests start on this machine (a one-node SLURM cluster and
+# PostgreSQL: scripts/cluster/, root, Debian packages; an MLflow tracking server), DDP with two processes,
+# the local submitit and joblib launchers' workers. One process: each of these tests fills the cores itself.
 test-cluster: $(STAMP)
 	$(BIN)/python -m pytest -q -m cluster $(ARGS)
 

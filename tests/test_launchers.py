@@ -58,7 +58,9 @@ def test_joblib_sweep_runs_jobs_in_parallel_each_with_its_share_of_the_cores(tmp
     assert len(outcomes) == 4 and set(outcomes.values()) == {"met"}, outcomes
 
 
+# Several training processes at once, as the engines in test_cluster.py: run with them by `make test-cluster`.
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_submitit_local_sweep_records_and_summarizes_its_jobs(tmp_path, data_dir, run_in_process):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra is not installed")
     sweep = tmp_path / "s"
@@ -112,7 +114,9 @@ def test_slurm_sweep_submits_one_job_array_with_the_configured_resources(tmp_pat
     assert f"-m submitit.core._submit {tmp_path}/s/.submitit/" in script
 
 
+# Several training processes at once, as the engines in test_cluster.py: run with them by `make test-cluster`.
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_joblib_workers_stop_when_the_sweep_process_is_killed(tmp_path, data_dir):
     sweep = tmp_path / "s"
     env = {**os.environ, "PYTHONPATH": str(CONF.parent)}

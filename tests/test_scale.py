@@ -13,6 +13,8 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
+# Several training processes at once, as the engines in test_cluster.py: run with them by `make test-cluster`.
+@pytest.mark.cluster
 def test_ddp_with_two_processes_trains_and_records_once(tmp_path, data_dir):
     run = tmp_path / "run"
     result = subprocess.run(
