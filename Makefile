@@ -48,9 +48,10 @@ data: $(STAMP)
 train: data
 	$(BIN)/python train.py $(DATA_OVERRIDE) $(ARGS)
 
-# The suite runs on two workers per core, at most 4 (pytest-xdist). Many tests wait: on a process they
-# started, on a signal, a lock or a server; with one worker per core those waits leave a core idle
-# (measured in docs/performance.md). `make test TEST_WORKERS=0` runs the suite in this one process.
+# The suite runs on two workers per core, at most 4 (pytest-xdist). On an idle machine that changes little
+# (the processes the tests start already keep the cores busy); on a machine shared with other work, the
+# suite's share of the cores grows with its number of busy processes (docs/performance.md).
+# `make test TEST_WORKERS=0` runs the suite in this one process.
 TEST_WORKERS ?= $(shell echo $$((2 * $$(nproc))))
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist worksteal
 
