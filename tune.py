@@ -14,13 +14,19 @@ import logging
 import sys
 from pathlib import Path
 
-from fmnist.errors import FmnistError
+from fmnist.errors import ConfigError, FmnistError
 
 
 def main(args: list[str]) -> int:
     if {"-h", "--help"} & set(args):
         print(__doc__)
         return 0
+    options = [a for a in args if a.startswith("-")]
+    if options:  # e.g. train.py's `--cfg job`: Hydra would read it as a train override and fail on its grammar
+        error = ConfigError(f"tune.py takes no option but --help; got {options[0]}. Its arguments are tune keys and "
+                            "train overrides, each key=value (python tune.py --help lists the tune keys).")
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
     from fmnist import console
 
     logging.basicConfig(level=logging.INFO, format=console.CONSOLE_FORMAT, datefmt=console.CONSOLE_DATEFMT, force=True)

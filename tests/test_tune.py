@@ -323,3 +323,11 @@ def test_a_sampled_value_reaches_the_train_config_as_itself(key, value):
     with initialize_config_dir(str(CONF), version_base=None):
         cfg = compose("train", overrides=[f"{key}={override_text(value)}"])
     assert OmegaConf.select(cfg, key) == value and type(OmegaConf.select(cfg, key)) is type(value)
+
+
+def test_an_option_is_refused_in_one_line_before_anything_is_written(tmp_path, data_dir, run_in_process):
+    # train.py's `--cfg job` given to tune.py: not passed on to Hydra's override grammar as a train override
+    result = run_in_process("tune.py", "study=x", f"out_dir={tmp_path}", f"data.dir={data_dir}", "--cfg", "job")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: tune.py takes no option but --help; got --cfg." in result.stderr
+    assert not list(tmp_path.iterdir())
