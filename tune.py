@@ -31,11 +31,21 @@ def main(args: list[str]) -> int:
 
     logging.basicConfig(level=logging.INFO, format=console.CONSOLE_FORMAT, datefmt=console.CONSOLE_DATEFMT, force=True)
     console.setup()  # one line per message, no third-party notices, as train.py prints
+    try:
+        return search(args)
+    except KeyboardInterrupt:  # while importing, or between trials: a trial's training ends as TrialInterrupted
+        print("stopped by Ctrl-C outside a trial's training: the trials that finished are recorded, one it had "
+              "started does not count towards n_trials; the same command continues the study.", file=sys.stderr)
+        return 130
+
+
+def search(args: list[str]) -> int:
+    """Run the study; the exit code (0, or the error's)."""
     from fmnist.fsio import storage_errors
     from fmnist.sweeps.tune import TrialInterrupted, run_search  # after `--help`: importing torch takes seconds
+    from fmnist import console
 
     console.setup()  # again: importing Lightning gave it a console handler of its own (each line came out twice)
-
     try:
         with storage_errors(key="out_dir"):  # a read-only or full disk: one paragraph, exit 2
             run_search(Path(__file__).resolve().parent / "conf", args)

@@ -22,7 +22,6 @@ from fmnist import NUM_CLASSES
 from fmnist.config import is_text_list, setting_of
 from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_write
-from fmnist.hardware import describe
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"  # the run's resolved config
@@ -85,6 +84,10 @@ def git_commit() -> str | None:
 
 def provenance() -> dict:
     """What produced a run: commit, package versions, machine."""
+    # Here, not at the top: fmnist.hardware imports torch, and the entry points import this module for its
+    # file names before their Ctrl-C handling starts.
+    from fmnist.hardware import describe
+
     versions = {}
     for name in PACKAGES:
         try:

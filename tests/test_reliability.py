@@ -503,3 +503,14 @@ def test_a_file_that_is_not_a_checkpoint_is_one_paragraph_not_a_pickle_warning(t
         load_checkpoint(path)
     assert "not a" in str(refused.value) and "pickled Python objects" not in str(refused.value)
     assert not warned, [str(w.message) for w in warned]
+
+
+@pytest.mark.parametrize("entry", ["train.py", "evaluate.py", "predict.py", "export.py"])
+def test_an_entry_points_own_imports_leave_torch_to_its_ctrl_c_handling(entry):
+    # What an entry point imports before `run_cli` takes over Ctrl-C: torch takes seconds to import, and a
+    # Ctrl-C during that import would print a traceback instead of one line.
+    source = (ROOT / entry).read_text()
+    top = "\n".join(line for line in source.splitlines() if line.startswith(("import ", "from ")))
+    loaded = subprocess.run([sys.executable, "-c", f"{top}\nimport sys\nprint('torch' in sys.modules)"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "False", loaded.stdout + loaded.stderr[-2000:]

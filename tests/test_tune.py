@@ -331,3 +331,24 @@ def test_an_option_is_refused_in_one_line_before_anything_is_written(tmp_path, d
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: tune.py takes no option but --help; got --cfg." in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_ctrl_c_before_a_trial_trains_is_one_paragraph_and_the_same_command_continues(tmp_path, data_dir,
+                                                                                      run_in_process, monkeypatch):
+    from fmnist.sweeps.tune import Search
+
+    args = ["study=c", f"out_dir={tmp_path}", f"data.dir={data_dir}", *SMALL, "n_trials=1"]
+    objective = Search.objective
+
+    def ctrl_c(self, trial):  # as the first trial composes its config, before its training's own signal handling
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Search, "objective", ctrl_c)
+    stopped = run_in_process("tune.py", *args)
+    assert stopped.returncode == 130 and "Traceback" not in stopped.stdout + stopped.stderr
+    assert "stopped by Ctrl-C outside a trial's training" in stopped.stderr
+    monkeypatch.setattr(Search, "objective", objective)
+    again = run_in_process("tune.py", *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [t.state for t in load(tmp_path, "c").trials] == [optuna.trial.TrialState.FAIL,
+                                                              optuna.trial.TrialState.COMPLETE]

@@ -227,11 +227,12 @@ class TrialInterrupted(Exception):
 class _TrialEndsInOneLine(logging.Filter):
     """Optuna logs the exception that ended a trial with its traceback, then a second line "failed with value
     None". The ends this code raises on purpose are already recorded and said: a failed trial keeps Optuna's one
-    line, without the traceback of our own exception; an interrupted one is told by tune.py's closing paragraph."""
+    line, without the traceback of our own exception; an interrupted one (by a signal during training, or Ctrl-C
+    before it) is told by tune.py's closing paragraph."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, TrialInterrupted) or record.getMessage().endswith("failed with value None."):
+        if isinstance(error, (TrialInterrupted, KeyboardInterrupt)) or record.getMessage().endswith("failed with value None."):
             return False
         if isinstance(error, TrialFailed):
             record.exc_info, record.exc_text = None, None
