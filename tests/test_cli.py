@@ -175,4 +175,4 @@ def test_make_passes_a_data_path_with_spaces_and_commas_whole():
     assert override.key_or_group == "data.dir" and override.value() == path
     # A plain path stays plain: it is what a run's overrides and its resume command show.
     plain = subprocess.run(["make", "-n", "train"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert "data.dir=data" in shlex.split(plain.splitlines()[-1])
+    assert "data.dir=data" in shlex.split(next(line for line in plain.splitlines() if "train.py" in line))
