@@ -50,12 +50,12 @@ def summary(args) -> None:
 
 
 def report(args) -> None:
-    from fmnist.results.report import REPORT_FILE, write_report
+    from fmnist.results.report import write_report
     from fmnist.results.sweep import SUMMARY_FILES, summarize
 
     for directory in args.dirs:
-        # A refusal writes nothing: what the summary replaces is checked before the figures are drawn.
-        check_not_directories(directory / name for name in (REPORT_FILE, *SUMMARY_FILES))
+        # A refusal writes nothing: the summary's files are checked before write_report draws (it checks its own).
+        check_not_directories(directory / name for name in SUMMARY_FILES)
         figures = write_report(directory)  # first: a refused report leaves the summary as it was
         summarize(directory)
         for path in figures:
