@@ -11,9 +11,11 @@ outputs/tune/<study>/ (study.db, trial-NNNN/ run directories, best.yaml, summary
 """
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
+from fmnist import console
 from fmnist.errors import ConfigError, FmnistError
 
 
@@ -27,8 +29,6 @@ def main(args: list[str]) -> int:
                             "train overrides, each key=value (python tune.py --help lists the tune keys).")
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
-    from fmnist import console
-
     logging.basicConfig(level=logging.INFO, format=console.CONSOLE_FORMAT, datefmt=console.CONSOLE_DATEFMT, force=True)
     console.setup()  # one line per message, no third-party notices, as train.py prints
     try:
@@ -36,14 +36,13 @@ def main(args: list[str]) -> int:
     except KeyboardInterrupt:  # while importing, or between trials: a trial's training ends as TrialInterrupted
         print("stopped by Ctrl-C outside a trial's training: the trials that finished are recorded, one it had "
               "started does not count towards n_trials; the same command continues the study.", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
 
 
 def search(args: list[str]) -> int:
     """Run the study; the exit code (0, or the error's)."""
     from fmnist.fsio import storage_errors
     from fmnist.sweeps.tune import TrialInterrupted, run_search  # after `--help`: importing torch takes seconds
-    from fmnist import console
 
     console.setup()  # again: importing Lightning gave it a console handler of its own (each line came out twice)
     try:
