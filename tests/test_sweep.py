@@ -54,7 +54,7 @@ def _fake_job(sweep: Path, name: str, status: str, seed: int, acc: float | None,
     (job / "confusion_matrix.csv").write_text("\n".join(",".join("5" if i == j else "0" for j in range(10)) for i in range(10)))
 
 
-def test_a_sweep_continues_in_an_earlier_sweeps_directory_but_not_in_a_folder_of_ones_own(tmp_path):
+def test_a_sweep_continues_in_an_earlier_sweeps_directory_but_not_in_a_folder_of_ones_own_or_a_study(tmp_path):
     check_sweep_dir(tmp_path / "new")  # not there yet, or empty: a sweep's to make
     (tmp_path / "copied" / "seed=0").mkdir(parents=True)  # results copied without Hydra's multirun.yaml
     (tmp_path / "copied" / "seed=0" / "metrics.json").write_text("{}")
@@ -69,6 +69,11 @@ def test_a_sweep_continues_in_an_earlier_sweeps_directory_but_not_in_a_folder_of
     (tmp_path / "refused" / "seed=1").mkdir(parents=True)  # a job refused in a joblib worker: its log alone
     (tmp_path / "refused" / "seed=1" / "train.log").write_text("")
     check_sweep_dir(tmp_path / "refused")
+    (tmp_path / "study" / "trial-0000").mkdir(parents=True)  # tune.py's: trial directories, its summary and best.yaml
+    (tmp_path / "study" / "trial-0000" / "metrics.json").write_text("{}")
+    (tmp_path / "study" / "summary.md").write_text("# Sweep study")
+    with pytest.raises(ConfigError, match=r"study is a tune.py study's directory \(trial-0000; no multirun.yaml\)"):
+        check_sweep_dir(tmp_path / "study")
 
 
 def test_a_diverged_record_may_hold_nan_where_a_completed_one_may_not(tmp_path):

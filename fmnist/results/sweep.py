@@ -23,7 +23,7 @@ from fmnist.config import check_sweep_values, superseded_note
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError
 from fmnist.fsio import atomic_write, check_not_directories, note_early_write
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
-from fmnist.runs import COMPLETED, RUNNING, collect, is_job_dir
+from fmnist.runs import COMPLETED, RUNNING, TRIAL_DIR_PREFIX, collect, is_job_dir
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +86,18 @@ JOB_LOG = "train.log"  # Hydra's log of a train.py job (hydra.job.name is the sc
 
 def check_sweep_dir(sweep_dir: Path) -> None:
     """ConfigError for a sweep directory that holds files but is no earlier sweep's (which a sweep continues): no
-    `multirun.yaml` and no job directory (`is_job_dir`). Its summary and Hydra's files would replace
-    what is there."""
-    if not sweep_dir.is_dir() or (sweep_dir / "multirun.yaml").exists() or any(
-            p.is_dir() and (is_job_dir(p) or (p / JOB_LOG).exists())  # a job refused in a joblib worker: its log alone
-            for p in sweep_dir.iterdir()):
+    `multirun.yaml` and no job directory (`is_job_dir`), or a tune.py study's. Its summary and Hydra's files
+    would replace what is there."""
+    if not sweep_dir.is_dir() or (sweep_dir / "multirun.yaml").exists():
+        return
+    trials = sorted(p.name for p in sweep_dir.glob(f"{TRIAL_DIR_PREFIX}*") if p.is_dir())
+    if trials:  # its trials are job directories too, but its summary and best.yaml are tune.py's
+        raise ConfigError(f"{sweep_dir} is a tune.py study's directory ({', '.join(trials[:2])}"
+                          f"{', ...' if len(trials) > 2 else ''}; no multirun.yaml): a sweep would replace its "
+                          "summary.md and mix its jobs with the study's trials; nothing was written. Choose another "
+                          "directory (name=... or hydra.sweep.dir=...); tune.py continues the study.")
+    if any(p.is_dir() and (is_job_dir(p) or (p / JOB_LOG).exists())  # a job refused in a joblib worker: its log alone
+           for p in sweep_dir.iterdir()):
         return
     entries = sorted(p.name for p in sweep_dir.iterdir())
     if entries:

@@ -46,7 +46,8 @@ from fmnist.errors import ConfigError, FmnistError
 from fmnist.fsio import atomic_write, missing_dirs, remove_if_empty
 from fmnist.results.sweep import summarize
 from fmnist.training.figures import save_png  # matplotlib, headless
-from fmnist.runs import DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, METRICS_FILE, now, update_record
+from fmnist.runs import (DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, METRICS_FILE, TRIAL_DIR_PREFIX, now,
+                         update_record)
 from fmnist.training.train import (RunPruned, check_config, every_combination, failure_of, flat_config,
                                    stopping_signal, train)
 
@@ -402,7 +403,7 @@ class Search:
         overrides = [*self.train_overrides,
                      *(f"{spec.key}={override_text(params[name])}" for name, spec in self.cfg.space.items())]
         cfg = _compose("train", [*ONE_DEVICE, *overrides])
-        run_dir = self.study_dir / f"trial-{trial.number:04d}"
+        run_dir = self.study_dir / f"{TRIAL_DIR_PREFIX}{trial.number:04d}"
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("overrides", overrides)
         trial.set_user_attr("process", {"host": socket.gethostname(), "pid": os.getpid()})  # see `fail_dead_trials`
@@ -527,7 +528,7 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
         if cfg.storage:
             _check_storage_file(cfg.storage)
         made = missing_dirs(study_dir)  # removed again if the study is refused
-        trials_here = sorted(p.name for p in study_dir.glob("trial-*"))
+        trials_here = sorted(p.name for p in study_dir.glob(f"{TRIAL_DIR_PREFIX}*"))
         if trials_here and cfg.storage is None and not (study_dir / "study.db").exists():
             raise _orphan_trials(study_dir, trials_here, "its database study.db is gone")
         own = _storage_file(cfg.storage) if cfg.storage else study_dir / "study.db"  # a study's own database
@@ -622,7 +623,7 @@ def write_results(study: optuna.Study, study_dir: Path) -> None:
     states = {s.name.lower(): sum(t.state == s for t in study.trials) for s in optuna.trial.TrialState}
     print(f"study {study.study_name}: {len(study.trials)} trials ("
           + ", ".join(f"{n} {s}" for s, n in states.items() if n) + ")")
-    if any((d / METRICS_FILE).exists() for d in study_dir.glob("trial-*")):
+    if any((d / METRICS_FILE).exists() for d in study_dir.glob(f"{TRIAL_DIR_PREFIX}*")):
         summarize(study_dir)
     best = best_overrides(study)
     if best is None:
