@@ -106,7 +106,8 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -
                 hydra_main()
             except (HydraException, OmegaConfBaseException) as e:  # e.g. a swept value composed into a job
                 ours = chained_fmnist_error(e)  # e.g. a resolver's check of a value (fmnist.config.check_name)
-                _exit(str(ours) if ours else composition_message(e), ours.exit_code if ours else 2)
+                _exit(str(ours) if ours else composition_message(e) + _hydra_part_hint(e, sys.argv[1:]),
+                      ours.exit_code if ours else 2)
             except OSError as e:  # e.g. Hydra creating the run directory or its log file on a read-only disk
                 mapped = storage_error(e)
                 if mapped is None:
@@ -116,6 +117,19 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -
         _exit(*TERMINATED)
     except KeyboardInterrupt:  # before a training run started (a started one exits 130 by itself), or another command
         _exit(*INTERRUPTED)
+
+
+def _hydra_part_hint(error: BaseException, args: list[str]) -> str:
+    """What to type instead when `--cfg hydra --resolve` fails on an interpolation: Hydra drops the job's keys
+    before it resolves that part, and hydra.sweep.dir names the job's `name`."""
+    from omegaconf.errors import InterpolationKeyError
+
+    shown_part = {a.split("=", 1)[1] for a in args if a.startswith("--cfg=")} | {
+        b for a, b in zip(args, args[1:]) if a in ("--cfg", "-c")}
+    if not (isinstance(error, InterpolationKeyError) and "hydra" in shown_part and "--resolve" in args):
+        return ""
+    return (" `--cfg hydra` leaves out the job's keys, which Hydra's own keys name (hydra.sweep.dir names `name`): "
+            "`--cfg all --resolve` prints them resolved, or `-p hydra.run.dir` one of them.")
 
 
 def chained_fmnist_error(error: BaseException) -> FmnistError | None:

@@ -141,6 +141,15 @@ def test_cfg_with_a_sweep_says_to_drop_dash_m(run_in_process):
     assert "error: --cfg shows one job's config and -m runs a sweep" in result.stderr
 
 
+@pytest.mark.parametrize("cfg", [["--cfg", "hydra"], ["--cfg=hydra"]])
+def test_cfg_hydra_resolved_says_what_prints_hydras_keys_resolved(run_in_process, cfg):
+    result = run_in_process("train.py", *cfg, "--resolve")  # Hydra drops the job's `name` that sweep.dir names
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "`--cfg all --resolve` prints them resolved" in result.stderr and result.stderr.count("error:") == 1
+    shown = run_in_process("train.py", "--cfg", "all", "--resolve", "-p", "hydra.sweep.dir")  # what it points to
+    assert shown.returncode == 0 and shown.stdout.strip().startswith("outputs/train/"), shown.stderr[-2000:]
+
+
 def test_two_hydra_modes_on_one_command_line_are_one_paragraph(run_in_process):
     result = run_in_process("train.py", "-m", "seed=0,1", "--info")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
