@@ -225,6 +225,14 @@ def read_epochs(path: Path) -> pd.DataFrame:
     if repeated.any():  # one line per epoch, or the seeds' curves cannot be lined up
         raise ConfigError(f"{path}, line {int(np.argmax(repeated.to_numpy())) + 2}: epoch "
                           f"{frame.epoch[repeated].iloc[0]} again; expected one row per epoch, as a run writes.")
+    # What a run never writes: an accuracy outside 0..1, a negative loss (a diverged run's is empty or inf).
+    for column, bad, expected in (("val/acc", ~frame["val/acc"].between(0, 1), "an accuracy (a fraction from 0 to 1)"),
+                                  *((c, frame[c] < 0, "a loss of 0 or more") for c in ("train/loss", "val/loss"))):
+        bad &= frame[column].notna()
+        if bad.any():
+            row = int(np.argmax(bad.to_numpy()))
+            raise ConfigError(f"{path}, line {row + 2}, column {column}: expected {expected} or an empty cell, "
+                              f"found {frame[column].iloc[row]}.")
     return frame
 
 

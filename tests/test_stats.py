@@ -230,7 +230,8 @@ def test_an_image_comparison_refuses_other_images_and_runs_without_predictions(t
     damaged = tmp_path / "other" / "seed=0" / "predictions.npz"
     for write in (lambda f: f.write(b"x"), lambda f: np.save(f, np.array([{}]), allow_pickle=True),
                   lambda f: np.save(f, np.zeros(3, int)),  # one bare array, not an archive
-                  lambda f: np.savez(f, val_pred=np.zeros((2, 2), int), val_label=np.zeros(2, int))):
+                  lambda f: np.savez(f, val_pred=np.zeros((2, 2), int), val_label=np.zeros(2, int)),
+                  lambda f: np.savez(f, val_pred=np.zeros(0, int), val_label=np.zeros(0, int))):  # no image
         with open(damaged, "wb") as f:
             write(f)
         with pytest.raises(ConfigError, match="predictions.npz: (cannot read it|`val_pred` and `val_label` should)") as e:

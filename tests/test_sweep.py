@@ -134,6 +134,10 @@ def test_a_damaged_run_file_is_named_by_the_results_verbs_that_read_it(tmp_path,
     (lambda text: text.replace(",0.001,1,2\n", ",0.001,1,abc\n").encode(),
      ", line 3, column train_seconds: expected a number, found 'abc'", False),
     (lambda text: text.replace("\n2,20,", "\n1,20,").encode(), ", line 3: epoch 1 again", True),
+    (lambda text: text.replace("\n1,10,1.0,0.6,0.9,0.7,", "\n1,10,1.0,0.6,0.9,-inf,").encode(),
+     ", line 2, column val/acc: expected an accuracy (a fraction from 0 to 1) or an empty cell, found -inf", True),
+    (lambda text: text.replace("\n1,10,1.0,", "\n1,10,-1.0,").encode(),
+     ", line 2, column train/loss: expected a loss of 0 or more or an empty cell, found -1.0", True),
 ])
 def test_a_damaged_epochs_csv_refuses_the_report_and_leaves_the_summarys_compute_unrecorded(
         tmp_path, capsys, damage, words, compute_read):
@@ -220,6 +224,46 @@ def test_a_figure_that_fails_mid_write_keeps_the_one_there_before(tmp_path, monk
             assert not (sweep / "figures").exists()
         else:  # no temporary, no half figure
             assert {p.name: p.read_bytes() for p in (sweep / "figures").iterdir()} == before
+
+
+def test_report_draws_what_runs_record_at_their_edges(tmp_path):
+    # A diverged run whose every loss is infinite, an override that deletes a key (no `=`), an older run's
+    # epochs.csv without compute columns beside a newer one's: drawn, not a crash.
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1):
+        _fake_job(sweep, f"seed={seed}", "completed", seed, 0.9, ["~model.dropout", f"seed={seed}"])
+    _fake_job(sweep, "optim.lr=10,seed=0", "diverged", 0, None, ["~model.dropout", "optim.lr=10", "seed=0"])
+    diverged = sweep / "optim.lr=10,seed=0" / "epochs.csv"
+    diverged.write_text(re.sub(r"\n(\d),(\d+),[\d.]+,([\d.]+),[\d.]+,", r"\n\1,\2,inf,\3,inf,", diverged.read_text()))
+    flops_only = sweep / "seed=1" / "epochs.csv"  # FLOPs without seconds: no time-to-accuracy point
+    pd.read_csv(flops_only).drop(columns="train_seconds").assign(train_flops=[1e12, 2e12]).to_csv(flops_only, index=False)
+    names = {p.name for p in write_report(sweep)}
+    assert "curves_optim.lr-10__model.dropout.png" in names and "confusion_matrix.png" in names, names
+    assert "time_to_accuracy.png" not in names
+
+
+def test_a_directory_where_a_figure_goes_is_refused_before_any_figure_is_replaced(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1):
+        _fake_job(sweep, f"seed={seed}", "completed", seed, 0.9, [f"seed={seed}"])
+    write_report(sweep)
+    (sweep / "figures" / "confusion_matrix.png").unlink()
+    (sweep / "figures" / "confusion_matrix.png").mkdir()  # in the way of the last figure drawn
+    (sweep / "figures" / "curves__defaults_.png").write_bytes(b"an earlier figure")  # drawn again, it would differ
+    before = snapshot(sweep)
+    assert results_main(["report", str(sweep)]) == 2
+    assert f"cannot write {sweep}/figures/confusion_matrix.png: it is a directory" in capsys.readouterr().err
+    assert snapshot(sweep) == before
+
+
+def test_a_failed_job_with_an_empty_error_is_listed(tmp_path):
+    sweep = tmp_path / "sweep"
+    _fake_job(sweep, "seed=0", "completed", 0, 0.9, ["seed=0"])
+    _fake_job(sweep, "seed=1", "failed", 1, None, ["seed=1"])
+    record = json.loads((sweep / "seed=1" / "metrics.json").read_text())
+    (sweep / "seed=1" / "metrics.json").write_text(json.dumps({**record, "error": ""}))  # a hand edit
+    summarize(sweep)
+    assert "| `seed=1` | failed |  |" in (sweep / "summary.md").read_text()
 
 
 def test_report_reads_settings_whose_values_hold_commas(tmp_path):

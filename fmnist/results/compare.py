@@ -140,10 +140,10 @@ def _read_predictions(file: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise ConfigError(f"{file}: cannot read it as the per-image predictions a run writes (a damaged file, or "
                           "another kind of file).") from e
-    if (labels is None or pred.ndim != 1 or pred.shape != labels.shape
+    if (labels is None or pred.ndim != 1 or pred.shape != labels.shape or not len(pred)
             or not (np.issubdtype(pred.dtype, np.integer) and np.issubdtype(labels.dtype, np.integer))):
         raise ConfigError(f"{file}: `{split}_pred` and `{split}_label` should be integer class arrays of one length, "
-                          "as a run writes them; this file holds something else.")
+                          "not empty, as a run writes them; this file holds something else.")
     return pred, labels
 
 

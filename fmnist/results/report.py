@@ -7,9 +7,11 @@ works on a finished, running or interrupted sweep, with no TensorBoard parsing.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -47,10 +49,11 @@ REPORT_CLAIMS = [
 
 
 def parse_setting(setting: str) -> dict[str, str]:
-    """`a=1,b=x` -> {"a": "1", "b": "x"} (values are kept as the override text)."""
+    """`a=1,b=x` -> {"a": "1", "b": "x"} (values are kept as the override text; `~a`, which deletes a key, is
+    {"~a": ""})."""
     if setting == "(defaults)":
         return {}
-    return dict(item.split("=", 1) for item in name_items(setting))
+    return {key: value for key, _, value in (item.partition("=") for item in name_items(setting))}
 
 
 def load_curves(sweep_dir: Path, table: pd.DataFrame) -> dict[str, list[pd.DataFrame]]:
@@ -73,7 +76,9 @@ def draw_curves(ax_loss: plt.Axes, ax_acc: plt.Axes, runs: list[pd.DataFrame], t
     for ax, column, label, scale in ((ax_loss, "train/loss", "train loss", 1), (ax_loss, "val/loss", "validation loss", 1),
                                      (ax_acc, "val/acc", "validation accuracy", 100)):
         # dropped: epochs without validation (trainer.check_val_every_n_epoch), so the line joins the others
-        stacked = pd.concat([r.set_index("epoch")[column] * scale for r in runs], axis=1).dropna(how="all")
+        # and an infinite loss (a run that diverged), which no axis can show
+        stacked = pd.concat([r.set_index("epoch")[column] * scale for r in runs], axis=1)
+        stacked = stacked.replace([np.inf, -np.inf], np.nan).dropna(how="all")
         mean = stacked.mean(axis=1)
         line, = ax.plot(mean.index, mean.values, label=label, marker="o", markersize=3)
         if stacked.shape[1] > 1:
@@ -110,6 +115,8 @@ def curves_figure(panels: list[tuple[str, list[pd.DataFrame]]], suptitle: str) -
     for i, (title, runs) in enumerate(panels):
         block, col = divmod(i, cols)
         draw_curves(axes[2 * block, col], axes[2 * block + 1, col], runs, title)
+    if not any(len(line.get_ydata()) for ax in axes[0::2].flat for line in ax.get_lines()):
+        axes[0, 0].set_ylim(0.1, 10)  # no finite loss anywhere (diverged runs): a log axis needs limits to draw
     for i in range(len(panels), blocks * cols):  # the last row's empty places
         block, col = divmod(i, cols)
         axes[2 * block, col].set_visible(False)
@@ -234,14 +241,21 @@ def _difference(c, p_adjusted: float) -> str:
             f"d={c.effect_size:.1f}, n={d.n}")
 
 
+def timed_runs(curves: dict[str, list[pd.DataFrame]]) -> list[tuple[str, pd.DataFrame]]:
+    """(setting, its epochs with a validation accuracy) of each run that recorded its training seconds and FLOPs."""
+    runs = [(setting, frame.dropna(subset=["val/acc", "train_seconds", "train_flops"]))
+            for setting, frames in sorted(curves.items()) for frame in frames
+            if {"train_seconds", "train_flops"} <= set(frame.columns)]
+    return [(setting, frame) for setting, frame in runs if len(frame)]
+
+
 def time_to_accuracy_figure(curves: dict[str, list[pd.DataFrame]], title: str) -> plt.Figure | None:
     """Validation accuracy against training seconds and against training FLOPs, a line per run.
 
     Seconds depend on the machine (each run records its hardware); FLOPs do not. None when no run
     recorded FLOPs (runs older than the column).
     """
-    runs = [(setting, frame.dropna(subset=["val/acc"])) for setting, frames in sorted(curves.items())
-            for frame in frames if "train_flops" in frame and frame.train_flops.notna().any()]
+    runs = timed_runs(curves)
     if not runs:
         return None
     fig, (ax_s, ax_f) = plt.subplots(1, 2, figsize=(11, 4))
@@ -293,30 +307,25 @@ def write_report(sweep_dir: Path) -> list[Path]:
     ranked = done[done.val_acc_best.notna()]  # a record without validation accuracy has nothing to rank it by
     best = ranked.loc[ranked.val_acc_best.idxmax()] if len(ranked) else None
     cm = read_confusion_matrix(sweep_dir / best.job) if best is not None else None
-    written = []
-
-    def save(fig: plt.Figure, name: str) -> None:
-        with dirs_made(out):  # made with the first figure, and removed again if that one fails
-            save_png(fig, out / name, dpi=110)
-        written.append(out / name)
-
+    # Each figure's file and how to draw it, named before any is drawn: a directory in the way of one is refused
+    # before the others replace theirs.
+    figures: list[tuple[str, Callable[[], plt.Figure]]] = []
     by_variant: dict[str, list[pd.DataFrame]] = {}
     for setting, runs in curves.items():
         if variant_of(setting):
             by_variant.setdefault(variant_of(setting), []).extend(runs)
     if by_variant:  # a sweep of experiment=report: the report's own figures
-        for number, title, variant in REPORT_FIGURES:
-            if variant in by_variant:
-                save(curves_figure([(f"variant={variant}", by_variant[variant])], f"Figure {number}: {title}"),
-                     f"figure_{number}.png")
-        atomic_write(sweep_dir / REPORT_FILE, claims_table(table, by_variant))
+        figures += [(f"figure_{number}.png", functools.partial(
+                        curves_figure, [(f"variant={variant}", by_variant[variant])], f"Figure {number}: {title}"))
+                    for number, title, variant in REPORT_FIGURES if variant in by_variant]
     else:
         names = short_names(sorted(curves))
-        for setting, runs in sorted(curves.items()):
-            save(curves_figure([(names[setting], runs)], "Loss & Accuracy vs Epochs"), f"curves_{_slug(names[setting])}.png")
-    speed = time_to_accuracy_figure(curves, f"Time to accuracy: {sweep_dir.name}")
-    if speed is not None:
-        save(speed, "time_to_accuracy.png")
+        figures += [(f"curves_{_slug(names[setting])}.png",
+                     functools.partial(curves_figure, [(names[setting], runs)], "Loss & Accuracy vs Epochs"))
+                    for setting, runs in sorted(curves.items())]
+    if timed_runs(curves):
+        figures.append(("time_to_accuracy.png",
+                        functools.partial(time_to_accuracy_figure, curves, f"Time to accuracy: {sweep_dir.name}")))
     if len(ranked):
         means = ranked.groupby("setting").val_acc_best.mean()
         reference = str(means.idxmax())
@@ -324,7 +333,16 @@ def write_report(sweep_dir: Path) -> list[Path]:
             panels = sorted((f"{key}={parse_setting(s).get(key, '(default)')}", curves[s]) for s in members if s in curves)
             others = ", ".join(f"{k}={v}" for k, v in parse_setting(reference).items() if k != key) or "defaults"
             title = "\n".join(textwrap.wrap(f"Ablation of {key}; other settings as in the best run: {others}", 110))
-            save(curves_figure(panels, title), f"ablation_{_slug(key)}.png")
+            figures.append((f"ablation_{_slug(key)}.png", functools.partial(curves_figure, panels, title)))
         if cm is not None:
-            save(confusion_matrix_figure(cm, f"Best run {best.job}\ntest-set confusion matrix"), "confusion_matrix.png")
+            figures.append(("confusion_matrix.png", functools.partial(
+                confusion_matrix_figure, cm, f"Best run {best.job}\ntest-set confusion matrix")))
+    check_not_directories(out / name for name, _ in figures)
+    written = []
+    for name, draw in figures:
+        with dirs_made(out):  # made with the first figure, and removed again if that one fails
+            save_png(draw(), out / name, dpi=110)
+        written.append(out / name)
+    if by_variant:
+        atomic_write(sweep_dir / REPORT_FILE, claims_table(table, by_variant))
     return written

@@ -62,7 +62,7 @@ def _markdown(table: pd.DataFrame, stats: pd.DataFrame, title: str) -> str:
     unfinished = table[table.status != COMPLETED]
     if len(unfinished):
         lines += ["", "| job | status | error |", "|---|---|---|"]
-        lines += [f"| `{r.job}` | {r.status} | {r.error.splitlines()[0] if isinstance(r.error, str) else ''} |"
+        lines += [f"| `{r.job}` | {r.status} | {(r.error.splitlines() or [''])[0] if isinstance(r.error, str) else ''} |"
                   for r in unfinished.itertuples()]
     return "\n".join(lines) + "\n"
 
@@ -76,8 +76,9 @@ def summarize(sweep_dir: Path) -> pd.DataFrame:
     check_not_directories(sweep_dir / name for name in SUMMARY_FILES)
     table = collect(sweep_dir)
     csv_name, md_name = SUMMARY_FILES
+    markdown = _markdown(table, group(table), f"Sweep {sweep_dir.name}")  # both made before either is written
     atomic_write(sweep_dir / csv_name, table.to_csv(index=False))
-    atomic_write(sweep_dir / md_name, _markdown(table, group(table), f"Sweep {sweep_dir.name}"))
+    atomic_write(sweep_dir / md_name, markdown)
     return table
 
 
