@@ -181,11 +181,12 @@ def record_problem(job: Path, record) -> str | None:
 
 
 def read_table(path: Path, what: str, columns: tuple[str, ...], numbers: tuple[str, ...] = (),
-               counts: tuple[str, ...] = ()) -> pd.DataFrame:
+               counts: tuple[str, ...] = (), ranges: dict[str, tuple[float, float, str]] | None = None) -> pd.DataFrame:
     """The CSV table at `path`, or ConfigError naming the file when it is not `what` (as a message says it: `a table
     tricks --csv wrote`): it lacks one of `columns`, a cell of `numbers` is not a number (an empty cell is a missing
-    value, as a diverged run's loss), or a cell of `counts` is not a whole number of 0 or more. Columns of either
-    kind that the file lacks are not checked (older runs lack some)."""
+    value, as a diverged run's loss), a cell of `counts` is not a whole number of 0 or more, or a number of a column
+    in `ranges` ({column: (low, high, what it is)}) lies outside low..high. Columns that the file lacks are not
+    checked (older runs lack some)."""
     try:
         table = pd.read_csv(path)
     except (OSError, ValueError) as e:  # a binary file, unbalanced quotes, a ragged row
@@ -206,6 +207,13 @@ def read_table(path: Path, what: str, columns: tuple[str, ...], numbers: tuple[s
             # Line 1 is the header, so the first row of values is line 2.
             raise ConfigError(f"{path}, line {row + 2}, column {column}: expected {expected}, found {_cell(found)}.")
         table[column] = values
+    for column, (low, high, expected) in (ranges or {}).items():
+        bad = table[column].notna() & ~table[column].between(low, high) if column in table.columns else []
+        if any(bad):
+            row = int(np.argmax(bad.to_numpy()))
+            empty = "" if column in counts else " or an empty cell"
+            raise ConfigError(f"{path}, line {row + 2}, column {column}: expected {expected} ({low:g} to {high:g})"
+                              f"{empty}, found {_cell(table[column].iloc[row])}.")
     return table
 
 
@@ -219,20 +227,15 @@ def _cell(value) -> str:
 def read_epochs(path: Path) -> pd.DataFrame:
     """A run's epochs.csv, or ConfigError naming its first damaged line and column: one row per epoch, the
     curves and the compute so far numbers (an empty cell is a missing value, as a diverged run's loss)."""
+    # What a run never writes: an accuracy outside 0..1, a negative loss (a diverged run's is empty or inf).
     frame = read_table(path, "an epochs.csv as a run writes it", ("epoch", *CURVES),
-                       numbers=(*CURVES, *COMPUTE), counts=("epoch",))
+                       numbers=(*CURVES, *COMPUTE), counts=("epoch",),
+                       ranges={"val/acc": (0, 1, "an accuracy"), **{loss: (0, math.inf, "a loss")
+                                                                    for loss in ("train/loss", "val/loss")}})
     repeated = frame.epoch.duplicated()
     if repeated.any():  # one line per epoch, or the seeds' curves cannot be lined up
         raise ConfigError(f"{path}, line {int(np.argmax(repeated.to_numpy())) + 2}: epoch "
                           f"{frame.epoch[repeated].iloc[0]} again; expected one row per epoch, as a run writes.")
-    # What a run never writes: an accuracy outside 0..1, a negative loss (a diverged run's is empty or inf).
-    for column, bad, expected in (("val/acc", ~frame["val/acc"].between(0, 1), "an accuracy (a fraction from 0 to 1)"),
-                                  *((c, frame[c] < 0, "a loss of 0 or more") for c in ("train/loss", "val/loss"))):
-        bad &= frame[column].notna()
-        if bad.any():
-            row = int(np.argmax(bad.to_numpy()))
-            raise ConfigError(f"{path}, line {row + 2}, column {column}: expected {expected} or an empty cell, "
-                              f"found {frame[column].iloc[row]}.")
     return frame
 
 

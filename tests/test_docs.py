@@ -52,6 +52,11 @@ def test_results_verbs_refuse_a_foreign_table_and_a_missing_baseline(tmp_path, c
     ("ema,flip,abc,0.1,3,0.1,0.1", "column val_acc_mean: expected a number, found 'abc'"),
     ("ema,flip,0.9,0.1,,0.1,0.1", "column n: expected a whole number of 0 or more, found an empty cell"),
     ("ema,flip,0.9,0.1,2.5,0.1,0.1", "column n: expected a whole number of 0 or more, found 2.5"),
+    ("ema,flip,0.9,0.1,0,0.1,0.1", "column n: expected a number of runs (1 to 1e+09), found 0"),
+    ("ema,flip,0.9,0.1,30000000000000000000000,0.1,0.1", "column n: expected a number of runs (1 to 1e+09), found 3e+22"),
+    ("ema,flip,0.9,-0.5,3,0.1,0.1", "column val_acc_std: expected a standard deviation (0 to 1) or an empty cell, "
+                                    "found -0.5"),
+    ("ema,flip,inf,0.1,3,0.1,0.1", "column val_acc_mean: expected an accuracy (0 to 1) or an empty cell, found inf"),
 ])
 def test_a_tricks_table_with_a_damaged_cell_is_named_by_file_line_and_column(tmp_path, capsys, row, words):
     from fmnist.results.__main__ import main

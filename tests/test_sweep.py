@@ -135,9 +135,9 @@ def test_a_damaged_run_file_is_named_by_the_results_verbs_that_read_it(tmp_path,
      ", line 3, column train_seconds: expected a number, found 'abc'", False),
     (lambda text: text.replace("\n2,20,", "\n1,20,").encode(), ", line 3: epoch 1 again", True),
     (lambda text: text.replace("\n1,10,1.0,0.6,0.9,0.7,", "\n1,10,1.0,0.6,0.9,-inf,").encode(),
-     ", line 2, column val/acc: expected an accuracy (a fraction from 0 to 1) or an empty cell, found -inf", True),
+     ", line 2, column val/acc: expected an accuracy (0 to 1) or an empty cell, found -inf", True),
     (lambda text: text.replace("\n1,10,1.0,", "\n1,10,-1.0,").encode(),
-     ", line 2, column train/loss: expected a loss of 0 or more or an empty cell, found -1.0", True),
+     ", line 2, column train/loss: expected a loss (0 to inf) or an empty cell, found -1.0", True),
 ])
 def test_a_damaged_epochs_csv_refuses_the_report_and_leaves_the_summarys_compute_unrecorded(
         tmp_path, capsys, damage, words, compute_read):

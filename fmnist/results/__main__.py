@@ -94,7 +94,10 @@ def read_tricks_table(path: Path):
     from fmnist.runs import read_table
 
     return read_table(path, "a table `tricks --csv` wrote", tuple(COLUMNS),
-                      numbers=("val_acc_mean", "val_acc_std", "change_mean", "change_std"), counts=("n",))
+                      numbers=("val_acc_mean", "val_acc_std", "change_mean", "change_std"), counts=("n",),
+                      ranges={"val_acc_mean": (0, 1, "an accuracy"), "val_acc_std": (0, 1, "a standard deviation"),
+                              "change_mean": (-1, 1, "a change of accuracy"), "change_std": (0, 1, "a standard deviation"),
+                              "n": (1, 1e9, "a number of runs")})
 
 
 def changes(args) -> None:
