@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import statistics
 import sys
 import time
@@ -233,12 +234,13 @@ def check_inputs(args) -> None:
         bad = [b for b in getattr(args, option) if b < 1]
         if bad:
             raise ConfigError(f"--{option.replace('_', '-')}: batch sizes must be at least 1; got {bad[0]}.")
-    for option, value, ok in (("--repeats", args.repeats, args.repeats >= 1), ("--seconds", args.seconds, args.seconds > 0),
+    for option, value, ok in (("--repeats", args.repeats, args.repeats >= 1),
+                              ("--seconds", args.seconds, 0 < args.seconds < math.inf),  # nan fails both
                               ("--images", args.images, args.images is None or args.images >= 1),
                               ("--val-size", args.val_size, args.val_size >= 1),
                               ("--threads", args.threads, args.threads is None or args.threads >= 1)):
         if not ok:
-            raise ConfigError(f"{option} must be above zero; got {value}.")
+            raise ConfigError(f"{option} must be above zero (and finite); got {value}.")
     if args.accelerator not in ACCELERATORS:
         raise ConfigError(f"--accelerator must be one of {ACCELERATORS}; got {args.accelerator!r}.")
     try:
@@ -264,6 +266,12 @@ def check_inputs(args) -> None:
             raise ConfigError(f"--out names {args.out}, which benchmark.py did not write (its first line does not begin "
                               f"{BENCHMARK_HEADER.decode()!r}, as the rows benchmark.py appends do); nothing was "
                               "written. Choose a new file name.")
+        try:  # the rows are added to what it holds: a damaged row would lose them after the whole benchmark
+            pd.read_csv(args.out)
+        except (OSError, ValueError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+            raise ConfigError(f"--out names {args.out}, which cannot be read as the CSV benchmark.py writes ({reason}); "
+                              "nothing was written. Mend it, or choose a new file name.") from e
     for name in args.models:
         try:
             model_cfg(name, False)

@@ -48,6 +48,8 @@ def test_benchmark_refuses_an_out_it_did_not_write_and_a_bad_model_before_timing
     victim = tmp_path / "fashion-mnist_test.csv"  # a data CSV given as --out by mistake: appending would rewrite it
     victim.write_bytes((data_dir / "fashion-mnist_test.csv").read_bytes())
     before = victim.read_bytes()
+    damaged = tmp_path / "bench.csv"  # benchmark.py's header, then a row cut short: the new rows could not be added
+    damaged.write_bytes(b"date,cpu,model\n2026-01-01,\"x\n")
     common = ["--data-dir", str(data_dir), "--images", "64", "--repeats", "1", "--val-size", "100",
               "--batch-sizes", "32", "--precisions", "32-true"]
     for args, message in [
@@ -57,7 +59,11 @@ def test_benchmark_refuses_an_out_it_did_not_write_and_a_bad_model_before_timing
         (["--models", "nosuch", "--out", str(tmp_path / "b.csv")], "--models nosuch: In 'train': Could not find 'model/nosuch'"),
         (["--models", "simple", "--batch-sizes", "0", "--out", str(tmp_path / "b.csv")],
          "--batch-sizes: batch sizes must be at least 1; got 0"),
-        (["--models", "simple", "--repeats", "0", "--out", str(tmp_path / "b.csv")], "--repeats must be above zero; got 0"),
+        (["--models", "simple", "--out", str(damaged)], f"--out names {damaged}, which cannot be read as the CSV"),
+        (["--models", "simple", "--repeats", "0", "--out", str(tmp_path / "b.csv")],
+         "--repeats must be above zero (and finite); got 0"),
+        (["--models", "simple", "--seconds", "inf", "--out", str(tmp_path / "b.csv")],
+         "--seconds must be above zero (and finite); got inf"),
         (["--models", "simple", "--precisions", "bogus", "--out", str(tmp_path / "b.csv")],
          "--precisions must be among ('32-true', 'bf16-mixed', '16-mixed')"),
         (["--models", "simple", "--accelerator", "mps", "--out", str(tmp_path / "b.csv")],  # no Apple GPU on Linux
@@ -68,7 +74,8 @@ def test_benchmark_refuses_an_out_it_did_not_write_and_a_bad_model_before_timing
         result = run_in_process("scripts/benchmark.py", *common, *args)
         assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]
         assert "Traceback" not in result.stderr and "hardware:" not in result.stdout  # refused before any timing
-    assert victim.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [victim.name]
+    assert victim.read_bytes() == before and damaged.read_bytes() == b"date,cpu,model\n2026-01-01,\"x\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([damaged.name, victim.name])
 
 
 def test_benchmark_refuses_an_out_it_cannot_write_before_timing(data_dir, run_in_process, tmpfs):
