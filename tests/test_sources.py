@@ -1,4 +1,5 @@
 import gzip
+import re
 import struct
 
 import numpy as np
@@ -78,11 +79,25 @@ def test_bad_idx_magic(tmp_path):
     path = tmp_path / "x-idx1-ubyte"
     path.write_bytes(b"\x00\x00\x09\x01" + b"\x00" * 8)
     with pytest.raises(DataError, match="not an IDX file"):
-        read_idx(path)
+        read_idx(path, 1)
     for damaged in (b"not gzip at all", gzip.compress(b"\x00\x00\x08\x01" + b"\x00" * 100)[:20]):  # foreign, cut
         (tmp_path / "x-idx1-ubyte.gz").write_bytes(damaged)
         with pytest.raises(DataError, match="x-idx1-ubyte.gz: cannot read it as a gzipped IDX file"):
-            read_idx(tmp_path / "x-idx1-ubyte.gz")
+            read_idx(tmp_path / "x-idx1-ubyte.gz", 1)
+
+
+@pytest.mark.parametrize("name,header,words", [
+    ("train-labels-idx1-ubyte", b"\x00\x00\x08\x00", "its header gives 0 dimensions; expected 1 (labels [N])"),
+    ("train-labels-idx1-ubyte", b"\x00\x00\x08\x02\x00\x00\x00\x02\x00\x00\x00\x02" + b"\x00" * 4,
+     "its header gives 2 dimensions; expected 1 (labels [N])"),
+    ("train-images-idx3-ubyte", b"\x00\x00\x08\x03" + b"\x00" * 4,
+     "its header gives 3 dimensions in a file too short to hold them; expected 3 (images [N, 28, 28])"),
+])
+def test_an_idx_file_of_other_dimensions_is_named_and_nothing_is_written(tmp_path, idx_dir, name, header, words):
+    (idx_dir / f"{name}.gz").write_bytes(gzip.compress(header))
+    with pytest.raises(DataError, match=re.escape(f"{name}.gz: {words}")):
+        obtain(tmp_path / "data", idx_dir=idx_dir, allow_install=False, allow_download=False)
+    assert not (tmp_path / "data").exists()
 
 
 def test_a_bad_test_split_writes_neither_csv_so_a_second_try_can_succeed(tmp_path, idx_dir):

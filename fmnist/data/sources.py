@@ -46,8 +46,9 @@ def find_csv(data_dir: Path, split: str) -> Path:
     return gz if not plain.exists() and gz.exists() else plain
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (gzipped or not) of unsigned bytes: labels [N] or images [N, 28, 28]."""
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Read an IDX file (gzipped or not) of unsigned bytes with `ndim` dimensions: labels [N] (1) or images
+    [N, 28, 28] (3)."""
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -60,7 +61,9 @@ def read_idx(path: Path) -> np.ndarray:
                             "*-idx?-ubyte.gz files (a damaged or cut download?).") from e
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
         raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic number {raw[:4].hex()}).")
-    ndim = raw[3]
+    if raw[3] != ndim or len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path}: its header gives {raw[3]} dimensions" + (" in a file too short to hold them"
+                        if raw[3] == ndim else "") + f"; expected {ndim} ({'labels [N]' if ndim == 1 else 'images [N, 28, 28]'}).")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
@@ -91,7 +94,7 @@ def idx_to_csv(idx_dir: Path, data_dir: Path) -> None:
                             "expected Zalando's four files under their own names (train-images-idx3-ubyte.gz, "
                             "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz). "
                             "Nothing was written.")
-        images, labels = (read_idx(p) for p in found)
+        images, labels = read_idx(found[0], 3), read_idx(found[1], 1)
         if images.shape[1:] != (28, 28) or len(images) != len(labels):
             raise DataError(f"{idx_dir}: {split} images {images.shape} do not match labels {labels.shape}.")
         if len(labels) and labels.max() >= NUM_CLASSES:  # a CSV holding them would be refused by every command
