@@ -185,6 +185,14 @@ def model_keys(name: str) -> dict[str, Any]:
     return {p: hints[p] for p in list(inspect.signature(cls.__init__).parameters)[1:] if p not in FIXED_PARAMETERS}
 
 
+def with_defaults(model: typing.Mapping) -> dict:
+    """A `model` config with its constructor's default for each key it lacks: what a checkpoint written before a
+    key existed builds with."""
+    parameters = inspect.signature(architecture(model["name"]).__init__).parameters.values()
+    return {**{p.name: p.default for p in parameters if p.default is not p.empty and p.name not in FIXED_PARAMETERS},
+            **model}
+
+
 def _has_type(value: Any, kind: Any) -> bool:
     if typing.get_origin(kind) is list:
         (item,) = typing.get_args(kind)

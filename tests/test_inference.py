@@ -468,6 +468,8 @@ def test_evaluation_metrics_match_their_definitions():
     (lambda p: p["datamodule_hyper_parameters"].update(val_size="abc"), "`datamodule_hyper_parameters.val_size`"),
     (lambda p: p["datamodule_hyper_parameters"].update(normalize="false"), "`datamodule_hyper_parameters.normalize`"),
     (lambda p: p["hyper_parameters"].update(channels_last="no"), "hyperparameter channels_last is 'no'"),
+    (lambda p: p["hyper_parameters"]["model"].update(dropout=float("nan")),  # the constructor takes it
+     r"describe no model this code builds: config key model.dropout must be in \[0, 1\); got nan"),
     (lambda p: p["hyper_parameters"]["model"].update(channels=[8]),
      r"damaged.ckpt: its hyperparameters \(hyper_parameters.model\) describe no model this code builds: config key"),
 ])

@@ -26,7 +26,7 @@ from fmnist.data.sources import find_csv
 from fmnist.errors import CheckpointError, ConfigError, DataError
 from fmnist.fsio import file_digest, load_checkpoint
 from fmnist.inference.config import CKPT_FORMS
-from fmnist.models import MODELS, build_model, memory_format_input, tta_logits
+from fmnist.models import MODELS, build_model, check_model, memory_format_input, tta_logits, with_defaults
 from fmnist.runs import (BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, LAST_CHECKPOINT, NET_PREFIX,
                          collect, read_record)
 
@@ -250,6 +250,7 @@ def load_model(ckpt: str | Path) -> LoadedModel:
                               "not a checkpoint train.py wrote.")
     channels_last = options.get("channels_last", TrainConfig.channels_last)
     try:
+        check_model(with_defaults(model))  # as train.py checks a config: the constructor takes a NaN dropout
         net = build_model(**model)
         net = net.to(memory_format=torch.channels_last) if channels_last else net
         net.load_state_dict(net_state(payload["state_dict"]))
