@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import subprocess
 import sys
@@ -146,6 +147,18 @@ def finished_jobs(sweep: Path) -> int:
 
     jobs = [p for p in sweep.iterdir() if p.is_dir()] if sweep.is_dir() else []
     return sum((read_record(job) or {}).get("status") in FINISHED for job in jobs)
+
+
+def is_sweep(override: str) -> bool:
+    """Whether a train.py override is a sweep (`a=1,2`, `a=range(3)`), as Hydra parses it; an override
+    Hydra cannot parse is left to the composition that reports it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        return OverridesParser.create().parse_override(override).is_sweep_override()
+    except HydraException:
+        return False
 
 
 def compose_all(steps: list[Step]) -> None:
@@ -344,8 +357,11 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="compose every command's config and print the commands")
     parser.add_argument("--smoke", action="store_true", help="every step on a few batches (checks this script)")
     args = parser.parse_args()
-    if args.budget_s is not None and args.budget_s <= 0:
+    if args.budget_s is not None and not 0 < args.budget_s < math.inf:  # nan fails both
         parser.error(f"--budget-s must be a positive number of seconds; got {args.budget_s:g}")
+    swept = [o for o in args.override if "=" in o and is_sweep(o)]
+    if swept:  # added to every command: a step that is no sweep would get several values, a sweep more jobs
+        parser.error(f"--override {swept[0]} is a sweep (several values, or none); each --override sets one value")
     budget_s = args.budget_s or (420 if args.records else 450)
     default_results = (ROOT / "docs/results/gpu/records" / datetime.now().strftime("%Y-%m-%d") if args.records
                        else Path("outputs/gpu-check") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))

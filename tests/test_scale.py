@@ -113,9 +113,13 @@ def test_a_typo_in_override_stops_gpu_check_before_any_step(tmp_path, run_in_pro
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "does not compose with --override optim.lrr=1: Could not override 'optim.lrr'." in result.stderr
     assert not (tmp_path / "r").exists()
-    empty = run_in_process("scripts/gpu_check.py", "--records", "--smoke", "--results", str(tmp_path / "r"),
-                           "--override", "seed=range(0,0)")  # a sweep of no value: no first value to compose
-    assert empty.returncode == 2 and "the sweep override seed=range(0,0) gives no value" in empty.stderr
+    # Added to every command, a sweep would give a step that is none several values: one value each.
+    for swept in ("seed=range(0,0)", "optim.lr=1,2"):
+        refused = run_in_process("scripts/gpu_check.py", "--records", "--smoke", "--results", str(tmp_path / "r"),
+                                 "--override", swept)
+        assert refused.returncode == 2 and f"--override {swept} is a sweep (several values, or none)" in refused.stderr
+    nan = run_in_process("scripts/gpu_check.py", "--records", "--dry-run", "--budget-s", "nan")
+    assert nan.returncode == 2 and "--budget-s must be a positive number of seconds; got nan" in nan.stderr
     assert not (tmp_path / "r").exists()
 
 
