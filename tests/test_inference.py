@@ -406,6 +406,19 @@ def test_benchmark_infer_times_both_runtimes_side_by_side(run_dir, tmp_path, run
     assert (table.img_s > 0).all() and np.allclose(table.ms_per_image * table.batch_size, table.ms_per_batch, atol=0.02)
 
 
+def test_a_photo_with_damaged_exif_data_is_read_with_one_log_line_not_a_python_warning(tmp_path, caplog, recwarn):
+    from fmnist.inference.images import read_image
+
+    path = tmp_path / "phone.jpg"  # an orientation entry that claims more bytes than the EXIF block holds
+    Image.new("L", (28, 28), 200).save(path, exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03"
+                                                   b"\x00\x00\x00\x05\x00")
+    with caplog.at_level(logging.WARNING, logger="fmnist.inference.images"):
+        assert read_image(path).shape == (28, 28)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and messages[0].startswith(f"{path}: Corrupt EXIF data."), messages  # Pillow's words
+    assert not [w for w in recwarn if "EXIF" in str(w.message)]
+
+
 @pytest.mark.parametrize("mode,fmt", [("L", "PNG"), ("I;16", "PNG"), ("LA", "PNG"), ("RGB", "PNG"),
                                       ("RGBA", "PNG"), ("P", "PNG"), ("L", "BMP"), ("RGB", "BMP"), ("P", "BMP"),
                                       ("L", "JPEG"), ("RGB", "JPEG"), ("CMYK", "JPEG")])

@@ -19,11 +19,14 @@ and images with nothing but background.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
 
 SIZE = 28
 FORMATS = ("PNG", "JPEG", "BMP")  # phone cameras' multi-picture JPEGs open as JPEG too
@@ -52,7 +55,8 @@ def read_image(path: Path) -> np.ndarray:
         raise ImageRejected(f"{size / 2 ** 20:.0f} MB: larger than the {MAX_FILE_BYTES // 2 ** 20} MB accepted "
                             "for a photo of one garment")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as noted:
+            warnings.simplefilter("always")  # Pillow's notes on a readable image (corrupt EXIF data): one log line each
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path, formats=FORMATS) as im:  # reads the header only
                 w, h = im.size
@@ -68,7 +72,10 @@ def read_image(path: Path) -> np.ndarray:
                     rgba = im.convert("RGBA")
                     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                     im = Image.alpha_composite(white, rgba)
-                return to_grey8(im)
+                grey = to_grey8(im)
+        for note in noted:
+            log.warning("%s: %s", path, str(note.message).strip())
+        return grey
     except ImageRejected:
         raise
     except UnidentifiedImageError as e:
