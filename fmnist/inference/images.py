@@ -56,7 +56,7 @@ def read_image(path: Path) -> np.ndarray:
                             "for a photo of one garment")
     try:
         with warnings.catch_warnings(record=True) as noted:
-            warnings.simplefilter("always")  # Pillow's notes on a readable image (corrupt EXIF data): one log line each
+            warnings.simplefilter("always", UserWarning)  # Pillow's notes on an image it reads (corrupt EXIF data)
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path, formats=FORMATS) as im:  # reads the header only
                 w, h = im.size
@@ -74,7 +74,10 @@ def read_image(path: Path) -> np.ndarray:
                     im = Image.alpha_composite(white, rgba)
                 grey = to_grey8(im)
         for note in noted:
-            log.warning("%s: %s", path, str(note.message).strip())
+            if issubclass(note.category, UserWarning) and not issubclass(note.category, DeprecationWarning):
+                log.warning("%s: %s", path, str(note.message).strip())
+            else:  # not a note on this image: as Python would show it
+                warnings.warn_explicit(note.message, note.category, note.filename, note.lineno)
         return grey
     except ImageRejected:
         raise
