@@ -74,7 +74,7 @@ def read_image(path: Path) -> np.ndarray:
                     im = Image.alpha_composite(white, rgba)
                 grey = to_grey8(im)
         for note in noted:
-            if issubclass(note.category, UserWarning) and not issubclass(note.category, DeprecationWarning):
+            if issubclass(note.category, UserWarning):
                 log.warning("%s: %s", path, str(note.message).strip())
             else:  # not a note on this image: as Python would show it
                 warnings.warn_explicit(note.message, note.category, note.filename, note.lineno)
