@@ -121,15 +121,15 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -
 
 def _hydra_part_hint(error: BaseException, args: list[str]) -> str:
     """What to type instead when `--cfg hydra --resolve` fails on an interpolation: Hydra drops the job's keys
-    before it resolves that part, and hydra.sweep.dir names the job's `name`."""
+    before it resolves that part, and some of its own keys name them (train.py's hydra.sweep.dir names `name`)."""
     from omegaconf.errors import InterpolationKeyError
 
     shown_part = {a.split("=", 1)[1] for a in args if a.startswith("--cfg=")} | {
         b for a, b in zip(args, args[1:]) if a in ("--cfg", "-c")}
     if not (isinstance(error, InterpolationKeyError) and "hydra" in shown_part and "--resolve" in args):
         return ""
-    return (" `--cfg hydra` leaves out the job's keys, which Hydra's own keys name (hydra.sweep.dir names `name`): "
-            "`--cfg all --resolve` prints them resolved, or `-p hydra.run.dir` one of them.")
+    return (" `--cfg hydra` leaves out the job's keys, which some of Hydra's own keys name: `--cfg all --resolve` "
+            "prints them resolved (`--cfg all --resolve -p hydra.sweep.dir` one of them).")
 
 
 def chained_fmnist_error(error: BaseException) -> FmnistError | None:

@@ -38,6 +38,7 @@ NET_PREFIX = "net."  # of the network's weights in a checkpoint's state_dict (Li
 EPOCH_COLUMNS = ["epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "lr",
                  "epoch_seconds", "train_seconds", "train_images", "train_flops"]
 CURVES = ("train/loss", "val/loss", "val/acc")  # the columns every reader of epochs.csv needs, against its epoch
+ACCURACY_RANGE = (0.0, 1.0)  # an accuracy is a fraction, in every file a run writes
 # A run's status, as metrics.json and every summary spell it.
 RUNNING, COMPLETED, FAILED, DIVERGED, INTERRUPTED = "running", "completed", "failed", "diverged", "interrupted"
 PRUNED = "pruned"  # a search's trial stopped early by its pruner
@@ -175,7 +176,8 @@ def record_problem(job: Path, record) -> str | None:
         # `completed` promises usable numbers (a run that ends with NaN is recorded `diverged`)
         if record["status"] == COMPLETED and value is not None and not math.isfinite(value):
             return f"{job / METRICS_FILE}: metrics.{key} is {value!r} in a completed run, not a finite number"
-        if key.endswith(("/acc", "/acc_best")) and value is not None and math.isfinite(value) and not 0 <= value <= 1:
+        low, high = ACCURACY_RANGE
+        if key.endswith(("/acc", "/acc_best")) and value is not None and math.isfinite(value) and not low <= value <= high:
             return f"{job / METRICS_FILE}: metrics.{key} is {value!r}, not an accuracy (a fraction from 0 to 1)"
     return None
 
@@ -185,8 +187,8 @@ def read_table(path: Path, what: str, columns: tuple[str, ...], numbers: tuple[s
     """The CSV table at `path`, or ConfigError naming the file when it is not `what` (as a message says it: `a table
     tricks --csv wrote`): it lacks one of `columns`, a cell of `numbers` is not a number (an empty cell is a missing
     value, as a diverged run's loss), a cell of `counts` is not a whole number of 0 or more, or a number of a column
-    in `ranges` ({column: (low, high, what it is)}) lies outside low..high. Columns that the file lacks are not
-    checked (older runs lack some)."""
+    in `ranges` ({column: (low, high, what it is)}; a column of `numbers` or `counts`) lies outside low..high.
+    Columns that the file lacks are not checked (older runs lack some)."""
     try:
         table = pd.read_csv(path)
     except (OSError, ValueError) as e:  # a binary file, unbalanced quotes, a ragged row
@@ -228,10 +230,11 @@ def read_epochs(path: Path) -> pd.DataFrame:
     """A run's epochs.csv, or ConfigError naming its first damaged line and column: one row per epoch, the
     curves and the compute so far numbers (an empty cell is a missing value, as a diverged run's loss)."""
     # What a run never writes: an accuracy outside 0..1, a negative loss (a diverged run's is empty or inf).
+    accuracies = ("train/acc", "val/acc", "val/acc_best")
     frame = read_table(path, "an epochs.csv as a run writes it", ("epoch", *CURVES),
-                       numbers=(*CURVES, *COMPUTE), counts=("epoch",),
-                       ranges={"val/acc": (0, 1, "an accuracy"), **{loss: (0, math.inf, "a loss")
-                                                                    for loss in ("train/loss", "val/loss")}})
+                       numbers=(*CURVES, *accuracies, *COMPUTE), counts=("epoch",),
+                       ranges={**{acc: (*ACCURACY_RANGE, "an accuracy") for acc in accuracies},
+                               **{loss: (0, math.inf, "a loss") for loss in ("train/loss", "val/loss")}})
     repeated = frame.epoch.duplicated()
     if repeated.any():  # one line per epoch, or the seeds' curves cannot be lined up
         raise ConfigError(f"{path}, line {int(np.argmax(repeated.to_numpy())) + 2}: epoch "

@@ -240,7 +240,7 @@ def check_inputs(args) -> None:
                               ("--val-size", args.val_size, args.val_size >= 1),
                               ("--threads", args.threads, args.threads is None or args.threads >= 1)):
         if not ok:
-            raise ConfigError(f"{option} must be above zero (and finite); got {value}.")
+            raise ConfigError(f"{option} must be a finite number above zero; got {value}.")
     if args.accelerator not in ACCELERATORS:
         raise ConfigError(f"--accelerator must be one of {ACCELERATORS}; got {args.accelerator!r}.")
     try:

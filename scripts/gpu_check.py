@@ -361,7 +361,7 @@ def main() -> int:
         parser.error(f"--budget-s must be a positive number of seconds; got {args.budget_s:g}")
     swept = [o for o in args.override if "=" in o and is_sweep(o)]
     if swept:  # added to every command: a step that is no sweep would get several values, a sweep more jobs
-        parser.error(f"--override {swept[0]} is a sweep (several values, or none); each --override sets one value")
+        parser.error(f"--override {swept[0]} is a sweep (`,`, range, choice or glob); each --override sets one value")
     budget_s = args.budget_s or (420 if args.records else 450)
     default_results = (ROOT / "docs/results/gpu/records" / datetime.now().strftime("%Y-%m-%d") if args.records
                        else Path("outputs/gpu-check") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))

@@ -415,7 +415,7 @@ def test_a_photo_with_damaged_exif_data_is_read_with_one_log_line_not_a_python_w
     with caplog.at_level(logging.WARNING, logger="fmnist.inference.images"):
         assert read_image(path).shape == (28, 28)
     messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 1 and messages[0].startswith(f"{path}: Corrupt EXIF data."), messages  # Pillow's words
+    assert len(messages) == 1 and messages[0].startswith(f"{path}: ") and "exif" in messages[0].lower(), messages
     assert not [w for w in recwarn if "EXIF" in str(w.message)]
 
 

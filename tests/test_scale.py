@@ -61,9 +61,9 @@ def test_benchmark_refuses_an_out_it_did_not_write_and_a_bad_model_before_timing
          "--batch-sizes: batch sizes must be at least 1; got 0"),
         (["--models", "simple", "--out", str(damaged)], f"--out names {damaged}, which cannot be read as the CSV"),
         (["--models", "simple", "--repeats", "0", "--out", str(tmp_path / "b.csv")],
-         "--repeats must be above zero (and finite); got 0"),
+         "--repeats must be a finite number above zero; got 0"),
         (["--models", "simple", "--seconds", "inf", "--out", str(tmp_path / "b.csv")],
-         "--seconds must be above zero (and finite); got inf"),
+         "--seconds must be a finite number above zero; got inf"),
         (["--models", "simple", "--precisions", "bogus", "--out", str(tmp_path / "b.csv")],
          "--precisions must be among ('32-true', 'bf16-mixed', '16-mixed')"),
         (["--models", "simple", "--accelerator", "mps", "--out", str(tmp_path / "b.csv")],  # no Apple GPU on Linux
@@ -117,7 +117,7 @@ def test_a_typo_in_override_stops_gpu_check_before_any_step(tmp_path, run_in_pro
     for swept in ("seed=range(0,0)", "optim.lr=1,2"):
         refused = run_in_process("scripts/gpu_check.py", "--records", "--smoke", "--results", str(tmp_path / "r"),
                                  "--override", swept)
-        assert refused.returncode == 2 and f"--override {swept} is a sweep (several values, or none)" in refused.stderr
+        assert refused.returncode == 2 and f"--override {swept} is a sweep (`,`, range, choice or glob)" in refused.stderr
     nan = run_in_process("scripts/gpu_check.py", "--records", "--dry-run", "--budget-s", "nan")
     assert nan.returncode == 2 and "--budget-s must be a positive number of seconds; got nan" in nan.stderr
     assert not (tmp_path / "r").exists()

@@ -87,11 +87,11 @@ def test_bad_idx_magic(tmp_path):
 
 
 @pytest.mark.parametrize("name,header,words", [
-    ("train-labels-idx1-ubyte", b"\x00\x00\x08\x00", "its header gives 0 dimensions; expected 1 (labels [N])"),
+    ("train-labels-idx1-ubyte", b"\x00\x00\x08\x00", "its header gives 0 dimensions; expected 1"),
     ("train-labels-idx1-ubyte", b"\x00\x00\x08\x02\x00\x00\x00\x02\x00\x00\x00\x02" + b"\x00" * 4,
-     "its header gives 2 dimensions; expected 1 (labels [N])"),
+     "its header gives 2 dimensions; expected 1"),
     ("train-images-idx3-ubyte", b"\x00\x00\x08\x03" + b"\x00" * 4,
-     "its header gives 3 dimensions in a file too short to hold them; expected 3 (images [N, 28, 28])"),
+     "its header is cut short (8 bytes; 3 dimensions take 16)"),
 ])
 def test_an_idx_file_of_other_dimensions_is_named_and_nothing_is_written(tmp_path, idx_dir, name, header, words):
     (idx_dir / f"{name}.gz").write_bytes(gzip.compress(header))

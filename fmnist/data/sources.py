@@ -48,7 +48,7 @@ def find_csv(data_dir: Path, split: str) -> Path:
 
 def read_idx(path: Path, ndim: int) -> np.ndarray:
     """Read an IDX file (gzipped or not) of unsigned bytes with `ndim` dimensions: labels [N] (1) or images
-    [N, 28, 28] (3)."""
+    [N, 28, 28] (3), or DataError naming the file."""
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -61,9 +61,10 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
                             "*-idx?-ubyte.gz files (a damaged or cut download?).") from e
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
         raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic number {raw[:4].hex()}).")
-    if raw[3] != ndim or len(raw) < 4 + 4 * ndim:
-        raise DataError(f"{path}: its header gives {raw[3]} dimensions" + (" in a file too short to hold them"
-                        if raw[3] == ndim else "") + f"; expected {ndim} ({'labels [N]' if ndim == 1 else 'images [N, 28, 28]'}).")
+    if raw[3] != ndim:
+        raise DataError(f"{path}: its header gives {raw[3]} dimensions; expected {ndim}.")
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path}: its header is cut short ({len(raw)} bytes; {ndim} dimensions take {4 + 4 * ndim}).")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):

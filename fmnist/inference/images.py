@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
+PILLOW_DIR = Path(Image.__file__).parent  # where Pillow's warnings come from
 
 SIZE = 28
 FORMATS = ("PNG", "JPEG", "BMP")  # phone cameras' multi-picture JPEGs open as JPEG too
@@ -56,7 +57,7 @@ def read_image(path: Path) -> np.ndarray:
                             "for a photo of one garment")
     try:
         with warnings.catch_warnings(record=True) as noted:
-            warnings.simplefilter("always", UserWarning)  # Pillow's notes on an image it reads (corrupt EXIF data)
+            warnings.simplefilter("always", UserWarning)  # recorded, each once per image: Pillow's are logged below
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path, formats=FORMATS) as im:  # reads the header only
                 w, h = im.size
@@ -74,9 +75,9 @@ def read_image(path: Path) -> np.ndarray:
                     im = Image.alpha_composite(white, rgba)
                 grey = to_grey8(im)
         for note in noted:
-            if issubclass(note.category, UserWarning):
+            if Path(note.filename).is_relative_to(PILLOW_DIR):  # Pillow's note on this file (corrupt EXIF data)
                 log.warning("%s: %s", path, str(note.message).strip())
-            else:  # not a note on this image: as Python would show it
+            else:  # another library's: as Python would show it
                 warnings.warn_explicit(note.message, note.category, note.filename, note.lineno)
         return grey
     except ImageRejected:

@@ -50,10 +50,15 @@ REPORT_CLAIMS = [
 
 def parse_setting(setting: str) -> dict[str, str]:
     """`a=1,b=x` -> {"a": "1", "b": "x"} (values are kept as the override text; `~a`, which deletes a key, is
-    {"~a": ""})."""
+    {"~a": ""}, which `setting_item` writes back as `~a`)."""
     if setting == "(defaults)":
         return {}
     return {key: value for key, _, value in (item.partition("=") for item in name_items(setting))}
+
+
+def setting_item(key: str, value: str) -> str:
+    """One override of a setting as a title shows it: `a=1`, or `~a` for a deleted key."""
+    return key if key.startswith("~") and not value else f"{key}={value}"
 
 
 def load_curves(sweep_dir: Path, table: pd.DataFrame) -> dict[str, list[pd.DataFrame]]:
@@ -253,7 +258,7 @@ def time_to_accuracy_figure(curves: dict[str, list[pd.DataFrame]], title: str) -
     """Validation accuracy against training seconds and against training FLOPs, a line per run.
 
     Seconds depend on the machine (each run records its hardware); FLOPs do not. None when no run
-    recorded FLOPs (runs older than the column).
+    recorded both (runs older than the columns).
     """
     runs = timed_runs(curves)
     if not runs:
@@ -330,19 +335,21 @@ def write_report(sweep_dir: Path) -> list[Path]:
         means = ranked.groupby("setting").val_acc_best.mean()
         reference = str(means.idxmax())
         for key, members in ablation_pairs(sorted(curves), reference).items():
-            panels = sorted((f"{key}={parse_setting(s).get(key, '(default)')}", curves[s]) for s in members if s in curves)
-            others = ", ".join(f"{k}={v}" for k, v in parse_setting(reference).items() if k != key) or "defaults"
+            panels = sorted((setting_item(key, parse_setting(s).get(key, "(default)")), curves[s])
+                            for s in members if s in curves)
+            others = ", ".join(setting_item(k, v) for k, v in parse_setting(reference).items() if k != key) or "defaults"
             title = "\n".join(textwrap.wrap(f"Ablation of {key}; other settings as in the best run: {others}", 110))
             figures.append((f"ablation_{_slug(key)}.png", functools.partial(curves_figure, panels, title)))
         if cm is not None:
             figures.append(("confusion_matrix.png", functools.partial(
                 confusion_matrix_figure, cm, f"Best run {best.job}\ntest-set confusion matrix")))
+    claims = claims_table(table, by_variant) if by_variant else None  # made before any file is written
     check_not_directories(out / name for name, _ in figures)
     written = []
     for name, draw in figures:
         with dirs_made(out):  # made with the first figure, and removed again if that one fails
             save_png(draw(), out / name, dpi=110)
         written.append(out / name)
-    if by_variant:
-        atomic_write(sweep_dir / REPORT_FILE, claims_table(table, by_variant))
+    if claims is not None:
+        atomic_write(sweep_dir / REPORT_FILE, claims)
     return written
