@@ -267,7 +267,7 @@ def check_inputs(args) -> None:
                               f"{BENCHMARK_HEADER.decode()!r}, as the rows benchmark.py appends do); nothing was "
                               "written. Choose a new file name.")
         try:  # the rows are added to what it holds: a damaged row would lose them after the whole benchmark
-            pd.read_csv(args.out)
+            read_history(args.out)
         except (OSError, ValueError) as e:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
             raise ConfigError(f"--out names {args.out}, which cannot be read as the CSV benchmark.py writes ({reason}); "
@@ -284,10 +284,15 @@ def check_inputs(args) -> None:
             raise ConfigError(f"--val-size {args.val_size}: {e}") from e
 
 
+def read_history(out: Path) -> pd.DataFrame:
+    """The rows of the CSV `out` that new rows are added to (none if it does not exist yet)."""
+    return pd.read_csv(out) if out.exists() else pd.DataFrame()
+
+
 def append_rows(out: Path, rows: list[dict]) -> None:
     """Add `rows` to the CSV `out`, atomically. Rewritten whole, so rows of older versions with other columns
     stay aligned."""
-    history = pd.read_csv(out) if out.exists() else pd.DataFrame()
+    history = read_history(out)
     with storage_errors(key="--out"), dirs_made(out.parent):
         atomic_write(out, pd.concat([history, pd.DataFrame(rows)], ignore_index=True).to_csv(index=False))
     print(f"\nappended {len(rows)} rows to {out}")
