@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from fmnist import console
 from fmnist.cli import exit_with, refuse_unknown_keys, run_cli
 from fmnist.config import register, superseded_note
+from fmnist.data.sources import split_csvs
 from fmnist.errors import FmnistError
 from fmnist.fsio import note_early_write
 
@@ -19,12 +20,16 @@ register()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    from fmnist.training.train import run_job  # after Hydra parsed the command line: `--help` stays fast
-
     console.setup()
     hydra_cfg = HydraConfig.get()
     # Hydra appends this job's log lines to its log file from the start: a refused job puts it back as it was.
     note_early_write(hydra_cfg.job_logging.handlers.file.filename)
+    try:  # a newcomer's first mistake (no `make data`), said before importing Lightning takes its seconds
+        split_csvs(cfg.data.dir)
+    except FmnistError as e:
+        exit_with(e)
+    from fmnist.training.train import run_job  # after Hydra parsed the command line: `--help` stays fast
+
     overrides = list(hydra_cfg.overrides.task)
     # Hydra's own copy of the config (`hydra.output_subdir` is null) is written only once the run's checks pass.
     hydra_files = {"config.yaml": cfg, "hydra.yaml": {"hydra": hydra_cfg}, "overrides.yaml": overrides}

@@ -514,3 +514,13 @@ def test_an_entry_points_own_imports_leave_torch_to_its_ctrl_c_handling(entry):
     loaded = subprocess.run([sys.executable, "-c", f"{top}\nimport sys\nprint('torch' in sys.modules)"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert loaded.returncode == 0 and loaded.stdout.strip() == "False", loaded.stdout + loaded.stderr[-2000:]
+
+
+def test_train_without_data_is_refused_before_lightning_is_imported(tmp_path):
+    # A newcomer's first run before `make data`: the message, without the seconds of importing Lightning first.
+    code = ("import runpy, sys\nsys.argv = ['train.py', 'data.dir=" + str(tmp_path / "none") + "']\n"
+            "try:\n    runpy.run_path('train.py', run_name='__main__')\n"
+            "except SystemExit as e:\n    print(e.code, 'lightning' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["2", "False"], result.stdout + result.stderr[-2000:]
+    assert f"{tmp_path / 'none'}/fashion-mnist_train.csv: file not found" in result.stderr

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fmnist import NUM_CLASSES
-from fmnist.data.csv_io import write_csv
+from fmnist.data.csv_io import require_file, write_csv
 from fmnist.errors import DataError
 from fmnist.fsio import storage_errors
 
@@ -44,6 +44,15 @@ def find_csv(data_dir: Path, split: str) -> Path:
     plain = Path(data_dir) / CSV_NAMES[split]
     gz = plain.with_name(plain.name + ".gz")
     return gz if not plain.exists() and gz.exists() else plain
+
+
+def split_csvs(data_dir: Path) -> dict[str, Path]:
+    """Each split's CSV in `data_dir` (`find_csv`), or DataError naming the first that is not there. Reads
+    nothing: cheap enough to check before a command imports what it trains with."""
+    paths = {split: find_csv(Path(data_dir), split) for split in CSV_NAMES}
+    for path in paths.values():
+        require_file(path)
+    return paths
 
 
 def read_idx(path: Path, ndim: int) -> np.ndarray:

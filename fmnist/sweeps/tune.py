@@ -40,8 +40,7 @@ from fmnist import console
 from fmnist.cli import refuse_unknown_keys
 from fmnist.config import (PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_keys, check_name, composition_message,
                            override_key, override_text, register, renamed_overrides, seed_check)
-from fmnist.data.csv_io import require_file
-from fmnist.data.sources import find_csv
+from fmnist.data.sources import split_csvs
 from fmnist.errors import ConfigError, FmnistError
 from fmnist.fsio import atomic_write, missing_dirs, remove_if_empty
 from fmnist.results.sweep import summarize
@@ -297,8 +296,7 @@ class Search:
         refuse_unknown_keys(base, self.train_overrides)  # `+optim.lrr=1`: as train.py refuses it
         check_config(base)
         self._check_placement(base)
-        for split in ("train", "test"):
-            require_file(find_csv(Path(base.data.dir), split))
+        split_csvs(base.data.dir)
         values = {spec.key: [int(v) if spec.integer else v for v in spec.choices or [spec.low, spec.high]]
                   for spec in self.cfg.space.values()}
         groups = {key for key in values if isinstance(OmegaConf.select(base, key), DictConfig)}  # e.g. `model`

@@ -32,9 +32,8 @@ from fmnist import console
 from fmnist.cli import stopped_by_ctrl_c
 from fmnist.config import (ADDED_KEYS, PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, RUN_OPTIONS, check_values,
                            composition_message, is_count, is_text_keyed, override_text)
-from fmnist.data.csv_io import require_file
 from fmnist.data.datamodule import FashionMNISTDataModule
-from fmnist.data.sources import find_csv
+from fmnist.data.sources import split_csvs
 from fmnist.errors import CheckpointError, ConfigError, DivergedError, FmnistError
 from fmnist.fsio import (atomic_write, check_writable, early_writes, file_digest, keep_early_writes, load_checkpoint,
                          storage_errors)
@@ -147,10 +146,7 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
 
 def data_digests(cfg: DictConfig) -> dict:
     """The SHA-1 of each CSV the run reads: what identifies its data, wherever the files live."""
-    paths = {split: find_csv(Path(cfg.data.dir), split) for split in ("train", "test")}
-    for path in paths.values():
-        require_file(path)
-    return {split: file_digest(path) for split, path in paths.items()}
+    return {split: file_digest(path) for split, path in split_csvs(cfg.data.dir).items()}
 
 
 def differences_from_finished(cfg: DictConfig, run_dir: Path, record: dict) -> list[str]:
