@@ -20,17 +20,19 @@ register()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    console.setup()
     hydra_cfg = HydraConfig.get()
     # Hydra appends this job's log lines to its log file from the start: a refused job puts it back as it was.
     note_early_write(hydra_cfg.job_logging.handlers.file.filename)
-    try:  # a newcomer's first mistake (no `make data`), said before importing Lightning takes its seconds
+    overrides = list(hydra_cfg.overrides.task)
+    try:  # before importing Lightning takes its seconds: a key that does not exist, and no `make data` yet
+        refuse_unknown_keys(cfg, overrides)
         split_csvs(cfg.data.dir)
     except FmnistError as e:
         exit_with(e)
     from fmnist.training.train import run_job  # after Hydra parsed the command line: `--help` stays fast
 
-    overrides = list(hydra_cfg.overrides.task)
+    console.setup()  # after Lightning's import, which adds warning filters of its own in front of ours
+
     # Hydra's own copy of the config (`hydra.output_subdir` is null) is written only once the run's checks pass.
     hydra_files = {"config.yaml": cfg, "hydra.yaml": {"hydra": hydra_cfg}, "overrides.yaml": overrides}
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
@@ -50,7 +52,6 @@ def main(cfg: DictConfig) -> float:
         cfg = place_job(cfg, hydra_cfg)
         apart = runs_apart(hydra_cfg.launcher)
     try:
-        refuse_unknown_keys(cfg, overrides)
         return run_job(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=in_sweep, overrides=overrides,
                        hydra_files=hydra_files, apart=apart)
     except FmnistError as e:

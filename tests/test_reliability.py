@@ -235,8 +235,9 @@ def test_values_lightning_or_torch_would_reject_are_refused_first(make_cfg, tmp_
     ("+optim.lrr=0.1", "config key optim.lrr does not exist"),
     ("++model.foo=1", "config key model.foo is not a key of model optimized"),
 ])
-def test_config_errors_found_by_hydra_exit_2(tmp_path, run_in_process, override, message):
-    result = run_in_process("train.py", override, f"hydra.run.dir={tmp_path}/run")
+def test_config_errors_found_by_hydra_exit_2(tmp_path, data_dir, run_in_process, override, message):
+    # With data: a command without it is refused for that first (before Lightning's import), whatever else it holds.
+    result = run_in_process("train.py", override, f"data.dir={data_dir}", f"hydra.run.dir={tmp_path}/run")
     assert result.returncode == 2, result.stderr[-3000:]
     assert message in result.stderr and "Traceback" not in result.stderr
     assert "To append to your config use +" not in result.stderr
