@@ -170,15 +170,15 @@ def record_problem(job: Path, record) -> str | None:
     ) if not ok]
     if wrong:
         return f"{job / METRICS_FILE} is not a run record: {', '.join(wrong)} of the wrong type"
+    low, high = ACCURACY_RANGE
     for key, value in record.get("metrics", {}).items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             return f"{job / METRICS_FILE}: metrics.{key} is {value!r}, not a number"
         # `completed` promises usable numbers (a run that ends with NaN is recorded `diverged`)
         if record["status"] == COMPLETED and value is not None and not math.isfinite(value):
             return f"{job / METRICS_FILE}: metrics.{key} is {value!r} in a completed run, not a finite number"
-        low, high = ACCURACY_RANGE
         if key.endswith(("/acc", "/acc_best")) and value is not None and math.isfinite(value) and not low <= value <= high:
-            return f"{job / METRICS_FILE}: metrics.{key} is {value!r}, not an accuracy (a fraction from 0 to 1)"
+            return f"{job / METRICS_FILE}: metrics.{key} is {value!r}, not an accuracy (a fraction from {low:g} to {high:g})"
     return None
 
 
@@ -210,8 +210,10 @@ def read_table(path: Path, what: str, columns: tuple[str, ...], numbers: tuple[s
             raise ConfigError(f"{path}, line {row + 2}, column {column}: expected {expected}, found {_cell(found)}.")
         table[column] = values
     for column, (low, high, expected) in (ranges or {}).items():
-        bad = table[column].notna() & ~table[column].between(low, high) if column in table.columns else []
-        if any(bad):
+        if column not in table.columns:
+            continue
+        bad = table[column].notna() & ~table[column].between(low, high)
+        if bad.any():
             row = int(np.argmax(bad.to_numpy()))
             empty = "" if column in counts else " or an empty cell"
             raise ConfigError(f"{path}, line {row + 2}, column {column}: expected {expected} ({low:g} to {high:g})"
