@@ -29,8 +29,10 @@ EXEMPT = {
     "python train.py preset=smoke": "`make train` above runs this very command (train.py preset=smoke, smoke-sized "
                                     "as every training command here)",
 }
-# Appended to a command that trains, so that it runs in seconds on the tiny data (values it sets win).
-SMOKE = "preset=smoke data.val_size=100"
+# Appended to a command that trains, so that it runs in seconds on the tiny data (values it sets win). Batches
+# of 32: two batches of the default 256 cost each training process seconds of convolutions, and the suite's time
+# is mostly CPU.
+SMOKE = "preset=smoke data.val_size=100 data.batch_size=32"
 # What a command needs from the checkout: entry points, configs, scripts, the Makefile and .venv.
 NEEDED = ["train.py", "tune.py", "evaluate.py", "predict.py", "export.py", "conf", "scripts", "Makefile",
           "pyproject.toml", "constraints"]
