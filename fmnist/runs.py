@@ -170,6 +170,9 @@ def record_problem(job: Path, record) -> str | None:
     ) if not ok]
     if wrong:
         return f"{job / METRICS_FILE} is not a run record: {', '.join(wrong)} of the wrong type"
+    # A completed run always chose its model on validation (its test accuracy is absent with `test=false`).
+    if record["status"] == COMPLETED and record.get("metrics", {}).get("val/acc_best") is None:
+        return f"{job / METRICS_FILE}: a completed run without metrics.val/acc_best, the accuracy that chose its model"
     low, high = ACCURACY_RANGE
     for key, value in record.get("metrics", {}).items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):

@@ -93,6 +93,8 @@ def test_a_diverged_record_may_hold_nan_where_a_completed_one_may_not(tmp_path):
     # never averaged, published or chosen as a sweep's best
     ({"metrics": {"val/acc_best": float("inf"), "test/acc": 0.9}}, "metrics.val/acc_best is inf in a completed run"),
     ({"metrics": {"val/acc_best": 0.9, "test/acc": 1.5}}, "metrics.test/acc is 1.5, not an accuracy"),
+    ({"metrics": {}}, "a completed run without metrics.val/acc_best"),
+    ({"metrics": {"test/acc": 0.9}}, "a completed run without metrics.val/acc_best"),
 ])
 def test_a_hand_edited_record_is_listed_as_unreadable_not_a_crash(tmp_path, capsys, edit, words):
     sweep = tmp_path / "sweep"
