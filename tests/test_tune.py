@@ -150,6 +150,10 @@ def test_a_pruned_trial_stops_after_its_first_report_and_is_recorded(tmp_path, d
     (["study=x", "data.dir=/nonexistent"], "fashion-mnist_train.csv: file not found"),
     (["study=x", "storage=garbage://x"], "cannot open the study storage 'garbage://x'"),
     (["study=x", "heartbeat.grace_s=30", "heartbeat.interval_s=60"], "need 1 <= interval_s < grace_s"),
+    # int(0.5) is 0, which a log scale cannot start from
+    (["study=x", "space.dropout.key=optim.lookahead_steps", "space.dropout.low=0.5", "space.dropout.high=2",
+      "space.dropout.log=true", "space.dropout.integer=true"],
+     "space.dropout has integer: true, so low and high are whole numbers; got low=0.5, high=2.0"),
 ])
 def test_bad_input_stops_before_the_study_is_created(tmp_path, data_dir, args, message):
     with pytest.raises(FmnistError) as error:
@@ -201,6 +205,39 @@ def test_a_storage_naming_a_file_of_ones_own_is_refused_and_the_file_kept(tmp_pa
         run_search(CONF, [f"out_dir={tmp_path / 'studies'}", f"data.dir={data_dir}", "study=x",
                           f"storage={scheme}{notes}"])
     assert notes.read_bytes() == before and sorted(tmp_path.iterdir()) == [notes]
+
+
+def test_a_database_of_ones_own_where_the_study_keeps_its_database_is_refused_and_kept(tmp_path, data_dir):
+    import contextlib
+    import sqlite3
+
+    (tmp_path / "x").mkdir()
+    with contextlib.closing(sqlite3.connect(tmp_path / "x" / "study.db")) as db:
+        db.execute("CREATE TABLE mine (id INTEGER)")
+        db.commit()
+    before = (tmp_path / "x" / "study.db").read_bytes()
+    with pytest.raises(FmnistError, match=f"{tmp_path}/x/study.db, where the study keeps its database, is not an "
+                                          "Optuna SQLite database; nothing was written"):
+        run_search(CONF, [f"out_dir={tmp_path}", f"data.dir={data_dir}", "study=x", "n_trials=1"])
+    assert (tmp_path / "x" / "study.db").read_bytes() == before and sorted(tmp_path.rglob("*")) == [
+        tmp_path / "x", tmp_path / "x" / "study.db"]
+
+
+def test_a_continuation_that_samples_other_choices_is_refused_before_a_trial(tmp_path, data_dir):
+    # The study's first trial sampled the model from both choices; a continuation offering one cannot join it.
+    (tmp_path / "c").mkdir()
+    storage = f"sqlite:///{tmp_path / 'c' / 'study.db'}"
+    models = optuna.distributions.CategoricalDistribution(["simple", "optimized"])
+    optuna.create_study(study_name="c", storage=storage, direction="maximize").add_trial(
+        optuna.trial.create_trial(params={"model": "simple"}, distributions={"model": models}, value=0.5))
+    before = (tmp_path / "c" / "study.db").read_bytes()
+    base = [f"out_dir={tmp_path}", f"data.dir={data_dir}", "study=c", "n_trials=2", "~space.lr", "~space.dropout",
+            "~space.batch_size", "~space.weight_decay"]
+    with pytest.raises(FmnistError, match=r"study c sampled space.model from the choices \['simple', 'optimized'\]; "
+                                          r"this command's space.model is the choices \['simple'\]"):
+        run_search(CONF, [*base, "space.model.choices=[simple]"])
+    assert (tmp_path / "c" / "study.db").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["study.db"]
 
 
 def test_bad_input_exits_2_with_one_paragraph(tmp_path, run_in_process):

@@ -169,14 +169,34 @@ def _check_tune_config(cfg: DictConfig) -> None:
         if ranged and (spec.low > spec.high or (spec.log and spec.low <= 0)):
             raise ConfigError(f"search space entry space.{name} needs low <= high (and low > 0 with log: true); "
                               f"got low={spec.low}, high={spec.high}.")
+        if ranged and spec.integer and not (float(spec.low).is_integer() and float(spec.high).is_integer()):
+            raise ConfigError(f"search space entry space.{name} has integer: true, so low and high are whole numbers; "
+                              f"got low={spec.low}, high={spec.high}.")
+
+
+def _distribution(spec: DictConfig) -> optuna.distributions.BaseDistribution:
+    """What a search space entry samples from, as Optuna records it with each trial."""
+    if spec.choices:
+        return optuna.distributions.CategoricalDistribution(list(spec.choices))
+    if spec.integer:
+        return optuna.distributions.IntDistribution(int(spec.low), int(spec.high), log=spec.log)
+    return optuna.distributions.FloatDistribution(spec.low, spec.high, log=spec.log)
+
+
+def _described(sampled: optuna.distributions.BaseDistribution) -> str:
+    if isinstance(sampled, optuna.distributions.CategoricalDistribution):
+        return f"the choices {list(sampled.choices)}"
+    kind = "whole numbers" if isinstance(sampled, optuna.distributions.IntDistribution) else "numbers"
+    return f"{kind} from {sampled.low} to {sampled.high}" + (" (log scale)" if sampled.log else "")
 
 
 def _suggest(trial: optuna.Trial, name: str, spec: DictConfig) -> Any:
-    if spec.choices:
-        return trial.suggest_categorical(name, list(spec.choices))
-    if spec.integer:
-        return trial.suggest_int(name, int(spec.low), int(spec.high), log=spec.log)
-    return trial.suggest_float(name, spec.low, spec.high, log=spec.log)
+    sampled = _distribution(spec)
+    if isinstance(sampled, optuna.distributions.CategoricalDistribution):
+        return trial.suggest_categorical(name, sampled.choices)
+    if isinstance(sampled, optuna.distributions.IntDistribution):
+        return trial.suggest_int(name, sampled.low, sampled.high, log=sampled.log)
+    return trial.suggest_float(name, sampled.low, sampled.high, log=sampled.log)
 
 
 class ReportToTrial(L.Callback):
@@ -358,12 +378,29 @@ class Search:
                 "nothing was written. Continue the study with the same train overrides (placement keys such as "
                 "data.dir, and the trials' trainer.max_epochs or max_time, may differ), or start another one "
                 "(study=NAME).")
+        self._check_same_space(study)
         for key in differ:  # a longer (or shorter) budget: allowed, and said
             log.info("study %s: new trials train with %s=%s, its first ones with %s", study.study_name, key,
                      setting.get(key), saved.get(key))
         if SETTING_ATTR not in study.user_attrs:
             study.set_user_attr(SETTING_ATTR, setting if saved is None else saved)
             study.set_user_attr(OVERRIDES_ATTR, first)
+
+    def _check_same_space(self, study: optuna.Study) -> None:
+        """Refuse a search space entry whose kind or choices differ from what the study's earlier trials sampled
+        (Optuna fails such a trial, after its record was written); a float or integer range may move."""
+        for name, spec in self.cfg.space.items():
+            earlier = next((t.distributions[name] for t in study.trials if name in t.distributions), None)
+            if earlier is None:
+                continue
+            try:
+                optuna.distributions.check_distribution_compatibility(earlier, _distribution(spec))
+            except ValueError:
+                raise ConfigError(
+                    f"study {study.study_name} sampled space.{name} from {_described(earlier)}; this command's "
+                    f"space.{name} is {_described(_distribution(spec))}, and Optuna cannot mix the two in one study; "
+                    "nothing was written. Continue with the same choices (a range's low and high may change), or "
+                    "start another study (study=NAME).") from None
 
     @staticmethod
     def _check_placement(cfg: DictConfig) -> None:
@@ -452,11 +489,12 @@ def _storage_file(url: str) -> Path | None:
     return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
 
 
-def _check_storage_file(url: str) -> None:
+def _check_storage_file(url: str, default: bool = False) -> None:
     """ConfigError for a journal or SQLite storage naming an existing file of another kind (Optuna would append
-    to a user's file, or fail on it with pages of SQL)."""
+    to a user's file, or fail on it with pages of SQL). `default`: the study directory's own study.db, used
+    when no storage= is given."""
     path = _storage_file(url)
-    if path is None:
+    if path is None or (default and not path.exists()):
         return
     kind = "journal" if url.startswith("journal:") else "sqlite"
     if not path.parent.is_dir():
@@ -475,12 +513,23 @@ def _check_storage_file(url: str) -> None:
             optunas = False
     if not optunas:
         what = "journal" if kind == "journal" else "SQLite database"
+        if default:
+            raise ConfigError(f"{path}, where the study keeps its database, is not an Optuna {what}; nothing was "
+                              "written. Start the study under another name (study=...) or out_dir.")
         raise ConfigError(f"storage={url} names {path}, which is not an Optuna {what}; nothing was written. Name a "
                           "new file, or the study's own storage.")
 
 
+STUDY_DB = "study.db"  # a study's database without storage=: SQLite, in its directory
+
+
+def _default_storage(study_dir: Path) -> str:
+    """The storage of a study without storage=."""
+    return f"sqlite:///{study_dir.resolve() / STUDY_DB}"
+
+
 def _storage(cfg: DictConfig, study_dir: Path) -> optuna.storages.RDBStorage:
-    url = cfg.storage or f"sqlite:///{study_dir.resolve() / 'study.db'}"
+    url = cfg.storage or _default_storage(study_dir)
     # SQLite serialises writers with a lock; several processes wait for it instead of failing.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     for attempt in range(5):
@@ -523,13 +572,12 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
             spec.key = RENAMED_KEYS.get(spec.key, spec.key)
         search = Search(cfg, train_overrides, study_dir)
         search.check_space()
-        if cfg.storage:
-            _check_storage_file(cfg.storage)
+        _check_storage_file(cfg.storage or _default_storage(study_dir), default=not cfg.storage)
         made = missing_dirs(study_dir)  # removed again if the study is refused
         trials_here = sorted(p.name for p in study_dir.glob(f"{TRIAL_DIR_PREFIX}*"))
-        if trials_here and cfg.storage is None and not (study_dir / "study.db").exists():
-            raise _orphan_trials(study_dir, trials_here, "its database study.db is gone")
-        own = _storage_file(cfg.storage) if cfg.storage else study_dir / "study.db"  # a study's own database
+        if trials_here and cfg.storage is None and not (study_dir / STUDY_DB).exists():
+            raise _orphan_trials(study_dir, trials_here, f"its database {STUDY_DB} is gone")
+        own = _storage_file(cfg.storage) if cfg.storage else study_dir / STUDY_DB  # a study's own database
         theirs = [] if made or trials_here or (own is not None and own.parent.resolve() == study_dir.resolve()
                                                and own.exists()) else sorted(p.name for p in study_dir.iterdir())
         if theirs:  # its summary.md and best.yaml would replace theirs
