@@ -164,6 +164,15 @@ def test_changes_refuse_a_baseline_with_several_settings_or_a_seed_twice(tmp_pat
     assert results_main(["changes", str(single), str(single)]) == 2
     err = capsys.readouterr().err
     assert "jobs seed=0, seed=0.bak are the same setting with seed 0" in err and "Traceback" not in err
+    # Seeds the baseline never ran: nothing to pair, not a change of +nan "not judged (one seed)".
+    other = _sweep(tmp_path, "other", {"optim.lr=0.1": [0.9, 0.91]})
+    for record in other.glob("*/metrics.json"):
+        record.write_text(record.read_text().replace('"seed": ', '"seed": 5'))
+    shutil.rmtree(single / "seed=0.bak")
+    assert results_main(["changes", str(single), str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "setting `optim.lr=0.1` ran seeds [50, 51] and the baseline" in err and "seeds [0, 1]" in err
+    assert "share none" in err and "Traceback" not in err
 
 
 def test_the_tricks_table_turns_std_and_n_into_intervals():

@@ -69,6 +69,10 @@ def changes(baseline_dir: Path, sweep_dirs: list[Path]) -> pd.DataFrame:
         table = table[table.status == COMPLETED]
         for setting, runs in table.groupby("setting"):
             val = _by_seed(runs, "val_acc_best", sweep)
+            if not set(val.index) & set(base_val.index):
+                raise ConfigError(f"{sweep}: setting `{setting}` ran seeds {sorted(val.index)} and the baseline "
+                                  f"{baseline_dir} seeds {sorted(base_val.index)}; a change is paired by seed, and "
+                                  "these share none. Run the setting with the baseline's seeds (seed=...).")
             comparison = paired(val, base_val)
             rows.append({"setting": setting, "seeds": sorted(val.index), "val": val,
                          "val_change": comparison.difference, "p": comparison.p_value,
