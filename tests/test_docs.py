@@ -29,6 +29,25 @@ def test_a_generated_block_is_rewritten_from_its_command_and_a_bad_one_is_refuse
         render(text.replace("docs/results/cpu_best/tricks.csv", "nosuch.csv"), "page.md")
     with pytest.raises(ConfigError, match="must start with `python -m fmnist.results`"):
         render(text.replace("python -m fmnist.results", "rm -rf"), "page.md")
+    command = "tricks --from-csv docs/results/cpu_best/tricks.csv"
+    for other, words in [("tricks --from-csv 'docs", "cannot read the generated block's command .*No closing quotation"),
+                         (f"{command} --bogus", "does not print a table \\(.*unrecognized arguments: --bogus\\)"),
+                         ("--help", "does not print a table \\(it prints the command's help\\)"),
+                         # `make docs --check` changes nothing: not a sweep's summary files, nor a --csv
+                         ("summary docs/results/speedrun_cpu", "writes files; a generated block's command only prints"),
+                         ("tricks docs/results/speedrun_cpu --csv x.csv", "writes files")]:
+        with pytest.raises(ConfigError, match=f"page.md: .*{words}"):
+            render(text.replace(command, other), "page.md")
+
+
+def test_a_page_that_is_not_text_is_named(tmp_path):
+    from fmnist.results.generated import update
+
+    (tmp_path / "binary.md").write_bytes(b"\xff\xfe\n")
+    (tmp_path / "folder.md").mkdir()
+    for page in ("binary.md", "folder.md"):
+        with pytest.raises(ConfigError, match=f"{tmp_path / page}: cannot read it as a UTF-8 text file"):
+            update([tmp_path / page], check=True)
 
 
 def test_results_verbs_refuse_a_foreign_table_and_a_missing_baseline(tmp_path, capsys):

@@ -122,6 +122,7 @@ VERBS = {"summary": (summary, "rewrite each sweep's summary.csv and summary.md")
          "tricks": (tricks, "raw vs EMA weights under each TTA mode, on validation"),
          "changes": (changes, "each setting against a baseline sweep, paired by seed on validation"),
          "images": (images, "two runs or sweeps paired by seed and by image (McNemar, bootstrap)")}
+WRITING_VERBS = ("summary", "report")  # they write into the sweep directories; the others print (tricks --csv aside)
 
 
 def parser() -> argparse.ArgumentParser:

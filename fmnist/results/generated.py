@@ -24,13 +24,26 @@ PREFIX = ["python", "-m", "fmnist.results"]
 
 
 def output_of(command: str, where: str) -> str:
-    """The stdout of `python -m fmnist.results ...`, run in this process; ConfigError if it fails."""
-    from fmnist.results.__main__ import main
+    """The stdout of `python -m fmnist.results ...`, run in this process; ConfigError if it fails, or if it is
+    not a command that only prints a table (`--help`, or a verb that writes files: `--check` changes nothing)."""
+    from fmnist.results.__main__ import WRITING_VERBS, main, parser
 
-    argv = shlex.split(command)
+    try:
+        argv = shlex.split(command)
+    except ValueError as e:  # an unclosed quote
+        raise ConfigError(f"{where}: cannot read the generated block's command `{command}` ({e}).") from None
     if argv[:3] != PREFIX:
         raise ConfigError(f"{where}: a generated block's command must start with `{' '.join(PREFIX)}`; got `{command}`.")
     out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            args = parser().parse_args(argv[3:])
+    except SystemExit:  # argparse's error, or --help: no table either way
+        said = err.getvalue().strip().splitlines()
+        raise ConfigError(f"{where}: `{command}` does not print a table"
+                          + (f" ({said[-1]})." if said else " (it prints the command's help).")) from None
+    if args.verb in WRITING_VERBS or getattr(args, "csv", None):
+        raise ConfigError(f"{where}: `{command}` writes files; a generated block's command only prints its table.")
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(argv[3:])
     if code:
@@ -50,7 +63,10 @@ def update(paths: list[Path], check: bool = False) -> list[Path]:
     """Rewrite the generated blocks of `paths` (or, with `check`, only list the files that would change)."""
     stale = []
     for path in paths:
-        text = path.read_text()
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:  # a directory named *.md, a file that is not UTF-8 text
+            raise ConfigError(f"{path}: cannot read it as a UTF-8 text file ({e}).") from None
         new = render(text, str(path))
         if new != text:
             stale.append(path)
