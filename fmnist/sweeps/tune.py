@@ -53,6 +53,7 @@ from fmnist.training.train import (RunPruned, check_config, every_combination, f
 log = logging.getLogger(__name__)
 
 METRIC = "val/acc_best"  # what the study maximises: model selection is on validation, never on test
+STUDY_DB = "study.db"  # a study's database without storage=: SQLite, in its directory
 # An interrupted trial is not resumed: the study goes on with new trials (Optuna marks it failed).
 RESUME_HINT = "the same tune.py command (the study continues with new trials)"
 
@@ -518,9 +519,6 @@ def _check_storage_file(url: str, default: bool = False) -> None:
                               "written. Start the study under another name (study=...) or out_dir.")
         raise ConfigError(f"storage={url} names {path}, which is not an Optuna {what}; nothing was written. Name a "
                           "new file, or the study's own storage.")
-
-
-STUDY_DB = "study.db"  # a study's database without storage=: SQLite, in its directory
 
 
 def _default_storage(study_dir: Path) -> str:
