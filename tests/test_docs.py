@@ -33,6 +33,7 @@ def test_a_generated_block_is_rewritten_from_its_command_and_a_bad_one_is_refuse
     for other, words in [("tricks --from-csv 'docs", "cannot read the generated block's command .*No closing quotation"),
                          (f"{command} --bogus", "does not print a table \\(.*unrecognized arguments: --bogus\\)"),
                          ("--help", "does not print a table \\(it prints the command's help\\)"),
+                         ("changes docs/results/speedrun_cpu", "does not print a table \\(.*changes needs a baseline"),
                          # `make docs --check` changes nothing: not a sweep's summary files, nor a --csv
                          ("summary docs/results/speedrun_cpu", "writes files; a generated block's command only prints"),
                          ("tricks docs/results/speedrun_cpu --csv x.csv", "writes files")]:

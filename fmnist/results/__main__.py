@@ -150,13 +150,19 @@ def parser() -> argparse.ArgumentParser:
     return main
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked whole: argparse's own exit (2, its message on stderr) on a bad one."""
     main_parser = parser()
     args = main_parser.parse_args(argv)
     if args.verb == "changes" and len(args.dirs) < 2:
         main_parser.error("changes needs a baseline sweep and at least one sweep to compare with it")
     if args.verb == "tricks" and bool(args.dirs) == bool(args.from_csv):
         main_parser.error("tricks takes sweep directories, or --from-csv FILE, not both")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
 
     def work() -> None:
         if args.verb != "images":  # a run directory is an answer there

@@ -26,7 +26,7 @@ PREFIX = ["python", "-m", "fmnist.results"]
 def output_of(command: str, where: str) -> str:
     """The stdout of `python -m fmnist.results ...`, run in this process; ConfigError if it fails, or if it is
     not a command that only prints a table (`--help`, or a verb that writes files: `--check` changes nothing)."""
-    from fmnist.results.__main__ import WRITING_VERBS, main, parser
+    from fmnist.results.__main__ import WRITING_VERBS, main, parse_args
 
     try:
         argv = shlex.split(command)
@@ -37,7 +37,7 @@ def output_of(command: str, where: str) -> str:
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            args = parser().parse_args(argv[3:])
+            args = parse_args(argv[3:])
     except SystemExit:  # argparse's error, or --help: no table either way
         said = err.getvalue().strip().splitlines()
         raise ConfigError(f"{where}: `{command}` does not print a table"
