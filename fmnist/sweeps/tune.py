@@ -394,12 +394,13 @@ class Search:
             earlier = next((t.distributions[name] for t in study.trials if name in t.distributions), None)
             if earlier is None:
                 continue
+            sampled = _distribution(spec)
             try:
-                optuna.distributions.check_distribution_compatibility(earlier, _distribution(spec))
+                optuna.distributions.check_distribution_compatibility(earlier, sampled)
             except ValueError:
                 raise ConfigError(
                     f"study {study.study_name} sampled space.{name} from {_described(earlier)}; this command's "
-                    f"space.{name} is {_described(_distribution(spec))}, and Optuna cannot mix the two in one study; "
+                    f"space.{name} is {_described(sampled)}, and Optuna cannot mix the two in one study; "
                     "nothing was written. Continue with the same choices (a range's low and high may change), or "
                     "start another study (study=NAME).") from None
 
