@@ -109,7 +109,7 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -
                 _exit(str(ours) if ours else composition_message(e) + _hydra_part_hint(e, sys.argv[1:]),
                       ours.exit_code if ours else 2)
             except OSError as e:  # e.g. Hydra creating the run directory or its log file on a read-only disk
-                mapped = storage_error(e)
+                mapped = storage_error(e, key="hydra.sweep.dir" if "--multirun" in modes else "hydra.run.dir")
                 if mapped is None:
                     raise
                 _exit(str(mapped), 2)

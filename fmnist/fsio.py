@@ -219,6 +219,8 @@ def storage_error(error: OSError, path: Path | str | None = None,
     else None; `key` is the config key that chooses where the command writes (None: the place is fixed,
     e.g. a sweep's own directory)."""
     cause = _CAUSES.get(error.errno)
+    if cause is None and error.errno == errno.ENOENT and error.filename and creation_refused(error.filename):
+        cause = "its file system does not let files be created there"
     if cause is None:
         return None
     where = error.filename or path or "a file"
@@ -231,16 +233,34 @@ def storage_error(error: OSError, path: Path | str | None = None,
                         "written are intact.")
 
 
+def _creation_error(directory: Path) -> OSError | None:
+    """The error the file system gives when something is created in `directory` (None: it can be), found by
+    making an empty directory there and removing it at once."""
+    probe = Path(directory) / f".fmnist-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        probe.mkdir()
+    except OSError as e:
+        return e
+    probe.rmdir()
+    return None
+
+
+def creation_refused(path: Path | str) -> bool:
+    """Whether an ENOENT for `path` means that it could not be made, not that it is missing: the directory it
+    was to be made in exists, and the file system refuses, with ENOENT, to create anything there (as /proc does)."""
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent  # an existing directory: creating in it failed
+    return directory.is_dir() and isinstance(_creation_error(directory), FileNotFoundError)
+
+
 def check_writable(directory: Path, key: str | None = "hydra.run.dir") -> None:
-    """Raise StorageError if files cannot be created in `directory` (read-only file system, no permission);
-    `key` as in `storage_error`."""
-    if os.statvfs(directory).f_flag & os.ST_RDONLY:
-        code = errno.EROFS
-    elif not os.access(directory, os.W_OK):
-        code = errno.EACCES
-    else:
+    """Raise StorageError if files cannot be created in `directory` (read-only file system, no permission, a
+    file system that makes none, as /proc); `key` as in `storage_error`."""
+    error = _creation_error(directory)
+    if error is None:
         return
-    raise storage_error(OSError(code, os.strerror(code), str(directory)), key=key)
+    error.filename = str(directory)
+    raise storage_error(error, key=key) or error
 
 
 @contextmanager

@@ -278,6 +278,32 @@ def test_an_output_path_that_cannot_be_made_is_one_paragraph_naming_the_key(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"] and (tmp_path / "a-file").read_text() == "mine"
 
 
+# /proc exists on Linux and refuses to create anything, with ENOENT: an output there is not a missing input.
+@pytest.mark.parametrize("script,args,key", [
+    ("train.py", [*FAST, "data.dir={data}", "hydra.run.dir=/proc/fmnist-run"], "hydra.run.dir"),
+    ("train.py", ["-m", *FAST, "data.dir={data}", "hydra.sweep.dir=/proc/fmnist-sweep"], "hydra.sweep.dir"),
+    ("evaluate.py", ["ckpt=pretrained", "hydra.run.dir=/proc/fmnist-eval"], "hydra.run.dir"),
+    ("predict.py", ["ckpt=pretrained", "inputs=[{data}/fashion-mnist_test.csv]", "out=/proc/fmnist-predictions.csv"],
+     "out"),
+    ("export.py", ["ckpt=pretrained", "out=/proc/fmnist-model.onnx"], "out"),
+    ("tune.py", ["study=s", "n_trials=1", "out_dir=/proc", "preset=smoke", "data.dir={data}"], "out_dir"),
+])
+def test_an_output_where_the_file_system_makes_no_files_is_one_paragraph(data_dir, run_in_process, script, args,
+                                                                        key):
+    result = run_in_process(script, *(arg.format(data=data_dir) for arg in args))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    error = result.stderr.splitlines()[-1]
+    assert error.startswith("error: cannot write /proc") and "does not let files be created there" in error, error
+    assert f"({key}=...)" in error
+
+
+def test_a_missing_input_is_not_taken_for_a_place_that_cannot_be_written(tmp_path):
+    missing = FileNotFoundError(2, os.strerror(2), str(tmp_path / "missing.csv"))
+    with pytest.raises(FileNotFoundError), storage_errors(key="out"):
+        raise missing
+    assert list(tmp_path.iterdir()) == []  # the check made nothing that stayed
+
+
 @pytest.mark.slow
 def test_read_only_output_directory_is_one_paragraph(make_cfg, tmpfs):
     read_only = tmpfs("ro,size=1m")

@@ -84,6 +84,10 @@ def test_benchmark_refuses_an_out_it_cannot_write_before_timing(data_dir, run_in
                             "--out", str(read_only / "bench.csv"))
     assert result.returncode == 2 and "Traceback" not in result.stderr and "hardware:" not in result.stdout
     assert f"cannot write {read_only}: the file system is read-only" in result.stderr and "(--out=...)" in result.stderr
+    result = run_in_process("scripts/benchmark.py", "--data-dir", str(data_dir), "--models", "simple",
+                            "--out", "/proc/fmnist-bench.csv")  # /proc makes no files, and says ENOENT
+    assert result.returncode == 2 and "hardware:" not in result.stdout
+    assert "cannot write /proc: its file system does not let files be created there" in result.stderr
 
 
 def test_gpu_check_dry_run_composes_every_command(run_in_process):
