@@ -500,7 +500,7 @@ def test_the_old_script_names_still_work_and_say_the_new_command(tmp_path, run_i
 
 
 def test_figures_stay_readable_and_their_names_keep_whole_values():
-    from fmnist.results.report import PANELS_PER_ROW, _slug, curves_figure, time_to_accuracy_figure
+    from fmnist.results.report import PANELS_PER_ROW, _slug, curves_figure, time_to_accuracy_figure, timed_runs
 
     long = ",".join(f"optim.key{i}=0.000123456" for i in range(12))
     names = [_slug(long), _slug(long.replace("key11", "key12"))]
@@ -511,7 +511,7 @@ def test_figures_stay_readable_and_their_names_keep_whole_values():
                           "train_seconds": [1.0, 2.0], "train_flops": [1e12, 2e12]})
     fig = curves_figure([(f"s{i}", [frame]) for i in range(5)], "five settings")
     assert fig.get_size_inches()[0] <= 5 * PANELS_PER_ROW  # a second row, not a 25-inch-wide strip
-    fig = time_to_accuracy_figure({"(defaults)": [frame.copy(), frame.copy()]}, "below 80%")
+    fig = time_to_accuracy_figure(timed_runs({"(defaults)": [frame.copy(), frame.copy()]}), "below 80%")
     low, high = fig.axes[0].get_ylim()
     assert low < 30 < 40 < high  # every point shown, the axis the right way up
     assert {t.get_text() for t in fig.axes[0].get_legend().get_texts()} == {"seed 0", "seed 1"}

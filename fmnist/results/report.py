@@ -254,15 +254,10 @@ def timed_runs(curves: dict[str, list[pd.DataFrame]]) -> list[tuple[str, pd.Data
     return [(setting, frame) for setting, frame in runs if len(frame)]
 
 
-def time_to_accuracy_figure(curves: dict[str, list[pd.DataFrame]], title: str) -> plt.Figure | None:
-    """Validation accuracy against training seconds and against training FLOPs, a line per run.
-
-    Seconds depend on the machine (each run records its hardware); FLOPs do not. None when no run
-    recorded both (runs older than the columns).
+def time_to_accuracy_figure(runs: list[tuple[str, pd.DataFrame]], title: str) -> plt.Figure:
+    """Validation accuracy against training seconds and against training FLOPs, a line per run of `timed_runs`
+    (at least one). Seconds depend on the machine (each run records its hardware); FLOPs do not.
     """
-    runs = timed_runs(curves)
-    if not runs:
-        return None
     fig, (ax_s, ax_f) = plt.subplots(1, 2, figsize=(11, 4))
     names = short_names(sorted({s for s, _ in runs}))
     one_setting = len(names) == 1  # then a colour per seed, not one colour for all
@@ -328,9 +323,10 @@ def write_report(sweep_dir: Path) -> list[Path]:
         figures += [(f"curves_{_slug(names[setting])}.png",
                      functools.partial(curves_figure, [(names[setting], runs)], "Loss & Accuracy vs Epochs"))
                     for setting, runs in sorted(curves.items())]
-    if timed_runs(curves):
+    timed = timed_runs(curves)
+    if timed:  # none in runs older than the seconds and FLOPs columns
         figures.append(("time_to_accuracy.png",
-                        functools.partial(time_to_accuracy_figure, curves, f"Time to accuracy: {sweep_dir.name}")))
+                        functools.partial(time_to_accuracy_figure, timed, f"Time to accuracy: {sweep_dir.name}")))
     if len(ranked):
         means = ranked.groupby("setting").val_acc_best.mean()
         reference = str(means.idxmax())
