@@ -426,6 +426,17 @@ def test_a_finished_job_is_reused_only_for_the_same_experiment(tmp_path, data_di
     assert longer.returncode == 2 and "holds a finished job of another experiment: it differs in ['trainer.max_epochs']" \
         in longer.stderr, longer.stderr[-2000:]
 
+    # A hand-edited record: whether the job finished, and with what, is unknown; refused, nothing changed.
+    saved.write_text(saved.read_text().replace("max_epochs: 2\n", "max_epochs: 1\n"))
+    edited = json.loads(record)
+    edited["metrics"]["val/acc_best"] = None
+    next((tmp_path / "s").glob("*/metrics.json")).write_text(json.dumps(edited))
+    before = snapshot(tmp_path / "s")
+    unknown = run_in_process("train.py", *args, f"data.dir={data_dir}")
+    assert unknown.returncode == 2 and "a completed run without metrics.val/acc_best" in unknown.stderr \
+        and "remove the job directory" in unknown.stderr and "Traceback" not in unknown.stderr, unknown.stderr[-2000:]
+    assert snapshot(tmp_path / "s") == before
+
 
 @pytest.mark.slow
 def test_ad_hoc_sweeps_get_their_own_directories(tmp_path, data_dir, run_in_process):

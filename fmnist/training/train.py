@@ -42,7 +42,8 @@ from fmnist.models import check_model, training_flops_per_image
 from fmnist.training.precision import resolve_precision
 from fmnist.runs import (BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, DIVERGED, EPOCH_COLUMNS,
                          EPOCHS_FILE, ERROR_FILE, FAILED, FINISHED, INTERRUPTED, LAST_CHECKPOINT, METRICS_FILE, NET_PREFIX,
-                         PRUNED, RECORDED, RUNNING, now, provenance, read_epochs, read_record, update_record)
+                         PRUNED, RECORDED, RUNNING, now, provenance, read_epochs, read_record, record_problem,
+                         update_record)
 from fmnist.training.callbacks import (DIVERGED_ADVICE, HEARTBEAT_S, EpochCSV, Forecast, Lookahead,
                                        PerImagePredictions,
                                        TestArtifacts, WeightEMA, loss_diverged, step_callbacks)
@@ -603,6 +604,10 @@ def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: l
     run_dir = Path(run_dir)
     record = read_record(run_dir)
     if in_sweep and record:
+        problem = record_problem(run_dir, record)
+        if problem:  # a hand-edited record: whether the job finished, and with what, is unknown
+            raise ConfigError(f"{problem}; the sweep skips or resumes a job by its record, so it cannot go on with this "
+                              "one. Put back the record the run wrote, or remove the job directory to run the job again.")
         if record.get("status") in FINISHED:
             changed = differences_from_finished(cfg, run_dir, record)
             if changed:
