@@ -1,6 +1,7 @@
 """Accuracy tools: weight EMA, test-time augmentation, batched augmentations."""
 
 import logging
+import shutil
 
 import lightning as L
 import pandas as pd
@@ -160,6 +161,9 @@ def test_eval_tricks_scores_raw_and_averaged_weights_on_validation(make_cfg, tmp
     assert table.loc[("raw", "none"), "change_mean"] == 0.0 and (table.n == 1).all()
     plain = compare([tmp_path / "plain"])
     assert set(plain.weights) == {"raw"} and len(plain) == 3  # no EMA: one set of weights
+    shutil.copytree(tmp_path / "plain", tmp_path / "other machine" / "plain")  # the same sweep's name, elsewhere
+    both = compare([tmp_path / "plain", tmp_path / "other machine" / "plain"])
+    assert (both.n == 2).all() and (both.change_mean == 0.0).all()  # two runs, each paired with itself
     assert "| ema | flip |" in tricks_markdown(table.reset_index())
 
 

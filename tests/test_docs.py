@@ -66,6 +66,12 @@ def test_results_verbs_refuse_a_foreign_table_and_a_missing_baseline(tmp_path, c
     with pytest.raises(SystemExit) as exit_info:
         main(["changes", str(ROOT / "docs" / "results" / "speedrun_cpu")])
     assert exit_info.value.code == 2 and "changes needs a baseline sweep" in capsys.readouterr().err
+    # A directory given twice, under one name or two, would count its runs twice.
+    sweep = ROOT / "docs" / "results" / "speedrun_cpu"
+    assert main(["leaderboard", str(sweep), str(sweep)]) == 2
+    assert f"{sweep} is given twice: its runs would be counted twice" in capsys.readouterr().err
+    assert main(["tricks", str(sweep), str(sweep.parent / ".." / "results" / sweep.name)]) == 2
+    assert "are the same directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("row,words", [

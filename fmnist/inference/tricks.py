@@ -52,7 +52,7 @@ def compare(sweep_dirs: list[Path], data_dir: str | None = None) -> pd.DataFrame
         jobs = collect(sweep)
         for job in jobs[jobs.status == COMPLETED].job if len(jobs) else []:
             for (weights, tta), acc in validation_accuracies(Path(sweep) / job, data_dir).items():
-                rows.append({"run": f"{Path(sweep).name}/{job}", "weights": weights, "tta": tta, "val_acc": acc})
+                rows.append({"run": str(Path(sweep).resolve() / job), "weights": weights, "tta": tta, "val_acc": acc})
     if not rows:
         return pd.DataFrame(columns=COLUMNS)
     runs = pd.DataFrame(rows)

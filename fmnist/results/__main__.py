@@ -40,6 +40,18 @@ def sweep_dir(text: str) -> Path:
     return path
 
 
+def check_given_once(dirs: list) -> None:
+    """ConfigError for a directory given twice (under one name or two): its runs would count twice."""
+    seen: dict[Path, str] = {}
+    for d in map(str, dirs):
+        first = seen.get(Path(d).resolve())
+        if first is not None:
+            same = "is given twice" if first == d else f"and {first} are the same directory"
+            raise ConfigError(f"{d} {same}: its runs would be counted twice; nothing was read. Give each directory "
+                              "once.")
+        seen[Path(d).resolve()] = d
+
+
 def summary(args) -> None:
     from fmnist.results.sweep import summarize
 
@@ -167,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> None:
         if args.verb != "images":  # a run directory is an answer there
             args.dirs = [sweep_dir(d) for d in args.dirs]  # every directory checked before anything is written
+        check_given_once(args.dirs)
         with storage_errors(key=None):  # e.g. a file named `figures` where the report makes its directory
             VERBS[args.verb][0](args)
     return run_plain(work, unwind_on_sigterm=True)
