@@ -69,6 +69,17 @@ def test_a_sweep_whose_values_break_a_rule_only_in_combination_is_refused_before
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.parametrize("swept,shown", [("experiment=speedrun_cpu,cpu_best", "experiment (speedrun_cpu, cpu_best)"),
+                                          ("trainer.devices=1,2", "trainer.devices (1, 2)")])
+def test_a_sweep_over_a_key_that_names_no_job_is_refused_before_any_job(tmp_path, data_dir, run_in_process, swept,
+                                                                        shown):
+    # Its jobs would share one directory: the second refused (another experiment) or skipped (finished).
+    result = run_in_process("train.py", "-m", *FAST, f"data.dir={data_dir}", swept, f"hydra.sweep.dir={tmp_path}/s")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"error: the sweep varies {shown}, which is not part of a job's name" in result.stderr
+    assert not (tmp_path / "s").exists()
+
+
 def test_a_sweep_into_a_directory_of_ones_own_files_is_refused(tmp_path, data_dir, run_in_process):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "summary.md").write_text("my notes")

@@ -213,6 +213,15 @@ def check_sweep_jobs(config: DictConfig, config_loader) -> None:
         where = f"the sweep's job {' '.join(job)}" if job else "the sweep"
         return ConfigError(f"{where}: {error} No job of the sweep was started.")
 
+    for key, choices in values.items():  # a job is named, and grouped into its setting, without placement keys
+        if key.lstrip("+~") in PLACEMENT_KEYS and len(set(choices)) > 1:
+            shown = ", ".join(dict.fromkeys(c.split("=", 1)[1] for c in choices))
+            raise ConfigError(
+                f"the sweep varies {key.lstrip('+~')} ({shown}), which is not part of a job's name: a job is named by "
+                "the overrides that change what it computes within its experiment and placement, so these jobs would "
+                "share one directory, where one of them would run and the others be refused or skipped. Run one sweep "
+                "for each value. No job of the sweep was started.")
+
     composed: dict[tuple[str, ...], DictConfig] = {}  # a composed job per choice of the swept config groups
     for k in range(max((len(v) for v in values.values()), default=0)):
         job = [v[min(k, len(v) - 1)] for v in values.values()]
