@@ -129,6 +129,19 @@ def is_job_dir(path: Path) -> bool:
     return (path / ".hydra").is_dir() or (path / METRICS_FILE).exists()
 
 
+def check_one_job_per_seed(jobs: pd.DataFrame, sweep_dir: Path) -> None:
+    """ConfigError for two completed jobs of one setting and seed among `jobs` (`collect`'s rows), such as a job
+    directory copied inside its sweep: a mean over seeds, or a pairing by seed, would count that seed twice."""
+    done = jobs[(jobs.status == COMPLETED) & jobs.seed.notna()]
+    twice = done[done.duplicated(["setting", "seed"], keep=False)]
+    if len(twice):
+        first = twice.iloc[0]
+        same = twice[(twice.setting == first.setting) & (twice.seed == first.seed)]
+        raise ConfigError(f"{sweep_dir}: jobs {', '.join(sorted(same.job))} are the same setting with seed "
+                          f"{int(first.seed)}; a mean over seeds, or a pairing by seed, counts each seed once. Move "
+                          "the copies out of the sweep directory.")
+
+
 def collect(sweep_dir: Path) -> pd.DataFrame:
     """One row per job directory under `sweep_dir` (`is_job_dir`)."""
     rows = []

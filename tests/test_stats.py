@@ -158,12 +158,16 @@ def test_changes_refuse_a_baseline_with_several_settings_or_a_seed_twice(tmp_pat
     baseline = _sweep(tmp_path, "base", {"optim.lr=0.1": [0.9, 0.91], "optim.lr=0.2": [0.9, 0.91]})
     with pytest.raises(ConfigError, match="base: a baseline is one setting"):
         changes(baseline, [baseline])
-    # A job directory copied inside its sweep: two jobs of one seed, which a pairing by seed cannot tell apart.
-    single = _sweep(tmp_path, "single", {"": [0.9, 0.91]})
+    # A job directory copied inside its sweep: two jobs of one seed, which a pairing by seed cannot tell apart,
+    # and which every mean over seeds would count twice.
+    single, one_setting = _sweep(tmp_path, "single", {"": [0.9, 0.91]}), _sweep(tmp_path, "one", {"": [0.9, 0.91]})
     shutil.copytree(single / "seed=0", single / "seed=0.bak")
-    assert results_main(["changes", str(single), str(single)]) == 2
-    err = capsys.readouterr().err
-    assert "jobs seed=0, seed=0.bak are the same setting with seed 0" in err and "Traceback" not in err
+    before = snapshot(single)
+    for verb in ("changes", "summary", "report", "leaderboard"):
+        assert results_main([verb, *([str(one_setting)] if verb == "changes" else []), str(single)]) == 2, verb
+        err = capsys.readouterr().err
+        assert "jobs seed=0, seed=0.bak are the same setting with seed 0" in err and "Traceback" not in err, verb
+    assert snapshot(single) == before  # no summary, figures or report written
     # Seeds the baseline never ran: nothing to pair, not a change of +nan "not judged (one seed)".
     other = _sweep(tmp_path, "other", {"optim.lr=0.1": [0.9, 0.91]})
     for record in other.glob("*/metrics.json"):
@@ -252,14 +256,15 @@ def test_an_image_comparison_refuses_other_images_and_runs_without_predictions(t
 
 def test_an_image_comparison_checks_a_run_directorys_record_as_a_sweeps_jobs_are(tmp_path, capsys):
     run = _runs_with_predictions(tmp_path, "a", [np.ones(100, bool)], np.arange(100) % 10) / "seed=0"
+    other = shutil.copytree(run, tmp_path / "b" / "seed=0")  # the same predictions: a directory given twice is refused
     record = json.loads((run / "metrics.json").read_text())
     (run / "metrics.json").write_text(json.dumps({**record, "seed": [0]}))
-    assert results_main(["images", str(run), str(run)]) == 2
+    assert results_main(["images", str(run), str(other)]) == 2
     err = capsys.readouterr().err
     assert "seed=0/metrics.json is not a run record: seed of the wrong type" in err and "Traceback" not in err
     # A run that did not complete is not compared, as in a sweep, where only completed jobs are.
     (run / "metrics.json").write_text(json.dumps({**record, "status": "diverged"}))
-    assert results_main(["images", str(run), str(run)]) == 2
+    assert results_main(["images", str(run), str(other)]) == 2
     assert "its status is 'diverged'; only a completed run is compared" in capsys.readouterr().err
 
 

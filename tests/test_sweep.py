@@ -437,6 +437,13 @@ def test_a_finished_job_is_reused_only_for_the_same_experiment(tmp_path, data_di
         and "remove the job directory" in unknown.stderr and "Traceback" not in unknown.stderr, unknown.stderr[-2000:]
     assert snapshot(tmp_path / "s") == before
 
+    # A job directory copied inside the sweep: its summary would count the seed twice; said, not just warned of.
+    job = next((tmp_path / "s").glob("*/metrics.json")).parent
+    (job / "metrics.json").write_text(record)
+    shutil.copytree(job, tmp_path / "s" / "backup")
+    copied = run_in_process("train.py", *args, f"data.dir={data_dir}")
+    assert copied.returncode == 2 and "jobs backup, " in copied.stderr and "Move the copies out" in copied.stderr
+
 
 @pytest.mark.slow
 def test_ad_hoc_sweeps_get_their_own_directories(tmp_path, data_dir, run_in_process):

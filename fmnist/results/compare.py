@@ -19,7 +19,8 @@ import pandas as pd
 from fmnist.errors import ConfigError
 from fmnist.results.stats import (ALPHA, INTERVAL_NOTE, Interval, holm, mcnemar, mean_interval, no_spread, paired,
                                   paired_bootstrap, same_difference_p, summary_interval)
-from fmnist.runs import COMPLETED, METRICS_FILE, PREDICTIONS_FILE, collect, read_record, record_problem
+from fmnist.runs import (COMPLETED, METRICS_FILE, PREDICTIONS_FILE, check_one_job_per_seed, collect, read_record,
+                         record_problem)
 
 WITHIN_NOISE = "within noise"
 ONE_SEED = "not judged (one seed)"
@@ -39,11 +40,7 @@ def change_verdict(change: Interval) -> str:
 def _by_seed(table: pd.DataFrame, metric: str, sweep_dir: Path) -> pd.Series:
     """A setting's `metric` per seed (`table`: its completed jobs in `sweep_dir`); ConfigError for two jobs of one
     seed (a copied job directory), which a pairing by seed cannot tell apart."""
-    twice = table[table.seed.duplicated(keep=False)]
-    if len(twice):
-        raise ConfigError(f"{sweep_dir}: jobs {', '.join(sorted(twice.job))} are the same setting with seed "
-                          f"{twice.seed.iloc[0]}; a comparison pairs one job per seed. Move the copies out of the sweep "
-                          "directory.")
+    check_one_job_per_seed(table, sweep_dir)
     return table.set_index("seed")[metric].astype(float)
 
 

@@ -23,7 +23,7 @@ from fmnist.config import check_sweep_values, superseded_note
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError
 from fmnist.fsio import atomic_write, check_not_directories, note_early_write
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
-from fmnist.runs import COMPLETED, RUNNING, TRIAL_DIR_PREFIX, collect, is_job_dir
+from fmnist.runs import COMPLETED, RUNNING, TRIAL_DIR_PREFIX, check_one_job_per_seed, collect, is_job_dir
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ def summarize(sweep_dir: Path) -> pd.DataFrame:
     sweep_dir = Path(sweep_dir)
     check_not_directories(sweep_dir / name for name in SUMMARY_FILES)
     table = collect(sweep_dir)
+    check_one_job_per_seed(table, sweep_dir)
     csv_name, md_name = SUMMARY_FILES
     markdown = _markdown(table, group(table), f"Sweep {sweep_dir.name}")  # both made before either is written
     atomic_write(sweep_dir / csv_name, table.to_csv(index=False))
@@ -142,7 +143,10 @@ class SummarizeSweep(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
-        table = summarize(sweep_dir)
+        try:
+            table = summarize(sweep_dir)
+        except ConfigError as e:  # e.g. a job directory copied inside the sweep; Hydra would only warn of it
+            exit_with(e)
         log.info("sweep summary: %s", sweep_dir / "summary.md")
         print((sweep_dir / "summary.md").read_text())
         # Every job this process ran has ended by now: one still `running` belongs to another process that
