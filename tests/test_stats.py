@@ -287,5 +287,7 @@ def test_a_refused_report_writes_nothing(tmp_path, capsys, in_the_way):
     assert results_main(["report", str(sweep)]) == 2
     assert f"cannot write {sweep / in_the_way}: it is a directory" in capsys.readouterr().err
     assert snapshot(sweep) == before and not (sweep / "figures").exists()
-    if in_the_way != "report.md":  # `summary` alone is refused the same way
-        assert results_main(["summary", str(sweep)]) == 2 and snapshot(sweep) == before
+    if in_the_way != "report.md":  # `summary` alone is refused the same way, and writes no sweep's before it
+        first = _runs_with_predictions(tmp_path, "first", [np.ones(100, bool)], labels)
+        assert results_main(["summary", str(first), str(sweep)]) == 2 and snapshot(sweep) == before
+        assert not (first / "summary.md").exists()

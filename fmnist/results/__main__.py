@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fmnist.cli import run_plain
 from fmnist.errors import ConfigError
-from fmnist.fsio import atomic_output, check_not_directories, check_output_file, storage_errors
+from fmnist.fsio import atomic_output, atomic_write, check_not_directories, check_output_file, storage_errors
 from fmnist.runs import METRICS_FILE, collect
 
 
@@ -53,10 +53,12 @@ def check_given_once(dirs: list) -> None:
 
 
 def summary(args) -> None:
-    from fmnist.results.sweep import summarize
+    from fmnist.results.sweep import summary_files
 
-    for directory in args.dirs:
-        table = summarize(directory)
+    prepared = [(directory, *summary_files(directory)) for directory in args.dirs]  # a refusal writes nothing
+    for directory, table, files in prepared:
+        for path, text in files.items():
+            atomic_write(path, text)
         print((directory / "summary.md").read_text())
         print(f"wrote {directory / 'summary.csv'} ({len(table)} jobs) and {directory / 'summary.md'}")
 

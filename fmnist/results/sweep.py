@@ -70,16 +70,24 @@ def _markdown(table: pd.DataFrame, stats: pd.DataFrame, title: str) -> str:
 SUMMARY_FILES = ("summary.csv", "summary.md")
 
 
-def summarize(sweep_dir: Path) -> pd.DataFrame:
-    """Write `summary.csv` and `summary.md` into `sweep_dir`; return the per-job table."""
+def summary_files(sweep_dir: Path) -> tuple[pd.DataFrame, dict[Path, str]]:
+    """The per-job table of `sweep_dir` and the text of its `summary.csv` and `summary.md`, by path; or the error
+    that refuses the directory. Nothing is written."""
     sweep_dir = Path(sweep_dir)
     check_not_directories(sweep_dir / name for name in SUMMARY_FILES)
     table = collect(sweep_dir)
     check_one_job_per_seed(table, sweep_dir)
     csv_name, md_name = SUMMARY_FILES
-    markdown = _markdown(table, group(table), f"Sweep {sweep_dir.name}")  # both made before either is written
-    atomic_write(sweep_dir / csv_name, table.to_csv(index=False))
-    atomic_write(sweep_dir / md_name, markdown)
+    return table, {sweep_dir / csv_name: table.to_csv(index=False),
+                   sweep_dir / md_name: _markdown(table, group(table), f"Sweep {sweep_dir.name}")}
+
+
+def summarize(sweep_dir: Path) -> pd.DataFrame:
+    """Write `summary.csv` and `summary.md` into `sweep_dir` (both made before either is written); return the
+    per-job table."""
+    table, files = summary_files(sweep_dir)
+    for path, text in files.items():
+        atomic_write(path, text)
     return table
 
 
