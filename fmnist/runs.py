@@ -39,6 +39,10 @@ EPOCH_COLUMNS = ["epoch", "step", "train/loss", "train/acc", "val/loss", "val/ac
                  "epoch_seconds", "train_seconds", "train_images", "train_flops"]
 CURVES = ("train/loss", "val/loss", "val/acc")  # the columns every reader of epochs.csv needs, against its epoch
 ACCURACY_RANGE = (0.0, 1.0)  # an accuracy is a fraction, in every file a run writes
+# What the other numbers of a record's `metrics` are, by the end of their key: (ends, fits, what it is).
+METRIC_RULES = (("/loss", lambda v: v >= 0, "a loss (0 or more)"),
+                ("_seconds", lambda v: v >= 0, "a duration (0 or more seconds)"),
+                (("epochs", "best_epoch"), lambda v: v >= 0 and v == int(v), "a number of epochs (a whole number, 0 or more)"))
 # A run's status, as metrics.json and every summary spell it.
 RUNNING, COMPLETED, FAILED, DIVERGED, INTERRUPTED = "running", "completed", "failed", "diverged", "interrupted"
 PRUNED = "pruned"  # a search's trial stopped early by its pruner
@@ -183,9 +187,12 @@ def record_problem(job: Path, record) -> str | None:
     ) if not ok]
     if wrong:
         return f"{job / METRICS_FILE} is not a run record: {', '.join(wrong)} of the wrong type"
-    # A completed run always chose its model on validation (its test accuracy is absent with `test=false`).
+    # A completed run always chose its model on validation (its test accuracy is absent with `test=false`), and
+    # recorded its seed, by which runs are paired.
     if record["status"] == COMPLETED and record.get("metrics", {}).get("val/acc_best") is None:
         return f"{job / METRICS_FILE}: a completed run without metrics.val/acc_best, the accuracy that chose its model"
+    if record["status"] == COMPLETED and record.get("seed") is None:
+        return f"{job / METRICS_FILE}: a completed run without its seed"
     low, high = ACCURACY_RANGE
     for key, value in record.get("metrics", {}).items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
@@ -195,6 +202,9 @@ def record_problem(job: Path, record) -> str | None:
             return f"{job / METRICS_FILE}: metrics.{key} is {value!r} in a completed run, not a finite number"
         if key.endswith(("/acc", "/acc_best")) and value is not None and math.isfinite(value) and not low <= value <= high:
             return f"{job / METRICS_FILE}: metrics.{key} is {value!r}, not an accuracy (a fraction from {low:g} to {high:g})"
+        for ends, fits, what in METRIC_RULES:
+            if key.endswith(ends) and value is not None and math.isfinite(value) and not fits(value):
+                return f"{job / METRICS_FILE}: metrics.{key} is {value!r}, not {what}"
     return None
 
 

@@ -95,6 +95,11 @@ def test_a_diverged_record_may_hold_nan_where_a_completed_one_may_not(tmp_path):
     ({"metrics": {"val/acc_best": 0.9, "test/acc": 1.5}}, "metrics.test/acc is 1.5, not an accuracy"),
     ({"metrics": {}}, "a completed run without metrics.val/acc_best"),
     ({"metrics": {"test/acc": 0.9}}, "a completed run without metrics.val/acc_best"),
+    ({"seed": None}, "a completed run without its seed"),  # runs are paired by seed
+    ({"metrics": {"val/acc_best": 0.9, "test/loss": -0.6}}, "metrics.test/loss is -0.6, not a loss"),
+    ({"metrics": {"val/acc_best": 0.9, "best_epoch": -3}}, "metrics.best_epoch is -3, not a number of epochs"),
+    ({"metrics": {"val/acc_best": 0.9, "epochs": 2.5}}, "metrics.epochs is 2.5, not a number of epochs"),
+    ({"metrics": {"val/acc_best": 0.9, "fit_seconds": -1}}, "metrics.fit_seconds is -1, not a duration"),
 ])
 def test_a_hand_edited_record_is_listed_as_unreadable_not_a_crash(tmp_path, capsys, edit, words):
     sweep = tmp_path / "sweep"

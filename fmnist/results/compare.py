@@ -41,7 +41,9 @@ def _by_seed(table: pd.DataFrame, metric: str, sweep_dir: Path) -> pd.Series:
     """A setting's `metric` per seed (`table`: its completed jobs in `sweep_dir`); ConfigError for two jobs of one
     seed (a copied job directory), which a pairing by seed cannot tell apart."""
     check_one_job_per_seed(table, sweep_dir)
-    return table.set_index("seed")[metric].astype(float)
+    by_seed = table.set_index("seed")[metric].astype(float)
+    by_seed.index = by_seed.index.astype(int)  # whole numbers (a completed run records its seed), even beside a NaN
+    return by_seed
 
 
 def changes(baseline_dir: Path, sweep_dirs: list[Path]) -> pd.DataFrame:
