@@ -78,8 +78,8 @@ def test_a_sweep_continues_in_an_earlier_sweeps_directory_but_not_in_a_folder_of
 
 def test_a_diverged_record_may_hold_nan_where_a_completed_one_may_not(tmp_path):
     nan = {"val/acc_best": float("nan"), "val/loss": float("inf")}
-    assert record_problem(tmp_path, {"status": "diverged", "metrics": nan}) is None
-    assert "in a completed run" in record_problem(tmp_path, {"status": "completed", "metrics": nan})
+    assert record_problem(tmp_path, {"status": "diverged", "seed": 0, "metrics": nan}) is None
+    assert "in a completed run" in record_problem(tmp_path, {"status": "completed", "seed": 0, "metrics": nan})
 
 
 @pytest.mark.parametrize("edit,words", [
@@ -112,7 +112,7 @@ def test_a_hand_edited_record_is_listed_as_unreadable_not_a_crash(tmp_path, caps
     assert words in table.error["seed=0"]
     assert "seed=0" in (sweep / "summary.md").read_text()
     assert results_main(["leaderboard", str(sweep)]) == 0
-    assert "1 job(s) left out, not completed: `seed=0` (unreadable)" in capsys.readouterr().out
+    assert "1 job(s) left out, not completed or not tested: `seed=0` (unreadable)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name,content,words", [
@@ -488,7 +488,14 @@ def test_leaderboard_rows_come_from_the_sweeps_records(tmp_path):
     assert len(main_table) == 2 + len(REFERENCES) + 1
     assert "| **myrecipe** | 94.00 ± 12.71 | 2 | 55,000 | 5.5 | 10 | Test GPU, bf16-mixed |" in main_table
     assert "Not on the standard 60k/10k split" in table and "| small | 98.00 | 1 | 1,000-image training subset, 200 test images |" in table
-    assert "myrecipe: 1 job(s) left out, not completed: `seed=2` (unreadable)." in table
+    assert "myrecipe: 1 job(s) left out, not completed or not tested: `seed=2` (unreadable)." in table
+    untested = tmp_path / "untested"  # test=false: validation only, so no row ranked by a NaN
+    _fake_job(untested, "seed=0", "completed", 0, 0.99, ["seed=0"])
+    record = json.loads((untested / "seed=0" / "metrics.json").read_text())
+    del record["metrics"]["test/acc"], record["metrics"]["test/loss"]
+    (untested / "seed=0" / "metrics.json").write_text(json.dumps(record))
+    table = markdown([untested, sweep])
+    assert "nan" not in table and "untested: 1 job(s) left out, not completed or not tested: `seed=0` (not tested)." in table
 
 
 def test_report_draws_time_to_accuracy_when_runs_recorded_flops(tmp_path):

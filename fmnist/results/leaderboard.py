@@ -84,7 +84,7 @@ def project_rows(sweep_dir: Path, table: pd.DataFrame) -> list[dict]:
     """One row per completed setting of a sweep directory (`table`: its jobs, `collect`); `split` says how
     its data differs from the standard."""
     sweep_dir = Path(sweep_dir)
-    done = table[table.status == COMPLETED]
+    done = table[(table.status == COMPLETED) & table.test_acc.notna()]  # ranked by test accuracy, shown only here
     rows = []
     for setting, jobs in done.groupby("setting"):
         record = read_record(sweep_dir / jobs.job.iloc[0])
@@ -104,13 +104,14 @@ def project_rows(sweep_dir: Path, table: pd.DataFrame) -> list[dict]:
 
 
 def left_out(sweep_dir: Path, table: pd.DataFrame) -> str | None:
-    """A line naming the jobs of a sweep (`table`: its jobs) left out of the leaderboard (not completed, or
-    unreadable), if any."""
-    missing = table[table.status != COMPLETED]
+    """A line naming the jobs of a sweep (`table`: its jobs) left out of the leaderboard (not completed, unreadable,
+    or completed without a test accuracy: `test=false`), if any."""
+    missing = table[(table.status != COMPLETED) | table.test_acc.isna()]
     if missing.empty:
         return None
-    jobs = ", ".join(f"`{r.job}` ({r.status})" for r in missing.head(5).itertuples())
-    return (f"{Path(sweep_dir).name}: {len(missing)} job(s) left out, not completed: {jobs}"
+    why = {COMPLETED: "not tested"}
+    jobs = ", ".join(f"`{r.job}` ({why.get(r.status, r.status)})" for r in missing.head(5).itertuples())
+    return (f"{Path(sweep_dir).name}: {len(missing)} job(s) left out, not completed or not tested: {jobs}"
             + (", ..." if len(missing) > 5 else "") + ".")
 
 
