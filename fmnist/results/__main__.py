@@ -171,7 +171,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.verb == "changes" and len(args.dirs) < 2:
         main_parser.error("changes needs a baseline sweep and at least one sweep to compare with it")
     if args.verb == "tricks" and bool(args.dirs) == bool(args.from_csv):
-        main_parser.error("tricks takes sweep directories, or --from-csv FILE, not both")
+        main_parser.error("tricks takes sweep directories, or --from-csv FILE: "
+                          + ("not both" if args.dirs else "give one of them"))
     return args
 
 
