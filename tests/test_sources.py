@@ -38,6 +38,14 @@ def test_idx_files_become_kaggle_csvs(tmp_path, idx_dir):
     assert len(parse_csv(data / CSV_NAMES["test"])[1]) == 10
 
 
+def test_each_idx_file_may_be_gzipped_or_not_on_its_own(tmp_path, idx_dir):
+    unpacked = idx_dir / "train-labels-idx1-ubyte"  # e.g. one file gunzipped by hand
+    unpacked.write_bytes(gzip.decompress((idx_dir / "train-labels-idx1-ubyte.gz").read_bytes()))
+    (idx_dir / "train-labels-idx1-ubyte.gz").unlink()
+    assert "converted IDX files" in obtain(tmp_path / "data", idx_dir=idx_dir, allow_install=False, allow_download=False)
+    np.testing.assert_array_equal(parse_csv(tmp_path / "data" / CSV_NAMES["train"])[1], make_images(30, 0)[1])
+
+
 def test_existing_csvs_are_never_touched(tmp_path, idx_dir):
     data = tmp_path / "data"
     data.mkdir()
@@ -92,9 +100,12 @@ def test_bad_idx_magic(tmp_path):
      "its header gives 2 dimensions; expected 1"),
     ("train-images-idx3-ubyte", b"\x00\x00\x08\x03" + b"\x00" * 4,
      "its header is cut short (8 bytes; 3 dimensions take 16)"),
+    ("train-labels-idx1-ubyte", b"\x00\x00\x08\x01" + struct.pack(">I", 0), "holds no images"),
 ])
 def test_an_idx_file_of_other_dimensions_is_named_and_nothing_is_written(tmp_path, idx_dir, name, header, words):
     (idx_dir / f"{name}.gz").write_bytes(gzip.compress(header))
+    if words == "holds no images":  # and none in the images either: a CSV of no rows
+        (idx_dir / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03" + struct.pack(">III", 0, 28, 28)))
     with pytest.raises(DataError, match=re.escape(f"{name}.gz: {words}")):
         obtain(tmp_path / "data", idx_dir=idx_dir, allow_install=False, allow_download=False)
     assert not (tmp_path / "data").exists()

@@ -84,12 +84,11 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
 def find_idx(directory: Path, split: str) -> tuple[Path, Path] | None:
     """(images, labels) IDX paths for a split in `directory`, gzipped or not, or None."""
     prefix = SPLITS[split][0]
-    for suffix in (".gz", ""):
-        images = directory / f"{prefix}-images-idx3-ubyte{suffix}"
-        labels = directory / f"{prefix}-labels-idx1-ubyte{suffix}"
-        if images.is_file() and labels.is_file():
-            return images, labels
-    return None
+    found = []
+    for kind in ("images-idx3", "labels-idx1"):  # each file gzipped or not, on its own (one may be unpacked)
+        names = [directory / f"{prefix}-{kind}-ubyte{suffix}" for suffix in (".gz", "")]
+        found.append(next((name for name in names if name.is_file()), None))
+    return (found[0], found[1]) if all(found) else None
 
 
 def idx_to_csv(idx_dir: Path, data_dir: Path) -> None:
@@ -107,7 +106,10 @@ def idx_to_csv(idx_dir: Path, data_dir: Path) -> None:
         images, labels = read_idx(found[0], 3), read_idx(found[1], 1)
         if images.shape[1:] != (28, 28) or len(images) != len(labels):
             raise DataError(f"{idx_dir}: {split} images {images.shape} do not match labels {labels.shape}.")
-        if len(labels) and labels.max() >= NUM_CLASSES:  # a CSV holding them would be refused by every command
+        if not len(labels):  # a CSV of no rows: every command would refuse it
+            raise DataError(f"{found[1]}: holds no images; expected Fashion-MNIST's {expected_rows:,} {split} images. "
+                            "Nothing was written.")
+        if labels.max() >= NUM_CLASSES:  # a CSV holding them would be refused by every command
             raise DataError(f"{found[1]}: holds label {int(labels.max())}; expected Fashion-MNIST's classes 0-"
                             f"{NUM_CLASSES - 1}. Nothing was written.")
         if len(labels) != expected_rows:
