@@ -335,6 +335,21 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+def launcher_kind(launcher: DictConfig | dict) -> str:
+    """`joblib`, `submitit` or `basic`: which of Hydra's launchers `launcher` (hydra.launcher) configures."""
+    target = str(launcher.get("_target_", ""))
+    return "joblib" if target.endswith("JoblibLauncher") else "submitit" if "submitit" in target else "basic"
+
+
+def check_launcher(launcher: DictConfig | dict) -> None:
+    """ConfigError for a joblib launcher told to run no job at once (`n_jobs=0`, which joblib refuses only after
+    the sweep's directory is made)."""
+    if launcher_kind(launcher) == "joblib" and launcher.get("n_jobs") == 0:
+        raise ConfigError("hydra.launcher.n_jobs=0 runs no job; expected how many jobs run at once: 1 or more, or -1 "
+                          "for as many as the cores (joblib's convention: -2 all but one, ...). No job of the sweep "
+                          "was started.")
+
+
 def computing_overrides(overrides: list[str]) -> list[str]:
     """The overrides that change what a job computes: placement keys and Hydra's own left out."""
     return [o for o in overrides if override_key(o) not in PLACEMENT_KEYS and not override_key(o).startswith("hydra.")]

@@ -80,6 +80,13 @@ def test_a_sweep_over_a_key_that_names_no_job_is_refused_before_any_job(tmp_path
     assert not (tmp_path / "s").exists()
 
 
+def test_a_parallel_sweep_of_no_job_at_once_is_refused_before_its_directory(tmp_path, data_dir, run_in_process):
+    result = run_in_process("train.py", "-m", *FAST, f"data.dir={data_dir}", "seed=0,1", "hydra/launcher=joblib",
+                            "hydra.launcher.n_jobs=0", f"hydra.sweep.dir={tmp_path}/s")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "hydra.launcher.n_jobs=0 runs no job" in result.stderr and not (tmp_path / "s").exists()
+
+
 def test_a_sweep_into_a_directory_of_ones_own_files_is_refused(tmp_path, data_dir, run_in_process):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "summary.md").write_text("my notes")

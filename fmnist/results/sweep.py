@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fmnist.cli import chained_fmnist_error, exit_with
-from fmnist.config import check_sweep_values, superseded_note
+from fmnist.config import check_launcher, check_sweep_values, superseded_note
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError
 from fmnist.fsio import atomic_write, check_not_directories, note_early_write
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
@@ -139,6 +139,7 @@ class SummarizeSweep(Callback):
             except OmegaConfBaseException as e:  # Hydra would only warn of it, and go on
                 raise chained_fmnist_error(e) or e
             loader = GlobalHydra.instance().config_loader()
+            check_launcher(config.hydra.launcher)
             check_sweep_values([*config.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())], loader)
             check_sweep_jobs(config, loader)  # every swept value, before the first job trains
             check_sweep_dir(sweep_dir)

@@ -24,6 +24,8 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, open_dict
 
+from fmnist.config import launcher_kind
+
 log = logging.getLogger(__name__)
 
 GPU_ACCELERATORS = ("auto", "gpu", "cuda")
@@ -34,12 +36,6 @@ class Placement:
     threads: Optional[int]  # torch intra-op threads; None: torch's default (all cores)
     device: Optional[int]  # the one GPU index this job uses; None: the config's trainer.devices
     reason: str
-
-
-def launcher_kind(launcher: DictConfig | dict) -> str:
-    """`joblib`, `submitit` or `basic`: which of Hydra's launchers `launcher` (hydra.launcher) configures."""
-    target = str(launcher.get("_target_", ""))
-    return "joblib" if target.endswith("JoblibLauncher") else "submitit" if "submitit" in target else "basic"
 
 
 def concurrent_jobs(launcher: DictConfig | dict, cores: int) -> int:
