@@ -70,6 +70,8 @@ def test_benchmark_refuses_an_out_it_did_not_write_and_a_bad_model_before_timing
          "--accelerator mps: torch finds no such device here"),
         (["--models", "simple", "--val-size", "100000", "--out", str(tmp_path / "b.csv")],
          "--val-size 100000: config key data.val_size must be between 1 and"),
+        (["--models", "simple", "--ckpt", "pretrained", "--threads", "1", "--out", str(tmp_path / "b.csv")],
+         "--ckpt and --threads time inference, which --infer measures"),
     ]:
         result = run_in_process("scripts/benchmark.py", *common, *args)
         assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]
