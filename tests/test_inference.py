@@ -155,7 +155,7 @@ def test_a_sweep_directory_picks_the_best_job_by_validation_accuracy(run_dir, tm
 
 
 @pytest.mark.slow
-def test_predict_on_pngs_agrees_with_evaluate(run_dir, tmp_path):
+def test_predict_on_pngs_agrees_with_evaluate(run_dir, tmp_path, monkeypatch):
     images, labels = garment_images(40, 1)
     pngs = tmp_path / "pngs"
     pngs.mkdir()
@@ -166,8 +166,9 @@ def test_predict_on_pngs_agrees_with_evaluate(run_dir, tmp_path):
     write_csv(data / "fashion-mnist_test.csv", images, labels)
     evaluate(compose_named("evaluate", f"ckpt={run_dir}", f"data.dir={data}"), tmp_path / "eval")
     cm = np.loadtxt(tmp_path / "eval" / "confusion_matrix.csv", delimiter=",").astype(int)
-    rows = predict(compose_named("predict", f"ckpt={run_dir}", f"inputs=[{pngs}]", "top_k=2",
-                                 f"out={tmp_path / 'p.csv'}"))
+    monkeypatch.setenv("HOME", str(tmp_path))  # out= takes `~`, as ckpt= and inputs= do
+    rows = predict(compose_named("predict", f"ckpt={run_dir}", f"inputs=[{pngs}]", "top_k=2", "out='~/p.csv'"))
+    assert (tmp_path / "p.csv").is_file()
     assert [Path(r["input"]).name for r in rows] == [f"{i:02d}.png" for i in range(40)]
     top1 = np.array([CLASS_NAMES.index(r["class_1"]) for r in rows])
     assert len(set(top1)) > 2, "a model that predicts one class would agree trivially"
@@ -260,12 +261,13 @@ def test_predict_config_errors(run_dir):
 
 
 @pytest.mark.slow
-def test_export_writes_one_file_that_agrees_with_pytorch(run_dir, garments, tmp_path):
+def test_export_writes_one_file_that_agrees_with_pytorch(run_dir, garments, tmp_path, monkeypatch):
     import onnx
     import onnxruntime as ort
 
     out = tmp_path / "onnx" / "model.onnx"
-    agreement = export(compose_named("export", f"ckpt={run_dir}", f"out={out}"))
+    monkeypatch.setenv("HOME", str(tmp_path))  # out= takes `~`, as ckpt= does
+    agreement = export(compose_named("export", f"ckpt={run_dir}", "out='~/onnx/model.onnx'"))
     assert agreement.ok and agreement.n_images == 200 and agreement.max_abs_diff <= 1e-3
     assert os.listdir(out.parent) == ["model.onnx"], "no external data file, no temporary left"
     model = onnx.load(str(out), load_external_data=False)

@@ -151,6 +151,7 @@ def export(cfg: DictConfig, checkpoint_name: str | None = None) -> Agreement:
     """Export `cfg.ckpt` to `cfg.out` and check it on the test CSV; return the agreement. `checkpoint_name`:
     see `to_onnx` (a shipped model names where its checkpoint is shipped, not where it was staged)."""
     check_export(cfg)
+    cfg.out = str(Path(cfg.out).expanduser())  # `~/model.onnx`, as ckpt= takes it
     check_output_file(Path(cfg.out), "out", cfg.overwrite, written_by_export, "export.py")
     require_packages()
     loaded = load_model(cfg.ckpt)

@@ -102,6 +102,7 @@ def predict(cfg: DictConfig) -> list[dict]:
     """Predict every input; write `cfg.out`; raise InputsFailed (after writing) if any input failed."""
     inputs = check_predict(cfg)
     if cfg.out:
+        cfg.out = str(Path(cfg.out).expanduser())  # `~/preds.csv`, as ckpt= and inputs= take it
         check_output_file(Path(cfg.out), "out", cfg.overwrite, written_by_predict, "predict.py")
     model = load_model(cfg.ckpt)
     items = read_inputs(inputs)

@@ -566,7 +566,7 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
     with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3", job_name="tune"):
         cfg = _compose("tune", tune_overrides)
         _check_tune_config(cfg)
-        study_dir = Path(cfg.out_dir) / cfg.study
+        study_dir = Path(cfg.out_dir).expanduser() / cfg.study
         for spec in cfg.space.values():  # a search space may still name a key by its old name
             spec.key = RENAMED_KEYS.get(spec.key, spec.key)
         search = Search(cfg, train_overrides, study_dir)
