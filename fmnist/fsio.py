@@ -24,6 +24,7 @@ _CAUSES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is ex
            errno.EEXIST: "a file is in the way of a directory to create", errno.ENOTDIR: "a part of the path is a file",
            errno.EISDIR: "it is a directory", errno.ENAMETOOLONG: "the name is too long for the file system"}
 _SPACE = {errno.ENOSPC, errno.EDQUOT}
+NAME_MAX = 255  # bytes in a file's name on Linux's file systems (ext4, xfs, btrfs, tmpfs)
 
 
 @contextmanager
@@ -38,7 +39,11 @@ def atomic_output(path: Path, suffix: str = ".tmp", replace: bool = True) -> Ite
     is kept, and ConfigError says so; the file goes into place by a hard link, which fails if one exists.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+    tail = f".{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+    head = f".{path.name}"
+    while len((head + tail).encode()) > NAME_MAX and len(head) > 1:  # a name the file system takes for `path`
+        head = head[:-1]
+    tmp = path.with_name(head + tail)
     try:
         yield tmp
         with open(tmp, "rb") as f:

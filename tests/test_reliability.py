@@ -297,6 +297,14 @@ def test_an_output_where_the_file_system_makes_no_files_is_one_paragraph(data_di
     assert f"({key}=...)" in error
 
 
+def test_a_name_as_long_as_the_file_system_takes_is_written(tmp_path):
+    # The temporary file beside it gets a shorter name of its own, not 20 more characters than the limit.
+    for name in ("a" * 251 + ".csv", "é" * 123 + ".csv"):  # 255 bytes each
+        atomic_write(tmp_path / name, b"x")
+        assert (tmp_path / name).read_bytes() == b"x"
+    assert len(list(tmp_path.iterdir())) == 2  # no temporary left
+
+
 def test_a_missing_input_is_not_taken_for_a_place_that_cannot_be_written(tmp_path):
     missing = FileNotFoundError(2, os.strerror(2), str(tmp_path / "missing.csv"))
     with pytest.raises(FileNotFoundError), storage_errors(key="out"):
