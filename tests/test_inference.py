@@ -487,6 +487,8 @@ def test_evaluation_metrics_match_their_definitions():
      r"describe no model this code builds: config key model.dropout must be in \[0, 1\); got nan"),
     (lambda p: p["hyper_parameters"]["model"].update(channels=[8]),
      r"damaged.ckpt: its hyperparameters \(hyper_parameters.model\) describe no model this code builds: config key"),
+    (lambda p: p["state_dict"].pop(next(k for k in p["state_dict"] if k.startswith("net."))),  # named, not just counted
+     r"its weights do not fit the architecture .*: Missing key\(s\) in state_dict: \"\w"),
 ])
 def test_values_read_from_a_checkpoint_are_checked_like_config_values(run_dir, tmp_path, damage, words):
     payload = torch.load(resolve(run_dir).path, weights_only=True)

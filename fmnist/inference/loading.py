@@ -96,6 +96,15 @@ def resolve(ckpt: str | Path) -> Resolved:
     return Resolved(best_in_run(run_dir), run_dir, note)
 
 
+def weights_error(error: Exception, limit: int = 400) -> str:
+    """Why weights did not load, on one line: torch's `load_state_dict` error names the missing, unexpected and
+    misshapen keys only after its first line, which names none; cut after `limit` characters (a whole other model's
+    keys run to thousands)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    text = " ".join(lines[1:] if len(lines) > 1 else lines)
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def net_state(state_dict: dict) -> dict:
     """The network's weights in a checkpoint's `state_dict` (the LightningModule's: `net.*` and its metrics' state)."""
     return {k[len(NET_PREFIX):]: v for k, v in state_dict.items() if k.startswith(NET_PREFIX)}
@@ -258,9 +267,8 @@ def load_model(ckpt: str | Path) -> LoadedModel:
         raise CheckpointError(f"{path}: its hyperparameters (hyper_parameters.model) describe no model this code "
                               f"builds: {e} Not a checkpoint train.py wrote, or one edited since.") from e
     except (RuntimeError, TypeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{path}: its weights do not fit the architecture its hyperparameters describe "
-                              f"({model}): {first}") from e
+                              f"({model}): {weights_error(e)}") from e
     net.eval()
     broken = [k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:

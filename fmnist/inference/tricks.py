@@ -14,7 +14,7 @@ import pandas as pd
 
 from fmnist.config import TTA_MODES
 from fmnist.errors import CheckpointError
-from fmnist.inference.loading import best_in_run, load_model, net_state, training_datamodule
+from fmnist.inference.loading import best_in_run, load_model, net_state, training_datamodule, weights_error
 from fmnist.runs import COMPLETED, collect
 
 
@@ -37,7 +37,7 @@ def validation_accuracies(run_dir: Path, data_dir: str | None = None) -> dict[tu
             try:
                 loaded.net.load_state_dict(net_state(state))
             except RuntimeError as e:
-                raise CheckpointError(f"{path}: its raw weights do not fit its model: {e}") from e
+                raise CheckpointError(f"{path}: its raw weights do not fit its model: {weights_error(e)}") from e
         for tta in TTA_MODES:
             logits = loaded.logits_batched(images, batch, tta=tta)
             results[(name, tta)] = float((logits.argmax(1) == labels).float().mean())
