@@ -233,11 +233,12 @@ def test_predict_cli_reports_a_corrupt_png_and_goes_on(run_dir, tmp_path, run_in
     out = tmp_path / "p.json"
     (tmp_path / "notes.txt").write_text("skipped: a directory contributes its images and CSVs only")
     # rows.csv is in the directory and named too: read once.
-    result = run_in_process("predict.py", f"ckpt={run_dir}", f"inputs=[{tmp_path},{no_label}]", f"out={out}")
+    result = run_in_process("predict.py", f"ckpt={run_dir}", f"inputs=[{tmp_path},{no_label},/dev/null]", f"out={out}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "1 of 5 inputs could not be used" in result.stderr and "broken.png" in result.stderr
+    assert "2 of 6 inputs could not be used" in result.stderr and "broken.png" in result.stderr
+    assert "/dev/null: not a regular file" in result.stderr  # there, but nothing to read an image from
     rows = {Path(r["input"]).name: r for r in json.loads(out.read_text())}
-    assert len(rows) == 5 and rows["broken.png"]["error"] and not rows["broken.png"]["top_k"]
+    assert len(rows) == 6 and rows["broken.png"]["error"] and not rows["broken.png"]["top_k"]
     assert all(len(rows[f"ok{i}.png"]["top_k"]) == 3 for i in range(3))
     assert rows["rows.csv:2"]["top_k"][0] == rows["ok0.png"]["top_k"][0] and rows["rows.csv:2"]["label"] is None
 

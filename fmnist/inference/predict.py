@@ -70,6 +70,8 @@ def _expand(inputs: list[str]) -> list[tuple[str, Path | None, str | None]]:
             seen.add(path.resolve())
             ok = path.suffix.lower() in EXTENSIONS or _is_csv(path)
             found.append((raw, path, None if ok else f"not an image ({', '.join(EXTENSIONS)}) or a .csv file"))
+        elif path.exists():  # a pipe, a device, a socket: nothing to read an image or a table from
+            found.append((raw, None, "not a regular file (a pipe, a device or a socket)"))
         else:
             found.append((raw, None, "no such file or directory"))
     return found
