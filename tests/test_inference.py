@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image, ImageOps
 
 from fmnist import CLASS_NAMES
@@ -520,7 +522,29 @@ def test_a_shipped_model_loads_as_ckpt_pretrained_and_reproduces_its_run(run_dir
     with pytest.raises(ConfigError, match="metrics.test/acc is '0.9', not a number; not shipped"):
         ship_model.ship(damaged, "other", out_dir=tmp_path)
     shutil.rmtree(damaged)
+    for wrong, words in ((tmp_path / "missing", "no such directory"), (tmp_path, "holds no metrics.json (a sweep's")):
+        with pytest.raises(ConfigError, match=re.escape(f"{wrong}: {words}")):
+            ship_model.ship(wrong, "other", out_dir=tmp_path)
     assert snapshot(tmp_path) == shipped
+    part = shutil.copytree(run_dir, tmp_path / "part")  # tested on one batch (preset=smoke): nothing to check against
+    config = OmegaConf.load(part / "config.yaml")
+    config.trainer.limit_test_batches = 1
+    OmegaConf.save(config, part / "config.yaml")
+    with pytest.raises(ConfigError, match=r"covers part of the test set \(trainer.limit_test_batches=1\)"):
+        ship_model.ship(part, "part", out_dir=tmp_path)
+    # A run tested in bf16-mixed may score a few images apart when its shipped model is scored in fp32.
+    tested = int(np.loadtxt(run_dir / "confusion_matrix.csv", delimiter=",").sum())
+    for images_apart, ships in ((5, True), (50, False)):
+        mixed = tmp_path / f"mixed_{images_apart}"
+        shutil.copytree(run_dir, mixed)
+        acc = record["metrics"]["test/acc"] + images_apart / tested * (1 if record["metrics"]["test/acc"] < 0.5 else -1)
+        (mixed / "metrics.json").write_text(json.dumps({**record, "precision": {"resolved": "bf16-mixed"},
+                                                        "metrics": {**record["metrics"], "test/acc": acc}}))
+        if ships:
+            ship_model.ship(mixed, f"mixed_{images_apart}", out_dir=tmp_path / "mixed_out")
+        else:
+            with pytest.raises(ConfigError, match=f"in bf16-mixed: {images_apart} of .* images, where at most 10 may"):
+                ship_model.ship(mixed, f"mixed_{images_apart}", out_dir=tmp_path / "mixed_out")
     assert f"`{file_digest(ckpt, 'sha256')}`" in card and f"`{file_digest(onnx_file, 'sha256')}`" in card
     payload = torch.load(ckpt, weights_only=True)
     assert "optimizer_states" not in payload and ckpt.stat().st_size < resolve(run_dir).path.stat().st_size
