@@ -138,6 +138,11 @@ def test_resume_refuses_a_different_config(make_cfg, tmp_path):
     train(make_cfg("model=simple"), tmp_path)
     with pytest.raises(ConfigError, match=r"config differs in \['optim.lr'\]"):
         train(make_cfg("model=simple", "optim.lr=0.5", "ckpt_path=last"), tmp_path)
+    (tmp_path / "config.yaml").unlink()  # lost in a copy: nothing left to tell the change by
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError, match=r"config.yaml is gone, .*nothing was written"):
+        train(make_cfg("model=simple", "optim.lr=0.5", "ckpt_path=last"), tmp_path)
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.slow

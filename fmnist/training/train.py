@@ -137,6 +137,10 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
             raise RunDirInUse(f"{run_dir} already holds a run (status {status!r}); "
                               "pass ckpt_path=last to resume it, or choose another directory.")
         return False
+    if last.exists() and not saved.exists():  # a run writes its config before its first checkpoint
+        raise ConfigError(f"cannot resume {run_dir}: its {CONFIG_FILE} is gone, and with it what the run trained, so "
+                          "nothing shows that this command continues the same run; nothing was written. Put the file "
+                          "back, or start a new run in another directory (hydra.run.dir=...).")
     if saved.exists():
         changed, old, new = _changed_keys(saved, cfg)
         if changed:
