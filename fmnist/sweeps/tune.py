@@ -156,9 +156,17 @@ def _check_tune_config(cfg: DictConfig) -> None:
                           f"{cfg.heartbeat.grace_s}.")
     if not cfg.space:
         raise ConfigError("the search space is empty: choose one with tune=NAME (conf/tune/*.yaml).")
+    entry_of_key: dict[str, str] = {}
     for name, spec in cfg.space.items():
         if OmegaConf.is_missing(spec, "key"):
             raise ConfigError(f"search space entry space.{name} needs a key: the train override it sets (e.g. optim.lr).")
+        if str(spec.key).startswith("hydra.") or spec.key == "hydra":
+            raise ConfigError(f"search space entry space.{name} has key={spec.key}: a search samples train keys, and "
+                              "Hydra's own (hydra.*) say where and how a job runs, not what it trains.")
+        if spec.key in entry_of_key:
+            raise ConfigError(f"search space entries space.{entry_of_key[spec.key]} and space.{name} both sample "
+                              f"{spec.key}, which a trial sets once; drop one (~space.{name}).")
+        entry_of_key[spec.key] = name
         ranged = spec.low is not None and spec.high is not None
         if bool(spec.choices) == ranged:
             raise ConfigError(f"search space entry space.{name} needs either choices or low and high; got {OmegaConf.to_container(spec)}.")
