@@ -210,8 +210,12 @@ def composition_message(error: BaseException, args: list[str] | None = None, ent
     unreadable = _unreadable_override(sys.argv[1:] if args is None else args)
     if unreadable:
         key, _, value = unreadable.partition("=")
+        if value.startswith("[") and value.endswith("]"):  # a list: each item quoted, or it is one name with brackets
+            example = f"\"{key}=[" + ",".join(f"'{item}'" for item in value[1:-1].split(",")) + "]\" (each item of a list)"
+        else:
+            example = f"{key}=\"'{value}'\""
         kept = [f"cannot read the override `{unreadable}`: a value holding `=`, spaces, commas, brackets or letters "
-                f"outside ASCII must be quoted, e.g. {key}=\"'{value}'\"", *(f"Hydra's parser: {k}" for k in kept[:1]), *kept[1:]]
+                f"outside ASCII must be quoted, e.g. {example}", *(f"Hydra's parser: {k}" for k in kept[:1]), *kept[1:]]
     if not help_hint:
         return ". ".join(dict.fromkeys(kept)) + "."
     return ". ".join(dict.fromkeys(kept)) + (f". `python {entry} --help` lists what it takes; `python {entry} "

@@ -113,6 +113,11 @@ def test_an_unquoted_value_holding_equals_is_named_with_how_to_quote_it(monkeypa
     message = composition_message(error.value)
     assert message.startswith("cannot read the override `data.dir=/tmp/a=b`") and "data.dir=\"'/tmp/a=b'\"" in message
     assert "`python train.py --cfg job` prints every key" in message
+    # A list: each item quoted; quoting the whole would make it one name, brackets and all.
+    monkeypatch.setattr("sys.argv", ["predict.py", "inputs=[a.png,x=1.png]"])
+    with pytest.raises(HydraException) as error:
+        OverridesParser.create().parse_overrides(["inputs=[a.png,x=1.png]"])
+    assert "e.g. \"inputs=['a.png','x=1.png']\"" in composition_message(error.value)
 
 
 def test_a_single_runs_directory_names_the_keys_set_and_stays_short():
