@@ -6,10 +6,10 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fmnist import console
-from fmnist.cli import exit_with, refuse_unknown_keys, run_cli
+from fmnist.cli import check_resolvable, exit_with, refuse_unknown_keys, run_cli
 from fmnist.config import register, superseded_note
 from fmnist.data.sources import split_csvs
 from fmnist.errors import FmnistError
@@ -23,9 +23,10 @@ def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     # Hydra appends this job's log lines to its log file from the start: a refused job puts it back as it was.
     note_early_write(hydra_cfg.job_logging.handlers.file.filename)
-    overrides = list(hydra_cfg.overrides.task)
+    overrides = OmegaConf.to_container(hydra_cfg.overrides.task)  # as typed: `optim.lr=${oc.env:LR}` unresolved
     try:  # before importing Lightning takes its seconds: a key that does not exist, and no `make data` yet
         refuse_unknown_keys(cfg, overrides)
+        check_resolvable(cfg, required=True)  # `${oc.env:LR}` with LR unset, `~model`
         split_csvs(cfg.data.dir)
     except FmnistError as e:
         exit_with(e)

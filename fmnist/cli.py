@@ -42,6 +42,26 @@ def refuse_unknown_keys(cfg: DictConfig, overrides: list[str]) -> None:
                               f"not make one meaningful). Keys of {parent_key or 'the config'}: {known}.")
 
 
+def check_resolvable(cfg: DictConfig, required: bool = False) -> None:
+    """ConfigError naming the key whose value cannot be resolved (`${oc.env:LR}` with LR unset, an interpolation of a
+    key that is not there), or a key of the schema removed with `~key`; with `required`, also a key left without a
+    value (`~model`). Found before the task reads the key, where Hydra would add a line of its own to the error."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        cause = str(e).strip().splitlines()[0].removeprefix("KeyError raised while resolving interpolation: ")
+        raise ConfigError(f"config key {e.full_key}: its value cannot be resolved: {cause}.") from None
+    schema = OmegaConf.get_type(cfg)
+    removed = [f.name for f in dataclasses.fields(schema) if f.name not in cfg] if dataclasses.is_dataclass(schema) else []
+    missing = sorted(OmegaConf.missing_keys(cfg)) if required else []
+    if removed or missing:
+        key = (removed or missing)[0]
+        raise ConfigError(f"config key {key} has no value (~{key} removed it?), and the command reads it: drop ~{key}, "
+                          f"or give it one ({key}=...).")
+
+
 class Terminated(BaseException):
     """SIGTERM (a time limit, `kill`, `scancel`) raised as an exception, so that the `finally` blocks on the
     way out remove a command's temporary files (fmnist.fsio.atomic_output) instead of leaving them."""

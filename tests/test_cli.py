@@ -87,6 +87,23 @@ def test_a_parallel_sweep_of_no_job_at_once_is_refused_before_its_directory(tmp_
     assert "hydra.launcher.n_jobs=0 runs no job" in result.stderr and not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("script,args,words", [
+    ("train.py", [*FAST, "optim.lr=${oc.env:FMNIST_UNSET}"], "config key optim.lr: its value cannot be resolved: "
+                                                             "\"Environment variable 'FMNIST_UNSET' not found\""),
+    ("train.py", [*FAST, "~model"], "config key model has no value (~model removed it?)"),
+    ("train.py", ["-m", *FAST, "~seed"], "the sweep: config key seed has no value (~seed removed it?)"),
+    ("evaluate.py", ["ckpt=${oc.env:FMNIST_UNSET}"], "config key ckpt: its value cannot be resolved"),
+])
+def test_a_value_that_cannot_be_resolved_or_a_removed_key_is_named(tmp_path, data_dir, run_in_process, monkeypatch,
+                                                                   script, args, words):
+    monkeypatch.delenv("FMNIST_UNSET", raising=False)
+    result = run_in_process(script, *args, f"data.dir={data_dir}", f"hydra.{'sweep' if '-m' in args else 'run'}.dir="
+                            f"{tmp_path}/out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.splitlines()[-1].startswith(f"error: {words}") and "Error executing job" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_sweep_into_a_directory_of_ones_own_files_is_refused(tmp_path, data_dir, run_in_process):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "summary.md").write_text("my notes")

@@ -195,7 +195,7 @@ def check_sweep_jobs(config: DictConfig, config_loader) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from fmnist.cli import refuse_unknown_keys
+    from fmnist.cli import check_resolvable, refuse_unknown_keys
 
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
     parsed = OverridesParser.create(config_loader=config_loader).parse_overrides(
@@ -238,6 +238,7 @@ def check_sweep_jobs(config: DictConfig, config_loader) -> None:
             with open_dict(cfg):
                 del cfg["hydra"]
             refuse_unknown_keys(cfg, job)
+            check_resolvable(cfg, required=True)
             check_config(cfg)
         except ConfigError as e:
             raise refused(swept, e) from None
