@@ -272,9 +272,12 @@ def test_results_verbs_name_a_file_in_the_way_instead_of_crashing(tmp_path, caps
     labels = np.arange(100) % 10
     sweep = _runs_with_predictions(tmp_path, "a", [np.ones(100, bool)], labels)
     (sweep / "figures").write_text("my notes")
-    assert results_main(["report", str(sweep)]) == 2
+    first = _runs_with_predictions(tmp_path, "first", [np.ones(100, bool)], labels)
+    before = snapshot(first)
+    assert results_main(["report", str(first), str(sweep)]) == 2
     assert "figures: a file is in the way" in capsys.readouterr().err
     assert (sweep / "figures").read_text() == "my notes"
+    assert snapshot(first) == before  # every sweep is checked before any is written
 
 
 @pytest.mark.parametrize("in_the_way", ["summary.md", "summary.csv", "report.md"])

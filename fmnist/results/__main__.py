@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fmnist.cli import run_plain
 from fmnist.errors import ConfigError
-from fmnist.fsio import atomic_output, atomic_write, check_not_directories, check_output_file, storage_errors
+from fmnist.fsio import atomic_output, atomic_write, check_output_file, storage_errors
 from fmnist.runs import METRICS_FILE, collect
 
 
@@ -64,14 +64,15 @@ def summary(args) -> None:
 
 
 def report(args) -> None:
-    from fmnist.results.report import write_report
-    from fmnist.results.sweep import SUMMARY_FILES, summarize
+    from fmnist.results.report import planned_report
+    from fmnist.results.sweep import summary_files
 
-    for directory in args.dirs:
-        # A refusal writes nothing: the summary's files are checked before write_report draws (it checks its own).
-        check_not_directories(directory / name for name in SUMMARY_FILES)
-        figures = write_report(directory)  # first: a refused report leaves the summary as it was
-        summarize(directory)
+    # Every sweep read and checked, its summary made, before any file is written: a refusal writes nothing.
+    planned = [(planned_report(directory), summary_files(directory)[1]) for directory in args.dirs]
+    for write_figures, summary in planned:
+        figures = write_figures()  # first: a report that fails while drawing leaves the summary as it was
+        for path, text in summary.items():
+            atomic_write(path, text)
         for path in figures:
             print(path)
 

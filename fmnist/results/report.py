@@ -296,6 +296,12 @@ def write_report(sweep_dir: Path) -> list[Path]:
     A sweep of `experiment=report` also gets the report's Figures 4.1-4.8 under its own titles and
     `report.md`, the claim-vs-measured table.
     """
+    return planned_report(sweep_dir)()
+
+
+def planned_report(sweep_dir: Path) -> Callable[[], list[Path]]:
+    """`write_report`'s reading and checks, done now (a refusal raises here, and nothing is written); return the
+    function that draws and writes the report, returning the figures' paths."""
     sweep_dir = Path(sweep_dir)
     out = sweep_dir / "figures"
     if out.exists() and not out.is_dir():  # refused before anything is read or written, with or without figures
@@ -343,11 +349,14 @@ def write_report(sweep_dir: Path) -> list[Path]:
                 confusion_matrix_figure, cm, f"Best run {best.job}\ntest-set confusion matrix")))
     claims = claims_table(table, by_variant) if by_variant else None  # made before any file is written
     check_not_directories(out / name for name, _ in figures)
-    written = []
-    for name, draw in figures:
-        with dirs_made(out):  # made with the first figure, and removed again if that one fails
-            save_png(draw(), out / name, dpi=110)
-        written.append(out / name)
-    if claims is not None:
-        atomic_write(sweep_dir / REPORT_FILE, claims)
-    return written
+
+    def write() -> list[Path]:
+        written = []
+        for name, draw in figures:
+            with dirs_made(out):  # made with the first figure, and removed again if that one fails
+                save_png(draw(), out / name, dpi=110)
+            written.append(out / name)
+        if claims is not None:
+            atomic_write(sweep_dir / REPORT_FILE, claims)
+        return written
+    return write
