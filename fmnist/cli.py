@@ -54,7 +54,8 @@ def check_resolvable(cfg: DictConfig, required: bool = False) -> None:
         cause = str(e).strip().splitlines()[0].removeprefix("KeyError raised while resolving interpolation: ")
         raise ConfigError(f"config key {e.full_key}: its value cannot be resolved: {cause}.") from None
     schema = OmegaConf.get_type(cfg)
-    removed = [f.name for f in dataclasses.fields(schema) if f.name not in cfg] if dataclasses.is_dataclass(schema) else []
+    fields = dataclasses.fields(schema) if dataclasses.is_dataclass(schema) else ()
+    removed = [f.name for f in fields if f.name not in cfg]
     missing = sorted(OmegaConf.missing_keys(cfg)) if required else []
     if removed or missing:
         key = (removed or missing)[0]

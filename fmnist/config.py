@@ -211,7 +211,8 @@ def composition_message(error: BaseException, args: list[str] | None = None, ent
     if unreadable:
         key, _, value = unreadable.partition("=")
         if value.startswith("[") and value.endswith("]"):  # a list: each item quoted, or it is one name with brackets
-            example = f"\"{key}=[" + ",".join(f"'{item}'" for item in value[1:-1].split(",")) + "]\" (each item of a list)"
+            items = ",".join(f"'{item}'" for item in value[1:-1].split(","))
+            example = f"\"{key}=[{items}]\" (each item of a list)"
         else:
             example = f"{key}=\"'{value}'\""
         kept = [f"cannot read the override `{unreadable}`: a value holding `=`, spaces, commas, brackets or letters "

@@ -42,7 +42,8 @@ ACCURACY_RANGE = (0.0, 1.0)  # an accuracy is a fraction, in every file a run wr
 # What the other numbers of a record's `metrics` are, by the end of their key: (ends, fits, what it is).
 METRIC_RULES = (("/loss", lambda v: v >= 0, "a loss (0 or more)"),
                 ("_seconds", lambda v: v >= 0, "a duration (0 or more seconds)"),
-                (("epochs", "best_epoch"), lambda v: v >= 0 and v == int(v), "a number of epochs (a whole number, 0 or more)"))
+                (("epochs", "best_epoch"), lambda v: v >= 0 and v == int(v),
+                 "a number of epochs (a whole number, 0 or more)"))
 # A run's status, as metrics.json and every summary spell it.
 RUNNING, COMPLETED, FAILED, DIVERGED, INTERRUPTED = "running", "completed", "failed", "diverged", "interrupted"
 PRUNED = "pruned"  # a search's trial stopped early by its pruner

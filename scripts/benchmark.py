@@ -231,7 +231,7 @@ def check_inputs(args) -> None:
     size and count is at least 1, the accelerator is one this machine has, each precision is one both loops
     run alike, and the data are readable with room for the validation split."""
     given = [option for option, value in (("--ckpt", args.ckpt), ("--threads", args.threads)) if value is not None]
-    if given and not args.infer:  # else ignored: the training benchmark would time an untrained model with torch's threads
+    if given and not args.infer:  # else ignored: training would be timed, of an untrained model, with torch's threads
         raise ConfigError(f"{' and '.join(given)} time inference, which --infer measures; add --infer, or drop "
                           f"{'them' if len(given) > 1 else 'it'} to time training.")
     for option in ("batch_sizes", "infer_batch_sizes"):

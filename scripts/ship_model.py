@@ -51,7 +51,8 @@ def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR, replace: bool
         raise ConfigError(f"--name {name}: {shipped[0]} is already shipped; nothing was written. Give another --name, "
                           "or --replace to ship this run in its place.")
     if not (run_dir / METRICS_FILE).is_file():
-        what = ("holds no metrics.json (a sweep's directory holds its jobs: pass one of them)" if run_dir.is_dir() else "not a directory" if run_dir.exists() else "no such directory")
+        what = ("holds no metrics.json (a sweep's directory holds its jobs: pass one of them)" if run_dir.is_dir()
+                else "not a directory" if run_dir.exists() else "no such directory")
         raise ConfigError(f"{run_dir}: {what}; expected a run directory; not shipped.")
     record = read_record(run_dir)
     problem = record_problem(run_dir, record)

@@ -42,7 +42,8 @@ def test_each_idx_file_may_be_gzipped_or_not_on_its_own(tmp_path, idx_dir):
     unpacked = idx_dir / "train-labels-idx1-ubyte"  # e.g. one file gunzipped by hand
     unpacked.write_bytes(gzip.decompress((idx_dir / "train-labels-idx1-ubyte.gz").read_bytes()))
     (idx_dir / "train-labels-idx1-ubyte.gz").unlink()
-    assert "converted IDX files" in obtain(tmp_path / "data", idx_dir=idx_dir, allow_install=False, allow_download=False)
+    message = obtain(tmp_path / "data", idx_dir=idx_dir, allow_install=False, allow_download=False)
+    assert "converted IDX files" in message
     np.testing.assert_array_equal(parse_csv(tmp_path / "data" / CSV_NAMES["train"])[1], make_images(30, 0)[1])
 
 
@@ -105,7 +106,8 @@ def test_bad_idx_magic(tmp_path):
 def test_an_idx_file_of_other_dimensions_is_named_and_nothing_is_written(tmp_path, idx_dir, name, header, words):
     (idx_dir / f"{name}.gz").write_bytes(gzip.compress(header))
     if words == "holds no images":  # and none in the images either: a CSV of no rows
-        (idx_dir / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03" + struct.pack(">III", 0, 28, 28)))
+        no_images = b"\x00\x00\x08\x03" + struct.pack(">III", 0, 28, 28)
+        (idx_dir / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(no_images))
     with pytest.raises(DataError, match=re.escape(f"{name}.gz: {words}")):
         obtain(tmp_path / "data", idx_dir=idx_dir, allow_install=False, allow_download=False)
     assert not (tmp_path / "data").exists()

@@ -495,7 +495,8 @@ def test_leaderboard_rows_come_from_the_sweeps_records(tmp_path):
     del record["metrics"]["test/acc"], record["metrics"]["test/loss"]
     (untested / "seed=0" / "metrics.json").write_text(json.dumps(record))
     table = markdown([untested, sweep])
-    assert "nan" not in table and "untested: 1 job(s) left out, not completed or not tested: `seed=0` (not tested)." in table
+    assert "nan" not in table
+    assert "untested: 1 job(s) left out, not completed or not tested: `seed=0` (not tested)." in table
 
 
 def test_report_draws_time_to_accuracy_when_runs_recorded_flops(tmp_path):

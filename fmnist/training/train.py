@@ -620,8 +620,9 @@ def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: l
     if in_sweep and record:
         problem = record_problem(run_dir, record)
         if problem:  # a hand-edited record: whether the job finished, and with what, is unknown
-            raise ConfigError(f"{problem}; the sweep skips or resumes a job by its record, so it cannot go on with this "
-                              "one. Put back the record the run wrote, or remove the job directory to run the job again.")
+            raise ConfigError(f"{problem}; the sweep skips or resumes a job by its record, so it cannot go on with "
+                              "this one. Put back the record the run wrote, or remove the job directory to run the "
+                              "job again.")
         if record.get("status") in FINISHED:
             changed = differences_from_finished(cfg, run_dir, record)
             if changed:
