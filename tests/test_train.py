@@ -120,6 +120,15 @@ def test_resume_extends_a_finished_run_also_after_its_directory_moved(make_cfg, 
     with pytest.raises(DataError, match=r"gone/fashion-mnist_train.csv: file not found"):
         run_job(make_cfg("model=simple", "trainer.max_epochs=2", f"data.dir={tmp_path / 'gone'}"), tmp_path / "moved",
                 in_sweep=True)
+    # Nothing more to train: refused, not re-tested over the record. Without last.ckpt: refused, not retrained.
+    before = snapshot(tmp_path / "moved")
+    with pytest.raises(ConfigError, match="already completed its 2 epoch"):
+        train(make_cfg("model=simple", "trainer.max_epochs=2", "ckpt_path=last"), tmp_path / "moved")
+    (tmp_path / "moved" / "checkpoints" / "last.ckpt").unlink()
+    before.pop("checkpoints/last.ckpt")
+    with pytest.raises(ConfigError, match="last.ckpt is gone, though the run trained 2 epoch"):
+        train(make_cfg("model=simple", "trainer.max_epochs=3", "ckpt_path=last"), tmp_path / "moved")
+    assert snapshot(tmp_path / "moved") == before
 
 
 @pytest.mark.slow

@@ -146,6 +146,15 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
         if changed:
             raise ConfigError(f"cannot resume {run_dir}: its config differs in {changed} "
                               f"(was {[old.get(k) for k in changed]}, now {[new.get(k) for k in changed]}).")
+    epochs = (record or {}).get("metrics", {}).get("epochs") or 0
+    if not last.exists() and epochs:  # only a run stopped before its first checkpoint starts again from epoch 1
+        raise ConfigError(f"cannot resume {run_dir}: its {CHECKPOINT_DIR}/{LAST_CHECKPOINT} is gone, though the run "
+                          f"trained {epochs} epoch(s); resuming would train it again from its first epoch, over its "
+                          "record. Put the file back, or start a new run in another directory (hydra.run.dir=...).")
+    if status == COMPLETED and epochs >= cfg.trainer.max_epochs:
+        raise ConfigError(f"{run_dir} already completed its {epochs} epoch(s), and trainer.max_epochs="
+                          f"{cfg.trainer.max_epochs} asks for no more; nothing was written. Raise trainer.max_epochs "
+                          "to train it further.")
     return last.exists()
 
 
