@@ -554,7 +554,8 @@ def check_values(cfg: DictConfig) -> None:
         ("optim.lookahead_alpha", 0.0 < cfg.optim.lookahead_alpha <= 1.0, "in (0, 1] (1: no slow weights)"),
         ("tta", cfg.tta in TTA_MODES, f"one of {TTA_MODES}"),
         ("trainer.precision", str(cfg.trainer.precision) in PRECISIONS, f"one of {PRECISIONS}"),
-        ("trainer.max_epochs", cfg.trainer.max_epochs >= 1 or cfg.trainer.max_epochs == -1, "at least 1"),
+        ("trainer.max_epochs", cfg.trainer.max_epochs >= 1 or (cfg.trainer.max_epochs == -1 and cfg.trainer.max_time),
+         "at least 1, or -1 (no limit) with trainer.max_time set (else the run never ends)"),
         ("ckpt_path", cfg.ckpt_path in (None, "last"), "null or `last`"),
         ("progress_bar_refresh", cfg.progress_bar_refresh >= 1, "at least 1"),
         # What Lightning would reject (or divide by) only once the run directory is written.

@@ -218,6 +218,7 @@ def test_resume_from_another_architectures_checkpoint_is_refused(make_cfg, tmp_p
     (["model=simple", "model.channels=[8]"], "model.channels"),
     (["model=optimized", "model.kernel_sizes=[3,3]"], "model.kernel_sizes"),
     (["trainer.max_epochs=-1", "optim.scheduler=cosine"], "trainer.max_epochs"),
+    (["trainer.max_epochs=-1"], "trainer.max_epochs"),  # without trainer.max_time: a run that never ends
     pytest.param(["trainer.accelerator=gpu"], "trainer.accelerator",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
 ])
