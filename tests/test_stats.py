@@ -226,6 +226,10 @@ def test_two_models_compared_image_by_image_pair_by_seed_and_image(tmp_path, cap
     assert "| 0 | " in capsys.readouterr().out
     same, none = image_comparison(tmp_path / "b", tmp_path / "b")
     assert none.mean == 0 and (same.p == 1.0).all()
+    shorter = _runs_with_predictions(tmp_path, "shorter", b[:3], labels)  # seeds 3 and 4: run by A only
+    rows, difference = image_comparison(tmp_path / "a", shorter)
+    assert list(rows.seed) == [0, 1, 2] and "Left out, run by one side only: A seeds 3, 4." in \
+        image_comparison_markdown(rows, difference, ("a", "shorter"), "val")
     # One seed: the interval is the images' sampling error alone, wider than with five seeds.
     one = paired_bootstrap(a[:1], b[:1])
     assert one.n == 1 and one.high - one.low > difference.high - difference.low > 0

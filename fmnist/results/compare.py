@@ -201,7 +201,9 @@ def image_comparison(dir_a: Path, dir_b: Path, split: str = "val") -> tuple[pd.D
         correct_b.append(pred_b == labels)
         rows.append({"seed": seed, "acc_a": correct_a[-1].mean(), "acc_b": correct_b[-1].mean(),
                      "a_only": test["a_only"], "b_only": test["b_only"], "p": test["p_value"]})
-    return pd.DataFrame(rows), paired_bootstrap(correct_a, correct_b)
+    table = pd.DataFrame(rows)
+    table.attrs["unpaired"] = {"A": sorted(set(a) - set(b), key=str), "B": sorted(set(b) - set(a), key=str)}
+    return table, paired_bootstrap(correct_a, correct_b)
 
 
 def image_comparison_markdown(rows: pd.DataFrame, difference: Interval, names: tuple[str, str], split: str) -> str:
@@ -212,5 +214,9 @@ def image_comparison_markdown(rows: pd.DataFrame, difference: Interval, names: t
               for r in rows.itertuples()]
     lines += ["", f"A = `{a}`, B = `{b}`, on the {split} split. A - B: {_signed(difference)} points (95% paired "
               f"bootstrap over {difference.n} seed(s) and the images; {change_verdict(difference)})."]
+    unpaired = {side: seeds for side, seeds in rows.attrs.get("unpaired", {}).items() if seeds}
+    if unpaired:  # said, not dropped without a word
+        lines.append("Left out, run by one side only: " + "; ".join(f"{side} seeds {', '.join(map(str, seeds))}"
+                                                                    for side, seeds in unpaired.items()) + ".")
     return "\n".join(lines) + "\n"
 
