@@ -366,6 +366,8 @@ def main() -> int:
     default_results = (ROOT / "docs/results/gpu/records" / datetime.now().strftime("%Y-%m-%d") if args.records
                        else Path("outputs/gpu-check") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
     results = (args.results or default_results).resolve()
+    if results.exists() and not results.is_dir():
+        parser.error(f"--results {args.results}: a file, not a directory; nothing was run")
     data_dir = args.data_dir.resolve()
 
     def steps_for(gpus: int) -> list[Step]:
@@ -373,6 +375,11 @@ def main() -> int:
                  else plan(results, data_dir, args.smoke, gpus))
         for step in steps:
             for command in step.commands if step.train else []:
+                own = {o.split("=", 1)[0].lstrip("+~") for o in command[2:] if "=" in o}
+                clash = [o for o in args.override if o.split("=", 1)[0].lstrip("+~") in own]
+                if clash:  # the later value would win: the step would measure something else than planned
+                    parser.error(f"--override {clash[0]}: the step {step.name} sets {clash[0].split('=', 1)[0]} "
+                                 "itself (where results go, seeds, data and devices are the plan's); nothing was run")
                 command.extend(args.override)
         return steps
 

@@ -127,6 +127,13 @@ def test_a_typo_in_override_stops_gpu_check_before_any_step(tmp_path, run_in_pro
     nan = run_in_process("scripts/gpu_check.py", "--records", "--dry-run", "--budget-s", "nan")
     assert nan.returncode == 2 and "--budget-s must be a positive number of seconds; got nan" in nan.stderr
     assert not (tmp_path / "r").exists()
+    # A key the plan sets itself (seeds, where results go), and results into a file, are refused up front too.
+    for override in ("seed=5", "hydra.sweep.dir=/x"):
+        clash = run_in_process("scripts/gpu_check.py", "--dry-run", "--override", override)
+        assert clash.returncode == 2 and f"--override {override}: the step " in clash.stderr
+    (tmp_path / "afile").write_text("mine")
+    into_file = run_in_process("scripts/gpu_check.py", "--dry-run", "--results", str(tmp_path / "afile"))
+    assert into_file.returncode == 2 and "a file, not a directory" in into_file.stderr
 
 
 def test_gpu_records_smoke_writes_its_results_and_a_second_run_continues(tmp_path, data_dir, run_in_process):
