@@ -14,10 +14,13 @@ continues its tracker runs: their ids are kept in the run record (`metrics.json`
 
 from __future__ import annotations
 
+import csv
 import importlib.util
+import io
 import logging
 import os
 import uuid
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +30,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from fmnist.config import TRACKERS, computing_overrides, job_name, override_key, swept_keys
 from fmnist.errors import ConfigError
-from fmnist.runs import CONFIG_FILE, CONFUSION_FILE, EPOCHS_FILE, METRICS_FILE, read_record
+from fmnist.fsio import atomic_write
+from fmnist.runs import (CHECKPOINT_DIR, CONFIG_FILE, CONFUSION_FILE, EPOCHS_FILE, LAST_CHECKPOINT, METRICS_FILE,
+                         read_record)
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +273,22 @@ def _mlflow(cfg: DictConfig, run_dir: Path, ids: dict, name: str) -> Logger:
                         run_id=ids.get("mlflow_run_id"), artifact_location=artifacts, tags={"run_dir": str(run_dir)})
 
 
+def _csv(cfg: DictConfig, run_dir: Path, ids: dict, name: str) -> Logger:
+    """Lightning's CSVLogger, whose writer deletes `metrics.csv` when it starts: a resumed run (one with a
+    `last.ckpt`) gets its earlier rows back and adds to them, as it does to TensorBoard's and epochs.csv."""
+    logger = CSVLogger(save_dir=str(run_dir), name=CSV.files[0], version="")
+    path = Path(logger.log_dir) / "metrics.csv"
+    if not ((run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file() and path.is_file()):
+        return logger
+    kept = path.read_text()
+    with warnings.catch_warnings():  # "Previous log files in this directory will be deleted": they are put back
+        warnings.simplefilter("ignore")
+        writer = logger.experiment
+    atomic_write(path, kept)
+    writer.metrics_keys = next(csv.reader(io.StringIO(kept)), [])  # its header: new rows are appended under it
+    return logger
+
+
 def _wandb(cfg: DictConfig, run_dir: Path, ids: dict, name: str) -> Logger:
     import wandb
 
@@ -282,7 +303,7 @@ TRACKER_CLASSES = {
     # TensorBoard names a run by its directory (the path under the --logdir it is given).
     "tensorboard": (TensorBoard, lambda cfg, run_dir, ids, name: RunTensorBoardLogger(
         save_dir=str(run_dir), name="", version="", default_hp_metric=False)),
-    "csv": (CSV, lambda cfg, run_dir, ids, name: CSVLogger(save_dir=str(run_dir), name=CSV.files[0], version="")),
+    "csv": (CSV, _csv),
     "mlflow": (MLflow, _mlflow),
     "wandb": (WandB, _wandb),
 }
