@@ -59,7 +59,7 @@ def summary(args) -> None:
     for directory, table, files in prepared:
         for path, text in files.items():
             atomic_write(path, text)
-        print((directory / "summary.md").read_text())
+        print(files[directory / "summary.md"])
         print(f"wrote {directory / 'summary.csv'} ({len(table)} jobs) and {directory / 'summary.md'}")
 
 

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from fmnist import console
 from fmnist.cli import stopped_by_ctrl_c
 from fmnist.config import (ADDED_KEYS, PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, RUN_OPTIONS, check_values,
-                           composition_message, is_count, is_text_keyed, override_text)
+                           composition_message, is_count, is_text_keyed, override_key, override_text)
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.data.sources import split_csvs
 from fmnist.errors import CheckpointError, ConfigError, DivergedError, FmnistError
@@ -227,10 +227,11 @@ def check_sweep_jobs(config: DictConfig, config_loader) -> None:
         return ConfigError(f"{where}: {error} No job of the sweep was started.")
 
     for key, choices in values.items():  # a job is named, and grouped into its setting, without placement keys
-        if key.lstrip("+~") in PLACEMENT_KEYS and len(set(choices)) > 1:
+        key = override_key(key)  # `+experiment` is experiment
+        if key in PLACEMENT_KEYS and len(set(choices)) > 1:
             shown = ", ".join(dict.fromkeys(c.split("=", 1)[1] for c in choices))
             raise ConfigError(
-                f"the sweep varies {key.lstrip('+~')} ({shown}), which is not part of a job's name: a job is named by "
+                f"the sweep varies {key} ({shown}), which is not part of a job's name: a job is named by "
                 "the overrides that change what it computes within its experiment and placement, so these jobs would "
                 "share one directory, where one of them would run and the others be refused or skipped. Run one sweep "
                 "for each value. No job of the sweep was started.")
