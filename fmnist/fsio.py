@@ -296,7 +296,8 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found.")
+        raise CheckpointError(f"{path}: " + ("a directory, not a checkpoint file." if path.is_dir() else
+                                             "checkpoint not found."))
     try:
         with warnings.catch_warnings():
             # A file pickled outside torch.save (refused below, or read if it holds only tensors): torch's note on

@@ -158,6 +158,17 @@ def test_corrupt_gzip_is_a_data_error_naming_the_file(tmp_path):
         load_csv(path)
 
 
+# Data files: a .csv and a .csv.gz of one split side by side are refused, not one of them read by a hidden rule.
+def test_a_split_held_both_plain_and_gzipped_is_refused_naming_both(tmp_path, data_dir, run_in_process):
+    both = tmp_path / "data"
+    shutil.copytree(data_dir, both)
+    write_csv(both / "fashion-mnist_train.csv.gz", *make_images(50, 3))
+    result = run_in_process("train.py", f"data.dir={both}", f"hydra.run.dir={tmp_path}/run")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "holds both fashion-mnist_train.csv and fashion-mnist_train.csv.gz" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run" / "metrics.json").exists()
+
+
 # Checkpoints: resuming from another architecture's checkpoint is refused.
 @pytest.mark.slow
 def test_resume_from_another_architectures_checkpoint_is_refused(make_cfg, tmp_path):
@@ -423,6 +434,14 @@ def test_pickle_refusal_names_the_class_and_does_not_advise_unsafe_loading(tmp_p
     with pytest.raises(CheckpointError) as refused:
         load_checkpoint(path)
     assert f"class {__name__}.Payload" in str(refused.value) and "weights_only" not in str(refused.value)
+
+
+def test_a_checkpoint_path_that_is_a_directory_is_called_one_not_missing(tmp_path):
+    (tmp_path / "last.ckpt").mkdir()
+    with pytest.raises(CheckpointError, match="last.ckpt: a directory, not a checkpoint file"):
+        load_checkpoint(tmp_path / "last.ckpt")
+    with pytest.raises(CheckpointError, match="gone.ckpt: checkpoint not found"):
+        load_checkpoint(tmp_path / "gone.ckpt")
 
 
 def test_single_class_training_set_warns(tmp_path, caplog):

@@ -40,10 +40,14 @@ OFFICIAL_MD5 = {  # the published checksums of Zalando's gzipped IDX files
 
 
 def find_csv(data_dir: Path, split: str) -> Path:
-    """The split's CSV in `data_dir`: `.csv`, else `.csv.gz` (the plain name, for the error, if neither)."""
+    """The split's CSV in `data_dir`: `.csv` or `.csv.gz` (the plain name, for the error, if neither). Both
+    there is DataError: which one a run read would depend on a rule the user cannot see."""
     plain = Path(data_dir) / CSV_NAMES[split]
     gz = plain.with_name(plain.name + ".gz")
-    return gz if not plain.exists() and gz.exists() else plain
+    if plain.exists() and gz.exists():
+        raise DataError(f"{data_dir}: holds both {plain.name} and {gz.name}; expected one {split} CSV, gzipped or "
+                        "not. Move the one you do not mean away (they may differ) and run the command again.")
+    return gz if gz.exists() else plain
 
 
 def split_csvs(data_dir: Path) -> dict[str, Path]:
