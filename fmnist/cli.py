@@ -104,12 +104,24 @@ def hydra_modes(args: list[str]) -> list[str]:
     return sorted({HYDRA_MODES[arg.split("=")[0]] for arg in args if arg.split("=")[0] in HYDRA_MODES})
 
 
+def check_working_directory() -> None:
+    """Exit 2 if the directory the command was started in has been deleted: relative paths (`outputs/`,
+    `data/`) mean nothing then, and Hydra and torch fail on it with a traceback or a misleading message."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        _exit("the directory this command was started in no longer exists (deleted or moved while the shell "
+              "was in it), so relative paths such as outputs/ and data/ name nothing: `cd` into the project "
+              "directory and run the command again.", 2)
+
+
 def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -> None:
     """Run a `@hydra.main` function; a bad command line or an unwritable output directory exits 2.
 
     A FmnistError raised inside the task is printed by the task itself (`exit_with`); anything else
     is a bug and ends with its traceback and exit code 1. `unwind_on_sigterm`: see `sigterm_unwinds`.
     """
+    check_working_directory()
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing them and exiting 1
     sys.argv[1:] = renamed_overrides(sys.argv[1:])  # old key names keep working
     note_named_dirs(sys.argv[1:])  # a refusal removes only the directories Hydra makes, never one of the user's
@@ -170,6 +182,7 @@ def stopped_by_ctrl_c(error: BaseException) -> bool:
 def run_plain(work: Callable[[], object], unwind_on_sigterm: bool = False) -> int:
     """Run a plain (argparse) command's work: a user error prints one paragraph and gives its exit code.
     `unwind_on_sigterm`: see `sigterm_unwinds`."""
+    check_working_directory()
     try:
         with sigterm_unwinds(unwind_on_sigterm):
             work()

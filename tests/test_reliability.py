@@ -169,6 +169,20 @@ def test_a_split_held_both_plain_and_gzipped_is_refused_naming_both(tmp_path, da
     assert "Traceback" not in result.stderr and not (tmp_path / "run" / "metrics.json").exists()
 
 
+# A working directory deleted under the shell: relative paths name nothing; one paragraph, not Hydra's or torch's.
+@pytest.mark.parametrize("command", [["train.py", "preset=smoke"], ["tune.py", "tune=x"],
+                                     ["scripts/get_data.py"], ["-m", "fmnist.results", "summary", "x"]])
+def test_a_deleted_working_directory_is_one_paragraph(tmp_path, command):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    args = [str(ROOT / a) if a.endswith(".py") else a for a in command]
+    shell = f'cd {shlex.quote(str(gone))} && rmdir "$PWD" && exec "$@"'
+    result = subprocess.run(["sh", "-c", shell, "sh", sys.executable, *args], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "started in no longer exists" in result.stderr and "Traceback" not in result.stderr
+
+
 # Checkpoints: resuming from another architecture's checkpoint is refused.
 @pytest.mark.slow
 def test_resume_from_another_architectures_checkpoint_is_refused(make_cfg, tmp_path):
