@@ -12,15 +12,17 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable
 
 from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fmnist.config import composition_message, renamed_overrides
 from fmnist.errors import ConfigError, FmnistError
-from fmnist.fsio import early_writes_undone_if_refused, note_named_dirs, storage_error
+from fmnist.fsio import early_writes_undone_if_refused, note_dirs_to_be_made, storage_error
 
 def refuse_unknown_keys(cfg: DictConfig, overrides: list[str]) -> None:
     """ConfigError for a `+key=value` / `++key=value` override that adds a key the schema does not declare.
@@ -104,6 +106,26 @@ def hydra_modes(args: list[str]) -> list[str]:
     return sorted({HYDRA_MODES[arg.split("=")[0]] for arg in args if arg.split("=")[0] in HYDRA_MODES})
 
 
+class OutputDirsUndoneIfRefused(Callback):
+    """Hydra callback (`conf/train.yaml`, `conf/evaluate.yaml`): note the directories Hydra is about to make for
+    the run or the sweep, so that a refused command removes those it leaves empty (`early_writes_undone_if_refused`)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._note(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._note(config, "hydra.sweep.dir")
+
+    @staticmethod
+    def _note(config: DictConfig, key: str) -> None:
+        try:
+            directory = OmegaConf.select(config, key, throw_on_missing=True)
+            if directory:
+                note_dirs_to_be_made(Path(str(directory)))
+        except (OmegaConfBaseException, OSError):
+            pass  # a value its resolver refuses, a name too long: Hydra reports it when it makes the directory
+
+
 def check_working_directory() -> None:
     """Exit 2 if the directory the command was started in has been deleted: relative paths (`outputs/`,
     `data/`) mean nothing then, and Hydra and torch fail on it with a traceback or a misleading message."""
@@ -124,7 +146,6 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -
     check_working_directory()
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing them and exiting 1
     sys.argv[1:] = renamed_overrides(sys.argv[1:])  # old key names keep working
-    note_named_dirs(sys.argv[1:])  # a refusal removes only the directories Hydra makes, never one of the user's
     modes = hydra_modes(sys.argv[1:])
     if modes == ["--cfg", "--multirun"]:
         _exit("--cfg shows one job's config and -m runs a sweep: Hydra takes one of them. Drop -m to see the first "

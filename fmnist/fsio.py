@@ -92,24 +92,22 @@ def atomic_write(path: Path, data: bytes | str) -> None:
 _EARLY_WRITES: dict[Path, bytes | None] = {}
 
 
-# The output directories a command line names (hydra.run.dir=..., hydra.sweep.dir=...) that existed before the
-# command started: a refusal never removes them, even when it leaves them empty.
+# The output directories Hydra was about to make and that existed already (`note_dirs_to_be_made`): a
+# refusal never removes them, even when it leaves them empty.
 _DIRS_BEFORE: set[Path] = set()
 
+# The ones that did not exist yet, with their missing parents: a refusal removes those it leaves empty, so that a
+# refused command leaves no `outputs/evaluations/` behind.
+_DIRS_TO_BE_MADE: list[Path] = []
 
-def note_named_dirs(args: list[str]) -> None:
-    """Remember which of the output directories named in `args` exist now, before Hydra makes any."""
-    _DIRS_BEFORE.clear()
-    for arg in args:
-        key, _, value = arg.partition("=")
-        value = value.strip("'\"")
-        if key.lstrip("+") not in ("hydra.run.dir", "hydra.sweep.dir") or not value or "${" in value:
-            continue
-        try:
-            if Path(value).is_dir():
-                _DIRS_BEFORE.add(Path(value).resolve())
-        except OSError:  # a name too long, a loop of links: Hydra meets it and says so
-            pass
+
+def note_dirs_to_be_made(path: Path) -> None:
+    """Just before Hydra makes the output directory `path`: remember which of it and its parents do not exist
+    yet (a refusal removes them when left empty), or, if it exists, that it is the user's (never removed)."""
+    path = Path(path)
+    if path.is_dir():  # named by the command line, a config or an interpolation alike
+        _DIRS_BEFORE.add(path.resolve())
+    _DIRS_TO_BE_MADE.extend(d.absolute() for d in missing_dirs(path))
 
 
 def missing_dirs(path: Path) -> list[Path]:
@@ -136,7 +134,7 @@ def dirs_made(directory: Path):
 
 def remove_if_empty(directory: Path) -> None:
     """Remove `directory` if it is an empty directory and not one the user had before the command
-    (`note_named_dirs`): what a refused or stopped command made and left empty."""
+    (`note_dirs_to_be_made`): what a refused or stopped command made and left empty."""
     directory = Path(directory)
     if directory.is_dir() and not any(directory.iterdir()) and directory.resolve() not in _DIRS_BEFORE:
         directory.rmdir()
@@ -157,13 +155,17 @@ def keep_early_writes() -> None:
     """The command's checks passed: what it noted so far stays as it is written, even if a later part of the
     command (a sweep's next job) is refused."""
     _EARLY_WRITES.clear()
+    _DIRS_TO_BE_MADE.clear()
 
 
 @contextmanager
 def early_writes_undone_if_refused():
     """Run a command; if it exits with code 2 (refused), put each file noted by `note_early_write` back as it
-    was, removing the ones that did not exist (and their directory, when that is left empty)."""
+    was, removing the ones that did not exist (and their directory, when that is left empty), and remove the
+    directories noted by `note_dirs_to_be_made` that are left empty."""
     _EARLY_WRITES.clear()
+    _DIRS_TO_BE_MADE.clear()
+    _DIRS_BEFORE.clear()
     try:
         yield
     except SystemExit as e:
@@ -174,9 +176,15 @@ def early_writes_undone_if_refused():
                 else:
                     path.unlink(missing_ok=True)
                     remove_if_empty(path.parent)  # the directory Hydra made for it
+            for directory in _DIRS_TO_BE_MADE:  # deepest first
+                try:
+                    remove_if_empty(directory)
+                except OSError:  # another command put something there meanwhile: it is not ours to remove
+                    pass
         raise
     finally:
         _EARLY_WRITES.clear()
+        _DIRS_TO_BE_MADE.clear()
 
 
 HEAD_BYTES = 4096  # how much of an existing output file is read to recognise who wrote it

@@ -158,6 +158,23 @@ def test_corrupt_gzip_is_a_data_error_naming_the_file(tmp_path):
         load_csv(path)
 
 
+# A refusal leaves none of the directories Hydra made for it, however deep; the ones the user had stay.
+def test_a_refused_command_leaves_no_empty_directories_behind(tmp_path, data_dir, run_in_process, monkeypatch):
+    for command in (["evaluate.py", "ckpt=missing.ckpt"], ["train.py", f"data.dir={data_dir}", "optim.lr=-1"],
+                    ["train.py", f"data.dir={data_dir}", "optim.lr=-1", "hydra.run.dir=a/b/c"],
+                    ["train.py", "-m", f"data.dir={data_dir}", "seed=0,1", "hydra.sweep.dir=s/t", "seed=abc,def"]):
+        result = run_in_process(*command, cwd=tmp_path)
+        assert result.returncode == 2, (command, result.stderr[-3000:])
+        assert list(tmp_path.iterdir()) == [], (command, sorted(tmp_path.rglob("*")))
+    (tmp_path / "outputs" / "mine").mkdir(parents=True)
+    assert run_in_process("evaluate.py", "ckpt=missing.ckpt", cwd=tmp_path).returncode == 2
+    # An empty directory of the user's stays, however the run directory came to name it (here an interpolation).
+    monkeypatch.setenv("MINE", str(tmp_path / "outputs" / "mine"))
+    assert run_in_process("train.py", f"data.dir={data_dir}", "optim.lr=-1", "hydra.run.dir=${oc.env:MINE}",
+                          cwd=tmp_path).returncode == 2
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == [Path("outputs"), Path("outputs/mine")]
+
+
 # Data files: a .csv and a .csv.gz of one split side by side are refused, not one of them read by a hidden rule.
 def test_a_split_held_both_plain_and_gzipped_is_refused_naming_both(tmp_path, data_dir, run_in_process):
     both = tmp_path / "data"
