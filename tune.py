@@ -54,7 +54,7 @@ def search(args: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except TrialInterrupted as e:
-        print("stopped by a signal: the running trial is recorded `interrupted` and does not count towards "
+        print("stopped by a signal: a trial it stopped is recorded `interrupted` and does not count towards "
               "n_trials; the same command continues the study and replaces it.", file=sys.stderr)
         return 128 + e.signal_number
     return 0

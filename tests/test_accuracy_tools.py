@@ -161,7 +161,15 @@ def test_eval_tricks_scores_raw_and_averaged_weights_on_validation(make_cfg, tmp
     assert table.loc[("raw", "none"), "change_mean"] == 0.0 and (table.n == 1).all()
     plain = compare([tmp_path / "plain"])
     assert set(plain.weights) == {"raw"} and len(plain) == 3  # no EMA: one set of weights
-    shutil.copytree(tmp_path / "plain", tmp_path / "other machine" / "plain")  # the same sweep's name, elsewhere
+    # A copy of a sweep given beside it would count its seeds twice: refused before any evaluation.
+    shutil.copytree(tmp_path / "plain", tmp_path / "copy" / "plain")
+    with pytest.raises(ConfigError, match=r"plain/seed=0 and .*copy/plain/seed=0 are the same setting with seed 0"):
+        compare([tmp_path / "plain", tmp_path / "copy" / "plain"])
+    shutil.copytree(tmp_path / "plain" / "seed=0", tmp_path / "copy" / "plain" / "copy_of_seed0")  # inside a sweep too
+    with pytest.raises(ConfigError, match=r"jobs copy_of_seed0, seed=0 are the same setting with seed 0"):
+        compare([tmp_path / "copy" / "plain"])
+    # Another seed in a sweep of the same name elsewhere is pooled: its runs are keyed by their paths.
+    train(make_cfg("model=simple", "seed=1"), tmp_path / "other machine" / "plain" / "seed=1")
     both = compare([tmp_path / "plain", tmp_path / "other machine" / "plain"])
     assert (both.n == 2).all() and (both.change_mean == 0.0).all()  # two runs, each paired with itself
     assert "| ema | flip |" in tricks_markdown(table.reset_index())

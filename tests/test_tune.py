@@ -320,6 +320,24 @@ def test_a_stopped_trial_is_recorded_and_replaced_so_the_study_still_reaches_n_t
     assert read_record(tmp_path / "k" / "trial-0001")["status"] == "completed"
 
 
+@pytest.mark.slow
+def test_a_sigterm_the_trial_did_not_stop_for_stops_the_study_before_its_next_trial(tmp_path, data_dir):
+    # Sent as the trial's test ends: Lightning's handler takes it, and no training step is left to stop at.
+    args = ["study=t", "n_trials=3", f"out_dir={tmp_path}", f"data.dir={data_dir}", *SMALL]
+    script = ("import os, runpy, signal, sys\n"
+              "from fmnist.sweeps.tune import ReportToTrial\n"
+              "ReportToTrial.on_test_end = lambda self, trainer, module: os.kill(os.getpid(), signal.SIGTERM)\n"
+              "sys.argv = sys.argv[1:]\n"
+              "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", script, str(ROOT / "tune.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 143 and "stopped by a signal" in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    trials = load(tmp_path, "t").trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+    assert trials[1].user_attrs["status"] == "interrupted" and "run_dir" not in trials[1].user_attrs  # never trained
+
+
 def test_a_trial_whose_process_was_killed_is_marked_and_replaced(tmp_path, data_dir, run_in_process):
     gone = subprocess.Popen(["true"])
     gone.wait()  # a process id that no longer runs: what SIGKILL leaves behind

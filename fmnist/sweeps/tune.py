@@ -19,7 +19,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field, fields
@@ -47,8 +49,8 @@ from fmnist.results.sweep import summarize
 from fmnist.training.figures import save_png  # matplotlib, headless
 from fmnist.runs import (DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, METRICS_FILE, TRIAL_DIR_PREFIX, now,
                          update_record)
-from fmnist.training.train import (RunPruned, check_config, every_combination, failure_of, flat_config,
-                                   stopping_signal, train)
+from fmnist.training.train import (SIGTERM_RECEIVED, RunPruned, check_config, every_combination, failure_of,
+                                   flat_config, stopping_signal, train)
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +248,8 @@ class TrialSurplus(TrialFailed):
 
 class TrialInterrupted(Exception):
     """Ctrl-C or SIGTERM stopped a trial: recorded `interrupted` (an Optuna FAIL that `n_trials` does not
-    count, so the next run of the command replaces it), and the study stops; tune.py exits 130 or 143."""
+    count, so the next run of the command replaces it), and the study stops; tune.py exits 130 or 143. A SIGTERM
+    that came between trials, or after a trial's last check for it, stops the study before its next trial."""
 
     def __init__(self, signal_number: int):
         super().__init__(f"stopped by signal {signal_number}")
@@ -443,6 +446,9 @@ class Search:
             with warnings.catch_warnings():  # "experimental" since optuna 2.9
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(trial.study)
+        if SIGTERM_RECEIVED.is_set():  # it came after the previous trial's last check: stop before training
+            trial.set_user_attr("status", INTERRUPTED)
+            raise TrialInterrupted(signal.SIGTERM)
         params = {name: _suggest(trial, name, spec) for name, spec in self.cfg.space.items()}
         # Every digit of a float: the trial trains exactly the value Optuna records, and best.yaml's command reproduces it.
         overrides = [*self.train_overrides,
@@ -623,9 +629,26 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
             if not any(isinstance(f, _TrialEndsInOneLine) for f in optimize_log.filters):
                 optimize_log.addFilter(_TrialEndsInOneLine())
             # StopAtNTrials counts every process's trials: together they stop at n_trials.
-            study.optimize(search.objective, catch=(TrialFailed,), callbacks=[StopAtNTrials(cfg.n_trials)])
+            with _sigterm_noted():
+                study.optimize(search.objective, catch=(TrialFailed,), callbacks=[StopAtNTrials(cfg.n_trials)])
+                if SIGTERM_RECEIVED.is_set():  # after the last trial's end, or between two: not a finished study
+                    raise TrialInterrupted(signal.SIGTERM)
     write_results(study, study_dir)
     return study
+
+
+@contextlib.contextmanager
+def _sigterm_noted():
+    """Between trials a SIGTERM sets SIGTERM_RECEIVED (the next trial then stops before it trains), instead of
+    killing the process in the middle of the storage's writes; during a trial the run's own handling applies."""
+    SIGTERM_RECEIVED.clear()
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: SIGTERM_RECEIVED.set()) if main else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:

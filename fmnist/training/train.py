@@ -321,6 +321,11 @@ def _claimed(cfg: DictConfig, run_dir: Path):
             yield resume
 
 
+# Set by every SIGTERM a run sees, even one that Lightning's handler took after its last check for it (during the
+# final validation or test), which the run then does not stop for: a study stops on it before its next trial.
+SIGTERM_RECEIVED = threading.Event()
+
+
 @contextmanager
 def _sigterm_raises():
     """SIGTERM raises SIGTERMException from the first write on, instead of killing the process outright:
@@ -330,6 +335,7 @@ def _sigterm_raises():
     next step boundary (Lightning's way) rather than in the middle of a write.
     """
     def handler(signum, frame):
+        SIGTERM_RECEIVED.set()
         if signal.getsignal(signal.SIGTERM) is handler:
             raise SIGTERMException()
 
