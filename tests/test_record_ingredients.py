@@ -179,6 +179,7 @@ def test_muon_moves_filters_by_an_orthogonalised_step_and_the_rest_exactly_as_ad
         assert torch.allclose(pa, pb, atol=1e-6), name
     assert not torch.allclose(a[3].weight, start[3].weight)
 
+
 def test_muon_resumes_exactly_from_its_state_dict():
     torch.manual_seed(0)
     net = _net()

@@ -257,6 +257,10 @@ def test_resume_from_another_architectures_checkpoint_is_refused(make_cfg, tmp_p
     (["seed=-1"], "seed"),
     (["trainer.precision=16x"], "trainer.precision"),
     (["optim=sgd", "optim.momentum=-1"], "optim.momentum"),
+    (["optim=sgd", "optim.momentum=inf"], "optim.momentum"),
+    (["optim.warmup_epochs=inf"], "optim.warmup_epochs"),  # int(inf) mid-fit
+    (["optim.weight_decay=inf"], "optim.weight_decay"),
+    (["optim.bias_lr_scale=inf"], "optim.bias_lr_scale"),
     (["model=simple", "model.channels=[8]"], "model.channels"),
     (["model=optimized", "model.kernel_sizes=[3,3]"], "model.kernel_sizes"),
     (["trainer.max_epochs=-1", "optim.scheduler=cosine"], "trainer.max_epochs"),
@@ -374,6 +378,15 @@ def test_full_disk_is_one_paragraph_and_keeps_the_checkpoints(make_cfg, tmpfs):
         run_job(make_cfg(*SIMPLE, "trainer.max_epochs=2", "ckpt_path=last"), run)
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == last
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == 0
+
+
+# Divergence: a step too large for float32 (torch refuses its scale before any loss is infinite) is `diverged` too.
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_a_step_that_overflows_the_weights_dtype_is_diverged_not_a_crash(make_cfg, tmp_path, optimizer):
+    with pytest.raises(DivergedError, match="an optimizer step does not fit in the weights' number type"):
+        train(make_cfg(*SIMPLE, f"optim.name={optimizer}", "optim.lr=1e39"), tmp_path)
+    assert read_record(tmp_path)["status"] == "diverged"
 
 
 # Divergence: a NaN validation loss is `diverged`, never `completed`.

@@ -484,7 +484,7 @@ def _run(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
          callbacks: list[L.Callback] | None, resume_hint: str | None, record: dict | None) -> dict:
     """A claimed run: fit, test, record; however it ends before that, its record says how (then it raises)."""
     try:
-        with storage_errors():
+        with storage_errors(), _overflowing_steps_diverge():
             return _fit(cfg, run_dir, resume, overrides, hydra_files, callbacks, record)
     except BaseException as e:
         failure = failure_of(e, resume_hint)
@@ -493,6 +493,19 @@ def _run(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
             if failure[0] == INTERRUPTED:
                 log.warning("%s", failure[1])
         raise
+
+
+@contextmanager
+def _overflowing_steps_diverge():
+    """An optimizer step too large for the weights' dtype (`optim.lr=1e39`, which torch refuses as a step's scale
+    before any loss can turn infinite) ends the run `diverged`, as a smaller step that blows up the loss does."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "cannot be converted to type" not in str(e) or "without overflow" not in str(e):
+            raise
+        raise DivergedError(f"training diverged: an optimizer step does not fit in the weights' number type ({e}). "
+                            f"{DIVERGED_ADVICE}") from e
 
 
 @contextmanager
