@@ -200,6 +200,18 @@ def test_a_deleted_working_directory_is_one_paragraph(tmp_path, command):
     assert "started in no longer exists" in result.stderr and "Traceback" not in result.stderr
 
 
+# An empty path (an unset shell variable) is refused, not read as the current directory.
+def test_an_empty_path_is_refused_not_taken_for_the_current_directory(tmp_path):
+    from fmnist.inference.loading import resolve
+
+    made = subprocess.run([sys.executable, str(ROOT / "scripts" / "get_data.py"), "--data-dir", "", "--no-download"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ,
+                                                                                         "PYTHONPATH": str(ROOT)})
+    assert made.returncode == 2 and "--data-dir: an empty path" in made.stderr and list(tmp_path.iterdir()) == []
+    with pytest.raises(CheckpointError, match="ckpt= is empty"):
+        resolve("")
+
+
 # Checkpoints: resuming from another architecture's checkpoint is refused.
 @pytest.mark.slow
 def test_resume_from_another_architectures_checkpoint_is_refused(make_cfg, tmp_path):

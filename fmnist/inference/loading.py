@@ -72,6 +72,8 @@ def resolve(ckpt: str | Path) -> Resolved:
         note = f"the shipped model ({PRETRAINED.with_suffix('.md')})"
         log.info("ckpt=pretrained: %s", note)
         return Resolved(PRETRAINED, note=note)
+    if not str(ckpt).strip():  # Path('') is the current directory: refused as empty, not searched for runs
+        raise CheckpointError(f"ckpt= is empty; {WHAT_CKPT_IS}.")
     path = Path(ckpt).expanduser()
     if path.is_file():
         run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else None
