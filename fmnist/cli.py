@@ -58,7 +58,7 @@ def check_resolvable(cfg: DictConfig, required: bool = False) -> None:
         raise ConfigError(f"config key {e.full_key}: its value cannot be resolved: {cause}.") from None
     schema = OmegaConf.get_type(cfg)
     fields = dataclasses.fields(schema) if dataclasses.is_dataclass(schema) else ()
-    removed = [f.name for f in fields if f.name not in cfg]
+    removed = [f.name for f in fields if f.name not in cfg.keys()]  # `in cfg` is false for a `???` key as well
     missing = sorted(OmegaConf.missing_keys(cfg)) if required else []
     if removed or missing:
         key = (removed or missing)[0]

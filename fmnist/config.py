@@ -394,9 +394,9 @@ def check_sweep_values(overrides: list[str], config_loader=None) -> None:
         except ValueError as e:
             raise ConfigError(f"the sweep override {text} cannot be expanded ({e}); nothing was written.") from None
         if not values:
+            hint = " A range's end is exclusive: seed=range(0,3) runs seeds 0, 1 and 2." if "range(" in text else ""
             raise ConfigError(f"the sweep override {text} gives no value, so the sweep would run no job and write "
-                              "an empty summary; nothing was written. A range's end is exclusive: seed=range(0,3) "
-                              "runs seeds 0, 1 and 2.")
+                              f"an empty summary; nothing was written.{hint}")
 
 
 def job_name(overrides: list[str], swept: set[str]) -> str:

@@ -93,6 +93,7 @@ def test_a_parallel_sweep_of_no_job_at_once_is_refused_before_its_directory(tmp_
     ("train.py", [*FAST, "~model"], "config key model has no value (~model removed it?)"),
     ("train.py", ["-m", *FAST, "~seed"], "the sweep: config key seed has no value (~seed removed it?)"),
     ("evaluate.py", ["ckpt=${oc.env:FMNIST_UNSET}"], "config key ckpt: its value cannot be resolved"),
+    ("evaluate.py", [], "config key ckpt is required"),  # not given at all: nothing was removed with ~
 ])
 def test_a_value_that_cannot_be_resolved_or_a_removed_key_is_named(tmp_path, data_dir, run_in_process, monkeypatch,
                                                                    script, args, words):

@@ -208,6 +208,8 @@ def test_the_command_shows_measures_and_clears_the_cached_verdicts(monkeypatch, 
     shown = capsys.readouterr().out
     assert "1 verdict(s)" in shown and "batch 32" in shown and "-> bf16-mixed" in shown
     assert auto.main(["clear"]) == 0 and not auto.cache_file().exists()
+    assert "removed" in capsys.readouterr().out
+    assert auto.main(["clear"]) == 0 and "no verdicts cached; nothing to remove" in capsys.readouterr().out
     # Bad overrides are one paragraph with exit 2, before anything is measured or cached.
     for overrides, words in [(["model=nosuch"], "Could not find 'model/nosuch'"),
                              (["data.batch_size=0"], "config key data.batch_size must be at least 1")]:

@@ -391,6 +391,7 @@ def test_a_refused_sweep_leaves_no_directory_and_a_refused_job_no_job_directory(
     assert (snapshot(tmp_path / "s"), sorted((tmp_path / "s").rglob("*"))) == before
     nothing = run_in_process("train.py", *args, "model=glob(zzz*)")  # a glob that matches no model
     assert nothing.returncode == 2 and "the sweep override model=glob(zzz*) gives no value" in nothing.stderr
+    assert "range" not in nothing.stderr and "range's end is exclusive" in empty.stderr  # the hint fits the override
     # A value Hydra refuses while composing a job: the sweep's multirun.yaml is put back too.
     wrong = run_in_process("train.py", *args, "seed=abc,def")
     assert wrong.returncode == 2 and "seed" in wrong.stderr

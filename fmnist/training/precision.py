@@ -269,8 +269,11 @@ def main(argv: list[str] | None = None) -> int:
             if problem:
                 raise ConfigError(f"{path}: {problem}; expected the verdicts file (FMNIST_CACHE_DIR names its "
                                   "directory). Nothing was removed.")
-            path.unlink(missing_ok=True)
-            print(f"removed {path}")
+            if path.exists():
+                path.unlink()
+                print(f"removed {path}")
+            else:
+                print(f"{path}: no verdicts cached; nothing to remove")
         else:
             if args.device == "cuda" and not torch.cuda.is_available():
                 raise ConfigError("--device cuda: this machine's torch sees no CUDA GPU; measure with --device cpu.")
