@@ -245,6 +245,16 @@ def test_predict_cli_reports_a_corrupt_png_and_goes_on(run_dir, tmp_path, run_in
     assert rows["rows.csv:2"]["top_k"][0] == rows["ok0.png"]["top_k"][0] and rows["rows.csv:2"]["label"] is None
 
 
+def test_a_file_name_that_is_not_utf8_is_written_escaped_to_a_csv(run_dir, tmp_path, run_in_process):
+    images, _ = garment_images(1, 5)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(images[0]).save(tmp_path / "in" / "ok.png")
+    os.rename(tmp_path / "in" / "ok.png", os.fsencode(tmp_path / "in") + b"/bad\xffname.png")  # bytes Linux allows
+    result = run_in_process("predict.py", f"ckpt={run_dir}", f"inputs=[{tmp_path / 'in'}]", f"out={tmp_path}/p.csv")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "bad\\udcffname.png" in (tmp_path / "p.csv").read_text(encoding="utf-8")  # as the JSON escapes it
+
+
 def test_csv_label_column_is_optional_only_where_asked(tmp_path):
     images, _ = garment_images(2, 0)
     path = tmp_path / "rows.csv"

@@ -152,7 +152,9 @@ def write_rows(path: Path, rows: list[dict], k: int, replace: bool = True) -> No
                                                         for i in range(1, k + 1)]} for r in rows]
             tmp.write_text(json.dumps(records, indent=1) + "\n")
         else:
-            with open(tmp, "w", newline="") as f:
+            # A file name that is not UTF-8 (bytes the file system allows) is written with its odd bytes as \udcNN,
+            # as the JSON escapes them, rather than failing after every image was predicted.
+            with open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
                 writer = csv.DictWriter(f, list(rows[0]))
                 writer.writeheader()
                 writer.writerows(rows)
