@@ -206,6 +206,16 @@ def test_report_leaves_out_a_job_without_a_readable_record(tmp_path):
     assert "curves_optim.lr-0.01.png" in names and not any("defaults" in n for n in names), names
 
 
+def test_report_on_a_sweep_with_nothing_to_draw_says_so(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1):  # both failed before their first epoch: no epochs.csv
+        _fake_job(sweep, f"seed={seed}", "failed", seed, None, [f"seed={seed}"])
+        (sweep / f"seed={seed}" / "epochs.csv").unlink()
+    assert results_main(["report", str(sweep)]) == 0
+    assert f"{sweep}: no figure to draw (no job has an epoch recorded)" in capsys.readouterr().err
+    assert (sweep / "summary.md").exists()
+
+
 def test_a_figure_that_fails_mid_write_keeps_the_one_there_before(tmp_path, monkeypatch):
     import matplotlib.figure
 

@@ -68,13 +68,16 @@ def report(args) -> None:
     from fmnist.results.sweep import summary_files
 
     # Every sweep read and checked, its summary made, before any file is written: a refusal writes nothing.
-    planned = [(planned_report(directory), summary_files(directory)[1]) for directory in args.dirs]
-    for write_figures, summary in planned:
+    planned = [(directory, planned_report(directory), summary_files(directory)[1]) for directory in args.dirs]
+    for directory, write_figures, summary in planned:
         figures = write_figures()  # first: a report that fails while drawing leaves the summary as it was
         for path, text in summary.items():
             atomic_write(path, text)
         for path in figures:
             print(path)
+        if not figures:  # e.g. every job failed before its first epoch: say so rather than print nothing
+            print(f"{directory}: no figure to draw (no job has an epoch recorded); its summary.md lists the jobs "
+                  "and how each ended", file=sys.stderr)
 
 
 def leaderboard(args) -> None:
