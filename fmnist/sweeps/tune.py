@@ -631,7 +631,10 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
             # StopAtNTrials counts every process's trials: together they stop at n_trials.
             with _sigterm_noted():
                 study.optimize(search.objective, catch=(TrialFailed,), callbacks=[StopAtNTrials(cfg.n_trials)])
-                if SIGTERM_RECEIVED.is_set():  # after the last trial's end, or between two: not a finished study
+                # optimize returns only once n_trials are done (a signal a trial stopped for raises out of it): a
+                # SIGTERM the last trial did not stop for still ends the command with 143, and the next run, having
+                # nothing to train, writes the results.
+                if SIGTERM_RECEIVED.is_set():
                     raise TrialInterrupted(signal.SIGTERM)
     write_results(study, study_dir)
     return study
