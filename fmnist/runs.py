@@ -134,17 +134,20 @@ def is_job_dir(path: Path) -> bool:
     return (path / ".hydra").is_dir() or (path / METRICS_FILE).exists()
 
 
-def check_one_job_per_seed(jobs: pd.DataFrame, sweep_dir: Path) -> None:
-    """ConfigError for two completed jobs of one setting and seed among `jobs` (`collect`'s rows), such as a job
-    directory copied inside its sweep: a mean over seeds, or a pairing by seed, would count that seed twice."""
+def check_one_job_per_seed(jobs: pd.DataFrame, where: Path | str,
+                           advice: str = "Move the copies out of the sweep directory.") -> None:
+    """ConfigError for two completed jobs of one setting and seed among `jobs` (`collect`'s rows, or those of
+    several sweeps pooled, their `job` a path), such as a job directory copied inside its sweep or a sweep given
+    beside its copy: a mean over seeds, or a pairing by seed, would count that seed twice. `where` names the
+    jobs' sweep (or sweeps) in the message, `advice` ends it."""
     done = jobs[(jobs.status == COMPLETED) & jobs.seed.notna()]
     twice = done[done.duplicated(["setting", "seed"], keep=False)]
     if len(twice):
         first = twice.iloc[0]
         same = twice[(twice.setting == first.setting) & (twice.seed == first.seed)]
-        raise ConfigError(f"{sweep_dir}: jobs {', '.join(sorted(same.job))} are the same setting with seed "
-                          f"{int(first.seed)}; a mean over seeds, or a pairing by seed, counts each seed once. Move "
-                          "the copies out of the sweep directory.")
+        raise ConfigError(f"{where}: jobs {', '.join(sorted(map(str, same.job)))} are the same setting with seed "
+                          f"{int(first.seed)}; a mean over seeds, or a pairing by seed, counts each seed once. "
+                          f"{advice}")
 
 
 def collect(sweep_dir: Path) -> pd.DataFrame:

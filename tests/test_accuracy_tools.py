@@ -159,11 +159,14 @@ def test_eval_tricks_scores_raw_and_averaged_weights_on_validation(make_cfg, tmp
     # the averaged weights without TTA are what the run itself validated (and selected on)
     assert table.loc[("ema", "none"), "val_acc_mean"] == pytest.approx(metrics["val/acc_best"], abs=1e-6)
     assert table.loc[("raw", "none"), "change_mean"] == 0.0 and (table.n == 1).all()
+    (tmp_path / "plain" / "seed=1" / ".hydra").mkdir(parents=True)  # a job that never finished: not evaluated
     plain = compare([tmp_path / "plain"])
-    assert set(plain.weights) == {"raw"} and len(plain) == 3  # no EMA: one set of weights
+    assert set(plain.weights) == {"raw"} and len(plain) == 3 and (plain.n == 1).all()  # no EMA: one set of weights
+    shutil.rmtree(tmp_path / "plain" / "seed=1")
     # A copy of a sweep given beside it would count its seeds twice: refused before any evaluation.
     shutil.copytree(tmp_path / "plain", tmp_path / "copy" / "plain")
-    with pytest.raises(ConfigError, match=r"plain/seed=0 and .*copy/plain/seed=0 are the same setting with seed 0"):
+    pooled_twice = r"the sweeps given: jobs .*copy/plain/seed=0, .*plain/seed=0 are the same setting with seed 0; "
+    with pytest.raises(ConfigError, match=pooled_twice + r".* Give the sweeps without their copies"):
         compare([tmp_path / "plain", tmp_path / "copy" / "plain"])
     shutil.copytree(tmp_path / "plain" / "seed=0", tmp_path / "copy" / "plain" / "copy_of_seed0")  # inside a sweep too
     with pytest.raises(ConfigError, match=r"jobs copy_of_seed0, seed=0 are the same setting with seed 0"):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from fmnist.config import TTA_MODES
-from fmnist.errors import CheckpointError, ConfigError
+from fmnist.errors import CheckpointError
 from fmnist.inference.loading import best_in_run, load_model, net_state, training_datamodule, weights_error
 from fmnist.runs import COMPLETED, check_one_job_per_seed, collect
 
@@ -44,31 +44,20 @@ def validation_accuracies(run_dir: Path, data_dir: str | None = None) -> dict[tu
     return results
 
 
-def check_each_seed_once(runs: list[tuple[Path, str, float]]) -> None:
-    """ConfigError for one setting and seed among the (run, setting, seed) of several sweeps pooled into one
-    table, such as a sweep given beside its copy: each row's mean and n would count that seed twice."""
-    first = {}
-    for run, setting, seed in runs:
-        if seed is None or seed != seed:  # no seed recorded: nothing to pair on
-            continue
-        if (setting, seed) in first:
-            raise ConfigError(f"{first[setting, seed]} and {run} are the same setting with seed {int(seed)}; the "
-                              "table pools the runs of every sweep given, and counts each seed once. Give the "
-                              "sweeps without their copies.")
-        first[setting, seed] = run
-
-
 def compare(sweep_dirs: list[Path], data_dir: str | None = None) -> pd.DataFrame:
     """One row per (weights, tta): validation accuracy mean, std and n over the completed runs, and the paired
     change against raw weights without TTA (mean and std of the per-run differences)."""
-    completed = []
+    pooled = []
     for sweep in sweep_dirs:
         jobs = collect(sweep)
         check_one_job_per_seed(jobs, sweep)
-        completed += [(Path(sweep) / job.job, job.setting, job.seed) for job in jobs[jobs.status == COMPLETED].itertuples()]
-    check_each_seed_once(completed)  # before the evaluation, which takes minutes
+        done = jobs[jobs.status == COMPLETED]
+        pooled.append(done.assign(job=[Path(sweep) / job for job in done.job]))
+    pooled = pd.concat(pooled, ignore_index=True)
+    # before the evaluation, which takes minutes; the table pools the runs of every sweep given
+    check_one_job_per_seed(pooled, "the sweeps given", advice="Give the sweeps without their copies.")
     rows = []
-    for run, _, _ in completed:
+    for run in pooled.job:
         for (weights, tta), acc in validation_accuracies(run, data_dir).items():
             rows.append({"run": str(run.resolve()), "weights": weights, "tta": tta, "val_acc": acc})
     if not rows:
