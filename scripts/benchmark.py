@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from fmnist import console
-from fmnist.cli import run_plain
+from fmnist.cli import path_argument, run_plain
 from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_write, check_writable, dirs_made, storage_errors
 from fmnist.training.callbacks import step_callbacks
@@ -188,7 +188,7 @@ def csv_timings(data_dir: Path) -> tuple[float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=Path("data"))
+    parser.add_argument("--data-dir", type=path_argument, default=Path("data"))
     parser.add_argument("--models", nargs="+", default=["optimized"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 256])
     parser.add_argument("--accelerator", default="auto", help="auto | cpu | gpu")
@@ -201,10 +201,10 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model in both loops")
     parser.add_argument("--fast-path", action="store_true",
                         help="CUDA graphs in both loops (fast_path=true in training); a CPU ignores it")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=path_argument, default=None,
                         help="CSV to append to (default outputs/benchmarks.csv, with --infer outputs/benchmarks_infer.csv)")
     parser.add_argument("--infer", action="store_true", help="inference: PyTorch eager vs onnxruntime (see above)")
-    parser.add_argument("--ckpt", default=None, help="with --infer: a checkpoint, run or sweep directory to time")
+    parser.add_argument("--ckpt", type=path_argument, default=None, help="with --infer: a checkpoint, run or sweep directory to time")
     parser.add_argument("--infer-batch-sizes", nargs="+", type=int, default=[1, 256])
     parser.add_argument("--threads", type=int, default=None,
                         help="with --infer: intra-op threads of both PyTorch and onnxruntime (default: torch's)")

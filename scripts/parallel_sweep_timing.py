@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from fmnist.cli import path_argument
 from fmnist.fsio import dirs_made
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,9 +41,9 @@ def sweep(out: Path, data_dir: str, overrides: list[str], launcher: list[str]) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--data-dir", type=path_argument, default="data")
     parser.add_argument("--n-jobs", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("outputs/parallel_timing"))
+    parser.add_argument("--out", type=path_argument, default=Path("outputs/parallel_timing"))
     args, overrides = parser.parse_known_args()
     if args.n_jobs < 1:
         parser.error(f"--n-jobs must be at least 1; got {args.n_jobs}")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from fmnist.config import EVAL_BATCH_SIZE, check_name
-from fmnist.cli import run_plain
+from fmnist.cli import path_argument, run_plain
 from fmnist.errors import ConfigError
 from fmnist.fsio import file_digest, load_checkpoint
 from fmnist.inference.loading import DATAMODULE_STATE_KEY, PRETRAINED_DIR, best_in_run, load_model
@@ -140,7 +140,7 @@ def card_text(name, record, model, tta, accuracy, recorded, ckpt, onnx, run_dir)
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path, help="a finished run directory")
+    parser.add_argument("run_dir", type=path_argument, help="a finished run directory")
     parser.add_argument("--name", default="speedrun_cpu", help="the shipped files' name (default: speedrun_cpu)")
     parser.add_argument("--replace", action="store_true", help="replace a model already shipped under --name")
     args = parser.parse_args()

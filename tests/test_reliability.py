@@ -201,8 +201,15 @@ def test_a_deleted_working_directory_is_one_paragraph(tmp_path, command):
 
 
 # An empty path (an unset shell variable) is refused, not read as the current directory.
-def test_an_empty_path_is_refused_not_taken_for_the_current_directory(tmp_path):
+def test_an_empty_path_is_refused_not_taken_for_the_current_directory(tmp_path, capsys):
     from fmnist.inference.loading import resolve
+    from fmnist.results.__main__ import parse_args
+
+    for argv in (["summary", ""], ["report", "a", ""], ["changes", "", "b"], ["images", "a", ""], ["tricks", ""],
+                 ["tricks", "--from-csv", ""], ["tricks", "a", "--csv", ""], ["tricks", "a", "--data-dir", ""]):
+        with pytest.raises(SystemExit) as exited:
+            parse_args(argv)
+        assert exited.value.code == 2 and "an empty path" in capsys.readouterr().err, argv
 
     made = subprocess.run([sys.executable, str(ROOT / "scripts" / "get_data.py"), "--data-dir", "", "--no-download"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ,

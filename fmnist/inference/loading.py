@@ -191,7 +191,7 @@ def _standardisation(path: Path, ckpt: dict, data: dict) -> tuple[float, float]:
 SPLIT_KEYS = ("dir", "val_size", "normalize", "train_subset", "seed")
 
 
-def training_datamodule(data: dict, data_dir: str | None = None):
+def training_datamodule(data: dict, data_dir: str | Path | None = None):
     """The datamodule a checkpoint was trained with (`data`: its stored hyperparameters), set up on the CPU:
     the same split of the same CSV, read from `data_dir` if given."""
     # Imported here: only the validation split and old checkpoints need it, and it imports Lightning.
@@ -199,7 +199,7 @@ def training_datamodule(data: dict, data_dir: str | None = None):
 
     kwargs = {k: v for k, v in data.items() if k in SPLIT_KEYS}
     if data_dir is not None:
-        kwargs["dir"] = data_dir
+        kwargs["dir"] = str(data_dir)
     dm = FashionMNISTDataModule(**kwargs)
     dm.setup("fit")
     return dm

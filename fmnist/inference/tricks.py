@@ -22,7 +22,7 @@ from fmnist.runs import COMPLETED, check_one_job_per_seed, collect
 COLUMNS = ["weights", "tta", "val_acc_mean", "val_acc_std", "n", "change_mean", "change_std"]
 
 
-def validation_accuracies(run_dir: Path, data_dir: str | None = None) -> dict[tuple[str, str], float]:
+def validation_accuracies(run_dir: Path, data_dir: str | Path | None = None) -> dict[tuple[str, str], float]:
     """{(weights, tta): validation accuracy} of the run's best checkpoint; weights: `raw`, and `ema` when averaged."""
     path = best_in_run(run_dir)
     loaded = load_model(path)
@@ -44,7 +44,7 @@ def validation_accuracies(run_dir: Path, data_dir: str | None = None) -> dict[tu
     return results
 
 
-def compare(sweep_dirs: list[Path], data_dir: str | None = None) -> pd.DataFrame:
+def compare(sweep_dirs: list[Path], data_dir: str | Path | None = None) -> pd.DataFrame:
     """One row per (weights, tta): validation accuracy mean, std and n over the completed runs, and the paired
     change against raw weights without TTA (mean and std of the per-run differences)."""
     pooled = []

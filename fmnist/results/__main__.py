@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fmnist.cli import run_plain
+from fmnist.cli import path_argument, run_plain
 from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_output, atomic_write, check_output_file, storage_errors
 from fmnist.runs import METRICS_FILE, collect
@@ -150,21 +150,21 @@ def parser() -> argparse.ArgumentParser:
     for name, (_, help) in VERBS.items():
         sub = verbs.add_parser(name, help=help)
         if name == "images":
-            sub.add_argument("dirs", nargs=2, metavar="DIR", type=Path,
+            sub.add_argument("dirs", nargs=2, metavar="DIR", type=path_argument,
                              help="two run directories, or two sweep directories of one setting each")
             sub.add_argument("--split", choices=("val", "test"), default="val",
                              help="which images (validation chooses; test only reports)")
         elif name == "changes":
-            sub.add_argument("dirs", nargs="+", metavar="DIR",
+            sub.add_argument("dirs", nargs="+", metavar="DIR", type=path_argument,
                              help="the baseline sweep (one setting, several seeds), then the sweeps to compare with it")
         else:
-            sub.add_argument("dirs", nargs="*" if name == "tricks" else "+", metavar="DIR",
+            sub.add_argument("dirs", nargs="*" if name == "tricks" else "+", metavar="DIR", type=path_argument,
                              help="sweep directories, e.g. outputs/study-cpu")
         if name == "tricks":
-            sub.add_argument("--from-csv", type=Path, metavar="FILE",
+            sub.add_argument("--from-csv", type=path_argument, metavar="FILE",
                              help="render a table that `tricks --csv FILE` wrote, instead of evaluating DIRs")
-            sub.add_argument("--data-dir", help="where the training CSV is, if not where the runs were trained")
-            sub.add_argument("--csv", type=Path, help="also write the table here")
+            sub.add_argument("--data-dir", type=path_argument, help="where the training CSV is, if not where the runs were trained")
+            sub.add_argument("--csv", type=path_argument, help="also write the table here")
     return main
 
 
