@@ -27,6 +27,7 @@ from fmnist.inference.evaluate import evaluate
 from fmnist.inference.export import ExportFailed, export
 from fmnist.inference.images import ImageRejected, load_image, to_dataset_format
 from fmnist.inference.loading import DATAMODULE_STATE_KEY, load_model, resolve
+from fmnist.inference.config import check_export
 from fmnist.inference.predict import predict
 from fmnist.training.train import train
 from fmnist.fsio import file_digest
@@ -266,11 +267,18 @@ def test_csv_label_column_is_optional_only_where_asked(tmp_path):
 
 
 @pytest.mark.slow
-def test_predict_config_errors(run_dir):
+def test_predict_config_errors(run_dir, tmp_path):
     with pytest.raises(ConfigError, match="config key top_k must be between 1 and 10; got 0"):
         predict(compose_named("predict", f"ckpt={run_dir}", "inputs=x.png", "top_k=0"))
     with pytest.raises(ConfigError, match="config key out must be null or a file name ending in .csv or .json"):
         predict(compose_named("predict", f"ckpt={run_dir}", "inputs=x.png", "out=p.txt"))
+    # `.json` alone names a hidden file without a suffix, which would be written as CSV
+    for name in (tmp_path / ".json", tmp_path / "out" / ".csv"):
+        with pytest.raises(ConfigError, match="config key out must be null or a file name ending in .csv or .json, "
+                                              "with a name before it"):
+            predict(compose_named("predict", f"ckpt={run_dir}", "inputs=x.png", f"out={name}"))
+    with pytest.raises(ConfigError, match="config key out must be a file name ending in .onnx, with a name before it"):
+        check_export(compose_named("export", f"ckpt={run_dir}", f"out={tmp_path / '.onnx'}"))
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ wrong-typed value fails while Hydra composes the config; `check_*` reject well-t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -93,12 +94,17 @@ def check_predict(cfg: DictConfig) -> list[str]:
     check_keys(cfg, (("inputs", paths, "a path or a non-empty list of paths (inputs=[a.png,photos/,more.csv])"),
                      ("top_k", 1 <= cfg.top_k <= NUM_CLASSES, f"between 1 and {NUM_CLASSES}"),
                      ("batch_size", cfg.batch_size >= 1, "at least 1"),
-                     ("out", cfg.out is None or str(cfg.out).lower().endswith((".csv", ".json")),
-                      "null or a file name ending in .csv or .json")))
+                     ("out", cfg.out is None or _suffix(cfg.out) in (".csv", ".json"),
+                      "null or a file name ending in .csv or .json, with a name before it (out=predictions.csv)")))
     return [str(i) for i in inputs]
 
 
 def check_export(cfg: DictConfig) -> None:
     """ConfigError naming the key for an export config that makes no sense."""
     check_evaluate(cfg)
-    check_keys(cfg, (("out", str(cfg.out).lower().endswith(".onnx"), "a file name ending in .onnx"),))
+    check_keys(cfg, (("out", _suffix(cfg.out) == ".onnx", "a file name ending in .onnx, with a name before it"),))
+
+
+def _suffix(out) -> str:
+    """The suffix that decides what `out` is written as; none for `.csv` alone, which names a hidden file."""
+    return Path(str(out)).suffix.lower()
