@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fmnist.config import composition_message, renamed_overrides
 from fmnist.errors import ConfigError, FmnistError
+from fmnist import fsio
 from fmnist.fsio import early_writes_undone_if_refused, note_dirs_to_be_made, storage_error
 
 def refuse_unknown_keys(cfg: DictConfig, overrides: list[str]) -> None:
@@ -136,14 +137,11 @@ def path_argument(text: str) -> Path:
 
 
 def check_working_directory() -> None:
-    """Exit 2 if the directory the command was started in has been deleted: relative paths (`outputs/`,
-    `data/`) mean nothing then, and Hydra and torch fail on it with a traceback or a misleading message."""
+    """Exit 2 if the directory the command was started in has been deleted (fmnist.fsio.check_working_directory)."""
     try:
-        os.getcwd()
-    except FileNotFoundError:
-        _exit("the directory this command was started in no longer exists (deleted or moved while the shell "
-              "was in it), so relative paths such as outputs/ and data/ name nothing: `cd` into the project "
-              "directory and run the command again.", 2)
+        fsio.check_working_directory()
+    except ConfigError as e:
+        _exit(str(e), 2)
 
 
 def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -> None:

@@ -101,6 +101,17 @@ _DIRS_BEFORE: set[Path] = set()
 _DIRS_TO_BE_MADE: list[Path] = []
 
 
+def check_working_directory() -> None:
+    """ConfigError if the directory the command was started in has been deleted: relative paths (`outputs/`,
+    `data/`) mean nothing then, and Hydra and torch fail on it with a traceback or a misleading message."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise ConfigError("the directory this command was started in no longer exists (deleted or moved while the "
+                          "shell was in it), so relative paths such as outputs/ and data/ name nothing: `cd` into "
+                          "the project directory and run the command again.") from None
+
+
 def note_dirs_to_be_made(path: Path) -> None:
     """Just before Hydra makes the output directory `path`: remember which of it and its parents do not exist
     yet (a refusal removes them when left empty), or, if it exists, that it is the user's (never removed)."""

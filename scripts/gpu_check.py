@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from fmnist.fsio import atomic_write  # the standard library only, like the imports above
+from fmnist.errors import ConfigError
+from fmnist.fsio import atomic_write, check_working_directory  # the standard library only, like the imports above
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -357,6 +358,11 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="compose every command's config and print the commands")
     parser.add_argument("--smoke", action="store_true", help="every step on a few batches (checks this script)")
     args = parser.parse_args()
+    try:
+        check_working_directory()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.budget_s is not None and not 0 < args.budget_s < math.inf:  # nan fails both
         parser.error(f"--budget-s must be a positive number of seconds; got {args.budget_s:g}")
     swept = [o for o in args.override if "=" in o and is_sweep(o)]
