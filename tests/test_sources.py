@@ -56,13 +56,16 @@ def test_existing_csvs_are_never_touched(tmp_path, idx_dir):
     assert all((data / name).read_text() == "mine" for name in CSV_NAMES.values())
 
 
-def test_a_lone_csv_is_not_overwritten(tmp_path, idx_dir):
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_a_lone_csv_is_not_overwritten(tmp_path, idx_dir, suffix):
+    # compressed too: a plain copy written beside it would make every run refuse the directory
     data = tmp_path / "data"
     data.mkdir()
-    (data / CSV_NAMES["train"]).write_text("mine")
-    with pytest.raises(DataError, match="refusing to overwrite"):
+    lone = data / (CSV_NAMES["train"] + suffix)
+    lone.write_text("mine")
+    with pytest.raises(DataError, match=f"holds only \\['{lone}'\\]; refusing to overwrite"):
         obtain(data, idx_dir=idx_dir, allow_install=False, allow_download=False)
-    assert (data / CSV_NAMES["train"]).read_text() == "mine"
+    assert lone.read_text() == "mine" and [p.name for p in data.iterdir()] == [lone.name]
 
 
 def test_nothing_available_says_what_to_do(tmp_path, monkeypatch):

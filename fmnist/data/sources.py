@@ -179,8 +179,8 @@ def _obtain(data_dir: Path, idx_dir: Path | None, allow_install: bool, allow_dow
     csvs = [data_dir / name for name in CSV_NAMES.values()]
     if all(p.is_file() or Path(f"{p}.gz").is_file() for p in csvs):
         return f"CSVs already in {data_dir}: left untouched"
-    if any(p.exists() for p in csvs):
-        present = [str(p) for p in csvs if p.exists()]
+    present = [str(q) for p in csvs for q in (p, Path(f"{p}.gz")) if q.exists()]
+    if present:
         raise DataError(f"{data_dir} holds only {present}; refusing to overwrite it. Put both CSVs there, "
                         "or move it away and run `make data` again.")
     if idx_dir is not None:  # named on purpose: converted, or refused naming what is missing; never another source
