@@ -68,11 +68,12 @@ def run_dir(garments, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_evaluate_reproduces_the_runs_test_accuracy(run_dir, tmp_path):
+def test_evaluate_reproduces_the_runs_test_accuracy(run_dir, tmp_path, capsys):
     before = snapshot(run_dir)
     record = evaluate(compose_named("evaluate", f"ckpt={run_dir}"), tmp_path / "eval")
     own = json.loads((run_dir / "metrics.json").read_text())["metrics"]
     m = record["metrics"]
+    assert f"(run's own test/acc {own['test/acc']:.4%})" in capsys.readouterr().out
     assert m["n_images"] == 200 and abs(m["accuracy"] - own["test/acc"]) < 1e-6  # 1e-6 << one image (0.005)
     assert m["loss"] == pytest.approx(own["test/loss"], abs=1e-5)  # no label smoothing in this run
     ckpt = Path(record["checkpoint"]["path"])
@@ -125,11 +126,14 @@ def test_an_evaluation_stopped_before_its_record_leaves_no_half_of_its_files(run
 
 
 @pytest.mark.slow
-def test_evaluate_with_tta_on_another_test_set(run_dir, tmp_path):
+def test_evaluate_with_tta_on_another_test_set(run_dir, tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
     write_csv(other / "fashion-mnist_test.csv", *garment_images(50, 7))
     plain = evaluate(compose_named("evaluate", f"ckpt={run_dir}", f"data.dir={other}"), tmp_path / "plain")
+    own = json.loads((run_dir / "metrics.json").read_text())["metrics"]["test/acc"]
+    # the run's own accuracy counted other images: said beside it, not offered as what this reproduces
+    assert plain["run_test_images"] == 200 and f"(run's own test/acc {own:.4%} on 200 images)" in capsys.readouterr().out
     tta = evaluate(compose_named("evaluate", f"ckpt={run_dir}", f"data.dir={other}", "tta=flip"), tmp_path / "tta")
     assert (plain["tta"], tta["tta"]) == ("none", "flip") and tta["metrics"]["n_images"] == 50
     assert tta["data"]["test_csv"].startswith(str(other))

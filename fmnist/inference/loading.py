@@ -28,7 +28,7 @@ from fmnist.fsio import file_digest, load_checkpoint
 from fmnist.inference.config import CKPT_FORMS
 from fmnist.models import MODELS, build_model, check_model, memory_format_input, tta_logits, with_defaults
 from fmnist.runs import (BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, LAST_CHECKPOINT, NET_PREFIX,
-                         collect, read_record)
+                         collect, read_confusion_matrix, read_record)
 
 log = logging.getLogger(__name__)
 
@@ -293,5 +293,15 @@ def run_test_acc(run_dir: Path | None) -> float | None:
     metrics = ((read_record(run_dir) if run_dir else None) or {}).get("metrics")
     value = metrics.get("test/acc") if isinstance(metrics, dict) else None
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None  # else unknown
+
+
+def run_test_images(run_dir: Path | None) -> int | None:
+    """How many test images the run's own test/acc counted (its confusion matrix's total: fewer than the test
+    set's after `trainer.limit_test_batches`), or None if its confusion matrix is missing or damaged."""
+    try:
+        cm = read_confusion_matrix(run_dir) if run_dir else None
+    except ConfigError:
+        return None
+    return None if cm is None else int(cm.sum())
 
 
