@@ -658,7 +658,7 @@ def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: l
                 raise ConfigError(f"{run_dir} holds a finished job of another experiment: it differs in {changed}. "
                                   "Its result is not reused. Give this sweep another directory (name=... or "
                                   "hydra.sweep.dir=...), or remove the old job directory to run it again.")
-            log.info("%s already %s: skipped", run_dir.name, record["status"])
+            log.info("%s already %s: skipped (remove its directory to run it again)", run_dir.name, record["status"])
             return float(record.get("metrics", {}).get("val/acc_best", float("nan")))
         cfg = cfg.copy()
         cfg.ckpt_path = "last"
