@@ -1,4 +1,4 @@
-"""What `train.py` adds around Hydra: user errors in the command line exit 2 with one paragraph.
+"""What every entry point adds around Hydra or argparse: user errors in the command line exit 2 with one paragraph.
 
 Hydra reports a bad override (`optim.lrr=0.1`, `optim.lr=abc`, `model=nosuch`) by printing it and
 exiting 1, the code of a crash; and it accepts `+optim.lrr=0.1` (its own hint), which nothing reads.
@@ -91,11 +91,12 @@ def sigterm_unwinds(enabled: bool = True):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-# A command stopped by a signal outside a training run (a run records its own stop and how to resume it).
+# (message, exit code) of a command stopped by a signal outside a training run; a run records its own stop
+# (runs.INTERRUPTED) and how to resume it.
 _STOPPED = ("its temporary files are removed, and each file it writes is either whole or as it was before (a "
             "command that writes several may have written some of them).")
-TERMINATED = (f"stopped by SIGTERM; {_STOPPED}", 128 + signal.SIGTERM)
-INTERRUPTED = (f"stopped by Ctrl-C; {_STOPPED}", 128 + signal.SIGINT)
+SIGTERM_EXIT = (f"stopped by SIGTERM; {_STOPPED}", 128 + signal.SIGTERM)
+CTRL_C_EXIT = (f"stopped by Ctrl-C; {_STOPPED}", 128 + signal.SIGINT)
 
 
 # Hydra's mode flags, by each spelling: a command line with two modes is a ValueError with a traceback there.
@@ -175,9 +176,9 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -
                     raise
                 _exit(str(mapped), 2)
     except Terminated:
-        _exit(*TERMINATED)
+        _exit(*SIGTERM_EXIT)
     except KeyboardInterrupt:  # before a training run started (a started one exits 130 by itself), or another command
-        _exit(*INTERRUPTED)
+        _exit(*CTRL_C_EXIT)
 
 
 def _hydra_part_hint(error: BaseException, args: list[str]) -> str:
@@ -220,7 +221,7 @@ def run_plain(work: Callable[[], object], unwind_on_sigterm: bool = False) -> in
     except (Terminated, KeyboardInterrupt, SystemExit) as e:
         if isinstance(e, SystemExit) and not stopped_by_ctrl_c(e):
             raise
-        message, code = TERMINATED if isinstance(e, Terminated) else INTERRUPTED
+        message, code = SIGTERM_EXIT if isinstance(e, Terminated) else CTRL_C_EXIT
         print(f"error: {message}", file=sys.stderr)
         return code
     return 0

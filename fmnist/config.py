@@ -360,13 +360,16 @@ def computing_overrides(overrides: list[str]) -> list[str]:
     return [o for o in overrides if override_key(o) not in PLACEMENT_KEYS and not override_key(o).startswith("hydra.")]
 
 
+SWEEP_CONFIG_FILE = "multirun.yaml"  # what Hydra writes into a sweep's directory: its command line and config
+
+
 def swept_keys(sweep_dir: Path) -> set[str]:
     """The keys a sweep varies, from the `multirun.yaml` Hydra writes into its directory: the command line's
     sweep overrides (`optim.lr=1e-2,1e-3`, `range(...)`) and the experiment's `hydra.sweeper.params`."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
-        saved = OmegaConf.load(Path(sweep_dir) / "multirun.yaml")
+        saved = OmegaConf.load(Path(sweep_dir) / SWEEP_CONFIG_FILE)
         task = list(OmegaConf.select(saved, "hydra.overrides.task") or [])
         params = OmegaConf.select(saved, "hydra.sweeper.params") or {}
         parsed = OverridesParser.create().parse_overrides(task)

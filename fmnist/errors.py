@@ -24,11 +24,12 @@ class StorageError(FmnistError):
 
 
 class DivergedError(FmnistError):
-    """Training produced a non-finite loss."""
+    """Training blew up: a non-finite loss, a finite one too large to be learning, or an optimizer step that
+    overflows float32."""
 
     exit_code = 3
 
 
 # A sweep in which some job did not complete (failed or diverged; its summary lists them): what a
 # script running sweeps needs to know, with the same code as one diverged run.
-INCOMPLETE_SWEEP_EXIT_CODE = 3
+INCOMPLETE_SWEEP_EXIT_CODE = DivergedError.exit_code

@@ -20,10 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from fmnist import IMAGE_SIDE
 from fmnist.errors import ConfigError
+
+POOLED_SIDE = IMAGE_SIDE // 4  # the side of the feature maps the simple and optimized CNNs' heads take: two 2x2 poolings
 
 
 def conv_bn_relu(c_in: int, c_out: int, kernel_size: int = 3) -> nn.Sequential:
+    """A same-size convolution (no bias: batch norm's shift replaces it), batch norm and ReLU."""
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=False),
         nn.BatchNorm2d(c_out),
@@ -45,7 +49,7 @@ class SimpleCNN(nn.Module):
             nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
         )
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(c2 * 7 * 7, hidden), nn.ReLU(inplace=True),
+            nn.Flatten(), nn.Linear(c2 * POOLED_SIDE ** 2, hidden), nn.ReLU(inplace=True),
             nn.Dropout(dropout), nn.Linear(hidden, num_classes),
         )
 
@@ -72,7 +76,7 @@ class OptimizedCNN(nn.Module):
             conv_bn_relu(c[1], c[2], k[2]), conv_bn_relu(c[2], c[3], k[3]), nn.MaxPool2d(2), nn.Dropout2d(dropout / 2),
         )
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(c[3] * 7 * 7, hidden), nn.ReLU(inplace=True),
+            nn.Flatten(), nn.Linear(c[3] * POOLED_SIDE ** 2, hidden), nn.ReLU(inplace=True),
             nn.Dropout(dropout), nn.Linear(hidden, num_classes),
         )
 
@@ -81,6 +85,8 @@ class OptimizedCNN(nn.Module):
 
 
 class ResidualBlock(nn.Module):
+    """Two 3x3 conv-batch-norm layers at one width, added to the input before the last ReLU."""
+
     def __init__(self, width: int, zero_init: bool):
         super().__init__()
         self.body = nn.Sequential(
@@ -256,7 +262,7 @@ def _image_problem(name: str, values: tuple) -> str | None:
         net = architecture(name)(**{k: list(v) if isinstance(v, tuple) else v for k, v in values})
     try:
         with torch.no_grad():
-            net.eval()(torch.zeros(1, 1, 28, 28))
+            net.eval()(torch.zeros(1, 1, IMAGE_SIDE, IMAGE_SIDE))
     except (ValueError, TypeError, RuntimeError) as e:
         return str(e)
     return None
@@ -303,7 +309,7 @@ def training_flops_per_image(net: nn.Module) -> int:
     """
     probe = copy.deepcopy(net).train()
     weight = next(probe.parameters())
-    x = torch.rand(2, 1, 28, 28, device=weight.device, dtype=weight.dtype)  # bf16 weights under bf16-true
+    x = torch.rand(2, 1, IMAGE_SIDE, IMAGE_SIDE, device=weight.device, dtype=weight.dtype)  # bf16 weights under bf16-true
     counter = FlopCounterMode(display=False)
     with counter:
         probe(x).float().sum().backward()

@@ -14,7 +14,7 @@ from fmnist.results.__main__ import main as results_main
 from fmnist.results.compare import (WITHIN_NOISE, change_verdict, changes, changes_markdown, image_comparison,
                                     image_comparison_markdown, tricks_markdown)
 from fmnist.results.report import claims_table
-from fmnist.results.stats import (accuracy_interval, holm, mcnemar, mean_interval, paired, paired_bootstrap,
+from fmnist.results.stats import (holm, mcnemar, mean_interval, paired, paired_bootstrap,
                                   seeds_for_power)
 from tests.conftest import snapshot
 
@@ -76,12 +76,6 @@ def test_seeds_needed_grow_as_the_effect_shrinks():
 def test_holm_adjusts_step_down_and_keeps_order():
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert holm([0.5, math.nan]) [0] == 0.5 and math.isnan(holm([0.5, math.nan])[1])
-
-
-def test_the_test_sets_own_sampling_error():
-    interval = accuracy_interval(9400, 10_000)
-    assert 0.0045 < interval.half_width < 0.0050  # about +-0.5 points near 94% on 10,000 images
-    assert 0.0060 < accuracy_interval(4700, 5000).half_width < 0.0070  # about +-0.7 on 5,000
 
 
 def _curves(loss_rises_at: int | None, jagged: float) -> pd.DataFrame:

@@ -106,6 +106,15 @@ def test_trackers_are_checked_before_a_run_starts():
     assert list(compose_cfg("logger=many").logger.backends) == ["tensorboard", "csv", "mlflow", "wandb"]
 
 
+def test_every_list_of_trackers_names_the_same_ones():
+    # the config's choices, what builds each, how the console names each, and `logger=many`
+    from fmnist.config import TRACKERS
+    from fmnist.console import TRACKER_NAMES
+    from fmnist.training.trackers import TRACKER_CLASSES
+
+    assert list(TRACKERS) == list(TRACKER_CLASSES) == list(TRACKER_NAMES) == list(compose_cfg("logger=many").logger.backends)
+
+
 @pytest.mark.slow
 def test_wandb_offline_and_csv_get_what_the_run_directory_has_and_a_resume_continues_the_same_run(make_cfg, tmp_path):
     run_dir = tmp_path / "sweep" / "optim.lr=0.01"

@@ -2,7 +2,8 @@
 
 The whole split lives as one uint8 tensor (on the GPU when training there), so a batch costs one
 indexing operation. Shuffling is a permutation seeded by (seed, epoch): reproducible, and the same
-after resuming from a checkpoint. Under DDP each rank takes an equal, disjoint share.
+after resuming from a checkpoint. Under DDP each rank takes a disjoint share: an equal one in training
+(the shuffled remainder dropped), every image in evaluation, split unevenly.
 Alternating flips are applied here because they depend on which image a batch row is and on the
 epoch, both of which only the batcher knows. `network_input` turns a batch into what a network takes,
 for training, evaluation, inference and the exported model alike.

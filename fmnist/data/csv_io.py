@@ -2,9 +2,9 @@
 
 A CSV has a header naming `label` and `pixel1`..`pixel784` (in any order) and one image per row,
 every cell an integer (labels 0-9, pixels 0-255). Where labels are optional (`predict.py`), a file
-may have the 784 pixel columns alone. Parsing works on the raw bytes with numpy, so the
-60k-row training file parses in about a second, and every malformed cell is reported with its
-1-based line and column instead of being coerced.
+may have the 784 pixel columns alone. Parsing works on the raw bytes with numpy (its speed against pandas:
+docs/architecture.md), and every malformed cell is reported with its 1-based line and column instead of
+being coerced.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+from fmnist import IMAGE_SIDE, NUM_CLASSES
 from fmnist.errors import DataError
 from fmnist.fsio import atomic_output, atomic_write, file_digest
 
 log = logging.getLogger(__name__)
 
-N_PIXELS = 784
+N_PIXELS = IMAGE_SIDE * IMAGE_SIDE
+LABELS = f"0-{NUM_CLASSES - 1}"  # the class ids a label cell may hold
 HEADER = ["label"] + [f"pixel{i}" for i in range(1, N_PIXELS + 1)]
 CACHE_VERSION = 1
 BLOCK_BYTES = 1 << 22
@@ -98,7 +100,7 @@ def parse_csv(path: Path, require_label: bool = True, max_bytes: int | None = No
         start = stop
     table = np.concatenate(blocks)[:, order]
     labels, pixels = (table[:, 0], table[:, 1:]) if has_label else (None, table)
-    checks = ([(table[:, :1], "label", "0-9", 9)] if has_label else []) + [(pixels, "pixel", "0-255", 255)]
+    checks = ([(table[:, :1], "label", LABELS, NUM_CLASSES - 1)] if has_label else []) + [(pixels, "pixel", "0-255", 255)]
     for values, kind, allowed, limit in checks:
         if (values > limit).any():
             row, col = np.argwhere(values > limit)[0]
@@ -106,7 +108,8 @@ def parse_csv(path: Path, require_label: bool = True, max_bytes: int | None = No
             text = _line_text(body, int(row)).split(",")[file_col]
             raise DataError(f"{path}, line {row + 2}, column {file_col + 1} ({column_name(header[file_col])}): "
                             f"expected a {kind} in {allowed}, found {quote(text)}.")
-    return pixels.astype(np.uint8).reshape(-1, 28, 28), None if labels is None else labels.astype(np.int64)
+    return (pixels.astype(np.uint8).reshape(-1, IMAGE_SIDE, IMAGE_SIDE),
+            None if labels is None else labels.astype(np.int64))
 
 
 def _parse_block(path: Path, header: list[str], block: np.ndarray, first_line: int,
@@ -220,7 +223,7 @@ def _cell_error(path: Path, header: list[str], block: np.ndarray, pos: int, expe
     name = column_name(header[column - 1]) if column <= len(header) else "?"
     found = found or (quoted if quoted != "''" else "an empty cell")
     if expected == "an integer":
-        expected = "an integer 0-9" if name.strip().strip("\"'") == "label" else "an integer 0-255"
+        expected = f"an integer {LABELS}" if name.strip().strip("\"'") == "label" else "an integer 0-255"
     hint = " (cells in quotes are not read: save the CSV without quoting)" if '"' in found else ""
     return DataError(f"{path}, line {line}, column {column} ({name}): expected {expected}, found {found}{hint}.")
 
@@ -238,17 +241,18 @@ def write_csv(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
 
 
 def cache_path(path: Path) -> Path:
+    """Where the parsed arrays of the CSV `path` are cached: a hidden `.npz` beside it."""
     return path.with_name(f".{path.name}.cache.npz")
 
 
 def _cache_problem(images: np.ndarray, labels: np.ndarray) -> str | None:
     """What is wrong with cached arrays (a digest only says which file they came from), or None."""
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
-        return f"images are {images.dtype} {images.shape}, expected uint8 [N, 28, 28]"
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+        return f"images are {images.dtype} {images.shape}, expected uint8 [N, {IMAGE_SIDE}, {IMAGE_SIDE}]"
     if labels.dtype != np.int64 or labels.shape != (len(images),):
         return f"labels are {labels.dtype} {labels.shape}, expected int64 [{len(images)}]"
-    if len(labels) == 0 or labels.min() < 0 or labels.max() > 9:
-        return "labels outside 0-9" if len(labels) else "no rows"
+    if len(labels) == 0 or labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        return f"labels outside {LABELS}" if len(labels) else "no rows"
     return None
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist import NUM_CLASSES
+from fmnist import IMAGE_SIDE, NUM_CLASSES
 from fmnist.data.csv_io import require_file, write_csv
 from fmnist.errors import DataError
 from fmnist.fsio import storage_errors
@@ -108,7 +108,7 @@ def idx_to_csv(idx_dir: Path, data_dir: Path) -> None:
                             "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz). "
                             "Nothing was written.")
         images, labels = read_idx(found[0], 3), read_idx(found[1], 1)
-        if images.shape[1:] != (28, 28) or len(images) != len(labels):
+        if images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE) or len(images) != len(labels):
             raise DataError(f"{idx_dir}: {split} images {images.shape} do not match labels {labels.shape}.")
         if not len(labels):  # a CSV of no rows: every command would refuse it
             raise DataError(f"{found[1]}: holds no images; expected Fashion-MNIST's {expected_rows:,} {split} images. "

@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from fmnist import CLASS_NAMES
+from fmnist import CLASS_NAMES, IMAGE_SIDE
 from fmnist.config import EVAL_BATCH_SIZE
 from fmnist.data.batches import network_input
 from fmnist.data.csv_io import load_csv
@@ -84,6 +84,7 @@ def _quiet():
 
 
 def require_packages() -> None:
+    """ConfigError naming the optional packages export needs (`pip install -e ".[export]"`) that are missing."""
     missing = []
     for name in ("onnx", "onnxscript", "onnxruntime"):
         try:
@@ -99,7 +100,7 @@ def to_onnx(loaded: LoadedModel, path: Path, checkpoint_name: str | None = None)
     """Export the model (eval mode, dynamic batch, no external data) to `path`, with metadata; `checkpoint_name`:
     how the metadata names the checkpoint (default: the path it was loaded from)."""
     wrapper = RawPixelsModel(loaded).eval()
-    example = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)
+    example = torch.zeros(2, 1, IMAGE_SIDE, IMAGE_SIDE, dtype=torch.uint8)
     with _quiet():
         program = torch.onnx.export(wrapper, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                     dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False,
@@ -121,6 +122,8 @@ def written_by_export(head: bytes) -> bool:
 
 @dataclass
 class Agreement:
+    """How closely the exported model's logits match PyTorch's on the same images (`ok`: within the limits)."""
+
     n_images: int
     top1: float  # share of images with the same top-1 class
     max_abs_diff: float  # over all logits
@@ -140,7 +143,7 @@ def compare(loaded: LoadedModel, onnx_path: Path, images: np.ndarray, batch_size
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    x = np.ascontiguousarray(images.reshape(-1, 1, 28, 28), dtype=np.uint8)
+    x = np.ascontiguousarray(images.reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE), dtype=np.uint8)
     ours = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: x[i:i + batch_size]})[0]
                            for i in range(0, len(x), batch_size)])
     theirs = loaded.logits_batched(x, batch_size).numpy()

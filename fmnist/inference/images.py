@@ -26,10 +26,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fmnist import IMAGE_SIDE
+
 log = logging.getLogger(__name__)
 PILLOW_DIR = Path(Image.__file__).parent  # where Pillow's warnings come from
 
-SIZE = 28
+SIZE = IMAGE_SIDE
 FORMATS = ("PNG", "JPEG", "BMP")  # phone cameras' multi-picture JPEGs open as JPEG too
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 MAX_FILE_BYTES = 50 * 2 ** 20

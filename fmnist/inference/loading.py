@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fmnist.config import (EVAL_BATCH_SIZE, RUN_OPTIONS, TTA_MODES, TrainConfig, is_count, is_finite_number,
+from fmnist import NUM_CLASSES
+from fmnist.config import (EVAL_BATCH_SIZE, RUN_OPTIONS, TTA_MODES, DataConfig, TrainConfig, is_count, is_finite_number,
                            is_text_keyed)
 from fmnist.data.batches import network_input
 from fmnist.data.sources import find_csv
@@ -156,7 +157,7 @@ class LoadedModel:
         images = torch.as_tensor(images)
         images = images.unsqueeze(1) if images.dim() == 3 else images
         return torch.cat([self.logits(images[i:i + batch_size], tta) for i in range(0, len(images), batch_size)]) \
-            if len(images) else torch.empty(0, 10)
+            if len(images) else torch.empty(0, NUM_CLASSES)
 
     def test_csv(self, data_dir: str | None) -> Path:
         """The test CSV of `data_dir`, or of the directory the model was trained on."""
@@ -178,7 +179,7 @@ def _standardisation(path: Path, ckpt: dict, data: dict) -> tuple[float, float]:
     if "mean" in stored and "std" in stored:
         return float(stored["mean"]), float(stored["std"])
     # Checkpoints written before the datamodule stored them: the same split of the same CSV gives them back.
-    train_csv = find_csv(Path(data.get("dir") or "data"), "train")
+    train_csv = find_csv(Path(data.get("dir") or DataConfig.dir), "train")
     if not train_csv.exists():
         raise DataError(f"{path}: the model standardises its inputs with its training set's mean and std, which this "
                         f"older checkpoint does not hold, and its training CSV {train_csv} is not there to recompute "

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from fmnist import CLASS_NAMES
+from fmnist import CLASS_NAMES, IMAGE_SIDE
 from fmnist.data.csv_io import parse_csv
 from fmnist.errors import DataError
 from fmnist.fsio import atomic_output, check_output_file, dirs_made, storage_errors
@@ -42,6 +42,8 @@ class InputsFailed(DataError):
 
 @dataclass
 class Item:
+    """One input to classify: its name as printed (`file.csv:N` for a CSV row), the image, or why it has none."""
+
     name: str
     image: np.ndarray | None = None  # uint8 [28, 28]
     label: int | None = None
@@ -109,7 +111,7 @@ def predict(cfg: DictConfig) -> list[dict]:
     model = load_model(cfg.ckpt)
     items = read_inputs(inputs)
     good = [it for it in items if it.error is None]
-    images = np.stack([it.image for it in good]) if good else np.zeros((0, 28, 28), np.uint8)
+    images = np.stack([it.image for it in good]) if good else np.zeros((0, IMAGE_SIDE, IMAGE_SIDE), np.uint8)
     probs = model.logits_batched(images, cfg.batch_size, tta=model.tta).softmax(dim=1).numpy()  # as it was tested
     rows, k = [], cfg.top_k
     by_item = dict(zip(map(id, good), probs))

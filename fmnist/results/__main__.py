@@ -53,14 +53,15 @@ def check_given_once(dirs: list) -> None:
 
 
 def summary(args) -> None:
-    from fmnist.results.sweep import summary_files
+    from fmnist.results.sweep import SUMMARY_FILES, summary_files
 
+    csv_name, md_name = SUMMARY_FILES
     prepared = [(directory, *summary_files(directory)) for directory in args.dirs]  # a refusal writes nothing
     for directory, table, files in prepared:
         for path, text in files.items():
             atomic_write(path, text)
-        print(files[directory / "summary.md"])
-        print(f"wrote {directory / 'summary.csv'} ({len(table)} jobs) and {directory / 'summary.md'}")
+        print(files[directory / md_name])
+        print(f"wrote {directory / csv_name} ({len(table)} jobs) and {directory / md_name}")
 
 
 def report(args) -> None:
@@ -144,9 +145,9 @@ WRITING_VERBS = ("summary", "report")  # they write into the sweep directories; 
 
 
 def parser() -> argparse.ArgumentParser:
-    main = argparse.ArgumentParser(prog="python -m fmnist.results", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    verbs = main.add_subparsers(dest="verb", required=True, metavar="VERB")
+    top = argparse.ArgumentParser(prog="python -m fmnist.results", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = top.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name, (_, help) in VERBS.items():
         sub = verbs.add_parser(name, help=help)
         if name == "images":
@@ -165,7 +166,7 @@ def parser() -> argparse.ArgumentParser:
                              help="render a table that `tricks --csv FILE` wrote, instead of evaluating DIRs")
             sub.add_argument("--data-dir", type=path_argument, help="where the training CSV is, if not where the runs were trained")
             sub.add_argument("--csv", type=path_argument, help="also write the table here")
-    return main
+    return top
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

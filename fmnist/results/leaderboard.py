@@ -116,6 +116,8 @@ def left_out(sweep_dir: Path, table: pd.DataFrame) -> str | None:
 
 
 def markdown(sweep_dirs: list[Path]) -> str:
+    """The leaderboard: the published results (REFERENCES) and the sweeps' recipes, best mean first; recipes not on
+    the standard split in a table of their own."""
     lines = ["| result | test acc (%) | n | training images | training PFLOP | training time (s) | hardware / budget |",
              "|---|---|---|---|---|---|---|"]
     for name, acc, budget, source in REFERENCES:

@@ -133,17 +133,6 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
-def accuracy_interval(correct: int, total: int) -> Interval:
-    """An accuracy measured on `total` images with its Wilson interval: the test set's own sampling error."""
-    if total == 0:
-        return Interval(math.nan, math.nan, math.nan, 0)
-    z = stats.norm.ppf(1 - ALPHA / 2)
-    p = correct / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return Interval(p, centre - half, centre + half, total)
-
-
 def mcnemar(pred_a: np.ndarray, pred_b: np.ndarray, labels: np.ndarray) -> dict:
     """McNemar's exact test of two models on the same images: do they err on different numbers of them?
 

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fmnist.cli import chained_fmnist_error, exit_with
-from fmnist.config import check_launcher, check_sweep_values, superseded_note
+from fmnist.config import SWEEP_CONFIG_FILE, check_launcher, check_sweep_values, superseded_note
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError
 from fmnist.fsio import atomic_write, check_not_directories, note_early_write
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
@@ -98,12 +98,12 @@ def check_sweep_dir(sweep_dir: Path) -> None:
     """ConfigError for a sweep directory that holds files but is no earlier sweep's (which a sweep continues): no
     `multirun.yaml` and no job directory (`is_job_dir`), or a tune.py study's. Its summary and Hydra's files
     would replace what is there."""
-    if not sweep_dir.is_dir() or (sweep_dir / "multirun.yaml").exists():
+    if not sweep_dir.is_dir() or (sweep_dir / SWEEP_CONFIG_FILE).exists():
         return
     trials = sorted(p.name for p in sweep_dir.glob(f"{TRIAL_DIR_PREFIX}*") if p.is_dir())
     if trials:  # its trials are job directories too, but its summary and best.yaml are tune.py's
         raise ConfigError(f"{sweep_dir} is a tune.py study's directory ({', '.join(trials[:2])}"
-                          f"{', ...' if len(trials) > 2 else ''}; no multirun.yaml): a sweep would replace its "
+                          f"{', ...' if len(trials) > 2 else ''}; no {SWEEP_CONFIG_FILE}): a sweep would replace its "
                           "summary.md and mix its jobs with the study's trials; nothing was written. Choose another "
                           "directory (name=... or hydra.sweep.dir=...); tune.py continues the study.")
     if any(p.is_dir() and (is_job_dir(p) or (p / JOB_LOG).exists())  # a job refused in a joblib worker: its log alone
@@ -112,7 +112,7 @@ def check_sweep_dir(sweep_dir: Path) -> None:
     entries = sorted(p.name for p in sweep_dir.iterdir())
     if entries:
         shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
-        raise ConfigError(f"{sweep_dir} holds files that no sweep wrote ({shown}; no multirun.yaml); a sweep is written "
+        raise ConfigError(f"{sweep_dir} holds files that no sweep wrote ({shown}; no {SWEEP_CONFIG_FILE}); a sweep is written "
                           "into a new or empty directory, or into an earlier sweep's to continue it, so that nothing "
                           "of yours is replaced; nothing was written. Choose another directory (name=... or "
                           "hydra.sweep.dir=...).")
@@ -146,7 +146,7 @@ class SummarizeSweep(Callback):
         except ConfigError as e:
             exit_with(e)
         # Hydra rewrites multirun.yaml before the first job's checks; a refused sweep puts it back (fmnist.cli).
-        note_early_write(sweep_dir / "multirun.yaml")
+        note_early_write(sweep_dir / SWEEP_CONFIG_FILE)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -156,8 +156,9 @@ class SummarizeSweep(Callback):
             table = summarize(sweep_dir)
         except ConfigError as e:  # e.g. a job directory copied inside the sweep; Hydra would only warn of it
             exit_with(e)
-        log.info("sweep summary: %s", sweep_dir / "summary.md")
-        print((sweep_dir / "summary.md").read_text())
+        summary_md = sweep_dir / SUMMARY_FILES[1]
+        log.info("sweep summary: %s", summary_md)
+        print(summary_md.read_text())
         # Every job this process ran has ended by now: one still `running` belongs to another process that
         # shares the sweep directory (parallel commands into one sweep), and is its concern, not this one's.
         failed = table[~table.status.isin((COMPLETED, RUNNING))]

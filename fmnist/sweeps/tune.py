@@ -271,8 +271,9 @@ class _TrialEndsInOneLine(logging.Filter):
         return True
 
 
-# How each trial ended, in its `status` user attribute (the run record's words): the ones `n_trials` counts.
-COUNTED = (FAILED, DIVERGED)
+# How a failed trial ended, in its `status` user attribute (the run record's words): the failures `n_trials`
+# counts, beside the completed and pruned trials (`counted`).
+COUNTED_FAILURES = (FAILED, DIVERGED)
 SURPLUS = "surplus"  # the status of a `TrialSurplus`
 SURPLUS_POLL_S = 1.0  # how often a trial that may not be needed looks again at the ones before it
 
@@ -282,7 +283,7 @@ def counted(trial: optuna.trial.FrozenTrial) -> bool:
     not stopped by a signal or a killed process."""
     state = optuna.trial.TrialState
     return trial.state in (state.COMPLETE, state.PRUNED) or (
-        trial.state == state.FAIL and trial.user_attrs.get("status") in COUNTED)
+        trial.state == state.FAIL and trial.user_attrs.get("status") in COUNTED_FAILURES)
 
 
 class StopAtNTrials:

@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 from omegaconf import OmegaConf
 
-from fmnist import hardware
+from fmnist import IMAGE_SIDE, hardware
 from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_write
 from fmnist.models import INIT_ONLY_KEYS, build_model
@@ -61,7 +61,7 @@ CACHE_VERSION = 2  # entries of another version (single timings that could be no
 def _step_timer(model: dict, batch_size: int, device: str) -> Callable[[bool], float]:
     """A function that times one training step (forward, backward) of `model` in bf16 autocast or fp32."""
     net = build_model(**{k: v for k, v in model.items() if k != "channels_last"}).train().to(device)
-    x = torch.rand(batch_size, 1, 28, 28, device=device)
+    x = torch.rand(batch_size, 1, IMAGE_SIDE, IMAGE_SIDE, device=device)
     if model.get("channels_last"):
         net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,), device=device)

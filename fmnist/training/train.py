@@ -315,7 +315,7 @@ def _claimed(cfg: DictConfig, run_dir: Path):
             _check_checkpoint(cfg, last)
             _check_epochs(run_dir / EPOCHS_FILE)
         elif cfg.ckpt_path == "last":  # logged only now: a refusal must not add to the run's train.log
-            log.warning("%s has no checkpoints/last.ckpt: starting the run from its first epoch", run_dir)
+            log.warning("%s has no %s/%s: starting the run from its first epoch", run_dir, CHECKPOINT_DIR, LAST_CHECKPOINT)
         keep_early_writes()  # the checks passed: a later job's refusal leaves this one's sweep file as it is
         with _sigterm_raises():
             yield resume
