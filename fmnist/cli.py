@@ -109,21 +109,24 @@ def hydra_modes(args: list[str]) -> list[str]:
     return sorted({HYDRA_MODES[arg.split("=")[0]] for arg in args if arg.split("=")[0] in HYDRA_MODES})
 
 
+OUTPUT_DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir")  # where Hydra puts a run's or a sweep's files
+
+
 class OutputDirsUndoneIfRefused(Callback):
     """Hydra callback (`conf/train.yaml`, `conf/evaluate.yaml`): note the directories Hydra is about to make for
     the run or the sweep, so that a refused command removes those it leaves empty (`early_writes_undone_if_refused`)."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        self._note(config, "hydra.run.dir")
+        self._note(config, OUTPUT_DIR_KEYS[0])
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self._note(config, "hydra.sweep.dir")
+        self._note(config, OUTPUT_DIR_KEYS[1])
 
     @staticmethod
     def _note(config: DictConfig, key: str) -> None:
         try:
             directory = OmegaConf.select(config, key, throw_on_missing=True)
-            if directory:
+            if directory is not None:  # '' is the current directory, which is the user's
                 note_dirs_to_be_made(Path(str(directory)))
         except (OmegaConfBaseException, OSError):
             pass  # a value its resolver refuses, a name too long: Hydra reports it when it makes the directory
@@ -161,6 +164,11 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -
     if len(modes) > 1:
         _exit(f"{' and '.join(modes)} each tell Hydra what to do, and it takes one of them: keep the one you mean "
               f"({', '.join(sorted(set(HYDRA_MODES.values())))}).", 2)
+    for arg in sys.argv[1:]:
+        key, given, value = arg.partition("=")
+        if given and key.lstrip("+~") in OUTPUT_DIR_KEYS and not value.strip().strip("'\"").strip():
+            _exit(f"{key.lstrip('+~')}= is empty (an unset shell variable?), which would put the output into the "
+                  "current directory: name a directory, or leave the key out for the default.", 2)
     try:
         # refused (exit 2): what Hydra wrote before the checks is put back, whoever refused it
         with sigterm_unwinds(unwind_on_sigterm), early_writes_undone_if_refused():

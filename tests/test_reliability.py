@@ -173,6 +173,18 @@ def test_a_refused_command_leaves_no_empty_directories_behind(tmp_path, data_dir
     assert run_in_process("train.py", f"data.dir={data_dir}", "optim.lr=-1", "hydra.run.dir=${oc.env:MINE}",
                           cwd=tmp_path).returncode == 2
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == [Path("outputs"), Path("outputs/mine")]
+    # An empty output directory (an unset shell variable) is refused on the command line; through an
+    # interpolation it names the current directory, which a refusal leaves where it was, empty or not.
+    here = tmp_path / "outputs" / "mine"
+    for command in (["train.py", "hydra.run.dir="], ["evaluate.py", "ckpt=x.ckpt", "hydra.run.dir=''"],
+                    ["train.py", "-m", "seed=0,1", "hydra.sweep.dir="]):
+        result = run_in_process(*command, cwd=here)
+        assert result.returncode == 2 and "= is empty (an unset shell variable?)" in result.stderr, result.stderr
+    monkeypatch.setenv("NOTHING", "")
+    for command in (["train.py", f"data.dir={data_dir}", "optim.lr=-1", "hydra.run.dir=${oc.env:NOTHING}"],
+                    ["evaluate.py", "ckpt=missing.ckpt", "hydra.run.dir=${oc.env:NOTHING}"]):
+        assert run_in_process(*command, cwd=here).returncode == 2, command
+        assert here.is_dir(), command
 
 
 # Data files: a .csv and a .csv.gz of one split side by side are refused, not one of them read by a hidden rule.
