@@ -276,6 +276,9 @@ def test_predict_config_errors(run_dir, tmp_path):
         predict(compose_named("predict", f"ckpt={run_dir}", "inputs=x.png", "top_k=0"))
     with pytest.raises(ConfigError, match="config key out must be null or a file name ending in .csv or .json"):
         predict(compose_named("predict", f"ckpt={run_dir}", "inputs=x.png", "out=p.txt"))
+    for inputs in ("inputs=", "inputs=[a.png,'']"):  # an unset shell variable, not the whole working tree
+        with pytest.raises(ConfigError, match="config key inputs must be paths that are not empty"):
+            predict(compose_named("predict", f"ckpt={run_dir}", inputs))
     # `.json` alone names a hidden file without a suffix, which would be written as CSV
     for name in (tmp_path / ".json", tmp_path / "out" / ".csv"):
         with pytest.raises(ConfigError, match="config key out must be null or a file name ending in .csv or .json, "

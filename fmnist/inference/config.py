@@ -92,6 +92,8 @@ def check_predict(cfg: DictConfig) -> list[str]:
     inputs = [inputs] if isinstance(inputs, (str, int, float)) else inputs
     paths = isinstance(inputs, list) and inputs and not any(isinstance(i, (dict, list)) or i is None for i in inputs)
     check_keys(cfg, (("inputs", paths, "a path or a non-empty list of paths (inputs=[a.png,photos/,more.csv])"),
+                     ("inputs", paths and all(str(i).strip() for i in inputs), "paths that are not empty (`.` for this "
+                                                                                "directory)"),
                      ("top_k", 1 <= cfg.top_k <= NUM_CLASSES, f"between 1 and {NUM_CLASSES}"),
                      ("batch_size", cfg.batch_size >= 1, "at least 1"),
                      ("out", cfg.out is None or _suffix(cfg.out) in (".csv", ".json"),

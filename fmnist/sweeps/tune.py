@@ -148,6 +148,7 @@ def _check_tune_config(cfg: DictConfig) -> None:
     check_name("study", cfg.study)
     # Optuna would refuse the sampler's and pruner's numbers with a traceback, after the study's storage was made.
     check_keys(cfg, (("n_trials", cfg.n_trials >= 1, "at least 1"),
+                     ("out_dir", str(cfg.out_dir).strip() != "", "a directory (`.` for this one), not empty"),
                      seed_check("sampler.seed", cfg.sampler.seed),
                      ("sampler.n_startup_trials", cfg.sampler.n_startup_trials >= 0, "0 or more"),
                      ("pruner.n_startup_trials", cfg.pruner.n_startup_trials >= 0, "0 or more"),
