@@ -6,7 +6,6 @@ exiting 1, the code of a crash; and it accepts `+optim.lrr=0.1` (its own hint), 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import signal
@@ -130,14 +129,6 @@ class OutputDirsUndoneIfRefused(Callback):
                 note_dirs_to_be_made(Path(str(directory)))
         except (OmegaConfBaseException, OSError):
             pass  # a value its resolver refuses, a name too long: Hydra reports it when it makes the directory
-
-
-def path_argument(text: str) -> Path:
-    """An argparse `type` for a path option: an empty one (`--data-dir ''`, an unset shell variable) is refused
-    rather than read as the current directory."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("an empty path; give a file or directory name (`.` for this directory)")
-    return Path(text)
 
 
 def check_working_directory() -> None:

@@ -3,6 +3,7 @@ reading a checkpoint only with `weights_only=True` (no code from a file ever run
 
 from __future__ import annotations
 
+import argparse
 import errno
 import hashlib
 import os
@@ -99,6 +100,14 @@ _DIRS_BEFORE: set[Path] = set()
 # The ones that did not exist yet, with their missing parents: a refusal removes those it leaves empty, so that a
 # refused command leaves no `outputs/evaluations/` behind.
 _DIRS_TO_BE_MADE: list[Path] = []
+
+
+def path_argument(text: str) -> Path:
+    """An argparse `type` for a path option: an empty one (`--data-dir ''`, an unset shell variable) is refused
+    rather than read as the current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a file or directory name (`.` for this directory)")
+    return Path(text)
 
 
 def check_working_directory() -> None:

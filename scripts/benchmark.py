@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from fmnist import console
-from fmnist.cli import path_argument, run_plain
+from fmnist.cli import run_plain
 from fmnist.errors import ConfigError
-from fmnist.fsio import atomic_write, check_writable, dirs_made, storage_errors
+from fmnist.fsio import atomic_write, check_writable, dirs_made, path_argument, storage_errors
 from fmnist.training.callbacks import step_callbacks
 from fmnist.config import ACCELERATORS, OptimConfig, TrainConfig, compose_train
 from fmnist.data.csv_io import cache_path, load_csv, parse_csv

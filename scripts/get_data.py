@@ -5,7 +5,8 @@ import logging
 import sys
 from pathlib import Path
 
-from fmnist.cli import path_argument, run_plain
+from fmnist.cli import run_plain
+from fmnist.fsio import path_argument
 from fmnist.data.sources import obtain
 
 

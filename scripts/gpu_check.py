@@ -44,7 +44,7 @@ from datetime import datetime
 from pathlib import Path
 
 from fmnist.errors import ConfigError
-from fmnist.fsio import atomic_write, check_working_directory  # the standard library only, like the imports above
+from fmnist.fsio import atomic_write, check_working_directory, path_argument  # the standard library only, like the imports above
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -346,10 +346,10 @@ def write_records_summary(results: Path, env: dict, outcomes: list[dict]) -> str
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", action="store_true", help="run the record recipes (make gpu-records)")
-    parser.add_argument("--results", type=Path, default=None,
+    parser.add_argument("--results", type=path_argument, default=None,
                         help="default: outputs/gpu-check/<time>; with --records, docs/results/gpu/records/<date>")
-    parser.add_argument("--data-dir", type=Path, default=Path("data"))
-    parser.add_argument("--idx-dir", type=Path, default=None, help="make the CSVs from Zalando's IDX files here")
+    parser.add_argument("--data-dir", type=path_argument, default=Path("data"))
+    parser.add_argument("--idx-dir", type=path_argument, default=None, help="make the CSVs from Zalando's IDX files here")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="wall-time budget for all steps (default 450 s; 420 s with --records): "
                              "8 minutes with installing")

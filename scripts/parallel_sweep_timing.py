@@ -15,8 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from fmnist.cli import path_argument
-from fmnist.fsio import dirs_made
+from fmnist.fsio import dirs_made, path_argument
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ["model=simple", "data.train_subset=1000", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from fmnist.config import EVAL_BATCH_SIZE, check_name
-from fmnist.cli import path_argument, run_plain
+from fmnist.cli import run_plain
 from fmnist.errors import ConfigError
-from fmnist.fsio import file_digest, load_checkpoint
+from fmnist.fsio import file_digest, load_checkpoint, path_argument
 from fmnist.inference.loading import DATAMODULE_STATE_KEY, PRETRAINED_DIR, best_in_run, load_model
 from fmnist.runs import COMPLETED, CONFIG_FILE, METRICS_FILE, read_record, record_problem
 

@@ -228,6 +228,10 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_directory(tmp_path, 
                           cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ,
                                                                                          "PYTHONPATH": str(ROOT)})
     assert made.returncode == 2 and "--data-dir: an empty path" in made.stderr and list(tmp_path.iterdir()) == []
+    planned = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--dry-run", "--results", ""],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert planned.returncode == 2 and "--results: an empty path" in planned.stderr and list(tmp_path.iterdir()) == []
     with pytest.raises(CheckpointError, match="ckpt= is empty"):
         resolve("")
 

@@ -19,9 +19,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from fmnist.cli import path_argument, run_plain
+from fmnist.cli import run_plain
 from fmnist.errors import ConfigError
-from fmnist.fsio import atomic_output, atomic_write, check_output_file, storage_errors
+from fmnist.fsio import atomic_output, atomic_write, check_output_file, path_argument, storage_errors
 from fmnist.runs import METRICS_FILE, collect
 
 
