@@ -123,7 +123,7 @@ def now() -> str:
 
 
 COLUMNS = ["job", "setting", "seed", "status", "val_acc_best", "best_epoch", "test_acc", "test_loss", "epochs",
-           "train_seconds", "train_images", "train_flops", "git_commit", "error"]
+           "train_seconds", "train_images", "train_flops", "data", "git_commit", "error"]
 # The compute behind a job, from the last row of its epochs.csv: cumulative over every process that
 # trained it, where metrics.json's fit/wall seconds cover only the process that finished it.
 COMPUTE = ("train_seconds", "train_images", "train_flops")
@@ -150,6 +150,37 @@ def check_one_job_per_seed(jobs: pd.DataFrame, where: Path | str,
                           f"{advice}")
 
 
+def check_one_data_per_setting(jobs: pd.DataFrame, where: Path | str) -> None:
+    """ConfigError for completed jobs of one setting among `jobs` (`collect`'s rows) that trained on different
+    data (the `data` column, from their records' `data_digest`): a mean over their seeds, or a pairing by seed,
+    would mix two experiments. Jobs that recorded no digest are not judged."""
+    done = jobs[(jobs.status == COMPLETED) & jobs.data.notna()]
+    for setting, runs in done.groupby("setting"):
+        if runs.data.nunique() > 1:
+            a, b = runs.drop_duplicates("data").head(2).itertuples()
+            raise ConfigError(f"{where}: jobs {a.job} and {b.job} are the same setting trained on different data "
+                              f"(data_digest {a.data} and {b.data} in their {METRICS_FILE}: other CSVs in data.dir); a "
+                              "mean over seeds, or a pairing by seed, would mix two experiments. Give each data set "
+                              "its own sweep directory.")
+
+
+def check_poolable(jobs: pd.DataFrame, where: Path | str,
+                   advice: str = "Move the copies out of the sweep directory.") -> None:
+    """The checks before jobs are averaged or paired by seed: one job per setting and seed
+    (`check_one_job_per_seed`, ending with `advice`), and one data set per setting (`check_one_data_per_setting`)."""
+    check_one_job_per_seed(jobs, where, advice)
+    check_one_data_per_setting(jobs, where)
+
+
+def data_of(record: dict | None) -> str | None:
+    """The data a job trained and tested on, as its record's `data_digest` (SHA-1 of the training and test CSVs,
+    12 hex digits each: `train/test`), or None when the record has none."""
+    digest = (record or {}).get("data_digest")
+    if isinstance(digest, dict) and all(isinstance(digest.get(k), str) for k in ("train", "test")):
+        return f"{digest['train'][:12]}/{digest['test'][:12]}"
+    return None
+
+
 def collect(sweep_dir: Path) -> pd.DataFrame:
     """One row per job directory under `sweep_dir` (`is_job_dir`)."""
     rows = []
@@ -166,7 +197,7 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
         metrics = record.get("metrics", {})
         rows.append({
             "job": job.name, "setting": setting_of(record.get("overrides", [])), "seed": record.get("seed"),
-            "status": record.get("status"), "val_acc_best": metrics.get("val/acc_best"),
+            "data": data_of(record), "status": record.get("status"), "val_acc_best": metrics.get("val/acc_best"),
             "best_epoch": metrics.get("best_epoch"), "test_acc": metrics.get("test/acc"),
             "test_loss": metrics.get("test/loss"), "epochs": metrics.get("epochs"),
             **_compute(job), "git_commit": record.get("git_commit"), "error": record.get("error"),

@@ -10,12 +10,13 @@ import torch
 from lightning.pytorch.plugins.precision import Precision
 
 from fmnist.data.augment import augment, cutmix
+from fmnist.data.csv_io import write_csv
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.errors import ConfigError
 from fmnist.inference.evaluate import evaluate
 from fmnist.models import tta_logits
 from fmnist.training.train import train
-from tests.conftest import build, compose_named
+from tests.conftest import build, compose_named, make_images
 
 EMA = ["model=simple", "optim.ema_decay=0.5", "trainer.deterministic=true", "trainer.precision=32-true"]
 
@@ -148,7 +149,7 @@ def test_a_run_with_cutmix_trains_validates_and_tests(make_cfg, tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_tricks_scores_raw_and_averaged_weights_on_validation(make_cfg, tmp_path):
+def test_eval_tricks_scores_raw_and_averaged_weights_on_validation(make_cfg, tmp_path, data_dir):
     from fmnist.inference.tricks import compare
     from fmnist.results.compare import tricks_markdown
 
@@ -176,6 +177,15 @@ def test_eval_tricks_scores_raw_and_averaged_weights_on_validation(make_cfg, tmp
     both = compare([tmp_path / "plain", tmp_path / "other machine" / "plain"])
     assert (both.n == 2).all() and (both.change_mean == 0.0).all()  # two runs, each paired with itself
     assert "| ema | flip |" in tricks_markdown(table.reset_index())
+    # --data-dir is for the runs' data moved elsewhere: another training CSV is refused before any evaluation
+    moved, other = tmp_path / "moved", tmp_path / "other"
+    shutil.copytree(data_dir, moved)
+    shutil.copytree(data_dir, other)
+    write_csv(other / "fashion-mnist_train.csv", *make_images(600, 9))
+    assert (compare([tmp_path / "plain"], moved).n == 1).all()
+    with pytest.raises(ConfigError, match=r"--data-dir .*other: its fashion-mnist_train.csv \(SHA-1 [0-9a-f]{12}...\) "
+                                          r"is not the training CSV .*plain/seed=0 recorded"):
+        compare([tmp_path / "plain"], other)
 
 
 @pytest.mark.slow

@@ -115,8 +115,9 @@ def test_mcnemar_counts_only_the_images_one_model_gets_right():
     assert mcnemar(a, a, labels)["p_value"] == 1.0
 
 
-def _sweep(root, name: str, settings: dict[str, list[float]]):
-    """A finished sweep on disk: each setting's best validation accuracy per seed (test = validation - 0.005)."""
+def _sweep(root, name: str, settings: dict[str, list[float]], data: str = "d"):
+    """A finished sweep on disk: each setting's best validation accuracy per seed (test = validation - 0.005),
+    trained on the data whose digests are `data` repeated."""
     for setting, accuracies in settings.items():
         for seed, acc in enumerate(accuracies):
             job = root / name / ",".join([*([setting] if setting else []), f"seed={seed}"])
@@ -124,6 +125,7 @@ def _sweep(root, name: str, settings: dict[str, list[float]]):
             overrides = [*([setting] if setting else []), f"seed={seed}"]
             (job / "metrics.json").write_text(json.dumps({
                 "status": "completed", "seed": seed, "overrides": overrides,
+                "data_digest": {"train": data * 40, "test": data * 40},
                 "metrics": {"val/acc_best": acc, "test/acc": acc - 0.005}}))
             (job / "epochs.csv").write_text("epoch,train_seconds\n0,10\n")
     return root / name
@@ -146,6 +148,36 @@ def test_changes_pair_by_seed_and_keep_only_what_validation_shows(tmp_path):
     assert table.loc["optim.lr=0.01", "p_holm"] >= table.loc["optim.lr=0.01", "p"]
     text = changes_markdown(table.reset_index())
     assert "| `optim.lr=0.01` | " in text and "[+0." in text and "never used to choose" in text
+
+
+def test_jobs_on_different_data_are_neither_pooled_nor_paired(tmp_path, capsys):
+    mixed = _sweep(tmp_path, "mixed", {"": [0.9, 0.91, 0.92]})
+    other_data = mixed / "seed=2" / "metrics.json"  # a job added to the sweep with another data.dir
+    other_data.write_text(other_data.read_text().replace("d" * 40, "e" * 40))
+    before = snapshot(mixed)
+    for verb in ("summary", "report", "leaderboard"):
+        assert results_main([verb, str(mixed)]) == 2, verb
+        err = capsys.readouterr().err
+        assert "jobs seed=0 and seed=2 are the same setting trained on different data (data_digest " \
+               f"{'d' * 12}/{'d' * 12} and {'e' * 12}/{'e' * 12}" in err, (verb, err)
+    assert snapshot(mixed) == before
+    base = _sweep(tmp_path, "base", {"": [0.9, 0.91]})
+    elsewhere = _sweep(tmp_path, "elsewhere", {"optim.lr=0.1": [0.9, 0.92]}, data="e")
+    assert results_main(["changes", str(base), str(elsewhere)]) == 2
+    assert "trained on different data" in capsys.readouterr().err
+
+
+def test_changes_say_which_jobs_they_left_out_and_refuse_a_sweep_with_none_completed(tmp_path, capsys):
+    base = _sweep(tmp_path, "base", {"": [0.9, 0.91, 0.92]})
+    tried = _sweep(tmp_path, "tried", {"optim.lr=0.1": [0.9, 0.92, 0.93]})
+    failed = tried / "optim.lr=0.1,seed=2" / "metrics.json"
+    failed.write_text(failed.read_text().replace('"completed"', '"failed"'))
+    assert results_main(["changes", str(base), str(tried)]) == 0
+    assert f"Left out, not completed: {tried}/optim.lr=0.1,seed=2 (failed)." in capsys.readouterr().out
+    for job in tried.iterdir():
+        (job / "metrics.json").write_text((job / "metrics.json").read_text().replace('"completed"', '"failed"'))
+    assert results_main(["changes", str(base), str(tried)]) == 2
+    assert f"{tried}: no completed job to compare (its jobs: failed)" in capsys.readouterr().err
 
 
 def test_changes_refuse_a_baseline_with_several_settings_or_a_seed_twice(tmp_path, capsys):

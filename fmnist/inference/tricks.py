@@ -13,9 +13,11 @@ from pathlib import Path
 import pandas as pd
 
 from fmnist.config import TTA_MODES
-from fmnist.errors import CheckpointError
+from fmnist.data.sources import find_csv
+from fmnist.errors import CheckpointError, ConfigError
+from fmnist.fsio import file_digest
 from fmnist.inference.loading import best_in_run, load_model, net_state, training_datamodule, weights_error
-from fmnist.runs import COMPLETED, check_one_job_per_seed, collect
+from fmnist.runs import COMPLETED, check_poolable, collect
 
 
 # The comparison's columns (what `python -m fmnist.results tricks --csv` writes and `--from-csv` reads).
@@ -44,18 +46,34 @@ def validation_accuracies(run_dir: Path, data_dir: str | Path | None = None) -> 
     return results
 
 
+def check_same_training_data(jobs: pd.DataFrame, data_dir: Path) -> None:
+    """ConfigError if the training CSV in `data_dir` is not the one `jobs` recorded training on (their `data`): its
+    validation split would hold other images, some of which the runs may have trained on."""
+    csv = find_csv(data_dir, "train")
+    if not csv.is_file():
+        return  # the datamodule says it is missing, naming the file
+    digest = file_digest(csv)[:12]
+    other = [job for job, data in zip(jobs.job, jobs.data) if isinstance(data, str) and data.split("/")[0] != digest]
+    if other:
+        raise ConfigError(f"--data-dir {data_dir}: its {csv.name} (SHA-1 {digest}...) is not the training CSV "
+                          f"{other[0]} recorded (data_digest in its metrics.json), so its validation split would hold "
+                          "other images; nothing was evaluated. Give the directory holding the runs' own data.")
+
+
 def compare(sweep_dirs: list[Path], data_dir: str | Path | None = None) -> pd.DataFrame:
     """One row per (weights, tta): validation accuracy mean, std and n over the completed runs, and the paired
     change against raw weights without TTA (mean and std of the per-run differences)."""
     pooled = []
     for sweep in sweep_dirs:
         jobs = collect(sweep)
-        check_one_job_per_seed(jobs, sweep)
+        check_poolable(jobs, sweep)
         done = jobs[jobs.status == COMPLETED]
         pooled.append(done.assign(job=[Path(sweep) / job for job in done.job]))
     pooled = pd.concat(pooled, ignore_index=True)
     # before the evaluation, which takes minutes; the table pools the runs of every sweep given
-    check_one_job_per_seed(pooled, "the sweeps given", advice="Give the sweeps without their copies.")
+    check_poolable(pooled, "the sweeps given", advice="Give the sweeps without their copies.")
+    if data_dir is not None:
+        check_same_training_data(pooled, Path(data_dir))
     rows = []
     for run in pooled.job:
         for (weights, tta), acc in validation_accuracies(run, data_dir).items():

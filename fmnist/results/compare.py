@@ -19,7 +19,7 @@ import pandas as pd
 from fmnist.errors import ConfigError
 from fmnist.results.stats import (ALPHA, INTERVAL_NOTE, Interval, holm, mcnemar, mean_interval, no_spread, paired,
                                   paired_bootstrap, same_difference_p, summary_interval)
-from fmnist.runs import (COMPLETED, METRICS_FILE, PREDICTIONS_FILE, check_one_job_per_seed, collect, read_record,
+from fmnist.runs import (COMPLETED, METRICS_FILE, PREDICTIONS_FILE, check_poolable, collect, read_record,
                          record_problem)
 
 WITHIN_NOISE = "within noise"
@@ -39,8 +39,8 @@ def change_verdict(change: Interval) -> str:
 
 def _by_seed(table: pd.DataFrame, metric: str, sweep_dir: Path) -> pd.Series:
     """A setting's `metric` per seed (`table`: its completed jobs in `sweep_dir`); ConfigError for two jobs of one
-    seed (a copied job directory), which a pairing by seed cannot tell apart."""
-    check_one_job_per_seed(table, sweep_dir)
+    seed (a copied job directory), which a pairing by seed cannot tell apart, or for jobs on different data."""
+    check_poolable(table, sweep_dir)
     by_seed = table.set_index("seed")[metric].astype(float)
     by_seed.index = by_seed.index.astype(int)  # whole numbers (a completed run records its seed), even beside a NaN
     return by_seed
@@ -52,10 +52,20 @@ def changes(baseline_dir: Path, sweep_dirs: list[Path]) -> pd.DataFrame:
     Columns: setting, seeds, val (per-seed best validation accuracy), val_change (Interval of the paired
     difference), p and p_holm (paired t-test; Holm over the rows), seeds_needed (for an 80% chance to detect a
     change this large), verdict, test (Interval of the setting's
-    test accuracy, shown only), train_seconds (mean).
+    test accuracy, shown only), train_seconds (mean). `attrs["left_out"]`: the jobs that did not complete (a
+    setting that failed on some seeds is judged on the others, and the table says so).
     """
-    base = collect(baseline_dir)
-    base = base[base.status == COMPLETED]
+    left_out = []
+
+    def completed(sweep: Path) -> pd.DataFrame:
+        table = collect(sweep)
+        left_out.extend(f"{sweep}/{r.job} ({r.status})" for r in table[table.status != COMPLETED].itertuples())
+        if not (table.status == COMPLETED).any():
+            raise ConfigError(f"{sweep}: no completed job to compare (its jobs: {', '.join(sorted(set(table.status)))}); "
+                              "nothing was compared.")
+        return table[table.status == COMPLETED]
+
+    base = completed(baseline_dir)
     if base.setting.nunique() != 1:
         raise ConfigError(f"{baseline_dir}: a baseline is one setting run with several seeds; this sweep has "
                           f"{base.setting.nunique()} completed settings ({', '.join(sorted(base.setting.unique()))}).")
@@ -64,10 +74,14 @@ def changes(baseline_dir: Path, sweep_dirs: list[Path]) -> pd.DataFrame:
              "val": base_val, "val_change": None, "p": math.nan, "seeds_needed": None, "verdict": "",
              "test": mean_interval(base.test_acc), "train_seconds": base.train_seconds.mean()}]
     for sweep in sweep_dirs:
-        table = collect(sweep)
-        table = table[table.status == COMPLETED]
+        table = completed(sweep)
         for setting, runs in table.groupby("setting"):
             val = _by_seed(runs, "val_acc_best", sweep)
+            data = sorted(set(runs.data.dropna()) | set(base.data.dropna()))
+            if len(data) > 1:
+                raise ConfigError(f"{sweep}: setting `{setting}` and the baseline {baseline_dir} trained on different data "
+                                  f"(data_digest {' and '.join(data)} in their jobs' {METRICS_FILE}); a change paired by "
+                                  "seed compares validation accuracies on the same images. Compare runs of one data set.")
             if not set(val.index) & set(base_val.index):
                 raise ConfigError(f"{sweep}: setting `{setting}` ran seeds {sorted(val.index)} and the baseline "
                                   f"{baseline_dir} seeds {sorted(base_val.index)}; a change is paired by seed, and "
@@ -80,6 +94,7 @@ def changes(baseline_dir: Path, sweep_dirs: list[Path]) -> pd.DataFrame:
                          "train_seconds": runs.train_seconds.mean()})
     result = pd.DataFrame(rows)
     result["p_holm"] = [math.nan] + holm(list(result.p[1:]))
+    result.attrs["left_out"] = left_out
     return result
 
 
@@ -103,6 +118,8 @@ def changes_markdown(table: pd.DataFrame) -> str:
               "Holm-adjusted over the rows in "
               "brackets; seeds to detect: the seeds a paired t-test would need for an 80% chance of detecting a change "
               "this large. The test accuracy is shown, never used to choose."]
+    if table.attrs.get("left_out"):
+        lines += ["", f"Left out, not completed: {', '.join(table.attrs['left_out'])}."]
     return "\n".join(lines) + "\n"
 
 

@@ -16,7 +16,7 @@ import yaml
 from fmnist.config import is_count
 from fmnist.errors import ConfigError
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
-from fmnist.runs import COMPLETED, CONFIG_FILE, check_one_job_per_seed, collect, read_confusion_matrix, read_record
+from fmnist.runs import COMPLETED, CONFIG_FILE, check_poolable, collect, read_confusion_matrix, read_record
 
 STANDARD_TEST_IMAGES = 10_000  # the standard split's test set; its training set is all of the other 60,000
 
@@ -124,7 +124,7 @@ def markdown(sweep_dirs: list[Path]) -> str:
         lines.append(f"| {name} [{source}] | {acc} | | | | | {budget} |")
     tables = {Path(d): collect(d) for d in sweep_dirs}  # every job's record and epochs.csv, read once
     for sweep_dir, table in tables.items():
-        check_one_job_per_seed(table, sweep_dir)
+        check_poolable(table, sweep_dir)
     rows = sorted((r for d, t in tables.items() for r in project_rows(d, t)), key=lambda r: -r["mean"])
     row = ("| **{recipe}** | {test acc (%)} | {n} | {training images} | {training PFLOP} | {training time (s)} "
            "| {hardware} |")

@@ -23,7 +23,7 @@ from fmnist.config import name_items
 from fmnist.fsio import atomic_write, check_not_directories, dirs_made
 from fmnist.training.figures import confusion_matrix_figure, save_png
 from fmnist.results.stats import INTERVAL_NOTE, holm, mean_interval, paired
-from fmnist.runs import (COMPLETED, EPOCHS_FILE, RECORDED, check_one_job_per_seed, collect, read_confusion_matrix,
+from fmnist.runs import (COMPLETED, EPOCHS_FILE, RECORDED, check_poolable, collect, read_confusion_matrix,
                          read_epochs)
 
 # The seed report's Figures 4.1-4.8: (number, its title, the `experiment=report` variant behind it).
@@ -309,7 +309,7 @@ def planned_report(sweep_dir: Path) -> Callable[[], list[Path]]:
     check_not_directories([sweep_dir / REPORT_FILE])
     # Every file read before the first figure is drawn: a damaged one is named, and nothing is written.
     table = collect(sweep_dir)
-    check_one_job_per_seed(table, sweep_dir)
+    check_poolable(table, sweep_dir)
     curves = load_curves(sweep_dir, table)
     done = table[table.status == COMPLETED]
     ranked = done[done.val_acc_best.notna()]  # a record without validation accuracy has nothing to rank it by

@@ -23,7 +23,7 @@ from fmnist.config import SWEEP_CONFIG_FILE, check_launcher, check_sweep_values,
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError
 from fmnist.fsio import atomic_write, check_not_directories, note_early_write
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
-from fmnist.runs import COMPLETED, RUNNING, TRIAL_DIR_PREFIX, check_one_job_per_seed, collect, is_job_dir
+from fmnist.runs import COMPLETED, RUNNING, TRIAL_DIR_PREFIX, check_poolable, collect, is_job_dir
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def summary_files(sweep_dir: Path) -> tuple[pd.DataFrame, dict[Path, str]]:
     sweep_dir = Path(sweep_dir)
     check_not_directories(sweep_dir / name for name in SUMMARY_FILES)
     table = collect(sweep_dir)
-    check_one_job_per_seed(table, sweep_dir)
+    check_poolable(table, sweep_dir)
     csv_name, md_name = SUMMARY_FILES
     return table, {sweep_dir / csv_name: table.to_csv(index=False),
                    sweep_dir / md_name: _markdown(table, group(table), f"Sweep {sweep_dir.name}")}
