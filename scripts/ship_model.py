@@ -91,7 +91,8 @@ def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR, replace: bool
         export(OmegaConf.create({"ckpt": str(ckpt), "out": str(onnx), "overwrite": False,
                                  "data": {"dir": None, "batch_size": None}}), shipped_name(out_dir / ckpt.name))
         final = {p: out_dir / p.name for p in (ckpt, onnx, card)}
-        card.write_text(card_text(name, record, loaded.model, loaded.tta, accuracy, recorded, ckpt, onnx, run_dir))
+        card.write_text(card_text(name, record, loaded.model, loaded.tta, accuracy, recorded, ckpt, onnx, run_dir,
+                                  len(labels)))
         for staged, target in final.items():
             os.replace(staged, target)
         return final[card]
@@ -113,7 +114,9 @@ def loaded_test_set(loaded):
     return load_csv(loaded.test_csv(None))
 
 
-def card_text(name, record, model, tta, accuracy, recorded, ckpt, onnx, run_dir) -> str:
+def card_text(name, record, model, tta, accuracy, recorded, ckpt, onnx, run_dir, n_test: int) -> str:
+    """The model card: how to use the files, their digests, the test accuracy on the `n_test` images of the run's
+    own test CSV (the standard set holds 10,000), and how the run was made."""
     hw = record.get("hardware") or {}
     lines = [
         f"# Shipped model: `{name}`", "",
@@ -122,7 +125,8 @@ def card_text(name, record, model, tta, accuracy, recorded, ckpt, onnx, run_dir)
         "(input `images`, uint8 [N, 1, 28, 28]; output `logits` [N, 10]).", "",
         "| file | bytes | SHA-256 |", "|---|---|---|",
         *(f"| `{p.name}` | {p.stat().st_size:,} | `{file_digest(p, 'sha256')}` |" for p in (ckpt, onnx)), "",
-        f"Test accuracy of the shipped checkpoint on the 10,000 Fashion-MNIST test images, with the run's own "
+        f"Test accuracy of the shipped checkpoint on the {n_test:,} images of the run's test CSV (`test` in "
+        f"`data_digest`: {((record.get('data_digest') or {}).get('test') or '?')[:12]}...), with the run's own "
         f"test-time augmentation (`tta={tta}`): **{accuracy:.2%}**"
         + (f" (the run recorded {recorded:.2%})." if recorded is not None else "."),
         "The ONNX file holds the plain network (one view per image, no TTA).", "",

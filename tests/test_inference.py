@@ -537,6 +537,7 @@ def test_a_shipped_model_loads_as_ckpt_pretrained_and_reproduces_its_run(run_dir
     spec.loader.exec_module(ship_model)
     card = ship_model.ship(run_dir, "tiny", out_dir=tmp_path).read_text()
     ckpt, onnx_file = tmp_path / "tiny.ckpt", tmp_path / "tiny.onnx"
+    assert "on the 200 images of the run's test CSV" in card  # the run's own test set, not Fashion-MNIST's 10,000
     shipped = snapshot(tmp_path)
     with pytest.raises(ConfigError, match="tiny.ckpt is already shipped; nothing was written"):
         ship_model.ship(run_dir, "tiny", out_dir=tmp_path)  # another run under the same name: only with replace
