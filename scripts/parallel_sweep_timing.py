@@ -22,7 +22,7 @@ DEFAULT = ["model=simple", "data.train_subset=1000", "trainer.max_epochs=1", "tr
            "trainer.enable_model_summary=false"]
 
 
-def sweep(out: Path, data_dir: str, overrides: list[str], launcher: list[str]) -> float:
+def sweep(out: Path, data_dir: Path, overrides: list[str], launcher: list[str]) -> float:
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", f"data.dir={data_dir}", *overrides, "seed=0,1,2,3",
            f"hydra.sweep.dir={out}", *launcher]
     started = time.perf_counter()
@@ -46,11 +46,14 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     if args.n_jobs < 1:
         parser.error(f"--n-jobs must be at least 1; got {args.n_jobs}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out}: a file, not a directory; nothing was run")
+    data_dir = Path(args.data_dir).resolve()  # the sweeps run from the repository: relative to where this one runs
     out = args.out.resolve() / time.strftime("%Y-%m-%d_%H-%M-%S")
     overrides = overrides or DEFAULT
     with dirs_made(out):  # removed again if a sweep is refused and leaves them empty
-        seq = sweep(out / "sequential", args.data_dir, overrides, [])
-        par = sweep(out / f"joblib-{args.n_jobs}", args.data_dir, overrides,
+        seq = sweep(out / "sequential", data_dir, overrides, [])
+        par = sweep(out / f"joblib-{args.n_jobs}", data_dir, overrides,
                     ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.n_jobs}"])
     print(f"4 jobs ({' '.join(overrides)}) on {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
     print("| launcher | total wall time (s) |\n|---|---|")
