@@ -416,9 +416,11 @@ def main() -> int:
         print("gpu-check: torch sees no CUDA GPU here (use --smoke to check the script on a CPU)", file=sys.stderr)
         return 2
     deadline = time.time() + budget_s
+    get_data = [PY, "scripts/get_data.py", "--data-dir", str(data_dir)]  # from the repository: paths resolved
+    got = subprocess.run(get_data + (["--idx-dir", str(args.idx_dir.resolve())] if args.idx_dir else []), cwd=ROOT)
+    if got.returncode:  # its paragraph is printed; nothing was run, and no results folder made
+        return got.returncode
     results.mkdir(parents=True, exist_ok=True)
-    get_data = [PY, "scripts/get_data.py", "--data-dir", str(data_dir)]
-    subprocess.run(get_data + (["--idx-dir", str(args.idx_dir)] if args.idx_dir else []), cwd=ROOT, check=True)
     env = environment(results)
     command = "gpu-records" if args.records else "gpu-check"
     summarize = write_records_summary if args.records else write_summary
