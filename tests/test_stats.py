@@ -180,6 +180,19 @@ def test_changes_say_which_jobs_they_left_out_and_refuse_a_sweep_with_none_compl
     assert f"{tried}: no completed job to compare (its jobs: failed)" in capsys.readouterr().err
 
 
+def test_tricks_refuses_what_it_could_not_finish_before_evaluating(tmp_path, capsys, tmpfs):
+    # Its checkpoints are missing: an evaluation would fail on them, so each refusal below comes first.
+    sweep = _sweep(tmp_path, "s", {"": [0.9, 0.91]})
+    read_only = tmpfs("ro,size=1m")
+    assert results_main(["tricks", str(sweep), "--csv", str(read_only / "t.csv")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {read_only}: the file system is read-only" in err and "--csv" in err, err
+    for job in sweep.iterdir():
+        (job / "metrics.json").write_text((job / "metrics.json").read_text().replace('"completed"', '"failed"'))
+    assert results_main(["tricks", str(sweep)]) == 2
+    assert f"{sweep}: no completed run to evaluate" in capsys.readouterr().err
+
+
 def test_changes_refuse_a_baseline_with_several_settings_or_a_seed_twice(tmp_path, capsys):
     baseline = _sweep(tmp_path, "base", {"optim.lr=0.1": [0.9, 0.91], "optim.lr=0.2": [0.9, 0.91]})
     with pytest.raises(ConfigError, match="base: a baseline is one setting"):

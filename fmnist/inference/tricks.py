@@ -70,6 +70,8 @@ def compare(sweep_dirs: list[Path], data_dir: str | Path | None = None) -> pd.Da
         done = jobs[jobs.status == COMPLETED]
         pooled.append(done.assign(job=[Path(sweep) / job for job in done.job]))
     pooled = pd.concat(pooled, ignore_index=True)
+    if pooled.empty:
+        raise ConfigError(f"{', '.join(map(str, sweep_dirs))}: no completed run to evaluate; nothing was evaluated.")
     # before the evaluation, which takes minutes; the table pools the runs of every sweep given
     check_poolable(pooled, "the sweeps given", advice="Give the sweeps without their copies.")
     if data_dir is not None:
@@ -78,8 +80,6 @@ def compare(sweep_dirs: list[Path], data_dir: str | Path | None = None) -> pd.Da
     for run in pooled.job:
         for (weights, tta), acc in validation_accuracies(run, data_dir).items():
             rows.append({"run": str(run.resolve()), "weights": weights, "tta": tta, "val_acc": acc})
-    if not rows:
-        return pd.DataFrame(columns=COLUMNS)
     runs = pd.DataFrame(rows)
     base = runs[(runs.weights == "raw") & (runs.tta == "none")].set_index("run").val_acc
     runs["change"] = runs.val_acc - runs.run.map(base)

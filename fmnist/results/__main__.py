@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fmnist.cli import run_plain
 from fmnist.errors import ConfigError
-from fmnist.fsio import atomic_output, atomic_write, check_output_file, path_argument, storage_errors
+from fmnist.fsio import atomic_output, atomic_write, check_output_file, check_writable, path_argument, storage_errors
 from fmnist.runs import METRICS_FILE, collect
 
 
@@ -98,6 +98,7 @@ def tricks(args) -> None:
         if not args.csv.parent.is_dir():  # else the table is lost after the whole evaluation
             raise ConfigError(f"--csv names {args.csv}, in {args.csv.parent}, which is not an existing directory; "
                               "nothing was evaluated. Create the directory, or choose a file in one that exists.")
+        check_writable(args.csv.parent, key="--csv")
     from fmnist.inference.tricks import compare
 
     table = compare(args.dirs, args.data_dir)
