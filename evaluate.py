@@ -7,7 +7,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fmnist import console
-from fmnist.cli import check_resolvable, exit_with, run_cli
+from fmnist.cli import check_given_config, exit_with, run_cli
 from fmnist.errors import FmnistError
 from fmnist.fsio import remove_if_empty
 from fmnist.inference.config import register
@@ -23,7 +23,7 @@ def main(cfg: DictConfig) -> None:
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        check_resolvable(cfg)  # `${oc.env:CK}` with CK unset: named, before it is read
+        check_given_config(cfg)  # `+foo=1`, `${oc.env:CK}` with CK unset: named, before anything is read
         evaluate(cfg, out_dir)
     except BaseException as e:  # refused, SIGTERM or Ctrl-C: the evaluation writes its files only at the end
         remove_if_empty(out_dir)  # Hydra made it for this evaluation: leave nothing behind

@@ -5,7 +5,7 @@ import hydra
 from omegaconf import DictConfig
 
 from fmnist import console
-from fmnist.cli import check_resolvable, exit_with, run_cli
+from fmnist.cli import check_given_config, exit_with, run_cli
 from fmnist.errors import FmnistError
 from fmnist.inference.config import register
 
@@ -19,7 +19,7 @@ def main(cfg: DictConfig) -> None:
     console.setup()  # one line per message, no third-party notices, as train.py prints
 
     try:
-        check_resolvable(cfg)  # `${oc.env:CK}` with CK unset: named, before it is read
+        check_given_config(cfg)  # `+foo=1`, `${oc.env:CK}` with CK unset: named, before anything is read
         export(cfg)
     except FmnistError as e:
         exit_with(e)

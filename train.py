@@ -9,7 +9,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist import console
-from fmnist.cli import check_resolvable, exit_with, refuse_unknown_keys, run_cli
+from fmnist.cli import check_given_config, exit_with, run_cli
 from fmnist.config import register, superseded_note
 from fmnist.data.sources import split_csvs
 from fmnist.errors import FmnistError
@@ -25,8 +25,7 @@ def main(cfg: DictConfig) -> float:
     note_early_write(hydra_cfg.job_logging.handlers.file.filename)
     overrides = OmegaConf.to_container(hydra_cfg.overrides.task)  # as typed: `optim.lr=${oc.env:LR}` unresolved
     try:  # before importing Lightning takes its seconds: a key that does not exist, and no `make data` yet
-        refuse_unknown_keys(cfg, overrides)
-        check_resolvable(cfg, required=True)  # `${oc.env:LR}` with LR unset, `~model`
+        check_given_config(cfg, required=True)  # `+optim.lrr=1`, `${oc.env:LR}` with LR unset, `~model`
         split_csvs(cfg.data.dir)
     except FmnistError as e:
         exit_with(e)

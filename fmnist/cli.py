@@ -45,6 +45,15 @@ def refuse_unknown_keys(cfg: DictConfig, overrides: list[str]) -> None:
                               f"not make one meaningful). Keys of {parent_key or 'the config'}: {known}.")
 
 
+def check_given_config(cfg: DictConfig, required: bool = False) -> None:
+    """What every Hydra entry point checks before it reads its config: a `+key=value` that adds a key nothing
+    reads (`refuse_unknown_keys`), then a value that cannot be resolved (`check_resolvable`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    refuse_unknown_keys(cfg, OmegaConf.to_container(HydraConfig.get().overrides.task))  # as typed, unresolved
+    check_resolvable(cfg, required)
+
+
 def check_resolvable(cfg: DictConfig, required: bool = False) -> None:
     """ConfigError naming the key whose value cannot be resolved (`${oc.env:LR}` with LR unset, an interpolation of a
     key that is not there), or a key of the schema removed with `~key`; with `required`, also a key left without a

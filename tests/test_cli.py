@@ -105,6 +105,15 @@ def test_a_value_that_cannot_be_resolved_or_a_removed_key_is_named(tmp_path, dat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("script,args", [("evaluate.py", ["+foo=1"]), ("predict.py", ["inputs=a.png", "+tta=flip"]),
+                                         ("export.py", ["+foo=1"])])
+def test_an_added_key_that_nothing_reads_is_refused_by_every_command(tmp_path, run_in_process, script, args):
+    # predict.py has no tta key: `+tta=flip` would have predicted without it, as if it had been applied
+    result = run_in_process(script, "ckpt=x.ckpt", *args, cwd=tmp_path)
+    assert result.returncode == 2 and "does not exist, so nothing would read it" in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_sweep_into_a_directory_of_ones_own_files_is_refused(tmp_path, data_dir, run_in_process):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "summary.md").write_text("my notes")
