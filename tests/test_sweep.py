@@ -528,8 +528,9 @@ def test_results_command_refuses_what_is_not_a_sweep_and_writes_nothing(tmp_path
     (run / "metrics.json").write_text('{"status": "completed"}')
     empty = tmp_path / "empty"
     empty.mkdir()
+    (tmp_path / "notes.txt").write_text("mine")
     for directory, words in ((run, "a run directory, not a sweep"), (empty, "no job directories"),
-                             (tmp_path / "missing", "no such directory")):
+                             (tmp_path / "missing", "no such directory"), (tmp_path / "notes.txt", "a file, not a")):
         before = sorted(p.name for p in tmp_path.rglob("*"))
         assert results_main([verb, str(directory)]) == 2
         assert words in capsys.readouterr().err

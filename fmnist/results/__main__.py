@@ -29,7 +29,7 @@ def sweep_dir(text: str) -> Path:
     """`text` as a sweep directory, or ConfigError saying what it is instead."""
     path = Path(text)
     if not path.is_dir():
-        raise ConfigError(f"{path}: no such directory; expected a sweep directory (job directories with metrics.json), "
+        raise ConfigError(f"{path}: {'a file, not a directory' if path.exists() else 'no such directory'}; expected a sweep directory (job directories with metrics.json), "
                           "as `python train.py -m ...` writes under outputs/ (`make ablations` writes outputs/study-cpu).")
     if (path / METRICS_FILE).is_file():
         raise ConfigError(f"{path}: a run directory, not a sweep; pass the directory that holds the sweep's jobs "
