@@ -117,7 +117,7 @@ def hydra_modes(args: list[str]) -> list[str]:
     return sorted({HYDRA_MODES[arg.split("=")[0]] for arg in args if arg.split("=")[0] in HYDRA_MODES})
 
 
-OUTPUT_DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir")  # where Hydra puts a run's or a sweep's files
+RUN_DIR_KEY, SWEEP_DIR_KEY = "hydra.run.dir", "hydra.sweep.dir"  # where Hydra puts a run's or a sweep's files
 
 
 class OutputDirsUndoneIfRefused(Callback):
@@ -125,10 +125,10 @@ class OutputDirsUndoneIfRefused(Callback):
     the run or the sweep, so that a refused command removes those it leaves empty (`early_writes_undone_if_refused`)."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        self._note(config, OUTPUT_DIR_KEYS[0])
+        self._note(config, RUN_DIR_KEY)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self._note(config, OUTPUT_DIR_KEYS[1])
+        self._note(config, SWEEP_DIR_KEY)
 
     @staticmethod
     def _note(config: DictConfig, key: str) -> None:
@@ -166,7 +166,7 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -
               f"({', '.join(sorted(set(HYDRA_MODES.values())))}).", 2)
     for arg in sys.argv[1:]:
         key, given, value = arg.partition("=")
-        if given and key.lstrip("+~") in OUTPUT_DIR_KEYS and not value.strip().strip("'\"").strip():
+        if given and key.lstrip("+~") in (RUN_DIR_KEY, SWEEP_DIR_KEY) and not value.strip().strip("'\"").strip():
             _exit(f"{key.lstrip('+~')}= is empty (an unset shell variable?), which would put the output into the "
                   "current directory: name a directory, or leave the key out for the default.", 2)
     try:
@@ -179,7 +179,7 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -
                 _exit(str(ours) if ours else composition_message(e) + _hydra_part_hint(e, sys.argv[1:]),
                       ours.exit_code if ours else 2)
             except OSError as e:  # e.g. Hydra creating the run directory or its log file on a read-only disk
-                mapped = storage_error(e, key="hydra.sweep.dir" if "--multirun" in modes else "hydra.run.dir")
+                mapped = storage_error(e, key=SWEEP_DIR_KEY if "--multirun" in modes else RUN_DIR_KEY)
                 if mapped is None:
                     raise
                 _exit(str(mapped), 2)

@@ -156,8 +156,12 @@ def remove_if_empty(directory: Path) -> None:
     """Remove `directory` if it is an empty directory and not one the user had before the command
     (`note_dirs_to_be_made`): what a refused or stopped command made and left empty."""
     directory = Path(directory)
+    try:
+        here = Path.cwd()
+    except FileNotFoundError:  # deleted meanwhile: nothing can be inside it
+        here = None
     if directory.is_dir() and not any(directory.iterdir()) and directory.resolve() not in _DIRS_BEFORE \
-            and not Path.cwd().is_relative_to(directory.resolve()):  # where the command runs is never made by it
+            and not (here and here.is_relative_to(directory.resolve())):  # where the command runs is not its to remove
         directory.rmdir()
 
 

@@ -213,6 +213,20 @@ def test_a_deleted_working_directory_is_one_paragraph(tmp_path, command):
     assert "started in no longer exists" in result.stderr and "Traceback" not in result.stderr
 
 
+# A refusal's clean-up after the working directory was deleted under it: the empty directory it made is removed,
+# and the working directory, which it must never remove, cannot be asked for.
+def test_a_refusals_clean_up_survives_a_deleted_working_directory(tmp_path, monkeypatch):
+    from fmnist.fsio import remove_if_empty
+
+    made, gone = tmp_path / "made", tmp_path / "gone"
+    made.mkdir()
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    remove_if_empty(made)
+    assert not made.exists()
+
+
 # An empty path (an unset shell variable) is refused, not read as the current directory.
 def test_an_empty_path_is_refused_not_taken_for_the_current_directory(tmp_path, capsys):
     from fmnist.inference.loading import resolve
