@@ -251,7 +251,7 @@ def check_model(model: typing.Mapping) -> None:
         raise ConfigError(f"model {name} cannot be built from {values}: {e}") from e
     problem = _image_problem(name, tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(values.items())))
     if problem:
-        raise ConfigError(f"model {name} built from {values} cannot take a 28 x 28 image: {problem}")
+        raise ConfigError(f"model {name} built from {values} cannot take a {IMAGE_SIDE} x {IMAGE_SIDE} image: {problem}")
 
 
 @functools.lru_cache(maxsize=64)  # a sweep's start checks one model config in many combinations of other keys

@@ -123,7 +123,7 @@ def now() -> str:
 
 
 COLUMNS = ["job", "setting", "seed", "status", "val_acc_best", "best_epoch", "test_acc", "test_loss", "epochs",
-           "train_seconds", "train_images", "train_flops", "data", "git_commit", "error"]
+           "train_seconds", "train_images", "train_flops", "train_sha1", "test_sha1", "git_commit", "error"]
 # The compute behind a job, from the last row of its epochs.csv: cumulative over every process that
 # trained it, where metrics.json's fit/wall seconds cover only the process that finished it.
 COMPUTE = ("train_seconds", "train_images", "train_flops")
@@ -150,17 +150,27 @@ def check_one_job_per_seed(jobs: pd.DataFrame, where: Path | str,
                           f"{advice}")
 
 
+SHORT_DIGEST = 12  # hex digits of a data file's SHA-1 that tables and messages show and compare
+
+
+def short_digest(value) -> str | None:
+    """The first SHORT_DIGEST hex digits of a recorded SHA-1, or None when there is none."""
+    return value[:SHORT_DIGEST] if isinstance(value, str) and value else None
+
+
 def check_one_data_per_setting(jobs: pd.DataFrame, where: Path | str) -> None:
-    """ConfigError for completed jobs of one setting among `jobs` (`collect`'s rows) that trained on different
-    data (the `data` column, from their records' `data_digest`): a mean over their seeds, or a pairing by seed,
-    would mix two experiments. Jobs that recorded no digest are not judged."""
-    done = jobs[(jobs.status == COMPLETED) & jobs.data.notna()]
+    """ConfigError for completed jobs of one setting among `jobs` (`collect`'s rows) that trained or tested on
+    different CSVs (`train_sha1`, `test_sha1`, from their records' `data_digest`): a mean over their seeds would mix
+    two experiments. Jobs that recorded no digest are not judged."""
+    done = jobs[(jobs.status == COMPLETED) & jobs.train_sha1.notna()]
     for setting, runs in done.groupby("setting"):
-        if runs.data.nunique() > 1:
-            a, b = runs.drop_duplicates("data").head(2).itertuples()
-            raise ConfigError(f"{where}: jobs {a.job} and {b.job} are the same setting trained on different data "
-                              f"(data_digest {a.data} and {b.data} in their {METRICS_FILE}: other CSVs in data.dir); a "
-                              "mean over seeds, or a pairing by seed, would mix two experiments. Give each data set "
+        data = runs.train_sha1 + "/" + runs.test_sha1.fillna("?")
+        if data.nunique() > 1:
+            other = data[data != data.iloc[0]].index[0]
+            raise ConfigError(f"{where}: jobs {runs.job.iloc[0]} and {runs.job[other]} are the same setting run on "
+                              f"different data (the training/test CSVs' SHA-1 in their {METRICS_FILE}: {data.iloc[0]} "
+                              f"and {data[other]}; other CSVs in data.dir); "
+                              "a mean over seeds, or a pairing by seed, would mix two experiments. Give each data set "
                               "its own sweep directory.")
 
 
@@ -170,15 +180,6 @@ def check_poolable(jobs: pd.DataFrame, where: Path | str,
     (`check_one_job_per_seed`, ending with `advice`), and one data set per setting (`check_one_data_per_setting`)."""
     check_one_job_per_seed(jobs, where, advice)
     check_one_data_per_setting(jobs, where)
-
-
-def data_of(record: dict | None) -> str | None:
-    """The data a job trained and tested on, as its record's `data_digest` (SHA-1 of the training and test CSVs,
-    12 hex digits each: `train/test`), or None when the record has none."""
-    digest = (record or {}).get("data_digest")
-    if isinstance(digest, dict) and all(isinstance(digest.get(k), str) for k in ("train", "test")):
-        return f"{digest['train'][:12]}/{digest['test'][:12]}"
-    return None
 
 
 def collect(sweep_dir: Path) -> pd.DataFrame:
@@ -197,12 +198,18 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
         metrics = record.get("metrics", {})
         rows.append({
             "job": job.name, "setting": setting_of(record.get("overrides", [])), "seed": record.get("seed"),
-            "data": data_of(record), "status": record.get("status"), "val_acc_best": metrics.get("val/acc_best"),
+            "status": record.get("status"), "val_acc_best": metrics.get("val/acc_best"),
             "best_epoch": metrics.get("best_epoch"), "test_acc": metrics.get("test/acc"),
             "test_loss": metrics.get("test/loss"), "epochs": metrics.get("epochs"),
-            **_compute(job), "git_commit": record.get("git_commit"), "error": record.get("error"),
+            **_compute(job), **_digests(record), "git_commit": record.get("git_commit"), "error": record.get("error"),
         })
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _digests(record: dict) -> dict:
+    """`train_sha1` and `test_sha1`: the CSVs a job read, short (`data_digest` in its record), None if unrecorded."""
+    digest = record.get("data_digest") if isinstance(record.get("data_digest"), dict) else {}
+    return {f"{split}_sha1": short_digest(digest.get(split)) for split in ("train", "test")}
 
 
 def record_problem(job: Path, record) -> str | None:

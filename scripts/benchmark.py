@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from fmnist import console
+from fmnist import IMAGE_SIDE, console
 from fmnist.cli import run_plain
 from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_write, check_writable, dirs_made, path_argument, storage_errors
@@ -389,7 +389,7 @@ def infer_benchmark(args) -> None:
             options.intra_op_num_threads = torch.get_num_threads()  # the same threads as PyTorch
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         for batch_size in args.infer_batch_sizes:
-            images = torch.randint(0, 256, (batch_size, 1, 28, 28), dtype=torch.uint8)
+            images = torch.randint(0, 256, (batch_size, 1, IMAGE_SIDE, IMAGE_SIDE), dtype=torch.uint8)
             feed = {INPUT_NAME: np.ascontiguousarray(images.numpy())}
             runs = {"pytorch eager": lambda: loaded.logits(images), "onnxruntime": lambda: session.run(None, feed)}
             per_call = {k: [] for k in runs}

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
+from fmnist import IMAGE_SIDE, NUM_CLASSES
 from fmnist.config import EVAL_BATCH_SIZE, check_name
 from fmnist.cli import run_plain
 from fmnist.errors import ConfigError
 from fmnist.fsio import file_digest, load_checkpoint, path_argument
 from fmnist.inference.loading import DATAMODULE_STATE_KEY, PRETRAINED_DIR, best_in_run, load_model
-from fmnist.runs import COMPLETED, CONFIG_FILE, METRICS_FILE, read_record, record_problem
+from fmnist.runs import COMPLETED, CONFIG_FILE, METRICS_FILE, read_record, record_problem, short_digest
 
 # Test images whose prediction may change when a model tested in bf16 or fp16 is scored in fp32, as it is shipped.
 MIXED_PRECISION_IMAGES = 10
@@ -118,15 +119,16 @@ def card_text(name, record, model, tta, accuracy, recorded, ckpt, onnx, run_dir,
     """The model card: how to use the files, their digests, the test accuracy on the `n_test` images of the run's
     own test CSV (the standard set holds 10,000), and how the run was made."""
     hw = record.get("hardware") or {}
+    test_sha1 = short_digest((record.get("data_digest") or {}).get("test"))
+    test_csv = f" (SHA-1 {test_sha1})" if test_sha1 else ""
     lines = [
         f"# Shipped model: `{name}`", "",
         f"Use it as `ckpt=pretrained` (`python evaluate.py ckpt=pretrained`, `python predict.py ckpt=pretrained "
         f"inputs=[...]`, `python export.py ckpt=pretrained`), or run `{onnx.name}` with onnxruntime "
-        "(input `images`, uint8 [N, 1, 28, 28]; output `logits` [N, 10]).", "",
+        f"(input `images`, uint8 [N, 1, {IMAGE_SIDE}, {IMAGE_SIDE}]; output `logits` [N, {NUM_CLASSES}]).", "",
         "| file | bytes | SHA-256 |", "|---|---|---|",
         *(f"| `{p.name}` | {p.stat().st_size:,} | `{file_digest(p, 'sha256')}` |" for p in (ckpt, onnx)), "",
-        f"Test accuracy of the shipped checkpoint on the {n_test:,} images of the run's test CSV (`test` in "
-        f"`data_digest`: {((record.get('data_digest') or {}).get('test') or '?')[:12]}...), with the run's own "
+        f"Test accuracy of the shipped checkpoint on the {n_test:,} images of the run's test CSV{test_csv}, with the run's own "
         f"test-time augmentation (`tta={tta}`): **{accuracy:.2%}**"
         + (f" (the run recorded {recorded:.2%})." if recorded is not None else "."),
         "The ONNX file holds the plain network (one view per image, no TTA).", "",

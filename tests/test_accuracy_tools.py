@@ -183,9 +183,15 @@ def test_eval_tricks_scores_raw_and_averaged_weights_on_validation(make_cfg, tmp
     shutil.copytree(data_dir, other)
     write_csv(other / "fashion-mnist_train.csv", *make_images(600, 9))
     assert (compare([tmp_path / "plain"], moved).n == 1).all()
-    with pytest.raises(ConfigError, match=r"--data-dir .*other: its fashion-mnist_train.csv \(SHA-1 [0-9a-f]{12}...\) "
-                                          r"is not the training CSV .*plain/seed=0 recorded"):
+    with pytest.raises(ConfigError, match=r"--data-dir .*other: its training CSV .*other/fashion-mnist_train.csv "
+                                          r"\(SHA-1 [0-9a-f]{12}\) is not the one .*plain/seed=0 recorded"):
         compare([tmp_path / "plain"], other)
+    # Nor is a run's own data directory trusted when its training CSV was rewritten since the run read it.
+    rewritten = shutil.copytree(tmp_path / "plain", tmp_path / "rewritten" / "plain")
+    config = rewritten / "seed=0" / "config.yaml"
+    config.write_text(config.read_text().replace(f"dir: {data_dir}", f"dir: {other}"))
+    with pytest.raises(ConfigError, match=r"the run's training CSV .*other/fashion-mnist_train.csv .* is not the one"):
+        compare([rewritten])
 
 
 @pytest.mark.slow

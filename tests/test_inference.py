@@ -133,7 +133,12 @@ def test_evaluate_with_tta_on_another_test_set(run_dir, tmp_path, capsys):
     plain = evaluate(compose_named("evaluate", f"ckpt={run_dir}", f"data.dir={other}"), tmp_path / "plain")
     own = json.loads((run_dir / "metrics.json").read_text())["metrics"]["test/acc"]
     # the run's own accuracy counted other images: said beside it, not offered as what this reproduces
-    assert plain["run_test_images"] == 200 and f"(run's own test/acc {own:.4%} on 200 images)" in capsys.readouterr().out
+    assert plain["run_tested_on_this_csv"] is False
+    assert f"(run's own test/acc {own:.4%} on another test CSV)" in capsys.readouterr().out
+    part = shutil.copytree(run_dir, tmp_path / "part")  # as if tested with trainer.limit_test_batches=1
+    np.savetxt(part / "confusion_matrix.csv", np.diag([64] + [0] * 9), fmt="%d", delimiter=",")
+    evaluate(compose_named("evaluate", f"ckpt={part}"), tmp_path / "part_eval")
+    assert f"(run's own test/acc {own:.4%} on 64 of these images)" in capsys.readouterr().out
     tta = evaluate(compose_named("evaluate", f"ckpt={run_dir}", f"data.dir={other}", "tta=flip"), tmp_path / "tta")
     assert (plain["tta"], tta["tta"]) == ("none", "flip") and tta["metrics"]["n_images"] == 50
     assert tta["data"]["test_csv"].startswith(str(other))

@@ -158,16 +158,16 @@ def test_jobs_on_different_data_are_neither_pooled_nor_paired(tmp_path, capsys):
     for verb in ("summary", "report", "leaderboard"):
         assert results_main([verb, str(mixed)]) == 2, verb
         err = capsys.readouterr().err
-        assert "jobs seed=0 and seed=2 are the same setting trained on different data (data_digest " \
-               f"{'d' * 12}/{'d' * 12} and {'e' * 12}/{'e' * 12}" in err, (verb, err)
+        assert "jobs seed=0 and seed=2 are the same setting run on different data (the training/test CSVs' SHA-1 " \
+               f"in their metrics.json: {'d' * 12}/{'d' * 12} and {'e' * 12}/{'e' * 12}" in err, (verb, err)
     assert snapshot(mixed) == before
     base = _sweep(tmp_path, "base", {"": [0.9, 0.91]})
     elsewhere = _sweep(tmp_path, "elsewhere", {"optim.lr=0.1": [0.9, 0.92]}, data="e")
     assert results_main(["changes", str(base), str(elsewhere)]) == 2
-    assert "trained on different data" in capsys.readouterr().err
+    assert "trained on different training CSVs (SHA-1 dddddddddddd and eeeeeeeeeeee" in capsys.readouterr().err
 
 
-def test_changes_say_which_jobs_they_left_out_and_refuse_a_sweep_with_none_completed(tmp_path, capsys):
+def test_changes_say_which_jobs_they_left_out_and_refuse_when_nothing_completed(tmp_path, capsys):
     base = _sweep(tmp_path, "base", {"": [0.9, 0.91, 0.92]})
     tried = _sweep(tmp_path, "tried", {"optim.lr=0.1": [0.9, 0.92, 0.93]})
     failed = tried / "optim.lr=0.1,seed=2" / "metrics.json"
@@ -176,8 +176,13 @@ def test_changes_say_which_jobs_they_left_out_and_refuse_a_sweep_with_none_compl
     assert f"Left out, not completed: {tried}/optim.lr=0.1,seed=2 (failed)." in capsys.readouterr().out
     for job in tried.iterdir():
         (job / "metrics.json").write_text((job / "metrics.json").read_text().replace('"completed"', '"failed"'))
+    # a setting that failed on every seed is a result: listed beside the others, not a refusal of them all
+    also = _sweep(tmp_path, "also", {"optim.lr=0.01": [0.9, 0.92, 0.93]})
+    assert results_main(["changes", str(base), str(tried), str(also)]) == 0
+    out = capsys.readouterr().out
+    assert "| `optim.lr=0.01` |" in out and f"{tried}/optim.lr=0.1,seed=0 (failed)" in out
     assert results_main(["changes", str(base), str(tried)]) == 2
-    assert f"{tried}: no completed job to compare (its jobs: failed)" in capsys.readouterr().err
+    assert "the sweeps compared: no completed job to compare (left out, not completed: " in capsys.readouterr().err
 
 
 def test_tricks_refuses_what_it_could_not_finish_before_evaluating(tmp_path, capsys, tmpfs):

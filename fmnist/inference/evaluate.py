@@ -24,7 +24,7 @@ from fmnist.data.csv_io import load_csv
 from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_output
 from fmnist.inference.config import check_evaluate
-from fmnist.inference.loading import load_model, run_test_acc, run_test_images
+from fmnist.inference.loading import load_model, run_test_acc, run_test_images, run_tested_on
 from fmnist.runs import COMPLETED, CONFUSION_FILE, METRICS_FILE, now, provenance, write_record
 from fmnist.training.rundir import own_run_dir
 
@@ -79,7 +79,8 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "data": {"test_csv": str(csv.resolve()), "normalize": model.normalize, "mean": model.mean, "std": model.std,
                  "batch_size": batch_size},
         "tta": tta, "precision": "32-true", "metrics": metrics,
-        "run_test_acc": run_test_acc(model.run_dir), "run_test_images": run_test_images(model.run_dir), "config": OmegaConf.to_container(cfg, resolve=True),
+        "run_test_acc": run_test_acc(model.run_dir), "run_test_images": run_test_images(model.run_dir),
+        "run_tested_on_this_csv": run_tested_on(model.run_dir, csv), "config": OmegaConf.to_container(cfg, resolve=True),
         **provenance(),
     }
     with own_run_dir(out_dir):  # another evaluation writing there now is refused (RunDirInUse), as is one after it
@@ -116,10 +117,11 @@ def summary_table(record: dict, out_dir: Path) -> str:
     # What ckpt= chose (a sweep's best job, the shipped model: `checkpoint.chosen`) was logged when it was found.
     lines = [f"checkpoint {record['checkpoint']['path']} (sha256 {record['checkpoint']['sha256'][:12]})"]
     tta = "" if record["tta"] == "none" else f", TTA {record['tta']}"
-    own, counted = record["run_test_acc"], record["run_test_images"]
-    # a run that tested part of the test set (trainer.limit_test_batches) is not what this evaluation reproduces
-    own = "" if own is None else (f"   (run's own test/acc {own:.4%}"
-                                  + ("" if counted in (None, m["n_images"]) else f" on {counted} images") + ")")
+    own, counted, same_csv = record["run_test_acc"], record["run_test_images"], record["run_tested_on_this_csv"]
+    # a run that tested another CSV, or part of this one (trainer.limit_test_batches), is not what this reproduces
+    where = (" on another test CSV" if same_csv is False else
+             "" if counted in (None, m["n_images"]) else f" on {counted} of these images")
+    own = "" if own is None else f"   (run's own test/acc {own:.4%}{where})"
     lines += [f"test CSV   {record['data']['test_csv']} ({m['n_images']} images{tta})",
               f"accuracy {m['accuracy']:.4%}   loss {m['loss']:.4f}   macro-F1 {m['macro_f1']:.4f}   "
               f"ECE {m['ece']:.4f}{own}",

@@ -40,7 +40,7 @@ MIN_TOP1_AGREEMENT = 0.999
 MAX_LOGIT_DIFF = 1e-3
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 SIGNATURE = "exported by fmnist"  # in the model's doc string: how export.py recognises a file it wrote
-INPUT_DOC = ("uint8 [N, 1, 28, 28]: raw pixels 0-255, a light garment on a black background as in the "
+INPUT_DOC = (f"uint8 [N, 1, {IMAGE_SIDE}, {IMAGE_SIDE}]: raw pixels 0-255, a light garment on a black background as in the "
              "Fashion-MNIST CSVs; scaling (and standardisation) happen inside the graph")
 
 

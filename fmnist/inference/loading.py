@@ -296,6 +296,13 @@ def run_test_acc(run_dir: Path | None) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None  # else unknown
 
 
+def run_tested_on(run_dir: Path | None, csv: Path) -> bool | None:
+    """Whether the run's own test/acc was measured on the CSV `csv` (its record's `data_digest`), None if unknown."""
+    digest = ((read_record(run_dir) if run_dir else None) or {}).get("data_digest")
+    recorded = digest.get("test") if isinstance(digest, dict) else None
+    return None if not isinstance(recorded, str) else recorded == file_digest(csv)
+
+
 def run_test_images(run_dir: Path | None) -> int | None:
     """How many test images the run's own test/acc counted (its confusion matrix's total: fewer than the test
     set's after `trainer.limit_test_batches`), or None if its confusion matrix is missing or damaged."""

@@ -11,13 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import OmegaConf
 
 from fmnist.config import TTA_MODES
 from fmnist.data.sources import find_csv
 from fmnist.errors import CheckpointError, ConfigError
 from fmnist.fsio import file_digest
 from fmnist.inference.loading import best_in_run, load_model, net_state, training_datamodule, weights_error
-from fmnist.runs import COMPLETED, check_poolable, collect
+from fmnist.runs import COMPLETED, CONFIG_FILE, METRICS_FILE, check_one_job_per_seed, collect, short_digest
 
 
 # The comparison's columns (what `python -m fmnist.results tricks --csv` writes and `--from-csv` reads).
@@ -46,18 +47,24 @@ def validation_accuracies(run_dir: Path, data_dir: str | Path | None = None) -> 
     return results
 
 
-def check_same_training_data(jobs: pd.DataFrame, data_dir: Path) -> None:
-    """ConfigError if the training CSV in `data_dir` is not the one `jobs` recorded training on (their `data`): its
-    validation split would hold other images, some of which the runs may have trained on."""
-    csv = find_csv(data_dir, "train")
-    if not csv.is_file():
-        return  # the datamodule says it is missing, naming the file
-    digest = file_digest(csv)[:12]
-    other = [job for job, data in zip(jobs.job, jobs.data) if isinstance(data, str) and data.split("/")[0] != digest]
-    if other:
-        raise ConfigError(f"--data-dir {data_dir}: its {csv.name} (SHA-1 {digest}...) is not the training CSV "
-                          f"{other[0]} recorded (data_digest in its metrics.json), so its validation split would hold "
-                          "other images; nothing was evaluated. Give the directory holding the runs' own data.")
+def check_same_training_data(jobs: pd.DataFrame, data_dir: Path | None) -> None:
+    """ConfigError if a run's training CSV, in `data_dir` or else where the run read it (its config's `data.dir`),
+    is not the one it recorded training on (`train_sha1`): its validation split would hold other images, some of
+    which the run may have trained on."""
+    digests = {}  # each file read once
+    for run, recorded in zip(jobs.job, jobs.train_sha1):
+        config = Path(run) / CONFIG_FILE
+        if recorded is None or (data_dir is None and not config.is_file()):
+            continue  # nothing recorded to compare with
+        csv = find_csv(data_dir if data_dir is not None else Path(str(OmegaConf.load(config).data.dir)), "train")
+        if not csv.is_file():
+            continue  # the datamodule says it is missing, naming the file
+        digest = digests.setdefault(csv, short_digest(file_digest(csv)))
+        if digest != recorded:
+            where = f"--data-dir {data_dir}: its" if data_dir is not None else "the run's"
+            raise ConfigError(f"{where} training CSV {csv} (SHA-1 {digest}) is not the one {run} recorded in its "
+                              f"{METRICS_FILE} ({recorded}), so its validation split would hold other images; nothing "
+                              "was evaluated. Give the directory holding the runs' own data (--data-dir).")
 
 
 def compare(sweep_dirs: list[Path], data_dir: str | Path | None = None) -> pd.DataFrame:
@@ -66,16 +73,15 @@ def compare(sweep_dirs: list[Path], data_dir: str | Path | None = None) -> pd.Da
     pooled = []
     for sweep in sweep_dirs:
         jobs = collect(sweep)
-        check_poolable(jobs, sweep)
+        check_one_job_per_seed(jobs, sweep)  # each run is paired with itself: data may differ between runs
         done = jobs[jobs.status == COMPLETED]
         pooled.append(done.assign(job=[Path(sweep) / job for job in done.job]))
     pooled = pd.concat(pooled, ignore_index=True)
     if pooled.empty:
         raise ConfigError(f"{', '.join(map(str, sweep_dirs))}: no completed run to evaluate; nothing was evaluated.")
     # before the evaluation, which takes minutes; the table pools the runs of every sweep given
-    check_poolable(pooled, "the sweeps given", advice="Give the sweeps without their copies.")
-    if data_dir is not None:
-        check_same_training_data(pooled, Path(data_dir))
+    check_one_job_per_seed(pooled, "the sweeps given", advice="Give the sweeps without their copies.")
+    check_same_training_data(pooled, None if data_dir is None else Path(data_dir))
     rows = []
     for run in pooled.job:
         for (weights, tta), acc in validation_accuracies(run, data_dir).items():

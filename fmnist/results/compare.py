@@ -53,19 +53,21 @@ def changes(baseline_dir: Path, sweep_dirs: list[Path]) -> pd.DataFrame:
     difference), p and p_holm (paired t-test; Holm over the rows), seeds_needed (for an 80% chance to detect a
     change this large), verdict, test (Interval of the setting's
     test accuracy, shown only), train_seconds (mean). `attrs["left_out"]`: the jobs that did not complete (a
-    setting that failed on some seeds is judged on the others, and the table says so).
+    setting that failed on some seeds is judged on the others, and one that failed on all is listed only).
     """
     left_out = []
 
     def completed(sweep: Path) -> pd.DataFrame:
         table = collect(sweep)
         left_out.extend(f"{sweep}/{r.job} ({r.status})" for r in table[table.status != COMPLETED].itertuples())
-        if not (table.status == COMPLETED).any():
-            raise ConfigError(f"{sweep}: no completed job to compare (its jobs: {', '.join(sorted(set(table.status)))}); "
-                              "nothing was compared.")
         return table[table.status == COMPLETED]
 
     base = completed(baseline_dir)
+    tried = {sweep: completed(sweep) for sweep in sweep_dirs}
+    for name, nothing in ((baseline_dir, base.empty), ("the sweeps compared", all(t.empty for t in tried.values()))):
+        if nothing:
+            raise ConfigError(f"{name}: no completed job to compare (left out, not completed: {', '.join(left_out)}); "
+                              "nothing was compared.")
     if base.setting.nunique() != 1:
         raise ConfigError(f"{baseline_dir}: a baseline is one setting run with several seeds; this sweep has "
                           f"{base.setting.nunique()} completed settings ({', '.join(sorted(base.setting.unique()))}).")
@@ -73,15 +75,15 @@ def changes(baseline_dir: Path, sweep_dirs: list[Path]) -> pd.DataFrame:
     rows = [{"setting": f"baseline ({Path(baseline_dir).name})", "seeds": sorted(base_val.index),
              "val": base_val, "val_change": None, "p": math.nan, "seeds_needed": None, "verdict": "",
              "test": mean_interval(base.test_acc), "train_seconds": base.train_seconds.mean()}]
-    for sweep in sweep_dirs:
-        table = completed(sweep)
+    for sweep, table in tried.items():
         for setting, runs in table.groupby("setting"):
             val = _by_seed(runs, "val_acc_best", sweep)
-            data = sorted(set(runs.data.dropna()) | set(base.data.dropna()))
-            if len(data) > 1:
-                raise ConfigError(f"{sweep}: setting `{setting}` and the baseline {baseline_dir} trained on different data "
-                                  f"(data_digest {' and '.join(data)} in their jobs' {METRICS_FILE}); a change paired by "
-                                  "seed compares validation accuracies on the same images. Compare runs of one data set.")
+            trained_on = sorted(set(runs.train_sha1.dropna()) | set(base.train_sha1.dropna()))
+            if len(trained_on) > 1:  # the validation split is drawn from the training CSV
+                raise ConfigError(f"{sweep}: setting `{setting}` and the baseline {baseline_dir} trained on different "
+                                  f"training CSVs (SHA-1 {' and '.join(trained_on)} in their jobs' {METRICS_FILE}), so "
+                                  "they validated on other images; a change paired by seed compares validation "
+                                  "accuracies on the same images. Compare runs of one data set.")
             if not set(val.index) & set(base_val.index):
                 raise ConfigError(f"{sweep}: setting `{setting}` ran seeds {sorted(val.index)} and the baseline "
                                   f"{baseline_dir} seeds {sorted(base_val.index)}; a change is paired by seed, and "
@@ -170,7 +172,8 @@ def _read_predictions(file: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 def _predictions_by_seed(path: Path, split: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """{seed: (predictions, labels)} of a run directory, or of each completed job of a sweep directory."""
     if not path.is_dir():
-        raise ConfigError(f"{path}: no such directory; expected a run directory or a sweep directory of one setting.")
+        raise ConfigError(f"{path}: {'a file, not a directory' if path.exists() else 'no such directory'}; expected a run "
+                          "directory or a sweep directory of one setting.")
     if (path / METRICS_FILE).is_file():
         record = read_record(path)
         problem = record_problem(path, record)  # a sweep's jobs are checked by `collect`

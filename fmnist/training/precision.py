@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 from omegaconf import OmegaConf
 
-from fmnist import IMAGE_SIDE, hardware
+from fmnist import IMAGE_SIDE, NUM_CLASSES, hardware
 from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_write
 from fmnist.models import INIT_ONLY_KEYS, build_model
@@ -64,7 +64,7 @@ def _step_timer(model: dict, batch_size: int, device: str) -> Callable[[bool], f
     x = torch.rand(batch_size, 1, IMAGE_SIDE, IMAGE_SIDE, device=device)
     if model.get("channels_last"):
         net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch_size,), device=device)
+    y = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step(bf16: bool) -> float:
