@@ -48,6 +48,7 @@ from fmnist.fsio import atomic_write, check_working_directory, path_argument  # 
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
+ENV_FILE = "env.json"  # what every check writes first: a results folder holding it is a check's own
 THRESHOLDS = (0.94, 0.95)  # validation accuracy marks for time-to-accuracy
 STUDY_JOBS_PER_GPU = 8  # experiment=study's jobs at once on one GPU: each small CNN leaves most of it idle
 
@@ -200,7 +201,7 @@ def environment(results: Path) -> dict:
                                            timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError) as e:
         env["nvidia_smi"] = f"unavailable: {e}"
-    atomic_write(results / "env.json", json.dumps(env, indent=2) + "\n")
+    atomic_write(results / ENV_FILE, json.dumps(env, indent=2) + "\n")
     return env
 
 
@@ -374,6 +375,9 @@ def main() -> int:
     results = (args.results or default_results).resolve()
     if results.exists() and not results.is_dir():
         parser.error(f"--results {args.results}: a file, not a directory; nothing was run")
+    if results.is_dir() and any(results.iterdir()) and not (results / ENV_FILE).is_file():
+        parser.error(f"--results {results}: holds files that no check wrote (no {ENV_FILE}), which its summary.md and "
+                     f"{ENV_FILE} could replace; nothing was run. Name a new folder, or one an earlier check wrote.")
     data_dir = args.data_dir.resolve()
 
     def steps_for(gpus: int) -> list[Step]:

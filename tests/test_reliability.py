@@ -246,6 +246,12 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_directory(tmp_path, 
                              cwd=tmp_path, capture_output=True, text=True, timeout=120,
                              env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert planned.returncode == 2 and "--results: an empty path" in planned.stderr and list(tmp_path.iterdir()) == []
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "summary.md").write_text("mine")  # a folder of one's own, which a check would write into
+    planned = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--dry-run", "--results", "notes"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert planned.returncode == 2 and "holds files that no check wrote (no env.json)" in planned.stderr
     with pytest.raises(CheckpointError, match="ckpt= is empty"):
         resolve("")
 
