@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -138,8 +139,12 @@ def _compose(name: str, overrides: list[str]) -> DictConfig:
     except (HydraException, OmegaConfBaseException) as e:
         # Hydra's own words and the reason under them ("could not be converted to Integer"), as train.py gives them
         reason = composition_message(e, overrides, help_hint=False)
+        given = [o for o in overrides if o not in ONE_DEVICE]  # as typed: tune.py adds its placement itself
+        unknown = re.search(r"Could not override '([^'.]+)'", reason) if name == "train" else None
+        hint = (f" tune.py takes the keys {', '.join(sorted(TUNE_KEYS))} (and those under them); every other key "
+                "goes to training." if unknown else "")
         raise ConfigError(f"{'tune.py' if name == 'tune' else 'train'} config: {reason} (overrides: "
-                          f"{' '.join(overrides)})") from e
+                          f"{' '.join(given)}).{hint}") from e
 
 
 def _check_tune_config(cfg: DictConfig) -> None:
