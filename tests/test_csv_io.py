@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmnist.data.csv_io import cache_path, load_csv, parse_csv, write_csv
+from fmnist.data.csv_io import cache_path, csv_digest, load_csv, parse_csv, write_csv
 from fmnist.errors import DataError
 from tests.conftest import make_images
 
@@ -165,3 +165,15 @@ def test_a_size_limit_counts_decompressed_bytes(valid, tmp_path):
     assert len(parse_csv(packed, max_bytes=size)[0]) == len(images)
     with pytest.raises(DataError, match=r"train.csv.gz: more than the 0 MB accepted here once decompressed"):
         parse_csv(packed, max_bytes=size - 1)
+
+
+def test_the_same_rows_plain_or_gzipped_are_the_same_data(tmp_path):
+    # A run's data_digest identifies its rows, not how they were stored: a .csv.gz of them is the same data.
+    plain, packed, other = tmp_path / "a.csv", tmp_path / "b.csv.gz", tmp_path / "c.csv"
+    write_csv(plain, *make_images(20, 0))
+    write_csv(other, *make_images(20, 1))
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert csv_digest(plain) == csv_digest(packed) != csv_digest(other)
+    packed.write_bytes(packed.read_bytes()[:40])  # truncated
+    with pytest.raises(DataError, match="b.csv.gz: could not be read"):
+        csv_digest(packed)

@@ -14,10 +14,11 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from fmnist.data.csv_io import write_csv
 from fmnist.runs import read_record
 from fmnist.errors import FmnistError
 from fmnist.sweeps.tune import Search, register_tune, run_search
-from tests.conftest import CONF, FAST, ROOT, snapshot
+from tests.conftest import CONF, FAST, ROOT, make_images, snapshot
 
 # Small trials: the simple CNN, two epochs (two reports to the pruner), 2 batches each; FAST without its
 # batch size, which the search space samples.
@@ -282,6 +283,12 @@ def test_a_continuation_that_trains_another_setting_is_refused_and_writes_nothin
     assert "study c has trials of another setting: this command differs in ['model." in refused.stderr
     assert "'model.name'" in refused.stderr and "'simple'" in refused.stderr and "nothing was written" in refused.stderr
     assert snapshot(study_dir) == before
+    # Other CSVs: its best trial would be chosen across two data sets.
+    changed = shutil.copytree(data_dir, tmp_path / "changed", ignore=shutil.ignore_patterns(".*"))
+    write_csv(changed / "fashion-mnist_train.csv", *make_images(600, 7))
+    elsewhere = run_in_process("tune.py", *args, "n_trials=2", f"data.dir={changed}")
+    assert elsewhere.returncode == 2 and "trial-0000 ran on other data" in elsewhere.stderr, elsewhere.stderr[-3000:]
+    assert "Start another study (study=NAME)" in elsewhere.stderr and snapshot(study_dir) == before
     moved = tmp_path / "moved"  # placement keys may differ (the same data elsewhere), and so may the budget
     shutil.copytree(data_dir, moved, ignore=shutil.ignore_patterns(".*"))
     again = run_in_process("tune.py", *args, "n_trials=2", f"data.dir={moved}", "trainer.max_epochs=2")

@@ -10,6 +10,7 @@ being coerced.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import logging
 import zipfile
@@ -39,6 +40,22 @@ def require_file(path: Path) -> None:
         raise DataError(f"{path}: {what}. Expected a Kaggle-format Fashion-MNIST CSV; `make data` (or "
                         "`python scripts/get_data.py`) creates one, or name the directory holding it (data.dir=DIR; "
                         "--data-dir DIR for the scripts).")
+
+
+def csv_digest(path: Path) -> str:
+    """SHA-1 of a CSV's text, decompressed from a `.csv.gz`: what identifies a run's data (`data_digest` in its
+    record), so that the same rows, plain or gzipped, are the same data. DataError if it cannot be read."""
+    if not path.name.endswith(".gz"):
+        return file_digest(path)
+    h = hashlib.sha1()
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: could not be read ({e}). Expected a readable .csv, or a .csv.gz "
+                        "that `gunzip -t` accepts.") from e
+    return h.hexdigest()
 
 
 def read_raw(path: Path, max_bytes: int | None = None) -> bytes:

@@ -23,6 +23,7 @@ from fmnist import NUM_CLASSES
 from fmnist.config import (EVAL_BATCH_SIZE, RUN_OPTIONS, TTA_MODES, DataConfig, TrainConfig, is_count, is_finite_number,
                            is_text_keyed)
 from fmnist.data.batches import network_input
+from fmnist.data.csv_io import csv_digest
 from fmnist.data.sources import find_csv
 from fmnist.errors import CheckpointError, ConfigError, DataError
 from fmnist.fsio import file_digest, load_checkpoint
@@ -300,7 +301,7 @@ def run_tested_on(run_dir: Path | None, csv: Path) -> bool | None:
     """Whether the run's own test/acc was measured on the CSV `csv` (its record's `data_digest`), None if unknown."""
     digest = ((read_record(run_dir) if run_dir else None) or {}).get("data_digest")
     recorded = digest.get("test") if isinstance(digest, dict) else None
-    return None if not isinstance(recorded, str) else recorded == file_digest(csv)
+    return None if not isinstance(recorded, str) else recorded == csv_digest(csv)
 
 
 def run_test_images(run_dir: Path | None) -> int | None:

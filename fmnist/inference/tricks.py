@@ -14,9 +14,9 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from fmnist.config import TTA_MODES
+from fmnist.data.csv_io import csv_digest
 from fmnist.data.sources import find_csv
 from fmnist.errors import CheckpointError, ConfigError
-from fmnist.fsio import file_digest
 from fmnist.inference.loading import best_in_run, load_model, net_state, training_datamodule, weights_error
 from fmnist.runs import COMPLETED, CONFIG_FILE, METRICS_FILE, check_one_job_per_seed, collect, short_digest
 
@@ -59,7 +59,7 @@ def check_same_training_data(jobs: pd.DataFrame, data_dir: Path | None) -> None:
         csv = find_csv(data_dir if data_dir is not None else Path(str(OmegaConf.load(config).data.dir)), "train")
         if not csv.is_file():
             continue  # the datamodule says it is missing, naming the file
-        digest = digests.setdefault(csv, short_digest(file_digest(csv)))
+        digest = digests.setdefault(csv, short_digest(csv_digest(csv)))
         if digest != recorded:
             where = f"--data-dir {data_dir}: its" if data_dir is not None else "the run's"
             raise ConfigError(f"{where} training CSV {csv} (SHA-1 {digest}) is not the one {run} recorded in its "

@@ -20,11 +20,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fmnist.cli import chained_fmnist_error, exit_with
 from fmnist.config import SWEEP_CONFIG_FILE, check_launcher, check_sweep_values, superseded_note
+from fmnist.data.csv_io import csv_digest
 from fmnist.data.sources import split_csvs
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, DataError
-from fmnist.fsio import atomic_write, check_not_directories, file_digest, note_early_write
+from fmnist.fsio import atomic_write, check_not_directories, note_early_write
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
-from fmnist.runs import COMPLETED, RUNNING, TRIAL_DIR_PREFIX, check_poolable, collect, is_job_dir, short_digest
+from fmnist.runs import COMPLETED, FINISHED, RUNNING, TRIAL_DIR_PREFIX, check_poolable, collect, is_job_dir, short_digest
 
 log = logging.getLogger(__name__)
 
@@ -119,26 +120,29 @@ def check_sweep_dir(sweep_dir: Path) -> None:
                           "hydra.sweep.dir=...).")
 
 
-def check_same_data(sweep_dir: Path, data_dir: str) -> None:
-    """ConfigError for a sweep continued with CSVs other than those its completed jobs ran on (their `train_sha1`,
-    `test_sha1`): its summary would average them together. Found before any job trains; the data are read only
-    when the directory holds completed jobs."""
+SWEEP_ELSEWHERE = ("Give this sweep its own directory (name=... or hydra.sweep.dir=...), or the data its jobs ran on. "
+                   "No job of the sweep was started.")
+
+
+def check_same_data(sweep_dir: Path, data_dir: str, advice: str = SWEEP_ELSEWHERE) -> None:
+    """ConfigError for a sweep continued with CSVs other than those its finished jobs ran on (their `train_sha1`,
+    `test_sha1`): its summary would average them together, and a job that finished (failed or diverged too)
+    would stop the sweep when its turn came. Found before any job trains; the data are read only when the
+    directory holds finished jobs."""
     jobs = collect(sweep_dir) if sweep_dir.is_dir() else pd.DataFrame(columns=["status", "train_sha1"])
-    done = jobs[(jobs.status == COMPLETED) & jobs.train_sha1.notna()]
+    done = jobs[jobs.status.isin(FINISHED) & jobs.train_sha1.notna()]
     if done.empty:
         return
     try:
-        ours = {split: short_digest(file_digest(path)) for split, path in split_csvs(data_dir).items()}
+        ours = {split: short_digest(csv_digest(path)) for split, path in split_csvs(data_dir).items()}
     except DataError:
         return  # the first job says what is missing
     other = done[(done.train_sha1 != ours["train"]) | (done.test_sha1.notna() & (done.test_sha1 != ours["test"]))]
     if len(other):
         job = other.iloc[0]
-        raise ConfigError(f"{sweep_dir}: its completed job {job.job} ran on other data (the training/test CSVs' SHA-1 "
+        raise ConfigError(f"{sweep_dir}: its {job.status} job {job.job} ran on other data (the training/test CSVs' SHA-1 "
                           f"{job.train_sha1}/{job.test_sha1}) than data.dir={data_dir} holds ({ours['train']}/"
-                          f"{ours['test']}); continued here, the sweep's summary would average the two. Give this sweep "
-                          "its own directory (name=... or hydra.sweep.dir=...), or the data its jobs ran on. No job of "
-                          "the sweep was started.")
+                          f"{ours['test']}); continued here, its summary would average the two. {advice}")
 
 
 class SummarizeSweep(Callback):

@@ -46,7 +46,7 @@ from fmnist.config import (PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_k
 from fmnist.data.sources import split_csvs
 from fmnist.errors import ConfigError, FmnistError
 from fmnist.fsio import atomic_write, missing_dirs, remove_if_empty
-from fmnist.results.sweep import summarize
+from fmnist.results.sweep import check_same_data, summarize
 from fmnist.training.figures import save_png  # matplotlib, headless
 from fmnist.runs import (DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, METRICS_FILE, TRIAL_DIR_PREFIX, now,
                          update_record)
@@ -592,6 +592,8 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
             spec.key = RENAMED_KEYS.get(spec.key, spec.key)
         search = Search(cfg, train_overrides, study_dir)
         search.check_space()
+        check_same_data(study_dir, str(search._base_config().data.dir),  # its best trial would be chosen across both
+                        advice="Start another study (study=NAME), or give the data its trials ran on; nothing was written.")
         _check_storage_file(cfg.storage or _default_storage(study_dir), default=not cfg.storage)
         made = missing_dirs(study_dir)  # removed again if the study is refused
         trials_here = sorted(p.name for p in study_dir.glob(f"{TRIAL_DIR_PREFIX}*"))

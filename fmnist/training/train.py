@@ -33,9 +33,10 @@ from fmnist.cli import stopped_by_ctrl_c
 from fmnist.config import (ADDED_KEYS, PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, RUN_OPTIONS, check_values,
                            composition_message, is_count, is_text_keyed, override_key, override_text)
 from fmnist.data.datamodule import FashionMNISTDataModule
+from fmnist.data.csv_io import csv_digest
 from fmnist.data.sources import split_csvs
 from fmnist.errors import CheckpointError, ConfigError, DivergedError, FmnistError
-from fmnist.fsio import (atomic_write, check_writable, early_writes, file_digest, keep_early_writes, load_checkpoint,
+from fmnist.fsio import (atomic_write, check_writable, early_writes, keep_early_writes, load_checkpoint,
                          storage_errors)
 from fmnist.hardware import check_accelerator, check_nodes
 from fmnist.models import check_model, training_flops_per_image
@@ -159,8 +160,9 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
 
 
 def data_digests(cfg: DictConfig) -> dict:
-    """The SHA-1 of each CSV the run reads: what identifies its data, wherever the files live."""
-    return {split: file_digest(path) for split, path in split_csvs(cfg.data.dir).items()}
+    """The SHA-1 of each CSV the run reads (its text, decompressed from a .csv.gz: `csv_digest`): what identifies
+    its data, wherever the files live and however they are compressed."""
+    return {split: csv_digest(path) for split, path in split_csvs(cfg.data.dir).items()}
 
 
 def differences_from_finished(cfg: DictConfig, run_dir: Path, record: dict) -> list[str]:
