@@ -34,15 +34,20 @@ def refuse_unknown_keys(cfg: DictConfig, overrides: list[str]) -> None:
         if not override.startswith("+") or "=" not in override:
             continue
         key = override.lstrip("+").split("=", 1)[0].split("@", 1)[0]
-        parent_key, _, name = key.rpartition(".")
-        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
-        if key.startswith("hydra.") or not isinstance(parent, DictConfig) or name not in parent:
+        if key.startswith("hydra."):
             continue
-        schema = OmegaConf.get_type(parent)
-        if dataclasses.is_dataclass(schema) and name not in {f.name for f in dataclasses.fields(schema)}:
-            known = ", ".join(f.name for f in dataclasses.fields(schema))
-            raise ConfigError(f"config key {key} does not exist, so nothing would read it (`+` adds a key, it does "
-                              f"not make one meaningful). Keys of {parent_key or 'the config'}: {known}.")
+        parts = key.split(".")
+        for depth, name in enumerate(parts):  # the first key along the path that its schema does not declare
+            parent_key = ".".join(parts[:depth])
+            parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+            schema = OmegaConf.get_type(parent) if isinstance(parent, DictConfig) else None
+            if not dataclasses.is_dataclass(schema) or name not in parent:
+                break  # a plain mapping (a model's own keys), or a key `+` did not add
+            if name not in {f.name for f in dataclasses.fields(schema)}:
+                known = ", ".join(f.name for f in dataclasses.fields(schema))
+                raise ConfigError(f"config key {'.'.join(parts[:depth + 1])} does not exist, so nothing would read it "
+                                  f"(`+` adds a key, it does not make one meaningful). Keys of "
+                                  f"{parent_key or 'the config'}: {known}.")
 
 
 def check_given_config(cfg: DictConfig, required: bool = False) -> None:

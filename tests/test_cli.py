@@ -108,7 +108,7 @@ def test_a_value_that_cannot_be_resolved_or_a_removed_key_is_named(tmp_path, dat
 
 
 @pytest.mark.parametrize("script,args", [("evaluate.py", ["+foo=1"]), ("predict.py", ["inputs=a.png", "+tta=flip"]),
-                                         ("export.py", ["+foo=1"])])
+                                         ("export.py", ["+foo=1"]), ("evaluate.py", ["+data.foo.bar=1"])])
 def test_an_added_key_that_nothing_reads_is_refused_by_every_command(tmp_path, run_in_process, script, args):
     # predict.py has no tta key: `+tta=flip` would have predicted without it, as if it had been applied
     result = run_in_process(script, "ckpt=x.ckpt", *args, cwd=tmp_path)

@@ -336,6 +336,8 @@ def test_values_lightning_or_torch_would_reject_are_refused_first(make_cfg, tmp_
     ("optim.lr=abc", "optim.lr"),
     ("model=nosuch", "model/nosuch"),
     ("+optim.lrr=0.1", "config key optim.lrr does not exist"),
+    ("+optim.lrr.x=0.1", "config key optim.lrr does not exist"),  # a key under the unknown one: refused at it
+    ("+nosuch.x=1", "config key nosuch does not exist"),
     ("++model.foo=1", "config key model.foo is not a key of model optimized"),
 ])
 def test_config_errors_found_by_hydra_exit_2(tmp_path, data_dir, run_in_process, override, message):
