@@ -228,6 +228,14 @@ def test_a_refusals_clean_up_survives_a_deleted_working_directory(tmp_path, monk
 
 
 # An empty path (an unset shell variable) is refused, not read as the current directory.
+def test_an_empty_data_dir_is_refused_not_taken_for_the_current_directory(tmp_path, data_dir, run_in_process):
+    here = shutil.copytree(data_dir, tmp_path / "here")  # CSVs in the current directory, which data.dir= would read
+    for command in (["train.py", "preset=smoke", "data.dir="], ["evaluate.py", "ckpt=pretrained", "data.dir="]):
+        result = run_in_process(*command, cwd=here)
+        assert result.returncode == 2 and "data.dir is empty (an unset shell variable?)" in result.stderr, command
+    assert sorted(p.name for p in here.iterdir()) == sorted(p.name for p in data_dir.iterdir())
+
+
 def test_an_empty_path_is_refused_not_taken_for_the_current_directory(tmp_path, capsys):
     from fmnist.inference.loading import resolve
     from fmnist.results.__main__ import parse_args

@@ -39,9 +39,13 @@ OFFICIAL_MD5 = {  # the published checksums of Zalando's gzipped IDX files
 }
 
 
-def find_csv(data_dir: Path, split: str) -> Path:
+def find_csv(data_dir: Path | str, split: str) -> Path:
     """The split's CSV in `data_dir`: `.csv` or `.csv.gz` (the plain name, for the error, if neither). Both
-    there is DataError: which one a run read would depend on a rule the user cannot see."""
+    there is DataError: which one a run read would depend on a rule the user cannot see; so is an empty
+    `data_dir` (an unset shell variable), which would name the current directory."""
+    if not str(data_dir).strip():
+        raise DataError("data.dir is empty (an unset shell variable?), which would read the CSVs of the current "
+                        "directory: name the directory holding them (`.` for this one).")
     plain = Path(data_dir) / CSV_NAMES[split]
     gz = plain.with_name(plain.name + ".gz")
     if plain.exists() and gz.exists():
@@ -53,7 +57,7 @@ def find_csv(data_dir: Path, split: str) -> Path:
 def split_csvs(data_dir: Path) -> dict[str, Path]:
     """Each split's CSV in `data_dir` (`find_csv`), or DataError naming the first that is not there. Reads
     nothing: cheap enough to check before a command imports what it trains with."""
-    paths = {split: find_csv(Path(data_dir), split) for split in CSV_NAMES}
+    paths = {split: find_csv(data_dir, split) for split in CSV_NAMES}
     for path in paths.values():
         require_file(path)
     return paths

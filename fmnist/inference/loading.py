@@ -165,7 +165,7 @@ class LoadedModel:
         directory = data_dir if data_dir is not None else self.data.get("dir")
         if directory is None:
             raise DataError(f"{self.path}: the checkpoint does not say which data it was trained on; pass data.dir=DIR.")
-        path = find_csv(Path(directory), "test")
+        path = find_csv(directory, "test")
         if not path.exists():
             how = "the directory given by data.dir" if data_dir is not None else \
                 "the checkpoint's training data directory"
