@@ -59,6 +59,13 @@ def check_given_config(cfg: DictConfig, required: bool = False) -> None:
     check_resolvable(cfg, required)
 
 
+def unresolvable(error: OmegaConfBaseException) -> ConfigError:
+    """The paragraph for a value OmegaConf could not resolve: the key, and the first line of why."""
+    cause = str(error).strip().splitlines()[0].removeprefix("KeyError raised while resolving interpolation: ")
+    return ConfigError(f"{f'config key {error.full_key}: its value' if error.full_key else 'a value'} cannot be resolved: "
+                       f"{cause}.")
+
+
 def check_resolvable(cfg: DictConfig, required: bool = False) -> None:
     """ConfigError naming the key whose value cannot be resolved (`${oc.env:LR}` with LR unset, an interpolation of a
     key that is not there), or a key of the schema removed with `~key`; with `required`, also a key left without a
@@ -68,8 +75,7 @@ def check_resolvable(cfg: DictConfig, required: bool = False) -> None:
     try:
         OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
-        cause = str(e).strip().splitlines()[0].removeprefix("KeyError raised while resolving interpolation: ")
-        raise ConfigError(f"config key {e.full_key}: its value cannot be resolved: {cause}.") from None
+        raise unresolvable(e) from None
     schema = OmegaConf.get_type(cfg)
     fields = dataclasses.fields(schema) if dataclasses.is_dataclass(schema) else ()
     removed = [f.name for f in fields if f.name not in cfg.keys()]  # `in cfg` is false for a `???` key as well

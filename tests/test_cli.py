@@ -94,6 +94,9 @@ def test_a_parallel_sweep_of_no_job_at_once_is_refused_before_its_directory(tmp_
                                                              "\"Environment variable 'FMNIST_UNSET' not found\""),
     ("train.py", [*FAST, "~model"], "config key model has no value (~model removed it?)"),
     ("train.py", ["-m", *FAST, "~seed"], "the sweep: config key seed has no value (~seed removed it?)"),
+    # in a sweep: found by the sweep's own checks, before Hydra rewrites an earlier sweep's multirun.yaml
+    ("train.py", ["-m", *FAST, "optim.lr=${oc.env:FMNIST_UNSET}", "seed=0,1"],
+     "the sweep's job seed=0: config key optim.lr: its value cannot be resolved"),
     ("evaluate.py", ["ckpt=${oc.env:FMNIST_UNSET}"], "config key ckpt: its value cannot be resolved"),
     ("evaluate.py", [], "config key ckpt is required"),  # not given at all: nothing was removed with ~
 ])
@@ -104,6 +107,7 @@ def test_a_value_that_cannot_be_resolved_or_a_removed_key_is_named(tmp_path, dat
                             f"{tmp_path}/out")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.splitlines()[-1].startswith(f"error: {words}") and "Error executing job" not in result.stderr
+    assert "raised InterpolationResolutionError" not in result.stderr  # Hydra's warning of a callback that failed
     assert not (tmp_path / "out").exists()
 
 

@@ -18,7 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fmnist.cli import chained_fmnist_error, exit_with
+from fmnist.cli import chained_fmnist_error, exit_with, unresolvable
 from fmnist.config import SWEEP_CONFIG_FILE, check_launcher, check_sweep_values, superseded_note
 from fmnist.data.csv_io import csv_digest
 from fmnist.data.sources import split_csvs
@@ -167,10 +167,13 @@ class SummarizeSweep(Callback):
                 raise chained_fmnist_error(e) or e
             loader = GlobalHydra.instance().config_loader()
             check_launcher(config.hydra.launcher)
-            check_sweep_values([*config.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())], loader)
+            typed = OmegaConf.to_container(config.hydra.overrides.task)  # as typed: `${oc.env:X}` unresolved
+            check_sweep_values([*typed, *(f"{k}={v}" for k, v in params.items())], loader)
             check_sweep_jobs(config, loader)  # every swept value, before the first job trains
             check_sweep_dir(sweep_dir)
             check_same_data(sweep_dir, str(config.data.dir))
+        except OmegaConfBaseException as e:  # `data.dir=${oc.env:UNSET}`: Hydra would only warn, and rewrite multirun.yaml
+            exit_with(unresolvable(e))
         except ConfigError as e:
             exit_with(e)
         # Hydra rewrites multirun.yaml before the first job's checks; a refused sweep puts it back (fmnist.cli).

@@ -210,7 +210,7 @@ def check_sweep_jobs(config: DictConfig, config_loader) -> None:
 
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
     parsed = OverridesParser.create(config_loader=config_loader).parse_overrides(
-        [*(f"{key}={value}" for key, value in params.items()), *config.hydra.overrides.task])
+        [*(f"{key}={value}" for key, value in params.items()), *OmegaConf.to_container(config.hydra.overrides.task)])
     values: dict[str, list[str]] = {}  # as Hydra's basic sweeper reads them: a later override of a key wins
     plain: dict[str, list] = {}  # the swept values of keys that are not config groups, as Python values
     for override in parsed:
