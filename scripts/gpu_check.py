@@ -370,7 +370,8 @@ def main() -> int:
     if swept:  # added to every command: a step that is no sweep would get several values, a sweep more jobs
         parser.error(f"--override {swept[0]} is a sweep (`,`, range, choice or glob); each --override sets one value")
     budget_s = args.budget_s or (420 if args.records else 450)
-    default_results = (ROOT / "docs/results/gpu/records" / datetime.now().strftime("%Y-%m-%d") if args.records
+    default_results = (ROOT / "docs/results/gpu/records" / datetime.now().strftime("%Y-%m-%d")
+                       if args.records and not args.smoke  # a smoke run's jobs are not records to continue
                        else Path("outputs/gpu-check") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
     results = (args.results or default_results).resolve()
     if results.exists() and not results.is_dir():

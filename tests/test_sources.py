@@ -63,9 +63,19 @@ def test_a_lone_csv_is_not_overwritten(tmp_path, idx_dir, suffix):
     data.mkdir()
     lone = data / (CSV_NAMES["train"] + suffix)
     lone.write_text("mine")
-    with pytest.raises(DataError, match=f"holds only \\['{lone}'\\]; refusing to overwrite"):
+    with pytest.raises(DataError, match=f"holds only {lone.name} of the two CSVs; refusing to overwrite"):
         obtain(data, idx_dir=idx_dir, allow_install=False, allow_download=False)
     assert lone.read_text() == "mine" and [p.name for p in data.iterdir()] == [lone.name]
+
+
+def test_a_split_both_plain_and_gzipped_is_refused_as_every_run_would(tmp_path, idx_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in (CSV_NAMES["train"], CSV_NAMES["train"] + ".gz", CSV_NAMES["test"]):
+        (data / name).write_text("mine")
+    with pytest.raises(DataError, match="holds both fashion-mnist_train.csv and fashion-mnist_train.csv.gz"):
+        obtain(data, idx_dir=idx_dir, allow_install=False, allow_download=False)
+    assert sorted(p.read_text() for p in data.iterdir()) == ["mine"] * 3
 
 
 def test_nothing_available_says_what_to_do(tmp_path, monkeypatch):

@@ -182,11 +182,14 @@ def obtain(data_dir: Path, idx_dir: Path | None = None, allow_install: bool = Tr
 def _obtain(data_dir: Path, idx_dir: Path | None, allow_install: bool, allow_download: bool) -> str:
     csvs = [data_dir / name for name in CSV_NAMES.values()]
     if all(p.is_file() or Path(f"{p}.gz").is_file() for p in csvs):
+        for split in CSV_NAMES:
+            find_csv(data_dir, split)  # a split both plain and gzipped: refused here, as every run would refuse it
         return f"CSVs already in {data_dir}: left untouched"
-    present = [str(q) for p in csvs for q in (p, Path(f"{p}.gz")) if q.exists()]
+    present = [q for p in csvs for q in (p, Path(f"{p}.gz")) if q.exists()]
     if present:
-        raise DataError(f"{data_dir} holds only {present}; refusing to overwrite it. Put both CSVs there, "
-                        "or move it away and run `make data` again.")
+        shown = ", ".join(f"{q.name}{'' if q.is_file() else ' (not a file)'}" for q in present)
+        raise DataError(f"{data_dir} holds only {shown} of the two CSVs; refusing to overwrite anything. Put both "
+                        "CSVs there, or move what is there away and run `make data` again.")
     if idx_dir is not None:  # named on purpose: converted, or refused naming what is missing; never another source
         if not idx_dir.is_dir():
             raise DataError(f"--idx-dir {idx_dir}: no such directory; expected the directory holding Zalando's four "

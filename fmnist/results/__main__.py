@@ -96,7 +96,8 @@ def tricks(args) -> None:
     if args.csv:  # refused before the work, as predict.py and export.py refuse an existing out=
         check_output_file(args.csv, "--csv", None, lambda head: False, "tricks")
         if not args.csv.parent.is_dir():  # else the table is lost after the whole evaluation
-            raise ConfigError(f"--csv names {args.csv}, in {args.csv.parent}, which is not an existing directory; "
+            what = "a file, not a directory" if args.csv.parent.exists() else "not an existing directory"
+            raise ConfigError(f"--csv names {args.csv}, in {args.csv.parent}, which is {what}; "
                               "nothing was evaluated. Create the directory, or choose a file in one that exists.")
         check_writable(args.csv.parent, key="--csv")
     from fmnist.inference.tricks import compare

@@ -55,19 +55,20 @@ def changes(baseline_dir: Path, sweep_dirs: list[Path]) -> pd.DataFrame:
     test accuracy, shown only), train_seconds (mean). `attrs["left_out"]`: the jobs that did not complete (a
     setting that failed on some seeds is judged on the others, and one that failed on all is listed only).
     """
-    left_out = []
+    left_out: dict[Path, list[str]] = {}
 
     def completed(sweep: Path) -> pd.DataFrame:
         table = collect(sweep)
-        left_out.extend(f"{sweep}/{r.job} ({r.status})" for r in table[table.status != COMPLETED].itertuples())
+        left_out[sweep] = [f"{sweep}/{r.job} ({r.status})" for r in table[table.status != COMPLETED].itertuples()]
         return table[table.status == COMPLETED]
 
     base = completed(baseline_dir)
     tried = {sweep: completed(sweep) for sweep in sweep_dirs}
-    for name, nothing in ((baseline_dir, base.empty), ("the sweeps compared", all(t.empty for t in tried.values()))):
+    for dirs, nothing in (([baseline_dir], base.empty), (sweep_dirs, all(t.empty for t in tried.values()))):
         if nothing:
-            raise ConfigError(f"{name}: no completed job to compare (left out, not completed: {', '.join(left_out)}); "
-                              "nothing was compared.")
+            jobs = [job for d in dirs for job in left_out[d]]
+            raise ConfigError(f"{', '.join(map(str, dirs))}: no completed job to compare (not completed: "
+                              f"{', '.join(jobs)}); nothing was compared.")
     if base.setting.nunique() != 1:
         raise ConfigError(f"{baseline_dir}: a baseline is one setting run with several seeds; this sweep has "
                           f"{base.setting.nunique()} completed settings ({', '.join(sorted(base.setting.unique()))}).")
@@ -96,7 +97,7 @@ def changes(baseline_dir: Path, sweep_dirs: list[Path]) -> pd.DataFrame:
                          "train_seconds": runs.train_seconds.mean()})
     result = pd.DataFrame(rows)
     result["p_holm"] = [math.nan] + holm(list(result.p[1:]))
-    result.attrs["left_out"] = left_out
+    result.attrs["left_out"] = [job for jobs in left_out.values() for job in jobs]
     return result
 
 
