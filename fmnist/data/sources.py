@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fmnist import IMAGE_SIDE, NUM_CLASSES
-from fmnist.data.csv_io import require_file, write_csv
+from fmnist.data.csv_io import csv_digest, require_file, write_csv
 from fmnist.errors import DataError
 from fmnist.fsio import storage_errors
 
@@ -61,6 +61,12 @@ def split_csvs(data_dir: Path) -> dict[str, Path]:
     for path in paths.values():
         require_file(path)
     return paths
+
+
+def data_digests(data_dir: Path | str) -> dict[str, str]:
+    """The SHA-1 of each split's CSV (`split_csvs`; its text, decompressed from a .csv.gz: `csv_digest`): what
+    identifies a run's data (`data_digest` in its record), wherever the files live and however they are compressed."""
+    return {split: csv_digest(path) for split, path in split_csvs(data_dir).items()}
 
 
 def read_idx(path: Path, ndim: int) -> np.ndarray:

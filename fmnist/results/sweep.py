@@ -20,8 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fmnist.cli import chained_fmnist_error, exit_with, unresolvable
 from fmnist.config import SWEEP_CONFIG_FILE, check_launcher, check_sweep_values, superseded_note
-from fmnist.data.csv_io import csv_digest
-from fmnist.data.sources import split_csvs
+from fmnist.data.sources import data_digests
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, DataError
 from fmnist.fsio import atomic_write, check_not_directories, note_early_write
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
@@ -134,7 +133,7 @@ def check_same_data(sweep_dir: Path, data_dir: str, advice: str = SWEEP_ELSEWHER
     if done.empty:
         return
     try:
-        ours = {split: short_digest(csv_digest(path)) for split, path in split_csvs(data_dir).items()}
+        ours = {split: short_digest(digest) for split, digest in data_digests(data_dir).items()}
     except DataError:
         return  # the first job says what is missing
     other = done[(done.train_sha1 != ours["train"]) | (done.test_sha1.notna() & (done.test_sha1 != ours["test"]))]

@@ -33,8 +33,7 @@ from fmnist.cli import stopped_by_ctrl_c
 from fmnist.config import (ADDED_KEYS, PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, RUN_OPTIONS, check_values,
                            composition_message, is_count, is_text_keyed, override_key, override_text)
 from fmnist.data.datamodule import FashionMNISTDataModule
-from fmnist.data.csv_io import csv_digest
-from fmnist.data.sources import split_csvs
+from fmnist.data.sources import data_digests
 from fmnist.errors import CheckpointError, ConfigError, DivergedError, FmnistError
 from fmnist.fsio import (atomic_write, check_writable, early_writes, keep_early_writes, load_checkpoint,
                          storage_errors)
@@ -159,18 +158,12 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
     return last.exists()
 
 
-def data_digests(cfg: DictConfig) -> dict:
-    """The SHA-1 of each CSV the run reads (its text, decompressed from a .csv.gz: `csv_digest`): what identifies
-    its data, wherever the files live and however they are compressed."""
-    return {split: csv_digest(path) for split, path in split_csvs(cfg.data.dir).items()}
-
-
 def differences_from_finished(cfg: DictConfig, run_dir: Path, record: dict) -> list[str]:
     """What makes `cfg` another experiment than the finished one in `run_dir`: config keys that change the
     result (placement keys aside; a run's length counts: a finished 20-epoch job is not a 30-epoch one) and the
     data's content. Empty when it is the same experiment."""
     keys = _changed_keys(run_dir / CONFIG_FILE, cfg, aside=PLACEMENT_KEYS)[0]
-    if record.get("data_digest") and record["data_digest"] != data_digests(cfg):
+    if record.get("data_digest") and record["data_digest"] != data_digests(cfg.data.dir):
         keys.append(f"the data's content (CSVs in {cfg.data.dir})")
     return keys
 
@@ -573,7 +566,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     if rank_zero_only.rank == 0:
         # A resumed run starts afresh: the error that stopped it last time is no longer its state.
         update_record(run_dir, drop=("error", "finished_at", "stopped_by", "tested"), status=RUNNING, seed=cfg.seed,
-                      started_at=now(), overrides=list(overrides or []), precision=precision, data_digest=data_digests(cfg),
+                      started_at=now(), overrides=list(overrides or []), precision=precision, data_digest=data_digests(cfg.data.dir),
                       trackers=tracker_ids(trackers, run_dir), **provenance(), **(record or {}))
         for_each(trackers, "start", hparams, OmegaConf.to_container(cfg, resolve=True))
         (run_dir / ERROR_FILE).unlink(missing_ok=True)
