@@ -313,10 +313,11 @@ def storage_errors(key: str | None = "hydra.run.dir"):
         raise mapped from e
 
 
-def file_digest(path: Path, algorithm: str = "sha1") -> str:
-    """Hex digest of a file's bytes, read in 4 MiB chunks (a cache key, a data identity, a checkpoint's hash)."""
+def file_digest(path: Path, algorithm: str = "sha1", opener: Callable = open) -> str:
+    """Hex digest of a file's bytes, read in 4 MiB chunks (a cache key, a data identity, a checkpoint's hash);
+    `opener`: how to open it (`gzip.open`: the digest of what it decompresses to)."""
     h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
+    with opener(path, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()

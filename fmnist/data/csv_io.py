@@ -10,7 +10,6 @@ being coerced.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import logging
 import zipfile
@@ -42,20 +41,24 @@ def require_file(path: Path) -> None:
                         "--data-dir DIR for the scripts).")
 
 
+# What reading a .csv or .csv.gz raises for a file that is there but cannot be read (zlib.error: a corrupt
+# deflate stream; gzip.BadGzipFile is an OSError).
+_UNREADABLE = (OSError, EOFError, zlib.error)
+
+
+def _unreadable(path: Path, error: BaseException) -> DataError:
+    """The paragraph for a CSV that is there but cannot be read (`_UNREADABLE`)."""
+    return DataError(f"{path}: could not be read ({error}). Expected a readable .csv, or a .csv.gz that `gunzip -t` "
+                     "accepts.")
+
+
 def csv_digest(path: Path) -> str:
     """SHA-1 of a CSV's text, decompressed from a `.csv.gz`: what identifies a run's data (`data_digest` in its
     record), so that the same rows, plain or gzipped, are the same data. DataError if it cannot be read."""
-    if not path.name.endswith(".gz"):
-        return file_digest(path)
-    h = hashlib.sha1()
     try:
-        with gzip.open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-    except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: could not be read ({e}). Expected a readable .csv, or a .csv.gz "
-                        "that `gunzip -t` accepts.") from e
-    return h.hexdigest()
+        return file_digest(path, opener=gzip.open if path.name.endswith(".gz") else open)
+    except _UNREADABLE as e:
+        raise _unreadable(path, e) from e
 
 
 def read_raw(path: Path, max_bytes: int | None = None) -> bytes:
@@ -73,9 +76,8 @@ def read_raw(path: Path, max_bytes: int | None = None) -> bytes:
             raise DataError(f"{path}: more than the {max_bytes // 2 ** 20} MB accepted here"
                             f"{' once decompressed' if gz else ''}; split it into smaller CSVs.")
         return raw
-    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:  # zlib.error: a corrupt deflate stream
-        raise DataError(f"{path}: could not be read ({e}). Expected a readable .csv, or a .csv.gz "
-                        "that `gunzip -t` accepts.") from e
+    except _UNREADABLE as e:
+        raise _unreadable(path, e) from e
 
 
 def parse_csv(path: Path, require_label: bool = True, max_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
