@@ -110,6 +110,11 @@ def path_argument(text: str) -> Path:
     return Path(text)
 
 
+def not_a_directory(path: Path) -> str:
+    """What `path`, which is not a directory, is instead, for a message: a file, or nothing."""
+    return "a file, not a directory" if Path(path).exists() else "no such directory"
+
+
 def check_working_directory() -> None:
     """ConfigError if the directory the command was started in has been deleted: relative paths (`outputs/`,
     `data/`) mean nothing then, and Hydra and torch fail on it with a traceback or a misleading message."""

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from fmnist.cli import run_plain
 from fmnist.errors import ConfigError
-from fmnist.fsio import atomic_output, atomic_write, check_output_file, check_writable, path_argument, storage_errors
+from fmnist.fsio import (atomic_output, atomic_write, check_output_file, check_writable, not_a_directory,
+                         path_argument, storage_errors)
 from fmnist.runs import METRICS_FILE, collect
 
 
@@ -29,7 +30,7 @@ def sweep_dir(text: str) -> Path:
     """`text` as a sweep directory, or ConfigError saying what it is instead."""
     path = Path(text)
     if not path.is_dir():
-        raise ConfigError(f"{path}: {'a file, not a directory' if path.exists() else 'no such directory'}; expected a sweep directory (job directories with metrics.json), "
+        raise ConfigError(f"{path}: {not_a_directory(path)}; expected a sweep directory (job directories with metrics.json), "
                           "as `python train.py -m ...` writes under outputs/ (`make ablations` writes outputs/study-cpu).")
     if (path / METRICS_FILE).is_file():
         raise ConfigError(f"{path}: a run directory, not a sweep; pass the directory that holds the sweep's jobs "

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from fmnist.errors import ConfigError
+from fmnist.fsio import not_a_directory
 from fmnist.results.stats import (ALPHA, INTERVAL_NOTE, Interval, holm, mcnemar, mean_interval, no_spread, paired,
                                   paired_bootstrap, same_difference_p, summary_interval)
 from fmnist.runs import (COMPLETED, METRICS_FILE, PREDICTIONS_FILE, check_poolable, collect, read_record,
@@ -173,7 +174,7 @@ def _read_predictions(file: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 def _predictions_by_seed(path: Path, split: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """{seed: (predictions, labels)} of a run directory, or of each completed job of a sweep directory."""
     if not path.is_dir():
-        raise ConfigError(f"{path}: {'a file, not a directory' if path.exists() else 'no such directory'}; expected a run "
+        raise ConfigError(f"{path}: {not_a_directory(path)}; expected a run "
                           "directory or a sweep directory of one setting.")
     if (path / METRICS_FILE).is_file():
         record = read_record(path)
