@@ -25,7 +25,7 @@ from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_output
 from fmnist.inference.config import check_evaluate
 from fmnist.inference.loading import load_model, run_test_acc, run_test_images, run_tested_on
-from fmnist.runs import COMPLETED, CONFUSION_FILE, METRICS_FILE, now, provenance, write_record
+from fmnist.runs import COMPLETED, CONFUSION_FILE, METRICS_FILE, now, provenance, read_record, write_record
 from fmnist.training.rundir import own_run_dir
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     tta = cfg.tta if cfg.tta is not None else model.tta  # by default, as the run validated and tested
     logits = model.logits_batched(images, batch_size, tta=tta)
     metrics, cm = classification_metrics(logits, labels)
+    run_record = read_record(model.run_dir) if model.run_dir else None  # what the run itself recorded of its test
     record = {
         "status": COMPLETED, "finished_at": now(),
         "checkpoint": {"path": str(model.path.resolve()), "sha256": model.sha256, "run_dir": _str(model.run_dir),
@@ -79,8 +80,8 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "data": {"test_csv": str(csv.resolve()), "normalize": model.normalize, "mean": model.mean, "std": model.std,
                  "batch_size": batch_size},
         "tta": tta, "precision": "32-true", "metrics": metrics,
-        "run_test_acc": run_test_acc(model.run_dir), "run_test_images": run_test_images(model.run_dir),
-        "run_tested_on_this_csv": run_tested_on(model.run_dir, csv), "config": OmegaConf.to_container(cfg, resolve=True),
+        "run_test_acc": run_test_acc(run_record), "run_test_images": run_test_images(model.run_dir),
+        "run_tested_on_this_csv": run_tested_on(run_record, csv), "config": OmegaConf.to_container(cfg, resolve=True),
         **provenance(),
     }
     with own_run_dir(out_dir):  # another evaluation writing there now is refused (RunDirInUse), as is one after it

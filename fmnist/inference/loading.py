@@ -290,16 +290,17 @@ def load_model(ckpt: str | Path) -> LoadedModel:
     return loaded
 
 
-def run_test_acc(run_dir: Path | None) -> float | None:
-    """The run's own recorded test accuracy, if any."""
-    metrics = ((read_record(run_dir) if run_dir else None) or {}).get("metrics")
+def run_test_acc(record: dict | None) -> float | None:
+    """The test accuracy a run recorded (`record`: its `read_record`), if any."""
+    metrics = (record or {}).get("metrics")
     value = metrics.get("test/acc") if isinstance(metrics, dict) else None
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None  # else unknown
 
 
-def run_tested_on(run_dir: Path | None, csv: Path) -> bool | None:
-    """Whether the run's own test/acc was measured on the CSV `csv` (its record's `data_digest`), None if unknown."""
-    digest = ((read_record(run_dir) if run_dir else None) or {}).get("data_digest")
+def run_tested_on(record: dict | None, csv: Path) -> bool | None:
+    """Whether a run's own test/acc was measured on the CSV `csv` (`record`: its `read_record`, whose
+    `data_digest` says), None if unknown."""
+    digest = (record or {}).get("data_digest")
     recorded = digest.get("test") if isinstance(digest, dict) else None
     return None if not isinstance(recorded, str) else recorded == csv_digest(csv)
 
