@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fmnist.config import composition_message, renamed_overrides
 from fmnist.errors import ConfigError, FmnistError
 from fmnist import fsio
-from fmnist.fsio import early_writes_undone_if_refused, note_dirs_to_be_made, storage_error
+from fmnist.fsio import early_writes_undone_if_stopped, note_dirs_to_be_made, storage_error
 
 def refuse_unknown_keys(cfg: DictConfig, overrides: list[str]) -> None:
     """ConfigError for a `+key=value` / `++key=value` override that adds a key the schema does not declare.
@@ -133,7 +133,7 @@ RUN_DIR_KEY, SWEEP_DIR_KEY = "hydra.run.dir", "hydra.sweep.dir"  # where Hydra p
 
 class OutputDirsUndoneIfRefused(Callback):
     """Hydra callback (`conf/train.yaml`, `conf/evaluate.yaml`): note the directories Hydra is about to make for
-    the run or the sweep, so that a refused command removes those it leaves empty (`early_writes_undone_if_refused`)."""
+    the run or the sweep, so that a refused or stopped command removes those it leaves empty (`early_writes_undone_if_stopped`)."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         self._note(config, RUN_DIR_KEY)
@@ -181,8 +181,8 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -
             _exit(f"{key.lstrip('+~')}= is empty (an unset shell variable?), which would put the output into the "
                   "current directory: name a directory, or leave the key out for the default.", 2)
     try:
-        # refused (exit 2): what Hydra wrote before the checks is put back, whoever refused it
-        with sigterm_unwinds(unwind_on_sigterm), early_writes_undone_if_refused():
+        # refused (exit 2) or stopped before its checks passed: what Hydra wrote is put back, whoever refused it
+        with sigterm_unwinds(unwind_on_sigterm), early_writes_undone_if_stopped():
             try:
                 hydra_main()
             except (HydraException, OmegaConfBaseException) as e:  # e.g. a swept value composed into a job

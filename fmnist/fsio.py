@@ -189,17 +189,18 @@ def keep_early_writes() -> None:
 
 
 @contextmanager
-def early_writes_undone_if_refused():
-    """Run a command; if it exits with code 2 (refused), put each file noted by `note_early_write` back as it
-    was, removing the ones that did not exist (and their directory, when that is left empty), and remove the
-    directories noted by `note_dirs_to_be_made` that are left empty."""
+def early_writes_undone_if_stopped():
+    """Run a command; if it ends before its checks pass (`keep_early_writes`): refused (exit 2), stopped by
+    Ctrl-C or failed, put each file noted by `note_early_write` back as it was, removing the ones that did not
+    exist (and their directory, when that is left empty), and remove the directories noted by
+    `note_dirs_to_be_made` that are left empty."""
     _EARLY_WRITES.clear()
     _DIRS_TO_BE_MADE.clear()
     _DIRS_BEFORE.clear()
     try:
         yield
-    except SystemExit as e:
-        if e.code == 2:
+    except BaseException as e:
+        if not (isinstance(e, SystemExit) and e.code in (0, None)):
             for path, before in reversed(_EARLY_WRITES.items()):  # the last written first: a job's log, then its sweep's
                 if before is not None:
                     atomic_write(path, before)

@@ -227,6 +227,38 @@ def test_a_refusals_clean_up_survives_a_deleted_working_directory(tmp_path, monk
     assert not made.exists()
 
 
+# A command stopped before its checks pass (Ctrl-C while a continued sweep's first job is checked, a failure)
+# puts back what Hydra rewrote early, as a refusal does; once the checks pass, what it wrote stays.
+@pytest.mark.parametrize("stop,code", [(KeyboardInterrupt, 130), (lambda: SystemExit(2), 2),
+                                       (lambda: RuntimeError("a bug"), None)])
+def test_a_command_stopped_before_its_checks_pass_puts_back_what_it_wrote_early(tmp_path, monkeypatch, stop, code):
+    from fmnist.cli import run_cli
+    from fmnist.fsio import keep_early_writes, note_early_write
+
+    sweep_file, job_log = tmp_path / "s" / "multirun.yaml", tmp_path / "s" / "job" / "train.log"
+    sweep_file.parent.mkdir()
+    sweep_file.write_text("an earlier sweep's\n")
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+
+    def command(checks_pass: bool):
+        note_early_write(sweep_file)
+        sweep_file.write_text("this sweep's\n")
+        job_log.parent.mkdir(exist_ok=True)
+        note_early_write(job_log)
+        job_log.write_text("its first line\n")
+        if checks_pass:
+            keep_early_writes()
+        raise stop()
+
+    with pytest.raises(SystemExit if code else RuntimeError) as stopped:
+        run_cli(lambda: command(checks_pass=False))
+    assert getattr(stopped.value, "code", None) == code
+    assert sweep_file.read_text() == "an earlier sweep's\n" and not job_log.parent.exists()
+    with pytest.raises(SystemExit if code else RuntimeError):
+        run_cli(lambda: command(checks_pass=True))
+    assert sweep_file.read_text() == "this sweep's\n" and job_log.read_text() == "its first line\n"
+
+
 # An empty path (an unset shell variable) is refused, not read as the current directory.
 def test_an_empty_data_dir_is_refused_not_taken_for_the_current_directory(tmp_path, data_dir, run_in_process):
     here = shutil.copytree(data_dir, tmp_path / "here")  # CSVs in the current directory, which data.dir= would read
