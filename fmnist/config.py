@@ -584,8 +584,8 @@ def check_values(cfg: DictConfig) -> None:
         ("trainer.check_val_every_n_epoch",
          cfg.trainer.max_epochs == -1 or cfg.trainer.check_val_every_n_epoch <= cfg.trainer.max_epochs,
          f"at most trainer.max_epochs ({cfg.trainer.max_epochs}): a run that never validates has no best checkpoint"),
-        ("trainer.gradient_clip_val", cfg.trainer.gradient_clip_val is None or cfg.trainer.gradient_clip_val >= 0,
-         "null or non-negative (0 or null: no clipping)"),
+        ("trainer.gradient_clip_val", cfg.trainer.gradient_clip_val is None or 0 <= cfg.trainer.gradient_clip_val < math.inf,
+         "null or non-negative and finite (0 or null: no clipping)"),
         ("trainer.num_sanity_val_steps", cfg.trainer.num_sanity_val_steps >= -1, "at least 0 (or -1: the whole split)"),
         ("trainer.log_every_n_steps", cfg.trainer.log_every_n_steps >= 1, "at least 1"),
     ]

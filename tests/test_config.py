@@ -56,6 +56,7 @@ def test_unknown_model_name_fails():
     ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch"),
     ("trainer.check_val_every_n_epoch=21", "trainer.check_val_every_n_epoch"),  # above max_epochs (20)
     ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val"),
+    ("trainer.gradient_clip_val=inf", "trainer.gradient_clip_val"),  # a clip that never clips: null says so
     ("trainer.num_sanity_val_steps=-2", "trainer.num_sanity_val_steps"),
     ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps"),
 ])
