@@ -255,6 +255,13 @@ def test_predict_cli_reports_a_corrupt_png_and_goes_on(run_dir, tmp_path, run_in
     assert rows["rows.csv:2"]["top_k"][0] == rows["ok0.png"]["top_k"][0] and rows["rows.csv:2"]["label"] is None
 
 
+def test_inputs_that_all_fail_say_none_was_predicted(run_dir, tmp_path, run_in_process):
+    result = run_in_process("predict.py", f"ckpt={run_dir}", "inputs=/dev/null", f"out={tmp_path}/p.csv")
+    assert result.returncode == 2 and "1 of 1 inputs could not be used" in result.stderr
+    assert f"None was predicted; {tmp_path}/p.csv lists each error." in result.stderr and "The other 0" not in result.stderr
+    assert '/dev/null,,,,,,,,,"not a regular file' in (tmp_path / "p.csv").read_text()  # the error, in its row
+
+
 def test_a_file_name_that_is_not_utf8_is_written_escaped_to_a_csv(run_dir, tmp_path, run_in_process):
     images, _ = garment_images(1, 5)
     (tmp_path / "in").mkdir()

@@ -268,6 +268,13 @@ def test_an_empty_data_dir_is_refused_not_taken_for_the_current_directory(tmp_pa
     assert sorted(p.name for p in here.iterdir()) == sorted(p.name for p in data_dir.iterdir())
 
 
+def test_a_data_dir_that_is_a_file_is_called_one(data_dir):
+    from fmnist.data.sources import split_csvs
+
+    with pytest.raises(DataError, match="fashion-mnist_train.csv: a file, not a directory; data.dir"):
+        split_csvs(data_dir / "fashion-mnist_train.csv")  # the CSV itself named instead of its directory
+
+
 def test_an_empty_path_is_refused_not_taken_for_the_current_directory(tmp_path, capsys):
     from fmnist.inference.loading import resolve
     from fmnist.results.__main__ import parse_args

@@ -42,10 +42,13 @@ OFFICIAL_MD5 = {  # the published checksums of Zalando's gzipped IDX files
 def find_csv(data_dir: Path | str, split: str) -> Path:
     """The split's CSV in `data_dir`: `.csv` or `.csv.gz` (the plain name, for the error, if neither). Both
     there is DataError: which one a run read would depend on a rule the user cannot see; so is an empty
-    `data_dir` (an unset shell variable), which would name the current directory."""
+    `data_dir` (an unset shell variable), which would name the current directory, and a file."""
     if not str(data_dir).strip():
         raise DataError("data.dir is empty (an unset shell variable?), which would read the CSVs of the current "
                         "directory: name the directory holding them (`.` for this one).")
+    if Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise DataError(f"{data_dir}: a file, not a directory; data.dir (--data-dir for the scripts) names the "
+                        f"directory that holds {' and '.join(CSV_NAMES.values())}.")
     plain = Path(data_dir) / CSV_NAMES[split]
     gz = plain.with_name(plain.name + ".gz")
     if plain.exists() and gz.exists():

@@ -132,10 +132,13 @@ def predict(cfg: DictConfig) -> list[dict]:
     print(table(rows, k, model.path, cfg.out))
     failed = [r for r in rows if r["error"]]
     if failed:
+        predicted = len(items) - len(failed)
+        written = f" and written to {cfg.out}" if cfg.out else ""
         raise InputsFailed(f"{len(failed)} of {len(items)} inputs could not be used ("
                            + "; ".join(f"{r['input']}: {r['error']}" for r in failed[:3])
-                           + ("; ..." if len(failed) > 3 else "") + f"). The other {len(items) - len(failed)} were "
-                           f"predicted{' and written to ' + str(cfg.out) if cfg.out else ''}.")
+                           + ("; ..." if len(failed) > 3 else "") + "). "
+                           + (f"The other {predicted} were predicted{written}." if predicted else
+                              f"None was predicted{f'; {cfg.out} lists each error' if cfg.out else ''}."))
     return rows
 
 
