@@ -72,17 +72,31 @@ def finished_records(log: Path, timeout: float = 120) -> list:
 def wandb_run(run_dir: Path, run_id: str) -> dict:
     """What W&B recorded for `run_id` under `run_dir`, over every process that logged it (a resume adds one)."""
     logs = sorted(run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
-    config, summary, names = {}, {}, []
+    config, summary, names, history = {}, {}, [], []
     for log in logs:
         for record in finished_records(log):
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 names.append(record.run.display_name)
+            if kind == "history":
+                history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                for item in record.history.item})
             items = record.config.update if kind == "config" else record.summary.update if kind == "summary" else []
             target = config if kind == "config" else summary
             for item in items:
                 target[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
-    return {"logs": logs, "config": config, "summary": summary, "names": names}
+    return {"logs": logs, "config": config, "summary": summary, "names": names, "history": history}
+
+
+def epoch_points(run: dict) -> list[tuple]:
+    """The (epoch, validation accuracy) points a W&B run holds in its `by_epoch/` curves."""
+    return [(h["by_epoch/epoch"], pytest.approx(h["by_epoch/val/acc"])) for h in run["history"] if "by_epoch/epoch" in h]
+
+
+def epoch_rows(run_dir: Path) -> list[tuple]:
+    """The (epoch, validation accuracy) of each row of a run's epochs.csv."""
+    rows = pd.read_csv(run_dir / "epochs.csv")
+    return [(int(e), float(a)) for e, a in zip(rows["epoch"], rows["val/acc"])]
 
 
 def test_a_sweep_jobs_tracker_run_name_leads_with_the_keys_its_sweep_varies(tmp_path):
@@ -130,6 +144,7 @@ def test_wandb_offline_and_csv_get_what_the_run_directory_has_and_a_resume_conti
     assert wandb["summary"]["test/confusion_matrix/_type"] == "image-file"  # nested keys joined by /
     assert wandb["names"] == ["optim.lr=0.01"]
     assert "wandb sync" in record["trackers"]["views"]["wandb"]
+    assert epoch_points(wandb) == epoch_rows(run_dir)  # one point per epoch, as TensorBoard and MLflow get
     csv_rows = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
     assert "final/test/acc" in csv_rows[0] and "train/loss" in csv_rows[0]
 
@@ -137,6 +152,7 @@ def test_wandb_offline_and_csv_get_what_the_run_directory_has_and_a_resume_conti
     assert read_record(run_dir)["trackers"]["wandb_run_id"] == run_id  # the same W&B run, continued
     resumed = wandb_run(run_dir, run_id)
     assert len(resumed["logs"]) == 2 and resumed["summary"]["epochs"] == 2
+    assert epoch_points(resumed) == epoch_rows(run_dir)  # the first session's epoch, then the second's
     # The CSV keeps the first session's rows (Lightning's writer empties it when it starts) and adds the second's.
     resumed_rows = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
     assert resumed_rows[:len(csv_rows)] == csv_rows and len(resumed_rows) > len(csv_rows)

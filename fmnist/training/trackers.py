@@ -1,10 +1,12 @@
 """Where a run's numbers go besides its run directory: the config group `logger` picks the trackers.
 
 `logger=tensorboard` (the default), `csv`, `mlflow`, `wandb`, `many` (all four), or any list
-(`logger.backends=[tensorboard,mlflow]`). Each tracker gets the same: the hparams row (the keys the
-command line or sweep changed, then `HPARAMS`), the per-step metrics `LitClassifier` logs, one
+(`logger.backends=[tensorboard,mlflow]`). TensorBoard, MLflow and W&B each get the same: the hparams row (the keys
+the command line or sweep changed, then `HPARAMS`), the per-step metrics `LitClassifier` logs, one
 point per epoch (`by_epoch/...`), the final validation and test metrics, the confusion matrix and the
-misclassified test images as figures, and the run's resolved `config.yaml`; the run is named as its
+misclassified test images as figures, and the run's resolved `config.yaml` (TensorBoard's files sit beside it in
+the run directory); CSV, one table, gets the hparams
+row, the per-step and the final metrics (the run directory holds the rest). The run is named as its
 directory is (a sweep job with the keys its sweep varies first). Per-step metrics go through Lightning's own loggers; the rest through `Tracker`.
 
 A tracker that cannot be reached (an MLflow server that is down) costs one warning: the run goes on
@@ -84,9 +86,12 @@ def run_name(run_dir: Path, overrides: list[str] | None) -> str:
     return job_name(overrides, swept)
 
 
+BY_EPOCH = "by_epoch"  # the prefix of the per-epoch points
+
+
 def by_epoch(row: dict) -> dict:
     """An epochs.csv row's curves as `by_epoch/...` points (Lightning's own are against steps)."""
-    return {f"by_epoch/{k}": row[k] for k in ("train/loss", "train/acc", "val/loss", "val/acc") if k in row}
+    return {f"{BY_EPOCH}/{k}": row[k] for k in ("train/loss", "train/acc", "val/loss", "val/acc") if k in row}
 
 
 # Logger methods Lightning calls during a run (per-step metrics, checkpoints, the end).
@@ -236,7 +241,13 @@ class WandB(Tracker):
         return str(run.url)
 
     def start(self, hparams: dict, config: dict) -> None:
-        self.logger.experiment.config.update({**config, "hparams": hparams}, allow_val_change=True)
+        run = self.logger.experiment
+        run.config.update({**config, "hparams": hparams}, allow_val_change=True)
+        run.define_metric(f"{BY_EPOCH}/*", step_metric=f"{BY_EPOCH}/epoch")  # plotted against the epoch
+
+    def epoch(self, row: dict) -> None:
+        # No step given: W&B's own step counts on (Lightning's per-step metrics carry trainer/global_step).
+        self.logger.experiment.log({**by_epoch(row), f"{BY_EPOCH}/epoch": row["epoch"]})
 
     def figure(self, tag: str, figure, step: int) -> None:
         import wandb
