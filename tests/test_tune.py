@@ -151,7 +151,11 @@ def test_a_pruned_trial_stops_after_its_first_report_and_is_recorded(tmp_path, d
     (["study=x", "optim.lr=0.5"], "the train override optim.lr=0.5 sets optim.lr, which the search space samples "
                                   "(space.lr): every trial would replace it"),
     (["study=x", "data.dir=/nonexistent"], "fashion-mnist_train.csv: file not found"),
-    (["study=x", "storage=garbage://x"], "cannot open the study storage 'garbage://x'"),
+    # What only the data shows: found before the study is written, not in its first trial.
+    (["study=x", "data.val_size=100000"], "config key data.val_size must be between 1 and"),
+    (["study=x", "data.val_size=100", "space.batch_size.key=data.train_subset", "space.batch_size.choices=[100,1000]"],
+     "config key data.train_subset must be at most 500"),
+    (["study=x", "data.val_size=100", "storage=garbage://x"], "cannot open the study storage 'garbage://x'"),
     (["study=x", "heartbeat.grace_s=30", "heartbeat.interval_s=60"], "need 1 <= interval_s < grace_s"),
     # int(0.5) is 0, which a log scale cannot start from
     (["study=x", "space.dropout.key=optim.lookahead_steps", "space.dropout.low=0.5", "space.dropout.high=2",
@@ -169,18 +173,18 @@ def test_bad_input_stops_before_the_study_is_created(tmp_path, data_dir, args, m
 
 def test_a_refused_study_removes_the_directories_it_made_and_keeps_ones_own_files(tmp_path, data_dir):
     with pytest.raises(FmnistError, match="cannot open the study storage 'garbage://x'"):
-        run_search(CONF, [f"out_dir={tmp_path / 'new' / 'studies'}", f"data.dir={data_dir}", "study=x", "storage=garbage://x"])
+        run_search(CONF, [f"out_dir={tmp_path / 'new' / 'studies'}", f"data.dir={data_dir}", "data.val_size=100", "study=x", "storage=garbage://x"])
     (tmp_path / "afile").write_text("x")
     with pytest.raises(FmnistError, match=f"names {tmp_path}/afile/x.db, whose directory {tmp_path}/afile is not an "
                                           "existing directory"):
-        run_search(CONF, [f"out_dir={tmp_path / 'new'}", f"data.dir={data_dir}", "study=x",
+        run_search(CONF, [f"out_dir={tmp_path / 'new'}", f"data.dir={data_dir}", "data.val_size=100", "study=x",
                           f"storage=sqlite:///{tmp_path}/afile/x.db"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
     # A study directory holding files no study wrote: its summary.md would be replaced.
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "summary.md").write_text("mine")
     with pytest.raises(FmnistError, match=f"{tmp_path}/x holds files that no study wrote \\(summary.md\\)"):
-        run_search(CONF, [f"out_dir={tmp_path}", f"data.dir={data_dir}", "study=x"])
+        run_search(CONF, [f"out_dir={tmp_path}", f"data.dir={data_dir}", "data.val_size=100", "study=x"])
     assert [p.name for p in (tmp_path / "x").iterdir()] == ["summary.md"]
     # A study directory holding the storage file the command names is the study's own (a second worker's start).
     (tmp_path / "x" / "summary.md").unlink()
@@ -188,7 +192,7 @@ def test_a_refused_study_removes_the_directories_it_made_and_keeps_ones_own_file
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
     optuna.create_study(study_name="x", storage=storage, direction="maximize").add_trial(
         optuna.trial.create_trial(params={}, distributions={}, value=0.5))
-    run_search(CONF, [f"out_dir={tmp_path}", f"data.dir={data_dir}", "study=x", "n_trials=1", f"storage=journal:{journal}"])
+    run_search(CONF, [f"out_dir={tmp_path}", f"data.dir={data_dir}", "data.val_size=100", "study=x", "n_trials=1", f"storage=journal:{journal}"])
 
 
 @pytest.mark.parametrize("scheme,kind,database", [("journal:", "journal", False),
@@ -207,7 +211,7 @@ def test_a_storage_naming_a_file_of_ones_own_is_refused_and_the_file_kept(tmp_pa
         notes.write_text("my notes\n")
     before = notes.read_bytes()
     with pytest.raises(FmnistError, match=f"names {notes}, which is not an Optuna {kind}; nothing was written"):
-        run_search(CONF, [f"out_dir={tmp_path / 'studies'}", f"data.dir={data_dir}", "study=x",
+        run_search(CONF, [f"out_dir={tmp_path / 'studies'}", f"data.dir={data_dir}", "data.val_size=100", "study=x",
                           f"storage={scheme}{notes}"])
     assert notes.read_bytes() == before and sorted(tmp_path.iterdir()) == [notes]
 
@@ -223,7 +227,7 @@ def test_a_database_of_ones_own_where_the_study_keeps_its_database_is_refused_an
     before = (tmp_path / "x" / "study.db").read_bytes()
     with pytest.raises(FmnistError, match=f"{tmp_path}/x/study.db, where the study keeps its database, is not an "
                                           "Optuna SQLite database; nothing was written"):
-        run_search(CONF, [f"out_dir={tmp_path}", f"data.dir={data_dir}", "study=x", "n_trials=1"])
+        run_search(CONF, [f"out_dir={tmp_path}", f"data.dir={data_dir}", "data.val_size=100", "study=x", "n_trials=1"])
     assert (tmp_path / "x" / "study.db").read_bytes() == before and sorted(tmp_path.rglob("*")) == [
         tmp_path / "x", tmp_path / "x" / "study.db"]
 
@@ -236,7 +240,7 @@ def test_a_continuation_that_samples_other_choices_is_refused_before_a_trial(tmp
     optuna.create_study(study_name="c", storage=storage, direction="maximize").add_trial(
         optuna.trial.create_trial(params={"model": "simple"}, distributions={"model": models}, value=0.5))
     before = (tmp_path / "c" / "study.db").read_bytes()
-    base = [f"out_dir={tmp_path}", f"data.dir={data_dir}", "study=c", "n_trials=2", "~space.lr", "~space.dropout",
+    base = [f"out_dir={tmp_path}", f"data.dir={data_dir}", "data.val_size=100", "study=c", "n_trials=2", "~space.lr", "~space.dropout",
             "~space.batch_size", "~space.weight_decay"]
     with pytest.raises(FmnistError, match=r"study c sampled space.model from the choices \['simple', 'optimized'\]; "
                                           r"this command's space.model is the choices \['simple'\]"):

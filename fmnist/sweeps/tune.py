@@ -50,8 +50,8 @@ from fmnist.results.sweep import check_same_data, summarize
 from fmnist.training.figures import save_png  # matplotlib, headless
 from fmnist.runs import (DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, METRICS_FILE, TRIAL_DIR_PREFIX, now,
                          update_record)
-from fmnist.training.train import (SIGTERM_RECEIVED, RunPruned, check_config, every_combination, failure_of,
-                                   flat_config, stopping_signal, train)
+from fmnist.training.train import (SIGTERM_RECEIVED, RunPruned, check_config, check_data, every_combination,
+                                   failure_of, flat_config, stopping_signal, train)
 
 log = logging.getLogger(__name__)
 
@@ -266,11 +266,11 @@ class _TrialEndsInOneLine(logging.Filter):
     """Optuna logs the exception that ended a trial with its traceback, then a second line "failed with value
     None". The ends this code raises on purpose are already recorded and said: a failed trial keeps Optuna's one
     line, without the traceback of our own exception; an interrupted one (by a signal during training, or Ctrl-C
-    before it) is told by tune.py's closing paragraph."""
+    before it), and one that stops the study with the user's error to fix, are told by tune.py's closing paragraph."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, (TrialInterrupted, KeyboardInterrupt)) or record.getMessage().endswith("failed with value None."):
+        if isinstance(error, (TrialInterrupted, KeyboardInterrupt, FmnistError)) or record.getMessage().endswith("failed with value None."):
             return False
         if isinstance(error, TrialFailed):
             record.exc_info, record.exc_text = None, None
@@ -340,10 +340,12 @@ class Search:
                   for spec in self.cfg.space.values()}
         groups = {key for key in values if isinstance(OmegaConf.select(base, key), DictConfig)}  # e.g. `model`
         composed = {}  # a composition per choice of the searched config groups
+        ends = [base]  # and one per value of every searched key, for the data's own checks
         for k in range(max((len(v) for v in values.values()), default=0)):
             extremes = [f"{key}={override_text(v[min(k, len(v) - 1)])}" for key, v in values.items()]
             cfg = _compose("train", [*ONE_DEVICE, *self.train_overrides, *extremes])
             check_config(cfg)
+            ends.append(cfg)
             composed.setdefault(tuple(o for o in extremes if override_key(o) in groups), cfg)
         plain = {key: vs for key, vs in values.items() if key not in groups}
         for sampled, cfg in every_combination(composed, plain):
@@ -352,6 +354,8 @@ class Search:
             except ConfigError as e:
                 raise ConfigError(f"the search space holds {' '.join(sampled)}, which a trial may sample: {e} "
                                   "No trial was started.") from None
+        for cfg in ends:  # a bad CSV, data.val_size above its rows: here, not in a trial, after the study is written
+            check_data(cfg)
 
     def _base_config(self) -> DictConfig:
         """The train config composed with this command's train overrides (before any sampled value), once."""

@@ -271,6 +271,14 @@ def every_combination(composed: dict[tuple[str, ...], DictConfig], plain: dict[s
                               if len(plain[key]) > 1)], cfg
 
 
+def check_data(cfg: DictConfig) -> None:
+    """Read the run's CSVs and check the config against them: DataError for a bad file, ConfigError for split sizes
+    that do not fit it or a batch limit that leaves a split no batch. What the run would refuse only after its
+    first files are written."""
+    _check_batch_limits(cfg, FashionMNISTDataModule(**OmegaConf.to_container(cfg.data, resolve=True),
+                                                    seed=cfg.seed).check())
+
+
 def _check_batch_limits(cfg: DictConfig, images: dict[str, int]) -> None:
     """ConfigError for a `trainer.limit_*_batches` fraction that leaves none of a split's batches (Lightning refuses
     it only when it reaches that split: the test's, after the whole training)."""
@@ -304,8 +312,7 @@ def _claimed(cfg: DictConfig, run_dir: Path):
     with own_run_dir(run_dir):
         resume = _check_run_dir(cfg, run_dir)
         check_writable(run_dir)
-        _check_batch_limits(cfg, FashionMNISTDataModule(**OmegaConf.to_container(cfg.data, resolve=True),
-                                                        seed=cfg.seed).check())
+        check_data(cfg)
         if resume:
             _check_checkpoint(cfg, last)
             _check_epochs(run_dir / EPOCHS_FILE)
