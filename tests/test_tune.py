@@ -195,6 +195,19 @@ def test_a_refused_study_removes_the_directories_it_made_and_keeps_ones_own_file
     run_search(CONF, [f"out_dir={tmp_path}", f"data.dir={data_dir}", "data.val_size=100", "study=x", "n_trials=1", f"storage=journal:{journal}"])
 
 
+def test_a_storage_refused_for_the_trials_it_lacks_is_not_created(tmp_path, data_dir):
+    (tmp_path / "x" / "trial-0000").mkdir(parents=True)  # a study's trials, run with another storage
+    before = snapshot(tmp_path)
+    for storage in (f"sqlite:///{tmp_path}/new.db", f"journal:{tmp_path}/new.log"):
+        with pytest.raises(FmnistError, match=f"the storage {storage} names no file yet"):
+            run_search(CONF, [f"out_dir={tmp_path}", f"data.dir={data_dir}", "data.val_size=100", "study=x",
+                              f"storage={storage}"])
+        assert snapshot(tmp_path) == before, storage
+    with pytest.raises(FmnistError, match="config key storage must be null .* not empty; got ''"):
+        run_search(CONF, [f"out_dir={tmp_path}", f"data.dir={data_dir}", "study=x", "storage="])
+    assert snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize("scheme,kind,database", [("journal:", "journal", False),
                                                   ("sqlite:///", "SQLite database", False),
                                                   ("sqlite:///", "SQLite database", True)])

@@ -154,6 +154,8 @@ def _check_tune_config(cfg: DictConfig) -> None:
     # Optuna would refuse the sampler's and pruner's numbers with a traceback, after the study's storage was made.
     check_keys(cfg, (("n_trials", cfg.n_trials >= 1, "at least 1"),
                      ("out_dir", str(cfg.out_dir).strip() != "", "a directory (`.` for this one), not empty"),
+                     ("storage", cfg.storage is None or str(cfg.storage).strip() != "",
+                      "null (the study directory's own study.db) or a storage URL, not empty"),
                      seed_check("sampler.seed", cfg.sampler.seed),
                      ("sampler.n_startup_trials", cfg.sampler.n_startup_trials >= 0, "0 or more"),
                      ("pruner.n_startup_trials", cfg.pruner.n_startup_trials >= 0, "0 or more"),
@@ -603,6 +605,9 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
         trials_here = sorted(p.name for p in study_dir.glob(f"{TRIAL_DIR_PREFIX}*"))
         if trials_here and cfg.storage is None and not (study_dir / STUDY_DB).exists():
             raise _orphan_trials(study_dir, trials_here, f"its database {STUDY_DB} is gone")
+        named_file = _storage_file(cfg.storage) if cfg.storage else None
+        if trials_here and named_file is not None and not named_file.exists():  # opening it would create it
+            raise _orphan_trials(study_dir, trials_here, f"the storage {cfg.storage} names no file yet ({named_file})")
         own = _storage_file(cfg.storage) if cfg.storage else study_dir / STUDY_DB  # a study's own database
         theirs = [] if made or trials_here or (own is not None and own.parent.resolve() == study_dir.resolve()
                                                and own.exists()) else sorted(p.name for p in study_dir.iterdir())
