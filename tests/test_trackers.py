@@ -159,16 +159,21 @@ def test_wandb_offline_and_csv_get_what_the_run_directory_has_and_a_resume_conti
 
 
 @pytest.mark.slow
-def test_mlflow_without_a_server_keeps_a_local_store_and_a_resume_continues_its_run(make_cfg, tmp_path):
+def test_mlflow_without_a_server_keeps_a_local_store_and_a_resume_continues_its_run(make_cfg, tmp_path, monkeypatch):
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"  # the default store, where the run starts
     run_dir = tmp_path / "study" / "seed=0"
-    overrides = ["logger=mlflow", f"logger.mlflow_tracking_uri={uri}", "optim.lr=0.002"]
+    overrides = ["logger=mlflow", "optim.lr=0.002"]
     train(make_cfg(*overrides), run_dir)
     run_id = read_record(run_dir)["trackers"]["mlflow_run_id"]
+    assert read_record(run_dir)["trackers"]["mlflow_tracking_uri"] == uri
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the resume command pasted in another directory: the same store
     train(make_cfg(*overrides, "ckpt_path=last", "trainer.max_epochs=2"), run_dir)
     assert read_record(run_dir)["trackers"]["mlflow_run_id"] == run_id
+    assert not (tmp_path / "elsewhere" / "outputs").exists()
     client = mlflow.MlflowClient(uri)
     (experiment,) = [e for e in client.search_experiments() if e.name == "study"]
     runs = client.search_runs([experiment.experiment_id])
@@ -177,7 +182,10 @@ def test_mlflow_without_a_server_keeps_a_local_store_and_a_resume_continues_its_
     assert runs[0].data.metrics["final/epochs"] == 2
     artifacts = {a.path for a in client.list_artifacts(run_id, "run")} | {a.path for a in client.list_artifacts(run_id, "figures")}
     assert {"run/config.yaml", "run/metrics.json", "figures/test_confusion_matrix.png"} <= artifacts
-    assert (tmp_path / "mlruns").is_dir()  # the artifacts beside the database, not in the working directory
+    assert (tmp_path / "outputs" / "mlruns").is_dir()  # the artifacts beside the database, not in the working directory
+    # A resume that cannot reach the store keeps the run's id in the record, for a later resume that can.
+    train(make_cfg(*overrides, "ckpt_path=last", "trainer.max_epochs=3", f"logger.mlflow_tracking_uri={uri}x"), run_dir)
+    assert read_record(run_dir)["trackers"]["mlflow_run_id"] == run_id
 
 
 @pytest.mark.slow

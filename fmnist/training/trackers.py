@@ -201,7 +201,8 @@ class MLflow(Tracker):
     name = "mlflow"
 
     def ids(self) -> dict:
-        return {"mlflow_run_id": self.logger.run_id}  # the run knows its experiment
+        # The run knows its experiment; the store, recorded, is where a resume finds the run again from any directory.
+        return {"mlflow_run_id": self.logger.run_id, "mlflow_tracking_uri": self.logger.experiment.tracking_uri}
 
     def view(self, run_dir: Path) -> str:
         uri = self.logger.experiment.tracking_uri
@@ -272,7 +273,7 @@ def _mlflow(cfg: DictConfig, run_dir: Path, ids: dict, name: str) -> Logger:
     for key, value in MLFLOW_PATIENCE.items():
         os.environ.setdefault(key, value)
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # its retry lines would repeat ours
-    uri = cfg.logger.mlflow_tracking_uri
+    uri = cfg.logger.mlflow_tracking_uri or ids.get("mlflow_tracking_uri")  # a resumed run: the store it began in
     if uri is None:
         MLFLOW_LOCAL_DB.parent.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{MLFLOW_LOCAL_DB.resolve()}"
@@ -336,9 +337,9 @@ def open_trackers(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = 
             tracker.ids(), tracker.view(run_dir)
         except Exception as e:  # any failure of a tracker's client: the run must not depend on it
             others = [t for t in cfg.logger.backends if t != name]
-            log.warning("logger %s cannot be reached (%s: %s); this run logs to %s and its run directory.", name,
+            log.warning("logger %s cannot be reached (%s: %s); this run logs to %s.", name,
                         type(e).__name__, _first_line(e),
-                        ", ".join(others) if others else "only")
+                        f"{', '.join(others)} and its run directory" if others else "its run directory only")
             continue
         trackers.append(tracker)
     return trackers
@@ -350,8 +351,11 @@ def _first_line(error: Exception) -> str:
 
 
 def tracker_ids(trackers: list[Tracker], run_dir: Path) -> dict:
-    """For the run record: the ids a resumed run needs, and how to look at the run in each tracker (`views`)."""
-    return {**{k: v for t in trackers for k, v in t.ids().items()}, "views": {t.name: t.view(run_dir) for t in trackers}}
+    """For the run record: the ids a resumed run needs, and how to look at the run in each tracker (`views`). The
+    ids of an earlier start's trackers that this one could not reach are kept, for a later resume to continue them."""
+    earlier = {k: v for k, v in (read_record(run_dir) or {}).get("trackers", {}).items() if k != "views"}
+    return {**earlier, **{k: v for t in trackers for k, v in t.ids().items()},
+            "views": {t.name: t.view(run_dir) for t in trackers}}
 
 
 def log_figure(trackers: list[Tracker], tag: str, draw: Callable[[], object], step: int) -> None:
