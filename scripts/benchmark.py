@@ -255,6 +255,13 @@ def check_inputs(args) -> None:
     if odd:
         raise ConfigError(f"--precisions must be among {TIMED_PRECISIONS} (the raw loop runs them as Lightning does); "
                           f"got {odd[0]!r}.")
+    for precision in args.precisions or []:
+        try:
+            check_accelerator(args.accelerator, precision=precision)
+        except ConfigError:  # the row would name one precision and time another
+            raise ConfigError(f"--precisions {precision}: Lightning runs it as bf16-mixed on a CPU (fp16 autocast is for "
+                              "GPUs), so its row would name one precision and time another; use bf16-mixed or "
+                              "32-true here.") from None
     if args.out.is_dir() or (args.out.exists() and not args.out.is_file()):
         raise ConfigError(f"--out names {args.out}, which is not a regular file; give a CSV file name.")
     # Where the rows will go must take them: else they are lost after the whole benchmark.

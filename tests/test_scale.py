@@ -66,6 +66,8 @@ def test_benchmark_refuses_an_out_it_did_not_write_and_a_bad_model_before_timing
          "--seconds must be a finite number above zero; got inf"),
         (["--models", "simple", "--precisions", "bogus", "--out", str(tmp_path / "b.csv")],
          "--precisions must be among ('32-true', 'bf16-mixed', '16-mixed')"),
+        (["--models", "simple", "--precisions", "16-mixed", "--accelerator", "cpu", "--out", str(tmp_path / "b.csv")],
+         "--precisions 16-mixed: Lightning runs it as bf16-mixed on a CPU"),
         (["--models", "simple", "--accelerator", "mps", "--out", str(tmp_path / "b.csv")],  # no Apple GPU on Linux
          "--accelerator mps: torch finds no such device here"),
         (["--models", "simple", "--val-size", "100000", "--out", str(tmp_path / "b.csv")],
