@@ -231,9 +231,21 @@ def test_a_damaged_cached_verdict_is_measured_again_not_a_crash(monkeypatch, cap
     key = auto.cache_key(MODEL, 64, "cpu")
     auto.cache_file().parent.mkdir(parents=True, exist_ok=True)
     auto.cache_file().write_text(json.dumps({"other": 5, key: {"precision": "bf16-mixed"}}))  # hand-edited
-    assert auto.main(["show"]) == 0 and "0 verdict(s)" in capsys.readouterr().out
+    assert auto.main(["show"]) == 0
+    assert "0 verdict(s) (and 2 entries that are not verdicts, which runs ignore)" in capsys.readouterr().out
     precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, 64, 10_000, measure=measure)
     assert precision == "bf16-mixed" and len(calls) == 1 and "probe" in evidence["verdict"]["source"]
+    auto.cache_file().write_text("{broken")  # `show` names what runs ignore, not only "0 verdicts"
+    assert auto.main(["show"]) == 0 and "it cannot be read as JSON (JSONDecodeError)" in capsys.readouterr().out
+
+
+def test_a_verdict_the_cache_could_not_keep_is_not_called_cached(monkeypatch, tmp_path):
+    cpu_with_bf16(monkeypatch, True)
+    measure, _ = fake_probe(10, 5)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("FMNIST_CACHE_DIR", str(tmp_path / "a-file"))  # its directory cannot be made
+    _, evidence = auto.resolve_precision("auto", "cpu", MODEL, 64, 10_000, measure=measure)
+    assert evidence["verdict"]["source"] == f"probe (not cached: {tmp_path}/a-file/precision.json could not be written)"
 
 
 def test_flop_count_matches_the_simple_cnns_arithmetic():

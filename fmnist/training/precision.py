@@ -162,6 +162,22 @@ def _read_cache() -> dict:
     return {key: found for key, found in cache.items() if _is_verdict(found)} if isinstance(cache, dict) else {}
 
 
+def _cache_problem() -> str | None:
+    """Why the verdicts file, where there is one, gives fewer verdicts than it holds entries, for `show`."""
+    path = cache_file()
+    if not path.exists():
+        return None
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return (f"it cannot be read as JSON ({getattr(e, 'strerror', None) or type(e).__name__}): runs ignore it and "
+                "probe; `clear` removes it")
+    if not isinstance(cache, dict):
+        return "it is not a JSON object of verdicts: runs ignore it and probe; `clear` removes it"
+    odd = [key for key, found in cache.items() if not _is_verdict(found)]
+    return f"and {len(odd)} entr{'y' if len(odd) == 1 else 'ies'} that are not verdicts, which runs ignore" if odd else None
+
+
 def _is_verdict(found) -> bool:
     number = (int, float)
     return (isinstance(found, dict) and found.get("precision") in (BF16, FP32)
@@ -195,13 +211,14 @@ def decide(model: dict, batch_size: int, device: str, measure: Callable[..., dic
     result = {**verdict(timings), "probe": timings,
               "measured": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
     keep = result["clear"] and not result["busy"]
+    why = "cached" if keep else ("not cached: the machine was busy" if result["busy"] else "not cached: unclear")
     if keep:
         try:
             cache_file().parent.mkdir(parents=True, exist_ok=True)
             atomic_write(cache_file(), json.dumps({**_read_cache(), key: result}, indent=1))
         except OSError as e:  # a read-only home only costs a probe per run
             log.debug("precision cache not written: %s", e)
-    why = "cached" if keep else ("not cached: the machine was busy" if result["busy"] else "not cached: unclear")
+            why = f"not cached: {cache_file()} could not be written"
     return {**result, "source": f"probe ({why})"}
 
 
@@ -258,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> None:
         if args.verb == "show":
             cache = _read_cache()
-            print(f"{cache_file()}: {len(cache)} verdict(s)")
+            print(f"{cache_file()}: {len(cache)} verdict(s)" + (f" ({_cache_problem()})" if _cache_problem() else ""))
             for key, found in cache.items():
                 print(f"  {key}\n    -> {found.get('precision')}: bf16 {found.get('bf16_speedup')}x "
                       f"(rounds {found.get('speedup_range')}), measured {found.get('measured')}")
