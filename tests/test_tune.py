@@ -337,7 +337,9 @@ def test_a_stopped_trial_is_recorded_and_replaced_so_the_study_still_reaches_n_t
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143 and "recorded `interrupted`" in err, err[-3000:]
     assert "Traceback" not in err and "TrialInterrupted" not in err, err[-3000:]  # the paragraph alone
-    assert read_record(tmp_path / "k" / "trial-0000")["status"] == "interrupted"
+    stopped = read_record(tmp_path / "k" / "trial-0000")
+    assert stopped["status"] == "interrupted" and "resume from" not in stopped["error"]  # a new trial takes its place
+    assert stopped["error"].endswith("continues the study with a new trial in its place")
     again = run_in_process("tune.py", *args)  # the same command: the stopped trial does not count
     assert again.returncode == 0, again.stderr[-3000:]
     trials = load(tmp_path, "k").trials

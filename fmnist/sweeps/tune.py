@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 METRIC = "val/acc_best"  # what the study maximises: model selection is on validation, never on test
 STUDY_DB = "study.db"  # a study's database without storage=: SQLite, in its directory
 # An interrupted trial is not resumed: the study goes on with new trials (Optuna marks it failed).
-RESUME_HINT = "the same tune.py command (the study continues with new trials)"
+RESUME_HINT = "a trial is not resumed: the same tune.py command continues the study with a new trial in its place"
 
 
 @dataclass

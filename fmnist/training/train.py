@@ -468,11 +468,16 @@ def stopping_signal(error: BaseException) -> int | None:
     return signal.SIGTERM if isinstance(error, SIGTERMException) else None  # Lightning's, or `_sigterm_raises`'
 
 
+def resume_with(command: str) -> str:
+    """The `resume_hint` of a run that a command resumes (`failure_of`)."""
+    return f"resume from the last finished epoch (from the first, if none finished) with: {command}"
+
+
 def failure_of(error: BaseException, resume_hint: str | None = None) -> tuple[str, str] | None:
-    """(status, message) that a run ended by `error` records; None for an exit that is not a failure."""
+    """(status, message) that a run ended by `error` records; None for an exit that is not a failure.
+    `resume_hint`: what to do about an interrupted run (`resume_with`)."""
     if stopping_signal(error):
-        return INTERRUPTED, ("stopped by a signal; resume from the last finished epoch (from the first, if none "
-                             f"finished) with: {resume_hint or 'ckpt_path=last'}")
+        return INTERRUPTED, f"stopped by a signal; {resume_hint or resume_with('ckpt_path=last')}"
     if isinstance(error, RunPruned):
         return PRUNED, str(error)
     if isinstance(error, DivergedError):
@@ -666,7 +671,7 @@ def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: l
         cfg.ckpt_path = "last"
     again = " ".join([*(shlex.quote(o) for o in overrides or [] if not o.startswith("ckpt_path=")),
                       shlex.quote(f"hydra.run.dir={hydra_quote(str(run_dir))}"), "ckpt_path=last"])
-    resume_hint = "run the same sweep command again" if in_sweep else f"python train.py {again}"
+    resume_hint = resume_with("run the same sweep command again" if in_sweep else f"python train.py {again}")
     with _claimed(cfg, run_dir) as resume:
         try:
             metrics = _run(cfg, run_dir, resume, overrides, hydra_files, None, resume_hint, None)
