@@ -280,13 +280,14 @@ def compose_train(*overrides: str) -> DictConfig:
             raise ConfigError(composition_message(e, list(overrides), entry="train.py")) from e
 
 
-def check_name(key: str, value) -> str:
+def check_name(key: str, value, names: str = "a directory under outputs/") -> str:
     """`value` if it is a name (one directory level: letters, digits and `. _ + = , -`, not `.` or `..`),
-    else ConfigError: a name becomes a directory under its root and must not lead outside it."""
+    else ConfigError: a name becomes a directory under its root (`names` says which) and must not lead outside it.
+    `key`: a config key, or a command-line option (`--name`)."""
     text = str(value)
     if not re.fullmatch(r"[\w.+=,-]+", text) or text in (".", ".."):
-        raise ConfigError(f"config key {key} must be a name, not a path (letters, digits and . _ + = , - ; not "
-                          f"'.' or '..'), since it names a directory under outputs/; got {text!r}.")
+        raise ConfigError(f"{key if key.startswith('-') else f'config key {key}'} must be a name, not a path (letters, "
+                          f"digits and . _ + = , - ; not '.' or '..'), since it names {names}; got {text!r}.")
     return text
 
 

@@ -4,7 +4,8 @@
 the checkpoint (the weights, EMA-averaged where the run had EMA, and the model's and data's
 hyperparameters; no optimizer state), checks that the shipped file reproduces the run's own test
 accuracy, exports it to ONNX (checked against PyTorch), and writes `pretrained/NAME.md` with both
-files' SHA-256, the accuracy and how the run was made. `ckpt=pretrained` then loads it.
+files' SHA-256, the accuracy and how the run was made. `ckpt=pretrained` loads the one named speedrun_cpu (the
+default name); `ckpt=pretrained/NAME.ckpt` loads another.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR, replace: bool
     from fmnist.inference.evaluate import classification_metrics
     from fmnist.inference.export import export
 
-    check_name("--name", name)
+    check_name("--name", name, names=f"the shipped files in {out_dir}")
+    if name.startswith("."):
+        raise ConfigError(f"--name {name}: a name starting with '.' would ship hidden files; give a plain name.")
     shipped = [out_dir / f"{name}{suffix}" for suffix in (".ckpt", ".onnx", ".md") if (out_dir / f"{name}{suffix}").exists()]
     if shipped and not replace:
         raise ConfigError(f"--name {name}: {shipped[0]} is already shipped; nothing was written. Give another --name, "
@@ -72,7 +75,8 @@ def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR, replace: bool
         raise ConfigError(f"{run_dir}: its test accuracy covers part of the test set (trainer.limit_test_batches="
                           f"{limit}), which the shipped model cannot be checked against; not shipped.")
     precision = (record.get("precision") or {}).get("resolved", "32-true")
-    source = best_in_run(run_dir)
+    source = best_in_run(run_dir, suggest_last=False)  # the best on validation, or nothing
+    load_model(source)  # a checkpoint that cannot serve (weights that are not finite) is named as the run's
     payload = load_checkpoint(source)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".ship-", dir=out_dir))

@@ -563,6 +563,23 @@ def test_a_shipped_model_loads_as_ckpt_pretrained_and_reproduces_its_run(run_dir
     for wrong, words in ((tmp_path / "missing", "no such directory"), (tmp_path, "holds no metrics.json (a sweep's")):
         with pytest.raises(ConfigError, match=re.escape(f"{wrong}: {words}")):
             ship_model.ship(wrong, "other", out_dir=tmp_path)
+    for name, words in (("../evil", f"--name must be a name, not a path (.*), since it names the shipped files in {tmp_path}"),
+                        (".hidden", "--name .hidden: a name starting with '.' would ship hidden files")):
+        with pytest.raises(ConfigError, match=words):
+            ship_model.ship(run_dir, name, out_dir=tmp_path)
+    bad = shutil.copytree(run_dir, tmp_path / "bad")  # its best checkpoint's weights are not finite
+    best = next((bad / "checkpoints").glob("best-*.ckpt"))
+    payload = torch.load(best, weights_only=True)
+    first = next(iter(payload["state_dict"]))
+    payload["state_dict"][first] = torch.full_like(payload["state_dict"][first], float("nan"))
+    torch.save(payload, best)
+    with pytest.raises(CheckpointError, match=re.escape(str(best))):  # the run's file, not a staged copy
+        ship_model.ship(bad, "bad", out_dir=tmp_path)
+    best.unlink()  # only its last checkpoint left: ship_model takes no ckpt=, so none is suggested
+    with pytest.raises(CheckpointError, match="without a best checkpoint") as refused:
+        ship_model.ship(bad, "bad", out_dir=tmp_path)
+    assert "ckpt=" not in str(refused.value)
+    shutil.rmtree(bad)
     assert snapshot(tmp_path) == shipped
     part = shutil.copytree(run_dir, tmp_path / "part")  # tested on one batch (preset=smoke): nothing to check against
     config = OmegaConf.load(part / "config.yaml")

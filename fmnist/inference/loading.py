@@ -52,12 +52,13 @@ class Resolved:
     note: str = ""  # how a sweep's job was chosen, for the user
 
 
-def best_in_run(run_dir: Path) -> Path:
-    """The run's best-on-validation checkpoint (`checkpoints/best-epochNNN.ckpt`)."""
+def best_in_run(run_dir: Path, suggest_last: bool = True) -> Path:
+    """The run's best-on-validation checkpoint (`checkpoints/best-epochNNN.ckpt`). `suggest_last`: where there is
+    none, the error suggests `ckpt=` its last one (for a command that takes `ckpt=`)."""
     best = sorted((run_dir / CHECKPOINT_DIR).glob(f"{BEST_CHECKPOINT_PREFIX}*.ckpt"))
     if not best:
         last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
-        hint = f"; pass ckpt={last} to use its last checkpoint" if last.exists() else ""
+        hint = f"; pass ckpt={last} to use its last checkpoint" if last.exists() and suggest_last else ""
         raise CheckpointError(f"{run_dir}: run directory without a best checkpoint "
                               f"({CHECKPOINT_DIR}/{BEST_CHECKPOINT_PREFIX}*.ckpt){hint}.")
     if len(best) > 1:  # only one is kept; a later file beat the earlier ones on validation accuracy

@@ -150,7 +150,7 @@ def _compose(name: str, overrides: list[str]) -> DictConfig:
 def _check_tune_config(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "study"):
         raise ConfigError("tune.py needs a study name: python tune.py study=NAME n_trials=N [train overrides]")
-    check_name("study", cfg.study)
+    check_name("study", cfg.study, names=f"the study's directory under out_dir ({cfg.out_dir})")
     # Optuna would refuse the sampler's and pruner's numbers with a traceback, after the study's storage was made.
     check_keys(cfg, (("n_trials", cfg.n_trials >= 1, "at least 1"),
                      ("out_dir", str(cfg.out_dir).strip() != "", "a directory (`.` for this one), not empty"),
