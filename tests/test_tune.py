@@ -133,6 +133,7 @@ def test_a_pruned_trial_stops_after_its_first_report_and_is_recorded(tmp_path, d
     (["study=x", "n_trials=abc"], "could not be converted to Integer"),  # Hydra's reason, not only its first line
     (["study=x", "space.lr.low=-1"], "search space entry space.lr needs low <= high (and low > 0 with log: true)"),
     (["study=x", "space.dropout.high=1.5"], "config key model.dropout must be in [0, 1); got 1.5"),
+    (["study=x", "space.dropout.high=1.5"], "model.dropout=1.5 (space.dropout)"),  # the entry to change
     (["study=x", "space.dropout.low=-0.5"], "config key model.dropout must be in [0, 1); got -0.5"),
     # Each value of a list longer than the others is checked: the middle one, and the last one.
     (["study=x", "space.model.choices=[simple,nosuch,optimized]"], "Could not find 'model/nosuch'"),

@@ -346,7 +346,13 @@ class Search:
         for k in range(max((len(v) for v in values.values()), default=0)):
             extremes = [f"{key}={override_text(v[min(k, len(v) - 1)])}" for key, v in values.items()]
             cfg = _compose("train", [*ONE_DEVICE, *self.train_overrides, *extremes])
-            check_config(cfg)
+            try:
+                check_config(cfg)
+            except ConfigError as e:
+                entry = {spec.key: name for name, spec in self.cfg.space.items()}
+                reached = ", ".join(f"{o} (space.{entry[override_key(o)]})" for o in extremes)
+                raise ConfigError(f"the search space's ends reach {reached}, which a trial may sample: {e} Change the "
+                                  "entry's low, high or choices; no trial was started.") from None
             ends.append(cfg)
             composed.setdefault(tuple(o for o in extremes if override_key(o) in groups), cfg)
         plain = {key: vs for key, vs in values.items() if key not in groups}
