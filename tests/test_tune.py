@@ -163,6 +163,8 @@ def test_a_pruned_trial_stops_after_its_first_report_and_is_recorded(tmp_path, d
       "space.dropout.log=true", "space.dropout.integer=true"],
      "space.dropout has integer: true, so low and high are whole numbers; got low=0.5, high=2.0"),
     (["study=x", "space.dropout.key=optim.lr"], "entries space.lr and space.dropout both sample optim.lr"),
+    (["study=x", "+space.mom.key=optim.momentum"], "+space.mom.key=optim.momentum: a search space entry cannot be "
+                                                   "added on the command line"),
     (["study=x", "space.lr.key=hydra.run.dir"], "space.lr has key=hydra.run.dir: a search samples train keys"),
 ])
 def test_bad_input_stops_before_the_study_is_created(tmp_path, data_dir, args, message):

@@ -143,6 +143,12 @@ def _compose(name: str, overrides: list[str]) -> DictConfig:
         unknown = re.search(r"Could not override '([^'.]+)'", reason) if name == "train" else None
         hint = (f" tune.py takes the keys {', '.join(sorted(TUNE_KEYS))} (and those under them); every other key "
                 "goes to training." if unknown else "")
+        added = next((o for o in given if o.startswith("+space.")), None)
+        if name == "tune" and added and "is not a subclass of ParamSpec" in reason:
+            reason = (f"{added}: a search space entry cannot be added on the command line (Hydra cannot give it "
+                      "its type); point an entry at the key instead (space.dropout.key=optim.momentum "
+                      "space.dropout.low=0.8 space.dropout.high=0.99), or write a search space file "
+                      "conf/tune/NAME.yaml and pick it with tune=NAME")
         raise ConfigError(f"{'tune.py' if name == 'tune' else 'train'} config: {reason} (overrides: "
                           f"{' '.join(given)}).{hint}") from e
 
