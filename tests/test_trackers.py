@@ -117,6 +117,8 @@ def test_trackers_are_checked_before_a_run_starts():
         check_config(compose_cfg("logger.backends=[tensorboard,neptune]"))
     with pytest.raises(ConfigError, match="logger.wandb_mode must be offline or online"):
         check_config(compose_cfg("logger=wandb", "logger.wandb_mode=cloud"))
+    with pytest.raises(ConfigError, match="logger.mlflow_tracking_uri is empty"):
+        check_config(compose_cfg("logger=mlflow", "logger.mlflow_tracking_uri=''"))
     assert list(compose_cfg("logger=many").logger.backends) == ["tensorboard", "csv", "mlflow", "wandb"]
 
 

@@ -63,6 +63,10 @@ def check_trackers(cfg: DictConfig) -> None:
                               f"`pip install -e '.[{extra}]'` (make install installs it), or leave {name} out.")
     if cfg.logger.wandb_mode not in ("offline", "online"):
         raise ConfigError(f"config key logger.wandb_mode must be offline or online; got {cfg.logger.wandb_mode!r}.")
+    uri = cfg.logger.mlflow_tracking_uri
+    if uri is not None and not str(uri).strip():  # an unset shell variable: MLflow would read it as ./mlruns
+        raise ConfigError("config key logger.mlflow_tracking_uri is empty (an unset shell variable?); give a tracking "
+                          "server's or store's URI, or leave it out (null) for the local store outputs/mlflow.db.")
 
 
 def hparams_row(cfg: DictConfig, overrides: list[str] | None, precision: str) -> dict:
