@@ -170,10 +170,19 @@ def remove_if_empty(directory: Path) -> None:
         directory.rmdir()
 
 
-def note_early_write(path: Path) -> None:
-    """Remember what `path` holds now, before it is rewritten ahead of the command's checks."""
+# Of those, the ones put back only when the command is refused (exit 2), not when it is stopped or fails: where
+# the checks that would keep them run in other processes (a parallel sweep's jobs), a stop cannot tell whether
+# jobs have trained under the file.
+_UNDONE_IF_REFUSED_ONLY: set[Path] = set()
+
+
+def note_early_write(path: Path, refused_only: bool = False) -> None:
+    """Remember what `path` holds now, before it is rewritten ahead of the command's checks. `refused_only`: put it
+    back only if the command is refused."""
     path = Path(path)
     _EARLY_WRITES.setdefault(path, path.read_bytes() if path.is_file() else None)
+    if refused_only:
+        _UNDONE_IF_REFUSED_ONLY.add(path)
 
 
 def early_writes() -> set[Path]:
@@ -185,6 +194,7 @@ def keep_early_writes() -> None:
     """The command's checks passed: what it noted so far stays as it is written, even if a later part of the
     command (a sweep's next job) is refused."""
     _EARLY_WRITES.clear()
+    _UNDONE_IF_REFUSED_ONLY.clear()
     _DIRS_TO_BE_MADE.clear()
 
 
@@ -193,15 +203,17 @@ def early_writes_undone_if_stopped():
     """Run a command; if it ends before its checks pass (`keep_early_writes`): refused (exit 2), stopped by
     Ctrl-C or failed, put each file noted by `note_early_write` back as it was, removing the ones that did not
     exist (and their directory, when that is left empty), and remove the directories noted by
-    `note_dirs_to_be_made` that are left empty."""
-    _EARLY_WRITES.clear()
-    _DIRS_TO_BE_MADE.clear()
+    `note_dirs_to_be_made` that are left empty (a file noted `refused_only`: only if refused)."""
+    keep_early_writes()
     _DIRS_BEFORE.clear()
     try:
         yield
     except BaseException as e:
         if not (isinstance(e, SystemExit) and e.code in (0, None)):
+            refused = isinstance(e, SystemExit) and e.code == 2
             for path, before in reversed(_EARLY_WRITES.items()):  # the last written first: a job's log, then its sweep's
+                if path in _UNDONE_IF_REFUSED_ONLY and not refused:
+                    continue
                 if before is not None:
                     atomic_write(path, before)
                 else:
@@ -214,8 +226,7 @@ def early_writes_undone_if_stopped():
                     pass
         raise
     finally:
-        _EARLY_WRITES.clear()
-        _DIRS_TO_BE_MADE.clear()
+        keep_early_writes()
 
 
 HEAD_BYTES = 4096  # how much of an existing output file is read to recognise who wrote it

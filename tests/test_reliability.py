@@ -438,7 +438,7 @@ def test_an_output_path_that_cannot_be_made_is_one_paragraph_naming_the_key(tmp_
     ("predict.py", ["ckpt=pretrained", "inputs=[{data}/fashion-mnist_test.csv]", "out=/proc/fmnist-predictions.csv"],
      "out"),
     ("export.py", ["ckpt=pretrained", "data.dir={data}", "out=/proc/fmnist-model.onnx"], "out"),
-    ("tune.py", ["study=s", "n_trials=1", "out_dir=/proc", "preset=smoke", "data.dir={data}"], "out_dir"),
+    ("tune.py", ["study=s", "n_trials=1", "out_dir=/proc", "preset=smoke", "data.val_size=100", "data.dir={data}"], "out_dir"),
 ])
 def test_an_output_where_the_file_system_makes_no_files_is_one_paragraph(data_dir, run_in_process, script, args,
                                                                         key):

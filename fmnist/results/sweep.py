@@ -19,10 +19,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fmnist.cli import chained_fmnist_error, exit_with, unresolvable
-from fmnist.config import SWEEP_CONFIG_FILE, check_launcher, check_sweep_values, superseded_note
+from fmnist.config import SWEEP_CONFIG_FILE, check_launcher, check_sweep_values, launcher_kind, superseded_note
 from fmnist.data.sources import data_digests
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, DataError
-from fmnist.fsio import atomic_write, check_not_directories, note_early_write
+from fmnist.fsio import atomic_write, check_not_directories, keep_early_writes, note_early_write
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
 from fmnist.runs import COMPLETED, FINISHED, RUNNING, TRIAL_DIR_PREFIX, check_poolable, collect, is_job_dir, short_digest
 
@@ -175,10 +175,12 @@ class SummarizeSweep(Callback):
             exit_with(unresolvable(e))
         except ConfigError as e:
             exit_with(e)
-        # Hydra rewrites multirun.yaml before the first job's checks; a refused sweep puts it back (fmnist.cli).
-        note_early_write(sweep_dir / SWEEP_CONFIG_FILE)
+        # Hydra rewrites multirun.yaml before the first job's checks; a refused sweep puts it back (fmnist.cli), and
+        # so does one stopped before its first job's checks pass, where they run in this process.
+        note_early_write(sweep_dir / SWEEP_CONFIG_FILE, refused_only=launcher_kind(config.hydra.launcher) != "basic")
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        keep_early_writes()  # the jobs ran under this multirun.yaml, whatever their outcome
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return

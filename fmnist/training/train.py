@@ -307,6 +307,7 @@ def _claimed(cfg: DictConfig, run_dir: Path):
     check_nodes(cfg.trainer.num_nodes)
     last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     if rank_zero_only.rank != 0:
+        keep_early_writes()  # rank 0 has claimed the directory: this rank's log stays, whatever ends the run
         yield cfg.ckpt_path == "last" and last.exists()
         return
     with own_run_dir(run_dir):
