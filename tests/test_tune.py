@@ -155,6 +155,8 @@ def test_a_pruned_trial_stops_after_its_first_report_and_is_recorded(tmp_path, d
     # What only the data shows: found before the study is written, not in its first trial.
     (["study=x", "data.val_size=100000"], "config key data.val_size must be between 1 and"),
     (["study=x", "data.val_size=100", "space.batch_size.key=data.train_subset", "space.batch_size.choices=[100,1000]"],
+     "data.train_subset=1000 (space.batch_size)"),
+    (["study=x", "data.val_size=100", "space.batch_size.key=data.train_subset", "space.batch_size.choices=[100,1000]"],
      "config key data.train_subset must be at most 500"),
     (["study=x", "data.val_size=100", "storage=garbage://x"], "cannot open the study storage 'garbage://x'"),
     (["study=x", "heartbeat.grace_s=30", "heartbeat.interval_s=60"], "need 1 <= interval_s < grace_s"),
@@ -165,6 +167,7 @@ def test_a_pruned_trial_stops_after_its_first_report_and_is_recorded(tmp_path, d
     (["study=x", "space.dropout.key=optim.lr"], "entries space.lr and space.dropout both sample optim.lr"),
     (["study=x", "+space.mom.key=optim.momentum"], "+space.mom.key=optim.momentum: a search space entry cannot be "
                                                    "added on the command line"),
+    (["study=x", "++space.mom.key=optim.momentum"], "++space.mom.key=optim.momentum: a search space entry cannot be"),
     (["study=x", "space.lr.key=hydra.run.dir"], "space.lr has key=hydra.run.dir: a search samples train keys"),
 ])
 def test_bad_input_stops_before_the_study_is_created(tmp_path, data_dir, args, message):

@@ -143,11 +143,11 @@ def _compose(name: str, overrides: list[str]) -> DictConfig:
         unknown = re.search(r"Could not override '([^'.]+)'", reason) if name == "train" else None
         hint = (f" tune.py takes the keys {', '.join(sorted(TUNE_KEYS))} (and those under them); every other key "
                 "goes to training." if unknown else "")
-        added = next((o for o in given if o.startswith("+space.")), None)
+        added = next((o for o in given if o.startswith("+") and o.lstrip("+").startswith("space.")), None)
         if name == "tune" and added and "is not a subclass of ParamSpec" in reason:
             reason = (f"{added}: a search space entry cannot be added on the command line (Hydra cannot give it "
-                      "its type); point an entry at the key instead (space.dropout.key=optim.momentum "
-                      "space.dropout.low=0.8 space.dropout.high=0.99), or write a search space file "
+                      "its type); point an entry at the key instead (space.dropout.key=optim.label_smoothing "
+                      "space.dropout.high=0.2), or write a search space file "
                       "conf/tune/NAME.yaml and pick it with tune=NAME")
         raise ConfigError(f"{'tune.py' if name == 'tune' else 'train'} config: {reason} (overrides: "
                           f"{' '.join(given)}).{hint}") from e
@@ -348,19 +348,14 @@ class Search:
                   for spec in self.cfg.space.values()}
         groups = {key for key in values if isinstance(OmegaConf.select(base, key), DictConfig)}  # e.g. `model`
         composed = {}  # a composition per choice of the searched config groups
-        ends = [base]  # and one per value of every searched key, for the data's own checks
+        ends = {(): base}  # and one per value of every searched key, for the data's own checks
         for k in range(max((len(v) for v in values.values()), default=0)):
             extremes = [f"{key}={override_text(v[min(k, len(v) - 1)])}" for key, v in values.items()]
             cfg = _compose("train", [*ONE_DEVICE, *self.train_overrides, *extremes])
-            try:
+            with self._named_ends(extremes):
                 check_config(cfg)
-            except ConfigError as e:
-                entry = {spec.key: name for name, spec in self.cfg.space.items()}
-                reached = ", ".join(f"{o} (space.{entry[override_key(o)]})" for o in extremes)
-                raise ConfigError(f"the search space's ends reach {reached}, which a trial may sample: {e} Change the "
-                                  "entry's low, high or choices; no trial was started.") from None
-            ends.append(cfg)
-            composed.setdefault(tuple(o for o in extremes if override_key(o) in groups), cfg)
+            ends[tuple(extremes)] = cfg
+            composed.setdefault(tuple(o for o in extremes if override_key(o) in groups), cfg.copy())  # changed below
         plain = {key: vs for key, vs in values.items() if key not in groups}
         for sampled, cfg in every_combination(composed, plain):
             try:
@@ -368,8 +363,22 @@ class Search:
             except ConfigError as e:
                 raise ConfigError(f"the search space holds {' '.join(sampled)}, which a trial may sample: {e} "
                                   "No trial was started.") from None
-        for cfg in ends:  # a bad CSV, data.val_size above its rows: here, not in a trial, after the study is written
-            check_data(cfg)
+        for extremes, cfg in ends.items():  # a bad CSV, data.val_size above its rows: here, not in a trial
+            with self._named_ends(extremes):
+                check_data(cfg)
+
+    @contextlib.contextmanager
+    def _named_ends(self, extremes):
+        """A ConfigError inside names the search space entries whose ends (`extremes`, overrides) it checked."""
+        try:
+            yield
+        except ConfigError as e:
+            if not extremes:
+                raise
+            entry = {spec.key: name for name, spec in self.cfg.space.items()}
+            reached = ", ".join(f"{o} (space.{entry[override_key(o)]})" for o in extremes)
+            raise ConfigError(f"the search space's ends reach {reached}, which a trial may sample: {e} Change the "
+                              "entry's low, high or choices; no trial was started.") from None
 
     def _base_config(self) -> DictConfig:
         """The train config composed with this command's train overrides (before any sampled value), once."""
