@@ -185,9 +185,21 @@ def test_mlflow_without_a_server_keeps_a_local_store_and_a_resume_continues_its_
     artifacts = {a.path for a in client.list_artifacts(run_id, "run")} | {a.path for a in client.list_artifacts(run_id, "figures")}
     assert {"run/config.yaml", "run/metrics.json", "figures/test_confusion_matrix.png"} <= artifacts
     assert (tmp_path / "outputs" / "mlruns").is_dir()  # the artifacts beside the database, not in the working directory
-    # A resume that cannot reach the store keeps the run's id in the record, for a later resume that can.
-    train(make_cfg(*overrides, "ckpt_path=last", "trainer.max_epochs=3", f"logger.mlflow_tracking_uri={uri}x"), run_dir)
-    assert read_record(run_dir)["trackers"]["mlflow_run_id"] == run_id
+    # A resume that cannot reach its tracker keeps the run's id and store in the record, for a later resume that can.
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}"
+    train(make_cfg(*overrides, "ckpt_path=last", "trainer.max_epochs=3", f"logger.mlflow_tracking_uri={down}"), run_dir)
+    kept = read_record(run_dir)["trackers"]
+    assert (kept["mlflow_run_id"], kept["mlflow_tracking_uri"]) == (run_id, uri)
+    # One pointed at another store (a relative path, recorded absolute) starts a new run there.
+    train(make_cfg(*overrides, "ckpt_path=last", "trainer.max_epochs=4", "logger.mlflow_tracking_uri=sqlite:///other.db"),
+          run_dir)
+    moved = read_record(run_dir)["trackers"]
+    assert moved["mlflow_tracking_uri"] == f"sqlite:///{tmp_path / 'elsewhere' / 'other.db'}"
+    assert moved["mlflow_run_id"] != run_id and moved["mlflow_run_id"] in {
+        r.info.run_id for r in mlflow.MlflowClient(moved["mlflow_tracking_uri"]).search_runs(
+            [e.experiment_id for e in mlflow.MlflowClient(moved["mlflow_tracking_uri"]).search_experiments()])}
 
 
 @pytest.mark.slow

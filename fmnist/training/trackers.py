@@ -1,12 +1,9 @@
 """Where a run's numbers go besides its run directory: the config group `logger` picks the trackers.
 
 `logger=tensorboard` (the default), `csv`, `mlflow`, `wandb`, `many` (all four), or any list
-(`logger.backends=[tensorboard,mlflow]`). TensorBoard, MLflow and W&B each get the same: the hparams row (the keys
-the command line or sweep changed, then `HPARAMS`), the per-step metrics `LitClassifier` logs, one
-point per epoch (`by_epoch/...`), the final validation and test metrics, the confusion matrix and the
-misclassified test images as figures, and the run's resolved `config.yaml` (TensorBoard's files sit beside it in
-the run directory); CSV, one table, gets the hparams
-row, the per-step and the final metrics (the run directory holds the rest). The run is named as its
+(`logger.backends=[tensorboard,mlflow]`). What each gets is in docs/reference.md ("Trackers"): the hparams row
+(the keys the command line or sweep changed, then `HPARAMS`), the per-step metrics `LitClassifier` logs, and the
+final metrics; all but CSV also one point per epoch (`by_epoch/...`), the figures and the config. The run is named as its
 directory is (a sweep job with the keys its sweep varies first). Per-step metrics go through Lightning's own loggers; the rest through `Tracker`.
 
 A tracker that cannot be reached (an MLflow server that is down) costs one warning: the run goes on
@@ -206,7 +203,7 @@ class MLflow(Tracker):
 
     def ids(self) -> dict:
         # The run knows its experiment; the store, recorded, is where a resume finds the run again from any directory.
-        return {"mlflow_run_id": self.logger.run_id, "mlflow_tracking_uri": self.logger.experiment.tracking_uri}
+        return {"mlflow_run_id": self.logger.run_id, "mlflow_tracking_uri": absolute_store(self.logger.experiment.tracking_uri)}
 
     def view(self, run_dir: Path) -> str:
         uri = self.logger.experiment.tracking_uri
@@ -248,6 +245,7 @@ class WandB(Tracker):
     def start(self, hparams: dict, config: dict) -> None:
         run = self.logger.experiment
         run.config.update({**config, "hparams": hparams}, allow_val_change=True)
+        run.define_metric(f"{BY_EPOCH}/epoch")  # the step metric is defined before the metrics that use it
         run.define_metric(f"{BY_EPOCH}/*", step_metric=f"{BY_EPOCH}/epoch")  # plotted against the epoch
 
     def epoch(self, row: dict) -> None:
@@ -277,7 +275,9 @@ def _mlflow(cfg: DictConfig, run_dir: Path, ids: dict, name: str) -> Logger:
     for key, value in MLFLOW_PATIENCE.items():
         os.environ.setdefault(key, value)
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # its retry lines would repeat ours
-    uri = cfg.logger.mlflow_tracking_uri or ids.get("mlflow_tracking_uri")  # a resumed run: the store it began in
+    recorded = ids.get("mlflow_tracking_uri")  # a resumed run: the store it began in, where its run id is
+    uri = absolute_store(cfg.logger.mlflow_tracking_uri) if cfg.logger.mlflow_tracking_uri else recorded
+    run_id = ids.get("mlflow_run_id") if uri == recorded or recorded is None else None  # another store: a new run
     if uri is None:
         MLFLOW_LOCAL_DB.parent.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{MLFLOW_LOCAL_DB.resolve()}"
@@ -286,7 +286,17 @@ def _mlflow(cfg: DictConfig, run_dir: Path, ids: dict, name: str) -> Logger:
     artifacts = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri() \
         if uri.startswith("sqlite:///") else None
     return MLFlowLogger(experiment_name=run_dir.parent.name, run_name=name, tracking_uri=uri,
-                        run_id=ids.get("mlflow_run_id"), artifact_location=artifacts, tags={"run_dir": str(run_dir)})
+                        run_id=run_id, artifact_location=artifacts, tags={"run_dir": str(run_dir)})
+
+
+def absolute_store(uri: str) -> str:
+    """An MLflow tracking URI with a local store's relative path (`sqlite:///mlflow.db`, `file:mlruns`) made
+    absolute: the same store from whatever directory a resume runs in. Other URIs (servers) are left as they are."""
+    if uri.startswith("sqlite:///") and not uri[len("sqlite:///"):].startswith("/"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    if uri.startswith("file:") and not uri.startswith("file:/"):
+        return Path(uri[len("file:"):]).resolve().as_uri()
+    return uri
 
 
 def _csv(cfg: DictConfig, run_dir: Path, ids: dict, name: str) -> Logger:
