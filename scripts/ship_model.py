@@ -1,11 +1,11 @@
 """Ship a finished run's best checkpoint as `pretrained/NAME.ckpt` and `pretrained/NAME.onnx`, with a card.
 
-`python scripts/ship_model.py RUN_DIR [--name speedrun_cpu]` keeps only what inference needs from
+`python scripts/ship_model.py RUN_DIR [--name NAME]` keeps only what inference needs from
 the checkpoint (the weights, EMA-averaged where the run had EMA, and the model's and data's
 hyperparameters; no optimizer state), checks that the shipped file reproduces the run's own test
 accuracy, exports it to ONNX (checked against PyTorch), and writes `pretrained/NAME.md` with both
-files' SHA-256, the accuracy and how the run was made. `ckpt=pretrained` loads the one named speedrun_cpu (the
-default name); `ckpt=pretrained/NAME.ckpt` loads another.
+files' SHA-256, the accuracy and how the run was made. `ckpt=pretrained` loads the one under the default name;
+`ckpt=pretrained/NAME.ckpt` another.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from fmnist.config import EVAL_BATCH_SIZE, check_name
 from fmnist.cli import run_plain
 from fmnist.errors import ConfigError
 from fmnist.fsio import file_digest, load_checkpoint, path_argument
-from fmnist.inference.loading import DATAMODULE_STATE_KEY, PRETRAINED_DIR, best_in_run, load_model
+from fmnist.inference.loading import DATAMODULE_STATE_KEY, PRETRAINED, PRETRAINED_DIR, best_in_run, load_model
 from fmnist.runs import COMPLETED, CONFIG_FILE, METRICS_FILE, read_record, record_problem, short_digest
 
 # Test images whose prediction may change when a model tested in bf16 or fp16 is scored in fp32, as it is shipped.
@@ -151,7 +151,8 @@ def card_text(name, record, model, tta, accuracy, recorded, ckpt, onnx, run_dir,
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=path_argument, help="a finished run directory")
-    parser.add_argument("--name", default="speedrun_cpu", help="the shipped files' name (default: speedrun_cpu)")
+    parser.add_argument("--name", default=PRETRAINED.stem,
+                        help=f"the shipped files' name (default: {PRETRAINED.stem}, the one ckpt=pretrained loads)")
     parser.add_argument("--replace", action="store_true", help="replace a model already shipped under --name")
     args = parser.parse_args()
     return run_plain(lambda: print(ship(args.run_dir, args.name, replace=args.replace).read_text()),

@@ -274,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> None:
         if args.verb == "show":
-            cache = _read_cache()
-            print(f"{cache_file()}: {len(cache)} verdict(s)" + (f" ({_cache_problem()})" if _cache_problem() else ""))
+            cache, problem = _read_cache(), _cache_problem()
+            print(f"{cache_file()}: {len(cache)} verdict(s)" + (f" ({problem})" if problem else ""))
             for key, found in cache.items():
                 print(f"  {key}\n    -> {found.get('precision')}: bf16 {found.get('bf16_speedup')}x "
                       f"(rounds {found.get('speedup_range')}), measured {found.get('measured')}")
