@@ -118,6 +118,23 @@ SIGTERM_EXIT = (f"stopped by SIGTERM; {_STOPPED}", 128 + signal.SIGTERM)
 CTRL_C_EXIT = (f"stopped by Ctrl-C; {_STOPPED}", 128 + signal.SIGINT)
 
 
+def ctrl_c_leaves_the_workers_to_stop() -> None:
+    """In a parallel sweep's own process (joblib): Ctrl-C ends it at once, exit 130, without the launcher's clean-up,
+    which killed the workers before they could record their jobs (left `running`). Each worker then stops its job
+    as Ctrl-C or SIGTERM stops a run, on its own SIGINT or on finding the sweep gone (fmnist.sweeps.placement):
+    recorded `interrupted`, and the same command resumes the sweep."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # e.g. ignored: a background job
+        return
+
+    def handler(signum, frame):  # no logging here: it runs between any two bytecodes of the main thread
+        os.write(2, b"error: stopped by Ctrl-C: each running job stops at its next step and is recorded "
+                    b"`interrupted`; the same command resumes the sweep.\n")
+        os._exit(128 + signal.SIGINT)
+
+    signal.signal(signal.SIGINT, handler)
+
+
 # Hydra's mode flags, by each spelling: a command line with two modes is a ValueError with a traceback there.
 HYDRA_MODES = {"-r": "--run", "-m": "--multirun", "-c": "--cfg", "-i": "--info", "-sc": "--shell-completion"}
 HYDRA_MODES.update({mode: mode for mode in list(HYDRA_MODES.values())})

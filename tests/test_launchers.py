@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -137,21 +138,31 @@ def test_a_parallel_sweep_with_a_job_that_did_not_complete_keeps_its_multirun_ya
 # Several training processes at once, as the engines in test_cluster.py: run with them by `make test-cluster`.
 @pytest.mark.slow
 @pytest.mark.cluster
-def test_joblib_workers_stop_when_the_sweep_process_is_killed(tmp_path, data_dir):
+@pytest.mark.parametrize("stop", ["kill", "ctrl_c"])
+def test_joblib_workers_stop_when_the_sweep_process_is_killed(tmp_path, data_dir, stop):
+    """The sweep's process killed, or a terminal's Ctrl-C (SIGINT to the sweep and its workers): each job is
+    recorded `interrupted`, not left `running` by workers ended before they could write."""
     sweep = tmp_path / "s"
     env = {**os.environ, "PYTHONPATH": str(CONF.parent)}
     # Far more epochs than they can finish before the kill and the test's deadline, however fast the machine:
     # orphans that trained on would end `completed` (or still `running`), never `interrupted`.
-    proc = subprocess.Popen([sys.executable, str(CONF.parent / "train.py"), "-m", *FAST, f"data.dir={data_dir}",
-                             "model=simple", "seed=0,1", "trainer.max_epochs=5000", "hydra/launcher=joblib",
-                             "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"],
-                            cwd=CONF.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal starts it (exec resets it)
+    try:
+        proc = subprocess.Popen([sys.executable, str(CONF.parent / "train.py"), "-m", *FAST, f"data.dir={data_dir}",
+                                 "model=simple", "seed=0,1", "trainer.max_epochs=5000", "hydra/launcher=joblib",
+                                 "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"], start_new_session=True,
+                                cwd=CONF.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.time() + 240
     while len([p for p in sweep.glob("*/epochs.csv") if len(p.read_text().splitlines()) > 1]) < 2:
         assert proc.poll() is None and time.time() < deadline, "both jobs should be training"
         time.sleep(0.05)
-    proc.kill()
-    proc.wait()
+    if stop == "kill":
+        proc.kill()
+    else:
+        os.killpg(proc.pid, signal.SIGINT)  # the terminal's process group: the sweep and its workers
+    assert proc.wait(timeout=120) == (130 if stop == "ctrl_c" else -signal.SIGKILL)
     deadline = time.time() + 120
     while [p for p in sweep.glob("*/metrics.json") if json.loads(p.read_text())["status"] == "running"]:
         assert time.time() < deadline, "the orphaned workers kept training"
