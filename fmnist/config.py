@@ -509,10 +509,13 @@ def _fraction_or_count_ok(limit: Any) -> bool:
 
 
 def _strategies() -> tuple[str, ...]:
-    """`auto` and Lightning's DDP strategies: the others need packages, GPUs or a device argument these CNNs do not."""
+    """`auto` and Lightning's DDP strategies that start each rank as a new process running the command again: the
+    others need packages, GPUs or a device argument these CNNs do not, and DDP's spawned or forked ranks cannot
+    take the run's trackers along (ddp_spawn fails pickling them; a forked rank on a CPU was seen to hang)."""
     from lightning.pytorch.strategies import StrategyRegistry
 
-    return ("auto", *(s for s in StrategyRegistry.available_strategies() if s.startswith("ddp")))
+    return ("auto", *(s for s in StrategyRegistry.available_strategies()
+                      if s.startswith("ddp") and not s.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook"))))
 
 
 SEED_MAX = 2**32 - 1  # numpy seeds are uint32: Lightning's seed_everything and Optuna's samplers both seed numpy
@@ -567,8 +570,9 @@ def check_values(cfg: DictConfig) -> None:
         ("trainer.devices", _devices_ok(cfg.trainer.devices),
          "`auto`, a number of devices (at least 1, or -1 for all), or device indices (`[0, 1]`, `\"0,1\"`)"),
         ("trainer.num_nodes", cfg.trainer.num_nodes >= 1, "at least 1"),
-        ("trainer.strategy", cfg.trainer.strategy in _strategies(), "`auto` or one of Lightning's DDP strategies (e.g. "
-         "`ddp`, `ddp_spawn`)"),
+        ("trainer.strategy", cfg.trainer.strategy in _strategies(), "`auto` or `ddp` (or ddp_find_unused_parameters_"
+         "true/false); not the spawned or forked DDPs (ddp_spawn, ddp_fork, ddp_notebook), whose ranks cannot take the "
+         "run's trackers along"),
         ("trainer.fast_dev_run", isinstance(cfg.trainer.fast_dev_run, bool) or is_count(cfg.trainer.fast_dev_run),
          "true, false or a number of batches (0 or more)"),
         ("trainer.deterministic", cfg.trainer.deterministic in (None, True, False, "warn"), "null, true, false or `warn`"),

@@ -46,6 +46,7 @@ def test_unknown_model_name_fails():
     ("trainer.devices=0", "trainer.devices"), ("trainer.devices=-5", "trainer.devices"), ("trainer.devices=abc", "trainer.devices"),
     ("trainer.devices=[]", "trainer.devices"), ("trainer.num_nodes=0", "trainer.num_nodes"),
     ("trainer.strategy=foo", "trainer.strategy"), ("trainer.strategy=fsdp", "trainer.strategy"),
+    ("trainer.strategy=ddp_spawn", "trainer.strategy"), ("trainer.strategy=ddp_notebook", "trainer.strategy"),
     ("trainer.fast_dev_run=-1", "trainer.fast_dev_run"), ("trainer.fast_dev_run=abc", "trainer.fast_dev_run"),
     ("trainer.deterministic=abc", "trainer.deterministic"), ("logger.backends=[csv,csv]", "logger.backends"), ("trainer.max_time=abc", "trainer.max_time"), ("trainer.max_time=00:00:00:00", "trainer.max_time"),
     ("trainer.limit_train_batches=-1", "trainer.limit_train_batches"),
