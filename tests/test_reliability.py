@@ -107,6 +107,24 @@ def test_refused_command_leaves_the_run_directory_byte_identical(tmp_path, data_
     assert snapshot(run) == before
 
 
+# A resume keeps epochs.csv's rows and adds to them: with the file gone after the first epoch, the earlier epochs'
+# curves would be lost without a word. Before that, its row may not have been written yet (its checkpoint comes first).
+@pytest.mark.slow
+def test_a_resume_whose_epochs_csv_is_gone_is_refused_after_the_first_epoch(make_cfg, tmp_path):
+    run = tmp_path / "run"
+    train(make_cfg("trainer.max_epochs=2"), run)
+    (run / "epochs.csv").unlink()
+    before = snapshot(run)
+    with pytest.raises(ConfigError, match="epochs.csv: missing, though the run's last.ckpt holds trained epochs"):
+        train(make_cfg("trainer.max_epochs=3", "ckpt_path=last"), run)
+    assert snapshot(run) == before
+    first = tmp_path / "first"  # one epoch, as if killed between its checkpoint and its row: resumed
+    train(make_cfg("trainer.max_epochs=1"), first)
+    (first / "epochs.csv").unlink()
+    train(make_cfg("trainer.max_epochs=2", "ckpt_path=last"), first)
+    assert (first / "epochs.csv").read_text().count("\n") == 2  # the header and the second epoch's row
+
+
 # An interrupted run (Ctrl-C: exit 130) resumes, and the resume clears its error.
 @pytest.mark.slow
 def test_resume_clears_the_error_of_the_interruption(make_cfg, tmp_path, monkeypatch):

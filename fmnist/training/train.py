@@ -315,8 +315,7 @@ def _claimed(cfg: DictConfig, run_dir: Path):
         check_writable(run_dir)
         check_data(cfg)
         if resume:
-            _check_checkpoint(cfg, last)
-            _check_epochs(run_dir / EPOCHS_FILE)
+            _check_epochs(run_dir / EPOCHS_FILE, _check_checkpoint(cfg, last))
         elif cfg.ckpt_path == "last":  # logged only now: a refusal must not add to the run's train.log
             log.warning("%s has no %s/%s: starting the run from its first epoch", run_dir, CHECKPOINT_DIR, LAST_CHECKPOINT)
         keep_early_writes()  # the checks passed: a later job's refusal leaves this one's sweep file as it is
@@ -397,8 +396,9 @@ RESUMED_FIELDS = {"epoch": (is_count, "a count"), "global_step": (is_count, "a c
                   "callbacks": (lambda v: isinstance(v, dict), "a mapping")}
 
 
-def _check_checkpoint(cfg: DictConfig, path: Path) -> None:
-    """Refuse a last.ckpt that cannot be loaded safely or holds another architecture's weights."""
+def _check_checkpoint(cfg: DictConfig, path: Path) -> int:
+    """Refuse a last.ckpt that cannot be loaded safely or holds another architecture's weights; return the epoch it
+    was written in (Lightning's, from 0)."""
     checkpoint = load_checkpoint(path)
     state = checkpoint.get("state_dict", {})
     if not is_text_keyed(state):
@@ -425,10 +425,17 @@ def _check_checkpoint(cfg: DictConfig, path: Path) -> None:
                               f"(model.name={cfg.model.name}); e.g. {differ[0]} has shape {found.get(differ[0])} "
                               f"there and {expected.get(differ[0])} here (None: absent). Resume with the config "
                               "the checkpoint was trained with, or start a new run directory.")
+    return int(checkpoint.get("epoch") or 0)
 
 
-def _check_epochs(path: Path) -> None:
-    """Refuse to resume a run whose epochs.csv is damaged: the resumed run keeps its rows and adds to them."""
+def _check_epochs(path: Path, checkpoint_epoch: int) -> None:
+    """Refuse to resume a run whose epochs.csv is damaged, or gone while its last.ckpt was written after the first
+    epoch (whose row is written just after that epoch's checkpoint, so every earlier epoch has one): the resumed
+    run keeps the rows and adds to them."""
+    if (not path.exists() or path.stat().st_size == 0) and checkpoint_epoch >= 1:
+        raise ConfigError(f"{path}: {'empty' if path.exists() else 'missing'}, though the run's {LAST_CHECKPOINT} holds "
+                          "trained epochs: resuming would start its per-epoch record again and lose the earlier epochs' "
+                          "rows (curves, time to accuracy). Put the file back, or start a new run directory.")
     if not path.exists() or path.stat().st_size == 0:
         return
     try:
