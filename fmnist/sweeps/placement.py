@@ -68,7 +68,7 @@ def plan(launcher: DictConfig | dict, job_num: int, cores: int, gpus: int, accel
     # Only an unpinned job moves: `trainer.devices=[2]` or `trainer=ddp` stay what the user asked for.
     device = job_num % gpus if gpus and str(accelerator) in GPU_ACCELERATORS and devices == "auto" else None
     where = f", GPU {device} of {gpus}" if device is not None else ""
-    return Placement(threads, device, f"{n} jobs at once on {cores} cores: {threads} torch thread{'s' if threads > 1 else ''} each{where}")
+    return Placement(threads, device, f"up to {n} jobs at once on {cores} cores: {threads} torch thread{'s' if threads > 1 else ''} each{where}")
 
 
 def place_job(cfg: DictConfig, hydra_cfg: DictConfig) -> DictConfig:
