@@ -44,6 +44,10 @@ def main() -> None:
     parser.add_argument("--n-jobs", type=int, default=2)
     parser.add_argument("--out", type=path_argument, default=Path("outputs/parallel_timing"))
     args, overrides = parser.parse_known_args()
+    options = [o for o in overrides if o.startswith("-")]  # else train.py's parser would name itself and our overrides
+    if options:
+        parser.error(f"unrecognized option {options[0]}: the options are --data-dir, --n-jobs and --out; other "
+                     "arguments are train overrides (key=value)")
     if args.n_jobs < 1:
         parser.error(f"--n-jobs must be at least 1; got {args.n_jobs}")
     if args.out.exists() and not args.out.is_dir():

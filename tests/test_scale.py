@@ -177,3 +177,11 @@ def test_a_runs_process_group_lives_through_the_fit_and_is_released_at_its_end(m
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_parallel_sweep_timing_refuses_bad_options_in_its_own_words(tmp_path, run_in_process):
+    for args, words in ((["--bogus"], "unrecognized option --bogus: the options are --data-dir, --n-jobs and --out"),
+                        (["--n-jobs", "0"], "--n-jobs must be at least 1; got 0")):
+        result = run_in_process("scripts/parallel_sweep_timing.py", *args, "--out", str(tmp_path / "t"))
+        assert result.returncode == 2 and words in result.stderr and "train.py" not in result.stderr, result.stderr
+    assert not (tmp_path / "t").exists()
