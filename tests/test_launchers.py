@@ -125,16 +125,6 @@ def test_slurm_sweep_submits_one_job_array_with_the_configured_resources(tmp_pat
     assert f"-m submitit.core._submit {tmp_path}/s/.submitit/" in script
 
 
-@pytest.mark.slow
-def test_a_parallel_sweep_with_a_job_that_did_not_complete_keeps_its_multirun_yaml(tmp_path, data_dir, run_in_process):
-    sweep = tmp_path / "s"  # the jobs' checks ran in the workers: the sweep's own file is not put back on exit 3
-    result = run_in_process("train.py", "-m", *FAST, f"data.dir={data_dir}", "model=simple", "optim.lr=1e-3,1e12",
-                            "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}")
-    assert result.returncode == 3, result.stderr[-3000:]
-    assert {r["status"] for r in _records(sweep).values()} == {"completed", "diverged"}
-    assert "optim.lr=1e-3,1e12" in (sweep / "multirun.yaml").read_text()
-
-
 # Several training processes at once, as the engines in test_cluster.py: run with them by `make test-cluster`.
 @pytest.mark.slow
 @pytest.mark.cluster
