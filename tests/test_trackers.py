@@ -154,7 +154,7 @@ def test_wandb_offline_and_csv_get_what_the_run_directory_has_and_a_resume_conti
     assert read_record(run_dir)["trackers"]["wandb_run_id"] == run_id  # the same W&B run, continued
     resumed = wandb_run(run_dir, run_id)
     assert len(resumed["logs"]) == 2 and resumed["summary"]["epochs"] == 2
-    assert epoch_points(resumed) == epoch_rows(run_dir)  # the first session's epoch, then the second's
+    assert epoch_points(resumed) == epoch_rows(run_dir)  # the first start's epoch, then the resume's
     # The CSV keeps the first session's rows (Lightning's writer empties it when it starts) and adds the second's.
     resumed_rows = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
     assert resumed_rows[:len(csv_rows)] == csv_rows and len(resumed_rows) > len(csv_rows)
