@@ -30,8 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from fmnist.config import TRACKERS, computing_overrides, job_name, override_key, swept_keys
 from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_write
-from fmnist.runs import (CHECKPOINT_DIR, CONFIG_FILE, CONFUSION_FILE, EPOCHS_FILE, LAST_CHECKPOINT, METRICS_FILE,
-                         read_record)
+from fmnist.runs import CHECKPOINT_DIR, CONFIG_FILE, CONFUSION_FILE, EPOCHS_FILE, LAST_CHECKPOINT, METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -338,9 +337,9 @@ TRACKER_CLASSES = {
 TRACKER_FILES = tuple(pattern for cls, _ in TRACKER_CLASSES.values() for pattern in cls.files)
 
 
-def open_trackers(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> list[Tracker]:
-    """The run's trackers, each connected; one that cannot be is left out with one warning."""
-    ids = (read_record(run_dir) or {}).get("trackers", {})
+def open_trackers(cfg: DictConfig, run_dir: Path, ids: dict, overrides: list[str] | None = None) -> list[Tracker]:
+    """The run's trackers, each connected (continuing the tracker runs of `ids`, the record's `trackers`, where a
+    resumed run has them); one that cannot be is left out with one warning."""
     title = run_name(run_dir, overrides)
     trackers = []
     for name in cfg.logger.backends:
@@ -364,11 +363,11 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0][:200] if text else ""
 
 
-def tracker_ids(trackers: list[Tracker], run_dir: Path) -> dict:
+def tracker_ids(trackers: list[Tracker], run_dir: Path, earlier: dict) -> dict:
     """For the run record: the ids a resumed run needs, and how to look at the run in each tracker (`views`). The
-    ids of an earlier start's trackers that this one could not reach are kept, for a later resume to continue them."""
-    earlier = {k: v for k, v in (read_record(run_dir) or {}).get("trackers", {}).items() if k != "views"}
-    return {**earlier, **{k: v for t in trackers for k, v in t.ids().items()},
+    ids of an earlier start's trackers (`earlier`, the record's `trackers`) that this one could not reach are kept,
+    for a later resume to continue them."""
+    return {**{k: v for k, v in earlier.items() if k != "views"}, **{k: v for t in trackers for k, v in t.ids().items()},
             "views": {t.name: t.view(run_dir) for t in trackers}}
 
 

@@ -432,11 +432,11 @@ def _check_epochs(path: Path, checkpoint_epoch: int) -> None:
     """Refuse to resume a run whose epochs.csv is damaged, or gone while its last.ckpt was written after the first
     epoch (whose row is written just after that epoch's checkpoint, so every earlier epoch has one): the resumed
     run keeps the rows and adds to them."""
-    if (not path.exists() or path.stat().st_size == 0) and checkpoint_epoch >= 1:
-        raise ConfigError(f"{path}: {'empty' if path.exists() else 'missing'}, though the run's {LAST_CHECKPOINT} holds "
-                          "trained epochs: resuming would start its per-epoch record again and lose the earlier epochs' "
-                          "rows (curves, time to accuracy). Put the file back, or start a new run directory.")
     if not path.exists() or path.stat().st_size == 0:
+        if checkpoint_epoch >= 1:
+            raise ConfigError(f"{path}: {'empty' if path.exists() else 'missing'}, though the run's {LAST_CHECKPOINT} "
+                              "holds trained epochs: resuming would start its per-epoch record again and lose the earlier "
+                              "epochs' rows (curves, time to accuracy). Put the file back, or start a new run directory.")
         return
     try:
         frame = read_epochs(path)
@@ -581,13 +581,14 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
         for name, conf in (hydra_files or {}).items():
             (run_dir / ".hydra").mkdir(exist_ok=True)
             atomic_write(run_dir / ".hydra" / name, OmegaConf.to_yaml(conf))
-    trackers = open_trackers(cfg, run_dir, overrides)
+    earlier = (read_record(run_dir) or {}).get("trackers", {})  # the tracker runs a resumed run continues
+    trackers = open_trackers(cfg, run_dir, earlier, overrides)
     hparams = hparams_row(cfg, overrides, trainer_kwargs["precision"])
     if rank_zero_only.rank == 0:
         # A resumed run starts afresh: the error that stopped it last time is no longer its state.
         update_record(run_dir, drop=("error", "finished_at", "stopped_by", "tested"), status=RUNNING, seed=cfg.seed,
                       started_at=now(), overrides=list(overrides or []), precision=precision, data_digest=data_digests(cfg.data.dir),
-                      trackers=tracker_ids(trackers, run_dir), **provenance(), **(record or {}))
+                      trackers=tracker_ids(trackers, run_dir, earlier), **provenance(), **(record or {}))
         for_each(trackers, "start", hparams, OmegaConf.to_container(cfg, resolve=True))
         (run_dir / ERROR_FILE).unlink(missing_ok=True)
 
