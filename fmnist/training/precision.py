@@ -155,27 +155,25 @@ def cache_file() -> Path:
 def _read_cache() -> dict:
     """The cached verdicts, leaving out any entry that is not a verdict `decide` wrote (a damaged or hand-edited
     file): such a key is probed again."""
+    return _cache_with_problem()[0]
+
+
+def _cache_with_problem() -> tuple[dict, str | None]:
+    """The cached verdicts, and why the verdicts file, where there is one, gives fewer than it holds entries (for
+    `show`), or None."""
     try:
         cache = json.loads(cache_file().read_text())
-    except (OSError, ValueError):
-        return {}
-    return {key: found for key, found in cache.items() if _is_verdict(found)} if isinstance(cache, dict) else {}
-
-
-def _cache_problem() -> str | None:
-    """Why the verdicts file, where there is one, gives fewer verdicts than it holds entries, for `show`."""
-    path = cache_file()
-    if not path.exists():
-        return None
-    try:
-        cache = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}, None
     except (OSError, ValueError) as e:
-        return (f"it cannot be read as JSON ({getattr(e, 'strerror', None) or type(e).__name__}): runs ignore it and "
-                "probe; `clear` removes it")
+        return {}, (f"it cannot be read as JSON ({getattr(e, 'strerror', None) or type(e).__name__}): runs ignore it "
+                    "and probe; `clear` removes it")
     if not isinstance(cache, dict):
-        return "it is not a JSON object of verdicts: runs ignore it and probe; `clear` removes it"
-    odd = [key for key, found in cache.items() if not _is_verdict(found)]
-    return f"and {len(odd)} entr{'y' if len(odd) == 1 else 'ies'} that are not verdicts, which runs ignore" if odd else None
+        return {}, "it is not a JSON object of verdicts: runs ignore it and probe; `clear` removes it"
+    verdicts = {key: found for key, found in cache.items() if _is_verdict(found)}
+    odd = len(cache) - len(verdicts)
+    return verdicts, (f"and {odd} entr{'y' if odd == 1 else 'ies'} that are not verdicts, which runs ignore" if odd
+                      else None)
 
 
 def _is_verdict(found) -> bool:
@@ -274,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> None:
         if args.verb == "show":
-            cache, problem = _read_cache(), _cache_problem()
+            cache, problem = _cache_with_problem()
             print(f"{cache_file()}: {len(cache)} verdict(s)" + (f" ({problem})" if problem else ""))
             for key, found in cache.items():
                 print(f"  {key}\n    -> {found.get('precision')}: bf16 {found.get('bf16_speedup')}x "
