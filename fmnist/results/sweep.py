@@ -177,8 +177,9 @@ class SummarizeSweep(Callback):
             exit_with(e)
         # Hydra rewrites multirun.yaml before the first job's checks; a refused sweep puts it back (fmnist.cli), and
         # so does one stopped before its first job's checks pass, where they run in this process.
-        note_early_write(sweep_dir / SWEEP_CONFIG_FILE, refused_only=launcher_kind(config.hydra.launcher) != "basic")
-        if launcher_kind(config.hydra.launcher) == "joblib":
+        launcher = launcher_kind(config.hydra.launcher)
+        note_early_write(sweep_dir / SWEEP_CONFIG_FILE, refused_only=launcher != "basic")
+        if launcher == "joblib":
             ctrl_c_leaves_the_workers_to_stop()
 
     def on_multirun_end(self, config, **kwargs) -> None:

@@ -624,12 +624,10 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
         _check_storage_file(cfg.storage or _default_storage(study_dir), default=not cfg.storage)
         made = missing_dirs(study_dir)  # removed again if the study is refused
         trials_here = sorted(p.name for p in study_dir.glob(f"{TRIAL_DIR_PREFIX}*"))
-        if trials_here and cfg.storage is None and not (study_dir / STUDY_DB).exists():
-            raise _orphan_trials(study_dir, trials_here, f"its database {STUDY_DB} is gone")
-        named_file = _storage_file(cfg.storage) if cfg.storage else None
-        if trials_here and named_file is not None and not named_file.exists():  # opening it would create it
-            raise _orphan_trials(study_dir, trials_here, f"the storage {cfg.storage} names no file yet ({named_file})")
         own = _storage_file(cfg.storage) if cfg.storage else study_dir / STUDY_DB  # a study's own database
+        if trials_here and own is not None and not own.exists():  # opening it would create an empty one
+            raise _orphan_trials(study_dir, trials_here, f"its database {STUDY_DB} is gone" if cfg.storage is None
+                                 else f"the storage {cfg.storage} names no file yet ({own})")
         theirs = [] if made or trials_here or (own is not None and own.parent.resolve() == study_dir.resolve()
                                                and own.exists()) else sorted(p.name for p in study_dir.iterdir())
         if theirs:  # its summary.md and best.yaml would replace theirs
