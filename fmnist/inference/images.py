@@ -31,7 +31,6 @@ from fmnist import IMAGE_SIDE
 log = logging.getLogger(__name__)
 PILLOW_DIR = Path(Image.__file__).parent  # where Pillow's warnings come from
 
-SIZE = IMAGE_SIDE
 FORMATS = ("PNG", "JPEG", "BMP")  # phone cameras' multi-picture JPEGs open as JPEG too
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 MAX_FILE_BYTES = 50 * 2 ** 20
@@ -118,7 +117,7 @@ def to_dataset_format(grey: np.ndarray) -> np.ndarray:
     if background > 0:
         x = np.clip((x - background) * (255 / (255 - background)), 0, 255)
     x = np.rint(x).astype(np.uint8)
-    if x.shape == (SIZE, SIZE):
+    if x.shape == (IMAGE_SIDE, IMAGE_SIDE):
         return x
     rows = np.flatnonzero((x > GARMENT_THRESHOLD).any(axis=1))
     cols = np.flatnonzero((x > GARMENT_THRESHOLD).any(axis=0))
@@ -126,12 +125,12 @@ def to_dataset_format(grey: np.ndarray) -> np.ndarray:
         raise ImageRejected("nothing but background: no garment found")
     crop = Image.fromarray(x[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
     h, w = crop.height, crop.width
-    scale = SIZE / max(h, w)
+    scale = IMAGE_SIDE / max(h, w)
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
     resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC
     fitted = crop.resize((new_w, new_h), resample)
-    canvas = Image.new("L", (SIZE, SIZE), 0)
-    canvas.paste(fitted, ((SIZE - new_w) // 2, (SIZE - new_h) // 2))
+    canvas = Image.new("L", (IMAGE_SIDE, IMAGE_SIDE), 0)
+    canvas.paste(fitted, ((IMAGE_SIDE - new_w) // 2, (IMAGE_SIDE - new_h) // 2))
     return np.asarray(canvas, dtype=np.uint8).copy()
 
 
