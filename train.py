@@ -64,4 +64,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    # SIGTERM before a run's checks pass (a time limit, scancel) puts back what Hydra wrote early, as Ctrl-C does;
+    # from then on the run handles it (fmnist.training.train).
+    run_cli(main, unwind_on_sigterm=True)

@@ -91,19 +91,20 @@ class Terminated(BaseException):
     way out remove a command's temporary files (fmnist.fsio.atomic_output) instead of leaving them."""
 
 
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
 @contextmanager
 def sigterm_unwinds(enabled: bool = True):
-    """Within the block, SIGTERM raises Terminated in the main thread. Not for a command that trains: Lightning
-    has its own SIGTERM handling there (it stops after the step and saves), which this would cut short."""
+    """Within the block, SIGTERM raises Terminated in the main thread. In train.py only until a run's checks pass:
+    the run then handles SIGTERM itself (fmnist.training.train), so that inside a fit it stops after the step and
+    saves, as Lightning does, instead of at once."""
     if not enabled or threading.current_thread() is not threading.main_thread() \
             or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
         return
-
-    def handler(signum, frame):
-        raise Terminated
-
-    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
     finally:
@@ -118,21 +119,24 @@ SIGTERM_EXIT = (f"stopped by SIGTERM; {_STOPPED}", 128 + signal.SIGTERM)
 CTRL_C_EXIT = (f"stopped by Ctrl-C; {_STOPPED}", 128 + signal.SIGINT)
 
 
-def ctrl_c_leaves_the_workers_to_stop() -> None:
-    """In a parallel sweep's own process (joblib): Ctrl-C ends it at once, exit 130, without the launcher's clean-up,
-    which killed the workers before they could record their jobs (left `running`). Each worker then stops its job
-    as Ctrl-C or SIGTERM stops a run, on its own SIGINT or on finding the sweep gone (fmnist.sweeps.placement):
-    recorded `interrupted`, and the same command resumes the sweep."""
-    if threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # e.g. ignored: a background job
+def a_stop_leaves_the_workers_to_stop() -> None:
+    """In a parallel sweep's own process (joblib): Ctrl-C or SIGTERM ends it at once, exit 130 or 143, without the
+    launcher's clean-up, which killed the workers before they could record their jobs (left `running`). Each worker
+    then stops its job as Ctrl-C or SIGTERM stops a run, on its own signal or on finding the sweep gone
+    (fmnist.sweeps.placement): recorded `interrupted`, and the same command resumes the sweep."""
+    if threading.current_thread() is not threading.main_thread():
         return
 
     def handler(signum, frame):  # no logging here: it runs between any two bytecodes of the main thread
-        os.write(2, b"error: stopped by Ctrl-C: each running job stops at its next step and is recorded "
+        name = b"Ctrl-C" if signum == signal.SIGINT else b"SIGTERM"
+        os.write(2, b"error: stopped by " + name + b": each running job stops at its next step and is recorded "
                     b"`interrupted`; the same command resumes the sweep.\n")
-        os._exit(128 + signal.SIGINT)
+        os._exit(128 + signum)
 
-    signal.signal(signal.SIGINT, handler)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored (e.g. a background job)
+        signal.signal(signal.SIGINT, handler)
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, _raise_terminated):
+        signal.signal(signal.SIGTERM, handler)
 
 
 # Hydra's mode flags, by each spelling: a command line with two modes is a ValueError with a traceback there.

@@ -128,20 +128,22 @@ def test_slurm_sweep_submits_one_job_array_with_the_configured_resources(tmp_pat
 # Several training processes at once, as the engines in test_cluster.py: run with them by `make test-cluster`.
 @pytest.mark.slow
 @pytest.mark.cluster
-@pytest.mark.parametrize("stop", ["kill", "ctrl_c"])
+@pytest.mark.parametrize("stop", ["kill", "ctrl_c", "sigterm"])
 def test_joblib_workers_stop_when_the_sweep_process_is_killed(tmp_path, data_dir, stop):
-    """The sweep's process killed, or a terminal's Ctrl-C (SIGINT to the sweep and its workers): each job is
-    recorded `interrupted`, not left `running` by workers ended before they could write."""
+    """The sweep's process killed or sent SIGTERM (a time limit, `kill`), or a terminal's Ctrl-C (SIGINT to the
+    sweep and its workers): each job is recorded `interrupted`, not left `running` by workers ended before they
+    could write."""
     sweep = tmp_path / "s"
     env = {**os.environ, "PYTHONPATH": str(CONF.parent)}
     # Far more epochs than they can finish before the kill and the test's deadline, however fast the machine:
     # orphans that trained on would end `completed` (or still `running`), never `interrupted`.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal starts it (exec resets it)
     try:
-        proc = subprocess.Popen([sys.executable, str(CONF.parent / "train.py"), "-m", *FAST, f"data.dir={data_dir}",
-                                 "model=simple", "seed=0,1", "trainer.max_epochs=5000", "hydra/launcher=joblib",
-                                 "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"], start_new_session=True,
-                                cwd=CONF.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with (tmp_path / "stderr").open("w") as stderr:  # the child holds its own copy
+            proc = subprocess.Popen([sys.executable, str(CONF.parent / "train.py"), "-m", *FAST, f"data.dir={data_dir}",
+                                     "model=simple", "seed=0,1", "trainer.max_epochs=5000", "hydra/launcher=joblib",
+                                     "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"], start_new_session=True,
+                                    cwd=CONF.parent, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     finally:
         signal.signal(signal.SIGINT, previous)
     deadline = time.time() + 240
@@ -150,9 +152,13 @@ def test_joblib_workers_stop_when_the_sweep_process_is_killed(tmp_path, data_dir
         time.sleep(0.05)
     if stop == "kill":
         proc.kill()
+    elif stop == "sigterm":
+        proc.terminate()  # the sweep's process alone: its workers find it gone
     else:
         os.killpg(proc.pid, signal.SIGINT)  # the terminal's process group: the sweep and its workers
-    assert proc.wait(timeout=120) == (130 if stop == "ctrl_c" else -signal.SIGKILL)
+    assert proc.wait(timeout=120) == {"kill": -signal.SIGKILL, "ctrl_c": 130, "sigterm": 143}[stop]
+    if stop != "kill":  # the sweep's own process says what happens next
+        assert "each running job stops at its next step" in (tmp_path / "stderr").read_text()
     deadline = time.time() + 120
     while [p for p in sweep.glob("*/metrics.json") if json.loads(p.read_text())["status"] == "running"]:
         assert time.time() < deadline, "the orphaned workers kept training"

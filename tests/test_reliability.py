@@ -277,6 +277,35 @@ def test_a_command_stopped_before_its_checks_pass_puts_back_what_it_wrote_early(
     assert sweep_file.read_text() == "this sweep's\n" and job_log.read_text() == "its first line\n"
 
 
+
+# SIGTERM (a time limit, scancel) while a continued sweep's first job is checked: train.py stops as for Ctrl-C,
+# and the earlier sweep's multirun.yaml is put back, with no job directory left, instead of SIGTERM's default kill.
+SIGTERM_WHILE_CHECKED = """
+import os, runpy, signal, sys
+import fmnist.training.train as train
+
+def check_data(cfg):  # the signal arrives while the run's checks read the data
+    os.kill(os.getpid(), signal.SIGTERM)
+
+train.check_data = check_data
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_sigterm_before_a_runs_checks_pass_puts_back_what_hydra_wrote(tmp_path, data_dir):
+    sweep = tmp_path / "s"
+    (sweep / "earlier").mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text("an earlier sweep's\n")
+    before = snapshot(sweep), sorted(sweep.rglob("*"))
+    done = subprocess.run([sys.executable, "-c", SIGTERM_WHILE_CHECKED, "-m", *FAST, f"data.dir={data_dir}",
+                           f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 143 and "stopped by SIGTERM" in done.stderr, (done.returncode, done.stderr[-3000:])
+    assert "Traceback" not in done.stderr
+    assert (snapshot(sweep), sorted(sweep.rglob("*"))) == before
+
+
 # An empty path (an unset shell variable) is refused, not read as the current directory.
 def test_an_empty_data_dir_is_refused_not_taken_for_the_current_directory(tmp_path, data_dir, run_in_process):
     here = shutil.copytree(data_dir, tmp_path / "here")  # CSVs in the current directory, which data.dir= would read
@@ -681,7 +710,7 @@ def test_a_signal_while_a_command_writes_leaves_no_temporary_file(tmp_path, sign
         assert "Traceback" not in done.stderr and left == []
     elif unwind:  # what evaluate, predict, export, get_data and the results verbs do
         assert done.returncode == 143 and "stopped by SIGTERM" in done.stderr and left == []
-    else:  # the default action (a training command, where Lightning handles SIGTERM): the file stays behind
+    else:  # SIGTERM's default action, in a command that does not unwind: the file stays behind
         assert done.returncode == -signal.SIGTERM and len(left) == 1 and left[0].startswith(".model.onnx.")
 
 

@@ -18,7 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fmnist.cli import chained_fmnist_error, ctrl_c_leaves_the_workers_to_stop, exit_with, unresolvable
+from fmnist.cli import chained_fmnist_error, a_stop_leaves_the_workers_to_stop, exit_with, unresolvable
 from fmnist.config import SWEEP_CONFIG_FILE, check_launcher, check_sweep_values, launcher_kind, superseded_note
 from fmnist.data.sources import data_digests
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, DataError
@@ -180,7 +180,7 @@ class SummarizeSweep(Callback):
         launcher = launcher_kind(config.hydra.launcher)
         note_early_write(sweep_dir / SWEEP_CONFIG_FILE, refused_only=launcher != "basic")
         if launcher == "joblib":
-            ctrl_c_leaves_the_workers_to_stop()
+            a_stop_leaves_the_workers_to_stop()
 
     def on_multirun_end(self, config, **kwargs) -> None:
         keep_early_writes()  # the jobs ran under this multirun.yaml, whatever their outcome

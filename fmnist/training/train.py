@@ -308,7 +308,8 @@ def _claimed(cfg: DictConfig, run_dir: Path):
     last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     if rank_zero_only.rank != 0:
         keep_early_writes()  # rank 0 has claimed the directory: this rank's log stays, whatever ends the run
-        yield cfg.ckpt_path == "last" and last.exists()
+        with _sigterm_raises():
+            yield cfg.ckpt_path == "last" and last.exists()
         return
     with own_run_dir(run_dir):
         resume = _check_run_dir(cfg, run_dir)
@@ -330,8 +331,9 @@ SIGTERM_RECEIVED = threading.Event()
 
 @contextmanager
 def _sigterm_raises():
-    """SIGTERM raises SIGTERMException from the first write on, instead of killing the process outright:
-    a run stopped while it starts is still recorded `interrupted`, with its resume command.
+    """SIGTERM raises SIGTERMException from the first write on (before, while the run is checked, it unwinds the
+    command: fmnist.cli.sigterm_unwinds): a run stopped while it starts is still recorded `interrupted`, with its
+    resume command.
 
     Inside fit and test Lightning's handler runs first and calls this one; there the run stops at the
     next step boundary (Lightning's way) rather than in the middle of a write.
