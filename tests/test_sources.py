@@ -5,7 +5,7 @@ import struct
 import numpy as np
 import pytest
 
-from fmnist.data.csv_io import parse_csv
+from fmnist.data.csv_io import parse_csv, write_csv
 from fmnist.errors import DataError
 from fmnist.data.sources import CSV_NAMES, obtain, read_idx
 from tests.conftest import make_images
@@ -50,10 +50,24 @@ def test_each_idx_file_may_be_gzipped_or_not_on_its_own(tmp_path, idx_dir):
 def test_existing_csvs_are_never_touched(tmp_path, idx_dir):
     data = tmp_path / "data"
     data.mkdir()
+    for name, (images, labels) in zip(CSV_NAMES.values(), (make_images(30, 0), make_images(20, 1))):
+        write_csv(data / name, images, labels)
+    before = {name: (data / name).read_bytes() for name in CSV_NAMES.values()}
+    message = obtain(data, idx_dir=idx_dir, allow_install=False, allow_download=False)
+    assert message.endswith("left untouched (30 train and 20 test images)")
+    assert all((data / name).read_bytes() == content for name, content in before.items())
+
+
+# CSVs a run would refuse (a header alone: an interrupted copy) are not reported as ready, and stay as they are.
+@pytest.mark.parametrize("content", ["mine", "label," + ",".join(f"pixel{i}" for i in range(1, 785)) + "\n"])
+def test_existing_csvs_that_a_run_would_refuse_are_named_and_left_as_they_are(tmp_path, idx_dir, content):
+    data = tmp_path / "data"
+    data.mkdir()
     for name in CSV_NAMES.values():
-        (data / name).write_text("mine")
-    assert "left untouched" in obtain(data, idx_dir=idx_dir, allow_install=False, allow_download=False)
-    assert all((data / name).read_text() == "mine" for name in CSV_NAMES.values())
+        (data / name).write_text(content)
+    with pytest.raises(DataError, match=rf"{data / CSV_NAMES['train']}\b.* The CSVs in {data} are left as they are"):
+        obtain(data, idx_dir=idx_dir, allow_install=False, allow_download=False)
+    assert all((data / name).read_text() == content for name in CSV_NAMES.values())
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fmnist import IMAGE_SIDE, NUM_CLASSES
-from fmnist.data.csv_io import csv_digest, require_file, write_csv
+from fmnist.data.csv_io import csv_digest, load_csv, require_file, write_csv
 from fmnist.errors import DataError
 from fmnist.fsio import storage_errors
 
@@ -191,9 +191,16 @@ def obtain(data_dir: Path, idx_dir: Path | None = None, allow_install: bool = Tr
 def _obtain(data_dir: Path, idx_dir: Path | None, allow_install: bool, allow_download: bool) -> str:
     csvs = [data_dir / name for name in CSV_NAMES.values()]
     if all(p.is_file() or Path(f"{p}.gz").is_file() for p in csvs):
+        counts = []
         for split in CSV_NAMES:
-            find_csv(data_dir, split)  # a split both plain and gzipped: refused here, as every run would refuse it
-        return f"CSVs already in {data_dir}: left untouched"
+            # A split both plain and gzipped, or a CSV a run would refuse (an interrupted copy, a header alone):
+            # refused here, not reported as ready. Parsing also caches the arrays that the first run reads.
+            try:
+                counts.append(f"{len(load_csv(find_csv(data_dir, split))[1])} {split}")
+            except DataError as e:
+                raise DataError(f"{e} The CSVs in {data_dir} are left as they are: replace that file, or move both "
+                                "away and run `make data` again.") from e
+        return f"CSVs already in {data_dir}: left untouched ({' and '.join(counts)} images)"
     present = [q for p in csvs for q in (p, Path(f"{p}.gz")) if q.exists()]
     if present:
         shown = ", ".join(f"{q.name}{'' if q.is_file() else ' (not a file)'}" for q in present)
