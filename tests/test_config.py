@@ -75,6 +75,18 @@ def test_what_lightning_accepts_passes_the_checks(override):
     check_config(compose_cfg(override))
 
 
+# DDP on one device in all trains in one process, as without it: said in the run's log, not silently done.
+def test_ddp_on_one_device_is_noted():
+    from fmnist.training.train import one_process_ddp_note
+
+    note = one_process_ddp_note(compose_cfg("trainer=ddp", "preset=smoke").trainer)
+    assert note and note.startswith("trainer.strategy=ddp with one device (trainer.devices=1) trains in one process")
+    assert one_process_ddp_note(compose_cfg("trainer=ddp", "trainer.devices=[0]").trainer)
+    for overrides in (["trainer=ddp", "preset=smoke", "trainer.devices=2"], ["trainer=ddp"], ["preset=smoke"],
+                      ["trainer=ddp", "trainer.devices=1", "trainer.num_nodes=2"]):
+        assert one_process_ddp_note(compose_cfg(*overrides).trainer) is None, overrides
+
+
 def test_device_indices_are_refused_on_a_cpu_naming_the_key():
     from fmnist.hardware import check_accelerator
 

@@ -319,9 +319,24 @@ def _claimed(cfg: DictConfig, run_dir: Path):
             _check_epochs(run_dir / EPOCHS_FILE, _check_checkpoint(cfg, last))
         elif cfg.ckpt_path == "last":  # logged only now: a refusal must not add to the run's train.log
             log.warning("%s has no %s/%s: starting the run from its first epoch", run_dir, CHECKPOINT_DIR, LAST_CHECKPOINT)
+        note = one_process_ddp_note(cfg.trainer)
+        if note:
+            log.warning(note)
         keep_early_writes()  # the checks passed: a later job's refusal leaves this one's sweep file as it is
         with _sigterm_raises():
             yield resume
+
+
+def one_process_ddp_note(trainer: DictConfig) -> str | None:
+    """A note when DDP is asked for on one device in all (`trainer=ddp preset=smoke`: the preset sets one CPU
+    device): the run trains in one process, as without DDP, which a smoke test of DDP would miss."""
+    devices = trainer.devices
+    count = len(devices) if OmegaConf.is_list(devices) or isinstance(devices, list) else devices
+    if not str(trainer.strategy).startswith("ddp") or trainer.num_nodes != 1 or count not in (1, "1"):
+        return None
+    return (f"trainer.strategy={trainer.strategy} with one device (trainer.devices={devices}) trains in one process, "
+            "as without DDP (preset=smoke sets one CPU device); give trainer.devices=2 or more for data-parallel "
+            "processes (on a CPU: trainer.accelerator=cpu)")
 
 
 # Set by every SIGTERM a run sees, even one that Lightning's handler took after its last check for it (during the
