@@ -34,6 +34,15 @@ def test_placement_shares_cores_and_gpus(launcher, job, cores, gpus, devices, th
     assert (placement.threads, placement.device) == (threads, device)
 
 
+def test_more_jobs_than_cores_is_noted_on_a_cpu_only():
+    crowded = {**JOBLIB, "n_jobs": 4}
+    assert plan(crowded, 0, 2, 0, "auto", "auto").reason == (
+        "up to 4 jobs at once on 2 cores: 1 torch thread each (more jobs than cores: on a CPU they take turns on "
+        "them, so hydra.launcher.n_jobs above 2 adds no compute)")
+    assert "more jobs than cores" not in plan(crowded, 0, 2, 1, "auto", "auto").reason  # packed onto a GPU
+    assert "more jobs than cores" not in plan(JOBLIB, 0, 2, 0, "auto", "auto").reason
+
+
 def _records(sweep: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
 

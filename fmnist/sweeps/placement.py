@@ -68,7 +68,12 @@ def plan(launcher: DictConfig | dict, job_num: int, cores: int, gpus: int, accel
     # Only an unpinned job moves: `trainer.devices=[2]` or `trainer=ddp` stay what the user asked for.
     device = job_num % gpus if gpus and str(accelerator) in GPU_ACCELERATORS and devices == "auto" else None
     where = f", GPU {device} of {gpus}" if device is not None else ""
-    return Placement(threads, device, f"up to {n} jobs at once on {cores} cores: {threads} torch thread{'s' if threads > 1 else ''} each{where}")
+    # On GPUs more jobs than cores can pay (the GPU does the work); on a CPU they only take turns on the cores.
+    crowded = (f" (more jobs than cores: on a CPU they take turns on them, so hydra.launcher.n_jobs above {cores} adds "
+               "no compute)"
+               if n > cores and not (gpus and str(accelerator) in GPU_ACCELERATORS) else "")
+    return Placement(threads, device, f"up to {n} jobs at once on {cores} cores: {threads} torch thread"
+                                      f"{'s' if threads > 1 else ''} each{where}{crowded}")
 
 
 def place_job(cfg: DictConfig, hydra_cfg: DictConfig) -> DictConfig:
