@@ -29,6 +29,10 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from fmnist.cli import check_working_directory, run_plain
+
+check_working_directory()  # here: torch's import fails in a deleted directory, with oneMKL's error instead
+
 import lightning as L
 import pandas as pd
 import torch
@@ -36,7 +40,6 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from fmnist import IMAGE_SIDE, console
-from fmnist.cli import run_plain
 from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_write, check_writable, dirs_made, path_argument, storage_errors
 from fmnist.training.callbacks import step_callbacks

@@ -18,11 +18,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fmnist.cli import check_working_directory, run_plain
+
+check_working_directory()  # here: torch's import fails in a deleted directory, with oneMKL's error instead
+
 import torch
 
 from fmnist import IMAGE_SIDE, NUM_CLASSES
 from fmnist.config import EVAL_BATCH_SIZE, check_name
-from fmnist.cli import run_plain
 from fmnist.errors import ConfigError
 from fmnist.fsio import file_digest, load_checkpoint, path_argument
 from fmnist.inference.loading import DATAMODULE_STATE_KEY, PRETRAINED, PRETRAINED_DIR, best_in_run, load_model

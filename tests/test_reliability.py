@@ -219,7 +219,8 @@ def test_a_split_held_both_plain_and_gzipped_is_refused_naming_both(tmp_path, da
 # A working directory deleted under the shell: relative paths name nothing; one paragraph, not Hydra's or torch's.
 @pytest.mark.parametrize("command", [["train.py", "preset=smoke"], ["tune.py", "tune=x"],
                                      ["scripts/get_data.py"], ["scripts/gpu_check.py", "--dry-run"],
-                                     ["-m", "fmnist.results", "summary", "x"]])
+                                     ["-m", "fmnist.results", "summary", "x"], ["scripts/benchmark.py"],
+                                     ["scripts/ship_model.py", "x"], ["-m", "fmnist.training.precision", "show"]])
 def test_a_deleted_working_directory_is_one_paragraph(tmp_path, command):
     gone = tmp_path / "gone"
     gone.mkdir()

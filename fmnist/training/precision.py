@@ -32,6 +32,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
+if __name__ == "__main__":  # the command: here, as torch's import fails in a deleted directory with oneMKL's error
+    from fmnist.cli import check_working_directory
+
+    check_working_directory()
+
 import torch
 from omegaconf import OmegaConf
 
