@@ -123,3 +123,25 @@ def test_signal_stops_cleanly_records_how_to_resume_and_resume_finishes(tmp_path
     epochs = len(curve(run)) + 1
     finish_here(run_in_process, run, data_dir, "ckpt_path=last", f"trainer.max_epochs={epochs}")
     assert record(run)["status"] == "completed" and record(run)["metrics"]["epochs"] == epochs
+
+
+# With validation every other epoch, last.ckpt is still each epoch's, and a resume starts at the next epoch: the
+# saved epoch's epochs.csv row (training figures, times) stays as it was written.
+def test_epochs_without_validation_are_checkpointed_and_resumed_after(tmp_path, data_dir, run_in_process):
+    from fmnist.fsio import load_checkpoint
+    from tests.conftest import FAST
+
+    run = tmp_path / "run"
+    args = [*FAST, f"data.dir={data_dir}", "trainer.check_val_every_n_epoch=2", f"hydra.run.dir={run}"]
+    first = run_in_process("train.py", *args, "trainer.max_epochs=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == 2  # the third epoch's, not the second's
+    rows = (run / "epochs.csv").read_text().splitlines()
+    resumed = run_in_process("train.py", *args, "trainer.max_epochs=4", "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = (run / "epochs.csv").read_text().splitlines()
+    assert after[:4] == rows and len(after) == 5
+    record = json.loads((run / "metrics.json").read_text())
+    train_seconds = [float(row["train_seconds"]) for row in csv.DictReader(after)]
+    assert record["metrics"]["train_seconds"] == train_seconds[-1] and train_seconds == sorted(train_seconds)
+    assert "could not find the monitored key" not in first.stderr + first.stdout

@@ -90,17 +90,21 @@ class SafeModelCheckpoint(ModelCheckpoint):
                           "best_k_models": {moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()}}
         super().load_state_dict(state_dict)
 
+    def __init__(self, **kwargs):
+        # At every epoch's end, validated or not: Lightning would save at the end of validation when
+        # `trainer.check_val_every_n_epoch` is above 1, so a kill could lose several epochs, and a resume would
+        # start inside the end of the saved epoch (its epochs.csv row rewritten without its training figures).
+        super().__init__(**{**kwargs, "save_on_train_epoch_end": True})
+
+    def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
+        if self.monitor not in monitor_candidates and trainer.current_epoch + 1 < trainer.check_val_every_n_epoch:
+            return  # before the first validation is due there is nothing to rank, and nothing amiss to warn of
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         with signals_deferred():
             super().on_train_epoch_end(trainer, pl_module)
-            if self._should_save_on_train_epoch_end(trainer):
-                self._save_latest(trainer)
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        with signals_deferred():
-            super().on_validation_end(trainer, pl_module)
-            if not self._should_save_on_train_epoch_end(trainer):
-                self._save_latest(trainer)
+            self._save_latest(trainer)
 
     def _save_latest(self, trainer) -> None:
         # Lightning 2.6 writes last.ckpt only at a step that also wrote a best checkpoint, so after an
