@@ -463,6 +463,7 @@ def register() -> None:
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "muon")  # fmnist/training/module.py maps each to its optimizer class
+ADAM_FAMILY = ("adam", "adamw", "muon")  # the optimizers that divide by sqrt(v) + eps (Muon: its AdamW half)
 SCHEDULERS = ("none", "cosine", "linear")  # shapes of fmnist.training.module.lr_factor
 TTA_MODES = ("none", "flip", "flip_shift")  # views of fmnist.models.tta_logits
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
@@ -562,6 +563,12 @@ def check_values(cfg: DictConfig) -> None:
         ("optim.lookahead_alpha", 0.0 < cfg.optim.lookahead_alpha <= 1.0, "in (0, 1] (1: no slow weights)"),
         ("tta", cfg.tta in TTA_MODES, f"one of {TTA_MODES}"),
         ("trainer.precision", str(cfg.trainer.precision) in PRECISIONS, f"one of {PRECISIONS}"),
+        # Adam's eps (1e-8) rounds to 0 in float16, so a weight whose gradient's square underflows takes m / 0: NaN
+        # at the first steps, whatever the learning rate. SGD has no such term; mixed precision keeps fp32 weights.
+        ("trainer.precision", not (str(cfg.trainer.precision) == "16-true" and cfg.optim.name in ADAM_FAMILY),
+         f"other than 16-true with optim.name={cfg.optim.name}: its eps (1e-8) is 0 in float16 weights, so its first "
+         "steps divide by zero and the run diverges at any learning rate; take 16-mixed (on a GPU), bf16-true, "
+         "bf16-mixed, or optim.name=sgd"),
         ("trainer.max_epochs", cfg.trainer.max_epochs >= 1 or (cfg.trainer.max_epochs == -1 and cfg.trainer.max_time),
          "at least 1, or -1 (no limit) with trainer.max_time set (else the run never ends)"),
         ("ckpt_path", cfg.ckpt_path in (None, "last"), "null or `last`"),

@@ -60,6 +60,7 @@ def test_unknown_model_name_fails():
     ("trainer.gradient_clip_val=inf", "trainer.gradient_clip_val"),  # a clip that never clips: null says so
     ("trainer.num_sanity_val_steps=-2", "trainer.num_sanity_val_steps"),
     ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps"),
+    ("trainer.precision=16-true", "trainer.precision"),  # with the default Adam: NaN at its first steps
 ])
 def test_nonsense_values_are_rejected_with_the_key(override, key):
     with pytest.raises(ConfigError, match=f"config key {key} must be"):
@@ -69,10 +70,10 @@ def test_nonsense_values_are_rejected_with_the_key(override, key):
 @pytest.mark.parametrize("override", [
     "trainer.devices=auto", "trainer.devices=2", "trainer.devices=-1", "trainer.devices=[0,1]", 'trainer.devices="0,1"',
     "trainer.strategy=ddp", "trainer.max_time=00:00:30:00", "trainer.limit_train_batches=0.25",
-    "trainer.limit_val_batches=3", "trainer.gradient_clip_val=0",
+    "trainer.limit_val_batches=3", "trainer.gradient_clip_val=0", "trainer.precision=16-true optim=sgd",
 ])
 def test_what_lightning_accepts_passes_the_checks(override):
-    check_config(compose_cfg(override))
+    check_config(compose_cfg(*override.split()))
 
 
 # DDP on one device in all trains in one process, as without it: said in the run's log, not silently done.
