@@ -206,5 +206,7 @@ def test_accuracy_recipes_train_on_a_cpu_for_a_few_batches(make_cfg, tmp_path, e
     said = [r.getMessage() for r in caplog.records if "is longer than trainer.max_epochs" in r.getMessage()]
     assert len(said) == (cfg.optim.warmup_epochs > cfg.trainer.max_epochs)
     assert not said or "reaches at most 50% of optim.lr" in said[0]
+    if said:  # and epochs.csv shows the rate its last step trained with, not the next step's (75%)
+        assert pd.read_csv(tmp_path / "epochs.csv").lr.iloc[-1] == pytest.approx(0.5 * cfg.optim.lr)
     assert 0.0 <= metrics["test/acc"] <= 1.0
     assert "current_model_state" in torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)

@@ -62,6 +62,7 @@ class EpochCSV(L.Callback):
         self.flops_per_image = 0
         self._epoch_start = 0.0
         self._validated = False  # whether validation ran in the current epoch
+        self._last_lr = None  # the learning rate of the epoch's last training step
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.flops_per_image = training_flops_per_image(pl_module.net)
@@ -76,12 +77,18 @@ class EpochCSV(L.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch_start = time.perf_counter()
         self._validated = False
+        self._last_lr = None
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self._validated = self._validated or not trainer.sanity_checking
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.train_images += len(batch[1]) * trainer.world_size
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # The rate this step trains with. Lightning steps a per-step schedule before the batch's end, so the rate
+        # held at the epoch's end is the next step's (after the last epoch, one that never runs).
+        self._last_lr = trainer.optimizers[0].param_groups[0]["lr"]
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or rank_zero_only.rank != 0:
@@ -90,7 +97,7 @@ class EpochCSV(L.Callback):
         self.train_seconds += seconds
         m = trainer.callback_metrics
         row = {"epoch": trainer.current_epoch + 1, "step": trainer.global_step,
-               "lr": trainer.optimizers[0].param_groups[0]["lr"],
+               "lr": self._last_lr if self._last_lr is not None else trainer.optimizers[0].param_groups[0]["lr"],
                "epoch_seconds": round(seconds, 3), "train_seconds": round(self.train_seconds, 3),
                "train_images": self.train_images, "train_flops": self.train_images * self.flops_per_image}
         row.update({k: round(float(m[k]), 6) for k in EPOCH_COLUMNS
