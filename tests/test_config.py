@@ -88,6 +88,18 @@ def test_ddp_on_one_device_is_noted():
         assert one_process_ddp_note(compose_cfg(*overrides).trainer) is None, overrides
 
 
+# A resumed run given another length with a learning-rate schedule is told that the schedule moves under it.
+def test_a_schedule_stretched_on_resume_is_noted():
+    from fmnist.training.train import stretched_schedule_note
+
+    cfg = compose_cfg("optim=adamw", "trainer.max_epochs=2")
+    note = stretched_schedule_note({"trainer.max_epochs": 1}, cfg)
+    assert note and note.startswith("trainer.max_epochs is 2, was 1: the learning-rate schedule (optim.scheduler=cosine")
+    assert stretched_schedule_note({"trainer.max_epochs": 2}, cfg) is None  # the same length
+    flat = compose_cfg("optim=sgd", "optim.scheduler=none", "optim.warmup_epochs=0", "trainer.max_epochs=2")
+    assert stretched_schedule_note({"trainer.max_epochs": 1}, flat) is None  # a constant rate: nothing moves
+
+
 def test_device_indices_are_refused_on_a_cpu_naming_the_key():
     from fmnist.hardware import check_accelerator
 

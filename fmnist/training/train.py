@@ -323,12 +323,25 @@ def _claimed(cfg: DictConfig, run_dir: Path):
             _check_epochs(run_dir / EPOCHS_FILE, _check_checkpoint(cfg, last))
         elif cfg.ckpt_path == "last":  # logged only now: a refusal must not add to the run's train.log
             log.warning("%s has no %s/%s: starting the run from its first epoch", run_dir, CHECKPOINT_DIR, LAST_CHECKPOINT)
-        note = one_process_ddp_note(cfg.trainer)
-        if note:
-            log.warning(note)
+        for note in (one_process_ddp_note(cfg.trainer),
+                     resume and stretched_schedule_note(saved_config(run_dir / CONFIG_FILE), cfg)):
+            if note:
+                log.warning(note)
         keep_early_writes()  # the checks passed: a later job's refusal leaves this one's sweep file as it is
         with _sigterm_raises():
             yield resume
+
+
+def stretched_schedule_note(saved: dict, cfg: DictConfig) -> str | None:
+    """A note when a resumed run with a learning-rate schedule is given another `trainer.max_epochs` (`saved`: the
+    run's config, flattened): the schedule is laid over the new length, from the step the run stopped at."""
+    before, now = saved.get("trainer.max_epochs"), cfg.trainer.max_epochs
+    if before in (None, now) or (cfg.optim.scheduler == "none" and not cfg.optim.warmup_epochs):
+        return None
+    return (f"trainer.max_epochs is {now}, was {before}: the learning-rate schedule (optim.scheduler="
+            f"{cfg.optim.scheduler}, optim.warmup_epochs={cfg.optim.warmup_epochs}) now spans {now} epochs, so the "
+            "rate moves from where the old schedule had it to where the new one has it at this step; the run is not "
+            f"what a {now}-epoch run from the start would be")
 
 
 def one_process_ddp_note(trainer: DictConfig) -> str | None:
