@@ -665,7 +665,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
                "train_seconds": round(epoch_csv.train_seconds, 3)}
     if "val/loss" in trainer.callback_metrics:
         metrics["val/loss"] = float(trainer.callback_metrics["val/loss"])
-    best = "best" if checkpoint.best_model_path else None  # fast_dev_run keeps no checkpoints
+    best = "best" if checkpoint.best_model_path else None  # fast_dev_run keeps no best checkpoint
     if cfg.test:
         with console.beside_the_bar(bar), _ctrl_c_stops_at_a_step(trainer):
             result = trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)[0]
@@ -678,7 +678,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     if rank_zero_only.rank == 0:
         metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
         update_record(run_dir, status=COMPLETED, finished_at=now(), metrics=metrics,
-                      tested="best checkpoint" if best else "final weights (no checkpoint was kept)",
+                      tested="best checkpoint" if best else "final weights (no best checkpoint was kept)",
                       **({"stopped_by": stopped_by} if stopped_by else {}))
         for_each(trackers, "finish", hparams, metrics, run_dir)
     return metrics
