@@ -281,11 +281,7 @@ def check_data(cfg: DictConfig) -> None:
 
 def _check_batch_limits(cfg: DictConfig, images: dict[str, int]) -> None:
     """ConfigError for a `trainer.limit_*_batches` fraction that leaves none of a split's batches (Lightning refuses
-    it only when it reaches that split: the test's, after the whole training), and a training batch larger than
-    the training split (one batch an epoch holds it all: a larger number only reads as a setting it is not)."""
-    if cfg.data.batch_size > images["train"]:
-        raise ConfigError(f"config key data.batch_size must be at most the training split's {images['train']} images "
-                          f"(a batch of them all is one step an epoch); got {cfg.data.batch_size}.")
+    it only when it reaches that split: the test's, after the whole training)."""
     for split, batch_size in (("train", cfg.data.batch_size), ("val", cfg.data.eval_batch_size),
                               ("test", cfg.data.eval_batch_size)):
         key = f"trainer.limit_{split}_batches"
