@@ -119,7 +119,7 @@ SIGTERM_EXIT = (f"stopped by SIGTERM; {_STOPPED}", 128 + signal.SIGTERM)
 CTRL_C_EXIT = (f"stopped by Ctrl-C; {_STOPPED}", 128 + signal.SIGINT)
 
 
-def a_stop_leaves_the_workers_to_stop() -> None:
+def signals_leave_the_workers_to_stop() -> None:
     """In a parallel sweep's own process (joblib): Ctrl-C or SIGTERM ends it at once, exit 130 or 143, without the
     launcher's clean-up, which killed the workers before they could record their jobs (left `running`). Each worker
     then stops its job as Ctrl-C or SIGTERM stops a run, on its own signal or on finding the sweep gone

@@ -568,7 +568,7 @@ def check_values(cfg: DictConfig) -> None:
         ("trainer.precision", not (str(cfg.trainer.precision) == "16-true" and cfg.optim.name in ADAM_FAMILY),
          f"other than 16-true with optim.name={cfg.optim.name}: its eps (1e-8) is 0 in float16 weights, so its first "
          "steps divide by zero and the run diverges at any learning rate; take 16-mixed (on a GPU), bf16-true, "
-         "bf16-mixed, or optim.name=sgd"),
+         "bf16-mixed, or optim=sgd"),
         ("trainer.max_epochs", cfg.trainer.max_epochs >= 1 or (cfg.trainer.max_epochs == -1 and cfg.trainer.max_time),
          "at least 1, or -1 (no limit) with trainer.max_time set (else the run never ends)"),
         ("ckpt_path", cfg.ckpt_path in (None, "last"), "null or `last`"),

@@ -77,15 +77,21 @@ def test_what_lightning_accepts_passes_the_checks(override):
 
 
 # DDP on one device in all trains in one process, as without it: said in the run's log, not silently done.
-def test_ddp_on_one_device_is_noted():
+def test_ddp_on_one_device_is_noted(monkeypatch):
     from fmnist.training.train import one_process_ddp_note
 
     note = one_process_ddp_note(compose_cfg("trainer=ddp", "preset=smoke").trainer)
     assert note and note.startswith("trainer.strategy=ddp with one device (trainer.devices=1) trains in one process")
     assert one_process_ddp_note(compose_cfg("trainer=ddp", "trainer.devices=[0]").trainer)
-    for overrides in (["trainer=ddp", "preset=smoke", "trainer.devices=2"], ["trainer=ddp"], ["preset=smoke"],
+    assert one_process_ddp_note(compose_cfg("trainer=ddp", 'trainer.devices="0,"').trainer)
+    for overrides in (["trainer=ddp", "preset=smoke", "trainer.devices=2"], ["preset=smoke"],
                       ["trainer=ddp", "trainer.devices=1", "trainer.num_nodes=2"]):
         assert one_process_ddp_note(compose_cfg(*overrides).trainer) is None, overrides
+    # `trainer=ddp` asks for every GPU: on a machine with one, that is one process too.
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    assert one_process_ddp_note(compose_cfg("trainer=ddp").trainer)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    assert one_process_ddp_note(compose_cfg("trainer=ddp").trainer) is None
 
 
 # A resumed run given another length with a learning-rate schedule is told that the schedule moves under it.
@@ -98,6 +104,8 @@ def test_a_schedule_stretched_on_resume_is_noted():
     assert stretched_schedule_note({"trainer.max_epochs": 2}, cfg) is None  # the same length
     flat = compose_cfg("optim=sgd", "optim.scheduler=none", "optim.warmup_epochs=0", "trainer.max_epochs=2")
     assert stretched_schedule_note({"trainer.max_epochs": 1}, flat) is None  # a constant rate: nothing moves
+    warm_up_only = compose_cfg("optim=sgd", "optim.scheduler=none", "optim.warmup_epochs=1", "trainer.max_epochs=4")
+    assert stretched_schedule_note({"trainer.max_epochs": 2}, warm_up_only) is None  # its epochs, whatever the length
 
 
 def test_device_indices_are_refused_on_a_cpu_naming_the_key():

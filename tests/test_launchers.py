@@ -37,10 +37,10 @@ def test_placement_shares_cores_and_gpus(launcher, job, cores, gpus, devices, th
 def test_more_jobs_than_cores_is_noted_on_a_cpu_only():
     crowded = {**JOBLIB, "n_jobs": 4}
     assert plan(crowded, 0, 2, 0, "auto", "auto").reason == (
-        "up to 4 jobs at once on 2 cores: 1 torch thread each (more jobs than cores: on a CPU they take turns on "
-        "them, so hydra.launcher.n_jobs above 2 adds no compute)")
-    assert "more jobs than cores" not in plan(crowded, 0, 2, 1, "auto", "auto").reason  # packed onto a GPU
-    assert "more jobs than cores" not in plan(JOBLIB, 0, 2, 0, "auto", "auto").reason
+        "up to 4 jobs at once on 2 cores: 1 torch thread each (hydra.launcher.n_jobs allows more jobs at once than "
+        "cores: on a CPU, jobs past 2 take turns on them and add no compute)")
+    assert "than cores" not in plan(crowded, 0, 2, 1, "auto", "auto").reason  # packed onto a GPU
+    assert "than cores" not in plan(JOBLIB, 0, 2, 0, "auto", "auto").reason
 
 
 def _records(sweep: Path) -> dict[str, dict]:
@@ -133,6 +133,27 @@ def test_slurm_sweep_submits_one_job_array_with_the_configured_resources(tmp_pat
         assert line in script.splitlines(), f"{line} not in:\n{script}"
     assert f"-m submitit.core._submit {tmp_path}/s/.submitit/" in script
 
+
+# With one job at a time, joblib runs the jobs in the sweep's own process: Ctrl-C and SIGTERM stop them as they stop
+# a run (recorded `interrupted`), not as a sweep whose workers would record their own jobs.
+def test_a_joblib_sweep_of_one_job_at_a_time_leaves_its_signals_to_the_jobs(tmp_path, data_dir, run_in_process,
+                                                                             monkeypatch):
+    import fmnist.training.train as train
+    from fmnist.errors import ConfigError
+
+    handlers = {}
+
+    def check_data(cfg):  # what the job's own checks see, then a refusal: nothing trains
+        handlers.update(sigint=signal.getsignal(signal.SIGINT), sigterm=signal.getsignal(signal.SIGTERM))
+        raise ConfigError("refused here")
+
+    monkeypatch.setattr(train, "check_data", check_data)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (the fixture puts it back)
+    result = run_in_process("train.py", "-m", *FAST, f"data.dir={data_dir}", "hydra/launcher=joblib",
+                            "hydra.launcher.n_jobs=1", f"hydra.sweep.dir={tmp_path}/s")
+    assert result.returncode == 2 and "refused here" in result.stderr, result.stderr[-3000:]
+    assert handlers["sigint"] is signal.default_int_handler
+    assert handlers["sigterm"].__module__ == "fmnist.cli"  # train.py's: unwinds until the run's checks pass
 
 # Several training processes at once, as the engines in test_cluster.py: run with them by `make test-cluster`.
 @pytest.mark.slow

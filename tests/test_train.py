@@ -267,7 +267,7 @@ def test_an_epoch_without_validation_records_none_rather_than_the_last_validatio
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])  # 16-true too, on a GPU: fp16 crawls on a CPU
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])  # 16-true (optim=sgd) on a GPU: fp16 crawls on a CPU
 def test_a_true_precision_casts_the_images_as_the_weights(make_cfg, tmp_path, precision):
     metrics = train(make_cfg("model=simple", f"trainer.precision={precision}"), tmp_path)
     assert read_record(tmp_path)["status"] == "completed" and math.isfinite(metrics["test/loss"])

@@ -18,13 +18,14 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fmnist.cli import chained_fmnist_error, a_stop_leaves_the_workers_to_stop, exit_with, unresolvable
+from fmnist.cli import chained_fmnist_error, exit_with, signals_leave_the_workers_to_stop, unresolvable
 from fmnist.config import SWEEP_CONFIG_FILE, check_launcher, check_sweep_values, launcher_kind, superseded_note
 from fmnist.data.sources import data_digests
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, DataError
 from fmnist.fsio import atomic_write, check_not_directories, keep_early_writes, note_early_write
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
 from fmnist.runs import COMPLETED, FINISHED, RUNNING, TRIAL_DIR_PREFIX, check_poolable, collect, is_job_dir, short_digest
+from fmnist.sweeps.placement import concurrent_jobs
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,10 @@ class SummarizeSweep(Callback):
         launcher = launcher_kind(config.hydra.launcher)
         note_early_write(sweep_dir / SWEEP_CONFIG_FILE, refused_only=launcher != "basic")
         if launcher == "joblib":
-            a_stop_leaves_the_workers_to_stop()
+            import joblib
+
+            if concurrent_jobs(config.hydra.launcher, joblib.cpu_count()) > 1:  # with 1, its jobs run in this process
+                signals_leave_the_workers_to_stop()
 
     def on_multirun_end(self, config, **kwargs) -> None:
         keep_early_writes()  # the jobs ran under this multirun.yaml, whatever their outcome

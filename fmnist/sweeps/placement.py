@@ -69,8 +69,8 @@ def plan(launcher: DictConfig | dict, job_num: int, cores: int, gpus: int, accel
     device = job_num % gpus if gpus and str(accelerator) in GPU_ACCELERATORS and devices == "auto" else None
     where = f", GPU {device} of {gpus}" if device is not None else ""
     # On GPUs more jobs than cores can pay (the GPU does the work); on a CPU they only take turns on the cores.
-    crowded = (f" (more jobs than cores: on a CPU they take turns on them, so hydra.launcher.n_jobs above {cores} adds "
-               "no compute)"
+    crowded = (f" (hydra.launcher.n_jobs allows more jobs at once than cores: on a CPU, jobs past {cores} take turns "
+               "on them and add no compute)"
                if n > cores and not (gpus and str(accelerator) in GPU_ACCELERATORS) else "")
     return Placement(threads, device, f"up to {n} jobs at once on {cores} cores: {threads} torch thread"
                                       f"{'s' if threads > 1 else ''} each{where}{crowded}")

@@ -68,6 +68,13 @@ class SafeModelCheckpoint(ModelCheckpoint):
     a stale `last.ckpt`; here it waits until both are written, and the run then stops cleanly.
     """
 
+    def __init__(self, **kwargs):
+        # At every epoch's end, validated or not: Lightning would save at the end of validation when
+        # `trainer.check_val_every_n_epoch` is above 1, so a kill could lose several epochs, and a resume would
+        # start inside the end of the saved epoch (its epochs.csv row rewritten without its training figures).
+        super().__init__(**{**kwargs, "save_on_train_epoch_end": True})
+        self._validated = False  # whether validation ran in the current epoch
+
     def format_checkpoint_name(self, metrics, *args, **kwargs) -> str:
         # Lightning counts epochs from 0; file names count them as epochs.csv and people do, from 1.
         if "epoch" in metrics:
@@ -90,15 +97,17 @@ class SafeModelCheckpoint(ModelCheckpoint):
                           "best_k_models": {moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()}}
         super().load_state_dict(state_dict)
 
-    def __init__(self, **kwargs):
-        # At every epoch's end, validated or not: Lightning would save at the end of validation when
-        # `trainer.check_val_every_n_epoch` is above 1, so a kill could lose several epochs, and a resume would
-        # start inside the end of the saved epoch (its epochs.csv row rewritten without its training figures).
-        super().__init__(**{**kwargs, "save_on_train_epoch_end": True})
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._validated = False
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._validated = self._validated or not trainer.sanity_checking
+        super().on_validation_end(trainer, pl_module)
 
     def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
-        if self.monitor not in monitor_candidates and trainer.current_epoch + 1 < trainer.check_val_every_n_epoch:
-            return  # before the first validation is due there is nothing to rank, and nothing amiss to warn of
+        if not self._validated:
+            return  # an epoch without validation has no new score to rank (Lightning would warn of a missing one)
         super()._save_topk_checkpoint(trainer, monitor_candidates)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:

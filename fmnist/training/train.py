@@ -332,7 +332,7 @@ def stretched_schedule_note(saved: dict, cfg: DictConfig) -> str | None:
     """A note when a resumed run with a learning-rate schedule is given another `trainer.max_epochs` (`saved`: the
     run's config, flattened): the schedule is laid over the new length, from the step the run stopped at."""
     before, now = saved.get("trainer.max_epochs"), cfg.trainer.max_epochs
-    if before in (None, now) or (cfg.optim.scheduler == "none" and not cfg.optim.warmup_epochs):
+    if before in (None, now) or cfg.optim.scheduler == "none":  # a warm-up alone spans its own epochs, whatever the length
         return None
     return (f"trainer.max_epochs is {now}, was {before}: the learning-rate schedule (optim.scheduler="
             f"{cfg.optim.scheduler}, optim.warmup_epochs={cfg.optim.warmup_epochs}) now spans {now} epochs, so the "
@@ -342,14 +342,28 @@ def stretched_schedule_note(saved: dict, cfg: DictConfig) -> str | None:
 
 def one_process_ddp_note(trainer: DictConfig) -> str | None:
     """A note when DDP is asked for on one device in all (`trainer=ddp preset=smoke`: the preset sets one CPU
-    device): the run trains in one process, as without DDP, which a smoke test of DDP would miss."""
-    devices = trainer.devices
-    count = len(devices) if OmegaConf.is_list(devices) or isinstance(devices, list) else devices
-    if not str(trainer.strategy).startswith("ddp") or trainer.num_nodes != 1 or count not in (1, "1"):
+    device; `trainer=ddp` on a machine with one GPU): the run trains in one process, as without DDP, which a smoke
+    test of DDP would miss."""
+    if not str(trainer.strategy).startswith("ddp") or trainer.num_nodes != 1 or _devices_used(trainer) != 1:
         return None
-    return (f"trainer.strategy={trainer.strategy} with one device (trainer.devices={devices}) trains in one process, "
-            "as without DDP (preset=smoke sets one CPU device); give trainer.devices=2 or more for data-parallel "
-            "processes (on a CPU: trainer.accelerator=cpu)")
+    return (f"trainer.strategy={trainer.strategy} with one device (trainer.devices={trainer.devices}) trains in one "
+            "process, as without DDP; give trainer.devices=2 or more for data-parallel processes (preset=smoke sets "
+            "trainer.devices=1; on a CPU add trainer.accelerator=cpu)")
+
+
+def _devices_used(trainer: DictConfig) -> int | None:
+    """How many devices Lightning gives the run on this machine, as it reads `trainer.devices`; None if unknown."""
+    devices = trainer.devices
+    if OmegaConf.is_list(devices) or isinstance(devices, list):
+        return len(devices)
+    text = str(devices).strip()
+    if "," in text:  # device indices: "0,1", "0,"
+        return len([index for index in text.split(",") if index.strip()])
+    if text in ("auto", "-1"):
+        gpus = torch.cuda.device_count()
+        on_cpu = trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not gpus)
+        return (1 if text == "auto" else None) if on_cpu else (gpus or None)
+    return int(text) if text.isdigit() else None
 
 
 # Set by every SIGTERM a run sees, even one that Lightning's handler took after its last check for it (during the
@@ -359,8 +373,8 @@ SIGTERM_RECEIVED = threading.Event()
 
 @contextmanager
 def _sigterm_raises():
-    """SIGTERM raises SIGTERMException from the first write on (before, while the run is checked, it unwinds the
-    command: fmnist.cli.sigterm_unwinds): a run stopped while it starts is still recorded `interrupted`, with its
+    """SIGTERM raises SIGTERMException from the first write on (before, while train.py checks the run, it unwinds
+    the command: fmnist.cli.sigterm_unwinds): a run stopped while it starts is still recorded `interrupted`, with its
     resume command.
 
     Inside fit and test Lightning's handler runs first and calls this one; there the run stops at the
