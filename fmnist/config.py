@@ -347,6 +347,15 @@ def launcher_kind(launcher: DictConfig | dict) -> str:
     return "joblib" if target.endswith("JoblibLauncher") else "submitit" if "submitit" in target else "basic"
 
 
+def concurrent_jobs(launcher: DictConfig | dict, cores: int) -> int:
+    """How many jobs the launcher runs at once on this machine (1 for sequential launchers)."""
+    if launcher_kind(launcher) == "joblib":
+        n = int(launcher.get("n_jobs") or 1)
+        # joblib's convention: -1 is all cores, -2 all but one, ...
+        return max(1, cores + 1 + n if n < 0 else n)
+    return 1
+
+
 def check_launcher(launcher: DictConfig | dict) -> None:
     """ConfigError for a joblib launcher told to run no job at once (`n_jobs=0`, which joblib refuses only after
     the sweep's directory is made)."""

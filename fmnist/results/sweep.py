@@ -19,13 +19,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fmnist.cli import chained_fmnist_error, exit_with, signals_leave_the_workers_to_stop, unresolvable
-from fmnist.config import SWEEP_CONFIG_FILE, check_launcher, check_sweep_values, launcher_kind, superseded_note
+from fmnist.config import (SWEEP_CONFIG_FILE, check_launcher, check_sweep_values, concurrent_jobs, launcher_kind,
+                           superseded_note)
 from fmnist.data.sources import data_digests
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, DataError
 from fmnist.fsio import atomic_write, check_not_directories, keep_early_writes, note_early_write
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
 from fmnist.runs import COMPLETED, FINISHED, RUNNING, TRIAL_DIR_PREFIX, check_poolable, collect, is_job_dir, short_digest
-from fmnist.sweeps.placement import concurrent_jobs
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, open_dict
 
-from fmnist.config import launcher_kind
+from fmnist.config import concurrent_jobs, launcher_kind
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +36,6 @@ class Placement:
     threads: Optional[int]  # torch intra-op threads; None: torch's default (all cores)
     device: Optional[int]  # the one GPU index this job uses; None: the config's trainer.devices
     reason: str
-
-
-def concurrent_jobs(launcher: DictConfig | dict, cores: int) -> int:
-    """How many jobs the launcher runs at once on this machine (1 for sequential launchers)."""
-    if launcher_kind(launcher) == "joblib":
-        n = int(launcher.get("n_jobs") or 1)
-        # joblib's convention: -1 is all cores, -2 all but one, ...
-        return max(1, cores + 1 + n if n < 0 else n)
-    return 1
 
 
 def runs_apart(launcher: DictConfig | dict) -> bool:
