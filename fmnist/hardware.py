@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,21 @@ def check_accelerator(accelerator: str, devices: Any = "auto", precision: Any = 
         raise ConfigError("config key trainer.precision must be one a CPU runs as asked; got '16-mixed', which Lightning "
                           "replaces with bf16-mixed on a CPU (fp16 autocast is for GPUs). Use bf16-mixed, 32-true or auto.")
 
+
+
+def devices_used(accelerator: str, devices: Any) -> int | None:
+    """How many devices Lightning gives a run here, as it reads `devices` (already well-formed:
+    `fmnist.config.check_values`); None where this machine cannot tell (-1 without a GPU)."""
+    if isinstance(devices, Sequence) and not isinstance(devices, str):  # device indices: [0, 1] (a list, a ListConfig)
+        return len(devices)
+    text = str(devices).strip()
+    if "," in text:  # device indices as a string: "0,1", "0,"
+        return len([index for index in text.split(",") if index.strip()])
+    if text in ("auto", "-1"):
+        if device_kind(accelerator) == "cpu":
+            return 1 if text == "auto" else None
+        return torch.cuda.device_count() or None
+    return int(text) if text.isdigit() else None
 
 # What a multi-node launcher sets in each process (SLURM, torchrun, Lightning's own NODE_RANK, LSF, MPI).
 NODE_RANK_VARIABLES = ("SLURM_NODEID", "TORCHELASTIC_RUN_ID", "NODE_RANK", "LSB_JOBID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")

@@ -37,7 +37,7 @@ from fmnist.data.sources import data_digests
 from fmnist.errors import CheckpointError, ConfigError, DivergedError, FmnistError
 from fmnist.fsio import (atomic_write, check_writable, early_writes, keep_early_writes, load_checkpoint,
                          storage_errors)
-from fmnist.hardware import check_accelerator, check_nodes
+from fmnist.hardware import check_accelerator, check_nodes, devices_used
 from fmnist.models import check_model, training_flops_per_image
 from fmnist.training.precision import resolve_precision
 from fmnist.runs import (BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, DIVERGED, EPOCH_COLUMNS,
@@ -344,26 +344,12 @@ def one_process_ddp_note(trainer: DictConfig) -> str | None:
     """A note when DDP is asked for on one device in all (`trainer=ddp preset=smoke`: the preset sets one CPU
     device; `trainer=ddp` on a machine with one GPU): the run trains in one process, as without DDP, which a smoke
     test of DDP would miss."""
-    if not str(trainer.strategy).startswith("ddp") or trainer.num_nodes != 1 or _devices_used(trainer) != 1:
+    if not str(trainer.strategy).startswith("ddp") or trainer.num_nodes != 1 \
+            or devices_used(trainer.accelerator, trainer.devices) != 1:
         return None
     return (f"trainer.strategy={trainer.strategy} with one device (trainer.devices={trainer.devices}) trains in one "
             "process, as without DDP; give trainer.devices=2 or more for data-parallel processes (preset=smoke sets "
             "trainer.devices=1; on a CPU add trainer.accelerator=cpu)")
-
-
-def _devices_used(trainer: DictConfig) -> int | None:
-    """How many devices Lightning gives the run on this machine, as it reads `trainer.devices`; None if unknown."""
-    devices = trainer.devices
-    if OmegaConf.is_list(devices) or isinstance(devices, list):
-        return len(devices)
-    text = str(devices).strip()
-    if "," in text:  # device indices: "0,1", "0,"
-        return len([index for index in text.split(",") if index.strip()])
-    if text in ("auto", "-1"):
-        gpus = torch.cuda.device_count()
-        on_cpu = trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not gpus)
-        return (1 if text == "auto" else None) if on_cpu else (gpus or None)
-    return int(text) if text.isdigit() else None
 
 
 # Set by every SIGTERM a run sees, even one that Lightning's handler took after its last check for it (during the
