@@ -115,9 +115,9 @@ def _files_no_run_wrote(run_dir: Path) -> list[str]:
     return [name for name in entries if not any(fnmatch.fnmatch(name, p) for p in WRITTEN_BEFORE_RECORD)]
 
 
-def _check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
-    """Refuse to write into another run's directory, or into one holding files no run wrote; return True
-    when resuming from last.ckpt."""
+def _check_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[bool, dict]:
+    """Refuse to write into another run's directory, or into one holding files no run wrote; return whether the run
+    resumes from last.ckpt, and the config it was saved with, flattened (empty for a new run)."""
     record = read_record(run_dir)
     status = (record or {}).get("status")
     last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
@@ -136,11 +136,12 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
         if holds_a_run:
             raise RunDirInUse(f"{run_dir} already holds a run (status {status!r}); "
                               "pass ckpt_path=last to resume it, or choose another directory.")
-        return False
+        return False, {}
     if last.exists() and not saved.exists():  # a run writes its config before its first checkpoint
         raise ConfigError(f"cannot resume {run_dir}: its {CONFIG_FILE} is gone, and with it what the run trained, so "
                           "nothing shows that this command continues the same run; nothing was written. Put the file "
                           "back, or start a new run in another directory (hydra.run.dir=...).")
+    old = {}
     if saved.exists():
         changed, old, new = _changed_keys(saved, cfg)
         if changed:
@@ -155,7 +156,7 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
         raise ConfigError(f"{run_dir} already completed its {epochs} epoch(s), and trainer.max_epochs="
                           f"{cfg.trainer.max_epochs} asks for no more; nothing was written. Raise trainer.max_epochs "
                           "to train it further.")
-    return last.exists()
+    return last.exists(), old
 
 
 def differences_from_finished(cfg: DictConfig, run_dir: Path, record: dict) -> list[str]:
@@ -312,7 +313,7 @@ def _claimed(cfg: DictConfig, run_dir: Path):
             yield cfg.ckpt_path == "last" and last.exists()
         return
     with own_run_dir(run_dir):
-        resume = _check_run_dir(cfg, run_dir)
+        resume, saved = _check_run_dir(cfg, run_dir)
         check_writable(run_dir)
         check_data(cfg)
         if resume:
@@ -320,7 +321,7 @@ def _claimed(cfg: DictConfig, run_dir: Path):
         elif cfg.ckpt_path == "last":  # logged only now: a refusal must not add to the run's train.log
             log.warning("%s has no %s/%s: starting the run from its first epoch", run_dir, CHECKPOINT_DIR, LAST_CHECKPOINT)
         for note in (one_process_ddp_note(cfg.trainer),
-                     resume and stretched_schedule_note(saved_config(run_dir / CONFIG_FILE), cfg)):
+                     resume and stretched_schedule_note(saved, cfg)):
             if note:
                 log.warning(note)
         keep_early_writes()  # the checks passed: a later job's refusal leaves this one's sweep file as it is
