@@ -324,3 +324,32 @@ def test_a_figure_is_drawn_only_for_a_tracker_that_shows_it_and_closed_after_it_
     log_figure([*csv_only, Shows(CSVLogger(tmp_path))], "test/confusion_matrix", draw, 3)
     assert len(drawn) == 1 and shown == [("test/confusion_matrix", True, 3)]
     assert not plt.fignum_exists(drawn[0].number)  # closed once logged: a process of many runs holds none
+
+
+@pytest.mark.parametrize("stop, status, record_status", [("signal", "KILLED", "interrupted"),
+                                                          ("error", "FAILED", "failed"),
+                                                          ("before validation", "FAILED", "failed")])
+def test_a_run_stopped_by_a_signal_ends_killed_in_mlflow_and_one_that_failed_ends_failed(make_cfg, tmp_path, stop,
+                                                                                         status, record_status):
+    import lightning as L
+    import mlflow
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    class StopAtTheFirstStep(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if stop == "signal":  # what Ctrl-C and SIGTERM do: Lightning's flag, which it checks after the step
+                trainer._signal_connector.received_sigterm = True
+            elif stop == "error":
+                raise RuntimeError("a bug in the run")
+            else:  # as a time limit that runs out before the first validation: the run fails after Lightning's fit
+                trainer.should_stop = True
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    raised = {"signal": SIGTERMException, "error": RuntimeError, "before validation": ConfigError}[stop]
+    with pytest.raises(raised):
+        train(make_cfg("logger=mlflow", f"logger.mlflow_tracking_uri={uri}", "trainer.max_epochs=2",
+                       "trainer.check_val_every_n_epoch=2"), tmp_path / "run", callbacks=[StopAtTheFirstStep()])
+    record = read_record(tmp_path / "run")
+    assert record["status"] == record_status
+    run = mlflow.MlflowClient(uri).get_run(record["trackers"]["mlflow_run_id"])
+    assert run.info.status == status

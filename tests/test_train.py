@@ -294,8 +294,14 @@ def test_a_fit_cut_short_by_max_time_says_where(monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_run_stopped_before_its_first_validation_fails_rather_than_testing_an_unchosen_model(make_cfg, tmp_path):
+def test_a_run_stopped_before_its_first_validation_fails_rather_than_testing_an_unchosen_model(make_cfg, tmp_path,
+                                                                                              monkeypatch):
     import lightning as L
+
+    from fmnist.training import train as train_module
+
+    limit = "stopped by trainer.max_time (00:00:00:01) at step 1 of 6"
+    monkeypatch.setattr(train_module, "_stopped_by_time", lambda cfg, trainer: limit if trainer.should_stop else None)
 
     class StopAtFirstStep(L.Callback):  # as a time limit that runs out in the first epoch
         def on_train_batch_end(self, trainer, *args):
@@ -306,6 +312,7 @@ def test_a_run_stopped_before_its_first_validation_fails_rather_than_testing_an_
               callbacks=[StopAtFirstStep()])
     record = read_record(tmp_path)
     assert record["status"] == "failed" and "metrics" not in record
+    assert record["stopped_by"] == limit  # the record says what stopped it
 
 
 def _fake_trainer(steps: int, batch: int, val_images: int, epochs: int):

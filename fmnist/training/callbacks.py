@@ -1,6 +1,6 @@
 """Lightning callbacks: a per-epoch CSV (and line), the fit's forecast and heartbeat, a divergence stop, exact-resume
-RNG state, test-set artifacts, every image's prediction, an exponential moving average of the weights, lookahead,
-and a progress bar that counts epochs from 1 like everything else here."""
+RNG state, test-set artifacts, a signal's stop told to the trackers, every image's prediction, an exponential moving
+average of the weights, lookahead, and a progress bar that counts epochs from 1 like everything else here."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import TQDMProgressBar, WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from fmnist.errors import DivergedError
 from fmnist.fsio import atomic_output
@@ -409,6 +410,18 @@ class TestArtifacts(L.Callback):
             images, true, pred = (torch.cat([w[i] for w in self.wrong]).numpy() for i in range(3))
             log_figure(self.trackers, "test/misclassified", lambda: misclassified_figure(images, true, pred),
                        trainer.global_step)
+
+
+class TrackersSeeTheStop(L.Callback):
+    """Tells the trackers when a signal stops the run (Lightning raises SIGTERMException for SIGTERM and for the
+    first Ctrl-C, see `_ctrl_c_stops_at_a_step`; KeyboardInterrupt for a second), before Lightning closes them."""
+
+    def __init__(self, trackers: list):
+        self.trackers = trackers
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            for_each(self.trackers, "stopped")
 
 
 def ema_with_warmup(decay: float):

@@ -149,6 +149,10 @@ class Tracker:
         """At the end of a completed run: the final metrics, the run directory's files, and close."""
         self.logger.finalize("success")
 
+    def stopped(self) -> None:
+        """A signal (Ctrl-C, SIGTERM) is stopping the run, before Lightning closes the tracker: where the tracker
+        tells a run stopped from outside from a failed one, it says so."""
+
 
 class TensorBoard(Tracker):
     name = "tensorboard"
@@ -180,6 +184,17 @@ class RunTensorBoardLogger(TensorBoardLogger):
         self.experiment.flush()
 
 
+class RunMLFlowLogger(MLFlowLogger):
+    """MLflow's logger, whose run ends KILLED, MLflow's status for a run stopped from outside, when a signal
+    stopped it (`MLflow.stopped`): Lightning closes every run that did not finish as `failed`."""
+
+    stopped_by_signal = False
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        super().finalize("KILLED" if status == "failed" and self.stopped_by_signal else status)
+
+
 class CSV(Tracker):
     name = "csv"
     files = ("csv",)  # Lightning's CSVLogger writes csv/metrics.csv
@@ -199,6 +214,9 @@ ARTIFACTS = (CONFIG_FILE, METRICS_FILE, EPOCHS_FILE, CONFUSION_FILE)
 
 class MLflow(Tracker):
     name = "mlflow"
+
+    def stopped(self) -> None:
+        self.logger.stopped_by_signal = True
 
     def ids(self) -> dict:
         # The run knows its experiment; the store, recorded, is where a resume finds the run again from any directory.
@@ -284,7 +302,7 @@ def _mlflow(cfg: DictConfig, run_dir: Path, ids: dict, name: str) -> Logger:
     # ./mlruns, wherever the command runs); a server decides for itself.
     artifacts = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri() \
         if uri.startswith("sqlite:///") else None
-    return MLFlowLogger(experiment_name=run_dir.parent.name, run_name=name, tracking_uri=uri,
+    return RunMLFlowLogger(experiment_name=run_dir.parent.name, run_name=name, tracking_uri=uri,
                         run_id=run_id, artifact_location=artifacts, tags={"run_dir": str(run_dir)})
 
 
@@ -385,6 +403,13 @@ def log_figure(trackers: list[Tracker], tag: str, draw: Callable[[], object], st
         for_each(shown, "figure", tag, figure, step)
     finally:
         plt.close(figure)
+
+
+def close_trackers(trackers: list[Tracker], status: str) -> None:
+    """Close the trackers as Lightning does when a fit ends with an error (`status` "failed"), for a run that
+    fails after Lightning's fit and test returned."""
+    for tracker in trackers:
+        tracker.logger.finalize(status)  # guarded: a failing tracker is warned about once
 
 
 def for_each(trackers: list[Tracker], method: str, *args) -> None:

@@ -45,13 +45,13 @@ from fmnist.runs import (BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR, COMPLETED, CONF
                          PRUNED, RECORDED, RUNNING, now, provenance, read_epochs, read_record, record_problem,
                          update_record)
 from fmnist.training.callbacks import (DIVERGED_ADVICE, HEARTBEAT_S, EpochCSV, Forecast, Lookahead,
-                                       PerImagePredictions,
-                                       TestArtifacts, WeightEMA, loss_diverged, step_callbacks)
+                                       PerImagePredictions, TestArtifacts, TrackersSeeTheStop, WeightEMA,
+                                       loss_diverged, step_callbacks)
 from fmnist.training.checkpoint import SafeCheckpointIO, SafeModelCheckpoint
 from fmnist.training.module import LitClassifier
 from fmnist.training.rundir import RunDirInUse, own_run_dir
-from fmnist.training.trackers import (TRACKER_FILES, check_trackers, for_each, hparams_row, open_trackers,
-                                      tracker_ids)
+from fmnist.training.trackers import (TRACKER_FILES, check_trackers, close_trackers, for_each, hparams_row,
+                                      open_trackers, tracker_ids)
 
 log = logging.getLogger(__name__)
 
@@ -641,7 +641,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
                         logger=[t.logger for t in trackers] or False, plugins=[SafeCheckpointIO()],
                         callbacks=[checkpoint, epoch_csv, forecast,
                                    *([LearningRateMonitor(logging_interval="epoch")] if trackers else []),
-                                   TestArtifacts(run_dir, trackers),
+                                   TestArtifacts(run_dir, trackers), TrackersSeeTheStop(trackers),
                                    PerImagePredictions(run_dir),
                                    *step_callbacks(cfg.progress_bar_refresh if bar else None),
                                    *([Lookahead(cfg.optim.lookahead_steps, cfg.optim.lookahead_alpha)]
@@ -653,6 +653,9 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     stopped_by = _stopped_by_time(cfg, trainer)
     val_acc_best = float(model.val_acc_best.compute())
     if not math.isfinite(val_acc_best):  # the time ran out before the first validation
+        if stopped_by and rank_zero_only.rank == 0:
+            update_record(run_dir, stopped_by=stopped_by)
+        close_trackers(trackers, "failed")
         raise ConfigError(f"the run was {stopped_by or 'stopped'} before its first validation, so no model was chosen "
                           "and none was tested. Give it more time (trainer.max_time), or validate sooner.")
 
@@ -670,6 +673,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     # `completed` promises usable numbers: a NaN or absurd validation or test loss is a divergence too.
     bad = {k: v for k, v in metrics.items() if k in ("val/loss", "test/loss") and loss_diverged(v, trainer.global_step)}
     if bad:
+        close_trackers(trackers, "failed")
         raise DivergedError(f"training diverged: {', '.join(f'{k} is {v}' for k, v in bad.items())} at the end of "
                             f"the run (epoch {trainer.current_epoch}). {DIVERGED_ADVICE}")
     if rank_zero_only.rank == 0:
