@@ -13,7 +13,7 @@ from fmnist.cli import check_given_config, exit_with, run_cli
 from fmnist.config import register, superseded_note
 from fmnist.data.sources import split_csvs
 from fmnist.errors import FmnistError
-from fmnist.fsio import note_early_write
+from fmnist.fsio import hold_log_until_kept, write_held_logs
 
 register()
 
@@ -21,8 +21,9 @@ register()
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
-    # Hydra appends this job's log lines to its log file from the start: a refused job puts it back as it was.
-    note_early_write(hydra_cfg.job_logging.handlers.file.filename)
+    # Hydra appends this job's log lines to its log file from the start: they wait until the checks pass, so that a
+    # refused job adds nothing to it (another process may be writing the same log).
+    hold_log_until_kept(hydra_cfg.job_logging.handlers.file.filename)
     overrides = OmegaConf.to_container(hydra_cfg.overrides.task)  # as typed: `optim.lr=${oc.env:LR}` unresolved
     try:  # before importing Lightning takes its seconds: a key that does not exist, and no `make data` yet
         check_given_config(cfg, required=True)  # `+optim.lrr=1`, `${oc.env:LR}` with LR unset, `~model`
@@ -52,8 +53,10 @@ def main(cfg: DictConfig) -> float:
         cfg = place_job(cfg, hydra_cfg)
         apart = runs_apart(hydra_cfg.launcher)
     try:
-        return run_job(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=in_sweep, overrides=overrides,
-                       hydra_files=hydra_files, apart=apart)
+        result = run_job(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=in_sweep, overrides=overrides,
+                         hydra_files=hydra_files, apart=apart)
+        write_held_logs()  # a job that ended without reaching its checks: skipped, as it finished before
+        return result
     except FmnistError as e:
         exit_with(e)
     finally:

@@ -6,10 +6,13 @@ from __future__ import annotations
 import argparse
 import errno
 import hashlib
+import logging
+import logging.handlers
 import os
 import pickle
 import re
 import secrets
+import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -192,10 +195,61 @@ def early_writes() -> set[Path]:
 
 def keep_early_writes() -> None:
     """The command's checks passed: what it noted so far stays as it is written, even if a later part of the
-    command (a sweep's next job) is refused."""
+    command (a sweep's next job) is refused; a held log file gets its lines (`hold_log_until_kept`)."""
     _EARLY_WRITES.clear()
     _UNDONE_IF_REFUSED_ONLY.clear()
     _DIRS_TO_BE_MADE.clear()
+    write_held_logs()
+
+
+def write_held_logs() -> None:
+    """Write the lines held for the log files (`hold_log_until_kept`), in order, and log to the files directly from
+    here on: the checks passed (`keep_early_writes`), or the job ended without reaching them (a sweep's job that
+    is skipped because it finished)."""
+    root = logging.getLogger()
+    for file_handler, held in _HELD_LOGS.values():
+        if held in root.handlers:  # a sweep's next job sets up its own logging, without it
+            root.handlers[root.handlers.index(held)] = file_handler
+        held.flush()
+        held.close()
+    _HELD_LOGS.clear()
+
+
+# Log files whose lines are held in memory until the command's checks pass (`hold_log_until_kept`): path ->
+# (the root logger's handler for it, the handler holding its lines).
+_HELD_LOGS: dict[Path, tuple[logging.FileHandler, logging.handlers.MemoryHandler]] = {}
+
+
+def hold_log_until_kept(path: Path) -> None:
+    """Hold the lines the root logger writes to the log file `path` in memory until the command's checks pass
+    (`keep_early_writes`): a refused or stopped command writes none of them. Another process may be writing the
+    same log (a run directory in use, which is why the command is refused), so the file cannot be put back
+    afterwards, as `note_early_write` does, without cutting off that process's lines. The handler must open its
+    file at its first line (`delay`), or a refused command would leave the file it made."""
+    path = Path(path).absolute()
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == path and path not in _HELD_LOGS:
+            held = logging.handlers.MemoryHandler(capacity=sys.maxsize, flushLevel=logging.CRITICAL + 1,
+                                                  target=handler, flushOnClose=False)
+            held.setLevel(handler.level)
+            handlers = logging.getLogger().handlers
+            handlers[handlers.index(handler)] = held
+            _HELD_LOGS[path] = (handler, held)
+
+
+def _drop_held_logs() -> None:
+    """A refused or stopped command: the lines held for its log files are dropped, and the files closed unwritten."""
+    for path, (file_handler, held) in _HELD_LOGS.items():
+        logging.getLogger().removeHandler(held)  # what the command logs from here on is not the run's either
+        held.buffer.clear()
+        held.close()
+        file_handler.close()
+        try:
+            if not path.exists():
+                remove_if_empty(path.parent)  # the job's directory, which Hydra made for it
+        except OSError:  # another command put something there meanwhile: it is not ours to remove
+            pass
+    _HELD_LOGS.clear()
 
 
 @contextmanager
@@ -211,14 +265,19 @@ def early_writes_undone_if_stopped():
     except BaseException as e:
         if not (isinstance(e, SystemExit) and e.code in (0, None)):
             refused = isinstance(e, SystemExit) and e.code == 2
-            for path, before in reversed(_EARLY_WRITES.items()):  # the last written first: a job's log, then its sweep's
+            _drop_held_logs()
+            for path, before in reversed(_EARLY_WRITES.items()):  # the last written first: a job's, then its sweep's
                 if path in _UNDONE_IF_REFUSED_ONLY and not refused:
                     continue
-                if before is not None:
-                    atomic_write(path, before)
-                else:
-                    path.unlink(missing_ok=True)
-                    remove_if_empty(path.parent)  # the directory Hydra made for it
+                try:
+                    if before is not None:
+                        if not path.is_file() or path.read_bytes() != before:  # unchanged: nothing to put back
+                            atomic_write(path, before)
+                    else:
+                        path.unlink(missing_ok=True)
+                        remove_if_empty(path.parent)  # the directory Hydra made for it
+                except OSError:  # a read-only or full disk, which is likely why the command was refused: said already
+                    pass
             for directory in _DIRS_TO_BE_MADE:  # deepest first
                 try:
                     remove_if_empty(directory)

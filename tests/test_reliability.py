@@ -51,7 +51,8 @@ def test_second_process_in_a_busy_run_directory_is_refused_naming_the_holder(tmp
                               f"hydra.run.dir={run}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
-    while not (run / "metrics.json").exists():  # the first run has passed its checks and owns the directory
+    # The first run has passed its checks, owns the directory and has begun its log.
+    while not ((run / "metrics.json").exists() and (run / "train.log").exists() and (run / "train.log").stat().st_size):
         assert first.poll() is None and time.time() < deadline, first.communicate()[1][-3000:]
         time.sleep(0.05)
     # Paused while the second one tries, so that it still holds the directory however slow the machine is.
@@ -69,6 +70,9 @@ def test_second_process_in_a_busy_run_directory_is_refused_naming_the_holder(tmp
     assert record["status"] == "completed" and "error" not in record
     assert "optim.lr=0.002" not in record["overrides"] and "lr: 0.002" not in (run / "config.yaml").read_text()
     assert {line.split(",")[0] for line in (run / "epochs.csv").read_text().splitlines()[1:]} == {"1", "2", "3"}
+    # The refused command added nothing to the first run's log, nor cut off what that run wrote after it.
+    log = (run / "train.log").read_text()
+    assert "epoch 3/3" in log and "run completed" in log and "in use by" not in log
 
 
 @pytest.mark.slow
@@ -518,6 +522,20 @@ def test_read_only_output_directory_is_one_paragraph(make_cfg, tmpfs):
     for run in (read_only, read_only / "run"):
         with pytest.raises(StorageError, match=f"cannot write {run}: the file system is read-only"):
             run_job(make_cfg(*SIMPLE), run)
+
+
+@pytest.mark.slow
+def test_a_run_directory_on_a_disk_made_read_only_is_one_paragraph_and_left_as_it_was(make_cfg, data_dir, tmpfs,
+                                                                                      run_in_process):
+    run = tmpfs("size=16m") / "run"
+    train(make_cfg(*SIMPLE), run)
+    before = snapshot(run)
+    subprocess.run(["mount", "-o", "remount,ro", str(run.parent)], check=True)
+    for resume in ([], ["ckpt_path=last", "trainer.max_epochs=2"]):  # refused as another run's, and as unwritable
+        result = run_in_process("train.py", *FAST, *SIMPLE, f"data.dir={data_dir}", f"hydra.run.dir={run}", *resume)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert result.stderr.splitlines()[-1].startswith("error: "), result.stderr[-3000:]
+    assert snapshot(run) == before
 
 
 @pytest.mark.slow
