@@ -2,6 +2,7 @@ import errno
 import json
 import os
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -576,3 +577,21 @@ def test_a_sweep_ends_incomplete_for_its_failures_not_for_a_job_another_process_
     with pytest.raises(SystemExit) as stop:
         SummarizeSweep().on_multirun_end(config)
     assert stop.value.code == INCOMPLETE_SWEEP_EXIT_CODE
+
+
+def test_a_sweep_whose_summary_cannot_be_written_says_so_and_exits_2(tmpfs, capsys):
+    """Hydra turns an error in a callback into a warning: a full or read-only disk would let the sweep exit 0."""
+    from omegaconf import OmegaConf
+
+    from fmnist.results.sweep import SummarizeSweep
+
+    sweep = tmpfs("size=1m") / "sweep"
+    _fake_job(sweep, "seed=0", "completed", 0, 0.9, ["seed=0"])
+    before = snapshot(sweep)
+    subprocess.run(["mount", "-o", "remount,ro", str(sweep.parent)], check=True)
+    with pytest.raises(SystemExit) as stop:
+        SummarizeSweep().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert f"the sweep's summary was not written: cannot write {sweep / 'summary'}" in error
+    assert "read-only" in error and snapshot(sweep) == before

@@ -22,8 +22,8 @@ from fmnist.cli import chained_fmnist_error, exit_with, signals_leave_the_worker
 from fmnist.config import (SWEEP_CONFIG_FILE, check_launcher, check_sweep_values, concurrent_jobs, launcher_kind,
                            superseded_note)
 from fmnist.data.sources import data_digests
-from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, DataError
-from fmnist.fsio import atomic_write, check_not_directories, keep_early_writes, note_early_write
+from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, DataError, StorageError
+from fmnist.fsio import atomic_write, check_not_directories, keep_early_writes, note_early_write, storage_errors
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
 from fmnist.runs import COMPLETED, FINISHED, RUNNING, TRIAL_DIR_PREFIX, check_poolable, collect, is_job_dir, short_digest
 
@@ -192,7 +192,11 @@ class SummarizeSweep(Callback):
         if not sweep_dir.is_dir():
             return
         try:
-            table = summarize(sweep_dir)
+            with storage_errors(key=None):  # Hydra would only warn of an OSError too, and the sweep would exit 0
+                table = summarize(sweep_dir)
+        except StorageError as e:
+            exit_with(StorageError(f"the sweep's summary was not written: {e} Each job's results are in its own "
+                                   "directory; the same command, run again, skips the finished jobs and writes it."))
         except ConfigError as e:  # e.g. a job directory copied inside the sweep; Hydra would only warn of it
             exit_with(e)
         summary_md = sweep_dir / SUMMARY_FILES[1]
