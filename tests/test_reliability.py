@@ -539,6 +539,32 @@ def test_a_run_directory_on_a_disk_made_read_only_is_one_paragraph_and_left_as_i
 
 
 @pytest.mark.slow
+def test_a_run_started_again_from_its_first_epoch_keeps_no_best_checkpoint_of_the_attempt_before(make_cfg, tmp_path):
+    from fmnist.inference.loading import best_in_run
+    from fmnist.runs import update_record
+
+    run = tmp_path / "run"
+    train(make_cfg(*SIMPLE), run)
+    # As a disk that filled up while the first last.ckpt was written leaves it: a best checkpoint, a failed record.
+    (run / "checkpoints" / "last.ckpt").unlink()
+    update_record(run, drop=("metrics",), status="failed")
+    (run / "checkpoints" / "best-epoch001.ckpt").write_bytes(b"the earlier attempt's")
+    train(make_cfg(*SIMPLE, "ckpt_path=last"), run)
+    assert [p.name for p in (run / "checkpoints").glob("best-*")] == ["best-epoch001.ckpt"]
+    assert load_checkpoint(best_in_run(run))["epoch"] == 0  # this attempt's weights
+
+
+def test_of_several_best_checkpoints_the_one_written_last_is_used(tmp_path, caplog):
+    from fmnist.inference.loading import best_in_run
+
+    (tmp_path / "checkpoints").mkdir()
+    for name in ("best-epoch002.ckpt", "best-epoch003.ckpt", "best-epoch003-v1.ckpt", "best-epoch003-v2.ckpt"):
+        (tmp_path / "checkpoints" / name).write_bytes(b"")
+    assert best_in_run(tmp_path).name == "best-epoch003-v2.ckpt"  # not best-epoch003.ckpt, last in name order
+    assert "holds 4 best checkpoints: using the latest, best-epoch003-v2.ckpt" in caplog.text
+
+
+@pytest.mark.slow
 def test_full_disk_is_one_paragraph_and_keeps_the_checkpoints(make_cfg, tmpfs):
     run = tmpfs("size=16m") / "run"
     train(make_cfg(*SIMPLE), run)

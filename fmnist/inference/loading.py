@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,10 +53,17 @@ class Resolved:
     note: str = ""  # how a sweep's job was chosen, for the user
 
 
+def _epoch_and_version(path: Path) -> tuple[int, int, str]:
+    """Where a best checkpoint comes in the order they were written: by its epoch, then by the version Lightning
+    adds to a name that is taken (`best-epoch001-v1.ckpt` after `best-epoch001.ckpt`)."""
+    found = re.fullmatch(rf"{BEST_CHECKPOINT_PREFIX}(\d+)(?:-v(\d+))?\.ckpt", path.name)
+    return (int(found[1]), int(found[2] or 0), path.name) if found else (-1, 0, path.name)
+
+
 def best_in_run(run_dir: Path, suggest_last: bool = True) -> Path:
     """The run's best-on-validation checkpoint (`checkpoints/best-epochNNN.ckpt`). `suggest_last`: where there is
     none, the error suggests `ckpt=` its last one (for a command that takes `ckpt=`)."""
-    best = sorted((run_dir / CHECKPOINT_DIR).glob(f"{BEST_CHECKPOINT_PREFIX}*.ckpt"))
+    best = sorted((run_dir / CHECKPOINT_DIR).glob(f"{BEST_CHECKPOINT_PREFIX}*.ckpt"), key=_epoch_and_version)
     if not best:
         last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
         hint = f"; pass ckpt={last} to use its last checkpoint" if last.exists() and suggest_last else ""

@@ -612,6 +612,11 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
         for name, conf in (hydra_files or {}).items():
             (run_dir / ".hydra").mkdir(exist_ok=True)
             atomic_write(run_dir / ".hydra" / name, OmegaConf.to_yaml(conf))
+        if not resume:  # started again from its first epoch: an earlier attempt's best weights are not this one's
+            for stale in sorted((run_dir / CHECKPOINT_DIR).glob(f"{BEST_CHECKPOINT_PREFIX}*.ckpt")):
+                log.warning("removed %s, the best checkpoint of the attempt that stopped before its first %s",
+                            stale, LAST_CHECKPOINT)
+                stale.unlink()
     earlier = (read_record(run_dir) or {}).get("trackers", {})  # the tracker runs a resumed run continues
     trackers = open_trackers(cfg, run_dir, earlier, overrides)
     hparams = hparams_row(cfg, overrides, trainer_kwargs["precision"])
