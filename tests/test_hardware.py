@@ -285,3 +285,20 @@ def test_several_nodes_need_a_launcher_that_set_a_node_rank(monkeypatch):
     check_nodes(1)
     monkeypatch.setenv("SLURM_NODEID", "0")  # a node of a SLURM job
     check_nodes(2)
+
+
+def test_a_cache_path_that_is_a_pipe_is_ignored_not_waited_on_and_a_read_only_one_is_one_paragraph(
+        monkeypatch, capsys, tmp_path, tmpfs):
+    cpu_with_bf16(monkeypatch, True)
+    measure, calls = fake_probe(10, 5)
+    monkeypatch.setenv("FMNIST_CACHE_DIR", str(tmp_path))
+    os.mkfifo(auto.cache_file())  # reading it would wait for a writer that never comes
+    assert auto.main(["show"]) == 0 and "it is not a regular file (a pipe or a device)" in capsys.readouterr().out
+    precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, 64, 10_000, measure=measure)
+    assert precision == "bf16-mixed" and len(calls) == 1 and "probe" in evidence["verdict"]["source"]
+    cache = tmpfs("size=1m")
+    monkeypatch.setenv("FMNIST_CACHE_DIR", str(cache))
+    auto.cache_file().write_text("{}")
+    subprocess.run(["mount", "-o", "remount,ro", str(cache)], check=True)
+    assert auto.main(["clear"]) == 2 and auto.cache_file().is_file()
+    assert f"cannot write {auto.cache_file()}: the file system is read-only" in capsys.readouterr().err

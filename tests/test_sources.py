@@ -170,3 +170,12 @@ def test_a_data_dir_that_is_a_file_is_one_paragraph(tmp_path, idx_dir):
     with pytest.raises(StorageError, match=r"a file is in the way of a directory to create.*\(--data-dir=\.\.\.\)"):
         obtain(tmp_path / "a-file", idx_dir=idx_dir, allow_install=False, allow_download=False)
     assert (tmp_path / "a-file").read_text() == "mine"
+
+
+def test_a_full_disk_while_the_csvs_are_written_is_one_paragraph_and_leaves_nothing(tmpfs, idx_dir):
+    from fmnist.errors import StorageError
+
+    disk = tmpfs("size=8k")  # less than the first CSV
+    with pytest.raises(StorageError, match=r"cannot write .*fashion-mnist_train.csv: the disk is full .*--data-dir"):
+        obtain(disk / "data", idx_dir=idx_dir, allow_install=False, allow_download=False)
+    assert list(disk.iterdir()) == []

@@ -181,7 +181,8 @@ def obtain(data_dir: Path, idx_dir: Path | None = None, allow_install: bool = Tr
     with storage_errors(key="--data-dir"):
         data_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return _obtain(data_dir, idx_dir, allow_install, allow_download)
+        with storage_errors(key="--data-dir"):  # a full disk while the CSVs are written
+            return _obtain(data_dir, idx_dir, allow_install, allow_download)
     except BaseException:
         if created:
             shutil.rmtree(data_dir, ignore_errors=True)

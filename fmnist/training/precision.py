@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 
 from fmnist import IMAGE_SIDE, NUM_CLASSES, hardware
 from fmnist.errors import ConfigError
-from fmnist.fsio import atomic_write
+from fmnist.fsio import atomic_write, storage_errors
 from fmnist.models import INIT_ONLY_KEYS, build_model
 
 log = logging.getLogger(__name__)
@@ -166,8 +166,11 @@ def _read_cache() -> dict:
 def _cache_with_problem() -> tuple[dict, str | None]:
     """The cached verdicts, and why the verdicts file, where there is one, gives fewer than it holds entries (for
     `show`), or None."""
+    path = cache_file()
+    if path.exists() and not path.is_file() and not path.is_dir():  # reading a pipe would wait for a writer
+        return {}, "it is not a regular file (a pipe or a device): runs ignore it and probe; `clear` removes it"
     try:
-        cache = json.loads(cache_file().read_text())
+        cache = json.loads(path.read_text())
     except FileNotFoundError:
         return {}, None
     except (OSError, ValueError) as e:
@@ -290,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"{path}: {problem}; expected the verdicts file (FMNIST_CACHE_DIR names its "
                                   "directory). Nothing was removed.")
             if path.exists():
-                path.unlink()
+                with storage_errors(key=None):  # a read-only cache directory
+                    path.unlink()
                 print(f"removed {path}")
             else:
                 print(f"{path}: no verdicts cached; nothing to remove")
