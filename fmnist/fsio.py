@@ -319,6 +319,19 @@ def check_output_file(path: Path, key: str, overwrite: bool | None, is_ours: Cal
                           "does), so overwrite=true does not replace it; nothing was written. Choose a new file name.")
 
 
+def not_a_file(path: Path, missing: str = "file not found") -> str:
+    """What is at `path`, which is not a regular file, in words: a directory, a link to a file that does not
+    exist, a pipe or a device, or nothing (`missing`)."""
+    path = Path(path)
+    if path.is_dir():
+        return "a directory, not a file"
+    if path.is_symlink() and not path.exists():
+        return f"a link to {os.readlink(path)}, which does not exist"
+    if path.exists():
+        return "not a regular file (a pipe or a device)"
+    return missing
+
+
 def check_not_directories(paths: Iterable[Path]) -> None:
     """Raise IsADirectoryError for the first of `paths` that is a directory: an atomic write cannot replace
     one. Called for all of a command's outputs before it writes any, so that a refusal leaves them as they were."""

@@ -1,4 +1,5 @@
 import gzip
+import os
 import re
 from pathlib import Path
 
@@ -105,6 +106,13 @@ def test_bad_structure(valid, mutate, expected):
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="missing.csv: file not found.*make data"):
         parse_csv(tmp_path / "missing.csv")
+    # What is there instead of a file is named: a link to nothing, a pipe (never opened: that would wait).
+    (tmp_path / "linked.csv").symlink_to(tmp_path / "moved.csv")
+    with pytest.raises(DataError, match=f"linked.csv: a link to {tmp_path}/moved.csv, which does not exist"):
+        parse_csv(tmp_path / "linked.csv")
+    os.mkfifo(tmp_path / "pipe.csv")
+    with pytest.raises(DataError, match=r"pipe.csv: not a regular file \(a pipe or a device\)"):
+        parse_csv(tmp_path / "pipe.csv")
 
 
 def test_cache_is_used_and_invalidated(valid):

@@ -428,6 +428,9 @@ def test_an_evaluation_stopped_by_sigterm_leaves_no_directory(run_dir, tmp_path,
 def test_a_missing_checkpoint_is_one_paragraph(tmp_path):
     with pytest.raises(CheckpointError, match="no such file or directory; expected a .ckpt file, a run directory"):
         resolve(tmp_path / "nope")
+    os.mkfifo(tmp_path / "pipe.ckpt")
+    with pytest.raises(CheckpointError, match=r"pipe.ckpt: not a regular file \(a pipe or a device\); expected"):
+        resolve(tmp_path / "pipe.ckpt")
     failed = tmp_path / "failed"  # a run that failed before its first epoch ended: a record, no checkpoints
     failed.mkdir()
     (failed / "metrics.json").write_text('{"status": "failed", "error": "DataError: ..."}')

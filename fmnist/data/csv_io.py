@@ -20,7 +20,7 @@ import numpy as np
 
 from fmnist import IMAGE_SIDE, NUM_CLASSES
 from fmnist.errors import DataError
-from fmnist.fsio import atomic_output, atomic_write, file_digest
+from fmnist.fsio import atomic_output, atomic_write, file_digest, not_a_file
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,7 @@ _NL, _CR, _COMMA, _ZERO = 10, 13, 44, 48
 def require_file(path: Path) -> None:
     """Raise DataError if `path` is not an existing file."""
     if not path.is_file():
-        what = "a directory, not a file" if path.is_dir() else "file not found"
-        raise DataError(f"{path}: {what}. Expected a Kaggle-format Fashion-MNIST CSV; `make data` (or "
+        raise DataError(f"{path}: {not_a_file(path)}. Expected a Kaggle-format Fashion-MNIST CSV; `make data` (or "
                         "`python scripts/get_data.py`) creates one, or name the directory holding it (data.dir=DIR; "
                         "--data-dir DIR for the scripts).")
 

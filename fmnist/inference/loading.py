@@ -27,7 +27,7 @@ from fmnist.data.batches import network_input
 from fmnist.data.csv_io import csv_digest
 from fmnist.data.sources import find_csv
 from fmnist.errors import CheckpointError, ConfigError, DataError
-from fmnist.fsio import file_digest, load_checkpoint
+from fmnist.fsio import file_digest, load_checkpoint, not_a_file
 from fmnist.inference.config import CKPT_FORMS
 from fmnist.models import MODELS, build_model, check_model, memory_format_input, tta_logits, with_defaults
 from fmnist.runs import (BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, LAST_CHECKPOINT, NET_PREFIX,
@@ -90,7 +90,7 @@ def resolve(ckpt: str | Path) -> Resolved:
         run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else None
         return Resolved(path, run_dir if run_dir and (run_dir / CONFIG_FILE).exists() else None)
     if not path.is_dir():
-        raise CheckpointError(f"ckpt={ckpt}: no such file or directory; {WHAT_CKPT_IS}.")
+        raise CheckpointError(f"ckpt={ckpt}: {not_a_file(path, missing='no such file or directory')}; {WHAT_CKPT_IS}.")
     if (path / CHECKPOINT_DIR).is_dir():
         return Resolved(best_in_run(path), path)
     record = read_record(path)
