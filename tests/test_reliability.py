@@ -75,6 +75,16 @@ def test_second_process_in_a_busy_run_directory_is_refused_naming_the_holder(tmp
     assert "epoch 3/3" in log and "run completed" in log and "in use by" not in log
 
 
+def test_a_directory_in_use_names_the_keys_that_choose_another(make_cfg, tmp_path):
+    from fmnist.training.rundir import RunDirInUse, own_run_dir
+
+    with own_run_dir(tmp_path / "job"):  # another process's run, as far as the lock goes
+        for in_sweep, keys in ((False, r"\(hydra.run.dir=\.\.\.\)"), (True, r"\(name=\.\.\. or hydra.sweep.dir=\.\.\.\)")):
+            with pytest.raises(RunDirInUse, match="choose another directory " + keys):
+                run_job(make_cfg(), tmp_path / "job", in_sweep=in_sweep)
+    assert list((tmp_path / "job").iterdir()) == []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("entry", ["train.py", "evaluate.py ckpt=x"])
 def test_default_run_directories_of_two_processes_differ(tmp_path, entry):

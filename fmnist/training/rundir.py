@@ -36,8 +36,9 @@ def holder_pid(path: Path) -> int | None:
 
 
 @contextmanager
-def own_run_dir(run_dir: Path):
-    """Create `run_dir` if needed and hold its lock for the block; RunDirInUse if another process holds it."""
+def own_run_dir(run_dir: Path, elsewhere: str = "hydra.run.dir=..."):
+    """Create `run_dir` if needed and hold its lock for the block; RunDirInUse if another process holds it.
+    `elsewhere`: the keys that choose another directory, for the message."""
     run_dir = Path(run_dir)
     with storage_errors():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -50,7 +51,7 @@ def own_run_dir(run_dir: Path):
             holder = f"process {pid}" if pid else "another process"
             raise RunDirInUse(f"{run_dir} is in use by {holder}, which is running in it now; nothing was written. "
                               "Wait for that run to end (or stop it), or choose another directory "
-                              "(hydra.run.dir=...).") from None
+                              f"({elsewhere}).") from None
         yield run_dir
     finally:
         os.close(fd)

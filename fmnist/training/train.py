@@ -296,7 +296,7 @@ def _check_batch_limits(cfg: DictConfig, images: dict[str, int]) -> None:
 
 
 @contextmanager
-def _claimed(cfg: DictConfig, run_dir: Path):
+def _claimed(cfg: DictConfig, run_dir: Path, in_sweep: bool = False):
     """Own `run_dir` and pass every check before anything is written there; yield whether to resume.
 
     A refusal (bad value, another run's directory, another process in it, unreadable data or
@@ -312,7 +312,7 @@ def _claimed(cfg: DictConfig, run_dir: Path):
         with _sigterm_raises():
             yield cfg.ckpt_path == "last" and last.exists()
         return
-    with own_run_dir(run_dir):
+    with own_run_dir(run_dir, "name=... or hydra.sweep.dir=..." if in_sweep else "hydra.run.dir=..."):
         resume, saved = _check_run_dir(cfg, run_dir)
         check_writable(run_dir)
         check_data(cfg)
@@ -721,7 +721,7 @@ def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: l
     again = " ".join([*(shlex.quote(o) for o in overrides or [] if not o.startswith("ckpt_path=")),
                       shlex.quote(f"hydra.run.dir={hydra_quote(str(run_dir))}"), "ckpt_path=last"])
     resume_hint = resume_with("run the same sweep command again" if in_sweep else f"python train.py {again}")
-    with _claimed(cfg, run_dir) as resume:
+    with _claimed(cfg, run_dir, in_sweep) as resume:
         try:
             metrics = _run(cfg, run_dir, resume, overrides, hydra_files, None, resume_hint, None)
         except BaseException as e:
