@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from contextlib import contextmanager
@@ -16,6 +17,21 @@ log = logging.getLogger("fmnist")
 CONSOLE_FORMAT = "[%(asctime)s] %(message)s"
 CONSOLE_DATEFMT = "%H:%M:%S"
 FILE_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # a run's train.log
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """The console's log handler. When the reader of its stream goes away (`python train.py | head -1`), the
+    stream is sent to /dev/null from then on, instead of a traceback for every later line and a BrokenPipeError
+    for every print: the run goes on, and its train.log keeps every line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not isinstance(sys.exc_info()[1], BrokenPipeError):
+            super().handleError(record)
+            return
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        except (OSError, ValueError, AttributeError):  # a stream without a file descriptor: drop it instead
+            self.stream = open(os.devnull, "w")
 
 
 @contextmanager

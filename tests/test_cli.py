@@ -252,3 +252,22 @@ def test_make_passes_a_data_path_with_spaces_and_commas_whole():
     # A plain path stays plain: it is what a run's overrides and its resume command show.
     plain = subprocess.run(["make", "-n", "train"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "data.dir=data" in shlex.split(next(line for line in plain.splitlines() if "train.py" in line))
+
+
+def test_a_console_whose_reader_has_gone_goes_quiet_instead_of_a_traceback_per_line(capfd):
+    """`python train.py ... | head -1`: the run goes on; its console lines after the first go nowhere."""
+    import logging
+    import os
+
+    from fmnist.console import ConsoleHandler
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader (`head`) has exited
+    stream = os.fdopen(write_end, "w")
+    handler = ConsoleHandler(stream)
+    record = logging.LogRecord("fmnist", logging.INFO, __file__, 1, "epoch %d", (1,), None)
+    for _ in range(3):
+        handler.emit(record)
+    print("after the pipe closed", file=stream, flush=True)  # a print too (the run's closing block)
+    stream.close()
+    assert "Logging error" not in capfd.readouterr().err

@@ -353,3 +353,13 @@ def test_a_run_stopped_by_a_signal_ends_killed_in_mlflow_and_one_that_failed_end
     assert record["status"] == record_status
     run = mlflow.MlflowClient(uri).get_run(record["trackers"]["mlflow_run_id"])
     assert run.info.status == status
+
+
+def test_the_command_that_shows_a_run_in_tensorboard_can_be_pasted_whatever_its_directory(tmp_path):
+    import shlex
+
+    from fmnist.training.trackers import TensorBoard
+
+    run_dir = tmp_path / "lr=0.01 seed=1"
+    command = TensorBoard.view(None, run_dir)
+    assert shlex.split(command) == ["tensorboard", "--logdir", str(run_dir)]

@@ -18,6 +18,7 @@ import importlib.util
 import io
 import logging
 import os
+import shlex
 import uuid
 import warnings
 from pathlib import Path
@@ -159,7 +160,7 @@ class TensorBoard(Tracker):
     files = ("events.out.tfevents.*",)
 
     def view(self, run_dir: Path) -> str:
-        return f"tensorboard --logdir {run_dir}"
+        return f"tensorboard --logdir {shlex.quote(str(run_dir))}"  # to paste into a shell
 
     def epoch(self, row: dict) -> None:
         for key, value in by_epoch(row).items():
@@ -224,7 +225,7 @@ class MLflow(Tracker):
 
     def view(self, run_dir: Path) -> str:
         uri = self.logger.experiment.tracking_uri
-        where = uri if uri.startswith("http") else f"`mlflow ui --backend-store-uri {uri}`"
+        where = uri if uri.startswith("http") else f"`mlflow ui --backend-store-uri {shlex.quote(uri)}`"
         return f"{where}, experiment {run_dir.parent.name}, run {self.logger.run_id}"
 
     def start(self, hparams: dict, config: dict) -> None:
