@@ -1,6 +1,7 @@
 import gzip
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +186,14 @@ def test_the_same_rows_plain_or_gzipped_are_the_same_data(tmp_path):
     packed.write_bytes(packed.read_bytes()[:40])  # truncated
     with pytest.raises(DataError, match="b.csv.gz: could not be read"):
         csv_digest(packed)
+
+
+def test_a_csv_whose_cache_cannot_be_written_is_parsed_once_per_process(tmpfs, caplog):
+    disk = tmpfs("size=1m")
+    images, labels = make_images(20, 0)
+    write_csv(disk / "train.csv", images, labels)
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    for _ in range(3):  # a run's checks, then its data module
+        got_images, got_labels = load_csv(disk / "train.csv")
+        np.testing.assert_array_equal(got_images, images)
+    assert caplog.text.count("could not write the parse cache") == 1

@@ -274,11 +274,19 @@ def _cache_problem(images: np.ndarray, labels: np.ndarray) -> str | None:
     return None
 
 
+# CSVs parsed in this process whose cache could not be written (a read-only or full data directory), by path and
+# digest: a run loads each CSV several times (its checks, then its data module), and would parse it, and warn, each time.
+_NOT_CACHED: dict[tuple[Path, str], tuple[np.ndarray, np.ndarray]] = {}
+
+
 def load_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Parse `path`, or return the arrays cached beside it if the cache was built from identical bytes."""
     path = Path(path)
     require_file(path)
     digest = file_digest(path)
+    if (path.resolve(), digest) in _NOT_CACHED:
+        images, labels = _NOT_CACHED[path.resolve(), digest]
+        return images.copy(), labels.copy()  # as fresh as a cache's: a caller may change them
     cache = cache_path(path)
     try:
         with np.load(cache, allow_pickle=False) as z:
@@ -301,4 +309,5 @@ def load_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
         atomic_write(cache, buffer.getvalue())
     except OSError as e:  # a read-only data directory still trains, only slower to start
         log.warning("could not write the parse cache %s (%s)", cache, e)
+        _NOT_CACHED[path.resolve(), digest] = images, labels
     return images, labels
