@@ -13,7 +13,7 @@ from fmnist.cli import check_given_config, exit_with, run_cli
 from fmnist.config import register, superseded_note
 from fmnist.data.sources import split_csvs
 from fmnist.errors import FmnistError
-from fmnist.fsio import hold_log_until_kept, write_held_logs
+from fmnist.fsio import drop_held_logs, hold_log_until_kept, write_held_logs
 
 register()
 
@@ -60,6 +60,7 @@ def main(cfg: DictConfig) -> float:
     except FmnistError as e:
         exit_with(e)
     finally:
+        drop_held_logs()  # a job stopped before its checks passed, in a launcher's worker too: its lines go nowhere
         if in_sweep:  # a joblib worker whose sweep process died ends with the job it stopped
             from fmnist.sweeps.placement import exit_if_orphaned
 

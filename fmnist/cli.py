@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fmnist.config import composition_message, renamed_overrides
-from fmnist.errors import ConfigError, FmnistError
+from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, FmnistError
 from fmnist import fsio
 from fmnist.fsio import early_writes_undone_if_stopped, note_dirs_to_be_made, storage_error
 
@@ -150,6 +150,8 @@ def hydra_modes(args: list[str]) -> list[str]:
 
 
 RUN_DIR_KEY, SWEEP_DIR_KEY = "hydra.run.dir", "hydra.sweep.dir"  # where Hydra puts a run's or a sweep's files
+# What a refusal names to choose another directory: for a run, and for a sweep (its jobs' directories included).
+OTHER_RUN_DIR, OTHER_SWEEP_DIR = f"{RUN_DIR_KEY}=...", f"name=... or {SWEEP_DIR_KEY}=..."
 
 
 class OutputDirsUndoneIfRefused(Callback):
@@ -215,10 +217,25 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -
                 if mapped is None:
                     raise
                 _exit(str(mapped), 2)
+            except Exception as e:
+                refusal = worker_refusal(e)
+                if refusal is None:
+                    raise
+                # The sweep ran (its other jobs may have finished): a job that did not complete, not a refused sweep.
+                _exit(f"a job of the sweep was refused in its worker process: {refusal}", INCOMPLETE_SWEEP_EXIT_CODE)
     except Terminated:
         _exit(*SIGTERM_EXIT)
     except KeyboardInterrupt:  # before a training run started (a started one exits 130 by itself), or another command
         _exit(*CTRL_C_EXIT)
+
+
+def worker_refusal(error: BaseException) -> str | None:
+    """The paragraph a sweep's job printed when it was refused in a submitit worker (SLURM, `submitit_local`), else
+    None. The job exits without a result, so submitit raises UncompletedJobError with the job's stderr inside."""
+    if type(error).__name__ != "UncompletedJobError":  # submitit's, matched by name: submitit is an extra
+        return None
+    printed = [line[len("error: "):] for line in str(error).splitlines() if line.startswith("error: ")]
+    return printed[-1] if printed else None
 
 
 def _hydra_part_hint(error: BaseException, args: list[str]) -> str:

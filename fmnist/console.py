@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import warnings
 from contextlib import contextmanager
@@ -17,6 +18,11 @@ log = logging.getLogger("fmnist")
 CONSOLE_FORMAT = "[%(asctime)s] %(message)s"
 CONSOLE_DATEFMT = "%H:%M:%S"
 FILE_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # a run's train.log
+
+
+def tensorboard_command(run_dir: Path) -> str:
+    """The command that shows a run in TensorBoard, quoted to paste into a shell."""
+    return f"tensorboard --logdir {shlex.quote(str(run_dir))}"
 
 
 class ConsoleHandler(logging.StreamHandler):
@@ -123,6 +129,6 @@ def print_result(run_dir: Path, record: dict) -> None:
         lines.append(f"  {record['stopped_by']}")
     if "train_seconds" in metrics:  # summed over every process that trained the run, so a resume counts it all
         lines.append(f"  training      {metrics['train_seconds']:.0f} s, precision {record.get('precision', {}).get('resolved')}")
-    views = record.get("trackers", {}).get("views", {"tensorboard": f"tensorboard --logdir {run_dir}"})
+    views = record.get("trackers", {}).get("views", {"tensorboard": tensorboard_command(run_dir)})
     lines += [f"  {TRACKER_NAMES.get(name, name):<13} {view}" for name, view in views.items()]
     log.info("\n".join(lines))

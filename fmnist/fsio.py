@@ -7,12 +7,10 @@ import argparse
 import errno
 import hashlib
 import logging
-import logging.handlers
 import os
 import pickle
 import re
 import secrets
-import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -208,41 +206,59 @@ def write_held_logs() -> None:
     is skipped because it finished)."""
     root = logging.getLogger()
     for file_handler, held in _HELD_LOGS.values():
+        for line_filter in held.filters:  # added while the lines were held (console.setup): the file keeps them
+            file_handler.addFilter(line_filter)
         if held in root.handlers:  # a sweep's next job sets up its own logging, without it
             root.handlers[root.handlers.index(held)] = file_handler
-        held.flush()
-        held.close()
+        for record in held.records:
+            file_handler.handle(record)
+        held.records.clear()
     _HELD_LOGS.clear()
 
 
-# Log files whose lines are held in memory until the command's checks pass (`hold_log_until_kept`): path ->
-# (the root logger's handler for it, the handler holding its lines).
-_HELD_LOGS: dict[Path, tuple[logging.FileHandler, logging.handlers.MemoryHandler]] = {}
+class _HeldLines(logging.Handler):
+    """A log handler that keeps its lines until `write_held_logs` writes them. Unlike logging's MemoryHandler it
+    never writes them by itself: not when it is closed, as logging does at exit and Hydra does when it sets up a
+    sweep's next job in the same worker process, so the lines of a refused job are never written."""
+
+    def __init__(self, level: int):
+        super().__init__(level)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+# Log files whose lines are held until the command's checks pass (`hold_log_until_kept`): path -> (the root
+# logger's handler for it, the handler holding its lines).
+_HELD_LOGS: dict[Path, tuple[logging.FileHandler, _HeldLines]] = {}
 
 
 def hold_log_until_kept(path: Path) -> None:
-    """Hold the lines the root logger writes to the log file `path` in memory until the command's checks pass
+    """Hold the lines the root logger writes to the log file `path` until the command's checks pass
     (`keep_early_writes`): a refused or stopped command writes none of them. Another process may be writing the
     same log (a run directory in use, which is why the command is refused), so the file cannot be put back
     afterwards, as `note_early_write` does, without cutting off that process's lines. The handler must open its
     file at its first line (`delay`), or a refused command would leave the file it made."""
     path = Path(path).absolute()
-    for handler in logging.getLogger().handlers:
+    handlers = logging.getLogger().handlers
+    for handler in handlers:
         if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == path and path not in _HELD_LOGS:
-            held = logging.handlers.MemoryHandler(capacity=sys.maxsize, flushLevel=logging.CRITICAL + 1,
-                                                  target=handler, flushOnClose=False)
-            held.setLevel(handler.level)
-            handlers = logging.getLogger().handlers
+            held = _HeldLines(handler.level)
             handlers[handlers.index(handler)] = held
             _HELD_LOGS[path] = (handler, held)
 
 
-def _drop_held_logs() -> None:
+def held_logs() -> set[Path]:
+    """The log files whose lines are held now (`hold_log_until_kept`): the command's own, though not written yet."""
+    return set(_HELD_LOGS)
+
+
+def drop_held_logs() -> None:
     """A refused or stopped command: the lines held for its log files are dropped, and the files closed unwritten."""
     for path, (file_handler, held) in _HELD_LOGS.items():
         logging.getLogger().removeHandler(held)  # what the command logs from here on is not the run's either
-        held.buffer.clear()
-        held.close()
+        held.records.clear()
         file_handler.close()
         try:
             if not path.exists():
@@ -265,7 +281,7 @@ def early_writes_undone_if_stopped():
     except BaseException as e:
         if not (isinstance(e, SystemExit) and e.code in (0, None)):
             refused = isinstance(e, SystemExit) and e.code == 2
-            _drop_held_logs()
+            drop_held_logs()
             for path, before in reversed(_EARLY_WRITES.items()):  # the last written first: a job's, then its sweep's
                 if path in _UNDONE_IF_REFUSED_ONLY and not refused:
                     continue
@@ -276,8 +292,9 @@ def early_writes_undone_if_stopped():
                     else:
                         path.unlink(missing_ok=True)
                         remove_if_empty(path.parent)  # the directory Hydra made for it
-                except OSError:  # a read-only or full disk, which is likely why the command was refused: said already
-                    pass
+                except OSError as error:  # a read-only or full disk, which is likely why the command was refused
+                    logging.getLogger(__name__).warning("could not put %s back as it was (%s)", path,
+                                                        error.strerror or error)
             for directory in _DIRS_TO_BE_MADE:  # deepest first
                 try:
                     remove_if_empty(directory)

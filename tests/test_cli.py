@@ -271,3 +271,18 @@ def test_a_console_whose_reader_has_gone_goes_quiet_instead_of_a_traceback_per_l
     print("after the pipe closed", file=stream, flush=True)  # a print too (the run's closing block)
     stream.close()
     assert "Logging error" not in capfd.readouterr().err
+
+
+def test_a_job_refused_in_a_submitit_worker_is_its_own_paragraph_not_submitits_traceback():
+    from fmnist.cli import worker_refusal
+
+    class UncompletedJobError(RuntimeError):  # submitit's, as the sweep process receives it
+        pass
+
+    stderr = ("Job 16204 (task: 0) with path /s/.submitit/16204/16204_0_result.pkl\nhas not produced any output "
+              "(state: FINISHED)\nError stream produced:\n----------------------------------------\n"
+              "error: /s/seed=0 is in use by process 16194, which is running in it now; nothing was written.\n")
+    assert worker_refusal(UncompletedJobError(stderr)) == (
+        "/s/seed=0 is in use by process 16194, which is running in it now; nothing was written.")
+    assert worker_refusal(UncompletedJobError("has not produced any output (state: FAILED)")) is None  # a crash
+    assert worker_refusal(RuntimeError("error: not from a worker")) is None

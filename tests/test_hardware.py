@@ -3,6 +3,7 @@ one run only; an explicit value wins."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -293,8 +294,14 @@ def test_a_cache_path_that_is_a_pipe_is_ignored_not_waited_on_and_a_read_only_on
     measure, calls = fake_probe(10, 5)
     monkeypatch.setenv("FMNIST_CACHE_DIR", str(tmp_path))
     os.mkfifo(auto.cache_file())  # reading it would wait for a writer that never comes
-    assert auto.main(["show"]) == 0 and "it is not a regular file (a pipe or a device)" in capsys.readouterr().out
-    precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, 64, 10_000, measure=measure)
+    signal.signal(signal.SIGALRM, lambda *args: pytest.fail("the cache was opened and waited on"))
+    signal.alarm(20)
+    try:
+        assert auto.main(["show"]) == 0 and "it is not a regular file (a pipe or a device)" in capsys.readouterr().out
+        precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, 64, 10_000, measure=measure)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
     assert precision == "bf16-mixed" and len(calls) == 1 and "probe" in evidence["verdict"]["source"]
     cache = tmpfs("size=1m")
     monkeypatch.setenv("FMNIST_CACHE_DIR", str(cache))

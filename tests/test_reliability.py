@@ -73,6 +73,43 @@ def test_second_process_in_a_busy_run_directory_is_refused_naming_the_holder(tmp
     # The refused command added nothing to the first run's log, nor cut off what that run wrote after it.
     log = (run / "train.log").read_text()
     assert "epoch 3/3" in log and "run completed" in log and "in use by" not in log
+    assert "TPU available" not in log  # Lightning's notices stay out of it, as they do when nothing is refused
+
+
+def test_a_directory_that_holds_only_its_log_is_run_in_and_the_log_kept(tmp_path, data_dir, run_in_process):
+    run = tmp_path / "run"  # e.g. what a job refused in a launcher's worker left, before its data was mended
+    run.mkdir()
+    (run / "train.log").write_text("[earlier] a refused attempt's line\n")
+    result = run_in_process("train.py", *FAST, *SIMPLE, f"data.dir={data_dir}", f"hydra.run.dir={run}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (run / "train.log").read_text()
+    assert log.startswith("[earlier] a refused attempt's line\n") and "run completed" in log
+
+
+def test_held_log_lines_are_never_written_by_logging_itself(tmp_path):
+    """Logging flushes and closes every handler at exit, and Hydra does when it sets up a sweep's next job in the
+    same worker: neither writes the lines of a job that never passed its checks."""
+    import logging
+
+    from fmnist.fsio import hold_log_until_kept, write_held_logs
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    log_file = logging.FileHandler(tmp_path / "train.log", delay=True)
+    root.addHandler(log_file)
+    try:
+        hold_log_until_kept(tmp_path / "train.log")
+        logging.getLogger("fmnist").warning("a line of a job that was refused")
+        (held,) = [h for h in root.handlers if h not in before]
+        held.flush()  # as logging.shutdown does
+        held.close()
+        assert not (tmp_path / "train.log").exists()
+        root.handlers = list(before)
+        write_held_logs()  # the checks passed after all: the line is written then, not before
+        assert "a line of a job that was refused" in (tmp_path / "train.log").read_text()
+    finally:
+        log_file.close()
+        root.handlers = before
 
 
 def test_a_directory_in_use_names_the_keys_that_choose_another(make_cfg, tmp_path):
@@ -83,6 +120,10 @@ def test_a_directory_in_use_names_the_keys_that_choose_another(make_cfg, tmp_pat
             with pytest.raises(RunDirInUse, match="choose another directory " + keys):
                 run_job(make_cfg(), tmp_path / "job", in_sweep=in_sweep)
     assert list((tmp_path / "job").iterdir()) == []
+    (tmp_path / "job" / "notes.txt").write_text("mine")  # and a directory holding files of one's own
+    for in_sweep, keys in ((False, r"\(hydra.run.dir=\.\.\.\)"), (True, r"\(name=\.\.\. or hydra.sweep.dir=\.\.\.\)")):
+        with pytest.raises(RunDirInUse, match="Choose another directory " + keys):
+            run_job(make_cfg(), tmp_path / "job", in_sweep=in_sweep)
 
 
 @pytest.mark.slow

@@ -309,5 +309,5 @@ def load_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
         atomic_write(cache, buffer.getvalue())
     except OSError as e:  # a read-only data directory still trains, only slower to start
         log.warning("could not write the parse cache %s (%s)", cache, e)
-        _NOT_CACHED[path.resolve(), digest] = images, labels
+        _NOT_CACHED[path.resolve(), digest] = images.copy(), labels.copy()
     return images, labels

@@ -18,7 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fmnist.cli import chained_fmnist_error, exit_with, signals_leave_the_workers_to_stop, unresolvable
+from fmnist.cli import OTHER_SWEEP_DIR, chained_fmnist_error, exit_with, signals_leave_the_workers_to_stop, unresolvable
 from fmnist.config import (SWEEP_CONFIG_FILE, check_launcher, check_sweep_values, concurrent_jobs, launcher_kind,
                            superseded_note)
 from fmnist.data.sources import data_digests
@@ -107,7 +107,7 @@ def check_sweep_dir(sweep_dir: Path) -> None:
         raise ConfigError(f"{sweep_dir} is a tune.py study's directory ({', '.join(trials[:2])}"
                           f"{', ...' if len(trials) > 2 else ''}; no {SWEEP_CONFIG_FILE}): a sweep would replace its "
                           "summary.md and mix its jobs with the study's trials; nothing was written. Choose another "
-                          "directory (name=... or hydra.sweep.dir=...); tune.py continues the study.")
+                          f"directory ({OTHER_SWEEP_DIR}); tune.py continues the study.")
     if any(p.is_dir() and (is_job_dir(p) or (p / JOB_LOG).exists())  # a job refused in a joblib worker: its log alone
            for p in sweep_dir.iterdir()):
         return
@@ -116,11 +116,11 @@ def check_sweep_dir(sweep_dir: Path) -> None:
         shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
         raise ConfigError(f"{sweep_dir} holds files that no sweep wrote ({shown}; no {SWEEP_CONFIG_FILE}); a sweep is written "
                           "into a new or empty directory, or into an earlier sweep's to continue it, so that nothing "
-                          "of yours is replaced; nothing was written. Choose another directory (name=... or "
-                          "hydra.sweep.dir=...).")
+                          "of yours is replaced; nothing was written. Choose another directory "
+                          f"({OTHER_SWEEP_DIR}).")
 
 
-SWEEP_ELSEWHERE = ("Give this sweep its own directory (name=... or hydra.sweep.dir=...), or the data its jobs ran on. "
+SWEEP_ELSEWHERE = (f"Give this sweep its own directory ({OTHER_SWEEP_DIR}), or the data its jobs ran on. "
                    "No job of the sweep was started.")
 
 

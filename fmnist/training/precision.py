@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 
 from fmnist import IMAGE_SIDE, NUM_CLASSES, hardware
 from fmnist.errors import ConfigError
-from fmnist.fsio import atomic_write, storage_errors
+from fmnist.fsio import atomic_write, not_a_file, storage_errors
 from fmnist.models import INIT_ONLY_KEYS, build_model
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def _cache_with_problem() -> tuple[dict, str | None]:
     `show`), or None."""
     path = cache_file()
     if path.exists() and not path.is_file() and not path.is_dir():  # reading a pipe would wait for a writer
-        return {}, "it is not a regular file (a pipe or a device): runs ignore it and probe; `clear` removes it"
+        return {}, f"it is {not_a_file(path)}: runs ignore it and probe; `clear` removes it"
     try:
         cache = json.loads(path.read_text())
     except FileNotFoundError:

@@ -12,6 +12,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+from fmnist.cli import OTHER_RUN_DIR
 from fmnist.errors import ConfigError
 from fmnist.fsio import storage_errors
 
@@ -36,7 +37,7 @@ def holder_pid(path: Path) -> int | None:
 
 
 @contextmanager
-def own_run_dir(run_dir: Path, elsewhere: str = "hydra.run.dir=..."):
+def own_run_dir(run_dir: Path, elsewhere: str = OTHER_RUN_DIR):
     """Create `run_dir` if needed and hold its lock for the block; RunDirInUse if another process holds it.
     `elsewhere`: the keys that choose another directory, for the message."""
     run_dir = Path(run_dir)

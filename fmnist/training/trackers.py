@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist.config import TRACKERS, computing_overrides, job_name, override_key, swept_keys
+from fmnist.console import tensorboard_command
 from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_write
 from fmnist.runs import CHECKPOINT_DIR, CONFIG_FILE, CONFUSION_FILE, EPOCHS_FILE, LAST_CHECKPOINT, METRICS_FILE
@@ -160,7 +161,7 @@ class TensorBoard(Tracker):
     files = ("events.out.tfevents.*",)
 
     def view(self, run_dir: Path) -> str:
-        return f"tensorboard --logdir {shlex.quote(str(run_dir))}"  # to paste into a shell
+        return tensorboard_command(run_dir)
 
     def epoch(self, row: dict) -> None:
         for key, value in by_epoch(row).items():

@@ -29,13 +29,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fmnist import console
-from fmnist.cli import stopped_by_ctrl_c
+from fmnist.cli import OTHER_RUN_DIR, OTHER_SWEEP_DIR, RUN_DIR_KEY, SWEEP_DIR_KEY, stopped_by_ctrl_c
 from fmnist.config import (ADDED_KEYS, PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, RUN_OPTIONS, check_values,
                            composition_message, is_count, is_text_keyed, override_key, override_text)
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.data.sources import data_digests
 from fmnist.errors import CheckpointError, ConfigError, DivergedError, FmnistError
-from fmnist.fsio import (atomic_write, check_writable, early_writes, keep_early_writes, load_checkpoint,
+from fmnist.fsio import (atomic_write, check_writable, early_writes, held_logs, keep_early_writes, load_checkpoint,
                          storage_errors)
 from fmnist.hardware import check_accelerator, check_nodes, devices_used
 from fmnist.models import check_model, training_flops_per_image
@@ -103,7 +103,7 @@ def _files_no_run_wrote(run_dir: Path) -> list[str]:
     """The names of what `run_dir` holds that no run wrote; empty for a new or empty directory and for one a run
     was stopped in before its first record (its config.yaml is a run's config, beside only what a run writes
     before its record: it is started afresh)."""
-    ours = {path.resolve() for path in early_writes()}  # this command's own log
+    ours = {path.resolve() for path in (*early_writes(), *held_logs())}  # this command's own log
     entries = sorted(p.name for p in run_dir.iterdir() if p.resolve() not in ours)
     try:
         saved = OmegaConf.load(run_dir / CONFIG_FILE) if entries else None
@@ -115,23 +115,24 @@ def _files_no_run_wrote(run_dir: Path) -> list[str]:
     return [name for name in entries if not any(fnmatch.fnmatch(name, p) for p in WRITTEN_BEFORE_RECORD)]
 
 
-def _check_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[bool, dict]:
+def _check_run_dir(cfg: DictConfig, run_dir: Path, elsewhere: str = OTHER_RUN_DIR) -> tuple[bool, dict]:
     """Refuse to write into another run's directory, or into one holding files no run wrote; return whether the run
-    resumes from last.ckpt, and the config it was saved with, flattened (empty for a new run)."""
+    resumes from last.ckpt, and the config it was saved with, flattened (empty for a new run). `elsewhere`: the
+    keys that choose another directory, for the messages."""
     record = read_record(run_dir)
     status = (record or {}).get("status")
     last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     saved = run_dir / CONFIG_FILE
     if (run_dir / METRICS_FILE).exists() and status not in RECORDED:  # resuming or not: it is not ours to update
         raise RunDirInUse(f"{run_dir} holds a {METRICS_FILE} that is not a run's record (no run status in it); "
-                          "a run never writes over it. Choose another directory (hydra.run.dir=...).")
+                          f"a run never writes over it. Choose another directory ({elsewhere}).")
     holds_a_run = record is not None or last.exists()
     foreign = [] if holds_a_run else _files_no_run_wrote(run_dir)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise RunDirInUse(f"{run_dir} holds files that no run wrote ({shown}); a run is written into a new or "
                           "empty directory, so that nothing of yours is replaced; nothing was written. Choose "
-                          "another directory (hydra.run.dir=...).")
+                          f"another directory ({elsewhere}).")
     if cfg.ckpt_path != "last":
         if holds_a_run:
             raise RunDirInUse(f"{run_dir} already holds a run (status {status!r}); "
@@ -140,7 +141,7 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[bool, dict]:
     if last.exists() and not saved.exists():  # a run writes its config before its first checkpoint
         raise ConfigError(f"cannot resume {run_dir}: its {CONFIG_FILE} is gone, and with it what the run trained, so "
                           "nothing shows that this command continues the same run; nothing was written. Put the file "
-                          "back, or start a new run in another directory (hydra.run.dir=...).")
+                          f"back, or start a new run in another directory ({elsewhere}).")
     old = {}
     if saved.exists():
         changed, old, new = _changed_keys(saved, cfg)
@@ -151,7 +152,7 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[bool, dict]:
     if not last.exists() and epochs:  # only a run stopped before its first checkpoint starts again from epoch 1
         raise ConfigError(f"cannot resume {run_dir}: its {CHECKPOINT_DIR}/{LAST_CHECKPOINT} is gone, though the run "
                           f"trained {epochs} epoch(s); resuming would train it again from its first epoch, over its "
-                          "record. Put the file back, or start a new run in another directory (hydra.run.dir=...).")
+                          f"record. Put the file back, or start a new run in another directory ({elsewhere}).")
     if status == COMPLETED and epochs >= cfg.trainer.max_epochs:
         raise ConfigError(f"{run_dir} already completed its {epochs} epoch(s), and trainer.max_epochs="
                           f"{cfg.trainer.max_epochs} asks for no more; nothing was written. Raise trainer.max_epochs "
@@ -312,9 +313,10 @@ def _claimed(cfg: DictConfig, run_dir: Path, in_sweep: bool = False):
         with _sigterm_raises():
             yield cfg.ckpt_path == "last" and last.exists()
         return
-    with own_run_dir(run_dir, "name=... or hydra.sweep.dir=..." if in_sweep else "hydra.run.dir=..."):
-        resume, saved = _check_run_dir(cfg, run_dir)
-        check_writable(run_dir)
+    elsewhere = OTHER_SWEEP_DIR if in_sweep else OTHER_RUN_DIR
+    with own_run_dir(run_dir, elsewhere):
+        resume, saved = _check_run_dir(cfg, run_dir, elsewhere)
+        check_writable(run_dir, key=SWEEP_DIR_KEY if in_sweep else RUN_DIR_KEY)
         check_data(cfg)
         if resume:
             _check_epochs(run_dir / EPOCHS_FILE, _check_checkpoint(cfg, last))
@@ -712,8 +714,8 @@ def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: l
             changed = differences_from_finished(cfg, run_dir, record)
             if changed:
                 raise ConfigError(f"{run_dir} holds a finished job of another experiment: it differs in {changed}. "
-                                  "Its result is not reused. Give this sweep another directory (name=... or "
-                                  "hydra.sweep.dir=...), or remove the old job directory to run it again.")
+                                  f"Its result is not reused. Give this sweep another directory ({OTHER_SWEEP_DIR}), or "
+                                  "remove the old job directory to run it again.")
             log.info("%s already %s: skipped (remove its directory to run it again)", run_dir.name, record["status"])
             return float(record.get("metrics", {}).get("val/acc_best", float("nan")))
         cfg = cfg.copy()
