@@ -164,12 +164,16 @@ class OutputDirsUndoneIfRefused(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self._note(config, SWEEP_DIR_KEY)
 
+    # The directory Hydra is about to write into: an OSError without a file name (a write to a full disk) names it.
+    output_dir: Path | None = None
+
     @staticmethod
     def _note(config: DictConfig, key: str) -> None:
         try:
             directory = OmegaConf.select(config, key, throw_on_missing=True)
             if directory is not None:  # '' is the current directory, which is the user's
                 note_dirs_to_be_made(Path(str(directory)))
+                OutputDirsUndoneIfRefused.output_dir = Path(str(directory))
         except (OmegaConfBaseException, OSError):
             pass  # a value its resolver refuses, a name too long: Hydra reports it when it makes the directory
 
@@ -203,6 +207,7 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -
         if given and key.lstrip("+~") in (RUN_DIR_KEY, SWEEP_DIR_KEY) and not value.strip().strip("'\"").strip():
             _exit(f"{key.lstrip('+~')}= is empty (an unset shell variable?), which would put the output into the "
                   "current directory: name a directory, or leave the key out for the default.", 2)
+    OutputDirsUndoneIfRefused.output_dir = None  # this command's, once Hydra is about to make it
     try:
         # refused (exit 2) or stopped before its checks passed: what Hydra wrote is put back, whoever refused it
         with sigterm_unwinds(unwind_on_sigterm), early_writes_undone_if_stopped():
@@ -213,7 +218,9 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -
                 _exit(str(ours) if ours else composition_message(e) + _hydra_part_hint(e, sys.argv[1:]),
                       ours.exit_code if ours else 2)
             except OSError as e:  # e.g. Hydra creating the run directory or its log file on a read-only disk
-                mapped = storage_error(e, key=SWEEP_DIR_KEY if "--multirun" in modes else RUN_DIR_KEY)
+                where = OutputDirsUndoneIfRefused.output_dir
+                mapped = storage_error(e, path=where and f"a file in {where}",
+                                       key=SWEEP_DIR_KEY if "--multirun" in modes else RUN_DIR_KEY)
                 if mapped is None:
                     raise
                 _exit(str(mapped), 2)

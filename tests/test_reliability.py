@@ -533,6 +533,15 @@ def test_an_output_path_that_cannot_be_made_is_one_paragraph_naming_the_key(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"] and (tmp_path / "a-file").read_text() == "mine"
 
 
+def test_a_sweep_directory_on_a_full_disk_is_named(tmpfs, data_dir, run_in_process):
+    disk = tmpfs("size=64k")
+    (disk / "filler").write_bytes(b"\0" * (os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize))
+    result = run_in_process("train.py", "-m", *FAST, f"data.dir={data_dir}", f"hydra.sweep.dir={disk / 'sweep'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"error: cannot write a file in {disk / 'sweep'}: the disk is full" in result.stderr
+    assert [p.name for p in disk.iterdir()] == ["filler"]
+
+
 # /proc exists on Linux and refuses to create anything, with ENOENT: an output there is not a missing input.
 @pytest.mark.parametrize("script,args,key", [
     ("train.py", [*FAST, "data.dir={data}", "hydra.run.dir=/proc/fmnist-run"], "hydra.run.dir"),
