@@ -614,6 +614,20 @@ def test_a_run_started_again_from_its_first_epoch_keeps_no_best_checkpoint_of_th
     assert load_checkpoint(best_in_run(run))["epoch"] == 0  # this attempt's weights
 
 
+@pytest.mark.slow
+def test_a_resume_removes_what_a_kill_during_the_checkpoint_writes_left(make_cfg, tmp_path):
+    run = tmp_path / "run"
+    train(make_cfg(*SIMPLE, "trainer.max_epochs=2"), run)
+    # As a kill between epoch 3's best file and its last.ckpt leaves them: a best file that last.ckpt does not
+    # know of, and the temporary file of the cut-off write.
+    (run / "checkpoints" / "best-epoch003.ckpt").write_bytes(b"the stopped attempt's")
+    (run / "checkpoints" / ".last.ckpt.4242-0a1b2c3d.tmp").write_bytes(b"half a checkpoint")
+    train(make_cfg(*SIMPLE, "trainer.max_epochs=3", "ckpt_path=last"), run)
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert len(names) == 2 and names[1] == "last.ckpt" and names[0].startswith("best-epoch"), names
+    assert load_checkpoint(run / "checkpoints" / names[0])["epoch"] >= 0  # a real checkpoint, not the stale bytes
+
+
 def test_of_several_best_checkpoints_the_one_written_last_is_used(tmp_path, caplog):
     from fmnist.inference.loading import best_in_run
 

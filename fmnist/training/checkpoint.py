@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import signal
 import threading
 from contextlib import contextmanager
@@ -11,8 +12,12 @@ from pathlib import Path
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 
 from fmnist.fsio import atomic_write, load_checkpoint
+from fmnist.runs import BEST_CHECKPOINT_PREFIX, LAST_CHECKPOINT
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -96,6 +101,23 @@ class SafeModelCheckpoint(ModelCheckpoint):
                                                                          "last_model_path") if key in state_dict},
                           "best_k_models": {moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()}}
         super().load_state_dict(state_dict)
+        self._remove_what_the_stopped_attempt_left()
+
+    @rank_zero_only
+    def _remove_what_the_stopped_attempt_left(self) -> None:
+        """A resumed run: remove the best checkpoints its last.ckpt does not know of, which the attempt that was
+        stopped wrote after it (a kill between an epoch's best and last files), and the temporary files of a write
+        that a kill cut short. Else a later `ckpt=RUN` could load the stopped attempt's weights. The run holds its
+        directory's lock, so no other process is writing there."""
+        if not self.dirpath or not Path(self.dirpath).is_dir():
+            return
+        known = {Path(p).name for p in (*self.best_k_models, self.best_model_path) if p}
+        for path in sorted(Path(self.dirpath).iterdir()):
+            stale = (path.name.startswith(BEST_CHECKPOINT_PREFIX) and path.suffix == ".ckpt" and path.name not in known)
+            if stale or (path.name.startswith(".") and path.name.endswith(".tmp")):
+                log.warning("removed %s, %s", path, "a best checkpoint of the stopped attempt that the resumed run's "
+                            f"{LAST_CHECKPOINT} does not know of" if stale else "left by a write that was cut short")
+                path.unlink()
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         super().on_train_epoch_start(trainer, pl_module)
