@@ -628,6 +628,23 @@ def test_a_resume_removes_what_a_kill_during_the_checkpoint_writes_left(make_cfg
     assert load_checkpoint(run / "checkpoints" / names[0])["epoch"] >= 0  # a real checkpoint, not the stale bytes
 
 
+@pytest.mark.slow
+def test_a_resumed_run_keeps_the_precision_its_start_chose(make_cfg, tmp_path, monkeypatch):
+    from fmnist.training import train as train_module
+
+    run = tmp_path / "run"
+    train(make_cfg("model=simple", "trainer.precision=auto"), run)
+    chosen = read_record(run)["precision"]
+    other = "bf16-mixed" if chosen["resolved"] == "32-true" else "32-true"
+    # What `auto` would decide on the day of the resume (a probe on a quieter machine, another run's cached verdict).
+    monkeypatch.setattr(train_module, "resolve_precision", lambda *args: (other, {"requested": "auto",
+                                                                                 "resolved": other, "reason": "now"}))
+    train(make_cfg("model=simple", "trainer.precision=auto", "trainer.max_epochs=2", "ckpt_path=last"), run)
+    record = read_record(run)
+    assert record["status"] == "completed" and record["metrics"]["epochs"] == 2
+    assert record["precision"] == chosen
+
+
 def test_of_several_best_checkpoints_the_one_written_last_is_used(tmp_path, caplog):
     from fmnist.inference.loading import best_in_run
 

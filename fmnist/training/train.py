@@ -37,7 +37,7 @@ from fmnist.data.sources import data_digests
 from fmnist.errors import CheckpointError, ConfigError, DivergedError, FmnistError
 from fmnist.fsio import (atomic_write, check_writable, early_writes, held_logs, keep_early_writes, load_checkpoint,
                          storage_errors)
-from fmnist.hardware import check_accelerator, check_nodes, devices_used
+from fmnist.hardware import check_accelerator, check_nodes, device_kind, devices_used
 from fmnist.models import check_model, training_flops_per_image
 from fmnist.training.precision import resolve_precision
 from fmnist.runs import (BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, DIVERGED, EPOCH_COLUMNS,
@@ -605,9 +605,17 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
     run_options = {key: cfg[key] for key in RUN_OPTIONS}
-    trainer_kwargs["precision"], precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator,
-                                                               {**model_kwargs, "channels_last": cfg.channels_last},
-                                                               cfg.data.batch_size, planned_steps(cfg))
+    chosen = (read_record(run_dir) or {}).get("precision") or {} if resume else {}
+    if cfg.trainer.precision == "auto" and chosen.get("requested") == "auto" and chosen.get("resolved") \
+            and chosen.get("device") == device_kind(cfg.trainer.accelerator):
+        # A resume trains on in the precision the run's start chose, and its record keeps how that was decided:
+        # one run, one precision, whatever a probe or another process's cached verdict would say now.
+        trainer_kwargs["precision"], precision = chosen["resolved"], chosen
+        log.info("precision auto -> %s: kept from the run's start (%s)", chosen["resolved"], chosen.get("reason"))
+    else:
+        trainer_kwargs["precision"], precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator,
+                                                                   {**model_kwargs, "channels_last": cfg.channels_last},
+                                                                   cfg.data.batch_size, planned_steps(cfg))
     if rank_zero_only.rank == 0:
         # config.yaml first: it is what marks a directory as a run's that stopped before its first record.
         atomic_write(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
