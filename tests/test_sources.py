@@ -179,3 +179,26 @@ def test_a_full_disk_while_the_csvs_are_written_is_one_paragraph_and_leaves_noth
     with pytest.raises(StorageError, match=r"cannot write .*fashion-mnist_train.csv: the disk is full .*--data-dir"):
         obtain(disk / "data", idx_dir=idx_dir, allow_install=False, allow_download=False)
     assert list(disk.iterdir()) == []
+
+
+def test_a_second_writer_into_the_data_directory_waits_then_leaves_the_first_ones_csvs(tmp_path, idx_dir):
+    import fcntl
+    import os
+    import threading
+
+    data = tmp_path / "data"
+    data.mkdir()
+    lock = os.open(data, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another `make data` is writing there
+    messages = []
+    second = threading.Thread(target=lambda: messages.append(
+        obtain(data, idx_dir=idx_dir, allow_install=False, allow_download=False)))
+    second.start()
+    second.join(timeout=1)
+    assert list(data.iterdir()) == []  # it waits: nothing written beside the other writer's files
+    images, labels = make_images(30, 0)  # what the first writer puts there meanwhile
+    for split in CSV_NAMES.values():
+        write_csv(data / split, images, labels)
+    os.close(lock)
+    second.join(timeout=120)
+    assert messages and "CSVs already in" in messages[0] and "left untouched" in messages[0]
