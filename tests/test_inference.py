@@ -634,3 +634,18 @@ def test_the_shipped_model_is_the_one_its_card_describes():
 
     meta = {p.key: p.value for p in onnx.load(PRETRAINED_DIR / "speedrun_cpu.onnx").metadata_props}
     assert meta["checkpoint_path"] == "pretrained/speedrun_cpu.ckpt" and meta["checkpoint_sha256"] == loaded.sha256
+
+
+def test_a_run_that_has_not_completed_is_used_with_a_warning_saying_so(tmp_path, caplog):
+    from fmnist.runs import update_record
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best-epoch001.ckpt").write_bytes(b"")
+    update_record(run, status="running")  # still training: its best checkpoint may yet change
+    assert resolve(run).path.name == "best-epoch001.ckpt"
+    assert "the run is running, not completed: using its best checkpoint so far, best-epoch001.ckpt" in caplog.text
+    caplog.clear()
+    update_record(run, status="completed")
+    resolve(run)
+    assert "not completed" not in caplog.text

@@ -92,7 +92,11 @@ def resolve(ckpt: str | Path) -> Resolved:
     if not path.is_dir():
         raise CheckpointError(f"ckpt={ckpt}: {not_a_file(path, missing='no such file or directory')}; {WHAT_CKPT_IS}.")
     if (path / CHECKPOINT_DIR).is_dir():
-        return Resolved(best_in_run(path), path)
+        best = best_in_run(path)
+        status = (read_record(path) or {}).get("status")
+        if status not in (None, COMPLETED):  # e.g. a run still training, whose best checkpoint may yet change
+            log.warning("%s: the run is %s, not completed: using its best checkpoint so far, %s", path, status, best.name)
+        return Resolved(best, path)
     record = read_record(path)
     if record is not None and record.get("status"):  # a run that ended before its first checkpoint
         raise CheckpointError(f"ckpt={ckpt}: a run directory without checkpoints (the run is {record.get('status')!r}: "
