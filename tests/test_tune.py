@@ -443,3 +443,22 @@ def test_ctrl_c_before_a_trial_trains_is_one_paragraph_and_the_same_command_cont
     assert again.returncode == 0, again.stderr[-3000:]
     assert [t.state for t in load(tmp_path, "c").trials] == [optuna.trial.TrialState.FAIL,
                                                               optuna.trial.TrialState.COMPLETE]
+
+
+def test_a_trial_the_heartbeat_failed_is_recorded_interrupted_not_left_running(tmp_path):
+    from fmnist.runs import update_record
+    from fmnist.sweeps.tune import record_stale_trials
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}")
+    for number, status in enumerate(("running", "completed")):
+        run_dir = tmp_path / f"trial-{number:04d}"
+        run_dir.mkdir()
+        update_record(run_dir, status=status)
+        trial = study.ask()
+        trial.set_user_attr("run_dir", str(run_dir))
+        # As the storage's heartbeat leaves the trial of a process that stopped beating: FAIL, without a status.
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    record_stale_trials(study)
+    stale = read_record(tmp_path / "trial-0000")
+    assert stale["status"] == "interrupted" and "heartbeat" in stale["error"]
+    assert read_record(tmp_path / "trial-0001")["status"] == "completed"  # a record that says how it ended stays

@@ -48,8 +48,8 @@ from fmnist.errors import ConfigError, FmnistError
 from fmnist.fsio import atomic_write, missing_dirs, remove_if_empty
 from fmnist.results.sweep import check_same_data, summarize
 from fmnist.training.figures import save_png  # matplotlib, headless
-from fmnist.runs import (DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, METRICS_FILE, TRIAL_DIR_PREFIX, now,
-                         update_record)
+from fmnist.runs import (DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, METRICS_FILE, RUNNING, TRIAL_DIR_PREFIX, now,
+                         read_record, update_record)
 from fmnist.training.train import (SIGTERM_RECEIVED, RunPruned, check_config, check_data, every_combination,
                                    failure_of, flat_config, stopping_signal, train)
 
@@ -480,6 +480,7 @@ class Search:
             with warnings.catch_warnings():  # "experimental" since optuna 2.9
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(trial.study)
+            record_stale_trials(trial.study)
         if SIGTERM_RECEIVED.is_set():  # it came after the previous trial's last check: stop before training
             trial.set_user_attr("status", INTERRUPTED)
             raise TrialInterrupted(signal.SIGTERM)
@@ -711,6 +712,18 @@ def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) 
                     process.get("pid"))
 
 
+def record_stale_trials(study: optuna.Study) -> None:
+    """Record `interrupted` each trial the storage's heartbeat failed (a FAIL without a status: its process stopped
+    beating, killed on this machine or another) whose run record still says `running`, as the study has it."""
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+        run_dir = Path(trial.user_attrs.get("run_dir", ""))
+        if trial.user_attrs.get("status") or not (run_dir / METRICS_FILE).is_file():
+            continue
+        if (read_record(run_dir) or {}).get("status") == RUNNING:
+            update_record(run_dir, status=INTERRUPTED, finished_at=now(),
+                          error="its process stopped beating (heartbeat.grace_s passed); the study replaces the trial")
+
+
 def _alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -740,6 +753,7 @@ def write_results(study: optuna.Study, study_dir: Path) -> None:
     print(f"study {study.study_name}: {len(study.trials)} trials ("
           + ", ".join(f"{n} {s}" for s, n in states.items() if n) + ")")
     if any((d / METRICS_FILE).exists() for d in study_dir.glob(f"{TRIAL_DIR_PREFIX}*")):
+        record_stale_trials(study)
         summarize(study_dir)
     best = best_overrides(study)
     if best is None:
