@@ -111,6 +111,14 @@ def sigterm_unwinds(enabled: bool = True):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def hangup_as_sigterm() -> None:
+    """A hang-up (the terminal closed, an ssh session dropped) stops the command as SIGTERM does, so that a run is
+    recorded `interrupted` and can be resumed instead of dying with a record that says `running`. A hang-up that
+    is ignored (`nohup`) stays ignored."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+        signal.signal(signal.SIGHUP, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
+
+
 # (message, exit code) of a command stopped by a signal outside a training run; a run records its own stop
 # (runs.INTERRUPTED) and how to resume it.
 _STOPPED = ("its temporary files are removed, and each file it writes is either whole or as it was before (a "
@@ -193,6 +201,7 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -
     is a bug and ends with its traceback and exit code 1. `unwind_on_sigterm`: see `sigterm_unwinds`.
     """
     check_working_directory()
+    hangup_as_sigterm()
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing them and exiting 1
     sys.argv[1:] = renamed_overrides(sys.argv[1:])  # old key names keep working
     modes = hydra_modes(sys.argv[1:])
@@ -276,6 +285,7 @@ def run_plain(work: Callable[[], object], unwind_on_sigterm: bool = False) -> in
     """Run a plain (argparse) command's work: a user error prints one paragraph and gives its exit code.
     `unwind_on_sigterm`: see `sigterm_unwinds`."""
     check_working_directory()
+    hangup_as_sigterm()
     try:
         with sigterm_unwinds(unwind_on_sigterm):
             work()

@@ -286,3 +286,26 @@ def test_a_job_refused_in_a_submitit_worker_is_its_own_paragraph_not_submitits_t
         "/s/seed=0 is in use by process 16194, which is running in it now; nothing was written.")
     assert worker_refusal(UncompletedJobError("has not produced any output (state: FAILED)")) is None  # a crash
     assert worker_refusal(RuntimeError("error: not from a worker")) is None
+
+
+def test_a_hang_up_stops_a_command_as_sigterm_does_unless_it_is_ignored():
+    """The terminal closed, an ssh session dropped: a run is recorded `interrupted`, as for SIGTERM."""
+    import os
+    import signal
+
+    from fmnist.cli import hangup_as_sigterm
+
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # `nohup`: stays ignored
+        hangup_as_sigterm()
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert received == []
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        hangup_as_sigterm()
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert received == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, previous)
