@@ -9,7 +9,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist import console
-from fmnist.cli import check_given_config, exit_with, run_cli
+from fmnist.cli import check_given_config, exit_with, hangup_as_sigterm, run_cli
 from fmnist.config import register, superseded_note
 from fmnist.data.sources import split_csvs
 from fmnist.errors import FmnistError
@@ -21,6 +21,7 @@ register()
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
+    hangup_as_sigterm()  # in a launcher's worker process too, which the command's own start (run_cli) is not
     # Hydra appends this job's log lines to its log file from the start: they wait until the checks pass, so that a
     # refused job adds nothing to it (another process may be writing the same log).
     hold_log_until_kept(hydra_cfg.job_logging.handlers.file.filename)

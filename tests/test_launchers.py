@@ -158,11 +158,11 @@ def test_a_joblib_sweep_of_one_job_at_a_time_leaves_its_signals_to_the_jobs(tmp_
 # Several training processes at once, as the engines in test_cluster.py: run with them by `make test-cluster`.
 @pytest.mark.slow
 @pytest.mark.cluster
-@pytest.mark.parametrize("stop", ["kill", "ctrl_c", "sigterm"])
+@pytest.mark.parametrize("stop", ["kill", "ctrl_c", "sigterm", "hangup"])
 def test_joblib_workers_stop_when_the_sweep_process_is_killed(tmp_path, data_dir, stop):
-    """The sweep's process killed or sent SIGTERM (a time limit, `kill`), or a terminal's Ctrl-C (SIGINT to the
-    sweep and its workers): each job is recorded `interrupted`, not left `running` by workers ended before they
-    could write."""
+    """The sweep's process killed or sent SIGTERM (a time limit, `kill`), a terminal's Ctrl-C (SIGINT to the
+    sweep and its workers), or the terminal closed (SIGHUP to them all): each job is recorded `interrupted`, not
+    left `running` by workers ended before they could write."""
     sweep = tmp_path / "s"
     env = {**os.environ, "PYTHONPATH": str(CONF.parent)}
     # Far more epochs than they can finish before the kill and the test's deadline, however fast the machine:
@@ -184,9 +184,9 @@ def test_joblib_workers_stop_when_the_sweep_process_is_killed(tmp_path, data_dir
         proc.kill()
     elif stop == "sigterm":
         proc.terminate()  # the sweep's process alone: its workers find it gone
-    else:
-        os.killpg(proc.pid, signal.SIGINT)  # the terminal's process group: the sweep and its workers
-    assert proc.wait(timeout=120) == {"kill": -signal.SIGKILL, "ctrl_c": 130, "sigterm": 143}[stop]
+    else:  # the terminal's process group: the sweep and its workers
+        os.killpg(proc.pid, signal.SIGINT if stop == "ctrl_c" else signal.SIGHUP)
+    assert proc.wait(timeout=120) == {"kill": -signal.SIGKILL, "ctrl_c": 130, "sigterm": 143, "hangup": 143}[stop]
     if stop != "kill":  # the sweep's own process says what happens next
         assert "each running job stops at its next step" in (tmp_path / "stderr").read_text()
     deadline = time.time() + 120
