@@ -88,7 +88,6 @@ def check_accelerator(accelerator: str, devices: Any = "auto", precision: Any = 
                           "replaces with bf16-mixed on a CPU (fp16 autocast is for GPUs). Use bf16-mixed, 32-true or auto.")
 
 
-
 def devices_used(accelerator: str, devices: Any) -> int | None:
     """How many devices Lightning gives a run here, as it reads `devices` (already well-formed:
     `fmnist.config.check_values`); None where this machine cannot tell (-1 without a GPU)."""
@@ -102,6 +101,7 @@ def devices_used(accelerator: str, devices: Any) -> int | None:
             return 1 if text == "auto" else None
         return torch.cuda.device_count() or None
     return int(text) if text.isdigit() else None
+
 
 # What a multi-node launcher sets in each process (SLURM, torchrun, Lightning's own NODE_RANK, LSF, MPI).
 NODE_RANK_VARIABLES = ("SLURM_NODEID", "TORCHELASTIC_RUN_ID", "NODE_RANK", "LSB_JOBID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")

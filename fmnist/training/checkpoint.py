@@ -103,19 +103,24 @@ class SafeModelCheckpoint(ModelCheckpoint):
         super().load_state_dict(state_dict)
         self._remove_what_the_stopped_attempt_left()
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.ckpt_path is None:  # started from its first epoch: no best checkpoint here is this run's
+            self._remove_what_the_stopped_attempt_left()
+
     @rank_zero_only
     def _remove_what_the_stopped_attempt_left(self) -> None:
-        """A resumed run: remove the best checkpoints its last.ckpt does not know of, which the attempt that was
-        stopped wrote after it (a kill between an epoch's best and last files), and the temporary files of a write
-        that a kill cut short. Else a later `ckpt=RUN` could load the stopped attempt's weights. The run holds its
-        directory's lock, so no other process is writing there."""
+        """Remove the best checkpoints this run does not know of (for a resumed run, those its last.ckpt does not;
+        for a run started again from its first epoch, all of them), which an attempt that was stopped wrote (a kill
+        between an epoch's best and last files, a disk that filled up at the first last.ckpt), and the temporary
+        files of a write that a kill cut short. Else a later `ckpt=RUN` could load the stopped attempt's weights.
+        The run holds its directory's lock, so no other process is writing there."""
         if not self.dirpath or not Path(self.dirpath).is_dir():
             return
         known = {Path(p).name for p in (*self.best_k_models, self.best_model_path) if p}
         for path in sorted(Path(self.dirpath).iterdir()):
             stale = (path.name.startswith(BEST_CHECKPOINT_PREFIX) and path.suffix == ".ckpt" and path.name not in known)
             if stale or (path.name.startswith(".") and path.name.endswith(".tmp")):
-                log.warning("removed %s, %s", path, "a best checkpoint of the stopped attempt that the resumed run's "
+                log.warning("removed %s, %s", path, "a best checkpoint of a stopped attempt that this run's "
                             f"{LAST_CHECKPOINT} does not know of" if stale else "left by a write that was cut short")
                 path.unlink()
 

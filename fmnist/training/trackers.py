@@ -305,7 +305,7 @@ def _mlflow(cfg: DictConfig, run_dir: Path, ids: dict, name: str) -> Logger:
     artifacts = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri() \
         if uri.startswith("sqlite:///") else None
     return RunMLFlowLogger(experiment_name=run_dir.parent.name, run_name=name, tracking_uri=uri,
-                        run_id=run_id, artifact_location=artifacts, tags={"run_dir": str(run_dir)})
+                           run_id=run_id, artifact_location=artifacts, tags={"run_dir": str(run_dir)})
 
 
 def absolute_store(uri: str) -> str:
@@ -407,11 +407,11 @@ def log_figure(trackers: list[Tracker], tag: str, draw: Callable[[], object], st
         plt.close(figure)
 
 
-def close_trackers(trackers: list[Tracker], status: str) -> None:
-    """Close the trackers as Lightning does when a fit ends with an error (`status` "failed"), for a run that
-    fails after Lightning's fit and test returned."""
+def close_trackers_failed(trackers: list[Tracker]) -> None:
+    """Close the trackers as Lightning does when a fit ends with an error, for a run that fails after Lightning's
+    fit and test returned."""
     for tracker in trackers:
-        tracker.logger.finalize(status)  # guarded: a failing tracker is warned about once
+        tracker.logger.finalize("failed")  # guarded: a failing tracker is warned about once
 
 
 def for_each(trackers: list[Tracker], method: str, *args) -> None:

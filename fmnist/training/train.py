@@ -50,8 +50,8 @@ from fmnist.training.callbacks import (DIVERGED_ADVICE, HEARTBEAT_S, EpochCSV, F
 from fmnist.training.checkpoint import SafeCheckpointIO, SafeModelCheckpoint
 from fmnist.training.module import LitClassifier
 from fmnist.training.rundir import RunDirInUse, own_run_dir
-from fmnist.training.trackers import (TRACKER_FILES, check_trackers, close_trackers, for_each, hparams_row,
-                                      open_trackers, tracker_ids)
+from fmnist.training.trackers import (TRACKER_FILES, check_trackers, close_trackers_failed, for_each,
+                                      hparams_row, open_trackers, tracker_ids)
 
 log = logging.getLogger(__name__)
 
@@ -605,7 +605,8 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
     run_options = {key: cfg[key] for key in RUN_OPTIONS}
-    chosen = (read_record(run_dir) or {}).get("precision") or {} if resume else {}
+    record_so_far = read_record(run_dir) or {}  # a resumed run's: its precision, the tracker runs it continues
+    chosen = record_so_far.get("precision") or {} if resume else {}
     if cfg.trainer.precision == "auto" and chosen.get("requested") == "auto" and chosen.get("resolved") \
             and chosen.get("device") == device_kind(cfg.trainer.accelerator):
         # A resume trains on in the precision the run's start chose, and its record keeps how that was decided:
@@ -622,12 +623,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
         for name, conf in (hydra_files or {}).items():
             (run_dir / ".hydra").mkdir(exist_ok=True)
             atomic_write(run_dir / ".hydra" / name, OmegaConf.to_yaml(conf))
-        if not resume:  # started again from its first epoch: an earlier attempt's best weights are not this one's
-            for stale in sorted((run_dir / CHECKPOINT_DIR).glob(f"{BEST_CHECKPOINT_PREFIX}*.ckpt")):
-                log.warning("removed %s, the best checkpoint of the attempt that stopped before its first %s",
-                            stale, LAST_CHECKPOINT)
-                stale.unlink()
-    earlier = (read_record(run_dir) or {}).get("trackers", {})  # the tracker runs a resumed run continues
+    earlier = record_so_far.get("trackers", {})
     trackers = open_trackers(cfg, run_dir, earlier, overrides)
     hparams = hparams_row(cfg, overrides, trainer_kwargs["precision"])
     if rank_zero_only.rank == 0:
@@ -670,7 +666,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     if not math.isfinite(val_acc_best):  # the time ran out before the first validation
         if stopped_by and rank_zero_only.rank == 0:
             update_record(run_dir, stopped_by=stopped_by)
-        close_trackers(trackers, "failed")
+        close_trackers_failed(trackers)
         raise ConfigError(f"the run was {stopped_by or 'stopped'} before its first validation, so no model was chosen "
                           "and none was tested. Give it more time (trainer.max_time), or validate sooner.")
 
@@ -688,7 +684,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     # `completed` promises usable numbers: a NaN or absurd validation or test loss is a divergence too.
     bad = {k: v for k, v in metrics.items() if k in ("val/loss", "test/loss") and loss_diverged(v, trainer.global_step)}
     if bad:
-        close_trackers(trackers, "failed")
+        close_trackers_failed(trackers)
         raise DivergedError(f"training diverged: {', '.join(f'{k} is {v}' for k, v in bad.items())} at the end of "
                             f"the run (epoch {trainer.current_epoch}). {DIVERGED_ADVICE}")
     if rank_zero_only.rank == 0:
