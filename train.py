@@ -70,5 +70,5 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     # SIGTERM before a run's checks pass (a time limit, scancel) puts back what Hydra wrote early, as Ctrl-C does;
-    # from then on the run handles it (fmnist.training.train).
+    # from then on the run handles it (fmnist.training.signals).
     run_cli(main, unwind_on_sigterm=True)

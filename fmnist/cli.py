@@ -98,7 +98,7 @@ def _raise_terminated(signum, frame):
 @contextmanager
 def sigterm_unwinds(enabled: bool = True):
     """Within the block, SIGTERM raises Terminated in the main thread. In train.py only until a run's checks pass:
-    the run then handles SIGTERM itself (fmnist.training.train), so that inside a fit it stops after the step and
+    the run then handles SIGTERM itself (fmnist.training.signals), so that inside a fit it stops after the step and
     saves, as Lightning does, instead of at once."""
     if not enabled or threading.current_thread() is not threading.main_thread() \
             or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:

@@ -3,7 +3,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from fmnist.errors import ConfigError
-from fmnist.training.train import check_config
+from fmnist.training.claim import check_config
 from tests.conftest import compose_cfg
 
 
@@ -78,7 +78,7 @@ def test_what_lightning_accepts_passes_the_checks(override):
 
 # DDP on one device in all trains in one process, as without it: said in the run's log, not silently done.
 def test_ddp_on_one_device_is_noted(monkeypatch):
-    from fmnist.training.train import one_process_ddp_note
+    from fmnist.training.claim import one_process_ddp_note
 
     note = one_process_ddp_note(compose_cfg("trainer=ddp", "preset=smoke").trainer)
     assert note and note.startswith("trainer.strategy=ddp with one device (trainer.devices=1) trains in one process")
@@ -96,7 +96,7 @@ def test_ddp_on_one_device_is_noted(monkeypatch):
 
 # A resumed run given another length with a learning-rate schedule is told that the schedule moves under it.
 def test_a_schedule_stretched_on_resume_is_noted():
-    from fmnist.training.train import stretched_schedule_note
+    from fmnist.training.claim import stretched_schedule_note
 
     cfg = compose_cfg("optim=adamw", "trainer.max_epochs=2")
     note = stretched_schedule_note({"trainer.max_epochs": 1}, cfg)

@@ -138,7 +138,7 @@ def test_slurm_sweep_submits_one_job_array_with_the_configured_resources(tmp_pat
 # a run (recorded `interrupted`), not as a sweep whose workers would record their own jobs.
 def test_a_joblib_sweep_of_one_job_at_a_time_leaves_its_signals_to_the_jobs(tmp_path, data_dir, run_in_process,
                                                                              monkeypatch):
-    import fmnist.training.train as train
+    import fmnist.training.claim as claim
     from fmnist.errors import ConfigError
 
     handlers = {}
@@ -147,7 +147,7 @@ def test_a_joblib_sweep_of_one_job_at_a_time_leaves_its_signals_to_the_jobs(tmp_
         handlers.update(sigint=signal.getsignal(signal.SIGINT), sigterm=signal.getsignal(signal.SIGTERM))
         raise ConfigError("refused here")
 
-    monkeypatch.setattr(train, "check_data", check_data)
+    monkeypatch.setattr(claim, "check_data", check_data)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (the fixture puts it back)
     result = run_in_process("train.py", "-m", *FAST, f"data.dir={data_dir}", "hydra/launcher=joblib",
                             "hydra.launcher.n_jobs=1", f"hydra.sweep.dir={tmp_path}/s")

@@ -338,12 +338,12 @@ def test_a_command_stopped_before_its_checks_pass_puts_back_what_it_wrote_early(
 # and the earlier sweep's multirun.yaml is put back, with no job directory left, instead of SIGTERM's default kill.
 SIGTERM_WHILE_CHECKED = """
 import os, runpy, signal, sys
-import fmnist.training.train as train
+import fmnist.training.claim as claim
 
 def check_data(cfg):  # the signal arrives while the run's checks read the data
     os.kill(os.getpid(), signal.SIGTERM)
 
-train.check_data = check_data
+claim.check_data = check_data
 sys.argv = ["train.py", *sys.argv[1:]]
 runpy.run_path("train.py", run_name="__main__")
 """

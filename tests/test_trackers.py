@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 
 from fmnist.errors import ConfigError
 from fmnist.runs import read_record
-from fmnist.training.train import check_config, train
+from fmnist.training.claim import check_config
+from fmnist.training.train import train
 from tests.conftest import ROOT, compose_cfg
 
 LEVELDB_BLOCK, LEVELDB_HEADER = 32768, 7

@@ -15,7 +15,8 @@ from fmnist.errors import CheckpointError, ConfigError, DataError, DivergedError
 from fmnist.models import training_flops_per_image
 from fmnist.training.module import LitClassifier
 from fmnist.runs import read_record
-from fmnist.training.train import _flatten, run_job, saved_config, train
+from fmnist.training.claim import _flatten, saved_config
+from fmnist.training.train import run_job, train
 from tests.conftest import ROOT, compose_cfg, snapshot
 
 

@@ -8,6 +8,7 @@ sweep's gate at its start: every job's config and the sweep directory are checke
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 from pathlib import Path
@@ -15,12 +16,12 @@ from pathlib import Path
 import pandas as pd
 from hydra.core.global_hydra import GlobalHydra
 from hydra.experimental.callback import Callback
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from fmnist.cli import OTHER_SWEEP_DIR, chained_fmnist_error, exit_with, signals_leave_the_workers_to_stop, unresolvable
-from fmnist.config import (SWEEP_CONFIG_FILE, check_launcher, check_sweep_values, concurrent_jobs, launcher_kind,
-                           superseded_note)
+from fmnist.config import (PLACEMENT_KEYS, SWEEP_CONFIG_FILE, check_launcher, check_sweep_values, composition_message,
+                           concurrent_jobs, launcher_kind, override_key, override_text, superseded_note)
 from fmnist.data.sources import data_digests
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, DataError, StorageError
 from fmnist.fsio import atomic_write, check_not_directories, keep_early_writes, note_early_write, storage_errors
@@ -145,6 +146,95 @@ def check_same_data(sweep_dir: Path, data_dir: str, advice: str = SWEEP_ELSEWHER
                           f"{ours['test']}); continued here, its summary would average the two. {advice}")
 
 
+def check_sweep_jobs(config: DictConfig, config_loader) -> None:
+    """ConfigError for a sweep that holds a job `check_config` refuses, before its first job starts: found by
+    that job, it would stop the sweep after the jobs before it had trained.
+
+    `config`: the sweep's config as Hydra gives it to a callback. As many jobs are composed as the longest list
+    of swept values has values: the k-th takes the k-th value of every swept key (the last repeated), so every
+    value is checked, in a job as the sweep composes it (a composition takes a fraction of a second). Rules
+    between keys (`data.augment.flip_alternate` needs `hflip`, `optim.nesterov` a momentum) hold or fail per
+    combination: in each composed job, every combination of the swept values of keys that are not config
+    groups is then set and checked too (milliseconds each, without composing).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import QuotedString
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from fmnist.cli import check_resolvable, refuse_unknown_keys
+    from fmnist.training.claim import check_config  # here: `python -m fmnist.results` needs no Lightning
+
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    parsed = OverridesParser.create(config_loader=config_loader).parse_overrides(
+        [*(f"{key}={value}" for key, value in params.items()), *OmegaConf.to_container(config.hydra.overrides.task)])
+    values: dict[str, list[str]] = {}  # as Hydra's basic sweeper reads them: a later override of a key wins
+    plain: dict[str, list] = {}  # the swept values of keys that are not config groups, as Python values
+    for override in parsed:
+        key = override.get_key_element()
+        plain.pop(override.key_or_group, None)
+        if override.is_discrete_sweep():
+            values[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+            if not (key.startswith("hydra.") or config_loader.repository.group_exists(override.key_or_group)):
+                plain[override.key_or_group] = [v.text if isinstance(v, QuotedString) else v
+                                                for v in override.sweep_iterator()]
+        elif not override.is_sweep_override():
+            values[key] = [f"{key}={override.get_value_element_as_str()}"]
+
+    def refused(job: list[str], error: ConfigError) -> ConfigError:
+        where = f"the sweep's job {' '.join(job)}" if job else "the sweep"
+        return ConfigError(f"{where}: {error} No job of the sweep was started.")
+
+    for key, choices in values.items():  # a job is named, and grouped into its setting, without placement keys
+        key = override_key(key)  # `+experiment` is experiment
+        if key in PLACEMENT_KEYS and len(set(choices)) > 1:
+            shown = ", ".join(dict.fromkeys(c.split("=", 1)[1] for c in choices))
+            raise ConfigError(
+                f"the sweep varies {key} ({shown}), which is not part of a job's name: a job is named by "
+                "the overrides that change what it computes within its experiment and placement, so these jobs would "
+                "share one directory, where one of them would run and the others be refused or skipped. Run one sweep "
+                "for each value. No job of the sweep was started.")
+
+    composed: dict[tuple[str, ...], DictConfig] = {}  # a composed job per choice of the swept config groups
+    for k in range(max((len(v) for v in values.values()), default=0)):
+        job = [v[min(k, len(v) - 1)] for v in values.values()]
+        swept = [o for o, v in zip(job, values.values()) if len(v) > 1]
+        try:
+            try:
+                cfg = config_loader.load_sweep_config(config, job)
+            except (HydraException, OmegaConfBaseException) as e:  # e.g. seed=abc: as train.py reports it
+                raise ConfigError(composition_message(e)) from None
+            with open_dict(cfg):
+                del cfg["hydra"]
+            refuse_unknown_keys(cfg, job)
+            check_resolvable(cfg, required=True)
+            check_config(cfg)
+        except ConfigError as e:
+            raise refused(swept, e) from None
+        composed.setdefault(tuple(o for o in swept if o.split("=")[0].lstrip("+") not in plain), cfg)
+    if len(plain) < 2 and len(composed) < 2:  # no combination that the jobs above left out
+        return
+    for job, cfg in every_combination(composed, plain):
+        try:
+            check_config(cfg)
+        except ConfigError as e:
+            raise refused(job, e) from None
+
+
+def every_combination(composed: dict[tuple[str, ...], DictConfig], plain: dict[str, list]):
+    """Each config of `composed` (keyed by the overrides that chose its config groups) with every combination of
+    the values of `plain` (keys that are not config groups) set on it: yield the overrides that name the
+    combination (as `override_text` writes them) and the config, which the next combination changes. Setting values
+    takes milliseconds where composing takes a fraction of a second, so a sweep's or a search's start can check
+    every combination for the rules between keys, having composed once per value."""
+    for groups, cfg in composed.items():
+        for combination in itertools.product(*plain.values()):
+            for key, value in zip(plain, combination):
+                OmegaConf.update(cfg, key, value, merge=True)  # each value composed before: its type fits
+            yield [*groups, *(f"{key}={override_text(value)}" for key, value in zip(plain, combination)
+                              if len(plain[key]) > 1)], cfg
+
+
 class SummarizeSweep(Callback):
     """Hydra callback (`conf/train.yaml`): at a multirun's start, refuse a sweep with a job that `check_config`
     refuses or a directory of one's own files, before anything is written (exit 2); at its end, summarize the
@@ -154,8 +244,6 @@ class SummarizeSweep(Callback):
     """
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        from fmnist.training.train import check_sweep_jobs  # here: `python -m fmnist.results` needs no Lightning
-
         note = superseded_note(OmegaConf.select(config, "hydra.runtime.choices.experiment"))
         if note:
             print(note, file=sys.stderr)

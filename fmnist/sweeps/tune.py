@@ -46,12 +46,13 @@ from fmnist.config import (PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_k
 from fmnist.data.sources import split_csvs
 from fmnist.errors import ConfigError, FmnistError
 from fmnist.fsio import atomic_write, missing_dirs, remove_if_empty
-from fmnist.results.sweep import check_same_data, summarize
+from fmnist.results.sweep import check_same_data, every_combination, summarize
 from fmnist.training.figures import save_png  # matplotlib, headless
 from fmnist.runs import (DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, METRICS_FILE, RUNNING, TRIAL_DIR_PREFIX, now,
                          read_record, update_record)
-from fmnist.training.train import (SIGTERM_RECEIVED, RunPruned, check_config, check_data, every_combination,
-                                   failure_of, flat_config, stopping_signal, train)
+from fmnist.training.claim import check_config, check_data, flat_config
+from fmnist.training.signals import SIGTERM_RECEIVED, stopping_signal
+from fmnist.training.train import RunPruned, failure_of, train
 
 log = logging.getLogger(__name__)
 

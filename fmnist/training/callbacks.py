@@ -414,7 +414,7 @@ class TestArtifacts(L.Callback):
 
 class TrackersSeeTheStop(L.Callback):
     """Tells the trackers when a signal stops the run (Lightning raises SIGTERMException for SIGTERM and for the
-    first Ctrl-C, see `_ctrl_c_stops_at_a_step`; KeyboardInterrupt for a second), before Lightning closes them."""
+    first Ctrl-C, see `fmnist.training.signals.ctrl_c_stops_at_a_step`; KeyboardInterrupt for a second), before Lightning closes them."""
 
     def __init__(self, trackers: list):
         self.trackers = trackers

@@ -302,8 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.device == "cuda" and not torch.cuda.is_available():
                 raise ConfigError("--device cuda: this machine's torch sees no CUDA GPU; measure with --device cpu.")
             cfg = compose_train(*args.overrides)
-            # train.check_config's model and value checks (not its trackers', which a probe has none of);
-            # train imports this module, so it is not imported back.
+            # fmnist.training.claim.check_config's model and value checks, not its trackers': a probe has none.
             check_model(cfg.model)
             check_values(cfg)  # e.g. data.batch_size=0 would be measured, and cached
             model = {**OmegaConf.to_container(cfg.model, resolve=True), "channels_last": cfg.channels_last}

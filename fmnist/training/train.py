@@ -1,5 +1,5 @@
-"""`train(cfg, run_dir)`: claim the run directory, fit, select on validation, test the best checkpoint once,
-and write the run's record, failures included (`_run`: one policy for every entry point).
+"""`train(cfg, run_dir)`: claim the run directory (`fmnist.training.claim`), fit, select on validation, test the
+best checkpoint once, and write the run's record, failures included (`_run`: one policy for every entry point).
 
 `run_job` (train.py) adds what sweeps need: skip finished jobs, resume unfinished ones, and go on to the
 next job after a failure; `fmnist.sweeps.tune` calls `train` for each trial.
@@ -7,14 +7,10 @@ next job after a failure; `fmnist.sweeps.tune` calls `train` for each trial.
 
 from __future__ import annotations
 
-import fnmatch
-import itertools
 import logging
 import math
 import re
 import shlex
-import signal
-import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -25,461 +21,32 @@ import pandas as pd
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import LearningRateMonitor, Timer
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from fmnist import console
-from fmnist.cli import OTHER_RUN_DIR, OTHER_SWEEP_DIR, RUN_DIR_KEY, SWEEP_DIR_KEY, stopped_by_ctrl_c
-from fmnist.config import (ADDED_KEYS, PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, RUN_OPTIONS, check_values,
-                           composition_message, is_count, is_text_keyed, override_key, override_text)
+from fmnist.cli import OTHER_SWEEP_DIR
+from fmnist.config import RUN_OPTIONS
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.data.sources import data_digests
-from fmnist.errors import CheckpointError, ConfigError, DivergedError, FmnistError
-from fmnist.fsio import (atomic_write, check_writable, early_writes, held_logs, keep_early_writes, load_checkpoint,
-                         storage_errors)
-from fmnist.hardware import check_accelerator, check_nodes, device_kind, devices_used
-from fmnist.models import check_model, training_flops_per_image
-from fmnist.training.precision import resolve_precision
-from fmnist.runs import (BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, DIVERGED, EPOCH_COLUMNS,
-                         EPOCHS_FILE, ERROR_FILE, FAILED, FINISHED, INTERRUPTED, LAST_CHECKPOINT, METRICS_FILE, NET_PREFIX,
-                         PRUNED, RECORDED, RUNNING, now, provenance, read_epochs, read_record, record_problem,
-                         update_record)
+from fmnist.errors import ConfigError, DivergedError, FmnistError
+from fmnist.fsio import atomic_write, storage_errors
+from fmnist.hardware import device_kind
+from fmnist.models import training_flops_per_image
+from fmnist.runs import (BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, DIVERGED, EPOCHS_FILE,
+                         ERROR_FILE, FAILED, FINISHED, INTERRUPTED, LAST_CHECKPOINT, PRUNED, RUNNING, now, provenance,
+                         read_record, record_problem, update_record)
 from fmnist.training.callbacks import (DIVERGED_ADVICE, HEARTBEAT_S, EpochCSV, Forecast, Lookahead,
                                        PerImagePredictions, TestArtifacts, TrackersSeeTheStop, WeightEMA,
                                        loss_diverged, step_callbacks)
 from fmnist.training.checkpoint import SafeCheckpointIO, SafeModelCheckpoint
+from fmnist.training.claim import claimed, differences_from_finished
 from fmnist.training.module import LitClassifier
-from fmnist.training.rundir import RunDirInUse, own_run_dir
-from fmnist.training.trackers import (TRACKER_FILES, check_trackers, close_trackers_failed, for_each,
-                                      hparams_row, open_trackers, tracker_ids)
+from fmnist.training.precision import resolve_precision
+from fmnist.training.signals import ctrl_c_stops_at_a_step, stopping_signal
+from fmnist.training.trackers import close_trackers_failed, for_each, hparams_row, open_trackers, tracker_ids
 
 log = logging.getLogger(__name__)
 
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
-def flat_config(cfg: DictConfig) -> dict:
-    """`cfg` resolved and flattened: `{"data.augment.hflip": True, ...}`."""
-    return _flatten(OmegaConf.to_container(cfg, resolve=True))
-
-
-def saved_config(saved: Path) -> dict:
-    """A run's saved config.yaml, flattened (`data.augment.hflip`), keys renamed since under their new names;
-    ConfigError naming the file if it is not a run's config (damaged, or edited into something else)."""
-    try:
-        loaded = OmegaConf.load(saved)
-        old = _flatten(OmegaConf.to_container(loaded, resolve=True)) if isinstance(loaded, DictConfig) else None
-    except Exception as e:  # YAML's and OmegaConf's errors have no common base; any means the same here
-        raise ConfigError(f"{saved}: cannot read it as the config a run writes ({str(e).splitlines()[0]}); the run "
-                          "it belongs to cannot be compared with this command. Start a new run directory.") from e
-    if old is None:
-        raise ConfigError(f"{saved}: holds a list, not the mapping of config keys a run writes; "
-                          "the run it belongs to cannot be compared with this command. Start a new run directory.")
-    return {RENAMED_KEYS.get(k, k): v for k, v in old.items()}
-
-
-def _changed_keys(saved: Path, cfg: DictConfig, aside: tuple[str, ...] = RESUMABLE_KEYS) -> tuple[list[str], dict, dict]:
-    """Keys whose values differ between the run's saved config (if any) and `cfg`, those in `aside` (by default
-    the keys a resumed run may change) left out; with both flattened configs, for messages."""
-    old = saved_config(saved) if saved.exists() else {}
-    new = flat_config(cfg)
-    if old:  # a run saved before a key existed behaved as that key's ADDED_KEYS value does
-        old = {**{k: v for k, v in ADDED_KEYS.items() if k in new}, **old}
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in aside), old, new
-
-
-# What a run writes before its first record (metrics.json): its config, Hydra's copies of it, its log, and the
-# trackers' files in the run directory. A run stopped as it started leaves only these.
-WRITTEN_BEFORE_RECORD = (".hydra", CONFIG_FILE, "*.log", *TRACKER_FILES)
-
-
-def _files_no_run_wrote(run_dir: Path) -> list[str]:
-    """The names of what `run_dir` holds that no run wrote; empty for a new or empty directory and for one a run
-    was stopped in before its first record (its config.yaml is a run's config, beside only what a run writes
-    before its record: it is started afresh)."""
-    ours = {path.resolve() for path in (*early_writes(), *held_logs())}  # this command's own log
-    entries = sorted(p.name for p in run_dir.iterdir() if p.resolve() not in ours)
-    try:
-        saved = OmegaConf.load(run_dir / CONFIG_FILE) if entries else None
-        runs_config = isinstance(saved, DictConfig) and {"model", "optim", "trainer", "data"} <= set(saved)
-    except Exception:  # absent, unreadable or not YAML: not a run's config
-        runs_config = False
-    if not runs_config:
-        return entries
-    return [name for name in entries if not any(fnmatch.fnmatch(name, p) for p in WRITTEN_BEFORE_RECORD)]
-
-
-def _check_run_dir(cfg: DictConfig, run_dir: Path, elsewhere: str = OTHER_RUN_DIR) -> tuple[bool, dict]:
-    """Refuse to write into another run's directory, or into one holding files no run wrote; return whether the run
-    resumes from last.ckpt, and the config it was saved with, flattened (empty for a new run). `elsewhere`: the
-    keys that choose another directory, for the messages."""
-    record = read_record(run_dir)
-    status = (record or {}).get("status")
-    last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
-    saved = run_dir / CONFIG_FILE
-    if (run_dir / METRICS_FILE).exists() and status not in RECORDED:  # resuming or not: it is not ours to update
-        raise RunDirInUse(f"{run_dir} holds a {METRICS_FILE} that is not a run's record (no run status in it); "
-                          f"a run never writes over it. Choose another directory ({elsewhere}).")
-    holds_a_run = record is not None or last.exists()
-    foreign = [] if holds_a_run else _files_no_run_wrote(run_dir)
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise RunDirInUse(f"{run_dir} holds files that no run wrote ({shown}); a run is written into a new or "
-                          "empty directory, so that nothing of yours is replaced; nothing was written. Choose "
-                          f"another directory ({elsewhere}).")
-    if cfg.ckpt_path != "last":
-        if holds_a_run:
-            raise RunDirInUse(f"{run_dir} already holds a run (status {status!r}); "
-                              "pass ckpt_path=last to resume it, or choose another directory.")
-        return False, {}
-    if last.exists() and not saved.exists():  # a run writes its config before its first checkpoint
-        raise ConfigError(f"cannot resume {run_dir}: its {CONFIG_FILE} is gone, and with it what the run trained, so "
-                          "nothing shows that this command continues the same run; nothing was written. Put the file "
-                          f"back, or start a new run in another directory ({elsewhere}).")
-    old = {}
-    if saved.exists():
-        changed, old, new = _changed_keys(saved, cfg)
-        if changed:
-            raise ConfigError(f"cannot resume {run_dir}: its config differs in {changed} "
-                              f"(was {[old.get(k) for k in changed]}, now {[new.get(k) for k in changed]}).")
-    epochs = (record or {}).get("metrics", {}).get("epochs") or 0
-    if not last.exists() and epochs:  # only a run stopped before its first checkpoint starts again from epoch 1
-        raise ConfigError(f"cannot resume {run_dir}: its {CHECKPOINT_DIR}/{LAST_CHECKPOINT} is gone, though the run "
-                          f"trained {epochs} epoch(s); resuming would train it again from its first epoch, over its "
-                          f"record. Put the file back, or start a new run in another directory ({elsewhere}).")
-    if status == COMPLETED and epochs >= cfg.trainer.max_epochs:
-        raise ConfigError(f"{run_dir} already completed its {epochs} epoch(s), and trainer.max_epochs="
-                          f"{cfg.trainer.max_epochs} asks for no more; nothing was written. Raise trainer.max_epochs "
-                          "to train it further.")
-    return last.exists(), old
-
-
-def differences_from_finished(cfg: DictConfig, run_dir: Path, record: dict) -> list[str]:
-    """What makes `cfg` another experiment than the finished one in `run_dir`: config keys that change the
-    result (placement keys aside; a run's length counts: a finished 20-epoch job is not a 30-epoch one) and the
-    data's content. Empty when it is the same experiment."""
-    keys = _changed_keys(run_dir / CONFIG_FILE, cfg, aside=PLACEMENT_KEYS)[0]
-    if record.get("data_digest") and record["data_digest"] != data_digests(cfg.data.dir):
-        keys.append(f"the data's content (CSVs in {cfg.data.dir})")
-    return keys
-
-
-def _best_epoch(run_dir: Path) -> int | None:
-    """The epoch of the best validation accuracy in the run's epochs.csv; None before any validation."""
-    path = run_dir / EPOCHS_FILE
-    validated = pd.read_csv(path).dropna(subset=["val/acc"]) if path.exists() else None
-    return None if validated is None or validated.empty else int(validated.loc[validated["val/acc"].idxmax(), "epoch"])
-
-
-def check_config(cfg: DictConfig) -> None:
-    """ConfigError naming the key for a composed training config whose values make no sense: the model's keys
-    against its architecture, then every other key's range."""
-    check_model(cfg.model)
-    check_values(cfg)
-    check_trackers(cfg)
-
-
-def check_sweep_jobs(config: DictConfig, config_loader) -> None:
-    """ConfigError for a sweep that holds a job `check_config` refuses, before its first job starts: found by
-    that job, it would stop the sweep after the jobs before it had trained.
-
-    `config`: the sweep's config as Hydra gives it to a callback. As many jobs are composed as the longest list
-    of swept values has values: the k-th takes the k-th value of every swept key (the last repeated), so every
-    value is checked, in a job as the sweep composes it (a composition takes a fraction of a second). Rules
-    between keys (`data.augment.flip_alternate` needs `hflip`, `optim.nesterov` a momentum) hold or fail per
-    combination: in each composed job, every combination of the swept values of keys that are not config
-    groups is then set and checked too (milliseconds each, without composing).
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import QuotedString
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from fmnist.cli import check_resolvable, refuse_unknown_keys
-
-    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-    parsed = OverridesParser.create(config_loader=config_loader).parse_overrides(
-        [*(f"{key}={value}" for key, value in params.items()), *OmegaConf.to_container(config.hydra.overrides.task)])
-    values: dict[str, list[str]] = {}  # as Hydra's basic sweeper reads them: a later override of a key wins
-    plain: dict[str, list] = {}  # the swept values of keys that are not config groups, as Python values
-    for override in parsed:
-        key = override.get_key_element()
-        plain.pop(override.key_or_group, None)
-        if override.is_discrete_sweep():
-            values[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
-            if not (key.startswith("hydra.") or config_loader.repository.group_exists(override.key_or_group)):
-                plain[override.key_or_group] = [v.text if isinstance(v, QuotedString) else v
-                                                for v in override.sweep_iterator()]
-        elif not override.is_sweep_override():
-            values[key] = [f"{key}={override.get_value_element_as_str()}"]
-
-    def refused(job: list[str], error: ConfigError) -> ConfigError:
-        where = f"the sweep's job {' '.join(job)}" if job else "the sweep"
-        return ConfigError(f"{where}: {error} No job of the sweep was started.")
-
-    for key, choices in values.items():  # a job is named, and grouped into its setting, without placement keys
-        key = override_key(key)  # `+experiment` is experiment
-        if key in PLACEMENT_KEYS and len(set(choices)) > 1:
-            shown = ", ".join(dict.fromkeys(c.split("=", 1)[1] for c in choices))
-            raise ConfigError(
-                f"the sweep varies {key} ({shown}), which is not part of a job's name: a job is named by "
-                "the overrides that change what it computes within its experiment and placement, so these jobs would "
-                "share one directory, where one of them would run and the others be refused or skipped. Run one sweep "
-                "for each value. No job of the sweep was started.")
-
-    composed: dict[tuple[str, ...], DictConfig] = {}  # a composed job per choice of the swept config groups
-    for k in range(max((len(v) for v in values.values()), default=0)):
-        job = [v[min(k, len(v) - 1)] for v in values.values()]
-        swept = [o for o, v in zip(job, values.values()) if len(v) > 1]
-        try:
-            try:
-                cfg = config_loader.load_sweep_config(config, job)
-            except (HydraException, OmegaConfBaseException) as e:  # e.g. seed=abc: as train.py reports it
-                raise ConfigError(composition_message(e)) from None
-            with open_dict(cfg):
-                del cfg["hydra"]
-            refuse_unknown_keys(cfg, job)
-            check_resolvable(cfg, required=True)
-            check_config(cfg)
-        except ConfigError as e:
-            raise refused(swept, e) from None
-        composed.setdefault(tuple(o for o in swept if o.split("=")[0].lstrip("+") not in plain), cfg)
-    if len(plain) < 2 and len(composed) < 2:  # no combination that the jobs above left out
-        return
-    for job, cfg in every_combination(composed, plain):
-        try:
-            check_config(cfg)
-        except ConfigError as e:
-            raise refused(job, e) from None
-
-
-def every_combination(composed: dict[tuple[str, ...], DictConfig], plain: dict[str, list]):
-    """Each config of `composed` (keyed by the overrides that chose its config groups) with every combination of
-    the values of `plain` (keys that are not config groups) set on it: yield the overrides that name the
-    combination (as `override_text` writes them) and the config, which the next combination changes. Setting values
-    takes milliseconds where composing takes a fraction of a second, so a sweep's or a search's start can check
-    every combination for the rules between keys, having composed once per value."""
-    for groups, cfg in composed.items():
-        for combination in itertools.product(*plain.values()):
-            for key, value in zip(plain, combination):
-                OmegaConf.update(cfg, key, value, merge=True)  # each value composed before: its type fits
-            yield [*groups, *(f"{key}={override_text(value)}" for key, value in zip(plain, combination)
-                              if len(plain[key]) > 1)], cfg
-
-
-def check_data(cfg: DictConfig) -> None:
-    """Read the run's CSVs and check the config against them: DataError for a bad file, ConfigError for split sizes
-    that do not fit it or a batch limit that leaves a split no batch. What the run would refuse only after its
-    first files are written."""
-    _check_batch_limits(cfg, FashionMNISTDataModule(**OmegaConf.to_container(cfg.data, resolve=True),
-                                                    seed=cfg.seed).check())
-
-
-def _check_batch_limits(cfg: DictConfig, images: dict[str, int]) -> None:
-    """ConfigError for a `trainer.limit_*_batches` fraction that leaves none of a split's batches (Lightning refuses
-    it only when it reaches that split: the test's, after the whole training)."""
-    for split, batch_size in (("train", cfg.data.batch_size), ("val", cfg.data.eval_batch_size),
-                              ("test", cfg.data.eval_batch_size)):
-        key = f"trainer.limit_{split}_batches"
-        limit = OmegaConf.select(cfg, key)
-        batches = math.ceil(images[split] / batch_size)
-        if isinstance(limit, float) and int(limit * batches) < 1:
-            raise ConfigError(f"config key {key} must keep at least one of the {split} split's {batches} "
-                              f"batch{'es' * (batches != 1)} "
-                              f"({images[split]} images of {batch_size}); got {limit}, which keeps none. Give a "
-                              f"larger fraction (at least {1 / batches:.3g}) or a number of batches.")
-
-
-@contextmanager
-def _claimed(cfg: DictConfig, run_dir: Path, in_sweep: bool = False):
-    """Own `run_dir` and pass every check before anything is written there; yield whether to resume.
-
-    A refusal (bad value, another run's directory, another process in it, unreadable data or
-    checkpoint) raises here and leaves the directory byte-identical. DDP ranks > 0 start after
-    rank 0 has claimed the directory: only rank 0 checks, locks and writes.
-    """
-    check_config(cfg)
-    check_accelerator(cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.precision)
-    check_nodes(cfg.trainer.num_nodes)
-    last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
-    if rank_zero_only.rank != 0:
-        keep_early_writes()  # rank 0 has claimed the directory: this rank's log stays, whatever ends the run
-        with _sigterm_raises():
-            yield cfg.ckpt_path == "last" and last.exists()
-        return
-    elsewhere = OTHER_SWEEP_DIR if in_sweep else OTHER_RUN_DIR
-    with own_run_dir(run_dir, elsewhere):
-        resume, saved = _check_run_dir(cfg, run_dir, elsewhere)
-        check_writable(run_dir, key=SWEEP_DIR_KEY if in_sweep else RUN_DIR_KEY)
-        check_data(cfg)
-        if resume:
-            _check_epochs(run_dir / EPOCHS_FILE, _check_checkpoint(cfg, last))
-        elif cfg.ckpt_path == "last":  # logged only now: a refusal must not add to the run's train.log
-            log.warning("%s has no %s/%s: starting the run from its first epoch", run_dir, CHECKPOINT_DIR, LAST_CHECKPOINT)
-        for note in (one_process_ddp_note(cfg.trainer),
-                     resume and stretched_schedule_note(saved, cfg)):
-            if note:
-                log.warning(note)
-        keep_early_writes()  # the checks passed: a later job's refusal leaves this one's sweep file as it is
-        with _sigterm_raises():
-            yield resume
-
-
-def stretched_schedule_note(saved: dict, cfg: DictConfig) -> str | None:
-    """A note when a resumed run with a learning-rate schedule is given another `trainer.max_epochs` (`saved`: the
-    run's config, flattened): the schedule is laid over the new length, from the step the run stopped at."""
-    before, now = saved.get("trainer.max_epochs"), cfg.trainer.max_epochs
-    if before in (None, now) or cfg.optim.scheduler == "none":  # a warm-up alone spans its own epochs, whatever the length
-        return None
-    return (f"trainer.max_epochs is {now}, was {before}: the learning-rate schedule (optim.scheduler="
-            f"{cfg.optim.scheduler}, optim.warmup_epochs={cfg.optim.warmup_epochs}) now spans {now} epochs, so the "
-            "rate moves from where the old schedule had it to where the new one has it at this step; the run is not "
-            f"what a {now}-epoch run from the start would be")
-
-
-def one_process_ddp_note(trainer: DictConfig) -> str | None:
-    """A note when DDP is asked for on one device in all (`trainer=ddp preset=smoke`: the preset sets one CPU
-    device; `trainer=ddp` on a machine with one GPU): the run trains in one process, as without DDP, which a smoke
-    test of DDP would miss."""
-    if not str(trainer.strategy).startswith("ddp") or trainer.num_nodes != 1 \
-            or devices_used(trainer.accelerator, trainer.devices) != 1:
-        return None
-    return (f"trainer.strategy={trainer.strategy} with one device (trainer.devices={trainer.devices}) trains in one "
-            "process, as without DDP; give trainer.devices=2 or more for data-parallel processes (preset=smoke sets "
-            "trainer.devices=1; on a CPU add trainer.accelerator=cpu)")
-
-
-# Set by every SIGTERM a run sees, even one that Lightning's handler took after its last check for it (during the
-# final validation or test), which the run then does not stop for: a study stops on it before its next trial.
-SIGTERM_RECEIVED = threading.Event()
-
-
-@contextmanager
-def _sigterm_raises():
-    """SIGTERM raises SIGTERMException from the first write on (before, while train.py checks the run, it unwinds
-    the command: fmnist.cli.sigterm_unwinds): a run stopped while it starts is still recorded `interrupted`, with its
-    resume command.
-
-    Inside fit and test Lightning's handler runs first and calls this one; there the run stops at the
-    next step boundary (Lightning's way) rather than in the middle of a write.
-    """
-    def handler(signum, frame):
-        SIGTERM_RECEIVED.set()
-        if signal.getsignal(signal.SIGTERM) is handler:
-            raise SIGTERMException()
-
-    previous = signal.signal(signal.SIGTERM, handler) if threading.current_thread() is threading.main_thread() else None
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
-def _ctrl_c_stops_at_a_step(trainer: L.Trainer):
-    """Within the block (fit, test), Ctrl-C stops the run at the next step, as Lightning stops it for SIGTERM,
-    and is then raised as KeyboardInterrupt; a second Ctrl-C raises at once.
-
-    Raised wherever the main thread happens to be, a KeyboardInterrupt can land inside a library's code:
-    once in about 40 stops, the run then hung while closing TensorBoard's writer, whose thread had not
-    been woken (presumably interrupted inside its queue). A SIGINT that is ignored (a background job)
-    stays ignored.
-    """
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield
-        return
-    caught = []
-
-    def handler(signum, frame):  # no I/O here: it runs between any two bytecodes of the main thread
-        if caught:
-            raise KeyboardInterrupt
-        caught.append(signum)
-        trainer._signal_connector.received_sigterm = True  # Lightning's flag, checked after each step
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    except SIGTERMException as e:
-        if caught:
-            raise KeyboardInterrupt from e
-        raise
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if caught:  # after the last step: the run still stops here, before anything else starts
-        raise KeyboardInterrupt
-
-
-def _is_list_of_mappings(value) -> bool:
-    return isinstance(value, list) and all(isinstance(v, dict) for v in value)
-
-
-# The fields of a checkpoint Lightning restores a run from, besides the weights: (check, what it should be).
-RESUMED_FIELDS = {"epoch": (is_count, "a count"), "global_step": (is_count, "a count"),
-                  "optimizer_states": (_is_list_of_mappings, "a list of mappings"),
-                  "lr_schedulers": (_is_list_of_mappings, "a list of mappings"),
-                  "loops": (lambda v: isinstance(v, dict), "a mapping"),
-                  "callbacks": (lambda v: isinstance(v, dict), "a mapping")}
-
-
-def _check_checkpoint(cfg: DictConfig, path: Path) -> int:
-    """Refuse a last.ckpt that cannot be loaded safely or holds another architecture's weights; return the epoch it
-    was written in (Lightning's, from 0)."""
-    checkpoint = load_checkpoint(path)
-    state = checkpoint.get("state_dict", {})
-    if not is_text_keyed(state):
-        raise CheckpointError(f"{path}: cannot resume from it: its `state_dict` is not a mapping of parameter names "
-                              "to weights, as train.py writes it (a damaged or foreign file); start a new run "
-                              "directory.")
-    wrong = [f"`{key}` should be {what}" for key, (ok, what) in RESUMED_FIELDS.items()
-             if key in checkpoint and not ok(checkpoint[key])]
-    if wrong:
-        raise CheckpointError(f"{path}: cannot resume from it: {'; '.join(wrong)}, as Lightning writes it (a "
-                              "damaged or foreign file). Start a new run directory.")
-    trained = (checkpoint.get("hyper_parameters") or {}).get("optim")  # the optimizer state's kind
-    if isinstance(trained, dict) and trained.get("name") not in (None, cfg.optim.name):
-        raise CheckpointError(f"{path}: cannot resume from it: it was trained with optim.name={trained['name']}, and "
-                              f"this run uses {cfg.optim.name} (a checkpoint copied from another run?). Resume with "
-                              "the config the checkpoint was trained with, or start a new run directory.")
-    model = LitClassifier(model=OmegaConf.to_container(cfg.model, resolve=True),
-                          optim=OmegaConf.to_container(cfg.optim, resolve=True))
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(NET_PREFIX)}
-    found = {k: tuple(getattr(v, "shape", ())) for k, v in state.items() if k.startswith(NET_PREFIX)}
-    differ = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
-    if differ:
-        raise CheckpointError(f"{path}: cannot resume from it: its weights are not those of the configured model "
-                              f"(model.name={cfg.model.name}); e.g. {differ[0]} has shape {found.get(differ[0])} "
-                              f"there and {expected.get(differ[0])} here (None: absent). Resume with the config "
-                              "the checkpoint was trained with, or start a new run directory.")
-    return int(checkpoint.get("epoch") or 0)
-
-
-def _check_epochs(path: Path, checkpoint_epoch: int) -> None:
-    """Refuse to resume a run whose epochs.csv is damaged, or gone while its last.ckpt was written after the first
-    epoch (whose row is written just after that epoch's checkpoint, so every earlier epoch has one): the resumed
-    run keeps the rows and adds to them."""
-    if not path.exists() or path.stat().st_size == 0:
-        if checkpoint_epoch >= 1:
-            raise ConfigError(f"{path}: {'empty' if path.exists() else 'missing'}, though the run's {LAST_CHECKPOINT} "
-                              "holds trained epochs: resuming would start its per-epoch record again and lose the earlier "
-                              "epochs' rows (curves, time to accuracy). Put the file back, or start a new run directory.")
-        return
-    try:
-        frame = read_epochs(path)
-    except ConfigError as e:
-        raise ConfigError(f"{e} Resuming keeps the run's earlier rows: mend the file, or start a new run "
-                          "directory.") from None
-    foreign = [c for c in frame.columns if c not in EPOCH_COLUMNS]
-    if foreign:
-        raise ConfigError(f"{path}: holds columns a run does not write ({', '.join(foreign)}); resuming keeps "
-                          "the run's earlier rows: mend the file, or start a new run directory.")
 
 
 class RunPruned(Exception):
@@ -490,7 +57,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, hy
           callbacks: list[L.Callback] | None = None, resume_hint: str | None = None, record: dict | None = None) -> dict:
     """Train per `cfg` in `run_dir`; return (and record in metrics.json) the final metrics.
 
-    First the claim (`_claimed`): a refusal raises and writes nothing. Then `_run`: fit, test, record,
+    First the claim (`fmnist.training.claim.claimed`): a refusal raises and writes nothing. Then `_run`: fit, test, record,
     and a failure recorded with its status before it is raised. `overrides` (the command-line
     overrides that made `cfg`) are recorded for the sweep summary; `hydra_files` (name: config) are
     saved in `.hydra/` once every check has passed; `callbacks` join the trainer's own (e.g. a
@@ -498,15 +65,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, hy
     `record` adds fields to metrics.json (e.g. a search's trial and parameters).
     """
     run_dir = Path(run_dir)
-    with _claimed(cfg, run_dir) as resume:
+    with claimed(cfg, run_dir) as resume:
         return _run(cfg, run_dir, resume, overrides, hydra_files, callbacks, resume_hint, record)
-
-
-def stopping_signal(error: BaseException) -> int | None:
-    """SIGINT or SIGTERM when `error` is how that signal stopped a run, else None."""
-    if stopped_by_ctrl_c(error):
-        return signal.SIGINT
-    return signal.SIGTERM if isinstance(error, SIGTERMException) else None  # Lightning's, or `_sigterm_raises`'
 
 
 def resume_with(command: str) -> str:
@@ -597,6 +157,13 @@ def _stopped_by_time(cfg: DictConfig, trainer: L.Trainer) -> str | None:
             + (f" of {int(planned)}" if math.isfinite(planned) else ""))
 
 
+def _best_epoch(run_dir: Path) -> int | None:
+    """The epoch of the best validation accuracy in the run's epochs.csv; None before any validation."""
+    path = run_dir / EPOCHS_FILE
+    validated = pd.read_csv(path).dropna(subset=["val/acc"]) if path.exists() else None
+    return None if validated is None or validated.empty else int(validated.loc[validated["val/acc"].idxmax(), "epoch"])
+
+
 @_process_group_released()
 def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | None, hydra_files: dict | None,
          callbacks: list[L.Callback] | None, record: dict | None) -> dict:
@@ -658,7 +225,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
                                    *([Lookahead(cfg.optim.lookahead_steps, cfg.optim.lookahead_alpha)]
                                      if cfg.optim.lookahead_steps else []),
                                    *([WeightEMA(cfg.optim.ema_decay)] if cfg.optim.ema_decay else []), *(callbacks or [])])
-    with console.beside_the_bar(bar), _ctrl_c_stops_at_a_step(trainer):
+    with console.beside_the_bar(bar), ctrl_c_stops_at_a_step(trainer):
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
     fit_seconds = time.perf_counter() - started
     stopped_by = _stopped_by_time(cfg, trainer)
@@ -678,7 +245,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
         metrics["val/loss"] = float(trainer.callback_metrics["val/loss"])
     best = "best" if checkpoint.best_model_path else None  # fast_dev_run keeps no best checkpoint
     if cfg.test:
-        with console.beside_the_bar(bar), _ctrl_c_stops_at_a_step(trainer):
+        with console.beside_the_bar(bar), ctrl_c_stops_at_a_step(trainer):
             result = trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)[0]
         metrics.update({k: float(v) for k, v in result.items()})
     # `completed` promises usable numbers: a NaN or absurd validation or test loss is a divergence too.
@@ -727,7 +294,7 @@ def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: l
     again = " ".join([*(shlex.quote(o) for o in overrides or [] if not o.startswith("ckpt_path=")),
                       shlex.quote(f"hydra.run.dir={hydra_quote(str(run_dir))}"), "ckpt_path=last"])
     resume_hint = resume_with("run the same sweep command again" if in_sweep else f"python train.py {again}")
-    with _claimed(cfg, run_dir, in_sweep) as resume:
+    with claimed(cfg, run_dir, in_sweep) as resume:
         try:
             metrics = _run(cfg, run_dir, resume, overrides, hydra_files, None, resume_hint, None)
         except BaseException as e:

@@ -1,0 +1,303 @@
+"""Claiming a run directory: every check a run passes before it writes anything there (`claimed`).
+
+The config's values, the directory's owner (`fmnist.training.rundir`) and what it already holds, whether the run
+resumes and with the same config, the data, and the checkpoint and per-epoch record a resume continues from. A
+refusal raises here and leaves the directory byte-identical.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from contextlib import contextmanager
+from pathlib import Path
+
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from fmnist.cli import OTHER_RUN_DIR, OTHER_SWEEP_DIR, RUN_DIR_KEY, SWEEP_DIR_KEY
+from fmnist.config import ADDED_KEYS, PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_values, is_count, is_text_keyed
+from fmnist.data.datamodule import FashionMNISTDataModule
+from fmnist.data.sources import data_digests
+from fmnist.errors import CheckpointError, ConfigError
+from fmnist.fsio import check_writable, early_writes, held_logs, keep_early_writes, load_checkpoint
+from fmnist.hardware import check_accelerator, check_nodes, devices_used
+from fmnist.models import check_model
+from fmnist.runs import (CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, LAST_CHECKPOINT,
+                         METRICS_FILE, NET_PREFIX, RECORDED, read_epochs, read_record)
+from fmnist.training.module import LitClassifier
+from fmnist.training.rundir import RunDirInUse, own_run_dir
+from fmnist.training.signals import sigterm_raises
+from fmnist.training.trackers import TRACKER_FILES, check_trackers
+
+log = logging.getLogger(__name__)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def flat_config(cfg: DictConfig) -> dict:
+    """`cfg` resolved and flattened: `{"data.augment.hflip": True, ...}`."""
+    return _flatten(OmegaConf.to_container(cfg, resolve=True))
+
+
+def saved_config(saved: Path) -> dict:
+    """A run's saved config.yaml, flattened (`data.augment.hflip`), keys renamed since under their new names;
+    ConfigError naming the file if it is not a run's config (damaged, or edited into something else)."""
+    try:
+        loaded = OmegaConf.load(saved)
+        old = _flatten(OmegaConf.to_container(loaded, resolve=True)) if isinstance(loaded, DictConfig) else None
+    except Exception as e:  # YAML's and OmegaConf's errors have no common base; any means the same here
+        raise ConfigError(f"{saved}: cannot read it as the config a run writes ({str(e).splitlines()[0]}); the run "
+                          "it belongs to cannot be compared with this command. Start a new run directory.") from e
+    if old is None:
+        raise ConfigError(f"{saved}: holds a list, not the mapping of config keys a run writes; "
+                          "the run it belongs to cannot be compared with this command. Start a new run directory.")
+    return {RENAMED_KEYS.get(k, k): v for k, v in old.items()}
+
+
+def _changed_keys(saved: Path, cfg: DictConfig, aside: tuple[str, ...] = RESUMABLE_KEYS) -> tuple[list[str], dict, dict]:
+    """Keys whose values differ between the run's saved config (if any) and `cfg`, those in `aside` (by default
+    the keys a resumed run may change) left out; with both flattened configs, for messages."""
+    old = saved_config(saved) if saved.exists() else {}
+    new = flat_config(cfg)
+    if old:  # a run saved before a key existed behaved as that key's ADDED_KEYS value does
+        old = {**{k: v for k, v in ADDED_KEYS.items() if k in new}, **old}
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in aside), old, new
+
+
+# What a run writes before its first record (metrics.json): its config, Hydra's copies of it, its log, and the
+# trackers' files in the run directory. A run stopped as it started leaves only these.
+WRITTEN_BEFORE_RECORD = (".hydra", CONFIG_FILE, "*.log", *TRACKER_FILES)
+
+
+def _files_no_run_wrote(run_dir: Path) -> list[str]:
+    """The names of what `run_dir` holds that no run wrote; empty for a new or empty directory and for one a run
+    was stopped in before its first record (its config.yaml is a run's config, beside only what a run writes
+    before its record: it is started afresh)."""
+    ours = {path.resolve() for path in (*early_writes(), *held_logs())}  # this command's own log
+    entries = sorted(p.name for p in run_dir.iterdir() if p.resolve() not in ours)
+    try:
+        saved = OmegaConf.load(run_dir / CONFIG_FILE) if entries else None
+        runs_config = isinstance(saved, DictConfig) and {"model", "optim", "trainer", "data"} <= set(saved)
+    except Exception:  # absent, unreadable or not YAML: not a run's config
+        runs_config = False
+    if not runs_config:
+        return entries
+    return [name for name in entries if not any(fnmatch.fnmatch(name, p) for p in WRITTEN_BEFORE_RECORD)]
+
+
+def _check_run_dir(cfg: DictConfig, run_dir: Path, elsewhere: str = OTHER_RUN_DIR) -> tuple[bool, dict]:
+    """Refuse to write into another run's directory, or into one holding files no run wrote; return whether the run
+    resumes from last.ckpt, and the config it was saved with, flattened (empty for a new run). `elsewhere`: the
+    keys that choose another directory, for the messages."""
+    record = read_record(run_dir)
+    status = (record or {}).get("status")
+    last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    saved = run_dir / CONFIG_FILE
+    if (run_dir / METRICS_FILE).exists() and status not in RECORDED:  # resuming or not: it is not ours to update
+        raise RunDirInUse(f"{run_dir} holds a {METRICS_FILE} that is not a run's record (no run status in it); "
+                          f"a run never writes over it. Choose another directory ({elsewhere}).")
+    holds_a_run = record is not None or last.exists()
+    foreign = [] if holds_a_run else _files_no_run_wrote(run_dir)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise RunDirInUse(f"{run_dir} holds files that no run wrote ({shown}); a run is written into a new or "
+                          "empty directory, so that nothing of yours is replaced; nothing was written. Choose "
+                          f"another directory ({elsewhere}).")
+    if cfg.ckpt_path != "last":
+        if holds_a_run:
+            raise RunDirInUse(f"{run_dir} already holds a run (status {status!r}); "
+                              "pass ckpt_path=last to resume it, or choose another directory.")
+        return False, {}
+    if last.exists() and not saved.exists():  # a run writes its config before its first checkpoint
+        raise ConfigError(f"cannot resume {run_dir}: its {CONFIG_FILE} is gone, and with it what the run trained, so "
+                          "nothing shows that this command continues the same run; nothing was written. Put the file "
+                          f"back, or start a new run in another directory ({elsewhere}).")
+    old = {}
+    if saved.exists():
+        changed, old, new = _changed_keys(saved, cfg)
+        if changed:
+            raise ConfigError(f"cannot resume {run_dir}: its config differs in {changed} "
+                              f"(was {[old.get(k) for k in changed]}, now {[new.get(k) for k in changed]}).")
+    epochs = (record or {}).get("metrics", {}).get("epochs") or 0
+    if not last.exists() and epochs:  # only a run stopped before its first checkpoint starts again from epoch 1
+        raise ConfigError(f"cannot resume {run_dir}: its {CHECKPOINT_DIR}/{LAST_CHECKPOINT} is gone, though the run "
+                          f"trained {epochs} epoch(s); resuming would train it again from its first epoch, over its "
+                          f"record. Put the file back, or start a new run in another directory ({elsewhere}).")
+    if status == COMPLETED and epochs >= cfg.trainer.max_epochs:
+        raise ConfigError(f"{run_dir} already completed its {epochs} epoch(s), and trainer.max_epochs="
+                          f"{cfg.trainer.max_epochs} asks for no more; nothing was written. Raise trainer.max_epochs "
+                          "to train it further.")
+    return last.exists(), old
+
+
+def differences_from_finished(cfg: DictConfig, run_dir: Path, record: dict) -> list[str]:
+    """What makes `cfg` another experiment than the finished one in `run_dir`: config keys that change the
+    result (placement keys aside; a run's length counts: a finished 20-epoch job is not a 30-epoch one) and the
+    data's content. Empty when it is the same experiment."""
+    keys = _changed_keys(run_dir / CONFIG_FILE, cfg, aside=PLACEMENT_KEYS)[0]
+    if record.get("data_digest") and record["data_digest"] != data_digests(cfg.data.dir):
+        keys.append(f"the data's content (CSVs in {cfg.data.dir})")
+    return keys
+
+
+def check_config(cfg: DictConfig) -> None:
+    """ConfigError naming the key for a composed training config whose values make no sense: the model's keys
+    against its architecture, then every other key's range."""
+    check_model(cfg.model)
+    check_values(cfg)
+    check_trackers(cfg)
+
+
+def check_data(cfg: DictConfig) -> None:
+    """Read the run's CSVs and check the config against them: DataError for a bad file, ConfigError for split sizes
+    that do not fit it or a batch limit that leaves a split no batch. What the run would refuse only after its
+    first files are written."""
+    _check_batch_limits(cfg, FashionMNISTDataModule(**OmegaConf.to_container(cfg.data, resolve=True),
+                                                    seed=cfg.seed).check())
+
+
+def _check_batch_limits(cfg: DictConfig, images: dict[str, int]) -> None:
+    """ConfigError for a `trainer.limit_*_batches` fraction that leaves none of a split's batches (Lightning refuses
+    it only when it reaches that split: the test's, after the whole training)."""
+    for split, batch_size in (("train", cfg.data.batch_size), ("val", cfg.data.eval_batch_size),
+                              ("test", cfg.data.eval_batch_size)):
+        key = f"trainer.limit_{split}_batches"
+        limit = OmegaConf.select(cfg, key)
+        batches = math.ceil(images[split] / batch_size)
+        if isinstance(limit, float) and int(limit * batches) < 1:
+            raise ConfigError(f"config key {key} must keep at least one of the {split} split's {batches} "
+                              f"batch{'es' * (batches != 1)} "
+                              f"({images[split]} images of {batch_size}); got {limit}, which keeps none. Give a "
+                              f"larger fraction (at least {1 / batches:.3g}) or a number of batches.")
+
+
+@contextmanager
+def claimed(cfg: DictConfig, run_dir: Path, in_sweep: bool = False):
+    """Own `run_dir` and pass every check before anything is written there; yield whether to resume.
+
+    A refusal (bad value, another run's directory, another process in it, unreadable data or
+    checkpoint) raises here and leaves the directory byte-identical. DDP ranks > 0 start after
+    rank 0 has claimed the directory: only rank 0 checks, locks and writes.
+    """
+    check_config(cfg)
+    check_accelerator(cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.precision)
+    check_nodes(cfg.trainer.num_nodes)
+    last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    if rank_zero_only.rank != 0:
+        keep_early_writes()  # rank 0 has claimed the directory: this rank's log stays, whatever ends the run
+        with sigterm_raises():
+            yield cfg.ckpt_path == "last" and last.exists()
+        return
+    elsewhere = OTHER_SWEEP_DIR if in_sweep else OTHER_RUN_DIR
+    with own_run_dir(run_dir, elsewhere):
+        resume, saved = _check_run_dir(cfg, run_dir, elsewhere)
+        check_writable(run_dir, key=SWEEP_DIR_KEY if in_sweep else RUN_DIR_KEY)
+        check_data(cfg)
+        if resume:
+            _check_epochs(run_dir / EPOCHS_FILE, _check_checkpoint(cfg, last))
+        elif cfg.ckpt_path == "last":  # logged only now: a refusal must not add to the run's train.log
+            log.warning("%s has no %s/%s: starting the run from its first epoch", run_dir, CHECKPOINT_DIR, LAST_CHECKPOINT)
+        for note in (one_process_ddp_note(cfg.trainer),
+                     resume and stretched_schedule_note(saved, cfg)):
+            if note:
+                log.warning(note)
+        keep_early_writes()  # the checks passed: a later job's refusal leaves this one's sweep file as it is
+        with sigterm_raises():
+            yield resume
+
+
+def stretched_schedule_note(saved: dict, cfg: DictConfig) -> str | None:
+    """A note when a resumed run with a learning-rate schedule is given another `trainer.max_epochs` (`saved`: the
+    run's config, flattened): the schedule is laid over the new length, from the step the run stopped at."""
+    before, now = saved.get("trainer.max_epochs"), cfg.trainer.max_epochs
+    if before in (None, now) or cfg.optim.scheduler == "none":  # a warm-up alone spans its own epochs, whatever the length
+        return None
+    return (f"trainer.max_epochs is {now}, was {before}: the learning-rate schedule (optim.scheduler="
+            f"{cfg.optim.scheduler}, optim.warmup_epochs={cfg.optim.warmup_epochs}) now spans {now} epochs, so the "
+            "rate moves from where the old schedule had it to where the new one has it at this step; the run is not "
+            f"what a {now}-epoch run from the start would be")
+
+
+def one_process_ddp_note(trainer: DictConfig) -> str | None:
+    """A note when DDP is asked for on one device in all (`trainer=ddp preset=smoke`: the preset sets one CPU
+    device; `trainer=ddp` on a machine with one GPU): the run trains in one process, as without DDP, which a smoke
+    test of DDP would miss."""
+    if not str(trainer.strategy).startswith("ddp") or trainer.num_nodes != 1 \
+            or devices_used(trainer.accelerator, trainer.devices) != 1:
+        return None
+    return (f"trainer.strategy={trainer.strategy} with one device (trainer.devices={trainer.devices}) trains in one "
+            "process, as without DDP; give trainer.devices=2 or more for data-parallel processes (preset=smoke sets "
+            "trainer.devices=1; on a CPU add trainer.accelerator=cpu)")
+
+
+def _is_list_of_mappings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, dict) for v in value)
+
+
+# The fields of a checkpoint Lightning restores a run from, besides the weights: (check, what it should be).
+RESUMED_FIELDS = {"epoch": (is_count, "a count"), "global_step": (is_count, "a count"),
+                  "optimizer_states": (_is_list_of_mappings, "a list of mappings"),
+                  "lr_schedulers": (_is_list_of_mappings, "a list of mappings"),
+                  "loops": (lambda v: isinstance(v, dict), "a mapping"),
+                  "callbacks": (lambda v: isinstance(v, dict), "a mapping")}
+
+
+def _check_checkpoint(cfg: DictConfig, path: Path) -> int:
+    """Refuse a last.ckpt that cannot be loaded safely or holds another architecture's weights; return the epoch it
+    was written in (Lightning's, from 0)."""
+    checkpoint = load_checkpoint(path)
+    state = checkpoint.get("state_dict", {})
+    if not is_text_keyed(state):
+        raise CheckpointError(f"{path}: cannot resume from it: its `state_dict` is not a mapping of parameter names "
+                              "to weights, as train.py writes it (a damaged or foreign file); start a new run "
+                              "directory.")
+    wrong = [f"`{key}` should be {what}" for key, (ok, what) in RESUMED_FIELDS.items()
+             if key in checkpoint and not ok(checkpoint[key])]
+    if wrong:
+        raise CheckpointError(f"{path}: cannot resume from it: {'; '.join(wrong)}, as Lightning writes it (a "
+                              "damaged or foreign file). Start a new run directory.")
+    trained = (checkpoint.get("hyper_parameters") or {}).get("optim")  # the optimizer state's kind
+    if isinstance(trained, dict) and trained.get("name") not in (None, cfg.optim.name):
+        raise CheckpointError(f"{path}: cannot resume from it: it was trained with optim.name={trained['name']}, and "
+                              f"this run uses {cfg.optim.name} (a checkpoint copied from another run?). Resume with "
+                              "the config the checkpoint was trained with, or start a new run directory.")
+    model = LitClassifier(model=OmegaConf.to_container(cfg.model, resolve=True),
+                          optim=OmegaConf.to_container(cfg.optim, resolve=True))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(NET_PREFIX)}
+    found = {k: tuple(getattr(v, "shape", ())) for k, v in state.items() if k.startswith(NET_PREFIX)}
+    differ = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
+    if differ:
+        raise CheckpointError(f"{path}: cannot resume from it: its weights are not those of the configured model "
+                              f"(model.name={cfg.model.name}); e.g. {differ[0]} has shape {found.get(differ[0])} "
+                              f"there and {expected.get(differ[0])} here (None: absent). Resume with the config "
+                              "the checkpoint was trained with, or start a new run directory.")
+    return int(checkpoint.get("epoch") or 0)
+
+
+def _check_epochs(path: Path, checkpoint_epoch: int) -> None:
+    """Refuse to resume a run whose epochs.csv is damaged, or gone while its last.ckpt was written after the first
+    epoch (whose row is written just after that epoch's checkpoint, so every earlier epoch has one): the resumed
+    run keeps the rows and adds to them."""
+    if not path.exists() or path.stat().st_size == 0:
+        if checkpoint_epoch >= 1:
+            raise ConfigError(f"{path}: {'empty' if path.exists() else 'missing'}, though the run's {LAST_CHECKPOINT} "
+                              "holds trained epochs: resuming would start its per-epoch record again and lose the earlier "
+                              "epochs' rows (curves, time to accuracy). Put the file back, or start a new run directory.")
+        return
+    try:
+        frame = read_epochs(path)
+    except ConfigError as e:
+        raise ConfigError(f"{e} Resuming keeps the run's earlier rows: mend the file, or start a new run "
+                          "directory.") from None
+    foreign = [c for c in frame.columns if c not in EPOCH_COLUMNS]
+    if foreign:
+        raise ConfigError(f"{path}: holds columns a run does not write ({', '.join(foreign)}); resuming keeps "
+                          "the run's earlier rows: mend the file, or start a new run directory.")

@@ -1,0 +1,82 @@
+"""How a run stops for a signal: SIGTERM raises from a run's first write on, Ctrl-C stops the run at the next
+step as SIGTERM does, and which of the two ended a run (`stopping_signal`)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+
+import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from fmnist.cli import stopped_by_ctrl_c
+
+
+# Set by every SIGTERM a run sees, even one that Lightning's handler took after its last check for it (during the
+# final validation or test), which the run then does not stop for: a study stops on it before its next trial.
+SIGTERM_RECEIVED = threading.Event()
+
+
+@contextmanager
+def sigterm_raises():
+    """SIGTERM raises SIGTERMException from the first write on (before, while train.py checks the run, it unwinds
+    the command: fmnist.cli.sigterm_unwinds): a run stopped while it starts is still recorded `interrupted`, with its
+    resume command.
+
+    Inside fit and test Lightning's handler runs first and calls this one; there the run stops at the
+    next step boundary (Lightning's way) rather than in the middle of a write.
+    """
+    def handler(signum, frame):
+        SIGTERM_RECEIVED.set()
+        if signal.getsignal(signal.SIGTERM) is handler:
+            raise SIGTERMException()
+
+    previous = signal.signal(signal.SIGTERM, handler) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def ctrl_c_stops_at_a_step(trainer: L.Trainer):
+    """Within the block (fit, test), Ctrl-C stops the run at the next step, as Lightning stops it for SIGTERM,
+    and is then raised as KeyboardInterrupt; a second Ctrl-C raises at once.
+
+    Raised wherever the main thread happens to be, a KeyboardInterrupt can land inside a library's code:
+    once in about 40 stops, the run then hung while closing TensorBoard's writer, whose thread had not
+    been woken (presumably interrupted inside its queue). A SIGINT that is ignored (a background job)
+    stays ignored.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    caught = []
+
+    def handler(signum, frame):  # no I/O here: it runs between any two bytecodes of the main thread
+        if caught:
+            raise KeyboardInterrupt
+        caught.append(signum)
+        trainer._signal_connector.received_sigterm = True  # Lightning's flag, checked after each step
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    except SIGTERMException as e:
+        if caught:
+            raise KeyboardInterrupt from e
+        raise
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:  # after the last step: the run still stops here, before anything else starts
+        raise KeyboardInterrupt
+
+
+def stopping_signal(error: BaseException) -> int | None:
+    """SIGINT or SIGTERM when `error` is how that signal stopped a run, else None."""
+    if stopped_by_ctrl_c(error):
+        return signal.SIGINT
+    return signal.SIGTERM if isinstance(error, SIGTERMException) else None  # Lightning's, or `sigterm_raises`'
