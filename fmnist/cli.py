@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fmnist.config import composition_message, renamed_overrides
+from fmnist.console import ReaderMayGo
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, FmnistError
 from fmnist import fsio
 from fmnist.fsio import early_writes_undone_if_stopped, note_dirs_to_be_made, storage_error
@@ -286,9 +287,12 @@ def run_plain(work: Callable[[], object], unwind_on_sigterm: bool = False) -> in
     `unwind_on_sigterm`: see `sigterm_unwinds`."""
     check_working_directory()
     hangup_as_sigterm()
+    stdout = sys.stdout
+    sys.stdout = ReaderMayGo(stdout)
     try:
         with sigterm_unwinds(unwind_on_sigterm):
             work()
+        sys.stdout.flush()  # here, not at exit, where a reader that has gone would be reported as an error
     except FmnistError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -298,6 +302,8 @@ def run_plain(work: Callable[[], object], unwind_on_sigterm: bool = False) -> in
         message, code = SIGTERM_EXIT if isinstance(e, Terminated) else CTRL_C_EXIT
         print(f"error: {message}", file=sys.stderr)
         return code
+    finally:
+        sys.stdout = stdout
     return 0
 
 

@@ -40,6 +40,37 @@ class ConsoleHandler(logging.StreamHandler):
             self.stream = open(os.devnull, "w")
 
 
+class ReaderMayGo:
+    """A plain command's standard output (`fmnist.cli.run_plain`). When its reader goes away
+    (`python -m fmnist.results summary DIR | head -1`), what is printed from then on goes to /dev/null instead of
+    raising BrokenPipeError: the command still finishes its work, every file it writes included."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._reader_gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        except (OSError, ValueError, AttributeError):  # a stream without a file descriptor: drop it instead
+            self.stream = open(os.devnull, "w")
+
+
 @contextmanager
 def logged_to(path: Path):
     """Within the block, every log line also goes to `path` (as train.py's runs write train.log). The file is

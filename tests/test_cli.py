@@ -1,9 +1,11 @@
 """`python train.py ...` as a user runs it, in this process (tests/test_readme.py starts the README's runs)."""
 
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -309,3 +311,28 @@ def test_a_hang_up_stops_a_command_as_sigterm_does_unless_it_is_ignored():
     finally:
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_plain_command_whose_reader_has_gone_finishes_its_work_without_a_traceback(tmp_path):
+    # `python -m fmnist.results summary A B | head -1`: the reader goes after the first line, the command still
+    # writes the second directory's files, and exits 0 rather than with a BrokenPipeError.
+    from fmnist.cli import run_plain
+
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the first line
+    stdout = sys.stdout
+    sys.stdout = open(write, "w", buffering=1)
+    written = tmp_path / "second.txt"
+
+    def work():
+        print("first line")
+        print("x" * 100_000)
+        written.write_text("done")
+
+    try:
+        code = run_plain(work)
+    finally:
+        broken, sys.stdout = sys.stdout, stdout
+    assert code == 0 and written.read_text() == "done"
+    assert broken.closed is False  # still ours to close: run_plain put back the stream it was given
+    broken.close()

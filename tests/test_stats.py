@@ -11,11 +11,11 @@ from scipy import stats
 
 from fmnist.errors import ConfigError
 from fmnist.results.__main__ import main as results_main
-from fmnist.results.compare import (WITHIN_NOISE, change_verdict, changes, changes_markdown, image_comparison,
-                                    image_comparison_markdown, tricks_markdown)
+from fmnist.results.compare import (NO_SPREAD_GIVEN, WITHIN_NOISE, change_verdict, changes, changes_markdown,
+                                    image_comparison, image_comparison_markdown, p_text, tricks_markdown)
 from fmnist.results.report import claims_table
-from fmnist.results.stats import (holm, mcnemar, mean_interval, paired, paired_bootstrap,
-                                  seeds_for_power)
+from fmnist.results.stats import (ALPHA, holm, mcnemar, mean_interval, paired, seed_and_image_interval,
+                                  seeds_for_power, seeds_text, summary_comparison)
 from tests.conftest import snapshot
 
 SEEDS = range(5)
@@ -44,15 +44,18 @@ def test_the_same_difference_on_every_seed_is_judged_by_a_sign_test_not_called_c
     base = pd.Series([0.9500, 0.9512, 0.9488, 0.9520, 0.9496, 0.9504], index=range(6))
     two = paired(base[:2] + 0.0004, base[:2])
     assert two.difference.half_width < 1e-9 and two.p_value == 0.5  # zero but for float rounding
-    assert two.verdict(+1) == "no detectable difference" and change_verdict(two.difference) == WITHIN_NOISE
+    assert two.verdict(+1) == "no detectable difference" and change_verdict(two.difference, two.p_value) == WITHIN_NOISE
     six = paired(base + 0.0004, base)
     assert six.p_value == 2 * 0.5 ** 6 < 0.05
-    assert six.verdict(+1) == "holds" and change_verdict(six.difference) == "better"
-    assert change_verdict(paired(base[:3] - 0.0004, base[:3]).difference) == WITHIN_NOISE
-    assert change_verdict(paired(base - 0.0004, base).difference) == "worse"
+    assert six.verdict(+1) == "holds" and change_verdict(six.difference, six.p_value) == "better"
+    three = paired(base[:3] - 0.0004, base[:3])
+    assert change_verdict(three.difference, three.p_value) == WITHIN_NOISE
+    worse = paired(base - 0.0004, base)
+    assert change_verdict(worse.difference, worse.p_value) == "worse"
     # One image of spread (1/5000) is a spread: the t-test judges it, the same way in both places.
     spread = paired(base + 0.0004 + np.array([0.0002, 0, 0, 0, 0, 0]), base)
-    assert 0 < spread.p_value < 0.05 and spread.verdict(+1) == "holds" and change_verdict(spread.difference) == "better"
+    assert 0 < spread.p_value < 0.05 and spread.verdict(+1) == "holds"
+    assert change_verdict(spread.difference, spread.p_value) == "better"
 
 
 def test_pairing_by_seed_removes_what_a_seed_does_to_both():
@@ -234,7 +237,7 @@ def test_the_tricks_table_turns_std_and_n_into_intervals():
          "change_std": 0.003}])
     lines = tricks_markdown(table).splitlines()
     half = stats.t.ppf(0.975, 2) * 0.4 / math.sqrt(3)  # points
-    assert f"| raw | none | 94.00 ± {half:.2f} | 3 | +0.00 | (the reference) |" in lines
+    assert f"| raw | none | 94.00 ± {half:.2f} | 3 | +0.00 |  | (the reference) |" in lines
     assert any(line.startswith("| raw | flip |") and line.endswith("| better |") for line in lines)
     assert any(line.startswith("| ema | none |") and line.endswith(f"| {WITHIN_NOISE} |") for line in lines)
 
@@ -275,9 +278,12 @@ def test_two_models_compared_image_by_image_pair_by_seed_and_image(tmp_path, cap
     rows, difference = image_comparison(tmp_path / "a", shorter)
     assert list(rows.seed) == [0, 1, 2] and "Left out, run by one side only: A seeds 3, 4." in \
         image_comparison_markdown(rows, difference, ("a", "shorter"), "val")
-    # One seed: the interval is the images' sampling error alone, wider than with five seeds.
-    one = paired_bootstrap(a[:1], b[:1])
-    assert one.n == 1 and one.high - one.low > difference.high - difference.low > 0
+    # One seed: the interval is the images' sampling error alone (normal, from the per-image differences). Five
+    # seeds that each show the same difference on the same images make it no narrower: the images stay as few.
+    one = seed_and_image_interval(a[:1], b[:1])
+    d = a[0].astype(float) - b[0].astype(float)
+    assert one.n == 1 and one.half_width == pytest.approx(stats.norm.ppf(0.975) * d.std(ddof=1) / math.sqrt(len(d)))
+    assert difference.half_width >= one.half_width > 0
 
 
 def test_an_image_comparison_refuses_other_images_and_runs_without_predictions(tmp_path):
@@ -343,3 +349,94 @@ def test_a_refused_report_writes_nothing(tmp_path, capsys, in_the_way):
         first = _runs_with_predictions(tmp_path, "first", [np.ones(100, bool)], labels)
         assert results_main(["summary", str(first), str(sweep)]) == 2 and snapshot(sweep) == before
         assert not (first / "summary.md").exists()
+
+
+def test_an_image_comparisons_interval_carries_the_seeds_spread_and_claims_little_by_chance():
+    # Two seeds at +0.4 and +2.0 points: a spread that two seeds cannot pin down (Student t with one degree of
+    # freedom), not "better" because both are positive.
+    def arms(shift: int) -> tuple[np.ndarray, np.ndarray]:  # A gets `shift` more images right than B (fewer if < 0)
+        b = np.ones(5000, bool)
+        b[:400] = False
+        a = b.copy()
+        if shift > 0:
+            a[:shift] = True
+        else:
+            a[400:400 - shift] = False
+        return a, b
+
+    a, b = zip(*[arms(20), arms(100)])
+    two = seed_and_image_interval(list(a), list(b))
+    assert two.low < 0 < two.high and change_verdict(two) == WITHIN_NOISE
+    # No true difference, seeds that move A by 0.5 points either way: a 95% interval claims a change in about
+    # 5% of such comparisons, whatever the number of seeds (a bootstrap over 2 seeds claimed one in 44%).
+    rng = np.random.default_rng(0)
+    for k in (2, 3, 5):
+        claimed = 0
+        for _ in range(200):
+            a, b = zip(*[arms(int(s)) for s in np.round(rng.normal(0, 25, k))])
+            interval = seed_and_image_interval(list(a), list(b))
+            claimed += not interval.low <= 0 <= interval.high
+        assert claimed / 200 <= 0.08, (k, claimed)
+
+
+def test_a_table_of_changes_judges_each_after_holms_correction_and_names_the_seeds_it_paired(tmp_path):
+    base = 0.94 + np.array([0.0, 0.006, 0.004, -0.003, 0.002])
+    baseline = _sweep(tmp_path, "base", {"": list(base)})
+    step = np.array([0.0010, 0.0030, 0.0002, 0.0025, 0.0008])  # a change of about +0.15 points, p about 0.03
+    alone = _sweep(tmp_path, "alone", {"optim.lr=0.01": list(base + step)})
+    row = changes(baseline, [alone]).set_index("setting").loc["optim.lr=0.01"]
+    assert row.p < 0.05 and row.p_holm == row.p and row.verdict == "better"
+    # The same change judged beside two others as uncertain: Holm's correction over the three makes none of
+    # them a claim, though each row's own interval excludes zero.
+    three = _sweep(tmp_path, "three", {"optim.lr=0.01": list(base + step), "optim.lr=0.02": list(base + step * 1.05),
+                                       "optim.lr=0.03": list(base + step * 0.95)})
+    table = changes(baseline, [three]).set_index("setting")
+    assert (table.p[1:] < 0.05).all() and (table.p_holm[1:] >= 0.05).all()
+    assert (table.verdict[1:] == WITHIN_NOISE).all() and all(c.low > 0 for c in table.val_change[1:])
+    # A setting run with more seeds than the baseline: the change is paired on the shared ones, and says so.
+    longer = _sweep(tmp_path, "longer", {"optim.lr=0.01": [*(base + step), 0.95, 0.95]})
+    text = changes_markdown(changes(baseline, [longer]))
+    assert "(seeds 0,1,2,3,4,5,6) | +0.15 [" in text and "(paired on seeds 0,1,2,3,4) |" in text
+
+
+def test_p_values_and_seeds_needed_are_printed_as_they_are_judged():
+    assert ALPHA == 0.05 and paired(pd.Series([0.0, 0.0]), pd.Series([0.0, 0.0])).verdict() == "no detectable difference"
+    at_the_threshold = paired(pd.Series([0.0, 0.0]), pd.Series([0.0, 0.0]))
+    assert at_the_threshold.verdict(+1, p_adjusted=0.05) == "no detectable difference"  # p < 0.05 holds, 0.05 not
+    assert p_text(0.0496) == "0.0496" and p_text(0.0004) == "< 0.001" and p_text(0.5) == "0.500"
+    assert seeds_for_power(0.04) == math.inf and seeds_text(math.inf) == "> 1000"
+    assert seeds_text(None) == "" and seeds_text(seeds_for_power(1.0)) == "10"
+    # A summary without a spread (a tricks CSV with an empty std) is not judged, and not called one seed.
+    c = summary_comparison(0.004, math.nan, 3)
+    assert change_verdict(c.difference, c.p_value) == NO_SPREAD_GIVEN
+
+
+def test_a_report_refuses_a_variant_run_as_two_settings_rather_than_count_its_seeds_twice(tmp_path, capsys):
+    sweep = tmp_path / "report"
+    for setting in ("variant=best", "variant=best,trainer.max_epochs=3", "variant=no_dropout"):
+        for seed in range(3):
+            job = sweep / f"{setting},seed={seed}"
+            job.mkdir(parents=True)
+            overrides = [*setting.split(","), f"seed={seed}"]
+            (job / "metrics.json").write_text(json.dumps({"status": "completed", "seed": seed, "overrides": overrides,
+                                                          "metrics": {"val/acc_best": 0.93, "test/acc": 0.93}}))
+            (job / "epochs.csv").write_text("epoch,train/loss,val/loss,val/acc\n1,0.5,0.4,0.9\n2,0.4,0.35,0.93\n")
+    before = snapshot(sweep)
+    assert results_main(["report", str(sweep)]) == 2
+    err = capsys.readouterr().err
+    assert "variant=best was run as 2 settings (`trainer.max_epochs=3,variant=best`, `variant=best`)" in err
+    assert snapshot(sweep) == before
+
+
+def test_a_summary_counts_the_test_accuracies_it_averages(tmp_path):
+    from fmnist.results.sweep import SUMMARY_FILES, summary_files
+
+    sweep = _sweep(tmp_path, "s", {"optim.lr=0.01": [0.93, 0.94, 0.95]})
+    job = sweep / "optim.lr=0.01,seed=2"
+    record = json.loads((job / "metrics.json").read_text())
+    del record["metrics"]["test/acc"]  # a run with test=false
+    (job / "metrics.json").write_text(json.dumps(record))
+    text = summary_files(sweep)[1][sweep / SUMMARY_FILES[1]]
+    row = next(line for line in text.splitlines() if line.startswith("| `optim.lr=0.01`"))
+    assert row.startswith("| `optim.lr=0.01` | 3 | 94.00 ± ") and "(n=2) |" in row
+    assert " ± " in row.split("|")[4] and "nan" not in row

@@ -7,7 +7,7 @@
                        (--from-csv FILE: the table a former `tricks --csv FILE` wrote, without evaluating)
   changes BASE DIR...  each setting of the DIRs against the baseline sweep BASE, paired by seed on validation
   images A B           two runs (or one-setting sweeps) paired by seed and by image: McNemar's test per
-                       seed, a bootstrap interval over seeds and images (--split val|test; default val)
+                       seed, an interval over seeds and images (--split val|test; default val)
 
 A DIR is a sweep directory: one holding job directories (each with metrics.json or .hydra/). A
 run directory, or a directory without jobs, is refused (exit 2) and nothing is written.
@@ -143,7 +143,7 @@ VERBS = {"summary": (summary, "rewrite each sweep's summary.csv and summary.md")
          "leaderboard": (leaderboard, "published results, then each completed setting (markdown)"),
          "tricks": (tricks, "raw vs EMA weights under each TTA mode, on validation"),
          "changes": (changes, "each setting against a baseline sweep, paired by seed on validation"),
-         "images": (images, "two runs or sweeps paired by seed and by image (McNemar, bootstrap)")}
+         "images": (images, "two runs or sweeps paired by seed and by image (McNemar, an interval over both)")}
 WRITING_VERBS = ("summary", "report")  # they write into the sweep directories; the others print (tricks --csv aside)
 
 

@@ -18,24 +18,43 @@ import pandas as pd
 
 from fmnist.errors import ConfigError
 from fmnist.fsio import not_a_directory
-from fmnist.results.stats import (ALPHA, INTERVAL_NOTE, Interval, holm, mcnemar, mean_interval, no_spread, paired,
-                                  paired_bootstrap, same_difference_p, summary_interval)
+from fmnist.results.stats import (ALPHA, INTERVAL_NOTE, Interval, holm, mcnemar, mean_interval, paired,
+                                  seed_and_image_interval, seeds_text, summary_comparison, summary_interval)
 from fmnist.runs import (COMPLETED, METRICS_FILE, PREDICTIONS_FILE, check_poolable, collect, read_record,
                          record_problem)
 
 WITHIN_NOISE = "within noise"
 ONE_SEED = "not judged (one seed)"
-SAME_CHANGE_NOTE = "(the same change on every seed: by a sign test, which takes 6 seeds)"
+NO_SPREAD_GIVEN = "not judged (no spread given)"
+# How a table of paired changes judges them; it follows each such table.
+VERDICT_NOTE = ("A change is `better` or `worse` only when it holds after Holm's correction over the table's rows: "
+                f"p (Holm) below {ALPHA} (the interval shown is the row's own, before the correction); p: paired t-test, "
+                "or, when the change is the same on every seed, a sign test, which takes 6 seeds.")
 
 
-def change_verdict(change: Interval) -> str:
-    """`better` or `worse` when the change's interval excludes zero, else `within noise` (no interval: one seed).
-    The same change on every seed has an interval of zero width; it is judged by a sign test over the seeds."""
-    if math.isnan(change.half_width):
-        return ONE_SEED
-    if change.low <= 0 <= change.high or (no_spread(change) and same_difference_p(change) >= ALPHA):
-        return WITHIN_NOISE
-    return "better" if change.mean > 0 else "worse"
+def change_verdict(change: Interval, p: float | None = None) -> str:
+    """`better` or `worse` when the change holds, else `within noise`: with `p` (a paired test's, Holm-adjusted
+    where a table judges several changes), when p < ALPHA; without one, when the interval excludes zero."""
+    if p is None:  # judged by its interval (`images`: over the seeds and the images)
+        if math.isnan(change.half_width):
+            return ONE_SEED
+        holds = not change.low <= 0 <= change.high
+    elif math.isnan(p):
+        return ONE_SEED if change.n < 2 else NO_SPREAD_GIVEN
+    else:
+        holds = p < ALPHA
+    return ("better" if change.mean > 0 else "worse") if holds else WITHIN_NOISE
+
+
+def p_text(p: float) -> str:
+    """A p-value for a table: three decimals, four where three would round it up to ALPHA (0.0496, not 0.050
+    beside `better`), or `< 0.001`."""
+    if math.isnan(p):
+        return ""
+    if p < 0.001:
+        return "< 0.001"
+    text = f"{p:.3f}"
+    return f"{p:.4f}" if p < ALPHA <= float(text) else text
 
 
 def _by_seed(table: pd.DataFrame, metric: str, sweep_dir: Path) -> pd.Series:
@@ -50,9 +69,9 @@ def _by_seed(table: pd.DataFrame, metric: str, sweep_dir: Path) -> pd.Series:
 def changes(baseline_dir: Path, sweep_dirs: list[Path]) -> pd.DataFrame:
     """One row per setting of `sweep_dirs` (completed jobs), paired by seed with `baseline_dir`'s one setting.
 
-    Columns: setting, seeds, val (per-seed best validation accuracy), val_change (Interval of the paired
-    difference), p and p_holm (paired t-test; Holm over the rows), seeds_needed (for an 80% chance to detect a
-    change this large), verdict, test (Interval of the setting's
+    Columns: setting, seeds, val (per-seed best validation accuracy), paired_seeds (those the baseline ran too),
+    val_change (Interval of the paired difference), p and p_holm (paired t-test; Holm over the rows), seeds_needed
+    (for an 80% chance to detect a change this large), verdict (on p_holm), test (Interval of the setting's
     test accuracy, shown only), train_seconds (mean). `attrs["left_out"]`: the jobs that did not complete (a
     setting that failed on some seeds is judged on the others, and one that failed on all is listed only).
     """
@@ -75,7 +94,8 @@ def changes(baseline_dir: Path, sweep_dirs: list[Path]) -> pd.DataFrame:
                           f"{base.setting.nunique()} completed settings ({', '.join(sorted(base.setting.unique()))}).")
     base_val = _by_seed(base, "val_acc_best", baseline_dir)
     rows = [{"setting": f"baseline ({Path(baseline_dir).name})", "seeds": sorted(base_val.index),
-             "val": base_val, "val_change": None, "p": math.nan, "seeds_needed": None, "verdict": "",
+             "val": base_val, "paired_seeds": sorted(base_val.index), "val_change": None, "p": math.nan,
+             "seeds_needed": None,
              "test": mean_interval(base.test_acc), "train_seconds": base.train_seconds.mean()}]
     for sweep, table in tried.items():
         for setting, runs in table.groupby("setting"):
@@ -92,12 +112,13 @@ def changes(baseline_dir: Path, sweep_dirs: list[Path]) -> pd.DataFrame:
                                   "these share none. Run the setting with the baseline's seeds (seed=...).")
             comparison = paired(val, base_val)
             rows.append({"setting": setting, "seeds": sorted(val.index), "val": val,
+                         "paired_seeds": sorted(pd.concat([val, base_val], axis=1).dropna().index),
                          "val_change": comparison.difference, "p": comparison.p_value,
-                         "seeds_needed": comparison.seeds_needed,
-                         "verdict": change_verdict(comparison.difference), "test": mean_interval(runs.test_acc),
+                         "seeds_needed": comparison.seeds_needed, "test": mean_interval(runs.test_acc),
                          "train_seconds": runs.train_seconds.mean()})
     result = pd.DataFrame(rows)
     result["p_holm"] = [math.nan] + holm(list(result.p[1:]))
+    result["verdict"] = [""] + [change_verdict(r.val_change, r.p_holm) for r in result.iloc[1:].itertuples()]
     result.attrs["left_out"] = [job for jobs in left_out.values() for job in jobs]
     return result
 
@@ -112,16 +133,18 @@ def changes_markdown(table: pd.DataFrame) -> str:
         if r.val_change is None:
             change, p = "", ""
         else:
-            change = _signed(r.val_change) + ("" if r.val_change.n >= 2 else f" ({r.val_change.n} seed)")
-            p = "" if math.isnan(r.p) else f"{r.p:.3f} ({r.p_holm:.3f})"
-        needed = "" if r.seeds_needed is None or pd.isna(r.seeds_needed) else str(int(r.seeds_needed))
-        lines.append(f"| `{r.setting}` | {per_seed} (seeds {seeds}) | {change} | {p} | {r.verdict} | {needed} "
-                     f"| {r.test.text()} | {r.train_seconds:.0f} |")
-    lines += ["", f"{INTERVAL_NOTE} A change is `better` or `worse` only when the interval of its paired "
-              f"validation change (same seeds) excludes zero {SAME_CHANGE_NOTE}; p: paired t-test (or that sign test), "
-              "Holm-adjusted over the rows in "
-              "brackets; seeds to detect: the seeds a paired t-test would need for an 80% chance of detecting a change "
-              "this large. The test accuracy is shown, never used to choose."]
+            paired_on = r.paired_seeds
+            if paired_on != r.seeds or paired_on != table.paired_seeds.iloc[0]:  # some seeds ran on one side only
+                change = f"{_signed(r.val_change)} (paired on seed{'s' * (len(paired_on) > 1)} " \
+                         f"{','.join(map(str, paired_on))})"
+            else:
+                change = _signed(r.val_change) + ("" if r.val_change.n >= 2 else f" ({r.val_change.n} seed)")
+            p = "" if math.isnan(r.p) else f"{p_text(r.p)} ({p_text(r.p_holm)})"
+        lines.append(f"| `{r.setting}` | {per_seed} (seeds {seeds}) | {change} | {p} | {r.verdict} "
+                     f"| {seeds_text(r.seeds_needed)} | {r.test.text()} | {r.train_seconds:.0f} |")
+    lines += ["", f"{INTERVAL_NOTE} {VERDICT_NOTE} Each change is paired on the seeds both its setting and the "
+              "baseline ran; seeds to detect: the seeds a paired t-test would need for an 80% chance of detecting a "
+              "change this large. The test accuracy is shown, never used to choose."]
     if table.attrs.get("left_out"):
         lines += ["", f"Left out, not completed: {', '.join(table.attrs['left_out'])}."]
     return "\n".join(lines) + "\n"
@@ -137,17 +160,21 @@ def tricks_markdown(table: pd.DataFrame) -> str:
     """`fmnist.inference.tricks.compare`'s table in percentage points, each mean and paired change with its
     95% interval (from the per-run mean, std and n it holds)."""
     lines = ["| weights | TTA | val acc % (mean ± 95% CI) | n | change vs raw, no TTA (points, paired, 95% CI) "
-             "| verdict |", "|---|---|---|---|---|---|"]
-    for r in table.itertuples():
+             "| p (Holm) | verdict |", "|---|---|---|---|---|---|---|"]
+    reference = [r.weights == "raw" and r.tta == "none" for r in table.itertuples()]
+    comparisons = [None if ref else summary_comparison(r.change_mean, r.change_std, r.n)
+                   for ref, r in zip(reference, table.itertuples())]
+    adjusted = iter(holm([c.p_value for c in comparisons if c is not None]))
+    for r, c in zip(table.itertuples(), comparisons):
         val = summary_interval(r.val_acc_mean, r.val_acc_std, r.n)
-        if r.weights == "raw" and r.tta == "none":
-            change, verdict = "+0.00", "(the reference)"
+        if c is None:
+            change, p, verdict = "+0.00", "", "(the reference)"
         else:
-            interval = summary_interval(r.change_mean, r.change_std, r.n)
-            change, verdict = _signed(interval), change_verdict(interval)
-        lines.append(f"| {r.weights} | {r.tta} | {val.text()} | {r.n} | {change} | {verdict} |")
-    lines += ["", f"{INTERVAL_NOTE} A change is `better` or `worse` only when its paired interval excludes zero "
-              f"{SAME_CHANGE_NOTE}."]
+            p_holm = next(adjusted)
+            change, verdict = _signed(c.difference), change_verdict(c.difference, p_holm)
+            p = "" if math.isnan(c.p_value) else f"{p_text(c.p_value)} ({p_text(p_holm)})"
+        lines.append(f"| {r.weights} | {r.tta} | {val.text()} | {r.n} | {change} | {p} | {verdict} |")
+    lines += ["", f"{INTERVAL_NOTE} {VERDICT_NOTE}"]
     return "\n".join(lines) + "\n"
 
 
@@ -204,13 +231,18 @@ def _predictions_by_seed(path: Path, split: str) -> dict[int, tuple[np.ndarray, 
     return found
 
 
+def _seed_order(seed) -> tuple:
+    """Seeds in numeric order (2 before 10), any that is not a whole number (a record without one) after them."""
+    return (not isinstance(seed, int), seed if isinstance(seed, int) else 0, str(seed))
+
+
 def image_comparison(dir_a: Path, dir_b: Path, split: str = "val") -> tuple[pd.DataFrame, Interval]:
     """A against B on the same images: per shared seed, each accuracy and McNemar's test; over all of them,
-    the accuracy difference with a bootstrap interval over seeds and images (`stats.paired_bootstrap`)."""
+    the accuracy difference with an interval over the seeds and the images (`stats.seed_and_image_interval`)."""
     a, b = _predictions_by_seed(Path(dir_a), split), _predictions_by_seed(Path(dir_b), split)
-    seeds = sorted(set(a) & set(b), key=str)
+    seeds = sorted(set(a) & set(b), key=_seed_order)
     if not seeds:
-        raise ConfigError(f"{dir_a} and {dir_b} share no seed (seeds {sorted(a, key=str)} and {sorted(b, key=str)}); "
+        raise ConfigError(f"{dir_a} and {dir_b} share no seed (seeds {sorted(a, key=_seed_order)} and {sorted(b, key=_seed_order)}); "
                           "a comparison by image pairs runs of the same seed.")
     rows, correct_a, correct_b = [], [], []
     for seed in seeds:
@@ -224,8 +256,8 @@ def image_comparison(dir_a: Path, dir_b: Path, split: str = "val") -> tuple[pd.D
         rows.append({"seed": seed, "acc_a": correct_a[-1].mean(), "acc_b": correct_b[-1].mean(),
                      "a_only": test["a_only"], "b_only": test["b_only"], "p": test["p_value"]})
     table = pd.DataFrame(rows)
-    table.attrs["unpaired"] = {"A": sorted(set(a) - set(b), key=str), "B": sorted(set(b) - set(a), key=str)}
-    return table, paired_bootstrap(correct_a, correct_b)
+    table.attrs["unpaired"] = {"A": sorted(set(a) - set(b), key=_seed_order), "B": sorted(set(b) - set(a), key=_seed_order)}
+    return table, seed_and_image_interval(correct_a, correct_b)
 
 
 def image_comparison_markdown(rows: pd.DataFrame, difference: Interval, names: tuple[str, str], split: str) -> str:
@@ -234,8 +266,8 @@ def image_comparison_markdown(rows: pd.DataFrame, difference: Interval, names: t
     lines = ["| seed | A acc (%) | B acc (%) | only A right | only B right | McNemar p |", "|---|---|---|---|---|---|"]
     lines += [f"| {r.seed} | {100 * r.acc_a:.2f} | {100 * r.acc_b:.2f} | {r.a_only} | {r.b_only} | {r.p:.3g} |"
               for r in rows.itertuples()]
-    lines += ["", f"A = `{a}`, B = `{b}`, on the {split} split. A - B: {_signed(difference)} points (95% paired "
-              f"bootstrap over {difference.n} seed(s) and the images; {change_verdict(difference)})."]
+    lines += ["", f"A = `{a}`, B = `{b}`, on the {split} split. A - B: {_signed(difference)} points (95% interval "
+              f"over {difference.n} seed(s) and the images, paired by both; {change_verdict(difference)})."]
     unpaired = {side: seeds for side, seeds in rows.attrs.get("unpaired", {}).items() if seeds}
     if unpaired:  # said, not dropped without a word
         lines.append("Left out, run by one side only: " + "; ".join(f"{side} seeds {', '.join(map(str, seeds))}"

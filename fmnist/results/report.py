@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import math
 import os
 import textwrap
 from collections.abc import Callable
@@ -20,9 +21,10 @@ import pandas as pd
 from matplotlib.ticker import FormatStrFormatter, FuncFormatter, MaxNLocator
 
 from fmnist.config import name_items
+from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_write, check_not_directories, dirs_made
 from fmnist.training.figures import confusion_matrix_figure, save_png
-from fmnist.results.stats import INTERVAL_NOTE, holm, mean_interval, paired
+from fmnist.results.stats import INTERVAL_NOTE, MOST_SEEDS, holm, mean_interval, paired
 from fmnist.runs import (COMPLETED, EPOCHS_FILE, RECORDED, check_poolable, collect, read_confusion_matrix,
                          read_epochs)
 
@@ -218,7 +220,8 @@ def claims_table(table: pd.DataFrame, curves: dict[str, list[pd.DataFrame]]) -> 
         if verdict == "no detectable difference" and c.verdict(+1) != verdict:
             note = f" (p < 0.05 before Holm's correction over {len(comparisons)} claims)"
         elif verdict == "no detectable difference" and c.seeds_needed and c.seeds_needed > c.difference.n:
-            note = f" (about {c.seeds_needed} seeds would detect a difference this large)"
+            about = f"more than {MOST_SEEDS}" if math.isinf(c.seeds_needed) else f"about {c.seeds_needed}"
+            note = f" ({about} seeds would detect a difference this large)"
         verdicts = [f"more accurate: {verdict}{note}"]
         if smoother:
             verdicts.append("smoother: " + ("yes" if best["jaggedness"] < other["jaggedness"] else "no"))
@@ -319,9 +322,17 @@ def planned_report(sweep_dir: Path) -> Callable[[], list[Path]]:
     # before the others replace theirs.
     figures: list[tuple[str, Callable[[], plt.Figure]]] = []
     by_variant: dict[str, list[pd.DataFrame]] = {}
+    settings_of: dict[str, list[str]] = {}
     for setting, runs in curves.items():
         if variant_of(setting):
             by_variant.setdefault(variant_of(setting), []).extend(runs)
+            settings_of.setdefault(variant_of(setting), []).append(setting)
+    for variant, settings in settings_of.items():
+        if len(settings) > 1:  # pooled, each seed would count once per setting in a claim's paired test
+            raise ConfigError(f"{sweep_dir}: variant={variant} was run as {len(settings)} settings "
+                              f"({', '.join(f'`{s}`' for s in sorted(settings))}); the report pairs one setting of "
+                              "each variant with the best one by seed, and draws one curve per variant. Run each "
+                              "setting in a sweep directory of its own.")
     if by_variant:  # a sweep of experiment=report: the report's own figures
         figures += [(f"figure_{number}.png", functools.partial(
                         curves_figure, [(f"variant={variant}", by_variant[variant])], f"Figure {number}: {title}"))

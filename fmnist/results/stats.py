@@ -15,9 +15,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-LEVEL = 0.95  # every interval here is a 95% interval
-ALPHA = 1 - LEVEL
+ALPHA = 0.05  # a claim holds when p < ALPHA (exactly 0.05: 1 - 0.95 is a hair above it in floating point)
+LEVEL = 1 - ALPHA  # every interval here is a 95% interval
 POWER = 0.8  # "seeds needed": for an 80% chance of detecting the observed difference
+MOST_SEEDS = 1000  # "seeds needed" is searched up to this many
 # A spread of paired accuracy differences (or its interval's half-width) below this is float rounding, not
 # seeds: one image of 5,000 is 2e-4.
 NO_SPREAD = 1e-5
@@ -65,7 +66,7 @@ class Comparison:
     difference: Interval  # the mean paired difference, with its interval
     p_value: float  # paired t-test, two-sided (a sign test when the difference has no spread: `no_spread`)
     effect_size: float  # Cohen's d_z: mean difference / standard deviation of the differences
-    seeds_needed: int | None  # seeds for an 80% chance to detect a difference this large (None: no spread)
+    seeds_needed: int | float | None  # seeds for an 80% chance to detect a difference this large (`seeds_for_power`)
 
     def verdict(self, direction: int = 1, p_adjusted: float | None = None) -> str:
         """`holds` when the difference is significant in the claimed `direction` (+1: a > b), `contradicted`
@@ -79,15 +80,20 @@ class Comparison:
 def paired(a: pd.Series, b: pd.Series) -> Comparison:
     """Compare two settings' metric, each a Series indexed by seed; only seeds both ran are used."""
     both = pd.concat({"a": a, "b": b}, axis=1).dropna()
-    diff = both["a"] - both["b"]
-    interval = mean_interval(diff)
-    if len(diff) < 2:
+    diff = (both["a"] - both["b"]).astype(float)
+    return summary_comparison(float(diff.mean()), float(diff.std(ddof=1)) if len(diff) > 1 else math.nan, len(diff))
+
+
+def summary_comparison(mean: float, std: float, n: int) -> Comparison:
+    """A paired comparison from the summary of its per-seed differences (their mean, std and count): a paired
+    t-test, or a sign test when the difference is the same on every seed (a t-test would call it certain)."""
+    interval = summary_interval(mean, std, n)
+    if interval.n < 2 or math.isnan(std):
         return Comparison(interval, math.nan, math.nan, None)
-    sd = float(diff.std(ddof=1))
-    if no_spread(interval):  # the same difference on every seed: a t-test would call it certain; a sign test does not
+    if no_spread(interval):
         return Comparison(interval, same_difference_p(interval), math.inf if interval.mean else 0.0, None)
-    p = float(stats.ttest_rel(both["a"], both["b"]).pvalue)
-    d = float(interval.mean / sd)
+    p = float(2 * stats.t.sf(abs(mean) / (std / math.sqrt(interval.n)), interval.n - 1))
+    d = float(mean / std)
     return Comparison(interval, p, d, seeds_for_power(d))
 
 
@@ -107,18 +113,26 @@ def same_difference_p(difference: Interval) -> float:
     return 1.0 if abs(difference.mean) < NO_SPREAD else min(1.0, 2 * 0.5 ** difference.n)
 
 
-def seeds_for_power(effect_size: float, most: int = 1000) -> int | None:
-    """The fewest seeds with which a paired t-test at `ALPHA` detects `effect_size` (d_z) with `POWER`."""
+def seeds_for_power(effect_size: float) -> int | float | None:
+    """The fewest seeds with which a paired t-test at `ALPHA` detects `effect_size` (d_z) with `POWER`: None for no
+    effect (or none measured), `math.inf` when more than `MOST_SEEDS` would be needed."""
     d = abs(effect_size)
     if d == 0 or math.isnan(d):
         return None
-    for n in range(2, most + 1):
+    for n in range(2, MOST_SEEDS + 1):
         df, shift = n - 1, d * math.sqrt(n)
         critical = stats.t.ppf(1 - ALPHA / 2, df)
         power = stats.nct.sf(critical, df, shift) + stats.nct.cdf(-critical, df, shift)
         if power >= POWER:
             return n
-    return None
+    return math.inf
+
+
+def seeds_text(needed: int | float | None) -> str:
+    """`seeds_for_power`'s answer for a table: blank for none, `> 1000` past its search."""
+    if needed is None or (isinstance(needed, float) and math.isnan(needed)):
+        return ""
+    return f"> {MOST_SEEDS}" if math.isinf(needed) else str(int(needed))
 
 
 def holm(p_values: list[float]) -> list[float]:
@@ -144,30 +158,26 @@ def mcnemar(pred_a: np.ndarray, pred_b: np.ndarray, labels: np.ndarray) -> dict:
     return {"a_only": a_only, "b_only": b_only, "difference": (a_only - b_only) / len(a), "p_value": p}
 
 
-def paired_bootstrap(correct_a: list[np.ndarray], correct_b: list[np.ndarray], reps: int = 10_000,
-                     seed: int = 0) -> Interval:
-    """The difference in accuracy of A over B, paired by seed and by image, with a bootstrap interval over both.
+def seed_and_image_interval(correct_a: list[np.ndarray], correct_b: list[np.ndarray]) -> Interval:
+    """The difference in accuracy of A over B, paired by seed and by image, with an interval for both sources of
+    chance: the seeds (Student t over the per-seed differences, as `paired` has it) and the images (normal, from
+    the per-image differences), their half-widths added in quadrature. With one seed it is the images' alone.
 
     `correct_a[i]` and `correct_b[i]` say which images (the same ones, in the same order) each model got right
-    in seed i. Each replicate resamples the seeds, then the images within each; the interval is the
-    replicates' central `LEVEL`. With one seed it is the test set's own sampling error of the difference.
+    in seed i. The images' part is not divided among the seeds: every seed is judged on the same test images (or
+    on validation images drawn from one pool), so more seeds do not shrink it.
     """
     if not correct_a or len(correct_a) != len(correct_b):
-        raise ValueError("paired_bootstrap needs the same number (at least one) of runs of A and B")
-    rng = np.random.default_rng(seed)
-    k = len(correct_a)
-    per_seed, observed = [], []  # per seed: a (reps, k) array of image-resampled mean differences; the mean one
+        raise ValueError("seed_and_image_interval needs the same number (at least one) of runs of A and B")
+    per_seed, image_error = [], []
     for a, b in zip(correct_a, correct_b):
-        d = np.asarray(a, dtype=np.int8) - np.asarray(b, dtype=np.int8)
-        n = len(d)
-        observed.append(d.mean())
-        # The mean of n draws from values in {-1, 0, +1} only depends on how many of each are drawn.
-        counts = rng.multinomial(n, [(d == 1).mean(), (d == 0).mean(), (d == -1).mean()], size=(reps, k))
-        per_seed.append((counts[..., 0] - counts[..., 2]) / n)
-    chosen = rng.integers(k, size=(reps, k))
-    replicates = np.take_along_axis(np.stack(per_seed, axis=-1), chosen[..., None], axis=-1)[..., 0].mean(axis=1)
-    low, high = np.quantile(replicates, [ALPHA / 2, 1 - ALPHA / 2])
-    return Interval(float(np.mean(observed)), float(low), float(high), k)
+        d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+        per_seed.append(d.mean())
+        image_error.append(d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0)
+    seeds = mean_interval(per_seed)
+    images_half = float(stats.norm.ppf(1 - ALPHA / 2) * np.mean(image_error))
+    half = math.hypot(images_half, seeds.half_width if seeds.n >= 2 else 0.0)
+    return Interval(seeds.mean, seeds.mean - half, seeds.mean + half, seeds.n)
 
 
 INTERVAL_NOTE = ("`±`: the half-width of the 95% confidence interval of the mean over seeds (Student t); "

@@ -36,11 +36,12 @@ def _ci(values: pd.Series) -> float:
 
 
 def group(table: pd.DataFrame) -> pd.DataFrame:
-    """Completed jobs grouped by setting: each metric's mean over seeds, std, and the half-width of the mean's
-    95% confidence interval (`ci`); and n."""
+    """Completed jobs grouped by setting: each metric's mean over seeds, std, count (of the jobs that have it: a
+    run with `test=false` has no test accuracy), and the half-width of the mean's 95% confidence interval (`ci`);
+    and n, the completed jobs."""
     done = table[table.status == COMPLETED]
     metrics = ["val_acc_best", "test_acc", "test_loss", "train_seconds"]
-    stats = done.groupby("setting")[metrics].agg(["mean", "std", ("ci", _ci)])
+    stats = done.groupby("setting")[metrics].agg(["mean", "std", "count", ("ci", _ci)])
     stats["n"] = done.groupby("setting").size()
     return stats.sort_values(("val_acc_best", "mean"), ascending=False)  # selection is on validation, never test
 
@@ -48,8 +49,11 @@ def group(table: pd.DataFrame) -> pd.DataFrame:
 def _markdown(table: pd.DataFrame, stats: pd.DataFrame, title: str) -> str:
     def pm(metric: str, scale: float = 100, digits: int = 2) -> str:
         # One seed has no interval: show none rather than a made-up "± 0.00".
-        mean, ci = s[(metric, "mean")], s[(metric, "ci")]
-        return f"{mean * scale:.{digits}f}" + ("" if pd.isna(ci) else f" ± {ci * scale:.{digits}f}")
+        mean, ci, count = s[(metric, "mean")], s[(metric, "ci")], int(s[(metric, "count")])
+        if count == 0:
+            return ""
+        shown = f"{mean * scale:.{digits}f}" + ("" if pd.isna(ci) else f" ± {ci * scale:.{digits}f}")
+        return shown + ("" if count == int(s["n"].iloc[0]) else f" (n={count})")  # e.g. runs with test=false
 
     lines = [f"# {title}", "", "| setting | n | val acc best (%) | test acc (%) | test loss | training time (s) |",
              "|---|---|---|---|---|---|"]

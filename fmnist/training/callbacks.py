@@ -309,7 +309,7 @@ class ProgressBar(TQDMProgressBar):
 
 class PerImagePredictions(L.Callback):
     """Every image's predicted class, so that two runs can be compared image by image (McNemar's test,
-    a paired bootstrap): `predictions.npz` in the run directory holds `val_pred`, `val_label` and
+    an interval over seeds and images): `predictions.npz` in the run directory holds `val_pred`, `val_label` and
     `val_epoch` (the epoch of the best validation accuracy so far, the checkpoint that is tested) and
     `test_pred`, `test_label`, in the order of the split's images. Under DDP each rank sees a share of
     the images, and nothing is saved."""
