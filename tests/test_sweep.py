@@ -509,6 +509,15 @@ def test_leaderboard_rows_come_from_the_sweeps_records(tmp_path):
     table = markdown([untested, sweep])
     assert "nan" not in table
     assert "untested: 1 job(s) left out, not completed or not tested: `seed=0` (not tested)." in table
+    # Seeds that ran on two machines, or one of them on a subset: each machine named, and the row not counted
+    # as on the standard split.
+    record = json.loads((sweep / "seed=1" / "metrics.json").read_text())
+    record["hardware"] = {"gpu": "Other GPU"}
+    (sweep / "seed=1" / "metrics.json").write_text(json.dumps(record))
+    (sweep / "seed=1" / "config.yaml").write_text("data:\n  train_subset: 1000\n")
+    table = markdown([sweep])
+    assert "| Test GPU, bf16-mixed / Other GPU, bf16-mixed |" in table
+    assert "| myrecipe | 94.00 ± 12.71 | 2 | standard split; 1,000-image training subset |" in table
 
 
 def test_report_draws_time_to_accuracy_when_runs_recorded_flops(tmp_path):

@@ -87,7 +87,10 @@ def project_rows(sweep_dir: Path, table: pd.DataFrame) -> list[dict]:
     done = table[(table.status == COMPLETED) & table.test_acc.notna()]  # ranked by test accuracy, shown only here
     rows = []
     for setting, jobs in done.groupby("setting"):
-        record = read_record(sweep_dir / jobs.job.iloc[0])
+        # Each seed's machine and precision, and its data's difference from the standard split: its seeds may
+        # have run on different machines, or with a different subset given on the command line.
+        hardware = dict.fromkeys(hardware_of(read_record(sweep_dir / job)) for job in jobs.job)
+        splits = dict.fromkeys(split_of(sweep_dir / job) for job in jobs.job)
         acc = jobs.test_acc * 100
         first = jobs.iloc[0]  # the seeds of a setting train on the same number of images
         rows.append({
@@ -97,8 +100,8 @@ def project_rows(sweep_dir: Path, table: pd.DataFrame) -> list[dict]:
             "training images": "?" if pd.isna(first.train_images) else f"{int(first.train_images):,}",
             "training PFLOP": "?" if pd.isna(first.train_flops) else f"{first.train_flops / 1e15:.2g}",
             "training time (s)": f"{jobs.train_seconds.mean():.0f}",
-            "hardware": hardware_of(record),
-            "split": split_of(sweep_dir / jobs.job.iloc[0]),
+            "hardware": " / ".join(hardware),
+            "split": None if splits == {None: None} else "; ".join(split or "standard split" for split in splits),
         })
     return rows
 
