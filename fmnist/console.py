@@ -66,7 +66,11 @@ class ReaderMayGo:
 
     def _reader_gone(self) -> None:
         try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self.stream.fileno())
+            finally:
+                os.close(devnull)
         except (OSError, ValueError, AttributeError):  # a stream without a file descriptor: drop it instead
             self.stream = open(os.devnull, "w")
 

@@ -336,3 +336,11 @@ def test_a_plain_command_whose_reader_has_gone_finishes_its_work_without_a_trace
     assert code == 0 and written.read_text() == "done"
     assert broken.closed is False  # still ours to close: run_plain put back the stream it was given
     broken.close()
+    # Started with its output closed (`>&-`: Python's sys.stdout is None): print does nothing, as without run_plain.
+    written.unlink()
+    sys.stdout = None
+    try:
+        code = run_plain(work)
+    finally:
+        sys.stdout = stdout
+    assert code == 0 and written.read_text() == "done"

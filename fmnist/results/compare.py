@@ -29,12 +29,14 @@ NO_SPREAD_GIVEN = "not judged (no spread given)"
 # How a table of paired changes judges them; it follows each such table.
 VERDICT_NOTE = ("A change is `better` or `worse` only when it holds after Holm's correction over the table's rows: "
                 f"p (Holm) below {ALPHA} (the interval shown is the row's own, before the correction); p: paired t-test, "
-                "or, when the change is the same on every seed, a sign test, which takes 6 seeds.")
+                "or, when the change is the same on every seed, a sign test, which takes 6 seeds alone (more after "
+                "Holm's correction).")
 
 
 def change_verdict(change: Interval, p: float | None = None) -> str:
     """`better` or `worse` when the change holds, else `within noise`: with `p` (a paired test's, Holm-adjusted
-    where a table judges several changes), when p < ALPHA; without one, when the interval excludes zero."""
+    where a table judges several changes), when p < ALPHA; without one, when the interval excludes zero. (The
+    report's claims say the same as `stats.Comparison.verdict`: holds, contradicted, no detectable difference.)"""
     if p is None:  # judged by its interval (`images`: over the seeds and the images)
         if math.isnan(change.half_width):
             return ONE_SEED
@@ -47,14 +49,14 @@ def change_verdict(change: Interval, p: float | None = None) -> str:
 
 
 def p_text(p: float) -> str:
-    """A p-value for a table: three decimals, four where three would round it up to ALPHA (0.0496, not 0.050
-    beside `better`), or `< 0.001`."""
+    """A p-value for a table: three decimals, four (rounded down) where three would round it up to ALPHA (0.0496,
+    not 0.050 beside `better`), or `< 0.001`."""
     if math.isnan(p):
         return ""
     if p < 0.001:
         return "< 0.001"
     text = f"{p:.3f}"
-    return f"{p:.4f}" if p < ALPHA <= float(text) else text
+    return f"{math.floor(p * 1e4) / 1e4:.4f}" if p < ALPHA <= float(text) else text  # 0.04996: 0.0499
 
 
 def _by_seed(table: pd.DataFrame, metric: str, sweep_dir: Path) -> pd.Series:
@@ -257,7 +259,8 @@ def image_comparison(dir_a: Path, dir_b: Path, split: str = "val") -> tuple[pd.D
                      "a_only": test["a_only"], "b_only": test["b_only"], "p": test["p_value"]})
     table = pd.DataFrame(rows)
     table.attrs["unpaired"] = {"A": sorted(set(a) - set(b), key=_seed_order), "B": sorted(set(b) - set(a), key=_seed_order)}
-    return table, seed_and_image_interval(correct_a, correct_b)
+    # A validation split is drawn with the run's seed, so each seed is judged on its own images; the test set is one.
+    return table, seed_and_image_interval(correct_a, correct_b, same_images=split == "test")
 
 
 def image_comparison_markdown(rows: pd.DataFrame, difference: Interval, names: tuple[str, str], split: str) -> str:

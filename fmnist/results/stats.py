@@ -2,8 +2,8 @@
 
 Seeds are few (3 to 5), so every mean gets a Student-t interval rather than a standard deviation, and
 two settings run with the same seeds are compared pairwise (the difference per seed), which removes
-what a seed does to both. A claim "A beats B" holds only when the interval of the paired difference
-excludes zero in the claimed direction, after Holm's correction when one report makes several claims.
+what a seed does to both. A claim "A beats B" holds only when the paired test's p is below ALPHA in the
+claimed direction, after Holm's correction when one report or table makes several claims.
 """
 
 from __future__ import annotations
@@ -60,6 +60,9 @@ def summary_interval(mean: float, std: float, n: int) -> Interval:
     return Interval(float(mean), mean - half, mean + half, n)
 
 
+HOLDS, CONTRADICTED, NO_DIFFERENCE = "holds", "contradicted", "no detectable difference"  # `Comparison.verdict`
+
+
 @dataclass(frozen=True)
 class Comparison:
     """A paired comparison of `a` - `b` over the seeds both ran."""
@@ -69,12 +72,13 @@ class Comparison:
     seeds_needed: int | float | None  # seeds for an 80% chance to detect a difference this large (`seeds_for_power`)
 
     def verdict(self, direction: int = 1, p_adjusted: float | None = None) -> str:
-        """`holds` when the difference is significant in the claimed `direction` (+1: a > b), `contradicted`
-        when it is significant the other way, else `no detectable difference`."""
+        """HOLDS when the difference is significant in the claimed `direction` (+1: a > b), CONTRADICTED
+        when it is significant the other way, else NO_DIFFERENCE. (`fmnist.results.compare.change_verdict` says
+        the same of a change, in a change's words: better, worse, within noise.)"""
         p = self.p_value if p_adjusted is None else p_adjusted
         if self.difference.n < 2 or math.isnan(p) or p >= ALPHA:
-            return "no detectable difference"
-        return "holds" if np.sign(self.difference.mean) == direction else "contradicted"
+            return NO_DIFFERENCE
+        return HOLDS if np.sign(self.difference.mean) == direction else CONTRADICTED
 
 
 def paired(a: pd.Series, b: pd.Series) -> Comparison:
@@ -158,26 +162,36 @@ def mcnemar(pred_a: np.ndarray, pred_b: np.ndarray, labels: np.ndarray) -> dict:
     return {"a_only": a_only, "b_only": b_only, "difference": (a_only - b_only) / len(a), "p_value": p}
 
 
-def seed_and_image_interval(correct_a: list[np.ndarray], correct_b: list[np.ndarray]) -> Interval:
-    """The difference in accuracy of A over B, paired by seed and by image, with an interval for both sources of
-    chance: the seeds (Student t over the per-seed differences, as `paired` has it) and the images (normal, from
-    the per-image differences), their half-widths added in quadrature. With one seed it is the images' alone.
+def seed_and_image_interval(correct_a: list[np.ndarray], correct_b: list[np.ndarray], same_images: bool) -> Interval:
+    """The difference in accuracy of A over B, paired by seed and by image, with a `LEVEL` interval that carries
+    both sources of chance: the seeds and the images evaluated.
 
     `correct_a[i]` and `correct_b[i]` say which images (the same ones, in the same order) each model got right
-    in seed i. The images' part is not divided among the seeds: every seed is judged on the same test images (or
-    on validation images drawn from one pool), so more seeds do not shrink it.
+    in seed i. One seed: the images' sampling error alone (normal, from the per-image differences). Several
+    seeds, each on its own images (`same_images` False: a validation split drawn with the run's seed): Student t
+    over the seeds' differences, which already vary with their images; their spread is taken as at least the
+    images' own, so that a few seeds that happen to agree are not called certain. Several seeds on the same
+    images (the test set): Student t over the seeds, and the sampling error of those images (of the per-image
+    difference averaged over the seeds), their half-widths added in quadrature.
     """
     if not correct_a or len(correct_a) != len(correct_b):
         raise ValueError("seed_and_image_interval needs the same number (at least one) of runs of A and B")
-    per_seed, image_error = [], []
-    for a, b in zip(correct_a, correct_b):
-        d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-        per_seed.append(d.mean())
-        image_error.append(d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0)
-    seeds = mean_interval(per_seed)
-    images_half = float(stats.norm.ppf(1 - ALPHA / 2) * np.mean(image_error))
-    half = math.hypot(images_half, seeds.half_width if seeds.n >= 2 else 0.0)
-    return Interval(seeds.mean, seeds.mean - half, seeds.mean + half, seeds.n)
+    differences = [np.asarray(a, dtype=float) - np.asarray(b, dtype=float) for a, b in zip(correct_a, correct_b)]
+    per_seed = np.array([d.mean() for d in differences])
+    k, mean, z = len(per_seed), float(per_seed.mean()), stats.norm.ppf(1 - ALPHA / 2)
+
+    def image_variance(d: np.ndarray) -> float:  # of the mean of `d` over its images
+        return float(d.var(ddof=1) / len(d)) if len(d) > 1 else 0.0
+
+    if k == 1:
+        half = z * math.sqrt(image_variance(differences[0]))
+    elif not same_images or len({len(d) for d in differences}) > 1:
+        spread = max(per_seed.var(ddof=1), float(np.mean([image_variance(d) for d in differences])))
+        half = stats.t.ppf(1 - ALPHA / 2, k - 1) * math.sqrt(spread / k)
+    else:
+        seeds_half = stats.t.ppf(1 - ALPHA / 2, k - 1) * math.sqrt(per_seed.var(ddof=1) / k)
+        half = math.hypot(seeds_half, z * math.sqrt(image_variance(np.mean(differences, axis=0))))
+    return Interval(mean, mean - float(half), mean + float(half), k)
 
 
 INTERVAL_NOTE = ("`±`: the half-width of the 95% confidence interval of the mean over seeds (Student t); "
