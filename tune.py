@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from fmnist import console
-from fmnist.cli import check_working_directory
+from fmnist.cli import exit_if_no_working_directory
 from fmnist.errors import ConfigError, FmnistError
 
 
@@ -30,7 +30,7 @@ def main(args: list[str]) -> int:
                             "train overrides, each key=value (python tune.py --help lists the tune keys).")
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
-    check_working_directory()  # before importing torch, which fails on a deleted one with a misleading message
+    exit_if_no_working_directory()  # before importing torch, which fails on a deleted one with a misleading message
     logging.basicConfig(level=logging.INFO, format=console.CONSOLE_FORMAT, datefmt=console.CONSOLE_DATEFMT, force=True)
     console.setup()  # one line per message, no third-party notices, as train.py prints
     try:

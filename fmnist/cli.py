@@ -24,7 +24,8 @@ from fmnist.config import composition_message, renamed_overrides
 from fmnist.console import ReaderMayGo
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, FmnistError
 from fmnist import fsio
-from fmnist.fsio import early_writes_undone_if_stopped, note_dirs_to_be_made, storage_error
+from fmnist.fsio import (RUN_DIR_KEY, SWEEP_DIR_KEY, early_writes_undone_if_stopped, note_dirs_to_be_made,
+                         storage_error)
 
 def refuse_unknown_keys(cfg: DictConfig, overrides: list[str]) -> None:
     """ConfigError for a `+key=value` / `++key=value` override that adds a key the schema does not declare.
@@ -158,7 +159,6 @@ def hydra_modes(args: list[str]) -> list[str]:
     return sorted({HYDRA_MODES[arg.split("=")[0]] for arg in args if arg.split("=")[0] in HYDRA_MODES})
 
 
-RUN_DIR_KEY, SWEEP_DIR_KEY = "hydra.run.dir", "hydra.sweep.dir"  # where Hydra puts a run's or a sweep's files
 # What a refusal names to choose another directory: for a run, and for a sweep (its jobs' directories included).
 OTHER_RUN_DIR, OTHER_SWEEP_DIR = f"{RUN_DIR_KEY}=...", f"name=... or {SWEEP_DIR_KEY}=..."
 
@@ -187,7 +187,7 @@ class OutputDirsUndoneIfRefused(Callback):
             pass  # a value its resolver refuses, a name too long: Hydra reports it when it makes the directory
 
 
-def check_working_directory() -> None:
+def exit_if_no_working_directory() -> None:
     """Exit 2 if the directory the command was started in has been deleted (fmnist.fsio.check_working_directory)."""
     try:
         fsio.check_working_directory()
@@ -201,7 +201,7 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -
     A FmnistError raised inside the task is printed by the task itself (`exit_with`); anything else
     is a bug and ends with its traceback and exit code 1. `unwind_on_sigterm`: see `sigterm_unwinds`.
     """
-    check_working_directory()
+    exit_if_no_working_directory()
     hangup_as_sigterm()
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing them and exiting 1
     sys.argv[1:] = renamed_overrides(sys.argv[1:])  # old key names keep working
@@ -285,14 +285,14 @@ def stopped_by_ctrl_c(error: BaseException) -> bool:
 def run_plain(work: Callable[[], object], unwind_on_sigterm: bool = False) -> int:
     """Run a plain (argparse) command's work: a user error prints one paragraph and gives its exit code.
     `unwind_on_sigterm`: see `sigterm_unwinds`."""
-    check_working_directory()
+    exit_if_no_working_directory()
     hangup_as_sigterm()
     stdout = sys.stdout
-    sys.stdout = ReaderMayGo(stdout)
+    if stdout is not None:  # None: started with its output closed (`>&-`), where print does nothing
+        sys.stdout = ReaderMayGo(stdout)
     try:
         with sigterm_unwinds(unwind_on_sigterm):
             work()
-        sys.stdout.flush()  # here, not at exit, where a reader that has gone would be reported as an error
     except FmnistError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -303,6 +303,8 @@ def run_plain(work: Callable[[], object], unwind_on_sigterm: bool = False) -> in
         print(f"error: {message}", file=sys.stderr)
         return code
     finally:
+        if sys.stdout is not None:
+            sys.stdout.flush()  # here, not at exit, where a reader that has gone would be reported as an error
         sys.stdout = stdout
     return 0
 

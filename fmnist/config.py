@@ -336,6 +336,16 @@ def override_text(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
+def hydra_quote(value: str) -> str:
+    """`value` as a Hydra override value: as is when plain, else quoted (spaces, non-ASCII, `,` or `=`)."""
+    if re.fullmatch(r"[\w/.:@+-]+", value, re.ASCII):
+        return value
+    # In Hydra's quoted strings a backslash escapes a quote, so a run of backslashes before a quote or at
+    # the end is doubled first (`x\` would otherwise escape the closing quote).
+    escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
+    return "'" + escaped.replace("'", "\\'") + "'"
+
+
 def override_key(override: str) -> str:
     """The key a command-line override sets: `optim.lr` of `optim.lr=0.01` or `+optim.lr=0.01`."""
     return override.split("=", 1)[0].lstrip("+~")

@@ -1,5 +1,10 @@
 """Writing files so that a reader never sees half of one, OS errors a user can fix as one paragraph, and
-reading a checkpoint only with `weights_only=True` (no code from a file ever runs)."""
+reading a checkpoint only with `weights_only=True` (no code from a file ever runs).
+
+Also what a refused command leaves behind: nothing. Hydra writes a few files before a command's checks run (a
+sweep's multirun.yaml, a job's log); they are noted as early writes and put back if the command is refused or
+stopped before its checks pass (`early_writes_undone_if_stopped`), and a job's log lines are held in memory until
+then (`hold_log_until_kept`)."""
 
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from fmnist.errors import CheckpointError, ConfigError, StorageError
+
+RUN_DIR_KEY, SWEEP_DIR_KEY = "hydra.run.dir", "hydra.sweep.dir"  # where Hydra puts a run's or a sweep's files
 
 # Causes a user can act on (free space, a writable directory), with the words that say so.
 _CAUSES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
@@ -109,6 +116,11 @@ def path_argument(text: str) -> Path:
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path; give a file or directory name (`.` for this directory)")
     return Path(text)
+
+
+def some_names(names: list[str], shown: int = 3) -> str:
+    """The first `shown` of `names` for a message, and how many more there are: `a, b, c and 4 more`."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def not_a_directory(path: Path) -> str:
@@ -358,7 +370,7 @@ def check_not_directories(paths: Iterable[Path]) -> None:
 
 
 def storage_error(error: OSError, path: Path | str | None = None,
-                  key: str | None = "hydra.run.dir") -> StorageError | None:
+                  key: str | None = RUN_DIR_KEY) -> StorageError | None:
     """The user-fixable form of an OSError (disk full, read-only, no permission, a path that cannot be made),
     else None; `key` is the config key that chooses where the command writes (None: the place is fixed,
     e.g. a sweep's own directory)."""
@@ -397,7 +409,7 @@ def creation_refused(path: Path | str) -> bool:
     return directory.is_dir() and isinstance(_creation_error(directory), FileNotFoundError)
 
 
-def check_writable(directory: Path, key: str | None = "hydra.run.dir") -> None:
+def check_writable(directory: Path, key: str | None = RUN_DIR_KEY) -> None:
     """Raise StorageError if files cannot be created in `directory` (read-only file system, no permission, a
     file system that makes none, as /proc); `key` as in `storage_error`."""
     error = _creation_error(directory)
@@ -408,7 +420,7 @@ def check_writable(directory: Path, key: str | None = "hydra.run.dir") -> None:
 
 
 @contextmanager
-def storage_errors(key: str | None = "hydra.run.dir"):
+def storage_errors(key: str | None = RUN_DIR_KEY):
     """Turn an OSError a user can fix (disk full, read-only, no permission) into a StorageError naming `key`."""
     try:
         yield

@@ -27,6 +27,7 @@ METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"  # the run's resolved config
 CONFUSION_FILE = "confusion_matrix.csv"  # the test set's confusion matrix, [true, predicted] counts
 EPOCHS_FILE = "epochs.csv"  # one row per epoch: the curves, and the compute so far
+JOB_LOG = "train.log"  # a run's log (Hydra's, named after the train.py script; a tune.py trial's too)
 PREDICTIONS_FILE = "predictions.npz"  # every validation and test image's predicted class (results compare)
 ERROR_FILE = "error.txt"  # the traceback of the error that stopped the run, while that is its state
 CHECKPOINT_DIR = "checkpoints"  # best-epochNNN.ckpt (the best validation accuracy so far) and last.ckpt

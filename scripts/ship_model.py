@@ -18,9 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fmnist.cli import check_working_directory, run_plain
+from fmnist.cli import exit_if_no_working_directory, run_plain
 
-check_working_directory()  # here: torch's import fails in a deleted directory, with oneMKL's error instead
+exit_if_no_working_directory()  # here: torch's import fails in a deleted directory, with oneMKL's error instead
 
 import torch
 

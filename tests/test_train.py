@@ -15,7 +15,7 @@ from fmnist.errors import CheckpointError, ConfigError, DataError, DivergedError
 from fmnist.models import training_flops_per_image
 from fmnist.training.module import LitClassifier
 from fmnist.runs import read_record
-from fmnist.training.claim import _flatten, saved_config
+from fmnist.training.claim import flat_config, saved_config
 from fmnist.training.train import run_job, train
 from tests.conftest import ROOT, compose_cfg, snapshot
 
@@ -174,7 +174,7 @@ def test_every_key_that_older_runs_lack_says_how_they_behaved_without_it():
         old = saved_config(saved)
         model = old["model.name"]
         if model not in current:
-            current[model] = _flatten(OmegaConf.to_container(compose_cfg(f"model={model}"), resolve=True))
+            current[model] = flat_config(compose_cfg(f"model={model}"))
         lacking |= {k for k in current[model] if k not in old and k not in RESUMABLE_KEYS}
     assert "data.augment.cutmix" in lacking  # the stored runs predate it: the check has something to check
     assert lacking <= set(ADDED_KEYS), f"keys older runs lack, without an ADDED_KEYS entry: {sorted(lacking - set(ADDED_KEYS))}"
@@ -419,7 +419,7 @@ def test_fast_path_is_ignored_on_a_cpu_with_one_log_line(make_cfg, tmp_path, cap
 def test_a_run_directory_quoted_for_the_resume_command_reads_back_as_itself(path):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from fmnist.training.train import hydra_quote
+    from fmnist.config import hydra_quote
 
     parsed = OverridesParser.create().parse_override(f"hydra.run.dir={hydra_quote(path)}")
     assert parsed.value() == path

@@ -24,7 +24,7 @@ from fmnist.config import name_items
 from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_write, check_not_directories, dirs_made
 from fmnist.training.figures import confusion_matrix_figure, save_png
-from fmnist.results.stats import INTERVAL_NOTE, MOST_SEEDS, holm, mean_interval, paired
+from fmnist.results.stats import ALPHA, INTERVAL_NOTE, MOST_SEEDS, NO_DIFFERENCE, holm, mean_interval, paired
 from fmnist.runs import (COMPLETED, EPOCHS_FILE, RECORDED, check_poolable, collect, read_confusion_matrix,
                          read_epochs)
 
@@ -217,9 +217,9 @@ def claims_table(table: pd.DataFrame, curves: dict[str, list[pd.DataFrame]]) -> 
             continue
         other, c, p = curve_stats(curves[variant]), comparisons[variant], adjusted[variant]
         verdict, note = c.verdict(+1, p), ""
-        if verdict == "no detectable difference" and c.verdict(+1) != verdict:
-            note = f" (p < 0.05 before Holm's correction over {len(comparisons)} claims)"
-        elif verdict == "no detectable difference" and c.seeds_needed and c.seeds_needed > c.difference.n:
+        if verdict == NO_DIFFERENCE and c.verdict(+1) != verdict:
+            note = f" (p < {ALPHA} before Holm's correction over {len(comparisons)} claims)"
+        elif verdict == NO_DIFFERENCE and c.seeds_needed and c.seeds_needed > c.difference.n:
             about = f"more than {MOST_SEEDS}" if math.isinf(c.seeds_needed) else f"about {c.seeds_needed}"
             note = f" ({about} seeds would detect a difference this large)"
         verdicts = [f"more accurate: {verdict}{note}"]

@@ -2,8 +2,8 @@
 95% confidence interval).
 
 Works on any sweep directory at any time, finished, running or interrupted, from the jobs'
-`metrics.json` files; `SummarizeSweep` runs it when a Hydra multirun ends. The same Hydra callback is the
-sweep's gate at its start: every job's config and the sweep directory are checked before the first job.
+`metrics.json` files; `SummarizeSweep` runs it when a Hydra multirun ends. `CheckSweep` is the sweep's gate at
+its start: every job's config and the sweep directory are checked before the first job.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from fmnist.config import (PLACEMENT_KEYS, SWEEP_CONFIG_FILE, check_launcher, ch
                            concurrent_jobs, launcher_kind, override_key, override_text, superseded_note)
 from fmnist.data.sources import data_digests
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, DataError, StorageError
-from fmnist.fsio import atomic_write, check_not_directories, keep_early_writes, note_early_write, storage_errors
+from fmnist.fsio import (atomic_write, check_not_directories, keep_early_writes, note_early_write, some_names,
+                         storage_errors)
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
-from fmnist.runs import COMPLETED, FINISHED, RUNNING, TRIAL_DIR_PREFIX, check_poolable, collect, is_job_dir, short_digest
+from fmnist.runs import (COMPLETED, FINISHED, JOB_LOG, RUNNING, TRIAL_DIR_PREFIX, check_poolable, collect, is_job_dir,
+                         short_digest)
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,6 @@ def summarize(sweep_dir: Path) -> pd.DataFrame:
     return table
 
 
-JOB_LOG = "train.log"  # Hydra's log of a train.py job (hydra.job.name is the script's name)
 
 
 def check_sweep_dir(sweep_dir: Path) -> None:
@@ -118,8 +119,7 @@ def check_sweep_dir(sweep_dir: Path) -> None:
         return
     entries = sorted(p.name for p in sweep_dir.iterdir())
     if entries:
-        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
-        raise ConfigError(f"{sweep_dir} holds files that no sweep wrote ({shown}; no {SWEEP_CONFIG_FILE}); a sweep is written "
+        raise ConfigError(f"{sweep_dir} holds files that no sweep wrote ({some_names(entries)}; no {SWEEP_CONFIG_FILE}); a sweep is written "
                           "into a new or empty directory, or into an earlier sweep's to continue it, so that nothing "
                           "of yours is replaced; nothing was written. Choose another directory "
                           f"({OTHER_SWEEP_DIR}).")
@@ -239,13 +239,10 @@ def every_combination(composed: dict[tuple[str, ...], DictConfig], plain: dict[s
                               if len(plain[key]) > 1)], cfg
 
 
-class SummarizeSweep(Callback):
+class CheckSweep(Callback):
     """Hydra callback (`conf/train.yaml`): at a multirun's start, refuse a sweep with a job that `check_config`
-    refuses or a directory of one's own files, before anything is written (exit 2); at its end, summarize the
-    sweep directory and list failed jobs.
-
-    A sweep with a job that did not complete then exits with INCOMPLETE_SWEEP_EXIT_CODE, not 0.
-    """
+    refuses, a launcher or a directory it cannot use, or other data than the sweep it continues, before anything
+    is written (exit 2)."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
         note = superseded_note(OmegaConf.select(config, "hydra.runtime.choices.experiment"))
@@ -277,6 +274,11 @@ class SummarizeSweep(Callback):
 
             if concurrent_jobs(config.hydra.launcher, joblib.cpu_count()) > 1:  # with 1, its jobs run in this process
                 signals_leave_the_workers_to_stop()
+
+
+class SummarizeSweep(Callback):
+    """Hydra callback (`conf/train.yaml`): at a multirun's end, summarize the sweep directory and list the jobs that
+    did not complete; a sweep with such a job then exits with INCOMPLETE_SWEEP_EXIT_CODE, not 0."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
         keep_early_writes()  # the jobs ran under this multirun.yaml, whatever their outcome

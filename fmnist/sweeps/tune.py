@@ -48,8 +48,8 @@ from fmnist.errors import ConfigError, FmnistError
 from fmnist.fsio import atomic_write, missing_dirs, remove_if_empty
 from fmnist.results.sweep import check_same_data, every_combination, summarize
 from fmnist.training.figures import save_png  # matplotlib, headless
-from fmnist.runs import (DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, METRICS_FILE, RUNNING, TRIAL_DIR_PREFIX, now,
-                         read_record, update_record)
+from fmnist.runs import (DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, JOB_LOG, METRICS_FILE, RUNNING, TRIAL_DIR_PREFIX,
+                         now, read_record, update_record)
 from fmnist.training.claim import check_config, check_data, flat_config
 from fmnist.training.signals import SIGTERM_RECEIVED, stopping_signal
 from fmnist.training.train import RunPruned, failure_of, train
@@ -496,7 +496,7 @@ class Search:
         trial.set_user_attr("process", {"host": socket.gethostname(), "pid": os.getpid()})  # see `fail_dead_trials`
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            with console.logged_to(run_dir / "train.log"):  # a trial directory is a run directory: it has one too
+            with console.logged_to(run_dir / JOB_LOG):  # a trial directory is a run directory: it has one too
                 metrics = train(cfg, run_dir, overrides, callbacks=[ReportToTrial(trial)], resume_hint=RESUME_HINT,
                                 record={"optuna": {"study": self.cfg.study, "trial": trial.number, "params": params}})
         except RunPruned as e:

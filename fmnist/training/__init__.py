@@ -1,1 +1,2 @@
-"""Training: the LightningModule, its callbacks, safe checkpoints, and `train(cfg, run_dir)`."""
+"""Training: `train(cfg, run_dir)` (train.py), the checks before a run writes (claim.py), the LightningModule,
+its callbacks, safe checkpoints, signals, the choice of precision and the experiment trackers."""

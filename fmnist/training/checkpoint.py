@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import io
 import logging
-import signal
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,30 +13,9 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from fmnist.fsio import atomic_write, load_checkpoint
 from fmnist.runs import BEST_CHECKPOINT_PREFIX, LAST_CHECKPOINT
+from fmnist.training.signals import signals_deferred
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def signals_deferred():
-    """Hold Ctrl-C and SIGTERM until the block ends: a checkpoint write is never cut in half.
-
-    A signal caught meanwhile is raised again right after, so the run still stops, at a point
-    where it can record that it was interrupted.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-        for sig in caught:
-            signal.raise_signal(sig)
 
 
 class SafeCheckpointIO(TorchCheckpointIO):

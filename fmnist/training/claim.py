@@ -1,8 +1,10 @@
-"""Claiming a run directory: every check a run passes before it writes anything there (`claimed`).
+"""Claiming a run directory (`claimed`): every check a run passes before it writes anything there, and the
+directory's lock, held for the whole run.
 
 The config's values, the directory's owner (`fmnist.training.rundir`) and what it already holds, whether the run
 resumes and with the same config, the data, and the checkpoint and per-epoch record a resume continues from. A
-refusal raises here and leaves the directory byte-identical.
+refusal raises here and leaves the directory byte-identical. (The statistical claims of a report are
+`fmnist.results`' concern, not this module's.)
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from pathlib import Path
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from fmnist.cli import OTHER_RUN_DIR, OTHER_SWEEP_DIR, RUN_DIR_KEY, SWEEP_DIR_KEY
+from fmnist.cli import OTHER_RUN_DIR, OTHER_SWEEP_DIR
 from fmnist.config import ADDED_KEYS, PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_values, is_count, is_text_keyed
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.data.sources import data_digests
 from fmnist.errors import CheckpointError, ConfigError
-from fmnist.fsio import check_writable, early_writes, held_logs, keep_early_writes, load_checkpoint
+from fmnist.fsio import (RUN_DIR_KEY, SWEEP_DIR_KEY, check_writable, early_writes, held_logs, keep_early_writes,
+                         load_checkpoint, some_names)
 from fmnist.hardware import check_accelerator, check_nodes, devices_used
 from fmnist.models import check_model
 from fmnist.runs import (CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, LAST_CHECKPOINT,
@@ -107,8 +110,7 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path, elsewhere: str = OTHER_RUN_DI
     holds_a_run = record is not None or last.exists()
     foreign = [] if holds_a_run else _files_no_run_wrote(run_dir)
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise RunDirInUse(f"{run_dir} holds files that no run wrote ({shown}); a run is written into a new or "
+        raise RunDirInUse(f"{run_dir} holds files that no run wrote ({some_names(foreign)}); a run is written into a new or "
                           "empty directory, so that nothing of yours is replaced; nothing was written. Choose "
                           f"another directory ({elsewhere}).")
     if cfg.ckpt_path != "last":
@@ -181,11 +183,15 @@ def _check_batch_limits(cfg: DictConfig, images: dict[str, int]) -> None:
 
 @contextmanager
 def claimed(cfg: DictConfig, run_dir: Path, in_sweep: bool = False):
-    """Own `run_dir` and pass every check before anything is written there; yield whether to resume.
+    """Own `run_dir` and pass every check before anything is written there; yield whether to resume, holding
+    the directory's lock for the block (the whole run).
 
     A refusal (bad value, another run's directory, another process in it, unreadable data or
-    checkpoint) raises here and leaves the directory byte-identical. DDP ranks > 0 start after
-    rank 0 has claimed the directory: only rank 0 checks, locks and writes.
+    checkpoint) raises here and leaves the directory byte-identical. Once the checks pass, what Hydra
+    wrote early is kept (`keep_early_writes`) and SIGTERM raises from then on (`sigterm_raises`), so
+    that a run stopped as it starts is still recorded. DDP ranks > 0 start after rank 0 has claimed
+    the directory: they check the config and the device, and only rank 0 checks the directory, locks it
+    and writes.
     """
     check_config(cfg)
     check_accelerator(cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.precision)

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Callable
 
 if __name__ == "__main__":  # the command: here, as torch's import fails in a deleted directory with oneMKL's error
-    from fmnist.cli import check_working_directory
+    from fmnist.cli import exit_if_no_working_directory
 
-    check_working_directory()
+    exit_if_no_working_directory()
 
 import torch
 from omegaconf import OmegaConf

@@ -1,5 +1,10 @@
 """How a run stops for a signal: SIGTERM raises from a run's first write on, Ctrl-C stops the run at the next
-step as SIGTERM does, and which of the two ended a run (`stopping_signal`)."""
+step as SIGTERM does, a checkpoint's write is never cut in half, and which signal ended a run (`stopping_signal`).
+
+The other places that handle signals, around a run: `fmnist.cli` (a command's start: SIGTERM unwinds what Hydra
+wrote early, SIGHUP is SIGTERM, a joblib sweep leaves signals to its workers), `fmnist.sweeps.placement`
+(`exit_if_orphaned`: a joblib worker whose sweep died) and `fmnist.sweeps.tune` (a study stops before its next
+trial)."""
 
 from __future__ import annotations
 
@@ -20,8 +25,8 @@ SIGTERM_RECEIVED = threading.Event()
 
 @contextmanager
 def sigterm_raises():
-    """SIGTERM raises SIGTERMException from the first write on (before, while train.py checks the run, it unwinds
-    the command: fmnist.cli.sigterm_unwinds): a run stopped while it starts is still recorded `interrupted`, with its
+    """SIGTERM raises SIGTERMException from the first write on (`fmnist.training.claim.claimed` installs this once the
+    run's checks pass; before, while they run, SIGTERM unwinds the command: fmnist.cli.sigterm_unwinds): a run stopped while it starts is still recorded `interrupted`, with its
     resume command.
 
     Inside fit and test Lightning's handler runs first and calls this one; there the run stops at the
@@ -73,6 +78,28 @@ def ctrl_c_stops_at_a_step(trainer: L.Trainer):
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if caught:  # after the last step: the run still stops here, before anything else starts
         raise KeyboardInterrupt
+
+
+@contextmanager
+def signals_deferred():
+    """Hold Ctrl-C and SIGTERM until the block ends: a checkpoint write is never cut in half.
+
+    A signal caught meanwhile is raised again right after, so the run still stops, at a point
+    where it can record that it was interrupted.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for sig in caught:
+            signal.raise_signal(sig)
 
 
 def stopping_signal(error: BaseException) -> int | None:

@@ -97,6 +97,9 @@ def by_epoch(row: dict) -> dict:
 
 
 # Logger methods Lightning calls during a run (per-step metrics, checkpoints, the end).
+# The status Lightning closes a logger with after a fit that raised: Lightning's word, not a run's status
+# (fmnist.runs.FAILED), and MLflow's FAILED unless a signal stopped the run (RunMLFlowLogger).
+LIGHTNING_FAILED = "failed"
 LIGHTNING_CALLS = ("log_metrics", "log_hyperparams", "save", "finalize", "after_save_checkpoint")
 
 
@@ -194,7 +197,7 @@ class RunMLFlowLogger(MLFlowLogger):
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
-        super().finalize("KILLED" if status == "failed" and self.stopped_by_signal else status)
+        super().finalize("KILLED" if status == LIGHTNING_FAILED and self.stopped_by_signal else status)
 
 
 class CSV(Tracker):
@@ -411,7 +414,7 @@ def close_trackers_failed(trackers: list[Tracker]) -> None:
     """Close the trackers as Lightning does when a fit ends with an error, for a run that fails after Lightning's
     fit and test returned."""
     for tracker in trackers:
-        tracker.logger.finalize("failed")  # guarded: a failing tracker is warned about once
+        tracker.logger.finalize(LIGHTNING_FAILED)  # guarded: a failing tracker is warned about once
 
 
 def for_each(trackers: list[Tracker], method: str, *args) -> None:

@@ -1,7 +1,7 @@
 """`train(cfg, run_dir)`: claim the run directory (`fmnist.training.claim`), fit, select on validation, test the
 best checkpoint once, and write the run's record, failures included (`_run`: one policy for every entry point).
 
-`run_job` (train.py) adds what sweeps need: skip finished jobs, resume unfinished ones, and go on to the
+`run_job` (the job of the `train.py` entry point) adds what sweeps need: skip finished jobs, resume unfinished ones, and go on to the
 next job after a failure; `fmnist.sweeps.tune` calls `train` for each trial.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import shlex
 import time
 import traceback
@@ -25,11 +24,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from fmnist import console
 from fmnist.cli import OTHER_SWEEP_DIR
-from fmnist.config import RUN_OPTIONS
+from fmnist.config import RUN_OPTIONS, hydra_quote
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.data.sources import data_digests
 from fmnist.errors import ConfigError, DivergedError, FmnistError
-from fmnist.fsio import atomic_write, storage_errors
+from fmnist.fsio import RUN_DIR_KEY, atomic_write, storage_errors
 from fmnist.hardware import device_kind
 from fmnist.models import training_flops_per_image
 from fmnist.runs import (BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, DIVERGED, EPOCHS_FILE,
@@ -103,6 +102,18 @@ def _run(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
         raise
 
 
+def record_failure(run_dir: Path, status: str, message: str, error: BaseException) -> None:
+    """metrics.json says how the run ended (`status`, `message`); error.txt has the traceback. Rank 0 only."""
+    if rank_zero_only.rank != 0 or not run_dir.exists():
+        return
+    try:
+        update_record(run_dir, status=status, error=message, finished_at=now())
+        if status != PRUNED:  # a pruned run was stopped on purpose: its message says why, no traceback
+            atomic_write(run_dir / ERROR_FILE, "".join(traceback.format_exception(error)))
+    except OSError as e:  # e.g. the full disk that stopped the run: the error itself is still reported
+        log.warning("could not record the failure in %s (%s)", run_dir, e)
+
+
 @contextmanager
 def _overflowing_steps_diverge():
     """An optimizer step too large for the weights' dtype (`optim.lr=1e39`, which torch refuses as a step's scale
@@ -164,26 +175,33 @@ def _best_epoch(run_dir: Path) -> int | None:
     return None if validated is None or validated.empty else int(validated.loc[validated["val/acc"].idxmax(), "epoch"])
 
 
+def _precision(cfg: DictConfig, record_so_far: dict, resume: bool) -> tuple[str, dict]:
+    """The Lightning precision of the run, and how it was decided (its record's `precision`): `resolve_precision`'s,
+    or, for a resume of a run whose start resolved `auto` on this kind of device, the precision that start chose:
+    one run, one precision, whatever a probe or another process's cached verdict would say now."""
+    chosen = record_so_far.get("precision") or {} if resume else {}
+    if cfg.trainer.precision == "auto" and chosen.get("requested") == "auto" and chosen.get("resolved") \
+            and chosen.get("device") == device_kind(cfg.trainer.accelerator):
+        log.info("precision auto -> %s: kept from the run's start (%s)", chosen["resolved"], chosen.get("reason"))
+        return chosen["resolved"], chosen
+    return resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator,
+                             {**OmegaConf.to_container(cfg.model, resolve=True), "channels_last": cfg.channels_last},
+                             cfg.data.batch_size, planned_steps(cfg))
+
+
 @_process_group_released()
 def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | None, hydra_files: dict | None,
          callbacks: list[L.Callback] | None, record: dict | None) -> dict:
+    """The claimed run itself: choose the precision, write the run's first files (config.yaml, `.hydra/`, the
+    `running` record, the trackers' runs), build the data, model, callbacks and Trainer, fit (from last.ckpt when
+    `resume`), test the best checkpoint once, and record the metrics; return them."""
     last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     started = time.perf_counter()
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
     run_options = {key: cfg[key] for key in RUN_OPTIONS}
     record_so_far = read_record(run_dir) or {}  # a resumed run's: its precision, the tracker runs it continues
-    chosen = record_so_far.get("precision") or {} if resume else {}
-    if cfg.trainer.precision == "auto" and chosen.get("requested") == "auto" and chosen.get("resolved") \
-            and chosen.get("device") == device_kind(cfg.trainer.accelerator):
-        # A resume trains on in the precision the run's start chose, and its record keeps how that was decided:
-        # one run, one precision, whatever a probe or another process's cached verdict would say now.
-        trainer_kwargs["precision"], precision = chosen["resolved"], chosen
-        log.info("precision auto -> %s: kept from the run's start (%s)", chosen["resolved"], chosen.get("reason"))
-    else:
-        trainer_kwargs["precision"], precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator,
-                                                                   {**model_kwargs, "channels_last": cfg.channels_last},
-                                                                   cfg.data.batch_size, planned_steps(cfg))
+    trainer_kwargs["precision"], precision = _precision(cfg, record_so_far, resume)
     if rank_zero_only.rank == 0:
         # config.yaml first: it is what marks a directory as a run's that stopped before its first record.
         atomic_write(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
@@ -292,11 +310,14 @@ def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: l
         cfg = cfg.copy()
         cfg.ckpt_path = "last"
     again = " ".join([*(shlex.quote(o) for o in overrides or [] if not o.startswith("ckpt_path=")),
-                      shlex.quote(f"hydra.run.dir={hydra_quote(str(run_dir))}"), "ckpt_path=last"])
+                      shlex.quote(f"{RUN_DIR_KEY}={hydra_quote(str(run_dir))}"), "ckpt_path=last"])
     resume_hint = resume_with("run the same sweep command again" if in_sweep else f"python train.py {again}")
+    # `train`'s claim and run, with the `try` around the run alone: a refusal raises in a sweep too, while the
+    # claimed run's failure is this job's result.
     with claimed(cfg, run_dir, in_sweep) as resume:
         try:
-            metrics = _run(cfg, run_dir, resume, overrides, hydra_files, None, resume_hint, None)
+            metrics = _run(cfg, run_dir, resume, overrides, hydra_files, callbacks=None, resume_hint=resume_hint,
+                           record=None)
         except BaseException as e:
             stopped = stopping_signal(e)
             if stopped and not apart:
@@ -308,25 +329,3 @@ def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: l
     if rank_zero_only.rank == 0:
         console.print_result(run_dir, read_record(run_dir) or {})
     return metrics["val/acc_best"]
-
-
-def hydra_quote(value: str) -> str:
-    """`value` as a Hydra override value: as is when plain, else quoted (spaces, non-ASCII, `,` or `=`)."""
-    if re.fullmatch(r"[\w/.:@+-]+", value, re.ASCII):
-        return value
-    # In Hydra's quoted strings a backslash escapes a quote, so a run of backslashes before a quote or at
-    # the end is doubled first (`x\` would otherwise escape the closing quote).
-    escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
-    return "'" + escaped.replace("'", "\\'") + "'"
-
-
-def record_failure(run_dir: Path, status: str, message: str, error: BaseException) -> None:
-    """metrics.json says how the run ended (`status`, `message`); error.txt has the traceback. Rank 0 only."""
-    if rank_zero_only.rank != 0 or not run_dir.exists():
-        return
-    try:
-        update_record(run_dir, status=status, error=message, finished_at=now())
-        if status != PRUNED:  # a pruned run was stopped on purpose: its message says why, no traceback
-            atomic_write(run_dir / ERROR_FILE, "".join(traceback.format_exception(error)))
-    except OSError as e:  # e.g. the full disk that stopped the run: the error itself is still reported
-        log.warning("could not record the failure in %s (%s)", run_dir, e)
