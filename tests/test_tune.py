@@ -447,7 +447,7 @@ def test_ctrl_c_before_a_trial_trains_is_one_paragraph_and_the_same_command_cont
 
 def test_a_trial_the_heartbeat_failed_is_recorded_interrupted_not_left_running(tmp_path):
     from fmnist.runs import update_record
-    from fmnist.sweeps.tune import record_stale_trials
+    from fmnist.sweeps.storage import record_stale_trials
 
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}")
     for number, status in enumerate(("running", "completed")):

@@ -15,7 +15,6 @@ status in its run directory) and the study goes on; a user error (bad key, missi
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -32,7 +31,6 @@ from typing import Any, Dict, List, Optional
 import lightning as L
 import numpy as np
 import optuna
-import sqlalchemy
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
@@ -48,8 +46,9 @@ from fmnist.errors import ConfigError, FmnistError
 from fmnist.fsio import atomic_write, missing_dirs, remove_if_empty
 from fmnist.results.sweep import check_same_data, every_combination, summarize
 from fmnist.training.figures import save_png  # matplotlib, headless
-from fmnist.runs import (DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, JOB_LOG, METRICS_FILE, RUNNING, TRIAL_DIR_PREFIX,
-                         now, read_record, update_record)
+from fmnist.runs import DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, JOB_LOG, METRICS_FILE, TRIAL_DIR_PREFIX
+from fmnist.sweeps.storage import (STUDY_DB, check_storage_file, default_storage, fail_dead_trials, open_storage,
+                                   record_stale_trials, storage_file)
 from fmnist.training.claim import check_config, check_data, flat_config
 from fmnist.training.signals import SIGTERM_RECEIVED, stopping_signal
 from fmnist.training.train import RunPruned, failure_of, train
@@ -57,7 +56,6 @@ from fmnist.training.train import RunPruned, failure_of, train
 log = logging.getLogger(__name__)
 
 METRIC = "val/acc_best"  # what the study maximises: model selection is on validation, never on test
-STUDY_DB = "study.db"  # a study's database without storage=: SQLite, in its directory
 # An interrupted trial is not resumed: the study goes on with new trials (Optuna marks it failed).
 RESUME_HINT = "a trial is not resumed: the same tune.py command continues the study with a new trial in its place"
 
@@ -521,86 +519,6 @@ class Search:
         return metrics[METRIC]
 
 
-def _optuna_tables_or_none(path: Path) -> bool:
-    """Whether a SQLite file holds Optuna's tables, or no table yet (read only; another tool's database, such as
-    an MLflow store, holds its own and must not get Optuna's beside them)."""
-    import sqlite3
-
-    try:
-        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
-            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.Error:
-        return False
-    return not tables or {"studies", "version_info"} <= tables
-
-
-def _storage_file(url: str) -> Path | None:
-    """The file a journal or SQLite storage URL names, or None (a database server)."""
-    if url.startswith("journal:"):
-        return Path(url[len("journal:"):])
-    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
-
-
-def _check_storage_file(url: str, default: bool = False) -> None:
-    """ConfigError for a journal or SQLite storage naming an existing file of another kind (Optuna would append
-    to a user's file, or fail on it with pages of SQL). `default`: the study directory's own study.db, used
-    when no storage= is given."""
-    path = _storage_file(url)
-    if path is None or (default and not path.exists()):
-        return
-    kind = "journal" if url.startswith("journal:") else "sqlite"
-    if not path.parent.is_dir():
-        raise ConfigError(f"storage={url} names {path}, whose directory {path.parent} is not an existing directory; "
-                          "nothing was written. Name a file in an existing directory.")
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    if kind == "sqlite":
-        optunas = head.startswith(b"SQLite format 3\x00") and _optuna_tables_or_none(path)
-    else:  # a journal is one JSON object per line, each with the operation it records
-        try:
-            optunas = b"op_code" in head and isinstance(json.loads(head.split(b"\n", 1)[0]), dict)
-        except ValueError:
-            optunas = False
-    if not optunas:
-        what = "journal" if kind == "journal" else "SQLite database"
-        if default:
-            raise ConfigError(f"{path}, where the study keeps its database, is not an Optuna {what}; nothing was "
-                              "written. Start the study under another name (study=...) or out_dir.")
-        raise ConfigError(f"storage={url} names {path}, which is not an Optuna {what}; nothing was written. Name a "
-                          "new file, or the study's own storage.")
-
-
-def _default_storage(study_dir: Path) -> str:
-    """The storage of a study without storage=."""
-    return f"sqlite:///{study_dir.resolve() / STUDY_DB}"
-
-
-def _storage(cfg: DictConfig, study_dir: Path) -> optuna.storages.RDBStorage:
-    url = cfg.storage or _default_storage(study_dir)
-    # SQLite serialises writers with a lock; several processes wait for it instead of failing.
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    for attempt in range(5):
-        try:
-            # The heartbeat marks a trial whose process died (killed, node lost) as failed, so that
-            # its slot is not held as "running" forever.
-            with warnings.catch_warnings():  # "experimental" since optuna 2.9, and what distributed studies need
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                if url.startswith("journal:"):  # a file on a shared file system: no database server
-                    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url[len("journal:"):]))
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=cfg.heartbeat.interval_s,
-                                                  grace_period=cfg.heartbeat.grace_s)
-        except sqlalchemy.exc.IntegrityError:
-            # Processes started together race to create the new database's tables (seen with two
-            # tune.py on one SQLite file): the loser finds them made on a second try.
-            time.sleep(1 + attempt)
-        except Exception as e:  # a malformed URL, a missing driver, a database that cannot be reached
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else ""  # not SQLAlchemy's link to its docs
-            raise ConfigError(f"cannot open the study storage {url!r}: {type(e).__name__}: {reason}") from e
-    raise ConfigError(f"cannot open the study storage {url!r}: its tables could not be created (5 tries).")
-
-
 def _orphan_trials(study_dir: Path, trials: list[str], why: str) -> ConfigError:
     return ConfigError(f"{study_dir} holds trials of a study ({', '.join(trials[:3])}{', ...' if len(trials) > 3 else ''}) "
                        f"but {why}, so they cannot be continued and would be mixed with new ones; nothing was "
@@ -623,10 +541,10 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
         search.check_space()
         check_same_data(study_dir, str(search._base_config().data.dir),  # its best trial would be chosen across both
                         advice="Start another study (study=NAME), or give the data its trials ran on; nothing was written.")
-        _check_storage_file(cfg.storage or _default_storage(study_dir), default=not cfg.storage)
+        check_storage_file(cfg.storage or default_storage(study_dir), default=not cfg.storage)
         made = missing_dirs(study_dir)  # removed again if the study is refused
         trials_here = sorted(p.name for p in study_dir.glob(f"{TRIAL_DIR_PREFIX}*"))
-        own = _storage_file(cfg.storage) if cfg.storage else study_dir / STUDY_DB  # a study's own database
+        own = storage_file(cfg.storage) if cfg.storage else study_dir / STUDY_DB  # a study's own database
         if trials_here and own is not None and not own.exists():  # opening it would create an empty one
             raise _orphan_trials(study_dir, trials_here, f"its database {STUDY_DB} is gone" if cfg.storage is None
                                  else f"the storage {cfg.storage} names no file yet ({own})")
@@ -639,7 +557,7 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
                               "Choose another study name (study=...) or out_dir.")
         study_dir.mkdir(parents=True, exist_ok=True)
         try:
-            storage = _storage(cfg, study_dir)
+            storage = open_storage(cfg.storage, cfg.heartbeat, study_dir)
             if trials_here and cfg.study not in optuna.study.get_all_study_names(storage):
                 raise _orphan_trials(study_dir, trials_here, f"the storage {cfg.storage} holds no study {cfg.study}")
             study = optuna.create_study(
@@ -691,50 +609,6 @@ def _sigterm_noted():
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
-    """Mark `interrupted` (an Optuna FAIL, not counted) each RUNNING trial whose process on this machine is gone:
-    killed with SIGKILL, or its machine restarted. Trials of other machines are left to the storage's
-    heartbeat (a FAIL without a status after `grace_period`, not counted either)."""
-    host = socket.gethostname()
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        process = trial.user_attrs.get("process") or {}
-        if process.get("host") != host or _alive(process.get("pid")):
-            continue
-        # As Optuna's own fail_stale_trials does it: a FrozenTrial's id is `_trial_id`.
-        storage.set_trial_user_attr(trial._trial_id, "status", INTERRUPTED)
-        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-        run_dir = Path(trial.user_attrs.get("run_dir", ""))
-        if (run_dir / METRICS_FILE).exists():
-            update_record(run_dir, status=INTERRUPTED, finished_at=now(),
-                          error=f"its process ({process.get('pid')}) was killed; the study replaces the trial")
-        log.warning("trial %d: its process %s is gone; recorded interrupted, to be replaced", trial.number,
-                    process.get("pid"))
-
-
-def record_stale_trials(study: optuna.Study) -> None:
-    """Record `interrupted` each trial the storage's heartbeat failed (a FAIL without a status: its process stopped
-    beating, killed on this machine or another) whose run record still says `running`, as the study has it."""
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
-        run_dir = Path(trial.user_attrs.get("run_dir", ""))
-        if trial.user_attrs.get("status") or not (run_dir / METRICS_FILE).is_file():
-            continue
-        if (read_record(run_dir) or {}).get("status") == RUNNING:
-            update_record(run_dir, status=INTERRUPTED, finished_at=now(),
-                          error="its process stopped beating (heartbeat.grace_s passed); the study replaces the trial")
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def best_overrides(study: optuna.Study) -> dict | None:

@@ -1,0 +1,149 @@
+"""A study's storage: the study directory's own SQLite file or a database URL (`storage=`), checked before Optuna
+opens it, and the trials it holds whose process died, recorded `interrupted`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+import sqlalchemy
+
+from fmnist.errors import ConfigError
+from fmnist.runs import INTERRUPTED, METRICS_FILE, RUNNING, now, read_record, update_record
+
+log = logging.getLogger(__name__)
+
+STUDY_DB = "study.db"  # a study's database without storage=: SQLite, in its directory
+
+
+def _optuna_tables_or_none(path: Path) -> bool:
+    """Whether a SQLite file holds Optuna's tables, or no table yet (read only; another tool's database, such as
+    an MLflow store, holds its own and must not get Optuna's beside them)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error:
+        return False
+    return not tables or {"studies", "version_info"} <= tables
+
+
+def storage_file(url: str) -> Path | None:
+    """The file a journal or SQLite storage URL names, or None (a database server)."""
+    if url.startswith("journal:"):
+        return Path(url[len("journal:"):])
+    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
+
+
+def check_storage_file(url: str, default: bool = False) -> None:
+    """ConfigError for a journal or SQLite storage naming an existing file of another kind (Optuna would append
+    to a user's file, or fail on it with pages of SQL). `default`: the study directory's own study.db, used
+    when no storage= is given."""
+    path = storage_file(url)
+    if path is None or (default and not path.exists()):
+        return
+    kind = "journal" if url.startswith("journal:") else "sqlite"
+    if not path.parent.is_dir():
+        raise ConfigError(f"storage={url} names {path}, whose directory {path.parent} is not an existing directory; "
+                          "nothing was written. Name a file in an existing directory.")
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if kind == "sqlite":
+        optunas = head.startswith(b"SQLite format 3\x00") and _optuna_tables_or_none(path)
+    else:  # a journal is one JSON object per line, each with the operation it records
+        try:
+            optunas = b"op_code" in head and isinstance(json.loads(head.split(b"\n", 1)[0]), dict)
+        except ValueError:
+            optunas = False
+    if not optunas:
+        what = "journal" if kind == "journal" else "SQLite database"
+        if default:
+            raise ConfigError(f"{path}, where the study keeps its database, is not an Optuna {what}; nothing was "
+                              "written. Start the study under another name (study=...) or out_dir.")
+        raise ConfigError(f"storage={url} names {path}, which is not an Optuna {what}; nothing was written. Name a "
+                          "new file, or the study's own storage.")
+
+
+def default_storage(study_dir: Path) -> str:
+    """The storage of a study without storage=."""
+    return f"sqlite:///{study_dir.resolve() / STUDY_DB}"
+
+
+def open_storage(url: str | None, heartbeat, study_dir: Path) -> optuna.storages.BaseStorage:
+    """The study's storage: `url` (a database, or `journal:FILE`), or the study directory's own SQLite file when
+    None, with `heartbeat` (interval_s, grace_s) for a database's trials; ConfigError when it cannot be opened."""
+    url = url or default_storage(study_dir)
+    # SQLite serialises writers with a lock; several processes wait for it instead of failing.
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    for attempt in range(5):
+        try:
+            # The heartbeat marks a trial whose process died (killed, node lost) as failed, so that
+            # its slot is not held as "running" forever.
+            with warnings.catch_warnings():  # "experimental" since optuna 2.9, and what distributed studies need
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                if url.startswith("journal:"):  # a file on a shared file system: no database server
+                    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url[len("journal:"):]))
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat.interval_s,
+                                                  grace_period=heartbeat.grace_s)
+        except sqlalchemy.exc.IntegrityError:
+            # Processes started together race to create the new database's tables (seen with two
+            # tune.py on one SQLite file): the loser finds them made on a second try.
+            time.sleep(1 + attempt)
+        except Exception as e:  # a malformed URL, a missing driver, a database that cannot be reached
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else ""  # not SQLAlchemy's link to its docs
+            raise ConfigError(f"cannot open the study storage {url!r}: {type(e).__name__}: {reason}") from e
+    raise ConfigError(f"cannot open the study storage {url!r}: its tables could not be created (5 tries).")
+
+
+def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
+    """Mark `interrupted` (an Optuna FAIL, not counted) each RUNNING trial whose process on this machine is gone:
+    killed with SIGKILL, or its machine restarted. Trials of other machines are left to the storage's
+    heartbeat (a FAIL without a status after `grace_period`, not counted either)."""
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        process = trial.user_attrs.get("process") or {}
+        if process.get("host") != host or _alive(process.get("pid")):
+            continue
+        # As Optuna's own fail_stale_trials does it: a FrozenTrial's id is `_trial_id`.
+        storage.set_trial_user_attr(trial._trial_id, "status", INTERRUPTED)
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        run_dir = Path(trial.user_attrs.get("run_dir", ""))
+        if (run_dir / METRICS_FILE).exists():
+            update_record(run_dir, status=INTERRUPTED, finished_at=now(),
+                          error=f"its process ({process.get('pid')}) was killed; the study replaces the trial")
+        log.warning("trial %d: its process %s is gone; recorded interrupted, to be replaced", trial.number,
+                    process.get("pid"))
+
+
+def record_stale_trials(study: optuna.Study) -> None:
+    """Record `interrupted` each trial the storage's heartbeat failed (a FAIL without a status: its process stopped
+    beating, killed on this machine or another) whose run record still says `running`, as the study has it."""
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+        run_dir = Path(trial.user_attrs.get("run_dir", ""))
+        if trial.user_attrs.get("status") or not (run_dir / METRICS_FILE).is_file():
+            continue
+        if (read_record(run_dir) or {}).get("status") == RUNNING:
+            update_record(run_dir, status=INTERRUPTED, finished_at=now(),
+                          error="its process stopped beating (heartbeat.grace_s passed); the study replaces the trial")
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
