@@ -100,8 +100,6 @@ def summarize(sweep_dir: Path) -> pd.DataFrame:
     return table
 
 
-
-
 def check_sweep_dir(sweep_dir: Path) -> None:
     """ConfigError for a sweep directory that holds files but is no earlier sweep's (which a sweep continues): no
     `multirun.yaml` and no job directory (`is_job_dir`), or a tune.py study's. Its summary and Hydra's files

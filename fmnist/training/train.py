@@ -1,8 +1,8 @@
 """`train(cfg, run_dir)`: claim the run directory (`fmnist.training.claim`), fit, select on validation, test the
 best checkpoint once, and write the run's record, failures included (`_run`: one policy for every entry point).
 
-`run_job` (the job of the `train.py` entry point) adds what sweeps need: skip finished jobs, resume unfinished ones, and go on to the
-next job after a failure; `fmnist.sweeps.tune` calls `train` for each trial.
+`run_job` (the job of the `train.py` entry point) adds what sweeps need: skip finished jobs, resume unfinished
+ones, and go on to the next job after a failure; `fmnist.sweeps.tune` calls `train` for each trial.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ from fmnist.training.trackers import close_trackers_failed, for_each, hparams_ro
 log = logging.getLogger(__name__)
 
 
-
 class RunPruned(Exception):
     """Raised by a callback to stop a run early on purpose (a search's pruner): recorded `pruned`, not `failed`."""
 
@@ -56,8 +55,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, hy
           callbacks: list[L.Callback] | None = None, resume_hint: str | None = None, record: dict | None = None) -> dict:
     """Train per `cfg` in `run_dir`; return (and record in metrics.json) the final metrics.
 
-    First the claim (`fmnist.training.claim.claimed`): a refusal raises and writes nothing. Then `_run`: fit, test, record,
-    and a failure recorded with its status before it is raised. `overrides` (the command-line
+    First the claim (`fmnist.training.claim.claimed`): a refusal raises and writes nothing. Then `_run`: fit,
+    test, record, and a failure recorded with its status before it is raised. `overrides` (the command-line
     overrides that made `cfg`) are recorded for the sweep summary; `hydra_files` (name: config) are
     saved in `.hydra/` once every check has passed; `callbacks` join the trainer's own (e.g. a
     search's per-epoch report to its trial); `resume_hint` says how to resume an interrupted run;
