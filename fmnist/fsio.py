@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -116,6 +117,29 @@ def path_argument(text: str) -> Path:
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path; give a file or directory name (`.` for this directory)")
     return Path(text)
+
+
+@contextmanager
+def directory_lock(directory: Path, when_busy: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock (`flock`) on `directory` for the block: one writer at a time. When another process
+    holds it, `when_busy` is called first (to say so, or to raise and refuse), then the lock is waited for.
+
+    No lock file is written (a refused command leaves the directory as it was), and the OS releases the lock when
+    its holder exits, even by SIGKILL."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            busy = False
+        except BlockingIOError:
+            busy = True
+        if busy:  # outside the `except`: a refusal raised by `when_busy` is not chained to the BlockingIOError
+            if when_busy is not None:
+                when_busy()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def some_names(names: list[str], shown: int = 3) -> str:

@@ -125,6 +125,36 @@ def test_the_verdict_is_cached_per_architecture_and_batch_size_not_evaluation_ke
     assert len(calls) == 3
 
 
+def test_two_processes_probing_at_once_keep_both_verdicts_and_the_first_for_one_key(monkeypatch):
+    # Another process caches its verdicts while this one probes: for another key (both are kept, not the last
+    # writer's alone), and for this very key (its verdict is used and kept, so every run of the key gets the same).
+    cpu_with_bf16(monkeypatch, native=True)
+    theirs = {**auto.verdict({"fp32_ms": [10] * auto.PROBE_ROUNDS, "bf16_ms": [5] * auto.PROBE_ROUNDS,
+                              "others_cpu_share": 0.0}), "measured": "another process's probe"}
+    other_key = auto.cache_key({**MODEL, "hidden": 64}, 64, "cpu")
+    measure, _ = fake_probe(5, 10)  # this probe: fp32 faster
+
+    def probe_while_another_process_writes(model, batch_size, device):
+        auto.cache_file().parent.mkdir(parents=True, exist_ok=True)
+        auto.cache_file().write_text(json.dumps({other_key: theirs}))
+        return measure(model, batch_size, device)
+
+    precision, _ = auto.resolve_precision("auto", "cpu", MODEL, 64, measure=probe_while_another_process_writes)
+    cached = json.loads(auto.cache_file().read_text())
+    assert precision == "32-true" and other_key in cached and auto.cache_key(MODEL, 64, "cpu") in cached
+
+    this_key = auto.cache_key(MODEL, 256, "cpu")
+
+    def probe_while_another_process_caches_this_key(model, batch_size, device):
+        auto.cache_file().write_text(json.dumps({**json.loads(auto.cache_file().read_text()), this_key: theirs}))
+        return measure(model, batch_size, device)
+
+    precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, 256,
+                                                 measure=probe_while_another_process_caches_this_key)
+    assert precision == "bf16-mixed" and "cached by another process during this one's probe" in evidence["reason"]
+    assert json.loads(auto.cache_file().read_text())[this_key]["precision"] == "bf16-mixed"
+
+
 def test_tta_and_ema_do_not_reach_the_verdicts_key(make_cfg, tmp_path, monkeypatch):
     from fmnist.training import train as training
 

@@ -7,7 +7,6 @@ we are root); the official download, verified against its published MD5 checksum
 
 from __future__ import annotations
 
-import fcntl
 import gzip
 import hashlib
 import logging
@@ -23,7 +22,7 @@ import numpy as np
 from fmnist import IMAGE_SIDE, NUM_CLASSES
 from fmnist.data.csv_io import csv_digest, load_csv, require_file, write_csv
 from fmnist.errors import DataError
-from fmnist.fsio import storage_errors
+from fmnist.fsio import directory_lock, storage_errors
 
 log = logging.getLogger(__name__)
 
@@ -181,23 +180,17 @@ def obtain(data_dir: Path, idx_dir: Path | None = None, allow_install: bool = Tr
     created = not data_dir.exists()
     with storage_errors(key="--data-dir"):
         data_dir.mkdir(parents=True, exist_ok=True)
-    lock = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
         # One writer at a time: a second `make data` into the directory waits, then finds the first one's CSVs,
         # instead of checking for them at the same moment and writing a pair from two sources.
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another process is putting the CSVs into %s: waiting for it to finish", data_dir)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        with storage_errors(key="--data-dir"):  # a full disk while the CSVs are written
-            return _obtain(data_dir, idx_dir, allow_install, allow_download)
+        with directory_lock(data_dir, when_busy=lambda: log.info(
+                "another process is putting the CSVs into %s: waiting for it to finish", data_dir)):
+            with storage_errors(key="--data-dir"):  # a full disk while the CSVs are written
+                return _obtain(data_dir, idx_dir, allow_install, allow_download)
     except BaseException:
         if created:
             shutil.rmtree(data_dir, ignore_errors=True)
         raise
-    finally:
-        os.close(lock)
 
 
 def _obtain(data_dir: Path, idx_dir: Path | None, allow_install: bool, allow_download: bool) -> str:

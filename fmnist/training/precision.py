@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 
 from fmnist import IMAGE_SIDE, NUM_CLASSES, hardware
 from fmnist.errors import ConfigError
-from fmnist.fsio import atomic_write, not_a_file, storage_errors
+from fmnist.fsio import atomic_write, directory_lock, not_a_file, storage_errors
 from fmnist.models import INIT_ONLY_KEYS, build_model
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,10 @@ def cache_key(model: dict, batch_size: int, device: str) -> str:
             f"{json.dumps(arch, sort_keys=True)}")
 
 
+def _cached(found: dict, how: str = "") -> dict:
+    return {**found, "source": f"cached verdict of {found.get('measured', 'an earlier probe')}{how}"}
+
+
 def decide(model: dict, batch_size: int, device: str, measure: Callable[..., dict] | None = None,
            remeasure: bool = False, short_run: bool = False) -> dict | None:
     """The verdict for this (device, model, batch size): the cached one, or a new probe's (cached when it
@@ -210,7 +214,7 @@ def decide(model: dict, batch_size: int, device: str, measure: Callable[..., dic
     key = cache_key(model, batch_size, device)
     cache = _read_cache()
     if key in cache and not remeasure:
-        return {**cache[key], "source": f"cached verdict of {cache[key].get('measured', 'an earlier probe')}"}
+        return _cached(cache[key])
     if short_run:
         return None
     timings = (measure or probe)(model, batch_size, device)
@@ -221,7 +225,13 @@ def decide(model: dict, batch_size: int, device: str, measure: Callable[..., dic
     if keep:
         try:
             cache_file().parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(cache_file(), json.dumps({**_read_cache(), key: result}, indent=1))
+            # One writer at a time, each adding to what the others wrote; a verdict another process cached while
+            # this one probed is kept and used, so that every run of this key gets the first clear verdict.
+            with directory_lock(cache_file().parent):
+                cache = _read_cache()
+                if key in cache and not remeasure:
+                    return _cached(cache[key], " (cached by another process during this one's probe)")
+                atomic_write(cache_file(), json.dumps({**cache, key: result}, indent=1))
         except OSError as e:  # a read-only home only costs a probe per run
             log.debug("precision cache not written: %s", e)
             why = f"not cached: {cache_file()} could not be written"

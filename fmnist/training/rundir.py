@@ -7,14 +7,13 @@ killed run never leaves its directory locked.
 
 from __future__ import annotations
 
-import fcntl
 import os
 from contextlib import contextmanager
 from pathlib import Path
 
 from fmnist.cli import OTHER_RUN_DIR
 from fmnist.errors import ConfigError
-from fmnist.fsio import storage_errors
+from fmnist.fsio import directory_lock, storage_errors
 
 
 class RunDirInUse(ConfigError):
@@ -43,16 +42,12 @@ def own_run_dir(run_dir: Path, elsewhere: str = OTHER_RUN_DIR):
     run_dir = Path(run_dir)
     with storage_errors():
         run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = holder_pid(run_dir)
-            holder = f"process {pid}" if pid else "another process"
-            raise RunDirInUse(f"{run_dir} is in use by {holder}, which is running in it now; nothing was written. "
-                              "Wait for that run to end (or stop it), or choose another directory "
-                              f"({elsewhere}).") from None
+
+    def refuse() -> None:
+        pid = holder_pid(run_dir)
+        holder = f"process {pid}" if pid else "another process"
+        raise RunDirInUse(f"{run_dir} is in use by {holder}, which is running in it now; nothing was written. "
+                          f"Wait for that run to end (or stop it), or choose another directory ({elsewhere}).")
+
+    with directory_lock(run_dir, when_busy=refuse):
         yield run_dir
-    finally:
-        os.close(fd)
