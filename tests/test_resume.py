@@ -150,6 +150,9 @@ def test_epochs_without_validation_are_checkpointed_and_resumed_after(tmp_path, 
     record = json.loads((run / "metrics.json").read_text())
     train_seconds = [float(row["train_seconds"]) for row in csv.DictReader(after)]
     assert record["metrics"]["train_seconds"] == train_seconds[-1] and train_seconds == sorted(train_seconds)
+    # The record's last validation loss is the third epoch's, which the resumed process did not validate.
+    validated = [row for row in csv.DictReader(after) if row["val/loss"]]
+    assert record["metrics"]["val/loss"] == float(validated[-1]["val/loss"]) and validated[-1]["epoch"] == "3"
     # An epoch without validation has no score to rank, and is not warned of (Lightning: "could not find the
     # monitored key") when a resume starts in one.
     assert not [w for w in warned if "could not find the monitored key" in str(w.message)]

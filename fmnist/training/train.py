@@ -167,11 +167,16 @@ def _stopped_by_time(cfg: DictConfig, trainer: L.Trainer) -> str | None:
             + (f" of {int(planned)}" if math.isfinite(planned) else ""))
 
 
-def _best_epoch(run_dir: Path) -> int | None:
-    """The epoch of the best validation accuracy in the run's epochs.csv; None before any validation."""
+def _validations(run_dir: Path) -> tuple[int | None, float | None]:
+    """From the run's epochs.csv, which holds the epochs of every process that trained the run (a resumed run's
+    earlier ones too): the epoch of the best validation accuracy, and the last validation's loss; None, None
+    before any validation. (Lightning's metrics hold only what this process validated: a resumed process whose
+    epochs all skip validation has none.)"""
     path = run_dir / EPOCHS_FILE
     validated = pd.read_csv(path).dropna(subset=["val/acc"]) if path.exists() else None
-    return None if validated is None or validated.empty else int(validated.loc[validated["val/acc"].idxmax(), "epoch"])
+    if validated is None or validated.empty:
+        return None, None
+    return int(validated.loc[validated["val/acc"].idxmax(), "epoch"]), float(validated["val/loss"].iloc[-1])
 
 
 def _precision(cfg: DictConfig, record_so_far: dict, resume: bool) -> tuple[str, dict]:
@@ -254,12 +259,13 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
         raise ConfigError(f"the run was {stopped_by or 'stopped'} before its first validation, so no model was chosen "
                           "and none was tested. Give it more time (trainer.max_time), or validate sooner.")
 
-    metrics = {"val/acc_best": val_acc_best, "best_epoch": _best_epoch(run_dir),
+    best_epoch, last_val_loss = _validations(run_dir)
+    metrics = {"val/acc_best": val_acc_best, "best_epoch": best_epoch,
                "epochs": trainer.current_epoch, "fit_seconds": round(fit_seconds, 1),
                # the epochs' seconds summed over every process that trained this run (fit_seconds: this one)
                "train_seconds": round(epoch_csv.train_seconds, 3)}
-    if "val/loss" in trainer.callback_metrics:
-        metrics["val/loss"] = float(trainer.callback_metrics["val/loss"])
+    if last_val_loss is not None:
+        metrics["val/loss"] = last_val_loss
     best = "best" if checkpoint.best_model_path else None  # fast_dev_run keeps no best checkpoint
     if cfg.test:
         with console.beside_the_bar(bar), ctrl_c_stops_at_a_step(trainer):
