@@ -303,9 +303,13 @@ def run_plain(work: Callable[[], object], unwind_on_sigterm: bool = False) -> in
         print(f"error: {message}", file=sys.stderr)
         return code
     finally:
-        if sys.stdout is not None:
-            sys.stdout.flush()  # here, not at exit, where a reader that has gone would be reported as an error
-        sys.stdout = stdout
+        try:
+            if sys.stdout is not None:
+                sys.stdout.flush()  # here, not at exit, where a reader that has gone would be reported as an error
+        except OSError as e:  # not a reader gone (ReaderMayGo takes that): e.g. output to a full disk
+            print(f"error: the command's output could not be written: {e}", file=sys.stderr)
+        finally:
+            sys.stdout = stdout
     return 0
 
 

@@ -120,13 +120,16 @@ def path_argument(text: str) -> Path:
 
 
 @contextmanager
-def directory_lock(directory: Path, when_busy: Callable[[], None] | None = None) -> Iterator[None]:
-    """Hold an exclusive lock (`flock`) on `directory` for the block: one writer at a time. When another process
-    holds it, `when_busy` is called first (to say so, or to raise and refuse), then the lock is waited for.
+def exclusive_lock(path: Path, when_busy: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock (`flock`) on `path` for the block: one writer at a time. When another process holds
+    it, `when_busy` is called first (to say so, or to raise and refuse), then the lock is waited for.
 
-    No lock file is written (a refused command leaves the directory as it was), and the OS releases the lock when
-    its holder exits, even by SIGKILL."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    `path` is a directory (a run's, the data's: no lock file is written, so a refused command leaves the directory
+    as it was) or a lock file, made if missing (for what shares its directory with others: the lock is the open
+    file's, so a process that locks a directory and then a lock file inside it does not wait on itself). The OS
+    releases the lock when its holder exits, even by SIGKILL."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY) if Path(path).is_dir() else \
+        os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NONBLOCK, 0o644)  # a pipe there is not waited on
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -200,7 +200,7 @@ def test_a_sweep_name_that_is_a_path_exits_2_and_writes_nothing(tmp_path, run_in
     work.mkdir(parents=True)
     result = run_in_process("train.py", "-m", "name=../../escaped", "seed=0,1", cwd=work)
     assert result.returncode == 2 and "config key name must be a name, not a path" in result.stderr
-    assert "Traceback" not in result.stderr and not [w for w in recwarn if "SummarizeSweep" in str(w.message)]
+    assert "Traceback" not in result.stderr and not [w for w in recwarn if "CheckSweep" in str(w.message)]
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["a", "a/b"]
 
 

@@ -155,6 +155,25 @@ def test_two_processes_probing_at_once_keep_both_verdicts_and_the_first_for_one_
     assert json.loads(auto.cache_file().read_text())[this_key]["precision"] == "bf16-mixed"
 
 
+def test_a_cache_in_the_run_directory_a_run_holds_is_written_not_waited_on(monkeypatch, tmp_path):
+    # FMNIST_CACHE_DIR naming the run's own directory, whose lock the run holds: the cache's lock is another file.
+    import threading
+
+    from fmnist.training.rundir import own_run_dir
+
+    cpu_with_bf16(monkeypatch, native=True)
+    run = tmp_path / "run"
+    monkeypatch.setenv("FMNIST_CACHE_DIR", str(run))
+    measure, _ = fake_probe(10, 5)
+    decided = []
+    with own_run_dir(run):
+        worker = threading.Thread(target=lambda: decided.append(auto.decide(MODEL, 64, "cpu", measure=measure)),
+                                  daemon=True)
+        worker.start()
+        worker.join(timeout=120)  # milliseconds of work; waiting on its own lock, it would never end
+    assert decided and decided[0]["precision"] == "bf16-mixed" and (run / "precision.json").is_file()
+
+
 def test_tta_and_ema_do_not_reach_the_verdicts_key(make_cfg, tmp_path, monkeypatch):
     from fmnist.training import train as training
 

@@ -423,3 +423,15 @@ def test_a_run_directory_quoted_for_the_resume_command_reads_back_as_itself(path
 
     parsed = OverridesParser.create().parse_override(f"hydra.run.dir={hydra_quote(path)}")
     assert parsed.value() == path
+
+
+def test_the_records_validation_figures_come_from_epochs_csv_whatever_it_holds(tmp_path):
+    from fmnist.training.train import _validations
+
+    assert _validations(tmp_path) == (None, None)  # no epoch finished
+    (tmp_path / "epochs.csv").write_text("")
+    assert _validations(tmp_path) == (None, None)
+    (tmp_path / "epochs.csv").write_text("epoch,val/loss,val/acc\n1,0.5,0.8\n2,0.4,0.9\n3,,\n")
+    assert _validations(tmp_path) == (2, 0.4)  # the last validated epoch's loss, not the unvalidated third's
+    (tmp_path / "epochs.csv").write_text("epoch,val/acc\n1,0.8\n")  # a file of an older version
+    assert _validations(tmp_path) == (1, None)

@@ -22,7 +22,7 @@ import numpy as np
 from fmnist import IMAGE_SIDE, NUM_CLASSES
 from fmnist.data.csv_io import csv_digest, load_csv, require_file, write_csv
 from fmnist.errors import DataError
-from fmnist.fsio import directory_lock, storage_errors
+from fmnist.fsio import exclusive_lock, storage_errors
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def obtain(data_dir: Path, idx_dir: Path | None = None, allow_install: bool = Tr
     try:
         # One writer at a time: a second `make data` into the directory waits, then finds the first one's CSVs,
         # instead of checking for them at the same moment and writing a pair from two sources.
-        with directory_lock(data_dir, when_busy=lambda: log.info(
+        with exclusive_lock(data_dir, when_busy=lambda: log.info(
                 "another process is putting the CSVs into %s: waiting for it to finish", data_dir)):
             with storage_errors(key="--data-dir"):  # a full disk while the CSVs are written
                 return _obtain(data_dir, idx_dir, allow_install, allow_download)

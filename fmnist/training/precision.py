@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 
 from fmnist import IMAGE_SIDE, NUM_CLASSES, hardware
 from fmnist.errors import ConfigError
-from fmnist.fsio import atomic_write, directory_lock, not_a_file, storage_errors
+from fmnist.fsio import atomic_write, exclusive_lock, not_a_file, storage_errors
 from fmnist.models import INIT_ONLY_KEYS, build_model
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ def decide(model: dict, batch_size: int, device: str, measure: Callable[..., dic
             cache_file().parent.mkdir(parents=True, exist_ok=True)
             # One writer at a time, each adding to what the others wrote; a verdict another process cached while
             # this one probed is kept and used, so that every run of this key gets the first clear verdict.
-            with directory_lock(cache_file().parent):
+            with exclusive_lock(cache_file().with_name(cache_file().name + ".lock")):
                 cache = _read_cache()
                 if key in cache and not remeasure:
                     return _cached(cache[key], " (cached by another process during this one's probe)")

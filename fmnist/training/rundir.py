@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fmnist.cli import OTHER_RUN_DIR
 from fmnist.errors import ConfigError
-from fmnist.fsio import directory_lock, storage_errors
+from fmnist.fsio import exclusive_lock, storage_errors
 
 
 class RunDirInUse(ConfigError):
@@ -49,5 +49,5 @@ def own_run_dir(run_dir: Path, elsewhere: str = OTHER_RUN_DIR):
         raise RunDirInUse(f"{run_dir} is in use by {holder}, which is running in it now; nothing was written. "
                           f"Wait for that run to end (or stop it), or choose another directory ({elsewhere}).")
 
-    with directory_lock(run_dir, when_busy=refuse):
+    with exclusive_lock(run_dir, when_busy=refuse):
         yield run_dir

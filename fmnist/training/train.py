@@ -172,11 +172,15 @@ def _validations(run_dir: Path) -> tuple[int | None, float | None]:
     earlier ones too): the epoch of the best validation accuracy, and the last validation's loss; None, None
     before any validation. (Lightning's metrics hold only what this process validated: a resumed process whose
     epochs all skip validation has none.)"""
-    path = run_dir / EPOCHS_FILE
-    validated = pd.read_csv(path).dropna(subset=["val/acc"]) if path.exists() else None
-    if validated is None or validated.empty:
+    try:
+        epochs = pd.read_csv(run_dir / EPOCHS_FILE)
+    except (FileNotFoundError, pd.errors.EmptyDataError):  # no epoch finished
         return None, None
-    return int(validated.loc[validated["val/acc"].idxmax(), "epoch"]), float(validated["val/loss"].iloc[-1])
+    validated = epochs.dropna(subset=["val/acc"]) if "val/acc" in epochs else epochs.iloc[:0]
+    if validated.empty:
+        return None, None
+    last_loss = float(validated["val/loss"].iloc[-1]) if "val/loss" in validated else None
+    return int(validated.loc[validated["val/acc"].idxmax(), "epoch"]), last_loss
 
 
 def _precision(cfg: DictConfig, record_so_far: dict, resume: bool) -> tuple[str, dict]:
