@@ -25,6 +25,20 @@ def tensorboard_command(run_dir: Path) -> str:
     return f"tensorboard --logdir {shlex.quote(str(run_dir))}"
 
 
+def _silenced(stream):
+    """`stream` once its reader has gone: its file descriptor pointed at /dev/null, or, for a stream without one,
+    a /dev/null stream in its place."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
+        return stream
+    except (OSError, ValueError, AttributeError):
+        return open(os.devnull, "w")
+
+
 class ConsoleHandler(logging.StreamHandler):
     """The console's log handler. When the reader of its stream goes away (`python train.py | head -1`), the
     stream is sent to /dev/null from then on, instead of a traceback for every later line and a BrokenPipeError
@@ -34,10 +48,7 @@ class ConsoleHandler(logging.StreamHandler):
         if not isinstance(sys.exc_info()[1], BrokenPipeError):
             super().handleError(record)
             return
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
-        except (OSError, ValueError, AttributeError):  # a stream without a file descriptor: drop it instead
-            self.stream = open(os.devnull, "w")
+        self.stream = _silenced(self.stream)
 
 
 class ReaderMayGo:
@@ -55,24 +66,14 @@ class ReaderMayGo:
         try:
             return self.stream.write(text)
         except BrokenPipeError:
-            self._reader_gone()
+            self.stream = _silenced(self.stream)
             return len(text)
 
     def flush(self) -> None:
         try:
             self.stream.flush()
         except BrokenPipeError:
-            self._reader_gone()
-
-    def _reader_gone(self) -> None:
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            try:
-                os.dup2(devnull, self.stream.fileno())
-            finally:
-                os.close(devnull)
-        except (OSError, ValueError, AttributeError):  # a stream without a file descriptor: drop it instead
-            self.stream = open(os.devnull, "w")
+            self.stream = _silenced(self.stream)
 
 
 @contextmanager

@@ -37,6 +37,15 @@ _SPACE = {errno.ENOSPC, errno.EDQUOT}
 NAME_MAX = 255  # bytes in a file's name on Linux's file systems (ext4, xfs, btrfs, tmpfs)
 
 
+_TOKEN_BYTES = 4  # of the random part of a temporary file's name (`atomic_output`)
+
+
+def cut_short_write(path: Path) -> bool:
+    """Whether `path` is the temporary file of an `atomic_output` write (with its default suffix) that a kill cut
+    short: `.NAME.PID-TOKEN.tmp`, which a finished or failed write removes."""
+    return re.fullmatch(rf"\..+\.\d+-[0-9a-f]{{{2 * _TOKEN_BYTES}}}\.tmp", Path(path).name) is not None
+
+
 @contextmanager
 def atomic_output(path: Path, suffix: str = ".tmp", replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path` to write to; once the block succeeds, flush it to disk and
@@ -49,7 +58,7 @@ def atomic_output(path: Path, suffix: str = ".tmp", replace: bool = True) -> Ite
     is kept, and ConfigError says so; the file goes into place by a hard link, which fails if one exists.
     """
     path = Path(path)
-    tail = f".{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+    tail = f".{os.getpid()}-{secrets.token_hex(_TOKEN_BYTES)}{suffix}"
     head = f".{path.name}"
     while len((head + tail).encode()) > NAME_MAX and len(head) > 1:  # a name the file system takes for `path`
         head = head[:-1]

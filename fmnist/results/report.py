@@ -324,9 +324,10 @@ def planned_report(sweep_dir: Path) -> Callable[[], list[Path]]:
     by_variant: dict[str, list[pd.DataFrame]] = {}
     settings_of: dict[str, list[str]] = {}
     for setting, runs in curves.items():
-        if variant_of(setting):
-            by_variant.setdefault(variant_of(setting), []).extend(runs)
-            settings_of.setdefault(variant_of(setting), []).append(setting)
+        variant = variant_of(setting)
+        if variant:
+            by_variant.setdefault(variant, []).extend(runs)
+            settings_of.setdefault(variant, []).append(setting)
     for variant, settings in settings_of.items():
         if len(settings) > 1:  # pooled, each seed would count once per setting in a claim's paired test
             raise ConfigError(f"{sweep_dir}: variant={variant} was run as {len(settings)} settings "

@@ -162,7 +162,6 @@ def check_sweep_jobs(config: DictConfig, config_loader) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import QuotedString
     from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     from fmnist.cli import check_resolvable, refuse_unknown_keys
     from fmnist.training.claim import check_config  # here: `python -m fmnist.results` needs no Lightning

@@ -11,7 +11,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
-from fmnist.fsio import atomic_write, load_checkpoint
+from fmnist.fsio import atomic_write, cut_short_write, load_checkpoint
 from fmnist.runs import BEST_CHECKPOINT_PREFIX, LAST_CHECKPOINT
 from fmnist.training.signals import signals_deferred
 
@@ -95,7 +95,7 @@ class SafeModelCheckpoint(ModelCheckpoint):
         known = {Path(p).name for p in (*self.best_k_models, self.best_model_path) if p}
         for path in sorted(Path(self.dirpath).iterdir()):
             stale = (path.name.startswith(BEST_CHECKPOINT_PREFIX) and path.suffix == ".ckpt" and path.name not in known)
-            if stale or (path.name.startswith(".") and path.name.endswith(".tmp")):
+            if stale or cut_short_write(path):
                 log.warning("removed %s, %s", path, "a best checkpoint of a stopped attempt that this run's "
                             f"{LAST_CHECKPOINT} does not know of" if stale else "left by a write that was cut short")
                 path.unlink()

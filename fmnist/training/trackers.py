@@ -96,10 +96,10 @@ def by_epoch(row: dict) -> dict:
     return {f"{BY_EPOCH}/{k}": row[k] for k in ("train/loss", "train/acc", "val/loss", "val/acc") if k in row}
 
 
-# Logger methods Lightning calls during a run (per-step metrics, checkpoints, the end).
 # The status Lightning closes a logger with after a fit that raised: Lightning's word, not a run's status
 # (fmnist.runs.FAILED), and MLflow's FAILED unless a signal stopped the run (RunMLFlowLogger).
 LIGHTNING_FAILED = "failed"
+# Logger methods Lightning calls during a run (per-step metrics, checkpoints, the end).
 LIGHTNING_CALLS = ("log_metrics", "log_hyperparams", "save", "finalize", "after_save_checkpoint")
 
 

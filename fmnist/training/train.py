@@ -183,7 +183,7 @@ def _validations(run_dir: Path) -> tuple[int | None, float | None]:
     return int(validated.loc[validated["val/acc"].idxmax(), "epoch"]), last_loss
 
 
-def _precision(cfg: DictConfig, record_so_far: dict, resume: bool) -> tuple[str, dict]:
+def _precision(cfg: DictConfig, model_kwargs: dict, record_so_far: dict, resume: bool) -> tuple[str, dict]:
     """The Lightning precision of the run, and how it was decided (its record's `precision`): `resolve_precision`'s,
     or, for a resume of a run whose start resolved `auto` on this kind of device, the precision that start chose:
     one run, one precision, whatever a probe or another process's cached verdict would say now."""
@@ -193,7 +193,7 @@ def _precision(cfg: DictConfig, record_so_far: dict, resume: bool) -> tuple[str,
         log.info("precision auto -> %s: kept from the run's start (%s)", chosen["resolved"], chosen.get("reason"))
         return chosen["resolved"], chosen
     return resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator,
-                             {**OmegaConf.to_container(cfg.model, resolve=True), "channels_last": cfg.channels_last},
+                             {**model_kwargs, "channels_last": cfg.channels_last},
                              cfg.data.batch_size, planned_steps(cfg))
 
 
@@ -209,7 +209,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
     run_options = {key: cfg[key] for key in RUN_OPTIONS}
     record_so_far = read_record(run_dir) or {}  # a resumed run's: its precision, the tracker runs it continues
-    trainer_kwargs["precision"], precision = _precision(cfg, record_so_far, resume)
+    trainer_kwargs["precision"], precision = _precision(cfg, model_kwargs, record_so_far, resume)
     if rank_zero_only.rank == 0:
         # config.yaml first: it is what marks a directory as a run's that stopped before its first record.
         atomic_write(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
