@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from fmnist import NUM_CLASSES
 from fmnist.config import is_text_list, setting_of
@@ -62,6 +63,20 @@ def read_record(run_dir: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
+
+
+def read_config_section(job: Path, name: str) -> dict:
+    """One section of a job's resolved config.yaml ({} if it has none), or ConfigError naming a damaged file."""
+    path = job / CONFIG_FILE
+    try:
+        config = yaml.safe_load(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read it as YAML ({str(e).splitlines()[0]}); expected the resolved config "
+                          "a run writes.") from e
+    config = {} if config is None else config
+    if not isinstance(config, dict) or not isinstance(config.get(name) or {}, dict):
+        raise ConfigError(f"{path}: expected a mapping with a `{name}` section, as a run writes it.")
+    return config.get(name) or {}
 
 
 def write_record(run_dir: Path, record: dict) -> None:

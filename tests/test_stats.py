@@ -11,7 +11,7 @@ from scipy import stats
 
 from fmnist.errors import ConfigError
 from fmnist.results.__main__ import main as results_main
-from fmnist.results.compare import (NO_SPREAD_GIVEN, WITHIN_NOISE, change_verdict, changes, changes_markdown,
+from fmnist.results.compare import (NO_SPREAD_GIVEN, ONE_SEED, WITHIN_NOISE, change_verdict, changes, changes_markdown,
                                     image_comparison, image_comparison_markdown, p_text, tricks_markdown)
 from fmnist.results.report import claims_table
 from fmnist.results.stats import (ALPHA, holm, mcnemar, mean_interval, paired, seed_and_image_interval,
@@ -168,6 +168,17 @@ def test_jobs_on_different_data_are_neither_pooled_nor_paired(tmp_path, capsys):
     elsewhere = _sweep(tmp_path, "elsewhere", {"optim.lr=0.1": [0.9, 0.92]}, data="e")
     assert results_main(["changes", str(base), str(elsewhere)]) == 2
     assert "trained on different training CSVs (SHA-1 dddddddddddd and eeeeeeeeeeee" in capsys.readouterr().err
+    # The seed draws the validation split, of data.val_size images: another size validates on other images.
+    resized = _sweep(tmp_path, "resized", {"data.val_size=10000": [0.9, 0.92]})
+    for sweep, size in ((base, 5000), (resized, 10000)):
+        for job in sweep.iterdir():
+            (job / "config.yaml").write_text(f"data:\n  val_size: {size}\n")
+    assert results_main(["changes", str(base), str(resized)]) == 2
+    assert ("setting `data.val_size=10000` and the baseline " in (err := capsys.readouterr().err)
+            and "data.val_size 5000 and 10000 in their jobs' config.yaml" in err), err
+    for job in resized.iterdir():  # the same size, given on the command line: one split
+        (job / "config.yaml").write_text("data:\n  val_size: 5000\n")
+    assert results_main(["changes", str(base), str(resized)]) == 0
 
 
 def test_changes_say_which_jobs_they_left_out_and_refuse_when_nothing_completed(tmp_path, capsys):
@@ -284,6 +295,9 @@ def test_two_models_compared_image_by_image_pair_by_seed_and_image(tmp_path, cap
     one = seed_and_image_interval(a[:1], b[:1], same_images=False)
     d = a[0].astype(float) - b[0].astype(float)
     assert one.n == 1 and one.half_width == pytest.approx(stats.norm.ppf(0.975) * d.std(ddof=1) / math.sqrt(len(d)))
+    # ... and is not a verdict on the settings, though it excludes zero: one seed shows nothing of their spread.
+    assert one.low > 0 and change_verdict(one) == ONE_SEED
+    assert "not judged (one seed)" in image_comparison_markdown(rows.head(1), one, ("a", "b"), "val")
     five = seed_and_image_interval(a, b, same_images=False)
     assert five.mean == pytest.approx(80 / 5000) and 0 < five.half_width < one.half_width
 

@@ -501,6 +501,17 @@ def test_leaderboard_rows_come_from_the_sweeps_records(tmp_path):
     assert "| **myrecipe** | 94.00 ± 12.71 | 2 | 55,000 | 5.5 | 10 | Test GPU, bf16-mixed |" in main_table
     assert "Not on the standard 60k/10k split" in table and "| small | 98.00 | 1 | 1,000-image training subset, 200 test images |" in table
     assert "myrecipe: 1 job(s) left out, not completed or not tested: `seed=2` (unreadable)." in table
+    # The project's rows by their training FLOPs, cheapest first, never by test accuracy: a cheaper, less
+    # accurate recipe comes before this one, and one whose compute is unknown comes last.
+    cheap, unknown = tmp_path / "cheap", tmp_path / "unknown"
+    for recipe, acc, flops in ((cheap, 0.90, "1e15"), (unknown, 0.97, None)):
+        _fake_job(recipe, "seed=0", "completed", 0, acc, ["seed=0"])
+        if flops:
+            (recipe / "seed=0" / "epochs.csv").write_text(f"epoch,val/acc,train_seconds,train_images,train_flops\n"
+                                                         f"1,{acc},10,55000,{flops}\n")
+        np.savetxt(recipe / "seed=0" / "confusion_matrix.csv", np.eye(10, dtype=int) * 1000, fmt="%d", delimiter=",")
+    rows = [line.split(" |")[0] for line in markdown([unknown, sweep, cheap]).splitlines()[2 + len(REFERENCES):][:3]]
+    assert rows == ["| **cheap**", "| **myrecipe**", "| **unknown**"], rows
     untested = tmp_path / "untested"  # test=false: validation only, so no row ranked by a NaN
     _fake_job(untested, "seed=0", "completed", 0, 0.99, ["seed=0"])
     record = json.loads((untested / "seed=0" / "metrics.json").read_text())

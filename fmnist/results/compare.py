@@ -20,8 +20,8 @@ from fmnist.errors import ConfigError
 from fmnist.fsio import not_a_directory
 from fmnist.results.stats import (ALPHA, INTERVAL_NOTE, Interval, holm, mcnemar, mean_interval, paired,
                                   seed_and_image_interval, seeds_text, summary_comparison, summary_interval)
-from fmnist.runs import (COMPLETED, METRICS_FILE, PREDICTIONS_FILE, check_poolable, collect, read_record,
-                         record_problem)
+from fmnist.runs import (COMPLETED, CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, check_poolable, collect,
+                         read_config_section, read_record, record_problem)
 
 WITHIN_NOISE = "within noise"
 ONE_SEED = "not judged (one seed)"
@@ -35,10 +35,11 @@ VERDICT_NOTE = ("A change is `better` or `worse` only when it holds after Holm's
 
 def change_verdict(change: Interval, p: float | None = None) -> str:
     """`better` or `worse` when the change holds, else `within noise`: with `p` (a paired test's, Holm-adjusted
-    where a table judges several changes), when p < ALPHA; without one, when the interval excludes zero. (The
+    where a table judges several changes), when p < ALPHA; without one, when the interval, over two seeds or
+    more, excludes zero. (The
     report's claims say the same as `stats.Comparison.verdict`: holds, contradicted, no detectable difference.)"""
     if p is None:  # judged by its interval (`images`: over the seeds and the images)
-        if math.isnan(change.half_width):
+        if change.n < 2 or math.isnan(change.half_width):  # one seed's interval holds its images' error alone
             return ONE_SEED
         holds = not change.low <= 0 <= change.high
     elif math.isnan(p):
@@ -68,6 +69,12 @@ def _by_seed(table: pd.DataFrame, metric: str, sweep_dir: Path) -> pd.Series:
     return by_seed
 
 
+def _val_sizes(sweep_dir: Path, jobs: pd.DataFrame) -> set[int]:
+    """The validation splits' sizes (`data.val_size` in the config.yaml) of `jobs` in `sweep_dir`, where recorded."""
+    sizes = (read_config_section(Path(sweep_dir) / job, "data").get("val_size") for job in jobs.job)
+    return {size for size in sizes if size is not None}
+
+
 def changes(baseline_dir: Path, sweep_dirs: list[Path]) -> pd.DataFrame:
     """One row per setting of `sweep_dirs` (completed jobs), paired by seed with `baseline_dir`'s one setting.
 
@@ -95,6 +102,7 @@ def changes(baseline_dir: Path, sweep_dirs: list[Path]) -> pd.DataFrame:
         raise ConfigError(f"{baseline_dir}: a baseline is one setting run with several seeds; this sweep has "
                           f"{base.setting.nunique()} completed settings ({', '.join(sorted(base.setting.unique()))}).")
     base_val = _by_seed(base, "val_acc_best", baseline_dir)
+    base_val_sizes = _val_sizes(baseline_dir, base)
     rows = [{"setting": f"baseline ({Path(baseline_dir).name})", "seeds": sorted(base_val.index),
              "val": base_val, "paired_seeds": sorted(base_val.index), "val_change": None, "p": math.nan,
              "seeds_needed": None,
@@ -108,6 +116,13 @@ def changes(baseline_dir: Path, sweep_dirs: list[Path]) -> pd.DataFrame:
                                   f"training CSVs (SHA-1 {' and '.join(trained_on)} in their jobs' {METRICS_FILE}), so "
                                   "they validated on other images; a change paired by seed compares validation "
                                   "accuracies on the same images. Compare runs of one data set.")
+            val_sizes = sorted(_val_sizes(sweep, runs) | base_val_sizes)
+            if len(val_sizes) > 1:  # the seed draws the split, of this size: another size, other images
+                raise ConfigError(f"{sweep}: setting `{setting}` and the baseline {baseline_dir} hold validation "
+                                  f"splits of different sizes (data.val_size {' and '.join(map(str, val_sizes))} in "
+                                  f"their jobs' {CONFIG_FILE}), so they validated on other images; a change paired by "
+                                  "seed compares validation accuracies on the same images. Compare runs with one "
+                                  "data.val_size.")
             if not set(val.index) & set(base_val.index):
                 raise ConfigError(f"{sweep}: setting `{setting}` ran seeds {sorted(val.index)} and the baseline "
                                   f"{baseline_dir} seeds {sorted(base_val.index)}; a change is paired by seed, and "
@@ -269,8 +284,11 @@ def image_comparison_markdown(rows: pd.DataFrame, difference: Interval, names: t
     lines = ["| seed | A acc (%) | B acc (%) | only A right | only B right | McNemar p |", "|---|---|---|---|---|---|"]
     lines += [f"| {r.seed} | {100 * r.acc_a:.2f} | {100 * r.acc_b:.2f} | {r.a_only} | {r.b_only} | {r.p:.3g} |"
               for r in rows.itertuples()]
+    over = (f"over {difference.n} seeds and the images, paired by both" if difference.n > 1 else
+            "over the images of one seed, paired by image: the images' error, without the spread between seeds; "
+            "McNemar's p above compares these two trained models, not their settings")
     lines += ["", f"A = `{a}`, B = `{b}`, on the {split} split. A - B: {_signed(difference)} points (95% interval "
-              f"over {difference.n} seed(s) and the images, paired by both; {change_verdict(difference)})."]
+              f"{over}; {change_verdict(difference)})."]
     unpaired = {side: seeds for side, seeds in rows.attrs.get("unpaired", {}).items() if seeds}
     if unpaired:  # said, not dropped without a word
         lines.append("Left out, run by one side only: " + "; ".join(f"{side} seeds {', '.join(map(str, seeds))}"
