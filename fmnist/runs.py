@@ -40,6 +40,9 @@ NET_PREFIX = "net."  # of the network's weights in a checkpoint's state_dict (Li
 EPOCH_COLUMNS = ["epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "lr",
                  "epoch_seconds", "train_seconds", "train_images", "train_flops"]
 CURVES = ("train/loss", "val/loss", "val/acc")  # the columns every reader of epochs.csv needs, against its epoch
+# `python -m fmnist.results tricks`'s table (fmnist.inference.tricks.compare), as `--csv` writes it and `--from-csv`
+# reads it: here, so that reading a written table does not import the evaluation (and torch)
+TRICKS_COLUMNS = ["weights", "tta", "val_acc_mean", "val_acc_std", "n", "change_mean", "change_std"]
 ACCURACY_RANGE = (0.0, 1.0)  # an accuracy is a fraction, in every file a run writes
 # What the other numbers of a record's `metrics` are, by the end of their key: (ends, fits, what it is).
 METRIC_RULES = (("/loss", lambda v: v >= 0, "a loss (0 or more)"),

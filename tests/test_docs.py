@@ -1,6 +1,8 @@
 """The docs' tables of results are generated from the committed results and kept up to date."""
 
 import runpy
+import subprocess
+import sys
 
 import pytest
 
@@ -39,6 +41,16 @@ def test_a_generated_block_is_rewritten_from_its_command_and_a_bad_one_is_refuse
                          ("tricks docs/results/speedrun_cpu --csv x.csv", "writes files")]:
         with pytest.raises(ConfigError, match=f"page.md: .*{words}"):
             render(text.replace(command, other), "page.md")
+
+
+def test_a_written_tricks_table_is_rendered_without_importing_the_evaluation():
+    # `make docs` renders the committed table in a second or two: the evaluation's torch is not imported for it.
+    code = ("import sys\nfrom fmnist.results.__main__ import main\n"
+            "code = main(['tricks', '--from-csv', 'docs/results/cpu_best/tricks.csv'])\n"
+            "print(code, 'torch' in sys.modules, file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stderr.split()[-2:] == ["0", "False"], result.stderr[-2000:]
+    assert "| ema | flip |" in result.stdout
 
 
 def test_a_page_that_is_not_text_is_named(tmp_path):

@@ -18,11 +18,9 @@ from fmnist.data.csv_io import csv_digest
 from fmnist.data.sources import find_csv
 from fmnist.errors import CheckpointError, ConfigError
 from fmnist.inference.loading import best_in_run, load_model, net_state, training_datamodule, weights_error
-from fmnist.runs import COMPLETED, CONFIG_FILE, METRICS_FILE, check_one_job_per_seed, collect, short_digest
+from fmnist.runs import (COMPLETED, CONFIG_FILE, METRICS_FILE, TRICKS_COLUMNS, check_one_job_per_seed, collect,
+                         short_digest)
 
-
-# The comparison's columns (what `python -m fmnist.results tricks --csv` writes and `--from-csv` reads).
-COLUMNS = ["weights", "tta", "val_acc_mean", "val_acc_std", "n", "change_mean", "change_std"]
 
 
 def validation_accuracies(run_dir: Path, data_dir: str | Path | None = None) -> dict[tuple[str, str], float]:
@@ -95,4 +93,4 @@ def compare(sweep_dirs: list[Path], data_dir: str | Path | None = None) -> pd.Da
                   change_mean=("change", "mean"), change_std=("change", "std"))
              .reset_index())
     table = table.sort_values(["weights", "tta"], key=lambda c: c.map(order)).reset_index(drop=True)
-    return table
+    return table[TRICKS_COLUMNS]

@@ -112,12 +112,11 @@ def tricks(args) -> None:
 
 def read_tricks_table(path: Path):
     """A table `tricks --csv` wrote, or ConfigError naming the file, and the line and column of a damaged cell."""
-    from fmnist.inference.tricks import COLUMNS
-    from fmnist.runs import ACCURACY_RANGE, read_table
+    from fmnist.runs import ACCURACY_RANGE, TRICKS_COLUMNS, read_table
 
     low, high = ACCURACY_RANGE
     spread = (0, high - low, "a standard deviation")  # of accuracies, or of their changes
-    return read_table(path, "a table `tricks --csv` wrote", tuple(COLUMNS),
+    return read_table(path, "a table `tricks --csv` wrote", tuple(TRICKS_COLUMNS),
                       numbers=("val_acc_mean", "val_acc_std", "change_mean", "change_std"), counts=("n",),
                       # n: runs, at least one; a billion is no study's (a typo, and beyond what the t-quantile takes)
                       ranges={"val_acc_mean": (low, high, "an accuracy"), "val_acc_std": spread,
