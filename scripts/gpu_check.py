@@ -20,6 +20,9 @@
   best/               experiment=best, 3 seeds, as many as the budget leaves time for (aim: >= 96.4%)
   leaderboard.md      those sweeps next to the published results (images, FLOPs, seconds, GPU)
   summary.md          what ran, how long, time to accuracy per job
+`--archive FILE` also writes the results folder as one .tar.gz after every step (without checkpoints,
+TensorBoard event files and predictions), for a machine whose files are fetched as a few files or lost
+when a window ends: a cut-short window still leaves the archive of its finished steps.
 Run again with the same --results folder (or on the same day), it continues where the last run stopped:
 sweeps skip their finished jobs and resume the others (from their last checkpoint where the machine
 still has it); a step whose jobs have all finished is not started.
@@ -38,13 +41,15 @@ import math
 import shlex
 import subprocess
 import sys
+import tarfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from fmnist.errors import ConfigError
-from fmnist.fsio import atomic_write, check_working_directory, path_argument  # the standard library only, like the imports above
+from fmnist.fsio import (atomic_output, atomic_write, check_working_directory, check_writable,  # the standard
+                         path_argument)  # library only, like the imports above
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -241,6 +246,43 @@ def run_step(step: Step, results: Path, deadline: float) -> dict:
             "note": "" if ok else f"exit codes {codes}; see {step.name}.log"}
 
 
+def check_archive(path: Path) -> None:
+    """ConfigError for an --archive path that cannot be written, or that holds a file no check wrote (an archive
+    begins with its results folder's ENV_FILE), which the archive would replace."""
+    if not path.parent.is_dir():
+        raise ConfigError(f"--archive names {path}, in {path.parent}, which is not an existing directory; nothing "
+                          "was run. Create the directory, or choose a file in one that exists.")
+    check_writable(path.parent, key="--archive")
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            first = tar.next()
+        if path.is_file() and first is not None and Path(first.name).name == ENV_FILE:
+            return  # an earlier check's: replaced by this one's, which holds its folder again
+    except (tarfile.TarError, OSError, EOFError):
+        pass
+    raise ConfigError(f"--archive names {path}, which exists and is not an archive a check wrote (one begins with "
+                      f"its {ENV_FILE}), so it is not replaced; nothing was run. Choose a new file name.")
+
+
+def archive(results: Path, path: Path) -> None:
+    """The results folder as a .tar.gz at `path` (ENV_FILE first), replaced whole: without checkpoints, TensorBoard
+    event files and predictions, which are large; the records, tables, curves, logs and figures are all there."""
+    from fmnist.runs import CHECKPOINT_DIR, PREDICTIONS_FILE
+
+    top = f"{results.name}/{ENV_FILE}"
+
+    def kept(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        name = Path(info.name).name
+        skipped = name in (CHECKPOINT_DIR, PREDICTIONS_FILE) or name.startswith("events.out.tfevents")
+        return None if skipped or info.name == top else info
+
+    with atomic_output(path) as tmp, tarfile.open(tmp, "w:gz") as tar:
+        tar.add(results / ENV_FILE, arcname=top)
+        tar.add(results, arcname=results.name, filter=kept)
+
+
 def gpu_sampler(path: Path) -> subprocess.Popen | None:
     """`nvidia-smi` sampling GPU utilisation and memory every 500 ms into `path`, or None without one."""
     with open(path, "w") as out:  # the child writes through its own copy of the descriptor
@@ -358,9 +400,13 @@ def main() -> int:
                         help="added to every train.py command (repeatable), e.g. trainer.precision=32-true")
     parser.add_argument("--dry-run", action="store_true", help="compose every command's config and print the commands")
     parser.add_argument("--smoke", action="store_true", help="every step on a few batches (checks this script)")
+    parser.add_argument("--archive", type=path_argument, default=None, metavar="FILE",
+                        help="also write the results folder as FILE (.tar.gz) after every step")
     args = parser.parse_args()
     try:
         check_working_directory()
+        if args.archive is not None and not args.dry_run:
+            check_archive(args.archive.resolve())
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -430,14 +476,18 @@ def main() -> int:
     command = "gpu-records" if args.records else "gpu-check"
     summarize = write_records_summary if args.records else write_summary
     print(f"{command}: {env['hardware_line']}\n  results: {results}", flush=True)
+    saved = (lambda: archive(results, args.archive.resolve())) if args.archive is not None else (lambda: None)
+    saved()
     outcomes = []
     for step in steps_for(env["gpus"]):
         outcome = run_step(step, results, deadline)
         outcomes.append(outcome)
         print(f"  {step.name}: {outcome['status']} in {outcome['seconds']} s {outcome['note']}", flush=True)
         summarize(results, env, outcomes)  # after every step: a window cut short still leaves its summary
+        saved()
     print(summarize(results, env, outcomes))
-    print(f"{command} results: {results}")
+    saved()
+    print(f"{command} results: {results}" + (f" (and {args.archive})" if args.archive is not None else ""))
     return 0 if all(o["status"] in ("ok", "skipped") for o in outcomes) else 1
 
 

@@ -8,8 +8,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-NEEDED="import hydra, omegaconf, lightning, torchmetrics, pandas, matplotlib, tensorboard, scipy
+NEEDED="import hydra, omegaconf, lightning, torchmetrics, pandas, matplotlib, tensorboard, scipy, joblib
 import hydra_plugins.hydra_joblib_launcher"
+
+# Wheels in .whl/ (scripts/gpu_wheels.sh) but no WHEELS=: a machine given them has no package index, so they
+# are used rather than pip's retries against one, which would spend minutes of the window and fail. WHEELS= opts out.
+if [ -z "${WHEELS+set}" ] && compgen -G ".whl/*.whl" >/dev/null && ! "$PYTHON" -c "$NEEDED" 2>/dev/null; then
+    echo "gpu-check: $PYTHON lacks some of the packages gpu-check needs; installing the wheels in .whl/ (WHEELS= to skip)"
+    WHEELS=.whl
+fi
 
 if [ -n "${WHEELS:-}" ]; then
     # Offline: the wheels go into a folder of their own, first on the path, without their dependencies;

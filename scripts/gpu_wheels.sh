@@ -7,14 +7,15 @@
 #
 # A CUDA image with PyTorch usually has Lightning, torchmetrics, pandas, matplotlib, tensorboard and
 # scipy, and lacks Hydra: this fetches the pure-Python packages that `make gpu-check` needs beyond those
-# (Hydra, OmegaConf, ANTLR's runtime, the joblib launcher), at the versions of this Python's lock
+# (Hydra, OmegaConf, ANTLR's runtime, the joblib launcher, and joblib with its cloudpickle, which every
+# multirun imports and an image without scikit-learn lacks), at the versions of this Python's lock
 # (constraints/), so they suit any Python 3. ANTLR's runtime 4.9.3 (OmegaConf 2.3 pins it) is published
 # as source only: its wheel is built here.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 DIR=$(realpath -m "${1:-$(dirname "$0")/../.whl}")  # a relative DIR is where the command was run from
 cd "$(dirname "$0")/.."
-PACKAGES=(hydra-core omegaconf antlr4-python3-runtime hydra-joblib-launcher)
+PACKAGES=(hydra-core omegaconf antlr4-python3-runtime hydra-joblib-launcher joblib cloudpickle)
 
 # This Python's lock, else any: the packages are pure Python, so any lock's versions suit the GPU machine.
 LOCK=$("$PYTHON" -c 'import sys; print(f"constraints/py{sys.version_info[0]}.{sys.version_info[1]}.txt")')
@@ -27,6 +28,6 @@ done
 
 mkdir -p "$DIR"
 rm -f "$DIR"/*.whl  # gpu_check.sh installs every wheel in DIR: one version of each
-# --no-deps: everything else they need (PyYAML, packaging, joblib) is already on such an image.
+# --no-deps: everything else they need (PyYAML, packaging) is already on such an image.
 "$PYTHON" -m pip wheel -q --no-deps --wheel-dir "$DIR" "${pins[@]}"
 ls -1 "$DIR"/*.whl

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import pandas as pd
 import pytest
@@ -136,13 +137,26 @@ def test_a_typo_in_override_stops_gpu_check_before_any_step(tmp_path, run_in_pro
     (tmp_path / "afile").write_text("mine")
     into_file = run_in_process("scripts/gpu_check.py", "--dry-run", "--results", str(tmp_path / "afile"))
     assert into_file.returncode == 2 and "a file, not a directory" in into_file.stderr
+    # An archive would replace a file of the user's: refused before any step, the file kept.
+    mine = run_in_process("scripts/gpu_check.py", "--records", "--smoke", "--results", str(tmp_path / "r"),
+                          "--archive", str(tmp_path / "afile"))
+    assert mine.returncode == 2 and "--archive names " in mine.stderr and "not an archive a check wrote" in mine.stderr
+    assert (tmp_path / "afile").read_text() == "mine" and not (tmp_path / "r").exists()
 
 
 def test_gpu_records_smoke_writes_its_results_and_a_second_run_continues(tmp_path, data_dir, run_in_process):
     results = tmp_path / "records"
     first = run_in_process("scripts/gpu_check.py", "--records", "--smoke", "--results", str(results),
-                           "--data-dir", str(data_dir), "--override", "data.val_size=100")
+                           "--data-dir", str(data_dir), "--override", "data.val_size=100",
+                           "--archive", str(tmp_path / "records.tgz"))
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    # The archive holds the folder, its env.json first, without the checkpoints a window's files need not carry.
+    with tarfile.open(tmp_path / "records.tgz") as tar:
+        names = tar.getnames()
+    assert names[0] == "records/env.json" and names.count("records/env.json") == 1
+    assert "records/summary.md" in names and "records/leaderboard.md" in names
+    assert any(n.startswith("records/best/") and n.endswith("/metrics.json") for n in names)
+    assert not any("/checkpoints" in n or n.endswith("predictions.npz") for n in names), names
     for recipe in ("speedrun_gpu", "speedrun_gpu_95", "best"):
         job = next(path.parent for path in (results / recipe).glob("*/metrics.json"))
         assert json.loads((job / "metrics.json").read_text())["status"] == "completed"

@@ -44,7 +44,7 @@ def group(table: pd.DataFrame) -> pd.DataFrame:
     done = table[table.status == COMPLETED]
     metrics = ["val_acc_best", "test_acc", "test_loss", "train_seconds"]
     stats = done.groupby("setting")[metrics].agg(["mean", "std", "count", ("ci", _ci)])
-    stats["n"] = done.groupby("setting").size()
+    stats[("n", "")] = done.groupby("setting").size()  # the whole column key: pandas deprecates a partial one
     return stats.sort_values(("val_acc_best", "mean"), ascending=False)  # selection is on validation, never test
 
 
