@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from fmnist.errors import ConfigError
+from fmnist.errors import ConfigError, StorageError
 from fmnist.fsio import (atomic_output, atomic_write, check_working_directory, check_writable,  # the standard
                          path_argument)  # library only, like the imports above
 
@@ -258,12 +258,15 @@ def check_archive(path: Path) -> None:
     try:
         with tarfile.open(path, "r:gz") as tar:
             first = tar.next()
-        if path.is_file() and first is not None and Path(first.name).name == ENV_FILE:
+            env = tar.extractfile(first) if first is not None and first.isfile() else None
+            written = (len(Path(first.name).parts) == 2 and Path(first.name).name == ENV_FILE and env is not None
+                       and "hardware_line" in json.loads(env.read(1 << 20)))
+        if path.is_file() and written:
             return  # an earlier check's: replaced by this one's, which holds its folder again
-    except (tarfile.TarError, OSError, EOFError):
+    except (tarfile.TarError, OSError, EOFError, ValueError, TypeError):
         pass
     raise ConfigError(f"--archive names {path}, which exists and is not an archive a check wrote (one begins with "
-                      f"its {ENV_FILE}), so it is not replaced; nothing was run. Choose a new file name.")
+                      f"its folder's {ENV_FILE}), so it is not replaced; nothing was run. Choose a new file name.")
 
 
 def archive(results: Path, path: Path) -> None:
@@ -273,8 +276,12 @@ def archive(results: Path, path: Path) -> None:
 
     top = f"{results.name}/{ENV_FILE}"
 
+    inside = path.relative_to(results.parent).as_posix() if path.is_relative_to(results) else None
+
     def kept(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
         name = Path(info.name).name
+        if info.name == inside:  # an earlier write of this archive, kept in its own folder: not nested
+            return None
         skipped = name in (CHECKPOINT_DIR, PREDICTIONS_FILE) or name.startswith("events.out.tfevents")
         return None if skipped or info.name == top else info
 
@@ -405,9 +412,9 @@ def main() -> int:
     args = parser.parse_args()
     try:
         check_working_directory()
-        if args.archive is not None and not args.dry_run:
+        if args.archive is not None:  # a dry run checks it too: refused here, not in the GPU window
             check_archive(args.archive.resolve())
-    except ConfigError as e:
+    except (ConfigError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.budget_s is not None and not 0 < args.budget_s < math.inf:  # nan fails both
@@ -476,7 +483,17 @@ def main() -> int:
     command = "gpu-records" if args.records else "gpu-check"
     summarize = write_records_summary if args.records else write_summary
     print(f"{command}: {env['hardware_line']}\n  results: {results}", flush=True)
-    saved = (lambda: archive(results, args.archive.resolve())) if args.archive is not None else (lambda: None)
+
+    def saved() -> None:
+        """The archive, if asked for; one that cannot be written is said, and the steps go on."""
+        if args.archive is None:
+            return
+        try:
+            archive(results, args.archive.resolve())
+        except (OSError, tarfile.TarError) as e:
+            print(f"gpu-check: could not write the archive {args.archive} ({e}); the steps go on, "
+                  f"their results in {results}", file=sys.stderr, flush=True)
+
     saved()
     outcomes = []
     for step in steps_for(env["gpus"]):
@@ -486,7 +503,6 @@ def main() -> int:
         summarize(results, env, outcomes)  # after every step: a window cut short still leaves its summary
         saved()
     print(summarize(results, env, outcomes))
-    saved()
     print(f"{command} results: {results}" + (f" (and {args.archive})" if args.archive is not None else ""))
     return 0 if all(o["status"] in ("ok", "skipped") for o in outcomes) else 1
 

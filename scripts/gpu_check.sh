@@ -25,7 +25,8 @@ if [ -n "${WHEELS:-}" ]; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$WHEELS"/*.whl
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
     if ! "$PYTHON" -c "$NEEDED"; then
-        echo "gpu-check: after installing $WHEELS, a package gpu-check needs is still missing (above): add its wheel" >&2
+        echo "gpu-check: after installing $WHEELS, a package gpu-check needs is still missing (above): add its wheel" \
+             "(or, where a package index is reachable, WHEELS= to install from it instead)" >&2
         exit 2
     fi
 elif "$PYTHON" -c "import torch; $NEEDED" 2>/dev/null; then

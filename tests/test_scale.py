@@ -142,6 +142,10 @@ def test_a_typo_in_override_stops_gpu_check_before_any_step(tmp_path, run_in_pro
                           "--archive", str(tmp_path / "afile"))
     assert mine.returncode == 2 and "--archive names " in mine.stderr and "not an archive a check wrote" in mine.stderr
     assert (tmp_path / "afile").read_text() == "mine" and not (tmp_path / "r").exists()
+    # ... and by a dry run, as an archive that cannot be written: refused before a GPU window, not in it.
+    for archive, words in ((tmp_path / "afile", "not an archive a check wrote"), ("/proc/x.tgz", "cannot write /proc")):
+        refused = run_in_process("scripts/gpu_check.py", "--dry-run", "--archive", str(archive))
+        assert refused.returncode == 2 and words in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
 
 
 def test_gpu_records_smoke_writes_its_results_and_a_second_run_continues(tmp_path, data_dir, run_in_process):
@@ -166,9 +170,21 @@ def test_gpu_records_smoke_writes_its_results_and_a_second_run_continues(tmp_pat
     assert "## experiment=best" in (results / "summary.md").read_text()
     # Started again on the same folder, it trains nothing: every recipe's jobs have finished.
     second = run_in_process("scripts/gpu_check.py", "--records", "--smoke", "--results", str(results),
-                            "--data-dir", str(data_dir), "--override", "data.val_size=100")
+                            "--data-dir", str(data_dir), "--override", "data.val_size=100",
+                            "--archive", str(results / "inside.tgz"))
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("skipped in 0 s all 1 jobs finished in an earlier run") == 3, second.stdout[-3000:]
+    with tarfile.open(results / "inside.tgz") as tar:  # kept in the folder it holds: not inside itself
+        assert "records/inside.tgz" not in tar.getnames() and "records/summary.md" in tar.getnames()
+    # An earlier check's archive is replaced when named again; a tarball of another folder's env.json is not one.
+    again = run_in_process("scripts/gpu_check.py", "--records", "--dry-run", "--archive", str(tmp_path / "records.tgz"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "env.json").write_text("{}")
+    with tarfile.open(tmp_path / "other.tgz", "w:gz") as tar:
+        tar.add(tmp_path / "other" / "env.json", arcname="other/env.json")
+    foreign = run_in_process("scripts/gpu_check.py", "--records", "--dry-run", "--archive", str(tmp_path / "other.tgz"))
+    assert foreign.returncode == 2 and "not an archive a check wrote" in foreign.stderr
 
 
 def test_a_runs_process_group_lives_through_the_fit_and_is_released_at_its_end(make_cfg, tmp_path):

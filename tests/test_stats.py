@@ -179,6 +179,12 @@ def test_jobs_on_different_data_are_neither_pooled_nor_paired(tmp_path, capsys):
     for job in resized.iterdir():  # the same size, given on the command line: one split
         (job / "config.yaml").write_text("data:\n  val_size: 5000\n")
     assert results_main(["changes", str(base), str(resized)]) == 0
+    (resized / "data.val_size=10000,seed=1" / "config.yaml").write_text("data:\n  val_size: '5000'\n")
+    assert results_main(["changes", str(base), str(resized)]) == 2  # not a number: named, not a TypeError
+    assert "seed=1/config.yaml: data.val_size is '5000', not a whole number" in capsys.readouterr().err
+    (base / "seed=1" / "config.yaml").write_text("data:\n  val_size: 10000\n")
+    assert results_main(["changes", str(base), str(resized)]) == 2  # the baseline's own seeds disagree
+    assert f"{base}: the baseline's jobs hold validation splits of different sizes" in capsys.readouterr().err
 
 
 def test_changes_say_which_jobs_they_left_out_and_refuse_when_nothing_completed(tmp_path, capsys):

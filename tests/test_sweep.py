@@ -512,7 +512,13 @@ def test_leaderboard_rows_come_from_the_sweeps_records(tmp_path):
         np.savetxt(recipe / "seed=0" / "confusion_matrix.csv", np.eye(10, dtype=int) * 1000, fmt="%d", delimiter=",")
     rows = [line.split(" |")[0] for line in markdown([unknown, sweep, cheap]).splitlines()[2 + len(REFERENCES):][:3]]
     assert rows == ["| **cheap**", "| **myrecipe**", "| **unknown**"], rows
-    untested = tmp_path / "untested"  # test=false: validation only, so no row ranked by a NaN
+    # Seeds that recorded different FLOPs, or not all of them: a range, and the seeds without a number said.
+    _fake_job(cheap, "seed=1", "completed", 1, 0.9, ["seed=1"])
+    np.savetxt(cheap / "seed=1" / "confusion_matrix.csv", np.eye(10, dtype=int) * 1000, fmt="%d", delimiter=",")
+    assert "| **cheap** | 89.00 ± 0.00 | 2 | 55,000 | 1 (some seeds ?) |" in markdown([cheap])
+    (cheap / "seed=1" / "epochs.csv").write_text("epoch,val/acc,train_seconds,train_images,train_flops\n1,0.9,10,55000,3e15\n")
+    assert "| **cheap** | 89.00 ± 0.00 | 2 | 55,000 | 1-3 |" in markdown([cheap])
+    untested = tmp_path / "untested"  # test=false: validation only, so no row with a NaN accuracy
     _fake_job(untested, "seed=0", "completed", 0, 0.99, ["seed=0"])
     record = json.loads((untested / "seed=0" / "metrics.json").read_text())
     del record["metrics"]["test/acc"], record["metrics"]["test/loss"]

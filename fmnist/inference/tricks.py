@@ -22,7 +22,6 @@ from fmnist.runs import (COMPLETED, CONFIG_FILE, METRICS_FILE, TRICKS_COLUMNS, c
                          short_digest)
 
 
-
 def validation_accuracies(run_dir: Path, data_dir: str | Path | None = None) -> dict[tuple[str, str], float]:
     """{(weights, tta): validation accuracy} of the run's best checkpoint; weights: `raw`, and `ema` when averaged."""
     path = best_in_run(run_dir)

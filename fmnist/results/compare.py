@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fmnist.config import is_count
 from fmnist.errors import ConfigError
 from fmnist.fsio import not_a_directory
 from fmnist.results.stats import (ALPHA, INTERVAL_NOTE, Interval, holm, mcnemar, mean_interval, paired,
@@ -36,8 +37,8 @@ VERDICT_NOTE = ("A change is `better` or `worse` only when it holds after Holm's
 def change_verdict(change: Interval, p: float | None = None) -> str:
     """`better` or `worse` when the change holds, else `within noise`: with `p` (a paired test's, Holm-adjusted
     where a table judges several changes), when p < ALPHA; without one, when the interval, over two seeds or
-    more, excludes zero. (The
-    report's claims say the same as `stats.Comparison.verdict`: holds, contradicted, no detectable difference.)"""
+    more, excludes zero. (The report's claims say the same as `stats.Comparison.verdict`: holds, contradicted,
+    no detectable difference.)"""
     if p is None:  # judged by its interval (`images`: over the seeds and the images)
         if change.n < 2 or math.isnan(change.half_width):  # one seed's interval holds its images' error alone
             return ONE_SEED
@@ -71,8 +72,15 @@ def _by_seed(table: pd.DataFrame, metric: str, sweep_dir: Path) -> pd.Series:
 
 def _val_sizes(sweep_dir: Path, jobs: pd.DataFrame) -> set[int]:
     """The validation splits' sizes (`data.val_size` in the config.yaml) of `jobs` in `sweep_dir`, where recorded."""
-    sizes = (read_config_section(Path(sweep_dir) / job, "data").get("val_size") for job in jobs.job)
-    return {size for size in sizes if size is not None}
+    sizes = set()
+    for job in jobs.job:
+        size = read_config_section(Path(sweep_dir) / job, "data").get("val_size")
+        if size is not None and not is_count(size, at_least=1):
+            raise ConfigError(f"{Path(sweep_dir) / job / CONFIG_FILE}: data.val_size is {size!r}, not a whole number "
+                              "of images; expected the resolved config a run writes.")
+        if size is not None:
+            sizes.add(size)
+    return sizes
 
 
 def changes(baseline_dir: Path, sweep_dirs: list[Path]) -> pd.DataFrame:
@@ -103,6 +111,10 @@ def changes(baseline_dir: Path, sweep_dirs: list[Path]) -> pd.DataFrame:
                           f"{base.setting.nunique()} completed settings ({', '.join(sorted(base.setting.unique()))}).")
     base_val = _by_seed(base, "val_acc_best", baseline_dir)
     base_val_sizes = _val_sizes(baseline_dir, base)
+    if len(base_val_sizes) > 1:  # its own seeds validated on splits of different sizes
+        raise ConfigError(f"{baseline_dir}: the baseline's jobs hold validation splits of different sizes (data.val_size "
+                          f"{' and '.join(map(str, sorted(base_val_sizes)))} in their {CONFIG_FILE}); a baseline is one "
+                          "setting. Compare against runs with one data.val_size.")
     rows = [{"setting": f"baseline ({Path(baseline_dir).name})", "seeds": sorted(base_val.index),
              "val": base_val, "paired_seeds": sorted(base_val.index), "val_change": None, "p": math.nan,
              "seeds_needed": None,

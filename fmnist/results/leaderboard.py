@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+
 from fmnist.config import is_count
 from fmnist.errors import ConfigError
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
@@ -65,6 +66,15 @@ def split_of(job: Path) -> str | None:
     return ", ".join(differences) or None
 
 
+def _pflop(flops: pd.Series) -> str:
+    """The seeds' training PFLOP: one number, a range where they differ, `?` where none recorded it."""
+    known = flops.dropna().astype(float) / 1e15
+    if known.empty:
+        return "?"
+    low, high = f"{known.min():.2g}", f"{known.max():.2g}"
+    return (low if low == high else f"{low}-{high}") + ("" if len(known) == len(flops) else " (some seeds ?)")
+
+
 def project_rows(sweep_dir: Path, table: pd.DataFrame) -> list[dict]:
     """One row per completed setting of a sweep directory (`table`: its jobs, `collect`); `split` says how
     its data differs from the standard."""
@@ -81,9 +91,9 @@ def project_rows(sweep_dir: Path, table: pd.DataFrame) -> list[dict]:
         rows.append({
             "recipe": sweep_dir.name if setting == "(defaults)" else f"{sweep_dir.name}: {setting}",
             "test acc (%)": mean_interval(jobs.test_acc).text(),
-            "n": len(acc), "flops": first.train_flops,
+            "n": len(acc), "flops": jobs.train_flops.dropna().astype(float).mean(),  # NaN when no seed recorded it
             "training images": "?" if pd.isna(first.train_images) else f"{int(first.train_images):,}",
-            "training PFLOP": "?" if pd.isna(first.train_flops) else f"{first.train_flops / 1e15:.2g}",
+            "training PFLOP": _pflop(jobs.train_flops),
             "training time (s)": f"{jobs.train_seconds.mean():.0f}",
             "hardware": " / ".join(hardware),
             "split": None if splits == {None: None} else "; ".join(split or "standard split" for split in splits),
