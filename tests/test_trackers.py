@@ -133,9 +133,11 @@ def test_every_list_of_trackers_names_the_same_ones():
 
 
 @pytest.mark.slow
-def test_wandb_offline_and_csv_get_what_the_run_directory_has_and_a_resume_continues_the_same_run(make_cfg, tmp_path):
+def test_wandb_offline_and_csv_get_what_the_run_directory_has_and_a_resume_continues_the_same_run(make_cfg, tmp_path,
+                                                                                                   capfd):
     run_dir = tmp_path / "sweep" / "optim.lr=0.01"
     train(make_cfg("logger.backends=[csv,wandb]", "optim.lr=0.01"), run_dir)
+    assert "anonymous setting" not in capfd.readouterr().err  # W&B's warning about what Lightning passes it
     record = read_record(run_dir)
     run_id = record["trackers"]["wandb_run_id"]
     wandb = wandb_run(run_dir, run_id)

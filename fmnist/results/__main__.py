@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from fmnist.cli import run_plain
+from fmnist.config import SWEEP_CONFIG_FILE
 from fmnist.errors import ConfigError
 from fmnist.fsio import (atomic_output, atomic_write, check_output_file, check_writable, not_a_directory,
                          path_argument, storage_errors)
@@ -33,8 +34,10 @@ def sweep_dir(text: str) -> Path:
         raise ConfigError(f"{path}: {not_a_directory(path)}; expected a sweep directory (job directories with metrics.json), "
                           "as `python train.py -m ...` writes under outputs/ (`make ablations` writes outputs/study-cpu).")
     if (path / METRICS_FILE).is_file():
+        holder = f"(here {path.parent})" if (path.parent / SWEEP_CONFIG_FILE).is_file() else \
+            "(such as outputs/train/<time>/ from `python train.py -m ...`; one run is evaluated with evaluate.py ckpt=...)"
         raise ConfigError(f"{path}: a run directory, not a sweep; pass the directory that holds the sweep's jobs "
-                          f"(e.g. {path.parent}).")
+                          f"{holder}.")
     if collect(path).empty:
         raise ConfigError(f"{path}: no job directories (none holds metrics.json or .hydra/); expected a sweep "
                           "directory such as outputs/<name>.")

@@ -341,10 +341,14 @@ def _wandb(cfg: DictConfig, run_dir: Path, ids: dict, name: str) -> Logger:
     import wandb
 
     # W&B prints a banner and a summary of its own, and captures the console: the run's console is ours.
-    return WandbLogger(project=cfg.logger.wandb_project, name=name, group=run_dir.parent.name,
-                       save_dir=str(run_dir), offline=cfg.logger.wandb_mode == "offline",
-                       id=ids.get("wandb_run_id") or uuid.uuid4().hex[:12], resume="allow",
-                       settings=wandb.Settings(silent=True, console="off"))
+    logger = WandbLogger(project=cfg.logger.wandb_project, name=name, group=run_dir.parent.name,
+                         save_dir=str(run_dir), offline=cfg.logger.wandb_mode == "offline",
+                         id=ids.get("wandb_run_id") or uuid.uuid4().hex[:12], resume="allow",
+                         settings=wandb.Settings(silent=True, console="off"))
+    # Lightning passes wandb.init `anonymous=None`, which W&B 0.31 warns has no effect (any value, None too):
+    # a warning nobody here can act on, so the key is not passed.
+    logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 TRACKER_CLASSES = {
