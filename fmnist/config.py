@@ -398,6 +398,18 @@ def swept_keys(sweep_dir: Path) -> set[str]:
     return {o.key_or_group for o in parsed if o.is_sweep_override()} | set(params)
 
 
+def is_sweep_override(override: str) -> bool:
+    """Whether a train.py override is a sweep (`a=1,2`, `a=range(3)`), as Hydra parses it; an override
+    Hydra cannot parse is left to the composition that reports it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        return OverridesParser.create().parse_override(override).is_sweep_override()
+    except HydraException:
+        return False
+
+
 def check_sweep_values(overrides: list[str], config_loader=None) -> None:
     """ConfigError for a sweep override that cannot be expanded (`seed=range(0,1,0)`) or gives no value at all
     (`seed=range(0,0)`, `model=glob(zzz*)`): a sweep holding one would crash, or run no job and exit 0.

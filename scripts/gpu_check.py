@@ -49,7 +49,7 @@ from pathlib import Path
 
 from fmnist.errors import ConfigError, StorageError
 from fmnist.fsio import (atomic_output, atomic_write, check_working_directory, check_writable,  # the standard
-                         path_argument)  # library only, like the imports above
+                         not_a_directory, path_argument, storage_errors)  # library only, like the imports above
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -156,18 +156,6 @@ def finished_jobs(sweep: Path) -> int:
     return sum((read_record(job) or {}).get("status") in FINISHED for job in jobs)
 
 
-def is_sweep(override: str) -> bool:
-    """Whether a train.py override is a sweep (`a=1,2`, `a=range(3)`), as Hydra parses it; an override
-    Hydra cannot parse is left to the composition that reports it."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    try:
-        return OverridesParser.create().parse_override(override).is_sweep_override()
-    except HydraException:
-        return False
-
-
 def compose_all(steps: list[Step]) -> None:
     """Compose every train.py command's config as train.py would: raises on any bad key or value."""
     from hydra import compose, initialize_config_dir
@@ -244,6 +232,20 @@ def run_step(step: Step, results: Path, deadline: float) -> dict:
             "runs_finished": runs, "runs_per_hour": None if runs is None else round(runs * 3600 / seconds),
             **gpu_utilisation(sampler, results / f"{step.name}.gpu.csv"),
             "note": "" if ok else f"exit codes {codes}; see {step.name}.log"}
+
+
+def check_places(data_dir: Path, idx_dir: Path | None, results: Path) -> None:
+    """ConfigError (or StorageError) for a --data-dir that is a file, an --idx-dir that is no directory, or a
+    --results folder that cannot be made where it is named."""
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ConfigError(f"--data-dir {data_dir}: a file, not a directory; nothing was run.")
+    if idx_dir is not None and not idx_dir.is_dir():
+        raise ConfigError(f"--idx-dir {idx_dir}: {not_a_directory(idx_dir)}; expected the folder holding Zalando's "
+                          "four IDX files (.gz); nothing was run.")
+    existing = next(p for p in (results, *results.parents) if p.exists())  # the folder it will be made in
+    if not existing.is_dir():
+        raise ConfigError(f"--results {results}: {existing} is a file, not a directory; nothing was run.")
+    check_writable(existing, key="--results")
 
 
 def check_archive(path: Path) -> None:
@@ -419,7 +421,9 @@ def main() -> int:
         return 2
     if args.budget_s is not None and not 0 < args.budget_s < math.inf:  # nan fails both
         parser.error(f"--budget-s must be a positive number of seconds; got {args.budget_s:g}")
-    swept = [o for o in args.override if "=" in o and is_sweep(o)]
+    from fmnist.config import is_sweep_override
+
+    swept = [o for o in args.override if "=" in o and is_sweep_override(o)]
     if swept:  # added to every command: a step that is no sweep would get several values, a sweep more jobs
         parser.error(f"--override {swept[0]} is a sweep (`,`, range, choice or glob); each --override sets one value")
     budget_s = args.budget_s or (420 if args.records else 450)
@@ -433,6 +437,11 @@ def main() -> int:
         parser.error(f"--results {results}: holds files that no check wrote (no {ENV_FILE}), which its summary.md and "
                      f"{ENV_FILE} could replace; nothing was run. Name a new folder, or one an earlier check wrote.")
     data_dir = args.data_dir.resolve()
+    try:  # what the run would meet only once it starts: refused here, by a dry run too
+        check_places(data_dir, args.idx_dir, results)
+    except (ConfigError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     def steps_for(gpus: int) -> list[Step]:
         steps = (plan_records(results, data_dir, args.smoke, budget_s) if args.records
@@ -457,9 +466,11 @@ def main() -> int:
         try:
             compose_all(steps)
         except (HydraException, OmegaConfBaseException, FmnistError) as e:
+            from fmnist.config import composition_message
+
             with_override = f" with --override {' '.join(args.override)}" if args.override else ""
             print(f"gpu-check: a train.py command does not compose{with_override}: "
-                  f"{' '.join(str(e).splitlines()[:2])}", file=sys.stderr)
+                  f"{composition_message(e, args=args.override, help_hint=False)}", file=sys.stderr)
             return 2
     if args.dry_run:
         for step in steps:
@@ -478,7 +489,8 @@ def main() -> int:
     got = subprocess.run(get_data + (["--idx-dir", str(args.idx_dir.resolve())] if args.idx_dir else []), cwd=ROOT)
     if got.returncode:  # its paragraph is printed; nothing was run, and no results folder made
         return got.returncode
-    results.mkdir(parents=True, exist_ok=True)
+    with storage_errors(key="--results"):
+        results.mkdir(parents=True, exist_ok=True)
     env = environment(results)
     command = "gpu-records" if args.records else "gpu-check"
     summarize = write_records_summary if args.records else write_summary

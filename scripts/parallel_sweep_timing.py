@@ -4,7 +4,9 @@
 
 Both sweeps run the same jobs (seeds 0-3 of one setting) into fresh directories under --out, one
 after the other in this one invocation, so that they see the same machine; the table gives each
-sweep's total wall time (process start to summary, as a user waits for it).
+sweep's total wall time (process start to summary, as a user waits for it). The setting is DEFAULT
+(a small, short one) with the train overrides given added after it; the seeds, the data, where the
+sweeps go and their launchers are the script's own.
 """
 
 import argparse
@@ -15,7 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from fmnist.fsio import dirs_made, path_argument
+from fmnist.cli import run_plain
+from fmnist.config import is_sweep_override, override_key
+from fmnist.fsio import dirs_made, path_argument, storage_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ["model=simple", "data.train_subset=1000", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
@@ -38,7 +42,7 @@ def sweep(out: Path, data_dir: Path, overrides: list[str], launcher: list[str]) 
     return seconds
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=path_argument, default="data")
     parser.add_argument("--n-jobs", type=int, default=2)
@@ -52,18 +56,30 @@ def main() -> None:
         parser.error(f"--n-jobs must be at least 1; got {args.n_jobs}")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out}: a file, not a directory; nothing was run")
+    for override in overrides:  # a later value of the script's own keys would win, and time other sweeps
+        key = override_key(override)
+        if key in ("seed", "data.dir") or key.startswith("hydra"):
+            parser.error(f"{override}: the script sets {key} itself (both sweeps run seeds 0-3 of one setting, on "
+                         "--data-dir, into --out, each with its launcher); give other train overrides")
+        if is_sweep_override(override):
+            parser.error(f"{override} is a sweep (`,`, range, choice or glob): both sweeps run seeds 0-3 of one "
+                         "setting, so each train override sets one value")
     data_dir = Path(args.data_dir).resolve()  # the sweeps run from the repository: relative to where this one runs
     out = args.out.resolve() / time.strftime("%Y-%m-%d_%H-%M-%S")
-    overrides = overrides or DEFAULT
-    with dirs_made(out):  # removed again if a sweep is refused and leaves them empty
-        seq = sweep(out / "sequential", data_dir, overrides, [])
-        par = sweep(out / f"joblib-{args.n_jobs}", data_dir, overrides,
-                    ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.n_jobs}"])
-    print(f"4 jobs ({' '.join(overrides)}) on {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
-    print("| launcher | total wall time (s) |\n|---|---|")
-    print(f"| basic (sequential) | {seq:.1f} |\n| joblib, n_jobs={args.n_jobs} | {par:.1f} |")
-    print(f"speed-up: {seq / par:.2f}x  (run directories: {out})")
+    overrides = [*DEFAULT, *overrides]  # the ones given come last, so they win
+
+    def timed() -> None:
+        with storage_errors(key="--out"), dirs_made(out):  # removed again if a sweep is refused and leaves them empty
+            seq = sweep(out / "sequential", data_dir, overrides, [])
+            par = sweep(out / f"joblib-{args.n_jobs}", data_dir, overrides,
+                        ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.n_jobs}"])
+        print(f"4 jobs ({' '.join(overrides)}) on {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
+        print("| launcher | total wall time (s) |\n|---|---|")
+        print(f"| basic (sequential) | {seq:.1f} |\n| joblib, n_jobs={args.n_jobs} | {par:.1f} |")
+        print(f"speed-up: {seq / par:.2f}x  (run directories: {out})")
+
+    return run_plain(timed)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

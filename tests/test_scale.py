@@ -127,6 +127,15 @@ def test_a_typo_in_override_stops_gpu_check_before_any_step(tmp_path, run_in_pro
         refused = run_in_process("scripts/gpu_check.py", "--records", "--smoke", "--results", str(tmp_path / "r"),
                                  "--override", swept)
         assert refused.returncode == 2 and f"--override {swept} is a sweep (`,`, range, choice or glob)" in refused.stderr
+    assert "To append to your config" not in run_in_process(  # Hydra's advice, which would be refused too
+        "scripts/gpu_check.py", "--records", "--dry-run", "--override", "trainer.bogus=1").stderr
+    # Places the run would meet only once started are refused by a dry run too: not in the GPU window.
+    (tmp_path / "afile").write_text("mine")
+    for args, words in ((["--data-dir", str(tmp_path / "afile")], "a file, not a directory"),
+                        (["--idx-dir", str(tmp_path / "none")], "--idx-dir " + str(tmp_path / "none") + ": no such"),
+                        (["--results", str(tmp_path / "afile" / "r")], "afile is a file, not a directory")):
+        refused = run_in_process("scripts/gpu_check.py", "--records", "--dry-run", *args)
+        assert refused.returncode == 2 and words in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
     nan = run_in_process("scripts/gpu_check.py", "--records", "--dry-run", "--budget-s", "nan")
     assert nan.returncode == 2 and "--budget-s must be a positive number of seconds; got nan" in nan.stderr
     assert not (tmp_path / "r").exists()
@@ -134,7 +143,6 @@ def test_a_typo_in_override_stops_gpu_check_before_any_step(tmp_path, run_in_pro
     for override in ("seed=5", "hydra.sweep.dir=/x"):
         clash = run_in_process("scripts/gpu_check.py", "--dry-run", "--override", override)
         assert clash.returncode == 2 and f"--override {override}: the step " in clash.stderr
-    (tmp_path / "afile").write_text("mine")
     into_file = run_in_process("scripts/gpu_check.py", "--dry-run", "--results", str(tmp_path / "afile"))
     assert into_file.returncode == 2 and "a file, not a directory" in into_file.stderr
     # An archive would replace a file of the user's: refused before any step, the file kept.
@@ -210,9 +218,19 @@ def test_a_runs_process_group_lives_through_the_fit_and_is_released_at_its_end(m
             dist.destroy_process_group()
 
 
-def test_parallel_sweep_timing_refuses_bad_options_in_its_own_words(tmp_path, run_in_process):
+def test_parallel_sweep_timing_refuses_bad_options_in_its_own_words(tmp_path, run_in_process, tmpfs):
+    # The script's own keys (a later value would win and time other sweeps) and sweeps of a train key too.
     for args, words in ((["--bogus"], "unrecognized option --bogus: the options are --data-dir, --n-jobs and --out"),
-                        (["--n-jobs", "0"], "--n-jobs must be at least 1; got 0")):
+                        (["--n-jobs", "0"], "--n-jobs must be at least 1; got 0"),
+                        (["seed=5"], "seed=5: the script sets seed itself"),
+                        (["hydra.sweep.dir=/x"], "hydra.sweep.dir=/x: the script sets hydra.sweep.dir itself"),
+                        (["hydra/launcher=basic"], "the script sets hydra/launcher itself"),
+                        (["model=simple,resnet"], "model=simple,resnet is a sweep")):
         result = run_in_process("scripts/parallel_sweep_timing.py", *args, "--out", str(tmp_path / "t"))
         assert result.returncode == 2 and words in result.stderr and "train.py" not in result.stderr, result.stderr
     assert not (tmp_path / "t").exists()
+    # Where nothing can be written: one paragraph naming --out, not a traceback.
+    read_only = tmpfs("ro,size=1m")
+    result = run_in_process("scripts/parallel_sweep_timing.py", "--out", str(read_only / "t"))
+    assert result.returncode == 2 and "the file system is read-only" in result.stderr and "(--out=...)" in result.stderr
+    assert "Traceback" not in result.stderr
