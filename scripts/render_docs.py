@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     stale: list[Path] = []
 
     def work() -> None:
-        stale.extend(update(DOCS, check=args.check))
+        # The blocks name results by paths from the repository root: run them there, wherever this is run from.
+        stale.extend(update(DOCS, check=args.check, root=ROOT))
         for path in stale:
             print(f"{'out of date' if args.check else 'rewrote'}: {path.relative_to(ROOT)}")
 

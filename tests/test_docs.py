@@ -1,5 +1,6 @@
 """The docs' tables of results are generated from the committed results and kept up to date."""
 
+import re
 import runpy
 import subprocess
 import sys
@@ -11,11 +12,13 @@ from fmnist.results.generated import render
 from tests.conftest import ROOT
 
 
-def test_every_generated_table_in_the_docs_matches_the_committed_results(monkeypatch):
-    monkeypatch.chdir(ROOT)  # the blocks name results by paths from the repository root
+def test_every_generated_table_in_the_docs_matches_the_committed_results(tmp_path, monkeypatch, capsys):
+    # Run from elsewhere: the blocks name results by paths from the repository root, and are run from there.
+    monkeypatch.chdir(tmp_path)
     script = runpy.run_path(str(ROOT / "scripts" / "render_docs.py"))
-    stale = script["update"](script["DOCS"], check=True)
-    assert not stale, f"out of date (run `make docs`): {[str(p.relative_to(ROOT)) for p in stale]}"
+    code = script["main"](["--check"])
+    out, err = capsys.readouterr()
+    assert code == 0, f"run `make docs`:\n{out}{err}"
     assert sum((ROOT / "docs" / "performance.md").read_text().count(marker)
                for marker in ("<!-- generated: ", "<!-- end generated -->")) >= 10
 
@@ -27,9 +30,9 @@ def test_a_generated_block_is_rewritten_from_its_command_and_a_bad_one_is_refuse
     new = render(text, "page.md")
     assert new.startswith("before\n<!-- generated: ") and new.endswith("<!-- end generated -->\nafter\n")
     assert "| stale |" not in new and "| ema | flip |" in new
-    with pytest.raises(ConfigError, match="page.md: .*failed \\(exit 2\\).*nosuch"):
+    with pytest.raises(ConfigError, match="page.md, line 2: .*failed \\(exit 2\\).*nosuch"):
         render(text.replace("docs/results/cpu_best/tricks.csv", "nosuch.csv"), "page.md")
-    with pytest.raises(ConfigError, match="must start with `python -m fmnist.results`"):
+    with pytest.raises(ConfigError, match="page.md, line 2: .*must start with `python -m fmnist.results`"):
         render(text.replace("python -m fmnist.results", "rm -rf"), "page.md")
     command = "tricks --from-csv docs/results/cpu_best/tricks.csv"
     for other, words in [("tricks --from-csv 'docs", "cannot read the generated block's command .*No closing quotation"),
@@ -39,8 +42,52 @@ def test_a_generated_block_is_rewritten_from_its_command_and_a_bad_one_is_refuse
                          # `make docs --check` changes nothing: not a sweep's summary files, nor a --csv
                          ("summary docs/results/speedrun_cpu", "writes files; a generated block's command only prints"),
                          ("tricks docs/results/speedrun_cpu --csv x.csv", "writes files")]:
-        with pytest.raises(ConfigError, match=f"page.md: .*{words}"):
+        with pytest.raises(ConfigError, match=f"page.md, line 2: .*{words}"):
             render(text.replace(command, other), "page.md")
+
+
+BLOCK = ("<!-- generated: python -m fmnist.results tricks --from-csv docs/results/cpu_best/tricks.csv -->\n"
+         "| stale |\n")
+END = "<!-- end generated -->\n"
+
+
+@pytest.mark.parametrize("page,words", [
+    # The middle block's table once replaced the prose up to the next block's end marker, and said `rewrote`.
+    ("intro\n" + BLOCK + "prose\n" + BLOCK + END + "outro\n",
+     "line 2: the generated block that starts here has no `<!-- end generated -->` before the next block's start "
+     "marker, on line 5"),
+    # The last block was never matched: `--check` passed with its table stale.
+    ("intro\n" + BLOCK + END + "prose\n" + BLOCK + "outro\n",
+     "line 6: the generated block that starts here has no `<!-- end generated -->` before the end of the file"),
+    ("intro\n" + BLOCK + END + "prose\n" + END + "outro\n", "line 6: an `<!-- end generated -->` that closes no block"),
+    (END + "intro\n" + BLOCK + END, "line 1: an `<!-- end generated -->` that closes no block"),
+], ids=["middle block unclosed", "last block unclosed", "end after a block", "end before any block"])
+def test_a_block_without_its_own_end_marker_or_an_end_without_a_block_is_refused_and_nothing_is_written(
+        tmp_path, page, words):
+    from fmnist.results.generated import update
+
+    path = tmp_path / "page.md"
+    path.write_text(page)
+    for check in (True, False):
+        with pytest.raises(ConfigError, match=re.escape(f"{path}, {words}")) as refusal:
+            update([path], check=check, root=ROOT)
+        assert ("Nothing was written." in str(refusal.value)) is not check
+        assert path.read_text() == page
+
+
+def test_a_refused_page_leaves_the_pages_before_it_unwritten_and_a_block_that_fails_is_named_by_line(tmp_path):
+    from fmnist.results.generated import update
+
+    stale, bad = tmp_path / "a.md", tmp_path / "b.md"
+    stale.write_text("intro\n" + BLOCK + END)
+    bad.write_text("intro\n\n" + BLOCK.replace("docs/results/cpu_best/tricks.csv", "nosuch.csv") + END)
+    with pytest.raises(ConfigError, match=f"{re.escape(str(bad))}, line 3: .*failed \\(exit 2\\).*nosuch.csv.* "
+                                          "Nothing was written.$"):
+        update([stale, bad], root=ROOT)
+    assert stale.read_text() == "intro\n" + BLOCK + END
+    bad.write_text("intro\n")
+    assert update([stale, bad], root=ROOT) == [stale]
+    assert "| stale |" not in stale.read_text() and "| ema | flip |" in stale.read_text()
 
 
 def test_a_written_tricks_table_is_rendered_without_importing_the_evaluation():

@@ -6,12 +6,15 @@
 
 and `make docs` (scripts/render_docs.py) reruns each verb on the committed results and rewrites what
 lies between; `--check` (run by the tests) fails where a table no longer matches what it would print.
+Every start marker needs its own end marker before the next block: one without would let a table replace the
+prose up to another block's end, or (the last block) leave its table unchecked.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 import shlex
 from pathlib import Path
@@ -19,7 +22,8 @@ from pathlib import Path
 from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_write
 
-BLOCK = re.compile(r"(<!-- generated: (?P<command>[^\n]*?) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
+MARKER = re.compile(r"(?P<start><!-- generated: (?P<command>[^\n]*?) -->\n)|(?P<end><!-- end generated -->)")
+END = "<!-- end generated -->"
 PREFIX = ["python", "-m", "fmnist.results"]
 
 
@@ -51,25 +55,80 @@ def output_of(command: str, where: str) -> str:
     return out.getvalue()
 
 
+def blocks(text: str, where: str) -> list[tuple[str, int, int, int]]:
+    """Each generated block of `text` as (command, line of its start marker, start and end of its body); a start
+    marker without its own end marker, or an end marker without a start, is refused before any command runs."""
+    found, opened = [], None
+    for marker in MARKER.finditer(text):
+        line = text.count("\n", 0, marker.start()) + 1
+        if marker["start"] is not None:
+            if opened is not None:
+                raise unclosed(where, opened[1], f"the next block's start marker, on line {line}",
+                               "its table would replace the text up to that block's end marker")
+            opened = (marker, line)
+        elif opened is None:
+            raise ConfigError(f"{where}, line {line}: an `{END}` that closes no block: no start marker (`<!-- "
+                              "generated: python -m fmnist.results ... -->`, ending its line) opens one above it since "
+                              "the previous block's end; expected each end marker to close its own block. Remove it, "
+                              "or mend its block's start marker.")
+        else:
+            start, start_line = opened
+            found.append((start["command"], start_line, start.end(), marker.start()))
+            opened = None
+    if opened is not None:
+        raise unclosed(where, opened[1], "the end of the file", "its table would never be rewritten nor checked")
+    return found
+
+
+def unclosed(where: str, line: int, before: str, else_: str) -> ConfigError:
+    """The refusal of a start marker at `line` whose block does not end before `before`."""
+    return ConfigError(f"{where}, line {line}: the generated block that starts here has no `{END}` before "
+                       f"{before}; expected one after its table, else {else_}. Add the end marker.")
+
+
 def render(text: str, where: str) -> str:
     """`text` with every generated block's body replaced by its command's output."""
-    def fill(match: re.Match) -> str:
-        return match.group(1) + output_of(match.group("command"), where) + match.group(4)
+    pieces, done = [], 0
+    for command, line, start, end in blocks(text, where):
+        pieces += [text[done:start], output_of(command, f"{where}, line {line}")]
+        done = end
+    return "".join(pieces) + text[done:]
 
-    return BLOCK.sub(fill, text)
+
+@contextlib.contextmanager
+def working_directory(path: Path | None):
+    """Run in `path` (None: stay), and come back; Python 3.10 has no contextlib.chdir."""
+    if path is None:
+        yield
+        return
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
-def update(paths: list[Path], check: bool = False) -> list[Path]:
-    """Rewrite the generated blocks of `paths` (or, with `check`, only list the files that would change)."""
-    stale = []
-    for path in paths:
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as e:  # a directory named *.md, a file that is not UTF-8 text
-            raise ConfigError(f"{path}: cannot read it as a UTF-8 text file ({e}).") from None
-        new = render(text, str(path))
-        if new != text:
-            stale.append(path)
-            if not check:
-                atomic_write(path, new)
-    return stale
+def update(paths: list[Path], check: bool = False, root: Path | None = None) -> list[Path]:
+    """Rewrite the generated blocks of `paths` (or, with `check`, only list the files that would change).
+    Every file is rendered before any is written, so a refused block leaves all of them as they were. The blocks'
+    commands run in `root` (None: the current directory), as their paths are relative to it."""
+    try:
+        texts = []
+        for path in paths:
+            try:
+                texts.append(path.read_text())
+            except (OSError, UnicodeDecodeError) as e:  # a directory named *.md, a file that is not UTF-8 text
+                raise ConfigError(f"{path}: cannot read it as a UTF-8 text file ({e}).") from None
+        with working_directory(root):
+            new = [render(text, str(path)) for path, text in zip(paths, texts)]
+    except ConfigError as e:
+        if check:
+            raise
+        said = str(e)
+        raise ConfigError(f"{said}{'' if said.endswith('.') else '.'} Nothing was written.") from None
+    stale = [(path, page) for path, text, page in zip(paths, texts, new) if page != text]
+    if not check:
+        for path, page in stale:
+            atomic_write(path, page)
+    return [path for path, _ in stale]
