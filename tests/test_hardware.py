@@ -2,8 +2,10 @@
 one run only; an explicit value wins."""
 
 import json
+import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -289,6 +291,111 @@ def test_a_damaged_cached_verdict_is_measured_again_not_a_crash(monkeypatch, cap
     assert auto.main(["show"]) == 0 and "it cannot be read as JSON (JSONDecodeError)" in capsys.readouterr().out
 
 
+def not_the_cache(kind: str) -> None:
+    """Put at the cache's path something that is not this code's verdicts file."""
+    path = auto.cache_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes({"notes": b"my notes\n", "binary": b"\xff\xfe\x00", "list": b'["a", "b"]',
+                          "other JSON": b'{"0": 0.91, "1": 0.88}'}[kind])
+
+
+def what_is_there() -> tuple:
+    path = auto.cache_file()
+    return path.stat().st_mode, path.read_bytes() if path.is_file() else None
+
+
+@pytest.mark.parametrize("kind", ["notes", "binary", "list", "other JSON", "fifo", "directory"])
+def test_what_is_not_the_cache_is_never_rewritten_nor_removed(monkeypatch, capsys, caplog, kind):
+    # A run still trains on its own probe's verdict, and says once why it kept nothing; the commands refuse.
+    cpu_with_bf16(monkeypatch, True)
+    measure, calls = fake_probe(10, 5)
+    not_the_cache(kind)
+    before = what_is_there()
+    with caplog.at_level(logging.WARNING, logger=auto.__name__):
+        precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, 64, 10_000, measure=measure)
+    assert precision == "bf16-mixed" and len(calls) == 1
+    assert evidence["verdict"]["source"] == f"probe (not cached: {auto.cache_file()} is not a verdicts file)"
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and f"{auto.cache_file()} is not used as the verdicts cache: it " in warned[0]
+    assert "move it away" in warned[0]
+    assert auto.main(["show"]) == 0
+    assert "0 verdict(s) (it " in capsys.readouterr().out
+    monkeypatch.setattr(auto, "probe", lambda *a: pytest.fail("measured a verdict it cannot keep"))
+    assert auto.main(["measure", "model=simple", "--device", "cpu"]) == 2
+    said = capsys.readouterr().err
+    assert f"{auto.cache_file()}: it " in said and "Nothing was measured or written" in said and "\n" not in said[:-1]
+    assert auto.main(["clear"]) == 2
+    said = capsys.readouterr().err
+    assert f"{auto.cache_file()}: it " in said and "Nothing was removed; move it away" in said
+    assert what_is_there() == before and not auto.cache_file().with_name("precision.json.lock").exists()
+
+
+def test_a_damaged_cache_is_left_by_runs_and_removed_by_clear(monkeypatch, capsys, caplog):
+    cpu_with_bf16(monkeypatch, True)
+    measure, calls = fake_probe(10, 5)
+    auto.resolve_precision("auto", "cpu", MODEL, 64, 10_000, measure=measure)
+    whole = auto.cache_file().read_text()
+    auto.cache_file().write_text(whole[:len(whole) // 2])  # cut short: a disk that filled, an editor that crashed
+    with caplog.at_level(logging.WARNING, logger=auto.__name__):
+        _, evidence = auto.resolve_precision("auto", "cpu", MODEL, 256, 10_000, measure=measure)
+    assert len(calls) == 2 and "not cached" in evidence["verdict"]["source"]
+    assert auto.cache_file().read_text() == whole[:len(whole) // 2]
+    assert "a damaged verdicts file" in caplog.text
+    assert "`python -m fmnist.training.precision clear` removes it" in caplog.text
+    assert auto.main(["show"]) == 0 and "clear` removes it)" in capsys.readouterr().out
+    assert auto.main(["clear"]) == 0 and not auto.cache_file().exists()
+    assert "(a damaged verdicts file)" in capsys.readouterr().out
+
+
+def test_an_empty_file_is_an_empty_cache_and_hand_added_entries_are_kept(monkeypatch, capsys):
+    cpu_with_bf16(monkeypatch, True)
+    measure, calls = fake_probe(10, 5)
+    auto.cache_file().parent.mkdir(parents=True)
+    auto.cache_file().touch()
+    assert auto.main(["show"]) == 0 and capsys.readouterr().out.rstrip().endswith(": 0 verdict(s)")
+    auto.resolve_precision("auto", "cpu", MODEL, 64, 10_000, measure=measure)
+    cached = json.loads(auto.cache_file().read_text())
+    assert cached[auto.cache_key(MODEL, 64, "cpu")]["precision"] == "bf16-mixed"
+    cached["my note"] = "measured on the quiet node"  # runs ignore it, and do not drop it
+    auto.cache_file().write_text(json.dumps(cached))
+    auto.resolve_precision("auto", "cpu", MODEL, 256, 10_000, measure=measure)
+    assert json.loads(auto.cache_file().read_text())["my note"] == "measured on the quiet node" and len(calls) == 2
+    auto.cache_file().write_text("")
+    assert auto.main(["clear"]) == 0 and not auto.cache_file().exists()
+
+
+@pytest.mark.parametrize("where", ["the directory is a file", "the file is a directory"])
+def test_show_advises_what_clear_does(monkeypatch, capsys, tmp_path, where):
+    (tmp_path / "a-file").write_text("mine")
+    if where == "the directory is a file":
+        monkeypatch.setenv("FMNIST_CACHE_DIR", str(tmp_path / "a-file"))
+    else:
+        auto.cache_file().mkdir(parents=True)
+    assert auto.main(["show"]) == 0
+    shown = capsys.readouterr().out
+    assert "`clear` removes it" not in shown and "move it away" in shown
+    if where == "the directory is a file":
+        assert f"{tmp_path}/a-file is a file, not a directory" in shown and "set FMNIST_CACHE_DIR" in shown
+    assert auto.main(["clear"]) == 2 and "Nothing was removed" in capsys.readouterr().err
+    assert (tmp_path / "a-file").read_text() == "mine"
+
+
+def test_show_and_clear_refuse_what_only_measure_takes(monkeypatch, capsys):
+    measure, _ = fake_probe(10, 5)
+    monkeypatch.setattr(auto, "probe", measure)
+    assert auto.main(["measure", "model=simple", "--device", "cpu"]) == 0
+    for verb, extra in [("show", ["extra=1"]), ("clear", ["model=resnet"]), ("clear", ["--device", "cpu"])]:
+        capsys.readouterr()
+        assert auto.main([verb, *extra]) == 2 and auto.cache_file().is_file()
+        said = capsys.readouterr()
+        assert f"`{verb}` takes no overrides or --device ({' '.join(extra)})" in said.err and not said.out
+
+
 def test_a_verdict_the_cache_could_not_keep_is_not_called_cached(monkeypatch, tmp_path):
     cpu_with_bf16(monkeypatch, True)
     measure, _ = fake_probe(10, 5)
@@ -352,6 +459,7 @@ def test_a_cache_path_that_is_a_pipe_is_ignored_not_waited_on_and_a_read_only_on
         signal.alarm(0)
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
     assert precision == "bf16-mixed" and len(calls) == 1 and "probe" in evidence["verdict"]["source"]
+    assert stat.S_ISFIFO(auto.cache_file().stat().st_mode)  # not replaced by the verdicts file
     cache = tmpfs("size=1m")
     monkeypatch.setenv("FMNIST_CACHE_DIR", str(cache))
     auto.cache_file().write_text("{}")

@@ -16,7 +16,8 @@ processes took at most `BUSY_SHARE` of the CPU time while it ran) is cached, per
 torch, architecture, batch size). Anything else decides this run only, conservatively (fp32 unless
 bf16 is clearly faster), and the next run measures again. A run too short to repay a probe (fewer
 than `PROBE_MIN_STEPS` training steps) takes a cached verdict, or fp32. `python -m fmnist.training.precision
-show|measure|clear` shows, re-measures or clears the cached verdicts.
+show|measure|clear` shows, re-measures or clears the cached verdicts. A file there that is not a verdicts
+file is never rewritten or removed: runs decide without it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 if __name__ == "__main__":  # the command: here, as torch's import fails in a deleted directory with oneMKL's error
     from fmnist.cli import exit_if_no_working_directory
@@ -157,31 +158,61 @@ def cache_file() -> Path:
     return Path(root) / "precision.json"
 
 
-def _read_cache() -> dict:
-    """The cached verdicts, leaving out any entry that is not a verdict `decide` wrote (a damaged or hand-edited
-    file): such a key is probed again."""
-    return _cache_with_problem()[0]
+# In every key this code has written (v1's too): how a verdicts file is told from another file of that name.
+_KEY_MARK = " | torch "
 
 
-def _cache_with_problem() -> tuple[dict, str | None]:
-    """The cached verdicts, and why the verdicts file, where there is one, gives fewer than it holds entries (for
-    `show`), or None."""
+class _Cache(NamedTuple):
+    """What `cache_file()` holds: its JSON object's entries ({} where there is none), or, where it is something a
+    run may not rewrite, what it is (`problem`) and how to mend it (`fix`)."""
+    entries: dict
+    problem: str | None = None
+    fix: str = ""
+    at_path: bool = True  # the problem is the path's own (False: a file stands where its directory should)
+    removable: bool = True  # `clear` may remove it: the cache, an empty file, or a damaged cache
+
+
+def _cache() -> _Cache:
+    """The verdicts file as `_Cache` says. Anything that is not a JSON object of this code's keys (a pipe, a
+    directory, someone's notes, another tool's JSON) is not the cache, so that no run or command overwrites it."""
     path = cache_file()
-    if path.exists() and not path.is_file() and not path.is_dir():  # reading a pipe would wait for a writer
-        return {}, f"it is {not_a_file(path)}: runs ignore it and probe; `clear` removes it"
+    move = "move it away, or set FMNIST_CACHE_DIR to another directory"
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return _Cache({}, f"{parent} is a file, not a directory", "move it away, or set FMNIST_CACHE_DIR "
+                              "(which names the verdicts' directory) to a directory", at_path=False, removable=False)
+            break
+    if path.exists() and not path.is_file():  # reading a pipe would wait for a writer
+        return _Cache({}, "it is a directory" if path.is_dir() else f"it is {not_a_file(path)}", move, removable=False)
     try:
-        cache = json.loads(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError:
-        return {}, None
-    except (OSError, ValueError) as e:
-        return {}, (f"it cannot be read as JSON ({getattr(e, 'strerror', None) or type(e).__name__}): runs ignore it "
-                    "and probe; `clear` removes it")
-    if not isinstance(cache, dict):
-        return {}, "it is not a JSON object of verdicts: runs ignore it and probe; `clear` removes it"
-    verdicts = {key: found for key, found in cache.items() if _is_verdict(found)}
-    odd = len(cache) - len(verdicts)
-    return verdicts, (f"and {odd} entr{'y' if odd == 1 else 'ies'} that are not verdicts, which runs ignore" if odd
-                      else None)
+        return _Cache({})
+    except OSError as e:
+        return _Cache({}, f"it cannot be read ({e.strerror or e})", "make it readable, or " + move, removable=False)
+    text = data.decode(errors="replace")
+    if not text.strip():  # an empty file (`touch`) holds nothing to lose: an empty cache
+        return _Cache({})
+    try:
+        entries = json.loads(data)
+    except ValueError as e:
+        # An object holding this code's keys is a damaged cache (hand-edited, truncated), which `clear` is for.
+        if text.lstrip().startswith("{") and _KEY_MARK in text:
+            return _Cache({}, f"it cannot be read as JSON ({type(e).__name__}), a damaged verdicts file",
+                          "`python -m fmnist.training.precision clear` removes it")
+        return _Cache({}, f"it cannot be read as JSON ({type(e).__name__}) and is not a verdicts file", move,
+                      removable=False)
+    if not isinstance(entries, dict) or (entries and not any(_KEY_MARK in key for key in entries)):
+        return _Cache({}, "it is JSON but not a verdicts file (an object keyed by device, torch version and model)",
+                      move, removable=False)
+    return _Cache(entries)
+
+
+def _verdicts(cache: _Cache) -> dict:
+    """The cached verdicts, leaving out any entry that is not a verdict `decide` wrote (a damaged or hand-edited
+    one): such a key is probed again."""
+    return {key: found for key, found in cache.entries.items() if _is_verdict(found)}
 
 
 def _is_verdict(found) -> bool:
@@ -212,9 +243,11 @@ def decide(model: dict, batch_size: int, device: str, measure: Callable[..., dic
     is clear and the machine was quiet); None for a `short_run` with nothing cached. `measure` stands in
     for `probe` in tests."""
     key = cache_key(model, batch_size, device)
-    cache = _read_cache()
-    if key in cache and not remeasure:
-        return _cached(cache[key])
+    cache = _cache()
+    if cache.problem and cache.at_path:  # the cache is an optimisation: the run goes on without it
+        _warn_not_the_cache(cache)
+    if key in _verdicts(cache) and not remeasure:
+        return _cached(_verdicts(cache)[key])
     if short_run:
         return None
     timings = (measure or probe)(model, batch_size, device)
@@ -222,20 +255,31 @@ def decide(model: dict, batch_size: int, device: str, measure: Callable[..., dic
               "measured": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
     keep = result["clear"] and not result["busy"]
     why = "cached" if keep else ("not cached: the machine was busy" if result["busy"] else "not cached: unclear")
-    if keep:
+    if keep and cache.problem and cache.at_path:
+        why = f"not cached: {cache_file()} is not a verdicts file"
+    elif keep:
         try:
             cache_file().parent.mkdir(parents=True, exist_ok=True)
             # One writer at a time, each adding to what the others wrote; a verdict another process cached while
             # this one probed is kept and used, so that every run of this key gets the first clear verdict.
             with exclusive_lock(cache_file().with_name(cache_file().name + ".lock")):
-                cache = _read_cache()
-                if key in cache and not remeasure:
-                    return _cached(cache[key], " (cached by another process during this one's probe)")
-                atomic_write(cache_file(), json.dumps({**cache, key: result}, indent=1))
+                cache = _cache()
+                if cache.problem and cache.at_path:  # put there during the probe
+                    _warn_not_the_cache(cache)
+                    return {**result, "source": f"probe (not cached: {cache_file()} is not a verdicts file)"}
+                if key in _verdicts(cache) and not remeasure:
+                    return _cached(_verdicts(cache)[key], " (cached by another process during this one's probe)")
+                # Entries that are not verdicts (hand-edited ones) are kept as they are: runs ignore them.
+                atomic_write(cache_file(), json.dumps({**cache.entries, key: result}, indent=1))
         except OSError as e:  # a read-only home only costs a probe per run
             log.debug("precision cache not written: %s", e)
             why = f"not cached: {cache_file()} could not be written"
     return {**result, "source": f"probe ({why})"}
+
+
+def _warn_not_the_cache(cache: _Cache) -> None:
+    log.warning("precision auto: %s is not used as the verdicts cache: %s; this run decides without it and writes "
+                "nothing there (%s)", cache_file(), cache.problem, cache.fix)
 
 
 def resolve_precision(requested, accelerator: str, model: dict, batch_size: int, planned_steps: int | None = None,
@@ -285,40 +329,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("verb", choices=["show", "measure", "clear"],
                         help="show the cached verdicts; measure one model again (and cache it if clear); clear them all")
     parser.add_argument("overrides", nargs="*", help="train overrides for `measure`, e.g. model=resnet data.batch_size=512")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        help="for `measure`: the device to probe (default: cuda where torch sees a GPU, else cpu)")
     args = parser.parse_args(argv)
 
     def work() -> None:
+        if args.verb != "measure" and (args.overrides or args.device):
+            # Only `measure` composes a model: `show` and `clear` take every key's verdicts, so would ignore these.
+            given = " ".join([*args.overrides, *(["--device", args.device] if args.device else [])])
+            raise ConfigError(f"`{args.verb}` takes no overrides or --device ({given}): it {args.verb}s the verdicts "
+                              "of every model and device; only `measure` takes them, e.g. `measure model=resnet "
+                              "data.batch_size=512`.")
+        path, cache = cache_file(), _cache()
         if args.verb == "show":
-            cache, problem = _cache_with_problem()
-            print(f"{cache_file()}: {len(cache)} verdict(s)" + (f" ({problem})" if problem else ""))
-            for key, found in cache.items():
+            verdicts = _verdicts(cache)
+            odd = len(cache.entries) - len(verdicts)
+            note = (f"{cache.problem}: runs decide without it and write nothing there; {cache.fix}" if cache.problem
+                    else f"and {odd} entr{'y' if odd == 1 else 'ies'} that are not verdicts, which runs ignore" if odd
+                    else None)
+            print(f"{path}: {len(verdicts)} verdict(s)" + (f" ({note})" if note else ""))
+            for key, found in verdicts.items():
                 print(f"  {key}\n    -> {found.get('precision')}: bf16 {found.get('bf16_speedup')}x "
                       f"(rounds {found.get('speedup_range')}), measured {found.get('measured')}")
         elif args.verb == "clear":
-            path = cache_file()
-            problem = "it is a directory" if path.is_dir() else \
-                f"{path.parent} is a file" if path.parent.exists() and not path.parent.is_dir() else None
-            if problem:
-                raise ConfigError(f"{path}: {problem}; expected the verdicts file (FMNIST_CACHE_DIR names its "
-                                  "directory). Nothing was removed.")
-            if path.exists():
+            if not cache.removable:
+                raise ConfigError(f"{path}: {cache.problem}; expected the verdicts file (FMNIST_CACHE_DIR names its "
+                                  f"directory). Nothing was removed; {cache.fix}.")
+            if path.is_file():
                 with storage_errors(key=None):  # a read-only cache directory
                     path.unlink()
-                print(f"removed {path}")
+                print(f"removed {path}" + (" (a damaged verdicts file)" if cache.problem else ""))
             else:
                 print(f"{path}: no verdicts cached; nothing to remove")
         else:
-            if args.device == "cuda" and not torch.cuda.is_available():
+            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            if cache.problem:  # measuring is for caching: no probe's minute is spent on a verdict that cannot be kept
+                raise ConfigError(f"{path}: {cache.problem}; expected the verdicts file, which `measure` rewrites "
+                                  f"(FMNIST_CACHE_DIR names its directory). Nothing was measured or written; "
+                                  f"{cache.fix}.")
+            if device == "cuda" and not torch.cuda.is_available():
                 raise ConfigError("--device cuda: this machine's torch sees no CUDA GPU; measure with --device cpu.")
             cfg = compose_train(*args.overrides)
             # fmnist.training.claim.check_config's model and value checks, not its trackers': a probe has none.
             check_model(cfg.model)
             check_values(cfg)  # e.g. data.batch_size=0 would be measured, and cached
             model = {**OmegaConf.to_container(cfg.model, resolve=True), "channels_last": cfg.channels_last}
-            if args.device == "cuda":
+            if device == "cuda":
                 torch.set_float32_matmul_precision("high")
-            print(json.dumps(decide(model, cfg.data.batch_size, args.device, remeasure=True), indent=1))
+            print(json.dumps(decide(model, cfg.data.batch_size, device, remeasure=True), indent=1))
     return run_plain(work)
 
 
