@@ -4,12 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DATA ?= data
-# DATA as one shell word and one Hydra value: a path with spaces, `=`, `,`, brackets or quotes stays whole.
+# DATA as one shell word and one Hydra value: a path with spaces, `=`, `,`, brackets or a ' stays whole.
 # Quoted for Hydra only where it needs it, so that a run's overrides and resume command keep `data.dir=data`.
 DATA_ARG = "$(DATA)"
 comma := ,
 DATA_NEEDS_QUOTES = $(or $(word 2,$(DATA)),$(foreach c,$(comma) = [ ] { } ( ) ' ",$(findstring $(c),$(DATA))))
-DATA_OVERRIDE = "data.dir=$(if $(strip $(DATA_NEEDS_QUOTES)),'$(DATA)',$(DATA))"
+DATA_OVERRIDE = "data.dir=$(if $(strip $(DATA_NEEDS_QUOTES)),'$(subst ',\',$(DATA))',$(DATA))"
 ARGS ?=
 EXTRAS := dev,export,slurm,postgres,mlflow,wandb
 

@@ -214,7 +214,8 @@ def composition_message(error: BaseException, args: list[str] | None = None, ent
             items = ",".join(f"'{item}'" for item in value[1:-1].split(","))
             example = f"\"{key}=[{items}]\" (each item of a list)"
         else:
-            example = f"{key}=\"'{value}'\""
+            quoted = value.replace("'", "\\'")  # a quote inside Hydra's quotes is escaped; a shell's double quotes keep the backslash
+            example = f"{key}=\"'{quoted}'\""
         kept = [f"cannot read the override `{unreadable}`: a value holding `=`, spaces, commas, brackets or letters "
                 f"outside ASCII must be quoted, e.g. {example}", *(f"Hydra's parser: {k}" for k in kept[:1]), *kept[1:]]
     if not help_hint:

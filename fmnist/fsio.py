@@ -340,6 +340,8 @@ def early_writes_undone_if_stopped():
                     else:
                         path.unlink(missing_ok=True)
                         remove_if_empty(path.parent)  # the directory Hydra made for it
+                except NotADirectoryError:  # its directory is a file: Hydra never wrote it, so nothing to put back
+                    pass
                 except OSError as error:  # a read-only or full disk, which is likely why the command was refused
                     logging.getLogger(__name__).warning("could not put %s back as it was (%s)", path,
                                                         error.strerror or error)

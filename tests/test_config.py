@@ -1,3 +1,5 @@
+import shlex
+
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
@@ -153,6 +155,13 @@ def test_an_unquoted_value_holding_equals_is_named_with_how_to_quote_it(monkeypa
     with pytest.raises(HydraException) as error:
         OverridesParser.create().parse_overrides(["inputs=[a.png,x=1.png]"])
     assert "e.g. \"inputs=['a.png','x=1.png']\"" in composition_message(error.value)
+    # A quote in the value: the example escapes it, so that the suggestion is read back as the value.
+    monkeypatch.setattr("sys.argv", ["train.py", "data.dir=/tmp/it's"])
+    with pytest.raises(HydraException) as error:
+        OverridesParser.create().parse_overrides(["data.dir=/tmp/it's"])
+    example = composition_message(error.value).split("e.g. ", 1)[1].split(". ", 1)[0]
+    (suggested,) = OverridesParser.create().parse_overrides(shlex.split(example))
+    assert suggested.value() == "/tmp/it's", example
 
 
 def test_a_single_runs_directory_names_the_keys_set_and_stays_short():

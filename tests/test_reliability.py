@@ -911,3 +911,13 @@ def test_train_without_data_is_refused_before_lightning_is_imported(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["2", "False"], result.stdout + result.stderr[-2000:]
     assert f"{tmp_path / 'none'}/fashion-mnist_train.csv: file not found" in result.stderr
+
+
+def test_a_sweep_directory_under_a_file_is_one_paragraph_without_a_false_alarm(tmp_path, data_dir):
+    # Hydra wrote nothing there (it could not): nothing to put back, and no line saying that something could not be.
+    (tmp_path / "afile").write_text("mine")
+    result = subprocess.run([sys.executable, "train.py", "-m", *FAST, *SIMPLE, f"data.dir={data_dir}", "seed=0,1",
+                             f"hydra.sweep.dir={tmp_path / 'afile' / 'sub'}"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2 and "a part of the path is a file" in result.stderr, result.stderr[-3000:]
+    assert "could not put" not in result.stdout + result.stderr and (tmp_path / "afile").read_text() == "mine"

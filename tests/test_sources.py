@@ -54,7 +54,9 @@ def test_existing_csvs_are_never_touched(tmp_path, idx_dir):
         write_csv(data / name, images, labels)
     before = {name: (data / name).read_bytes() for name in CSV_NAMES.values()}
     message = obtain(data, idx_dir=idx_dir, allow_install=False, allow_download=False)
-    assert message.endswith("left untouched (30 train and 20 test images)")
+    # The --idx-dir named on purpose is not read, and the message says so rather than passing over it.
+    assert message.endswith(f"left untouched (30 train and 20 test images); --idx-dir {idx_dir} was not read")
+    assert obtain(data, idx_dir=None, allow_install=False, allow_download=False).endswith("(30 train and 20 test images)")
     assert all((data / name).read_bytes() == content for name, content in before.items())
 
 
@@ -103,6 +105,9 @@ def test_a_named_idx_dir_is_converted_or_refused_never_passed_over(tmp_path, idx
     monkeypatch.setattr("fmnist.data.sources.DEBIAN_DIR", idx_dir)  # another source that would work
     with pytest.raises(DataError, match="--idx-dir .*missing: no such directory"):
         obtain(tmp_path / "data", idx_dir=tmp_path / "missing", allow_install=False, allow_download=False)
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(DataError, match="--idx-dir .*afile: a file, not a directory"):
+        obtain(tmp_path / "data", idx_dir=tmp_path / "afile", allow_install=False, allow_download=False)
     dotted = tmp_path / "dotted"  # another spelling of the names, and a train split alone
     dotted.mkdir()
     (dotted / "train-images.idx3-ubyte").write_bytes((idx_dir / "train-images-idx3-ubyte.gz").read_bytes())

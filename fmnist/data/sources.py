@@ -22,7 +22,7 @@ import numpy as np
 from fmnist import IMAGE_SIDE, NUM_CLASSES
 from fmnist.data.csv_io import csv_digest, load_csv, require_file, write_csv
 from fmnist.errors import DataError
-from fmnist.fsio import exclusive_lock, storage_errors
+from fmnist.fsio import exclusive_lock, not_a_directory, storage_errors
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,8 @@ def _obtain(data_dir: Path, idx_dir: Path | None, allow_install: bool, allow_dow
             except DataError as e:
                 raise DataError(f"{e} The CSVs in {data_dir} are left as they are: replace that file, or move both "
                                 "away and run `make data` again.") from e
-        return f"CSVs already in {data_dir}: left untouched ({' and '.join(counts)} images)"
+        unread = f"; --idx-dir {idx_dir} was not read" if idx_dir is not None else ""  # said, not ignored silently
+        return f"CSVs already in {data_dir}: left untouched ({' and '.join(counts)} images){unread}"
     present = [q for p in csvs for q in (p, Path(f"{p}.gz")) if q.exists()]
     if present:
         shown = ", ".join(f"{q.name}{'' if q.is_file() else ' (not a file)'}" for q in present)
@@ -213,7 +214,7 @@ def _obtain(data_dir: Path, idx_dir: Path | None, allow_install: bool, allow_dow
                         "CSVs there, or move what is there away and run `make data` again.")
     if idx_dir is not None:  # named on purpose: converted, or refused naming what is missing; never another source
         if not idx_dir.is_dir():
-            raise DataError(f"--idx-dir {idx_dir}: no such directory; expected the directory holding Zalando's four "
+            raise DataError(f"--idx-dir {idx_dir}: {not_a_directory(idx_dir)}; expected the directory holding Zalando's four "
                             "*-idx?-ubyte.gz files.")
         idx_to_csv(idx_dir, data_dir)
         return f"converted IDX files from {idx_dir}"

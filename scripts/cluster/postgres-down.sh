@@ -1,7 +1,21 @@
 #!/usr/bin/env bash
-# Stop the PostgreSQL server that scripts/cluster/postgres-up.sh started (its databases are kept).
+# Stop the PostgreSQL server that scripts/cluster/postgres-up.sh started (its databases are kept). A server
+# that was running before postgres-up.sh (this machine's own) is left running.
 set -uo pipefail
-for version in $(ls /etc/postgresql 2>/dev/null); do
-    pg_ctlcluster "$version" main stop 2>/dev/null
-done
-echo "postgres-down: stopped"
+if [ "$(id -u)" != 0 ]; then
+    echo "postgres-down: needs root (it stops the server postgres-up.sh started); run it with sudo" >&2
+    exit 2
+fi
+marker=/run/fmnist-postgres-started
+if [ ! -f "$marker" ]; then
+    echo "postgres-down: no server started by postgres-up.sh since this machine started; nothing was stopped"
+    exit 0
+fi
+version=$(cat "$marker")
+if pg_ctlcluster "$version" main stop; then
+    rm -f "$marker"
+    echo "postgres-down: stopped"
+else
+    echo "postgres-down: could not stop PostgreSQL $version (above)" >&2
+    exit 1
+fi

@@ -2,7 +2,7 @@
 # A PostgreSQL server on this machine with a database for Optuna studies, for the cluster tests and for
 # trying `tune.py storage=...` with several processes: installs Debian's postgresql if missing, starts
 # its cluster, creates the role and database `fmnist` (password `fmnist`) if missing, and prints the URL
-# to pass as `storage=`. Idempotent; needs root. scripts/cluster/postgres-down.sh stops it.
+# to pass as `storage=`. Idempotent; needs root. scripts/cluster/postgres-down.sh stops it (if it started it).
 set -euo pipefail
 
 if [ "$(id -u)" != 0 ]; then
@@ -21,6 +21,7 @@ if [ -z "$version" ]; then
 fi
 if ! pg_ctlcluster "$version" main status >/dev/null 2>&1; then
     pg_ctlcluster "$version" main start
+    echo "$version" > /run/fmnist-postgres-started  # postgres-down.sh stops only a server this script started
 fi
 port=$(pg_lsclusters -h | awk -v v="$version" '$1 == v && $2 == "main" {print $3}')
 as_postgres() { su postgres -c "psql -p $port -qtAc \"$1\""; }

@@ -1,7 +1,18 @@
 #!/usr/bin/env bash
-# Stop the one-node cluster that scripts/cluster/slurm-up.sh started (jobs still queued are lost).
+# Stop the one-node cluster that scripts/cluster/slurm-up.sh started (jobs still queued are lost). A SLURM
+# that script did not configure is left running.
 set -uo pipefail
-pkill -x slurmd 2>/dev/null
-pkill -x slurmctld 2>/dev/null
-pkill -x munged 2>/dev/null
-echo "slurm-down: stopped"
+if [ "$(id -u)" != 0 ]; then
+    echo "slurm-down: needs root (it stops the daemons slurm-up.sh started as root); run it with sudo" >&2
+    exit 2
+fi
+conf=/etc/slurm/slurm.conf
+if [ -e "$conf" ] && ! head -n 1 "$conf" | grep -q "^# Written by scripts/cluster/slurm-up.sh"; then
+    echo "slurm-down: $conf was not written by slurm-up.sh: this machine's SLURM is its own; nothing was stopped" >&2
+    exit 2
+fi
+stopped=0
+for daemon in slurmd slurmctld munged; do
+    pkill -x "$daemon" 2>/dev/null && stopped=1
+done
+if [ "$stopped" = 1 ]; then echo "slurm-down: stopped"; else echo "slurm-down: nothing was running"; fi

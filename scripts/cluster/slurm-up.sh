@@ -57,6 +57,13 @@ NodeName=${node} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${memory_mb} State=U
 PartitionName=debug Nodes=${node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
 )
+# A machine with a SLURM configuration of its own is a cluster of its own: never replaced, nor its daemons restarted.
+if [ -e "$conf" ] && [ "$(head -n 1 "$conf")" != "$(head -n 1 <<<"$wanted")" ]; then
+    echo "slurm-up: $conf exists and was not written by this script: this machine has a SLURM of its own, whose" \
+         "configuration and daemons it would replace; nothing was changed. Use that cluster (hydra/launcher=slurm," \
+         "docs/scaling.md), or run this on a machine without one." >&2
+    exit 2
+fi
 mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
 if [ ! -f "$conf" ] || [ "$(cat "$conf")" != "$wanted" ]; then
     echo "$wanted" > "$conf"
