@@ -340,9 +340,9 @@ def early_writes_undone_if_stopped():
                     else:
                         path.unlink(missing_ok=True)
                         remove_if_empty(path.parent)  # the directory Hydra made for it
-                except NotADirectoryError:  # its directory is a file: Hydra never wrote it, so nothing to put back
-                    pass
                 except OSError as error:  # a read-only or full disk, which is likely why the command was refused
+                    if before is None and isinstance(error, NotADirectoryError):
+                        continue  # its directory is a file: Hydra never wrote it there, so there is nothing to undo
                     logging.getLogger(__name__).warning("could not put %s back as it was (%s)", path,
                                                         error.strerror or error)
             for directory in _DIRS_TO_BE_MADE:  # deepest first

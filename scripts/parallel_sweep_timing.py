@@ -61,6 +61,9 @@ def main() -> int:
         if key in ("seed", "data.dir") or key.startswith("hydra"):
             parser.error(f"{override}: the script sets {key} itself (both sweeps run seeds 0-3 of one setting, on "
                          "--data-dir, into --out, each with its launcher); give other train overrides")
+        if key in ("experiment", "preset"):  # an experiment sweeps keys of its own, which would add jobs
+            parser.error(f"{override}: an {key} brings sweeps and settings of its own, and both sweeps here run "
+                         "seeds 0-3 of one setting; give the train keys you want to time instead")
         if is_sweep_override(override):
             parser.error(f"{override} is a sweep (`,`, range, choice or glob): both sweeps run seeds 0-3 of one "
                          "setting, so each train override sets one value")

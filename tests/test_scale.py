@@ -225,7 +225,8 @@ def test_parallel_sweep_timing_refuses_bad_options_in_its_own_words(tmp_path, ru
                         (["seed=5"], "seed=5: the script sets seed itself"),
                         (["hydra.sweep.dir=/x"], "hydra.sweep.dir=/x: the script sets hydra.sweep.dir itself"),
                         (["hydra/launcher=basic"], "the script sets hydra/launcher itself"),
-                        (["model=simple,resnet"], "model=simple,resnet is a sweep")):
+                        (["model=simple,resnet"], "model=simple,resnet is a sweep"),
+                        (["experiment=ablation_dropout"], "experiment=ablation_dropout: an experiment brings sweeps")):
         result = run_in_process("scripts/parallel_sweep_timing.py", *args, "--out", str(tmp_path / "t"))
         assert result.returncode == 2 and words in result.stderr and "train.py" not in result.stderr, result.stderr
     assert not (tmp_path / "t").exists()

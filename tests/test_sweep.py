@@ -565,9 +565,11 @@ def test_results_command_refuses_what_is_not_a_sweep_and_writes_nothing(tmp_path
     # The hint names the folder above only when it is a sweep: a single run's folder (outputs/runs) is none.
     assert results_main([verb, str(run)]) == 2
     assert "(such as outputs/train/<time>/ from `python train.py -m ...`" in capsys.readouterr().err
-    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
-    assert results_main([verb, str(run)]) == 2
-    assert f"(here {tmp_path})" in capsys.readouterr().err
+    for sign in ("multirun.yaml", "summary.md"):  # a sweep Hydra wrote, or one committed with its summary alone
+        (tmp_path / sign).write_text("hydra: {}\n")
+        assert results_main([verb, str(run)]) == 2
+        assert f"(here {tmp_path})" in capsys.readouterr().err
+        (tmp_path / sign).unlink()
 
 
 def test_the_old_script_names_still_work_and_say_the_new_command(tmp_path, run_in_process):

@@ -34,7 +34,10 @@ def sweep_dir(text: str) -> Path:
         raise ConfigError(f"{path}: {not_a_directory(path)}; expected a sweep directory (job directories with metrics.json), "
                           "as `python train.py -m ...` writes under outputs/ (`make ablations` writes outputs/study-cpu).")
     if (path / METRICS_FILE).is_file():
-        holder = f"(here {path.parent})" if (path.parent / SWEEP_CONFIG_FILE).is_file() else \
+        from fmnist.results.sweep import SUMMARY_FILES  # a committed sweep keeps its summaries, not Hydra's yaml
+
+        a_sweep = any((path.parent / name).is_file() for name in (SWEEP_CONFIG_FILE, *SUMMARY_FILES))
+        holder = f"(here {path.parent})" if a_sweep else \
             "(such as outputs/train/<time>/ from `python train.py -m ...`; one run is evaluated with evaluate.py ckpt=...)"
         raise ConfigError(f"{path}: a run directory, not a sweep; pass the directory that holds the sweep's jobs "
                           f"{holder}.")

@@ -12,6 +12,11 @@ if [ ! -f "$marker" ]; then
     exit 0
 fi
 version=$(cat "$marker")
+if ! pg_ctlcluster "$version" main status >/dev/null 2>&1; then  # stopped since (or a marker older than a restart)
+    rm -f "$marker"
+    echo "postgres-down: PostgreSQL $version is not running; nothing was stopped"
+    exit 0
+fi
 if pg_ctlcluster "$version" main stop; then
     rm -f "$marker"
     echo "postgres-down: stopped"

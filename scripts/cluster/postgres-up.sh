@@ -9,7 +9,9 @@ if [ "$(id -u)" != 0 ]; then
     echo "postgres-up: needs root (it installs packages and starts the server); run it with sudo" >&2
     exit 2
 fi
+marker=/run/fmnist-postgres-started  # a server this script installed, created or started: postgres-down.sh stops it
 if ! command -v pg_ctlcluster >/dev/null; then
+    installed=1
     echo "postgres-up: installing postgresql" >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null \
         || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
@@ -18,11 +20,13 @@ version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -1)
 if [ -z "$version" ]; then
     version=$(ls /usr/lib/postgresql | sort -V | tail -1)
     pg_createcluster "$version" main >/dev/null
+    installed=1
 fi
 if ! pg_ctlcluster "$version" main status >/dev/null 2>&1; then
     pg_ctlcluster "$version" main start
-    echo "$version" > /run/fmnist-postgres-started  # postgres-down.sh stops only a server this script started
+    installed=1
 fi
+[ "${installed:-0}" = 1 ] && echo "$version" > "$marker"
 port=$(pg_lsclusters -h | awk -v v="$version" '$1 == v && $2 == "main" {print $3}')
 as_postgres() { su postgres -c "psql -p $port -qtAc \"$1\""; }
 for _ in $(seq 1 30); do as_postgres "SELECT 1" >/dev/null 2>&1 && break; sleep 1; done

@@ -12,6 +12,17 @@ if [ "$(id -u)" != 0 ]; then
 fi
 exec 9>/run/fmnist-slurm-up.lock  # two callers at once (parallel test workers) take turns
 flock 9
+conf=/etc/slurm/slurm.conf
+MARK="# Written by scripts/cluster/slurm-up.sh"  # the first line of the configuration it writes (slurm-down.sh too)
+# A machine with a SLURM of its own (a configuration this script did not write, or daemons running without one,
+# as on a configless node) is a cluster of its own: never reconfigured, nor its daemons restarted.
+if { [ -e "$conf" ] && ! head -n 1 "$conf" | grep -q "^$MARK"; } \
+   || { [ ! -e "$conf" ] && pgrep -x 'slurmctld|slurmd' >/dev/null 2>&1; }; then
+    echo "slurm-up: this machine has a SLURM of its own ($conf not written by this script, or its daemons running" \
+         "without it), whose configuration and daemons this script would replace; nothing was changed. Use that" \
+         "cluster (hydra/launcher=slurm, docs/scaling.md), or run this on a machine without one." >&2
+    exit 2
+fi
 # The daemons started below must not inherit the lock's descriptor (`9>&-`): one that kept it would hold
 # the lock for as long as it runs, and every later call would wait on it forever.
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null || ! command -v pgrep >/dev/null; then
@@ -24,9 +35,8 @@ fi
 node=$(hostname -s)
 cpus=$(nproc)
 memory_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))  # leave a tenth to the system
-conf=/etc/slurm/slurm.conf
 wanted=$(cat <<CONF
-# Written by scripts/cluster/slurm-up.sh: one node, this machine, on the loopback address (the host
+${MARK}: one node, this machine, on the loopback address (the host
 # name need not resolve, as in many containers).
 ClusterName=fmnist
 SlurmctldHost=${node}(127.0.0.1)
@@ -57,13 +67,6 @@ NodeName=${node} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${memory_mb} State=U
 PartitionName=debug Nodes=${node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
 )
-# A machine with a SLURM configuration of its own is a cluster of its own: never replaced, nor its daemons restarted.
-if [ -e "$conf" ] && [ "$(head -n 1 "$conf")" != "$(head -n 1 <<<"$wanted")" ]; then
-    echo "slurm-up: $conf exists and was not written by this script: this machine has a SLURM of its own, whose" \
-         "configuration and daemons it would replace; nothing was changed. Use that cluster (hydra/launcher=slurm," \
-         "docs/scaling.md), or run this on a machine without one." >&2
-    exit 2
-fi
 mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
 if [ ! -f "$conf" ] || [ "$(cat "$conf")" != "$wanted" ]; then
     echo "$wanted" > "$conf"
@@ -77,6 +80,7 @@ chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge 2>/dev/
 chmod 0400 /etc/munge/munge.key
 if ! pgrep -x munged >/dev/null; then
     su -s /bin/sh munge -c /usr/sbin/munged 2>/dev/null 9>&- || /usr/sbin/munged --force 9>&-
+    touch /run/fmnist-munged-started  # slurm-down.sh stops munged only if this script started it
 fi
 
 if [ "${restart:-0}" = 1 ]; then  # the old daemons save their state and free their ports first
