@@ -171,6 +171,17 @@ class _Cache(NamedTuple):
     at_path: bool = True  # the problem is the path's own (False: a file stands where its directory should)
     removable: bool = True  # `clear` may remove it: the cache, an empty file, or a damaged cache
 
+    @property
+    def in_the_way(self) -> bool:
+        """Something other than the cache stands at its path: runs decide without it and write nothing there."""
+        return self.problem is not None and self.at_path
+
+    @property
+    def verdicts(self) -> dict:
+        """The cached verdicts, leaving out any entry that is not a verdict `decide` wrote (a damaged or
+        hand-edited one): such a key is probed again."""
+        return {key: found for key, found in self.entries.items() if _is_verdict(found)}
+
 
 def _cache() -> _Cache:
     """The verdicts file as `_Cache` says. Anything that is not a JSON object of this code's keys (a pipe, a
@@ -209,12 +220,6 @@ def _cache() -> _Cache:
     return _Cache(entries)
 
 
-def _verdicts(cache: _Cache) -> dict:
-    """The cached verdicts, leaving out any entry that is not a verdict `decide` wrote (a damaged or hand-edited
-    one): such a key is probed again."""
-    return {key: found for key, found in cache.entries.items() if _is_verdict(found)}
-
-
 def _is_verdict(found) -> bool:
     number = (int, float)
     return (isinstance(found, dict) and found.get("precision") in (BF16, FP32)
@@ -244,10 +249,11 @@ def decide(model: dict, batch_size: int, device: str, measure: Callable[..., dic
     for `probe` in tests."""
     key = cache_key(model, batch_size, device)
     cache = _cache()
-    if cache.problem and cache.at_path:  # the cache is an optimisation: the run goes on without it
+    if cache.in_the_way:  # the cache is an optimisation: the run goes on without it
         _warn_not_the_cache(cache)
-    if key in _verdicts(cache) and not remeasure:
-        return _cached(_verdicts(cache)[key])
+    found = cache.verdicts.get(key)
+    if found is not None and not remeasure:
+        return _cached(found)
     if short_run:
         return None
     timings = (measure or probe)(model, batch_size, device)
@@ -255,7 +261,7 @@ def decide(model: dict, batch_size: int, device: str, measure: Callable[..., dic
               "measured": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
     keep = result["clear"] and not result["busy"]
     why = "cached" if keep else ("not cached: the machine was busy" if result["busy"] else "not cached: unclear")
-    if keep and cache.problem and cache.at_path:
+    if keep and cache.in_the_way:
         why = f"not cached: {cache_file()} is not a verdicts file"
     elif keep:
         try:
@@ -264,11 +270,12 @@ def decide(model: dict, batch_size: int, device: str, measure: Callable[..., dic
             # this one probed is kept and used, so that every run of this key gets the first clear verdict.
             with exclusive_lock(cache_file().with_name(cache_file().name + ".lock")):
                 cache = _cache()
-                if cache.problem and cache.at_path:  # put there during the probe
+                if cache.in_the_way:  # put there during the probe
                     _warn_not_the_cache(cache)
                     return {**result, "source": f"probe (not cached: {cache_file()} is not a verdicts file)"}
-                if key in _verdicts(cache) and not remeasure:
-                    return _cached(_verdicts(cache)[key], " (cached by another process during this one's probe)")
+                found = cache.verdicts.get(key)
+                if found is not None and not remeasure:
+                    return _cached(found, " (cached by another process during this one's probe)")
                 # Entries that are not verdicts (hand-edited ones) are kept as they are: runs ignore them.
                 atomic_write(cache_file(), json.dumps({**cache.entries, key: result}, indent=1))
         except OSError as e:  # a read-only home only costs a probe per run
@@ -342,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                               "data.batch_size=512`.")
         path, cache = cache_file(), _cache()
         if args.verb == "show":
-            verdicts = _verdicts(cache)
+            verdicts = cache.verdicts
             odd = len(cache.entries) - len(verdicts)
             note = (f"{cache.problem}: runs decide without it and write nothing there; {cache.fix}" if cache.problem
                     else f"and {odd} entr{'y' if odd == 1 else 'ies'} that are not verdicts, which runs ignore" if odd
