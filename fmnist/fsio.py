@@ -457,6 +457,17 @@ def check_writable(directory: Path, key: str | None = RUN_DIR_KEY) -> None:
     raise storage_error(error, key=key) or error
 
 
+def check_folder_can_hold(folder: Path, key: str, named: Path, advice: str) -> None:
+    """Before a command's work: ConfigError if `folder`, made where missing, would go under a file, or StorageError
+    if nothing can be created in the nearest existing folder at or above it. `named`: the output given as `key`,
+    which goes into `folder`; `advice` ends the message."""
+    folder = Path(folder)
+    nearest = next(p for p in (folder, *folder.parents) if p.exists())
+    if not nearest.is_dir():
+        raise ConfigError(f"{key} names {named}, but {nearest} is a file, not a directory; {advice}")
+    check_writable(nearest, key=key)
+
+
 @contextmanager
 def storage_errors(key: str | None = RUN_DIR_KEY):
     """Turn an OSError a user can fix (disk full, read-only, no permission) into a StorageError naming `key`."""

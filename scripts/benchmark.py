@@ -41,7 +41,7 @@ from omegaconf import OmegaConf
 
 from fmnist import IMAGE_SIDE, console
 from fmnist.errors import ConfigError
-from fmnist.fsio import atomic_write, check_writable, dirs_made, path_argument, storage_errors
+from fmnist.fsio import atomic_write, check_folder_can_hold, dirs_made, path_argument, storage_errors
 from fmnist.training.callbacks import step_callbacks
 from fmnist.config import ACCELERATORS, OptimConfig, TrainConfig, compose_train
 from fmnist.data.csv_io import cache_path, load_csv, parse_csv
@@ -268,11 +268,7 @@ def check_inputs(args) -> None:
     if args.out.is_dir() or (args.out.exists() and not args.out.is_file()):
         raise ConfigError(f"--out names {args.out}, which is not a regular file; give a CSV file name.")
     # Where the rows will go must take them: else they are lost after the whole benchmark.
-    nearest = next(d for d in args.out.resolve().parents if d.exists())
-    if not nearest.is_dir():
-        raise ConfigError(f"--out names {args.out}, but {nearest} is a file, not a directory; give a CSV file name "
-                          "in a directory.")
-    check_writable(nearest, key="--out")
+    check_folder_can_hold(args.out.resolve().parent, "--out", args.out, "give a CSV file name in a directory.")
     if args.out.exists():
         with open(args.out, "rb") as f:
             header = f.readline()

@@ -48,8 +48,8 @@ from datetime import datetime
 from pathlib import Path
 
 from fmnist.errors import ConfigError, StorageError
-from fmnist.fsio import (atomic_output, atomic_write, check_working_directory, check_writable,  # the standard
-                         not_a_directory, path_argument, storage_errors)  # library only, like the imports above
+from fmnist.fsio import (atomic_output, atomic_write, check_folder_can_hold, check_working_directory,  # the standard
+                         check_writable, not_a_directory, path_argument, storage_errors)  # library only, as above
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -242,10 +242,7 @@ def check_places(data_dir: Path, idx_dir: Path | None, results: Path) -> None:
     if idx_dir is not None and not idx_dir.is_dir():
         raise ConfigError(f"--idx-dir {idx_dir}: {not_a_directory(idx_dir)}; expected the folder holding Zalando's "
                           "four IDX files (.gz); nothing was run.")
-    existing = next(p for p in (results, *results.parents) if p.exists())  # the folder it will be made in
-    if not existing.is_dir():
-        raise ConfigError(f"--results {results}: {existing} is a file, not a directory; nothing was run.")
-    check_writable(existing, key="--results")
+    check_folder_can_hold(results, "--results", results, "nothing was run.")
 
 
 def check_archive(path: Path) -> None:
