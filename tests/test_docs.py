@@ -1,9 +1,12 @@
 """The docs' tables of results are generated from the committed results and kept up to date."""
 
+import errno
+import os
 import re
 import runpy
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -88,6 +91,31 @@ def test_a_refused_page_leaves_the_pages_before_it_unwritten_and_a_block_that_fa
     bad.write_text("intro\n")
     assert update([stale, bad], root=ROOT) == [stale]
     assert "| stale |" not in stale.read_text() and "| ema | flip |" in stale.read_text()
+
+
+
+def test_a_write_that_fails_leaves_every_page_as_it_was(tmp_path, monkeypatch):
+    # A full disk found when the second page is flushed: the first, written already, is not renamed in either.
+    from fmnist.results.generated import update
+
+    first, second = tmp_path / "a.md", tmp_path / "b.md"
+    for page in (first, second):
+        page.write_text("intro\n" + BLOCK + END)
+    fsync = os.fsync
+
+    def disk_full_for_the_second(fd):
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith(f".{second.name}."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", disk_full_for_the_second)
+    with pytest.raises(OSError, match="No space left"):
+        update([first, second], root=ROOT)
+    assert first.read_text() == second.read_text() == "intro\n" + BLOCK + END
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.md", "b.md"]  # no temporary file left either
+    monkeypatch.undo()
+    assert update([first, second], root=ROOT) == [first, second]
+    assert "| ema | flip |" in first.read_text() and "| ema | flip |" in second.read_text()
 
 
 def test_a_written_tricks_table_is_rendered_without_importing_the_evaluation():

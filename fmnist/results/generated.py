@@ -20,7 +20,7 @@ import shlex
 from pathlib import Path
 
 from fmnist.errors import ConfigError
-from fmnist.fsio import atomic_write
+from fmnist.fsio import atomic_output
 
 MARKER = re.compile(r"(?P<start><!-- generated: (?P<command>[^\n]*?) -->\n)|(?P<end><!-- end generated -->)")
 END = "<!-- end generated -->"
@@ -111,8 +111,10 @@ def working_directory(path: Path | None):
 
 def update(paths: list[Path], check: bool = False, root: Path | None = None) -> list[Path]:
     """Rewrite the generated blocks of `paths` (or, with `check`, only list the files that would change).
-    Every file is rendered before any is written, so a refused block leaves all of them as they were. The blocks'
-    commands run in `root` (None: the current directory), as their paths are relative to it."""
+    Every file is rendered before any is written, so a refused block leaves all of them as they were; and every
+    page is written to a temporary file beside it before any is renamed into place, so a write that fails (a full
+    disk) leaves them all as they were too. The blocks' commands run in `root` (None: the current directory), as
+    their paths are relative to it."""
     try:
         texts = []
         for path in paths:
@@ -129,6 +131,7 @@ def update(paths: list[Path], check: bool = False, root: Path | None = None) -> 
         raise ConfigError(f"{said}{'' if said.endswith('.') else '.'} Nothing was written.") from None
     stale = [(path, page) for path, text, page in zip(paths, texts, new) if page != text]
     if not check:
-        for path, page in stale:
-            atomic_write(path, page)
+        with contextlib.ExitStack() as written:  # on leaving, each page is renamed into place, or on an error none
+            for path, page in stale:
+                written.enter_context(atomic_output(path)).write_text(page)
     return [path for path, _ in stale]
