@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fmnist import IMAGE_SIDE
+from fmnist import IMAGE_SIDE, NUM_CLASSES
 from fmnist.errors import ConfigError
 
 POOLED_SIDE = IMAGE_SIDE // 4  # the side of the feature maps the simple and optimized CNNs' heads take: two 2x2 poolings
@@ -38,7 +38,7 @@ def conv_bn_relu(c_in: int, c_out: int, kernel_size: int = 3) -> nn.Sequential:
 class SimpleCNN(nn.Module):
     """The report's baseline (Figure 4.7): two conv layers, no batch norm, a small FC head."""
 
-    def __init__(self, channels: list[int], hidden: int, dropout: float, num_classes: int = 10):
+    def __init__(self, channels: list[int], hidden: int, dropout: float, num_classes: int = NUM_CLASSES):
         super().__init__()
         if len(channels) != 2:
             raise ConfigError("config key model.channels must have 2 entries (the simple CNN has two conv layers); "
@@ -65,7 +65,7 @@ class OptimizedCNN(nn.Module):
     """
 
     def __init__(self, channels: list[int], kernel_sizes: list[int], hidden: int, dropout: float,
-                 num_classes: int = 10):
+                 num_classes: int = NUM_CLASSES):
         super().__init__()
         if len(channels) != 4 or len(kernel_sizes) != 4:
             raise ConfigError("config keys model.channels and model.kernel_sizes must each have 4 entries (the "
@@ -114,7 +114,7 @@ class ResNet(nn.Module):
     """
 
     def __init__(self, widths: list[int], blocks: list[int], dropout: float, zero_init_residual: bool,
-                 dirac_init: bool = False, whiten_stem: bool = False, num_classes: int = 10):
+                 dirac_init: bool = False, whiten_stem: bool = False, num_classes: int = NUM_CLASSES):
         super().__init__()
         if not widths or len(widths) != len(blocks):
             raise ConfigError(f"config keys model.widths and model.blocks must be non-empty and of equal length "
