@@ -117,8 +117,7 @@ def idx_to_csv(idx_dir: Path, data_dir: Path) -> None:
         if found is None:
             prefix = SPLITS[split][0]
             raise DataError(f"{idx_dir}: no {prefix}-images-idx3-ubyte[.gz] and {prefix}-labels-idx1-ubyte[.gz]; "
-                            "expected Zalando's four files under their own names (train-images-idx3-ubyte.gz, "
-                            "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz). "
+                            f"expected Zalando's four files under their own names ({', '.join(OFFICIAL_MD5)}). "
                             "Nothing was written.")
         images, labels = read_idx(found[0], 3), read_idx(found[1], 1)
         if images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE) or len(images) != len(labels):
@@ -237,6 +236,6 @@ def _obtain(data_dir: Path, idx_dir: Path | None, allow_install: bool, allow_dow
             tried.append(f"download from {DOWNLOAD_URL} failed ({e})")
     raise DataError(
         "Could not obtain Fashion-MNIST: " + "; ".join(tried) + ". Do one of: (1) put Kaggle's "
-        f"fashion-mnist_train.csv and fashion-mnist_test.csv into {data_dir}; (2) put Zalando's four "
+        f"{' and '.join(CSV_NAMES.values())} into {data_dir}; (2) put Zalando's four "
         "*-idx?-ubyte.gz files into a directory and run `python scripts/get_data.py --idx-dir DIR`; "
         f"(3) as root on Debian/Ubuntu: `apt-get install {DEBIAN_PACKAGE}`, then `make data`.")

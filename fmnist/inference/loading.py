@@ -25,7 +25,7 @@ from fmnist.config import (EVAL_BATCH_SIZE, RUN_OPTIONS, TTA_MODES, DataConfig, 
                            is_text_keyed)
 from fmnist.data.batches import network_input
 from fmnist.data.csv_io import csv_digest
-from fmnist.data.sources import find_csv
+from fmnist.data.sources import CSV_NAMES, find_csv
 from fmnist.errors import CheckpointError, ConfigError, DataError
 from fmnist.fsio import file_digest, load_checkpoint, not_a_file
 from fmnist.inference.config import CKPT_FORMS
@@ -183,7 +183,7 @@ class LoadedModel:
             how = "the directory given by data.dir" if data_dir is not None else \
                 "the checkpoint's training data directory"
             raise DataError(f"{path}: test CSV not found in {how}. Pass data.dir=DIR naming a directory that holds "
-                            "fashion-mnist_test.csv (Kaggle format).")
+                            f"{CSV_NAMES['test']} (Kaggle format).")
         return path
 
 
