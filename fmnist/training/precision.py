@@ -261,8 +261,9 @@ def decide(model: dict, batch_size: int, device: str, measure: Callable[..., dic
               "measured": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
     keep = result["clear"] and not result["busy"]
     why = "cached" if keep else ("not cached: the machine was busy" if result["busy"] else "not cached: unclear")
+    not_a_verdicts_file = f"not cached: {cache_file()} is not a verdicts file"
     if keep and cache.in_the_way:
-        why = f"not cached: {cache_file()} is not a verdicts file"
+        why = not_a_verdicts_file
     elif keep:
         try:
             cache_file().parent.mkdir(parents=True, exist_ok=True)
@@ -272,7 +273,7 @@ def decide(model: dict, batch_size: int, device: str, measure: Callable[..., dic
                 cache = _cache()
                 if cache.in_the_way:  # put there during the probe
                     _warn_not_the_cache(cache)
-                    return {**result, "source": f"probe (not cached: {cache_file()} is not a verdicts file)"}
+                    return {**result, "source": f"probe ({not_a_verdicts_file})"}
                 found = cache.verdicts.get(key)
                 if found is not None and not remeasure:
                     return _cached(found, " (cached by another process during this one's probe)")
