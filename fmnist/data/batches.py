@@ -26,8 +26,10 @@ def network_input(images: torch.Tensor, normalize: bool, mean: float, std: float
         x = augment(x)
     return (x - mean) / std if normalize else x
 
-# The alternating flips' random stream: beyond any run's epoch count, so no shuffle shares its numbers.
-FLIP_STREAM = 100_002
+# Random streams per seed (`_generator`), none shared with another seed: one per epoch's shuffle, and the last for
+# the alternating flips, beyond any run's epoch count, so no shuffle shares its numbers.
+STREAMS_PER_SEED = 100_003
+FLIP_STREAM = STREAMS_PER_SEED - 1
 
 
 class InMemoryBatches:
@@ -50,7 +52,7 @@ class InMemoryBatches:
 
     def _generator(self, stream: int) -> torch.Generator:
         """The random stream `stream` of this seed: the epoch's number for its shuffle, FLIP_STREAM for the flips."""
-        return torch.Generator().manual_seed(self.seed * 100_003 + stream)
+        return torch.Generator().manual_seed(self.seed * STREAMS_PER_SEED + stream)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
