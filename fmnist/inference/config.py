@@ -27,7 +27,7 @@ CKPT_FORMS = (f"a .ckpt file, a run directory (holding {CHECKPOINT_DIR}/{BEST_CH
 class InferenceDataConfig:
     dir: Optional[str] = None  # directory holding fashion-mnist_test.csv; null: the one the model was trained on
     # null: evaluate.py uses the run's data.eval_batch_size (the batches of its own test: the same numbers), the
-    # export's self-check 1000
+    # export's self-check fmnist.config.EVAL_BATCH_SIZE
     batch_size: Optional[int] = None
 
 
