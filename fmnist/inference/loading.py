@@ -268,13 +268,14 @@ def load_model(ckpt: str | Path) -> LoadedModel:
     # Checkpoints written before the run options left `model` hold them there.
     model = {k: v for k, v in model.items() if k not in RUN_OPTIONS}
     options = {k: hp[k] if k in hp else hp["model"][k] for k in RUN_OPTIONS if k in hp or k in hp["model"]}
-    if not isinstance(options.get("channels_last", False), bool):  # bool("no") would be True
-        raise CheckpointError(f"{path}: its hyperparameter channels_last is {options['channels_last']!r}, not true or "
-                              "false: not a checkpoint train.py wrote.")
-    if not isinstance(options.get("tta", "none"), str) or options.get("tta", "none") not in TTA_MODES:
-        raise CheckpointError(f"{path}: its hyperparameter tta is {options.get('tta')!r}, not one of {TTA_MODES}: "
-                              "not a checkpoint train.py wrote.")
     channels_last = options.get("channels_last", TrainConfig.channels_last)
+    tta = options.get("tta", TrainConfig.tta)
+    if not isinstance(channels_last, bool):  # bool("no") would be True
+        raise CheckpointError(f"{path}: its hyperparameter channels_last is {channels_last!r}, not true or "
+                              "false: not a checkpoint train.py wrote.")
+    if not isinstance(tta, str) or tta not in TTA_MODES:
+        raise CheckpointError(f"{path}: its hyperparameter tta is {tta!r}, not one of {TTA_MODES}: "
+                              "not a checkpoint train.py wrote.")
     try:
         check_model(with_defaults(model))  # as train.py checks a config: the constructor takes a NaN dropout
         net = build_model(**model)
@@ -294,7 +295,7 @@ def load_model(ckpt: str | Path) -> LoadedModel:
                               "can be computed with it.")
     loaded = LoadedModel(net, path, file_digest(path, "sha256"), dict(model), data, run_dir=resolved.run_dir,
                          note=resolved.note, raw_weights=payload.get("current_model_state"),
-                         tta=options.get("tta", TrainConfig.tta), channels_last=channels_last)
+                         tta=tta, channels_last=channels_last)
     if loaded.normalize:
         loaded.mean, loaded.std = _standardisation(path, payload, data)
         if not (math.isfinite(loaded.mean) and math.isfinite(loaded.std) and loaded.std > 0):
