@@ -56,7 +56,9 @@ def main(cfg: DictConfig) -> float:
     try:
         result = run_job(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=in_sweep, overrides=overrides,
                          hydra_files=hydra_files, apart=apart)
-        write_held_logs()  # a job that ended without reaching its checks: skipped, as it finished before
+        # A sweep's job skipped as finished returns before the checks that keep its log lines (`claimed`): it was
+        # not refused, so they are written all the same.
+        write_held_logs()
         return result
     except FmnistError as e:
         exit_with(e)
