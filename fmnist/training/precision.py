@@ -327,11 +327,57 @@ def resolve_precision(requested, accelerator: str, model: dict, batch_size: int,
     return precision, evidence
 
 
+def _show(path: Path, cache: _Cache) -> None:
+    """`show`: the cached verdicts, and what else the file holds."""
+    verdicts = cache.verdicts
+    odd = len(cache.entries) - len(verdicts)
+    note = (f"{cache.problem}: runs decide without it and write nothing there; {cache.fix}" if cache.problem
+            else f"and {odd} entr{'y' if odd == 1 else 'ies'} that are not verdicts, which runs ignore" if odd
+            else None)
+    print(f"{path}: {len(verdicts)} verdict(s)" + (f" ({note})" if note else ""))
+    for key, found in verdicts.items():
+        print(f"  {key}\n    -> {found.get('precision')}: bf16 {found.get('bf16_speedup')}x "
+              f"(rounds {found.get('speedup_range')}), measured {found.get('measured')}")
+
+
+def _clear(path: Path, cache: _Cache) -> None:
+    """`clear`: remove the verdicts file, unless something else stands at its path."""
+    if not cache.removable:
+        raise ConfigError(f"{path}: {cache.problem}; expected the verdicts file (FMNIST_CACHE_DIR names its "
+                          f"directory). Nothing was removed; {cache.fix}.")
+    if path.is_file():
+        with storage_errors(key=None):  # a read-only cache directory
+            path.unlink()
+        print(f"removed {path}" + (" (a damaged verdicts file)" if cache.problem else ""))
+    else:
+        print(f"{path}: no verdicts cached; nothing to remove")
+
+
+def _measure(path: Path, cache: _Cache, overrides: list[str], device: str | None) -> None:
+    """`measure`: probe the model that `overrides` compose on `device` again, and cache its verdict if clear."""
+    from fmnist.config import check_values, compose_train
+    from fmnist.models import check_model
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cache.problem:  # measuring is for caching: no probe's minute is spent on a verdict that cannot be kept
+        raise ConfigError(f"{path}: {cache.problem}; expected the verdicts file, which `measure` rewrites "
+                          f"(FMNIST_CACHE_DIR names its directory). Nothing was measured or written; "
+                          f"{cache.fix}.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: this machine's torch sees no CUDA GPU; measure with --device cpu.")
+    cfg = compose_train(*overrides)
+    # fmnist.training.claim.check_config's model and value checks, not its trackers': a probe has none.
+    check_model(cfg.model)
+    check_values(cfg)  # e.g. data.batch_size=0 would be measured, and cached
+    model = {**OmegaConf.to_container(cfg.model, resolve=True), "channels_last": cfg.channels_last}
+    if device == "cuda":
+        torch.set_float32_matmul_precision("high")
+    print(json.dumps(decide(model, cfg.data.batch_size, device, remeasure=True), indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m fmnist.training.precision show|measure|clear`: the cached verdicts of `precision=auto`."""
     from fmnist.cli import run_plain
-    from fmnist.config import check_values, compose_train
-    from fmnist.models import check_model
 
     parser = argparse.ArgumentParser(prog="python -m fmnist.training.precision", description=main.__doc__)
     parser.add_argument("verb", choices=["show", "measure", "clear"],
@@ -350,41 +396,11 @@ def main(argv: list[str] | None = None) -> int:
                               "data.batch_size=512`.")
         path, cache = cache_file(), _cache()
         if args.verb == "show":
-            verdicts = cache.verdicts
-            odd = len(cache.entries) - len(verdicts)
-            note = (f"{cache.problem}: runs decide without it and write nothing there; {cache.fix}" if cache.problem
-                    else f"and {odd} entr{'y' if odd == 1 else 'ies'} that are not verdicts, which runs ignore" if odd
-                    else None)
-            print(f"{path}: {len(verdicts)} verdict(s)" + (f" ({note})" if note else ""))
-            for key, found in verdicts.items():
-                print(f"  {key}\n    -> {found.get('precision')}: bf16 {found.get('bf16_speedup')}x "
-                      f"(rounds {found.get('speedup_range')}), measured {found.get('measured')}")
+            _show(path, cache)
         elif args.verb == "clear":
-            if not cache.removable:
-                raise ConfigError(f"{path}: {cache.problem}; expected the verdicts file (FMNIST_CACHE_DIR names its "
-                                  f"directory). Nothing was removed; {cache.fix}.")
-            if path.is_file():
-                with storage_errors(key=None):  # a read-only cache directory
-                    path.unlink()
-                print(f"removed {path}" + (" (a damaged verdicts file)" if cache.problem else ""))
-            else:
-                print(f"{path}: no verdicts cached; nothing to remove")
+            _clear(path, cache)
         else:
-            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            if cache.problem:  # measuring is for caching: no probe's minute is spent on a verdict that cannot be kept
-                raise ConfigError(f"{path}: {cache.problem}; expected the verdicts file, which `measure` rewrites "
-                                  f"(FMNIST_CACHE_DIR names its directory). Nothing was measured or written; "
-                                  f"{cache.fix}.")
-            if device == "cuda" and not torch.cuda.is_available():
-                raise ConfigError("--device cuda: this machine's torch sees no CUDA GPU; measure with --device cpu.")
-            cfg = compose_train(*args.overrides)
-            # fmnist.training.claim.check_config's model and value checks, not its trackers': a probe has none.
-            check_model(cfg.model)
-            check_values(cfg)  # e.g. data.batch_size=0 would be measured, and cached
-            model = {**OmegaConf.to_container(cfg.model, resolve=True), "channels_last": cfg.channels_last}
-            if device == "cuda":
-                torch.set_float32_matmul_precision("high")
-            print(json.dumps(decide(model, cfg.data.batch_size, device, remeasure=True), indent=1))
+            _measure(path, cache, args.overrides, args.device)
     return run_plain(work)
 
 
