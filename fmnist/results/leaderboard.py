@@ -13,12 +13,13 @@ from pathlib import Path
 import pandas as pd
 
 from fmnist.config import is_count
+from fmnist.data.sources import SPLITS
 from fmnist.errors import ConfigError
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
 from fmnist.runs import (COMPLETED, CONFIG_FILE, check_poolable, collect, read_config_section,
                          read_confusion_matrix, read_record)
 
-STANDARD_TEST_IMAGES = 10_000  # the standard split's test set; its training set is all of the other 60,000
+STANDARD_TEST_IMAGES = SPLITS["test"][1]  # the standard split's test set (Zalando's t10k files)
 
 # Published results on the standard 60k/10k split without extra data (result, test accuracy %, budget,
 # where it is published).
