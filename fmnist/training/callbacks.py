@@ -171,7 +171,7 @@ class Forecast(L.Callback):
     def __init__(self, heartbeat_s: float | None = HEARTBEAT_S, min_steps: int = 5, min_seconds: float = 2.0):
         self.heartbeat_s, self.min_steps, self.min_seconds = heartbeat_s, min_steps, min_seconds
         self._told = False
-        self._timed_from = self._last_beat = 0.0
+        self._timed_from = self._last_beat = self._epoch_start = self._test_start = 0.0
         self._steps = self._images = 0
 
     @staticmethod
