@@ -302,6 +302,25 @@ def write_report(sweep_dir: Path) -> list[Path]:
     return planned_report(sweep_dir)()
 
 
+def _curves_by_variant(sweep_dir: Path, curves: dict[str, list[pd.DataFrame]]) -> dict[str, list[pd.DataFrame]]:
+    """The runs' curves of each `experiment=report` variant ({} for another sweep), or ConfigError for a variant
+    run as more than one setting."""
+    by_variant: dict[str, list[pd.DataFrame]] = {}
+    settings_of: dict[str, list[str]] = {}
+    for setting, runs in curves.items():
+        variant = variant_of(setting)
+        if variant:
+            by_variant.setdefault(variant, []).extend(runs)
+            settings_of.setdefault(variant, []).append(setting)
+    for variant, settings in settings_of.items():
+        if len(settings) > 1:  # pooled, each seed would count once per setting in a claim's paired test
+            raise ConfigError(f"{sweep_dir}: variant={variant} was run as {len(settings)} settings "
+                              f"({', '.join(f'`{s}`' for s in sorted(settings))}); the report pairs one setting of "
+                              "each variant with the best one by seed, and draws one curve per variant. Run each "
+                              "setting in a sweep directory of its own.")
+    return by_variant
+
+
 def planned_report(sweep_dir: Path) -> Callable[[], list[Path]]:
     """`write_report`'s reading and checks, done now (a refusal raises here, and nothing is written); return the
     function that draws and writes the report, returning the figures' paths."""
@@ -321,19 +340,7 @@ def planned_report(sweep_dir: Path) -> Callable[[], list[Path]]:
     # Each figure's file and how to draw it, named before any is drawn: a directory in the way of one is refused
     # before the others replace theirs.
     figures: list[tuple[str, Callable[[], plt.Figure]]] = []
-    by_variant: dict[str, list[pd.DataFrame]] = {}
-    settings_of: dict[str, list[str]] = {}
-    for setting, runs in curves.items():
-        variant = variant_of(setting)
-        if variant:
-            by_variant.setdefault(variant, []).extend(runs)
-            settings_of.setdefault(variant, []).append(setting)
-    for variant, settings in settings_of.items():
-        if len(settings) > 1:  # pooled, each seed would count once per setting in a claim's paired test
-            raise ConfigError(f"{sweep_dir}: variant={variant} was run as {len(settings)} settings "
-                              f"({', '.join(f'`{s}`' for s in sorted(settings))}); the report pairs one setting of "
-                              "each variant with the best one by seed, and draws one curve per variant. Run each "
-                              "setting in a sweep directory of its own.")
+    by_variant = _curves_by_variant(sweep_dir, curves)
     if by_variant:  # a sweep of experiment=report: the report's own figures
         figures += [(f"figure_{number}.png", functools.partial(
                         curves_figure, [(f"variant={variant}", by_variant[variant])], f"Figure {number}: {title}"))
