@@ -151,7 +151,7 @@ class LitClassifier(L.LightningModule):
         o = self.hparams.optim
         cls, keys = OPTIMIZER_CLASSES[o["name"]]
         optimizer = cls(parameter_groups(self.net, o["lr"], o["weight_decay"], o["bias_lr_scale"]),
-                        lr=o["lr"], **{k: o[k] for k in keys if k in o})
+                        lr=o["lr"], **{k: o[k] for k in keys})
         shape, warmup_epochs = o["scheduler"], o["warmup_epochs"]
         if shape == "none" and warmup_epochs == 0:
             return optimizer
