@@ -31,6 +31,7 @@ from fmnist.training.rundir import own_run_dir
 log = logging.getLogger(__name__)
 
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
+CONFUSION_FIGURE = "confusion_matrix.png"  # beside CONFUSION_FILE in an evaluation directory
 
 
 def classification_metrics(logits: torch.Tensor, labels: np.ndarray) -> tuple[dict, np.ndarray]:
@@ -88,7 +89,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         if (out_dir / METRICS_FILE).exists():
             raise ConfigError(f"{out_dir}: another evaluation wrote its results there while this one ran; they are "
                               "kept, and this evaluation wrote nothing. Name a new directory (hydra.run.dir=...).")
-        written = [out_dir / CONFUSION_FILE, out_dir / "confusion_matrix.png"]
+        written = [out_dir / CONFUSION_FILE, out_dir / CONFUSION_FIGURE]
         try:
             with atomic_output(written[0]) as tmp:
                 np.savetxt(tmp, cm, fmt="%d", delimiter=",")
@@ -129,5 +130,5 @@ def summary_table(record: dict, out_dir: Path) -> str:
               "", f"{'class':<12} {'precision':>9} {'recall':>7} {'F1':>7} {'n':>6}"]
     for name, c in m["per_class"].items():
         lines.append(f"{name:<12} {c['precision']:>9.4f} {c['recall']:>7.4f} {c['f1']:>7.4f} {c['support']:>6}")
-    lines.append(f"\nwritten to {out_dir}/ (metrics.json, confusion_matrix.csv, confusion_matrix.png)")
+    lines.append(f"\nwritten to {out_dir}/ ({METRICS_FILE}, {CONFUSION_FILE}, {CONFUSION_FIGURE})")
     return "\n".join(lines)
