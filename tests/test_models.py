@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from fmnist import NUM_CLASSES
 from fmnist.config import OPTIMIZERS
 from fmnist.errors import ConfigError
 from fmnist.models import MODELS, ResidualBlock, build_model, check_model, model_keys
@@ -115,7 +116,7 @@ def test_bias_lr_scale_trains_the_biases_apart_with_the_same_decay_per_step():
 class TinyMLP(torch.nn.Module):
     """A model a researcher adds: typed constructor parameters are its config keys."""
 
-    def __init__(self, hidden: int, dropout: float, num_classes: int = 10):
+    def __init__(self, hidden: int, dropout: float, num_classes: int = NUM_CLASSES):
         super().__init__()
         self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, hidden), torch.nn.ReLU(),
                                        torch.nn.Dropout(dropout), torch.nn.Linear(hidden, num_classes))
