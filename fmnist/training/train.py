@@ -187,7 +187,7 @@ def _precision(cfg: DictConfig, model_kwargs: dict, record_so_far: dict, resume:
     """The Lightning precision of the run, and how it was decided (its record's `precision`): `resolve_precision`'s,
     or, for a resume of a run whose start resolved `auto` on this kind of device, the precision that start chose:
     one run, one precision, whatever a probe or another process's cached verdict would say now."""
-    chosen = record_so_far.get("precision") or {} if resume else {}
+    chosen = (record_so_far.get("precision") or {}) if resume else {}
     if cfg.trainer.precision == "auto" and chosen.get("requested") == "auto" and chosen.get("resolved") \
             and chosen.get("device") == device_kind(cfg.trainer.accelerator):
         log.info("precision auto -> %s: kept from the run's start (%s)", chosen["resolved"], chosen.get("reason"))
