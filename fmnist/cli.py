@@ -282,6 +282,20 @@ def stopped_by_ctrl_c(error: BaseException) -> bool:
                                                     and isinstance(error.__context__, KeyboardInterrupt))
 
 
+def stop_behind(error: BaseException) -> KeyboardInterrupt | Terminated | None:
+    """The Ctrl-C (KeyboardInterrupt) or SIGTERM (Terminated) that `error` was raised while handling, if any. A
+    stop lands wherever the main thread is: inside a library that fails on it with an error of its own (torch's
+    ONNX exporter, stopped while it imports torch._dynamo, raises TorchExportError), it must still end the
+    command as that stop, not as a crash with a traceback."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (KeyboardInterrupt, Terminated)):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def run_plain(work: Callable[[], object], unwind_on_sigterm: bool = False) -> int:
     """Run a plain (argparse) command's work: a user error prints one paragraph and gives its exit code.
     `unwind_on_sigterm`: see `sigterm_unwinds`."""

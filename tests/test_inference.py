@@ -425,6 +425,23 @@ def test_an_evaluation_stopped_by_sigterm_leaves_no_directory(run_dir, tmp_path,
     assert sorted(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("stop,code,words", [(KeyboardInterrupt, 130, "Ctrl-C"), (Terminated, 143, "SIGTERM")])
+def test_an_export_stopped_inside_the_exporter_is_a_stop_not_a_crash(run_dir, tmp_path, run_in_process, monkeypatch,
+                                                                     stop, code, words):
+    def stopped_while_importing(*args, **kwargs):
+        try:
+            raise stop  # Ctrl-C or SIGTERM while the exporter imports torch._dynamo, its first seconds
+        except BaseException as e:  # what torch's exporter then raises, from an `except` that the import left broken
+            raise RuntimeError("Failed to export the model with torch.export: module 'torch._dynamo' has no "
+                               "attribute 'exc'") from e
+
+    monkeypatch.setattr(torch.onnx, "export", stopped_while_importing)
+    result = run_in_process("export.py", f"ckpt={run_dir}", f"out={tmp_path / 'onnx' / 'm.onnx'}")
+    assert result.returncode == code and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and f"error: stopped by {words}" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # neither the file, its temporary nor the directory made for it
+
+
 def test_a_missing_checkpoint_is_one_paragraph(tmp_path):
     with pytest.raises(CheckpointError, match="no such file or directory; expected a .ckpt file, a run directory"):
         resolve(tmp_path / "nope")

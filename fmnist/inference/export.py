@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from fmnist import CLASS_NAMES, IMAGE_SIDE
+from fmnist.cli import stop_behind
 from fmnist.config import EVAL_BATCH_SIZE
 from fmnist.data.batches import network_input
 from fmnist.data.csv_io import load_csv
@@ -102,9 +103,17 @@ def to_onnx(loaded: LoadedModel, path: Path, checkpoint_name: str | None = None)
     wrapper = RawPixelsModel(loaded).eval()
     example = torch.zeros(2, 1, IMAGE_SIDE, IMAGE_SIDE, dtype=torch.uint8)
     with _quiet():
-        program = torch.onnx.export(wrapper, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                    dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False,
-                                    dynamo=True, verbose=False)
+        try:
+            program = torch.onnx.export(wrapper, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False,
+                                        dynamo=True, verbose=False)
+        except Exception as e:
+            # Ctrl-C or SIGTERM during the exporter's first seconds (it imports torch._dynamo then) comes out of it
+            # as a TorchExportError: the command is stopped, as it would be anywhere else.
+            stop = stop_behind(e)
+            if stop is None:
+                raise
+            raise type(stop)() from None
     program.model.doc_string = f"Fashion-MNIST classifier ({loaded.model['name']}), {SIGNATURE}"
     # The graph is one view per image: the run's test-time augmentation (`tta`) is not in it.
     metadata = {"class_names": json.dumps(list(CLASS_NAMES)), "checkpoint_sha256": loaded.sha256,
