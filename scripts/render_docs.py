@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in stale:
             print(f"{'out of date' if args.check else 'rewrote'}: {path.relative_to(ROOT)}")
 
-    code = run_plain(work)
+    code = run_plain(work, unwind_on_sigterm=True)  # SIGTERM while a page is written leaves no temporary file
     return code or (1 if args.check and stale else 0)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fmnist.cli import Terminated
 from fmnist.errors import ConfigError
 from fmnist.results.generated import render
 from tests.conftest import ROOT
@@ -196,3 +197,57 @@ def test_tricks_refuses_a_csv_in_a_missing_directory_before_evaluating(tmp_path,
     err = capsys.readouterr().err
     assert f"--csv names {out}, in {out.parent}, which is not an existing directory" in err
     assert not out.parent.exists()
+
+
+@pytest.mark.parametrize("stop,code,words", [(KeyboardInterrupt, 130, "Ctrl-C"), (Terminated, 143, "SIGTERM")])
+def test_make_docs_stopped_while_a_block_runs_stops_and_is_not_a_failed_block(tmp_path, monkeypatch, capsys, stop, code,
+                                                                                words):
+    from fmnist.results import __main__ as results_main
+
+    page = tmp_path / "page.md"
+    page.write_text("intro\n" + BLOCK + END)
+
+    def stopped(path):
+        raise stop  # Ctrl-C, or what SIGTERM raises (fmnist.cli.sigterm_unwinds), while the block's verb reads
+
+    monkeypatch.setattr(results_main, "read_tricks_table", stopped)
+    script = runpy.run_path(str(ROOT / "scripts" / "render_docs.py"))
+    monkeypatch.setitem(script["main"].__globals__, "DOCS", [page])
+    assert script["main"]([]) == code
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: stopped by {words};") and "failed" not in err and "page.md" not in err, err
+    assert page.read_text() == "intro\n" + BLOCK + END and sorted(tmp_path.iterdir()) == [page]
+
+
+# SIGTERM while `make docs` writes a page: the page's temporary file is removed, as every other command removes its own.
+SIGTERM_WHILE_A_PAGE_IS_WRITTEN = """
+import contextlib, os, runpy, signal, sys, time
+from pathlib import Path
+import fmnist.fsio
+
+page = Path(sys.argv[1])
+
+@contextlib.contextmanager
+def cut_short(path):
+    with fmnist.fsio.atomic_output(path) as tmp:
+        yield tmp  # the page is written to its temporary file, then SIGTERM comes before it is renamed into place
+        assert tmp.exists()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+
+import fmnist.results.generated
+fmnist.results.generated.atomic_output = cut_short
+script = runpy.run_path(sys.argv[2])
+script["main"].__globals__["DOCS"] = [page]
+sys.exit(script["main"]([]))
+"""
+
+
+def test_make_docs_stopped_by_sigterm_while_it_writes_a_page_leaves_no_temporary_file(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("intro\n" + BLOCK + END)
+    done = subprocess.run([sys.executable, "-c", SIGTERM_WHILE_A_PAGE_IS_WRITTEN, str(page),
+                           str(ROOT / "scripts" / "render_docs.py")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 143 and done.stderr.startswith("error: stopped by SIGTERM;"), done.stderr[-3000:]
+    assert page.read_text() == "intro\n" + BLOCK + END and sorted(tmp_path.iterdir()) == [page]

@@ -19,6 +19,7 @@ import re
 import shlex
 from pathlib import Path
 
+from fmnist.cli import CTRL_C_EXIT, SIGTERM_EXIT, Terminated
 from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_output
 
@@ -50,6 +51,12 @@ def output_of(command: str, where: str) -> str:
         raise ConfigError(f"{where}: `{command}` writes files; a generated block's command only prints its table.")
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(argv[3:])
+    # Ctrl-C or SIGTERM while the verb ran: it said so and returned its exit code, but the block did not fail;
+    # `make docs` is stopped, and stops as any command does (130 or 143), not as a refused block (2).
+    if code == CTRL_C_EXIT[1]:
+        raise KeyboardInterrupt
+    if code == SIGTERM_EXIT[1]:
+        raise Terminated
     if code:
         raise ConfigError(f"{where}: `{command}` failed (exit {code}): {err.getvalue().strip()}")
     return out.getvalue()
