@@ -11,11 +11,13 @@ files' SHA-256, the accuracy and how the run was made. `ckpt=pretrained` loads t
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from fmnist.cli import exit_if_no_working_directory, run_plain
@@ -26,8 +28,9 @@ import torch
 
 from fmnist import IMAGE_SIDE, NUM_CLASSES
 from fmnist.config import EVAL_BATCH_SIZE, check_name
-from fmnist.errors import ConfigError
-from fmnist.fsio import file_digest, load_checkpoint, path_argument
+from fmnist.errors import ConfigError, StorageError
+from fmnist.fsio import (atomic_write, check_writable, file_digest, load_checkpoint, path_argument, storage_error,
+                         storage_errors)
 from fmnist.inference.loading import DATAMODULE_STATE_KEY, PRETRAINED, PRETRAINED_DIR, best_in_run, load_model
 from fmnist.runs import COMPLETED, CONFIG_FILE, METRICS_FILE, read_record, record_problem, short_digest
 
@@ -81,31 +84,56 @@ def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR, replace: bool
     source = best_in_run(run_dir, suggest_last=False)  # the best on validation, or nothing
     load_model(source)  # a checkpoint that cannot serve (weights that are not finite) is named as the run's
     payload = load_checkpoint(source)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".ship-", dir=out_dir))
+    with storage_errors(key=None):  # a read-only out_dir: one paragraph, before the test set is scored
+        out_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(out_dir, key=None)
+        staging = Path(tempfile.mkdtemp(prefix=".ship-", dir=out_dir))
     try:
-        ckpt, onnx, card = (staging / f"{name}{suffix}" for suffix in (".ckpt", ".onnx", ".md"))
-        torch.save({k: payload[k] for k in KEPT if k in payload}, ckpt)
-        loaded = load_model(ckpt)
-        images, labels = loaded_test_set(loaded)
-        logits = loaded.logits_batched(images, EVAL_BATCH_SIZE, tta=loaded.tta)
-        accuracy = classification_metrics(logits, labels)[0]["accuracy"]
-        differing = round(abs(accuracy - recorded) * len(labels))
-        allowed = MIXED_PRECISION_IMAGES if precision.endswith("-mixed") else 1  # one image: rounding
-        if differing > allowed:
-            raise ConfigError(f"{source}: stripped of its training state it scores {accuracy:.2%} on the test set in "
-                              f"fp32, not the {recorded:.2%} the run recorded in {precision}: {differing} of "
-                              f"{len(labels):,} images, where at most {allowed} may differ; not shipped.")
-        export(OmegaConf.create({"ckpt": str(ckpt), "out": str(onnx), "overwrite": False,
-                                 "data": {"dir": None, "batch_size": None}}), shipped_name(out_dir / ckpt.name))
-        final = {p: out_dir / p.name for p in (ckpt, onnx, card)}
-        card.write_text(card_text(name, record, loaded.model, loaded.tta, accuracy, recorded, ckpt, onnx, run_dir,
-                                  len(labels)))
-        for staged, target in final.items():
-            os.replace(staged, target)
-        return final[card]
+        with shipping_errors(staging, out_dir):  # a full disk: one paragraph naming the shipped file
+            ckpt, onnx, card = (staging / f"{name}{suffix}" for suffix in (".ckpt", ".onnx", ".md"))
+            # Serialised in memory first: torch.save reports a full disk as an opaque RuntimeError.
+            buffer = io.BytesIO()
+            torch.save({k: payload[k] for k in KEPT if k in payload}, buffer)
+            atomic_write(ckpt, buffer.getvalue())  # as every file is written: an error names it, and it is on disk
+            loaded = load_model(ckpt)
+            images, labels = loaded_test_set(loaded)
+            logits = loaded.logits_batched(images, EVAL_BATCH_SIZE, tta=loaded.tta)
+            accuracy = classification_metrics(logits, labels)[0]["accuracy"]
+            differing = round(abs(accuracy - recorded) * len(labels))
+            allowed = MIXED_PRECISION_IMAGES if precision.endswith("-mixed") else 1  # one image: rounding
+            if differing > allowed:
+                raise ConfigError(f"{source}: stripped of its training state it scores {accuracy:.2%} on the test set in "
+                                  f"fp32, not the {recorded:.2%} the run recorded in {precision}: {differing} of "
+                                  f"{len(labels):,} images, where at most {allowed} may differ; not shipped.")
+            export(OmegaConf.create({"ckpt": str(ckpt), "out": str(onnx), "overwrite": False,
+                                     "data": {"dir": None, "batch_size": None}}), shipped_name(out_dir / ckpt.name))
+            final = {p: out_dir / p.name for p in (ckpt, onnx, card)}
+            atomic_write(card, card_text(name, record, loaded.model, loaded.tta, accuracy, recorded, ckpt, onnx, run_dir,
+                                         len(labels)))
+            for staged, target in final.items():
+                os.replace(staged, target)
+            return final[card]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def shipping_errors(staging: Path, out_dir: Path):
+    """A full or read-only disk while the files are made in `staging`: StorageError naming the file as it would be
+    shipped in `out_dir`, with no config key to change (ship_model.py has none for the place; export.py's own
+    paragraph would name its `out=`)."""
+    try:
+        yield
+    except (OSError, StorageError) as e:
+        error = e.__cause__ if isinstance(e, StorageError) else e  # export's StorageError: the OSError it was made from
+        mapped = None
+        if isinstance(error, OSError):
+            if error.filename and Path(error.filename).parent == staging:
+                error.filename = str(out_dir / Path(error.filename).name)
+            mapped = storage_error(error, key=None)
+        if mapped is None:
+            raise
+        raise mapped from error
 
 
 def shipped_name(path: Path) -> str:

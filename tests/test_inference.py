@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 from fmnist import CLASS_NAMES
 from fmnist.data.csv_io import HEADER, load_csv, parse_csv, write_csv
-from fmnist.errors import CheckpointError, ConfigError
+from fmnist.errors import CheckpointError, ConfigError, StorageError
 from fmnist.cli import Terminated
 from fmnist.inference import evaluate as evaluate_module
 from fmnist.inference import export as export_module
@@ -637,6 +637,25 @@ def test_a_shipped_model_loads_as_ckpt_pretrained_and_reproduces_its_run(run_dir
     with caplog.at_level(logging.INFO):
         assert load_model("pretrained").sha256 == file_digest(ckpt, "sha256")
     assert "ckpt=pretrained: the shipped model (" in caplog.text  # what was tested is said
+
+
+@pytest.mark.slow
+def test_shipping_to_a_full_or_read_only_disk_is_one_paragraph_naming_the_shipped_file(run_dir, tmpfs):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ship_model", ROOT / "scripts" / "ship_model.py")
+    ship_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship_model)
+    # No room for the checkpoint (torch.save says so as a RuntimeError); room for it but not for the ONNX file
+    # (export.py's paragraph names its out=, which ship_model.py does not take); nothing can be written at all.
+    for options, file, words in (("size=64k", "tiny.ckpt", "the disk is full"),
+                                 ("size=2500k", "tiny.onnx", "the disk is full"),
+                                 ("ro,size=64k", "", "the file system is read-only")):
+        disk = tmpfs(options)
+        with pytest.raises(StorageError) as refused:
+            ship_model.ship(run_dir, "tiny", out_dir=disk)
+        assert str(refused.value).startswith(f"cannot write {disk / file if file else disk}: {words}"), refused.value
+        assert "=...)" not in str(refused.value) and list(disk.iterdir()) == []
 
 
 def test_the_shipped_model_is_the_one_its_card_describes():
