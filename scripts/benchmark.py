@@ -41,7 +41,8 @@ from omegaconf import OmegaConf
 
 from fmnist import IMAGE_SIDE, console
 from fmnist.errors import ConfigError
-from fmnist.fsio import atomic_write, check_folder_can_hold, dirs_made, path_argument, storage_errors
+from fmnist.fsio import (atomic_write, check_folder_can_hold, dirs_made, exclusive_lock, path_argument,
+                         storage_errors)
 from fmnist.training.callbacks import step_callbacks
 from fmnist.config import ACCELERATORS, OptimConfig, TrainConfig, compose_train
 from fmnist.data.csv_io import cache_path, load_csv, parse_csv
@@ -301,9 +302,10 @@ def read_history(out: Path) -> pd.DataFrame:
 
 def append_rows(out: Path, rows: list[dict]) -> None:
     """Add `rows` to the CSV `out`, atomically. Rewritten whole, so rows of older versions with other columns
-    stay aligned."""
-    history = read_history(out)
-    with storage_errors(key="--out"), dirs_made(out.parent):
+    stay aligned. Read and rewritten under a lock on its directory: two benchmarks that end together (one per
+    GPU, or a CPU and a GPU one) would each rewrite what they read, and the first one's rows would be lost."""
+    with storage_errors(key="--out"), dirs_made(out.parent), exclusive_lock(out.parent):
+        history = read_history(out)
         atomic_write(out, pd.concat([history, pd.DataFrame(rows)], ignore_index=True).to_csv(index=False))
     print(f"\nappended {len(rows)} rows to {out}")
 

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 
 import pandas as pd
 import pytest
@@ -43,6 +45,30 @@ def test_benchmark_prints_and_appends_a_row(tmp_path, data_dir, run_in_process):
     row = pd.read_csv(out).iloc[0]
     assert row.raw_img_s > 0 and row.lightning_img_s > 0 and row.ratio > 0 and row.csv_parse_s > 0
     assert row.cores >= 1 and row.torch_threads >= 1 and isinstance(row.isa, str) and row.gflop_per_img > 0
+
+
+def test_two_benchmarks_that_end_together_keep_both_rows(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    out, read, first_has_read = tmp_path / "bench.csv", benchmark.read_history, threading.Event()
+
+    def read_then_wait(path):  # the first benchmark reads the CSV, the second ends meanwhile, then the first writes
+        history = read(path)
+        if threading.current_thread().name == "first":
+            first_has_read.set()
+            time.sleep(0.5)
+        return history
+
+    monkeypatch.setattr(benchmark, "read_history", read_then_wait)
+    first = threading.Thread(target=benchmark.append_rows, args=(out, [{"date": "d", "cpu": "first"}]), name="first")
+    first.start()
+    assert first_has_read.wait(30)
+    benchmark.append_rows(out, [{"date": "d", "cpu": "second"}])
+    first.join()
+    assert sorted(pd.read_csv(out).cpu) == ["first", "second"] and sorted(os.listdir(tmp_path)) == ["bench.csv"]
 
 
 def test_benchmark_refuses_an_out_it_did_not_write_and_a_bad_model_before_timing(tmp_path, data_dir, run_in_process):
