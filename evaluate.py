@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from fmnist import console
 from fmnist.cli import check_given_config, exit_with, run_cli
 from fmnist.errors import FmnistError
-from fmnist.fsio import remove_if_empty
+from fmnist.fsio import remove_if_empty, storage_errors
 from fmnist.inference.config import register
 
 register()
@@ -24,7 +24,10 @@ def main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         check_given_config(cfg)  # `+foo=1`, `${oc.env:CK}` with CK unset: named, before anything is read
-        evaluate(cfg, out_dir)
+        # A full or read-only disk under the evaluation's files: one paragraph, here (an OSError passing out of the task
+        # would be told by Hydra's "Error executing job" line first).
+        with storage_errors():
+            evaluate(cfg, out_dir)
     except BaseException as e:  # refused, SIGTERM or Ctrl-C: the evaluation writes its files only at the end
         remove_if_empty(out_dir)  # Hydra made it for this evaluation: leave nothing behind
         if isinstance(e, FmnistError):

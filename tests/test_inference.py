@@ -425,6 +425,16 @@ def test_an_evaluation_stopped_by_sigterm_leaves_no_directory(run_dir, tmp_path,
     assert sorted(tmp_path.iterdir()) == []
 
 
+def test_an_evaluation_that_fills_the_disk_is_one_paragraph_and_leaves_nothing(run_dir, tmpfs, run_in_process):
+    disk = tmpfs("size=16k")  # room for the confusion matrix's CSV, not for its figure
+    result = run_in_process("evaluate.py", f"ckpt={run_dir}", f"hydra.run.dir={disk / 'eval'}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines() == [f"error: cannot write {disk / 'eval' / 'confusion_matrix.png'}: the disk is "
+                                          "full (No space left on device). Free some space or choose another place "
+                                          "(hydra.run.dir=...); files already written are intact."], result.stderr
+    assert list(disk.iterdir()) == []
+
+
 @pytest.mark.parametrize("stop,code,words", [(KeyboardInterrupt, 130, "Ctrl-C"), (Terminated, 143, "SIGTERM")])
 def test_an_export_stopped_inside_the_exporter_is_a_stop_not_a_crash(run_dir, tmp_path, run_in_process, monkeypatch,
                                                                      stop, code, words):
