@@ -276,6 +276,19 @@ def test_bad_input_exits_2_with_one_paragraph(tmp_path, run_in_process):
 
 
 @pytest.mark.slow
+def test_a_trial_that_fills_the_disk_names_out_dir_the_key_that_moves_the_study(tmpfs, data_dir):
+    disk = tmpfs("size=400k")  # room for the study's database and a trial's small files, not for its checkpoint
+    # In a process of its own: the study's database, left open in this one, would keep the disk from being unmounted.
+    result = subprocess.run([sys.executable, "tune.py", "study=full", "n_trials=1", f"out_dir={disk}",
+                             f"data.dir={data_dir}", *SMALL, "trainer.max_epochs=1"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: cannot write {disk / 'full' / 'trial-0000'}/") and "the disk is full" in error, error
+    assert "(out_dir=...)" in error and "hydra." not in error, error
+
+
+@pytest.mark.slow
 def test_a_refused_rerun_leaves_the_finished_trials_as_they_were(tmp_path, data_dir, run_in_process):
     args = ["study=r", "n_trials=1", f"out_dir={tmp_path}", f"data.dir={data_dir}", *SMALL, "trainer.max_epochs=1"]
     run_search(CONF, args)

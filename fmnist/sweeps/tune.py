@@ -496,7 +496,8 @@ class Search:
             run_dir.mkdir(parents=True, exist_ok=True)
             with console.logged_to(run_dir / JOB_LOG):  # a trial directory is a run directory: it has one too
                 metrics = train(cfg, run_dir, overrides, callbacks=[ReportToTrial(trial)], resume_hint=RESUME_HINT,
-                                record={"optuna": {"study": self.cfg.study, "trial": trial.number, "params": params}})
+                                record={"optuna": {"study": self.cfg.study, "trial": trial.number, "params": params}},
+                                storage_key="out_dir")  # a trial's directory is under out_dir; tune.py has no hydra.*
         except RunPruned as e:
             raise optuna.TrialPruned(str(e)) from e
         except Exception as e:

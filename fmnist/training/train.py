@@ -28,7 +28,7 @@ from fmnist.config import RUN_OPTIONS, hydra_quote
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.data.sources import data_digests
 from fmnist.errors import ConfigError, DivergedError, FmnistError
-from fmnist.fsio import RUN_DIR_KEY, atomic_write, storage_errors
+from fmnist.fsio import RUN_DIR_KEY, SWEEP_DIR_KEY, atomic_write, storage_errors
 from fmnist.hardware import device_kind
 from fmnist.models import training_flops_per_image
 from fmnist.runs import (BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, DIVERGED, EPOCHS_FILE,
@@ -52,7 +52,8 @@ class RunPruned(Exception):
 
 
 def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, hydra_files: dict | None = None,
-          callbacks: list[L.Callback] | None = None, resume_hint: str | None = None, record: dict | None = None) -> dict:
+          callbacks: list[L.Callback] | None = None, resume_hint: str | None = None, record: dict | None = None,
+          storage_key: str = RUN_DIR_KEY) -> dict:
     """Train per `cfg` in `run_dir`; return (and record in metrics.json) the final metrics.
 
     First the claim (`fmnist.training.claim.claimed`): a refusal raises and writes nothing. Then `_run`: fit,
@@ -60,11 +61,12 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, hy
     overrides that made `cfg`) are recorded for the sweep summary; `hydra_files` (name: config) are
     saved in `.hydra/` once every check has passed; `callbacks` join the trainer's own (e.g. a
     search's per-epoch report to its trial); `resume_hint` says how to resume an interrupted run;
-    `record` adds fields to metrics.json (e.g. a search's trial and parameters).
+    `record` adds fields to metrics.json (e.g. a search's trial and parameters); `storage_key`: the key a full
+    or read-only disk's message names as the one that chooses where the run writes (tune.py's `out_dir`).
     """
     run_dir = Path(run_dir)
     with claimed(cfg, run_dir) as resume:
-        return _run(cfg, run_dir, resume, overrides, hydra_files, callbacks, resume_hint, record)
+        return _run(cfg, run_dir, resume, overrides, hydra_files, callbacks, resume_hint, record, storage_key)
 
 
 def resume_with(command: str) -> str:
@@ -87,10 +89,11 @@ def failure_of(error: BaseException, resume_hint: str | None = None) -> tuple[st
 
 
 def _run(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | None, hydra_files: dict | None,
-         callbacks: list[L.Callback] | None, resume_hint: str | None, record: dict | None) -> dict:
+         callbacks: list[L.Callback] | None, resume_hint: str | None, record: dict | None,
+         storage_key: str = RUN_DIR_KEY) -> dict:
     """A claimed run: fit, test, record; however it ends before that, its record says how (then it raises)."""
     try:
-        with storage_errors(), _overflowing_steps_diverge():
+        with storage_errors(key=storage_key), _overflowing_steps_diverge():
             return _fit(cfg, run_dir, resume, overrides, hydra_files, callbacks, record)
     except BaseException as e:
         failure = failure_of(e, resume_hint)
@@ -326,7 +329,7 @@ def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: l
     with claimed(cfg, run_dir, in_sweep) as resume:
         try:
             metrics = _run(cfg, run_dir, resume, overrides, hydra_files, callbacks=None, resume_hint=resume_hint,
-                           record=None)
+                           record=None, storage_key=SWEEP_DIR_KEY if in_sweep else RUN_DIR_KEY)
         except BaseException as e:
             stopped = stopping_signal(e)
             if stopped and not apart:
