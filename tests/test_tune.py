@@ -214,6 +214,35 @@ def test_a_storage_refused_for_the_trials_it_lacks_is_not_created(tmp_path, data
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("made_first", ["a row", "a table"])
+def test_a_process_that_loses_the_race_to_make_a_new_databases_tables_opens_it_when_made(tmp_path, monkeypatch,
+                                                                                         made_first):
+    import sqlite3
+
+    import sqlalchemy
+
+    from fmnist.sweeps import storage as storage_module
+    from fmnist.sweeps.storage import open_storage
+
+    # What two tune.py started together on one new SQLite study got, one of them: the other made it first.
+    lost = (sqlalchemy.exc.IntegrityError("INSERT INTO version_info", {}, sqlite3.IntegrityError("UNIQUE constraint"))
+            if made_first == "a row" else
+            sqlalchemy.exc.OperationalError("CREATE TABLE alembic_version", {},
+                                            sqlite3.OperationalError("table alembic_version already exists")))
+    real, tries = optuna.storages.RDBStorage, []
+
+    def made_by_another_process_first(*args, **kwargs):
+        tries.append(1)
+        if len(tries) == 1:
+            raise lost
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", made_by_another_process_first)
+    monkeypatch.setattr(storage_module.time, "sleep", lambda seconds: None)
+    heartbeat = OmegaConf.create({"interval_s": 60, "grace_s": 180})
+    assert isinstance(open_storage(None, heartbeat, tmp_path), real) and len(tries) == 2
+
+
 @pytest.mark.parametrize("scheme,kind,database", [("journal:", "journal", False),
                                                   ("sqlite:///", "SQLite database", False),
                                                   ("sqlite:///", "SQLite database", True)])

@@ -95,14 +95,24 @@ def open_storage(url: str | None, heartbeat, study_dir: Path) -> optuna.storages
                     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url[len("journal:"):]))
                 return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat.interval_s,
                                                   grace_period=heartbeat.grace_s)
-        except sqlalchemy.exc.IntegrityError:
-            # Processes started together race to create the new database's tables (seen with two
-            # tune.py on one SQLite file): the loser finds them made on a second try.
-            time.sleep(1 + attempt)
-        except Exception as e:  # a malformed URL, a missing driver, a database that cannot be reached
+        except Exception as e:
+            if _lost_the_race_to_make_tables(e):
+                # Processes started together race to create the new database's tables (seen with two
+                # tune.py on one SQLite file): the loser finds them made on a second try.
+                time.sleep(1 + attempt)
+                continue
+            # a malformed URL, a missing driver, a database that cannot be reached
             reason = str(e).strip().splitlines()[0] if str(e).strip() else ""  # not SQLAlchemy's link to its docs
             raise ConfigError(f"cannot open the study storage {url!r}: {type(e).__name__}: {reason}") from e
     raise ConfigError(f"cannot open the study storage {url!r}: its tables could not be created (5 tries).")
+
+
+def _lost_the_race_to_make_tables(error: Exception) -> bool:
+    """Whether `error` is what opening a new database gives a process while another one, started with it, creates
+    the tables: a row the other inserted first (IntegrityError), or a table it made between this one's look and its
+    CREATE TABLE (SQLite's OperationalError "table alembic_version already exists")."""
+    return isinstance(error, sqlalchemy.exc.IntegrityError) or (
+        isinstance(error, sqlalchemy.exc.OperationalError) and "already exists" in str(error))
 
 
 def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
