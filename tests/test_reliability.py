@@ -614,6 +614,30 @@ def test_a_run_started_again_from_its_first_epoch_keeps_no_best_checkpoint_of_th
     assert load_checkpoint(best_in_run(run))["epoch"] == 0  # this attempt's weights
 
 
+def test_a_resume_that_cannot_rewrite_its_epochs_csv_keeps_every_row_it_had(tmp_path, monkeypatch):
+    import csv
+    import errno
+    from types import SimpleNamespace
+
+    from fmnist.training.callbacks import EpochCSV
+
+    epochs = EpochCSV(tmp_path / "epochs.csv")
+    for epoch in (1, 2, 3):
+        epochs._write([{"epoch": epoch, "step": 10 * epoch}], mode="a")
+    before = (tmp_path / "epochs.csv").read_bytes()
+    assert len(before.splitlines()) == 4  # the header and three epochs
+
+    def disk_full_after_one_row(self, rows):
+        self.writerow(rows[0])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    # A resume from epoch 2's checkpoint drops epoch 3's row: the disk fills up while the file is rewritten.
+    monkeypatch.setattr(csv.DictWriter, "writerows", disk_full_after_one_row)
+    with pytest.raises(OSError, match="No space left"):
+        epochs.on_train_start(SimpleNamespace(current_epoch=2), None)
+    assert (tmp_path / "epochs.csv").read_bytes() == before and sorted(os.listdir(tmp_path)) == ["epochs.csv"]
+
+
 @pytest.mark.slow
 def test_a_resume_removes_what_a_kill_during_the_checkpoint_writes_left(make_cfg, tmp_path):
     run = tmp_path / "run"

@@ -5,6 +5,7 @@ average of the weights, lookahead, and a progress bar that counts epochs from 1 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import time
@@ -19,7 +20,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from fmnist.errors import DivergedError
-from fmnist.fsio import atomic_output
+from fmnist.fsio import atomic_output, atomic_write
 from fmnist.models import training_flops_per_image
 from fmnist.runs import CONFUSION_FILE, EPOCH_COLUMNS, PREDICTIONS_FILE
 from fmnist.training.figures import confusion_matrix_figure, misclassified_figure
@@ -109,12 +110,16 @@ class EpochCSV(L.Callback):
             log.info("%s", epoch_line(row, trainer.max_epochs, seconds))
 
     def _write(self, rows: list[dict], mode: str) -> None:
+        """Write `rows` (mode "w") or add them (mode "a"), the whole file at once (atomic_write): a resume rewrites
+        it, and a full disk or a kill in the middle of that would leave it truncated, its epochs lost and the run
+        no longer resumable (a resume refuses an epochs.csv without the epochs of its checkpoint)."""
         new = mode == "w" or not self.path.exists()
-        with open(self.path, mode, newline="") as f:
-            writer = csv.DictWriter(f, EPOCH_COLUMNS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, EPOCH_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.path, (b"" if new else self.path.read_bytes()) + text.getvalue().encode())
 
     def state_dict(self) -> dict:
         return {"train_seconds": self.train_seconds, "train_images": self.train_images}
