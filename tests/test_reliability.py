@@ -638,6 +638,27 @@ def test_a_resume_that_cannot_rewrite_its_epochs_csv_keeps_every_row_it_had(tmp_
     assert (tmp_path / "epochs.csv").read_bytes() == before and sorted(os.listdir(tmp_path)) == ["epochs.csv"]
 
 
+
+def test_a_test_confusion_matrix_that_cannot_be_written_whole_is_not_left_half_written(tmp_path, monkeypatch):
+    import errno
+    from types import SimpleNamespace
+
+    from fmnist.runs import CONFUSION_FILE
+    from fmnist.training import callbacks
+
+    cm = torch.eye(10, dtype=torch.long) * 100
+    module = SimpleNamespace(test_confusion=SimpleNamespace(compute=lambda: cm, reset=lambda: None))
+    savetxt = np.savetxt
+
+    def disk_full_after_one_row(path, rows, **kwargs):
+        savetxt(path, rows[:1], **kwargs)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(callbacks.np, "savetxt", disk_full_after_one_row)
+    with pytest.raises(OSError, match="No space left"):
+        callbacks.TestArtifacts(tmp_path).on_test_epoch_end(None, module)
+    assert not (tmp_path / CONFUSION_FILE).exists() and list(tmp_path.iterdir()) == []
+
 @pytest.mark.slow
 def test_a_resume_removes_what_a_kill_during_the_checkpoint_writes_left(make_cfg, tmp_path):
     run = tmp_path / "run"

@@ -409,7 +409,8 @@ class TestArtifacts(L.Callback):
         pl_module.test_confusion.reset()
         if rank_zero_only.rank != 0:
             return
-        np.savetxt(self.run_dir / CONFUSION_FILE, cm, fmt="%d", delimiter=",")
+        with atomic_output(self.run_dir / CONFUSION_FILE) as tmp:  # a kill or a full disk leaves none, not half
+            np.savetxt(tmp, cm, fmt="%d", delimiter=",")
         log_figure(self.trackers, "test/confusion_matrix", lambda: confusion_matrix_figure(cm), trainer.global_step)
         if any(len(w[0]) for w in self.wrong):
             images, true, pred = (torch.cat([w[i] for w in self.wrong]).numpy() for i in range(3))
