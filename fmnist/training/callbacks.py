@@ -163,6 +163,11 @@ HEARTBEAT_S = 30.0
 EVAL_COST = 1 / 3
 
 
+def step_loss(outputs):
+    """A training step's loss from what `training_step` returned: a dict holding it as "loss", or the loss itself
+    (None for a skipped step)."""
+    return outputs["loss"] if isinstance(outputs, dict) else outputs
+
 class Forecast(L.Callback):
     """Say how long the fit will take once the first steps have been timed, and show life while it runs.
 
@@ -214,7 +219,7 @@ class Forecast(L.Callback):
         if self._beat_due(now):
             done, total = batch_idx + 1, trainer.num_training_batches
             elapsed = now - self._epoch_start
-            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            loss = step_loss(outputs)
             log.info("epoch %d/%d: step %d/%d, %.0f img/s, loss %.4f, epoch done in ~%s", trainer.current_epoch + 1,
                      trainer.max_epochs, done, total, done * len(batch[1]) / elapsed, float(loss),
                      duration(elapsed / done * (total - done)))
@@ -256,7 +261,7 @@ class StopOnDivergence(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx % self.every and batch_idx + 1 != trainer.num_training_batches:
             return
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss = step_loss(outputs)
         if loss is not None and not torch.isfinite(loss).item():
             raise DivergedError(f"training diverged: loss is {loss.item()} at epoch {trainer.current_epoch + 1}, "
                                 f"step {trainer.global_step}. {DIVERGED_ADVICE}")
