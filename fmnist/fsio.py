@@ -65,8 +65,7 @@ def atomic_output(path: Path, suffix: str = ".tmp", replace: bool = True) -> Ite
     tmp = path.with_name(head + tail)
     try:
         yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        flush_to_disk(tmp)
         if replace:
             os.replace(tmp, path)
         else:
@@ -82,6 +81,13 @@ def atomic_output(path: Path, suffix: str = ".tmp", replace: bool = True) -> Ite
             tmp.unlink(missing_ok=True)
         except OSError:  # a read-only file system refuses even this: the error above is the one to report
             pass
+
+
+def flush_to_disk(path: Path) -> None:
+    """Wait until the file `path` is on disk: a full disk that the writes did not report (delayed allocation, a
+    network file system) is reported here, as OSError."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _link_new(tmp: Path, path: Path) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fmnist.cli import CTRL_C_EXIT, SIGTERM_EXIT, Terminated
 from fmnist.errors import ConfigError
-from fmnist.fsio import atomic_output
+from fmnist.fsio import atomic_output, flush_to_disk
 
 MARKER = re.compile(r"(?P<start><!-- generated: (?P<command>[^\n]*?) -->\n)|(?P<end><!-- end generated -->)")
 END = "<!-- end generated -->"
@@ -119,9 +119,9 @@ def working_directory(path: Path | None):
 def update(paths: list[Path], check: bool = False, root: Path | None = None) -> list[Path]:
     """Rewrite the generated blocks of `paths` (or, with `check`, only list the files that would change).
     Every file is rendered before any is written, so a refused block leaves all of them as they were; and every
-    page is written to a temporary file beside it before any is renamed into place, so a write that fails (a full
-    disk) leaves them all as they were too. The blocks' commands run in `root` (None: the current directory), as
-    their paths are relative to it."""
+    page is written to a temporary file beside it and flushed to disk before any is renamed into place, so a write
+    that fails (a full disk) leaves them all as they were too. The blocks' commands run in `root` (None: the current
+    directory), as their paths are relative to it."""
     try:
         texts = []
         for path in paths:
@@ -140,5 +140,9 @@ def update(paths: list[Path], check: bool = False, root: Path | None = None) -> 
     if not check:
         with contextlib.ExitStack() as written:  # on leaving, each page is renamed into place, or on an error none
             for path, page in stale:
-                written.enter_context(atomic_output(path)).write_text(page)
+                tmp = written.enter_context(atomic_output(path))
+                tmp.write_text(page)
+                # Here, not as atomic_output ends: those end last page first, so a full disk found by a later flush
+                # would come after the pages after it were renamed into place.
+                flush_to_disk(tmp)
     return [path for path, _ in stale]
