@@ -638,7 +638,6 @@ def test_a_resume_that_cannot_rewrite_its_epochs_csv_keeps_every_row_it_had(tmp_
     assert (tmp_path / "epochs.csv").read_bytes() == before and sorted(os.listdir(tmp_path)) == ["epochs.csv"]
 
 
-
 def test_a_test_confusion_matrix_that_cannot_be_written_whole_is_not_left_half_written(tmp_path, monkeypatch):
     import errno
     from types import SimpleNamespace
@@ -658,6 +657,7 @@ def test_a_test_confusion_matrix_that_cannot_be_written_whole_is_not_left_half_w
     with pytest.raises(OSError, match="No space left"):
         callbacks.TestArtifacts(tmp_path).on_test_epoch_end(None, module)
     assert not (tmp_path / CONFUSION_FILE).exists() and list(tmp_path.iterdir()) == []
+
 
 @pytest.mark.slow
 def test_a_resume_removes_what_a_kill_during_the_checkpoint_writes_left(make_cfg, tmp_path):
