@@ -181,4 +181,6 @@ def tmpfs(tmp_path):
 
     yield mount
     for point in mounted:
-        subprocess.run(["umount", str(point)], check=False)
+        # Lazily: a file the test's process still holds open there (a traceback's frame, a library's handle) would
+        # make a plain umount fail and leave the mount behind, under pytest's temporary directories, on every run.
+        subprocess.run(["umount", "--lazy", str(point)], check=False)
