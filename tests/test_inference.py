@@ -220,6 +220,17 @@ def test_image_conversion_fits_the_garment_keeping_its_aspect_ratio():
         to_dataset_format(np.full((50, 40), 255, np.uint8))
 
 
+@pytest.mark.parametrize("level", [0, 100, 255])
+def test_a_blank_28x28_image_is_refused_like_a_blank_image_of_any_other_size(level):
+    # Every Fashion-MNIST image has a pixel of 254 or more: a blank one in the dataset's size is no garment either.
+    for side in (28, 29):
+        with pytest.raises(ImageRejected, match="nothing but background"):
+            to_dataset_format(np.full((side, side), level, np.uint8))
+    faint = np.zeros((28, 28), np.uint8)
+    faint[10:18, 12:16] = 30  # a dim garment is still one, and taken as it is
+    assert (to_dataset_format(faint) == faint).all()
+
+
 @pytest.mark.parametrize("make,message", [
     (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40), "corrupt|not a readable"),
     (lambda p: p.write_bytes(b""), "empty file"),

@@ -14,7 +14,7 @@ The rule (Xiao et al., 2017, section 2: trim, fit the longest edge to 28, centre
 Refused, each with a one-line reason, so that a batch of files goes on without them: unreadable or
 truncated files, files over 50 MB, images over 50 megapixels (Pillow's own decompression-bomb check stays
 in force too), aspect ratios beyond 10:1 (not a photo of one garment),
-and images with nothing but background.
+and images with nothing but background (28x28 ones too).
 """
 
 from __future__ import annotations
@@ -117,12 +117,12 @@ def to_dataset_format(grey: np.ndarray) -> np.ndarray:
     if background > 0:
         x = np.clip((x - background) * (255 / (255 - background)), 0, 255)
     x = np.rint(x).astype(np.uint8)
-    if x.shape == (IMAGE_SIDE, IMAGE_SIDE):
-        return x
     rows = np.flatnonzero((x > GARMENT_THRESHOLD).any(axis=1))
     cols = np.flatnonzero((x > GARMENT_THRESHOLD).any(axis=0))
-    if not len(rows):
+    if not len(rows):  # a 28x28 one too: every dataset image has a pixel of 254 or more, so a blank one is no garment
         raise ImageRejected("nothing but background: no garment found")
+    if x.shape == (IMAGE_SIDE, IMAGE_SIDE):
+        return x
     crop = Image.fromarray(x[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
     h, w = crop.height, crop.width
     scale = IMAGE_SIDE / max(h, w)
