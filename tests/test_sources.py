@@ -127,6 +127,16 @@ def test_bad_idx_magic(tmp_path):
             read_idx(tmp_path / "x-idx1-ubyte.gz", 1)
 
 
+def test_an_idx_header_whose_sizes_multiply_past_64_bits_is_named_not_a_crash(tmp_path, idx_dir):
+    # 2**31 * 2**31 * 4 is 0 in 64-bit arithmetic: the bytes it claims are counted exactly, not wrapped around.
+    header = b"\x00\x00\x08\x03" + struct.pack(">III", 2 ** 31, 2 ** 31, 4)
+    (idx_dir / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(header))
+    with pytest.raises(DataError, match=re.escape(f"train-images-idx3-ubyte.gz: header says [2147483648, 2147483648, 4] "
+                                                  f"({2 ** 64} bytes), file holds 0.")):
+        obtain(tmp_path / "data", idx_dir=idx_dir, allow_install=False, allow_download=False)
+    assert not (tmp_path / "data").exists()
+
+
 @pytest.mark.parametrize("name,header,words", [
     ("train-labels-idx1-ubyte", b"\x00\x00\x08\x00", "its header gives 0 dimensions; expected 1"),
     ("train-labels-idx1-ubyte", b"\x00\x00\x08\x02\x00\x00\x00\x02\x00\x00\x00\x02" + b"\x00" * 4,

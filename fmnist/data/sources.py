@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -93,8 +94,9 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
         raise DataError(f"{path}: its header is cut short ({len(raw)} bytes; {ndim} dimensions take {4 + 4 * ndim}).")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise DataError(f"{path}: header says {dims} ({int(np.prod(dims))} bytes), file holds {data.size}.")
+    size = math.prod(dims)  # exact: np.prod wraps around at 2**64, and [2**31, 2**31, 4] would then "match" no bytes
+    if data.size != size:
+        raise DataError(f"{path}: header says {dims} ({size} bytes), file holds {data.size}.")
     return data.reshape(dims)
 
 
