@@ -127,6 +127,19 @@ def test_bad_idx_magic(tmp_path):
             read_idx(tmp_path / "x-idx1-ubyte.gz", 1)
 
 
+@pytest.mark.parametrize("images,labels,words", [
+    (np.zeros((30, 32, 32)), np.zeros(30), "train-images-idx3-ubyte.gz: holds 32x32 images; expected Fashion-MNIST's 28x28."),
+    (np.zeros((30, 28, 28)), np.zeros(31), "train-images-idx3-ubyte.gz holds 30 images but {idx}/train-labels-idx1-ubyte.gz "
+                                           "holds 31 labels; expected one label per image"),
+])
+def test_idx_files_that_do_not_fit_together_are_named_each_by_its_file(tmp_path, idx_dir, images, labels, words):
+    write_idx(idx_dir / "train-images-idx3-ubyte.gz", images)
+    write_idx(idx_dir / "train-labels-idx1-ubyte.gz", labels)
+    with pytest.raises(DataError, match=re.escape(f"{idx_dir}/" + words.format(idx=idx_dir))):
+        obtain(tmp_path / "data", idx_dir=idx_dir, allow_install=False, allow_download=False)
+    assert not (tmp_path / "data").exists()
+
+
 def test_an_idx_header_whose_sizes_multiply_past_64_bits_is_named_not_a_crash(tmp_path, idx_dir):
     # 2**31 * 2**31 * 4 is 0 in 64-bit arithmetic: the bytes it claims are counted exactly, not wrapped around.
     header = b"\x00\x00\x08\x03" + struct.pack(">III", 2 ** 31, 2 ** 31, 4)

@@ -122,8 +122,13 @@ def idx_to_csv(idx_dir: Path, data_dir: Path) -> None:
                             f"expected Zalando's four files under their own names ({', '.join(OFFICIAL_MD5)}). "
                             "Nothing was written.")
         images, labels = read_idx(found[0], 3), read_idx(found[1], 1)
-        if images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE) or len(images) != len(labels):
-            raise DataError(f"{idx_dir}: {split} images {images.shape} do not match labels {labels.shape}.")
+        # Each named by its file: images of another size are no fault of the labels, a count differs between the two.
+        if images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+            raise DataError(f"{found[0]}: holds {images.shape[1]}x{images.shape[2]} images; expected Fashion-MNIST's "
+                            f"{IMAGE_SIDE}x{IMAGE_SIDE}. Nothing was written.")
+        if len(images) != len(labels):
+            raise DataError(f"{found[0]} holds {len(images):,} images but {found[1]} holds {len(labels):,} labels; "
+                            "expected one label per image (files of two downloads?). Nothing was written.")
         if not len(labels):  # a CSV of no rows: every command would refuse it
             raise DataError(f"{found[1]}: holds no images; expected Fashion-MNIST's {expected_rows:,} {split} images. "
                             "Nothing was written.")
