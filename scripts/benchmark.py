@@ -290,9 +290,26 @@ def check_inputs(args) -> None:
             raise ConfigError(f"--models {name}: {e}") from e
     if not args.infer:  # the data read, and the validation split checked against them, as training does
         try:
-            FashionMNISTDataModule(dir=str(args.data_dir), val_size=args.val_size).check()
+            train_images = FashionMNISTDataModule(dir=str(args.data_dir), val_size=args.val_size).check()["train"]
         except ConfigError as e:
             raise ConfigError(f"--val-size {args.val_size}: {e}") from e
+        # Each loop times steps after its warm-up within one epoch: a batch size that leaves no batch after the warm-up
+        # would time none (or a negative number of) steps and append a row of 0 or negative images/s.
+        warmup = warmup_steps(args.fast_path)
+        largest = (train_images - 1) // warmup  # the largest batch size giving more than `warmup` batches
+        too_large = [b for b in args.batch_sizes if math.ceil(train_images / b) <= warmup]
+        if too_large:
+            raise ConfigError(f"--batch-sizes {too_large[0]}: the training split's {train_images} images (what "
+                              f"--val-size {args.val_size} leaves) make {math.ceil(train_images / too_large[0])} "
+                              f"batch(es) of it, and each loop needs more than its {warmup} warm-up steps in one epoch; "
+                              + (f"give batch sizes of at most {largest}." if largest >= 1 else
+                                 "give a smaller --val-size or more data."))
+
+
+def warmup_steps(fast_path: bool) -> int:
+    """Untimed steps before each loop's timing: with CUDA graphs (--fast-path) they are compiled, warmed up, then
+    recorded."""
+    return 12 if fast_path else 3
 
 
 def read_history(out: Path) -> pd.DataFrame:
@@ -329,7 +346,7 @@ def train_benchmark(args) -> None:
             dm = make_datamodule(args.data_dir, batch_size, args.val_size, device)
             data_ips = data_path_throughput(dm, 50, device)
             for precision in precisions:
-                warmup = 12 if args.fast_path else 3  # CUDA graphs: compiled, warmed up, then recorded
+                warmup = warmup_steps(args.fast_path)
                 steps = (max(4, args.images // batch_size) if args.images else
                          calibrate_steps(dm, config, batch_size, precision, args.seconds, device))
                 steps = min(steps, len(dm.train_dataloader()) - warmup)  # one epoch at most

@@ -99,6 +99,10 @@ def test_benchmark_refuses_an_out_it_did_not_write_and_a_bad_model_before_timing
          "--accelerator mps: torch finds no such device here"),
         (["--models", "simple", "--val-size", "100000", "--out", str(tmp_path / "b.csv")],
          "--val-size 100000: config key data.val_size must be between 1 and"),
+        # 500 training images in 2 batches of 256: none left to time after the 3 warm-up steps.
+        (["--models", "simple", "--batch-sizes", "32", "256", "--out", str(tmp_path / "b.csv")],
+         "--batch-sizes 256: the training split's 500 images (what --val-size 100 leaves) make 2 batch(es) of it, "
+         "and each loop needs more than its 3 warm-up steps in one epoch; give batch sizes of at most 166."),
         (["--models", "simple", "--ckpt", "pretrained", "--threads", "1", "--out", str(tmp_path / "b.csv")],
          "--ckpt and --threads time inference, which --infer measures"),
     ]:
