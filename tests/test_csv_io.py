@@ -78,6 +78,21 @@ def test_bad_cells_are_located(valid, line, column, value, expected):
         parse_csv(path)
 
 
+@pytest.mark.parametrize("cell,shown", [(b"\x00", r"'\x00'"), (b"1\x1b[2J", r"'1\x1b[2J'"), (b"\xe9", r"'\xe9'"),
+                                        (b"\xef\xbb\xbf7", r"'\ufeff7'"), (b"\xc3\xa9", "'é'")])
+def test_a_cell_of_control_characters_or_other_encodings_is_shown_as_it_is_in_the_file(valid, cell, shown):
+    path = valid[0]
+    lines = path.read_bytes().split(b"\n")
+    cells = lines[2].split(b",")
+    cells[4] = cell  # a NUL, an escape sequence, Windows-1252, a byte-order mark mid-file, UTF-8
+    lines[2] = b",".join(cells)
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(DataError) as error:
+        parse_csv(path)
+    assert str(error.value).endswith(f"line 3, column 5 (pixel4): expected an integer 0-255, found {shown}.")
+    assert str(error.value).isprintable()
+
+
 def test_a_quoted_csv_is_located_with_its_label_named_and_the_quotes_named_as_the_cause(valid):
     path = valid[0]
     lines = path.read_text().split("\n")

@@ -183,8 +183,11 @@ def quote(text: str | bytes | np.ndarray) -> str:
     """`text` in quotes for a message; cut to QUOTE_CHARS, with its full length, when longer."""
     size = len(text)
     head = text[:QUOTE_CHARS]
-    if not isinstance(head, str):
-        head = bytes(head).decode("utf-8", errors="replace")
+    if not isinstance(head, str):  # bytes that are not UTF-8 (a Windows-1252 'é') shown as what they are: '\xe9'
+        head = bytes(head).decode("utf-8", errors="backslashreplace")
+    # Control characters as escapes ('\x00', '\x1b'): printed as they are, they are invisible or act on the terminal,
+    # and the message would show a cell ('' or ' ') that the reader cannot find in the file.
+    head = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in head)
     return f"'{head}'" if size <= QUOTE_CHARS else f"'{head}...' ({size:,} characters)"
 
 
