@@ -20,7 +20,7 @@ import pandas as pd
 import yaml
 
 from fmnist import NUM_CLASSES
-from fmnist.config import is_text_list, setting_of
+from fmnist.config import is_finite_number, is_text_list, setting_of
 from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_write
 
@@ -258,6 +258,9 @@ def record_problem(job: Path, record) -> str | None:
     for key, value in record.get("metrics", {}).items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             return f"{job / METRICS_FILE}: metrics.{key} is {value!r}, not a number"
+        # JSON's integers have no bound: one past a float's range would make math.isfinite (and every mean) raise.
+        if isinstance(value, int) and not is_finite_number(value):
+            return f"{job / METRICS_FILE}: metrics.{key} is an integer of {len(str(abs(value)))} digits, past what a float holds"
         # `completed` promises usable numbers (a run that ends with NaN is recorded `diverged`)
         if record["status"] == COMPLETED and value is not None and not math.isfinite(value):
             return f"{job / METRICS_FILE}: metrics.{key} is {value!r} in a completed run, not a finite number"

@@ -101,6 +101,9 @@ def test_a_diverged_record_may_hold_nan_where_a_completed_one_may_not(tmp_path):
     ({"metrics": {"val/acc_best": 0.9, "best_epoch": -3}}, "metrics.best_epoch is -3, not a number of epochs"),
     ({"metrics": {"val/acc_best": 0.9, "epochs": 2.5}}, "metrics.epochs is 2.5, not a number of epochs"),
     ({"metrics": {"val/acc_best": 0.9, "fit_seconds": -1}}, "metrics.fit_seconds is -1, not a duration"),
+    ({"metrics": {"val/acc_best": 10 ** 400}}, "metrics.val/acc_best is an integer of 401 digits, past what a float holds"),
+    ({"status": "diverged", "metrics": {"val/acc_best": 0.9, "test/acc": -10 ** 309}},
+     "metrics.test/acc is an integer of 310 digits"),
 ])
 def test_a_hand_edited_record_is_listed_as_unreadable_not_a_crash(tmp_path, capsys, edit, words):
     sweep = tmp_path / "sweep"
