@@ -260,7 +260,8 @@ def record_problem(job: Path, record) -> str | None:
             return f"{job / METRICS_FILE}: metrics.{key} is {value!r}, not a number"
         # JSON's integers have no bound: one past a float's range would make math.isfinite (and every mean) raise.
         if isinstance(value, int) and not is_finite_number(value):
-            return f"{job / METRICS_FILE}: metrics.{key} is an integer of {len(str(abs(value)))} digits, past what a float holds"
+            return (f"{job / METRICS_FILE}: metrics.{key} is an integer of {len(str(abs(value)))} digits, past what a "
+                    "float holds")
         # `completed` promises usable numbers (a run that ends with NaN is recorded `diverged`)
         if record["status"] == COMPLETED and value is not None and not math.isfinite(value):
             return f"{job / METRICS_FILE}: metrics.{key} is {value!r} in a completed run, not a finite number"
