@@ -268,11 +268,21 @@ def _hydra_part_hint(error: BaseException, args: list[str]) -> str:
             "prints them resolved (`--cfg all --resolve -p hydra.sweep.dir` one of them).")
 
 
+def error_in_chain(error: BaseException | None, kinds) -> BaseException | None:
+    """The first of `error` and the errors it was raised from or while handling (`__cause__`, else `__context__`)
+    that is one of `kinds`; None if none is."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kinds):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def chained_fmnist_error(error: BaseException) -> FmnistError | None:
     """The FmnistError that caused `error` (a Hydra or OmegaConf error around a resolver's check), if any."""
-    while error is not None and not isinstance(error, FmnistError):
-        error = error.__cause__ or error.__context__
-    return error
+    return error_in_chain(error, FmnistError)
 
 
 def stopped_by_ctrl_c(error: BaseException) -> bool:
@@ -287,13 +297,7 @@ def stop_behind(error: BaseException) -> KeyboardInterrupt | Terminated | None:
     stop lands wherever the main thread is: inside a library that fails on it with an error of its own (torch's
     ONNX exporter, stopped while it imports torch._dynamo, raises TorchExportError), it must still end the
     command as that stop, not as a crash with a traceback."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, (KeyboardInterrupt, Terminated)):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
+    return error_in_chain(error, (KeyboardInterrupt, Terminated))
 
 
 def run_plain(work: Callable[[], object], unwind_on_sigterm: bool = False) -> int:
