@@ -168,6 +168,7 @@ def step_loss(outputs):
     (None for a skipped step)."""
     return outputs["loss"] if isinstance(outputs, dict) else outputs
 
+
 class Forecast(L.Callback):
     """Say how long the fit will take once the first steps have been timed, and show life while it runs.
 
