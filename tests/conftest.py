@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import copy
 import functools
+import importlib.util
 import logging
 import os
 import runpy
@@ -113,6 +114,13 @@ def make_cfg(data_dir):
     """Compose the training config with FAST settings, the tiny data, and extra overrides."""
     return lambda *overrides: compose_cfg(*FAST, f"data.dir={data_dir}", *overrides)
 
+
+def import_script(name: str):
+    """scripts/NAME.py as a module, to call its functions in the test's process."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 def run_entry_point(script: str, *args: str, cwd: Path | None = None) -> int:
     """The entry point run as `python script args` would run it (as `__main__`, with that argv), but in this

@@ -31,7 +31,7 @@ from fmnist.inference.config import check_export
 from fmnist.inference.predict import predict
 from fmnist.training.train import train
 from fmnist.fsio import file_digest
-from tests.conftest import FAST, ROOT, compose_cfg, compose_named, snapshot
+from tests.conftest import FAST, compose_cfg, compose_named, import_script, snapshot
 
 
 def garment_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -581,13 +581,9 @@ def test_values_read_from_a_checkpoint_are_checked_like_config_values(run_dir, t
 
 @pytest.mark.slow
 def test_a_shipped_model_loads_as_ckpt_pretrained_and_reproduces_its_run(run_dir, tmp_path, monkeypatch, caplog):
-    import importlib.util
-
     from fmnist.inference import loading
 
-    spec = importlib.util.spec_from_file_location("ship_model", ROOT / "scripts" / "ship_model.py")
-    ship_model = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ship_model)
+    ship_model = import_script("ship_model")
     card = ship_model.ship(run_dir, "tiny", out_dir=tmp_path).read_text()
     ckpt, onnx_file = tmp_path / "tiny.ckpt", tmp_path / "tiny.onnx"
     assert "on the 200 images of the run's test CSV" in card  # the run's own test set, not Fashion-MNIST's 10,000
@@ -662,11 +658,7 @@ def test_a_shipped_model_loads_as_ckpt_pretrained_and_reproduces_its_run(run_dir
 
 @pytest.mark.slow
 def test_shipping_to_a_full_or_read_only_disk_is_one_paragraph_naming_the_shipped_file(run_dir, tmpfs):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("ship_model", ROOT / "scripts" / "ship_model.py")
-    ship_model = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ship_model)
+    ship_model = import_script("ship_model")
     # No room for the checkpoint (torch.save says so as a RuntimeError); room for it but not for the ONNX file
     # (export.py's paragraph names its out=, which ship_model.py does not take); nothing can be written at all.
     for options, file, words in (("size=64k", "tiny.ckpt", "the disk is full"),

@@ -11,7 +11,7 @@ import time
 import pandas as pd
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, import_script
 
 pytestmark = pytest.mark.slow
 
@@ -48,11 +48,7 @@ def test_benchmark_prints_and_appends_a_row(tmp_path, data_dir, run_in_process):
 
 
 def test_two_benchmarks_that_end_together_keep_both_rows(tmp_path, monkeypatch):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = import_script("benchmark")
     out, read, first_has_read = tmp_path / "bench.csv", benchmark.read_history, threading.Event()
 
     def read_then_wait(path):  # the first benchmark reads the CSV, the second ends meanwhile, then the first writes
