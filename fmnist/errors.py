@@ -23,6 +23,10 @@ class StorageError(FmnistError):
     """A file could not be written: disk full, read-only file system, no permission."""
 
 
+class OutOfMemory(FmnistError):
+    """The device ran out of memory for a setting (a batch too large for it): that run's or that trial's alone."""
+
+
 class DivergedError(FmnistError):
     """Training blew up: a non-finite loss, a finite one too large to be learning, or an optimizer step that
     overflows float32."""

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fmnist.errors import ConfigError
+from fmnist.errors import ConfigError, OutOfMemory
 
 # CPU flags that decide speed here: vector width and native bf16 (x86); `bf16` is Arm's.
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "bf16")
@@ -125,3 +127,39 @@ def device_kind(accelerator: str) -> str:
     if accelerator == "mps" or (accelerator == "auto" and mps is not None and mps.is_available()):
         return "mps"
     return "cpu"
+
+
+def _memory_refused(error: BaseException) -> str | None:
+    """The size of the allocation `error` says failed ("5.14 GiB"; "" where it does not say), if it is running out
+    of memory: CUDA's OutOfMemoryError, the CPU allocator's refusal, numpy's MemoryError; None for any other error."""
+    text = str(error)
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        found = re.search(r"(?:Tried|Unable) to allocate ([\d.]+ [KMGTPE]?i?B)", text)
+        return found.group(1) if found else ""
+    if isinstance(error, RuntimeError) and "can't allocate memory" in text:  # torch's CPU allocator, in bytes
+        found = re.search(r"allocate (\d+) bytes", text)
+        if not found:
+            return ""
+        size, unit = float(found.group(1)), "bytes"
+        for larger in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+            if size < 1024:
+                break
+            size, unit = size / 1024, larger
+        return f"{size:.2f} {unit}"
+    return None
+
+
+@contextmanager
+def memory_errors(advice: str):
+    """Turn running out of memory into an OutOfMemory: one paragraph with the allocation that failed and `advice`,
+    the setting to lower ("lower data.batch_size (256)"), instead of torch's traceback. (Where the kernel kills the
+    process for memory instead, exit 137, nothing in the process can say so: docs/troubleshooting.md does.)"""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        size = _memory_refused(e)
+        if size is None:
+            raise
+        where = "the GPU" if isinstance(e, torch.OutOfMemoryError) else "this machine"
+        raise OutOfMemory(f"{where} ran out of memory{f' (an allocation of {size} failed)' if size else ''}: "
+                          f"{advice}.") from e

@@ -10,12 +10,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from fmnist import hardware
-from fmnist.errors import ConfigError
+from fmnist.errors import ConfigError, OutOfMemory
 from fmnist.training import precision as auto
 from fmnist.models import training_flops_per_image
 from fmnist.training.train import train
@@ -466,3 +467,27 @@ def test_a_cache_path_that_is_a_pipe_is_ignored_not_waited_on_and_a_read_only_on
     subprocess.run(["mount", "-o", "remount,ro", str(cache)], check=True)
     assert auto.main(["clear"]) == 2 and auto.cache_file().is_file()
     assert f"cannot write {auto.cache_file()}: the file system is read-only" in capsys.readouterr().err
+
+
+# Running out of memory: one paragraph with the allocation that failed and the setting to lower.
+CUDA_OOM = ("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79.19 GiB of which "
+            "3.06 MiB is free. Of the allocated memory 78.2 GiB is allocated by PyTorch")
+
+
+@pytest.mark.parametrize("allocate, expected", [
+    (lambda: torch.empty(1 << 62, dtype=torch.uint8), "this machine ran out of memory (an allocation of 4.00 EiB failed)"),
+    (lambda: np.empty(1 << 62, dtype=np.uint8), "this machine ran out of memory (an allocation of 4.00 EiB failed)"),
+    (lambda: (_ for _ in ()).throw(torch.OutOfMemoryError(CUDA_OOM)),  # as CUDA's allocator raises it
+     "the GPU ran out of memory (an allocation of 20.00 MiB failed)"),
+])
+def test_running_out_of_memory_is_one_paragraph_naming_what_to_lower(allocate, expected):
+    with pytest.raises(OutOfMemory) as refused:
+        with hardware.memory_errors("lower data.batch_size (256)"):
+            allocate()
+    assert str(refused.value) == f"{expected}: lower data.batch_size (256)."
+
+
+def test_other_runtime_errors_pass_through_memory_errors_as_they_were():
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
+        with hardware.memory_errors("lower data.batch_size (256)"):
+            torch.ones(2, 3) @ torch.ones(2, 3)

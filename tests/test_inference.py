@@ -26,7 +26,7 @@ from fmnist.inference import export as export_module
 from fmnist.inference.evaluate import evaluate
 from fmnist.inference.export import ExportFailed, export
 from fmnist.inference.images import ImageRejected, load_image, to_dataset_format
-from fmnist.inference.loading import DATAMODULE_STATE_KEY, load_model, resolve
+from fmnist.inference.loading import DATAMODULE_STATE_KEY, LoadedModel, load_model, resolve
 from fmnist.inference.config import check_export
 from fmnist.inference.predict import predict
 from fmnist.training.train import train
@@ -444,6 +444,25 @@ def test_an_evaluation_that_fills_the_disk_is_one_paragraph_and_leaves_nothing(r
                                           "full (No space left on device). Free some space or choose another place "
                                           "(hydra.run.dir=...); files already written are intact."], result.stderr
     assert list(disk.iterdir()) == []
+
+
+@pytest.mark.parametrize("script, batch, lower", [("evaluate.py", None, "data.batch_size (64, the run's own "
+                                                  "evaluation batch size)"),
+                                                  ("evaluate.py", "data.batch_size=7", "data.batch_size (7)"),
+                                                  ("predict.py", "batch_size=5", "batch_size (5)")])
+def test_an_inference_too_large_for_memory_is_one_paragraph_naming_its_batch_size(run_dir, garments, tmp_path,
+                                                                                  run_in_process, monkeypatch, script,
+                                                                                  batch, lower):
+    def allocate_too_much(self, images, batch_size, tta="none"):
+        return torch.empty(1 << 62, dtype=torch.uint8)  # the CPU allocator's own refusal
+
+    monkeypatch.setattr(LoadedModel, "logits_batched", allocate_too_much)
+    where = f"hydra.run.dir={tmp_path / 'out'}" if script == "evaluate.py" else f"inputs=[{garments}]"
+    result = run_in_process(script, f"ckpt={run_dir}", where, *([batch] if batch else []))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1] == ("error: this machine ran out of memory (an allocation of 4.00 EiB "
+                                              f"failed): lower {lower}."), result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("stop,code,words", [(KeyboardInterrupt, 130, "Ctrl-C"), (Terminated, 143, "SIGTERM")])

@@ -722,6 +722,25 @@ def test_a_step_that_overflows_the_weights_dtype_is_diverged_not_a_crash(make_cf
     assert read_record(tmp_path)["status"] == "diverged"
 
 
+# Out of memory: a batch too large for the device is one paragraph naming the batch sizes, and the run is `failed`.
+def test_a_batch_too_large_for_memory_is_one_paragraph_and_recorded_failed(tmp_path, data_dir, run_in_process,
+                                                                           monkeypatch):
+    def allocate_too_much(self, batch, batch_idx):
+        return torch.empty(1 << 62, dtype=torch.uint8)  # the CPU allocator's own refusal, as a huge batch meets it
+
+    monkeypatch.setattr(LitClassifier, "training_step", allocate_too_much)
+    run = tmp_path / "run"
+    result = run_in_process("train.py", *FAST, *SIMPLE, f"data.dir={data_dir}", f"hydra.run.dir={run}",
+                            "data.batch_size=8")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    message = ("this machine ran out of memory (an allocation of 4.00 EiB failed): lower data.batch_size (8), or "
+               "data.eval_batch_size (")
+    assert message in result.stderr
+    record = read_record(run)
+    assert record["status"] == "failed" and record["error"].startswith(message)
+    assert "can't allocate memory" in (run / "error.txt").read_text()  # torch's own words, kept for a bug report
+
+
 # Divergence: a NaN validation loss is `diverged`, never `completed`.
 @pytest.mark.slow
 def test_nan_validation_loss_is_diverged_not_completed(make_cfg, tmp_path):

@@ -10,6 +10,7 @@ import time
 import optuna
 import pandas as pd
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -17,6 +18,7 @@ from omegaconf import OmegaConf
 from fmnist.data.csv_io import write_csv
 from fmnist.runs import read_record
 from fmnist.errors import FmnistError
+from fmnist.hardware import memory_errors
 from fmnist.sweeps.tune import Search, register_tune, run_search
 from tests.conftest import CONF, FAST, ROOT, make_images, snapshot
 
@@ -100,6 +102,22 @@ def test_a_trial_that_crashes_says_what_crashed_in_its_one_line(tmp_path, data_d
     ends = [r.getMessage() for r in caplog.records if r.name.startswith("optuna") and "failed with" in r.getMessage()]
     assert len(ends) == 1 and "KeyError: 'widths'" in ends[0], ends  # not only the key
     assert f"(traceback: {tmp_path / 'c' / 'trial-0000' / 'error.txt'})" in ends[0], ends
+
+
+def test_a_trial_out_of_memory_fails_alone_and_the_study_goes_on(tmp_path, data_dir, run_in_process, caplog,
+                                                                   monkeypatch):
+    def too_large(cfg, run_dir, *args, **kwargs):  # as train() ends a run whose batch does not fit the memory
+        with memory_errors(f"lower data.batch_size ({cfg.data.batch_size})"):
+            torch.empty(1 << 62, dtype=torch.uint8)
+
+    monkeypatch.setattr("fmnist.sweeps.tune.train", too_large)
+    result = run_in_process("tune.py", "study=m", "n_trials=2", f"out_dir={tmp_path}", f"data.dir={data_dir}", *SMALL)
+    assert result.returncode == 0, result.stderr[-3000:]  # not the user error that stops a study before its next trial
+    trials = load(tmp_path, "m").trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL] * 2
+    assert all(t.user_attrs["status"] == "failed" for t in trials)
+    ends = [r.getMessage() for r in caplog.records if r.name.startswith("optuna") and "failed with" in r.getMessage()]
+    assert len(ends) == 2 and all("ran out of memory" in end and "lower data.batch_size (" in end for end in ends), ends
 
 
 class AlwaysPrune(optuna.pruners.BasePruner):

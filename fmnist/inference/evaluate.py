@@ -23,6 +23,7 @@ from fmnist import CLASS_NAMES, NUM_CLASSES
 from fmnist.data.csv_io import load_csv
 from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_output
+from fmnist.hardware import memory_errors
 from fmnist.inference.config import check_evaluate
 from fmnist.inference.loading import load_model, run_test_acc, run_test_images, run_tested_on
 from fmnist.runs import COMPLETED, CONFUSION_FILE, METRICS_FILE, now, provenance, read_record, write_record
@@ -71,7 +72,9 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     images, labels = load_csv(csv)
     batch_size = cfg.data.batch_size or model.eval_batch_size
     tta = cfg.tta if cfg.tta is not None else model.tta  # by default, as the run validated and tested
-    logits = model.logits_batched(images, batch_size, tta=tta)
+    whose = "" if cfg.data.batch_size else ", the run's own evaluation batch size"
+    with memory_errors(f"lower data.batch_size ({batch_size}{whose})"):
+        logits = model.logits_batched(images, batch_size, tta=tta)
     metrics, cm = classification_metrics(logits, labels)
     run_record = read_record(model.run_dir) if model.run_dir else None  # what the run itself recorded of its test
     record = {

@@ -24,6 +24,7 @@ from fmnist import CLASS_NAMES, IMAGE_SIDE
 from fmnist.data.csv_io import parse_csv
 from fmnist.errors import DataError
 from fmnist.fsio import atomic_output, check_output_file, dirs_made, storage_errors
+from fmnist.hardware import memory_errors
 from fmnist.inference.config import check_predict
 from fmnist.inference.images import EXTENSIONS, ImageRejected, load_image
 from fmnist.inference.loading import load_model
@@ -112,7 +113,8 @@ def predict(cfg: DictConfig) -> list[dict]:
     items = read_inputs(inputs)
     good = [it for it in items if it.error is None]
     images = np.stack([it.image for it in good]) if good else np.zeros((0, IMAGE_SIDE, IMAGE_SIDE), np.uint8)
-    probs = model.logits_batched(images, cfg.batch_size, tta=model.tta).softmax(dim=1).numpy()  # as it was tested
+    with memory_errors(f"lower batch_size ({cfg.batch_size})"):
+        probs = model.logits_batched(images, cfg.batch_size, tta=model.tta).softmax(dim=1).numpy()  # as it was tested
     rows, k = [], cfg.top_k
     by_item = dict(zip(map(id, good), probs))
     for it in items:

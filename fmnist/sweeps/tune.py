@@ -42,7 +42,7 @@ from fmnist.cli import refuse_unknown_keys
 from fmnist.config import (PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_keys, check_name, composition_message,
                            override_key, override_text, register, renamed_overrides, seed_check)
 from fmnist.data.sources import split_csvs
-from fmnist.errors import ConfigError, FmnistError
+from fmnist.errors import ConfigError, FmnistError, OutOfMemory
 from fmnist.fsio import atomic_write, missing_dirs, remove_if_empty
 from fmnist.results.sweep import check_same_data, every_combination, summarize
 from fmnist.training.figures import save_png  # matplotlib, headless
@@ -502,9 +502,9 @@ class Search:
             raise optuna.TrialPruned(str(e)) from e
         except Exception as e:
             status = failure_of(e)[0]
-            if isinstance(e, FmnistError) and status == FAILED:  # the user's to fix (data, config): stop the study
-                raise
-            trial.set_user_attr("status", status)  # diverged, or e.g. out of memory at one batch size: this trial only
+            if isinstance(e, FmnistError) and status == FAILED and not isinstance(e, OutOfMemory):
+                raise  # the user's to fix (data, config): stop the study
+            trial.set_user_attr("status", status)  # diverged, or out of memory at one batch size: this trial only
             message = failure_of(e)[1]  # its type named where it is not ours (a KeyError's message is only its key)
             if not isinstance(e, FmnistError) and (run_dir / ERROR_FILE).is_file():  # a crash: where to look
                 message += f" (traceback: {run_dir / ERROR_FILE})"

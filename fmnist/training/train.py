@@ -29,7 +29,7 @@ from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.data.sources import data_digests
 from fmnist.errors import ConfigError, DivergedError, FmnistError
 from fmnist.fsio import RUN_DIR_KEY, SWEEP_DIR_KEY, atomic_write, storage_errors
-from fmnist.hardware import device_kind
+from fmnist.hardware import device_kind, memory_errors
 from fmnist.models import training_flops_per_image
 from fmnist.runs import (BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, DIVERGED, EPOCHS_FILE,
                          ERROR_FILE, FAILED, FINISHED, INTERRUPTED, LAST_CHECKPOINT, PRUNED, RUNNING, now, provenance,
@@ -92,8 +92,10 @@ def _run(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
          callbacks: list[L.Callback] | None, resume_hint: str | None, record: dict | None,
          storage_key: str = RUN_DIR_KEY) -> dict:
     """A claimed run: fit, test, record; however it ends before that, its record says how (then it raises)."""
+    too_big = (f"lower data.batch_size ({cfg.data.batch_size}), or data.eval_batch_size ({cfg.data.eval_batch_size}) "
+               "if it ran out while validating or testing, or choose a smaller model; then run it again")
     try:
-        with storage_errors(key=storage_key), _overflowing_steps_diverge():
+        with storage_errors(key=storage_key), memory_errors(too_big), _overflowing_steps_diverge():
             return _fit(cfg, run_dir, resume, overrides, hydra_files, callbacks, record)
     except BaseException as e:
         failure = failure_of(e, resume_hint)
