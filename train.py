@@ -10,10 +10,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from fmnist import console
 from fmnist.cli import check_given_config, exit_with, hangup_as_sigterm, run_cli
-from fmnist.config import register, superseded_note
+from fmnist.config import superseded_note
 from fmnist.data.sources import split_csvs
 from fmnist.errors import FmnistError
 from fmnist.fsio import drop_held_logs, hold_log_until_kept, write_held_logs
+from fmnist.overrides import register
 
 register()
 

@@ -20,12 +20,13 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fmnist.config import composition_message, renamed_overrides
+from fmnist import fsio
 from fmnist.console import ReaderMayGo
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, FmnistError
-from fmnist import fsio
 from fmnist.fsio import (RUN_DIR_KEY, SWEEP_DIR_KEY, early_writes_undone_if_stopped, note_dirs_to_be_made,
                          storage_error)
+from fmnist.overrides import composition_message, renamed_overrides
+
 
 def refuse_unknown_keys(cfg: DictConfig, overrides: list[str]) -> None:
     """ConfigError for a `+key=value` / `++key=value` override that adds a key the schema does not declare.
@@ -224,7 +225,7 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -
             try:
                 hydra_main()
             except (HydraException, OmegaConfBaseException) as e:  # e.g. a swept value composed into a job
-                ours = chained_fmnist_error(e)  # e.g. a resolver's check of a value (fmnist.config.check_name)
+                ours = chained_fmnist_error(e)  # e.g. a resolver's check of a value (fmnist.overrides.check_name)
                 _exit(str(ours) if ours else composition_message(e) + _hydra_part_hint(e, sys.argv[1:]),
                       ours.exit_code if ours else 2)
             except OSError as e:  # e.g. Hydra creating the run directory or its log file on a read-only disk

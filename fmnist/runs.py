@@ -20,9 +20,10 @@ import pandas as pd
 import yaml
 
 from fmnist import NUM_CLASSES
-from fmnist.config import is_finite_number, is_text_list, setting_of
+from fmnist.config import is_finite_number, is_text_list
 from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_write
+from fmnist.overrides import setting_of
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"  # the run's resolved config

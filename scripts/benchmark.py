@@ -44,7 +44,8 @@ from fmnist.errors import ConfigError
 from fmnist.fsio import (atomic_write, check_folder_can_hold, dirs_made, exclusive_lock, path_argument,
                          storage_errors)
 from fmnist.training.callbacks import step_callbacks
-from fmnist.config import ACCELERATORS, OptimConfig, TrainConfig, compose_train
+from fmnist.config import ACCELERATORS, OptimConfig, TrainConfig
+from fmnist.overrides import compose_train
 from fmnist.data.csv_io import cache_path, load_csv, parse_csv
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.data.sources import find_csv

@@ -163,7 +163,7 @@ def compose_all(steps: list[Step]) -> None:
 
     from hydra.core.global_hydra import GlobalHydra
 
-    from fmnist.config import check_sweep_values, register
+    from fmnist.overrides import check_sweep_values, register
     from fmnist.training.claim import check_config
 
     register()
@@ -418,7 +418,7 @@ def main() -> int:
         return 2
     if args.budget_s is not None and not 0 < args.budget_s < math.inf:  # nan fails both
         parser.error(f"--budget-s must be a positive number of seconds; got {args.budget_s:g}")
-    from fmnist.config import is_sweep_override
+    from fmnist.overrides import is_sweep_override
 
     swept = [o for o in args.override if "=" in o and is_sweep_override(o)]
     if swept:  # added to every command: a step that is no sweep would get several values, a sweep more jobs
@@ -463,7 +463,7 @@ def main() -> int:
         try:
             compose_all(steps)
         except (HydraException, OmegaConfBaseException, FmnistError) as e:
-            from fmnist.config import composition_message
+            from fmnist.overrides import composition_message
 
             with_override = f" with --override {' '.join(args.override)}" if args.override else ""
             print(f"gpu-check: a train.py command does not compose{with_override}: "

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from fmnist.cli import run_plain
-from fmnist.config import is_sweep_override, override_key
 from fmnist.fsio import dirs_made, path_argument, storage_errors
+from fmnist.overrides import is_sweep_override, override_key
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ["model=simple", "data.train_subset=1000", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",

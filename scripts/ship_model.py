@@ -27,7 +27,8 @@ exit_if_no_working_directory()  # here: torch's import fails in a deleted direct
 import torch
 
 from fmnist import IMAGE_SIDE, NUM_CLASSES
-from fmnist.config import EVAL_BATCH_SIZE, check_name
+from fmnist.config import EVAL_BATCH_SIZE
+from fmnist.overrides import check_name
 from fmnist.errors import ConfigError, StorageError
 from fmnist.fsio import (atomic_write, check_writable, file_digest, load_checkpoint, path_argument, storage_error,
                          storage_errors)

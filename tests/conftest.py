@@ -34,9 +34,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from fmnist.config import register
-from fmnist.inference.config import register as register_inference
 from fmnist.data.csv_io import write_csv
+from fmnist.inference.config import register as register_inference
+from fmnist.overrides import register
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

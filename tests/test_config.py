@@ -122,7 +122,7 @@ def test_device_indices_are_refused_on_a_cpu_naming_the_key():
 
 @pytest.mark.parametrize("value", ["../../x", "..", ".", "a/b", "/abs", "", "x y"])
 def test_a_name_that_is_a_path_is_refused(value):
-    from fmnist.config import check_name, sweep_name
+    from fmnist.overrides import check_name, sweep_name
     from fmnist.errors import ConfigError
 
     with pytest.raises(ConfigError, match="config key name must be a name, not a path"):
@@ -132,7 +132,7 @@ def test_a_name_that_is_a_path_is_refused(value):
 
 
 def test_names_that_are_names_pass():
-    from fmnist.config import check_name, sweep_name
+    from fmnist.overrides import check_name, sweep_name
 
     assert check_name("study", "lr_dropout-v2.1") == "lr_dropout-v2.1"
     assert sweep_name("train", "T") == "train/T" and sweep_name("ablation_lr-cpu", "T") == "ablation_lr-cpu"
@@ -142,7 +142,7 @@ def test_an_unquoted_value_holding_equals_is_named_with_how_to_quote_it(monkeypa
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    from fmnist.config import composition_message
+    from fmnist.overrides import composition_message
 
     monkeypatch.setattr("sys.argv", ["train.py", "model=simple", "data.dir=/tmp/a=b"])
     with pytest.raises(HydraException) as error:
@@ -173,7 +173,7 @@ def test_a_single_runs_directory_names_the_keys_set_and_stays_short():
         cfg = compose("train", overrides=["model=simple", "optim.lr=0.01", "data.dir=elsewhere"], return_hydra_config=True)
     assert cfg.hydra.run.dir.endswith("_model=simple,optim.lr=0.01")  # data.dir only places the run: left out
 
-    from fmnist.config import RUN_LABEL_CHARS, run_label
+    from fmnist.overrides import RUN_LABEL_CHARS, run_label
 
     assert run_label("") == ""
     long_a, long_b = "optim.lr=0.01," * 20 + "seed=1", "optim.lr=0.01," * 20 + "seed=2"

@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from fmnist.config import PLACEMENT_KEYS, setting_of
+from fmnist.config import PLACEMENT_KEYS
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, StorageError
 from fmnist.fsio import storage_errors
+from fmnist.overrides import setting_of
 from fmnist.results.__main__ import main as results_main
 from fmnist.results.report import ablation_pairs, write_report
 from fmnist.results.sweep import check_sweep_dir, summarize
@@ -318,7 +319,7 @@ def test_ablation_pairs_vary_one_key_from_the_reference():
     ("seed=range(0,1,0)", r"cannot be expanded \(range\(\) arg 3 must not be zero\)"),
 ])
 def test_a_sweep_override_with_no_value_or_none_that_can_be_computed_is_refused(override, words):
-    from fmnist.config import check_sweep_values
+    from fmnist.overrides import check_sweep_values
 
     fine = ["seed=range(0,3)", "optim.lr=1e-2,1e-3", "seed=1", "y=glob(*)", "model.widths=[8,16]", "x=interval(0,1)"]
     check_sweep_values(fine)
@@ -335,7 +336,7 @@ def test_job_names_leave_out_exactly_the_placement_keys():
 def test_a_sweep_job_is_named_by_its_swept_keys_first_and_keeps_an_earlier_sweeps_directory(tmp_path):
     from omegaconf import OmegaConf
 
-    from fmnist.config import sweep_job_dirname
+    from fmnist.overrides import sweep_job_dirname
 
     job = ["model=simple", "data.train_subset=5000", "optim.lr=0.01", "seed=1", "data.dir=/data", "model.widths=[8,16]"]
     assert sweep_job_dirname(str(tmp_path), job) == (  # no multirun.yaml: nothing known to be swept, Hydra's sorted order

@@ -10,12 +10,12 @@ import torch
 from omegaconf import OmegaConf
 
 from fmnist.config import ADDED_KEYS, RESUMABLE_KEYS
-from fmnist.fsio import load_checkpoint
 from fmnist.errors import CheckpointError, ConfigError, DataError, DivergedError
+from fmnist.fsio import load_checkpoint
 from fmnist.models import training_flops_per_image
-from fmnist.training.module import LitClassifier
 from fmnist.runs import read_record
 from fmnist.training.claim import flat_config, saved_config
+from fmnist.training.module import LitClassifier
 from fmnist.training.train import run_job, train
 from tests.conftest import ROOT, compose_cfg, snapshot
 
@@ -419,7 +419,7 @@ def test_fast_path_is_ignored_on_a_cpu_with_one_log_line(make_cfg, tmp_path, cap
 def test_a_run_directory_quoted_for_the_resume_command_reads_back_as_itself(path):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from fmnist.config import hydra_quote
+    from fmnist.overrides import hydra_quote
 
     parsed = OverridesParser.create().parse_override(f"hydra.run.dir={hydra_quote(path)}")
     assert parsed.value() == path

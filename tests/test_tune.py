@@ -16,9 +16,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from fmnist.data.csv_io import write_csv
-from fmnist.runs import read_record
 from fmnist.errors import FmnistError
 from fmnist.hardware import memory_errors
+from fmnist.runs import read_record
 from fmnist.sweeps.tune import Search, register_tune, run_search
 from tests.conftest import CONF, FAST, ROOT, make_images, snapshot
 
@@ -470,7 +470,7 @@ def test_a_trial_asked_for_after_others_filled_n_trials_stops_without_training(t
 @pytest.mark.parametrize("key,value", [("data.train_subset", None), ("data.augment.hflip", True),
                                        ("data.augment.hflip", False), ("data.train_subset", 2000), ("optim.lr", 0.1 + 0.2)])
 def test_a_sampled_value_reaches_the_train_config_as_itself(key, value):
-    from fmnist.config import override_text
+    from fmnist.overrides import override_text
     with initialize_config_dir(str(CONF), version_base=None):
         cfg = compose("train", overrides=[f"{key}={override_text(value)}"])
     assert OmegaConf.select(cfg, key) == value and type(OmegaConf.select(cfg, key)) is type(value)

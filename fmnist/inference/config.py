@@ -14,8 +14,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from fmnist import NUM_CLASSES
-from fmnist.config import TTA_MODES, check_keys, register_resolvers
+from fmnist.config import TTA_MODES, check_keys
 from fmnist.errors import ConfigError
+from fmnist.overrides import register_resolvers
 from fmnist.runs import BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR
 
 # What `ckpt=` takes, as every message about it says it.

@@ -20,10 +20,10 @@ import sys
 from pathlib import Path
 
 from fmnist.cli import run_plain
-from fmnist.config import SWEEP_CONFIG_FILE
 from fmnist.errors import ConfigError
 from fmnist.fsio import (atomic_output, atomic_write, check_output_file, check_writable, not_a_directory,
                          path_argument, storage_errors)
+from fmnist.overrides import SWEEP_CONFIG_FILE
 from fmnist.runs import METRICS_FILE, collect
 
 

@@ -20,13 +20,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import FormatStrFormatter, FuncFormatter, MaxNLocator
 
-from fmnist.config import name_items
 from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_write, check_not_directories, dirs_made
-from fmnist.training.figures import confusion_matrix_figure, save_png
+from fmnist.overrides import name_items
 from fmnist.results.stats import ALPHA, INTERVAL_NOTE, MOST_SEEDS, NO_DIFFERENCE, holm, mean_interval, paired
 from fmnist.runs import (COMPLETED, EPOCHS_FILE, RECORDED, check_poolable, collect, read_confusion_matrix,
                          read_epochs)
+from fmnist.training.figures import confusion_matrix_figure, save_png
 
 # The seed report's Figures 4.1-4.8: (number, its title, the `experiment=report` variant behind it).
 REPORT_FIGURES = [

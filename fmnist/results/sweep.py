@@ -20,12 +20,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from fmnist.cli import OTHER_SWEEP_DIR, chained_fmnist_error, exit_with, signals_leave_the_workers_to_stop, unresolvable
-from fmnist.config import (PLACEMENT_KEYS, SWEEP_CONFIG_FILE, check_launcher, check_sweep_values, composition_message,
-                           concurrent_jobs, launcher_kind, override_key, override_text, superseded_note)
+from fmnist.config import PLACEMENT_KEYS, check_launcher, concurrent_jobs, launcher_kind, superseded_note
 from fmnist.data.sources import data_digests
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, DataError, StorageError
 from fmnist.fsio import (atomic_write, check_not_directories, keep_early_writes, note_early_write, some_names,
                          storage_errors)
+from fmnist.overrides import SWEEP_CONFIG_FILE, check_sweep_values, composition_message, override_key, override_text
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
 from fmnist.runs import (COMPLETED, FINISHED, JOB_LOG, RUNNING, TRIAL_DIR_PREFIX, check_poolable, collect, is_job_dir,
                          short_digest)

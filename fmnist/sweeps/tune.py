@@ -39,17 +39,17 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fmnist import console
 from fmnist.cli import refuse_unknown_keys
-from fmnist.config import (PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_keys, check_name, composition_message,
-                           override_key, override_text, register, renamed_overrides, seed_check)
+from fmnist.config import PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_keys, seed_check
 from fmnist.data.sources import split_csvs
 from fmnist.errors import ConfigError, FmnistError, OutOfMemory
 from fmnist.fsio import atomic_write, missing_dirs, remove_if_empty
+from fmnist.overrides import check_name, composition_message, override_key, override_text, register, renamed_overrides
 from fmnist.results.sweep import check_same_data, every_combination, summarize
-from fmnist.training.figures import save_png  # matplotlib, headless
 from fmnist.runs import DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, JOB_LOG, METRICS_FILE, TRIAL_DIR_PREFIX
 from fmnist.sweeps.storage import (STUDY_DB, check_storage_file, default_storage, fail_dead_trials, open_storage,
                                    record_stale_trials, storage_file)
 from fmnist.training.claim import check_config, check_data, flat_config
+from fmnist.training.figures import save_png  # matplotlib, headless
 from fmnist.training.signals import SIGTERM_RECEIVED, stopping_signal
 from fmnist.training.train import RunPruned, failure_of, train
 

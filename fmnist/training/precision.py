@@ -355,7 +355,8 @@ def _clear(path: Path, cache: _Cache) -> None:
 
 def _measure(path: Path, cache: _Cache, overrides: list[str], device: str | None) -> None:
     """`measure`: probe the model that `overrides` compose on `device` again, and cache its verdict if clear."""
-    from fmnist.config import check_values, compose_train
+    from fmnist.config import check_values
+    from fmnist.overrides import compose_train
     from fmnist.models import check_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

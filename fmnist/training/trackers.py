@@ -28,10 +28,11 @@ from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoa
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from fmnist.config import TRACKERS, computing_overrides, job_name, override_key, swept_keys
+from fmnist.config import TRACKERS
 from fmnist.console import tensorboard_command
 from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_write
+from fmnist.overrides import computing_overrides, job_name, override_key, swept_keys
 from fmnist.runs import CHECKPOINT_DIR, CONFIG_FILE, CONFUSION_FILE, EPOCHS_FILE, LAST_CHECKPOINT, METRICS_FILE
 
 log = logging.getLogger(__name__)

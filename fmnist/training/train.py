@@ -24,13 +24,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from fmnist import console
 from fmnist.cli import OTHER_SWEEP_DIR
-from fmnist.config import RUN_OPTIONS, hydra_quote
+from fmnist.config import RUN_OPTIONS
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.data.sources import data_digests
 from fmnist.errors import ConfigError, DivergedError, FmnistError
 from fmnist.fsio import RUN_DIR_KEY, SWEEP_DIR_KEY, atomic_write, storage_errors
 from fmnist.hardware import device_kind, memory_errors
 from fmnist.models import training_flops_per_image
+from fmnist.overrides import hydra_quote
 from fmnist.runs import (BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, DIVERGED, EPOCHS_FILE,
                          ERROR_FILE, FAILED, FINISHED, INTERRUPTED, LAST_CHECKPOINT, PRUNED, RUNNING, now, provenance,
                          read_record, record_problem, update_record)
