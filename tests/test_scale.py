@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -30,6 +31,35 @@ def test_ddp_with_two_processes_trains_and_records_once(tmp_path, data_dir):
     assert record["status"] == "completed" and 0 <= record["metrics"]["test/acc"] <= 1
     assert (run / "checkpoints" / "last.ckpt").exists()
     assert len((run / "epochs.csv").read_text().splitlines()) == 2  # header + one epoch, written by rank 0 only
+
+
+# A signal to the whole process group (`timeout`, `scancel`, a closed terminal, Ctrl-C) reaches every rank, and
+# rank 1 a second time through rank 0: every rank stops after the same step, once, with nothing left waiting.
+@pytest.mark.cluster
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_to_a_ddp_runs_process_group_stops_every_rank_after_one_step(tmp_path, data_dir, signum, code):
+    run, out = tmp_path / "run", tmp_path / "out.txt"
+    with open(out, "w") as log:
+        ranks = subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), "preset=smoke", f"data.dir={data_dir}", "data.val_size=100",
+             "data.batch_size=8", "trainer.strategy=ddp", "trainer.devices=2", "trainer.max_epochs=1000",
+             "trainer.limit_train_batches=null", f"hydra.run.dir={run}"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's
+        try:
+            deadline = time.monotonic() + 240
+            while "epochs x" not in out.read_text():  # the forecast: both ranks are taking steps
+                assert ranks.poll() is None and time.monotonic() < deadline, out.read_text()[-3000:]
+                time.sleep(0.2)
+            os.killpg(ranks.pid, signum)
+            ranks.wait(timeout=120)  # before the change: waiting forever in a broadcast, or a rank's traceback
+        finally:
+            if ranks.poll() is None:
+                os.killpg(ranks.pid, signal.SIGKILL)
+    text = out.read_text()
+    assert ranks.returncode == code and "Traceback" not in text, text[-3000:]
+    assert text.count("stopped by a signal; resume") == 1  # said once, by rank 0
+    assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
 
 
 def test_benchmark_prints_and_appends_a_row(tmp_path, data_dir, run_in_process):

@@ -1,5 +1,6 @@
 """How a run stops for a signal: SIGTERM raises from a run's first write on, Ctrl-C stops the run at the next
-step as SIGTERM does, a checkpoint's write is never cut in half, and which signal ended a run (`stopping_signal`).
+step as SIGTERM does, under DDP every rank stops after the same step (`StopTogether`), a checkpoint's write is
+never cut in half, and which signal ended a run (`stopping_signal`).
 
 The other places that handle signals, around a run: `fmnist.cli` (a command's start: SIGTERM unwinds what Hydra
 wrote early, SIGHUP is SIGTERM, a joblib sweep leaves signals to its workers), `fmnist.sweeps.placement`
@@ -65,7 +66,7 @@ def ctrl_c_stops_at_a_step(trainer: L.Trainer):
         if caught:
             raise KeyboardInterrupt
         caught.append(signum)
-        trainer._signal_connector.received_sigterm = True  # Lightning's flag, checked after each step
+        stop_after_this_step(trainer)
 
     signal.signal(signal.SIGINT, handler)
     try:
@@ -78,6 +79,54 @@ def ctrl_c_stops_at_a_step(trainer: L.Trainer):
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if caught:  # after the last step: the run still stops here, before anything else starts
         raise KeyboardInterrupt
+
+
+def stop_after_this_step(trainer: L.Trainer) -> None:
+    """Stop the run after the step in progress, as Lightning stops it for SIGTERM: in one process by Lightning's
+    own flag, checked after each step; under DDP once the ranks agree (`StopTogether`). No I/O: signal handlers
+    call it."""
+    together = next((c for c in trainer.callbacks if isinstance(c, StopTogether)), None)
+    if together is not None and trainer.world_size > 1:
+        together.requested = True
+    else:
+        trainer._signal_connector.received_sigterm = True
+
+
+class StopTogether(L.Callback):
+    """Under DDP, a SIGTERM or Ctrl-C stops every rank after the same training step.
+
+    Lightning's own SIGTERM handler runs a broadcast from inside the handler, wherever each rank's main thread
+    is, and stops each rank on its own flag: a SIGTERM to the whole process group (`timeout`, `scancel`, a closed
+    terminal), which reaches every rank and reaches rank 1 a second time through rank 0, left a 2-process run
+    waiting forever, one rank in that broadcast and the other in a step's all-reduce. Here a signal only marks its
+    rank; after each training step the ranks agree whether any was marked (one all-reduce of a flag), and all stop
+    at that step. A signal during validation or the test waits for the next training step, or for the end.
+    """
+
+    def __init__(self):
+        self.requested = False
+
+    def _on_sigterm(self, signum, frame):  # no I/O here: it runs between any two bytecodes of the main thread
+        SIGTERM_RECEIVED.set()
+        self.requested = True
+
+    def _take_sigterm(self, trainer: L.Trainer) -> None:
+        # Lightning installs its handler as each of fit and test begins, and puts back the one before at their end.
+        if trainer.world_size > 1 and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def on_sanity_check_start(self, trainer, pl_module):
+        self._take_sigterm(trainer)
+
+    def on_train_start(self, trainer, pl_module):
+        self._take_sigterm(trainer)
+
+    def on_test_start(self, trainer, pl_module):
+        self._take_sigterm(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            trainer._signal_connector.received_sigterm = True  # on every rank at once: all stop after this step
 
 
 @contextmanager

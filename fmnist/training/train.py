@@ -42,7 +42,7 @@ from fmnist.training.checkpoint import SafeCheckpointIO, SafeModelCheckpoint
 from fmnist.training.claim import claimed, differences_from_finished
 from fmnist.training.module import LitClassifier
 from fmnist.training.precision import resolve_precision
-from fmnist.training.signals import ctrl_c_stops_at_a_step, stopping_signal
+from fmnist.training.signals import StopTogether, ctrl_c_stops_at_a_step, stopping_signal
 from fmnist.training.trackers import close_trackers_failed, for_each, hparams_row, open_trackers, tracker_ids
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def _run(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
         failure = failure_of(e, resume_hint)
         if failure is not None:
             record_failure(run_dir, *failure, e)
-            if failure[0] == INTERRUPTED:
+            if failure[0] == INTERRUPTED and rank_zero_only.rank == 0:  # said once, not by every DDP rank
                 log.warning("%s", failure[1])
         raise
 
@@ -249,7 +249,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     forecast = Forecast(heartbeat_s=None if bar else HEARTBEAT_S)
     trainer = L.Trainer(**trainer_kwargs, enable_model_summary=False, default_root_dir=str(run_dir),
                         logger=[t.logger for t in trackers] or False, plugins=[SafeCheckpointIO()],
-                        callbacks=[checkpoint, epoch_csv, forecast,
+                        callbacks=[StopTogether(), checkpoint, epoch_csv, forecast,
                                    *([LearningRateMonitor(logging_interval="epoch")] if trackers else []),
                                    TestArtifacts(run_dir, trackers), TrackersSeeTheStop(trackers),
                                    PerImagePredictions(run_dir),
