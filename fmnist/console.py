@@ -107,8 +107,9 @@ HARMLESS_WARNINGS = [
     # with srun itself), so a command run directly is meant to run here.
     r"The `srun` command is available on your system but is not used",
 ]
-# Lightning's notices that never apply here: an advertisement, and TPUs (this project runs on CPUs and GPUs).
-NOTICES = ("litlogger", "TPU available")
+# Lightning's notices that never apply here: an advertisement, TPUs (this project runs on CPUs and GPUs), and its
+# "[rank: 0] Received SIGTERM: 15", which a stopped run says itself, with the command that resumes it.
+NOTICES = ("litlogger", "TPU available", "Received SIGTERM")
 
 
 class _DropNotices(logging.Filter):

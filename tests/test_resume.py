@@ -110,12 +110,14 @@ def test_signal_stops_cleanly_records_how_to_resume_and_resume_finishes(tmp_path
     assert not ignores(proc.pid, sig), f"the run was started with signal {sig} ignored: it cannot be stopped by it"
     proc.send_signal(sig)
     try:
-        _, err = proc.communicate(timeout=300)  # seconds of work, minutes on an overloaded machine
+        out, err = proc.communicate(timeout=300)  # seconds of work, minutes on an overloaded machine
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()  # the run's log lines are on stdout, tracebacks on stderr
         pytest.fail(f"no exit within 300 s of the signal; its stdout:\n{out[-3000:]}\nits stderr:\n{err[-3000:]}")
     assert proc.returncode == 128 + sig, err[-3000:]  # 130 for Ctrl-C, 143 for SIGTERM: not 1, a crash
+    # One line says it, with the command that resumes: not Lightning's "[rank: 0] Received SIGTERM: 15" before it.
+    assert (out + err).count("stopped by a signal; resume") == 1 and "Received SIGTERM" not in out + err
     rec = record(run)
     assert rec["status"] == "interrupted", rec
     assert "ckpt_path=last" in rec["error"] and f"hydra.run.dir={run}" in rec["error"]
