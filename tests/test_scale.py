@@ -62,6 +62,43 @@ def test_a_signal_to_a_ddp_runs_process_group_stops_every_rank_after_one_step(tm
     assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
 
 
+# After the last training step no step is left to stop at: a signal to one rank during the final validation or
+# the test still stops every rank (at the end of fit, or of the test), and the run is `interrupted`, not `completed`.
+# Rank 1 sends the SIGTERM to itself from a hook, so the signal lands in that phase every time.
+SIGNALLED_IN = """
+import os, signal
+from fmnist.training.signals import StopTogether
+def signalled(self, trainer, pl_module):
+    if trainer.global_rank == 1 and not trainer.sanity_checking:
+        os.kill(os.getpid(), signal.SIGTERM)  # as a SIGTERM to rank 1 alone
+taken = StopTogether.on_test_start
+def on_test_start(self, trainer, pl_module):
+    taken(self, trainer, pl_module)
+    if {hook!r} == "on_test_start":
+        signalled(self, trainer, pl_module)
+StopTogether.on_test_start = on_test_start
+if {hook!r} == "on_validation_start":
+    StopTogether.on_validation_start = signalled
+# As `python train.py` runs it, with this file still sys.argv[0]: Lightning starts rank 1 with this file too.
+exec(compile(open({train!r}).read(), {train!r}, "exec"), {{"__name__": "__main__", "__file__": {train!r}}})
+"""
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("hook", ["on_validation_start", "on_test_start"])
+def test_a_signal_to_one_ddp_rank_after_the_last_training_step_still_stops_the_run(tmp_path, data_dir, hook):
+    script, run = tmp_path / "train_signalled.py", tmp_path / "run"
+    script.write_text(SIGNALLED_IN.format(hook=hook, train=str(ROOT / "train.py")))
+    result = subprocess.run(
+        [sys.executable, str(script), "preset=smoke", f"data.dir={data_dir}", "data.val_size=100",
+         "data.batch_size=32", "trainer.strategy=ddp", "trainer.devices=2", f"hydra.run.dir={run}"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert result.returncode == 143 and "Traceback" not in result.stderr, result.stderr[-4000:]
+    record = json.loads((run / "metrics.json").read_text())
+    assert record["status"] == "interrupted" and "ckpt_path=last" in record["error"], record
+    assert (result.stdout + result.stderr).count("stopped by a signal; resume") == 1
+
+
 def test_benchmark_prints_and_appends_a_row(tmp_path, data_dir, run_in_process):
     out = tmp_path / "bench.csv"
     result = run_in_process("scripts/benchmark.py", "--data-dir", str(data_dir), "--images", "64", "--repeats", "1",

@@ -100,7 +100,9 @@ class StopTogether(L.Callback):
     terminal), which reaches every rank and reaches rank 1 a second time through rank 0, left a 2-process run
     waiting forever, one rank in that broadcast and the other in a step's all-reduce. Here a signal only marks its
     rank; after each training step the ranks agree whether any was marked (one all-reduce of a flag), and all stop
-    at that step. A signal during validation or the test waits for the next training step, or for the end.
+    at that step. A signal during validation waits for the next training step; one after the last (in the final
+    validation) stops the run once fit ends, before its test, and one during the test once the test ends: either
+    way the run is `interrupted`, as in one process, not `completed` as if no signal had come.
     """
 
     def __init__(self):
@@ -124,9 +126,21 @@ class StopTogether(L.Callback):
     def on_test_start(self, trainer, pl_module):
         self._take_sigterm(trainer)
 
+    def _any_rank_requested(self, trainer: L.Trainer) -> bool:
+        return trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(self.requested, all=False)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+        if self._any_rank_requested(trainer):
             trainer._signal_connector.received_sigterm = True  # on every rank at once: all stop after this step
+
+    # No training step is left to stop at: every rank reaches these ends, and all raise there together.
+    def on_train_end(self, trainer, pl_module):
+        if self._any_rank_requested(trainer):
+            raise SIGTERMException
+
+    def on_test_end(self, trainer, pl_module):
+        if self._any_rank_requested(trainer):
+            raise SIGTERMException
 
 
 @contextmanager
