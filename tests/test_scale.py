@@ -8,6 +8,7 @@ import sys
 import tarfile
 import threading
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -33,6 +34,19 @@ def test_ddp_with_two_processes_trains_and_records_once(tmp_path, data_dir):
     assert len((run / "epochs.csv").read_text().splitlines()) == 2  # header + one epoch, written by rank 0 only
 
 
+def running_in_group(pgid: int) -> list[int]:
+    """The processes of process group `pgid` that have not ended (a zombie has: only its parent's wait is left)."""
+    running = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]  # after the command's name, in brackets
+        except (OSError, ValueError):  # ended meanwhile
+            continue
+        if int(group) == pgid and state != "Z":
+            running.append(int(stat.parent.name))
+    return running
+
+
 # A signal to the whole process group (`timeout`, `scancel`, a closed terminal, Ctrl-C) reaches every rank, and
 # rank 1 a second time through rank 0: every rank stops after the same step, once, with nothing left waiting.
 @pytest.mark.cluster
@@ -53,8 +67,11 @@ def test_a_signal_to_a_ddp_runs_process_group_stops_every_rank_after_one_step(tm
                 time.sleep(0.2)
             os.killpg(ranks.pid, signum)
             ranks.wait(timeout=120)  # before the change: waiting forever in a broadcast, or a rank's traceback
+            while running_in_group(ranks.pid):  # rank 1 too: waiting for rank 0 alone would miss it left hanging
+                assert time.monotonic() < deadline + 120, out.read_text()[-3000:]
+                time.sleep(0.2)
         finally:
-            if ranks.poll() is None:
+            if running_in_group(ranks.pid):
                 os.killpg(ranks.pid, signal.SIGKILL)
     text = out.read_text()
     assert ranks.returncode == code and "Traceback" not in text, text[-3000:]
