@@ -129,23 +129,33 @@ def device_kind(accelerator: str) -> str:
     return "cpu"
 
 
-def _memory_refused(error: BaseException) -> str | None:
-    """The size of the allocation `error` says failed ("5.14 GiB"; "" where it does not say), if it is running out
-    of memory: CUDA's OutOfMemoryError, the CPU allocator's refusal, numpy's MemoryError; None for any other error."""
+# Out-of-memory errors that torch raises as a plain RuntimeError, not as OutOfMemoryError: Apple's GPU allocator
+# ("MPS backend out of memory (...). Tried to allocate 9.19 MiB on private pool."), and a CUDA call that allocates
+# outside torch's caching allocator (a cuBLAS handle, the context: "CUDA error: out of memory").
+GPU_OUT_OF_MEMORY = ("MPS backend out of memory", "CUDA error: out of memory")
+
+
+def _memory_refused(error: BaseException) -> tuple[str, str] | None:
+    """Which memory ran out ("the GPU", "this machine") and the size of the allocation that failed ("5.14 GiB"; ""
+    where `error` does not say), if `error` is running out of memory: CUDA's OutOfMemoryError, the MPS or CUDA
+    refusals above, the CPU allocator's refusal, numpy's MemoryError; None for any other error."""
     text = str(error)
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
-        found = re.search(r"(?:Tried|Unable) to allocate ([\d.]+ [KMGTPE]?i?B)", text)
-        return found.group(1) if found else ""
+    gpu = isinstance(error, torch.OutOfMemoryError) or (isinstance(error, RuntimeError)
+                                                        and any(words in text for words in GPU_OUT_OF_MEMORY))
+    if gpu or isinstance(error, MemoryError):
+        # numpy writes a size of three digits with a point and no decimals: "Unable to allocate 931. GiB"
+        found = re.search(r"(?:Tried|Unable) to allocate (\d+(?:\.\d+)?)\.? ([KMGTPE]?i?B)\b", text)
+        return "the GPU" if gpu else "this machine", f"{found.group(1)} {found.group(2)}" if found else ""
     if isinstance(error, RuntimeError) and "can't allocate memory" in text:  # torch's CPU allocator, in bytes
         found = re.search(r"allocate (\d+) bytes", text)
         if not found:
-            return ""
+            return "this machine", ""
         size, unit = float(found.group(1)), "bytes"
         for larger in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
             if size < 1024:
                 break
             size, unit = size / 1024, larger
-        return f"{size:.2f} {unit}"
+        return "this machine", f"{size:.2f} {unit}"
     return None
 
 
@@ -157,9 +167,9 @@ def memory_errors(advice: str):
     try:
         yield
     except (RuntimeError, MemoryError) as e:
-        size = _memory_refused(e)
-        if size is None:
+        refused = _memory_refused(e)
+        if refused is None:
             raise
-        where = "the GPU" if isinstance(e, torch.OutOfMemoryError) else "this machine"
+        where, size = refused
         raise OutOfMemory(f"{where} ran out of memory{f' (an allocation of {size} failed)' if size else ''}: "
                           f"{advice}.") from e

@@ -472,6 +472,12 @@ def test_a_cache_path_that_is_a_pipe_is_ignored_not_waited_on_and_a_read_only_on
 # Running out of memory: one paragraph with the allocation that failed and the setting to lower.
 CUDA_OOM = ("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79.19 GiB of which "
             "3.06 MiB is free. Of the allocated memory 78.2 GiB is allocated by PyTorch")
+MPS_OOM = ("MPS backend out of memory (MPS allocated: 17.90 GiB, other allocations: 256.00 KiB, max allowed: "
+           "18.13 GiB). Tried to allocate 9.19 MiB on private pool. Use PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0 to "
+           "disable upper limit for memory allocations (may cause system failure).")
+NUMPY_OOM = "Unable to allocate 931. GiB for an array with shape (1000000000000,) and data type uint8"  # 3 digits
+CUDA_CALL_OOM = ("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported at some other API "
+                 "call, so the stacktrace below might be incorrect.")
 
 
 @pytest.mark.parametrize("allocate, expected", [
@@ -479,6 +485,11 @@ CUDA_OOM = ("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total 
     (lambda: np.empty(1 << 62, dtype=np.uint8), "this machine ran out of memory (an allocation of 4.00 EiB failed)"),
     (lambda: (_ for _ in ()).throw(torch.OutOfMemoryError(CUDA_OOM)),  # as CUDA's allocator raises it
      "the GPU ran out of memory (an allocation of 20.00 MiB failed)"),
+    (lambda: (_ for _ in ()).throw(RuntimeError(MPS_OOM)),  # Apple's allocator: a plain RuntimeError
+     "the GPU ran out of memory (an allocation of 9.19 MiB failed)"),
+    (lambda: (_ for _ in ()).throw(RuntimeError(CUDA_CALL_OOM)), "the GPU ran out of memory"),
+    (lambda: (_ for _ in ()).throw(MemoryError(NUMPY_OOM)),
+     "this machine ran out of memory (an allocation of 931 GiB failed)"),
 ])
 def test_running_out_of_memory_is_one_paragraph_naming_what_to_lower(allocate, expected):
     with pytest.raises(OutOfMemory) as refused:
