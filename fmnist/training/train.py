@@ -336,7 +336,10 @@ def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: l
         except BaseException as e:
             stopped = stopping_signal(e)
             if stopped and not apart:
-                raise SystemExit(128 + stopped) from e
+                # A DDP rank other than 0 exits 0: every rank stopped after the same step (StopTogether), and
+                # Lightning's watch in rank 0 SIGKILLs rank 0 when another rank exits non-zero, which could be while
+                # rank 0 still records the stop. Rank 0's code (130, 143) is the command's.
+                raise SystemExit(128 + stopped if rank_zero_only.rank == 0 else 0) from e
             if not stopped and not (in_sweep and isinstance(e, Exception)):
                 raise
             log.error("job %s %s: %s", run_dir.name, failure_of(e)[0], e)
