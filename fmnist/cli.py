@@ -240,7 +240,11 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -
                 if refusal is None:
                     raise
                 # The sweep ran (its other jobs may have finished): a job that did not complete, not a refused sweep.
-                _exit(f"a job of the sweep was refused in its worker process: {refusal}", INCOMPLETE_SWEEP_EXIT_CODE)
+                # Hydra's submitit launcher collects the jobs' results in order and stops at this one.
+                _exit(f"a job of the sweep was refused in its worker process: {refusal} The sweep stopped collecting "
+                      "its jobs' results there, and wrote no summary; the jobs already started run on. Once they have "
+                      "ended, mend what this names and run the same sweep command again: it skips the finished jobs, "
+                      "runs the others and writes the summary.", INCOMPLETE_SWEEP_EXIT_CODE)
     except Terminated:
         _exit(*SIGTERM_EXIT)
     except KeyboardInterrupt:  # before a training run started (a started one exits 130 by itself), or another command

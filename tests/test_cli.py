@@ -344,3 +344,22 @@ def test_a_plain_command_whose_reader_has_gone_finishes_its_work_without_a_trace
     finally:
         sys.stdout = stdout
     assert code == 0 and written.read_text() == "done"
+
+
+def test_a_sweep_that_stops_collecting_at_a_refused_job_says_how_to_collect_the_others(monkeypatch, capsys):
+    from fmnist.cli import run_cli
+
+    class UncompletedJobError(RuntimeError):  # submitit's, as Hydra's submitit launcher raises it from a job's result
+        pass
+
+    def sweep():
+        raise UncompletedJobError("Error stream produced:\nerror: /s/seed=1 is in use by process 16194, which is "
+                                  "running in it now; nothing was written.\n")
+
+    monkeypatch.setattr(sys, "argv", ["train.py", "-m", "seed=0,1,2", "hydra/launcher=submitit_local"])
+    with pytest.raises(SystemExit) as ended:
+        run_cli(sweep)
+    assert ended.value.code == 3  # some job did not complete: not a refused sweep (2)
+    err = capsys.readouterr().err
+    assert err.startswith("error: a job of the sweep was refused in its worker process: /s/seed=1 is in use")
+    assert "the jobs already started run on" in err and "run the same sweep command again" in err
