@@ -502,3 +502,14 @@ def test_other_runtime_errors_pass_through_memory_errors_as_they_were():
     with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
         with hardware.memory_errors("lower data.batch_size (256)"):
             torch.ones(2, 3) @ torch.ones(2, 3)
+
+
+def test_measure_out_of_memory_at_its_batch_size_is_one_paragraph_and_caches_nothing(monkeypatch, capsys):
+    def allocate_too_much(model, batch_size, device):
+        return torch.empty(1 << 62, dtype=torch.uint8)  # the CPU allocator's own refusal
+
+    monkeypatch.setattr(auto, "probe", allocate_too_much)
+    assert auto.main(["measure", "model=simple", "data.batch_size=4096", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == ("error: this machine ran out of memory (an allocation of 4.00 EiB failed): "
+                                       "lower data.batch_size (4096), the batch the probe times.\n")
+    assert not auto.cache_file().exists()

@@ -449,7 +449,9 @@ def test_an_evaluation_that_fills_the_disk_is_one_paragraph_and_leaves_nothing(r
 @pytest.mark.parametrize("script, batch, lower", [("evaluate.py", None, "data.batch_size (64, the run's own "
                                                   "evaluation batch size)"),
                                                   ("evaluate.py", "data.batch_size=7", "data.batch_size (7)"),
-                                                  ("predict.py", "batch_size=5", "batch_size (5)")])
+                                                  ("predict.py", "batch_size=5", "batch_size (5)"),
+                                                  ("export.py", "data.batch_size=9", "data.batch_size (9), the "
+                                                   "batches that check the exported model")])
 def test_an_inference_too_large_for_memory_is_one_paragraph_naming_its_batch_size(run_dir, garments, tmp_path,
                                                                                   run_in_process, monkeypatch, script,
                                                                                   batch, lower):
@@ -457,7 +459,8 @@ def test_an_inference_too_large_for_memory_is_one_paragraph_naming_its_batch_siz
         return torch.empty(1 << 62, dtype=torch.uint8)  # the CPU allocator's own refusal
 
     monkeypatch.setattr(LoadedModel, "logits_batched", allocate_too_much)
-    where = f"hydra.run.dir={tmp_path / 'out'}" if script == "evaluate.py" else f"inputs=[{garments}]"
+    where = {"evaluate.py": f"hydra.run.dir={tmp_path / 'out'}", "predict.py": f"inputs=[{garments}]",
+             "export.py": f"out={tmp_path / 'model.onnx'}"}[script]
     result = run_in_process(script, f"ckpt={run_dir}", where, *([batch] if batch else []))
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.splitlines()[-1] == ("error: this machine ran out of memory (an allocation of 4.00 EiB "

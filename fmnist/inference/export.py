@@ -32,6 +32,7 @@ from fmnist.data.batches import network_input
 from fmnist.data.csv_io import load_csv
 from fmnist.errors import ConfigError, FmnistError
 from fmnist.fsio import HEAD_BYTES, atomic_output, check_output_file, dirs_made, storage_errors
+from fmnist.hardware import memory_errors
 from fmnist.inference.config import check_export
 from fmnist.inference.loading import LoadedModel, load_model
 
@@ -173,7 +174,9 @@ def export(cfg: DictConfig, checkpoint_name: str | None = None) -> Agreement:
     with storage_errors(key="out"), dirs_made(out.parent), \
             atomic_output(out, suffix=".onnx", replace=cfg.overwrite) as tmp:
         to_onnx(loaded, tmp, checkpoint_name)
-        agreement = compare(loaded, tmp, images, cfg.data.batch_size or EVAL_BATCH_SIZE)
+        batch_size = cfg.data.batch_size or EVAL_BATCH_SIZE
+        with memory_errors(f"lower data.batch_size ({batch_size}), the batches that check the exported model"):
+            agreement = compare(loaded, tmp, images, batch_size)
         print(agreement.line())
         if not agreement.ok:
             raise ExportFailed(f"{out}: not written: the exported model disagrees with the PyTorch model. "

@@ -373,7 +373,9 @@ def _measure(path: Path, cache: _Cache, overrides: list[str], device: str | None
     model = {**OmegaConf.to_container(cfg.model, resolve=True), "channels_last": cfg.channels_last}
     if device == "cuda":
         torch.set_float32_matmul_precision("high")
-    print(json.dumps(decide(model, cfg.data.batch_size, device, remeasure=True), indent=1))
+    with hardware.memory_errors(f"lower data.batch_size ({cfg.data.batch_size}), the batch the probe times"):
+        verdict = decide(model, cfg.data.batch_size, device, remeasure=True)
+    print(json.dumps(verdict, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
