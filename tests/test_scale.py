@@ -129,6 +129,40 @@ def test_a_signal_to_one_ddp_rank_after_the_last_training_step_still_stops_the_r
     assert (result.stdout + result.stderr).count("stopped by a signal; resume") == 1
 
 
+# One rank's training loss turns NaN (a batch that overflows on that rank alone): every rank stops at that step, and
+# the run is `diverged`, said once, as in one process. Rank 0 records it slower than Lightning's watch on the ranks
+# looks (every 5 s). Before, rank 1 stopped alone and rank 0 failed in the next step's gradient all-reduce (gloo's
+# "Connection closed by peer" traceback, recorded `failed`); and with both ranks stopping, rank 1's exit 3 had the
+# watch SIGKILL rank 0 while it recorded the divergence.
+NAN_ON_RANK_1 = """
+import time
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from fmnist.training import callbacks, train as train_module
+step_loss = callbacks.step_loss
+callbacks.step_loss = lambda outputs: step_loss(outputs) * (float("nan") if rank_zero_only.rank == 1 else 1.0)
+recorded = train_module.record_failure
+def record_failure_slowly(*args, **kwargs):
+    time.sleep(7 if rank_zero_only.rank == 0 else 0)
+    recorded(*args, **kwargs)
+train_module.record_failure = record_failure_slowly
+exec(compile(open({train!r}).read(), {train!r}, "exec"), {{"__name__": "__main__", "__file__": {train!r}}})
+"""
+
+
+@pytest.mark.cluster
+def test_a_nan_loss_on_one_ddp_rank_stops_every_rank_as_diverged(tmp_path, data_dir):
+    script, run = tmp_path / "train_nan.py", tmp_path / "run"
+    script.write_text(NAN_ON_RANK_1.format(train=str(ROOT / "train.py")))
+    result = subprocess.run(
+        [sys.executable, str(script), "preset=smoke", f"data.dir={data_dir}", "data.val_size=100",
+         "data.batch_size=32", "trainer.strategy=ddp", "trainer.devices=2", f"hydra.run.dir={run}"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr[-4000:]
+    record = json.loads((run / "metrics.json").read_text())
+    assert record["status"] == "diverged" and "loss is nan at epoch 1, step 1" in record["error"], record
+    assert (result.stdout + result.stderr).count("training diverged") == 1
+
+
 def test_benchmark_prints_and_appends_a_row(tmp_path, data_dir, run_in_process):
     out = tmp_path / "bench.csv"
     result = run_in_process("scripts/benchmark.py", "--data-dir", str(data_dir), "--images", "64", "--repeats", "1",

@@ -253,7 +253,10 @@ class StopOnDivergence(L.Callback):
     validation pass's may not).
 
     Checked every `every` steps and at each epoch's last step, not every step: reading the loss
-    waits for the GPU, and once the weights are NaN every later loss is too.
+    waits for the GPU, and once the weights are NaN every later loss is too. Under DDP the check is of the
+    ranks' mean loss, so that every rank stops at the same step: one rank's NaN stopping that rank alone left
+    the others in the next step's gradient all-reduce, which failed with gloo's "Connection closed by peer"
+    traceback and a record of that error instead of `diverged`.
     """
 
     def __init__(self, every: int = 10):
@@ -263,6 +266,9 @@ class StopOnDivergence(L.Callback):
         if batch_idx % self.every and batch_idx + 1 != trainer.num_training_batches:
             return
         loss = step_loss(outputs)
+        if trainer.world_size > 1:  # every rank takes part, a skipped step (None) too
+            loss = trainer.strategy.reduce(torch.zeros((), device=pl_module.device) if loss is None
+                                           else loss.detach().float(), reduce_op="mean")
         if loss is not None and not torch.isfinite(loss).item():
             raise DivergedError(f"training diverged: loss is {loss.item()} at epoch {trainer.current_epoch + 1}, "
                                 f"step {trainer.global_step}. {DIVERGED_ADVICE}")

@@ -340,6 +340,11 @@ def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: l
                 # Lightning's watch in rank 0 SIGKILLs rank 0 when another rank exits non-zero, which could be while
                 # rank 0 still records the stop. Rank 0's code (130, 143) is the command's.
                 raise SystemExit(128 + stopped if rank_zero_only.rank == 0 else 0) from e
+            if isinstance(e, DivergedError) and rank_zero_only.rank != 0 and not in_sweep:
+                # Every rank raises it at the same step (the ranks' mean loss, synced validation and test losses):
+                # rank 0 records it, says it once and exits 3; another rank exiting 3 would have Lightning's watch
+                # SIGKILL rank 0, perhaps before it has recorded the divergence.
+                raise SystemExit(0) from e
             if not stopped and not (in_sweep and isinstance(e, Exception)):
                 raise
             log.error("job %s %s: %s", run_dir.name, failure_of(e)[0], e)
