@@ -374,8 +374,11 @@ def open_trackers(cfg: DictConfig, run_dir: Path, ids: dict, overrides: list[str
         cls, make = TRACKER_CLASSES[name]
         try:
             tracker = cls(make(cfg, run_dir, ids, title))
-            tracker.logger.experiment  # connects (MLflow: creates or finds the experiment and the run)
-            tracker.ids(), tracker.view(run_dir)
+            # Under DDP only rank 0's logger writes: another rank's `experiment` is Lightning's stand-in, which
+            # has no run id or URI to check (the check would fail, and warn that the tracker cannot be reached).
+            if rank_zero_only.rank == 0:
+                tracker.logger.experiment  # connects (MLflow: creates or finds the experiment and the run)
+                tracker.ids(), tracker.view(run_dir)
         except Exception as e:  # any failure of a tracker's client: the run must not depend on it
             others = [t for t in cfg.logger.backends if t != name]
             log.warning("logger %s cannot be reached (%s: %s); this run logs to %s.", name,
