@@ -239,6 +239,27 @@ def test_a_run_records_the_resolved_precision_and_how_it_was_decided(make_cfg, t
     assert len(calls) == 1 and record["hardware"]["cores"] >= 1 and record["hardware"]["torch"] == torch.__version__
 
 
+def test_a_ddp_rank_started_by_rank_0_trains_in_the_precision_rank_0_recorded(make_cfg, monkeypatch):
+    # Rank 0 records its choice before it starts the other ranks (its pid in the record): a rank that probed again
+    # could choose another precision, as an unclear or busy verdict is not cached, and the record would name rank 0's.
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from fmnist.training import train as train_module
+
+    cpu_with_bf16(monkeypatch, native=True)
+    measure, calls = fake_probe(10, 30)  # this rank's own probe would choose fp32
+    monkeypatch.setattr(auto, "probe", measure)
+    cfg = make_cfg("trainer.limit_train_batches=1.0")
+    model = {**OmegaConf.to_container(cfg.model), "channels_last": cfg.channels_last}
+    chosen = {"requested": "auto", "device": "cpu", "resolved": "bf16-mixed", "reason": "rank 0's probe"}
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    record = {"status": "running", "pid": os.getppid(), "precision": chosen}
+    assert train_module._precision(cfg, model, record, resume=False) == ("bf16-mixed", chosen) and calls == []
+    # Started otherwise (torchrun, SLURM: every rank at once), the record may be an earlier start's: the rank decides.
+    assert train_module._precision(cfg, model, {**record, "pid": -1}, resume=False)[0] == "32-true"
+    assert len(calls) == 1
+
+
 def test_a_short_run_takes_a_cached_verdict_or_fp32_without_a_probe(make_cfg, monkeypatch):
     from fmnist.training.train import planned_steps
 

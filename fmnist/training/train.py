@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shlex
 import time
 import traceback
@@ -192,7 +193,13 @@ def _validations(run_dir: Path) -> tuple[int | None, float | None]:
 def _precision(cfg: DictConfig, model_kwargs: dict, record_so_far: dict, resume: bool) -> tuple[str, dict]:
     """The Lightning precision of the run, and how it was decided (its record's `precision`): `resolve_precision`'s,
     or, for a resume of a run whose start resolved `auto` on this kind of device, the precision that start chose:
-    one run, one precision, whatever a probe or another process's cached verdict would say now."""
+    one run, one precision, whatever a probe or another process's cached verdict would say now. A DDP rank that
+    rank 0 started (Lightning's launcher, once rank 0 has recorded its choice) takes rank 0's: deciding again could
+    choose another (a probe's unclear or busy verdict is not cached; the cache may have changed meanwhile), so that
+    the ranks would train in different precisions and the record would name rank 0's."""
+    started_by_rank_0 = rank_zero_only.rank != 0 and record_so_far.get("pid") == os.getppid()
+    if started_by_rank_0 and (record_so_far.get("precision") or {}).get("resolved"):
+        return record_so_far["precision"]["resolved"], record_so_far["precision"]
     chosen = (record_so_far.get("precision") or {}) if resume else {}
     if cfg.trainer.precision == "auto" and chosen.get("requested") == "auto" and chosen.get("resolved") \
             and chosen.get("device") == device_kind(cfg.trainer.accelerator):
