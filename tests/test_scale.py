@@ -163,6 +163,40 @@ def test_a_nan_loss_on_one_ddp_rank_stops_every_rank_as_diverged(tmp_path, data_
     assert (result.stdout + result.stderr).count("training diverged") == 1
 
 
+# trainer.max_time ends a DDP fit before its first validation (the time is up before the first step: Lightning's Timer
+# reads a clock that says so), and rank 0 records it slowly: the run is `failed` with the one paragraph, said once,
+# exit 2. Before, every rank printed it and rank 1's exit 2 had Lightning's watch SIGKILL rank 0 while it recorded.
+TIME_UP = """
+import time
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import Timer
+from fmnist.training import train as train_module
+Timer.time_elapsed = lambda self, stage="train": 1e6
+recorded = train_module.record_failure
+def record_failure_slowly(*args, **kwargs):
+    time.sleep(7 if rank_zero_only.rank == 0 else 0)
+    recorded(*args, **kwargs)
+train_module.record_failure = record_failure_slowly
+exec(compile(open({train!r}).read(), {train!r}, "exec"), {{"__name__": "__main__", "__file__": {train!r}}})
+"""
+
+
+@pytest.mark.cluster
+def test_a_ddp_run_out_of_time_before_its_first_validation_is_recorded_and_said_once(tmp_path, data_dir):
+    script, run = tmp_path / "train_time_up.py", tmp_path / "run"
+    script.write_text(TIME_UP.format(train=str(ROOT / "train.py")))
+    result = subprocess.run(
+        [sys.executable, str(script), "preset=smoke", f"data.dir={data_dir}", "data.val_size=100",
+         "data.batch_size=32", "trainer.strategy=ddp", "trainer.devices=2", "trainer.max_time=00:00:10:00",
+         "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=2", f"hydra.run.dir={run}"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-4000:]
+    record = json.loads((run / "metrics.json").read_text())
+    assert record["status"] == "failed" and "before its first validation" in record["error"], record
+    assert record["stopped_by"].startswith("stopped by trainer.max_time (00:00:10:00) at step 0 of 4")
+    assert result.stderr.count("before its first validation") == 1
+
+
 def test_benchmark_prints_and_appends_a_row(tmp_path, data_dir, run_in_process):
     out = tmp_path / "bench.csv"
     result = run_in_process("scripts/benchmark.py", "--data-dir", str(data_dir), "--images", "64", "--repeats", "1",

@@ -273,8 +273,10 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
         if stopped_by and rank_zero_only.rank == 0:
             update_record(run_dir, stopped_by=stopped_by)
         close_trackers_failed(trackers)
-        raise ConfigError(f"the run was {stopped_by or 'stopped'} before its first validation, so no model was chosen "
-                          "and none was tested. Give it more time (trainer.max_time), or validate sooner.")
+        error = ConfigError(f"the run was {stopped_by or 'stopped'} before its first validation, so no model was "
+                            "chosen and none was tested. Give it more time (trainer.max_time), or validate sooner.")
+        error.on_every_rank = True  # val_acc_best is synced: under DDP every rank raises it (run_job)
+        raise error
 
     best_epoch, last_val_loss = _validations(run_dir)
     metrics = {"val/acc_best": val_acc_best, "best_epoch": best_epoch,
@@ -347,10 +349,11 @@ def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: l
                 # Lightning's watch in rank 0 SIGKILLs rank 0 when another rank exits non-zero, which could be while
                 # rank 0 still records the stop. Rank 0's code (130, 143) is the command's.
                 raise SystemExit(128 + stopped if rank_zero_only.rank == 0 else 0) from e
-            if isinstance(e, DivergedError) and rank_zero_only.rank != 0 and not in_sweep:
-                # Every rank raises it at the same step (the ranks' mean loss, synced validation and test losses):
-                # rank 0 records it, says it once and exits 3; another rank exiting 3 would have Lightning's watch
-                # SIGKILL rank 0, perhaps before it has recorded the divergence.
+            if (isinstance(e, DivergedError) or getattr(e, "on_every_rank", False)) and rank_zero_only.rank != 0 \
+                    and not in_sweep:
+                # Every rank raises it at the same point (a divergence: the ranks' mean loss, synced validation and
+                # test losses): rank 0 records it, says it once and exits with its code; another rank exiting
+                # non-zero would have Lightning's watch SIGKILL rank 0, perhaps before it has recorded the failure.
                 raise SystemExit(0) from e
             if not stopped and not (in_sweep and isinstance(e, Exception)):
                 raise
