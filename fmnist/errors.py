@@ -5,6 +5,8 @@ class FmnistError(Exception):
     """Base class: the message alone says what went wrong and what was expected."""
 
     exit_code = 2
+    # Whether under DDP every rank raises it at the same point, so that rank 0 alone records and reports it.
+    on_every_rank = False
 
 
 class DataError(FmnistError):
@@ -32,6 +34,7 @@ class DivergedError(FmnistError):
     overflows float32."""
 
     exit_code = 3
+    on_every_rank = True  # the ranks' mean loss, synced validation and test losses, identical weights after a step
 
 
 # A sweep in which some job did not complete (failed or diverged; its summary lists them): what a

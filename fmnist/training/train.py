@@ -275,7 +275,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
         close_trackers_failed(trackers)
         error = ConfigError(f"the run was {stopped_by or 'stopped'} before its first validation, so no model was "
                             "chosen and none was tested. Give it more time (trainer.max_time), or validate sooner.")
-        error.on_every_rank = True  # val_acc_best is synced: under DDP every rank raises it (run_job)
+        error.on_every_rank = True  # val_acc_best is synced across DDP ranks
         raise error
 
     best_epoch, last_val_loss = _validations(run_dir)
@@ -344,17 +344,14 @@ def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: l
                            record=None, storage_key=SWEEP_DIR_KEY if in_sweep else RUN_DIR_KEY)
         except BaseException as e:
             stopped = stopping_signal(e)
-            if stopped and not apart:
-                # A DDP rank other than 0 exits 0: every rank stopped after the same step (StopTogether), and
-                # Lightning's watch in rank 0 SIGKILLs rank 0 when another rank exits non-zero, which could be while
-                # rank 0 still records the stop. Rank 0's code (130, 143) is the command's.
-                raise SystemExit(128 + stopped if rank_zero_only.rank == 0 else 0) from e
-            if (isinstance(e, DivergedError) or getattr(e, "on_every_rank", False)) and rank_zero_only.rank != 0 \
-                    and not in_sweep:
-                # Every rank raises it at the same point (a divergence: the ranks' mean loss, synced validation and
-                # test losses): rank 0 records it, says it once and exits with its code; another rank exiting
-                # non-zero would have Lightning's watch SIGKILL rank 0, perhaps before it has recorded the failure.
+            shared = stopped or (isinstance(e, FmnistError) and e.on_every_rank and not in_sweep)
+            if shared and rank_zero_only.rank != 0 and not apart:
+                # Every DDP rank ended here together (a signal's stop: StopTogether; a divergence): rank 0 records
+                # it, says it once and exits with the command's code. Another rank exits 0, since Lightning's watch
+                # in rank 0 SIGKILLs rank 0 when one exits otherwise, perhaps before rank 0 has recorded the end.
                 raise SystemExit(0) from e
+            if stopped and not apart:
+                raise SystemExit(128 + stopped) from e
             if not stopped and not (in_sweep and isinstance(e, Exception)):
                 raise
             log.error("job %s %s: %s", run_dir.name, failure_of(e)[0], e)
