@@ -79,6 +79,37 @@ def test_a_signal_to_a_ddp_runs_process_group_stops_every_rank_after_one_step(tm
     assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
 
 
+# Rank 0 records how the run ended slower than Lightning's watch on the other ranks looks (every 5 s): a tracker's
+# server, a slow disk. Before, a rank that had ended with a non-zero code got rank 0 SIGKILLed meanwhile, leaving
+# its record `running`.
+RECORDED_SLOWLY = """
+import time
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from fmnist.training import train as train_module
+recorded = train_module.record_failure
+def record_failure_slowly(*args, **kwargs):
+    time.sleep(7 if rank_zero_only.rank == 0 else 0)
+    recorded(*args, **kwargs)
+train_module.record_failure = record_failure_slowly
+"""
+# As `python train.py` runs it, with the patched script still sys.argv[0]: Lightning starts rank 1 with it too.
+RUN_TRAIN = """
+exec(compile(open({train!r}).read(), {train!r}, "exec"), {{"__name__": "__main__", "__file__": {train!r}}})
+"""
+
+
+def ddp_run_patched(tmp_path, data_dir, patch: str, *overrides: str, slow_record: bool = False):
+    """A 2-process DDP run of train.py into tmp_path/run, every rank running `patch` (Python) first: its
+    CompletedProcess."""
+    script = tmp_path / "train_patched.py"
+    script.write_text(patch + (RECORDED_SLOWLY if slow_record else "") + RUN_TRAIN.format(train=str(ROOT / "train.py")))
+    return subprocess.run(
+        [sys.executable, str(script), "preset=smoke", f"data.dir={data_dir}", "data.val_size=100",
+         "data.batch_size=32", "trainer.strategy=ddp", "trainer.devices=2", *overrides,
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+
+
 # After the last training step no step is left to stop at: a signal to one rank during the final validation or
 # the test still stops every rank (at the end of fit, or of the test), and the run is `interrupted`, not `completed`.
 # Rank 1 sends the SIGTERM to itself from a hook, so the signal lands in that phase every time.
@@ -96,102 +127,56 @@ def on_test_start(self, trainer, pl_module):
 StopTogether.on_test_start = on_test_start
 if {hook!r} == "on_validation_start":
     StopTogether.on_validation_start = signalled
-if {slow_record!r}:  # rank 0 records the stop slower than Lightning's watch on its ranks looks (every 5 s): a
-    import time      # tracker's server, a slow disk
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-    from fmnist.training import train as train_module
-    recorded = train_module.record_failure
-    def record_failure_slowly(*args, **kwargs):
-        time.sleep(7 if rank_zero_only.rank == 0 else 0)
-        recorded(*args, **kwargs)
-    train_module.record_failure = record_failure_slowly
-# As `python train.py` runs it, with this file still sys.argv[0]: Lightning starts rank 1 with this file too.
-exec(compile(open({train!r}).read(), {train!r}, "exec"), {{"__name__": "__main__", "__file__": {train!r}}})
 """
 
 
-# With `slow_record`, rank 1 has ended its part of the stop long before rank 0 has recorded it: Lightning's watch
-# on the ranks SIGKILLed rank 0 when rank 1 exited 143, leaving the record `running` and no resume line.
 @pytest.mark.cluster
 @pytest.mark.parametrize("hook, slow_record", [("on_validation_start", False), ("on_test_start", False),
                                                ("on_validation_start", True)])
 def test_a_signal_to_one_ddp_rank_after_the_last_training_step_still_stops_the_run(tmp_path, data_dir, hook,
                                                                                    slow_record):
-    script, run = tmp_path / "train_signalled.py", tmp_path / "run"
-    script.write_text(SIGNALLED_IN.format(hook=hook, slow_record=slow_record, train=str(ROOT / "train.py")))
-    result = subprocess.run(
-        [sys.executable, str(script), "preset=smoke", f"data.dir={data_dir}", "data.val_size=100",
-         "data.batch_size=32", "trainer.strategy=ddp", "trainer.devices=2", f"hydra.run.dir={run}"],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    result = ddp_run_patched(tmp_path, data_dir, SIGNALLED_IN.format(hook=hook), slow_record=slow_record)
     assert result.returncode == 143 and "Traceback" not in result.stderr, result.stderr[-4000:]
-    record = json.loads((run / "metrics.json").read_text())
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert record["status"] == "interrupted" and "ckpt_path=last" in record["error"], record
     assert (result.stdout + result.stderr).count("stopped by a signal; resume") == 1
 
 
 # One rank's training loss turns NaN (a batch that overflows on that rank alone): every rank stops at that step, and
-# the run is `diverged`, said once, as in one process. Rank 0 records it slower than Lightning's watch on the ranks
-# looks (every 5 s). Before, rank 1 stopped alone and rank 0 failed in the next step's gradient all-reduce (gloo's
-# "Connection closed by peer" traceback, recorded `failed`); and with both ranks stopping, rank 1's exit 3 had the
-# watch SIGKILL rank 0 while it recorded the divergence.
+# the run is `diverged`, said once, as in one process. Before, rank 1 stopped alone and rank 0 failed in the next
+# step's gradient all-reduce (gloo's "Connection closed by peer" traceback, recorded `failed`).
 NAN_ON_RANK_1 = """
-import time
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from fmnist.training import callbacks, train as train_module
+from fmnist.training import callbacks
 step_loss = callbacks.step_loss
 callbacks.step_loss = lambda outputs: step_loss(outputs) * (float("nan") if rank_zero_only.rank == 1 else 1.0)
-recorded = train_module.record_failure
-def record_failure_slowly(*args, **kwargs):
-    time.sleep(7 if rank_zero_only.rank == 0 else 0)
-    recorded(*args, **kwargs)
-train_module.record_failure = record_failure_slowly
-exec(compile(open({train!r}).read(), {train!r}, "exec"), {{"__name__": "__main__", "__file__": {train!r}}})
 """
 
 
 @pytest.mark.cluster
 def test_a_nan_loss_on_one_ddp_rank_stops_every_rank_as_diverged(tmp_path, data_dir):
-    script, run = tmp_path / "train_nan.py", tmp_path / "run"
-    script.write_text(NAN_ON_RANK_1.format(train=str(ROOT / "train.py")))
-    result = subprocess.run(
-        [sys.executable, str(script), "preset=smoke", f"data.dir={data_dir}", "data.val_size=100",
-         "data.batch_size=32", "trainer.strategy=ddp", "trainer.devices=2", f"hydra.run.dir={run}"],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    result = ddp_run_patched(tmp_path, data_dir, NAN_ON_RANK_1, slow_record=True)
     assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr[-4000:]
-    record = json.loads((run / "metrics.json").read_text())
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert record["status"] == "diverged" and "loss is nan at epoch 1, step 1" in record["error"], record
     assert (result.stdout + result.stderr).count("training diverged") == 1
 
 
-# trainer.max_time ends a DDP fit before its first validation (the time is up before the first step: Lightning's Timer
-# reads a clock that says so), and rank 0 records it slowly: the run is `failed` with the one paragraph, said once,
-# exit 2. Before, every rank printed it and rank 1's exit 2 had Lightning's watch SIGKILL rank 0 while it recorded.
+# trainer.max_time ends a DDP fit before its first validation (the time is up before the first step: Lightning's
+# Timer reads a clock that says so): the run is `failed` with the one paragraph, said once, exit 2. Before, every
+# rank printed it.
 TIME_UP = """
-import time
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Timer
-from fmnist.training import train as train_module
 Timer.time_elapsed = lambda self, stage="train": 1e6
-recorded = train_module.record_failure
-def record_failure_slowly(*args, **kwargs):
-    time.sleep(7 if rank_zero_only.rank == 0 else 0)
-    recorded(*args, **kwargs)
-train_module.record_failure = record_failure_slowly
-exec(compile(open({train!r}).read(), {train!r}, "exec"), {{"__name__": "__main__", "__file__": {train!r}}})
 """
 
 
 @pytest.mark.cluster
 def test_a_ddp_run_out_of_time_before_its_first_validation_is_recorded_and_said_once(tmp_path, data_dir):
-    script, run = tmp_path / "train_time_up.py", tmp_path / "run"
-    script.write_text(TIME_UP.format(train=str(ROOT / "train.py")))
-    result = subprocess.run(
-        [sys.executable, str(script), "preset=smoke", f"data.dir={data_dir}", "data.val_size=100",
-         "data.batch_size=32", "trainer.strategy=ddp", "trainer.devices=2", "trainer.max_time=00:00:10:00",
-         "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=2", f"hydra.run.dir={run}"],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    result = ddp_run_patched(tmp_path, data_dir, TIME_UP, "trainer.max_time=00:00:10:00", "trainer.max_epochs=2",
+                             "trainer.check_val_every_n_epoch=2", slow_record=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-4000:]
-    record = json.loads((run / "metrics.json").read_text())
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert record["status"] == "failed" and "before its first validation" in record["error"], record
     assert record["stopped_by"].startswith("stopped by trainer.max_time (00:00:10:00) at step 0 of 4")
     assert result.stderr.count("before its first validation") == 1
