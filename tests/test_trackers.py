@@ -320,6 +320,25 @@ def test_a_sweep_logs_one_run_per_job_under_an_experiment_named_after_the_sweep(
         assert {"run/config.yaml", "run/metrics.json", "run/epochs.csv"} <= artifacts
 
 
+def test_mlflows_info_lines_are_left_out_and_its_warnings_kept(make_cfg, tmp_path, monkeypatch):
+    # "2026/12/04 02:36:03 INFO mlflow.store.db.utils: Creating initial MLflow database tables...": a new local
+    # store's first lines, in MLflow's own format, nothing a user acts on.
+    import logging
+
+    from mlflow.utils.logging_utils import _configure_mlflow_loggers
+
+    from fmnist.training.trackers import _mlflow
+
+    monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)
+    mlflow_logger = logging.getLogger("mlflow")
+    monkeypatch.setattr(mlflow_logger, "handlers", list(mlflow_logger.handlers))  # put back after the test
+    monkeypatch.setattr(mlflow_logger, "level", mlflow_logger.level)
+    _mlflow(make_cfg("logger=mlflow", f"logger.mlflow_tracking_uri=sqlite:///{tmp_path / 'm.db'}"), tmp_path / "run",
+            {}, "run")
+    _configure_mlflow_loggers("mlflow")  # as `import mlflow` configures its loggers, reading the environment
+    assert mlflow_logger.getEffectiveLevel() == logging.WARNING
+
+
 def test_a_figure_is_drawn_only_for_a_tracker_that_shows_it_and_closed_after_it_is_logged(tmp_path):
     import matplotlib.pyplot as plt
     from lightning.pytorch.loggers import CSVLogger

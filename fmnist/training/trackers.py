@@ -297,6 +297,9 @@ class WandB(Tracker):
 def _mlflow(cfg: DictConfig, run_dir: Path, ids: dict, name: str) -> Logger:
     for key, value in MLFLOW_PATIENCE.items():
         os.environ.setdefault(key, value)
+    # MLflow's INFO lines ("Creating initial MLflow database tables...") come in its own format and ask nothing of
+    # a user; its warnings still show. Read when mlflow is imported, which is after this.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # its retry lines would repeat ours
     recorded = ids.get("mlflow_tracking_uri")  # a resumed run: the store it began in, where its run id is
     uri = absolute_store(cfg.logger.mlflow_tracking_uri) if cfg.logger.mlflow_tracking_uri else recorded
