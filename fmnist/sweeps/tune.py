@@ -501,11 +501,11 @@ class Search:
         except RunPruned as e:
             raise optuna.TrialPruned(str(e)) from e
         except Exception as e:
-            status = failure_of(e)[0]
+            # The message names the error's type where it is not ours (a KeyError's message is only its key).
+            status, message = failure_of(e)
             if isinstance(e, FmnistError) and status == FAILED and not isinstance(e, OutOfMemory):
                 raise  # the user's to fix (data, config): stop the study
             trial.set_user_attr("status", status)  # diverged, or out of memory at one batch size: this trial only
-            message = failure_of(e)[1]  # its type named where it is not ours (a KeyError's message is only its key)
             if not isinstance(e, FmnistError) and (run_dir / ERROR_FILE).is_file():  # a crash: where to look
                 message += f" (traceback: {run_dir / ERROR_FILE})"
             raise TrialFailed(message) from e
