@@ -137,6 +137,26 @@ def scheduler_job() -> dict | None:
     return job or None
 
 
+def process_alive(pid) -> bool:
+    """Whether process `pid` (of this machine) is running; False for no pid."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def process_gone(record: dict) -> bool:
+    """Whether the process that wrote `record` (its `host` and `pid`, from `provenance`) ran on this machine and has
+    ended. A record of another machine, or without its process, is never judged gone: it may still run."""
+    return record.get("host") == platform.node() and isinstance(record.get("pid"), int) \
+        and not process_alive(record["pid"])
+
+
 def now() -> str:
     """The time a record states: UTC, ISO 8601, to the second."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -215,13 +235,18 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
             record = {"status": UNREADABLE, "error": problem,
                       "overrides": overrides if is_text_list(overrides) else []}
         record = record or {"status": STARTED}
+        status, error = record.get("status"), record.get("error")
+        if status == RUNNING and process_gone(record):  # shown as what a rerun of the sweep makes of it
+            status, error = INTERRUPTED, (f"its process ({record['pid']}) ended without recording how: killed by "
+                                          "SIGKILL or for memory, or a DDP rank's crash took it down; the sweep command, "
+                                          "run again, resumes it from its last finished epoch")
         metrics = record.get("metrics", {})
         rows.append({
             "job": job.name, "setting": setting_of(record.get("overrides", [])), "seed": record.get("seed"),
-            "status": record.get("status"), "val_acc_best": metrics.get("val/acc_best"),
+            "status": status, "val_acc_best": metrics.get("val/acc_best"),
             "best_epoch": metrics.get("best_epoch"), "test_acc": metrics.get("test/acc"),
             "test_loss": metrics.get("test/loss"), "epochs": metrics.get("epochs"),
-            **_compute(job), **_digests(record), "git_commit": record.get("git_commit"), "error": record.get("error"),
+            **_compute(job), **_digests(record), "git_commit": record.get("git_commit"), "error": error,
         })
     return pd.DataFrame(rows, columns=COLUMNS)
 

@@ -617,6 +617,33 @@ def test_a_sweep_ends_incomplete_for_its_failures_not_for_a_job_another_process_
     assert stop.value.code == INCOMPLETE_SWEEP_EXIT_CODE
 
 
+def test_a_job_whose_process_is_gone_without_a_record_of_its_end_is_listed_interrupted(tmp_path):
+    """SIGKILL, the kernel's out-of-memory kill, or a DDP rank that took rank 0 down leave a record `running`: on this
+    machine, with its process gone, the sweep's table says `interrupted`, which is what a rerun makes of it, and the
+    sweep ends incomplete. A live process's job, or another machine's, stays `running`."""
+    import platform
+
+    from omegaconf import OmegaConf
+
+    from fmnist.results.sweep import SummarizeSweep
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    sweep = tmp_path / "sweep"
+    for seed, host, pid in ((0, platform.node(), ended.pid), (1, platform.node(), os.getpid()),
+                            (2, "another-machine", ended.pid)):
+        _fake_job(sweep, f"seed={seed}", "running", seed, None, [f"seed={seed}"])
+        path = sweep / f"seed={seed}" / "metrics.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "error": None, "host": host, "pid": pid}))
+    table = summarize(sweep).set_index("job")
+    assert table.status.to_dict() == {"seed=0": "interrupted", "seed=1": "running", "seed=2": "running"}
+    assert f"its process ({ended.pid}) ended without recording how" in table.error["seed=0"]
+    assert json.loads((sweep / "seed=0" / "metrics.json").read_text())["status"] == "running"  # read, not rewritten
+    with pytest.raises(SystemExit) as stop:
+        SummarizeSweep().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    assert stop.value.code == INCOMPLETE_SWEEP_EXIT_CODE
+
+
 def test_a_sweep_whose_summary_cannot_be_written_says_so_and_exits_2(tmpfs, capsys):
     """Hydra turns an error in a callback into a warning: a full or read-only disk would let the sweep exit 0."""
     from omegaconf import OmegaConf

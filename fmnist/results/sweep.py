@@ -295,6 +295,7 @@ class SummarizeSweep(Callback):
         print(summary_md.read_text())
         # Every job this process ran has ended by now: one still `running` belongs to another process that
         # shares the sweep directory (parallel commands into one sweep), and is its concern, not this one's.
+        # A job whose process is gone without recording its end is listed `interrupted` (`collect`).
         failed = table[~table.status.isin((COMPLETED, RUNNING))]
         for row in failed.itertuples():
             log.warning("job %s: %s %s", row.job, row.status, row.error if isinstance(row.error, str) else "")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import socket
 import time
 import warnings
@@ -16,7 +15,7 @@ import optuna
 import sqlalchemy
 
 from fmnist.errors import ConfigError
-from fmnist.runs import INTERRUPTED, METRICS_FILE, RUNNING, now, read_record, update_record
+from fmnist.runs import INTERRUPTED, METRICS_FILE, RUNNING, now, process_alive, read_record, update_record
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +121,7 @@ def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) 
     host = socket.gethostname()
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         process = trial.user_attrs.get("process") or {}
-        if process.get("host") != host or _alive(process.get("pid")):
+        if process.get("host") != host or process_alive(process.get("pid")):
             continue
         # As Optuna's own fail_stale_trials does it: a FrozenTrial's id is `_trial_id`.
         storage.set_trial_user_attr(trial._trial_id, "status", INTERRUPTED)
@@ -145,15 +144,3 @@ def record_stale_trials(study: optuna.Study) -> None:
         if (read_record(run_dir) or {}).get("status") == RUNNING:
             update_record(run_dir, status=INTERRUPTED, finished_at=now(),
                           error="its process stopped beating (heartbeat.grace_s passed); the study replaces the trial")
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
