@@ -468,6 +468,38 @@ def test_an_inference_too_large_for_memory_is_one_paragraph_naming_its_batch_siz
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("batch, lower", [(None, "--batch-size (64, the run's own evaluation batch size)"),
+                                          ("7", "--batch-size (7)")])
+def test_results_tricks_too_large_for_memory_is_one_paragraph_naming_its_batch_size(run_dir, tmp_path, capsys,
+                                                                                    monkeypatch, batch, lower):
+    from fmnist.results.__main__ import main as results_main
+
+    seen = []
+
+    def allocate_too_much(self, images, batch_size, tta="none"):
+        seen.append(batch_size)
+        return torch.empty(1 << 62, dtype=torch.uint8)  # the CPU allocator's own refusal
+
+    monkeypatch.setattr(LoadedModel, "logits_batched", allocate_too_much)
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "seed=0").symlink_to(run_dir)
+    assert results_main(["tricks", str(tmp_path / "sweep"), *(["--batch-size", batch] if batch else [])]) == 2
+    assert seen == [int(batch or 64)]
+    assert capsys.readouterr().err.splitlines()[-1] == ("error: this machine ran out of memory (an allocation of "
+                                                        f"4.00 EiB failed): lower {lower}.")
+
+
+@pytest.mark.parametrize("given, words", [(["outputs", "--batch-size", "0"], "'0': expected a whole number of 1 or more"),
+                                          (["outputs", "--batch-size", "x"], "'x': expected a whole number of 1 or more"),
+                                          (["--batch-size", "8", "--from-csv", "t.csv"], "--from-csv evaluates nothing")])
+def test_results_tricks_refuses_a_batch_size_it_cannot_use(given, words, capsys):
+    from fmnist.results.__main__ import main as results_main
+
+    with pytest.raises(SystemExit) as stop:
+        results_main(["tricks", *given])
+    assert stop.value.code == 2 and words in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("stop,code,words", [(KeyboardInterrupt, 130, "Ctrl-C"), (Terminated, 143, "SIGTERM")])
 def test_an_export_stopped_inside_the_exporter_is_a_stop_not_a_crash(run_dir, tmp_path, run_in_process, monkeypatch,
                                                                      stop, code, words):

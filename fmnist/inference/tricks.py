@@ -17,17 +17,21 @@ from fmnist.config import TTA_MODES
 from fmnist.data.csv_io import csv_digest
 from fmnist.data.sources import find_csv
 from fmnist.errors import CheckpointError, ConfigError
+from fmnist.hardware import memory_errors
 from fmnist.inference.loading import best_in_run, load_model, net_state, training_datamodule, weights_error
 from fmnist.runs import (COMPLETED, CONFIG_FILE, METRICS_FILE, TRICKS_COLUMNS, check_one_job_per_seed, collect,
                          short_digest)
 
 
-def validation_accuracies(run_dir: Path, data_dir: str | Path | None = None) -> dict[tuple[str, str], float]:
-    """{(weights, tta): validation accuracy} of the run's best checkpoint; weights: `raw`, and `ema` when averaged."""
+def validation_accuracies(run_dir: Path, data_dir: str | Path | None = None,
+                          batch_size: int | None = None) -> dict[tuple[str, str], float]:
+    """{(weights, tta): validation accuracy} of the run's best checkpoint; weights: `raw`, and `ema` when averaged.
+    `batch_size`: images per evaluation batch (by default the run's own evaluation batch size)."""
     path = best_in_run(run_dir)
     loaded = load_model(path)
     images, labels = training_datamodule(loaded.data, data_dir).splits["val"]
-    batch = loaded.eval_batch_size
+    batch = batch_size or loaded.eval_batch_size
+    whose = "" if batch_size else ", the run's own evaluation batch size"
     raw = loaded.raw_weights
     # load_model gave the checkpoint's `state_dict`: the average when the run had EMA, else the raw weights.
     weight_sets = [("ema", None), ("raw", raw)] if raw is not None else [("raw", None)]
@@ -39,7 +43,8 @@ def validation_accuracies(run_dir: Path, data_dir: str | Path | None = None) -> 
             except RuntimeError as e:
                 raise CheckpointError(f"{path}: its raw weights do not fit its model: {weights_error(e)}") from e
         for tta in TTA_MODES:
-            logits = loaded.logits_batched(images, batch, tta=tta)
+            with memory_errors(f"lower --batch-size ({batch}{whose})"):
+                logits = loaded.logits_batched(images, batch, tta=tta)
             results[(name, tta)] = float((logits.argmax(1) == labels).float().mean())
     return results
 
@@ -64,9 +69,10 @@ def check_same_training_data(jobs: pd.DataFrame, data_dir: Path | None) -> None:
                               "was evaluated. Give the directory holding the runs' own data (--data-dir).")
 
 
-def compare(sweep_dirs: list[Path], data_dir: str | Path | None = None) -> pd.DataFrame:
+def compare(sweep_dirs: list[Path], data_dir: str | Path | None = None, batch_size: int | None = None) -> pd.DataFrame:
     """One row per (weights, tta): validation accuracy mean, std and n over the completed runs, and the paired
-    change against raw weights without TTA (mean and std of the per-run differences)."""
+    change against raw weights without TTA (mean and std of the per-run differences). `batch_size`: images per
+    evaluation batch (by default each run's own)."""
     pooled = []
     for sweep in sweep_dirs:
         jobs = collect(sweep)
@@ -81,7 +87,7 @@ def compare(sweep_dirs: list[Path], data_dir: str | Path | None = None) -> pd.Da
     check_same_training_data(pooled, None if data_dir is None else Path(data_dir))
     rows = []
     for run in pooled.job:
-        for (weights, tta), acc in validation_accuracies(run, data_dir).items():
+        for (weights, tta), acc in validation_accuracies(run, data_dir, batch_size).items():
             rows.append({"run": str(run.resolve()), "weights": weights, "tta": tta, "val_acc": acc})
     runs = pd.DataFrame(rows)
     base = runs[(runs.weights == "raw") & (runs.tta == "none")].set_index("run").val_acc

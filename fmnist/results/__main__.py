@@ -47,6 +47,17 @@ def sweep_dir(text: str) -> Path:
     return path
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of 1 or more (a batch size)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of 1 or more")
+    return value
+
+
 def check_given_once(dirs: list) -> None:
     """ConfigError for a directory given twice (under one name or two): its runs would count twice."""
     seen: dict[Path, str] = {}
@@ -109,7 +120,7 @@ def tricks(args) -> None:
         check_writable(args.csv.parent, key="--csv")
     from fmnist.inference.tricks import compare
 
-    table = compare(args.dirs, args.data_dir)
+    table = compare(args.dirs, args.data_dir, args.batch_size)
     if args.csv:
         with atomic_output(args.csv, replace=False) as tmp:
             table.to_csv(tmp, index=False)
@@ -174,6 +185,8 @@ def parser() -> argparse.ArgumentParser:
                              help="render a table that `tricks --csv FILE` wrote, instead of evaluating DIRs")
             sub.add_argument("--data-dir", type=path_argument, help="where the training CSV is, if not where the runs were trained")
             sub.add_argument("--csv", type=path_argument, help="also write the table here")
+            sub.add_argument("--batch-size", type=positive_int, metavar="N",
+                             help="images per evaluation batch (default: each run's own evaluation batch size)")
     return top
 
 
@@ -186,6 +199,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.verb == "tricks" and bool(args.dirs) == bool(args.from_csv):
         main_parser.error("tricks takes sweep directories, or --from-csv FILE: "
                           + ("not both" if args.dirs else "give one of them"))
+    if args.verb == "tricks" and args.from_csv and args.batch_size:
+        main_parser.error("tricks --batch-size sizes an evaluation, and --from-csv evaluates nothing: give one of them")
     return args
 
 
