@@ -133,12 +133,15 @@ def device_kind(accelerator: str) -> str:
 # ("MPS backend out of memory (...). Tried to allocate 9.19 MiB on private pool."), and a CUDA call that allocates
 # outside torch's caching allocator (a cuBLAS handle, the context: "CUDA error: out of memory").
 GPU_OUT_OF_MEMORY = ("MPS backend out of memory", "CUDA error: out of memory")
+# onnxruntime's refusal (its own exception class, `Fail`, not a RuntimeError), in bytes: "... BFCArena::
+# AllocateRawInternal(...) Failed to allocate memory for requested buffer of size 6021120000"
+ONNXRUNTIME_OUT_OF_MEMORY = "Failed to allocate memory for requested buffer of size"
 
 
 def _memory_refused(error: BaseException) -> tuple[str, str] | None:
     """Which memory ran out ("the GPU", "this machine") and the size of the allocation that failed ("5.14 GiB"; ""
     where `error` does not say), if `error` is running out of memory: CUDA's OutOfMemoryError, the MPS or CUDA
-    refusals above, the CPU allocator's refusal, numpy's MemoryError; None for any other error."""
+    refusals above, the CPU allocator's refusal, numpy's MemoryError, onnxruntime's; None for any other error."""
     text = str(error)
     gpu = isinstance(error, torch.OutOfMemoryError) or (isinstance(error, RuntimeError)
                                                         and any(words in text for words in GPU_OUT_OF_MEMORY))
@@ -148,15 +151,18 @@ def _memory_refused(error: BaseException) -> tuple[str, str] | None:
         return "the GPU" if gpu else "this machine", f"{found.group(1)} {found.group(2)}" if found else ""
     if isinstance(error, RuntimeError) and "can't allocate memory" in text:  # torch's CPU allocator, in bytes
         found = re.search(r"allocate (\d+) bytes", text)
-        if not found:
-            return "this machine", ""
-        size, unit = float(found.group(1)), "bytes"
-        for larger in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
-            if size < 1024:
-                break
-            size, unit = size / 1024, larger
-        return "this machine", f"{size:.2f} {unit}"
-    return None
+    elif type(error).__module__.startswith("onnxruntime") and ONNXRUNTIME_OUT_OF_MEMORY in text:
+        found = re.search(rf"{ONNXRUNTIME_OUT_OF_MEMORY} (\d+)", text)
+    else:
+        return None
+    if not found:
+        return "this machine", ""
+    size, unit = float(found.group(1)), "bytes"
+    for larger in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, larger
+    return "this machine", f"{size:.2f} {unit}"
 
 
 @contextmanager
@@ -166,7 +172,7 @@ def memory_errors(advice: str):
     process for memory instead, exit 137, nothing in the process can say so: docs/troubleshooting.md does.)"""
     try:
         yield
-    except (RuntimeError, MemoryError) as e:
+    except Exception as e:  # onnxruntime's refusal is not a RuntimeError
         refused = _memory_refused(e)
         if refused is None:
             raise

@@ -497,6 +497,19 @@ MPS_OOM = ("MPS backend out of memory (MPS allocated: 17.90 GiB, other allocatio
            "18.13 GiB). Tried to allocate 9.19 MiB on private pool. Use PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0 to "
            "disable upper limit for memory allocations (may cause system failure).")
 NUMPY_OOM = "Unable to allocate 931. GiB for an array with shape (1000000000000,) and data type uint8"  # 3 digits
+# onnxruntime's, as its CPU arena raises it for a batch of 60,000 images under a 3 GB address-space limit
+ONNXRUNTIME_OOM = ("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Conv node. Name:"
+                   "'relu_nchwc' Status Message: /onnxruntime_src/onnxruntime/core/framework/bfc_arena.cc:360 void* "
+                   "onnxruntime::BFCArena::AllocateRawInternal(size_t, bool, onnxruntime::Stream*) Failed to allocate "
+                   "memory for requested buffer of size 6021120000")
+
+
+def onnxruntime_fail(message: str) -> Exception:
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    return Fail(message)
+
+
 CUDA_CALL_OOM = ("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported at some other API "
                  "call, so the stacktrace below might be incorrect.")
 
@@ -511,6 +524,8 @@ CUDA_CALL_OOM = ("CUDA error: out of memory\nCUDA kernel errors might be asynchr
     (lambda: (_ for _ in ()).throw(RuntimeError(CUDA_CALL_OOM)), "the GPU ran out of memory"),
     (lambda: (_ for _ in ()).throw(MemoryError(NUMPY_OOM)),
      "this machine ran out of memory (an allocation of 931 GiB failed)"),
+    (lambda: (_ for _ in ()).throw(onnxruntime_fail(ONNXRUNTIME_OOM)),
+     "this machine ran out of memory (an allocation of 5.61 GiB failed)"),
 ])
 def test_running_out_of_memory_is_one_paragraph_naming_what_to_lower(allocate, expected):
     with pytest.raises(OutOfMemory) as refused:
@@ -523,6 +538,9 @@ def test_other_runtime_errors_pass_through_memory_errors_as_they_were():
     with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
         with hardware.memory_errors("lower data.batch_size (256)"):
             torch.ones(2, 3) @ torch.ones(2, 3)
+    with pytest.raises(ValueError, match=ONNXRUNTIME_OOM.split(" : ")[-1][:40]):  # the words, in another library's error
+        with hardware.memory_errors("lower data.batch_size (256)"):
+            raise ValueError(ONNXRUNTIME_OOM)
 
 
 def test_measure_out_of_memory_at_its_batch_size_is_one_paragraph_and_caches_nothing(monkeypatch, capsys):

@@ -489,6 +489,25 @@ def test_results_tricks_too_large_for_memory_is_one_paragraph_naming_its_batch_s
                                                         f"4.00 EiB failed): lower {lower}.")
 
 
+def test_export_whose_onnxruntime_check_runs_out_of_memory_is_one_paragraph(run_dir, tmp_path, run_in_process,
+                                                                            monkeypatch):
+    import onnxruntime
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    from tests.test_hardware import ONNXRUNTIME_OOM
+
+    def refused(self, *args, **kwargs):
+        raise Fail(ONNXRUNTIME_OOM)  # its own exception class, not a RuntimeError
+
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", refused)
+    result = run_in_process("export.py", f"ckpt={run_dir}", f"out={tmp_path / 'model.onnx'}", "data.batch_size=9")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1] == ("error: this machine ran out of memory (an allocation of 5.61 GiB "
+                                              "failed): lower data.batch_size (9), the batches that check the exported "
+                                              "model."), result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("given, words", [(["outputs", "--batch-size", "0"], "'0': expected a whole number of 1 or more"),
                                           (["outputs", "--batch-size", "x"], "'x': expected a whole number of 1 or more"),
                                           (["--batch-size", "8", "--from-csv", "t.csv"], "--from-csv evaluates nothing")])

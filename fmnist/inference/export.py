@@ -152,7 +152,9 @@ def compare(loaded: LoadedModel, onnx_path: Path, images: np.ndarray, batch_size
     """onnxruntime on the file against the PyTorch model (as evaluate runs it) on uint8 images [N, 28, 28]."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # fatal only: an error comes out as the exception, said once (memory_errors)
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     x = np.ascontiguousarray(images.reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE), dtype=np.uint8)
     ours = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: x[i:i + batch_size]})[0]
                            for i in range(0, len(x), batch_size)])
