@@ -269,7 +269,8 @@ def test_predict_cli_reports_a_corrupt_png_and_goes_on(run_dir, tmp_path, run_in
 def test_inputs_that_all_fail_say_none_was_predicted(run_dir, tmp_path, run_in_process):
     result = run_in_process("predict.py", f"ckpt={run_dir}", "inputs=/dev/null", f"out={tmp_path}/p.csv")
     assert result.returncode == 2 and "1 of 1 inputs could not be used" in result.stderr
-    assert f"None was predicted; {tmp_path}/p.csv lists each error." in result.stderr and "The other 0" not in result.stderr
+    assert f"None was predicted; {tmp_path}/p.csv lists each error. With the inputs fixed, add overwrite=true to " \
+           "write over it." in result.stderr and "The other 0" not in result.stderr
     assert '/dev/null,,,,,,,,,"not a regular file' in (tmp_path / "p.csv").read_text()  # the error, in its row
 
 

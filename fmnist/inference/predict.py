@@ -140,7 +140,10 @@ def predict(cfg: DictConfig) -> list[dict]:
                            + "; ".join(f"{r['input']}: {r['error']}" for r in failed[:3])
                            + ("; ..." if len(failed) > 3 else "") + "). "
                            + (f"The other {predicted} were predicted{written}." if predicted else
-                              f"None was predicted{f'; {cfg.out} lists each error' if cfg.out else ''}."))
+                              f"None was predicted{f'; {cfg.out} lists each error' if cfg.out else ''}.")
+                           # out= is never replaced without overwrite=true: the corrected command needs it
+                           + (" With the inputs fixed, add overwrite=true to write over it."
+                              if cfg.out and not cfg.overwrite else ""))
     return rows
 
 
