@@ -122,6 +122,17 @@ def test_an_added_key_that_nothing_reads_is_refused_by_every_command(tmp_path, r
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("where", [[], ["hydra.run.dir=outputs/mistyped"]])
+def test_resuming_where_there_is_no_run_is_refused_instead_of_starting_a_new_one(tmp_path, data_dir, run_in_process,
+                                                                                 where):
+    # Without hydra.run.dir the run's directory is a new one (time and process id): nothing there to resume.
+    result = run_in_process("train.py", *FAST, f"data.dir={data_dir}", "ckpt_path=last", *where, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert re.search(r"error: ckpt_path=last continues a stopped run in its own directory, and \S*outputs/\S+ holds "
+                     r"none .* Add hydra.run.dir=DIR naming the stopped run's directory", result.stderr.splitlines()[-1])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_sweep_into_a_directory_of_ones_own_files_is_refused(tmp_path, data_dir, run_in_process):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "summary.md").write_text("my notes")

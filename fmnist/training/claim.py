@@ -96,10 +96,11 @@ def _files_no_run_wrote(run_dir: Path) -> list[str]:
     return [name for name in entries if not any(fnmatch.fnmatch(name, p) for p in WRITTEN_BEFORE_RECORD)]
 
 
-def _check_run_dir(cfg: DictConfig, run_dir: Path, elsewhere: str = OTHER_RUN_DIR) -> tuple[bool, dict]:
-    """Refuse to write into another run's directory, or into one holding files no run wrote; return whether the run
-    resumes from last.ckpt, and the config it was saved with, flattened (empty for a new run). `elsewhere`: the
-    keys that choose another directory, for the messages."""
+def _check_run_dir(cfg: DictConfig, run_dir: Path, elsewhere: str = OTHER_RUN_DIR,
+                   in_sweep: bool = False) -> tuple[bool, dict]:
+    """Refuse to write into another run's directory, or into one holding files no run wrote, or to resume a single run
+    where there is none; return whether the run resumes from last.ckpt, and the config it was saved with, flattened
+    (empty for a new run). `elsewhere`: the keys that choose another directory, for the messages."""
     record = read_record(run_dir)
     status = (record or {}).get("status")
     last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
@@ -113,6 +114,14 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path, elsewhere: str = OTHER_RUN_DI
         raise RunDirInUse(f"{run_dir} holds files that no run wrote ({some_names(foreign)}); a run is written into a new or "
                           "empty directory, so that nothing of yours is replaced; nothing was written. Choose "
                           f"another directory ({elsewhere}).")
+    if cfg.ckpt_path == "last" and not in_sweep and not holds_a_run and not saved.exists():
+        # A single run's new directory (Hydra's default, or a mistyped one): nothing of a run to continue. A sweep
+        # resumes its jobs by itself, and one of its jobs not started yet starts from its first epoch.
+        raise ConfigError(f"ckpt_path=last continues a stopped run in its own directory, and {run_dir} holds none (no "
+                          f"{METRICS_FILE}, {CONFIG_FILE} or {CHECKPOINT_DIR}/{LAST_CHECKPOINT}); nothing was "
+                          f"written. Add {RUN_DIR_KEY}=DIR naming the stopped run's directory (the resume command in "
+                          f"its {METRICS_FILE}, also printed when it stopped, has both), or leave out ckpt_path=last "
+                          "to start a new run.")
     if cfg.ckpt_path != "last":
         if holds_a_run:
             raise RunDirInUse(f"{run_dir} already holds a run (status {status!r}); "
@@ -204,7 +213,7 @@ def claimed(cfg: DictConfig, run_dir: Path, in_sweep: bool = False):
         return
     elsewhere = OTHER_SWEEP_DIR if in_sweep else OTHER_RUN_DIR
     with own_run_dir(run_dir, elsewhere):
-        resume, saved = _check_run_dir(cfg, run_dir, elsewhere)
+        resume, saved = _check_run_dir(cfg, run_dir, elsewhere, in_sweep)
         check_writable(run_dir, key=SWEEP_DIR_KEY if in_sweep else RUN_DIR_KEY)
         check_data(cfg)
         if resume:
