@@ -205,14 +205,18 @@ def name_items(name: str) -> list[str]:
     return _NAME_ITEM_START.split(name)
 
 
+DEFAULTS_JOB = "defaults"  # the directory of a sweep's job that no computing override names (`-m preset=smoke`)
+
+
 def sweep_job_dirname(sweep_dir: str, overrides: list[str]) -> str:
     """A sweep job's directory under `sweep_dir` (`hydra.sweep.subdir`): `job_name`, unless the sweep
     directory already has this job under the same overrides in another order (a job of an earlier sweep
     that varied other keys, or one named before names led with the swept keys), so that running a sweep
-    again still skips its finished jobs and resumes the others in place."""
+    again still skips its finished jobs and resumes the others in place. A job without a name is `DEFAULTS_JOB`:
+    a sweep's directory holds its jobs' directories, never a job itself."""
     items = sorted(computing_overrides(list(overrides)))
-    name = job_name(items, swept_keys(Path(sweep_dir)))
-    if not name or (Path(sweep_dir) / name).is_dir():
+    name = job_name(items, swept_keys(Path(sweep_dir))) or DEFAULTS_JOB
+    if not items or (Path(sweep_dir) / name).is_dir():
         return name
     for existing in Path(sweep_dir).glob("*/"):
         if len(existing.name) == len(name) and sorted(name_items(existing.name)) == items:

@@ -349,7 +349,21 @@ def test_a_sweep_job_is_named_by_its_swept_keys_first_and_keeps_an_earlier_sweep
     (tmp_path / "seed=1,data.train_subset=5000,model.widths=[8,16],model=simple,optim.lr=0.01").mkdir()
     (tmp_path / "seed=1,data.train_subset=500,model.widths=[8,16],model=simple,optim.lr=0.01x").mkdir()  # another job
     assert sweep_job_dirname(str(tmp_path), job) == "seed=1,data.train_subset=5000,model.widths=[8,16],model=simple,optim.lr=0.01"
-    assert sweep_job_dirname(str(tmp_path), ["data.dir=/data"]) == ""  # only placement keys: the sweep directory itself
+    assert sweep_job_dirname(str(tmp_path), ["data.dir=/data"]) == "defaults"  # only placement keys: a directory still
+
+
+def test_a_sweep_that_names_no_computing_key_keeps_its_job_in_a_directory_of_its_own(tmp_path, data_dir,
+                                                                                    run_in_process):
+    # Its experiment (a placement key, as data.dir is) sizes the run to the test's small CSVs.
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "tiny.yaml").write_text(
+        "# @package _global_\ndata:\n  val_size: 100\n")
+    result = run_in_process("train.py", "-m", "--config-dir", str(tmp_path / "conf"), "experiment=tiny", "preset=smoke",
+                            f"data.dir={data_dir}", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = summarize(tmp_path / "sweep")
+    assert list(table.job) == ["defaults"] and list(table.status) == ["completed"]
+    assert "Jobs: 1 completed." in (tmp_path / "sweep" / "summary.md").read_text()
 
 
 def test_summary_ranks_settings_by_validation_not_test(tmp_path):
