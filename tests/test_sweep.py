@@ -352,6 +352,11 @@ def test_a_sweep_job_is_named_by_its_swept_keys_first_and_keeps_an_earlier_sweep
     assert sweep_job_dirname(str(tmp_path), ["data.dir=/data"]) == "defaults"  # only placement keys: a directory still
 
 
+def test_a_summary_of_no_jobs_says_none(tmp_path):
+    summarize(tmp_path)  # a sweep whose every job was refused before its directory was made
+    assert "Jobs: none." in (tmp_path / "summary.md").read_text()
+
+
 def test_a_sweep_that_names_no_computing_key_keeps_its_job_in_a_directory_of_its_own(tmp_path, data_dir,
                                                                                     run_in_process):
     # Its experiment (a placement key, as data.dir is) sizes the run to the test's small CSVs.

@@ -64,7 +64,7 @@ def _markdown(table: pd.DataFrame, stats: pd.DataFrame, title: str) -> str:
                      f"| {pm('test_loss', 1, 4)} | {s[('train_seconds', 'mean')]:.0f} |")
     lines += ["", INTERVAL_NOTE + " Settings are ordered by validation accuracy; the test set never ranks."]
     counts = table.status.value_counts().to_dict()
-    lines += ["", "Jobs: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + "."]
+    lines += ["", "Jobs: " + (", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "none") + "."]
     commits = sorted(table.git_commit.dropna().unique())
     if len(commits) > 1:  # not a refusal: code changes that do not change results are common
         lines += ["", f"Warning: the jobs ran on different code (git commits {', '.join(commits)})."]
