@@ -167,6 +167,8 @@ def test_a_pruned_trial_stops_after_its_first_report_and_is_recorded(tmp_path, d
      "data.augment.hflip=false data.augment.flip_alternate=true, which a trial "
      "may sample: config key data.augment.flip_alternate must be false unless data.augment.hflip is true"),
     (["study=x", "trainer=ddp"], "tune.py trains each trial in its own process on one device"),
+    (["study=x", "ckpt_path=last"], "ckpt_path=last resumes one run of train.py; every trial of a study trains in a new "
+                                    "directory"),
     (["study=x", "optim.lr=0.5"], "the train override optim.lr=0.5 sets optim.lr, which the search space samples "
                                   "(space.lr): every trial would replace it"),
     (["study=x", "data.dir=/nonexistent"], "fashion-mnist_train.csv: file not found"),

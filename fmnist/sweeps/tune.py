@@ -340,6 +340,10 @@ class Search:
                                   f"override to search {spec.key}, or drop the search (~space.{name}) to fix it.")
         base = self._base_config()
         refuse_unknown_keys(base, self.train_overrides)  # `+optim.lrr=1`: as train.py refuses it
+        if base.ckpt_path is not None:  # train.py would refuse it in the first trial, naming a key tune.py lacks
+            raise ConfigError(f"ckpt_path={base.ckpt_path} resumes one run of train.py; every trial of a study trains "
+                              "in a new directory, and the study continues by itself when this command is run again "
+                              "(a stopped trial is replaced). Drop ckpt_path.")
         check_config(base)
         self._check_placement(base)
         split_csvs(base.data.dir)
