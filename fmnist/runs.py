@@ -236,10 +236,11 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
                       "overrides": overrides if is_text_list(overrides) else []}
         record = record or {"status": STARTED}
         status, error = record.get("status"), record.get("error")
-        if status == RUNNING and process_gone(record):  # shown as what a rerun of the sweep makes of it
+        if status == RUNNING and process_gone(record):  # shown as what a rerun of the sweep or study makes of it
+            rerun = ("tune.py, run again, replaces the trial" if job.name.startswith(TRIAL_DIR_PREFIX) else
+                     "the sweep command, run again, resumes it from its last finished epoch")
             status, error = INTERRUPTED, (f"its process ({record['pid']}) ended without recording how: killed by "
-                                          "SIGKILL or for memory, or a DDP rank's crash took it down; the sweep command, "
-                                          "run again, resumes it from its last finished epoch")
+                                          f"SIGKILL or for memory, or a DDP rank's crash took it down; {rerun}")
         metrics = record.get("metrics", {})
         rows.append({
             "job": job.name, "setting": setting_of(record.get("overrides", [])), "seed": record.get("seed"),

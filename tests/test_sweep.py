@@ -663,6 +663,20 @@ def test_a_job_whose_process_is_gone_without_a_record_of_its_end_is_listed_inter
     assert stop.value.code == INCOMPLETE_SWEEP_EXIT_CODE
 
 
+def test_a_trial_whose_process_is_gone_is_listed_as_one_the_study_replaces(tmp_path):
+    """tune.py never resumes a trial: run again, it records the trial interrupted and trains another."""
+    import platform
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    _fake_job(tmp_path, "trial-0000", "running", 0, None, ["optim.lr=0.01"])
+    path = tmp_path / "trial-0000" / "metrics.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "error": None, "host": platform.node(),
+                                "pid": ended.pid}))
+    error = summarize(tmp_path).set_index("job").error["trial-0000"]
+    assert error.endswith("tune.py, run again, replaces the trial") and "resumes" not in error
+
+
 def test_a_sweep_whose_summary_cannot_be_written_says_so_and_exits_2(tmpfs, capsys):
     """Hydra turns an error in a callback into a warning: a full or read-only disk would let the sweep exit 0."""
     from omegaconf import OmegaConf
