@@ -57,7 +57,12 @@ def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR, replace: bool
     check_name("--name", name, names=f"the shipped files in {out_dir}")
     if name.startswith("."):
         raise ConfigError(f"--name {name}: a name starting with '.' would ship hidden files; give a plain name.")
-    shipped = [out_dir / f"{name}{suffix}" for suffix in (".ckpt", ".onnx", ".md") if (out_dir / f"{name}{suffix}").exists()]
+    targets = [out_dir / f"{name}{suffix}" for suffix in (".ckpt", ".onnx", ".md")]
+    for target in targets:  # refused before the test set is scored: only a shipped file is ever replaced
+        if (target.exists() or target.is_symlink()) and not (target.is_file() and not target.is_symlink()):
+            raise ConfigError(f"--name {name}: {target} is {'a directory' if target.is_dir() else 'not a plain file'}, "
+                              "not a shipped file; nothing was written. Move it away or give another --name.")
+    shipped = [target for target in targets if target.exists()]
     if shipped and not replace:
         raise ConfigError(f"--name {name}: {shipped[0]} is already shipped; nothing was written. Give another --name, "
                           "or --replace to ship this run in its place.")
@@ -111,11 +116,33 @@ def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR, replace: bool
             final = {p: out_dir / p.name for p in (ckpt, onnx, card)}
             atomic_write(card, card_text(name, record, loaded.model, loaded.tta, accuracy, recorded, ckpt, onnx, run_dir,
                                          len(labels)))
-            for staged, target in final.items():
-                os.replace(staged, target)
+            move_into_place(final, staging)
             return final[card]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def move_into_place(final: dict[Path, Path], staging: Path) -> None:
+    """Move each staged file onto its target, all or none: the files a model replaces are moved into `staging`
+    first, and put back if any move fails (a card that cannot be replaced would otherwise describe the files of
+    another run)."""
+    kept: dict[Path, Path] = {}
+    placed: list[Path] = []
+    try:
+        for target in final.values():
+            if target.exists():
+                kept[target] = staging / f".replaced-{target.name}"
+                os.replace(target, kept[target])
+        for staged, target in final.items():
+            os.replace(staged, target)
+            placed.append(target)
+    except BaseException:
+        for target in placed:
+            target.unlink(missing_ok=True)
+        for target, old in kept.items():
+            if old.exists():
+                os.replace(old, target)
+        raise
 
 
 @contextmanager

@@ -731,6 +731,37 @@ def test_a_shipped_model_loads_as_ckpt_pretrained_and_reproduces_its_run(run_dir
 
 
 @pytest.mark.slow
+def test_a_shipped_model_is_replaced_whole_or_not_at_all(run_dir, tmp_path, monkeypatch):
+    import errno
+
+    ship_model = import_script("ship_model")
+    (tmp_path / "tiny.md").mkdir()  # in the way of the card: refused before the test set is scored
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'tiny.md'} is a directory, not a shipped file; "
+                                                    "nothing was written")):
+        ship_model.ship(run_dir, "tiny", out_dir=tmp_path, replace=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.md"]
+    (tmp_path / "tiny.md").rmdir()
+    for suffix in (".ckpt", ".onnx", ".md"):  # another run's model, shipped before
+        (tmp_path / f"tiny{suffix}").write_bytes(f"the model shipped before{suffix}".encode())
+    before = snapshot(tmp_path)
+    real_replace = os.replace
+
+    def replace(src, dst):  # the card cannot be replaced (an immutable file, a directory without write permission)
+        if tmp_path / "tiny.md" in (Path(src), Path(dst)):
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(src))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ship_model.os, "replace", replace)
+    with pytest.raises(StorageError, match=re.escape(f"cannot write {tmp_path / 'tiny.md'}: permission denied")):
+        ship_model.ship(run_dir, "tiny", out_dir=tmp_path, replace=True)
+    assert snapshot(tmp_path) == before  # not a new checkpoint and ONNX file under the old card
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.ckpt", "tiny.md", "tiny.onnx"]  # no staging left
+    monkeypatch.setattr(ship_model.os, "replace", real_replace)
+    card = ship_model.ship(run_dir, "tiny", out_dir=tmp_path, replace=True).read_text()
+    assert all(f"`{file_digest(tmp_path / name, 'sha256')}`" in card for name in ("tiny.ckpt", "tiny.onnx"))
+
+
+@pytest.mark.slow
 def test_shipping_to_a_full_or_read_only_disk_is_one_paragraph_naming_the_shipped_file(run_dir, tmpfs):
     ship_model = import_script("ship_model")
     # No room for the checkpoint (torch.save says so as a RuntimeError); room for it but not for the ONNX file
