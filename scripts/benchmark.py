@@ -235,6 +235,13 @@ def check_inputs(args) -> None:
     """Before any timing: the CSV to append to is new or one this script wrote, every model exists, every batch
     size and count is at least 1, the accelerator is one this machine has, each precision is one both loops
     run alike, and the data are readable with room for the validation split."""
+    if args.infer:  # onnxruntime is one of the two runtimes timed: its absence named here, not as an ImportError
+        from fmnist.inference.export import require_packages
+
+        try:
+            require_packages()
+        except ConfigError as e:
+            raise ConfigError(f"--infer times the model exported to ONNX under onnxruntime; {e}") from None
     given = [option for option, value in (("--ckpt", args.ckpt), ("--threads", args.threads)) if value is not None]
     if given and not args.infer:  # else ignored: training would be timed, of an untrained model, with torch's threads
         raise ConfigError(f"{' and '.join(given)} time inference, which --infer measures; add --infer, or drop "
@@ -392,12 +399,12 @@ def infer_benchmark(args) -> None:
     import tempfile
 
     import numpy as np
-    import onnxruntime as ort
 
     from fmnist.inference.export import INPUT_NAME, require_packages, to_onnx
     from fmnist.inference.loading import LoadedModel, load_model
 
     require_packages()
+    import onnxruntime as ort
     if args.threads:
         torch.set_num_threads(args.threads)
     hardware = describe()

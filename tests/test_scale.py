@@ -259,6 +259,15 @@ def test_benchmark_refuses_an_out_it_did_not_write_and_a_bad_model_before_timing
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([damaged.name, victim.name])
 
 
+def test_benchmark_infer_without_onnxruntime_is_one_paragraph_before_timing(tmp_path, run_in_process, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `pip install -e .` without the export extra
+    result = run_in_process("scripts/benchmark.py", "--infer", "--out", str(tmp_path / "b.csv"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "hardware:" not in result.stdout
+    assert "--infer times the model exported to ONNX under onnxruntime; export needs the optional packages " \
+           'onnxruntime: install them with pip install -e ".[export]"' in result.stderr, result.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_benchmark_refuses_an_out_it_cannot_write_before_timing(data_dir, run_in_process, tmpfs):
     read_only = tmpfs("ro,size=8k")  # the rows would be lost after the whole benchmark
     result = run_in_process("scripts/benchmark.py", "--data-dir", str(data_dir), "--models", "simple",
