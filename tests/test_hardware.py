@@ -299,6 +299,18 @@ def test_the_command_shows_measures_and_clears_the_cached_verdicts(monkeypatch, 
     assert "precision.json: it is a directory; expected the verdicts file" in capsys.readouterr().err
 
 
+def test_measure_into_a_cache_directory_that_takes_no_file_is_refused_before_probing(monkeypatch, capsys, tmpfs):
+    measure, calls = fake_probe(10, 5)
+    monkeypatch.setattr(auto, "probe", measure)
+    read_only = tmpfs("ro,size=8k")  # the verdict would be measured, then not kept, and the command end with 0
+    for cache_dir in (read_only, read_only / "fmnist"):  # the directory, or the nearest one above it that exists
+        monkeypatch.setenv("FMNIST_CACHE_DIR", str(cache_dir))
+        assert auto.main(["measure", "model=simple", "data.batch_size=32", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot write {read_only}: the file system is read-only" in err and "(FMNIST_CACHE_DIR=...)" in err
+    assert calls == [] and list(read_only.iterdir()) == []
+
+
 def test_a_damaged_cached_verdict_is_measured_again_not_a_crash(monkeypatch, capsys):
     cpu_with_bf16(monkeypatch, True)
     measure, calls = fake_probe(10, 5)

@@ -43,7 +43,7 @@ from omegaconf import OmegaConf
 
 from fmnist import IMAGE_SIDE, NUM_CLASSES, hardware
 from fmnist.errors import ConfigError
-from fmnist.fsio import atomic_write, exclusive_lock, not_a_file, storage_errors
+from fmnist.fsio import atomic_write, check_folder_can_hold, exclusive_lock, not_a_file, storage_errors
 from fmnist.models import INIT_ONLY_KEYS, build_model
 
 log = logging.getLogger(__name__)
@@ -364,6 +364,8 @@ def _measure(path: Path, cache: _Cache, overrides: list[str], device: str | None
         raise ConfigError(f"{path}: {cache.problem}; expected the verdicts file, which `measure` rewrites "
                           f"(FMNIST_CACHE_DIR names its directory). Nothing was measured or written; "
                           f"{cache.fix}.")
+    # Nor on one whose directory takes no file (read-only, no permission): it would be probed, then not kept.
+    check_folder_can_hold(path.parent, "FMNIST_CACHE_DIR", path, "name a directory (FMNIST_CACHE_DIR) for it.")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: this machine's torch sees no CUDA GPU; measure with --device cpu.")
     cfg = compose_train(*overrides)
