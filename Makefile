@@ -4,12 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DATA ?= data
-# DATA as one shell word and one Hydra value: a path with spaces, `=`, `,`, brackets or a ' stays whole.
+# DATA as one shell word and one Hydra value: a path with spaces, `=`, `,`, brackets, quotes, `$` or a backquote
+# stays whole. Taken as written (`$(value ...)`: make expands no `$` in it) and single-quoted for the shell, which
+# then expands nothing either: `DATA='x$y'` names the directory x$y, not x.
 # Quoted for Hydra only where it needs it, so that a run's overrides and resume command keep `data.dir=data`.
-DATA_ARG = "$(DATA)"
+shell_quote = '$(subst ','\'',$(1))'
+DATA_RAW = $(value DATA)
+DATA_ARG = $(call shell_quote,$(DATA_RAW))
 comma := ,
-DATA_NEEDS_QUOTES = $(or $(word 2,$(DATA)),$(foreach c,$(comma) = [ ] { } ( ) ' ",$(findstring $(c),$(DATA))))
-DATA_OVERRIDE = "data.dir=$(if $(strip $(DATA_NEEDS_QUOTES)),'$(subst ',\',$(DATA))',$(DATA))"
+DATA_NEEDS_QUOTES = $(or $(word 2,$(DATA_RAW)),$(foreach c,$(comma) = [ ] { } ( ) ' " `,$(findstring $(c),$(DATA_RAW))))
+DATA_OVERRIDE = $(call shell_quote,data.dir=$(if $(strip $(DATA_NEEDS_QUOTES)),'$(subst ',\',$(DATA_RAW))',$(DATA_RAW)))
 ARGS ?=
 EXTRAS := dev,export,slurm,postgres,mlflow,wandb
 
@@ -94,7 +98,7 @@ ablations: data
 	$(BIN)/python train.py -m experiment=study preset=cpu $(DATA_OVERRIDE) $(ARGS)
 
 report: $(STAMP)
-	$(BIN)/python -m fmnist.results report "$(or $(SWEEP),outputs/study-cpu)"
+	$(BIN)/python -m fmnist.results report $(call shell_quote,$(or $(value SWEEP),outputs/study-cpu))
 
 # The leaderboard in docs/performance.md, from the committed sweeps (add yours: make leaderboard ARGS=outputs/NAME).
 LEADERBOARD_SWEEPS := docs/results/cpu_best docs/results/cpu_best_half docs/results/speedrun_cpu docs/results/gpu/speedrun_gpu_95_before_ema docs/results/report

@@ -252,9 +252,10 @@ def test_a_superseded_experiment_still_runs_and_names_its_replacement(tmp_path, 
         in result.stderr
 
 
-@pytest.mark.parametrize("path", ["my data,v2=new", "it's here"])
+@pytest.mark.parametrize("path", ["my data,v2=new", "it's here", 'say "cheese"', "x$y", "p`q`"])
 def test_make_passes_a_data_path_with_spaces_and_commas_whole(path):
-    # `make train DATA=...`: one argument for get_data.py and one value for Hydra (not split, not a sweep).
+    # `make train DATA=...`: one argument for get_data.py and one value for Hydra (not split, not a sweep); a `$` or
+    # a backquote expanded by make or the shell would write the CSVs into another directory, or run a command.
     lines = subprocess.run(["make", "-n", "train", f"DATA={path}"], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout.splitlines()
     get_data = shlex.split(next(line for line in lines if "get_data.py" in line))
