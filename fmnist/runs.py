@@ -122,7 +122,7 @@ def provenance() -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return {"git_commit": git_commit(), "versions": versions, "python": platform.python_version(),
-            "hardware": describe(), "host": platform.node(), "pid": os.getpid(), "scheduler": scheduler_job()}
+            "hardware": describe(), **this_process(), "scheduler": scheduler_job()}
 
 
 # The environment variables a batch scheduler sets for a job, by the name the record gives them.
@@ -150,11 +150,27 @@ def process_alive(pid) -> bool:
     return True
 
 
+def pid_namespace() -> int | None:
+    """The inode of this process's pid namespace: containers that share a machine's name (`--network host`) each
+    number their processes apart, so a pid means a process only within one namespace. None where /proc has none."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def this_process() -> dict:
+    """This process as `process_gone` later recognises it: its machine's name, pid and pid namespace."""
+    return {"host": platform.node(), "pid": os.getpid(), "pid_namespace": pid_namespace()}
+
+
 def process_gone(record: dict) -> bool:
-    """Whether the process that wrote `record` (its `host` and `pid`, from `provenance`) ran on this machine and has
-    ended. A record of another machine, or without its process, is never judged gone: it may still run."""
+    """Whether the process that wrote `record` (its fields from `this_process`) ran on this machine, in this pid
+    namespace, and has ended. A record of another machine or container, or without its process, is never judged
+    gone: it may still run. A record without `pid_namespace` (written before it was kept) is judged by host and
+    pid alone."""
     return record.get("host") == platform.node() and isinstance(record.get("pid"), int) \
-        and not process_alive(record["pid"])
+        and record.get("pid_namespace", pid_namespace()) == pid_namespace() and not process_alive(record["pid"])
 
 
 def now() -> str:

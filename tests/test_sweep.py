@@ -639,23 +639,27 @@ def test_a_sweep_ends_incomplete_for_its_failures_not_for_a_job_another_process_
 def test_a_job_whose_process_is_gone_without_a_record_of_its_end_is_listed_interrupted(tmp_path):
     """SIGKILL, the kernel's out-of-memory kill, or a DDP rank that took rank 0 down leave a record `running`: on this
     machine, with its process gone, the sweep's table says `interrupted`, which is what a rerun makes of it, and the
-    sweep ends incomplete. A live process's job, or another machine's, stays `running`."""
-    import platform
-
+    sweep ends incomplete. A live process's job, another machine's, or another container's on this machine (same
+    name, its own pid numbers) stays `running`; a record from before the pid namespace was kept is judged without it."""
     from omegaconf import OmegaConf
 
     from fmnist.results.sweep import SummarizeSweep
+    from fmnist.runs import pid_namespace, this_process
 
     ended = subprocess.Popen(["true"])
     ended.wait()
+    here = this_process()
+    assert here["pid_namespace"] == pid_namespace() is not None
     sweep = tmp_path / "sweep"
-    for seed, host, pid in ((0, platform.node(), ended.pid), (1, platform.node(), os.getpid()),
-                            (2, "another-machine", ended.pid)):
+    for seed, process in ((0, {**here, "pid": ended.pid}), (1, here), (2, {**here, "host": "another-machine",
+                          "pid": ended.pid}), (3, {**here, "pid": ended.pid, "pid_namespace": here["pid_namespace"] + 1}),
+                          (4, {"host": here["host"], "pid": ended.pid})):
         _fake_job(sweep, f"seed={seed}", "running", seed, None, [f"seed={seed}"])
         path = sweep / f"seed={seed}" / "metrics.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), "error": None, "host": host, "pid": pid}))
+        path.write_text(json.dumps({**json.loads(path.read_text()), "error": None, **process}))
     table = summarize(sweep).set_index("job")
-    assert table.status.to_dict() == {"seed=0": "interrupted", "seed=1": "running", "seed=2": "running"}
+    assert table.status.to_dict() == {"seed=0": "interrupted", "seed=1": "running", "seed=2": "running",
+                                      "seed=3": "running", "seed=4": "interrupted"}
     assert f"its process ({ended.pid}) ended without recording how" in table.error["seed=0"]
     assert json.loads((sweep / "seed=0" / "metrics.json").read_text())["status"] == "running"  # read, not rewritten
     with pytest.raises(SystemExit) as stop:

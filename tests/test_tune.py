@@ -451,6 +451,9 @@ def test_a_trial_whose_process_was_killed_is_marked_and_replaced(tmp_path, data_
     assert trials[0].user_attrs["status"] == "interrupted"
     assert read_record(tmp_path / "z" / "trial-0000")["status"] == "interrupted"
     assert read_record(tmp_path / "z" / "trial-0001")["status"] == "completed"
+    from fmnist.runs import pid_namespace  # what a later run judges the trial's process by: see process_gone
+
+    assert trials[1].user_attrs["process"]["pid_namespace"] == pid_namespace() is not None
 
 
 def test_a_trial_asked_for_after_others_filled_n_trials_stops_without_training(tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import socket
 import time
 import warnings
 from pathlib import Path
@@ -15,7 +14,7 @@ import optuna
 import sqlalchemy
 
 from fmnist.errors import ConfigError
-from fmnist.runs import INTERRUPTED, METRICS_FILE, RUNNING, now, process_alive, read_record, update_record
+from fmnist.runs import INTERRUPTED, METRICS_FILE, RUNNING, now, process_gone, read_record, update_record
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +117,9 @@ def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) 
     """Mark `interrupted` (an Optuna FAIL, not counted) each RUNNING trial whose process on this machine is gone:
     killed with SIGKILL, or its machine restarted. Trials of other machines are left to the storage's
     heartbeat (a FAIL without a status after `grace_period`, not counted either)."""
-    host = socket.gethostname()
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         process = trial.user_attrs.get("process") or {}
-        if process.get("host") != host or process_alive(process.get("pid")):
+        if not process_gone(process):
             continue
         # As Optuna's own fail_stale_trials does it: a FrozenTrial's id is `_trial_id`.
         storage.set_trial_user_attr(trial._trial_id, "status", INTERRUPTED)

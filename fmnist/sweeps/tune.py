@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import shutil
 import signal
-import socket
 import threading
 import time
 import warnings
@@ -45,7 +43,8 @@ from fmnist.errors import ConfigError, FmnistError, OutOfMemory
 from fmnist.fsio import atomic_write, missing_dirs, remove_if_empty
 from fmnist.overrides import check_name, composition_message, override_key, override_text, register, renamed_overrides
 from fmnist.results.sweep import check_same_data, every_combination, summarize
-from fmnist.runs import DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, JOB_LOG, METRICS_FILE, TRIAL_DIR_PREFIX
+from fmnist.runs import (DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, JOB_LOG, METRICS_FILE, TRIAL_DIR_PREFIX,
+                         this_process)
 from fmnist.sweeps.storage import (STUDY_DB, check_storage_file, default_storage, fail_dead_trials, open_storage,
                                    record_stale_trials, storage_file)
 from fmnist.training.claim import check_config, check_data, flat_config
@@ -495,7 +494,7 @@ class Search:
         run_dir = self.study_dir / f"{TRIAL_DIR_PREFIX}{trial.number:04d}"
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("overrides", overrides)
-        trial.set_user_attr("process", {"host": socket.gethostname(), "pid": os.getpid()})  # see `fail_dead_trials`
+        trial.set_user_attr("process", this_process())  # see `fail_dead_trials`
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             with console.logged_to(run_dir / JOB_LOG):  # a trial directory is a run directory: it has one too
