@@ -210,19 +210,10 @@ def _precision(cfg: DictConfig, model_kwargs: dict, record_so_far: dict, resume:
                              cfg.data.batch_size, planned_steps(cfg))
 
 
-@_process_group_released()
-def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | None, hydra_files: dict | None,
-         callbacks: list[L.Callback] | None, record: dict | None) -> dict:
-    """The claimed run itself: choose the precision, write the run's first files (config.yaml, `.hydra/`, the
-    `running` record, the trackers' runs), build the data, model, callbacks and Trainer, fit (from last.ckpt when
-    `resume`), test the best checkpoint once, and record the metrics; return them."""
-    last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
-    started = time.perf_counter()
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
-    run_options = {key: cfg[key] for key in RUN_OPTIONS}
-    record_so_far = read_record(run_dir) or {}  # a resumed run's: its precision, the tracker runs it continues
-    trainer_kwargs["precision"], precision = _precision(cfg, model_kwargs, record_so_far, resume)
+def _start_record(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, hydra_files: dict | None,
+                  record: dict | None, record_so_far: dict, precision: dict, trainer_precision: str) -> tuple[list, dict]:
+    """A run's first files: config.yaml and `.hydra/`, the `running` record with its provenance, and the trackers'
+    runs (new, or the resumed run's own); return the trackers and the hyperparameters they show."""
     if rank_zero_only.rank == 0:
         # config.yaml first: it is what marks a directory as a run's that stopped before its first record.
         atomic_write(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
@@ -231,7 +222,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
             atomic_write(run_dir / ".hydra" / name, OmegaConf.to_yaml(conf))
     earlier = record_so_far.get("trackers", {})
     trackers = open_trackers(cfg, run_dir, earlier, overrides)
-    hparams = hparams_row(cfg, overrides, trainer_kwargs["precision"])
+    hparams = hparams_row(cfg, overrides, trainer_precision)
     if rank_zero_only.rank == 0:
         # A resumed run starts afresh: the error that stopped it last time is no longer its state.
         update_record(run_dir, drop=("error", "finished_at", "stopped_by", "tested"), status=RUNNING, seed=cfg.seed,
@@ -239,14 +230,13 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
                       trackers=tracker_ids(trackers, run_dir, earlier), **provenance(), **(record or {}))
         for_each(trackers, "start", hparams, OmegaConf.to_container(cfg, resolve=True))
         (run_dir / ERROR_FILE).unlink(missing_ok=True)
+    return trackers, hparams
 
-    L.seed_everything(cfg.seed, workers=False, verbose=False)
-    datamodule = FashionMNISTDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
-    model = LitClassifier(model=model_kwargs, optim=OmegaConf.to_container(cfg.optim, resolve=True), **run_options)
-    # Lightning's summary table cannot count FLOPs here (its column reads 0): one line with the real ones instead.
-    if trainer_kwargs.pop("enable_model_summary") and rank_zero_only.rank == 0:
-        log.info("model %s: %.2f M parameters, %.1f MFLOP per training image (forward + backward)", cfg.model.name,
-                 sum(p.numel() for p in model.parameters()) / 1e6, training_flops_per_image(model.net) / 1e6)
+
+def _trainer(cfg: DictConfig, run_dir: Path, trainer_kwargs: dict, trackers: list,
+             callbacks: list[L.Callback] | None) -> tuple[L.Trainer, SafeModelCheckpoint, EpochCSV, bool]:
+    """The run's Trainer with its callbacks, in the order they act on a step; return it with the checkpoint and
+    epoch-row callbacks the run reads afterwards, and whether the progress bar is shown."""
     checkpoint = SafeModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename=BEST_CHECKPOINT_PREFIX + "{epoch:03d}",
                                      monitor="val/acc", mode="max", save_last=True, auto_insert_metric_name=False)
     # A bar that cannot redraw in place (output to a file or pipe) would fill the log with `\r` lines:
@@ -264,6 +254,33 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
                                    *([Lookahead(cfg.optim.lookahead_steps, cfg.optim.lookahead_alpha)]
                                      if cfg.optim.lookahead_steps else []),
                                    *([WeightEMA(cfg.optim.ema_decay)] if cfg.optim.ema_decay else []), *(callbacks or [])])
+    return trainer, checkpoint, epoch_csv, bar
+
+
+@_process_group_released()
+def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | None, hydra_files: dict | None,
+         callbacks: list[L.Callback] | None, record: dict | None) -> dict:
+    """The claimed run itself: choose the precision, write the run's first files (config.yaml, `.hydra/`, the
+    `running` record, the trackers' runs), build the data, model, callbacks and Trainer, fit (from last.ckpt when
+    `resume`), test the best checkpoint once, and record the metrics; return them."""
+    last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    started = time.perf_counter()
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    run_options = {key: cfg[key] for key in RUN_OPTIONS}
+    record_so_far = read_record(run_dir) or {}  # a resumed run's: its precision, the tracker runs it continues
+    trainer_kwargs["precision"], precision = _precision(cfg, model_kwargs, record_so_far, resume)
+    trackers, hparams = _start_record(cfg, run_dir, overrides, hydra_files, record, record_so_far, precision,
+                                      trainer_kwargs["precision"])
+
+    L.seed_everything(cfg.seed, workers=False, verbose=False)
+    datamodule = FashionMNISTDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
+    model = LitClassifier(model=model_kwargs, optim=OmegaConf.to_container(cfg.optim, resolve=True), **run_options)
+    # Lightning's summary table cannot count FLOPs here (its column reads 0): one line with the real ones instead.
+    if trainer_kwargs.pop("enable_model_summary") and rank_zero_only.rank == 0:
+        log.info("model %s: %.2f M parameters, %.1f MFLOP per training image (forward + backward)", cfg.model.name,
+                 sum(p.numel() for p in model.parameters()) / 1e6, training_flops_per_image(model.net) / 1e6)
+    trainer, checkpoint, epoch_csv, bar = _trainer(cfg, run_dir, trainer_kwargs, trackers, callbacks)
     with console.beside_the_bar(bar), ctrl_c_stops_at_a_step(trainer):
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
     fit_seconds = time.perf_counter() - started
