@@ -541,6 +541,9 @@ def test_leaderboard_rows_come_from_the_sweeps_records(tmp_path):
     assert "| **cheap** | 89.00 ± 0.00 | 2 | 55,000 | 1 (some seeds ?) |" in markdown([cheap])
     (cheap / "seed=1" / "epochs.csv").write_text("epoch,val/acc,train_seconds,train_images,train_flops\n1,0.9,10,55000,3e15\n")
     assert "| **cheap** | 89.00 ± 0.00 | 2 | 55,000 | 1-3 |" in markdown([cheap])
+    for seed in (0, 1):  # rows from before the epochs were timed: their time unknown, as their FLOPs would be
+        (cheap / f"seed={seed}" / "epochs.csv").write_text("epoch,val/acc,train_images\n1,0.9,55000\n")
+    assert "| **cheap** | 89.00 ± 0.00 | 2 | 55,000 | ? | ? |" in markdown([cheap])
     untested = tmp_path / "untested"  # test=false: validation only, so no row with a NaN accuracy
     _fake_job(untested, "seed=0", "completed", 0, 0.99, ["seed=0"])
     record = json.loads((untested / "seed=0" / "metrics.json").read_text())

@@ -8,6 +8,7 @@ with their validation, without start-up or the test) with the hardware it ran on
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -95,7 +96,7 @@ def project_rows(sweep_dir: Path, table: pd.DataFrame) -> list[dict]:
             "n": len(acc), "flops": jobs.train_flops.dropna().astype(float).mean(),  # NaN when no seed recorded it
             "training images": "?" if pd.isna(first.train_images) else f"{int(first.train_images):,}",
             "training PFLOP": _pflop(jobs.train_flops),
-            "training time (s)": f"{jobs.train_seconds.mean():.0f}",
+            "training time (s)": "?" if jobs.train_seconds.isna().all() else f"{jobs.train_seconds.mean():.0f}",
             "hardware": " / ".join(hardware),
             "split": None if splits == {None: None} else "; ".join(split or "standard split" for split in splits),
         })
@@ -126,7 +127,7 @@ def markdown(sweep_dirs: list[Path]) -> str:
         check_poolable(table, sweep_dir)
     # Cheapest first (unknown compute last), never by test accuracy: the test set shows a result, it ranks none.
     rows = sorted((r for d, t in tables.items() for r in project_rows(d, t)),
-                  key=lambda r: (pd.isna(r["flops"]), 0 if pd.isna(r["flops"]) else r["flops"]))
+                  key=lambda r: math.inf if pd.isna(r["flops"]) else r["flops"])
     row = ("| **{recipe}** | {test acc (%)} | {n} | {training images} | {training PFLOP} | {training time (s)} "
            "| {hardware} |")
     lines += [row.format(**r) for r in rows if r["split"] is None]
