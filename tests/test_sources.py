@@ -121,10 +121,49 @@ def test_bad_idx_magic(tmp_path):
     path.write_bytes(b"\x00\x00\x09\x01" + b"\x00" * 8)
     with pytest.raises(DataError, match="not an IDX file"):
         read_idx(path, 1)
-    for damaged in (b"not gzip at all", gzip.compress(b"\x00\x00\x08\x01" + b"\x00" * 100)[:20]):  # foreign, cut
+    for damaged, words in ((b"not gzip at all", "not gzip-compressed"),
+                           (gzip.compress(b"\x00\x00\x08\x01" + b"\x00" * 100)[:20], "its gzip data is cut short")):
         (tmp_path / "x-idx1-ubyte.gz").write_bytes(damaged)
-        with pytest.raises(DataError, match="x-idx1-ubyte.gz: cannot read it as a gzipped IDX file"):
+        with pytest.raises(DataError, match=f"x-idx1-ubyte.gz: {words}"):
             read_idx(tmp_path / "x-idx1-ubyte.gz", 1)
+
+
+LABELS = b"\x00\x00\x08\x01" + struct.pack(">I", 30) + bytes(30)  # an IDX file of 30 labels
+
+
+# Each a paragraph naming the file, what is wrong with it and what was expected, never Python's words alone.
+@pytest.mark.parametrize("content,words", [
+    (b"", "the file is empty (0 bytes)"),
+    (b"<html>Not Found</html>", "not gzip-compressed (it starts with bytes 3c 68 74 6d, where gzip starts 1f 8b)"),
+    (gzip.compress(b""), "holds 0 bytes once decompressed, fewer than the 4 of an IDX file's magic number"),
+    (gzip.compress(b"<html>Not Found</html>"), "not an IDX file of unsigned bytes: it starts with bytes 3c 68 74 6d "
+                                               "once decompressed, where such a file starts 00 00 08"),
+    (gzip.compress(LABELS)[:-12], "its gzip data is cut short after"),
+    (gzip.compress(LABELS) + b"junk", "its gzip data is damaged"),
+    (gzip.compress(LABELS[:20]), "its header says [30] (30 bytes of labels); the file holds 12 once decompressed: cut short"),
+    (gzip.compress(LABELS + b"\x00"), "the file holds 31 once decompressed: longer than its header says"),
+    (gzip.compress(b"\x00\x00\x08\x03" + struct.pack(">III", 30, 28, 28)), "expected 1 (an images file under a labels "
+                                                                           "file's name?)"),
+], ids=["empty", "a web page", "gzip of nothing", "gzip of a web page", "cut gzip", "bytes after the gzip data",
+        "fewer labels", "more labels", "images for labels"])
+def test_a_damaged_idx_file_is_one_paragraph_saying_what_was_expected(tmp_path, idx_dir, run_in_process, content, words):
+    (idx_dir / "train-labels-idx1-ubyte.gz").write_bytes(content)
+    result = run_in_process("scripts/get_data.py", "--data-dir", str(tmp_path / "data"), "--idx-dir", str(idx_dir),
+                            "--no-install", "--no-download")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.startswith(f"error: {idx_dir}/train-labels-idx1-ubyte.gz: ") and result.stderr.count("\n") == 1
+    assert words in result.stderr, result.stderr
+    assert result.stderr.endswith(" Expected an IDX file of Fashion-MNIST labels, gzip-compressed, as Zalando publishes "
+                                  "them: a damaged or cut download? Fetch it again.\n")
+    assert not (tmp_path / "data").exists()
+
+
+def test_an_idx_file_gunzipped_under_its_gz_name_is_named_so(tmp_path):
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(LABELS)
+    with pytest.raises(DataError, match=r"ubyte.gz: not gzip-compressed but an uncompressed IDX file \(it starts with "
+                                        r"bytes 00 00 08 01\): name it without .gz, or gzip it.$"):
+        read_idx(path, 1)
 
 
 @pytest.mark.parametrize("images,labels,words", [
@@ -144,8 +183,8 @@ def test_an_idx_header_whose_sizes_multiply_past_64_bits_is_named_not_a_crash(tm
     # 2**31 * 2**31 * 4 is 0 in 64-bit arithmetic: the bytes it claims are counted exactly, not wrapped around.
     header = b"\x00\x00\x08\x03" + struct.pack(">III", 2 ** 31, 2 ** 31, 4)
     (idx_dir / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(header))
-    with pytest.raises(DataError, match=re.escape(f"train-images-idx3-ubyte.gz: header says [2147483648, 2147483648, 4] "
-                                                  f"({2 ** 64} bytes), file holds 0.")):
+    with pytest.raises(DataError, match=re.escape(f"train-images-idx3-ubyte.gz: its header says [2147483648, 2147483648, 4] "
+                                                  f"({2 ** 64:,} bytes of images); the file holds 0 once decompressed: cut short.")):
         obtain(tmp_path / "data", idx_dir=idx_dir, allow_install=False, allow_download=False)
     assert not (tmp_path / "data").exists()
 

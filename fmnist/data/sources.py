@@ -38,6 +38,7 @@ OFFICIAL_MD5 = {  # the published checksums of Zalando's gzipped IDX files
     "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
     "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
 }
+GZIP_MAGIC = b"\x1f\x8b"  # the first bytes of every gzip file
 
 
 def find_csv(data_dir: Path | str, split: str) -> Path:
@@ -75,28 +76,52 @@ def data_digests(data_dir: Path | str) -> dict[str, str]:
 
 def read_idx(path: Path, ndim: int) -> np.ndarray:
     """Read an IDX file (gzipped or not) of unsigned bytes with `ndim` dimensions: labels [N] (1) or images
-    [N, 28, 28] (3), or DataError naming the file."""
+    [N, 28, 28] (3), or DataError naming the file, what is wrong with it and what was expected."""
+    gz = path.suffix == ".gz"
+    what = "labels" if ndim == 1 else "images"
+    # Every refusal ends so: the bytes alone (a cut download, a web page saved under the name) say little.
+    expected = (f"Expected an IDX file of Fashion-MNIST {what}{', gzip-compressed' if gz else ''}, as Zalando publishes "
+                f"them{'' if gz else ' (gunzipped)'}: a damaged or cut download? Fetch it again.")
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e.strerror}).") from e
-    if path.suffix == ".gz":
+    if not raw:
+        raise DataError(f"{path}: the file is empty (0 bytes). {expected}")
+    if gz:
+        if raw.startswith(b"\x00\x00\x08"):  # gunzipped by hand, the name kept
+            raise DataError(f"{path}: not gzip-compressed but an uncompressed IDX file (it starts with bytes "
+                            f"{raw[:4].hex(' ')}): name it without .gz, or gzip it.")
+        if not raw.startswith(GZIP_MAGIC):
+            raise DataError(f"{path}: not gzip-compressed (it starts with bytes {raw[:4].hex(' ')}, where gzip "
+                            f"starts 1f 8b). {expected}")
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a cut file an EOFError
-            raise DataError(f"{path}: cannot read it as a gzipped IDX file ({e}); expected one of Zalando's "
-                            "*-idx?-ubyte.gz files (a damaged or cut download?).") from e
-    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
-        raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic number {raw[:4].hex()}).")
+        except EOFError as e:
+            raise DataError(f"{path}: its gzip data is cut short after {len(raw):,} bytes. {expected}") from e
+        except (OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            raise DataError(f"{path}: its gzip data is damaged ({e}). {expected}") from e
+    unpacked = " once decompressed" if gz else ""
+    if len(raw) < 4:
+        raise DataError(f"{path}: holds {len(raw)} bytes{unpacked}, fewer than the 4 of an IDX file's magic number. "
+                        f"{expected}")
+    if raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+        raise DataError(f"{path}: not an IDX file of unsigned bytes: it starts with bytes {raw[:4].hex(' ')}{unpacked}, "
+                        f"where such a file starts 00 00 08. {expected}")
     if raw[3] != ndim:
-        raise DataError(f"{path}: its header gives {raw[3]} dimensions; expected {ndim}.")
+        other = {1: " (a labels file under an images file's name?)", 3: " (an images file under a labels file's name?)"}
+        raise DataError(f"{path}: its header gives {raw[3]} dimensions; expected {ndim}{other.get(raw[3], '')}. "
+                        f"{expected}")
     if len(raw) < 4 + 4 * ndim:
-        raise DataError(f"{path}: its header is cut short ({len(raw)} bytes; {ndim} dimensions take {4 + 4 * ndim}).")
+        raise DataError(f"{path}: its header is cut short ({len(raw)} bytes; {ndim} dimensions take {4 + 4 * ndim}). "
+                        f"{expected}")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
     size = math.prod(dims)  # exact: np.prod wraps around at 2**64, and [2**31, 2**31, 4] would then "match" no bytes
     if data.size != size:
-        raise DataError(f"{path}: header says {dims} ({size} bytes), file holds {data.size}.")
+        cause = "cut short" if data.size < size else "longer than its header says"
+        raise DataError(f"{path}: its header says {dims} ({size:,} bytes of {what}); the file holds {data.size:,}"
+                        f"{unpacked}: {cause}. {expected}")
     return data.reshape(dims)
 
 
