@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ from fmnist.data.augment import augment, erase, hflip, shift
 from fmnist.data.batches import InMemoryBatches
 from fmnist.data.datamodule import FashionMNISTDataModule, stratified_split
 from fmnist.errors import ConfigError, DataError
+from tests.conftest import snapshot
 
 
 def test_datamodule_shapes_scaling_and_split(data_dir):
@@ -43,6 +46,16 @@ def test_impossible_sizes(data_dir, kwargs, key):
     dm = FashionMNISTDataModule(dir=str(data_dir), **{"val_size": 100, **kwargs})
     with pytest.raises(ConfigError, match=key):
         dm.setup("fit")
+
+
+@pytest.mark.parametrize("step", ["prepare_data", "check", "setup"])
+def test_a_refused_test_csv_leaves_no_parse_cache_of_the_training_one(tmp_path, data_dir, step):
+    shutil.copy(data_dir / "fashion-mnist_train.csv", tmp_path)
+    (tmp_path / "fashion-mnist_test.csv").write_text("label,pixel1\n1,2\n")
+    before = snapshot(tmp_path)
+    with pytest.raises(DataError, match="fashion-mnist_test.csv, line 1: expected a header"):
+        getattr(FashionMNISTDataModule(dir=str(tmp_path), val_size=100), step)()
+    assert snapshot(tmp_path) == before
 
 
 def test_missing_data_dir(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from fmnist.data.csv_io import parse_csv, write_csv
 from fmnist.errors import DataError
 from fmnist.data.sources import CSV_NAMES, obtain, read_idx
-from tests.conftest import make_images
+from tests.conftest import make_images, snapshot
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -70,6 +70,17 @@ def test_existing_csvs_that_a_run_would_refuse_are_named_and_left_as_they_are(tm
     with pytest.raises(DataError, match=rf"{data / CSV_NAMES['train']}\b.* The CSVs in {data} are left as they are"):
         obtain(data, idx_dir=idx_dir, allow_install=False, allow_download=False)
     assert all((data / name).read_text() == content for name in CSV_NAMES.values())
+
+
+def test_a_refused_test_csv_leaves_no_parse_cache_of_the_training_one(tmp_path, idx_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_csv(data / CSV_NAMES["train"], *make_images(30, 0))
+    (data / CSV_NAMES["test"]).write_text("label,pixel1\n1,2\n")  # a run would refuse it
+    before = snapshot(data)
+    with pytest.raises(DataError, match=rf"{data / CSV_NAMES['test']}, line 1: .* The CSVs in {data} are left as they are"):
+        obtain(data, idx_dir=idx_dir, allow_install=False, allow_download=False)
+    assert snapshot(data) == before
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])

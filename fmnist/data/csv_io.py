@@ -15,6 +15,7 @@ import logging
 import zipfile
 import zlib
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -284,9 +285,28 @@ _NOT_CACHED: dict[tuple[Path, str], tuple[np.ndarray, np.ndarray]] = {}
 
 def load_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Parse `path`, or return the arrays cached beside it if the cache was built from identical bytes."""
-    path = Path(path)
-    require_file(path)
-    digest = file_digest(path)
+    return load_csvs([path])[0]
+
+
+def load_csvs(paths: Iterable[Path]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`load_csv` of each path, their caches written only once every one has parsed: a command that refuses
+    one CSV of a pair (the test split of `make data`'s or a run's) leaves no cache of the other behind."""
+    loaded, parsed = [], []
+    for path in map(Path, paths):
+        require_file(path)
+        digest = file_digest(path)
+        arrays = _cached(path, digest)
+        if arrays is None:
+            arrays = parse_csv(path)
+            parsed.append((path, digest, arrays))
+        loaded.append(arrays)
+    for path, digest, (images, labels) in parsed:
+        _write_cache(path, digest, images, labels)
+    return loaded
+
+
+def _cached(path: Path, digest: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The arrays of `path` parsed before from bytes of this digest (its cache, or this process's memory), or None."""
     if (path.resolve(), digest) in _NOT_CACHED:
         images, labels = _NOT_CACHED[path.resolve(), digest]
         return images.copy(), labels.copy()  # as fresh as a cache's: a caller may change them
@@ -305,7 +325,13 @@ def load_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
         pass
     except (OSError, ValueError, TypeError, KeyError, EOFError, zipfile.BadZipFile) as e:  # any damage: parse again
         log.warning("ignoring unreadable cache %s (%s)", cache, e)
-    images, labels = parse_csv(path)
+    return None
+
+
+def _write_cache(path: Path, digest: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """Cache the arrays parsed from `path`'s bytes of this digest beside it, or in this process's memory if it
+    cannot be written."""
+    cache = cache_path(path)
     buffer = io.BytesIO()
     np.savez(buffer, images=images, labels=labels, digest=np.array(digest), version=np.array(CACHE_VERSION))
     try:
@@ -313,4 +339,3 @@ def load_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except OSError as e:  # a read-only data directory still trains, only slower to start
         log.warning("could not write the parse cache %s (%s)", cache, e)
         _NOT_CACHED[path.resolve(), digest] = images.copy(), labels.copy()
-    return images, labels

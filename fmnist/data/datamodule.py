@@ -18,7 +18,7 @@ from fmnist import NUM_CLASSES
 from fmnist.config import AugmentConfig, DataConfig
 from fmnist.data.augment import augment, cutmix
 from fmnist.data.batches import InMemoryBatches, network_input
-from fmnist.data.csv_io import load_csv
+from fmnist.data.csv_io import load_csvs
 from fmnist.data.sources import find_csv
 from fmnist.errors import ConfigError
 
@@ -55,19 +55,23 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         # Runs once per node before `setup`: parses the CSVs so that DDP ranks find the cache.
-        for split in ("train", "test"):
-            load_csv(find_csv(Path(self.hparams.dir), split))
+        self._load_csvs()
+
+    def _load_csvs(self) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        """(images, labels) of the training and the test CSV, read together: a refused test CSV leaves no cache
+        of the training one."""
+        train, test = load_csvs(find_csv(Path(self.hparams.dir), split) for split in ("train", "test"))
+        return train, test
 
     def check(self) -> dict[str, int]:
         """Read both CSVs and check the split sizes against them: what `setup` would refuse, refused early.
         Return the images of each split (`train`, `val`, `test`)."""
-        labels = load_csv(find_csv(Path(self.hparams.dir), "train"))[1]
+        (_, labels), (_, test_labels) = self._load_csvs()
         train_idx, val_idx = self._split(labels)
         classes = np.unique(labels[train_idx])
         if len(classes) < NUM_CLASSES:  # it trains, but cannot learn the missing classes
             log.warning("the training split holds only class(es) %s of 0-%d: the model cannot learn the others",
                         classes.tolist(), NUM_CLASSES - 1)
-        test_labels = load_csv(find_csv(Path(self.hparams.dir), "test"))[1]
         return {"train": len(train_idx), "val": len(val_idx), "test": len(test_labels)}
 
     def _split(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -89,9 +93,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
         if self.splits:
             return
         hp = self.hparams
-        images, labels = load_csv(find_csv(Path(hp.dir), "train"))
+        (images, labels), (test_images, test_labels) = self._load_csvs()
         train_idx, val_idx = self._split(labels)
-        test_images, test_labels = load_csv(find_csv(Path(hp.dir), "test"))
         device = self.trainer.strategy.root_device if (self.trainer is not None and hp.on_device) else "cpu"
 
         def to_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

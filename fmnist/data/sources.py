@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fmnist import IMAGE_SIDE, NUM_CLASSES
-from fmnist.data.csv_io import csv_digest, load_csv, require_file, write_csv
+from fmnist.data.csv_io import csv_digest, load_csvs, require_file, write_csv
 from fmnist.errors import DataError
 from fmnist.fsio import exclusive_lock, not_a_directory, storage_errors
 
@@ -227,15 +227,14 @@ def obtain(data_dir: Path, idx_dir: Path | None = None, allow_install: bool = Tr
 def _obtain(data_dir: Path, idx_dir: Path | None, allow_install: bool, allow_download: bool) -> str:
     csvs = [data_dir / name for name in CSV_NAMES.values()]
     if all(p.is_file() or Path(f"{p}.gz").is_file() for p in csvs):
-        counts = []
-        for split in CSV_NAMES:
-            # A split both plain and gzipped, or a CSV a run would refuse (an interrupted copy, a header alone):
-            # refused here, not reported as ready. Parsing also caches the arrays that the first run reads.
-            try:
-                counts.append(f"{len(load_csv(find_csv(data_dir, split))[1])} {split}")
-            except DataError as e:
-                raise DataError(f"{e} The CSVs in {data_dir} are left as they are: replace that file, or move both "
-                                "away and run `make data` again.") from e
+        # A split both plain and gzipped, or a CSV a run would refuse (an interrupted copy, a header alone):
+        # refused here, not reported as ready. Parsing also caches the arrays that the first run reads.
+        try:
+            loaded = load_csvs([find_csv(data_dir, split) for split in CSV_NAMES])
+        except DataError as e:
+            raise DataError(f"{e} The CSVs in {data_dir} are left as they are: replace that file, or move both "
+                            "away and run `make data` again.") from e
+        counts = [f"{len(labels)} {split}" for split, (_, labels) in zip(CSV_NAMES, loaded)]
         unread = f"; --idx-dir {idx_dir} was not read" if idx_dir is not None else ""  # said, not ignored silently
         return f"CSVs already in {data_dir}: left untouched ({' and '.join(counts)} images){unread}"
     present = [q for p in csvs for q in (p, Path(f"{p}.gz")) if q.exists()]
