@@ -9,6 +9,7 @@ import pytest
 
 from fmnist.data.csv_io import cache_path, csv_digest, load_csv, parse_csv, write_csv
 from fmnist.errors import DataError
+from fmnist.fsio import file_digest
 from tests.conftest import make_images
 
 
@@ -143,6 +144,26 @@ def test_cache_is_used_and_invalidated(valid):
     text[1] = ",".join(first)
     path.write_text("\n".join(text))
     assert load_csv(path)[1][0] == (labels[0] + 1) % 10
+
+
+def test_a_csv_replaced_while_it_is_read_is_cached_under_the_bytes_that_were_parsed(valid, monkeypatch):
+    path, images, labels = valid
+    first = path.read_bytes()
+    other_images, other_labels = make_images(20, 4)
+    digest = file_digest
+
+    def replaced_after_its_digest(*args, **kwargs):
+        found = digest(*args, **kwargs)
+        write_csv(path, other_images, other_labels)  # another writer renames a new CSV into place
+        return found
+
+    monkeypatch.setattr("fmnist.data.csv_io.file_digest", replaced_after_its_digest)
+    np.testing.assert_array_equal(load_csv(path)[0], other_images)
+    monkeypatch.undo()
+    path.write_bytes(first)  # the first CSV back: its own rows, not those parsed under its digest
+    got_images, got_labels = load_csv(path)
+    np.testing.assert_array_equal(got_images, images)
+    np.testing.assert_array_equal(got_labels, labels)
 
 
 def test_corrupt_cache_is_rebuilt(valid):

@@ -10,6 +10,7 @@ being coerced.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import logging
 import zipfile
@@ -88,7 +89,22 @@ def parse_csv(path: Path, require_label: bool = True, max_bytes: int | None = No
     Raises DataError naming the file, line, column and what was expected for any malformed input.
     """
     path = Path(path)
-    raw = read_raw(path, max_bytes)
+    return _parse_text(path, read_raw(path, max_bytes), require_label)
+
+
+def _read_with_digest(path: Path) -> tuple[bytes, str]:
+    """The text of a `.csv` or `.csv.gz` and the SHA-1 of the file's bytes it came from: a cache keyed by it holds
+    the rows of those bytes, even if the file was replaced since its digest was looked up."""
+    require_file(path)
+    try:
+        data = path.read_bytes()
+        return gzip.decompress(data) if path.name.endswith(".gz") else data, hashlib.sha1(data).hexdigest()
+    except _UNREADABLE as e:
+        raise _unreadable(path, e) from e
+
+
+def _parse_text(path: Path, raw: bytes, require_label: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """`parse_csv` of the text `raw` read from `path` (named in the messages)."""
     if raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark, as Excel writes it
         raw = raw[3:]
     if not raw.strip():
@@ -294,10 +310,10 @@ def load_csvs(paths: Iterable[Path]) -> list[tuple[np.ndarray, np.ndarray]]:
     loaded, parsed = [], []
     for path in map(Path, paths):
         require_file(path)
-        digest = file_digest(path)
-        arrays = _cached(path, digest)
+        arrays = _cached(path, file_digest(path))
         if arrays is None:
-            arrays = parse_csv(path)
+            raw, digest = _read_with_digest(path)
+            arrays = _parse_text(path, raw)
             parsed.append((path, digest, arrays))
         loaded.append(arrays)
     for path, digest, (images, labels) in parsed:
