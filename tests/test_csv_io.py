@@ -1,3 +1,4 @@
+import errno
 import gzip
 import os
 import re
@@ -164,6 +165,18 @@ def test_a_csv_replaced_while_it_is_read_is_cached_under_the_bytes_that_were_par
     got_images, got_labels = load_csv(path)
     np.testing.assert_array_equal(got_images, images)
     np.testing.assert_array_equal(got_labels, labels)
+
+
+def test_a_csv_that_cannot_be_read_is_named_so_not_as_a_place_that_cannot_be_written(valid, monkeypatch):
+    path, _, _ = valid
+
+    def denied(name, *args, **kwargs):  # as opening a file of another user's, mode 600, is
+        raise PermissionError(errno.EACCES, "Permission denied", str(name))
+
+    monkeypatch.setattr("fmnist.data.csv_io.file_digest", denied)
+    with pytest.raises(DataError, match=r"train.csv: could not be read \(\[Errno 13\] Permission denied"):
+        load_csv(path)
+    assert not cache_path(path).exists()
 
 
 def test_corrupt_cache_is_rebuilt(valid):

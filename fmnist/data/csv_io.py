@@ -310,7 +310,11 @@ def load_csvs(paths: Iterable[Path]) -> list[tuple[np.ndarray, np.ndarray]]:
     loaded, parsed = [], []
     for path in map(Path, paths):
         require_file(path)
-        arrays = _cached(path, file_digest(path))
+        try:
+            digest = file_digest(path)
+        except _UNREADABLE as e:  # no permission: said so, not taken for a place that cannot be written
+            raise _unreadable(path, e) from e
+        arrays = _cached(path, digest)
         if arrays is None:
             raw, digest = _read_with_digest(path)
             arrays = _parse_text(path, raw)
