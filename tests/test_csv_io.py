@@ -225,6 +225,20 @@ def test_a_size_limit_counts_decompressed_bytes(valid, tmp_path):
         parse_csv(packed, max_bytes=size - 1)
 
 
+@pytest.mark.parametrize("damage,words", [
+    (lambda packed: packed[:len(packed) // 2], "its gzip data is cut short, as by an interrupted copy or download"),
+    (gzip.decompress, "it is not gzip-compressed, though its name ends in .gz"),  # a plain CSV under a .gz name
+], ids=["cut short", "not gzip"])
+def test_a_csv_gz_cut_short_or_not_gzip_is_named_so(valid, tmp_path, damage, words):
+    path, _, _ = valid
+    packed = tmp_path / "fashion-mnist_train.csv.gz"
+    packed.write_bytes(damage(gzip.compress(path.read_bytes())))
+    with pytest.raises(DataError, match=re.escape(f"{packed}: could not be read ({words}). Expected a readable .csv, "
+                                                  "or a .csv.gz that `gunzip -t` accepts.")):
+        load_csv(packed)
+    assert not cache_path(packed).exists()
+
+
 def test_the_same_rows_plain_or_gzipped_are_the_same_data(tmp_path):
     # A run's data_digest identifies its rows, not how they were stored: a .csv.gz of them is the same data.
     plain, packed, other = tmp_path / "a.csv", tmp_path / "b.csv.gz", tmp_path / "c.csv"

@@ -49,8 +49,25 @@ _UNREADABLE = (OSError, EOFError, zlib.error)
 
 def _unreadable(path: Path, error: BaseException) -> DataError:
     """The paragraph for a CSV that is there but cannot be read (`_UNREADABLE`)."""
-    return DataError(f"{path}: could not be read ({error}). Expected a readable .csv, or a .csv.gz that `gunzip -t` "
+    # Python's words for a .csv.gz cut short ("end-of-stream marker") or not gzip at all ("Not a gzipped file (b'la')")
+    # do not say what is wrong with the file.
+    if isinstance(error, EOFError):
+        cause = "its gzip data is cut short, as by an interrupted copy or download"
+    elif isinstance(error, gzip.BadGzipFile) and _first_bytes(path, 2) != b"\x1f\x8b":
+        cause = "it is not gzip-compressed, though its name ends in .gz"
+    else:
+        cause = str(error)
+    return DataError(f"{path}: could not be read ({cause}). Expected a readable .csv, or a .csv.gz that `gunzip -t` "
                      "accepts.")
+
+
+def _first_bytes(path: Path, n: int) -> bytes | None:
+    """The first `n` bytes of `path`, or None if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return None
 
 
 def csv_digest(path: Path) -> str:
