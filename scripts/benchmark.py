@@ -20,6 +20,8 @@ AVX2-only CPU is an order of magnitude slower and would only measure that.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import logging
 import math
 import statistics
@@ -34,7 +36,6 @@ from fmnist.cli import exit_if_no_working_directory, run_plain
 exit_if_no_working_directory()  # here: torch's import fails in a deleted directory, with oneMKL's error instead
 
 import lightning as L
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
@@ -90,8 +91,19 @@ def classifier(config: dict) -> LitClassifier:
     return LitClassifier(model=config["model"], optim=OPTIM, compile=config["compile"], fast_path=config["fast_path"])
 
 
-# How every CSV benchmark.py appends to begins: the run's date, then the hardware (`fmnist.hardware.describe`).
-BENCHMARK_HEADER = b"date,cpu,"
+# The columns of the CSVs benchmark.py writes, after the run's date and the hardware (`fmnist.hardware.describe`):
+# what the training benchmark measures, and what the inference one (--infer) does.
+TRAIN_CSV_COLUMNS = ["model", "batch_size", "precision", "steps", "raw_img_s", "lightning_img_s", "lightning_tflop_s",
+                     "gflop_per_img", "ratio", "ratio_range", "data_img_s", "data_share_pct", "csv_parse_s",
+                     "cached_load_s"]
+INFER_CSV_COLUMNS = ["model", "batch_size", "runtime", "ms_per_batch", "ms_per_image", "img_s", "speedup_vs_eager",
+                     "ms_range"]
+
+
+def csv_columns(infer: bool) -> list[str]:
+    """The header of the CSV benchmark.py writes (with --infer: `infer`)."""
+    return ["date", *describe(), *(INFER_CSV_COLUMNS if infer else TRAIN_CSV_COLUMNS)]
+
 
 # Both loops use plain Adam at lr 1e-3 (the default optim config).
 OPTIM = asdict(OptimConfig())
@@ -278,19 +290,13 @@ def check_inputs(args) -> None:
         raise ConfigError(f"--out names {args.out}, which is not a regular file; give a CSV file name.")
     # Where the rows will go must take them: else they are lost after the whole benchmark.
     check_folder_can_hold(args.out.resolve().parent, "--out", args.out, "give a CSV file name in a directory.")
-    if args.out.exists():
-        with open(args.out, "rb") as f:
-            header = f.readline()
-        if not header.startswith(BENCHMARK_HEADER):
-            raise ConfigError(f"--out names {args.out}, which benchmark.py did not write (its first line does not begin "
-                              f"{BENCHMARK_HEADER.decode()!r}, as the rows benchmark.py appends do); nothing was "
-                              "written. Choose a new file name.")
-        try:  # the rows are added to what it holds: a damaged row would lose them after the whole benchmark
-            read_history(args.out)
-        except (OSError, ValueError) as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
-            raise ConfigError(f"--out names {args.out}, which cannot be read as the CSV benchmark.py writes ({reason}); "
-                              "nothing was written. Mend it, or choose a new file name.") from e
+    if args.out.exists():  # the rows are added to what it holds: one it cannot take would lose them after the benchmark
+        try:
+            history = read_history(args.out)
+        except OSError as e:
+            raise ConfigError(f"--out names {args.out}, which cannot be read ({e.strerror or e}); nothing was written. "
+                              "Choose another file name.") from e
+        check_history(args.out, history, args.infer)
     for name in args.models:
         try:
             model_cfg(name, False)
@@ -320,18 +326,50 @@ def warmup_steps(fast_path: bool) -> int:
     return 12 if fast_path else 3
 
 
-def read_history(out: Path) -> pd.DataFrame:
-    """The rows of the CSV `out` that new rows are added to (none if it does not exist yet)."""
-    return pd.read_csv(out) if out.exists() else pd.DataFrame()
+def read_history(out: Path) -> bytes:
+    """The CSV `out` that new rows are added to, as it is (empty if it does not exist yet)."""
+    return out.read_bytes() if out.exists() else b""
 
 
-def append_rows(out: Path, rows: list[dict]) -> None:
-    """Add `rows` to the CSV `out`, atomically. Rewritten whole, so rows of older versions with other columns
-    stay aligned. Read and rewritten under a lock on its directory: two benchmarks that end together (one per
-    GPU, or a CPU and a GPU one) would each rewrite what they read, and the first one's rows would be lost."""
+def check_history(out: Path, history: bytes, infer: bool) -> None:
+    """ConfigError unless `history` (the CSV `out`) is one benchmark.py (with --infer: `infer`) wrote: its header
+    the columns the new rows have, then rows of one value per column. Rows are added after its last line, so under
+    another header they would be misread, and after a row cut short they would become part of it."""
+    columns, header = csv_columns(infer), history.split(b"\n", 1)[0].rstrip(b"\r")
+    if header != ",".join(columns).encode():
+        other = ",".join(csv_columns(not infer)).encode() == header  # a training CSV for --infer, or the reverse
+        raise ConfigError(f"--out names {out}, which benchmark.py did not write: its first line is not the header "
+                          f"benchmark.py{' --infer' if infer else ''} writes ({','.join(columns)})"
+                          + (f"; it is that of benchmark.py{'' if infer else ' --infer'}, whose rows have other columns"
+                             if other else "") + "; nothing was written. Choose a new file name.")
+    reader = csv.reader(io.StringIO(history.decode(errors="replace"), newline=""), strict=True)
+    try:
+        for row in reader:
+            if row and len(row) != len(columns):
+                raise csv.Error(f"{len(row)} values for its {len(columns)} columns")
+    except csv.Error as e:
+        raise ConfigError(f"--out names {out}, which cannot be read as the CSV benchmark.py writes (line "
+                          f"{reader.line_num}: {e}); nothing was written. Mend it, or choose a new file name."
+                          ) from None
+
+
+def append_rows(out: Path, rows: list[dict], infer: bool) -> None:
+    """Add `rows` (of the benchmark --infer or not: `infer`) to the CSV `out`, atomically, after the bytes it holds:
+    the rows there are not read and written again, which would change how their values are written (an integer
+    column with a blank cell read as floats, 256 written back as 256.0). Under a lock on its directory: two
+    benchmarks that end together (one per GPU, or a CPU and a GPU one) would each write what they read, and the
+    first one's rows would be lost."""
+    columns, lines = csv_columns(infer), io.StringIO()
+    csv.DictWriter(lines, columns, lineterminator="\n").writerows(rows)  # a key not among `columns` raises
     with storage_errors(key="--out"), dirs_made(out.parent), exclusive_lock(out.parent):
         history = read_history(out)
-        atomic_write(out, pd.concat([history, pd.DataFrame(rows)], ignore_index=True).to_csv(index=False))
+        if history:  # checked again: another benchmark may have made it since (of the other kind)
+            check_history(out, history, infer)
+        else:
+            history = (",".join(columns) + "\n").encode()
+        if not history.endswith(b"\n"):  # a last row without its line end: the first new row would join it
+            history += b"\n"
+        atomic_write(out, history + lines.getvalue().encode())
     print(f"\nappended {len(rows)} rows to {out}")
 
 
@@ -379,7 +417,7 @@ def train_benchmark(args) -> None:
                     "csv_parse_s": round(parse_s, 2), "cached_load_s": round(cached_s, 3),
                 })
     print_table(rows)
-    append_rows(args.out, rows)
+    append_rows(args.out, rows, infer=False)
 
 
 def seconds_per_call(fn, seconds: float) -> float:
@@ -439,7 +477,7 @@ def infer_benchmark(args) -> None:
                              "ms_range": f"{min(times) * 1e3:.3f}-{max(times) * 1e3:.3f}"})
     print_table(rows, ["model", "batch_size", "runtime", "ms_per_batch", "ms_per_image", "img_s", "speedup_vs_eager",
                        "ms_range"])
-    append_rows(args.out, rows)
+    append_rows(args.out, rows, infer=True)
 
 
 TRAIN_COLUMNS = ["model", "batch_size", "precision", "steps", "raw_img_s", "lightning_img_s", "ratio", "ratio_range",

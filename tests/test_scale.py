@@ -182,6 +182,14 @@ def test_a_ddp_run_out_of_time_before_its_first_validation_is_recorded_and_said_
     assert result.stderr.count("before its first validation") == 1
 
 
+# The first lines of the CSVs benchmark.py writes: the date, the hardware, then what each benchmark measures.
+TRAIN_BENCHMARK_HEADER = (b"date,cpu,isa,cores,torch_threads,gpu,torch,model,batch_size,precision,steps,raw_img_s,"
+                          b"lightning_img_s,lightning_tflop_s,gflop_per_img,ratio,ratio_range,data_img_s,"
+                          b"data_share_pct,csv_parse_s,cached_load_s\n")
+INFER_BENCHMARK_HEADER = (b"date,cpu,isa,cores,torch_threads,gpu,torch,model,batch_size,runtime,ms_per_batch,"
+                          b"ms_per_image,img_s,speedup_vs_eager,ms_range\n")
+
+
 def test_benchmark_prints_and_appends_a_row(tmp_path, data_dir, run_in_process):
     out = tmp_path / "bench.csv"
     result = run_in_process("scripts/benchmark.py", "--data-dir", str(data_dir), "--images", "64", "--repeats", "1",
@@ -192,9 +200,27 @@ def test_benchmark_prints_and_appends_a_row(tmp_path, data_dir, run_in_process):
     # The console train.py has: no Lightning notices or warnings a user cannot act on, no bar into a pipe.
     for noise in ("litlogger", "TPU available", "LeafSpec", "it/s]", "srun"):
         assert noise not in result.stdout + result.stderr, noise
+    assert out.read_bytes().startswith(TRAIN_BENCHMARK_HEADER)
     row = pd.read_csv(out).iloc[0]
     assert row.raw_img_s > 0 and row.lightning_img_s > 0 and row.ratio > 0 and row.csv_parse_s > 0
     assert row.cores >= 1 and row.torch_threads >= 1 and isinstance(row.isa, str) and row.gflop_per_img > 0
+
+
+def test_benchmark_appends_after_the_rows_there_leaving_them_byte_for_byte(tmp_path, data_dir, run_in_process):
+    out = tmp_path / "bench.csv"  # a row without its step count (blank), numbers as written by hand, no final newline
+    before = (TRAIN_BENCHMARK_HEADER
+              + b"2026-11-26T01:29:52+00:00,Intel(R) Xeon(R) Processor,avx2,16,16,,2.11.0,optimized,256,32-true,251,"
+                b"10057,7156,3.672,0.513,0.70,0.706-0.723,38703,18.49,2.33,0.149\n"
+              + b"2026-11-26T01:30:00+00:00,Intel(R) Xeon(R) Processor,avx2,16,16,,2.11.0,optimized,256,32-true,,"
+                b"10057,7156,3.672,0.513,0.70,0.706-0.723,38703,18.49,2.33,0.149")
+    out.write_bytes(before)
+    result = run_in_process("scripts/benchmark.py", "--data-dir", str(data_dir), "--images", "64", "--repeats", "1",
+                            "--val-size", "100", "--batch-sizes", "32", "--precisions", "32-true", "--models", "simple",
+                            "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.read_bytes().startswith(before + b"\n")  # not 256.0, 251.0 or 0.7: the rows are not read and rewritten
+    table = pd.read_csv(out)
+    assert list(table.batch_size) == [256, 256, 32] and table.model.iloc[-1] == "simple" and table.steps.iloc[-1] > 0
 
 
 def test_two_benchmarks_that_end_together_keep_both_rows(tmp_path, monkeypatch):
@@ -209,10 +235,11 @@ def test_two_benchmarks_that_end_together_keep_both_rows(tmp_path, monkeypatch):
         return history
 
     monkeypatch.setattr(benchmark, "read_history", read_then_wait)
-    first = threading.Thread(target=benchmark.append_rows, args=(out, [{"date": "d", "cpu": "first"}]), name="first")
+    first = threading.Thread(target=benchmark.append_rows, args=(out, [{"date": "d", "cpu": "first"}], False),
+                             name="first")
     first.start()
     assert first_has_read.wait(30)
-    benchmark.append_rows(out, [{"date": "d", "cpu": "second"}])
+    benchmark.append_rows(out, [{"date": "d", "cpu": "second"}], False)
     first.join()
     assert sorted(pd.read_csv(out).cpu) == ["first", "second"] and sorted(os.listdir(tmp_path)) == ["bench.csv"]
 
@@ -222,7 +249,14 @@ def test_benchmark_refuses_an_out_it_did_not_write_and_a_bad_model_before_timing
     victim.write_bytes((data_dir / "fashion-mnist_test.csv").read_bytes())
     before = victim.read_bytes()
     damaged = tmp_path / "bench.csv"  # benchmark.py's header, then a row cut short: the new rows could not be added
-    damaged.write_bytes(b"date,cpu,model\n2026-01-01,\"x\n")
+    damaged.write_bytes(TRAIN_BENCHMARK_HEADER + b"2026-01-01,\"x\n")
+    short = tmp_path / "short.csv"  # a row of fewer values than the header has columns: the new ones would not line up
+    short.write_bytes(TRAIN_BENCHMARK_HEADER + b"2026-01-01,x,avx2\n")
+    other = tmp_path / "other.csv"  # begins as benchmark.py's do, but other columns: rows would go under a wrong header
+    other.write_bytes(b"date,cpu,notes\n2026-01-01,x,mine\n")
+    inference = tmp_path / "infer.csv"  # what benchmark.py --infer writes: the training rows have other columns
+    inference.write_bytes(INFER_BENCHMARK_HEADER)
+    kept = {path: path.read_bytes() for path in (damaged, short, other, inference)}
     common = ["--data-dir", str(data_dir), "--images", "64", "--repeats", "1", "--val-size", "100",
               "--batch-sizes", "32", "--precisions", "32-true"]
     for args, message in [
@@ -233,6 +267,16 @@ def test_benchmark_refuses_an_out_it_did_not_write_and_a_bad_model_before_timing
         (["--models", "simple", "--batch-sizes", "0", "--out", str(tmp_path / "b.csv")],
          "--batch-sizes: batch sizes must be at least 1; got 0"),
         (["--models", "simple", "--out", str(damaged)], f"--out names {damaged}, which cannot be read as the CSV"),
+        (["--models", "simple", "--out", str(short)],
+         f"--out names {short}, which cannot be read as the CSV benchmark.py writes (line 2: 3 values for its 21 "
+         "columns)"),
+        (["--models", "simple", "--out", str(other)],
+         f"--out names {other}, which benchmark.py did not write: its first line is not the header benchmark.py writes "
+         f"({TRAIN_BENCHMARK_HEADER.decode().strip()})"),
+        (["--models", "simple", "--out", str(inference)],
+         f"--out names {inference}, which benchmark.py did not write: its first line is not the header benchmark.py "
+         f"writes ({TRAIN_BENCHMARK_HEADER.decode().strip()}); it is that of benchmark.py --infer, whose rows have "
+         "other columns; nothing was written. Choose a new file name."),
         (["--models", "simple", "--repeats", "0", "--out", str(tmp_path / "b.csv")],
          "--repeats must be a finite number above zero; got 0"),
         (["--models", "simple", "--seconds", "inf", "--out", str(tmp_path / "b.csv")],
@@ -255,8 +299,8 @@ def test_benchmark_refuses_an_out_it_did_not_write_and_a_bad_model_before_timing
         result = run_in_process("scripts/benchmark.py", *common, *args)
         assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]
         assert "Traceback" not in result.stderr and "hardware:" not in result.stdout  # refused before any timing
-    assert victim.read_bytes() == before and damaged.read_bytes() == b"date,cpu,model\n2026-01-01,\"x\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([damaged.name, victim.name])
+    assert victim.read_bytes() == before and all(path.read_bytes() == text for path, text in kept.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([victim.name, *(path.name for path in kept)])
 
 
 def test_benchmark_infer_without_onnxruntime_is_one_paragraph_before_timing(tmp_path, run_in_process, monkeypatch):
