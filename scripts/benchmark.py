@@ -45,8 +45,8 @@ from fmnist.errors import ConfigError
 from fmnist.fsio import (atomic_write, check_folder_can_hold, dirs_made, exclusive_lock, path_argument,
                          storage_errors)
 from fmnist.training.callbacks import step_callbacks
-from fmnist.config import ACCELERATORS, OptimConfig, TrainConfig
-from fmnist.overrides import compose_train
+from fmnist.config import ACCELERATORS, CONF_DIR, OptimConfig, TrainConfig
+from fmnist.overrides import check_name, compose_train
 from fmnist.data.csv_io import cache_path, load_csv, parse_csv
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.data.sources import find_csv
@@ -297,6 +297,7 @@ def check_inputs(args) -> None:
             raise ConfigError(f"--out names {args.out}, which cannot be read ({e.strerror or e}); nothing was written. "
                               "Choose another file name.") from e
         check_history(args.out, history, args.infer)
+    check_model_names(args.models)
     for name in args.models:
         try:
             model_cfg(name, False)
@@ -318,6 +319,17 @@ def check_inputs(args) -> None:
                               f"batch(es) of it, and each loop needs more than its {warmup} warm-up steps in one epoch; "
                               + (f"give batch sizes of at most {largest}." if largest >= 1 else
                                  "give a smaller --val-size or more data."))
+
+
+def check_model_names(names: list[str]) -> None:
+    """ConfigError for a --models value that is not the name of a model config (conf/model/NAME.yaml): Hydra would
+    compose a path (`../model/optimized`) as the file it leads to, and read `simple,resnet` as a sweep."""
+    known = ", ".join(sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml")))
+    for name in names:
+        check_name("--models", name, names=f"a model in conf/model/ ({known})")
+        if not (CONF_DIR / "model" / f"{name}.yaml").is_file():
+            raise ConfigError(f"--models {name}: no such model; expected one of {known} (conf/model/NAME.yaml), "
+                              "several separated by spaces.")
 
 
 def warmup_steps(fast_path: bool) -> int:

@@ -263,7 +263,15 @@ def test_benchmark_refuses_an_out_it_did_not_write_and_a_bad_model_before_timing
         (["--models", "simple", "--out", str(victim)], f"--out names {victim}, which benchmark.py did not write"),
         (["--models", "simple", "--out", str(tmp_path)], f"--out names {tmp_path}, which is not a regular file"),
         (["--models", "simple", "--out", str(victim / "b.csv")], f"but {victim} is a file, not a directory"),
-        (["--models", "nosuch", "--out", str(tmp_path / "b.csv")], "--models nosuch: In 'train': Could not find 'model/nosuch'"),
+        # A path that Hydra would find (conf/model/../model/optimized.yaml), a list it would read as a sweep of both.
+        (["--models", "../model/optimized", "--out", str(tmp_path / "b.csv")],
+         "--models must be a name, not a path (letters, digits and . _ + = , - ; not '.' or '..'), since it names a "
+         "model in conf/model/ (optimized, resnet, simple); got '../model/optimized'."),
+        (["--models", "simple,resnet", "--out", str(tmp_path / "b.csv")],
+         "--models simple,resnet: no such model; expected one of optimized, resnet, simple"),
+        (["--models", "nosuch", "--out", str(tmp_path / "b.csv")],
+         "--models nosuch: no such model; expected one of optimized, resnet, simple (conf/model/NAME.yaml), "
+         "several separated by spaces."),
         (["--models", "simple", "--batch-sizes", "0", "--out", str(tmp_path / "b.csv")],
          "--batch-sizes: batch sizes must be at least 1; got 0"),
         (["--models", "simple", "--out", str(damaged)], f"--out names {damaged}, which cannot be read as the CSV"),
