@@ -303,6 +303,10 @@ def check_inputs(args) -> None:
             model_cfg(name, False)
         except ConfigError as e:
             raise ConfigError(f"--models {name}: {e}") from e
+    if args.infer and args.ckpt is not None:  # loaded among the checks: one that cannot be timed is refused first
+        from fmnist.inference.loading import load_model
+
+        args.loaded_ckpt = load_model(args.ckpt, key="--ckpt")  # what infer_benchmark times
     if not args.infer:  # the data read, and the validation split checked against them, as training does
         try:
             train_images = FashionMNISTDataModule(dir=str(args.data_dir), val_size=args.val_size).check()["train"]
@@ -451,7 +455,7 @@ def infer_benchmark(args) -> None:
     import numpy as np
 
     from fmnist.inference.export import INPUT_NAME, require_packages, to_onnx
-    from fmnist.inference.loading import LoadedModel, load_model
+    from fmnist.inference.loading import LoadedModel
 
     require_packages()
     import onnxruntime as ort
@@ -459,7 +463,7 @@ def infer_benchmark(args) -> None:
         torch.set_num_threads(args.threads)
     hardware = describe()
     print(f"hardware: {describe_line(hardware)}, onnxruntime {ort.__version__}")
-    targets = [load_model(args.ckpt)] if args.ckpt else [
+    targets = [args.loaded_ckpt] if args.ckpt else [
         LoadedModel(classifier(model_cfg(name, False)).eval(), Path("untrained"), "",
                     model_cfg(name, False)["model"], {}) for name in args.models]
     rows = []

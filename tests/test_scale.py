@@ -320,6 +320,27 @@ def test_benchmark_infer_without_onnxruntime_is_one_paragraph_before_timing(tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+def test_benchmark_infer_refuses_a_bad_ckpt_naming_the_option_before_timing(tmp_path, run_in_process):
+    failed = tmp_path / "failed"  # a run that ended before its first checkpoint
+    failed.mkdir()
+    (failed / "metrics.json").write_text('{"status": "failed", "error": "DataError: ..."}')
+    stopped = tmp_path / "stopped"  # a run with its last checkpoint but no best one yet
+    (stopped / "checkpoints").mkdir(parents=True)
+    (stopped / "checkpoints" / "last.ckpt").write_bytes(b"")
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes(b"not a checkpoint")
+    for ckpt, message in [(tmp_path / "nope", f"--ckpt {tmp_path / 'nope'}: no such file or directory; expected"),
+                          (failed, f"--ckpt {failed}: a run directory without checkpoints (the run is 'failed'"),
+                          (stopped, f"pass --ckpt {stopped / 'checkpoints' / 'last.ckpt'} to use its last checkpoint"),
+                          (damaged, f"{damaged}: ")]:
+        result = run_in_process("scripts/benchmark.py", "--infer", "--ckpt", str(ckpt),
+                                "--out", str(tmp_path / "b.csv"))
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]
+        assert "ckpt=" not in result.stderr and "Traceback" not in result.stderr  # the option typed, not train.py's key
+        assert "hardware:" not in result.stdout  # refused before any timing
+    assert not (tmp_path / "b.csv").exists()
+
+
 def test_benchmark_refuses_an_out_it_cannot_write_before_timing(data_dir, run_in_process, tmpfs):
     read_only = tmpfs("ro,size=8k")  # the rows would be lost after the whole benchmark
     result = run_in_process("scripts/benchmark.py", "--data-dir", str(data_dir), "--models", "simple",

@@ -60,13 +60,18 @@ def _epoch_and_version(path: Path) -> tuple[int, int, str]:
     return (int(found[1]), int(found[2] or 0), path.name) if found else (-1, 0, path.name)
 
 
-def best_in_run(run_dir: Path, suggest_last: bool = True) -> Path:
+def given_as(ckpt: str | Path, key: str) -> str:
+    """`ckpt` as a command line gives it: `ckpt=VALUE` for the key `ckpt`, `--ckpt VALUE` for an option."""
+    return f"{key} {ckpt}" if key.startswith("-") else f"{key}={ckpt}"
+
+
+def best_in_run(run_dir: Path, suggest_last: bool = True, key: str = "ckpt") -> Path:
     """The run's best-on-validation checkpoint (`checkpoints/best-epochNNN.ckpt`). `suggest_last`: where there is
-    none, the error suggests `ckpt=` its last one (for a command that takes `ckpt=`)."""
+    none, the error suggests its last one as the value of `key` (for a command that takes a checkpoint)."""
     best = sorted((run_dir / CHECKPOINT_DIR).glob(f"{BEST_CHECKPOINT_PREFIX}*.ckpt"), key=_epoch_and_version)
     if not best:
         last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
-        hint = f"; pass ckpt={last} to use its last checkpoint" if last.exists() and suggest_last else ""
+        hint = f"; pass {given_as(last, key)} to use its last checkpoint" if last.exists() and suggest_last else ""
         raise CheckpointError(f"{run_dir}: run directory without a best checkpoint "
                               f"({CHECKPOINT_DIR}/{BEST_CHECKPOINT_PREFIX}*.ckpt){hint}.")
     if len(best) > 1:  # only one is kept; a later file beat the earlier ones on validation accuracy
@@ -74,43 +79,45 @@ def best_in_run(run_dir: Path, suggest_last: bool = True) -> Path:
     return best[-1]
 
 
-def resolve(ckpt: str | Path) -> Resolved:
-    """Turn `ckpt=` into a checkpoint file: itself, a run's best one, a sweep's best job's best one, or the shipped one."""
+def resolve(ckpt: str | Path, key: str = "ckpt") -> Resolved:
+    """Turn `ckpt=` into a checkpoint file: itself, a run's best one, a sweep's best job's best one, or the shipped one.
+    `key`: what the messages call it, the config key `ckpt` or a command's option (`--ckpt`)."""
+    given = given_as(ckpt, key)
     if str(ckpt) == "pretrained":
         if not PRETRAINED.is_file():
-            raise CheckpointError(f"ckpt=pretrained: {PRETRAINED} is missing; it ships with the repository (a git "
+            raise CheckpointError(f"{given}: {PRETRAINED} is missing; it ships with the repository (a git "
                                   "checkout has it), or make one with scripts/ship_model.py RUN_DIR.")
         note = f"the shipped model ({PRETRAINED.with_suffix('.md')})"
-        log.info("ckpt=pretrained: %s", note)
+        log.info("%s: %s", given, note)
         return Resolved(PRETRAINED, note=note)
     if not str(ckpt).strip():  # Path('') is the current directory: refused as empty, not searched for runs
-        raise CheckpointError(f"ckpt= is empty; {WHAT_CKPT_IS}.")
+        raise CheckpointError(f"{given_as('', key).strip()} is empty; {WHAT_CKPT_IS}.")
     path = Path(ckpt).expanduser()
     if path.is_file():
         run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else None
         return Resolved(path, run_dir if run_dir and (run_dir / CONFIG_FILE).exists() else None)
     if not path.is_dir():
-        raise CheckpointError(f"ckpt={ckpt}: {not_a_file(path, missing='no such file or directory')}; {WHAT_CKPT_IS}.")
+        raise CheckpointError(f"{given}: {not_a_file(path, missing='no such file or directory')}; {WHAT_CKPT_IS}.")
     if (path / CHECKPOINT_DIR).is_dir():
-        best = best_in_run(path)
+        best = best_in_run(path, key=key)
         status = (read_record(path) or {}).get("status")
         if status not in (None, COMPLETED):  # e.g. a run still training, whose best checkpoint may yet change
             log.warning("%s: the run is %s, not completed: using its best checkpoint so far, %s", path, status, best.name)
         return Resolved(best, path)
     record = read_record(path)
     if record is not None and record.get("status"):  # a run that ended before its first checkpoint
-        raise CheckpointError(f"ckpt={ckpt}: a run directory without checkpoints (the run is {record.get('status')!r}: "
+        raise CheckpointError(f"{given}: a run directory without checkpoints (the run is {record.get('status')!r}: "
                               f"it ended before saving one); {WHAT_CKPT_IS}.")
     jobs = collect(path)
     done = jobs[(jobs.status == COMPLETED) & jobs.val_acc_best.notna()] if len(jobs) else jobs
     if done.empty:
         found = f"{len(jobs)} job directories, none completed with a validation accuracy" if len(jobs) else "nothing"
-        raise CheckpointError(f"ckpt={ckpt}: a directory holding {found}; {WHAT_CKPT_IS}.")
+        raise CheckpointError(f"{given}: a directory holding {found}; {WHAT_CKPT_IS}.")
     best = done.loc[pd.to_numeric(done.val_acc_best).idxmax()]  # first of equals, in job-name order
     run_dir = path / best.job
     note = f"best of {len(done)} completed jobs by validation accuracy: {best.job} (val/acc_best {best.val_acc_best:.4f})"
     log.info("%s: %s", path, note)
-    return Resolved(best_in_run(run_dir), run_dir, note)
+    return Resolved(best_in_run(run_dir, key=key), run_dir, note)
 
 
 def weights_error(error: Exception, limit: int = 400) -> str:
@@ -258,9 +265,10 @@ def _checked_fields(path: Path, payload: dict) -> tuple[dict, dict]:
     return hp, dict(data)
 
 
-def load_model(ckpt: str | Path) -> LoadedModel:
-    """Resolve `ckpt` and rebuild its model (eval mode, CPU, no torch.compile) from the checkpoint alone."""
-    resolved = resolve(ckpt)
+def load_model(ckpt: str | Path, key: str = "ckpt") -> LoadedModel:
+    """Resolve `ckpt` (given as `key`: see `resolve`) and rebuild its model (eval mode, CPU, no torch.compile) from
+    the checkpoint alone."""
+    resolved = resolve(ckpt, key)
     path = resolved.path
     payload = load_checkpoint(path)
     hp, data = _checked_fields(path, payload)
