@@ -6,6 +6,7 @@ exiting 1, the code of a crash; and it accepts `+optim.lrr=0.1` (its own hint), 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import signal
@@ -26,6 +27,28 @@ from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, FmnistError
 from fmnist.fsio import (RUN_DIR_KEY, SWEEP_DIR_KEY, early_writes_undone_if_stopped, note_dirs_to_be_made,
                          storage_error)
 from fmnist.overrides import composition_message, renamed_overrides
+
+
+class UnknownOptionFirstParser(argparse.ArgumentParser):
+    """argparse's parser for a command with a required argument (a directory): an option it does not take is
+    named as such (`unrecognized arguments: --bogus`, exit 2). argparse checks the required arguments first, so
+    that `summary --bogus` was refused as if only its DIR were missing. Its subcommands' parsers are of this class
+    too."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        required = [action for action in self._actions if action.required]
+        for action in required:  # a first reading without them, only to find the options not taken
+            action.required = False
+        try:
+            _, extras = super().parse_known_args(args, argparse.Namespace())
+        finally:
+            for action in required:
+                action.required = True
+        unknown = [arg for arg in extras if arg.startswith("-") and arg != "-"]  # `-` is a value (standard input)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return super().parse_known_args(args, namespace)
 
 
 def refuse_unknown_keys(cfg: DictConfig, overrides: list[str]) -> None:

@@ -20,7 +20,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from fmnist.cli import exit_if_no_working_directory, run_plain
+from fmnist.cli import UnknownOptionFirstParser, exit_if_no_working_directory, run_plain
 
 exit_if_no_working_directory()  # here: torch's import fails in a deleted directory, with oneMKL's error instead
 
@@ -208,7 +208,7 @@ def card_text(name, record, model, tta, accuracy, recorded, ckpt, onnx, run_dir,
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = UnknownOptionFirstParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=path_argument, help="a finished run directory")
     parser.add_argument("--name", default=PRETRAINED.stem,
                         help=f"the shipped files' name (default: {PRETRAINED.stem}, the one ckpt=pretrained loads)")

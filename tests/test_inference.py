@@ -776,6 +776,14 @@ def test_shipping_to_a_full_or_read_only_disk_is_one_paragraph_naming_the_shippe
         assert "=...)" not in str(refused.value) and list(disk.iterdir()) == []
 
 
+def test_ship_model_names_an_unknown_option_as_such_not_taken_for_a_missing_run(run_in_process):
+    result = run_in_process("scripts/ship_model.py", "--bogus")
+    assert result.returncode == 2 and "error: unrecognized arguments: --bogus" in result.stderr, result.stderr
+    assert "required" not in result.stderr
+    result = run_in_process("scripts/ship_model.py")
+    assert result.returncode == 2 and "error: the following arguments are required: run_dir" in result.stderr
+
+
 def test_the_shipped_model_is_the_one_its_card_describes():
     from fmnist.inference.loading import PRETRAINED, PRETRAINED_DIR
 

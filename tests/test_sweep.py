@@ -603,6 +603,22 @@ def test_the_old_script_names_still_work_and_say_the_new_command(tmp_path, run_i
     assert result.returncode == 2 and "python -m fmnist.results summary" in result.stderr
 
 
+def test_an_unknown_option_is_named_as_such_not_taken_for_a_missing_directory(run_in_process, capfd):
+    from fmnist.results.__main__ import parse_args
+
+    result = run_in_process("scripts/aggregate.py", "--bogus")
+    assert result.returncode == 2 and "error: unrecognized arguments: --bogus" in result.stderr, result.stderr
+    assert "required" not in result.stderr
+    for argv in (["--bogus"], ["summary", "--bogus"], ["images", "a", "--bogus"], ["changes", "--bogus", "a"],
+                 ["tricks", "--bogus=1"]):
+        with pytest.raises(SystemExit) as exited:
+            parse_args(argv)
+        err = capfd.readouterr().err
+        assert exited.value.code == 2 and "unrecognized arguments: --bogus" in err and "required" not in err, argv
+    result = run_in_process("scripts/aggregate.py")  # a directory missing, and nothing else: said as before
+    assert result.returncode == 2 and "error: the following arguments are required: DIR" in result.stderr
+
+
 def test_figures_stay_readable_and_their_names_keep_whole_values():
     from fmnist.results.report import PANELS_PER_ROW, _slug, curves_figure, time_to_accuracy_figure, timed_runs
 

@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fmnist.cli import run_plain
+from fmnist.cli import UnknownOptionFirstParser, run_plain
 from fmnist.errors import ConfigError
 from fmnist.fsio import (atomic_output, atomic_write, check_output_file, check_writable, not_a_directory,
                          path_argument, storage_errors)
@@ -164,8 +164,8 @@ WRITING_VERBS = ("summary", "report")  # they write into the sweep directories; 
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="python -m fmnist.results", description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    top = UnknownOptionFirstParser(prog="python -m fmnist.results", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = top.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name, (_, help) in VERBS.items():
         sub = verbs.add_parser(name, help=help)
