@@ -364,6 +364,22 @@ def test_gpu_check_dry_run_composes_every_command(run_in_process):
     assert lines[-1].startswith("dry run: 18 commands composed")
 
 
+def test_gpu_check_sh_refuses_a_python_it_cannot_use_in_one_line_and_dry_runs_with_one_it_can(tmp_path):
+    old = tmp_path / "python2"  # an interpreter too old for the project, as `python2 --version` answers
+    old.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "Python 2.7.18" >&2\nexit 1\n')
+    old.chmod(0o755)
+    for python, found in ((tmp_path / "nosuch", "no such command"), (old, "`--version` says Python 2.7.18")):
+        result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], capture_output=True,
+                                text=True, timeout=60, env={**os.environ, "PYTHON": str(python)})
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr  # one line, not pip's pages
+        assert result.stderr.startswith(f"gpu-check: PYTHON={python}: {found}; expected Python 3.10 or later"), \
+            result.stderr
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1].startswith("dry run: 18 commands composed")
+
+
 def test_gpu_records_dry_run_composes_the_record_recipes(run_in_process):
     result = run_in_process("scripts/gpu_check.py", "--records", "--dry-run")
     assert result.returncode == 0, result.stderr[-3000:]
