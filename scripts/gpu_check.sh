@@ -32,6 +32,11 @@ if [ -z "${WHEELS+set}" ] && compgen -G ".whl/*.whl" >/dev/null && ! "$PYTHON" -
 fi
 
 if [ -n "${WHEELS:-}" ]; then
+    if ! compgen -G "$WHEELS/*.whl" >/dev/null; then  # else pip's "*.whl is not a valid wheel filename", exit 1
+        echo "gpu-check: WHEELS=$WHEELS holds no .whl files; expected the folder scripts/gpu_wheels.sh writes" \
+             "(.whl/ in the checkout), or WHEELS= to install from a package index" >&2
+        exit 2
+    fi
     # Offline: the wheels go into a folder of their own, first on the path, without their dependencies;
     # the image's own packages (its CUDA torch among them) stay as they are, whoever owns its environment.
     site="${TMPDIR:-/tmp}/fmnist-wheels"

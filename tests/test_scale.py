@@ -380,6 +380,17 @@ def test_gpu_check_sh_refuses_a_python_it_cannot_use_in_one_line_and_dry_runs_wi
     assert result.stdout.splitlines()[-1].startswith("dry run: 18 commands composed")
 
 
+def test_gpu_check_sh_refuses_a_wheels_folder_without_wheels_in_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for wheels in (tmp_path / "empty", tmp_path / "nosuch"):
+        result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], capture_output=True,
+                                text=True, timeout=60,
+                                env={**os.environ, "PYTHON": sys.executable, "WHEELS": str(wheels)})
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith(f"gpu-check: WHEELS={wheels} holds no .whl files; expected the folder "
+                                        "scripts/gpu_wheels.sh writes"), result.stderr
+
+
 def test_gpu_records_dry_run_composes_the_record_recipes(run_in_process):
     result = run_in_process("scripts/gpu_check.py", "--records", "--dry-run")
     assert result.returncode == 0, result.stderr[-3000:]
