@@ -491,8 +491,7 @@ def infer_benchmark(args) -> None:
                              "ms_per_batch": round(t * 1e3, 3), "ms_per_image": round(t * 1e3 / batch_size, 4),
                              "img_s": round(batch_size / t), "speedup_vs_eager": round(eager / t, 2),
                              "ms_range": f"{min(times) * 1e3:.3f}-{max(times) * 1e3:.3f}"})
-    print_table(rows, ["model", "batch_size", "runtime", "ms_per_batch", "ms_per_image", "img_s", "speedup_vs_eager",
-                       "ms_range"])
+    print_table(rows, INFER_CSV_COLUMNS)
     append_rows(args.out, rows, infer=True)
 
 
