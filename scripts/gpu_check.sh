@@ -8,19 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-# PYTHON must run as Python 3.10 or later (pyproject.toml's requires-python): else every check below fails as
-# if a package were missing, and what follows would offer to install them into it.
-if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
-    if command -v "$PYTHON" >/dev/null; then
-        version=$("$PYTHON" --version 2>&1 | head -n 1) || true
-        found="\`--version\` says ${version:-nothing}"
-    else
-        found="no such command"
-    fi
-    echo "gpu-check: PYTHON=$PYTHON: $found; expected Python 3.10 or later (default python3; after make install," \
-         "PYTHON=.venv/bin/python)" >&2
-    exit 2
-fi
+. scripts/require_python.sh
+require_python gpu-check
 NEEDED="import hydra, omegaconf, lightning, torchmetrics, pandas, matplotlib, tensorboard, scipy, joblib
 import hydra_plugins.hydra_joblib_launcher"
 

@@ -15,6 +15,8 @@ set -euo pipefail
 PYTHON=${PYTHON:-python3}
 DIR=$(realpath -m "${1:-$(dirname "$0")/../.whl}")  # a relative DIR is where the command was run from
 cd "$(dirname "$0")/.."
+. scripts/require_python.sh
+require_python gpu_wheels
 PACKAGES=(hydra-core omegaconf antlr4-python3-runtime hydra-joblib-launcher joblib cloudpickle)
 
 # This Python's lock, else any: the packages are pure Python, so any lock's versions suit the GPU machine.

@@ -380,6 +380,16 @@ def test_gpu_check_sh_refuses_a_python_it_cannot_use_in_one_line_and_dry_runs_wi
     assert result.stdout.splitlines()[-1].startswith("dry run: 18 commands composed")
 
 
+def test_gpu_wheels_sh_refuses_a_python_it_cannot_use_in_one_line_before_making_its_folder(tmp_path):
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_wheels.sh"), str(tmp_path / "wheels")],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHON": str(tmp_path / "nosuch")})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr  # not the shell's exit 127
+    assert result.stderr.startswith(f"gpu_wheels: PYTHON={tmp_path / 'nosuch'}: no such command; expected Python 3.10 "
+                                    "or later"), result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_gpu_check_sh_refuses_a_wheels_folder_without_wheels_in_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     for wheels in (tmp_path / "empty", tmp_path / "nosuch"):
