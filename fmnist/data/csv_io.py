@@ -42,6 +42,8 @@ def require_file(path: Path) -> None:
                         "--data-dir DIR for the scripts).")
 
 
+GZIP_MAGIC = b"\x1f\x8b"  # the first bytes of every gzip file
+
 # What reading a .csv or .csv.gz raises for a file that is there but cannot be read (zlib.error: a corrupt
 # deflate stream; gzip.BadGzipFile is an OSError).
 _UNREADABLE = (OSError, EOFError, zlib.error)
@@ -53,7 +55,7 @@ def _unreadable(path: Path, error: BaseException) -> DataError:
     # do not say what is wrong with the file.
     if isinstance(error, EOFError):
         cause = "its gzip data is cut short, as by an interrupted copy or download"
-    elif isinstance(error, gzip.BadGzipFile) and _first_bytes(path, 2) != b"\x1f\x8b":
+    elif isinstance(error, gzip.BadGzipFile) and _first_bytes(path, len(GZIP_MAGIC)) != GZIP_MAGIC:
         cause = "it is not gzip-compressed, though its name ends in .gz"
     else:
         cause = str(error)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fmnist import IMAGE_SIDE, NUM_CLASSES
-from fmnist.data.csv_io import csv_digest, load_csvs, require_file, write_csv
+from fmnist.data.csv_io import GZIP_MAGIC, csv_digest, load_csvs, require_file, write_csv
 from fmnist.errors import DataError
 from fmnist.fsio import exclusive_lock, not_a_directory, storage_errors
 
@@ -38,7 +38,6 @@ OFFICIAL_MD5 = {  # the published checksums of Zalando's gzipped IDX files
     "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
     "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
 }
-GZIP_MAGIC = b"\x1f\x8b"  # the first bytes of every gzip file
 
 
 def find_csv(data_dir: Path | str, split: str) -> Path:
