@@ -169,8 +169,9 @@ def process_gone(record: dict) -> bool:
     namespace, and has ended. A record of another machine or container, or without its process, is never judged
     gone: it may still run. A record without `pid_namespace` (written before it was kept) is judged by host and
     pid alone."""
+    here = pid_namespace()
     return record.get("host") == platform.node() and isinstance(record.get("pid"), int) \
-        and record.get("pid_namespace", pid_namespace()) == pid_namespace() and not process_alive(record["pid"])
+        and record.get("pid_namespace", here) == here and not process_alive(record["pid"])
 
 
 def now() -> str:
