@@ -10,6 +10,7 @@ table, and appends both to a CSV so runs can be compared over time. Run it on a 
 PyTorch model in eager mode against onnxruntime on the exported ONNX file, alternated in one run on
 the same uint8 inputs (both include the scaling from raw pixels). `--ckpt` takes a checkpoint, run
 or sweep directory; without it an untrained model of `--models` is timed (weights do not change speed).
+An option that only one mode reads (the help says which) is refused in the other, not ignored.
 
 Each loop runs for about `--seconds` after a warm-up (the step count is calibrated once per row),
 so every row finishes in bounded time on any machine. The default precisions are those this
@@ -205,25 +206,32 @@ def csv_timings(data_dir: Path) -> tuple[float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=path_argument, default=Path("data"))
-    parser.add_argument("--models", nargs="+", default=["optimized"])
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 256])
-    parser.add_argument("--accelerator", default="auto", help="auto | cpu | gpu")
-    parser.add_argument("--precisions", nargs="+", default=None,
-                        help="default: those this hardware runs natively (32-true, plus bf16-mixed where native)")
+    parser.add_argument("--data-dir", type=path_argument, default=Path("data"), help="training: the CSVs (default data)")
+    # Options read by one mode only default to SUPPRESS: check_mode_options tells given from defaulted, then fills in
+    # MODE_DEFAULTS, so that one given to the other mode is refused instead of silently ignored.
+    quiet = argparse.SUPPRESS
+    parser.add_argument("--models", nargs="+", default=quiet, help="models of conf/model/ (default optimized)")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=quiet, help="training (default 32 256)")
+    parser.add_argument("--accelerator", default=quiet, help="training: auto | cpu | gpu (default auto)")
+    parser.add_argument("--precisions", nargs="+", default=quiet,
+                        help="training; default: those this hardware runs natively (32-true, plus bf16-mixed where "
+                             "native)")
     parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per loop and repeat (calibrated)")
-    parser.add_argument("--images", type=int, default=None, help="images per loop and repeat instead of --seconds")
+    parser.add_argument("--images", type=int, default=quiet,
+                        help="training: images per loop and repeat instead of --seconds")
     parser.add_argument("--repeats", type=int, default=5, help="alternating raw/Lightning repeats (median)")
-    parser.add_argument("--val-size", type=int, default=5000)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model in both loops")
-    parser.add_argument("--fast-path", action="store_true",
-                        help="CUDA graphs in both loops (fast_path=true in training); a CPU ignores it")
+    parser.add_argument("--val-size", type=int, default=quiet, help="training (default 5000)")
+    parser.add_argument("--compile", action="store_true", default=quiet,
+                        help="training: torch.compile the model in both loops")
+    parser.add_argument("--fast-path", action="store_true", default=quiet,
+                        help="training: CUDA graphs in both loops (fast_path=true in training); a CPU ignores it")
     parser.add_argument("--out", type=path_argument, default=None,
                         help="CSV to append to (default outputs/benchmarks.csv, with --infer outputs/benchmarks_infer.csv)")
     parser.add_argument("--infer", action="store_true", help="inference: PyTorch eager vs onnxruntime (see above)")
-    parser.add_argument("--ckpt", type=path_argument, default=None, help="with --infer: a checkpoint, run or sweep directory to time")
-    parser.add_argument("--infer-batch-sizes", nargs="+", type=int, default=[1, 256])
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--ckpt", type=path_argument, default=quiet,
+                        help="with --infer: a checkpoint, run or sweep directory to time")
+    parser.add_argument("--infer-batch-sizes", nargs="+", type=int, default=quiet, help="with --infer (default 1 256)")
+    parser.add_argument("--threads", type=int, default=quiet,
                         help="with --infer: intra-op threads of both PyTorch and onnxruntime (default: torch's)")
     args = parser.parse_args()
     # The console of every command: one line per message, Lightning's notices and harmless warnings out.
@@ -233,10 +241,40 @@ def main() -> int:
     args.out = args.out or Path("outputs/benchmarks_infer.csv" if args.infer else "outputs/benchmarks.csv")
 
     def work() -> None:
+        check_mode_options(args)
         check_inputs(args)
         (infer_benchmark if args.infer else train_benchmark)(args)
 
     return run_plain(work)
+
+
+# What the options read by one mode only default to; the other mode refuses them (check_mode_options).
+MODE_DEFAULTS = {
+    "training": {"batch_sizes": [32, 256], "accelerator": "auto", "precisions": None, "images": None, "val_size": 5000,
+                 "compile": False, "fast_path": False},
+    "inference": {"ckpt": None, "infer_batch_sizes": [1, 256], "threads": None},
+}
+
+
+def check_mode_options(args) -> None:
+    """ConfigError for an option that the chosen mode would ignore (a training option with --infer, an inference one
+    without it, --models beside --ckpt): its row would claim a setting that was never used. Then fills in the
+    default of every option not given."""
+    mode, other = ("inference", "training") if args.infer else ("training", "inference")
+    given = [option for option in MODE_DEFAULTS[other] if hasattr(args, option)]
+    if given:
+        names = " and ".join("--" + option.replace("_", "-") for option in given)
+        them = "them" if len(given) > 1 else "it"
+        raise ConfigError(f"{names} time inference, which --infer measures; add --infer, or drop {them} to time "
+                          "training." if mode == "training" else
+                          f"{names} set how training is timed, and --infer times inference; drop {them}, or drop "
+                          "--infer to time training.")
+    if args.infer and hasattr(args, "ckpt") and hasattr(args, "models"):
+        raise ConfigError("--models names untrained models to time, and --ckpt a trained one, whose model is the one "
+                          "timed; give one of them.")
+    for option, default in {"models": ["optimized"], **MODE_DEFAULTS["training"], **MODE_DEFAULTS["inference"]}.items():
+        if not hasattr(args, option):  # the other mode's too, all unset: the checks read every option
+            setattr(args, option, default)
 
 
 # The precisions whose raw loop is the same computation as Lightning's: autocast, or none.
@@ -254,10 +292,6 @@ def check_inputs(args) -> None:
             require_packages()
         except ConfigError as e:
             raise ConfigError(f"--infer times the model exported to ONNX under onnxruntime; {e}") from None
-    given = [option for option, value in (("--ckpt", args.ckpt), ("--threads", args.threads)) if value is not None]
-    if given and not args.infer:  # else ignored: training would be timed, of an untrained model, with torch's threads
-        raise ConfigError(f"{' and '.join(given)} time inference, which --infer measures; add --infer, or drop "
-                          f"{'them' if len(given) > 1 else 'it'} to time training.")
     for option in ("batch_sizes", "infer_batch_sizes"):
         bad = [b for b in getattr(args, option) if b < 1]
         if bad:

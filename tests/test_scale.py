@@ -341,6 +341,30 @@ def test_benchmark_infer_refuses_a_bad_ckpt_naming_the_option_before_timing(tmp_
     assert not (tmp_path / "b.csv").exists()
 
 
+def test_benchmark_refuses_an_option_its_mode_would_ignore_before_timing(tmp_path, data_dir, run_in_process):
+    out = tmp_path / "b.csv"  # each would be ignored, and the row would seem to have used it
+    for args, message in [
+        (["--infer-batch-sizes", "8"], "--infer-batch-sizes time inference, which --infer measures; add --infer, or "
+                                       "drop it to time training."),
+        (["--ckpt", "pretrained", "--threads", "1"], "--ckpt and --threads time inference, which --infer measures"),
+        (["--infer", "--batch-sizes", "64", "--precisions", "bf16-mixed"],
+         "--batch-sizes and --precisions set how training is timed, and --infer times inference; drop them, or drop "
+         "--infer to time training."),
+        (["--infer", "--compile"], "--compile set how training is timed"),
+        (["--infer", "--fast-path"], "--fast-path set how training is timed"),
+        (["--infer", "--accelerator", "cpu"], "--accelerator set how training is timed"),
+        (["--infer", "--val-size", "100"], "--val-size set how training is timed"),
+        (["--infer", "--images", "64"], "--images set how training is timed"),
+        (["--infer", "--ckpt", "pretrained", "--models", "simple"],
+         "--models names untrained models to time, and --ckpt a trained one, whose model is the one timed; give one "
+         "of them."),
+    ]:
+        result = run_in_process("scripts/benchmark.py", "--data-dir", str(data_dir), *args, "--out", str(out))
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-3000:])
+        assert "Traceback" not in result.stderr and "hardware:" not in result.stdout  # refused before any timing
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_benchmark_refuses_an_out_it_cannot_write_before_timing(data_dir, run_in_process, tmpfs):
     read_only = tmpfs("ro,size=8k")  # the rows would be lost after the whole benchmark
     result = run_in_process("scripts/benchmark.py", "--data-dir", str(data_dir), "--models", "simple",
