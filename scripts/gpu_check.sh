@@ -48,10 +48,8 @@ elif ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() 
     "$PYTHON" -m pip install -q -e .
 elif ! "$PYTHON" -c "$NEEDED" 2>/dev/null; then
     # The project's dependencies except torch, read from pyproject.toml (one list, kept there).
-    mapfile -t deps < <("$PYTHON" -c "
-import tomllib
-deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']
-print('\n'.join(d for d in deps if not d.startswith('torch=')))")
+    listed=$("$PYTHON" scripts/deps_without_torch.py)  # an assignment, so that set -e stops on its failure
+    mapfile -t deps <<< "$listed"
     "$PYTHON" -m pip install -q "${deps[@]}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

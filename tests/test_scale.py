@@ -414,6 +414,21 @@ def test_gpu_wheels_sh_refuses_a_python_it_cannot_use_in_one_line_before_making_
     assert list(tmp_path.iterdir()) == []
 
 
+def test_gpu_check_lists_the_dependencies_but_torch_on_python_3_10_too():
+    """What gpu_check.sh installs beside an image's CUDA torch: pyproject's list less torch, also where tomllib (3.11+)
+    is missing, as on Python 3.10."""
+    import tomllib
+
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    expected = [d for d in listed if not d.startswith("torch==")]
+    assert len(expected) == len(listed) - 1 and any(d.startswith("torchmetrics") for d in expected)
+    without_tomllib = ("import runpy, sys; sys.modules['tomllib'] = None; "
+                       "runpy.run_path('scripts/deps_without_torch.py', run_name='__main__')")
+    for command in (["scripts/deps_without_torch.py"], ["-c", without_tomllib]):
+        result = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert result.returncode == 0 and result.stdout.splitlines() == expected, result.stderr
+
+
 def test_gpu_check_sh_refuses_a_wheels_folder_without_wheels_in_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     for wheels in (tmp_path / "empty", tmp_path / "nosuch"):
