@@ -45,8 +45,10 @@ register_inference()  # evaluate, predict and export schemas, for compose_named
 
 # Small enough for a 1-batch CPU training in seconds. The CSV logger, not TensorBoard: drawing and encoding
 # TensorBoard's figures (confusion matrix, misclassified images) is most of such a run's time. The tests of
-# the trackers, and the README's commands, run the default TensorBoard logger.
-FAST = ["preset=smoke", "data.val_size=100", "data.batch_size=32", "logger=csv"]
+# the trackers, and the README's commands, run the default TensorBoard logger. Evaluation batches of 32 as well:
+# with the default (1000), the one validation and one test batch of preset=smoke hold every image of the tiny
+# data's splits, and their forward passes cost more than the training steps.
+FAST = ["preset=smoke", "data.val_size=100", "data.batch_size=32", "data.eval_batch_size=32", "logger=csv"]
 
 
 def make_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

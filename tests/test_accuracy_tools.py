@@ -44,11 +44,12 @@ def test_tta_of_a_flip_and_shift_invariant_image_equals_the_plain_logits():
 @pytest.mark.slow
 @pytest.mark.parametrize("tta", ["none", "flip_shift"])
 def test_training_runs_with_tta_on_and_off_and_evaluate_reproduces_its_test(make_cfg, tmp_path, tta):
-    metrics = train(make_cfg("model=resnet", "model.widths=[8,16]", "model.blocks=[1,1]", f"tta={tta}"), tmp_path)
+    metrics = train(make_cfg("model=resnet", "model.widths=[8,16]", "model.blocks=[1,1]", f"tta={tta}",
+                             "data.eval_batch_size=1000"), tmp_path)
     assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["val/acc_best"] > 0
     again = evaluate(compose_named("evaluate", f"ckpt={tmp_path}", "data.batch_size=1000"), tmp_path / "evaluation")
     assert again["tta"] == tta  # by default an evaluation uses the run's own TTA...
-    # ...and scores the 200 test images as the run's own test did (the smoke test is 1 batch of 1000)
+    # ...and scores the 200 test images as the run's own test did (its smoke test is 1 batch of 1000)
     assert again["metrics"]["accuracy"] == pytest.approx(metrics["test/acc"], abs=1e-6)
 
 
@@ -153,8 +154,9 @@ def test_eval_tricks_scores_raw_and_averaged_weights_on_validation(make_cfg, tmp
     from fmnist.inference.tricks import compare
     from fmnist.results.compare import tricks_markdown
 
-    metrics = train(make_cfg(*EMA), tmp_path / "ema" / "seed=0")
-    train(make_cfg("model=simple"), tmp_path / "plain" / "seed=0")
+    whole = "data.eval_batch_size=1000"  # the runs validate the whole split, as eval_tricks scores it
+    metrics = train(make_cfg(*EMA, whole), tmp_path / "ema" / "seed=0")
+    train(make_cfg("model=simple", whole), tmp_path / "plain" / "seed=0")
     table = compare([tmp_path / "ema"]).set_index(["weights", "tta"])
     assert list(table.index) == [(w, t) for w in ("raw", "ema") for t in ("none", "flip", "flip_shift")]
     # the averaged weights without TTA are what the run itself validated (and selected on)
@@ -173,7 +175,7 @@ def test_eval_tricks_scores_raw_and_averaged_weights_on_validation(make_cfg, tmp
     with pytest.raises(ConfigError, match=r"jobs copy_of_seed0, seed=0 are the same setting with seed 0"):
         compare([tmp_path / "copy" / "plain"])
     # Another seed in a sweep of the same name elsewhere is pooled: its runs are keyed by their paths.
-    train(make_cfg("model=simple", "seed=1"), tmp_path / "other machine" / "plain" / "seed=1")
+    train(make_cfg("model=simple", "seed=1", whole), tmp_path / "other machine" / "plain" / "seed=1")
     both = compare([tmp_path / "plain", tmp_path / "other machine" / "plain"])
     assert (both.n == 2).all() and (both.change_mean == 0.0).all()  # two runs, each paired with itself
     assert "| ema | flip |" in tricks_markdown(table.reset_index())

@@ -30,9 +30,9 @@ EXEMPT = {
                                     "as every training command here)",
 }
 # Appended to a command that trains, so that it runs in seconds on the tiny data (values it sets win). Batches
-# of 32: two batches of the default 256 cost each training process seconds of convolutions, and the suite's time
-# is mostly CPU.
-SMOKE = "preset=smoke data.val_size=100 data.batch_size=32"
+# of 32, to train and to evaluate: two batches of the default 256 (and one of 1000 to evaluate) cost each training
+# process seconds of convolutions, and the suite's time is mostly CPU.
+SMOKE = "preset=smoke data.val_size=100 data.batch_size=32 data.eval_batch_size=32"
 # What a command needs from the checkout: entry points, configs, scripts, the Makefile and .venv.
 NEEDED = ["train.py", "tune.py", "evaluate.py", "predict.py", "export.py", "conf", "scripts", "Makefile",
           "pyproject.toml", "constraints"]

@@ -394,10 +394,10 @@ def test_sweep_survives_a_diverging_job_skips_finished_jobs_and_reports(tmp_path
     first = run_in_process("train.py", *args)
     assert first.returncode == INCOMPLETE_SWEEP_EXIT_CODE, first.stderr[-3000:]  # the other job still ran
     table = pd.read_csv(tmp_path / "s" / "summary.csv").set_index("setting")
-    assert table.status.to_dict() == {"data.batch_size=32,data.val_size=100,model=simple,optim.lr=100000000.0,"
+    assert table.status.to_dict() == {"data.batch_size=32,data.eval_batch_size=32,data.val_size=100,model=simple,optim.lr=100000000.0,"
                                       "optim.scheduler=none,optim.warmup_epochs=0,optim=sgd,trainer.limit_train_batches=5,"
                                       "trainer.precision=32-true": "diverged",
-                                      "data.batch_size=32,data.val_size=100,model=simple,optim.lr=0.01,"
+                                      "data.batch_size=32,data.eval_batch_size=32,data.val_size=100,model=simple,optim.lr=0.01,"
                                       "optim.scheduler=none,optim.warmup_epochs=0,optim=sgd,trainer.limit_train_batches=5,"
                                       "trainer.precision=32-true": "completed"}
     records = {p.parent.name: p.read_text() for p in (tmp_path / "s").glob("*/metrics.json")}

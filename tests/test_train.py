@@ -23,7 +23,8 @@ from tests.conftest import ROOT, compose_cfg, snapshot
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["simple", "optimized", "resnet"])
 def test_one_batch_training_writes_everything(make_cfg, tmp_path, model):
-    metrics = train(make_cfg(f"model={model}", "logger=tensorboard"), tmp_path)  # the default logger
+    # The default logger; the whole test split in one evaluation batch, so that every test image is counted.
+    metrics = train(make_cfg(f"model={model}", "logger=tensorboard", "data.eval_batch_size=1000"), tmp_path)
     assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["test/loss"] > 0 and metrics["epochs"] == 1
     record = json.loads((tmp_path / "metrics.json").read_text())
     assert record["status"] == "completed" and record["metrics"]["val/acc_best"] == metrics["val/acc_best"]
@@ -56,7 +57,7 @@ def test_a_batch_fraction_that_keeps_no_batch_is_refused_before_training(make_cf
     # The fixture's test split is 200 images: one batch of data.eval_batch_size, of which half keeps none.
     with pytest.raises(ConfigError, match=r"trainer.limit_test_batches must keep at least one of the test split's 1 "
                                           r"batch \(200 images of 1000\); got 0.5"):
-        run_job(make_cfg("model=simple", "trainer.limit_test_batches=0.5"), tmp_path)
+        run_job(make_cfg("model=simple", "data.eval_batch_size=1000", "trainer.limit_test_batches=0.5"), tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
