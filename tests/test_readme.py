@@ -8,6 +8,7 @@ what one writes (a run in outputs/runs) is what the next one reads (`ckpt=output
 """
 
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -85,7 +86,8 @@ def check_run_output(result: subprocess.CompletedProcess, cwd: Path) -> None:
     block = result.stdout.rstrip().splitlines()[-5:]
     run = block[0].split("run completed: ", 1)[-1]
     assert "run completed: " in block[0] and "best val acc" in block[1] and "test acc" in block[2], block
-    assert block[-1].strip() == f"TensorBoard   tensorboard --logdir {run}"
+    # A command to paste: quoted where the shell needs it (a long run name ends in `~` and a hash, say).
+    assert block[-1].strip() == f"TensorBoard   tensorboard --logdir {shlex.quote(run)}"
     assert (read_record(cwd / run) or {}).get("status") == "completed", run  # the directory it names is the run's
     # Epochs count from 1 everywhere: the checkpoint of the first epoch is epoch 1.
     assert (cwd / run / "checkpoints" / "best-epoch001.ckpt").exists()
