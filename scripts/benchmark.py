@@ -264,10 +264,10 @@ def check_mode_options(args) -> None:
     given = [option for option in MODE_DEFAULTS[other] if hasattr(args, option)]
     if given:
         names = " and ".join("--" + option.replace("_", "-") for option in given)
-        them = "them" if len(given) > 1 else "it"
-        raise ConfigError(f"{names} time inference, which --infer measures; add --infer, or drop {them} to time "
+        them, s = ("them", "") if len(given) > 1 else ("it", "s")
+        raise ConfigError(f"{names} time{s} inference, which --infer measures; add --infer, or drop {them} to time "
                           "training." if mode == "training" else
-                          f"{names} set how training is timed, and --infer times inference; drop {them}, or drop "
+                          f"{names} set{s} how training is timed, and --infer times inference; drop {them}, or drop "
                           "--infer to time training.")
     if args.infer and hasattr(args, "ckpt") and hasattr(args, "models"):
         raise ConfigError("--models names untrained models to time, and --ckpt a trained one, whose model is the one "

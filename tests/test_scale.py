@@ -344,17 +344,17 @@ def test_benchmark_infer_refuses_a_bad_ckpt_naming_the_option_before_timing(tmp_
 def test_benchmark_refuses_an_option_its_mode_would_ignore_before_timing(tmp_path, data_dir, run_in_process):
     out = tmp_path / "b.csv"  # each would be ignored, and the row would seem to have used it
     for args, message in [
-        (["--infer-batch-sizes", "8"], "--infer-batch-sizes time inference, which --infer measures; add --infer, or "
+        (["--infer-batch-sizes", "8"], "--infer-batch-sizes times inference, which --infer measures; add --infer, or "
                                        "drop it to time training."),
         (["--ckpt", "pretrained", "--threads", "1"], "--ckpt and --threads time inference, which --infer measures"),
         (["--infer", "--batch-sizes", "64", "--precisions", "bf16-mixed"],
          "--batch-sizes and --precisions set how training is timed, and --infer times inference; drop them, or drop "
          "--infer to time training."),
-        (["--infer", "--compile"], "--compile set how training is timed"),
-        (["--infer", "--fast-path"], "--fast-path set how training is timed"),
-        (["--infer", "--accelerator", "cpu"], "--accelerator set how training is timed"),
-        (["--infer", "--val-size", "100"], "--val-size set how training is timed"),
-        (["--infer", "--images", "64"], "--images set how training is timed"),
+        (["--infer", "--compile"], "--compile sets how training is timed"),
+        (["--infer", "--fast-path"], "--fast-path sets how training is timed"),
+        (["--infer", "--accelerator", "cpu"], "--accelerator sets how training is timed"),
+        (["--infer", "--val-size", "100"], "--val-size sets how training is timed"),
+        (["--infer", "--images", "64"], "--images sets how training is timed"),
         (["--infer", "--ckpt", "pretrained", "--models", "simple"],
          "--models names untrained models to time, and --ckpt a trained one, whose model is the one timed; give one "
          "of them."),
