@@ -206,13 +206,16 @@ def csv_timings(data_dir: Path) -> tuple[float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=path_argument, default=Path("data"), help="training: the CSVs (default data)")
+    parser.add_argument("--data-dir", type=path_argument, default=Path("data"),
+                        help="training: the CSVs (default %(default)s)")
     # Options read by one mode only default to SUPPRESS: check_mode_options tells given from defaulted, then fills in
     # MODE_DEFAULTS, so that one given to the other mode is refused instead of silently ignored.
     quiet = argparse.SUPPRESS
-    parser.add_argument("--models", nargs="+", default=quiet, help="models of conf/model/ (default optimized)")
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=quiet, help="training (default 32 256)")
-    parser.add_argument("--accelerator", default=quiet, help="training: auto | cpu | gpu (default auto)")
+    parser.add_argument("--models", nargs="+", default=quiet, help=f"models of conf/model/ ({default_of('models')})")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=quiet,
+                        help=f"training ({default_of('batch_sizes')})")
+    parser.add_argument("--accelerator", default=quiet,
+                        help=f"training: auto | cpu | gpu ({default_of('accelerator')})")
     parser.add_argument("--precisions", nargs="+", default=quiet,
                         help="training; default: those this hardware runs natively (32-true, plus bf16-mixed where "
                              "native)")
@@ -220,7 +223,7 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=quiet,
                         help="training: images per loop and repeat instead of --seconds")
     parser.add_argument("--repeats", type=int, default=5, help="alternating raw/Lightning repeats (median)")
-    parser.add_argument("--val-size", type=int, default=quiet, help="training (default 5000)")
+    parser.add_argument("--val-size", type=int, default=quiet, help=f"training ({default_of('val_size')})")
     parser.add_argument("--compile", action="store_true", default=quiet,
                         help="training: torch.compile the model in both loops")
     parser.add_argument("--fast-path", action="store_true", default=quiet,
@@ -230,7 +233,8 @@ def main() -> int:
     parser.add_argument("--infer", action="store_true", help="inference: PyTorch eager vs onnxruntime (see above)")
     parser.add_argument("--ckpt", type=path_argument, default=quiet,
                         help="with --infer: a checkpoint, run or sweep directory to time")
-    parser.add_argument("--infer-batch-sizes", nargs="+", type=int, default=quiet, help="with --infer (default 1 256)")
+    parser.add_argument("--infer-batch-sizes", nargs="+", type=int, default=quiet,
+                        help=f"with --infer ({default_of('infer_batch_sizes')})")
     parser.add_argument("--threads", type=int, default=quiet,
                         help="with --infer: intra-op threads of both PyTorch and onnxruntime (default: torch's)")
     args = parser.parse_args()
@@ -248,12 +252,20 @@ def main() -> int:
     return run_plain(work)
 
 
-# What the options read by one mode only default to; the other mode refuses them (check_mode_options).
+# What the options read by one mode only default to; the other mode refuses them (check_mode_options). --models
+# is read by both, but defaults the same way: beside --ckpt it is refused too.
 MODE_DEFAULTS = {
     "training": {"batch_sizes": [32, 256], "accelerator": "auto", "precisions": None, "images": None, "val_size": 5000,
                  "compile": False, "fast_path": False},
     "inference": {"ckpt": None, "infer_batch_sizes": [1, 256], "threads": None},
 }
+DEFAULTS = {"models": ["optimized"], **MODE_DEFAULTS["training"], **MODE_DEFAULTS["inference"]}
+
+
+def default_of(option: str) -> str:
+    """--help's words for an option's default (DEFAULTS)."""
+    value = DEFAULTS[option]
+    return "default " + (" ".join(map(str, value)) if isinstance(value, list) else str(value))
 
 
 def check_mode_options(args) -> None:
@@ -272,7 +284,7 @@ def check_mode_options(args) -> None:
     if args.infer and hasattr(args, "ckpt") and hasattr(args, "models"):
         raise ConfigError("--models names untrained models to time, and --ckpt a trained one, whose model is the one "
                           "timed; give one of them.")
-    for option, default in {"models": ["optimized"], **MODE_DEFAULTS["training"], **MODE_DEFAULTS["inference"]}.items():
+    for option, default in DEFAULTS.items():
         if not hasattr(args, option):  # the other mode's too, all unset: the checks read every option
             setattr(args, option, default)
 
