@@ -142,6 +142,11 @@ def test_bad_idx_magic(tmp_path):
 LABELS = b"\x00\x00\x08\x01" + struct.pack(">I", 30) + bytes(30)  # an IDX file of 30 labels
 
 
+def test_a_gzip_file_of_several_members_reads_as_gzip_d_joins_them(tmp_path):
+    path = tmp_path / "x-idx1-ubyte.gz"  # e.g. `cat part1.gz part2.gz`: gzip -d and Python's gzip join the members
+    path.write_bytes(gzip.compress(LABELS[:10]) + gzip.compress(LABELS[10:]))
+    assert read_idx(path, 1).tolist() == [0] * 30
+
 # Each a paragraph naming the file, what is wrong with it and what was expected, never Python's words alone.
 @pytest.mark.parametrize("content,words", [
     (b"", "the file is empty (0 bytes)"),
@@ -150,12 +155,14 @@ LABELS = b"\x00\x00\x08\x01" + struct.pack(">I", 30) + bytes(30)  # an IDX file 
     (gzip.compress(b"<html>Not Found</html>"), "not an IDX file of unsigned bytes: it starts with bytes 3c 68 74 6d "
                                                "once decompressed, where such a file starts 00 00 08"),
     (gzip.compress(LABELS)[:-12], "its gzip data is cut short after"),
-    (gzip.compress(LABELS) + b"junk", "its gzip data is damaged"),
+    (gzip.compress(LABELS) + b"junk", "its gzip data ends after 30 bytes, and 4 more bytes follow that are not gzip "
+                                      "data (starting 6a 75 6e 6b)"),
+    (gzip.compress(LABELS)[:-8] + bytes(4) + gzip.compress(LABELS)[-4:], "its gzip data is damaged (zlib: "),
     (gzip.compress(LABELS[:20]), "its header says [30] (30 bytes of labels); the file holds 12 once decompressed: cut short"),
     (gzip.compress(LABELS + b"\x00"), "the file holds 31 once decompressed: longer than its header says"),
     (gzip.compress(b"\x00\x00\x08\x03" + struct.pack(">III", 30, 28, 28)), "expected 1 (an images file under a labels "
                                                                            "file's name?)"),
-], ids=["empty", "a web page", "gzip of nothing", "gzip of a web page", "cut gzip", "bytes after the gzip data",
+], ids=["empty", "a web page", "gzip of nothing", "gzip of a web page", "cut gzip", "bytes after the gzip data", "bad CRC",
         "fewer labels", "more labels", "images for labels"])
 def test_a_damaged_idx_file_is_one_paragraph_saying_what_was_expected(tmp_path, idx_dir, run_in_process, content, words):
     (idx_dir / "train-labels-idx1-ubyte.gz").write_bytes(content)

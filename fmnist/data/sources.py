@@ -94,12 +94,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
         if not raw.startswith(GZIP_MAGIC):
             raise DataError(f"{path}: not gzip-compressed (it starts with bytes {raw[:4].hex(' ')}, where gzip "
                             f"starts 1f 8b). {expected}")
-        try:
-            raw = gzip.decompress(raw)
-        except EOFError as e:
-            raise DataError(f"{path}: its gzip data is cut short after {len(raw):,} bytes. {expected}") from e
-        except (OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-            raise DataError(f"{path}: its gzip data is damaged ({e}). {expected}") from e
+        raw = _gunzip(path, raw, expected)
     unpacked = " once decompressed" if gz else ""
     if len(raw) < 4:
         raise DataError(f"{path}: holds {len(raw)} bytes{unpacked}, fewer than the 4 of an IDX file's magic number. "
@@ -122,6 +117,26 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
         raise DataError(f"{path}: its header says {dims} ({size:,} bytes of {what}); the file holds {data.size:,}"
                         f"{unpacked}: {cause}. {expected}")
     return data.reshape(dims)
+
+
+def _gunzip(path: Path, raw: bytes, expected: str) -> bytes:
+    """The bytes of every gzip member in `raw` (as `gzip -d` joins them), or DataError naming what is wrong:
+    cut short, damaged, or followed by bytes that are not gzip data (which gzip.decompress calls "not a gzipped
+    file", although the file starts as one)."""
+    members, rest = [], raw
+    while rest:
+        if not rest.startswith(GZIP_MAGIC):
+            raise DataError(f"{path}: its gzip data ends after {len(raw) - len(rest):,} bytes, and {len(rest):,} more "
+                            f"bytes follow that are not gzip data (starting {rest[:4].hex(' ')}). {expected}")
+        member = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # a gzip header and trailer, the CRC checked
+        try:
+            members.append(member.decompress(rest))
+        except zlib.error as e:
+            raise DataError(f"{path}: its gzip data is damaged (zlib: {e}). {expected}") from e
+        if not member.eof:
+            raise DataError(f"{path}: its gzip data is cut short after {len(raw):,} bytes. {expected}")
+        rest = member.unused_data
+    return b"".join(members)
 
 
 def find_idx(directory: Path, split: str) -> tuple[Path, Path] | None:
