@@ -229,7 +229,7 @@ def main() -> int:
     parser.add_argument("--fast-path", action="store_true", default=quiet,
                         help="training: CUDA graphs in both loops (fast_path=true in training); a CPU ignores it")
     parser.add_argument("--out", type=path_argument, default=None,
-                        help="CSV to append to (default outputs/benchmarks.csv, with --infer outputs/benchmarks_infer.csv)")
+                        help=f"CSV to append to (default {DEFAULT_OUT[False]}, with --infer {DEFAULT_OUT[True]})")
     parser.add_argument("--infer", action="store_true", help="inference: PyTorch eager vs onnxruntime (see above)")
     parser.add_argument("--ckpt", type=path_argument, default=quiet,
                         help="with --infer: a checkpoint, run or sweep directory to time")
@@ -242,7 +242,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format=console.CONSOLE_FORMAT, datefmt=console.CONSOLE_DATEFMT)
     console.setup()
     torch.manual_seed(0)
-    args.out = args.out or Path("outputs/benchmarks_infer.csv" if args.infer else "outputs/benchmarks.csv")
+    args.out = args.out or DEFAULT_OUT[args.infer]
 
     def work() -> None:
         check_mode_options(args)
@@ -252,6 +252,8 @@ def main() -> int:
     return run_plain(work)
 
 
+# Where the rows go without --out: training rows, and (with --infer) inference rows, whose columns differ.
+DEFAULT_OUT = {False: Path("outputs/benchmarks.csv"), True: Path("outputs/benchmarks_infer.csv")}
 # What the options read by one mode only default to; the other mode refuses them (check_mode_options). --models
 # is read by both, but defaults the same way: beside --ckpt it is refused too.
 MODE_DEFAULTS = {
