@@ -480,7 +480,7 @@ def train_benchmark(args) -> None:
                     "data_img_s": round(data_ips), "data_share_pct": round(100 * lit_ips / data_ips, 2),
                     "csv_parse_s": round(parse_s, 2), "cached_load_s": round(cached_s, 3),
                 })
-    print_table(rows)
+    print_table(rows, TRAIN_CSV_COLUMNS)
     append_rows(args.out, rows, infer=False)
 
 
@@ -543,11 +543,8 @@ def infer_benchmark(args) -> None:
     append_rows(args.out, rows, infer=True)
 
 
-TRAIN_COLUMNS = ["model", "batch_size", "precision", "steps", "raw_img_s", "lightning_img_s", "ratio", "ratio_range",
-                 "lightning_tflop_s", "data_img_s", "data_share_pct", "csv_parse_s", "cached_load_s"]
-
-
-def print_table(rows: list[dict], columns: list[str] = TRAIN_COLUMNS) -> None:
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    """The rows as a table of `columns`, as they go into the CSV (the same columns, in the same order)."""
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
     print(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))
     print("-|-".join("-" * w for w in widths))
