@@ -6,6 +6,7 @@ Sweeps skip FINISHED jobs when started again, and resume the others from `checkp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -159,19 +160,51 @@ def pid_namespace() -> int | None:
         return None
 
 
+def _first_line(path: str) -> str | None:
+    """The first line of a small system file, or None where the system has none."""
+    try:
+        with open(path) as f:
+            return f.readline().strip() or None
+    except OSError:
+        return None
+
+
+def boot_id() -> str | None:
+    """The running kernel's boot id: another on every start of the machine (and on every other machine)."""
+    return _first_line("/proc/sys/kernel/random/boot_id")
+
+
+def machine_id() -> str | None:
+    """This machine as its id (systemd's /etc/machine-id, or D-Bus's copy) names it across restarts, hashed with this
+    project's name, as machine-id(5) asks of an id written where others may read it (a run record shipped with its
+    results); None where the machine has no id."""
+    raw = _first_line("/etc/machine-id") or _first_line("/var/lib/dbus/machine-id")
+    return hashlib.sha256(f"fmnist:{raw}".encode()).hexdigest()[:32] if raw else None
+
+
 def this_process() -> dict:
-    """This process as `process_gone` later recognises it: its machine's name, pid and pid namespace."""
-    return {"host": platform.node(), "pid": os.getpid(), "pid_namespace": pid_namespace()}
+    """This process as `process_gone` later recognises it: its machine's name and id, the boot it runs in, its pid
+    and pid namespace."""
+    return {"host": platform.node(), "pid": os.getpid(), "pid_namespace": pid_namespace(), "boot_id": boot_id(),
+            "machine_id": machine_id()}
 
 
 def process_gone(record: dict) -> bool:
-    """Whether the process that wrote `record` (its fields from `this_process`) ran on this machine, in this pid
-    namespace, and has ended. A record of another machine or container, or without its process, is never judged
-    gone: it may still run. A record without `pid_namespace` (written before it was kept) is judged by host and
-    pid alone."""
+    """Whether the process that wrote `record` (its fields from `this_process`) ran on this machine and has ended.
+
+    A process of an earlier boot of this machine (same name and machine id, another boot id) has ended, whatever
+    now runs under its pid. Otherwise it is judged by its pid, if it ran in this pid namespace in this boot. A record
+    of another machine (another name; or the same name, another boot id and not the same machine id) or container, or
+    without its process, is never judged gone: it may still run. A record without a boot id or pid namespace
+    (written before they were kept) is judged without them."""
+    if record.get("host") != platform.node() or not isinstance(record.get("pid"), int):
+        return False
+    recorded_boot, this_boot = record.get("boot_id"), boot_id()
+    if recorded_boot and this_boot and recorded_boot != this_boot:
+        recorded_machine = record.get("machine_id")
+        return bool(recorded_machine) and recorded_machine == machine_id()
     here = pid_namespace()
-    return record.get("host") == platform.node() and isinstance(record.get("pid"), int) \
-        and record.get("pid_namespace", here) == here and not process_alive(record["pid"])
+    return record.get("pid_namespace", here) == here and not process_alive(record["pid"])
 
 
 def now() -> str:
@@ -257,7 +290,8 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
             rerun = ("tune.py, run again, replaces the trial" if job.name.startswith(TRIAL_DIR_PREFIX) else
                      "the sweep command, run again, resumes it from its last finished epoch")
             status, error = INTERRUPTED, (f"its process ({record['pid']}) ended without recording how: killed by "
-                                          f"SIGKILL or for memory, or a DDP rank's crash took it down; {rerun}")
+                                          f"SIGKILL or for memory, a DDP rank's crash took it down, or the machine "
+                                          f"restarted; {rerun}")
         metrics = record.get("metrics", {})
         rows.append({
             "job": job.name, "setting": setting_of(record.get("overrides", [])), "seed": record.get("seed"),

@@ -686,6 +686,30 @@ def test_a_job_whose_process_is_gone_without_a_record_of_its_end_is_listed_inter
     assert stop.value.code == INCOMPLETE_SWEEP_EXIT_CODE
 
 
+
+def test_a_process_of_an_earlier_boot_of_this_machine_is_gone_whatever_now_holds_its_pid(monkeypatch):
+    """After a restart the pids start again: the one a running record names may now be another, live process. The
+    boot id tells an earlier boot of this machine (gone) from another machine of the same name (may still run)."""
+    import fmnist.runs as runs
+
+    monkeypatch.setattr(runs, "boot_id", lambda: "boot-now")
+    monkeypatch.setattr(runs, "machine_id", lambda: "this-machine")
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    here = runs.this_process()  # its pid is alive
+    assert (here["boot_id"], here["machine_id"]) == ("boot-now", "this-machine")
+    assert not runs.process_gone(here)
+    assert runs.process_gone({**here, "pid": ended.pid})
+    assert runs.process_gone({**here, "boot_id": "boot-before"})  # this machine restarted since; the pid reused
+    assert runs.process_gone({**here, "boot_id": "boot-before", "pid_namespace": -1})  # a restarted container too
+    for other in ({**here, "boot_id": "boot-elsewhere", "machine_id": "another-machine"},  # another machine, same name
+                  {**here, "boot_id": "boot-elsewhere", "machine_id": None, "pid": ended.pid},  # one without an id
+                  {**here, "host": "another-machine", "boot_id": "boot-before", "pid": ended.pid}):
+        assert not runs.process_gone(other), other
+    # A record of this boot, or one without a boot id (written before it was kept), is judged by its pid.
+    assert not runs.process_gone({k: v for k, v in here.items() if k not in ("boot_id", "machine_id")})
+    assert runs.process_gone({"host": here["host"], "pid": ended.pid})
+
 def test_a_trial_whose_process_is_gone_is_listed_as_one_the_study_replaces(tmp_path):
     """tune.py never resumes a trial: run again, it records the trial interrupted and trains another."""
     import platform
