@@ -7,7 +7,6 @@ we are root); the official download, verified against its published MD5 checksum
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import logging
 import math
