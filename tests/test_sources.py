@@ -142,9 +142,11 @@ def test_bad_idx_magic(tmp_path):
 LABELS = b"\x00\x00\x08\x01" + struct.pack(">I", 30) + bytes(30)  # an IDX file of 30 labels
 
 
-def test_a_gzip_file_of_several_members_reads_as_gzip_d_joins_them(tmp_path):
+def test_a_gzip_file_of_several_members_or_zero_padded_reads_as_gzip_d_reads_it(tmp_path):
     path = tmp_path / "x-idx1-ubyte.gz"  # e.g. `cat part1.gz part2.gz`: gzip -d and Python's gzip join the members
     path.write_bytes(gzip.compress(LABELS[:10]) + gzip.compress(LABELS[10:]))
+    assert read_idx(path, 1).tolist() == [0] * 30
+    path.write_bytes(gzip.compress(LABELS) + bytes(512))  # zero padding after the data (a tape's block), as gzip -d
     assert read_idx(path, 1).tolist() == [0] * 30
 
 # Each a paragraph naming the file, what is wrong with it and what was expected, never Python's words alone.

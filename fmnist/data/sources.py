@@ -119,11 +119,11 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
 
 
 def _gunzip(path: Path, raw: bytes, expected: str) -> bytes:
-    """The bytes of every gzip member in `raw` (as `gzip -d` joins them), or DataError naming what is wrong:
-    cut short, damaged, or followed by bytes that are not gzip data (which gzip.decompress calls "not a gzipped
-    file", although the file starts as one)."""
+    """The bytes of every gzip member in `raw` (as `gzip -d` joins them, ignoring zero bytes after the last), or
+    DataError naming what is wrong: cut short, damaged, or followed by bytes that are not gzip data (which
+    gzip.decompress calls "not a gzipped file", although the file starts as one)."""
     members, rest = [], raw
-    while rest:
+    while rest and not (members and not rest.strip(b"\0")):  # zero bytes after a member: padding, as gzip -d takes it
         if not rest.startswith(GZIP_MAGIC):
             raise DataError(f"{path}: its gzip data ends after {len(raw) - len(rest):,} bytes, and {len(rest):,} more "
                             f"bytes follow that are not gzip data (starting {rest[:4].hex(' ')}). {expected}")
