@@ -163,8 +163,8 @@ def pid_namespace() -> int | None:
 def _first_line(path: str) -> str | None:
     """The first line of a small system file, or None where the system has none."""
     try:
-        with open(path) as f:
-            return f.readline().strip() or None
+        with open(path, "rb") as f:
+            return f.readline().decode(errors="replace").strip() or None
     except OSError:
         return None
 
@@ -174,35 +174,58 @@ def boot_id() -> str | None:
     return _first_line("/proc/sys/kernel/random/boot_id")
 
 
+def boot_time() -> float | None:
+    """When the running kernel started, in seconds since the epoch (`btime` in /proc/stat), or None."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            return next(float(line.split()[1]) for line in f if line.startswith(b"btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def machine_id() -> str | None:
     """This machine as its id (systemd's /etc/machine-id, or D-Bus's copy) names it across restarts, hashed with this
     project's name, as machine-id(5) asks of an id written where others may read it (a run record shipped with its
-    results); None where the machine has no id."""
+    results); None where the machine has no id. Copies of one image may share it: see `process_gone`."""
     raw = _first_line("/etc/machine-id") or _first_line("/var/lib/dbus/machine-id")
-    return hashlib.sha256(f"fmnist:{raw}".encode()).hexdigest()[:32] if raw else None
+    if raw is None or raw == "uninitialized":  # an image's placeholder, until systemd writes the id at first boot
+        return None
+    return hashlib.sha256(f"fmnist:{raw}".encode()).hexdigest()[:32]
 
 
 def this_process() -> dict:
     """This process as `process_gone` later recognises it: its machine's name and id, the boot it runs in, its pid
-    and pid namespace."""
+    and pid namespace, and when it was seen running (now)."""
     return {"host": platform.node(), "pid": os.getpid(), "pid_namespace": pid_namespace(), "boot_id": boot_id(),
-            "machine_id": machine_id()}
+            "machine_id": machine_id(), "seen_at": now()}
+
+
+def _before_this_boot(seen_at) -> bool:
+    """Whether the time `seen_at` (ISO 8601, as `now` writes it) is before this machine's running kernel started."""
+    started = boot_time()
+    try:
+        return started is not None and datetime.fromisoformat(seen_at).timestamp() < started
+    except (TypeError, ValueError):
+        return False
 
 
 def process_gone(record: dict) -> bool:
     """Whether the process that wrote `record` (its fields from `this_process`) ran on this machine and has ended.
 
-    A process of an earlier boot of this machine (same name and machine id, another boot id) has ended, whatever
-    now runs under its pid. Otherwise it is judged by its pid, if it ran in this pid namespace in this boot. A record
-    of another machine (another name; or the same name, another boot id and not the same machine id) or container, or
-    without its process, is never judged gone: it may still run. A record without a boot id or pid namespace
-    (written before they were kept) is judged without them."""
+    A record of another boot (its boot id) is of this machine before a restart, or of another machine of the same
+    name: copies of one image may share their machine id too. It is judged gone only if its machine id is this
+    machine's and its process was seen running before this boot began; whatever runs under its pid now is another
+    process. A record of this boot is judged by its pid, if it ran in this pid namespace. A record of another machine
+    or container, or without its process, is never judged gone: it may still run (so on a machine without a machine id
+    a process ended by a restart is never judged gone). A record without a boot id or pid namespace (written before
+    they were kept) is judged without them."""
     if record.get("host") != platform.node() or not isinstance(record.get("pid"), int):
         return False
     recorded_boot, this_boot = record.get("boot_id"), boot_id()
-    if recorded_boot and this_boot and recorded_boot != this_boot:
+    if isinstance(recorded_boot, str) and this_boot and recorded_boot.strip().lower() != this_boot.lower():
         recorded_machine = record.get("machine_id")
-        return bool(recorded_machine) and recorded_machine == machine_id()
+        return isinstance(recorded_machine, str) and recorded_machine == machine_id() \
+            and _before_this_boot(record.get("seen_at"))
     here = pid_namespace()
     return record.get("pid_namespace", here) == here and not process_alive(record["pid"])
 

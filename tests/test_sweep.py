@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -689,25 +690,33 @@ def test_a_job_whose_process_is_gone_without_a_record_of_its_end_is_listed_inter
 
 def test_a_process_of_an_earlier_boot_of_this_machine_is_gone_whatever_now_holds_its_pid(monkeypatch):
     """After a restart the pids start again: the one a running record names may now be another, live process. The
-    boot id tells an earlier boot of this machine (gone) from another machine of the same name (may still run)."""
+    boot id, the machine id and when the process was seen tell an earlier boot of this machine (gone) from another
+    machine of the same name, even a copy of the same image sharing its machine id (it may still run)."""
     import fmnist.runs as runs
 
     monkeypatch.setattr(runs, "boot_id", lambda: "boot-now")
     monkeypatch.setattr(runs, "machine_id", lambda: "this-machine")
+    monkeypatch.setattr(runs, "boot_time", lambda: datetime.fromisoformat("2026-12-04T12:00:00+00:00").timestamp())
     ended = subprocess.Popen(["true"])
     ended.wait()
     here = runs.this_process()  # its pid is alive
     assert (here["boot_id"], here["machine_id"]) == ("boot-now", "this-machine")
     assert not runs.process_gone(here)
     assert runs.process_gone({**here, "pid": ended.pid})
-    assert runs.process_gone({**here, "boot_id": "boot-before"})  # this machine restarted since; the pid reused
-    assert runs.process_gone({**here, "boot_id": "boot-before", "pid_namespace": -1})  # a restarted container too
-    for other in ({**here, "boot_id": "boot-elsewhere", "machine_id": "another-machine"},  # another machine, same name
-                  {**here, "boot_id": "boot-elsewhere", "machine_id": None, "pid": ended.pid},  # one without an id
-                  {**here, "host": "another-machine", "boot_id": "boot-before", "pid": ended.pid}):
+    before = {**here, "boot_id": "boot-before", "seen_at": "2026-12-04T11:00:00+00:00"}
+    assert runs.process_gone(before)  # this machine restarted since; the pid now another process's
+    assert runs.process_gone({**before, "pid_namespace": -1})  # a container of it too
+    for other in ({**before, "machine_id": "another-machine"},  # another machine of the same name
+                  {**before, "seen_at": "2026-12-04T12:30:00+00:00"},  # a copy of this image, running since this boot
+                  {**before, "seen_at": None}, {**before, "seen_at": "yesterday"},
+                  {**before, "machine_id": None, "pid": ended.pid},  # a machine without an id: cannot tell
+                  {**before, "host": "another-machine", "pid": ended.pid}):
         assert not runs.process_gone(other), other
-    # A record of this boot, or one without a boot id (written before it was kept), is judged by its pid.
-    assert not runs.process_gone({k: v for k, v in here.items() if k not in ("boot_id", "machine_id")})
+    # A record of this boot (its id however written), or one without a boot id (written before it was kept) or with
+    # a value that is not one, is judged by its pid.
+    for boot in ("BOOT-NOW", "boot-now\n", None, 1, True, ["x"]):
+        assert not runs.process_gone({**before, "boot_id": boot}), boot
+        assert runs.process_gone({**before, "boot_id": boot, "pid": ended.pid}), boot
     assert runs.process_gone({"host": here["host"], "pid": ended.pid})
 
 def test_a_trial_whose_process_is_gone_is_listed_as_one_the_study_replaces(tmp_path):

@@ -115,8 +115,8 @@ def _lost_the_race_to_make_tables(error: Exception) -> bool:
 
 def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
     """Mark `interrupted` (an Optuna FAIL, not counted) each RUNNING trial whose process on this machine is gone:
-    killed with SIGKILL, or its machine restarted. Trials of other machines are left to the storage's
-    heartbeat (a FAIL without a status after `grace_period`, not counted either)."""
+    killed with SIGKILL, or its machine restarted (see `process_gone`). Trials of other machines are left to the
+    storage's heartbeat (a FAIL without a status after `grace_period`, not counted either)."""
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         process = trial.user_attrs.get("process") or {}
         if not process_gone(process):
