@@ -719,6 +719,19 @@ def test_a_process_of_an_earlier_boot_of_this_machine_is_gone_whatever_now_holds
         assert runs.process_gone({**before, "boot_id": boot, "pid": ended.pid}), boot
     assert runs.process_gone({"host": here["host"], "pid": ended.pid})
 
+
+def test_a_machine_id_file_that_is_a_placeholder_or_not_text_names_no_machine_and_raises_nothing(tmp_path, monkeypatch):
+    import fmnist.runs as runs
+
+    odd = tmp_path / "machine-id"
+    odd.write_bytes(b"\xff\xfe\x00garbage\n")
+    assert runs._first_line(str(odd))  # read, not a UnicodeDecodeError at the start of every run
+    assert runs._first_line(str(tmp_path / "missing")) is None
+    monkeypatch.setattr(runs, "_first_line", lambda path: "uninitialized")  # systemd's placeholder in an image
+    assert runs.machine_id() is None
+    monkeypatch.setattr(runs, "_first_line", lambda path: "0123456789abcdef0123456789abcdef")
+    assert runs.machine_id() not in (None, "0123456789abcdef0123456789abcdef")  # hashed, never the id itself
+
 def test_a_trial_whose_process_is_gone_is_listed_as_one_the_study_replaces(tmp_path):
     """tune.py never resumes a trial: run again, it records the trial interrupted and trains another."""
     import platform
