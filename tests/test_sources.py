@@ -1,4 +1,6 @@
 import gzip
+import hashlib
+import io
 import re
 import struct
 
@@ -7,6 +9,7 @@ import pytest
 
 from fmnist.data.csv_io import parse_csv, write_csv
 from fmnist.errors import DataError
+from fmnist.data import sources
 from fmnist.data.sources import CSV_NAMES, obtain, read_idx
 from tests.conftest import make_images, snapshot
 
@@ -289,3 +292,24 @@ def test_a_second_writer_into_the_data_directory_waits_then_leaves_the_first_one
     os.close(lock)
     second.join(timeout=120)
     assert messages and "CSVs already in" in messages[0] and "left untouched" in messages[0]
+
+
+def test_the_download_keeps_only_whole_verified_files(tmpfs, monkeypatch):
+    """Each file is checked against its MD5 before it is written, and written whole or not at all: a full disk
+    leaves no partial file for the next try to find."""
+    payloads = {name: bytes([i]) * 40_000 for i, name in enumerate(sources.OFFICIAL_MD5)}
+    monkeypatch.setattr(sources, "OFFICIAL_MD5", {n: hashlib.md5(b).hexdigest() for n, b in payloads.items()})
+    monkeypatch.setattr(sources.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(payloads[url.split("/")[-1]]))
+    roomy = tmpfs("size=1m") / "raw"
+    sources._download(roomy, "http://mirror/")
+    assert {p.name: p.read_bytes() for p in roomy.iterdir()} == payloads
+    full = tmpfs("size=100k") / "raw"  # room for two of the four files
+    with pytest.raises(OSError):
+        sources._download(full, "http://mirror/")
+    kept = {p.name: p.read_bytes() for p in full.iterdir()}
+    assert 0 < len(kept) < len(payloads) and all(kept[name] == payloads[name] for name in kept), list(kept)
+    monkeypatch.setattr(sources, "OFFICIAL_MD5", {n: "0" * 32 for n in payloads})
+    corrupt = tmpfs("size=1m") / "raw"
+    with pytest.raises(DataError, match="MD5 mismatch"):
+        sources._download(corrupt, "http://mirror/")
+    assert list(corrupt.iterdir()) == []

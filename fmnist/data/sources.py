@@ -22,7 +22,7 @@ import numpy as np
 from fmnist import IMAGE_SIDE, NUM_CLASSES
 from fmnist.data.csv_io import GZIP_MAGIC, csv_digest, load_csvs, require_file, write_csv
 from fmnist.errors import DataError
-from fmnist.fsio import exclusive_lock, not_a_directory, storage_errors
+from fmnist.fsio import atomic_write, exclusive_lock, not_a_directory, storage_errors
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def _download(dest: Path, base_url: str = DOWNLOAD_URL) -> None:
                 payload = response.read()
             if hashlib.md5(payload).hexdigest() != md5:
                 raise DataError(f"{base_url + name}: MD5 mismatch, expected {md5}; the download is corrupt.")
-            target.write_bytes(payload)
+            atomic_write(target, payload)  # a full disk leaves no partial file
 
 
 def obtain(data_dir: Path, idx_dir: Path | None = None, allow_install: bool = True,
