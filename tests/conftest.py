@@ -49,6 +49,9 @@ register_inference()  # evaluate, predict and export schemas, for compose_named
 # with the default (1000), the one validation and one test batch of preset=smoke hold every image of the tiny
 # data's splits, and their forward passes cost more than the training steps.
 FAST = ["preset=smoke", "data.val_size=100", "data.batch_size=32", "data.eval_batch_size=32", "logger=csv"]
+# FAST as a sweep's job directories and summary settings name it: its values sorted, without the preset and the
+# logger, which those names leave out.
+FAST_NAMED = "data.batch_size=32,data.eval_batch_size=32,data.val_size=100"
 
 
 def make_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

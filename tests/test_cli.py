@@ -13,7 +13,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from fmnist.data.csv_io import write_csv
 from fmnist.runs import read_record
-from tests.conftest import FAST, ROOT, make_images, snapshot
+from tests.conftest import FAST, FAST_NAMED, ROOT, make_images, snapshot
 
 
 @pytest.mark.parametrize("override,message", [
@@ -162,7 +162,7 @@ def test_a_sweep_continued_on_other_data_is_refused_before_a_job_trains(tmp_path
 @pytest.mark.slow
 def test_a_later_jobs_refusal_keeps_the_sweep_file_of_the_jobs_that_ran(tmp_path, data_dir, run_in_process):
     # The second job's directory holds a file no run wrote: refused when that job starts, after the first one trained.
-    second = tmp_path / "sweep" / "seed=1,data.batch_size=32,data.eval_batch_size=32,data.val_size=100,model=simple"
+    second = tmp_path / "sweep" / f"seed=1,{FAST_NAMED},model=simple"
     second.mkdir(parents=True)
     (second / "notes.txt").write_text("mine")
     (tmp_path / "sweep" / "multirun.yaml").write_text("an earlier sweep's\n")  # a sweep's directory, continued
@@ -181,8 +181,7 @@ def test_multirun_writes_one_directory_per_job_and_a_summary(tmp_path, data_dir,
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = tmp_path / "sweep"
     assert {p.name for p in sweep.iterdir() if p.is_dir()} == {  # the key that differs first, as TensorBoard shows them
-        "optim.lr=0.01,data.batch_size=32,data.eval_batch_size=32,data.val_size=100,model=simple",
-        "optim.lr=0.0001,data.batch_size=32,data.eval_batch_size=32,data.val_size=100,model=simple"}
+        f"optim.lr=0.01,{FAST_NAMED},model=simple", f"optim.lr=0.0001,{FAST_NAMED},model=simple"}
     table = pd.read_csv(sweep / "summary.csv")
     assert len(table) == 2 and set(table.status) == {"completed"} and table.test_acc.between(0, 1).all()
     assert "optim.lr=0.01" in (sweep / "summary.md").read_text()

@@ -17,7 +17,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from tests.conftest import FAST, ROOT
+from tests.conftest import FAST, FAST_NAMED, ROOT
 
 pytestmark = pytest.mark.cluster
 
@@ -131,7 +131,7 @@ def test_a_cancelled_job_is_interrupted_and_the_same_command_resumes_it_skipping
     sweep = tmp_path / "s"
     # One job that finishes (1 epoch) and one that would run for a long time (1000 epochs of 2 batches).
     args = [*FAST, f"data.dir={data_dir}", "model=simple", "trainer.max_epochs=1,1000", f"hydra.sweep.dir={sweep}"]
-    short, long = (sweep / f"trainer.max_epochs={n},data.batch_size=32,data.eval_batch_size=32,data.val_size=100,model=simple" for n in (1, 1000))
+    short, long = (sweep / f"trainer.max_epochs={n},{FAST_NAMED},model=simple" for n in (1, 1000))
 
     def cancel_after_epochs(proc: subprocess.Popen, after: int) -> None:
         _wait_for(lambda: len(_epochs(long)) >= after and (long / "checkpoints" / "last.ckpt").exists(),

@@ -7,10 +7,10 @@ import struct
 import numpy as np
 import pytest
 
-from fmnist.data.csv_io import parse_csv, write_csv
-from fmnist.errors import DataError
 from fmnist.data import sources
+from fmnist.data.csv_io import parse_csv, write_csv
 from fmnist.data.sources import CSV_NAMES, obtain, read_idx
+from fmnist.errors import DataError
 from tests.conftest import make_images, snapshot
 
 
@@ -151,6 +151,7 @@ def test_a_gzip_file_of_several_members_or_zero_padded_reads_as_gzip_d_reads_it(
     assert read_idx(path, 1).tolist() == [0] * 30
     path.write_bytes(gzip.compress(LABELS) + bytes(512))  # zero padding after the data (a tape's block), as gzip -d
     assert read_idx(path, 1).tolist() == [0] * 30
+
 
 # Each a paragraph naming the file, what is wrong with it and what was expected, never Python's words alone.
 @pytest.mark.parametrize("content,words", [
