@@ -360,14 +360,15 @@ def check_inputs(args) -> None:
             train_images = FashionMNISTDataModule(dir=str(args.data_dir), val_size=args.val_size).check()["train"]
         except ConfigError as e:
             raise ConfigError(f"--val-size {args.val_size}: {e}") from e
-        # Each loop times steps after its warm-up within one epoch: a batch size that leaves no batch after the warm-up
-        # would time none (or a negative number of) steps and append a row of 0 or negative images/s.
+        # Each loop times full batches after its warm-up within one epoch (timed_steps): a batch size that leaves no
+        # full batch after the warm-up would time none (or a negative number of) steps and append a row of 0 or
+        # negative images/s.
         warmup = warmup_steps(args.fast_path)
-        largest = (train_images - 1) // warmup  # the largest batch size giving more than `warmup` batches
-        too_large = [b for b in args.batch_sizes if math.ceil(train_images / b) <= warmup]
+        largest = train_images // (warmup + 1)  # the largest batch size giving more than `warmup` full batches
+        too_large = [b for b in args.batch_sizes if train_images // b <= warmup]
         if too_large:
             raise ConfigError(f"--batch-sizes {too_large[0]}: the training split's {train_images} images (what "
-                              f"--val-size {args.val_size} leaves) make {math.ceil(train_images / too_large[0])} "
+                              f"--val-size {args.val_size} leaves) make {train_images // too_large[0]} full "
                               f"batch(es) of it, and each loop needs more than its {warmup} warm-up steps in one epoch; "
                               + (f"give batch sizes of at most {largest}." if largest >= 1 else
                                  "give a smaller --val-size or more data."))
@@ -437,6 +438,13 @@ def append_rows(out: Path, rows: list[dict], infer: bool) -> None:
     print(f"\nappended {len(rows)} rows to {out}")
 
 
+def timed_steps(requested: int, train_images: int, batch_size: int, warmup: int) -> int:
+    """The steps each loop times: `requested`, cut to the full batches of one epoch left after the warm-up. The
+    epoch's last, smaller batch is never timed: its new shape makes a CUDA-graphed step (--fast-path) compile and
+    capture again, seconds that would count as training."""
+    return min(requested, train_images // batch_size - warmup)
+
+
 def train_benchmark(args) -> None:
     """Raw PyTorch vs Lightning training throughput; prints the hardware and a table, appends to --out."""
     kind = device_kind(args.accelerator)
@@ -459,7 +467,7 @@ def train_benchmark(args) -> None:
                 warmup = warmup_steps(args.fast_path)
                 steps = (max(4, args.images // batch_size) if args.images else
                          calibrate_steps(dm, config, batch_size, precision, args.seconds, device))
-                steps = min(steps, len(dm.train_dataloader()) - warmup)  # one epoch at most
+                steps = timed_steps(steps, len(dm.splits["train"][1]), batch_size, warmup)
                 print(f"row {len(rows) + 1}/{total}: {model}, batch {batch_size}, {precision}: {steps} steps, "
                       f"{args.repeats} x (raw, Lightning)", flush=True)
                 raw, lit = [], []

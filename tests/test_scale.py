@@ -206,6 +206,17 @@ def test_benchmark_prints_and_appends_a_row(tmp_path, data_dir, run_in_process):
     assert row.cores >= 1 and row.torch_threads >= 1 and isinstance(row.isa, str) and row.gflop_per_img > 0
 
 
+def test_benchmark_times_only_full_batches(tmp_path, data_dir, run_in_process):
+    # More images than an epoch: the loops time its full batches after the warm-up, never its last, smaller batch
+    # (500 training images: 15 full batches of 32 and one of 20), whose new shape recompiles a CUDA-graphed step.
+    out = tmp_path / "bench.csv"
+    result = run_in_process("scripts/benchmark.py", "--data-dir", str(data_dir), "--images", "100000", "--repeats", "1",
+                            "--val-size", "100", "--batch-sizes", "32", "--precisions", "32-true", "--models", "simple",
+                            "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert pd.read_csv(out).steps.tolist() == [500 // 32 - 3]  # 3 warm-up steps
+
+
 def test_benchmark_appends_after_the_rows_there_leaving_them_byte_for_byte(tmp_path, data_dir, run_in_process):
     out = tmp_path / "bench.csv"  # a row without its step count (blank), numbers as written by hand, no final newline
     before = (TRAIN_BENCHMARK_HEADER
@@ -297,10 +308,10 @@ def test_benchmark_refuses_an_out_it_did_not_write_and_a_bad_model_before_timing
          "--accelerator mps: torch finds no such device here"),
         (["--models", "simple", "--val-size", "100000", "--out", str(tmp_path / "b.csv")],
          "--val-size 100000: config key data.val_size must be between 1 and"),
-        # 500 training images in 2 batches of 256: none left to time after the 3 warm-up steps.
-        (["--models", "simple", "--batch-sizes", "32", "256", "--out", str(tmp_path / "b.csv")],
-         "--batch-sizes 256: the training split's 500 images (what --val-size 100 leaves) make 2 batch(es) of it, "
-         "and each loop needs more than its 3 warm-up steps in one epoch; give batch sizes of at most 166."),
+        # 500 training images in 3 full batches of 128 (and a smaller one): none left to time after the 3 warm-up steps.
+        (["--models", "simple", "--batch-sizes", "32", "128", "--out", str(tmp_path / "b.csv")],
+         "--batch-sizes 128: the training split's 500 images (what --val-size 100 leaves) make 3 full batch(es) of "
+         "it, and each loop needs more than its 3 warm-up steps in one epoch; give batch sizes of at most 125."),
         (["--models", "simple", "--ckpt", "pretrained", "--threads", "1", "--out", str(tmp_path / "b.csv")],
          "--ckpt and --threads time inference, which --infer measures"),
     ]:
