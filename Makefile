@@ -101,7 +101,7 @@ report: $(STAMP)
 	$(BIN)/python -m fmnist.results report $(call shell_quote,$(or $(value SWEEP),outputs/study-cpu))
 
 # The leaderboard in docs/performance.md, from the committed sweeps (add yours: make leaderboard ARGS=outputs/NAME).
-LEADERBOARD_SWEEPS := docs/results/cpu_best docs/results/cpu_best_half docs/results/speedrun_cpu docs/results/gpu/speedrun_gpu_95_before_ema docs/results/report
+LEADERBOARD_SWEEPS := docs/results/cpu_best docs/results/cpu_best_half docs/results/speedrun_cpu docs/results/gpu/speedrun_gpu_95_before_ema docs/results/report docs/results/gpu/records/2026-12-04/speedrun_gpu docs/results/gpu/records/2026-12-04/speedrun_gpu_95
 leaderboard: $(STAMP)
 	$(BIN)/python -m fmnist.results leaderboard $(LEADERBOARD_SWEEPS) $(ARGS)
 
