@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 from lightning.pytorch.plugins.precision import Precision
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fmnist.data.augment import augment, cutmix
 from fmnist.data.csv_io import write_csv
@@ -15,6 +16,7 @@ from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.errors import ConfigError
 from fmnist.inference.evaluate import evaluate
 from fmnist.models import tta_logits
+from fmnist.training.callbacks import WeightEMA
 from fmnist.training.train import train
 from tests.conftest import build, compose_named, make_images
 
@@ -94,6 +96,60 @@ def test_ema_survives_a_resume(make_cfg, tmp_path):
         for name, value in whole[key].items():
             if name.startswith("net."):
                 assert torch.equal(value, resumed[key][name]), (key, name)
+
+
+class Syncs(TorchDispatchMode):
+    """Counts the reads of a tensor's value into Python (`.item()`, `bool(t)`): each one syncs a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_ema_reads_its_step_count_once_per_fit_not_at_every_step(make_cfg, tmp_path, monkeypatch):
+    syncs, calls, update = Syncs(), [], WeightEMA.on_train_batch_end
+
+    def counted(self, *args):
+        calls.append(1)
+        with syncs:
+            update(self, *args)
+
+    monkeypatch.setattr(WeightEMA, "on_train_batch_end", counted)
+    train(make_cfg(*EMA, "trainer.max_epochs=2"), tmp_path)
+    assert len(calls) >= 4 and syncs.count <= 1  # was 2 per step: AveragedModel.update_parameters reads it twice
+
+
+def test_the_ema_update_matches_torchs_averaged_model():
+    from torch.optim.swa_utils import AveragedModel
+
+    from dataclasses import asdict
+
+    from omegaconf import OmegaConf
+
+    from fmnist.config import OptimConfig
+    from fmnist.training.callbacks import ema_with_warmup
+    from fmnist.training.module import LitClassifier
+
+    torch.manual_seed(0)
+    module = LitClassifier(model=OmegaConf.to_container(compose_named("train", "model=simple").model),
+                           optim=asdict(OptimConfig()))
+    ema = WeightEMA(0.9)
+    ema.setup(None, module, "fit")
+    reference = AveragedModel(module, multi_avg_fn=ema_with_warmup(0.9), use_buffers=True)
+    for _ in range(4):  # the first update copies; the next ones average, batch-norm step counters copied
+        with torch.no_grad():
+            for tensor in [*module.parameters(), *module.buffers()]:
+                tensor.add_(torch.randn_like(tensor.float()).to(tensor.dtype) if tensor.is_floating_point() else 1)
+        ema.update_average(module)
+        reference.update_parameters(module)
+    mine, theirs = ema._average_model.state_dict(), reference.state_dict()
+    assert mine.keys() == theirs.keys() and int(mine["n_averaged"]) == 4
+    for name in mine:
+        assert torch.equal(mine[name], theirs[name]), name
 
 
 @pytest.mark.parametrize("options", [dict(flip=True), dict(max_shift=2), dict(erase_p=0.5),

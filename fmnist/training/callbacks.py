@@ -474,12 +474,43 @@ class WeightEMA(WeightAveraging):
 
     def __init__(self, decay: float):
         super().__init__(multi_avg_fn=ema_with_warmup(decay))
+        self.updates: int | None = None  # the steps the average holds (its `n_averaged`), once read
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         # Lightning's callback would also load the raw weights when `trainer.test(ckpt_path=...)` restores
         # a checkpoint after fitting, so the test would score them instead of the averaged weights.
         if trainer.state.fn == TrainerFn.FITTING:
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
+            self.updates = None  # the loaded average's own count, read at its next update
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        # Lightning's callback, once per optimizer step, but without `AveragedModel.update_parameters`: that reads
+        # its step count, a tensor on the model's device, twice per call, which on a GPU is two syncs per step.
+        if trainer.global_step > self._latest_update_step and self.should_update(step_idx=trainer.global_step - 1):
+            self.update_average(pl_module)
+            self._latest_update_step = trainer.global_step
+
+    @torch.no_grad()
+    def update_average(self, pl_module: L.LightningModule) -> None:
+        """What `AveragedModel.update_parameters` does (with `use_buffers`, as here), with the step count kept in
+        Python: read from the average once (after a resume it is the loaded one's), then counted."""
+        average = self._average_model
+        if self.updates is None:
+            self.updates = int(average.n_averaged)
+        averaged = [*average.module.parameters(), *average.module.buffers()]
+        current = [t.detach() for t in (*pl_module.parameters(), *pl_module.buffers())]
+        if self.updates == 0:
+            torch._foreach_copy_(averaged, current)
+        else:
+            groups: dict[tuple, tuple[list, list]] = {}  # the multi-tensor function takes one device and dtype
+            for into, now in zip(averaged, current, strict=True):
+                group = groups.setdefault((into.device, into.dtype), ([], []))
+                group[0].append(into)
+                group[1].append(now)
+            for into, now in groups.values():
+                average.multi_avg_fn(into, now, average.n_averaged)
+        average.n_averaged += 1
+        self.updates += 1
 
 
 class Lookahead(L.Callback):
