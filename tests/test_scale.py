@@ -190,11 +190,16 @@ INFER_BENCHMARK_HEADER = (b"date,cpu,isa,cores,torch_threads,gpu,torch,model,bat
                           b"ms_per_image,img_s,speedup_vs_eager,ms_range\n")
 
 
+def tiny_benchmark(run_in_process, data_dir, out, images: int):
+    """benchmark.py on the simple model, one batch size and precision, one repeat, `images` timed, rows into `out`."""
+    return run_in_process("scripts/benchmark.py", "--data-dir", str(data_dir), "--images", str(images), "--repeats",
+                          "1", "--val-size", "100", "--batch-sizes", "32", "--precisions", "32-true", "--models",
+                          "simple", "--out", str(out))
+
+
 def test_benchmark_prints_and_appends_a_row(tmp_path, data_dir, run_in_process):
     out = tmp_path / "bench.csv"
-    result = run_in_process("scripts/benchmark.py", "--data-dir", str(data_dir), "--images", "64", "--repeats", "1",
-                            "--val-size", "100", "--batch-sizes", "32", "--precisions", "32-true", "--models", "simple",
-                            "--out", str(out))
+    result = tiny_benchmark(run_in_process, data_dir, out, images=64)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "lightning_img_s" in result.stdout and result.stdout.startswith("hardware: ")
     # The console train.py has: no Lightning notices or warnings a user cannot act on, no bar into a pipe.
@@ -210,9 +215,7 @@ def test_benchmark_times_only_full_batches(tmp_path, data_dir, run_in_process):
     # More images than an epoch: the loops time its full batches after the warm-up, never its last, smaller batch
     # (500 training images: 15 full batches of 32 and one of 20), whose new shape recompiles a CUDA-graphed step.
     out = tmp_path / "bench.csv"
-    result = run_in_process("scripts/benchmark.py", "--data-dir", str(data_dir), "--images", "100000", "--repeats", "1",
-                            "--val-size", "100", "--batch-sizes", "32", "--precisions", "32-true", "--models", "simple",
-                            "--out", str(out))
+    result = tiny_benchmark(run_in_process, data_dir, out, images=100000)
     assert result.returncode == 0, result.stderr[-3000:]
     assert pd.read_csv(out).steps.tolist() == [500 // 32 - 3]  # 3 warm-up steps
 
@@ -225,9 +228,7 @@ def test_benchmark_appends_after_the_rows_there_leaving_them_byte_for_byte(tmp_p
               + b"2026-11-26T01:30:00+00:00,Intel(R) Xeon(R) Processor,avx2,16,16,,2.11.0,optimized,256,32-true,,"
                 b"10057,7156,3.672,0.513,0.70,0.706-0.723,38703,18.49,2.33,0.149")
     out.write_bytes(before)
-    result = run_in_process("scripts/benchmark.py", "--data-dir", str(data_dir), "--images", "64", "--repeats", "1",
-                            "--val-size", "100", "--batch-sizes", "32", "--precisions", "32-true", "--models", "simple",
-                            "--out", str(out))
+    result = tiny_benchmark(run_in_process, data_dir, out, images=64)
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.read_bytes().startswith(before + b"\n")  # not 256.0, 251.0 or 0.7: the rows are not read and rewritten
     table = pd.read_csv(out)
