@@ -23,9 +23,11 @@
 `--archive FILE` also writes the results folder as one .tar.gz after every step (without checkpoints,
 TensorBoard event files and predictions), for a machine whose files are fetched as a few files or lost
 when a window ends: a cut-short window still leaves the archive of its finished steps.
-Run again with the same --results folder (or on the same day), it continues where the last run stopped:
-sweeps skip their finished jobs and resume the others (from their last checkpoint where the machine
-still has it); a step whose jobs have all finished is not started.
+Run again with the same --results folder, it continues where the last run stopped: sweeps skip their
+finished jobs and resume the others (from their last checkpoint where the machine still has it); a step
+whose jobs have all finished is not started. Without --results, `--records` continues the newest folder
+of docs/results/gpu/records/ measured on the same GPU model while its recipes have not all finished (a
+later window, another day), and otherwise starts a folder named after the date.
 
 `--dry-run` composes the config of every training command (so a typo fails here, on any machine)
 and prints the commands without running them. `--smoke` runs every step on a few batches: a check
@@ -55,6 +57,7 @@ from fmnist.fsio import (atomic_output, atomic_write, check_folder_can_hold, che
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 ENV_FILE = "env.json"  # what every check writes first: a results folder holding it is a check's own
+RECORDS_DIR = "docs/results/gpu/records"  # --records' folders, one per date (in the repository)
 THRESHOLDS = (0.94, 0.95)  # validation accuracy marks for time-to-accuracy
 STUDY_JOBS_PER_GPU = 8  # experiment=study's jobs at once on one GPU: each small CNN leaves most of it idle
 # The packed report's time box: its aim is 60 s. Past that, how far its runs got says enough, and the study after it
@@ -145,6 +148,22 @@ def plan_records(results: Path, data_dir: Path, smoke: bool, budget_s: float) ->
                                              f"hydra.sweep.dir={results / recipe}", "trainer.enable_progress_bar=false")],
                           timeouts[recipe], sweep=results / recipe, jobs=1 if smoke else seeds))
     return steps
+
+
+def records_folder(records: Path, gpu: str | None, today: str) -> Path:
+    """Where `--records` writes without --results: the newest folder under `records` (by name, a date) measured on
+    the GPU model `gpu` (its env.json), if its recipes have not all finished, so that a later window continues it;
+    else `records`/`today`. Seeds of one recipe measured on two GPU models would make no record of either."""
+    measured = sorted((p for p in records.iterdir() if (p / ENV_FILE).is_file()), reverse=True) if records.is_dir() else []
+    for folder in measured:
+        try:
+            measured_on = json.loads((folder / ENV_FILE).read_text())["hardware"]["gpu"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a check's env.json: not a folder to continue
+        if gpu is not None and measured_on == gpu:
+            unfinished = any(finished_jobs(folder / recipe) < seeds for recipe, seeds in RECORD_RECIPES)
+            return folder if unfinished else records / today
+    return records / today
 
 
 def finished_jobs(sweep: Path) -> int:
@@ -391,7 +410,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", action="store_true", help="run the record recipes (make gpu-records)")
     parser.add_argument("--results", type=path_argument, default=None,
-                        help="default: outputs/gpu-check/<time>; with --records, docs/results/gpu/records/<date>")
+                        help="default: outputs/gpu-check/<time>; with --records, the folder of docs/results/gpu/records/ "
+                             "this GPU model has not finished, else docs/results/gpu/records/<date>")
     parser.add_argument("--data-dir", type=path_argument, default=Path("data"))
     parser.add_argument("--idx-dir", type=path_argument, default=None, help="make the CSVs from Zalando's IDX files here")
     parser.add_argument("--budget-s", type=float, default=None,
@@ -419,10 +439,14 @@ def main() -> int:
     if swept:  # added to every command: a step that is no sweep would get several values, a sweep more jobs
         parser.error(f"--override {swept[0]} is a sweep (`,`, range, choice or glob); each --override sets one value")
     budget_s = args.budget_s or (420 if args.records else 450)
-    default_results = (ROOT / "docs/results/gpu/records" / datetime.now().strftime("%Y-%m-%d")
-                       if args.records and not args.smoke  # a smoke run's jobs are not records to continue
-                       else Path("outputs/gpu-check") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
-    results = (args.results or default_results).resolve()
+    if args.results is not None:
+        results = args.results.resolve()
+    elif args.records and not args.smoke:  # a smoke run's jobs are not records to continue
+        from fmnist.hardware import describe
+
+        results = records_folder(ROOT / RECORDS_DIR, describe()["gpu"], datetime.now().strftime("%Y-%m-%d"))
+    else:
+        results = (Path("outputs/gpu-check") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")).resolve()
     if results.exists() and not results.is_dir():
         parser.error(f"--results {args.results}: a file, not a directory; nothing was run")
     if results.is_dir() and any(results.iterdir()) and not (results / ENV_FILE).is_file():

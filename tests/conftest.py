@@ -124,8 +124,10 @@ def import_script(name: str):
     """scripts/NAME.py as a module, to call its functions in the test's process."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # where its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
 
 def run_entry_point(script: str, *args: str, cwd: Path | None = None) -> int:
     """The entry point run as `python script args` would run it (as `__main__`, with that argv), but in this

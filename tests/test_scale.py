@@ -462,6 +462,35 @@ def test_gpu_records_dry_run_composes_the_record_recipes(run_in_process):
     assert lines[-1].startswith("dry run: 3 commands composed")
 
 
+def test_gpu_records_continues_the_unfinished_folder_of_this_gpu_model_else_starts_one_for_today(tmp_path):
+    gpu_check = import_script("gpu_check")
+
+    def measured(name: str, gpu: str, finished: dict[str, int]) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "env.json").write_text(json.dumps({"hardware": {"gpu": gpu}, "hardware_line": gpu}))
+        for recipe, jobs in finished.items():
+            for seed in range(jobs):
+                (folder / recipe / f"seed={seed}").mkdir(parents=True)
+                (folder / recipe / f"seed={seed}" / "metrics.json").write_text('{"status": "completed"}')
+        return folder
+
+    all_but_best = {"speedrun_gpu": 5, "speedrun_gpu_95": 3, "best": 1}
+    older = measured("2026-11-26", "NVIDIA H100 80GB HBM3", all_but_best)
+    newer = measured("2026-12-04", "NVIDIA H200", all_but_best)
+    (tmp_path / "notes").mkdir()  # not a check's folder: passed over
+    choose = gpu_check.records_folder
+    assert choose(tmp_path, "NVIDIA H200", "2026-12-09") == newer  # another day's window continues it
+    assert choose(tmp_path, "NVIDIA H100 80GB HBM3", "2026-12-09") == older
+    assert choose(tmp_path, "NVIDIA A100", "2026-12-09") == tmp_path / "2026-12-09"  # no seeds mixed across GPUs
+    assert choose(tmp_path, None, "2026-12-09") == tmp_path / "2026-12-09"
+    for seed in (1, 2):  # best's three seeds finished: the next window starts a new folder
+        (newer / "best" / f"seed={seed}").mkdir()
+        (newer / "best" / f"seed={seed}" / "metrics.json").write_text('{"status": "completed"}')
+    assert choose(tmp_path, "NVIDIA H200", "2026-12-09") == tmp_path / "2026-12-09"
+    assert choose(tmp_path / "absent", "NVIDIA H200", "2026-12-09") == tmp_path / "absent" / "2026-12-09"
+
+
 def test_a_typo_in_override_stops_gpu_check_before_any_step(tmp_path, run_in_process):
     # The smoke plan's own list values (model.widths=[8,16,32]) compose; the misspelt key does not.
     result = run_in_process("scripts/gpu_check.py", "--records", "--smoke", "--results", str(tmp_path / "r"),
