@@ -90,23 +90,22 @@ def plan(results: Path, data_dir: Path, smoke: bool, gpus: int) -> list[Step]:
               "trainer.enable_progress_bar=false"]
     study_smoke = ["model=simple", "data.batch_size=256", "seed=0"] if smoke else []  # 4 of the 48 runs
     report_seeds = ["0"] if smoke else [str(seed) for seed in range(5)]  # conf/experiment/report.yaml's 5 seeds
+
+    def bench(*options: str, repeats: int = 3) -> list[str]:
+        """scripts/benchmark.py with `options`, about a second per loop and `repeats` repeats (less of both when
+        smoke-testing), its rows into bench.csv."""
+        return [PY, "scripts/benchmark.py", "--data-dir", str(data_dir), "--accelerator", accelerator, *options,
+                "--seconds", "0.2" if smoke else "1", "--repeats", "1" if smoke else str(repeats),
+                "--out", str(results / "bench.csv")]
+
     steps = [
         Step("smoke", [train_cmd(*common, *tiny, "trainer.max_epochs=1", f"hydra.run.dir={results / 'smoke'}",
                                  "trainer.enable_progress_bar=false")], 120),
-        Step("bench", [[PY, "scripts/benchmark.py", "--data-dir", str(data_dir), "--accelerator", accelerator,
-                        "--batch-sizes", "32", "256",
-                        "--seconds", "0.2" if smoke else "1", "--repeats", "1" if smoke else "3",
-                        "--out", str(results / "bench.csv")]], 150, train=False),
+        Step("bench", [bench("--batch-sizes", "32", "256")], 150, train=False),
         # The same with CUDA graphs in both loops (fast_path=true): compiles once per shape and precision.
-        Step("bench_fast_path", [[PY, "scripts/benchmark.py", "--data-dir", str(data_dir), "--accelerator", accelerator,
-                                  "--batch-sizes", "32", "256", "--fast-path",
-                                  "--seconds", "0.2" if smoke else "1", "--repeats", "1",
-                                  "--out", str(results / "bench.csv")]], 120, train=False),
+        Step("bench_fast_path", [bench("--batch-sizes", "32", "256", "--fast-path", repeats=1)], 120, train=False),
         # The speedrun's ResNet (conf/model/resnet.yaml: speedrun_cpu's and speedrun_gpu's net) at their batch size.
-        Step("bench_resnet", [[PY, "scripts/benchmark.py", "--data-dir", str(data_dir), "--accelerator", accelerator,
-                               "--models", "resnet", "--batch-sizes", "256",
-                               "--seconds", "0.2" if smoke else "1", "--repeats", "1" if smoke else "3",
-                               "--out", str(results / "bench.csv")]], 90, train=False),
+        Step("bench_resnet", [bench("--models", "resnet", "--batch-sizes", "256")], 90, train=False),
         # One process per seed for the cheap settings, one per seed for batch 32 (8x the steps):
         # the GPU is far from full with one small CNN, so parallel processes cut the wall time.
         Step("report", [train_cmd("-m", *report, f"seed={seed}", f"variant={variants}")
