@@ -365,7 +365,7 @@ def check_inputs(args) -> None:
         # negative images/s.
         warmup = warmup_steps(args.fast_path)
         largest = train_images // (warmup + 1)  # the largest batch size giving more than `warmup` full batches
-        too_large = [b for b in args.batch_sizes if train_images // b <= warmup]
+        too_large = [b for b in args.batch_sizes if timed_steps(1, train_images, b, warmup) < 1]
         if too_large:
             raise ConfigError(f"--batch-sizes {too_large[0]}: the training split's {train_images} images (what "
                               f"--val-size {args.val_size} leaves) make {train_images // too_large[0]} full "
