@@ -53,7 +53,7 @@ from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.data.sources import find_csv
 from fmnist.hardware import check_accelerator, describe, describe_line, device_kind, native_cpu_bf16
 from fmnist.models import training_flops_per_image
-from fmnist.training.module import LitClassifier, fast_path_applies, take_fast_path
+from fmnist.training.module import LitClassifier, fast_path_applies, fused_on, take_fast_path
 from fmnist.training.precision import resolve_precision
 
 
@@ -140,7 +140,7 @@ def raw_throughput(dm: FashionMNISTDataModule, model: dict, batch_size: int, pre
     net = lit.net.to(device).train()
     if model["fast_path"]:  # the treatment Lightning's module gives it in `setup`
         take_fast_path(net, device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, **fused_on(device))  # as LitClassifier's
     images, labels = dm.splits["train"]
     generator = torch.Generator().manual_seed(0)
     order = torch.randperm(len(labels), generator=generator).to(device)

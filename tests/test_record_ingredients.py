@@ -7,11 +7,13 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fmnist.errors import ConfigError
 from fmnist.models import patch_whitening_filters
 from fmnist.training.callbacks import Lookahead
-from fmnist.training.module import WHITENING_IMAGES, parameter_groups
+from fmnist.training.module import OPTIMIZER_CLASSES, WHITENING_IMAGES, fused_on, parameter_groups
+from fmnist.training import muon
 from fmnist.training.muon import Muon, orthogonalize, orthogonalize_together
 from fmnist.training.train import train
 from tests.conftest import build
@@ -194,6 +196,61 @@ def test_muon_resumes_exactly_from_its_state_dict():
     _steps(resumed, resumed_optimizer, 2, seed=1)
     for (name, p), q in zip(net.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
+
+
+class TensorOps(TorchDispatchMode):
+    """The tensor operations dispatched, views apart (they launch nothing), and the reads of a value into Python."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.reads = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not func.is_view
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def _muon_step_ops(banks: int, monkeypatch) -> TensorOps:
+    """The operations of a fused Muon's second step over `banks` filter banks and as many biases,
+    the Newton-Schulz iteration left out (its batched form is counted in docs/performance.md)."""
+    monkeypatch.setattr(muon, "orthogonalize", lambda matrix: matrix)
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(8, 4, 3, 3)) for _ in range(banks)]
+    params += [torch.nn.Parameter(torch.randn(8)) for _ in range(banks)]
+    optimizer = Muon(params, lr=1e-2, weight_decay=0.1, fused=True)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        counted = TensorOps()
+        with counted:
+            optimizer.step()
+    return counted
+
+
+def test_a_fused_muon_step_costs_the_same_few_operations_however_many_tensors_it_steps(monkeypatch):
+    # Each operation is a kernel launch on a GPU, where a small model's step is bound by launches: one
+    # multi-tensor operation per stage for all the banks, one fused AdamW kernel, and no value read back.
+    few, many = _muon_step_ops(2, monkeypatch), _muon_step_ops(9, monkeypatch)
+    assert few.ops == many.ops <= 10, (few.ops, many.ops)  # was 7 per bank plus 2 per bias, and 2 reads per bias
+    assert few.reads == many.reads == 0
+
+
+def test_a_fused_muon_steps_as_the_unfused_one():
+    nets = [_net() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    for net, fused in zip(nets, (False, True)):
+        _steps(net, Muon(parameter_groups(net, 1e-2, 0.1, 4.0), lr=1e-2, weight_decay=0.1, fused=fused), 3)
+    for (name, p), q in zip(nets[0].named_parameters(), nets[1].parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_every_optimizer_steps_fused_on_cuda_and_as_torch_defaults_elsewhere():
+    assert fused_on(torch.device("cuda", 0)) == {"fused": True} and fused_on(torch.device("cpu")) == {}
+    for name, (cls, keys) in OPTIMIZER_CLASSES.items():  # each accepts it (fused kernels run on a CPU too)
+        net = _net()
+        options = {"weight_decay": 0.1, "momentum": 0.9, "nesterov": True}
+        _steps(net, cls(parameter_groups(net, 1e-2, 0.1, 4.0), lr=1e-2, **{k: options[k] for k in keys}, fused=True), 1)
 
 
 def test_optim_muon_trains_the_filters_by_muon_and_the_rest_by_adamw(make_cfg, tmp_path):

@@ -63,13 +63,16 @@ class Muon(torch.optim.Optimizer):
     """Muon on the convolution filters, AdamW on the rest (biases, batch-norm scales, the classifier).
 
     lr, weight_decay: for both (decoupled decay, as AdamW); momentum, nesterov: Muon's momentum;
-    betas, eps: AdamW's. Parameter groups may set their own lr and weight_decay (the bias rate).
+    betas, eps: AdamW's; fused: AdamW's half in one fused kernel, as `torch.optim.AdamW(fused=True)`.
+    Parameter groups may set their own lr and weight_decay (the bias rate). Each half steps all its tensors
+    in a few multi-tensor operations, however many there are: on a GPU each operation is a kernel launch.
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.0, momentum: float = 0.95,
-                 nesterov: bool = True, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+                 nesterov: bool = True, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 fused: bool = False):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                                      betas=betas, eps=eps))
+                                      betas=betas, eps=eps, fused=fused))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -84,30 +87,35 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _muon_update(self, filters: list[torch.Tensor], group: dict) -> None:
-        matrices = []
+        if not filters:
+            return
+        grads = [p.grad for p in filters]
         for p in filters:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buffer = state["momentum_buffer"].mul_(group["momentum"]).add_(p.grad)
-            direction = p.grad.add(buffer, alpha=group["momentum"]) if group["nesterov"] else buffer
-            matrices.append(direction.reshape(p.shape[0], -1))
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        buffers = [self.state[p]["momentum_buffer"] for p in filters]
+        torch._foreach_mul_(buffers, group["momentum"])
+        torch._foreach_add_(buffers, grads)
+        directions = torch._foreach_add(grads, buffers, alpha=group["momentum"]) if group["nesterov"] else buffers
+        matrices = [d.reshape(p.shape[0], -1) for p, d in zip(filters, directions)]
         # On an accelerator the filter banks go through Newton-Schulz together (few, larger kernels); on a CPU
         # one by one, where padding to the largest bank would only add arithmetic.
         together = len(matrices) > 1 and matrices[0].device.type != "cpu"
         updates = orthogonalize_together(matrices) if together else [orthogonalize(m) for m in matrices]
-        for p, matrix, update in zip(filters, matrices, updates):
-            scale = ADAMW_UPDATE_RMS * math.sqrt(max(matrix.shape))
-            p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled decay, as AdamW's
-            p.add_(update.reshape(p.shape).to(p.dtype), alpha=-group["lr"] * scale)
+        steps = [-group["lr"] * ADAMW_UPDATE_RMS * math.sqrt(max(m.shape)) for m in matrices]
+        updates = torch._foreach_mul([u.reshape(p.shape).to(p.dtype) for p, u in zip(filters, updates)], steps)
+        torch._foreach_mul_(filters, 1 - group["lr"] * group["weight_decay"])  # decoupled decay, as AdamW's
+        torch._foreach_add_(filters, updates)
 
     def _adamw_update(self, params: list[torch.Tensor], group: dict) -> None:
         """torch's own AdamW step (its functional form) on `params`, with state kept under AdamW's names."""
+        fused = group.get("fused", False)  # absent from the optimizer state of a checkpoint saved before it existed
         for p in params:
-            if "step" not in self.state[p]:
-                self.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            if "step" not in self.state[p]:  # where torch.optim.AdamW keeps it: on the device when fused
+                step = torch.zeros((), device=p.device) if fused else torch.tensor(0.0)
+                self.state[p].update(step=step, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
         adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
               [s["step"] for s in states], amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-              weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+              weight_decay=group["weight_decay"], eps=group["eps"], maximize=False, fused=fused or None)
