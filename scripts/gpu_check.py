@@ -3,7 +3,8 @@
 
 `make gpu-check` (the default) steps, each bounded in time, each writing under one results folder (printed at the end):
   env.json            GPU, driver, CUDA, cuDNN, torch, and the hardware line
-  smoke/              one full epoch with trainer.accelerator=gpu (the dataset held on the GPU)
+  smoke/              experiment=speedrun_gpu, seed 0, alone on the GPU: the whole pipeline (the dataset held on
+                      the GPU, fit, test), and the record recipe's time with the code as it is now
   bench.csv           scripts/benchmark.py on the GPU: raw PyTorch vs Lightning, fp32 vs bf16, batch 32 and 256,
                       then the same with CUDA graphs in both loops (--fast-path: fast_path=true in training),
                       then the speedrun's ResNet (model=resnet) at its batch size, 256
@@ -89,6 +90,7 @@ def plan(results: Path, data_dir: Path, smoke: bool, gpus: int) -> list[Step]:
     report = [*common, *tiny, "experiment=report", f"hydra.sweep.dir={results / 'report'}",
               "trainer.enable_progress_bar=false"]
     study_smoke = ["model=simple", "data.batch_size=256", "seed=0"] if smoke else []  # 4 of the 48 runs
+    smoke_tiny = ["trainer.max_epochs=1", "data.batch_size=32", "model.widths=[8,16,32]"] if smoke else []
     report_seeds = ["0"] if smoke else [str(seed) for seed in range(5)]  # conf/experiment/report.yaml's 5 seeds
 
     def bench(*options: str, repeats: int = 3) -> list[str]:
@@ -99,8 +101,10 @@ def plan(results: Path, data_dir: Path, smoke: bool, gpus: int) -> list[Step]:
                 "--out", str(results / "bench.csv")]
 
     steps = [
-        Step("smoke", [train_cmd(*common, *tiny, "trainer.max_epochs=1", f"hydra.run.dir={results / 'smoke'}",
-                                 "trainer.enable_progress_bar=false")], 120),
+        # The speedrun recipe, one seed (about 15 s of training on an H200): `make gpu-records` continues its records
+        # where they stopped, so this is where each window times the recipe's steps with the code as it is now.
+        Step("smoke", [train_cmd(*common, *tiny, *smoke_tiny, "experiment=speedrun_gpu", "seed=0",
+                                 f"hydra.run.dir={results / 'smoke'}", "trainer.enable_progress_bar=false")], 120),
         Step("bench", [bench("--batch-sizes", "32", "256")], 150, train=False),
         # The same with CUDA graphs in both loops (fast_path=true): compiles once per shape and precision.
         Step("bench_fast_path", [bench("--batch-sizes", "32", "256", "--fast-path", repeats=1)], 120, train=False),
@@ -337,24 +341,27 @@ def gpu_utilisation(sampler: subprocess.Popen | None, path: Path) -> dict:
 
 def time_to_accuracy(sweep: Path) -> list[dict]:
     """Per job: test accuracy, and the first epoch reaching each validation threshold (seconds, images, FLOPs)."""
+    jobs = sorted(p for p in sweep.iterdir() if (p / "epochs.csv").exists()) if sweep.is_dir() else []
+    return [run_row(job) for job in jobs]
+
+
+def run_row(job: Path) -> dict:
+    """One run's row of `time_to_accuracy` (its epochs.csv must exist)."""
     import pandas as pd
 
-    rows = []
-    for job in sorted(p for p in sweep.iterdir() if (p / "epochs.csv").exists()) if sweep.is_dir() else []:
-        epochs = pd.read_csv(job / "epochs.csv")
-        record = json.loads((job / "metrics.json").read_text()) if (job / "metrics.json").exists() else {}
-        test_acc = record.get("metrics", {}).get("test/acc")
-        row = {"job": job.name, "status": record.get("status"), "test_acc": test_acc and round(test_acc, 4),
-               "val_acc_best": epochs["val/acc"].max(), "epochs": len(epochs),
-               "train_seconds": epochs["train_seconds"].iloc[-1]}
-        for t in THRESHOLDS:
-            hit = epochs[epochs["val/acc"] >= t]
-            first = hit.iloc[0] if len(hit) else None
-            row[f"s_to_{t:.0%}"] = None if first is None else round(float(first["train_seconds"]), 1)
-            row[f"images_to_{t:.0%}"] = None if first is None else int(first["train_images"])
-            row[f"tflop_to_{t:.0%}"] = None if first is None else round(float(first["train_flops"]) / 1e12, 1)
-        rows.append(row)
-    return rows
+    epochs = pd.read_csv(job / "epochs.csv")
+    record = json.loads((job / "metrics.json").read_text()) if (job / "metrics.json").exists() else {}
+    test_acc = record.get("metrics", {}).get("test/acc")
+    row = {"job": job.name, "status": record.get("status"), "test_acc": test_acc and round(test_acc, 4),
+           "val_acc_best": epochs["val/acc"].max(), "epochs": len(epochs),
+           "train_seconds": epochs["train_seconds"].iloc[-1]}
+    for t in THRESHOLDS:
+        hit = epochs[epochs["val/acc"] >= t]
+        first = hit.iloc[0] if len(hit) else None
+        row[f"s_to_{t:.0%}"] = None if first is None else round(float(first["train_seconds"]), 1)
+        row[f"images_to_{t:.0%}"] = None if first is None else int(first["train_images"])
+        row[f"tflop_to_{t:.0%}"] = None if first is None else round(float(first["train_flops"]) / 1e12, 1)
+    return row
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -377,6 +384,9 @@ def write_summary(results: Path, env: dict, outcomes: list[dict]) -> str:
                 "lightning_tflop_s", "data_share_pct"]
         parts += ["## Benchmark (raw PyTorch vs Lightning, alone on the GPU)", "",
                   markdown_table(bench[[c for c in keep if c in bench]].to_dict("records"))]
+    if (results / "smoke" / "epochs.csv").exists():
+        parts += ["## smoke: experiment=speedrun_gpu, seed 0 (alone on the GPU)", "",
+                  markdown_table([run_row(results / "smoke")])]
     parts += ["## experiment=report (seeds in parallel processes: seconds are not timings)", "",
               markdown_table(time_to_accuracy(results / "report"))]
     if (results / "report" / "summary.md").exists():

@@ -398,6 +398,7 @@ def test_gpu_check_dry_run_composes_every_command(run_in_process):
                                           "study", "ddp"]  # in priority order; the record recipes are --records' own
     assert "experiment=report" in result.stdout and "seed=2" in result.stdout and "trainer.accelerator=gpu" in result.stdout
     assert "--models resnet --batch-sizes 256" in result.stdout
+    assert "experiment=speedrun_gpu seed=0" in lines[0]  # the smoke step times the speedrun recipe, one seed
     assert lines[-1].startswith("dry run: 17 commands composed")
 
 
