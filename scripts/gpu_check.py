@@ -101,7 +101,7 @@ def plan(results: Path, data_dir: Path, smoke: bool, gpus: int) -> list[Step]:
                 "--out", str(results / "bench.csv")]
 
     steps = [
-        # The speedrun recipe, one seed (about 15 s of training on an H200): `make gpu-records` continues its records
+        # The speedrun recipe, one seed (about 11 s of training on an H200): `make gpu-records` continues its records
         # where they stopped, so this is where each window times the recipe's steps with the code as it is now.
         Step("smoke", [train_cmd(*common, *tiny, *smoke_tiny, "experiment=speedrun_gpu", "seed=0",
                                  f"hydra.run.dir={results / 'smoke'}", "trainer.enable_progress_bar=false")], 120),

@@ -102,8 +102,8 @@ class Muon(torch.optim.Optimizer):
         # one by one, where padding to the largest bank would only add arithmetic.
         together = len(matrices) > 1 and matrices[0].device.type != "cpu"
         updates = orthogonalize_together(matrices) if together else [orthogonalize(m) for m in matrices]
-        steps = [-group["lr"] * ADAMW_UPDATE_RMS * math.sqrt(max(m.shape)) for m in matrices]
-        updates = torch._foreach_mul([u.reshape(p.shape).to(p.dtype) for p, u in zip(filters, updates)], steps)
+        step_sizes = [-group["lr"] * ADAMW_UPDATE_RMS * math.sqrt(max(m.shape)) for m in matrices]
+        updates = torch._foreach_mul([u.reshape(p.shape).to(p.dtype) for p, u in zip(filters, updates)], step_sizes)
         torch._foreach_mul_(filters, 1 - group["lr"] * group["weight_decay"])  # decoupled decay, as AdamW's
         torch._foreach_add_(filters, updates)
 
