@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from torch.utils._python_dispatch import TorchDispatchMode
 from hydra.core.global_hydra import GlobalHydra
 
 from fmnist.data.csv_io import write_csv
@@ -199,3 +200,17 @@ def tmpfs(tmp_path):
         # Lazily: a file the test's process still holds open there (a traceback's frame, a library's handle) would
         # make a plain umount fail and leave the mount behind, under pytest's temporary directories, on every run.
         subprocess.run(["umount", "--lazy", str(point)], check=False)
+
+
+class TensorOps(TorchDispatchMode):
+    """Counts, while entered, the tensor operations dispatched, views apart (they launch nothing), and the reads of
+    a tensor's value into Python (`.item()`, `bool(t)`), each of which syncs a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.reads = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not func.is_view
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))

@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 import torch
 from lightning.pytorch.plugins.precision import Precision
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fmnist.data.augment import augment, cutmix
 from fmnist.data.csv_io import write_csv
@@ -18,7 +17,7 @@ from fmnist.inference.evaluate import evaluate
 from fmnist.models import tta_logits
 from fmnist.training.callbacks import WeightEMA
 from fmnist.training.train import train
-from tests.conftest import build, compose_named, make_images
+from tests.conftest import TensorOps, build, compose_named, make_images
 
 EMA = ["model=simple", "optim.ema_decay=0.5", "trainer.deterministic=true", "trainer.precision=32-true"]
 
@@ -98,20 +97,8 @@ def test_ema_survives_a_resume(make_cfg, tmp_path):
                 assert torch.equal(value, resumed[key][name]), (key, name)
 
 
-class Syncs(TorchDispatchMode):
-    """Counts the reads of a tensor's value into Python (`.item()`, `bool(t)`): each one syncs a GPU."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
-
-
 def test_the_ema_reads_its_step_count_once_per_fit_not_at_every_step(make_cfg, tmp_path, monkeypatch):
-    syncs, calls, update = Syncs(), [], WeightEMA.on_train_batch_end
+    syncs, calls, update = TensorOps(), [], WeightEMA.on_train_batch_end
 
     def counted(self, *args):
         calls.append(1)
@@ -120,7 +107,7 @@ def test_the_ema_reads_its_step_count_once_per_fit_not_at_every_step(make_cfg, t
 
     monkeypatch.setattr(WeightEMA, "on_train_batch_end", counted)
     train(make_cfg(*EMA, "trainer.max_epochs=2"), tmp_path)
-    assert len(calls) >= 4 and syncs.count <= 1  # was 2 per step: AveragedModel.update_parameters reads it twice
+    assert len(calls) >= 4 and syncs.reads <= 1  # was 2 per step: AveragedModel.update_parameters reads it twice
 
 
 def test_the_ema_update_matches_torchs_averaged_model():

@@ -7,7 +7,6 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fmnist.errors import ConfigError
 from fmnist.models import patch_whitening_filters
@@ -16,7 +15,7 @@ from fmnist.training.module import OPTIMIZER_CLASSES, WHITENING_IMAGES, fused_on
 from fmnist.training import muon
 from fmnist.training.muon import Muon, orthogonalize, orthogonalize_together
 from fmnist.training.train import train
-from tests.conftest import build
+from tests.conftest import TensorOps, build
 
 RESNET = ["model=resnet", "model.widths=[24,32]", "model.blocks=[1,1]", "trainer.deterministic=true",
           "trainer.precision=32-true"]
@@ -196,19 +195,6 @@ def test_muon_resumes_exactly_from_its_state_dict():
     _steps(resumed, resumed_optimizer, 2, seed=1)
     for (name, p), q in zip(net.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
-
-
-class TensorOps(TorchDispatchMode):
-    """The tensor operations dispatched, views apart (they launch nothing), and the reads of a value into Python."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops, self.reads = 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += not func.is_view
-        self.reads += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
 
 
 def _muon_step_ops(banks: int, monkeypatch) -> TensorOps:
