@@ -59,6 +59,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 ENV_FILE = "env.json"  # what every check writes first: a results folder holding it is a check's own
 RECORDS_DIR = "docs/results/gpu/records"  # --records' folders, one per date (in the repository)
+# --smoke: every run on a few batches, and a speedrun's or a record's ResNet small, on small batches: a check of
+# this script, not of the recipes (their own test trains each for a few batches).
+SMOKE_BATCHES = ["trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
+                 "trainer.max_epochs=2"]
+SMOKE_RESNET = ["data.batch_size=32", "model.widths=[8,16,32]"]
 THRESHOLDS = (0.94, 0.95)  # validation accuracy marks for time-to-accuracy
 STUDY_JOBS_PER_GPU = 8  # experiment=study's jobs at once on one GPU: each small CNN leaves most of it idle
 # The packed report's time box: its aim is 60 s. Past that, how far its runs got says enough, and the study after it
@@ -85,12 +90,11 @@ def plan(results: Path, data_dir: Path, smoke: bool, gpus: int) -> list[Step]:
     """The steps, in order of importance: a budget cut hits the last ones. `smoke`: a few batches, any device."""
     accelerator = "auto" if smoke else "gpu"
     common = [f"data.dir={data_dir}", f"trainer.accelerator={accelerator}", "trainer.devices=1"]
-    tiny = ["trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
-            "trainer.max_epochs=2"] if smoke else []
+    tiny = SMOKE_BATCHES if smoke else []
     report = [*common, *tiny, "experiment=report", f"hydra.sweep.dir={results / 'report'}",
               "trainer.enable_progress_bar=false"]
     study_smoke = ["model=simple", "data.batch_size=256", "seed=0"] if smoke else []  # 4 of the 48 runs
-    smoke_tiny = ["trainer.max_epochs=1", "data.batch_size=32", "model.widths=[8,16,32]"] if smoke else []
+    smoke_resnet = [*SMOKE_RESNET, "trainer.max_epochs=1"] if smoke else []
     report_seeds = ["0"] if smoke else [str(seed) for seed in range(5)]  # conf/experiment/report.yaml's 5 seeds
 
     def bench(*options: str, repeats: int = 3) -> list[str]:
@@ -103,7 +107,7 @@ def plan(results: Path, data_dir: Path, smoke: bool, gpus: int) -> list[Step]:
     steps = [
         # The speedrun recipe, one seed (about 11 s of training on an H200): `make gpu-records` continues its records
         # where they stopped, so this is where each window times the recipe's steps with the code as it is now.
-        Step("smoke", [train_cmd(*common, *tiny, *smoke_tiny, "experiment=speedrun_gpu", "seed=0",
+        Step("smoke", [train_cmd(*common, *tiny, *smoke_resnet, "experiment=speedrun_gpu", "seed=0",
                                  f"hydra.run.dir={results / 'smoke'}", "trainer.enable_progress_bar=false")], 120),
         Step("bench", [bench("--batch-sizes", "32", "256")], 150, train=False),
         # The same with CUDA graphs in both loops (fast_path=true): compiles once per shape and precision.
@@ -138,10 +142,7 @@ RECORD_RECIPES = (("speedrun_gpu", 5), ("speedrun_gpu_95", 3), ("best", 3))  # p
 def plan_records(results: Path, data_dir: Path, smoke: bool, budget_s: float) -> list[Step]:
     """The record recipes, most important first; the last one gets what the budget leaves. `smoke`: a few batches."""
     accelerator = "auto" if smoke else "gpu"
-    # A check of this script, not of the recipes (their own test trains each for a few batches): small and fast.
-    tiny = ["trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
-            "trainer.max_epochs=2", "data.batch_size=32", "data.eval_batch_size=100", "model.widths=[8,16,32]",
-            "trainer.precision=32-true"] if smoke else []
+    tiny = [*SMOKE_BATCHES, *SMOKE_RESNET, "data.eval_batch_size=100", "trainer.precision=32-true"] if smoke else []
     timeouts = {"speedrun_gpu": 150, "speedrun_gpu_95": 120, "best": budget_s}  # best: all the budget leaves
     steps = []
     for recipe, seeds in RECORD_RECIPES:
