@@ -415,6 +415,57 @@ def test_fast_path_is_ignored_on_a_cpu_with_one_log_line(make_cfg, tmp_path, cap
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[1])
 
 
+def test_a_training_step_keeps_its_loss_and_accuracy_in_a_few_device_operations_and_reads_none():
+    """Per step the training metrics are sums on the device; torchmetrics' per-step updates took about 20
+    operations (and as much host time as a small model's whole step on a GPU)."""
+    from dataclasses import asdict
+
+    from fmnist.config import OptimConfig
+    from tests.conftest import TensorOps, make_images
+
+    torch.manual_seed(0)
+    module = LitClassifier(model=OmegaConf.to_container(compose_cfg("model=simple").model), optim=asdict(OptimConfig()))
+    images, labels = make_images(32, 0)
+    batch = (torch.from_numpy(images).float().unsqueeze(1) / 255, torch.from_numpy(labels))
+    module.on_train_epoch_start()
+    with TensorOps() as loss_alone:
+        module._loss(batch)
+    with TensorOps() as step:
+        loss = module.training_step(batch, 1)
+    assert step.ops - loss_alone.ops <= 5 and step.reads == 0, (step.ops, loss_alone.ops, step.reads)
+    assert module.training_images == 32 and module.training_sums[0].item() == pytest.approx(32 * loss.item())
+
+
+@pytest.mark.slow
+def test_each_epochs_training_loss_and_accuracy_are_those_of_its_steps_also_of_an_epoch_cut_short(make_cfg, tmp_path,
+                                                                                                  monkeypatch):
+    """epochs.csv's train/loss and train/acc: the image-weighted mean of the epoch's step losses and the share of its
+    images classified right, the second epoch stopped after 3 of its 5 steps (as max_time stops one)."""
+    import lightning as L
+
+    steps, loss_of = [], LitClassifier._loss
+
+    def recorded(self, batch, tta="none"):
+        loss, logits, y = loss_of(self, batch, tta)
+        if self.training:
+            steps.append((self.current_epoch, loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)))
+        return loss, logits, y
+
+    class StopInSecondEpoch(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            trainer.should_stop = trainer.should_stop or (trainer.current_epoch == 1 and batch_idx == 2)
+
+    monkeypatch.setattr(LitClassifier, "_loss", recorded)
+    train(make_cfg("model=simple", "trainer.max_epochs=3", "trainer.limit_train_batches=5"), tmp_path,
+          callbacks=[StopInSecondEpoch()])
+    epochs = pd.read_csv(tmp_path / "epochs.csv")
+    assert epochs["epoch"].tolist() == [1, 2] and [sum(s[0] == e for s in steps) for e in (0, 1)] == [5, 3]
+    for e, row in epochs.iterrows():
+        loss_sum, correct, images = (sum(s[i] for s in steps if s[0] == e) for i in (1, 2, 3))
+        assert row["train/loss"] == pytest.approx(loss_sum / images, abs=2e-6)
+        assert row["train/acc"] == pytest.approx(correct / images, abs=2e-6)
+
+
 @pytest.mark.parametrize("path", ["outputs/runs/a", "outputs/a b", "it's", "ü dir", "a\\b", "ends in \\", "a\\'b",
                                   "outputs/seed=0,lr=1"])
 def test_a_run_directory_quoted_for_the_resume_command_reads_back_as_itself(path):

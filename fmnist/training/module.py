@@ -91,9 +91,14 @@ class LitClassifier(L.LightningModule):
             self.net = self.net.to(memory_format=torch.channels_last)
         if compile:
             self.net.compile()  # in place: state_dict keys stay those of `net`
+        # Training loss and accuracy: summed on the device at each step (`training_step`) and handed to these
+        # aggregates once per epoch (`_hand_over_training_sums`), since a torchmetrics update per step costs host
+        # time comparable to a small model's whole step on a GPU. MeanMetric sums value and weight across DDP ranks.
+        self.train_loss = MeanMetric(nan_strategy="disable")  # "disable": its NaN check would sync a GPU
+        self.train_acc = MeanMetric(nan_strategy="disable")  # the share of correct images, weighted by images
+        self.training_sums = torch.zeros(2)  # loss x images and correct images since the last hand-over
+        self.training_images = 0  # the images those sums cover
         # validate_args=False: the per-step input checks cost more than the update itself (and sync a GPU).
-        self.train_loss = MeanMetric(nan_strategy="disable")  # "disable": its NaN check would sync a GPU per step
-        self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False)
         self.val_acc = MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False)
         self.test_acc = MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False)
         self.val_acc_best = MaxMetric()
@@ -118,18 +123,41 @@ class LitClassifier(L.LightningModule):
         logits = tta_logits(self, x, tta)
         return F.cross_entropy(logits.float(), y, label_smoothing=self.hparams.optim["label_smoothing"]), logits, y
 
+    def on_train_epoch_start(self) -> None:
+        self.training_sums = torch.zeros(2, device=self.device)
+        self.training_images = 0
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, logits, y = self._loss(batch)
-        self.train_loss.update(loss.detach(), len(y))
         # With CutMix the targets are label probabilities: training accuracy counts the largest share.
-        self.train_acc.update(logits, y if y.ndim == 1 else y.argmax(1))
-        if batch_idx == 0:
-            # Registering the metric objects once per epoch is enough: Lightning computes (across
-            # ranks) and resets them at the epoch's end. A `self.log` per step costs a deep copy of
-            # Lightning's metadata in Python, comparable to a whole small-CNN step on a GPU.
-            self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
-            self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        labels = y if y.ndim == 1 else y.argmax(1)
+        loss_sum, correct = self.training_sums  # views: the in-place additions below land in the sums
+        loss_sum.add_(loss.detach(), alpha=len(labels))
+        correct.add_((logits.argmax(1) == labels).sum())
+        self.training_images += len(labels)
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # The epoch's last step, whichever way it ends (its last batch, max_steps, a stop such as max_time's):
+        # the callbacks' `on_train_epoch_end` (epochs.csv) runs before this module's.
+        if self.trainer.fit_loop.epoch_loop.done:
+            self._hand_over_training_sums()
+
+    def on_train_epoch_end(self) -> None:
+        self._hand_over_training_sums()  # an epoch that ended unforeseen: at least the loggers get its figures
+
+    def _hand_over_training_sums(self) -> None:
+        """Add the steps' sums to the epoch's loss and accuracy aggregates, which Lightning computes (across ranks)
+        and resets at the epoch's end. A `self.log` per step would cost a deep copy of Lightning's metadata each."""
+        if not self.training_images:
+            return
+        loss_sum, correct = self.training_sums / self.training_images
+        self.train_loss.update(loss_sum, self.training_images)
+        self.train_acc.update(correct, self.training_images)
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self.training_sums.zero_()
+        self.training_images = 0
 
     def validation_step(self, batch, batch_idx: int) -> dict:
         loss, logits, y = self._loss(batch, self.tta)
