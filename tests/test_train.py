@@ -487,3 +487,49 @@ def test_the_records_validation_figures_come_from_epochs_csv_whatever_it_holds(t
     assert _validations(tmp_path) == (2, 0.4)  # the last validated epoch's loss, not the unvalidated third's
     (tmp_path / "epochs.csv").write_text("epoch,val/acc\n1,0.8\n")  # a file of an older version
     assert _validations(tmp_path) == (1, None)
+
+
+@pytest.mark.slow
+def test_a_compiled_network_is_compiled_before_training_and_trains_as_an_uncompiled_one(make_cfg, tmp_path,
+                                                                                       monkeypatch):
+    """`compile=true`: every compilation happens before the first epoch starts (outside train_seconds), and the
+    warm-up leaves nothing behind: the same weights, batch-norm statistics and dropout draws as without compiling.
+    Compiled with torch.compile's "eager" backend (dynamo traces, recompiles per shape and mode as with inductor,
+    without generating code, which takes minutes on a CPU)."""
+    import lightning as L
+
+    compiled, compile_of = [], torch.nn.Module.compile
+
+    def counted(gm, example_inputs):
+        compiled.append(gm)
+        return gm.forward
+
+    class CompilationsByEpochStart(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                self.at_first_epoch = len(compiled)
+
+        def on_train_end(self, trainer, pl_module):
+            self.at_fit_end = len(compiled)  # the test's batches come after, outside train_seconds
+
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compile_of(self, backend=counted))
+    torch._dynamo.reset()
+    try:
+        deterministic = ["model=optimized", "model.dropout=0.3", "trainer.deterministic=true",
+                         "trainer.precision=32-true", "trainer.limit_val_batches=4", "trainer.max_epochs=2",
+                         "optim.ema_decay=0.9"]
+        seen = CompilationsByEpochStart()
+        metrics = train(make_cfg(*deterministic, "compile=true"), tmp_path / "compiled", callbacks=[seen])
+    finally:
+        torch._dynamo.reset()
+    assert seen.at_first_epoch >= 2 and seen.at_fit_end == seen.at_first_epoch  # train and eval mode; none in the fit
+    assert metrics["warmup_seconds"] >= 0 and read_record(tmp_path / "compiled")["metrics"]["warmup_seconds"] >= 0
+    plain = train(make_cfg(*deterministic), tmp_path / "plain")
+    assert "warmup_seconds" not in plain
+    assert metrics["val/acc_best"] == plain["val/acc_best"] and metrics["test/acc"] == plain["test/acc"]
+    weights = [torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)
+               for run in ("compiled", "plain")]
+    for key in ("state_dict", "current_model_state"):
+        assert weights[0][key].keys() == weights[1][key].keys()
+        for name in weights[1][key]:
+            assert torch.equal(weights[0][key][name], weights[1][key][name]), (key, name)

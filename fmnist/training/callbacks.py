@@ -1,6 +1,7 @@
 """Lightning callbacks: a per-epoch CSV (and line), the fit's forecast and heartbeat, a divergence stop, exact-resume
-RNG state, test-set artifacts, a signal's stop told to the trackers, every image's prediction, an exponential moving
-average of the weights, lookahead, and a progress bar that counts epochs from 1 like everything else here."""
+RNG state, compilation before training, test-set artifacts, a signal's stop told to the trackers, every image's
+prediction, an exponential moving average of the weights, lookahead, and a progress bar that counts epochs from 1
+like everything else here."""
 
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from lightning.pytorch.callbacks import TQDMProgressBar, WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from fmnist import IMAGE_SIDE
 from fmnist.errors import DivergedError
 from fmnist.fsio import atomic_output, atomic_write
-from fmnist.models import training_flops_per_image
+from fmnist.models import training_flops_per_image, tta_logits
 from fmnist.runs import CONFUSION_FILE, EPOCH_COLUMNS, PREDICTIONS_FILE
 from fmnist.training.figures import confusion_matrix_figure, misclassified_figure
 from fmnist.training.trackers import for_each, log_figure
@@ -281,6 +283,21 @@ class StopOnDivergence(L.Callback):
                                 f"{trainer.current_epoch + 1}. {DIVERGED_ADVICE}")
 
 
+def rng_state() -> dict:
+    """torch's global random state (the CPU's, and every GPU's where there are GPUs), as `set_rng_state` takes it."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Put back a state from `rng_state`."""
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class RNGState(L.Callback):
     """Save and restore torch's random state in checkpoints, so a resumed run continues bit-for-bit.
 
@@ -293,10 +310,7 @@ class RNGState(L.Callback):
         self._restore: dict | None = None
 
     def state_dict(self) -> dict:
-        state = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
+        return rng_state()
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._restore = state_dict
@@ -304,10 +318,63 @@ class RNGState(L.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if self._restore is None:
             return
-        torch.set_rng_state(self._restore["cpu"])
-        if "cuda" in self._restore and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(self._restore["cuda"])
+        set_rng_state(self._restore)
         self._restore = None
+
+
+def batch_sizes(loader) -> list[int]:
+    """The sizes of the batches an `InMemoryBatches` gives: the full size, and the last batch's where it is smaller."""
+    full, last = divmod(len(loader.indices()), loader.batch_size)
+    return [loader.batch_size] * bool(full) + [last] * bool(last)
+
+
+class CompileWarmUp(L.Callback):
+    """Compile a compiled network (`compile=true`, or `fast_path=true` on CUDA) before training rather than in its
+    first steps, so that `train_seconds` counts training alone, as airbench times its runs; `seconds` is what the
+    warm-up took (the record's `warmup_seconds`).
+
+    The network runs on zeros of each batch shape the fit gives it (training: the full batch and the epoch's last,
+    forward and backward, in the precision's autocast; validation: the same sizes in eval mode, with the run's
+    TTA), WARMUP_CALLS times each, since CUDA graphs are recorded at the second call and replayed from the third.
+    Then its weights, batch-norm statistics, gradients and random state are put back, so that the run trains as
+    it would without the warm-up.
+    """
+
+    WARMUP_CALLS = 3
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not pl_module.net_compiled:
+            return
+        started = time.perf_counter()
+        net, plugin = pl_module.net, trainer.precision_plugin
+        weights, random_state, mode = {k: v.clone() for k, v in net.state_dict().items()}, rng_state(), net.training
+
+        def zeros(n: int) -> torch.Tensor:
+            return plugin.convert_input(torch.zeros(n, 1, IMAGE_SIDE, IMAGE_SIDE, device=pl_module.device))
+
+        with torch.enable_grad():
+            for n in batch_sizes(trainer.train_dataloader):
+                for _ in range(self.WARMUP_CALLS):
+                    with plugin.train_step_context():
+                        logits = pl_module(zeros(n))
+                    logits.float().sum().backward()
+        net.eval()
+        with torch.no_grad():  # as Lightning validates within a fit (not in inference mode)
+            for n in batch_sizes(trainer.datamodule.val_dataloader()):
+                for _ in range(self.WARMUP_CALLS):
+                    with plugin.val_step_context():
+                        tta_logits(pl_module, zeros(n), pl_module.tta)
+        net.train(mode)
+        net.zero_grad(set_to_none=True)
+        net.load_state_dict(weights)
+        set_rng_state(random_state)
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        self.seconds = time.perf_counter() - started
+        log.info("compiled the network before training: %.1f s, not counted in train_seconds", self.seconds)
 
 
 class ProgressBar(TQDMProgressBar):

@@ -91,6 +91,7 @@ class LitClassifier(L.LightningModule):
             self.net = self.net.to(memory_format=torch.channels_last)
         if compile:
             self.net.compile()  # in place: state_dict keys stay those of `net`
+        self.net_compiled = compile  # or, from `setup`, by the fast path (CompileWarmUp compiles it before training)
         # Training loss and accuracy: summed on the device at each step (`training_step`) and handed to these
         # aggregates once per epoch (`_hand_over_training_sums`), since a torchmetrics update per step costs host
         # time comparable to a small model's whole step on a GPU. MeanMetric sums value and weight across DDP ranks.
@@ -111,7 +112,9 @@ class LitClassifier(L.LightningModule):
             self.net.whiten_stem_(self.trainer.datamodule.model_inputs("train", WHITENING_IMAGES))
         if stage == "fit" and self.hparams.get("fast_path"):
             device = self.trainer.strategy.root_device
-            if not take_fast_path(self.net, device):
+            if take_fast_path(self.net, device):
+                self.net_compiled = True
+            else:
                 log.info("fast_path=true: ignored on %s (it captures CUDA graphs); this run trains as without it",
                          device.type)
 

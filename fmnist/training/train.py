@@ -36,7 +36,7 @@ from fmnist.overrides import hydra_quote
 from fmnist.runs import (BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, DIVERGED, EPOCHS_FILE,
                          ERROR_FILE, FAILED, FINISHED, INTERRUPTED, LAST_CHECKPOINT, PRUNED, RUNNING, now, provenance,
                          read_record, record_problem, update_record)
-from fmnist.training.callbacks import (DIVERGED_ADVICE, HEARTBEAT_S, EpochCSV, Forecast, Lookahead,
+from fmnist.training.callbacks import (DIVERGED_ADVICE, HEARTBEAT_S, CompileWarmUp, EpochCSV, Forecast, Lookahead,
                                        PerImagePredictions, TestArtifacts, TrackersSeeTheStop, WeightEMA,
                                        loss_diverged, step_callbacks)
 from fmnist.training.checkpoint import SafeCheckpointIO, SafeModelCheckpoint
@@ -244,9 +244,10 @@ def _trainer(cfg: DictConfig, run_dir: Path, trainer_kwargs: dict, trackers: lis
     trainer_kwargs["enable_progress_bar"] = bar = cfg.trainer.enable_progress_bar and console.is_terminal()
     epoch_csv = EpochCSV(run_dir / EPOCHS_FILE, echo=not bar, trackers=trackers)
     forecast = Forecast(heartbeat_s=None if bar else HEARTBEAT_S)
+    warm_up = CompileWarmUp()
     trainer = L.Trainer(**trainer_kwargs, enable_model_summary=False, default_root_dir=str(run_dir),
                         logger=[t.logger for t in trackers] or False, plugins=[SafeCheckpointIO()],
-                        callbacks=[StopTogether(), checkpoint, epoch_csv, forecast,
+                        callbacks=[StopTogether(), warm_up, checkpoint, epoch_csv, forecast,
                                    *([LearningRateMonitor(logging_interval="epoch")] if trackers else []),
                                    TestArtifacts(run_dir, trackers), TrackersSeeTheStop(trackers),
                                    PerImagePredictions(run_dir),
@@ -300,6 +301,9 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
                "epochs": trainer.current_epoch, "fit_seconds": round(fit_seconds, 1),
                # the epochs' seconds summed over every process that trained this run (fit_seconds: this one)
                "train_seconds": round(epoch_csv.train_seconds, 3)}
+    warm_up = next(c for c in trainer.callbacks if isinstance(c, CompileWarmUp))
+    if warm_up.seconds:  # a compiled network's compilation, before training and outside train_seconds
+        metrics["warmup_seconds"] = round(warm_up.seconds, 1)
     if last_val_loss is not None:
         metrics["val/loss"] = last_val_loss
     best = "best" if checkpoint.best_model_path else None  # fast_dev_run keeps no best checkpoint
