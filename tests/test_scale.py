@@ -394,12 +394,13 @@ def test_gpu_check_dry_run_composes_every_command(run_in_process):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     steps = [line[1:].split(",")[0] for line in lines if line.startswith("[")]
-    assert list(dict.fromkeys(steps)) == ["smoke", "bench", "bench_fast_path", "bench_resnet", "report", "report_figures",
-                                          "study", "ddp"]  # in priority order; the record recipes are --records' own
+    assert list(dict.fromkeys(steps)) == ["smoke", "smoke_fast_path", "bench", "bench_fast_path", "bench_resnet", "report",
+                                          "report_figures", "study", "ddp"]  # in priority order; records: --records' own
     assert "experiment=report" in result.stdout and "seed=2" in result.stdout and "trainer.accelerator=gpu" in result.stdout
     assert "--models resnet --batch-sizes 256" in result.stdout
     assert "experiment=speedrun_gpu seed=0" in lines[0]  # the smoke step times the speedrun recipe, one seed
-    assert lines[-1].startswith("dry run: 17 commands composed")
+    assert "experiment=speedrun_gpu seed=0 fast_path=true" in lines[1]  # and with CUDA graphs
+    assert lines[-1].startswith("dry run: 18 commands composed")
 
 
 def test_gpu_check_sh_refuses_a_python_it_cannot_use_in_one_line_and_runs_the_check_with_one_it_can(tmp_path):
