@@ -289,7 +289,8 @@ def tta_logits(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mod
         return net(x).float()
 
     def mirrored(v: torch.Tensor) -> torch.Tensor:
-        return (net(v).float() + net(v.flip(-1)).float()) / 2
+        # A copy of the first view's logits: a network in CUDA graphs (fast_path) overwrites its output at its next call.
+        return (net(v).float().clone() + net(v.flip(-1)).float()) / 2
 
     logits = mirrored(x)
     if mode == "flip":

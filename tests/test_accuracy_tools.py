@@ -42,6 +42,24 @@ def test_tta_of_a_flip_and_shift_invariant_image_equals_the_plain_logits():
     assert torch.allclose(flip, (net(x) + net(x.flip(-1))) / 2)
 
 
+@torch.no_grad()
+def test_tta_reads_each_views_logits_before_the_next_call_overwrites_them():
+    """A network in CUDA graphs (fast_path) returns one output buffer, overwritten at its next call."""
+    net = _net()
+
+    class OneOutputBuffer:
+        buffer = None
+
+        def __call__(self, x):
+            y = net(x)
+            self.buffer = y.clone() if self.buffer is None else self.buffer.copy_(y)
+            return self.buffer
+
+    x = torch.rand(4, 1, 28, 28)
+    for mode in ("flip", "flip_shift"):
+        assert torch.allclose(tta_logits(OneOutputBuffer(), x, mode), tta_logits(net, x, mode), atol=1e-6), mode
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tta", ["none", "flip_shift"])
 def test_training_runs_with_tta_on_and_off_and_evaluate_reproduces_its_test(make_cfg, tmp_path, tta):

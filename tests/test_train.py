@@ -437,10 +437,12 @@ def test_a_training_step_keeps_its_loss_and_accuracy_in_a_few_device_operations_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])  # bf16-true converts the module's float states too
 def test_each_epochs_training_loss_and_accuracy_are_those_of_its_steps_also_of_an_epoch_cut_short(make_cfg, tmp_path,
-                                                                                                  monkeypatch):
+                                                                                                  monkeypatch, precision):
     """epochs.csv's train/loss and train/acc: the image-weighted mean of the epoch's step losses and the share of its
-    images classified right, the second epoch stopped after 3 of its 5 steps (as max_time stops one)."""
+    images classified right, the second epoch stopped after 3 of its 5 steps (as max_time stops one); and the best
+    validation accuracy, the largest of the epochs', in fp32 whatever the precision."""
     import lightning as L
 
     steps, loss_of = [], LitClassifier._loss
@@ -456,14 +458,15 @@ def test_each_epochs_training_loss_and_accuracy_are_those_of_its_steps_also_of_a
             trainer.should_stop = trainer.should_stop or (trainer.current_epoch == 1 and batch_idx == 2)
 
     monkeypatch.setattr(LitClassifier, "_loss", recorded)
-    train(make_cfg("model=simple", "trainer.max_epochs=3", "trainer.limit_train_batches=5"), tmp_path,
-          callbacks=[StopInSecondEpoch()])
+    metrics = train(make_cfg("model=simple", "trainer.max_epochs=3", "trainer.limit_train_batches=5",
+                             f"trainer.precision={precision}"), tmp_path, callbacks=[StopInSecondEpoch()])
     epochs = pd.read_csv(tmp_path / "epochs.csv")
     assert epochs["epoch"].tolist() == [1, 2] and [sum(s[0] == e for s in steps) for e in (0, 1)] == [5, 3]
     for e, row in epochs.iterrows():
         loss_sum, correct, images = (sum(s[i] for s in steps if s[0] == e) for i in (1, 2, 3))
         assert row["train/loss"] == pytest.approx(loss_sum / images, abs=2e-6)
         assert row["train/acc"] == pytest.approx(correct / images, abs=2e-6)
+    assert metrics["val/acc_best"] == pytest.approx(epochs["val/acc"].max(), abs=2e-6)
 
 
 @pytest.mark.parametrize("path", ["outputs/runs/a", "outputs/a b", "it's", "ü dir", "a\\b", "ends in \\", "a\\'b",
@@ -515,7 +518,7 @@ def test_a_compiled_network_is_compiled_before_training_and_trains_as_an_uncompi
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compile_of(self, backend=counted))
     torch._dynamo.reset()
     try:
-        deterministic = ["model=optimized", "model.dropout=0.3", "trainer.deterministic=true",
+        deterministic = ["model=optimized", "model.dropout=0.3", "data.augment.shift=2", "trainer.deterministic=true",
                          "trainer.precision=32-true", "trainer.limit_val_batches=4", "trainer.max_epochs=2",
                          "optim.ema_decay=0.9"]
         seen = CompilationsByEpochStart()

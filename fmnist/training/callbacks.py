@@ -20,7 +20,6 @@ from lightning.pytorch.callbacks import TQDMProgressBar, WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from fmnist import IMAGE_SIDE
 from fmnist.errors import DivergedError
 from fmnist.fsio import atomic_output, atomic_write
 from fmnist.models import training_flops_per_image, tta_logits
@@ -322,22 +321,25 @@ class RNGState(L.Callback):
         self._restore = None
 
 
-def batch_sizes(loader) -> list[int]:
-    """The sizes of the batches an `InMemoryBatches` gives: the full size, and the last batch's where it is smaller."""
-    full, last = divmod(len(loader.indices()), loader.batch_size)
-    return [loader.batch_size] * bool(full) + [last] * bool(last)
+def batch_sizes(loader, batches: int) -> list[int]:
+    """The sizes of the first `batches` batches of an `InMemoryBatches` (all of them, or a fit's limit): the
+    full size, and the last one's where it is smaller."""
+    images, size = len(loader.indices()), loader.batch_size
+    return sorted({min(size, images - i * size) for i in (0, batches - 1)}, reverse=True) if batches else []
 
 
 class CompileWarmUp(L.Callback):
     """Compile a compiled network (`compile=true`, or `fast_path=true` on CUDA) before training rather than in its
     first steps, so that `train_seconds` counts training alone, as airbench times its runs; `seconds` is what the
-    warm-up took (the record's `warmup_seconds`).
+    warm-up took in this process (the record's `warmup_seconds`).
 
-    The network runs on zeros of each batch shape the fit gives it (training: the full batch and the epoch's last,
-    forward and backward, in the precision's autocast; validation: the same sizes in eval mode, with the run's
-    TTA), WARMUP_CALLS times each, since CUDA graphs are recorded at the second call and replayed from the third.
-    Then its weights, batch-norm statistics, gradients and random state are put back, so that the run trains as
-    it would without the warm-up.
+    The network runs on the batch shapes the fit gives it: its training batches' sizes (the full one and the
+    epoch's last, as the fit's batch limit leaves them), forward and backward, on training images augmented as
+    in training (an augmentation can change the strides a compiled graph is specialised to); then, when the
+    first epoch validates, its validation batches' sizes in eval mode with the run's TTA. Each WARMUP_CALLS
+    times, since CUDA graphs are recorded at the second call and replayed from the third. Then the weights,
+    batch-norm statistics and random state are put back and the gradients cleared, so that the run trains as it
+    would without the warm-up.
     """
 
     WARMUP_CALLS = 3
@@ -349,30 +351,33 @@ class CompileWarmUp(L.Callback):
         if not pl_module.net_compiled:
             return
         started = time.perf_counter()
-        net, plugin = pl_module.net, trainer.precision_plugin
+        net, plugin, data, device = pl_module.net, trainer.precision_plugin, trainer.datamodule, pl_module.device
         weights, random_state, mode = {k: v.clone() for k, v in net.state_dict().items()}, rng_state(), net.training
-
-        def zeros(n: int) -> torch.Tensor:
-            return plugin.convert_input(torch.zeros(n, 1, IMAGE_SIDE, IMAGE_SIDE, device=pl_module.device))
-
+        images, labels = (t.to(device) for t in data.splits["train"])
         with torch.enable_grad():
-            for n in batch_sizes(trainer.train_dataloader):
+            for n in batch_sizes(trainer.train_dataloader, trainer.num_training_batches):
                 for _ in range(self.WARMUP_CALLS):
+                    x, _ = data.on_after_batch_transfer((images[:n], labels[:n]), 0)  # trainer.training: augmented
                     with plugin.train_step_context():
-                        logits = pl_module(zeros(n))
+                        logits = pl_module(x)
+                    # Cleared before each backward: under CUDA graphs, gradients left from the last replay are
+                    # overwritten by the next one, and adding to them fails.
+                    net.zero_grad(set_to_none=True)
                     logits.float().sum().backward()
-        net.eval()
-        with torch.no_grad():  # as Lightning validates within a fit (not in inference mode)
-            for n in batch_sizes(trainer.datamodule.val_dataloader()):
-                for _ in range(self.WARMUP_CALLS):
-                    with plugin.val_step_context():
-                        tta_logits(pl_module, zeros(n), pl_module.tta)
+        if trainer.val_dataloaders is not None:  # set up before training when the first epoch validates
+            net.eval()
+            with torch.no_grad():  # as Lightning validates within a fit (not in inference mode)
+                for n in batch_sizes(trainer.val_dataloaders, trainer.num_val_batches[0]):
+                    x = plugin.convert_input(data.model_inputs("val", n).to(device))
+                    for _ in range(self.WARMUP_CALLS):
+                        with plugin.val_step_context():
+                            tta_logits(pl_module, x, pl_module.tta)
         net.train(mode)
         net.zero_grad(set_to_none=True)
         net.load_state_dict(weights)
         set_rng_state(random_state)
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         self.seconds = time.perf_counter() - started
         log.info("compiled the network before training: %.1f s, not counted in train_seconds", self.seconds)
 

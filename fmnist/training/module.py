@@ -94,11 +94,12 @@ class LitClassifier(L.LightningModule):
         self.net_compiled = compile  # or, from `setup`, by the fast path (CompileWarmUp compiles it before training)
         # Training loss and accuracy: summed on the device at each step (`training_step`) and handed to these
         # aggregates once per epoch (`_hand_over_training_sums`), since a torchmetrics update per step costs host
-        # time comparable to a small model's whole step on a GPU. MeanMetric sums value and weight across DDP ranks.
-        self.train_loss = MeanMetric(nan_strategy="disable")  # "disable": its NaN check would sync a GPU
-        self.train_acc = MeanMetric(nan_strategy="disable")  # the share of correct images, weighted by images
-        self.training_sums = torch.zeros(2)  # loss x images and correct images since the last hand-over
-        self.training_images = 0  # the images those sums cover
+        # time comparable to a small model's whole step on a GPU. Under DDP they average the ranks' values, which
+        # is the mean over images: training ranks get equal shares. ("disable": with it, torchmetrics 1.9 ignores
+        # an update's weight, so each takes one value per epoch, already a mean over images.)
+        self.train_loss = MeanMetric(nan_strategy="disable")
+        self.train_acc = MeanMetric(nan_strategy="disable")  # the share of images classified right
+        self._start_training_sums()
         # validate_args=False: the per-step input checks cost more than the update itself (and sync a GPU).
         self.val_acc = MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False)
         self.test_acc = MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False)
@@ -126,9 +127,20 @@ class LitClassifier(L.LightningModule):
         logits = tta_logits(self, x, tta)
         return F.cross_entropy(logits.float(), y, label_smoothing=self.hparams.optim["label_smoothing"]), logits, y
 
+    def on_fit_start(self) -> None:
+        # A `*-true` precision converts the whole module, torchmetrics' float states included: these stay fp32.
+        for aggregate in (self.train_loss, self.train_acc, self.val_acc_best):
+            aggregate.set_dtype(torch.float32)
+
+    def _start_training_sums(self) -> None:
+        self.training_sums = torch.zeros(2, device=self.device)  # loss x images, and images classified right
+        self.training_images = 0  # the images those sums cover
+
+    def on_train_start(self) -> None:
+        self._start_training_sums()  # on the run's device (a resume that starts inside an epoch skips the next hook)
+
     def on_train_epoch_start(self) -> None:
-        self.training_sums = torch.zeros(2, device=self.device)
-        self.training_images = 0
+        self._start_training_sums()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, logits, y = self._loss(batch)
@@ -154,13 +166,12 @@ class LitClassifier(L.LightningModule):
         and resets at the epoch's end. A `self.log` per step would cost a deep copy of Lightning's metadata each."""
         if not self.training_images:
             return
-        loss_sum, correct = self.training_sums / self.training_images
-        self.train_loss.update(loss_sum, self.training_images)
-        self.train_acc.update(correct, self.training_images)
+        mean_loss, accuracy = self.training_sums / self.training_images
+        self.train_loss.update(mean_loss)
+        self.train_acc.update(accuracy)
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        self.training_sums.zero_()
-        self.training_images = 0
+        self._start_training_sums()
 
     def validation_step(self, batch, batch_idx: int) -> dict:
         loss, logits, y = self._loss(batch, self.tta)
