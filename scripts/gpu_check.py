@@ -95,7 +95,8 @@ def plan(results: Path, data_dir: Path, smoke: bool, gpus: int) -> list[Step]:
     report = [*common, *tiny, "experiment=report", f"hydra.sweep.dir={results / 'report'}",
               "trainer.enable_progress_bar=false"]
     study_smoke = ["model=simple", "data.batch_size=256", "seed=0"] if smoke else []  # 4 of the 48 runs
-    smoke_resnet = [*SMOKE_RESNET, "trainer.max_epochs=1"] if smoke else []
+    speedrun = [*common, *tiny, *([*SMOKE_RESNET, "trainer.max_epochs=1"] if smoke else []), "experiment=speedrun_gpu",
+                "seed=0"]
     report_seeds = ["0"] if smoke else [str(seed) for seed in range(5)]  # conf/experiment/report.yaml's 5 seeds
 
     def bench(*options: str, repeats: int = 3) -> list[str]:
@@ -108,12 +109,11 @@ def plan(results: Path, data_dir: Path, smoke: bool, gpus: int) -> list[Step]:
     steps = [
         # The speedrun recipe, one seed (about 11 s of training on an H200): `make gpu-records` continues its records
         # where they stopped, so this is where each window times the recipe's steps with the code as it is now.
-        Step("smoke", [train_cmd(*common, *tiny, *smoke_resnet, "experiment=speedrun_gpu", "seed=0",
-                                 f"hydra.run.dir={results / 'smoke'}", "trainer.enable_progress_bar=false")], 120),
+        Step("smoke", [train_cmd(*speedrun, f"hydra.run.dir={results / 'smoke'}",
+                                 "trainer.enable_progress_bar=false")], 120),
         # The same with the forward and backward passes in CUDA graphs; their compilation runs before training and is
         # reported apart (metrics.json: warmup_seconds), as airbench reports its compile warm-up.
-        Step("smoke_fast_path", [train_cmd(*common, *tiny, *smoke_resnet, "experiment=speedrun_gpu", "seed=0",
-                                           "fast_path=true", f"hydra.run.dir={results / 'smoke_fast_path'}",
+        Step("smoke_fast_path", [train_cmd(*speedrun, "fast_path=true", f"hydra.run.dir={results / 'smoke_fast_path'}",
                                            "trainer.enable_progress_bar=false")], 150),
         Step("bench", [bench("--batch-sizes", "32", "256")], 150, train=False),
         # The same with CUDA graphs in both loops (fast_path=true): compiles once per shape and precision.

@@ -17,7 +17,7 @@ from fmnist.runs import read_record
 from fmnist.training.claim import flat_config, saved_config
 from fmnist.training.module import LitClassifier
 from fmnist.training.train import run_job, train
-from tests.conftest import ROOT, compose_cfg, snapshot
+from tests.conftest import ROOT, TensorOps, compose_cfg, make_images, snapshot
 
 
 @pytest.mark.slow
@@ -421,7 +421,6 @@ def test_a_training_step_keeps_its_loss_and_accuracy_in_a_few_device_operations_
     from dataclasses import asdict
 
     from fmnist.config import OptimConfig
-    from tests.conftest import TensorOps, make_images
 
     torch.manual_seed(0)
     module = LitClassifier(model=OmegaConf.to_container(compose_cfg("model=simple").model), optim=asdict(OptimConfig()))

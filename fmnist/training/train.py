@@ -234,9 +234,9 @@ def _start_record(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, h
 
 
 def _trainer(cfg: DictConfig, run_dir: Path, trainer_kwargs: dict, trackers: list,
-             callbacks: list[L.Callback] | None) -> tuple[L.Trainer, SafeModelCheckpoint, EpochCSV, bool]:
-    """The run's Trainer with its callbacks, in the order they act on a step; return it with the checkpoint and
-    epoch-row callbacks the run reads afterwards, and whether the progress bar is shown."""
+             callbacks: list[L.Callback] | None) -> tuple[L.Trainer, SafeModelCheckpoint, EpochCSV, CompileWarmUp, bool]:
+    """The run's Trainer with its callbacks, in the order they act on a step; return it with the checkpoint,
+    epoch-row and compile warm-up callbacks the run reads afterwards, and whether the progress bar is shown."""
     checkpoint = SafeModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename=BEST_CHECKPOINT_PREFIX + "{epoch:03d}",
                                      monitor="val/acc", mode="max", save_last=True, auto_insert_metric_name=False)
     # A bar that cannot redraw in place (output to a file or pipe) would fill the log with `\r` lines:
@@ -255,7 +255,7 @@ def _trainer(cfg: DictConfig, run_dir: Path, trainer_kwargs: dict, trackers: lis
                                    *([Lookahead(cfg.optim.lookahead_steps, cfg.optim.lookahead_alpha)]
                                      if cfg.optim.lookahead_steps else []),
                                    *([WeightEMA(cfg.optim.ema_decay)] if cfg.optim.ema_decay else []), *(callbacks or [])])
-    return trainer, checkpoint, epoch_csv, bar
+    return trainer, checkpoint, epoch_csv, warm_up, bar
 
 
 @_process_group_released()
@@ -281,7 +281,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
     if trainer_kwargs.pop("enable_model_summary") and rank_zero_only.rank == 0:
         log.info("model %s: %.2f M parameters, %.1f MFLOP per training image (forward + backward)", cfg.model.name,
                  sum(p.numel() for p in model.parameters()) / 1e6, training_flops_per_image(model.net) / 1e6)
-    trainer, checkpoint, epoch_csv, bar = _trainer(cfg, run_dir, trainer_kwargs, trackers, callbacks)
+    trainer, checkpoint, epoch_csv, warm_up, bar = _trainer(cfg, run_dir, trainer_kwargs, trackers, callbacks)
     with console.beside_the_bar(bar), ctrl_c_stops_at_a_step(trainer):
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
     fit_seconds = time.perf_counter() - started
@@ -301,7 +301,6 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
                "epochs": trainer.current_epoch, "fit_seconds": round(fit_seconds, 1),
                # the epochs' seconds summed over every process that trained this run (fit_seconds: this one)
                "train_seconds": round(epoch_csv.train_seconds, 3)}
-    warm_up = next(c for c in trainer.callbacks if isinstance(c, CompileWarmUp))
     if warm_up.seconds:  # a compiled network's compilation, before training and outside train_seconds
         metrics["warmup_seconds"] = round(warm_up.seconds, 1)
     if last_val_loss is not None:
