@@ -352,6 +352,11 @@ def check_values(cfg: DictConfig) -> None:
         ("trainer.limit_test_batches", _fraction_or_count_ok(cfg.trainer.limit_test_batches),
          "null, a fraction in (0, 1] or a number of batches (at least 1)"),
         ("trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches >= 1, "at least 1"),
+        # Refused wherever it runs, so that a config that trains on a CPU does not stop (or go wrong) on a GPU.
+        ("trainer.accumulate_grad_batches", not (cfg.fast_path and cfg.trainer.accumulate_grad_batches > 1),
+         "1 with fast_path=true: a CUDA graph's backward hands its gradients out in buffers that its next replay "
+         "overwrites, so gradients summed over several batches come out wrong or the run stops with an error "
+         "(pytorch/pytorch#169545); take fast_path=false to accumulate gradients"),
         ("trainer.check_val_every_n_epoch", cfg.trainer.check_val_every_n_epoch >= 1, "at least 1"),
         ("trainer.check_val_every_n_epoch",
          cfg.trainer.max_epochs == -1 or cfg.trainer.check_val_every_n_epoch <= cfg.trainer.max_epochs,

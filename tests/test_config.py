@@ -56,6 +56,7 @@ def test_unknown_model_name_fails():
     ("trainer.limit_train_batches=abc", "trainer.limit_train_batches"),
     ("trainer.limit_val_batches=0", "trainer.limit_val_batches"), ("trainer.limit_test_batches=0", "trainer.limit_test_batches"),
     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
+    ("fast_path=true trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches"),
     ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch"),
     ("trainer.check_val_every_n_epoch=21", "trainer.check_val_every_n_epoch"),  # above max_epochs (20)
     ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val"),
@@ -66,13 +67,14 @@ def test_unknown_model_name_fails():
 ])
 def test_nonsense_values_are_rejected_with_the_key(override, key):
     with pytest.raises(ConfigError, match=f"config key {key} must be"):
-        check_config(compose_cfg(override))
+        check_config(compose_cfg(*override.split()))
 
 
 @pytest.mark.parametrize("override", [
     "trainer.devices=auto", "trainer.devices=2", "trainer.devices=-1", "trainer.devices=[0,1]", 'trainer.devices="0,1"',
     "trainer.strategy=ddp", "trainer.max_time=00:00:30:00", "trainer.limit_train_batches=0.25",
     "trainer.limit_val_batches=3", "trainer.gradient_clip_val=0", "trainer.precision=16-true optim=sgd",
+    "trainer.accumulate_grad_batches=2", "fast_path=true",
 ])
 def test_what_lightning_accepts_passes_the_checks(override):
     check_config(compose_cfg(*override.split()))
