@@ -192,7 +192,7 @@ def compose_all(steps: list[Step]) -> None:
     from hydra.core.global_hydra import GlobalHydra
 
     from fmnist.overrides import check_sweep_values, register
-    from fmnist.training.claim import check_config
+    from fmnist.training.checks import check_config
 
     register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

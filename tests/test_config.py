@@ -5,7 +5,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from fmnist.errors import ConfigError
-from fmnist.training.claim import check_config
+from fmnist.training.checks import check_config
 from tests.conftest import compose_cfg
 
 

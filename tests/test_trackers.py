@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from fmnist.errors import ConfigError
 from fmnist.runs import read_record
-from fmnist.training.claim import check_config
+from fmnist.training.checks import check_config
 from fmnist.training.train import train
 from tests.conftest import ROOT, compose_cfg
 

@@ -164,7 +164,7 @@ def check_sweep_jobs(config: DictConfig, config_loader) -> None:
     from hydra.errors import HydraException
 
     from fmnist.cli import check_resolvable, refuse_unknown_keys
-    from fmnist.training.claim import check_config  # here: `python -m fmnist.results` needs no Lightning
+    from fmnist.training.checks import check_config  # here: `python -m fmnist.results` needs no torch
 
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
     parsed = OverridesParser.create(config_loader=config_loader).parse_overrides(

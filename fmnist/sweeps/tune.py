@@ -47,7 +47,8 @@ from fmnist.runs import (DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, JOB_LOG, MET
                          this_process)
 from fmnist.sweeps.storage import (STUDY_DB, check_storage_file, default_storage, fail_dead_trials, open_storage,
                                    record_stale_trials, storage_file)
-from fmnist.training.claim import check_config, check_data, flat_config
+from fmnist.training.checks import check_config
+from fmnist.training.claim import check_data, flat_config
 from fmnist.training.figures import save_png  # matplotlib, headless
 from fmnist.training.signals import SIGTERM_RECEIVED, stopping_signal
 from fmnist.training.train import RunPruned, failure_of, train

@@ -19,20 +19,20 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist.cli import OTHER_RUN_DIR, OTHER_SWEEP_DIR
-from fmnist.config import ADDED_KEYS, PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_values, is_count, is_text_keyed
+from fmnist.config import ADDED_KEYS, PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, is_count, is_text_keyed
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.data.sources import data_digests
 from fmnist.errors import CheckpointError, ConfigError
 from fmnist.fsio import (RUN_DIR_KEY, SWEEP_DIR_KEY, check_writable, early_writes, held_logs, keep_early_writes,
                          load_checkpoint, some_names)
 from fmnist.hardware import check_accelerator, check_nodes, devices_used
-from fmnist.models import check_model
 from fmnist.runs import (CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, LAST_CHECKPOINT,
                          METRICS_FILE, NET_PREFIX, RECORDED, read_epochs, read_record)
 from fmnist.training.module import LitClassifier
 from fmnist.training.rundir import RunDirInUse, own_run_dir
 from fmnist.training.signals import sigterm_raises
-from fmnist.training.trackers import TRACKER_FILES, check_trackers
+from fmnist.training.checks import check_config
+from fmnist.training.trackers import TRACKER_FILES
 
 log = logging.getLogger(__name__)
 
@@ -157,14 +157,6 @@ def differences_from_finished(cfg: DictConfig, run_dir: Path, record: dict) -> l
     if record.get("data_digest") and record["data_digest"] != data_digests(cfg.data.dir):
         keys.append(f"the data's content (CSVs in {cfg.data.dir})")
     return keys
-
-
-def check_config(cfg: DictConfig) -> None:
-    """ConfigError naming the key for a composed training config whose values make no sense: the model's keys
-    against its architecture, then every other key's range."""
-    check_model(cfg.model)
-    check_values(cfg)
-    check_trackers(cfg)
 
 
 def check_data(cfg: DictConfig) -> None:

@@ -369,7 +369,7 @@ def _measure(path: Path, cache: _Cache, overrides: list[str], device: str | None
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: this machine's torch sees no CUDA GPU; measure with --device cpu.")
     cfg = compose_train(*overrides)
-    # fmnist.training.claim.check_config's model and value checks, not its trackers': a probe has none.
+    # fmnist.training.checks.check_config's model and value checks, not its trackers': a probe has none.
     check_model(cfg.model)
     check_values(cfg)  # e.g. data.batch_size=0 would be measured, and cached
     model = {**OmegaConf.to_container(cfg.model, resolve=True), "channels_last": cfg.channels_last}

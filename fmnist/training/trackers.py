@@ -14,7 +14,6 @@ continues its tracker runs: their ids are kept in the run record (`metrics.json`
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import logging
 import os
@@ -28,17 +27,13 @@ from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoa
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from fmnist.config import TRACKERS
 from fmnist.console import tensorboard_command
-from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_write
 from fmnist.overrides import computing_overrides, job_name, override_key, swept_keys
 from fmnist.runs import CHECKPOINT_DIR, CONFIG_FILE, CONFUSION_FILE, EPOCHS_FILE, LAST_CHECKPOINT, METRICS_FILE
 
 log = logging.getLogger(__name__)
 
-# The package each tracker needs, and the extra that installs it.
-PACKAGES = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
 # Always in the hparams row, next to whatever the command line or sweep changed.
 HPARAMS = ("model.name", "model.dropout", "tta", "data.batch_size", "data.train_subset", "optim.name", "optim.lr",
            "optim.weight_decay", "optim.ema_decay", "trainer.max_epochs", "seed")
@@ -46,26 +41,6 @@ HPARAMS = ("model.name", "model.dropout", "tta", "data.batch_size", "data.train_
 MLFLOW_LOCAL_DB = Path("outputs") / "mlflow.db"
 # An unreachable server should cost seconds, not MLflow's default minutes of retries (a user's setting wins).
 MLFLOW_PATIENCE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-
-
-def check_trackers(cfg: DictConfig) -> None:
-    """ConfigError for a tracker this project does not know, named twice, or whose package is not installed."""
-    repeated = sorted({name for name in cfg.logger.backends if list(cfg.logger.backends).count(name) > 1})
-    if repeated:  # each would log every value twice
-        raise ConfigError(f"config key logger.backends must be a list naming each tracker once; got {repeated[0]!r} more than once.")
-    for name in cfg.logger.backends:
-        if name not in TRACKERS:
-            raise ConfigError(f"config key logger.backends must list trackers among {TRACKERS}; got {name!r}.")
-        module, extra = PACKAGES.get(name, (None, None))
-        if module and importlib.util.find_spec(module) is None:
-            raise ConfigError(f"logger.backends includes {name}, whose package `{module}` is not installed here: "
-                              f"`pip install -e '.[{extra}]'` (make install installs it), or leave {name} out.")
-    if cfg.logger.wandb_mode not in ("offline", "online"):
-        raise ConfigError(f"config key logger.wandb_mode must be offline or online; got {cfg.logger.wandb_mode!r}.")
-    uri = cfg.logger.mlflow_tracking_uri
-    if uri is not None and not str(uri).strip():  # an unset shell variable: MLflow would read it as ./mlruns
-        raise ConfigError("config key logger.mlflow_tracking_uri is empty (an unset shell variable?); give a tracking "
-                          "server's or store's URI, or leave it out (null) for the local store outputs/mlflow.db.")
 
 
 def hparams_row(cfg: DictConfig, overrides: list[str] | None, precision: str) -> dict:

@@ -1,0 +1,43 @@
+"""The checks of a composed training config, without Lightning: a sweep's start checks every job with them, and
+`gpu_check.py --dry-run` every command, before any job trains or Lightning's seconds of import are spent."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from omegaconf import DictConfig
+
+from fmnist.config import TRACKERS, check_values
+from fmnist.errors import ConfigError
+from fmnist.models import check_model
+
+# The package each tracker needs, and the extra that installs it.
+TRACKER_PACKAGES = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """ConfigError naming the key for a composed training config whose values make no sense: the model's keys
+    against its architecture, then every other key's range, then the trackers."""
+    check_model(cfg.model)
+    check_values(cfg)
+    check_trackers(cfg)
+
+
+def check_trackers(cfg: DictConfig) -> None:
+    """ConfigError for a tracker this project does not know, named twice, or whose package is not installed."""
+    repeated = sorted({name for name in cfg.logger.backends if list(cfg.logger.backends).count(name) > 1})
+    if repeated:  # each would log every value twice
+        raise ConfigError(f"config key logger.backends must be a list naming each tracker once; got {repeated[0]!r} more than once.")
+    for name in cfg.logger.backends:
+        if name not in TRACKERS:
+            raise ConfigError(f"config key logger.backends must list trackers among {TRACKERS}; got {name!r}.")
+        module, extra = TRACKER_PACKAGES.get(name, (None, None))
+        if module and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"logger.backends includes {name}, whose package `{module}` is not installed here: "
+                              f"`pip install -e '.[{extra}]'` (make install installs it), or leave {name} out.")
+    if cfg.logger.wandb_mode not in ("offline", "online"):
+        raise ConfigError(f"config key logger.wandb_mode must be offline or online; got {cfg.logger.wandb_mode!r}.")
+    uri = cfg.logger.mlflow_tracking_uri
+    if uri is not None and not str(uri).strip():  # an unset shell variable: MLflow would read it as ./mlruns
+        raise ConfigError("config key logger.mlflow_tracking_uri is empty (an unset shell variable?); give a tracking "
+                          "server's or store's URI, or leave it out (null) for the local store outputs/mlflow.db.")
