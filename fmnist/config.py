@@ -338,9 +338,9 @@ def check_values(cfg: DictConfig) -> None:
          "`auto`, a number of devices (at least 1, or -1 for all), or device indices (`[0, 1]`, `\"0,1\"`)"),
         ("trainer.num_nodes", cfg.trainer.num_nodes >= 1, "at least 1"),
         # `auto` without asking Lightning's registry: a sweep's start checks its jobs before Lightning is imported.
-        ("trainer.strategy", cfg.trainer.strategy == "auto" or cfg.trainer.strategy in _strategies(), "`auto` or `ddp` (or ddp_find_unused_parameters_"
-         "true/false); not the spawned or forked DDPs (ddp_spawn, ddp_fork, ddp_notebook), whose ranks cannot take the "
-         "run's trackers along"),
+        ("trainer.strategy", cfg.trainer.strategy == "auto" or cfg.trainer.strategy in _strategies(),
+         "`auto` or `ddp` (or ddp_find_unused_parameters_true/false); not the spawned or forked DDPs (ddp_spawn, "
+         "ddp_fork, ddp_notebook), whose ranks cannot take the run's trackers along"),
         ("trainer.fast_dev_run", isinstance(cfg.trainer.fast_dev_run, bool) or is_count(cfg.trainer.fast_dev_run),
          "true, false or a number of batches (0 or more)"),
         ("trainer.deterministic", cfg.trainer.deterministic in (None, True, False, "warn"), "null, true, false or `warn`"),

@@ -28,10 +28,10 @@ from fmnist.fsio import (RUN_DIR_KEY, SWEEP_DIR_KEY, check_writable, early_write
 from fmnist.hardware import check_accelerator, check_nodes, devices_used
 from fmnist.runs import (CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, LAST_CHECKPOINT,
                          METRICS_FILE, NET_PREFIX, RECORDED, read_epochs, read_record)
+from fmnist.training.checks import check_config
 from fmnist.training.module import LitClassifier
 from fmnist.training.rundir import RunDirInUse, own_run_dir
 from fmnist.training.signals import sigterm_raises
-from fmnist.training.checks import check_config
 from fmnist.training.trackers import TRACKER_FILES
 
 log = logging.getLogger(__name__)
