@@ -27,9 +27,22 @@ def main(cfg: DictConfig) -> float:
     # refused job adds nothing to it (another process may be writing the same log).
     hold_log_until_kept(hydra_cfg.job_logging.handlers.file.filename)
     overrides = OmegaConf.to_container(hydra_cfg.overrides.task)  # as typed: `optim.lr=${oc.env:LR}` unresolved
-    try:  # before importing Lightning takes its seconds: a key that does not exist, and no `make data` yet
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    try:  # before importing Lightning takes its seconds: a key that does not exist, no `make data` yet, a bad value
         check_given_config(cfg, required=True)  # `+optim.lrr=1`, `${oc.env:LR}` with LR unset, `~model`
         split_csvs(cfg.data.dir)
+        note = superseded_note(hydra_cfg.runtime.choices.get("experiment"))
+        if note and not in_sweep:  # a sweep prints it once, before its first job (fmnist.results.sweep)
+            print(note, file=sys.stderr)
+        swept = hydra_cfg.sweeper.get("params") or {}
+        if swept and not in_sweep:  # an experiment's sweep (its seeds) runs only with -m: said, not dropped silently
+            # On stderr, not through the run's log: the run directory is not this command's until its checks pass.
+            print(f"warning: this config defines a sweep ({', '.join(f'{k}: {v}' for k, v in swept.items())}) that "
+                  f"runs only with -m; without it, one job runs with the values shown by --cfg job (seed={cfg.seed}). "
+                  "Add -m to run them all.", file=sys.stderr)
+        from fmnist.training.checks import check_config  # torch's import: after the checks that need none
+
+        check_config(cfg)  # as the run's own checks do again (fmnist.training.claim), for callers of train(cfg)
     except FmnistError as e:
         exit_with(e)
     from fmnist.training.train import run_job  # after Hydra parsed the command line: `--help` stays fast
@@ -38,16 +51,6 @@ def main(cfg: DictConfig) -> float:
 
     # Hydra's own copy of the config (`hydra.output_subdir` is null) is written only once the run's checks pass.
     hydra_files = {"config.yaml": cfg, "hydra.yaml": {"hydra": hydra_cfg}, "overrides.yaml": overrides}
-    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
-    note = superseded_note(hydra_cfg.runtime.choices.get("experiment"))
-    if note and not in_sweep:  # a sweep prints it once, before its first job (fmnist.results.sweep)
-        print(note, file=sys.stderr)
-    swept = hydra_cfg.sweeper.get("params") or {}
-    if swept and not in_sweep:  # an experiment's sweep (its seeds) runs only with -m: say so, do not drop it silently
-        # On stderr, not through the run's log: the run directory is not this command's until its checks pass.
-        print(f"warning: this config defines a sweep ({', '.join(f'{k}: {v}' for k, v in swept.items())}) that runs "
-              f"only with -m; without it, one job runs with the values shown by --cfg job (seed={cfg.seed}). "
-              "Add -m to run them all.", file=sys.stderr)
     apart = False
     if in_sweep:  # parallel launchers: this job's share of the cores, and its GPU
         from fmnist.sweeps.placement import place_job, runs_apart
