@@ -376,3 +376,17 @@ def check_keys(cfg: DictConfig, checks) -> None:
     for key, ok, expected in checks:
         if not ok:
             raise ConfigError(f"config key {key} must be {expected}; got {OmegaConf.select(cfg, key)!r}.")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested dict as one level of dotted keys: `{"data": {"augment": {"hflip": True}}}` -> `{"data.augment.hflip": True}`."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def flat_config(cfg: DictConfig) -> dict:
+    """`cfg` resolved and flattened: `{"data.augment.hflip": True, ...}`."""
+    return flatten(OmegaConf.to_container(cfg, resolve=True))

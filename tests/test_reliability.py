@@ -977,22 +977,26 @@ def test_train_without_data_is_refused_before_lightning_is_imported(tmp_path):
     assert f"{tmp_path / 'none'}/fashion-mnist_train.csv: file not found" in result.stderr
 
 
-@pytest.mark.parametrize("mode, values, said", [
-    ("-m", "optim.lr=1e-3,-1", "the sweep's job optim.lr=-1: config key optim.lr must be positive"),
-    ("", "optim.lr=-1", "error: config key optim.lr must be positive"),
-], ids=["sweep", "single run"])
-def test_a_bad_value_is_refused_before_lightning_is_imported(tmp_path, data_dir, mode, values, said):
+@pytest.mark.parametrize("command, said", [
+    (["train.py", "-m", "optim.lr=1e-3,-1"], "the sweep's job optim.lr=-1: config key optim.lr must be positive"),
+    (["train.py", "optim.lr=-1"], "error: config key optim.lr must be positive"),
+    (["tune.py", "study=s", "optim.lr=-1", "~space.lr"], "error: config key optim.lr must be positive"),
+    (["tune.py", "study=s", "space.lr.low=-1"], "error: search space entry space.lr needs low <= high"),
+], ids=["sweep", "single run", "study", "search space"])
+def test_a_bad_value_is_refused_before_lightning_is_imported(tmp_path, data_dir, command, said):
     # A sweep checks every job before the first trains, a single run its config before it imports the training
-    # code: neither takes Lightning, nor its seconds of import.
-    argv = ["train.py", *filter(None, [mode]), *FAST, *SIMPLE, f"data.dir={data_dir}", values,
-            f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    # code, a study its config and search space before its trials: none takes Lightning, nor its seconds of import.
+    script, *args = command
+    where = ([*FAST, *SIMPLE, f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.run.dir={tmp_path / 'run'}"]
+             if script == "train.py" else [f"out_dir={tmp_path / 'tune'}"])  # a study samples the model and batch size
+    argv = [script, *args, f"data.dir={data_dir}", *where]
     code = (f"import runpy, sys\nsys.argv = {argv!r}\n"
-            "try:\n    runpy.run_path('train.py', run_name='__main__')\n"
+            f"try:\n    runpy.run_path({script!r}, run_name='__main__')\n"
             "except SystemExit as e:\n    print(e.code, 'lightning' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["2", "False"], result.stdout + result.stderr[-2000:]
     assert said in result.stderr
-    assert not (tmp_path / "sweep").exists() and not (tmp_path / "run").exists()
+    assert sorted(tmp_path.iterdir()) == []
 
 
 def test_a_sweep_directory_under_a_file_is_one_paragraph_without_a_false_alarm(tmp_path, data_dir):

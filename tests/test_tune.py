@@ -96,7 +96,7 @@ def test_a_trial_that_crashes_says_what_crashed_in_its_one_line(tmp_path, data_d
         (run_dir / "error.txt").write_text("Traceback ...")  # as train() records a crash
         raise KeyError("widths")
 
-    monkeypatch.setattr("fmnist.sweeps.tune.train", crash)
+    monkeypatch.setattr("fmnist.training.train.train", crash)
     result = run_in_process("tune.py", "study=c", "n_trials=1", f"out_dir={tmp_path}", f"data.dir={data_dir}", *SMALL)
     assert result.returncode == 0, result.stderr[-3000:]
     ends = [r.getMessage() for r in caplog.records if r.name.startswith("optuna") and "failed with" in r.getMessage()]
@@ -110,7 +110,7 @@ def test_a_trial_out_of_memory_fails_alone_and_the_study_goes_on(tmp_path, data_
         with memory_errors(f"lower data.batch_size ({cfg.data.batch_size})"):
             torch.empty(1 << 62, dtype=torch.uint8)
 
-    monkeypatch.setattr("fmnist.sweeps.tune.train", too_large)
+    monkeypatch.setattr("fmnist.training.train.train", too_large)
     result = run_in_process("tune.py", "study=m", "n_trials=2", f"out_dir={tmp_path}", f"data.dir={data_dir}", *SMALL)
     assert result.returncode == 0, result.stderr[-3000:]  # not the user error that stops a study before its next trial
     trials = load(tmp_path, "m").trials
@@ -421,7 +421,7 @@ def test_a_sigterm_the_trial_did_not_stop_for_stops_the_study_before_its_next_tr
     # Sent as the trial's test ends: Lightning's handler takes it, and no training step is left to stop at.
     args = ["study=t", "n_trials=3", f"out_dir={tmp_path}", f"data.dir={data_dir}", *SMALL]
     script = ("import os, runpy, signal, sys\n"
-              "from fmnist.sweeps.tune import ReportToTrial\n"
+              "from fmnist.sweeps.pruning import ReportToTrial\n"
               "ReportToTrial.on_test_end = lambda self, trainer, module: os.kill(os.getpid(), signal.SIGTERM)\n"
               "sys.argv = sys.argv[1:]\n"
               "runpy.run_path(sys.argv[0], run_name='__main__')\n")

@@ -10,6 +10,9 @@ and `optuna-dashboard` can browse it. Each trial is an ordinary run directory
 Trials are sampled by a seeded TPE sampler and stopped early by a median pruner that sees each
 epoch's validation accuracy. A diverged or crashed trial is recorded (FAIL in the study, its
 status in its run directory) and the study goes on; a user error (bad key, missing data) stops it.
+
+Lightning, which the trials train with, is imported only once the study's checks have passed (the data's, the
+last of them, and each trial's training): a refused study is refused in seconds, without its import.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import lightning as L
 import numpy as np
 import optuna
 from hydra import compose, initialize_config_dir
@@ -37,7 +39,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fmnist import console
 from fmnist.cli import refuse_unknown_keys
-from fmnist.config import PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_keys, seed_check
+from fmnist.config import PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_keys, flat_config, seed_check
 from fmnist.data.sources import split_csvs
 from fmnist.errors import ConfigError, FmnistError, OutOfMemory
 from fmnist.fsio import atomic_write, missing_dirs, remove_if_empty
@@ -48,10 +50,6 @@ from fmnist.runs import (DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, JOB_LOG, MET
 from fmnist.sweeps.storage import (STUDY_DB, check_storage_file, default_storage, fail_dead_trials, open_storage,
                                    record_stale_trials, storage_file)
 from fmnist.training.checks import check_config
-from fmnist.training.claim import check_data, flat_config
-from fmnist.training.figures import save_png  # matplotlib, headless
-from fmnist.training.signals import SIGTERM_RECEIVED, stopping_signal
-from fmnist.training.train import RunPruned, failure_of, train
 
 log = logging.getLogger(__name__)
 
@@ -223,32 +221,6 @@ def _suggest(trial: optuna.Trial, name: str, spec: DictConfig) -> Any:
     return trial.suggest_float(name, sampled.low, sampled.high, log=sampled.log)
 
 
-class ReportToTrial(L.Callback):
-    """Give the trial each epoch's validation accuracy; stop the run when the pruner says so.
-
-    Reported at the training epoch's end, after validation and after EpochCSV (an earlier callback)
-    has written the epoch's row, so a pruned run's epochs.csv ends with the epoch that pruned it.
-    """
-
-    def __init__(self, trial: optuna.Trial, monitor: str = "val/acc"):
-        self.trial = trial
-        self.monitor = monitor
-        self._value: float | None = None
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking and self.monitor in trainer.callback_metrics:
-            self._value = float(trainer.callback_metrics[self.monitor])
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._value is None:  # no validation this epoch (check_val_every_n_epoch > 1)
-            return
-        epoch, value, self._value = trainer.current_epoch + 1, self._value, None  # epochs.csv's numbering
-        self.trial.report(value, step=epoch)
-        if self.trial.should_prune():
-            raise RunPruned(f"pruned by the median pruner after epoch {epoch}: {self.monitor} {value:.4f} "
-                                     "is below the median of earlier trials at that epoch")
-
-
 class TrialFailed(Exception):
     """A trial diverged or crashed: recorded, and the study goes on."""
 
@@ -366,6 +338,8 @@ class Search:
             except ConfigError as e:
                 raise ConfigError(f"the search space holds {' '.join(sampled)}, which a trial may sample: {e} "
                                   "No trial was started.") from None
+        from fmnist.training.claim import check_data  # through the datamodule, which imports Lightning: checked last
+
         for extremes, cfg in ends.items():  # a bad CSV, data.val_size above its rows: here, not in a trial
             with self._named_ends(extremes):
                 check_data(cfg)
@@ -463,6 +437,10 @@ class Search:
                               "per GPU on the same study (CUDA_VISIBLE_DEVICES=i python tune.py study=NAME ...).")
 
     def objective(self, trial: optuna.Trial) -> float:
+        from fmnist.sweeps.pruning import ReportToTrial
+        from fmnist.training.signals import SIGTERM_RECEIVED, stopping_signal
+        from fmnist.training.train import RunPruned, failure_of, train
+
         # Trial numbers are handed out by the storage one at a time: the trials numbered before this one
         # that finished (counted) or are still running decide, in the same way in every process, whether
         # this one is still needed.
@@ -591,6 +569,8 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
             if not any(isinstance(f, _TrialEndsInOneLine) for f in optimize_log.filters):
                 optimize_log.addFilter(_TrialEndsInOneLine())
             # StopAtNTrials counts every process's trials: together they stop at n_trials.
+            from fmnist.training.signals import SIGTERM_RECEIVED
+
             with _sigterm_noted():
                 study.optimize(search.objective, catch=(TrialFailed,), callbacks=[StopAtNTrials(cfg.n_trials)])
                 # optimize returns only once n_trials are done (a signal a trial stopped for raises out of it): a
@@ -606,6 +586,8 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
 def _sigterm_noted():
     """Between trials a SIGTERM sets SIGTERM_RECEIVED (the next trial then stops before it trains), instead of
     killing the process in the middle of the storage's writes; during a trial the run's own handling applies."""
+    from fmnist.training.signals import SIGTERM_RECEIVED
+
     SIGTERM_RECEIVED.clear()
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: SIGTERM_RECEIVED.set()) if main else None
@@ -651,6 +633,8 @@ def write_results(study: optuna.Study, study_dir: Path) -> None:
 
 def _figures(study: optuna.Study, study_dir: Path) -> None:
     from optuna.visualization import matplotlib as ovm
+
+    from fmnist.training.figures import save_png  # matplotlib, headless
 
     figures = {"optimization_history.png": ovm.plot_optimization_history,
                "param_importances.png": ovm.plot_param_importances}

@@ -19,7 +19,8 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist.cli import OTHER_RUN_DIR, OTHER_SWEEP_DIR
-from fmnist.config import ADDED_KEYS, PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, is_count, is_text_keyed
+from fmnist.config import (ADDED_KEYS, PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, flat_config, flatten, is_count,
+                           is_text_keyed)
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.data.sources import data_digests
 from fmnist.errors import CheckpointError, ConfigError
@@ -37,25 +38,12 @@ from fmnist.training.trackers import TRACKER_FILES
 log = logging.getLogger(__name__)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
-def flat_config(cfg: DictConfig) -> dict:
-    """`cfg` resolved and flattened: `{"data.augment.hflip": True, ...}`."""
-    return _flatten(OmegaConf.to_container(cfg, resolve=True))
-
-
 def saved_config(saved: Path) -> dict:
     """A run's saved config.yaml, flattened (`data.augment.hflip`), keys renamed since under their new names;
     ConfigError naming the file if it is not a run's config (damaged, or edited into something else)."""
     try:
         loaded = OmegaConf.load(saved)
-        old = _flatten(OmegaConf.to_container(loaded, resolve=True)) if isinstance(loaded, DictConfig) else None
+        old = flatten(OmegaConf.to_container(loaded, resolve=True)) if isinstance(loaded, DictConfig) else None
     except Exception as e:  # YAML's and OmegaConf's errors have no common base; any means the same here
         raise ConfigError(f"{saved}: cannot read it as the config a run writes ({str(e).splitlines()[0]}); the run "
                           "it belongs to cannot be compared with this command. Start a new run directory.") from e
