@@ -468,6 +468,28 @@ def test_each_epochs_training_loss_and_accuracy_are_those_of_its_steps_also_of_a
     assert metrics["val/acc_best"] == pytest.approx(epochs["val/acc"].max(), abs=2e-6)
 
 
+@pytest.mark.slow
+def test_a_resume_in_bf16_true_keeps_the_best_validation_accuracy_of_its_checkpoint_exactly(make_cfg, tmp_path):
+    # bf16-true converts the whole module after the checkpoint is restored, torchmetrics' states with it: the best
+    # so far would come back rounded to bf16's 8 bits (0.33 as 0.3301), and with it val/acc_best and the epoch it names.
+    import lightning as L
+
+    from fmnist.runs import CHECKPOINT_DIR, LAST_CHECKPOINT
+
+    settings = ["model=simple", "trainer.precision=bf16-true", "data.eval_batch_size=100"]  # k/100: few are bf16 numbers
+    train(make_cfg(*settings), tmp_path)
+    saved = load_checkpoint(tmp_path / CHECKPOINT_DIR / LAST_CHECKPOINT)["state_dict"]["val_acc_best.max_value"]
+    assert saved.dtype == torch.float32 and saved.item() != saved.to(torch.bfloat16).item()  # rounding would show
+
+    class BestAtStart(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.best = pl_module.val_acc_best.max_value.clone()
+
+    seen = BestAtStart()
+    train(make_cfg(*settings, "trainer.max_epochs=2", "ckpt_path=last"), tmp_path, callbacks=[seen])
+    assert seen.best.dtype == torch.float32 and seen.best.item() == saved.item()
+
+
 @pytest.mark.parametrize("path", ["outputs/runs/a", "outputs/a b", "it's", "ü dir", "a\\b", "ends in \\", "a\\'b",
                                   "outputs/seed=0,lr=1"])
 def test_a_run_directory_quoted_for_the_resume_command_reads_back_as_itself(path):

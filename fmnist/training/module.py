@@ -105,6 +105,7 @@ class LitClassifier(L.LightningModule):
         self.test_acc = MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False)
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # saved in checkpoints: a resumed run keeps its best so far
+        self._restored_best: torch.Tensor | None = None  # that best, as a resume's checkpoint holds it
         self.test_confusion = MulticlassConfusionMatrix(NUM_CLASSES, validate_args=False)  # read by TestArtifacts
 
     def setup(self, stage: str) -> None:
@@ -127,10 +128,18 @@ class LitClassifier(L.LightningModule):
         logits = tta_logits(self, x, tta)
         return F.cross_entropy(logits.float(), y, label_smoothing=self.hparams.optim["label_smoothing"]), logits, y
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Kept for `on_fit_start`: a `*-true` precision converts the module after a resume restores it, and would
+        # round the best accuracy so far to its own bits (0.1 as 0.1001 in bf16).
+        self._restored_best = checkpoint["state_dict"].get("val_acc_best.max_value")
+
     def on_fit_start(self) -> None:
         # A `*-true` precision converts the whole module, torchmetrics' float states included: these stay fp32.
         for aggregate in (self.train_loss, self.train_acc, self.val_acc_best):
             aggregate.set_dtype(torch.float32)
+        restored, self._restored_best = self._restored_best, None
+        if restored is not None:  # a resume's best so far, as its checkpoint holds it
+            self.val_acc_best.max_value = restored.to(self.device, torch.float32)
 
     def _start_training_sums(self) -> None:
         self.training_sums = torch.zeros(2, device=self.device)  # loss x images, and images classified right
