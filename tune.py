@@ -46,7 +46,6 @@ def search(args: list[str]) -> int:
     from fmnist.fsio import storage_errors
     from fmnist.sweeps.tune import TrialInterrupted, run_search  # after `--help`: importing torch takes seconds
 
-    console.setup()  # again: importing Lightning gave it a console handler of its own (each line came out twice)
     try:
         with storage_errors(key="out_dir"):  # a read-only or full disk: one paragraph, exit 2
             run_search(Path(__file__).resolve().parent / "conf", args)

@@ -335,6 +335,9 @@ def test_a_trial_that_fills_the_disk_names_out_dir_the_key_that_moves_the_study(
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith(f"error: cannot write {disk / 'full' / 'trial-0000'}/") and "the disk is full" in error, error
     assert "(out_dir=...)" in error and "hydra." not in error, error
+    # Lightning's lines once each, without its notices: importing it gives it a console handler of its own.
+    said = result.stdout + result.stderr
+    assert said.count("GPU available") == 1 and "TPU available" not in said, said[-3000:]
 
 
 @pytest.mark.slow

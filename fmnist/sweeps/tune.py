@@ -11,8 +11,9 @@ Trials are sampled by a seeded TPE sampler and stopped early by a median pruner 
 epoch's validation accuracy. A diverged or crashed trial is recorded (FAIL in the study, its
 status in its run directory) and the study goes on; a user error (bad key, missing data) stops it.
 
-Lightning, which the trials train with, is imported only once the study's checks have passed (the data's, the
-last of them, and each trial's training): a refused study is refused in seconds, without its import.
+Lightning, which the trials train with, is imported only by the last of the study's checks before its directory
+and storage are made (its data's, read through the datamodule) and by its trials: a study refused for its config,
+search space, directory or storage is refused in seconds, without that import.
 """
 
 from __future__ import annotations
@@ -294,9 +295,10 @@ class Search:
     heartbeat: bool = False  # whether the storage marks the trials of dead processes failed (database storages)
     _base: DictConfig | None = field(default=None, init=False, repr=False)
 
-    def check_space(self) -> None:
+    def check_space(self) -> dict[tuple[str, ...], DictConfig]:
         """Compose the train config at each end of each range (and with each choice), so that a typo'd key
-        or an impossible value stops the study before its first trial, not in the middle.
+        or an impossible value stops the study before its first trial, not in the middle. Returns the
+        compositions, by the sampled values they hold, for `check_data`.
 
         The searched keys are checked together, as a trial sets them: the k-th composition takes the k-th
         value of every key (low/high, or its choices, the last repeated), so every value is checked in as
@@ -338,9 +340,16 @@ class Search:
             except ConfigError as e:
                 raise ConfigError(f"the search space holds {' '.join(sampled)}, which a trial may sample: {e} "
                                   "No trial was started.") from None
-        from fmnist.training.claim import check_data  # through the datamodule, which imports Lightning: checked last
+        return ends
 
-        for extremes, cfg in ends.items():  # a bad CSV, data.val_size above its rows: here, not in a trial
+    def check_data(self, ends: dict[tuple[str, ...], DictConfig]) -> None:
+        """Check the data of each composition `check_space` returned: a bad CSV, or data.val_size above its rows,
+        stops the study here, not in a trial. Through the datamodule, which imports Lightning: the last check
+        before the study's directory and storage are made."""
+        from fmnist.training.claim import check_data
+
+        console.setup()  # importing Lightning gave it a console handler of its own (each line came out twice)
+        for extremes, cfg in ends.items():
             with self._named_ends(extremes):
                 check_data(cfg)
 
@@ -521,7 +530,7 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
         for spec in cfg.space.values():  # a search space may still name a key by its old name
             spec.key = RENAMED_KEYS.get(spec.key, spec.key)
         search = Search(cfg, train_overrides, study_dir)
-        search.check_space()
+        ends = search.check_space()
         check_same_data(study_dir, str(search._base_config().data.dir),  # its best trial would be chosen across both
                         advice="Start another study (study=NAME), or give the data its trials ran on; nothing was written.")
         check_storage_file(cfg.storage or default_storage(study_dir), default=not cfg.storage)
@@ -538,6 +547,7 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
                               f"{', ...' if len(theirs) > 3 else ''}); a study is written into a new directory, or into "
                               "its own to continue it, so that nothing of yours is replaced; nothing was written. "
                               "Choose another study name (study=...) or out_dir.")
+        search.check_data(ends)
         study_dir.mkdir(parents=True, exist_ok=True)
         try:
             storage = open_storage(cfg.storage, cfg.heartbeat, study_dir)
