@@ -44,6 +44,7 @@ def main(cfg: DictConfig) -> float:
 
         check_config(cfg)  # as the run's own checks do again (fmnist.training.claim), for callers of train(cfg)
     except FmnistError as e:
+        drop_held_logs()  # a launcher's worker process goes on to its next job: nothing of this one's is kept
         exit_with(e)
     from fmnist.training.train import run_job  # after Hydra parsed the command line: `--help` stays fast
 

@@ -130,8 +130,11 @@ class LitClassifier(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Kept for `on_fit_start`: a `*-true` precision converts the module after a resume restores it, and would
-        # round the best accuracy so far to its own bits (0.1 as 0.1001 in bf16).
-        self._restored_best = checkpoint["state_dict"].get("val_acc_best.max_value")
+        # round the best accuracy so far to its own bits (0.1 as 0.1001 in bf16). With an EMA (Lightning's
+        # WeightAveraging) `state_dict` holds the averaged copy, whose best stays unset, and `current_model_state`
+        # the trained module.
+        state = checkpoint.get("current_model_state") or checkpoint["state_dict"]
+        self._restored_best = state.get("val_acc_best.max_value")
 
     def on_fit_start(self) -> None:
         # A `*-true` precision converts the whole module, torchmetrics' float states included: these stay fp32.
