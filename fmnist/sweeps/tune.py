@@ -579,14 +579,12 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
             if not any(isinstance(f, _TrialEndsInOneLine) for f in optimize_log.filters):
                 optimize_log.addFilter(_TrialEndsInOneLine())
             # StopAtNTrials counts every process's trials: together they stop at n_trials.
-            from fmnist.training.signals import SIGTERM_RECEIVED
-
-            with _sigterm_noted():
+            with _sigterm_noted() as sigterm_received:
                 study.optimize(search.objective, catch=(TrialFailed,), callbacks=[StopAtNTrials(cfg.n_trials)])
                 # optimize returns only once n_trials are done (a signal a trial stopped for raises out of it): a
                 # SIGTERM the last trial did not stop for still ends the command with 143, and the next run, having
                 # nothing to train, writes the results.
-                if SIGTERM_RECEIVED.is_set():
+                if sigterm_received.is_set():
                     raise TrialInterrupted(signal.SIGTERM)
     write_results(study, study_dir)
     return study
@@ -595,14 +593,15 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
 @contextlib.contextmanager
 def _sigterm_noted():
     """Between trials a SIGTERM sets SIGTERM_RECEIVED (the next trial then stops before it trains), instead of
-    killing the process in the middle of the storage's writes; during a trial the run's own handling applies."""
+    killing the process in the middle of the storage's writes; during a trial the run's own handling applies.
+    Yields that event."""
     from fmnist.training.signals import SIGTERM_RECEIVED
 
     SIGTERM_RECEIVED.clear()
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: SIGTERM_RECEIVED.set()) if main else None
     try:
-        yield
+        yield SIGTERM_RECEIVED
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
