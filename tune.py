@@ -16,11 +16,12 @@ import sys
 from pathlib import Path
 
 from fmnist import console
-from fmnist.cli import exit_if_no_working_directory
+from fmnist.cli import exit_if_no_working_directory, skip_the_final_collections
 from fmnist.errors import ConfigError, FmnistError
 
 
 def main(args: list[str]) -> int:
+    skip_the_final_collections()
     if {"-h", "--help"} & set(args):
         print(__doc__)
         return 0

@@ -374,3 +374,28 @@ def test_a_sweep_that_stops_collecting_at_a_refused_job_says_how_to_collect_the_
     err = capsys.readouterr().err
     assert err.startswith("error: a job of the sweep was refused in its worker process: /s/seed=1 is in use")
     assert "the jobs already started run on" in err and "run the same sweep command again" in err
+
+
+@pytest.mark.parametrize("entry_point", ["train.py", "tune.py"])
+def test_a_command_collects_its_garbage_once_at_exit_and_leaves_the_rest_to_the_teardown(tmp_path, entry_point):
+    # The interpreter's teardown need not walk every object the command left alive again and again: they are frozen
+    # (fmnist.cli.skip_the_final_collections). Garbage that holds a resource is still collected, its finalizer run.
+    flushed = tmp_path / "flushed"
+    script = f"""
+import atexit, gc, runpy, sys
+class Flushes:  # in a reference cycle: only a collection frees it and runs its finalizer
+    def __init__(self): self.me = self
+    def __del__(self): open({str(flushed)!r}, "w").close()
+sys.argv = [{entry_point!r}, "--help"]
+try:
+    runpy.run_path({entry_point!r}, run_name="__main__")
+except SystemExit:
+    pass
+Flushes()
+atexit._run_exitfuncs()
+print(gc.get_freeze_count(), flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) > 10_000  # every object alive at exit (a bare interpreter freezes none)
+    assert flushed.exists()
