@@ -146,16 +146,16 @@ def test_a_sweep_into_a_directory_of_ones_own_files_is_refused(tmp_path, data_di
 @pytest.mark.slow
 def test_a_sweep_continued_on_other_data_is_refused_before_a_job_trains(tmp_path, data_dir, run_in_process):
     sweep = tmp_path / "sweep"
-    first = run_in_process("train.py", "-m", *FAST, f"data.dir={data_dir}", "seed=0", f"hydra.sweep.dir={sweep}")
+    first = run_in_process("train.py", "-m", *FAST, "model=simple", f"data.dir={data_dir}", "seed=0", f"hydra.sweep.dir={sweep}")
     assert first.returncode == 0, first.stderr[-2000:]
     other = shutil.copytree(data_dir, tmp_path / "other")
     write_csv(other / "fashion-mnist_train.csv", *make_images(600, 5))
     before = snapshot(sweep)
-    result = run_in_process("train.py", "-m", *FAST, f"data.dir={other}", "seed=1", f"hydra.sweep.dir={sweep}")
+    result = run_in_process("train.py", "-m", *FAST, "model=simple", f"data.dir={other}", "seed=1", f"hydra.sweep.dir={sweep}")
     assert result.returncode == 2 and re.search(r"its completed job \S*seed=0 ran on other data", result.stderr), result.stderr
     assert "No job of the sweep was started" in result.stderr and snapshot(sweep) == before
     moved = shutil.copytree(data_dir, tmp_path / "moved")  # the same files elsewhere: the sweep goes on
-    again = run_in_process("train.py", "-m", *FAST, f"data.dir={moved}", "seed=1", f"hydra.sweep.dir={sweep}")
+    again = run_in_process("train.py", "-m", *FAST, "model=simple", f"data.dir={moved}", "seed=1", f"hydra.sweep.dir={sweep}")
     assert again.returncode == 0 and "Jobs: 2 completed." in (sweep / "summary.md").read_text(), again.stderr[-2000:]
 
 

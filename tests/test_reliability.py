@@ -167,16 +167,16 @@ def test_refused_command_leaves_the_run_directory_byte_identical(tmp_path, data_
 @pytest.mark.slow
 def test_a_resume_whose_epochs_csv_is_gone_is_refused_after_the_first_epoch(make_cfg, tmp_path):
     run = tmp_path / "run"
-    train(make_cfg("trainer.max_epochs=2"), run)
+    train(make_cfg("model=simple", "trainer.max_epochs=2"), run)
     (run / "epochs.csv").unlink()
     before = snapshot(run)
     with pytest.raises(ConfigError, match="epochs.csv: missing, though the run's last.ckpt holds trained epochs"):
-        train(make_cfg("trainer.max_epochs=3", "ckpt_path=last"), run)
+        train(make_cfg("model=simple", "trainer.max_epochs=3", "ckpt_path=last"), run)
     assert snapshot(run) == before
     first = tmp_path / "first"  # one epoch, as if killed between its checkpoint and its row: resumed
-    train(make_cfg("trainer.max_epochs=1"), first)
+    train(make_cfg("model=simple", "trainer.max_epochs=1"), first)
     (first / "epochs.csv").unlink()
-    train(make_cfg("trainer.max_epochs=2", "ckpt_path=last"), first)
+    train(make_cfg("model=simple", "trainer.max_epochs=2", "ckpt_path=last"), first)
     assert (first / "epochs.csv").read_text().count("\n") == 2  # the header and the second epoch's row
 
 

@@ -137,7 +137,7 @@ def test_epochs_without_validation_are_checkpointed_and_resumed_after(tmp_path, 
     from tests.conftest import FAST
 
     run = tmp_path / "run"
-    args = [*FAST, f"data.dir={data_dir}", "trainer.check_val_every_n_epoch=3", f"hydra.run.dir={run}"]
+    args = [*FAST, f"data.dir={data_dir}", "model=simple", "trainer.check_val_every_n_epoch=3", f"hydra.run.dir={run}"]
     first = run_in_process("train.py", *args, "trainer.max_epochs=4")
     assert first.returncode == 0, first.stderr[-3000:]
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == 3  # the fourth epoch's, not the third's

@@ -360,10 +360,11 @@ def test_a_summary_of_no_jobs_says_none(tmp_path):
 
 def test_a_sweep_that_names_no_computing_key_keeps_its_job_in_a_directory_of_its_own(tmp_path, data_dir,
                                                                                     run_in_process):
-    # Its experiment (a placement key, as data.dir is) sizes the run to the test's small CSVs.
+    # Its experiment (a placement key, as data.dir is) sizes the run to the test's small CSVs, and to seconds.
     (tmp_path / "conf" / "experiment").mkdir(parents=True)
     (tmp_path / "conf" / "experiment" / "tiny.yaml").write_text(
-        "# @package _global_\ndata:\n  val_size: 100\n")
+        "# @package _global_\ndefaults:\n  - override /model: simple\n  - override /logger: csv\n"
+        "data:\n  val_size: 100\n  batch_size: 32\n  eval_batch_size: 32\n")
     result = run_in_process("train.py", "-m", "--config-dir", str(tmp_path / "conf"), "experiment=tiny", "preset=smoke",
                             f"data.dir={data_dir}", "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

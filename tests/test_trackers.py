@@ -23,6 +23,13 @@ from tests.conftest import ROOT, compose_cfg
 LEVELDB_BLOCK, LEVELDB_HEADER = 32768, 7
 
 
+@pytest.fixture
+def make_cfg(make_cfg):
+    """The shared fixture's configs with the simple CNN: what a tracker is given does not depend on the network,
+    and the default one costs each of these tests' trainings several times the CPU."""
+    return lambda *overrides: make_cfg("model=simple", *overrides)
+
+
 def wandb_records(path: Path):
     """The protobuf records of a W&B run's transaction log (`run-ID.wandb`, what `wandb sync` uploads).
 
