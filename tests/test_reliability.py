@@ -349,6 +349,7 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_sigterm_before_a_runs_checks_pass_puts_back_what_hydra_wrote(tmp_path, data_dir):
     sweep = tmp_path / "s"
     (sweep / "earlier").mkdir(parents=True)

@@ -197,6 +197,7 @@ def test_bad_input_stops_before_the_study_is_created(tmp_path, data_dir, args, m
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_a_refused_study_removes_the_directories_it_made_and_keeps_ones_own_files(tmp_path, data_dir):
     with pytest.raises(FmnistError, match="cannot open the study storage 'garbage://x'"):
         run_search(CONF, [f"out_dir={tmp_path / 'new' / 'studies'}", f"data.dir={data_dir}", "data.val_size=100", "study=x", "storage=garbage://x"])
@@ -353,6 +354,7 @@ def test_a_refused_rerun_leaves_the_finished_trials_as_they_were(tmp_path, data_
         assert snapshot(study_dir) == before  # the finished trial's record untouched, no error.txt, no new study.db
 
 
+@pytest.mark.slow
 def test_a_continuation_that_trains_another_setting_is_refused_and_writes_nothing(tmp_path, data_dir, run_in_process):
     import shutil
     import sqlite3
