@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from fmnist import console
 from fmnist.config import CONF_DIR, PLACEMENT_KEYS, RENAMED_KEYS, TrainConfig
 from fmnist.errors import ConfigError
+from fmnist.fsio import read_yaml
 
 
 # Reading and writing overrides.
@@ -180,9 +181,9 @@ def swept_keys(sweep_dir: Path) -> set[str]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
-        saved = OmegaConf.load(Path(sweep_dir) / SWEEP_CONFIG_FILE)
-        task = list(OmegaConf.select(saved, "hydra.overrides.task") or [])
-        params = OmegaConf.select(saved, "hydra.sweeper.params") or {}
+        hydra_cfg = (read_yaml(Path(sweep_dir) / SWEEP_CONFIG_FILE) or {}).get("hydra") or {}
+        task = list((hydra_cfg.get("overrides") or {}).get("task") or [])
+        params = (hydra_cfg.get("sweeper") or {}).get("params") or {}
         parsed = OverridesParser.create().parse_overrides(task)
     except Exception:  # no sweep file, or one this version cannot read: no key is known to be swept
         return set()

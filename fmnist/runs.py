@@ -23,7 +23,7 @@ import yaml
 from fmnist import NUM_CLASSES
 from fmnist.config import is_finite_number, is_text_list
 from fmnist.errors import ConfigError
-from fmnist.fsio import atomic_write
+from fmnist.fsio import atomic_write, read_yaml
 from fmnist.overrides import setting_of
 
 METRICS_FILE = "metrics.json"
@@ -74,7 +74,7 @@ def read_config_section(job: Path, name: str) -> dict:
     """One section of a job's resolved config.yaml ({} if it has none), or ConfigError naming a damaged file."""
     path = job / CONFIG_FILE
     try:
-        config = yaml.safe_load(path.read_text()) if path.exists() else {}
+        config = read_yaml(path) if path.exists() else {}
     except (OSError, ValueError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read it as YAML ({str(e).splitlines()[0]}); expected the resolved config "
                           "a run writes.") from e

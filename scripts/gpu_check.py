@@ -87,6 +87,18 @@ def train_cmd(*overrides: str) -> list[str]:
     return [PY, "train.py", *overrides]
 
 
+# The speedrun recipe, one seed, alone on the GPU, before the rest: (step, overrides beyond the recipe's, timeout in s,
+# the summary's title).
+SINGLE_RUNS = (
+    # About 11 s of training on an H200: `make gpu-records` continues its records where they stopped, so this is where
+    # each window times the recipe's steps with the code as it is now.
+    ("smoke", [], 120, "experiment=speedrun_gpu"),
+    # The forward and backward passes in CUDA graphs; their compilation runs before training and is reported apart
+    # (metrics.json: warmup_seconds), as airbench reports its compile warm-up.
+    ("smoke_fast_path", ["fast_path=true"], 150, "the same with fast_path=true"),
+)
+
+
 def plan(results: Path, data_dir: Path, smoke: bool, gpus: int) -> list[Step]:
     """The steps, in order of importance: a budget cut hits the last ones. `smoke`: a few batches, any device."""
     accelerator = "auto" if smoke else "gpu"
@@ -107,14 +119,9 @@ def plan(results: Path, data_dir: Path, smoke: bool, gpus: int) -> list[Step]:
                 "--out", str(results / "bench.csv")]
 
     steps = [
-        # The speedrun recipe, one seed (about 11 s of training on an H200): `make gpu-records` continues its records
-        # where they stopped, so this is where each window times the recipe's steps with the code as it is now.
-        Step("smoke", [train_cmd(*speedrun, f"hydra.run.dir={results / 'smoke'}",
-                                 "trainer.enable_progress_bar=false")], 120),
-        # The same with the forward and backward passes in CUDA graphs; their compilation runs before training and is
-        # reported apart (metrics.json: warmup_seconds), as airbench reports its compile warm-up.
-        Step("smoke_fast_path", [train_cmd(*speedrun, "fast_path=true", f"hydra.run.dir={results / 'smoke_fast_path'}",
-                                           "trainer.enable_progress_bar=false")], 150),
+        *(Step(name, [train_cmd(*speedrun, *extra, f"hydra.run.dir={results / name}",
+                                "trainer.enable_progress_bar=false")], timeout_s)
+          for name, extra, timeout_s, _ in SINGLE_RUNS),
         Step("bench", [bench("--batch-sizes", "32", "256")], 150, train=False),
         # The same with CUDA graphs in both loops (fast_path=true): compiles once per shape and precision.
         Step("bench_fast_path", [bench("--batch-sizes", "32", "256", "--fast-path", repeats=1)], 120, train=False),
@@ -392,7 +399,7 @@ def write_summary(results: Path, env: dict, outcomes: list[dict]) -> str:
                 "lightning_tflop_s", "data_share_pct"]
         parts += ["## Benchmark (raw PyTorch vs Lightning, alone on the GPU)", "",
                   markdown_table(bench[[c for c in keep if c in bench]].to_dict("records"))]
-    for step, title in (("smoke", "experiment=speedrun_gpu"), ("smoke_fast_path", "the same with fast_path=true")):
+    for step, _, _, title in SINGLE_RUNS:
         if (results / step / "epochs.csv").exists():
             parts += [f"## {step}: {title}, seed 0 (alone on the GPU)", "", markdown_table([run_row(results / step)])]
     parts += ["## experiment=report (seeds in parallel processes: seconds are not timings)", "",
