@@ -227,11 +227,13 @@ def skip_the_final_collections() -> None:
     """At exit, collect the garbage once, then freeze what is left for the interpreter's teardown.
 
     A training command ends with hundreds of thousands of objects alive (torch, Lightning, sympy); as the
-    interpreter tears its modules down, its garbage collector walks them all again and again, for a second or
-    more of CPU after the command's work is done. Collecting once first keeps what a collection does for
-    garbage that holds a resource (its finalizer runs, a buffered file is flushed); objects still alive then
-    are freed by their reference counts as before, or left to the OS, as Python leaves some at every exit.
-    Registered before the command's own exit handlers (a tracker's), so it runs after them.
+    interpreter tears its modules down, its garbage collector walks them all again and again, after the
+    command's work is done. The one collection here still frees the garbage of the run (its finalizers run, a
+    buffered file it held is flushed). What is frozen is never collected: objects in reference cycles still
+    alive at exit are left to the OS without their finalizers, which Python does not promise to run at exit
+    either. So a command closes what it writes before it ends, as these do: their files are written whole
+    (`atomic_write`) or closed at the end of the fit, the exit handlers of the trackers and of torch run before
+    this one (registered after it), and logging's flush after it.
     """
     atexit.register(_collect_once_then_freeze)
 

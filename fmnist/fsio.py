@@ -499,10 +499,11 @@ def file_digest(path: Path, algorithm: str = "sha1", opener: Callable = open) ->
 
 
 def read_yaml(path: Path) -> Any:
-    """A YAML file's data (plain dicts, lists and scalars), read by libyaml where PyYAML was built with it: a run's
-    config.yaml or a sweep's multirun.yaml in milliseconds, where OmegaConf's and PyYAML's Python parsers take
-    tens of them, once per job of a sweep. yaml.YAMLError for a file that is not YAML."""
-    return yaml.load(Path(path).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    """A YAML file's data (plain dicts, lists and scalars), read by libyaml where PyYAML was built with it, as
+    safe_load reads it: a sweep reads its multirun.yaml at every job, and OmegaConf's and PyYAML's Python
+    parsers take an order of magnitude longer. Bytes, so that libyaml reads the UTF-8 that Hydra and OmegaConf
+    write whatever the locale. yaml.YAMLError for a file that is not YAML."""
+    return yaml.load(Path(path).read_bytes(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:

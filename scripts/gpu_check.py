@@ -90,8 +90,8 @@ def train_cmd(*overrides: str) -> list[str]:
 # The speedrun recipe, one seed, alone on the GPU, before the rest: (step, overrides beyond the recipe's, timeout in s,
 # the summary's title).
 SINGLE_RUNS = (
-    # About 11 s of training on an H200: `make gpu-records` continues its records where they stopped, so this is where
-    # each window times the recipe's steps with the code as it is now.
+    # `make gpu-records` continues its records where they stopped, so this is where each window times the recipe's
+    # steps with the code as it is now.
     ("smoke", [], 120, "experiment=speedrun_gpu"),
     # The forward and backward passes in CUDA graphs; their compilation runs before training and is reported apart
     # (metrics.json: warmup_seconds), as airbench reports its compile warm-up.
