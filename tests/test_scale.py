@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -417,6 +418,21 @@ def test_gpu_check_sh_refuses_a_python_it_cannot_use_in_one_line_and_runs_the_ch
     result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--help"], capture_output=True,
                             text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
     assert result.returncode == 0 and result.stdout.startswith("usage: gpu_check.py"), result.stderr[-3000:]
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="on a GPU machine gpu_check.sh installs instead")
+def test_gpu_check_sh_tells_a_python_without_the_packages_from_one_with_them_and_installs_nothing_on_a_cpu(tmp_path):
+    """gpu_check.sh looks the packages up without importing them: a Python that lacks them (a bare virtual
+    environment) is told apart from the project's own, whose run is tested above."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True, timeout=120)
+    bare = tmp_path / "bare" / "bin" / "python"
+    # WHEELS= (set, empty): a checkout's .whl/ is not installed into it.
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "PYTHON": str(bare), "WHEELS": ""})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"gpu-check: {bare} lacks the project's packages and this machine has no NVIDIA "
+                                    "GPU; nothing was installed."), result.stderr
+    assert not list((tmp_path / "bare" / "lib").rglob("site-packages/*")), "something was installed"
 
 
 def test_gpu_wheels_sh_refuses_a_python_it_cannot_use_in_one_line_before_making_its_folder(tmp_path):
