@@ -60,7 +60,10 @@ train: data
 # suite's share of the cores grows with its number of busy processes (docs/performance.md).
 # `make test TEST_WORKERS=0` runs the suite in this one process.
 TEST_WORKERS ?= $(shell echo $$((2 * $$(nproc))))
-PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist worksteal
+# Only the pytest plugin the suite uses (xdist): pytest would otherwise load every installed package's plugin
+# (anyio's, Hydra's) and rewrite the asserts of those packages' modules, Hydra's among them, in each worker.
+PYTEST_BASE := PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $(BIN)/python -m pytest -p xdist.plugin -q
+PYTEST := $(PYTEST_BASE) -n $(TEST_WORKERS) --maxprocesses 4 --dist worksteal
 
 test: $(STAMP)
 	$(PYTEST) -m "not cluster" $(ARGS)
@@ -72,7 +75,7 @@ test-fast: $(STAMP)
 # PostgreSQL: scripts/cluster/, root, Debian packages; an MLflow tracking server), DDP with two processes,
 # the local submitit and joblib launchers' workers. One process: each of these tests fills the cores itself.
 test-cluster: $(STAMP)
-	$(BIN)/python -m pytest -q -m cluster $(ARGS)
+	$(PYTEST_BASE) -m cluster $(ARGS)
 
 tensorboard: $(STAMP)
 	$(BIN)/tensorboard --logdir outputs $(ARGS)
