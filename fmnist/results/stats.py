@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 ALPHA = 0.05  # a claim holds when p < ALPHA (exactly 0.05: 1 - 0.95 is a hair above it in floating point)
 LEVEL = 1 - ALPHA  # every interval here is a 95% interval
@@ -43,6 +42,15 @@ class Interval:
         return f"{self.mean * scale:.{digits}f} ± {self.half_width * scale:.{digits}f}"
 
 
+def t_critical(df: int) -> float:
+    """The two-sided Student-t critical value of the 95% level (`ALPHA`) with `df` degrees of freedom."""
+    # SciPy's statistics are imported where a number is computed, here and below: their import takes seconds that a
+    # command refused before any result (a bad value, a missing file) would spend for nothing.
+    from scipy import stats
+
+    return float(stats.t.ppf(1 - ALPHA / 2, df))
+
+
 def mean_interval(values) -> Interval:
     """The mean of `values` with its Student-t confidence interval."""
     x = np.asarray(pd.Series(values).dropna(), dtype=float)
@@ -56,7 +64,7 @@ def summary_interval(mean: float, std: float, n: int) -> Interval:
     n = int(n)
     if n < 2 or math.isnan(std):
         return Interval(float(mean), math.nan, math.nan, n)
-    half = float(stats.t.ppf(1 - ALPHA / 2, n - 1) * std / math.sqrt(n))
+    half = float(t_critical(n - 1) * std / math.sqrt(n))
     return Interval(float(mean), mean - half, mean + half, n)
 
 
@@ -96,6 +104,8 @@ def summary_comparison(mean: float, std: float, n: int) -> Comparison:
         return Comparison(interval, math.nan, math.nan, None)
     if no_spread(interval):
         return Comparison(interval, same_difference_p(interval), math.inf if interval.mean else 0.0, None)
+    from scipy import stats  # as in t_critical
+
     p = float(2 * stats.t.sf(abs(mean) / (std / math.sqrt(interval.n)), interval.n - 1))
     d = float(mean / std)
     return Comparison(interval, p, d, seeds_for_power(d))
@@ -106,7 +116,7 @@ def no_spread(difference: Interval) -> bool:
     recovered from the interval's half-width, below `NO_SPREAD`."""
     if difference.n < 2 or math.isnan(difference.half_width):
         return False
-    sd = difference.half_width * math.sqrt(difference.n) / stats.t.ppf(1 - ALPHA / 2, difference.n - 1)
+    sd = difference.half_width * math.sqrt(difference.n) / t_critical(difference.n - 1)
     return sd < NO_SPREAD
 
 
@@ -123,9 +133,11 @@ def seeds_for_power(effect_size: float) -> int | float | None:
     d = abs(effect_size)
     if d == 0 or math.isnan(d):
         return None
+    from scipy import stats  # as in t_critical
+
     for n in range(2, MOST_SEEDS + 1):
         df, shift = n - 1, d * math.sqrt(n)
-        critical = stats.t.ppf(1 - ALPHA / 2, df)
+        critical = t_critical(df)
         power = stats.nct.sf(critical, df, shift) + stats.nct.cdf(-critical, df, shift)
         if power >= POWER:
             return n
@@ -158,6 +170,8 @@ def mcnemar(pred_a: np.ndarray, pred_b: np.ndarray, labels: np.ndarray) -> dict:
     """
     a, b = np.asarray(pred_a) == np.asarray(labels), np.asarray(pred_b) == np.asarray(labels)
     a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
+    from scipy import stats  # as in t_critical
+
     p = float(stats.binomtest(a_only, a_only + b_only, 0.5).pvalue) if a_only + b_only else 1.0
     return {"a_only": a_only, "b_only": b_only, "difference": (a_only - b_only) / len(a), "p_value": p}
 
@@ -178,6 +192,8 @@ def seed_and_image_interval(correct_a: list[np.ndarray], correct_b: list[np.ndar
         raise ValueError("seed_and_image_interval needs the same number (at least one) of runs of A and B")
     differences = [np.asarray(a, dtype=float) - np.asarray(b, dtype=float) for a, b in zip(correct_a, correct_b)]
     per_seed = np.array([d.mean() for d in differences])
+    from scipy import stats  # as in t_critical
+
     k, mean, z = len(per_seed), float(per_seed.mean()), stats.norm.ppf(1 - ALPHA / 2)
 
     def image_variance(d: np.ndarray) -> float:  # of the mean of `d` over its images
@@ -187,9 +203,9 @@ def seed_and_image_interval(correct_a: list[np.ndarray], correct_b: list[np.ndar
         half = z * math.sqrt(image_variance(differences[0]))
     elif not same_images or len({len(d) for d in differences}) > 1:
         spread = max(per_seed.var(ddof=1), float(np.mean([image_variance(d) for d in differences])))
-        half = stats.t.ppf(1 - ALPHA / 2, k - 1) * math.sqrt(spread / k)
+        half = t_critical(k - 1) * math.sqrt(spread / k)
     else:
-        seeds_half = stats.t.ppf(1 - ALPHA / 2, k - 1) * math.sqrt(per_seed.var(ddof=1) / k)
+        seeds_half = t_critical(k - 1) * math.sqrt(per_seed.var(ddof=1) / k)
         half = math.hypot(seeds_half, z * math.sqrt(image_variance(np.mean(differences, axis=0))))
     return Interval(mean, mean - float(half), mean + float(half), k)
 
