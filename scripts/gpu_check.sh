@@ -10,22 +10,12 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 . scripts/require_python.sh
 require_python gpu-check
-NEEDED="hydra omegaconf lightning torchmetrics pandas matplotlib tensorboard scipy joblib hydra_plugins.hydra_joblib_launcher"
-# Whether $PYTHON has the modules named (found by the import system, not imported: importing them all takes seconds,
-# which gpu_check.py then spends again; a module that is there but broken stops gpu_check.py's own import, loudly).
-has_modules() {
-    "$PYTHON" -c 'import importlib.util, sys
-def found(name):
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ImportError:  # its parent package is missing
-        return False
-sys.exit(0 if all(found(name) for name in sys.argv[1:]) else 1)' "$@" 2>/dev/null
-}
+NEEDED="import hydra, omegaconf, lightning, torchmetrics, pandas, matplotlib, tensorboard, scipy, joblib
+import hydra_plugins.hydra_joblib_launcher"
 
 # Wheels in .whl/ (scripts/gpu_wheels.sh) but no WHEELS=: a machine given them has no package index, so they
 # are used rather than pip's retries against one, which would spend minutes of the window and fail. WHEELS= opts out.
-if [ -z "${WHEELS+set}" ] && compgen -G ".whl/*.whl" >/dev/null && ! has_modules $NEEDED; then
+if [ -z "${WHEELS+set}" ] && compgen -G ".whl/*.whl" >/dev/null && ! "$PYTHON" -c "$NEEDED" 2>/dev/null; then
     echo "gpu-check: $PYTHON lacks some of the packages gpu-check needs; installing the wheels in .whl/ (WHEELS= to skip)"
     WHEELS=.whl
 fi
@@ -41,12 +31,12 @@ if [ -n "${WHEELS:-}" ]; then
     site="${TMPDIR:-/tmp}/fmnist-wheels"
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$WHEELS"/*.whl
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-    if ! "$PYTHON" -c "import ${NEEDED// /, }"; then  # imported, this once: wheels built for another Python or torch fail here
+    if ! "$PYTHON" -c "$NEEDED"; then
         echo "gpu-check: after installing $WHEELS, a package gpu-check needs is still missing (above): add its wheel" \
              "(or, where a package index is reachable, WHEELS= to install from it instead)" >&2
         exit 2
     fi
-elif has_modules torch $NEEDED; then
+elif "$PYTHON" -c "import torch; $NEEDED" 2>/dev/null; then
     :  # everything is there (a dry run or smoke test in the project's own environment, or a prepared GPU image)
 elif ! command -v nvidia-smi >/dev/null; then
     # Not a GPU machine: installing would bring PyPI's CUDA torch (gigabytes) into $PYTHON. Use the project's own.
@@ -56,7 +46,7 @@ elif ! command -v nvidia-smi >/dev/null; then
 elif ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     echo "gpu-check: no CUDA build of torch with a visible GPU in $PYTHON; installing the project (pip install -e .)"
     "$PYTHON" -m pip install -q -e .
-elif ! has_modules $NEEDED; then
+elif ! "$PYTHON" -c "$NEEDED" 2>/dev/null; then
     # The project's dependencies except torch, read from pyproject.toml (one list, kept there).
     listed=$("$PYTHON" scripts/deps_without_torch.py)  # an assignment, so that set -e stops on its failure
     mapfile -t deps <<< "$listed"

@@ -422,8 +422,8 @@ def test_gpu_check_sh_refuses_a_python_it_cannot_use_in_one_line_and_runs_the_ch
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="on a GPU machine gpu_check.sh installs instead")
 def test_gpu_check_sh_tells_a_python_without_the_packages_from_one_with_them_and_installs_nothing_on_a_cpu(tmp_path):
-    """gpu_check.sh looks the packages up without importing them: a Python that lacks them (a bare virtual
-    environment) is told apart from the project's own, whose run is tested above."""
+    """A Python that lacks the packages (a bare virtual environment) is told apart from the project's own, whose
+    run is tested above, and on a machine without a GPU nothing is installed into it."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True, timeout=120)
     bare = tmp_path / "bare" / "bin" / "python"
     # WHEELS= (set, empty): a checkout's .whl/ is not installed into it.
