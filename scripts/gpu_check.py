@@ -51,6 +51,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 from fmnist.errors import ConfigError, StorageError
 from fmnist.fsio import (atomic_output, atomic_write, check_folder_can_hold, check_working_directory,  # the standard
@@ -87,15 +88,22 @@ def train_cmd(*overrides: str) -> list[str]:
     return [PY, "train.py", *overrides]
 
 
-# The speedrun recipe, one seed, alone on the GPU, before the rest: (step, overrides beyond the recipe's, timeout in s,
-# the summary's title).
+class SingleRun(NamedTuple):
+    """A step that trains the speedrun recipe once, seed 0, alone on the GPU, before the rest of the check."""
+
+    step: str
+    overrides: list[str]  # beyond the recipe's
+    timeout_s: int
+    title: str  # in the summary
+
+
 SINGLE_RUNS = (
     # `make gpu-records` continues its records where they stopped, so this is where each window times the recipe's
     # steps with the code as it is now.
-    ("smoke", [], 120, "experiment=speedrun_gpu"),
+    SingleRun("smoke", [], 120, "experiment=speedrun_gpu"),
     # The forward and backward passes in CUDA graphs; their compilation runs before training and is reported apart
     # (metrics.json: warmup_seconds), as airbench reports its compile warm-up.
-    ("smoke_fast_path", ["fast_path=true"], 150, "the same with fast_path=true"),
+    SingleRun("smoke_fast_path", ["fast_path=true"], 150, "the same with fast_path=true"),
 )
 
 
@@ -119,9 +127,9 @@ def plan(results: Path, data_dir: Path, smoke: bool, gpus: int) -> list[Step]:
                 "--out", str(results / "bench.csv")]
 
     steps = [
-        *(Step(name, [train_cmd(*speedrun, *extra, f"hydra.run.dir={results / name}",
-                                "trainer.enable_progress_bar=false")], timeout_s)
-          for name, extra, timeout_s, _ in SINGLE_RUNS),
+        *(Step(run.step, [train_cmd(*speedrun, *run.overrides, f"hydra.run.dir={results / run.step}",
+                                    "trainer.enable_progress_bar=false")], run.timeout_s)
+          for run in SINGLE_RUNS),
         Step("bench", [bench("--batch-sizes", "32", "256")], 150, train=False),
         # The same with CUDA graphs in both loops (fast_path=true): compiles once per shape and precision.
         Step("bench_fast_path", [bench("--batch-sizes", "32", "256", "--fast-path", repeats=1)], 120, train=False),
@@ -399,9 +407,10 @@ def write_summary(results: Path, env: dict, outcomes: list[dict]) -> str:
                 "lightning_tflop_s", "data_share_pct"]
         parts += ["## Benchmark (raw PyTorch vs Lightning, alone on the GPU)", "",
                   markdown_table(bench[[c for c in keep if c in bench]].to_dict("records"))]
-    for step, _, _, title in SINGLE_RUNS:
-        if (results / step / "epochs.csv").exists():
-            parts += [f"## {step}: {title}, seed 0 (alone on the GPU)", "", markdown_table([run_row(results / step)])]
+    for run in SINGLE_RUNS:
+        if (results / run.step / "epochs.csv").exists():
+            parts += [f"## {run.step}: {run.title}, seed 0 (alone on the GPU)", "",
+                      markdown_table([run_row(results / run.step)])]
     parts += ["## experiment=report (seeds in parallel processes: seconds are not timings)", "",
               markdown_table(time_to_accuracy(results / "report"))]
     if (results / "report" / "summary.md").exists():
