@@ -92,7 +92,7 @@ class SingleRun(NamedTuple):
     """A step that trains the speedrun recipe once, seed 0, alone on the GPU, before the rest of the check."""
 
     step: str
-    overrides: list[str]  # beyond the recipe's
+    overrides: tuple[str, ...]  # beyond the recipe's
     timeout_s: int
     title: str  # in the summary
 
@@ -100,10 +100,10 @@ class SingleRun(NamedTuple):
 SINGLE_RUNS = (
     # `make gpu-records` continues its records where they stopped, so this is where each window times the recipe's
     # steps with the code as it is now.
-    SingleRun("smoke", [], 120, "experiment=speedrun_gpu"),
+    SingleRun("smoke", (), 120, "experiment=speedrun_gpu"),
     # The forward and backward passes in CUDA graphs; their compilation runs before training and is reported apart
     # (metrics.json: warmup_seconds), as airbench reports its compile warm-up.
-    SingleRun("smoke_fast_path", ["fast_path=true"], 150, "the same with fast_path=true"),
+    SingleRun("smoke_fast_path", ("fast_path=true",), 150, "the same with fast_path=true"),
 )
 
 
