@@ -64,7 +64,7 @@ def summary_interval(mean: float, std: float, n: int) -> Interval:
     n = int(n)
     if n < 2 or math.isnan(std):
         return Interval(float(mean), math.nan, math.nan, n)
-    half = float(t_critical(n - 1) * float(std) / math.sqrt(n))
+    half = t_critical(n - 1) * float(std) / math.sqrt(n)
     return Interval(float(mean), mean - half, mean + half, n)
 
 
