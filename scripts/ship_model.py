@@ -33,7 +33,7 @@ from fmnist.errors import ConfigError, StorageError
 from fmnist.fsio import (atomic_write, check_writable, file_digest, load_checkpoint, path_argument, storage_error,
                          storage_errors)
 from fmnist.inference.loading import DATAMODULE_STATE_KEY, PRETRAINED, PRETRAINED_DIR, best_in_run, load_model
-from fmnist.runs import COMPLETED, CONFIG_FILE, METRICS_FILE, read_record, record_problem, short_digest
+from fmnist.runs import COMPLETED, METRICS_FILE, read_config_section, read_record, record_problem, short_digest
 
 # Test images whose prediction may change when a model tested in bf16 or fp16 is scored in fp32, as it is shipped.
 MIXED_PRECISION_IMAGES = 10
@@ -81,8 +81,7 @@ def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR, replace: bool
     if recorded is None:
         raise ConfigError(f"{run_dir}: its metrics.json holds no test accuracy, which the shipped model must "
                           "reproduce; not shipped.")
-    limit = OmegaConf.select(OmegaConf.load(run_dir / CONFIG_FILE), "trainer.limit_test_batches") \
-        if (run_dir / CONFIG_FILE).is_file() else None
+    limit = read_config_section(run_dir, "trainer").get("limit_test_batches")  # a damaged config.yaml is named
     if limit is not None and not (isinstance(limit, float) and limit == 1.0):  # an int counts batches: 1 is one
         raise ConfigError(f"{run_dir}: its test accuracy covers part of the test set (trainer.limit_test_batches="
                           f"{limit}), which the shipped model cannot be checked against; not shipped.")

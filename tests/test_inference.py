@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -782,6 +783,38 @@ def test_ship_model_names_an_unknown_option_as_such_not_taken_for_a_missing_run(
     assert "required" not in result.stderr
     result = run_in_process("scripts/ship_model.py")
     assert result.returncode == 2 and "error: the following arguments are required: run_dir" in result.stderr
+
+
+@pytest.mark.parametrize("text, words", [("model: [\n", "cannot read it as YAML"),
+                                         ("- a list\n", "expected a mapping with a `{section}` section"),
+                                         ("{section}: 3\n", "expected a mapping with a `{section}` section")])
+@pytest.mark.parametrize("command, section", [("ship_model", "trainer"), ("tricks", "data")])
+def test_a_run_whose_config_yaml_is_damaged_is_named_by_ship_model_and_tricks(run_dir, tmp_path, run_in_process, capfd,
+                                                                               command, section, text, words):
+    # Both read one key of a run's config.yaml (trainer.limit_test_batches, data.dir): a damaged file is one
+    # paragraph naming it, exit 2, before anything is evaluated or written.
+    run = shutil.copytree(run_dir, tmp_path / "sweep" / "seed=0", ignore=shutil.ignore_patterns("*.onnx"))
+    (run / "config.yaml").write_text(text.format(section=section))
+    before = snapshot(tmp_path)
+    if command == "ship_model":  # ships into the repository's pretrained/, as the command has no other place
+        from fmnist.inference.loading import PRETRAINED_DIR
+
+        try:
+            result = run_in_process("scripts/ship_model.py", str(run), "--name", "damaged", cwd=tmp_path)
+        finally:
+            shipped = sorted(PRETRAINED_DIR.glob("damaged.*"))
+            for path in shipped:
+                path.unlink()
+        assert shipped == []
+    else:
+        from fmnist.results.__main__ import main as results_main
+
+        code = results_main(["tricks", str(tmp_path / "sweep")])
+        result = subprocess.CompletedProcess("tricks", code, *capfd.readouterr())
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1].startswith(f"error: {run / 'config.yaml'}: "), result.stderr
+    assert words.format(section=section) in result.stderr and "Traceback" not in result.stderr
+    assert snapshot(tmp_path) == before
 
 
 def test_the_shipped_model_is_the_one_its_card_describes():

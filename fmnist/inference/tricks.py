@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import OmegaConf
 
 from fmnist.config import TTA_MODES
 from fmnist.data.csv_io import csv_digest
@@ -19,7 +18,7 @@ from fmnist.data.sources import find_csv
 from fmnist.errors import CheckpointError, ConfigError
 from fmnist.hardware import memory_errors
 from fmnist.inference.loading import best_in_run, load_model, net_state, training_datamodule, weights_error
-from fmnist.runs import (COMPLETED, CONFIG_FILE, METRICS_FILE, TRICKS_COLUMNS, check_one_job_per_seed, collect,
+from fmnist.runs import (COMPLETED, METRICS_FILE, TRICKS_COLUMNS, check_one_job_per_seed, collect, read_config_section,
                          short_digest)
 
 
@@ -55,10 +54,12 @@ def check_same_training_data(jobs: pd.DataFrame, data_dir: Path | None) -> None:
     which the run may have trained on."""
     digests = {}  # each file read once
     for run, recorded in zip(jobs.job, jobs.train_sha1):
-        config = Path(run) / CONFIG_FILE
-        if recorded is None or (data_dir is None and not config.is_file()):
+        if recorded is None:
             continue  # nothing recorded to compare with
-        csv = find_csv(data_dir if data_dir is not None else Path(str(OmegaConf.load(config).data.dir)), "train")
+        directory = data_dir if data_dir is not None else read_config_section(Path(run), "data").get("dir")
+        if directory is None:
+            continue  # no config.yaml naming it: the checkpoint's own data directory is read, and checked there
+        csv = find_csv(Path(str(directory)), "train")
         if not csv.is_file():
             continue  # the datamodule says it is missing, naming the file
         digest = digests.setdefault(csv, short_digest(csv_digest(csv)))
