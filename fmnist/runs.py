@@ -21,7 +21,7 @@ import pandas as pd
 import yaml
 
 from fmnist import NUM_CLASSES
-from fmnist.config import is_finite_number, is_text_list
+from fmnist.config import PRECISIONS, is_finite_number, is_text_list
 from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_write, read_yaml
 from fmnist.overrides import setting_of
@@ -58,6 +58,7 @@ STARTED = "started"  # a job directory with no record yet (in a sweep's table on
 UNREADABLE = "unreadable"  # a job whose metrics.json is not a record this code wrote (in a sweep's table only)
 FINISHED = (COMPLETED, FAILED, DIVERGED)
 RECORDED = (RUNNING, *FINISHED, INTERRUPTED, PRUNED)  # every status a run's metrics.json can hold
+RESOLVED_PRECISIONS = tuple(p for p in PRECISIONS if p != "auto")  # what a record's precision.resolved may hold
 PACKAGES = ("torch", "lightning", "torchmetrics", "hydra-core", "omegaconf", "numpy")
 
 
@@ -345,10 +346,14 @@ def record_problem(job: Path, record) -> str | None:
         ("overrides", is_text_list(record.get("overrides", []))),
         ("seed", record.get("seed") is None or (isinstance(record["seed"], int) and not isinstance(record["seed"], bool))),
         *((key, record.get(key) is None or isinstance(record[key], str)) for key in ("error", "git_commit")),
-        *((key, record.get(key) is None or isinstance(record[key], dict)) for key in ("hardware", "precision")),
+        *((key, record.get(key) is None or isinstance(record[key], dict))
+          for key in ("hardware", "precision", "data_digest", "trackers")),
     ) if not ok]
     if wrong:
         return f"{job / METRICS_FILE} is not a run record: {', '.join(wrong)} of the wrong type"
+    resolved = (record.get("precision") or {}).get("resolved")  # what a resumed run trains in, a shipped model checks
+    if resolved not in (None, *RESOLVED_PRECISIONS):
+        return f"{job / METRICS_FILE}: precision.resolved is {resolved!r}, not one of {', '.join(RESOLVED_PRECISIONS)}"
     # A completed run always chose its model on validation (its test accuracy is absent with `test=false`), and
     # recorded its seed, by which runs are paired.
     if record["status"] == COMPLETED and record.get("metrics", {}).get("val/acc_best") is None:

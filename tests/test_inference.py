@@ -668,9 +668,12 @@ def test_a_shipped_model_loads_as_ckpt_pretrained_and_reproduces_its_run(run_dir
     damaged = tmp_path / "damaged_run"
     shutil.copytree(run_dir, damaged)
     record = json.loads((damaged / "metrics.json").read_text())
-    (damaged / "metrics.json").write_text(json.dumps({**record, "metrics": {**record["metrics"], "test/acc": "0.9"}}))
-    with pytest.raises(ConfigError, match="metrics.test/acc is '0.9', not a number; not shipped"):
-        ship_model.ship(damaged, "other", out_dir=tmp_path)
+    for damage, words in [({"metrics": {**record["metrics"], "test/acc": "0.9"}}, "metrics.test/acc is '0.9', not a number"),
+                          ({"precision": {**record["precision"], "resolved": 5}}, "precision.resolved is 5, not one of"),
+                          ({"data_digest": "abc"}, "is not a run record: data_digest of the wrong type")]:
+        (damaged / "metrics.json").write_text(json.dumps({**record, **damage}))  # the card states these fields
+        with pytest.raises(ConfigError, match=re.escape(words) + ".*; not shipped"):
+            ship_model.ship(damaged, "other", out_dir=tmp_path)
     shutil.rmtree(damaged)
     for wrong, words in ((tmp_path / "missing", "no such directory"), (tmp_path, "holds no metrics.json (a sweep's")):
         with pytest.raises(ConfigError, match=re.escape(f"{wrong}: {words}")):

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shlex
 import shutil
 import signal
@@ -454,6 +455,22 @@ def test_resume_from_another_architectures_checkpoint_is_refused(make_cfg, tmp_p
         (tmp_path / "simple" / "epochs.csv").write_text(damaged)
         before = snapshot(tmp_path / "simple")
         with pytest.raises(ConfigError, match=words):
+            run_job(make_cfg(*SIMPLE, "trainer.max_epochs=2", "ckpt_path=last"), tmp_path / "simple")
+        assert snapshot(tmp_path / "simple") == before
+    # And a damaged record, which the resume reads (its epochs, precision, trackers) and then rewrites `running`:
+    # named, the completed record left as it was.
+    (tmp_path / "simple" / "epochs.csv").write_text(rows)
+    record = json.loads((tmp_path / "simple" / "metrics.json").read_text())
+    for damage, words in [({"precision": "32-true"}, "is not a run record: precision of the wrong type"),
+                          ({"precision": {**record["precision"], "resolved": "64-bogus"}},
+                           "precision.resolved is '64-bogus', not one of 32-true, "),
+                          ({"trackers": [1]}, "is not a run record: trackers of the wrong type"),
+                          ({"metrics": {**record["metrics"], "epochs": "1"}}, "metrics.epochs is '1', not a number"),
+                          ({"metrics": [1]}, "is not a run record: metrics of the wrong type")]:
+        (tmp_path / "simple" / "metrics.json").write_text(json.dumps({**record, **damage}))
+        before = snapshot(tmp_path / "simple")
+        with pytest.raises(ConfigError, match=rf"cannot resume .*simple: .*metrics.json.*{re.escape(words)}.*nothing was "
+                                              "written"):
             run_job(make_cfg(*SIMPLE, "trainer.max_epochs=2", "ckpt_path=last"), tmp_path / "simple")
         assert snapshot(tmp_path / "simple") == before
 

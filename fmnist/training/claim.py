@@ -28,7 +28,7 @@ from fmnist.fsio import (RUN_DIR_KEY, SWEEP_DIR_KEY, check_writable, early_write
                          load_checkpoint, some_names)
 from fmnist.hardware import check_accelerator, check_nodes, devices_used
 from fmnist.runs import (CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, LAST_CHECKPOINT,
-                         METRICS_FILE, NET_PREFIX, RECORDED, read_epochs, read_record)
+                         METRICS_FILE, NET_PREFIX, RECORDED, read_epochs, read_record, record_problem)
 from fmnist.training.checks import check_config
 from fmnist.training.module import LitClassifier
 from fmnist.training.rundir import RunDirInUse, own_run_dir
@@ -115,6 +115,10 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path, elsewhere: str = OTHER_RUN_DI
             raise RunDirInUse(f"{run_dir} already holds a run (status {status!r}); "
                               "pass ckpt_path=last to resume it, or choose another directory.")
         return False, {}
+    problem = record_problem(run_dir, record)
+    if problem:  # a resume reads the record (its epochs, precision, trackers) and would rewrite it as the run goes
+        raise ConfigError(f"cannot resume {run_dir}: {problem}; nothing was written. Put back the record the run "
+                          f"wrote, or start a new run in another directory ({elsewhere}).")
     if last.exists() and not saved.exists():  # a run writes its config before its first checkpoint
         raise ConfigError(f"cannot resume {run_dir}: its {CONFIG_FILE} is gone, and with it what the run trained, so "
                           "nothing shows that this command continues the same run; nothing was written. Put the file "
