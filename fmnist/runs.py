@@ -21,7 +21,7 @@ import pandas as pd
 import yaml
 
 from fmnist import NUM_CLASSES
-from fmnist.config import PRECISIONS, is_finite_number, is_text_list
+from fmnist.config import PRECISIONS, SEED_MAX, is_finite_number, is_text_list
 from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_write, read_yaml
 from fmnist.overrides import setting_of
@@ -351,6 +351,8 @@ def record_problem(job: Path, record) -> str | None:
     ) if not ok]
     if wrong:
         return f"{job / METRICS_FILE} is not a run record: {', '.join(wrong)} of the wrong type"
+    if not 0 <= (record.get("seed") or 0) <= SEED_MAX:  # as check_config allows; runs are paired by it
+        return f"{job / METRICS_FILE}: seed is {record['seed']}, not a seed from 0 to {SEED_MAX}"
     resolved = (record.get("precision") or {}).get("resolved")  # what a resumed run trains in, a shipped model checks
     if resolved not in (None, *RESOLVED_PRECISIONS):
         return f"{job / METRICS_FILE}: precision.resolved is {resolved!r}, not one of {', '.join(RESOLVED_PRECISIONS)}"
@@ -441,6 +443,9 @@ def read_epochs(path: Path) -> pd.DataFrame:
     return frame
 
 
+MAX_COUNT = 2 ** 53  # the largest count a float64 (as np.loadtxt reads it) holds exactly
+
+
 def read_confusion_matrix(job: Path) -> np.ndarray | None:
     """The job's test-set confusion matrix (confusion_matrix.csv, [true, predicted] counts), None if it has
     none, or ConfigError naming the file when it is not the 10 x 10 table of counts a run writes."""
@@ -455,9 +460,9 @@ def read_confusion_matrix(job: Path) -> np.ndarray | None:
     if cm.shape != (NUM_CLASSES, NUM_CLASSES):
         raise ConfigError(f"{path}: expected the {NUM_CLASSES} x {NUM_CLASSES} confusion matrix a run writes; it "
                           f"holds a {cm.shape[0]} x {cm.shape[1]} table.")
-    if (cm < 0).any() or (cm != np.round(cm)).any():
-        raise ConfigError(f"{path}: expected counts (whole numbers, not negative) in the confusion matrix a run "
-                          "writes; it holds other values.")
+    if not np.isfinite(cm).all() or (cm < 0).any() or (cm != np.round(cm)).any() or (cm > MAX_COUNT).any():
+        raise ConfigError(f"{path}: expected counts (whole numbers from 0 to 2**53) in the confusion matrix "
+                          "a run writes; it holds other values.")
     return cm.astype(np.int64)
 
 

@@ -1,8 +1,10 @@
 """Intervals, paired comparisons and verdicts, on synthetic results whose answers are known."""
 
+import io
 import json
 import math
 import shutil
+import zipfile
 
 import numpy as np
 import pandas as pd
@@ -322,13 +324,28 @@ def test_an_image_comparison_refuses_other_images_and_runs_without_predictions(t
     for write in (lambda f: f.write(b"x"), lambda f: np.save(f, np.array([{}]), allow_pickle=True),
                   lambda f: np.save(f, np.zeros(3, int)),  # one bare array, not an archive
                   lambda f: np.savez(f, val_pred=np.zeros((2, 2), int), val_label=np.zeros(2, int)),
-                  lambda f: np.savez(f, val_pred=np.zeros(0, int), val_label=np.zeros(0, int))):  # no image
+                  lambda f: np.savez(f, val_pred=np.zeros(0, int), val_label=np.zeros(0, int)),  # no image
+                  lambda f: f.write(_damaged_member(val_pred=np.arange(500) % 10, val_label=np.arange(500) % 10))):
         with open(damaged, "wb") as f:
             write(f)
         with pytest.raises(ConfigError, match="predictions.npz: (cannot read it|`val_pred` and `val_label` should)") as e:
             image_comparison(tmp_path / "a", tmp_path / "other")
         assert "allow_pickle" not in str(e.value)
     assert results_main(["images", str(tmp_path / "a"), str(tmp_path / "other")]) == 2
+
+
+def _damaged_member(**arrays) -> bytes:
+    """A compressed .npz of `arrays` whose first member's deflate stream is damaged: the archive's directory reads,
+    the member does not (zlib's error, not zipfile's)."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    data = bytearray(buffer.getvalue())
+    offset = zipfile.ZipFile(io.BytesIO(bytes(data))).infolist()[0].header_offset
+    names, extra = int.from_bytes(data[offset + 26:offset + 28], "little"), int.from_bytes(data[offset + 28:offset + 30], "little")
+    start = offset + 30 + names + extra  # past the member's local header: its compressed bytes
+    for i in range(start + 5, start + 60):
+        data[i] ^= 0x5A
+    return bytes(data)
 
 
 def test_an_image_comparison_checks_a_run_directorys_record_as_a_sweeps_jobs_are(tmp_path, capsys):

@@ -93,6 +93,10 @@ def test_a_diverged_record_may_hold_nan_where_a_completed_one_may_not(tmp_path):
     ({"error": {"a": 1}}, "error of the wrong type"),
     ({"precision": [1]}, "precision of the wrong type"),  # read by the leaderboard only
     ({"hardware": "x"}, "hardware of the wrong type"),
+    ({"trackers": [1]}, "trackers of the wrong type"),  # read by a resume
+    ({"data_digest": "abc"}, "data_digest of the wrong type"),  # pools runs by their data; on a shipped model's card
+    ({"precision": {"resolved": "64-bogus"}}, "precision.resolved is '64-bogus', not one of 32-true, bf16-mixed"),
+    ({"seed": 10 ** 26}, f"seed is {10 ** 26}, not a seed from 0 to 4294967295"),  # pandas keeps seeds in int64
     # never averaged, published or chosen as a sweep's best
     ({"metrics": {"val/acc_best": float("inf"), "test/acc": 0.9}}, "metrics.val/acc_best is inf in a completed run"),
     ({"metrics": {"val/acc_best": 0.9, "test/acc": 1.5}}, "metrics.test/acc is 1.5, not an accuracy"),
@@ -125,6 +129,8 @@ def test_a_hand_edited_record_is_listed_as_unreadable_not_a_crash(tmp_path, caps
     ("confusion_matrix.csv", "a,b,c\n", "cannot read it as a table of numbers"),
     ("confusion_matrix.csv", "1,2\n", "expected the 10 x 10 confusion matrix a run writes; it holds a 1 x 2 table"),
     ("confusion_matrix.csv", "\n".join([",".join(["-1"] * 10)] * 10), "expected counts"),
+    ("confusion_matrix.csv", "\n".join([",".join(["inf"] * 10)] * 10), "expected counts"),  # a sum of -2**63 images
+    ("confusion_matrix.csv", "\n".join([",".join(["1e30"] * 10)] * 10), "expected counts"),  # past int64
     ("config.yaml", "- a list\n", "expected a mapping with a `data` section"),
     ("config.yaml", ": [\n", "cannot read it as YAML"),
     ("config.yaml", "data:\n  train_subset: abc\n", "data.train_subset is 'abc'; expected null or a whole number"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -217,7 +218,7 @@ def _read_predictions(file: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
             if f"{split}_pred" not in saved.files:
                 raise ConfigError(f"{file}: holds no `{split}_pred` (the run was not tested, or saved no {split} split).")
             pred, labels = saved[f"{split}_pred"], saved.get(f"{split}_label")
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # zlib: a damaged member
         raise ConfigError(f"{file}: cannot read it as the per-image predictions a run writes (a damaged file, or "
                           "another kind of file).") from e
     if (labels is None or pred.ndim != 1 or pred.shape != labels.shape or not len(pred)
