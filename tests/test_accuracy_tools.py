@@ -12,7 +12,7 @@ from lightning.pytorch.plugins.precision import Precision
 from fmnist.data.augment import augment, cutmix
 from fmnist.data.csv_io import write_csv
 from fmnist.data.datamodule import FashionMNISTDataModule
-from fmnist.errors import ConfigError
+from fmnist.errors import CheckpointError, ConfigError
 from fmnist.inference.evaluate import evaluate
 from fmnist.models import tta_logits
 from fmnist.training.callbacks import WeightEMA
@@ -255,6 +255,14 @@ def test_eval_tricks_scores_raw_and_averaged_weights_on_validation(make_cfg, tmp
     config.write_text(config.read_text().replace(f"dir: {data_dir}", f"dir: {other}"))
     with pytest.raises(ConfigError, match=r"the run's training CSV .*other/fashion-mnist_train.csv .* is not the one"):
         compare([rewritten])
+    # Raw weights that are not finite (a damaged file) are named, not scored at chance beside the averaged ones.
+    best = next((tmp_path / "ema" / "seed=0" / "checkpoints").glob("best-*.ckpt"))
+    payload = torch.load(best, weights_only=True)
+    name = next(k for k, v in payload["current_model_state"].items() if v.is_floating_point())
+    payload["current_model_state"][name] = torch.full_like(payload["current_model_state"][name], float("nan"))
+    torch.save(payload, best)
+    with pytest.raises(CheckpointError, match=r"best-\S+\.ckpt: its raw weights \(current_model_state\) hold NaN"):
+        compare([tmp_path / "ema"])
 
 
 @pytest.mark.slow

@@ -296,11 +296,7 @@ def load_model(ckpt: str | Path, key: str = "ckpt") -> LoadedModel:
         raise CheckpointError(f"{path}: its weights do not fit the architecture its hyperparameters describe "
                               f"({model}): {weights_error(e)}") from e
     net.eval()
-    broken = [k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if broken:
-        raise CheckpointError(f"{path}: its weights hold NaN or infinite values ({len(broken)} tensors, e.g. "
-                              f"net.{broken[0]}): the run diverged before this checkpoint, or the file was damaged since; nothing "
-                              "can be computed with it.")
+    check_finite(net, path)
     loaded = LoadedModel(net, path, file_digest(path, "sha256"), dict(model), data, run_dir=resolved.run_dir,
                          note=resolved.note, raw_weights=payload.get("current_model_state"),
                          tta=tta, channels_last=channels_last)
@@ -325,6 +321,16 @@ def run_tested_on(record: dict | None, csv: Path) -> bool | None:
     digest = (record or {}).get("data_digest")
     recorded = digest.get("test") if isinstance(digest, dict) else None
     return None if not isinstance(recorded, str) else recorded == csv_digest(csv)
+
+
+def check_finite(net: torch.nn.Module, path: Path, which: str = "weights") -> None:
+    """CheckpointError naming `path` if the weights loaded into `net` (its `which`: weights, raw weights) hold NaN or
+    infinite values."""
+    broken = [k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise CheckpointError(f"{path}: its {which} hold NaN or infinite values ({len(broken)} tensors, e.g. "
+                              f"net.{broken[0]}): the run diverged before this checkpoint, or the file was damaged since; "
+                              "nothing can be computed with it.")
 
 
 def run_test_images(run_dir: Path | None) -> int | None:

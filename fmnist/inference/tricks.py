@@ -17,7 +17,8 @@ from fmnist.data.csv_io import csv_digest
 from fmnist.data.sources import find_csv
 from fmnist.errors import CheckpointError, ConfigError
 from fmnist.hardware import memory_errors
-from fmnist.inference.loading import best_in_run, load_model, net_state, training_datamodule, weights_error
+from fmnist.inference.loading import (best_in_run, check_finite, load_model, net_state, training_datamodule,
+                                     weights_error)
 from fmnist.runs import (COMPLETED, METRICS_FILE, TRICKS_COLUMNS, check_one_job_per_seed, collect, read_config_section,
                          short_digest)
 
@@ -41,6 +42,7 @@ def validation_accuracies(run_dir: Path, data_dir: str | Path | None = None,
                 loaded.net.load_state_dict(net_state(state))
             except RuntimeError as e:
                 raise CheckpointError(f"{path}: its raw weights do not fit its model: {weights_error(e)}") from e
+            check_finite(loaded.net, path, "raw weights (current_model_state)")  # scored, they would rank as chance
         for tta in TTA_MODES:
             with memory_errors(f"lower --batch-size ({batch}{whose})"):
                 logits = loaded.logits_batched(images, batch, tta=tta)
