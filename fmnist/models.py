@@ -315,3 +315,8 @@ def training_flops_per_image(net: nn.Module) -> int:
     with counter:
         probe(x).float().sum().backward()
     return counter.get_total_flops() // 2
+
+
+def non_finite(net: nn.Module) -> list[str]:
+    """The names of `net`'s floating-point parameters and buffers that hold NaN or infinite values."""
+    return [k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]

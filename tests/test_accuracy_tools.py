@@ -17,7 +17,7 @@ from fmnist.inference.evaluate import evaluate
 from fmnist.models import tta_logits
 from fmnist.training.callbacks import WeightEMA
 from fmnist.training.train import train
-from tests.conftest import TensorOps, build, compose_named, make_images
+from tests.conftest import TensorOps, build, compose_named, make_images, snapshot
 
 EMA = ["model=simple", "optim.ema_decay=0.5", "trainer.deterministic=true", "trainer.precision=32-true"]
 
@@ -113,6 +113,25 @@ def test_ema_survives_a_resume(make_cfg, tmp_path):
         for name, value in whole[key].items():
             if name.startswith("net."):
                 assert torch.equal(value, resumed[key][name]), (key, name)
+
+
+@pytest.mark.slow
+def test_a_resume_whose_average_cannot_be_restored_is_refused_before_its_record_changes(make_cfg, tmp_path):
+    train(make_cfg(*EMA), tmp_path)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    good = torch.load(last, weights_only=True)
+    head = next(k for k in good["current_model_state"] if k.startswith("net.") and k.endswith("bias"))
+    for damage, words in [({"averaging_state": {}}, r"its `averaging_state` cannot be restored \(RuntimeError"),
+                          ({"current_model_state": {**good["current_model_state"], head: torch.zeros(3)}},
+                           r"its `current_model_state` cannot be restored \(RuntimeError"),
+                          ({"current_model_state": {**good["current_model_state"],
+                                                    head: torch.full_like(good["current_model_state"][head], float("inf"))}},
+                           f"its `current_model_state` holds NaN or infinite weights \\(e.g. {head}\\)")]:
+        torch.save({**good, **damage}, last)
+        before = snapshot(tmp_path)
+        with pytest.raises(CheckpointError, match=f"last.ckpt: cannot resume from it: {words}"):
+            train(make_cfg(*EMA, "trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
+        assert snapshot(tmp_path) == before
 
 
 def test_the_ema_reads_its_step_count_once_per_fit_not_at_every_step(make_cfg, tmp_path, monkeypatch):

@@ -429,7 +429,8 @@ def test_resume_from_another_architectures_checkpoint_is_refused(make_cfg, tmp_p
                                                                 "optim": {**p["hyper_parameters"]["optim"], "name": "sgd"}}),
                            "it was trained with optim.name=sgd, and this run uses adam"),
                           (lambda p: p.update(optimizer_states="x"), "`optimizer_states` should be a list of mappings"),
-                          (lambda p: p.update(loops=[1]), "`loops` should be a mapping")]:
+                          (lambda p: p.update(loops=[1]), "`loops` should be a mapping"),
+                          (lambda p: p.update(loops={}), "`loops` should be a mapping holding the `fit_loop` mapping")]:
         payload = {**good, "state_dict": dict(good["state_dict"])}
         damage(payload)
         torch.save(payload, last)
@@ -437,6 +438,25 @@ def test_resume_from_another_architectures_checkpoint_is_refused(make_cfg, tmp_p
         with pytest.raises(CheckpointError, match=f"last.ckpt: cannot resume from it: {words}"):
             run_job(make_cfg(*SIMPLE, "trainer.max_epochs=2", "ckpt_path=last"), tmp_path / "simple")
         assert snapshot(tmp_path / "simple") == before
+    # Deeper in the run's own checkpoint: each part Lightning restores is tried on a fresh copy first.
+    last.write_bytes(own)
+    own_payload = load_checkpoint(last)
+    for damage, words in [(lambda p: p.update(optimizer_states=[{"state": {}, "param_groups": "x"}]),
+                           r"its `optimizer_states\[0\]` cannot be restored \(TypeError"),
+                          (lambda p: p.update(callbacks={k: {"best_model_score": "x"} if "ModelCheckpoint{" in k else v
+                                                         for k, v in p["callbacks"].items()}),
+                           r"its checkpoint callback's state \(`callbacks` SafeModelCheckpoint\) cannot be restored "
+                           r"\(KeyError"),
+                          (lambda p: p["state_dict"].update({k: torch.full_like(v, float("nan"))
+                                                             for k, v in p["state_dict"].items() if k.endswith("weight")}),
+                           r"its `state_dict` holds NaN or infinite weights \(e.g. net\.")]:
+        payload = {**own_payload, "state_dict": dict(own_payload["state_dict"])}
+        damage(payload)
+        torch.save(payload, last)
+        before = snapshot(tmp_path / "simple")
+        with pytest.raises(CheckpointError, match=f"last.ckpt: cannot resume from it: {words}"):
+            run_job(make_cfg(*SIMPLE, "trainer.max_epochs=2", "ckpt_path=last"), tmp_path / "simple")
+        assert snapshot(tmp_path / "simple") == before and read_record(tmp_path / "simple")["status"] == "completed"
     # A config.yaml that is not a run's config (damaged, or edited into a list) is named, not a YAML traceback.
     torch.save(good, last)
     config = (tmp_path / "simple" / "config.yaml").read_text()

@@ -29,7 +29,7 @@ from fmnist.data.sources import CSV_NAMES, find_csv
 from fmnist.errors import CheckpointError, ConfigError, DataError
 from fmnist.fsio import file_digest, load_checkpoint, not_a_file
 from fmnist.inference.config import CKPT_FORMS
-from fmnist.models import MODELS, build_model, check_model, memory_format_input, tta_logits, with_defaults
+from fmnist.models import MODELS, build_model, check_model, memory_format_input, non_finite, tta_logits, with_defaults
 from fmnist.runs import (BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, LAST_CHECKPOINT, NET_PREFIX,
                          collect, read_confusion_matrix, read_record)
 
@@ -326,7 +326,7 @@ def run_tested_on(record: dict | None, csv: Path) -> bool | None:
 def check_finite(net: torch.nn.Module, path: Path, which: str = "weights") -> None:
     """CheckpointError naming `path` if the weights loaded into `net` (its `which`: weights, raw weights) hold NaN or
     infinite values."""
-    broken = [k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    broken = non_finite(net)
     if broken:
         raise CheckpointError(f"{path}: its {which} hold NaN or infinite values ({len(broken)} tensors, e.g. "
                               f"net.{broken[0]}): the run diverged before this checkpoint, or the file was damaged since; "

@@ -16,7 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
+from torch.optim.swa_utils import AveragedModel
 
 from fmnist.cli import OTHER_RUN_DIR, OTHER_SWEEP_DIR
 from fmnist.config import (ADDED_KEYS, PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, flat_config, flatten, is_count,
@@ -27,6 +29,7 @@ from fmnist.errors import CheckpointError, ConfigError
 from fmnist.fsio import (RUN_DIR_KEY, SWEEP_DIR_KEY, check_writable, early_writes, held_logs, keep_early_writes,
                          load_checkpoint, some_names)
 from fmnist.hardware import check_accelerator, check_nodes, devices_used
+from fmnist.models import non_finite
 from fmnist.runs import (CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, LAST_CHECKPOINT,
                          METRICS_FILE, NET_PREFIX, RECORDED, read_epochs, read_record, record_problem)
 from fmnist.training.checks import check_config
@@ -245,7 +248,8 @@ def _is_list_of_mappings(value) -> bool:
 RESUMED_FIELDS = {"epoch": (is_count, "a count"), "global_step": (is_count, "a count"),
                   "optimizer_states": (_is_list_of_mappings, "a list of mappings"),
                   "lr_schedulers": (_is_list_of_mappings, "a list of mappings"),
-                  "loops": (lambda v: isinstance(v, dict), "a mapping"),
+                  "loops": (lambda v: isinstance(v, dict) and isinstance(v.get("fit_loop"), dict),
+                            "a mapping holding the `fit_loop` mapping"),
                   "callbacks": (lambda v: isinstance(v, dict), "a mapping")}
 
 
@@ -278,7 +282,43 @@ def _check_checkpoint(cfg: DictConfig, path: Path) -> int:
                               f"(model.name={cfg.model.name}); e.g. {differ[0]} has shape {found.get(differ[0])} "
                               f"there and {expected.get(differ[0])} here (None: absent). Resume with the config "
                               "the checkpoint was trained with, or start a new run directory.")
+    problem = _restore_problem(checkpoint, model, path.parent)
+    if problem:
+        raise CheckpointError(f"{path}: cannot resume from it: {problem}. A damaged file, or one that another version "
+                              "of this code wrote; start a new run directory.")
     return int(checkpoint.get("epoch") or 0)
+
+
+def _restore_problem(checkpoint: dict, model: LitClassifier, checkpoint_dir: Path) -> str | None:
+    """What restoring `checkpoint` would fail on, or None, tried on fresh copies of what Lightning restores it into
+    (the module, the averaged model, the optimizer, the fit loop, the checkpoint callback), so that a run fails on it
+    here, before its record is rewritten `running`, instead of inside the fit. Weights that hold NaN or inf fail too:
+    the run would stop on its first step, recorded `diverged`."""
+    def averaged():
+        return AveragedModel(model).load_state_dict({f"module.{k}": v for k, v in checkpoint["state_dict"].items()}
+                                                    | checkpoint["averaging_state"])
+
+    tries = [("its `state_dict`", lambda: model.load_state_dict(checkpoint["state_dict"]))]
+    if "current_model_state" in checkpoint and "averaging_state" in checkpoint:  # an EMA's raw weights, and its count
+        tries += [("its `averaging_state`", averaged),
+                  ("its `current_model_state`", lambda: model.load_state_dict(checkpoint["current_model_state"]))]
+    tries += [(f"its `optimizer_states[{i}]`", lambda state=state: model.optimizer().load_state_dict(state))
+              for i, state in enumerate(checkpoint.get("optimizer_states") or [])]
+    def best_checkpoints(state):  # as the run's callback restores it (moved paths aside: fmnist.training.checkpoint)
+        callback = ModelCheckpoint(dirpath=checkpoint_dir)
+        callback.load_state_dict({**state, "dirpath": callback.dirpath})
+
+    tries += [(f"its checkpoint callback's state (`callbacks` {key.split('{')[0]})",
+               lambda state=state: best_checkpoints(state))
+              for key, state in (checkpoint.get("callbacks") or {}).items() if "ModelCheckpoint{" in key]
+    for what, restore in tries:
+        try:
+            restore()
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+            return f"{what} cannot be restored ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
+        if what.endswith(("`state_dict`", "`current_model_state`")) and non_finite(model.net):
+            return f"{what} holds NaN or infinite weights (e.g. net.{non_finite(model.net)[0]})"
+    return None
 
 
 def _check_epochs(path: Path, checkpoint_epoch: int) -> None:

@@ -208,11 +208,16 @@ class LitClassifier(L.LightningModule):
         self.log("test/acc", self.test_acc, on_epoch=True, batch_size=len(y))
         return {"preds": preds}
 
-    def configure_optimizers(self):
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The run's optimizer (`optim.name`) over the net's parameter groups, unscheduled."""
         o = self.hparams.optim
         cls, keys = OPTIMIZER_CLASSES[o["name"]]
-        optimizer = cls(parameter_groups(self.net, o["lr"], o["weight_decay"], o["bias_lr_scale"]),
-                        lr=o["lr"], **{k: o[k] for k in keys}, **fused_on(self.device))
+        return cls(parameter_groups(self.net, o["lr"], o["weight_decay"], o["bias_lr_scale"]),
+                   lr=o["lr"], **{k: o[k] for k in keys}, **fused_on(self.device))
+
+    def configure_optimizers(self):
+        o = self.hparams.optim
+        optimizer = self.optimizer()
         shape, warmup_epochs = o["scheduler"], o["warmup_epochs"]
         if shape == "none" and warmup_epochs == 0:
             return optimizer
