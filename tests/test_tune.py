@@ -346,12 +346,24 @@ def test_a_refused_rerun_leaves_the_finished_trials_as_they_were(tmp_path, data_
     args = ["study=r", "n_trials=1", f"out_dir={tmp_path}", f"data.dir={data_dir}", *SMALL, "trainer.max_epochs=1"]
     run_search(CONF, args)
     study_dir = tmp_path / "r"
-    (study_dir / "study.db").unlink()  # lost, or the study continued with another storage=
+    database = study_dir / "study.db"
+    good = database.read_bytes()
+    database.unlink()  # lost, or the study continued with another storage=
     before = snapshot(study_dir)
     for extra in ([], [f"storage=sqlite:///{tmp_path / 'other.db'}"]):
         refused = run_in_process("tune.py", *args, *extra)
         assert refused.returncode == 2 and "holds trials of a study (trial-0000)" in refused.stderr, refused.stderr[-2000:]
         assert snapshot(study_dir) == before  # the finished trial's record untouched, no error.txt, no new study.db
+    # An empty file in its place is as good as gone (not filled with a new database); a damaged one is named.
+    damaged = bytearray(good)
+    damaged[4096:8192] = bytes(b ^ 0x5A for b in good[4096:8192])  # its second page overwritten
+    for content, words in ((b"", "but its database study.db is an empty file"),
+                           (bytes(damaged), f"cannot read the study storage 'sqlite:///{database}': DatabaseError")):
+        database.write_bytes(content)
+        before = snapshot(study_dir)
+        refused = run_in_process("tune.py", *args)
+        assert refused.returncode == 2 and words in refused.stderr, refused.stderr[-2000:]
+        assert "Traceback" not in refused.stderr and snapshot(study_dir) == before
 
 
 @pytest.mark.slow

@@ -518,6 +518,20 @@ def _orphan_trials(study_dir: Path, trials: list[str], why: str) -> ConfigError:
                        "under another name (study=...) or out_dir.")
 
 
+@contextlib.contextmanager
+def damaged_storage_named(url: str):
+    """ConfigError naming the storage for what Optuna raises when it cannot read a database it opened (a damaged
+    SQLite file: "database disk image is malformed"), instead of three chained tracebacks."""
+    try:
+        yield
+    except optuna.exceptions.StorageInternalError as e:
+        cause = e.__cause__ or e
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise ConfigError(f"cannot read the study storage {url!r}: {type(cause).__name__}: {reason} (a damaged "
+                          "database?); nothing was written. Restore it from a copy, or start the study under another "
+                          "name (study=...) or out_dir.") from e
+
+
 def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
     """`tune.py`'s work: compose, validate, run the study to `n_trials`, write best.yaml and figures."""
     register_tune()
@@ -537,9 +551,12 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
         made = missing_dirs(study_dir)  # removed again if the study is refused
         trials_here = sorted(p.name for p in study_dir.glob(f"{TRIAL_DIR_PREFIX}*"))
         own = storage_file(cfg.storage) if cfg.storage else study_dir / STUDY_DB  # a study's own database
-        if trials_here and own is not None and not own.exists():  # opening it would create an empty one
-            raise _orphan_trials(study_dir, trials_here, f"its database {STUDY_DB} is gone" if cfg.storage is None
-                                 else f"the storage {cfg.storage} names no file yet ({own})")
+        if trials_here and own is not None and (not own.exists() or own.stat().st_size == 0):  # opening it would
+            # create an empty database, or fill the empty file with one
+            state = "is gone" if not own.exists() else "is an empty file"
+            raise _orphan_trials(study_dir, trials_here, f"its database {STUDY_DB} {state}" if cfg.storage is None
+                                 else f"the storage {cfg.storage} {'names no file yet' if state == 'is gone' else state} "
+                                      f"({own})")
         theirs = [] if made or trials_here or (own is not None and own.parent.resolve() == study_dir.resolve()
                                                and own.exists()) else sorted(p.name for p in study_dir.iterdir())
         if theirs:  # its summary.md and best.yaml would replace theirs
@@ -551,13 +568,15 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
         study_dir.mkdir(parents=True, exist_ok=True)
         try:
             storage = open_storage(cfg.storage, cfg.heartbeat, study_dir)
-            if trials_here and cfg.study not in optuna.study.get_all_study_names(storage):
-                raise _orphan_trials(study_dir, trials_here, f"the storage {cfg.storage} holds no study {cfg.study}")
-            study = optuna.create_study(
-                study_name=cfg.study, storage=storage, direction="maximize", load_if_exists=True,
-                pruner=optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner.n_startup_trials,
-                                                   n_warmup_steps=cfg.pruner.prune_from_epoch))
-            search.check_continuation(study)
+            with damaged_storage_named(cfg.storage or default_storage(study_dir)):
+                if trials_here and cfg.study not in optuna.study.get_all_study_names(storage):
+                    raise _orphan_trials(study_dir, trials_here,
+                                         f"the storage {cfg.storage or own} holds no study {cfg.study}")
+                study = optuna.create_study(
+                    study_name=cfg.study, storage=storage, direction="maximize", load_if_exists=True,
+                    pruner=optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner.n_startup_trials,
+                                                       n_warmup_steps=cfg.pruner.prune_from_epoch))
+                search.check_continuation(study)
         except ConfigError:  # a refusal leaves nothing behind: not even the study's directory
             if made:
                 shutil.rmtree(study_dir, ignore_errors=True)
