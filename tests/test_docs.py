@@ -188,6 +188,25 @@ def test_a_tricks_table_with_a_damaged_cell_is_named_by_file_line_and_column(tmp
     assert f"tricks.csv, line 3, {words}." in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("rows,words", [
+    ("", "tricks.csv: holds no rows, the reference of every change"),
+    ("ema,flip,0.9,0.1,3,0,0", "tricks.csv: lacks the row of weights raw, tta none, the reference of every change"),
+    ("raw,none,0.9,0.1,3,0,0\n,flip,0.9,0.1,3,0,0", "tricks.csv, line 3: an empty weights cell"),
+    ("raw,none,0.9,0.1,3,0,0\nema,flip,,0.1,3,0,0", "tricks.csv, line 3: an empty val_acc_mean cell"),
+    ("raw,none,0.9,0.1,3,0,0\nfoo,flip,0.9,0.1,3,0,0", "tricks.csv, line 3: weights 'foo', tta 'flip'; expected"),
+    ("raw,none,0.9,0.1,3,0,0\nema,none,0.9,,1,0,\nema,none,0.9,0.1,3,0,0",
+     "tricks.csv, line 4: a second row of weights ema, tta none"),
+])
+def test_a_tricks_table_that_tricks_csv_would_not_write_is_named(tmp_path, capsys, rows, words):
+    from fmnist.results.__main__ import main
+
+    table = tmp_path / "tricks.csv"
+    table.write_text("weights,tta,val_acc_mean,val_acc_std,n,change_mean,change_std\n" + rows + "\n")
+    assert main(["tricks", "--from-csv", str(table)]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and "|" not in err
+
+
 def test_tricks_refuses_a_csv_in_a_missing_directory_before_evaluating(tmp_path, capsys, monkeypatch):
     import fmnist.inference.tricks
     from fmnist.results.__main__ import main

@@ -19,8 +19,8 @@ from fmnist.errors import CheckpointError, ConfigError
 from fmnist.hardware import memory_errors
 from fmnist.inference.loading import (best_in_run, check_finite, load_model, net_state, training_datamodule,
                                      weights_error)
-from fmnist.runs import (COMPLETED, METRICS_FILE, TRICKS_COLUMNS, check_one_job_per_seed, collect, read_config_section,
-                         short_digest)
+from fmnist.runs import (COMPLETED, METRICS_FILE, TRICKS_COLUMNS, TRICKS_WEIGHTS, check_one_job_per_seed, collect,
+                         read_config_section, short_digest)
 
 
 def validation_accuracies(run_dir: Path, data_dir: str | Path | None = None,
@@ -95,7 +95,7 @@ def compare(sweep_dirs: list[Path], data_dir: str | Path | None = None, batch_si
     runs = pd.DataFrame(rows)
     base = runs[(runs.weights == "raw") & (runs.tta == "none")].set_index("run").val_acc
     runs["change"] = runs.val_acc - runs.run.map(base)
-    order = {w: i for i, w in enumerate(("raw", "ema"))} | {t: i for i, t in enumerate(TTA_MODES)}
+    order = {w: i for i, w in enumerate(TRICKS_WEIGHTS)} | {t: i for i, t in enumerate(TTA_MODES)}
     table = (runs.groupby(["weights", "tta"], sort=False)
              .agg(val_acc_mean=("val_acc", "mean"), val_acc_std=("val_acc", "std"), n=("val_acc", "size"),
                   change_mean=("change", "mean"), change_std=("change", "std"))

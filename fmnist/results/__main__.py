@@ -129,16 +129,37 @@ def tricks(args) -> None:
 
 def read_tricks_table(path: Path):
     """A table `tricks --csv` wrote, or ConfigError naming the file, and the line and column of a damaged cell."""
-    from fmnist.runs import ACCURACY_RANGE, TRICKS_COLUMNS, read_table
+    import pandas as pd
+
+    from fmnist.config import TTA_MODES
+    from fmnist.runs import ACCURACY_RANGE, TRICKS_COLUMNS, TRICKS_WEIGHTS, read_table
 
     low, high = ACCURACY_RANGE
     spread = (0, high - low, "a standard deviation")  # of accuracies, or of their changes
-    return read_table(path, "a table `tricks --csv` wrote", tuple(TRICKS_COLUMNS),
-                      numbers=("val_acc_mean", "val_acc_std", "change_mean", "change_std"), counts=("n",),
-                      # n: runs, at least one; a billion is no study's (a typo, and beyond what the t-quantile takes)
-                      ranges={"val_acc_mean": (low, high, "an accuracy"), "val_acc_std": spread,
-                              "change_mean": (low - high, high - low, "a change of accuracy"), "change_std": spread,
-                              "n": (1, 1e9, "a number of runs")})
+    what = "a table `tricks --csv` wrote"
+    table = read_table(path, what, tuple(TRICKS_COLUMNS),
+                       numbers=("val_acc_mean", "val_acc_std", "change_mean", "change_std"), counts=("n",),
+                       # n: runs, at least one; a billion is no study's (a typo, and beyond what the t-quantile takes)
+                       ranges={"val_acc_mean": (low, high, "an accuracy"), "val_acc_std": spread,
+                               "change_mean": (low - high, high - low, "a change of accuracy"), "change_std": spread,
+                               "n": (1, 1e9, "a number of runs")})
+    # The spreads are empty where one run was scored; every row has its weights, TTA, mean, count and change.
+    rows, seen = list(table.itertuples()), set()
+    for line, row in enumerate(rows, start=2):
+        empty = [c for c in ("weights", "tta", "val_acc_mean", "n", "change_mean") if pd.isna(getattr(row, c))]
+        if empty:
+            raise ConfigError(f"{path}, line {line}: an empty {empty[0]} cell; expected {what}.")
+        if row.weights not in TRICKS_WEIGHTS or row.tta not in TTA_MODES:
+            raise ConfigError(f"{path}, line {line}: weights {row.weights!r}, tta {row.tta!r}; expected {what}, whose "
+                              f"weights are one of {', '.join(TRICKS_WEIGHTS)} and tta one of {', '.join(TTA_MODES)}.")
+        if (row.weights, row.tta) in seen:
+            raise ConfigError(f"{path}, line {line}: a second row of weights {row.weights}, tta {row.tta}; expected "
+                              f"{what}, one row each.")
+        seen.add((row.weights, row.tta))
+    if ("raw", "none") not in seen:  # what every row's change is paired against
+        raise ConfigError(f"{path}: {'holds no rows' if not rows else 'lacks the row of weights raw, tta none'}, the "
+                          f"reference of every change; expected {what}.")
+    return table
 
 
 def changes(args) -> None:
