@@ -291,12 +291,16 @@ def _check_checkpoint(cfg: DictConfig, path: Path) -> int:
 
 def _restore_problem(checkpoint: dict, model: LitClassifier, checkpoint_dir: Path) -> str | None:
     """What restoring `checkpoint` would fail on, or None, tried on fresh copies of what Lightning restores it into
-    (the module, the averaged model, the optimizer, the fit loop, the checkpoint callback), so that a run fails on it
-    here, before its record is rewritten `running`, instead of inside the fit. Weights that hold NaN or inf fail too:
-    the run would stop on its first step, recorded `diverged`."""
+    (the module, the EMA's averaged model, the optimizer, the best-checkpoint callback; the fit loop's state is
+    checked by RESUMED_FIELDS), so that a resume fails here, before its record is rewritten `running`, instead of
+    inside the fit. Weights that hold NaN or inf fail too: the run would stop at its first step, recorded `diverged`."""
     def averaged():
-        return AveragedModel(model).load_state_dict({f"module.{k}": v for k, v in checkpoint["state_dict"].items()}
-                                                    | checkpoint["averaging_state"])
+        AveragedModel(model).load_state_dict({f"module.{k}": v for k, v in checkpoint["state_dict"].items()}
+                                             | checkpoint["averaging_state"])
+
+    def best_checkpoints(state):  # as the run's callback restores it (its paths moved: fmnist.training.checkpoint)
+        callback = ModelCheckpoint(dirpath=checkpoint_dir)
+        callback.load_state_dict({**state, "dirpath": callback.dirpath})
 
     tries = [("its `state_dict`", lambda: model.load_state_dict(checkpoint["state_dict"]))]
     if "current_model_state" in checkpoint and "averaging_state" in checkpoint:  # an EMA's raw weights, and its count
@@ -304,10 +308,6 @@ def _restore_problem(checkpoint: dict, model: LitClassifier, checkpoint_dir: Pat
                   ("its `current_model_state`", lambda: model.load_state_dict(checkpoint["current_model_state"]))]
     tries += [(f"its `optimizer_states[{i}]`", lambda state=state: model.optimizer().load_state_dict(state))
               for i, state in enumerate(checkpoint.get("optimizer_states") or [])]
-    def best_checkpoints(state):  # as the run's callback restores it (moved paths aside: fmnist.training.checkpoint)
-        callback = ModelCheckpoint(dirpath=checkpoint_dir)
-        callback.load_state_dict({**state, "dirpath": callback.dirpath})
-
     tries += [(f"its checkpoint callback's state (`callbacks` {key.split('{')[0]})",
                lambda state=state: best_checkpoints(state))
               for key, state in (checkpoint.get("callbacks") or {}).items() if "ModelCheckpoint{" in key]
@@ -315,9 +315,11 @@ def _restore_problem(checkpoint: dict, model: LitClassifier, checkpoint_dir: Pat
         try:
             restore()
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
-            return f"{what} cannot be restored ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
-        if what.endswith(("`state_dict`", "`current_model_state`")) and non_finite(model.net):
-            return f"{what} holds NaN or infinite weights (e.g. net.{non_finite(model.net)[0]})"
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            return f"{what} cannot be restored ({type(e).__name__}{': ' * bool(reason)}{reason})"
+        broken = non_finite(model.net) if what.endswith(("`state_dict`", "`current_model_state`")) else []
+        if broken:
+            return f"{what} holds NaN or infinite weights (e.g. net.{broken[0]})"
     return None
 
 
