@@ -317,6 +317,18 @@ def training_flops_per_image(net: nn.Module) -> int:
     return counter.get_total_flops() // 2
 
 
+NON_FINITE_WHY = "the run diverged before this checkpoint, or the file was damaged since"  # of weights non_finite names
+
+
 def non_finite(net: nn.Module) -> list[str]:
     """The names of `net`'s floating-point parameters and buffers that hold NaN or infinite values."""
     return [k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def weights_error(error: Exception, limit: int = 400) -> str:
+    """Why weights did not load, on one line: torch's `load_state_dict` error names the missing, unexpected and
+    misshapen keys only after its first line, which names none; cut after `limit` characters (a whole other model's
+    keys run to thousands)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    text = " ".join(lines[1:] if len(lines) > 1 else lines)
+    return text if len(text) <= limit else text[:limit] + " ..."

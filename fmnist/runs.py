@@ -46,6 +46,7 @@ CURVES = ("train/loss", "val/loss", "val/acc")  # the columns every reader of ep
 # reads it: here, so that reading a written table does not import the evaluation (and torch)
 TRICKS_COLUMNS = ["weights", "tta", "val_acc_mean", "val_acc_std", "n", "change_mean", "change_std"]
 TRICKS_WEIGHTS = ("raw", "ema")  # its rows' weights: as trained, and their average where the run kept one
+TRICKS_REFERENCE = ("raw", "none")  # the (weights, tta) row every other row's change is paired against
 ACCURACY_RANGE = (0.0, 1.0)  # an accuracy is a fraction, in every file a run writes
 # What the other numbers of a record's `metrics` are, by the end of their key: (ends, fits, what it is).
 METRIC_RULES = (("/loss", lambda v: v >= 0, "a loss (0 or more)"),

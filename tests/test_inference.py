@@ -788,12 +788,12 @@ def test_ship_model_names_an_unknown_option_as_such_not_taken_for_a_missing_run(
     assert result.returncode == 2 and "error: the following arguments are required: run_dir" in result.stderr
 
 
-@pytest.mark.parametrize("text, words", [("model: [\n", "cannot read it as YAML"),
-                                         ("- a list\n", "expected a mapping with a `{section}` section"),
-                                         ("{section}: 3\n", "expected a mapping with a `{section}` section")])
+@pytest.mark.parametrize("damage, text, words", [("yaml", "model: [\n", "cannot read it as YAML"),
+                                                 ("list", "- a list\n", "expected a mapping with a `{section}` section"),
+                                                 ("scalar", "{section}: 3\n", "expected a mapping with a `{section}` section")])
 @pytest.mark.parametrize("command, section", [("ship_model", "trainer"), ("tricks", "data")])
 def test_a_run_whose_config_yaml_is_damaged_is_named_by_ship_model_and_tricks(run_dir, tmp_path, run_in_process, capfd,
-                                                                               command, section, text, words):
+                                                                               command, section, damage, text, words):
     # Both read one key of a run's config.yaml (trainer.limit_test_batches, data.dir): a damaged file is one
     # paragraph naming it, exit 2, before anything is evaluated or written.
     run = shutil.copytree(run_dir, tmp_path / "sweep" / "seed=0", ignore=shutil.ignore_patterns("*.onnx"))
@@ -803,9 +803,10 @@ def test_a_run_whose_config_yaml_is_damaged_is_named_by_ship_model_and_tricks(ru
         from fmnist.inference.loading import PRETRAINED_DIR
 
         try:
-            result = run_in_process("scripts/ship_model.py", str(run), "--name", "damaged", cwd=tmp_path)
+            # a name of its own: the workers of `make test` run the other damages at the same time
+            result = run_in_process("scripts/ship_model.py", str(run), "--name", f"damaged-{damage}", cwd=tmp_path)
         finally:
-            shipped = sorted(PRETRAINED_DIR.glob("damaged.*"))
+            shipped = sorted(PRETRAINED_DIR.glob(f"damaged-{damage}.*"))
             for path in shipped:
                 path.unlink()
         assert shipped == []

@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fmnist.errors import ConfigError
+from fmnist.errors import CheckpointError, ConfigError
 from fmnist.models import patch_whitening_filters
 from fmnist.training.callbacks import Lookahead
 from fmnist.training.module import OPTIMIZER_CLASSES, WHITENING_IMAGES, fused_on, parameter_groups
 from fmnist.training import muon
 from fmnist.training.muon import Muon, orthogonalize, orthogonalize_together
 from fmnist.training.train import train
-from tests.conftest import TensorOps, build
+from tests.conftest import TensorOps, build, snapshot
 
 RESNET = ["model=resnet", "model.widths=[24,32]", "model.blocks=[1,1]", "trainer.deterministic=true",
           "trainer.precision=32-true"]
@@ -106,6 +106,16 @@ def test_lookahead_survives_a_resume(make_cfg, tmp_path):
     train(make_cfg(*RESNET, "trainer.max_epochs=2"), plain)
     weights = torch.load(plain / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert any(not torch.equal(weights[k], v) for k, v in whole["state_dict"].items() if k.startswith("net."))
+    # Slow weights that do not fit the model (damaged) are named before the resume rewrites the record.
+    last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    for slow, words in ((resumed["callbacks"]["Lookahead"]["slow"][:-1], "slow weights are not the shapes"),
+                        ([torch.full_like(s, float("nan")) for s in resumed["callbacks"]["Lookahead"]["slow"]],
+                         "slow weights should be finite")):
+        torch.save({**resumed, "callbacks": {**resumed["callbacks"], "Lookahead": {"slow": slow, "synced_at": 0}}}, last)
+        before = snapshot(tmp_path / "resumed")
+        with pytest.raises(CheckpointError, match=f"its callback state `Lookahead` cannot be restored .*{words}"):
+            train(make_cfg(*look, "trainer.max_epochs=3", "ckpt_path=last"), tmp_path / "resumed")
+        assert snapshot(tmp_path / "resumed") == before
 
 
 @pytest.mark.parametrize("override, message", [("optim.lookahead_steps=-1", "optim.lookahead_steps must be"),

@@ -441,15 +441,33 @@ def test_resume_from_another_architectures_checkpoint_is_refused(make_cfg, tmp_p
     # Deeper in the run's own checkpoint: each part Lightning restores is tried on a fresh copy first.
     last.write_bytes(own)
     own_payload = load_checkpoint(last)
+    checkpoint_key = next(k for k in own_payload["callbacks"] if "ModelCheckpoint{" in k)
+    moment = next(iter(own_payload["optimizer_states"][0]["state"]))
+
+    def optimizer_moment(p, value):  # the first parameter's first moment (AdamW's exp_avg) replaced by `value`
+        p["optimizer_states"] = [{**p["optimizer_states"][0], "state": {**p["optimizer_states"][0]["state"], moment: {
+            **p["optimizer_states"][0]["state"][moment], "exp_avg": value}}}]
+
     for damage, words in [(lambda p: p.update(optimizer_states=[{"state": {}, "param_groups": "x"}]),
                            r"its `optimizer_states\[0\]` cannot be restored \(TypeError"),
-                          (lambda p: p.update(callbacks={k: {"best_model_score": "x"} if "ModelCheckpoint{" in k else v
-                                                         for k, v in p["callbacks"].items()}),
-                           r"its checkpoint callback's state \(`callbacks` SafeModelCheckpoint\) cannot be restored "
-                           r"\(KeyError"),
+                          (lambda p: optimizer_moment(p, torch.zeros(3)),
+                           r"its `optimizer_states\[0\]` cannot be restored \(ValueError: its exp_avg has shape \(3,\)"),
+                          (lambda p: optimizer_moment(p, torch.full_like(
+                              p["optimizer_states"][0]["state"][moment]["exp_avg"], float("nan"))),
+                           r"its `optimizer_states\[0\]` cannot be restored \(ValueError: its exp_avg holds NaN"),
+                          (lambda p: p.update(lr_schedulers=[{}]), r"its `lr_schedulers\[0\]` cannot be restored \(KeyError"),
+                          (lambda p: p.pop("lr_schedulers"), r"`lr_schedulers` should be a list of mappings"),
+                          (lambda p: p.update(callbacks={**p["callbacks"], checkpoint_key: {
+                              **p["callbacks"][checkpoint_key], "best_model_score": "x"}}),
+                           r"its callback state `SafeModelCheckpoint` cannot be restored \(TypeError: its paths should "
+                           r"be text and its scores numbers"),
+                          (lambda p: p.update(callbacks={**p["callbacks"], checkpoint_key: {
+                              **p["callbacks"][checkpoint_key], "best_k_models": [1]}}),
+                           r"its callback state `SafeModelCheckpoint` cannot be restored \(AttributeError"),
                           (lambda p: p["state_dict"].update({k: torch.full_like(v, float("nan"))
                                                              for k, v in p["state_dict"].items() if k.endswith("weight")}),
-                           r"its `state_dict` holds NaN or infinite weights \(e.g. net\.")]:
+                           r"its `state_dict` holds NaN or infinite weights \(e.g. net\..*\): the run diverged before "
+                           "this checkpoint, or the file was damaged since; start a new run directory")]:
         payload = {**own_payload, "state_dict": dict(own_payload["state_dict"])}
         damage(payload)
         torch.save(payload, last)

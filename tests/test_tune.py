@@ -343,6 +343,9 @@ def test_a_trial_that_fills_the_disk_names_out_dir_the_key_that_moves_the_study(
 
 @pytest.mark.slow
 def test_a_refused_rerun_leaves_the_finished_trials_as_they_were(tmp_path, data_dir, run_in_process):
+    import contextlib
+    import sqlite3
+
     args = ["study=r", "n_trials=1", f"out_dir={tmp_path}", f"data.dir={data_dir}", *SMALL, "trainer.max_epochs=1"]
     run_search(CONF, args)
     study_dir = tmp_path / "r"
@@ -355,15 +358,20 @@ def test_a_refused_rerun_leaves_the_finished_trials_as_they_were(tmp_path, data_
         assert refused.returncode == 2 and "holds trials of a study (trial-0000)" in refused.stderr, refused.stderr[-2000:]
         assert snapshot(study_dir) == before  # the finished trial's record untouched, no error.txt, no new study.db
     # An empty file in its place is as good as gone (not filled with a new database); a damaged one is named.
-    damaged = bytearray(good)
-    damaged[4096:8192] = bytes(b ^ 0x5A for b in good[4096:8192])  # its second page overwritten
+    database.write_bytes(good)
+    with contextlib.closing(sqlite3.connect(database)) as db:  # the page that lists the studies, wherever it lies
+        page = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'studies'").fetchone()[0]
+        size = db.execute("PRAGMA page_size").fetchone()[0]
+    damaged, start = bytearray(good), (page - 1) * size
+    damaged[start:start + size] = bytes(b ^ 0x5A for b in good[start:start + size])
     for content, words in ((b"", "but its database study.db is an empty file"),
-                           (bytes(damaged), f"cannot read the study storage 'sqlite:///{database}': DatabaseError")):
+                           (bytes(damaged), f"the study storage 'sqlite:///{database}': DatabaseError: ")):
         database.write_bytes(content)
         before = snapshot(study_dir)
         refused = run_in_process("tune.py", *args)
         assert refused.returncode == 2 and words in refused.stderr, refused.stderr[-2000:]
         assert "Traceback" not in refused.stderr and snapshot(study_dir) == before
+    assert "The database file is damaged; nothing was written." in refused.stderr
 
 
 @pytest.mark.slow

@@ -29,7 +29,8 @@ from fmnist.data.sources import CSV_NAMES, find_csv
 from fmnist.errors import CheckpointError, ConfigError, DataError
 from fmnist.fsio import file_digest, load_checkpoint, not_a_file
 from fmnist.inference.config import CKPT_FORMS
-from fmnist.models import MODELS, build_model, check_model, memory_format_input, non_finite, tta_logits, with_defaults
+from fmnist.models import (MODELS, NON_FINITE_WHY, build_model, check_model, memory_format_input, non_finite, tta_logits,
+                           weights_error, with_defaults)
 from fmnist.runs import (BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, LAST_CHECKPOINT, NET_PREFIX,
                          collect, read_confusion_matrix, read_record)
 
@@ -118,15 +119,6 @@ def resolve(ckpt: str | Path, key: str = "ckpt") -> Resolved:
     note = f"best of {len(done)} completed jobs by validation accuracy: {best.job} (val/acc_best {best.val_acc_best:.4f})"
     log.info("%s: %s", path, note)
     return Resolved(best_in_run(run_dir, key=key), run_dir, note)
-
-
-def weights_error(error: Exception, limit: int = 400) -> str:
-    """Why weights did not load, on one line: torch's `load_state_dict` error names the missing, unexpected and
-    misshapen keys only after its first line, which names none; cut after `limit` characters (a whole other model's
-    keys run to thousands)."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    text = " ".join(lines[1:] if len(lines) > 1 else lines)
-    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def net_state(state_dict: dict) -> dict:
@@ -329,8 +321,7 @@ def check_finite(net: torch.nn.Module, path: Path, which: str = "weights") -> No
     broken = non_finite(net)
     if broken:
         raise CheckpointError(f"{path}: its {which} hold NaN or infinite values ({len(broken)} tensors, e.g. "
-                              f"net.{broken[0]}): the run diverged before this checkpoint, or the file was damaged since; "
-                              "nothing can be computed with it.")
+                              f"net.{broken[0]}): {NON_FINITE_WHY}; nothing can be computed with it.")
 
 
 def run_test_images(run_dir: Path | None) -> int | None:

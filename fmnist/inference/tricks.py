@@ -17,10 +17,10 @@ from fmnist.data.csv_io import csv_digest
 from fmnist.data.sources import find_csv
 from fmnist.errors import CheckpointError, ConfigError
 from fmnist.hardware import memory_errors
-from fmnist.inference.loading import (best_in_run, check_finite, load_model, net_state, training_datamodule,
-                                     weights_error)
-from fmnist.runs import (COMPLETED, METRICS_FILE, TRICKS_COLUMNS, TRICKS_WEIGHTS, check_one_job_per_seed, collect,
-                         read_config_section, short_digest)
+from fmnist.inference.loading import best_in_run, check_finite, load_model, net_state, training_datamodule
+from fmnist.models import weights_error
+from fmnist.runs import (COMPLETED, METRICS_FILE, TRICKS_COLUMNS, TRICKS_REFERENCE, TRICKS_WEIGHTS,
+                         check_one_job_per_seed, collect, read_config_section, short_digest)
 
 
 def validation_accuracies(run_dir: Path, data_dir: str | Path | None = None,
@@ -34,7 +34,8 @@ def validation_accuracies(run_dir: Path, data_dir: str | Path | None = None,
     whose = "" if batch_size else ", the run's own evaluation batch size"
     raw = loaded.raw_weights
     # load_model gave the checkpoint's `state_dict`: the average when the run had EMA, else the raw weights.
-    weight_sets = [("ema", None), ("raw", raw)] if raw is not None else [("raw", None)]
+    raw_name, averaged_name = TRICKS_WEIGHTS
+    weight_sets = [(averaged_name, None), (raw_name, raw)] if raw is not None else [(raw_name, None)]
     results = {}
     for name, state in weight_sets:
         if state is not None:
@@ -93,7 +94,8 @@ def compare(sweep_dirs: list[Path], data_dir: str | Path | None = None, batch_si
         for (weights, tta), acc in validation_accuracies(run, data_dir, batch_size).items():
             rows.append({"run": str(run.resolve()), "weights": weights, "tta": tta, "val_acc": acc})
     runs = pd.DataFrame(rows)
-    base = runs[(runs.weights == "raw") & (runs.tta == "none")].set_index("run").val_acc
+    weights, tta = TRICKS_REFERENCE
+    base = runs[(runs.weights == weights) & (runs.tta == tta)].set_index("run").val_acc
     runs["change"] = runs.val_acc - runs.run.map(base)
     order = {w: i for i, w in enumerate(TRICKS_WEIGHTS)} | {t: i for i, t in enumerate(TTA_MODES)}
     table = (runs.groupby(["weights", "tta"], sort=False)

@@ -132,7 +132,7 @@ def read_tricks_table(path: Path):
     import pandas as pd
 
     from fmnist.config import TTA_MODES
-    from fmnist.runs import ACCURACY_RANGE, TRICKS_COLUMNS, TRICKS_WEIGHTS, read_table
+    from fmnist.runs import ACCURACY_RANGE, TRICKS_COLUMNS, TRICKS_REFERENCE, TRICKS_WEIGHTS, read_table
 
     low, high = ACCURACY_RANGE
     spread = (0, high - low, "a standard deviation")  # of accuracies, or of their changes
@@ -156,9 +156,10 @@ def read_tricks_table(path: Path):
             raise ConfigError(f"{path}, line {line}: a second row of weights {row.weights}, tta {row.tta}; expected "
                               f"{what}, one row each.")
         seen.add((row.weights, row.tta))
-    if ("raw", "none") not in seen:  # what every row's change is paired against
-        raise ConfigError(f"{path}: {'holds no rows' if not rows else 'lacks the row of weights raw, tta none'}, the "
-                          f"reference of every change; expected {what}.")
+    if TRICKS_REFERENCE not in seen:
+        weights, tta = TRICKS_REFERENCE
+        lacks = f"lacks the row of weights {weights}, tta {tta}" if rows else "holds no rows"
+        raise ConfigError(f"{path}: {lacks}, the reference of every change; expected {what}.")
     return table
 
 

@@ -22,8 +22,8 @@ from fmnist.errors import ConfigError
 from fmnist.fsio import not_a_directory
 from fmnist.results.stats import (ALPHA, INTERVAL_NOTE, Interval, holm, mcnemar, mean_interval, paired,
                                   seed_and_image_interval, seeds_text, summary_comparison, summary_interval)
-from fmnist.runs import (COMPLETED, CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, check_poolable, collect,
-                         read_config_section, read_record, record_problem)
+from fmnist.runs import (COMPLETED, CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, TRICKS_REFERENCE, check_poolable,
+                         collect, read_config_section, read_record, record_problem)
 
 WITHIN_NOISE = "within noise"
 ONE_SEED = "not judged (one seed)"
@@ -191,7 +191,7 @@ def tricks_markdown(table: pd.DataFrame) -> str:
     95% interval (from the per-run mean, std and n it holds)."""
     lines = ["| weights | TTA | val acc % (mean ± 95% CI) | n | change vs raw, no TTA (points, paired, 95% CI) "
              "| p (Holm) | verdict |", "|---|---|---|---|---|---|---|"]
-    reference = [r.weights == "raw" and r.tta == "none" for r in table.itertuples()]
+    reference = [(r.weights, r.tta) == TRICKS_REFERENCE for r in table.itertuples()]
     comparisons = [None if ref else summary_comparison(r.change_mean, r.change_std, r.n)
                    for ref, r in zip(reference, table.itertuples())]
     adjusted = iter(holm([c.p_value for c in comparisons if c is not None]))

@@ -99,10 +99,31 @@ def open_storage(url: str | None, heartbeat, study_dir: Path) -> optuna.storages
                 # tune.py on one SQLite file): the loser finds them made on a second try.
                 time.sleep(1 + attempt)
                 continue
-            # a malformed URL, a missing driver, a database that cannot be reached
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else ""  # not SQLAlchemy's link to its docs
-            raise ConfigError(f"cannot open the study storage {url!r}: {type(e).__name__}: {reason}") from e
+            # a malformed URL, a missing driver, a database that cannot be reached, a damaged database file
+            raise storage_error(url, e, "open") from e
     raise ConfigError(f"cannot open the study storage {url!r}: its tables could not be created (5 tries).")
+
+
+def storage_error(url: str, error: Exception, doing: str) -> ConfigError:
+    """The paragraph for a storage that Optuna could not open or read (`doing`): the cause its StorageInternalError
+    wraps (whose own words say only that a commit failed), and, for a damaged SQLite file, how to go on."""
+    cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) and error.__cause__ else error
+    reason = str(cause).strip().splitlines()[0] if str(cause).strip() else ""  # not SQLAlchemy's link to its docs
+    damaged = url.startswith("sqlite") and isinstance(cause, sqlalchemy.exc.DatabaseError) \
+        and not isinstance(cause, sqlalchemy.exc.OperationalError)  # "malformed", "not a database"; not a lock
+    advice = (" The database file is damaged; nothing was written. Restore it from a copy, or start the study under "
+              "another name (study=...) or out_dir." if damaged else "")
+    return ConfigError(f"cannot {doing} the study storage {url!r}: {type(cause).__name__}: {reason}.{advice}")
+
+
+@contextlib.contextmanager
+def storage_errors_named(url: str):
+    """`storage_error` for what Optuna raises when it cannot read a storage it opened, instead of its chained
+    tracebacks."""
+    try:
+        yield
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.DatabaseError) as e:
+        raise storage_error(url, e, "read") from e
 
 
 def _lost_the_race_to_make_tables(error: Exception) -> bool:

@@ -49,7 +49,7 @@ from fmnist.results.sweep import check_same_data, every_combination, summarize
 from fmnist.runs import (DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, JOB_LOG, METRICS_FILE, TRIAL_DIR_PREFIX,
                          this_process)
 from fmnist.sweeps.storage import (STUDY_DB, check_storage_file, default_storage, fail_dead_trials, open_storage,
-                                   record_stale_trials, storage_file)
+                                   record_stale_trials, storage_errors_named, storage_file)
 from fmnist.training.checks import check_config
 
 log = logging.getLogger(__name__)
@@ -518,20 +518,6 @@ def _orphan_trials(study_dir: Path, trials: list[str], why: str) -> ConfigError:
                        "under another name (study=...) or out_dir.")
 
 
-@contextlib.contextmanager
-def damaged_storage_named(url: str):
-    """ConfigError naming the storage for what Optuna raises when it cannot read a database it opened (a damaged
-    SQLite file: "database disk image is malformed"), instead of three chained tracebacks."""
-    try:
-        yield
-    except optuna.exceptions.StorageInternalError as e:
-        cause = e.__cause__ or e
-        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise ConfigError(f"cannot read the study storage {url!r}: {type(cause).__name__}: {reason} (a damaged "
-                          "database?); nothing was written. Restore it from a copy, or start the study under another "
-                          "name (study=...) or out_dir.") from e
-
-
 def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
     """`tune.py`'s work: compose, validate, run the study to `n_trials`, write best.yaml and figures."""
     register_tune()
@@ -568,7 +554,7 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
         study_dir.mkdir(parents=True, exist_ok=True)
         try:
             storage = open_storage(cfg.storage, cfg.heartbeat, study_dir)
-            with damaged_storage_named(cfg.storage or default_storage(study_dir)):
+            with storage_errors_named(cfg.storage or default_storage(study_dir)):
                 if trials_here and cfg.study not in optuna.study.get_all_study_names(storage):
                     raise _orphan_trials(study_dir, trials_here,
                                          f"the storage {cfg.storage or own} holds no study {cfg.study}")

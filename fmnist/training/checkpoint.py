@@ -41,6 +41,27 @@ class SafeCheckpointIO(TorchCheckpointIO):
         return load_checkpoint(path, map_location=map_location or "cpu")
 
 
+def moved_state(state_dict: dict, dirpath: str | None) -> dict:
+    """A ModelCheckpoint's saved state, its paths moved into `dirpath` when it was saved under another one.
+
+    A run directory moved, or reached by another path (another node's mount point), holds the same files under a
+    new name. Lightning then drops its record of them (best score, best files, last.ckpt), and the resumed run
+    writes `last-v1.ckpt` beside the `last.ckpt` that the resume command names, and keeps a second best file. The
+    record is kept instead, its paths moved to where the files now are.
+    """
+    old = state_dict.get("dirpath")
+    if not (old and dirpath and old != dirpath):
+        return state_dict
+
+    def moved(path):
+        return str(Path(dirpath) / Path(path).name) if path and str(Path(path).parent) == old else path
+
+    return {**state_dict, "dirpath": dirpath,
+            **{key: moved(state_dict.get(key)) for key in ("best_model_path", "kth_best_model_path", "last_model_path")
+               if key in state_dict},
+            "best_k_models": {moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()}}
+
+
 class SafeModelCheckpoint(ModelCheckpoint):
     """`ModelCheckpoint` whose end-of-epoch saves (best, then last) complete as one step, and whose
     last.ckpt is always the latest epoch.
@@ -63,20 +84,7 @@ class SafeModelCheckpoint(ModelCheckpoint):
         return super().format_checkpoint_name(metrics, *args, **kwargs)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # A run directory moved, or reached by another path (another node's mount point), holds the same files
-        # under a new name. Lightning then drops its record of them (best score, best files, last.ckpt), and the
-        # resumed run writes `last-v1.ckpt` beside the `last.ckpt` that the resume command names, and keeps a
-        # second best file. The record is kept instead, its paths moved to where the files now are.
-        old = state_dict.get("dirpath")
-        if old and self.dirpath and old != self.dirpath:
-            def moved(path):
-                return str(Path(self.dirpath) / Path(path).name) if path and str(Path(path).parent) == old else path
-
-            state_dict = {**state_dict, "dirpath": self.dirpath,
-                          **{key: moved(state_dict.get(key)) for key in ("best_model_path", "kth_best_model_path",
-                                                                         "last_model_path") if key in state_dict},
-                          "best_k_models": {moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()}}
-        super().load_state_dict(state_dict)
+        super().load_state_dict(moved_state(state_dict, self.dirpath))
         self._remove_what_the_stopped_attempt_left()
 
     def on_fit_start(self, trainer, pl_module) -> None:

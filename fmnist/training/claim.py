@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import AveragedModel
 
@@ -29,9 +30,10 @@ from fmnist.errors import CheckpointError, ConfigError
 from fmnist.fsio import (RUN_DIR_KEY, SWEEP_DIR_KEY, check_writable, early_writes, held_logs, keep_early_writes,
                          load_checkpoint, some_names)
 from fmnist.hardware import check_accelerator, check_nodes, devices_used
-from fmnist.models import non_finite
+from fmnist.models import NON_FINITE_WHY, non_finite, weights_error
 from fmnist.runs import (CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, LAST_CHECKPOINT,
                          METRICS_FILE, NET_PREFIX, RECORDED, read_epochs, read_record, record_problem)
+from fmnist.training.checkpoint import moved_state
 from fmnist.training.checks import check_config
 from fmnist.training.module import LitClassifier
 from fmnist.training.rundir import RunDirInUse, own_run_dir
@@ -263,7 +265,7 @@ def _check_checkpoint(cfg: DictConfig, path: Path) -> int:
                               "to weights, as train.py writes it (a damaged or foreign file); start a new run "
                               "directory.")
     wrong = [f"`{key}` should be {what}" for key, (ok, what) in RESUMED_FIELDS.items()
-             if key in checkpoint and not ok(checkpoint[key])]
+             if key not in checkpoint or not ok(checkpoint[key])]  # Lightning writes each, and restores each
     if wrong:
         raise CheckpointError(f"{path}: cannot resume from it: {'; '.join(wrong)}, as Lightning writes it (a "
                               "damaged or foreign file). Start a new run directory.")
@@ -284,42 +286,81 @@ def _check_checkpoint(cfg: DictConfig, path: Path) -> int:
                               "the checkpoint was trained with, or start a new run directory.")
     problem = _restore_problem(checkpoint, model, path.parent)
     if problem:
-        raise CheckpointError(f"{path}: cannot resume from it: {problem}. A damaged file, or one that another version "
-                              "of this code wrote; start a new run directory.")
+        raise CheckpointError(f"{path}: cannot resume from it: {problem}; start a new run directory.")
     return int(checkpoint.get("epoch") or 0)
 
 
+def _is_score(value) -> bool:
+    """A score as ModelCheckpoint keeps it: a number, or a one-element floating-point tensor (inf before any)."""
+    if torch.is_tensor(value):
+        return value.numel() == 1 and value.is_floating_point()
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _restore_problem(checkpoint: dict, model: LitClassifier, checkpoint_dir: Path) -> str | None:
-    """What restoring `checkpoint` would fail on, or None, tried on fresh copies of what Lightning restores it into
-    (the module, the EMA's averaged model, the optimizer, the best-checkpoint callback; the fit loop's state is
-    checked by RESUMED_FIELDS), so that a resume fails here, before its record is rewritten `running`, instead of
-    inside the fit. Weights that hold NaN or inf fail too: the run would stop at its first step, recorded `diverged`."""
+    """What restoring `checkpoint` would fail on, or None: each part Lightning restores is loaded into a fresh copy
+    of what it restores it into (the module, the EMA's averaged model, the optimizer and its schedule, the
+    best-checkpoint callback, the lookahead's slow weights), so that a resume fails here, before its record is
+    rewritten `running`, instead of inside the fit; the fit loop's state is checked for its type only
+    (RESUMED_FIELDS). Weights and optimizer state that hold NaN or inf fail too: the run would stop at its first
+    step, recorded `diverged`."""
     def averaged():
         AveragedModel(model).load_state_dict({f"module.{k}": v for k, v in checkpoint["state_dict"].items()}
                                              | checkpoint["averaging_state"])
 
-    def best_checkpoints(state):  # as the run's callback restores it (its paths moved: fmnist.training.checkpoint)
-        callback = ModelCheckpoint(dirpath=checkpoint_dir)
-        callback.load_state_dict({**state, "dirpath": callback.dirpath})
+    def optimizer(state):  # torch checks the groups; the moments' shapes and values only the first step would
+        trial = model.optimizer()
+        trial.load_state_dict(state)
+        for param, moments in trial.state.items():
+            for name, value in moments.items():
+                if torch.is_tensor(value) and value.ndim and value.shape != param.shape:
+                    raise ValueError(f"its {name} has shape {tuple(value.shape)}, its parameter {tuple(param.shape)}")
+                if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+                    raise ValueError(f"its {name} holds NaN or infinite values")
 
+    def schedule(state):  # LambdaLR's: it pops its `lr_lambdas` from the mapping it is given
+        torch.optim.lr_scheduler.LambdaLR(model.optimizer(), lambda step: 1.0).load_state_dict(dict(state))
+
+    def best_checkpoints(state):  # as the run's callback restores it (SafeModelCheckpoint), without its clean-up
+        callback = ModelCheckpoint(dirpath=checkpoint_dir)
+        callback.load_state_dict(moved_state(state, callback.dirpath))
+        paths = [callback.best_model_path, callback.kth_best_model_path, callback.last_model_path,
+                 *callback.best_k_models]
+        scores = [callback.best_model_score, callback.kth_value, *callback.best_k_models.values()]
+        if not all(isinstance(p, str) for p in paths) or not all(s is None or _is_score(s) for s in scores):
+            raise TypeError("its paths should be text and its scores numbers")
+
+    def lookahead(state):
+        slow, shapes = list(state["slow"]), [tuple(p.shape) for p in model.parameters()]
+        if slow and [tuple(getattr(s, "shape", ())) for s in slow] != shapes:
+            raise ValueError(f"its {len(slow)} slow weights are not the shapes of the model's {len(shapes)} parameters")
+        if not all(torch.is_tensor(s) and torch.isfinite(s).all() for s in slow) or not is_count(state["synced_at"]):
+            raise ValueError("its slow weights should be finite tensors, and `synced_at` a step count")
+
+    restorers = {"ModelCheckpoint": best_checkpoints, "Lookahead": lookahead}  # by the callbacks' state keys
     tries = [("its `state_dict`", lambda: model.load_state_dict(checkpoint["state_dict"]))]
     if "current_model_state" in checkpoint and "averaging_state" in checkpoint:  # an EMA's raw weights, and its count
         tries += [("its `averaging_state`", averaged),
                   ("its `current_model_state`", lambda: model.load_state_dict(checkpoint["current_model_state"]))]
-    tries += [(f"its `optimizer_states[{i}]`", lambda state=state: model.optimizer().load_state_dict(state))
-              for i, state in enumerate(checkpoint.get("optimizer_states") or [])]
-    tries += [(f"its checkpoint callback's state (`callbacks` {key.split('{')[0]})",
-               lambda state=state: best_checkpoints(state))
-              for key, state in (checkpoint.get("callbacks") or {}).items() if "ModelCheckpoint{" in key]
+    tries += [(f"its `optimizer_states[{i}]`", lambda state=state: optimizer(state))
+              for i, state in enumerate(checkpoint["optimizer_states"])]
+    tries += [(f"its `lr_schedulers[{i}]`", lambda state=state: schedule(state))
+              for i, state in enumerate(checkpoint["lr_schedulers"])]
+    tries += [(f"its callback state `{key.split('{')[0]}`", lambda state=state, restore=restore: restore(state))
+              for key, state in checkpoint["callbacks"].items()
+              for name, restore in restorers.items() if key.split("{")[0].endswith(name)]
     for what, restore in tries:
         try:
             restore()
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
-            reason = (str(e).strip().splitlines() or [""])[0][:200]
-            return f"{what} cannot be restored ({type(e).__name__}{': ' * bool(reason)}{reason})"
+            # torch's load_state_dict names the keys after a first line that names none
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            reason = weights_error(e) if first_line.startswith("Error(s) in loading") else first_line
+            return (f"{what} cannot be restored ({type(e).__name__}: {reason[:300] or 'no reason given'}): a damaged "
+                    "file, or one that another version of this code wrote")
         broken = non_finite(model.net) if what.endswith(("`state_dict`", "`current_model_state`")) else []
         if broken:
-            return f"{what} holds NaN or infinite weights (e.g. net.{broken[0]})"
+            return f"{what} holds NaN or infinite weights (e.g. net.{broken[0]}): {NON_FINITE_WHY}"
     return None
 
 
