@@ -424,6 +424,16 @@ def test_resume_from_another_architectures_checkpoint_is_refused(make_cfg, tmp_p
     # So is one whose other fields Lightning restores have the wrong type: refused before the record changes.
     last = tmp_path / "simple" / "checkpoints" / "last.ckpt"
     good = load_checkpoint(last)
+
+    def refused_unchanged(checkpoint: dict, damage, words: str) -> None:  # the record stays `completed`
+        payload = {**checkpoint, "state_dict": dict(checkpoint["state_dict"])}
+        damage(payload)
+        torch.save(payload, last)
+        before = snapshot(tmp_path / "simple")
+        with pytest.raises(CheckpointError, match=f"last.ckpt: cannot resume from it: {words}"):
+            run_job(make_cfg(*SIMPLE, "trainer.max_epochs=2", "ckpt_path=last"), tmp_path / "simple")
+        assert snapshot(tmp_path / "simple") == before and read_record(tmp_path / "simple")["status"] == "completed"
+
     for damage, words in [(lambda p: p["state_dict"].update({1: torch.zeros(1)}), "its `state_dict` is not a mapping"),
                           (lambda p: p.update(hyper_parameters={**p["hyper_parameters"],
                                                                 "optim": {**p["hyper_parameters"]["optim"], "name": "sgd"}}),
@@ -431,13 +441,7 @@ def test_resume_from_another_architectures_checkpoint_is_refused(make_cfg, tmp_p
                           (lambda p: p.update(optimizer_states="x"), "`optimizer_states` should be a list of mappings"),
                           (lambda p: p.update(loops=[1]), "`loops` should be a mapping"),
                           (lambda p: p.update(loops={}), "`loops` should be a mapping holding the `fit_loop` mapping")]:
-        payload = {**good, "state_dict": dict(good["state_dict"])}
-        damage(payload)
-        torch.save(payload, last)
-        before = snapshot(tmp_path / "simple")
-        with pytest.raises(CheckpointError, match=f"last.ckpt: cannot resume from it: {words}"):
-            run_job(make_cfg(*SIMPLE, "trainer.max_epochs=2", "ckpt_path=last"), tmp_path / "simple")
-        assert snapshot(tmp_path / "simple") == before
+        refused_unchanged(good, damage, words)
     # Deeper in the run's own checkpoint: each part Lightning restores is tried on a fresh copy first.
     last.write_bytes(own)
     own_payload = load_checkpoint(last)
@@ -468,13 +472,7 @@ def test_resume_from_another_architectures_checkpoint_is_refused(make_cfg, tmp_p
                                                              for k, v in p["state_dict"].items() if k.endswith("weight")}),
                            r"its `state_dict` holds NaN or infinite weights \(e.g. net\..*\): the run diverged before "
                            "this checkpoint, or the file was damaged since; start a new run directory")]:
-        payload = {**own_payload, "state_dict": dict(own_payload["state_dict"])}
-        damage(payload)
-        torch.save(payload, last)
-        before = snapshot(tmp_path / "simple")
-        with pytest.raises(CheckpointError, match=f"last.ckpt: cannot resume from it: {words}"):
-            run_job(make_cfg(*SIMPLE, "trainer.max_epochs=2", "ckpt_path=last"), tmp_path / "simple")
-        assert snapshot(tmp_path / "simple") == before and read_record(tmp_path / "simple")["status"] == "completed"
+        refused_unchanged(own_payload, damage, words)
     # A config.yaml that is not a run's config (damaged, or edited into a list) is named, not a YAML traceback.
     torch.save(good, last)
     config = (tmp_path / "simple" / "config.yaml").read_text()
