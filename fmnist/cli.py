@@ -29,7 +29,7 @@ from fmnist.console import ReaderMayGo
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, FmnistError
 from fmnist.fsio import (RUN_DIR_KEY, SWEEP_DIR_KEY, early_writes_undone_if_stopped, note_dirs_to_be_made,
                          storage_error)
-from fmnist.overrides import composition_message, renamed_overrides
+from fmnist.overrides import composition_message, null_group_message, renamed_overrides
 
 
 class UnknownOptionFirstParser(argparse.ArgumentParser):
@@ -284,6 +284,9 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -
                     raise
                 _exit(str(mapped), 2)
             except Exception as e:
+                null_group = null_group_message(e, sys.argv[1:], Path(sys.argv[0]).name)
+                if null_group:
+                    _exit(null_group, 2)
                 refusal = worker_refusal(e)
                 if refusal is None:
                     raise

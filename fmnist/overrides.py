@@ -138,6 +138,20 @@ def composition_message(error: BaseException, args: list[str] | None = None, ent
                                             "--cfg job` prints every key with its value.")
 
 
+def null_group_message(error: BaseException, args: list[str], entry: str) -> str | None:
+    """The paragraph for a config group given `null` (`experiment=null`), or None for another error: Hydra raises a
+    bare ValueError for it that names neither the group nor what to type instead."""
+    if not (isinstance(error, ValueError) and str(error).startswith("Config group override must be")):
+        return None
+    groups = {p.relative_to(CONF_DIR).as_posix() for p in CONF_DIR.rglob("*") if p.is_dir()}
+    nulls = [arg for arg in args if arg.partition("=")[2].strip().lower() == "null"
+             and (arg.partition("=")[0].lstrip("+~") in groups or arg.startswith("hydra/"))]
+    named = ", ".join(f"`{arg}`" for arg in nulls) or "an override"
+    return (f"{named}: a config group takes the name of one of its options, and null names none. Leave the override "
+            f"out to keep the group's default (for experiment, preset and variant: none), or name an option: "
+            f"`python {entry} --help` lists them.")
+
+
 def _unreadable_override(args: list[str]) -> str | None:
     """The first command-line override that Hydra's grammar cannot parse, if any."""
     from hydra.core.override_parser.overrides_parser import OverridesParser

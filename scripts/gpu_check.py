@@ -206,7 +206,9 @@ def compose_all(steps: list[Step]) -> None:
 
     from hydra.core.global_hydra import GlobalHydra
 
-    from fmnist.overrides import check_sweep_values, register
+    from fmnist.cli import refuse_unknown_keys
+    from fmnist.errors import ConfigError
+    from fmnist.overrides import check_sweep_values, null_group_message, register
     from fmnist.training.checks import check_config
 
     register()
@@ -218,9 +220,17 @@ def compose_all(steps: list[Step]) -> None:
                 # A sweep (`seed=0,1,2`, `range(...)`): compose its first value, as Hydra parses it (every value
                 # goes through train.py alike); a list value (`model.widths=[8,16,32]`) is not a sweep.
                 parsed = OverridesParser.create().parse_overrides(overrides)
-                check_config(compose("train", overrides=[
-                    f"{o.get_key_element()}={next(o.sweep_string_iterator())}" if o.is_sweep_override() else o.input_line
-                    for o in parsed]))
+                first = [f"{o.get_key_element()}={next(o.sweep_string_iterator())}" if o.is_sweep_override()
+                         else o.input_line for o in parsed]
+                try:
+                    cfg = compose("train", overrides=first)
+                except ValueError as e:  # `model=null`
+                    message = null_group_message(e, first, "train.py")
+                    if message is None:
+                        raise
+                    raise ConfigError(message) from None  # the paragraph says it all: not Hydra's words after it
+                refuse_unknown_keys(cfg, first)  # `+optim.foo=1`, which train.py refuses
+                check_config(cfg)
 
 
 def environment(results: Path) -> dict:

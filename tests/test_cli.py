@@ -122,6 +122,21 @@ def test_an_added_key_that_nothing_reads_is_refused_by_every_command(tmp_path, r
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("script,args,named", [
+    ("train.py", ["experiment=null"], "experiment=null"), ("train.py", ["hydra/launcher=NULL"], "hydra/launcher=NULL"),
+    ("evaluate.py", ["ckpt=x.ckpt", "tune=null"], "tune=null"),
+    ("tune.py", ["study=s", "space.model.choices=[null]"], "model=null"),  # a search space's choice
+])
+def test_a_config_group_given_null_is_one_paragraph_naming_it(tmp_path, data_dir, run_in_process, script, args, named):
+    # `experiment=null` reads as "no experiment"; Hydra's own refusal is a ValueError naming neither the group nor
+    # what to type instead.
+    where = f"out_dir={tmp_path}" if script == "tune.py" else f"hydra.run.dir={tmp_path / 'run'}"
+    result = run_in_process(script, *args, f"data.dir={data_dir}", where, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"`{named}`: a config group takes the name of one of its options, and null names none" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("where", [[], ["hydra.run.dir=outputs/mistyped"]])
 def test_resuming_where_there_is_no_run_is_refused_instead_of_starting_a_new_one(tmp_path, data_dir, run_in_process,
                                                                                  where):

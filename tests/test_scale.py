@@ -516,6 +516,11 @@ def test_a_typo_in_override_stops_gpu_check_before_any_step(tmp_path, run_in_pro
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "does not compose with --override optim.lrr=1: Could not override 'optim.lrr'." in result.stderr
     assert not (tmp_path / "r").exists()
+    # A key train.py refuses as added (`+`), and a config group given null, are refused here as train.py would.
+    for override, words in (("+optim.foo=1", "config key optim.foo does not exist"),
+                            ("model=null", "`model=null`: a config group takes the name of one of its options")):
+        refused = run_in_process("scripts/gpu_check.py", "--dry-run", "--override", override)
+        assert refused.returncode == 2 and words in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
     # Added to every command, a sweep would give a step that is none several values: one value each.
     for swept in ("seed=range(0,0)", "optim.lr=1,2"):
         refused = run_in_process("scripts/gpu_check.py", "--records", "--smoke", "--results", str(tmp_path / "r"),

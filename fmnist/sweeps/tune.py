@@ -44,7 +44,8 @@ from fmnist.config import PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_ke
 from fmnist.data.sources import split_csvs
 from fmnist.errors import ConfigError, FmnistError, OutOfMemory
 from fmnist.fsio import atomic_write, missing_dirs, remove_if_empty
-from fmnist.overrides import check_name, composition_message, override_key, override_text, register, renamed_overrides
+from fmnist.overrides import (check_name, composition_message, null_group_message, override_key, override_text, register,
+                              renamed_overrides)
 from fmnist.results.sweep import check_same_data, every_combination, summarize
 from fmnist.runs import (DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, JOB_LOG, METRICS_FILE, TRIAL_DIR_PREFIX,
                          this_process)
@@ -149,6 +150,11 @@ def _compose(name: str, overrides: list[str]) -> DictConfig:
                       "conf/tune/NAME.yaml and pick it with tune=NAME")
         raise ConfigError(f"{'tune.py' if name == 'tune' else 'train'} config: {reason} (overrides: "
                           f"{' '.join(given)}).{hint}") from e
+    except ValueError as e:  # `model=null`: a config group given no option
+        message = null_group_message(e, overrides, "tune.py" if name == "tune" else "train.py")
+        if message is None:
+            raise
+        raise ConfigError(f"{'tune.py' if name == 'tune' else 'train'} config: {message}") from e
 
 
 def _check_tune_config(cfg: DictConfig) -> None:
