@@ -170,14 +170,22 @@ def _unreadable_override(args: list[str]) -> str | None:
 
 # Names from overrides: a sweep job's directory, a setting, a single run's label, a sweep's directory.
 
+NAME_MAX_BYTES = 200  # of a name check_name passes: a file name holds 255 bytes, and commands add suffixes to it
+
+
 def check_name(key: str, value, names: str = "a directory under outputs/") -> str:
     """`value` if it is a name (one directory level: letters, digits and `. _ + = , -`, not `.` or `..`),
     else ConfigError: a name becomes a directory under its root (`names` says which) and must not lead outside it.
     `key`: a config key, or a command-line option (`--name`)."""
     text = str(value)
+    what = key if key.startswith('-') else f'config key {key}'
     if not re.fullmatch(r"[\w.+=,-]+", text) or text in (".", ".."):
-        raise ConfigError(f"{key if key.startswith('-') else f'config key {key}'} must be a name, not a path (letters, "
-                          f"digits and . _ + = , - ; not '.' or '..'), since it names {names}; got {text!r}.")
+        raise ConfigError(f"{what} must be a name, not a path (letters, digits and . _ + = , - ; not '.' or '..'), "
+                          f"since it names {names}; got {text!r}.")
+    if len(text.encode()) > NAME_MAX_BYTES:
+        raise ConfigError(f"{what} is {len(text.encode())} bytes long; it names {names}, and must be at most "
+                          f"{NAME_MAX_BYTES} bytes, so that a file name made from it (suffixes added) stays within the "
+                          "255 a file system takes.")
     return text
 
 

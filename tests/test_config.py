@@ -133,6 +133,16 @@ def test_a_name_that_is_a_path_is_refused(value):
         sweep_name(value, "2026-01-01_00-00-00")
 
 
+def test_a_name_too_long_for_a_file_name_is_refused_before_a_file_is_made():
+    from fmnist.errors import ConfigError
+    from fmnist.overrides import NAME_MAX_BYTES, check_name
+
+    assert check_name("name", "n" * NAME_MAX_BYTES) == "n" * NAME_MAX_BYTES
+    for name in ("n" * 251, "é" * 101):  # bytes count, not characters: 202 in UTF-8
+        with pytest.raises(ConfigError, match=rf"config key name is {len(name.encode())} bytes long; .* at most 200 bytes"):
+            check_name("name", name)
+
+
 def test_names_that_are_names_pass():
     from fmnist.overrides import check_name, sweep_name
 

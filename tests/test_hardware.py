@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -272,6 +273,17 @@ def test_a_short_run_takes_a_cached_verdict_or_fp32_without_a_probe(make_cfg, mo
     auto.resolve_precision("auto", "cpu", MODEL, 64, 10_000, measure=measure)  # a long run measures, and keeps it
     precision, evidence = auto.resolve_precision("auto", "cpu", MODEL, 64, 2, measure=measure)
     assert precision == "bf16-mixed" and len(calls) == 1 and "cached verdict" in evidence["reason"]
+
+
+@pytest.mark.parametrize("xdg", ["", "relative/cache", "/abs/cache"])
+def test_the_verdicts_live_in_the_users_cache_whatever_xdg_cache_home_holds(monkeypatch, tmp_path, xdg):
+    # An empty or relative $XDG_CACHE_HOME is ignored (the XDG spec): else the cache, and `clear`, would act on a
+    # folder of the current directory, such as the package's own `fmnist/`.
+    monkeypatch.delenv("FMNIST_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    expected = Path(xdg) if xdg.startswith("/") else tmp_path / ".cache"
+    assert auto.cache_file() == expected / "fmnist" / "precision.json"
 
 
 def test_the_command_shows_measures_and_clears_the_cached_verdicts(monkeypatch, capsys, tmp_path):

@@ -679,7 +679,8 @@ def test_a_shipped_model_loads_as_ckpt_pretrained_and_reproduces_its_run(run_dir
         with pytest.raises(ConfigError, match=re.escape(f"{wrong}: {words}")):
             ship_model.ship(wrong, "other", out_dir=tmp_path)
     for name, words in (("../evil", f"--name must be a name, not a path (.*), since it names the shipped files in {tmp_path}"),
-                        (".hidden", "--name .hidden: a name starting with '.' would ship hidden files")):
+                        (".hidden", "--name .hidden: a name starting with '.' would ship hidden files"),
+                        ("n" * 251, "--name is 251 bytes long; it names the shipped files")):  # not OSError's ENAMETOOLONG
         with pytest.raises(ConfigError, match=words):
             ship_model.ship(run_dir, name, out_dir=tmp_path)
     bad = shutil.copytree(run_dir, tmp_path / "bad")  # its best checkpoint's weights are not finite
