@@ -146,7 +146,9 @@ def null_group_message(error: BaseException, args: list[str], entry: str) -> str
     groups = {p.relative_to(CONF_DIR).as_posix() for p in CONF_DIR.rglob("*") if p.is_dir()}
     nulls = [arg for arg in args if arg.partition("=")[2].strip().lower() == "null"
              and (arg.partition("=")[0].lstrip("+~") in groups or arg.startswith("hydra/"))]
-    named = ", ".join(f"`{arg}`" for arg in nulls) or "an override"
+    if not nulls:  # another value Hydra cannot take as a group's option: its own words
+        return None
+    named = ", ".join(f"`{arg}`" for arg in nulls)
     return (f"{named}: a config group takes the name of one of its options, and null names none. Leave the override "
             f"out to keep the group's default (for experiment, preset and variant: none), or name an option: "
             f"`python {entry} --help` lists them.")

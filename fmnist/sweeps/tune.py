@@ -39,7 +39,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fmnist import console
-from fmnist.cli import refuse_unknown_keys
+from fmnist.cli import check_resolvable, refuse_unknown_keys
 from fmnist.config import PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_keys, flat_config, seed_check
 from fmnist.data.sources import split_csvs
 from fmnist.errors import ConfigError, FmnistError, OutOfMemory
@@ -158,6 +158,7 @@ def _compose(name: str, overrides: list[str]) -> DictConfig:
 
 
 def _check_tune_config(cfg: DictConfig) -> None:
+    check_resolvable(cfg)  # a key removed with `~space`, a value that cannot be resolved: named, before it is read
     if OmegaConf.is_missing(cfg, "study"):
         raise ConfigError("tune.py needs a study name: python tune.py study=NAME n_trials=N [train overrides]")
     check_name("study", cfg.study, names=f"the study's directory under out_dir ({cfg.out_dir})")
@@ -178,7 +179,7 @@ def _check_tune_config(cfg: DictConfig) -> None:
         raise ConfigError("the search space is empty: choose one with tune=NAME (conf/tune/*.yaml).")
     entry_of_key: dict[str, str] = {}
     for name, spec in cfg.space.items():
-        if OmegaConf.is_missing(spec, "key"):
+        if OmegaConf.is_missing(spec, "key") or not str(spec.key or "").strip():
             raise ConfigError(f"search space entry space.{name} needs a key: the train override it sets (e.g. optim.lr).")
         if str(spec.key).startswith("hydra.") or spec.key == "hydra":
             raise ConfigError(f"search space entry space.{name} has key={spec.key}: a search samples train keys, and "
