@@ -26,4 +26,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, unwind_on_sigterm=True)  # a bad command line exits 2 with one paragraph, as train.py's does
+    run_cli(main, unwind_on_sigterm=True, sweeps=False)  # a bad command line exits 2 with one paragraph, as train.py's does

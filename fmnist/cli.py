@@ -243,11 +243,13 @@ def _collect_once_then_freeze() -> None:
     gc.freeze()
 
 
-def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -> None:
+def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False, sweeps: bool = True) -> None:
     """Run a `@hydra.main` function; a bad command line or an unwritable output directory exits 2.
 
     A FmnistError raised inside the task is printed by the task itself (`exit_with`); anything else
-    is a bug and ends with its traceback and exit code 1. `unwind_on_sigterm`: see `sigterm_unwinds`.
+    is a bug and ends with its traceback and exit code 1. `unwind_on_sigterm`: see `sigterm_unwinds`. `sweeps`:
+    whether the command takes `-m` (a command that writes one result is refused it: Hydra would write its sweep
+    file into `./multirun/`, refused or not, and give each job a directory the command does not write into).
     """
     skip_the_final_collections()
     exit_if_no_working_directory()
@@ -258,6 +260,10 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False) -
     if modes == ["--cfg", "--multirun"]:
         _exit("--cfg shows one job's config and -m runs a sweep: Hydra takes one of them. Drop -m to see the first "
               "job's config (give one value of each swept key to see another job's).", 2)
+    if "--multirun" in modes and not sweeps:
+        entry = Path(sys.argv[0]).name
+        _exit(f"{entry} runs once: -m (a sweep) is for train.py. Run {entry} once per value (a shell loop); "
+              "ckpt= also takes a sweep's directory, whose best job by validation accuracy it uses.", 2)
     if len(modes) > 1:
         _exit(f"{' and '.join(modes)} each tell Hydra what to do, and it takes one of them: keep the one you mean "
               f"({', '.join(sorted(set(HYDRA_MODES.values())))}).", 2)

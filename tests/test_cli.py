@@ -137,6 +137,14 @@ def test_a_config_group_given_null_is_one_paragraph_naming_it(tmp_path, data_dir
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("script", ["evaluate.py", "predict.py", "export.py"])
+def test_a_command_that_runs_once_refuses_dash_m_and_writes_no_sweep_file(tmp_path, run_in_process, script):
+    # Hydra would write ./multirun/DATE/TIME/multirun.yaml whether the jobs were refused or not.
+    result = run_in_process(script, "-m", "ckpt=a.ckpt,b.ckpt", cwd=tmp_path)
+    assert result.returncode == 2 and f"{script} runs once: -m (a sweep) is for train.py" in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("where", [[], ["hydra.run.dir=outputs/mistyped"]])
 def test_resuming_where_there_is_no_run_is_refused_instead_of_starting_a_new_one(tmp_path, data_dir, run_in_process,
                                                                                  where):
