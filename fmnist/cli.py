@@ -182,8 +182,22 @@ HYDRA_MODES.update({mode: mode for mode in list(HYDRA_MODES.values())})
 
 
 def hydra_modes(args: list[str]) -> list[str]:
-    """The Hydra modes a command line asks for, by their long names, sorted (`--cfg=job` counts as `--cfg`)."""
-    return sorted({HYDRA_MODES[arg.split("=")[0]] for arg in args if arg.split("=")[0] in HYDRA_MODES})
+    """The Hydra modes a command line asks for, by their long names, sorted, as Hydra's own parser reads them
+    (`--cfg=job`, `-mc job`, an abbreviation such as `--multi`); by the exact flags where that parser refuses the
+    command line (it would say why itself)."""
+    import contextlib
+    import io
+
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # argparse's own complaint: Hydra prints it when it runs
+            parsed, _ = get_args_parser().parse_known_args(args)
+    except SystemExit:
+        return sorted({HYDRA_MODES[arg.split("=")[0]] for arg in args if arg.split("=")[0] in HYDRA_MODES})
+    asked = {"--run": parsed.run, "--multirun": parsed.multirun, "--cfg": parsed.cfg is not None,
+             "--info": parsed.info is not None, "--shell-completion": parsed.shell_completion}
+    return sorted(mode for mode, given in asked.items() if given)
 
 
 # What a refusal names to choose another directory: for a run, and for a sweep (its jobs' directories included).

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from fmnist import console
 from fmnist.config import CONF_DIR, PLACEMENT_KEYS, RENAMED_KEYS, TrainConfig
 from fmnist.errors import ConfigError
-from fmnist.fsio import read_yaml
+from fmnist.fsio import NAME_MAX, read_yaml
 
 
 # Reading and writing overrides.
@@ -139,19 +139,29 @@ def composition_message(error: BaseException, args: list[str] | None = None, ent
 
 
 def null_group_message(error: BaseException, args: list[str], entry: str) -> str | None:
-    """The paragraph for a config group given `null` (`experiment=null`), or None for another error: Hydra raises a
-    bare ValueError for it that names neither the group nor what to type instead."""
+    """The paragraph for a config group given `null` (`experiment=null`, or among a sweep's values:
+    `model=simple,null`), or None for another error: Hydra raises a bare ValueError for it that names neither the
+    group nor what to type instead."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     if not (isinstance(error, ValueError) and str(error).startswith("Config group override must be")):
         return None
     groups = {p.relative_to(CONF_DIR).as_posix() for p in CONF_DIR.rglob("*") if p.is_dir()}
-    nulls = [arg for arg in args if arg.partition("=")[2].strip().lower() == "null"
-             and (arg.partition("=")[0].lstrip("+~") in groups or arg.startswith("hydra/"))]
+    nulls = []
+    for arg in args:
+        try:
+            override = OverridesParser.create().parse_override(arg)
+        except Exception:  # noqa: BLE001 - not an override Hydra reads (a mode flag): not the null
+            continue
+        key = override.key_or_group
+        values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+        if (key in groups or key.startswith("hydra/")) and None in values:
+            nulls.append(arg)
     if not nulls:  # another value Hydra cannot take as a group's option: its own words
         return None
     named = ", ".join(f"`{arg}`" for arg in nulls)
     return (f"{named}: a config group takes the name of one of its options, and null names none. Leave the override "
-            f"out to keep the group's default (for experiment, preset and variant: none), or name an option: "
-            f"`python {entry} --help` lists them.")
+            f"out to keep the group's default, or name an option: `python {entry} --help` lists them.")
 
 
 def _unreadable_override(args: list[str]) -> str | None:
@@ -172,7 +182,7 @@ def _unreadable_override(args: list[str]) -> str | None:
 
 # Names from overrides: a sweep job's directory, a setting, a single run's label, a sweep's directory.
 
-NAME_MAX_BYTES = 200  # of a name check_name passes: a file name holds 255 bytes, and commands add suffixes to it
+NAME_MAX_BYTES = NAME_MAX - 55  # of a name check_name passes: room for the suffixes commands add (`.replaced-`, `.onnx`)
 
 
 def check_name(key: str, value, names: str = "a directory under outputs/") -> str:
@@ -187,7 +197,7 @@ def check_name(key: str, value, names: str = "a directory under outputs/") -> st
     if len(text.encode()) > NAME_MAX_BYTES:
         raise ConfigError(f"{what} is {len(text.encode())} bytes long; it names {names}, and must be at most "
                           f"{NAME_MAX_BYTES} bytes, so that a file name made from it (suffixes added) stays within the "
-                          "255 a file system takes.")
+                          f"{NAME_MAX} a file system takes.")
     return text
 
 

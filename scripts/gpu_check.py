@@ -206,7 +206,7 @@ def compose_all(steps: list[Step]) -> None:
 
     from hydra.core.global_hydra import GlobalHydra
 
-    from fmnist.cli import refuse_unknown_keys
+    from fmnist.cli import check_resolvable, refuse_unknown_keys
     from fmnist.errors import ConfigError
     from fmnist.overrides import check_sweep_values, null_group_message, register
     from fmnist.training.checks import check_config
@@ -230,6 +230,7 @@ def compose_all(steps: list[Step]) -> None:
                         raise
                     raise ConfigError(message) from None  # the paragraph says it all: not Hydra's words after it
                 refuse_unknown_keys(cfg, first)  # `+optim.foo=1`, which train.py refuses
+                check_resolvable(cfg, required=True)  # `~name`, as train.py checks it
                 check_config(cfg)
 
 

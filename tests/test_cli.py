@@ -126,21 +126,23 @@ def test_an_added_key_that_nothing_reads_is_refused_by_every_command(tmp_path, r
     ("train.py", ["experiment=null"], "experiment=null"), ("train.py", ["hydra/launcher=NULL"], "hydra/launcher=NULL"),
     ("evaluate.py", ["ckpt=x.ckpt", "tune=null"], "tune=null"),
     ("tune.py", ["study=s", "space.model.choices=[null]"], "model=null"),  # a search space's choice
+    ("train.py", ["-m", "model=simple,null"], "model=null"),  # among a sweep's values: named by job, before any
 ])
 def test_a_config_group_given_null_is_one_paragraph_naming_it(tmp_path, data_dir, run_in_process, script, args, named):
     # `experiment=null` reads as "no experiment"; Hydra's own refusal is a ValueError naming neither the group nor
     # what to type instead.
-    where = f"out_dir={tmp_path}" if script == "tune.py" else f"hydra.run.dir={tmp_path / 'run'}"
+    where = f"out_dir={tmp_path}" if script == "tune.py" else f"hydra.{'sweep' if '-m' in args else 'run'}.dir={tmp_path / 'run'}"
     result = run_in_process(script, *args, f"data.dir={data_dir}", where, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert f"`{named}`: a config group takes the name of one of its options, and null names none" in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("script", ["evaluate.py", "predict.py", "export.py"])
-def test_a_command_that_runs_once_refuses_dash_m_and_writes_no_sweep_file(tmp_path, run_in_process, script):
+@pytest.mark.parametrize("script,flag", [("evaluate.py", "-m"), ("predict.py", "--multirun"), ("export.py", "-m"),
+                                         ("evaluate.py", "--multi")])  # Hydra's parser takes an abbreviation
+def test_a_command_that_runs_once_refuses_dash_m_and_writes_no_sweep_file(tmp_path, run_in_process, script, flag):
     # Hydra would write ./multirun/DATE/TIME/multirun.yaml whether the jobs were refused or not.
-    result = run_in_process(script, "-m", "ckpt=a.ckpt,b.ckpt", cwd=tmp_path)
+    result = run_in_process(script, flag, "ckpt=a.ckpt,b.ckpt", cwd=tmp_path)
     assert result.returncode == 2 and f"{script} runs once: -m (a sweep) is for train.py" in result.stderr, result.stderr
     assert list(tmp_path.iterdir()) == []
 

@@ -139,7 +139,7 @@ def test_a_name_too_long_for_a_file_name_is_refused_before_a_file_is_made():
 
     assert check_name("name", "n" * NAME_MAX_BYTES) == "n" * NAME_MAX_BYTES
     for name in ("n" * 251, "é" * 101):  # bytes count, not characters: 202 in UTF-8
-        with pytest.raises(ConfigError, match=rf"config key name is {len(name.encode())} bytes long; .* at most 200 bytes"):
+        with pytest.raises(ConfigError, match=rf"config key name is {len(name.encode())} bytes long; .* at most {NAME_MAX_BYTES} bytes"):
             check_name("name", name)
 
 

@@ -460,7 +460,10 @@ def test_resume_from_another_architectures_checkpoint_is_refused(make_cfg, tmp_p
                               p["optimizer_states"][0]["state"][moment]["exp_avg"], float("nan"))),
                            r"its `optimizer_states\[0\]` cannot be restored \(ValueError: its exp_avg holds NaN"),
                           (lambda p: p.update(lr_schedulers=[{}]), r"its `lr_schedulers\[0\]` cannot be restored \(KeyError"),
-                          (lambda p: p.pop("lr_schedulers"), r"`lr_schedulers` should be a list of mappings"),
+                          (lambda p: p.pop("lr_schedulers"), r"`lr_schedulers` is missing"),
+                          (lambda p: p.update(lr_schedulers=[{"lr_lambdas": [None], "last_epoch": "x", "base_lrs": [1e-3]}]),
+                           r"its `lr_schedulers\[0\]` cannot be restored \(ValueError: its last_epoch should be a step count"),
+                          (lambda p: p.update(callbacks={1: {}}), r"`callbacks` should be a mapping keyed by the callbacks'"),
                           (lambda p: p.update(callbacks={**p["callbacks"], checkpoint_key: {
                               **p["callbacks"][checkpoint_key], "best_model_score": "x"}}),
                            r"its callback state `SafeModelCheckpoint` cannot be restored \(TypeError: its paths should "

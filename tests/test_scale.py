@@ -518,6 +518,7 @@ def test_a_typo_in_override_stops_gpu_check_before_any_step(tmp_path, run_in_pro
     assert not (tmp_path / "r").exists()
     # A key train.py refuses as added (`+`), and a config group given null, are refused here as train.py would.
     for override, words in (("+optim.foo=1", "config key optim.foo does not exist"),
+                            ("~name", "config key name has no value (~name removed it?)"),
                             ("model=null", "`model=null`: a config group takes the name of one of its options")):
         refused = run_in_process("scripts/gpu_check.py", "--dry-run", "--override", override)
         assert refused.returncode == 2 and words in refused.stderr and "Traceback" not in refused.stderr, refused.stderr

@@ -144,6 +144,7 @@ def test_a_pruned_trial_stops_after_its_first_report_and_is_recorded(tmp_path, d
     (["study=..", "n_trials=3"], "config key study must be a name, not a path"),
     (["study=x", "n_trials=0"], "config key n_trials must be at least 1; got 0"),
     (["study=x", "~space"], "config key space has no value (~space removed it?)"),
+    (["n_trials=1", "out_dir=o/${study}"], "tune.py needs a study name"),  # not the interpolation it breaks
     (["study=x", "space.lr.key="], "search space entry space.lr needs a key"),
     (["study=x", "n_trialz=2"], "n_trialz=2). tune.py takes the keys heartbeat, n_trials,"),
     (["study=x", "out_dir="], "config key out_dir must be a directory (`.` for this one), not empty; got ''"),

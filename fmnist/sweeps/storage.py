@@ -100,11 +100,11 @@ def open_storage(url: str | None, heartbeat, study_dir: Path) -> optuna.storages
                 time.sleep(1 + attempt)
                 continue
             # a malformed URL, a missing driver, a database that cannot be reached, a damaged database file
-            raise storage_error(url, e, "open") from e
+            raise study_storage_error(url, e, "open") from e
     raise ConfigError(f"cannot open the study storage {url!r}: its tables could not be created (5 tries).")
 
 
-def storage_error(url: str, error: Exception, doing: str) -> ConfigError:
+def study_storage_error(url: str, error: Exception, doing: str) -> ConfigError:
     """The paragraph for a storage that Optuna could not open or read (`doing`): the cause its StorageInternalError
     wraps (whose own words say only that a commit failed), and, for a damaged SQLite file, how to go on."""
     cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) and error.__cause__ else error
@@ -117,13 +117,13 @@ def storage_error(url: str, error: Exception, doing: str) -> ConfigError:
 
 
 @contextlib.contextmanager
-def storage_errors_named(url: str):
-    """`storage_error` for what Optuna raises when it cannot read a storage it opened, instead of its chained
+def study_storage_errors_named(url: str):
+    """`study_storage_error` for what Optuna raises when it cannot read a storage it opened, instead of its chained
     tracebacks."""
     try:
         yield
     except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.DatabaseError) as e:
-        raise storage_error(url, e, "read") from e
+        raise study_storage_error(url, e, "read") from e
 
 
 def _lost_the_race_to_make_tables(error: Exception) -> bool:

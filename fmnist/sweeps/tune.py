@@ -50,7 +50,7 @@ from fmnist.results.sweep import check_same_data, every_combination, summarize
 from fmnist.runs import (DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, JOB_LOG, METRICS_FILE, TRIAL_DIR_PREFIX,
                          this_process)
 from fmnist.sweeps.storage import (STUDY_DB, check_storage_file, default_storage, fail_dead_trials, open_storage,
-                                   record_stale_trials, storage_errors_named, storage_file)
+                                   record_stale_trials, storage_file, study_storage_errors_named)
 from fmnist.training.checks import check_config
 
 log = logging.getLogger(__name__)
@@ -158,9 +158,9 @@ def _compose(name: str, overrides: list[str]) -> DictConfig:
 
 
 def _check_tune_config(cfg: DictConfig) -> None:
-    check_resolvable(cfg)  # a key removed with `~space`, a value that cannot be resolved: named, before it is read
-    if OmegaConf.is_missing(cfg, "study"):
+    if OmegaConf.is_missing(cfg, "study"):  # first: a value that names it cannot be resolved either
         raise ConfigError("tune.py needs a study name: python tune.py study=NAME n_trials=N [train overrides]")
+    check_resolvable(cfg)  # a key removed with `~space`, a value that cannot be resolved: named, before it is read
     check_name("study", cfg.study, names=f"the study's directory under out_dir ({cfg.out_dir})")
     # Optuna would refuse the sampler's and pruner's numbers with a traceback, after the study's storage was made.
     check_keys(cfg, (("n_trials", cfg.n_trials >= 1, "at least 1"),
@@ -561,7 +561,7 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
         study_dir.mkdir(parents=True, exist_ok=True)
         try:
             storage = open_storage(cfg.storage, cfg.heartbeat, study_dir)
-            with storage_errors_named(cfg.storage or default_storage(study_dir)):
+            with study_storage_errors_named(cfg.storage or default_storage(study_dir)):
                 if trials_here and cfg.study not in optuna.study.get_all_study_names(storage):
                     raise _orphan_trials(study_dir, trials_here,
                                          f"the storage {cfg.storage or own} holds no study {cfg.study}")

@@ -252,7 +252,7 @@ RESUMED_FIELDS = {"epoch": (is_count, "a count"), "global_step": (is_count, "a c
                   "lr_schedulers": (_is_list_of_mappings, "a list of mappings"),
                   "loops": (lambda v: isinstance(v, dict) and isinstance(v.get("fit_loop"), dict),
                             "a mapping holding the `fit_loop` mapping"),
-                  "callbacks": (lambda v: isinstance(v, dict), "a mapping")}
+                  "callbacks": (is_text_keyed, "a mapping keyed by the callbacks' names")}
 
 
 def _check_checkpoint(cfg: DictConfig, path: Path) -> int:
@@ -264,7 +264,8 @@ def _check_checkpoint(cfg: DictConfig, path: Path) -> int:
         raise CheckpointError(f"{path}: cannot resume from it: its `state_dict` is not a mapping of parameter names "
                               "to weights, as train.py writes it (a damaged or foreign file); start a new run "
                               "directory.")
-    wrong = [f"`{key}` should be {what}" for key, (ok, what) in RESUMED_FIELDS.items()
+    wrong = [f"`{key}` is missing" if key not in checkpoint else f"`{key}` should be {what}"
+             for key, (ok, what) in RESUMED_FIELDS.items()
              if key not in checkpoint or not ok(checkpoint[key])]  # Lightning writes each, and restores each
     if wrong:
         raise CheckpointError(f"{path}: cannot resume from it: {'; '.join(wrong)}, as Lightning writes it (a "
@@ -318,8 +319,11 @@ def _restore_problem(checkpoint: dict, model: LitClassifier, checkpoint_dir: Pat
                 if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
                     raise ValueError(f"its {name} holds NaN or infinite values")
 
-    def schedule(state):  # LambdaLR's: it pops its `lr_lambdas` from the mapping it is given
-        torch.optim.lr_scheduler.LambdaLR(model.optimizer(), lambda step: 1.0).load_state_dict(dict(state))
+    def schedule(state):  # LambdaLR's: it pops its `lr_lambdas` from the mapping it is given, and takes the rest
+        trial = torch.optim.lr_scheduler.LambdaLR(model.optimizer(), lambda step: 1.0)
+        trial.load_state_dict(dict(state))
+        if not is_count(trial.last_epoch) or len(trial.base_lrs) != len(trial.optimizer.param_groups):
+            raise ValueError("its last_epoch should be a step count and its base_lrs one rate per parameter group")
 
     def best_checkpoints(state):  # as the run's callback restores it (SafeModelCheckpoint), without its clean-up
         callback = ModelCheckpoint(dirpath=checkpoint_dir)

@@ -155,9 +155,11 @@ def verdict(timings: dict) -> dict:
 def cache_file() -> Path:
     """Where the cached verdicts live: $FMNIST_CACHE_DIR, or the user's cache directory ($XDG_CACHE_HOME, ignored
     when empty or relative as the XDG spec says, else ~/.cache)."""
+    if os.environ.get("FMNIST_CACHE_DIR"):
+        return Path(os.environ["FMNIST_CACHE_DIR"]) / "precision.json"
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     user_cache = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"  # not a folder of the current directory
-    return Path(os.environ.get("FMNIST_CACHE_DIR") or user_cache / "fmnist") / "precision.json"
+    return user_cache / "fmnist" / "precision.json"
 
 
 # In every key this code has written (v1's too): how a verdicts file is told from another file of that name.
