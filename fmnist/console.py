@@ -51,6 +51,21 @@ class ConsoleHandler(logging.StreamHandler):
         self.stream = _silenced(self.stream)
 
 
+class LogFileHandler(logging.FileHandler):
+    """A run's log file (train.log). When it cannot be written (a full or read-only disk), one line says so on
+    stderr and the file takes no more lines, instead of a traceback for every later line: the console still has
+    them all, and the command's own paragraph names the disk."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)
+            return
+        self.emit = lambda record: None  # this handler only: the console's lines go on
+        print(f"warning: cannot write the log file {self.baseFilename} ({error.strerror or error}); its lines from "
+              "here on are on the console only.", file=sys.stderr)
+
+
 class ReaderMayGo:
     """A plain command's standard output (`fmnist.cli.run_plain`). When its reader goes away
     (`python -m fmnist.results summary DIR | head -1`), what is printed from then on goes to /dev/null instead of
@@ -80,7 +95,7 @@ class ReaderMayGo:
 def logged_to(path: Path):
     """Within the block, every log line also goes to `path` (as train.py's runs write train.log). The file is
     created at the first line only, so a block refused before it logs anything leaves no file behind."""
-    handler = logging.FileHandler(path, delay=True)
+    handler = LogFileHandler(path, delay=True)
     handler.setFormatter(logging.Formatter(FILE_FORMAT))
     handler.addFilter(_DropNotices())
     root = logging.getLogger()

@@ -311,6 +311,24 @@ def test_a_console_whose_reader_has_gone_goes_quiet_instead_of_a_traceback_per_l
     assert "Logging error" not in capfd.readouterr().err
 
 
+def test_a_log_file_that_cannot_be_written_says_so_once_instead_of_a_traceback_per_line(tmpfs, capfd):
+    """A sweep onto a full disk: each job's train.log fails at every line, ahead of the command's own paragraph."""
+    import logging
+
+    from fmnist.console import LogFileHandler
+
+    disk = tmpfs("size=4k")
+    (disk / "filler").write_bytes(b"x" * 4096)  # the disk is full before the log's first line
+    handler = LogFileHandler(disk / "train.log", delay=True)
+    record = logging.LogRecord("fmnist", logging.INFO, __file__, 1, "epoch %d " + "x" * 5000, (1,), None)
+    for _ in range(3):
+        handler.emit(record)
+    handler.close()
+    err = capfd.readouterr().err
+    assert "Logging error" not in err and "Traceback" not in err, err
+    assert err.count(f"warning: cannot write the log file {disk / 'train.log'} (No space left on device)") == 1, err
+
+
 def test_a_job_refused_in_a_submitit_worker_is_its_own_paragraph_not_submitits_traceback():
     from fmnist.cli import worker_refusal
 
