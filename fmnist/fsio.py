@@ -136,6 +136,15 @@ def path_argument(text: str) -> Path:
     return Path(text)
 
 
+def output_path_argument(text: str) -> Path:
+    """`path_argument` for a path a command writes: `-` is refused too, which would be a file of that name here,
+    not the standard output it means to many commands."""
+    if text.strip() == "-":
+        raise argparse.ArgumentTypeError("`-` (standard output) is not written to here: give a file name (`./-` for a "
+                                         "file of that name)")
+    return path_argument(text)
+
+
 @contextmanager
 def exclusive_lock(path: Path, when_busy: Callable[[], None] | None = None) -> Iterator[None]:
     """Hold an exclusive lock (`flock`) on `path` for the block: one writer at a time. When another process holds

@@ -43,8 +43,8 @@ from omegaconf import OmegaConf
 
 from fmnist import IMAGE_SIDE, console
 from fmnist.errors import ConfigError
-from fmnist.fsio import (atomic_write, check_folder_can_hold, dirs_made, exclusive_lock, path_argument,
-                         storage_errors)
+from fmnist.fsio import (atomic_write, check_folder_can_hold, dirs_made, exclusive_lock, output_path_argument,
+                         path_argument, storage_errors)
 from fmnist.training.callbacks import step_callbacks
 from fmnist.config import ACCELERATORS, CONF_DIR, OptimConfig, TrainConfig
 from fmnist.overrides import check_name, compose_train
@@ -228,7 +228,7 @@ def main() -> int:
                         help="training: torch.compile the model in both loops")
     parser.add_argument("--fast-path", action="store_true", default=quiet,
                         help="training: CUDA graphs in both loops (fast_path=true in training); a CPU ignores it")
-    parser.add_argument("--out", type=path_argument, default=None,
+    parser.add_argument("--out", type=output_path_argument, default=None,
                         help=f"CSV to append to (default {DEFAULT_OUT[False]}, with --infer {DEFAULT_OUT[True]})")
     parser.add_argument("--infer", action="store_true", help="inference: PyTorch eager vs onnxruntime (see above)")
     parser.add_argument("--ckpt", type=path_argument, default=quiet,

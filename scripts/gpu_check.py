@@ -55,7 +55,8 @@ from typing import NamedTuple
 
 from fmnist.errors import ConfigError, StorageError
 from fmnist.fsio import (atomic_output, atomic_write, check_folder_can_hold, check_working_directory,  # the standard
-                         check_writable, not_a_directory, path_argument, storage_errors)  # library only, as above
+                         check_writable, not_a_directory, output_path_argument, path_argument,
+                         storage_errors)  # library only, as above
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -453,7 +454,7 @@ def write_records_summary(results: Path, env: dict, outcomes: list[dict]) -> str
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", action="store_true", help="run the record recipes (make gpu-records)")
-    parser.add_argument("--results", type=path_argument, default=None,
+    parser.add_argument("--results", type=output_path_argument, default=None,
                         help="default: outputs/gpu-check/<time>; with --records, the folder of docs/results/gpu/records/ "
                              "this GPU model has not finished, else docs/results/gpu/records/<date>")
     parser.add_argument("--data-dir", type=path_argument, default=Path("data"))
@@ -465,7 +466,7 @@ def main() -> int:
                         help="added to every train.py command (repeatable), e.g. trainer.precision=32-true")
     parser.add_argument("--dry-run", action="store_true", help="compose every command's config and print the commands")
     parser.add_argument("--smoke", action="store_true", help="every step on a few batches (checks this script)")
-    parser.add_argument("--archive", type=path_argument, default=None, metavar="FILE",
+    parser.add_argument("--archive", type=output_path_argument, default=None, metavar="FILE",
                         help="also write the results folder as FILE (.tar.gz) after every step")
     args = parser.parse_args()
     try:

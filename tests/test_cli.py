@@ -329,6 +329,15 @@ def test_a_log_file_that_cannot_be_written_says_so_once_instead_of_a_traceback_p
     assert err.count(f"warning: cannot write the log file {disk / 'train.log'} (No space left on device)") == 1, err
 
 
+@pytest.mark.parametrize("script,args", [("scripts/benchmark.py", ["--out", "-"]),
+                                         ("scripts/gpu_check.py", ["--dry-run", "--results", "-"]),
+                                         ("scripts/gpu_check.py", ["--dry-run", "--archive", "-"])])
+def test_an_output_named_dash_is_refused_not_written_as_a_file_of_that_name(tmp_path, run_in_process, script, args):
+    result = run_in_process(script, *args, cwd=tmp_path)
+    assert result.returncode == 2 and "`-` (standard output) is not written to here" in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_job_refused_in_a_submitit_worker_is_its_own_paragraph_not_submitits_traceback():
     from fmnist.cli import worker_refusal
 

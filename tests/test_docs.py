@@ -207,6 +207,16 @@ def test_a_tricks_table_that_tricks_csv_would_not_write_is_named(tmp_path, capsy
     assert words in err and "Traceback" not in err and "|" not in err
 
 
+def test_tricks_refuses_dash_as_its_csv_rather_than_writing_a_file_named_dash(tmp_path, capsys, monkeypatch):
+    from fmnist.results.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(["tricks", str(ROOT / "docs" / "results" / "speedrun_cpu"), "--csv", "-"])
+    assert stop.value.code == 2 and "`-` (standard output) is not written to here" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_tricks_refuses_a_csv_in_a_missing_directory_before_evaluating(tmp_path, capsys, monkeypatch):
     import fmnist.inference.tricks
     from fmnist.results.__main__ import main

@@ -22,7 +22,7 @@ from pathlib import Path
 from fmnist.cli import UnknownOptionFirstParser, run_plain
 from fmnist.errors import ConfigError
 from fmnist.fsio import (atomic_output, atomic_write, check_output_file, check_writable, not_a_directory,
-                         path_argument, storage_errors)
+                         output_path_argument, path_argument, storage_errors)
 from fmnist.overrides import SWEEP_CONFIG_FILE
 from fmnist.runs import METRICS_FILE, collect
 
@@ -206,7 +206,7 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--from-csv", type=path_argument, metavar="FILE",
                              help="render a table that `tricks --csv FILE` wrote, instead of evaluating DIRs")
             sub.add_argument("--data-dir", type=path_argument, help="where the training CSV is, if not where the runs were trained")
-            sub.add_argument("--csv", type=path_argument, help="also write the table here")
+            sub.add_argument("--csv", type=output_path_argument, help="also write the table here")
             sub.add_argument("--batch-size", type=positive_int, metavar="N",
                              help="images per evaluation batch (default: each run's own evaluation batch size)")
     return top
