@@ -181,6 +181,32 @@ HYDRA_MODES = {"-r": "--run", "-m": "--multirun", "-c": "--cfg", "-i": "--info",
 HYDRA_MODES.update({mode: mode for mode in list(HYDRA_MODES.values())})
 
 
+def overrides_last(args: list[str]) -> list[str]:
+    """`args` with the overrides moved after Hydra's options, in their order, as Hydra's parser takes them only
+    there: `train.py model=simple -m seed=0,1` was refused as `unrecognized arguments: seed=0,1`. Unchanged where
+    that parser refuses the command line anyway (it says why itself)."""
+    import contextlib
+    import io
+
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            parsed, unknown = get_args_parser().parse_known_intermixed_args(args)
+    except (SystemExit, TypeError):
+        return args
+    if unknown:
+        return args
+    overrides, options, expected = list(parsed.overrides), [], iter(parsed.overrides)
+    wanted = next(expected, None)
+    for arg in args:  # an option's value (`--cfg job`) is not an override: matched in order, it is skipped
+        if arg == wanted:
+            wanted = next(expected, None)
+        else:
+            options.append(arg)
+    return [*options, *overrides] if wanted is None else args
+
+
 def hydra_modes(args: list[str]) -> list[str]:
     """The Hydra modes a command line asks for, by their long names, sorted, as Hydra's own parser reads them
     (`--cfg=job`, `-mc job`, an abbreviation such as `--multi`); by the exact flags where that parser refuses the
@@ -269,7 +295,7 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False, s
     exit_if_no_working_directory()
     hangup_as_sigterm()
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing them and exiting 1
-    sys.argv[1:] = renamed_overrides(sys.argv[1:])  # old key names keep working
+    sys.argv[1:] = overrides_last(renamed_overrides(sys.argv[1:]))  # old key names keep working
     modes = hydra_modes(sys.argv[1:])
     if modes == ["--cfg", "--multirun"]:
         _exit("--cfg shows one job's config and -m runs a sweep: Hydra takes one of them. Drop -m to see the first "

@@ -254,6 +254,17 @@ def test_cfg_hydra_resolved_says_what_prints_hydras_keys_resolved(run_in_process
     assert shown.returncode == 0 and shown.stdout.strip().startswith("outputs/train/"), shown.stderr[-2000:]
 
 
+def test_overrides_on_both_sides_of_a_hydra_option_are_all_taken(run_in_process):
+    # Hydra's parser takes overrides only after its options: `python train.py model=optimized -m optim.lr=1e-2,1e-4`
+    # was refused as `unrecognized arguments: optim.lr=1e-2,1e-4`.
+    from fmnist.cli import overrides_last
+
+    assert overrides_last(["model=simple", "-m", "seed=0,1"]) == ["-m", "model=simple", "seed=0,1"]
+    assert overrides_last(["a=1", "--cfg", "job", "-p", "seed", "b=2"]) == ["--cfg", "job", "-p", "seed", "a=1", "b=2"]
+    result = run_in_process("train.py", "model=simple", "--cfg", "job", "optim.lr=0.5", "-p", "optim.lr")
+    assert result.returncode == 0 and result.stdout.strip() == "0.5", result.stderr[-2000:]
+
+
 def test_two_hydra_modes_on_one_command_line_are_one_paragraph(run_in_process):
     result = run_in_process("train.py", "-m", "seed=0,1", "--info")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
