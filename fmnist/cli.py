@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import dataclasses
 import functools
 import gc
+import io
 import os
 import signal
 import sys
@@ -181,22 +183,27 @@ HYDRA_MODES = {"-r": "--run", "-m": "--multirun", "-c": "--cfg", "-i": "--info",
 HYDRA_MODES.update({mode: mode for mode in list(HYDRA_MODES.values())})
 
 
+def _read_by_hydra(args: list[str], intermixed: bool = False) -> tuple[argparse.Namespace, list[str]] | None:
+    """Hydra's own command-line parser's reading of `args` (its namespace, and what it does not take), or None where
+    it refuses them (it says why itself when the command runs). `intermixed`: overrides on both sides of options."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # argparse's complaint, printed by Hydra when it runs
+            return (parser.parse_known_intermixed_args if intermixed else parser.parse_known_args)(args)
+    except (SystemExit, TypeError):
+        return None
+
+
 def overrides_last(args: list[str]) -> list[str]:
     """`args` with the overrides moved after Hydra's options, in their order, as Hydra's parser takes them only
     there: `train.py model=simple -m seed=0,1` was refused as `unrecognized arguments: seed=0,1`. Unchanged where
-    that parser refuses the command line anyway (it says why itself)."""
-    import contextlib
-    import io
-
-    from hydra._internal.utils import get_args_parser
-
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            parsed, unknown = get_args_parser().parse_known_intermixed_args(args)
-    except (SystemExit, TypeError):
+    that parser refuses the command line anyway."""
+    read = _read_by_hydra(args, intermixed=True)
+    if read is None or read[1]:
         return args
-    if unknown:
-        return args
+    parsed = read[0]
     overrides, options, expected = list(parsed.overrides), [], iter(parsed.overrides)
     wanted = next(expected, None)
     for arg in args:  # an option's value (`--cfg job`) is not an override: matched in order, it is skipped
@@ -211,16 +218,10 @@ def hydra_modes(args: list[str]) -> list[str]:
     """The Hydra modes a command line asks for, by their long names, sorted, as Hydra's own parser reads them
     (`--cfg=job`, `-mc job`, an abbreviation such as `--multi`); by the exact flags where that parser refuses the
     command line (it would say why itself)."""
-    import contextlib
-    import io
-
-    from hydra._internal.utils import get_args_parser
-
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # argparse's own complaint: Hydra prints it when it runs
-            parsed, _ = get_args_parser().parse_known_args(args)
-    except SystemExit:
+    read = _read_by_hydra(args)
+    if read is None:
         return sorted({HYDRA_MODES[arg.split("=")[0]] for arg in args if arg.split("=")[0] in HYDRA_MODES})
+    parsed = read[0]
     asked = {"--run": parsed.run, "--multirun": parsed.multirun, "--cfg": parsed.cfg is not None,
              "--info": parsed.info is not None, "--shell-completion": parsed.shell_completion}
     return sorted(mode for mode, given in asked.items() if given)

@@ -151,7 +151,7 @@ def null_group_message(error: BaseException, args: list[str], entry: str) -> str
     for arg in args:
         try:
             override = OverridesParser.create().parse_override(arg)
-        except Exception:  # noqa: BLE001 - not an override Hydra reads (a mode flag): not the null
+        except Exception:  # not an override Hydra reads (a mode flag): not the null
             continue
         key = override.key_or_group
         values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
@@ -182,7 +182,7 @@ def _unreadable_override(args: list[str]) -> str | None:
 
 # Names from overrides: a sweep job's directory, a setting, a single run's label, a sweep's directory.
 
-NAME_MAX_BYTES = NAME_MAX - 55  # of a name check_name passes: room for the suffixes commands add (`.replaced-`, `.onnx`)
+NAME_MAX_BYTES = NAME_MAX - 55  # of a name check_name passes: room for what commands add (`.replaced-`, `.onnx`)
 
 
 def check_name(key: str, value, names: str = "a directory under outputs/") -> str:
