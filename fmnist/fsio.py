@@ -109,9 +109,10 @@ def _link_new(tmp: Path, path: Path) -> None:
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write `data` to `path` atomically (see `atomic_output`)."""
+    """Write `data` to `path` atomically (see `atomic_output`). Text is written as UTF-8, and a path in it whose
+    name holds bytes that are not UTF-8 (Python's surrogate escapes) as those bytes, as the file system holds it."""
     with atomic_output(path) as tmp:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        tmp.write_bytes(data.encode("utf-8", errors="surrogateescape") if isinstance(data, str) else data)
 
 
 # Files that something outside this code (Hydra) writes before a command's checks can run, with what

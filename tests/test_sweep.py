@@ -364,6 +364,14 @@ def test_a_summary_of_no_jobs_says_none(tmp_path):
     assert "Jobs: none." in (tmp_path / "summary.md").read_text()
 
 
+def test_a_sweep_whose_directory_name_is_not_utf8_gets_both_summary_files(tmp_path):
+    # Python reads such a name with surrogate escapes; the summary names it, written back as its own bytes.
+    sweep = tmp_path / os.fsdecode(b"bad\xff\xfe")
+    _fake_job(sweep, "seed=0", "completed", 0, 0.9, ["seed=0"])
+    summarize(sweep)
+    assert b"# Sweep bad\xff\xfe\n" in (sweep / "summary.md").read_bytes() and (sweep / "summary.csv").is_file()
+
+
 def test_a_sweep_that_names_no_computing_key_keeps_its_job_in_a_directory_of_its_own(tmp_path, data_dir,
                                                                                     run_in_process):
     # Its experiment (a placement key, as data.dir is) sizes the run to the test's small CSVs, and to seconds.
