@@ -108,6 +108,12 @@ def _link_new(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
+def shown(text: str | Path) -> str:
+    """`text` as a figure or a terminal can show it: bytes of a file's name that are not UTF-8 (Python's surrogate
+    escapes) become U+FFFD, which matplotlib and a UTF-8 console take."""
+    return str(text).encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
+
+
 def atomic_write(path: Path, data: bytes | str) -> None:
     """Write `data` to `path` atomically (see `atomic_output`). Text is written as UTF-8, and a path in it whose
     name holds bytes that are not UTF-8 (Python's surrogate escapes) as those bytes, as the file system holds it."""

@@ -364,12 +364,16 @@ def test_a_summary_of_no_jobs_says_none(tmp_path):
     assert "Jobs: none." in (tmp_path / "summary.md").read_text()
 
 
-def test_a_sweep_whose_directory_name_is_not_utf8_gets_both_summary_files(tmp_path):
+def test_a_sweep_whose_directory_name_is_not_utf8_gets_its_summary_and_report(tmp_path):
     # Python reads such a name with surrogate escapes; the summary names it, written back as its own bytes.
     sweep = tmp_path / os.fsdecode(b"bad\xff\xfe")
     _fake_job(sweep, "seed=0", "completed", 0, 0.9, ["seed=0"])
+    (sweep / "seed=0" / "epochs.csv").write_text("epoch,step,train/loss,val/loss,val/acc,train_seconds,train_flops\n"
+                                                 "1,10,1.0,0.9,0.7,1,1e12\n2,20,0.5,0.6,0.9,2,2e12\n")  # timed
     summarize(sweep)
     assert b"# Sweep bad\xff\xfe\n" in (sweep / "summary.md").read_bytes() and (sweep / "summary.csv").is_file()
+    assert results_main(["report", str(sweep)]) == 0  # its figures' titles show the bytes as U+FFFD
+    assert (sweep / "figures" / "time_to_accuracy.png").stat().st_size > 0
 
 
 def test_a_sweep_that_names_no_computing_key_keeps_its_job_in_a_directory_of_its_own(tmp_path, data_dir,

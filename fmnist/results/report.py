@@ -21,7 +21,7 @@ import pandas as pd
 from matplotlib.ticker import FormatStrFormatter, FuncFormatter, MaxNLocator
 
 from fmnist.errors import ConfigError
-from fmnist.fsio import atomic_write, check_not_directories, dirs_made
+from fmnist.fsio import atomic_write, check_not_directories, dirs_made, shown
 from fmnist.overrides import name_items
 from fmnist.results.stats import ALPHA, INTERVAL_NOTE, MOST_SEEDS, NO_DIFFERENCE, holm, mean_interval, paired
 from fmnist.runs import (COMPLETED, EPOCHS_FILE, RECORDED, check_poolable, collect, read_confusion_matrix,
@@ -353,7 +353,7 @@ def planned_report(sweep_dir: Path) -> Callable[[], list[Path]]:
     timed = timed_runs(curves)
     if timed:  # none in runs older than the seconds and FLOPs columns
         figures.append(("time_to_accuracy.png",
-                        functools.partial(time_to_accuracy_figure, timed, f"Time to accuracy: {sweep_dir.name}")))
+                        functools.partial(time_to_accuracy_figure, timed, f"Time to accuracy: {shown(sweep_dir.name)}")))
     if len(ranked):
         means = ranked.groupby("setting").val_acc_best.mean()
         reference = str(means.idxmax())
