@@ -54,7 +54,12 @@ class ConsoleHandler(logging.StreamHandler):
 class LogFileHandler(logging.FileHandler):
     """A run's log file (train.log). When it cannot be written (a full or read-only disk), one line says so on
     stderr and the file takes no more lines, instead of a traceback for every later line: the console still has
-    them all, and the command's own paragraph names the disk."""
+    them all, and the command's own paragraph names the disk. Written as UTF-8, a path whose name holds bytes that
+    are not UTF-8 (Python's surrogate escapes) as those bytes, as `fmnist.fsio.atomic_write` writes it."""
+
+    def __init__(self, filename, mode: str = "a", encoding: str | None = None, delay: bool = False,
+                 errors: str | None = None):
+        super().__init__(filename, mode, encoding or "utf-8", delay, errors or "surrogateescape")
 
     def handleError(self, record: logging.LogRecord) -> None:
         error = sys.exc_info()[1]

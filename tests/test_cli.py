@@ -349,6 +349,19 @@ def test_an_output_named_dash_is_refused_not_written_as_a_file_of_that_name(tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_log_line_naming_a_path_that_is_not_utf8_is_written_as_its_bytes(tmp_path, capfd):
+    import logging
+
+    from fmnist.console import LogFileHandler
+
+    handler = LogFileHandler(tmp_path / "train.log", delay=True)
+    path = os.fsdecode(b"/runs/bad\xff")  # as Python reads such a directory name: with a surrogate escape
+    handler.emit(logging.LogRecord("fmnist", logging.INFO, __file__, 1, "run completed: %s", (path,), None))
+    handler.close()
+    assert "Logging error" not in capfd.readouterr().err
+    assert (tmp_path / "train.log").read_bytes() == b"run completed: /runs/bad\xff\n"
+
+
 def test_a_job_refused_in_a_submitit_worker_is_its_own_paragraph_not_submitits_traceback():
     from fmnist.cli import worker_refusal
 
