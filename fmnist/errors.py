@@ -1,6 +1,13 @@
 """Errors a user can fix. Entry points print them as one paragraph and exit non-zero."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message ("" for none): what a paragraph quotes of a library's error, whose
+    later lines are its traceback-like detail or links to its docs."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
 class FmnistError(Exception):
     """Base class: the message alone says what went wrong and what was expected."""
 

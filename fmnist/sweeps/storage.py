@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 import sqlalchemy
 
-from fmnist.errors import ConfigError
+from fmnist.errors import ConfigError, first_line
 from fmnist.runs import INTERRUPTED, METRICS_FILE, RUNNING, now, process_gone, read_record, update_record
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def study_storage_error(url: str, error: Exception, doing: str) -> ConfigError:
     """The paragraph for a storage that Optuna could not open or read (`doing`): the cause its StorageInternalError
     wraps (whose own words say only that a commit failed), and, for a damaged SQLite file, how to go on."""
     cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) and error.__cause__ else error
-    reason = str(cause).strip().splitlines()[0] if str(cause).strip() else ""  # not SQLAlchemy's link to its docs
+    reason = first_line(cause)  # not SQLAlchemy's link to its docs
     damaged = url.startswith("sqlite") and isinstance(cause, sqlalchemy.exc.DatabaseError) \
         and not isinstance(cause, sqlalchemy.exc.OperationalError)  # "malformed", "not a database"; not a lock
     advice = (" The database file is damaged; nothing was written. Restore it from a copy, or start the study under "

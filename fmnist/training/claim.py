@@ -26,7 +26,7 @@ from fmnist.config import (ADDED_KEYS, PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_K
                            is_text_keyed)
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.data.sources import data_digests
-from fmnist.errors import CheckpointError, ConfigError
+from fmnist.errors import CheckpointError, ConfigError, first_line
 from fmnist.fsio import (RUN_DIR_KEY, SWEEP_DIR_KEY, check_writable, early_writes, held_logs, keep_early_writes,
                          load_checkpoint, some_names)
 from fmnist.hardware import check_accelerator, check_nodes, devices_used
@@ -358,8 +358,7 @@ def _restore_problem(checkpoint: dict, model: LitClassifier, checkpoint_dir: Pat
             restore()
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
             # torch's load_state_dict names the keys after a first line that names none
-            first_line = (str(e).strip().splitlines() or [""])[0]
-            reason = weights_error(e) if first_line.startswith("Error(s) in loading") else first_line
+            reason = weights_error(e) if first_line(e).startswith("Error(s) in loading") else first_line(e)
             return (f"{what} cannot be restored ({type(e).__name__}: {reason[:300] or 'no reason given'}): a damaged "
                     "file, or one that another version of this code wrote")
         broken = non_finite(model.net) if what.endswith(("`state_dict`", "`current_model_state`")) else []

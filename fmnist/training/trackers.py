@@ -28,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist.console import tensorboard_command
+from fmnist.errors import first_line
 from fmnist.fsio import atomic_write
 from fmnist.overrides import computing_overrides, job_name, override_key, swept_keys
 from fmnist.runs import CHECKPOINT_DIR, CONFIG_FILE, CONFUSION_FILE, EPOCHS_FILE, LAST_CHECKPOINT, METRICS_FILE
@@ -107,7 +108,7 @@ class Tracker:
         if not self.failed:
             self.failed = True
             log.warning("logger %s failed (%s: %s); the run goes on without it (its run directory holds everything).",
-                        self.name, type(error).__name__, _first_line(error))
+                        self.name, type(error).__name__, first_line(error)[:200])
 
     def ids(self) -> dict:
         """What a resumed run needs to continue this tracker's run (kept in the run record)."""
@@ -360,16 +361,11 @@ def open_trackers(cfg: DictConfig, run_dir: Path, ids: dict, overrides: list[str
         except Exception as e:  # any failure of a tracker's client: the run must not depend on it
             others = [t for t in cfg.logger.backends if t != name]
             log.warning("logger %s cannot be reached (%s: %s); this run logs to %s.", name,
-                        type(e).__name__, _first_line(e),
+                        type(e).__name__, first_line(e)[:200],
                         f"{', '.join(others)} and its run directory" if others else "its run directory only")
             continue
         trackers.append(tracker)
     return trackers
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else ""
 
 
 def tracker_ids(trackers: list[Tracker], run_dir: Path, earlier: dict) -> dict:
