@@ -15,6 +15,7 @@ import hashlib
 import os
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,18 @@ def null_group_message(error: BaseException, args: list[str], entry: str) -> str
     named = ", ".join(f"`{arg}`" for arg in nulls)
     return (f"{named}: a config group takes the name of one of its options, and null names none. Leave the override "
             f"out to keep the group's default, or name an option: `python {entry} --help` lists them.")
+
+
+@contextmanager
+def null_groups_named(args: list[str], entry: str):
+    """Within the block, Hydra's ValueError for a config group given null is ConfigError(`null_group_message`)."""
+    try:
+        yield
+    except ValueError as e:
+        message = null_group_message(e, args, entry)
+        if message is None:
+            raise
+        raise ConfigError(message) from None  # the paragraph says it all: not Hydra's words after it
 
 
 def _unreadable_override(args: list[str]) -> str | None:

@@ -208,8 +208,7 @@ def compose_all(steps: list[Step]) -> None:
     from hydra.core.global_hydra import GlobalHydra
 
     from fmnist.cli import check_resolvable, refuse_unknown_keys
-    from fmnist.errors import ConfigError
-    from fmnist.overrides import check_sweep_values, null_group_message, register
+    from fmnist.overrides import check_sweep_values, null_groups_named, register
     from fmnist.training.checks import check_config
 
     register()
@@ -223,13 +222,8 @@ def compose_all(steps: list[Step]) -> None:
                 parsed = OverridesParser.create().parse_overrides(overrides)
                 first = [f"{o.get_key_element()}={next(o.sweep_string_iterator())}" if o.is_sweep_override()
                          else o.input_line for o in parsed]
-                try:
+                with null_groups_named(first, "train.py"):  # `model=null`
                     cfg = compose("train", overrides=first)
-                except ValueError as e:  # `model=null`
-                    message = null_group_message(e, first, "train.py")
-                    if message is None:
-                        raise
-                    raise ConfigError(message) from None  # the paragraph says it all: not Hydra's words after it
                 refuse_unknown_keys(cfg, first)  # `+optim.foo=1`, which train.py refuses
                 check_resolvable(cfg, required=True)  # `~name`, as train.py checks it
                 check_config(cfg)

@@ -25,7 +25,7 @@ from fmnist.data.sources import data_digests
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, DataError, StorageError
 from fmnist.fsio import (atomic_write, check_not_directories, keep_early_writes, note_early_write, some_names,
                          storage_errors)
-from fmnist.overrides import (SWEEP_CONFIG_FILE, check_sweep_values, composition_message, null_group_message, override_key,
+from fmnist.overrides import (SWEEP_CONFIG_FILE, check_sweep_values, composition_message, null_groups_named, override_key,
                               override_text)
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
 from fmnist.runs import (COMPLETED, FINISHED, JOB_LOG, RUNNING, TRIAL_DIR_PREFIX, check_poolable, collect, is_job_dir,
@@ -203,14 +203,10 @@ def check_sweep_jobs(config: DictConfig, config_loader) -> None:
         swept = [o for o, v in zip(job, values.values()) if len(v) > 1]
         try:
             try:
-                cfg = config_loader.load_sweep_config(config, job)
+                with null_groups_named(job, "train.py"):  # `model=simple,null`: a group given null among its values
+                    cfg = config_loader.load_sweep_config(config, job)
             except (HydraException, OmegaConfBaseException) as e:  # e.g. seed=abc: as train.py reports it
                 raise ConfigError(composition_message(e)) from None
-            except ValueError as e:  # `model=simple,null`: a group given null among its values
-                message = null_group_message(e, job, "train.py")
-                if message is None:
-                    raise
-                raise ConfigError(message) from None
             with open_dict(cfg):
                 del cfg["hydra"]
             refuse_unknown_keys(cfg, job)
