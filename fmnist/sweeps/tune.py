@@ -546,10 +546,10 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
         own = storage_file(cfg.storage) if cfg.storage else study_dir / STUDY_DB  # a study's own database
         if trials_here and own is not None and (not own.exists() or own.stat().st_size == 0):  # opening it would
             # create an empty database, or fill the empty file with one
-            state = "is gone" if not own.exists() else "is an empty file"
+            gone = not own.exists()
+            state = "is gone" if gone else "is an empty file"
             raise _orphan_trials(study_dir, trials_here, f"its database {STUDY_DB} {state}" if cfg.storage is None
-                                 else f"the storage {cfg.storage} {'names no file yet' if state == 'is gone' else state} "
-                                      f"({own})")
+                                 else f"the storage {cfg.storage} {'names no file yet' if gone else state} ({own})")
         theirs = [] if made or trials_here or (own is not None and own.parent.resolve() == study_dir.resolve()
                                                and own.exists()) else sorted(p.name for p in study_dir.iterdir())
         if theirs:  # its summary.md and best.yaml would replace theirs
