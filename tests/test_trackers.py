@@ -127,6 +127,11 @@ def test_trackers_are_checked_before_a_run_starts():
         check_config(compose_cfg("logger=wandb", "logger.wandb_mode=cloud"))
     with pytest.raises(ConfigError, match="logger.mlflow_tracking_uri is empty"):
         check_config(compose_cfg("logger=mlflow", "logger.mlflow_tracking_uri=''"))
+    # W&B would refuse these only once the run started, and the run would go on without it
+    for project in ("''", "team/fmnist", "'a#b'", "x" * 129):
+        with pytest.raises(ConfigError, match="logger.wandb_project must be a W&B project's name"):
+            check_config(compose_cfg("logger=wandb", f"logger.wandb_project={project}"))
+    check_config(compose_cfg("logger=wandb", "logger.wandb_project=fmnist-ablations_2"))
     assert list(compose_cfg("logger=many").logger.backends) == ["tensorboard", "csv", "mlflow", "wandb"]
 
 

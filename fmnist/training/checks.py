@@ -13,6 +13,10 @@ from fmnist.models import check_model
 
 # The package each tracker needs, and the extra that installs it.
 TRACKER_PACKAGES = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
+# What W&B accepts as a project's name (wandb.Settings refuses others once the run starts, and the run would go on
+# without the tracker).
+WANDB_PROJECT_MAX = 128  # characters
+WANDB_PROJECT_FORBIDDEN = "/\\#?%:"
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -37,6 +41,11 @@ def check_trackers(cfg: DictConfig) -> None:
                               f"`pip install -e '.[{extra}]'` (make install installs it), or leave {name} out.")
     if cfg.logger.wandb_mode not in ("offline", "online"):
         raise ConfigError(f"config key logger.wandb_mode must be offline or online; got {cfg.logger.wandb_mode!r}.")
+    project = cfg.logger.wandb_project
+    if not isinstance(project, str) or not project.strip() or len(project) > WANDB_PROJECT_MAX \
+            or set(project) & set(WANDB_PROJECT_FORBIDDEN):
+        raise ConfigError(f"config key logger.wandb_project must be a W&B project's name: not empty, at most "
+                          f"{WANDB_PROJECT_MAX} characters, none of {' '.join(WANDB_PROJECT_FORBIDDEN)}; got {project!r}.")
     uri = cfg.logger.mlflow_tracking_uri
     if uri is not None and not str(uri).strip():  # an unset shell variable: MLflow would read it as ./mlruns
         raise ConfigError("config key logger.mlflow_tracking_uri is empty (an unset shell variable?); give a tracking "
