@@ -286,6 +286,25 @@ def test_the_verdicts_live_in_the_users_cache_whatever_xdg_cache_home_holds(monk
     assert auto.cache_file() == expected / "fmnist" / "precision.json"
 
 
+@pytest.mark.parametrize("chooser", ["FMNIST_CACHE_DIR", "XDG_CACHE_HOME", "HOME"])
+def test_a_refusal_names_what_chose_the_verdicts_place(monkeypatch, capsys, tmp_path, chooser):
+    # It said "FMNIST_CACHE_DIR names its directory" also where that was unset and XDG_CACHE_HOME or HOME chose it.
+    monkeypatch.delenv("FMNIST_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    if chooser != "HOME":
+        monkeypatch.setenv(chooser, str(tmp_path / "chosen"))
+    auto.cache_file().mkdir(parents=True)  # a directory where the verdicts file goes
+    assert str(auto.cache_file()).startswith(str(tmp_path / ("home" if chooser == "HOME" else "chosen")))
+    assert auto.main(["clear"]) == 2
+    said = capsys.readouterr().err
+    assert "Nothing was removed" in said
+    if chooser == "FMNIST_CACHE_DIR":
+        assert "(FMNIST_CACHE_DIR names its directory)" in said
+    else:
+        assert f"(its directory is under {chooser}; FMNIST_CACHE_DIR names another)" in said
+
+
 def test_the_command_shows_measures_and_clears_the_cached_verdicts(monkeypatch, capsys, tmp_path):
     measure, _ = fake_probe(10, 5)
     monkeypatch.setattr(auto, "probe", measure)

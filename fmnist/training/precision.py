@@ -155,11 +155,17 @@ def verdict(timings: dict) -> dict:
 def cache_file() -> Path:
     """Where the cached verdicts live: $FMNIST_CACHE_DIR, or the user's cache directory ($XDG_CACHE_HOME, ignored
     when empty or relative as the XDG spec says, else ~/.cache)."""
+    return _cache_place()[0]
+
+
+def _cache_place() -> tuple[Path, str]:
+    """`cache_file()`, and what chose its directory as a message says it."""
     if os.environ.get("FMNIST_CACHE_DIR"):
-        return Path(os.environ["FMNIST_CACHE_DIR"]) / "precision.json"
+        return Path(os.environ["FMNIST_CACHE_DIR"]) / "precision.json", "FMNIST_CACHE_DIR names its directory"
     xdg = os.environ.get("XDG_CACHE_HOME", "")
-    user_cache = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"  # not a folder of the current directory
-    return user_cache / "fmnist" / "precision.json"
+    # Not a folder of the current directory.
+    user_cache, chooser = (Path(xdg), "XDG_CACHE_HOME") if os.path.isabs(xdg) else (Path.home() / ".cache", "HOME")
+    return user_cache / "fmnist" / "precision.json", f"its directory is under {chooser}; FMNIST_CACHE_DIR names another"
 
 
 # In every key this code has written (v1's too): how a verdicts file is told from another file of that name.
@@ -347,8 +353,8 @@ def _show(path: Path, cache: _Cache) -> None:
 def _clear(path: Path, cache: _Cache) -> None:
     """`clear`: remove the verdicts file, unless something else stands at its path."""
     if not cache.removable:
-        raise ConfigError(f"{path}: {cache.problem}; expected the verdicts file (FMNIST_CACHE_DIR names its "
-                          f"directory). Nothing was removed; {cache.fix}.")
+        raise ConfigError(f"{path}: {cache.problem}; expected the verdicts file ({_cache_place()[1]}). Nothing was "
+                          f"removed; {cache.fix}.")
     if path.is_file():
         with storage_errors(key=None):  # a read-only cache directory
             path.unlink()
@@ -366,8 +372,7 @@ def _measure(path: Path, cache: _Cache, overrides: list[str], device: str | None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if cache.problem:  # measuring is for caching: no probe's minute is spent on a verdict that cannot be kept
         raise ConfigError(f"{path}: {cache.problem}; expected the verdicts file, which `measure` rewrites "
-                          f"(FMNIST_CACHE_DIR names its directory). Nothing was measured or written; "
-                          f"{cache.fix}.")
+                          f"({_cache_place()[1]}). Nothing was measured or written; {cache.fix}.")
     # Nor on one whose directory takes no file (read-only, no permission): it would be probed, then not kept.
     check_folder_can_hold(path.parent, "FMNIST_CACHE_DIR", path, "name a directory (FMNIST_CACHE_DIR) for it.")
     if device == "cuda" and not torch.cuda.is_available():
