@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fmnist import fsio
 from fmnist.console import ReaderMayGo
-from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, FmnistError
+from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, FmnistError, first_line
 from fmnist.fsio import (RUN_DIR_KEY, SWEEP_DIR_KEY, early_writes_undone_if_stopped, note_dirs_to_be_made,
                          storage_error)
 from fmnist.overrides import composition_message, null_group_message, renamed_overrides
@@ -92,7 +92,7 @@ def check_given_config(cfg: DictConfig, required: bool = False) -> None:
 
 def unresolvable(error: OmegaConfBaseException) -> ConfigError:
     """The paragraph for a value OmegaConf could not resolve: the key, and the first line of why."""
-    cause = str(error).strip().splitlines()[0].removeprefix("KeyError raised while resolving interpolation: ")
+    cause = first_line(error).removeprefix("KeyError raised while resolving interpolation: ")
     return ConfigError(f"{f'config key {error.full_key}: its value' if error.full_key else 'a value'} cannot be resolved: "
                        f"{cause}.")
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import yaml
 
-from fmnist.errors import CheckpointError, ConfigError, StorageError
+from fmnist.errors import CheckpointError, ConfigError, StorageError, first_line
 
 RUN_DIR_KEY, SWEEP_DIR_KEY = "hydra.run.dir", "hydra.sweep.dir"  # where Hydra puts a run's or a sweep's files
 
@@ -548,7 +548,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
                               "fmnist never does.") from e
     except Exception as e:  # a text file, random bytes, a truncated zip: torch raises many kinds
         # Only an OS or torch message says something to a user (a KeyError of a byte value does not).
-        detail = str(e).strip().splitlines()[0] if isinstance(e, (OSError, RuntimeError)) and str(e).strip() else ""
+        detail = first_line(e) if isinstance(e, (OSError, RuntimeError)) else ""
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated, or another kind of file?)"
                               + (f": {detail}" if detail else ".")) from e
     if not isinstance(checkpoint, dict):

@@ -22,7 +22,7 @@ import yaml
 
 from fmnist import NUM_CLASSES
 from fmnist.config import PRECISIONS, SEED_MAX, is_finite_number, is_text_list
-from fmnist.errors import ConfigError
+from fmnist.errors import ConfigError, first_line
 from fmnist.fsio import atomic_write, read_yaml
 from fmnist.overrides import setting_of
 
@@ -79,7 +79,7 @@ def read_config_section(job: Path, name: str) -> dict:
     try:
         config = read_yaml(path) if path.exists() else {}
     except (OSError, ValueError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read it as YAML ({str(e).splitlines()[0]}); expected the resolved config "
+        raise ConfigError(f"{path}: cannot read it as YAML ({first_line(e) or type(e).__name__}); expected the resolved config "
                           "a run writes.") from e
     config = {} if config is None else config
     if not isinstance(config, dict) or not isinstance(config.get(name) or {}, dict):
@@ -393,7 +393,7 @@ def read_table(path: Path, what: str, columns: tuple[str, ...], numbers: tuple[s
     try:
         table = pd.read_csv(path)
     except (OSError, ValueError) as e:  # a binary file, unbalanced quotes, a ragged row
-        reason = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
+        reason = first_line(e).rstrip(".") or type(e).__name__
         raise ConfigError(f"{path}: cannot read it as a CSV table ({reason}); expected {what}.") from e
     missing = [c for c in columns if c not in table.columns]
     if missing:

@@ -50,7 +50,7 @@ def saved_config(saved: Path) -> dict:
         loaded = OmegaConf.load(saved)
         old = flatten(OmegaConf.to_container(loaded, resolve=True)) if isinstance(loaded, DictConfig) else None
     except Exception as e:  # YAML's and OmegaConf's errors have no common base; any means the same here
-        raise ConfigError(f"{saved}: cannot read it as the config a run writes ({str(e).splitlines()[0]}); the run "
+        raise ConfigError(f"{saved}: cannot read it as the config a run writes ({first_line(e) or type(e).__name__}); the run "
                           "it belongs to cannot be compared with this command. Start a new run directory.") from e
     if old is None:
         raise ConfigError(f"{saved}: holds a list, not the mapping of config keys a run writes; "
