@@ -31,7 +31,7 @@ from fmnist.console import ReaderMayGo
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, FmnistError, first_line
 from fmnist.fsio import (RUN_DIR_KEY, SWEEP_DIR_KEY, early_writes_undone_if_stopped, note_dirs_to_be_made,
                          storage_error)
-from fmnist.overrides import composition_message, null_group_message, renamed_overrides
+from fmnist.overrides import composition_message, null_group_message, renamed_overrides, training_key_message
 
 
 class UnknownOptionFirstParser(argparse.ArgumentParser):
@@ -321,7 +321,9 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False, s
                 hydra_main()
             except (HydraException, OmegaConfBaseException) as e:  # e.g. a swept value composed into a job
                 ours = chained_fmnist_error(e)  # e.g. a resolver's check of a value (fmnist.overrides.check_name)
-                _exit(str(ours) if ours else composition_message(e) + _hydra_part_hint(e, sys.argv[1:]),
+                # A command that loads a trained model, given a training key (model=simple)
+                training_key = None if sweeps else training_key_message(e, sys.argv[1:], Path(sys.argv[0]).name)
+                _exit(str(ours) if ours else training_key or composition_message(e) + _hydra_part_hint(e, sys.argv[1:]),
                       ours.exit_code if ours else 2)
             except OSError as e:  # e.g. Hydra creating the run directory or its log file on a read-only disk
                 where = OutputDirsUndoneIfRefused.output_dir

@@ -147,6 +147,23 @@ def test_a_command_that_runs_once_refuses_dash_m_and_writes_no_sweep_file(tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("script,arg,key", [("evaluate.py", "model=simple", "model"),
+                                             ("evaluate.py", "+model=simple", "model"),
+                                             ("predict.py", "optim.lr=0.01", "optim.lr"),
+                                             ("export.py", "experiment=best", "experiment"),
+                                             ("evaluate.py", "seed=1", "seed")])
+def test_a_command_that_loads_a_model_says_a_training_key_is_set_when_training(tmp_path, run_in_process, script,
+                                                                               arg, key):
+    # Hydra's own refusal of `model=simple` advised `+model=simple`, which failed differently.
+    result = run_in_process(script, "ckpt=a.ckpt", arg, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"{script} takes no `{key}`: it is set when training (python train.py {arg.lstrip('+')})" in result.stderr
+    assert "+model" not in result.stderr and list(tmp_path.iterdir()) == []
+    # a key that training does not take either keeps Hydra's account
+    result = run_in_process(script, "ckpt=a.ckpt", "nosuch=1", cwd=tmp_path)
+    assert result.returncode == 2 and "Key 'nosuch' not in" in result.stderr and "set when training" not in result.stderr
+
+
 @pytest.mark.parametrize("where", [[], ["hydra.run.dir=outputs/mistyped"]])
 def test_resuming_where_there_is_no_run_is_refused_instead_of_starting_a_new_one(tmp_path, data_dir, run_in_process,
                                                                                  where):
