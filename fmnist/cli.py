@@ -31,7 +31,8 @@ from fmnist.console import ReaderMayGo
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, FmnistError, first_line
 from fmnist.fsio import (RUN_DIR_KEY, SWEEP_DIR_KEY, early_writes_undone_if_stopped, note_dirs_to_be_made,
                          storage_error)
-from fmnist.overrides import composition_message, null_group_message, renamed_overrides, training_key_message
+from fmnist.overrides import (composition_message, null_group_message, quoted_paths, renamed_overrides,
+                              training_key_message)
 
 
 class UnknownOptionFirstParser(argparse.ArgumentParser):
@@ -296,7 +297,8 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False, s
     exit_if_no_working_directory()
     hangup_as_sigterm()
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing them and exiting 1
-    sys.argv[1:] = overrides_last(renamed_overrides(sys.argv[1:]))  # old key names keep working
+    # old key names keep working, and a path holding `=` or `,` (a sweep job's directory) needs no quotes
+    sys.argv[1:] = overrides_last(quoted_paths(renamed_overrides(sys.argv[1:])))
     modes = hydra_modes(sys.argv[1:])
     if modes == ["--cfg", "--multirun"]:
         _exit("--cfg shows one job's config and -m runs a sweep: Hydra takes one of them. Drop -m to see the first "

@@ -195,6 +195,18 @@ def null_groups_named(args: list[str], entry: str):
         raise ConfigError(message) from None  # the paragraph says it all: not Hydra's words after it
 
 
+def quoted_paths(args: list[str]) -> list[str]:
+    """`args` with each override Hydra cannot parse whose value names an existing file or directory quoted for it:
+    a sweep job's directory (`optim.lr=0.01,seed=1`) holds `=` and `,`, and `ckpt=` is given such paths."""
+    quoted = []
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if arg == _unreadable_override([arg]) and os.path.exists(value):
+            arg = f"{key}={hydra_quote(value)}"
+        quoted.append(arg)
+    return quoted
+
+
 def _unreadable_override(args: list[str]) -> str | None:
     """The first command-line override that Hydra's grammar cannot parse, if any."""
     from hydra.core.override_parser.overrides_parser import OverridesParser

@@ -164,6 +164,15 @@ def test_a_command_that_loads_a_model_says_a_training_key_is_set_when_training(t
     assert result.returncode == 2 and "Key 'nosuch' not in" in result.stderr and "set when training" not in result.stderr
 
 
+def test_an_unparseable_override_naming_an_existing_path_is_quoted_for_hydra(tmp_path):
+    from fmnist.overrides import quoted_paths
+
+    job = tmp_path / "optim.lr=0.01,seed=1"
+    job.mkdir()
+    assert quoted_paths([f"ckpt={job}", "optim.lr=1e-2,1e-3", f"+data.dir={tmp_path}/no=such", "-m"]) == [
+        f"ckpt='{job}'", "optim.lr=1e-2,1e-3", f"+data.dir={tmp_path}/no=such", "-m"]  # a sweep, a typo: as given
+
+
 @pytest.mark.parametrize("where", [[], ["hydra.run.dir=outputs/mistyped"]])
 def test_resuming_where_there_is_no_run_is_refused_instead_of_starting_a_new_one(tmp_path, data_dir, run_in_process,
                                                                                  where):

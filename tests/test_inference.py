@@ -168,6 +168,16 @@ def test_a_sweep_directory_picks_the_best_job_by_validation_accuracy(run_dir, tm
 
 
 @pytest.mark.slow
+def test_a_sweep_jobs_directory_is_taken_by_ckpt_without_quotes(run_dir, tmp_path, run_in_process):
+    # Its name holds `=` and `,`, which Hydra's grammar refused unquoted ("cannot read the override").
+    job = tmp_path / "study" / "optim.lr=0.01,seed=1"
+    shutil.copytree(run_dir, job)
+    result = run_in_process("evaluate.py", f"ckpt={job}", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["checkpoint"]["run_dir"] == str(job.resolve())
+
+
+@pytest.mark.slow
 def test_predict_on_pngs_agrees_with_evaluate(run_dir, tmp_path, monkeypatch):
     images, labels = garment_images(40, 1)
     pngs = tmp_path / "pngs"
