@@ -300,33 +300,34 @@ def check_poolable(jobs: pd.DataFrame, where: Path | str,
 
 def collect(sweep_dir: Path) -> pd.DataFrame:
     """One row per job directory under `sweep_dir` (`is_job_dir`)."""
-    rows = []
-    for job in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir()):
-        if not is_job_dir(job):
-            continue
-        record = read_record(job)
-        problem = record_problem(job, record)
-        if problem:  # listed, never dropped without a word, and never averaged
-            overrides = (record or {}).get("overrides")
-            record = {"status": UNREADABLE, "error": problem,
-                      "overrides": overrides if is_text_list(overrides) else []}
-        record = record or {"status": STARTED}
-        status, error = record.get("status"), record.get("error")
-        if status == RUNNING and process_gone(record):  # shown as what a rerun of the sweep or study makes of it
-            rerun = ("tune.py, run again, replaces the trial" if job.name.startswith(TRIAL_DIR_PREFIX) else
-                     "the sweep command, run again, resumes it from its last finished epoch")
-            status, error = INTERRUPTED, (f"its process ({record['pid']}) ended without recording how: killed by "
-                                          f"SIGKILL or for memory, a DDP rank's crash took it down, or the machine "
-                                          f"restarted; {rerun}")
-        metrics = record.get("metrics", {})
-        rows.append({
-            "job": job.name, "setting": setting_of(record.get("overrides", [])), "seed": record.get("seed"),
-            "status": status, "val_acc_best": metrics.get("val/acc_best"),
-            "best_epoch": metrics.get("best_epoch"), "test_acc": metrics.get("test/acc"),
-            "test_loss": metrics.get("test/loss"), "epochs": metrics.get("epochs"),
-            **_compute(job), **_digests(record), "git_commit": record.get("git_commit"), "error": error,
-        })
+    rows = [job_row(job) for job in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir()) if is_job_dir(job)]
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def job_row(job: Path) -> dict:
+    """`collect`'s row of one job directory: its setting, seed, status, metrics, compute and data."""
+    record = read_record(job)
+    problem = record_problem(job, record)
+    if problem:  # listed, never dropped without a word, and never averaged
+        overrides = (record or {}).get("overrides")
+        record = {"status": UNREADABLE, "error": problem,
+                  "overrides": overrides if is_text_list(overrides) else []}
+    record = record or {"status": STARTED}
+    status, error = record.get("status"), record.get("error")
+    if status == RUNNING and process_gone(record):  # shown as what a rerun of the sweep or study makes of it
+        rerun = ("tune.py, run again, replaces the trial" if job.name.startswith(TRIAL_DIR_PREFIX) else
+                 "the sweep command, run again, resumes it from its last finished epoch")
+        status, error = INTERRUPTED, (f"its process ({record['pid']}) ended without recording how: killed by "
+                                      f"SIGKILL or for memory, a DDP rank's crash took it down, or the machine "
+                                      f"restarted; {rerun}")
+    metrics = record.get("metrics", {})
+    return {
+        "job": job.name, "setting": setting_of(record.get("overrides", [])), "seed": record.get("seed"),
+        "status": status, "val_acc_best": metrics.get("val/acc_best"),
+        "best_epoch": metrics.get("best_epoch"), "test_acc": metrics.get("test/acc"),
+        "test_loss": metrics.get("test/loss"), "epochs": metrics.get("epochs"),
+        **_compute(job), **_digests(record), "git_commit": record.get("git_commit"), "error": error,
+    }
 
 
 def _digests(record: dict) -> dict:

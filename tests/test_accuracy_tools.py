@@ -230,13 +230,14 @@ def test_a_run_with_cutmix_trains_validates_and_tests(make_cfg, tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_tricks_scores_raw_and_averaged_weights_on_validation(make_cfg, tmp_path, data_dir):
+def test_eval_tricks_scores_raw_and_averaged_weights_on_validation(make_cfg, tmp_path, data_dir, capsys):
     from fmnist.inference.tricks import compare
+    from fmnist.results.__main__ import main
     from fmnist.results.compare import tricks_markdown
 
     whole = "data.eval_batch_size=1000"  # the runs validate the whole split, as eval_tricks scores it
-    metrics = train(make_cfg(*EMA, whole), tmp_path / "ema" / "seed=0")
-    train(make_cfg("model=simple", whole), tmp_path / "plain" / "seed=0")
+    metrics = train(make_cfg(*EMA, whole), tmp_path / "ema" / "seed=0", overrides=[*EMA, whole])
+    train(make_cfg("model=simple", whole), tmp_path / "plain" / "seed=0", overrides=["model=simple", whole])
     table = compare([tmp_path / "ema"]).set_index(["weights", "tta"])
     assert list(table.index) == [(w, t) for w in ("raw", "ema") for t in ("none", "flip", "flip_shift")]
     # the averaged weights without TTA are what the run itself validated (and selected on)
@@ -248,16 +249,26 @@ def test_eval_tricks_scores_raw_and_averaged_weights_on_validation(make_cfg, tmp
     shutil.rmtree(tmp_path / "plain" / "seed=1")
     # A copy of a sweep given beside it would count its seeds twice: refused before any evaluation.
     shutil.copytree(tmp_path / "plain", tmp_path / "copy" / "plain")
-    pooled_twice = r"the sweeps given: jobs .*copy/plain/seed=0, .*plain/seed=0 are the same setting with seed 0; "
+    pooled_twice = r"the directories given: jobs .*copy/plain/seed=0, .*plain/seed=0 are the same setting with seed 0; "
     with pytest.raises(ConfigError, match=pooled_twice + r".* Give the sweeps without their copies"):
         compare([tmp_path / "plain", tmp_path / "copy" / "plain"])
     shutil.copytree(tmp_path / "plain" / "seed=0", tmp_path / "copy" / "plain" / "copy_of_seed0")  # inside a sweep too
     with pytest.raises(ConfigError, match=r"jobs copy_of_seed0, seed=0 are the same setting with seed 0"):
         compare([tmp_path / "copy" / "plain"])
     # Another seed in a sweep of the same name elsewhere is pooled: its runs are keyed by their paths.
-    train(make_cfg("model=simple", "seed=1", whole), tmp_path / "other machine" / "plain" / "seed=1")
+    train(make_cfg("model=simple", "seed=1", whole), tmp_path / "other machine" / "plain" / "seed=1",
+          overrides=["model=simple", "seed=1", whole])
     both = compare([tmp_path / "plain", tmp_path / "other machine" / "plain"])
     assert (both.n == 2).all() and (both.change_mean == 0.0).all()  # two runs, each paired with itself
+    # Run directories are taken one by one (one setting's jobs of a sweep of several), by the command too.
+    runs = compare([tmp_path / "plain" / "seed=0", tmp_path / "other machine" / "plain" / "seed=1"])
+    assert runs.equals(both)
+    assert main(["tricks", str(tmp_path / "plain" / "seed=0")]) == 0 and "| raw | flip |" in capsys.readouterr().out
+    # Runs of different settings are not averaged as if they were seeds of one (a learning-rate sweep's jobs).
+    with pytest.raises(ConfigError, match=r"the completed runs are of 2 settings \(.*\), and the table's mean and "
+                                          r"interval are over the seeds of one; nothing was evaluated. Give one setting's "
+                                          r"runs: a sweep of its seeds, or its run directories \(.*ema/seed=0\)"):
+        compare([tmp_path / "ema", tmp_path / "plain"])
     assert "| ema | flip |" in tricks_markdown(table.reset_index())
     # --data-dir is for the runs' data moved elsewhere: another training CSV is refused before any evaluation
     moved, other = tmp_path / "moved", tmp_path / "other"

@@ -19,8 +19,8 @@ from fmnist.errors import CheckpointError, ConfigError
 from fmnist.hardware import memory_errors
 from fmnist.inference.loading import best_in_run, check_finite, load_model, net_state, training_datamodule
 from fmnist.models import weights_error
-from fmnist.runs import (COMPLETED, METRICS_FILE, TRICKS_COLUMNS, TRICKS_REFERENCE, TRICKS_WEIGHTS,
-                         check_one_job_per_seed, collect, read_config_section, short_digest)
+from fmnist.runs import (COLUMNS, COMPLETED, METRICS_FILE, TRICKS_COLUMNS, TRICKS_REFERENCE, TRICKS_WEIGHTS,
+                         check_one_job_per_seed, collect, job_row, read_config_section, short_digest)
 
 
 def validation_accuracies(run_dir: Path, data_dir: str | Path | None = None,
@@ -78,16 +78,27 @@ def compare(sweep_dirs: list[Path], data_dir: str | Path | None = None, batch_si
     change against raw weights without TTA (mean and std of the per-run differences). `batch_size`: images per
     evaluation batch (by default each run's own)."""
     pooled = []
-    for sweep in sweep_dirs:
-        jobs = collect(sweep)
+    for given in map(Path, sweep_dirs):
+        if (given / METRICS_FILE).is_file():  # a run directory: that run alone (one setting's jobs of a sweep)
+            jobs, sweep = pd.DataFrame([job_row(given)], columns=COLUMNS), given.parent
+        else:
+            jobs, sweep = collect(given), given
         check_one_job_per_seed(jobs, sweep)  # each run is paired with itself: data may differ between runs
         done = jobs[jobs.status == COMPLETED]
-        pooled.append(done.assign(job=[Path(sweep) / job for job in done.job]))
+        pooled.append(done.assign(job=[sweep / job for job in done.job]))
     pooled = pd.concat(pooled, ignore_index=True)
     if pooled.empty:
         raise ConfigError(f"{', '.join(map(str, sweep_dirs))}: no completed run to evaluate; nothing was evaluated.")
-    # before the evaluation, which takes minutes; the table pools the runs of every sweep given
-    check_one_job_per_seed(pooled, "the sweeps given", advice="Give the sweeps without their copies.")
+    # before the evaluation, which takes minutes; the table pools the runs of every directory given
+    check_one_job_per_seed(pooled, "the directories given", advice="Give the sweeps without their copies.")
+    settings = list(dict.fromkeys(pooled.setting))
+    if len(settings) > 1:  # the table's mean and interval are over seeds of one setting
+        first = pooled[pooled.setting == settings[0]].job
+        raise ConfigError(f"{', '.join(map(str, sweep_dirs))}: the completed runs are of {len(settings)} settings "
+                          f"({'; '.join(settings[:3])}{'; ...' if len(settings) > 3 else ''}), and the table's mean and "
+                          "interval are over the seeds of one; nothing was evaluated. Give one setting's runs: a sweep "
+                          f"of its seeds, or its run directories ({' '.join(map(str, first[:2]))}"
+                          f"{' ...' if len(first) > 2 else ''}).")
     check_same_training_data(pooled, None if data_dir is None else Path(data_dir))
     rows = []
     for run in pooled.job:

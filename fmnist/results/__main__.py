@@ -201,7 +201,8 @@ def parser() -> argparse.ArgumentParser:
                              help="the baseline sweep (one setting, several seeds), then the sweeps to compare with it")
         else:
             sub.add_argument("dirs", nargs="*" if name == "tricks" else "+", metavar="DIR", type=path_argument,
-                             help="sweep directories, e.g. outputs/study-cpu")
+                             help="sweep directories, e.g. outputs/study-cpu" if name != "tricks" else
+                             "sweep directories of one setting's seeds, or its run directories")
         if name == "tricks":
             sub.add_argument("--from-csv", type=path_argument, metavar="FILE",
                              help="render a table that `tricks --csv FILE` wrote, instead of evaluating DIRs")
@@ -230,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def work() -> None:
-        if args.verb != "images":  # a run directory is an answer there
-            args.dirs = [sweep_dir(d) for d in args.dirs]  # every directory checked before anything is written
+        if args.verb != "images":  # a run directory is an answer there, and among tricks' directories
+            # every directory checked before anything is written
+            args.dirs = [d if args.verb == "tricks" and (d / METRICS_FILE).is_file() else sweep_dir(d) for d in args.dirs]
         check_given_once(args.dirs)
         with storage_errors(key=None):  # e.g. a file named `figures` where the report makes its directory
             VERBS[args.verb][0](args)
