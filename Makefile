@@ -19,6 +19,10 @@ EXTRAS := dev,export,slurm,postgres,mlflow,wandb
 
 .PHONY: install lock data train test test-fast test-cluster tensorboard bench gpu-check gpu-records speedrun cpu-best ablations report leaderboard docs clean
 
+# An empty PYTHON (an unset shell variable) would make `$(PYTHON) -m venv` a recipe line `-m venv`, whose
+# failure make ignores.
+$(if $(strip $(PYTHON)),,$(error PYTHON is empty (an unset shell variable?): name a Python 3.10 or later, or leave PYTHON out for python3))
+
 # The tested versions of every package, for this Python if there is a lock for it (constraints/py3.X.txt).
 PY_VERSION := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")' 2>/dev/null)
 LOCK := constraints/py$(PY_VERSION).txt
@@ -49,8 +53,9 @@ $(STAMP): pyproject.toml $(wildcard $(LOCK))
 
 install: $(STAMP)
 
+# ARGS go to get_data.py only from `make data` itself: from `make train ARGS=...` they are train.py's.
 data: $(STAMP)
-	$(BIN)/python scripts/get_data.py --data-dir $(DATA_ARG)
+	$(BIN)/python scripts/get_data.py --data-dir $(DATA_ARG) $(if $(filter data,$(MAKECMDGOALS)),$(ARGS))
 
 train: data
 	$(BIN)/python train.py $(DATA_OVERRIDE) $(ARGS)
@@ -100,8 +105,9 @@ cpu-best: data
 ablations: data
 	$(BIN)/python train.py -m experiment=study preset=cpu $(DATA_OVERRIDE) $(ARGS)
 
+# SWEEP, else the sweep directories in ARGS, else outputs/study-cpu (make ablations writes it).
 report: $(STAMP)
-	$(BIN)/python -m fmnist.results report $(call shell_quote,$(or $(value SWEEP),outputs/study-cpu))
+	$(BIN)/python -m fmnist.results report $(if $(value SWEEP),$(call shell_quote,$(value SWEEP)),$(if $(strip $(ARGS)),,outputs/study-cpu)) $(ARGS)
 
 # The leaderboard in docs/performance.md, from the committed sweeps (add yours: make leaderboard ARGS=outputs/NAME).
 LEADERBOARD_SWEEPS := docs/results/cpu_best docs/results/cpu_best_half docs/results/speedrun_cpu docs/results/gpu/speedrun_gpu_95_before_ema docs/results/report docs/results/gpu/records/2026-12-04/speedrun_gpu docs/results/gpu/records/2026-12-04/speedrun_gpu_95

@@ -329,6 +329,23 @@ def test_make_passes_a_data_path_with_spaces_and_commas_whole(path):
     assert "data.dir=data" in shlex.split(next(line for line in plain.splitlines() if "train.py" in line))
 
 
+def test_make_passes_args_on_to_data_and_report_and_refuses_an_empty_python():
+    def planned(*args: str) -> list[list[str]]:
+        result = subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, check=True)
+        return [shlex.split(line) for line in result.stdout.splitlines() if ".venv/bin/python" in line]
+
+    # They were dropped: `--no-download` ignored, another sweep's report not drawn.
+    assert planned("data", "ARGS=--no-download")[-1][-1] == "--no-download"
+    assert planned("train", "ARGS=preset=smoke")[-2][-2:] == ["--data-dir", "data"]  # train's ARGS are train.py's alone
+    assert planned("report", "ARGS=outputs/mine")[-1][-2:] == ["report", "outputs/mine"]
+    assert planned("report", "SWEEP=outputs/a b")[-1][-2:] == ["report", "outputs/a b"]
+    assert planned("report")[-1][-2:] == ["report", "outputs/study-cpu"]
+    # An empty PYTHON made the recipe line `-m venv .venv`, whose failure make ignores, and went on.
+    result = subprocess.run(["make", "-n", "install", "PYTHON="], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "PYTHON is empty (an unset shell variable?)" in result.stderr
+    assert result.stdout == ""
+
+
 def test_a_console_whose_reader_has_gone_goes_quiet_instead_of_a_traceback_per_line(capfd):
     """`python train.py ... | head -1`: the run goes on; its console lines after the first go nowhere."""
     import logging
