@@ -531,6 +531,16 @@ def test_results_tricks_refuses_a_batch_size_it_cannot_use(given, words, capsys)
     assert stop.value.code == 2 and words in capsys.readouterr().err
 
 
+def test_results_tricks_names_a_run_without_a_best_checkpoint_without_suggesting_ckpt(tmp_path):
+    # It suggested `pass ckpt=.../last.ckpt`, which tricks does not take.
+    from fmnist.inference.tricks import validation_accuracies
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"run: run directory without a best checkpoint \(checkpoints/best-epoch\*\.ckpt\)\.$"):
+        validation_accuracies(tmp_path / "run")
+
+
 @pytest.mark.parametrize("stop,code,words", [(KeyboardInterrupt, 130, "Ctrl-C"), (Terminated, 143, "SIGTERM")])
 def test_an_export_stopped_inside_the_exporter_is_a_stop_not_a_crash(run_dir, tmp_path, run_in_process, monkeypatch,
                                                                      stop, code, words):

@@ -27,7 +27,7 @@ def validation_accuracies(run_dir: Path, data_dir: str | Path | None = None,
                           batch_size: int | None = None) -> dict[tuple[str, str], float]:
     """{(weights, tta): validation accuracy} of the run's best checkpoint; weights: `raw`, and `ema` when averaged.
     `batch_size`: images per evaluation batch (by default the run's own evaluation batch size)."""
-    path = best_in_run(run_dir)
+    path = best_in_run(run_dir, suggest_last=False)  # tricks scores best checkpoints only: no ckpt= to pass
     loaded = load_model(path)
     images, labels = training_datamodule(loaded.data, data_dir).splits["val"]
     batch = batch_size or loaded.eval_batch_size
