@@ -294,15 +294,16 @@ def check_places(data_dir: Path, idx_dir: Path | None, results: Path) -> None:
     check_folder_can_hold(results, "--results", results, "nothing was run.")
 
 
-def check_archive(path: Path) -> None:
+def check_archive(path: Path) -> str | None:
     """ConfigError for an --archive path that cannot be written, or that holds a file no check wrote (an archive
-    begins with its results folder's ENV_FILE), which the archive would replace."""
+    begins with its results folder's ENV_FILE), which the archive would replace. Else the name of the results
+    folder an earlier check's archive there holds (None: no file there)."""
     if not path.parent.is_dir():
         raise ConfigError(f"--archive names {path}, in {path.parent}, which is not an existing directory; nothing "
                           "was run. Create the directory, or choose a file in one that exists.")
     check_writable(path.parent, key="--archive")
     if not path.exists() and not path.is_symlink():
-        return
+        return None
     try:
         with tarfile.open(path, "r:gz") as tar:
             first = tar.next()
@@ -310,7 +311,7 @@ def check_archive(path: Path) -> None:
             written = (len(Path(first.name).parts) == 2 and Path(first.name).name == ENV_FILE and env is not None
                        and "hardware_line" in json.loads(env.read(1 << 20)))
         if path.is_file() and written:
-            return  # an earlier check's: replaced by this one's, which holds its folder again
+            return Path(first.name).parts[0]  # an earlier check's: replaced only by the same folder's, which holds it again
     except (tarfile.TarError, OSError, EOFError, ValueError, TypeError):
         pass
     raise ConfigError(f"--archive names {path}, which exists and is not an archive a check wrote (one begins with "
@@ -463,10 +464,11 @@ def main() -> int:
     parser.add_argument("--archive", type=output_path_argument, default=None, metavar="FILE",
                         help="also write the results folder as FILE (.tar.gz) after every step")
     args = parser.parse_args()
+    archived = None
     try:
         check_working_directory()
         if args.archive is not None:  # a dry run checks it too: refused here, not in the GPU window
-            check_archive(args.archive.resolve())
+            archived = check_archive(args.archive.resolve())
     except (ConfigError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -491,6 +493,10 @@ def main() -> int:
     if results.is_dir() and any(results.iterdir()) and not (results / ENV_FILE).is_file():
         parser.error(f"--results {results}: holds files that no check wrote (no {ENV_FILE}), which its summary.md and "
                      f"{ENV_FILE} could replace; nothing was run. Name a new folder, or one an earlier check wrote.")
+    if archived is not None and archived != results.name:  # it may be the only copy of another window's results
+        parser.error(f"--archive {args.archive}: holds another check's results folder ({archived}), not {results.name}; "
+                     "it is not replaced; nothing was run. Choose a new file name, or give that folder as --results "
+                     "to continue it.")
     data_dir = args.data_dir.resolve()
     try:  # what the run would meet only once it starts: refused here, by a dry run too
         check_places(data_dir, args.idx_dir, results)

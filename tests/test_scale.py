@@ -587,6 +587,12 @@ def test_gpu_records_smoke_writes_its_results_and_a_second_run_continues(tmp_pat
     assert second.stdout.count("skipped in 0 s all 1 jobs finished in an earlier run") == 3, second.stdout[-3000:]
     with tarfile.open(archive) as tar:
         assert tar.getnames()[0] == "records/env.json" and "records/records.tgz" not in tar.getnames()
+    # Another folder's check (a later window's new folder) does not replace it: it may be the only copy.
+    kept = archive.read_bytes()
+    other = run_in_process("scripts/gpu_check.py", "--records", "--dry-run", "--results", str(tmp_path / "later"),
+                           "--archive", str(archive))
+    assert other.returncode == 2 and "holds another check's results folder (records), not later" in other.stderr
+    assert archive.read_bytes() == kept and not (tmp_path / "later").exists()
     # A tarball whose first member is another folder's env.json, not a check's, is not replaced.
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "env.json").write_text("{}")
