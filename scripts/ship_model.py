@@ -30,8 +30,8 @@ from fmnist import IMAGE_SIDE, NUM_CLASSES
 from fmnist.config import EVAL_BATCH_SIZE
 from fmnist.overrides import check_name
 from fmnist.errors import ConfigError, StorageError
-from fmnist.fsio import (atomic_write, check_writable, file_digest, load_checkpoint, path_argument, storage_error,
-                         storage_errors)
+from fmnist.fsio import (atomic_write, check_writable, file_digest, load_checkpoint, missing_dirs, path_argument,
+                         remove_if_empty, storage_error, storage_errors)
 from fmnist.inference.loading import DATAMODULE_STATE_KEY, PRETRAINED, PRETRAINED_DIR, best_in_run, load_model
 from fmnist.runs import COMPLETED, METRICS_FILE, read_config_section, read_record, record_problem, short_digest
 
@@ -42,7 +42,8 @@ KEPT = ("state_dict", "hyper_parameters", "datamodule_hyper_parameters", DATAMOD
         "global_step", "pytorch-lightning_version")
 
 
-def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR, replace: bool = False) -> Path:
+def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR, replace: bool = False,
+         data_dir: Path | None = None) -> Path:
     """Write out_dir/NAME.ckpt, NAME.onnx and NAME.md from the run's best checkpoint; return the card's path.
 
     Refused (ConfigError, nothing written) unless the run completed and the stripped checkpoint gives
@@ -89,6 +90,7 @@ def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR, replace: bool
     source = best_in_run(run_dir, suggest_last=False)  # the best on validation, or nothing
     load_model(source)  # a checkpoint that cannot serve (weights that are not finite) is named as the run's
     payload = load_checkpoint(source)
+    made = missing_dirs(out_dir)  # removed again where left empty, if nothing is shipped
     with storage_errors(key=None):  # a read-only out_dir: one paragraph, before the test set is scored
         out_dir.mkdir(parents=True, exist_ok=True)
         check_writable(out_dir, key=None)
@@ -101,7 +103,7 @@ def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR, replace: bool
             torch.save({k: payload[k] for k in KEPT if k in payload}, buffer)
             atomic_write(ckpt, buffer.getvalue())  # as every file is written: an error names it, and it is on disk
             loaded = load_model(ckpt)
-            images, labels = loaded_test_set(loaded)
+            images, labels = loaded_test_set(loaded, data_dir)
             logits = loaded.logits_batched(images, EVAL_BATCH_SIZE, tta=loaded.tta)
             accuracy = classification_metrics(logits, labels)[0]["accuracy"]
             differing = round(abs(accuracy - recorded) * len(labels))
@@ -111,14 +113,18 @@ def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR, replace: bool
                                   f"fp32, not the {recorded:.2%} the run recorded in {precision}: {differing} of "
                                   f"{len(labels):,} images, where at most {allowed} may differ; not shipped.")
             export(OmegaConf.create({"ckpt": str(ckpt), "out": str(onnx), "overwrite": False,
-                                     "data": {"dir": None, "batch_size": None}}), shipped_name(out_dir / ckpt.name))
+                                     "data": {"dir": None if data_dir is None else str(data_dir), "batch_size": None}}),
+                   shipped_name(out_dir / ckpt.name))
             final = {p: out_dir / p.name for p in (ckpt, onnx, card)}
             atomic_write(card, card_text(name, record, loaded.model, loaded.tta, accuracy, recorded, ckpt, onnx, run_dir,
                                          len(labels)))
             move_into_place(final, staging)
+            made = []
             return final[card]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        for directory in made:  # the deepest first
+            remove_if_empty(directory)
 
 
 def move_into_place(final: dict[Path, Path], staging: Path) -> None:
@@ -171,10 +177,10 @@ def shipped_name(path: Path) -> str:
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
-def loaded_test_set(loaded):
+def loaded_test_set(loaded, data_dir: Path | None = None):
     from fmnist.data.csv_io import load_csv
 
-    return load_csv(loaded.test_csv(None))
+    return load_csv(loaded.test_csv(None if data_dir is None else str(data_dir), key="--data-dir"))
 
 
 def card_text(name, record, model, tta, accuracy, recorded, ckpt, onnx, run_dir, n_test: int) -> str:
@@ -212,9 +218,11 @@ def main() -> int:
     parser.add_argument("--name", default=PRETRAINED.stem,
                         help=f"the shipped files' name (default: {PRETRAINED.stem}, the one ckpt=pretrained loads)")
     parser.add_argument("--replace", action="store_true", help="replace a model already shipped under --name")
+    parser.add_argument("--data-dir", type=path_argument, default=None,
+                        help="the directory holding the test CSV (default: the one the run was trained on)")
     args = parser.parse_args()
-    return run_plain(lambda: print(ship(args.run_dir, args.name, replace=args.replace).read_text()),
-                     unwind_on_sigterm=True)
+    return run_plain(lambda: print(ship(args.run_dir, args.name, replace=args.replace,
+                                        data_dir=args.data_dir).read_text()), unwind_on_sigterm=True)
 
 
 if __name__ == "__main__":

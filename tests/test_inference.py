@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 
 from fmnist import CLASS_NAMES
 from fmnist.data.csv_io import HEADER, load_csv, parse_csv, write_csv
-from fmnist.errors import CheckpointError, ConfigError, StorageError
+from fmnist.errors import CheckpointError, ConfigError, DataError, StorageError
 from fmnist.cli import Terminated
 from fmnist.inference import evaluate as evaluate_module
 from fmnist.inference import export as export_module
@@ -675,10 +675,22 @@ def test_values_read_from_a_checkpoint_are_checked_like_config_values(run_dir, t
 
 
 @pytest.mark.slow
-def test_a_shipped_model_loads_as_ckpt_pretrained_and_reproduces_its_run(run_dir, tmp_path, monkeypatch, caplog):
+def test_a_shipped_model_loads_as_ckpt_pretrained_and_reproduces_its_run(run_dir, tmp_path, monkeypatch, caplog,
+                                                                         garments, data_dir):
     from fmnist.inference import loading
 
     ship_model = import_script("ship_model")
+    # A run's test CSV elsewhere (a relative data.dir, shipped from another directory) is named by --data-dir, the
+    # option ship_model takes (it advised data.dir=, which it refuses), and the folders it made are removed again.
+    with pytest.raises(DataError, match=r"test CSV not found in the directory given by --data-dir. Pass --data-dir DIR"):
+        ship_model.ship(run_dir, "tiny", out_dir=tmp_path / "new" / "pretrained", data_dir=tmp_path)
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(ConfigError, match="scores .* on the test set in fp32, not the .* the run recorded"):
+        ship_model.ship(run_dir, "tiny", out_dir=tmp_path / "new" / "pretrained", data_dir=data_dir)  # other images
+    assert not (tmp_path / "new").exists()
+    ship_model.ship(run_dir, "moved", out_dir=tmp_path / "moved", data_dir=garments)
+    assert sorted(p.name for p in (tmp_path / "moved").iterdir()) == ["moved.ckpt", "moved.md", "moved.onnx"]
+    shutil.rmtree(tmp_path / "moved")
     card = ship_model.ship(run_dir, "tiny", out_dir=tmp_path).read_text()
     ckpt, onnx_file = tmp_path / "tiny.ckpt", tmp_path / "tiny.onnx"
     assert "on the 200 images of the run's test CSV" in card  # the run's own test set, not Fashion-MNIST's 10,000

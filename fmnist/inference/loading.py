@@ -172,17 +172,19 @@ class LoadedModel:
         return torch.cat([self.logits(images[i:i + batch_size], tta) for i in range(0, len(images), batch_size)]) \
             if len(images) else torch.empty(0, NUM_CLASSES)
 
-    def test_csv(self, data_dir: str | None) -> Path:
-        """The test CSV of `data_dir`, or of the directory the model was trained on."""
+    def test_csv(self, data_dir: str | None, key: str = "data.dir") -> Path:
+        """The test CSV of `data_dir`, or of the directory the model was trained on. `key`: how the command takes
+        `data_dir` (a config key, or an option such as `--data-dir`), as its messages name it."""
         directory = data_dir if data_dir is not None else self.data.get("dir")
         if directory is None:
-            raise DataError(f"{self.path}: the checkpoint does not say which data it was trained on; pass data.dir=DIR.")
+            raise DataError(f"{self.path}: the checkpoint does not say which data it was trained on; pass "
+                            f"{given_as('DIR', key)}.")
         path = find_csv(directory, "test")
         if not path.exists():
-            how = "the directory given by data.dir" if data_dir is not None else \
+            how = f"the directory given by {key}" if data_dir is not None else \
                 "the checkpoint's training data directory"
-            raise DataError(f"{path}: test CSV not found in {how}. Pass data.dir=DIR naming a directory that holds "
-                            f"{CSV_NAMES['test']} (Kaggle format).")
+            raise DataError(f"{path}: test CSV not found in {how}. Pass {given_as('DIR', key)} naming a directory that "
+                            f"holds {CSV_NAMES['test']} (Kaggle format).")
         return path
 
 
