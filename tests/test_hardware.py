@@ -286,6 +286,24 @@ def test_the_verdicts_live_in_the_users_cache_whatever_xdg_cache_home_holds(monk
     assert auto.cache_file() == expected / "fmnist" / "precision.json"
 
 
+@pytest.mark.parametrize("blank", ["", " "])
+def test_clear_refuses_a_blank_cache_dir_rather_than_clearing_the_default_verdicts(monkeypatch, capsys, tmp_path, blank):
+    # `FMNIST_CACHE_DIR=$SCRATCH ... clear` with SCRATCH unset removed the user's own ~/.cache verdicts.
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("FMNIST_CACHE_DIR", blank)
+    default = tmp_path / ".cache" / "fmnist" / "precision.json"
+    assert auto.cache_file() == default  # blank is unset: not a folder named ' ' in the current directory
+    measure, _ = fake_probe(10, 5)
+    monkeypatch.setattr(auto, "probe", measure)
+    assert auto.main(["measure", "model=simple", "--device", "cpu"]) == 0 and default.is_file()
+    capsys.readouterr()
+    assert auto.main(["clear"]) == 2
+    said = capsys.readouterr().err
+    assert f"FMNIST_CACHE_DIR is set but empty (an unset shell variable?), which means the default verdicts file, " \
+           f"{default}; nothing was removed" in said and default.is_file()
+
+
 @pytest.mark.parametrize("chooser", ["FMNIST_CACHE_DIR", "XDG_CACHE_HOME", "HOME"])
 def test_a_refusal_names_what_chose_the_verdicts_place(monkeypatch, capsys, tmp_path, chooser):
     # It said "FMNIST_CACHE_DIR names its directory" also where that was unset and XDG_CACHE_HOME or HOME chose it.

@@ -160,7 +160,7 @@ def cache_file() -> Path:
 
 def _cache_place() -> tuple[Path, str]:
     """`cache_file()`, and what chose its directory as a message says it."""
-    if os.environ.get("FMNIST_CACHE_DIR"):
+    if os.environ.get("FMNIST_CACHE_DIR", "").strip():  # blank: unset (not a folder named ' ' here)
         return Path(os.environ["FMNIST_CACHE_DIR"]) / "precision.json", "FMNIST_CACHE_DIR names its directory"
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     # Not a folder of the current directory.
@@ -352,6 +352,11 @@ def _show(path: Path, cache: _Cache) -> None:
 
 def _clear(path: Path, cache: _Cache) -> None:
     """`clear`: remove the verdicts file, unless something else stands at its path."""
+    if "FMNIST_CACHE_DIR" in os.environ and not os.environ["FMNIST_CACHE_DIR"].strip():
+        # `FMNIST_CACHE_DIR=$SCRATCH` with SCRATCH unset: the user's own cache is not what was meant
+        raise ConfigError(f"FMNIST_CACHE_DIR is set but empty (an unset shell variable?), which means the default "
+                          f"verdicts file, {path}; nothing was removed. Name the directory, or unset FMNIST_CACHE_DIR "
+                          "to clear the default one.")
     if not cache.removable:
         raise ConfigError(f"{path}: {cache.problem}; expected the verdicts file ({_cache_place()[1]}). Nothing was "
                           f"removed; {cache.fix}.")
