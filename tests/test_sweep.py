@@ -604,10 +604,19 @@ def test_results_command_refuses_what_is_not_a_sweep_and_writes_nothing(tmp_path
     (tmp_path / "notes.txt").write_text("mine")
     for directory, words in ((run, "a run directory, not a sweep"), (empty, "no job directories"),
                              (tmp_path / "missing", "no such directory"), (tmp_path / "notes.txt", "a file, not a")):
+        if verb == "tricks" and directory == run:  # tricks takes run directories (one setting's jobs of a sweep)
+            continue
         before = sorted(p.name for p in tmp_path.rglob("*"))
         assert results_main([verb, str(directory)]) == 2
         assert words in capsys.readouterr().err
         assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    # A folder of sweeps (outputs/train, where unnamed sweeps go) is told to pass one of them.
+    (empty / "2026-12-05_10-00-00").mkdir()
+    (empty / "2026-12-05_10-00-00" / "multirun.yaml").write_text("hydra: {}\n")
+    assert results_main([verb, str(empty)]) == 2
+    assert f"it holds sweep directories: pass one of them ({empty / '2026-12-05_10-00-00'})" in capsys.readouterr().err
+    if verb == "tricks":
+        return
     # The hint names the folder above only when it is a sweep: a single run's folder (outputs/runs) is none.
     assert results_main([verb, str(run)]) == 2
     assert "(such as outputs/train/<time>/ from `python train.py -m ...`" in capsys.readouterr().err

@@ -22,27 +22,31 @@ from pathlib import Path
 from fmnist.cli import UnknownOptionFirstParser, run_plain
 from fmnist.errors import ConfigError
 from fmnist.fsio import (atomic_output, atomic_write, check_output_file, check_writable, not_a_directory,
-                         output_path_argument, path_argument, storage_errors)
+                         output_path_argument, path_argument, some_names, storage_errors)
 from fmnist.overrides import SWEEP_CONFIG_FILE
 from fmnist.runs import METRICS_FILE, collect
 
 
 def sweep_dir(text: str) -> Path:
     """`text` as a sweep directory, or ConfigError saying what it is instead."""
+    from fmnist.results.sweep import SUMMARY_FILES  # a committed sweep keeps its summaries, not Hydra's yaml
+
     path = Path(text)
     if not path.is_dir():
         raise ConfigError(f"{path}: {not_a_directory(path)}; expected a sweep directory (job directories with metrics.json), "
                           "as `python train.py -m ...` writes under outputs/ (`make ablations` writes outputs/study-cpu).")
     if (path / METRICS_FILE).is_file():
-        from fmnist.results.sweep import SUMMARY_FILES  # a committed sweep keeps its summaries, not Hydra's yaml
-
         a_sweep = any((path.parent / name).is_file() for name in (SWEEP_CONFIG_FILE, *SUMMARY_FILES))
         holder = f"(here {path.parent})" if a_sweep else \
             "(such as outputs/train/<time>/ from `python train.py -m ...`; one run is evaluated with evaluate.py ckpt=...)"
         raise ConfigError(f"{path}: a run directory, not a sweep; pass the directory that holds the sweep's jobs "
                           f"{holder}.")
     if collect(path).empty:
-        raise ConfigError(f"{path}: no job directories (none holds metrics.json or .hydra/); expected a sweep "
+        sweeps = [d for d in sorted(path.iterdir()) if d.is_dir()  # outputs/train: the sweeps of unnamed commands
+                  and any((d / name).is_file() for name in (SWEEP_CONFIG_FILE, *SUMMARY_FILES))]
+        inside = f"; it holds sweep directories: pass one of them ({some_names([str(d) for d in sweeps])})" if sweeps \
+            else ""
+        raise ConfigError(f"{path}: no job directories (none holds metrics.json or .hydra/){inside}; expected a sweep "
                           "directory such as outputs/<name>.")
     return path
 
