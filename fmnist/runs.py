@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import subprocess
+import warnings
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -456,13 +457,16 @@ def read_confusion_matrix(job: Path) -> np.ndarray | None:
     if not path.exists():
         return None
     try:
-        cm = np.loadtxt(path, delimiter=",", ndmin=2)
+        with warnings.catch_warnings():  # an empty file: numpy warns, then gives a 0 x 1 table, named below
+            warnings.simplefilter("ignore", UserWarning)
+            cm = np.loadtxt(path, delimiter=",", ndmin=2)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: cannot read it as a table of numbers ({str(e).rstrip('.')}); expected the confusion matrix a "
                           "run writes.") from e
     if cm.shape != (NUM_CLASSES, NUM_CLASSES):
+        holds = "is empty" if cm.size == 0 else f"holds a {cm.shape[0]} x {cm.shape[1]} table"
         raise ConfigError(f"{path}: expected the {NUM_CLASSES} x {NUM_CLASSES} confusion matrix a run writes; it "
-                          f"holds a {cm.shape[0]} x {cm.shape[1]} table.")
+                          f"{holds}.")
     if not np.isfinite(cm).all() or (cm < 0).any() or (cm != np.round(cm)).any() or (cm > MAX_COUNT).any():
         raise ConfigError(f"{path}: expected counts (whole numbers from 0 to 2**53) in the confusion matrix "
                           "a run writes; it holds other values.")
