@@ -2,6 +2,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 from datetime import datetime
@@ -545,6 +546,12 @@ def test_leaderboard_rows_come_from_the_sweeps_records(tmp_path):
     assert "| **myrecipe** | 94.00 ± 12.71 | 2 | 55,000 | 5.5 | 10 | Test GPU, bf16-mixed |" in main_table
     assert "Not on the standard 60k/10k split" in table and "| small | 98.00 | 1 | 1,000-image training subset, 200 test images |" in table
     assert "myrecipe: 1 job(s) left out, not completed or not tested: `seed=2` (unreadable)." in table
+    # Two sweeps of one name (a recipe's records of two dates) are told apart by the folders above them.
+    again = shutil.copytree(sweep, tmp_path / "later" / "myrecipe")
+    table = markdown([sweep, again])
+    assert table.count(f"| **{tmp_path.name}/myrecipe** |") == 1 and table.count("| **later/myrecipe** |") == 1
+    assert "later/myrecipe: 1 job(s) left out" in table
+    shutil.rmtree(tmp_path / "later")
     # The project's rows by their training FLOPs, cheapest first, never by test accuracy: a cheaper, less
     # accurate recipe comes before this one, and one whose compute is unknown comes last.
     cheap, unknown = tmp_path / "cheap", tmp_path / "unknown"

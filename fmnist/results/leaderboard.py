@@ -77,10 +77,24 @@ def _pflop(flops: pd.Series) -> str:
     return (low if low == high else f"{low}-{high}") + ("" if len(known) == len(flops) else " (some seeds ?)")
 
 
-def project_rows(sweep_dir: Path, table: pd.DataFrame) -> list[dict]:
-    """One row per completed setting of a sweep directory (`table`: its jobs, `collect`); `split` says how
-    its data differs from the standard."""
+def sweep_labels(sweep_dirs: list[Path]) -> dict[Path, str]:
+    """How the leaderboard names each sweep: its folder's name, with as many folders above it as tell it apart from
+    another given sweep of that name (`2026-12-04/speedrun_gpu` beside `2026-12-06/speedrun_gpu`)."""
+    paths = [Path(d).resolve() for d in sweep_dirs]
+    labels = {}
+    for path, given in zip(paths, map(Path, sweep_dirs)):
+        depth = 1
+        while depth < len(path.parts) and sum(p.parts[-depth:] == path.parts[-depth:] for p in paths) > 1:
+            depth += 1
+        labels[given] = "/".join(path.parts[-depth:])
+    return labels
+
+
+def project_rows(sweep_dir: Path, table: pd.DataFrame, label: str | None = None) -> list[dict]:
+    """One row per completed setting of a sweep directory (`table`: its jobs, `collect`), named after `label` (by
+    default the folder's name); `split` says how its data differs from the standard."""
     sweep_dir = Path(sweep_dir)
+    label = label or sweep_dir.name
     done = table[(table.status == COMPLETED) & table.test_acc.notna()]
     rows = []
     for setting, jobs in done.groupby("setting"):
@@ -91,7 +105,7 @@ def project_rows(sweep_dir: Path, table: pd.DataFrame) -> list[dict]:
         acc = jobs.test_acc * 100
         first = jobs.iloc[0]  # the seeds of a setting train on the same number of images
         rows.append({
-            "recipe": sweep_dir.name if setting == "(defaults)" else f"{sweep_dir.name}: {setting}",
+            "recipe": label if setting == "(defaults)" else f"{label}: {setting}",
             "test acc (%)": mean_interval(jobs.test_acc).text(),
             "n": len(acc), "flops": jobs.train_flops.dropna().astype(float).mean(),  # NaN when no seed recorded it
             "training images": "?" if pd.isna(first.train_images) else f"{int(first.train_images):,}",
@@ -103,15 +117,15 @@ def project_rows(sweep_dir: Path, table: pd.DataFrame) -> list[dict]:
     return rows
 
 
-def left_out(sweep_dir: Path, table: pd.DataFrame) -> str | None:
-    """A line naming the jobs of a sweep (`table`: its jobs) left out of the leaderboard (not completed, unreadable,
-    or completed without a test accuracy: `test=false`), if any."""
+def left_out(sweep_dir: Path, table: pd.DataFrame, label: str | None = None) -> str | None:
+    """A line naming the jobs of a sweep (`table`: its jobs; `label`: its name, as `project_rows` takes it) left out
+    of the leaderboard (not completed, unreadable, or completed without a test accuracy: `test=false`), if any."""
     missing = table[(table.status != COMPLETED) | table.test_acc.isna()]
     if missing.empty:
         return None
     why = {COMPLETED: "not tested"}
     jobs = ", ".join(f"`{r.job}` ({why.get(r.status, r.status)})" for r in missing.head(5).itertuples())
-    return (f"{Path(sweep_dir).name}: {len(missing)} job(s) left out, not completed or not tested: {jobs}"
+    return (f"{label or Path(sweep_dir).name}: {len(missing)} job(s) left out, not completed or not tested: {jobs}"
             + (", ..." if len(missing) > 5 else "") + ".")
 
 
@@ -126,7 +140,8 @@ def markdown(sweep_dirs: list[Path]) -> str:
     for sweep_dir, table in tables.items():
         check_poolable(table, sweep_dir)
     # Cheapest first (unknown compute last), never by test accuracy: the test set shows a result, it ranks none.
-    rows = sorted((r for d, t in tables.items() for r in project_rows(d, t)),
+    labels = sweep_labels(list(tables))
+    rows = sorted((r for d, t in tables.items() for r in project_rows(d, t, labels[d])),
                   key=lambda r: math.inf if pd.isna(r["flops"]) else r["flops"])
     row = ("| **{recipe}** | {test acc (%)} | {n} | {training images} | {training PFLOP} | {training time (s)} "
            "| {hardware} |")
@@ -138,7 +153,7 @@ def markdown(sweep_dirs: list[Path]) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['recipe']} | {r['test acc (%)']} | {r['n']} | {r['split']} | {r['training images']} "
                   f"| {r['training PFLOP']} | {r['training time (s)']} | {r['hardware']} |" for r in other]
-    notes = [note for d, t in tables.items() if (note := left_out(d, t))]
+    notes = [note for d, t in tables.items() if (note := left_out(d, t, labels[d]))]
     notes.append(INTERVAL_NOTE + " Two rows whose intervals overlap are not shown to differ. The published "
                  "results give one number each, without an interval.")
     return "\n".join(lines + [""] + notes) + "\n"
