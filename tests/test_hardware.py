@@ -335,6 +335,8 @@ def test_the_command_shows_measures_and_clears_the_cached_verdicts(monkeypatch, 
     assert auto.main(["clear"]) == 0 and "no verdicts cached; nothing to remove" in capsys.readouterr().out
     # Bad overrides are one paragraph with exit 2, before anything is measured or cached.
     for overrides, words in [(["model=nosuch"], "Could not find 'model/nosuch'"),
+                             (["optim.lr=1e-2,1e-3"], "optim.lr=1e-2,1e-3 is a sweep (`,`, range, choice or glob); "
+                                                      "`measure` probes one model"),  # not Hydra's "add --multirun"
                              (["data.batch_size=0"], "config key data.batch_size must be at least 1")]:
         assert auto.main(["measure", *overrides, "--device", "cpu"]) == 2
         assert words in capsys.readouterr().err and not auto.cache_file().exists()
