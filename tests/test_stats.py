@@ -325,6 +325,7 @@ def test_an_image_comparison_refuses_other_images_and_runs_without_predictions(t
                   lambda f: np.save(f, np.zeros(3, int)),  # one bare array, not an archive
                   lambda f: np.savez(f, val_pred=np.zeros((2, 2), int), val_label=np.zeros(2, int)),
                   lambda f: np.savez(f, val_pred=np.zeros(0, int), val_label=np.zeros(0, int)),  # no image
+                  lambda f: np.savez(f, val_pred=np.full(100, 12), val_label=labels),  # no class 12: 0.00%, exit 0
                   lambda f: f.write(_damaged_member(val_pred=np.arange(500) % 10, val_label=np.arange(500) % 10))):
         with open(damaged, "wb") as f:
             write(f)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fmnist import NUM_CLASSES
 from fmnist.config import is_count
 from fmnist.errors import ConfigError
 from fmnist.fsio import not_a_directory
@@ -225,6 +226,10 @@ def _read_predictions(file: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
             or not (np.issubdtype(pred.dtype, np.integer) and np.issubdtype(labels.dtype, np.integer))):
         raise ConfigError(f"{file}: `{split}_pred` and `{split}_label` should be integer class arrays of one length, "
                           "not empty, as a run writes them; this file holds something else.")
+    if not (((0 <= pred) & (pred < NUM_CLASSES)).all() and ((0 <= labels) & (labels < NUM_CLASSES)).all()):
+        raise ConfigError(f"{file}: `{split}_pred` and `{split}_label` should hold classes 0 to {NUM_CLASSES - 1}, as "
+                          f"a run writes them; this file holds others ({int(min(pred.min(), labels.min()))} to "
+                          f"{int(max(pred.max(), labels.max()))}).")
     return pred, labels
 
 
