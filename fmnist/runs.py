@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
+from omegaconf import DictConfig, OmegaConf
 
 from fmnist import NUM_CLASSES
-from fmnist.config import PRECISIONS, SEED_MAX, is_finite_number, is_text_list
+from fmnist.config import PRECISIONS, RENAMED_KEYS, SEED_MAX, flatten, is_finite_number, is_text_list
 from fmnist.errors import ConfigError, first_line
 from fmnist.fsio import atomic_write, read_yaml
 from fmnist.overrides import setting_of
@@ -72,6 +73,22 @@ def read_record(run_dir: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
+
+
+def saved_config(saved: Path, then: str = "the run it belongs to cannot be compared with this command. Start a new "
+                                          "run directory.") -> dict:
+    """A run's saved config.yaml, flattened (`data.augment.hflip`), keys renamed since under their new names;
+    ConfigError naming the file if it is not a run's config (damaged, or edited into something else), ending with
+    `then` (what that means for the command)."""
+    try:
+        loaded = OmegaConf.load(saved)
+        old = flatten(OmegaConf.to_container(loaded, resolve=True)) if isinstance(loaded, DictConfig) else None
+    except Exception as e:  # YAML's and OmegaConf's errors have no common base; any means the same here
+        raise ConfigError(f"{saved}: cannot read it as the config a run writes ({first_line(e) or type(e).__name__}); "
+                          f"{then}") from e
+    if old is None:
+        raise ConfigError(f"{saved}: holds a list, not the mapping of config keys a run writes; {then}")
+    return {RENAMED_KEYS.get(k, k): v for k, v in old.items()}
 
 
 def read_config_section(job: Path, name: str) -> dict:

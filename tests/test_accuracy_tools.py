@@ -1,5 +1,6 @@
 """Accuracy tools: weight EMA, test-time augmentation, batched augmentations."""
 
+import json
 import logging
 import shutil
 
@@ -264,11 +265,18 @@ def test_eval_tricks_scores_raw_and_averaged_weights_on_validation(make_cfg, tmp
     runs = compare([tmp_path / "plain" / "seed=0", tmp_path / "other machine" / "plain" / "seed=1"])
     assert runs.equals(both)
     assert main(["tricks", str(tmp_path / "plain" / "seed=0")]) == 0 and "| raw | flip |" in capsys.readouterr().out
-    # Runs of different settings are not averaged as if they were seeds of one (a learning-rate sweep's jobs).
-    with pytest.raises(ConfigError, match=r"the completed runs are of 2 settings \(.*\), and the table's mean and "
-                                          r"interval are over the seeds of one; nothing was evaluated. Give one setting's "
-                                          r"runs: a sweep of its seeds, or its run directories \(.*ema/seed=0\)"):
+    # Runs of different settings are not averaged as if they were seeds of one (a learning-rate sweep's jobs, two
+    # recipes), whatever their overrides say (an experiment's keys are not among them).
+    with pytest.raises(ConfigError, match=r"the completed runs differ in optim.ema_decay, trainer.deterministic, "
+                                          r"trainer.precision \(optim.ema_decay: 0.5, 0.0\), and the table's mean and "
+                                          r"interval are over the seeds of one setting; nothing was evaluated. Give one "
+                                          r"setting's runs: a sweep of its seeds, or its run directories \(.*ema/seed=0\)"):
         compare([tmp_path / "ema", tmp_path / "plain"])
+    with pytest.raises(ConfigError, match=r"its status is interrupted .*; tricks scores completed runs"):
+        interrupted = shutil.copytree(tmp_path / "plain" / "seed=0", tmp_path / "interrupted" / "seed=0")
+        record = json.loads((interrupted / "metrics.json").read_text())
+        (interrupted / "metrics.json").write_text(json.dumps({**record, "status": "interrupted", "error": "Ctrl-C"}))
+        compare([interrupted])
     assert "| ema | flip |" in tricks_markdown(table.reset_index())
     # --data-dir is for the runs' data moved elsewhere: another training CSV is refused before any evaluation
     moved, other = tmp_path / "moved", tmp_path / "other"

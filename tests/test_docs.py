@@ -158,7 +158,7 @@ def test_results_verbs_refuse_a_foreign_table_and_a_missing_baseline(tmp_path, c
     for given, words in (([], "give one of them"), ([str(ROOT), "--from-csv", str(foreign)], "not both")):
         with pytest.raises(SystemExit) as exit_info:
             main(["tricks", *given])
-        assert exit_info.value.code == 2 and f"tricks takes sweep directories, or --from-csv FILE: {words}" \
+        assert exit_info.value.code == 2 and f"tricks takes sweep or run directories, or --from-csv FILE: {words}" \
             in capsys.readouterr().err
     # A directory given twice, under one name or two, would count its runs twice.
     sweep = ROOT / "docs" / "results" / "speedrun_cpu"

@@ -13,8 +13,7 @@ from fmnist.config import ADDED_KEYS, RESUMABLE_KEYS, flat_config
 from fmnist.errors import CheckpointError, ConfigError, DataError, DivergedError
 from fmnist.fsio import load_checkpoint
 from fmnist.models import training_flops_per_image
-from fmnist.runs import read_record
-from fmnist.training.claim import saved_config
+from fmnist.runs import read_record, saved_config
 from fmnist.training.module import LitClassifier
 from fmnist.training.train import run_job, train
 from tests.conftest import ROOT, TensorOps, compose_cfg, make_images, snapshot

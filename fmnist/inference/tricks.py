@@ -12,15 +12,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from fmnist.config import TTA_MODES
+from fmnist.config import ADDED_KEYS, PLACEMENT_KEYS, TTA_MODES
 from fmnist.data.csv_io import csv_digest
 from fmnist.data.sources import find_csv
 from fmnist.errors import CheckpointError, ConfigError
+from fmnist.fsio import some_names
 from fmnist.hardware import memory_errors
 from fmnist.inference.loading import best_in_run, check_finite, load_model, net_state, training_datamodule
 from fmnist.models import weights_error
-from fmnist.runs import (COLUMNS, COMPLETED, METRICS_FILE, TRICKS_COLUMNS, TRICKS_REFERENCE, TRICKS_WEIGHTS,
-                         check_one_job_per_seed, collect, job_row, read_config_section, short_digest)
+from fmnist.runs import (COLUMNS, COMPLETED, CONFIG_FILE, METRICS_FILE, TRICKS_COLUMNS, TRICKS_REFERENCE, TRICKS_WEIGHTS,
+                         check_one_job_per_seed, collect, job_row, read_config_section, saved_config, short_digest)
 
 
 def validation_accuracies(run_dir: Path, data_dir: str | Path | None = None,
@@ -73,6 +74,33 @@ def check_same_training_data(jobs: pd.DataFrame, data_dir: Path | None) -> None:
                               "was evaluated. Give the directory holding the runs' own data (--data-dir).")
 
 
+def computed_setting(run: Path) -> dict | None:
+    """What a run computes, from its config.yaml (None without one): every key but the seed and the placement keys
+    (an experiment's name too: its keys are all there), keys added since at the values older runs behaved as."""
+    if not (run / CONFIG_FILE).exists():
+        return None
+    flat = {**ADDED_KEYS, **saved_config(run / CONFIG_FILE, "nothing was evaluated.")}
+    return {k: v for k, v in flat.items() if k != "seed" and k not in PLACEMENT_KEYS}
+
+
+def check_one_setting(runs: list[Path], given: list[Path]) -> None:
+    """ConfigError for runs (the directories `given` hold) that compute different things, named by the keys they
+    differ in (a learning-rate sweep, two recipes): the table's mean and interval are over the seeds of one."""
+    settings = {run: computed_setting(run) for run in runs}
+    settings = {run: setting for run, setting in settings.items() if setting is not None}  # older runs: not judged
+    keys = sorted({key for setting in settings.values() for key in setting})
+    differ = [key for key in keys if len({repr(s.get(key)) for s in settings.values()}) > 1]
+    if not differ:
+        return
+    first = next(iter(settings.values()))
+    same = [str(run) for run, setting in settings.items() if setting == first]
+    values = ", ".join(dict.fromkeys(repr(s.get(differ[0])) for s in settings.values()))
+    raise ConfigError(f"{', '.join(map(str, given))}: the completed runs differ in {some_names(differ)} ({differ[0]}: "
+                      f"{values}), and the table's mean and interval are over the seeds of one setting; nothing was "
+                      f"evaluated. Give one setting's runs: a sweep of its seeds, or its run directories "
+                      f"({some_names(same, 2)}).")
+
+
 def compare(sweep_dirs: list[Path], data_dir: str | Path | None = None, batch_size: int | None = None) -> pd.DataFrame:
     """One row per (weights, tta): validation accuracy mean, std and n over the completed runs, and the paired
     change against raw weights without TTA (mean and std of the per-run differences). `batch_size`: images per
@@ -81,6 +109,10 @@ def compare(sweep_dirs: list[Path], data_dir: str | Path | None = None, batch_si
     for given in map(Path, sweep_dirs):
         if (given / METRICS_FILE).is_file():  # a run directory: that run alone (one setting's jobs of a sweep)
             jobs, sweep = pd.DataFrame([job_row(given)], columns=COLUMNS), given.parent
+            if jobs.status[0] != COMPLETED:  # named, not left out as a sweep's unfinished job is
+                why = f" ({jobs.error[0]})" if isinstance(jobs.error[0], str) else ""
+                raise ConfigError(f"{given}: its status is {jobs.status[0]}{why}; tricks scores completed runs; "
+                                  "nothing was evaluated.")
         else:
             jobs, sweep = collect(given), given
         check_one_job_per_seed(jobs, sweep)  # each run is paired with itself: data may differ between runs
@@ -91,14 +123,7 @@ def compare(sweep_dirs: list[Path], data_dir: str | Path | None = None, batch_si
         raise ConfigError(f"{', '.join(map(str, sweep_dirs))}: no completed run to evaluate; nothing was evaluated.")
     # before the evaluation, which takes minutes; the table pools the runs of every directory given
     check_one_job_per_seed(pooled, "the directories given", advice="Give the sweeps without their copies.")
-    settings = list(dict.fromkeys(pooled.setting))
-    if len(settings) > 1:  # the table's mean and interval are over seeds of one setting
-        first = pooled[pooled.setting == settings[0]].job
-        raise ConfigError(f"{', '.join(map(str, sweep_dirs))}: the completed runs are of {len(settings)} settings "
-                          f"({'; '.join(settings[:3])}{'; ...' if len(settings) > 3 else ''}), and the table's mean and "
-                          "interval are over the seeds of one; nothing was evaluated. Give one setting's runs: a sweep "
-                          f"of its seeds, or its run directories ({' '.join(map(str, first[:2]))}"
-                          f"{' ...' if len(first) > 2 else ''}).")
+    check_one_setting(list(pooled.job), sweep_dirs)
     check_same_training_data(pooled, None if data_dir is None else Path(data_dir))
     rows = []
     for run in pooled.job:

@@ -10,7 +10,8 @@
                        seed, an interval over seeds and images (--split val|test; default val)
 
 A DIR is a sweep directory: one holding job directories (each with metrics.json or .hydra/). A
-run directory, or a directory without jobs, is refused (exit 2) and nothing is written.
+run directory (but for `tricks` and `images`, which take one setting's runs), or a directory without
+jobs, is refused (exit 2) and nothing is written.
 """
 
 from __future__ import annotations
@@ -27,23 +28,26 @@ from fmnist.overrides import SWEEP_CONFIG_FILE
 from fmnist.runs import METRICS_FILE, collect
 
 
+def _a_sweep(directory: Path) -> bool:
+    """Whether `directory` holds what marks a sweep: Hydra's multirun.yaml, or a committed sweep's summaries alone."""
+    from fmnist.results.sweep import SUMMARY_FILES
+
+    return any((directory / name).is_file() for name in (SWEEP_CONFIG_FILE, *SUMMARY_FILES))
+
+
 def sweep_dir(text: str) -> Path:
     """`text` as a sweep directory, or ConfigError saying what it is instead."""
-    from fmnist.results.sweep import SUMMARY_FILES  # a committed sweep keeps its summaries, not Hydra's yaml
-
     path = Path(text)
     if not path.is_dir():
         raise ConfigError(f"{path}: {not_a_directory(path)}; expected a sweep directory (job directories with metrics.json), "
                           "as `python train.py -m ...` writes under outputs/ (`make ablations` writes outputs/study-cpu).")
     if (path / METRICS_FILE).is_file():
-        a_sweep = any((path.parent / name).is_file() for name in (SWEEP_CONFIG_FILE, *SUMMARY_FILES))
-        holder = f"(here {path.parent})" if a_sweep else \
+        holder = f"(here {path.parent})" if _a_sweep(path.parent) else \
             "(such as outputs/train/<time>/ from `python train.py -m ...`; one run is evaluated with evaluate.py ckpt=...)"
         raise ConfigError(f"{path}: a run directory, not a sweep; pass the directory that holds the sweep's jobs "
                           f"{holder}.")
     if collect(path).empty:
-        sweeps = [d for d in sorted(path.iterdir()) if d.is_dir()  # outputs/train: the sweeps of unnamed commands
-                  and any((d / name).is_file() for name in (SWEEP_CONFIG_FILE, *SUMMARY_FILES))]
+        sweeps = [d for d in sorted(path.iterdir()) if d.is_dir() and _a_sweep(d)]  # outputs/train: unnamed sweeps
         inside = f"; it holds sweep directories: pass one of them ({some_names([str(d) for d in sweeps])})" if sweeps \
             else ""
         raise ConfigError(f"{path}: no job directories (none holds metrics.json or .hydra/){inside}; expected a sweep "
@@ -224,7 +228,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.verb == "changes" and len(args.dirs) < 2:
         main_parser.error("changes needs a baseline sweep and at least one sweep to compare with it")
     if args.verb == "tricks" and bool(args.dirs) == bool(args.from_csv):
-        main_parser.error("tricks takes sweep directories, or --from-csv FILE: "
+        main_parser.error("tricks takes sweep or run directories, or --from-csv FILE: "
                           + ("not both" if args.dirs else "give one of them"))
     if args.verb == "tricks" and args.from_csv and args.batch_size:
         main_parser.error("tricks --batch-size sizes an evaluation, and --from-csv evaluates nothing: give one of them")

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import AveragedModel
 
 from fmnist.cli import OTHER_RUN_DIR, OTHER_SWEEP_DIR
-from fmnist.config import (ADDED_KEYS, PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, flat_config, flatten, is_count,
+from fmnist.config import (ADDED_KEYS, PLACEMENT_KEYS, RESUMABLE_KEYS, flat_config, is_count,
                            is_text_keyed)
 from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.data.sources import data_digests
@@ -32,7 +32,8 @@ from fmnist.fsio import (RUN_DIR_KEY, SWEEP_DIR_KEY, check_writable, early_write
 from fmnist.hardware import check_accelerator, check_nodes, devices_used
 from fmnist.models import NON_FINITE_WHY, non_finite, weights_error
 from fmnist.runs import (CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, LAST_CHECKPOINT,
-                         METRICS_FILE, NET_PREFIX, RECORDED, read_epochs, read_record, record_problem)
+                         METRICS_FILE, NET_PREFIX, RECORDED, read_epochs, read_record, record_problem,
+                         saved_config)
 from fmnist.training.checkpoint import moved_state
 from fmnist.training.checks import check_config
 from fmnist.training.module import LitClassifier
@@ -41,21 +42,6 @@ from fmnist.training.signals import sigterm_raises
 from fmnist.training.trackers import TRACKER_FILES
 
 log = logging.getLogger(__name__)
-
-
-def saved_config(saved: Path) -> dict:
-    """A run's saved config.yaml, flattened (`data.augment.hflip`), keys renamed since under their new names;
-    ConfigError naming the file if it is not a run's config (damaged, or edited into something else)."""
-    try:
-        loaded = OmegaConf.load(saved)
-        old = flatten(OmegaConf.to_container(loaded, resolve=True)) if isinstance(loaded, DictConfig) else None
-    except Exception as e:  # YAML's and OmegaConf's errors have no common base; any means the same here
-        raise ConfigError(f"{saved}: cannot read it as the config a run writes ({first_line(e) or type(e).__name__}); the run "
-                          "it belongs to cannot be compared with this command. Start a new run directory.") from e
-    if old is None:
-        raise ConfigError(f"{saved}: holds a list, not the mapping of config keys a run writes; "
-                          "the run it belongs to cannot be compared with this command. Start a new run directory.")
-    return {RENAMED_KEYS.get(k, k): v for k, v in old.items()}
 
 
 def _changed_keys(saved: Path, cfg: DictConfig, aside: tuple[str, ...] = RESUMABLE_KEYS) -> tuple[list[str], dict, dict]:
