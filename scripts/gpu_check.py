@@ -294,10 +294,10 @@ def check_places(data_dir: Path, idx_dir: Path | None, results: Path) -> None:
     check_folder_can_hold(results, "--results", results, "nothing was run.")
 
 
-def check_archive(path: Path) -> str | None:
+def check_archive(path: Path) -> list[str] | None:
     """ConfigError for an --archive path that cannot be written, or that holds a file no check wrote (an archive
-    begins with its results folder's ENV_FILE), which the archive would replace. Else the name of the results
-    folder an earlier check's archive there holds (None: no file there)."""
+    begins with its results folder's ENV_FILE), which the archive would replace. Else the members of an earlier
+    check's archive there (None: no file there), for `check_archive_continued`."""
     if not path.parent.is_dir():
         raise ConfigError(f"--archive names {path}, in {path.parent}, which is not an existing directory; nothing "
                           "was run. Create the directory, or choose a file in one that exists.")
@@ -310,12 +310,30 @@ def check_archive(path: Path) -> str | None:
             env = tar.extractfile(first) if first is not None and first.isfile() else None
             written = (len(Path(first.name).parts) == 2 and Path(first.name).name == ENV_FILE and env is not None
                        and "hardware_line" in json.loads(env.read(1 << 20)))
+            members = tar.getnames() if written else []
         if path.is_file() and written:
-            return Path(first.name).parts[0]  # an earlier check's: replaced only by the same folder's, which holds it again
+            return members
     except (tarfile.TarError, OSError, EOFError, ValueError, TypeError):
         pass
     raise ConfigError(f"--archive names {path}, which exists and is not an archive a check wrote (one begins with "
                       f"its folder's {ENV_FILE}), so it is not replaced; nothing was run. Choose a new file name.")
+
+
+def check_archive_continued(path: Path, members: list[str], results: Path) -> None:
+    """ConfigError unless `results` holds the runs an earlier check's archive at `path` holds (`members`, from
+    `check_archive`): the same folder continued. A new folder (a later window's, on a new machine or date) would
+    replace the archive, which may be the only copy of those runs."""
+    from fmnist.runs import METRICS_FILE
+
+    folder = Path(members[0]).parts[0]
+    records = [m for m in members if Path(m).name == METRICS_FILE]
+    lacking = [m for m in records if not (results.parent / folder / Path(m).relative_to(folder)).is_file()]
+    if folder != results.name or lacking:
+        held = f"the {len(records)} run record(s) of {folder}" if records else f"the results of {folder}"
+        raise ConfigError(f"--archive {path}: holds {held}, which the results folder {results} "
+                          f"{'lacks' if folder == results.name else 'is not'}; it is not replaced, as it may be their "
+                          f"only copy; nothing was run. Restore them first (tar -xzf {path} -C DIR, then --results "
+                          f"DIR/{folder}), or choose a new file name.")
 
 
 def archive(results: Path, path: Path) -> None:
@@ -464,7 +482,7 @@ def main() -> int:
     parser.add_argument("--archive", type=output_path_argument, default=None, metavar="FILE",
                         help="also write the results folder as FILE (.tar.gz) after every step")
     args = parser.parse_args()
-    archived = None
+    archived = None  # the members of an earlier check's archive at --archive
     try:
         check_working_directory()
         if args.archive is not None:  # a dry run checks it too: refused here, not in the GPU window
@@ -493,12 +511,10 @@ def main() -> int:
     if results.is_dir() and any(results.iterdir()) and not (results / ENV_FILE).is_file():
         parser.error(f"--results {results}: holds files that no check wrote (no {ENV_FILE}), which its summary.md and "
                      f"{ENV_FILE} could replace; nothing was run. Name a new folder, or one an earlier check wrote.")
-    if archived is not None and archived != results.name:  # it may be the only copy of another window's results
-        parser.error(f"--archive {args.archive}: holds another check's results folder ({archived}), not {results.name}; "
-                     "it is not replaced; nothing was run. Choose a new file name, or give that folder as --results "
-                     "to continue it.")
     data_dir = args.data_dir.resolve()
     try:  # what the run would meet only once it starts: refused here, by a dry run too
+        if archived is not None:
+            check_archive_continued(args.archive, archived, results)
         check_places(data_dir, args.idx_dir, results)
     except (ConfigError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)

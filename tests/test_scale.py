@@ -587,12 +587,18 @@ def test_gpu_records_smoke_writes_its_results_and_a_second_run_continues(tmp_pat
     assert second.stdout.count("skipped in 0 s all 1 jobs finished in an earlier run") == 3, second.stdout[-3000:]
     with tarfile.open(archive) as tar:
         assert tar.getnames()[0] == "records/env.json" and "records/records.tgz" not in tar.getnames()
-    # Another folder's check (a later window's new folder) does not replace it: it may be the only copy.
+    # A check of another folder does not replace it, nor one of a new folder of the same name (a later window on a
+    # fresh machine, the same date): it may be the only copy of its runs. Refused before any step.
     kept = archive.read_bytes()
-    other = run_in_process("scripts/gpu_check.py", "--records", "--dry-run", "--results", str(tmp_path / "later"),
-                           "--archive", str(archive))
-    assert other.returncode == 2 and "holds another check's results folder (records), not later" in other.stderr
-    assert archive.read_bytes() == kept and not (tmp_path / "later").exists()
+    with tarfile.open(archive) as tar:
+        records = sum(name.endswith("/metrics.json") for name in tar.getnames())
+    for folder, is_not in ((tmp_path / "later", "is not"), (tmp_path / "fresh machine" / "records", "lacks")):
+        other = run_in_process("scripts/gpu_check.py", "--records", "--smoke", "--results", str(folder), "--data-dir",
+                               str(data_dir), "--override", "data.val_size=100", "--archive", str(archive))
+        assert other.returncode == 2, other.stdout[-2000:]
+        assert f"holds the {records} run record(s) of records, which the results folder {folder} {is_not}; it is not " \
+               "replaced" in other.stderr and "tar -xzf" in other.stderr
+        assert archive.read_bytes() == kept and not folder.exists()
     # A tarball whose first member is another folder's env.json, not a check's, is not replaced.
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "env.json").write_text("{}")
