@@ -10,7 +10,7 @@ from fmnist import console
 from fmnist.cli import check_given_config, exit_with, run_cli
 from fmnist.errors import FmnistError
 from fmnist.fsio import remove_if_empty, storage_errors
-from fmnist.inference.config import register
+from fmnist.inference.config import register, training_key_message
 
 register()
 
@@ -36,4 +36,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, unwind_on_sigterm=True, sweeps=False)  # a bad command line exits 2 with one paragraph, as train.py's does
+    # A bad command line exits 2 with one paragraph, as train.py's does; a training key (model=simple) is named as one.
+    run_cli(main, unwind_on_sigterm=True, sweeps=False, explain=training_key_message)

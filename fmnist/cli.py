@@ -31,8 +31,7 @@ from fmnist.console import ReaderMayGo
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, FmnistError, first_line
 from fmnist.fsio import (RUN_DIR_KEY, SWEEP_DIR_KEY, early_writes_undone_if_stopped, note_dirs_to_be_made,
                          storage_error)
-from fmnist.overrides import (composition_message, null_group_message, quoted_paths, renamed_overrides,
-                              training_key_message)
+from fmnist.overrides import composition_message, null_group_message, quoted_paths, renamed_overrides
 
 
 class UnknownOptionFirstParser(argparse.ArgumentParser):
@@ -285,13 +284,16 @@ def _collect_once_then_freeze() -> None:
     gc.freeze()
 
 
-def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False, sweeps: bool = True) -> None:
+def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False, sweeps: bool = True,
+            explain: Callable[[BaseException, list[str], str], str | None] | None = None) -> None:
     """Run a `@hydra.main` function; a bad command line or an unwritable output directory exits 2.
 
     A FmnistError raised inside the task is printed by the task itself (`exit_with`); anything else
     is a bug and ends with its traceback and exit code 1. `unwind_on_sigterm`: see `sigterm_unwinds`. `sweeps`:
     whether the command takes `-m` (a command that writes one result is refused it: Hydra would write its sweep
     file into `./multirun/`, refused or not, and give each job a directory the command does not write into).
+    `explain`: the command's own paragraph for a command line Hydra refused (error, overrides, command), or None
+    for Hydra's account.
     """
     skip_the_final_collections()
     exit_if_no_working_directory()
@@ -323,9 +325,8 @@ def run_cli(hydra_main: Callable[[], object], unwind_on_sigterm: bool = False, s
                 hydra_main()
             except (HydraException, OmegaConfBaseException) as e:  # e.g. a swept value composed into a job
                 ours = chained_fmnist_error(e)  # e.g. a resolver's check of a value (fmnist.overrides.check_name)
-                # A command that loads a trained model, given a training key (model=simple)
-                training_key = None if sweeps else training_key_message(e, sys.argv[1:], Path(sys.argv[0]).name)
-                _exit(str(ours) if ours else training_key or composition_message(e) + _hydra_part_hint(e, sys.argv[1:]),
+                own = explain and explain(e, sys.argv[1:], Path(sys.argv[0]).name)
+                _exit(str(ours) if ours else own or composition_message(e) + _hydra_part_hint(e, sys.argv[1:]),
                       ours.exit_code if ours else 2)
             except OSError as e:  # e.g. Hydra creating the run directory or its log file on a read-only disk
                 where = OutputDirsUndoneIfRefused.output_dir

@@ -11,7 +11,6 @@ Hydra finds them; `compose_train` composes as `python train.py OVERRIDES` does.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import re
@@ -164,23 +163,6 @@ def null_group_message(error: BaseException, args: list[str], entry: str) -> str
     named = ", ".join(f"`{arg}`" for arg in nulls)
     return (f"{named}: a config group takes the name of one of its options, and null names none. Leave the override "
             f"out to keep the group's default, or name an option: `python {entry} --help` lists them.")
-
-
-def training_key_message(error: BaseException, args: list[str], entry: str) -> str | None:
-    """The paragraph for a command that loads a trained model (evaluate.py, predict.py, export.py) given a key or
-    config group only training takes (`model=simple`, `optim.lr=0.01`, `seed=1`), or None for another error.
-    Hydra's own words would send the user to `+model=simple`, which fails differently."""
-    text = "\n".join([str(error), str(error.__cause__ or "")])
-    training = {f.name for f in dataclasses.fields(TrainConfig)} | {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
-    for arg in args:
-        key = arg.partition("=")[0].lstrip("+~")
-        top = re.split(r"[./@]", key)[0]
-        # Hydra's two ways of saying that this command's config has no such key or group
-        refused = f"Key '{top}' not in '" in text or f"Could not override '{top}'. No match in the defaults list" in text
-        if top in training and top != "hydra" and refused:
-            return (f"{entry} takes no `{key}`: it is set when training (python train.py {arg.lstrip('+')}), and "
-                    f"{entry} uses the model as its run trained it (ckpt=...). `python {entry} --help` lists what it takes.")
-    return None
 
 
 @contextmanager

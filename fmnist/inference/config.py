@@ -6,7 +6,8 @@ wrong-typed value fails while Hydra composes the config; `check_*` reject well-t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,9 +15,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from fmnist import NUM_CLASSES
-from fmnist.config import TTA_MODES, check_keys
+from fmnist.config import CONF_DIR, TTA_MODES, TrainConfig, check_keys
 from fmnist.errors import ConfigError
-from fmnist.overrides import register_resolvers
+from fmnist.overrides import OTHER_COMMANDS_GROUPS, register_resolvers
 from fmnist.runs import BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR
 
 # What `ckpt=` takes, as every message about it says it.
@@ -59,6 +60,25 @@ class ExportConfig:
     out: str = "outputs/model.onnx"  # one self-contained file: input `images` uint8 [N,1,28,28], output `logits` [N,10]
     overwrite: bool = False  # replace `out` if it exists (only a file export.py wrote)
     data: InferenceDataConfig = field(default_factory=InferenceDataConfig)  # the test set of the self-check
+
+
+def training_key_message(error: BaseException, args: list[str], entry: str) -> str | None:
+    """The paragraph for evaluate.py, predict.py or export.py given a key or config group that only training takes
+    (`model=simple`, `optim.lr=0.01`, `seed=1`), or None for another error: Hydra's own words would send the user
+    to `+model=simple`, which fails differently. A key one of these commands takes (`data.dir`) keeps Hydra's."""
+    text = "\n".join([str(error), str(error.__cause__ or "")])
+    taken = {f.name for schema in (EvaluateConfig, PredictConfig, ExportConfig) for f in fields(schema)}
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()} - set(OTHER_COMMANDS_GROUPS)
+    training = ({f.name for f in fields(TrainConfig)} | groups) - taken
+    for arg in args:
+        key = arg.partition("=")[0].lstrip("+~")
+        top = re.split(r"[./@]", key)[0]
+        # Hydra's two ways of saying that this command's config has no such key or group
+        refused = f"Key '{top}' not in '" in text or f"Could not override '{top}'. No match in the defaults list" in text
+        if top in training and refused:
+            return (f"{entry} takes no `{key}`: it is set when training (python train.py {arg.lstrip('+')}), and "
+                    f"{entry} uses the model as its run trained it (ckpt=...). `python {entry} --help` lists what it takes.")
+    return None
 
 
 def register() -> None:
