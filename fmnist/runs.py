@@ -75,19 +75,18 @@ def read_record(run_dir: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def saved_config(saved: Path, then: str = "the run it belongs to cannot be compared with this command. Start a new "
-                                          "run directory.") -> dict:
+def saved_config(saved: Path) -> dict:
     """A run's saved config.yaml, flattened (`data.augment.hflip`), keys renamed since under their new names;
-    ConfigError naming the file if it is not a run's config (damaged, or edited into something else), ending with
-    `then` (what that means for the command)."""
+    ConfigError naming the file if it is not a run's config (damaged, or edited into something else)."""
     try:
         loaded = OmegaConf.load(saved)
         old = flatten(OmegaConf.to_container(loaded, resolve=True)) if isinstance(loaded, DictConfig) else None
     except Exception as e:  # YAML's and OmegaConf's errors have no common base; any means the same here
-        raise ConfigError(f"{saved}: cannot read it as the config a run writes ({first_line(e) or type(e).__name__}); "
-                          f"{then}") from e
+        raise ConfigError(f"{saved}: cannot read it as the config a run writes ({first_line(e) or type(e).__name__}); the "
+                          "run it belongs to cannot be compared with this command. Start a new run directory.") from e
     if old is None:
-        raise ConfigError(f"{saved}: holds a list, not the mapping of config keys a run writes; {then}")
+        raise ConfigError(f"{saved}: holds a list, not the mapping of config keys a run writes; "
+                          "the run it belongs to cannot be compared with this command. Start a new run directory.")
     return {RENAMED_KEYS.get(k, k): v for k, v in old.items()}
 
 

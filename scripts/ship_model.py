@@ -30,8 +30,8 @@ from fmnist import IMAGE_SIDE, NUM_CLASSES
 from fmnist.config import EVAL_BATCH_SIZE
 from fmnist.overrides import check_name
 from fmnist.errors import ConfigError, StorageError
-from fmnist.fsio import (atomic_write, check_writable, file_digest, load_checkpoint, missing_dirs, path_argument,
-                         remove_if_empty, storage_error, storage_errors)
+from fmnist.fsio import (atomic_write, check_writable, dirs_made, file_digest, load_checkpoint, path_argument,
+                         storage_error, storage_errors)
 from fmnist.inference.loading import DATAMODULE_STATE_KEY, PRETRAINED, PRETRAINED_DIR, best_in_run, load_model
 from fmnist.runs import COMPLETED, METRICS_FILE, read_config_section, read_record, record_problem, short_digest
 
@@ -90,41 +90,39 @@ def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR, replace: bool
     source = best_in_run(run_dir, suggest_last=False)  # the best on validation, or nothing
     load_model(source)  # a checkpoint that cannot serve (weights that are not finite) is named as the run's
     payload = load_checkpoint(source)
-    made = missing_dirs(out_dir)  # removed again where left empty, if nothing is shipped
-    with storage_errors(key=None):  # a read-only out_dir: one paragraph, before the test set is scored
-        out_dir.mkdir(parents=True, exist_ok=True)
+    # A read-only out_dir: one paragraph, before the test set is scored; a refusal leaves no folder it made.
+    with storage_errors(key=None), dirs_made(out_dir):
         check_writable(out_dir, key=None)
         staging = Path(tempfile.mkdtemp(prefix=".ship-", dir=out_dir))
-    try:
-        with shipping_errors(staging, out_dir):  # a full disk: one paragraph naming the shipped file
-            ckpt, onnx, card = (staging / f"{name}{suffix}" for suffix in (".ckpt", ".onnx", ".md"))
-            # Serialised in memory first: torch.save reports a full disk as an opaque RuntimeError.
-            buffer = io.BytesIO()
-            torch.save({k: payload[k] for k in KEPT if k in payload}, buffer)
-            atomic_write(ckpt, buffer.getvalue())  # as every file is written: an error names it, and it is on disk
-            loaded = load_model(ckpt)
-            images, labels = loaded_test_set(loaded, data_dir)
-            logits = loaded.logits_batched(images, EVAL_BATCH_SIZE, tta=loaded.tta)
-            accuracy = classification_metrics(logits, labels)[0]["accuracy"]
-            differing = round(abs(accuracy - recorded) * len(labels))
-            allowed = MIXED_PRECISION_IMAGES if precision.endswith("-mixed") else 1  # one image: rounding
-            if differing > allowed:
-                raise ConfigError(f"{source}: stripped of its training state it scores {accuracy:.2%} on the test set in "
-                                  f"fp32, not the {recorded:.2%} the run recorded in {precision}: {differing} of "
-                                  f"{len(labels):,} images, where at most {allowed} may differ; not shipped.")
-            export(OmegaConf.create({"ckpt": str(ckpt), "out": str(onnx), "overwrite": False,
-                                     "data": {"dir": None if data_dir is None else str(data_dir), "batch_size": None}}),
-                   shipped_name(out_dir / ckpt.name))
-            final = {p: out_dir / p.name for p in (ckpt, onnx, card)}
-            atomic_write(card, card_text(name, record, loaded.model, loaded.tta, accuracy, recorded, ckpt, onnx, run_dir,
-                                         len(labels)))
-            move_into_place(final, staging)
-            made = []
-            return final[card]
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        for directory in made:  # the deepest first
-            remove_if_empty(directory)
+        try:
+            with shipping_errors(staging, out_dir):  # a full disk: one paragraph naming the shipped file
+                ckpt, onnx, card = (staging / f"{name}{suffix}" for suffix in (".ckpt", ".onnx", ".md"))
+                # Serialised in memory first: torch.save reports a full disk as an opaque RuntimeError.
+                buffer = io.BytesIO()
+                torch.save({k: payload[k] for k in KEPT if k in payload}, buffer)
+                atomic_write(ckpt, buffer.getvalue())  # as every file is written: an error names it, and it is on disk
+                loaded = load_model(ckpt)
+                images, labels = loaded_test_set(loaded, data_dir)
+                logits = loaded.logits_batched(images, EVAL_BATCH_SIZE, tta=loaded.tta)
+                accuracy = classification_metrics(logits, labels)[0]["accuracy"]
+                differing = round(abs(accuracy - recorded) * len(labels))
+                allowed = MIXED_PRECISION_IMAGES if precision.endswith("-mixed") else 1  # one image: rounding
+                if differing > allowed:
+                    raise ConfigError(f"{source}: stripped of its training state it scores {accuracy:.2%} on the "
+                                      f"test set in fp32, not the {recorded:.2%} the run recorded in {precision}: "
+                                      f"{differing} of {len(labels):,} images, where at most {allowed} may differ; "
+                                      "not shipped.")
+                test_dir = None if data_dir is None else str(data_dir)
+                export(OmegaConf.create({"ckpt": str(ckpt), "out": str(onnx), "overwrite": False,
+                                         "data": {"dir": test_dir, "batch_size": None}}),
+                       shipped_name(out_dir / ckpt.name))
+                final = {p: out_dir / p.name for p in (ckpt, onnx, card)}
+                atomic_write(card, card_text(name, record, loaded.model, loaded.tta, accuracy, recorded, ckpt, onnx,
+                                             run_dir, len(labels)))
+                move_into_place(final, staging)
+                return final[card]
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def move_into_place(final: dict[Path, Path], staging: Path) -> None:

@@ -74,10 +74,12 @@ def training_key_message(error: BaseException, args: list[str], entry: str) -> s
         key = arg.partition("=")[0].lstrip("+~")
         top = re.split(r"[./@]", key)[0]
         # Hydra's two ways of saying that this command's config has no such key or group
-        refused = f"Key '{top}' not in '" in text or f"Could not override '{top}'. No match in the defaults list" in text
+        refused = (f"Key '{top}' not in '" in text
+                   or f"Could not override '{top}'. No match in the defaults list" in text)
         if top in training and refused:
             return (f"{entry} takes no `{key}`: it is set when training (python train.py {arg.lstrip('+')}), and "
-                    f"{entry} uses the model as its run trained it (ckpt=...). `python {entry} --help` lists what it takes.")
+                    f"{entry} uses the model as its run trained it (ckpt=...). `python {entry} --help` lists what "
+                    "it takes.")
     return None
 
 

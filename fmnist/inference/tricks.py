@@ -75,12 +75,14 @@ def check_same_training_data(jobs: pd.DataFrame, data_dir: Path | None) -> None:
 
 
 def computed_setting(run: Path) -> dict | None:
-    """What a run computes, from its config.yaml (None without one): every key but the seed and the placement keys
-    (an experiment's name too: its keys are all there), keys added since at the values older runs behaved as."""
-    if not (run / CONFIG_FILE).exists():
+    """What a run computes, from its config.yaml: every key but the seed and the placement keys (an experiment's
+    name too: its keys are all there), keys added since at the values older runs behaved as. None without a
+    readable one (`check_same_training_data`, which reads its data section next, names a damaged one)."""
+    try:
+        flat = {**ADDED_KEYS, **saved_config(run / CONFIG_FILE)} if (run / CONFIG_FILE).exists() else None
+    except ConfigError:
         return None
-    flat = {**ADDED_KEYS, **saved_config(run / CONFIG_FILE, "nothing was evaluated.")}
-    return {k: v for k, v in flat.items() if k != "seed" and k not in PLACEMENT_KEYS}
+    return flat and {k: v for k, v in flat.items() if k != "seed" and k not in PLACEMENT_KEYS}
 
 
 def check_one_setting(runs: list[Path], given: list[Path]) -> None:
