@@ -21,7 +21,7 @@ EXTRAS := dev,export,slurm,postgres,mlflow,wandb
 
 # An empty PYTHON (an unset shell variable) would make `$(PYTHON) -m venv` a recipe line `-m venv`, whose
 # failure make ignores.
-$(if $(strip $(PYTHON)),,$(error PYTHON is empty (an unset shell variable?): name a Python 3.10 or later, or leave PYTHON out for python3))
+$(if $(strip $(PYTHON)),,$(error PYTHON is empty (an unset shell variable?): name a Python interpreter, or leave PYTHON out for python3))
 
 # The tested versions of every package, for this Python if there is a lock for it (constraints/py3.X.txt).
 PY_VERSION := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")' 2>/dev/null)

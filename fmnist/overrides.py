@@ -80,6 +80,16 @@ def is_sweep_override(override: str) -> bool:
         return False
 
 
+# How a command that takes one value of each key names the sweep it was given.
+SWEEP_FORMS = "a sweep (`,`, range, choice or glob)"
+
+
+def first_sweep(overrides: list[str]) -> str | None:
+    """The first of `overrides` that is a sweep (`is_sweep_override`), if any: for a command that takes one value
+    of each key, whose message says `{override} is {SWEEP_FORMS}`."""
+    return next((o for o in overrides if "=" in o and is_sweep_override(o)), None)
+
+
 def check_sweep_values(overrides: list[str], config_loader=None) -> None:
     """ConfigError for a sweep override that cannot be expanded (`seed=range(0,1,0)`) or gives no value at all
     (`seed=range(0,0)`, `model=glob(zzz*)`): a sweep holding one would crash, or run no job and exit 0.

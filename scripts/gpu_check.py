@@ -492,11 +492,11 @@ def main() -> int:
         return 2
     if args.budget_s is not None and not 0 < args.budget_s < math.inf:  # nan fails both
         parser.error(f"--budget-s must be a positive number of seconds; got {args.budget_s:g}")
-    from fmnist.overrides import is_sweep_override
+    from fmnist.overrides import SWEEP_FORMS, first_sweep
 
-    swept = [o for o in args.override if "=" in o and is_sweep_override(o)]
+    swept = first_sweep(args.override)
     if swept:  # added to every command: a step that is no sweep would get several values, a sweep more jobs
-        parser.error(f"--override {swept[0]} is a sweep (`,`, range, choice or glob); each --override sets one value")
+        parser.error(f"--override {swept} is {SWEEP_FORMS}; each --override sets one value")
     budget_s = args.budget_s or (420 if args.records else 450)
     if args.results is not None:
         results = args.results.resolve()

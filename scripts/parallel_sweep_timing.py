@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fmnist.cli import run_plain
 from fmnist.fsio import dirs_made, path_argument, storage_errors
-from fmnist.overrides import is_sweep_override, override_key
+from fmnist.overrides import SWEEP_FORMS, first_sweep, override_key
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ["model=simple", "data.train_subset=1000", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
@@ -64,9 +64,9 @@ def main() -> int:
         if key in ("experiment", "preset"):  # an experiment sweeps keys of its own, which would add jobs
             parser.error(f"{override}: an {key} brings sweeps and settings of its own, and both sweeps here run "
                          "seeds 0-3 of one setting; give the train keys you want to time instead")
-        if is_sweep_override(override):
-            parser.error(f"{override} is a sweep (`,`, range, choice or glob): both sweeps run seeds 0-3 of one "
-                         "setting, so each train override sets one value")
+        if first_sweep([override]):
+            parser.error(f"{override} is {SWEEP_FORMS}: both sweeps run seeds 0-3 of one setting, so each train "
+                         "override sets one value")
     data_dir = Path(args.data_dir).resolve()  # the sweeps run from the repository: relative to where this one runs
     out = args.out.resolve() / time.strftime("%Y-%m-%d_%H-%M-%S")
     overrides = [*DEFAULT, *overrides]  # the ones given come last, so they win

@@ -371,7 +371,7 @@ def _clear(path: Path, cache: _Cache) -> None:
 def _measure(path: Path, cache: _Cache, overrides: list[str], device: str | None) -> None:
     """`measure`: probe the model that `overrides` compose on `device` again, and cache its verdict if clear."""
     from fmnist.config import check_values
-    from fmnist.overrides import compose_train, is_sweep_override
+    from fmnist.overrides import SWEEP_FORMS, compose_train, first_sweep
     from fmnist.models import check_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -382,10 +382,10 @@ def _measure(path: Path, cache: _Cache, overrides: list[str], device: str | None
     check_folder_can_hold(path.parent, "FMNIST_CACHE_DIR", path, "name a directory (FMNIST_CACHE_DIR) for it.")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: this machine's torch sees no CUDA GPU; measure with --device cpu.")
-    swept = [o for o in overrides if "=" in o and is_sweep_override(o)]
+    swept = first_sweep(overrides)
     if swept:  # Hydra's own words would advise --multirun, which `measure` does not take
-        raise ConfigError(f"{swept[0]} is a sweep (`,`, range, choice or glob); `measure` probes one model: give one "
-                          "value (a list is key=[a,b], text with a comma key='a,b'), and measure each value in turn.")
+        raise ConfigError(f"{swept} is {SWEEP_FORMS}; `measure` probes one model: give one value (a list is "
+                          "key=[a,b], text with a comma key='a,b'), and measure each value in turn.")
     cfg = compose_train(*overrides)
     # fmnist.training.checks.check_config's model and value checks, not its trackers': a probe has none.
     check_model(cfg.model)
