@@ -347,7 +347,7 @@ def test_make_passes_args_on_to_data_and_report_and_refuses_an_empty_python():
     # An empty PYTHON made the recipe line `-m venv .venv`, whose failure make ignores, and went on.
     result = subprocess.run(["make", "-n", "install", "PYTHON="], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "PYTHON is empty (an unset shell variable?)" in result.stderr
-    assert result.stdout == ""
+    assert "venv" not in result.stdout  # no recipe line planned (under `make test`, make[1]'s directory lines only)
 
 
 def test_a_console_whose_reader_has_gone_goes_quiet_instead_of_a_traceback_per_line(capfd):
