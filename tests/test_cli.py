@@ -317,25 +317,32 @@ def test_a_superseded_experiment_still_runs_and_names_its_replacement(tmp_path, 
         in result.stderr
 
 
+# `make` as a user types it in a shell: without the variables of a `make test ARGS=...` this suite may run under,
+# which make puts into the environment (ARGS, DATA, ...) and MAKEFLAGS.
+OUTSIDE_MAKE = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
+
+
 @pytest.mark.parametrize("path", ["my data,v2=new", "it's here", 'say "cheese"', "x$y", "p`q`"])
 def test_make_passes_a_data_path_with_spaces_and_commas_whole(path):
     # `make train DATA=...`: one argument for get_data.py and one value for Hydra (not split, not a sweep); a `$` or
     # a backquote expanded by make or the shell would write the CSVs into another directory, or run a command.
     lines = subprocess.run(["make", "-n", "train", f"DATA={path}"], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.splitlines()
+                           check=True, env=OUTSIDE_MAKE).stdout.splitlines()
     get_data = shlex.split(next(line for line in lines if "get_data.py" in line))
     assert get_data[-2:] == ["--data-dir", path]
     train = shlex.split(next(line for line in lines if "train.py" in line))
     (override,) = OverridesParser.create().parse_overrides([arg for arg in train if arg.startswith("data.dir=")])
     assert override.key_or_group == "data.dir" and override.value() == path
     # A plain path stays plain: it is what a run's overrides and its resume command show.
-    plain = subprocess.run(["make", "-n", "train"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    plain = subprocess.run(["make", "-n", "train"], cwd=ROOT, capture_output=True, text=True, check=True,
+                           env=OUTSIDE_MAKE).stdout
     assert "data.dir=data" in shlex.split(next(line for line in plain.splitlines() if "train.py" in line))
 
 
 def test_make_passes_args_on_to_data_and_report_and_refuses_an_empty_python():
     def planned(*args: str) -> list[list[str]]:
-        result = subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, check=True)
+        result = subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, check=True,
+                                env=OUTSIDE_MAKE)
         return [shlex.split(line) for line in result.stdout.splitlines() if ".venv/bin/python" in line]
 
     # They were dropped: `--no-download` ignored, another sweep's report not drawn.
@@ -345,7 +352,8 @@ def test_make_passes_args_on_to_data_and_report_and_refuses_an_empty_python():
     assert planned("report", "SWEEP=outputs/a b")[-1][-2:] == ["report", "outputs/a b"]
     assert planned("report")[-1][-2:] == ["report", "outputs/study-cpu"]
     # An empty PYTHON made the recipe line `-m venv .venv`, whose failure make ignores, and went on.
-    result = subprocess.run(["make", "-n", "install", "PYTHON="], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(["make", "-n", "install", "PYTHON="], cwd=ROOT, capture_output=True, text=True,
+                            env=OUTSIDE_MAKE)
     assert result.returncode == 2 and "PYTHON is empty (an unset shell variable?)" in result.stderr
     assert "venv" not in result.stdout  # no recipe line planned (under `make test`, make[1]'s directory lines only)
 
