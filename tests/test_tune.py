@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -378,9 +379,12 @@ def test_a_refused_rerun_leaves_the_finished_trials_as_they_were(tmp_path, data_
 
 
 @pytest.mark.slow
-def test_a_continuation_that_trains_another_setting_is_refused_and_writes_nothing(tmp_path, data_dir, run_in_process):
+def test_a_continuation_that_trains_another_setting_is_refused_and_writes_nothing(tmp_path, data_dir, run_in_process,
+                                                                                   monkeypatch):
     import shutil
     import sqlite3
+
+    from fmnist.sweeps import tune
 
     args = ["study=c", f"out_dir={tmp_path}", *SMALL, "trainer.max_epochs=1"]
     first = run_in_process("tune.py", *args, "n_trials=1", f"data.dir={data_dir}")
@@ -395,6 +399,13 @@ def test_a_continuation_that_trains_another_setting_is_refused_and_writes_nothin
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "study c has trials of another setting: this command differs in ['model." in refused.stderr
     assert "'model.name'" in refused.stderr and "'simple'" in refused.stderr and "nothing was written" in refused.stderr
+    assert snapshot(study_dir) == before
+    # The same refusal in a worker started with the first one, both finding no study directory: the study the
+    # other made there meanwhile is not its to remove (it removed the directory, database and all).
+    with monkeypatch.context() as patch:
+        patch.setattr(tune, "missing_dirs", lambda path: [Path(path)])
+        raced = run_in_process("tune.py", *other, "n_trials=2", f"data.dir={data_dir}")
+    assert raced.returncode == 2 and "has trials of another setting" in raced.stderr
     assert snapshot(study_dir) == before
     # Other CSVs: its best trial would be chosen across two data sets.
     changed = shutil.copytree(data_dir, tmp_path / "changed", ignore=shutil.ignore_patterns(".*"))

@@ -525,6 +525,17 @@ def _orphan_trials(study_dir: Path, trials: list[str], why: str) -> ConfigError:
                        "under another name (study=...) or out_dir.")
 
 
+def _holds_a_study(study_dir: Path, storage: optuna.storages.BaseStorage | None) -> bool:
+    """Whether the study directory a refused worker made holds a study after all: one a worker started with it
+    made there meanwhile (its trials, or a study in the database), which the refusal must not remove."""
+    if any(study_dir.glob(f"{TRIAL_DIR_PREFIX}*")):
+        return True
+    try:
+        return storage is not None and bool(optuna.study.get_all_study_names(storage))
+    except Exception:  # a storage that cannot be read now: kept, as it may be another worker's
+        return True
+
+
 def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
     """`tune.py`'s work: compose, validate, run the study to `n_trials`, write best.yaml and figures."""
     register_tune()
@@ -559,6 +570,7 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
                               "Choose another study name (study=...) or out_dir.")
         search.check_data(ends)
         study_dir.mkdir(parents=True, exist_ok=True)
+        storage = None
         try:
             storage = open_storage(cfg.storage, cfg.heartbeat, study_dir)
             with study_storage_errors_named(cfg.storage or default_storage(study_dir)):
@@ -571,7 +583,7 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
                                                        n_warmup_steps=cfg.pruner.prune_from_epoch))
                 search.check_continuation(study)
         except ConfigError:  # a refusal leaves nothing behind: not even the study's directory
-            if made:
+            if made and not _holds_a_study(study_dir, storage):
                 shutil.rmtree(study_dir, ignore_errors=True)
                 for parent in made[1:]:  # out_dir's, while still empty (another worker may have started there)
                     remove_if_empty(parent)
