@@ -144,10 +144,24 @@ def test_a_resumed_run_continues_bit_for_bit_dropout_included(make_cfg, tmp_path
 
 
 @pytest.mark.slow
-def test_resume_refuses_a_different_config(make_cfg, tmp_path):
+def test_resume_refuses_a_different_config(make_cfg, tmp_path, data_dir):
+    from fmnist.data.csv_io import write_csv
+
     train(make_cfg("model=simple"), tmp_path)
     with pytest.raises(ConfigError, match=r"config differs in \['optim.lr'\]"):
         train(make_cfg("model=simple", "optim.lr=0.5", "ckpt_path=last"), tmp_path)
+    # Nor other data (data.dir may move, its CSVs may not change): it trained the next epochs on them, and its
+    # record then held the new data's digest alone.
+    other = shutil.copytree(data_dir, tmp_path.parent / f"{tmp_path.name}-other-data")
+    write_csv(other / "fashion-mnist_train.csv", *make_images(600, 9))
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError, match=r"the train CSV\(s\) in .*-other-data are not the ones the run trained on "
+                                          r"\(SHA-1 [0-9a-f]{12}, now [0-9a-f]{12}\).* nothing was written"):
+        train(make_cfg("model=simple", f"data.dir={other}", "trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
+    assert snapshot(tmp_path) == before
+    moved = shutil.copytree(data_dir, tmp_path.parent / f"{tmp_path.name}-moved-data")  # the same CSVs elsewhere
+    assert train(make_cfg("model=simple", f"data.dir={moved}", "trainer.max_epochs=2", "ckpt_path=last"),
+                 tmp_path)["epochs"] == 2
     (tmp_path / "config.yaml").unlink()  # lost in a copy: nothing left to tell the change by
     before = snapshot(tmp_path)
     with pytest.raises(ConfigError, match=r"config.yaml is gone, .*nothing was written"):

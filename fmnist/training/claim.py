@@ -33,7 +33,7 @@ from fmnist.hardware import check_accelerator, check_nodes, devices_used
 from fmnist.models import NON_FINITE_WHY, non_finite, weights_error
 from fmnist.runs import (CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, LAST_CHECKPOINT,
                          METRICS_FILE, NET_PREFIX, RECORDED, read_epochs, read_record, record_problem,
-                         saved_config)
+                         saved_config, short_digest)
 from fmnist.training.checkpoint import moved_state
 from fmnist.training.checks import check_config
 from fmnist.training.module import LitClassifier
@@ -120,6 +120,16 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path, elsewhere: str = OTHER_RUN_DI
         if changed:
             raise ConfigError(f"cannot resume {run_dir}: its config differs in {changed} "
                               f"(was {[old.get(k) for k in changed]}, now {[new.get(k) for k in changed]}).")
+    recorded = (record or {}).get("data_digest")
+    if last.exists() and recorded and recorded != (now := data_digests(cfg.data.dir)):
+        # data.dir may move (a placement key), but the run's epochs so far were trained, and its best epoch chosen,
+        # on the data it recorded; the record would then say the new data's digest alone
+        splits = [split for split in sorted({*recorded, *now}) if recorded.get(split) != now.get(split)]
+        raise ConfigError(f"cannot resume {run_dir}: the {' and '.join(splits)} CSV(s) in {cfg.data.dir} are not the "
+                          f"ones the run trained on (SHA-1 {short_digest(recorded.get(splits[0]))}, now "
+                          f"{short_digest(now.get(splits[0]))}); its next epochs would train on other data, and its "
+                          f"best epoch be chosen across two validation splits; nothing was written. Give data.dir the "
+                          f"run's CSVs, or start a new run in another directory ({elsewhere}).")
     epochs = (record or {}).get("metrics", {}).get("epochs") or 0
     if not last.exists() and epochs:  # only a run stopped before its first checkpoint starts again from epoch 1
         raise ConfigError(f"cannot resume {run_dir}: its {CHECKPOINT_DIR}/{LAST_CHECKPOINT} is gone, though the run "
