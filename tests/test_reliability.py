@@ -669,6 +669,14 @@ def test_a_run_started_again_from_its_first_epoch_keeps_no_best_checkpoint_of_th
     train(make_cfg(*SIMPLE, "ckpt_path=last"), run)
     assert [p.name for p in (run / "checkpoints").glob("best-*")] == ["best-epoch001.ckpt"]
     assert load_checkpoint(best_in_run(run))["epoch"] == 0  # this attempt's weights
+    # A run stopped by a signal finished its epoch's end, last.ckpt included: without it, it is not started again
+    # over its record (its record counts no epochs, its epochs.csv one).
+    (run / "checkpoints" / "last.ckpt").unlink()
+    update_record(run, drop=("metrics",), status="interrupted")
+    before = snapshot(run)
+    with pytest.raises(ConfigError, match="last.ckpt is gone, though the run trained 1 epoch"):
+        train(make_cfg(*SIMPLE, "ckpt_path=last"), run)
+    assert snapshot(run) == before
 
 
 def test_a_resume_that_cannot_rewrite_its_epochs_csv_keeps_every_row_it_had(tmp_path, monkeypatch):

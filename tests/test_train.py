@@ -130,6 +130,14 @@ def test_resume_extends_a_finished_run_also_after_its_directory_moved(make_cfg, 
     with pytest.raises(ConfigError, match="last.ckpt is gone, though the run trained 2 epoch"):
         train(make_cfg("model=simple", "trainer.max_epochs=3", "ckpt_path=last"), tmp_path / "moved")
     assert snapshot(tmp_path / "moved") == before
+    # So too when it was stopped: an interrupted record counts no epochs, its epochs.csv does (it was retrained).
+    record = json.loads((tmp_path / "moved" / "metrics.json").read_text())
+    del record["metrics"]
+    (tmp_path / "moved" / "metrics.json").write_text(json.dumps({**record, "status": "interrupted"}))
+    before = snapshot(tmp_path / "moved")
+    with pytest.raises(ConfigError, match="last.ckpt is gone, though the run trained 2 epoch"):
+        train(make_cfg("model=simple", "trainer.max_epochs=3", "ckpt_path=last"), tmp_path / "moved")
+    assert snapshot(tmp_path / "moved") == before
 
 
 @pytest.mark.slow

@@ -31,8 +31,8 @@ from fmnist.fsio import (RUN_DIR_KEY, SWEEP_DIR_KEY, check_writable, early_write
                          load_checkpoint, some_names)
 from fmnist.hardware import check_accelerator, check_nodes, devices_used
 from fmnist.models import NON_FINITE_WHY, non_finite, weights_error
-from fmnist.runs import (CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, LAST_CHECKPOINT,
-                         METRICS_FILE, NET_PREFIX, RECORDED, read_epochs, read_record, record_problem,
+from fmnist.runs import (CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, INTERRUPTED,
+                         LAST_CHECKPOINT, METRICS_FILE, NET_PREFIX, RECORDED, read_epochs, read_record, record_problem,
                          saved_config, short_digest)
 from fmnist.training.checkpoint import moved_state
 from fmnist.training.checks import check_config
@@ -130,7 +130,11 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path, elsewhere: str = OTHER_RUN_DI
                           f"{short_digest(now.get(splits[0]))}); its next epochs would train on other data, and its "
                           f"best epoch be chosen across two validation splits; nothing was written. Give data.dir the "
                           f"run's CSVs, or start a new run in another directory ({elsewhere}).")
-    epochs = (record or {}).get("metrics", {}).get("epochs") or 0
+    # A stopped run's record counts no epochs; its epochs.csv rows do. Its first row may precede the first last.ckpt
+    # (a disk that filled as that was written: the run starts again), but not in a run stopped by a signal, which
+    # lets an epoch's end, its checkpoint included, finish first.
+    rows = _rows_written(run_dir / EPOCHS_FILE)
+    epochs = (record or {}).get("metrics", {}).get("epochs") or (rows if rows >= 2 or status == INTERRUPTED else 0)
     if not last.exists() and epochs:  # only a run stopped before its first checkpoint starts again from epoch 1
         raise ConfigError(f"cannot resume {run_dir}: its {CHECKPOINT_DIR}/{LAST_CHECKPOINT} is gone, though the run "
                           f"trained {epochs} epoch(s); resuming would train it again from its first epoch, over its "
@@ -140,6 +144,14 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path, elsewhere: str = OTHER_RUN_DI
                           f"{cfg.trainer.max_epochs} asks for no more; nothing was written. Raise trainer.max_epochs "
                           "to train it further.")
     return last.exists(), old
+
+
+def _rows_written(path: Path) -> int:
+    """The epochs an epochs.csv holds rows of (0 for none, or no file; 1 for one that cannot be read: it is there)."""
+    try:
+        return len(read_epochs(path)) if path.exists() else 0
+    except (ConfigError, OSError):
+        return 1
 
 
 def differences_from_finished(cfg: DictConfig, run_dir: Path, record: dict) -> list[str]:
