@@ -169,11 +169,20 @@ def test_refused_command_leaves_the_run_directory_byte_identical(tmp_path, data_
 def test_a_resume_whose_epochs_csv_is_gone_is_refused_after_the_first_epoch(make_cfg, tmp_path):
     run = tmp_path / "run"
     train(make_cfg("model=simple", "trainer.max_epochs=2"), run)
+    rows = (run / "epochs.csv").read_text().splitlines(keepends=True)
     (run / "epochs.csv").unlink()
     before = snapshot(run)
     with pytest.raises(ConfigError, match="epochs.csv: missing, though the run's last.ckpt holds trained epochs"):
         train(make_cfg("model=simple", "trainer.max_epochs=3", "ckpt_path=last"), run)
     assert snapshot(run) == before
+    # Nor cut short below the checkpoint's epoch (its header alone): the resume kept what was left, without a word.
+    (run / "epochs.csv").write_text(rows[0])
+    before = snapshot(run)
+    with pytest.raises(ConfigError, match=r"epochs.csv: lacks the row of epoch 1, though the run's last.ckpt was "
+                                          r"written after epoch 2"):
+        train(make_cfg("model=simple", "trainer.max_epochs=3", "ckpt_path=last"), run)
+    assert snapshot(run) == before
+    (run / "epochs.csv").unlink()
     first = tmp_path / "first"  # one epoch, as if killed between its checkpoint and its row: resumed
     train(make_cfg("model=simple", "trainer.max_epochs=1"), first)
     (first / "epochs.csv").unlink()

@@ -394,3 +394,9 @@ def _check_epochs(path: Path, checkpoint_epoch: int) -> None:
     if foreign:
         raise ConfigError(f"{path}: holds columns a run does not write ({', '.join(foreign)}); resuming keeps "
                           "the run's earlier rows: mend the file, or start a new run directory.")
+    lacking = sorted(set(range(1, checkpoint_epoch + 1)) - set(frame.epoch.dropna().astype(int)))
+    if lacking:  # cut short: the resumed run would add its rows after the gap, and the curves lose those epochs
+        raise ConfigError(f"{path}: lacks the row of epoch {lacking[0]}"
+                          f"{f' and {len(lacking) - 1} more' if len(lacking) > 1 else ''}, though the run's "
+                          f"{LAST_CHECKPOINT} was written after epoch {checkpoint_epoch + 1}: resuming would lose those "
+                          "epochs' rows (curves, time to accuracy). Put the file back, or start a new run directory.")
