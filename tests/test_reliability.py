@@ -166,7 +166,7 @@ def test_refused_command_leaves_the_run_directory_byte_identical(tmp_path, data_
 # A resume keeps epochs.csv's rows and adds to them: with the file gone after the first epoch, the earlier epochs'
 # curves would be lost without a word. Before that, its row may not have been written yet (its checkpoint comes first).
 @pytest.mark.slow
-def test_a_resume_whose_epochs_csv_is_gone_is_refused_after_the_first_epoch(make_cfg, tmp_path):
+def test_a_resume_whose_epochs_csv_or_best_checkpoint_is_gone_is_refused_after_the_first_epoch(make_cfg, tmp_path):
     run = tmp_path / "run"
     train(make_cfg("model=simple", "trainer.max_epochs=2"), run)
     rows = (run / "epochs.csv").read_text().splitlines(keepends=True)
@@ -182,7 +182,14 @@ def test_a_resume_whose_epochs_csv_is_gone_is_refused_after_the_first_epoch(make
                                           r"written after epoch 2"):
         train(make_cfg("model=simple", "trainer.max_epochs=3", "ckpt_path=last"), run)
     assert snapshot(run) == before
-    (run / "epochs.csv").unlink()
+    (run / "epochs.csv").write_text("".join(rows))
+    # Nor one whose best checkpoint is gone: it trained on, then failed to test it, and so did every retry.
+    best = next((run / "checkpoints").glob("best-*.ckpt"))
+    best.unlink()
+    before = snapshot(run)
+    with pytest.raises(CheckpointError, match=f"the best checkpoint it names, {best.name}, is gone"):
+        train(make_cfg("model=simple", "trainer.max_epochs=3", "ckpt_path=last"), run)
+    assert snapshot(run) == before
     first = tmp_path / "first"  # one epoch, as if killed between its checkpoint and its row: resumed
     train(make_cfg("model=simple", "trainer.max_epochs=1"), first)
     (first / "epochs.csv").unlink()

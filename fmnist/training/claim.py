@@ -296,7 +296,21 @@ def _check_checkpoint(cfg: DictConfig, path: Path) -> int:
     problem = _restore_problem(checkpoint, model, path.parent)
     if problem:
         raise CheckpointError(f"{path}: cannot resume from it: {problem}; start a new run directory.")
+    best = _best_named(checkpoint, path.parent)
+    if best is not None and not best.is_file():  # the run would train on, then fail to test it, and so every retry
+        raise CheckpointError(f"{path}: cannot resume from it: the best checkpoint it names, {best.name}, is gone, and "
+                              "the resumed run would test it (or keep a later one chosen against a score it no longer "
+                              "has); nothing was written. Put the file back, or start a new run directory.")
     return int(checkpoint.get("epoch") or 0)
+
+
+def _best_named(checkpoint: dict, checkpoint_dir: Path) -> Path | None:
+    """The best checkpoint a last.ckpt's ModelCheckpoint state names, where the run's checkpoints now are."""
+    for key, state in checkpoint["callbacks"].items():
+        if key.split("{")[0].endswith("ModelCheckpoint"):
+            best = moved_state(state, str(checkpoint_dir)).get("best_model_path")
+            return Path(best) if best else None
+    return None
 
 
 def _is_score(value) -> bool:
