@@ -526,6 +526,11 @@ def test_an_option_is_refused_in_one_line_before_anything_is_written(tmp_path, d
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: tune.py takes no option but --help; got --cfg." in result.stderr
     assert not list(tmp_path.iterdir())
+    # A hydra.* key: each trial's place is the study's, and the key went into every trial's record unused.
+    for given in (f"hydra.run.dir={tmp_path}/elsewhere", "hydra/launcher=joblib"):
+        result = run_in_process("tune.py", "study=x", f"out_dir={tmp_path}", f"data.dir={data_dir}", given)
+        assert result.returncode == 2 and f"{given}: tune.py places each trial itself" in result.stderr
+        assert not list(tmp_path.iterdir())
 
 
 def test_ctrl_c_before_a_trial_trains_is_one_paragraph_and_the_same_command_continues(tmp_path, data_dir,
