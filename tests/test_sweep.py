@@ -496,7 +496,8 @@ def test_a_finished_job_is_reused_only_for_the_same_experiment(tmp_path, data_di
     before = snapshot(tmp_path / "s")
     unknown = run_in_process("train.py", *args, f"data.dir={data_dir}")
     assert unknown.returncode == 2 and "a completed run without metrics.val/acc_best" in unknown.stderr \
-        and "remove the job directory" in unknown.stderr and "Traceback" not in unknown.stderr, unknown.stderr[-2000:]
+        and "No job of the sweep was started" in unknown.stderr and "Traceback" not in unknown.stderr, \
+        unknown.stderr[-2000:]
     assert snapshot(tmp_path / "s") == before
 
     # A job directory copied inside the sweep: its summary would count the seed twice; said, not just warned of.
@@ -505,6 +506,21 @@ def test_a_finished_job_is_reused_only_for_the_same_experiment(tmp_path, data_di
     shutil.copytree(job, tmp_path / "s" / "backup")
     copied = run_in_process("train.py", *args, f"data.dir={data_dir}")
     assert copied.returncode == 2 and "jobs backup, " in copied.stderr and "Move the copies out" in copied.stderr
+
+
+@pytest.mark.slow
+def test_a_sweep_holding_a_damaged_record_is_refused_before_any_job_trains(tmp_path, data_dir, run_in_process):
+    # Found by the damaged job when its turn came, it stopped the sweep after the jobs before it had trained.
+    args = ["-m", *FAST, "model=simple", "optim.lr=0.01,0.02", f"data.dir={data_dir}", f"hydra.sweep.dir={tmp_path}/s"]
+    assert run_in_process("train.py", *args).returncode == 0
+    first, second = sorted(p.parent for p in (tmp_path / "s").glob("*/metrics.json"))
+    shutil.rmtree(first)  # to be trained again by the rerun
+    record = json.loads((second / "metrics.json").read_text())
+    (second / "metrics.json").write_text(json.dumps({**record, "seed": "x"}))
+    before = snapshot(tmp_path / "s")
+    refused = run_in_process("train.py", *args)
+    assert refused.returncode == 2 and "seed of the wrong type" in refused.stderr
+    assert "No job of the sweep was started" in refused.stderr and snapshot(tmp_path / "s") == before
 
 
 @pytest.mark.slow

@@ -28,8 +28,8 @@ from fmnist.fsio import (atomic_write, check_not_directories, keep_early_writes,
 from fmnist.overrides import (SWEEP_CONFIG_FILE, check_sweep_values, composition_message, null_groups_named, override_key,
                               override_text)
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
-from fmnist.runs import (COMPLETED, FINISHED, JOB_LOG, RUNNING, TRIAL_DIR_PREFIX, check_poolable, collect, is_job_dir,
-                         short_digest)
+from fmnist.runs import (COMPLETED, FINISHED, JOB_LOG, RUNNING, TRIAL_DIR_PREFIX, UNREADABLE, check_poolable, collect,
+                         is_job_dir, short_digest)
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,19 @@ def check_same_data(sweep_dir: Path, data_dir: str, advice: str = SWEEP_ELSEWHER
                           f"{ours['test']}); continued here, its summary would average the two. {advice}")
 
 
+def check_job_records(sweep_dir: Path) -> None:
+    """ConfigError for a sweep directory holding a job whose metrics.json no run would write (damaged, edited):
+    found by that job when its turn came, it stopped the sweep after the jobs before it had trained (under joblib,
+    with a job of those killed mid-way and left `running`)."""
+    jobs = collect(sweep_dir) if sweep_dir.is_dir() else pd.DataFrame(columns=["status", "job", "error"])
+    damaged = jobs[jobs.status == UNREADABLE]
+    if len(damaged):
+        job = damaged.iloc[0]
+        raise ConfigError(f"{job.error}; the sweep would stop at that job, after the jobs before it trained. Put back "
+                          "the record the run wrote, or move the job's directory out of the sweep to run it again. No "
+                          "job of the sweep was started.")
+
+
 def check_sweep_jobs(config: DictConfig, config_loader) -> None:
     """ConfigError for a sweep that holds a job `check_config` refuses, before its first job starts: found by
     that job, it would stop the sweep after the jobs before it had trained.
@@ -259,6 +272,7 @@ class CheckSweep(Callback):
             check_sweep_values([*typed, *(f"{k}={v}" for k, v in params.items())], loader)
             check_sweep_jobs(config, loader)  # every swept value, before the first job trains
             check_sweep_dir(sweep_dir)
+            check_job_records(sweep_dir)
             check_same_data(sweep_dir, str(config.data.dir))
         except OmegaConfBaseException as e:  # `data.dir=${oc.env:UNSET}`: Hydra would only warn, and rewrite multirun.yaml
             exit_with(unresolvable(e))
