@@ -75,17 +75,23 @@ def read_record(run_dir: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+# The sections every run's config.yaml holds: a mapping without them is no run's config.
+CONFIG_SECTIONS = ("data", "model", "optim", "trainer")
+
+
 def saved_config(saved: Path) -> dict:
     """A run's saved config.yaml, flattened (`data.augment.hflip`), keys renamed since under their new names;
-    ConfigError naming the file if it is not a run's config (damaged, or edited into something else)."""
+    ConfigError naming the file if it is not a run's config (damaged, emptied, or edited into something else)."""
     try:
         loaded = OmegaConf.load(saved)
         old = flatten(OmegaConf.to_container(loaded, resolve=True)) if isinstance(loaded, DictConfig) else None
     except Exception as e:  # YAML's and OmegaConf's errors have no common base; any means the same here
         raise ConfigError(f"{saved}: cannot read it as the config a run writes ({first_line(e) or type(e).__name__}); the "
                           "run it belongs to cannot be compared with this command. Start a new run directory.") from e
-    if old is None:
-        raise ConfigError(f"{saved}: holds a list, not the mapping of config keys a run writes; "
+    lacking = [name for name in CONFIG_SECTIONS if not isinstance(loaded, DictConfig) or name not in loaded]
+    if lacking:  # an empty file, a list, a word: compared, it would differ in every key
+        holds = "a list" if old is None else "no config keys" if not old else f"no `{lacking[0]}` section"
+        raise ConfigError(f"{saved}: holds {holds}, not the mapping of config keys a run writes; "
                           "the run it belongs to cannot be compared with this command. Start a new run directory.")
     return {RENAMED_KEYS.get(k, k): v for k, v in old.items()}
 

@@ -170,6 +170,10 @@ def test_resume_refuses_a_different_config(make_cfg, tmp_path, data_dir):
     moved = shutil.copytree(data_dir, tmp_path.parent / f"{tmp_path.name}-moved-data")  # the same CSVs elsewhere
     assert train(make_cfg("model=simple", f"data.dir={moved}", "trainer.max_epochs=2", "ckpt_path=last"),
                  tmp_path)["epochs"] == 2
+    for emptied, holds in (("", "no config keys"), ("x\n", "no `data` section"), ("- a\n", "a list")):
+        (tmp_path / "config.yaml").write_text(emptied)  # it differed "in every key (was None)"
+        with pytest.raises(ConfigError, match=f"config.yaml: holds {holds}, not the mapping of config keys a run"):
+            train(make_cfg("model=simple", "trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
     (tmp_path / "config.yaml").unlink()  # lost in a copy: nothing left to tell the change by
     before = snapshot(tmp_path)
     with pytest.raises(ConfigError, match=r"config.yaml is gone, .*nothing was written"):

@@ -31,9 +31,9 @@ from fmnist.fsio import (RUN_DIR_KEY, SWEEP_DIR_KEY, check_writable, early_write
                          load_checkpoint, some_names)
 from fmnist.hardware import check_accelerator, check_nodes, devices_used
 from fmnist.models import NON_FINITE_WHY, non_finite, weights_error
-from fmnist.runs import (CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, INTERRUPTED,
-                         LAST_CHECKPOINT, METRICS_FILE, NET_PREFIX, RECORDED, read_epochs, read_record, record_problem,
-                         saved_config, short_digest)
+from fmnist.runs import (CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, CONFIG_SECTIONS, EPOCH_COLUMNS, EPOCHS_FILE,
+                         INTERRUPTED, LAST_CHECKPOINT, METRICS_FILE, NET_PREFIX, RECORDED, read_epochs, read_record,
+                         record_problem, saved_config, short_digest)
 from fmnist.training.checkpoint import moved_state
 from fmnist.training.checks import check_config
 from fmnist.training.module import LitClassifier
@@ -67,7 +67,7 @@ def _files_no_run_wrote(run_dir: Path) -> list[str]:
     entries = sorted(p.name for p in run_dir.iterdir() if p.resolve() not in ours)
     try:
         saved = OmegaConf.load(run_dir / CONFIG_FILE) if entries else None
-        runs_config = isinstance(saved, DictConfig) and {"model", "optim", "trainer", "data"} <= set(saved)
+        runs_config = isinstance(saved, DictConfig) and set(CONFIG_SECTIONS) <= set(saved)
     except Exception:  # absent, unreadable or not YAML: not a run's config
         runs_config = False
     if not runs_config:
