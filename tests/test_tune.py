@@ -1,6 +1,7 @@
 """tune.py: an Optuna study on a real database, continued, with failed and pruned trials recorded."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -266,6 +267,14 @@ def test_a_process_that_loses_the_race_to_make_a_new_databases_tables_opens_it_w
     monkeypatch.setattr(storage_module.time, "sleep", lambda seconds: None)
     heartbeat = OmegaConf.create({"interval_s": 60, "grace_s": 180})
     assert isinstance(open_storage(None, heartbeat, tmp_path), real) and len(tries) == 2
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "sqlite+pysqlite://"])
+def test_an_in_memory_storage_is_refused_before_a_trial(tmp_path, data_dir, url):
+    # It ran the study, kept no database, and could never be continued.
+    with pytest.raises(FmnistError, match=f"storage={re.escape(url)} is an in-memory SQLite database"):
+        run_search(CONF, ["study=m", f"out_dir={tmp_path}", f"storage={url}", f"data.dir={data_dir}", *SMALL])
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("scheme,kind,database", [("journal:", "journal", False),

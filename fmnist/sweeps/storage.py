@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import time
 import warnings
 from pathlib import Path
@@ -45,6 +46,10 @@ def check_storage_file(url: str, default: bool = False) -> None:
     """ConfigError for a journal or SQLite storage naming an existing file of another kind (Optuna would append
     to a user's file, or fail on it with pages of SQL). `default`: the study directory's own study.db, used
     when no storage= is given."""
+    if re.fullmatch(r"sqlite(\+\w+)?://(/(:memory:)?)?", url):  # SQLAlchemy's forms of an in-memory database
+        raise ConfigError(f"storage={url} is an in-memory SQLite database, which ends with this process: the study "
+                          "could not be continued, nor its trials read by another worker; nothing was written. Name a "
+                          "file (storage=sqlite:///PATH), or leave storage= out for the study's own study.db.")
     path = storage_file(url)
     if path is None or (default and not path.exists()):
         return
