@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -385,6 +386,18 @@ def test_a_refused_rerun_leaves_the_finished_trials_as_they_were(tmp_path, data_
         assert refused.returncode == 2 and words in refused.stderr, refused.stderr[-2000:]
         assert "Traceback" not in refused.stderr and snapshot(study_dir) == before
     assert "The database file is damaged; nothing was written." in refused.stderr
+    # A file, or a directory no trial made, where the next trial goes: it failed that trial, counted, with exit 0
+    # (a file), or was refused inside the trial with advice tune.py does not take.
+    database.write_bytes(good)
+    for stray in ("file", "dir"):
+        place = study_dir / "trial-0001"
+        place.write_text("mine") if stray == "file" else shutil.copytree(study_dir / "trial-0000", place)
+        before = snapshot(study_dir)
+        refused = run_in_process("tune.py", *args[:1], "n_trials=2", *args[2:])
+        assert refused.returncode == 2 and "holds trial-0001, named as the study's trials are, which no trial of " \
+            "study r made" in refused.stderr, refused.stderr[-2000:]
+        assert snapshot(study_dir) == before and len(load(tmp_path, "r").trials) == 1
+        shutil.rmtree(place) if place.is_dir() else place.unlink()
 
 
 @pytest.mark.slow

@@ -43,7 +43,7 @@ from fmnist.cli import check_resolvable, refuse_unknown_keys
 from fmnist.config import PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_keys, flat_config, seed_check
 from fmnist.data.sources import split_csvs
 from fmnist.errors import ConfigError, FmnistError, OutOfMemory
-from fmnist.fsio import atomic_write, missing_dirs, remove_if_empty
+from fmnist.fsio import atomic_write, missing_dirs, remove_if_empty, some_names
 from fmnist.overrides import (check_name, composition_message, null_group_message, override_key, override_text, register,
                               renamed_overrides)
 from fmnist.results.sweep import check_same_data, every_combination, summarize
@@ -525,6 +525,18 @@ def _orphan_trials(study_dir: Path, trials: list[str], why: str) -> ConfigError:
                        "under another name (study=...) or out_dir.")
 
 
+def check_trial_places(study_dir: Path, entries: list[Path], study: optuna.Study) -> None:
+    """ConfigError for an entry named as a trial's directory (`entries`, found before the study's trials were read)
+    that no trial of the study made: a file, or a directory of a trial number not yet given. A new trial would
+    fail on it, counted as a failed trial, or be refused inside its trial, with advice tune.py does not take."""
+    given = {f"{TRIAL_DIR_PREFIX}{trial.number:04d}" for trial in study.trials}
+    strays = [entry.name for entry in entries if not entry.is_dir() or entry.name not in given]
+    if strays:
+        raise ConfigError(f"{study_dir}: holds {some_names(strays)}, named as the study's trials are, which no trial "
+                          f"of study {study.study_name} made; its next trials would fail on them or be refused; "
+                          "nothing was written. Move them out of the study's directory.")
+
+
 def _holds_a_study(study_dir: Path, storage: optuna.storages.BaseStorage | None) -> bool:
     """Whether the study directory a refused worker made holds a study after all: one a worker started with it
     made there meanwhile (its trials, or a study in the database), which the refusal must not remove."""
@@ -576,6 +588,7 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
         study_dir.mkdir(parents=True, exist_ok=True)
         storage = None
         try:
+            trials_now = sorted(study_dir.glob(f"{TRIAL_DIR_PREFIX}*"))  # before the study's trials are read
             storage = open_storage(cfg.storage, cfg.heartbeat, study_dir)
             with study_storage_errors_named(cfg.storage or default_storage(study_dir)):
                 if trials_here and cfg.study not in optuna.study.get_all_study_names(storage):
@@ -586,6 +599,7 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
                     pruner=optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner.n_startup_trials,
                                                        n_warmup_steps=cfg.pruner.prune_from_epoch))
                 search.check_continuation(study)
+                check_trial_places(study_dir, trials_now, study)
         except ConfigError:  # a refusal leaves nothing behind: not even the study's directory
             if made and not _holds_a_study(study_dir, storage):
                 shutil.rmtree(study_dir, ignore_errors=True)
