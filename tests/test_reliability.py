@@ -190,6 +190,10 @@ def test_a_resume_whose_epochs_csv_or_best_checkpoint_is_gone_is_refused_after_t
     with pytest.raises(CheckpointError, match=f"the best checkpoint it names, {best.name}, is gone"):
         train(make_cfg("model=simple", "trainer.max_epochs=3", "ckpt_path=last"), run)
     assert snapshot(run) == before
+    # Unless a later epoch's best file is there: a kill -9 between that epoch's best file, which deleted the one
+    # named, and its last.ckpt. The resume redoes that epoch.
+    (run / "checkpoints" / "best-epoch003.ckpt").write_bytes(b"the killed epoch's")
+    assert train(make_cfg("model=simple", "trainer.max_epochs=3", "ckpt_path=last"), run)["epochs"] == 3
     first = tmp_path / "first"  # one epoch, as if killed between its checkpoint and its row: resumed
     train(make_cfg("model=simple", "trainer.max_epochs=1"), first)
     (first / "epochs.csv").unlink()
