@@ -537,13 +537,16 @@ def check_trial_places(study_dir: Path, entries: list[Path], study: optuna.Study
                           "nothing was written. Move them out of the study's directory.")
 
 
-def _holds_a_study(study_dir: Path, storage: optuna.storages.BaseStorage | None) -> bool:
-    """Whether the study directory a refused worker made holds a study after all: one a worker started with it
-    made there meanwhile (its trials, or a study in the database), which the refusal must not remove."""
+def _holds_a_study(study_dir: Path, storage: optuna.storages.BaseStorage | None, study: str, own: bool) -> bool:
+    """Whether the study directory a refused worker made holds the study after all: one a worker started with it
+    made there meanwhile (its trials, or, in the directory's own database (`own`), the study), which the refusal
+    must not remove. A storage elsewhere (storage=) holds other studies too: only the trials tell."""
     if any(study_dir.glob(f"{TRIAL_DIR_PREFIX}*")):
         return True
+    if not own:
+        return False
     try:
-        return storage is not None and bool(optuna.study.get_all_study_names(storage))
+        return storage is not None and study in optuna.study.get_all_study_names(storage)
     except Exception:  # a storage that cannot be read now: kept, as it may be another worker's
         return True
 
@@ -601,7 +604,7 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
                 search.check_continuation(study)
                 check_trial_places(study_dir, trials_now, study)
         except ConfigError:  # a refusal leaves nothing behind: not even the study's directory
-            if made and not _holds_a_study(study_dir, storage):
+            if made and not _holds_a_study(study_dir, storage, cfg.study, own=cfg.storage is None):
                 shutil.rmtree(study_dir, ignore_errors=True)
                 for parent in made[1:]:  # out_dir's, while still empty (another worker may have started there)
                     remove_if_empty(parent)
