@@ -79,20 +79,21 @@ def read_record(run_dir: Path) -> dict | None:
 CONFIG_SECTIONS = ("data", "model", "optim", "trainer")
 
 
-def saved_config(saved: Path) -> dict:
+def saved_config(saved: Path, then: str = "the run it belongs to cannot be compared with this command. Start a new "
+                                          "run directory.") -> dict:
     """A run's saved config.yaml, flattened (`data.augment.hflip`), keys renamed since under their new names;
-    ConfigError naming the file if it is not a run's config (damaged, emptied, or edited into something else)."""
+    ConfigError naming the file if it is not a run's config (damaged, emptied, or edited into something else),
+    ending with `then`: what that means for the command."""
     try:
         loaded = OmegaConf.load(saved)
         old = flatten(OmegaConf.to_container(loaded, resolve=True)) if isinstance(loaded, DictConfig) else None
     except Exception as e:  # YAML's and OmegaConf's errors have no common base; any means the same here
-        raise ConfigError(f"{saved}: cannot read it as the config a run writes ({first_line(e) or type(e).__name__}); the "
-                          "run it belongs to cannot be compared with this command. Start a new run directory.") from e
+        raise ConfigError(f"{saved}: cannot read it as the config a run writes ({first_line(e) or type(e).__name__}); "
+                          f"{then}") from e
     lacking = [name for name in CONFIG_SECTIONS if not isinstance(loaded, DictConfig) or name not in loaded]
     if lacking:  # an empty file, a list, a word: compared, it would differ in every key
         holds = "a list" if old is None else "no config keys" if not old else f"no `{lacking[0]}` section"
-        raise ConfigError(f"{saved}: holds {holds}, not the mapping of config keys a run writes; "
-                          "the run it belongs to cannot be compared with this command. Start a new run directory.")
+        raise ConfigError(f"{saved}: holds {holds}, not the mapping of config keys a run writes; {then}")
     return {RENAMED_KEYS.get(k, k): v for k, v in old.items()}
 
 

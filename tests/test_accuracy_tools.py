@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import shutil
 
 import lightning as L
@@ -272,6 +273,14 @@ def test_eval_tricks_scores_raw_and_averaged_weights_on_validation(make_cfg, tmp
                                           r"interval are over the seeds of one setting; nothing was evaluated. Give one "
                                           r"setting's runs: a sweep of its seeds, or its run directories \(.*ema/seed=0\)"):
         compare([tmp_path / "ema", tmp_path / "plain"])
+    # A config.yaml emptied, or edited into a list: named, not left out of the check (its runs were pooled).
+    config = tmp_path / "plain" / "seed=0" / "config.yaml"
+    saved = config.read_text()
+    for emptied, words in (("", "holds no config keys"), ("- a\n", "expected a mapping with a `data` section")):
+        config.write_text(emptied)
+        with pytest.raises(ConfigError, match=f"config.yaml: .*{re.escape(words)}"):
+            compare([tmp_path / "ema", tmp_path / "plain"], data_dir)
+    config.write_text(saved)
     with pytest.raises(ConfigError, match=r"its status is interrupted .*; tricks scores completed runs"):
         interrupted = shutil.copytree(tmp_path / "plain" / "seed=0", tmp_path / "interrupted" / "seed=0")
         record = json.loads((interrupted / "metrics.json").read_text())

@@ -76,13 +76,13 @@ def check_same_training_data(jobs: pd.DataFrame, data_dir: Path | None) -> None:
 
 def computed_setting(run: Path) -> dict | None:
     """What a run computes, from its config.yaml: every key but the seed and the placement keys (an experiment's
-    name too: its keys are all there), keys added since at the values older runs behaved as. None without a
-    readable one (`check_same_training_data`, which reads its data section next, names a damaged one)."""
-    try:
-        flat = {**ADDED_KEYS, **saved_config(run / CONFIG_FILE)} if (run / CONFIG_FILE).exists() else None
-    except ConfigError:
+    name too: its keys are all there), keys added since at the values older runs behaved as. None without the
+    file; ConfigError naming a damaged one."""
+    if not (run / CONFIG_FILE).exists():
         return None
-    return flat and {k: v for k, v in flat.items() if k != "seed" and k not in PLACEMENT_KEYS}
+    read_config_section(run, "data")  # a damaged file named as every command that reads a section names it
+    flat = {**ADDED_KEYS, **saved_config(run / CONFIG_FILE, "nothing was evaluated.")}  # emptied, or no run's
+    return {k: v for k, v in flat.items() if k != "seed" and k not in PLACEMENT_KEYS}
 
 
 def check_one_setting(runs: list[Path], given: list[Path]) -> None:
