@@ -480,6 +480,14 @@ def test_a_finished_job_is_reused_only_for_the_same_experiment(tmp_path, data_di
     assert refused.returncode == 2 and "ran on other data" in refused.stderr and "name=" in refused.stderr
     assert next((tmp_path / "s").glob("*/metrics.json")).read_text() == record
     assert snapshot(tmp_path / "s") == before  # multirun.yaml and the job's train.log included
+    # So is one the sweep would resume (stopped, its last.ckpt there): refused at its turn, after others trained.
+    stopped = next((tmp_path / "s").glob("*/metrics.json"))
+    stopped.write_text(json.dumps({**json.loads(record), "status": "interrupted"}))
+    before = snapshot(tmp_path / "s")
+    refused = run_in_process("train.py", *args, f"data.dir={other}")
+    assert refused.returncode == 2 and "its interrupted job " in refused.stderr and "ran on other data" in refused.stderr
+    assert snapshot(tmp_path / "s") == before
+    stopped.write_text(record)
 
     # The experiment's length changed since (an edited experiment file): a finished shorter job is not its result.
     saved = next((tmp_path / "s").glob("*/config.yaml"))

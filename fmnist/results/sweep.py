@@ -28,8 +28,8 @@ from fmnist.fsio import (atomic_write, check_not_directories, keep_early_writes,
 from fmnist.overrides import (SWEEP_CONFIG_FILE, check_sweep_values, composition_message, null_groups_named, override_key,
                               override_text)
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
-from fmnist.runs import (COMPLETED, FINISHED, JOB_LOG, RUNNING, TRIAL_DIR_PREFIX, UNREADABLE, check_poolable, collect,
-                         is_job_dir, short_digest)
+from fmnist.runs import (CHECKPOINT_DIR, COMPLETED, FINISHED, INTERRUPTED, JOB_LOG, LAST_CHECKPOINT, RUNNING,
+                         TRIAL_DIR_PREFIX, UNREADABLE, check_poolable, collect, is_job_dir, short_digest)
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +128,15 @@ SWEEP_ELSEWHERE = (f"Give this sweep its own directory ({OTHER_SWEEP_DIR}), or t
                    "No job of the sweep was started.")
 
 
-def check_same_data(sweep_dir: Path, data_dir: str, advice: str = SWEEP_ELSEWHERE) -> None:
+def check_same_data(sweep_dir: Path, data_dir: str, advice: str = SWEEP_ELSEWHERE, resumed: bool = False) -> None:
     """ConfigError for a sweep continued with CSVs other than those its finished jobs ran on (their `train_sha1`,
     `test_sha1`): its summary would average them together, and a job that finished (failed or diverged too)
-    would stop the sweep when its turn came. Found before any job trains; the data are read only when the
-    directory holds finished jobs."""
-    jobs = collect(sweep_dir) if sweep_dir.is_dir() else pd.DataFrame(columns=["status", "train_sha1"])
-    done = jobs[jobs.status.isin(FINISHED) & jobs.train_sha1.notna()]
+    would stop the sweep when its turn came, as would a stopped job it resumes (`resumed`: one with a last.ckpt).
+    Found before any job trains; the data are read only when the directory holds such jobs."""
+    jobs = collect(sweep_dir) if sweep_dir.is_dir() else pd.DataFrame(columns=["status", "train_sha1", "job"])
+    resumable = jobs.job.map(lambda job: (sweep_dir / job / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file()).astype(bool)
+    stopped = (jobs.status == INTERRUPTED) & resumable & resumed
+    done = jobs[(jobs.status.isin(FINISHED) | stopped) & jobs.train_sha1.notna()]
     if done.empty:
         return
     try:
@@ -273,7 +275,7 @@ class CheckSweep(Callback):
             check_sweep_jobs(config, loader)  # every swept value, before the first job trains
             check_sweep_dir(sweep_dir)
             check_job_records(sweep_dir)
-            check_same_data(sweep_dir, str(config.data.dir))
+            check_same_data(sweep_dir, str(config.data.dir), resumed=True)
         except OmegaConfBaseException as e:  # `data.dir=${oc.env:UNSET}`: Hydra would only warn, and rewrite multirun.yaml
             exit_with(unresolvable(e))
         except ConfigError as e:
