@@ -516,6 +516,21 @@ def test_a_finished_job_is_reused_only_for_the_same_experiment(tmp_path, data_di
     assert copied.returncode == 2 and "jobs backup, " in copied.stderr and "Move the copies out" in copied.stderr
 
 
+def test_a_fault_in_the_sweeps_start_checks_stops_it_instead_of_running_it_unchecked(tmp_path, data_dir,
+                                                                                     run_in_process, monkeypatch):
+    # Hydra turns an exception in a callback into a warning, and went on with the sweep.
+    from fmnist.results import sweep
+
+    def broken(sweep_dir):
+        raise RuntimeError("a fault in a check")
+
+    monkeypatch.setattr(sweep, "check_sweep_dir", broken)
+    result = run_in_process("train.py", "-m", *FAST, "model=simple", "optim.lr=0.01,0.02", f"data.dir={data_dir}",
+                            f"hydra.sweep.dir={tmp_path}/s")
+    assert result.returncode == 1 and "RuntimeError: a fault in a check" in result.stderr
+    assert not (tmp_path / "s").exists()
+
+
 @pytest.mark.slow
 def test_a_sweep_holding_a_damaged_record_is_refused_before_any_job_trains(tmp_path, data_dir, run_in_process):
     # Found by the damaged job when its turn came, it stopped the sweep after the jobs before it had trained.

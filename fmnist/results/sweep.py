@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 import pandas as pd
@@ -259,6 +260,13 @@ class CheckSweep(Callback):
     is written (exit 2)."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
+        try:
+            self._check(config)
+        except Exception:  # a fault in the checks themselves: Hydra would only warn, and run the sweep unchecked
+            traceback.print_exc()
+            sys.exit(1)
+
+    def _check(self, config) -> None:
         note = superseded_note(OmegaConf.select(config, "hydra.runtime.choices.experiment"))
         if note:
             print(note, file=sys.stderr)
