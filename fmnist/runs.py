@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import warnings
 from datetime import datetime, timezone
@@ -73,6 +74,14 @@ def read_record(run_dir: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
+
+
+def best_checkpoint_order(path: Path) -> tuple[int, int, str]:
+    """Where a best checkpoint comes in the order they were written: by its epoch (counted from 1), then by the
+    version Lightning adds to a name that is taken (`best-epoch001-v1.ckpt` after `best-epoch001.ckpt`); -1 for
+    a name of another kind."""
+    found = re.fullmatch(rf"{BEST_CHECKPOINT_PREFIX}(\d+)(?:-v(\d+))?\.ckpt", path.name)
+    return (int(found[1]), int(found[2] or 0), path.name) if found else (-1, 0, path.name)
 
 
 # The sections every run's config.yaml holds: a mapping without them is no run's config.

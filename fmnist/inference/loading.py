@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from fmnist.inference.config import CKPT_FORMS
 from fmnist.models import (MODELS, NON_FINITE_WHY, build_model, check_model, memory_format_input, non_finite, tta_logits,
                            weights_error, with_defaults)
 from fmnist.runs import (BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, LAST_CHECKPOINT, NET_PREFIX,
-                         collect, read_confusion_matrix, read_record)
+                         best_checkpoint_order, collect, read_confusion_matrix, read_record)
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +53,6 @@ class Resolved:
     note: str = ""  # how a sweep's job was chosen, for the user
 
 
-def _epoch_and_version(path: Path) -> tuple[int, int, str]:
-    """Where a best checkpoint comes in the order they were written: by its epoch, then by the version Lightning
-    adds to a name that is taken (`best-epoch001-v1.ckpt` after `best-epoch001.ckpt`)."""
-    found = re.fullmatch(rf"{BEST_CHECKPOINT_PREFIX}(\d+)(?:-v(\d+))?\.ckpt", path.name)
-    return (int(found[1]), int(found[2] or 0), path.name) if found else (-1, 0, path.name)
-
-
 def given_as(ckpt: str | Path, key: str) -> str:
     """`ckpt` as a command line gives it: `ckpt=VALUE` for the key `ckpt`, `--ckpt VALUE` for an option."""
     return f"{key} {ckpt}" if key.startswith("-") else f"{key}={ckpt}"
@@ -69,7 +61,7 @@ def given_as(ckpt: str | Path, key: str) -> str:
 def best_in_run(run_dir: Path, suggest_last: bool = True, key: str = "ckpt") -> Path:
     """The run's best-on-validation checkpoint (`checkpoints/best-epochNNN.ckpt`). `suggest_last`: where there is
     none, the error suggests its last one as the value of `key` (for a command that takes a checkpoint)."""
-    best = sorted((run_dir / CHECKPOINT_DIR).glob(f"{BEST_CHECKPOINT_PREFIX}*.ckpt"), key=_epoch_and_version)
+    best = sorted((run_dir / CHECKPOINT_DIR).glob(f"{BEST_CHECKPOINT_PREFIX}*.ckpt"), key=best_checkpoint_order)
     if not best:
         last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
         hint = f"; pass {given_as(last, key)} to use its last checkpoint" if last.exists() and suggest_last else ""

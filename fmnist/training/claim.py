@@ -12,7 +12,6 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
-import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,7 +33,8 @@ from fmnist.hardware import check_accelerator, check_nodes, devices_used
 from fmnist.models import NON_FINITE_WHY, non_finite, weights_error
 from fmnist.runs import (BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, CONFIG_SECTIONS,
                          EPOCH_COLUMNS, EPOCHS_FILE, INTERRUPTED, LAST_CHECKPOINT, METRICS_FILE, NET_PREFIX, RECORDED,
-                         read_epochs, read_record, record_problem, saved_config, short_digest)
+                         best_checkpoint_order, read_epochs, read_record, record_problem, saved_config,
+                         short_digest)
 from fmnist.training.checkpoint import moved_state
 from fmnist.training.checks import check_config
 from fmnist.training.module import LitClassifier
@@ -301,8 +301,8 @@ def _check_checkpoint(cfg: DictConfig, path: Path) -> int:
     trained = int(checkpoint.get("epoch") or 0) + 1  # Lightning counts from 0, the best files' names from 1
     # A later epoch's best file: killed between that epoch's best file (the one named here then deleted) and its
     # last.ckpt, a window SIGKILL can hit; the resume redoes that epoch, as it did before this check.
-    later = any(int(m[1]) > trained for f in path.parent.glob(f"{BEST_CHECKPOINT_PREFIX}*.ckpt")
-                if (m := re.match(rf"{BEST_CHECKPOINT_PREFIX}(\d+)", f.name)))
+    later = any(best_checkpoint_order(f)[0] > trained
+                for f in path.parent.glob(f"{BEST_CHECKPOINT_PREFIX}*.ckpt"))
     if best is not None and not best.is_file() and not later:  # it trained on, then failed to test it, as every retry
         raise CheckpointError(f"{path}: cannot resume from it: the best checkpoint it names, {best.name}, is gone, and "
                               "the resumed run would test it (or keep a later one chosen against a score it no longer "
