@@ -29,7 +29,7 @@ from fmnist.fsio import (atomic_write, check_not_directories, keep_early_writes,
 from fmnist.overrides import (SWEEP_CONFIG_FILE, check_sweep_values, composition_message, null_groups_named, override_key,
                               override_text)
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
-from fmnist.runs import (CHECKPOINT_DIR, COMPLETED, FINISHED, INTERRUPTED, JOB_LOG, LAST_CHECKPOINT, RUNNING,
+from fmnist.runs import (CHECKPOINT_DIR, COLUMNS, COMPLETED, FINISHED, INTERRUPTED, JOB_LOG, LAST_CHECKPOINT, RUNNING,
                          TRIAL_DIR_PREFIX, UNREADABLE, check_poolable, collect, is_job_dir, short_digest)
 
 log = logging.getLogger(__name__)
@@ -129,12 +129,19 @@ SWEEP_ELSEWHERE = (f"Give this sweep its own directory ({OTHER_SWEEP_DIR}), or t
                    "No job of the sweep was started.")
 
 
-def check_same_data(sweep_dir: Path, data_dir: str, advice: str = SWEEP_ELSEWHERE, resumed: bool = False) -> None:
+def sweep_jobs(sweep_dir: Path) -> pd.DataFrame:
+    """`collect`'s table of a sweep directory, empty where there is none yet."""
+    return collect(sweep_dir) if sweep_dir.is_dir() else pd.DataFrame(columns=COLUMNS)
+
+
+def check_same_data(sweep_dir: Path, data_dir: str, advice: str = SWEEP_ELSEWHERE, resumed: bool = False,
+                    jobs: pd.DataFrame | None = None) -> None:
     """ConfigError for a sweep continued with CSVs other than those its finished jobs ran on (their `train_sha1`,
     `test_sha1`): its summary would average them together, and a job that finished (failed or diverged too)
     would stop the sweep when its turn came, as would a stopped job it resumes (`resumed`: one with a last.ckpt).
-    Found before any job trains; the data are read only when the directory holds such jobs."""
-    jobs = collect(sweep_dir) if sweep_dir.is_dir() else pd.DataFrame(columns=["status", "train_sha1", "job"])
+    Found before any job trains; the data are read only when the directory holds such jobs. `jobs`: its
+    `sweep_jobs`, where the caller has them."""
+    jobs = sweep_jobs(sweep_dir) if jobs is None else jobs
     resumable = jobs.job.map(lambda job: (sweep_dir / job / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file()).astype(bool)
     stopped = (jobs.status == INTERRUPTED) & resumable & resumed
     done = jobs[(jobs.status.isin(FINISHED) | stopped) & jobs.train_sha1.notna()]
@@ -152,11 +159,10 @@ def check_same_data(sweep_dir: Path, data_dir: str, advice: str = SWEEP_ELSEWHER
                           f"{ours['test']}); continued here, its summary would average the two. {advice}")
 
 
-def check_job_records(sweep_dir: Path) -> None:
-    """ConfigError for a sweep directory holding a job whose metrics.json no run would write (damaged, edited):
-    found by that job when its turn came, it stopped the sweep after the jobs before it had trained (under joblib,
-    with a job of those killed mid-way and left `running`)."""
-    jobs = collect(sweep_dir) if sweep_dir.is_dir() else pd.DataFrame(columns=["status", "job", "error"])
+def check_job_records(jobs: pd.DataFrame) -> None:
+    """ConfigError for a sweep directory holding a job (`jobs`: its `sweep_jobs`) whose metrics.json no run would
+    write (damaged, edited): found by that job when its turn came, it stopped the sweep after the jobs before it
+    had trained (under joblib, with a job of those killed mid-way and left `running`)."""
     damaged = jobs[jobs.status == UNREADABLE]
     if len(damaged):
         job = damaged.iloc[0]
@@ -282,8 +288,9 @@ class CheckSweep(Callback):
             check_sweep_values([*typed, *(f"{k}={v}" for k, v in params.items())], loader)
             check_sweep_jobs(config, loader)  # every swept value, before the first job trains
             check_sweep_dir(sweep_dir)
-            check_job_records(sweep_dir)
-            check_same_data(sweep_dir, str(config.data.dir), resumed=True)
+            jobs = sweep_jobs(sweep_dir)  # every job's record read once, for both checks
+            check_job_records(jobs)
+            check_same_data(sweep_dir, str(config.data.dir), resumed=True, jobs=jobs)
         except OmegaConfBaseException as e:  # `data.dir=${oc.env:UNSET}`: Hydra would only warn, and rewrite multirun.yaml
             exit_with(unresolvable(e))
         except ConfigError as e:
