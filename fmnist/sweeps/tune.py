@@ -556,7 +556,7 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
     register_tune()
     tune_overrides, train_overrides = split_overrides(args)
     train_overrides = renamed_overrides(train_overrides)
-    hydra_keys = [o for o in train_overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0].split("/")[0] == "hydra"]
+    hydra_keys = [o for o in train_overrides if re.split(r"[./]", override_key(o))[0] == "hydra"]
     if hydra_keys:  # each trial's place is the study's; a trial would ignore it, and its record repeat it
         raise ConfigError(f"{hydra_keys[0]}: tune.py places each trial itself (out_dir/study/trial-NNNN) and takes no "
                           "hydra.* key; choose where the study goes with out_dir= and study=.")
