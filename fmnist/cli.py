@@ -81,12 +81,15 @@ def refuse_unknown_keys(cfg: DictConfig, overrides: list[str]) -> None:
                                   f"{parent_key or 'the config'}: {known}.")
 
 
-def check_given_config(cfg: DictConfig, required: bool = False) -> None:
+def check_given_config(cfg: DictConfig, required: bool = False, overrides: list[str] | None = None) -> None:
     """What every Hydra entry point checks before it reads its config: a `+key=value` that adds a key nothing
-    reads (`refuse_unknown_keys`), then a value that cannot be resolved (`check_resolvable`)."""
-    from hydra.core.hydra_config import HydraConfig
+    reads (`refuse_unknown_keys`), then a value that cannot be resolved (`check_resolvable`). `overrides`: those
+    `cfg` was composed with, by default this run's as Hydra has them (a sweep's start check composes its jobs)."""
+    if overrides is None:
+        from hydra.core.hydra_config import HydraConfig
 
-    refuse_unknown_keys(cfg, OmegaConf.to_container(HydraConfig.get().overrides.task))  # as typed, unresolved
+        overrides = OmegaConf.to_container(HydraConfig.get().overrides.task)  # as typed, unresolved
+    refuse_unknown_keys(cfg, overrides)
     check_resolvable(cfg, required)
 
 

@@ -207,7 +207,7 @@ def compose_all(steps: list[Step]) -> None:
 
     from hydra.core.global_hydra import GlobalHydra
 
-    from fmnist.cli import check_resolvable, refuse_unknown_keys
+    from fmnist.cli import check_given_config
     from fmnist.overrides import check_sweep_values, null_groups_named, register
     from fmnist.training.checks import check_config
 
@@ -224,8 +224,7 @@ def compose_all(steps: list[Step]) -> None:
                          else o.input_line for o in parsed]
                 with null_groups_named(first, "train.py"):  # `model=null`
                     cfg = compose("train", overrides=first)
-                refuse_unknown_keys(cfg, first)  # `+optim.foo=1`, which train.py refuses
-                check_resolvable(cfg, required=True)  # `~name`, as train.py checks it
+                check_given_config(cfg, required=True, overrides=first)  # `+optim.foo=1`, `~name`, as train.py
                 check_config(cfg)
 
 

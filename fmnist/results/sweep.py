@@ -186,7 +186,7 @@ def check_sweep_jobs(config: DictConfig, config_loader) -> None:
     from hydra.core.override_parser.types import QuotedString
     from hydra.errors import HydraException
 
-    from fmnist.cli import check_resolvable, refuse_unknown_keys
+    from fmnist.cli import check_given_config
     from fmnist.training.checks import check_config  # here: `python -m fmnist.results` needs no torch
 
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
@@ -231,8 +231,7 @@ def check_sweep_jobs(config: DictConfig, config_loader) -> None:
                 raise ConfigError(composition_message(e)) from None
             with open_dict(cfg):
                 del cfg["hydra"]
-            refuse_unknown_keys(cfg, job)
-            check_resolvable(cfg, required=True)
+            check_given_config(cfg, required=True, overrides=job)
             check_config(cfg)
         except ConfigError as e:
             raise refused(swept, e) from None
