@@ -201,6 +201,18 @@ def test_a_resume_whose_epochs_csv_or_best_checkpoint_is_gone_is_refused_after_t
     assert (first / "epochs.csv").read_text().count("\n") == 2  # the header and the second epoch's row
 
 
+# A tune.py trial is never resumed: train.py's `ckpt_path=last` had trained it on in place, so that the study's
+# value, summary and best.yaml no longer described what its directory held.
+@pytest.mark.slow
+def test_a_tune_trial_is_not_resumed_by_train_py(make_cfg, tmp_path):
+    run = tmp_path / "trial-0003"
+    train(make_cfg(*SIMPLE), run, record={"optuna": {"study": "s", "trial": 3, "params": {}}})
+    before = snapshot(run)
+    with pytest.raises(ConfigError, match=r"it is trial 3 of tune.py's study 's'.*Run the same tune.py command"):
+        train(make_cfg(*SIMPLE, "trainer.max_epochs=2", "ckpt_path=last"), run)
+    assert snapshot(run) == before
+
+
 # An interrupted run (Ctrl-C: exit 130) resumes, and the resume clears its error.
 @pytest.mark.slow
 def test_resume_clears_the_error_of_the_interruption(make_cfg, tmp_path, monkeypatch):

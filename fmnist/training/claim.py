@@ -111,6 +111,14 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path, elsewhere: str = OTHER_RUN_DI
     if problem:  # a resume reads the record (its epochs, precision, trackers) and would rewrite it as the run goes
         raise ConfigError(f"cannot resume {run_dir}: {problem}; nothing was written. Put back the record the run "
                           f"wrote, or start a new run in another directory ({elsewhere}).")
+    trial = (record or {}).get("optuna")
+    if isinstance(trial, dict):  # tune.py records a trial's value once; it never resumes a trial
+        raise ConfigError(f"cannot resume {run_dir}: it is trial {trial.get('trial')} of tune.py's study "
+                          f"{trial.get('study')!r}, which recorded the trial's result; training it on here would change "
+                          "the trial under the study (its summary.md and best.yaml would no longer match it); nothing "
+                          "was written. Run the same tune.py command to continue the study (a stopped trial is "
+                          f"replaced by a new one), or train the trial's overrides (in its {METRICS_FILE}) in another "
+                          f"directory ({elsewhere}).")
     if last.exists() and not saved.exists():  # a run writes its config before its first checkpoint
         raise ConfigError(f"cannot resume {run_dir}: its {CONFIG_FILE} is gone, and with it what the run trained, so "
                           "nothing shows that this command continues the same run; nothing was written. Put the file "
