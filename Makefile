@@ -20,11 +20,11 @@ EXTRAS := dev,export,slurm,postgres,mlflow,wandb
 .PHONY: install lock data train test test-fast test-cluster tensorboard bench gpu-check gpu-records speedrun cpu-best ablations report leaderboard docs clean
 
 # An empty PYTHON (an unset shell variable) would make `$(PYTHON) -m venv` a recipe line `-m venv`, whose
-# failure make ignores.
-$(if $(strip $(PYTHON)),,$(error PYTHON is empty (an unset shell variable?): name a Python interpreter, or leave PYTHON out for python3))
+# failure make ignores. Checked by the recipes that run it, so that `make clean` still works.
+python_named = $(if $(strip $(PYTHON)),,$(error PYTHON is empty (an unset shell variable?): name a Python interpreter, or leave PYTHON out for python3))
 
 # The tested versions of every package, for this Python if there is a lock for it (constraints/py3.X.txt).
-PY_VERSION := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")' 2>/dev/null)
+PY_VERSION := $(if $(strip $(PYTHON)),$(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")' 2>/dev/null))
 LOCK := constraints/py$(PY_VERSION).txt
 CONSTRAINTS := $(if $(wildcard $(LOCK)),-c $(LOCK))
 
@@ -42,7 +42,7 @@ UV_INSTALL := $(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode
 TORCH_INDEX ?= $(if $(wildcard $(addsuffix /torch-2.13.0*.whl,$(PIP_FIND_LINKS))),,https://download.pytorch.org/whl/cpu)
 
 $(STAMP): pyproject.toml $(wildcard $(LOCK))
-	$(PYTHON) -m venv $(VENV)
+	$(python_named)$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q uv==$(UV_VERSION)
 	# torch first, pinned, from TORCH_INDEX (above).
 	$(UV_INSTALL) torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
@@ -120,7 +120,7 @@ docs: $(STAMP)
 
 # Rewrite the lock for this Python from a fresh environment (pip freeze, local labels such as +cpu removed).
 lock:
-	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv && \
+	$(python_named)rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv && \
 	.lock-venv/bin/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) && \
 	.lock-venv/bin/pip install -q ".[$(EXTRAS)]" && \
 	{ grep '^#' $(LOCK) 2>/dev/null; .lock-venv/bin/pip freeze | grep -v '^fmnist' | sed 's/+[A-Za-z0-9.]*$$//'; } > $(LOCK).new && \

@@ -352,10 +352,15 @@ def test_make_passes_args_on_to_data_and_report_and_refuses_an_empty_python():
     assert planned("report", "SWEEP=outputs/a b")[-1][-2:] == ["report", "outputs/a b"]
     assert planned("report")[-1][-2:] == ["report", "outputs/study-cpu"]
     # An empty PYTHON made the recipe line `-m venv .venv`, whose failure make ignores, and went on.
-    result = subprocess.run(["make", "-n", "install", "PYTHON="], cwd=ROOT, capture_output=True, text=True,
+    for goal in ("install", "lock"):  # -B: planned as on a fresh clone, whatever .venv holds here
+        result = subprocess.run(["make", "-n", "-B", goal, "PYTHON="], cwd=ROOT, capture_output=True, text=True,
+                                env=OUTSIDE_MAKE)
+        assert result.returncode == 2 and "PYTHON is empty (an unset shell variable?)" in result.stderr
+        assert "venv" not in result.stdout  # no recipe line planned (under `make test`, make[1]'s directory lines only)
+    # Goals that run no Python still work (`PYTHON= make clean` from a shell whose variable is unset).
+    result = subprocess.run(["make", "-n", "clean", "PYTHON="], cwd=ROOT, capture_output=True, text=True,
                             env=OUTSIDE_MAKE)
-    assert result.returncode == 2 and "PYTHON is empty (an unset shell variable?)" in result.stderr
-    assert "venv" not in result.stdout  # no recipe line planned (under `make test`, make[1]'s directory lines only)
+    assert result.returncode == 0 and "rm -rf .venv" in result.stdout, result.stderr
 
 
 def test_a_console_whose_reader_has_gone_goes_quiet_instead_of_a_traceback_per_line(capfd):
