@@ -544,6 +544,12 @@ def test_a_sweep_holding_a_damaged_record_is_refused_before_any_job_trains(tmp_p
     refused = run_in_process("train.py", *args)
     assert refused.returncode == 2 and "seed of the wrong type" in refused.stderr
     assert "No job of the sweep was started" in refused.stderr and snapshot(tmp_path / "s") == before
+    (second / "metrics.json").unlink()  # gone beside its last.ckpt: that job would refuse to resume without it
+    before = snapshot(tmp_path / "s")
+    refused = run_in_process("train.py", *args)
+    assert refused.returncode == 2 and f"{second}/metrics.json is gone, beside the job's checkpoints/last.ckpt" \
+        in refused.stderr
+    assert "No job of the sweep was started" in refused.stderr and snapshot(tmp_path / "s") == before
 
 
 @pytest.mark.slow

@@ -67,6 +67,15 @@ def test_existing_run_directory_is_never_overwritten(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="already holds a run.*ckpt_path=last"):
         run_job(make_cfg("model=simple"), tmp_path)
     assert (tmp_path / "metrics.json").read_text() == before
+    # Its checkpoint alone still marks a run, which cannot be resumed without the record (the data it trained on).
+    (tmp_path / "metrics.json").unlink()
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError, match=r"already holds a run \(its checkpoints/last.ckpt, its metrics.json gone\); "
+                                          r"choose another directory"):
+        run_job(make_cfg("model=simple"), tmp_path)
+    with pytest.raises(ConfigError, match=r"cannot resume .*: its metrics.json is gone.*Put the file back"):
+        run_job(make_cfg("model=simple", "trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.slow

@@ -29,8 +29,9 @@ from fmnist.fsio import (atomic_write, check_not_directories, keep_early_writes,
 from fmnist.overrides import (SWEEP_CONFIG_FILE, check_sweep_values, composition_message, null_groups_named, override_key,
                               override_text)
 from fmnist.results.stats import INTERVAL_NOTE, mean_interval
-from fmnist.runs import (CHECKPOINT_DIR, COLUMNS, COMPLETED, FINISHED, INTERRUPTED, JOB_LOG, LAST_CHECKPOINT, RUNNING,
-                         TRIAL_DIR_PREFIX, UNREADABLE, check_poolable, collect, is_job_dir, short_digest)
+from fmnist.runs import (CHECKPOINT_DIR, COLUMNS, COMPLETED, FINISHED, INTERRUPTED, JOB_LOG, LAST_CHECKPOINT,
+                         METRICS_FILE, RUNNING, STARTED, TRIAL_DIR_PREFIX, UNREADABLE, check_poolable, collect,
+                         is_job_dir, short_digest)
 
 log = logging.getLogger(__name__)
 
@@ -159,14 +160,18 @@ def check_same_data(sweep_dir: Path, data_dir: str, advice: str = SWEEP_ELSEWHER
                           f"{ours['test']}); continued here, its summary would average the two. {advice}")
 
 
-def check_job_records(jobs: pd.DataFrame) -> None:
+def check_job_records(sweep_dir: Path, jobs: pd.DataFrame) -> None:
     """ConfigError for a sweep directory holding a job (`jobs`: its `sweep_jobs`) whose metrics.json no run would
-    write (damaged, edited): found by that job when its turn came, it stopped the sweep after the jobs before it
-    had trained (under joblib, with a job of those killed mid-way and left `running`)."""
+    write (damaged, edited), or is gone beside its last.ckpt (a run writes its record first, and a resume needs
+    it): found by that job when its turn came, it stopped the sweep after the jobs before it had trained (under
+    joblib, with a job of those killed mid-way and left `running`)."""
     damaged = jobs[jobs.status == UNREADABLE]
-    if len(damaged):
-        job = damaged.iloc[0]
-        raise ConfigError(f"{job.error}; the sweep would stop at that job, after the jobs before it trained. Put back "
+    unrecorded = [job for job in jobs.job[jobs.status == STARTED]
+                  if (sweep_dir / job / CHECKPOINT_DIR / LAST_CHECKPOINT).exists()]
+    if len(damaged) or unrecorded:
+        problem = damaged.iloc[0].error if len(damaged) else \
+            f"{sweep_dir / unrecorded[0] / METRICS_FILE} is gone, beside the job's {CHECKPOINT_DIR}/{LAST_CHECKPOINT}"
+        raise ConfigError(f"{problem}; the sweep would stop at that job, after the jobs before it trained. Put back "
                           "the record the run wrote, or move the job's directory out of the sweep to run it again. No "
                           "job of the sweep was started.")
 
@@ -288,7 +293,7 @@ class CheckSweep(Callback):
             check_sweep_jobs(config, loader)  # every swept value, before the first job trains
             check_sweep_dir(sweep_dir)
             jobs = sweep_jobs(sweep_dir)  # every job's record read once, for both checks
-            check_job_records(jobs)
+            check_job_records(sweep_dir, jobs)
             check_same_data(sweep_dir, str(config.data.dir), resumed=True, jobs=jobs)
         except OmegaConfBaseException as e:  # `data.dir=${oc.env:UNSET}`: Hydra would only warn, and rewrite multirun.yaml
             exit_with(unresolvable(e))

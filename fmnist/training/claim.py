@@ -104,6 +104,9 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path, elsewhere: str = OTHER_RUN_DI
                           "to start a new run.")
     if cfg.ckpt_path != "last":
         if holds_a_run:
+            if record is None:  # a run's last.ckpt, its record gone: not resumable either (below)
+                raise RunDirInUse(f"{run_dir} already holds a run (its {CHECKPOINT_DIR}/{LAST_CHECKPOINT}, its "
+                                  f"{METRICS_FILE} gone); choose another directory ({elsewhere}).")
             raise RunDirInUse(f"{run_dir} already holds a run (status {status!r}); "
                               "pass ckpt_path=last to resume it, or choose another directory.")
         return False, {}
@@ -119,6 +122,10 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path, elsewhere: str = OTHER_RUN_DI
                           "was written. Run the same tune.py command to continue the study (a stopped trial is "
                           f"replaced by a new one), or train the trial's overrides (in its {METRICS_FILE}) in another "
                           f"directory ({elsewhere}).")
+    if last.exists() and record is None:  # a run writes its record before its first checkpoint
+        raise ConfigError(f"cannot resume {run_dir}: its {METRICS_FILE} is gone, and with it the data the run trained "
+                          "on (its SHA-1) and how it was started, which a resume checks and keeps; nothing was written. "
+                          f"Put the file back, or start a new run in another directory ({elsewhere}).")
     if last.exists() and not saved.exists():  # a run writes its config before its first checkpoint
         raise ConfigError(f"cannot resume {run_dir}: its {CONFIG_FILE} is gone, and with it what the run trained, so "
                           "nothing shows that this command continues the same run; nothing was written. Put the file "
