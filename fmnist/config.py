@@ -143,8 +143,9 @@ FORMER_MODEL_KEYS = ("tta", "compile", "channels_last")
 RUN_OPTIONS = (*FORMER_MODEL_KEYS, "fast_path")
 RENAMED_KEYS = {f"model.{key}": key for key in FORMER_MODEL_KEYS}
 # Keys added after runs were recorded, each with the value that behaves as the code did before it existed. A
-# saved config without one compares as that value when a run is resumed or a sweep meets its finished job;
-# a key added without an entry here makes older runs "another experiment" (tests/test_train.py checks).
+# saved config without one compares as that value when a run is resumed or a sweep meets its finished job, and a
+# checkpoint's model without one builds with it (`fmnist.models.with_defaults`); a key added without an entry here
+# makes older runs "another experiment" (tests/test_train.py checks).
 ADDED_KEYS = {"tta": "none", "fast_path": False, "data.augment.flip_alternate": False, "data.augment.cutmix": 0.0,
               "model.dirac_init": False, "model.whiten_stem": False, "model.zero_init_residual": False,
               "optim.bias_lr_scale": 1.0, "optim.ema_decay": 0.0, "optim.lookahead_steps": 0,

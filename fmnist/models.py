@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fmnist import IMAGE_SIDE, NUM_CLASSES
+from fmnist.config import ADDED_KEYS
 from fmnist.errors import ConfigError
 
 POOLED_SIDE = IMAGE_SIDE // 4  # the side of the feature maps the simple and optimized CNNs' heads take: two 2x2 poolings
@@ -109,12 +110,12 @@ class ResNet(nn.Module):
     Global average pooling keeps the head tiny; stages after the first halve the resolution.
     dirac_init: every 3x3 convolution starts as the identity on its first input-many output channels
     (airbench's identity init). whiten_stem: the stem's first filters are set from the training images
-    by `whiten_stem_` before training (airbench's patch-whitening first layer). Both default to off so
-    that checkpoints from before they existed still load.
+    by `whiten_stem_` before training (airbench's patch-whitening first layer). A checkpoint from before a key
+    existed builds with its `ADDED_KEYS` value (`with_defaults`).
     """
 
     def __init__(self, widths: list[int], blocks: list[int], dropout: float, zero_init_residual: bool,
-                 dirac_init: bool = False, whiten_stem: bool = False, num_classes: int = NUM_CLASSES):
+                 dirac_init: bool, whiten_stem: bool, num_classes: int = NUM_CLASSES):
         super().__init__()
         if not widths or len(widths) != len(blocks):
             raise ConfigError(f"config keys model.widths and model.blocks must be non-empty and of equal length "
@@ -192,11 +193,11 @@ def model_keys(name: str) -> dict[str, Any]:
 
 
 def with_defaults(model: typing.Mapping) -> dict:
-    """A `model` config with its constructor's default for each key it lacks: what a checkpoint written before a
-    key existed builds with."""
-    parameters = inspect.signature(architecture(model["name"]).__init__).parameters.values()
-    return {**{p.name: p.default for p in parameters if p.default is not p.empty and p.name not in FIXED_PARAMETERS},
-            **model}
+    """A `model` config with, for each of its architecture's keys it lacks that was added later, the value that
+    behaves as the code did before (`ADDED_KEYS`): what a checkpoint written before the key existed builds with."""
+    keys = model_keys(model["name"])
+    added = {key[len("model."):]: value for key, value in ADDED_KEYS.items() if key.startswith("model.")}
+    return {**{key: value for key, value in added.items() if key in keys}, **model}
 
 
 def _has_type(value: Any, kind: Any) -> bool:

@@ -854,6 +854,24 @@ def test_a_run_whose_config_yaml_is_damaged_is_named_by_ship_model_and_tricks(ru
     assert snapshot(tmp_path) == before
 
 
+def test_a_checkpoint_from_before_a_model_key_existed_builds_as_the_code_did_then(tmp_path):
+    # The shipped checkpoint predates model.dirac_init and model.whiten_stem; one from before
+    # model.zero_init_residual lacks that too. Each builds with its ADDED_KEYS value, the same network.
+    from fmnist.config import ADDED_KEYS
+    from fmnist.inference.loading import PRETRAINED
+
+    payload = torch.load(PRETRAINED, weights_only=True)
+    assert {"dirac_init", "whiten_stem"}.isdisjoint(payload["hyper_parameters"]["model"])
+    del payload["hyper_parameters"]["model"]["zero_init_residual"]
+    torch.save(payload, tmp_path / "older.ckpt")
+    older, shipped = load_model(tmp_path / "older.ckpt"), load_model("pretrained")
+    assert {k: older.model[k] for k in ("zero_init_residual", "dirac_init", "whiten_stem")} == \
+        {k: ADDED_KEYS[f"model.{k}"] for k in ("zero_init_residual", "dirac_init", "whiten_stem")}
+    images = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(older.net(images), shipped.net(images))
+
+
 def test_the_shipped_model_is_the_one_its_card_describes():
     from fmnist.inference.loading import PRETRAINED, PRETRAINED_DIR
 

@@ -20,8 +20,8 @@ import pandas as pd
 import torch
 
 from fmnist import NUM_CLASSES
-from fmnist.config import (EVAL_BATCH_SIZE, RUN_OPTIONS, TTA_MODES, DataConfig, TrainConfig, is_count, is_finite_number,
-                           is_text_keyed)
+from fmnist.config import (ADDED_KEYS, EVAL_BATCH_SIZE, RUN_OPTIONS, TTA_MODES, DataConfig, TrainConfig, is_count,
+                           is_finite_number, is_text_keyed)
 from fmnist.data.batches import network_input
 from fmnist.data.csv_io import csv_digest
 from fmnist.data.sources import CSV_NAMES, find_csv
@@ -260,10 +260,11 @@ def load_model(ckpt: str | Path, key: str = "ckpt") -> LoadedModel:
     hp, data = _checked_fields(path, payload)
     model = hp["model"]
     # Checkpoints written before the run options left `model` hold them there.
-    model = {k: v for k, v in model.items() if k not in RUN_OPTIONS}
+    # And those written before a model key existed lack it (`_checked_fields` checked the name).
+    model = with_defaults({k: v for k, v in model.items() if k not in RUN_OPTIONS})
     options = {k: hp[k] if k in hp else hp["model"][k] for k in RUN_OPTIONS if k in hp or k in hp["model"]}
     channels_last = options.get("channels_last", TrainConfig.channels_last)
-    tta = options.get("tta", TrainConfig.tta)
+    tta = options.get("tta", ADDED_KEYS["tta"])
     if not isinstance(channels_last, bool):  # bool("no") would be True
         raise CheckpointError(f"{path}: its hyperparameter channels_last is {channels_last!r}, not true or "
                               "false: not a checkpoint train.py wrote.")
@@ -271,7 +272,7 @@ def load_model(ckpt: str | Path, key: str = "ckpt") -> LoadedModel:
         raise CheckpointError(f"{path}: its hyperparameter tta is {tta!r}, not one of {TTA_MODES}: "
                               "not a checkpoint train.py wrote.")
     try:
-        check_model(with_defaults(model))  # as train.py checks a config: the constructor takes a NaN dropout
+        check_model(model)  # as train.py checks a config: the constructor takes a NaN dropout
         net = build_model(**model)
         net = net.to(memory_format=torch.channels_last) if channels_last else net
         net.load_state_dict(net_state(payload["state_dict"]))
