@@ -99,7 +99,10 @@ class TrainerConfig:
     enable_model_summary: bool = True
 
 
-TRACKERS = ("tensorboard", "csv", "mlflow", "wandb")  # fmnist/training/trackers.py: what each receives
+# The trackers a run can log to (logger.backends; what each receives: fmnist/training/trackers.py), each with its name
+# as printed and the package it needs beyond a base install (the extra of the same name installs it), or None.
+TRACKERS = {"tensorboard": ("TensorBoard", None), "csv": ("CSV", None), "mlflow": ("MLflow", "mlflow"),
+            "wandb": ("W&B", "wandb")}
 
 
 @dataclass

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from fmnist.config import TRACKERS
+
 log = logging.getLogger("fmnist")
 
 # How a console line looks in every command: the time and the message (log files add the logger and level).
@@ -169,9 +171,6 @@ def beside_the_bar(bar: bool):
         yield
 
 
-TRACKER_NAMES = {"tensorboard": "TensorBoard", "csv": "CSV", "mlflow": "MLflow", "wandb": "W&B"}
-
-
 def print_result(run_dir: Path, record: dict) -> None:
     """The closing block: status, best validation accuracy (epoch), test accuracy, where it all is."""
     metrics = record.get("metrics", {})
@@ -187,5 +186,5 @@ def print_result(run_dir: Path, record: dict) -> None:
     if "train_seconds" in metrics:  # summed over every process that trained the run, so a resume counts it all
         lines.append(f"  training      {metrics['train_seconds']:.0f} s, precision {record.get('precision', {}).get('resolved')}")
     views = record.get("trackers", {}).get("views", {"tensorboard": tensorboard_command(run_dir)})
-    lines += [f"  {TRACKER_NAMES.get(name, name):<13} {view}" for name, view in views.items()]
+    lines += [f"  {TRACKERS.get(name, (name,))[0]:<13} {view}" for name, view in views.items()]
     log.info("\n".join(lines))

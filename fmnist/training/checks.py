@@ -11,8 +11,6 @@ from fmnist.config import TRACKERS, check_values
 from fmnist.errors import ConfigError
 from fmnist.models import check_model
 
-# The package each tracker needs, and the extra that installs it.
-TRACKER_PACKAGES = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
 # What W&B accepts as a project's name (wandb.Settings refuses others once the run starts, and the run would go on
 # without the tracker).
 WANDB_PROJECT_MAX = 128  # characters
@@ -34,11 +32,11 @@ def check_trackers(cfg: DictConfig) -> None:
         raise ConfigError(f"config key logger.backends must be a list naming each tracker once; got {repeated[0]!r} more than once.")
     for name in cfg.logger.backends:
         if name not in TRACKERS:
-            raise ConfigError(f"config key logger.backends must list trackers among {TRACKERS}; got {name!r}.")
-        module, extra = TRACKER_PACKAGES.get(name, (None, None))
-        if module and importlib.util.find_spec(module) is None:
-            raise ConfigError(f"logger.backends includes {name}, whose package `{module}` is not installed here: "
-                              f"`pip install -e '.[{extra}]'` (make install installs it), or leave {name} out.")
+            raise ConfigError(f"config key logger.backends must list trackers among {tuple(TRACKERS)}; got {name!r}.")
+        _, package = TRACKERS[name]
+        if package and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"logger.backends includes {name}, whose package `{package}` is not installed here: "
+                              f"`pip install -e '.[{package}]'` (make install installs it), or leave {name} out.")
     if cfg.logger.wandb_mode not in ("offline", "online"):
         raise ConfigError(f"config key logger.wandb_mode must be offline or online; got {cfg.logger.wandb_mode!r}.")
     project = cfg.logger.wandb_project
