@@ -37,8 +37,8 @@ from fmnist.overrides import composition_message, null_group_message, quoted_pat
 class UnknownOptionFirstParser(argparse.ArgumentParser):
     """argparse's parser for a command with a required argument (a directory): an option it does not take is
     named as such (`unrecognized arguments: --bogus`, exit 2). argparse checks the required arguments first, so
-    that `summary --bogus` was refused as if only its DIR were missing. Its subcommands' parsers are of this class
-    too."""
+    that `summary --bogus` would be refused as if only its DIR were missing. Its subcommands' parsers are of this
+    class too."""
 
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
@@ -104,8 +104,6 @@ def check_resolvable(cfg: DictConfig, required: bool = False) -> None:
     """ConfigError naming the key whose value cannot be resolved (`${oc.env:LR}` with LR unset, an interpolation of a
     key that is not there), or a key of the schema removed with `~key`; with `required`, also a key left without a
     value (`~model`). Found before the task reads the key, where Hydra would add a line of its own to the error."""
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
@@ -201,7 +199,7 @@ def _read_by_hydra(args: list[str], intermixed: bool = False) -> tuple[argparse.
 
 def overrides_last(args: list[str]) -> list[str]:
     """`args` with the overrides moved after Hydra's options, in their order, as Hydra's parser takes them only
-    there: `train.py model=simple -m seed=0,1` was refused as `unrecognized arguments: seed=0,1`. Unchanged where
+    there: `train.py model=simple -m seed=0,1` would be refused as `unrecognized arguments: seed=0,1`. Unchanged where
     that parser refuses the command line anyway."""
     read = _read_by_hydra(args, intermixed=True)
     if read is None or read[1]:

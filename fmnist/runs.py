@@ -40,6 +40,7 @@ CHECKPOINT_DIR = "checkpoints"  # best-epochNNN.ckpt (the best validation accura
 BEST_CHECKPOINT_PREFIX = "best-epoch"  # followed by the epoch, counted from 1, in three digits
 LAST_CHECKPOINT = "last.ckpt"  # the latest epoch's, which a resume starts from
 TRIAL_DIR_PREFIX = "trial-"  # a tune.py study's trial directories: trial-NNNN, beside its summary and best.yaml
+TRIAL_RECORD_KEY = "optuna"  # a trial's record: its study, trial number and sampled values under this key
 NET_PREFIX = "net."  # of the network's weights in a checkpoint's state_dict (LitClassifier.net)
 # epochs.csv's columns, in order (fmnist.training.callbacks.EpochCSV writes them; older runs lack the last ones)
 EPOCH_COLUMNS = ["epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "lr",

@@ -46,7 +46,7 @@ from fmnist.errors import ConfigError
 from fmnist.fsio import (atomic_write, check_folder_can_hold, dirs_made, exclusive_lock, output_path_argument,
                          path_argument, storage_errors)
 from fmnist.training.callbacks import step_callbacks
-from fmnist.config import ACCELERATORS, CONF_DIR, OptimConfig, TrainConfig
+from fmnist.config import ACCELERATORS, CONF_DIR, DataConfig, OptimConfig, TrainConfig
 from fmnist.overrides import check_name, compose_train
 from fmnist.data.csv_io import cache_path, load_csv, parse_csv
 from fmnist.data.datamodule import FashionMNISTDataModule
@@ -206,7 +206,7 @@ def csv_timings(data_dir: Path) -> tuple[float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=path_argument, default=Path("data"),
+    parser.add_argument("--data-dir", type=path_argument, default=Path(DataConfig.dir),
                         help="training: the CSVs (default %(default)s)")
     # Options read by one mode only default to SUPPRESS: check_mode_options tells given from defaulted, then fills in
     # MODE_DEFAULTS, so that one given to the other mode is refused instead of silently ignored.

@@ -53,6 +53,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
+from fmnist.config import DataConfig
 from fmnist.errors import ConfigError, StorageError
 from fmnist.fsio import (atomic_output, atomic_write, check_folder_can_hold, check_working_directory,  # the standard
                          check_writable, not_a_directory, output_path_argument, path_argument,
@@ -469,7 +470,7 @@ def main() -> int:
     parser.add_argument("--results", type=output_path_argument, default=None,
                         help="default: outputs/gpu-check/<time>; with --records, the folder of docs/results/gpu/records/ "
                              "this GPU model has not finished, else docs/results/gpu/records/<date>")
-    parser.add_argument("--data-dir", type=path_argument, default=Path("data"))
+    parser.add_argument("--data-dir", type=path_argument, default=Path(DataConfig.dir))
     parser.add_argument("--idx-dir", type=path_argument, default=None, help="make the CSVs from Zalando's IDX files here")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="wall-time budget for all steps (default 450 s; 420 s with --records): "

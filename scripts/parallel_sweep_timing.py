@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from fmnist.cli import run_plain
+from fmnist.config import DataConfig
 from fmnist.fsio import dirs_made, path_argument, storage_errors
 from fmnist.overrides import SWEEP_FORMS, first_sweep, override_key
 
@@ -44,7 +45,7 @@ def sweep(out: Path, data_dir: Path, overrides: list[str], launcher: list[str]) 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=path_argument, default="data")
+    parser.add_argument("--data-dir", type=path_argument, default=Path(DataConfig.dir))
     parser.add_argument("--n-jobs", type=int, default=2)
     parser.add_argument("--out", type=path_argument, default=Path("outputs/parallel_timing"))
     args, overrides = parser.parse_known_args()

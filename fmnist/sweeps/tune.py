@@ -48,7 +48,7 @@ from fmnist.overrides import (check_name, composition_message, null_group_messag
                               renamed_overrides)
 from fmnist.results.sweep import check_same_data, every_combination, summarize
 from fmnist.runs import (DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, JOB_LOG, METRICS_FILE, TRIAL_DIR_PREFIX,
-                         this_process)
+                         TRIAL_RECORD_KEY, this_process)
 from fmnist.sweeps.storage import (STUDY_DB, check_storage_file, default_storage, fail_dead_trials, open_storage,
                                    record_stale_trials, storage_file, study_storage_errors_named)
 from fmnist.training.checks import check_config
@@ -56,6 +56,7 @@ from fmnist.training.checks import check_config
 log = logging.getLogger(__name__)
 
 METRIC = "val/acc_best"  # what the study maximises: model selection is on validation, never on test
+BEST_FILE = "best.yaml"  # a study's best trial: its value, parameters and the train.py command that reproduces it
 # An interrupted trial is not resumed: the study goes on with new trials (Optuna marks it failed).
 RESUME_HINT = "a trial is not resumed: the same tune.py command continues the study with a new trial in its place"
 
@@ -494,7 +495,7 @@ class Search:
             run_dir.mkdir(parents=True, exist_ok=True)
             with console.logged_to(run_dir / JOB_LOG):  # a trial directory is a run directory: it has one too
                 metrics = train(cfg, run_dir, overrides, callbacks=[ReportToTrial(trial)], resume_hint=RESUME_HINT,
-                                record={"optuna": {"study": self.cfg.study, "trial": trial.number, "params": params}},
+                                record={TRIAL_RECORD_KEY: {"study": self.cfg.study, "trial": trial.number, "params": params}},
                                 storage_key="out_dir")  # a trial's directory is under out_dir; tune.py has no hydra.*
         except RunPruned as e:
             raise optuna.TrialPruned(str(e)) from e
@@ -673,15 +674,15 @@ def write_results(study: optuna.Study, study_dir: Path) -> None:
         summarize(study_dir)
     best = best_overrides(study)
     if best is None:
-        print("no trial has finished yet: no best.yaml")
+        print(f"no trial has finished yet: no {BEST_FILE}")
         return
     command = "python train.py " + " ".join(best["overrides"])
     text = (f"# Best trial of Optuna study {study.study_name} ({len(study.trials)} trials), by {METRIC}.\n"
             f"# Train it again (or with other seeds) with:\n#   {command}\n")
-    atomic_write(study_dir / "best.yaml", text + OmegaConf.to_yaml(OmegaConf.create(best)))
+    atomic_write(study_dir / BEST_FILE, text + OmegaConf.to_yaml(OmegaConf.create(best)))
     print(f"best trial {best['trial']}: {METRIC} {best[METRIC]:.2%}"
           + (f", test/acc {best['test/acc']:.2%}" if best["test/acc"] is not None else "")
-          + f" ({best['run_dir']})\n  params: {best['params']}\n  {command}\n  written to {study_dir / 'best.yaml'}")
+          + f" ({best['run_dir']})\n  params: {best['params']}\n  {command}\n  written to {study_dir / BEST_FILE}")
     _figures(study, study_dir)
 
 

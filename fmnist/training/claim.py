@@ -33,8 +33,8 @@ from fmnist.hardware import check_accelerator, check_nodes, devices_used
 from fmnist.models import NON_FINITE_WHY, non_finite, weights_error
 from fmnist.runs import (BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, CONFIG_SECTIONS,
                          EPOCH_COLUMNS, EPOCHS_FILE, INTERRUPTED, LAST_CHECKPOINT, METRICS_FILE, NET_PREFIX, RECORDED,
-                         best_checkpoint_order, read_epochs, read_record, record_problem, saved_config,
-                         short_digest)
+                         TRIAL_RECORD_KEY, best_checkpoint_order, read_epochs, read_record, record_problem,
+                         saved_config, short_digest)
 from fmnist.training.checkpoint import moved_state
 from fmnist.training.checks import check_config
 from fmnist.training.module import LitClassifier
@@ -114,7 +114,7 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path, elsewhere: str = OTHER_RUN_DI
     if problem:  # a resume reads the record (its epochs, precision, trackers) and would rewrite it as the run goes
         raise ConfigError(f"cannot resume {run_dir}: {problem}; nothing was written. Put back the record the run "
                           f"wrote, or start a new run in another directory ({elsewhere}).")
-    trial = (record or {}).get("optuna")
+    trial = (record or {}).get(TRIAL_RECORD_KEY)
     if isinstance(trial, dict):  # tune.py records a trial's value once; it never resumes a trial
         raise ConfigError(f"cannot resume {run_dir}: it is trial {trial.get('trial')} of tune.py's study "
                           f"{trial.get('study')!r}, which recorded the trial's result; training it on here would change "
@@ -315,7 +315,7 @@ def _check_checkpoint(cfg: DictConfig, path: Path) -> int:
     best = _best_named(checkpoint, path.parent)
     trained = int(checkpoint.get("epoch") or 0) + 1  # Lightning counts from 0, the best files' names from 1
     # A later epoch's best file: killed between that epoch's best file (the one named here then deleted) and its
-    # last.ckpt, a window SIGKILL can hit; the resume redoes that epoch, as it did before this check.
+    # last.ckpt, a window SIGKILL can hit. The resume redoes that epoch.
     later = any(best_checkpoint_order(f)[0] > trained
                 for f in path.parent.glob(f"{BEST_CHECKPOINT_PREFIX}*.ckpt"))
     if best is not None and not best.is_file() and not later:  # it trained on, then failed to test it, as every retry
