@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fmnist import NUM_CLASSES
+from fmnist import IMAGE_SIDE, NUM_CLASSES
 from fmnist.config import OPTIMIZERS
 from fmnist.errors import ConfigError
 from fmnist.models import MODELS, ResidualBlock, build_model, check_model, model_keys
@@ -118,7 +118,7 @@ class TinyMLP(torch.nn.Module):
 
     def __init__(self, hidden: int, dropout: float, num_classes: int = NUM_CLASSES):
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, hidden), torch.nn.ReLU(),
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(IMAGE_SIDE * IMAGE_SIDE, hidden), torch.nn.ReLU(),
                                        torch.nn.Dropout(dropout), torch.nn.Linear(hidden, num_classes))
 
     def forward(self, x):

@@ -745,7 +745,7 @@ def test_a_job_whose_process_is_gone_without_a_record_of_its_end_is_listed_inter
     from omegaconf import OmegaConf
 
     from fmnist.results.sweep import SummarizeSweep
-    from fmnist.runs import pid_namespace, this_process
+    from fmnist.provenance import pid_namespace, this_process
 
     ended = subprocess.Popen(["true"])
     ended.wait()
@@ -772,45 +772,45 @@ def test_a_process_of_an_earlier_boot_of_this_machine_is_gone_whatever_now_holds
     """After a restart the pids start again: the one a running record names may now be another, live process. The
     boot id, the machine id and when the process was seen tell an earlier boot of this machine (gone) from another
     machine of the same name, even a copy of the same image sharing its machine id (it may still run)."""
-    import fmnist.runs as runs
+    import fmnist.provenance as provenance
 
-    monkeypatch.setattr(runs, "boot_id", lambda: "boot-now")
-    monkeypatch.setattr(runs, "machine_id", lambda: "this-machine")
-    monkeypatch.setattr(runs, "boot_time", lambda: datetime.fromisoformat("2026-12-04T12:00:00+00:00").timestamp())
+    monkeypatch.setattr(provenance, "boot_id", lambda: "boot-now")
+    monkeypatch.setattr(provenance, "machine_id", lambda: "this-machine")
+    monkeypatch.setattr(provenance, "boot_time", lambda: datetime.fromisoformat("2026-12-04T12:00:00+00:00").timestamp())
     ended = subprocess.Popen(["true"])
     ended.wait()
-    here = runs.this_process()  # its pid is alive
+    here = provenance.this_process()  # its pid is alive
     assert (here["boot_id"], here["machine_id"]) == ("boot-now", "this-machine")
-    assert not runs.process_gone(here)
-    assert runs.process_gone({**here, "pid": ended.pid})
+    assert not provenance.process_gone(here)
+    assert provenance.process_gone({**here, "pid": ended.pid})
     before = {**here, "boot_id": "boot-before", "seen_at": "2026-12-04T11:00:00+00:00"}
-    assert runs.process_gone(before)  # this machine restarted since; the pid now another process's
-    assert runs.process_gone({**before, "pid_namespace": -1})  # a container of it too
+    assert provenance.process_gone(before)  # this machine restarted since; the pid now another process's
+    assert provenance.process_gone({**before, "pid_namespace": -1})  # a container of it too
     for other in ({**before, "machine_id": "another-machine"},  # another machine of the same name
                   {**before, "seen_at": "2026-12-04T12:30:00+00:00"},  # a copy of this image, running since this boot
                   {**before, "seen_at": None}, {**before, "seen_at": "yesterday"},
                   {**before, "machine_id": None, "pid": ended.pid},  # a machine without an id: cannot tell
                   {**before, "host": "another-machine", "pid": ended.pid}):
-        assert not runs.process_gone(other), other
+        assert not provenance.process_gone(other), other
     # A record of this boot (its id however written), or one without a boot id (written before it was kept) or with
     # a value that is not one, is judged by its pid.
     for boot in ("BOOT-NOW", "boot-now\n", None, 1, True, ["x"]):
-        assert not runs.process_gone({**before, "boot_id": boot}), boot
-        assert runs.process_gone({**before, "boot_id": boot, "pid": ended.pid}), boot
-    assert runs.process_gone({"host": here["host"], "pid": ended.pid})
+        assert not provenance.process_gone({**before, "boot_id": boot}), boot
+        assert provenance.process_gone({**before, "boot_id": boot, "pid": ended.pid}), boot
+    assert provenance.process_gone({"host": here["host"], "pid": ended.pid})
 
 
 def test_a_machine_id_file_that_is_a_placeholder_or_not_text_names_no_machine_and_raises_nothing(tmp_path, monkeypatch):
-    import fmnist.runs as runs
+    import fmnist.provenance as provenance
 
     odd = tmp_path / "machine-id"
     odd.write_bytes(b"\xff\xfe\x00garbage\n")
-    assert runs._first_line(str(odd))  # read, not a UnicodeDecodeError at the start of every run
-    assert runs._first_line(str(tmp_path / "missing")) is None
-    monkeypatch.setattr(runs, "_first_line", lambda path: "uninitialized")  # systemd's placeholder in an image
-    assert runs.machine_id() is None
-    monkeypatch.setattr(runs, "_first_line", lambda path: "0123456789abcdef0123456789abcdef")
-    assert runs.machine_id() not in (None, "0123456789abcdef0123456789abcdef")  # hashed, never the id itself
+    assert provenance._first_line(str(odd))  # read, not a UnicodeDecodeError at the start of every run
+    assert provenance._first_line(str(tmp_path / "missing")) is None
+    monkeypatch.setattr(provenance, "_first_line", lambda path: "uninitialized")  # systemd's placeholder in an image
+    assert provenance.machine_id() is None
+    monkeypatch.setattr(provenance, "_first_line", lambda path: "0123456789abcdef0123456789abcdef")
+    assert provenance.machine_id() not in (None, "0123456789abcdef0123456789abcdef")  # hashed, never the id itself
 
 
 def test_a_trial_whose_process_is_gone_is_listed_as_one_the_study_replaces(tmp_path):

@@ -512,7 +512,7 @@ def test_a_trial_whose_process_was_killed_is_marked_and_replaced(tmp_path, data_
     assert trials[0].user_attrs["status"] == "interrupted"
     assert read_record(tmp_path / "z" / "trial-0000")["status"] == "interrupted"
     assert read_record(tmp_path / "z" / "trial-0001")["status"] == "completed"
-    from fmnist.runs import pid_namespace  # what a later run judges the trial's process by: see process_gone
+    from fmnist.provenance import pid_namespace  # what a later run judges the trial's process by: see process_gone
 
     assert trials[1].user_attrs["process"]["pid_namespace"] == pid_namespace() is not None
 

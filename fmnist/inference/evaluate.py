@@ -26,7 +26,8 @@ from fmnist.fsio import atomic_output
 from fmnist.hardware import memory_errors
 from fmnist.inference.config import check_evaluate
 from fmnist.inference.loading import load_model, run_test_acc, run_test_images, run_tested_on
-from fmnist.runs import COMPLETED, CONFUSION_FILE, METRICS_FILE, now, provenance, read_record, write_record
+from fmnist.provenance import now, provenance
+from fmnist.runs import COMPLETED, CONFUSION_FILE, METRICS_FILE, read_record, write_record
 from fmnist.training.rundir import own_run_dir
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,8 @@ import optuna
 import sqlalchemy
 
 from fmnist.errors import ConfigError, first_line
-from fmnist.runs import INTERRUPTED, METRICS_FILE, RUNNING, now, process_gone, read_record, update_record
+from fmnist.provenance import now, process_gone
+from fmnist.runs import INTERRUPTED, METRICS_FILE, RUNNING, read_record, update_record
 
 log = logging.getLogger(__name__)
 

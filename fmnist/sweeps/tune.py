@@ -47,8 +47,9 @@ from fmnist.fsio import atomic_write, missing_dirs, remove_if_empty, some_names
 from fmnist.overrides import (check_name, composition_message, null_group_message, override_key, override_text, register,
                               renamed_overrides)
 from fmnist.results.sweep import check_same_data, every_combination, summarize
+from fmnist.provenance import this_process
 from fmnist.runs import (DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, JOB_LOG, METRICS_FILE, TRIAL_DIR_PREFIX,
-                         TRIAL_RECORD_KEY, this_process)
+                         TRIAL_RECORD_KEY)
 from fmnist.sweeps.storage import (STUDY_DB, check_storage_file, default_storage, fail_dead_trials, open_storage,
                                    record_stale_trials, storage_file, study_storage_errors_named)
 from fmnist.training.checks import check_config

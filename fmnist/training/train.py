@@ -33,9 +33,10 @@ from fmnist.fsio import RUN_DIR_KEY, SWEEP_DIR_KEY, atomic_write, storage_errors
 from fmnist.hardware import device_kind, memory_errors
 from fmnist.models import training_flops_per_image
 from fmnist.overrides import hydra_quote
+from fmnist.provenance import now, provenance
 from fmnist.runs import (BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, DIVERGED, EPOCHS_FILE,
-                         ERROR_FILE, FAILED, FINISHED, INTERRUPTED, LAST_CHECKPOINT, PRUNED, RUNNING, now, provenance,
-                         read_record, record_problem, update_record)
+                         ERROR_FILE, FAILED, FINISHED, INTERRUPTED, LAST_CHECKPOINT, PRUNED, RUNNING, read_record,
+                         record_problem, update_record)
 from fmnist.training.callbacks import (DIVERGED_ADVICE, HEARTBEAT_S, CompileWarmUp, EpochCSV, Forecast, Lookahead,
                                        PerImagePredictions, TestArtifacts, TrackersSeeTheStop, WeightEMA,
                                        loss_diverged, step_callbacks)
