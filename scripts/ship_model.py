@@ -28,6 +28,7 @@ import torch
 
 from fmnist import IMAGE_SIDE, NUM_CLASSES
 from fmnist.config import EVAL_BATCH_SIZE
+from fmnist.data.csv_io import csv_digest, load_csv
 from fmnist.overrides import check_name
 from fmnist.errors import ConfigError, StorageError
 from fmnist.fsio import (atomic_write, check_writable, dirs_made, file_digest, load_checkpoint, path_argument,
@@ -88,7 +89,13 @@ def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR, replace: bool
                           f"{limit}), which the shipped model cannot be checked against; not shipped.")
     precision = (record.get("precision") or {}).get("resolved", "32-true")
     source = best_in_run(run_dir, suggest_last=False)  # the best on validation, or nothing
-    load_model(source)  # a checkpoint that cannot serve (weights that are not finite) is named as the run's
+    # A checkpoint that cannot serve (weights that are not finite) is named as the run's.
+    test_csv = load_model(source).test_csv(None if data_dir is None else str(data_dir), key="--data-dir")
+    tested = (record.get("data_digest") or {}).get("test")
+    if tested and (digest := csv_digest(test_csv)) != tested:  # the card states a score on the run's test set
+        raise ConfigError(f"{test_csv}: not the test CSV the run was tested on (SHA-1 {short_digest(digest)}, the "
+                          f"run's {short_digest(tested)}), so the shipped model could not be checked against the "
+                          "run's test accuracy; not shipped. Give --data-dir the directory of the run's CSVs.")
     payload = load_checkpoint(source)
     # A read-only out_dir: one paragraph, before the test set is scored; a refusal leaves no folder it made.
     with storage_errors(key=None), dirs_made(out_dir):
@@ -102,7 +109,7 @@ def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR, replace: bool
                 torch.save({k: payload[k] for k in KEPT if k in payload}, buffer)
                 atomic_write(ckpt, buffer.getvalue())  # as every file is written: an error names it, and it is on disk
                 loaded = load_model(ckpt)
-                images, labels = loaded_test_set(loaded, data_dir)
+                images, labels = load_csv(test_csv)
                 logits = loaded.logits_batched(images, EVAL_BATCH_SIZE, tta=loaded.tta)
                 accuracy = classification_metrics(logits, labels)[0]["accuracy"]
                 differing = round(abs(accuracy - recorded) * len(labels))
@@ -118,7 +125,7 @@ def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR, replace: bool
                        shipped_name(out_dir / ckpt.name))
                 final = {p: out_dir / p.name for p in (ckpt, onnx, card)}
                 atomic_write(card, card_text(name, record, loaded.model, loaded.tta, accuracy, recorded, ckpt, onnx,
-                                             run_dir, len(labels)))
+                                             run_dir, len(labels), ckpt_value(final[ckpt])))
                 move_into_place(final, staging)
                 return final[card]
         finally:
@@ -175,22 +182,25 @@ def shipped_name(path: Path) -> str:
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
-def loaded_test_set(loaded, data_dir: Path | None = None):
-    from fmnist.data.csv_io import load_csv
+def ckpt_value(shipped: Path) -> str:
+    """The `ckpt=` that loads a checkpoint shipped at `shipped`: `pretrained` for the default one."""
+    if shipped.resolve() == PRETRAINED.resolve():
+        return "pretrained"
+    if shipped.resolve().parent == PRETRAINED_DIR.resolve():
+        return f"{PRETRAINED_DIR.name}/{shipped.name}"
+    return str(shipped)
 
-    return load_csv(loaded.test_csv(None if data_dir is None else str(data_dir), key="--data-dir"))
 
-
-def card_text(name, record, model, tta, accuracy, recorded, ckpt, onnx, run_dir, n_test: int) -> str:
-    """The model card: how to use the files, their digests, the test accuracy on the `n_test` images of the run's
-    own test CSV (the standard set holds 10,000), and how the run was made."""
+def card_text(name, record, model, tta, accuracy, recorded, ckpt, onnx, run_dir, n_test: int, given: str) -> str:
+    """The model card: how to use the files (`given`: the `ckpt=` that loads it), their digests, the test accuracy on
+    the `n_test` images of the run's own test CSV (the standard set holds 10,000), and how the run was made."""
     hw = record.get("hardware") or {}
     test_sha1 = short_digest((record.get("data_digest") or {}).get("test"))
     test_csv = f" (SHA-1 {test_sha1})" if test_sha1 else ""
     lines = [
         f"# Shipped model: `{name}`", "",
-        f"Use it as `ckpt=pretrained` (`python evaluate.py ckpt=pretrained`, `python predict.py ckpt=pretrained "
-        f"inputs=[...]`, `python export.py ckpt=pretrained`), or run `{onnx.name}` with onnxruntime "
+        f"Use it as `ckpt={given}` (`python evaluate.py ckpt={given}`, `python predict.py ckpt={given} "
+        f"inputs=[...]`, `python export.py ckpt={given}`), or run `{onnx.name}` with onnxruntime "
         f"(input `images`, uint8 [N, 1, {IMAGE_SIDE}, {IMAGE_SIDE}]; output `logits` [N, {NUM_CLASSES}]).", "",
         "| file | bytes | SHA-256 |", "|---|---|---|",
         *(f"| `{p.name}` | {p.stat().st_size:,} | `{file_digest(p, 'sha256')}` |" for p in (ckpt, onnx)), "",

@@ -685,15 +685,27 @@ def test_a_shipped_model_loads_as_ckpt_pretrained_and_reproduces_its_run(run_dir
     with pytest.raises(DataError, match=r"test CSV not found in the directory given by --data-dir. Pass --data-dir DIR"):
         ship_model.ship(run_dir, "tiny", out_dir=tmp_path / "new" / "pretrained", data_dir=tmp_path)
     assert not (tmp_path / "new").exists()
-    with pytest.raises(ConfigError, match="scores .* on the test set in fp32, not the .* the run recorded"):
-        ship_model.ship(run_dir, "tiny", out_dir=tmp_path / "new" / "pretrained", data_dir=data_dir)  # other images
-    assert not (tmp_path / "new").exists()
+    # Only the run's own test CSV: the card states its score there, and a subset of it, or its rows twice, could
+    # pass the check against the recorded accuracy.
+    doubled = tmp_path / "doubled"
+    doubled.mkdir()
+    rows = (garments / "fashion-mnist_test.csv").read_text().splitlines(keepends=True)
+    (doubled / "fashion-mnist_test.csv").write_text("".join(rows + rows[1:]))
+    for other in (data_dir, doubled):
+        with pytest.raises(ConfigError, match=r"not the test CSV the run was tested on \(SHA-1 .*, the run's .*\).*"
+                                              r"Give --data-dir the directory of the run's CSVs"):
+            ship_model.ship(run_dir, "tiny", out_dir=tmp_path / "new" / "pretrained", data_dir=other)
+        assert not (tmp_path / "new").exists()
+    shutil.rmtree(doubled)
     ship_model.ship(run_dir, "moved", out_dir=tmp_path / "moved", data_dir=garments)
     assert sorted(p.name for p in (tmp_path / "moved").iterdir()) == ["moved.ckpt", "moved.md", "moved.onnx"]
     shutil.rmtree(tmp_path / "moved")
     card = ship_model.ship(run_dir, "tiny", out_dir=tmp_path).read_text()
     ckpt, onnx_file = tmp_path / "tiny.ckpt", tmp_path / "tiny.onnx"
     assert "on the 200 images of the run's test CSV" in card  # the run's own test set, not Fashion-MNIST's 10,000
+    assert f"Use it as `ckpt={tmp_path / 'tiny.ckpt'}`" in card  # what loads it: `ckpt=pretrained` loads another
+    assert ship_model.ckpt_value(loading.PRETRAINED) == "pretrained"
+    assert ship_model.ckpt_value(loading.PRETRAINED_DIR / "tiny.ckpt") == "pretrained/tiny.ckpt"
     shipped = snapshot(tmp_path)
     with pytest.raises(ConfigError, match="tiny.ckpt is already shipped; nothing was written"):
         ship_model.ship(run_dir, "tiny", out_dir=tmp_path)  # another run under the same name: only with replace
