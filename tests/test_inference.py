@@ -165,6 +165,13 @@ def test_a_sweep_directory_picks_the_best_job_by_validation_accuracy(run_dir, tm
     assert record["checkpoint"]["run_dir"] == str((sweep / "lr=b").resolve()) and "lr=b" in record["checkpoint"]["chosen"]
     lines = [line.split("] ", 1)[-1] for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     assert sum(record["checkpoint"]["chosen"] in line for line in lines) == 1, lines  # the choice is said once
+    # Runs on other training CSVs validated on other images: their accuracies do not rank them.
+    record = json.loads((sweep / "lr=c" / "metrics.json").read_text())
+    record["data_digest"] = {**record["data_digest"], "train": "0" * 40}
+    (sweep / "lr=c" / "metrics.json").write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=r"its completed runs trained on different CSVs \(lr=a: training CSV "
+                                              r"SHA-1 \w+, lr=c: 000000000000\).*nothing was chosen"):
+        resolve(sweep)
 
 
 @pytest.mark.slow

@@ -106,6 +106,13 @@ def resolve(ckpt: str | Path, key: str = "ckpt") -> Resolved:
     if done.empty:
         found = f"{len(jobs)} job directories, none completed with a validation accuracy" if len(jobs) else "nothing"
         raise CheckpointError(f"{given}: a directory holding {found}; {WHAT_CKPT_IS}.")
+    data = done.train_sha1.dropna()  # a run's validation images come from its training CSV
+    if data.nunique() > 1:
+        first, other = data.index[0], data[data != data.iloc[0]].index[0]
+        raise CheckpointError(f"{given}: its completed runs trained on different CSVs ({done.job[first]}: training CSV "
+                              f"SHA-1 {data[first]}, {done.job[other]}: {data[other]}), so their validation accuracies "
+                              f"are of different images and cannot rank them; nothing was chosen. Give one run's "
+                              f"directory, or a directory of runs on one data set.")
     best = done.loc[pd.to_numeric(done.val_acc_best).idxmax()]  # first of equals, in job-name order
     run_dir = path / best.job
     note = f"best of {len(done)} completed jobs by validation accuracy: {best.job} (val/acc_best {best.val_acc_best:.4f})"
