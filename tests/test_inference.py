@@ -284,12 +284,27 @@ def test_predict_cli_reports_a_corrupt_png_and_goes_on(run_dir, tmp_path, run_in
     assert rows["rows.csv:2"]["top_k"][0] == rows["ok0.png"]["top_k"][0] and rows["rows.csv:2"]["label"] is None
 
 
-def test_inputs_that_all_fail_say_none_was_predicted(run_dir, tmp_path, run_in_process):
+def test_inputs_that_all_fail_say_none_was_predicted_and_write_nothing(run_dir, tmp_path, run_in_process):
+    # A file of errors alone made the corrected command need overwrite=true, and with it replaced good predictions.
     result = run_in_process("predict.py", f"ckpt={run_dir}", "inputs=/dev/null", f"out={tmp_path}/p.csv")
     assert result.returncode == 2 and "1 of 1 inputs could not be used" in result.stderr
-    assert f"None was predicted; {tmp_path}/p.csv lists each error. With the inputs fixed, add overwrite=true to " \
-           "write over it." in result.stderr and "The other 0" not in result.stderr
-    assert '/dev/null,,,,,,,,,"not a regular file' in (tmp_path / "p.csv").read_text()  # the error, in its row
+    assert f"None was predicted; nothing was written to {tmp_path}/p.csv." in result.stderr
+    assert "overwrite=true" not in result.stderr and "The other 0" not in result.stderr
+    assert not (tmp_path / "p.csv").exists()
+    images, _ = garment_images(2, 3)
+    (tmp_path / "in").mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / "in" / f"{i}.png")
+    out = tmp_path / "in" / "p.csv"  # among the inputs: a rerun does not read its own output as a CSV
+    for overwrite in ("false", "true"):
+        result = run_in_process("predict.py", f"ckpt={run_dir}", f"inputs=[{tmp_path / 'in'}]", f"out={out}",
+                                f"overwrite={overwrite}")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert [r.split(",")[0] for r in out.read_text().splitlines()[1:]] == [str(tmp_path / "in" / f"{i}.png")
+                                                                              for i in range(2)]
+    written = out.read_bytes()
+    result = run_in_process("predict.py", f"ckpt={run_dir}", "inputs=/dev/null", f"out={out}", "overwrite=true")
+    assert result.returncode == 2 and out.read_bytes() == written  # the good predictions kept
 
 
 def test_a_file_name_that_is_not_utf8_is_written_escaped_to_a_csv(run_dir, tmp_path, run_in_process):

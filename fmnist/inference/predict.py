@@ -6,7 +6,8 @@ Inputs are image files (PNG/JPEG/BMP, any size, colour or grey: converted by the
 one row per image:
 `input` (the file, or `file.csv:N` for the CSV's row on line N, the header being line 1), the top-k class names and
 probabilities, the true label where a CSV gives it, and `error` for an input that could not be
-used. An unusable input does not stop the others; the run then ends with exit code 2.
+used. An unusable input does not stop the others; the run then ends with exit code 2 (and writes nothing where no
+input could be used). A directory's files never include the command's own `out=` file.
 """
 
 from __future__ import annotations
@@ -55,14 +56,16 @@ def _is_csv(path: Path) -> bool:
     return path.name.lower().endswith(CSV_SUFFIXES)
 
 
-def _expand(inputs: list[str]) -> list[tuple[str, Path | None, str | None]]:
-    """(name, file, error) for every file the inputs name, directories expanded, each file once."""
+def _expand(inputs: list[str], out: Path | None = None) -> list[tuple[str, Path | None, str | None]]:
+    """(name, file, error) for every file the inputs name, directories expanded, each file once. `out`: the
+    command's output, never an input of a directory (a rerun would read its own predictions as a CSV)."""
     found, seen = [], set()
+    mine = out.resolve() if out is not None else None
     for raw in inputs:
         path = Path(raw).expanduser()
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                           and (p.suffix.lower() in EXTENSIONS or _is_csv(p)))
+                           and (p.suffix.lower() in EXTENSIONS or _is_csv(p)) and p.resolve() != mine)
             if not files:
                 found.append((raw, None, f"directory without {'/'.join(EXTENSIONS)} or .csv files"))
             found += [(str(p), p, None) for p in files if p.resolve() not in seen]
@@ -80,10 +83,10 @@ def _expand(inputs: list[str]) -> list[tuple[str, Path | None, str | None]]:
     return found
 
 
-def read_inputs(inputs: list[str]) -> list[Item]:
-    """One Item per image (a CSV gives one per row), or per input that failed, in input order."""
+def read_inputs(inputs: list[str], out: Path | None = None) -> list[Item]:
+    """One Item per image (a CSV gives one per row), or per input that failed, in input order; `out`: see `_expand`."""
     items = []
-    for name, path, error in _expand(inputs):
+    for name, path, error in _expand(inputs, out):
         if error:
             items.append(Item(name, error=error))
         elif _is_csv(path):
@@ -104,13 +107,14 @@ def read_inputs(inputs: list[str]) -> list[Item]:
 
 
 def predict(cfg: DictConfig) -> list[dict]:
-    """Predict every input; write `cfg.out`; raise InputsFailed (after writing) if any input failed."""
+    """Predict every input; write `cfg.out` (unless no input could be used); raise InputsFailed (after writing) if
+    any input failed."""
     inputs = check_predict(cfg)
     if cfg.out:
         cfg.out = str(Path(cfg.out).expanduser())  # `~/preds.csv`, as ckpt= and inputs= take it
         check_output_file(Path(cfg.out), "out", cfg.overwrite, written_by_predict, "predict.py")
     model = load_model(cfg.ckpt)
-    items = read_inputs(inputs)
+    items = read_inputs(inputs, Path(cfg.out) if cfg.out else None)
     good = [it for it in items if it.error is None]
     images = np.stack([it.image for it in good]) if good else np.zeros((0, IMAGE_SIDE, IMAGE_SIDE), np.uint8)
     with memory_errors(f"lower batch_size ({cfg.batch_size})"):
@@ -128,22 +132,22 @@ def predict(cfg: DictConfig) -> list[dict]:
         row["label"] = CLASS_NAMES[it.label] if it.label is not None else None
         row["error"] = it.error
         rows.append(row)
-    if cfg.out:
+    failed = [r for r in rows if r["error"]]
+    predicted = len(items) - len(failed)
+    if cfg.out and predicted:  # errors alone would replace earlier predictions (overwrite=true), or need it next time
         with storage_errors(key="out"):
             write_rows(Path(cfg.out), rows, k, replace=cfg.overwrite)
-    print(table(rows, k, model.path, cfg.out))
-    failed = [r for r in rows if r["error"]]
+    print(table(rows, k, model.path, cfg.out if predicted else None))
     if failed:
-        predicted = len(items) - len(failed)
         written = f" and written to {cfg.out}" if cfg.out else ""
         raise InputsFailed(f"{len(failed)} of {len(items)} inputs could not be used ("
                            + "; ".join(f"{r['input']}: {r['error']}" for r in failed[:3])
                            + ("; ..." if len(failed) > 3 else "") + "). "
                            + (f"The other {predicted} were predicted{written}." if predicted else
-                              f"None was predicted{f'; {cfg.out} lists each error' if cfg.out else ''}.")
+                              f"None was predicted{f'; nothing was written to {cfg.out}' if cfg.out else ''}.")
                            # out= is never replaced without overwrite=true: the corrected command needs it
                            + (" With the inputs fixed, add overwrite=true to write over it."
-                              if cfg.out and not cfg.overwrite else ""))
+                              if cfg.out and predicted and not cfg.overwrite else ""))
     return rows
 
 
