@@ -98,6 +98,25 @@ def test_a_lone_csv_is_not_overwritten(tmp_path, idx_dir, suffix):
     assert lone.read_text() == "mine" and [p.name for p in data.iterdir()] == [lone.name]
 
 
+def test_links_to_nothing_at_the_csv_names_are_neither_replaced_nor_written_through(tmp_path, idx_dir):
+    # Links into a volume not mounted: both replaced by regular files, with exit 0.
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in CSV_NAMES.values():
+        (data / name).symlink_to(tmp_path / "unmounted" / name)
+    with pytest.raises(DataError, match=r"holds only fashion-mnist_train.csv \(a link to nothing\), "
+                                        r"fashion-mnist_test.csv \(a link to nothing\) of the two CSVs"):
+        obtain(data, idx_dir=idx_dir, allow_install=False, allow_download=False)
+    assert all((data / name).is_symlink() for name in CSV_NAMES.values()) and not (tmp_path / "unmounted").exists()
+
+
+def test_a_failed_command_removes_the_parents_it_made_and_says_what_it_did_not_try(tmp_path, monkeypatch):
+    monkeypatch.setattr("fmnist.data.sources.DEBIAN_DIR", tmp_path / "nowhere")
+    with pytest.raises(DataError, match=r"did not install Debian's dataset-fashion-mnist \(--no-install\)"):
+        obtain(tmp_path / "a" / "b" / "data", idx_dir=None, allow_install=False, allow_download=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_split_both_plain_and_gzipped_is_refused_as_every_run_would(tmp_path, idx_dir):
     data = tmp_path / "data"
     data.mkdir()

@@ -22,7 +22,7 @@ import numpy as np
 from fmnist import IMAGE_SIDE, NUM_CLASSES
 from fmnist.data.csv_io import GZIP_MAGIC, csv_digest, load_csvs, require_file, write_csv
 from fmnist.errors import DataError
-from fmnist.fsio import atomic_write, exclusive_lock, not_a_directory, storage_errors
+from fmnist.fsio import atomic_write, exclusive_lock, missing_dirs, not_a_directory, remove_if_empty, storage_errors
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +220,8 @@ def _download(dest: Path, base_url: str = DOWNLOAD_URL) -> None:
 def obtain(data_dir: Path, idx_dir: Path | None = None, allow_install: bool = True,
            allow_download: bool = True) -> str:
     """Make sure `data_dir` holds both CSVs; return a line saying where they came from. A failure leaves
-    `data_dir` as it was (not even created)."""
-    created = not data_dir.exists()
+    `data_dir` as it was (not even created, nor its missing parents)."""
+    made = missing_dirs(data_dir)  # deepest first
     with storage_errors(key="--data-dir"):
         data_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -232,8 +232,10 @@ def obtain(data_dir: Path, idx_dir: Path | None = None, allow_install: bool = Tr
             with storage_errors(key="--data-dir"):  # a full disk while the CSVs are written
                 return _obtain(data_dir, idx_dir, allow_install, allow_download)
     except BaseException:
-        if created:
+        if made:
             shutil.rmtree(data_dir, ignore_errors=True)
+            for parent in made[1:]:
+                remove_if_empty(parent)
         raise
 
 
@@ -250,9 +252,11 @@ def _obtain(data_dir: Path, idx_dir: Path | None, allow_install: bool, allow_dow
         counts = [f"{len(labels)} {split}" for split, (_, labels) in zip(CSV_NAMES, loaded)]
         unread = f"; --idx-dir {idx_dir} was not read" if idx_dir is not None else ""  # said, not ignored silently
         return f"CSVs already in {data_dir}: left untouched ({' and '.join(counts)} images){unread}"
-    present = [q for p in csvs for q in (p, Path(f"{p}.gz")) if q.exists()]
+    # A link to nothing (a volume not mounted) is there too: the CSVs are never written through or over it.
+    present = [q for p in csvs for q in (p, Path(f"{p}.gz")) if q.exists() or q.is_symlink()]
     if present:
-        shown = ", ".join(f"{q.name}{'' if q.is_file() else ' (not a file)'}" for q in present)
+        shown = ", ".join(f"{q.name}{'' if q.is_file() else ' (a link to nothing)' if not q.exists() else ' (not a file)'}"
+                          for q in present)
         raise DataError(f"{data_dir} holds only {shown} of the two CSVs; refusing to overwrite anything. Put both "
                         "CSVs there, or move what is there away and run `make data` again.")
     if idx_dir is not None:  # named on purpose: converted, or refused naming what is missing; never another source
@@ -269,7 +273,8 @@ def _obtain(data_dir: Path, idx_dir: Path | None, allow_install: bool, allow_dow
     if allow_install and _install_debian_package():
         idx_to_csv(DEBIAN_DIR, data_dir)
         return f"installed {DEBIAN_PACKAGE} and converted {DEBIAN_DIR}"
-    tried.append(f"could not install Debian's {DEBIAN_PACKAGE} (needs root and apt-get)")
+    tried.append(f"could not install Debian's {DEBIAN_PACKAGE} (needs root and apt-get)" if allow_install else
+                 f"did not install Debian's {DEBIAN_PACKAGE} (--no-install)")
     if allow_download:
         raw = data_dir / "raw"
         try:
@@ -277,6 +282,7 @@ def _obtain(data_dir: Path, idx_dir: Path | None, allow_install: bool, allow_dow
             idx_to_csv(raw, data_dir)
             return f"downloaded and verified {DOWNLOAD_URL}"
         except (OSError, DataError) as e:
+            remove_if_empty(raw)  # what was downloaded stays for the next try, checked by its MD5
             tried.append(f"download from {DOWNLOAD_URL} failed ({e})")
     raise DataError(
         "Could not obtain Fashion-MNIST: " + "; ".join(tried) + ". Do one of: (1) put Kaggle's "
