@@ -140,6 +140,11 @@ def test_evaluate_with_tta_on_another_test_set(run_dir, tmp_path, capsys):
     np.savetxt(part / "confusion_matrix.csv", np.diag([64] + [0] * 9), fmt="%d", delimiter=",")
     evaluate(compose_named("evaluate", f"ckpt={part}"), tmp_path / "part_eval")
     assert f"(run's own test/acc {own:.4%} on 64 of these images)" in capsys.readouterr().out
+    # Its last checkpoint is another model than the best one the run tested.
+    assert plain["run_tested_this_checkpoint"] is True
+    last = evaluate(compose_named("evaluate", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}"), tmp_path / "last")
+    assert last["run_tested_this_checkpoint"] is False
+    assert f"(run's own test/acc {own:.4%} of its best checkpoint, not this one)" in capsys.readouterr().out
     tta = evaluate(compose_named("evaluate", f"ckpt={run_dir}", f"data.dir={other}", "tta=flip"), tmp_path / "tta")
     assert (plain["tta"], tta["tta"]) == ("none", "flip") and tta["metrics"]["n_images"] == 50
     assert tta["data"]["test_csv"].startswith(str(other))

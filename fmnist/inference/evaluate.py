@@ -21,11 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from fmnist import CLASS_NAMES, NUM_CLASSES
 from fmnist.data.csv_io import load_csv
-from fmnist.errors import ConfigError
+from fmnist.errors import CheckpointError, ConfigError
 from fmnist.fsio import atomic_output
 from fmnist.hardware import memory_errors
 from fmnist.inference.config import check_evaluate
-from fmnist.inference.loading import load_model, run_test_acc, run_test_images, run_tested_on
+from fmnist.inference.loading import best_in_run, load_model, run_test_acc, run_test_images, run_tested_on
 from fmnist.provenance import now, provenance
 from fmnist.runs import COMPLETED, CONFUSION_FILE, METRICS_FILE, read_record, write_record
 from fmnist.training.rundir import own_run_dir
@@ -86,7 +86,8 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
                  "batch_size": batch_size},
         "tta": tta, "precision": "32-true", "metrics": metrics,
         "run_test_acc": run_test_acc(run_record), "run_test_images": run_test_images(model.run_dir),
-        "run_tested_on_this_csv": run_tested_on(run_record, csv), "config": OmegaConf.to_container(cfg, resolve=True),
+        "run_tested_on_this_csv": run_tested_on(run_record, csv),
+        "run_tested_this_checkpoint": _run_tested(model), "config": OmegaConf.to_container(cfg, resolve=True),
         **provenance(),
     }
     with own_run_dir(out_dir):  # another evaluation writing there now is refused (RunDirInUse), as is one after it
@@ -107,6 +108,17 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     return record
 
 
+def _run_tested(model) -> bool | None:
+    """Whether the checkpoint is the one its run tested (its best on validation), or None outside a run: its
+    `last.ckpt`, or an earlier best file, is another model than the one the run's test/acc describes."""
+    if model.run_dir is None:
+        return None
+    try:
+        return best_in_run(model.run_dir, suggest_last=False).resolve() == model.path.resolve()
+    except CheckpointError:  # no best file: the run tested none of these
+        return False
+
+
 def _str(path: Path | None) -> str | None:
     return None if path is None else str(path.resolve())
 
@@ -124,8 +136,10 @@ def summary_table(record: dict, out_dir: Path) -> str:
     lines = [f"checkpoint {record['checkpoint']['path']} (sha256 {record['checkpoint']['sha256'][:12]})"]
     tta = "" if record["tta"] == "none" else f", TTA {record['tta']}"
     own, counted, same_csv = record["run_test_acc"], record["run_test_images"], record["run_tested_on_this_csv"]
-    # a run that tested another CSV, or part of this one (trainer.limit_test_batches), is not what this reproduces
-    where = (" on another test CSV" if same_csv is False else
+    # a run that tested another checkpoint, another CSV, or part of this one (trainer.limit_test_batches), is not
+    # what this reproduces
+    where = (" of its best checkpoint, not this one" if record.get("run_tested_this_checkpoint") is False else
+             " on another test CSV" if same_csv is False else
              "" if counted in (None, m["n_images"]) else f" on {counted} of these images")
     own = "" if own is None else f"   (run's own test/acc {own:.4%}{where})"
     lines += [f"test CSV   {record['data']['test_csv']} ({m['n_images']} images{tta})",
