@@ -194,6 +194,19 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def status_of(record: dict | None) -> str | None:
+    """A record's status as it stands: `interrupted` for a `running` one whose process has ended (`process_gone`)."""
+    status = (record or {}).get("status")
+    return INTERRUPTED if status == RUNNING and process_gone(record) else status
+
+
+def status_note(record: dict | None) -> str:
+    """`status_of(record)` in quotes, with why where it is not the record's own (its process ended unrecorded)."""
+    status = status_of(record)
+    return repr(status) + (f" (its {METRICS_FILE} says {RUNNING!r}, but its process has ended)"
+                           if status != (record or {}).get("status") else "")
+
+
 def job_row(job: Path) -> dict:
     """`collect`'s row of one job directory: its setting, seed, status, metrics, compute and data."""
     record = read_record(job)
@@ -203,13 +216,12 @@ def job_row(job: Path) -> dict:
         record = {"status": UNREADABLE, "error": problem,
                   "overrides": overrides if is_text_list(overrides) else []}
     record = record or {"status": STARTED}
-    status, error = record.get("status"), record.get("error")
-    if status == RUNNING and process_gone(record):  # shown as what a rerun of the sweep or study makes of it
+    status, error = status_of(record), record.get("error")
+    if status != record.get("status"):  # a killed run's: shown as what a rerun of the sweep or study makes of it
         rerun = ("tune.py, run again, replaces the trial" if job.name.startswith(TRIAL_DIR_PREFIX) else
                  "the sweep command, run again, resumes it from its last finished epoch")
-        status, error = INTERRUPTED, (f"its process ({record['pid']}) ended without recording how: killed by "
-                                      f"SIGKILL or for memory, a DDP rank's crash took it down, or the machine "
-                                      f"restarted; {rerun}")
+        error = (f"its process ({record['pid']}) ended without recording how: killed by SIGKILL or for memory, a "
+                 f"DDP rank's crash took it down, or the machine restarted; {rerun}")
     metrics = record.get("metrics", {})
     return {
         "job": job.name, "setting": setting_of(record.get("overrides", [])), "seed": record.get("seed"),

@@ -34,7 +34,8 @@ from fmnist.errors import ConfigError, StorageError
 from fmnist.fsio import (atomic_write, check_writable, dirs_made, file_digest, load_checkpoint, path_argument,
                          storage_error, storage_errors)
 from fmnist.inference.loading import DATAMODULE_STATE_KEY, PRETRAINED, PRETRAINED_DIR, best_in_run, load_model
-from fmnist.runs import COMPLETED, METRICS_FILE, read_config_section, read_record, record_problem, short_digest
+from fmnist.runs import (COMPLETED, METRICS_FILE, read_config_section, read_record, record_problem, short_digest,
+                         status_note)
 
 # Test images whose prediction may change when a model tested in bf16 or fp16 is scored in fp32, as it is shipped.
 MIXED_PRECISION_IMAGES = 10
@@ -78,7 +79,7 @@ def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR, replace: bool
         raise ConfigError(f"{problem}; not shipped.")
     record = record or {}
     if record.get("status") != COMPLETED:
-        raise ConfigError(f"{run_dir}: a run ships only once it has completed; its status is {record.get('status')!r}.")
+        raise ConfigError(f"{run_dir}: a run ships only once it has completed; its status is {status_note(record)}.")
     recorded = record.get("metrics", {}).get("test/acc")
     if recorded is None:
         raise ConfigError(f"{run_dir}: its metrics.json holds no test accuracy, which the shipped model must "

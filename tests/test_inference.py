@@ -933,7 +933,19 @@ def test_a_run_that_has_not_completed_is_used_with_a_warning_saying_so(tmp_path,
     (run / "checkpoints" / "best-epoch001.ckpt").write_bytes(b"")
     update_record(run, status="running")  # still training: its best checkpoint may yet change
     assert resolve(run).path.name == "best-epoch001.ckpt"
-    assert "the run is running, not completed: using its best checkpoint so far, best-epoch001.ckpt" in caplog.text
+    assert "the run's status is 'running', not completed: using its best checkpoint so far, best-epoch001.ckpt" \
+        in caplog.text
+    caplog.clear()
+    from fmnist.provenance import this_process
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    update_record(run, **{**this_process(), "pid": ended.pid})  # killed: its process is gone, its record unchanged
+    resolve(run)
+    assert "the run's status is 'interrupted' (its metrics.json says 'running', but its process has ended)" in caplog.text
+    with pytest.raises(ConfigError, match=r"its status is 'interrupted' \(its metrics.json says 'running', but its "
+                                          r"process has ended\)"):
+        import_script("ship_model").ship(run, "killed", out_dir=tmp_path / "out")
     caplog.clear()
     update_record(run, status="completed")
     resolve(run)

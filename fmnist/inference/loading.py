@@ -31,7 +31,7 @@ from fmnist.inference.config import CKPT_FORMS
 from fmnist.models import (MODELS, NON_FINITE_WHY, build_model, check_model, memory_format_input, non_finite, tta_logits,
                            weights_error, with_defaults)
 from fmnist.runs import (BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, LAST_CHECKPOINT, NET_PREFIX,
-                         best_checkpoint_order, collect, read_confusion_matrix, read_record)
+                         best_checkpoint_order, collect, read_confusion_matrix, read_record, status_note)
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,10 @@ def resolve(ckpt: str | Path, key: str = "ckpt") -> Resolved:
         raise CheckpointError(f"{given}: {not_a_file(path, missing='no such file or directory')}; {WHAT_CKPT_IS}.")
     if (path / CHECKPOINT_DIR).is_dir():
         best = best_in_run(path, key=key)
-        status = (read_record(path) or {}).get("status")
-        if status not in (None, COMPLETED):  # e.g. a run still training, whose best checkpoint may yet change
-            log.warning("%s: the run is %s, not completed: using its best checkpoint so far, %s", path, status, best.name)
+        record = read_record(path)
+        if (record or {}).get("status") not in (None, COMPLETED):  # e.g. still training: its best may yet change
+            log.warning("%s: the run's status is %s, not completed: using its best checkpoint so far, %s", path,
+                        status_note(record), best.name)
         return Resolved(best, path)
     record = read_record(path)
     if record is not None and record.get("status"):  # a run that ended before its first checkpoint
