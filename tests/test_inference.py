@@ -596,6 +596,13 @@ def test_a_missing_checkpoint_is_one_paragraph(tmp_path):
     (failed / "metrics.json").write_text('{"status": "failed", "error": "DataError: ..."}')
     with pytest.raises(CheckpointError, match="a run directory without checkpoints \\(the run is 'failed'"):
         resolve(failed)
+    shelf = tmp_path / "shelf"  # a run's checkpoints/ folder, or pretrained/: "a directory holding nothing"
+    shelf.mkdir()
+    for name in ("best-epoch002.ckpt", "last.ckpt"):
+        (shelf / name).write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"shelf: a directory of checkpoint files \(best-epoch002.ckpt, "
+                                              r"last.ckpt\), not of runs; name one of them \(ckpt=.*shelf/best-epoch002"):
+        resolve(shelf)
 
 
 @pytest.mark.slow

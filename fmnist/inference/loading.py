@@ -26,7 +26,7 @@ from fmnist.data.batches import network_input
 from fmnist.data.csv_io import csv_digest
 from fmnist.data.sources import CSV_NAMES, find_csv
 from fmnist.errors import CheckpointError, ConfigError, DataError
-from fmnist.fsio import file_digest, load_checkpoint, not_a_file
+from fmnist.fsio import file_digest, load_checkpoint, not_a_file, some_names
 from fmnist.inference.config import CKPT_FORMS
 from fmnist.models import (MODELS, NON_FINITE_WHY, build_model, check_model, memory_format_input, non_finite, tta_logits,
                            weights_error, with_defaults)
@@ -104,6 +104,10 @@ def resolve(ckpt: str | Path, key: str = "ckpt") -> Resolved:
                               f"it ended before saving one); {WHAT_CKPT_IS}.")
     jobs = collect(path)
     done = jobs[(jobs.status == COMPLETED) & jobs.val_acc_best.notna()] if len(jobs) else jobs
+    files = sorted(p.name for p in path.glob("*.ckpt") if p.is_file())
+    if done.empty and files and not len(jobs):  # a run's checkpoints/ folder, or pretrained/
+        raise CheckpointError(f"{given}: a directory of checkpoint files ({some_names(files)}), not of runs; name one "
+                              f"of them ({given_as(path / files[0], key)}), or a run's directory for its best one.")
     if done.empty:
         found = f"{len(jobs)} job directories, none completed with a validation accuracy" if len(jobs) else "nothing"
         raise CheckpointError(f"{given}: a directory holding {found}; {WHAT_CKPT_IS}.")
