@@ -312,6 +312,25 @@ def test_inputs_that_all_fail_say_none_was_predicted_and_write_nothing(run_dir, 
     assert result.returncode == 2 and out.read_bytes() == written  # the good predictions kept
 
 
+def test_a_directory_input_follows_links_reads_a_linked_file_once_and_names_a_link_to_nothing(run_dir, tmp_path,
+                                                                                               run_in_process):
+    # A linked folder's images were passed over, as was a link to nothing, and a link to a file gave a second row.
+    images, _ = garment_images(2, 4)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "in").mkdir()
+    Image.fromarray(images[0]).save(tmp_path / "other" / "a.png")
+    Image.fromarray(images[1]).save(tmp_path / "in" / "b.png")
+    (tmp_path / "in" / "linked").symlink_to(tmp_path / "other")
+    (tmp_path / "in" / "loop").symlink_to(tmp_path / "in")  # a link back up: each real folder is read once
+    (tmp_path / "in" / "c.png").symlink_to(tmp_path / "in" / "b.png")
+    (tmp_path / "in" / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    result = run_in_process("predict.py", f"ckpt={run_dir}", f"inputs=[{tmp_path / 'in'}]", f"out={tmp_path}/p.csv")
+    assert result.returncode == 2 and "1 of 3 inputs could not be used" in result.stderr, result.stderr[-2000:]
+    assert f"{tmp_path / 'in' / 'broken.png'}: a link to nothing" in result.stderr
+    rows = (tmp_path / "p.csv").read_text().splitlines()[1:]
+    assert sorted(Path(r.split(",")[0]).name for r in rows) == ["a.png", "b.png", "broken.png"]
+
+
 def test_a_file_name_that_is_not_utf8_is_written_escaped_to_a_csv(run_dir, tmp_path, run_in_process):
     images, _ = garment_images(1, 5)
     (tmp_path / "in").mkdir()

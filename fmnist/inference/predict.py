@@ -2,7 +2,8 @@
 
 Inputs are image files (PNG/JPEG/BMP, any size, colour or grey: converted by the rule in
 `fmnist/inference/images.py`), Kaggle-format CSVs (`label` column optional), and directories of both
-(searched recursively, sorted; other files are skipped; a file named twice is read once). The output has
+(searched recursively, through links to folders, sorted; other files are skipped; a file named twice, or
+through a link, is read once; a link to nothing is an input that could not be used). The output has
 one row per image:
 `input` (the file, or `file.csv:N` for the CSV's row on line N, the header being line 1), the top-k class names and
 probabilities, the true label where a CSV gives it, and `error` for an input that could not be
@@ -15,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,12 +66,16 @@ def _expand(inputs: list[str], out: Path | None = None) -> list[tuple[str, Path 
     for raw in inputs:
         path = Path(raw).expanduser()
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                           and (p.suffix.lower() in EXTENSIONS or _is_csv(p)) and p.resolve() != mine)
+            files = [p for p in _files_under(path) if not p.name.startswith(".")
+                     and (p.suffix.lower() in EXTENSIONS or _is_csv(p)) and p.resolve() != mine]
             if not files:
                 found.append((raw, None, f"directory without {'/'.join(EXTENSIONS)} or .csv files"))
-            found += [(str(p), p, None) for p in files if p.resolve() not in seen]
-            seen.update(p.resolve() for p in files)
+            for p in files:  # a link to a file named too, or found before, is read once
+                if not p.exists():
+                    found.append((str(p), None, "a link to nothing"))
+                elif p.resolve() not in seen:
+                    seen.add(p.resolve())
+                    found.append((str(p), p, None))
         elif path.is_file() and path.resolve() in seen:
             continue
         elif path.is_file():
@@ -81,6 +87,20 @@ def _expand(inputs: list[str], out: Path | None = None) -> list[tuple[str, Path 
         else:
             found.append((raw, None, "no such file or directory"))
     return found
+
+
+def _files_under(directory: Path) -> list[Path]:
+    """Every file under `directory`, sorted, through links to directories too (each real directory once, so a link
+    back up ends), and links to nothing, which a run must name rather than pass over."""
+    files, visited = [], set()
+    for root, dirs, names in os.walk(directory, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:
+            dirs[:] = []
+            continue
+        visited.add(real)
+        files += [p for p in (Path(root) / name for name in names) if p.is_file() or p.is_symlink()]
+    return sorted(files)
 
 
 def read_inputs(inputs: list[str], out: Path | None = None) -> list[Item]:
