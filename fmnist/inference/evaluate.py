@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from fmnist import CLASS_NAMES, NUM_CLASSES
 from fmnist.data.csv_io import load_csv
 from fmnist.errors import CheckpointError, ConfigError
-from fmnist.fsio import atomic_output
+from fmnist.fsio import RUN_DIR_KEY, atomic_output
 from fmnist.hardware import memory_errors
 from fmnist.inference.config import check_evaluate
 from fmnist.inference.loading import best_in_run, load_model, run_test_acc, run_test_images, run_tested_on
@@ -60,7 +60,7 @@ def classification_metrics(logits: torch.Tensor, labels: np.ndarray) -> tuple[di
 def _check_output_dir(out_dir: Path) -> None:
     if out_dir.is_dir() and any(out_dir.iterdir()):
         raise ConfigError(f"{out_dir} is not empty; an evaluation writes into a new directory (never into a run's "
-                          "or another evaluation's files): leave hydra.run.dir at its default or name a new one.")
+                          f"or another evaluation's files): leave {RUN_DIR_KEY} at its default or name a new one.")
 
 
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
@@ -93,7 +93,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     with own_run_dir(out_dir):  # another evaluation writing there now is refused (RunDirInUse), as is one after it
         if (out_dir / METRICS_FILE).exists():
             raise ConfigError(f"{out_dir}: another evaluation wrote its results there while this one ran; they are "
-                              "kept, and this evaluation wrote nothing. Name a new directory (hydra.run.dir=...).")
+                              f"kept, and this evaluation wrote nothing. Name a new directory ({RUN_DIR_KEY}=...).")
         written = [out_dir / CONFUSION_FILE, out_dir / CONFUSION_FIGURE]
         try:
             with atomic_output(written[0]) as tmp:
