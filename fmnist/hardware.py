@@ -1,7 +1,9 @@
 """What this machine is: CPU model and speed-relevant flags, cores, GPU; which accelerators it has.
 
 Every record of a run names its hardware from here (`describe`); the precision `auto` chooses
-from it is decided in fmnist/training/precision.py.
+from it is decided in fmnist/training/precision.py. The checks of a run's devices and nodes against the machine
+(`check_accelerator`, `check_nodes`) are here too, and `memory_errors`, which turns running out of CPU or GPU
+memory into one paragraph (`OutOfMemory`) with what to lower.
 """
 
 from __future__ import annotations
