@@ -32,7 +32,7 @@ def main(cfg: DictConfig) -> float:
         check_given_config(cfg, required=True)  # `+optim.lrr=1`, `${oc.env:LR}` with LR unset, `~model`
         split_csvs(cfg.data.dir)
         note = superseded_note(hydra_cfg.runtime.choices.get("experiment"))
-        if note and not in_sweep:  # a sweep prints it once, before its first job (fmnist.results.sweep)
+        if note and not in_sweep:  # a sweep prints it once, before its first job (fmnist.sweeps.start)
             print(note, file=sys.stderr)
         swept = hydra_cfg.sweeper.get("params") or {}
         if swept and not in_sweep:  # an experiment's sweep (its seeds) runs only with -m: said, not dropped silently

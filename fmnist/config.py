@@ -202,30 +202,6 @@ def is_finite_number(value) -> bool:
         return False
 
 
-def launcher_kind(launcher: DictConfig | dict) -> str:
-    """`joblib`, `submitit` or `basic`: which of Hydra's launchers `launcher` (hydra.launcher) configures."""
-    target = str(launcher.get("_target_", ""))
-    return "joblib" if target.endswith("JoblibLauncher") else "submitit" if "submitit" in target else "basic"
-
-
-def concurrent_jobs(launcher: DictConfig | dict, cores: int) -> int:
-    """How many jobs the launcher runs at once on this machine (1 for sequential launchers)."""
-    if launcher_kind(launcher) == "joblib":
-        n = int(launcher.get("n_jobs") or 1)
-        # joblib's convention: -1 is all cores, -2 all but one, ...
-        return max(1, cores + 1 + n if n < 0 else n)
-    return 1
-
-
-def check_launcher(launcher: DictConfig | dict) -> None:
-    """ConfigError for a joblib launcher told to run no job at once (`n_jobs=0`, which joblib refuses only after
-    the sweep's directory is made)."""
-    if launcher_kind(launcher) == "joblib" and launcher.get("n_jobs") == 0:
-        raise ConfigError("hydra.launcher.n_jobs=0 runs no job; expected how many jobs run at once: 1 or more, or -1 "
-                          "for as many as the cores (joblib's convention: -2 all but one, ...). No job of the sweep "
-                          "was started.")
-
-
 OPTIMIZERS = ("adam", "adamw", "sgd", "muon")  # fmnist/training/module.py maps each to its optimizer class
 ADAM_FAMILY = ("adam", "adamw", "muon")  # the optimizers that divide by sqrt(v) + eps (Muon: its AdamW half)
 SCHEDULERS = ("none", "cosine", "linear")  # shapes of fmnist.training.module.lr_factor

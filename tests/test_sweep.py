@@ -19,7 +19,8 @@ from fmnist.fsio import storage_errors
 from fmnist.overrides import setting_of
 from fmnist.results.__main__ import main as results_main
 from fmnist.results.report import ablation_pairs, write_report
-from fmnist.results.sweep import check_sweep_dir, summarize
+from fmnist.results.sweep import summarize
+from fmnist.sweeps.start import check_sweep_dir
 from fmnist.runs import record_problem
 from tests.conftest import CONF, FAST, FAST_NAMED, snapshot
 
@@ -519,12 +520,12 @@ def test_a_finished_job_is_reused_only_for_the_same_experiment(tmp_path, data_di
 def test_a_fault_in_the_sweeps_start_checks_stops_it_instead_of_running_it_unchecked(tmp_path, data_dir,
                                                                                      run_in_process, monkeypatch):
     # Hydra turns an exception in a callback into a warning, and went on with the sweep.
-    from fmnist.results import sweep
+    from fmnist.sweeps import start
 
     def broken(sweep_dir):
         raise RuntimeError("a fault in a check")
 
-    monkeypatch.setattr(sweep, "check_sweep_dir", broken)
+    monkeypatch.setattr(start, "check_sweep_dir", broken)
     result = run_in_process("train.py", "-m", *FAST, "model=simple", "optim.lr=0.01,0.02", f"data.dir={data_dir}",
                             f"hydra.sweep.dir={tmp_path}/s")
     assert result.returncode == 1 and "RuntimeError: a fault in a check" in result.stderr

@@ -46,7 +46,8 @@ from fmnist.errors import ConfigError, FmnistError, OutOfMemory
 from fmnist.fsio import atomic_write, missing_dirs, remove_if_empty, some_names
 from fmnist.overrides import (check_name, composition_message, null_group_message, override_key, override_text, register,
                               renamed_overrides)
-from fmnist.results.sweep import check_same_data, every_combination, summarize
+from fmnist.results.sweep import summarize
+from fmnist.sweeps.start import check_same_data, every_combination
 from fmnist.provenance import this_process
 from fmnist.runs import (DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, JOB_LOG, METRICS_FILE, TRIAL_DIR_PREFIX,
                          TRIAL_RECORD_KEY)
