@@ -31,7 +31,7 @@ from fmnist.console import ReaderMayGo
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, FmnistError, first_line
 from fmnist.fsio import (RUN_DIR_KEY, SWEEP_DIR_KEY, early_writes_undone_if_stopped, note_dirs_to_be_made,
                          storage_error)
-from fmnist.overrides import composition_message, null_group_message, quoted_paths, renamed_overrides
+from fmnist.overrides import composition_message, null_group_message, override_key, quoted_paths, renamed_overrides
 
 
 class UnknownOptionFirstParser(argparse.ArgumentParser):
@@ -64,7 +64,7 @@ def refuse_unknown_keys(cfg: DictConfig, overrides: list[str]) -> None:
     for override in overrides:
         if not override.startswith("+") or "=" not in override:
             continue
-        key = override.lstrip("+").split("=", 1)[0].split("@", 1)[0]
+        key = override_key(override)
         if key.startswith("hydra."):
             continue
         parts = key.split(".")

@@ -31,8 +31,9 @@ from fmnist.fsio import NAME_MAX, read_yaml
 # Reading and writing overrides.
 
 def override_key(override: str) -> str:
-    """The key a command-line override sets: `optim.lr` of `optim.lr=0.01` or `+optim.lr=0.01`."""
-    return override.split("=", 1)[0].lstrip("+~")
+    """The key a command-line override sets: `optim.lr` of `optim.lr=0.01`, `+optim.lr=0.01` or `~optim.lr`, and
+    `model` of a group's `model@pkg=resnet` (its package aside)."""
+    return override.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
 
 
 def override_text(value: Any) -> str:

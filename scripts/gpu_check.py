@@ -53,7 +53,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
-from fmnist.config import DataConfig
 from fmnist.errors import ConfigError, StorageError
 from fmnist.fsio import (atomic_output, atomic_write, check_folder_can_hold, check_working_directory,  # the standard
                          check_writable, not_a_directory, output_path_argument, path_argument,
@@ -465,6 +464,10 @@ def write_records_summary(results: Path, env: dict, outcomes: list[dict]) -> str
 
 
 def main() -> int:
+    """Plan the steps, check every command and place, then run them within the budget (or print them: --dry-run)."""
+    from fmnist.config import DataConfig
+    from fmnist.overrides import override_key
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", action="store_true", help="run the record recipes (make gpu-records)")
     parser.add_argument("--results", type=output_path_argument, default=None,
@@ -525,8 +528,8 @@ def main() -> int:
                  else plan(results, data_dir, args.smoke, gpus))
         for step in steps:
             for command in step.commands if step.train else []:
-                own = {o.split("=", 1)[0].lstrip("+~") for o in command[2:] if "=" in o}
-                clash = [o for o in args.override if o.split("=", 1)[0].lstrip("+~") in own]
+                own = {override_key(o) for o in command[2:] if "=" in o}
+                clash = [o for o in args.override if override_key(o) in own]
                 if clash:  # the later value would win: the step would measure something else than planned
                     parser.error(f"--override {clash[0]}: the step {step.name} sets {clash[0].split('=', 1)[0]} "
                                  "itself (where results go, seeds, data and devices are the plan's); nothing was run")

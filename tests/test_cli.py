@@ -177,6 +177,14 @@ def test_an_unparseable_override_naming_an_existing_path_is_quoted_for_hydra(tmp
         f"ckpt='{job}'", "optim.lr=1e-2,1e-3", f"+data.dir={tmp_path}/no=such", "-m"]  # a sweep, a typo: as given
 
 
+def test_an_overrides_key_is_read_one_way_for_every_command():
+    from fmnist.overrides import override_key
+
+    assert [override_key(o) for o in ("optim.lr=0.01", "+optim.lr=0.01", "++seed=1", "~model", "model@net=resnet",
+                                      "+experiment@_global_=study", "ckpt=a=b")] == \
+        ["optim.lr", "optim.lr", "seed", "model", "model", "experiment", "ckpt"]
+
+
 @pytest.mark.parametrize("where", [[], ["hydra.run.dir=outputs/mistyped"]])
 def test_resuming_where_there_is_no_run_is_refused_instead_of_starting_a_new_one(tmp_path, data_dir, run_in_process,
                                                                                  where):

@@ -17,7 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from fmnist import NUM_CLASSES
 from fmnist.config import CONF_DIR, TTA_MODES, TrainConfig, check_keys
 from fmnist.errors import ConfigError
-from fmnist.overrides import OTHER_COMMANDS_GROUPS, register_resolvers
+from fmnist.overrides import OTHER_COMMANDS_GROUPS, override_key, register_resolvers
 from fmnist.runs import BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR
 
 # What `ckpt=` takes, as every message about it says it.
@@ -71,8 +71,8 @@ def training_key_message(error: BaseException, args: list[str], entry: str) -> s
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()} - set(OTHER_COMMANDS_GROUPS)
     training = ({f.name for f in fields(TrainConfig)} | groups) - taken
     for arg in args:
-        key = arg.partition("=")[0].lstrip("+~")
-        top = re.split(r"[./@]", key)[0]
+        key = override_key(arg)
+        top = re.split(r"[./]", key)[0]
         # Hydra's two ways of saying that this command's config has no such key or group
         refused = (f"Key '{top}' not in '" in text
                    or f"Could not override '{top}'. No match in the defaults list" in text)

@@ -165,7 +165,7 @@ def check_sweep_jobs(config: DictConfig, config_loader) -> None:
             check_config(cfg)
         except ConfigError as e:
             raise refused(swept, e) from None
-        composed.setdefault(tuple(o for o in swept if o.split("=")[0].lstrip("+") not in plain), cfg)
+        composed.setdefault(tuple(o for o in swept if override_key(o) not in plain), cfg)
     if len(plain) < 2 and len(composed) < 2:  # no combination that the jobs above left out
         return
     for job, cfg in every_combination(composed, plain):

@@ -130,7 +130,7 @@ def register_tune() -> None:
 def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
     """(tune overrides, train overrides) of a `tune.py` command line."""
     def root(arg: str) -> str:
-        return arg.split("=", 1)[0].lstrip("+~").split("@", 1)[0].split(".", 1)[0]
+        return override_key(arg).split(".", 1)[0]
 
     return [a for a in args if root(a) in TUNE_KEYS], [a for a in args if root(a) not in TUNE_KEYS]
 
