@@ -98,6 +98,15 @@ def test_a_lone_csv_is_not_overwritten(tmp_path, idx_dir, suffix):
     assert lone.read_text() == "mine" and [p.name for p in data.iterdir()] == [lone.name]
 
 
+def test_data_dir_takes_the_home_directory_as_ckpt_and_out_do(tmp_path, monkeypatch):
+    from fmnist.data.sources import find_csv
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / CSV_NAMES["test"]).write_text("x")
+    assert find_csv("~/sd", "test") == tmp_path / "sd" / CSV_NAMES["test"]
+
+
 def test_links_to_nothing_at_the_csv_names_are_neither_replaced_nor_written_through(tmp_path, idx_dir):
     # Links into a volume not mounted: both replaced by regular files, with exit 0.
     data = tmp_path / "data"

@@ -42,10 +42,12 @@ OFFICIAL_MD5 = {  # the published checksums of Zalando's gzipped IDX files
 def find_csv(data_dir: Path | str, split: str) -> Path:
     """The split's CSV in `data_dir`: `.csv` or `.csv.gz` (the plain name, for the error, if neither). Both
     there is DataError: which one a run read would depend on a rule the user cannot see; so is an empty
-    `data_dir` (an unset shell variable), which would name the current directory, and a file."""
+    `data_dir` (an unset shell variable), which would name the current directory, and a file. `~` is the home
+    directory, as ckpt=, inputs= and out= take it (a quoted `data.dir='~/x'` reaches here unexpanded by the shell)."""
     if not str(data_dir).strip():
         raise DataError("data.dir is empty (an unset shell variable?), which would read the CSVs of the current "
                         "directory: name the directory holding them (`.` for this one).")
+    data_dir = Path(data_dir).expanduser()
     if Path(data_dir).exists() and not Path(data_dir).is_dir():
         raise DataError(f"{data_dir}: a file, not a directory; data.dir (--data-dir for the scripts) names the "
                         f"directory that holds {' and '.join(CSV_NAMES.values())}.")
