@@ -78,13 +78,12 @@ def _files_no_run_wrote(run_dir: Path) -> list[str]:
 
 def _check_run_dir(cfg: DictConfig, run_dir: Path, elsewhere: str = OTHER_RUN_DIR,
                    in_sweep: bool = False) -> tuple[bool, dict]:
-    """Refuse to write into another run's directory, or into one holding files no run wrote, or to resume a single run
-    where there is none; return whether the run resumes from last.ckpt, and the config it was saved with, flattened
-    (empty for a new run). `elsewhere`: the keys that choose another directory, for the messages."""
+    """Refuse to write into another run's directory, or into one holding files no run wrote, or a resume that cannot
+    continue its run (`_check_resume`); return whether the run resumes from last.ckpt, and the config it was saved
+    with, flattened (empty for a new run). `elsewhere`: the keys that choose another directory, for the messages."""
     record = read_record(run_dir)
     status = (record or {}).get("status")
     last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
-    saved = run_dir / CONFIG_FILE
     if (run_dir / METRICS_FILE).exists() and status not in RECORDED:  # resuming or not: it is not ours to update
         raise RunDirInUse(f"{run_dir} holds a {METRICS_FILE} that is not a run's record (no run status in it); "
                           f"a run never writes over it. Choose another directory ({elsewhere}).")
@@ -94,7 +93,26 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path, elsewhere: str = OTHER_RUN_DI
         raise RunDirInUse(f"{run_dir} holds files that no run wrote ({some_names(foreign)}); a run is written into a new or "
                           "empty directory, so that nothing of yours is replaced; nothing was written. Choose "
                           f"another directory ({elsewhere}).")
-    if cfg.ckpt_path == "last" and not in_sweep and not holds_a_run and not saved.exists():
+    if cfg.ckpt_path == "last":
+        return _check_resume(cfg, run_dir, record, elsewhere, in_sweep)
+    if holds_a_run:
+        if record is None:  # a run's last.ckpt, its record gone: not resumable either (`_check_resume`)
+            raise RunDirInUse(f"{run_dir} already holds a run (its {CHECKPOINT_DIR}/{LAST_CHECKPOINT}, its "
+                              f"{METRICS_FILE} gone); choose another directory ({elsewhere}).")
+        raise RunDirInUse(f"{run_dir} already holds a run (status {status!r}); "
+                          "pass ckpt_path=last to resume it, or choose another directory.")
+    return False, {}
+
+
+def _check_resume(cfg: DictConfig, run_dir: Path, record: dict | None, elsewhere: str,
+                  in_sweep: bool) -> tuple[bool, dict]:
+    """ConfigError for `ckpt_path=last` where the run in `run_dir` cannot be continued as it trained: none there, a
+    record damaged or gone, a tune.py trial, another config or other data than the run's, its last.ckpt gone after
+    it trained epochs, or a completed run asked for no more epochs. Returns as `_check_run_dir` does."""
+    status = (record or {}).get("status")
+    last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    saved = run_dir / CONFIG_FILE
+    if not in_sweep and record is None and not last.exists() and not saved.exists():
         # A single run's new directory (Hydra's default, or a mistyped one): nothing of a run to continue. A sweep
         # resumes its jobs by itself, and one of its jobs not started yet starts from its first epoch.
         raise ConfigError(f"ckpt_path=last continues a stopped run in its own directory, and {run_dir} holds none (no "
@@ -102,14 +120,6 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path, elsewhere: str = OTHER_RUN_DI
                           f"written. Add {RUN_DIR_KEY}=DIR naming the stopped run's directory (the resume command in "
                           f"its {METRICS_FILE}, also printed when it stopped, has both), or leave out ckpt_path=last "
                           "to start a new run.")
-    if cfg.ckpt_path != "last":
-        if holds_a_run:
-            if record is None:  # a run's last.ckpt, its record gone: not resumable either (below)
-                raise RunDirInUse(f"{run_dir} already holds a run (its {CHECKPOINT_DIR}/{LAST_CHECKPOINT}, its "
-                                  f"{METRICS_FILE} gone); choose another directory ({elsewhere}).")
-            raise RunDirInUse(f"{run_dir} already holds a run (status {status!r}); "
-                              "pass ckpt_path=last to resume it, or choose another directory.")
-        return False, {}
     problem = record_problem(run_dir, record)
     if problem:  # a resume reads the record (its epochs, precision, trackers) and would rewrite it as the run goes
         raise ConfigError(f"cannot resume {run_dir}: {problem}; nothing was written. Put back the record the run "

@@ -328,7 +328,8 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
 
 def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: list[str] | None = None,
             hydra_files: dict | None = None, apart: bool = False) -> float:
-    """`train.py`'s job: `train` with a sweep's rules; return `val/acc_best` (NaN when it failed inside a sweep).
+    """`train.py`'s job: a run claimed and run as `train` runs one (not through it: see the `try` below), with a
+    sweep's rules; return `val/acc_best` (NaN when it failed inside a sweep).
 
     In a sweep a finished job is skipped and an unfinished one resumed, and a job that fails after its
     checks passed (recorded by `_run`) does not raise, so the other jobs go on. A refused job raises
