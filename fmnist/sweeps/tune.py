@@ -456,6 +456,9 @@ class Search:
                               "per GPU on the same study (CUDA_VISIBLE_DEVICES=i python tune.py study=NAME ...).")
 
     def objective(self, trial: optuna.Trial) -> float:
+        """Optuna's objective: wait while the trials before this one may yet fill `n_trials` (a surplus trial stops
+        untrained), sample the space, train the trial as a run in its own directory, and return its best validation
+        accuracy; a pruned, diverged, out-of-memory or stopped trial is recorded and raised as Optuna expects."""
         from fmnist.sweeps.pruning import ReportToTrial
         from fmnist.training.signals import SIGTERM_RECEIVED, stopping_signal
         from fmnist.training.train import RunPruned, failure_of, train

@@ -1,4 +1,4 @@
-"""Matplotlib figures shared by TensorBoard logging and the report script."""
+"""Matplotlib figures: a run's (TensorBoard, its confusion matrix), an evaluation's, the report's and a tune study's."""
 
 from __future__ import annotations
 
