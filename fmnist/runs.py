@@ -37,7 +37,7 @@ LAST_CHECKPOINT = "last.ckpt"  # the latest epoch's, which a resume starts from
 TRIAL_DIR_PREFIX = "trial-"  # a tune.py study's trial directories: trial-NNNN, beside its summary and best.yaml
 TRIAL_RECORD_KEY = "optuna"  # a trial's record: its study, trial number and sampled values under this key
 NET_PREFIX = "net."  # of the network's weights in a checkpoint's state_dict (LitClassifier.net)
-# epochs.csv's columns, in order (fmnist.training.callbacks.EpochCSV writes them; older runs lack the last ones)
+# epochs.csv's columns, in order (fmnist.training.epochs.EpochCSV writes them; older runs lack the last ones)
 EPOCH_COLUMNS = ["epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "lr",
                  "epoch_seconds", "train_seconds", "train_images", "train_flops"]
 CURVES = ("train/loss", "val/loss", "val/acc")  # the columns every reader of epochs.csv needs, against its epoch

@@ -17,7 +17,7 @@ from fmnist.data.datamodule import FashionMNISTDataModule
 from fmnist.errors import CheckpointError, ConfigError
 from fmnist.inference.evaluate import evaluate
 from fmnist.models import tta_logits
-from fmnist.training.callbacks import WeightEMA
+from fmnist.training.averaging import WeightEMA
 from fmnist.training.train import train
 from tests.conftest import TensorOps, build, compose_named, make_images, snapshot
 
@@ -157,7 +157,7 @@ def test_the_ema_update_matches_torchs_averaged_model():
     from omegaconf import OmegaConf
 
     from fmnist.config import OptimConfig
-    from fmnist.training.callbacks import ema_with_warmup
+    from fmnist.training.averaging import ema_with_warmup
     from fmnist.training.module import LitClassifier
 
     torch.manual_seed(0)

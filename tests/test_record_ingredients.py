@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from fmnist.errors import CheckpointError, ConfigError
 from fmnist.models import patch_whitening_filters
-from fmnist.training.callbacks import Lookahead
+from fmnist.training.averaging import Lookahead
 from fmnist.training.module import OPTIMIZER_CLASSES, WHITENING_IMAGES, fused_on, parameter_groups
 from fmnist.training import muon
 from fmnist.training.muon import Muon, orthogonalize, orthogonalize_together

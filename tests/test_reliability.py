@@ -716,7 +716,7 @@ def test_a_resume_that_cannot_rewrite_its_epochs_csv_keeps_every_row_it_had(tmp_
     import errno
     from types import SimpleNamespace
 
-    from fmnist.training.callbacks import EpochCSV
+    from fmnist.training.epochs import EpochCSV
 
     epochs = EpochCSV(tmp_path / "epochs.csv")
     for epoch in (1, 2, 3):

@@ -362,15 +362,15 @@ def _fake_trainer(steps: int, batch: int, val_images: int, epochs: int):
 def test_forecast_extrapolates_the_timed_steps_to_all_epochs_with_validation(monkeypatch, caplog):
     """0.1 s per step of 10 images, 100 steps and 300 validation images (a third of the cost each):
     10 s + 1 s per epoch; the first step's one-off cost (5 s here) stays out of the rate."""
-    from fmnist.training import callbacks
+    from fmnist.training import epochs
     clock = iter([0.0, 0.0, 5.0, *(5.0 + 0.1 * i for i in range(1, 100))])
-    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(epochs.time, "perf_counter", lambda: next(clock))
     trainer = _fake_trainer(steps=100, batch=10, val_images=300, epochs=3)
-    forecast = callbacks.Forecast(heartbeat_s=None, min_steps=5, min_seconds=2.0)
+    forecast = epochs.Forecast(heartbeat_s=None, min_steps=5, min_seconds=2.0)
     forecast.on_train_start(trainer, None)
     forecast.on_train_epoch_start(trainer, None)
     batch = (torch.zeros(10, 1, 28, 28), torch.zeros(10))
-    with caplog.at_level("INFO", logger="fmnist.training.callbacks"):
+    with caplog.at_level("INFO", logger="fmnist.training.epochs"):
         for i in range(99):
             forecast.on_train_batch_end(trainer, None, None, batch, i)
     lines = [r.getMessage() for r in caplog.records]
@@ -379,12 +379,12 @@ def test_forecast_extrapolates_the_timed_steps_to_all_epochs_with_validation(mon
 
 @pytest.mark.parametrize("seconds,text", [(42, "42 s"), (95 * 20, "32 min"), (3 * 3600 + 600, "3.2 h")])
 def test_durations_read_as_a_person_says_them(seconds, text):
-    from fmnist.training.callbacks import duration
+    from fmnist.training.epochs import duration
     assert duration(seconds) == text
 
 
 def test_an_epoch_line_says_what_the_epoch_measured_and_how_long_is_left():
-    from fmnist.training.callbacks import epoch_line
+    from fmnist.training.epochs import epoch_line
     row = {"epoch": 3, "train/loss": 0.3, "train/acc": 0.9, "val/loss": 0.31, "val/acc": 0.89, "val/acc_best": 0.895}
     assert epoch_line(row, 20, 60) == ("epoch 3/20: train loss 0.3000 acc 90.00% | val loss 0.3100 acc 89.00% "
                                        "(best 89.50%) | 60 s, ~17 min left")
@@ -395,7 +395,7 @@ def test_an_epoch_line_says_what_the_epoch_measured_and_how_long_is_left():
 
 @pytest.mark.slow
 def test_a_run_without_a_bar_forecasts_once_and_shows_life_inside_epochs_and_the_test(make_cfg, tmp_path, caplog):
-    from fmnist.training.callbacks import Forecast
+    from fmnist.training.epochs import Forecast
     with caplog.at_level("INFO"):
         train(make_cfg("model=simple", "trainer.max_epochs=2", "trainer.enable_model_summary=true"), tmp_path,
               callbacks=[Forecast(heartbeat_s=0)])

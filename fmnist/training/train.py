@@ -37,11 +37,12 @@ from fmnist.provenance import now, provenance
 from fmnist.runs import (BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, DIVERGED, EPOCHS_FILE,
                          ERROR_FILE, FAILED, FINISHED, INTERRUPTED, LAST_CHECKPOINT, PRUNED, RUNNING, read_record,
                          record_problem, update_record)
-from fmnist.training.callbacks import (DIVERGED_ADVICE, HEARTBEAT_S, CompileWarmUp, EpochCSV, Forecast, Lookahead,
-                                       PerImagePredictions, TestArtifacts, TrackersSeeTheStop, WeightEMA,
-                                       loss_diverged, step_callbacks)
+from fmnist.training.averaging import Lookahead, WeightEMA
+from fmnist.training.callbacks import (DIVERGED_ADVICE, CompileWarmUp, PerImagePredictions, TestArtifacts,
+                                       TrackersSeeTheStop, loss_diverged, step_callbacks)
 from fmnist.training.checkpoint import SafeCheckpointIO, SafeModelCheckpoint
 from fmnist.training.claim import claimed, differences_from_finished
+from fmnist.training.epochs import HEARTBEAT_S, EpochCSV, Forecast
 from fmnist.training.module import LitClassifier
 from fmnist.training.precision import resolve_precision
 from fmnist.training.signals import StopTogether, ctrl_c_stops_at_a_step, stopping_signal
