@@ -324,11 +324,16 @@ def test_a_directory_input_follows_links_reads_a_linked_file_once_and_names_a_li
     (tmp_path / "in" / "loop").symlink_to(tmp_path / "in")  # a link back up: each real folder is read once
     (tmp_path / "in" / "c.png").symlink_to(tmp_path / "in" / "b.png")
     (tmp_path / "in" / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "in" / "loop.png").symlink_to(tmp_path / "in" / "loop.png")  # resolve() raised on it
+    (tmp_path / "in" / "real").mkdir()  # reached through a link first in the walk's order: listed by its own path
+    Image.fromarray(images[0]).save(tmp_path / "in" / "real" / "d.png")
+    (tmp_path / "in" / "a_link").symlink_to(tmp_path / "in" / "real")
     result = run_in_process("predict.py", f"ckpt={run_dir}", f"inputs=[{tmp_path / 'in'}]", f"out={tmp_path}/p.csv")
-    assert result.returncode == 2 and "1 of 3 inputs could not be used" in result.stderr, result.stderr[-2000:]
+    assert result.returncode == 2 and "2 of 5 inputs could not be used" in result.stderr, result.stderr[-2000:]
     assert f"{tmp_path / 'in' / 'broken.png'}: a link to nothing" in result.stderr
-    rows = (tmp_path / "p.csv").read_text().splitlines()[1:]
-    assert sorted(Path(r.split(",")[0]).name for r in rows) == ["a.png", "b.png", "broken.png"]
+    rows = [r.split(",")[0] for r in (tmp_path / "p.csv").read_text().splitlines()[1:]]
+    assert sorted(Path(r).name for r in rows) == ["a.png", "b.png", "broken.png", "d.png", "loop.png"]
+    assert str(tmp_path / "in" / "real" / "d.png") in rows
 
 
 def test_a_file_name_that_is_not_utf8_is_written_escaped_to_a_csv(run_dir, tmp_path, run_in_process):

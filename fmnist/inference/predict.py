@@ -67,12 +67,13 @@ def _expand(inputs: list[str], out: Path | None = None) -> list[tuple[str, Path 
         path = Path(raw).expanduser()
         if path.is_dir():
             files = [p for p in _files_under(path) if not p.name.startswith(".")
-                     and (p.suffix.lower() in EXTENSIONS or _is_csv(p)) and p.resolve() != mine]
+                     and (p.suffix.lower() in EXTENSIONS or _is_csv(p))]
+            files = [p for p in files if not p.exists() or p.resolve() != mine]  # resolve() raises on a link loop
             if not files:
                 found.append((raw, None, f"directory without {'/'.join(EXTENSIONS)} or .csv files"))
             for p in files:  # a link to a file named too, or found before, is read once
                 if not p.exists():
-                    found.append((str(p), None, "a link to nothing"))
+                    found.append((str(p), None, "a link to nothing (or a loop of links)"))
                 elif p.resolve() not in seen:
                     seen.add(p.resolve())
                     found.append((str(p), p, None))
@@ -90,16 +91,25 @@ def _expand(inputs: list[str], out: Path | None = None) -> list[tuple[str, Path 
 
 
 def _files_under(directory: Path) -> list[Path]:
-    """Every file under `directory`, sorted, through links to directories too (each real directory once, so a link
-    back up ends), and links to nothing, which a run must name rather than pass over."""
-    files, visited = [], set()
-    for root, dirs, names in os.walk(directory, followlinks=True):
-        real = os.path.realpath(root)
-        if real in visited:
-            dirs[:] = []
-            continue
-        visited.add(real)
-        files += [p for p in (Path(root) / name for name in names) if p.is_file() or p.is_symlink()]
+    """Every file under `directory`, sorted, and links to nothing, which a run must name rather than pass over;
+    through links to folders too, each real folder once (so a link back up ends), under its own path where it is
+    inside `directory` (the folders themselves are walked first, then the links)."""
+    files, visited, links = [], set(), []
+
+    def walk(top, follow: bool) -> None:
+        for root, dirs, names in os.walk(top, followlinks=follow):
+            real = os.path.realpath(root)
+            if real in visited:
+                dirs[:] = []
+                continue
+            visited.add(real)
+            if not follow:
+                links.extend(os.path.join(root, d) for d in dirs if os.path.islink(os.path.join(root, d)))
+            files.extend(p for p in (Path(root) / name for name in names) if p.is_file() or p.is_symlink())
+
+    walk(directory, follow=False)
+    for link in sorted(links):
+        walk(link, follow=True)
     return sorted(files)
 
 
