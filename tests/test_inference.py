@@ -145,6 +145,11 @@ def test_evaluate_with_tta_on_another_test_set(run_dir, tmp_path, capsys):
     last = evaluate(compose_named("evaluate", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}"), tmp_path / "last")
     assert last["run_tested_this_checkpoint"] is False
     assert f"(run's own test/acc {own:.4%} of its best checkpoint, not this one)" in capsys.readouterr().out
+    untested = shutil.copytree(run_dir, tmp_path / "untested")  # test=false: the run tested no checkpoint
+    record = json.loads((untested / "metrics.json").read_text())
+    del record["tested"], record["metrics"]["test/acc"], record["metrics"]["test/loss"]
+    (untested / "metrics.json").write_text(json.dumps(record))
+    assert evaluate(compose_named("evaluate", f"ckpt={untested}"), tmp_path / "u")["run_tested_this_checkpoint"] is None
     tta = evaluate(compose_named("evaluate", f"ckpt={run_dir}", f"data.dir={other}", "tta=flip"), tmp_path / "tta")
     assert (plain["tta"], tta["tta"]) == ("none", "flip") and tta["metrics"]["n_images"] == 50
     assert tta["data"]["test_csv"].startswith(str(other))

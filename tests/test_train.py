@@ -20,6 +20,14 @@ from tests.conftest import ROOT, TensorOps, compose_cfg, make_images, snapshot
 
 
 @pytest.mark.slow
+def test_a_run_without_its_test_says_nothing_was_tested(make_cfg, tmp_path):
+    # Its record said "tested": "best checkpoint", and evaluate.py took the run's test/acc as that checkpoint's.
+    metrics = train(make_cfg("model=simple", "test=false"), tmp_path)
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert "test/acc" not in metrics and record["status"] == "completed" and "tested" not in record
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["simple", "optimized", "resnet"])
 def test_one_batch_training_writes_everything(make_cfg, tmp_path, model):
     # The default logger; the whole test split in one evaluation batch, so that every test image is counted.

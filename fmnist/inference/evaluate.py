@@ -87,7 +87,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "tta": tta, "precision": "32-true", "metrics": metrics,
         "run_test_acc": run_test_acc(run_record), "run_test_images": run_test_images(model.run_dir),
         "run_tested_on_this_csv": run_tested_on(run_record, csv),
-        "run_tested_this_checkpoint": _run_tested(model), "config": OmegaConf.to_container(cfg, resolve=True),
+        "run_tested_this_checkpoint": _run_tested(model, run_record), "config": OmegaConf.to_container(cfg, resolve=True),
         **provenance(),
     }
     with own_run_dir(out_dir):  # another evaluation writing there now is refused (RunDirInUse), as is one after it
@@ -108,13 +108,14 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     return record
 
 
-def _run_tested(model) -> bool | None:
-    """Whether the checkpoint is the one its run tested (its best on validation), or None outside a run: its
-    `last.ckpt`, or an earlier best file, is another model than the one the run's test/acc describes."""
-    if model.run_dir is None:
+def _run_tested(model, run_record: dict | None) -> bool | None:
+    """Whether the checkpoint is the one its run tested (its best on validation): its `last.ckpt`, or an earlier best
+    file, is another model than the one the run's test/acc describes. None outside a run, for a run that tested
+    nothing, or one that tested its final weights (no file is known to hold them)."""
+    if model.run_dir is None or run_test_acc(run_record) is None or run_record.get("tested") != "best checkpoint":
         return None
     try:
-        return best_in_run(model.run_dir, suggest_last=False).resolve() == model.path.resolve()
+        return best_in_run(model.run_dir, suggest_last=False, warn=False).resolve() == model.path.resolve()
     except CheckpointError:  # no best file: the run tested none of these
         return False
 

@@ -58,16 +58,17 @@ def given_as(ckpt: str | Path, key: str) -> str:
     return f"{key} {ckpt}" if key.startswith("-") else f"{key}={ckpt}"
 
 
-def best_in_run(run_dir: Path, suggest_last: bool = True, key: str = "ckpt") -> Path:
+def best_in_run(run_dir: Path, suggest_last: bool = True, key: str = "ckpt", warn: bool = True) -> Path:
     """The run's best-on-validation checkpoint (`checkpoints/best-epochNNN.ckpt`). `suggest_last`: where there is
-    none, the error suggests its last one as the value of `key` (for a command that takes a checkpoint)."""
+    none, the error suggests its last one as the value of `key` (for a command that takes a checkpoint). `warn`:
+    whether to say which of several best files is used (said once, where the checkpoint is chosen)."""
     best = sorted((run_dir / CHECKPOINT_DIR).glob(f"{BEST_CHECKPOINT_PREFIX}*.ckpt"), key=best_checkpoint_order)
     if not best:
         last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
         hint = f"; pass {given_as(last, key)} to use its last checkpoint" if last.exists() and suggest_last else ""
         raise CheckpointError(f"{run_dir}: run directory without a best checkpoint "
                               f"({CHECKPOINT_DIR}/{BEST_CHECKPOINT_PREFIX}*.ckpt){hint}.")
-    if len(best) > 1:  # only one is kept; a later file beat the earlier ones on validation accuracy
+    if len(best) > 1 and warn:  # only one is kept; a later file beat the earlier ones on validation accuracy
         log.warning("%s holds %d best checkpoints: using the latest, %s", run_dir, len(best), best[-1].name)
     return best[-1]
 
@@ -111,13 +112,13 @@ def resolve(ckpt: str | Path, key: str = "ckpt") -> Resolved:
     if done.empty:
         found = f"{len(jobs)} job directories, none completed with a validation accuracy" if len(jobs) else "nothing"
         raise CheckpointError(f"{given}: a directory holding {found}; {WHAT_CKPT_IS}.")
-    data = done.train_sha1.dropna()  # a run's validation images come from its training CSV
-    if data.nunique() > 1:
+    data = done.train_sha1.dropna()  # a run's validation split is drawn from its training CSV
+    if data.nunique() > 1:  # (seeds draw other splits of one data set, which a sweep's choice accepts)
         first, other = data.index[0], data[data != data.iloc[0]].index[0]
         raise CheckpointError(f"{given}: its completed runs trained on different CSVs ({done.job[first]}: training CSV "
-                              f"SHA-1 {data[first]}, {done.job[other]}: {data[other]}), so their validation accuracies "
-                              f"are of different images and cannot rank them; nothing was chosen. Give one run's "
-                              f"directory, or a directory of runs on one data set.")
+                              f"SHA-1 {data[first]}, {done.job[other]}: {data[other]}): runs of two data sets, whose "
+                              f"validation accuracies do not rank them; nothing was chosen. Give one run's directory, "
+                              f"or a directory of runs on one data set.")
     best = done.loc[pd.to_numeric(done.val_acc_best).idxmax()]  # first of equals, in job-name order
     run_dir = path / best.job
     note = f"best of {len(done)} completed jobs by validation accuracy: {best.job} (val/acc_best {best.val_acc_best:.4f})"

@@ -320,9 +320,9 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: bool, overrides: list[str] | No
                             f"the run (epoch {trainer.current_epoch}). {DIVERGED_ADVICE}")
     if rank_zero_only.rank == 0:
         metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
+        tested = ("best checkpoint" if best else "final weights (no best checkpoint was kept)") if cfg.test else None
         update_record(run_dir, status=COMPLETED, finished_at=now(), metrics=metrics,
-                      tested="best checkpoint" if best else "final weights (no best checkpoint was kept)",
-                      **({"stopped_by": stopped_by} if stopped_by else {}))
+                      **({"tested": tested} if tested else {}), **({"stopped_by": stopped_by} if stopped_by else {}))
         for_each(trackers, "finish", hparams, metrics, run_dir)
     return metrics
 
