@@ -30,8 +30,8 @@ def git_commit() -> str | None:
 
 def provenance() -> dict:
     """What produced a run: commit, package versions, machine."""
-    # Here, not at the top: fmnist.hardware imports torch, and the entry points import this module for its
-    # file names before their Ctrl-C handling starts.
+    # Here, not at the top: fmnist.hardware imports torch, and the entry points import fmnist.runs (and so this
+    # module) for its file names before their Ctrl-C handling starts.
     from fmnist.hardware import describe
 
     versions = {}

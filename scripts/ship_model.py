@@ -196,11 +196,12 @@ def card_text(name, record, model, tta, accuracy, recorded, ckpt, onnx, run_dir,
     """The model card: how to use the files (`given`: the `ckpt=` that loads it), their digests, the test accuracy on
     the `n_test` images of the run's own test CSV (the standard set holds 10,000), and how the run was made."""
     hw = record.get("hardware") or {}
+    root = " from the repository's root" if given.startswith(f"{PRETRAINED_DIR.name}/") else ""  # `pretrained` works anywhere
     test_sha1 = short_digest((record.get("data_digest") or {}).get("test"))
     test_csv = f" (SHA-1 {test_sha1})" if test_sha1 else ""
     lines = [
         f"# Shipped model: `{name}`", "",
-        f"Use it as `ckpt={given}` (`python evaluate.py ckpt={given}`, `python predict.py ckpt={given} "
+        f"Use it as `ckpt={given}`{root} (`python evaluate.py ckpt={given}`, `python predict.py ckpt={given} "
         f"inputs=[...]`, `python export.py ckpt={given}`), or run `{onnx.name}` with onnxruntime "
         f"(input `images`, uint8 [N, 1, {IMAGE_SIDE}, {IMAGE_SIDE}]; output `logits` [N, {NUM_CLASSES}]).", "",
         "| file | bytes | SHA-256 |", "|---|---|---|",

@@ -113,8 +113,8 @@ def test_links_to_nothing_at_the_csv_names_are_neither_replaced_nor_written_thro
     data.mkdir()
     for name in CSV_NAMES.values():
         (data / name).symlink_to(tmp_path / "unmounted" / name)
-    with pytest.raises(DataError, match=r"holds only fashion-mnist_train.csv \(a link to nothing\), "
-                                        r"fashion-mnist_test.csv \(a link to nothing\) of the two CSVs"):
+    with pytest.raises(DataError, match=r"fashion-mnist_train.csv and fashion-mnist_test.csv are links to nothing "
+                                        r"\(a volume not mounted\?\); refusing to write through or over a link"):
         obtain(data, idx_dir=idx_dir, allow_install=False, allow_download=False)
     assert all((data / name).is_symlink() for name in CSV_NAMES.values()) and not (tmp_path / "unmounted").exists()
 

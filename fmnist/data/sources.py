@@ -256,9 +256,13 @@ def _obtain(data_dir: Path, idx_dir: Path | None, allow_install: bool, allow_dow
         return f"CSVs already in {data_dir}: left untouched ({' and '.join(counts)} images){unread}"
     # A link to nothing (a volume not mounted) is there too: the CSVs are never written through or over it.
     present = [q for p in csvs for q in (p, Path(f"{p}.gz")) if q.exists() or q.is_symlink()]
+    dangling = [q.name for q in present if not q.exists()]
+    if dangling:
+        raise DataError(f"{data_dir}: {' and '.join(dangling)} {'is a link' if len(dangling) == 1 else 'are links'} to "
+                        "nothing (a volume not mounted?); refusing to write through or over a link. Mend or mount what "
+                        "it names, or move it away and run `make data` again.")
     if present:
-        shown = ", ".join(f"{q.name}{'' if q.is_file() else ' (a link to nothing)' if not q.exists() else ' (not a file)'}"
-                          for q in present)
+        shown = ", ".join(f"{q.name}{'' if q.is_file() else ' (not a file)'}" for q in present)
         raise DataError(f"{data_dir} holds only {shown} of the two CSVs; refusing to overwrite anything. Put both "
                         "CSVs there, or move what is there away and run `make data` again.")
     if idx_dir is not None:  # named on purpose: converted, or refused naming what is missing; never another source
