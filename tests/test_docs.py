@@ -232,7 +232,7 @@ def test_tricks_refuses_a_csv_in_a_missing_directory_before_evaluating(tmp_path,
 @pytest.mark.parametrize("stop,code,words", [(KeyboardInterrupt, 130, "Ctrl-C"), (Terminated, 143, "SIGTERM")])
 def test_make_docs_stopped_while_a_block_runs_stops_and_is_not_a_failed_block(tmp_path, monkeypatch, capsys, stop, code,
                                                                                 words):
-    from fmnist.results import __main__ as results_main
+    from fmnist.results import compare
 
     page = tmp_path / "page.md"
     page.write_text("intro\n" + BLOCK + END)
@@ -240,7 +240,7 @@ def test_make_docs_stopped_while_a_block_runs_stops_and_is_not_a_failed_block(tm
     def stopped(path):
         raise stop  # Ctrl-C, or what SIGTERM raises (fmnist.cli.sigterm_unwinds), while the block's verb reads
 
-    monkeypatch.setattr(results_main, "read_tricks_table", stopped)
+    monkeypatch.setattr(compare, "read_tricks_table", stopped)
     script = runpy.run_path(str(ROOT / "scripts" / "render_docs.py"))
     monkeypatch.setitem(script["main"].__globals__, "DOCS", [page])
     assert script["main"]([]) == code

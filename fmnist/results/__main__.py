@@ -79,6 +79,7 @@ def check_given_once(dirs: list) -> None:
 
 
 def summary(args) -> None:
+    """`summary`: every sweep's summary.csv and summary.md made (all refused or none written), then written."""
     from fmnist.results.sweep import SUMMARY_FILES, summary_files
 
     csv_name, md_name = SUMMARY_FILES
@@ -91,6 +92,7 @@ def summary(args) -> None:
 
 
 def report(args) -> None:
+    """`report`: the report's figures (and the summary) of each sweep, all planned before any is written."""
     from fmnist.results.report import planned_report
     from fmnist.results.sweep import summary_files
 
@@ -108,13 +110,15 @@ def report(args) -> None:
 
 
 def leaderboard(args) -> None:
+    """`leaderboard`: the published results, then each completed setting of the sweeps, as markdown."""
     from fmnist.results.leaderboard import markdown
 
     print(markdown(args.dirs), end="")
 
 
 def tricks(args) -> None:
-    from fmnist.results.compare import tricks_markdown
+    """`tricks`: raw vs EMA weights under each TTA mode on validation, evaluated, or read back (--from-csv)."""
+    from fmnist.results.compare import read_tricks_table, tricks_markdown
 
     if args.from_csv:
         print(tricks_markdown(read_tricks_table(args.from_csv)), end="")
@@ -135,49 +139,15 @@ def tricks(args) -> None:
     print(tricks_markdown(table), end="")
 
 
-def read_tricks_table(path: Path):
-    """A table `tricks --csv` wrote, or ConfigError naming the file, and the line and column of a damaged cell."""
-    import pandas as pd
-
-    from fmnist.config import TTA_MODES
-    from fmnist.runs import ACCURACY_RANGE, TRICKS_COLUMNS, TRICKS_REFERENCE, TRICKS_WEIGHTS, read_table
-
-    low, high = ACCURACY_RANGE
-    spread = (0, high - low, "a standard deviation")  # of accuracies, or of their changes
-    what = "a table `tricks --csv` wrote"
-    table = read_table(path, what, tuple(TRICKS_COLUMNS),
-                       numbers=("val_acc_mean", "val_acc_std", "change_mean", "change_std"), counts=("n",),
-                       # n: runs, at least one; a billion is no study's (a typo, and beyond what the t-quantile takes)
-                       ranges={"val_acc_mean": (low, high, "an accuracy"), "val_acc_std": spread,
-                               "change_mean": (low - high, high - low, "a change of accuracy"), "change_std": spread,
-                               "n": (1, 1e9, "a number of runs")})
-    # The spreads are empty where one run was scored; every row has its weights, TTA, mean, count and change.
-    rows, seen = list(table.itertuples()), set()
-    for line, row in enumerate(rows, start=2):
-        empty = [c for c in ("weights", "tta", "val_acc_mean", "n", "change_mean") if pd.isna(getattr(row, c))]
-        if empty:
-            raise ConfigError(f"{path}, line {line}: an empty {empty[0]} cell; expected {what}.")
-        if row.weights not in TRICKS_WEIGHTS or row.tta not in TTA_MODES:
-            raise ConfigError(f"{path}, line {line}: weights {row.weights!r}, tta {row.tta!r}; expected {what}, whose "
-                              f"weights are one of {', '.join(TRICKS_WEIGHTS)} and tta one of {', '.join(TTA_MODES)}.")
-        if (row.weights, row.tta) in seen:
-            raise ConfigError(f"{path}, line {line}: a second row of weights {row.weights}, tta {row.tta}; expected "
-                              f"{what}, one row each.")
-        seen.add((row.weights, row.tta))
-    if TRICKS_REFERENCE not in seen:
-        weights, tta = TRICKS_REFERENCE
-        lacks = f"lacks the row of weights {weights}, tta {tta}" if rows else "holds no rows"
-        raise ConfigError(f"{path}: {lacks}, the reference of every change; expected {what}.")
-    return table
-
-
 def changes(args) -> None:
+    """`changes`: each setting of the sweeps against the baseline sweep, paired by seed on validation."""
     from fmnist.results.compare import changes, changes_markdown
 
     print(changes_markdown(changes(args.dirs[0], args.dirs[1:])), end="")
 
 
 def images(args) -> None:
+    """`images`: two runs or one-setting sweeps paired by seed and by image (McNemar, an interval over both)."""
     from fmnist.results.compare import image_comparison, image_comparison_markdown
 
     rows, difference = image_comparison(args.dirs[0], args.dirs[1], args.split)

@@ -18,13 +18,14 @@ import numpy as np
 import pandas as pd
 
 from fmnist import NUM_CLASSES
-from fmnist.config import is_count
+from fmnist.config import TTA_MODES, is_count
 from fmnist.errors import ConfigError
 from fmnist.fsio import not_a_directory
 from fmnist.results.stats import (ALPHA, INTERVAL_NOTE, Interval, holm, mcnemar, mean_interval, paired,
                                   seed_and_image_interval, seeds_text, summary_comparison, summary_interval)
-from fmnist.runs import (COMPLETED, CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, TRICKS_REFERENCE, check_poolable,
-                         collect, read_config_section, read_record, record_problem)
+from fmnist.runs import (ACCURACY_RANGE, COMPLETED, CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, TRICKS_COLUMNS,
+                         TRICKS_REFERENCE, TRICKS_WEIGHTS, check_poolable, collect, read_config_section, read_record,
+                         read_table, record_problem)
 
 WITHIN_NOISE = "within noise"
 ONE_SEED = "not judged (one seed)"
@@ -185,6 +186,37 @@ def _signed(interval: Interval) -> str:
     if math.isnan(interval.half_width):
         return f"{100 * interval.mean:+.2f}"
     return f"{100 * interval.mean:+.2f} [{100 * interval.low:+.2f}, {100 * interval.high:+.2f}]"
+
+
+def read_tricks_table(path: Path):
+    """A table `tricks --csv` wrote, or ConfigError naming the file, and the line and column of a damaged cell."""
+    low, high = ACCURACY_RANGE
+    spread = (0, high - low, "a standard deviation")  # of accuracies, or of their changes
+    what = "a table `tricks --csv` wrote"
+    table = read_table(path, what, tuple(TRICKS_COLUMNS),
+                       numbers=("val_acc_mean", "val_acc_std", "change_mean", "change_std"), counts=("n",),
+                       # n: runs, at least one; a billion is no study's (a typo, and beyond what the t-quantile takes)
+                       ranges={"val_acc_mean": (low, high, "an accuracy"), "val_acc_std": spread,
+                               "change_mean": (low - high, high - low, "a change of accuracy"), "change_std": spread,
+                               "n": (1, 1e9, "a number of runs")})
+    # The spreads are empty where one run was scored; every row has its weights, TTA, mean, count and change.
+    rows, seen = list(table.itertuples()), set()
+    for line, row in enumerate(rows, start=2):
+        empty = [c for c in ("weights", "tta", "val_acc_mean", "n", "change_mean") if pd.isna(getattr(row, c))]
+        if empty:
+            raise ConfigError(f"{path}, line {line}: an empty {empty[0]} cell; expected {what}.")
+        if row.weights not in TRICKS_WEIGHTS or row.tta not in TTA_MODES:
+            raise ConfigError(f"{path}, line {line}: weights {row.weights!r}, tta {row.tta!r}; expected {what}, whose "
+                              f"weights are one of {', '.join(TRICKS_WEIGHTS)} and tta one of {', '.join(TTA_MODES)}.")
+        if (row.weights, row.tta) in seen:
+            raise ConfigError(f"{path}, line {line}: a second row of weights {row.weights}, tta {row.tta}; expected "
+                              f"{what}, one row each.")
+        seen.add((row.weights, row.tta))
+    if TRICKS_REFERENCE not in seen:
+        weights, tta = TRICKS_REFERENCE
+        lacks = f"lacks the row of weights {weights}, tta {tta}" if rows else "holds no rows"
+        raise ConfigError(f"{path}: {lacks}, the reference of every change; expected {what}.")
+    return table
 
 
 def tricks_markdown(table: pd.DataFrame) -> str:
