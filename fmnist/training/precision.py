@@ -370,9 +370,8 @@ def _clear(path: Path, cache: _Cache) -> None:
 
 def _measure(path: Path, cache: _Cache, overrides: list[str], device: str | None) -> None:
     """`measure`: probe the model that `overrides` compose on `device` again, and cache its verdict if clear."""
-    from fmnist.config import check_values
     from fmnist.overrides import SWEEP_FORMS, compose_train, first_sweep
-    from fmnist.models import check_model
+    from fmnist.training.checks import check_config
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if cache.problem:  # measuring is for caching: no probe's minute is spent on a verdict that cannot be kept
@@ -387,9 +386,7 @@ def _measure(path: Path, cache: _Cache, overrides: list[str], device: str | None
         raise ConfigError(f"{swept} is {SWEEP_FORMS}; `measure` probes one model: give one value (a list is "
                           "key=[a,b], text with a comma key='a,b'), and measure each value in turn.")
     cfg = compose_train(*overrides)
-    # fmnist.training.checks.check_config's model and value checks, not its trackers': a probe has none.
-    check_model(cfg.model)
-    check_values(cfg)  # e.g. data.batch_size=0 would be measured, and cached
+    check_config(cfg, trackers=False)  # e.g. data.batch_size=0 would be measured, and cached; a probe logs nowhere
     model = {**OmegaConf.to_container(cfg.model, resolve=True), "channels_last": cfg.channels_last}
     if device == "cuda":
         torch.set_float32_matmul_precision("high")
