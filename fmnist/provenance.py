@@ -78,7 +78,7 @@ def pid_namespace() -> int | None:
         return None
 
 
-def _first_line(path: str) -> str | None:
+def _read_first_line(path: str) -> str | None:
     """The first line of a small system file, or None where the system has none."""
     try:
         with open(path, "rb") as f:
@@ -89,7 +89,7 @@ def _first_line(path: str) -> str | None:
 
 def boot_id() -> str | None:
     """The running kernel's boot id: another on every start of the machine (and on every other machine)."""
-    return _first_line("/proc/sys/kernel/random/boot_id")
+    return _read_first_line("/proc/sys/kernel/random/boot_id")
 
 
 def boot_time() -> float | None:
@@ -105,7 +105,7 @@ def machine_id() -> str | None:
     """This machine as its id (systemd's /etc/machine-id, or D-Bus's copy) names it across restarts, hashed with this
     project's name, as machine-id(5) asks of an id written where others may read it (a run record shipped with its
     results); None where the machine has no id. Copies of one image may share it: see `process_gone`."""
-    raw = _first_line("/etc/machine-id") or _first_line("/var/lib/dbus/machine-id")
+    raw = _read_first_line("/etc/machine-id") or _read_first_line("/var/lib/dbus/machine-id")
     if raw is None or raw == "uninitialized":  # an image's placeholder, until systemd writes the id at first boot
         return None
     return hashlib.sha256(f"fmnist:{raw}".encode()).hexdigest()[:32]

@@ -806,11 +806,11 @@ def test_a_machine_id_file_that_is_a_placeholder_or_not_text_names_no_machine_an
 
     odd = tmp_path / "machine-id"
     odd.write_bytes(b"\xff\xfe\x00garbage\n")
-    assert provenance._first_line(str(odd))  # read, not a UnicodeDecodeError at the start of every run
-    assert provenance._first_line(str(tmp_path / "missing")) is None
-    monkeypatch.setattr(provenance, "_first_line", lambda path: "uninitialized")  # systemd's placeholder in an image
+    assert provenance._read_first_line(str(odd))  # read, not a UnicodeDecodeError at the start of every run
+    assert provenance._read_first_line(str(tmp_path / "missing")) is None
+    monkeypatch.setattr(provenance, "_read_first_line", lambda path: "uninitialized")  # systemd's placeholder in an image
     assert provenance.machine_id() is None
-    monkeypatch.setattr(provenance, "_first_line", lambda path: "0123456789abcdef0123456789abcdef")
+    monkeypatch.setattr(provenance, "_read_first_line", lambda path: "0123456789abcdef0123456789abcdef")
     assert provenance.machine_id() not in (None, "0123456789abcdef0123456789abcdef")  # hashed, never the id itself
 
 
