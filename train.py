@@ -9,7 +9,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist import console
-from fmnist.cli import check_given_config, exit_with, hangup_as_sigterm, run_cli
+from fmnist.cli import check_given_config, exit_with, run_cli
+from fmnist.stops import hangup_as_sigterm
 from fmnist.config import superseded_note
 from fmnist.data.sources import split_csvs
 from fmnist.errors import FmnistError

@@ -47,3 +47,20 @@ class DivergedError(FmnistError):
 # A sweep in which some job did not complete (failed or diverged; its summary lists them): what a
 # script running sweeps needs to know, with the same code as one diverged run.
 INCOMPLETE_SWEEP_EXIT_CODE = DivergedError.exit_code
+
+
+def error_in_chain(error: BaseException | None, kinds) -> BaseException | None:
+    """The first of `error` and the errors it was raised from or while handling (`__cause__`, else `__context__`)
+    that is one of `kinds`; None if none is."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kinds):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def chained_fmnist_error(error: BaseException) -> FmnistError | None:
+    """The FmnistError that caused `error` (a Hydra or OmegaConf error around a resolver's check), if any."""
+    return error_in_chain(error, FmnistError)

@@ -450,7 +450,7 @@ def test_a_hang_up_stops_a_command_as_sigterm_does_unless_it_is_ignored():
     import os
     import signal
 
-    from fmnist.cli import hangup_as_sigterm
+    from fmnist.stops import hangup_as_sigterm
 
     received = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fmnist.cli import Terminated
+from fmnist.stops import Terminated
 from fmnist.errors import ConfigError
 from fmnist.results.generated import render
 from tests.conftest import ROOT
@@ -238,7 +238,7 @@ def test_make_docs_stopped_while_a_block_runs_stops_and_is_not_a_failed_block(tm
     page.write_text("intro\n" + BLOCK + END)
 
     def stopped(path):
-        raise stop  # Ctrl-C, or what SIGTERM raises (fmnist.cli.sigterm_unwinds), while the block's verb reads
+        raise stop  # Ctrl-C, or what SIGTERM raises (fmnist.stops.sigterm_unwinds), while the block's verb reads
 
     monkeypatch.setattr(compare, "read_tricks_table", stopped)
     script = runpy.run_path(str(ROOT / "scripts" / "render_docs.py"))

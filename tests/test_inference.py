@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 from fmnist import CLASS_NAMES
 from fmnist.data.csv_io import HEADER, load_csv, parse_csv, write_csv
 from fmnist.errors import CheckpointError, ConfigError, DataError, StorageError
-from fmnist.cli import Terminated
+from fmnist.stops import Terminated
 from fmnist.inference import evaluate as evaluate_module
 from fmnist.inference import export as export_module
 from fmnist.inference.evaluate import evaluate
@@ -496,7 +496,7 @@ def test_the_cli_refuses_it_with_exit_2_and_one_paragraph(evil_ckpt, tmp_path, r
 
 def test_an_evaluation_stopped_by_sigterm_leaves_no_directory(run_dir, tmp_path, run_in_process, monkeypatch):
     def stopped(cfg, out_dir):
-        raise Terminated  # what SIGTERM raises in evaluate.py (fmnist.cli.sigterm_unwinds), mid-evaluation
+        raise Terminated  # what SIGTERM raises in evaluate.py (fmnist.stops.sigterm_unwinds), mid-evaluation
 
     monkeypatch.setattr(evaluate_module, "evaluate", stopped)
     result = run_in_process("evaluate.py", f"ckpt={run_dir}", f"hydra.run.dir={tmp_path / 'out'}")

@@ -152,7 +152,7 @@ def test_a_joblib_sweep_of_one_job_at_a_time_leaves_its_signals_to_the_jobs(tmp_
                             "hydra.launcher.n_jobs=1", f"hydra.sweep.dir={tmp_path}/s")
     assert result.returncode == 2 and "refused here" in result.stderr, result.stderr[-3000:]
     assert handlers["sigint"] is signal.default_int_handler
-    assert handlers["sigterm"].__module__ == "fmnist.cli"  # train.py's: unwinds until the run's checks pass
+    assert handlers["sigterm"].__module__ == "fmnist.stops"  # train.py's: unwinds until the run's checks pass
 
 # Several training processes at once, as the engines in test_cluster.py: run with them by `make test-cluster`.
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from tests.conftest import ROOT
 PACKAGE = ROOT / "fmnist"
 # From the bottom up. A module's layer is the first entry whose path prefix it has.
 LAYERS = [
-    ("core", ["__init__.py", "errors.py", "config.py", "overrides.py", "fsio.py", "console.py", "hardware.py", "runs.py", "provenance.py", "cli.py"]),
+    ("core", ["__init__.py", "errors.py", "config.py", "overrides.py", "fsio.py", "console.py", "hardware.py", "runs.py", "provenance.py", "stops.py", "cli.py"]),
     ("data and models", ["data/", "models.py"]),
     ("training", ["training/"]),
     ("inference", ["inference/"]),

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from fmnist import CLASS_NAMES, IMAGE_SIDE
-from fmnist.cli import stop_behind
+from fmnist.stops import stop_behind
 from fmnist.config import EVAL_BATCH_SIZE
 from fmnist.data.batches import network_input
 from fmnist.data.csv_io import load_csv

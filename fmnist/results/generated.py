@@ -19,7 +19,7 @@ import re
 import shlex
 from pathlib import Path
 
-from fmnist.cli import CTRL_C_EXIT, SIGTERM_EXIT, Terminated
+from fmnist.stops import CTRL_C_EXIT, SIGTERM_EXIT, Terminated
 from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_output, flush_to_disk
 

@@ -16,15 +16,16 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from fmnist.cli import OTHER_SWEEP_DIR, chained_fmnist_error, exit_with, signals_leave_the_workers_to_stop, unresolvable
+from fmnist.cli import OTHER_SWEEP_DIR, exit_with, unresolvable
 from fmnist.config import PLACEMENT_KEYS, superseded_note
 from fmnist.data.sources import data_digests
-from fmnist.errors import ConfigError, DataError
+from fmnist.errors import ConfigError, DataError, chained_fmnist_error
 from fmnist.fsio import note_early_write, some_names
 from fmnist.overrides import (SWEEP_CONFIG_FILE, check_sweep_values, composition_message, null_groups_named, override_key,
                               override_text)
 from fmnist.runs import (CHECKPOINT_DIR, COLUMNS, FINISHED, INTERRUPTED, JOB_LOG, LAST_CHECKPOINT, METRICS_FILE,
                          STARTED, TRIAL_DIR_PREFIX, UNREADABLE, collect, is_job_dir, short_digest)
+from fmnist.stops import signals_leave_the_workers_to_stop
 from fmnist.sweeps.placement import check_launcher, concurrent_jobs, launcher_kind
 
 

@@ -2,7 +2,7 @@
 step as SIGTERM does, under DDP every rank stops after the same step (`StopTogether`), a checkpoint's write is
 never cut in half, and which signal ended a run (`stopping_signal`).
 
-The other places that handle signals, around a run: `fmnist.cli` (a command's start: SIGTERM unwinds what Hydra
+The other places that handle signals, around a run: `fmnist.stops` (a command's start: SIGTERM unwinds what Hydra
 wrote early, SIGHUP is SIGTERM, a joblib sweep leaves signals to its workers), `fmnist.sweeps.placement`
 (`exit_if_orphaned`: a joblib worker whose sweep died) and `fmnist.sweeps.tune` (a study stops before its next
 trial)."""
@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from fmnist.cli import stopped_by_ctrl_c
+from fmnist.stops import stopped_by_ctrl_c
 
 
 # Set by every SIGTERM a run sees, even one that Lightning's handler took after its last check for it (during the
@@ -27,7 +27,7 @@ SIGTERM_RECEIVED = threading.Event()
 @contextmanager
 def sigterm_raises():
     """SIGTERM raises SIGTERMException from the first write on (`fmnist.training.claim.claimed` installs this once the
-    run's checks pass; before, while they run, SIGTERM unwinds the command: fmnist.cli.sigterm_unwinds): a run stopped while it starts is still recorded `interrupted`, with its
+    run's checks pass; before, while they run, SIGTERM unwinds the command: fmnist.stops.sigterm_unwinds): a run stopped while it starts is still recorded `interrupted`, with its
     resume command.
 
     Inside fit and test Lightning's handler runs first and calls this one; there the run stops at the
