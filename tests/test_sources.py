@@ -1,6 +1,7 @@
 import gzip
 import hashlib
 import io
+import logging
 import re
 import struct
 
@@ -105,6 +106,26 @@ def test_data_dir_takes_the_home_directory_as_ckpt_and_out_do(tmp_path, monkeypa
     (tmp_path / "sd").mkdir()
     (tmp_path / "sd" / CSV_NAMES["test"]).write_text("x")
     assert find_csv("~/sd", "test") == tmp_path / "sd" / CSV_NAMES["test"]
+
+
+def test_a_stopped_writes_leftover_is_removed_and_swapped_csvs_are_warned_of(tmp_path, idx_dir, caplog):
+    # A kill while a CSV was written left its hidden 22 MB temporary file, which nothing named or removed.
+    data = tmp_path / "data"
+    data.mkdir()
+    leftover, other = data / ".fashion-mnist_test.csv.4242-0123abcd.tmp", data / ".mine.4242-0123abcd.tmp"
+    leftover.write_text("half a CSV")
+    other.write_text("not a CSV's")
+    with caplog.at_level(logging.INFO, logger="fmnist.data.sources"):
+        obtain(data, idx_dir=idx_dir, allow_install=False, allow_download=False)
+    assert not leftover.exists() and other.exists() and f"removed {leftover}" in caplog.text
+    caplog.clear()
+    train, test = data / CSV_NAMES["train"], data / CSV_NAMES["test"]  # 30 and 10 images: swapped, 10 and 30
+    train_text = train.read_text()
+    train.write_text(test.read_text())
+    test.write_text(train_text)
+    with caplog.at_level(logging.INFO, logger="fmnist.data.sources"):
+        obtain(data, idx_dir=None, allow_install=False, allow_download=False)
+    assert "fewer images (10) than the test CSV (30)" in caplog.text
 
 
 def test_links_to_nothing_at_the_csv_names_are_neither_replaced_nor_written_through(tmp_path, idx_dir):

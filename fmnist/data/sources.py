@@ -22,7 +22,8 @@ import numpy as np
 from fmnist import IMAGE_SIDE, NUM_CLASSES
 from fmnist.data.csv_io import GZIP_MAGIC, csv_digest, load_csvs, require_file, write_csv
 from fmnist.errors import DataError
-from fmnist.fsio import atomic_write, exclusive_lock, missing_dirs, not_a_directory, remove_if_empty, storage_errors
+from fmnist.fsio import (atomic_write, cut_short_write, exclusive_lock, missing_dirs, not_a_directory, remove_if_empty,
+                         storage_errors)
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +244,13 @@ def obtain(data_dir: Path, idx_dir: Path | None = None, allow_install: bool = Tr
 
 def _obtain(data_dir: Path, idx_dir: Path | None, allow_install: bool, allow_download: bool) -> str:
     csvs = [data_dir / name for name in CSV_NAMES.values()]
+    # A CSV's write that a kill cut short leaves its hidden temporary file (`.NAME.PID-TOKEN.tmp`, the CSV's size);
+    # under this command's lock no other writer of the CSVs is at work, so each one is a leftover.
+    names = {name for p in csvs for name in (p.name, f"{p.name}.gz")}
+    for leftover in sorted(data_dir.glob(".*.tmp")):
+        if cut_short_write(leftover) and leftover.name[1:].rsplit(".", 2)[0] in names:
+            leftover.unlink()
+            log.info("removed %s, left by a write of the CSVs that was stopped", leftover)
     if all(p.is_file() or Path(f"{p}.gz").is_file() for p in csvs):
         # A split both plain and gzipped, or a CSV a run would refuse (an interrupted copy, a header alone):
         # refused here, not reported as ready. Parsing also caches the arrays that the first run reads.
@@ -252,6 +260,10 @@ def _obtain(data_dir: Path, idx_dir: Path | None, allow_install: bool, allow_dow
             raise DataError(f"{e} The CSVs in {data_dir} are left as they are: replace that file, or move both "
                             "away and run `make data` again.") from e
         counts = [f"{len(labels)} {split}" for split, (_, labels) in zip(CSV_NAMES, loaded)]
+        (_, train), (_, test) = loaded
+        if len(train) < len(test):  # Fashion-MNIST's are 60,000 and 10,000: the two files swapped, or a subset
+            log.warning("%s: the training CSV has fewer images (%d) than the test CSV (%d); Fashion-MNIST's have "
+                        "60,000 and 10,000: are the two files swapped?", data_dir, len(train), len(test))
         unread = f"; --idx-dir {idx_dir} was not read" if idx_dir is not None else ""  # said, not ignored silently
         return f"CSVs already in {data_dir}: left untouched ({' and '.join(counts)} images){unread}"
     # A link to nothing (a volume not mounted) is there too: the CSVs are never written through or over it.
