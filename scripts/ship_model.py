@@ -90,8 +90,9 @@ def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR, replace: bool
                           f"{limit}), which the shipped model cannot be checked against; not shipped.")
     precision = (record.get("precision") or {}).get("resolved", "32-true")
     source = best_in_run(run_dir, suggest_last=False)  # the best on validation, or nothing
+    test_dir = None if data_dir is None else str(data_dir)
     # A checkpoint that cannot serve (weights that are not finite) is named as the run's.
-    test_csv = load_model(source).test_csv(None if data_dir is None else str(data_dir), key="--data-dir")
+    test_csv = load_model(source).test_csv(test_dir, key="--data-dir")
     tested = (record.get("data_digest") or {}).get("test")
     if tested and (digest := csv_digest(test_csv)) != tested:  # the card states a score on the run's test set
         raise ConfigError(f"{test_csv}: not the test CSV the run was tested on (SHA-1 {short_digest(digest)}, the "
@@ -120,7 +121,6 @@ def ship(run_dir: Path, name: str, out_dir: Path = PRETRAINED_DIR, replace: bool
                                       f"test set in fp32, not the {recorded:.2%} the run recorded in {precision}: "
                                       f"{differing} of {len(labels):,} images, where at most {allowed} may differ; "
                                       "not shipped.")
-                test_dir = None if data_dir is None else str(data_dir)
                 export(OmegaConf.create({"ckpt": str(ckpt), "out": str(onnx), "overwrite": False,
                                          "data": {"dir": test_dir, "batch_size": None}}),
                        shipped_name(out_dir / ckpt.name))

@@ -49,10 +49,10 @@ def find_csv(data_dir: Path | str, split: str) -> Path:
         raise DataError("data.dir is empty (an unset shell variable?), which would read the CSVs of the current "
                         "directory: name the directory holding them (`.` for this one).")
     data_dir = Path(data_dir).expanduser()
-    if Path(data_dir).exists() and not Path(data_dir).is_dir():
+    if data_dir.exists() and not data_dir.is_dir():
         raise DataError(f"{data_dir}: a file, not a directory; data.dir (--data-dir for the scripts) names the "
                         f"directory that holds {' and '.join(CSV_NAMES.values())}.")
-    plain = Path(data_dir) / CSV_NAMES[split]
+    plain = data_dir / CSV_NAMES[split]
     gz = plain.with_name(plain.name + ".gz")
     if plain.exists() and gz.exists():
         raise DataError(f"{data_dir}: holds both {plain.name} and {gz.name}; expected one {split} CSV, gzipped or "

@@ -92,14 +92,13 @@ def resolve(ckpt: str | Path, key: str = "ckpt") -> Resolved:
         return Resolved(path, run_dir if run_dir and (run_dir / CONFIG_FILE).exists() else None)
     if not path.is_dir():
         raise CheckpointError(f"{given}: {not_a_file(path, missing='no such file or directory')}; {WHAT_CKPT_IS}.")
+    record = read_record(path)
     if (path / CHECKPOINT_DIR).is_dir():
         best = best_in_run(path, key=key)
-        record = read_record(path)
         if (record or {}).get("status") not in (None, COMPLETED):  # e.g. still training: its best may yet change
             log.warning("%s: the run's status is %s, not completed: using its best checkpoint so far, %s", path,
                         status_note(record), best.name)
         return Resolved(best, path)
-    record = read_record(path)
     if record is not None and record.get("status"):  # a run that ended before its first checkpoint
         raise CheckpointError(f"{given}: a run directory without checkpoints (the run is {record.get('status')!r}: "
                               f"it ended before saving one); {WHAT_CKPT_IS}.")

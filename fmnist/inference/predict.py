@@ -68,14 +68,15 @@ def _expand(inputs: list[str], out: Path | None = None) -> list[tuple[str, Path 
         if path.is_dir():
             files = [p for p in _files_under(path) if not p.name.startswith(".")
                      and (p.suffix.lower() in EXTENSIONS or _is_csv(p))]
-            files = [p for p in files if not p.exists() or p.resolve() != mine]  # resolve() raises on a link loop
+            # Each file with where it leads (None for a link to nothing: resolve() raises on a loop of links).
+            files = [(p, real) for p in files if (real := p.resolve() if p.exists() else None) is None or real != mine]
             if not files:
                 found.append((raw, None, f"directory without {'/'.join(EXTENSIONS)} or .csv files"))
-            for p in files:  # a link to a file named too, or found before, is read once
-                if not p.exists():
+            for p, real in files:  # a link to a file named too, or found before, is read once
+                if real is None:
                     found.append((str(p), None, "a link to nothing (or a loop of links)"))
-                elif p.resolve() not in seen:
-                    seen.add(p.resolve())
+                elif real not in seen:
+                    seen.add(real)
                     found.append((str(p), p, None))
         elif path.is_file() and path.resolve() in seen:
             continue
