@@ -593,3 +593,16 @@ def test_a_trial_the_heartbeat_failed_is_recorded_interrupted_not_left_running(t
     stale = read_record(tmp_path / "trial-0000")
     assert stale["status"] == "interrupted" and "heartbeat" in stale["error"]
     assert read_record(tmp_path / "trial-0001")["status"] == "completed"  # a record that says how it ended stays
+
+
+def test_the_help_names_each_tune_key_and_no_other():
+    # tune.py --help lists the tune keys by hand (importing fmnist.sweeps.tune would import torch first):
+    # each field of TuneConfig, the groups with `.*`, `tune=NAME`, and no key that is not one.
+    import dataclasses
+    import tune
+    from fmnist.sweeps.tune import TUNE_KEYS, TuneConfig
+    listed = [k.strip() for k in re.search(r"Tune keys \([^)]*\): (.*?)\.\n", tune.__doc__, re.S)
+              .group(1).replace("\n", " ").split(",")]
+    assert {re.sub(r"(\.\*|=NAME)$", "", k) for k in listed} == TUNE_KEYS
+    groups = {f.name for f in dataclasses.fields(TuneConfig) if f.default_factory is not dataclasses.MISSING}
+    assert {k[:-2] for k in listed if k.endswith(".*")} == groups
