@@ -32,6 +32,10 @@ CONSTRAINTS := $(if $(wildcard $(LOCK)),-c $(LOCK))
 # every core). It reads no pip configuration: pip's find-links (e.g. a directory holding a CPU torch wheel) is
 # passed on.
 UV_VERSION := 0.13.9
+# A fresh machine's first install downloads about 1 GB: a slow or briefly failing package index is waited
+# for and retried rather than failing `make train` / `make test` (uv's defaults: 30 s, 3 retries).
+export UV_HTTP_TIMEOUT ?= 120
+export UV_HTTP_RETRIES ?= 5
 UV_INSTALL := $(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode \
 	$(foreach links,$(PIP_FIND_LINKS),--find-links $(links))
 
@@ -43,7 +47,7 @@ TORCH_INDEX ?= $(if $(wildcard $(addsuffix /torch-2.13.0*.whl,$(PIP_FIND_LINKS))
 
 $(STAMP): pyproject.toml $(wildcard $(LOCK))
 	$(python_named)$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q uv==$(UV_VERSION)
+	$(BIN)/pip install -q --retries 5 --timeout 60 uv==$(UV_VERSION)
 	# torch first, pinned, from TORCH_INDEX (above).
 	$(UV_INSTALL) torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	# Extras `export` (onnx, onnxscript, onnxruntime: export.py), `slurm` (the submitit launcher),

@@ -24,7 +24,8 @@ from pathlib import Path
 # suite's time on a busy machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Precision verdicts in a cache of this test process's own (inherited by the processes it starts): the
-# machine's cached verdicts must not decide a test's precision, nor the tests' probes the user's runs.
+# machine's cached verdicts must not decide a test's precision, nor the tests' probes the user's runs. Each
+# test then has a cache of its own (`precision_cache_per_test`).
 os.environ["FMNIST_CACHE_DIR"] = tempfile.mkdtemp(prefix="fmnist-test-cache-")
 atexit.register(shutil.rmtree, os.environ["FMNIST_CACHE_DIR"], ignore_errors=True)  # each test process's own
 
@@ -101,6 +102,13 @@ def build(name: str, **changes):
     from fmnist.models import build_model
 
     return build_model(**{**compose_cfg(f"model={name}").model, **changes})
+
+
+@pytest.fixture(autouse=True)
+def precision_cache_per_test(tmp_path_factory, monkeypatch):
+    """An empty precision-verdicts cache for each test: a verdict that one test's probe measured (on a machine
+    quiet at that moment) must not pick the precision of a later test in the same worker."""
+    monkeypatch.setenv("FMNIST_CACHE_DIR", str(tmp_path_factory.mktemp("precision-cache")))
 
 
 @pytest.fixture(autouse=True)

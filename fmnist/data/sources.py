@@ -198,8 +198,9 @@ def _install_debian_package() -> bool:
     log.info("installing Debian package %s", DEBIAN_PACKAGE)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
 
-    def apt(*args: str) -> bool:
-        return subprocess.run(["apt-get", *args], capture_output=True, env=env).returncode == 0
+    def apt(*args: str) -> bool:  # waits for the package manager's lock, which a fresh machine's daily apt jobs hold
+        return subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=300", "-o", "Acquire::Retries=3", *args],
+                              capture_output=True, env=env).returncode == 0
 
     # A fresh machine's package lists may be empty or stale: update only when the first try fails.
     installed = apt("install", "-y", "-q", DEBIAN_PACKAGE) or (

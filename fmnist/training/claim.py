@@ -422,8 +422,8 @@ def _restore_problem(checkpoint: dict, model: LitClassifier, checkpoint_dir: Pat
 
 def _check_epochs(path: Path, checkpoint_epoch: int) -> None:
     """Refuse to resume a run whose epochs.csv is damaged, or gone while its last.ckpt was written after the first
-    epoch (whose row is written just after that epoch's checkpoint, so every earlier epoch has one): the resumed
-    run keeps the rows and adds to them."""
+    epoch: the resumed run keeps the rows and adds to them. Only the epochs before the checkpoint's own are asked
+    for: an epoch's row is written before its last.ckpt, but that order is Lightning's order of hooks, not a promise."""
     if not path.exists() or path.stat().st_size == 0:
         if checkpoint_epoch >= 1:
             raise ConfigError(f"{path}: {'empty' if path.exists() else 'missing'}, though the run's {LAST_CHECKPOINT} "

@@ -13,8 +13,7 @@ marker=/run/fmnist-postgres-started  # a server this script installed, created o
 if ! command -v pg_ctlcluster >/dev/null; then
     installed=1
     echo "postgres-up: installing postgresql" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null \
-        || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
+    "$(dirname "$0")/apt-install.sh" postgresql
 fi
 version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -1)
 if [ -z "$version" ]; then
@@ -29,7 +28,13 @@ fi
 [ "${installed:-0}" = 1 ] && echo "$version" > "$marker"
 port=$(pg_lsclusters -h | awk -v v="$version" '$1 == v && $2 == "main" {print $3}')
 as_postgres() { su postgres -c "psql -p $port -qtAc \"$1\""; }
-for _ in $(seq 1 30); do as_postgres "SELECT 1" >/dev/null 2>&1 && break; sleep 1; done
+ready=0
+for _ in $(seq 1 60); do as_postgres "SELECT 1" >/dev/null 2>&1 && { ready=1; break; }; sleep 1; done
+if [ "$ready" != 1 ]; then
+    echo "postgres-up: PostgreSQL $version (cluster main, port $port) was started but took no query within 60 s;" \
+         "its log: /var/log/postgresql/postgresql-$version-main.log" >&2
+    exit 1
+fi
 if [ "$(as_postgres "SELECT 1 FROM pg_roles WHERE rolname='fmnist'")" != 1 ]; then
     as_postgres "CREATE ROLE fmnist LOGIN PASSWORD 'fmnist'"
 fi

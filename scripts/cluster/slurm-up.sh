@@ -28,8 +28,7 @@ fi
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null || ! command -v pgrep >/dev/null; then
     echo "slurm-up: installing munge and slurm-wlm"
     packages="slurm-wlm munge procps"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $packages >/dev/null \
-        || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $packages >/dev/null; }
+    "$(dirname "$0")/apt-install.sh" $packages
 fi
 
 node=$(hostname -s)
@@ -58,8 +57,9 @@ MpiDefault=none
 ReturnToService=2
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-# Short waits, so that a cancelled or timed-out job's signals and the scheduler's passes come quickly.
-KillWait=10
+# Short scheduler passes, so that a job starts within seconds; KillWait leaves a cancelled job time to record
+# its stop on a loaded machine before SIGKILL.
+KillWait=30
 SchedulerParameters=sched_interval=2,bf_interval=2
 MinJobAge=600
 OverTimeLimit=0
