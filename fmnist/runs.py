@@ -18,9 +18,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist import NUM_CLASSES
-from fmnist.config import PRECISIONS, RENAMED_KEYS, SEED_MAX, flatten, is_finite_number, is_text_list
+from fmnist.config import (ADDED_KEYS, PLACEMENT_KEYS, PRECISIONS, RENAMED_KEYS, SEED_MAX, flatten, is_finite_number,
+                           is_text_list)
 from fmnist.errors import ConfigError, first_line
-from fmnist.fsio import atomic_write, read_yaml
+from fmnist.fsio import atomic_write, read_yaml, some_names
 from fmnist.overrides import setting_of
 from fmnist.provenance import process_gone
 
@@ -115,6 +116,28 @@ def read_config_section(job: Path, name: str) -> dict:
     return config.get(name) or {}
 
 
+def computed_setting(run: Path, then: str = "nothing was evaluated.") -> dict | None:
+    """What a run computes, from its config.yaml: every key but the seed and the placement keys (an experiment's
+    name too: its keys are all there), keys added since at the values older runs behaved as. None without the
+    file; ConfigError naming a damaged one, ending with `then`."""
+    if not (run / CONFIG_FILE).exists():
+        return None
+    read_config_section(run, "data")  # a damaged file named as every command that reads a section names it
+    return recipe(saved_config(run / CONFIG_FILE, then))  # emptied, or no run's: refused
+
+
+def recipe(flat: dict) -> dict:
+    """What a flattened train config computes: the seed and the placement keys left out, keys added since at
+    the values older runs behaved as (`computed_setting` of a run's saved config, or of a composed one)."""
+    return {k: v for k, v in {**ADDED_KEYS, **flat}.items() if k != "seed" and k not in PLACEMENT_KEYS}
+
+
+def differing_keys(settings: list[dict]) -> list[str]:
+    """The keys whose values are not the same in every one of `settings` (`computed_setting`s), sorted."""
+    keys = sorted({key for setting in settings for key in setting})
+    return [key for key in keys if len({repr(s.get(key)) for s in settings}) > 1]
+
+
 def write_record(run_dir: Path, record: dict) -> None:
     """Write metrics.json atomically: a reader never sees half a file."""
     atomic_write(Path(run_dir) / METRICS_FILE, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
@@ -180,12 +203,37 @@ def check_one_data_per_setting(jobs: pd.DataFrame, where: Path | str) -> None:
                               "its own sweep directory.")
 
 
+def check_one_recipe_per_setting(jobs: pd.DataFrame, sweep_dir: Path) -> None:
+    """ConfigError for completed jobs of one setting among `jobs` (`collect`'s rows of `sweep_dir`) whose config.yaml
+    differ in what they compute (`computed_setting`): a job is named without its experiment and preset, so a sweep of
+    another experiment run into the directory, or one continued after conf/'s defaults changed, joins the setting
+    of the jobs already there. Jobs without a config.yaml (older runs) are not judged."""
+    done = jobs[jobs.status == COMPLETED]
+    for setting, runs in done.groupby("setting"):
+        if len(runs) < 2:
+            continue
+        settings = {job: computed_setting(Path(sweep_dir) / job, "nothing was written.") for job in runs.job}
+        settings = {job: s for job, s in settings.items() if s is not None}
+        differ = differing_keys(list(settings.values()))
+        if differ:
+            first, *others = settings
+            other = next(job for job in others if repr(settings[job].get(differ[0])) != repr(settings[first].get(differ[0])))
+            raise ConfigError(f"{sweep_dir}: jobs {first} and {other} are the same setting, {setting}, but their "
+                              f"{CONFIG_FILE} differ in {some_names(differ)} ({differ[0]}: "
+                              f"{settings[first].get(differ[0])!r} and {settings[other].get(differ[0])!r}): a job is named "
+                              "without its experiment and preset, so a sweep of another experiment (or one run after "
+                              "conf/'s defaults changed) joined it; a mean over seeds, or a pairing by seed, would mix "
+                              "two experiments. Give each its own sweep directory.")
+
+
 def check_poolable(jobs: pd.DataFrame, where: Path | str,
                    advice: str = "Move the copies out of the sweep directory.") -> None:
     """The checks before jobs are averaged or paired by seed: one job per setting and seed
-    (`check_one_job_per_seed`, ending with `advice`), and one data set per setting (`check_one_data_per_setting`)."""
+    (`check_one_job_per_seed`, ending with `advice`), one data set per setting (`check_one_data_per_setting`), and
+    one recipe per setting (`check_one_recipe_per_setting`)."""
     check_one_job_per_seed(jobs, where, advice)
     check_one_data_per_setting(jobs, where)
+    check_one_recipe_per_setting(jobs, Path(where))
 
 
 def collect(sweep_dir: Path) -> pd.DataFrame:

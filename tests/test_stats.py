@@ -3,12 +3,14 @@
 import io
 import json
 import math
+import re
 import shutil
 import zipfile
 
 import numpy as np
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 from scipy import stats
 
 from fmnist.errors import ConfigError
@@ -18,7 +20,7 @@ from fmnist.results.compare import (NO_SPREAD_GIVEN, ONE_SEED, WITHIN_NOISE, cha
 from fmnist.results.report import claims_table
 from fmnist.results.stats import (ALPHA, holm, mcnemar, mean_interval, paired, seed_and_image_interval,
                                   seeds_for_power, seeds_text, summary_comparison)
-from tests.conftest import snapshot
+from tests.conftest import compose_cfg, snapshot
 
 SEEDS = range(5)
 
@@ -136,6 +138,13 @@ def _sweep(root, name: str, settings: dict[str, list[float]], data: str = "d"):
     return root / name
 
 
+def _config(job, val_size) -> None:
+    """A job's config.yaml as a run writes it (conf/'s defaults), its `data.val_size` written as `repr(val_size)`."""
+    text, n = re.subn(r"(?m)^(  val_size: ).*$", rf"\g<1>{val_size!r}", OmegaConf.to_yaml(compose_cfg()))
+    assert n == 1
+    (job / "config.yaml").write_text(text)
+
+
 def test_changes_pair_by_seed_and_keep_only_what_validation_shows(tmp_path):
     base = 0.94 + np.array([0.0, 0.006, 0.004, -0.003, 0.002])  # what each seed does to every setting
     baseline = _sweep(tmp_path, "base", {"": list(base)})
@@ -174,19 +183,36 @@ def test_jobs_on_different_data_are_neither_pooled_nor_paired(tmp_path, capsys):
     resized = _sweep(tmp_path, "resized", {"data.val_size=10000": [0.9, 0.92]})
     for sweep, size in ((base, 5000), (resized, 10000)):
         for job in sweep.iterdir():
-            (job / "config.yaml").write_text(f"data:\n  val_size: {size}\n")
+            _config(job, size)
     assert results_main(["changes", str(base), str(resized)]) == 2
     assert ("setting `data.val_size=10000` and the baseline " in (err := capsys.readouterr().err)
             and "data.val_size 5000 and 10000 in their jobs' config.yaml" in err), err
     for job in resized.iterdir():  # the same size, given on the command line: one split
-        (job / "config.yaml").write_text("data:\n  val_size: 5000\n")
+        _config(job, 5000)
     assert results_main(["changes", str(base), str(resized)]) == 0
-    (resized / "data.val_size=10000,seed=1" / "config.yaml").write_text("data:\n  val_size: '5000'\n")
+    for job in resized.iterdir():
+        _config(job, "5000")
     assert results_main(["changes", str(base), str(resized)]) == 2  # not a number: named, not a TypeError
-    assert "seed=1/config.yaml: data.val_size is '5000', not a whole number" in capsys.readouterr().err
-    (base / "seed=1" / "config.yaml").write_text("data:\n  val_size: 10000\n")
+    assert re.search(r"seed=\d/config.yaml: data.val_size is '5000', not a whole number", capsys.readouterr().err)
+    _config(base / "seed=1", 10000)
     assert results_main(["changes", str(base), str(resized)]) == 2  # the baseline's own seeds disagree
-    assert f"{base}: the baseline's jobs hold validation splits of different sizes" in capsys.readouterr().err
+    assert (f"{base}: jobs seed=0 and seed=1 are the same setting, (defaults), but their config.yaml differ in "
+            "data.val_size (data.val_size: 5000 and 10000)") in capsys.readouterr().err
+
+
+def test_jobs_of_one_setting_that_compute_different_things_are_neither_pooled_nor_paired(tmp_path, capsys):
+    # A job is named without its experiment and preset: another preset's job joins the setting by name alone.
+    mixed = _sweep(tmp_path, "mixed", {"": [0.9, 0.91, 0.92]})
+    for job in mixed.iterdir():
+        _config(job, 10000 if job.name == "seed=2" else 5000)
+    before = snapshot(mixed)
+    for verb in ("summary", "report", "leaderboard"):
+        assert results_main([verb, str(mixed)]) == 2, verb
+        assert ("jobs seed=0 and seed=2 are the same setting, (defaults), but their config.yaml differ in "
+                "data.val_size (data.val_size: 5000 and 10000)") in capsys.readouterr().err
+    assert snapshot(mixed) == before
+    _config(mixed / "seed=2", 5000)
+    assert results_main(["summary", str(mixed)]) == 0
 
 
 def test_changes_say_which_jobs_they_left_out_and_refuse_when_nothing_completed(tmp_path, capsys):

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from fmnist.config import PLACEMENT_KEYS
 from fmnist.errors import INCOMPLETE_SWEEP_EXIT_CODE, ConfigError, StorageError
@@ -22,7 +23,7 @@ from fmnist.results.report import ablation_pairs, write_report
 from fmnist.results.sweep import summarize
 from fmnist.sweeps.start import check_sweep_dir
 from fmnist.runs import record_problem
-from tests.conftest import CONF, FAST, FAST_NAMED, snapshot
+from tests.conftest import CONF, FAST, FAST_NAMED, compose_cfg, snapshot
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
@@ -490,12 +491,25 @@ def test_a_finished_job_is_reused_only_for_the_same_experiment(tmp_path, data_di
     assert snapshot(tmp_path / "s") == before
     stopped.write_text(record)
 
+    # Another preset's sweep into this directory: its job seed=7 joins the finished job's setting (a job is named
+    # without its experiment and preset), and the summary would average the two. Refused before training.
+    before = snapshot(tmp_path / "s")
+    other_preset = [a.replace("preset=smoke", "preset=cpu") for a in args]
+    mixed = run_in_process("train.py", *other_preset, "seed=7", f"data.dir={data_dir}")
+    assert mixed.returncode == 2 and "computes something other than this sweep's jobs of the same setting" \
+        in mixed.stderr and "No job of the sweep was started" in mixed.stderr, mixed.stderr[-2000:]
+    assert snapshot(tmp_path / "s") == before
+    again = run_in_process("train.py", *args, "seed=7", f"data.dir={data_dir}")  # the same experiment: one setting
+    assert again.returncode == 0, again.stderr[-2000:]
+    shutil.rmtree(next((tmp_path / "s").glob("*seed=7*")))
+
     # The experiment's length changed since (an edited experiment file): a finished shorter job is not its result.
     saved = next((tmp_path / "s").glob("*/config.yaml"))
     saved.write_text(saved.read_text().replace("max_epochs: 1\n", "max_epochs: 2\n"))
     longer = run_in_process("train.py", *args, f"data.dir={data_dir}")
-    assert longer.returncode == 2 and "holds a finished job of another experiment: it differs in ['trainer.max_epochs']" \
-        in longer.stderr, longer.stderr[-2000:]
+    assert longer.returncode == 2 and "computes something other than this sweep's jobs of the same setting" in \
+        longer.stderr and "differ in trainer.max_epochs (trainer.max_epochs: 2 there, 1 here)" in longer.stderr, \
+        longer.stderr[-2000:]
 
     # A hand-edited record: whether the job finished, and with what, is unknown; refused, nothing changed.
     saved.write_text(saved.read_text().replace("max_epochs: 2\n", "max_epochs: 1\n"))
@@ -631,7 +645,7 @@ def test_leaderboard_rows_come_from_the_sweeps_records(tmp_path):
     record = json.loads((sweep / "seed=1" / "metrics.json").read_text())
     record["hardware"] = {"gpu": "Other GPU"}
     (sweep / "seed=1" / "metrics.json").write_text(json.dumps(record))
-    (sweep / "seed=1" / "config.yaml").write_text("data:\n  train_subset: 1000\n")
+    OmegaConf.save(compose_cfg("data.train_subset=1000"), sweep / "seed=1" / "config.yaml")  # seed=0 has none
     table = markdown([sweep])
     assert "| Test GPU, bf16-mixed / Other GPU, bf16-mixed |" in table
     assert "| myrecipe | 94.00 ± 12.71 | 2 | standard split; 1,000-image training subset |" in table

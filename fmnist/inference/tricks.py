@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fmnist.config import ADDED_KEYS, PLACEMENT_KEYS, TTA_MODES
+from fmnist.config import TTA_MODES
 from fmnist.data.csv_io import csv_digest
 from fmnist.data.sources import find_csv
 from fmnist.errors import CheckpointError, ConfigError
@@ -20,8 +20,9 @@ from fmnist.fsio import some_names
 from fmnist.hardware import memory_errors
 from fmnist.inference.loading import best_in_run, check_finite, load_model, net_state, training_datamodule
 from fmnist.models import weights_error
-from fmnist.runs import (COLUMNS, COMPLETED, CONFIG_FILE, METRICS_FILE, TRICKS_COLUMNS, TRICKS_REFERENCE, TRICKS_WEIGHTS,
-                         check_one_job_per_seed, collect, job_row, read_config_section, saved_config, short_digest)
+from fmnist.runs import (COLUMNS, COMPLETED, METRICS_FILE, TRICKS_COLUMNS, TRICKS_REFERENCE, TRICKS_WEIGHTS,
+                         check_one_job_per_seed, collect, computed_setting, differing_keys, job_row, read_config_section,
+                         short_digest)
 
 
 def validation_accuracies(run_dir: Path, data_dir: str | Path | None = None,
@@ -74,24 +75,12 @@ def check_same_training_data(jobs: pd.DataFrame, data_dir: Path | None) -> None:
                               "was evaluated. Give the directory holding the runs' own data (--data-dir).")
 
 
-def computed_setting(run: Path) -> dict | None:
-    """What a run computes, from its config.yaml: every key but the seed and the placement keys (an experiment's
-    name too: its keys are all there), keys added since at the values older runs behaved as. None without the
-    file; ConfigError naming a damaged one."""
-    if not (run / CONFIG_FILE).exists():
-        return None
-    read_config_section(run, "data")  # a damaged file named as every command that reads a section names it
-    flat = {**ADDED_KEYS, **saved_config(run / CONFIG_FILE, "nothing was evaluated.")}  # emptied, or no run's
-    return {k: v for k, v in flat.items() if k != "seed" and k not in PLACEMENT_KEYS}
-
-
 def check_one_setting(runs: list[Path], given: list[Path]) -> None:
     """ConfigError for runs (the directories `given` hold) that compute different things, named by the keys they
     differ in (a learning-rate sweep, two recipes): the table's mean and interval are over the seeds of one."""
     settings = {run: computed_setting(run) for run in runs}
     settings = {run: setting for run, setting in settings.items() if setting is not None}  # older runs: not judged
-    keys = sorted({key for setting in settings.values() for key in setting})
-    differ = [key for key in keys if len({repr(s.get(key)) for s in settings.values()}) > 1]
+    differ = differing_keys(list(settings.values()))
     if not differ:
         return
     first = next(iter(settings.values()))

@@ -17,14 +17,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from fmnist.cli import OTHER_SWEEP_DIR, exit_with, unresolvable
-from fmnist.config import PLACEMENT_KEYS, superseded_note
+from fmnist.config import PLACEMENT_KEYS, flat_config, superseded_note
 from fmnist.data.sources import data_digests
 from fmnist.errors import ConfigError, DataError, chained_fmnist_error
 from fmnist.fsio import note_early_write, some_names
 from fmnist.overrides import (SWEEP_CONFIG_FILE, check_sweep_values, composition_message, null_groups_named, override_key,
-                              override_text)
-from fmnist.runs import (CHECKPOINT_DIR, COLUMNS, FINISHED, INTERRUPTED, JOB_LOG, LAST_CHECKPOINT, METRICS_FILE,
-                         STARTED, TRIAL_DIR_PREFIX, UNREADABLE, collect, is_job_dir, short_digest)
+                              override_text, setting_of)
+from fmnist.runs import (CHECKPOINT_DIR, COLUMNS, COMPLETED, FINISHED, INTERRUPTED, JOB_LOG, LAST_CHECKPOINT,
+                         METRICS_FILE, STARTED, TRIAL_DIR_PREFIX, UNREADABLE, collect, computed_setting, differing_keys,
+                         is_job_dir, recipe, short_digest)
 from fmnist.stops import signals_leave_the_workers_to_stop
 from fmnist.sweeps.placement import check_launcher, concurrent_jobs, launcher_kind
 
@@ -102,9 +103,10 @@ def check_job_records(sweep_dir: Path, jobs: pd.DataFrame) -> None:
                           "job of the sweep was started.")
 
 
-def check_sweep_jobs(config: DictConfig, config_loader) -> None:
+def check_sweep_jobs(config: DictConfig, config_loader) -> list[tuple[list[str], DictConfig]]:
     """ConfigError for a sweep that holds a job `check_config` refuses, before its first job starts: found by
-    that job, it would stop the sweep after the jobs before it had trained.
+    that job, it would stop the sweep after the jobs before it had trained. Returns the jobs it composed, each
+    (its overrides, its config).
 
     `config`: the sweep's config as Hydra gives it to a callback. As many jobs are composed as the longest list
     of swept values has values: the k-th takes the k-th value of every swept key (the last repeated), so every
@@ -151,6 +153,7 @@ def check_sweep_jobs(config: DictConfig, config_loader) -> None:
                 "for each value. No job of the sweep was started.")
 
     composed: dict[tuple[str, ...], DictConfig] = {}  # a composed job per choice of the swept config groups
+    checked: list[tuple[list[str], DictConfig]] = []
     for k in range(max((len(v) for v in values.values()), default=0)):
         job = [v[min(k, len(v) - 1)] for v in values.values()]
         swept = [o for o, v in zip(job, values.values()) if len(v) > 1]
@@ -167,13 +170,39 @@ def check_sweep_jobs(config: DictConfig, config_loader) -> None:
         except ConfigError as e:
             raise refused(swept, e) from None
         composed.setdefault(tuple(o for o in swept if override_key(o) not in plain), cfg)
+        checked.append((job, cfg))
     if len(plain) < 2 and len(composed) < 2:  # no combination that the jobs above left out
-        return
+        return checked
     for job, cfg in every_combination(composed, plain):
         try:
             check_config(cfg)
         except ConfigError as e:
             raise refused(job, e) from None
+    return checked
+
+
+def check_same_recipe(sweep_dir: Path, composed: list[tuple[list[str], DictConfig]], jobs: pd.DataFrame) -> None:
+    """ConfigError for a sweep whose jobs (`composed`: `check_sweep_jobs`') join a setting of the directory's completed
+    jobs (`jobs`: its `sweep_jobs`) but compute something else: jobs are named without their experiment and preset, so
+    `-m experiment=B seed=2` into a sweep of experiment A, or a sweep continued after conf/'s defaults changed, would
+    be averaged with the jobs there. Jobs without a config.yaml (older runs) are not judged."""
+    done = jobs[jobs.status == COMPLETED]
+    for overrides, cfg in composed:
+        same = done[done.setting == setting_of(overrides)]
+        for job in same.job:
+            theirs = computed_setting(sweep_dir / job, "No job of the sweep was started.")
+            if theirs is None:
+                continue
+            ours = recipe(flat_config(cfg))
+            differ = differing_keys([ours, theirs])
+            if differ:
+                raise ConfigError(
+                    f"{sweep_dir}: its completed job {job} computes something other than this sweep's jobs of the same "
+                    f"setting, {setting_of(overrides)}: they differ in {some_names(differ)} ({differ[0]}: "
+                    f"{theirs.get(differ[0])!r} there, {ours.get(differ[0])!r} here). A job is named without its experiment "
+                    f"and preset, so the sweep's summary would average the two. Give this sweep its own directory "
+                    f"({OTHER_SWEEP_DIR}). No job of the sweep was started.")
+            break  # one job of a setting stands for it: the others' are checked when results pool them
 
 
 def every_combination(composed: dict[tuple[str, ...], DictConfig], plain: dict[str, list]):
@@ -216,11 +245,12 @@ class CheckSweep(Callback):
             check_launcher(config.hydra.launcher)
             typed = OmegaConf.to_container(config.hydra.overrides.task)  # as typed: `${oc.env:X}` unresolved
             check_sweep_values([*typed, *(f"{k}={v}" for k, v in params.items())], loader)
-            check_sweep_jobs(config, loader)  # every swept value, before the first job trains
+            composed = check_sweep_jobs(config, loader)  # every swept value, before the first job trains
             check_sweep_dir(sweep_dir)
-            jobs = sweep_jobs(sweep_dir)  # every job's record read once, for both checks
+            jobs = sweep_jobs(sweep_dir)  # every job's record read once, for the checks below
             check_job_records(sweep_dir, jobs)
             check_same_data(sweep_dir, str(config.data.dir), resumed=True, jobs=jobs)
+            check_same_recipe(sweep_dir, composed, jobs)
         except OmegaConfBaseException as e:  # `data.dir=${oc.env:UNSET}`: Hydra would only warn, and rewrite multirun.yaml
             exit_with(unresolvable(e))
         except ConfigError as e:
