@@ -63,6 +63,13 @@ RECORDED = (RUNNING, *FINISHED, INTERRUPTED, PRUNED)  # every status a run's met
 RESOLVED_PRECISIONS = tuple(p for p in PRECISIONS if p != "auto")  # what a record's precision.resolved may hold
 
 
+def trial_dir(study_dir: Path, number: int) -> Path:
+    """Trial `number`'s run directory in the study directory `study_dir`. Always this, not the path a trial stored in
+    the study's database: that names the directory the study was in when the trial ran, the original of a study since
+    copied or moved."""
+    return Path(study_dir) / f"{TRIAL_DIR_PREFIX}{number:04d}"
+
+
 def read_record(run_dir: Path) -> dict | None:
     """The run's metrics.json, or None if it has none (or it is unreadable, or not a record: not a JSON object)."""
     try:

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from fmnist.data.csv_io import write_csv
 from fmnist.errors import FmnistError
 from fmnist.hardware import memory_errors
-from fmnist.runs import read_record
+from fmnist.runs import read_record, write_record
 from fmnist.sweeps.tune import Search, register_tune, run_search
 from tests.conftest import CONF, FAST, ROOT, make_images, snapshot
 
@@ -517,6 +517,44 @@ def test_a_trial_whose_process_was_killed_is_marked_and_replaced(tmp_path, data_
     assert trials[1].user_attrs["process"]["pid_namespace"] == pid_namespace() is not None
 
 
+def _finished_and_killed(study_dir: Path) -> None:
+    """A study `s` in `study_dir`, as a killed tune.py leaves it: trial 0 completed, trial 1 still RUNNING in the
+    database and in its record, its process gone; each trial's run_dir stored as tune.py stores it."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    study_dir.mkdir(parents=True)
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{study_dir / 'study.db'}", direction="maximize")
+    for number, status in enumerate(("completed", "running")):
+        (study_dir / f"trial-{number:04d}").mkdir()
+        write_record(study_dir / f"trial-{number:04d}", {"status": status, "seed": 0, "metrics": {"val/acc_best": 0.5}})
+        trial = study.ask()
+        trial.set_user_attr("run_dir", str(study_dir / f"trial-{number:04d}"))
+    trial.set_user_attr("process", {"host": socket.gethostname(), "pid": gone.pid})
+    study.tell(0, 0.5)
+
+
+def test_a_copied_study_writes_and_names_only_its_own_trial_directories(tmp_path, data_dir, run_in_process):
+    # The database holds each trial's run_dir as it was when the trial ran: in a copy, the original's directories.
+    original, copy = tmp_path / "a" / "s", tmp_path / "b" / "s"
+    _finished_and_killed(original)
+    shutil.copytree(original, copy)
+    before = snapshot(original)
+    args = ["study=s", "n_trials=1", f"out_dir={tmp_path / 'b'}", f"data.dir={data_dir}", *SMALL]  # no trial to train
+    result = run_in_process("tune.py", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert snapshot(original) == before
+    assert read_record(copy / "trial-0001")["status"] == "interrupted"
+    assert yaml.safe_load((copy / "best.yaml").read_text())["run_dir"] == str(copy / "trial-0000")
+    assert f"({copy / 'trial-0000'})" in result.stdout
+    shutil.rmtree(copy / "trial-0000")  # the best trial's directory gone: said, not named as if it were there
+    result = run_in_process("tune.py", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = (copy / "best.yaml").read_text()
+    assert yaml.safe_load(best)["run_dir"] is None and f"# Its run directory {copy / 'trial-0000'} is gone" in best
+    assert f"best trial 0: its directory {copy / 'trial-0000'} is gone" in result.stderr
+    assert snapshot(original) == before
+
+
 def test_a_trial_asked_for_after_others_filled_n_trials_stops_without_training(tmp_path):
     from omegaconf import OmegaConf
 
@@ -589,7 +627,7 @@ def test_a_trial_the_heartbeat_failed_is_recorded_interrupted_not_left_running(t
         trial.set_user_attr("run_dir", str(run_dir))
         # As the storage's heartbeat leaves the trial of a process that stopped beating: FAIL, without a status.
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
-    record_stale_trials(study)
+    record_stale_trials(study, tmp_path)
     stale = read_record(tmp_path / "trial-0000")
     assert stale["status"] == "interrupted" and "heartbeat" in stale["error"]
     assert read_record(tmp_path / "trial-0001")["status"] == "completed"  # a record that says how it ended stays

@@ -16,7 +16,7 @@ import sqlalchemy
 
 from fmnist.errors import ConfigError, first_line
 from fmnist.provenance import now, process_gone
-from fmnist.runs import INTERRUPTED, METRICS_FILE, RUNNING, read_record, update_record
+from fmnist.runs import INTERRUPTED, METRICS_FILE, RUNNING, read_record, trial_dir, update_record
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +140,11 @@ def _lost_the_race_to_make_tables(error: Exception) -> bool:
         isinstance(error, sqlalchemy.exc.OperationalError) and "already exists" in str(error))
 
 
-def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
+def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, study_dir: Path) -> None:
     """Mark `interrupted` (an Optuna FAIL, not counted) each RUNNING trial whose process on this machine is gone:
-    killed with SIGKILL, or its machine restarted (see `process_gone`). Trials of other machines are left to the
-    storage's heartbeat (a FAIL without a status after `grace_period`, not counted either)."""
+    killed with SIGKILL, or its machine restarted (see `process_gone`), and its record in `study_dir`, if there.
+    Trials of other machines are left to the storage's heartbeat (a FAIL without a status after `grace_period`, not
+    counted either)."""
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         process = trial.user_attrs.get("process") or {}
         if not process_gone(process):
@@ -151,7 +152,7 @@ def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) 
         # As Optuna's own fail_stale_trials does it: a FrozenTrial's id is `_trial_id`.
         storage.set_trial_user_attr(trial._trial_id, "status", INTERRUPTED)
         storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-        run_dir = Path(trial.user_attrs.get("run_dir", ""))
+        run_dir = trial_dir(study_dir, trial.number)
         if (run_dir / METRICS_FILE).exists():
             update_record(run_dir, status=INTERRUPTED, finished_at=now(),
                           error=f"its process ({process.get('pid')}) was killed; the study replaces the trial")
@@ -159,11 +160,12 @@ def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) 
                     process.get("pid"))
 
 
-def record_stale_trials(study: optuna.Study) -> None:
+def record_stale_trials(study: optuna.Study, study_dir: Path) -> None:
     """Record `interrupted` each trial the storage's heartbeat failed (a FAIL without a status: its process stopped
-    beating, killed on this machine or another) whose run record still says `running`, as the study has it."""
+    beating, killed on this machine or another) whose run record in `study_dir` still says `running`, as the study
+    has it."""
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
-        run_dir = Path(trial.user_attrs.get("run_dir", ""))
+        run_dir = trial_dir(study_dir, trial.number)
         if trial.user_attrs.get("status") or not (run_dir / METRICS_FILE).is_file():
             continue
         if (read_record(run_dir) or {}).get("status") == RUNNING:

@@ -50,7 +50,7 @@ from fmnist.results.sweep import summarize
 from fmnist.sweeps.start import check_same_data, every_combination
 from fmnist.provenance import this_process
 from fmnist.runs import (DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, JOB_LOG, METRICS_FILE, TRIAL_DIR_PREFIX,
-                         TRIAL_RECORD_KEY)
+                         TRIAL_RECORD_KEY, trial_dir)
 from fmnist.sweeps.storage import (STUDY_DB, check_storage_file, default_storage, fail_dead_trials, open_storage,
                                    record_stale_trials, storage_file, study_storage_errors_named)
 from fmnist.training.checks import check_config
@@ -483,7 +483,7 @@ class Search:
             with warnings.catch_warnings():  # "experimental" since optuna 2.9
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(trial.study)
-            record_stale_trials(trial.study)
+            record_stale_trials(trial.study, self.study_dir)
         if SIGTERM_RECEIVED.is_set():  # it came after the previous trial's last check: stop before training
             trial.set_user_attr("status", INTERRUPTED)
             raise TrialInterrupted(signal.SIGTERM)
@@ -492,7 +492,7 @@ class Search:
         overrides = [*self.train_overrides,
                      *(f"{spec.key}={override_text(params[name])}" for name, spec in self.cfg.space.items())]
         cfg = _compose("train", [*ONE_DEVICE, *overrides])
-        run_dir = self.study_dir / f"{TRIAL_DIR_PREFIX}{trial.number:04d}"
+        run_dir = trial_dir(self.study_dir, trial.number)
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("overrides", overrides)
         trial.set_user_attr("process", this_process())  # see `fail_dead_trials`
@@ -535,7 +535,7 @@ def check_trial_places(study_dir: Path, entries: list[Path], study: optuna.Study
     """ConfigError for an entry named as a trial's directory (`entries`, found before the study's trials were read)
     that no trial of the study made: a file, or a directory of a trial number not yet given. A new trial would
     fail on it, counted as a failed trial, or be refused inside its trial, with advice tune.py does not take."""
-    given = {f"{TRIAL_DIR_PREFIX}{trial.number:04d}" for trial in study.trials}
+    given = {trial_dir(study_dir, trial.number).name for trial in study.trials}
     strays = [entry.name for entry in entries if not entry.is_dir() or entry.name not in given]
     if strays:
         raise ConfigError(f"{study_dir}: holds {some_names(strays)}, named as the study's trials are, which no trial "
@@ -615,7 +615,7 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
                 for parent in made[1:]:  # out_dir's, while still empty (another worker may have started there)
                     remove_if_empty(parent)
             raise
-        fail_dead_trials(study, storage)
+        fail_dead_trials(study, storage, study_dir)
         search.heartbeat = isinstance(storage, optuna.storages.RDBStorage)
         # Seeded by (sampler.seed, the trials already in the study): a continued study must not replay the
         # first run's random start, and processes starting together with distinct sampler.seed must not meet
@@ -658,14 +658,16 @@ def _sigterm_noted():
             signal.signal(signal.SIGTERM, previous)
 
 
-def best_overrides(study: optuna.Study) -> dict | None:
-    """The best finished trial: its number, value and overrides; None when no trial has finished."""
+def best_overrides(study: optuna.Study, study_dir: Path) -> dict | None:
+    """The best finished trial: its number, value, run directory in `study_dir` (None where it is gone) and
+    overrides; None when no trial has finished."""
     try:
         best = study.best_trial
     except ValueError:
         return None
+    run_dir = trial_dir(study_dir, best.number)
     return {"study": study.study_name, "trial": best.number, METRIC: best.value,
-            "test/acc": best.user_attrs.get("test/acc"), "run_dir": best.user_attrs.get("run_dir"),
+            "test/acc": best.user_attrs.get("test/acc"), "run_dir": str(run_dir) if run_dir.is_dir() else None,
             "params": dict(best.params), "overrides": list(best.user_attrs.get("overrides", []))}
 
 
@@ -675,19 +677,25 @@ def write_results(study: optuna.Study, study_dir: Path) -> None:
     print(f"study {study.study_name}: {len(study.trials)} trials ("
           + ", ".join(f"{n} {s}" for s, n in states.items() if n) + ")")
     if any((d / METRICS_FILE).exists() for d in study_dir.glob(f"{TRIAL_DIR_PREFIX}*")):
-        record_stale_trials(study)
+        record_stale_trials(study, study_dir)
         summarize(study_dir)
-    best = best_overrides(study)
+    best = best_overrides(study, study_dir)
     if best is None:
         print(f"no trial has finished yet: no {BEST_FILE}")
         return
     command = "python train.py " + " ".join(best["overrides"])
     text = (f"# Best trial of Optuna study {study.study_name} ({len(study.trials)} trials), by {METRIC}.\n"
             f"# Train it again (or with other seeds) with:\n#   {command}\n")
+    if best["run_dir"] is None:  # moved or removed: its value and command are the database's, its files are not here
+        gone = trial_dir(study_dir, best["trial"])
+        log.warning("best trial %d: its directory %s is gone (moved or removed); %s gives its value and command "
+                    "from the study's database", best["trial"], gone, BEST_FILE)
+        text += f"# Its run directory {gone} is gone (moved or removed).\n"
     atomic_write(study_dir / BEST_FILE, text + OmegaConf.to_yaml(OmegaConf.create(best)))
     print(f"best trial {best['trial']}: {METRIC} {best[METRIC]:.2%}"
           + (f", test/acc {best['test/acc']:.2%}" if best["test/acc"] is not None else "")
-          + f" ({best['run_dir']})\n  params: {best['params']}\n  {command}\n  written to {study_dir / BEST_FILE}")
+          + f" ({best['run_dir'] or 'its directory is gone'})\n  params: {best['params']}\n  {command}\n"
+          f"  written to {study_dir / BEST_FILE}")
     _figures(study, study_dir)
 
 
