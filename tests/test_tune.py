@@ -555,6 +555,20 @@ def test_a_copied_study_writes_and_names_only_its_own_trial_directories(tmp_path
     assert snapshot(original) == before
 
 
+@pytest.mark.parametrize("name", ["summary.md", "best.yaml", "param_importances.png"])
+def test_a_directory_where_a_result_goes_is_refused_before_a_trial_trains(tmp_path, data_dir, run_in_process, name):
+    # Found when the results were written, it left them out of date after a trial had trained, with advice
+    # (another out_dir) that starts a new study.
+    _finished_and_killed(tmp_path / "s")
+    (tmp_path / "s" / name).mkdir()
+    before = snapshot(tmp_path)
+    result = run_in_process("tune.py", "study=s", "n_trials=2", f"out_dir={tmp_path}", f"data.dir={data_dir}", *SMALL)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert (f"error: {tmp_path / 's' / name} is a directory, where the study writes its {name}; no trial was started "
+            "and nothing was written. Move that directory out of the study's directory") in result.stderr
+    assert snapshot(tmp_path) == before and not (tmp_path / "s" / "trial-0002").exists()
+
+
 def test_a_trial_asked_for_after_others_filled_n_trials_stops_without_training(tmp_path):
     from omegaconf import OmegaConf
 

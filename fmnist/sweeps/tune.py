@@ -43,10 +43,10 @@ from fmnist.cli import check_resolvable, refuse_unknown_keys
 from fmnist.config import PLACEMENT_KEYS, RENAMED_KEYS, RESUMABLE_KEYS, check_keys, flat_config, seed_check
 from fmnist.data.sources import split_csvs
 from fmnist.errors import ConfigError, FmnistError, OutOfMemory
-from fmnist.fsio import atomic_write, missing_dirs, remove_if_empty, some_names
+from fmnist.fsio import atomic_write, check_not_directories, missing_dirs, remove_if_empty, some_names
 from fmnist.overrides import (check_name, composition_message, null_group_message, override_key, override_text, register,
                               renamed_overrides)
-from fmnist.results.sweep import summarize
+from fmnist.results.sweep import SUMMARY_FILES, summarize
 from fmnist.sweeps.start import check_same_data, every_combination
 from fmnist.provenance import this_process
 from fmnist.runs import (DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, JOB_LOG, METRICS_FILE, TRIAL_DIR_PREFIX,
@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 
 METRIC = "val/acc_best"  # what the study maximises: model selection is on validation, never on test
 BEST_FILE = "best.yaml"  # a study's best trial: its value, parameters and the train.py command that reproduces it
+# A study's figures, by file name: the optuna.visualization.matplotlib function that draws each.
+FIGURES = {"optimization_history.png": "plot_optimization_history", "param_importances.png": "plot_param_importances"}
 # An interrupted trial is not resumed: the study goes on with new trials (Optuna marks it failed).
 RESUME_HINT = "a trial is not resumed: the same tune.py command continues the study with a new trial in its place"
 
@@ -543,6 +545,17 @@ def check_trial_places(study_dir: Path, entries: list[Path], study: optuna.Study
                           "nothing was written. Move them out of the study's directory.")
 
 
+def check_result_places(study_dir: Path) -> None:
+    """ConfigError for a directory where the study writes one of its results (summary.csv/.md, best.yaml, a
+    figure): found when they are written, after the trials had trained, it left them out of date."""
+    try:
+        check_not_directories(study_dir / name for name in (*SUMMARY_FILES, BEST_FILE, *FIGURES))
+    except IsADirectoryError as e:
+        raise ConfigError(f"{e.filename} is a directory, where the study writes its {Path(e.filename).name}; no "
+                          "trial was started and nothing was written. Move that directory out of the study's "
+                          "directory; the same command then continues the study.") from None
+
+
 def _holds_a_study(study_dir: Path, storage: optuna.storages.BaseStorage | None, study: str, own: bool) -> bool:
     """Whether the study directory a refused worker made holds the study after all: one a worker started with it
     made there meanwhile (its trials, or, in the directory's own database (`own`), the study), which the refusal
@@ -593,6 +606,7 @@ def run_search(conf_dir: Path, args: list[str]) -> optuna.Study:
                               f"{', ...' if len(theirs) > 3 else ''}); a study is written into a new directory, or into "
                               "its own to continue it, so that nothing of yours is replaced; nothing was written. "
                               "Choose another study name (study=...) or out_dir.")
+        check_result_places(study_dir)
         search.check_data(ends)
         study_dir.mkdir(parents=True, exist_ok=True)
         storage = None
@@ -704,15 +718,13 @@ def _figures(study: optuna.Study, study_dir: Path) -> None:
 
     from fmnist.training.figures import save_png  # matplotlib, headless
 
-    figures = {"optimization_history.png": ovm.plot_optimization_history,
-               "param_importances.png": ovm.plot_param_importances}
-    for name, plot in figures.items():
+    for name, plot in FIGURES.items():
         try:
             with warnings.catch_warnings():  # "experimental" since optuna 2.2: noise at every run
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 # Too few trials, or too alike: Optuna would draw every importance equal; no figure says more.
                 warnings.filterwarnings("error", message=".*Parameter importances will be equal")
-                ax = plot(study)
+                ax = getattr(ovm, plot)(study)
         except (ValueError, RuntimeError, UserWarning) as e:  # importances need two finished trials that differ
             log.warning("no %s: %s", name, e)
             continue
