@@ -315,6 +315,18 @@ def test_a_database_of_ones_own_where_the_study_keeps_its_database_is_refused_an
         tmp_path / "x", tmp_path / "x" / "study.db"]
 
 
+def test_a_cut_short_study_database_is_called_damaged_not_another_kind_of_file(tmp_path, data_dir):
+    database = tmp_path / "x" / "study.db"
+    database.parent.mkdir()
+    optuna.create_study(study_name="x", storage=f"sqlite:///{database}")
+    database.write_bytes(database.read_bytes()[:database.stat().st_size // 2])  # as a full disk or a killed copy ends it
+    before = database.read_bytes()
+    with pytest.raises(FmnistError, match=r"database disk image is malformed\. The database file is damaged; nothing "
+                                          "was written. Restore it from a copy"):
+        run_search(CONF, [f"out_dir={tmp_path}", f"data.dir={data_dir}", "data.val_size=100", "study=x", "n_trials=1"])
+    assert database.read_bytes() == before and sorted(tmp_path.rglob("*")) == [database.parent, database]
+
+
 def test_a_continuation_that_samples_other_choices_is_refused_before_a_trial(tmp_path, data_dir):
     # The study's first trial sampled the model from both choices; a continuation offering one cannot join it.
     (tmp_path / "c").mkdir()

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import re
+import sqlite3
 import time
 import warnings
 from pathlib import Path
@@ -25,14 +26,9 @@ STUDY_DB = "study.db"  # a study's database without storage=: SQLite, in its dir
 
 def _optuna_tables_or_none(path: Path) -> bool:
     """Whether a SQLite file holds Optuna's tables, or no table yet (read only; another tool's database, such as
-    an MLflow store, holds its own and must not get Optuna's beside them)."""
-    import sqlite3
-
-    try:
-        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
-            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.Error:
-        return False
+    an MLflow store, holds its own and must not get Optuna's beside them); sqlite3.Error where it cannot be read."""
+    with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     return not tables or {"studies", "version_info"} <= tables
 
 
@@ -63,7 +59,10 @@ def check_storage_file(url: str, default: bool = False) -> None:
     with open(path, "rb") as f:
         head = f.read(4096)
     if kind == "sqlite":
-        optunas = head.startswith(b"SQLite format 3\x00") and _optuna_tables_or_none(path)
+        try:
+            optunas = head.startswith(b"SQLite format 3\x00") and _optuna_tables_or_none(path)
+        except sqlite3.Error as e:  # a SQLite file by its header that cannot be read: cut short, or damaged
+            raise study_storage_error(url, e, "open") from None
     else:  # a journal is one JSON object per line, each with the operation it records
         try:
             optunas = b"op_code" in head and isinstance(json.loads(head.split(b"\n", 1)[0]), dict)
@@ -115,8 +114,9 @@ def study_storage_error(url: str, error: Exception, doing: str) -> ConfigError:
     wraps (whose own words say only that a commit failed), and, for a damaged SQLite file, how to go on."""
     cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) and error.__cause__ else error
     reason = first_line(cause)  # not SQLAlchemy's link to its docs
-    damaged = url.startswith("sqlite") and isinstance(cause, sqlalchemy.exc.DatabaseError) \
-        and not isinstance(cause, sqlalchemy.exc.OperationalError)  # "malformed", "not a database"; not a lock
+    # "malformed", "not a database", through SQLAlchemy or read with sqlite3 itself; not a lock
+    damaged = url.startswith("sqlite") and isinstance(cause, (sqlalchemy.exc.DatabaseError, sqlite3.DatabaseError)) \
+        and not isinstance(cause, (sqlalchemy.exc.OperationalError, sqlite3.OperationalError))
     advice = (" The database file is damaged; nothing was written. Restore it from a copy, or start the study under "
               "another name (study=...) or out_dir." if damaged else "")
     return ConfigError(f"cannot {doing} the study storage {url!r}: {type(cause).__name__}: {reason}.{advice}")
