@@ -384,6 +384,8 @@ def not_the_cache(kind: str) -> None:
         os.mkfifo(path)
     elif kind == "directory":
         path.mkdir()
+    elif kind == "link to nothing":  # a share not mounted now: a verdict written there would replace the link
+        path.symlink_to(path.parent / "not-mounted" / "precision.json")
     else:
         path.write_bytes({"notes": b"my notes\n", "binary": b"\xff\xfe\x00", "list": b'["a", "b"]',
                           "other JSON": b'{"0": 0.91, "1": 0.88}'}[kind])
@@ -391,10 +393,11 @@ def not_the_cache(kind: str) -> None:
 
 def what_is_there() -> tuple:
     path = auto.cache_file()
-    return path.stat().st_mode, path.read_bytes() if path.is_file() else None
+    return path.lstat().st_mode, path.read_bytes() if path.is_file() else None, \
+        os.readlink(path) if path.is_symlink() else None
 
 
-@pytest.mark.parametrize("kind", ["notes", "binary", "list", "other JSON", "fifo", "directory"])
+@pytest.mark.parametrize("kind", ["notes", "binary", "list", "other JSON", "fifo", "directory", "link to nothing"])
 def test_what_is_not_the_cache_is_never_rewritten_nor_removed(monkeypatch, capsys, caplog, kind):
     # A run still trains on its own probe's verdict, and says once why it kept nothing; the commands refuse.
     cpu_with_bf16(monkeypatch, True)
@@ -418,6 +421,29 @@ def test_what_is_not_the_cache_is_never_rewritten_nor_removed(monkeypatch, capsy
     said = capsys.readouterr().err
     assert f"{auto.cache_file()}: it " in said and "Nothing was removed; move it away" in said
     assert what_is_there() == before and not auto.cache_file().with_name("precision.json.lock").exists()
+
+
+def test_a_link_to_a_verdicts_file_elsewhere_is_written_through_and_kept(monkeypatch, capsys, tmp_path):
+    # A cache shared by linking to it: an atomic write replaced the link with a copy, which no one else sees.
+    cpu_with_bf16(monkeypatch, True)
+    measure, calls = fake_probe(10, 5)
+    monkeypatch.setenv("FMNIST_CACHE_DIR", str(tmp_path / "shared"))
+    auto.resolve_precision("auto", "cpu", MODEL, 64, 10_000, measure=measure)  # another user's verdict
+    shared = auto.cache_file()
+    monkeypatch.setenv("FMNIST_CACHE_DIR", str(tmp_path / "mine"))
+    auto.cache_file().parent.mkdir()
+    auto.cache_file().symlink_to(shared)
+    _, evidence = auto.resolve_precision("auto", "cpu", MODEL, 64, 10_000, measure=measure)
+    assert len(calls) == 1 and "cached verdict" in evidence["reason"]
+    auto.resolve_precision("auto", "cpu", MODEL, 256, 10_000, measure=measure)
+    assert len(calls) == 2 and auto.cache_file().is_symlink() and auto.cache_file().resolve() == shared
+    assert len(json.loads(shared.read_text())) == 2
+    assert os.listdir(auto.cache_file().parent) == ["precision.json"]  # no copy, nor a lock beside the link
+    assert auto.main(["show"]) == 0 and "2 verdict(s)" in capsys.readouterr().out
+    assert auto.main(["clear"]) == 0 and auto.cache_file().is_symlink() and shared.read_text() == ""
+    assert f"emptied {shared}, which {auto.cache_file()} links to (the link is kept)" in capsys.readouterr().out
+    auto.resolve_precision("auto", "cpu", MODEL, 64, 10_000, measure=measure)
+    assert len(calls) == 3 and auto.cache_file().is_symlink() and len(json.loads(shared.read_text())) == 1
 
 
 def test_a_damaged_cache_is_left_by_runs_and_removed_by_clear(monkeypatch, capsys, caplog):

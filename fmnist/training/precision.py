@@ -17,7 +17,8 @@ torch, architecture, batch size). Anything else decides this run only, conservat
 bf16 is clearly faster), and the next run measures again. A run too short to repay a probe (fewer
 than `PROBE_MIN_STEPS` training steps) takes a cached verdict, or fp32. `python -m fmnist.training.precision
 show|measure|clear` shows, re-measures or clears the cached verdicts. A file there that is not a verdicts
-file is never rewritten or removed: runs decide without it.
+file, or a link to nothing (an unmounted share), is never rewritten or removed: runs decide without it. A link to a
+verdicts file elsewhere (a cache shared by several users or machines) is written through, and stays a link.
 """
 
 from __future__ import annotations
@@ -168,6 +169,13 @@ def _cache_place() -> tuple[Path, str]:
     return user_cache / "fmnist" / "precision.json", f"its directory is under {chooser}; FMNIST_CACHE_DIR names another"
 
 
+def _written_file() -> Path:
+    """The file that holds the verdicts `cache_file()` names: itself, or the file a link there leads to, which is
+    rewritten in its place so that the link stays (an atomic write replaces what it writes to: the link itself)."""
+    path = cache_file()
+    return path.resolve() if path.is_symlink() else path
+
+
 # In every key this code has written (v1's too): how a verdicts file is told from another file of that name.
 _KEY_MARK = " | torch "
 
@@ -204,6 +212,9 @@ def _cache() -> _Cache:
                 return _Cache({}, f"{parent} is a file, not a directory", "move it away, or set FMNIST_CACHE_DIR "
                               "(which names the verdicts' directory) to a directory", at_path=False, removable=False)
             break
+    if path.is_symlink() and not path.exists():  # an unmounted share: reading finds nothing, writing would replace it
+        return _Cache({}, f"it is {not_a_file(path)}", f"{move}, or create the file it links to: `touch` makes an "
+                      "empty cache", removable=False)
     if path.exists() and not path.is_file():  # reading a pipe would wait for a writer
         return _Cache({}, "it is a directory" if path.is_dir() else f"it is {not_a_file(path)}", move, removable=False)
     try:
@@ -275,11 +286,12 @@ def decide(model: dict, batch_size: int, device: str, measure: Callable[..., dic
     if keep and cache.in_the_way:
         why = not_a_verdicts_file
     elif keep:
+        written = _written_file()
         try:
-            cache_file().parent.mkdir(parents=True, exist_ok=True)
+            written.parent.mkdir(parents=True, exist_ok=True)
             # One writer at a time, each adding to what the others wrote; a verdict another process cached while
             # this one probed is kept and used, so that every run of this key gets the first clear verdict.
-            with exclusive_lock(cache_file().with_name(cache_file().name + ".lock")):
+            with exclusive_lock(written.with_name(written.name + ".lock")):  # beside what all links to it share
                 cache = _cache()
                 if cache.in_the_way:  # put there during the probe
                     _warn_not_the_cache(cache)
@@ -288,7 +300,7 @@ def decide(model: dict, batch_size: int, device: str, measure: Callable[..., dic
                 if found is not None and not remeasure:
                     return _cached(found, " (cached by another process during this one's probe)")
                 # Entries that are not verdicts (hand-edited ones) are kept as they are: runs ignore them.
-                atomic_write(cache_file(), json.dumps({**cache.entries, key: result}, indent=1))
+                atomic_write(written, json.dumps({**cache.entries, key: result}, indent=1))
         except OSError as e:  # a read-only home only costs a probe per run
             log.debug("precision cache not written: %s", e)
             why = f"not cached: {cache_file()} could not be written"
@@ -351,7 +363,8 @@ def _show(path: Path, cache: _Cache) -> None:
 
 
 def _clear(path: Path, cache: _Cache) -> None:
-    """`clear`: remove the verdicts file, unless something else stands at its path."""
+    """`clear`: remove the verdicts file (empty the one a link there leads to), unless something else stands at its
+    path."""
     if "FMNIST_CACHE_DIR" in os.environ and not os.environ["FMNIST_CACHE_DIR"].strip():
         # `FMNIST_CACHE_DIR=$SCRATCH` with SCRATCH unset: the user's own cache is not what was meant
         raise ConfigError(f"FMNIST_CACHE_DIR is set but empty (an unset shell variable?), which means the default "
@@ -360,10 +373,16 @@ def _clear(path: Path, cache: _Cache) -> None:
     if not cache.removable:
         raise ConfigError(f"{path}: {cache.problem}; expected the verdicts file ({_cache_place()[1]}). Nothing was "
                           f"removed; {cache.fix}.")
-    if path.is_file():
+    damaged = " (a damaged verdicts file)" if cache.problem else ""
+    if path.is_symlink() and path.is_file():
+        # Emptied, not removed: without the link, the next verdict would be cached here, no longer shared.
+        with storage_errors(key=None):
+            atomic_write(_written_file(), "")
+        print(f"emptied {_written_file()}, which {path} links to (the link is kept){damaged}")
+    elif path.is_file():
         with storage_errors(key=None):  # a read-only cache directory
             path.unlink()
-        print(f"removed {path}" + (" (a damaged verdicts file)" if cache.problem else ""))
+        print(f"removed {path}{damaged}")
     else:
         print(f"{path}: no verdicts cached; nothing to remove")
 
@@ -378,7 +397,8 @@ def _measure(path: Path, cache: _Cache, overrides: list[str], device: str | None
         raise ConfigError(f"{path}: {cache.problem}; expected the verdicts file, which `measure` rewrites "
                           f"({_cache_place()[1]}). Nothing was measured or written; {cache.fix}.")
     # Nor on one whose directory takes no file (read-only, no permission): it would be probed, then not kept.
-    check_folder_can_hold(path.parent, "FMNIST_CACHE_DIR", path, "name a directory (FMNIST_CACHE_DIR) for it.")
+    check_folder_can_hold(_written_file().parent, "FMNIST_CACHE_DIR", path,
+                          "name a directory (FMNIST_CACHE_DIR) for it.")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: this machine's torch sees no CUDA GPU; measure with --device cpu.")
     swept = first_sweep(overrides)
