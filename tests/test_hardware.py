@@ -350,6 +350,27 @@ def test_the_command_shows_measures_and_clears_the_cached_verdicts(monkeypatch, 
     assert "precision.json: it is a directory; expected the verdicts file" in capsys.readouterr().err
 
 
+def test_measure_probes_the_device_trainer_accelerator_trains_on(monkeypatch, capsys):
+    # `measure trainer.accelerator=gpu` on a machine without CUDA probed the CPU, and said nothing of the key.
+    measure, calls = fake_probe(10, 5)
+    monkeypatch.setattr(auto, "probe", measure)
+    monkeypatch.setattr(hardware, "gpu_name", lambda: "a GPU")
+    monkeypatch.setattr(auto.torch.cuda, "is_available", lambda: True)  # where a run of `cpu` trains on the CPU
+    assert auto.main(["measure", "model=simple", "trainer.accelerator=cpu"]) == 0 and calls[-1][2] == "cpu"
+    monkeypatch.setattr(auto.torch.cuda, "is_available", lambda: False)
+    for args, words in [(["trainer.accelerator=gpu"], "config key trainer.accelerator must be one this machine has; "
+                                                      "got 'gpu'"),
+                        (["trainer.accelerator=gpu", "--device", "cpu"], "--device cpu and config key "
+                         "trainer.accelerator=gpu name different devices (cpu and cuda)")]:
+        assert auto.main(["measure", "model=simple", *args]) == 2
+        said = capsys.readouterr().err
+        assert words in said and "\n" not in said[:-1]
+    monkeypatch.setattr(auto.torch.backends.mps, "is_available", lambda: True)  # a Mac: `auto` trains on its GPU
+    assert auto.main(["measure", "model=simple"]) == 2 and "Apple's GPU (mps)" in capsys.readouterr().err
+    assert len(calls) == 1
+    assert auto.main(["measure", "model=simple", "--device", "cpu"]) == 0 and calls[-1][2] == "cpu"
+
+
 def test_measure_into_a_cache_directory_that_takes_no_file_is_refused_before_probing(monkeypatch, capsys, tmpfs):
     measure, calls = fake_probe(10, 5)
     monkeypatch.setattr(auto, "probe", measure)

@@ -388,11 +388,11 @@ def _clear(path: Path, cache: _Cache) -> None:
 
 
 def _measure(path: Path, cache: _Cache, overrides: list[str], device: str | None) -> None:
-    """`measure`: probe the model that `overrides` compose on `device` again, and cache its verdict if clear."""
+    """`measure`: probe the model that `overrides` compose again, on `device` or where they would train, and cache
+    its verdict if clear."""
     from fmnist.overrides import SWEEP_FORMS, compose_train, first_sweep
     from fmnist.training.checks import check_config
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if cache.problem:  # measuring is for caching: no probe's minute is spent on a verdict that cannot be kept
         raise ConfigError(f"{path}: {cache.problem}; expected the verdicts file, which `measure` rewrites "
                           f"({_cache_place()[1]}). Nothing was measured or written; {cache.fix}.")
@@ -407,12 +407,29 @@ def _measure(path: Path, cache: _Cache, overrides: list[str], device: str | None
                           "key=[a,b], text with a comma key='a,b'), and measure each value in turn.")
     cfg = compose_train(*overrides)
     check_config(cfg, trackers=False)  # e.g. data.batch_size=0 would be measured, and cached; a probe logs nowhere
+    device = _probe_device(cfg.trainer.accelerator, device)
     model = {**OmegaConf.to_container(cfg.model, resolve=True), "channels_last": cfg.channels_last}
     if device == "cuda":
         torch.set_float32_matmul_precision("high")
     with hardware.memory_errors(f"lower data.batch_size ({cfg.data.batch_size}), the batch the probe times"):
         verdict = decide(model, cfg.data.batch_size, device, remeasure=True)
     print(json.dumps(verdict, indent=1))
+
+
+def _probe_device(accelerator: str, asked: str | None) -> str:
+    """The device `measure` probes: `--device` (`asked`), else the one a run of `trainer.accelerator` trains on here.
+    ConfigError where the two name different devices, where this machine lacks the accelerator (as a run is refused),
+    or for Apple's GPU, whose runs take fp32 without a probe."""
+    kind = hardware.device_kind(accelerator)
+    if asked and str(accelerator) != "auto" and asked != kind:
+        raise ConfigError(f"--device {asked} and config key trainer.accelerator={accelerator} name different devices "
+                          f"({asked} and {kind}); give one of them, or the same device to both. Nothing was measured.")
+    hardware.check_accelerator(accelerator)
+    if (asked or kind) == "mps":
+        raise ConfigError(f"config key trainer.accelerator={accelerator} trains on Apple's GPU (mps) here, where "
+                          "precision auto takes fp32 without a probe, so there is nothing to measure. Nothing was "
+                          "measured; measure the CPU's verdict with --device cpu.")
+    return asked or kind
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="show the cached verdicts; measure one model again (and cache it if clear); clear them all")
     parser.add_argument("overrides", nargs="*", help="train overrides for `measure`, e.g. model=resnet data.batch_size=512")
     parser.add_argument("--device", choices=["cpu", "cuda"],
-                        help="for `measure`: the device to probe (default: cuda where torch sees a GPU, else cpu)")
+                        help="for `measure`: the device to probe (default: the one trainer.accelerator trains on)")
     args = parser.parse_args(argv)
 
     def work() -> None:
