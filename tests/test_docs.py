@@ -196,6 +196,14 @@ def test_a_tricks_table_with_a_damaged_cell_is_named_by_file_line_and_column(tmp
     ("raw,none,0.9,0.1,3,0,0\nfoo,flip,0.9,0.1,3,0,0", "tricks.csv, line 3: weights 'foo', tta 'flip'; expected"),
     ("raw,none,0.9,0.1,3,0,0\nema,none,0.9,,1,0,\nema,none,0.9,0.1,3,0,0",
      "tricks.csv, line 4: a second row of weights ema, tta none"),
+    # Cut short (fewer rows: a weaker Holm correction), rows of two tables, an edited reference: rendered without a word.
+    ("raw,none,0.9,0.1,3,0,0\nraw,flip,0.9,0.1,3,0.01,0.01", "tricks.csv: lacks the row of weights raw, tta flip_shift;"),
+    ("raw,none,0.9,0.1,3,0,0\nraw,flip,0.9,0.1,3,0.01,0.01\nraw,flip_shift,0.9,0.1,3,0.01,0.01\nema,none,0.9,0.1,3,0,0",
+     "tricks.csv: lacks the row of weights ema, tta flip and 1 more;"),
+    ("raw,none,0.9,0.1,3,0,0\nraw,flip,0.9,0.1,9,0.01,0.01\nraw,flip_shift,0.9,0.1,3,0.01,0.01",
+     "tricks.csv: its rows count different numbers of runs (n: 3, 9)"),
+    ("raw,none,0.9,0.1,3,0.02,0\nraw,flip,0.9,0.1,3,0.01,0.01\nraw,flip_shift,0.9,0.1,3,0.01,0.01",
+     "tricks.csv: the reference row (weights raw, tta none) has a change of 0.02"),
 ])
 def test_a_tricks_table_that_tricks_csv_would_not_write_is_named(tmp_path, capsys, rows, words):
     from fmnist.results.__main__ import main

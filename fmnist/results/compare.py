@@ -212,6 +212,22 @@ def read_tricks_table(path: Path):
         weights, tta = TRICKS_REFERENCE
         lacks = f"lacks the row of weights {weights}, tta {tta}" if rows else "holds no rows"
         raise ConfigError(f"{path}: {lacks}, the reference of every change; expected {what}.")
+    # Every weights it scored under every TTA mode, on the same runs: a table cut short, or rows of two tables, would
+    # be rendered with a weaker Holm correction, or changes paired over other runs, without a word.
+    weights_scored = [w for w in TRICKS_WEIGHTS if any(row.weights == w for row in rows)]
+    missing = [(w, tta) for w in weights_scored for tta in TTA_MODES if (w, tta) not in seen]
+    if missing:
+        raise ConfigError(f"{path}: lacks the row of weights {missing[0][0]}, tta {missing[0][1]}"
+                          f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}; expected {what}, which scores "
+                          f"each weights under every TTA mode ({', '.join(TTA_MODES)}). Was it cut short?")
+    if table.n.nunique() > 1:
+        raise ConfigError(f"{path}: its rows count different numbers of runs (n: {', '.join(map(str, sorted(table.n.unique())))}); "
+                          f"expected {what}, whose every row scores the same runs.")
+    reference = next(row for row in rows if (row.weights, row.tta) == TRICKS_REFERENCE)
+    if reference.change_mean != 0 or (pd.notna(reference.change_std) and reference.change_std != 0):
+        raise ConfigError(f"{path}: the reference row (weights {TRICKS_REFERENCE[0]}, tta {TRICKS_REFERENCE[1]}) has a "
+                          f"change of {reference.change_mean} ± {reference.change_std}; expected {what}, in which every "
+                          "change is against that row, so its own is 0.")
     return table
 
 
