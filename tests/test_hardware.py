@@ -326,7 +326,8 @@ def test_a_refusal_names_what_chose_the_verdicts_place(monkeypatch, capsys, tmp_
 def test_the_command_shows_measures_and_clears_the_cached_verdicts(monkeypatch, capsys, tmp_path):
     measure, _ = fake_probe(10, 5)
     monkeypatch.setattr(auto, "probe", measure)
-    assert auto.main(["measure", "model=simple", "data.batch_size=32", "--device", "cpu"]) == 0
+    # --device among the overrides, not only after them
+    assert auto.main(["measure", "model=simple", "--device", "cpu", "data.batch_size=32"]) == 0
     assert auto.main(["show"]) == 0
     shown = capsys.readouterr().out
     assert "1 verdict(s)" in shown and "batch 32" in shown and "-> bf16-mixed" in shown

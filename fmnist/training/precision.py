@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="train overrides for `measure`, e.g. model=resnet data.batch_size=512")
     parser.add_argument("--device", choices=["cpu", "cuda"],
                         help="for `measure`: the device to probe (default: the one trainer.accelerator trains on)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # `--device` between the overrides too
 
     def work() -> None:
         if args.verb != "measure" and (args.overrides or args.device):
