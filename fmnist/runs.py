@@ -110,17 +110,21 @@ def saved_config(saved: Path, then: str = "the run it belongs to cannot be compa
 
 
 def read_config_section(job: Path, name: str) -> dict:
-    """One section of a job's resolved config.yaml ({} if it has none), or ConfigError naming a damaged file."""
+    """One section (of CONFIG_SECTIONS) of a job's resolved config.yaml: {} for a run older than the file, which has
+    none; ConfigError naming a damaged file. Every run writes each section, so an emptied file, or one without the
+    section, is damaged: taken for an older run's, it would skip the checks that the section decides."""
     path = job / CONFIG_FILE
+    if not path.exists() and not path.is_symlink():  # a link to nothing is a file lost, not a run older than it
+        return {}
     try:
-        config = read_yaml(path) if path.exists() else {}
+        config = read_yaml(path)
     except (OSError, ValueError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read it as YAML ({first_line(e) or type(e).__name__}); expected the resolved config "
                           "a run writes.") from e
-    config = {} if config is None else config
-    if not isinstance(config, dict) or not isinstance(config.get(name) or {}, dict):
-        raise ConfigError(f"{path}: expected a mapping with a `{name}` section, as a run writes it.")
-    return config.get(name) or {}
+    if not isinstance(config, dict) or not isinstance(config.get(name), dict):
+        holds = "holds no config keys; " if not config else ""  # an emptied file, or `{}`
+        raise ConfigError(f"{path}: {holds}expected a mapping with a `{name}` section, as a run writes it.")
+    return config[name]
 
 
 def computed_setting(run: Path, then: str = "nothing was evaluated.") -> dict | None:

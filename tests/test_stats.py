@@ -187,6 +187,16 @@ def test_jobs_on_different_data_are_neither_pooled_nor_paired(tmp_path, capsys):
     assert results_main(["changes", str(base), str(resized)]) == 2
     assert ("setting `data.val_size=10000` and the baseline " in (err := capsys.readouterr().err)
             and "data.val_size 5000 and 10000 in their jobs' config.yaml" in err), err
+    # Emptied, or a link to nothing, in every job: damaged files, not runs older than config.yaml (not judged).
+    for damage in (lambda config: config.write_text(""), lambda config: config.symlink_to(tmp_path / "gone.yaml")):
+        damaged = shutil.copytree(resized, tmp_path / "damaged")
+        for job in damaged.iterdir():
+            (job / "config.yaml").unlink()
+            damage(job / "config.yaml")
+        assert results_main(["changes", str(base), str(damaged)]) == 2
+        err = capsys.readouterr().err
+        assert f"{damaged / 'data.val_size=10000,seed=0' / 'config.yaml'}: " in err and "Traceback" not in err, err
+        shutil.rmtree(damaged)
     for job in resized.iterdir():  # the same size, given on the command line: one split
         _config(job, 5000)
     assert results_main(["changes", str(base), str(resized)]) == 0

@@ -137,7 +137,13 @@ def test_a_hand_edited_record_is_listed_as_unreadable_not_a_crash(tmp_path, caps
     ("confusion_matrix.csv", "\n".join([",".join(["1e30"] * 10)] * 10), "expected counts"),  # past int64
     ("config.yaml", "- a list\n", "expected a mapping with a `data` section"),
     ("config.yaml", ": [\n", "cannot read it as YAML"),
-    ("config.yaml", "data:\n  train_subset: abc\n", "data.train_subset is 'abc'; expected null or a whole number"),
+    ("config.yaml", "data:\n  train_subset: abc\ntrainer:\n  max_epochs: 1\n",
+     "data.train_subset is 'abc'; expected null or a whole number"),
+    # Emptied, or without a section every run writes: damaged, not a run older than config.yaml (whose split is
+    # unknown), which the main table would place beside the published results.
+    ("config.yaml", "", "holds no config keys; expected a mapping with a `data` section"),
+    ("config.yaml", "{}\n", "holds no config keys; expected a mapping with a `data` section"),
+    ("config.yaml", "data:\n  train_subset: 500\n", "expected a mapping with a `trainer` section"),
 ])
 def test_a_damaged_run_file_is_named_by_the_results_verbs_that_read_it(tmp_path, capsys, name, content, words):
     sweep = tmp_path / "sweep"
