@@ -404,7 +404,21 @@ def read_epochs(path: Path) -> pd.DataFrame:
     if repeated.any():  # one line per epoch, or the seeds' curves cannot be lined up
         raise ConfigError(f"{path}, line {int(np.argmax(repeated.to_numpy())) + 2}: epoch "
                           f"{frame.epoch[repeated].iloc[0]} again; expected one row per epoch, as a run writes.")
+    # A run writes the whole file at once, each line ended: one cut inside its last line reads as a row whose later
+    # cells are empty (no validation that epoch) and whose last number is cut short (4.95 of 4.951).
+    if not Path(path).read_bytes().endswith(b"\n"):
+        raise ConfigError(f"{path}, line {len(frame) + 1}: cut short inside the line (no line end); expected whole "
+                          "lines, as a run writes them.")
     return frame
+
+
+def lacking_epochs(frame: pd.DataFrame, epochs: int) -> str | None:
+    """What an epochs.csv (`read_epochs`) lacks of the rows of epochs 1 to `epochs` (`lacks the row of epoch 3 and
+    1 more`), or None when it holds each: a file cut short, whose curves would end early."""
+    lacking = sorted(set(range(1, epochs + 1)) - set(frame.epoch.dropna().astype(int)))
+    if not lacking:
+        return None
+    return f"lacks the row of epoch {lacking[0]}{f' and {len(lacking) - 1} more' if len(lacking) > 1 else ''}"
 
 
 MAX_COUNT = 2 ** 53  # the largest count a float64 (as np.loadtxt reads it) holds exactly

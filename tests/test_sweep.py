@@ -186,6 +186,30 @@ def test_a_damaged_epochs_csv_refuses_the_report_and_leaves_the_summarys_compute
     assert seconds["seed=1"] == 2 and pd.isna(seconds["seed=0"]) != compute_read
 
 
+@pytest.mark.parametrize("damage,words", [
+    (lambda path: path.write_text(""), ": empty, though the job completed 2 epoch(s)"),
+    (lambda path: path.write_text(path.read_text().splitlines(keepends=True)[0]),  # its header alone
+     ": lacks the row of epoch 1 and 1 more, though the job completed 2 epoch(s)"),
+    (lambda path: path.write_text(path.read_text().split("\n2,")[0] + "\n"), ": lacks the row of epoch 2, though"),
+    (lambda path: path.unlink(), ": missing, though the job completed 2 epoch(s)"),
+    (lambda path: path.unlink() or path.symlink_to(path.parent / "gone.csv"), ": a link to nothing, though"),
+    (lambda path: path.write_bytes(path.read_bytes()[:-5]), ", line 3: cut short inside the line (no line end)"),
+])
+def test_a_completed_jobs_epochs_csv_without_each_epoch_refuses_the_report(tmp_path, capsys, damage, words):
+    # Drawn without them, its setting's figures would show one seed fewer, or curves that end early, beside a
+    # summary that counts the job.
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1):
+        _fake_job(sweep, f"seed={seed}", "completed", seed, 0.9, [f"seed={seed}"])
+    assert results_main(["report", str(sweep)]) == 0
+    damage(sweep / "seed=1" / "epochs.csv")
+    before = snapshot(sweep)
+    assert results_main(["report", str(sweep)]) == 2
+    err = capsys.readouterr().err
+    assert f"seed=1/epochs.csv{words}" in err and "Traceback" not in err, err
+    assert snapshot(sweep) == before  # the earlier figures and summary kept
+
+
 def test_aggregation_lists_a_failed_job_and_groups_over_seeds(tmp_path):
     sweep = tmp_path / "sweep"
     for seed, acc in enumerate([0.90, 0.92]):

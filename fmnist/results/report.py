@@ -24,8 +24,8 @@ from fmnist.errors import ConfigError
 from fmnist.fsio import atomic_write, check_not_directories, dirs_made, shown
 from fmnist.overrides import name_items
 from fmnist.results.stats import ALPHA, INTERVAL_NOTE, MOST_SEEDS, NO_DIFFERENCE, holm, mean_interval, paired
-from fmnist.runs import (COMPLETED, EPOCHS_FILE, RECORDED, check_poolable, collect, read_confusion_matrix,
-                         read_epochs)
+from fmnist.runs import (COMPLETED, EPOCHS_FILE, METRICS_FILE, RECORDED, check_poolable, collect, lacking_epochs,
+                         read_confusion_matrix, read_epochs)
 from fmnist.training.figures import confusion_matrix_figure, save_png
 
 # The seed report's Figures 4.1-4.8: (number, its title, the `experiment=report` variant behind it).
@@ -66,16 +66,27 @@ def setting_item(key: str, value: str) -> str:
 
 def load_curves(sweep_dir: Path, table: pd.DataFrame) -> dict[str, list[pd.DataFrame]]:
     """Per setting, the `epochs.csv` of each of its jobs (any recorded status: a diverged run's curve matters too),
-    or ConfigError naming a damaged one: the report draws every column it reads. A job without a readable record
-    is left out: its setting is not known, and `summary.md` lists it."""
+    or ConfigError naming a damaged one: the report draws every column it reads. A completed job's must hold a row
+    of each epoch its record counts: without them its setting's curves would leave the job out, or end early, beside
+    a summary that counts it. A job without a readable record is left out: its setting is not known, and
+    `summary.md` lists it."""
     curves: dict[str, list[pd.DataFrame]] = {}
     for row in table[table.status.isin(RECORDED)].itertuples():
         path = Path(sweep_dir) / row.job / EPOCHS_FILE
+        epochs = int(row.epochs) if row.status == COMPLETED and pd.notna(row.epochs) else 0
+        lacking = None
         if path.exists() and path.stat().st_size > 0:
             frame = read_epochs(path)
-            if len(frame):
+            lacking = lacking_epochs(frame, epochs)
+            if len(frame) and not lacking:
                 frame.attrs["seed"] = row.seed  # for labels: the seeds of one setting are its lines
                 curves.setdefault(row.setting, []).append(frame)
+        elif epochs:
+            lacking = "empty" if path.exists() else "a link to nothing" if path.is_symlink() else "missing"
+        if lacking:
+            raise ConfigError(f"{path}: {lacking}, though the job completed {epochs} epoch(s) (metrics.epochs in its "
+                              f"{METRICS_FILE}); the report draws each epoch of a completed job, and nothing was "
+                              "written. Put the file back, or move the job's directory out of the sweep.")
     return curves
 
 

@@ -33,8 +33,8 @@ from fmnist.hardware import check_accelerator, check_nodes, devices_used
 from fmnist.models import NON_FINITE_WHY, non_finite, weights_error
 from fmnist.runs import (BEST_CHECKPOINT_PREFIX, CHECKPOINT_DIR, COMPLETED, CONFIG_FILE, CONFIG_SECTIONS,
                          EPOCH_COLUMNS, EPOCHS_FILE, INTERRUPTED, LAST_CHECKPOINT, METRICS_FILE, NET_PREFIX, RECORDED,
-                         TRIAL_RECORD_KEY, best_checkpoint_order, read_epochs, read_record, record_problem,
-                         saved_config, short_digest)
+                         TRIAL_RECORD_KEY, best_checkpoint_order, lacking_epochs, read_epochs, read_record,
+                         record_problem, saved_config, short_digest)
 from fmnist.training.checkpoint import moved_state
 from fmnist.training.checks import check_config
 from fmnist.training.module import LitClassifier
@@ -439,9 +439,8 @@ def _check_epochs(path: Path, checkpoint_epoch: int) -> None:
     if foreign:
         raise ConfigError(f"{path}: holds columns a run does not write ({', '.join(foreign)}); resuming keeps "
                           "the run's earlier rows: mend the file, or start a new run directory.")
-    lacking = sorted(set(range(1, checkpoint_epoch + 1)) - set(frame.epoch.dropna().astype(int)))
+    lacking = lacking_epochs(frame, checkpoint_epoch)
     if lacking:  # cut short: the resumed run would add its rows after the gap, and the curves lose those epochs
-        raise ConfigError(f"{path}: lacks the row of epoch {lacking[0]}"
-                          f"{f' and {len(lacking) - 1} more' if len(lacking) > 1 else ''}, though the run's "
-                          f"{LAST_CHECKPOINT} was written after epoch {checkpoint_epoch + 1}: resuming would lose those "
-                          "epochs' rows (curves, time to accuracy). Put the file back, or start a new run directory.")
+        raise ConfigError(f"{path}: {lacking}, though the run's {LAST_CHECKPOINT} was written after epoch "
+                          f"{checkpoint_epoch + 1}: resuming would lose those epochs' rows (curves, time to accuracy). "
+                          "Put the file back, or start a new run directory.")
