@@ -170,8 +170,9 @@ COMPUTE = ("train_seconds", "train_images", "train_flops")
 
 
 def is_job_dir(path: Path) -> bool:
-    """Whether `path` is a sweep's job directory: one holding `.hydra/` or `metrics.json`."""
-    return (path / ".hydra").is_dir() or (path / METRICS_FILE).exists()
+    """Whether `path` is a sweep's job directory: one holding `.hydra/` or `metrics.json` (a link to nothing too: a
+    job whose record is lost, which `job_row` lists)."""
+    return (path / ".hydra").is_dir() or (path / METRICS_FILE).exists() or (path / METRICS_FILE).is_symlink()
 
 
 def check_one_job_per_seed(jobs: pd.DataFrame, where: Path | str,
@@ -270,6 +271,10 @@ def job_row(job: Path) -> dict:
     """`collect`'s row of one job directory: its setting, seed, status, metrics, compute and data."""
     record = read_record(job)
     problem = record_problem(job, record)
+    if record is None and not problem and (job / CHECKPOINT_DIR / LAST_CHECKPOINT).exists():
+        # A run writes its record before its first checkpoint: this one's is lost, not yet to come. Listed `started`,
+        # the job would say nothing of how it ended, and a sweep would stop at it (a resume needs its record).
+        problem = f"{job / METRICS_FILE} is gone, beside the job's {CHECKPOINT_DIR}/{LAST_CHECKPOINT}"
     if problem:  # listed, never dropped without a word, and never averaged
         overrides = (record or {}).get("overrides")
         record = {"status": UNREADABLE, "error": problem,
@@ -301,6 +306,8 @@ def record_problem(job: Path, record) -> str | None:
     """What is wrong with a job's metrics.json (not JSON, not a record, a field of the wrong type, a metric that is
     not a number), or None. `record`: its `read_record`."""
     if record is None:
+        if (job / METRICS_FILE).is_symlink() and not (job / METRICS_FILE).exists():
+            return f"{job / METRICS_FILE} is a link to nothing: the run's record is lost"
         return f"{job / METRICS_FILE} is not a run record (unreadable, or not a JSON object)" \
             if (job / METRICS_FILE).exists() else None
     if record.get("status") not in RECORDED:

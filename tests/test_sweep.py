@@ -252,6 +252,35 @@ def test_report_leaves_out_a_job_without_a_readable_record(tmp_path):
     assert "curves_optim.lr-0.01.png" in names and not any("defaults" in n for n in names), names
 
 
+def test_a_job_whose_record_is_lost_is_listed_unreadable_not_started(tmp_path):
+    # A run writes its record before its first checkpoint: one gone beside its last.ckpt, or a link to nothing, is
+    # lost, listed as a record cut short is (and as the sweep's start check refuses it), not as a job starting.
+    from fmnist.sweeps.start import check_job_records, sweep_jobs
+
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1, 2):
+        _fake_job(sweep, f"seed={seed}", "completed", seed, 0.9, [f"seed={seed}"])
+        (sweep / f"seed={seed}" / ".hydra").mkdir()
+    (sweep / "seed=1" / "metrics.json").unlink()
+    (sweep / "seed=1" / "checkpoints").mkdir()
+    (sweep / "seed=1" / "checkpoints" / "last.ckpt").write_bytes(b"a checkpoint")
+    (sweep / "seed=2" / "metrics.json").unlink()
+    (sweep / "seed=2" / "metrics.json").symlink_to(tmp_path / "gone.json")
+    shutil.rmtree(sweep / "seed=2" / ".hydra")  # the link alone marks the job
+    table = summarize(sweep).set_index("job")
+    assert table.status.to_dict() == {"seed=0": "completed", "seed=1": "unreadable", "seed=2": "unreadable"}
+    assert table.error["seed=1"] == f"{sweep}/seed=1/metrics.json is gone, beside the job's checkpoints/last.ckpt"
+    assert table.error["seed=2"].startswith(f"{sweep}/seed=2/metrics.json is a link to nothing")
+    md = (sweep / "summary.md").read_text()
+    assert f"| `seed=1` | unreadable | {sweep}/seed=1/metrics.json is gone" in md
+    assert "Jobs: 1 completed, 2 unreadable." in md
+    with pytest.raises(ConfigError, match=r"seed=1/metrics.json is gone, beside the job's checkpoints/last.ckpt; "
+                                          r"the sweep would stop at that job"):
+        check_job_records(sweep, sweep_jobs(sweep))
+    (sweep / "seed=1" / "checkpoints" / "last.ckpt").unlink()  # no record yet, nor a checkpoint: a job starting
+    assert summarize(sweep).set_index("job").status["seed=1"] == "started"
+
+
 def test_report_on_a_sweep_with_nothing_to_draw_says_so(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     for seed in (0, 1):  # both failed before their first epoch: no epochs.csv

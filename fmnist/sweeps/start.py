@@ -24,8 +24,8 @@ from fmnist.fsio import note_early_write, some_names
 from fmnist.overrides import (SWEEP_CONFIG_FILE, check_sweep_values, composition_message, null_groups_named, override_key,
                               override_text, setting_of)
 from fmnist.runs import (CHECKPOINT_DIR, COLUMNS, COMPLETED, FINISHED, INTERRUPTED, JOB_LOG, LAST_CHECKPOINT,
-                         METRICS_FILE, STARTED, TRIAL_DIR_PREFIX, UNREADABLE, collect, computed_setting, differing_keys,
-                         is_job_dir, recipe, short_digest)
+                         TRIAL_DIR_PREFIX, UNREADABLE, collect, computed_setting, differing_keys, is_job_dir, recipe,
+                         short_digest)
 from fmnist.stops import signals_leave_the_workers_to_stop
 from fmnist.sweeps.placement import check_launcher, concurrent_jobs, launcher_kind
 
@@ -92,12 +92,9 @@ def check_job_records(sweep_dir: Path, jobs: pd.DataFrame) -> None:
     write (damaged, edited), or is gone beside its last.ckpt (a run writes its record first, and a resume needs
     it): found by that job when its turn came, it stopped the sweep after the jobs before it had trained (under
     joblib, with a job of those killed mid-way and left `running`)."""
-    damaged = jobs[jobs.status == UNREADABLE]
-    unrecorded = [job for job in jobs.job[jobs.status == STARTED]
-                  if (sweep_dir / job / CHECKPOINT_DIR / LAST_CHECKPOINT).exists()]
-    if len(damaged) or unrecorded:
-        problem = damaged.iloc[0].error if len(damaged) else \
-            f"{sweep_dir / unrecorded[0] / METRICS_FILE} is gone, beside the job's {CHECKPOINT_DIR}/{LAST_CHECKPOINT}"
+    damaged = jobs[jobs.status == UNREADABLE]  # `collect` lists a record gone beside its last.ckpt among them
+    if len(damaged):
+        problem = damaged.iloc[0].error
         raise ConfigError(f"{problem}; the sweep would stop at that job, after the jobs before it trained. Put back "
                           "the record the run wrote, or move the job's directory out of the sweep to run it again. No "
                           "job of the sweep was started.")
