@@ -331,7 +331,7 @@ def test_two_models_compared_image_by_image_pair_by_seed_and_image(tmp_path, cap
     assert none.mean == 0 and (same.p == 1.0).all()
     shorter = _runs_with_predictions(tmp_path, "shorter", b[:3], labels)  # seeds 3 and 4: run by A only
     rows, difference = image_comparison(tmp_path / "a", shorter)
-    assert list(rows.seed) == [0, 1, 2] and "Left out, run by one side only: A seeds 3, 4." in \
+    assert list(rows.seed) == [0, 1, 2] and "Left out, completed by one side only: A seeds 3, 4." in \
         image_comparison_markdown(rows, difference, ("a", "shorter"), "val")
     # One seed: the interval is the images' sampling error alone (normal, from the per-image differences); five
     # seeds, each validated on its own images, narrow it, though they agree exactly (their spread is taken as at
@@ -397,6 +397,26 @@ def test_an_image_comparison_checks_a_run_directorys_record_as_a_sweeps_jobs_are
     (run / "metrics.json").write_text(json.dumps({**record, "status": "diverged"}))
     assert results_main(["images", str(run), str(other)]) == 2
     assert "its status is 'diverged'; only a completed run is compared" in capsys.readouterr().err
+
+
+def test_an_image_comparison_of_sweeps_refuses_a_damaged_record_and_lists_the_jobs_that_did_not_complete(tmp_path,
+                                                                                                         capsys):
+    labels = np.arange(100) % 10
+    a = _runs_with_predictions(tmp_path, "a", [np.ones(100, bool)] * 2, labels)
+    b = _runs_with_predictions(tmp_path, "b", [np.ones(100, bool)] * 2, labels)
+    record = a / "seed=1" / "metrics.json"
+    saved = record.read_text()
+    record.write_text(saved[:40])  # cut short: its seed, and so which of B's seeds it leaves unpaired, unknown
+    assert results_main(["images", str(a), str(b)]) == 2
+    err = capsys.readouterr().err
+    assert f"{record} is not a run record (unreadable, or not a JSON object); expected the record a run writes" in err
+    assert "Traceback" not in err
+    # A job that did not complete is a result of its setting: compared without it, and listed as `changes` lists it.
+    record.write_text(saved.replace('"completed"', '"failed"'))
+    assert results_main(["images", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "Left out, completed by one side only: B seeds 1." in out
+    assert f"Left out, not completed: {a / 'seed=1'} (failed)." in out
 
 
 def test_results_verbs_name_a_file_in_the_way_instead_of_crashing(tmp_path, capsys):

@@ -24,8 +24,8 @@ from fmnist.fsio import not_a_directory
 from fmnist.results.stats import (ALPHA, INTERVAL_NOTE, Interval, holm, mcnemar, mean_interval, paired,
                                   seed_and_image_interval, seeds_text, summary_comparison, summary_interval)
 from fmnist.runs import (ACCURACY_RANGE, COMPLETED, CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, TRICKS_COLUMNS,
-                         TRICKS_REFERENCE, TRICKS_WEIGHTS, check_poolable, collect, read_config_section, read_record,
-                         read_table, record_problem)
+                         TRICKS_REFERENCE, TRICKS_WEIGHTS, UNREADABLE, check_poolable, collect, read_config_section,
+                         read_record, read_table, record_problem)
 
 WITHIN_NOISE = "within noise"
 ONE_SEED = "not judged (one seed)"
@@ -277,22 +277,29 @@ def _read_predictions(file: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return pred, labels
 
 
-def _predictions_by_seed(path: Path, split: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """{seed: (predictions, labels)} of a run directory, or of each completed job of a sweep directory."""
+def _predictions_by_seed(path: Path, split: str) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], list[str]]:
+    """{seed: (predictions, labels)} of a run directory, or of each completed job of a sweep directory; and the jobs
+    of the sweep left out, not completed (`job (status)`). ConfigError for a record no run would write (a sweep's
+    job too: its seed is not known, so neither is the seed of the other side it leaves unpaired)."""
     if not path.is_dir():
         raise ConfigError(f"{path}: {not_a_directory(path)}; expected a run "
                           "directory or a sweep directory of one setting.")
+    left_out = []
     if (path / METRICS_FILE).is_file():
         record = read_record(path)
-        problem = record_problem(path, record)  # a sweep's jobs are checked by `collect`
+        problem = record_problem(path, record)
         if problem:
             raise ConfigError(f"{problem}; expected the record a run writes.")
         if record["status"] != COMPLETED:  # as in a sweep, where only completed jobs are compared
             raise ConfigError(f"{path}: its status is {record['status']!r}; only a completed run is compared.")
         runs = [path]
     else:
-        jobs = collect(path)
+        jobs = collect(path)  # a damaged record named in its error, as `record_problem` names the run directory's
+        damaged = jobs[jobs.status == UNREADABLE]
+        if len(damaged):
+            raise ConfigError(f"{damaged.error.iloc[0]}; expected the record a run writes.")
         runs = [path / job for job in jobs[jobs.status == COMPLETED].job]
+        left_out = [f"{path / r.job} ({r.status})" for r in jobs[jobs.status != COMPLETED].itertuples()]
     found = {}
     for run in runs:
         record = read_record(run) or {}
@@ -307,7 +314,7 @@ def _predictions_by_seed(path: Path, split: str) -> dict[int, tuple[np.ndarray, 
         found[seed] = (pred, labels)
     if not found:
         raise ConfigError(f"{path}: no completed run; expected a run directory or a sweep directory of one setting.")
-    return found
+    return found, left_out
 
 
 def _seed_order(seed) -> tuple:
@@ -318,7 +325,7 @@ def _seed_order(seed) -> tuple:
 def image_comparison(dir_a: Path, dir_b: Path, split: str = "val") -> tuple[pd.DataFrame, Interval]:
     """A against B on the same images: per shared seed, each accuracy and McNemar's test; over all of them,
     the accuracy difference with an interval over the seeds and the images (`stats.seed_and_image_interval`)."""
-    a, b = _predictions_by_seed(Path(dir_a), split), _predictions_by_seed(Path(dir_b), split)
+    (a, left_out_a), (b, left_out_b) = _predictions_by_seed(Path(dir_a), split), _predictions_by_seed(Path(dir_b), split)
     seeds = sorted(set(a) & set(b), key=_seed_order)
     if not seeds:
         raise ConfigError(f"{dir_a} and {dir_b} share no seed (seeds {sorted(a, key=_seed_order)} and {sorted(b, key=_seed_order)}); "
@@ -336,6 +343,7 @@ def image_comparison(dir_a: Path, dir_b: Path, split: str = "val") -> tuple[pd.D
                      "a_only": test["a_only"], "b_only": test["b_only"], "p": test["p_value"]})
     table = pd.DataFrame(rows)
     table.attrs["unpaired"] = {"A": sorted(set(a) - set(b), key=_seed_order), "B": sorted(set(b) - set(a), key=_seed_order)}
+    table.attrs["left_out"] = [*left_out_a, *left_out_b]
     # A validation split is drawn with the run's seed, so each seed is judged on its own images; the test set is one.
     return table, seed_and_image_interval(correct_a, correct_b, same_images=split == "test")
 
@@ -352,8 +360,10 @@ def image_comparison_markdown(rows: pd.DataFrame, difference: Interval, names: t
     lines += ["", f"A = `{a}`, B = `{b}`, on the {split} split. A - B: {_signed(difference)} points (95% interval "
               f"{over}; {change_verdict(difference)})."]
     unpaired = {side: seeds for side, seeds in rows.attrs.get("unpaired", {}).items() if seeds}
-    if unpaired:  # said, not dropped without a word
-        lines.append("Left out, run by one side only: " + "; ".join(f"{side} seeds {', '.join(map(str, seeds))}"
-                                                                    for side, seeds in unpaired.items()) + ".")
+    if unpaired:  # said, not dropped without a word; the other side may have run the seed, and not completed it
+        lines.append("Left out, completed by one side only: " + "; ".join(
+            f"{side} seeds {', '.join(map(str, seeds))}" for side, seeds in unpaired.items()) + ".")
+    if rows.attrs.get("left_out"):  # as `changes` says it
+        lines.append(f"Left out, not completed: {', '.join(rows.attrs['left_out'])}.")
     return "\n".join(lines) + "\n"
 
