@@ -244,6 +244,19 @@ def test_changes_say_which_jobs_they_left_out_and_refuse_when_nothing_completed(
     assert f"{tried}: no completed job to compare (not completed: {tried}/" in err and f"{base}/" not in err
 
 
+def test_changes_name_a_setting_that_two_sweeps_hold_with_its_sweep(tmp_path, capsys):
+    # Two rows of one name would look like one setting listed twice, and each is a change of its own under Holm.
+    base = _sweep(tmp_path, "base", {"": [0.90, 0.91, 0.92]})
+    first = _sweep(tmp_path, "first", {"optim.lr=0.01": [0.91, 0.92, 0.93]})
+    second = _sweep(tmp_path / "later", "first", {"optim.lr=0.01": [0.89, 0.90, 0.91],
+                                                  "optim.lr=0.1": [0.90, 0.90, 0.90]})
+    table = changes(base, [first, second])
+    assert list(table.setting) == ["baseline (base)", f"optim.lr=0.01 ({tmp_path.name}/first)",
+                                   "optim.lr=0.01 (later/first)", "optim.lr=0.1"]
+    assert results_main(["changes", str(base), str(first), str(second)]) == 0
+    assert "| `optim.lr=0.01 (later/first)` | 89.00 / 90.00 / 91.00 (seeds 0,1,2) |" in capsys.readouterr().out
+
+
 def test_tricks_refuses_what_it_could_not_finish_before_evaluating(tmp_path, capsys, tmpfs):
     # Its checkpoints are missing: an evaluation would fail on them, so each refusal below comes first.
     sweep = _sweep(tmp_path, "s", {"": [0.9, 0.91]})

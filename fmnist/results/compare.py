@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import zipfile
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from fmnist import NUM_CLASSES
 from fmnist.config import TTA_MODES, is_count
 from fmnist.errors import ConfigError
 from fmnist.fsio import not_a_directory
+from fmnist.results.leaderboard import sweep_labels
 from fmnist.results.stats import (ALPHA, INTERVAL_NOTE, Interval, holm, mcnemar, mean_interval, paired,
                                   seed_and_image_interval, seeds_text, summary_comparison, summary_interval)
 from fmnist.runs import (ACCURACY_RANGE, COMPLETED, CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, TRICKS_COLUMNS,
@@ -89,10 +91,11 @@ def _val_sizes(sweep_dir: Path, jobs: pd.DataFrame) -> set[int]:
 def changes(baseline_dir: Path, sweep_dirs: list[Path]) -> pd.DataFrame:
     """One row per setting of `sweep_dirs` (completed jobs), paired by seed with `baseline_dir`'s one setting.
 
-    Columns: setting, seeds, val (per-seed best validation accuracy), paired_seeds (those the baseline ran too),
-    val_change (Interval of the paired difference), p and p_holm (paired t-test; Holm over the rows), seeds_needed
-    (for an 80% chance to detect a change this large), verdict (on p_holm), test (Interval of the setting's
-    test accuracy, shown only), train_seconds (mean). `attrs["left_out"]`: the jobs that did not complete (a
+    Columns: setting (with its sweep's name where another of `sweep_dirs` holds it too), seeds, val (per-seed best
+    validation accuracy), paired_seeds (those the baseline ran too), val_change (Interval of the paired
+    difference), p and p_holm (paired t-test; Holm over the rows), seeds_needed (for an 80% chance to detect a
+    change this large), verdict (on p_holm), test (Interval of the setting's test accuracy, shown only),
+    train_seconds (mean). `attrs["left_out"]`: the jobs that did not complete (a
     setting that failed on some seeds is judged on the others, and one that failed on all is listed only).
     """
     left_out: dict[Path, list[str]] = {}
@@ -114,6 +117,10 @@ def changes(baseline_dir: Path, sweep_dirs: list[Path]) -> pd.DataFrame:
                           f"{base.setting.nunique()} completed settings ({', '.join(sorted(base.setting.unique()))}).")
     base_val = _by_seed(base, "val_acc_best", baseline_dir)
     base_val_sizes = _val_sizes(baseline_dir, base)  # one at most: `_by_seed` found its seeds computing one thing
+    # A setting that two sweeps hold (one recipe run on two dates) is two rows, each named with its sweep as the
+    # leaderboard names sweeps: a setting's name alone would show two identical rows.
+    labels = sweep_labels(sweep_dirs)
+    held = Counter(setting for table in tried.values() for setting in table.setting.unique())
     rows = [{"setting": f"baseline ({Path(baseline_dir).name})", "seeds": sorted(base_val.index),
              "val": base_val, "paired_seeds": sorted(base_val.index), "val_change": None, "p": math.nan,
              "seeds_needed": None,
@@ -139,7 +146,8 @@ def changes(baseline_dir: Path, sweep_dirs: list[Path]) -> pd.DataFrame:
                                   f"{baseline_dir} seeds {sorted(base_val.index)}; a change is paired by seed, and "
                                   "these share none. Run the setting with the baseline's seeds (seed=...).")
             comparison = paired(val, base_val)
-            rows.append({"setting": setting, "seeds": sorted(val.index), "val": val,
+            rows.append({"setting": setting if held[setting] == 1 else f"{setting} ({labels[Path(sweep)]})",
+                         "seeds": sorted(val.index), "val": val,
                          "paired_seeds": sorted(pd.concat([val, base_val], axis=1).dropna().index),
                          "val_change": comparison.difference, "p": comparison.p_value,
                          "seeds_needed": comparison.seeds_needed, "test": mean_interval(runs.test_acc),
