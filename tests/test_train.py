@@ -142,6 +142,15 @@ def test_resume_extends_a_finished_run_also_after_its_directory_moved(make_cfg, 
     before = snapshot(tmp_path / "moved")
     with pytest.raises(ConfigError, match="already completed its 2 epoch"):
         train(make_cfg("model=simple", "trainer.max_epochs=2", "ckpt_path=last"), tmp_path / "moved")
+    # Cut short by trainer.max_time: its last epoch is partial, and a longer max_time cannot finish it; said so.
+    saved = (tmp_path / "moved" / "metrics.json").read_text()
+    cut = {**json.loads(saved), "stopped_by": "stopped by trainer.max_time (00:00:00:05) at step 3 of 4"}
+    (tmp_path / "moved" / "metrics.json").write_text(json.dumps(cut))
+    with pytest.raises(ConfigError, match=r"was stopped by trainer.max_time \(00:00:00:05\) at step 3 of 4, in its epoch "
+                                          r"2, which Lightning counts as finished .* whatever trainer.max_time is"):
+        train(make_cfg("model=simple", "trainer.max_epochs=2", "trainer.max_time=00:01:00:00", "ckpt_path=last"),
+              tmp_path / "moved")
+    (tmp_path / "moved" / "metrics.json").write_text(saved)
     (tmp_path / "moved" / "checkpoints" / "last.ckpt").unlink()
     before.pop("checkpoints/last.ckpt")
     with pytest.raises(ConfigError, match="last.ckpt is gone, though the run trained 2 epoch"):

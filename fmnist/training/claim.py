@@ -166,6 +166,13 @@ def _check_resume(cfg: DictConfig, run_dir: Path, record: dict | None, elsewhere
                           f"trained {epochs} epoch(s); resuming would train it again from its first epoch, over its "
                           f"record. Put the file back, or start a new run in another directory ({elsewhere}).")
     if status == COMPLETED and epochs >= cfg.trainer.max_epochs:
+        cut = (record or {}).get("stopped_by")
+        if cut:  # a longer max_time cannot finish that epoch: Lightning resumes at the next one
+            raise ConfigError(f"{run_dir} was {cut}, in its epoch {epochs}, which Lightning counts as finished (its "
+                              f"{EPOCHS_FILE} row is that partial epoch's), and trainer.max_epochs={cfg.trainer.max_epochs} "
+                              "asks for no more; a resume starts at the next epoch whatever trainer.max_time is. Nothing "
+                              "was written. Raise trainer.max_epochs to train it further (its epoch "
+                              f"{epochs} stays short), or start a new run with the longer trainer.max_time.")
         raise ConfigError(f"{run_dir} already completed its {epochs} epoch(s), and trainer.max_epochs="
                           f"{cfg.trainer.max_epochs} asks for no more; nothing was written. Raise trainer.max_epochs "
                           "to train it further.")
