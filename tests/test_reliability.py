@@ -163,10 +163,10 @@ def test_refused_command_leaves_the_run_directory_byte_identical(tmp_path, data_
     assert snapshot(run) == before
 
 
-# A resume keeps epochs.csv's rows and adds to them: with the file gone after the first epoch, the earlier epochs'
-# curves would be lost without a word. Before that, its row may not have been written yet (its checkpoint comes first).
+# A resume keeps epochs.csv's rows and adds to them: with the file gone, or a row of an epoch its last.ckpt holds,
+# those epochs' curves would be lost without a word. An epoch's row is written before its last.ckpt.
 @pytest.mark.slow
-def test_a_resume_whose_epochs_csv_or_best_checkpoint_is_gone_is_refused_after_the_first_epoch(make_cfg, tmp_path):
+def test_a_resume_whose_epochs_csv_rows_or_best_checkpoint_are_gone_is_refused(make_cfg, tmp_path):
     run = tmp_path / "run"
     train(make_cfg("model=simple", "trainer.max_epochs=2"), run)
     rows = (run / "epochs.csv").read_text().splitlines(keepends=True)
@@ -178,7 +178,14 @@ def test_a_resume_whose_epochs_csv_or_best_checkpoint_is_gone_is_refused_after_t
     # Nor cut short below the checkpoint's epoch (its header alone): the resume kept what was left, without a word.
     (run / "epochs.csv").write_text(rows[0])
     before = snapshot(run)
-    with pytest.raises(ConfigError, match=r"epochs.csv: lacks the row of epoch 1, though the run's last.ckpt was "
+    with pytest.raises(ConfigError, match=r"epochs.csv: lacks the row of epoch 1 and 1 more, though the run's "
+                                          r"last.ckpt was written after epoch 2"):
+        train(make_cfg("model=simple", "trainer.max_epochs=3", "ckpt_path=last"), run)
+    assert snapshot(run) == before
+    # Nor without the row of the checkpoint's own epoch: the resume starts at the next, and the gap stayed.
+    (run / "epochs.csv").write_text("".join(rows[:-1]))
+    before = snapshot(run)
+    with pytest.raises(ConfigError, match=r"epochs.csv: lacks the row of epoch 2, though the run's last.ckpt was "
                                           r"written after epoch 2"):
         train(make_cfg("model=simple", "trainer.max_epochs=3", "ckpt_path=last"), run)
     assert snapshot(run) == before
@@ -194,11 +201,11 @@ def test_a_resume_whose_epochs_csv_or_best_checkpoint_is_gone_is_refused_after_t
     # named, and its last.ckpt. The resume redoes that epoch.
     (run / "checkpoints" / "best-epoch003.ckpt").write_bytes(b"the killed epoch's")
     assert train(make_cfg("model=simple", "trainer.max_epochs=3", "ckpt_path=last"), run)["epochs"] == 3
-    first = tmp_path / "first"  # one epoch, as if killed between its checkpoint and its row: resumed
+    first = tmp_path / "first"  # after one epoch too: its row was written before its last.ckpt
     train(make_cfg("model=simple", "trainer.max_epochs=1"), first)
     (first / "epochs.csv").unlink()
-    train(make_cfg("model=simple", "trainer.max_epochs=2", "ckpt_path=last"), first)
-    assert (first / "epochs.csv").read_text().count("\n") == 2  # the header and the second epoch's row
+    with pytest.raises(ConfigError, match="epochs.csv: missing, though the run's last.ckpt holds trained epochs"):
+        train(make_cfg("model=simple", "trainer.max_epochs=2", "ckpt_path=last"), first)
 
 
 # A tune.py trial is never resumed: train.py's `ckpt_path=last` had trained it on in place, so that the study's

@@ -428,15 +428,14 @@ def _restore_problem(checkpoint: dict, model: LitClassifier, checkpoint_dir: Pat
 
 
 def _check_epochs(path: Path, checkpoint_epoch: int) -> None:
-    """Refuse to resume a run whose epochs.csv is damaged, or gone while its last.ckpt was written after the first
-    epoch: the resumed run keeps the rows and adds to them. Only the epochs before the checkpoint's own are asked
-    for: an epoch's row is written before its last.ckpt, but that order is Lightning's order of hooks, not a promise."""
+    """Refuse to resume a run whose epochs.csv is damaged, or lacks a row of an epoch its last.ckpt holds (written
+    in Lightning's epoch `checkpoint_epoch`, from 0): the resumed run keeps the rows and adds to them, from the epoch
+    after the checkpoint's. Its own epoch's row is there too: an epoch's row is written in the same hook as its
+    last.ckpt, before it (Lightning runs checkpoint callbacks after the others)."""
     if not path.exists() or path.stat().st_size == 0:
-        if checkpoint_epoch >= 1:
-            raise ConfigError(f"{path}: {'empty' if path.exists() else 'missing'}, though the run's {LAST_CHECKPOINT} "
-                              "holds trained epochs: resuming would start its per-epoch record again and lose the earlier "
-                              "epochs' rows (curves, time to accuracy). Put the file back, or start a new run directory.")
-        return
+        raise ConfigError(f"{path}: {'empty' if path.exists() else 'missing'}, though the run's {LAST_CHECKPOINT} "
+                          "holds trained epochs: resuming would start its per-epoch record again and lose the earlier "
+                          "epochs' rows (curves, time to accuracy). Put the file back, or start a new run directory.")
     try:
         frame = read_epochs(path)
     except ConfigError as e:
@@ -446,7 +445,7 @@ def _check_epochs(path: Path, checkpoint_epoch: int) -> None:
     if foreign:
         raise ConfigError(f"{path}: holds columns a run does not write ({', '.join(foreign)}); resuming keeps "
                           "the run's earlier rows: mend the file, or start a new run directory.")
-    lacking = lacking_epochs(frame, checkpoint_epoch)
+    lacking = lacking_epochs(frame, checkpoint_epoch + 1)
     if lacking:  # cut short: the resumed run would add its rows after the gap, and the curves lose those epochs
         raise ConfigError(f"{path}: {lacking}, though the run's {LAST_CHECKPOINT} was written after epoch "
                           f"{checkpoint_epoch + 1}: resuming would lose those epochs' rows (curves, time to accuracy). "
