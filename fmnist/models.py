@@ -22,7 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fmnist import IMAGE_SIDE, NUM_CLASSES
 from fmnist.config import ADDED_KEYS
-from fmnist.errors import ConfigError
+from fmnist.errors import ConfigError, OutOfMemory
+from fmnist.hardware import memory_errors
 
 POOLED_SIDE = IMAGE_SIDE // 4  # the side of the feature maps the simple and optimized CNNs' heads take: two 2x2 poolings
 
@@ -250,7 +251,12 @@ def check_model(model: typing.Mapping) -> None:
         raise
     except (ValueError, TypeError, RuntimeError) as e:
         raise ConfigError(f"model {name} cannot be built from {values}: {e}") from e
-    problem = _image_problem(name, tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(values.items())))
+    try:  # built for real: sizes the meta device takes may not fit in memory (model.hidden=100000000000)
+        with memory_errors(f"model {name} built from {values} is too large for it; lower its sizes"):
+            problem = _image_problem(name, tuple((k, tuple(v) if isinstance(v, list) else v)
+                                                 for k, v in sorted(values.items())))
+    except OutOfMemory as e:  # a config's refusal (exit 2), also where a sweep checks its jobs before the first
+        raise ConfigError(str(e)) from None
     if problem:
         raise ConfigError(f"model {name} built from {values} cannot take a {IMAGE_SIDE} x {IMAGE_SIDE} image: {problem}")
 

@@ -49,6 +49,10 @@ def test_a_model_config_that_does_not_fit_its_constructor_is_refused_naming_the_
         with pytest.raises(ConfigError, match=message):
             check_model({**good, **change})
     check_model({**good, "dropout": 0})  # an int is a float
+    # Sizes the meta device builds but memory cannot hold: a config's refusal, not torch's traceback (exit 1).
+    with pytest.raises(ConfigError, match=r"ran out of memory \(an allocation of .* failed\): model simple built from .*"
+                                          r"'hidden': 100000000000.* is too large for it; lower its sizes"):
+        check_model({**good, "hidden": 100_000_000_000})
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
