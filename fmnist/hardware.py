@@ -87,6 +87,12 @@ def check_accelerator(accelerator: str, devices: Any = "auto", precision: Any = 
     if device_kind(accelerator) == "cpu" and devices != "auto" and not (isinstance(count, int) and count >= 1):
         raise ConfigError(f"config key trainer.devices must be `auto` or a number of processes (at least 1) on a CPU; "
                           f"got {devices!r}, device indices or -1, which only GPUs take.")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device_kind(accelerator) == "cpu" and isinstance(count, int) and count > cores:  # they started, then stalled
+        raise ConfigError(f"config key trainer.devices={count} starts {count} training processes on the CPU, more than "
+                          f"the {cores} core(s) this process may use: each waits for the others at every step, and "
+                          f"they start slowly, each with its own copy of torch and the data. Use trainer.devices={cores} "
+                          "or fewer (auto: one process).")
     if device_kind(accelerator) == "cpu" and str(precision) == "16-mixed":  # the run would record one and run the other
         raise ConfigError("config key trainer.precision must be one a CPU runs as asked; got '16-mixed', which Lightning "
                           "replaces with bf16-mixed on a CPU (fp16 autocast is for GPUs). Use bf16-mixed, 32-true or auto.")

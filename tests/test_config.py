@@ -112,14 +112,20 @@ def test_a_schedule_stretched_on_resume_is_noted():
     assert stretched_schedule_note({"trainer.max_epochs": 2}, warm_up_only) is None  # its epochs, whatever the length
 
 
-def test_device_indices_are_refused_on_a_cpu_naming_the_key():
+def test_device_indices_and_more_processes_than_cores_are_refused_on_a_cpu_naming_the_key(monkeypatch):
+    import os
+
     from fmnist.hardware import check_accelerator
 
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # two cores this process may use
     for devices in ([0, 1], "0,1", -1):
         with pytest.raises(ConfigError, match="config key trainer.devices must be `auto` or a number of processes"):
             check_accelerator("cpu", devices)
     check_accelerator("cpu", 2)
     check_accelerator("cpu", "2")  # Lightning reads a count given as a string
+    # 64 processes on 2 cores started, then stalled for minutes
+    with pytest.raises(ConfigError, match=r"trainer.devices=3 starts 3 training processes on the CPU, more than the 2 "):
+        check_accelerator("cpu", "3")
 
 
 @pytest.mark.parametrize("value", ["../../x", "..", ".", "a/b", "/abs", "", "x y"])
