@@ -189,9 +189,16 @@ def test_resume_refuses_a_different_config(make_cfg, tmp_path, data_dir):
     other = shutil.copytree(data_dir, tmp_path.parent / f"{tmp_path.name}-other-data")
     write_csv(other / "fashion-mnist_train.csv", *make_images(600, 9))
     before = snapshot(tmp_path)
-    with pytest.raises(ConfigError, match=r"the train CSV\(s\) in .*-other-data are not the ones the run trained on "
-                                          r"\(SHA-1 [0-9a-f]{12}, now [0-9a-f]{12}\).* nothing was written"):
+    with pytest.raises(ConfigError, match=r"the train CSV\(s\) in .*-other-data are not the ones the run recorded "
+                                          r"\(SHA-1 [0-9a-f]{12}, now [0-9a-f]{12}\); its next epochs would train on "
+                                          r"other data.* nothing was written"):
         train(make_cfg("model=simple", f"data.dir={other}", "trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
+    assert snapshot(tmp_path) == before
+    other_test = shutil.copytree(data_dir, tmp_path.parent / f"{tmp_path.name}-other-test")  # its training CSV the same
+    write_csv(other_test / "fashion-mnist_test.csv", *make_images(200, 9))
+    with pytest.raises(ConfigError, match=r"the test CSV\(s\) in .*-other-test are not the ones the run recorded "
+                                          r".*; it would be tested on other images than the run recorded"):
+        train(make_cfg("model=simple", f"data.dir={other_test}", "trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
     assert snapshot(tmp_path) == before
     moved = shutil.copytree(data_dir, tmp_path.parent / f"{tmp_path.name}-moved-data")  # the same CSVs elsewhere
     assert train(make_cfg("model=simple", f"data.dir={moved}", "trainer.max_epochs=2", "ckpt_path=last"),

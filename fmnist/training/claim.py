@@ -151,10 +151,12 @@ def _check_resume(cfg: DictConfig, run_dir: Path, record: dict | None, elsewhere
         # data.dir may move (a placement key), but the run's epochs so far were trained, and its best epoch chosen,
         # on the data it recorded; the record would then say the new data's digest alone
         splits = [split for split in sorted({*recorded, *now}) if recorded.get(split) != now.get(split)]
+        why = ("its next epochs would train on other data, and its best epoch be chosen across two validation "
+               "splits" if "train" in splits else "it would be tested on other images than the run recorded, and "
+               "its record would say the new test CSV's SHA-1 for all of it")
         raise ConfigError(f"cannot resume {run_dir}: the {' and '.join(splits)} CSV(s) in {cfg.data.dir} are not the "
-                          f"ones the run trained on (SHA-1 {short_digest(recorded.get(splits[0]))}, now "
-                          f"{short_digest(now.get(splits[0]))}); its next epochs would train on other data, and its "
-                          f"best epoch be chosen across two validation splits; nothing was written. Give data.dir the "
+                          f"ones the run recorded (SHA-1 {short_digest(recorded.get(splits[0]))}, now "
+                          f"{short_digest(now.get(splits[0]))}); {why}; nothing was written. Give data.dir the "
                           f"run's CSVs, or start a new run in another directory ({elsewhere}).")
     # A stopped run's record counts no epochs; its epochs.csv rows do. Its first row may precede the first last.ckpt
     # (a disk that filled as that was written: the run starts again), but not in a run stopped by a signal, which
