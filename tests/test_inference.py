@@ -632,6 +632,11 @@ def test_a_missing_checkpoint_is_one_paragraph(tmp_path):
     with pytest.raises(CheckpointError, match=r"shelf: a directory of checkpoint files \(best-epoch002.ckpt, "
                                               r"last.ckpt\), not of runs; name one of them \(ckpt=.*shelf/best-epoch002"):
         resolve(shelf)
+    notes = tmp_path / "notes"  # files of one's own: named, not "a directory holding nothing"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"notes: a directory holding no checkpoint, run or job \(notes.txt\); "):
+        resolve(notes)
 
 
 @pytest.mark.slow

@@ -109,7 +109,9 @@ def resolve(ckpt: str | Path, key: str = "ckpt") -> Resolved:
         raise CheckpointError(f"{given}: a directory of checkpoint files ({some_names(files)}), not of runs; name one "
                               f"of them ({given_as(path / files[0], key)}), or a run's directory for its best one.")
     if done.empty:
-        found = f"{len(jobs)} job directories, none completed with a validation accuracy" if len(jobs) else "nothing"
+        entries = sorted(p.name for p in path.iterdir())
+        found = (f"{len(jobs)} job directories, none completed with a validation accuracy" if len(jobs) else
+                 f"no checkpoint, run or job ({some_names(entries)})" if entries else "nothing")
         raise CheckpointError(f"{given}: a directory holding {found}; {WHAT_CKPT_IS}.")
     data = done.train_sha1.dropna()  # a run's validation split is drawn from its training CSV
     if data.nunique() > 1:  # (seeds draw other splits of one data set, which a sweep's choice accepts)
