@@ -108,9 +108,12 @@ def test_a_directory_of_ones_own_files_is_refused_and_a_run_stopped_before_its_r
     (mine / "config.yaml").unlink()
     (mine / "metrics.json").write_text('{"accuracy": 0.9}')  # another tool's metrics file
     for ckpt_path in ("null", "last"):  # resuming would merge a record into it
-        with pytest.raises(ConfigError, match="mine holds a metrics.json that is not a run's record"):
+        with pytest.raises(ConfigError, match=r"mine holds a metrics.json that is not a run's record \(no run status"):
             run_job(make_cfg("model=simple", f"ckpt_path={ckpt_path}"), mine)
         assert (mine / "metrics.json").read_text() == '{"accuracy": 0.9}'
+    (mine / "metrics.json").write_text('{"status": "completed", "bro')  # cut short: not said to lack a status
+    with pytest.raises(ConfigError, match=r"not a run's record \(it cannot be read as a JSON object: cut short"):
+        run_job(make_cfg("model=simple"), mine)
     # A run stopped after writing its config and before its record: the same command starts it again.
     shutil.copytree(tmp_path / "finished", tmp_path / "stopped")
     shutil.rmtree(tmp_path / "stopped" / "checkpoints")

@@ -85,7 +85,8 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path, elsewhere: str = OTHER_RUN_DI
     status = (record or {}).get("status")
     last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     if (run_dir / METRICS_FILE).exists() and status not in RECORDED:  # resuming or not: it is not ours to update
-        raise RunDirInUse(f"{run_dir} holds a {METRICS_FILE} that is not a run's record (no run status in it); "
+        why = "no run status in it" if record is not None else "it cannot be read as a JSON object: cut short, or another file"
+        raise RunDirInUse(f"{run_dir} holds a {METRICS_FILE} that is not a run's record ({why}); "
                           f"a run never writes over it. Choose another directory ({elsewhere}).")
     holds_a_run = record is not None or last.exists()
     foreign = [] if holds_a_run else _files_no_run_wrote(run_dir)
