@@ -590,6 +590,25 @@ def test_a_finished_job_is_reused_only_for_the_same_experiment(tmp_path, data_di
     assert copied.returncode == 2 and "jobs backup, " in copied.stderr and "Move the copies out" in copied.stderr
 
 
+@pytest.mark.slow
+def test_a_sweep_of_two_keys_runs_again_and_a_changed_recipe_is_found_in_any_of_its_settings(tmp_path, data_dir,
+                                                                                             run_in_process):
+    args = ["-m", *FAST, "model=simple", "trainer.precision=32-true", "optim.lr=0.1,0.01", f"data.dir={data_dir}",
+            f"hydra.sweep.dir={tmp_path}/s"]
+    first = run_in_process("train.py", *args, "seed=0,1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run_in_process("train.py", *args, "seed=0,1")  # the same sweep: its finished jobs skipped
+    assert again.returncode == 0 and (again.stdout + again.stderr).count("skipped") == 4, again.stderr[-3000:]
+    # (optim.lr=0.01, seed=0) is a combination that no k-th job composes (those are (0.1, 0) and (0.01, 1))
+    saved = next((tmp_path / "s").glob("*optim.lr=0.01*seed=0*/config.yaml"))
+    saved.write_text(re.sub(r"(?m)^  hidden: .*$", "  hidden: 7", saved.read_text()))
+    before = snapshot(tmp_path / "s")
+    more = run_in_process("train.py", *args, "seed=2")
+    assert more.returncode == 2 and f"its completed job {saved.parent.name} computes something other than this " \
+        "sweep's jobs of the same setting" in more.stderr and "model.hidden: 7 there, " in more.stderr, more.stderr[-2000:]
+    assert snapshot(tmp_path / "s") == before
+
+
 def test_a_fault_in_the_sweeps_start_checks_stops_it_instead_of_running_it_unchecked(tmp_path, data_dir,
                                                                                      run_in_process, monkeypatch):
     # Hydra turns an exception in a callback into a warning, and went on with the sweep.

@@ -100,10 +100,10 @@ def check_job_records(sweep_dir: Path, jobs: pd.DataFrame) -> None:
                           "job of the sweep was started.")
 
 
-def check_sweep_jobs(config: DictConfig, config_loader) -> list[tuple[list[str], DictConfig]]:
+def check_sweep_jobs(config: DictConfig, config_loader) -> dict[str, dict]:
     """ConfigError for a sweep that holds a job `check_config` refuses, before its first job starts: found by
-    that job, it would stop the sweep after the jobs before it had trained. Returns the jobs it composed, each
-    (its overrides, its config).
+    that job, it would stop the sweep after the jobs before it had trained. Returns what each of its settings
+    computes: {setting (`setting_of`): its `recipe`}.
 
     `config`: the sweep's config as Hydra gives it to a callback. As many jobs are composed as the longest list
     of swept values has values: the k-th takes the k-th value of every swept key (the last repeated), so every
@@ -150,7 +150,11 @@ def check_sweep_jobs(config: DictConfig, config_loader) -> list[tuple[list[str],
                 "for each value. No job of the sweep was started.")
 
     composed: dict[tuple[str, ...], DictConfig] = {}  # a composed job per choice of the swept config groups
-    checked: list[tuple[list[str], DictConfig]] = []
+    fixed = [v[0] for v in values.values() if len(v) == 1]  # the overrides every job has
+    recipes: dict[str, dict] = {}
+
+    def note(job: list[str], cfg: DictConfig) -> None:  # now: every_combination changes `cfg` for the next one
+        recipes.setdefault(setting_of(list(dict.fromkeys([*fixed, *job]))), recipe(flat_config(cfg)))
     for k in range(max((len(v) for v in values.values()), default=0)):
         job = [v[min(k, len(v) - 1)] for v in values.values()]
         swept = [o for o, v in zip(job, values.values()) if len(v) > 1]
@@ -167,39 +171,37 @@ def check_sweep_jobs(config: DictConfig, config_loader) -> list[tuple[list[str],
         except ConfigError as e:
             raise refused(swept, e) from None
         composed.setdefault(tuple(o for o in swept if override_key(o) not in plain), cfg)
-        checked.append((job, cfg))
+        note(job, cfg)
     if len(plain) < 2 and len(composed) < 2:  # no combination that the jobs above left out
-        return checked
+        return recipes
     for job, cfg in every_combination(composed, plain):
         try:
             check_config(cfg)
         except ConfigError as e:
             raise refused(job, e) from None
-    return checked
+        note(job, cfg)
+    return recipes
 
 
-def check_same_recipe(sweep_dir: Path, composed: list[tuple[list[str], DictConfig]], jobs: pd.DataFrame) -> None:
-    """ConfigError for a sweep whose jobs (`composed`: `check_sweep_jobs`') join a setting of the directory's completed
-    jobs (`jobs`: its `sweep_jobs`) but compute something else: jobs are named without their experiment and preset, so
-    `-m experiment=B seed=2` into a sweep of experiment A, or a sweep continued after conf/'s defaults changed, would
-    be averaged with the jobs there. Jobs without a config.yaml (older runs) are not judged."""
-    done = jobs[jobs.status == COMPLETED]
-    for overrides, cfg in composed:
-        same = done[done.setting == setting_of(overrides)]
-        for job in same.job:
-            theirs = computed_setting(sweep_dir / job, "No job of the sweep was started.")
-            if theirs is None:
-                continue
-            ours = recipe(flat_config(cfg))
-            differ = differing_keys([ours, theirs])
-            if differ:
-                raise ConfigError(
-                    f"{sweep_dir}: its completed job {job} computes something other than this sweep's jobs of the same "
-                    f"setting, {setting_of(overrides)}: they differ in {some_names(differ)} ({differ[0]}: "
-                    f"{theirs.get(differ[0])!r} there, {ours.get(differ[0])!r} here). A job is named without its experiment "
-                    f"and preset, so the sweep's summary would average the two. Give this sweep its own directory "
-                    f"({OTHER_SWEEP_DIR}). No job of the sweep was started.")
-            break  # one job of a setting stands for it: the others' are checked when results pool them
+def check_same_recipe(sweep_dir: Path, recipes: dict[str, dict], jobs: pd.DataFrame) -> None:
+    """ConfigError for a sweep whose settings (`recipes`: `check_sweep_jobs`') are those of jobs in its directory
+    (`jobs`: its `sweep_jobs`; completed, or stopped with a last.ckpt to resume) that computed something else: jobs
+    are named without their experiment and preset, so `-m preset=cpu seed=2` into a `preset=smoke` sweep, or a sweep
+    continued after conf/'s defaults changed, would be averaged with the jobs there (or stop at a resume's check,
+    after the jobs before it trained). Jobs without a config.yaml (older runs) are not judged."""
+    resumable = jobs.job.map(lambda job: (sweep_dir / job / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file()).astype(bool)
+    kept = jobs[(jobs.status == COMPLETED) | ((jobs.status == INTERRUPTED) & resumable)]
+    for job, setting, status in zip(kept.job, kept.setting, kept.status):
+        ours = recipes.get(setting)
+        theirs = None if ours is None else computed_setting(sweep_dir / job, "No job of the sweep was started.")
+        differ = differing_keys([ours, theirs]) if theirs is not None else []
+        if differ:
+            raise ConfigError(
+                f"{sweep_dir}: its {status} job {job} computes something other than this sweep's jobs of the same "
+                f"setting, {setting}: they differ in {some_names(differ)} ({differ[0]}: {theirs.get(differ[0])!r} "
+                f"there, {ours.get(differ[0])!r} here). A job is named without its experiment and preset, so the "
+                f"sweep's summary would average the two. Give this sweep its own directory ({OTHER_SWEEP_DIR}). No job "
+                "of the sweep was started.")
 
 
 def every_combination(composed: dict[tuple[str, ...], DictConfig], plain: dict[str, list]):
@@ -242,12 +244,12 @@ class CheckSweep(Callback):
             check_launcher(config.hydra.launcher)
             typed = OmegaConf.to_container(config.hydra.overrides.task)  # as typed: `${oc.env:X}` unresolved
             check_sweep_values([*typed, *(f"{k}={v}" for k, v in params.items())], loader)
-            composed = check_sweep_jobs(config, loader)  # every swept value, before the first job trains
+            recipes = check_sweep_jobs(config, loader)  # every swept value, before the first job trains
             check_sweep_dir(sweep_dir)
             jobs = sweep_jobs(sweep_dir)  # every job's record read once, for the checks below
             check_job_records(sweep_dir, jobs)
             check_same_data(sweep_dir, str(config.data.dir), resumed=True, jobs=jobs)
-            check_same_recipe(sweep_dir, composed, jobs)
+            check_same_recipe(sweep_dir, recipes, jobs)
         except OmegaConfBaseException as e:  # `data.dir=${oc.env:UNSET}`: Hydra would only warn, and rewrite multirun.yaml
             exit_with(unresolvable(e))
         except ConfigError as e:
