@@ -21,7 +21,7 @@ from fmnist import NUM_CLASSES
 from fmnist.config import (ADDED_KEYS, PLACEMENT_KEYS, PRECISIONS, RENAMED_KEYS, SEED_MAX, flatten, is_finite_number,
                            is_text_list)
 from fmnist.errors import ConfigError, first_line
-from fmnist.fsio import atomic_write, read_yaml, some_names
+from fmnist.fsio import atomic_write, not_a_file, read_yaml, some_names
 from fmnist.overrides import setting_of
 from fmnist.provenance import process_gone
 
@@ -116,6 +116,8 @@ def read_config_section(job: Path, name: str) -> dict:
     path = job / CONFIG_FILE
     if not path.exists() and not path.is_symlink():  # a link to nothing is a file lost, not a run older than it
         return {}
+    if not path.exists():
+        raise ConfigError(f"{path}: {not_a_file(path)}; expected the resolved config a run writes.")
     try:
         config = read_yaml(path)
     except (OSError, ValueError, yaml.YAMLError) as e:
@@ -131,7 +133,7 @@ def computed_setting(run: Path, then: str = "nothing was evaluated.") -> dict | 
     """What a run computes, from its config.yaml: every key but the seed and the placement keys (an experiment's
     name too: its keys are all there), keys added since at the values older runs behaved as. None without the
     file; ConfigError naming a damaged one, ending with `then`."""
-    if not (run / CONFIG_FILE).exists():
+    if not (run / CONFIG_FILE).exists() and not (run / CONFIG_FILE).is_symlink():  # a link to nothing is damage
         return None
     read_config_section(run, "data")  # a damaged file named as every command that reads a section names it
     return recipe(saved_config(run / CONFIG_FILE, then))  # emptied, or no run's: refused

@@ -221,6 +221,11 @@ def test_jobs_of_one_setting_that_compute_different_things_are_neither_pooled_no
         assert ("jobs seed=0 and seed=2 are the same setting, (defaults), but their config.yaml differ in "
                 "data.val_size (data.val_size: 5000 and 10000)") in capsys.readouterr().err
     assert snapshot(mixed) == before
+    (mixed / "seed=2" / "config.yaml").unlink()
+    (mixed / "seed=2" / "config.yaml").symlink_to(tmp_path / "gone.yaml")  # lost, not a run older than the file
+    assert results_main(["summary", str(mixed)]) == 2
+    assert f"seed=2/config.yaml: a link to {tmp_path / 'gone.yaml'}, which does not exist" in capsys.readouterr().err
+    (mixed / "seed=2" / "config.yaml").unlink()
     _config(mixed / "seed=2", 5000)
     assert results_main(["summary", str(mixed)]) == 0
 
