@@ -435,6 +435,12 @@ def test_an_image_comparison_of_sweeps_refuses_a_damaged_record_and_lists_the_jo
     out = capsys.readouterr().out
     assert "Left out, completed by one side only: B seeds 1." in out
     assert f"Left out, not completed: {a / 'seed=1'} (failed)." in out
+    # Jobs of one setting name that computed different things (another preset's), as every results verb refuses them.
+    record.write_text(saved)
+    for job in a.iterdir():
+        _config(job, 10000 if job.name == "seed=1" else 5000)
+    assert results_main(["images", str(a), str(b)]) == 2
+    assert "are the same setting, (defaults), but their config.yaml differ in data.val_size" in capsys.readouterr().err
 
 
 def test_results_verbs_name_a_file_in_the_way_instead_of_crashing(tmp_path, capsys):

@@ -21,7 +21,7 @@ import pandas as pd
 from fmnist import NUM_CLASSES
 from fmnist.config import TTA_MODES, is_count
 from fmnist.errors import ConfigError
-from fmnist.fsio import not_a_directory
+from fmnist.fsio import not_a_directory, some_names
 from fmnist.results.leaderboard import sweep_labels
 from fmnist.results.stats import (ALPHA, INTERVAL_NOTE, Interval, holm, mcnemar, mean_interval, paired,
                                   seed_and_image_interval, seeds_text, summary_comparison, summary_interval)
@@ -306,6 +306,11 @@ def _predictions_by_seed(path: Path, split: str) -> tuple[dict[int, tuple[np.nda
         damaged = jobs[jobs.status == UNREADABLE]
         if len(damaged):
             raise ConfigError(f"{damaged.error.iloc[0]}; expected the record a run writes.")
+        settings = sorted(jobs[jobs.status == COMPLETED].setting.unique())
+        if len(settings) > 1:
+            raise ConfigError(f"{path}: holds {len(settings)} completed settings ({some_names(settings)}); expected a "
+                              "run directory or a sweep directory of one setting.")
+        check_poolable(jobs, path)  # one job per seed, one data set, one recipe
         runs = [path / job for job in jobs[jobs.status == COMPLETED].job]
         left_out = [f"{path / r.job} ({r.status})" for r in jobs[jobs.status != COMPLETED].itertuples()]
     found = {}
