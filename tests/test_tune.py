@@ -558,13 +558,21 @@ def test_a_copied_study_writes_and_names_only_its_own_trial_directories(tmp_path
     assert read_record(copy / "trial-0001")["status"] == "interrupted"
     assert yaml.safe_load((copy / "best.yaml").read_text())["run_dir"] == str(copy / "trial-0000")
     assert f"({copy / 'trial-0000'})" in result.stdout
-    shutil.rmtree(copy / "trial-0000")  # the best trial's directory gone: said, not named as if it were there
+    # Not in this study's directory: where the trial ran, if that is a directory (another out_dir sharing the
+    # database, as another machine's), else said to be not found, not named as if it were there.
+    shutil.rmtree(copy / "trial-0000")
+    result = run_in_process("tune.py", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert yaml.safe_load((copy / "best.yaml").read_text())["run_dir"] == str(original / "trial-0000")
+    assert snapshot(original) == before
+    moved = original.parent.rename(tmp_path / "a-moved")
     result = run_in_process("tune.py", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     best = (copy / "best.yaml").read_text()
-    assert yaml.safe_load(best)["run_dir"] is None and f"# Its run directory {copy / 'trial-0000'} is gone" in best
-    assert f"best trial 0: its directory {copy / 'trial-0000'} is gone" in result.stderr
-    assert snapshot(original) == before
+    assert yaml.safe_load(best)["run_dir"] is None
+    assert f"# Its run directory is not found ({copy / 'trial-0000'}: moved or removed, or on another machine)" in best
+    assert f"best trial 0: its directory is not found, neither {copy / 'trial-0000'} nor where it ran" in result.stderr
+    assert snapshot(moved / "s") == before
 
 
 @pytest.mark.parametrize("name", ["summary.md", "best.yaml", "param_importances.png"])

@@ -140,9 +140,20 @@ def _lost_the_race_to_make_tables(error: Exception) -> bool:
         isinstance(error, sqlalchemy.exc.OperationalError) and "already exists" in str(error))
 
 
+def trial_run_dir(study_dir: Path, trial: optuna.trial.FrozenTrial) -> Path | None:
+    """Where `trial`'s run directory is: in `study_dir` (`trial_dir`), which a copied or moved study holds; else where
+    the trial recorded it, where that is a directory (a process of the study with another out_dir, such as another
+    machine sharing its database and a file system); None where neither is."""
+    here = trial_dir(study_dir, trial.number)
+    recorded = trial.user_attrs.get("run_dir")
+    if here.is_dir() or not recorded:
+        return here if here.is_dir() else None
+    return Path(recorded) if Path(recorded).is_dir() else None
+
+
 def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, study_dir: Path) -> None:
     """Mark `interrupted` (an Optuna FAIL, not counted) each RUNNING trial whose process on this machine is gone:
-    killed with SIGKILL, or its machine restarted (see `process_gone`), and its record in `study_dir`, if there.
+    killed with SIGKILL, or its machine restarted (see `process_gone`), and its record (`trial_run_dir`), if there.
     Trials of other machines are left to the storage's heartbeat (a FAIL without a status after `grace_period`, not
     counted either)."""
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -152,8 +163,8 @@ def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, 
         # As Optuna's own fail_stale_trials does it: a FrozenTrial's id is `_trial_id`.
         storage.set_trial_user_attr(trial._trial_id, "status", INTERRUPTED)
         storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-        run_dir = trial_dir(study_dir, trial.number)
-        if (run_dir / METRICS_FILE).exists():
+        run_dir = trial_run_dir(study_dir, trial)
+        if run_dir is not None and (run_dir / METRICS_FILE).exists():
             update_record(run_dir, status=INTERRUPTED, finished_at=now(),
                           error=f"its process ({process.get('pid')}) was killed; the study replaces the trial")
         log.warning("trial %d: its process %s is gone; recorded interrupted, to be replaced", trial.number,
@@ -162,11 +173,11 @@ def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, 
 
 def record_stale_trials(study: optuna.Study, study_dir: Path) -> None:
     """Record `interrupted` each trial the storage's heartbeat failed (a FAIL without a status: its process stopped
-    beating, killed on this machine or another) whose run record in `study_dir` still says `running`, as the study
+    beating, killed on this machine or another) whose run record (`trial_run_dir`) still says `running`, as the study
     has it."""
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
-        run_dir = trial_dir(study_dir, trial.number)
-        if trial.user_attrs.get("status") or not (run_dir / METRICS_FILE).is_file():
+        run_dir = trial_run_dir(study_dir, trial)
+        if trial.user_attrs.get("status") or run_dir is None or not (run_dir / METRICS_FILE).is_file():
             continue
         if (read_record(run_dir) or {}).get("status") == RUNNING:
             update_record(run_dir, status=INTERRUPTED, finished_at=now(),

@@ -52,7 +52,7 @@ from fmnist.provenance import this_process
 from fmnist.runs import (DIVERGED, ERROR_FILE, FAILED, INTERRUPTED, JOB_LOG, METRICS_FILE, TRIAL_DIR_PREFIX,
                          TRIAL_RECORD_KEY, trial_dir)
 from fmnist.sweeps.storage import (STUDY_DB, check_storage_file, default_storage, fail_dead_trials, open_storage,
-                                   record_stale_trials, storage_file, study_storage_errors_named)
+                                   record_stale_trials, storage_file, study_storage_errors_named, trial_run_dir)
 from fmnist.training.checks import check_config
 
 log = logging.getLogger(__name__)
@@ -673,15 +673,15 @@ def _sigterm_noted():
 
 
 def best_overrides(study: optuna.Study, study_dir: Path) -> dict | None:
-    """The best finished trial: its number, value, run directory in `study_dir` (None where it is gone) and
+    """The best finished trial: its number, value, run directory (`trial_run_dir`: None where it is not found) and
     overrides; None when no trial has finished."""
     try:
         best = study.best_trial
     except ValueError:
         return None
-    run_dir = trial_dir(study_dir, best.number)
+    run_dir = trial_run_dir(study_dir, best)
     return {"study": study.study_name, "trial": best.number, METRIC: best.value,
-            "test/acc": best.user_attrs.get("test/acc"), "run_dir": str(run_dir) if run_dir.is_dir() else None,
+            "test/acc": best.user_attrs.get("test/acc"), "run_dir": None if run_dir is None else str(run_dir),
             "params": dict(best.params), "overrides": list(best.user_attrs.get("overrides", []))}
 
 
@@ -700,15 +700,16 @@ def write_results(study: optuna.Study, study_dir: Path) -> None:
     command = "python train.py " + " ".join(best["overrides"])
     text = (f"# Best trial of Optuna study {study.study_name} ({len(study.trials)} trials), by {METRIC}.\n"
             f"# Train it again (or with other seeds) with:\n#   {command}\n")
-    if best["run_dir"] is None:  # moved or removed: its value and command are the database's, its files are not here
+    if best["run_dir"] is None:  # its value and command are the database's, its files are not found
         gone = trial_dir(study_dir, best["trial"])
-        log.warning("best trial %d: its directory %s is gone (moved or removed); %s gives its value and command "
-                    "from the study's database", best["trial"], gone, BEST_FILE)
-        text += f"# Its run directory {gone} is gone (moved or removed).\n"
+        log.warning("best trial %d: its directory is not found, neither %s nor where it ran (moved or removed, or on "
+                    "another machine); %s gives its value and command from the study's database", best["trial"], gone,
+                    BEST_FILE)
+        text += f"# Its run directory is not found ({gone}: moved or removed, or on another machine).\n"
     atomic_write(study_dir / BEST_FILE, text + OmegaConf.to_yaml(OmegaConf.create(best)))
     print(f"best trial {best['trial']}: {METRIC} {best[METRIC]:.2%}"
           + (f", test/acc {best['test/acc']:.2%}" if best["test/acc"] is not None else "")
-          + f" ({best['run_dir'] or 'its directory is gone'})\n  params: {best['params']}\n  {command}\n"
+          + f" ({best['run_dir'] or 'its directory is not found'})\n  params: {best['params']}\n  {command}\n"
           f"  written to {study_dir / BEST_FILE}")
     _figures(study, study_dir)
 
