@@ -75,6 +75,14 @@ def describe_line(hw: dict | None = None) -> str:
     return line + (f", GPU {hw['gpu']}" if hw["gpu"] else ", no GPU") + f", torch {hw['torch']}"
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may use: its affinity and its cgroup's quota (a container's `--cpus`), as joblib
+    counts them."""
+    import joblib
+
+    return joblib.cpu_count()
+
+
 def check_accelerator(accelerator: str, devices: Any = "auto", precision: Any = "auto") -> None:
     """ConfigError if this machine lacks `accelerator`, or `devices` of it (Lightning would fail later with a
     traceback), or if it would run another `precision` than the one asked for. `devices` is already well-formed
@@ -87,8 +95,10 @@ def check_accelerator(accelerator: str, devices: Any = "auto", precision: Any = 
     if device_kind(accelerator) == "cpu" and devices != "auto" and not (isinstance(count, int) and count >= 1):
         raise ConfigError(f"config key trainer.devices must be `auto` or a number of processes (at least 1) on a CPU; "
                           f"got {devices!r}, device indices or -1, which only GPUs take.")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if device_kind(accelerator) == "cpu" and isinstance(count, int) and count > cores:  # they started, then stalled
+    cores = usable_cores()
+    # Not where a launcher started the processes itself (srun's tasks, torchrun): each may be pinned to its own cores.
+    launched = "LOCAL_RANK" in os.environ or (os.environ.get("SLURM_NTASKS") or "1") not in ("", "1")
+    if device_kind(accelerator) == "cpu" and isinstance(count, int) and count > cores and not launched:  # they stalled
         raise ConfigError(f"config key trainer.devices={count} starts {count} training processes on the CPU, more than "
                           f"the {cores} core(s) this process may use: each waits for the others at every step, and "
                           f"they start slowly, each with its own copy of torch and the data. Use trainer.devices={cores} "

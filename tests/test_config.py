@@ -113,11 +113,12 @@ def test_a_schedule_stretched_on_resume_is_noted():
 
 
 def test_device_indices_and_more_processes_than_cores_are_refused_on_a_cpu_naming_the_key(monkeypatch):
-    import os
-
+    from fmnist import hardware
     from fmnist.hardware import check_accelerator
 
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # two cores this process may use
+    monkeypatch.setattr(hardware, "usable_cores", lambda: 2)
+    for launcher in ("LOCAL_RANK", "SLURM_NTASKS"):
+        monkeypatch.delenv(launcher, raising=False)
     for devices in ([0, 1], "0,1", -1):
         with pytest.raises(ConfigError, match="config key trainer.devices must be `auto` or a number of processes"):
             check_accelerator("cpu", devices)
@@ -126,6 +127,8 @@ def test_device_indices_and_more_processes_than_cores_are_refused_on_a_cpu_namin
     # 64 processes on 2 cores started, then stalled for minutes
     with pytest.raises(ConfigError, match=r"trainer.devices=3 starts 3 training processes on the CPU, more than the 2 "):
         check_accelerator("cpu", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "3")  # srun started the three, each pinned to its own cores
+    check_accelerator("cpu", "3")
 
 
 @pytest.mark.parametrize("value", ["../../x", "..", ".", "a/b", "/abs", "", "x y"])

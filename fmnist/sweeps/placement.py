@@ -93,10 +93,11 @@ def plan(launcher: DictConfig | dict, job_num: int, cores: int, gpus: int, accel
 
 def place_job(cfg: DictConfig, hydra_cfg: DictConfig) -> DictConfig:
     """Apply this job's placement: set torch's thread count, and pin the job to its GPU in `cfg`."""
-    import joblib
     import torch
 
-    cores = joblib.cpu_count()  # the cores this process may use (affinity and cgroup quota)
+    from fmnist.hardware import usable_cores  # here: hardware imports torch, which `python -m fmnist.results` needs not
+
+    cores = usable_cores()
     gpus = torch.cuda.device_count()  # counts without initialising CUDA
     placement = plan(hydra_cfg.launcher, int(hydra_cfg.job.get("num") or 0), cores, gpus,
                      cfg.trainer.accelerator, cfg.trainer.devices)

@@ -259,7 +259,7 @@ class CheckSweep(Callback):
         launcher = launcher_kind(config.hydra.launcher)
         note_early_write(sweep_dir / SWEEP_CONFIG_FILE, refused_only=launcher != "basic")
         if launcher == "joblib":
-            import joblib
+            from fmnist.hardware import usable_cores
 
-            if concurrent_jobs(config.hydra.launcher, joblib.cpu_count()) > 1:  # with 1, its jobs run in this process
+            if concurrent_jobs(config.hydra.launcher, usable_cores()) > 1:  # with 1, its jobs run in this process
                 signals_leave_the_workers_to_stop()
