@@ -199,7 +199,7 @@ def _install_debian_package() -> bool:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
 
     def apt(*args: str) -> bool:  # waits for the package manager's lock, which a fresh machine's daily apt jobs hold
-        return subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=300", "-o", "Acquire::Retries=3", *args],
+        return subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=600", "-o", "Acquire::Retries=3", *args],
                               capture_output=True, env=env).returncode == 0
 
     # A fresh machine's package lists may be empty or stale: update only when the first try fails.
