@@ -64,9 +64,8 @@ RESOLVED_PRECISIONS = tuple(p for p in PRECISIONS if p != "auto")  # what a reco
 
 
 def trial_dir(study_dir: Path, number: int) -> Path:
-    """Trial `number`'s run directory in the study directory `study_dir`. Always this, not the path a trial stored in
-    the study's database: that names the directory the study was in when the trial ran, the original of a study since
-    copied or moved."""
+    """Trial `number`'s run directory in the study directory `study_dir`, where a new trial is made and a copied or
+    moved study holds it (the path a trial stored in the study's database names the original's directory)."""
     return Path(study_dir) / f"{TRIAL_DIR_PREFIX}{number:04d}"
 
 
