@@ -62,6 +62,12 @@ def sweep_jobs(sweep_dir: Path) -> pd.DataFrame:
     return collect(sweep_dir) if sweep_dir.is_dir() else pd.DataFrame(columns=COLUMNS)
 
 
+def resumable(sweep_dir: Path, jobs: pd.DataFrame) -> pd.Series:
+    """Which of `jobs` (its `sweep_jobs`) the sweep resumes: those stopped (`interrupted`) with a last.ckpt."""
+    has_last = jobs.job.map(lambda job: (sweep_dir / job / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file()).astype(bool)
+    return (jobs.status == INTERRUPTED) & has_last
+
+
 def check_same_data(sweep_dir: Path, data_dir: str, advice: str = SWEEP_ELSEWHERE, resumed: bool = False,
                     jobs: pd.DataFrame | None = None) -> None:
     """ConfigError for a sweep continued with CSVs other than those its finished jobs ran on (their `train_sha1`,
@@ -70,8 +76,7 @@ def check_same_data(sweep_dir: Path, data_dir: str, advice: str = SWEEP_ELSEWHER
     Found before any job trains; the data are read only when the directory holds such jobs. `jobs`: its
     `sweep_jobs`, where the caller has them."""
     jobs = sweep_jobs(sweep_dir) if jobs is None else jobs
-    resumable = jobs.job.map(lambda job: (sweep_dir / job / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file()).astype(bool)
-    stopped = (jobs.status == INTERRUPTED) & resumable & resumed
+    stopped = resumable(sweep_dir, jobs) & resumed
     done = jobs[(jobs.status.isin(FINISHED) | stopped) & jobs.train_sha1.notna()]
     if done.empty:
         return
@@ -189,8 +194,7 @@ def check_same_recipe(sweep_dir: Path, recipes: dict[str, dict], jobs: pd.DataFr
     are named without their experiment and preset, so `-m preset=cpu seed=2` into a `preset=smoke` sweep, or a sweep
     continued after conf/'s defaults changed, would be averaged with the jobs there (or stop at a resume's check,
     after the jobs before it trained). Jobs without a config.yaml (older runs) are not judged."""
-    resumable = jobs.job.map(lambda job: (sweep_dir / job / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file()).astype(bool)
-    kept = jobs[(jobs.status == COMPLETED) | ((jobs.status == INTERRUPTED) & resumable)]
+    kept = jobs[(jobs.status == COMPLETED) | resumable(sweep_dir, jobs)]
     for job, setting, status in zip(kept.job, kept.setting, kept.status):
         ours = recipes.get(setting)
         theirs = None if ours is None else computed_setting(sweep_dir / job, "No job of the sweep was started.")
