@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import warnings
 from pathlib import Path
@@ -414,7 +415,10 @@ def read_epochs(path: Path) -> pd.DataFrame:
                           f"{frame.epoch[repeated].iloc[0]} again; expected one row per epoch, as a run writes.")
     # A run writes the whole file at once, each line ended: one cut inside its last line reads as a row whose later
     # cells are empty (no validation that epoch) and whose last number is cut short (4.95 of 4.951).
-    if not Path(path).read_bytes().endswith(b"\n"):
+    with open(path, "rb") as f:  # its last byte: the table above read the whole file
+        f.seek(-1, os.SEEK_END)
+        ended = f.read(1) == b"\n"
+    if not ended:
         raise ConfigError(f"{path}, line {len(frame) + 1}: cut short inside the line (no line end); expected whole "
                           "lines, as a run writes them.")
     return frame
