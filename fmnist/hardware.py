@@ -95,10 +95,10 @@ def check_accelerator(accelerator: str, devices: Any = "auto", precision: Any = 
     if device_kind(accelerator) == "cpu" and devices != "auto" and not (isinstance(count, int) and count >= 1):
         raise ConfigError(f"config key trainer.devices must be `auto` or a number of processes (at least 1) on a CPU; "
                           f"got {devices!r}, device indices or -1, which only GPUs take.")
-    cores = usable_cores()
     # Not where a launcher started the processes itself (srun's tasks, torchrun): each may be pinned to its own cores.
     launched = "LOCAL_RANK" in os.environ or (os.environ.get("SLURM_NTASKS") or "1") not in ("", "1")
-    if device_kind(accelerator) == "cpu" and isinstance(count, int) and count > cores and not launched:  # they stalled
+    if device_kind(accelerator) == "cpu" and isinstance(count, int) and not launched \
+            and count > (cores := usable_cores()):  # they started, then stalled
         raise ConfigError(f"config key trainer.devices={count} starts {count} training processes on the CPU, more than "
                           f"the {cores} core(s) this process may use: each waits for the others at every step, and "
                           f"they start slowly, each with its own copy of torch and the data. Use trainer.devices={cores} "
